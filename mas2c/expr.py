@@ -1,0 +1,167 @@
+"""Prompt placeholders and condition expressions: parsing, checking, compiling.
+
+Placeholders are `{{ name }}` or `{{ name.field.0 }}`; single braces are text.
+Conditions are a small, safe subset of Python, checked by walking the AST
+against a whitelist and compiled from that AST (never by pasting text).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+
+PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    text: str  # the whole `{{ ... }}`
+    path: tuple[str, ...]  # () when malformed
+    offset: int  # character offset in the template
+
+    @property
+    def root(self) -> str:
+        return self.path[0] if self.path else ""
+
+
+def placeholders(template: str) -> list[Placeholder]:
+    found = []
+    for match in PLACEHOLDER.finditer(template):
+        inner = match.group(1).strip()
+        path = tuple(inner.split(".")) if PATH.match(inner) else ()
+        found.append(Placeholder(match.group(0), path, match.start()))
+    return found
+
+
+def parse_path(text: str) -> tuple[str, ...] | None:
+    """A dotted state path (`verdict.answer`), or None if malformed."""
+    text = text.strip()
+    return tuple(text.split(".")) if PATH.match(text) else None
+
+
+class ExpressionError(Exception):
+    def __init__(self, message: str, column: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.column = column  # 0-based offset into the expression
+
+
+_COMPARE_OPS: dict[type[ast.cmpop], str] = {
+    ast.Eq: "==",
+    ast.NotEq: "!=",
+    ast.Lt: "<",
+    ast.LtE: "<=",
+    ast.Gt: ">",
+    ast.GtE: ">=",
+    ast.In: "in",
+    ast.NotIn: "not in",
+    ast.Is: "is",
+    ast.IsNot: "is not",
+}
+_CONSTANT_NAMES = {"true": True, "false": False, "null": None, "none": None}
+
+
+def parse_condition(text: str) -> ast.expr:
+    """Parse and check a condition; ExpressionError names the first offending construct."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise ExpressionError(
+            f"not a valid expression: {exc.msg}", max((exc.offset or 1) - 1, 0)
+        ) from None
+    _check(tree.body)
+    return tree.body
+
+
+def _check(node: ast.expr) -> None:
+    if isinstance(node, ast.Constant):
+        if not isinstance(node.value, str | int | float | bool | type(None)):
+            raise ExpressionError(
+                "only str, number, bool and None literals are allowed", node.col_offset
+            )
+    elif isinstance(node, ast.Name):
+        pass
+    elif isinstance(node, ast.Attribute):
+        _check(node.value)
+    elif isinstance(node, ast.Subscript):
+        if isinstance(node.slice, ast.Slice):
+            raise ExpressionError("slices are not allowed", node.col_offset)
+        _check(node.value)
+        _check(node.slice)
+    elif isinstance(node, ast.Compare):
+        for op in node.ops:
+            if type(op) not in _COMPARE_OPS:
+                raise ExpressionError("unsupported comparison", node.col_offset)
+        for child in [node.left, *node.comparators]:
+            _check(child)
+    elif isinstance(node, ast.BoolOp):
+        for child in node.values:
+            _check(child)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not | ast.USub):
+        _check(node.operand)
+    elif isinstance(node, ast.Call):
+        if not (isinstance(node.func, ast.Name) and node.func.id == "len"):
+            raise ExpressionError("only len() may be called", node.col_offset)
+        if len(node.args) != 1 or node.keywords:
+            raise ExpressionError("len() takes exactly one argument", node.col_offset)
+        _check(node.args[0])
+    elif isinstance(node, ast.List | ast.Tuple):
+        for child in node.elts:
+            _check(child)
+    else:
+        raise ExpressionError(
+            f"{type(node).__name__} is not allowed in a condition", node.col_offset
+        )
+
+
+def condition_names(node: ast.expr) -> list[tuple[str, int]]:
+    """State variable names a condition reads, with their column offsets."""
+    names = []
+    for child in ast.walk(node):
+        if (
+            isinstance(child, ast.Name)
+            and child.id.lower() not in _CONSTANT_NAMES
+            and child.id != "len"
+        ):
+            names.append((child.id, child.col_offset))
+    return names
+
+
+def compile_condition(node: ast.expr) -> str:
+    """Python source for a checked condition, reading state through `state[...]`.
+
+    Attribute access compiles to `field(value, "name")` so that `verdict.passed`
+    works on the dicts that structured outputs produce.
+    """
+    if isinstance(node, ast.Constant):
+        return repr(node.value)
+    if isinstance(node, ast.Name):
+        lowered = node.id.lower()
+        if lowered in _CONSTANT_NAMES and node.id not in ("len",):
+            return repr(_CONSTANT_NAMES[lowered])
+        return f"state[{node.id!r}]"
+    if isinstance(node, ast.Attribute):
+        return f"field({compile_condition(node.value)}, {node.attr!r})"
+    if isinstance(node, ast.Subscript):
+        return f"item({compile_condition(node.value)}, {compile_condition(node.slice)})"
+    if isinstance(node, ast.Compare):
+        parts = [compile_condition(node.left)]
+        for op, right in zip(node.ops, node.comparators, strict=True):
+            parts += [_COMPARE_OPS[type(op)], compile_condition(right)]
+        return "(" + " ".join(parts) + ")"
+    if isinstance(node, ast.BoolOp):
+        joiner = " and " if isinstance(node.op, ast.And) else " or "
+        return "(" + joiner.join(compile_condition(v) for v in node.values) + ")"
+    if isinstance(node, ast.UnaryOp):
+        operator = "not " if isinstance(node.op, ast.Not) else "-"
+        return f"({operator}{compile_condition(node.operand)})"
+    if isinstance(node, ast.Call):
+        return f"len({compile_condition(node.args[0])})"
+    if isinstance(node, ast.List):
+        return "[" + ", ".join(compile_condition(e) for e in node.elts) + "]"
+    if isinstance(node, ast.Tuple):
+        items = [compile_condition(e) for e in node.elts]
+        return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+    raise ExpressionError(f"{type(node).__name__} is not allowed in a condition")
