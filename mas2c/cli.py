@@ -72,6 +72,68 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load(path_text: str) -> Any:
+    """A valid spec, or the validator's report on stderr and exit 1."""
+    from mas2c.validate import SpecInvalid, load_spec
+
+    path = _existing(path_text)
+    if path.is_dir():
+        raise UsageError(f"{path_text}: is a folder, expected a spec file")
+    try:
+        return load_spec(path)
+    except SpecInvalid as exc:
+        raise SpecRejected(exc.report.format()) from None
+    except OSError as exc:
+        raise UsageError(f"{path_text}: {exc.strerror or exc}") from None
+
+
+class SpecRejected(Exception):
+    """The spec has errors: printed with their places, exit 1."""
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from mas2c.compile import CompileError, compile_spec
+
+    spec = _load(args.spec)
+    try:
+        build = compile_spec(spec)
+    except CompileError as exc:
+        raise SpecRejected(f"{args.spec}: {exc}") from None
+    out = Path(args.output or f"build/{build.package}")
+    build.write(out)
+    if args.json:
+        _print_json({"output": str(out), "package": build.package, "files": sorted(build.files)})
+    else:
+        sys.stdout.write(f"compiled {spec.name} -> {out} ({len(build.files)} files, package {build.package})\n")
+    return EXIT_OK
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from mas2c import graph
+
+    spec = _load(args.spec)
+    sys.stdout.write(graph.dot(spec) if args.format == "dot" else graph.mermaid(spec))
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from mas2c.diff import diff_paths
+    from mas2c.validate import SpecInvalid
+
+    a, b = _existing(args.a), _existing(args.b)
+    try:
+        text, different, data = diff_paths(a, b)
+    except SpecInvalid as exc:
+        raise SpecRejected(exc.report.format()) from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json and data is not None:
+        _print_json({"different": different, "changes": data})
+    else:
+        sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+    return EXIT_INVALID if different else EXIT_OK
+
+
 # -- parser ----------------------------------------------------------------------------------------
 
 
@@ -91,6 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("schema", help="print the JSON Schema of the spec")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(handler=cmd_schema)
+
+    p = verbs.add_parser("compile", help="compile a spec into a standalone Python package")
+    p.add_argument("spec", help="spec file")
+    p.add_argument("-o", "--output", help="output folder (default build/<package>)")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.set_defaults(handler=cmd_compile)
+
+    p = verbs.add_parser("graph", help="print the workflow as a Mermaid (or dot) diagram")
+    p.add_argument("spec", help="spec file")
+    p.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    p.set_defaults(handler=cmd_graph)
+
+    p = verbs.add_parser("diff", help="compare two specs (semantically) or two builds (file by file)")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true", help="machine-readable changes (specs only)")
+    p.set_defaults(handler=cmd_diff)
 
     for register in _EXTRA_VERBS:
         register(verbs)
@@ -114,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         sys.stderr.write(f"mas2c {args.verb}: {exc}\n")
         return EXIT_USAGE
+    except SpecRejected as exc:
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_INVALID
     except KeyboardInterrupt:
         sys.stderr.write(f"mas2c {args.verb}: interrupted\n")
         return 130

@@ -206,7 +206,7 @@ class HttpUpstream:
                 last = f"connection error: {type(exc).__name__}: {exc}"
             else:
                 status = resp.status_code
-                if status == 200 or (200 <= status < 300):
+                if 200 <= status < 300:
                     try:
                         data = resp.json()
                     except ValueError:
@@ -468,12 +468,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             for k, v in (extra or {}).items():
                 self.send_header(k, v)
+            if status >= 400:
+                # The gateway already retried the upstream; an openai client must not
+                # multiply the attempts (nor retry a budget refusal or a cassette miss).
+                self.send_header("x-should-retry", "false")
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except OSError:  # the program hung up, or the gateway is stopping
             self.close_connection = True
 
     def _route(self) -> str:
@@ -870,7 +874,19 @@ class Gateway:
             )
             self._emit(event)
             return 200, resp, source
-        except _HttpFailure as fail:
+        except Exception as exc:
+            if isinstance(exc, _HttpFailure):
+                fail = exc
+            else:  # a gateway bug must still answer the program and release the call slot
+                log.exception("gateway: internal error while serving a request")
+                fail = _HttpFailure(
+                    500,
+                    _error_body(
+                        "server_error",
+                        "mas2c_gateway_error",
+                        f"mas2c gateway internal error: {type(exc).__name__}: {exc}",
+                    ),
+                )
             with self._lock:
                 if reserved:
                     self._usage.in_flight -= 1

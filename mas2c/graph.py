@@ -1,0 +1,179 @@
+"""Diagrams of a spec's workflow: Mermaid (for READMEs) and Graphviz dot.
+
+Both are built from one small graph model: nodes with labels and shapes, edges
+with optional labels, and clusters for loops and parallel steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mas2c.spec import (
+    BranchStep,
+    CallStep,
+    DebateStep,
+    EnsembleStep,
+    LoopStep,
+    ParallelStep,
+    ProgrammerStep,
+    Spec,
+    Step,
+    TestStep,
+    ToolStep,
+)
+
+
+@dataclass
+class Graph:
+    nodes: list[tuple[str, str, str]] = field(default_factory=list)  # id, label, shape
+    edges: list[tuple[str, str, str]] = field(default_factory=list)  # from, to, label
+    clusters: list[tuple[str, str, list[str]]] = field(default_factory=list)  # id, label, node ids
+
+    def node(self, node_id: str, label: str, shape: str = "box") -> str:
+        self.nodes.append((node_id, label, shape))
+        return node_id
+
+    def edge(self, source: str, target: str, label: str = "") -> None:
+        self.edges.append((source, target, label))
+
+
+def _label(step: Step) -> str:
+    if isinstance(step, CallStep | ProgrammerStep):
+        detail = step.agent
+    elif isinstance(step, EnsembleStep):
+        detail = f"{len(step.sample_agents())}× {step.agent or ', '.join(step.agents or [])}"
+    elif isinstance(step, DebateStep):
+        detail = f"{', '.join(step.agents)} × {step.rounds} rounds"
+    elif isinstance(step, ToolStep):
+        detail = step.tool
+    elif isinstance(step, TestStep):
+        detail = step.code
+    else:
+        detail = ""
+    out = getattr(step, "out", None)
+    text = f"{step.id}\n{step.kind}" + (f": {detail}" if detail else "")
+    return text + (f"\n→ {out}" if out else "")
+
+
+def build(spec: Spec) -> Graph:
+    graph = Graph()
+    start = graph.node("start", "inputs: " + (", ".join(sorted(spec.inputs)) or "none"), "round")
+    ends = _steps(graph, spec.workflow, [start], "")
+    finish = graph.node("finish", "outputs: " + (", ".join(sorted(spec.outputs)) or "none"), "round")
+    for end in ends:
+        graph.edge(end, finish)
+    return graph
+
+
+def _steps(graph: Graph, steps: list[Step], entries: list[str], label: str) -> list[str]:
+    """Adds `steps` after `entries`; returns the nodes the next step follows."""
+    for step in steps:
+        entries = _step(graph, step, entries, label)
+        label = ""
+    return entries
+
+
+def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]:
+    node_id = "s_" + step.id.replace("-", "_")
+    if isinstance(step, ParallelStep):
+        fork = graph.node(node_id, f"{step.id}\nparallel", "fork")
+        for entry in entries:
+            graph.edge(entry, fork, label)
+        exits: list[str] = []
+        for branch in step.branches:
+            exits += _steps(graph, branch, [fork], "")
+        join = graph.node(node_id + "_join", "join" + (f"\n→ {step.out}" if step.out else ""), "fork")
+        for end in exits:
+            graph.edge(end, join)
+        return [join]
+    if isinstance(step, LoopStep):
+        head = graph.node(node_id, f"{step.id}\nloop ≤ {step.max_iterations}", "loop")
+        for entry in entries:
+            graph.edge(entry, head, label)
+        before = len(graph.nodes)
+        exits = _steps(graph, step.steps, [head], "")
+        graph.clusters.append((node_id + "_c", f"loop {step.id}", [n[0] for n in graph.nodes[before:]]))
+        check = graph.node(node_id + "_until", f"until {step.until}", "decision")
+        for end in exits:
+            graph.edge(end, check)
+        graph.edge(check, head, "no")
+        return [check]
+    if isinstance(step, BranchStep):
+        decision = graph.node(node_id, f"{step.id}\nbranch", "decision")
+        for entry in entries:
+            graph.edge(entry, decision, label)
+        exits = []
+        for case in step.cases:
+            exits += _steps(graph, case.steps, [decision], case.when)
+        exits += _steps(graph, step.else_, [decision], "else") if step.else_ else [decision]
+        return exits
+    graph.node(node_id, _label(step))
+    for entry in entries:
+        graph.edge(entry, node_id, label)
+    return [node_id]
+
+
+_MERMAID_SHAPES = {
+    "box": ('["', '"]'),
+    "round": ('(["', '"])'),
+    "fork": ('[/"', '"/]'),
+    "loop": ('[["', '"]]'),
+    "decision": ('{"', '"}'),
+}
+
+
+def _mermaid_text(text: str) -> str:
+    return text.replace('"', "#quot;").replace("\n", "<br/>")
+
+
+def mermaid(spec: Spec) -> str:
+    graph = build(spec)
+    lines = ["flowchart TD"]
+    clustered = {n for _, _, members in graph.clusters for n in members}
+    for node_id, label, shape in graph.nodes:
+        if node_id not in clustered:
+            left, right = _MERMAID_SHAPES[shape]
+            lines.append(f"    {node_id}{left}{_mermaid_text(label)}{right}")
+    by_id = {n[0]: n for n in graph.nodes}
+    for cluster_id, cluster_label, members in graph.clusters:
+        lines.append(f'    subgraph {cluster_id}["{_mermaid_text(cluster_label)}"]')
+        for member in members:
+            _, label, shape = by_id[member]
+            left, right = _MERMAID_SHAPES[shape]
+            lines.append(f"        {member}{left}{_mermaid_text(label)}{right}")
+        lines.append("    end")
+    for source, target, label in graph.edges:
+        arrow = f' -->|"{_mermaid_text(label)}"| ' if label else " --> "
+        lines.append(f"    {source}{arrow}{target}")
+    return "\n".join(lines) + "\n"
+
+
+_DOT_SHAPES = {"box": "box", "round": "oval", "fork": "parallelogram", "loop": "box3d", "decision": "diamond"}
+
+
+def _dot_text(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def dot(spec: Spec) -> str:
+    graph = build(spec)
+    lines = [f'digraph "{_dot_text(spec.name)}" {{', "    rankdir=TB;", '    node [fontname="Helvetica"];']
+    clustered = {n for _, _, members in graph.clusters for n in members}
+    by_id = {n[0]: n for n in graph.nodes}
+
+    def node_line(node_id: str, indent: str) -> str:
+        _, label, shape = by_id[node_id]
+        return f'{indent}{node_id} [label="{_dot_text(label)}", shape={_DOT_SHAPES[shape]}];'
+
+    for node_id, _, _ in graph.nodes:
+        if node_id not in clustered:
+            lines.append(node_line(node_id, "    "))
+    for cluster_id, cluster_label, members in graph.clusters:
+        lines.append(f'    subgraph cluster_{cluster_id} {{ label="{_dot_text(cluster_label)}";')
+        lines += [node_line(member, "        ") for member in members]
+        lines.append("    }")
+    for source, target, label in graph.edges:
+        suffix = f' [label="{_dot_text(label)}"]' if label else ""
+        lines.append(f"    {source} -> {target}{suffix};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
