@@ -1,0 +1,200 @@
+"""One sandboxed run: a spec or a build, an input, the gateway on the host, a run folder.
+
+The run folder holds result.json, trace.jsonl, stdout.txt, stderr.txt,
+sandbox.json (written by `mas2c.sandbox`) and usage.json (from the gateway).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mas2c.compile import compile_spec
+from mas2c.files import write_text_atomic
+from mas2c.spec import Spec
+
+
+class RunError(Exception):
+    """The run could not be set up (no endpoint, unreadable build, ...): a user-facing message."""
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Where the gateway sends LLM traffic.
+
+    `url` None means: `OPENAI_BASE_URL` if set, else the embedded local model.
+    """
+
+    url: str | None = None
+    api_key: str | None = None
+    local_model: Path | None = None
+    record: Path | None = None
+    replay: Path | None = None
+    cache: bool = False
+    force_local: bool = False
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    status: str
+    exit_code: int | None
+    result: dict[str, Any]
+    usage: dict[str, Any]
+    sandbox: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def load_target(target: Path) -> tuple[Spec, Path | None]:
+    """A spec file (to compile) or a build folder (with MANIFEST.json): its spec and build path."""
+    from mas2c.validate import load_spec
+
+    if target.is_dir():
+        manifest_path = target / "MANIFEST.json"
+        if not manifest_path.is_file():
+            raise RunError(f"{target}: not a build folder (no MANIFEST.json); give a spec or `mas2c compile` output")
+        try:
+            manifest = json.loads(manifest_path.read_text("utf-8"))
+            return Spec.model_validate(manifest["spec"]), target
+        except (ValueError, KeyError) as exc:
+            raise RunError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    return load_spec(target), None
+
+
+def make_upstream(config: LLMConfig, on_progress: Callable[[str], None] | None = None) -> Any:
+    """The gateway's upstream: an OpenAI-compatible endpoint, or the embedded local engine."""
+    from mas2c.gateway import HttpUpstream
+
+    if config.replay is not None:
+        return None
+    url = config.url or (None if config.force_local else os.environ.get("OPENAI_BASE_URL"))
+    if url and url != "local":
+        key = config.api_key if config.api_key is not None else os.environ.get("OPENAI_API_KEY")
+        return HttpUpstream(url, key)
+    from mas2c.local import LocalUpstream
+
+    return LocalUpstream.load(config.local_model, on_progress=on_progress)
+
+
+def gateway_prices(spec: Spec) -> dict[str, Any]:
+    from mas2c.gateway import Price
+
+    return {
+        model.model: Price(model.price.input_per_mtok, model.price.output_per_mtok)
+        for model in spec.models.values()
+        if model.price is not None
+    }
+
+
+def gateway_budget(spec: Spec) -> Any:
+    from mas2c.gateway import Budget
+
+    b = spec.budgets
+    return Budget(b.max_llm_calls, b.max_total_tokens, b.max_cost_usd)
+
+
+@contextmanager
+def socket_dir() -> Iterator[Path]:
+    """A short private folder for the gateway socket (unix socket paths are capped near 107 bytes)."""
+    folder = Path(tempfile.mkdtemp(prefix="mas2c-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)  # the container's user must reach the socket inside
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_system(
+    target: Path,
+    input_path: Path,
+    run_dir: Path,
+    *,
+    backend: Literal["docker", "local"] = "docker",
+    limits: Any = None,
+    loosen: Any = None,
+    image: str | None = None,
+    llm: LLMConfig | None = None,
+    upstream: Any = None,
+    on_warning: Callable[[str], None] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> RunOutcome:
+    """Compile if needed, start the gateway, run the package in the sandbox, collect the folder.
+
+    `upstream` overrides `llm` (callers that run many systems share one upstream).
+    """
+    from mas2c import sandbox
+    from mas2c.gateway import Gateway
+
+    llm = llm or LLMConfig()
+    spec, build_dir = load_target(target)
+    _check_input(input_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if build_dir is None:
+        build_dir = run_dir / "build"
+        compile_spec(spec).write(build_dir)
+    owned = upstream is None and llm.replay is None
+    if owned:
+        upstream = make_upstream(llm)
+    try:
+        with socket_dir() as folder:
+            gateway = Gateway(
+                folder / "llm.sock",
+                upstream,
+                prices=gateway_prices(spec),
+                budget=gateway_budget(spec),
+                record=llm.record,
+                replay=llm.replay,
+                cache=llm.cache,
+                on_event=on_event,
+            )
+            with gateway:
+                try:
+                    report = sandbox.run_package(
+                        build_dir,
+                        spec.package_name,
+                        input_path,
+                        run_dir,
+                        backend=backend,
+                        limits=limits or sandbox.Limits(),
+                        loosen=loosen or sandbox.Loosen(),
+                        llm_socket=gateway.socket_path,
+                        image=image or sandbox.DEFAULT_IMAGE,
+                        on_warning=on_warning,
+                    )
+                finally:
+                    usage = gateway.usage()
+                    write_text_atomic(run_dir / "usage.json", json.dumps(usage, indent=2, sort_keys=True) + "\n")
+    finally:
+        if owned and hasattr(upstream, "close"):
+            upstream.close()
+    result = _read_json(run_dir / "result.json")
+    return RunOutcome(run_dir, str(result.get("status", "error")), report.exit_code, result, usage, report.to_json())
+
+
+def _check_input(path: Path) -> None:
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except OSError as exc:
+        raise RunError(f"{path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise RunError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: the input must be a JSON object of named inputs")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {"status": "error", "error": {"type": "MissingResult", "message": f"{path.name} is missing"}}
+    return data if isinstance(data, dict) else {"status": "error"}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sets up everything the test suite needs on a fresh Debian machine (as root) and runs it:
+# the venv, the Docker engine and sandbox image, the embedded model, then ruff, mypy --strict, pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh --local
+bash scripts/ensure-docker.sh
+
+echo "== ruff"
+.venv/bin/ruff check mas2c tests benchmarks
+.venv/bin/ruff format --check mas2c
+echo "== mypy --strict mas2c"
+.venv/bin/mypy --strict mas2c
+echo "== pytest"
+.venv/bin/pytest -q -n 2 "$@"
