@@ -134,6 +134,145 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_INVALID if different else EXIT_OK
 
 
+def _warn(message: str) -> None:
+    sys.stderr.write(f"mas2c: warning: {message}\n")
+
+
+def _llm_config(args: argparse.Namespace) -> Any:
+    from mas2c.run import LLMConfig
+
+    llm = getattr(args, "llm", None)
+    return LLMConfig(
+        url=None if llm in (None, "local") else llm,
+        force_local=llm == "local",
+        local_model=Path(args.local_model) if getattr(args, "local_model", None) else None,
+        record=Path(args.record) if getattr(args, "record", None) else None,
+        replay=Path(_existing(args.replay)) if getattr(args, "replay", None) else None,
+        cache=bool(getattr(args, "cache", False)),
+    )
+
+
+def _sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
+    from mas2c import sandbox
+
+    limits = sandbox.Limits(
+        timeout_s=args.timeout,
+        memory_mb=args.memory,
+        cpus=args.cpus,
+    )
+    loosen = sandbox.Loosen(network=args.allow_network, writable_root=args.writable_root, root_user=args.as_root)
+    return {"backend": args.sandbox, "limits": limits, "loosen": loosen, "image": args.image}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mas2c.run import run_system
+
+    target = _existing(args.target)
+    input_path = _existing(args.input)
+    run_dir = Path(args.run_dir or _default_run_dir())
+    outcome = _guarded(
+        lambda: run_system(
+            target, input_path, run_dir, llm=_llm_config(args), on_warning=_warn, **_sandbox_options(args)
+        )
+    )
+    if args.json:
+        _print_json(
+            {
+                "run_dir": str(run_dir),
+                "status": outcome.status,
+                "exit_code": outcome.exit_code,
+                "result": outcome.result,
+                "usage": outcome.usage,
+                "sandbox": outcome.sandbox,
+            }
+        )
+    else:
+        _print_outcome(outcome)
+    return EXIT_OK if outcome.ok else EXIT_INVALID
+
+
+def _default_run_dir() -> str:
+    import time
+
+    return f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _print_outcome(outcome: Any) -> None:
+    usage = outcome.usage
+    line = (
+        f"{outcome.status} (exit {outcome.exit_code}) in {outcome.sandbox.get('duration_s', 0):.1f}s; "
+        f"{usage.get('calls', 0)} LLM call(s), {usage.get('total_tokens', 0)} tokens, "
+        f"${usage.get('cost_usd', 0):.4f}; run folder {outcome.run_dir}"
+    )
+    if outcome.ok:
+        sys.stdout.write(json.dumps(outcome.result.get("outputs", {}), indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.write(line + "\n")
+    else:
+        error = outcome.result.get("error") or {}
+        where = f" at {error['spec_pointer']}" if error.get("spec_pointer") else ""
+        sys.stderr.write(f"{error.get('type', 'Error')}{where}: {error.get('message', '')}\n{line}\n")
+
+
+def _guarded(action: Callable[[], Any]) -> Any:
+    """Turns the setup errors of a run (sandbox, gateway, local model) into usage-level messages."""
+    from mas2c.gateway import GatewayError
+    from mas2c.local import LocalModelError
+    from mas2c.run import RunError
+    from mas2c.sandbox import SandboxError
+    from mas2c.validate import SpecInvalid
+
+    try:
+        return action()
+    except SpecInvalid as exc:
+        raise SpecRejected(exc.report.format()) from None
+    except (RunError, SandboxError, GatewayError, LocalModelError) as exc:
+        raise SetupFailed(str(exc)) from None
+
+
+class SetupFailed(Exception):
+    """A run could not start (no daemon, no image, no endpoint): exit 1 with the fix."""
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from mas2c import sandbox
+
+    if args.action == "build":
+        tag = _guarded(lambda: sandbox.build_image(base=args.base, tag=args.tag, on_progress=_progress))
+        sys.stdout.write(f"built {tag}\n")
+        return EXIT_OK
+    status = sandbox.status()
+    if args.json:
+        _print_json(status)
+    else:
+        for key, value in status.items():
+            sys.stdout.write(f"{key}: {value}\n")
+    return EXIT_OK
+
+
+def _progress(message: str) -> None:
+    sys.stderr.write(f"mas2c: {message}\n")
+
+
+def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
+    from_env = "docker"
+    p.add_argument("--sandbox", choices=["docker", "local"], default=from_env, help="where the program runs")
+    p.add_argument("--timeout", type=float, default=600.0, help="wall-clock limit in seconds (default 600)")
+    p.add_argument("--memory", type=int, default=1024, help="memory limit in MiB (default 1024)")
+    p.add_argument("--cpus", type=float, default=1.0, help="CPU limit (default 1)")
+    p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
+    p.add_argument("--allow-network", action="store_true", help="LOOSENS the sandbox: give the container a network")
+    p.add_argument("--writable-root", action="store_true", help="LOOSENS the sandbox: writable root filesystem")
+    p.add_argument("--as-root", action="store_true", help="LOOSENS the sandbox: run as root in the container")
+
+
+def _add_llm_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--llm", help="'local' (embedded model) or an OpenAI-compatible base URL (default: OPENAI_BASE_URL, else local)")
+    p.add_argument("--local-model", help="a GGUF file for the embedded engine (default SmolLM2-135M-Instruct)")
+    p.add_argument("--record", help="record every LLM exchange to this cassette (JSONL)")
+    p.add_argument("--replay", help="answer LLM requests from this cassette; no endpoint needed")
+    p.add_argument("--cache", action="store_true", help="answer identical LLM requests from a cache")
+
+
 # -- parser ----------------------------------------------------------------------------------------
 
 
@@ -171,6 +310,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable changes (specs only)")
     p.set_defaults(handler=cmd_diff)
 
+    p = verbs.add_parser("run", help="run a spec or a build in the sandbox, with the LLM gateway on the host")
+    p.add_argument("target", help="spec file or build folder")
+    p.add_argument("--input", required=True, help="input JSON file")
+    p.add_argument("--run-dir", help="run folder (default runs/<timestamp>)")
+    p.add_argument("--json", action="store_true", help="machine-readable outcome")
+    _add_sandbox_flags(p)
+    _add_llm_flags(p)
+    p.set_defaults(handler=cmd_run)
+
+    p = verbs.add_parser("sandbox", help="build the sandbox image or report its status")
+    p.add_argument("action", choices=["build", "status"])
+    p.add_argument("--base", default="python:3.12-slim", help="base image (falls back to a Debian rootfs offline)")
+    p.add_argument("--tag", default="mas2c-sandbox:latest")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_sandbox)
+
     for register in _EXTRA_VERBS:
         register(verbs)
     return parser
@@ -195,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SpecRejected as exc:
         sys.stderr.write(f"{exc}\n")
+        return EXIT_INVALID
+    except SetupFailed as exc:
+        sys.stderr.write(f"mas2c {args.verb}: {exc}\n")
         return EXIT_INVALID
     except KeyboardInterrupt:
         sys.stderr.write(f"mas2c {args.verb}: interrupted\n")

@@ -41,7 +41,7 @@ from mas2c.spec import (
     step_out,
 )
 
-BLACK_MODE = black.Mode(target_versions={black.TargetVersion.PY311}, line_length=88)
+BLACK_MODE = black.Mode(target_versions={black.mode.TargetVersion.PY311}, line_length=88)
 SPEC_MARKER = "# spec: "
 
 

@@ -27,7 +27,7 @@ from mas2c.validate import load_spec
 ChangeKind = Literal["added", "removed", "changed"]
 
 MANIFEST = "MANIFEST.json"
-WORD_CONTEXT = 5  # unchanged words kept on each side of a word-level change
+WORD_CONTEXT = 6  # unchanged words kept on each side of a word-level change
 LINE_CONTEXT = 1  # unchanged lines kept on each side of a line-level change
 VALUE_WIDTH = 100  # longest rendering of a value in `format_changes`
 
@@ -265,7 +265,7 @@ def _elide(words: list[str], context: int, first: bool, last: bool) -> list[str]
     """Unchanged words between changes, shortened to `context` words next to each change."""
     keep_head = 0 if first else context
     keep_tail = 0 if last else context
-    if len(words) <= keep_head + keep_tail + 1:
+    if len(words) <= keep_head + keep_tail + 3:  # eliding fewer than 3 words saves nothing
         return words
     head = words[:keep_head]
     tail = words[len(words) - keep_tail :] if keep_tail else []

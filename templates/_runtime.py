@@ -1,0 +1,1458 @@
+"""The runtime of a package compiled by mas2c: state, LLM calls, tools, budgets, trace.
+
+This one file is copied verbatim into every compiled package. It depends only on
+the standard library, ``openai`` and ``httpx``, never on mas2c, so a compiled
+system runs anywhere those are installed. ``workflow.py`` drives it::
+
+    async with self.run.step("first", "/workflow/0"):
+        self.state["draft"] = await self.run.call("solver", "Solve: {{ question }}")
+
+Every failure is an exception that carries the spec element it came from
+(``spec_pointer``), so that ``out.json`` tells the rectifier what to repair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import contextvars
+import email.utils
+import json
+import os
+import random
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+import httpx
+import openai
+
+__all__ = [
+    "AgentDef",
+    "BudgetExceeded",
+    "Budgets",
+    "InputError",
+    "LLMError",
+    "ModelDef",
+    "Run",
+    "SpecInfo",
+    "StepTimeout",
+    "StructuredOutputError",
+    "ToolDef",
+    "ToolError",
+    "WorkflowError",
+    "field",
+    "item",
+    "lookup",
+    "main",
+    "render",
+]
+
+GATEWAY_URL = "http://mas2c-gateway/v1"  # the host name is ignored on a unix socket
+OUTPUT_CAP = 20_000  # characters of subprocess output kept (head and tail)
+JSON_FIXES = 2  # follow-up turns asking for valid JSON before giving up
+MAX_RETRY_AFTER_S = 30.0
+
+# --------------------------------------------------------------------- definitions
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    """A model of the pool; prices are USD per million tokens (None = unknown, 0)."""
+
+    model: str
+    temperature: float | None = None
+    max_tokens: int | None = None
+    input_per_mtok: float | None = None
+    output_per_mtok: float | None = None
+
+
+@dataclass(frozen=True)
+class AgentDef:
+    """An agent: a role and instructions (the system prompt) on a model."""
+
+    id: str
+    role: str
+    instructions: str
+    model: str
+    temperature: float | None = None
+    output: Mapping[str, Any] | None = None  # a JSON Schema, or None for text
+    tools: Sequence[str] = ()
+    max_tool_rounds: int = 5
+
+
+@dataclass(frozen=True)
+class ToolDef:
+    """A tool: Python code from the spec (``function``) or a builtin."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+    timeout_s: float | None = 10.0
+    function: Callable[..., Any] | None = None
+    builtin: str | None = None  # "python_exec"
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Limits of one run; None means unlimited."""
+
+    max_llm_calls: int | None = None
+    max_total_tokens: int | None = None
+    max_cost_usd: float | None = None
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class SpecInfo:
+    """What the package knows about its spec: inputs, outputs and budgets."""
+
+    name: str
+    sha256: str
+    inputs: Mapping[str, Mapping[str, Any]]
+    outputs: Mapping[str, str]  # output name -> dotted state path
+    budgets: Budgets = Budgets()
+
+
+# ---------------------------------------------------------------------- exceptions
+
+
+class WorkflowError(Exception):
+    """A run failed. ``spec_pointer`` names the spec element at fault (JSON pointer)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        spec_pointer: str | None = None,
+        spec_line: int | None = None,
+        step: str | None = None,
+        agent: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.spec_pointer = spec_pointer
+        self.spec_line = spec_line  # a line inside tool code, 1-based
+        self.step = step
+        self.agent = agent
+
+
+class BudgetExceeded(WorkflowError):
+    """A budget of the spec (or the host gateway's) would be overspent: exit 3."""
+
+
+class StepTimeout(WorkflowError):
+    """A step, or the whole run, ran out of time: exit 4."""
+
+
+class InputError(WorkflowError):
+    """The run's input does not match the spec's inputs: exit 2."""
+
+
+class LLMError(WorkflowError):
+    """The LLM endpoint failed, after retries where retrying makes sense."""
+
+    def __init__(self, message: str, *, status: int | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.status = status
+
+
+class StructuredOutputError(LLMError):
+    """An agent with an output schema kept answering something that is not that JSON."""
+
+
+class ToolError(WorkflowError):
+    """A tool failed when a ``tool`` step called it."""
+
+
+# -------------------------------------------------------------------------- state
+
+_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+_PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+
+
+def _preview(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def field(value: Any, name: str) -> Any:
+    """``value.name`` for a dict key or an attribute, with an error that says why not."""
+    if isinstance(value, Mapping):
+        if name in value:
+            return value[name]
+        keys = ", ".join(repr(k) for k in list(value)[:20]) or "none"
+        raise WorkflowError(f"no field {name!r} in the object (its keys: {keys})")
+    if isinstance(value, str | int | float | bool | list | tuple) or value is None:
+        kind = "null" if value is None else type(value).__name__
+        raise WorkflowError(
+            f"cannot read field {name!r} of a {kind} value {_preview(value)}: "
+            "only JSON objects have fields (does the agent need an output schema?)"
+        )
+    try:
+        return getattr(value, name)
+    except AttributeError:
+        raise WorkflowError(
+            f"{type(value).__name__} value has no field {name!r}"
+        ) from None
+
+
+def item(value: Any, key: Any) -> Any:
+    """``value[key]`` with an error that names the key and the value."""
+    try:
+        return value[key]
+    except (KeyError, IndexError):
+        raise WorkflowError(f"no item {key!r} in {_preview(value)}") from None
+    except TypeError:
+        kind = type(value).__name__
+        raise WorkflowError(f"cannot index a {kind} value with {key!r}") from None
+
+
+def lookup(state: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted state path: ``verdict.answer``, ``drafts.0``."""
+    name, *rest = path.strip().split(".")
+    if name not in state:
+        known = ", ".join(sorted(state)) or "none"
+        raise WorkflowError(f"unknown state variable {name!r} (set so far: {known})")
+    value = state[name]
+    for part in rest:
+        is_index = part.isdigit() and isinstance(value, list | tuple)
+        value = item(value, int(part)) if is_index else field(value, part)
+    return value
+
+
+def as_text(value: Any) -> str:
+    """How a value reads inside a prompt: strings as they are, the rest as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, indent=2, default=str)
+
+
+def render(template: str, state: Mapping[str, Any]) -> str:
+    """Fill each ``{{ path }}``; everything else (single braces too) stays as written.
+
+    One pass with ``re.sub``: inserted values are never rendered again, so a value
+    that itself contains ``{{ x }}`` reaches the model unchanged.
+    """
+
+    def fill(match: re.Match[str]) -> str:
+        path = match.group(1).strip()
+        if not _PATH.match(path):
+            raise WorkflowError(f"malformed placeholder {match.group(0)!r}")
+        return as_text(lookup(state, path))
+
+    return _PLACEHOLDER.sub(fill, template)
+
+
+def _render_args(value: Any, state: Mapping[str, Any]) -> Any:
+    """Render every string inside a tool step's (nested) arguments."""
+    if isinstance(value, str):
+        return render(value, state)
+    if isinstance(value, Mapping):
+        return {k: _render_args(v, state) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_render_args(v, state) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------- accounting
+
+
+@dataclass
+class _Tally:
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, prompt: int, completion: int, cost: float) -> None:
+        self.calls += 1
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.cost_usd += cost
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "cost_usd": round(self.cost_usd, 8),
+        }
+
+
+@dataclass
+class _Usage:
+    total: _Tally = dataclass_field(default_factory=_Tally)
+    by_agent: dict[str, _Tally] = dataclass_field(default_factory=dict)
+    by_model: dict[str, _Tally] = dataclass_field(default_factory=dict)
+    in_flight: int = 0  # requests sent, not yet answered: they hold a call slot
+
+    def add(
+        self, agent: str, model: str, prompt: int, completion: int, cost: float
+    ) -> None:
+        self.total.add(prompt, completion, cost)
+        self.by_agent.setdefault(agent, _Tally()).add(prompt, completion, cost)
+        self.by_model.setdefault(model, _Tally()).add(prompt, completion, cost)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.total.as_dict(),
+            "by_agent": {k: v.as_dict() for k, v in sorted(self.by_agent.items())},
+            "by_model": {k: v.as_dict() for k, v in sorted(self.by_model.items())},
+        }
+
+
+# -------------------------------------------------------------------------- trace
+
+
+class Trace:
+    """A JSONL event log; one ``write`` per line under a lock, so lines never interleave."""
+
+    def __init__(self, path: str | None) -> None:
+        self._file: TextIO | None = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # Kept open for the whole run, closed by close().
+            self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115
+        self._t0 = time.monotonic()
+        self._lock = threading.Lock()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if self._file is None:
+            return
+        record = {"t": round(self.elapsed(), 3), "event": event, **fields}
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        with self._lock:
+            self._file.write(line)
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+# The step each task is in: a ContextVar, so concurrent branches see their own.
+_STEP: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "mas2c_step", default=None
+)
+
+
+def _where() -> dict[str, str | None]:
+    current = _STEP.get()
+    return {"step": current[0], "pointer": current[1]} if current else {}
+
+
+def _tag(exc: BaseException, pointer: str | None, step: str | None) -> None:
+    """Record where an exception came from; the innermost step (first to tag) wins."""
+    for name, value in (("spec_pointer", pointer), ("step", step)):
+        if getattr(exc, name, None) is None and value is not None:
+            with contextlib.suppress(
+                AttributeError
+            ):  # a few builtins refuse attributes
+                setattr(exc, name, value)
+
+
+# -------------------------------------------------------------------- LLM helpers
+
+
+def _env_number(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
+def _make_client() -> openai.AsyncOpenAI:
+    """The OpenAI client: direct, or through the host gateway's unix socket."""
+    timeout = _env_number("MAS2C_LLM_TIMEOUT_S", 120.0)
+    socket_path = os.environ.get("MAS2C_LLM_SOCKET")
+    if socket_path:
+        # Inside the sandbox the socket is the only way out; the host holds the key.
+        transport = httpx.AsyncHTTPTransport(uds=socket_path)
+        http = httpx.AsyncClient(transport=transport, timeout=timeout)
+        return openai.AsyncOpenAI(
+            base_url=GATEWAY_URL,
+            api_key="sandbox",
+            max_retries=0,
+            timeout=timeout,
+            # Recent openai releases type this as httpx2 but accept an httpx client.
+            http_client=cast(Any, http),
+        )
+    return openai.AsyncOpenAI(
+        base_url=os.environ.get("OPENAI_BASE_URL"),
+        api_key=os.environ.get("OPENAI_API_KEY") or "unset",
+        max_retries=0,  # we retry ourselves, with tracing and budget checks
+        timeout=timeout,
+    )
+
+
+class _Malformed(Exception):
+    """A 200 response without a usable completion: retried like a server error."""
+
+
+def _is_retryable(exc: Exception) -> bool:
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    # APITimeoutError is an APIConnectionError; a body that is not JSON is a ValueError.
+    retryable = (openai.APIConnectionError, openai.APIResponseValidationError)
+    return isinstance(exc, (*retryable, httpx.TransportError, ValueError, _Malformed))
+
+
+def _retry_after(exc: Exception) -> float | None:
+    """Seconds from a Retry-After header (a number or an HTTP date), if any."""
+    response = getattr(exc, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        with contextlib.suppress(TypeError, ValueError):
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    return None
+
+
+def _backoff(attempt: int, exc: Exception) -> float:
+    hinted = _retry_after(exc)
+    if hinted is not None:
+        return min(hinted, MAX_RETRY_AFTER_S)
+    base = _env_number("MAS2C_RETRY_BASE_S", 0.5) * 2 ** (attempt - 1)
+    # A little jitter keeps concurrent samples from retrying in lockstep.
+    return float(min(base * (1 + 0.25 * random.random()), MAX_RETRY_AFTER_S))
+
+
+def _error_code(exc: openai.APIStatusError) -> str | None:
+    body = exc.body
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        code = inner.get("code") if isinstance(inner, Mapping) else None
+        return str(code) if code is not None else None
+    return None
+
+
+def _schema_name(agent_id: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_-]", "_", agent_id)[:64] or "output"
+
+
+def _system_prompt(agent: AgentDef) -> str:
+    return "\n\n".join(part for part in (agent.role, agent.instructions) if part)
+
+
+def _with_schema_in_system(
+    messages: list[dict[str, Any]], schema: Any
+) -> list[dict[str, Any]]:
+    """JSON-object mode cannot carry a schema: tell the model in the system prompt."""
+    note = "Reply with one JSON object that matches this JSON Schema:\n" + json.dumps(
+        schema, ensure_ascii=False, indent=2
+    )
+    if messages and messages[0].get("role") == "system":
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
+# ----------------------------------------------------------------- structured output
+
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\r?\n(.*?)```", re.DOTALL)
+
+
+def _extract_json(text: str) -> Any:
+    """The JSON in an answer: fenced, bare, or the first ``{...}`` inside prose."""
+    fenced = _FENCE.search(text)
+    candidate = fenced.group(1) if fenced else text
+    try:
+        return json.loads(candidate)
+    except ValueError as exc:
+        first_error = exc
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        with contextlib.suppress(ValueError):
+            value, _ = decoder.raw_decode(text, match.start())
+            if isinstance(value, dict):
+                return value
+    raise ValueError(f"not JSON ({first_error})")
+
+
+def parse_structured(text: str, schema: Mapping[str, Any]) -> Any:
+    """Parse an answer and check its top-level shape against the schema."""
+    value = _extract_json(text)
+    kind = schema.get("type")
+    if kind == "object" or (kind is None and "properties" in schema):
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+        missing = [k for k in schema.get("required", []) if k not in value]
+        if missing:
+            raise ValueError(
+                f"missing required key(s): {', '.join(map(repr, missing))}"
+            )
+    elif kind == "array" and not isinstance(value, list):
+        raise ValueError(f"expected a JSON array, got {type(value).__name__}")
+    return value
+
+
+# -------------------------------------------------------------------------- voting
+
+_ANSWER_LINE = re.compile(r"^\s*ANSWER\s*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def vote_key(answer: Any) -> str:
+    """What majority voting compares: the final answer, not the reasoning around it."""
+    if isinstance(answer, str):
+        lines = _ANSWER_LINE.findall(answer)
+        return _normal(lines[-1] if lines else answer)
+    if isinstance(answer, Mapping) and "answer" in answer:
+        answer = answer["answer"]
+        if isinstance(answer, str):
+            return _normal(answer)
+    return json.dumps(answer, sort_keys=True, ensure_ascii=False)
+
+
+def majority(answers: Sequence[Any], what: str = "vote") -> Any:
+    """The plurality answer; ties go to the earliest sample. Empty answers don't vote."""
+    counts: dict[str, int] = {}
+    first: dict[str, Any] = {}
+    for answer in answers:
+        key = vote_key(answer)
+        if key in ("", "null"):
+            continue
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, answer)
+    if not counts:
+        raise WorkflowError(
+            f"{what}: every {'sample' if what == 'ensemble' else 'answer'} was empty"
+        )
+    best = max(counts.values())
+    # dicts keep insertion order: the first key reaching `best` was sampled earliest.
+    return next(first[k] for k, n in counts.items() if n == best)
+
+
+def _numbered(answers: Sequence[Any], labels: Sequence[str]) -> str:
+    return "\n\n".join(
+        f"[{i}] {label}\n{as_text(a)}"
+        for i, (label, a) in enumerate(zip(labels, answers, strict=True), 1)
+    )
+
+
+# --------------------------------------------------------------------- subprocesses
+
+
+def _cap(text: str, limit: int = OUTPUT_CAP) -> str:
+    """Keep the head and the tail: tracebacks end at the bottom."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return (
+        f"{text[:half]}\n... [{len(text) - limit} characters cut] ...\n{text[-half:]}"
+    )
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it spawned
+
+
+async def run_python(code: str, timeout_s: float | None) -> dict[str, Any]:
+    """Run code in a fresh interpreter in a temp dir: {exit_code, output, timed_out}."""
+    # The API key has no business in model-written code.
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    with tempfile.TemporaryDirectory(prefix="mas2c-exec-") as tmp:
+        script = Path(tmp) / "main.py"
+        script.write_text(code, encoding="utf-8")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-I",
+            str(script),
+            cwd=tmp,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # its own process group, killed as a whole
+        )
+        chunks = bytearray()
+
+        async def pump() -> None:
+            assert proc.stdout is not None
+            while chunk := await proc.stdout.read(65536):
+                # Keep draining past the cap so that the child never blocks on a pipe.
+                if len(chunks) < 4 * OUTPUT_CAP:
+                    chunks.extend(chunk)
+
+        timed_out = False
+        try:
+            await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), timeout_s)
+        except TimeoutError:
+            timed_out = True
+        finally:
+            if proc.returncode is None or timed_out:
+                _kill_group(proc)
+                await proc.wait()
+    output = _cap(chunks.decode("utf-8", errors="replace"))
+    if timed_out:
+        output += f"\n[timed out after {timeout_s} s]"
+    return {"exit_code": proc.returncode, "output": output, "timed_out": timed_out}
+
+
+_PYTHON_BLOCK = re.compile(r"```[ \t]*(?:python|py)[ \t]*\r?\n(.*?)```", re.DOTALL)
+_ANY_BLOCK = re.compile(r"```[^\n`]*\r?\n(.*?)```", re.DOTALL)
+
+
+def extract_code(text: str) -> str:
+    """The first ```python block, else the first fenced block, else the whole text."""
+    found = _PYTHON_BLOCK.search(text) or _ANY_BLOCK.search(text)
+    return found.group(1) if found else text
+
+
+# -------------------------------------------------------------------------- tools
+
+
+async def _in_thread(function: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
+    """Run a blocking tool in a daemon thread.
+
+    A thread cannot be killed: after a timeout it may run on, but as a daemon it
+    never keeps the process alive (``asyncio.to_thread`` would, at exit).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # timed out or cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (function(**kwargs), None)
+        except BaseException as exc:
+            outcome = (None, exc)
+            if isinstance(exc, StopIteration) or not isinstance(exc, Exception):
+                # A future cannot carry these (SystemExit would stop the event loop).
+                wrapped = RuntimeError(f"the tool raised {type(exc).__name__}: {exc}")
+                outcome = (None, wrapped.with_traceback(exc.__traceback__))
+        with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name="mas2c-tool", daemon=True).start()
+    return await future
+
+
+def tool_code_location(
+    exc: BaseException, tool: ToolDef
+) -> tuple[str | None, int | None]:
+    """(spec pointer, line inside the tool code) of the deepest tools.py frame.
+
+    tools.py holds each tool's code verbatim between ``# spec: /tools/<id>/code``,
+    ``# fmt: off`` and ``# fmt: on``; the line inside the spec's code is counted
+    from the first line after ``# fmt: off``.
+    """
+    code = getattr(tool.function, "__code__", None)
+    if code is None:
+        return None, None
+    tools_py = code.co_filename
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if f.filename == tools_py
+    ]
+    if not frames or frames[-1].lineno is None:
+        return None, None
+    line = frames[-1].lineno
+    try:
+        lines = Path(tools_py).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None, None
+    pointer: str | None = None
+    start: int | None = None
+    for number, text in enumerate(lines, 1):
+        stripped = text.strip()
+        if stripped.startswith("# spec: "):
+            pointer = stripped[len("# spec: ") :].strip()
+        elif stripped == "# fmt: off" and pointer is not None:
+            start = number + 1
+        elif stripped == "# fmt: on" and start is not None:
+            if start <= line < number:
+                return pointer, line - start + 1
+            pointer = start = None
+    return None, None
+
+
+def _tool_schema(tool: ToolDef) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": dict(tool.parameters),
+        },
+    }
+
+
+def _assistant_message(message: Any) -> dict[str, Any]:
+    """The assistant's tool-calling turn, as it must be replayed to the model."""
+    calls = []
+    for call in message.tool_calls or []:
+        function = getattr(call, "function", None)
+        if function is not None:
+            calls.append(
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": function.name,
+                        "arguments": function.arguments,
+                    },
+                }
+            )
+    return {"role": "assistant", "content": message.content, "tool_calls": calls}
+
+
+# ---------------------------------------------------------------------------- run
+
+
+class Run:
+    """One execution of a workflow: state, LLM client, accounting, trace."""
+
+    def __init__(
+        self,
+        spec: SpecInfo,
+        agents: Mapping[str, AgentDef],
+        models: Mapping[str, ModelDef],
+        tools: Mapping[str, ToolDef],
+        *,
+        inputs: Mapping[str, Any] | None = None,
+        trace: Trace | None = None,
+    ) -> None:
+        self.spec = spec
+        self.agents = agents
+        self.models = models
+        self.tools = tools
+        self.budgets = spec.budgets
+        self.state: dict[str, Any] = dict(inputs or {})
+        self.trace = trace or Trace(None)
+        self._usage = _Usage()
+        self._client: openai.AsyncOpenAI | None = None
+        self._json_object_only: set[str] = set()  # models that refused json_schema
+        # The innermost step running when the run was cancelled (global timeout).
+        self.interrupted_step: tuple[str, str] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def execute(self, workflow_cls: Callable[[Run], Any]) -> None:
+        """Run the workflow under the global time budget; always close the client."""
+        limit = self.budgets.timeout_s
+        try:
+            async with asyncio.timeout(limit) as scope:
+                await workflow_cls(self).run_workflow()
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise
+            step = self.interrupted_step
+            raise StepTimeout(
+                f"the run exceeded its time budget of {limit} s",
+                spec_pointer="/budgets/timeout_s",
+                step=step[0] if step else None,
+            ) from exc
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    def usage(self) -> dict[str, Any]:
+        return self._usage.as_dict()
+
+    # ---------------------------------------------------------------------- steps
+
+    @contextlib.asynccontextmanager
+    async def step(
+        self, step_id: str, pointer: str, timeout_s: float | None = None
+    ) -> AsyncIterator[None]:
+        """Trace a step, enforce its timeout, and tag escaping errors with its pointer."""
+        token = _STEP.set((step_id, pointer))
+        started = time.monotonic()
+        self.trace.emit("step_start", step=step_id, pointer=pointer)
+        status, error = "error", None
+        try:
+            async with asyncio.timeout(timeout_s) as scope:
+                yield
+            status = "ok"
+        except TimeoutError as exc:
+            error = type(exc).__name__
+            if not scope.expired():
+                _tag(exc, pointer, step_id)
+                raise
+            raise StepTimeout(
+                f"step {step_id!r} timed out after {timeout_s} s",
+                spec_pointer=pointer,
+                step=step_id,
+            ) from exc
+        except asyncio.CancelledError:
+            error = "cancelled"
+            self.interrupted_step = self.interrupted_step or (step_id, pointer)
+            raise
+        except Exception as exc:
+            error = type(exc).__name__
+            _tag(exc, pointer, step_id)
+            raise
+        finally:
+            _STEP.reset(token)
+            duration = round(time.monotonic() - started, 3)
+            self.trace.emit(
+                "step_end",
+                step=step_id,
+                pointer=pointer,
+                status=status,
+                duration_s=duration,
+                **({"error": error} if error else {}),
+            )
+
+    async def gather(self, *aws: Awaitable[Any]) -> list[Any]:
+        """Run concurrently; on the first failure cancel the rest and raise it."""
+        tasks = [asyncio.ensure_future(aw) for aw in aws]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def call(self, agent: str, prompt: str) -> Any:
+        """``call`` step: one agent turn on the rendered prompt."""
+        return await self.turn(agent, render(prompt, self.state))
+
+    async def tool(self, name: str, args: Mapping[str, Any]) -> Any:
+        """``tool`` step: call a tool directly with rendered arguments."""
+        tool = self._tool(name)
+        try:
+            return await self._invoke_tool(tool, _render_args(args, self.state))
+        except WorkflowError:
+            raise
+        except Exception as exc:
+            pointer, line = tool_code_location(exc, tool)
+            raise ToolError(
+                f"tool {name!r} raised {type(exc).__name__}: {exc}",
+                spec_pointer=pointer,
+                spec_line=line,
+            ) from exc
+
+    async def ensemble(
+        self,
+        agents: Sequence[str],
+        prompt: str,
+        *,
+        vote: str | None = None,
+        judge: str | None = None,
+    ) -> Any:
+        """``ensemble`` step: every sample concurrently, then a judge or a vote."""
+        task = render(prompt, self.state)
+        answers = await self.gather(*(self.turn(a, task) for a in agents))
+        labels = [f"candidate {i}" for i in range(1, len(answers) + 1)]
+        return await self._decide(
+            "ensemble", task, answers, labels, vote=vote, judge=judge
+        )
+
+    async def debate(
+        self,
+        agents: Sequence[str],
+        topic: str,
+        *,
+        rounds: int = 2,
+        judge: str | None = None,
+        vote: str | None = None,
+    ) -> Any:
+        """``debate`` step: answer, read the others' answers, revise; then decide."""
+        task = render(topic, self.state)
+        labels = [f"agent {i} ({a})" for i, a in enumerate(agents, 1)]
+        answers = await self.gather(*(self.turn(a, task) for a in agents))
+        for _ in range(rounds - 1):
+            prompts = [
+                self._revision_prompt(task, answers, labels, i)
+                for i in range(len(agents))
+            ]
+            answers = await self.gather(
+                *(self.turn(a, p) for a, p in zip(agents, prompts, strict=True))
+            )
+        return await self._decide(
+            "debate", task, answers, labels, vote=vote, judge=judge
+        )
+
+    async def programmer(
+        self, agent: str, prompt: str, *, max_attempts: int = 3, timeout_s: float = 10.0
+    ) -> dict[str, Any]:
+        """``programmer`` step: write code, run it, feed errors back; never raises on failure."""
+        task = render(prompt, self.state)
+        ask = "Reply with the complete program in one ```python code block."
+        code = ""
+        result: dict[str, Any] = {"output": "", "exit_code": None}
+        attempt = 0
+        for attempt in range(1, max_attempts + 1):
+            if attempt == 1:
+                request = f"{task}\n\n{ask}"
+            else:
+                request = (
+                    f"{task}\n\nYour previous program:\n```python\n{code}\n```\n"
+                    f"It failed (exit code {result['exit_code']}) with this output:\n"
+                    f"```\n{result['output']}\n```\nFix it. {ask}"
+                )
+            answer = await self.turn(agent, request)
+            code = extract_code(answer if isinstance(answer, str) else _code_of(answer))
+            result = await self._exec(code, timeout_s)
+            if result["exit_code"] == 0:
+                break
+        passed = result["exit_code"] == 0
+        return {
+            "code": code,
+            "output": result["output"],
+            "passed": passed,
+            "attempts": attempt,
+        }
+
+    async def test(
+        self, code_path: str, tests: str, *, timeout_s: float = 10.0
+    ) -> dict[str, Any]:
+        """``test`` step: the code in state plus the tests in one program; pass = exit 0."""
+        code = _code_of(lookup(self.state, code_path))
+        result = await self._exec(f"{code}\n\n{render(tests, self.state)}", timeout_s)
+        return {"passed": result["exit_code"] == 0, "output": result["output"]}
+
+    # --------------------------------------------------------------- agent turns
+
+    async def turn(self, agent_id: str, prompt: str) -> Any:
+        """One agent turn on an already rendered prompt: text, or parsed JSON."""
+        agent = self._agent(agent_id)
+        messages: list[dict[str, Any]] = []
+        system = _system_prompt(agent)
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": prompt})
+        text = await self._answer(agent, messages)
+        if agent.output is None:
+            return text
+        for fix in range(JSON_FIXES + 1):
+            try:
+                return parse_structured(text, agent.output)
+            except ValueError as exc:
+                if fix == JSON_FIXES:
+                    raise StructuredOutputError(
+                        f"agent {agent.id!r} gave no valid JSON for its output schema "
+                        f"after {JSON_FIXES + 1} tries: {exc}; last answer: {_preview(text, 300)}",
+                        agent=agent.id,
+                    ) from None
+                messages.append({"role": "assistant", "content": text})
+                messages.append(
+                    {
+                        "role": "user",
+                        "content": f"Your last answer was not valid JSON for the schema: {exc}. "
+                        "Reply with only the JSON object.",
+                    }
+                )
+                text = await self._answer(agent, messages, final=True)
+        raise AssertionError("unreachable")
+
+    async def _answer(
+        self, agent: AgentDef, messages: list[dict[str, Any]], final: bool = False
+    ) -> str:
+        """Chat until the model stops calling tools (at most max_tool_rounds rounds).
+
+        ``final``: no tool calls allowed. The tools stay declared (with tool_choice
+        "none") because the history may hold tool messages that refer to them.
+        """
+        tools = [_tool_schema(self._tool(t)) for t in agent.tools]
+        rounds = 0
+        while True:
+            last_round = final or rounds >= agent.max_tool_rounds
+            if tools and rounds and last_round:
+                messages.append(
+                    {
+                        "role": "user",
+                        "content": "No more tool calls: give your final answer now.",
+                    }
+                )
+            response = await self._chat(agent, messages, tools, last_round)
+            message = response.choices[0].message
+            if not tools or last_round or not message.tool_calls:
+                return message.content or ""
+            messages.append(_assistant_message(message))
+            for call in message.tool_calls:
+                messages.append(await self._tool_message(agent, call))
+            rounds += 1
+
+    async def _tool_message(self, agent: AgentDef, call: Any) -> dict[str, Any]:
+        """Run one tool call of the model; errors go back as text so it can recover."""
+        function = getattr(call, "function", None)
+        name = function.name if function is not None else "?"
+        try:
+            if function is None or name not in agent.tools:
+                raise ToolError(
+                    f"unknown tool {name!r}; available: {', '.join(agent.tools)}"
+                )
+            args = json.loads(function.arguments or "{}")
+            if not isinstance(args, dict):
+                raise ToolError("tool arguments must be a JSON object")
+            content = as_text(await self._invoke_tool(self._tool(name), args, agent.id))
+        except Exception as exc:  # reported to the model, which may recover
+            content = f"error: {type(exc).__name__}: {exc}"
+        return {"role": "tool", "tool_call_id": call.id, "content": _cap(content)}
+
+    async def _invoke_tool(
+        self, tool: ToolDef, args: Mapping[str, Any], agent: str | None = None
+    ) -> Any:
+        started = time.monotonic()
+        status = "error"
+        try:
+            if tool.builtin == "python_exec":
+                result = await self._exec(str(args.get("code", "")), tool.timeout_s)
+            elif tool.function is not None:
+                result = await self._run_code_tool(tool, tool.function, args)
+            else:
+                raise ToolError(
+                    f"tool {tool.name!r} has no implementation ({tool.builtin!r})"
+                )
+            status = "ok"
+            return result
+        finally:
+            self.trace.emit(
+                "tool_call",
+                tool=tool.name,
+                agent=agent,
+                status=status,
+                duration_s=round(time.monotonic() - started, 3),
+                **_where(),
+            )
+
+    @staticmethod
+    async def _run_code_tool(
+        tool: ToolDef, function: Callable[..., Any], args: Mapping[str, Any]
+    ) -> Any:
+        try:
+            async with asyncio.timeout(tool.timeout_s) as scope:
+                return await _in_thread(function, args)
+        except TimeoutError:
+            if not scope.expired():
+                raise  # the tool's own TimeoutError: an error inside its code
+            raise ToolError(
+                f"tool {tool.name!r} timed out after {tool.timeout_s} s",
+                spec_pointer=f"/tools/{tool.name}",
+            ) from None
+
+    async def _exec(self, code: str, timeout_s: float | None) -> dict[str, Any]:
+        started = time.monotonic()
+        result = await run_python(code, timeout_s)
+        self.trace.emit(
+            "exec",
+            exit_code=result["exit_code"],
+            timed_out=result["timed_out"],
+            duration_s=round(time.monotonic() - started, 3),
+            **_where(),
+        )
+        return result
+
+    async def _decide(
+        self,
+        kind: str,
+        task: str,
+        answers: Sequence[Any],
+        labels: Sequence[str],
+        *,
+        vote: str | None,
+        judge: str | None,
+    ) -> Any:
+        """Close an ensemble or a debate: a judge's turn, a vote, or all answers."""
+        if judge is not None:
+            prompt = (
+                f"Task:\n{task}\n\nCandidate answers:\n\n{_numbered(answers, labels)}\n\n"
+                "Weigh the candidates and give the best-supported final answer."
+            )
+            return await self.turn(judge, prompt)
+        if vote == "majority":
+            return majority(answers, kind)
+        return list(answers)
+
+    @staticmethod
+    def _revision_prompt(
+        task: str, answers: Sequence[Any], labels: Sequence[str], me: int
+    ) -> str:
+        others = [i for i in range(len(answers)) if i != me]
+        return (
+            f"{task}\n\nYour previous answer:\n{as_text(answers[me])}\n\n"
+            "The other agents answered:\n\n"
+            f"{_numbered([answers[i] for i in others], [labels[i] for i in others])}\n\n"
+            "Consider their reasoning, then give your revised answer."
+        )
+
+    # ------------------------------------------------------------------ LLM calls
+
+    def _agent(self, agent_id: str) -> AgentDef:
+        if agent_id not in self.agents:
+            raise WorkflowError(f"unknown agent {agent_id!r}")
+        return self.agents[agent_id]
+
+    def _tool(self, name: str) -> ToolDef:
+        if name not in self.tools:
+            raise WorkflowError(f"unknown tool {name!r}")
+        return self.tools[name]
+
+    def _check_budget(self) -> None:
+        """Refuse a request that would overspend; requests in flight hold a call."""
+        b, u = self.budgets, self._usage
+        calls = u.total.calls + u.in_flight
+        tokens = u.total.prompt_tokens + u.total.completion_tokens
+        for limit, used, maximum in (
+            ("max_llm_calls", calls, b.max_llm_calls),
+            ("max_total_tokens", tokens, b.max_total_tokens),
+            ("max_cost_usd", u.total.cost_usd, b.max_cost_usd),
+        ):
+            if maximum is not None and used >= maximum:
+                raise BudgetExceeded(
+                    f"budget exceeded: {limit} ({used:g} used, max {maximum:g})",
+                    spec_pointer=f"/budgets/{limit}",
+                )
+
+    def _request(
+        self,
+        agent: AgentDef,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        no_more_tools: bool,
+    ) -> dict[str, Any]:
+        """The chat-completions arguments for one request of an agent."""
+        model = self.models[agent.model]
+        request: dict[str, Any] = {"model": model.model, "messages": messages}
+        temperature = (
+            agent.temperature if agent.temperature is not None else model.temperature
+        )
+        if temperature is not None:
+            request["temperature"] = temperature
+        if model.max_tokens is not None:
+            request["max_tokens"] = model.max_tokens
+        if tools:
+            request["tools"] = tools
+            if no_more_tools:
+                request["tool_choice"] = "none"
+        if agent.output is not None:
+            if model.model in self._json_object_only:
+                request["messages"] = _with_schema_in_system(messages, agent.output)
+                request["response_format"] = {"type": "json_object"}
+            else:
+                request["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": _schema_name(agent.id),
+                        "schema": dict(agent.output),
+                        "strict": False,
+                    },
+                }
+        where = _STEP.get()
+        request["extra_headers"] = {
+            "X-Mas2c-Agent": agent.id,
+            "X-Mas2c-Step": where[1] if where else "",
+        }
+        return request
+
+    async def _chat(
+        self,
+        agent: AgentDef,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        no_more_tools: bool = False,
+    ) -> Any:
+        """One completion; falls back to JSON-object mode where json_schema is refused."""
+        try:
+            request = self._request(agent, messages, tools, no_more_tools)
+            return await self._complete(agent, request)
+        except LLMError as exc:
+            model = self.models[agent.model].model
+            about_format = "response_format" in str(exc) or "json_schema" in str(exc)
+            refused = exc.status == 400 and about_format
+            if agent.output is None or not refused or model in self._json_object_only:
+                raise
+            self._json_object_only.add(model)
+            request = self._request(agent, messages, tools, no_more_tools)
+            return await self._complete(agent, request)
+
+    async def _complete(self, agent: AgentDef, request: dict[str, Any]) -> Any:
+        """Send with retries on 429/5xx/timeouts/malformed answers; account and trace."""
+        model = self.models[agent.model]
+        attempts = max(1, int(_env_number("MAS2C_MAX_ATTEMPTS", 4)))
+        for attempt in range(1, attempts + 1):
+            self._check_budget()
+            started = time.monotonic()
+            try:
+                response = await self._send(request)
+            except Exception as exc:
+                self._trace_call(agent, model, None, started, attempt, exc)
+                self._raise_unless_retryable(exc, agent, attempt, attempts)
+                await asyncio.sleep(_backoff(attempt, exc))
+                continue
+            self._account(agent, model, response)
+            self._trace_call(agent, model, response, started, attempt, None)
+            return response
+        raise AssertionError("unreachable")
+
+    async def _send(self, request: dict[str, Any]) -> Any:
+        """One HTTP request; it holds a call slot of the budget while in flight."""
+        if self._client is None:
+            self._client = (
+                _make_client()
+            )  # lazily: a run without LLM calls needs no client
+        self._usage.in_flight += 1
+        try:
+            response = await self._client.chat.completions.create(**request)
+        finally:
+            self._usage.in_flight -= 1
+        if not getattr(response, "choices", None):
+            raise _Malformed("the response has no choices")
+        return response
+
+    def _raise_unless_retryable(
+        self, exc: Exception, agent: AgentDef, attempt: int, attempts: int
+    ) -> None:
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            if status == 402 and _error_code(exc) == "mas2c_budget_exceeded":
+                raise BudgetExceeded(f"the LLM gateway refused: {exc.message}") from exc
+            message = f"HTTP {status} for agent {agent.id!r}: {exc.message}"
+        else:
+            status, message = (
+                None,
+                f"{type(exc).__name__} for agent {agent.id!r}: {exc}",
+            )
+        if not _is_retryable(exc):
+            raise LLMError(message, status=status, agent=agent.id) from exc
+        if attempt >= attempts:
+            raise LLMError(
+                f"{message} (gave up after {attempts} attempts)",
+                status=status,
+                agent=agent.id,
+            ) from exc
+
+    def _account(self, agent: AgentDef, model: ModelDef, response: Any) -> None:
+        usage = getattr(response, "usage", None)
+        prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+        completion = int(getattr(usage, "completion_tokens", 0) or 0)
+        cost = (
+            prompt * (model.input_per_mtok or 0.0)
+            + completion * (model.output_per_mtok or 0.0)
+        ) / 1e6
+        self._usage.add(agent.id, agent.model, prompt, completion, cost)
+
+    def _trace_call(
+        self,
+        agent: AgentDef,
+        model: ModelDef,
+        response: Any,
+        started: float,
+        attempt: int,
+        error: Exception | None,
+    ) -> None:
+        usage = getattr(response, "usage", None)
+        self.trace.emit(
+            "llm_call",
+            agent=agent.id,
+            model=model.model,
+            prompt_tokens=getattr(usage, "prompt_tokens", None),
+            completion_tokens=getattr(usage, "completion_tokens", None),
+            latency_s=round(time.monotonic() - started, 3),
+            attempt=attempt,
+            status="ok" if error is None else "error",
+            **({"error": f"{type(error).__name__}: {error}"[:500]} if error else {}),
+            **_where(),
+        )
+
+
+def _code_of(value: Any) -> str:
+    """Code held in state: a string, or an object with a ``code`` field."""
+    if isinstance(value, Mapping) and "code" in value:
+        return str(value["code"])
+    return value if isinstance(value, str) else as_text(value)
+
+
+# ---------------------------------------------------------------------------- main
+
+_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "null": lambda v: v is None,
+}
+
+
+def _input_problem(name: str, value: Any, schema: Mapping[str, Any]) -> str | None:
+    kind = schema.get("type")
+    kinds = [kind] if isinstance(kind, str) else list(kind or [])
+    checks = [_JSON_TYPES[k] for k in kinds if k in _JSON_TYPES]
+    if checks and not any(check(value) for check in checks):
+        return (
+            f"input {name!r} must be {' or '.join(kinds)}, got {type(value).__name__}"
+        )
+    return None
+
+
+def check_inputs(
+    given: Any, declared: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The run's initial state: given inputs, checked, with schema defaults filled in."""
+    if not isinstance(given, dict):
+        raise InputError(f"the input must be a JSON object, got {type(given).__name__}")
+    problems: list[tuple[str, str]] = []
+    state: dict[str, Any] = {}
+    for name, schema in declared.items():
+        if name in given:
+            problem = _input_problem(name, given[name], schema)
+            if problem:
+                problems.append((f"/inputs/{name}", problem))
+            state[name] = given[name]
+        elif "default" in schema:
+            state[name] = schema["default"]
+        else:
+            problems.append((f"/inputs/{name}", f"missing required input {name!r}"))
+    for name in sorted(set(given) - set(declared)):
+        known = ", ".join(declared) or "none"
+        problems.append(("/inputs", f"unknown input {name!r} (declared: {known})"))
+    if problems:
+        raise InputError("; ".join(p for _, p in problems), spec_pointer=problems[0][0])
+    return state
+
+
+def _read_inputs(
+    path: str | None, declared: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    try:
+        if path is None:
+            text = "{}"
+        elif path == "-":
+            text = sys.stdin.read()
+        else:
+            text = Path(path).read_text(encoding="utf-8")
+        given = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the input {path!r}: {exc}") from exc
+    return check_inputs(given, declared)
+
+
+# exception class -> (status, exit code); the first match wins.
+_OUTCOMES: tuple[tuple[type[BaseException], str, int], ...] = (
+    (InputError, "bad_input", 2),
+    (BudgetExceeded, "budget_exceeded", 3),
+    (StepTimeout, "timeout", 4),
+    (Exception, "error", 1),
+    (BaseException, "interrupted", 130),
+)
+
+
+def error_report(exc: BaseException) -> dict[str, Any]:
+    """The ``error`` object of out.json."""
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "spec_pointer": getattr(exc, "spec_pointer", None),
+        "spec_line": getattr(exc, "spec_line", None),
+        "step": getattr(exc, "step", None),
+        "agent": getattr(exc, "agent", None),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """Write via a temp file in the same folder, then rename: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(obj, handle, ensure_ascii=False, indent=2, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
+def _parse_args(spec: SpecInfo, argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m mas2c_{spec.name.replace('-', '_')}",
+        description=f"Run the {spec.name} multi-agent system.",
+    )
+    parser.add_argument("--input", help="JSON object of inputs ('-' = stdin)")
+    parser.add_argument("--output", default="out.json", help="result file (out.json)")
+    parser.add_argument("--trace", help="JSONL trace file")
+    return parser.parse_args(argv)
+
+
+def main(
+    workflow_cls: Callable[[Run], Any],
+    spec: SpecInfo,
+    agents: Mapping[str, AgentDef],
+    models: Mapping[str, ModelDef],
+    tools: Mapping[str, ToolDef],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Command-line entry point: run the workflow, write out.json, return the exit code."""
+    args = _parse_args(spec, argv)
+    trace = Trace(None)
+    run: Run | None = None
+    result: dict[str, Any]
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        trace = Trace(args.trace)
+        trace.emit("run_start", spec=spec.name, sha256=spec.sha256)
+        run = Run(spec, agents, models, tools, trace=trace)
+        run.state.update(_read_inputs(args.input, spec.inputs))
+        asyncio.run(run.execute(workflow_cls))
+        outputs = {}
+        for name, path in spec.outputs.items():
+            try:
+                outputs[name] = lookup(run.state, path)
+            except WorkflowError as exc:
+                exc.spec_pointer = f"/outputs/{name}"
+                raise
+        code, result = 0, {"status": "ok", "outputs": outputs, "usage": run.usage()}
+    except BaseException as exc:  # every failure, even Ctrl-C, must reach out.json
+        status, code = next((s, c) for t, s, c in _OUTCOMES if isinstance(exc, t))
+        error = error_report(exc)
+        usage = run.usage() if run is not None else _Usage().as_dict()
+        result = {"status": status, "error": error, "usage": usage}
+        at = f" (at {error['spec_pointer']})" if error["spec_pointer"] else ""
+        print(f"{spec.name}: {status}: {error['type']}: {exc}{at}", file=sys.stderr)
+    finally:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _write_json_atomic(Path(args.output), result)
+    trace.emit(
+        "run_end", status=result["status"], exit_code=code, usage=result["usage"]
+    )
+    trace.close()
+    return code

@@ -1,0 +1,581 @@
+"""Tests of mas2c.sandbox: real Docker runs (marked `docker`) and the local backend.
+
+The program under test is a tiny hand-written package whose behaviour is chosen by
+its input JSON (echo, flood stdout, sleep, allocate, fork, touch the network, ...).
+Docker tests fail instead of skipping when CI=true and the daemon or the image is
+missing (scripts/ensure-docker.sh sets both up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mas2c import sandbox
+from mas2c.sandbox import Limits, Loosen, SandboxError, SandboxReport, run_package
+
+DEMO_MAIN = r"""
+import argparse, json, os, socket, subprocess, sys, time
+
+
+def main():
+    p = argparse.ArgumentParser()
+    for flag in ("--input", "--output", "--trace"):
+        p.add_argument(flag, required=True)
+    a = p.parse_args()
+    with open(a.input) as f:
+        req = json.load(f)
+    action = req.get("action", "echo")
+    with open(a.trace, "a") as t:
+        t.write(json.dumps({"event": "start", "action": action}) + "\n")
+    out = {"status": "ok", "action": action}
+    if action == "echo":
+        print("hello from the sandbox")
+        out["echo"] = req
+    elif action == "flood":
+        line = "x" * 65535 + "\n"
+        for _ in range(req["mb"] * 16):
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        sys.stderr.write("a little stderr\n")
+    elif action == "sleep":
+        if req.get("child"):
+            child = subprocess.Popen(["sleep", "1000"])
+            print("child", child.pid, flush=True)
+        print("sleeping", flush=True)
+        while True:
+            time.sleep(0.2)
+    elif action == "memory":
+        blocks = []
+        while True:
+            blocks.append(b"x" * (16 * 1024 * 1024))
+    elif action == "forkbomb":
+        pids, error = [], None
+        try:
+            for _ in range(req["n"]):
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                pids.append(pid)
+        except OSError as exc:
+            error = repr(exc)
+        for pid in pids:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        out.update(forked=len(pids), error=error)
+    elif action == "network":
+        try:
+            socket.create_connection(("1.1.1.1", 53), timeout=3).close()
+            out["connect"] = "ok"
+        except OSError as exc:
+            out["connect"] = repr(exc)
+        out["interfaces"] = sorted(name for _, name in socket.if_nameindex())
+    elif action == "filesystem":
+        targets = {
+            "etc": "/etc/mas2c-probe",
+            "root": "/mas2c-probe",
+            "tmp": "/tmp/mas2c-probe",
+            "outdir": os.path.join(os.path.dirname(a.output), "probe"),
+            "package": os.path.join(os.environ["PYTHONPATH"], "probe"),
+            "cwd": "probe",
+        }
+        written = {}
+        for key, path in targets.items():
+            try:
+                with open(path, "w") as f:
+                    f.write("x")
+                written[key] = "ok"
+            except OSError as exc:
+                written[key] = exc.strerror
+        out.update(write=written, uid=os.getuid(), gid=os.getgid())
+    elif action == "env":
+        hits = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                for part in ("environ", "cmdline"):
+                    try:
+                        with open(f"/proc/{pid}/{part}", "rb") as f:
+                            if b"sk-secret" in f.read():
+                                hits.append(f"{pid}/{part}")
+                    except OSError:
+                        pass
+        out.update(env=dict(os.environ), proc_hits=hits)
+    elif action == "exit":
+        sys.stderr.write("failing on purpose\n")
+        sys.exit(req["code"])
+    elif action == "bad_output":
+        with open(a.output, "w") as f:
+            f.write("{not json")
+        return
+    elif action == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(os.environ["MAS2C_LLM_SOCKET"])
+        s.sendall(b"ping")
+        out["reply"] = s.recv(100).decode()
+        s.close()
+    with open(a.output, "w") as f:
+        json.dump(out, f)
+
+
+main()
+"""
+
+ALLOWED_ENV = {
+    "PATH",
+    "HOME",
+    "LANG",
+    "PYTHONPATH",
+    "PYTHONDONTWRITEBYTECODE",
+    "PYTHONUNBUFFERED",
+    "HOSTNAME",  # set by Docker itself (the container's hostname)
+    "MALLOC_ARENA_MAX",  # local backend: keeps RLIMIT_AS usable with threads
+}
+
+
+@pytest.fixture(scope="session")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pkg")
+    (root / "demo_mod").mkdir()
+    (root / "demo_mod" / "__init__.py").write_text("")
+    (root / "demo_mod" / "__main__.py").write_text(DEMO_MAIN)
+    return root
+
+
+class Run:
+    def __init__(self, report: SandboxReport, run_dir: Path) -> None:
+        self.report = report
+        self.dir = run_dir
+        self.result: dict[str, Any] = json.loads((run_dir / "result.json").read_text())
+        self.sandbox_json: dict[str, Any] = json.loads((run_dir / "sandbox.json").read_text())
+
+    def text(self, name: str) -> str:
+        return (self.dir / name).read_text(errors="replace")
+
+
+def _run(
+    package: Path, tmp_path: Path, request: dict[str, Any], backend: str, **kwargs: Any
+) -> Run:
+    input_path = tmp_path / "input.json"
+    input_path.write_text(json.dumps(request))
+    run_dir = tmp_path / f"run-{backend}"
+    kwargs.setdefault("on_warning", lambda msg: None)
+    report = run_package(package, "demo_mod", input_path, run_dir, backend=backend, **kwargs)
+    return Run(report, run_dir)
+
+
+def _assert_run_folder_complete(run_dir: Path) -> None:
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == ["result.json", "sandbox.json", "stderr.txt", "stdout.txt", "trace.jsonl"]
+
+
+def _leftovers() -> list[Any]:
+    import docker
+
+    client = docker.from_env()
+    try:
+        return list(client.containers.list(all=True, filters={"label": "mas2c"}))
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def docker_ready() -> None:
+    st = sandbox.status()
+    problem = None
+    if not st["daemon"]["reachable"]:
+        problem = st["daemon"]["error"]
+    elif not st["image"]["present"]:
+        problem = f"the sandbox image {sandbox.DEFAULT_IMAGE} is missing (mas2c sandbox build)"
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Docker is required under CI: {problem}")
+        pytest.skip(f"Docker not available: {problem}")
+
+
+@pytest.fixture
+def dock(docker_ready: None) -> Iterator[None]:
+    """A Docker test: the daemon and image are there, and no container is left after."""
+    yield
+    left = _leftovers()
+    for c in left:
+        c.remove(force=True, v=True)
+    assert left == [], f"containers left behind: {[c.name for c in left]}"
+
+
+@pytest.fixture
+def secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    monkeypatch.setenv("MAS2C_TEST_HOST_ONLY", "sk-secret")
+
+
+def _process_gone(pid: int, wait_s: float = 3.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# ---------------------------------------------------------------------- docker
+
+
+@pytest.mark.docker
+def test_docker_echo_writes_complete_run_folder(dock: None, package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "echo", "x": [1, 2]}, "docker")
+    assert run.result == {"status": "ok", "action": "echo", "echo": {"action": "echo", "x": [1, 2]}}
+    assert json.loads(run.text("trace.jsonl")) == {"event": "start", "action": "echo"}
+    assert run.text("stdout.txt") == "hello from the sandbox\n"
+    assert run.text("stderr.txt") == ""
+    _assert_run_folder_complete(run.dir)
+    rep = run.sandbox_json
+    assert rep["backend"] == "docker" and rep["image"] == sandbox.DEFAULT_IMAGE
+    assert rep["isolation"] == "container" and rep["loosened"] == []
+    assert rep["exit_code"] == 0 and not rep["timed_out"] and not rep["oom_killed"]
+    assert rep["limits"]["memory_mb"] == 1024
+    assert not rep["stdout_truncated"] and not rep["stderr_truncated"]
+    assert rep == run.report.to_json()
+
+
+@pytest.mark.docker
+def test_docker_timeout_kills_container(dock: None, package: Path, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    run = _run(package, tmp_path, {"action": "sleep"}, "docker", limits=Limits(timeout_s=2))
+    assert time.monotonic() - t0 < 15
+    assert run.report.timed_out and run.report.exit_code == 137
+    assert not run.report.oom_killed
+    assert 2 <= run.report.duration_s < 10
+    assert run.result["status"] == "error" and run.result["error"]["type"] == "Timeout"
+    assert "sleeping" in run.text("stdout.txt")  # output up to the kill is kept
+    assert "start" in run.text("trace.jsonl")
+
+
+@pytest.mark.docker
+def test_docker_memory_bomb_is_oom_killed(dock: None, package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "memory"}, "docker", limits=Limits(memory_mb=128))
+    assert run.report.oom_killed and run.report.exit_code == 137
+    assert not run.report.timed_out
+    assert run.result["error"]["type"] == "OOMKilled"
+
+
+@pytest.mark.docker
+def test_docker_fork_bomb_is_contained(dock: None, package: Path, tmp_path: Path) -> None:
+    run = _run(
+        package, tmp_path, {"action": "forkbomb", "n": 500}, "docker", limits=Limits(pids=64)
+    )
+    assert run.report.exit_code == 0, run.text("stderr.txt")
+    assert run.result["forked"] < 64
+    assert "Resource temporarily unavailable" in run.result["error"]
+
+
+@pytest.mark.docker
+def test_docker_has_no_network(dock: None, package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "network"}, "docker")
+    assert run.result["connect"] != "ok"
+    assert "Network is unreachable" in run.result["connect"]
+    assert run.result["interfaces"] == ["lo"]
+
+
+@pytest.mark.docker
+def test_docker_loosen_network_warns_and_is_reported(
+    dock: None, package: Path, tmp_path: Path
+) -> None:
+    warnings: list[str] = []
+    run = _run(
+        package,
+        tmp_path,
+        {"action": "network"},
+        "docker",
+        loosen=Loosen(network=True),
+        on_warning=warnings.append,
+    )
+    assert run.report.loosened == ["network"]
+    assert any("network" in w for w in warnings)
+    assert "eth0" in run.result["interfaces"]
+
+
+@pytest.mark.docker
+def test_docker_root_read_only_and_user_not_root(dock: None, package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "filesystem"}, "docker")
+    write = run.result["write"]
+    assert write["etc"] == "Read-only file system"
+    assert write["root"] == "Read-only file system"
+    assert write["package"] == "Permission denied"  # the package is root-owned
+    assert write["tmp"] == "ok" and write["outdir"] == "ok" and write["cwd"] == "ok"
+    assert run.result["uid"] == 1000 and run.result["gid"] == 1000
+
+
+@pytest.mark.docker
+def test_docker_no_host_environment_or_key_inside(
+    dock: None, secret_env: None, package: Path, tmp_path: Path
+) -> None:
+    run = _run(package, tmp_path, {"action": "env"}, "docker", env={"MAS2C_EXTRA": "yes"})
+    env = run.result["env"]
+    assert "OPENAI_API_KEY" not in env and "MAS2C_TEST_HOST_ONLY" not in env
+    assert "sk-secret" not in json.dumps(env)
+    assert run.result["proc_hits"] == []
+    assert set(env) <= ALLOWED_ENV | {"MAS2C_EXTRA"}
+    assert env["MAS2C_EXTRA"] == "yes" and env["PYTHONPATH"] == "/work/pkg"
+
+
+@pytest.mark.docker
+def test_docker_output_flood_is_truncated(dock: None, package: Path, tmp_path: Path) -> None:
+    cap = 100_000
+    run = _run(
+        package,
+        tmp_path,
+        {"action": "flood", "mb": 20},
+        "docker",
+        limits=Limits(output_cap_bytes=cap),
+    )
+    assert run.report.exit_code == 0
+    assert (run.dir / "stdout.txt").stat().st_size == cap
+    assert run.report.stdout_truncated and not run.report.stderr_truncated
+    assert run.text("stderr.txt") == "a little stderr\n"
+    assert run.result["status"] == "ok"
+
+
+@pytest.mark.docker
+def test_docker_failed_program_still_leaves_a_result(
+    dock: None, package: Path, tmp_path: Path
+) -> None:
+    run = _run(package, tmp_path, {"action": "exit", "code": 3}, "docker")
+    assert run.report.exit_code == 3
+    assert run.result["status"] == "error"
+    assert run.result["error"]["type"] == "SandboxError"
+    assert "exited with code 3" in run.result["error"]["message"]
+    assert "failing on purpose" in run.text("stderr.txt")
+    run = _run(package, tmp_path, {"action": "bad_output"}, "docker")
+    assert run.result["status"] == "error" and "not JSON" in run.result["error"]["message"]
+
+
+@pytest.mark.docker
+def test_docker_llm_socket_is_reachable(dock: None, package: Path, tmp_path: Path) -> None:
+    with _echo_socket() as path:
+        run = _run(package, tmp_path, {"action": "socket"}, "docker", llm_socket=path)
+    assert run.result.get("reply") == "pong:ping", run.text("stderr.txt")
+
+
+@pytest.mark.docker
+def test_docker_interrupt_removes_container(dock: None, package: Path, tmp_path: Path) -> None:
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None
+    fired = threading.Event()
+
+    def interrupt_when_running() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any(c.status == "running" for c in _leftovers()):
+                time.sleep(0.3)
+                fired.set()
+                signal.pthread_kill(main_thread, signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    helper = threading.Thread(target=interrupt_when_running, daemon=True)
+    helper.start()
+    with pytest.raises(KeyboardInterrupt):
+        _run(package, tmp_path, {"action": "sleep"}, "docker", limits=Limits(timeout_s=30))
+    helper.join()
+    assert fired.is_set()
+    run_dir = tmp_path / "run-docker"
+    _assert_run_folder_complete(run_dir)
+    report = json.loads((run_dir / "sandbox.json").read_text())
+    assert report["interrupted"] is True
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["error"]["type"] == "Interrupted"
+    assert "sleeping" in (run_dir / "stdout.txt").read_text()
+    assert _leftovers() == []
+
+
+@pytest.mark.docker
+def test_docker_missing_image_names_the_fix(dock: None, package: Path, tmp_path: Path) -> None:
+    with pytest.raises(SandboxError, match="mas2c sandbox build"):
+        _run(package, tmp_path, {"action": "echo"}, "docker", image="mas2c-no-such-image:0")
+    result = json.loads((tmp_path / "run-docker" / "result.json").read_text())
+    assert result["error"]["type"] == "SandboxError"
+
+
+def test_docker_unreachable_daemon_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, package: Path, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    with pytest.raises(SandboxError) as info:
+        _run(package, tmp_path, {"action": "echo"}, "docker")
+    message = str(info.value)
+    assert "not reachable" in message and "unix:///nonexistent/docker.sock" in message
+    assert "dockerd" in message and "--sandbox local" in message
+    assert "Traceback" not in message
+    run_dir = tmp_path / "run-docker"
+    _assert_run_folder_complete(run_dir)
+    assert json.loads((run_dir / "sandbox.json").read_text())["error"] == message
+    st = sandbox.status()
+    assert st["daemon"]["reachable"] is False and st["backends"]["docker"] is False
+
+
+# ----------------------------------------------------------------------- local
+
+
+def test_local_echo_warns_it_does_not_isolate(package: Path, tmp_path: Path) -> None:
+    warnings: list[str] = []
+    run = _run(package, tmp_path, {"action": "echo"}, "local", on_warning=warnings.append)
+    assert run.result["echo"] == {"action": "echo"}
+    assert any("does NOT isolate" in w for w in warnings)
+    assert run.report.isolation == "none" and run.report.image is None
+    assert run.report.exit_code == 0
+    _assert_run_folder_complete(run.dir)
+
+
+def test_local_environment_is_scrubbed(secret_env: None, package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "env"}, "local", env={"MAS2C_EXTRA": "yes"})
+    env = run.result["env"]
+    assert "OPENAI_API_KEY" not in env and "MAS2C_TEST_HOST_ONLY" not in env
+    assert set(env) <= ALLOWED_ENV | {"MAS2C_EXTRA"}
+
+
+def test_local_timeout_kills_process_group(package: Path, tmp_path: Path) -> None:
+    run = _run(
+        package, tmp_path, {"action": "sleep", "child": True}, "local", limits=Limits(timeout_s=1.5)
+    )
+    assert run.report.timed_out and run.report.exit_code == 137
+    assert run.result["error"]["type"] == "Timeout"
+    child = int(run.text("stdout.txt").split()[1])
+    assert _process_gone(child)
+
+
+def test_local_output_flood_is_truncated(package: Path, tmp_path: Path) -> None:
+    run = _run(
+        package,
+        tmp_path,
+        {"action": "flood", "mb": 5},
+        "local",
+        limits=Limits(output_cap_bytes=1000),
+    )
+    assert (run.dir / "stdout.txt").stat().st_size == 1000
+    assert run.report.stdout_truncated and not run.report.stderr_truncated
+
+
+def test_local_memory_limit(package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "memory"}, "local", limits=Limits(memory_mb=256))
+    assert run.report.oom_killed and run.report.exit_code != 0
+    assert run.result["error"]["type"] == "OOMKilled"
+
+
+def test_local_failed_program_still_leaves_a_result(package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "exit", "code": 5}, "local")
+    assert run.report.exit_code == 5
+    assert run.result["status"] == "error" and "code 5" in run.result["error"]["message"]
+    _assert_run_folder_complete(run.dir)  # no temp or staging files left
+
+
+def test_local_llm_socket_path_is_passed(package: Path, tmp_path: Path) -> None:
+    with _echo_socket() as path:
+        run = _run(package, tmp_path, {"action": "socket"}, "local", llm_socket=path)
+    assert run.result.get("reply") == "pong:ping", run.text("stderr.txt")
+
+
+def test_local_interrupt_kills_and_reports(package: Path, tmp_path: Path) -> None:
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None
+    stdout_seen = threading.Event()
+
+    def interrupt() -> None:
+        time.sleep(1.0)
+        stdout_seen.set()
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        _run(package, tmp_path, {"action": "sleep", "child": True}, "local")
+    assert stdout_seen.is_set()
+    run_dir = tmp_path / "run-local"
+    _assert_run_folder_complete(run_dir)
+    assert json.loads((run_dir / "sandbox.json").read_text())["interrupted"] is True
+    child = int((run_dir / "stdout.txt").read_text().split()[1])
+    assert _process_gone(child)
+
+
+# ------------------------------------------------------------ argument checks
+
+
+def test_bad_package_is_a_clear_error(package: Path, tmp_path: Path) -> None:
+    (tmp_path / "in.json").write_text("{}")
+    with pytest.raises(SandboxError, match="compiled package"):
+        run_package(tmp_path, "demo_mod", tmp_path / "in.json", tmp_path / "run", backend="local")
+    with pytest.raises(SandboxError, match="invalid module name"):
+        run_package(package, "demo-mod", tmp_path / "in.json", tmp_path / "run", backend="local")
+    with pytest.raises(SandboxError, match="does not exist"):
+        run_package(package, "demo_mod", tmp_path / "nope.json", tmp_path / "run", backend="local")
+    with pytest.raises(SandboxError, match="invalid sandbox limits"):
+        run_package(
+            package,
+            "demo_mod",
+            tmp_path / "in.json",
+            tmp_path / "run",
+            backend="local",
+            limits=Limits(timeout_s=0),
+        )
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "error" and result["error"]["type"] == "SandboxError"
+
+
+def test_wheel_platforms_cover_older_manylinux() -> None:
+    plats = sandbox._wheel_platforms({"machine": "x86_64", "libc": ["glibc", "2.36"]})
+    assert plats[0] == "manylinux_2_36_x86_64" and "manylinux_2_17_x86_64" in plats
+    assert "manylinux2014_x86_64" in plats
+
+
+def test_cli_status_without_daemon(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    assert sandbox.main(["status"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["backends"] == {"docker": False, "local": True}
+
+
+# --------------------------------------------------------------------- helpers
+
+
+class _echo_socket:
+    """A one-shot unix socket server answering `pong:<request>` (a stand-in gateway)."""
+
+    def __enter__(self) -> Path:
+        self._dir = tempfile.mkdtemp(prefix="mas2c-sock-", dir="/tmp")
+        self.path = Path(self._dir) / "llm.sock"
+        self._srv = socket.socket(socket.AF_UNIX)
+        self._srv.bind(str(self.path))
+        os.chmod(self.path, 0o666)
+        self._srv.listen(1)
+        self._srv.settimeout(30)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        return self.path
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._srv.accept()
+        except OSError:
+            return
+        with conn:
+            conn.sendall(b"pong:" + conn.recv(100))
+
+    def __exit__(self, *exc: object) -> None:
+        self._srv.close()
+        self._thread.join(timeout=5)
+        self.path.unlink(missing_ok=True)
+        os.rmdir(self._dir)
