@@ -71,11 +71,22 @@ def parse_condition(text: str) -> ast.expr:
         raise ExpressionError(
             f"not a valid expression: {exc.msg}", max((exc.offset or 1) - 1, 0)
         ) from None
+    except (RecursionError, MemoryError):
+        raise ExpressionError("not a valid expression: nested too deeply") from None
     _check(tree.body)
     return tree.body
 
 
-def _check(node: ast.expr) -> None:
+# Conditions are small; a bound on nesting keeps checking and compiling them off the stack limit.
+MAX_DEPTH = 50
+
+
+def _check(node: ast.expr, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise ExpressionError(
+            f"not a valid expression: nested more than {MAX_DEPTH} levels deep", node.col_offset
+        )
+    depth += 1
     if isinstance(node, ast.Constant):
         if not isinstance(node.value, str | int | float | bool | type(None)):
             raise ExpressionError(
@@ -84,32 +95,39 @@ def _check(node: ast.expr) -> None:
     elif isinstance(node, ast.Name):
         pass
     elif isinstance(node, ast.Attribute):
-        _check(node.value)
+        if node.attr.startswith("_"):
+            # `x.__class__.__subclasses__` and friends: no private or dunder attribute, ever.
+            raise ExpressionError(
+                f"attribute `{node.attr}` is not allowed (no names starting with '_'); "
+                f"use {ast.unparse(node.value)}[{node.attr!r}] for such a field",
+                (node.end_col_offset or 0) - len(node.attr),
+            )
+        _check(node.value, depth)
     elif isinstance(node, ast.Subscript):
         if isinstance(node.slice, ast.Slice):
             raise ExpressionError("slices are not allowed", node.col_offset)
-        _check(node.value)
-        _check(node.slice)
+        _check(node.value, depth)
+        _check(node.slice, depth)
     elif isinstance(node, ast.Compare):
         for op in node.ops:
             if type(op) not in _COMPARE_OPS:
                 raise ExpressionError("unsupported comparison", node.col_offset)
         for child in [node.left, *node.comparators]:
-            _check(child)
+            _check(child, depth)
     elif isinstance(node, ast.BoolOp):
         for child in node.values:
-            _check(child)
+            _check(child, depth)
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not | ast.USub):
-        _check(node.operand)
+        _check(node.operand, depth)
     elif isinstance(node, ast.Call):
         if not (isinstance(node.func, ast.Name) and node.func.id == "len"):
             raise ExpressionError("only len() may be called", node.col_offset)
         if len(node.args) != 1 or node.keywords:
             raise ExpressionError("len() takes exactly one argument", node.col_offset)
-        _check(node.args[0])
+        _check(node.args[0], depth)
     elif isinstance(node, ast.List | ast.Tuple):
         for child in node.elts:
-            _check(child)
+            _check(child, depth)
     else:
         raise ExpressionError(
             f"{type(node).__name__} is not allowed in a condition", node.col_offset
@@ -118,12 +136,15 @@ def _check(node: ast.expr) -> None:
 
 def condition_names(node: ast.expr) -> list[tuple[str, int]]:
     """State variable names a condition reads, with their column offsets."""
+    called = {
+        id(child.func) for child in ast.walk(node) if isinstance(child, ast.Call)
+    }  # the `len` of `len(x)` is a function, not a state variable
     names = []
     for child in ast.walk(node):
         if (
             isinstance(child, ast.Name)
             and child.id.lower() not in _CONSTANT_NAMES
-            and child.id != "len"
+            and id(child) not in called
         ):
             names.append((child.id, child.col_offset))
     return names

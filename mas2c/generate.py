@@ -206,11 +206,10 @@ def load_examples(directory: Path) -> list[Example]:
     return found
 
 
-_STOPWORDS = frozenset(
-    """a an and are as at be by for from how in into is it its of on or that the their then
-    this to was were which with what when where who will would your you each one two three
-    than them they can do does using use used write writes written make makes""".split()
-)
+_STOPWORDS_TEXT = """a an and are as at be by for from how in into is it its of on or that the
+their then this to was were which with what when where who will would your you each one two
+three than them they can do does using use used write writes written make makes"""
+_STOPWORDS = frozenset(_STOPWORDS_TEXT.split())
 
 
 def _words(text: str) -> set[str]:

@@ -327,6 +327,7 @@ def _scrubbed_env(
         "PYTHONUNBUFFERED": "1",
     }
     env.update(extra)
+    env.update(HOME=home, PYTHONPATH=pythonpath)  # the package must stay importable
     return env
 
 
@@ -807,8 +808,10 @@ def _run_docker(job: _Job, outcome: _Outcome) -> None:
                 if container is not None:
                     _shielded(lambda: _stop_and_collect(container, outcome), outcome, "collect")
                 raise
-            except docker.errors.DockerException as exc:
-                raise SandboxError(f"the Docker run failed: {_short_reason(exc)}") from None
+            except Exception as exc:  # docker-py and requests errors: daemon died, ...
+                raise SandboxError(
+                    f"the Docker run failed ({type(exc).__name__}): {_short_reason(exc)}"
+                ) from None
         finally:
             _shielded(lambda: _remove_container(client, container, name), outcome, "remove")
     finally:
@@ -1019,8 +1022,7 @@ def _ensure_base(client: Any, base: str, say: Callable[[str], None]) -> str:
         return base
     say(f"base image {base}: not present, pulling ...")
     try:
-        repo, _, tag = base.rpartition(":") if ":" in base.split("/")[-1] else (base, "", "")
-        client.images.pull(repo, tag=tag or "latest")
+        client.images.pull(base)
         say(f"base image {base}: pulled")
         return base
     except docker.errors.DockerException as exc:

@@ -75,9 +75,31 @@ class _PositionLoader(yaml.SafeLoader):
     """A SafeLoader that refuses duplicate keys (a silent overwrite would lose a definition)."""
 
 
-def _walk(node: yaml.Node, pointer: str, source: SpecSource) -> None:
+# Aliases let a small file expand into a huge (or cyclic) document ("billion laughs"); a spec
+# never needs more than this many values once aliases are expanded.
+MAX_EXPANDED_NODES = 100_000
+
+
+@dataclass
+class _WalkState:
+    visited: int = 0
+    active: set[int] = field(default_factory=set)  # ids of the nodes on the current path
+
+
+def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) -> None:
     mark = node.start_mark
-    source.positions[pointer] = Position(mark.line + 1, mark.column + 1)
+    here = Position(mark.line + 1, mark.column + 1)
+    state.visited += 1
+    if state.visited > MAX_EXPANDED_NODES:
+        raise SourceError(
+            f"the document expands to more than {MAX_EXPANDED_NODES} values (aliases nested too deep?)",
+            here,
+        )
+    if id(node) in state.active:
+        raise SourceError("a recursive alias: an anchor is used inside its own value", here)
+    source.positions[pointer] = here
+    if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+        state.active.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -88,11 +110,12 @@ def _walk(node: yaml.Node, pointer: str, source: SpecSource) -> None:
                     Position(key_node.start_mark.line + 1, key_node.start_mark.column + 1),
                 )
             seen.add(key)
-            _walk(value_node, f"{pointer}/{escape_token(key)}", source)
+            _walk(value_node, f"{pointer}/{escape_token(key)}", source, state)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _walk(item, f"{pointer}/{index}", source)
-    elif isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
+            _walk(item, f"{pointer}/{index}", source, state)
+    state.active.discard(id(node))
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
         style = node.style or None
         start = Position(mark.line + 1, mark.column + 1)
         if style in ("|", ">"):
@@ -114,15 +137,23 @@ def parse_text(text: str, path: str = "<string>") -> SpecSource:
             json.loads(text)
         except json.JSONDecodeError as exc:
             raise SourceError(f"invalid JSON: {exc.msg}", Position(exc.lineno, exc.colno)) from None
+        except RecursionError:
+            raise SourceError("invalid JSON: nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer with more digits than Python converts
+            raise SourceError(f"invalid JSON: {exc}") from None
     try:
         node = yaml.compose(text, Loader=_PositionLoader)
         if node is not None:
-            _walk(node, "", source)
+            _walk(node, "", source, _WalkState())
         source.data = yaml.load(text, Loader=_PositionLoader)
     except yaml.MarkedYAMLError as exc:
         problem = exc.problem or "malformed document"
         raise SourceError(f"invalid YAML: {problem}", _mark_position(exc)) from None
     except yaml.YAMLError as exc:
+        raise SourceError(f"invalid YAML: {exc}") from None
+    except RecursionError:
+        raise SourceError("invalid YAML: nested too deeply") from None
+    except ValueError as exc:  # a scalar the constructor cannot convert (a 5000-digit int)
         raise SourceError(f"invalid YAML: {exc}") from None
     return source
 

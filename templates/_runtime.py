@@ -1424,8 +1424,9 @@ def main(
     trace = Trace(None)
     run: Run | None = None
     result: dict[str, Any]
+    previous: Any = None
     with contextlib.suppress(ValueError):  # only the main thread may set handlers
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         trace = Trace(args.trace)
         trace.emit("run_start", spec=spec.name, sha256=spec.sha256)
@@ -1448,8 +1449,8 @@ def main(
         at = f" (at {error['spec_pointer']})" if error["spec_pointer"] else ""
         print(f"{spec.name}: {status}: {error['type']}: {exc}{at}", file=sys.stderr)
     finally:
-        with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     _write_json_atomic(Path(args.output), result)
     trace.emit(
         "run_end", status=result["status"], exit_code=code, usage=result["usage"]

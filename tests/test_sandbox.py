@@ -12,12 +12,14 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -164,11 +166,19 @@ class Run:
 
 
 def _run(
-    package: Path, tmp_path: Path, request: dict[str, Any], backend: str, **kwargs: Any
+    package: Path,
+    tmp_path: Path,
+    request: dict[str, Any],
+    backend: Literal["docker", "local"],
+    **kwargs: Any,
 ) -> Run:
     input_path = tmp_path / "input.json"
     input_path.write_text(json.dumps(request))
     run_dir = tmp_path / f"run-{backend}"
+    n = 1
+    while run_dir.exists():  # one folder per run: the leak check reads their run ids
+        n += 1
+        run_dir = tmp_path / f"run-{backend}-{n}"
     kwargs.setdefault("on_warning", lambda msg: None)
     report = run_package(package, "demo_mod", input_path, run_dir, backend=backend, **kwargs)
     return Run(report, run_dir)
@@ -189,6 +199,17 @@ def _leftovers() -> list[Any]:
         client.close()
 
 
+def _wait_for_running_demo(timeout_s: float = 20) -> bool:
+    """Wait until a container of this suite's demo package runs (others may share the daemon)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for c in _leftovers():
+            if c.status == "running" and "demo_mod" in " ".join(c.attrs["Config"]["Cmd"] or []):
+                return True
+        time.sleep(0.05)
+    return False
+
+
 @pytest.fixture(scope="session")
 def docker_ready() -> None:
     st = sandbox.status()
@@ -204,10 +225,17 @@ def docker_ready() -> None:
 
 
 @pytest.fixture
-def dock(docker_ready: None) -> Iterator[None]:
-    """A Docker test: the daemon and image are there, and no container is left after."""
+def dock(docker_ready: None, tmp_path: Path) -> Iterator[None]:
+    """A Docker test: the daemon and image are there, and no container is left after.
+
+    Checked for the runs of the test (their run ids, from sandbox.json), and under CI,
+    where nothing else uses the daemon, for every container labelled mas2c.
+    """
     yield
-    left = _leftovers()
+    run_ids = {json.loads(p.read_text())["run_id"] for p in tmp_path.glob("run-*/sandbox.json")}
+    assert run_ids, "a docker test that ran nothing"
+    everything = os.environ.get("CI") == "true"
+    left = [c for c in _leftovers() if everything or c.labels.get("mas2c.run") in run_ids]
     for c in left:
         c.remove(force=True, v=True)
     assert left == [], f"containers left behind: {[c.name for c in left]}"
@@ -356,6 +384,7 @@ def test_docker_failed_program_still_leaves_a_result(
     dock: None, package: Path, tmp_path: Path
 ) -> None:
     run = _run(package, tmp_path, {"action": "exit", "code": 3}, "docker")
+    _assert_run_folder_complete(run.dir)
     assert run.report.exit_code == 3
     assert run.result["status"] == "error"
     assert run.result["error"]["type"] == "SandboxError"
@@ -379,14 +408,10 @@ def test_docker_interrupt_removes_container(dock: None, package: Path, tmp_path:
     fired = threading.Event()
 
     def interrupt_when_running() -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if any(c.status == "running" for c in _leftovers()):
-                time.sleep(0.3)
-                fired.set()
-                signal.pthread_kill(main_thread, signal.SIGINT)
-                return
-            time.sleep(0.05)
+        if _wait_for_running_demo():
+            time.sleep(0.3)
+            fired.set()
+            signal.pthread_kill(main_thread, signal.SIGINT)
 
     helper = threading.Thread(target=interrupt_when_running, daemon=True)
     helper.start()
@@ -401,7 +426,35 @@ def test_docker_interrupt_removes_container(dock: None, package: Path, tmp_path:
     result = json.loads((run_dir / "result.json").read_text())
     assert result["error"]["type"] == "Interrupted"
     assert "sleeping" in (run_dir / "stdout.txt").read_text()
-    assert _leftovers() == []
+    assert not [c for c in _leftovers() if c.labels.get("mas2c.run") == report["run_id"]]
+
+
+@pytest.mark.docker
+def test_docker_sigterm_of_host_process_removes_container(
+    dock: None, package: Path, tmp_path: Path
+) -> None:
+    input_path = tmp_path / "input.json"
+    input_path.write_text(json.dumps({"action": "sleep"}))
+    run_dir = tmp_path / "run-docker"
+    script = (
+        "from pathlib import Path\n"
+        "from mas2c.sandbox import Limits, run_package\n"
+        f"run_package(Path({str(package)!r}), 'demo_mod', Path({str(input_path)!r}), "
+        f"Path({str(run_dir)!r}), limits=Limits(timeout_s=30), on_warning=print)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        assert _wait_for_running_demo(), "the run did not start"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert b"KeyboardInterrupt" in stderr  # SIGTERM became an interrupt, then cleanup ran
+    report = json.loads((run_dir / "sandbox.json").read_text())
+    assert report["interrupted"] is True
+    assert not [c for c in _leftovers() if c.labels.get("mas2c.run") == report["run_id"]]
 
 
 @pytest.mark.docker
