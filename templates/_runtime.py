@@ -363,9 +363,8 @@ def _tag(exc: BaseException, pointer: str | None, step: str | None) -> None:
     """Record where an exception came from; the innermost step (first to tag) wins."""
     for name, value in (("spec_pointer", pointer), ("step", step)):
         if getattr(exc, name, None) is None and value is not None:
-            with contextlib.suppress(
-                AttributeError
-            ):  # a few builtins refuse attributes
+            # Any exception can be tagged, not only ours (a few builtins refuse).
+            with contextlib.suppress(AttributeError):
                 setattr(exc, name, value)
 
 
@@ -544,7 +543,7 @@ def majority(answers: Sequence[Any], what: str = "vote") -> Any:
             f"{what}: every {'sample' if what == 'ensemble' else 'answer'} was empty"
         )
     best = max(counts.values())
-    # dicts keep insertion order: the first key reaching `best` was sampled earliest.
+    # `counts` keeps first-seen order, so among tied values the earliest sample wins.
     return next(first[k] for k, n in counts.items() if n == best)
 
 
@@ -1217,10 +1216,8 @@ class Run:
 
     async def _send(self, request: dict[str, Any]) -> Any:
         """One HTTP request; it holds a call slot of the budget while in flight."""
-        if self._client is None:
-            self._client = (
-                _make_client()
-            )  # lazily: a run without LLM calls needs no client
+        if self._client is None:  # created lazily: a run without LLM calls needs none
+            self._client = _make_client()
         self._usage.in_flight += 1
         try:
             response = await self._client.chat.completions.create(**request)
@@ -1233,16 +1230,13 @@ class Run:
     def _raise_unless_retryable(
         self, exc: Exception, agent: AgentDef, attempt: int, attempts: int
     ) -> None:
+        status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
         if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
             if status == 402 and _error_code(exc) == "mas2c_budget_exceeded":
                 raise BudgetExceeded(f"the LLM gateway refused: {exc.message}") from exc
             message = f"HTTP {status} for agent {agent.id!r}: {exc.message}"
         else:
-            status, message = (
-                None,
-                f"{type(exc).__name__} for agent {agent.id!r}: {exc}",
-            )
+            message = f"{type(exc).__name__} for agent {agent.id!r}: {exc}"
         if not _is_retryable(exc):
             raise LLMError(message, status=status, agent=agent.id) from exc
         if attempt >= attempts:

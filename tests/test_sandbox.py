@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +56,9 @@ def main():
             child = subprocess.Popen(["sleep", "1000"])
             print("child", child.pid, flush=True)
         print("sleeping", flush=True)
+        if req.get("marker"):  # local backend: tells the test the program is running
+            with open(req["marker"], "w") as f:
+                f.write(str(os.getpid()))
         while True:
             time.sleep(0.2)
     elif action == "memory":
@@ -199,12 +203,13 @@ def _leftovers() -> list[Any]:
         client.close()
 
 
-def _wait_for_running_demo(timeout_s: float = 20) -> bool:
-    """Wait until a container of this suite's demo package runs (others may share the daemon)."""
+def _wait_for_running(token: str, timeout_s: float = 30) -> bool:
+    """Wait until the container of the run given env MAS2C_TEST_TOKEN=token is running
+    (other tests and other users may have containers on the same daemon)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for c in _leftovers():
-            if c.status == "running" and "demo_mod" in " ".join(c.attrs["Config"]["Cmd"] or []):
+            if c.status == "running" and f"MAS2C_TEST_TOKEN={token}" in c.attrs["Config"]["Env"]:
                 return True
         time.sleep(0.05)
     return False
@@ -407,16 +412,25 @@ def test_docker_interrupt_removes_container(dock: None, package: Path, tmp_path:
     assert main_thread is not None
     fired = threading.Event()
 
+    token = uuid.uuid4().hex
+
     def interrupt_when_running() -> None:
-        if _wait_for_running_demo():
-            time.sleep(0.3)
+        if _wait_for_running(token):
+            time.sleep(0.5)
             fired.set()
             signal.pthread_kill(main_thread, signal.SIGINT)
 
     helper = threading.Thread(target=interrupt_when_running, daemon=True)
     helper.start()
     with pytest.raises(KeyboardInterrupt):
-        _run(package, tmp_path, {"action": "sleep"}, "docker", limits=Limits(timeout_s=30))
+        _run(
+            package,
+            tmp_path,
+            {"action": "sleep"},
+            "docker",
+            limits=Limits(timeout_s=60),
+            env={"MAS2C_TEST_TOKEN": token},
+        )
     helper.join()
     assert fired.is_set()
     run_dir = tmp_path / "run-docker"
@@ -436,17 +450,19 @@ def test_docker_sigterm_of_host_process_removes_container(
     input_path = tmp_path / "input.json"
     input_path.write_text(json.dumps({"action": "sleep"}))
     run_dir = tmp_path / "run-docker"
+    token = uuid.uuid4().hex
     script = (
         "from pathlib import Path\n"
         "from mas2c.sandbox import Limits, run_package\n"
         f"run_package(Path({str(package)!r}), 'demo_mod', Path({str(input_path)!r}), "
-        f"Path({str(run_dir)!r}), limits=Limits(timeout_s=30), on_warning=print)\n"
+        f"Path({str(run_dir)!r}), limits=Limits(timeout_s=60), on_warning=print, "
+        f"env={{'MAS2C_TEST_TOKEN': {token!r}}})\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        assert _wait_for_running_demo(), "the run did not start"
+        assert _wait_for_running(token), "the run did not start"
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     finally:
@@ -546,17 +562,26 @@ def test_local_llm_socket_path_is_passed(package: Path, tmp_path: Path) -> None:
 def test_local_interrupt_kills_and_reports(package: Path, tmp_path: Path) -> None:
     main_thread = threading.main_thread().ident
     assert main_thread is not None
-    stdout_seen = threading.Event()
+    marker = tmp_path / "running.pid"
+    fired = threading.Event()
 
     def interrupt() -> None:
-        time.sleep(1.0)
-        stdout_seen.set()
+        deadline = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        fired.set()
         signal.pthread_kill(main_thread, signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        _run(package, tmp_path, {"action": "sleep", "child": True}, "local")
-    assert stdout_seen.is_set()
+        _run(
+            package,
+            tmp_path,
+            {"action": "sleep", "child": True, "marker": str(marker)},
+            "local",
+            limits=Limits(timeout_s=60),
+        )
+    assert fired.is_set() and marker.exists()
     run_dir = tmp_path / "run-local"
     _assert_run_folder_complete(run_dir)
     assert json.loads((run_dir / "sandbox.json").read_text())["interrupted"] is True

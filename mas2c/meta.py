@@ -1,0 +1,61 @@
+"""The meta-agents' LLM access (generator, implementer, rectifier).
+
+They talk to the same upstream as the runs: an OpenAI-compatible endpoint
+directly, or the embedded engine through a gateway on a private unix socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mas2c.llm import LLMClient
+    from mas2c.run import LLMConfig
+
+
+@contextmanager
+def meta_client(
+    config: LLMConfig,
+    *,
+    model: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    upstream: Any = None,
+) -> Iterator[LLMClient]:
+    import os
+
+    import httpx
+
+    from mas2c.gateway import Gateway
+    from mas2c.llm import LLMClient
+    from mas2c.run import make_upstream, socket_dir
+
+    url = config.url or (None if config.force_local else os.environ.get("OPENAI_BASE_URL"))
+    if upstream is None and url and url != "local" and config.replay is None and on_event is None:
+        yield LLMClient(url, config.api_key or os.environ.get("OPENAI_API_KEY"), model=model)
+        return
+    owned = upstream is None
+    upstream = upstream if upstream is not None else make_upstream(config, on_progress=progress)
+    try:
+        with (
+            socket_dir() as folder,
+            Gateway(
+                folder / "meta.sock",
+                upstream,
+                record=config.record,
+                replay=config.replay,
+                on_event=on_event,
+            ) as gateway,
+        ):
+            transport = httpx.HTTPTransport(uds=str(gateway.socket_path))
+            http = httpx.Client(transport=transport, timeout=900.0)
+            try:
+                yield LLMClient("http://mas2c-gateway/v1", "sandbox", model=model, http_client=http)
+            finally:
+                http.close()
+    finally:
+        close = getattr(upstream, "close", None)
+        if owned and callable(close):
+            close()

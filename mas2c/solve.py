@@ -1,0 +1,329 @@
+"""`mas2c solve`: the MAS² loop — generate, configure, compile, run (and rectify) — for one task.
+
+Everything lands in the solve folder:
+
+    task.txt                 the task and the input keys it was given
+    spec-generated.yaml      the generator's spec (or the adapted example, see below)
+    spec.yaml                the configured spec that was compiled and run
+    build/                   the compiled package
+    run-1/                   the sandboxed run folder (result, trace, usage, ...)
+    summary.json, report.md  the answer, cost, tokens and time per phase
+
+The generator asks the LLM for a whole spec, repairing it from validator feedback.
+A weak model (such as the embedded SmolLM2-135M) rarely manages that, so when it
+gives up, solve falls back to the example spec whose inputs match the task's
+input and that the LLM picks from a closed list, and says so in the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mas2c.files import write_text_atomic
+from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system, socket_dir
+from mas2c.spec import Spec
+
+Progress = Callable[[str], None]
+
+
+class SolveError(Exception):
+    """A phase failed for good; the message names the phase and what is on disk."""
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float = 0.0
+    calls: int = 0
+    tokens: int = 0
+    note: str = ""
+
+
+@dataclass
+class SolveOutcome:
+    solve_dir: Path
+    status: str
+    answer: dict[str, Any] | None
+    phases: list[Phase] = field(default_factory=list)
+    spec_source: str = "generated"
+    run: RunOutcome | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        usage = self.run.usage if self.run else {}
+        return {
+            "status": self.status,
+            "answer": self.answer,
+            "solve_dir": str(self.solve_dir),
+            "spec_source": self.spec_source,
+            "phases": [vars(p) for p in self.phases],
+            "llm_calls": sum(p.calls for p in self.phases),
+            "tokens": sum(p.tokens for p in self.phases),
+            "run_cost_usd": usage.get("cost_usd", 0.0),
+            "error": (self.run.result.get("error") if self.run and not self.run.ok else None),
+        }
+
+
+class _Unfit(Exception):
+    """A generated spec that validates but does not fit the task's input."""
+
+
+class _Meter:
+    """Counts the meta-agents' LLM traffic through the gateway, for the progress line."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.calls = 0
+        self.tokens = 0
+        self.phase = ""
+        self._progress = progress
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if event.get("status") == 200:
+            self.calls += 1
+            self.tokens += int(event.get("total_tokens") or 0)
+            self._progress(f"{self.phase}: {self.calls} LLM call(s), {self.tokens} tokens so far")
+
+
+@contextmanager
+def _timed(phases: list[Phase], name: str, meter: _Meter, progress: Progress) -> Iterator[Phase]:
+    phase = Phase(name)
+    meter.phase = name
+    calls, tokens = meter.calls, meter.tokens
+    progress(f"{name} ...")
+    started = time.monotonic()
+    try:
+        yield phase
+    finally:
+        phase.seconds = round(time.monotonic() - started, 2)
+        phase.calls += meter.calls - calls
+        phase.tokens += meter.tokens - tokens
+        phases.append(phase)
+        progress(
+            f"{name} done in {phase.seconds:.1f}s" + (f" ({phase.note})" if phase.note else "")
+        )
+
+
+def _input_names(input_path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(input_path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SolveError(f"{input_path}: not a readable JSON object ({exc})") from None
+    if not isinstance(data, dict):
+        raise SolveError(f"{input_path}: the input must be a JSON object of named inputs")
+    return data
+
+
+def _task_with_inputs(task: str, inputs: dict[str, Any]) -> str:
+    described = ", ".join(f"`{k}` ({type(v).__name__})" for k, v in sorted(inputs.items()))
+    return f"{task.strip()}\n\nThe system receives exactly these inputs: {described}. Declare them under `inputs` with these names."
+
+
+def slug(task: str) -> str:
+    words = re.findall(r"[a-z0-9]+", task.lower())[:6]
+    name = "-".join(words)[:40].strip("-") or "task"
+    return name if name[0].isalpha() else "t-" + name
+
+
+def adapt_example(
+    task: str, inputs: dict[str, Any], client: Any, progress: Progress
+) -> tuple[Spec, str]:
+    """The example spec whose inputs the task's input provides, picked by the LLM from a closed list."""
+    from mas2c.generate import default_examples_dir, load_examples, pick_examples
+    from mas2c.llm import extract_json
+
+    directory = default_examples_dir()
+    examples = load_examples(directory) if directory else []
+    specs = {e.name: Spec.model_validate(e.data) for e in examples}
+    fitting = [
+        e for e in examples if specs[e.name].inputs and set(specs[e.name].inputs) <= set(inputs)
+    ]
+    if not fitting:
+        raise SolveError(
+            f"no example spec takes the inputs {sorted(inputs)}; rename them (e.g. `question`) or use a stronger model"
+        )
+    ranked = pick_examples(task, fitting, count=len(fitting))
+    choice = ranked[0]
+    if len(ranked) > 1:
+        names = [e.name for e in ranked]
+        schema = {
+            "type": "object",
+            "properties": {"archetype": {"type": "string", "enum": names}},
+            "required": ["archetype"],
+        }
+        listing = "\n".join(f"- {e.name}: {e.description.strip().splitlines()[0]}" for e in ranked)
+        messages = [
+            {
+                "role": "system",
+                "content": "You choose the best multi-agent system design for a task.",
+            },
+            {
+                "role": "user",
+                "content": f"Task: {task}\n\nDesigns:\n{listing}\n\nAnswer with the design name.",
+            },
+        ]
+        try:
+            picked = extract_json(
+                client.chat(messages, schema=schema, schema_name="archetype")
+            ).get("archetype")
+            choice = next((e for e in ranked if e.name == picked), choice)
+        except Exception as exc:  # the pick is a preference; the ranking stands without it
+            progress(f"archetype pick failed ({exc}); using the closest example by words")
+    data = specs[choice.name].to_data()
+    data["name"] = slug(task)
+    data["description"] = f"{task.strip()}\n\n(Adapted from the `{choice.name}` example.)"
+    return Spec.model_validate(data), choice.name
+
+
+def solve(
+    task: str,
+    input_path: Path,
+    solve_dir: Path,
+    *,
+    llm: LLMConfig | None = None,
+    model: str | None = None,
+    pool_path: Path | None = None,
+    backend: Literal["docker", "local"] = "docker",
+    limits: Any = None,
+    loosen: Any = None,
+    image: str | None = None,
+    max_repairs: int | None = None,
+    progress: Progress | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> SolveOutcome:
+    import httpx
+
+    from mas2c.configure import configure_spec, load_pool
+    from mas2c.gateway import Gateway
+    from mas2c.generate import GenerateError, generate_spec, write_spec_yaml
+    from mas2c.llm import LLMClient
+    from mas2c.local import LocalUpstream
+
+    say = progress or (lambda _m: None)
+    llm = llm or LLMConfig()
+    inputs = _input_names(input_path)
+    solve_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(solve_dir / "task.txt", task.strip() + "\n")
+    outcome = SolveOutcome(solve_dir, "error", None)
+    meter = _Meter(say)
+    upstream = make_upstream(llm, on_progress=say)
+    local = isinstance(upstream, LocalUpstream)
+    repairs = max_repairs if max_repairs is not None else (1 if local else 3)
+    try:
+        with (
+            socket_dir() as folder,
+            Gateway(folder / "meta.sock", upstream, on_event=meter.on_event) as gateway,
+        ):
+            transport = httpx.HTTPTransport(uds=str(gateway.socket_path))
+            client = LLMClient(
+                "http://mas2c-gateway/v1",
+                "sandbox",
+                model=model,
+                http_client=httpx.Client(transport=transport, timeout=900.0),
+            )
+            with _timed(outcome.phases, "generate", meter, say) as phase:
+                try:
+                    generated = generate_spec(
+                        _task_with_inputs(task, inputs),
+                        client,
+                        max_repairs=repairs,
+                        on_progress=say,
+                    )
+                    spec = generated.spec
+                    missing = sorted(set(spec.inputs) - set(inputs))
+                    if missing:
+                        raise _Unfit(f"the spec wants inputs {missing} that the input file lacks")
+                except (GenerateError, _Unfit) as exc:
+                    say(
+                        f"the generator gave up ({str(exc).splitlines()[0]}); adapting an example instead"
+                    )
+                    spec, example = adapt_example(task, inputs, client, say)
+                    outcome.spec_source = f"example:{example}"
+                    phase.note = f"fell back to the `{example}` example"
+                write_spec_yaml(spec, solve_dir / "spec-generated.yaml")
+            with _timed(outcome.phases, "configure", meter, say) as phase:
+                pool = load_pool(pool_path) if pool_path else dict(spec.models)
+                if not pool:
+                    from mas2c.spec import ModelSpec
+
+                    pool = {
+                        "default": ModelSpec(model=model or "local", description="the only model")
+                    }
+                configured = configure_spec(spec, pool, client=client if pool_path else None)
+                spec = configured.spec
+                phase.note = f"{len(configured.choices)} slot(s) bound"
+                write_spec_yaml(spec, solve_dir / "spec.yaml")
+        with _timed(outcome.phases, "compile+run", meter, say) as phase:
+            run = run_system(
+                solve_dir / "spec.yaml",
+                input_path,
+                solve_dir / "run-1",
+                backend=backend,
+                limits=limits,
+                loosen=loosen,
+                image=image,
+                llm=llm,
+                upstream=upstream,
+                on_warning=on_warning,
+                on_event=meter.on_event,
+            )
+            phase.note = f"status {run.status}"
+        outcome.run = run
+        outcome.status = run.status
+        outcome.answer = run.result.get("outputs") if run.ok else None
+    finally:
+        close = getattr(upstream, "close", None)
+        if callable(close):
+            close()
+        _write_summary(outcome)
+    return outcome
+
+
+def _write_summary(outcome: SolveOutcome) -> None:
+    data = outcome.to_json()
+    write_text_atomic(
+        outcome.solve_dir / "summary.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    )
+    lines = [
+        "# mas2c solve",
+        "",
+        f"Task: {(outcome.solve_dir / 'task.txt').read_text('utf-8').strip()}",
+        "",
+        f"Status: **{outcome.status}** (spec: {outcome.spec_source})",
+        "",
+        "## Answer",
+        "",
+        "```json",
+        json.dumps(outcome.answer, indent=2, ensure_ascii=False),
+        "```",
+        "",
+        "## Phases",
+        "",
+        "| phase | seconds | LLM calls | tokens | note |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {p.name} | {p.seconds:.1f} | {p.calls} | {p.tokens} | {p.note} |"
+        for p in outcome.phases
+    ]
+    lines += ["", f"Run cost: ${data['run_cost_usd']:.4f}", ""]
+    write_text_atomic(outcome.solve_dir / "report.md", "\n".join(lines))
+
+
+def print_progress(message: str) -> None:
+    """One line per message on stderr; on a terminal the counter line rewrites itself."""
+    if sys.stderr.isatty() and "so far" in message:
+        sys.stderr.write(f"\r\033[K{message}")
+    else:
+        sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + f"mas2c: {message}\n")
+    sys.stderr.flush()
