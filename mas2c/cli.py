@@ -230,6 +230,7 @@ def _print_outcome(outcome: Any) -> None:
 def _guarded(action: Callable[[], Any]) -> Any:
     """Turns the setup errors of a run (sandbox, gateway, local model) into usage-level messages."""
     from mas2c.gateway import GatewayError
+    from mas2c.llm import LLMError
     from mas2c.local import LocalModelError
     from mas2c.run import RunError
     from mas2c.sandbox import SandboxError
@@ -239,8 +240,30 @@ def _guarded(action: Callable[[], Any]) -> Any:
         return action()
     except SpecInvalid as exc:
         raise SpecRejected(exc.report.format()) from None
-    except (RunError, SandboxError, GatewayError, LocalModelError) as exc:
+    except (RunError, SandboxError, GatewayError, LocalModelError, LLMError) as exc:
         raise SetupFailed(str(exc)) from None
+    except OSError as exc:  # an unwritable run folder or cassette path, a full disk, ...
+        raise SetupFailed(_os_error(exc)) from None
+
+
+def _os_error(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
+
+
+def _task(text: str) -> str:
+    if not text.strip():
+        raise UsageError("the task is empty; say what the system should do")
+    return text
+
+
+def _write_spec(spec: Any, out: Path) -> str:
+    from mas2c.generate import write_spec_yaml
+
+    try:
+        return write_spec_yaml(spec, out)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
 class SetupFailed(Exception):
@@ -309,15 +332,18 @@ def _add_llm_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mas2c.generate import GenerateError, generate_spec, write_spec_yaml
+    from mas2c.generate import GenerateError, generate_spec
 
+    task = _task(args.task)
     out = Path(args.output)
-    examples = Path(args.examples) if args.examples else None
+    examples = _existing(args.examples) if args.examples else None
+    if examples is not None and not examples.is_dir():
+        raise UsageError(f"{args.examples}: --examples expects a folder of example specs")
 
     def action() -> Any:
         with meta_client(_llm_config(args), model=args.model, progress=_progress) as client:
             return generate_spec(
-                args.task,
+                task,
                 client,
                 examples_dir=examples,
                 max_repairs=args.max_repairs,
@@ -330,7 +356,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SpecRejected(
             f"mas2c generate: no valid spec after {exc.attempts} answer(s):\n{exc}"
         ) from None
-    write_spec_yaml(result.spec, out)
+    _write_spec(result.spec, out)
     if args.json:
         _print_json({"output": str(out), **result.to_json()})
     else:
@@ -340,7 +366,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_configure(args: argparse.Namespace) -> int:
     from mas2c.configure import ConfigureError, configure_spec, load_pool
-    from mas2c.generate import write_spec_yaml
 
     spec = _load(args.spec)
     out = Path(args.output) if args.output else None
@@ -358,7 +383,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
         result = _guarded(action)
     except ConfigureError as exc:
         raise SpecRejected(f"mas2c configure: {exc}") from None
-    text = write_spec_yaml(result.spec, out) if out else None
+    text = _write_spec(result.spec, out) if out else None
     if args.json:
         _print_json({"output": str(out) if out else None, **result.to_json()})
     else:
@@ -374,14 +399,16 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
+    from mas2c.configure import ConfigureError
     from mas2c.solve import SolveError, print_progress, solve
 
+    task = _task(args.task)
     input_path = _existing(args.input)
     solve_dir = Path(args.run_dir or _default_run_dir())
 
     def action() -> Any:
         return solve(
-            args.task,
+            task,
             input_path,
             solve_dir,
             llm=_llm_config(args),
@@ -395,7 +422,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
     try:
         outcome = _guarded(action)
-    except SolveError as exc:
+    except (SolveError, ConfigureError) as exc:
         raise SetupFailed(str(exc)) from None
     if args.json:
         _print_json(outcome.to_json())

@@ -22,7 +22,14 @@ import jinja2
 from mas2c import __version__, graph
 from mas2c.expr import compile_condition, parse_condition
 from mas2c.files import write_tree_atomic
-from mas2c.pyemit import identifier, string_literal, text_literal, value_literal
+from mas2c.pyemit import (
+    docstring_text,
+    identifier,
+    string_literal,
+    text_literal,
+    toml_string,
+    value_literal,
+)
 from mas2c.spec import (
     BranchStep,
     CallStep,
@@ -79,6 +86,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["py"] = value_literal
     env.filters["text"] = text_literal
+    env.filters["toml"] = toml_string
     return env
 
 
@@ -98,9 +106,7 @@ def compile_spec(spec: Spec) -> Build:
         "sha256": digest,
         "header": header,
         "description": _docstring_text(spec.description or spec.name),
-        "summary": (spec.description or spec.name).strip().splitlines()[0]
-        if (spec.description or spec.name).strip()
-        else spec.name,
+        "summary": _first_line(spec.description) or spec.name,
     }
     python_files = {
         f"{package}/__init__.py": _render("__init__.py.j2", context),
@@ -171,7 +177,12 @@ def _require_bound_models(spec: Spec) -> None:
 
 def _docstring_text(text: str) -> str:
     """Text safe inside a triple-quoted docstring (the literal itself is what matters, not this)."""
-    return text.strip().replace("\\", "\\\\").replace('"""', '\\"\\"\\"') or "(no description)"
+    return docstring_text(text.strip()) or "(no description)"
+
+
+def _first_line(text: str) -> str:
+    """The first non-blank line of `text`, stripped ("" if there is none)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 # -- views: pure functions from spec parts to template data -------------------------------------
@@ -452,7 +463,7 @@ def _step_doc(step: Step) -> str:
         doc = f"`{step.id}`: the first case whose condition holds, else the `else` steps."
     else:
         doc = f"`{step.id}`: {len(step.branches)} branches run concurrently."
-    return doc.replace("\\", "\\\\").replace('"', '\\"')
+    return docstring_text(doc)
 
 
 def _readme_view(spec: Spec) -> dict[str, Any]:
@@ -465,7 +476,7 @@ def _readme_view(spec: Spec) -> dict[str, Any]:
         "agents_rows": [
             (
                 name,
-                agent.role.strip().splitlines()[0],
+                _first_line(agent.role).replace("|", "\\|"),
                 agent.model or "",
                 "structured" if isinstance(agent.output, dict) else "text",
             )

@@ -33,7 +33,8 @@ def meta_client(
     from mas2c.run import make_upstream, socket_dir
 
     url = config.url or (None if config.force_local else os.environ.get("OPENAI_BASE_URL"))
-    if upstream is None and url and url != "local" and config.replay is None and on_event is None:
+    direct = config.replay is None and config.record is None and on_event is None
+    if upstream is None and url and url != "local" and direct:
         yield LLMClient(url, config.api_key or os.environ.get("OPENAI_API_KEY"), model=model)
         return
     owned = upstream is None

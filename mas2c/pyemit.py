@@ -31,6 +31,49 @@ def string_literal(text: str) -> str:
     return '"' + "".join(_escape_char(c) for c in text) + '"'
 
 
+def docstring_text(text: str) -> str:
+    """Source for the inside of a triple-double-quoted docstring whose value is `text`.
+
+    Backslashes and controls are escaped, line breaks and tabs kept; a double quote
+    next to another one is escaped, so no run of three can close the docstring.
+    """
+    out = []
+    for index, char in enumerate(text):
+        if char == '"':
+            near = text[index - 1 : index] == '"' or text[index + 1 : index + 2] == '"'
+            edge = index in (0, len(text) - 1)
+            out.append('\\"' if near or edge else '"')
+        elif char in "\n\t":
+            out.append(char)
+        else:
+            out.append(_escape_char(char))
+    return "".join(out)
+
+
+_TOML_ESCAPES = {
+    "\\": "\\\\",
+    '"': '\\"',
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string equal to `text` (controls escaped, all else literal UTF-8)."""
+    out = []
+    for char in text:
+        if char in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
 def text_literal(text: str) -> str:
     """A literal for possibly multi-line text: one literal per line, implicitly concatenated.
 

@@ -59,7 +59,18 @@ DEBIAN_SUITE = "bookworm"
 CONTAINER_SOCKET = "/run/mas2c/llm.sock"
 SANDBOX_UID = 1000
 LABEL = "mas2c"
-SANDBOX_DIR = Path(__file__).resolve().parent.parent / "sandbox"
+# sandbox/ of a source checkout, or the copy shipped inside the wheel.
+SANDBOX_DIR = next(
+    (
+        p
+        for p in (
+            Path(__file__).resolve().parent / "_sandbox",
+            Path(__file__).resolve().parent.parent / "sandbox",
+        )
+        if (p / "Dockerfile").is_file()
+    ),
+    Path(__file__).resolve().parent.parent / "sandbox",
+)
 
 _MIB = 1024 * 1024
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -1279,7 +1290,8 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
         except SandboxError as exc:
             out["image"]["error"] = str(exc)
         out["backends"]["docker"] = out["image"]["present"]
-        left = client.containers.list(all=True, filters={"label": LABEL})
+        # The low-level call: containers.list() inspects each one, racing removals.
+        left = client.api.containers(all=True, filters={"label": LABEL})
         out["leftover_containers"] = len(left)
     except Exception as exc:
         out["daemon"]["error"] = _short_reason(exc)
@@ -1288,17 +1300,22 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     return out
 
 
-def prune() -> int:
-    """Remove leftover mas2c containers (e.g. after the host process was SIGKILLed).
+def prune(min_age_s: float = 60.0) -> int:
+    """Remove leftover mas2c containers (left when the host process was SIGKILLed).
 
-    Running ones are left alone: they may belong to a run in progress.
+    Running containers, and ones younger than `min_age_s` (a run in progress is
+    briefly `created` before its start and `exited` before its removal), are left alone.
     """
+    docker = _import_docker()
     client = _docker_client()
     try:
         removed = 0
-        for c in client.containers.list(all=True, filters={"label": LABEL}):
-            if c.status != "running":
-                c.remove(force=True, v=True)
+        now = time.time()
+        for c in client.api.containers(all=True, filters={"label": LABEL}):
+            if c.get("State") == "running" or now - float(c.get("Created", now)) < min_age_s:
+                continue
+            with contextlib.suppress(docker.errors.NotFound):
+                client.api.remove_container(c["Id"], force=True, v=True)
                 removed += 1
         return removed
     finally:

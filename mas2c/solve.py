@@ -5,8 +5,7 @@ Everything lands in the solve folder:
     task.txt                 the task and the input keys it was given
     spec-generated.yaml      the generator's spec (or the adapted example, see below)
     spec.yaml                the configured spec that was compiled and run
-    build/                   the compiled package
-    run-1/                   the sandboxed run folder (result, trace, usage, ...)
+    run-1/                   the sandboxed run folder (result, trace, usage, ...; build/ inside)
     summary.json, report.md  the answer, cost, tokens and time per phase
 
 The generator asks the LLM for a whole spec, repairing it from validator feedback.
@@ -222,7 +221,13 @@ def solve(
     try:
         with (
             socket_dir() as folder,
-            Gateway(folder / "meta.sock", upstream, on_event=meter.on_event) as gateway,
+            Gateway(
+                folder / "meta.sock",
+                upstream,
+                record=llm.record,
+                replay=llm.replay,
+                on_event=meter.on_event,
+            ) as gateway,
         ):
             transport = httpx.HTTPTransport(uds=str(gateway.socket_path))
             client = LLMClient(

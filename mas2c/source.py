@@ -33,10 +33,13 @@ class ScalarInfo:
 class SourceError(Exception):
     """The file cannot be read as YAML or JSON at all."""
 
-    def __init__(self, message: str, position: Position | None = None) -> None:
+    def __init__(
+        self, message: str, position: Position | None = None, hint: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.position = position
+        self.hint = hint
 
 
 @dataclass
@@ -83,7 +86,7 @@ class _PositionLoader(yaml.SafeLoader):
 
 # Aliases let a small file expand into a huge (or cyclic) document ("billion laughs"); a spec
 # never needs more than this many values once aliases are expanded.
-MAX_EXPANDED_NODES = 100_000
+MAX_EXPANDED_NODES = 50_000
 
 
 @dataclass
@@ -100,9 +103,14 @@ def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) 
         raise SourceError(
             f"the document expands to more than {MAX_EXPANDED_NODES} values (aliases nested too deep?)",
             here,
+            "write the values out, or use fewer nested aliases",
         )
     if id(node) in state.active:
-        raise SourceError("a recursive alias: an anchor is used inside its own value", here)
+        raise SourceError(
+            "a recursive alias: an anchor is used inside its own value",
+            here,
+            "an alias (*name) may only refer to an anchor (&name) outside its own value",
+        )
     source.positions[pointer] = here
     if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
         state.active.add(id(node))
@@ -114,6 +122,8 @@ def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) 
                 raise SourceError(
                     f"duplicate key {key!r}",
                     Position(key_node.start_mark.line + 1, key_node.start_mark.column + 1),
+                    "a key may appear once per mapping (YAML would keep only the last one): "
+                    "rename or merge the two",
                 )
             seen.add(key)
             child = f"{pointer}/{escape_token(key)}"
@@ -176,7 +186,9 @@ def load_file(path: str | Path) -> SpecSource:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SourceError(f"not UTF-8 text (byte {exc.start})") from None
+        raise SourceError(
+            f"not UTF-8 text (byte {exc.start})", hint="specs are YAML or JSON text saved as UTF-8"
+        ) from None
     return parse_text(text, str(path))
 
 

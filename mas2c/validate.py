@@ -200,7 +200,7 @@ def _source_failure(path: str, exc: SourceError) -> Report:
         "MAS001",
         "",
         exc.message,
-        "check indentation and quoting near this place",
+        exc.hint or "check indentation and quoting near this place",
         line=pos.line if pos else None,
         column=pos.column if pos else None,
     )
@@ -655,7 +655,7 @@ class _Checker:
                 code,
                 pointer,
                 _unbound_message(root, scope, self.writers),
-                _unbound_hint(root, scope),
+                _unbound_hint(root, scope, self.writers),
                 position=position,
             )
             return
@@ -703,7 +703,7 @@ class _Checker:
                     pointer,
                     f"output `{name}` names `{path[0]}`: "
                     + _unbound_message(path[0], scope, self.writers),
-                    _unbound_hint(path[0], scope),
+                    _unbound_hint(path[0], scope, self.writers),
                 )
 
     def _check_unused(self, spec: Spec) -> None:
@@ -852,9 +852,14 @@ def _unbound_message(root: str, scope: _Scope, writers: dict[str, str]) -> str:
     return f"`{root}` is not an input or an earlier step's `out`"
 
 
-def _unbound_hint(root: str, scope: _Scope) -> str | None:
+def _unbound_hint(root: str, scope: _Scope, writers: dict[str, str]) -> str | None:
     if root in scope.partial:
         return "write it in every case and in `else`, or read it inside the branch"
+    if root in writers:
+        return (
+            f"read it after the step that writes it ({writers[root]}); "
+            "parallel branches cannot read each other's results"
+        )
     return did_you_mean(root, scope.bound)
 
 
