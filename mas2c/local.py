@@ -115,7 +115,9 @@ class LocalUpstream:
             path = ensure_default_model(on_progress)
         if not path.is_file():
             raise LocalModelError(f"{path}: no such GGUF file")
-        threads = max(1, min(4, os.cpu_count() or 1))
+        # ggml's worker threads spin-wait: on a small, busy machine extra threads make
+        # generation many times slower, so leave a core to the rest (MAS2C_LOCAL_THREADS overrides).
+        threads = int(os.environ.get("MAS2C_LOCAL_THREADS") or max(1, min(4, (os.cpu_count() or 2) // 2)))
         llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False, seed=0)
         return cls(llama, path)
 
