@@ -230,7 +230,6 @@ def _print_outcome(outcome: Any) -> None:
 def _guarded(action: Callable[[], Any]) -> Any:
     """Turns the setup errors of a run (sandbox, gateway, local model) into usage-level messages."""
     from mas2c.gateway import GatewayError
-    from mas2c.llm import LLMError
     from mas2c.local import LocalModelError
     from mas2c.run import RunError
     from mas2c.sandbox import SandboxError
@@ -240,10 +239,17 @@ def _guarded(action: Callable[[], Any]) -> Any:
         return action()
     except SpecInvalid as exc:
         raise SpecRejected(exc.report.format()) from None
-    except (RunError, SandboxError, GatewayError, LocalModelError, LLMError) as exc:
+    except (RunError, SandboxError, GatewayError, LocalModelError) as exc:
         raise SetupFailed(str(exc)) from None
     except OSError as exc:  # an unwritable run folder or cassette path, a full disk, ...
         raise SetupFailed(_os_error(exc)) from None
+    except Exception as exc:
+        # An endpoint that fails the meta-agents (generate, configure, solve). mas2c.llm
+        # imports openai (slow): look it up only if the command loaded it.
+        llm = sys.modules.get("mas2c.llm")
+        if llm is not None and isinstance(exc, llm.LLMError):
+            raise SetupFailed(str(exc)) from None
+        raise
 
 
 def _os_error(exc: OSError) -> str:
@@ -398,6 +404,72 @@ def cmd_configure(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rectify(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from mas2c.configure import ConfigureError, load_pool
+    from mas2c.rectify import RectifyError, rectify
+    from mas2c.run import make_upstream
+
+    run_dir = _existing(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{args.run_dir}: expected a run folder")
+    if args.max_rounds < 1:
+        raise UsageError("--max-rounds must be at least 1")
+    spec_path = _existing(args.spec) if args.spec else None
+    input_path = _existing(args.input) if args.input else None
+    llm = _llm_config(args)
+    progress = None if args.json else _progress
+
+    def action() -> Any:
+        pool = load_pool(_existing(args.pool)) if args.pool else None
+        upstream = make_upstream(llm, on_progress=progress) if llm.replay is None else None
+        try:
+            meta = (
+                nullcontext(None)
+                if args.no_llm
+                else meta_client(llm, model=args.model, progress=progress, upstream=upstream)
+            )
+            with meta as client:
+                return rectify(
+                    run_dir,
+                    spec_path=spec_path,
+                    input_path=input_path,
+                    max_rounds=args.max_rounds,
+                    write=args.write,
+                    client=client,
+                    llm=llm,
+                    upstream=upstream,
+                    max_cost=args.max_cost,
+                    max_calls=args.max_calls,
+                    allow_budget_raise=args.allow_budget_raise,
+                    pool=pool,
+                    resume=not args.no_resume,
+                    progress=progress,
+                    on_warning=_warn,
+                    **_sandbox_options(args),
+                )
+        finally:
+            close = getattr(upstream, "close", None)
+            if callable(close):
+                close()
+
+    try:
+        outcome = _guarded(action)
+    except (RectifyError, ConfigureError) as exc:
+        raise SetupFailed(str(exc)) from None
+    if args.json:
+        _print_json(outcome.to_json())
+    else:
+        sys.stdout.write(
+            f"{outcome.status}: {outcome.stop_reason} ({outcome.rounds_run} round(s), "
+            f"{outcome.llm_calls} rectifier LLM call(s)); rounds in {run_dir / 'rectify'}\n"
+        )
+        if outcome.written is not None:
+            sys.stdout.write(f"wrote {outcome.written}\n")
+    return EXIT_OK if outcome.ok else EXIT_INVALID
+
+
 def cmd_solve(args: argparse.Namespace) -> int:
     from mas2c.configure import ConfigureError
     from mas2c.solve import SolveError, print_progress, solve
@@ -417,6 +489,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
             max_repairs=args.max_repairs,
             progress=None if args.json else print_progress,
             on_warning=_warn,
+            rectify_rounds=args.rectify_rounds,
             **_sandbox_options(args),
         )
 
@@ -525,10 +598,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-repairs", type=int, help="generator repair rounds (default 3; 1 on the local model)"
     )
+    p.add_argument(
+        "--rectify-rounds",
+        type=int,
+        default=3,
+        help="rectifier rounds when the first run fails (default 3; 0 = none)",
+    )
     p.add_argument("--json", action="store_true")
     _add_sandbox_flags(p)
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_solve)
+
+    p = verbs.add_parser(
+        "rectify",
+        help="repair the system of a failed (or overspent) run, re-run it, keep every round",
+    )
+    p.add_argument("run_dir", help="the run folder (of `mas2c run` or a solve's run-1/)")
+    p.add_argument(
+        "--spec", help="the spec that ran (default: the run folder's spec.json or build/)"
+    )
+    p.add_argument("--input", help="the input (default: the run folder's input.json)")
+    p.add_argument("--max-rounds", type=int, default=3, help="fix-and-rerun rounds (default 3)")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="write the fixed spec as <stem>.rectified.yaml beside --spec (else in RUN_DIR)",
+    )
+    p.add_argument(
+        "--max-cost", type=float, help="also rectify a successful run that cost more (USD)"
+    )
+    p.add_argument(
+        "--max-calls", type=int, help="also rectify a successful run with more LLM calls"
+    )
+    p.add_argument(
+        "--allow-budget-raise", action="store_true", help="a fix may raise the spec's budgets"
+    )
+    p.add_argument("--pool", help="model pool for cheaper-model fixes (default: the spec's models)")
+    p.add_argument("--no-llm", action="store_true", help="deterministic fixes only")
+    p.add_argument("--no-resume", action="store_true", help="re-run every step (no checkpoints)")
+    p.add_argument("--model", help="model name for the rectifier LLM")
+    p.add_argument("--json", action="store_true")
+    _add_sandbox_flags(p)
+    _add_llm_flags(p)
+    p.set_defaults(handler=cmd_rectify)
 
     p = verbs.add_parser("sandbox", help="build the sandbox image or report its status")
     p.add_argument("action", choices=["build", "status"])

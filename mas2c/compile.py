@@ -20,7 +20,7 @@ import black
 import jinja2
 
 from mas2c import __version__, graph
-from mas2c.expr import compile_condition, parse_condition
+from mas2c.expr import compile_condition, condition_names, parse_condition
 from mas2c.files import write_tree_atomic
 from mas2c.pyemit import (
     docstring_text,
@@ -30,6 +30,7 @@ from mas2c.pyemit import (
     toml_string,
     value_literal,
 )
+from mas2c.source import escape_token
 from mas2c.spec import (
     BranchStep,
     CallStep,
@@ -87,6 +88,7 @@ def _environment() -> jinja2.Environment:
     env.filters["py"] = value_literal
     env.filters["text"] = text_literal
     env.filters["toml"] = toml_string
+    env.filters["doc"] = docstring_text
     return env
 
 
@@ -115,6 +117,10 @@ def compile_spec(spec: Spec) -> Build:
         f"{package}/tools.py": _render("tools.py.j2", {**context, **_tools_view(spec)}),
         f"{package}/workflow.py": _render("workflow.py.j2", {**context, **_workflow_view(spec)}),
     }
+    for view in _code_tool_views(spec):
+        python_files[f"{package}/{view['module']}.py"] = _render(
+            "tool_module.py.j2", {**context, "tool": view}
+        )
     texts = {path: _format(path, text) for path, text in python_files.items()}
     runtime = (templates_dir() / "_runtime.py").read_text("utf-8")
     texts[f"{package}/_runtime.py"] = header + "\n" + _formatted_runtime(runtime)
@@ -194,10 +200,10 @@ def _main_view(spec: Spec) -> dict[str, Any]:
         "inputs": value_literal(spec.inputs),
         "outputs": value_literal(spec.outputs),
         "budgets": {
-            "max_llm_calls": repr(budgets.max_llm_calls),
-            "max_total_tokens": repr(budgets.max_total_tokens),
-            "max_cost_usd": repr(budgets.max_cost_usd),
-            "timeout_s": repr(budgets.timeout_s),
+            "max_llm_calls": value_literal(budgets.max_llm_calls),
+            "max_total_tokens": value_literal(budgets.max_total_tokens),
+            "max_cost_usd": value_literal(budgets.max_cost_usd),
+            "timeout_s": value_literal(budgets.timeout_s),
         },
     }
 
@@ -209,12 +215,12 @@ def _agents_view(spec: Spec) -> dict[str, Any]:
         models.append(
             {
                 "id": model_id,
-                "pointer": f"/models/{model_id}",
+                "pointer": _marker(f"/models/{escape_token(model_id)}"),
                 "model": model.model,
-                "temperature": repr(model.temperature),
-                "max_tokens": repr(model.max_tokens),
-                "input_per_mtok": repr(price.input_per_mtok if price else 0.0),
-                "output_per_mtok": repr(price.output_per_mtok if price else 0.0),
+                "temperature": value_literal(model.temperature),
+                "max_tokens": value_literal(model.max_tokens),
+                "input_per_mtok": value_literal(price.input_per_mtok if price else 0.0),
+                "output_per_mtok": value_literal(price.output_per_mtok if price else 0.0),
             }
         )
     agents = []
@@ -222,11 +228,11 @@ def _agents_view(spec: Spec) -> dict[str, Any]:
         agents.append(
             {
                 "id": agent_id,
-                "pointer": f"/agents/{agent_id}",
+                "pointer": _marker(f"/agents/{escape_token(agent_id)}"),
                 "role": agent.role,
                 "instructions": agent.instructions,
                 "model": agent.model,
-                "temperature": repr(agent.temperature),
+                "temperature": value_literal(agent.temperature),
                 "output": value_literal(agent.output) if isinstance(agent.output, dict) else "None",
                 "tools": value_literal(agent.tools),
                 "max_tool_rounds": agent.max_tool_rounds,
@@ -235,25 +241,55 @@ def _agents_view(spec: Spec) -> dict[str, Any]:
     return {"models": models, "agents": agents}
 
 
+def _tool_modules(spec: Spec) -> dict[str, str]:
+    """The module of each code tool: `tool_<id>`, its own namespace (helpers and imports of
+    two tools never collide; `from __future__` stays legal), unique even on a file system
+    that ignores case."""
+    modules: dict[str, str] = {}
+    taken: set[str] = set()
+    for tool_id, tool in sorted(spec.tools.items()):
+        if tool.code is None:
+            continue
+        module = identifier(tool_id, "tool_")
+        candidate, counter = module, 2
+        while candidate.lower() in taken:
+            candidate, counter = f"{module}_{counter}", counter + 1
+        taken.add(candidate.lower())
+        modules[tool_id] = candidate
+    return modules
+
+
+def _code_tool_views(spec: Spec) -> list[dict[str, Any]]:
+    views = []
+    for tool_id, module in _tool_modules(spec).items():
+        code = spec.tools[tool_id].code or ""
+        views.append(
+            {
+                "id": tool_id,
+                "module": module,
+                "pointer": _marker(f"/tools/{escape_token(tool_id)}/code"),
+                "code": code if code.endswith("\n") else code + "\n",
+            }
+        )
+    return views
+
+
 def _tools_view(spec: Spec) -> dict[str, Any]:
-    code_tools = []
+    modules = _tool_modules(spec)
     tools = []
     for tool_id, tool in sorted(spec.tools.items()):
-        if tool.code is not None:
-            code = tool.code if tool.code.endswith("\n") else tool.code + "\n"
-            code_tools.append({"pointer": f"/tools/{tool_id}", "code": code})
         tools.append(
             {
                 "id": tool_id,
-                "pointer": f"/tools/{tool_id}",
+                "pointer": _marker(f"/tools/{escape_token(tool_id)}"),
                 "description": tool.description or _default_description(tool_id, tool),
                 "parameters": value_literal(tool_parameters(tool_id, tool)),
-                "timeout_s": repr(tool.timeout_s),
-                "function": tool_id if tool.code is not None else "None",
+                "timeout_s": value_literal(tool.timeout_s),
+                "function": f"{modules[tool_id]}.{tool_id}" if tool_id in modules else "None",
                 "builtin": tool.builtin,
             }
         )
-    return {"code_tools": code_tools, "tools": tools}
+    return {"modules": sorted(modules.values()), "tools": tools}
 
 
 def _default_description(tool_id: str, tool: Tool) -> str:
@@ -348,11 +384,8 @@ def _workflow_view(spec: Spec) -> dict[str, Any]:
     names = _Methods()
     views: list[dict[str, Any]] = []
     top = _step_list(spec.workflow, "/workflow", names, views)
-    conditions = " ".join(
-        [v["until"] for v in views if "until" in v]
-        + [c["when"] for v in views for c in v.get("cases", [])]
-    )
-    helpers = [name for name in ("field", "item") if f"{name}(" in conditions]
+    used = set().union(*(v.get("helpers", set()) for v in views))
+    helpers = [name for name in ("field", "item") if name in used]
     return {"top": top, "steps": views, "imports": ", ".join(["Run", *helpers])}
 
 
@@ -370,7 +403,7 @@ def _step(step: Step, pointer: str, names: _Methods, views: list[dict[str, Any]]
         "id": step.id,
         "pointer": pointer,
         "kind": step.kind,
-        "timeout_s": repr(step.timeout_s) if step.timeout_s else None,
+        "timeout_s": value_literal(step.timeout_s) if step.timeout_s else None,
         "out": step_out(step),
         "doc": _step_doc(step),
         "branches": [],
@@ -379,15 +412,21 @@ def _step(step: Step, pointer: str, names: _Methods, views: list[dict[str, Any]]
     if isinstance(step, LoopStep):
         view["max_iterations"] = step.max_iterations or 1
         view["body"] = _step_list(step.steps, f"{pointer}/steps", names, views)
-        view["until"] = compile_condition(parse_condition(step.until))
+        until = parse_condition(step.until)
+        view["until"] = compile_condition(until)
+        view["helpers"] = _helpers(until)
+        view["needs_state"] = bool(condition_names(until))
     elif isinstance(step, BranchStep):
+        whens = [parse_condition(case.when) for case in step.cases]
         view["cases"] = [
             {
-                "when": compile_condition(parse_condition(case.when)),
+                "when": compile_condition(when),
                 "body": _step_list(case.steps, f"{pointer}/cases/{i}/steps", names, views),
             }
-            for i, case in enumerate(step.cases)
+            for i, (case, when) in enumerate(zip(step.cases, whens, strict=True))
         ]
+        view["helpers"] = set().union(*(_helpers(when) for when in whens))
+        view["needs_state"] = any(condition_names(when) for when in whens)
         view["else_body"] = (
             _step_list(step.else_, f"{pointer}/else", names, views) if step.else_ else []
         )
@@ -407,6 +446,24 @@ def _step(step: Step, pointer: str, names: _Methods, views: list[dict[str, Any]]
         out = step_out(step)
         view["assign"] = f"self.state[{string_literal(out)}] = " if out else ""
     return method
+
+
+def _helpers(condition: ast.expr) -> set[str]:
+    """The runtime helpers a compiled condition calls: `field` (a.b) and `item` (a[0])."""
+    used = set()
+    for node in ast.walk(condition):
+        if isinstance(node, ast.Attribute):
+            used.add("field")
+        elif isinstance(node, ast.Subscript):
+            used.add("item")
+    return used
+
+
+def _marker(pointer: str) -> str:
+    """A pointer as written after `# spec: `: as is, or as a JSON string when it holds
+    characters a comment line cannot carry verbatim (line breaks, controls, edge spaces)."""
+    plain = pointer.isprintable() and pointer == pointer.strip() and not pointer.startswith('"')
+    return pointer if plain else json.dumps(pointer)
 
 
 def step_call(step: Step) -> str:
@@ -504,6 +561,8 @@ def source_map_of(path: str, text: str) -> list[dict[str, Any]]:
         if not stripped.startswith(SPEC_MARKER):
             continue
         pointer = stripped[len(SPEC_MARKER) :].strip()
+        if pointer.startswith('"'):
+            pointer = json.loads(pointer)  # see _marker
         start = index + 1  # 0-based index of the line after the marker
         if start < len(lines) and lines[start].strip() == "# fmt: off":
             end = next(

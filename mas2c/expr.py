@@ -8,6 +8,7 @@ against a whitelist and compiled from that AST (never by pasting text).
 from __future__ import annotations
 
 import ast
+import math
 import re
 from dataclasses import dataclass
 
@@ -196,6 +197,8 @@ def compile_condition(node: ast.expr) -> str:
     works on the dicts that structured outputs produce.
     """
     if isinstance(node, ast.Constant):
+        if isinstance(node.value, float) and math.isinf(node.value):
+            return 'float("inf")'  # `1e999` reads back as inf, which is no Python literal
         return repr(node.value)
     if isinstance(node, ast.Name):
         lowered = node.id.lower()

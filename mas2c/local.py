@@ -117,7 +117,9 @@ class LocalUpstream:
             raise LocalModelError(f"{path}: no such GGUF file")
         # ggml's worker threads spin-wait: on a small, busy machine extra threads make
         # generation many times slower, so leave a core to the rest (MAS2C_LOCAL_THREADS overrides).
-        threads = int(os.environ.get("MAS2C_LOCAL_THREADS") or max(1, min(4, (os.cpu_count() or 2) // 2)))
+        threads = int(
+            os.environ.get("MAS2C_LOCAL_THREADS") or max(1, min(4, (os.cpu_count() or 2) // 2))
+        )
         llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False, seed=0)
         return cls(llama, path)
 
@@ -142,7 +144,29 @@ class LocalUpstream:
             arguments["response_format"] = response_format
         started = time.monotonic()
         with self._lock:
-            result: dict[str, Any] = self._llama.create_chat_completion(**arguments)
+            try:
+                result: dict[str, Any] = self._llama.create_chat_completion(**arguments)
+            except ValueError as exc:
+                if "context window" not in str(exc):
+                    raise
+                # What an OpenAI endpoint answers to a prompt too long for the model: a 400
+                # the caller can act on (not a 502 with a traceback in the gateway's log).
+                raise _context_exceeded(str(exc)) from None
         result["model"] = body.get("model") or DEFAULT_MODEL_NAME
         result.setdefault("x_mas2c", {})["local_latency_s"] = round(time.monotonic() - started, 3)
         return result
+
+
+def _context_exceeded(detail: str) -> Exception:
+    from mas2c.gateway import UpstreamError
+
+    message = f"the local model cannot take this request: {detail}"
+    body = {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    }
+    return UpstreamError(message, status=400, body=body, retryable=False)

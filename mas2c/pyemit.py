@@ -7,6 +7,7 @@ dict keys are sorted, strings are emitted the way black would leave them.
 from __future__ import annotations
 
 import keyword
+import math
 import re
 from typing import Any
 
@@ -91,6 +92,9 @@ def value_literal(value: Any) -> str:
         return string_literal(value)
     if value is None or isinstance(value, bool):
         return repr(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        # YAML's .inf and .nan: repr() gives `inf`/`nan`, which are not Python literals.
+        return 'float("nan")' if math.isnan(value) else ("-" if value < 0 else "") + 'float("inf")'
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list | tuple):

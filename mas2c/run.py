@@ -1,7 +1,8 @@
 """One sandboxed run: a spec or a build, an input, the gateway on the host, a run folder.
 
 The run folder holds result.json, trace.jsonl, stdout.txt, stderr.txt,
-sandbox.json (written by `mas2c.sandbox`) and usage.json (from the gateway).
+sandbox.json (written by `mas2c.sandbox`), usage.json (from the gateway), and
+spec.json and input.json (what ran, so that `mas2c rectify RUN_DIR` can re-run it).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mas2c.compile import compile_spec
-from mas2c.files import write_text_atomic
-from mas2c.spec import Spec
+from mas2c.files import write_bytes_atomic, write_text_atomic
+from mas2c.spec import Spec, canonical_json
 
 
 class RunError(Exception):
@@ -141,6 +142,9 @@ def run_system(
     spec, build_dir = load_target(target)
     _check_input(input_path)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # What `mas2c rectify RUN_DIR` re-runs: the spec (canonical JSON) and the input.
+    write_text_atomic(run_dir / "spec.json", canonical_json(spec.to_data()) + "\n")
+    write_bytes_atomic(run_dir / "input.json", input_path.read_bytes())
     if build_dir is None:
         build_dir = run_dir / "build"
         compile_spec(spec).write(build_dir)

@@ -6,6 +6,8 @@ Everything lands in the solve folder:
     spec-generated.yaml      the generator's spec (or the adapted example, see below)
     spec.yaml                the configured spec that was compiled and run
     run-1/                   the sandboxed run folder (result, trace, usage, ...; build/ inside)
+    run-1/rectify/round-K/   when run-1 failed: the rectifier's rounds (spec, patch, build, run)
+    spec.rectified.yaml      the rectified spec, when a round succeeded
     summary.json, report.md  the answer, cost, tokens and time per phase
 
 The generator asks the LLM for a whole spec, repairing it from validator feedback.
@@ -54,6 +56,7 @@ class SolveOutcome:
     phases: list[Phase] = field(default_factory=list)
     spec_source: str = "generated"
     run: RunOutcome | None = None
+    rectify: dict[str, Any] | None = None  # mas2c.rectify's summary, when the first run failed
 
     @property
     def ok(self) -> bool:
@@ -61,6 +64,8 @@ class SolveOutcome:
 
     def to_json(self) -> dict[str, Any]:
         usage = self.run.usage if self.run else {}
+        # `rectify` appears only when the first run failed and the rectifier ran.
+        extra = {"rectify": self.rectify} if self.rectify is not None else {}
         return {
             "status": self.status,
             "answer": self.answer,
@@ -71,6 +76,7 @@ class SolveOutcome:
             "tokens": sum(p.tokens for p in self.phases),
             "run_cost_usd": usage.get("cost_usd", 0.0),
             "error": (self.run.result.get("error") if self.run and not self.run.ok else None),
+            **extra,
         }
 
 
@@ -113,6 +119,11 @@ def _timed(phases: list[Phase], name: str, meter: _Meter, progress: Progress) ->
         )
 
 
+def _refused(exc: Exception) -> bool:
+    """An LLM error that is a refusal of that one request (HTTP 400/413/422), not an outage."""
+    return re.search(r": HTTP (400|413|422): ", str(exc)) is not None
+
+
 def _input_names(input_path: Path) -> dict[str, Any]:
     try:
         data = json.loads(input_path.read_text("utf-8"))
@@ -135,9 +146,13 @@ def slug(task: str) -> str:
 
 
 def adapt_example(
-    task: str, inputs: dict[str, Any], client: Any, progress: Progress
+    task: str, inputs: dict[str, Any], client: Any, progress: Progress, *, ask: bool = True
 ) -> tuple[Spec, str]:
-    """The example spec whose inputs the task's input provides, picked by the LLM from a closed list."""
+    """The example spec whose inputs the task's input provides, picked by the LLM from a closed list.
+
+    With `ask` False (the embedded model, whose pick is no better than chance), the
+    closest example by words is taken.
+    """
     from mas2c.generate import default_examples_dir, load_examples, pick_examples
     from mas2c.llm import extract_json
 
@@ -153,7 +168,7 @@ def adapt_example(
         )
     ranked = pick_examples(task, fitting, count=len(fitting))
     choice = ranked[0]
-    if len(ranked) > 1:
+    if len(ranked) > 1 and ask:
         names = [e.name for e in ranked]
         schema = {
             "type": "object",
@@ -199,13 +214,14 @@ def solve(
     max_repairs: int | None = None,
     progress: Progress | None = None,
     on_warning: Callable[[str], None] | None = None,
+    rectify_rounds: int = 3,
 ) -> SolveOutcome:
     import httpx
 
     from mas2c.configure import configure_spec, load_pool
     from mas2c.gateway import Gateway
     from mas2c.generate import GenerateError, generate_spec, write_spec_yaml
-    from mas2c.llm import LLMClient
+    from mas2c.llm import LLMClient, LLMError
     from mas2c.local import LocalUpstream
 
     say = progress or (lambda _m: None)
@@ -248,11 +264,21 @@ def solve(
                     missing = sorted(set(spec.inputs) - set(inputs))
                     if missing:
                         raise _Unfit(f"the spec wants inputs {missing} that the input file lacks")
+                except LLMError as exc:
+                    # The endpoint refused the generator's request (e.g. the prompt, with its
+                    # schema and examples, is longer than the embedded model's context): the
+                    # generator gave up. Anything else (unreachable, auth, 5xx) is fatal.
+                    if not _refused(exc):
+                        raise
+                    say(f"the generator's request was refused ({exc}); adapting an example instead")
+                    spec, example = adapt_example(task, inputs, client, say, ask=not local)
+                    outcome.spec_source = f"example:{example}"
+                    phase.note = f"fell back to the `{example}` example"
                 except (GenerateError, _Unfit) as exc:
                     say(
                         f"the generator gave up ({str(exc).splitlines()[0]}); adapting an example instead"
                     )
-                    spec, example = adapt_example(task, inputs, client, say)
+                    spec, example = adapt_example(task, inputs, client, say, ask=not local)
                     outcome.spec_source = f"example:{example}"
                     phase.note = f"fell back to the `{example}` example"
                 write_spec_yaml(spec, solve_dir / "spec-generated.yaml")
@@ -283,6 +309,32 @@ def solve(
                 on_event=meter.on_event,
             )
             phase.note = f"status {run.status}"
+        # -- rectify (mas2c.rectify): a failed first run is repaired in bounded rounds ----
+        if not run.ok and rectify_rounds > 0:
+            with _timed(outcome.phases, "rectify", meter, say) as phase:
+                fixed = rectify_run(
+                    solve_dir,
+                    input_path,
+                    rounds=rectify_rounds,
+                    llm=llm,
+                    model=model,
+                    upstream=upstream,
+                    meter=meter,
+                    progress=say,
+                    run_options={
+                        "backend": backend,
+                        "limits": limits,
+                        "loosen": loosen,
+                        "image": image,
+                        "on_warning": on_warning,
+                    },
+                )
+                outcome.rectify = fixed.to_json()
+                outcome.rectify.pop("history", None)  # kept in run-1/rectify/summary.json
+                phase.note = f"{fixed.status} after {fixed.rounds_run} round(s)"
+            if fixed.final_run is not None:
+                run = fixed.final_run
+        # -- end rectify ----------------------------------------------------------------------
         outcome.run = run
         outcome.status = run.status
         outcome.answer = run.result.get("outputs") if run.ok else None
@@ -292,6 +344,38 @@ def solve(
             close()
         _write_summary(outcome)
     return outcome
+
+
+def rectify_run(
+    solve_dir: Path,
+    input_path: Path,
+    *,
+    rounds: int,
+    llm: LLMConfig,
+    model: str | None,
+    upstream: Any,
+    meter: _Meter,
+    progress: Progress,
+    run_options: dict[str, Any],
+) -> Any:
+    """`mas2c rectify` on the solve's failed run-1 (the rectified spec lands beside spec.yaml)."""
+    from mas2c.meta import meta_client
+    from mas2c.rectify import rectify
+
+    with meta_client(llm, model=model, upstream=upstream, on_event=meter.on_event) as client:
+        return rectify(
+            solve_dir / "run-1",
+            spec_path=solve_dir / "spec.yaml",
+            input_path=input_path,
+            max_rounds=rounds,
+            write=True,
+            client=client,
+            llm=llm,
+            upstream=upstream,
+            progress=progress,
+            on_event=meter.on_event,
+            **run_options,
+        )
 
 
 def _write_summary(outcome: SolveOutcome) -> None:
@@ -321,6 +405,13 @@ def _write_summary(outcome: SolveOutcome) -> None:
         f"| {p.name} | {p.seconds:.1f} | {p.calls} | {p.tokens} | {p.note} |"
         for p in outcome.phases
     ]
+    if outcome.rectify is not None:
+        r = outcome.rectify
+        lines += [
+            "",
+            f"Rectify: **{r['status']}** in {r['rounds']} round(s), "
+            f"{r['rectifier_llm_calls']} rectifier LLM call(s): {r['stop_reason']}",
+        ]
     lines += ["", f"Run cost: ${data['run_cost_usd']:.4f}", ""]
     write_text_atomic(outcome.solve_dir / "report.md", "\n".join(lines))
 

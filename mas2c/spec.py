@@ -105,7 +105,11 @@ class EnsembleStep(_Writes):
         description="Samples of `agent` (default 5), or rounds over `agents` (default 1).",
     )
     prompt: str
-    vote: Literal["majority"] | None = None
+    vote: Literal["majority", "first"] | None = Field(
+        None,
+        description="'majority' (plurality of the final answers; fails when every answer is "
+        "empty) or 'first' (the first answer that has one; never fails).",
+    )
     judge: str | None = None
 
     def sample_agents(self) -> list[str]:
@@ -144,7 +148,9 @@ class DebateStep(_Writes):
     rounds: int = Field(2, ge=1, le=20)
     topic: str
     judge: str | None = None
-    vote: Literal["majority"] | None = None
+    vote: Literal["majority", "first"] | None = Field(
+        None, description="'majority' or 'first' (see the ensemble step)."
+    )
 
 
 class ProgrammerStep(_Writes):

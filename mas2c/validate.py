@@ -156,7 +156,7 @@ class SpecInvalid(Exception):
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
-    options = sorted(set(candidates))
+    options = sorted({str(candidate) for candidate in candidates})
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
     if close:
         return f"did you mean `{close[0]}`?"
@@ -816,8 +816,8 @@ def _schema_problem(schema: dict[str, Any]) -> str | None:
     ):
         return "the schema has no `type`"
     for name in types:
-        if name is not None and name not in _JSON_TYPES:
-            return f"unknown JSON Schema type {name!r}"
+        if name is not None and (not isinstance(name, str) or name not in _JSON_TYPES):
+            return f"unknown JSON Schema type {_shown(name)}"
     properties = schema.get("properties")
     if properties is not None:
         if not isinstance(properties, dict):

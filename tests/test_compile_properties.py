@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
@@ -29,16 +31,16 @@ from hypothesis import strategies as st
 
 from mas2c.compile import compile_spec
 from mas2c.expr import placeholders
+from mas2c.pyemit import docstring_text, string_literal, text_literal, toml_string, value_literal
 from mas2c.source import SpecSource
 from mas2c.spec import Spec
 from mas2c.testserver import LLMTestServer, default_responder
 from mas2c.validate import validate_source
 
-SETTINGS = settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+# Each example compiles a package and runs it in a subprocess (about a second): few examples.
+SPEC_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=_SLOW)
+TEXT_SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=_SLOW)
 
 OBJ_SCHEMA = {
     "type": "object",
@@ -61,6 +63,8 @@ FIELDS = {
 GROUPS = {"text": ["talker", "helper"], "obj": ["judge", "rater"]}
 ECHO = 'def echo(text: str) -> str:\n    """Return the text unchanged."""\n    return text\n'
 ID_PREFIXES = ["s", "x-", "x_", "Step", "_p", "class", "if-", "run_workflow"]
+_RUFF = Path(sys.executable).parent / "ruff"
+RUFF = [str(_RUFF)] if _RUFF.exists() else [sys.executable, "-m", "ruff"]
 SAFE_TEXT = st.text(alphabet="abc XYZ:.,;!?-\n", max_size=12)
 
 
@@ -101,15 +105,32 @@ def _template(ctx: Ctx, scope: dict[str, str]) -> str:
 
 
 def _atom(ctx: Ctx, scope: dict[str, str]) -> str:
-    options = ["true", "false", "1 < 2", "None is None", "[1, 2] != []"]
+    options = [
+        "true",
+        "false",
+        "1 < 2",
+        "None is None",
+        "[1, 2] != []",
+        "(1,) == (1,)",
+        "-1e999 < 0",
+    ]
     for name, kind in sorted(scope.items()):
-        options += [f"{name} is not None", f"{name} != 'zzz'"]
+        options += [
+            f"{name} is not None",
+            f"{name} != 'field(item(zzz'",
+            f"{name} not in ['a', 'b']",
+        ]
         if kind == "num":
-            options += [f"{name} >= 0", f"-{name} <= 0"]
+            options += [f"{name} >= 0", f"-{name} <= 0", f"{name} < 1e999"]
         else:
             options += [f"len({name}) >= 0"]
         if kind == "obj":
-            options += [f"{name}.ok", f"not {name}.ok", f"{name}.answer == 'x'", f"{name}['score'] < 1"]
+            options += [
+                f"{name}.ok",
+                f"not {name}.ok",
+                f"{name}.answer == 'x'",
+                f"{name}['score'] < 1",
+            ]
         if kind in ("prog", "test"):
             options += [f"{name}.passed", f"not {name}.passed", f"'Error' in {name}.output"]
         if kind == "list":
@@ -143,7 +164,9 @@ def _leaf(ctx: Ctx, scope: dict[str, str]) -> tuple[dict[str, Any], str | None, 
     elif kind in ("ensemble", "debate"):
         group = ctx.draw(st.sampled_from(sorted(GROUPS)))
         if kind == "ensemble" and ctx.draw(st.booleans()):
-            step.update(agent=ctx.draw(st.sampled_from(GROUPS[group])), n=ctx.draw(st.integers(1, 3)))
+            step.update(
+                agent=ctx.draw(st.sampled_from(GROUPS[group])), n=ctx.draw(st.integers(1, 3))
+            )
         elif kind == "ensemble":
             agents = ctx.draw(st.lists(st.sampled_from(GROUPS[group]), min_size=1, max_size=2))
             step.update(agents=agents, n=ctx.draw(st.integers(1, 2)))
@@ -167,7 +190,9 @@ def _leaf(ctx: Ctx, scope: dict[str, str]) -> tuple[dict[str, Any], str | None, 
         )
         out_kind = "prog"
     elif kind == "test":
-        name = ctx.draw(st.sampled_from(sorted(n for n, k in scope.items() if k in ("prog", "text"))))
+        name = ctx.draw(
+            st.sampled_from(sorted(n for n, k in scope.items() if k in ("prog", "text")))
+        )
         code = f"{name}.code" if scope[name] == "prog" else name
         step.update(code=code, tests="assert 1 + 1 == 2\n", run_timeout_s=20)
         out_kind = "test"
@@ -183,7 +208,9 @@ def _leaf(ctx: Ctx, scope: dict[str, str]) -> tuple[dict[str, Any], str | None, 
     return step, out, out_kind if out else None
 
 
-def _steps(ctx: Ctx, scope: dict[str, str], depth: int, size: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def _steps(
+    ctx: Ctx, scope: dict[str, str], depth: int, size: int
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
     steps = []
     scope = dict(scope)
     for _ in range(size):
@@ -249,12 +276,25 @@ def valid_specs(draw: Any) -> dict[str, Any]:
         "outputs": outputs,
         "models": {
             "m": {"model": "test-model", "temperature": 0.5},
-            "priced": {"model": "test-model-2", "price": {"input_per_mtok": 1, "output_per_mtok": 2}},
+            "priced": {
+                "model": "test-model-2",
+                "price": {"input_per_mtok": 1, "output_per_mtok": 2},
+            },
         },
         "agents": {
             "talker": {"role": "Talker", "instructions": "Answer.", "model": "m"},
-            "helper": {"role": "Helper", "model": "priced", "tools": ["echo", "py"], "max_tool_rounds": 2},
-            "judge": {"role": "Judge", "instructions": "Judge.", "model": "m", "output": OBJ_SCHEMA},
+            "helper": {
+                "role": "Helper",
+                "model": "priced",
+                "tools": ["echo", "py"],
+                "max_tool_rounds": 2,
+            },
+            "judge": {
+                "role": "Judge",
+                "instructions": "Judge.",
+                "model": "m",
+                "output": OBJ_SCHEMA,
+            },
             "rater": {"role": "Rater", "model": "priced", "temperature": 0.1, "output": OBJ_SCHEMA},
         },
         "tools": {
@@ -267,7 +307,9 @@ def valid_specs(draw: Any) -> dict[str, Any]:
 
 def _checked(data: dict[str, Any]) -> Spec:
     report = validate_source(SpecSource(data=data))
-    assert report.ok and report.spec is not None, report.format() + "\n" + json.dumps(data, indent=1)
+    assert report.ok and report.spec is not None, (
+        report.format() + "\n" + json.dumps(data, indent=1)
+    )
     return report.spec
 
 
@@ -282,11 +324,18 @@ def _compile_and_run(
     with tempfile.TemporaryDirectory(prefix="mas2c-prop-") as tmp:
         folder = Path(tmp) / "build"
         build.write(folder)
-        code, out, trace, stderr = run_package(folder, inputs, server)
+        lint = subprocess.run(
+            [*RUFF, "check", "--isolated", "--no-cache", "--select", "F,E9", str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+        code, out, trace, stderr = run_package(folder, inputs, server, fork=True)
     return code, out, trace, stderr, build.files
 
 
-@SETTINGS
+@SPEC_SETTINGS
 @given(data=valid_specs())
 def test_random_valid_specs_compile_and_run_ok(
     llm_server_session: LLMTestServer, data: dict[str, Any]
@@ -309,11 +358,60 @@ def test_random_valid_specs_compile_and_run_ok(
 # -- random text reaches the LLM byte-identical ---------------------------------------------------
 
 SPECIAL = [
-    '"', "'", '"""', "'''", "\\", "\\n", "\\x00", "\\u00e9", "{", "}", "{}", "{0}", "{x}", "{{",
-    "}}", "{%", "%}", "{#", "#}", "{% raw %}", "${x}", "%s", "%(x)s", "\n", "\r", "\r\n", "\t",
-    "\x00", "\x0b", "\x0c", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\ufeff", "é", "ß", "İ",
-    "ﬁ", "😀", "𝔘", "\u200b", " ", "  ", "# spec: /x", "# fmt: on", "DO NOT EDIT", "-->", "`",
-    "|", "\\N{BULLET}", "f'{x}'", "<!--",
+    '"',
+    "'",
+    '"""',
+    "'''",
+    "\\",
+    "\\n",
+    "\\x00",
+    "\\u00e9",
+    "{",
+    "}",
+    "{}",
+    "{0}",
+    "{x}",
+    "{{",
+    "}}",
+    "{%",
+    "%}",
+    "{#",
+    "#}",
+    "{% raw %}",
+    "${x}",
+    "%s",
+    "%(x)s",
+    "\n",
+    "\r",
+    "\r\n",
+    "\t",
+    "\x00",
+    "\x0b",
+    "\x0c",
+    "\x1b",
+    "\x7f",
+    "\x85",
+    "\u2028",
+    "\u2029",
+    "\ufeff",
+    "é",
+    "ß",
+    "İ",
+    "ﬁ",
+    "😀",
+    "𝔘",
+    "\u200b",
+    " ",
+    "  ",
+    "# spec: /x",
+    "# fmt: on",
+    "DO NOT EDIT",
+    "-->",
+    "`",
+    "|",
+    "\\N{BULLET}",
+    "f'{x}'",
+    "<!--",
 ]
 TEXT = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(SPECIAL)), max_size=8).map("".join)
 
@@ -322,7 +420,7 @@ def _only_placeholder_is(prompt: str, name: str) -> bool:
     return [p.path for p in placeholders(prompt)] == [(name,)]
 
 
-@SETTINGS
+@TEXT_SETTINGS
 @given(
     role=TEXT.filter(bool),
     instructions=TEXT,
@@ -356,7 +454,8 @@ def test_random_text_reaches_the_llm_byte_identical(
     topic = f"{after}{{{{ x }}}}{before}"
     arg = f"{tool_text}{{{{ x }}}}{tool_text}"
     assume(_only_placeholder_is(prompt, "x") and _only_placeholder_is(topic, "x"))
-    assume(_only_placeholder_is(arg, "x") and name_in not in ("x",))
+    assume(_only_placeholder_is(arg, "x") and name_in != "x" and name_out != "taken")
+    x = value + "{{ not a placeholder }}" + literal
     data = {
         "spec_version": "1",
         "name": "text-fields",
@@ -371,8 +470,22 @@ def test_random_text_reaches_the_llm_byte_identical(
         "tools": {"echo": {"description": tool_description, "code": ECHO}},
         "workflow": [
             {"id": "ask", "kind": "call", "agent": "a", "prompt": prompt, "out": "answer"},
-            {"id": "many", "kind": "ensemble", "agent": "b", "n": 1, "prompt": prompt, "vote": "majority"},
-            {"id": "argue", "kind": "debate", "agents": ["b", "b"], "rounds": 1, "topic": topic, "vote": "majority"},
+            {
+                "id": "many",
+                "kind": "ensemble",
+                "agent": "b",
+                "n": 1,
+                "prompt": prompt,
+                "vote": "majority",
+            },
+            {
+                "id": "argue",
+                "kind": "debate",
+                "agents": ["b", "b"],
+                "rounds": 1,
+                "topic": topic,
+                "vote": "majority",
+            },
             {"id": "use", "kind": "tool", "tool": "echo", "args": {"text": arg}, "out": "echoed"},
             {
                 "id": "pick",
@@ -380,10 +493,38 @@ def test_random_text_reaches_the_llm_byte_identical(
                 "cases": [
                     {
                         "when": f"x == {literal!r}",
-                        "steps": [{"id": "yes", "kind": "tool", "tool": "echo", "args": {"text": "same"}, "out": "taken"}],
+                        "steps": [
+                            {
+                                "id": "differs",
+                                "kind": "tool",
+                                "tool": "echo",
+                                "args": {"text": "literal"},
+                                "out": "taken",
+                            }
+                        ],
+                    },
+                    {
+                        "when": f"len(x) == {len(x)} and x == {x!r}",
+                        "steps": [
+                            {
+                                "id": "yes",
+                                "kind": "tool",
+                                "tool": "echo",
+                                "args": {"text": "same"},
+                                "out": "taken",
+                            }
+                        ],
+                    },
+                ],
+                "else": [
+                    {
+                        "id": "no",
+                        "kind": "tool",
+                        "tool": "echo",
+                        "args": {"text": "other"},
+                        "out": "taken",
                     }
                 ],
-                "else": [{"id": "no", "kind": "tool", "tool": "echo", "args": {"text": "other"}, "out": "taken"}],
             },
         ],
     }
@@ -392,7 +533,6 @@ def test_random_text_reaches_the_llm_byte_identical(
     server = llm_server_session
     server.responder = default_responder
     server.reset_counters()
-    x = value + "{{ not a placeholder }}" + literal
     code, out, _trace, stderr, files = _compile_and_run(spec, server, {"x": x})
     assert code == 0 and out["status"] == "ok", f"{stderr}\n{json.dumps(out, indent=1)}"
 
@@ -412,45 +552,37 @@ def test_random_text_reaches_the_llm_byte_identical(
     assert all(role in r.system for r in by_agent["b"])
     # Tool arguments and condition literals reach the tool and the comparison unchanged.
     assert out["outputs"][name_out] == f"{tool_text}{x}{tool_text}"
-    assert out["outputs"]["taken"] == "other"
+    assert out["outputs"]["taken"] == "same"
     # The description only appears in docs and docstrings (checked: valid Python and TOML).
     assert description.strip() in files["README.md"].decode("utf-8")
 
 
-@SETTINGS
-@given(literal=TEXT)
-def test_condition_literals_compare_byte_identical(
-    llm_server_session: LLMTestServer, literal: str
-) -> None:
-    """`x == <literal>` holds exactly when the input is that very string."""
-    data = {
-        "spec_version": "1",
-        "name": "literal",
-        "inputs": {"x": {"type": "string"}},
-        "outputs": {"taken": "taken"},
-        "models": {"m": {"model": "test-model"}},
-        "agents": {"a": {"role": "A", "model": "m"}},
-        "tools": {"echo": {"code": ECHO}},
-        "workflow": [
-            {"id": "first", "kind": "call", "agent": "a", "prompt": "{{ x }}", "out": "ignored"},
-            {
-                "id": "pick",
-                "kind": "branch",
-                "cases": [
-                    {
-                        "when": f"x == {literal!r} and len(x) == {len(literal)}",
-                        "steps": [{"id": "yes", "kind": "tool", "tool": "echo", "args": {"text": "same"}, "out": "taken"}],
-                    }
-                ],
-                "else": [{"id": "no", "kind": "tool", "tool": "echo", "args": {"text": "other"}, "out": "taken"}],
-            },
-        ],
-    }
-    spec = _checked(data)
-    server = llm_server_session
-    server.responder = default_responder
-    server.reset_counters()
-    code, out, _trace, stderr, _ = _compile_and_run(spec, server, {"x": literal})
-    assert code == 0, stderr
-    assert out["outputs"]["taken"] == "same"
-    assert server.requests[0].last_user == literal
+# -- the literal emitters, in process (fast, many examples) ---------------------------------------
+
+LITERAL_SETTINGS = settings(max_examples=300, deadline=None)
+
+
+@LITERAL_SETTINGS
+@given(text=TEXT)
+def test_string_and_text_literals_reproduce_the_text(text: str) -> None:
+    assert ast.literal_eval(string_literal(text)) == text
+    assert ast.literal_eval(text_literal(text)) == text
+    assert ast.literal_eval(value_literal({text: [text, 1, None]})) == {text: [text, 1, None]}
+
+
+@LITERAL_SETTINGS
+@given(text=TEXT)
+def test_docstring_text_reproduces_the_text(text: str) -> None:
+    source = f'def f():\n    """{docstring_text(text)}\n    """\n'
+    module = ast.parse(source)
+    function = module.body[0]
+    assert isinstance(function, ast.FunctionDef)
+    doc = function.body[0]
+    assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+    assert doc.value.value == text + "\n    "
+
+
+@LITERAL_SETTINGS
+@given(text=TEXT)
+def test_toml_string_reproduces_the_text(text: str) -> None:
+    assert tomllib.loads(f"key = {toml_string(text)}\n") == {"key": text}

@@ -117,7 +117,7 @@ def test_corpus_is_not_empty() -> None:
 
 
 def test_every_problem_code_has_a_corpus_file() -> None:
-    covered = {NAME.match(path.name).group(1) for path in FILES if NAME.match(path.name)}
+    covered = {match.group(1) for path in FILES if (match := NAME.match(path.name))}
     missing = sorted(set(PROBLEM_CODES) - covered)
     assert not missing, f"no file in tests/invalid/ exercises {missing}"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import keyword
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,13 +28,15 @@ from hypothesis import strategies as st
 from mas2c.source import SpecSource, escape_token
 from mas2c.validate import PROBLEM_CODES, Report, validate_source, validate_text
 
+# MAS2C_HYPOTHESIS_EXAMPLES=2000 for a long soak; the default keeps the file under ~30 s.
+EXAMPLES = int(os.environ.get("MAS2C_HYPOTHESIS_EXAMPLES", "80"))
 SETTINGS = settings(
     deadline=None,
-    max_examples=80,
+    max_examples=EXAMPLES,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 JUNK_SETTINGS = settings(
-    deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow]
+    deadline=None, max_examples=EXAMPLES + 20, suppress_health_check=[HealthCheck.too_slow]
 )
 
 MAX_DEPTH = 3
@@ -90,7 +93,7 @@ class Builder:
 
     def read(self, scope: Scope) -> str:
         """A placeholder path reading a bound variable (and a known field of it)."""
-        name = self.draw(st.sampled_from(sorted(scope)))
+        name: str = self.draw(st.sampled_from(sorted(scope)))
         fields = scope[name]
         if fields and self.draw(st.booleans()):
             return f"{name}.{self.draw(st.sampled_from(sorted(fields)))}"
@@ -133,10 +136,12 @@ class Builder:
                 f"not {name}.{first}",
                 f"{name}['{first}'] is None",
             ]
-        return self.draw(st.sampled_from(forms))
+        form: str = self.draw(st.sampled_from(forms))
+        return form
 
     def agent(self) -> str:
-        return self.draw(st.sampled_from(sorted(self.world.agents)))
+        agent_id: str = self.draw(st.sampled_from(sorted(self.world.agents)))
+        return agent_id
 
     def out(self, step: dict[str, Any], scope: Scope, fields: frozenset[str] | None) -> Scope:
         if self.draw(st.booleans()):
@@ -705,3 +710,23 @@ def _all_pointers(value: Any, pointer: str) -> list[str]:
         for index, child in enumerate(value):
             found += _all_pointers(child, f"{pointer}/{index}")
     return found
+
+
+@JUNK_SETTINGS
+@given(spec=valid_specs(), data=st.data())
+def test_damaged_spec_text_gives_a_report(spec: dict[str, Any], data: st.DataObject) -> None:
+    """A valid spec's text with a few characters deleted, inserted or replaced."""
+    text, path = dump(spec, data.draw(st.booleans(), label="json"))
+    for _ in range(data.draw(st.integers(1, 3), label="edits")):
+        at = data.draw(st.integers(0, len(text)), label="at")
+        cut = data.draw(st.integers(0, 3), label="cut")
+        insert = data.draw(
+            st.sampled_from(["", ":", "- ", "\n", "\t", "{{", "}", '"', "'", "&a", "*a", " #"])
+        )
+        text = text[:at] + insert + text[at + cut :]
+    report = validate_text(text, path)
+    assert_report(report)
+    lines = text.splitlines()
+    for problem in report.problems:
+        if problem.line is not None and problem.code != "MAS001":
+            assert 1 <= problem.line <= len(lines) + 1, (problem, text)

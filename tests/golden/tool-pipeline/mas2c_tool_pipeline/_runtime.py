@@ -10,15 +10,31 @@ system runs anywhere those are installed. ``workflow.py`` drives it::
 
 Every failure is an exception that carries the spec element it came from
 (``spec_pointer``), so that ``out.json`` tells the rectifier what to repair.
+
+Checkpoints (resume instead of restart): after each top-level step the state
+variables it wrote are traced as a ``checkpoint`` event, keyed by the sha256 of
+(step id, the state it started from, the step's compiled source and the agent,
+model and tool definitions it names). A run given checkpoints (``--checkpoint-dir``,
+``MAS2C_CHECKPOINT_DIR``, or a ``checkpoints/`` folder beside the package) skips
+every top-level step whose key matches one of them, restoring its writes instead
+(traced as ``step_resumed``). A changed step, or any step after a changed state,
+has a new key and runs again. Each checkpoint is one JSON file
+``{step, pointer, key, writes}``; the runtime also writes new ones into an
+explicitly given folder when it can.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import contextlib
 import contextvars
+import copy
+import dataclasses
 import email.utils
+import hashlib
+import inspect
 import json
 import os
 import random
@@ -53,7 +69,9 @@ __all__ = [
     "ToolError",
     "WorkflowError",
     "field",
+    "first_answer",
     "item",
+    "load_checkpoints",
     "lookup",
     "main",
     "render",
@@ -548,6 +566,22 @@ def majority(answers: Sequence[Any], what: str = "vote") -> Any:
     return next(first[k] for k, n in counts.items() if n == best)
 
 
+def first_answer(answers: Sequence[Any]) -> Any:
+    """``vote: first``: the first answer with a final answer, else the first non-empty one.
+
+    Never fails: when every answer is empty, the first answer is returned as it is.
+    """
+    for answer in answers:
+        if vote_key(answer) not in ("", "null"):
+            return answer
+    for answer in answers:
+        if answer not in (None, "", {}, []) and not (
+            isinstance(answer, str) and not answer.strip()
+        ):
+            return answer
+    return answers[0] if answers else None
+
+
 def _numbered(answers: Sequence[Any], labels: Sequence[str]) -> str:
     return "\n\n".join(
         f"[{i}] {label}\n{as_text(a)}"
@@ -729,6 +763,212 @@ def _assistant_message(message: Any) -> dict[str, Any]:
     return {"role": "assistant", "content": message.content, "tool_calls": calls}
 
 
+# --------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_ENV = "MAS2C_CHECKPOINT_DIR"
+_SPEC_MARKER = "# spec: "
+_TOP_LEVEL = re.compile(r"^/workflow/[0-9]+$")
+
+
+def _marker_pointer(line: str) -> str | None:
+    """The pointer of a ``# spec: ...`` line (written as is, or as a JSON string)."""
+    stripped = line.strip()
+    if not stripped.startswith(_SPEC_MARKER):
+        return None
+    pointer = stripped[len(_SPEC_MARKER) :].strip()
+    if pointer.startswith('"'):
+        try:
+            return str(json.loads(pointer))
+        except ValueError:
+            return None
+    return pointer
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(
+        value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=repr
+    )
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _marked_blocks(path: str) -> dict[str, str]:
+    """Verbatim blocks of a generated file (``# spec: P`` / ``# fmt: off`` ... ``# fmt: on``)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    blocks: dict[str, str] = {}
+    pointer: str | None = None
+    start: int | None = None
+    for number, text in enumerate(lines):
+        stripped = text.strip()
+        if _marker_pointer(text) is not None:
+            pointer, start = _marker_pointer(text), None
+        elif stripped == "# fmt: off" and pointer is not None:
+            start = number + 1
+        elif stripped == "# fmt: on" and pointer is not None and start is not None:
+            blocks[pointer] = "\n".join(lines[start:number])
+            pointer = start = None
+    return blocks
+
+
+def _tool_fingerprint(tool: ToolDef) -> dict[str, Any]:
+    data = _fields(tool)
+    function = data.pop("function")
+    if function is not None:
+        source = ""
+        with contextlib.suppress(OSError, TypeError):
+            path = inspect.getsourcefile(function) or ""
+            source = _marked_blocks(path).get(f"/tools/{tool.name}/code", "")
+            source = source or inspect.getsource(function)
+        data["function"] = source or repr(function)
+    return data
+
+
+_RUNTIME_SHA: list[str] = []
+
+
+def _runtime_sha() -> str:
+    """sha256 of this runtime, without its first line (the header names the spec hash)."""
+    if not _RUNTIME_SHA:
+        try:
+            text = Path(__file__).read_text(encoding="utf-8")
+        except OSError:
+            text = ""
+        _RUNTIME_SHA.append(_sha256(text.split("\n", 1)[-1]))
+    return _RUNTIME_SHA[0]
+
+
+@dataclass(frozen=True)
+class TopStep:
+    """A top-level step method of the compiled workflow, and what its result depends on."""
+
+    method: str
+    step_id: str
+    pointer: str
+    code_sha: (
+        str  # its compiled source (and nested steps'), and the definitions it names
+    )
+
+
+def _step_id_of(node: ast.AST) -> str | None:
+    for sub in ast.walk(node):
+        if (
+            isinstance(sub, ast.Call)
+            and isinstance(sub.func, ast.Attribute)
+            and sub.func.attr == "step"
+            and sub.args
+            and isinstance(sub.args[0], ast.Constant)
+            and isinstance(sub.args[0].value, str)
+        ):
+            return sub.args[0].value
+    return None
+
+
+def top_steps(workflow_cls: type, run: Run) -> list[TopStep]:
+    """The top-level steps of a compiled workflow (found by their ``# spec:`` comments).
+
+    A hand-written workflow without such comments has none: it is never checkpointed.
+    """
+    try:
+        path = inspect.getsourcefile(workflow_cls)
+        source = Path(path or "").read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return []
+    lines = source.splitlines()
+    cls = next(
+        (
+            n
+            for n in tree.body
+            if isinstance(n, ast.ClassDef) and n.name == workflow_cls.__name__
+        ),
+        None,
+    )
+    if cls is None:
+        return []
+    methods: list[tuple[str, ast.AsyncFunctionDef | ast.FunctionDef]] = []
+    for node in cls.body:
+        if (
+            isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef)
+            and node.lineno >= 2
+        ):
+            pointer = _marker_pointer(lines[node.lineno - 2])
+            if pointer is not None:
+                methods.append((pointer, node))
+    steps = []
+    for pointer, node in methods:
+        if not _TOP_LEVEL.match(pointer):
+            continue
+        related = [n for p, n in methods if p == pointer or p.startswith(pointer + "/")]
+        sources = [ast.get_source_segment(source, n) or "" for n in related]
+        names = {
+            sub.value
+            for n in related
+            for sub in ast.walk(n)
+            if isinstance(sub, ast.Constant) and isinstance(sub.value, str)
+        }
+        agents = sorted(n for n in names if n in run.agents)
+        tools = {n for n in names if n in run.tools}
+        for agent in agents:
+            tools.update(run.agents[agent].tools)
+        models = sorted({run.agents[a].model for a in agents} & set(run.models))
+        code = {
+            "sources": sources,
+            "agents": {a: _fields(run.agents[a]) for a in agents},
+            "models": {m: _fields(run.models[m]) for m in models},
+            "tools": {t: _tool_fingerprint(run.tools[t]) for t in sorted(tools)},
+            "runtime": _runtime_sha(),
+        }
+        step_id = _step_id_of(node) or node.name
+        steps.append(TopStep(node.name, step_id, pointer, _sha256(_canonical(code))))
+    return steps
+
+
+def load_checkpoints(folder: Path | None) -> dict[str, dict[str, Any]]:
+    """Checkpoints in a folder (``*.json``, each ``{step, pointer, key, writes}``) by key."""
+    found: dict[str, dict[str, Any]] = {}
+    if folder is None or not folder.is_dir():
+        return found
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("key"), str)
+            and isinstance(record.get("writes"), dict)
+        ):
+            found[record["key"]] = record
+    return found
+
+
+def checkpoint_dir(given: str | None) -> tuple[Path | None, bool]:
+    """(folder, explicit): ``--checkpoint-dir``, else $MAS2C_CHECKPOINT_DIR, else
+    ``checkpoints/`` beside the package when it exists (read only)."""
+    chosen = given or os.environ.get(CHECKPOINT_ENV)
+    if chosen:
+        return Path(chosen), True
+    beside = Path(__file__).resolve().parent.parent / "checkpoints"
+    return (beside, False) if beside.is_dir() else (None, False)
+
+
+def _json_clean(value: Any) -> bool:
+    """Whether a value survives a JSON round trip unchanged (only then is it checkpointed)."""
+    try:
+        return bool(json.loads(json.dumps(value, ensure_ascii=False)) == value)
+    except (TypeError, ValueError, RecursionError):
+        return False
+
+
 # ---------------------------------------------------------------------------- run
 
 
@@ -744,6 +984,8 @@ class Run:
         *,
         inputs: Mapping[str, Any] | None = None,
         trace: Trace | None = None,
+        checkpoints: Mapping[str, Mapping[str, Any]] | None = None,
+        checkpoint_out: Path | None = None,
     ) -> None:
         self.spec = spec
         self.agents = agents
@@ -757,6 +999,9 @@ class Run:
         self._json_object_only: set[str] = set()  # models that refused json_schema
         # The innermost step running when the run was cancelled (global timeout).
         self.interrupted_step: tuple[str, str] | None = None
+        # Saved top-level step results by key, and where to save new ones (optional).
+        self.checkpoints: dict[str, Mapping[str, Any]] = dict(checkpoints or {})
+        self.checkpoint_out = checkpoint_out
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -765,7 +1010,12 @@ class Run:
         limit = self.budgets.timeout_s
         try:
             async with asyncio.timeout(limit) as scope:
-                await workflow_cls(self).run_workflow()
+                workflow = workflow_cls(self)
+                if isinstance(workflow_cls, type):
+                    for top in top_steps(workflow_cls, self):
+                        method = getattr(workflow, top.method)
+                        setattr(workflow, top.method, self._checkpointed(top, method))
+                await workflow.run_workflow()
         except TimeoutError as exc:
             if not scope.expired():
                 raise
@@ -777,6 +1027,43 @@ class Run:
             ) from exc
         finally:
             await self.aclose()
+
+    def _checkpointed(
+        self, top: TopStep, method: Callable[[], Awaitable[None]]
+    ) -> Callable[[], Awaitable[None]]:
+        """A top-level step method that resumes from a checkpoint or leaves one."""
+
+        async def step() -> None:
+            inputs = {"step": top.step_id, "state": self.state, "code": top.code_sha}
+            key = _sha256(_canonical(inputs))
+            saved = self.checkpoints.get(key)
+            if saved is not None:
+                writes = copy.deepcopy(dict(saved["writes"]))
+                self.state.update(writes)
+                self.trace.emit(
+                    "step_resumed", step=top.step_id, pointer=top.pointer, key=key
+                )
+                self._checkpoint(top, key, writes)
+                return
+            before = copy.deepcopy(self.state)
+            await method()
+            writes = {
+                k: v for k, v in self.state.items() if k not in before or before[k] != v
+            }
+            self._checkpoint(top, key, writes)
+
+        return step
+
+    def _checkpoint(self, top: TopStep, key: str, writes: dict[str, Any]) -> None:
+        if not _json_clean(writes):
+            return
+        record = {"step": top.step_id, "pointer": top.pointer, "key": key}
+        self.trace.emit("checkpoint", **record, writes=writes)
+        if self.checkpoint_out is not None:
+            with contextlib.suppress(OSError):
+                _write_json_atomic(
+                    self.checkpoint_out / f"{key}.json", {**record, "writes": writes}
+                )
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -1092,6 +1379,8 @@ class Run:
             return await self.turn(judge, prompt)
         if vote == "majority":
             return majority(answers, kind)
+        if vote == "first":
+            return first_answer(answers)
         return list(answers)
 
     @staticmethod
@@ -1403,6 +1692,10 @@ def _parse_args(spec: SpecInfo, argv: Sequence[str] | None) -> argparse.Namespac
     parser.add_argument("--input", help="JSON object of inputs ('-' = stdin)")
     parser.add_argument("--output", default="out.json", help="result file (out.json)")
     parser.add_argument("--trace", help="JSONL trace file")
+    parser.add_argument(
+        "--checkpoint-dir",
+        help=f"resume from (and save) step checkpoints in this folder (${CHECKPOINT_ENV})",
+    )
     return parser.parse_args(argv)
 
 
@@ -1425,7 +1718,16 @@ def main(
     try:
         trace = Trace(args.trace)
         trace.emit("run_start", spec=spec.name, sha256=spec.sha256)
-        run = Run(spec, agents, models, tools, trace=trace)
+        folder, explicit = checkpoint_dir(args.checkpoint_dir)
+        run = Run(
+            spec,
+            agents,
+            models,
+            tools,
+            trace=trace,
+            checkpoints=load_checkpoints(folder),
+            checkpoint_out=folder if explicit else None,
+        )
         run.state.update(_read_inputs(args.input, spec.inputs))
         asyncio.run(run.execute(workflow_cls))
         outputs = {}
