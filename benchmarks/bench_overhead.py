@@ -134,7 +134,9 @@ def check_system(system: str) -> str | None:
     """None when the system's venv can run it, else why not."""
     python = python_of(system)
     if not python.exists():
-        return f"no venv at {python.parent.parent} (benchmarks/setup_venvs.sh failed or was not run)"
+        return (
+            f"no venv at {python.parent.parent} (benchmarks/setup_venvs.sh failed or was not run)"
+        )
     proc = subprocess.run(
         [str(python), "-c", IMPORT_CHECK[system]], capture_output=True, text=True, timeout=120
     )
@@ -178,7 +180,9 @@ class Builds:
         return self._done[key]
 
 
-def command(system: str, name: str, width: int, builds: Builds, work: Path) -> tuple[list[str], dict[str, str]]:
+def command(
+    system: str, name: str, width: int, builds: Builds, work: Path
+) -> tuple[list[str], dict[str, str]]:
     python = str(python_of(system))
     env = {
         "PATH": f"{python_of(system).parent}:/usr/local/bin:/usr/bin:/bin",
@@ -193,7 +197,11 @@ def command(system: str, name: str, width: int, builds: Builds, work: Path) -> t
         argv = [python, "-m", package, "--input", str(work / "in.json")]
         argv += ["--output", str(work / "out.json"), "--trace", str(work / "trace.jsonl")]
         return argv, env
-    script = {"handwritten": "handwritten.py", "langgraph": "langgraph_impl.py", "autogen": "autogen_impl.py"}
+    script = {
+        "handwritten": "handwritten.py",
+        "langgraph": "langgraph_impl.py",
+        "autogen": "autogen_impl.py",
+    }
     argv = [python, str(PEERS / script[system]), "--topology", name]
     if name == "fanout":
         argv += ["--width", str(width)]
@@ -273,7 +281,11 @@ def measure(
 def summarize(samples: list[Sample]) -> dict[str, Any]:
     good = [s for s in samples if s.ok]
     if not good:
-        return {"ok": False, "runs": len(samples), "error": samples[0].error if samples else "no runs"}
+        return {
+            "ok": False,
+            "runs": len(samples),
+            "error": samples[0].error if samples else "no runs",
+        }
     s0 = good[0]
     ideal = s0.depth * s0.latency_s
     wall = statistics.median(s.wall_s for s in good)
@@ -301,7 +313,9 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
         "cold_start_s": statistics.median(s.cold_start_s for s in good),
         "total_s": statistics.median(s.total_s for s in good),
         "maxrss_mb": statistics.median(s.maxrss_kb for s in good) / 1024,
-        "step_gap_ms": statistics.median(gaps) * 1000 if gaps and s0.depth == s0.expected_calls else None,
+        "step_gap_ms": statistics.median(gaps) * 1000
+        if gaps and s0.depth == s0.expected_calls
+        else None,
         "tail_s": statistics.median(tails) if tails else None,
     }
 
@@ -311,7 +325,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5, help="repetitions per cell (median)")
     parser.add_argument("--sweep-reps", type=int, default=3, help="repetitions per fan-out width")
     parser.add_argument("--latencies", default="0.05,0", help="server latencies in seconds")
-    parser.add_argument("--widths", default="1,2,5,10,20,50,100", help="fan-out widths for the plot")
+    parser.add_argument(
+        "--widths", default="1,2,5,10,20,50,100", help="fan-out widths for the plot"
+    )
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--topologies", default=",".join(C.TOPOLOGIES))
     parser.add_argument("--out", default=str(HERE / "results" / "overhead.json"))
@@ -329,7 +345,10 @@ def main() -> int:
         else:
             systems.append(system)
     if "handwritten" not in systems:
-        print("overhead: the hand-written baseline cannot run; nothing to compare with", file=sys.stderr)
+        print(
+            "overhead: the hand-written baseline cannot run; nothing to compare with",
+            file=sys.stderr,
+        )
         return 1
 
     scratch = Path(tempfile.mkdtemp(prefix="mas2c-overhead-builds-"))
@@ -383,7 +402,11 @@ def main() -> int:
     for latency in latencies:
         for name in topologies:
             for system in systems:
-                group = [s for s in samples if s.system == system and s.topology == name and s.latency_s == latency]
+                group = [
+                    s
+                    for s in samples
+                    if s.system == system and s.topology == name and s.latency_s == latency
+                ]
                 cells[f"{system}|{name}|{latency:g}"] = summarize(group)
     sweep_cells: dict[str, Any] = {}
     for width in widths:

@@ -67,7 +67,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
     if args.output:
         from mas2c.files import write_text_atomic
 
-        write_text_atomic(Path(args.output), text)
+        try:
+            write_text_atomic(Path(args.output), text)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
     else:
         sys.stdout.write(text)
     return EXIT_OK
@@ -101,7 +104,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     except CompileError as exc:
         raise SpecRejected(f"{args.spec}: {exc}") from None
     out = Path(args.output or f"build/{build.package}")
-    build.write(out)
+    try:
+        build.write(out)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
     if args.json:
         _print_json({"output": str(out), "package": build.package, "files": sorted(build.files)})
     else:
@@ -504,6 +510,61 @@ def cmd_solve(args: argparse.Namespace) -> int:
     return EXIT_OK if outcome.ok else EXIT_INVALID
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mas2c.bench import BenchError, BenchOptions, check_scorer, run_humaneval
+
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    if args.check_scorer and (args.spec or args.solve):
+        raise UsageError("--check-scorer runs the dataset's own solutions; drop --spec/--solve")
+    kind = "check" if args.check_scorer else "run"
+    run_dir = Path(args.run_dir or f"runs/humaneval-{kind}-{_default_run_dir().split('/')[-1]}")
+    spec = _existing(args.spec) if args.spec else None
+
+    def action() -> Any:
+        if args.check_scorer:
+            return check_scorer(
+                run_dir,
+                limit=args.limit,
+                workers=args.workers,
+                backend=args.sandbox,
+                image=args.image,
+                test_timeout_s=args.test_timeout,
+                on_warning=_warn,
+            )
+        return run_humaneval(
+            BenchOptions(
+                run_dir=run_dir,
+                spec=spec,
+                solve=args.solve,
+                limit=args.limit,
+                workers=args.workers,
+                backend=args.sandbox,
+                image=args.image,
+                test_timeout_s=args.test_timeout,
+                hide_tests=args.hide_tests,
+                llm=_llm_config(args),
+                model=args.model,
+                on_warning=_warn,
+            )
+        )
+
+    try:
+        summary = _guarded(action)
+    except BenchError as exc:
+        raise SetupFailed(str(exc)) from None
+    if args.json:
+        _print_json(summary)
+    else:
+        sys.stdout.write((run_dir / "results.md").read_text("utf-8").split("\n\n| problem")[0])
+        sys.stdout.write(f"\nrun folder: {run_dir} (results.jsonl, summary.json, results.md)\n")
+    if args.check_scorer:
+        return EXIT_OK if summary["ok"] else EXIT_INVALID
+    return EXIT_OK if summary["complete"] else EXIT_INVALID
+
+
 # -- parser ----------------------------------------------------------------------------------------
 
 
@@ -653,6 +714,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_sandbox)
 
+    p = verbs.add_parser(
+        "bench",
+        help="HumanEval through a spec or `mas2c solve`, scored in the sandbox (resumable)",
+    )
+    p.add_argument("suite", choices=["humaneval"], help="the benchmark")
+    p.add_argument("--limit", type=int, help="the first N problems (default all 164)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--spec", help="the MAS spec to evaluate (default specs/code-generation.yaml)"
+    )
+    which.add_argument("--solve", action="store_true", help="evaluate `mas2c solve` per problem")
+    p.add_argument(
+        "--check-scorer",
+        action="store_true",
+        help="check the scorer: canonical solutions must pass, broken ones fail",
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, help="problems (sandboxes) at once (default 2)"
+    )
+    p.add_argument("--run-dir", help="run folder; an existing one is resumed")
+    p.add_argument(
+        "--sandbox", choices=["docker", "local"], default="docker", help="where everything runs"
+    )
+    p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
+    p.add_argument(
+        "--test-timeout",
+        type=float,
+        default=20.0,
+        help="seconds for one problem's tests (default 20)",
+    )
+    p.add_argument(
+        "--hide-tests",
+        action="store_true",
+        help="give the system only the prompt's doctest examples as `test`, not the dataset's tests",
+    )
+    p.add_argument("--model", help="model name for solve's generator and implementer")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_llm_flags(p)
+    p.set_defaults(handler=cmd_bench)
+
     for register in _EXTRA_VERBS:
         register(verbs)
     return parser
@@ -684,6 +785,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"mas2c {args.verb}: interrupted\n")
         return 130
+    except OSError as exc:  # a file that cannot be read or written, a full disk, ...
+        sys.stderr.write(f"mas2c {args.verb}: {_os_error(exc)}\n")
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":

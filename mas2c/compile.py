@@ -117,10 +117,6 @@ def compile_spec(spec: Spec) -> Build:
         f"{package}/tools.py": _render("tools.py.j2", {**context, **_tools_view(spec)}),
         f"{package}/workflow.py": _render("workflow.py.j2", {**context, **_workflow_view(spec)}),
     }
-    for view in _code_tool_views(spec):
-        python_files[f"{package}/{view['module']}.py"] = _render(
-            "tool_module.py.j2", {**context, "tool": view}
-        )
     texts = {path: _format(path, text) for path, text in python_files.items()}
     runtime = (templates_dir() / "_runtime.py").read_text("utf-8")
     texts[f"{package}/_runtime.py"] = header + "\n" + _formatted_runtime(runtime)
@@ -241,43 +237,14 @@ def _agents_view(spec: Spec) -> dict[str, Any]:
     return {"models": models, "agents": agents}
 
 
-def _tool_modules(spec: Spec) -> dict[str, str]:
-    """The module of each code tool: `tool_<id>`, its own namespace (helpers and imports of
-    two tools never collide; `from __future__` stays legal), unique even on a file system
-    that ignores case."""
-    modules: dict[str, str] = {}
-    taken: set[str] = set()
-    for tool_id, tool in sorted(spec.tools.items()):
-        if tool.code is None:
-            continue
-        module = identifier(tool_id, "tool_")
-        candidate, counter = module, 2
-        while candidate.lower() in taken:
-            candidate, counter = f"{module}_{counter}", counter + 1
-        taken.add(candidate.lower())
-        modules[tool_id] = candidate
-    return modules
-
-
-def _code_tool_views(spec: Spec) -> list[dict[str, Any]]:
-    views = []
-    for tool_id, module in _tool_modules(spec).items():
-        code = spec.tools[tool_id].code or ""
-        views.append(
-            {
-                "id": tool_id,
-                "module": module,
-                "pointer": _marker(f"/tools/{escape_token(tool_id)}/code"),
-                "code": code if code.endswith("\n") else code + "\n",
-            }
-        )
-    return views
-
-
 def _tools_view(spec: Spec) -> dict[str, Any]:
-    modules = _tool_modules(spec)
+    code_tools = []
     tools = []
     for tool_id, tool in sorted(spec.tools.items()):
+        if tool.code is not None:
+            code = tool.code if tool.code.endswith("\n") else tool.code + "\n"
+            pointer = _marker(f"/tools/{escape_token(tool_id)}/code")
+            code_tools.append({"pointer": pointer, "code": code})
         tools.append(
             {
                 "id": tool_id,
@@ -285,11 +252,11 @@ def _tools_view(spec: Spec) -> dict[str, Any]:
                 "description": tool.description or _default_description(tool_id, tool),
                 "parameters": value_literal(tool_parameters(tool_id, tool)),
                 "timeout_s": value_literal(tool.timeout_s),
-                "function": f"{modules[tool_id]}.{tool_id}" if tool_id in modules else "None",
+                "function": tool_id if tool.code is not None else "None",
                 "builtin": tool.builtin,
             }
         )
-    return {"modules": sorted(modules.values()), "tools": tools}
+    return {"code_tools": code_tools, "tools": tools}
 
 
 def _default_description(tool_id: str, tool: Tool) -> str:

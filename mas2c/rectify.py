@@ -115,7 +115,8 @@ _NOT_MODULES = frozenset({"this", "antigravity", "test", "__future__", "token", 
 
 _NAME_ERROR = re.compile(r"NameError: name '([A-Za-z_][A-Za-z0-9_]*)' is not defined")
 _EMPTY_VOTE = re.compile(r"every (sample|answer) was empty")
-_TOOLS_FRAME = re.compile(r'File "[^"]*?/(mas2c_[A-Za-z0-9_]+/(?:workflow|tools)\.py)", line (\d+)')
+# A traceback frame in a generated file of the package (workflow.py, tools.py, ...).
+_TOOLS_FRAME = re.compile(r'File "[^"]*?/(mas2c_[A-Za-z0-9_]+/[A-Za-z0-9_]+\.py)", line (\d+)')
 _BUDGET_LIMITS = ("max_llm_calls", "max_total_tokens", "max_cost_usd")
 
 FixClass = Literal[

@@ -216,7 +216,9 @@ def validate_source(source: SpecSource) -> Report:
         )
     else:
         try:
-            report.spec = Spec.model_validate(source.data)
+            # By alias only: a spec writes `else` and `$schema`; the Python names `else_` and
+            # `schema_` are unknown keys there, not synonyms (pydantic >= 2.11).
+            report.spec = Spec.model_validate(source.data, by_alias=True, by_name=False)
         except ValidationError as exc:
             for error in exc.errors():
                 checker.add_pydantic(error)

@@ -9,9 +9,11 @@ never imports mas2c.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ def _decoy_path() -> Path:
         folder = Path(tempfile.mkdtemp(prefix="mas2c-decoy-"))
         (folder / "mas2c").mkdir()
         (folder / "mas2c" / "__init__.py").write_text(_DECOY, encoding="utf-8")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         _decoy_dir = folder
     return _decoy_dir
 
@@ -165,6 +168,7 @@ def _fork_run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) ->
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
             cwd=tempfile.gettempdir(),  # not the checkout: its mas2c/ must stay out of reach
         )
+        atexit.register(_zygote.kill)
     assert _zygote.stdin is not None and _zygote.stdout is not None
     module, args = cmd[2], cmd[3:]
     job = {

@@ -10,7 +10,9 @@
    byte-identical: what the server receives contains exactly the spec's strings.
 
 Specs are built as Python dicts and go through `Spec.model_validate` (via the
-validator, which must find no error) and `compile_spec`, never through YAML.
+validator, which must find no error) and `compile_spec`, never through YAML. Each
+package is also checked with `ruff --select F,E9` and run as its own process, forked
+from a process with openai already imported (`run_package(..., fork=True)`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from mas2c.testserver import LLMTestServer, default_responder
 from mas2c.validate import validate_source
 
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-# Each example compiles a package and runs it in a subprocess (about a second): few examples.
+# Each example compiles, lints and runs a package in a process of its own: few examples.
 SPEC_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=_SLOW)
 TEXT_SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=_SLOW)
 

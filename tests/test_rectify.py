@@ -459,3 +459,46 @@ def test_diagnose_thresholds(tmp_path: Path) -> None:
     assert over is not None and over.kind == "overspend" and "max_llm_calls" in over.message
     over = diagnose(record, max_cost=0.1)
     assert over is not None and "max_cost_usd" in over.message
+
+
+# -- the runtime's side: vote: first, checkpoints ----------------------------------------------------
+
+
+def test_runtime_vote_first() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "mas2c_runtime_copy", ROOT / "templates" / "_runtime.py"
+    )
+    assert spec is not None and spec.loader is not None
+    runtime = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = runtime  # dataclasses look their module up
+    spec.loader.exec_module(runtime)
+    first = runtime.first_answer
+    assert first(["thinking...\nANSWER:", "so\nANSWER: 4", "ANSWER: 5"]) == "so\nANSWER: 4"
+    assert first(["no final line\nANSWER:", "  "]) == "no final line\nANSWER:"
+    assert first(["", None]) == ""
+    assert first([{"answer": ""}, {"answer": "b"}]) == {"answer": "b"}
+    with pytest.raises(runtime.WorkflowError, match="every sample was empty"):
+        runtime.majority(["ANSWER:", ""], "ensemble")
+
+
+def test_runtime_checkpoint_dir(server: LLMTestServer, tmp_path: Path) -> None:
+    from conftest import run_package  # the suite's way to run a compiled package directly
+
+    spec = load_spec(FAULTS["tool-logic-bug-llm"].spec)
+    build = tmp_path / "build"
+    compile_spec(spec).write(build)
+    folder = tmp_path / "checkpoints"
+    env: dict[str, str | None] = {"MAS2C_CHECKPOINT_DIR": str(folder)}
+    code, out, trace, _err = run_package(build, {"numbers": "1, 2"}, server, env=env)
+    assert code == 0 and len(server.requests) == 1
+    saved = sorted(folder.glob("*.json"))
+    assert len(saved) == 2  # both top-level steps completed
+    assert {read_json(p)["step"] for p in saved} == {"explain_task", "compute"}
+    code, again, trace, _err = run_package(build, {"numbers": "1, 2"}, server, env=env)
+    assert code == 0 and len(server.requests) == 1  # nothing asked again
+    assert again["outputs"] == out["outputs"]
+    assert [e["step"] for e in trace if e["event"] == "step_resumed"] == ["explain_task", "compute"]
+    # another input: the first step's state differs, so nothing matches
+    code, _out, trace, _err = run_package(build, {"numbers": "3, 4"}, server, env=env)
+    assert code == 0 and len(server.requests) == 2
+    assert not [e for e in trace if e["event"] == "step_resumed"]

@@ -223,8 +223,9 @@ BACKENDS = [
 
 @pytest.fixture
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The sandbox backend; for docker, no container of this test's runs may be left after it
-    (under CI, where nothing else uses the daemon, no container labelled mas2c at all)."""
+    """The sandbox backend; for docker, no container of this test's runs (their run ids, from
+    sandbox.json) may be left after it. Only this test's: under `pytest -n 2` another
+    worker's run may be live on the same daemon."""
     name: str = request.param
     if name == "docker":
         request.getfixturevalue("docker_ready")
@@ -232,8 +233,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if name != "docker":
         return
     run_ids = {read_json(p).get("run_id") for p in tmp_path.rglob("sandbox.json")}
-    everything = os.environ.get("CI") == "true"
-    left = [c for c in _leftovers() if everything or c.labels.get("mas2c.run") in run_ids]
+    assert run_ids, "a docker test that ran nothing"
+    left = [c for c in _leftovers() if c.labels.get("mas2c.run") in run_ids]
     for c in left:
         c.remove(force=True, v=True)
     assert left == [], f"containers left behind: {[c.name for c in left]}"
@@ -682,3 +683,17 @@ def test_input_the_spec_rejects_is_a_failed_run(llm_server: LLMTestServer, tmp_p
     assert read_json(run_dir / "sandbox.json")["exit_code"] == 2
     assert read_json(run_dir / "result.json")["status"] != "ok"
     assert llm_server.requests == []
+
+
+def test_unwritable_outputs_are_usage_errors(tmp_path: Path) -> None:
+    """`compile -o` and `schema -o` into a path that cannot be written: a message, exit 2."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for args in (
+        ["compile", SPECS / "chain-of-thought.yaml", "-o", blocker / "build"],
+        ["schema", "-o", blocker / "schema.json"],
+    ):
+        proc = mas2c(*args, cwd=tmp_path, inprocess=True)
+        assert proc.returncode == 2, proc.stderr
+        assert f"cannot write {blocker}" in proc.stderr
+        assert_no_traceback(proc)

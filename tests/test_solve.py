@@ -178,8 +178,9 @@ BACKENDS = [
 
 @pytest.fixture
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The sandbox backend; for docker, no container of this test's runs may be left after it
-    (under CI, where nothing else uses the daemon, no container labelled mas2c at all)."""
+    """The sandbox backend; for docker, no container of this test's runs (their run ids, from
+    sandbox.json) may be left after it. Only this test's: under `pytest -n 2` another
+    worker's run may be live on the same daemon."""
     name: str = request.param
     if name == "docker":
         request.getfixturevalue("docker_ready")
@@ -187,8 +188,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if name != "docker":
         return
     run_ids = {read_json(p).get("run_id") for p in tmp_path.rglob("sandbox.json")}
-    everything = os.environ.get("CI") == "true"
-    left = [c for c in _leftovers() if everything or c.labels.get("mas2c.run") in run_ids]
+    assert run_ids, "a docker test that ran nothing"
+    left = [c for c in _leftovers() if c.labels.get("mas2c.run") in run_ids]
     for c in left:
         c.remove(force=True, v=True)
     assert left == [], f"containers left behind: {[c.name for c in left]}"
@@ -340,6 +341,23 @@ def test_solve_falls_back_to_an_example(
     assert_specs_revalidate(solve_dir)
 
 
+def test_solve_falls_back_when_the_generator_request_is_refused(
+    llm_server: LLMTestServer, question: Path, tmp_path: Path
+) -> None:
+    """An endpoint that refuses the generator's request (HTTP 400, as the embedded model
+    does for a prompt longer than its context) makes the generator give up, not solve."""
+    llm_server.responder = Script([(PICKER, {"archetype": "chain-of-thought"})], field="system")
+    llm_server.inject("status", 3, status=400)  # json_schema, then json_object, then text
+    proc = solve_cli(tmp_path, question, llm_server, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "ok"
+    assert summary["spec_source"] == "example:chain-of-thought"
+    kinds = [r.response_format.get("type") for r in matching(llm_server, GENERATOR)]
+    assert kinds == ["json_schema", "json_object", None]
+    assert len(matching(llm_server, PICKER)) == 1
+
+
 def test_solve_refits_a_spec_that_wants_other_inputs(
     llm_server: LLMTestServer, question: Path, tmp_path: Path
 ) -> None:
@@ -416,7 +434,7 @@ def test_solve_with_a_failing_run_exits_1(
     )
     tight["budgets"]["max_llm_calls"] = 1
     llm_server.responder = Script([(GENERATOR, spec_json(tight))], field="system")
-    proc = solve_cli(tmp_path, question, llm_server, "--json")
+    proc = solve_cli(tmp_path, question, llm_server, "--json", "--rectify-rounds", "0")
     assert proc.returncode == 1
     assert_no_traceback(proc)
     summary = json.loads(proc.stdout)

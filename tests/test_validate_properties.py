@@ -6,8 +6,11 @@
    at the mutated place: a renamed reference (MAS201/202/203), a dropped required
    key (MAS101), an injected unknown key (MAS102), a placeholder or condition made
    to read an unbound variable (MAS301/305).
-3. The validator never raises on junk: random text, random JSON data, and valid
-   specs with a random subtree replaced by junk all give a Report.
+3. The validator never raises on junk: random text, random JSON data, valid specs
+   with a random subtree replaced by junk, and valid spec text with a few characters
+   damaged all give a Report whose pointers lead into the data.
+
+Set MAS2C_HYPOTHESIS_EXAMPLES to soak with more examples than the default 80.
 """
 
 from __future__ import annotations

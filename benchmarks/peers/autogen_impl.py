@@ -55,7 +55,9 @@ async def main(name: str, width: int | None) -> None:
     if name == "sc":
         samplers = [agent(f"sampler_{i}", SAMPLER) for i in range(SC_WIDTH)]
         results = await asyncio.gather(*(a.run(task=QUESTION) for a in samplers))
-        await agent("judge", JUDGE).run(task=judge_prompt(QUESTION, [last_text(r) for r in results]))
+        await agent("judge", JUDGE).run(
+            task=judge_prompt(QUESTION, [last_text(r) for r in results])
+        )
     elif name == "debate":
         debaters = [agent(f"debater_{i}", DEBATER) for i in range(DEBATE_AGENTS)]
         results = await asyncio.gather(*(a.run(task=QUESTION) for a in debaters))

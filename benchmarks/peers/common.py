@@ -17,7 +17,9 @@ QUESTION = "A train leaves at 9:00 and travels 420 km at 84 km/h. When does it a
 
 SAMPLER = "You are a careful problem solver. Think step by step; end with 'ANSWER: <value>'."
 JUDGE = "You are a judge. Pick the best-supported final answer; end with 'ANSWER: <value>'."
-DEBATER = "You are a debater. Argue for your answer, consider the others; end with 'ANSWER: <value>'."
+DEBATER = (
+    "You are a debater. Argue for your answer, consider the others; end with 'ANSWER: <value>'."
+)
 WRITER = "You are an editor. Improve the draft you are given and return the improved text."
 WORKER = "You are a worker. Answer the sub-question briefly."
 
@@ -57,7 +59,9 @@ TOPOLOGIES = ("sc", "debate", "chain", "fanout")
 
 def judge_prompt(task: str, answers: list[str]) -> str:
     listed = "\n\n".join(f"candidate {i}: {a}" for i, a in enumerate(answers, 1))
-    return f"Task:\n{task}\n\nCandidate answers:\n\n{listed}\n\nGive the best-supported final answer."
+    return (
+        f"Task:\n{task}\n\nCandidate answers:\n\n{listed}\n\nGive the best-supported final answer."
+    )
 
 
 def revision_prompt(task: str, answers: list[str], me: int) -> str:

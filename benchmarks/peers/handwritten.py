@@ -46,7 +46,9 @@ async def main(name: str, width: int | None) -> None:
         samples = await asyncio.gather(*(ask(SAMPLER, QUESTION) for _ in range(SC_WIDTH)))
         await ask(JUDGE, judge_prompt(QUESTION, list(samples)))
     elif name == "debate":
-        answers = list(await asyncio.gather(*(ask(DEBATER, QUESTION) for _ in range(DEBATE_AGENTS))))
+        answers = list(
+            await asyncio.gather(*(ask(DEBATER, QUESTION) for _ in range(DEBATE_AGENTS)))
+        )
         for _ in range(DEBATE_ROUNDS - 1):
             prompts = [revision_prompt(QUESTION, answers, i) for i in range(DEBATE_AGENTS)]
             answers = list(await asyncio.gather(*(ask(DEBATER, p) for p in prompts)))

@@ -66,7 +66,9 @@ def sc_graph() -> Any:
     g = StateGraph(SCState)
     g.add_node("sample", sample)
     g.add_node("judge", judge)
-    g.add_conditional_edges(START, lambda s: [Send("sample", {}) for _ in range(SC_WIDTH)], ["sample"])
+    g.add_conditional_edges(
+        START, lambda s: [Send("sample", {}) for _ in range(SC_WIDTH)], ["sample"]
+    )
     g.add_edge("sample", "judge")
     g.add_edge("judge", END)
     return g.compile()
@@ -154,7 +156,9 @@ def fanout_graph(n: int) -> Any:
 
     g = StateGraph(FanState)
     g.add_node("worker", worker)
-    g.add_conditional_edges(START, lambda s: [Send("worker", {"i": i}) for i in range(n)], ["worker"])
+    g.add_conditional_edges(
+        START, lambda s: [Send("worker", {"i": i}) for i in range(n)], ["worker"]
+    )
     g.add_edge("worker", END)
     return g.compile()
 

