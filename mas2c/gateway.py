@@ -447,7 +447,14 @@ class _Server(socketserver.ThreadingUnixStreamServer):
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
 
+    stopping = False
+
     def handle_error(self, request: Any, client_address: Any) -> None:
+        if self.stopping:
+            # A request still in flight when the run ended (e.g. a step timed out and the
+            # program was killed): its upstream is gone, and nobody waits for the answer.
+            log.debug("gateway: request abandoned at shutdown", exc_info=True)
+            return
         log.exception("gateway: unhandled error while serving a connection")
 
 
@@ -730,6 +737,7 @@ class Gateway:
         server, thread = self._server, self._thread
         self._server = self._thread = None
         if server is not None:
+            server.stopping = True
             server.shutdown()
             server.close_connections()
             server.server_close()

@@ -354,9 +354,16 @@ class Trace:
         if self._file is None:
             return
         record = {"t": round(self.elapsed(), 3), "event": event, **fields}
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        line = json.dumps(record, ensure_ascii=False, default=str)
+        # Readers that split on every Unicode line break (str.splitlines) must see one
+        # record per line, so escape the breaks JSON itself leaves raw.
+        line = (
+            line.replace("\u2028", "\\u2028")
+            .replace("\u2029", "\\u2029")
+            .replace("\x85", "\\u0085")
+        )
         with self._lock:
-            self._file.write(line)
+            self._file.write(line + "\n")
             self._file.flush()
 
     def close(self) -> None:
@@ -853,7 +860,9 @@ class TopStep:
     method: str
     step_id: str
     pointer: str
-    code_sha: str  # its compiled source (and nested steps'), and the definitions it names
+    code_sha: (
+        str  # its compiled source (and nested steps'), and the definitions it names
+    )
 
 
 def _step_id_of(node: ast.AST) -> str | None:
@@ -894,7 +903,10 @@ def top_steps(workflow_cls: type, run: Run) -> list[TopStep]:
         return []
     methods: list[tuple[str, ast.AsyncFunctionDef | ast.FunctionDef]] = []
     for node in cls.body:
-        if isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef) and node.lineno >= 2:
+        if (
+            isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef)
+            and node.lineno >= 2
+        ):
             pointer = _marker_pointer(lines[node.lineno - 2])
             if pointer is not None:
                 methods.append((pointer, node))
@@ -1043,9 +1055,7 @@ class Run:
             before = copy.deepcopy(self.state)
             await method()
             writes = {
-                k: v
-                for k, v in self.state.items()
-                if k not in before or before[k] != v
+                k: v for k, v in self.state.items() if k not in before or before[k] != v
             }
             self._checkpoint(top, key, writes)
 

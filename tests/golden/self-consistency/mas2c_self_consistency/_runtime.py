@@ -355,9 +355,16 @@ class Trace:
         if self._file is None:
             return
         record = {"t": round(self.elapsed(), 3), "event": event, **fields}
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        line = json.dumps(record, ensure_ascii=False, default=str)
+        # Readers that split on every Unicode line break (str.splitlines) must see one
+        # record per line, so escape the breaks JSON itself leaves raw.
+        line = (
+            line.replace("\u2028", "\\u2028")
+            .replace("\u2029", "\\u2029")
+            .replace("\x85", "\\u0085")
+        )
         with self._lock:
-            self._file.write(line)
+            self._file.write(line + "\n")
             self._file.flush()
 
     def close(self) -> None:
