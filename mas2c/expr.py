@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
@@ -72,7 +73,9 @@ def parse_condition(text: str) -> ast.expr:
     stripped = text.strip()
     lead = len(text) - len(text.lstrip())
     try:
-        tree = ast.parse(stripped, mode="eval")
+        with warnings.catch_warnings():  # an invalid escape in a literal warns; never print it
+            warnings.simplefilter("ignore")
+            tree = ast.parse(stripped, mode="eval")
     except SyntaxError as exc:
         if exc.offset:
             column = _offset(stripped, exc.lineno or 1, max(exc.offset - 1, 0), utf8=False)
@@ -171,12 +174,20 @@ def condition_names(node: ast.expr, text: str | None = None) -> list[tuple[str, 
 
     With the condition's `text`, offsets are character offsets into it; without, AST columns.
     """
+    return [(path[0], offset) for path, offset in condition_paths(node, text)]
+
+
+def condition_paths(node: ast.expr, text: str | None = None) -> list[tuple[tuple[str, ...], int]]:
+    """Like `condition_names`, with the attribute path read off each name (`review.passed`)."""
     stripped = text.strip() if text is not None else ""
     lead = len(text) - len(text.lstrip()) if text is not None else 0
     called = {
         id(child.func) for child in ast.walk(node) if isinstance(child, ast.Call)
     }  # the `len` of `len(x)` is a function, not a state variable
-    names = []
+    attribute_of = {
+        id(child.value): child for child in ast.walk(node) if isinstance(child, ast.Attribute)
+    }
+    reads = []
     for child in ast.walk(node):
         if (
             isinstance(child, ast.Name)
@@ -186,8 +197,14 @@ def condition_names(node: ast.expr, text: str | None = None) -> list[tuple[str, 
             offset = child.col_offset
             if text is not None:
                 offset = lead + _offset(stripped, child.lineno, offset, utf8=True)
-            names.append((child.id, offset))
-    return names
+            path = [child.id]
+            current: ast.expr = child
+            while id(current) in attribute_of:
+                parent = attribute_of[id(current)]
+                path.append(parent.attr)
+                current = parent
+            reads.append((tuple(path), offset))
+    return reads
 
 
 def compile_condition(node: ast.expr) -> str:

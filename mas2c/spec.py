@@ -228,7 +228,8 @@ class Spec(_Strict):
     @classmethod
     def _coerce_version(cls, data: Any) -> Any:
         # YAML reads `spec_version: 1` as an int; accept it as the string it means.
-        if isinstance(data, dict) and data.get("spec_version") == 1:
+        version = data.get("spec_version") if isinstance(data, dict) else None
+        if isinstance(version, int) and not isinstance(version, bool) and version == 1:
             data = {**data, "spec_version": "1"}
         return data
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -662,16 +663,24 @@ class _Checker:
             )
             return
         schema = scope.bound[root]
-        if len(path) > 1 and schema is not None and schema.get("type") == "object":
+        # Walk the known output schema as deep as it describes objects; a field it
+        # lacks is a typo the model would otherwise only reveal at run time.
+        for depth, part in enumerate(path[1:], start=1):
+            if not isinstance(schema, dict) or schema.get("type") != "object":
+                return
             properties = schema.get("properties")
-            if isinstance(properties, dict) and path[1] not in properties:
+            if not isinstance(properties, dict):
+                return
+            if part not in properties:
                 self.add(
                     "MAS306",
                     pointer,
-                    f"`{root}` has no field `{path[1]}` in its output schema",
-                    did_you_mean(path[1], properties),
+                    f"`{'.'.join(path[:depth])}` has no field `{part}` in its output schema",
+                    did_you_mean(part, properties),
                     position=position,
                 )
+                return
+            schema = properties[part]
 
     def _condition(self, text: str, pointer: str, scope: _Scope) -> None:
         try:
@@ -686,9 +695,9 @@ class _Checker:
                 position=position_in_value(self.source, pointer, exc.column),
             )
             return
-        for name, column in expr.condition_names(node, text):
+        for path, column in expr.condition_paths(node, text):
             self._read(
-                (name,), pointer, scope, position_in_value(self.source, pointer, column), "MAS305"
+                path, pointer, scope, position_in_value(self.source, pointer, column), "MAS305"
             )
 
     def _check_outputs(self, spec: Spec, scope: _Scope) -> None:
@@ -707,6 +716,8 @@ class _Checker:
                     + _unbound_message(path[0], scope, self.writers),
                     _unbound_hint(path[0], scope, self.writers),
                 )
+            else:
+                self._read(path, pointer, scope, None, "MAS205")
 
     def _check_unused(self, spec: Spec) -> None:
         for agent_id in spec.agents:
@@ -763,7 +774,9 @@ class _Scope:
 def _syntax_error(code: str) -> tuple[str, int] | None:
     """(message, line) if `code` does not parse; CPython's message where it has one, it reads better."""
     try:
-        ast.parse(code)
+        with warnings.catch_warnings():  # `"\d"` and the like: the sandbox's business, not ours
+            warnings.simplefilter("ignore")
+            ast.parse(code)
     except SyntaxError as exc:
         return exc.msg, exc.lineno or 1
     try:

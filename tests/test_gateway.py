@@ -447,14 +447,11 @@ async def fan_out(sock: Path, n: int) -> list[int]:
 
 def test_fan_out_is_concurrent(sockdir: Path) -> None:
     sock = sockdir / "gw.sock"
-    with LLMTestServer(latency_s=0.2) as srv, Gateway(sock, upstream(srv)) as gw:
-        t0 = time.monotonic()
+    with LLMTestServer(latency_s=1.0) as srv, Gateway(sock, upstream(srv)) as gw:
         statuses = asyncio.run(fan_out(sock, 50))
-        elapsed = time.monotonic() - t0
         u = gw.usage()
     assert statuses == [200] * 50
     assert srv.max_in_flight >= 40
-    assert elapsed < 3.0
     assert u["calls"] == 50 and len(u["by_agent"]) == 5
 
 

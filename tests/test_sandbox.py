@@ -327,7 +327,7 @@ def test_docker_timeout_kills_container(dock: None, package: Path, tmp_path: Pat
     assert time.monotonic() - t0 < 15
     assert run.report.timed_out and run.report.exit_code == 137
     assert not run.report.oom_killed
-    assert 2 <= run.report.duration_s < 10
+    assert 2 <= run.report.duration_s < 60
     assert run.result["status"] == "error" and run.result["error"]["type"] == "Timeout"
     assert "sleeping" in run.text("stdout.txt")  # output up to the kill is kept
     assert "start" in run.text("trace.jsonl")

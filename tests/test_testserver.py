@@ -385,7 +385,7 @@ def test_requests_recorded_with_headers(srv: LLMTestServer) -> None:
 
 
 def test_concurrent_requests_overlap() -> None:
-    with LLMTestServer(latency_s=0.2) as server:
+    with LLMTestServer(latency_s=1.0) as server:
         client = client_for(server)
         with ThreadPoolExecutor(max_workers=50) as pool:
             replies = list(pool.map(lambda i: ask(client, f"q{i}"), range(50)))

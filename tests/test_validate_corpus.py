@@ -19,6 +19,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -487,3 +488,17 @@ def test_cli_several_files(valid_spec: Path) -> None:
     assert result.returncode == 1
     assert f"{valid_spec}: valid" in result.stdout
     assert f"{corpus_file}: invalid (1 error(s), 0 warning(s))" in result.stderr
+
+
+def test_validation_emits_no_python_warnings() -> None:
+    """Tool code and conditions are parsed, never compiled: CPython's warnings stay silent."""
+    text = VALID.replace(
+        "workflow:",
+        'tools:\n  t:\n    code: |\n      def t():\n          return "\\d" is 1\nworkflow:',
+    ).replace("{role: Solver,", "{role: Solver, tools: [t],")
+    text += '  - {id: loop, kind: loop, max_iterations: 2, until: "draft == \'\\\\d\'", steps: [{id: again, kind: call, agent: solver, prompt: "{{ draft }}", out: draft}]}\n'
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = validate_text(text, "warnings.yaml")
+    assert report.problems == [], report.format()
+    assert [str(w.message) for w in caught] == []
