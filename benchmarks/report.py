@@ -67,13 +67,15 @@ def machine() -> list[str]:
         if (RESULTS / "loadavg-start.txt").is_file()
         else "?"
     )
-    end_load = Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").is_file() else "?"
+    end_file = RESULTS / "loadavg-end.txt"
+    end_load = end_file.read_text().strip() if end_file.is_file() else sh("cat /proc/loadavg")
+    first = load("overhead") or load("sandbox") or {}
     return [
         f"- `uname -a`: `{sh('uname -a')}`",
         f"- CPUs (`nproc`): {os.cpu_count() and sh('nproc')}; CPU model: {cpu}; memory: {mem}",
         f"- Docker: {sh('docker version --format {{.Server.Version}}') or 'not reachable'}; "
         f"host Python (mas2c venv): {platform.python_version()}",
-        f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- Date: run started {first.get('started', '?')}; report written {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"- Load average (1, 5, 15 min) at the start: `{start_load}`; at the end: `{end_load}`",
     ]
 
@@ -241,6 +243,20 @@ def sweep_section(data: dict[str, Any], plot_note: str) -> list[str]:
             row.append(fmt(c.get("wall_s"), 3) if c.get("ok") else "failed")
         out.append("| " + " | ".join(row) + " |")
     out.append("")
+    lo, hi = widths[0], widths[-1]
+    growth = []
+    for s in systems:
+        a = data["sweep"].get(f"{s}|{lo}") or {}
+        b = data["sweep"].get(f"{s}|{hi}") or {}
+        if a.get("ok") and b.get("ok"):
+            growth.append(f"{s} {a['cold_start_s']:.2f} → {b['cold_start_s']:.2f} s")
+    if growth:
+        out += [
+            f"Cold start (spawn → first request) from width {lo} to width {hi}: "
+            + ", ".join(growth)
+            + ".",
+            "",
+        ]
     return out
 
 
@@ -515,8 +531,8 @@ def main() -> int:
         "",
         *machine(),
         "",
-        "The machine was shared with other test runs while this ran, so absolute times are inflated and noisy; "
-        "compare the **ratios**, which were measured side by side, interleaved, in the same run.",
+        "The machine is shared with other sessions' test runs (see the load averages), so absolute times are "
+        "noisy; compare the **ratios**, which were measured side by side, interleaved, in the same run.",
         "",
         "## Commands",
         "",

@@ -49,6 +49,7 @@ step sandbox $PY benchmarks/bench_sandbox.py "${SANDBOX[@]}"
 step compile $PY benchmarks/bench_compile.py "${COMPILE[@]}"
 step humaneval $PY benchmarks/bench_humaneval.py "${HUMANEVAL[@]}"
 
+cat /proc/loadavg >"$RESULTS/loadavg-end.txt"
 REPORT_PY=benchmarks/.venvs/report/bin/python
 [[ -x $REPORT_PY ]] || REPORT_PY=$PY
 $REPORT_PY benchmarks/report.py

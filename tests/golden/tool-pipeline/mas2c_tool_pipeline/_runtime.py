@@ -916,7 +916,9 @@ def top_steps(workflow_cls: type, run: Run) -> list[TopStep]:
         if not _TOP_LEVEL.match(pointer):
             continue
         related = [n for p, n in methods if p == pointer or p.startswith(pointer + "/")]
-        sources = [ast.get_source_segment(source, n) or "" for n in related]
+        # Slice the already-split lines: get_source_segment re-splits the whole file
+        # on every call, which made start-up quadratic in the number of steps.
+        sources = ["\n".join(lines[n.lineno - 1 : n.end_lineno]) for n in related]
         names = {
             sub.value
             for n in related
