@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 import httpx
 
@@ -513,8 +514,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._not_found()
             return
         gw = self.server.gateway
-        agent = self.headers.get(AGENT_HEADER) or UNKNOWN_AGENT
-        step = self.headers.get(STEP_HEADER) or ""
+        # The runtime percent-encodes ids (header values must be Latin-1).
+        agent = unquote(self.headers.get(AGENT_HEADER) or "") or UNKNOWN_AGENT
+        step = unquote(self.headers.get(STEP_HEADER) or "")
         status, obj, source = gw._exchange(raw, agent, step)
         self._send_json(status, obj, {"X-Mas2c-Source": source} if source else None)
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
+from urllib.parse import unquote
 
 __all__ = [
     "FAULTS",
@@ -160,8 +161,9 @@ class ChatRequest:
 
     @property
     def agent(self) -> str | None:
-        """The ``X-Mas2c-Agent`` header, naming the calling agent."""
-        return self.headers.get("x-mas2c-agent")
+        """The ``X-Mas2c-Agent`` header, naming the calling agent (percent-decoded)."""
+        value = self.headers.get("x-mas2c-agent")
+        return unquote(value) if value is not None else None
 
 
 ReplyLike = Reply | str | dict[str, Any] | list[Any]

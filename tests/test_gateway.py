@@ -510,3 +510,24 @@ def test_chat_request_type_is_what_responders_get(srv: LLMTestServer, sockdir: P
     with Gateway(sock, upstream(srv)):
         ask(client(sock, "agent-7"), "hello", response_format={"type": "json_object"})
     assert seen[0].json_mode and seen[0].last_user == "hello"
+
+
+def test_agent_ids_beyond_latin1_are_accounted(sockdir: Path) -> None:
+    """The runtime percent-encodes agent ids (header values must be Latin-1); the gateway decodes."""
+    from urllib.parse import quote
+
+    sock = sockdir / "gw.sock"
+    with LLMTestServer() as srv, Gateway(sock, upstream(srv)) as gw:
+        client = openai.OpenAI(
+            base_url="http://mas2c-gateway/v1",
+            api_key="sandbox",
+            http_client=httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))),  # type: ignore[arg-type]
+            max_retries=0,
+        )
+        client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"X-Mas2c-Agent": quote("解答者 1", safe="")},
+        )
+        usage = gw.usage()
+    assert list(usage["by_agent"]) == ["解答者 1"]

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, TextIO, cast
+from urllib.parse import quote
 
 import httpx
 import openai
@@ -1469,8 +1470,9 @@ class Run:
                 }
         where = _STEP.get()
         request["extra_headers"] = {
-            "X-Mas2c-Agent": agent.id,
-            "X-Mas2c-Step": where[1] if where else "",
+            # Percent-encoded: header values must be Latin-1, spec ids need not be.
+            "X-Mas2c-Agent": quote(agent.id, safe=""),
+            "X-Mas2c-Step": quote(where[1] if where else "", safe="/"),
         }
         return request
 
