@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mas2c.files import write_text_atomic
-from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system, socket_dir
+from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
 from mas2c.spec import Spec
 
 Progress = Callable[[str], None]
@@ -216,13 +216,11 @@ def solve(
     on_warning: Callable[[str], None] | None = None,
     rectify_rounds: int = 3,
 ) -> SolveOutcome:
-    import httpx
-
     from mas2c.configure import configure_spec, load_pool
-    from mas2c.gateway import Gateway
     from mas2c.generate import GenerateError, generate_spec, write_spec_yaml
-    from mas2c.llm import LLMClient, LLMError
+    from mas2c.llm import LLMError
     from mas2c.local import LocalUpstream
+    from mas2c.meta import meta_client
 
     say = progress or (lambda _m: None)
     llm = llm or LLMConfig()
@@ -234,24 +232,15 @@ def solve(
     upstream = make_upstream(llm, on_progress=say)
     local = isinstance(upstream, LocalUpstream)
     repairs = max_repairs if max_repairs is not None else (1 if local else 3)
+    sandbox_options: dict[str, Any] = {
+        "backend": backend,
+        "limits": limits,
+        "loosen": loosen,
+        "image": image,
+        "on_warning": on_warning,
+    }
     try:
-        with (
-            socket_dir() as folder,
-            Gateway(
-                folder / "meta.sock",
-                upstream,
-                record=llm.record,
-                replay=llm.replay,
-                on_event=meter.on_event,
-            ) as gateway,
-        ):
-            transport = httpx.HTTPTransport(uds=str(gateway.socket_path))
-            client = LLMClient(
-                "http://mas2c-gateway/v1",
-                "sandbox",
-                model=model,
-                http_client=httpx.Client(transport=transport, timeout=900.0),
-            )
+        with meta_client(llm, model=model, upstream=upstream, on_event=meter.on_event) as client:
             with _timed(outcome.phases, "generate", meter, say) as phase:
                 try:
                     generated = generate_spec(
@@ -299,14 +288,10 @@ def solve(
                 solve_dir / "spec.yaml",
                 input_path,
                 solve_dir / "run-1",
-                backend=backend,
-                limits=limits,
-                loosen=loosen,
-                image=image,
                 llm=llm,
                 upstream=upstream,
-                on_warning=on_warning,
                 on_event=meter.on_event,
+                **sandbox_options,
             )
             phase.note = f"status {run.status}"
         # -- rectify (mas2c.rectify): a failed first run is repaired in bounded rounds ----
@@ -321,13 +306,7 @@ def solve(
                     upstream=upstream,
                     meter=meter,
                     progress=say,
-                    run_options={
-                        "backend": backend,
-                        "limits": limits,
-                        "loosen": loosen,
-                        "image": image,
-                        "on_warning": on_warning,
-                    },
+                    run_options=sandbox_options,
                 )
                 outcome.rectify = fixed.to_json()
                 outcome.rectify.pop("history", None)  # kept in run-1/rectify/summary.json
