@@ -10,6 +10,8 @@ never imports mas2c.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import json
 import os
 import select
@@ -211,3 +213,77 @@ def llm_server(llm_server_session: LLMTestServer) -> Iterator[LLMTestServer]:
     yield server
     server.responder = default_responder
     server.latency_s = 0.0
+
+
+# -- shared by the CLI and sandbox tests ------------------------------------------------------------
+
+SECRET = "sk-test-secret-123"  # a fake API key: it must reach the upstream and never the sandbox
+
+
+@pytest.fixture(scope="session")
+def docker_ready() -> None:
+    """Skip without a Docker daemon and the sandbox image, but FAIL under CI=true."""
+    from mas2c import sandbox
+
+    st = sandbox.status()
+    problem = None
+    if not st["daemon"]["reachable"]:
+        problem = st["daemon"]["error"]
+    elif not st["image"]["present"]:
+        problem = f"the sandbox image {sandbox.DEFAULT_IMAGE} is missing (mas2c sandbox build)"
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Docker is required under CI: {problem}")
+        pytest.skip(f"Docker not available: {problem}")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The host environment without any LLM endpoint settings, plus `extra`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("OPENAI_") and k not in ("MAS2C_MODEL", "MAS2C_LOCAL_MODEL")
+    }
+    env.update(extra)
+    return env
+
+
+def mas2c(
+    *args: str | Path,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    inprocess: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI: in a subprocess (`python -m mas2c.cli`), or in this process through
+    `mas2c.cli.main` (faster; for the commands that run no sandbox). Either way the
+    environment is exactly `env` (default: no endpoint settings, a test key)."""
+    argv = [str(a) for a in args]
+    env = env if env is not None else cli_env(OPENAI_API_KEY=SECRET)
+    if not inprocess:
+        return subprocess.run(
+            [sys.executable, "-m", "mas2c.cli", *argv],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    from mas2c.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())

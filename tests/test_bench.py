@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from mas2c import sandbox
 from mas2c.bench import (
     BenchError,
     BenchOptions,
@@ -44,21 +43,6 @@ def dataset() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"HumanEval data is required under CI: {message}")
         pytest.skip(message)
-
-
-@pytest.fixture(scope="session")
-def docker_ready() -> None:
-    """As in test_sandbox.py: skip without Docker, but fail under CI=true."""
-    st = sandbox.status()
-    problem = None
-    if not st["daemon"]["reachable"]:
-        problem = st["daemon"]["error"]
-    elif not st["image"]["present"]:
-        problem = f"the sandbox image {sandbox.DEFAULT_IMAGE} is missing (mas2c sandbox build)"
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Docker is required under CI: {problem}")
-        pytest.skip(f"Docker not available: {problem}")
 
 
 def _quiet(_message: str) -> None:

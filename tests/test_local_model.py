@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 
-from mas2c import sandbox
 from mas2c.gateway import UpstreamError
 from mas2c.local import LocalModelError, LocalUpstream, ensure_default_model
 from mas2c.validate import validate_file
@@ -115,20 +114,6 @@ def test_prompt_longer_than_the_context_is_a_clean_400(upstream: LocalUpstream) 
 
 
 # -- end to end -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def docker_ready() -> None:
-    st = sandbox.status()
-    problem = None
-    if not st["daemon"]["reachable"]:
-        problem = st["daemon"]["error"]
-    elif not st["image"]["present"]:
-        problem = f"the sandbox image {sandbox.DEFAULT_IMAGE} is missing (mas2c sandbox build)"
-    if problem:
-        if CI:
-            pytest.fail(f"Docker is required under CI: {problem}")
-        pytest.skip(f"Docker not available: {problem}")
 
 
 def _leftovers(run_ids: set[str]) -> list[Any]:

@@ -10,25 +10,20 @@ Docker tests fail instead of skipping when CI=true and the daemon or image is mi
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import SECRET, cli_env, mas2c
 
-from mas2c import sandbox
 from mas2c.testserver import LLMTestServer
 from mas2c.validate import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
-SECRET = "sk-test-secret-123"
 RUN_FILES = {
     "result.json",
     "trace.jsonl",
@@ -105,58 +100,6 @@ budgets: {max_llm_calls: BUDGET}
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    """The host environment without any LLM endpoint settings, plus `extra`."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("OPENAI_") and k not in ("MAS2C_MODEL", "MAS2C_LOCAL_MODEL")
-    }
-    env.update(extra)
-    return env
-
-
-def mas2c(
-    *args: str | Path,
-    cwd: Path,
-    env: dict[str, str] | None = None,
-    timeout: float = 300,
-    inprocess: bool = False,
-) -> subprocess.CompletedProcess[str]:
-    """Run the CLI: in a subprocess (`python -m mas2c.cli`), or in this process through
-    `mas2c.cli.main` (faster; for the commands that run no sandbox). Either way the
-    environment is exactly `env` (default: no endpoint settings, a test key)."""
-    argv = [str(a) for a in args]
-    env = env if env is not None else cli_env(OPENAI_API_KEY=SECRET)
-    if not inprocess:
-        return subprocess.run(
-            [sys.executable, "-m", "mas2c.cli", *argv],
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    from mas2c.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(argv)
-            except SystemExit as exc:  # argparse
-                code = exc.code if isinstance(exc.code, int) else 2
-    finally:
-        os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
-
-
 def write_input(folder: Path, data: Any, name: str = "in.json") -> Path:
     path = folder / name
     path.write_text(json.dumps(data), encoding="utf-8")
@@ -199,20 +142,6 @@ def _leftovers() -> list[Any]:
         return list(client.containers.list(all=True, filters={"label": "mas2c"}))
     finally:
         client.close()
-
-
-@pytest.fixture(scope="session")
-def docker_ready() -> None:
-    st = sandbox.status()
-    problem = None
-    if not st["daemon"]["reachable"]:
-        problem = st["daemon"]["error"]
-    elif not st["image"]["present"]:
-        problem = f"the sandbox image {sandbox.DEFAULT_IMAGE} is missing (mas2c sandbox build)"
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Docker is required under CI: {problem}")
-        pytest.skip(f"Docker not available: {problem}")
 
 
 BACKENDS = [

@@ -247,20 +247,6 @@ def _wait_for_running(token: str, timeout_s: float = 30) -> bool:
         client.close()
 
 
-@pytest.fixture(scope="session")
-def docker_ready() -> None:
-    st = sandbox.status()
-    problem = None
-    if not st["daemon"]["reachable"]:
-        problem = st["daemon"]["error"]
-    elif not st["image"]["present"]:
-        problem = f"the sandbox image {sandbox.DEFAULT_IMAGE} is missing (mas2c sandbox build)"
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Docker is required under CI: {problem}")
-        pytest.skip(f"Docker not available: {problem}")
-
-
 @pytest.fixture
 def dock(docker_ready: None, tmp_path: Path) -> Iterator[None]:
     """A Docker test: the daemon and image are there, and no container is left after.

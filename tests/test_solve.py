@@ -9,21 +9,17 @@ CI=true and the daemon or image is missing.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from conftest import cli_env, mas2c
 
-from mas2c import sandbox
 from mas2c.solve import slug
 from mas2c.spec import json_schema, spec_hash
 from mas2c.testserver import ChatRequest, LLMTestServer, Script
@@ -36,7 +32,6 @@ GENERATOR = r"^You design multi-agent systems"  # the generator's system prompt
 PICKER = r"^You choose the best multi-agent system design"  # solve's example fallback
 REASONER = r"^Careful problem solver"  # chain-of-thought's agent, at run time
 
-SECRET = "sk-test-secret-123"
 TASK = "Answer a short arithmetic question with a single number."
 QUESTION = {"question": "What is 12 + 30?"}
 SUMMARY_KEYS = {
@@ -75,58 +70,6 @@ def reasoned(req: ChatRequest) -> dict[str, str]:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    """The host environment without any LLM endpoint settings, plus `extra`."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("OPENAI_") and k not in ("MAS2C_MODEL", "MAS2C_LOCAL_MODEL")
-    }
-    env.update(extra)
-    return env
-
-
-def mas2c(
-    *args: str | Path,
-    cwd: Path,
-    env: dict[str, str] | None = None,
-    timeout: float = 300,
-    inprocess: bool = False,
-) -> subprocess.CompletedProcess[str]:
-    """Run the CLI: in a subprocess (`python -m mas2c.cli`), or in this process through
-    `mas2c.cli.main` (faster; for the commands that run no sandbox). Either way the
-    environment is exactly `env` (default: no endpoint settings, a test key)."""
-    argv = [str(a) for a in args]
-    env = env if env is not None else cli_env(OPENAI_API_KEY=SECRET)
-    if not inprocess:
-        return subprocess.run(
-            [sys.executable, "-m", "mas2c.cli", *argv],
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    from mas2c.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(argv)
-            except SystemExit as exc:  # argparse
-                code = exc.code if isinstance(exc.code, int) else 2
-    finally:
-        os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
-
-
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -154,20 +97,6 @@ def _leftovers() -> list[Any]:
         return list(client.containers.list(all=True, filters={"label": "mas2c"}))
     finally:
         client.close()
-
-
-@pytest.fixture(scope="session")
-def docker_ready() -> None:
-    st = sandbox.status()
-    problem = None
-    if not st["daemon"]["reachable"]:
-        problem = st["daemon"]["error"]
-    elif not st["image"]["present"]:
-        problem = f"the sandbox image {sandbox.DEFAULT_IMAGE} is missing (mas2c sandbox build)"
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Docker is required under CI: {problem}")
-        pytest.skip(f"Docker not available: {problem}")
 
 
 BACKENDS = [
