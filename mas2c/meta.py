@@ -24,7 +24,6 @@ def meta_client(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     upstream: Any = None,
 ) -> Iterator[LLMClient]:
-    import os
 
     import httpx
 
@@ -32,10 +31,10 @@ def meta_client(
     from mas2c.llm import LLMClient
     from mas2c.run import make_upstream, socket_dir
 
-    url = config.url or (None if config.force_local else os.environ.get("OPENAI_BASE_URL"))
+    url = config.endpoint()
     direct = config.replay is None and config.record is None and on_event is None
-    if upstream is None and url and url != "local" and direct:
-        yield LLMClient(url, config.api_key or os.environ.get("OPENAI_API_KEY"), model=model)
+    if upstream is None and url is not None and direct:
+        yield LLMClient(url, config.key(), model=model)
         return
     owned = upstream is None
     upstream = upstream if upstream is not None else make_upstream(config, on_progress=progress)

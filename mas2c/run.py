@@ -41,6 +41,14 @@ class LLMConfig:
     cache: bool = False
     force_local: bool = False
 
+    def endpoint(self) -> str | None:
+        """The OpenAI-compatible URL to use, or None for the embedded local engine."""
+        url = self.url or (None if self.force_local else os.environ.get("OPENAI_BASE_URL"))
+        return url if url and url != "local" else None
+
+    def key(self) -> str | None:
+        return self.api_key if self.api_key is not None else os.environ.get("OPENAI_API_KEY")
+
 
 @dataclass
 class RunOutcome:
@@ -80,10 +88,9 @@ def make_upstream(config: LLMConfig, on_progress: Callable[[str], None] | None =
 
     if config.replay is not None:
         return None
-    url = config.url or (None if config.force_local else os.environ.get("OPENAI_BASE_URL"))
-    if url and url != "local":
-        key = config.api_key if config.api_key is not None else os.environ.get("OPENAI_API_KEY")
-        return HttpUpstream(url, key)
+    url = config.endpoint()
+    if url is not None:
+        return HttpUpstream(url, config.key())
     from mas2c.local import LocalUpstream
 
     return LocalUpstream.load(config.local_model, on_progress=on_progress)
