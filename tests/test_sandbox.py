@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -147,6 +148,7 @@ ALLOWED_ENV = {
     "PYTHONUNBUFFERED",
     "HOSTNAME",  # set by Docker itself (the container's hostname)
     "MALLOC_ARENA_MAX",  # local backend: keeps RLIMIT_AS usable with threads
+    "MAS2C_SANDBOX_RUN",  # local backend: marks the run's processes for the final sweep
 }
 
 
@@ -227,8 +229,9 @@ def _remove(names: list[str]) -> None:
 
 
 def _wait_for_running(token: str, timeout_s: float = 30) -> bool:
-    """Wait until the container of the run given env MAS2C_TEST_TOKEN=token is running
-    (other tests and other users may have containers on the same daemon)."""
+    """Wait until the PROGRAM of the run given env MAS2C_TEST_TOKEN=token runs: its
+    container is running and holds a second process (the runner forks the program
+    once it has its job). Other tests may have containers on the same daemon."""
     import docker
 
     client = docker.from_env()
@@ -237,10 +240,11 @@ def _wait_for_running(token: str, timeout_s: float = 30) -> bool:
         while time.monotonic() < deadline:
             running = client.api.containers(filters={"label": "mas2c", "status": "running"})
             for c in running:
-                with contextlib.suppress(docker.errors.NotFound):
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                     env = client.api.inspect_container(c["Id"])["Config"]["Env"] or []
                     if f"MAS2C_TEST_TOKEN={token}" in env:
-                        return True
+                        if len(client.api.top(c["Id"]).get("Processes") or []) >= 2:
+                            return True
             time.sleep(0.05)
         return False
     finally:
@@ -587,7 +591,10 @@ def test_local_llm_socket_path_is_passed(package: Path, tmp_path: Path) -> None:
 def test_local_interrupt_kills_and_reports(package: Path, tmp_path: Path) -> None:
     main_thread = threading.main_thread().ident
     assert main_thread is not None
-    marker = tmp_path / "running.pid"
+    # A folder the program can write to also when it runs as nobody (mas2c as root).
+    marker_dir = Path(tempfile.mkdtemp(prefix="sbx-marker-"))
+    marker_dir.chmod(0o777)
+    marker = marker_dir / "running.pid"
     fired = threading.Event()
 
     def interrupt() -> None:
@@ -612,6 +619,7 @@ def test_local_interrupt_kills_and_reports(package: Path, tmp_path: Path) -> Non
     assert json.loads((run_dir / "sandbox.json").read_text())["interrupted"] is True
     child = int((run_dir / "stdout.txt").read_text().split()[1])
     assert _process_gone(child)
+    shutil.rmtree(marker_dir)
 
 
 # ------------------------------------------------------------ argument checks
