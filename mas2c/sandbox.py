@@ -69,8 +69,9 @@ DEFAULT_BASE = "python:3.12-slim"
 #: Base image made with mmdebstrap + docker import when no registry is reachable.
 DEBIAN_BASE = "mas2c-base:bookworm"
 DEBIAN_SUITE = "bookworm"
-#: Where the LLM gateway's unix socket appears inside the container.
-CONTAINER_SOCKET = "/run/mas2c/llm.sock"
+#: Where the LLM gateway's socket folder (and so its unix socket) appears in the container.
+CONTAINER_SOCKET_DIR = "/run/mas2c"
+CONTAINER_SOCKET = f"{CONTAINER_SOCKET_DIR}/llm.sock"
 SANDBOX_UID = 1000
 #: The user the local backend runs the program as when mas2c runs as root.
 LOCAL_UNPRIVILEGED_UID = 65534
@@ -449,10 +450,17 @@ def _scrubbed_env(
 
 
 def _job_json(
-    job: _Job, *, pkg: str, inp: str, out_dir: str, cwd: str, env: Mapping[str, str]
+    job: _Job,
+    *,
+    pkg: str,
+    inp: str,
+    out_dir: str,
+    cwd: str,
+    env: Mapping[str, str],
+    uid: int | None,
 ) -> bytes:
     """What the runner runs: ``python -m MODULE --input .. --output .. --trace ..``."""
-    doc = {
+    doc: dict[str, Any] = {
         "module": job.module,
         "args": [
             "--input",
@@ -468,6 +476,7 @@ def _job_json(
         "output": f"{out_dir}/out.json",
         "trace": f"{out_dir}/trace.jsonl",
         "timeout_s": job.limits.timeout_s,
+        "uid": uid,
         "caps": {
             "result": job.limits.result_cap_bytes,
             "trace": job.limits.trace_cap_bytes,
@@ -724,6 +733,9 @@ class _Bundle:
         self.caps = dict(caps)
         self.header: dict[str, Any] | None = None
         self.error: str | None = None
+        #: When the header arrived and when the last byte did (monotonic), for the report.
+        self.t_header: float | None = None
+        self.t_end: float | None = None
         self.done = False
         self.bytes = 0
         self._head = bytearray()
@@ -772,6 +784,7 @@ class _Bundle:
         self._files_done += 1
         if self._files_done == len(self._files):
             self.done = True
+            self.t_end = time.monotonic()
 
     def close(self) -> None:
         if self._current is not None:
@@ -799,8 +812,10 @@ class _Bundle:
             self.error = self.error or "the sandbox's output header is invalid"
             return view[:0]
         self.header = header
+        self.t_header = time.monotonic()
         if not self._files:
             self.done = True
+            self.t_end = self.t_header
         return view[take:]
 
     def _check_files(self, files: Any) -> bool:
@@ -830,16 +845,18 @@ class _Bundle:
             self._file_done()
 
 
-def _apply_bundle(bundle: _Bundle, outcome: _Outcome, t_copy: float) -> None:
+def _apply_bundle(bundle: _Bundle, outcome: _Outcome) -> None:
     """Move what the bundle says into the outcome, and report the copy-out."""
     bundle.close()
     header = bundle.header or {}
     outcome.truncated.extend(bundle.truncated)
+    t_start = bundle.t_header or time.monotonic()
     outcome.copy_out = {
         "bytes": bundle.bytes,
         "files": bundle.files,
         "complete": bundle.done,
-        "duration_s": round(time.monotonic() - t_copy, 3),
+        # From the end of the program (the header) to the last byte on the host.
+        "duration_s": round((bundle.t_end or time.monotonic()) - t_start, 3),
     }
     if bundle.error:
         outcome.notes.append(f"copy-out stopped: {bundle.error}")
@@ -1011,12 +1028,16 @@ def _container_config(
     uid = 0 if loosen.root_user else SANDBOX_UID
     fsize = limits.file_size_mb * _MIB
     tmpfs_opts = f"size={limits.tmpfs_mb}m,nr_inodes={_TMPFS_INODES}"
+    # The init (the runner) is root with only the capabilities to start the program as
+    # `uid` with an empty bounding set and to kill it; the program cannot signal or
+    # trace the init.
+    caps = [] if loosen.root_user else ["KILL", "SETUID", "SETGID", "SETPCAP"]
     owned = f"{tmpfs_opts},uid={uid},gid={uid},mode=0755"
     config: dict[str, Any] = {
         "image": image,
         "command": _runner_argv("python3", "init", _C_JOB, idle_s, limits.timeout_s),
         "name": name,
-        "user": f"{uid}:{uid}",
+        "user": "0:0",
         "environment": dict(env),
         "working_dir": "/",
         "network_mode": "bridge" if loosen.network else "none",
@@ -1028,6 +1049,7 @@ def _container_config(
         },
         "mounts": mounts,
         "cap_drop": ["ALL"],
+        "cap_add": caps,
         "security_opt": ["no-new-privileges"],
         "mem_limit": f"{limits.memory_mb}m",
         "memswap_limit": f"{limits.memory_mb}m",
@@ -1163,15 +1185,24 @@ def _run_docker(job: _Job, outcome: _Outcome) -> None:
         # the program writes only to tmpfs. Only the LLM socket is a bind mount.
         mounts = [Mount(target=_C_WORK, source=None, type="volume")]
         if job.llm_socket is not None:
+            # The socket's own (private, per-run) folder, not the socket file: gVisor
+            # cannot bind-mount a socket, and a pooled container binds its folder
+            # before the run's gateway exists.
+            sock = job.llm_socket.resolve()
             mounts.append(
                 Mount(
-                    target=CONTAINER_SOCKET,
-                    source=str(job.llm_socket.resolve()),
+                    target=CONTAINER_SOCKET_DIR,
+                    source=str(sock.parent),
                     type="bind",
                     read_only=True,
                 )
             )
-            env["MAS2C_LLM_SOCKET"] = CONTAINER_SOCKET
+            env["MAS2C_LLM_SOCKET"] = f"{CONTAINER_SOCKET_DIR}/{sock.name}"
+        if job.loosen.network and _runtime_has_no_network(client, job.runtime):
+            raise SandboxError(
+                f"--allow-network cannot work under the {job.runtime} runtime: it is "
+                "registered with --network=none (see /etc/docker/daemon.json); use runc"
+            )
         try:
             box = _start_box(
                 client,
@@ -1204,7 +1235,9 @@ def _run_in_box(box: _Box, job: _Job, env: Mapping[str, str], outcome: _Outcome)
     docker = _import_docker()
     outcome.runtime = box.runtime or "default"
     outcome.uid = box.uid
-    job_json = _job_json(job, pkg=_C_PKG, inp=_C_INPUT, out_dir=_C_OUT, cwd=_C_RUN, env=env)
+    job_json = _job_json(
+        job, pkg=_C_PKG, inp=_C_INPUT, out_dir=_C_OUT, cwd=_C_RUN, env=env, uid=box.uid
+    )
     with _job_archive(job, job_json) as archive:
         box.container.put_archive(_C_WORK, archive)
     t0 = time.monotonic()
@@ -1212,7 +1245,6 @@ def _run_in_box(box: _Box, job: _Job, env: Mapping[str, str], outcome: _Outcome)
     bundle = _Bundle(outcome.staging, job.limits.caps())
     tail = bytearray()
     deadline = t0 + _START_S + job.limits.timeout_s + _COPY_S
-    t_copy = time.monotonic()
     try:
         how = _pump_attach(box, bundle, deadline, tail)
     except KeyboardInterrupt:
@@ -1224,7 +1256,7 @@ def _run_in_box(box: _Box, job: _Job, env: Mapping[str, str], outcome: _Outcome)
             _pump_attach(box, bundle, time.monotonic() + 15.0, tail)
 
         _shielded(stop_and_collect, outcome, "collect")
-        _apply_bundle(bundle, outcome, t_copy)
+        _apply_bundle(bundle, outcome)
         _keep_runner_errors(outcome, tail)
         raise
     finally:
@@ -1235,7 +1267,7 @@ def _run_in_box(box: _Box, job: _Job, env: Mapping[str, str], outcome: _Outcome)
         outcome.notes.append("the host-side deadline passed before the sandbox answered")
         with contextlib.suppress(docker.errors.APIError):
             box.container.kill()
-    _apply_bundle(bundle, outcome, t_copy)
+    _apply_bundle(bundle, outcome)
     _keep_runner_errors(outcome, tail)
     if bundle.header is None:
         _inspect_end(box, outcome)
@@ -1278,12 +1310,29 @@ def _remove_box(client: Any, box: _Box | None, name: str) -> None:
             box.sock.close()
     try:
         target = box.container if box is not None else client.containers.get(name)
-        target.remove(force=True, v=True)
+        try:
+            target.remove(force=True, v=True)
+        except docker.errors.APIError as exc:
+            if isinstance(exc, docker.errors.NotFound) or "already in progress" in str(exc):
+                pass  # auto_remove got there first
+            else:
+                raise
+        # Gone when this returns (auto_remove may still be at it).
+        target.wait(condition="removed", timeout=30)
     except docker.errors.NotFound:
         pass
-    except docker.errors.APIError as exc:
-        if "already in progress" not in str(exc):  # auto_remove got there first
-            raise
+
+
+def _runtime_has_no_network(client: Any, runtime: str | None) -> bool:
+    """True if the daemon registered `runtime` with ``--network=none`` (gVisor here)."""
+    if runtime is None:
+        return False
+    try:
+        info = client.info().get("Runtimes", {}).get(runtime) or {}
+    except Exception:
+        return False
+    args = info.get("runtimeArgs") or info.get("RuntimeArgs") or []
+    return "--network=none" in args
 
 
 _REAPED = False
@@ -1498,6 +1547,7 @@ def _run_local(job: _Job, outcome: _Outcome) -> None:
             out_dir=str(work / "out"),
             cwd=str(work / "run"),
             env=env,
+            uid=None,  # the runner itself already runs as the program's user
         )
         (work / "job" / "job.json").write_bytes(job_json)
         argv = _runner_argv(
@@ -1614,7 +1664,7 @@ def _talk_local(proc: subprocess.Popen[bytes], job: _Job, outcome: _Outcome) -> 
             pump(time.monotonic() + 15.0)
 
         _shielded(stop_and_collect, outcome, "collect")
-        _apply_bundle(bundle, outcome, t0)
+        _apply_bundle(bundle, outcome)
         raise
     except BrokenPipeError:
         how = "eof"
@@ -1626,7 +1676,7 @@ def _talk_local(proc: subprocess.Popen[bytes], job: _Job, outcome: _Outcome) -> 
     if how == "deadline":
         outcome.timed_out = True
         outcome.notes.append("the host-side deadline passed before the runner answered")
-    _apply_bundle(bundle, outcome, t0)
+    _apply_bundle(bundle, outcome)
     if bundle.header is None:
         _killpg(proc.pid)
         rc = proc.wait()
@@ -1895,6 +1945,9 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
         "daemon": {"reachable": False, "version": None, "api_version": None, "error": None},
         "image": {"name": image, "present": False, "id": None, "created": None, "labels": {}},
         "backends": {"docker": False, "local": True},
+        "runtimes": [],
+        "default_runtime": None,
+        "runtime_env": default_runtime(),
         "leftover_containers": 0,
     }
     try:
@@ -1907,6 +1960,9 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
         out["daemon"].update(
             reachable=True, version=version.get("Version"), api_version=version.get("ApiVersion")
         )
+        info = client.info()
+        out["runtimes"] = sorted(info.get("Runtimes") or {})
+        out["default_runtime"] = info.get("DefaultRuntime")
         try:
             img = _require_image(client, image)
             out["image"].update(
@@ -1930,25 +1986,14 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
 
 
 def prune(min_age_s: float = 60.0) -> int:
-    """Remove leftover mas2c containers (left when the host process was SIGKILLed).
-
-    Running containers, and ones younger than `min_age_s` (a run in progress is
-    briefly `created` before its start and `exited` before its removal), are left alone.
+    """Remove what killed runs left: mas2c containers past their deadline (also running
+    ones), stopped ones older than `min_age_s` (a run in progress is briefly `created`
+    before its start), and temp folders of dead owners. Returns the containers removed.
+    Running containers within their deadline (runs in progress, a pool) stay.
     """
-    docker = _import_docker()
-    client = _docker_client()
-    try:
-        removed = 0
-        now = time.time()
-        for c in client.api.containers(all=True, filters={"label": LABEL}):
-            if c.get("State") == "running" or now - float(c.get("Created", now)) < min_age_s:
-                continue
-            with contextlib.suppress(docker.errors.NotFound):
-                client.api.remove_container(c["Id"], force=True, v=True)
-                removed += 1
-        return removed
-    finally:
-        client.close()
+    removed = reap(stopped_min_age_s=min_age_s)
+    reap_private_dirs()
+    return removed
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -23,6 +23,9 @@ stream, or pipes of the local backend):
    PID 1 its exit ends the container; no process inside can stop or outlive it:
    signals from inside are ignored by PID 1, it is not dumpable (no ptrace, no
    /proc/1/fd), and it ends the container at ``idle_s + max_job_s + grace`` anyway.
+   In the container it runs as root with only CAP_KILL/SETUID/SETGID/SETPCAP and starts
+   the program as ``job["uid"]`` with an empty bounding set: the program cannot
+   signal it at all (gVisor, unlike Linux, lets a process stop its PID 1).
 
 The host treats the bundle as untrusted all the same (mas2c.sandbox reads it with
 limits).
@@ -63,6 +66,20 @@ def set_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
     except Exception:
         pass
+
+
+def become(uid: int) -> None:
+    """In the program's fork, when the runner is root: empty the capability bounding
+    set, then switch to `uid` (which clears the effective and permitted sets)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP; EINVAL past the last cap
+            break
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
 
 
 def oom_kills() -> "int | None":
@@ -143,6 +160,9 @@ def start_program(job: "dict[str, Any]") -> "tuple[int, int, int]":
         code = 1
         try:
             os.setsid()
+            uid = job.get("uid")
+            if isinstance(uid, int) and uid != os.getuid():
+                become(uid)
             set_dumpable(1)
             try:  # be the OOM killer's first choice, never the runner
                 with open("/proc/self/oom_score_adj", "w") as f:
