@@ -232,6 +232,11 @@ def program_uid(backend: str, loosen: Loosen = Loosen()) -> int:
     """The uid the program runs as (the gateway socket must be reachable by it)."""
     if backend == "docker":
         return 0 if loosen.root_user else SANDBOX_UID
+    return local_uid()
+
+
+def local_uid() -> int:
+    """The uid of the local backend's program: nobody (65534) when mas2c runs as root."""
     return LOCAL_UNPRIVILEGED_UID if os.geteuid() == 0 else os.geteuid()
 
 
@@ -300,10 +305,10 @@ def json_depth_ok(value: Any, max_depth: int = RESULT_MAX_DEPTH) -> bool:
 
 
 @contextlib.contextmanager
-def private_dir(kind: str, mode: int = 0o700) -> Iterator[Path]:
+def private_dir(kind: str, mode: int = 0o700, uid: int | None = None) -> Iterator[Path]:
     """A temp folder ``mas2c-<kind>-*`` that :func:`reap_private_dirs` removes once its
     owner is gone (it holds an flock on ``.owner``, released by the kernel even on
-    SIGKILL); removed on exit."""
+    SIGKILL); removed on exit. `uid` (as root): the folder is given to that user."""
     folder = Path(tempfile.mkdtemp(prefix=f"mas2c-{kind}-"))
     try:
         import fcntl
@@ -311,6 +316,8 @@ def private_dir(kind: str, mode: int = 0o700) -> Iterator[Path]:
         lock = os.open(folder / ".owner", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         fcntl.flock(lock, fcntl.LOCK_EX)
         folder.chmod(mode)
+        if uid is not None and os.geteuid() == 0 and uid != 0:
+            os.chown(folder, uid, uid)
         try:
             yield folder
         finally:
@@ -320,39 +327,33 @@ def private_dir(kind: str, mode: int = 0o700) -> Iterator[Path]:
 
 
 def reap_private_dirs(min_age_s: float = 10.0) -> int:
-    """Remove ``mas2c-*`` temp folders of dead owners (SIGKILLed runs): their ``.owner``
-    lock is free, or (a folder from before locks) it has none and is old."""
+    """Remove the :func:`private_dir` folders of dead owners (SIGKILLed runs): those
+    whose ``.owner`` lock is free. Folders without one are not ours and stay."""
     import fcntl
 
     removed = 0
-    root = Path(tempfile.gettempdir())
     now = time.time()
     try:
-        entries = list(os.scandir(root))
+        entries = list(os.scandir(tempfile.gettempdir()))
     except OSError:
         return 0
     for entry in entries:
-        if not entry.name.startswith("mas2c-") or not entry.is_dir(follow_symlinks=False):
+        if not entry.name.startswith("mas2c-"):
             continue
         with contextlib.suppress(OSError):
-            if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or now - st.st_mtime < min_age_s:
                 continue
-            if now - entry.stat(follow_symlinks=False).st_mtime < min_age_s:
+            owner = Path(entry.path) / ".owner"
+            if os.lstat(owner).st_uid != os.geteuid():
                 continue
+            fd = os.open(owner, os.O_RDONLY | os.O_NOFOLLOW)
             try:
-                fd = os.open(Path(entry.path) / ".owner", os.O_RDONLY | os.O_NOFOLLOW)
-            except FileNotFoundError:
-                if now - entry.stat(follow_symlinks=False).st_mtime < 3600:
-                    continue  # not ours to judge yet (e.g. another tool's folder)
-                fd = -1
-            try:
-                if fd >= 0:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # the owner is alive
             finally:
-                if fd >= 0:
-                    os.close(fd)
+                os.close(fd)
             shutil.rmtree(entry.path, ignore_errors=True)
             removed += 1
     return removed
@@ -1419,8 +1420,8 @@ def _drop_privileges(uid: int) -> None:
     os.setuid(uid)
 
 
-def _blocked_ancestors(paths: Iterable[str]) -> list[tuple[str, str]]:
-    """(directory others cannot search, its child on the way to a needed path), top-down.
+def _blocked_ancestors(paths: Iterable[str], uid: int) -> list[tuple[str, str]]:
+    """(directory `uid` cannot search, its child on the way to a needed path), top-down.
 
     E.g. a venv whose interpreter lives under /root (0700) gives [("/root", ".pyenv")].
     """
@@ -1430,10 +1431,15 @@ def _blocked_ancestors(paths: Iterable[str]) -> list[tuple[str, str]]:
         for depth in range(1, len(parts)):
             parent = os.path.join(*parts[:depth]) if depth > 1 else "/"
             with contextlib.suppress(OSError):
-                if not os.stat(parent).st_mode & stat.S_IXOTH:
-                    item = (parent, parts[depth])
-                    if item not in plan:
-                        plan.append(item)
+                st = os.stat(parent)
+                if st.st_uid == uid:
+                    bit = stat.S_IXUSR
+                elif st.st_gid == uid:  # nobody's group is nogroup (65534)
+                    bit = stat.S_IXGRP
+                else:
+                    bit = stat.S_IXOTH
+                if not st.st_mode & bit and (parent, parts[depth]) not in plan:
+                    plan.append((parent, parts[depth]))
     return sorted(plan, key=lambda item: len(Path(item[0]).parts))
 
 
@@ -1559,7 +1565,7 @@ def _run_local(job: _Job, outcome: _Outcome) -> None:
             needed = [sys.executable, sys.prefix, sys.base_prefix, str(work)]
             if job.llm_socket is not None:
                 needed.append(str(job.llm_socket))
-            plan = _blocked_ancestors(needed)
+            plan = _blocked_ancestors(needed, uid)
             if plan:
                 outcome.notes.append(
                     "made reachable for uid "
