@@ -573,3 +573,23 @@ def test_non_root_gateway_for_another_uid_needs_a_private_folder(sockdir: Path) 
     assert os.geteuid() == 0, "CI runs as root: this test must run"
     assert "must be a folder of mode 0700" in _start_as(65534, sockdir, 0o755)
     assert _start_as(65534, sockdir, 0o700) == "0o666"
+
+
+def test_meta_client_keeps_the_query_and_scrubs_its_errors() -> None:
+    """The meta-agents' LLMClient (direct to the endpoint) follows the same rules."""
+    from mas2c.llm import LLMClient, LLMError
+
+    with LLMTestServer() as srv:
+        base = srv.base_url.replace("http://", "http://carol:pw-Tr0ub4dor@") + "?api-key=QSECRET9x"
+        llm = LLMClient(base, KEY, model="m1", max_retries=0)
+        assert llm.chat([{"role": "user", "content": "hi"}]) == "ANSWER: 42"
+        assert srv.requests[0].path == "/v1/chat/completions?api-key=QSECRET9x"
+        srv.inject("status", status=401, message=echo_auth)
+        with pytest.raises(LLMError) as ei:
+            llm.chat([{"role": "user", "content": "hi"}])
+    text = str(ei.value) + repr(llm)
+    grams = {KEY[i : i + 4] for i in range(len(KEY) - 3)}
+    assert not any(g in text for g in grams), text
+    for secret in ("Tr0ub4dor", "carol", "QSECRET9x"):
+        assert secret not in text
+    assert "?api-key=<redacted>" in text
