@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -326,6 +327,57 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--as-root", action="store_true", help="LOOSENS the sandbox: run as root in the container"
     )
+    p.add_argument(
+        "--trace-content",
+        action="store_true",
+        help="also trace prompts, completions and tool arguments (trace.jsonl)",
+    )
+
+
+# -- seeing a run (mas2c.report, mas2c.otel) --------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mas2c.report import ReportError, write_report
+
+    try:
+        out = write_report(_existing(args.run_dir), Path(args.output) if args.output else None)
+    except ReportError as exc:
+        raise UsageError(str(exc)) from None
+    sys.stdout.write(f"{out}\n")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mas2c.otel import ExportError, export_otel
+
+    try:
+        sent = export_otel(_existing(args.run_dir), args.endpoint, service=args.service)
+    except ExportError as exc:
+        raise SetupFailed(str(exc)) from None
+    if args.json:
+        _print_json(sent)
+    else:
+        sys.stdout.write(f"exported {sent['spans']} span(s) of trace {sent['trace_id']}\n")
+    return EXIT_OK
+
+
+def _add_observe_verbs(verbs: Any) -> None:
+    p = verbs.add_parser("report", help="write a self-contained HTML report of a run folder")
+    p.add_argument("run_dir", help="a run, rectify or solve folder")
+    p.add_argument("-o", "--output", help="HTML file to write (default RUN_DIR/report.html)")
+    p.set_defaults(handler=cmd_report)
+    p = verbs.add_parser("export", help="send a run's trace elsewhere (OpenTelemetry)")
+    p.add_argument("format", choices=["otel"], help="otel: OTLP/HTTP with gen_ai.* attributes")
+    p.add_argument("run_dir", help="a run folder (with trace.jsonl)")
+    p.add_argument(
+        "--endpoint",
+        required=True,
+        help="OTLP/HTTP traces URL or base URL (e.g. http://127.0.0.1:6006/v1/traces)",
+    )
+    p.add_argument("--service", default="mas2c", help="service.name (default mas2c)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_export)
 
 
 def _add_llm_flags(p: argparse.ArgumentParser) -> None:
@@ -754,6 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_bench)
 
+    _add_observe_verbs(verbs)
     for register in _EXTRA_VERBS:
         register(verbs)
     return parser
@@ -771,6 +824,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return EXIT_USAGE
+    if getattr(args, "trace_content", False):
+        # Every run this command starts traces prompts and completions (mas2c.run reads it).
+        os.environ["MAS2C_TRACE_CONTENT"] = "1"
     try:
         return handler(args)
     except UsageError as exc:
