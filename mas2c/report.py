@@ -50,6 +50,9 @@ STATUS_COLORS = {
     "unfinished": ("#fdebc8", "#b26a00"),
     "resumed": ("#dbe8fb", "#1f5fbf"),
     "not run": ("#eeeeee", "#8a8a8a"),
+    "fixed": ("#d7f0df", "#2e7d4f"),
+    "nothing_to_do": ("#d7f0df", "#2e7d4f"),
+    "not_fixed": ("#fbdada", "#c62828"),
     "none": ("#f5f5f5", "#9e9e9e"),
 }
 KIND_COLORS = {
@@ -563,7 +566,7 @@ def _workflow(spec: Any, trace: RunTrace) -> str:
     legend = "".join(
         f'<span><i class="sw" style="background:{f};border-color:{s}"></i>{esc(name)}</span>'
         for name, (f, s) in STATUS_COLORS.items()
-        if name not in ("timeout", "unfinished", "none")
+        if name in ("ok", "error", "cancelled", "resumed", "not run")
     )
     return f'<div class="legend">{legend}</div><div class="scroll">{"".join(out)}</div>'
 
@@ -788,6 +791,8 @@ def _costs(trace: RunTrace, usage: dict[str, Any], result: dict[str, Any]) -> st
                             esc(_money(_num(tally.get("cost_usd")))),
                         ]
                     )
+        if not rows:
+            return '<p class="muted">No LLM calls.</p>'
         return _table(["per", "name", "calls", "tokens", "cost"], rows, frozenset({2, 3, 4}))
     parts = []
     for key, what in (("agent", "agent"), ("model", "model")):

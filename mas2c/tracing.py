@@ -94,7 +94,7 @@ def redact_argv(argv: Sequence[str], secrets: Sequence[str] = ()) -> list[str]:
     for arg in argv:
         text = redact_url(str(arg))
         for secret in secrets:
-            if secret and len(secret) >= 4:
+            if secret and len(secret) >= 8:  # a short word would blank out half the line
                 text = text.replace(secret, "***")
         out.append(text)
     return out
@@ -462,7 +462,7 @@ class _Builder:
             start = end - took if took is not None else end
         parent = _hex(e.get("parent_id"), _HEX16)
         if parent is None:
-            parent = self._step_at(_text(e.get("pointer")), start) or root
+            parent = self._step_at(_text(e.get("pointer")), end) or root
         if kind == "llm":
             name = f"chat {_text(e.get('model'), '?')}"
             status = _text(e.get("status"), "unknown")
@@ -482,7 +482,9 @@ class _Builder:
         matches = [
             s
             for s in self.spans
-            if s.kind == "step" and s.attrs.get("pointer") == pointer and s.start <= at <= s.end
+            if s.kind == "step"
+            and s.attrs.get("pointer") == pointer
+            and s.start - 0.005 <= at <= s.end + 0.005
         ]
         return matches[-1].span_id if matches else None
 
