@@ -326,14 +326,17 @@ def test_a_hostile_run_folder_is_shown_as_text(tmp_path: Path) -> None:
     assert any("not JSON" in p for p in problems) and any("not a trace event" in p for p in problems)
 
 
+FUZZ_KEYS = [
+    *("event", "t", "ts", "span_id", "parent_id", "step", "pointer", "start_ts", "status"),
+    *("latency_s", "duration_s", "agent", "model", "cost_usd", "prompt_tokens"),
+]
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.lists(
         st.dictionaries(
-            st.sampled_from(
-                ["event", "t", "ts", "span_id", "parent_id", "step", "pointer", "start_ts", "status"]
-                + ["latency_s", "duration_s", "agent", "model", "cost_usd", "prompt_tokens"]
-            ),
+            st.sampled_from(FUZZ_KEYS),
             st.one_of(
                 st.sampled_from(["run_start", "run_end", "step_start", "step_end", "llm_call"]),
                 st.sampled_from(["tool_call", "exec", "a" * 16, "0" * 16, "/workflow/0"]),

@@ -10,13 +10,24 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mas2c.testserver import ChatRequest, LLMTestServer, Reply, ReplyLike, Script, ToolCall
-from tests.test_runtime import FLOW_OK, Pkg, by_agent, make  # noqa: F401  (fixture)
+from tests.test_runtime import FLOW_OK, Pkg, by_agent
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Callable[..., Pkg]:
+    def factory(workflow: str, **spec: Any) -> Pkg:
+        return Pkg(tmp_path, workflow, **spec)
+
+    return factory
 
 
 def spans(trace: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
