@@ -140,8 +140,10 @@ def loadavg() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=164)
-    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--limit", type=int, default=164, help="problems of the full runs")
+    parser.add_argument("--workers", default="4", help="workers of the full runs")
+    parser.add_argument("--sweep-limit", type=int, default=24, help="problems of the sweep")
+    parser.add_argument("--sweep-workers", default="1,2,4", help="workers of the sweep")
     parser.add_argument("--sandbox", default="docker", choices=["docker", "local"])
     parser.add_argument("--engines", default="local,ray")
     parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of each of the two nodes")
@@ -172,41 +174,48 @@ def main() -> int:
         "nproc": os.cpu_count(),
         "runs": [],
     }
-    workers = [int(w) for w in args.workers.split(",")]
     engines = args.engines.split(",")
-    reference: dict[str, Any] | None = None
+    plan = [
+        (engine, int(w), args.limit) for w in args.workers.split(",") if w for engine in engines
+    ]
+    plan += [
+        (engine, int(w), args.sweep_limit)
+        for engine in engines
+        for w in args.sweep_workers.split(",")
+        if w and args.sweep_limit
+    ]
+    references: dict[int, dict[str, Any]] = {}
     with LLMTestServer(oracle) as server, contextlib.ExitStack() as stack:
         address = stack.enter_context(ray_cluster(args.ray_cpus)) if "ray" in engines else None
-        for engine in engines:
-            for w in workers:
-                run_dir = WORK / f"{engine}-w{w}"
-                cmd = ["bench", "humaneval", "--limit", str(args.limit), "--sandbox", args.sandbox]
-                cmd += ["--workers", str(w), "--engine", engine, "--llm", server.base_url]
-                cmd += ["--run-dir", str(run_dir), "--json"]
-                if engine == "ray":
-                    cmd += ["--address", str(address)]
-                print(f"batch bench: {engine} x{w} ...", file=sys.stderr, flush=True)
-                code, seconds, out, err = cli(cmd, env)
-                summary = json.loads(out) if out.strip().startswith("{") else {}
-                rows = read_results(run_dir / "results.jsonl")
-                same = {k: comparable(v) for k, v in rows.items()}
-                if reference is None:
-                    reference = same
-                run = {
-                    "engine": engine,
-                    "workers": w,
-                    "command": shown(cmd, server.base_url, address),
-                    "exit_code": code,
-                    "wall_seconds": round(seconds, 1),
-                    "problems_per_minute": round(60 * len(rows) / seconds, 1) if seconds else None,
-                    "pass@1": summary.get("pass@1"),
-                    "finished": summary.get("finished"),
-                    "identical_to_first": same == reference,
-                    "differences": sum(1 for k in reference if reference.get(k) != same.get(k)),
-                    "stderr_tail": err[-800:] if code else "",
-                }
-                print(f"batch bench: {run}", file=sys.stderr, flush=True)
-                result["runs"].append(run)
+        for engine, w, limit in plan:
+            run_dir = WORK / f"{engine}-w{w}-n{limit}"
+            cmd = ["bench", "humaneval", "--limit", str(limit), "--sandbox", args.sandbox]
+            cmd += ["--workers", str(w), "--engine", engine, "--llm", server.base_url]
+            cmd += ["--run-dir", str(run_dir), "--json"]
+            if engine == "ray":
+                cmd += ["--address", str(address)]
+            print(f"batch bench: {engine} x{w} ...", file=sys.stderr, flush=True)
+            code, seconds, out, err = cli(cmd, env)
+            summary = json.loads(out) if out.strip().startswith("{") else {}
+            rows = read_results(run_dir / "results.jsonl")
+            same = {k: comparable(v) for k, v in rows.items()}
+            reference = references.setdefault(limit, same)
+            run = {
+                "engine": engine,
+                "workers": w,
+                "problems": limit,
+                "command": shown(cmd, server.base_url, address),
+                "exit_code": code,
+                "wall_seconds": round(seconds, 1),
+                "problems_per_minute": round(60 * len(rows) / seconds, 1) if seconds else None,
+                "pass@1": summary.get("pass@1"),
+                "finished": summary.get("finished"),
+                "identical_to_first": same == reference and len(same) == limit,
+                "differences": sum(1 for k in reference if reference.get(k) != same.get(k)),
+                "stderr_tail": err[-800:] if code else "",
+            }
+            print(f"batch bench: {run}", file=sys.stderr, flush=True)
+            result["runs"].append(run)
     result["baseline"] = baseline_demo(env)
     result["loadavg_end"] = loadavg()
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", "utf-8")
@@ -227,7 +236,9 @@ def baseline_demo(env: dict[str, str]) -> dict[str, Any]:
         baseline = "Work through the problem in `reasoning`" in req.system
         for row in rows:
             if row["question"] in req.all_text:
-                answer = wrong_for_baseline.get(row["id"], row["answer"]) if baseline else row["answer"]
+                answer = (
+                    wrong_for_baseline.get(row["id"], row["answer"]) if baseline else row["answer"]
+                )
                 return {"reasoning": "step by step", "answer": answer}
         return {"reasoning": "?", "answer": "?"}
 
@@ -252,8 +263,9 @@ def baseline_demo(env: dict[str, str]) -> dict[str, Any]:
         ]
         code, seconds, out, _ = cli(cmd, env)
         printed = out
+        command = shown(cmd, server.base_url, None).replace(str(ROOT) + "/", "")
     return {
-        "command": shown(cmd, server.base_url, None).replace(str(ROOT) + "/", ""),
+        "command": command,
         "exit_code": code,
         "seconds": round(seconds, 1),
         "printed": printed,
@@ -262,7 +274,7 @@ def baseline_demo(env: dict[str, str]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"HumanEval's {result['problems']} problems through `specs/code-generation.yaml` against "
+        f"HumanEval (the first {result['problems']} problems, and a sweep on fewer) through `specs/code-generation.yaml` against "
         "the loopback test server answering with the canonical solutions (an oracle), "
         f"{result['sandbox']} sandboxes (a sandboxed system run and a sandboxed scoring per "
         f"problem). Ray: two nodes on this machine, {result['ray_cpus_per_node']} CPUs each. "
@@ -270,14 +282,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['loadavg_start']} at the start, {result['loadavg_end']} at the end): wall times "
         "are indicative, ratios between rows more than absolute values.",
         "",
-        "| engine | workers | wall (s) | problems/min | pass@1 | results identical to the first run |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| problems | engine | workers | wall (s) | problems/min | pass@1 | results identical to the "
+        "first run on the same problems (timing aside) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["runs"]:
         p1 = "-" if r["pass@1"] is None else f"{100 * r['pass@1']:.1f}%"
         same = "yes" if r["identical_to_first"] else f"NO ({r['differences']} rows differ)"
         lines.append(
-            f"| {r['engine']} | {r['workers']} | {r['wall_seconds']} | {r['problems_per_minute']} | "
+            f"| {r['problems']} | {r['engine']} | {r['workers']} | {r['wall_seconds']} | "
+            f"{r['problems_per_minute']} | "
             f"{p1} | {same} |"
         )
     lines += ["", "Commands:", ""]
