@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -326,6 +327,32 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--as-root", action="store_true", help="LOOSENS the sandbox: run as root in the container"
     )
+    p.add_argument(
+        "--trace-content",
+        action="store_true",
+        help="also trace prompts, completions and tool arguments (trace.jsonl)",
+    )
+
+
+# -- seeing a run (mas2c.report, mas2c.otel) --------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mas2c.report import ReportError, write_report
+
+    try:
+        out = write_report(_existing(args.run_dir), Path(args.output) if args.output else None)
+    except ReportError as exc:
+        raise UsageError(str(exc)) from None
+    sys.stdout.write(f"{out}\n")
+    return EXIT_OK
+
+
+def _add_observe_verbs(verbs: Any) -> None:
+    p = verbs.add_parser("report", help="write a self-contained HTML report of a run folder")
+    p.add_argument("run_dir", help="a run, rectify or solve folder")
+    p.add_argument("-o", "--output", help="HTML file to write (default RUN_DIR/report.html)")
+    p.set_defaults(handler=cmd_report)
 
 
 def _add_llm_flags(p: argparse.ArgumentParser) -> None:
@@ -814,6 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_bench)
 
+    _add_observe_verbs(verbs)
     p = verbs.add_parser(
         "batch", help="a spec or `solve` over a JSONL dataset, scored (local or Ray; resumable)"
     )
@@ -870,6 +898,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return EXIT_USAGE
+    if getattr(args, "trace_content", False):
+        # Every run this command starts traces prompts and completions (mas2c.run reads it).
+        os.environ["MAS2C_TRACE_CONTENT"] = "1"
     try:
         return handler(args)
     except UsageError as exc:

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="24f527e0e33a9efeeb4a156b98215f49234dab54b9e3a52b6f01d27dd945f213",
+        code_sha="5e6cb04757ab5f423d7885213b6e53d4c9cf5db8f29bec0742dd91b179029a9d",
         reads=["question"],
     ),
 )

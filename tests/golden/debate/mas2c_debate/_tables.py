@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="be6a4c519a48ec9822694ecee6eabb21258c367b5ae7484630858d7fe7aec45f",
+        code_sha="e1767614ee2c21510fc26c85aa18332362250a9f5ce2b93b549892df1baa4a02",
         reads=["question"],
     ),
 )

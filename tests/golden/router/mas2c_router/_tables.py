@@ -16,14 +16,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="da66c33f82e21d070f2eb689441d5e8cc4cf17a8f5c0ecd423cb2c691202ad24",
+        code_sha="6f857c35e39d7ae5df9d72ad518d54c4f043c14995807335fd689eda3db33f5d",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="f7abe2c5ee57523fa016f317c7ddd04c4aa4c28894d73de6cbd4271b46a011fb",
+        code_sha="af96d2eb9d80f704cfac2a2ad4b7bd6621721353706e7feff83929d3b3c82cc5",
         reads=["product", "route", "ticket"],
     ),
 )

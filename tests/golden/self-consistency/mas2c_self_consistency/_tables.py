@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="1e844aab08613da6c56c074d8a9eec0326f28be611d2228b15996376b159c18e",
+        code_sha="ec0c1e28ccf876f4dcca89b5a1707b1e24fff1dbd4ede626b6d4e1912608a50d",
         reads=["question"],
     ),
 )
