@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mas2c.errors import RunFailure
 from mas2c.files import write_text_atomic
 
 __all__ = [
@@ -74,8 +75,10 @@ SCORER_MODULE = "mas2c_humaneval_scorer"
 FIELDS = ("prompt", "entry_point", "test", "task_id")
 
 
-class BenchError(Exception):
+class BenchError(RunFailure):
     """The benchmark cannot run (no dataset, bad spec, mismatched run folder): a user-facing message."""
+
+    code = "bench"
 
 
 # ----------------------------------------------------------------------------------- dataset

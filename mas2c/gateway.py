@@ -40,6 +40,8 @@ from urllib.parse import unquote
 
 import httpx
 
+from mas2c.errors import RunFailure
+
 __all__ = [
     "Budget",
     "Gateway",
@@ -61,8 +63,10 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_SOCKET_PATH_BYTES = 107
 
 
-class GatewayError(Exception):
+class GatewayError(RunFailure):
     """The gateway cannot be set up or started (bad socket path, bad cassette...)."""
+
+    code = "gateway"
 
 
 @dataclass(frozen=True)
