@@ -611,12 +611,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 llm=_llm_config(args),
                 model=args.model,
                 on_warning=_warn,
+                engine=args.engine,
+                ray_address=args.address,
+                max_cost_usd=args.max_cost,
             )
         )
         ok = bool(summary["complete"])
     text = (run_dir / "results.md").read_text("utf-8").split("\n\n| problem")[0]
     _say(f"run folder: {run_dir} (results.jsonl, summary.json, results.md)")
-    return _finish(args, ok, {"summary": summary}, text)
+    return _finish(args, ok, summary, text)
 
 
 def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
@@ -656,6 +659,48 @@ def _add_llm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache", action="store_true", help="answer identical LLM requests from a cache"
     )
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from mas2c.batch import BatchOptions, parse_mapping, run_batch
+
+    if args.workers < 1 or (args.limit is not None and args.limit < 1) or args.pilot < 1:
+        raise UsageError("--workers, --limit and --pilot must be at least 1")
+    if args.address and args.engine != "ray":
+        raise UsageError("--address is for --engine ray")
+    run_dir = Path(args.run_dir or f"runs/batch-{_default_run_dir().split('/')[-1]}")
+    summary = run_batch(
+        BatchOptions(
+            run_dir=run_dir,
+            dataset=_readable_file(args.dataset, "dataset file"),
+            spec=_readable_file(args.spec, "spec file") if args.spec else None,
+            solve_task=args.solve,
+            mapping=parse_mapping(args.map or []),
+            id_field=args.id_field,
+            answer_field=args.answer_field,
+            output=args.output,
+            scorer=args.scorer,
+            limit=args.limit,
+            workers=args.workers,
+            engine=args.engine,
+            ray_address=args.address,
+            ray_max_retries=args.max_retries,
+            max_cost_usd=args.max_cost,
+            backend=args.sandbox,
+            image=args.image,
+            test_timeout_s=args.test_timeout,
+            llm=_llm_config(args),
+            model=args.model,
+            baseline=args.baseline,
+            baseline_model=args.baseline_model,
+            baseline_field=args.baseline_field,
+            pilot_rows=args.pilot,
+            on_warning=_warn,
+        )
+    )
+    text = (run_dir / "report.md").read_text("utf-8").split("\nRows not passed")[0]
+    _say(f"run folder: {run_dir} (results.jsonl, summary.json, report.md)")
+    return _finish(args, bool(summary["complete"]), summary, text)
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -878,9 +923,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="give the system only the prompt's doctest examples as `test`, not the dataset's tests",
     )
     p.add_argument("--model", help="model name for solve's generator and implementer")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="see `mas2c batch`")
+    p.add_argument("--address", help="the Ray cluster (with --engine ray)")
+    p.add_argument(
+        "--max-cost", type=float, metavar="USD", help="stop starting problems at this cost"
+    )
     _add_json(p)
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_bench)
+
+    p = verbs.add_parser(
+        "batch", help="a spec or `solve` over a JSONL dataset, scored (local or Ray; resumable)"
+    )
+    p.add_argument("dataset", help="JSONL file, one JSON object per row (.jsonl or .jsonl.gz)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--spec", help="the MAS spec to run on every row")
+    which.add_argument("--solve", metavar="TASK", help="run `mas2c solve TASK` on every row")
+    p.add_argument("--map", action="append", metavar="INPUT=FIELD", help="row field of an input")
+    p.add_argument("--id-field", default="id", help="row field with the row's id (default id)")
+    p.add_argument("--answer-field", default="answer", help="row field with the expected answer")
+    p.add_argument("--output", help="the spec output to score (default answer, or the only one)")
+    p.add_argument(
+        "--scorer", default="exact", help="exact, numeric, f1, math, code or python:FILE"
+    )
+    p.add_argument("--limit", type=int, help="the first N rows")
+    p.add_argument("--workers", type=int, default=2, help="rows (sandboxes) at once (default 2)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument(
+        "--address", help="the Ray cluster to use (default: RAY_ADDRESS, else a local Ray)"
+    )
+    p.add_argument(
+        "--max-retries", type=int, default=3, help="Ray retries of a row lost with its node"
+    )
+    p.add_argument(
+        "--max-cost", type=float, metavar="USD", help="stop starting rows at this total cost"
+    )
+    p.add_argument("--baseline", choices=["cot-sc"], help="run a matched-cost baseline beside it")
+    p.add_argument("--baseline-model", help="the spec's model id the baseline samples")
+    p.add_argument("--baseline-field", help="row field the baseline gets as its question")
+    p.add_argument("--pilot", type=int, default=5, help="rows that measure the cost to match (5)")
+    p.add_argument("--run-dir", help="run folder; an existing one is resumed")
+    p.add_argument("--sandbox", choices=["docker", "local"], default="docker")
+    p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
+    p.add_argument("--test-timeout", type=float, default=20.0, help="seconds for one scoring")
+    p.add_argument("--model", help="model name for solve's generator and implementer")
+    _add_json(p)
+    _add_llm_flags(p)
+    p.set_defaults(handler=cmd_batch)
 
     for register in _EXTRA_VERBS:
         register(verbs)

@@ -255,6 +255,11 @@ FAILURE: dict[str, tuple[Case, int, str]] = {
     "rectify": (lambda t, s: ["rectify", str(t / "nope")], 2, "usage"),
     "sandbox": (lambda t, s: ["sandbox", "status"], 1, ""),
     "bench": (lambda t, s: ["bench", "humaneval", "--workers", "0"], 2, "usage"),
+    "batch": (
+        lambda t, s: ["batch", str(t / "missing.jsonl"), "--spec", str(COT)],
+        2,
+        "usage",
+    ),
     "unknown-verb": (lambda t, s: ["transmogrify"], 2, "usage"),
     "bad-flag": (lambda t, s: ["compile", str(COT), "--frobnicate"], 2, "usage"),
 }
@@ -274,8 +279,9 @@ def test_every_verb_is_covered() -> None:
     names = set(verbs.choices)
     assert names <= set(FAILURE), names - set(FAILURE)
     # the verbs whose success needs an LLM conversation are covered by their own tests
-    # (generate/solve: tests/test_solve.py, bench: tests/test_bench.py), all through --json
-    assert names - set(SUCCESS) == {"generate", "solve", "bench"}
+    # (generate/solve: tests/test_solve.py, bench: tests/test_bench.py, batch:
+    # tests/test_batch.py), all through --json
+    assert names - set(SUCCESS) == {"generate", "solve", "bench", "batch"}
     for name, sub in verbs.choices.items():
         assert any("--json" in a.option_strings for a in sub._actions), name
 
