@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -644,6 +645,34 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--as-root", action="store_true", help="LOOSENS the sandbox: run as root in the container"
     )
+    p.add_argument(
+        "--trace-content",
+        action="store_true",
+        help="also trace prompts, completions and tool arguments (trace.jsonl)",
+    )
+
+
+# -- seeing a run (mas2c.report, mas2c.otel) --------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mas2c.report import write_report
+
+    output = Path(args.output) if args.output else None
+    if output is not None and not output.parent.is_dir():
+        raise UsageError(
+            f"cannot write {output}: the folder {output.parent} does not exist (mas2c creates no folders for -o FILE)"
+        )
+    out = write_report(_existing(args.run_dir), output)
+    return _finish(args, True, {"output": str(out)}, str(out))
+
+
+def _add_observe_verbs(verbs: Any) -> None:
+    p = verbs.add_parser("report", help="write a self-contained HTML report of a run folder")
+    p.add_argument("run_dir", help="a run, rectify or solve folder")
+    p.add_argument("-o", "--output", help="HTML file to write (default RUN_DIR/report.html)")
+    _add_json(p)
+    p.set_defaults(handler=cmd_report)
 
 
 def _add_llm_flags(p: argparse.ArgumentParser) -> None:
@@ -932,6 +961,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_bench)
 
+    _add_observe_verbs(verbs)
     p = verbs.add_parser(
         "batch", help="a spec or `solve` over a JSONL dataset, scored (local or Ray; resumable)"
     )
@@ -995,6 +1025,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError("no verb given (see mas2c --help)")
             parser.print_help(sys.stderr)
             return EXIT_USAGE
+        if getattr(args, "trace_content", False):
+            # Every run this command starts traces prompts and completions (mas2c.run reads it).
+            os.environ["MAS2C_TRACE_CONTENT"] = "1"
         return handler(args)
     except _ArgumentError as exc:
         if not as_json:

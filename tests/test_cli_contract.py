@@ -215,6 +215,7 @@ SUCCESS: dict[str, Case] = {
         "--no-llm",
     ],
     "sandbox": lambda t, s: ["sandbox", "status"],
+    "report": lambda t, s: ["report", str(_ok_run(t, s)), "-o", str(t / "report.html")],
 }
 
 FAILURE: dict[str, tuple[Case, int, str]] = {
@@ -260,6 +261,7 @@ FAILURE: dict[str, tuple[Case, int, str]] = {
         2,
         "usage",
     ),
+    "report": (lambda t, s: ["report", str(t / "missing")], 2, "usage"),
     "unknown-verb": (lambda t, s: ["transmogrify"], 2, "usage"),
     "bad-flag": (lambda t, s: ["compile", str(COT), "--frobnicate"], 2, "usage"),
 }
