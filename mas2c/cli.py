@@ -263,14 +263,14 @@ def _llm_config(args: argparse.Namespace) -> Any:
     llm = getattr(args, "llm", None)
     record = getattr(args, "record", None)
     replay = getattr(args, "replay", None)
-    if record and replay and Path(record) == Path(replay):
-        raise UsageError("--record and --replay name the same cassette; give two files")
+    # --record F --replay F: new episodes; F may not exist yet. A strict replay's must.
+    same = bool(record and replay and Path(record) == Path(replay))
     return LLMConfig(
         url=None if llm in (None, "local") else llm,
         force_local=llm == "local",
         local_model=Path(args.local_model) if getattr(args, "local_model", None) else None,
         record=Path(record) if record else None,
-        replay=_readable_file(replay, "cassette") if replay else None,
+        replay=(Path(replay) if same else _readable_file(replay, "cassette")) if replay else None,
         cache=bool(getattr(args, "cache", False)),
     )
 

@@ -57,6 +57,16 @@ class LLMConfig:
     def key(self) -> str | None:
         return self.api_key if self.api_key is not None else os.environ.get("OPENAI_API_KEY")
 
+    @property
+    def replay_misses(self) -> Literal["fail", "forward"]:
+        """With both a replay and a record cassette, what the replay lacks is fetched and recorded."""
+        return "forward" if self.replay is not None and self.record is not None else "fail"
+
+    @property
+    def needs_upstream(self) -> bool:
+        """False only for a strict replay (no endpoint at all)."""
+        return self.replay is None or self.replay_misses == "forward"
+
 
 @dataclass
 class RunOutcome:
@@ -135,7 +145,7 @@ def make_upstream(config: LLMConfig, on_progress: Callable[[str], None] | None =
     """The gateway's upstream: an OpenAI-compatible endpoint, or the embedded local engine."""
     from mas2c.gateway import HttpUpstream
 
-    if config.replay is not None:
+    if not config.needs_upstream:
         return None
     url = config.endpoint()
     if url is not None:
@@ -158,6 +168,33 @@ def gateway_prices(spec: Spec | dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def gateway_models(spec: Spec | dict[str, Any]) -> dict[str, int | None]:
+    """The model names the spec's pool allows, each with its ``max_tokens`` cap (None: none)."""
+    models = _spec_facts(spec if isinstance(spec, dict) else spec.to_data())[0]
+    caps: dict[str, int | None] = {}
+    for model in models.values():
+        if not isinstance(model, dict):
+            continue
+        name, cap = str(model.get("model")), model.get("max_tokens")
+        cap = cap if isinstance(cap, int) else None
+        if name in caps:
+            old = caps[name]
+            caps[name] = None if old is None or cap is None else max(old, cap)
+        else:
+            caps[name] = cap
+    return caps
+
+
+def sandbox_uid(backend: str, loosen: Any) -> int:
+    """The uid the sandboxed program runs as (who must reach the gateway socket)."""
+    from mas2c import sandbox
+
+    if backend == "local":
+        uid = getattr(sandbox, "local_uid", None)
+        return int(uid()) if callable(uid) else os.geteuid()
+    return 0 if loosen is not None and getattr(loosen, "root_user", False) else sandbox.SANDBOX_UID
+
+
 def gateway_budget(spec: Spec | dict[str, Any]) -> Any:
     from mas2c.gateway import Budget
 
@@ -166,11 +203,17 @@ def gateway_budget(spec: Spec | dict[str, Any]) -> Any:
 
 
 @contextmanager
-def socket_dir() -> Iterator[Path]:
-    """A short private folder for the gateway socket (unix socket paths are capped near 107 bytes)."""
-    folder = Path(tempfile.mkdtemp(prefix="mas2c-", dir="/tmp"))
+def socket_dir(uid: int | None = None) -> Iterator[Path]:
+    """A short folder of mode 0700 for the gateway socket (unix socket paths are capped near 107 bytes).
+
+    Owned by ``uid`` (the sandbox's) when mas2c runs as root, so that only that uid
+    (and root) can enter it; otherwise owned by this user (the container reaches the
+    socket through its bind mount, other host users cannot enter the folder).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="mas2c-", dir="/tmp"))  # mode 0700
     try:
-        folder.chmod(0o755)  # the container's user must reach the socket inside
+        if uid is not None and uid != os.geteuid() and os.geteuid() == 0:
+            os.chown(folder, uid, uid)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -207,7 +250,7 @@ def run_system(
     say = on_progress or (lambda _message: None)
     system = load_target(target)
     check_input(input_path, _spec_facts(system.data)[2])
-    owned = upstream is None and llm.replay is None
+    owned = upstream is None and llm.needs_upstream
     if owned and (url := llm.endpoint()) is not None:
         check_reachable(url)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,17 +269,21 @@ def run_system(
         compile_spec(system.spec).write(build_dir)
     if owned:
         upstream = make_upstream(llm, on_progress=on_progress)
+    uid = sandbox_uid(backend, loosen)
     try:
-        with socket_dir() as folder:
+        with socket_dir(uid) as folder:
             gateway = Gateway(
                 folder / "llm.sock",
-                upstream,
+                upstream if llm.needs_upstream else None,
                 prices=gateway_prices(system.data),
                 budget=gateway_budget(system.data),
                 record=llm.record,
                 replay=llm.replay,
+                replay_misses=llm.replay_misses,
                 cache=llm.cache,
                 on_event=on_event,
+                models=gateway_models(system.data),
+                socket_uid=uid,
             )
             with gateway:
                 try:

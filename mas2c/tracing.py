@@ -64,8 +64,11 @@ def new_span_id() -> str:
 
 
 def iso(ts: float) -> str:
-    """Unix seconds as ISO 8601 UTC with milliseconds."""
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+    """Unix seconds as ISO 8601 UTC with milliseconds ("?" for a time no calendar has)."""
+    try:
+        whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return "?"
     return f"{whole}.{int(ts % 1 * 1000):03d}Z"
 
 

@@ -307,7 +307,9 @@ def _hostile_folder(folder: Path) -> None:
     (folder / "trace.jsonl").write_text("\n".join(lines) + "\n")
     rounds = folder / "rectify" / "round-1"
     rounds.mkdir(parents=True)
-    (rounds / "notes.json").write_text(json.dumps({"failure": {"type": EVIL}, "fix": {"why": EVIL}}))
+    (rounds / "notes.json").write_text(
+        json.dumps({"failure": {"type": EVIL}, "fix": {"why": EVIL}})
+    )
     (rounds / "patch.diff").write_text(f"+{EVIL}\n-{EVIL}\n")
 
 
@@ -323,7 +325,9 @@ def test_a_hostile_run_folder_is_shown_as_text(tmp_path: Path) -> None:
     assert title.startswith("mas2c run:") and "pwned" in title  # as text, never run
     assert "".join(dom.text).count(EVIL) >= 8
     problems = read_run_trace(folder).problems
-    assert any("not JSON" in p for p in problems) and any("not a trace event" in p for p in problems)
+    assert any("not JSON" in p for p in problems) and any(
+        "not a trace event" in p for p in problems
+    )
 
 
 FUZZ_KEYS = [
@@ -332,7 +336,11 @@ FUZZ_KEYS = [
 ]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("MAS2C_FUZZ_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     st.lists(
         st.dictionaries(
