@@ -185,16 +185,19 @@ def gateway_models(spec: Spec | dict[str, Any]) -> dict[str, int | None]:
     return caps
 
 
-def gateway_egress(spec: Spec) -> Any:
+def gateway_egress(spec: Spec | dict[str, Any]) -> Any:
     """The egress policy of the spec's tools (secrets read on the host now), or None."""
     from mas2c.gateway import EgressPolicy, EgressRule, GatewayError
 
+    data = spec if isinstance(spec, dict) else spec.to_data()
+    tools = data.get("tools") or {}
     rules = {
-        name: EgressRule(
-            frozenset(h.lower() for h in tool.egress.hosts), tuple(tool.egress.secrets)
+        str(name): EgressRule(
+            frozenset(str(h).lower() for h in egress.get("hosts") or []),
+            tuple(str(s) for s in egress.get("secrets") or []),
         )
-        for name, tool in spec.tools.items()
-        if tool.egress is not None
+        for name, tool in (tools.items() if isinstance(tools, dict) else [])
+        if isinstance(tool, dict) and isinstance(egress := tool.get("egress"), dict)
     }
     if not rules:
         return None
@@ -303,7 +306,7 @@ def run_system(
                 on_event=on_event,
                 models=gateway_models(system.data),
                 socket_uid=uid,
-                egress=gateway_egress(spec),
+                egress=gateway_egress(system.data),
             )
             with gateway:
                 try:
