@@ -1683,6 +1683,12 @@ def _cell(value: Any, n: int = 80) -> str:
     return text.replace("|", "\\|").replace("\n", " ")[:n]
 
 
+def _title(summary: Mapping[str, Any]) -> str:
+    if summary.get("benchmark") == "batch" and summary.get("dataset"):
+        return Path(str(summary["dataset"])).name
+    return str(summary.get("benchmark"))
+
+
 def report(
     rows: Sequence[Row],
     done: Mapping[str, dict[str, Any]],
@@ -1698,7 +1704,7 @@ def report(
     ci = summary.get("ci95")
     interval = f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "-"
     lines = [
-        f"# Batch: {summary.get('benchmark')}",
+        f"# Batch: {_title(summary)}",
         "",
         f"System: {what}; dataset: `{summary.get('dataset') or summary.get('benchmark')}`; "
         f"scorer: {summary.get('scorer')}; engine: {summary.get('engine')}; "

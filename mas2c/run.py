@@ -53,6 +53,16 @@ class LLMConfig:
     def key(self) -> str | None:
         return self.api_key if self.api_key is not None else os.environ.get("OPENAI_API_KEY")
 
+    @property
+    def replay_misses(self) -> Literal["fail", "forward"]:
+        """With both a replay and a record cassette, what the replay lacks is fetched and recorded."""
+        return "forward" if self.replay is not None and self.record is not None else "fail"
+
+    @property
+    def needs_upstream(self) -> bool:
+        """False only for a strict replay (no endpoint at all)."""
+        return self.replay is None or self.replay_misses == "forward"
+
 
 @dataclass
 class RunOutcome:
@@ -90,7 +100,7 @@ def make_upstream(config: LLMConfig, on_progress: Callable[[str], None] | None =
     """The gateway's upstream: an OpenAI-compatible endpoint, or the embedded local engine."""
     from mas2c.gateway import HttpUpstream
 
-    if config.replay is not None:
+    if not config.needs_upstream:
         return None
     url = config.endpoint()
     if url is not None:
@@ -110,6 +120,30 @@ def gateway_prices(spec: Spec) -> dict[str, Any]:
     }
 
 
+def gateway_models(spec: Spec) -> dict[str, int | None]:
+    """The model names the spec's pool allows, each with its ``max_tokens`` cap (None: none)."""
+    caps: dict[str, int | None] = {}
+    for model in spec.models.values():
+        if model.model in caps:
+            old = caps[model.model]
+            caps[model.model] = (
+                None if old is None or model.max_tokens is None else max(old, model.max_tokens)
+            )
+        else:
+            caps[model.model] = model.max_tokens
+    return caps
+
+
+def sandbox_uid(backend: str, loosen: Any) -> int:
+    """The uid the sandboxed program runs as (who must reach the gateway socket)."""
+    from mas2c import sandbox
+
+    if backend == "local":
+        uid = getattr(sandbox, "local_uid", None)
+        return int(uid()) if callable(uid) else os.geteuid()
+    return 0 if loosen is not None and getattr(loosen, "root_user", False) else sandbox.SANDBOX_UID
+
+
 def gateway_budget(spec: Spec) -> Any:
     from mas2c.gateway import Budget
 
@@ -118,11 +152,17 @@ def gateway_budget(spec: Spec) -> Any:
 
 
 @contextmanager
-def socket_dir() -> Iterator[Path]:
-    """A short private folder for the gateway socket (unix socket paths are capped near 107 bytes)."""
-    folder = Path(tempfile.mkdtemp(prefix="mas2c-", dir="/tmp"))
+def socket_dir(uid: int | None = None) -> Iterator[Path]:
+    """A short folder of mode 0700 for the gateway socket (unix socket paths are capped near 107 bytes).
+
+    Owned by ``uid`` (the sandbox's) when mas2c runs as root, so that only that uid
+    (and root) can enter it; otherwise owned by this user (the container reaches the
+    socket through its bind mount, other host users cannot enter the folder).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="mas2c-", dir="/tmp"))  # mode 0700
     try:
-        folder.chmod(0o755)  # the container's user must reach the socket inside
+        if uid is not None and uid != os.geteuid() and os.geteuid() == 0:
+            os.chown(folder, uid, uid)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -164,20 +204,24 @@ def run_system(
     if build_dir is None:
         build_dir = run_dir / "build"
         compile_spec(spec).write(build_dir)
-    owned = upstream is None and llm.replay is None
+    owned = upstream is None and llm.needs_upstream
     if owned:
         upstream = make_upstream(llm)
+    uid = sandbox_uid(backend, loosen)
     try:
-        with socket_dir() as folder:
+        with socket_dir(uid) as folder:
             gateway = Gateway(
                 folder / "llm.sock",
-                upstream,
+                upstream if llm.needs_upstream else None,
                 prices=gateway_prices(spec),
                 budget=gateway_budget(spec),
                 record=llm.record,
                 replay=llm.replay,
+                replay_misses=llm.replay_misses,
                 cache=llm.cache,
                 on_event=on_event,
+                models=gateway_models(spec),
+                socket_uid=uid,
             )
             with gateway:
                 try:
