@@ -121,6 +121,10 @@ def compile_spec(spec: Spec) -> Build:
     texts = {path: _format(path, text) for path, text in python_files.items()}
     runtime = (templates_dir() / "_runtime.py").read_text("utf-8")
     texts[f"{package}/_runtime.py"] = header + "\n" + _formatted_runtime(runtime)
+    if any(tool.egress is not None for tool in spec.tools.values()):
+        # The egress helper ships only with systems whose tools declare egress.
+        egress = (templates_dir() / "_egress.py").read_text("utf-8")
+        texts[f"{package}/_egress.py"] = header + "\n" + egress
     texts["pyproject.toml"] = _render("pyproject.toml.j2", context)
     texts["README.md"] = _render("README.md.j2", {**context, **_readme_view(spec)})
     source_map = [

@@ -65,6 +65,8 @@ import httpx
 
 __all__ = [
     "Budget",
+    "EgressPolicy",
+    "EgressRule",
     "Gateway",
     "GatewayError",
     "GatewayLimits",
@@ -612,6 +614,10 @@ def _usage_of(body: Mapping[str, Any], resp: dict[str, Any]) -> tuple[int, int]:
     return p, c
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -1155,6 +1161,9 @@ class _AsyncHttp:
             step = unquote(request.headers.get(STEP_HEADER.lower(), ""))[:500]
             status, obj, source = await self._in_worker(gw._exchange, request.body, agent, step)
             return status, obj, ({"X-Mas2c-Source": source} if source else None)
+        if request.method == "POST" and route == EGRESS_ROUTE:
+            status, obj = await self._in_worker(gw._egress_exchange, request.body)
+            return status, obj, None
         return (
             404,
             _error_body(
@@ -1189,6 +1198,93 @@ class _AsyncHttp:
 
         self.pool.submit(work)
         return await future
+
+
+# --------------------------------------------------------------------------- egress
+
+
+EGRESS_ROUTE = "/mas2c/egress"
+_EGRESS_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
+_HOP_HEADERS = frozenset(
+    {"host", "content-length", "connection", "transfer-encoding", "keep-alive", "upgrade"}
+)
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    """What one tool may reach: ``host`` (ports 80/443) or ``host:port``, and its secret names."""
+
+    hosts: frozenset[str]
+    secrets: tuple[str, ...] = ()
+
+    def allows(self, scheme: str, host: str, port: int | None) -> bool:
+        default = {"http": 80, "https": 443}[scheme]
+        port = port or default
+        return f"{host}:{port}" in self.hosts or (port == default and host in self.hosts)
+
+
+def read_secrets_file(path: Path) -> dict[str, str]:
+    """A secrets file: a JSON object of strings, or ``NAME=value`` lines (# comments)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise GatewayError(f"cannot read the secrets file {path}: {exc.strerror or exc}") from None
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise GatewayError(f"{path}: not a JSON object of strings ({exc})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise GatewayError(f"{path}: not a JSON object of strings")
+        return {str(k): v for k, v in data.items()}
+    out: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not name.strip():
+            raise GatewayError(f"{path}:{lineno}: expected NAME=value")
+        out[name.strip()] = value.strip().strip("'\"")
+    return out
+
+
+class EgressPolicy:
+    """Per-tool egress rules and the secrets' values, which stay on the host.
+
+    ``secrets`` are looked up by name in ``MAS2C_SECRETS_FILE`` (when set), then in
+    the environment, once, when the policy is made (:meth:`from_host`).
+    """
+
+    def __init__(
+        self,
+        rules: Mapping[str, EgressRule],
+        secrets: Mapping[str, str],
+        *,
+        max_response_bytes: int = 4 * _MIB,
+        max_timeout_s: float = 60.0,
+    ) -> None:
+        self.rules = dict(rules)
+        self.secrets = {k: v for k, v in secrets.items() if v}
+        self.max_response_bytes = max_response_bytes
+        self.max_timeout_s = max_timeout_s
+        self.scrub = Scrubber(list(self.secrets.values()))
+
+    @classmethod
+    def from_host(cls, rules: Mapping[str, EgressRule], **kwargs: Any) -> EgressPolicy:
+        names = {name for rule in rules.values() for name in rule.secrets}
+        found: dict[str, str] = {}
+        file = os.environ.get("MAS2C_SECRETS_FILE")
+        if file:
+            found.update({k: v for k, v in read_secrets_file(Path(file)).items() if k in names})
+        for name in names - set(found):
+            if os.environ.get(name):
+                found[name] = os.environ[name]
+        return cls(rules, found, **kwargs)
+
+
+def _denied(message: str, status: int = 403) -> _HttpFailure:
+    return _HttpFailure(status, _error_body("egress_denied", "mas2c_egress_denied", message))
 
 
 # --------------------------------------------------------------------------- gateway
@@ -1249,6 +1345,7 @@ class Gateway:
         models: Mapping[str, int | None] | None = None,
         limits: GatewayLimits = GatewayLimits(),
         socket_uid: int | None = None,
+        egress: EgressPolicy | None = None,
     ) -> None:
         if upstream is None and replay is None:
             raise GatewayError("the gateway needs an upstream or a replay cassette")
@@ -1266,6 +1363,9 @@ class Gateway:
         self.models = dict(models) if models is not None else None
         self.limits = limits
         self.socket_uid = socket_uid
+        self.egress = egress
+        self._egress_client: httpx.Client | None = None
+        self._egress_counts = {"requests": 0, "refused": 0, "failed": 0}
         self._lock = threading.Lock()
         self._ledger = _Ledger(budget, self._lock)
         self._weights = _WeightBudget(limits.max_parse_weight)
@@ -1402,6 +1502,9 @@ class Gateway:
                 http.sock.close()
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+        if self._egress_client is not None:
+            self._egress_client.close()
+            self._egress_client = None
         self._close_record()
 
     def _close_record(self) -> None:
@@ -1434,6 +1537,7 @@ class Gateway:
                 "max_tokens_clamped": u.clamped,
                 "cassette_misses": u.cassette_misses,
                 "recorded_misses": u.recorded_misses,
+                **({"egress": dict(self._egress_counts)} if self.egress is not None else {}),
             }
 
     def server_stats(self) -> dict[str, int]:
@@ -1596,6 +1700,124 @@ class Gateway:
         finally:
             if weight is not None:
                 self._weights.release(weight)
+
+    def _egress_exchange(self, raw: bytes) -> tuple[int, dict[str, Any]]:
+        """Serve one egress request of a code tool (in a worker thread)."""
+        policy = self.egress
+        try:
+            if policy is None:
+                raise _denied("no tool of this system declares egress")
+            if json_value_count(raw) > self.limits.max_json_values:
+                raise _denied("egress request too large", 413)
+            try:
+                req = json.loads(raw)
+            except (ValueError, RecursionError):
+                raise _bad_request("egress request is not JSON") from None
+            if not isinstance(req, dict):
+                raise _bad_request("egress request must be a JSON object")
+            answer = self._egress_send(policy, req)
+            with self._lock:
+                self._egress_counts["requests"] += 1
+            return 200, answer
+        except _HttpFailure as fail:
+            with self._lock:
+                key = "refused" if fail.status in (400, 403, 413) else "failed"
+                self._egress_counts[key] += 1
+            message = fail.body.get("error", {}).get("message", "")
+            scrub = policy.scrub if policy is not None else (lambda t: t)
+            fail.body["error"]["message"] = scrub(str(message))
+            return fail.status, fail.body
+
+    def _egress_send(self, policy: EgressPolicy, req: dict[str, Any]) -> dict[str, Any]:
+        import base64
+        from urllib.parse import urlsplit
+
+        tool, method, url = req.get("tool"), req.get("method"), req.get("url")
+        if not isinstance(tool, str) or tool not in policy.rules:
+            raise _denied(f"tool {str(tool)[:100]!r} declares no egress in the spec")
+        rule = policy.rules[tool]
+        if not isinstance(method, str) or method not in _EGRESS_METHODS:
+            raise _bad_request(f"egress method must be one of {sorted(_EGRESS_METHODS)}")
+        if not isinstance(url, str) or len(url) > 8192:
+            raise _bad_request("egress url must be a string of at most 8192 characters")
+        headers_in = req.get("headers") or {}
+        if not isinstance(headers_in, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers_in.items()
+        ):
+            raise _bad_request("egress headers must be an object of strings")
+        try:
+            body = base64.b64decode(str(req.get("body") or ""), validate=True)
+        except ValueError:
+            raise _bad_request("egress body must be base64") from None
+
+        def where(u: str) -> tuple[str, str, int | None]:
+            try:
+                parts = urlsplit(u)
+                port = parts.port
+            except ValueError:
+                raise _bad_request("egress url is not a URL") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise _denied("egress url must be http:// or https:// with a host")
+            if parts.username is not None or parts.password is not None:
+                raise _denied("egress url must not carry credentials (use a declared secret)")
+            return parts.scheme, parts.hostname.lower(), port
+
+        def check(u: str) -> None:
+            scheme, host, port = where(u)
+            if not rule.allows(scheme, host, port):
+                shown = f"{host}:{port}" if port else host
+                raise _denied(
+                    f"tool {tool!r} may not reach {shown}: its egress hosts are "
+                    f"{sorted(rule.hosts)}"
+                )
+
+        check(url)  # before the secrets are inserted: a refusal never names them
+
+        def insert(text: str) -> str:
+            for name in rule.secrets:
+                token = "${" + name + "}"
+                if token in text:
+                    if name not in policy.secrets:
+                        raise _bad_request(
+                            f"secret {name} is not set on the host (an environment variable "
+                            "or MAS2C_SECRETS_FILE)"
+                        )
+                    text = text.replace(token, policy.secrets[name])
+            return text
+
+        url = insert(url)
+        check(url)
+        headers = {k: insert(v) for k, v in headers_in.items() if k.lower() not in _HOP_HEADERS}
+        with contextlib.suppress(UnicodeDecodeError):  # binary bodies are sent as they are
+            body = insert(body.decode("utf-8")).encode("utf-8")
+        timeout = req.get("timeout_s")
+        timeout_s = min(float(timeout), policy.max_timeout_s) if _number(timeout) else 30.0  # type: ignore[arg-type]
+        with self._lock:
+            if self._egress_client is None:
+                self._egress_client = httpx.Client(follow_redirects=False)
+            client = self._egress_client
+        try:
+            with client.stream(
+                method, url, headers=headers, content=body or None, timeout=timeout_s
+            ) as resp:
+                content = bytearray()
+                for chunk in resp.iter_bytes():
+                    content += chunk
+                    if len(content) > policy.max_response_bytes:
+                        raise _denied(
+                            f"the answer is larger than {policy.max_response_bytes} bytes", 502
+                        )
+                status, resp_headers = resp.status_code, dict(resp.headers)
+        except httpx.HTTPError as exc:
+            raise _denied(f"egress request failed: {type(exc).__name__}: {exc}", 502) from None
+        data = bytes(content)
+        for value in policy.secrets.values():
+            data = data.replace(value.encode("utf-8"), _REDACTED.encode())
+        return {
+            "status": status,
+            "headers": {k: policy.scrub(v) for k, v in resp_headers.items()},
+            "body": base64.b64encode(data).decode("ascii"),
+        }
 
     @staticmethod
     def _cap_field(body: Mapping[str, Any]) -> str:

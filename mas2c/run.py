@@ -134,6 +134,25 @@ def gateway_models(spec: Spec) -> dict[str, int | None]:
     return caps
 
 
+def gateway_egress(spec: Spec) -> Any:
+    """The egress policy of the spec's tools (secrets read on the host now), or None."""
+    from mas2c.gateway import EgressPolicy, EgressRule, GatewayError
+
+    rules = {
+        name: EgressRule(
+            frozenset(h.lower() for h in tool.egress.hosts), tuple(tool.egress.secrets)
+        )
+        for name, tool in spec.tools.items()
+        if tool.egress is not None
+    }
+    if not rules:
+        return None
+    try:
+        return EgressPolicy.from_host(rules)
+    except GatewayError as exc:
+        raise RunError(str(exc)) from None
+
+
 def sandbox_uid(backend: str, loosen: Any) -> int:
     """The uid the sandboxed program runs as (who must reach the gateway socket)."""
     from mas2c import sandbox
@@ -222,6 +241,7 @@ def run_system(
                 on_event=on_event,
                 models=gateway_models(spec),
                 socket_uid=uid,
+                egress=gateway_egress(spec),
             )
             with gateway:
                 try:
