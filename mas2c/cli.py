@@ -668,19 +668,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mas2c.otel import ExportError, export_otel
+    from mas2c.otel import export_otel
 
-    try:
-        sent = export_otel(
-            _existing(args.run_dir), args.endpoint, service=args.service, timeout_s=args.timeout
-        )
-    except ExportError as exc:
-        raise SetupFailed(str(exc)) from None
-    if args.json:
-        _print_json(sent)
-    else:
-        sys.stdout.write(f"exported {sent['spans']} span(s) of trace {sent['trace_id']}\n")
-    return EXIT_OK
+    sent = export_otel(
+        _existing(args.run_dir), args.endpoint, service=args.service, timeout_s=args.timeout
+    )
+    text = f"exported {sent['spans']} span(s) of trace {sent['trace_id']}"
+    return _finish(args, True, sent, text)
 
 
 def _add_observe_verbs(verbs: Any) -> None:
@@ -701,7 +695,7 @@ def _add_observe_verbs(verbs: Any) -> None:
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to deliver, retries included (30)"
     )
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
     p.set_defaults(handler=cmd_export)
 
 

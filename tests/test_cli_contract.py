@@ -262,6 +262,11 @@ FAILURE: dict[str, tuple[Case, int, str]] = {
         "usage",
     ),
     "report": (lambda t, s: ["report", str(t / "missing")], 2, "usage"),
+    "export": (
+        lambda t, s: ["export", "otel", str(t / "missing"), "--endpoint", "http://127.0.0.1:9"],
+        2,
+        "usage",
+    ),
     "unknown-verb": (lambda t, s: ["transmogrify"], 2, "usage"),
     "bad-flag": (lambda t, s: ["compile", str(COT), "--frobnicate"], 2, "usage"),
 }
@@ -283,7 +288,8 @@ def test_every_verb_is_covered() -> None:
     # the verbs whose success needs an LLM conversation are covered by their own tests
     # (generate/solve: tests/test_solve.py, bench: tests/test_bench.py, batch:
     # tests/test_batch.py), all through --json
-    assert names - set(SUCCESS) == {"generate", "solve", "bench", "batch"}
+    # (export: tests/test_otel.py, against a real OTLP receiver)
+    assert names - set(SUCCESS) == {"generate", "solve", "bench", "batch", "export"}
     for name, sub in verbs.choices.items():
         assert any("--json" in a.option_strings for a in sub._actions), name
 
