@@ -348,11 +348,41 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mas2c.otel import ExportError, export_otel
+
+    try:
+        sent = export_otel(
+            _existing(args.run_dir), args.endpoint, service=args.service, timeout_s=args.timeout
+        )
+    except ExportError as exc:
+        raise SetupFailed(str(exc)) from None
+    if args.json:
+        _print_json(sent)
+    else:
+        sys.stdout.write(f"exported {sent['spans']} span(s) of trace {sent['trace_id']}\n")
+    return EXIT_OK
+
+
 def _add_observe_verbs(verbs: Any) -> None:
     p = verbs.add_parser("report", help="write a self-contained HTML report of a run folder")
     p.add_argument("run_dir", help="a run, rectify or solve folder")
     p.add_argument("-o", "--output", help="HTML file to write (default RUN_DIR/report.html)")
     p.set_defaults(handler=cmd_report)
+    p = verbs.add_parser("export", help="send a run's trace elsewhere (OpenTelemetry)")
+    p.add_argument("format", choices=["otel"], help="otel: OTLP/HTTP with gen_ai.* attributes")
+    p.add_argument("run_dir", help="a run folder (with trace.jsonl)")
+    p.add_argument(
+        "--endpoint",
+        required=True,
+        help="OTLP/HTTP traces URL or base URL (e.g. http://127.0.0.1:6006/v1/traces)",
+    )
+    p.add_argument("--service", default="mas2c", help="service.name (default mas2c)")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to deliver, retries included (30)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_export)
 
 
 def _add_llm_flags(p: argparse.ArgumentParser) -> None:
