@@ -22,6 +22,7 @@ from mas2c.batch import (
     BatchOptions,
     load_rows,
     newcombe_paired,
+    normalize_answer,
     normalize_math,
     parse_number,
     read_results,
@@ -119,6 +120,19 @@ def test_number_and_math_normalisation() -> None:
     assert parse_number("1/0") is None
     assert parse_number(True) is None
     assert normalize_math("The answer is $\\boxed{x^{2}}$.") == "x^{2}"
+
+
+@settings(max_examples=200 if os.environ.get("CI") != "true" else 50, deadline=None)
+@given(st.text(max_size=40), st.integers(-(10**12), 10**12))
+def test_scorers_properties(text: str, number: int) -> None:
+    once = normalize_answer(text)
+    assert normalize_answer(once) == once  # idempotent
+    assert score_text("exact", text, text) == 1.0
+    assert score_text("exact", f'  "{text}". ', text) == 1.0
+    assert score_text("f1", text, text) == 1.0
+    assert score_text("numeric", f"so the total is {number:,}.", str(number)) == 1.0
+    assert score_text("numeric", f"{number + 1}", number) == 0.0
+    assert score_text("math", f"\\boxed{{{number}}}", str(number)) == 1.0
 
 
 def test_wilson_known_values() -> None:
@@ -379,6 +393,44 @@ def test_user_scorer_runs_in_the_docker_sandbox(docker_ready: None, tmp_path: Pa
             assert b"sk-secret-batch" not in path.read_bytes(), path
 
 
+HOSTILE_SCORER = """
+def score(prediction, row):
+    if row["id"] == "gsm8k-0":
+        while True:
+            pass
+    if row["id"] == "gsm8k-1":
+        return "x" * 2_000_000
+    if row["id"] == "gsm8k-2":
+        return {1, 2}
+    return float("nan")
+"""
+
+
+def test_hostile_user_scorers_are_contained(tmp_path: Path) -> None:
+    dataset, rows = qa_dataset(tmp_path)
+    scorer = tmp_path / "hostile.py"
+    scorer.write_text(HOSTILE_SCORER)
+    with LLMTestServer(answering(rows)) as server:
+        summary = run_batch(
+            options(
+                tmp_path,
+                dataset,
+                server,
+                scorer=f"python:{scorer}",
+                test_timeout_s=1.0,
+                workers=4,
+            )
+        )
+    results = read_results(tmp_path / "run" / "results.jsonl")
+    assert results["gsm8k-0"]["scorer_error"] == "ScorerTimeout"
+    assert results["gsm8k-1"]["scorer_error"] == "ScorerBadValue"
+    assert "unreadable" in results["gsm8k-1"]["note"]
+    assert results["gsm8k-2"]["scorer_error"] == "ScorerRaised"  # a set is not JSON
+    assert results["gsm8k-3"]["scorer_error"] == "ScorerBadValue"  # NaN
+    assert summary["accuracy"] == 0.0 and summary["complete"]
+    assert sum(summary["failures"].values()) == 4
+
+
 def test_a_broken_user_scorer_is_refused_before_running(tmp_path: Path) -> None:
     dataset, _ = qa_dataset(tmp_path)
     scorer = tmp_path / "s.py"
@@ -463,8 +515,8 @@ def test_cli_batch_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
             ]
         )
     assert code == 0
-    out = capsys.readouterr().out
-    assert "| 100.0% |" in out and "run folder:" in out
+    out, err = capsys.readouterr()
+    assert "| 100.0% |" in out and "run folder:" in err  # stdout: the result; stderr: the rest
     assert cli_main(["batch", str(dataset), "--spec", str(COT), "--workers", "0"]) == 2
     assert cli_main(["batch", str(dataset), "--spec", str(COT), "--address", "x:1"]) == 2
     assert cli_main(["batch", str(tmp_path / "missing.jsonl"), "--spec", str(COT)]) == 2
