@@ -148,6 +148,16 @@ def _warn(message: str) -> None:
     sys.stderr.write(f"mas2c: warning: {message}\n")
 
 
+def _replay_path(args: argparse.Namespace) -> Path | None:
+    """--replay's cassette; it may not exist yet when --record names the same file (new episodes)."""
+    replay, record = getattr(args, "replay", None), getattr(args, "record", None)
+    if not replay:
+        return None
+    if record and Path(record).resolve() == Path(replay).resolve():
+        return Path(replay)
+    return Path(_existing(replay))
+
+
 def _llm_config(args: argparse.Namespace) -> Any:
     from mas2c.run import LLMConfig
 
@@ -157,7 +167,7 @@ def _llm_config(args: argparse.Namespace) -> Any:
         force_local=llm == "local",
         local_model=Path(args.local_model) if getattr(args, "local_model", None) else None,
         record=Path(args.record) if getattr(args, "record", None) else None,
-        replay=Path(_existing(args.replay)) if getattr(args, "replay", None) else None,
+        replay=_replay_path(args),
         cache=bool(getattr(args, "cache", False)),
     )
 
@@ -363,8 +373,16 @@ def _add_llm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--local-model", help="a GGUF file for the embedded engine (default SmolLM2-135M-Instruct)"
     )
-    p.add_argument("--record", help="record every LLM exchange to this cassette (JSONL)")
-    p.add_argument("--replay", help="answer LLM requests from this cassette; no endpoint needed")
+    p.add_argument(
+        "--record",
+        help="record every LLM exchange to this cassette (JSONL); with --replay, record what "
+        "the replayed cassette lacks (new episodes, fetched from the endpoint)",
+    )
+    p.add_argument(
+        "--replay",
+        help="answer LLM requests from this cassette; no endpoint needed; a request it lacks "
+        "fails (HTTP 400 mas2c_cassette_miss) unless --record is given too",
+    )
     p.add_argument(
         "--cache", action="store_true", help="answer identical LLM requests from a cache"
     )
