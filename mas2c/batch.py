@@ -523,10 +523,10 @@ class Score:
         return self.score >= 1.0
 
 
-def _sandbox_limits(timeout_s: float) -> Any:
+def _sandbox_limits(timeout_s: float, slack_s: float = 60.0) -> Any:
     from mas2c import sandbox
 
-    return sandbox.Limits(timeout_s=timeout_s + 60, memory_mb=1024, cpus=1.0)
+    return sandbox.Limits(timeout_s=timeout_s + slack_s, memory_mb=1024, cpus=1.0)
 
 
 def run_code_tests(
@@ -602,22 +602,28 @@ def run_user_scorer(
         input_path,
         run_dir,
         backend=backend,
-        limits=_sandbox_limits(timeout_s),
+        limits=_sandbox_limits(timeout_s, slack_s=10.0),
         image=image or sandbox.DEFAULT_IMAGE,
         on_warning=on_warning,
     )
     seconds = time.monotonic() - started
-    result = read_json(run_dir / "result.json", max_bytes=1_000_000)
     if report.timed_out:
-        return Score(0.0, seconds, note="the scorer timed out", error="ScorerTimeout")
+        why = f"the scorer did not finish in {timeout_s + 10:g} s"
+        return Score(0.0, seconds, note=why, error="ScorerTimeout")
+    result = read_json(run_dir / "result.json", max_bytes=1_000_000)
+    if not result:
+        why = "the scorer's answer is unreadable (not JSON, or over 1 MB)"
+        return Score(0.0, seconds, note=why, error="ScorerBadValue")
     if result.get("status") != "ok":
         error = result.get("error")
         error = error if isinstance(error, dict) else {}
         message = f"{error.get('type', 'Error')}: {str(error.get('message', ''))[:300]}"
-        return Score(0.0, seconds, note=f"the scorer raised {message}", error="ScorerRaised")
+        if "traceback" in error:  # score() raised: the runner caught it
+            return Score(0.0, seconds, note=f"the scorer raised {message}", error="ScorerRaised")
+        return Score(0.0, seconds, note=f"the scorer failed: {message}", error="ScorerFailed")
     outputs = result.get("outputs")
     value = outputs.get("value") if isinstance(outputs, dict) else None
-    note = None
+    note: str | None = None
     if isinstance(value, dict):
         note = str(value.get("note"))[:300] if value.get("note") is not None else None
         value = value.get("score")

@@ -392,6 +392,44 @@ def test_user_scorer_runs_in_the_docker_sandbox(docker_ready: None, tmp_path: Pa
             assert b"sk-secret-batch" not in path.read_bytes(), path
 
 
+HOSTILE_SCORER = """
+def score(prediction, row):
+    if row["id"] == "gsm8k-0":
+        while True:
+            pass
+    if row["id"] == "gsm8k-1":
+        return "x" * 2_000_000
+    if row["id"] == "gsm8k-2":
+        return {1, 2}
+    return float("nan")
+"""
+
+
+def test_hostile_user_scorers_are_contained(tmp_path: Path) -> None:
+    dataset, rows = qa_dataset(tmp_path)
+    scorer = tmp_path / "hostile.py"
+    scorer.write_text(HOSTILE_SCORER)
+    with LLMTestServer(answering(rows)) as server:
+        summary = run_batch(
+            options(
+                tmp_path,
+                dataset,
+                server,
+                scorer=f"python:{scorer}",
+                test_timeout_s=1.0,
+                workers=4,
+            )
+        )
+    results = read_results(tmp_path / "run" / "results.jsonl")
+    assert results["gsm8k-0"]["scorer_error"] == "ScorerTimeout"
+    assert results["gsm8k-1"]["scorer_error"] == "ScorerBadValue"
+    assert "unreadable" in results["gsm8k-1"]["note"]
+    assert results["gsm8k-2"]["scorer_error"] == "ScorerRaised"  # a set is not JSON
+    assert results["gsm8k-3"]["scorer_error"] == "ScorerBadValue"  # NaN
+    assert summary["accuracy"] == 0.0 and summary["complete"]
+    assert sum(summary["failures"].values()) == 4
+
+
 def test_a_broken_user_scorer_is_refused_before_running(tmp_path: Path) -> None:
     dataset, _ = qa_dataset(tmp_path)
     scorer = tmp_path / "s.py"

@@ -4,7 +4,8 @@ Both nodes run on this machine (`ray start --head --num-cpus=1` and a second `ra
 --address=...` with its own temp dir and node folder), with Docker sandboxes. The test checks
 that the Ray engine gives the local engine's results (modulo timing), that the API key reaches
 the nodes through the runtime env and never a sandbox or a file, and that a node dying
-mid-batch loses only its in-flight row, which Ray re-runs on the other node. The cluster's
+mid-batch loses only its in-flight row, which Ray re-runs on the other node, and that the
+driver stops submitting at the cost cap. The cluster's
 processes (found by their temp dirs) are stopped at teardown. Without Ray this skips; under
 CI=true it fails.
 """
@@ -231,7 +232,6 @@ def test_ray_engine_matches_local_and_survives_a_node_dying(
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
 
-    # 2. A node dies mid-batch: its in-flight row is re-run on the other node.
     dataset = tmp_path / "gsm8k.jsonl"
     convert_file("gsm8k", DATA / "gsm8k.jsonl", dataset)
     qa = [json.loads(line) for line in dataset.read_text().splitlines()]
@@ -242,6 +242,27 @@ def test_ray_engine_matches_local_and_survives_a_node_dying(
                 return {"reasoning": "r", "answer": row["answer"]}
         return {"reasoning": "r", "answer": "?"}
 
+    # 2. The driver owns the cost cap: once the recorded cost reaches it, no task is submitted.
+    with LLMTestServer(respond) as server:
+        capped = run_batch(
+            _options(
+                tmp_path / "capped",
+                server,
+                dataset=dataset,
+                spec=ROOT / "specs" / "chain-of-thought.yaml",
+                scorer="numeric",
+                backend="docker",
+                engine="ray",
+                ray_address=cluster.address,
+                workers=1,
+                max_cost_usd=1e-9,
+            )
+        )
+        assert len(server.requests) == 1
+    assert capped["finished"] == 1 and not capped["complete"]
+    assert capped["stopped"].startswith("cost cap")
+
+    # 3. A node dies mid-batch: its in-flight row is re-run on the other node.
     killed: list[int] = []
 
     def kill_the_worker_node(server: LLMTestServer) -> None:
