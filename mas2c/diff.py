@@ -51,7 +51,6 @@ _SECTION_OF_KEY = {
 }
 _IGNORED_KEYS = frozenset({"$schema", "workflow"})  # $schema is an editor hint
 _CODE_POINTERS = (re.compile(r"/tools/[^/]+/code"), re.compile(r"/workflow/[^/]+/tests"))
-_NESTED_STEP_KEYS = ("branches", "steps", "else")
 
 
 @dataclass(frozen=True)
@@ -112,6 +111,23 @@ def diff_builds(a: Path, b: Path) -> list[str]:
         else:
             lines.extend(_file_diff(path, files_a[path].read_bytes(), files_b[path].read_bytes()))
     return lines
+
+
+def diff_builds_json(a: Path, b: Path) -> list[dict[str, Any]]:
+    """Two build folders file by file, as data: `{path, kind, diff}` per differing file
+    (kind `added` = only in b, `removed` = only in a, `changed` with its unified diff)."""
+    files_a, files_b = _tree_files(a), _tree_files(b)
+    changes: list[dict[str, Any]] = []
+    for path in sorted(files_a.keys() | files_b.keys()):
+        if path not in files_b:
+            changes.append({"path": path, "kind": "removed", "diff": None})
+        elif path not in files_a:
+            changes.append({"path": path, "kind": "added", "diff": None})
+        else:
+            lines = _file_diff(path, files_a[path].read_bytes(), files_b[path].read_bytes())
+            if lines:
+                changes.append({"path": path, "kind": "changed", "diff": "\n".join(lines)})
+    return changes
 
 
 def format_changes(changes: list[Change]) -> str:
@@ -340,11 +356,20 @@ def _walk(steps: list[Step], container: str, pointer: str) -> Iterator[tuple[str
 def _own_data(step: Step) -> dict[str, Any]:
     """A step's fields without its nested step lists (those are compared as steps of their own)."""
     data: dict[str, Any] = step.model_dump(mode="json", by_alias=True, exclude_none=True)
-    for key in _NESTED_STEP_KEYS:
-        data.pop(key, None)
-    if "cases" in data:
-        data["cases"] = [{"when": case["when"]} for case in data["cases"]]
-    return data
+    # The registry says where nested step lists sit (`steps`, `branches/0`, `cases/1/steps`):
+    # drop them, last first so indexes hold, then the containers they leave empty.
+    emptied = set()
+    for key, _children in reversed(step.child_lists()):
+        *parents, last = key.split("/")
+        emptied.add(key.split("/")[0])
+        node: Any = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.get(part)
+        if isinstance(node, list):
+            del node[int(last)]
+        elif isinstance(node, dict):
+            node.pop(last, None)
+    return {k: v for k, v in data.items() if not (k in emptied and v == [])}
 
 
 def _moved_ids(places_a: dict[str, _Place], places_b: dict[str, _Place]) -> set[str]:

@@ -62,6 +62,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Literal
 
+from mas2c.errors import RunFailure
+
 logger = logging.getLogger("mas2c.sandbox")
 
 DEFAULT_IMAGE = "mas2c-sandbox:latest"
@@ -129,8 +131,10 @@ _C_RUN = "/work/run"
 _C_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-class SandboxError(Exception):
+class SandboxError(RunFailure):
     """A user-facing sandbox failure; the message names the fix."""
+
+    code = "sandbox"
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,14 @@ Every failure is an exception that carries the spec element it came from
 
 Checkpoints (resume instead of restart): after each top-level step the state
 variables it wrote are traced as a ``checkpoint`` event, keyed by the sha256 of
-(step id, the state it started from, the step's compiled source and the agent,
-model and tool definitions it names). A run given checkpoints (``--checkpoint-dir``,
+(step id, the values of the state variables it reads, and its code hash: the step's
+compiled source and the agent, model and tool definitions it names). The compiler
+hands these facts over in ``_tables.py`` (``TOP_STEPS``); the runtime never parses
+its own package. A run given checkpoints (``--checkpoint-dir``,
 ``MAS2C_CHECKPOINT_DIR``, or a ``checkpoints/`` folder beside the package) skips
 every top-level step whose key matches one of them, restoring its writes instead
-(traced as ``step_resumed``). A changed step, or any step after a changed state,
-has a new key and runs again. Each checkpoint is one JSON file
+(traced as ``step_resumed``). A changed step, or a step whose inputs changed, has
+a new key and runs again. Each checkpoint is one JSON file
 ``{step, pointer, key, writes}``; the runtime also writes new ones into an
 explicitly given folder when it can.
 """
@@ -26,15 +28,12 @@ explicitly given folder when it can.
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 import contextlib
 import contextvars
 import copy
-import dataclasses
 import email.utils
 import hashlib
-import inspect
 import json
 import os
 import random
@@ -66,8 +65,10 @@ __all__ = [
     "SpecInfo",
     "StepTimeout",
     "StructuredOutputError",
+    "ToolCode",
     "ToolDef",
     "ToolError",
+    "TopStep",
     "WorkflowError",
     "field",
     "first_answer",
@@ -134,6 +135,26 @@ class Budgets:
 
 
 @dataclass(frozen=True)
+class TopStep:
+    """A top-level step of the compiled workflow, as the compiler describes it."""
+
+    method: str
+    step_id: str
+    pointer: str
+    code_sha: str  # its compiled methods and the definitions it names, hashed
+    reads: Sequence[str] = ()  # the state variables it reads
+
+
+@dataclass(frozen=True)
+class ToolCode:
+    """Where a code tool's spec code sits in tools.py: lines start..end, verbatim."""
+
+    pointer: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class SpecInfo:
     """What the package knows about its spec: inputs, outputs and budgets."""
 
@@ -142,6 +163,9 @@ class SpecInfo:
     inputs: Mapping[str, Mapping[str, Any]]
     outputs: Mapping[str, str]  # output name -> dotted state path
     budgets: Budgets = Budgets()
+    # From the compiler (_tables.py): without them a run is never checkpointed.
+    top_steps: Sequence[TopStep] = ()
+    tool_code: Mapping[str, ToolCode] = dataclass_field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- exceptions
@@ -338,9 +362,17 @@ class _Usage:
 
 
 class Trace:
-    """A JSONL event log; one ``write`` per line under a lock, so lines never interleave."""
+    """A JSONL event log; one ``write`` per line under a lock, so lines never interleave.
 
-    def __init__(self, path: str | None) -> None:
+    Every record has ``t`` (seconds since the run started) and ``ts`` (wall clock,
+    Unix seconds). The run is one OpenTelemetry-compatible trace: ``trace_id`` (32
+    hex digits) and the run's own span (16 hex), whose parent is the host's span when
+    ``MAS2C_TRACEPARENT`` (W3C ``traceparent`` format) is set. Prompts and completions
+    are traced only when ``content`` is on (``--trace-content`` or
+    ``MAS2C_TRACE_CONTENT=1``).
+    """
+
+    def __init__(self, path: str | None, *, content: bool = False) -> None:
         self._file: TextIO | None = None
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -348,6 +380,11 @@ class Trace:
             self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115
         self._t0 = time.monotonic()
         self._lock = threading.Lock()
+        self.content = content
+        parent = _traceparent(os.environ.get(TRACEPARENT_ENV, ""))
+        self.trace_id = parent[0] if parent else new_trace_id()
+        self.parent_span = parent[1] if parent else None
+        self.root_span = new_span_id()
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
@@ -355,7 +392,12 @@ class Trace:
     def emit(self, event: str, **fields: Any) -> None:
         if self._file is None:
             return
-        record = {"t": round(self.elapsed(), 3), "event": event, **fields}
+        record = {
+            "t": round(self.elapsed(), 3),
+            "ts": round(time.time(), 6),
+            "event": event,
+            **fields,
+        }
         line = json.dumps(record, ensure_ascii=False, default=str)
         # Readers that split on every Unicode line break (str.splitlines) must see one
         # record per line, so escape the breaks JSON itself leaves raw.
@@ -373,6 +415,84 @@ class Trace:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+# ----------------------------------------------------------------------- spans
+
+TRACEPARENT_ENV = "MAS2C_TRACEPARENT"
+TRACE_CONTENT_ENV = "MAS2C_TRACE_CONTENT"
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+# The span each task is in, and its round/sample labels: ContextVars, so that
+# concurrent branches, samples and debaters each see their own.
+_SPAN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "mas2c_span", default=None
+)
+_LABELS: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "mas2c_labels", default=None
+)
+
+
+def new_trace_id() -> str:
+    return os.urandom(16).hex()
+
+
+def new_span_id() -> str:
+    return os.urandom(8).hex()
+
+
+def _traceparent(value: str) -> tuple[str, str] | None:
+    """(trace id, parent span id) of a W3C traceparent; None if malformed or all-zero."""
+    match = _TRACEPARENT.match(value.strip().lower())
+    if not match or set(match.group(1)) == {"0"} or set(match.group(2)) == {"0"}:
+        return None
+    return match.group(1), match.group(2)
+
+
+@dataclass
+class _Span:
+    """A span being timed: ids, wall-clock start, monotonic start."""
+
+    span_id: str
+    parent_id: str
+    start_ts: float
+    started: float
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "span_id": self.span_id,
+            "parent_id": self.parent_id,
+            "start_ts": round(self.start_ts, 6),
+        }
+
+    def duration(self) -> float:
+        return round(time.monotonic() - self.started, 3)
+
+
+def _open_span(trace: Trace) -> _Span:
+    """A new child of the current span (a step), else of the run's span."""
+    parent = _SPAN.get() or trace.root_span
+    return _Span(new_span_id(), parent, time.time(), time.monotonic())
+
+
+async def _labelled(aw: Awaitable[Any], **labels: Any) -> Any:
+    """Await with round/sample labels on every LLM call made inside."""
+    token = _LABELS.set({**(_LABELS.get() or {}), **labels})
+    try:
+        return await aw
+    finally:
+        _LABELS.reset(token)
+
+
+def _content(value: Any) -> Any:
+    """A prompt or completion as traced: strings capped, structure kept."""
+    if isinstance(value, str):
+        return _cap(value)
+    if isinstance(value, Mapping):
+        return {str(k): _content(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_content(v) for v in value]
+    return value
 
 
 # The step each task is in: a ContextVar, so concurrent branches see their own.
@@ -704,41 +824,25 @@ async def _in_thread(function: Callable[..., Any], kwargs: Mapping[str, Any]) ->
 
 
 def tool_code_location(
-    exc: BaseException, tool: ToolDef
+    exc: BaseException, tool: ToolDef, where: ToolCode | None
 ) -> tuple[str | None, int | None]:
-    """(spec pointer, line inside the tool code) of the deepest tools.py frame.
+    """(spec pointer, line inside the tool code) of the deepest frame in the tool's code.
 
-    tools.py holds each tool's code verbatim between ``# spec: /tools/<id>/code``,
-    ``# fmt: off`` and ``# fmt: on``; the line inside the spec's code is counted
-    from the first line after ``# fmt: off``.
+    ``where`` (from the compiler's TOOL_CODE table) says which lines of tools.py hold
+    the spec's code verbatim, so the line inside the spec's code is a subtraction.
     """
     code = getattr(tool.function, "__code__", None)
-    if code is None:
+    if code is None or where is None:
         return None, None
-    tools_py = code.co_filename
-    frames = [
-        f for f in traceback.extract_tb(exc.__traceback__) if f.filename == tools_py
+    lines = [
+        f.lineno
+        for f in traceback.extract_tb(exc.__traceback__)
+        if f.filename == code.co_filename and f.lineno is not None
     ]
-    if not frames or frames[-1].lineno is None:
+    inside = [line for line in lines if where.start <= line <= where.end]
+    if not inside:
         return None, None
-    line = frames[-1].lineno
-    try:
-        lines = Path(tools_py).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None, None
-    pointer: str | None = None
-    start: int | None = None
-    for number, text in enumerate(lines, 1):
-        stripped = text.strip()
-        if stripped.startswith("# spec: "):
-            pointer = stripped[len("# spec: ") :].strip()
-        elif stripped == "# fmt: off" and pointer is not None:
-            start = number + 1
-        elif stripped == "# fmt: on" and start is not None:
-            if start <= line < number:
-                return pointer, line - start + 1
-            pointer = start = None
-    return None, None
+    return where.pointer, inside[-1] - where.start + 1
 
 
 def _tool_schema(tool: ToolDef) -> dict[str, Any]:
@@ -774,22 +878,7 @@ def _assistant_message(message: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_ENV = "MAS2C_CHECKPOINT_DIR"
-_SPEC_MARKER = "# spec: "
-_TOP_LEVEL = re.compile(r"^/workflow/[0-9]+$")
-
-
-def _marker_pointer(line: str) -> str | None:
-    """The pointer of a ``# spec: ...`` line (written as is, or as a JSON string)."""
-    stripped = line.strip()
-    if not stripped.startswith(_SPEC_MARKER):
-        return None
-    pointer = stripped[len(_SPEC_MARKER) :].strip()
-    if pointer.startswith('"'):
-        try:
-            return str(json.loads(pointer))
-        except ValueError:
-            return None
-    return pointer
+_ABSENT = "<absent>"  # how a read variable that is not set enters a checkpoint key
 
 
 def _sha256(text: str) -> str:
@@ -802,145 +891,13 @@ def _canonical(value: Any) -> str:
     )
 
 
-def _fields(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-
-
-def _marked_blocks(path: str) -> dict[str, str]:
-    """Verbatim blocks of a generated file (``# spec: P`` / ``# fmt: off`` ... ``# fmt: on``)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return {}
-    blocks: dict[str, str] = {}
-    pointer: str | None = None
-    start: int | None = None
-    for number, text in enumerate(lines):
-        stripped = text.strip()
-        if _marker_pointer(text) is not None:
-            pointer, start = _marker_pointer(text), None
-        elif stripped == "# fmt: off" and pointer is not None:
-            start = number + 1
-        elif stripped == "# fmt: on" and pointer is not None and start is not None:
-            blocks[pointer] = "\n".join(lines[start:number])
-            pointer = start = None
-    return blocks
-
-
-def _tool_fingerprint(tool: ToolDef) -> dict[str, Any]:
-    data = _fields(tool)
-    function = data.pop("function")
-    if function is not None:
-        source = ""
-        with contextlib.suppress(OSError, TypeError):
-            path = inspect.getsourcefile(function) or ""
-            source = _marked_blocks(path).get(f"/tools/{tool.name}/code", "")
-            # Without a marked block: the whole file, helpers and imports included.
-            source = source or Path(path).read_text(encoding="utf-8")
-        data["function"] = source or repr(function)
-    return data
-
-
-_RUNTIME_SHA: list[str] = []
-
-
-def _runtime_sha() -> str:
-    """sha256 of this runtime, without its first line (the header names the spec hash)."""
-    if not _RUNTIME_SHA:
-        try:
-            text = Path(__file__).read_text(encoding="utf-8")
-        except OSError:
-            text = ""
-        _RUNTIME_SHA.append(_sha256(text.split("\n", 1)[-1]))
-    return _RUNTIME_SHA[0]
-
-
-@dataclass(frozen=True)
-class TopStep:
-    """A top-level step method of the compiled workflow, and what its result depends on."""
-
-    method: str
-    step_id: str
-    pointer: str
-    code_sha: (
-        str  # its compiled source (and nested steps'), and the definitions it names
+def checkpoint_key(top: TopStep, state: Mapping[str, Any]) -> str:
+    """The key of a top-level step's checkpoint: its id, its code hash and the values of
+    the state variables it reads (nothing else of the state)."""
+    reads = {name: state.get(name, _ABSENT) for name in top.reads}
+    return _sha256(
+        _canonical({"step": top.step_id, "reads": reads, "code": top.code_sha})
     )
-
-
-def _step_id_of(node: ast.AST) -> str | None:
-    for sub in ast.walk(node):
-        if (
-            isinstance(sub, ast.Call)
-            and isinstance(sub.func, ast.Attribute)
-            and sub.func.attr == "step"
-            and sub.args
-            and isinstance(sub.args[0], ast.Constant)
-            and isinstance(sub.args[0].value, str)
-        ):
-            return sub.args[0].value
-    return None
-
-
-def top_steps(workflow_cls: type, run: Run) -> list[TopStep]:
-    """The top-level steps of a compiled workflow (found by their ``# spec:`` comments).
-
-    A hand-written workflow without such comments has none: it is never checkpointed.
-    """
-    try:
-        path = inspect.getsourcefile(workflow_cls)
-        source = Path(path or "").read_text(encoding="utf-8")
-        tree = ast.parse(source)
-    except (OSError, TypeError, SyntaxError, ValueError):
-        return []
-    lines = source.splitlines()
-    cls = next(
-        (
-            n
-            for n in tree.body
-            if isinstance(n, ast.ClassDef) and n.name == workflow_cls.__name__
-        ),
-        None,
-    )
-    if cls is None:
-        return []
-    methods: list[tuple[str, ast.AsyncFunctionDef | ast.FunctionDef]] = []
-    for node in cls.body:
-        if (
-            isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef)
-            and node.lineno >= 2
-        ):
-            pointer = _marker_pointer(lines[node.lineno - 2])
-            if pointer is not None:
-                methods.append((pointer, node))
-    steps = []
-    for pointer, node in methods:
-        if not _TOP_LEVEL.match(pointer):
-            continue
-        related = [n for p, n in methods if p == pointer or p.startswith(pointer + "/")]
-        # Slice the already-split lines: get_source_segment re-splits the whole file
-        # on every call, which made start-up quadratic in the number of steps.
-        sources = ["\n".join(lines[n.lineno - 1 : n.end_lineno]) for n in related]
-        names = {
-            sub.value
-            for n in related
-            for sub in ast.walk(n)
-            if isinstance(sub, ast.Constant) and isinstance(sub.value, str)
-        }
-        agents = sorted(n for n in names if n in run.agents)
-        tools = {n for n in names if n in run.tools}
-        for agent in agents:
-            tools.update(run.agents[agent].tools)
-        models = sorted({run.agents[a].model for a in agents} & set(run.models))
-        code = {
-            "sources": sources,
-            "agents": {a: _fields(run.agents[a]) for a in agents},
-            "models": {m: _fields(run.models[m]) for m in models},
-            "tools": {t: _tool_fingerprint(run.tools[t]) for t in sorted(tools)},
-            "runtime": _runtime_sha(),
-        }
-        step_id = _step_id_of(node) or node.name
-        steps.append(TopStep(node.name, step_id, pointer, _sha256(_canonical(code))))
-    return steps
 
 
 def load_checkpoints(folder: Path | None) -> dict[str, dict[str, Any]]:
@@ -1022,9 +979,9 @@ class Run:
         try:
             async with asyncio.timeout(limit) as scope:
                 workflow = workflow_cls(self)
-                if isinstance(workflow_cls, type):
-                    for top in top_steps(workflow_cls, self):
-                        method = getattr(workflow, top.method)
+                for top in self.spec.top_steps:
+                    method = getattr(workflow, top.method, None)
+                    if method is not None:
                         setattr(workflow, top.method, self._checkpointed(top, method))
                 await workflow.run_workflow()
         except TimeoutError as exc:
@@ -1045,8 +1002,7 @@ class Run:
         """A top-level step method that resumes from a checkpoint or leaves one."""
 
         async def step() -> None:
-            inputs = {"step": top.step_id, "state": self.state, "code": top.code_sha}
-            key = _sha256(_canonical(inputs))
+            key = checkpoint_key(top, self.state)
             saved = self.checkpoints.get(key)
             if saved is not None:
                 writes = copy.deepcopy(dict(saved["writes"]))
@@ -1092,8 +1048,10 @@ class Run:
     ) -> AsyncIterator[None]:
         """Trace a step, enforce its timeout, and tag escaping errors with its pointer."""
         token = _STEP.set((step_id, pointer))
-        started = time.monotonic()
-        self.trace.emit("step_start", step=step_id, pointer=pointer)
+        span = _open_span(self.trace)
+        span_token = _SPAN.set(span.span_id)
+        ids = {"span_id": span.span_id, "parent_id": span.parent_id}
+        self.trace.emit("step_start", step=step_id, pointer=pointer, **ids)
         status, error = "error", None
         try:
             async with asyncio.timeout(timeout_s) as scope:
@@ -1119,13 +1077,14 @@ class Run:
             raise
         finally:
             _STEP.reset(token)
-            duration = round(time.monotonic() - started, 3)
+            _SPAN.reset(span_token)
             self.trace.emit(
                 "step_end",
                 step=step_id,
                 pointer=pointer,
                 status=status,
-                duration_s=duration,
+                duration_s=span.duration(),
+                **span.fields(),
                 **({"error": error} if error else {}),
             )
 
@@ -1152,7 +1111,8 @@ class Run:
         except WorkflowError:
             raise
         except Exception as exc:
-            pointer, line = tool_code_location(exc, tool)
+            where = self.spec.tool_code.get(name)
+            pointer, line = tool_code_location(exc, tool, where)
             raise ToolError(
                 f"tool {name!r} raised {type(exc).__name__}: {exc}",
                 spec_pointer=pointer,
@@ -1169,7 +1129,9 @@ class Run:
     ) -> Any:
         """``ensemble`` step: every sample concurrently, then a judge or a vote."""
         task = render(prompt, self.state)
-        answers = await self.gather(*(self.turn(a, task) for a in agents))
+        answers = await self.gather(
+            *(_labelled(self.turn(a, task), sample=i) for i, a in enumerate(agents))
+        )
         labels = [f"candidate {i}" for i in range(1, len(answers) + 1)]
         return await self._decide(
             "ensemble", task, answers, labels, vote=vote, judge=judge
@@ -1187,14 +1149,22 @@ class Run:
         """``debate`` step: answer, read the others' answers, revise; then decide."""
         task = render(topic, self.state)
         labels = [f"agent {i} ({a})" for i, a in enumerate(agents, 1)]
-        answers = await self.gather(*(self.turn(a, task) for a in agents))
-        for _ in range(rounds - 1):
+        answers = await self.gather(
+            *(
+                _labelled(self.turn(a, task), round=1, sample=i)
+                for i, a in enumerate(agents)
+            )
+        )
+        for number in range(2, rounds + 1):
             prompts = [
                 self._revision_prompt(task, answers, labels, i)
                 for i in range(len(agents))
             ]
             answers = await self.gather(
-                *(self.turn(a, p) for a, p in zip(agents, prompts, strict=True))
+                *(
+                    _labelled(self.turn(a, p), round=number, sample=i)
+                    for i, (a, p) in enumerate(zip(agents, prompts, strict=True))
+                )
             )
         return await self._decide(
             "debate", task, answers, labels, vote=vote, judge=judge
@@ -1218,7 +1188,7 @@ class Run:
                     f"It failed (exit code {result['exit_code']}) with this output:\n"
                     f"```\n{result['output']}\n```\nFix it. {ask}"
                 )
-            answer = await self.turn(agent, request)
+            answer = await _labelled(self.turn(agent, request), round=attempt)
             code = extract_code(answer if isinstance(answer, str) else _code_of(answer))
             result = await self._exec(code, timeout_s)
             if result["exit_code"] == 0:
@@ -1321,8 +1291,8 @@ class Run:
     async def _invoke_tool(
         self, tool: ToolDef, args: Mapping[str, Any], agent: str | None = None
     ) -> Any:
-        started = time.monotonic()
-        status = "error"
+        span = _open_span(self.trace)
+        status, error, result = "error", None, None
         try:
             if tool.builtin == "python_exec":
                 result = await self._exec(str(args.get("code", "")), tool.timeout_s)
@@ -1334,13 +1304,23 @@ class Run:
                 )
             status = "ok"
             return result
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            raise
         finally:
+            content = {"arguments": _content(args)} if self.trace.content else {}
+            if self.trace.content and status == "ok":
+                content["result"] = _content(result)
             self.trace.emit(
                 "tool_call",
                 tool=tool.name,
                 agent=agent,
                 status=status,
-                duration_s=round(time.monotonic() - started, 3),
+                duration_s=span.duration(),
+                **span.fields(),
+                **({"error": error} if error else {}),
+                **(_LABELS.get() or {}),
+                **content,
                 **_where(),
             )
 
@@ -1360,13 +1340,14 @@ class Run:
             ) from None
 
     async def _exec(self, code: str, timeout_s: float | None) -> dict[str, Any]:
-        started = time.monotonic()
+        span = _open_span(self.trace)
         result = await run_python(code, timeout_s)
         self.trace.emit(
             "exec",
             exit_code=result["exit_code"],
             timed_out=result["timed_out"],
-            duration_s=round(time.monotonic() - started, 3),
+            duration_s=span.duration(),
+            **span.fields(),
             **_where(),
         )
         return result
@@ -1387,7 +1368,7 @@ class Run:
                 f"Task:\n{task}\n\nCandidate answers:\n\n{_numbered(answers, labels)}\n\n"
                 "Weigh the candidates and give the best-supported final answer."
             )
-            return await self.turn(judge, prompt)
+            return await _labelled(self.turn(judge, prompt), role="judge")
         if vote == "majority":
             return majority(answers, kind)
         if vote == "first":
@@ -1503,16 +1484,16 @@ class Run:
         attempts = max(1, int(_env_number("MAS2C_MAX_ATTEMPTS", 4)))
         for attempt in range(1, attempts + 1):
             self._check_budget()
-            started = time.monotonic()
+            span = _open_span(self.trace)
             try:
                 response = await self._send(request)
             except Exception as exc:
-                self._trace_call(agent, model, None, started, attempt, exc)
+                self._trace_call(agent, model, request, None, span, attempt, exc)
                 self._raise_unless_retryable(exc, agent, attempt, attempts)
                 await asyncio.sleep(_backoff(attempt, exc))
                 continue
             self._account(agent, model, response)
-            self._trace_call(agent, model, response, started, attempt, None)
+            self._trace_call(agent, model, request, response, span, attempt, None)
             return response
         raise AssertionError("unreachable")
 
@@ -1549,37 +1530,74 @@ class Run:
             ) from exc
 
     def _account(self, agent: AgentDef, model: ModelDef, response: Any) -> None:
-        usage = getattr(response, "usage", None)
-        prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
-        completion = int(getattr(usage, "completion_tokens", 0) or 0)
-        cost = (
-            prompt * (model.input_per_mtok or 0.0)
-            + completion * (model.output_per_mtok or 0.0)
-        ) / 1e6
+        prompt, completion, cost = _call_cost(model, response)
         self._usage.add(agent.id, agent.model, prompt, completion, cost)
 
     def _trace_call(
         self,
         agent: AgentDef,
         model: ModelDef,
+        request: Mapping[str, Any],
         response: Any,
-        started: float,
+        span: _Span,
         attempt: int,
         error: Exception | None,
     ) -> None:
+        """One ``llm_call`` span per attempt: who, which model, tokens, cost, outcome."""
         usage = getattr(response, "usage", None)
+        extra: dict[str, Any] = {}
+        if response is not None:
+            _, _, cost = _call_cost(model, response)
+            choice = response.choices[0]
+            extra["cost_usd"] = round(cost, 8)
+            extra["response_model"] = getattr(response, "model", None)
+            extra["finish_reason"] = getattr(choice, "finish_reason", None)
+        if error is not None:
+            extra["error"] = f"{type(error).__name__}: {error}"[:500]
+        if self.trace.content:
+            extra["messages"] = _content(request.get("messages", []))
+            if response is not None:
+                extra["completion"] = _content(_message_record(response))
         self.trace.emit(
             "llm_call",
             agent=agent.id,
             model=model.model,
+            model_id=agent.model,
+            temperature=request.get("temperature"),
+            max_tokens=request.get("max_tokens"),
             prompt_tokens=getattr(usage, "prompt_tokens", None),
             completion_tokens=getattr(usage, "completion_tokens", None),
-            latency_s=round(time.monotonic() - started, 3),
+            latency_s=span.duration(),
             attempt=attempt,
+            retries=attempt - 1,
             status="ok" if error is None else "error",
-            **({"error": f"{type(error).__name__}: {error}"[:500]} if error else {}),
+            **span.fields(),
+            **(_LABELS.get() or {}),
+            **extra,
             **_where(),
         )
+
+
+def _call_cost(model: ModelDef, response: Any) -> tuple[int, int, float]:
+    """(prompt tokens, completion tokens, USD) of one response at the model's prices."""
+    usage = getattr(response, "usage", None)
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    completion = int(getattr(usage, "completion_tokens", 0) or 0)
+    cost = (
+        prompt * (model.input_per_mtok or 0.0)
+        + completion * (model.output_per_mtok or 0.0)
+    ) / 1e6
+    return prompt, completion, cost
+
+
+def _message_record(response: Any) -> dict[str, Any]:
+    """The completion as traced: its text and the tool calls it asked for."""
+    message = response.choices[0].message
+    record: dict[str, Any] = {"role": "assistant", "content": message.content}
+    calls = _assistant_message(message)["tool_calls"] if message.tool_calls else []
+    if calls:
+        record["tool_calls"] = calls
+    return record
 
 
 def _code_of(value: Any) -> str:
@@ -1692,6 +1710,15 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
+def _iso_now() -> str:
+    """The wall clock as ISO 8601 UTC with milliseconds."""
+    now = time.time()
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        + f".{int(now % 1 * 1000):03d}Z"
+    )
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"terminated by signal {signum}")
 
@@ -1704,6 +1731,11 @@ def _parse_args(spec: SpecInfo, argv: Sequence[str] | None) -> argparse.Namespac
     parser.add_argument("--input", help="JSON object of inputs ('-' = stdin)")
     parser.add_argument("--output", default="out.json", help="result file (out.json)")
     parser.add_argument("--trace", help="JSONL trace file")
+    parser.add_argument(
+        "--trace-content",
+        action="store_true",
+        help=f"also trace prompts, completions and tool arguments (${TRACE_CONTENT_ENV}=1)",
+    )
     parser.add_argument(
         "--checkpoint-dir",
         help=f"resume from (and save) step checkpoints in this folder (${CHECKPOINT_ENV})",
@@ -1728,8 +1760,20 @@ def main(
     with contextlib.suppress(ValueError):  # only the main thread may set handlers
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        trace = Trace(args.trace)
-        trace.emit("run_start", spec=spec.name, sha256=spec.sha256)
+        content = args.trace_content or os.environ.get(TRACE_CONTENT_ENV) == "1"
+        trace = Trace(args.trace, content=content)
+        trace.emit(
+            "run_start",
+            spec=spec.name,
+            sha256=spec.sha256,
+            trace_id=trace.trace_id,
+            span_id=trace.root_span,
+            parent_id=trace.parent_span,
+            started_at=_iso_now(),
+            python=sys.version.split()[0],
+            openai=getattr(openai, "__version__", None),
+            trace_content=content,
+        )
         folder, explicit = checkpoint_dir(args.checkpoint_dir)
         run = Run(
             spec,
@@ -1762,7 +1806,11 @@ def main(
             signal.signal(signal.SIGTERM, previous)
     _write_json_atomic(Path(args.output), result)
     trace.emit(
-        "run_end", status=result["status"], exit_code=code, usage=result["usage"]
+        "run_end",
+        status=result["status"],
+        exit_code=code,
+        usage=result["usage"],
+        span_id=trace.root_span,
     )
     trace.close()
     return code
