@@ -341,6 +341,37 @@ def send_file(fd: int, n: int) -> None:
     os.close(fd)
 
 
+STREAMS = ("stdout.txt", "stderr.txt")
+
+
+def emit_bundle(
+    job: "dict[str, Any]", header: "dict[str, Any]", streams: "list[tuple[str, bytes, bool]]"
+) -> None:
+    """Write the bundle to stdout: the header, then out.json, trace.jsonl (each a regular
+    file, at most its cap) and the captured streams."""
+    caps = job["caps"]
+    files: list[tuple[str, int | bytes, int, bool]] = []
+    for name, path, cap in (
+        ("out.json", job["output"], int(caps["result"])),
+        ("trace.jsonl", job["trace"], int(caps["trace"])),
+    ):
+        fd, n, truncated = regular_file(path, cap)
+        if fd is not None:
+            files.append((name, fd, n, truncated))
+    for name, data, truncated in streams:
+        files.append((name, data, len(data), truncated))
+    header = {**header, "files": [[name, n, cut] for name, _src, n, cut in files]}
+    try:
+        write_all(BUNDLE_MAGIC + json.dumps(header).encode() + b"\n")
+        for _name, src, n, _cut in files:
+            if isinstance(src, bytes):
+                write_all(src)
+            else:
+                send_file(src, n)
+    except OSError:
+        pass  # the host went away
+
+
 def main() -> None:
     mode, job_path = sys.argv[1], sys.argv[2]
     idle_s, max_job_s = float(sys.argv[3]), float(sys.argv[4])
@@ -388,16 +419,6 @@ def main() -> None:
         exit_code = 128 - exit_code if exit_code < 0 else exit_code
     elif why in ("timeout", "stopped"):
         exit_code = 137
-    files: list[tuple[str, int | bytes, int, bool]] = []
-    for name, path, cap in (
-        ("out.json", job["output"], int(caps["result"])),
-        ("trace.jsonl", job["trace"], int(caps["trace"])),
-    ):
-        fd, n, truncated = regular_file(path, cap)
-        if fd is not None:
-            files.append((name, fd, n, truncated))
-    for name, c in (("stdout.txt", captures[0]), ("stderr.txt", captures[1])):
-        files.append((name, bytes(c.data), len(c.data), c.truncated))
     header = {
         "v": 1,
         "exit_code": exit_code,
@@ -406,17 +427,24 @@ def main() -> None:
         "oom_kills": None if oom_before is None or oom_after is None else oom_after - oom_before,
         "duration_s": round(duration, 4),
         "warm": warm,
-        "files": [[name, n, truncated] for name, _src, n, truncated in files],
     }
-    try:
-        write_all(BUNDLE_MAGIC + json.dumps(header).encode() + b"\n")
-        for _name, src, n, _truncated in files:
-            if isinstance(src, bytes):
-                write_all(src)
-            else:
-                send_file(src, n)
-    except OSError:
-        os._exit(0)
+    streams = [(STREAMS[i], bytes(c.data), c.truncated) for i, c in enumerate(captures)]
+    uid = job.get("uid")
+    if isinstance(uid, int) and uid != os.getuid():
+        # Read the program's files as the program's user (the init has no DAC override:
+        # a 0600 out.json is readable only so); every other process is dead by now.
+        reader = os.fork()
+        if reader == 0:
+            code = 1
+            try:
+                become(uid)
+                emit_bundle(job, header, streams)
+                code = 0
+            finally:
+                os._exit(code)
+        os.waitpid(reader, 0)
+    else:
+        emit_bundle(job, header, streams)
     link.gone.wait(LINGER_S)  # until the host has read it (EOF), or at most LINGER_S
     os._exit(0)
 

@@ -178,6 +178,9 @@ def main():
         s.close()
     with open(a.output, "w") as f:
         json.dump(out, f)
+    if req.get("private"):  # as an atomic writer leaves it (mkstemp: 0600)
+        os.chmod(a.output, 0o600)
+        os.chmod(a.trace, 0o600)
 
 
 def read(path):
@@ -487,6 +490,14 @@ def test_docker_echo_writes_complete_run_folder(dock: None, package: Path, tmp_p
     assert rep["limits"]["memory_mb"] == 1024
     assert not rep["stdout_truncated"] and not rep["stderr_truncated"]
     assert rep == run.report.to_json()
+
+
+@pytest.mark.docker
+def test_docker_private_result_files_are_read(dock: None, package: Path, tmp_path: Path) -> None:
+    """out.json and trace.jsonl of mode 0600 (the init reads them as the program's user)."""
+    run = _run(package, tmp_path, {"action": "echo", "private": True}, "docker")
+    assert run.result["status"] == "ok" and run.result["echo"]["private"] is True
+    assert "start" in run.text("trace.jsonl")
 
 
 @pytest.mark.docker
