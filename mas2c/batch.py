@@ -66,6 +66,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from mas2c.errors import RunFailure
 from mas2c.files import write_text_atomic
 
 __all__ = [
@@ -95,8 +96,10 @@ MAX_PREDICTION_CHARS = 2000  # kept in results.jsonl; the run folder has the who
 TIMING_FIELDS = ("seconds", "score_seconds", "total_seconds")
 
 
-class BatchError(Exception):
+class BatchError(RunFailure):
     """The batch cannot run (bad dataset, spec, mapping or run folder): a user-facing message."""
+
+    code = "batch"
 
 
 # ------------------------------------------------------------------------------------ dataset
