@@ -21,6 +21,7 @@ import black
 import jinja2
 
 from mas2c import __version__, graph
+from mas2c.errors import InvalidInput
 from mas2c.expr import compile_condition, condition_names, parse_condition
 from mas2c.files import write_tree_atomic
 from mas2c.pyemit import (
@@ -54,8 +55,10 @@ BLACK_MODE = black.Mode(target_versions={black.mode.TargetVersion.PY311}, line_l
 SPEC_MARKER = "# spec: "
 
 
-class CompileError(Exception):
+class CompileError(InvalidInput):
     """The spec is valid but cannot be compiled as it stands (e.g. an unbound model slot)."""
+
+    code = "not_compilable"
 
 
 @dataclass(frozen=True)

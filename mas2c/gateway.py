@@ -63,6 +63,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httpx
 
+from mas2c.errors import RunFailure
+
 __all__ = [
     "Budget",
     "EgressPolicy",
@@ -93,8 +95,10 @@ DEFAULT_MAX_TOKENS = 4096
 _MIB = 1024 * 1024
 
 
-class GatewayError(Exception):
+class GatewayError(RunFailure):
     """The gateway cannot be set up or started (bad socket path, bad cassette...)."""
+
+    code = "gateway"
 
 
 @dataclass(frozen=True)

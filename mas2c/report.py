@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mas2c.errors import UsageError
 from mas2c.files import write_text_atomic
 from mas2c.tracing import RunTrace, Span, iso, read_json_file, read_run_trace
 
@@ -65,8 +66,10 @@ KIND_COLORS = {
 }
 
 
-class ReportError(Exception):
+class ReportError(UsageError):
     """The folder is not something a report can be made of: a user-facing message."""
+
+    code = "not_reportable"
 
 
 def esc(value: Any) -> str:

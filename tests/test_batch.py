@@ -22,6 +22,7 @@ from mas2c.batch import (
     BatchOptions,
     load_rows,
     newcombe_paired,
+    normalize_answer,
     normalize_math,
     parse_number,
     read_results,
@@ -119,6 +120,19 @@ def test_number_and_math_normalisation() -> None:
     assert parse_number("1/0") is None
     assert parse_number(True) is None
     assert normalize_math("The answer is $\\boxed{x^{2}}$.") == "x^{2}"
+
+
+@settings(max_examples=200 if os.environ.get("CI") != "true" else 50, deadline=None)
+@given(st.text(max_size=40), st.integers(-(10**12), 10**12))
+def test_scorers_properties(text: str, number: int) -> None:
+    once = normalize_answer(text)
+    assert normalize_answer(once) == once  # idempotent
+    assert score_text("exact", text, text) == 1.0
+    assert score_text("exact", f'  "{text}". ', text) == 1.0
+    assert score_text("f1", text, text) == 1.0
+    assert score_text("numeric", f"so the total is {number:,}.", str(number)) == 1.0
+    assert score_text("numeric", f"{number + 1}", number) == 0.0
+    assert score_text("math", f"\\boxed{{{number}}}", str(number)) == 1.0
 
 
 def test_wilson_known_values() -> None:
@@ -501,8 +515,8 @@ def test_cli_batch_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
             ]
         )
     assert code == 0
-    out = capsys.readouterr().out
-    assert "| 100.0% |" in out and "run folder:" in out
+    out, err = capsys.readouterr()
+    assert "| 100.0% |" in out and "run folder:" in err  # stdout: the result; stderr: the rest
     assert cli_main(["batch", str(dataset), "--spec", str(COT), "--workers", "0"]) == 2
     assert cli_main(["batch", str(dataset), "--spec", str(COT), "--address", "x:1"]) == 2
     assert cli_main(["batch", str(tmp_path / "missing.jsonl"), "--spec", str(COT)]) == 2

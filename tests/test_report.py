@@ -398,7 +398,9 @@ def test_an_old_trace_without_ids_or_wall_clock_still_nests(runs: Path, tmp_path
 
 
 def test_cli_report(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "sub" / "r.html"
+    assert cli_main(["report", str(runs / "debate"), "-o", str(tmp_path / "no" / "r.html")]) == 2
+    assert not (tmp_path / "no").exists()  # -o FILE creates no folders
+    out = tmp_path / "r.html"
     assert cli_main(["report", str(runs / "debate"), "-o", str(out)]) == 0
     assert out.read_text().startswith("<!DOCTYPE html>")
     assert capsys.readouterr().out.strip() == str(out)
