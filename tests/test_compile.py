@@ -44,6 +44,7 @@ EXPECTED_FILES = {
     "{pkg}/__init__.py",
     "{pkg}/__main__.py",
     "{pkg}/_runtime.py",
+    "{pkg}/_tables.py",
     "{pkg}/agents.py",
     "{pkg}/tools.py",
     "{pkg}/workflow.py",
@@ -150,7 +151,12 @@ def test_output_does_not_depend_on_path_cwd_or_hash_seed(tmp_path: Path) -> None
     proc = subprocess.run(
         [sys.executable, "-c", _DIGESTS],
         cwd=elsewhere,
-        env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "12345", "HOME": str(tmp_path)},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONHASHSEED": "12345",
+            "HOME": str(tmp_path),
+            "PYTHONPATH": str(ROOT),  # the checkout under test, not the installed copy
+        },
         capture_output=True,
         text=True,
         check=True,
