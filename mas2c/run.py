@@ -484,7 +484,11 @@ def check_reachable(url: str, timeout_s: float = 3.0) -> None:
 
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RunError(f"--llm {url}: not an http(s) URL of an OpenAI-compatible endpoint")
+        from mas2c.gateway import redact_url
+
+        raise RunError(
+            f"--llm {redact_url(url)}: not an http(s) URL of an OpenAI-compatible endpoint"
+        )
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         socket.create_connection((parts.hostname, port), timeout=timeout_s).close()

@@ -247,10 +247,14 @@ def test_unknown_model_and_n_are_refused(sockdir: Path) -> None:
         assert post(sock, body(max_tokens=5000)).status_code == 200  # clamped to the spec's 100
         assert post(sock, body(model="m2", max_tokens=5000)).status_code == 200  # no cap
         assert post(sock, body(max_tokens=-1)).status_code == 400
+        both = body(max_tokens=5, max_completion_tokens=100_000)  # a clamp-dodging pair
+        assert post(sock, both).status_code == 400
+        assert post(sock, body(max_completion_tokens=5000)).status_code == 200  # clamped too
         assert [m.id for m in client(sock).models.list().data] == ["m1", "m2"]
-        assert gw.usage()["calls"] == 3
+        assert gw.usage()["calls"] == 4
     # the spec's cap also applies when the program names none
-    assert [r.body.get("max_tokens") for r in srv.requests] == [100, 100, 5000]
+    caps = [r.body.get("max_tokens") or r.body.get("max_completion_tokens") for r in srv.requests]
+    assert caps == [100, 100, 5000, 100]
 
 
 def worst_case_responder(req: ChatRequest) -> Reply:
