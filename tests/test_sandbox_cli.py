@@ -75,3 +75,71 @@ def test_status_lists_runtimes_and_prune_runs(runsc: None, tmp_path: Path) -> No
     assert "runtimes: " in text and "runsc" in text
     pruned = cli_document(mas2c("sandbox", "prune", "--json", cwd=tmp_path, inprocess=True))
     assert isinstance(pruned["removed"], int)
+
+
+LINGERING = """\
+spec_version: "1"
+name: lingering
+description: A tool leaves a non-daemon thread and an atexit hook behind.
+inputs:
+  x: {type: string}
+outputs:
+  y: y
+models:
+  m: {model: test-model}
+agents:
+  unused: {role: Idle, instructions: Not called., model: m}
+tools:
+  linger:
+    description: Starts a thread that never ends, and a slow exit hook.
+    code: |
+      def linger(x: str) -> str:
+          import atexit, threading, time
+          threading.Thread(target=time.sleep, args=(600,)).start()
+          atexit.register(time.sleep, 600)
+          return x + "!"
+workflow:
+  - {id: go, kind: tool, tool: linger, args: {x: "{{ x }}"}, out: y}
+"""
+
+
+def test_package_exits_once_its_outputs_are_written(tmp_path: Path) -> None:
+    """Issue 14 item 3: after out.json and the trace are flushed, fsynced and closed the
+    package exits at once: no interpreter teardown (a non-daemon thread or an atexit
+    hook would otherwise hold it for 600 s)."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import compile_to, package_of
+
+    from mas2c.validate import load_spec
+
+    spec_path = tmp_path / "lingering.yaml"
+    spec_path.write_text(LINGERING)
+    build = tmp_path / "build"
+    compile_to(load_spec(spec_path), build)
+    (tmp_path / "in.json").write_text('{"x": "hi"}')
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            package_of(build),
+            "--input",
+            str(tmp_path / "in.json"),
+            "--output",
+            str(tmp_path / "out.json"),
+            "--trace",
+            str(tmp_path / "trace.jsonl"),
+        ],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(build)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - t0 < 60
+    assert json.loads((tmp_path / "out.json").read_text())["outputs"] == {"y": "hi!"}
+    events = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "run_end"

@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="b7fd90f5cbff9639b20cc7cdeaf4bf13d5b318d1957696a35b6656d4726322fd",
+        code_sha="562d0ab6f0e94bf6cd6db5bbd9615de015caa7cc77503bfa9a457f169fed6fbc",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="ef52642d7b98332a04ef299116e930d6428d3b096e6a9f0a01683ef56222dc51",
+        code_sha="fd25f84193a12e216168af094f4e3e223ce2802749faeebafae7558a6d00033b",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="900dba2214962d7c550618487a8b425aa29b7db2b708e594f8c51bd13d6af69e",
+        code_sha="eb497253219e7bf85ed01457df4abbae371395d9fff6cdfc1372ce5216c243f4",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 30, "/outputs"),
-    ("__main__.py", 32, 37, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 28, "/outputs"),
+    ("__main__.py", 30, 35, "/budgets"),
     ("agents.py", 8, 14, "/models/planner"),
     ("agents.py", 16, 22, "/models/worker"),
     ("agents.py", 27, 64, "/agents/executor"),

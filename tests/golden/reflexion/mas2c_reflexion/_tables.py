@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="e15b6401e1bd77112274b2f3b90b27f4dfb9091767d1fdd315f3d37627565a8d",
+        code_sha="d03445dab13b1ddb6d648b793dba80ecb779ef81bc93a31a163eb1f5229dad86",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="f2903b80d40c2d3c842c23e9135edc72b51b3b6acf0b1add4cb546dbdadde108",
+        code_sha="2cc109700f801f23d3b050abafa600760614b3e4cfb1742741d13f054085b4a7",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="e1f89b975c1e3f836dce0919d780c1b5c3affa359139cf0425abc97927cfca9e",
+        code_sha="d3f94d561422a16eb4b1137ae62d6e21aadcd7eaedfe3d4e94bbdabffd0017ed",
         reads=["draft", "review", "task"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 30, "/outputs"),
-    ("__main__.py", 32, 37, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 28, "/outputs"),
+    ("__main__.py", 30, 35, "/budgets"),
     ("agents.py", 8, 14, "/models/reviewer"),
     ("agents.py", 16, 22, "/models/writer"),
     ("agents.py", 27, 41, "/agents/actor"),
