@@ -482,7 +482,11 @@ def batch_section() -> list[str]:
 
 def others_section() -> list[str]:
     out = []
-    for name, title in (("local", "Embedded local model"), ("rectify", "Rectifier")):
+    for name, title in (
+        ("cli", "CLI start-up (`mas2c --help`, `mas2c run BUILD`)"),
+        ("local", "Embedded local model"),
+        ("rectify", "Rectifier"),
+    ):
         md = RESULTS / f"{name}.md"
         js = RESULTS / f"{name}.json"
         if md.is_file() or js.is_file():
@@ -551,6 +555,7 @@ def main() -> int:
         ".venv/bin/python benchmarks/bench_overhead.py  # 1",
         ".venv/bin/python benchmarks/bench_sandbox.py   # 2",
         ".venv/bin/python benchmarks/bench_compile.py   # 3",
+        ".venv/bin/python benchmarks/bench_cli.py       # CLI start-up",
         ".venv/bin/python benchmarks/bench_humaneval.py # 4",
         ".venv/bin/python benchmarks/bench_batch.py     # 5",
         "benchmarks/.venvs/report/bin/python benchmarks/report.py",
