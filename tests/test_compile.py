@@ -150,7 +150,12 @@ def test_output_does_not_depend_on_path_cwd_or_hash_seed(tmp_path: Path) -> None
     proc = subprocess.run(
         [sys.executable, "-c", _DIGESTS],
         cwd=elsewhere,
-        env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "12345", "HOME": str(tmp_path)},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONHASHSEED": "12345",
+            "HOME": str(tmp_path),
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),  # this checkout
+        },
         capture_output=True,
         text=True,
         check=True,
