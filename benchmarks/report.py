@@ -486,6 +486,7 @@ def others_section() -> list[str]:
         ("cli", "CLI start-up (`mas2c --help`, `mas2c run BUILD`)"),
         ("local", "Embedded local model"),
         ("rectify", "Rectifier"),
+        ("startup", "Start-up against fan-out width (1 vs 100)"),
     ):
         md = RESULTS / f"{name}.md"
         js = RESULTS / f"{name}.json"

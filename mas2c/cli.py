@@ -707,8 +707,16 @@ def _add_llm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--local-model", help="a GGUF file for the embedded engine (default SmolLM2-135M-Instruct)"
     )
-    p.add_argument("--record", help="record every LLM exchange to this cassette (JSONL)")
-    p.add_argument("--replay", help="answer LLM requests from this cassette; no endpoint needed")
+    p.add_argument(
+        "--record",
+        help="record every LLM exchange to this cassette (JSONL); with --replay, record what "
+        "the replayed cassette lacks (new episodes, fetched from the endpoint)",
+    )
+    p.add_argument(
+        "--replay",
+        help="answer LLM requests from this cassette; no endpoint needed; a request it lacks "
+        "fails (HTTP 400 mas2c_cassette_miss) unless --record is given too",
+    )
     p.add_argument(
         "--cache", action="store_true", help="answer identical LLM requests from a cache"
     )

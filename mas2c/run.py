@@ -224,6 +224,58 @@ def gateway_budget(spec: Spec | dict[str, Any]) -> Any:
     return Budget(b.get("max_llm_calls"), b.get("max_total_tokens"), b.get("max_cost_usd"))
 
 
+SOCKET_DIR_PREFIX = "mas2c-gw-"
+
+
+def reap_socket_dirs(older_than_s: float = 60.0, root: Path = Path("/tmp")) -> list[Path]:
+    """Remove socket folders left by a killed mas2c (kill -9 skips the cleanup).
+
+    Only folders named ``mas2c-gw-*``, older than ``older_than_s``, holding nothing but
+    sockets nobody listens on (or nothing at all); a live gateway's folder is kept.
+    """
+    import socket
+    import stat
+    import time
+
+    removed: list[Path] = []
+    try:
+        candidates = list(root.glob(SOCKET_DIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    now = time.time()
+    for folder in candidates:
+        try:
+            st = folder.lstat()
+            if not stat.S_ISDIR(st.st_mode) or now - st.st_mtime < older_than_s:
+                continue
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        live = False
+        for entry in entries:
+            try:
+                if not stat.S_ISSOCK(entry.lstat().st_mode):
+                    live = True  # not ours to judge
+                    break
+            except OSError:
+                continue
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.settimeout(0.5)
+                probe.connect(str(entry))
+                live = True
+            except OSError:
+                pass
+            finally:
+                probe.close()
+            if live:
+                break
+        if not live:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 @contextmanager
 def socket_dir(uid: int | None = None) -> Iterator[Path]:
     """A short folder of mode 0700 for the gateway socket (unix socket paths are capped near 107 bytes).
@@ -232,7 +284,8 @@ def socket_dir(uid: int | None = None) -> Iterator[Path]:
     (and root) can enter it; otherwise owned by this user (the container reaches the
     socket through its bind mount, other host users cannot enter the folder).
     """
-    folder = Path(tempfile.mkdtemp(prefix="mas2c-", dir="/tmp"))  # mode 0700
+    reap_socket_dirs()
+    folder = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX, dir="/tmp"))  # mode 0700
     try:
         if uid is not None and uid != os.geteuid() and os.geteuid() == 0:
             os.chown(folder, uid, uid)
@@ -431,7 +484,11 @@ def check_reachable(url: str, timeout_s: float = 3.0) -> None:
 
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RunError(f"--llm {url}: not an http(s) URL of an OpenAI-compatible endpoint")
+        from mas2c.gateway import redact_url
+
+        raise RunError(
+            f"--llm {redact_url(url)}: not an http(s) URL of an OpenAI-compatible endpoint"
+        )
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         socket.create_connection((parts.hostname, port), timeout=timeout_s).close()

@@ -44,6 +44,7 @@ EXPECTED_FILES = {
     "{pkg}/__init__.py",
     "{pkg}/__main__.py",
     "{pkg}/_runtime.py",
+    "{pkg}/_tables.py",
     "{pkg}/agents.py",
     "{pkg}/tools.py",
     "{pkg}/workflow.py",
@@ -154,7 +155,7 @@ def test_output_does_not_depend_on_path_cwd_or_hash_seed(tmp_path: Path) -> None
             "PATH": "/usr/bin:/bin",
             "PYTHONHASHSEED": "12345",
             "HOME": str(tmp_path),
-            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),  # this checkout
+            "PYTHONPATH": str(ROOT),  # the checkout under test, not the installed copy
         },
         capture_output=True,
         text=True,
