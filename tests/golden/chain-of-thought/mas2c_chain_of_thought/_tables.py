@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="5e6cb04757ab5f423d7885213b6e53d4c9cf5db8f29bec0742dd91b179029a9d",
+        code_sha="2f7e10a448e4e7f9e36a048f2fe38c49e378cd4a24cabfda4ae70ebca6bfa59f",
         reads=["question"],
     ),
 )

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="e1767614ee2c21510fc26c85aa18332362250a9f5ce2b93b549892df1baa4a02",
+        code_sha="ca4b5c3da8256ed438b12a7fc94ed5466c74b6295dc47d80b41e0ba840b7aa86",
         reads=["question"],
     ),
 )

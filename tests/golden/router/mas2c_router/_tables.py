@@ -16,14 +16,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="6f857c35e39d7ae5df9d72ad518d54c4f043c14995807335fd689eda3db33f5d",
+        code_sha="aa41520e6029866e35ccf40051a76f40b1796a910f03dad59e22db9ac532f176",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="af96d2eb9d80f704cfac2a2ad4b7bd6621721353706e7feff83929d3b3c82cc5",
+        code_sha="1b7f0b840c8b3c16ca71204495b9498a93a4afc66e277218ffb9245ef45667de",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="ec0c1e28ccf876f4dcca89b5a1707b1e24fff1dbd4ede626b6d4e1912608a50d",
+        code_sha="4d577125b977432af0341e4cbd6b06c40c2d6e6204b5f0e857e5a27258afafb2",
         reads=["question"],
     ),
 )
