@@ -193,6 +193,11 @@ def test_hierarchical_report_in_chromium(runs: Path, tmp_path: Path) -> None:
     agents = {a["data-name"] for a in dom.with_attr("g", "data-name")}
     assert {"manager", "market_analyst", "risk_analyst"} <= agents
     assert "127.0.0.1:" in "".join(dom.text)  # the endpoint host, no URL
+    # Per step: the parallel step holds the three specialists' calls.
+    assert any(h.startswith("Per step") for h in dom.texts("h3"))
+    cells = dom.texts("td")
+    at = cells.index("investigate")
+    assert cells[at + 1 : at + 6] == ["/workflow/1", "1", "0", cells[at + 4], "3"]
     shot = screenshot(page, tmp_path, "report-hierarchical", height=2000)
     assert shot.is_file()
 
