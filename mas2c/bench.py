@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mas2c.files import write_text_atomic
+from mas2c.runfolder import result_or_error
 
 __all__ = [
     "BROKEN_KINDS",
@@ -304,11 +305,11 @@ def score_code(
         on_warning=on_warning,
     )
     seconds = time.monotonic() - started
-    result = _read_json(run_dir / "result.json")
-    outputs = result.get("outputs") if result.get("status") == "ok" else None
+    # The scorer ran the system's code: its result.json is hostile input (the run-folder contract).
+    result = result_or_error(run_dir / "result.json")
+    outputs = result.outputs if result.ok else None
     if not isinstance(outputs, dict):
-        error = result.get("error") or {}
-        message = error.get("message", "no result") if isinstance(error, dict) else str(error)
+        message = result.error.message if result.error is not None else "no outputs"
         return Score(False, seconds, error=f"scorer failed: {message}")
     return Score(
         passed=outputs.get("passed") is True,

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from mas2c.compile import compile_spec
 from mas2c.files import write_bytes_atomic, write_text_atomic
+from mas2c.runfolder import Result, result_data, result_or_error
 from mas2c.spec import Spec, canonical_json
 
 
@@ -58,6 +59,7 @@ class RunOutcome:
     result: dict[str, Any]
     usage: dict[str, Any]
     sandbox: dict[str, Any] = field(default_factory=dict)
+    typed: Result | None = None  # `result` as validated by the run-folder contract
 
     @property
     def ok(self) -> bool:
@@ -192,14 +194,16 @@ def run_system(
     finally:
         if owned and hasattr(upstream, "close"):
             upstream.close()
-    result = _read_json(run_dir / "result.json")
+    # The program wrote result.json: read it through the run-folder contract (hostile input).
+    result = result_or_error(run_dir / "result.json")
     return RunOutcome(
         run_dir,
-        str(result.get("status", "error")),
+        result.status,
         report.exit_code,
-        result,
+        result_data(result),
         usage,
         report.to_json(),
+        typed=result,
     )
 
 
@@ -212,14 +216,3 @@ def _check_input(path: Path) -> None:
         raise RunError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise RunError(f"{path}: the input must be a JSON object of named inputs")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return {
-            "status": "error",
-            "error": {"type": "MissingResult", "message": f"{path.name} is missing"},
-        }
-    return data if isinstance(data, dict) else {"status": "error"}
