@@ -65,12 +65,14 @@ from mas2c.runfolder import (
     StepStart,
     Trace,
     Usage,
+    check_value,
     checkpoint_path,
     code_of,
     load_json_file,
     read_run_folder,
 )
 from mas2c.spec import (
+    Budgets,
     CallStep,
     DebateStep,
     EnsembleStep,
@@ -132,7 +134,9 @@ STDLIB_MEMBERS: dict[str, str] = {
 _NOT_MODULES = frozenset({"this", "antigravity", "test", "__future__", "token", "code", "types"})
 
 # A traceback frame in a generated file of the package (workflow.py, tools.py, ...).
-_TOOLS_FRAME = re.compile(r'File "[^"\n]{0,4096}/(mas2c_[A-Za-z0-9_]{1,200}/[A-Za-z0-9_]{1,200}\.py)", line (\d{1,7})')
+_TOOLS_FRAME = re.compile(
+    r'File "[^"\n]{0,4096}/(mas2c_[A-Za-z0-9_]{1,200}/[A-Za-z0-9_]{1,200}\.py)", line (\d{1,7})'
+)
 #: Only the end of a (hostile, possibly huge) traceback is searched for frames.
 TRACEBACK_TAIL = 64 * 1024
 _BUDGET_LIMITS = ("max_llm_calls", "max_total_tokens", "max_cost_usd")
@@ -622,7 +626,8 @@ def locate(failure: Failure, spec: Spec, build: Build) -> Locus:
         locus.tool_line = line if locus.element == "tool_code" else None
     elif parts[:1] == ["workflow"]:
         locus.element = "step"
-        locus.step_pointer = _enclosing_step(pointer) or pointer
+        enclosing = _enclosing_step(pointer)
+        locus.step_pointer = enclosing if enclosing and step_at(spec, enclosing) else None
     elif parts[:1] == ["agents"] and len(parts) >= 2:
         locus.element = "agent"
         locus.agent = parts[1]
@@ -898,9 +903,7 @@ def fix_missing_import(failure: Failure, locus: Locus, spec: Spec, ctx: Context)
     if not wanted:
         return None
     try:
-        fixed = edit_tool_code(
-            spec, ctx.build, locus.tool, lambda c: add_imports(c, list(wanted))
-        )
+        fixed = edit_tool_code(spec, ctx.build, locus.tool, lambda c: add_imports(c, list(wanted)))
     except (FixRejected, cst.ParserSyntaxError):
         return None
     names = ", ".join(f"`{n}`" for n in wanted.values())
@@ -1241,8 +1244,11 @@ def deterministic_fix(failure: Failure, locus: Locus, spec: Spec, ctx: Context) 
     if fixer is None:
         return None
     try:
-        return fixer(failure, locus, spec, ctx)
-    except (FixRejected, KeyError, IndexError, TypeError, ValueError):
+        fix = fixer(failure, locus, spec, ctx)
+        if fix is not None:
+            guard_fix(spec, fix.spec, allow_budget_raise=ctx.allow_budget_raise)
+        return fix
+    except (FixRejected, KeyError, IndexError, TypeError, ValueError, AttributeError):
         return None  # the deterministic route does not apply here; the LLM may still
 
 
@@ -1275,7 +1281,7 @@ def json_block(text: str) -> Any:
     for candidate in candidates:
         try:
             return json.loads(candidate)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
     return None
 
@@ -1288,11 +1294,13 @@ def apply_json_patch(spec: Spec, operations: Any, *, allow_budgets: bool = False
         operations = [operations]
     if not isinstance(operations, list) or not operations:
         raise FixRejected("the JSON Patch must be a non-empty JSON array of operations")
+    try:
+        check_value(operations, "the JSON Patch")
+    except RunFolderError as exc:
+        raise FixRejected(str(exc)) from None
     for op in operations:
         if not isinstance(op, dict) or "op" not in op or "path" not in op:
             raise FixRejected(f"not a JSON Patch operation: {json.dumps(op)[:200]}")
-        if not allow_budgets and str(op["path"]).startswith("/budgets"):
-            raise FixRejected("the patch may not change budgets")
     try:
         data = jsonpatch.JsonPatch(operations).apply(spec.to_data())
     except (
@@ -1306,7 +1314,83 @@ def apply_json_patch(spec: Spec, operations: Any, *, allow_budgets: bool = False
         raise FixRejected(f"the JSON Patch does not apply: {exc}") from None
     if not isinstance(data, dict):
         raise FixRejected("the patched spec is not a mapping")
-    return checked_spec(data)
+    if not allow_budgets and _budgets_of(data) != spec.budgets:  # before validating: say why
+        _reject_budget_change(spec.budgets, _budgets_of(data))
+    fixed = checked_spec(data)
+    guard_fix(spec, fixed, allow_budget_raise=allow_budgets)
+    return fixed
+
+
+def _budgets_of(data: dict[str, Any]) -> Budgets | None:
+    try:
+        return Budgets.model_validate(data.get("budgets", {}))
+    except ValueError:
+        return None
+
+
+def _reject_budget_change(before: Budgets, after: Budgets | None) -> None:
+    old = before.model_dump()
+    new = after.model_dump() if after is not None else {}
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)) or ["*"]
+    raise FixRejected(
+        "the fix changes budgets (" + ", ".join(f"/budgets/{k}" for k in changed) + "), "
+        "which needs --allow-budget-raise"
+    )
+
+
+def guard_fix(before: Spec, after: Spec, *, allow_budget_raise: bool) -> None:
+    """What no fix may do, checked on the resulting document (never on how a patch says it).
+
+    - change `budgets` (by any operation: `replace`, `move`/`copy` from it, a whole-document
+      `replace` at ""), unless `allow_budget_raise`;
+    - make one tool's code define a name another tool defines or is called (tools share the
+      compiled `tools.py`, so that would replace the other tool's function).
+    """
+    if not allow_budget_raise and before.budgets != after.budgets:
+        _reject_budget_change(before.budgets, after.budgets)
+    changed = {t for t in after.tools if before.tools.get(t) != after.tools[t]}
+    new = _tool_clashes(after) - _tool_clashes(before)
+    clashes = sorted(c for c in new if c[1] in changed) or sorted(new)
+    if clashes:
+        name, owner, other = clashes[0]
+        raise FixRejected(
+            f"the code of tool `{owner}` would define `{name}`, which belongs to tool `{other}` "
+            "(tools share one module: it would replace that tool's function)"
+        )
+
+
+def _top_level_names(code: str) -> set[str]:
+    """Functions, classes and variables the code defines at module level (imports aside)."""
+    try:
+        module = cst.parse_module(code)
+    except cst.ParserSyntaxError:
+        return set()
+    names: set[str] = set()
+    for statement in module.body:
+        if isinstance(statement, cst.FunctionDef | cst.ClassDef):
+            names.add(statement.name.value)
+        elif isinstance(statement, cst.SimpleStatementLine):
+            for small in statement.body:
+                targets: list[cst.BaseExpression] = []
+                if isinstance(small, cst.Assign):
+                    targets = [t.target for t in small.targets]
+                elif isinstance(small, cst.AnnAssign | cst.AugAssign):
+                    targets = [small.target]
+                names.update(t.value for t in targets if isinstance(t, cst.Name))
+    return names
+
+
+def _tool_clashes(spec: Spec) -> set[tuple[str, str, str]]:
+    """(name, tool whose code defines it, the other tool it belongs to)."""
+    defined = {tid: _top_level_names(t.code) for tid, t in spec.tools.items() if t.code}
+    clashes: set[tuple[str, str, str]] = set()
+    for owner, names in defined.items():
+        for other in spec.tools:
+            if other == owner:
+                continue
+            theirs = defined.get(other, set()) | {other}
+            clashes.update((name, owner, other) for name in names & theirs)
+    return clashes
 
 
 def _numbered(code: str, mark: int | None) -> str:
@@ -1403,6 +1487,7 @@ def apply_llm_answer(
             return new
 
         fixed = edit_tool_code(spec, build, tool_id, transform)
+        guard_fix(spec, fixed, allow_budget_raise=allow_budgets)
         return Fix(
             fixed,
             "llm_code",
@@ -1553,7 +1638,9 @@ def rectify(
     input_file = find_input(run_dir, input_path)
     failure = diagnose(record, max_cost=max_cost, max_calls=max_calls)
     out_dir = run_dir / "rectify"
-    if out_dir.exists():
+    if out_dir.is_symlink() or out_dir.is_file():
+        out_dir.unlink()  # never follow a link out of the run folder
+    elif out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     outcome = RectifyOutcome(run_dir, "nothing_to_do", failure, final_spec=spec)

@@ -84,9 +84,7 @@ class RunFolderError(Exception):
 
 _NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
 #: A JSON pointer into the spec ("" or "/a/b~1c"), at most 1 KiB, no control characters.
-Pointer = Annotated[
-    str, StringConstraints(max_length=1024, pattern=r"^(/[^\x00-\x1f\x7f/]*)*$")
-]
+Pointer = Annotated[str, StringConstraints(max_length=1024, pattern=r"^(/[^\x00-\x1f\x7f/]*)*$")]
 #: A spec id (step, agent, tool): what the spec's own id pattern allows.
 Ident = Annotated[str, StringConstraints(max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
 #: A state variable name.
@@ -149,7 +147,7 @@ _BUDGET_CODES: dict[str, ErrorCode] = {
 class _Model(BaseModel):
     """Run-folder records: unknown fields are ignored (newer writers add some), known ones typed."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
 # -- result.json / out.json ---------------------------------------------------------------------
@@ -229,7 +227,9 @@ class SandboxReport(_Model):
 
     backend: Literal["docker", "local"]
     image: Name | None = None
-    limits: dict[Name, int | float | str | bool | None] = Field(default_factory=dict, max_length=100)
+    limits: dict[Name, int | float | str | bool | None] = Field(
+        default_factory=dict, max_length=100
+    )
     loosened: list[Name] = Field(default_factory=list, max_length=100)
     exit_code: Annotated[int, Field(ge=-(2**31), le=2**31)] | None = None
     timed_out: bool = False
@@ -392,7 +392,9 @@ def check_value(value: Any, where: str, *, depth: int = LIMITS.depth) -> None:
             for key, child in items:
                 here = f"{pointer}/{_escape(str(key))}"
                 if isinstance(key, str) and _SURROGATE.search(key):
-                    raise RunFolderError(f"{where}: a lone surrogate in a key (at {pointer or '/'})")
+                    raise RunFolderError(
+                        f"{where}: a lone surrogate in a key (at {pointer or '/'})"
+                    )
                 stack.append((child, level + 1, here))
         elif isinstance(node, str):
             if _SURROGATE.search(node):
@@ -435,10 +437,10 @@ def _validate(model: type[M], value: Any, where: str) -> M:
         raise RunFolderError(f"{where}: {_problems(exc)}") from None
 
 
-def _problems(exc: ValidationError, shown: int = 3) -> str:
+def _problems(exc: ValidationError, shown: int = 3, skip: int = 0) -> str:
     parts = []
     for error in exc.errors()[:shown]:
-        pointer = "".join(f"/{_escape(str(p))}" for p in error["loc"])
+        pointer = "".join(f"/{_escape(str(p))}" for p in error["loc"][skip:])
         parts.append(f"at {pointer or '/'}: {error['msg']}")
     more = exc.error_count() - shown
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
@@ -515,7 +517,8 @@ def read_trace(path: Path, limits: Limits = LIMITS) -> Trace:
         try:
             trace.events.append(_EVENT.validate_python(value))
         except ValidationError as exc:
-            raise RunFolderError(f"{where}: {kind} event: {_problems(exc)}") from None
+            # the first location is the union's tag (the event kind): named already
+            raise RunFolderError(f"{where}: {kind} event: {_problems(exc, skip=1)}") from None
     return trace
 
 
@@ -562,7 +565,9 @@ def result_or_error(path: Path) -> Result:
     if not path.exists() and not path.is_symlink():
         return Result(
             status="error",
-            error=ErrorInfo(type="MissingResult", code="no_result", message=f"{path.name} is missing"),
+            error=ErrorInfo(
+                type="MissingResult", code="no_result", message=f"{path.name} is missing"
+            ),
         )
     try:
         return read_result(path)

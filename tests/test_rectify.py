@@ -438,9 +438,17 @@ def test_classify_dispatches_on_the_code_alone(code: str, kind: str) -> None:
         # folders written before codes: the exact type name (and a budget's pointer) decide
         ({"type": "StepTimeout", "spec_pointer": "/workflow/0"}, "step_timeout", None),
         ({"type": "StepTimeout", "spec_pointer": "/budgets/timeout_s"}, "run_timeout", None),
-        ({"type": "BudgetExceeded", "spec_pointer": "/budgets/max_cost_usd"}, "budget_cost", "max_cost_usd"),
+        (
+            {"type": "BudgetExceeded", "spec_pointer": "/budgets/max_cost_usd"},
+            "budget_cost",
+            "max_cost_usd",
+        ),
         ({"type": "ToolError", "message": "tool 'x' timed out after 0.5 s"}, "tool_error", None),
-        ({"type": "WorkflowError", "message": "ensemble: every sample was empty"}, "internal", None),
+        (
+            {"type": "WorkflowError", "message": "ensemble: every sample was empty"},
+            "internal",
+            None,
+        ),
         ({"type": "Timeout"}, "sandbox_timeout", None),
         # a code always wins over the type
         ({"type": "WorkflowError", "code": "empty_vote"}, "empty_vote", None),
@@ -466,7 +474,11 @@ def test_locate_a_tool_line_from_the_traceback_and_source_map(tmp_path: Path) ->
         "ValueError: could not convert string to float: ''\n"
     )
     failure = Failure(
-        "error", "ToolError", "tool 'average' raised ValueError", traceback=traceback, code="tool_error"
+        "error",
+        "ToolError",
+        "tool 'average' raised ValueError",
+        traceback=traceback,
+        code="tool_error",
     )
     locus = locate(failure, spec, build)
     assert locus.pointer == "/tools/average/code" and locus.element == "tool_code"
