@@ -278,6 +278,16 @@ def _write_spec(spec: Any, out: Path) -> str:
         raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
+def _write_text(text: str, out: Path) -> str:
+    from mas2c.files import write_text_atomic
+
+    try:
+        write_text_atomic(out, text)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return text
+
+
 class SetupFailed(Exception):
     """A run could not start (no daemon, no image, no endpoint): exit 1 with the fix."""
 
@@ -395,16 +405,18 @@ def cmd_configure(args: argparse.Namespace) -> int:
         result = _guarded(action)
     except ConfigureError as exc:
         raise SpecRejected(f"mas2c configure: {exc}") from None
-    text = _write_spec(result.spec, out) if out else None
+    # The user's file edited as a round trip: comments, key order and styles stay.
+    from mas2c.yamledit import edit_spec_file
+
+    edited = edit_spec_file(Path(args.spec), spec, result.spec)
+    text = _write_text(edited, out) if out else None
     if args.json:
         _print_json({"output": str(out) if out else None, **result.to_json()})
     else:
         for agent, choice in sorted(result.choices.items()):
             sys.stderr.write(f"{agent} -> {choice.model} ({choice.by}: {choice.reason})\n")
         if out is None:
-            from mas2c.generate import spec_to_yaml
-
-            sys.stdout.write(spec_to_yaml(result.spec))
+            sys.stdout.write(edited)
         else:
             sys.stdout.write(f"wrote {out}\n" if text is not None else "")
     return EXIT_OK

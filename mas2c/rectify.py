@@ -33,6 +33,7 @@ fixed spec beside it as ``<stem>.rectified.yaml``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -85,6 +86,7 @@ from mas2c.spec import (
     iter_steps,
     spec_hash,
 )
+from mas2c.yamledit import edit_spec_text, file_patch
 
 Progress = Callable[[str], None]
 
@@ -313,6 +315,15 @@ class Round:
         }
 
 
+@dataclass(frozen=True)
+class SpecText:
+    """The text every round edits: the user's file (or a dump), its name for patch headers."""
+
+    text: str
+    name: str
+    json_text: bool
+
+
 @dataclass
 class RectifyOutcome:
     run_dir: Path
@@ -322,6 +333,7 @@ class RectifyOutcome:
     stop_reason: str = ""
     final_spec: Spec | None = None
     final_run: RunOutcome | None = None
+    final_text: str | None = None  # the fixed spec as the user's text, edited
     written: Path | None = None
 
     @property
@@ -1637,6 +1649,12 @@ def rectify(
     spec, origin = find_spec(run_dir, spec_path)
     input_file = find_input(run_dir, input_path)
     failure = diagnose(record, max_cost=max_cost, max_calls=max_calls)
+    # The user's own text is what every round edits (comments, order and styles kept), so each
+    # round's patch.diff applies to the user's file; a spec from the run folder is dumped.
+    source = SpecText(spec_yaml(spec), "spec.yaml", json_text=False)
+    if origin is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            source = SpecText(origin.read_text("utf-8"), origin.name, origin.suffix == ".json")
     out_dir = run_dir / "rectify"
     if out_dir.is_symlink() or out_dir.is_file():
         out_dir.unlink()  # never follow a link out of the run folder
@@ -1661,6 +1679,7 @@ def rectify(
             failure,
             input_file,
             out_dir,
+            source,
             max_rounds=max_rounds,
             client=client,
             run_kwargs={
@@ -1684,10 +1703,11 @@ def rectify(
             upstream.close()
     if write and outcome.status == "fixed" and outcome.final_spec is not None:
         if origin is not None:
-            target = origin.with_name(f"{origin.stem}.rectified.yaml")
+            suffix = ".json" if origin.suffix == ".json" else ".yaml"
+            target = origin.with_name(f"{origin.stem}.rectified{suffix}")
         else:
             target = run_dir / f"{outcome.final_spec.name}.rectified.yaml"
-        write_text_atomic(target, spec_yaml(outcome.final_spec))
+        write_text_atomic(target, outcome.final_text or spec_yaml(outcome.final_spec))
         outcome.written = target
         say(f"wrote the rectified spec to {target}")
     _write_summary(outcome, out_dir)
@@ -1701,6 +1721,7 @@ def _loop(
     failure: Failure,
     input_file: Path,
     out_dir: Path,
+    source: SpecText,
     *,
     max_rounds: int,
     client: Any,
@@ -1715,7 +1736,7 @@ def _loop(
     records = [record]
     history: list[dict[str, Any]] = []
     stale = 0
-    previous_yaml, previous_name = spec_yaml(spec), "original/spec.yaml"
+    previous_text = source.text
     for number in range(1, max_rounds + 1):
         if failure.kind in UNFIXABLE:
             outcome.stop_reason = f"not a fault of the spec: {UNFIXABLE[failure.kind]}"
@@ -1764,12 +1785,9 @@ def _loop(
             + "; ".join(fix.changes)
         )
         digest = spec_hash(fix.spec)
-        text = spec_yaml(fix.spec)
+        text = edit_spec_text(previous_text, spec, fix.spec, json_text=source.json_text)
         write_text_atomic(folder / "spec.yaml", text)
-        write_text_atomic(
-            folder / "patch.diff",
-            unified_diff(previous_yaml, text, previous_name, f"round-{number}/spec.yaml"),
-        )
+        write_text_atomic(folder / "patch.diff", file_patch(previous_text, text, source.name))
         if digest in seen:
             round_.outcome = "repeated"
             outcome.stop_reason = "the fix repeats an earlier spec (same hash): no new idea"
@@ -1792,7 +1810,7 @@ def _loop(
         spec, record = fix.spec, new_record
         records.append(new_record)
         outcome.final_spec, outcome.final_run = spec, run
-        previous_yaml, previous_name = text, f"round-{number}/spec.yaml"
+        previous_text = outcome.final_text = text
         history.append(
             {
                 "round": number,
