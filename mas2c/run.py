@@ -1,8 +1,10 @@
 """One sandboxed run: a spec or a build, an input, the gateway on the host, a run folder.
 
 The run folder holds result.json, trace.jsonl, stdout.txt, stderr.txt,
-sandbox.json (written by `mas2c.sandbox`), usage.json (from the gateway), and
-spec.json and input.json (what ran, so that `mas2c rectify RUN_DIR` can re-run it).
+sandbox.json (written by `mas2c.sandbox`), usage.json (from the gateway),
+spec.json and input.json (what ran, so that `mas2c rectify RUN_DIR` can re-run it),
+and run.json (the run header: command, versions, spec hash, endpoint host, times
+and the trace id; see `mas2c.tracing`).
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -139,10 +143,13 @@ def run_system(
     upstream: Any = None,
     on_warning: Callable[[str], None] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    trace_content: bool | None = None,
 ) -> RunOutcome:
     """Compile if needed, start the gateway, run the package in the sandbox, collect the folder.
 
     `upstream` overrides `llm` (callers that run many systems share one upstream).
+    `trace_content` (default: `MAS2C_TRACE_CONTENT=1` in the environment) also traces
+    prompts and completions.
     """
     from mas2c import sandbox
     from mas2c.gateway import Gateway
@@ -151,6 +158,8 @@ def run_system(
     spec, build_dir = load_target(target)
     _check_input(input_path)
     run_dir.mkdir(parents=True, exist_ok=True)
+    header = run_header(spec, llm, backend, trace_content)
+    _write_header(run_dir, header)
     # What `mas2c rectify RUN_DIR` re-runs: the spec (canonical JSON) and the input.
     write_text_atomic(run_dir / "spec.json", canonical_json(spec.to_data()) + "\n")
     write_bytes_atomic(run_dir / "input.json", input_path.read_bytes())
@@ -184,6 +193,7 @@ def run_system(
                         loosen=loosen or sandbox.Loosen(),
                         llm_socket=gateway.socket_path,
                         image=image or sandbox.DEFAULT_IMAGE,
+                        env=header.sandbox_env(),
                         on_warning=on_warning,
                     )
                 finally:
@@ -194,6 +204,7 @@ def run_system(
     finally:
         if owned and hasattr(upstream, "close"):
             upstream.close()
+        _finish_header(run_dir, header)
     # The program wrote result.json: read it through the run-folder contract (hostile input).
     result = result_or_error(run_dir / "result.json")
     return RunOutcome(
@@ -205,6 +216,37 @@ def run_system(
         report.to_json(),
         typed=result,
     )
+
+
+def run_header(spec: Spec, llm: LLMConfig, backend: str, trace_content: bool | None = None) -> Any:
+    """The run's header (`mas2c.tracing.RunHeader`): no key, no credentials, no URL path."""
+    from mas2c.spec import spec_hash
+    from mas2c.tracing import RunHeader, endpoint_label, redact_argv, trace_content_default
+
+    key = llm.key() or ""
+    return RunHeader(
+        command=redact_argv(sys.argv, secrets=[key]),
+        spec=spec.name,
+        spec_sha256=spec_hash(spec),
+        endpoint=endpoint_label(llm.endpoint(), replay=llm.replay is not None),
+        backend=backend,
+        trace_content=trace_content_default() if trace_content is None else trace_content,
+    )
+
+
+def _write_header(run_dir: Path, header: Any) -> None:
+    from mas2c.tracing import HEADER_FILE
+
+    text = json.dumps(header.to_json(), indent=2, ensure_ascii=False) + "\n"
+    write_text_atomic(run_dir / HEADER_FILE, text)
+
+
+def _finish_header(run_dir: Path, header: Any) -> None:
+    """Record the end time and status; a failure to do so never hides the run's own."""
+    header.finished_ts = time.time()
+    header.status = result_or_error(run_dir / "result.json").status
+    with suppress(OSError):
+        _write_header(run_dir, header)
 
 
 def _check_input(path: Path) -> None:

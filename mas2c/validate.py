@@ -33,24 +33,15 @@ from mas2c.source import (
     resolve,
 )
 from mas2c.spec import (
-    STEP_KINDS,
+    STEP_CLASSES,
     Agent,
-    BranchStep,
     Budgets,
-    CallStep,
     Case,
-    DebateStep,
-    EnsembleStep,
-    LoopStep,
     ModelSpec,
-    ParallelStep,
     Price,
-    ProgrammerStep,
     Spec,
     Step,
-    TestStep,
     Tool,
-    ToolStep,
     iter_steps,
     step_agents,
     step_out,
@@ -268,7 +259,7 @@ def _data_path(data: Any, loc: tuple[Any, ...], keep_last: bool) -> list[Any]:
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             path.append(part)
             node = node[part]
-            skip_tag = isinstance(node, dict) and node.get("kind") in STEP_KINDS
+            skip_tag = isinstance(node, dict) and _is_step_kind(node.get("kind"))
         elif last and keep_last:
             path.append(part)
     return path
@@ -279,7 +270,7 @@ def _model_at(data: Any, path: list[Any]) -> type[Any] | None:
     node = data
     for part in path:
         node = node[part]
-    if isinstance(node, dict) and node.get("kind") in STEP_KINDS:
+    if isinstance(node, dict) and _is_step_kind(node.get("kind")):
         return _STEP_CLASSES[node["kind"]]
     names = [p for p in path if isinstance(p, str)]
     tail = names[-2:] if len(path) >= 2 and isinstance(path[-2], str) else names[-1:]
@@ -301,17 +292,11 @@ def _model_at(data: Any, path: list[Any]) -> type[Any] | None:
     return None
 
 
-_STEP_CLASSES: dict[str, type[Any]] = {
-    "call": CallStep,
-    "ensemble": EnsembleStep,
-    "parallel": ParallelStep,
-    "loop": LoopStep,
-    "branch": BranchStep,
-    "debate": DebateStep,
-    "programmer": ProgrammerStep,
-    "test": TestStep,
-    "tool": ToolStep,
-}
+_STEP_CLASSES = STEP_CLASSES  # the registry: kind -> model class
+
+
+def _is_step_kind(value: Any) -> bool:
+    return isinstance(value, str) and value in STEP_CLASSES
 
 
 class _Checker:
@@ -372,7 +357,7 @@ class _Checker:
                 "MAS101",
                 pointer + "/kind",
                 "a step needs a `kind`",
-                f"one of: {', '.join(STEP_KINDS)}",
+                f"one of: {', '.join(STEP_CLASSES)}",
             )
         elif kind == "extra_forbidden":
             parent = _model_at(data, path[:-1])
@@ -390,7 +375,7 @@ class _Checker:
                 "MAS104",
                 pointer + "/kind",
                 f"unknown step kind `{tag}`",
-                did_you_mean(tag, STEP_KINDS),
+                did_you_mean(tag, STEP_CLASSES),
             )
         elif kind == "string_pattern_mismatch":
             pattern = error.get("ctx", {}).get("pattern", "")
@@ -513,105 +498,71 @@ class _Checker:
         return scope
 
     def _step(self, step: Step, here: str, scope: _Scope) -> _Scope:
-        for name, key in _agent_refs(step):
-            self._agent_ref(name, f"{here}/{key}")
+        """Checks one step through the registry's facts (never its kind)."""
+        for ref in step.agent_refs():
+            self._agent_ref(ref.agent, f"{here}/{ref.key}")
         self.used_agents.update(step_agents(step))
-        if isinstance(step, CallStep | ProgrammerStep):
-            self._template(step.prompt, f"{here}/prompt", scope)
-        elif isinstance(step, EnsembleStep):
-            self._ensemble(step, here, scope)
-        elif isinstance(step, DebateStep):
-            self._template(step.topic, f"{here}/topic", scope)
-            if step.judge is not None and step.vote is not None:
-                self.add("MAS502", here, "a debate closes with a `judge` or a `vote`, not both")
-            if step.judge is None and step.vote is None:
-                self.add("MAS502", here, "a debate needs a `judge` or `vote: majority` to close")
-        elif isinstance(step, TestStep):
-            self._reference(step.code, f"{here}/code", scope)
-            self._template(step.tests, f"{here}/tests", scope)
-        elif isinstance(step, ToolStep):
-            self._tool_step(step, here, scope)
-        elif isinstance(step, ParallelStep):
-            return self._parallel(step, here, scope)
-        elif isinstance(step, LoopStep):
-            return self._loop(step, here, scope)
-        elif isinstance(step, BranchStep):
-            return self._branch(step, here, scope)
+        for code, key, message, hint in step.problems():
+            self.add(code, f"{here}/{key}" if key else here, message, hint)
+        for key, tool in step.tool_refs():
+            self._tool_ref(tool, f"{here}/{key}")
+        for key, text in step.templates():
+            self._template(text, f"{here}/{key}", scope)
+        for key, text in step.references():
+            self._reference(text, f"{here}/{key}", scope)
+        flows = {"concurrent": self._parallel, "repeat": self._loop, "alternatives": self._branch}
+        if step.flow in flows:
+            return flows[step.flow](step, here, scope)
+        if step.flow == "sequence":
+            for key, children in step.child_lists():
+                scope = self._steps(children, f"{here}/{key}", scope)
         out = step_out(step)
         return scope.bind(out, self._out_schema(step)) if out else scope
 
-    def _ensemble(self, step: EnsembleStep, here: str, scope: _Scope) -> None:
-        self._template(step.prompt, f"{here}/prompt", scope)
-        if (step.agent is None) == (not step.agents):
-            self.add(
-                "MAS504",
-                here,
-                "an ensemble needs exactly one of `agent` (sampled n times) and `agents`",
-            )
-        if (step.vote is None) == (step.judge is None):
-            self.add(
-                "MAS502", here, "an ensemble needs exactly one of `vote: majority` and `judge`"
-            )
-
-    def _tool_step(self, step: ToolStep, here: str, scope: _Scope) -> None:
-        self.used_tools.add(step.tool)
-        if step.tool not in self.spec.tools:
+    def _tool_ref(self, tool: str, pointer: str) -> None:
+        self.used_tools.add(tool)
+        if tool not in self.spec.tools:
             self.add(
                 "MAS202",
-                f"{here}/tool",
-                f"unknown tool `{step.tool}`",
-                did_you_mean(step.tool, self.spec.tools),
+                pointer,
+                f"unknown tool `{tool}`",
+                did_you_mean(tool, self.spec.tools),
             )
-        for key, value in _strings(step.args, f"{here}/args"):
-            self._template(value, key, scope)
 
-    def _parallel(self, step: ParallelStep, here: str, scope: _Scope) -> _Scope:
+    def _parallel(self, step: Step, here: str, scope: _Scope) -> _Scope:
+        """Nested lists that run concurrently: each starts from `scope`; all are merged."""
         after = scope
-        for index, branch in enumerate(step.branches):
-            result = self._steps(branch, f"{here}/branches/{index}", scope)
+        for key, children in step.child_lists():
+            result = self._steps(children, f"{here}/{key}", scope)
             after = after.merge_all(result)
-        if step.out:
-            after = after.bind(step.out, {"type": "array"})
+        out = step_out(step)
+        if out:
+            after = after.bind(out, self._out_schema(step))
         return after
 
-    def _loop(self, step: LoopStep, here: str, scope: _Scope) -> _Scope:
-        if step.max_iterations is None:
-            self.add(
-                "MAS501",
-                f"{here}/max_iterations",
-                f"loop `{step.id}` has no `max_iterations`: an unbounded loop can spend without end",
-                "add max_iterations: 3 (or the bound you need)",
-            )
-        body = self._steps(step.steps, f"{here}/steps", scope)
-        self._condition(step.until, f"{here}/until", body)
+    def _loop(self, step: Step, here: str, scope: _Scope) -> _Scope:
+        """Nested lists repeated: conditions read the state after the body."""
+        body = scope
+        for key, children in step.child_lists():
+            body = self._steps(children, f"{here}/{key}", body)
+        for key, condition in step.conditions():
+            self._condition(condition, f"{here}/{key}", body)
         return body
 
-    def _branch(self, step: BranchStep, here: str, scope: _Scope) -> _Scope:
-        arms = []
-        for index, case in enumerate(step.cases):
-            self._condition(case.when, f"{here}/cases/{index}/when", scope)
-            arms.append(self._steps(case.steps, f"{here}/cases/{index}/steps", scope))
-        arms.append(self._steps(step.else_, f"{here}/else", scope) if step.else_ else scope)
+    def _branch(self, step: Step, here: str, scope: _Scope) -> _Scope:
+        """One nested list runs, chosen by the conditions; without a default arm (more
+        lists than conditions) the state may also pass through unchanged."""
+        conditions = step.conditions()
+        for key, condition in conditions:
+            self._condition(condition, f"{here}/{key}", scope)
+        lists = step.child_lists()
+        arms = [self._steps(children, f"{here}/{key}", scope) for key, children in lists]
+        if len(lists) <= len(conditions):
+            arms.append(scope)
         return scope.join(arms, step.id)
 
     def _out_schema(self, step: Step) -> dict[str, Any] | None:
-        deciding: str | None = None
-        if isinstance(step, CallStep):
-            deciding = step.agent
-        elif isinstance(step, EnsembleStep | DebateStep):
-            deciding = step.judge or (step.agent if isinstance(step, EnsembleStep) else None)
-            if deciding is None and step.agents:
-                deciding = step.agents[0]
-        elif isinstance(step, ProgrammerStep):
-            return _object(
-                {"code": "string", "output": "string", "passed": "boolean", "attempts": "integer"}
-            )
-        elif isinstance(step, TestStep):
-            return _object({"passed": "boolean", "output": "string"})
-        agent = self.spec.agents.get(deciding or "")
-        if agent is not None and isinstance(agent.output, dict):
-            return agent.output
-        return None
+        return step.out_schema(self.spec.agents)
 
     # leaves --------------------------------------------------------------------------
 
@@ -788,21 +739,6 @@ def _syntax_error(code: str) -> tuple[str, int] | None:
 
 def _object(fields: dict[str, str]) -> dict[str, Any]:
     return {"type": "object", "properties": {k: {"type": v} for k, v in fields.items()}}
-
-
-def _agent_refs(step: Step) -> list[tuple[str, str]]:
-    refs: list[tuple[str, str]] = []
-    if isinstance(step, CallStep | ProgrammerStep):
-        refs.append((step.agent, "agent"))
-    if isinstance(step, EnsembleStep):
-        if step.agent:
-            refs.append((step.agent, "agent"))
-        refs += [(name, f"agents/{i}") for i, name in enumerate(step.agents or [])]
-    if isinstance(step, DebateStep):
-        refs += [(name, f"agents/{i}") for i, name in enumerate(step.agents)]
-    if isinstance(step, EnsembleStep | DebateStep) and step.judge:
-        refs.append((step.judge, "judge"))
-    return refs
 
 
 def _strings(value: Any, pointer: str) -> list[tuple[str, str]]:
