@@ -148,7 +148,10 @@ class SpecInfo:
 
 
 class WorkflowError(Exception):
-    """A run failed. ``spec_pointer`` names the spec element at fault (JSON pointer)."""
+    """A run failed. ``spec_pointer`` names the spec element at fault (JSON pointer);
+    ``code`` is the stable error code in out.json (the rectifier dispatches on it)."""
+
+    code = "internal"
 
     def __init__(
         self,
@@ -158,8 +161,11 @@ class WorkflowError(Exception):
         spec_line: int | None = None,
         step: str | None = None,
         agent: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
+        if code is not None:
+            self.code = code
         self.spec_pointer = spec_pointer
         self.spec_line = spec_line  # a line inside tool code, 1-based
         self.step = step
@@ -169,17 +175,25 @@ class WorkflowError(Exception):
 class BudgetExceeded(WorkflowError):
     """A budget of the spec (or the host gateway's) would be overspent: exit 3."""
 
+    code = "budget_calls"
+
 
 class StepTimeout(WorkflowError):
     """A step, or the whole run, ran out of time: exit 4."""
+
+    code = "step_timeout"
 
 
 class InputError(WorkflowError):
     """The run's input does not match the spec's inputs: exit 2."""
 
+    code = "bad_input"
+
 
 class LLMError(WorkflowError):
     """The LLM endpoint failed, after retries where retrying makes sense."""
+
+    code = "llm_error"
 
     def __init__(self, message: str, *, status: int | None = None, **kw: Any) -> None:
         super().__init__(message, **kw)
@@ -189,9 +203,13 @@ class LLMError(WorkflowError):
 class StructuredOutputError(LLMError):
     """An agent with an output schema kept answering something that is not that JSON."""
 
+    code = "structured_output"
+
 
 class ToolError(WorkflowError):
     """A tool failed when a ``tool`` step called it."""
+
+    code = "tool_error"
 
 
 # -------------------------------------------------------------------------- state
@@ -663,7 +681,8 @@ def majority(answers: Sequence[Any], what: str = "vote") -> Any:
         first.setdefault(key, answer)
     if not counts:
         raise WorkflowError(
-            f"{what}: every {'sample' if what == 'ensemble' else 'answer'} was empty"
+            f"{what}: every {'sample' if what == 'ensemble' else 'answer'} was empty",
+            code="empty_vote",
         )
     best = max(counts.values())
     # `counts` keeps first-seen order, so among tied values the earliest sample wins.
@@ -1130,6 +1149,7 @@ class Run:
             raise StepTimeout(
                 f"the run exceeded its time budget of {limit} s",
                 spec_pointer="/budgets/timeout_s",
+                code="run_timeout",
                 step=step[0] if step else None,
             ) from exc
         finally:
@@ -1476,6 +1496,7 @@ class Run:
             raise ToolError(
                 f"tool {tool.name!r} timed out after {tool.timeout_s} s",
                 spec_pointer=f"/tools/{tool.name}",
+                code="tool_timeout",
             ) from None
 
     async def _exec(self, code: str, timeout_s: float | None) -> dict[str, Any]:
@@ -1552,6 +1573,7 @@ class Run:
                 raise BudgetExceeded(
                     f"budget exceeded: {limit} ({used:g} used, max {maximum:g})",
                     spec_pointer=f"/budgets/{limit}",
+                    code=_BUDGET_CODES.get(limit),
                 )
 
     def _request(
@@ -1822,10 +1844,25 @@ _OUTCOMES: tuple[tuple[type[BaseException], str, int], ...] = (
 )
 
 
+_BUDGET_CODES = {
+    "max_llm_calls": "budget_calls",
+    "max_total_tokens": "budget_tokens",
+    "max_cost_usd": "budget_cost",
+}
+
+
+def error_code(exc: BaseException) -> str:
+    """The stable code of a failure (out.json's ``error.code``), never read from its text."""
+    if isinstance(exc, WorkflowError):
+        return exc.code
+    return "internal" if isinstance(exc, Exception) else "interrupted"
+
+
 def error_report(exc: BaseException) -> dict[str, Any]:
     """The ``error`` object of out.json."""
     return {
         "type": type(exc).__name__,
+        "code": error_code(exc),
         "message": str(exc),
         "spec_pointer": getattr(exc, "spec_pointer", None),
         "spec_line": getattr(exc, "spec_line", None),
