@@ -47,6 +47,7 @@ step specs $PY benchmarks/topology_specs.py --check
 step overhead $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}"
 step sandbox $PY benchmarks/bench_sandbox.py "${SANDBOX[@]}"
 step compile $PY benchmarks/bench_compile.py "${COMPILE[@]}"
+step yaml-bomb $PY benchmarks/bench_yaml_bomb.py
 step humaneval $PY benchmarks/bench_humaneval.py "${HUMANEVAL[@]}"
 
 cat /proc/loadavg >"$RESULTS/loadavg-end.txt"

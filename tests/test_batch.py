@@ -266,9 +266,9 @@ def test_failures_are_counted_by_error_code(tmp_path: Path) -> None:
     with LLMTestServer(respond) as server:
         summary = run_batch(options(tmp_path, dataset, server, limit=4))
     assert summary["complete"] and summary["passed"] == 3 and summary["system_errors"] == 1
-    assert summary["failures"] == {"StructuredOutputError": 1}
+    assert summary["failures"] == {"structured_output": 1}  # the runtime's error code
     row = read_results(tmp_path / "run" / "results.jsonl")["gsm8k-3"]
-    assert row["status"] != "ok" and row["error_code"] == "StructuredOutputError"
+    assert row["status"] != "ok" and row["error_code"] == "structured_output"
     assert row["note"] == "no prediction in the result"
 
 

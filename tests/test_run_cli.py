@@ -33,6 +33,7 @@ RUN_FILES = {
     "usage.json",
     "spec.json",  # what ran, for `mas2c rectify RUN_DIR`
     "input.json",
+    "run.json",  # the run header (mas2c.tracing)
 }
 
 # A call, then a code tool that reports what the program can see of its environment.
