@@ -66,6 +66,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from mas2c.errors import RunFailure
 from mas2c.files import write_text_atomic
 from mas2c.runfolder import result_or_error
 
@@ -96,8 +97,10 @@ MAX_PREDICTION_CHARS = 2000  # kept in results.jsonl; the run folder has the who
 TIMING_FIELDS = ("seconds", "score_seconds", "total_seconds")
 
 
-class BatchError(Exception):
+class BatchError(RunFailure):
     """The batch cannot run (bad dataset, spec, mapping or run folder): a user-facing message."""
+
+    code = "batch"
 
 
 # ------------------------------------------------------------------------------------ dataset
@@ -225,14 +228,14 @@ def check_rows(
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_EDGES = re.compile(r"^[\s\"'`]+|[\s\"'`.]+$")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
     """exact: case folded, spaces collapsed, surrounding quotes and a final period dropped."""
-    text = " ".join(str(text).split()).casefold().strip()
-    text = text.strip("\"'`").rstrip(".").strip()
-    return text
+    text = " ".join(str(text).split()).casefold()
+    return _EDGES.sub("", text)
 
 
 def _f1_tokens(text: str) -> list[str]:
@@ -276,7 +279,10 @@ def parse_number(text: Any) -> float | None:
 
 
 def _numbers_equal(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    """Integers exactly; others within a relative 1e-9 (0.1 + 0.2 is 0.3)."""
+    if a.is_integer() and b.is_integer():
+        return a == b
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -524,10 +530,10 @@ class Score:
         return self.score >= 1.0
 
 
-def _sandbox_limits(timeout_s: float) -> Any:
+def _sandbox_limits(timeout_s: float, slack_s: float = 60.0) -> Any:
     from mas2c import sandbox
 
-    return sandbox.Limits(timeout_s=timeout_s + 60, memory_mb=1024, cpus=1.0)
+    return sandbox.Limits(timeout_s=timeout_s + slack_s, memory_mb=1024, cpus=1.0)
 
 
 def run_code_tests(
@@ -603,20 +609,28 @@ def run_user_scorer(
         input_path,
         run_dir,
         backend=backend,
-        limits=_sandbox_limits(timeout_s),
+        limits=_sandbox_limits(timeout_s, slack_s=10.0),
         image=image or sandbox.DEFAULT_IMAGE,
         on_warning=on_warning,
     )
     seconds = time.monotonic() - started
-    result = result_or_error(run_dir / "result.json")
     if report.timed_out:
-        return Score(0.0, seconds, note="the scorer timed out", error="ScorerTimeout")
-    if result.error is not None:
-        message = f"{result.error.type}: {result.error.message[:300]}"
-        return Score(0.0, seconds, note=f"the scorer raised {message}", error="ScorerRaised")
-    outputs = result.outputs
+        why = f"the scorer did not finish in {timeout_s + 10:g} s"
+        return Score(0.0, seconds, note=why, error="ScorerTimeout")
+    result = read_json(run_dir / "result.json", max_bytes=1_000_000)
+    if not result:
+        why = "the scorer's answer is unreadable (not JSON, or over 1 MB)"
+        return Score(0.0, seconds, note=why, error="ScorerBadValue")
+    if result.get("status") != "ok":
+        error = result.get("error")
+        error = error if isinstance(error, dict) else {}
+        message = f"{error.get('type', 'Error')}: {str(error.get('message', ''))[:300]}"
+        if "traceback" in error:  # score() raised: the runner caught it
+            return Score(0.0, seconds, note=f"the scorer raised {message}", error="ScorerRaised")
+        return Score(0.0, seconds, note=f"the scorer failed: {message}", error="ScorerFailed")
+    outputs = result.get("outputs")
     value = outputs.get("value") if isinstance(outputs, dict) else None
-    note = None
+    note: str | None = None
     if isinstance(value, dict):
         note = str(value.get("note"))[:300] if value.get("note") is not None else None
         value = value.get("score")
@@ -1682,6 +1696,12 @@ def _cell(value: Any, n: int = 80) -> str:
     return text.replace("|", "\\|").replace("\n", " ")[:n]
 
 
+def _title(summary: Mapping[str, Any]) -> str:
+    if summary.get("benchmark") == "batch" and summary.get("dataset"):
+        return Path(str(summary["dataset"])).name
+    return str(summary.get("benchmark"))
+
+
 def report(
     rows: Sequence[Row],
     done: Mapping[str, dict[str, Any]],
@@ -1697,7 +1717,7 @@ def report(
     ci = summary.get("ci95")
     interval = f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "-"
     lines = [
-        f"# Batch: {summary.get('benchmark')}",
+        f"# Batch: {_title(summary)}",
         "",
         f"System: {what}; dataset: `{summary.get('dataset') or summary.get('benchmark')}`; "
         f"scorer: {summary.get('scorer')}; engine: {summary.get('engine')}; "

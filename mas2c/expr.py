@@ -13,6 +13,8 @@ import re
 import warnings
 from dataclasses import dataclass
 
+from mas2c.errors import InvalidInput
+
 PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
@@ -43,7 +45,9 @@ def parse_path(text: str) -> tuple[str, ...] | None:
     return tuple(text.split(".")) if PATH.match(text) else None
 
 
-class ExpressionError(Exception):
+class ExpressionError(InvalidInput):
+    code = "expression"
+
     def __init__(self, message: str, column: int = 0, line: int = 1) -> None:
         super().__init__(message)
         self.message = message

@@ -48,6 +48,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Literal
 
+from mas2c.errors import RunFailure
+
 logger = logging.getLogger("mas2c.sandbox")
 
 DEFAULT_IMAGE = "mas2c-sandbox:latest"
@@ -148,8 +150,10 @@ main()
 """
 
 
-class SandboxError(Exception):
+class SandboxError(RunFailure):
     """A user-facing sandbox failure; the message names the fix."""
+
+    code = "sandbox"
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]*$"
@@ -66,6 +67,40 @@ class Agent(_Strict):
     )
 
 
+class Egress(_Strict):
+    """Outbound HTTP a code tool may make through the host gateway (the sandbox has no network)."""
+
+    hosts: list[str] = Field(
+        min_length=1,
+        description="Hosts the tool may call: `host` (ports 80/443) or `host:port`.",
+    )
+    secrets: list[str] = Field(
+        default_factory=list,
+        description="Names of host secrets (environment variables, or MAS2C_SECRETS_FILE) the "
+        "gateway inserts where a request to these hosts says `${NAME}`; never inside the sandbox.",
+    )
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if not _EGRESS_HOST.fullmatch(host):
+                raise ValueError(f"{host!r} is not a host or host:port")
+        return hosts
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _SECRET_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a secret name ([A-Za-z_][A-Za-z0-9_]*)")
+        return names
+
+
+_EGRESS_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})(:[0-9]{1,5})?")
+_SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
 class Tool(_Strict):
     description: str | None = None
     builtin: Literal["python_exec"] | None = Field(None, description="A built-in tool.")
@@ -74,6 +109,11 @@ class Tool(_Strict):
         description="Python source defining a function named like the tool; runs in the sandbox.",
     )
     timeout_s: float = Field(10.0, gt=0, le=3600)
+    egress: Egress | None = Field(
+        None,
+        description="HTTP hosts (and host secrets) a code tool may use, through the gateway "
+        "(`from ._egress import http`).",
+    )
 
 
 # -- workflow steps -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import libcst
 from pydantic import ValidationError
 
 from mas2c import expr
+from mas2c.errors import InvalidInput
 from mas2c.source import (
     Position,
     SourceError,
@@ -139,8 +140,10 @@ class Report:
         return "\n".join(lines)
 
 
-class SpecInvalid(Exception):
+class SpecInvalid(InvalidInput):
     """Raised by `load_spec` when a spec has errors; carries the whole report."""
+
+    code = "spec_invalid"
 
     def __init__(self, report: Report) -> None:
         super().__init__(report.format())

@@ -254,6 +254,11 @@ def test_solve_report_shows_phases_rounds_patch_and_error(solved: Path, tmp_path
     nodes = {a["data-step"]: a["data-status"] for a in dom.with_attr("g", "data-step")}
     assert "error" in nodes.values()
     screenshot(page, tmp_path, "report-solve", height=2400)
+    # The rectify folder alone: the repaired run, then its rounds.
+    rectify_page = write_report(solved / "run-1" / "rectify", tmp_path / "rectify.html")
+    dom = dom_of(rectify_page, tmp_path)
+    assert [a["data-round"] for a in dom.with_attr("div", "data-round")] == ["1"]
+    assert dom.texts("code", **{"class": "pointer"}) == ["/tools/word_stats/code"]
 
 
 # -- hostile input ---------------------------------------------------------------------------
@@ -393,7 +398,9 @@ def test_an_old_trace_without_ids_or_wall_clock_still_nests(runs: Path, tmp_path
 
 
 def test_cli_report(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "sub" / "r.html"
+    assert cli_main(["report", str(runs / "debate"), "-o", str(tmp_path / "no" / "r.html")]) == 2
+    assert not (tmp_path / "no").exists()  # -o FILE creates no folders
+    out = tmp_path / "r.html"
     assert cli_main(["report", str(runs / "debate"), "-o", str(out)]) == 0
     assert out.read_text().startswith("<!DOCTYPE html>")
     assert capsys.readouterr().out.strip() == str(out)

@@ -105,13 +105,14 @@ TOOLS = {
 MAIN_PY = """
 import sys
 
-from ._runtime import Budgets, SpecInfo, main
+from ._runtime import Budgets, SpecInfo, ToolCode, main
 from .agents import AGENTS, MODELS
 from .tools import TOOLS
 from .workflow import Workflow
 
 SPEC = SpecInfo(name="t", sha256="0", inputs={inputs!r}, outputs={outputs!r},
-                budgets=Budgets(**{budgets!r}))
+                budgets=Budgets(**{budgets!r}),
+                tool_code={{t: ToolCode(*where) for t, where in {tool_code!r}.items()}})
 
 
 def run() -> int:
@@ -131,6 +132,19 @@ class Workflow:
         self.run = run
         self.state = run.state
 """
+
+
+def tool_code_table(text: str) -> dict[str, tuple[str, int, int]]:
+    """What the compiler's TOOL_CODE table says for this hand-written tools.py:
+    tool -> (pointer, first line, last line) of each verbatim block."""
+    table: dict[str, tuple[str, int, int]] = {}
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if line.startswith("# spec: /tools/") and lines[number].strip() == "# fmt: off":
+            pointer = line[len("# spec: ") :]
+            end = next(i for i in range(number + 1, len(lines)) if lines[i] == "# fmt: on")
+            table[pointer.split("/")[2]] = (pointer, number + 2, end)
+    return table
 
 
 @dataclass
@@ -161,6 +175,7 @@ class Pkg:
         spec.setdefault("inputs", {"question": {"type": "string"}})
         spec.setdefault("outputs", {})
         spec.setdefault("budgets", {})
+        spec.setdefault("tool_code", tool_code_table(HEADER + TOOLS_PY))
         (pkg / "__main__.py").write_text(HEADER + MAIN_PY.format(**spec))
 
     def popen(self, inputs: Any, env: dict[str, str]) -> subprocess.Popen[str]:
