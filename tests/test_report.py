@@ -316,6 +316,17 @@ def _hostile_folder(folder: Path) -> None:
         json.dumps({"failure": {"type": EVIL}, "fix": {"why": EVIL}})
     )
     (rounds / "patch.diff").write_text(f"+{EVIL}\n-{EVIL}\n")
+    # Symlinks out of the folder and a FIFO: never followed, never read (nor blocked on).
+    secret = folder.parent / "host-secret.txt"
+    secret.write_text("HOST-SECRET-CONTENT")
+    (rounds / "run").mkdir()
+    (rounds / "run" / "trace.jsonl").symlink_to(secret)
+    os.mkfifo(rounds / "run" / "result.json")
+    (folder / "rectify" / "round-2").symlink_to(rounds)
+    round3 = folder / "rectify" / "round-3"
+    round3.mkdir()
+    (round3 / "patch.diff").symlink_to(secret)
+    (round3 / "notes.json").symlink_to(secret)
 
 
 def test_a_hostile_run_folder_is_shown_as_text(tmp_path: Path) -> None:
@@ -329,6 +340,8 @@ def test_a_hostile_run_folder_is_shown_as_text(tmp_path: Path) -> None:
     title = dom.texts("title")[0]  # the page's (SVG tooltips are <title> too)
     assert title.startswith("mas2c run:") and "pwned" in title  # as text, never run
     assert "".join(dom.text).count(EVIL) >= 8
+    assert "HOST-SECRET-CONTENT" not in raw
+    assert [a["data-round"] for a in dom.with_attr("div", "data-round")] == ["1", "3"]
     problems = read_run_trace(folder).problems
     assert any("not JSON" in p for p in problems) and any(
         "not a trace event" in p for p in problems

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="2e7fe43b19435d3e0668a565e692cd8b7e280c9ad6768ca394455b0ca45eb8c2",
+        code_sha="2f7e10a448e4e7f9e36a048f2fe38c49e378cd4a24cabfda4ae70ebca6bfa59f",
         reads=["question"],
     ),
 )

@@ -173,7 +173,11 @@ class SpecInfo:
 
 class WorkflowError(Exception):
     """A run failed. ``spec_pointer`` names the spec element at fault (JSON pointer);
-    ``code`` is the stable error code in out.json (the rectifier dispatches on it)."""
+    ``code`` is the stable, machine-readable kind of failure (``out.json``'s
+    ``error.code``; the rectifier dispatches on it, never on the message): one of
+    empty_vote, step_timeout, tool_timeout, tool_error, structured_output, budget_calls,
+    budget_tokens, budget_cost, run_timeout, bad_input, llm_error, internal (and
+    interrupted, for a run stopped by a signal)."""
 
     code = "internal"
 
@@ -188,8 +192,7 @@ class WorkflowError(Exception):
         code: str | None = None,
     ) -> None:
         super().__init__(message)
-        if code is not None:
-            self.code = code
+        self.code = code or type(self).code
         self.spec_pointer = spec_pointer
         self.spec_line = spec_line  # a line inside tool code, 1-based
         self.step = step
@@ -199,11 +202,19 @@ class WorkflowError(Exception):
 class BudgetExceeded(WorkflowError):
     """A budget of the spec (or the host gateway's) would be overspent: exit 3."""
 
-    code = "budget_calls"
+    code = "budget_calls"  # or budget_tokens, budget_cost: see BUDGET_CODES
+
+
+# The budget limit -> the error code of overspending it.
+BUDGET_CODES = {
+    "max_llm_calls": "budget_calls",
+    "max_total_tokens": "budget_tokens",
+    "max_cost_usd": "budget_cost",
+}
 
 
 class StepTimeout(WorkflowError):
-    """A step, or the whole run, ran out of time: exit 4."""
+    """A step (code step_timeout), or the whole run (run_timeout), ran out of time: exit 4."""
 
     code = "step_timeout"
 
@@ -231,9 +242,16 @@ class StructuredOutputError(LLMError):
 
 
 class ToolError(WorkflowError):
-    """A tool failed when a ``tool`` step called it."""
+    """A tool failed when a ``tool`` step called it (tool_error), or ran out of time
+    (tool_timeout)."""
 
     code = "tool_error"
+
+
+class EmptyVote(WorkflowError):
+    """A majority vote had no answer to count: every answer was empty."""
+
+    code = "empty_vote"
 
 
 # -------------------------------------------------------------------------- state
@@ -612,6 +630,14 @@ def _error_code(exc: openai.APIStatusError) -> str | None:
     return None
 
 
+def _error_param(exc: openai.APIStatusError) -> str | None:
+    """The ``param`` of an OpenAI-style error body (the gateway names a budget limit)."""
+    body = exc.body
+    inner = body.get("error", body) if isinstance(body, Mapping) else None
+    param = inner.get("param") if isinstance(inner, Mapping) else None
+    return param if isinstance(param, str) else None
+
+
 def _schema_name(agent_id: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_-]", "_", agent_id)[:64] or "output"
 
@@ -704,9 +730,8 @@ def majority(answers: Sequence[Any], what: str = "vote") -> Any:
         counts[key] = counts.get(key, 0) + 1
         first.setdefault(key, answer)
     if not counts:
-        raise WorkflowError(
-            f"{what}: every {'sample' if what == 'ensemble' else 'answer'} was empty",
-            code="empty_vote",
+        raise EmptyVote(
+            f"{what}: every {'sample' if what == 'ensemble' else 'answer'} was empty"
         )
     best = max(counts.values())
     # `counts` keeps first-seen order, so among tied values the earliest sample wins.
@@ -1010,8 +1035,8 @@ class Run:
             raise StepTimeout(
                 f"the run exceeded its time budget of {limit} s",
                 spec_pointer="/budgets/timeout_s",
-                code="run_timeout",
                 step=step[0] if step else None,
+                code="run_timeout",
             ) from exc
         finally:
             await self.aclose()
@@ -1434,7 +1459,7 @@ class Run:
                 raise BudgetExceeded(
                     f"budget exceeded: {limit} ({used:g} used, max {maximum:g})",
                     spec_pointer=f"/budgets/{limit}",
-                    code=_BUDGET_CODES.get(limit),
+                    code=BUDGET_CODES[limit],
                 )
 
     def _request(
@@ -1538,7 +1563,12 @@ class Run:
         status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
         if isinstance(exc, openai.APIStatusError):
             if status == 402 and _error_code(exc) == "mas2c_budget_exceeded":
-                raise BudgetExceeded(f"the LLM gateway refused: {exc.message}") from exc
+                limit = _error_param(exc)  # the gateway names the limit, when it does
+                raise BudgetExceeded(
+                    f"the LLM gateway refused: {exc.message}",
+                    spec_pointer=f"/budgets/{limit}" if limit in BUDGET_CODES else None,
+                    code=BUDGET_CODES.get(limit or ""),
+                ) from exc
             message = f"HTTP {status} for agent {agent.id!r}: {exc.message}"
         else:
             message = f"{type(exc).__name__} for agent {agent.id!r}: {exc}"
@@ -1705,15 +1735,8 @@ _OUTCOMES: tuple[tuple[type[BaseException], str, int], ...] = (
 )
 
 
-_BUDGET_CODES = {
-    "max_llm_calls": "budget_calls",
-    "max_total_tokens": "budget_tokens",
-    "max_cost_usd": "budget_cost",
-}
-
-
 def error_code(exc: BaseException) -> str:
-    """The stable code of a failure (out.json's ``error.code``), never read from its text."""
+    """The stable code of a failure (see WorkflowError)."""
     if isinstance(exc, WorkflowError):
         return exc.code
     return "internal" if isinstance(exc, Exception) else "interrupted"

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="44f3c9fb11a46aa0243523724946a8290d5b40ade9bfcd0a39d2a40a623f69bc",
+        code_sha="ca4b5c3da8256ed438b12a7fc94ed5466c74b6295dc47d80b41e0ba840b7aa86",
         reads=["question"],
     ),
 )

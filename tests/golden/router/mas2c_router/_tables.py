@@ -16,14 +16,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="8ee17947a786e2ac6668ad78ebbb0bf5bc3deb1e10f979cc6767ae0c5c204ec1",
+        code_sha="aa41520e6029866e35ccf40051a76f40b1796a910f03dad59e22db9ac532f176",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="12f0dedcddc030f768bf770312cc8e7faae6f87e54059fd59789bdc13955da40",
+        code_sha="1b7f0b840c8b3c16ca71204495b9498a93a4afc66e277218ffb9245ef45667de",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="a30604e201d3099d2e855a54cce1553c9a30d61eb4c79097db33b4d5ecab7c06",
+        code_sha="4d577125b977432af0341e4cbd6b06c40c2d6e6204b5f0e857e5a27258afafb2",
         reads=["question"],
     ),
 )
