@@ -482,7 +482,13 @@ def cmd_configure(args: argparse.Namespace) -> int:
             )
     for agent, choice in sorted(result.choices.items()):
         _say(f"{agent} -> {choice.model} ({choice.by}: {choice.reason})")
-    text = spec_to_yaml(result.spec)
+    # The user's file edited as a round trip: comments, key order and styles stay.
+    from mas2c.yamledit import edit_spec_file
+
+    if args.spec in (None, STDIO):
+        text = spec_to_yaml(result.spec)
+    else:
+        text = edit_spec_file(Path(args.spec), spec, result.spec)
     if output is None:
         if args.json:
             return _finish(args, True, {"output": None, "spec_yaml": text, **result.to_json()})
