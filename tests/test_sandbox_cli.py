@@ -163,11 +163,9 @@ def test_pool_service_serves_separate_runs(
         code, doc, stderr = _run(tmp_path, llm_server)
         assert code == 0, stderr
         assert doc["sandbox"]["pool"] == "service" and doc["usage"]["calls"] == 1
-        code, doc, stderr = (
-            _run(tmp_path / "cold", llm_server, "--no-pool")
-            if (tmp_path / "cold").mkdir() is None
-            else (1, {}, "")
-        )
+        cold = tmp_path / "cold"
+        cold.mkdir()
+        code, doc, stderr = _run(cold, llm_server, "--no-pool")
         assert code == 0, stderr
         assert doc["sandbox"]["pool"] == "cold"
         status = cli_document(mas2c("sandbox", "pool", "status", "--json", cwd=tmp_path))
