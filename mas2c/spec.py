@@ -111,6 +111,10 @@ class EnsembleStep(_Writes):
         "empty) or 'first' (the first answer that has one; never fails).",
     )
     judge: str | None = None
+    vote_on: str | None = Field(
+        None,
+        description="The field of structured answers a vote compares (default `answer`).",
+    )
 
     def sample_agents(self) -> list[str]:
         """The agent answering each sample, in sample order."""
@@ -129,6 +133,11 @@ class LoopStep(_StepBase):
     steps: list[Step] = Field(min_length=1)
     until: str
     max_iterations: int | None = Field(None, ge=1, le=1000)
+    on_exhausted: Literal["continue", "fail"] | None = Field(
+        None,
+        description="When max_iterations pass without `until`: 'continue' (the default: "
+        "traced, and listed under `warnings` in the result) or 'fail' (a LoopExhausted error).",
+    )
 
 
 class Case(_Strict):
@@ -151,6 +160,10 @@ class DebateStep(_Writes):
     vote: Literal["majority", "first"] | None = Field(
         None, description="'majority' or 'first' (see the ensemble step)."
     )
+    vote_on: str | None = Field(
+        None,
+        description="The field of structured answers a vote compares (default `answer`).",
+    )
 
 
 class ProgrammerStep(_Writes):
@@ -164,7 +177,10 @@ class ProgrammerStep(_Writes):
 class TestStep(_Writes):
     kind: Literal["test"]
     code: str = Field(description="State variable (or dotted path) holding the code under test.")
-    tests: str = Field(description="Test source, run after the code; placeholders allowed.")
+    tests: str | Annotated[list[str], Field(min_length=1)] = Field(
+        description="Test source run after the code, or a list of test snippets run one by "
+        "one; placeholders allowed (a whole placeholder may hold a list of snippets)."
+    )
     run_timeout_s: float = Field(10.0, gt=0, le=3600)
 
 
