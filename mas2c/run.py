@@ -144,14 +144,20 @@ def run_system(
     """
     from mas2c import sandbox
     from mas2c.gateway import Gateway
+    from mas2c.validate import input_error
 
     llm = llm or LLMConfig()
     spec, build_dir = load_target(target)
-    _check_input(input_path)
+    given = _check_input(input_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     # What `mas2c rectify RUN_DIR` re-runs: the spec (canonical JSON) and the input.
     write_text_atomic(run_dir / "spec.json", canonical_json(spec.to_data()) + "\n")
     write_bytes_atomic(run_dir / "input.json", input_path.read_bytes())
+    bad_input = input_error(spec, given)
+    if bad_input is not None:  # checked on the host: no container, no gateway, no LLM call
+        result = {"status": "bad_input", "error": bad_input, "usage": {}}
+        write_text_atomic(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+        return RunOutcome(run_dir, "bad_input", 2, result, {})
     if build_dir is None:
         build_dir = run_dir / "build"
         compile_spec(spec).write(build_dir)
@@ -203,7 +209,7 @@ def run_system(
     )
 
 
-def _check_input(path: Path) -> None:
+def _check_input(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text("utf-8"))
     except OSError as exc:
@@ -212,6 +218,7 @@ def _check_input(path: Path) -> None:
         raise RunError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise RunError(f"{path}: the input must be a JSON object of named inputs")
+    return data
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -206,6 +206,25 @@ def load_spec(path: str | Path) -> Spec:
     return report.spec
 
 
+def input_error(spec: Spec, given: Any) -> dict[str, Any] | None:
+    """The `error` object a run's input earns before anything runs (as the compiled
+    package reports it: `InputError`, the pointer of the first problem), or None when the
+    input fits every declared JSON Schema. `mas2c run` checks this on the host before any
+    container starts; the package checks the same again."""
+    problems = values.input_problems(given, spec.inputs)
+    if not problems:
+        return None
+    return {
+        "type": "InputError",
+        "message": "; ".join(message for _, message in problems),
+        "spec_pointer": problems[0][0],
+        "spec_line": None,
+        "step": None,
+        "agent": None,
+        "traceback": None,
+    }
+
+
 def _source_failure(path: str, exc: SourceError) -> Report:
     pos = exc.position
     problem = Problem(
@@ -1408,6 +1427,7 @@ __all__ = [
     "Report",
     "SpecInvalid",
     "did_you_mean",
+    "input_error",
     "load_spec",
     "validate_file",
     "validate_source",

@@ -58,6 +58,7 @@ from ._values import (
     TemplateError,
     argument_problems,
     as_text,
+    input_problems,
     json_type,
     resolve_tree,
 )
@@ -1748,30 +1749,6 @@ def _code_of(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- main
-
-def input_problems(
-    given: Any, declared: Mapping[str, Mapping[str, Any]]
-) -> list[tuple[str, str]]:
-    """(pointer, message) for each way the given inputs miss their declared JSON Schemas
-    (the whole schema: nested ``required``, types, enums); mas2c checks the same on the host."""
-    if not isinstance(given, dict):
-        return [("/inputs", f"the input must be a JSON object, got {json_type(given)}")]
-    problems: list[tuple[str, str]] = []
-    for name, schema in declared.items():
-        pointer = f"/inputs/{_escape_token(name)}"
-        if name in given:
-            for problem in validate_value(given[name], schema):
-                where, _, message = problem.partition(": ")
-                inner = where[len("at ") :]
-                at = "" if inner == "/" else f" at {inner}"
-                problems.append((pointer, f"input {name!r}{at}: {message}"))
-        elif "default" not in schema:
-            problems.append((pointer, f"missing required input {name!r}"))
-    for name in sorted(set(given) - set(declared)):
-        known = ", ".join(declared) or "none"
-        problems.append(("/inputs", f"unknown input {name!r} (declared: {known})"))
-    return problems
-
 
 def check_inputs(
     given: Any, declared: Mapping[str, Mapping[str, Any]]
