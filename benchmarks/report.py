@@ -472,6 +472,14 @@ def humaneval_section(data: dict[str, Any], headline: list[str]) -> list[str]:
     return out
 
 
+def batch_section() -> list[str]:
+    """Section 5, written by benchmarks/bench_batch.py as results/batch.md."""
+    md = RESULTS / "batch.md"
+    if not md.is_file():
+        return ["## 5. Batch runs (local and Ray engines)", "", "Not run.", ""]
+    return ["## 5. Batch runs (local and Ray engines)", "", md.read_text("utf-8").rstrip(), ""]
+
+
 def others_section() -> list[str]:
     out = []
     for name, title in (("local", "Embedded local model"), ("rectify", "Rectifier")):
@@ -515,6 +523,7 @@ def main() -> int:
     sections += (
         humaneval_section(he, headline) if he else ["## 4. HumanEval harness", "", "Not run.", ""]
     )
+    sections += batch_section()
     sections += others_section()
     failures = (
         (RESULTS / "failures.txt").read_text().strip()
@@ -543,6 +552,7 @@ def main() -> int:
         ".venv/bin/python benchmarks/bench_sandbox.py   # 2",
         ".venv/bin/python benchmarks/bench_compile.py   # 3",
         ".venv/bin/python benchmarks/bench_humaneval.py # 4",
+        ".venv/bin/python benchmarks/bench_batch.py     # 5",
         "benchmarks/.venvs/report/bin/python benchmarks/report.py",
         "```",
         "",

@@ -34,11 +34,13 @@ if [[ -n "${BENCH_QUICK:-}" ]]; then
     SANDBOX=(--reps 2)
     COMPILE=(--reps 1 --steps 10,50,200)
     HUMANEVAL=(--limit-check 5 --limit-oracle 3)
+    BATCH=(--limit 6 --workers 1,2)
 else
     OVERHEAD=(--reps 5 --sweep-reps 3)
     SANDBOX=(--reps 10)
     COMPILE=(--reps 3)
     HUMANEVAL=(--limit-oracle 20)
+    BATCH=(--limit 164 --workers 1,2,4)
 fi
 
 step venvs bash benchmarks/setup_venvs.sh
@@ -48,6 +50,7 @@ step overhead $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}"
 step sandbox $PY benchmarks/bench_sandbox.py "${SANDBOX[@]}"
 step compile $PY benchmarks/bench_compile.py "${COMPILE[@]}"
 step humaneval $PY benchmarks/bench_humaneval.py "${HUMANEVAL[@]}"
+step batch $PY benchmarks/bench_batch.py "${BATCH[@]}"
 
 cat /proc/loadavg >"$RESULTS/loadavg-end.txt"
 REPORT_PY=benchmarks/.venvs/report/bin/python

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -326,6 +327,62 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--as-root", action="store_true", help="LOOSENS the sandbox: run as root in the container"
     )
+    p.add_argument(
+        "--trace-content",
+        action="store_true",
+        help="also trace prompts, completions and tool arguments (trace.jsonl)",
+    )
+
+
+# -- seeing a run (mas2c.report, mas2c.otel) --------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mas2c.report import ReportError, write_report
+
+    try:
+        out = write_report(_existing(args.run_dir), Path(args.output) if args.output else None)
+    except ReportError as exc:
+        raise UsageError(str(exc)) from None
+    sys.stdout.write(f"{out}\n")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mas2c.otel import ExportError, export_otel
+
+    try:
+        sent = export_otel(
+            _existing(args.run_dir), args.endpoint, service=args.service, timeout_s=args.timeout
+        )
+    except ExportError as exc:
+        raise SetupFailed(str(exc)) from None
+    if args.json:
+        _print_json(sent)
+    else:
+        sys.stdout.write(f"exported {sent['spans']} span(s) of trace {sent['trace_id']}\n")
+    return EXIT_OK
+
+
+def _add_observe_verbs(verbs: Any) -> None:
+    p = verbs.add_parser("report", help="write a self-contained HTML report of a run folder")
+    p.add_argument("run_dir", help="a run, rectify or solve folder")
+    p.add_argument("-o", "--output", help="HTML file to write (default RUN_DIR/report.html)")
+    p.set_defaults(handler=cmd_report)
+    p = verbs.add_parser("export", help="send a run's trace elsewhere (OpenTelemetry)")
+    p.add_argument("format", choices=["otel"], help="otel: OTLP/HTTP with gen_ai.* attributes")
+    p.add_argument("run_dir", help="a run folder (with trace.jsonl)")
+    p.add_argument(
+        "--endpoint",
+        required=True,
+        help="OTLP/HTTP traces URL or base URL (e.g. http://127.0.0.1:6006/v1/traces)",
+    )
+    p.add_argument("--service", default="mas2c", help="service.name (default mas2c)")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to deliver, retries included (30)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_export)
 
 
 def _add_llm_flags(p: argparse.ArgumentParser) -> None:
@@ -548,6 +605,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 llm=_llm_config(args),
                 model=args.model,
                 on_warning=_warn,
+                engine=args.engine,
+                ray_address=args.address,
+                max_cost_usd=args.max_cost,
             )
         )
 
@@ -562,6 +622,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sys.stdout.write(f"\nrun folder: {run_dir} (results.jsonl, summary.json, results.md)\n")
     if args.check_scorer:
         return EXIT_OK if summary["ok"] else EXIT_INVALID
+    return EXIT_OK if summary["complete"] else EXIT_INVALID
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from mas2c.batch import BatchError, BatchOptions, parse_mapping, run_batch
+
+    if args.workers < 1 or (args.limit is not None and args.limit < 1) or args.pilot < 1:
+        raise UsageError("--workers, --limit and --pilot must be at least 1")
+    if args.address and args.engine != "ray":
+        raise UsageError("--address is for --engine ray")
+    run_dir = Path(args.run_dir or f"runs/batch-{_default_run_dir().split('/')[-1]}")
+
+    def action() -> Any:
+        return run_batch(
+            BatchOptions(
+                run_dir=run_dir,
+                dataset=_existing(args.dataset),
+                spec=_existing(args.spec) if args.spec else None,
+                solve_task=args.solve,
+                mapping=parse_mapping(args.map or []),
+                id_field=args.id_field,
+                answer_field=args.answer_field,
+                output=args.output,
+                scorer=args.scorer,
+                limit=args.limit,
+                workers=args.workers,
+                engine=args.engine,
+                ray_address=args.address,
+                ray_max_retries=args.max_retries,
+                max_cost_usd=args.max_cost,
+                backend=args.sandbox,
+                image=args.image,
+                test_timeout_s=args.test_timeout,
+                llm=_llm_config(args),
+                model=args.model,
+                baseline=args.baseline,
+                baseline_model=args.baseline_model,
+                baseline_field=args.baseline_field,
+                pilot_rows=args.pilot,
+                on_warning=_warn,
+            )
+        )
+
+    try:
+        summary = _guarded(action)
+    except BatchError as exc:
+        raise SetupFailed(str(exc)) from None
+    if args.json:
+        _print_json(summary)
+    else:
+        sys.stdout.write((run_dir / "report.md").read_text("utf-8").split("\nRows not passed")[0])
+        sys.stdout.write(f"run folder: {run_dir} (results.jsonl, summary.json, report.md)\n")
     return EXIT_OK if summary["complete"] else EXIT_INVALID
 
 
@@ -750,9 +862,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="give the system only the prompt's doctest examples as `test`, not the dataset's tests",
     )
     p.add_argument("--model", help="model name for solve's generator and implementer")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="see `mas2c batch`")
+    p.add_argument("--address", help="the Ray cluster (with --engine ray)")
+    p.add_argument(
+        "--max-cost", type=float, metavar="USD", help="stop starting problems at this cost"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_bench)
+
+    _add_observe_verbs(verbs)
+    p = verbs.add_parser(
+        "batch", help="a spec or `solve` over a JSONL dataset, scored (local or Ray; resumable)"
+    )
+    p.add_argument("dataset", help="JSONL file, one JSON object per row (.jsonl or .jsonl.gz)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--spec", help="the MAS spec to run on every row")
+    which.add_argument("--solve", metavar="TASK", help="run `mas2c solve TASK` on every row")
+    p.add_argument("--map", action="append", metavar="INPUT=FIELD", help="row field of an input")
+    p.add_argument("--id-field", default="id", help="row field with the row's id (default id)")
+    p.add_argument("--answer-field", default="answer", help="row field with the expected answer")
+    p.add_argument("--output", help="the spec output to score (default answer, or the only one)")
+    p.add_argument(
+        "--scorer", default="exact", help="exact, numeric, f1, math, code or python:FILE"
+    )
+    p.add_argument("--limit", type=int, help="the first N rows")
+    p.add_argument("--workers", type=int, default=2, help="rows (sandboxes) at once (default 2)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument(
+        "--address", help="the Ray cluster to use (default: RAY_ADDRESS, else a local Ray)"
+    )
+    p.add_argument(
+        "--max-retries", type=int, default=3, help="Ray retries of a row lost with its node"
+    )
+    p.add_argument(
+        "--max-cost", type=float, metavar="USD", help="stop starting rows at this total cost"
+    )
+    p.add_argument("--baseline", choices=["cot-sc"], help="run a matched-cost baseline beside it")
+    p.add_argument("--baseline-model", help="the spec's model id the baseline samples")
+    p.add_argument("--baseline-field", help="row field the baseline gets as its question")
+    p.add_argument("--pilot", type=int, default=5, help="rows that measure the cost to match (5)")
+    p.add_argument("--run-dir", help="run folder; an existing one is resumed")
+    p.add_argument("--sandbox", choices=["docker", "local"], default="docker")
+    p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
+    p.add_argument("--test-timeout", type=float, default=20.0, help="seconds for one scoring")
+    p.add_argument("--model", help="model name for solve's generator and implementer")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_llm_flags(p)
+    p.set_defaults(handler=cmd_batch)
 
     for register in _EXTRA_VERBS:
         register(verbs)
@@ -771,6 +928,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return EXIT_USAGE
+    if getattr(args, "trace_content", False):
+        # Every run this command starts traces prompts and completions (mas2c.run reads it).
+        os.environ["MAS2C_TRACE_CONTENT"] = "1"
     try:
         return handler(args)
     except UsageError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -78,7 +79,7 @@ def templates_dir() -> Path:
 @cache
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        loader=jinja2.FileSystemLoader([str(templates_dir()), *map(str, _TEMPLATE_DIRS)]),
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
@@ -125,6 +126,10 @@ def compile_spec(spec: Spec) -> Build:
     # The typed-values module (placeholders, JSON Schema subset) is mas2c's own, verbatim.
     values_source = Path(values.__file__).read_text("utf-8")
     texts[f"{package}/_values.py"] = header + "\n" + _formatted_runtime(values_source)
+    if any(tool.egress is not None for tool in spec.tools.values()):
+        # The egress helper ships only with systems whose tools declare egress.
+        egress = (templates_dir() / "_egress.py").read_text("utf-8")
+        texts[f"{package}/_egress.py"] = header + "\n" + egress
     texts["pyproject.toml"] = _render("pyproject.toml.j2", context)
     texts["README.md"] = _render("README.md.j2", {**context, **_readme_view(spec)})
     source_map = [
@@ -318,72 +323,206 @@ class _Methods:
 
 
 def _workflow_view(spec: Spec) -> dict[str, Any]:
-    names = _Methods()
-    views: list[dict[str, Any]] = []
-    top = _step_list(spec.workflow, "/workflow", names, views)
-    used = set().union(*(v.get("helpers", set()) for v in views))
-    helpers = [name for name in ("field", "item") if name in used]
-    return {"top": top, "steps": views, "imports": ", ".join(["Run", *helpers])}
+    emit = EmitContext()
+    top = emit.body(spec.workflow, "/workflow")
+    used = set().union(*(v.get("helpers", set()) for v in emit.views))
+    helpers = sorted(name for name in used if name != "Run")
+    return {"top": top, "steps": emit.views, "imports": ", ".join(["Run", *helpers])}
 
 
-def _step_list(
-    steps: list[Step], pointer: str, names: _Methods, views: list[dict[str, Any]]
-) -> list[str]:
-    """Adds views for `steps` (and their children) and returns their method names, in order."""
-    return [_step(step, f"{pointer}/{index}", names, views) for index, step in enumerate(steps)]
+# -- the emitter registry: one emitter per step kind ----------------------------------------
 
 
-def _step(step: Step, pointer: str, names: _Methods, views: list[dict[str, Any]]) -> str:
-    method = names.name("step_", step.id)
-    view: dict[str, Any] = {
-        "method": method,
-        "id": step.id,
-        "pointer": pointer,
-        "kind": step.kind,
-        "timeout_s": value_literal(step.timeout_s) if step.timeout_s else None,
-        "out": step_out(step),
-        "doc": _step_doc(step),
-        "branches": [],
-    }
-    views.append(view)
-    if isinstance(step, LoopStep):
-        view["max_iterations"] = step.max_iterations or 1
-        view["fail_exhausted"] = step.on_exhausted == "fail"
-        view["body"] = _step_list(step.steps, f"{pointer}/steps", names, views)
-        until = parse_condition(step.until)
-        view["until"] = compile_condition(until)
-        view["helpers"] = _helpers(until)
-        view["needs_state"] = bool(condition_names(until))
-    elif isinstance(step, BranchStep):
-        whens = [parse_condition(case.when) for case in step.cases]
-        view["cases"] = [
-            {
-                "when": compile_condition(when),
-                "body": _step_list(case.steps, f"{pointer}/cases/{i}/steps", names, views),
-            }
-            for i, (case, when) in enumerate(zip(step.cases, whens, strict=True))
-        ]
-        view["helpers"] = set().union(*(_helpers(when) for when in whens))
-        view["needs_state"] = any(condition_names(when) for when in whens)
-        view["else_body"] = (
-            _step_list(step.else_, f"{pointer}/else", names, views) if step.else_ else []
-        )
-    elif isinstance(step, ParallelStep):
-        for i, branch in enumerate(step.branches):
-            outs = definite_writes(branch)
-            view["branches"].append(
-                {
-                    "method": names.name("branch_", f"{step.id}_{i}"),
-                    "pointer": f"{pointer}/branches/{i}",
-                    "body": _step_list(branch, f"{pointer}/branches/{i}", names, views),
-                    "result": outs[-1] if outs else None,
-                }
-            )
-    else:
-        view["call"] = step_call(step)
+@dataclass
+class EmitContext:
+    """What an emitter may use: unique method names, and `body` to emit nested step lists."""
+
+    names: _Methods = field(default_factory=_Methods)
+    views: list[dict[str, Any]] = field(default_factory=list)
+
+    def body(self, steps: list[Step], pointer: str) -> list[str]:
+        """Adds views for `steps` (and their children) and returns their method names, in order."""
+        return [self.step(step, f"{pointer}/{index}") for index, step in enumerate(steps)]
+
+    def step(self, step: Step, pointer: str) -> str:
+        emitter = EMITTERS.get(step.kind)
+        if emitter is None:
+            raise CompileError(f"step kind {step.kind!r} has no emitter (register_emitter)")
+        method = self.names.name("step_", step.id)
+        view: dict[str, Any] = {
+            "method": method,
+            "id": step.id,
+            "pointer": pointer,
+            "kind": step.kind,
+            "template": emitter.template,
+            "timeout_s": value_literal(step.timeout_s) if step.timeout_s else None,
+            "out": step_out(step),
+            "doc": docstring_text(step.summary()),
+            "branches": [],
+            "helpers": set(emitter.helpers),
+        }
+        self.views.append(view)
+        extra = emitter.view(step, pointer, self)
+        view["helpers"] = view["helpers"] | set(extra.pop("helpers", set()))
+        view.update(extra)
+        return method
+
+
+EmitView = Callable[[Any, str, EmitContext], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Emitter:
+    """How one step kind becomes code: a template for the body of its step method
+    (rendered with the view as `s`) and a pure function spec step -> view."""
+
+    template: str
+    view: EmitView
+    helpers: tuple[str, ...] = ()  # names the emitted code imports from the runtime
+
+
+EMITTERS: dict[str, Emitter] = {}
+_TEMPLATE_DIRS: list[Path] = []
+
+
+def register_emitter(
+    kind: str,
+    template: str,
+    view: EmitView,
+    *,
+    helpers: tuple[str, ...] = (),
+    template_dir: Path | None = None,
+) -> None:
+    """Add (or replace) the emitter of a step kind; `template_dir` holds its template
+    when it is not one of mas2c's own."""
+    EMITTERS[kind] = Emitter(template, view, helpers)
+    if template_dir is not None and template_dir not in _TEMPLATE_DIRS:
+        _TEMPLATE_DIRS.append(template_dir)
+        _environment.cache_clear()
+
+
+def unregister_emitter(kind: str) -> None:
+    EMITTERS.pop(kind, None)
+
+
+def _leaf(call: Callable[[Any], str]) -> EmitView:
+    """An emitter view for a leaf step: one awaited runtime call, its result stored in `out`."""
+
+    def view(step: Any, pointer: str, emit: EmitContext) -> dict[str, Any]:
         out = step_out(step)
-        view["assign"] = f"self.state[{string_literal(out)}] = " if out else ""
-    return method
+        return {
+            "call": call(step),
+            "assign": f"self.state[{string_literal(out)}] = " if out else "",
+        }
+
+    return view
+
+
+def _call_view(step: CallStep) -> str:
+    return f"self.run.call({string_literal(step.agent)}, {text_literal(step.prompt)})"
+
+
+def _ensemble_view(step: EnsembleStep) -> str:
+    return (
+        f"self.run.ensemble({value_literal(step.sample_agents())}, {text_literal(step.prompt)}, "
+        f"vote={value_literal(step.vote)}, judge={value_literal(step.judge)}{_vote_on(step.vote_on)})"
+    )
+
+
+def _debate_view(step: DebateStep) -> str:
+    return (
+        f"self.run.debate({value_literal(step.agents)}, {text_literal(step.topic)}, "
+        f"rounds={step.rounds}, judge={value_literal(step.judge)}, vote={value_literal(step.vote)}"
+        f"{_vote_on(step.vote_on)})"
+    )
+
+
+def _programmer_view(step: ProgrammerStep) -> str:
+    return (
+        f"self.run.programmer({string_literal(step.agent)}, {text_literal(step.prompt)}, "
+        f"max_attempts={step.max_attempts}, timeout_s={step.run_timeout_s!r})"
+    )
+
+
+def _test_view(step: TestStep) -> str:
+    return (
+        f"self.run.test({string_literal(step.code.strip())}, {_tests_literal(step.tests)}, "
+        f"timeout_s={step.run_timeout_s!r})"
+    )
+
+
+def _vote_on(key: str | None) -> str:
+    """The `vote_on=` argument, only when the spec names a field other than the default."""
+    return "" if key is None else f", vote_on={string_literal(key)}"
+
+
+def _tests_literal(tests: str | list[str]) -> str:
+    if isinstance(tests, str):
+        return text_literal(tests)
+    return "[" + ", ".join(text_literal(t) for t in tests) + "]"
+
+
+def _tool_view(step: ToolStep) -> str:
+    return f"self.run.tool({string_literal(step.tool)}, {value_literal(step.args)})"
+
+
+def _loop_view(step: LoopStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
+    body = emit.body(step.steps, f"{pointer}/steps")
+    until = parse_condition(step.until)
+    return {
+        "max_iterations": step.max_iterations or 1,
+        "fail_exhausted": step.on_exhausted == "fail",
+        "body": body,
+        "until": compile_condition(until),
+        "helpers": _helpers(until),
+        "needs_state": bool(condition_names(until)),
+    }
+
+
+def _branch_view(step: BranchStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
+    whens = [parse_condition(case.when) for case in step.cases]
+    cases = [
+        {
+            "when": compile_condition(when),
+            "body": emit.body(case.steps, f"{pointer}/cases/{i}/steps"),
+        }
+        for i, (case, when) in enumerate(zip(step.cases, whens, strict=True))
+    ]
+    return {
+        "cases": cases,
+        "helpers": set().union(*(_helpers(when) for when in whens)),
+        "needs_state": any(condition_names(when) for when in whens),
+        "else_body": emit.body(step.else_, f"{pointer}/else") if step.else_ else [],
+    }
+
+
+def _parallel_view(step: ParallelStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
+    branches = []
+    for i, branch in enumerate(step.branches):
+        outs = definite_writes(branch)  # written on every path, nested steps included
+        branches.append(
+            {
+                "method": emit.names.name("branch_", f"{step.id}_{i}"),
+                "pointer": f"{pointer}/branches/{i}",
+                "body": emit.body(branch, f"{pointer}/branches/{i}"),
+                "result": outs[-1] if outs else None,
+            }
+        )
+    return {"branches": branches}
+
+
+for _kind, _call in (
+    ("call", _call_view),
+    ("ensemble", _ensemble_view),
+    ("debate", _debate_view),
+    ("programmer", _programmer_view),
+    ("test", _test_view),
+    ("tool", _tool_view),
+):
+    register_emitter(_kind, "steps/leaf.py.j2", _leaf(_call))
+register_emitter("loop", "steps/loop.py.j2", _loop_view)
+register_emitter("branch", "steps/branch.py.j2", _branch_view)
+register_emitter("parallel", "steps/parallel.py.j2", _parallel_view)
 
 
 def _helpers(condition: ast.expr) -> set[str]:
@@ -402,75 +541,6 @@ def _marker(pointer: str) -> str:
     characters a comment line cannot carry verbatim (line breaks, controls, edge spaces)."""
     plain = pointer.isprintable() and pointer == pointer.strip() and not pointer.startswith('"')
     return pointer if plain else json.dumps(pointer)
-
-
-def step_call(step: Step) -> str:
-    """The runtime call a leaf step compiles to (without `await`)."""
-    if isinstance(step, CallStep):
-        return f"self.run.call({string_literal(step.agent)}, {text_literal(step.prompt)})"
-    if isinstance(step, EnsembleStep):
-        return (
-            f"self.run.ensemble({value_literal(step.sample_agents())}, {text_literal(step.prompt)}, "
-            f"vote={value_literal(step.vote)}, judge={value_literal(step.judge)}{_vote_on(step.vote_on)})"
-        )
-    if isinstance(step, DebateStep):
-        return (
-            f"self.run.debate({value_literal(step.agents)}, {text_literal(step.topic)}, "
-            f"rounds={step.rounds}, judge={value_literal(step.judge)}, vote={value_literal(step.vote)}"
-            f"{_vote_on(step.vote_on)})"
-        )
-    if isinstance(step, ProgrammerStep):
-        return (
-            f"self.run.programmer({string_literal(step.agent)}, {text_literal(step.prompt)}, "
-            f"max_attempts={step.max_attempts}, timeout_s={step.run_timeout_s!r})"
-        )
-    if isinstance(step, TestStep):
-        return (
-            f"self.run.test({string_literal(step.code.strip())}, {_tests_literal(step.tests)}, "
-            f"timeout_s={step.run_timeout_s!r})"
-        )
-    if isinstance(step, ToolStep):
-        return f"self.run.tool({string_literal(step.tool)}, {value_literal(step.args)})"
-    raise CompileError(f"step kind {step.kind!r} has no leaf call")
-
-
-def _vote_on(key: str | None) -> str:
-    """The `vote_on=` argument, only when the spec names a field other than the default."""
-    return "" if key is None else f", vote_on={string_literal(key)}"
-
-
-def _tests_literal(tests: str | list[str]) -> str:
-    if isinstance(tests, str):
-        return text_literal(tests)
-    return "[" + ", ".join(text_literal(t) for t in tests) + "]"
-
-
-def _step_doc(step: Step) -> str:
-    """One line saying what the step does, for the method's docstring."""
-    doc: str
-    if isinstance(step, CallStep):
-        doc = f"`{step.id}`: agent `{step.agent}` answers the prompt."
-    elif isinstance(step, EnsembleStep):
-        decide = f"judge `{step.judge}` picks" if step.judge else "majority vote"
-        doc = f"`{step.id}`: {len(step.sample_agents())} samples, {decide}."
-    elif isinstance(step, DebateStep):
-        decide = f"judge `{step.judge}` decides" if step.judge else "majority vote"
-        doc = f"`{step.id}`: {len(step.agents)} agents debate for {step.rounds} round(s), {decide}."
-    elif isinstance(step, ProgrammerStep):
-        doc = f"`{step.id}`: agent `{step.agent}` writes Python, up to {step.max_attempts} attempt(s)."
-    elif isinstance(step, TestStep):
-        doc = f"`{step.id}`: run the tests against `{step.code.strip()}`."
-    elif isinstance(step, ToolStep):
-        doc = f"`{step.id}`: call tool `{step.tool}`."
-    elif isinstance(step, LoopStep):
-        doc = (
-            f"`{step.id}`: repeat until the condition holds, at most {step.max_iterations} time(s)."
-        )
-    elif isinstance(step, BranchStep):
-        doc = f"`{step.id}`: the first case whose condition holds, else the `else` steps."
-    else:
-        doc = f"`{step.id}`: {len(step.branches)} branches run concurrently."
-    return docstring_text(doc)
 
 
 def _readme_view(spec: Spec) -> dict[str, Any]:

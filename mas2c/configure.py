@@ -49,20 +49,7 @@ from pydantic import ValidationError
 
 from mas2c import expr
 from mas2c.llm import JSONNotFound, LLMClient, Message, Usage, extract_json
-from mas2c.spec import (
-    Agent,
-    BranchStep,
-    CallStep,
-    DebateStep,
-    EnsembleStep,
-    LoopStep,
-    ModelSpec,
-    ProgrammerStep,
-    Spec,
-    Step,
-    child_step_lists,
-    spec_hash,
-)
+from mas2c.spec import Agent, ModelSpec, Spec, Step, spec_hash
 from mas2c.validate import Problem, validate_text
 
 __all__ = [
@@ -214,53 +201,21 @@ def agent_uses(spec: Spec) -> dict[str, AgentUse]:
     def walk(steps: list[Step], loops: list[str]) -> None:
         where = f", inside {', '.join(loops)}" if loops else ""
         for step in steps:
-            if isinstance(step, CallStep):
-                entry = use(step.agent)
-                if step.out and step.out in condition_reads:
+            refs = {(ref.role, ref.agent) for ref in step.agent_refs()}
+            # samplers (sorted) first, the judge last: the order notes are read in
+            for role, agent_id in sorted(refs, key=lambda r: (r[0] == "judge", r[1])):
+                entry = use(agent_id)
+                note = step.agent_note(agent_id, role)
+                out = step.writes()
+                if role == "caller" and out and out in condition_reads:
                     entry.decider = True
-                    entry.notes.append(
-                        f"call `{step.id}`; its output `{step.out}` decides a loop/branch "
-                        f"condition{where}"
-                    )
-                else:
-                    entry.notes.append(f"call `{step.id}`{where}")
-            elif isinstance(step, EnsembleStep):
-                samples = step.sample_agents()
-                for agent_id in sorted(set(samples)):
-                    entry = use(agent_id)
-                    entry.sampler = True
-                    count = samples.count(agent_id)
-                    entry.notes.append(
-                        f"sampled {count}x in ensemble `{step.id}` "
-                        f"({'majority vote' if step.vote else 'a judge decides'}){where}"
-                    )
-                if step.judge:
-                    entry = use(step.judge)
-                    entry.judge = True
-                    entry.notes.append(
-                        f"judge of ensemble `{step.id}` ({len(samples)} samples){where}"
-                    )
-            elif isinstance(step, DebateStep):
-                for agent_id in sorted(set(step.agents)):
-                    entry = use(agent_id)
-                    entry.sampler = True
-                    entry.notes.append(
-                        f"debater in debate `{step.id}` ({step.rounds} rounds, "
-                        f"{len(step.agents)} debaters){where}"
-                    )
-                if step.judge:
-                    entry = use(step.judge)
-                    entry.judge = True
-                    entry.notes.append(f"judge of debate `{step.id}`{where}")
-            elif isinstance(step, ProgrammerStep):
-                entry = use(step.agent)
-                entry.programmer = True
-                entry.notes.append(
-                    f"programmer step `{step.id}`: writes Python that is run "
-                    f"(up to {step.max_attempts} attempts){where}"
-                )
-            inner = [*loops, _loop_label(step)] if isinstance(step, LoopStep) else loops
-            for _pointer, children in child_step_lists(step, ""):
+                    note += f"; its output `{out}` decides a loop/branch condition"
+                entry.judge = entry.judge or role == "judge"
+                entry.sampler = entry.sampler or role == "sampler"
+                entry.programmer = entry.programmer or role == "programmer"
+                entry.notes.append(note + where)
+            inner = [*loops, _loop_label(step)] if step.flow == "repeat" else loops
+            for _key, children in step.child_lists():
                 walk(children, inner)
 
     walk(spec.workflow, [])
@@ -268,8 +223,10 @@ def agent_uses(spec: Spec) -> dict[str, AgentUse]:
     return uses
 
 
-def _loop_label(step: LoopStep) -> str:
-    return f"loop `{step.id}` (up to {step.max_iterations or '?'} iterations)"
+def _loop_label(step: Step) -> str:
+    fan = step.fan_out()
+    bound = getattr(step, fan.field, None) if fan is not None else None
+    return f"{step.kind} `{step.id}` (up to {bound or '?'} iterations)"
 
 
 def _condition_reads(steps: list[Step]) -> set[str]:
@@ -285,12 +242,9 @@ def _condition_reads(steps: list[Step]) -> set[str]:
 
     def walk(step_list: list[Step]) -> None:
         for step in step_list:
-            if isinstance(step, LoopStep):
-                add(step.until)
-            elif isinstance(step, BranchStep):
-                for case in step.cases:
-                    add(case.when)
-            for _pointer, children in child_step_lists(step, ""):
+            for _key, condition in step.conditions():
+                add(condition)
+            for _key, children in step.child_lists():
                 walk(children)
 
     walk(steps)

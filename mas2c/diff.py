@@ -51,7 +51,6 @@ _SECTION_OF_KEY = {
 }
 _IGNORED_KEYS = frozenset({"$schema", "workflow"})  # $schema is an editor hint
 _CODE_POINTERS = (re.compile(r"/tools/[^/]+/code"), re.compile(r"/workflow/[^/]+/tests"))
-_NESTED_STEP_KEYS = ("branches", "steps", "else")
 
 
 @dataclass(frozen=True)
@@ -340,11 +339,20 @@ def _walk(steps: list[Step], container: str, pointer: str) -> Iterator[tuple[str
 def _own_data(step: Step) -> dict[str, Any]:
     """A step's fields without its nested step lists (those are compared as steps of their own)."""
     data: dict[str, Any] = step.model_dump(mode="json", by_alias=True, exclude_none=True)
-    for key in _NESTED_STEP_KEYS:
-        data.pop(key, None)
-    if "cases" in data:
-        data["cases"] = [{"when": case["when"]} for case in data["cases"]]
-    return data
+    # The registry says where nested step lists sit (`steps`, `branches/0`, `cases/1/steps`):
+    # drop them, last first so indexes hold, then the containers they leave empty.
+    emptied = set()
+    for key, _children in reversed(step.child_lists()):
+        *parents, last = key.split("/")
+        emptied.add(key.split("/")[0])
+        node: Any = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.get(part)
+        if isinstance(node, list):
+            del node[int(last)]
+        elif isinstance(node, dict):
+            node.pop(last, None)
+    return {k: v for k, v in data.items() if not (k in emptied and v == [])}
 
 
 def _moved_ids(places_a: dict[str, _Place], places_b: dict[str, _Place]) -> set[str]:

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 
 from mas2c import values
-from mas2c.spec import BranchStep, LoopStep, ParallelStep, Step, iter_steps, step_out
+from mas2c.spec import Step, iter_steps, step_out
 
 PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
@@ -251,6 +251,7 @@ def definite_writes(steps: Sequence[Step]) -> list[str]:
 
     A loop's body runs at least once; a `branch` writes what every arm (and `else`)
     writes; a `parallel` writes what any of its branches writes, then its own `out`.
+    Composite steps are read through their flow (`child_lists`, `conditions`).
     """
     written: list[str] = []
     for step in steps:
@@ -262,18 +263,17 @@ def definite_writes(steps: Sequence[Step]) -> list[str]:
 
 
 def _definite(step: Step) -> list[str]:
-    if isinstance(step, LoopStep):
-        return definite_writes(step.steps)
-    if isinstance(step, BranchStep):
-        arms = [definite_writes(case.steps) for case in step.cases]
-        arms.append(definite_writes(step.else_) if step.else_ else [])
-        common = set.intersection(*(set(arm) for arm in arms))
-        return [name for name in arms[0] if name in common]
-    if isinstance(step, ParallelStep):
-        names = [name for branch in step.branches for name in definite_writes(branch)]
-        return [*names, *([step.out] if step.out else [])]
+    """What one step writes on every path (asked through the step-kind registry's flow)."""
+    lists = [children for _key, children in step.child_lists()]
+    if step.flow == "alternatives":
+        arms = [definite_writes(children) for children in lists]
+        if len(lists) <= len(step.conditions()):
+            arms.append([])  # no default arm: the state may pass through unchanged
+        common = set.intersection(*(set(arm) for arm in arms)) if arms else set()
+        return [name for name in arms[0] if name in common] if arms else []
+    names = [name for children in lists for name in definite_writes(children)]
     out = step_out(step)
-    return [out] if out else []
+    return [*names, *([out] if out else [])]
 
 
 def all_writes(steps: Sequence[Step]) -> dict[str, str]:

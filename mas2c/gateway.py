@@ -9,16 +9,39 @@ the real ``openai`` client through ``httpx.AsyncHTTPTransport(uds=path)`` and
   OpenAI-compatible endpoint through :class:`HttpUpstream`, or the embedded local
   engine), attaching the host's own key: the program's ``Authorization`` header
   and every other header it sends are dropped, so no credential enters the sandbox;
+* treats every request as hostile input: bodies are size-capped, parsed with a
+  bound on their JSON values, and served by a fixed number of threads; at most
+  :attr:`GatewayLimits.max_connections` connections are open at once and a request
+  must arrive whole within :attr:`GatewayLimits.request_timeout_s` (see
+  :class:`GatewayLimits` for every bound and the memory it implies);
+* accepts only the spec's models (``models``), rejects ``n > 1`` and streaming,
+  and clamps ``max_tokens`` to the spec's cap;
+* enforces the run's :class:`Budget` whatever the program does: each request
+  *reserves* its worst case (calls + 1; tokens ``prompt_token_bound + max_tokens``;
+  the cost of those tokens) before it is forwarded, waits while other reservations
+  are settling, has its ``max_tokens`` lowered to what is left, and is refused
+  (HTTP 402) when even that is not possible; the reservation is settled with the
+  real usage when the answer arrives;
 * counts calls, tokens and cost per agent (``X-Mas2c-Agent``) and per model;
-* enforces the run's :class:`Budget` whatever the program does (HTTP 402);
-* records every exchange to a JSON-lines cassette and replays one with no
-  upstream at all, and caches identical requests when asked;
-* turns upstream faults, after :class:`HttpUpstream`'s retries, into clean
-  OpenAI-style errors (HTTP 502, or the upstream's own non-retryable 4xx).
+* records every exchange to a JSON-lines cassette and replays one: strictly
+  (a miss is an HTTP 400 ``mas2c_cassette_miss`` and counted in ``cassette_misses``)
+  or, with ``replay_misses="forward"``, like vcrpy's ``new_episodes`` (what the
+  cassette lacks is fetched and recorded); caches identical requests when asked;
+* is the only retry layer: :class:`HttpUpstream` retries upstream faults
+  (honouring ``Retry-After``/``retry-after-ms`` and ``x-should-retry``) and every
+  error the gateway answers carries ``x-should-retry: false``;
+* never lets a credential out: endpoint URLs are shown without userinfo and with
+  query values redacted (:func:`redact_url`), upstream error texts are scrubbed of
+  the key (also of fragments and masked forms of it) before they reach the program;
+* listens on a socket of mode 0600 owned by ``socket_uid`` (the sandbox's uid)
+  when mas2c runs as root; otherwise the socket lives in a 0700 folder that no
+  other host user can enter (the container reaches it through its bind mount).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import email.utils
 import hashlib
@@ -26,28 +49,34 @@ import json
 import logging
 import os
 import random
+import re
 import socket
-import socketserver
 import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import unquote
+from typing import Any, Literal, Protocol
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httpx
 
 __all__ = [
     "Budget",
+    "EgressPolicy",
+    "EgressRule",
     "Gateway",
     "GatewayError",
+    "GatewayLimits",
     "HttpUpstream",
     "Price",
+    "Scrubber",
     "Upstream",
     "UpstreamError",
+    "prompt_token_bound",
+    "redact_url",
     "request_key",
 ]
 
@@ -56,9 +85,12 @@ log = logging.getLogger("mas2c.gateway")
 AGENT_HEADER = "X-Mas2c-Agent"
 STEP_HEADER = "X-Mas2c-Step"
 UNKNOWN_AGENT = "unknown"
-MAX_BODY_BYTES = 32 * 1024 * 1024
 # AF_UNIX paths are limited to sizeof(sun_path) - 1 bytes on Linux.
 MAX_SOCKET_PATH_BYTES = 107
+# The completion cap the gateway sets when a token or cost budget is set and neither
+# the request, the spec's model nor the upstream names one (reservations need a bound).
+DEFAULT_MAX_TOKENS = 4096
+_MIB = 1024 * 1024
 
 
 class GatewayError(Exception):
@@ -80,6 +112,29 @@ class Budget:
     max_llm_calls: int | None = None
     max_total_tokens: int | None = None
     max_cost_usd: float | None = None
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    """Host resources one gateway (one run) may use, whatever the program sends.
+
+    Threads: one event-loop thread plus at most ``max_concurrency`` worker threads.
+    Memory held for requests: at most ``max_pending_bytes`` of raw bodies being read
+    or waiting, plus at most ``max_parse_weight`` for bodies being parsed or served
+    (a body weighs ``12 * bytes + 80 * JSON values``, a generous estimate of what
+    CPython holds while decoding, parsing and measuring it), plus at most 64 KiB of
+    request head per open connection.
+    """
+
+    max_body_bytes: int = 4 * _MIB
+    max_json_values: int = 200_000
+    max_connections: int = 128
+    max_concurrency: int = 32
+    max_pending_bytes: int = 64 * _MIB
+    max_parse_weight: int = 256 * _MIB
+    max_head_bytes: int = 64 * 1024
+    request_timeout_s: float = 30.0
+    idle_timeout_s: float = 60.0
 
 
 class UpstreamError(Exception):
@@ -104,7 +159,11 @@ class UpstreamError(Exception):
 
 
 class Upstream(Protocol):
-    """Something that answers chat completion requests (remote endpoint or local engine)."""
+    """Something that answers chat completion requests (remote endpoint or local engine).
+
+    An upstream may also have ``max_tokens`` (the completion cap it applies when a
+    request names none); the gateway uses it for budget reservations.
+    """
 
     name: str
 
@@ -123,10 +182,94 @@ def _error_body(type_: str, code: str, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
+# --------------------------------------------------------------------------- secrets
+
+
+def redact_url(url: str) -> str:
+    """``url`` without userinfo, with every query value replaced by ``<redacted>``."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    shown = f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else parts.path
+    if parts.query:
+        keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)]
+        shown += "?" + "&".join(f"{k}=<redacted>" for k in keys)
+    return shown.rstrip("/")
+
+
+_WORD = re.compile(r"[A-Za-z0-9_\-.*+/=~]{4,}")
+_KEYLIKE = re.compile(
+    r"(?i)(\b(?:sk|pk|rk)-[A-Za-z0-9_\-.*]{3,}"
+    r"|\bbearer\s+\S+|\bbasic\s+\S+|\S*\*{3,}\S*)"
+)
+_REDACTED = "<redacted>"
+
+
+class Scrubber:
+    """Removes credentials from text that leaves the host side.
+
+    The secrets (the API key, the URL's user and password, the URL's query values)
+    are removed verbatim; any word sharing four characters with a secret of eight
+    or more characters (so a masked ``sk-...wxyz`` or the key's last characters),
+    any ``Bearer``/``Basic`` credential, any ``sk-``-like token and any masked token
+    (``***``) becomes ``<redacted>``.
+    """
+
+    def __init__(self, secrets: list[str], keep: tuple[str, ...] = ()) -> None:
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self.keep = tuple(k for k in keep if k)  # shown as is (the redacted endpoint URL)
+        self._grams = {s[i : i + 4] for s in self.secrets if len(s) >= 8 for i in range(len(s) - 3)}
+
+    @classmethod
+    def for_endpoint(cls, url: str, api_key: str | None) -> Scrubber:
+        secrets = [api_key or ""]
+        with contextlib.suppress(ValueError):
+            parts = urlsplit(url)
+            secrets += [parts.username or "", parts.password or ""]
+            secrets += [unquote(parts.password or ""), unquote(parts.username or "")]
+            secrets += [v for _, v in parse_qsl(parts.query, keep_blank_values=True)]
+            secrets += [v.partition("=")[2] for v in parts.query.split("&")]
+        return cls([s for s in secrets if len(s) >= 3], keep=(redact_url(url),))
+
+    def __call__(self, text: str) -> str:
+        for i, kept in enumerate(self.keep):
+            text = text.replace(kept, f"\x00{i}\x00")
+        for secret in self.secrets:
+            text = text.replace(secret, _REDACTED)
+        text = _KEYLIKE.sub(_REDACTED, text)
+        if self._grams:
+            text = _WORD.sub(self._word, text)
+        for i, kept in enumerate(self.keep):
+            text = text.replace(f"\x00{i}\x00", kept)
+        return text
+
+    def _word(self, match: re.Match[str]) -> str:
+        word = match.group(0)
+        if word == _REDACTED.strip("<>"):
+            return word
+        for i in range(len(word) - 3):
+            if word[i : i + 4] in self._grams:
+                return _REDACTED
+        return word
+
+
+_SAFE_FIELD = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def _safe_field(value: Any) -> str | None:
+    return value if isinstance(value, str) and _SAFE_FIELD.fullmatch(value) else None
+
+
 # --------------------------------------------------------------------------- upstream
 
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
+_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 class HttpUpstream:
@@ -134,8 +277,20 @@ class HttpUpstream:
 
     Retries 408/409/429, every 5xx, timeouts, connection errors and malformed
     bodies (not JSON, or no ``choices``) with exponential backoff and jitter,
-    honouring ``Retry-After``/``retry-after-ms`` (capped at ``max_backoff_s``).
-    Other 4xx are raised at once with the upstream's status and error body.
+    honouring ``Retry-After``/``retry-after-ms`` (capped at ``max_backoff_s``) and
+    the upstream's ``x-should-retry`` (``false`` stops, ``true`` retries any status).
+    Other 4xx are raised at once with the upstream's status and a scrubbed error.
+
+    **A dead endpoint** (every attempt failed to connect) fails after at most
+    ``max_attempts`` attempts, and no new attempt starts once ``connect_deadline_s``
+    have passed since the first: refused connections fail in about
+    ``backoff_s * (2**(max_attempts-1) - 1)`` s (3.5 s by default), black-holed ones
+    within ``connect_deadline_s + connect_timeout_s`` (15 s). Later requests fail at
+    once, without an attempt, for ``dead_cooldown_s`` (one clear message each).
+
+    ``base_url`` may carry a query string (``?api-version=...``), kept on every
+    request; ``base_url`` as an attribute is the redacted form (no userinfo, no
+    query values); messages never show the key or the URL's credentials.
     Thread-safe: one pooled ``httpx.Client`` serves every gateway thread.
     """
 
@@ -148,19 +303,29 @@ class HttpUpstream:
         max_attempts: int = 4,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        connect_timeout_s: float = 5.0,
+        connect_deadline_s: float = 10.0,
+        dead_cooldown_s: float = 30.0,
         max_connections: int = 512,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
-        self.base_url = base_url.rstrip("/")
+        self._url = base_url.rstrip("/") if "?" not in base_url else base_url
+        self._scrub = Scrubber.for_endpoint(base_url, api_key)
+        self.base_url = redact_url(base_url)
         self.name = f"http:{self.base_url}"
         self._api_key = api_key
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.connect_deadline_s = connect_deadline_s
+        self.dead_cooldown_s = dead_cooldown_s
+        self.max_tokens: int | None = None
+        self._dead: tuple[float, str] | None = None
+        self._dead_lock = threading.Lock()
         self._client = httpx.Client(
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 15.0)),
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, connect_timeout_s)),
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=min(64, max_connections)
             ),
@@ -184,29 +349,62 @@ class HttpUpstream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def endpoint(self, path: str) -> httpx.URL:
+        """The URL of ``path`` under the base URL, keeping its query string."""
+        url = httpx.URL(self._url)
+        return url.copy_with(path=url.path.rstrip("/") + "/" + path.lstrip("/"))
+
+    def scrub(self, text: str) -> str:
+        """``text`` without this endpoint's credentials."""
+        return self._scrub(text)
+
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.max_backoff_s)
         base: float = self.backoff_s * 2.0 ** (attempt - 1)
         return min(base * (1.0 + 0.25 * random.random()), self.max_backoff_s)
 
+    def _check_alive(self) -> None:
+        with self._dead_lock:
+            dead = self._dead
+        if dead is not None and time.monotonic() < dead[0]:
+            raise UpstreamError(
+                f"{dead[1]} (not retried: the endpoint was unreachable moments ago)",
+                status=502,
+                retryable=True,
+            )
+
     def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        url = f"{self.base_url}/chat/completions"
+        self._check_alive()
+        url = self.endpoint("chat/completions")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         payload = json.dumps(body).encode("utf-8")
         last = "no attempt made"
+        only_connect_errors = True
+        t0 = time.monotonic()
+        attempts = 0
         for attempt in range(1, self.max_attempts + 1):
+            attempts = attempt
             retry_after: float | None = None
+            should_retry: bool | None = None
+            connect_error = False
             try:
                 resp = self._client.post(url, content=payload, headers=headers)
+            except httpx.UnsupportedProtocol as exc:
+                connect_error, should_retry = True, False
+                last = f"unusable URL ({exc})"
+            except _CONNECT_ERRORS as exc:
+                connect_error = True
+                last = f"cannot connect ({type(exc).__name__}: {exc})"
             except httpx.TimeoutException as exc:
                 last = f"timed out after {self.timeout_s:g}s ({type(exc).__name__})"
             except httpx.TransportError as exc:
                 last = f"connection error: {type(exc).__name__}: {exc}"
             else:
                 status = resp.status_code
+                should_retry = _should_retry(resp.headers)
                 if 200 <= status < 300:
                     try:
                         data = resp.json()
@@ -220,36 +418,66 @@ class HttpUpstream:
                         ):
                             return data
                         last = f"malformed response: no choices ({_snippet(resp.text)})"
-                elif status in _RETRYABLE_STATUS or status >= 500:
+                    should_retry = True if should_retry is None else should_retry
+                elif should_retry is True or (
+                    should_retry is None and (status in _RETRYABLE_STATUS or status >= 500)
+                ):
                     retry_after = _retry_after(resp.headers)
                     last = f"HTTP {status}: {_upstream_message(resp)}"
+                    should_retry = True
+                elif status >= 500 or status in _RETRYABLE_STATUS:
+                    last = f"HTTP {status}: {_upstream_message(resp)} (x-should-retry: false)"
                 else:
-                    message = (
-                        f"upstream {self.base_url} rejected the request with HTTP {status}: "
-                        f"{_upstream_message(resp)}"
-                    )
-                    raise UpstreamError(
-                        message,
-                        status=status,
-                        body=_upstream_error_body(resp, message),
-                        retryable=False,
-                    )
-            if attempt < self.max_attempts:
-                delay = self._delay(attempt, retry_after)
-                log.warning(
-                    "upstream %s attempt %d/%d failed (%s); retrying in %.2fs",
-                    self.base_url,
-                    attempt,
-                    self.max_attempts,
-                    last,
-                    delay,
-                )
-                time.sleep(delay)
-        message = (
-            f"upstream {self.base_url} failed after {self.max_attempts} attempt"
-            f"{'s' if self.max_attempts != 1 else ''}; last error: {last}"
+                    raise self._rejected(resp)
+            only_connect_errors = only_connect_errors and connect_error
+            if should_retry is False or attempt >= self.max_attempts:
+                break
+            delay = self._delay(attempt, retry_after)
+            if connect_error and time.monotonic() - t0 + delay > self.connect_deadline_s:
+                break
+            log.debug(
+                "upstream %s attempt %d/%d failed (%s); retrying in %.2fs",
+                self.base_url,
+                attempt,
+                self.max_attempts,
+                self.scrub(last),
+                delay,
+            )
+            time.sleep(delay)
+        elapsed = time.monotonic() - t0
+        message = self.scrub(
+            f"upstream {self.base_url} failed after {attempts} attempt"
+            f"{'s' if attempts != 1 else ''} in {elapsed:.1f}s; last error: {last}"
         )
+        if only_connect_errors:
+            with self._dead_lock:
+                self._dead = (time.monotonic() + self.dead_cooldown_s, message)
+        else:
+            with self._dead_lock:
+                self._dead = None
         raise UpstreamError(message, status=502, retryable=True)
+
+    def _rejected(self, resp: httpx.Response) -> UpstreamError:
+        """A non-retryable 4xx: a gateway-made, scrubbed error (never the upstream's body)."""
+        status = resp.status_code
+        message = self.scrub(
+            f"upstream {self.base_url} rejected the request with HTTP {status}: "
+            f"{_upstream_message(resp)}"
+        )
+        inner: dict[str, Any] = {}
+        with contextlib.suppress(ValueError):
+            data = resp.json()
+            if isinstance(data, dict) and isinstance(data.get("error"), dict):
+                inner = data["error"]
+        body = {
+            "error": {
+                "message": message,
+                "type": _safe_field(inner.get("type")) or "upstream_error",
+                "param": _safe_field(inner.get("param")),
+                "code": _safe_field(inner.get("code")) or f"upstream_http_{status}",
+            }
+        }
+        return UpstreamError(message, status=status, body=body, retryable=False)
 
 
 def _snippet(text: str, n: int = 200) -> str:
@@ -257,6 +485,11 @@ def _snippet(text: str, n: int = 200) -> str:
     if not text:
         return "empty body"
     return repr(text[:n] + ("..." if len(text) > n else ""))
+
+
+def _should_retry(headers: httpx.Headers) -> bool | None:
+    value = (headers.get("x-should-retry") or "").strip().lower()
+    return {"true": True, "false": False}.get(value)
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
@@ -288,20 +521,10 @@ def _upstream_message(resp: httpx.Response) -> str:
     if isinstance(data, dict):
         err = data.get("error")
         if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return str(err["message"])
+            return _snippet(str(err["message"]), 500).strip("'\"")
         if isinstance(err, str):
-            return err
+            return _snippet(err, 500).strip("'\"")
     return _snippet(resp.text)
-
-
-def _upstream_error_body(resp: httpx.Response, message: str) -> dict[str, Any]:
-    try:
-        data = resp.json()
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        return data
-    return _error_body("upstream_error", "mas2c_upstream_error", message)
 
 
 # --------------------------------------------------------------------------- accounting
@@ -347,6 +570,30 @@ def _completion_chars(resp: Mapping[str, Any]) -> int:
     return n
 
 
+_PROMPT_FIELDS = ("messages", "tools", "functions", "response_format", "tool_choice")
+PROMPT_OVERHEAD_TOKENS = 16
+MESSAGE_OVERHEAD_TOKENS = 8
+
+
+def prompt_token_bound(body: Mapping[str, Any]) -> int:
+    """An upper bound of the prompt tokens of a request, used for budget reservations.
+
+    The UTF-8 size of the prompt-bearing fields (messages, tools, functions,
+    response_format, tool_choice) as compact JSON, plus 8 tokens per message and
+    16 per request for the chat template. It holds for byte-level BPE tokenizers
+    (OpenAI's, Llama 3's, SmolLM2's...), where a token is at least one byte.
+    """
+    size = 0
+    for name in _PROMPT_FIELDS:
+        if body.get(name) is not None:
+            size += len(
+                json.dumps(body[name], ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            )
+    messages = body.get("messages")
+    count = len(messages) if isinstance(messages, list) else 0
+    return size + MESSAGE_OVERHEAD_TOKENS * count + PROMPT_OVERHEAD_TOKENS
+
+
 def _usage_of(body: Mapping[str, Any], resp: dict[str, Any]) -> tuple[int, int]:
     """(prompt, completion) tokens from the response's ``usage``, else estimated (chars/4).
 
@@ -355,15 +602,24 @@ def _usage_of(body: Mapping[str, Any], resp: dict[str, Any]) -> tuple[int, int]:
     usage = resp.get("usage")
     if isinstance(usage, dict):
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(p, int) and isinstance(c, int):
-            return p, c
         t = usage.get("total_tokens")
-        if isinstance(p, int) and isinstance(t, int):
-            return p, max(0, t - p)
+        if isinstance(p, int) and _count(p):
+            if isinstance(c, int) and _count(c):
+                return p, c
+            if isinstance(t, int) and _count(t):
+                return p, max(0, t - p)
     p = _estimate_tokens(_prompt_chars(body))
     c = _estimate_tokens(_completion_chars(resp))
     resp["usage"] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
     return p, c
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass
@@ -394,13 +650,15 @@ class _Usage:
     total: _Tally = field(default_factory=_Tally)
     by_agent: dict[str, _Tally] = field(default_factory=dict)
     by_model: dict[str, _Tally] = field(default_factory=dict)
-    in_flight: int = 0
     upstream_calls: int = 0
     cache_hits: int = 0
     replayed: int = 0
+    recorded_misses: int = 0
+    cassette_misses: int = 0
     refused: int = 0
     errors: int = 0
     budget_exceeded: bool = False
+    clamped: int = 0
 
 
 class _HttpFailure(Exception):
@@ -412,177 +670,621 @@ class _HttpFailure(Exception):
         self.body = body
 
 
+def _bad_request(message: str, code: str = "mas2c_bad_request") -> _HttpFailure:
+    return _HttpFailure(400, _error_body("invalid_request_error", code, message))
+
+
+def _budget_failure(message: str) -> _HttpFailure:
+    return _HttpFailure(402, _error_body("budget_exceeded", "mas2c_budget_exceeded", message))
+
+
+@dataclass
+class _Reservation:
+    tokens: int = 0
+    cost: Fraction = Fraction(0)
+    max_tokens: int | None = None  # the completion cap to forward (None: no cap)
+
+
+_NO_CAP = -1
+
+
+class _Ledger:
+    """The budget: used amounts plus reservations of requests in flight (exact arithmetic).
+
+    ``reserve`` blocks while a request does not fit beside other reservations that may
+    still settle below their worst case; it raises 402 when the request cannot fit
+    even with every other reservation gone.
+    """
+
+    def __init__(self, budget: Budget, lock: threading.Lock) -> None:
+        self.budget = budget
+        self.cond = threading.Condition(lock)
+        self.calls = 0
+        self.tokens = 0
+        self.cost = Fraction(0)
+        self.res_calls = 0
+        self.res_tokens = 0
+        self.res_cost = Fraction(0)
+        self.limit_cost = Fraction(budget.max_cost_usd) if budget.max_cost_usd is not None else None
+
+    @property
+    def tight(self) -> bool:
+        """Whether tokens or cost are limited (so every request needs a completion cap)."""
+        return self.budget.max_total_tokens is not None or self.limit_cost is not None
+
+    def reserve(
+        self,
+        prompt: int,
+        cap: int | None,
+        price: tuple[Fraction, Fraction],
+        timeout_s: float,
+    ) -> _Reservation:
+        """Called with the lock held. ``cap`` is the completion cap asked for (None = none)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            b = self.budget
+            if b.max_llm_calls is not None and self.calls + self.res_calls >= b.max_llm_calls:
+                raise _budget_failure(
+                    f"budget exceeded: max_llm_calls reached ({self.calls + self.res_calls} "
+                    f"calls used or in flight, max {b.max_llm_calls})"
+                )
+            fits = self._fit(prompt, cap, price, with_reserved=True)
+            if fits is not None:
+                break
+            if self._fit(prompt, cap, price, with_reserved=False) is None:
+                raise _budget_failure(self._refusal(prompt, price))
+            if time.monotonic() >= deadline:
+                raise _budget_failure(
+                    f"budget exceeded: no room for this request's worst case beside the "
+                    f"{self.res_calls} calls in flight after waiting {timeout_s:g}s"
+                )
+            self.cond.wait(timeout=max(0.0, deadline - time.monotonic()))
+        self.res_calls += 1
+        res = _Reservation(max_tokens=fits if fits != _NO_CAP else None)
+        completion = fits if fits != _NO_CAP else 0
+        res.tokens = prompt + completion
+        res.cost = prompt * price[0] + completion * price[1]
+        self.res_tokens += res.tokens
+        self.res_cost += res.cost
+        return res
+
+    def _fit(
+        self, prompt: int, cap: int | None, price: tuple[Fraction, Fraction], *, with_reserved: bool
+    ) -> int | None:
+        """The completion cap that fits (>= 1), or None when the request does not fit.
+
+        When neither tokens nor cost are limited this is ``cap`` (``_NO_CAP`` for none).
+        With reservations in flight, a request whose cap would have to be lowered does
+        not fit yet: it waits for them to settle rather than be clamped.
+        """
+        room: int | None = cap
+        if self.budget.max_total_tokens is not None:
+            left = self.budget.max_total_tokens - self.tokens
+            if with_reserved:
+                left -= self.res_tokens
+            if left - prompt < 1:
+                return None
+            room = left - prompt if room is None else min(room, left - prompt)
+        if self.limit_cost is not None:
+            left_cost = self.limit_cost - self.cost
+            if with_reserved:
+                left_cost -= self.res_cost
+            after_prompt = left_cost - prompt * price[0]
+            if after_prompt < 0:
+                return None
+            if price[1] > 0:
+                most = int(after_prompt // price[1])
+                if most < 1:
+                    return None
+                room = most if room is None else min(room, most)
+        if room is None:
+            return _NO_CAP
+        if room < 1:
+            return None
+        if with_reserved and cap is not None and room < cap and self.res_calls:
+            return None  # wait for the others to settle rather than clamp this one
+        return room
+
+    def _refusal(self, prompt: int, price: tuple[Fraction, Fraction]) -> str:
+        b = self.budget
+        if b.max_total_tokens is not None and b.max_total_tokens - self.tokens - prompt < 1:
+            return (
+                f"budget exceeded: max_total_tokens reached ({self.tokens} tokens used, "
+                f"max {b.max_total_tokens}; this request's prompt may take up to {prompt})"
+            )
+        return (
+            f"budget exceeded: max_cost_usd reached (${float(self.cost):.6f} used, max "
+            f"${b.max_cost_usd:.6f}; this request's prompt may cost up to "
+            f"${float(prompt * price[0]):.6f} plus at least one completion token)"
+        )
+
+    def settle(self, res: _Reservation, used: int | None, cost: Fraction | None) -> None:
+        """Called with the lock held: release ``res``; add the real usage when the call succeeded."""
+        self.res_calls -= 1
+        self.res_tokens -= res.tokens
+        self.res_cost -= res.cost
+        if used is not None and cost is not None:
+            self.calls += 1
+            self.tokens += used
+            self.cost += cost
+        self.cond.notify_all()
+
+    def exceeded(self) -> bool:
+        b = self.budget
+        return (b.max_total_tokens is not None and self.tokens > b.max_total_tokens) or (
+            self.limit_cost is not None and self.cost > self.limit_cost
+        )
+
+
 # --------------------------------------------------------------------------- http server
 
 
-class _Server(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True
-    block_on_close = (
-        False  # stop() closes the connections itself; idle keep-alives must not block it
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    402: "Payment Required",
+    404: "Not Found",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+
+
+class _ByteBudget:
+    """An asyncio counting budget of bytes (a request larger than the whole takes all of it)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> int:
+        n = min(n, self.capacity)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used + n <= self.capacity)
+            self.used += n
+        return n
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class _WeightBudget:
+    """A thread-side counting budget (parse weight of bodies being parsed or served)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, timeout_s: float) -> int | None:
+        n = min(n, self.capacity)
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self.used + n <= self.capacity, timeout=timeout_s)
+            if not ok:
+                return None
+            self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def json_value_count(raw: bytes) -> int:
+    """An upper bound of the number of JSON values in ``raw`` (without parsing it)."""
+    stripped = _JSON_STRING.sub(b'""', raw)
+    return (
+        stripped.count(b",")
+        + stripped.count(b":")
+        + stripped.count(b"[")
+        + stripped.count(b"{")
+        + 1
     )
-    request_queue_size = 256
-    allow_reuse_address = False
 
-    def __init__(self, path: str, gateway: Gateway) -> None:
+
+class _Request:
+    __slots__ = ("body", "headers", "keep_alive", "method", "target")
+
+    def __init__(self, method: str, target: str, headers: dict[str, str], keep_alive: bool) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = b""
+        self.keep_alive = keep_alive
+
+
+class _Reply(Exception):
+    """An HTTP answer decided while reading a request (then the connection closes)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = _error_body("invalid_request_error", code, message)
+
+
+def _route(target: str) -> str:
+    path = target.split("?", 1)[0].rstrip("/")
+    if path.startswith("http://") or path.startswith("https://"):  # absolute-form target
+        path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+    if path.startswith("/v1/"):
+        path = path[3:]
+    return path
+
+
+class _AsyncHttp:
+    """A small HTTP/1.1 server on asyncio: bounded connections, head and body sizes, time."""
+
+    def __init__(self, gateway: Gateway, sock: socket.socket) -> None:
         self.gateway = gateway
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        super().__init__(path, _Handler)
+        self.limits = gateway.limits
+        self.sock = sock
+        self.loop = asyncio.new_event_loop()
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.limits.max_concurrency,
+            thread_name_prefix="mas2c-gw",
+        )
+        self.open = 0
+        self.peak_open = 0
+        self.rejected_connections = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: Any = None
+        self._pending: _ByteBudget | None = None
+        self.thread = threading.Thread(
+            target=self._run,
+            name=f"mas2c-gateway:{Path(str(sock.getsockname())).name}",
+            daemon=True,
+        )
+        self._started = threading.Event()
+        self._error: BaseException | None = None
 
-    def get_request(self) -> tuple[Any, Any]:
-        conn, _addr = super().get_request()
-        with self._conns_lock:
-            self._conns.add(conn)
-        # BaseHTTPRequestHandler expects an (host, port) client address; unix peers have ''.
-        return conn, ("unix", 0)
+    def start(self) -> None:
+        self.thread.start()
+        self._started.wait(10)
+        if self._error is not None:
+            raise GatewayError(f"cannot serve the gateway socket: {self._error}")
 
-    def shutdown_request(self, request: Any) -> None:
-        with self._conns_lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        with self._conns_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-    stopping = False
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if self.stopping:
-            # A request still in flight when the run ended (e.g. a step timed out and the
-            # program was killed): its upstream is gone, and nobody waits for the answer.
-            log.debug("gateway: request abandoned at shutdown", exc_info=True)
-            return
-        log.exception("gateway: unhandled error while serving a connection")
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "mas2c-gateway/1"
-    timeout = 600  # idle keep-alive connections are dropped after this
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("gateway: " + format, *args)
-
-    def _send_json(self, status: int, obj: Any, extra: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
         try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (extra or {}).items():
-                self.send_header(k, v)
-            if status >= 400:
-                # The gateway already retried the upstream; an openai client must not
-                # multiply the attempts (nor retry a budget refusal or a cassette miss).
-                self.send_header("x-should-retry", "false")
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
-            self.wfile.flush()
-        except OSError:  # the program hung up, or the gateway is stopping
-            self.close_connection = True
-
-    def _route(self) -> str:
-        path = self.path.split("?", 1)[0].rstrip("/")
-        if path.startswith("http://") or path.startswith("https://"):  # absolute-form target
-            path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
-        if path.startswith("/v1/"):
-            path = path[3:]
-        return path
-
-    def do_GET(self) -> None:
-        route = self._route()
-        if route == "/models":
-            self._send_json(200, self.server.gateway._models())
-        elif route in ("/health", "/healthz"):
-            self._send_json(200, {"status": "ok"})
-        else:
-            self._not_found()
-
-    def do_POST(self) -> None:
-        route = self._route()
-        raw = self._read_body()
-        if raw is None:
+            self._pending = _ByteBudget(self.limits.max_pending_bytes)
+            self._server = self.loop.run_until_complete(
+                asyncio.start_unix_server(
+                    self._serve, sock=self.sock, limit=self.limits.max_head_bytes
+                )
+            )
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._started.set()
             return
-        if route != "/chat/completions":
-            self._not_found()
-            return
-        gw = self.server.gateway
-        # The runtime percent-encodes ids (header values must be Latin-1).
-        agent = unquote(self.headers.get(AGENT_HEADER) or "") or UNKNOWN_AGENT
-        step = unquote(self.headers.get(STEP_HEADER) or "")
-        status, obj, source = gw._exchange(raw, agent, step)
-        self._send_json(status, obj, {"X-Mas2c-Source": source} if source else None)
+        self._started.set()
+        try:
+            self.loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
 
-    def _not_found(self) -> None:
-        self._send_json(
+    def stop(self) -> None:
+        if not self.thread.is_alive():
+            return
+
+        async def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.loop.stop()
+
+        with contextlib.suppress(RuntimeError):
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
+        self.thread.join(timeout=5)
+        # Requests still waiting on the upstream are abandoned: nobody waits for them.
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------- connections
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open >= self.limits.max_connections:
+            self.rejected_connections += 1
+            message = (
+                f"too many connections to the mas2c gateway (max {self.limits.max_connections}); "
+                "close idle ones"
+            )
+            with contextlib.suppress(Exception):
+                writer.write(
+                    self._response(
+                        503,
+                        _error_body("server_error", "mas2c_too_many_connections", message),
+                        None,
+                        False,
+                    )
+                )
+                await asyncio.wait_for(writer.drain(), 1.0)
+            writer.transport.abort()
+            return
+        self.open += 1
+        self.peak_open = max(self.peak_open, self.open)
+        self._writers.add(writer)
+        try:
+            first = True
+            while True:
+                timeout = self.limits.request_timeout_s if first else self.limits.idle_timeout_s
+                first = False
+                try:
+                    keep = await self._one(reader, writer, timeout)
+                except _Reply as reply:
+                    writer.write(self._response(reply.status, reply.body, None, False))
+                    await asyncio.wait_for(writer.drain(), self.limits.request_timeout_s)
+                    break
+                if not keep:
+                    break
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:
+            pass  # the gateway is stopping
+        except Exception:
+            log.exception("gateway: unhandled error while serving a connection")
+        finally:
+            self.open -= 1
+            self._writers.discard(writer)
+            writer.transport.abort()
+
+    async def _one(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wait_s: float
+    ) -> bool:
+        """Serve one request; whether the connection stays open."""
+        # The first byte may take up to wait_s (keep-alive idle); the rest of the
+        # request must then arrive within request_timeout_s.
+        first = await asyncio.wait_for(reader.read(1), wait_s)
+        if not first:
+            return False
+        deadline = self.loop.time() + self.limits.request_timeout_s
+        try:
+            rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._left(deadline))
+        except asyncio.LimitOverrunError:
+            raise _Reply(431, "request_header_too_large", "request head too large") from None
+        except TimeoutError:
+            raise _Reply(408, "request_timeout", "request head not received in time") from None
+        request = self._parse_head(first + rest)
+        length = self._content_length(request)
+        assert self._pending is not None
+        held = await asyncio.wait_for(self._pending.acquire(length), self._left(deadline))
+        try:
+            if length:
+                try:
+                    request.body = await asyncio.wait_for(
+                        reader.readexactly(length), self._left(deadline)
+                    )
+                except TimeoutError:
+                    raise _Reply(
+                        408, "request_timeout", "request body not received in time"
+                    ) from None
+            status, obj, extra = await self._dispatch(request)
+        finally:
+            await self._pending.release(held)
+        writer.write(self._response(status, obj, extra, request.keep_alive))
+        await asyncio.wait_for(writer.drain(), self.limits.request_timeout_s)
+        return request.keep_alive
+
+    def _left(self, deadline: float) -> float:
+        left = deadline - self.loop.time()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
+    def _parse_head(self, head: bytes) -> _Request:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise _Reply(400, "bad_request", "malformed request line")
+        method, target, version = parts
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise _Reply(400, "bad_request", "malformed header line")
+            headers[name.lower()] = value.strip()
+        if len(headers) > 100:
+            raise _Reply(431, "request_header_too_large", "too many headers")
+        conn = headers.get("connection", "").lower()
+        keep = version == "HTTP/1.1" and "close" not in conn
+        return _Request(method, target, headers, keep)
+
+    def _content_length(self, request: _Request) -> int:
+        if "transfer-encoding" in request.headers:
+            raise _Reply(
+                411,
+                "length_required",
+                "chunked request bodies are not accepted: send Content-Length",
+            )
+        value = request.headers.get("content-length", "0")
+        if not value.isdigit() or len(value) > 12:
+            raise _Reply(400, "bad_request", "invalid Content-Length")
+        length = int(value)
+        if length > self.limits.max_body_bytes:
+            raise _Reply(
+                413,
+                "request_too_large",
+                f"request body of {length} bytes is larger than the gateway's limit of "
+                f"{self.limits.max_body_bytes} bytes",
+            )
+        return length
+
+    def _response(
+        self, status: int, obj: Any, extra: Mapping[str, str] | None, keep_alive: bool
+    ) -> bytes:
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        head = [
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+            "Server: mas2c-gateway/2",
+            "Content-Type: application/json",
+            f"Content-Length: {len(data)}",
+        ]
+        for k, v in (extra or {}).items():
+            head.append(f"{k}: {v}")
+        if status >= 400:
+            # The gateway already retried the upstream; an openai client must not
+            # multiply the attempts (nor retry a budget refusal or a cassette miss).
+            head.append("x-should-retry: false")
+        if not keep_alive:
+            head.append("Connection: close")
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data
+
+    async def _dispatch(self, request: _Request) -> tuple[int, Any, dict[str, str] | None]:
+        route = _route(request.target)
+        gw = self.gateway
+        if request.method == "GET" and route == "/models":
+            return 200, gw._models(), None
+        if request.method == "GET" and route in ("/health", "/healthz"):
+            return 200, {"status": "ok"}, None
+        if request.method == "POST" and route == "/chat/completions":
+            # The runtime percent-encodes ids (header values must be Latin-1).
+            agent = unquote(request.headers.get(AGENT_HEADER.lower(), ""))[:200] or UNKNOWN_AGENT
+            step = unquote(request.headers.get(STEP_HEADER.lower(), ""))[:500]
+            status, obj, source = await self._in_worker(gw._exchange, request.body, agent, step)
+            return status, obj, ({"X-Mas2c-Source": source} if source else None)
+        if request.method == "POST" and route == EGRESS_ROUTE:
+            status, obj = await self._in_worker(gw._egress_exchange, request.body)
+            return status, obj, None
+        return (
             404,
             _error_body(
                 "invalid_request_error",
                 "not_found",
-                f"{self.command} {self.path} is not served by the mas2c gateway "
+                f"{request.method} {request.target[:200]} is not served by the mas2c gateway "
                 "(POST /v1/chat/completions, GET /v1/models)",
             ),
+            None,
         )
 
-    def _read_body(self) -> bytes | None:
-        te = (self.headers.get("Transfer-Encoding") or "").lower()
+    async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = self.loop
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def deliver(result: Any) -> None:
+            if not future.done():
+                future.set_result(result)
+
+        def work() -> None:
+            try:
+                result = fn(*args)
+            except BaseException:  # _exchange answers every error itself; this is a bug
+                log.exception("gateway: worker failed")
+                result = (
+                    500,
+                    _error_body("server_error", "mas2c_gateway_error", "internal error"),
+                    "",
+                )
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(deliver, result)
+
+        self.pool.submit(work)
+        return await future
+
+
+# --------------------------------------------------------------------------- egress
+
+
+EGRESS_ROUTE = "/mas2c/egress"
+_EGRESS_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
+_HOP_HEADERS = frozenset(
+    {"host", "content-length", "connection", "transfer-encoding", "keep-alive", "upgrade"}
+)
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    """What one tool may reach: ``host`` (ports 80/443) or ``host:port``, and its secret names."""
+
+    hosts: frozenset[str]
+    secrets: tuple[str, ...] = ()
+
+    def allows(self, scheme: str, host: str, port: int | None) -> bool:
+        default = {"http": 80, "https": 443}[scheme]
+        port = port or default
+        return f"{host}:{port}" in self.hosts or (port == default and host in self.hosts)
+
+
+def read_secrets_file(path: Path) -> dict[str, str]:
+    """A secrets file: a JSON object of strings, or ``NAME=value`` lines (# comments)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise GatewayError(f"cannot read the secrets file {path}: {exc.strerror or exc}") from None
+    if text.lstrip().startswith("{"):
         try:
-            if "chunked" in te:
-                return self._read_chunked()
-            length_s = self.headers.get("Content-Length")
-            length = int(length_s) if length_s is not None else 0
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            self._send_json(
-                400, _error_body("invalid_request_error", "bad_request", "invalid Content-Length")
-            )
-            return None
-        except _TooLarge:
-            self.close_connection = True
-            self._too_large()
-            return None
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            self._too_large()
-            return None
-        return self.rfile.read(length) if length else b""
-
-    def _read_chunked(self) -> bytes:
-        out = bytearray()
-        while True:
-            line = self.rfile.readline(1024)
-            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                return bytes(out)
-            if len(out) + size > MAX_BODY_BYTES:
-                raise _TooLarge
-            out += self.rfile.read(size)
-            self.rfile.readline(1024)
-
-    def _too_large(self) -> None:
-        self._send_json(
-            413,
-            _error_body(
-                "invalid_request_error",
-                "request_too_large",
-                f"request body larger than {MAX_BODY_BYTES} bytes",
-            ),
-        )
+            data = json.loads(text)
+        except ValueError as exc:
+            raise GatewayError(f"{path}: not a JSON object of strings ({exc})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise GatewayError(f"{path}: not a JSON object of strings")
+        return {str(k): v for k, v in data.items()}
+    out: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not name.strip():
+            raise GatewayError(f"{path}:{lineno}: expected NAME=value")
+        out[name.strip()] = value.strip().strip("'\"")
+    return out
 
 
-class _TooLarge(Exception):
-    pass
+class EgressPolicy:
+    """Per-tool egress rules and the secrets' values, which stay on the host.
+
+    ``secrets`` are looked up by name in ``MAS2C_SECRETS_FILE`` (when set), then in
+    the environment, once, when the policy is made (:meth:`from_host`).
+    """
+
+    def __init__(
+        self,
+        rules: Mapping[str, EgressRule],
+        secrets: Mapping[str, str],
+        *,
+        max_response_bytes: int = 4 * _MIB,
+        max_timeout_s: float = 60.0,
+    ) -> None:
+        self.rules = dict(rules)
+        self.secrets = {k: v for k, v in secrets.items() if v}
+        self.max_response_bytes = max_response_bytes
+        self.max_timeout_s = max_timeout_s
+        self.scrub = Scrubber(list(self.secrets.values()))
+
+    @classmethod
+    def from_host(cls, rules: Mapping[str, EgressRule], **kwargs: Any) -> EgressPolicy:
+        names = {name for rule in rules.values() for name in rule.secrets}
+        found: dict[str, str] = {}
+        file = os.environ.get("MAS2C_SECRETS_FILE")
+        if file:
+            found.update({k: v for k, v in read_secrets_file(Path(file)).items() if k in names})
+        for name in names - set(found):
+            if os.environ.get(name):
+                found[name] = os.environ[name]
+        return cls(rules, found, **kwargs)
+
+
+def _denied(message: str, status: int = 403) -> _HttpFailure:
+    return _HttpFailure(status, _error_body("egress_denied", "mas2c_egress_denied", message))
 
 
 # --------------------------------------------------------------------------- gateway
@@ -601,6 +1303,9 @@ def _last_user_text(body: Mapping[str, Any]) -> str:
     return ""
 
 
+ReplayMisses = Literal["fail", "forward"]
+
+
 class Gateway:
     """The OpenAI-compatible gateway on a unix socket. Use as a context manager or start/stop.
 
@@ -614,10 +1319,15 @@ class Gateway:
       answers did not reach the upstream and ``upstream_calls`` how many did.
     * Refused requests (402) count in ``refused``, not in ``calls``; failures (bad
       requests, cassette misses, upstream errors) count in ``errors``.
-    * The call limit reserves a slot for each request in flight, so a fan-out cannot
-      overshoot ``max_llm_calls``; token and cost limits can only be checked against
-      what has been used so far, so concurrent requests can overshoot them (after
-      which every request is refused).
+    * Budgets: see the module docstring. ``max_llm_calls`` holds exactly.
+      ``max_total_tokens`` and ``max_cost_usd`` hold exactly when the upstream reports
+      at most ``prompt_token_bound(request)`` prompt tokens and honours ``max_tokens``;
+      an upstream that does not can overshoot by that call's excess, after which every
+      request is refused and ``budget_exceeded`` is true.
+
+    ``models`` maps each allowed model name to its ``max_tokens`` cap (None: no cap);
+    None allows any model (the meta-agents' private gateway). ``socket_uid`` is the uid
+    that must reach the socket (the sandbox's); None means this process's own.
     """
 
     def __init__(
@@ -629,20 +1339,36 @@ class Gateway:
         budget: Budget = Budget(),  # frozen dataclass: an immutable default
         record: Path | None = None,
         replay: Path | None = None,
+        replay_misses: ReplayMisses = "fail",
         cache: bool = False,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        models: Mapping[str, int | None] | None = None,
+        limits: GatewayLimits = GatewayLimits(),
+        socket_uid: int | None = None,
+        egress: EgressPolicy | None = None,
     ) -> None:
         if upstream is None and replay is None:
             raise GatewayError("the gateway needs an upstream or a replay cassette")
+        if replay_misses == "forward" and upstream is None:
+            raise GatewayError("recording what a cassette lacks needs an upstream (an endpoint)")
         self.socket_path = Path(socket_path)
         self.upstream = upstream
         self.prices: dict[str, Price] = dict(prices or {})
         self.budget = budget
         self.record_path = Path(record) if record is not None else None
         self.replay_path = Path(replay) if replay is not None else None
+        self.replay_misses: ReplayMisses = replay_misses
         self.cache_enabled = cache
         self.on_event = on_event
+        self.models = dict(models) if models is not None else None
+        self.limits = limits
+        self.socket_uid = socket_uid
+        self.egress = egress
+        self._egress_client: httpx.Client | None = None
+        self._egress_counts = {"requests": 0, "refused": 0, "failed": 0}
         self._lock = threading.Lock()
+        self._ledger = _Ledger(budget, self._lock)
+        self._weights = _WeightBudget(limits.max_parse_weight)
         self._usage = _Usage()
         self._cache: dict[str, dict[str, Any]] = {}
         self._cassette: dict[str, list[dict[str, Any]]] = {}
@@ -650,8 +1376,7 @@ class Gateway:
         self._record_file: Any = None
         self._record_lock = threading.Lock()
         self._models_seen: set[str] = set()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._http: _AsyncHttp | None = None
         if self.replay_path is not None:
             self._load_cassette(self.replay_path)
 
@@ -660,6 +1385,10 @@ class Gateway:
     def _load_cassette(self, path: Path) -> None:
         try:
             text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            if self.replay_misses == "forward":
+                return  # recording a new cassette
+            raise GatewayError(f"cannot read replay cassette {path}: no such file") from None
         except OSError as exc:
             raise GatewayError(f"cannot read replay cassette {path}: {exc}") from exc
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -685,7 +1414,7 @@ class Gateway:
             self._cassette.setdefault(key, []).append(entry["response"])
 
     def start(self) -> Gateway:
-        if self._server is not None:
+        if self._http is not None:
             raise GatewayError("gateway already started")
         path = self.socket_path
         if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
@@ -694,27 +1423,56 @@ class Gateway:
                 f"{MAX_SOCKET_PATH_BYTES} bytes): {path}"
             )
         self._clear_stale_socket(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, mode=0o700)
+        sock = self._listen(path)
         if self.record_path is not None:
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
             self._record_file = self.record_path.open("a", encoding="utf-8")
+        self._http = _AsyncHttp(self, sock)
         try:
-            server = _Server(str(path), self)
-        except OSError as exc:
+            self._http.start()
+        except GatewayError:
+            self._http = None
+            sock.close()
             self._close_record()
-            raise GatewayError(f"cannot listen on {path}: {exc}") from exc
-        # The container runs as another uid; it must be able to connect.
-        os.chmod(path, 0o666)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name=f"mas2c-gateway:{path.name}",
-            daemon=True,
-        )
-        self._thread.start()
+            raise
         log.info("gateway listening on %s", path)
         return self
+
+    def _listen(self, path: Path) -> socket.socket:
+        """Bind the socket: 0600 for ``socket_uid``; see the module docstring."""
+        uid = os.geteuid() if self.socket_uid is None else self.socket_uid
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            # The folder (0700) keeps everybody else out while the mode is being set.
+            os.chmod(path, 0o600)
+            if uid != os.geteuid():
+                if os.geteuid() == 0:
+                    os.chown(path, uid, uid)
+                else:
+                    self._require_private_folder(path.parent)
+                    # The container (another uid) reaches the socket through its bind
+                    # mount only: no other host user can enter the 0700 folder.
+                    os.chmod(path, 0o666)
+            sock.listen(256)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise GatewayError(f"cannot listen on {path}: {exc}") from exc
+        return sock
+
+    @staticmethod
+    def _require_private_folder(folder: Path) -> None:
+        st = folder.stat()
+        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise GatewayError(
+                f"{folder} must be a folder of mode 0700 owned by this user to hold a "
+                "gateway socket another uid connects to"
+            )
 
     @staticmethod
     def _clear_stale_socket(path: Path) -> None:
@@ -736,17 +1494,17 @@ class Gateway:
         raise GatewayError(f"{path} is in use by another live server")
 
     def stop(self) -> None:
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is not None:
-            server.stopping = True
-            server.shutdown()
-            server.close_connections()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        http = self._http
+        self._http = None
+        if http is not None:
+            http.stop()
+            with contextlib.suppress(OSError):
+                http.sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+        if self._egress_client is not None:
+            self._egress_client.close()
+            self._egress_client = None
         self._close_record()
 
     def _close_record(self) -> None:
@@ -776,11 +1534,30 @@ class Gateway:
                 "refused": u.refused,
                 "budget_exceeded": u.budget_exceeded,
                 "errors": u.errors,
+                "max_tokens_clamped": u.clamped,
+                "cassette_misses": u.cassette_misses,
+                "recorded_misses": u.recorded_misses,
+                **({"egress": dict(self._egress_counts)} if self.egress is not None else {}),
             }
+
+    def server_stats(self) -> dict[str, int]:
+        """Connections open now, the most open at once, and connections turned away."""
+        http = self._http
+        if http is None:
+            return {"open": 0, "peak_open": 0, "rejected": 0}
+        return {
+            "open": http.open,
+            "peak_open": http.peak_open,
+            "rejected": http.rejected_connections,
+        }
 
     def _models(self) -> dict[str, Any]:
         with self._lock:
-            names = sorted(set(self.prices) | self._models_seen)
+            names = (
+                sorted(self.models)
+                if self.models is not None
+                else sorted(set(self.prices) | self._models_seen)
+            )
         return {
             "object": "list",
             "data": [
@@ -799,63 +1576,69 @@ class Gateway:
 
     # ---------------------------------------------------------------- exchanges
 
-    def _budget_refusal(self) -> str | None:
-        """Called with the lock held. The reason for refusing, or None."""
-        b, u = self.budget, self._usage
-        calls = u.total.calls + u.in_flight
-        if b.max_llm_calls is not None and calls >= b.max_llm_calls:
-            return (
-                f"budget exceeded: max_llm_calls reached ({calls} calls used or in flight, "
-                f"max {b.max_llm_calls})"
-            )
-        tokens = u.total.prompt_tokens + u.total.completion_tokens
-        if b.max_total_tokens is not None and tokens >= b.max_total_tokens:
-            return (
-                f"budget exceeded: max_total_tokens reached ({tokens} tokens used, "
-                f"max {b.max_total_tokens})"
-            )
-        if b.max_cost_usd is not None and u.total.cost_usd >= b.max_cost_usd:
-            return (
-                f"budget exceeded: max_cost_usd reached (${u.total.cost_usd:.6f} used, "
-                f"max ${b.max_cost_usd:.6f})"
-            )
-        return None
-
-    def _cost(self, model: str, p: int, c: int) -> float:
+    def _price(self, model: str) -> tuple[Fraction, Fraction]:
         price = self.prices.get(model)
         if price is None:
-            return 0.0
-        return (p * price.input_per_mtok + c * price.output_per_mtok) / 1_000_000
+            return Fraction(0), Fraction(0)
+        return (
+            Fraction(price.input_per_mtok) / 1_000_000,
+            Fraction(price.output_per_mtok) / 1_000_000,
+        )
 
     def _exchange(self, raw: bytes, agent: str, step: str) -> tuple[int, dict[str, Any], str]:
-        """Serve one chat completion. Returns (status, JSON body, source)."""
+        """Serve one chat completion (in a worker thread). Returns (status, JSON body, source)."""
         t0 = time.monotonic()
         event: dict[str, Any] = {"agent": agent, "step": step, "model": None}
-        reserved = False
+        res: _Reservation | None = None
+        weight: int | None = None
         try:
-            body = self._parse_request(raw)
-            model = str(body["model"])
+            values = json_value_count(raw)
+            if values > self.limits.max_json_values:
+                raise _HttpFailure(
+                    413,
+                    _error_body(
+                        "invalid_request_error",
+                        "request_too_large",
+                        f"request body has more than {self.limits.max_json_values} JSON values",
+                    ),
+                )
+            weight = self._weights.acquire(
+                12 * len(raw) + 80 * values, self.limits.request_timeout_s
+            )
+            if weight is None:
+                raise _HttpFailure(
+                    503,
+                    _error_body("server_error", "mas2c_busy", "the gateway is busy; try later"),
+                )
+            original = self._parse_request(raw)
+            del raw
+            model = str(original["model"])
             event["model"] = model
+            body, cap = self._checked(original, model)
+            prompt = prompt_token_bound(body)
+            price = self._price(model)
             with self._lock:
-                reason = self._budget_refusal()
-                if reason is not None:
+                try:
+                    res = self._ledger.reserve(
+                        prompt, cap, price, self.limits.request_timeout_s * 4
+                    )
+                except _HttpFailure:
                     self._usage.refused += 1
                     self._usage.budget_exceeded = True
-                else:
-                    self._usage.in_flight += 1
-                    reserved = True
-            if reason is not None:
-                raise _HttpFailure(
-                    402, _error_body("budget_exceeded", "mas2c_budget_exceeded", reason)
-                )
-            key = request_key(body)
+                    raise
+                if res.max_tokens is not None and res.max_tokens != cap:
+                    self._usage.clamped += 1
+            if res.max_tokens is not None and res.max_tokens != cap:
+                body = {**body, self._cap_field(body): res.max_tokens}
+            key = request_key(original)
             resp, source = self._answer(key, body)
             p, c = _usage_of(body, resp)
-            cost = self._cost(model, p, c)
+            cost_exact = p * price[0] + c * price[1]
+            cost = float(cost_exact)
             with self._lock:
+                self._ledger.settle(res, p + c, cost_exact)
+                res = None
                 u = self._usage
-                u.in_flight -= 1
-                reserved = False
                 u.total.add(p, c, cost)
                 u.by_agent.setdefault(agent, _Tally()).add(p, c, cost)
                 u.by_model.setdefault(model, _Tally()).add(p, c, cost)
@@ -866,13 +1649,13 @@ class Gateway:
                     u.cache_hits += 1
                 elif source == "replay":
                     u.replayed += 1
-                b = self.budget
-                if (
-                    b.max_total_tokens is not None
-                    and u.total.prompt_tokens + u.total.completion_tokens > b.max_total_tokens
-                ) or (b.max_cost_usd is not None and u.total.cost_usd > b.max_cost_usd):
+                elif source == "recorded":
+                    u.upstream_calls += 1
+                    u.recorded_misses += 1
+                if self._ledger.exceeded():
                     u.budget_exceeded = True
-            self._record(key, body, resp, agent, step)
+            if source == "recorded" or self.record_path != self.replay_path:
+                self._record(key, original, resp, agent, step)
             event.update(
                 prompt_tokens=p,
                 completion_tokens=c,
@@ -894,12 +1677,12 @@ class Gateway:
                     _error_body(
                         "server_error",
                         "mas2c_gateway_error",
-                        f"mas2c gateway internal error: {type(exc).__name__}: {exc}",
+                        f"mas2c gateway internal error: {type(exc).__name__}",
                     ),
                 )
             with self._lock:
-                if reserved:
-                    self._usage.in_flight -= 1
+                if res is not None:
+                    self._ledger.settle(res, None, None)
                 if fail.status != 402:
                     self._usage.errors += 1
             event.update(
@@ -914,24 +1697,178 @@ class Gateway:
             )
             self._emit(event)
             return fail.status, fail.body, ""
+        finally:
+            if weight is not None:
+                self._weights.release(weight)
+
+    def _egress_exchange(self, raw: bytes) -> tuple[int, dict[str, Any]]:
+        """Serve one egress request of a code tool (in a worker thread)."""
+        policy = self.egress
+        try:
+            if policy is None:
+                raise _denied("no tool of this system declares egress")
+            if json_value_count(raw) > self.limits.max_json_values:
+                raise _denied("egress request too large", 413)
+            try:
+                req = json.loads(raw)
+            except (ValueError, RecursionError):
+                raise _bad_request("egress request is not JSON") from None
+            if not isinstance(req, dict):
+                raise _bad_request("egress request must be a JSON object")
+            answer = self._egress_send(policy, req)
+            with self._lock:
+                self._egress_counts["requests"] += 1
+            return 200, answer
+        except _HttpFailure as fail:
+            with self._lock:
+                key = "refused" if fail.status in (400, 403, 413) else "failed"
+                self._egress_counts[key] += 1
+            message = fail.body.get("error", {}).get("message", "")
+            scrub = policy.scrub if policy is not None else (lambda t: t)
+            fail.body["error"]["message"] = scrub(str(message))
+            return fail.status, fail.body
+
+    def _egress_send(self, policy: EgressPolicy, req: dict[str, Any]) -> dict[str, Any]:
+        import base64
+        from urllib.parse import urlsplit
+
+        tool, method, url = req.get("tool"), req.get("method"), req.get("url")
+        if not isinstance(tool, str) or tool not in policy.rules:
+            raise _denied(f"tool {str(tool)[:100]!r} declares no egress in the spec")
+        rule = policy.rules[tool]
+        if not isinstance(method, str) or method not in _EGRESS_METHODS:
+            raise _bad_request(f"egress method must be one of {sorted(_EGRESS_METHODS)}")
+        if not isinstance(url, str) or len(url) > 8192:
+            raise _bad_request("egress url must be a string of at most 8192 characters")
+        headers_in = req.get("headers") or {}
+        if not isinstance(headers_in, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers_in.items()
+        ):
+            raise _bad_request("egress headers must be an object of strings")
+        try:
+            body = base64.b64decode(str(req.get("body") or ""), validate=True)
+        except ValueError:
+            raise _bad_request("egress body must be base64") from None
+
+        def where(u: str) -> tuple[str, str, int | None]:
+            try:
+                parts = urlsplit(u)
+                port = parts.port
+            except ValueError:
+                raise _bad_request("egress url is not a URL") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise _denied("egress url must be http:// or https:// with a host")
+            if parts.username is not None or parts.password is not None:
+                raise _denied("egress url must not carry credentials (use a declared secret)")
+            return parts.scheme, parts.hostname.lower(), port
+
+        def check(u: str) -> None:
+            scheme, host, port = where(u)
+            if not rule.allows(scheme, host, port):
+                shown = f"{host}:{port}" if port else host
+                raise _denied(
+                    f"tool {tool!r} may not reach {shown}: its egress hosts are "
+                    f"{sorted(rule.hosts)}"
+                )
+
+        check(url)  # before the secrets are inserted: a refusal never names them
+
+        def insert(text: str) -> str:
+            for name in rule.secrets:
+                token = "${" + name + "}"
+                if token in text:
+                    if name not in policy.secrets:
+                        raise _bad_request(
+                            f"secret {name} is not set on the host (an environment variable "
+                            "or MAS2C_SECRETS_FILE)"
+                        )
+                    text = text.replace(token, policy.secrets[name])
+            return text
+
+        url = insert(url)
+        check(url)
+        headers = {k: insert(v) for k, v in headers_in.items() if k.lower() not in _HOP_HEADERS}
+        with contextlib.suppress(UnicodeDecodeError):  # binary bodies are sent as they are
+            body = insert(body.decode("utf-8")).encode("utf-8")
+        timeout = req.get("timeout_s")
+        timeout_s = min(float(timeout), policy.max_timeout_s) if _number(timeout) else 30.0  # type: ignore[arg-type]
+        with self._lock:
+            if self._egress_client is None:
+                self._egress_client = httpx.Client(follow_redirects=False)
+            client = self._egress_client
+        try:
+            with client.stream(
+                method, url, headers=headers, content=body or None, timeout=timeout_s
+            ) as resp:
+                content = bytearray()
+                for chunk in resp.iter_bytes():
+                    content += chunk
+                    if len(content) > policy.max_response_bytes:
+                        raise _denied(
+                            f"the answer is larger than {policy.max_response_bytes} bytes", 502
+                        )
+                status, resp_headers = resp.status_code, dict(resp.headers)
+        except httpx.HTTPError as exc:
+            raise _denied(f"egress request failed: {type(exc).__name__}: {exc}", 502) from None
+        data = bytes(content)
+        for value in policy.secrets.values():
+            data = data.replace(value.encode("utf-8"), _REDACTED.encode())
+        return {
+            "status": status,
+            "headers": {k: policy.scrub(v) for k, v in resp_headers.items()},
+            "body": base64.b64encode(data).decode("ascii"),
+        }
+
+    @staticmethod
+    def _cap_field(body: Mapping[str, Any]) -> str:
+        return "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+
+    def _checked(self, body: dict[str, Any], model: str) -> tuple[dict[str, Any], int | None]:
+        """The request to forward (model pool, ``n``, the spec's ``max_tokens`` cap) and its cap."""
+        if self.models is not None and model not in self.models:
+            pool = ", ".join(repr(m) for m in sorted(self.models)) or "none"
+            raise _bad_request(
+                f"model {model[:100]!r} is not in the spec's model pool ({pool})",
+                "mas2c_unknown_model",
+            )
+        n = body.get("n")
+        if n is not None and (not _count(n) or n != 1):
+            raise _bad_request(
+                "n must be 1 (or omitted): the mas2c gateway serves one choice per call; "
+                "make separate calls",
+                "mas2c_bad_request",
+            )
+        cap_field = self._cap_field(body)
+        requested = body.get(cap_field)
+        if requested is not None and (not _count(requested) or requested < 1):
+            raise _bad_request(f"{cap_field} must be a positive integer")
+        spec_cap = self.models.get(model) if self.models is not None else None
+        cap: int | None = requested
+        if spec_cap is not None and (cap is None or cap > spec_cap):
+            cap = spec_cap
+        if cap is None and self._ledger.tight:
+            upstream_cap = getattr(self.upstream, "max_tokens", None)
+            cap = upstream_cap if _count(upstream_cap) and upstream_cap else DEFAULT_MAX_TOKENS
+        if cap is not None and cap != requested:
+            body = {**body, cap_field: cap}
+        return body, cap
 
     @staticmethod
     def _parse_request(raw: bytes) -> dict[str, Any]:
-        def bad(msg: str) -> _HttpFailure:
-            return _HttpFailure(400, _error_body("invalid_request_error", "mas2c_bad_request", msg))
-
         try:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise bad(f"request body is not valid JSON: {exc}") from None
+            raise _bad_request(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise _bad_request("request body is nested too deeply") from None
         if not isinstance(body, dict):
-            raise bad("request body must be a JSON object")
+            raise _bad_request("request body must be a JSON object")
         if not isinstance(body.get("model"), str) or not body["model"]:
-            raise bad("request body needs a 'model' string")
+            raise _bad_request("request body needs a 'model' string")
         if not isinstance(body.get("messages"), list) or not body["messages"]:
-            raise bad("request body needs a non-empty 'messages' list")
+            raise _bad_request("request body needs a non-empty 'messages' list")
         if body.get("stream"):
-            raise bad(
+            raise _bad_request(
                 "streaming (stream=true) is not supported by the mas2c gateway; "
                 "call chat.completions.create without stream"
             )
@@ -939,34 +1876,51 @@ class Gateway:
 
     def _answer(self, key: str, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
         if self.replay_path is not None:
-            return self._replay(key, body), "replay"
+            hit = self._replay(key)
+            if hit is not None:
+                return hit, "replay"
+            if self.replay_misses == "fail":
+                with self._lock:
+                    self._usage.cassette_misses += 1
+                raise self._miss(body)
+        elif self.cache_enabled:
+            with self._lock:
+                cached = self._cache.get(key)
+            if cached is not None:
+                return _copy(cached), "cache"
+        resp = self._forward(body)
         if self.cache_enabled:
             with self._lock:
-                hit = self._cache.get(key)
-            if hit is not None:
-                return _copy(hit), "cache"
-        assert self.upstream is not None
+                self._cache.setdefault(key, _copy(resp))
+        return resp, ("recorded" if self.replay_path is not None else "upstream")
+
+    def _forward(self, body: dict[str, Any]) -> dict[str, Any]:
+        upstream = self.upstream
+        assert upstream is not None
+        name = getattr(upstream, "name", "?")
+        scrub: Callable[[str], str] = getattr(upstream, "scrub", None) or (lambda s: s)
         try:
-            resp = self.upstream.complete(body)
+            resp = upstream.complete(body)
         except UpstreamError as exc:
             status = exc.status if 400 <= exc.status < 600 else 502
             if exc.retryable or status < 400:
                 status = 502
-            err = (
-                exc.body
-                if isinstance(exc.body.get("error"), dict)
-                else _error_body("upstream_error", "mas2c_upstream_error", str(exc))
-            )
+            inner = exc.body.get("error") if isinstance(exc.body, dict) else None
+            err = _error_body("upstream_error", "mas2c_upstream_error", scrub(str(exc)))
+            if isinstance(inner, dict):
+                err["error"]["message"] = scrub(str(inner.get("message") or exc))
+                err["error"]["type"] = _safe_field(inner.get("type")) or "upstream_error"
+                err["error"]["code"] = _safe_field(inner.get("code")) or "mas2c_upstream_error"
+                err["error"]["param"] = _safe_field(inner.get("param"))
             raise _HttpFailure(status, err) from None
         except Exception as exc:  # a broken upstream must never kill the handler
-            log.exception("gateway: upstream %s raised", getattr(self.upstream, "name", "?"))
+            log.exception("gateway: upstream %s raised", name)
             raise _HttpFailure(
                 502,
                 _error_body(
                     "upstream_error",
                     "mas2c_upstream_error",
-                    f"upstream {getattr(self.upstream, 'name', '?')} failed: "
-                    f"{type(exc).__name__}: {exc}",
+                    scrub(f"upstream {name} failed: {type(exc).__name__}: {exc}"),
                 ),
             ) from None
         if not isinstance(resp, dict) or not isinstance(resp.get("choices"), list):
@@ -975,30 +1929,34 @@ class Gateway:
                 _error_body(
                     "upstream_error",
                     "mas2c_upstream_error",
-                    f"upstream {self.upstream.name} returned a malformed completion (no choices)",
+                    f"upstream {name} returned a malformed completion (no choices)",
                 ),
             )
-        if self.cache_enabled:
-            with self._lock:
-                self._cache.setdefault(key, _copy(resp))
-        return resp, "upstream"
+        return resp
 
-    def _replay(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _replay(self, key: str) -> dict[str, Any] | None:
+        """The next recorded answer for ``key``; strict replay repeats the last one."""
         with self._lock:
             answers = self._cassette.get(key)
-            if answers:
-                pos = self._cassette_pos.get(key, 0)
-                self._cassette_pos[key] = pos + 1
-                return _copy(answers[min(pos, len(answers) - 1)])
+            if not answers:
+                return None
+            pos = self._cassette_pos.get(key, 0)
+            if pos >= len(answers) and self.replay_misses == "forward":
+                return None  # a new episode: fetch it and record it
+            self._cassette_pos[key] = pos + 1
+            return _copy(answers[min(pos, len(answers) - 1)])
+
+    def _miss(self, body: dict[str, Any]) -> _HttpFailure:
         user = _last_user_text(body)
         snippet = user[:200] + ("..." if len(user) > 200 else "")
-        raise _HttpFailure(
+        return _HttpFailure(
             400,
             _error_body(
                 "invalid_request_error",
                 "mas2c_cassette_miss",
                 f"cassette miss: {self.replay_path} has no recorded answer for this request "
-                f"(model {body.get('model')!r}, last user message {snippet!r})",
+                f"(model {body.get('model')!r}, last user message {snippet!r}); record what "
+                "is missing with --record and --replay on the same file",
             ),
         )
 

@@ -28,7 +28,7 @@ import yaml
 from mas2c.files import write_text_atomic
 from mas2c.llm import JSONNotFound, LLMClient, Message, Usage, extract_json
 from mas2c.source import SourceError, load_file
-from mas2c.spec import Spec, json_schema, spec_hash
+from mas2c.spec import Spec, json_schema, language_description, spec_hash
 from mas2c.validate import Problem, validate_file, validate_text
 
 __all__ = [
@@ -47,7 +47,7 @@ __all__ = [
 
 ProgressFn = Callable[[str], None]
 
-LANGUAGE = """\
+_LANGUAGE_TEMPLATE = """\
 You design multi-agent systems (MAS) for mas2c. A MAS is written as a declarative spec,
 which mas2c validates and compiles into a Python program. You answer with one spec, as a
 single JSON object, and nothing else.
@@ -73,26 +73,7 @@ Top-level keys (no others are allowed; unknown keys anywhere are errors):
 
 Every step has a unique `id` ([A-Za-z_][A-Za-z0-9_-]*) and a `kind`; most steps store their
 result in the state variable named by `out` ([A-Za-z_][A-Za-z0-9_]*). Step kinds:
-- call: one agent answers one prompt. Fields: agent, prompt, out.
-- ensemble: several samples, then a decision. Fields: agent (sampled n times, default 5) OR
-  agents (one sample each, repeated n times), n, prompt, and exactly one of
-  vote: "majority" or judge (an agent id); out (the winning answer or the judge's output).
-- parallel: branches run concurrently; each branch is a list of steps. Fields: branches,
-  out (optional: the list of the branches' results).
-- loop: repeats steps until a condition holds. Fields: steps, until, max_iterations (required).
-- branch: runs the steps of the first case whose condition holds, else the `else` steps.
-  Fields: cases: [{when, steps}], else (optional step list).
-- debate: agents answer, see each other's answers and revise for `rounds` rounds (default 2);
-  exactly one of judge (an agent id) or vote: "majority" closes it. Fields: agents (2 or
-  more), rounds, topic, judge/vote, out (the judge's output).
-- programmer: an agent writes Python code, it is run, errors go back to the agent up to
-  max_attempts times. Fields: agent, prompt, max_attempts, run_timeout_s, out. The out
-  variable has fields code, output, passed, attempts.
-- test: runs test code after the code held in a state variable. Fields: code (a state
-  path such as "solution.code", not a placeholder), tests (Python source, placeholders
-  allowed), run_timeout_s, out. The out variable has fields passed and output.
-- tool: calls a tool directly. Fields: tool, args (an object; string values may hold
-  placeholders), out.
+{step_kinds}
 
 State variables are the inputs and the `out`s of earlier steps. Prompts (prompt, topic,
 tests, tool args) read them with placeholders {{ name }} or {{ name.field }}; single
@@ -107,6 +88,14 @@ Design guidance: use as few agents and steps as the task needs; give each agent 
 instructions; use structured output when a later step or a condition reads a field; bound
 every loop; set realistic budgets. Every agent should be used by some step.
 """
+
+
+def language_text() -> str:
+    """The spec language as told to the LLM; the step kinds come from the registry."""
+    return _LANGUAGE_TEMPLATE.replace("{step_kinds}", language_description())
+
+
+LANGUAGE = language_text()  # the built-in kinds' text (system_prompt reads the registry anew)
 
 EXAMPLES_INTRO = "Example specs written for other tasks (the task is each spec's description):"
 
@@ -242,7 +231,7 @@ def pick_examples(task: str, examples: list[Example], count: int = 2) -> list[Ex
 def system_prompt(examples: list[Example]) -> str:
     """The system message: the language, the JSON Schema, and the examples as JSON."""
     schema = json.dumps(json_schema(), separators=(",", ":"), ensure_ascii=False)
-    parts = [LANGUAGE, f"The JSON Schema of a spec:\n```json\n{schema}\n```"]
+    parts = [language_text(), f"The JSON Schema of a spec:\n```json\n{schema}\n```"]
     if examples:
         parts.append(EXAMPLES_INTRO)
         for index, example in enumerate(examples, 1):

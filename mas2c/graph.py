@@ -8,19 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mas2c.spec import (
-    BranchStep,
-    CallStep,
-    DebateStep,
-    EnsembleStep,
-    LoopStep,
-    ParallelStep,
-    ProgrammerStep,
-    Spec,
-    Step,
-    TestStep,
-    ToolStep,
-)
+from mas2c.spec import Spec, Step
 
 
 @dataclass
@@ -38,19 +26,8 @@ class Graph:
 
 
 def _label(step: Step) -> str:
-    if isinstance(step, CallStep | ProgrammerStep):
-        detail = step.agent
-    elif isinstance(step, EnsembleStep):
-        detail = f"{len(step.sample_agents())}× {step.agent or ', '.join(step.agents or [])}"
-    elif isinstance(step, DebateStep):
-        detail = f"{', '.join(step.agents)} × {step.rounds} rounds"
-    elif isinstance(step, ToolStep):
-        detail = step.tool
-    elif isinstance(step, TestStep):
-        detail = step.code
-    else:
-        detail = ""
-    out = getattr(step, "out", None)
+    detail = step.graph_detail()
+    out = step.writes()
     text = f"{step.id}\n{step.kind}" + (f": {detail}" if detail else "")
     return text + (f"\n→ {out}" if out else "")
 
@@ -76,46 +53,56 @@ def _steps(graph: Graph, steps: list[Step], entries: list[str], label: str) -> l
 
 
 def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]:
+    """Draws a step by how its nested step lists run (its `flow`), never by its kind."""
     node_id = "s_" + step.id.replace("-", "_")
-    if isinstance(step, ParallelStep):
-        fork = graph.node(node_id, f"{step.id}\nparallel", "fork")
+    children = [steps for _key, steps in step.child_lists()]
+    if step.flow == "concurrent":
+        fork = graph.node(node_id, f"{step.id}\n{step.kind}", "fork")
         for entry in entries:
             graph.edge(entry, fork, label)
         exits: list[str] = []
-        for branch in step.branches:
+        for branch in children:
             exits += _steps(graph, branch, [fork], "")
-        join = graph.node(
-            node_id + "_join", "join" + (f"\n→ {step.out}" if step.out else ""), "fork"
-        )
+        out = step.writes()
+        join = graph.node(node_id + "_join", "join" + (f"\n→ {out}" if out else ""), "fork")
         for end in exits:
             graph.edge(end, join)
         return [join]
-    if isinstance(step, LoopStep):
-        head = graph.node(node_id, f"{step.id}\nloop ≤ {step.max_iterations}", "loop")
+    if step.flow == "repeat":
+        fan = step.fan_out()
+        bound = f" ≤ {getattr(step, fan.field)}" if fan is not None else ""
+        head = graph.node(node_id, f"{step.id}\n{step.kind}{bound}", "loop")
         for entry in entries:
             graph.edge(entry, head, label)
         before = len(graph.nodes)
-        exits = _steps(graph, step.steps, [head], "")
+        exits = [head]
+        for body in children:
+            exits = _steps(graph, body, exits, "")
         graph.clusters.append(
-            (node_id + "_c", f"loop {step.id}", [n[0] for n in graph.nodes[before:]])
+            (node_id + "_c", f"{step.kind} {step.id}", [n[0] for n in graph.nodes[before:]])
         )
-        check = graph.node(node_id + "_until", f"until {step.until}", "decision")
+        until = " and ".join(text for _key, text in step.conditions())
+        check = graph.node(node_id + "_until", f"until {until}", "decision")
         for end in exits:
             graph.edge(end, check)
         graph.edge(check, head, "no")
         return [check]
-    if isinstance(step, BranchStep):
-        decision = graph.node(node_id, f"{step.id}\nbranch", "decision")
+    if step.flow == "alternatives":
+        decision = graph.node(node_id, f"{step.id}\n{step.kind}", "decision")
         for entry in entries:
             graph.edge(entry, decision, label)
         exits = []
-        for case in step.cases:
-            exits += _steps(graph, case.steps, [decision], case.when)
-        exits += _steps(graph, step.else_, [decision], "else") if step.else_ else [decision]
+        whens = [text for _key, text in step.conditions()]
+        for index, arm in enumerate(children):
+            exits += _steps(graph, arm, [decision], whens[index] if index < len(whens) else "else")
+        if len(children) <= len(whens):  # no default arm: the decision itself falls through
+            exits += [decision]
         return exits
     graph.node(node_id, _label(step))
     for entry in entries:
         graph.edge(entry, node_id, label)
+    if children:  # a "sequence" kind: its nested steps follow it
+        return _steps(graph, [s for steps in children for s in steps], [node_id], "")
     return [node_id]
 
 

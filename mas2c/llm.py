@@ -12,7 +12,10 @@ adds what the meta-agents need:
   openai client itself (`max_retries`, default 3, with its backoff).
 - **Accounting.** `usage` counts calls and tokens over the client's lifetime.
 - **Clear failures.** Every failure is an `LLMError` whose message names the
-  endpoint and what went wrong; never an openai traceback.
+  endpoint and what went wrong; never an openai traceback. The endpoint is shown
+  without userinfo and with query values redacted, and the message is scrubbed of
+  the key and the URL's secrets (`mas2c.gateway.Scrubber`).
+- **Base URLs with a query string** (`...?api-version=...`) keep it on every request.
 
 `extract_json(text)` finds the JSON in a model's reply (fenced or not).
 """
@@ -106,10 +109,16 @@ class LLMClient:
         default_headers: dict[str, str] | None = None,
         http_client: Any = None,
     ) -> None:
-        self.base_url = base_url or DEFAULT_BASE_URL
+        from mas2c.gateway import Scrubber, redact_url
+
+        url = base_url or DEFAULT_BASE_URL
+        self.base_url = redact_url(url)
+        self._scrub = Scrubber.for_endpoint(url, api_key)
+        url, query = _split_query(url)
         self.model = model or os.environ.get("MAS2C_MODEL") or DEFAULT_MODEL
         self._client = openai.OpenAI(
-            base_url=self.base_url,
+            base_url=url,
+            default_query=query or None,
             # Local servers (llama.cpp, vLLM, Ollama, the gateway) take any key.
             api_key=api_key or "unused",
             timeout=timeout_s,
@@ -239,6 +248,9 @@ class LLMClient:
         return f"LLM {self.model} at {self.base_url}"
 
     def _error(self, exc: openai.APIError) -> LLMError:
+        return LLMError(self._scrub(str(self._explain(exc))))
+
+    def _explain(self, exc: openai.APIError) -> LLMError:
         where = self._where()
         if isinstance(exc, openai.APITimeoutError):
             return LLMError(f"{where}: timed out (after retries)")
@@ -249,6 +261,17 @@ class LLMClient:
         if isinstance(exc, openai.APIStatusError):
             return LLMError(f"{where}: HTTP {exc.status_code}: {_error_message(exc)}")
         return LLMError(f"{where}: {exc}")
+
+
+def _split_query(url: str) -> tuple[str, dict[str, str]]:
+    """The base URL without its query string, and the query's parameters."""
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.query:
+        return url, {}
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit(parts._replace(query="")), query
 
 
 def _error_message(exc: openai.APIStatusError) -> str:

@@ -37,7 +37,8 @@ def meta_client(
         yield LLMClient(url, config.key(), model=model)
         return
     owned = upstream is None
-    upstream = upstream if upstream is not None else make_upstream(config, on_progress=progress)
+    if upstream is None and config.needs_upstream:
+        upstream = make_upstream(config, on_progress=progress)
     try:
         with (
             socket_dir() as folder,
@@ -46,6 +47,7 @@ def meta_client(
                 upstream,
                 record=config.record,
                 replay=config.replay,
+                replay_misses=config.replay_misses,
                 on_event=on_event,
             ) as gateway,
         ):

@@ -53,17 +53,14 @@ from mas2c.files import write_text_atomic
 from mas2c.llm import LLMError
 from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
 from mas2c.spec import (
-    CallStep,
-    DebateStep,
-    EnsembleStep,
-    LoopStep,
     ModelSpec,
-    ProgrammerStep,
     Spec,
     Step,
     canonical_json,
+    iter_step_tree,
     iter_steps,
     spec_hash,
+    static_calls,
 )
 
 Progress = Callable[[str], None]
@@ -804,12 +801,8 @@ def _agents_outputs(spec: Spec, agent_id: str) -> set[str]:
         out = getattr(step, "out", None)
         if not out:
             continue
-        if isinstance(step, CallStep) and step.agent == agent_id:
+        if agent_id in step.answer_agents():
             outs.add(out)
-        elif isinstance(step, EnsembleStep | DebateStep):
-            samples = step.sample_agents() if isinstance(step, EnsembleStep) else step.agents
-            if step.judge == agent_id or (step.judge is None and agent_id in samples):
-                outs.add(out)
     return outs
 
 
@@ -879,11 +872,7 @@ def fix_structured_output(failure: Failure, locus: Locus, spec: Spec, ctx: Conte
 def fix_empty_vote(failure: Failure, locus: Locus, spec: Spec, ctx: Context) -> Fix | None:
     pointer = locus.step_pointer
     step = step_at(spec, pointer) if pointer else None
-    if (
-        pointer is None
-        or not isinstance(step, EnsembleStep | DebateStep)
-        or step.vote != "majority"
-    ):
+    if pointer is None or step is None or getattr(step, "vote", None) != "majority":
         return None
     data = spec.to_data()
     _set(data, f"{pointer}/vote", "first")
@@ -897,39 +886,20 @@ def fix_empty_vote(failure: Failure, locus: Locus, spec: Spec, ctx: Context) -> 
 
 
 def _fanout_reduction(data: dict[str, Any], pointer: str) -> str | None:
-    """Halve the biggest fan-out at or inside the step at `pointer`; a description, or None."""
+    """Halve the biggest fan-out at or inside the step at `pointer`; a description, or None.
+
+    Each kind's fan-out (field, value with its default, size) comes from the registry."""
+    try:
+        root = step_at(Spec.model_validate(data), pointer)
+    except ValueError:  # pydantic's ValidationError: not a spec, nothing to reduce
+        return None
+    if root is None:
+        return None
     candidates: list[tuple[int, str, str, int]] = []  # (size, pointer, key, new)
-
-    def visit(step: dict[str, Any], here: str) -> None:
-        kind = step.get("kind")
-        if kind == "ensemble":
-            n = step.get("n") or (1 if step.get("agents") else 5)
-            if n > 1:
-                candidates.append((n * len(step.get("agents") or [1]), here, "n", max(1, n // 2)))
-        elif kind == "debate":
-            rounds = step.get("rounds", 2)
-            if rounds > 1:
-                size = rounds * len(step.get("agents", []))
-                candidates.append((size, here, "rounds", max(1, rounds // 2)))
-        elif kind == "loop":
-            limit = step.get("max_iterations") or 1
-            if limit > 1:
-                candidates.append((limit, here, "max_iterations", max(1, limit // 2)))
-        elif kind == "programmer":
-            attempts = step.get("max_attempts", 3)
-            if attempts > 1:
-                candidates.append((attempts, here, "max_attempts", max(1, attempts // 2)))
-        for key, children in (("steps", step.get("steps")), ("else", step.get("else"))):
-            for i, child in enumerate(children or []):
-                visit(child, f"{here}/{key}/{i}")
-        for b, branch in enumerate(step.get("branches") or []):
-            for i, child in enumerate(branch):
-                visit(child, f"{here}/branches/{b}/{i}")
-        for c, case in enumerate(step.get("cases") or []):
-            for i, child in enumerate(case.get("steps", [])):
-                visit(child, f"{here}/cases/{c}/steps/{i}")
-
-    visit(resolve(data, pointer), pointer)
+    for here, step in iter_step_tree(root, pointer):
+        fan = step.fan_out()
+        if fan is not None and fan.value > 1:
+            candidates.append((fan.size, here, fan.field, fan.reduced))
     if not candidates:
         return None
     _size, where, key, new = max(candidates, key=lambda c: c[0])
@@ -1023,21 +993,6 @@ def _calls_by_top_step(record: RunRecord) -> dict[str, int]:
     return counts
 
 
-def _static_calls(step: Step) -> int:
-    from mas2c.spec import child_step_lists
-
-    if isinstance(step, EnsembleStep):
-        return len(step.sample_agents()) + (1 if step.judge else 0)
-    if isinstance(step, DebateStep):
-        return len(step.agents) * step.rounds + (1 if step.judge else 0)
-    if isinstance(step, ProgrammerStep):
-        return step.max_attempts
-    inner = sum(_static_calls(s) for _p, steps in child_step_lists(step, "") for s in steps)
-    if isinstance(step, LoopStep):
-        return inner * (step.max_iterations or 1)
-    return inner or (1 if step.kind == "call" else 0)
-
-
 def fix_budget(failure: Failure, locus: Locus, spec: Spec, ctx: Context) -> Fix | None:
     """Budget overrun or overspend: cheaper samplers, then less fan-out, then (if allowed) more budget."""
     from mas2c.configure import agent_uses, rank_pool
@@ -1071,7 +1026,7 @@ def fix_budget(failure: Failure, locus: Locus, spec: Spec, ctx: Context) -> Fix 
     actual = _calls_by_top_step(ctx.record)
     ranked = sorted(
         (
-            (actual.get(pointer, 0), _static_calls(step), pointer)
+            (actual.get(pointer, 0), static_calls(step), pointer)
             for pointer, step in _top_steps(spec)
         ),
         reverse=True,

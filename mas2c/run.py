@@ -1,8 +1,10 @@
 """One sandboxed run: a spec or a build, an input, the gateway on the host, a run folder.
 
 The run folder holds result.json, trace.jsonl, stdout.txt, stderr.txt,
-sandbox.json (written by `mas2c.sandbox`), usage.json (from the gateway), and
-spec.json and input.json (what ran, so that `mas2c rectify RUN_DIR` can re-run it).
+sandbox.json (written by `mas2c.sandbox`), usage.json (from the gateway),
+spec.json and input.json (what ran, so that `mas2c rectify RUN_DIR` can re-run it),
+and run.json (the run header: command, versions, spec hash, endpoint host, times
+and the trace id; see `mas2c.tracing`).
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +52,16 @@ class LLMConfig:
 
     def key(self) -> str | None:
         return self.api_key if self.api_key is not None else os.environ.get("OPENAI_API_KEY")
+
+    @property
+    def replay_misses(self) -> Literal["fail", "forward"]:
+        """With both a replay and a record cassette, what the replay lacks is fetched and recorded."""
+        return "forward" if self.replay is not None and self.record is not None else "fail"
+
+    @property
+    def needs_upstream(self) -> bool:
+        """False only for a strict replay (no endpoint at all)."""
+        return self.replay is None or self.replay_misses == "forward"
 
 
 @dataclass
@@ -86,7 +100,7 @@ def make_upstream(config: LLMConfig, on_progress: Callable[[str], None] | None =
     """The gateway's upstream: an OpenAI-compatible endpoint, or the embedded local engine."""
     from mas2c.gateway import HttpUpstream
 
-    if config.replay is not None:
+    if not config.needs_upstream:
         return None
     url = config.endpoint()
     if url is not None:
@@ -106,6 +120,49 @@ def gateway_prices(spec: Spec) -> dict[str, Any]:
     }
 
 
+def gateway_models(spec: Spec) -> dict[str, int | None]:
+    """The model names the spec's pool allows, each with its ``max_tokens`` cap (None: none)."""
+    caps: dict[str, int | None] = {}
+    for model in spec.models.values():
+        if model.model in caps:
+            old = caps[model.model]
+            caps[model.model] = (
+                None if old is None or model.max_tokens is None else max(old, model.max_tokens)
+            )
+        else:
+            caps[model.model] = model.max_tokens
+    return caps
+
+
+def gateway_egress(spec: Spec) -> Any:
+    """The egress policy of the spec's tools (secrets read on the host now), or None."""
+    from mas2c.gateway import EgressPolicy, EgressRule, GatewayError
+
+    rules = {
+        name: EgressRule(
+            frozenset(h.lower() for h in tool.egress.hosts), tuple(tool.egress.secrets)
+        )
+        for name, tool in spec.tools.items()
+        if tool.egress is not None
+    }
+    if not rules:
+        return None
+    try:
+        return EgressPolicy.from_host(rules)
+    except GatewayError as exc:
+        raise RunError(str(exc)) from None
+
+
+def sandbox_uid(backend: str, loosen: Any) -> int:
+    """The uid the sandboxed program runs as (who must reach the gateway socket)."""
+    from mas2c import sandbox
+
+    if backend == "local":
+        uid = getattr(sandbox, "local_uid", None)
+        return int(uid()) if callable(uid) else os.geteuid()
+    return 0 if loosen is not None and getattr(loosen, "root_user", False) else sandbox.SANDBOX_UID
+
+
 def gateway_budget(spec: Spec) -> Any:
     from mas2c.gateway import Budget
 
@@ -114,11 +171,17 @@ def gateway_budget(spec: Spec) -> Any:
 
 
 @contextmanager
-def socket_dir() -> Iterator[Path]:
-    """A short private folder for the gateway socket (unix socket paths are capped near 107 bytes)."""
-    folder = Path(tempfile.mkdtemp(prefix="mas2c-", dir="/tmp"))
+def socket_dir(uid: int | None = None) -> Iterator[Path]:
+    """A short folder of mode 0700 for the gateway socket (unix socket paths are capped near 107 bytes).
+
+    Owned by ``uid`` (the sandbox's) when mas2c runs as root, so that only that uid
+    (and root) can enter it; otherwise owned by this user (the container reaches the
+    socket through its bind mount, other host users cannot enter the folder).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="mas2c-", dir="/tmp"))  # mode 0700
     try:
-        folder.chmod(0o755)  # the container's user must reach the socket inside
+        if uid is not None and uid != os.geteuid() and os.geteuid() == 0:
+            os.chown(folder, uid, uid)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -137,10 +200,13 @@ def run_system(
     upstream: Any = None,
     on_warning: Callable[[str], None] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    trace_content: bool | None = None,
 ) -> RunOutcome:
     """Compile if needed, start the gateway, run the package in the sandbox, collect the folder.
 
     `upstream` overrides `llm` (callers that run many systems share one upstream).
+    `trace_content` (default: `MAS2C_TRACE_CONTENT=1` in the environment) also traces
+    prompts and completions.
     """
     from mas2c import sandbox
     from mas2c.gateway import Gateway
@@ -150,6 +216,8 @@ def run_system(
     spec, build_dir = load_target(target)
     given = _check_input(input_path)
     run_dir.mkdir(parents=True, exist_ok=True)
+    header = run_header(spec, llm, backend, trace_content)
+    _write_header(run_dir, header)
     # What `mas2c rectify RUN_DIR` re-runs: the spec (canonical JSON) and the input.
     write_text_atomic(run_dir / "spec.json", canonical_json(spec.to_data()) + "\n")
     write_bytes_atomic(run_dir / "input.json", input_path.read_bytes())
@@ -157,24 +225,30 @@ def run_system(
     if bad_input is not None:  # checked on the host: no container, no gateway, no LLM call
         result = {"status": "bad_input", "error": bad_input, "usage": {}}
         write_text_atomic(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+        _finish_header(run_dir, header)
         return RunOutcome(run_dir, "bad_input", 2, result, {})
     if build_dir is None:
         build_dir = run_dir / "build"
         compile_spec(spec).write(build_dir)
-    owned = upstream is None and llm.replay is None
+    owned = upstream is None and llm.needs_upstream
     if owned:
         upstream = make_upstream(llm)
+    uid = sandbox_uid(backend, loosen)
     try:
-        with socket_dir() as folder:
+        with socket_dir(uid) as folder:
             gateway = Gateway(
                 folder / "llm.sock",
-                upstream,
+                upstream if llm.needs_upstream else None,
                 prices=gateway_prices(spec),
                 budget=gateway_budget(spec),
                 record=llm.record,
                 replay=llm.replay,
+                replay_misses=llm.replay_misses,
                 cache=llm.cache,
                 on_event=on_event,
+                models=gateway_models(spec),
+                socket_uid=uid,
+                egress=gateway_egress(spec),
             )
             with gateway:
                 try:
@@ -188,6 +262,7 @@ def run_system(
                         loosen=loosen or sandbox.Loosen(),
                         llm_socket=gateway.socket_path,
                         image=image or sandbox.DEFAULT_IMAGE,
+                        env=header.sandbox_env(),
                         on_warning=on_warning,
                     )
                 finally:
@@ -198,6 +273,7 @@ def run_system(
     finally:
         if owned and hasattr(upstream, "close"):
             upstream.close()
+        _finish_header(run_dir, header)
     result = _read_json(run_dir / "result.json")
     return RunOutcome(
         run_dir,
@@ -207,6 +283,37 @@ def run_system(
         usage,
         report.to_json(),
     )
+
+
+def run_header(spec: Spec, llm: LLMConfig, backend: str, trace_content: bool | None = None) -> Any:
+    """The run's header (`mas2c.tracing.RunHeader`): no key, no credentials, no URL path."""
+    from mas2c.spec import spec_hash
+    from mas2c.tracing import RunHeader, endpoint_label, redact_argv, trace_content_default
+
+    key = llm.key() or ""
+    return RunHeader(
+        command=redact_argv(sys.argv, secrets=[key]),
+        spec=spec.name,
+        spec_sha256=spec_hash(spec),
+        endpoint=endpoint_label(llm.endpoint(), replay=llm.replay is not None),
+        backend=backend,
+        trace_content=trace_content_default() if trace_content is None else trace_content,
+    )
+
+
+def _write_header(run_dir: Path, header: Any) -> None:
+    from mas2c.tracing import HEADER_FILE
+
+    text = json.dumps(header.to_json(), indent=2, ensure_ascii=False) + "\n"
+    write_text_atomic(run_dir / HEADER_FILE, text)
+
+
+def _finish_header(run_dir: Path, header: Any) -> None:
+    """Record the end time and status; a failure to do so never hides the run's own."""
+    header.finished_ts = time.time()
+    header.status = str(_read_json(run_dir / "result.json").get("status", "error"))
+    with suppress(OSError):
+        _write_header(run_dir, header)
 
 
 def _check_input(path: Path) -> dict[str, Any]:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]*$"
 ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
@@ -64,6 +67,40 @@ class Agent(_Strict):
     )
 
 
+class Egress(_Strict):
+    """Outbound HTTP a code tool may make through the host gateway (the sandbox has no network)."""
+
+    hosts: list[str] = Field(
+        min_length=1,
+        description="Hosts the tool may call: `host` (ports 80/443) or `host:port`.",
+    )
+    secrets: list[str] = Field(
+        default_factory=list,
+        description="Names of host secrets (environment variables, or MAS2C_SECRETS_FILE) the "
+        "gateway inserts where a request to these hosts says `${NAME}`; never inside the sandbox.",
+    )
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if not _EGRESS_HOST.fullmatch(host):
+                raise ValueError(f"{host!r} is not a host or host:port")
+        return hosts
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _SECRET_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a secret name ([A-Za-z_][A-Za-z0-9_]*)")
+        return names
+
+
+_EGRESS_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})(:[0-9]{1,5})?")
+_SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
 class Tool(_Strict):
     description: str | None = None
     builtin: Literal["python_exec"] | None = Field(None, description="A built-in tool.")
@@ -72,17 +109,138 @@ class Tool(_Strict):
         description="Python source defining a function named like the tool; runs in the sandbox.",
     )
     timeout_s: float = Field(10.0, gt=0, le=3600)
+    egress: Egress | None = Field(
+        None,
+        description="HTTP hosts (and host secrets) a code tool may use, through the gateway "
+        "(`from ._egress import http`).",
+    )
 
 
 # -- workflow steps -------------------------------------------------------------------------
+#
+# The step-kind registry. Each step kind is ONE pydantic class below; its facts are
+# methods and class variables on that class, and every other module asks them instead
+# of dispatching on `kind`:
+#
+#   child_lists()   nested step lists (relative key path -> steps)
+#   flow            how nested lists run: "leaf", "sequence", "concurrent", "repeat", "alternatives"
+#   agent_refs()    agents it names (relative key, agent id, role: caller/sampler/judge/programmer)
+#   tool_refs()     tools it names          templates()   texts with placeholders it renders
+#   references()    state paths it reads    conditions()  expressions it evaluates
+#   writes()        the state variable it sets; out_schema() the JSON Schema of that value
+#   llm_calls()     static upper bound of its own LLM calls; child_repeats() times its
+#                   nested lists run (static_calls() combines them)
+#   fan_out()       its fan-out field, effective value (default applied) and reduction
+#   summary()       one line for docstrings; graph_detail() for diagrams
+#   LANGUAGE        the generator's description of the kind (fields and meaning)
+#
+# Adding a kind: a class here (or anywhere, then `register_step_kind(cls)`), plus its
+# emitter (`mas2c.compile.register_emitter`) and template. README "Adding a step kind".
 
 
-class _StepBase(_Strict):
+Flow = Literal["leaf", "sequence", "concurrent", "repeat", "alternatives"]
+AgentRole = Literal["caller", "sampler", "judge", "programmer"]
+
+
+@dataclass(frozen=True)
+class AgentRef:
+    """An agent a step names: where (key relative to the step), who, and in which role."""
+
+    key: str
+    agent: str
+    role: AgentRole
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """A step's fan-out: the field that sets it, its value (default applied), the work it
+    multiplies (`size`, for picking the biggest), and the value that halves it."""
+
+    field: str
+    value: int
+    size: int
+
+    @property
+    def reduced(self) -> int:
+        return max(1, self.value // 2)
+
+
+class StepBase(_Strict):
+    """Fields and facts common to every step kind (see the registry notes above)."""
+
     id: str = Field(pattern=ID_PATTERN, description="Unique step id.")
     timeout_s: float | None = Field(None, gt=0, description="Wall-clock limit for this step.")
 
+    LANGUAGE: ClassVar[str] = ""
+    flow: ClassVar[Flow] = "leaf"
 
-class _Writes(_StepBase):
+    @property
+    def kind_name(self) -> str:
+        return str(getattr(self, "kind", type(self).__name__))
+
+    def child_lists(self) -> list[tuple[str, list[Step]]]:
+        return []
+
+    def agent_refs(self) -> list[AgentRef]:
+        return []
+
+    def tool_refs(self) -> list[tuple[str, str]]:
+        return []
+
+    def templates(self) -> list[tuple[str, str]]:
+        return []
+
+    def references(self) -> list[tuple[str, str]]:
+        return []
+
+    def conditions(self) -> list[tuple[str, str]]:
+        return []
+
+    def writes(self) -> str | None:
+        out = getattr(self, "out", None)
+        return out if isinstance(out, str) else None
+
+    def answer_agents(self) -> list[str]:
+        """Agents whose answer can become the value written (empty: the step builds it)."""
+        return []
+
+    def out_schema(self, agents: Mapping[str, Agent]) -> JsonSchema | None:
+        """The JSON Schema of the value written, where it is known."""
+        answering = self.answer_agents()
+        agent = agents.get(answering[0]) if answering else None
+        if agent is not None and isinstance(agent.output, dict):
+            return agent.output
+        return None
+
+    def llm_calls(self) -> int:
+        return 0
+
+    def child_repeats(self) -> int:
+        return 1
+
+    def fan_out(self) -> FanOut | None:
+        return None
+
+    def problems(self) -> list[tuple[str, str, str, str | None]]:
+        """Kind-specific rules the types cannot say: (code, relative key, message, hint)."""
+        return []
+
+    def agent_note(self, agent: str, role: AgentRole) -> str:
+        """How this step uses `agent`, in a few words (read by the implementer's LLM)."""
+        return f"{role} in {self.kind_name} `{self.id}`"
+
+    def summary(self) -> str:
+        return f"`{self.id}`: a {self.kind_name} step."
+
+    def graph_detail(self) -> str:
+        return ""
+
+
+# Kept for code that still names the old private base.
+_StepBase = StepBase
+
+
+class _Writes(StepBase):
     out: str | None = Field(
         None, pattern=VAR_PATTERN, description="State variable the result is stored in."
     )
@@ -92,6 +250,29 @@ class CallStep(_Writes):
     kind: Literal["call"]
     agent: str
     prompt: str
+
+    LANGUAGE: ClassVar[str] = "one agent answers one prompt. Fields: agent, prompt, out."
+
+    def agent_refs(self) -> list[AgentRef]:
+        return [AgentRef("agent", self.agent, "caller")]
+
+    def templates(self) -> list[tuple[str, str]]:
+        return [("prompt", self.prompt)]
+
+    def answer_agents(self) -> list[str]:
+        return [self.agent]
+
+    def llm_calls(self) -> int:
+        return 1
+
+    def agent_note(self, agent: str, role: AgentRole) -> str:
+        return f"call `{self.id}`"
+
+    def summary(self) -> str:
+        return f"`{self.id}`: agent `{self.agent}` answers the prompt."
+
+    def graph_detail(self) -> str:
+        return self.agent
 
 
 class EnsembleStep(_Writes):
@@ -116,19 +297,96 @@ class EnsembleStep(_Writes):
         description="The field of structured answers a vote compares (default `answer`).",
     )
 
+    LANGUAGE: ClassVar[str] = (
+        "several samples, then a decision. Fields: agent (sampled n times, default 5) OR\n"
+        "  agents (one sample each, repeated n times), n, prompt, and exactly one of\n"
+        '  vote: "majority" or judge (an agent id); out (the winning answer or the judge\'s output).'
+    )
+
     def sample_agents(self) -> list[str]:
         """The agent answering each sample, in sample order."""
         if self.agents:
             return list(self.agents) * (self.n or 1)
         return [self.agent or ""] * (self.n or 5)
 
+    def agent_refs(self) -> list[AgentRef]:
+        refs = [AgentRef("agent", self.agent, "sampler")] if self.agent else []
+        refs += [AgentRef(f"agents/{i}", a, "sampler") for i, a in enumerate(self.agents or [])]
+        return refs + ([AgentRef("judge", self.judge, "judge")] if self.judge else [])
+
+    def templates(self) -> list[tuple[str, str]]:
+        return [("prompt", self.prompt)]
+
+    def answer_agents(self) -> list[str]:
+        if self.judge:
+            return [self.judge]
+        return [self.agent] if self.agent else list(self.agents or [])
+
+    def llm_calls(self) -> int:
+        return len(self.sample_agents()) + (1 if self.judge else 0)
+
+    def fan_out(self) -> FanOut:
+        n = self.n or (1 if self.agents else 5)
+        return FanOut("n", n, n * len(self.agents or [1]))
+
+    def problems(self) -> list[tuple[str, str, str, str | None]]:
+        found: list[tuple[str, str, str, str | None]] = []
+        if (self.agent is None) == (not self.agents):
+            found.append(
+                (
+                    "MAS504",
+                    "",
+                    "an ensemble needs exactly one of `agent` (sampled n times) and `agents`",
+                    None,
+                )
+            )
+        if (self.vote is None) == (self.judge is None):
+            found.append(
+                (
+                    "MAS502",
+                    "",
+                    "an ensemble needs exactly one of `vote: majority` and `judge`",
+                    None,
+                )
+            )
+        return found
+
+    def agent_note(self, agent: str, role: AgentRole) -> str:
+        samples = self.sample_agents()
+        if role == "judge":
+            return f"judge of ensemble `{self.id}` ({len(samples)} samples)"
+        decide = "majority vote" if self.vote else "a judge decides"
+        return f"sampled {samples.count(agent)}x in ensemble `{self.id}` ({decide})"
+
+    def summary(self) -> str:
+        decide = f"judge `{self.judge}` picks" if self.judge else "majority vote"
+        return f"`{self.id}`: {len(self.sample_agents())} samples, {decide}."
+
+    def graph_detail(self) -> str:
+        return f"{len(self.sample_agents())}× {self.agent or ', '.join(self.agents or [])}"
+
 
 class ParallelStep(_Writes):
     kind: Literal["parallel"]
     branches: list[list[Step]] = Field(min_length=1)
 
+    LANGUAGE: ClassVar[str] = (
+        "branches run concurrently; each branch is a list of steps. Fields: branches,\n"
+        "  out (optional: the list of the branches' results)."
+    )
+    flow: ClassVar[Flow] = "concurrent"
 
-class LoopStep(_StepBase):
+    def child_lists(self) -> list[tuple[str, list[Step]]]:
+        return [(f"branches/{i}", branch) for i, branch in enumerate(self.branches)]
+
+    def out_schema(self, agents: Mapping[str, Agent]) -> JsonSchema | None:
+        return {"type": "array"}
+
+    def summary(self) -> str:
+        return f"`{self.id}`: {len(self.branches)} branches run concurrently."
+
+
+class LoopStep(StepBase):
     kind: Literal["loop"]
     steps: list[Step] = Field(min_length=1)
     until: str
@@ -139,16 +397,70 @@ class LoopStep(_StepBase):
         "traced, and listed under `warnings` in the result) or 'fail' (a LoopExhausted error).",
     )
 
+    LANGUAGE: ClassVar[str] = (
+        "repeats steps until a condition holds. Fields: steps, until, max_iterations (required)."
+    )
+    flow: ClassVar[Flow] = "repeat"
+
+    def child_lists(self) -> list[tuple[str, list[Step]]]:
+        return [("steps", self.steps)]
+
+    def conditions(self) -> list[tuple[str, str]]:
+        return [("until", self.until)]
+
+    def child_repeats(self) -> int:
+        return self.max_iterations or 1
+
+    def fan_out(self) -> FanOut:
+        limit = self.max_iterations or 1
+        return FanOut("max_iterations", limit, limit)
+
+    def problems(self) -> list[tuple[str, str, str, str | None]]:
+        if self.max_iterations is not None:
+            return []
+        return [
+            (
+                "MAS501",
+                "max_iterations",
+                f"loop `{self.id}` has no `max_iterations`: an unbounded loop can spend "
+                "without end",
+                "add max_iterations: 3 (or the bound you need)",
+            )
+        ]
+
+    def summary(self) -> str:
+        return (
+            f"`{self.id}`: repeat until the condition holds, at most {self.max_iterations} time(s)."
+        )
+
 
 class Case(_Strict):
     when: str
     steps: list[Step] = Field(min_length=1)
 
 
-class BranchStep(_StepBase):
+class BranchStep(StepBase):
     kind: Literal["branch"]
     cases: list[Case] = Field(min_length=1)
     else_: list[Step] | None = Field(None, alias="else")
+
+    LANGUAGE: ClassVar[str] = (
+        "runs the steps of the first case whose condition holds, else the `else` steps.\n"
+        "  Fields: cases: [{when, steps}], else (optional step list)."
+    )
+    flow: ClassVar[Flow] = "alternatives"
+
+    def child_lists(self) -> list[tuple[str, list[Step]]]:
+        lists = [(f"cases/{i}/steps", case.steps) for i, case in enumerate(self.cases)]
+        if self.else_ is not None:
+            lists.append(("else", self.else_))
+        return lists
+
+    def conditions(self) -> list[tuple[str, str]]:
+        return [(f"cases/{i}/when", case.when) for i, case in enumerate(self.cases)]
+
+    def summary(self) -> str:
+        return f"`{self.id}`: the first case whose condition holds, else the `else` steps."
 
 
 class DebateStep(_Writes):
@@ -165,6 +477,56 @@ class DebateStep(_Writes):
         description="The field of structured answers a vote compares (default `answer`).",
     )
 
+    LANGUAGE: ClassVar[str] = (
+        "agents answer, see each other's answers and revise for `rounds` rounds (default 2);\n"
+        '  exactly one of judge (an agent id) or vote: "majority" closes it. Fields: agents (2 or\n'
+        "  more), rounds, topic, judge/vote, out (the judge's output)."
+    )
+
+    def sample_agents(self) -> list[str]:
+        return list(self.agents)
+
+    def agent_refs(self) -> list[AgentRef]:
+        refs = [AgentRef(f"agents/{i}", a, "sampler") for i, a in enumerate(self.agents)]
+        return refs + ([AgentRef("judge", self.judge, "judge")] if self.judge else [])
+
+    def templates(self) -> list[tuple[str, str]]:
+        return [("topic", self.topic)]
+
+    def answer_agents(self) -> list[str]:
+        return [self.judge] if self.judge else list(self.agents)
+
+    def llm_calls(self) -> int:
+        return len(self.agents) * self.rounds + (1 if self.judge else 0)
+
+    def fan_out(self) -> FanOut:
+        return FanOut("rounds", self.rounds, self.rounds * len(self.agents))
+
+    def problems(self) -> list[tuple[str, str, str, str | None]]:
+        if self.judge is not None and self.vote is not None:
+            return [("MAS502", "", "a debate closes with a `judge` or a `vote`, not both", None)]
+        if self.judge is None and self.vote is None:
+            return [("MAS502", "", "a debate needs a `judge` or `vote: majority` to close", None)]
+        return []
+
+    def agent_note(self, agent: str, role: AgentRole) -> str:
+        if role == "judge":
+            return f"judge of debate `{self.id}`"
+        return f"debater in debate `{self.id}` ({self.rounds} rounds, {len(self.agents)} debaters)"
+
+    def summary(self) -> str:
+        decide = f"judge `{self.judge}` decides" if self.judge else "majority vote"
+        return (
+            f"`{self.id}`: {len(self.agents)} agents debate for {self.rounds} round(s), {decide}."
+        )
+
+    def graph_detail(self) -> str:
+        return f"{', '.join(self.agents)} × {self.rounds} rounds"
+
+
+def _object(fields: dict[str, str]) -> JsonSchema:
+    return {"type": "object", "properties": {k: {"type": v} for k, v in fields.items()}}
+
 
 class ProgrammerStep(_Writes):
     kind: Literal["programmer"]
@@ -172,6 +534,41 @@ class ProgrammerStep(_Writes):
     prompt: str
     max_attempts: int = Field(3, ge=1, le=20)
     run_timeout_s: float = Field(10.0, gt=0, le=3600)
+
+    LANGUAGE: ClassVar[str] = (
+        "an agent writes Python code, it is run, errors go back to the agent up to\n"
+        "  max_attempts times. Fields: agent, prompt, max_attempts, run_timeout_s, out. The out\n"
+        "  variable has fields code, output, passed, attempts."
+    )
+
+    def agent_refs(self) -> list[AgentRef]:
+        return [AgentRef("agent", self.agent, "programmer")]
+
+    def templates(self) -> list[tuple[str, str]]:
+        return [("prompt", self.prompt)]
+
+    def out_schema(self, agents: Mapping[str, Agent]) -> JsonSchema | None:
+        return _object(
+            {"code": "string", "output": "string", "passed": "boolean", "attempts": "integer"}
+        )
+
+    def llm_calls(self) -> int:
+        return self.max_attempts
+
+    def fan_out(self) -> FanOut:
+        return FanOut("max_attempts", self.max_attempts, self.max_attempts)
+
+    def agent_note(self, agent: str, role: AgentRole) -> str:
+        return (
+            f"programmer step `{self.id}`: writes Python that is run "
+            f"(up to {self.max_attempts} attempts)"
+        )
+
+    def summary(self) -> str:
+        return f"`{self.id}`: agent `{self.agent}` writes Python, up to {self.max_attempts} attempt(s)."
+
+    def graph_detail(self) -> str:
+        return self.agent
 
 
 class TestStep(_Writes):
@@ -183,6 +580,46 @@ class TestStep(_Writes):
     )
     run_timeout_s: float = Field(10.0, gt=0, le=3600)
 
+    LANGUAGE: ClassVar[str] = (
+        "runs tests after the code held in a state variable (Markdown fences stripped).\n"
+        '  Fields: code (a state path such as "solution.code", not a placeholder), tests\n'
+        "  (Python source, or a list of test snippets such as MBPP's assert lines, each run and\n"
+        "  reported; placeholders allowed), run_timeout_s, out. The out variable has fields\n"
+        "  passed, results (a list of {test, passed, error}) and output."
+    )
+
+    def references(self) -> list[tuple[str, str]]:
+        return [("code", self.code)]
+
+    def templates(self) -> list[tuple[str, str]]:
+        if isinstance(self.tests, str):
+            return [("tests", self.tests)]
+        return [(f"tests/{i}", test) for i, test in enumerate(self.tests)]
+
+    def out_schema(self, agents: Mapping[str, Agent]) -> JsonSchema | None:
+        return _object({"passed": "boolean", "results": "array", "output": "string"})
+
+    def summary(self) -> str:
+        return f"`{self.id}`: run the tests against `{self.code.strip()}`."
+
+    def graph_detail(self) -> str:
+        return self.code
+
+
+def _strings(value: Any, key: str) -> list[tuple[str, str]]:
+    """Every string inside JSON data, with its key path (JSON-pointer escaped)."""
+    if isinstance(value, str):
+        return [(key, value)]
+    if isinstance(value, dict):
+        return [
+            found
+            for k, v in value.items()
+            for found in _strings(v, f"{key}/{str(k).replace('~', '~0').replace('/', '~1')}")
+        ]
+    if isinstance(value, list):
+        return [found for i, v in enumerate(value) for found in _strings(v, f"{key}/{i}")]
+    return []
+
 
 class ToolStep(_Writes):
     kind: Literal["tool"]
@@ -191,6 +628,38 @@ class ToolStep(_Writes):
         default_factory=dict, description="String values may hold placeholders."
     )
 
+    LANGUAGE: ClassVar[str] = (
+        "calls a tool directly. Fields: tool, args (an object; string values may hold\n"
+        "  placeholders), out."
+    )
+
+    def tool_refs(self) -> list[tuple[str, str]]:
+        return [("tool", self.tool)]
+
+    def templates(self) -> list[tuple[str, str]]:
+        return _strings(self.args, "args")
+
+    def summary(self) -> str:
+        return f"`{self.id}`: call tool `{self.tool}`."
+
+    def graph_detail(self) -> str:
+        return self.tool
+
+
+STEP_CLASSES: dict[str, type[StepBase]] = {
+    "call": CallStep,
+    "ensemble": EnsembleStep,
+    "parallel": ParallelStep,
+    "loop": LoopStep,
+    "branch": BranchStep,
+    "debate": DebateStep,
+    "programmer": ProgrammerStep,
+    "test": TestStep,
+    "tool": ToolStep,
+}
+"""kind -> model class: the registry of step kinds (`register_step_kind` adds to it)."""
+
+STEP_KINDS: tuple[str, ...] = tuple(STEP_CLASSES)  # the built-in kinds
 
 Step = Annotated[
     CallStep
@@ -204,18 +673,6 @@ Step = Annotated[
     | ToolStep,
     Field(discriminator="kind"),
 ]
-
-STEP_KINDS: tuple[str, ...] = (
-    "call",
-    "ensemble",
-    "parallel",
-    "loop",
-    "branch",
-    "debate",
-    "programmer",
-    "test",
-    "tool",
-)
 
 
 class Budgets(_Strict):
@@ -260,49 +717,94 @@ class Spec(_Strict):
         )
 
 
+# Models whose fields hold step lists, and how: rebuilt when a kind is registered.
+_STEP_FIELDS: list[tuple[type[BaseModel], str, Callable[[Any], Any]]] = [
+    (ParallelStep, "branches", lambda step: list[list[step]]),  # type: ignore[valid-type]
+    (LoopStep, "steps", lambda step: list[step]),  # type: ignore[valid-type]
+    (Case, "steps", lambda step: list[step]),  # type: ignore[valid-type]
+    (BranchStep, "else_", lambda step: list[step] | None),  # type: ignore[valid-type]
+    (Spec, "workflow", lambda step: list[step]),  # type: ignore[valid-type]
+]
+
 for _model in (ParallelStep, LoopStep, Case, BranchStep, Spec):
     _model.model_rebuild()
+
+
+def register_step_kind(
+    cls: type[StepBase],
+    step_fields: Sequence[tuple[str, Callable[[Any], Any]]] = (),
+) -> None:
+    """Add a step kind: `cls` must have a `kind: Literal["<name>"]` field and the facts of
+    `StepBase`. `step_fields` names the fields of `cls` that hold step lists (field name,
+    annotation builder from the step union). Re-registering a kind replaces it."""
+    kind_field = cls.model_fields.get("kind")
+    kinds = get_args(kind_field.annotation) if kind_field is not None else ()
+    if len(kinds) != 1 or not isinstance(kinds[0], str):
+        raise TypeError(f"{cls.__name__} needs a field `kind: Literal['<name>']`")
+    STEP_CLASSES[kinds[0]] = cls
+    for name, shape in step_fields:
+        entry = (cls, name, shape)
+        if entry not in _STEP_FIELDS:
+            _STEP_FIELDS.insert(0, entry)
+    _rebuild_step_union()
+
+
+def unregister_step_kind(kind: str) -> None:
+    """Remove a registered kind (tests use it to leave the registry as they found it)."""
+    cls = STEP_CLASSES.pop(kind, None)
+    _STEP_FIELDS[:] = [entry for entry in _STEP_FIELDS if entry[0] is not cls]
+    _rebuild_step_union()
+
+
+def _rebuild_step_union() -> None:
+    """Rebuild `Step` from the registry and every model field that holds step lists."""
+    union: Any = Union[tuple(STEP_CLASSES.values())]  # noqa: UP007 (built at run time)
+    step_union: Any = Annotated[union, Field(discriminator="kind")]
+    globals()["Step"] = step_union  # what type hints and later registrations see
+    for model, name, shape in _STEP_FIELDS:  # containers first, `Spec` last
+        old = model.model_fields[name]
+        new = FieldInfo.merge_field_infos(old, annotation=shape(step_union))
+        model.__pydantic_fields__[name] = new
+        model.model_rebuild(force=True)
 
 
 def iter_steps(steps: list[Step], pointer: str) -> Iterator[tuple[str, Step]]:
     """Every step in a step list, depth first, with its JSON pointer."""
     for index, step in enumerate(steps):
-        here = f"{pointer}/{index}"
-        yield here, step
-        for child_pointer, children in child_step_lists(step, here):
-            yield from iter_steps(children, child_pointer)
+        yield from iter_step_tree(step, f"{pointer}/{index}")
+
+
+def iter_step_tree(step: Step, pointer: str) -> Iterator[tuple[str, Step]]:
+    """A step and every step nested in it, depth first, with their JSON pointers."""
+    yield pointer, step
+    for child_pointer, children in child_step_lists(step, pointer):
+        yield from iter_steps(children, child_pointer)
 
 
 def child_step_lists(step: Step, pointer: str) -> list[tuple[str, list[Step]]]:
     """The nested step lists of a composite step, with their pointers."""
-    if isinstance(step, ParallelStep):
-        return [(f"{pointer}/branches/{i}", branch) for i, branch in enumerate(step.branches)]
-    if isinstance(step, LoopStep):
-        return [(f"{pointer}/steps", step.steps)]
-    if isinstance(step, BranchStep):
-        lists = [(f"{pointer}/cases/{i}/steps", case.steps) for i, case in enumerate(step.cases)]
-        if step.else_ is not None:
-            lists.append((f"{pointer}/else", step.else_))
-        return lists
-    return []
+    return [(f"{pointer}/{key}", children) for key, children in step.child_lists()]
 
 
 def step_out(step: Step) -> str | None:
     """The state variable a step writes, if any."""
-    out = getattr(step, "out", None)
-    return out if isinstance(out, str) else None
+    return step.writes()
 
 
 def step_agents(step: Step) -> list[str]:
     """Agent ids a step refers to directly (not through nested steps)."""
-    if isinstance(step, CallStep | ProgrammerStep):
-        return [step.agent]
-    if isinstance(step, EnsembleStep):
-        names = list(step.agents or []) + ([step.agent] if step.agent else [])
-        return names + ([step.judge] if step.judge else [])
-    if isinstance(step, DebateStep):
-        return list(step.agents) + ([step.judge] if step.judge else [])
-    return []
+    return [ref.agent for ref in step.agent_refs()]
+
+
+def static_calls(step: Step) -> int:
+    """A static upper bound of the LLM calls of one run of `step`, nested steps included."""
+    inner = sum(static_calls(s) for _key, steps in step.child_lists() for s in steps)
+    return step.llm_calls() + inner * step.child_repeats()
+
+
+def language_description() -> str:
+    """The step kinds as the generator explains them to the LLM, from the registry."""
+    return "\n".join(f"- {kind}: {cls.LANGUAGE}" for kind, cls in STEP_CLASSES.items())
 
 
 def canonical_json(data: Any) -> str:

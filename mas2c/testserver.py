@@ -11,20 +11,31 @@ exercised without a network::
 
 Latency is slept in the handler thread, so concurrent requests overlap;
 ``max_in_flight`` shows how many were served at once.
+
+From a shell, ``python -m mas2c.testserver --script FILE [--port N]`` serves the
+rules of a YAML/JSON script file (see :func:`load_script`), prints its base URL
+(``http://127.0.0.1:PORT/v1``) as the first line on stdout and serves until
+SIGINT/SIGTERM, so a compiled system can be run offline against it
+(``OPENAI_BASE_URL=<that URL> mas2c run ...``).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
 import re
+import signal
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -38,6 +49,8 @@ __all__ = [
     "Script",
     "ToolCall",
     "default_responder",
+    "load_script",
+    "main",
     "schema_instance",
 ]
 
@@ -97,6 +110,7 @@ class ChatRequest:
 
     body: dict[str, Any]
     headers: dict[str, str]
+    path: str = "/v1/chat/completions"
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -357,6 +371,8 @@ class _Fault:
     status: int
     seconds: float
     retry_after: float | None
+    message: str | Callable[[ChatRequest], str] | None = None
+    headers: dict[str, str] | None = None
 
 
 def _words(text: str) -> int:
@@ -478,7 +494,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(400, "request body must be a JSON object")
             return
         headers = {k.lower(): v for k, v in self.headers.items()}
-        self.owner._serve_chat(self, ChatRequest(body=body, headers=headers))
+        self.owner._serve_chat(self, ChatRequest(body=body, headers=headers, path=self.path))
 
 
 class LLMTestServer:
@@ -577,10 +593,13 @@ class LLMTestServer:
         status: int = 500,
         seconds: float = 0.0,
         retry_after: float | None = None,
+        message: str | Callable[[ChatRequest], str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Queue ``fault`` for the next ``count`` chat requests.
 
-        "status": HTTP ``status`` with an OpenAI error body (and ``Retry-After``);
+        "status": HTTP ``status`` with an OpenAI error body (and ``Retry-After``),
+        whose message is ``message`` (or made from the request by it), with ``headers``;
         "malformed": 200 with a non-JSON body; "hang": sleep ``seconds`` first;
         "invalid_json": 200 with content that is not JSON; "drop": close the
         connection without answering.
@@ -588,7 +607,9 @@ class LLMTestServer:
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULTS)}")
         with self._lock:
-            self._faults.extend(_Fault(fault, status, seconds, retry_after) for _ in range(count))
+            self._faults.extend(
+                _Fault(fault, status, seconds, retry_after, message, headers) for _ in range(count)
+            )
 
     def _take_fault(self) -> _Fault | None:
         with self._lock:
@@ -620,7 +641,11 @@ class LLMTestServer:
             return
         if fault is not None and fault.kind == "status":
             headers = {} if fault.retry_after is None else {"Retry-After": _fmt(fault.retry_after)}
-            handler._send_error(fault.status, f"injected fault: HTTP {fault.status}", headers)
+            headers.update(fault.headers or {})
+            text = fault.message(req) if callable(fault.message) else fault.message
+            handler._send_error(
+                fault.status, text or f"injected fault: HTTP {fault.status}", headers
+            )
             return
         if fault is not None and fault.kind == "malformed":
             handler._send(200, _MALFORMED_BODY)
@@ -645,3 +670,151 @@ class LLMTestServer:
 def _fmt(seconds: float) -> str:
     """A Retry-After value: an integer when whole, else a decimal."""
     return str(int(seconds)) if float(seconds).is_integer() else str(seconds)
+
+
+# ------------------------------------------------------------------------ script files
+
+
+class ScriptError(ValueError):
+    """A script file that cannot be used; the message names the file and the rule."""
+
+
+def _file_reply(value: Any, where: str) -> ReplyLike:
+    """One answer of a script file: a string, ``{json: VALUE}`` or a Reply's fields."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and set(value) == {"json"}:
+        return json.dumps(value["json"])
+    if isinstance(value, dict):
+        known = {"content", "tool_calls", "prompt_tokens", "completion_tokens", "latency_s"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ScriptError(
+                f"{where}: unknown reply key(s) {unknown}; use {sorted(known)} or json"
+            )
+        calls = []
+        for i, call in enumerate(value.get("tool_calls") or []):
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                raise ScriptError(f"{where}: tool_calls[{i}] needs a 'name' and 'arguments'")
+            calls.append(ToolCall(call["name"], dict(call.get("arguments") or {})))
+        return Reply(
+            content=value.get("content"),
+            tool_calls=calls,
+            prompt_tokens=value.get("prompt_tokens"),
+            completion_tokens=value.get("completion_tokens"),
+            latency_s=value.get("latency_s"),
+        )
+    raise ScriptError(f"{where}: a reply is a string, {{json: VALUE}} or an object with 'content'")
+
+
+def _file_answers(rule: dict[str, Any], where: str) -> list[Answer]:
+    if "replies" in rule:
+        replies = rule["replies"]
+        if not isinstance(replies, list) or not replies:
+            raise ScriptError(f"{where}: 'replies' must be a non-empty list")
+        return [_file_reply(r, f"{where}.replies[{i}]") for i, r in enumerate(replies)]
+    if "reply" in rule:
+        return [_file_reply(rule["reply"], f"{where}.reply")]
+    if "json" in rule:
+        return [json.dumps(rule["json"])]
+    raise ScriptError(f"{where}: a rule needs 'reply', 'replies' or 'json'")
+
+
+def load_script(path: Path) -> tuple[Script, dict[str, Any]]:
+    """A :class:`Script` from a YAML or JSON file, and the file's server options.
+
+    The file is a mapping: ``rules`` (a list of ``{match: REGEX, reply: ANSWER}``,
+    ``{match, replies: [ANSWER, ...]}`` answered in turn with the last repeating, or
+    ``{match, json: VALUE}``), optional ``field`` (last_user, system or all_text),
+    ``default`` (an ANSWER when no rule matches; else a schema instance or
+    "ANSWER: 42") and ``latency_s``. An ANSWER is a string, ``{json: VALUE}``, or
+    ``{content, tool_calls: [{name, arguments}], prompt_tokens, completion_tokens,
+    latency_s}``.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ScriptError(f"{path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ScriptError(f"{path}: not YAML/JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ScriptError(f"{path}: the script must be a mapping with 'rules'")
+    unknown = sorted(set(data) - {"rules", "field", "default", "latency_s"})
+    if unknown:
+        raise ScriptError(f"{path}: unknown key(s) {unknown}")
+    rules_in = data.get("rules") or []
+    if not isinstance(rules_in, list):
+        raise ScriptError(f"{path}: 'rules' must be a list")
+    rules: list[tuple[str, Answer | Sequence[Answer]]] = []
+    for i, rule in enumerate(rules_in):
+        where = f"{path}: rules[{i}]"
+        if not isinstance(rule, dict) or not isinstance(rule.get("match"), str):
+            raise ScriptError(f"{where}: a rule needs a 'match' regex string")
+        try:
+            re.compile(rule["match"])
+        except re.error as exc:
+            raise ScriptError(f"{where}: bad regex {rule['match']!r}: {exc}") from None
+        rules.append((rule["match"], _file_answers(rule, where)))
+    default = None
+    if data.get("default") is not None:
+        default = _file_reply(data["default"], f"{path}: default")
+    try:
+        script = Script(rules, field=str(data.get("field", "last_user")), default=default)
+    except ValueError as exc:
+        raise ScriptError(f"{path}: {exc}") from None
+    latency = data.get("latency_s", 0.0)
+    if not isinstance(latency, int | float) or latency < 0:
+        raise ScriptError(f"{path}: latency_s must be a number >= 0")
+    return script, {"latency_s": float(latency)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mas2c.testserver [--script FILE] [--host H] [--port N] [--latency S]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mas2c.testserver",
+        description="An OpenAI-compatible chat server with scripted answers, for offline tests. "
+        "Prints its base URL on the first line of stdout, then serves until Ctrl-C/SIGTERM.",
+    )
+    parser.add_argument("--script", type=Path, help="YAML/JSON file of rules (see load_script)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 (default) picks a free port")
+    parser.add_argument("--latency", type=float, default=None, help="seconds per answer")
+    args = parser.parse_args(argv)
+    responder: Responder | None = None
+    latency = 0.0
+    if args.script is not None:
+        try:
+            script, options = load_script(args.script)
+        except ScriptError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        responder, latency = script, options["latency_s"]
+    if args.latency is not None:
+        latency = args.latency
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server = LLMTestServer(responder, latency_s=latency, host=args.host, port=args.port)
+        server.start()
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(server.base_url, flush=True)
+        print(f"serving {args.script or 'the default responder'}; Ctrl-C stops", file=sys.stderr)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -33,24 +33,15 @@ from mas2c.source import (
     resolve,
 )
 from mas2c.spec import (
-    STEP_KINDS,
+    STEP_CLASSES,
     Agent,
-    BranchStep,
     Budgets,
-    CallStep,
     Case,
-    DebateStep,
-    EnsembleStep,
-    LoopStep,
     ModelSpec,
-    ParallelStep,
     Price,
-    ProgrammerStep,
     Spec,
     Step,
-    TestStep,
     Tool,
-    ToolStep,
     iter_steps,
     step_agents,
     step_out,
@@ -298,7 +289,7 @@ def _data_path(data: Any, loc: tuple[Any, ...], keep_last: bool) -> list[Any]:
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             path.append(part)
             node = node[part]
-            skip_tag = isinstance(node, dict) and node.get("kind") in STEP_KINDS
+            skip_tag = isinstance(node, dict) and _is_step_kind(node.get("kind"))
         elif last and keep_last:
             path.append(part)
     return path
@@ -309,7 +300,7 @@ def _model_at(data: Any, path: list[Any]) -> type[Any] | None:
     node = data
     for part in path:
         node = node[part]
-    if isinstance(node, dict) and node.get("kind") in STEP_KINDS:
+    if isinstance(node, dict) and _is_step_kind(node.get("kind")):
         return _STEP_CLASSES[node["kind"]]
     names = [p for p in path if isinstance(p, str)]
     tail = names[-2:] if len(path) >= 2 and isinstance(path[-2], str) else names[-1:]
@@ -331,17 +322,11 @@ def _model_at(data: Any, path: list[Any]) -> type[Any] | None:
     return None
 
 
-_STEP_CLASSES: dict[str, type[Any]] = {
-    "call": CallStep,
-    "ensemble": EnsembleStep,
-    "parallel": ParallelStep,
-    "loop": LoopStep,
-    "branch": BranchStep,
-    "debate": DebateStep,
-    "programmer": ProgrammerStep,
-    "test": TestStep,
-    "tool": ToolStep,
-}
+_STEP_CLASSES = STEP_CLASSES  # the registry: kind -> model class
+
+
+def _is_step_kind(value: Any) -> bool:
+    return isinstance(value, str) and value in STEP_CLASSES
 
 
 class _Checker:
@@ -402,7 +387,7 @@ class _Checker:
                 "MAS101",
                 pointer + "/kind",
                 "a step needs a `kind`",
-                f"one of: {', '.join(STEP_KINDS)}",
+                f"one of: {', '.join(STEP_CLASSES)}",
             )
         elif kind == "extra_forbidden":
             parent = _model_at(data, path[:-1])
@@ -420,7 +405,7 @@ class _Checker:
                 "MAS104",
                 pointer + "/kind",
                 f"unknown step kind `{tag}`",
-                did_you_mean(tag, STEP_KINDS),
+                did_you_mean(tag, STEP_CLASSES),
             )
         elif kind == "string_pattern_mismatch":
             pattern = error.get("ctx", {}).get("pattern", "")
@@ -642,38 +627,28 @@ class _Checker:
         return scope
 
     def _step(self, step: Step, here: str, scope: _Scope) -> _Scope:
-        for name, key in _agent_refs(step):
-            self._agent_ref(name, f"{here}/{key}")
+        """Checks one step through the registry's facts (never its kind)."""
+        for ref in step.agent_refs():
+            self._agent_ref(ref.agent, f"{here}/{ref.key}")
         self.used_agents.update(step_agents(step))
+        for code, key, message, hint in step.problems():
+            self.add(code, f"{here}/{key}" if key else here, message, hint)
+        for key, tool in step.tool_refs():
+            self._tool_ref(tool, f"{here}/{key}")
         for agent_id in dict.fromkeys(step_agents(step)):
             self._agent_prompts(agent_id, here, scope)
-        if isinstance(step, CallStep | ProgrammerStep):
-            self._template(step.prompt, f"{here}/prompt", scope)
-        elif isinstance(step, EnsembleStep):
-            self._ensemble(step, here, scope)
-            self._vote_on(step, here)
-        elif isinstance(step, DebateStep):
-            self._template(step.topic, f"{here}/topic", scope)
-            if step.judge is not None and step.vote is not None:
-                self.add("MAS502", here, "a debate closes with a `judge` or a `vote`, not both")
-            if step.judge is None and step.vote is None:
-                self.add("MAS502", here, "a debate needs a `judge` or `vote: majority` to close")
-            self._vote_on(step, here)
-        elif isinstance(step, TestStep):
-            self._reference(step.code, f"{here}/code", scope)
-            if isinstance(step.tests, str):
-                self._template(step.tests, f"{here}/tests", scope)
-            else:
-                for index, test in enumerate(step.tests):
-                    self._template(test, f"{here}/tests/{index}", scope)
-        elif isinstance(step, ToolStep):
-            self._tool_step(step, here, scope)
-        elif isinstance(step, ParallelStep):
-            return self._parallel(step, here, scope)
-        elif isinstance(step, LoopStep):
-            return self._loop(step, here, scope)
-        elif isinstance(step, BranchStep):
-            return self._branch(step, here, scope)
+        for key, text in step.templates():
+            self._template(text, f"{here}/{key}", scope)
+        for key, text in step.references():
+            self._reference(text, f"{here}/{key}", scope)
+        self._vote_on(step, here)
+        self._tool_args(step, here, scope)
+        flows = {"concurrent": self._parallel, "repeat": self._loop, "alternatives": self._branch}
+        if step.flow in flows:
+            return flows[step.flow](step, here, scope)
+        if step.flow == "sequence":
+            for key, children in step.child_lists():
+                scope = self._steps(children, f"{here}/{key}", scope)
         out = step_out(step)
         return scope.bind(out, self._out_schema(step)) if out else scope
 
@@ -689,23 +664,24 @@ class _Checker:
                 pointer = f"/agents/{escape_token(agent_id)}/{key}"
                 self._template(text, pointer, scope, used_at=here)
 
-    def _vote_on(self, step: EnsembleStep | DebateStep, here: str) -> None:
-        """A vote over structured answers compares one field: `vote_on`, else `answer`."""
-        if step.vote is None:
-            if step.vote_on is not None:
+    def _vote_on(self, step: Step, here: str) -> None:
+        """A vote over structured answers compares one field: `vote_on`, else `answer`.
+        (Any step with a `vote` decides among the answers of its sampling agents.)"""
+        vote = getattr(step, "vote", None)
+        vote_on = getattr(step, "vote_on", None)
+        if vote is None:
+            if vote_on is not None:
                 self.add(
                     "MAS505",
                     f"{here}/vote_on",
                     "`vote_on` needs a `vote` (a judge reads whole answers)",
                 )
             return
-        voters = list(
-            dict.fromkeys(step.sample_agents() if isinstance(step, EnsembleStep) else step.agents)
-        )
+        voters = list(dict.fromkeys(r.agent for r in step.agent_refs() if r.role == "sampler"))
         schemas = {a: self.spec.agents[a].output for a in voters if a in self.spec.agents}
         structured = {a: o for a, o in schemas.items() if isinstance(o, dict)}
         if not structured:
-            if step.vote_on is not None:
+            if vote_on is not None:
                 self.add(
                     "MAS505",
                     f"{here}/vote_on",
@@ -722,14 +698,14 @@ class _Checker:
                 "give every voting agent the same kind of output",
             )
             return
-        key = step.vote_on or "answer"
+        key = vote_on or "answer"
         for agent_id, schema in structured.items():
             declared = schema.get("properties")
             properties: dict[str, Any] = declared if isinstance(declared, dict) else {}
             if key in properties:
                 continue
             choices = ", ".join(f"`{p}`" for p in properties) or "none"
-            if step.vote_on is None:
+            if vote_on is None:
                 self.add(
                     "MAS505",
                     f"{here}/vote",
@@ -745,60 +721,38 @@ class _Checker:
                     did_you_mean(key, properties),
                 )
 
-    def _ensemble(self, step: EnsembleStep, here: str, scope: _Scope) -> None:
-        self._template(step.prompt, f"{here}/prompt", scope)
-        if (step.agent is None) == (not step.agents):
-            self.add(
-                "MAS504",
-                here,
-                "an ensemble needs exactly one of `agent` (sampled n times) and `agents`",
-            )
-        if (step.vote is None) == (step.judge is None):
-            self.add(
-                "MAS502", here, "an ensemble needs exactly one of `vote: majority` and `judge`"
-            )
-
-    def _tool_step(self, step: ToolStep, here: str, scope: _Scope) -> None:
-        self.used_tools.add(step.tool)
-        if step.tool not in self.spec.tools:
-            self.add(
-                "MAS202",
-                f"{here}/tool",
-                f"unknown tool `{step.tool}`",
-                did_you_mean(step.tool, self.spec.tools),
-            )
-        for key, value in _strings(step.args, f"{here}/args"):
-            self._template(value, key, scope)
-        tool = self.spec.tools.get(step.tool)
-        if tool is not None and tool.code is not None:
-            found = toolcode.signature(step.tool, tool.code)
-            if found is not None:
-                self._tool_args(step, here, scope, found)
-
-    def _tool_args(
-        self, step: ToolStep, here: str, scope: _Scope, found: toolcode.Signature
-    ) -> None:
+    def _tool_args(self, step: Step, here: str, scope: _Scope) -> None:
         """Arguments against the tool function's annotations: names, required, types.
 
         A whole placeholder passes its value, so its known schema must fit; any other
-        string is text, which fits only a `str` (or unannotated) parameter."""
+        string is text, which fits only a `str` (or unannotated) parameter. (Any step
+        with `args` passes them to the one tool it names.)"""
+        args = getattr(step, "args", None)
+        refs = step.tool_refs()
+        if not isinstance(args, dict) or len(refs) != 1:
+            return
+        tool_id = refs[0][1]
+        tool = self.spec.tools.get(tool_id)
+        found = toolcode.signature(tool_id, tool.code) if tool and tool.code else None
+        if found is None:
+            return
         properties: dict[str, Any] = found.parameters.get("properties", {})
         for name in found.parameters.get("required", []):
-            if name not in step.args:
+            if name not in args:
                 self.add(
                     "MAS405",
                     f"{here}/args",
-                    f"tool `{step.tool}` needs argument `{name}`",
+                    f"tool `{tool_id}` needs argument `{name}`",
                     f"its parameters: {', '.join(properties) or 'none'}",
                 )
-        for name, value in step.args.items():
+        for name, value in args.items():
             pointer = f"{here}/args/{escape_token(name)}"
             if name not in properties:
                 if not found.varkw:
                     self.add(
                         "MAS405",
                         pointer,
-                        f"tool `{step.tool}` has no parameter `{name}`",
+                        f"tool `{tool_id}` has no parameter `{name}`",
                         did_you_mean(name, properties),
                         position=self.source.key_position(pointer),
                     )
@@ -809,7 +763,7 @@ class _Checker:
                 self.add(
                     "MAS405",
                     pointer,
-                    f"argument `{name}` of tool `{step.tool}`: {problem}",
+                    f"argument `{name}` of tool `{tool_id}`: {problem}",
                     "a string that is exactly one placeholder passes the value itself; "
                     "inside a larger string it is text",
                 )
@@ -833,75 +787,81 @@ class _Checker:
         problems = values.validate(value, expected)
         return problems[0].partition(": ")[2] if problems else None
 
-    def _parallel(self, step: ParallelStep, here: str, scope: _Scope) -> _Scope:
-        writers: dict[str, int] = {}
-        for index, branch in enumerate(step.branches):
-            for name, step_id in expr.all_writes(branch).items():
-                if name in writers and writers[name] != index:
+    def _tool_ref(self, tool: str, pointer: str) -> None:
+        self.used_tools.add(tool)
+        if tool not in self.spec.tools:
+            self.add(
+                "MAS202",
+                pointer,
+                f"unknown tool `{tool}`",
+                did_you_mean(tool, self.spec.tools),
+            )
+
+    def _parallel(self, step: Step, here: str, scope: _Scope) -> _Scope:
+        """Nested lists that run concurrently: each starts from `scope`; all are merged.
+        Two of them writing the same variable is a race (MAS506)."""
+        writers: dict[str, str] = {}
+        for key, children in step.child_lists():
+            for name, step_id in expr.all_writes(children).items():
+                if name in writers and writers[name] != key:
                     pointer = next(
-                        p
-                        for p, s in iter_steps(branch, f"{here}/branches/{index}")
-                        if s.id == step_id
+                        p for p, s in iter_steps(children, f"{here}/{key}") if s.id == step_id
                     )
                     self.add(
                         "MAS506",
                         f"{pointer}/out",
-                        f"branches {writers[name]} and {index} of parallel `{step.id}` both write "
-                        f"`{name}`: they run concurrently, so which value survives is chance",
-                        "give each branch its own variable; the parallel's `out` lists each branch's result",
+                        f"{writers[name].replace('/', ' ')} and {key.replace('/', ' ')} of "
+                        f"`{step.id}` both write `{name}`: they run concurrently, so which "
+                        "value survives is chance",
+                        "give each branch its own variable; the parallel's `out` lists each "
+                        "branch's result",
                     )
-                writers.setdefault(name, index)
+                writers.setdefault(name, key)
         after = scope
-        for index, branch in enumerate(step.branches):
-            result = self._steps(branch, f"{here}/branches/{index}", scope)
+        for key, children in step.child_lists():
+            result = self._steps(children, f"{here}/{key}", scope)
             after = after.merge_all(result)
-        if step.out:
-            after = after.bind(step.out, {"type": "array"})
+        out = step_out(step)
+        if out:
+            after = after.bind(out, self._out_schema(step))
         return after
 
-    def _loop(self, step: LoopStep, here: str, scope: _Scope) -> _Scope:
-        if step.max_iterations is None:
-            self.add(
-                "MAS501",
-                f"{here}/max_iterations",
-                f"loop `{step.id}` has no `max_iterations`: an unbounded loop can spend without end",
-                "add max_iterations: 3 (or the bound you need)",
-            )
-        body = self._steps(step.steps, f"{here}/steps", scope)
-        self._condition(step.until, f"{here}/until", body)
+    def _loop(self, step: Step, here: str, scope: _Scope) -> _Scope:
+        """Nested lists repeated: conditions read the state after the body."""
+        body = scope
+        for key, children in step.child_lists():
+            body = self._steps(children, f"{here}/{key}", body)
+        for key, condition in step.conditions():
+            self._condition(condition, f"{here}/{key}", body)
         return body
 
-    def _branch(self, step: BranchStep, here: str, scope: _Scope) -> _Scope:
-        arms = []
-        for index, case in enumerate(step.cases):
-            self._condition(case.when, f"{here}/cases/{index}/when", scope)
-            arms.append(self._steps(case.steps, f"{here}/cases/{index}/steps", scope))
-        arms.append(self._steps(step.else_, f"{here}/else", scope) if step.else_ else scope)
+    def _branch(self, step: Step, here: str, scope: _Scope) -> _Scope:
+        """One nested list runs, chosen by the conditions; without a default arm (more
+        lists than conditions) the state may also pass through unchanged."""
+        conditions = step.conditions()
+        for key, condition in conditions:
+            self._condition(condition, f"{here}/{key}", scope)
+        lists = step.child_lists()
+        arms = [self._steps(children, f"{here}/{key}", scope) for key, children in lists]
+        if len(lists) <= len(conditions):
+            arms.append(scope)
         return scope.join(arms, step.id)
 
     def _out_schema(self, step: Step) -> dict[str, Any] | None:
-        deciding: str | None = None
-        if isinstance(step, CallStep):
-            deciding = step.agent
-        elif isinstance(step, EnsembleStep | DebateStep):
-            deciding = step.judge or (step.agent if isinstance(step, EnsembleStep) else None)
-            if deciding is None and step.agents:
-                deciding = step.agents[0]
-        elif isinstance(step, ProgrammerStep):
-            return _object(
-                {"code": "string", "output": "string", "passed": "boolean", "attempts": "integer"}
-            )
-        elif isinstance(step, TestStep):
-            return _object({"passed": "boolean", "results": "array", "output": "string"})
-        elif isinstance(step, ToolStep):
-            tool = self.spec.tools.get(step.tool)
-            found = toolcode.signature(step.tool, tool.code) if tool and tool.code else None
-            return found.returns or None if found else None
-        agent = self.spec.agents.get(deciding or "")
-        if agent is not None and isinstance(agent.output, dict):
-            return agent.output
-        if agent is not None:
-            return {"type": "string", _TEXT_OF: deciding}
+        """The registry's schema of what a step writes; where it has none: the text answer
+        of its answering agent (marked, for MAS307), or the return annotation of its tool."""
+        schema = step.out_schema(self.spec.agents)
+        if schema is not None:
+            return schema
+        answering = step.answer_agents()
+        agent = self.spec.agents.get(answering[0]) if answering else None
+        if agent is not None and not isinstance(agent.output, dict):
+            return {"type": "string", _TEXT_OF: answering[0]}
+        refs = step.tool_refs()
+        tool = self.spec.tools.get(refs[0][1]) if len(refs) == 1 else None
+        if tool is not None and tool.code is not None:
+            found = toolcode.signature(refs[0][1], tool.code)
+            return (found.returns or None) if found else None
         return None
 
     # leaves --------------------------------------------------------------------------
@@ -1298,21 +1258,6 @@ def _syntax_error(code: str) -> tuple[str, int] | None:
 
 def _object(fields: dict[str, str]) -> dict[str, Any]:
     return {"type": "object", "properties": {k: {"type": v} for k, v in fields.items()}}
-
-
-def _agent_refs(step: Step) -> list[tuple[str, str]]:
-    refs: list[tuple[str, str]] = []
-    if isinstance(step, CallStep | ProgrammerStep):
-        refs.append((step.agent, "agent"))
-    if isinstance(step, EnsembleStep):
-        if step.agent:
-            refs.append((step.agent, "agent"))
-        refs += [(name, f"agents/{i}") for i, name in enumerate(step.agents or [])]
-    if isinstance(step, DebateStep):
-        refs += [(name, f"agents/{i}") for i, name in enumerate(step.agents)]
-    if isinstance(step, EnsembleStep | DebateStep) and step.judge:
-        refs.append((step.judge, "judge"))
-    return refs
 
 
 def _strings(value: Any, pointer: str) -> list[tuple[str, str]]:

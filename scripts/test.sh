@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh --local
 bash scripts/ensure-docker.sh
+bash scripts/setup-observe.sh  # chromium (report tests), Arize Phoenix (OTLP receiver)
 
 echo "== ruff"
 .venv/bin/ruff check mas2c tests benchmarks

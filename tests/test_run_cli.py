@@ -25,6 +25,7 @@ from mas2c.validate import load_spec
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 RUN_FILES = {
+    "run.json",
     "result.json",
     "trace.jsonl",
     "stdout.txt",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -411,3 +413,78 @@ def test_base_url_requires_start() -> None:
         assert server.base_url.endswith("/v1")
     finally:
         server.stop()
+
+
+# ----------------------------------------------------------------- the shell command
+
+
+def test_cli_serves_a_script_file(tmp_path: Path) -> None:
+    """`python -m mas2c.testserver --script FILE` prints its URL and answers by the script."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.yaml"
+    script.write_text(
+        "# answers for an offline run\n"
+        "rules:\n"
+        "  - match: capital\n"
+        "    reply: Paris\n"
+        "  - match: count\n"
+        "    replies: [one, two]\n"
+        "  - match: plan\n"
+        "    json: {steps: [a, b]}\n"
+        "  - match: tool\n"
+        "    reply: {tool_calls: [{name: add, arguments: {a: 1}}], completion_tokens: 7}\n"
+        "default: no idea\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mas2c.testserver", "--script", str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+
+        def ask(text: str) -> Any:
+            return client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": text}]
+            ).choices[0]
+
+        assert ask("the capital of France?").message.content == "Paris"
+        assert [ask("count").message.content for _ in range(3)] == ["one", "two", "two"]
+        assert json.loads(ask("plan it").message.content or "") == {"steps": ["a", "b"]}
+        call = ask("use a tool").message.tool_calls
+        assert call is not None and call[0].function.name == "add"  # type: ignore[union-attr]
+        assert ask("something else").message.content == "no idea"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=10)
+    assert rc == 0
+
+
+def test_cli_bad_script_is_one_clear_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - match: '('\n    reply: x\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mas2c.testserver", "--script", str(bad)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert (
+        proc.stderr.startswith(f"error: {bad}: rules[0]: bad regex")
+        and "Traceback" not in proc.stderr
+    )

@@ -59,6 +59,7 @@ from ._values import (
     TemplateError,
     argument_problems,
     as_text,
+    input_problems,
     json_type,
     resolve_tree,
 )
@@ -340,9 +341,17 @@ class _Usage:
 
 
 class Trace:
-    """A JSONL event log; one ``write`` per line under a lock, so lines never interleave."""
+    """A JSONL event log; one ``write`` per line under a lock, so lines never interleave.
 
-    def __init__(self, path: str | None) -> None:
+    Every record has ``t`` (seconds since the run started) and ``ts`` (wall clock,
+    Unix seconds). The run is one OpenTelemetry-compatible trace: ``trace_id`` (32
+    hex digits) and the run's own span (16 hex), whose parent is the host's span when
+    ``MAS2C_TRACEPARENT`` (W3C ``traceparent`` format) is set. Prompts and completions
+    are traced only when ``content`` is on (``--trace-content`` or
+    ``MAS2C_TRACE_CONTENT=1``).
+    """
+
+    def __init__(self, path: str | None, *, content: bool = False) -> None:
         self._file: TextIO | None = None
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -350,6 +359,11 @@ class Trace:
             self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115
         self._t0 = time.monotonic()
         self._lock = threading.Lock()
+        self.content = content
+        parent = _traceparent(os.environ.get(TRACEPARENT_ENV, ""))
+        self.trace_id = parent[0] if parent else new_trace_id()
+        self.parent_span = parent[1] if parent else None
+        self.root_span = new_span_id()
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
@@ -357,7 +371,12 @@ class Trace:
     def emit(self, event: str, **fields: Any) -> None:
         if self._file is None:
             return
-        record = {"t": round(self.elapsed(), 3), "event": event, **fields}
+        record = {
+            "t": round(self.elapsed(), 3),
+            "ts": round(time.time(), 6),
+            "event": event,
+            **fields,
+        }
         line = json.dumps(record, ensure_ascii=False, default=str)
         # Readers that split on every Unicode line break (str.splitlines) must see one
         # record per line, so escape the breaks JSON itself leaves raw.
@@ -375,6 +394,84 @@ class Trace:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+# ----------------------------------------------------------------------- spans
+
+TRACEPARENT_ENV = "MAS2C_TRACEPARENT"
+TRACE_CONTENT_ENV = "MAS2C_TRACE_CONTENT"
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+# The span each task is in, and its round/sample labels: ContextVars, so that
+# concurrent branches, samples and debaters each see their own.
+_SPAN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "mas2c_span", default=None
+)
+_LABELS: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "mas2c_labels", default=None
+)
+
+
+def new_trace_id() -> str:
+    return os.urandom(16).hex()
+
+
+def new_span_id() -> str:
+    return os.urandom(8).hex()
+
+
+def _traceparent(value: str) -> tuple[str, str] | None:
+    """(trace id, parent span id) of a W3C traceparent; None if malformed or all-zero."""
+    match = _TRACEPARENT.match(value.strip().lower())
+    if not match or set(match.group(1)) == {"0"} or set(match.group(2)) == {"0"}:
+        return None
+    return match.group(1), match.group(2)
+
+
+@dataclass
+class _Span:
+    """A span being timed: ids, wall-clock start, monotonic start."""
+
+    span_id: str
+    parent_id: str
+    start_ts: float
+    started: float
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "span_id": self.span_id,
+            "parent_id": self.parent_id,
+            "start_ts": round(self.start_ts, 6),
+        }
+
+    def duration(self) -> float:
+        return round(time.monotonic() - self.started, 3)
+
+
+def _open_span(trace: Trace) -> _Span:
+    """A new child of the current span (a step), else of the run's span."""
+    parent = _SPAN.get() or trace.root_span
+    return _Span(new_span_id(), parent, time.time(), time.monotonic())
+
+
+async def _labelled(aw: Awaitable[Any], **labels: Any) -> Any:
+    """Await with round/sample labels on every LLM call made inside."""
+    token = _LABELS.set({**(_LABELS.get() or {}), **labels})
+    try:
+        return await aw
+    finally:
+        _LABELS.reset(token)
+
+
+def _content(value: Any) -> Any:
+    """A prompt or completion as traced: strings capped, structure kept."""
+    if isinstance(value, str):
+        return _cap(value)
+    if isinstance(value, Mapping):
+        return {str(k): _content(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_content(v) for v in value]
+    return value
 
 
 # The step each task is in: a ContextVar, so concurrent branches see their own.
@@ -1209,8 +1306,10 @@ class Run:
     ) -> AsyncIterator[None]:
         """Trace a step, enforce its timeout, and tag escaping errors with its pointer."""
         token = _STEP.set((step_id, pointer))
-        started = time.monotonic()
-        self.trace.emit("step_start", step=step_id, pointer=pointer)
+        span = _open_span(self.trace)
+        span_token = _SPAN.set(span.span_id)
+        ids = {"span_id": span.span_id, "parent_id": span.parent_id}
+        self.trace.emit("step_start", step=step_id, pointer=pointer, **ids)
         status, error = "error", None
         try:
             async with asyncio.timeout(timeout_s) as scope:
@@ -1236,13 +1335,14 @@ class Run:
             raise
         finally:
             _STEP.reset(token)
-            duration = round(time.monotonic() - started, 3)
+            _SPAN.reset(span_token)
             self.trace.emit(
                 "step_end",
                 step=step_id,
                 pointer=pointer,
                 status=status,
-                duration_s=duration,
+                duration_s=span.duration(),
+                **span.fields(),
                 **({"error": error} if error else {}),
             )
 
@@ -1316,7 +1416,9 @@ class Run:
     ) -> Any:
         """``ensemble`` step: every sample concurrently, then a judge or a vote."""
         task = render(prompt, self.state)
-        answers = await self.gather(*(self.turn(a, task) for a in agents))
+        answers = await self.gather(
+            *(_labelled(self.turn(a, task), sample=i) for i, a in enumerate(agents))
+        )
         labels = [f"candidate {i}" for i in range(1, len(answers) + 1)]
         return await self._decide(
             "ensemble", task, answers, labels, vote=vote, judge=judge, vote_on=vote_on
@@ -1335,14 +1437,22 @@ class Run:
         """``debate`` step: answer, read the others' answers, revise; then decide."""
         task = render(topic, self.state)
         labels = [f"agent {i} ({a})" for i, a in enumerate(agents, 1)]
-        answers = await self.gather(*(self.turn(a, task) for a in agents))
-        for _ in range(rounds - 1):
+        answers = await self.gather(
+            *(
+                _labelled(self.turn(a, task), round=1, sample=i)
+                for i, a in enumerate(agents)
+            )
+        )
+        for number in range(2, rounds + 1):
             prompts = [
                 self._revision_prompt(task, answers, labels, i)
                 for i in range(len(agents))
             ]
             answers = await self.gather(
-                *(self.turn(a, p) for a, p in zip(agents, prompts, strict=True))
+                *(
+                    _labelled(self.turn(a, p), round=number, sample=i)
+                    for i, (a, p) in enumerate(zip(agents, prompts, strict=True))
+                )
             )
         return await self._decide(
             "debate", task, answers, labels, vote=vote, judge=judge, vote_on=vote_on
@@ -1366,7 +1476,7 @@ class Run:
                     f"It failed (exit code {result['exit_code']}) with this output:\n"
                     f"```\n{result['output']}\n```\nFix it. {ask}"
                 )
-            answer = await self.turn(agent, request)
+            answer = await _labelled(self.turn(agent, request), round=attempt)
             code = extract_code(answer if isinstance(answer, str) else _code_of(answer))
             result = await self._exec(code, timeout_s)
             if result["exit_code"] == 0:
@@ -1481,8 +1591,8 @@ class Run:
     async def _invoke_tool(
         self, tool: ToolDef, args: Mapping[str, Any], agent: str | None = None
     ) -> Any:
-        started = time.monotonic()
-        status = "error"
+        span = _open_span(self.trace)
+        status, error, result = "error", None, None
         try:
             _check_arguments(tool, args)
             if tool.builtin == "python_exec":
@@ -1495,13 +1605,23 @@ class Run:
                 )
             status = "ok"
             return result
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            raise
         finally:
+            content = {"arguments": _content(args)} if self.trace.content else {}
+            if self.trace.content and status == "ok":
+                content["result"] = _content(result)
             self.trace.emit(
                 "tool_call",
                 tool=tool.name,
                 agent=agent,
                 status=status,
-                duration_s=round(time.monotonic() - started, 3),
+                duration_s=span.duration(),
+                **span.fields(),
+                **({"error": error} if error else {}),
+                **(_LABELS.get() or {}),
+                **content,
                 **_where(),
             )
 
@@ -1521,13 +1641,14 @@ class Run:
             ) from None
 
     async def _exec(self, code: str, timeout_s: float | None) -> dict[str, Any]:
-        started = time.monotonic()
+        span = _open_span(self.trace)
         result = await run_python(code, timeout_s)
         self.trace.emit(
             "exec",
             exit_code=result["exit_code"],
             timed_out=result["timed_out"],
-            duration_s=round(time.monotonic() - started, 3),
+            duration_s=span.duration(),
+            **span.fields(),
             **_where(),
         )
         return result
@@ -1549,7 +1670,7 @@ class Run:
                 f"Task:\n{task}\n\nCandidate answers:\n\n{_numbered(answers, labels)}\n\n"
                 "Weigh the candidates and give the best-supported final answer."
             )
-            return await self.turn(judge, prompt)
+            return await _labelled(self.turn(judge, prompt), role="judge")
         if vote == "majority":
             return majority(answers, kind, vote_on)
         if vote == "first":
@@ -1665,16 +1786,16 @@ class Run:
         attempts = max(1, int(_env_number("MAS2C_MAX_ATTEMPTS", 4)))
         for attempt in range(1, attempts + 1):
             self._check_budget()
-            started = time.monotonic()
+            span = _open_span(self.trace)
             try:
                 response = await self._send(request)
             except Exception as exc:
-                self._trace_call(agent, model, None, started, attempt, exc)
+                self._trace_call(agent, model, request, None, span, attempt, exc)
                 self._raise_unless_retryable(exc, agent, attempt, attempts)
                 await asyncio.sleep(_backoff(attempt, exc))
                 continue
             self._account(agent, model, response)
-            self._trace_call(agent, model, response, started, attempt, None)
+            self._trace_call(agent, model, request, response, span, attempt, None)
             return response
         raise AssertionError("unreachable")
 
@@ -1711,37 +1832,74 @@ class Run:
             ) from exc
 
     def _account(self, agent: AgentDef, model: ModelDef, response: Any) -> None:
-        usage = getattr(response, "usage", None)
-        prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
-        completion = int(getattr(usage, "completion_tokens", 0) or 0)
-        cost = (
-            prompt * (model.input_per_mtok or 0.0)
-            + completion * (model.output_per_mtok or 0.0)
-        ) / 1e6
+        prompt, completion, cost = _call_cost(model, response)
         self._usage.add(agent.id, agent.model, prompt, completion, cost)
 
     def _trace_call(
         self,
         agent: AgentDef,
         model: ModelDef,
+        request: Mapping[str, Any],
         response: Any,
-        started: float,
+        span: _Span,
         attempt: int,
         error: Exception | None,
     ) -> None:
+        """One ``llm_call`` span per attempt: who, which model, tokens, cost, outcome."""
         usage = getattr(response, "usage", None)
+        extra: dict[str, Any] = {}
+        if response is not None:
+            _, _, cost = _call_cost(model, response)
+            choice = response.choices[0]
+            extra["cost_usd"] = round(cost, 8)
+            extra["response_model"] = getattr(response, "model", None)
+            extra["finish_reason"] = getattr(choice, "finish_reason", None)
+        if error is not None:
+            extra["error"] = f"{type(error).__name__}: {error}"[:500]
+        if self.trace.content:
+            extra["messages"] = _content(request.get("messages", []))
+            if response is not None:
+                extra["completion"] = _content(_message_record(response))
         self.trace.emit(
             "llm_call",
             agent=agent.id,
             model=model.model,
+            model_id=agent.model,
+            temperature=request.get("temperature"),
+            max_tokens=request.get("max_tokens"),
             prompt_tokens=getattr(usage, "prompt_tokens", None),
             completion_tokens=getattr(usage, "completion_tokens", None),
-            latency_s=round(time.monotonic() - started, 3),
+            latency_s=span.duration(),
             attempt=attempt,
+            retries=attempt - 1,
             status="ok" if error is None else "error",
-            **({"error": f"{type(error).__name__}: {error}"[:500]} if error else {}),
+            **span.fields(),
+            **(_LABELS.get() or {}),
+            **extra,
             **_where(),
         )
+
+
+def _call_cost(model: ModelDef, response: Any) -> tuple[int, int, float]:
+    """(prompt tokens, completion tokens, USD) of one response at the model's prices."""
+    usage = getattr(response, "usage", None)
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    completion = int(getattr(usage, "completion_tokens", 0) or 0)
+    cost = (
+        prompt * (model.input_per_mtok or 0.0)
+        + completion * (model.output_per_mtok or 0.0)
+    ) / 1e6
+    return prompt, completion, cost
+
+
+def _message_record(response: Any) -> dict[str, Any]:
+    """The completion as traced: its text and the tool calls it asked for."""
+    message = response.choices[0].message
+    record: dict[str, Any] = {"role": "assistant", "content": message.content}
+    calls = _assistant_message(message)["tool_calls"] if message.tool_calls else []
+    if calls:
+        record["tool_calls"] = calls
+    return record
 
 
 def _code_of(value: Any) -> str:
@@ -1752,31 +1910,6 @@ def _code_of(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- main
-
-
-def input_problems(
-    given: Any, declared: Mapping[str, Mapping[str, Any]]
-) -> list[tuple[str, str]]:
-    """(pointer, message) for each way the given inputs miss their declared JSON Schemas
-    (the whole schema: nested ``required``, types, enums); mas2c checks the same on the host.
-    """
-    if not isinstance(given, dict):
-        return [("/inputs", f"the input must be a JSON object, got {json_type(given)}")]
-    problems: list[tuple[str, str]] = []
-    for name, schema in declared.items():
-        pointer = f"/inputs/{_escape_token(name)}"
-        if name in given:
-            for problem in validate_value(given[name], schema):
-                where, _, message = problem.partition(": ")
-                inner = where[len("at ") :]
-                at = "" if inner == "/" else f" at {inner}"
-                problems.append((pointer, f"input {name!r}{at}: {message}"))
-        elif "default" not in schema:
-            problems.append((pointer, f"missing required input {name!r}"))
-    for name in sorted(set(given) - set(declared)):
-        known = ", ".join(declared) or "none"
-        problems.append(("/inputs", f"unknown input {name!r} (declared: {known})"))
-    return problems
 
 
 def check_inputs(
@@ -1845,6 +1978,15 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
+def _iso_now() -> str:
+    """The wall clock as ISO 8601 UTC with milliseconds."""
+    now = time.time()
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        + f".{int(now % 1 * 1000):03d}Z"
+    )
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"terminated by signal {signum}")
 
@@ -1857,6 +1999,11 @@ def _parse_args(spec: SpecInfo, argv: Sequence[str] | None) -> argparse.Namespac
     parser.add_argument("--input", help="JSON object of inputs ('-' = stdin)")
     parser.add_argument("--output", default="out.json", help="result file (out.json)")
     parser.add_argument("--trace", help="JSONL trace file")
+    parser.add_argument(
+        "--trace-content",
+        action="store_true",
+        help=f"also trace prompts, completions and tool arguments (${TRACE_CONTENT_ENV}=1)",
+    )
     parser.add_argument(
         "--checkpoint-dir",
         help=f"resume from (and save) step checkpoints in this folder (${CHECKPOINT_ENV})",
@@ -1881,8 +2028,20 @@ def main(
     with contextlib.suppress(ValueError):  # only the main thread may set handlers
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        trace = Trace(args.trace)
-        trace.emit("run_start", spec=spec.name, sha256=spec.sha256)
+        content = args.trace_content or os.environ.get(TRACE_CONTENT_ENV) == "1"
+        trace = Trace(args.trace, content=content)
+        trace.emit(
+            "run_start",
+            spec=spec.name,
+            sha256=spec.sha256,
+            trace_id=trace.trace_id,
+            span_id=trace.root_span,
+            parent_id=trace.parent_span,
+            started_at=_iso_now(),
+            python=sys.version.split()[0],
+            openai=getattr(openai, "__version__", None),
+            trace_content=content,
+        )
         folder, explicit = checkpoint_dir(args.checkpoint_dir)
         run = Run(
             spec,
@@ -1919,7 +2078,11 @@ def main(
             signal.signal(signal.SIGTERM, previous)
     _write_json_atomic(Path(args.output), result)
     trace.emit(
-        "run_end", status=result["status"], exit_code=code, usage=result["usage"]
+        "run_end",
+        status=result["status"],
+        exit_code=code,
+        usage=result["usage"],
+        span_id=trace.root_span,
     )
     trace.close()
     return code

@@ -41,6 +41,7 @@ __all__ = [
     "apply_filters",
     "argument_problems",
     "as_text",
+    "input_problems",
     "json_equal",
     "json_type",
     "parse_placeholder",
@@ -517,4 +518,29 @@ def argument_problems(
         elif parameters.get("additionalProperties", True) is False:
             known = ", ".join(repr(p) for p in properties) or "none"
             problems.append(f"unexpected argument {name!r} (parameters: {known})")
+    return problems
+
+
+def input_problems(
+    given: Any, declared: Mapping[str, Mapping[str, Any]]
+) -> list[tuple[str, str]]:
+    """(pointer, message) for each way a run's input misses the spec's `inputs`: each
+    declared input against its whole JSON Schema (nested `required`, types, enums),
+    missing inputs without a `default`, and undeclared ones."""
+    if not isinstance(given, Mapping):
+        return [("/inputs", f"the input must be a JSON object, got {json_type(given)}")]
+    problems: list[tuple[str, str]] = []
+    for name, schema in declared.items():
+        pointer = f"/inputs/{_token(name)}"
+        if name in given:
+            for problem in validate(given[name], schema):
+                where, _, message = problem.partition(": ")
+                inner = where[len("at ") :]
+                at = "" if inner == "/" else f" at {inner}"
+                problems.append((pointer, f"input {name!r}{at}: {message}"))
+        elif "default" not in schema:
+            problems.append((pointer, f"missing required input {name!r}"))
+    for name in sorted(set(given) - set(declared)):
+        known = ", ".join(declared) or "none"
+        problems.append(("/inputs", f"unknown input {name!r} (declared: {known})"))
     return problems

@@ -1,0 +1,309 @@
+"""The Ray engine of `mas2c batch` (``--engine ray [--address ADDR]``; the ``ray`` extra).
+
+Contract:
+
+* One Ray task per row (``num_cpus=1``). A task runs on whichever node Ray places it: it
+  materialises the compiled package and the scorer package into that node's cache folder
+  (``$MAS2C_BATCH_NODE_DIR``, default ``<tmp>/mas2c-batch-<uid>``, keyed by their sha256),
+  runs the row there (its sandbox on that node's Docker, behind a gateway on that node) in a
+  fresh temporary folder, and returns the result row and the files of its run folder.
+* The API key reaches the nodes the way Ray passes secrets: the task's ``runtime_env``
+  ``env_vars`` (OPENAI_API_KEY), read by the node's gateway from its process environment.
+  It is never an argument of a task, never in the plan, never inside a sandbox.
+* The driver alone writes the run folder (``results.jsonl``, ``rows/<id>/`` and
+  ``rows/<id>/engine.json`` naming the node), keeps at most ``workers`` tasks in flight and
+  checks the cost cap before each submission.
+* A node that dies loses only its in-flight tasks: Ray re-runs them elsewhere
+  (``max_retries``, system failures only). A task that raises is not retried and not
+  recorded (the next run of the same command redoes it), like the local engine. Its
+  containers on the dead node are left to ``python -m mas2c.sandbox prune`` there.
+* Every node needs mas2c with the ``ray`` extra installed (the driver's version), Docker and
+  the sandbox image (for ``--sandbox docker``), and must reach the LLM endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from mas2c.batch import (
+    BatchError,
+    BatchOptions,
+    Context,
+    Job,
+    Plan,
+    ProgressBar,
+    Row,
+    run_row,
+    sha256,
+    shared_upstream,
+    warn_once,
+    write_scorer_package,
+)
+from mas2c.files import write_bytes_atomic, write_text_atomic
+
+__all__ = ["node_task", "run_on_ray"]
+
+MAX_FILE_BYTES = 4_000_000  # a run folder file larger than this comes back truncated
+MAX_FOLDER_BYTES = 32_000_000
+
+
+def node_dir() -> Path:
+    """This node's cache and work folder."""
+    configured = os.environ.get("MAS2C_BATCH_NODE_DIR")
+    base = (
+        Path(configured)
+        if configured
+        else Path(tempfile.gettempdir()) / f"mas2c-batch-{os.getuid()}"
+    )
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def _materialise(target: Path, write: Callable[[Path], None]) -> Path:
+    """Write a folder once per node (several workers may race: the first rename wins)."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _write_build(files: Sequence[tuple[str, bytes]]) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        for name, data in files:
+            path = folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+    return write
+
+
+def _collect(folder: Path) -> list[tuple[str, bytes]]:
+    """The run folder's files (relative names), each and all capped."""
+    files: list[tuple[str, bytes]] = []
+    total = 0
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.is_symlink():
+            continue
+        name = path.relative_to(folder).as_posix()
+        if name.startswith(".staging-") or "/.staging-" in name:
+            continue
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            data = data[:MAX_FILE_BYTES] + b"\n[truncated by mas2c batch]\n"
+        if total + len(data) > MAX_FOLDER_BYTES:
+            break
+        total += len(data)
+        files.append((name, data))
+    return files
+
+
+def node_task(plan: Plan, row: Row) -> dict[str, Any]:
+    """Runs on a Ray worker: one row, its sandbox on this node; the row and its files back."""
+    import ray
+
+    base = node_dir()
+    build_dir = None
+    if plan.mode == "spec":
+        build_dir = _materialise(
+            base / "builds" / plan.build_sha256[:32], _write_build(plan.build_files)
+        )
+    scorer_dir = None
+    if plan.scorer == "code" or plan.user_scorer is not None:
+        key = sha256(f"{plan.scorer}\0{plan.user_scorer or ''}".encode())[:32]
+
+        def write_scorer(folder: Path) -> None:
+            write_scorer_package(plan, folder)
+
+        scorer_dir = _materialise(base / "scorers" / key, write_scorer)
+    warnings: list[str] = []
+    (base / "rows").mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="row-", dir=base / "rows"))
+    try:
+        ctx = Context(
+            build_dir=build_dir,
+            scorer_dir=scorer_dir,
+            upstream=shared_upstream(plan) if plan.mode == "spec" else None,
+            warn=warnings.append,
+        )
+        result = run_row(plan, row, work / "row", ctx)
+        files = _collect(work / "row")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    context = ray.get_runtime_context()
+    return {
+        "row": result,
+        "files": files,
+        "node": context.get_node_id(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "warnings": sorted(set(warnings)),
+    }
+
+
+def _safe_name(name: Any) -> str | None:
+    """A relative file name from a node, or None when it would leave the folder."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return None
+    path = PurePosixPath(name)
+    if path.is_absolute() or any(part in ("", ".", "..") for part in path.parts):
+        return None
+    return path.as_posix()
+
+
+def _write_files(folder: Path, files: Any) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for item in files if isinstance(files, list) else []:
+        if not (isinstance(item, tuple | list) and len(item) == 2):
+            continue
+        name, data = _safe_name(item[0]), item[1]
+        if name is None or not isinstance(data, bytes):
+            continue
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(target, data)
+
+
+def _connect(address: str | None, workers: int) -> bool:
+    """Connect to (or start) Ray; True when this call did it (and must shut it down)."""
+    try:
+        import ray
+    except ImportError:
+        raise BatchError(
+            "--engine ray needs Ray: pip install 'mas2c[ray]' (on the driver and every node)"
+        ) from None
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        kwargs.update(num_cpus=max(1, workers), include_dashboard=False)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise BatchError(f"cannot reach the Ray cluster at {address or 'auto'}: {exc}") from None
+    return True
+
+
+def run_on_ray(
+    plan: Plan,
+    todo: Sequence[Job],
+    options: BatchOptions,
+    record: Callable[[Job, dict[str, Any]], None],
+    should_stop: Callable[[], bool],
+    bar: ProgressBar,
+    *,
+    run_dir: Path,
+) -> list[str]:
+    """Run the jobs as Ray tasks, at most `options.workers` in flight; the infrastructure errors."""
+    if not todo:
+        return []
+    owned = _connect(options.ray_address, options.workers)
+    import ray
+
+    warn = warn_once(options.on_warning)
+    key = options.llm.key() if options.llm is not None else os.environ.get("OPENAI_API_KEY")
+    env_vars = {"OPENAI_API_KEY": key} if key else {}
+    remote = ray.remote(node_task).options(
+        num_cpus=1,
+        max_retries=options.ray_max_retries,
+        retry_exceptions=False,
+        runtime_env={"env_vars": env_vars},
+    )
+    errors: list[str] = []
+    queue = deque(todo)
+    pending: dict[Any, Job] = {}
+    interrupted = False
+    try:
+        plan_ref = ray.put(plan)
+        while queue or pending:
+            while (
+                queue and len(pending) < options.workers and not interrupted and not should_stop()
+            ):
+                job = queue.popleft()
+                pending[remote.remote(plan_ref, job.row)] = job
+            if not pending:
+                break
+            try:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                interrupted = True
+                bar.say(
+                    f"interrupted: finishing {len(pending)} running row(s) on the cluster and "
+                    "recording them (Ctrl-C again: cancel them). Run the same command to resume."
+                )
+                continue
+            for ref in ready:
+                job = pending.pop(ref)
+                try:
+                    out = ray.get(ref)
+                except Exception as exc:  # the task raised, or its retries ran out
+                    reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ""
+                    errors.append(f"{job.key}: {type(exc).__name__}: {reason}")
+                    bar.say(f"{job.key}: not recorded ({type(exc).__name__}: {reason})")
+                    continue
+                _receive(job, out, run_dir, record, warn)
+    except KeyboardInterrupt:
+        for ref in pending:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()
+        if owned:
+            ray.shutdown()
+    if interrupted:
+        raise KeyboardInterrupt
+    return errors
+
+
+def _receive(
+    job: Job,
+    out: Any,
+    run_dir: Path,
+    record: Callable[[Job, dict[str, Any]], None],
+    warn: Callable[[str], None],
+) -> None:
+    """A node's answer: its files into rows/<id>/, then the row into results.jsonl."""
+    if not isinstance(out, dict) or not isinstance(out.get("row"), dict):
+        raise BatchError(f"{job.key}: the node returned no result row")
+    row = out["row"]
+    if row.get("key") != job.key:
+        raise BatchError(f"{job.key}: the node returned the row of {row.get('key')!r}")
+    folder = run_dir / "rows" / job.row.slug
+    _write_files(folder, out.get("files"))
+    engine = {
+        "engine": "ray",
+        "node": str(out.get("node", ""))[:80],
+        "host": str(out.get("host", ""))[:200],
+        "pid": out.get("pid") if isinstance(out.get("pid"), int) else None,
+        "received_at": round(time.time(), 3),
+    }
+    write_text_atomic(folder / "engine.json", json.dumps(engine, indent=2) + "\n")
+    for message in out.get("warnings") or []:
+        warn(str(message)[:500])
+    record(job, row)

@@ -1,0 +1,294 @@
+"""`mas2c export otel RUN_DIR --endpoint URL`: a run's trace to any OpenTelemetry backend.
+
+The run folder's spans (`mas2c.tracing`) become OpenTelemetry spans with the ids,
+parents and times the run recorded, and are sent with the OpenTelemetry SDK's own
+OTLP/HTTP exporter (the ``otel`` extra: ``pip install 'mas2c[otel]'``). Attributes:
+
+* every span: ``mas2c.kind`` (host, run, step, llm, tool, exec), ``mas2c.status``,
+  ``mas2c.step``, ``mas2c.spec_pointer`` where known;
+* LLM calls follow the OpenTelemetry GenAI semantic conventions: span name
+  ``chat <model>``, kind CLIENT, ``gen_ai.operation.name`` (chat),
+  ``gen_ai.provider.name``/``gen_ai.system`` (openai: the wire protocol),
+  ``gen_ai.request.model``, ``gen_ai.response.model``, ``gen_ai.request.temperature``,
+  ``gen_ai.request.max_tokens``, ``gen_ai.usage.input_tokens``,
+  ``gen_ai.usage.output_tokens``, ``gen_ai.response.finish_reasons``,
+  ``gen_ai.agent.name``, ``error.type``; with traced content
+  ``gen_ai.input.messages``/``gen_ai.output.messages`` (JSON); and mas2c's own
+  ``mas2c.cost_usd``, ``mas2c.attempt``, ``mas2c.retries``, ``mas2c.round``,
+  ``mas2c.sample``, ``mas2c.role``, ``mas2c.model_id``;
+* tool calls: ``execute_tool <tool>``, ``gen_ai.operation.name`` (execute_tool),
+  ``gen_ai.tool.name``;
+* OpenInference attributes beside them (``openinference.span.kind``,
+  ``llm.model_name``, ``llm.token_count.*``, ``input.value``/``output.value``), so
+  that Arize Phoenix shows LLM and tool spans as such;
+* the resource: ``service.name`` (default mas2c), ``service.version``, and
+  ``openinference.project.name`` (the same name: Phoenix files the trace there).
+
+The run folder is hostile input; `mas2c.tracing` has already checked its ids and
+times, and every attribute value here is reduced to a string, number or boolean
+(strings capped). Nothing is sent until every span is built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from mas2c import __version__
+from mas2c.tracing import RunTrace, Span, read_run_trace, redact_url
+
+MAX_ATTRIBUTE_CHARS = 32_000
+TRACES_PATH = "/v1/traces"
+_OPENINFERENCE_KIND = {
+    "host": "CHAIN",
+    "run": "AGENT",
+    "step": "CHAIN",
+    "llm": "LLM",
+    "tool": "TOOL",
+    "exec": "TOOL",
+}
+
+
+class ExportError(Exception):
+    """The export could not be done (no SDK, bad endpoint, receiver refused): a message."""
+
+
+def traces_url(endpoint: str) -> str:
+    """The OTLP/HTTP traces URL: as given when it names a path, else ``<base>/v1/traces``."""
+    try:
+        parts = urlsplit(endpoint)
+    except ValueError:
+        raise ExportError(f"not a URL: {redact_url(endpoint)!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ExportError(
+            f"the endpoint must be an http(s) URL, got {redact_url(endpoint)!r} "
+            "(e.g. http://127.0.0.1:4318/v1/traces)"
+        )
+    if parts.path.rstrip("/") in ("", "/"):
+        return endpoint.rstrip("/") + TRACES_PATH
+    return endpoint
+
+
+def _value(value: Any) -> str | bool | int | float | None:
+    """An attribute value: a primitive, else JSON text; strings capped; None dropped."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**63 else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text[:MAX_ATTRIBUTE_CHARS]
+
+
+def span_attributes(span: Span) -> dict[str, Any]:
+    """The OpenTelemetry attributes of one span (see the module docstring)."""
+    a = span.attrs
+    out: dict[str, Any] = {
+        "mas2c.kind": span.kind,
+        "mas2c.status": span.status,
+        "mas2c.step": a.get("step") if span.kind != "step" else span.name,
+        "mas2c.spec_pointer": a.get("pointer"),
+        "openinference.span.kind": _OPENINFERENCE_KIND.get(span.kind, "CHAIN"),
+    }
+    if span.kind == "llm":
+        finish = a.get("finish_reason")
+        out.update(
+            {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": "openai",
+                "gen_ai.system": "openai",
+                "gen_ai.request.model": a.get("model"),
+                "gen_ai.response.model": a.get("response_model"),
+                "gen_ai.request.temperature": a.get("temperature"),
+                "gen_ai.request.max_tokens": a.get("max_tokens"),
+                "gen_ai.usage.input_tokens": a.get("prompt_tokens"),
+                "gen_ai.usage.output_tokens": a.get("completion_tokens"),
+                "gen_ai.response.finish_reasons": [str(finish)] if finish else None,
+                "gen_ai.agent.name": a.get("agent"),
+                "mas2c.agent": a.get("agent"),
+                "mas2c.model_id": a.get("model_id"),
+                "mas2c.cost_usd": a.get("cost_usd"),
+                "mas2c.attempt": a.get("attempt"),
+                "mas2c.retries": a.get("retries"),
+                "mas2c.round": a.get("round"),
+                "mas2c.sample": a.get("sample"),
+                "mas2c.role": a.get("role"),
+                "llm.model_name": a.get("model"),
+                "llm.token_count.prompt": a.get("prompt_tokens"),
+                "llm.token_count.completion": a.get("completion_tokens"),
+            }
+        )
+        if isinstance(a.get("prompt_tokens"), int) and isinstance(a.get("completion_tokens"), int):
+            out["llm.token_count.total"] = a["prompt_tokens"] + a["completion_tokens"]
+        if "messages" in a:
+            out["gen_ai.input.messages"] = a["messages"]
+            out["input.value"] = a["messages"]
+        if "completion" in a:
+            out["gen_ai.output.messages"] = [a["completion"]]
+            completion = a["completion"]
+            text = completion.get("content") if isinstance(completion, dict) else completion
+            out["output.value"] = text
+    elif span.kind == "tool":
+        out.update(
+            {
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": a.get("tool"),
+                "tool.name": a.get("tool"),
+                "mas2c.agent": a.get("agent"),
+                "mas2c.duration_s": a.get("duration_s"),
+            }
+        )
+        if "arguments" in a:
+            out["input.value"] = a["arguments"]
+        if "result" in a:
+            out["output.value"] = a["result"]
+    elif span.kind == "exec":
+        out.update({"mas2c.exit_code": a.get("exit_code"), "mas2c.timed_out": a.get("timed_out")})
+    elif span.kind == "run":
+        raw_usage = a.get("usage")
+        usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+        out.update(
+            {
+                "mas2c.spec": span.name,
+                "mas2c.spec_sha256": a.get("sha256"),
+                "mas2c.exit_code": a.get("exit_code"),
+                "mas2c.python": a.get("python"),
+                "mas2c.openai_version": a.get("openai"),
+                "mas2c.llm_calls": usage.get("calls"),
+                "mas2c.total_tokens": usage.get("total_tokens"),
+                "mas2c.cost_usd": usage.get("cost_usd"),
+            }
+        )
+    elif span.kind == "host":
+        command = a.get("command")
+        out.update(
+            {
+                "mas2c.command": [str(c) for c in command] if isinstance(command, list) else None,
+                "mas2c.version": a.get("mas2c_version"),
+                "mas2c.spec": a.get("spec"),
+                "mas2c.spec_sha256": a.get("spec_sha256"),
+                "mas2c.endpoint": a.get("endpoint"),
+                "mas2c.backend": a.get("backend"),
+                "mas2c.started_at": a.get("started_at"),
+            }
+        )
+    if span.status not in ("ok", "unknown") and a.get("error") is not None:
+        out["error.type"] = str(a.get("error")).split(":", 1)[0][:200]
+    cleaned: dict[str, Any] = {}
+    for key, value in out.items():
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            cleaned[key] = [v[:MAX_ATTRIBUTE_CHARS] for v in value]
+            continue
+        primitive = _value(value)
+        if primitive is not None:
+            cleaned[key] = primitive
+    return cleaned
+
+
+def _name(span: Span) -> str:
+    if span.kind == "llm":
+        return f"chat {span.attrs.get('model') or '?'}"
+    if span.kind == "tool":
+        return f"execute_tool {span.attrs.get('tool') or '?'}"
+    if span.kind == "step":
+        return f"step {span.name}"
+    if span.kind == "run":
+        return f"run {span.name}"
+    return span.name
+
+
+def build_spans(trace: RunTrace, service: str = "mas2c") -> list[Any]:
+    """The run's spans as OpenTelemetry SDK ``ReadableSpan``s (needs the otel extra)."""
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+    except ImportError:
+        raise ExportError(
+            "the OpenTelemetry SDK is not installed: pip install 'mas2c[otel]'"
+        ) from None
+    resource = Resource.create(
+        {
+            "service.name": service,
+            "service.version": __version__,
+            "openinference.project.name": service,
+            "mas2c.spec": str(trace.header.get("spec") or ""),
+        }
+    )
+    scope = InstrumentationScope("mas2c", __version__)
+    trace_id = int(trace.trace_id, 16)
+    flags = TraceFlags(TraceFlags.SAMPLED)
+    known = {s.span_id for s in trace.spans}
+    spans = []
+    for span in trace.spans:
+        context = SpanContext(trace_id, int(span.span_id, 16), is_remote=False, trace_flags=flags)
+        parent = None
+        if span.parent_id is not None and span.parent_id in known:
+            parent = SpanContext(
+                trace_id, int(span.parent_id, 16), is_remote=False, trace_flags=flags
+            )
+        if span.status == "ok":
+            status = Status(StatusCode.OK)
+        elif span.status in ("unknown", "running"):
+            status = Status(StatusCode.UNSET)
+        else:
+            error = span.attrs.get("error")
+            status = Status(StatusCode.ERROR, str(error)[:500] if error else span.status)
+        start = _ns(span.start)
+        spans.append(
+            ReadableSpan(
+                name=_name(span)[:200],
+                context=context,
+                parent=parent,
+                resource=resource,
+                attributes=span_attributes(span),
+                kind=SpanKind.CLIENT if span.kind == "llm" else SpanKind.INTERNAL,
+                status=status,
+                start_time=start,
+                end_time=max(start, _ns(span.end)),
+                instrumentation_scope=scope,
+            )
+        )
+    return spans
+
+
+def _ns(seconds: float) -> int:
+    """Unix seconds as nanoseconds, clamped to what OTLP's fixed64 holds."""
+    return min(max(0, int(seconds * 1e9)), 2**64 - 1)
+
+
+def export_otel(
+    folder: Path, endpoint: str, *, service: str = "mas2c", timeout_s: float = 30.0
+) -> dict[str, Any]:
+    """Send the run folder's trace over OTLP/HTTP; returns what was sent."""
+    url = traces_url(endpoint)
+    trace = read_run_trace(folder)
+    if not trace.spans:
+        raise ExportError(f"{folder}: no spans to export (is it a run folder with trace.jsonl?)")
+    spans = build_spans(trace, service)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    exporter = OTLPSpanExporter(endpoint=url, timeout=timeout_s)
+    try:
+        result = exporter.export(spans)
+    finally:
+        exporter.shutdown()  # type: ignore[no-untyped-call]
+    if result is not SpanExportResult.SUCCESS:
+        raise ExportError(
+            f"the OTLP receiver at {redact_url(url)} did not accept the spans "
+            "(unreachable, or it answered with an error; see the log above)"
+        )
+    return {
+        "endpoint": redact_url(url),
+        "trace_id": trace.trace_id,
+        "spans": len(spans),
+        "problems": trace.problems,
+    }

@@ -1,0 +1,535 @@
+"""A run's trace as spans: the run header (``run.json``) and ``trace.jsonl`` read back.
+
+Contract (the run-folder part of issue 16):
+
+* ``run.json``, written on the host by `mas2c.run.run_system`: ``format``
+  (``mas2c-run-header/1``), ``command`` (argv, URLs without credentials, query or
+  fragment), ``mas2c_version``, ``python``, ``platform``, ``spec``, ``spec_sha256``,
+  ``endpoint`` (``host:port`` of the LLM endpoint, ``local`` or ``replay``; never a
+  key or a path), ``backend``, ``trace_id`` (32 hex), ``span_id`` (16 hex, the
+  host's span: the parent of the package's run span), ``trace_content``,
+  ``started_at``/``finished_at`` (ISO 8601 UTC), ``started_ts``/``finished_ts``
+  (Unix seconds), ``status``.
+* ``trace.jsonl``, written by the compiled package's runtime: every record has ``t``
+  (seconds since the run started) and ``ts`` (Unix seconds); ``run_start`` carries
+  ``trace_id``, ``span_id`` and ``parent_id``; ``step_start``/``step_end``,
+  ``llm_call``, ``tool_call`` and ``exec`` carry ``span_id``, ``parent_id`` and
+  (at the end) ``start_ts``.
+
+Both files come out of a sandbox or a folder anyone may have edited, so they are
+hostile input: lines and files are size-capped, every field is type-checked, ids
+that are not hex of the right length are replaced by derived ones, and a trace
+written before this contract (no ``ts``, no ids) is still read (ids derived,
+times from ``t``). Nothing here raises on bad content; what was skipped is listed
+in ``RunTrace.problems``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from mas2c import __version__
+
+HEADER_FILE = "run.json"
+HEADER_FORMAT = "mas2c-run-header/1"
+TRACEPARENT_ENV = "MAS2C_TRACEPARENT"  # read by the compiled package's runtime
+TRACE_CONTENT_ENV = "MAS2C_TRACE_CONTENT"  # "1": trace prompts and completions too
+
+MAX_TRACE_BYTES = 64 * 1024 * 1024
+MAX_LINE_BYTES = 4 * 1024 * 1024
+MAX_EVENTS = 200_000
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+SPAN_EVENTS = ("step_end", "llm_call", "tool_call", "exec")
+
+
+def new_trace_id() -> str:
+    return os.urandom(16).hex()
+
+
+def new_span_id() -> str:
+    return os.urandom(8).hex()
+
+
+def iso(ts: float) -> str:
+    """Unix seconds as ISO 8601 UTC with milliseconds ("?" for a time no calendar has)."""
+    try:
+        whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return "?"
+    return f"{whole}.{int(ts % 1 * 1000):03d}Z"
+
+
+# -- the run header --------------------------------------------------------------------------
+
+
+def redact_url(text: str) -> str:
+    """A URL without user, password, query and fragment; other text unchanged."""
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<url>"
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def redact_argv(argv: Sequence[str], secrets: Sequence[str] = ()) -> list[str]:
+    """The command line as recorded: URLs redacted, any known secret replaced."""
+    out = []
+    for arg in argv:
+        text = redact_url(str(arg))
+        for secret in secrets:
+            if secret and len(secret) >= 8:  # a short word would blank out half the line
+                text = text.replace(secret, "***")
+        out.append(text)
+    return out
+
+
+def endpoint_label(url: str | None, *, replay: bool = False) -> str:
+    """``host:port`` of an endpoint URL, ``local`` without one, ``replay`` for a cassette."""
+    if replay:
+        return "replay"
+    if not url:
+        return "local"
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "<invalid url>"
+    port = port or {"http": 80, "https": 443}.get(parts.scheme)
+    return f"{host}:{port}" if port else host
+
+
+@dataclass
+class RunHeader:
+    """What ran, how and when: ``run.json`` of a run folder."""
+
+    command: list[str]
+    spec: str
+    spec_sha256: str
+    endpoint: str
+    backend: str
+    trace_content: bool
+    trace_id: str = field(default_factory=new_trace_id)
+    span_id: str = field(default_factory=new_span_id)
+    started_ts: float = field(default_factory=time.time)
+    finished_ts: float | None = None
+    status: str = "running"
+    mas2c_version: str = __version__
+    python: str = field(default_factory=lambda: sys.version.split()[0])
+    platform: str = field(default_factory=platform.platform)
+
+    def traceparent(self) -> str:
+        """The W3C traceparent the package's run span hangs under."""
+        return f"00-{self.trace_id}-{self.span_id}-01"
+
+    def sandbox_env(self) -> dict[str, str]:
+        env = {TRACEPARENT_ENV: self.traceparent()}
+        if self.trace_content:
+            env[TRACE_CONTENT_ENV] = "1"
+        return env
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": HEADER_FORMAT,
+            "command": self.command,
+            "mas2c_version": self.mas2c_version,
+            "python": self.python,
+            "platform": self.platform,
+            "spec": self.spec,
+            "spec_sha256": self.spec_sha256,
+            "endpoint": self.endpoint,
+            "backend": self.backend,
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
+            "trace_content": self.trace_content,
+            "started_at": iso(self.started_ts),
+            "started_ts": round(self.started_ts, 6),
+            "finished_at": iso(self.finished_ts) if self.finished_ts is not None else None,
+            "finished_ts": round(self.finished_ts, 6) if self.finished_ts is not None else None,
+            "status": self.status,
+        }
+
+
+def trace_content_default() -> bool:
+    """Whether prompts and completions are traced when nobody said: ``MAS2C_TRACE_CONTENT=1``."""
+    return os.environ.get(TRACE_CONTENT_ENV) == "1"
+
+
+# -- reading a run folder back ---------------------------------------------------------------
+
+
+@dataclass
+class Span:
+    """One timed unit of a run: the host's run, the package's run, a step, a call, a tool."""
+
+    span_id: str
+    parent_id: str | None
+    kind: str  # host | run | step | llm | tool | exec
+    name: str
+    start: float  # Unix seconds
+    end: float
+    status: str  # ok | error | cancelled | unfinished ...
+    attrs: dict[str, Any] = field(default_factory=dict)  # the event's own fields
+
+    @property
+    def duration(self) -> float:
+        return max(0.0, self.end - self.start)
+
+
+@dataclass
+class RunTrace:
+    """A run folder's header, events and spans (parents before children)."""
+
+    folder: Path
+    header: dict[str, Any]
+    events: list[dict[str, Any]]
+    spans: list[Span]
+    trace_id: str
+    problems: list[str] = field(default_factory=list)
+
+    def by_kind(self, kind: str) -> list[Span]:
+        return [s for s in self.spans if s.kind == kind]
+
+    @property
+    def start(self) -> float:
+        return min((s.start for s in self.spans), default=0.0)
+
+    @property
+    def end(self) -> float:
+        return max((s.end for s in self.spans), default=0.0)
+
+
+def read_json_file(path: Path, limit: int = MAX_LINE_BYTES) -> Any:
+    """A small JSON file, or None when it is missing, too large or not JSON."""
+    try:
+        if not path.is_file() or path.stat().st_size > limit:
+            return None
+        return json.loads(path.read_text("utf-8", errors="replace"))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def read_events(path: Path, problems: list[str]) -> list[dict[str, Any]]:
+    """The JSON-object lines of a trace file, capped; bad lines are skipped and noted."""
+    events: list[dict[str, Any]] = []
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_TRACE_BYTES + 1)
+    except OSError as exc:
+        problems.append(f"{path.name}: unreadable ({exc.strerror or exc})")
+        return events
+    if len(data) > MAX_TRACE_BYTES:
+        problems.append(f"{path.name}: larger than {MAX_TRACE_BYTES} bytes; the rest is ignored")
+        data = data[:MAX_TRACE_BYTES]
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        if len(events) >= MAX_EVENTS:
+            problems.append(f"{path.name}: more than {MAX_EVENTS} events; the rest is ignored")
+            break
+        if len(raw) > MAX_LINE_BYTES:
+            problems.append(f"{path.name}:{number}: line too long, skipped")
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8", errors="replace"))
+        except (ValueError, RecursionError):
+            problems.append(f"{path.name}:{number}: not JSON, skipped")
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("event"), str):
+            problems.append(f"{path.name}:{number}: not a trace event, skipped")
+            continue
+        events.append(record)
+    return events
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _derived_id(*parts: Any, length: int = 16) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:length]
+
+
+def _hex(value: Any, pattern: re.Pattern[str]) -> str | None:
+    return value if isinstance(value, str) and pattern.match(value) else None
+
+
+def _text(value: Any, default: str = "") -> str:
+    return value if isinstance(value, str) else default
+
+
+class _Builder:
+    """Turns events into spans; one instance per folder."""
+
+    def __init__(self, header: dict[str, Any], events: list[dict[str, Any]]) -> None:
+        self.header = header
+        self.events = events
+        self.spans: list[Span] = []
+        self.seen: set[str] = set()
+        first = events[0] if events else {}
+        self.base = self._base(first)
+        start_event = next((e for e in events if e.get("event") == "run_start"), {})
+        self.trace_id = (
+            _hex(start_event.get("trace_id"), _HEX32)
+            or _hex(header.get("trace_id"), _HEX32)
+            or _derived_id("trace", str(header), length=32)
+        )
+        self.host_id = _hex(header.get("span_id"), _HEX16)
+        self.run_id = _hex(start_event.get("span_id"), _HEX16) or _derived_id("run")
+        if self.run_id in {self.host_id}:
+            self.run_id = _derived_id("run", self.run_id)
+
+    def _base(self, first: dict[str, Any]) -> float:
+        """Unix seconds at ``t == 0``: from the first event with both, else the header."""
+        for e in self.events:
+            ts, t = _num(e.get("ts")), _num(e.get("t"))
+            if ts is not None and t is not None:
+                return ts - t
+        started = _num(self.header.get("started_ts"))
+        return started if started is not None else 0.0
+
+    def ts(self, e: Mapping[str, Any]) -> float:
+        ts = _num(e.get("ts"))
+        if ts is not None:
+            return ts
+        t = _num(e.get("t"))
+        return self.base + (t if t is not None else 0.0)
+
+    def unique(self, candidate: str | None, *salt: Any) -> str:
+        span_id = candidate if candidate and candidate not in self.seen else _derived_id(*salt)
+        while span_id in self.seen:
+            span_id = _derived_id(span_id, *salt)
+        self.seen.add(span_id)
+        return span_id
+
+    def build(self) -> list[Span]:
+        events = self.events
+        run_start = next((e for e in events if e.get("event") == "run_start"), None)
+        run_end = next((e for e in reversed(events) if e.get("event") == "run_end"), None)
+        last = max((self.ts(e) for e in events), default=self.base)
+        run_span: Span | None = None
+        if events:
+            start = self.ts(run_start) if run_start else min(self.ts(e) for e in events)
+            status = _text(run_end.get("status"), "unknown") if run_end else "unfinished"
+            attrs = {k: v for k, v in (run_start or {}).items() if k not in ("event",)}
+            if run_end is not None:
+                attrs["exit_code"] = run_end.get("exit_code")
+                attrs["usage"] = run_end.get("usage")
+            name = _text(attrs.get("spec"), "run")
+            run_span = Span(
+                self.unique(self.run_id, "run"),
+                self.host_id,
+                "run",
+                name,
+                start,
+                self.ts(run_end) if run_end else last,
+                status,
+                attrs,
+            )
+        host = self._host_span(run_span, last)
+        if host is not None:
+            self.spans.append(host)
+        if run_span is not None:
+            self.spans.append(run_span)
+        root = run_span.span_id if run_span else (host.span_id if host else None)
+        self._steps(root, last)
+        for index, e in enumerate(events):
+            kind = {"llm_call": "llm", "tool_call": "tool", "exec": "exec"}.get(e["event"])
+            if kind is not None:
+                self.spans.append(self._leaf(kind, e, index, root))
+        known = {s.span_id for s in self.spans}
+        for span in self.spans:
+            if span is host or span is run_span:
+                continue
+            if span.parent_id is None or span.parent_id not in known:
+                # A parent that never reported (or a forged id): hang it under the run.
+                span.parent_id = root
+        return _parents_first(self.spans)
+
+    def _host_span(self, run_span: Span | None, last: float) -> Span | None:
+        if self.host_id is None:
+            return None
+        started = _num(self.header.get("started_ts"))
+        finished = _num(self.header.get("finished_ts"))
+        start = started if started is not None else (run_span.start if run_span else last)
+        end = finished if finished is not None else (run_span.end if run_span else last)
+        status = _text(self.header.get("status"), "unknown")
+        attrs = {k: v for k, v in self.header.items() if k not in ("format",)}
+        return Span(
+            self.unique(self.host_id, "host"),
+            None,
+            "host",
+            "mas2c run",
+            start,
+            max(start, end),
+            status,
+            attrs,
+        )
+
+    def _steps(self, root: str | None, last: float) -> None:
+        """step_start/step_end pairs: by span id, else (older traces) by step and pointer."""
+        open_by_id: dict[str, tuple[int, dict[str, Any]]] = {}
+        open_by_key: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
+        pairs: list[tuple[int, dict[str, Any] | None, dict[str, Any]]] = []
+        for index, e in enumerate(self.events):
+            name = e["event"]
+            key = (_text(e.get("step")), _text(e.get("pointer")))
+            span_id = _hex(e.get("span_id"), _HEX16)
+            if name == "step_start":
+                if span_id:
+                    open_by_id[span_id] = (index, e)
+                open_by_key.setdefault(key, []).append((index, e))
+            elif name == "step_end":
+                started = open_by_id.pop(span_id, None) if span_id else None
+                stack = open_by_key.get(key) or []
+                if started is None and stack:
+                    started = stack.pop()
+                elif started is not None and started in stack:
+                    stack.remove(started)
+                pairs.append((started[0] if started else index, started[1] if started else None, e))
+        leftovers = {id(e): (i, e) for stack in open_by_key.values() for i, e in stack}
+        for index, opened in sorted(leftovers.values(), key=lambda p: p[0]):
+            pairs.append((index, opened, {"status": "unfinished", "event": "step_open"}))
+        # Older traces have no parent ids: nest by time (the innermost open step).
+        for index, start_event, end_event in sorted(pairs, key=lambda p: p[0]):
+            first = start_event if start_event is not None else end_event
+            start_ts = _num(end_event.get("start_ts"))
+            start = start_ts if start_ts is not None else self.ts(first)
+            end = self.ts(end_event) if end_event.get("event") == "step_end" else last
+            if start_event is None and _num(end_event.get("duration_s")) is not None:
+                start = end - float(end_event["duration_s"])
+            span_id = self.unique(
+                _hex(end_event.get("span_id") or first.get("span_id"), _HEX16), "step", index
+            )
+            parent = _hex(end_event.get("parent_id") or first.get("parent_id"), _HEX16)
+            attrs = {k: v for k, v in {**first, **end_event}.items() if k != "event"}
+            self.spans.append(
+                Span(
+                    span_id,
+                    parent or None,
+                    "step",
+                    _text(first.get("step"), "?"),
+                    start,
+                    max(start, end),
+                    _text(end_event.get("status"), "unknown"),
+                    attrs,
+                )
+            )
+        self._nest_orphans(root)
+
+    def _nest_orphans(self, root: str | None) -> None:
+        """Steps without a parent id: the innermost earlier step whose pointer encloses theirs."""
+        steps = [s for s in self.spans if s.kind == "step"]
+        for span in steps:
+            if span.parent_id is not None:
+                continue
+            pointer = _text(span.attrs.get("pointer"))
+            enclosing = [
+                s
+                for s in steps
+                if s is not span
+                and _text(s.attrs.get("pointer"))
+                and pointer.startswith(_text(s.attrs.get("pointer")) + "/")
+                and s.start <= span.start <= s.end
+            ]
+            best = max(enclosing, key=lambda s: len(_text(s.attrs.get("pointer"))), default=None)
+            span.parent_id = best.span_id if best else root
+
+    def _leaf(self, kind: str, e: dict[str, Any], index: int, root: str | None) -> Span:
+        end = self.ts(e)
+        start = _num(e.get("start_ts"))
+        if start is None:
+            took = _num(e.get("latency_s") if kind == "llm" else e.get("duration_s"))
+            start = end - took if took is not None else end
+        parent = _hex(e.get("parent_id"), _HEX16)
+        if parent is None:
+            parent = self._step_at(_text(e.get("pointer")), end) or root
+        if kind == "llm":
+            name = f"chat {_text(e.get('model'), '?')}"
+            status = _text(e.get("status"), "unknown")
+        elif kind == "tool":
+            name = f"tool {_text(e.get('tool'), '?')}"
+            status = _text(e.get("status"), "unknown")
+        else:
+            name = "exec"
+            status = (
+                "ok" if e.get("exit_code") == 0 else ("timeout" if e.get("timed_out") else "error")
+            )
+        attrs = {k: v for k, v in e.items() if k != "event"}
+        span_id = self.unique(_hex(e.get("span_id"), _HEX16), kind, index)
+        return Span(span_id, parent, kind, name, min(start, end), end, status, attrs)
+
+    def _step_at(self, pointer: str, at: float) -> str | None:
+        matches = [
+            s
+            for s in self.spans
+            if s.kind == "step"
+            and s.attrs.get("pointer") == pointer
+            and s.start - 0.005 <= at <= s.end + 0.005
+        ]
+        return matches[-1].span_id if matches else None
+
+
+def _parents_first(spans: list[Span]) -> list[Span]:
+    """Spans ordered so that a parent precedes its children (then by start time)."""
+    by_parent: dict[str | None, list[Span]] = {}
+    ids = {s.span_id for s in spans}
+    for span in spans:
+        parent = span.parent_id if span.parent_id in ids else None
+        by_parent.setdefault(parent, []).append(span)
+    ordered: list[Span] = []
+    stack = sorted(by_parent.get(None, []), key=lambda s: s.start, reverse=True)
+    visited: set[str] = set()
+    while stack:
+        span = stack.pop()
+        if span.span_id in visited:
+            continue
+        visited.add(span.span_id)
+        ordered.append(span)
+        children = sorted(by_parent.get(span.span_id, []), key=lambda s: s.start, reverse=True)
+        stack.extend(children)
+    # A cycle of forged parent ids leaves spans unvisited: keep them, as roots.
+    for span in spans:
+        if span.span_id not in visited:
+            span.parent_id = None
+            ordered.append(span)
+    return ordered
+
+
+def read_run_trace(folder: Path) -> RunTrace:
+    """The header and spans of a run folder (one with ``trace.jsonl``)."""
+    problems: list[str] = []
+    header = read_json_file(folder / HEADER_FILE)
+    if header is not None and not isinstance(header, dict):
+        problems.append(f"{HEADER_FILE}: not a JSON object, ignored")
+    header = header if isinstance(header, dict) else {}
+    events = (
+        read_events(folder / "trace.jsonl", problems) if (folder / "trace.jsonl").exists() else []
+    )
+    if not events:
+        problems.append("trace.jsonl: missing or empty")
+    builder = _Builder(header, events)
+    spans = builder.build()
+    return RunTrace(folder, header, events, spans, builder.trace_id, problems)

@@ -1,0 +1,253 @@
+"""`mas2c export otel`: a real run's spans into a real OTLP receiver, queried back.
+
+The receiver is Arize Phoenix (PyPI `arize-phoenix`, installed by
+scripts/setup-observe.sh into `.venv-phoenix`), started on loopback ports for this
+module and stopped after it. The run is a real one (the hierarchical example in the
+local sandbox, against the loopback LLM server with an injected 503, traced with
+content). The test reads the spans back from Phoenix's REST API and compares them
+with the run folder: same trace id, same span ids, same parents, and the GenAI
+attributes the trace recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mas2c.cli import main as cli_main
+from mas2c.gateway import HttpUpstream
+from mas2c.otel import span_attributes, traces_url
+from mas2c.run import LLMConfig, run_system
+from mas2c.testserver import LLMTestServer
+from mas2c.tracing import Span, read_run_trace
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = "mas2c-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _phoenix_command() -> list[str]:
+    python = Path(
+        os.environ.get("MAS2C_PHOENIX_PYTHON") or ROOT / ".venv-phoenix" / "bin" / "python"
+    )
+    if not python.exists():
+        message = "Arize Phoenix is not installed: bash scripts/setup-observe.sh"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return [str(python), "-m", "phoenix.server.main", "serve"]
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:  # loopback only
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Phoenix server on loopback; yields its base URL."""
+    command = _phoenix_command()
+    work = tmp_path_factory.mktemp("phoenix")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PHOENIX_WORKING_DIR": str(work),
+        "PHOENIX_HOST": "127.0.0.1",
+        "PHOENIX_PORT": str(port),
+        "PHOENIX_GRPC_PORT": str(_free_port()),
+        "PHOENIX_TELEMETRY_ENABLED": "false",
+    }
+    log = (work / "phoenix.log").open("wb")
+    proc = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{base}/healthz", timeout=2).close()
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                tail = (work / "phoenix.log").read_text(errors="replace")[-3000:]
+                pytest.fail(f"Phoenix did not start (exit {proc.poll()}):\n{tail}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("otel-run")
+    inputs = {"decision": "Open a second office?", "context": "Team of 12."}
+    (root / "in.json").write_text(json.dumps(inputs))
+    with LLMTestServer(latency_s=0.02) as srv:
+        srv.inject("status", 1, status=503)  # the first call is retried: two spans
+        # One attempt in the gateway, so that the package's own retry is what shows.
+        upstream = HttpUpstream(srv.base_url, "sk-never-exported-12345", max_attempts=1)
+        try:
+            outcome = run_system(
+                ROOT / "specs" / "hierarchical.yaml",
+                root / "in.json",
+                root / "run",
+                backend="local",
+                llm=LLMConfig(url=srv.base_url, api_key="sk-never-exported-12345"),
+                upstream=upstream,
+                on_warning=lambda _m: None,
+                trace_content=True,
+            )
+        finally:
+            upstream.close()
+    assert outcome.ok, outcome.result
+    return root / "run"
+
+
+def _attrs(span: dict[str, Any]) -> dict[str, Any]:
+    def value(v: dict[str, Any]) -> Any:
+        if v.get("array_value") is not None:
+            return [value(x) for x in v["array_value"]["values"]]
+        return next((x for x in v.values() if x is not None), None)
+
+    return {a["key"]: value(a["value"]) for a in span.get("attributes") or []}
+
+
+def _spans_in_phoenix(base: str, expected: int) -> list[dict[str, Any]]:
+    """Phoenix ingests asynchronously: poll until every span is there (30 s at most)."""
+    deadline = time.monotonic() + 30
+    spans: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            spans = _get(f"{base}/v1/projects/{PROJECT}/spans/otlpv1?limit=1000")["data"]
+            if len(spans) >= expected:
+                return spans
+        time.sleep(0.5)
+    return spans
+
+
+def test_spans_arrive_in_phoenix_with_parents_and_attributes(
+    phoenix: str, run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli_main(
+        ["export", "otel", str(run_dir), "--endpoint", phoenix, "--service", PROJECT, "--json"]
+    )
+    sent = json.loads(capsys.readouterr().out)
+    assert code == 0 and sent["endpoint"] == f"{phoenix}/v1/traces"
+    ours = read_run_trace(run_dir)
+    header = json.loads((run_dir / "run.json").read_text())
+    assert sent["trace_id"] == header["trace_id"] == ours.trace_id
+    assert sent["spans"] == len(ours.spans)
+    theirs = _spans_in_phoenix(phoenix, len(ours.spans))
+    assert len(theirs) == len(ours.spans)
+    assert {s["trace_id"] for s in theirs} == {ours.trace_id}
+    parents = {s["span_id"]: s.get("parent_span_id") for s in theirs}
+    assert parents == {s.span_id: s.parent_id for s in ours.spans}
+    by_id = {s["span_id"]: s for s in theirs}
+    # The tree: host span (root) > the package's run > steps > LLM calls.
+    (host,) = [s for s in theirs if not s.get("parent_span_id")]
+    assert host["span_id"] == header["span_id"] and host["name"] == "mas2c run"
+    host_attrs = _attrs(host)
+    assert host_attrs["mas2c.spec_sha256"] == header["spec_sha256"]
+    assert host_attrs["mas2c.endpoint"].startswith("127.0.0.1:")
+    assert "sk-never-exported-12345" not in json.dumps(theirs)
+    steps = {s["name"]: s for s in theirs if s["name"].startswith("step ")}
+    fork = steps["step investigate"]["span_id"]
+    assert steps["step market_research"]["parent_span_id"] == fork
+    run_span = by_id[steps["step plan"]["parent_span_id"]]
+    assert run_span["name"] == "run hierarchical" and run_span["parent_span_id"] == host["span_id"]
+    chats = [s for s in theirs if s["name"].startswith("chat ")]
+    assert len(chats) == 6  # five calls, the first one twice (503, then ok)
+    ours_by_id = {s.span_id: s for s in ours.spans}
+    for chat in chats:
+        attrs, span = _attrs(chat), ours_by_id[chat["span_id"]]
+        assert attrs["gen_ai.operation.name"] == "chat"
+        assert attrs["gen_ai.request.model"] == span.attrs["model"]
+        assert attrs["gen_ai.agent.name"] == span.attrs["agent"]
+        assert by_id[chat["parent_span_id"]]["name"] == f"step {span.attrs['step']}"
+        assert chat["start_time_unix_nano"] <= chat["end_time_unix_nano"]
+        if span.status == "ok":
+            assert chat["status"]["code"] == 1
+            assert attrs["gen_ai.usage.input_tokens"] == span.attrs["prompt_tokens"] > 0
+            assert attrs["gen_ai.usage.output_tokens"] == span.attrs["completion_tokens"]
+            assert attrs["mas2c.cost_usd"] == pytest.approx(span.attrs["cost_usd"])
+            assert json.loads(attrs["gen_ai.input.messages"]) == span.attrs["messages"]
+            assert json.loads(attrs["gen_ai.output.messages"]) == [span.attrs["completion"]]
+        else:
+            assert chat["status"]["code"] == 2 and attrs["error.type"] == "InternalServerError"
+    plan = next(c for c in chats if _attrs(c)["gen_ai.agent.name"] == "manager")
+    assert "Open a second office?" in _attrs(plan)["gen_ai.input.messages"]
+    retried = [_attrs(c) for c in chats if _attrs(c)["mas2c.retries"] == 1]
+    assert len(retried) == 1 and retried[0]["mas2c.attempt"] == 2
+
+
+def test_export_failures_are_one_line_errors(
+    tmp_path: Path, run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    closed = f"http://127.0.0.1:{_free_port()}"
+    assert cli_main(["export", "otel", str(run_dir), "--endpoint", closed, "--timeout", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "did not accept the spans" in err and "Traceback" not in err
+    secret_url = "ftp://user:hunter2@example.invalid/x"
+    assert cli_main(["export", "otel", str(run_dir), "--endpoint", secret_url]) == 1
+    err = capsys.readouterr().err
+    assert "must be an http(s) URL" in err and "hunter2" not in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["export", "otel", str(empty), "--endpoint", closed]) == 1
+    assert "no spans to export" in capsys.readouterr().err
+
+
+def test_urls_and_hostile_attribute_values() -> None:
+    assert traces_url("http://h:4318") == "http://h:4318/v1/traces"
+    assert traces_url("http://h:4318/") == "http://h:4318/v1/traces"
+    assert traces_url("https://h/otlp/v1/traces") == "https://h/otlp/v1/traces"
+    span = Span(
+        "a" * 16,
+        None,
+        "llm",
+        "x",
+        0.0,
+        1.0,
+        "error",
+        {
+            "model": {"nested": ["<b>"]},
+            "prompt_tokens": 2**70,
+            "cost_usd": float("nan"),
+            "error": "RateLimitError: slow down",
+            "agent": "x" * 100_000,
+            "finish_reason": None,
+        },
+    )
+    attrs = span_attributes(span)
+    assert attrs["gen_ai.request.model"] == '{"nested": ["<b>"]}'
+    assert attrs["gen_ai.usage.input_tokens"] == str(2**70)
+    assert attrs["mas2c.cost_usd"] == "nan"
+    assert len(attrs["gen_ai.agent.name"]) == 32_000
+    assert attrs["error.type"] == "RateLimitError"
+    assert "gen_ai.response.finish_reasons" not in attrs
+    assert all(isinstance(v, str | int | float | bool | list) for v in attrs.values())

@@ -1,0 +1,183 @@
+"""The run's trace (issue 16 item 1): wall clock, OpenTelemetry-compatible ids, one span
+per step, LLM call and tool call with their attributes, content only when asked.
+
+Runs hand-written packages around the real runtime (see tests/test_runtime.py) against
+the loopback LLM server with the real openai client.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mas2c.testserver import ChatRequest, LLMTestServer, Reply, ReplyLike, Script, ToolCall
+from tests.test_runtime import FLOW_OK, Pkg, by_agent
+
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+HEX16 = re.compile(r"^[0-9a-f]{16}$")
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Callable[..., Pkg]:
+    def factory(workflow: str, **spec: Any) -> Pkg:
+        return Pkg(tmp_path, workflow, **spec)
+
+    return factory
+
+
+def spans(trace: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every finished span by id: step_end, llm_call, tool_call, exec."""
+    kinds = {"step_end", "llm_call", "tool_call", "exec"}
+    return {e["span_id"]: e for e in trace if e["event"] in kinds}
+
+
+def test_every_event_has_wall_clock_and_spans_nest(make: Callable[..., Pkg]) -> None:
+    script = Script([(r"^Solve", "ANSWER: 4"), (r"^Left", "left says 4")])
+    before = time.time()
+    with LLMTestServer(script, latency_s=0.05) as srv:
+        res = make(FLOW_OK, outputs={"answer": "verdict.answer"}).run(srv)
+    after = time.time()
+    assert res.code == 0, res.stderr
+    assert all(before <= e["ts"] <= after for e in res.trace)
+    start, end = res.trace[0], res.trace[-1]
+    assert start["event"] == "run_start" and HEX32.match(start["trace_id"])
+    assert HEX16.match(start["span_id"]) and start["parent_id"] is None
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", start["started_at"])
+    assert start["python"] and start["openai"] and start["trace_content"] is False
+    assert end["event"] == "run_end" and end["span_id"] == start["span_id"]
+    root = start["span_id"]
+
+    by_id = spans(res.trace)
+    assert all(HEX16.match(i) for i in by_id) and root not in by_id
+    steps = {e["step"]: e for e in res.events("step_end")}
+    assert steps["first"]["parent_id"] == root and steps["fan"]["parent_id"] == root
+    # The parallel branches are children of the parallel step, and ran concurrently.
+    fan = steps["fan"]["span_id"]
+    assert steps["left"]["parent_id"] == fan and steps["right"]["parent_id"] == fan
+    # step_start announces the same span as its step_end.
+    for e in res.events("step_start"):
+        assert steps[e["step"]]["span_id"] == e["span_id"]
+        assert steps[e["step"]]["parent_id"] == e["parent_id"]
+    for e in by_id.values():
+        assert e["start_ts"] <= e["ts"] and e["parent_id"] in (by_id.keys() | {root})
+    calls = {c["agent"]: c for c in res.events("llm_call")}
+    assert calls["solver"]["parent_id"] == steps["first"]["span_id"]
+    assert calls["s1"]["parent_id"] == steps["left"]["span_id"]
+    (tool,) = res.events("tool_call")
+    assert tool["parent_id"] == steps["right"]["span_id"] and tool["status"] == "ok"
+    solver = calls["solver"]
+    assert solver["model"] == "test-model" and solver["model_id"] == "m"
+    assert solver["temperature"] == 0.2 and solver["retries"] == 0
+    assert solver["finish_reason"] == "stop" and solver["response_model"]
+    expected = (solver["prompt_tokens"] * 1.0 + solver["completion_tokens"] * 2.0) / 1e6
+    assert abs(solver["cost_usd"] - expected) < 1e-9
+    assert sum(c["cost_usd"] for c in calls.values()) == res.out["usage"]["cost_usd"]
+    # Content is opt-in: nothing of the prompts or answers by default.
+    assert not any("messages" in c or "completion" in c for c in calls.values())
+    assert "arguments" not in tool and "result" not in tool
+
+
+def test_retries_are_spans_with_attempt_and_error(make: Callable[..., Pkg]) -> None:
+    flow = """
+    async def run_workflow(self) -> None:
+        async with self.run.step("only", "/workflow/0"):
+            self.state["x"] = await self.run.call("solver", "Solve {{ question }}")
+    """
+    with LLMTestServer(Script([(r".", "ANSWER: 1")])) as srv:
+        srv.inject("status", 2, status=503)
+        res = make(flow).run(srv)
+    assert res.code == 0, res.stderr
+    calls = res.events("llm_call")
+    assert [(c["attempt"], c["retries"], c["status"]) for c in calls] == [
+        (1, 0, "error"),
+        (2, 1, "error"),
+        (3, 2, "ok"),
+    ]
+    assert "503" in calls[0]["error"] and "cost_usd" not in calls[0]
+    assert len({c["span_id"] for c in calls}) == 3
+    assert len({c["parent_id"] for c in calls}) == 1
+
+
+def test_debate_and_ensemble_calls_carry_round_sample_and_judge(
+    make: Callable[..., Pkg],
+) -> None:
+    flow = """
+    async def run_workflow(self) -> None:
+        async with self.run.step("argue", "/workflow/0"):
+            self.state["v"] = await self.run.debate(
+                ["s1", "s2", "s3"], "Topic: {{ question }}", rounds=2, judge="judge", vote=None
+            )
+        async with self.run.step("vote", "/workflow/1"):
+            self.state["w"] = await self.run.ensemble(
+                ["s1", "s2"], "Guess {{ question }}", vote="majority", judge=None
+            )
+    """
+    answers: dict[str, Any] = {f"s{i}": f"ANSWER: {i}" for i in (1, 2, 3)}
+    answers["judge"] = {"answer": "s2"}
+    with LLMTestServer(by_agent(answers), latency_s=0.05) as srv:
+        res = make(flow, outputs={"v": "v.answer"}).run(srv)
+    assert res.code == 0, res.stderr
+    debate = [c for c in res.events("llm_call") if c["step"] == "argue"]
+    labelled = sorted((c.get("round"), c.get("sample"), c["agent"]) for c in debate[:-1])
+    assert labelled == [
+        (1, 0, "s1"),
+        (1, 1, "s2"),
+        (1, 2, "s3"),
+        (2, 0, "s1"),
+        (2, 1, "s2"),
+        (2, 2, "s3"),
+    ]
+    judge = debate[-1]
+    assert judge["agent"] == "judge" and judge["role"] == "judge" and "round" not in judge
+    ensemble = [c for c in res.events("llm_call") if c["step"] == "vote"]
+    assert sorted((c["sample"], c["agent"]) for c in ensemble) == [(0, "s1"), (1, "s2")]
+    assert all("round" not in c for c in ensemble)
+
+
+def test_trace_content_and_traceparent(make: Callable[..., Pkg]) -> None:
+    flow = """
+    async def run_workflow(self) -> None:
+        async with self.run.step("only", "/workflow/0"):
+            self.state["x"] = await self.run.call("toolie", "Tidy <{{ question }}>")
+    """
+
+    def respond(req: ChatRequest) -> ReplyLike:
+        if any(m.get("role") == "tool" for m in req.messages):
+            return "done: <b>ok</b>"
+        return Reply(tool_calls=[ToolCall("normalize", {"text": " a. "})])
+
+    trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    with LLMTestServer(respond) as srv:
+        res = make(flow).run(
+            srv,
+            MAS2C_TRACE_CONTENT="1",
+            MAS2C_TRACEPARENT=f"00-{trace_id}-{parent}-01",
+        )
+    assert res.code == 0, res.stderr
+    start = res.trace[0]
+    assert start["trace_id"] == trace_id and start["parent_id"] == parent
+    assert start["trace_content"] is True
+    first, second = res.events("llm_call")
+    assert first["messages"][-1] == {"role": "user", "content": "Tidy <q?>"}
+    assert first["completion"]["tool_calls"][0]["function"]["name"] == "normalize"
+    assert second["completion"]["content"] == "done: <b>ok</b>"
+    (tool,) = res.events("tool_call")
+    assert tool["arguments"] == {"text": " a. "} and tool["result"] == "a"
+    assert tool["agent"] == "toolie"
+
+
+def test_a_malformed_traceparent_starts_a_fresh_trace(make: Callable[..., Pkg]) -> None:
+    flow = """
+    async def run_workflow(self) -> None:
+        async with self.run.step("only", "/workflow/0"):
+            self.state["x"] = 1
+    """
+    res = make(flow).run(None, MAS2C_TRACEPARENT="00-" + "0" * 32 + "-b7ad6b7169203331-01")
+    assert res.code == 0, res.stderr
+    assert HEX32.match(res.trace[0]["trace_id"]) and set(res.trace[0]["trace_id"]) != {"0"}
+    assert res.trace[0]["parent_id"] is None
