@@ -163,8 +163,15 @@ def main() -> int:
                 return f"```python\n{canonical_solution(p)}\n```"
         return "```python\nraise SystemExit('unknown problem')\n```"
 
+    commit = (
+        os.environ.get("MAS2C_COMMIT")
+        or subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
     result: dict[str, Any] = {
         "benchmark": "batch",
+        "commit": commit or "unknown",
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "problems": len(problems),
         "sandbox": args.sandbox,
@@ -280,7 +287,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"problem). Ray: two nodes on this machine, {result['ray_cpus_per_node']} CPUs each. "
         f"Machine: {result['nproc']} cores **shared with 7 other engineers' work** (load average "
         f"{result['loadavg_start']} at the start, {result['loadavg_end']} at the end): wall times "
-        "are indicative, ratios between rows more than absolute values.",
+        f"are indicative, ratios between rows more than absolute values. Code: commit "
+        f"{result.get('commit')}.",
         "",
         "| problems | engine | workers | wall (s) | problems/min | pass@1 | results identical to the "
         "first run on the same problems (timing aside) |",

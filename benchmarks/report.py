@@ -482,7 +482,11 @@ def batch_section() -> list[str]:
 
 def others_section() -> list[str]:
     out = []
-    for name, title in (("local", "Embedded local model"), ("rectify", "Rectifier")):
+    for name, title in (
+        ("local", "Embedded local model"),
+        ("rectify", "Rectifier"),
+        ("startup", "Start-up against fan-out width (1 vs 100)"),
+    ):
         md = RESULTS / f"{name}.md"
         js = RESULTS / f"{name}.json"
         if md.is_file() or js.is_file():

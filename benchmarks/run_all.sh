@@ -51,6 +51,8 @@ step sandbox $PY benchmarks/bench_sandbox.py "${SANDBOX[@]}"
 step compile $PY benchmarks/bench_compile.py "${COMPILE[@]}"
 step humaneval $PY benchmarks/bench_humaneval.py "${HUMANEVAL[@]}"
 step batch $PY benchmarks/bench_batch.py "${BATCH[@]}"
+step gateway-flood sh -c "$PY benchmarks/bench_gateway_flood.py --json >$RESULTS/gateway_flood.json"
+step dead-endpoint sh -c "$PY benchmarks/bench_dead_endpoint.py --e2e >$RESULTS/dead_endpoint.json"
 
 cat /proc/loadavg >"$RESULTS/loadavg-end.txt"
 REPORT_PY=benchmarks/.venvs/report/bin/python

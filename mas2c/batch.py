@@ -66,6 +66,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from mas2c.errors import RunFailure
 from mas2c.files import write_text_atomic
 
 __all__ = [
@@ -95,8 +96,10 @@ MAX_PREDICTION_CHARS = 2000  # kept in results.jsonl; the run folder has the who
 TIMING_FIELDS = ("seconds", "score_seconds", "total_seconds")
 
 
-class BatchError(Exception):
+class BatchError(RunFailure):
     """The batch cannot run (bad dataset, spec, mapping or run folder): a user-facing message."""
+
+    code = "batch"
 
 
 # ------------------------------------------------------------------------------------ dataset
@@ -224,14 +227,14 @@ def check_rows(
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_EDGES = re.compile(r"^[\s\"'`]+|[\s\"'`.]+$")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
     """exact: case folded, spaces collapsed, surrounding quotes and a final period dropped."""
-    text = " ".join(str(text).split()).casefold().strip()
-    text = text.strip("\"'`").rstrip(".").strip()
-    return text
+    text = " ".join(str(text).split()).casefold()
+    return _EDGES.sub("", text)
 
 
 def _f1_tokens(text: str) -> list[str]:
@@ -275,7 +278,10 @@ def parse_number(text: Any) -> float | None:
 
 
 def _numbers_equal(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    """Integers exactly; others within a relative 1e-9 (0.1 + 0.2 is 0.3)."""
+    if a.is_integer() and b.is_integer():
+        return a == b
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")

@@ -1,8 +1,22 @@
 """The `mas2c` command line.
 
-Each verb's module is imported only when that verb runs, so `mas2c --help`
-stays fast. Exit codes: 0 success, 1 the input is invalid or the run failed,
-2 usage error (bad flags, missing file).
+Contract (scripts first):
+
+- Every verb takes ``--json``: stdout then carries exactly one JSON document, an
+  object with ``"ok": true|false`` — also on failure, when it holds
+  ``"error": {"code", "kind", "type", "message", "exit_code"}`` (see `mas2c.errors`).
+  Human text, warnings and progress go to stderr; without ``--json`` stdout carries
+  only the verb's result (outputs, a spec, a diagram, a diff).
+- Exit codes, the same for every verb: 0 success, 1 the input is invalid or the work
+  failed (``validate``/``diff``: 1 = invalid/different), 2 usage (bad flags, a missing
+  file, an output the verb must not touch), 130 interrupted.
+- ``-`` means stdin or stdout wherever a file is read or written (``--input -``,
+  ``validate -``, ``-o -``).
+- One handler: every error is a `mas2c.errors.Mas2cError` (or an OSError, reported as
+  one), caught once in `main`; never a traceback.
+- Lazy: each verb's modules are imported only when it runs. `mas2c --help` and
+  `mas2c run BUILD_DIR` import neither the compiler (black, jinja2, libcst) nor the
+  spec's pydantic models (asserted by tests/test_cli_contract.py).
 """
 
 from __future__ import annotations
@@ -11,25 +25,62 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mas2c import __version__
-from mas2c.meta import meta_client
+from mas2c.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    FileFailure,
+    Interrupted,
+    Mas2cError,
+    UsageError,
+    os_error_message,
+)
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+EXIT_INVALID = EXIT_FAILURE  # the older name, kept for scripts that import it
 
-
-class UsageError(Exception):
-    """A problem with how mas2c was called: printed without a traceback, exit 2."""
-
+__all__ = ["EXIT_INVALID", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser", "main"]
 
 Handler = Callable[[argparse.Namespace], int]
+STDIO = "-"
+
+
+# -- output ---------------------------------------------------------------------------------------
 
 
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _finish(args: argparse.Namespace, ok: bool, doc: dict[str, Any], text: str = "") -> int:
+    """The verb's one result: the JSON document (`--json`) or `text` on stdout."""
+    if getattr(args, "json", False):
+        _print_json({"ok": ok, **doc})
+    elif text:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(message if message.endswith("\n") else message + "\n")
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"mas2c: warning: {message}\n")
+
+
+def _progress(message: str) -> None:
+    sys.stderr.write(f"mas2c: {message}\n")
+    sys.stderr.flush()
+
+
+# -- reading and writing the user's files ---------------------------------------------------------
 
 
 def _existing(path: str) -> Path:
@@ -39,125 +90,187 @@ def _existing(path: str) -> Path:
     return p
 
 
-# -- verbs ---------------------------------------------------------------------------------------
+def _readable_file(path: str, what: str = "file") -> Path:
+    p = _existing(path)
+    if p.is_dir():
+        raise UsageError(f"{path}: is a folder, expected a {what}")
+    return p
+
+
+@contextmanager
+def _input_file(path: str, what: str = "input file") -> Iterator[Path]:
+    """A path to read: the file itself, or (for `-`) stdin spooled into a private temp file."""
+    if path != STDIO:
+        yield _readable_file(path, what)
+        return
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="mas2c-stdin-"))
+    try:
+        spooled = folder / "stdin.json"
+        spooled.write_bytes(sys.stdin.buffer.read())
+        yield spooled
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_user_file(path: str, text: str) -> str | None:
+    """Write `text` to the file the user named (`-`: stdout), atomically, creating no folder.
+
+    Returns the path written, or None for stdout.
+    """
+    if path == STDIO:
+        sys.stdout.write(text)
+        return None
+    from mas2c.files import write_text_atomic
+
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"cannot write {path}: is a folder")
+    try:
+        write_text_atomic(target, text, parents=False)
+    except FileNotFoundError:
+        raise UsageError(
+            f"cannot write {path}: the folder {target.parent} does not exist (mas2c creates no folders for -o FILE)"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return str(target)
+
+
+def _load(path_text: str) -> Any:
+    """A valid spec (`-`: read from stdin), or `SpecInvalid` with every problem."""
+    from mas2c.validate import SpecInvalid, load_spec, validate_text
+
+    if path_text == STDIO:
+        report = validate_text(sys.stdin.read(), "<stdin>")
+        if report.spec is None or not report.ok:
+            raise SpecInvalid(report)
+        return report.spec
+    path = _readable_file(path_text, "spec file")
+    try:
+        return load_spec(path)
+    except OSError as exc:
+        raise UsageError(f"{path_text}: {exc.strerror or exc}") from None
+
+
+def _task(text: str) -> str:
+    if text == STDIO:
+        text = sys.stdin.read()
+    if not text.strip():
+        raise UsageError("the task is empty; say what the system should do")
+    return text
+
+
+# -- verbs ----------------------------------------------------------------------------------------
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mas2c.validate import validate_file
+    from mas2c.validate import validate_file, validate_text
 
+    if args.spec.count(STDIO) > 1:
+        raise UsageError("stdin (-) can be read only once")
     reports = []
     for name in args.spec:
-        path = _existing(name)
+        if name == STDIO:
+            reports.append(validate_text(sys.stdin.read(), "<stdin>"))
+            continue
+        path = _readable_file(name, "spec file")
         try:
             reports.append(validate_file(path))
         except OSError as exc:
             raise UsageError(f"{name}: {exc.strerror or exc}") from None
+    valid = all(r.ok for r in reports)
     if args.json:
-        _print_json(reports[0].to_json() if len(reports) == 1 else [r.to_json() for r in reports])
+        _print_json({"ok": valid, "valid": valid, "reports": [r.to_json() for r in reports]})
     else:
         for report in reports:
             stream = sys.stdout if report.ok else sys.stderr
             stream.write(report.format() + "\n")
-    return EXIT_OK if all(r.ok for r in reports) else EXIT_INVALID
+    return EXIT_OK if valid else EXIT_FAILURE
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from mas2c.spec import json_schema
 
-    text = json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
-    if args.output:
-        from mas2c.files import write_text_atomic
-
-        try:
-            write_text_atomic(Path(args.output), text)
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
-    else:
+    schema = json_schema()
+    text = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+    if args.output in (None, STDIO):
+        if args.json:
+            return _finish(args, True, {"output": None, "schema": schema})
         sys.stdout.write(text)
-    return EXIT_OK
-
-
-def _load(path_text: str) -> Any:
-    """A valid spec, or the validator's report on stderr and exit 1."""
-    from mas2c.validate import SpecInvalid, load_spec
-
-    path = _existing(path_text)
-    if path.is_dir():
-        raise UsageError(f"{path_text}: is a folder, expected a spec file")
-    try:
-        return load_spec(path)
-    except SpecInvalid as exc:
-        raise SpecRejected(exc.report.format()) from None
-    except OSError as exc:
-        raise UsageError(f"{path_text}: {exc.strerror or exc}") from None
-
-
-class SpecRejected(Exception):
-    """The spec has errors: printed with their places, exit 1."""
+        return EXIT_OK
+    written = _write_user_file(args.output, text)
+    return _finish(args, True, {"output": written}, "")
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from mas2c.compile import CompileError, compile_spec
+    from mas2c.compile import compile_spec
+    from mas2c.files import check_output_folder, write_build
 
+    if args.output == STDIO:
+        raise UsageError("a build is a folder: -o needs a folder, not stdout")
     spec = _load(args.spec)
-    try:
-        build = compile_spec(spec)
-    except CompileError as exc:
-        raise SpecRejected(f"{args.spec}: {exc}") from None
+    build = compile_spec(spec)
     out = Path(args.output or f"build/{build.package}")
+    check_output_folder(out, force=args.force)  # before any work touches the disk
     try:
-        build.write(out)
+        state = write_build(out, build.files, force=args.force)
     except OSError as exc:
         raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
-    if args.json:
-        _print_json({"output": str(out), "package": build.package, "files": sorted(build.files)})
-    else:
-        sys.stdout.write(
-            f"compiled {spec.name} -> {out} ({len(build.files)} files, package {build.package})\n"
-        )
-    return EXIT_OK
+    doc = {
+        "output": str(out),
+        "package": build.package,
+        "files": sorted(build.files),
+        "replaced": state,
+    }
+    _say(f"compiled {spec.name} -> {out} ({len(build.files)} files, package {build.package})")
+    return _finish(args, True, doc)
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
     from mas2c import graph
 
     spec = _load(args.spec)
-    sys.stdout.write(graph.dot(spec) if args.format == "dot" else graph.mermaid(spec))
-    return EXIT_OK
+    text = graph.dot(spec) if args.format == "dot" else graph.mermaid(spec)
+    return _finish(args, True, {"format": args.format, "diagram": text}, text)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from mas2c.diff import diff_paths
-    from mas2c.validate import SpecInvalid
+    from mas2c import diff
 
     a, b = _existing(args.a), _existing(args.b)
     try:
-        text, different, data = diff_paths(a, b)
-    except SpecInvalid as exc:
-        raise SpecRejected(exc.report.format()) from None
+        kind = diff.path_kind(a)
+        text, different, data = diff.diff_paths(a, b)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.json and data is not None:
-        _print_json({"different": different, "changes": data})
+    if args.json:
+        changes = data if kind == "spec" else diff.diff_builds_json(a, b)
+        _print_json({"ok": True, "kind": kind, "different": different, "changes": changes})
     else:
         sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
-    return EXIT_INVALID if different else EXIT_OK
+    return EXIT_FAILURE if different else EXIT_OK
 
 
-def _warn(message: str) -> None:
-    sys.stderr.write(f"mas2c: warning: {message}\n")
+# -- LLM and sandbox options ----------------------------------------------------------------------
 
 
 def _llm_config(args: argparse.Namespace) -> Any:
     from mas2c.run import LLMConfig
 
     llm = getattr(args, "llm", None)
+    record = getattr(args, "record", None)
+    replay = getattr(args, "replay", None)
+    # --record F --replay F: new episodes; F may not exist yet. A strict replay's must.
+    same = bool(record and replay and Path(record) == Path(replay))
     return LLMConfig(
         url=None if llm in (None, "local") else llm,
         force_local=llm == "local",
         local_model=Path(args.local_model) if getattr(args, "local_model", None) else None,
-        record=Path(args.record) if getattr(args, "record", None) else None,
-        replay=Path(_existing(args.replay)) if getattr(args, "replay", None) else None,
+        record=Path(record) if record else None,
+        replay=(Path(replay) if same else _readable_file(replay, "cassette")) if replay else None,
         cache=bool(getattr(args, "cache", False)),
     )
 
@@ -165,47 +278,11 @@ def _llm_config(args: argparse.Namespace) -> Any:
 def _sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
     from mas2c import sandbox
 
-    limits = sandbox.Limits(
-        timeout_s=args.timeout,
-        memory_mb=args.memory,
-        cpus=args.cpus,
-    )
+    limits = sandbox.Limits(timeout_s=args.timeout, memory_mb=args.memory, cpus=args.cpus)
     loosen = sandbox.Loosen(
         network=args.allow_network, writable_root=args.writable_root, root_user=args.as_root
     )
     return {"backend": args.sandbox, "limits": limits, "loosen": loosen, "image": args.image}
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from mas2c.run import run_system
-
-    target = _existing(args.target)
-    input_path = _existing(args.input)
-    run_dir = Path(args.run_dir or _default_run_dir())
-    outcome = _guarded(
-        lambda: run_system(
-            target,
-            input_path,
-            run_dir,
-            llm=_llm_config(args),
-            on_warning=_warn,
-            **_sandbox_options(args),
-        )
-    )
-    if args.json:
-        _print_json(
-            {
-                "run_dir": str(run_dir),
-                "status": outcome.status,
-                "exit_code": outcome.exit_code,
-                "result": outcome.result,
-                "usage": outcome.usage,
-                "sandbox": outcome.sandbox,
-            }
-        )
-    else:
-        _print_outcome(outcome)
-    return EXIT_OK if outcome.ok else EXIT_INVALID
 
 
 def _default_run_dir() -> str:
@@ -214,95 +291,336 @@ def _default_run_dir() -> str:
     return f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _print_outcome(outcome: Any) -> None:
+# -- run ------------------------------------------------------------------------------------------
+
+
+class _RunMeter:
+    """Progress of one run on stderr: LLM calls, tokens and cost so far, from the gateway's
+    events; one line per call at most once a second (a rewriting line on a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        import threading
+        import time
+
+        self.enabled = enabled
+        self.calls = self.tokens = self.errors = 0
+        self.cost = 0.0
+        self.steps: list[str] = []
+        self._lock = threading.Lock()
+        self._clock = time.monotonic
+        self._last = 0.0
+        self._tty = sys.stderr.isatty()
+
+    def phase(self, message: str) -> None:
+        if self.enabled:
+            self._end_line()
+            _progress(message)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            if event.get("status") == 200:
+                self.calls += 1
+                self.tokens += int(event.get("total_tokens") or 0)
+                self.cost += float(event.get("cost_usd") or 0.0)
+            else:
+                self.errors += 1
+            step = str(event.get("step") or "")
+            if step and step not in self.steps:
+                self.steps.append(step)
+            now = self._clock()
+            if not self.enabled or (not self._tty and now - self._last < 1.0):
+                return
+            self._last = now
+            line = self.line()
+            if self._tty:
+                sys.stderr.write(f"\r\033[Kmas2c: {line}")
+            else:
+                sys.stderr.write(f"mas2c: {line}\n")
+            sys.stderr.flush()
+
+    def line(self) -> str:
+        at = (
+            f"; at step {self.steps[-1]} ({len(self.steps)} step(s) with LLM calls)"
+            if self.steps
+            else ""
+        )
+        failed = f", {self.errors} failed" if self.errors else ""
+        return (
+            f"run: {self.calls} LLM call(s){failed}, {self.tokens} tokens, "
+            f"${self.cost:.4f} so far{at}"
+        )
+
+    def _end_line(self) -> None:
+        if self._tty and self.calls:
+            sys.stderr.write("\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mas2c.run import run_system
+
+    target = _existing(args.target)
+    run_dir = Path(args.run_dir or _default_run_dir())
+    meter = _RunMeter(enabled=not args.quiet)
+    with _input_file(args.input) as input_path:
+        outcome = run_system(
+            target,
+            input_path,
+            run_dir,
+            llm=_llm_config(args),
+            on_warning=_warn,
+            on_event=meter.on_event,
+            on_progress=meter.phase,
+            **_sandbox_options(args),
+        )
+    meter.phase("done")
     usage = outcome.usage
-    line = (
+    summary = (
         f"{outcome.status} (exit {outcome.exit_code}) in {outcome.sandbox.get('duration_s', 0):.1f}s; "
         f"{usage.get('calls', 0)} LLM call(s), {usage.get('total_tokens', 0)} tokens, "
         f"${usage.get('cost_usd', 0):.4f}; run folder {outcome.run_dir}"
     )
-    if outcome.ok:
-        sys.stdout.write(
-            json.dumps(outcome.result.get("outputs", {}), indent=2, ensure_ascii=False) + "\n"
-        )
-        sys.stdout.write(line + "\n")
-    else:
+    if not outcome.ok:
         error = outcome.result.get("error") or {}
         where = f" at {error['spec_pointer']}" if error.get("spec_pointer") else ""
-        sys.stderr.write(
-            f"{error.get('type', 'Error')}{where}: {error.get('message', '')}\n{line}\n"
-        )
+        _say(f"{error.get('type', 'Error')}{where}: {error.get('message', '')}")
+    _say(summary)
+    doc = {
+        "run_dir": str(run_dir),
+        "status": outcome.status,
+        "exit_code": outcome.exit_code,
+        "result": outcome.result,
+        "usage": outcome.usage,
+        "sandbox": outcome.sandbox,
+    }
+    outputs = outcome.result.get("outputs", {}) if outcome.ok else None
+    text = json.dumps(outputs, indent=2, ensure_ascii=False) if outcome.ok else ""
+    return _finish(args, outcome.ok, doc, text)
 
 
-def _guarded(action: Callable[[], Any]) -> Any:
-    """Turns the setup errors of a run (sandbox, gateway, local model) into usage-level messages."""
-    from mas2c.gateway import GatewayError
-    from mas2c.local import LocalModelError
-    from mas2c.run import RunError
-    from mas2c.sandbox import SandboxError
-    from mas2c.validate import SpecInvalid
-
-    try:
-        return action()
-    except SpecInvalid as exc:
-        raise SpecRejected(exc.report.format()) from None
-    except (RunError, SandboxError, GatewayError, LocalModelError) as exc:
-        raise SetupFailed(str(exc)) from None
-    except OSError as exc:  # an unwritable run folder or cassette path, a full disk, ...
-        raise SetupFailed(_os_error(exc)) from None
-    except Exception as exc:
-        # An endpoint that fails the meta-agents (generate, configure, solve). mas2c.llm
-        # imports openai (slow): look it up only if the command loaded it.
-        llm = sys.modules.get("mas2c.llm")
-        if llm is not None and isinstance(exc, llm.LLMError):
-            raise SetupFailed(str(exc)) from None
-        raise
-
-
-def _os_error(exc: OSError) -> str:
-    where = f"{exc.filename}: " if exc.filename else ""
-    return f"{where}{exc.strerror or exc}"
-
-
-def _task(text: str) -> str:
-    if not text.strip():
-        raise UsageError("the task is empty; say what the system should do")
-    return text
-
-
-def _write_spec(spec: Any, out: Path) -> str:
-    from mas2c.generate import write_spec_yaml
-
-    try:
-        return write_spec_yaml(spec, out)
-    except OSError as exc:
-        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
-
-
-class SetupFailed(Exception):
-    """A run could not start (no daemon, no image, no endpoint): exit 1 with the fix."""
+# -- sandbox --------------------------------------------------------------------------------------
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from mas2c import sandbox
 
     if args.action == "build":
-        tag = _guarded(
-            lambda: sandbox.build_image(base=args.base, tag=args.tag, on_progress=_progress)
+        tag = sandbox.build_image(base=args.base, tag=args.tag, on_progress=_progress)
+        return _finish(args, True, {"image": tag}, f"built {tag}")
+    status = sandbox.status(args.tag)
+    ready = bool(status["daemon"]["reachable"]) and bool(status["image"]["present"])
+    lines = [
+        f"daemon: {'up' if status['daemon']['reachable'] else 'DOWN'}"
+        + (f" (Docker {status['daemon']['version']})" if status["daemon"]["version"] else "")
+        + (f" — {status['daemon']['error']}" if status["daemon"]["error"] else ""),
+        f"image: {status['image']['name']} "
+        + ("present" if status["image"]["present"] else "MISSING (mas2c sandbox build)"),
+        "backends: "
+        + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in status["backends"].items()),
+        f"leftover containers: {status['leftover_containers']}",
+    ]
+    return _finish(args, ready, {"status": status}, "\n".join(lines))
+
+
+# -- generate, configure, rectify, solve, bench -----------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mas2c.generate import generate_spec, spec_to_yaml
+    from mas2c.meta import meta_client
+
+    task = _task(args.task)
+    if args.output != STDIO and Path(args.output).is_dir():
+        raise UsageError(f"cannot write {args.output}: is a folder")
+    examples = _existing(args.examples) if args.examples else None
+    if examples is not None and not examples.is_dir():
+        raise UsageError(f"{args.examples}: --examples expects a folder of example specs")
+    with meta_client(_llm_config(args), model=args.model, progress=_progress) as client:
+        result = generate_spec(
+            task,
+            client,
+            examples_dir=examples,
+            max_repairs=args.max_repairs,
+            on_progress=_progress,
         )
-        sys.stdout.write(f"built {tag}\n")
-        return EXIT_OK
-    status = sandbox.status()
-    if args.json:
-        _print_json(status)
+    text = spec_to_yaml(result.spec)
+    if args.json and args.output == STDIO:
+        return _finish(args, True, {"output": None, "spec_yaml": text, **result.to_json()})
+    written = _write_user_file(args.output, text)
+    if written is not None:
+        _say(f"wrote {written} ({result.spec.name}, {result.attempts} answer(s))")
+    return _finish(args, True, {"output": written, **result.to_json()})
+
+
+def cmd_configure(args: argparse.Namespace) -> int:
+    from mas2c.configure import configure_spec, load_pool
+    from mas2c.generate import spec_to_yaml
+    from mas2c.meta import meta_client
+
+    spec = _load(args.spec)
+    output = None if args.output in (None, STDIO) else args.output
+    if output is not None and Path(output).is_dir():
+        raise UsageError(f"cannot write {output}: is a folder")
+    with _input_file(args.pool, "pool file") as pool_path:
+        pool = load_pool(pool_path)
+    if args.rule:
+        result = configure_spec(spec, pool, rebind=args.rebind)
     else:
-        for key, value in status.items():
-            sys.stdout.write(f"{key}: {value}\n")
-    return EXIT_OK
+        with meta_client(_llm_config(args), model=args.model, progress=_progress) as client:
+            result = configure_spec(
+                spec, pool, client=client, rebind=args.rebind, on_progress=_progress
+            )
+    for agent, choice in sorted(result.choices.items()):
+        _say(f"{agent} -> {choice.model} ({choice.by}: {choice.reason})")
+    text = spec_to_yaml(result.spec)
+    if output is None:
+        if args.json:
+            return _finish(args, True, {"output": None, "spec_yaml": text, **result.to_json()})
+        sys.stdout.write(text)
+        return EXIT_OK
+    written = _write_user_file(output, text)
+    _say(f"wrote {written}")
+    return _finish(args, True, {"output": written, **result.to_json()})
 
 
-def _progress(message: str) -> None:
-    sys.stderr.write(f"mas2c: {message}\n")
+def cmd_rectify(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack, nullcontext
+
+    from mas2c.configure import load_pool
+    from mas2c.meta import meta_client
+    from mas2c.rectify import rectify
+    from mas2c.run import make_upstream
+
+    run_dir = _existing(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{args.run_dir}: expected a run folder")
+    if args.max_rounds < 1:
+        raise UsageError("--max-rounds must be at least 1")
+    spec_path = _readable_file(args.spec, "spec file") if args.spec else None
+    llm = _llm_config(args)
+    progress = None if args.json else _progress
+    with ExitStack() as stack:
+        input_path = stack.enter_context(_input_file(args.input)) if args.input else None
+        pool = None
+        if args.pool:
+            pool = load_pool(stack.enter_context(_input_file(args.pool, "pool file")))
+        upstream = make_upstream(llm, on_progress=progress) if llm.replay is None else None
+        close = getattr(upstream, "close", None)
+        if callable(close):
+            stack.callback(close)
+        meta = (
+            nullcontext(None)
+            if args.no_llm
+            else meta_client(llm, model=args.model, progress=progress, upstream=upstream)
+        )
+        client = stack.enter_context(meta)
+        outcome = rectify(
+            run_dir,
+            spec_path=spec_path,
+            input_path=input_path,
+            max_rounds=args.max_rounds,
+            write=args.write,
+            client=client,
+            llm=llm,
+            upstream=upstream,
+            max_cost=args.max_cost,
+            max_calls=args.max_calls,
+            allow_budget_raise=args.allow_budget_raise,
+            pool=pool,
+            resume=not args.no_resume,
+            progress=progress,
+            on_warning=_warn,
+            **_sandbox_options(args),
+        )
+    text = (
+        f"{outcome.status}: {outcome.stop_reason} ({outcome.rounds_run} round(s), "
+        f"{outcome.llm_calls} rectifier LLM call(s)); rounds in {run_dir / 'rectify'}"
+    )
+    if outcome.written is not None:
+        text += f"\nwrote {outcome.written}"
+    return _finish(args, outcome.ok, outcome.to_json(), text)
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    from mas2c.solve import print_progress, solve
+
+    task = _task(args.task)
+    solve_dir = Path(args.run_dir or _default_run_dir())
+    with _solve_inputs(args) as (input_path, pool_path):
+        outcome = solve(
+            task,
+            input_path,
+            solve_dir,
+            llm=_llm_config(args),
+            model=args.model,
+            pool_path=pool_path,
+            max_repairs=args.max_repairs,
+            progress=None if args.json else print_progress,
+            on_warning=_warn,
+            rectify_rounds=args.rectify_rounds,
+            **_sandbox_options(args),
+        )
+    report = (solve_dir / "report.md").read_text("utf-8")
+    return _finish(args, outcome.ok, outcome.to_json(), report)
+
+
+@contextmanager
+def _solve_inputs(args: argparse.Namespace) -> Iterator[tuple[Path, Path | None]]:
+    """solve's --input (may be `-`) and --pool, as paths."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        input_path = stack.enter_context(_input_file(args.input))
+        pool = stack.enter_context(_input_file(args.pool, "pool file")) if args.pool else None
+        yield input_path, pool
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mas2c.bench import BenchOptions, check_scorer, run_humaneval
+
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    if args.check_scorer and (args.spec or args.solve):
+        raise UsageError("--check-scorer runs the dataset's own solutions; drop --spec/--solve")
+    kind = "check" if args.check_scorer else "run"
+    run_dir = Path(args.run_dir or f"runs/humaneval-{kind}-{_default_run_dir().split('/')[-1]}")
+    spec = _readable_file(args.spec, "spec file") if args.spec else None
+    if args.check_scorer:
+        summary = check_scorer(
+            run_dir,
+            limit=args.limit,
+            workers=args.workers,
+            backend=args.sandbox,
+            image=args.image,
+            test_timeout_s=args.test_timeout,
+            on_warning=_warn,
+        )
+        ok = bool(summary["ok"])
+    else:
+        summary = run_humaneval(
+            BenchOptions(
+                run_dir=run_dir,
+                spec=spec,
+                solve=args.solve,
+                limit=args.limit,
+                workers=args.workers,
+                backend=args.sandbox,
+                image=args.image,
+                test_timeout_s=args.test_timeout,
+                hide_tests=args.hide_tests,
+                llm=_llm_config(args),
+                model=args.model,
+                on_warning=_warn,
+                engine=args.engine,
+                ray_address=args.address,
+                max_cost_usd=args.max_cost,
+            )
+        )
+        ok = bool(summary["complete"])
+    text = (run_dir / "results.md").read_text("utf-8").split("\n\n| problem")[0]
+    _say(f"run folder: {run_dir} (results.jsonl, summary.json, results.md)")
+    return _finish(args, ok, summary, text)
 
 
 def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
@@ -338,36 +656,32 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mas2c.report import ReportError, write_report
+    from mas2c.report import write_report
 
-    try:
-        out = write_report(_existing(args.run_dir), Path(args.output) if args.output else None)
-    except ReportError as exc:
-        raise UsageError(str(exc)) from None
-    sys.stdout.write(f"{out}\n")
-    return EXIT_OK
+    output = Path(args.output) if args.output else None
+    if output is not None and not output.parent.is_dir():
+        raise UsageError(
+            f"cannot write {output}: the folder {output.parent} does not exist (mas2c creates no folders for -o FILE)"
+        )
+    out = write_report(_existing(args.run_dir), output)
+    return _finish(args, True, {"output": str(out)}, str(out))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mas2c.otel import ExportError, export_otel
+    from mas2c.otel import export_otel
 
-    try:
-        sent = export_otel(
-            _existing(args.run_dir), args.endpoint, service=args.service, timeout_s=args.timeout
-        )
-    except ExportError as exc:
-        raise SetupFailed(str(exc)) from None
-    if args.json:
-        _print_json(sent)
-    else:
-        sys.stdout.write(f"exported {sent['spans']} span(s) of trace {sent['trace_id']}\n")
-    return EXIT_OK
+    sent = export_otel(
+        _existing(args.run_dir), args.endpoint, service=args.service, timeout_s=args.timeout
+    )
+    text = f"exported {sent['spans']} span(s) of trace {sent['trace_id']}"
+    return _finish(args, True, sent, text)
 
 
 def _add_observe_verbs(verbs: Any) -> None:
     p = verbs.add_parser("report", help="write a self-contained HTML report of a run folder")
     p.add_argument("run_dir", help="a run, rectify or solve folder")
     p.add_argument("-o", "--output", help="HTML file to write (default RUN_DIR/report.html)")
+    _add_json(p)
     p.set_defaults(handler=cmd_report)
     p = verbs.add_parser("export", help="send a run's trace elsewhere (OpenTelemetry)")
     p.add_argument("format", choices=["otel"], help="otel: OTLP/HTTP with gen_ai.* attributes")
@@ -381,7 +695,7 @@ def _add_observe_verbs(verbs: Any) -> None:
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to deliver, retries included (30)"
     )
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
     p.set_defaults(handler=cmd_export)
 
 
@@ -393,295 +707,89 @@ def _add_llm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--local-model", help="a GGUF file for the embedded engine (default SmolLM2-135M-Instruct)"
     )
-    p.add_argument("--record", help="record every LLM exchange to this cassette (JSONL)")
-    p.add_argument("--replay", help="answer LLM requests from this cassette; no endpoint needed")
+    p.add_argument(
+        "--record",
+        help="record every LLM exchange to this cassette (JSONL); with --replay, record what "
+        "the replayed cassette lacks (new episodes, fetched from the endpoint)",
+    )
+    p.add_argument(
+        "--replay",
+        help="answer LLM requests from this cassette; no endpoint needed; a request it lacks "
+        "fails (HTTP 400 mas2c_cassette_miss) unless --record is given too",
+    )
     p.add_argument(
         "--cache", action="store_true", help="answer identical LLM requests from a cache"
     )
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from mas2c.generate import GenerateError, generate_spec
-
-    task = _task(args.task)
-    out = Path(args.output)
-    examples = _existing(args.examples) if args.examples else None
-    if examples is not None and not examples.is_dir():
-        raise UsageError(f"{args.examples}: --examples expects a folder of example specs")
-
-    def action() -> Any:
-        with meta_client(_llm_config(args), model=args.model, progress=_progress) as client:
-            return generate_spec(
-                task,
-                client,
-                examples_dir=examples,
-                max_repairs=args.max_repairs,
-                on_progress=_progress,
-            )
-
-    try:
-        result = _guarded(action)
-    except GenerateError as exc:
-        raise SpecRejected(
-            f"mas2c generate: no valid spec after {exc.attempts} answer(s):\n{exc}"
-        ) from None
-    _write_spec(result.spec, out)
-    if args.json:
-        _print_json({"output": str(out), **result.to_json()})
-    else:
-        sys.stdout.write(f"wrote {out} ({result.spec.name}, {result.attempts} answer(s))\n")
-    return EXIT_OK
-
-
-def cmd_configure(args: argparse.Namespace) -> int:
-    from mas2c.configure import ConfigureError, configure_spec, load_pool
-
-    spec = _load(args.spec)
-    out = Path(args.output) if args.output else None
-
-    def action() -> Any:
-        pool = load_pool(_existing(args.pool))
-        if args.rule:
-            return configure_spec(spec, pool, rebind=args.rebind)
-        with meta_client(_llm_config(args), model=args.model, progress=_progress) as client:
-            return configure_spec(
-                spec, pool, client=client, rebind=args.rebind, on_progress=_progress
-            )
-
-    try:
-        result = _guarded(action)
-    except ConfigureError as exc:
-        raise SpecRejected(f"mas2c configure: {exc}") from None
-    text = _write_spec(result.spec, out) if out else None
-    if args.json:
-        _print_json({"output": str(out) if out else None, **result.to_json()})
-    else:
-        for agent, choice in sorted(result.choices.items()):
-            sys.stderr.write(f"{agent} -> {choice.model} ({choice.by}: {choice.reason})\n")
-        if out is None:
-            from mas2c.generate import spec_to_yaml
-
-            sys.stdout.write(spec_to_yaml(result.spec))
-        else:
-            sys.stdout.write(f"wrote {out}\n" if text is not None else "")
-    return EXIT_OK
-
-
-def cmd_rectify(args: argparse.Namespace) -> int:
-    from contextlib import nullcontext
-
-    from mas2c.configure import ConfigureError, load_pool
-    from mas2c.rectify import RectifyError, rectify
-    from mas2c.run import make_upstream
-
-    run_dir = _existing(args.run_dir)
-    if not run_dir.is_dir():
-        raise UsageError(f"{args.run_dir}: expected a run folder")
-    if args.max_rounds < 1:
-        raise UsageError("--max-rounds must be at least 1")
-    spec_path = _existing(args.spec) if args.spec else None
-    input_path = _existing(args.input) if args.input else None
-    llm = _llm_config(args)
-    progress = None if args.json else _progress
-
-    def action() -> Any:
-        pool = load_pool(_existing(args.pool)) if args.pool else None
-        upstream = make_upstream(llm, on_progress=progress) if llm.replay is None else None
-        try:
-            meta = (
-                nullcontext(None)
-                if args.no_llm
-                else meta_client(llm, model=args.model, progress=progress, upstream=upstream)
-            )
-            with meta as client:
-                return rectify(
-                    run_dir,
-                    spec_path=spec_path,
-                    input_path=input_path,
-                    max_rounds=args.max_rounds,
-                    write=args.write,
-                    client=client,
-                    llm=llm,
-                    upstream=upstream,
-                    max_cost=args.max_cost,
-                    max_calls=args.max_calls,
-                    allow_budget_raise=args.allow_budget_raise,
-                    pool=pool,
-                    resume=not args.no_resume,
-                    progress=progress,
-                    on_warning=_warn,
-                    **_sandbox_options(args),
-                )
-        finally:
-            close = getattr(upstream, "close", None)
-            if callable(close):
-                close()
-
-    try:
-        outcome = _guarded(action)
-    except (RectifyError, ConfigureError) as exc:
-        raise SetupFailed(str(exc)) from None
-    if args.json:
-        _print_json(outcome.to_json())
-    else:
-        sys.stdout.write(
-            f"{outcome.status}: {outcome.stop_reason} ({outcome.rounds_run} round(s), "
-            f"{outcome.llm_calls} rectifier LLM call(s)); rounds in {run_dir / 'rectify'}\n"
-        )
-        if outcome.written is not None:
-            sys.stdout.write(f"wrote {outcome.written}\n")
-    return EXIT_OK if outcome.ok else EXIT_INVALID
-
-
-def cmd_solve(args: argparse.Namespace) -> int:
-    from mas2c.configure import ConfigureError
-    from mas2c.solve import SolveError, print_progress, solve
-
-    task = _task(args.task)
-    input_path = _existing(args.input)
-    solve_dir = Path(args.run_dir or _default_run_dir())
-
-    def action() -> Any:
-        return solve(
-            task,
-            input_path,
-            solve_dir,
-            llm=_llm_config(args),
-            model=args.model,
-            pool_path=_existing(args.pool) if args.pool else None,
-            max_repairs=args.max_repairs,
-            progress=None if args.json else print_progress,
-            on_warning=_warn,
-            rectify_rounds=args.rectify_rounds,
-            **_sandbox_options(args),
-        )
-
-    try:
-        outcome = _guarded(action)
-    except (SolveError, ConfigureError) as exc:
-        raise SetupFailed(str(exc)) from None
-    if args.json:
-        _print_json(outcome.to_json())
-    else:
-        sys.stdout.write((solve_dir / "report.md").read_text("utf-8"))
-    return EXIT_OK if outcome.ok else EXIT_INVALID
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from mas2c.bench import BenchError, BenchOptions, check_scorer, run_humaneval
-
-    if args.workers < 1:
-        raise UsageError("--workers must be at least 1")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be at least 1")
-    if args.check_scorer and (args.spec or args.solve):
-        raise UsageError("--check-scorer runs the dataset's own solutions; drop --spec/--solve")
-    kind = "check" if args.check_scorer else "run"
-    run_dir = Path(args.run_dir or f"runs/humaneval-{kind}-{_default_run_dir().split('/')[-1]}")
-    spec = _existing(args.spec) if args.spec else None
-
-    def action() -> Any:
-        if args.check_scorer:
-            return check_scorer(
-                run_dir,
-                limit=args.limit,
-                workers=args.workers,
-                backend=args.sandbox,
-                image=args.image,
-                test_timeout_s=args.test_timeout,
-                on_warning=_warn,
-            )
-        return run_humaneval(
-            BenchOptions(
-                run_dir=run_dir,
-                spec=spec,
-                solve=args.solve,
-                limit=args.limit,
-                workers=args.workers,
-                backend=args.sandbox,
-                image=args.image,
-                test_timeout_s=args.test_timeout,
-                hide_tests=args.hide_tests,
-                llm=_llm_config(args),
-                model=args.model,
-                on_warning=_warn,
-                engine=args.engine,
-                ray_address=args.address,
-                max_cost_usd=args.max_cost,
-            )
-        )
-
-    try:
-        summary = _guarded(action)
-    except BenchError as exc:
-        raise SetupFailed(str(exc)) from None
-    if args.json:
-        _print_json(summary)
-    else:
-        sys.stdout.write((run_dir / "results.md").read_text("utf-8").split("\n\n| problem")[0])
-        sys.stdout.write(f"\nrun folder: {run_dir} (results.jsonl, summary.json, results.md)\n")
-    if args.check_scorer:
-        return EXIT_OK if summary["ok"] else EXIT_INVALID
-    return EXIT_OK if summary["complete"] else EXIT_INVALID
-
-
 def cmd_batch(args: argparse.Namespace) -> int:
-    from mas2c.batch import BatchError, BatchOptions, parse_mapping, run_batch
+    from mas2c.batch import BatchOptions, parse_mapping, run_batch
 
     if args.workers < 1 or (args.limit is not None and args.limit < 1) or args.pilot < 1:
         raise UsageError("--workers, --limit and --pilot must be at least 1")
     if args.address and args.engine != "ray":
         raise UsageError("--address is for --engine ray")
     run_dir = Path(args.run_dir or f"runs/batch-{_default_run_dir().split('/')[-1]}")
-
-    def action() -> Any:
-        return run_batch(
-            BatchOptions(
-                run_dir=run_dir,
-                dataset=_existing(args.dataset),
-                spec=_existing(args.spec) if args.spec else None,
-                solve_task=args.solve,
-                mapping=parse_mapping(args.map or []),
-                id_field=args.id_field,
-                answer_field=args.answer_field,
-                output=args.output,
-                scorer=args.scorer,
-                limit=args.limit,
-                workers=args.workers,
-                engine=args.engine,
-                ray_address=args.address,
-                ray_max_retries=args.max_retries,
-                max_cost_usd=args.max_cost,
-                backend=args.sandbox,
-                image=args.image,
-                test_timeout_s=args.test_timeout,
-                llm=_llm_config(args),
-                model=args.model,
-                baseline=args.baseline,
-                baseline_model=args.baseline_model,
-                baseline_field=args.baseline_field,
-                pilot_rows=args.pilot,
-                on_warning=_warn,
-            )
+    summary = run_batch(
+        BatchOptions(
+            run_dir=run_dir,
+            dataset=_readable_file(args.dataset, "dataset file"),
+            spec=_readable_file(args.spec, "spec file") if args.spec else None,
+            solve_task=args.solve,
+            mapping=parse_mapping(args.map or []),
+            id_field=args.id_field,
+            answer_field=args.answer_field,
+            output=args.output,
+            scorer=args.scorer,
+            limit=args.limit,
+            workers=args.workers,
+            engine=args.engine,
+            ray_address=args.address,
+            ray_max_retries=args.max_retries,
+            max_cost_usd=args.max_cost,
+            backend=args.sandbox,
+            image=args.image,
+            test_timeout_s=args.test_timeout,
+            llm=_llm_config(args),
+            model=args.model,
+            baseline=args.baseline,
+            baseline_model=args.baseline_model,
+            baseline_field=args.baseline_field,
+            pilot_rows=args.pilot,
+            on_warning=_warn,
         )
-
-    try:
-        summary = _guarded(action)
-    except BatchError as exc:
-        raise SetupFailed(str(exc)) from None
-    if args.json:
-        _print_json(summary)
-    else:
-        sys.stdout.write((run_dir / "report.md").read_text("utf-8").split("\nRows not passed")[0])
-        sys.stdout.write(f"run folder: {run_dir} (results.jsonl, summary.json, report.md)\n")
-    return EXIT_OK if summary["complete"] else EXIT_INVALID
+    )
+    text = (run_dir / "report.md").read_text("utf-8").split("\nRows not passed")[0]
+    _say(f"run folder: {run_dir} (results.jsonl, summary.json, report.md)")
+    return _finish(args, bool(summary["complete"]), summary, text)
 
 
-# -- parser ----------------------------------------------------------------------------------------
+# -- parser ---------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors raised (so that `--json` gets its one document)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _ArgumentError(self, message)
+
+
+class _ArgumentError(UsageError):
+    code = "usage"
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+def _add_json(
+    p: argparse.ArgumentParser, help_text: str = "print one JSON document on stdout"
+) -> None:
+    p.add_argument("--json", action="store_true", help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mas2c",
         description="Build, run and repair LLM multi-agent systems from declarative specs (MAS²).",
     )
@@ -689,23 +797,36 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
 
     p = verbs.add_parser("validate", help="check specs and report every problem with its place")
-    p.add_argument("spec", nargs="+", help="spec file(s), YAML or JSON")
-    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("spec", nargs="+", help="spec file(s), YAML or JSON; - reads stdin")
+    _add_json(p, "one JSON document: {ok, valid, reports: [one per file]}")
     p.set_defaults(handler=cmd_validate)
 
     p = verbs.add_parser("schema", help="print the JSON Schema of the spec")
-    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.add_argument(
+        "-o", "--output", help="write to this file instead of stdout (its folder must exist)"
+    )
+    _add_json(p)
     p.set_defaults(handler=cmd_schema)
 
     p = verbs.add_parser("compile", help="compile a spec into a standalone Python package")
-    p.add_argument("spec", help="spec file")
-    p.add_argument("-o", "--output", help="output folder (default build/<package>)")
-    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.add_argument("spec", help="spec file (- reads stdin)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="output folder (default build/<package>): new, empty, or an earlier build",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a folder holding other files (adds/overwrites the build's files, deletes nothing)",
+    )
+    _add_json(p)
     p.set_defaults(handler=cmd_compile)
 
     p = verbs.add_parser("graph", help="print the workflow as a Mermaid (or dot) diagram")
-    p.add_argument("spec", help="spec file")
+    p.add_argument("spec", help="spec file (- reads stdin)")
     p.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    _add_json(p)
     p.set_defaults(handler=cmd_graph)
 
     p = verbs.add_parser(
@@ -713,16 +834,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--json", action="store_true", help="machine-readable changes (specs only)")
+    _add_json(p, "one JSON document: {ok, kind, different, changes}")
     p.set_defaults(handler=cmd_diff)
 
     p = verbs.add_parser(
         "run", help="run a spec or a build in the sandbox, with the LLM gateway on the host"
     )
     p.add_argument("target", help="spec file or build folder")
-    p.add_argument("--input", required=True, help="input JSON file")
+    p.add_argument("--input", required=True, help="input JSON file (- reads stdin)")
     p.add_argument("--run-dir", help="run folder (default runs/<timestamp>)")
-    p.add_argument("--json", action="store_true", help="machine-readable outcome")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    _add_json(p)
     _add_sandbox_flags(p)
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_run)
@@ -731,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="write a spec for a task with an LLM (validated, repaired)"
     )
     p.add_argument("task", help="what the system should do")
-    p.add_argument("-o", "--output", required=True, help="spec file to write (YAML)")
+    p.add_argument("-o", "--output", required=True, help="spec file to write (YAML; - for stdout)")
     p.add_argument("--examples", help="folder of example specs for few-shot (default: specs/)")
     p.add_argument(
         "--model", help="model name for the generator (default MAS2C_MODEL or gpt-4o-mini)"
@@ -739,7 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-repairs", type=int, default=3, help="validator-feedback rounds (default 3)"
     )
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_generate)
 
@@ -748,13 +870,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("spec", help="spec file")
     p.add_argument("--pool", required=True, help="pool file: id -> {model, description, price}")
-    p.add_argument("-o", "--output", help="configured spec to write (default: print it)")
+    p.add_argument("-o", "--output", help="configured spec to write (default or -: stdout)")
     p.add_argument("--rule", action="store_true", help="bind by the documented rule, no LLM")
     p.add_argument(
         "--rebind", action="store_true", help="also rebind agents that already have a model"
     )
     p.add_argument("--model", help="model name for the implementer")
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_configure)
 
@@ -762,7 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
         "solve", help="generate -> configure -> compile -> run, the whole MAS² loop"
     )
     p.add_argument("task", help="what the system should do")
-    p.add_argument("--input", required=True, help="input JSON file")
+    p.add_argument("--input", required=True, help="input JSON file (- reads stdin)")
     p.add_argument("--run-dir", help="solve folder (default runs/<timestamp>)")
     p.add_argument(
         "--pool", help="model pool for configure (default: the spec's own models, by rule)"
@@ -777,7 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="rectifier rounds when the first run fails (default 3; 0 = none)",
     )
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
     _add_sandbox_flags(p)
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_solve)
@@ -810,7 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-llm", action="store_true", help="deterministic fixes only")
     p.add_argument("--no-resume", action="store_true", help="re-run every step (no checkpoints)")
     p.add_argument("--model", help="model name for the rectifier LLM")
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
     _add_sandbox_flags(p)
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_rectify)
@@ -823,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="base image (falls back to a Debian rootfs offline)",
     )
     p.add_argument("--tag", default="mas2c-sandbox:latest")
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
     p.set_defaults(handler=cmd_sandbox)
 
     p = verbs.add_parser(
@@ -867,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-cost", type=float, metavar="USD", help="stop starting problems at this cost"
     )
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_json(p)
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_bench)
 
@@ -907,7 +1029,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
     p.add_argument("--test-timeout", type=float, default=20.0, help="seconds for one scoring")
     p.add_argument("--model", help="model name for solve's generator and implementer")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_json(p)
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_batch)
 
@@ -916,38 +1038,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Later modules add their verbs here (compile, run, generate, ...), keeping this file the one
-# place that knows the command line.
+# Later modules add their verbs here, keeping this file the one place that knows the command line.
 _EXTRA_VERBS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run the verb, and turn every error into its message and exit code (one handler)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
-    handler: Handler | None = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help()
-        return EXIT_USAGE
-    if getattr(args, "trace_content", False):
-        # Every run this command starts traces prompts and completions (mas2c.run reads it).
-        os.environ["MAS2C_TRACE_CONTENT"] = "1"
+    verb = next((a for a in argv if not a.startswith("-")), "")
     try:
+        args = parser.parse_args(argv)
+        verb = args.verb or ""
+        handler: Handler | None = getattr(args, "handler", None)
+        if handler is None:
+            if as_json:
+                raise UsageError("no verb given (see mas2c --help)")
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        if getattr(args, "trace_content", False):
+            # Every run this command starts traces prompts and completions (mas2c.run reads it).
+            os.environ["MAS2C_TRACE_CONTENT"] = "1"
         return handler(args)
-    except UsageError as exc:
-        sys.stderr.write(f"mas2c {args.verb}: {exc}\n")
-        return EXIT_USAGE
-    except SpecRejected as exc:
-        sys.stderr.write(f"{exc}\n")
-        return EXIT_INVALID
-    except SetupFailed as exc:
-        sys.stderr.write(f"mas2c {args.verb}: {exc}\n")
-        return EXIT_INVALID
-    except KeyboardInterrupt:
-        sys.stderr.write(f"mas2c {args.verb}: interrupted\n")
-        return 130
+    except _ArgumentError as exc:
+        if not as_json:
+            exc.parser.print_usage(sys.stderr)
+            sys.stderr.write(f"{exc.parser.prog}: error: {exc}\n")
+            return EXIT_USAGE
+        return _fail(verb, exc, as_json)
+    except Mas2cError as exc:
+        return _fail(verb, exc, as_json)
     except OSError as exc:  # a file that cannot be read or written, a full disk, ...
-        sys.stderr.write(f"mas2c {args.verb}: {_os_error(exc)}\n")
-        return EXIT_INVALID
+        return _fail(verb, FileFailure(os_error_message(exc)), as_json)
+    except KeyboardInterrupt:
+        return _fail(verb, Interrupted("interrupted"), as_json)
+
+
+def _fail(verb: str, exc: Mas2cError, as_json: bool) -> int:
+    """The one error report: a message on stderr, and with --json one document on stdout."""
+    report = getattr(exc, "report", None) if exc.code == "spec_invalid" else None
+    located = report is not None  # the validator's report names file:line:column itself
+    message = str(exc)
+    sys.stderr.write(
+        (message if located else f"mas2c {verb}: {message}".replace("mas2c : ", "mas2c: ")) + "\n"
+    )
+    if as_json:
+        error = exc.to_json()
+        if report is not None:
+            error["report"] = report.to_json()
+        _print_json({"ok": False, "error": error})
+    return exc.exit_code
 
 
 if __name__ == "__main__":

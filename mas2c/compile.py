@@ -21,7 +21,15 @@ import black
 import jinja2
 
 from mas2c import __version__, graph, markdown, toolcode, values
-from mas2c.expr import compile_condition, condition_names, definite_writes, parse_condition
+from mas2c.errors import InvalidInput
+from mas2c.expr import (
+    compile_condition,
+    condition_names,
+    definite_writes,
+    parse_condition,
+    parse_path,
+    placeholders,
+)
 from mas2c.files import write_tree_atomic
 from mas2c.pyemit import (
     docstring_text,
@@ -46,7 +54,9 @@ from mas2c.spec import (
     Tool,
     ToolStep,
     canonical_json,
+    iter_step_tree,
     spec_hash,
+    step_agents,
     step_out,
 )
 
@@ -54,8 +64,10 @@ BLACK_MODE = black.Mode(target_versions={black.mode.TargetVersion.PY311}, line_l
 SPEC_MARKER = "# spec: "
 
 
-class CompileError(Exception):
+class CompileError(InvalidInput):
     """The spec is valid but cannot be compiled as it stands (e.g. an unbound model slot)."""
+
+    code = "not_compilable"
 
 
 @dataclass(frozen=True)
@@ -111,12 +123,13 @@ def compile_spec(spec: Spec) -> Build:
         "description": _docstring_text(spec.description or spec.name),
         "summary": _first_line(spec.description) or spec.name,
     }
+    workflow = _workflow_view(spec)
     python_files = {
         f"{package}/__init__.py": _render("__init__.py.j2", context),
         f"{package}/__main__.py": _render("__main__.py.j2", {**context, **_main_view(spec)}),
         f"{package}/agents.py": _render("agents.py.j2", {**context, **_agents_view(spec)}),
         f"{package}/tools.py": _render("tools.py.j2", {**context, **_tools_view(spec)}),
-        f"{package}/workflow.py": _render("workflow.py.j2", {**context, **_workflow_view(spec)}),
+        f"{package}/workflow.py": _render("workflow.py.j2", {**context, **workflow}),
     }
     for module, view in _tool_modules(spec):
         python_files[f"{package}/{module}.py"] = _render("tool_module.py.j2", {**context, **view})
@@ -130,6 +143,10 @@ def compile_spec(spec: Spec) -> Build:
         # The egress helper ships only with systems whose tools declare egress.
         egress = (templates_dir() / "_egress.py").read_text("utf-8")
         texts[f"{package}/_egress.py"] = header + "\n" + egress
+    tables = _tables_view(spec, package, workflow["top"], texts)
+    texts[f"{package}/_tables.py"] = _format(
+        "_tables.py", _render("_tables.py.j2", {**context, **tables})
+    )
     texts["pyproject.toml"] = _render("pyproject.toml.j2", context)
     texts["README.md"] = _render("README.md.j2", {**context, **_readme_view(spec)})
     source_map = [
@@ -541,6 +558,96 @@ def _marker(pointer: str) -> str:
     characters a comment line cannot carry verbatim (line breaks, controls, edge spaces)."""
     plain = pointer.isprintable() and pointer == pointer.strip() and not pointer.startswith('"')
     return pointer if plain else json.dumps(pointer)
+
+
+# -- tables: the facts the runtime needs, as data ----------------------------------------------
+
+
+def _tables_view(
+    spec: Spec, package: str, top_methods: list[str], texts: dict[str, str]
+) -> dict[str, Any]:
+    """Top-level steps (checkpoint code hashes, reads), tool-code offsets and the source map,
+    for `_tables.py`: the runtime reads them instead of parsing its own package."""
+    source_map = [
+        entry
+        for path in sorted(texts)
+        if path.endswith(".py")
+        for entry in source_map_of(path, texts[path])
+    ]
+    workflow_path = f"{package}/workflow.py"
+    workflow_lines = texts[workflow_path].splitlines()
+    runtime_sha = hashlib.sha256(texts[f"{package}/_runtime.py"].split("\n", 1)[1].encode())
+    top_steps = []
+    for index, (step, method) in enumerate(zip(spec.workflow, top_methods, strict=True)):
+        pointer = f"/workflow/{index}"
+        sources = [
+            "\n".join(workflow_lines[entry["start"] - 1 : entry["end"]])
+            for entry in source_map
+            if entry["file"] == workflow_path
+            and (entry["pointer"] == pointer or entry["pointer"].startswith(pointer + "/"))
+        ]
+        code = {
+            "sources": sources,
+            **_definitions(spec, step),
+            "runtime": runtime_sha.hexdigest(),
+        }
+        top_steps.append(
+            {
+                "method": method,
+                "step_id": step.id,
+                "pointer": pointer,
+                "code_sha": hashlib.sha256(canonical_json(code).encode()).hexdigest(),
+                "reads": value_literal(sorted(step_reads(step))),
+            }
+        )
+    code_pointers = {f"/tools/{escape_token(t)}/code": t for t in spec.tools}
+    tool_code = [
+        {
+            "tool": code_pointers[entry["pointer"]],
+            "pointer": entry["pointer"],
+            "start": entry["start"],
+            "end": entry["end"],
+        }
+        for entry in source_map
+        if entry.get("verbatim") and entry["pointer"] in code_pointers
+    ]
+    spans = [(e["file"].split("/")[-1], e["start"], e["end"], e["pointer"]) for e in source_map]
+    return {"top_steps": top_steps, "tool_code": tool_code, "source_map": spans}
+
+
+def _definitions(spec: Spec, step: Step) -> dict[str, Any]:
+    """The agents, models and tools a step (and its nested steps) names, as spec data."""
+    agents = sorted({a for _p, s in iter_step_tree(step, "") for a in step_agents(s)})
+    agents = [a for a in agents if a in spec.agents]
+    tools = {t for _p, s in iter_step_tree(step, "") for _k, t in s.tool_refs()}
+    tools.update(t for a in agents for t in spec.agents[a].tools)
+    models = sorted({spec.agents[a].model or "" for a in agents} & set(spec.models))
+    dump = {"mode": "json", "by_alias": True, "exclude_none": True}
+    return {
+        "agents": {a: spec.agents[a].model_dump(**dump) for a in agents},  # type: ignore[arg-type]
+        "models": {m: spec.models[m].model_dump(**dump) for m in models},  # type: ignore[arg-type]
+        "tools": {
+            t: spec.tools[t].model_dump(**dump)  # type: ignore[arg-type]
+            for t in sorted(tools)
+            if t in spec.tools
+        },
+    }
+
+
+def step_reads(step: Step) -> set[str]:
+    """The state variables a step (and its nested steps) reads: placeholders, state paths
+    and condition names, from the registry's facts. A checkpoint key hashes only these."""
+    names: set[str] = set()
+    for _pointer, s in iter_step_tree(step, ""):
+        for _key, text in s.templates():
+            names.update(ph.path[0] for ph in placeholders(text) if ph.path)
+        for _key, text in s.references():
+            path = parse_path(text)
+            if path:
+                names.add(path[0])
+        for _key, text in s.conditions():
+            names.update(name for name, _col in condition_names(parse_condition(text)))
+    return names
 
 
 def _readme_view(spec: Spec) -> dict[str, Any]:

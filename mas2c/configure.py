@@ -48,6 +48,7 @@ import yaml
 from pydantic import ValidationError
 
 from mas2c import expr
+from mas2c.errors import RunFailure
 from mas2c.llm import JSONNotFound, LLMClient, Message, Usage, extract_json
 from mas2c.spec import Agent, ModelSpec, Spec, Step, spec_hash
 from mas2c.validate import Problem, validate_text
@@ -69,8 +70,10 @@ By = Literal["rule", "llm"]
 ProgressFn = Callable[[str], None]
 
 
-class ConfigureError(Exception):
+class ConfigureError(RunFailure):
     """The spec could not be configured; the message says why."""
+
+    code = "configure_failed"
 
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         listed = "\n".join(f"  {p}" for p in problems or [])
@@ -80,6 +83,8 @@ class ConfigureError(Exception):
 
 class PoolError(ConfigureError):
     """The pool file is unreadable or malformed; the message names the file and key."""
+
+    code = "bad_pool"
 
 
 @dataclass(frozen=True)

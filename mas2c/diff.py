@@ -113,6 +113,23 @@ def diff_builds(a: Path, b: Path) -> list[str]:
     return lines
 
 
+def diff_builds_json(a: Path, b: Path) -> list[dict[str, Any]]:
+    """Two build folders file by file, as data: `{path, kind, diff}` per differing file
+    (kind `added` = only in b, `removed` = only in a, `changed` with its unified diff)."""
+    files_a, files_b = _tree_files(a), _tree_files(b)
+    changes: list[dict[str, Any]] = []
+    for path in sorted(files_a.keys() | files_b.keys()):
+        if path not in files_b:
+            changes.append({"path": path, "kind": "removed", "diff": None})
+        elif path not in files_a:
+            changes.append({"path": path, "kind": "added", "diff": None})
+        else:
+            lines = _file_diff(path, files_a[path].read_bytes(), files_b[path].read_bytes())
+            if lines:
+                changes.append({"path": path, "kind": "changed", "diff": "\n".join(lines)})
+    return changes
+
+
 def format_changes(changes: list[Change]) -> str:
     """Human-readable changes, grouped under section headings."""
     if not changes:

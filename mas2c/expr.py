@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 
 from mas2c import values
+from mas2c.errors import InvalidInput
 from mas2c.spec import Step, iter_steps, step_out
 
 PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
@@ -31,7 +32,9 @@ def parse_path(text: str) -> tuple[str, ...] | None:
     return tuple(text.split(".")) if PATH.match(text) else None
 
 
-class ExpressionError(Exception):
+class ExpressionError(InvalidInput):
+    code = "expression"
+
     def __init__(self, message: str, column: int = 0, line: int = 1) -> None:
         super().__init__(message)
         self.message = message

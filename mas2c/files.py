@@ -1,18 +1,49 @@
-"""Writing files so that a crash never leaves a half-written one behind."""
+"""Writing files so that a crash never leaves a half-written one and nothing of the user's is lost.
+
+Contract:
+
+- `write_bytes_atomic` / `write_text_atomic`: a temporary file in the target's folder,
+  renamed into place; the file gets the mode an ordinary write would (0666 & ~umask).
+  With ``parents=False`` a missing folder is an error: a path the user typed never
+  makes mas2c create directories.
+- `write_tree_atomic`: a whole folder swapped in by rename (readers see the old tree
+  or the new one); folders get 0777 & ~umask, never mkdtemp's 0700.
+- `check_output_folder`: the one rule for writing a build into a folder the user
+  named: a missing or empty folder, or one that holds an earlier build (its
+  MANIFEST.json lists every file there, each unchanged), may be replaced; anything
+  else is refused with `OutputRefused` naming what is in the way, unless forced —
+  and a forced write into a foreign folder only adds and overwrites the build's own
+  files (`write_files_into`), it never deletes anything.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
+
+from mas2c.errors import UsageError
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+class OutputRefused(UsageError):
+    """The output folder holds files mas2c did not write: nothing was touched (exit 2)."""
+
+    code = "output_refused"
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, parents: bool = True) -> None:
+    """Write via a temporary file in the same folder and rename it into place.
+
+    `parents=False`: the folder must exist (FileNotFoundError otherwise, nothing created).
+    """
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -34,31 +65,148 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+def write_text_atomic(path: Path, text: str, *, parents: bool = True) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"), parents=parents)
 
 
-def write_tree_atomic(target: Path, files: Mapping[str, bytes]) -> None:
+def write_tree_atomic(
+    target: Path, files: Mapping[str, bytes], *, keep: tuple[str, ...] = ()
+) -> None:
     """Replace folder `target` with exactly `files` (relative path -> bytes), all or nothing.
 
     The tree is written beside the target and swapped in by rename, so readers see
-    either the old tree or the new one, never a mix.
+    either the old tree or the new one, never a mix. Entries of the old tree named in
+    `keep` (top-level names, e.g. ``checkpoints``) move into the new one. Callers that
+    write into a folder the user named check it first with `check_output_folder`.
     """
     target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a build folder follows the umask
         for relative, data in files.items():
             destination = staging / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
-            destination.write_bytes(data)
+            _write_new(destination, data)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
         os.replace(staging, target)
         if old is not None:
+            for name in keep:
+                if (old / name).exists() and not (target / name).exists():
+                    os.replace(old / name, target / name)
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def write_files_into(target: Path, files: Mapping[str, bytes]) -> None:
+    """Add or overwrite `files` inside `target`, each atomically; nothing else is touched."""
+    target.mkdir(parents=True, exist_ok=True)
+    for relative, data in files.items():
+        write_bytes_atomic(target / relative, data)
+
+
+# Made by running or installing a build, not by the user: an earlier build may carry them.
+_DERIVED_DIRS = ("__pycache__", "checkpoints")  # checkpoints move into the new build
+_DERIVED_SUFFIXES = (".egg-info", ".pyc")
+
+
+FolderState = Literal["missing", "empty", "earlier_build", "foreign", "not_a_folder"]
+
+
+def folder_state(folder: Path) -> tuple[FolderState, list[str]]:
+    """What `folder` is, and (for a foreign one) the relative paths in the way (sorted)."""
+    if not folder.exists() and not folder.is_symlink():
+        return "missing", []
+    if not folder.is_dir():
+        return "not_a_folder", []
+    present = sorted(_walk(folder))
+    if not present:
+        return "empty", []
+    listed = _manifest_files(folder / "MANIFEST.json")
+    if listed is None:
+        return "foreign", present
+    listed["MANIFEST.json"] = ""
+    in_the_way = [
+        relative
+        for relative in present
+        if (digest := listed.get(relative)) is None
+        or (digest and _sha256(folder / relative) != digest)
+    ]
+    return ("foreign", in_the_way) if in_the_way else ("earlier_build", [])
+
+
+def check_output_folder(folder: Path, *, force: bool = False) -> FolderState:
+    """The folder's state if a build may go there; `OutputRefused` (nothing touched) if not."""
+    state, in_the_way = folder_state(folder)
+    if state == "not_a_folder":
+        raise OutputRefused(f"{folder}: exists and is not a folder; choose another output")
+    if state == "foreign" and not force:
+        shown = ", ".join(in_the_way[:5]) + (
+            f", ... ({len(in_the_way)} in all)" if len(in_the_way) > 5 else ""
+        )
+        raise OutputRefused(
+            f"{folder}: not empty and not an earlier mas2c build (it holds {shown}); "
+            "nothing was written. Choose a new or empty folder, or pass --force to add the "
+            "build's files there (nothing is deleted)"
+        )
+    return state
+
+
+def write_build(folder: Path, files: Mapping[str, bytes], *, force: bool = False) -> FolderState:
+    """A build into a folder the user named, by the rule of `check_output_folder`.
+
+    A missing folder or an earlier build is swapped whole (its ``checkpoints/`` kept);
+    an empty or (forced) foreign folder gets the build's files added, each atomically,
+    and nothing in it is deleted.
+    """
+    state = check_output_folder(folder, force=force)
+    if state in ("missing", "earlier_build"):
+        write_tree_atomic(folder, files, keep=("checkpoints",))
+    else:
+        write_files_into(folder, files)
+    return state
+
+
+def _walk(folder: Path) -> list[str]:
+    found: list[str] = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in _DERIVED_DIRS and not d.endswith(_DERIVED_SUFFIXES)]
+        base = Path(root).relative_to(folder)
+        for name in names:
+            if not name.endswith(_DERIVED_SUFFIXES):
+                found.append((base / name).as_posix())
+        for d in dirs:  # an empty sub-folder is still something the user made
+            if not any(os.scandir(Path(root) / d)):
+                found.append((base / d).as_posix() + "/")
+    return found
+
+
+def _manifest_files(path: Path) -> dict[str, str] | None:
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (
+        isinstance(data, dict)
+        and str(data.get("generated_by", "")).startswith("mas2c")
+        and isinstance(data.get("files"), dict)
+    ):
+        return None
+    return {str(k): str(v) for k, v in data["files"].items()}
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""

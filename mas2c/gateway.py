@@ -63,6 +63,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httpx
 
+from mas2c.errors import RunFailure
+
 __all__ = [
     "Budget",
     "EgressPolicy",
@@ -93,8 +95,10 @@ DEFAULT_MAX_TOKENS = 4096
 _MIB = 1024 * 1024
 
 
-class GatewayError(Exception):
+class GatewayError(RunFailure):
     """The gateway cannot be set up or started (bad socket path, bad cassette...)."""
+
+    code = "gateway"
 
 
 @dataclass(frozen=True)
@@ -1821,7 +1825,9 @@ class Gateway:
 
     @staticmethod
     def _cap_field(body: Mapping[str, Any]) -> str:
-        return "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        if body.get("max_completion_tokens") is not None:
+            return "max_completion_tokens"
+        return "max_tokens"
 
     def _checked(self, body: dict[str, Any], model: str) -> tuple[dict[str, Any], int | None]:
         """The request to forward (model pool, ``n``, the spec's ``max_tokens`` cap) and its cap."""
@@ -1838,6 +1844,8 @@ class Gateway:
                 "make separate calls",
                 "mas2c_bad_request",
             )
+        if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+            raise _bad_request("send max_tokens or max_completion_tokens, not both")
         cap_field = self._cap_field(body)
         requested = body.get(cap_field)
         if requested is not None and (not _count(requested) or requested < 1):

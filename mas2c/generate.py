@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from mas2c.errors import RunFailure
 from mas2c.files import write_text_atomic
 from mas2c.llm import JSONNotFound, LLMClient, Message, Usage, extract_json
 from mas2c.source import SourceError, load_file
@@ -107,8 +108,10 @@ Write the mas2c spec of a multi-agent system that performs this task. Reply with
 complete spec as one JSON object."""
 
 
-class GenerateError(Exception):
+class GenerateError(RunFailure):
     """No valid spec within the allowed repairs; `problems` are the last reply's."""
+
+    code = "no_valid_spec"
 
     def __init__(
         self,

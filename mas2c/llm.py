@@ -32,6 +32,8 @@ from typing import Any, Literal, cast
 
 import openai
 
+from mas2c.errors import RunFailure
+
 __all__ = [
     "DEFAULT_MODEL",
     "JSONNotFound",
@@ -52,8 +54,10 @@ _MODES: tuple[Mode, ...] = ("json_schema", "json_object", "text")
 _SCHEMA_NAME = re.compile(r"[^A-Za-z0-9_-]")
 
 
-class LLMError(Exception):
+class LLMError(RunFailure):
     """The LLM could not be asked or did not answer; the message says why."""
+
+    code = "llm"
 
 
 class JSONNotFound(ValueError):

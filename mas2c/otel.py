@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mas2c import __version__
+from mas2c.errors import RunFailure
 from mas2c.tracing import RunTrace, Span, read_run_trace, redact_url
 
 MAX_ATTRIBUTE_CHARS = 32_000
@@ -52,8 +53,10 @@ _OPENINFERENCE_KIND = {
 }
 
 
-class ExportError(Exception):
+class ExportError(RunFailure):
     """The export could not be done (no SDK, bad endpoint, receiver refused): a message."""
+
+    code = "export_failed"
 
 
 def traces_url(endpoint: str) -> str:

@@ -49,6 +49,7 @@ from libcst.codemod import CodemodContext
 from libcst.codemod.visitors import AddImportsVisitor
 
 from mas2c.compile import Build, compile_spec
+from mas2c.errors import InvalidInput
 from mas2c.files import write_text_atomic
 from mas2c.llm import LLMError
 from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
@@ -127,8 +128,10 @@ FixClass = Literal[
 ]
 
 
-class RectifyError(Exception):
+class RectifyError(InvalidInput):
     """The run folder cannot be rectified as given (no result, no spec, no input)."""
+
+    code = "not_rectifiable"
 
 
 class FixRejected(Exception):

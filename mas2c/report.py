@@ -34,8 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mas2c.errors import UsageError
 from mas2c.files import write_text_atomic
-from mas2c.tracing import RunTrace, Span, iso, read_json_file, read_run_trace
+from mas2c.tracing import (
+    RunTrace,
+    Span,
+    iso,
+    read_json_file,
+    read_run_trace,
+    read_text_file,
+    real_dir,
+    regular_file,
+)
 
 REPORT_FILE = "report.html"
 MAX_TIMELINE_ROWS = 1500
@@ -65,8 +75,10 @@ KIND_COLORS = {
 }
 
 
-class ReportError(Exception):
+class ReportError(UsageError):
     """The folder is not something a report can be made of: a user-facing message."""
+
+    code = "not_reportable"
 
 
 def esc(value: Any) -> str:
@@ -114,13 +126,15 @@ def folder_kind(folder: Path) -> str:
     if not folder.is_dir():
         raise ReportError(f"{folder}: no such folder")
     summary = read_json_file(folder / "summary.json")
-    if (folder / "task.txt").is_file() and isinstance(summary, dict) and "phases" in summary:
+    if regular_file(folder / "task.txt") and isinstance(summary, dict) and "phases" in summary:
         return "solve"
-    if (folder / "trace.jsonl").is_file() or (folder / "result.json").is_file():
+    if regular_file(folder / "trace.jsonl") or regular_file(folder / "result.json"):
         return "run"
+    if any(_ROUND.match(p.name) and real_dir(p) for p in folder.iterdir()):
+        return "rectify"
     raise ReportError(
-        f"{folder}: not a run folder (no trace.jsonl or result.json) nor a solve folder "
-        "(no task.txt and summary.json)"
+        f"{folder}: not a run folder (no trace.jsonl or result.json), a rectify folder "
+        "(no round-K/) nor a solve folder (no task.txt and summary.json)"
     )
 
 
@@ -139,6 +153,15 @@ def render_report(folder: Path) -> str:
     kind = folder_kind(folder)
     if kind == "solve":
         title, body = _solve_page(folder)
+    elif kind == "rectify":
+        # RUN_DIR/rectify: the run it repaired (when beside it), then the rounds.
+        run_dir = folder.parent
+        title = f"mas2c rectify: {run_dir.name}"
+        body = ""
+        if regular_file(run_dir / "trace.jsonl") or regular_file(run_dir / "result.json"):
+            body = _h(2, "The run that was repaired", "run")
+            body += _run_sections(run_dir, read_run_trace(run_dir), level=3)
+        body += _rectify_section(folder)
     else:
         trace = read_run_trace(folder)
         title = f"mas2c run: {_spec_name(trace)}"
@@ -963,12 +986,14 @@ def _diff_html(text: str) -> str:
 
 
 def _rectify_section(folder: Path) -> str:
-    if not folder.is_dir():
+    if not real_dir(folder):
         return ""
     summary = read_json_file(folder / "summary.json")
     summary = summary if isinstance(summary, dict) else {}
     rounds = sorted(
-        (int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _ROUND.match(p.name))
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if real_dir(p) and (m := _ROUND.match(p.name))
     )
     parts = [_h(2, "Rectify rounds", "rectify")]
     if summary:
@@ -988,7 +1013,7 @@ def _rectify_section(folder: Path) -> str:
         notes = _dict(read_json_file(path / "notes.json"))
         failure, fix, run = (_dict(notes.get(k)) for k in ("failure", "fix", "run"))
         run_status = _text(run.get("status"))
-        if not run_status and (path / "run" / "result.json").is_file():
+        if not run_status and regular_file(path / "run" / "result.json"):
             result = read_json_file(path / "run" / "result.json")
             run_status = _text(result.get("status")) if isinstance(result, dict) else ""
         rows.append(
@@ -1008,10 +1033,7 @@ def _rectify_section(folder: Path) -> str:
             changes = fix.get("changes")
             if isinstance(changes, list) and changes:
                 block.append("<ul>" + "".join(f"<li>{esc(c)}</li>" for c in changes[:50]) + "</ul>")
-        try:
-            patch = (path / "patch.diff").read_text("utf-8", errors="replace")[: MAX_TEXT * 2]
-        except OSError:
-            patch = ""
+        patch = read_text_file(path / "patch.diff", MAX_TEXT * 2) or ""
         if patch.strip():
             block.append(_diff_html(patch))
         block.append("</div>")
@@ -1020,7 +1042,7 @@ def _rectify_section(folder: Path) -> str:
         parts.append(_table(["round", "failure", "at", "fix", "run", "outcome"], rows))
         parts.extend(details)
         final = rounds[-1][1] / "run"
-        if (final / "trace.jsonl").is_file():
+        if real_dir(final) and regular_file(final / "trace.jsonl"):
             parts.append(_h(3, f"Timeline of round {rounds[-1][0]}'s run"))
             parts.append(_timeline(read_run_trace(final)))
     elif not summary:
@@ -1034,10 +1056,7 @@ def _rectify_section(folder: Path) -> str:
 def _solve_page(folder: Path) -> tuple[str, str]:
     summary = read_json_file(folder / "summary.json")
     summary = summary if isinstance(summary, dict) else {}
-    try:
-        task = (folder / "task.txt").read_text("utf-8", errors="replace")[:MAX_TEXT]
-    except OSError:
-        task = ""
+    task = read_text_file(folder / "task.txt", MAX_TEXT) or ""
     parts = [
         f"<p><b>Task:</b> {esc(task.strip())}</p>",
         "<p>"
@@ -1085,7 +1104,9 @@ def _solve_page(folder: Path) -> tuple[str, str]:
         )
     )
     run_dir = folder / "run-1"
-    if (run_dir / "trace.jsonl").is_file() or (run_dir / "result.json").is_file():
+    if not real_dir(run_dir):
+        run_dir = folder / "run-1-not-a-folder"  # a symlink is not followed
+    if regular_file(run_dir / "trace.jsonl") or regular_file(run_dir / "result.json"):
         trace = read_run_trace(run_dir)
         parts.append(_h(2, "The run (run-1)", "run"))
         parts.append(_run_sections(run_dir, trace, level=3))

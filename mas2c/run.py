@@ -19,15 +19,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from mas2c.compile import compile_spec
+from mas2c.errors import InvalidInput, RunFailure
 from mas2c.files import write_bytes_atomic, write_text_atomic
-from mas2c.spec import Spec, canonical_json
+
+if TYPE_CHECKING:
+    from mas2c.spec import Spec
 
 
-class RunError(Exception):
+class RunError(RunFailure):
     """The run could not be set up (no endpoint, unreadable build, ...): a user-facing message."""
+
+    code = "run_setup"
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,35 @@ class RunOutcome:
         return self.status == "ok"
 
 
-def load_target(target: Path) -> tuple[Spec, Path | None]:
-    """A spec file (to compile) or a build folder (with MANIFEST.json): its spec and build path."""
-    from mas2c.validate import load_spec
+class BadInput(InvalidInput):
+    """The run's input does not fit the spec's `inputs`: found on the host, before any sandbox."""
 
+    code = "bad_input"
+
+
+class EndpointUnreachable(RunFailure):
+    """The LLM endpoint does not accept connections: found before any sandbox starts."""
+
+    code = "endpoint_unreachable"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a run needs to know of its system, as plain data (the spec's canonical data).
+
+    A build folder is read from its MANIFEST.json without the spec's pydantic models or
+    the compiler, so that `mas2c run BUILD` starts fast; a spec file is validated and
+    compiled into the run folder.
+    """
+
+    data: dict[str, Any]
+    package: str
+    build_dir: Path | None
+    spec: Spec | None = None
+
+
+def load_target(target: Path) -> Target:
+    """A spec file (to compile) or a build folder (with MANIFEST.json)."""
     if target.is_dir():
         manifest_path = target / "MANIFEST.json"
         if not manifest_path.is_file():
@@ -90,10 +119,26 @@ def load_target(target: Path) -> tuple[Spec, Path | None]:
             )
         try:
             manifest = json.loads(manifest_path.read_text("utf-8"))
-            return Spec.model_validate(manifest["spec"]), target
-        except (ValueError, KeyError) as exc:
+            data, package = manifest["spec"], manifest["package"]
+            if not isinstance(data, dict) or not isinstance(package, str):
+                raise ValueError("`spec` must be an object and `package` a string")
+            _spec_facts(data)  # shape check of what the run reads
+        except (ValueError, KeyError, TypeError) as exc:
             raise RunError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    return load_spec(target), None
+        return Target(data, package, target)
+    from mas2c.validate import load_spec
+
+    spec = load_spec(target)
+    return Target(spec.to_data(), spec.package_name, None, spec)
+
+
+def _spec_facts(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(models, budgets, inputs) of a spec's data, each a JSON object (TypeError if not)."""
+    parts = tuple(data.get(key) or {} for key in ("models", "budgets", "inputs"))
+    for key, part in zip(("models", "budgets", "inputs"), parts, strict=True):
+        if not isinstance(part, dict):
+            raise TypeError(f"spec.{key} must be an object")
+    return parts  # type: ignore[return-value]
 
 
 def make_upstream(config: LLMConfig, on_progress: Callable[[str], None] | None = None) -> Any:
@@ -110,40 +155,49 @@ def make_upstream(config: LLMConfig, on_progress: Callable[[str], None] | None =
     return LocalUpstream.load(config.local_model, on_progress=on_progress)
 
 
-def gateway_prices(spec: Spec) -> dict[str, Any]:
+def gateway_prices(spec: Spec | dict[str, Any]) -> dict[str, Any]:
     from mas2c.gateway import Price
 
+    models = _spec_facts(spec if isinstance(spec, dict) else spec.to_data())[0]
     return {
-        model.model: Price(model.price.input_per_mtok, model.price.output_per_mtok)
-        for model in spec.models.values()
-        if model.price is not None
+        str(model["model"]): Price(
+            float(price.get("input_per_mtok", 0.0)), float(price.get("output_per_mtok", 0.0))
+        )
+        for model in models.values()
+        if isinstance(model, dict) and isinstance(price := model.get("price"), dict)
     }
 
 
-def gateway_models(spec: Spec) -> dict[str, int | None]:
+def gateway_models(spec: Spec | dict[str, Any]) -> dict[str, int | None]:
     """The model names the spec's pool allows, each with its ``max_tokens`` cap (None: none)."""
+    models = _spec_facts(spec if isinstance(spec, dict) else spec.to_data())[0]
     caps: dict[str, int | None] = {}
-    for model in spec.models.values():
-        if model.model in caps:
-            old = caps[model.model]
-            caps[model.model] = (
-                None if old is None or model.max_tokens is None else max(old, model.max_tokens)
-            )
+    for model in models.values():
+        if not isinstance(model, dict):
+            continue
+        name, cap = str(model.get("model")), model.get("max_tokens")
+        cap = cap if isinstance(cap, int) else None
+        if name in caps:
+            old = caps[name]
+            caps[name] = None if old is None or cap is None else max(old, cap)
         else:
-            caps[model.model] = model.max_tokens
+            caps[name] = cap
     return caps
 
 
-def gateway_egress(spec: Spec) -> Any:
+def gateway_egress(spec: Spec | dict[str, Any]) -> Any:
     """The egress policy of the spec's tools (secrets read on the host now), or None."""
     from mas2c.gateway import EgressPolicy, EgressRule, GatewayError
 
+    data = spec if isinstance(spec, dict) else spec.to_data()
+    tools = data.get("tools") or {}
     rules = {
-        name: EgressRule(
-            frozenset(h.lower() for h in tool.egress.hosts), tuple(tool.egress.secrets)
+        str(name): EgressRule(
+            frozenset(str(h).lower() for h in egress.get("hosts") or []),
+            tuple(str(s) for s in egress.get("secrets") or []),
         )
-        for name, tool in spec.tools.items()
-        if tool.egress is not None
+        for name, tool in (tools.items() if isinstance(tools, dict) else [])
+        if isinstance(tool, dict) and isinstance(egress := tool.get("egress"), dict)
     }
     if not rules:
         return None
@@ -163,11 +217,63 @@ def sandbox_uid(backend: str, loosen: Any) -> int:
     return 0 if loosen is not None and getattr(loosen, "root_user", False) else sandbox.SANDBOX_UID
 
 
-def gateway_budget(spec: Spec) -> Any:
+def gateway_budget(spec: Spec | dict[str, Any]) -> Any:
     from mas2c.gateway import Budget
 
-    b = spec.budgets
-    return Budget(b.max_llm_calls, b.max_total_tokens, b.max_cost_usd)
+    b = _spec_facts(spec if isinstance(spec, dict) else spec.to_data())[1]
+    return Budget(b.get("max_llm_calls"), b.get("max_total_tokens"), b.get("max_cost_usd"))
+
+
+SOCKET_DIR_PREFIX = "mas2c-gw-"
+
+
+def reap_socket_dirs(older_than_s: float = 60.0, root: Path = Path("/tmp")) -> list[Path]:
+    """Remove socket folders left by a killed mas2c (kill -9 skips the cleanup).
+
+    Only folders named ``mas2c-gw-*``, older than ``older_than_s``, holding nothing but
+    sockets nobody listens on (or nothing at all); a live gateway's folder is kept.
+    """
+    import socket
+    import stat
+    import time
+
+    removed: list[Path] = []
+    try:
+        candidates = list(root.glob(SOCKET_DIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    now = time.time()
+    for folder in candidates:
+        try:
+            st = folder.lstat()
+            if not stat.S_ISDIR(st.st_mode) or now - st.st_mtime < older_than_s:
+                continue
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        live = False
+        for entry in entries:
+            try:
+                if not stat.S_ISSOCK(entry.lstat().st_mode):
+                    live = True  # not ours to judge
+                    break
+            except OSError:
+                continue
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.settimeout(0.5)
+                probe.connect(str(entry))
+                live = True
+            except OSError:
+                pass
+            finally:
+                probe.close()
+            if live:
+                break
+        if not live:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 @contextmanager
@@ -178,7 +284,8 @@ def socket_dir(uid: int | None = None) -> Iterator[Path]:
     (and root) can enter it; otherwise owned by this user (the container reaches the
     socket through its bind mount, other host users cannot enter the folder).
     """
-    folder = Path(tempfile.mkdtemp(prefix="mas2c-", dir="/tmp"))  # mode 0700
+    reap_socket_dirs()
+    folder = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX, dir="/tmp"))  # mode 0700
     try:
         if uid is not None and uid != os.geteuid() and os.geteuid() == 0:
             os.chown(folder, uid, uid)
@@ -200,61 +307,66 @@ def run_system(
     upstream: Any = None,
     on_warning: Callable[[str], None] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[str], None] | None = None,
     trace_content: bool | None = None,
 ) -> RunOutcome:
     """Compile if needed, start the gateway, run the package in the sandbox, collect the folder.
 
-    `upstream` overrides `llm` (callers that run many systems share one upstream).
-    `trace_content` (default: `MAS2C_TRACE_CONTENT=1` in the environment) also traces
-    prompts and completions.
+    Before anything is written or started, the input is checked against the spec's
+    `inputs` (`BadInput`) and a configured endpoint for a connection
+    (`EndpointUnreachable`). `upstream` overrides `llm` (callers that run many systems
+    share one upstream, and check it themselves). `trace_content` (default:
+    `MAS2C_TRACE_CONTENT=1` in the environment) also traces prompts and completions.
     """
     from mas2c import sandbox
     from mas2c.gateway import Gateway
-    from mas2c.validate import input_error
 
     llm = llm or LLMConfig()
-    spec, build_dir = load_target(target)
-    given = _check_input(input_path)
+    say = on_progress or (lambda _message: None)
+    system = load_target(target)
+    check_input(input_path, _spec_facts(system.data)[2])
+    owned = upstream is None and llm.needs_upstream
+    if owned and (url := llm.endpoint()) is not None:
+        check_reachable(url)
     run_dir.mkdir(parents=True, exist_ok=True)
-    header = run_header(spec, llm, backend, trace_content)
+    header = run_header(system, llm, backend, trace_content)
     _write_header(run_dir, header)
     # What `mas2c rectify RUN_DIR` re-runs: the spec (canonical JSON) and the input.
-    write_text_atomic(run_dir / "spec.json", canonical_json(spec.to_data()) + "\n")
+    write_text_atomic(run_dir / "spec.json", _canonical_json(system.data) + "\n")
     write_bytes_atomic(run_dir / "input.json", input_path.read_bytes())
-    bad_input = input_error(spec, given)
-    if bad_input is not None:  # checked on the host: no container, no gateway, no LLM call
-        result = {"status": "bad_input", "error": bad_input, "usage": {}}
-        write_text_atomic(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
-        _finish_header(run_dir, header)
-        return RunOutcome(run_dir, "bad_input", 2, result, {})
+    build_dir = system.build_dir
     if build_dir is None:
+        from mas2c.compile import compile_spec
+
+        assert system.spec is not None
+        say("compiling")
         build_dir = run_dir / "build"
-        compile_spec(spec).write(build_dir)
-    owned = upstream is None and llm.needs_upstream
+        compile_spec(system.spec).write(build_dir)
     if owned:
-        upstream = make_upstream(llm)
+        upstream = make_upstream(llm, on_progress=on_progress)
     uid = sandbox_uid(backend, loosen)
     try:
         with socket_dir(uid) as folder:
             gateway = Gateway(
                 folder / "llm.sock",
                 upstream if llm.needs_upstream else None,
-                prices=gateway_prices(spec),
-                budget=gateway_budget(spec),
+                prices=gateway_prices(system.data),
+                budget=gateway_budget(system.data),
                 record=llm.record,
                 replay=llm.replay,
                 replay_misses=llm.replay_misses,
                 cache=llm.cache,
                 on_event=on_event,
-                models=gateway_models(spec),
+                models=gateway_models(system.data),
                 socket_uid=uid,
-                egress=gateway_egress(spec),
+                egress=gateway_egress(system.data),
             )
             with gateway:
                 try:
+                    say(f"running {system.package} in the {backend} sandbox")
                     report = sandbox.run_package(
                         build_dir,
-                        spec.package_name,
+                        system.package,
                         input_path,
                         run_dir,
                         backend=backend,
@@ -285,16 +397,20 @@ def run_system(
     )
 
 
-def run_header(spec: Spec, llm: LLMConfig, backend: str, trace_content: bool | None = None) -> Any:
+def run_header(
+    system: Target, llm: LLMConfig, backend: str, trace_content: bool | None = None
+) -> Any:
     """The run's header (`mas2c.tracing.RunHeader`): no key, no credentials, no URL path."""
-    from mas2c.spec import spec_hash
+    import hashlib
+
     from mas2c.tracing import RunHeader, endpoint_label, redact_argv, trace_content_default
 
     key = llm.key() or ""
     return RunHeader(
         command=redact_argv(sys.argv, secrets=[key]),
-        spec=spec.name,
-        spec_sha256=spec_hash(spec),
+        spec=str(system.data.get("name", "")),
+        # = mas2c.spec.spec_hash: sha256 of the spec's canonical JSON
+        spec_sha256=hashlib.sha256(_canonical_json(system.data).encode()).hexdigest(),
         endpoint=endpoint_label(llm.endpoint(), replay=llm.replay is not None),
         backend=backend,
         trace_content=trace_content_default() if trace_content is None else trace_content,
@@ -316,16 +432,64 @@ def _finish_header(run_dir: Path, header: Any) -> None:
         _write_header(run_dir, header)
 
 
-def _check_input(path: Path) -> dict[str, Any]:
+def _canonical_json(data: Any) -> str:
+    """The same bytes as `mas2c.spec.canonical_json` (kept here so a build runs without it)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def check_input(path: Path, declared: dict[str, Any]) -> dict[str, Any]:
+    """The input file as a JSON object that fits the spec's `inputs`, or `BadInput` in one line.
+
+    The same rule as the compiled package's own check (so a run the host lets through
+    is not refused in the sandbox for its input): each declared input present (or with a
+    schema `default`) and valid against its schema, no undeclared input.
+    """
     try:
         data = json.loads(path.read_text("utf-8"))
     except OSError as exc:
         raise RunError(f"{path}: {exc.strerror or exc}") from None
     except ValueError as exc:
-        raise RunError(f"{path}: not valid JSON ({exc})") from None
+        raise BadInput(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise RunError(f"{path}: the input must be a JSON object of named inputs")
+        raise BadInput(f"{path}: the input must be a JSON object of named inputs")
+    problems = input_problems(data, declared)
+    if problems:
+        raise BadInput(f"{path}: " + "; ".join(problems))
     return data
+
+
+def input_problems(given: dict[str, Any], declared: dict[str, Any]) -> list[str]:
+    """Every way `given` misses the spec's `inputs` (name -> JSON Schema), one line each:
+    `mas2c.values.input_problems`, the very check the compiled package runs (its
+    `_values.py` is that file), so the host and the sandbox never disagree."""
+    from mas2c.values import input_problems as problems_of
+
+    return [message for _pointer, message in problems_of(given, declared)]
+
+
+def check_reachable(url: str, timeout_s: float = 3.0) -> None:
+    """`EndpointUnreachable` unless the endpoint's host accepts a TCP connection."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        from mas2c.gateway import redact_url
+
+        raise RunError(
+            f"--llm {redact_url(url)}: not an http(s) URL of an OpenAI-compatible endpoint"
+        )
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        if isinstance(exc, TimeoutError | socket.timeout):
+            reason = f"no answer within {timeout_s:g} s"
+        raise EndpointUnreachable(
+            f"the LLM endpoint {parts.scheme}://{parts.hostname}:{port} is not reachable "
+            f"({reason}); start it, or pass --llm URL, --llm local or --replay FILE"
+        ) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mas2c.errors import RunFailure
 from mas2c.files import write_text_atomic
 from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
 from mas2c.spec import Spec
@@ -35,8 +36,10 @@ from mas2c.spec import Spec
 Progress = Callable[[str], None]
 
 
-class SolveError(Exception):
+class SolveError(RunFailure):
     """A phase failed for good; the message names the phase and what is on disk."""
+
+    code = "solve_failed"
 
 
 @dataclass

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from mas2c.errors import InvalidInput
+
 
 @dataclass(frozen=True)
 class Position:
@@ -30,8 +32,10 @@ class ScalarInfo:
     end: Position | None = None  # just after the scalar (after a closing quote)
 
 
-class SourceError(Exception):
+class SourceError(InvalidInput):
     """The file cannot be read as YAML or JSON at all."""
+
+    code = "unreadable_spec"
 
     def __init__(
         self, message: str, position: Position | None = None, hint: str | None = None

@@ -22,6 +22,7 @@ import libcst
 from pydantic import ValidationError
 
 from mas2c import expr, toolcode, values
+from mas2c.errors import InvalidInput
 from mas2c.source import (
     Position,
     SourceError,
@@ -150,8 +151,10 @@ class Report:
         return "\n".join(lines)
 
 
-class SpecInvalid(Exception):
+class SpecInvalid(InvalidInput):
     """Raised by `load_spec` when a spec has errors; carries the whole report."""
+
+    code = "spec_invalid"
 
     def __init__(self, report: Report) -> None:
         super().__init__(report.format())
@@ -195,25 +198,6 @@ def load_spec(path: str | Path) -> Spec:
     if report.spec is None or not report.ok:
         raise SpecInvalid(report)
     return report.spec
-
-
-def input_error(spec: Spec, given: Any) -> dict[str, Any] | None:
-    """The `error` object a run's input earns before anything runs (as the compiled
-    package reports it: `InputError`, the pointer of the first problem), or None when the
-    input fits every declared JSON Schema. `mas2c run` checks this on the host before any
-    container starts; the package checks the same again."""
-    problems = values.input_problems(given, spec.inputs)
-    if not problems:
-        return None
-    return {
-        "type": "InputError",
-        "message": "; ".join(message for _, message in problems),
-        "spec_pointer": problems[0][0],
-        "spec_line": None,
-        "step": None,
-        "agent": None,
-        "traceback": None,
-    }
 
 
 def _source_failure(path: str, exc: SourceError) -> Report:
@@ -1372,7 +1356,6 @@ __all__ = [
     "Report",
     "SpecInvalid",
     "did_you_mean",
-    "input_error",
     "load_spec",
     "validate_file",
     "validate_source",

@@ -31,6 +31,11 @@ from mas2c.testserver import LLMTestServer, default_responder
 from mas2c.validate import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
+# Subprocesses (`python -m mas2c.cli ...`) import mas2c from this checkout too, not from
+# whatever an editable install points at.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]
+)
 SPECS = ROOT / "specs"
 EXAMPLES = sorted(SPECS.glob("*.yaml"))
 EXAMPLE_NAMES = [path.stem for path in EXAMPLES]
@@ -287,3 +292,11 @@ def mas2c(
         os.environ.clear()
         os.environ.update(saved_env)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def cli_document(proc: subprocess.CompletedProcess[str]) -> Any:
+    """The one JSON document a `--json` command printed, without its `ok` flag (checked
+    against the exit code: ok exactly when the command exits 0)."""
+    document = json.loads(proc.stdout)
+    assert isinstance(document, dict) and document.pop("ok") is (proc.returncode == 0), proc.stdout
+    return document

@@ -22,6 +22,7 @@ from mas2c.batch import (
     BatchOptions,
     load_rows,
     newcombe_paired,
+    normalize_answer,
     normalize_math,
     parse_number,
     read_results,
@@ -121,6 +122,19 @@ def test_number_and_math_normalisation() -> None:
     assert normalize_math("The answer is $\\boxed{x^{2}}$.") == "x^{2}"
 
 
+@settings(max_examples=200 if os.environ.get("CI") != "true" else 50, deadline=None)
+@given(st.text(max_size=40), st.integers(-(10**12), 10**12))
+def test_scorers_properties(text: str, number: int) -> None:
+    once = normalize_answer(text)
+    assert normalize_answer(once) == once  # idempotent
+    assert score_text("exact", text, text) == 1.0
+    assert score_text("exact", f'  "{text}". ', text) == 1.0
+    assert score_text("f1", text, text) == 1.0
+    assert score_text("numeric", f"so the total is {number:,}.", str(number)) == 1.0
+    assert score_text("numeric", f"{number + 1}", number) == 0.0
+    assert score_text("math", f"\\boxed{{{number}}}", str(number)) == 1.0
+
+
 def test_wilson_known_values() -> None:
     low, high = wilson(5, 10)
     assert (round(low, 4), round(high, 4)) == (0.2366, 0.7634)
@@ -137,7 +151,7 @@ def test_newcombe_paired_interval() -> None:
     diff, low, high = newcombe_paired(a, b)
     l1, u1 = wilson(10, 20)
     assert diff == 0.0
-    assert low == pytest.approx(-((0.5 - l1) ** 2 + (u1 - 0.5) ** 2) ** 0.5)
+    assert low == pytest.approx(-(((0.5 - l1) ** 2 + (u1 - 0.5) ** 2) ** 0.5))
     assert high == pytest.approx(-low)
     # 12 pairs both pass, 9 only the first, 2 only the second, 21 neither (n = 44): positive
     # correlation makes the paired interval narrower than the unpaired one.
@@ -177,9 +191,15 @@ def test_converters_on_fixture_files() -> None:
     hotpot = convert("hotpotqa", DATA / "hotpotqa.json")
     assert hotpot[0]["id"] == "5a8b57f25542995d1e6f1371" and hotpot[0]["answer"] == "Paris"
     assert "Eiffel Tower: The Eiffel Tower" in hotpot[0]["question"]
-    assert hotpot[0]["question"].endswith("Question: " + "Which city is the capital of the country where the Eiffel Tower stands?")
+    assert hotpot[0]["question"].endswith(
+        "Question: " + "Which city is the capital of the country where the Eiffel Tower stands?"
+    )
     mbpp = convert("mbpp", DATA / "mbpp.jsonl")
-    assert [r["entry_point"] for r in mbpp] == ["similar_elements", "is_not_prime", "heap_queue_largest"]
+    assert [r["entry_point"] for r in mbpp] == [
+        "similar_elements",
+        "is_not_prime",
+        "heap_queue_largest",
+    ]
     assert mbpp[1]["test"].startswith("def check(candidate):\n    assert is_not_prime(2)")
 
 
@@ -220,7 +240,9 @@ def test_a_dataset_that_does_not_fit_fails_before_running(tmp_path: Path) -> Non
     dataset = tmp_path / "d.jsonl"
     dataset.write_text('{"id": "1", "problem": "2+2", "answer": "4"}\n')
     with LLMTestServer() as server:
-        with pytest.raises(BatchError, match=r"line 1 \(id 1\): no field 'question' for input 'question'"):
+        with pytest.raises(
+            BatchError, match=r"line 1 \(id 1\): no field 'question' for input 'question'"
+        ):
             run_batch(options(tmp_path, dataset, server))
         with pytest.raises(BatchError, match=r"--map names \['nope'\]"):
             run_batch(options(tmp_path, dataset, server, mapping={"nope": "problem"}))
@@ -266,9 +288,13 @@ def test_failures_are_counted_by_error_code(tmp_path: Path) -> None:
     with LLMTestServer(respond) as server:
         summary = run_batch(options(tmp_path, dataset, server, limit=4))
     assert summary["complete"] and summary["passed"] == 3 and summary["system_errors"] == 1
-    assert summary["failures"] == {"StructuredOutputError": 1}
     row = read_results(tmp_path / "run" / "results.jsonl")["gsm8k-3"]
-    assert row["status"] != "ok" and row["error_code"] == "StructuredOutputError"
+    (result_path,) = (tmp_path / "run" / "rows").glob("gsm8k-3*/mas/result.json")
+    error = json.loads(result_path.read_text())["error"]
+    code = error.get("code") or error["type"]  # the runtime's stable code, else the type
+    assert code in ("structured_output", "StructuredOutputError")
+    assert summary["failures"] == {code: 1}
+    assert row["status"] != "ok" and row["error_code"] == code
     assert row["note"] == "no prediction in the result"
 
 
@@ -326,7 +352,7 @@ def test_code_scorer_on_converted_mbpp(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- the user scorer (sandbox)
 
-USER_SCORER = '''
+USER_SCORER = """
 import os
 
 MARKER = {marker!r}
@@ -342,7 +368,7 @@ def score(prediction, row):
     if row["id"] == "gsm8k-3":
         raise ValueError("the scorer broke")
     return {{"score": 1.0 if prediction == row["answer"] else 0.25, "note": "in the sandbox"}}
-'''
+"""
 
 
 @pytest.mark.docker
@@ -366,13 +392,18 @@ def test_user_scorer_runs_in_the_docker_sandbox(docker_ready: None, tmp_path: Pa
     results = read_results(tmp_path / "run" / "results.jsonl")
     assert results["gsm8k-0"]["score"] == 1.0 and results["gsm8k-0"]["note"] == "in the sandbox"
     assert results["gsm8k-1"]["score"] == 0.25
-    assert results["gsm8k-2"]["scorer_error"] == "ScorerBadValue" and results["gsm8k-2"]["score"] == 0.0
+    assert (
+        results["gsm8k-2"]["scorer_error"] == "ScorerBadValue"
+        and results["gsm8k-2"]["score"] == 0.0
+    )
     assert "expected a bool or a number in [0, 1]" in results["gsm8k-2"]["note"]
     assert results["gsm8k-3"]["scorer_error"] == "ScorerRaised"
     assert "ValueError: the scorer broke" in results["gsm8k-3"]["note"]
     assert summary["ci_method"] == "normal" and summary["accuracy"] == round(1.25 / 4, 4)
     assert summary["failures"] == {"scorer:ScorerBadValue": 1, "scorer:ScorerRaised": 1}
-    reports = [json.loads(p.read_text()) for p in (tmp_path / "run").glob("rows/*/score/sandbox.json")]
+    reports = [
+        json.loads(p.read_text()) for p in (tmp_path / "run").glob("rows/*/score/sandbox.json")
+    ]
     assert len(reports) == 4 and {r["isolation"] for r in reports} == {"container"}
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
@@ -501,11 +532,27 @@ def test_cli_batch_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
             ]
         )
     assert code == 0
-    out = capsys.readouterr().out
-    assert "| 100.0% |" in out and "run folder:" in out
+    out, err = capsys.readouterr()
+    assert "| 100.0% |" in out and "run folder:" in err  # stdout: the result; stderr: the rest
     assert cli_main(["batch", str(dataset), "--spec", str(COT), "--workers", "0"]) == 2
     assert cli_main(["batch", str(dataset), "--spec", str(COT), "--address", "x:1"]) == 2
     assert cli_main(["batch", str(tmp_path / "missing.jsonl"), "--spec", str(COT)]) == 2
     err = capsys.readouterr().err
     assert "--workers" in err and "--address is for --engine ray" in err and "missing.jsonl" in err
     assert "Traceback" not in err
+
+
+def test_files_from_a_node_cannot_leave_the_row_folder(tmp_path: Path) -> None:
+    """What a Ray node returns is written by the driver, inside rows/<id>/ only."""
+    from mas2c.batch_ray import _safe_name, _write_files
+
+    for bad in ("../x", "/etc/passwd", "a/../../x", "", ".", "a\\b", "a\0b", 7, None):
+        assert _safe_name(bad) is None, bad
+    assert _safe_name("mas/result.json") == "mas/result.json"
+    folder = tmp_path / "rows" / "r"
+    _write_files(
+        folder,
+        [("mas/result.json", b"{}"), ("../../escape.txt", b"x"), ("/tmp/abs", b"x"), ("ok", "str")],
+    )
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["rows/r/mas/result.json"]

@@ -113,9 +113,7 @@ def cluster() -> Iterator[Cluster]:
     base = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp"))  # short: unix socket paths
     head_dir, worker_dir = base / "h", base / "w"
     node_dirs = base / "nh", base / "nw"
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RAY_ADDRESS"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RAY_ADDRESS"))}
     env.update(
         PYTHONPATH=str(ROOT),  # the nodes import the mas2c under test
         RAY_USAGE_STATS_ENABLED="0",
@@ -222,13 +220,13 @@ def test_ray_engine_matches_local_and_survives_a_node_dying(
     a = read_results(tmp_path / "local" / "results.jsonl")
     b = read_results(tmp_path / "ray" / "results.jsonl")
     assert {k: comparable(v) for k, v in a.items()} == {k: comparable(v) for k, v in b.items()}
-    engines = [
-        json.loads(p.read_text()) for p in (tmp_path / "ray").glob("rows/*/engine.json")
-    ]
+    engines = [json.loads(p.read_text()) for p in (tmp_path / "ray").glob("rows/*/engine.json")]
     assert len(engines) == 3 and {e["engine"] for e in engines} == {"ray"}
     # the driver wrote each row's run folder as the node returned it
     for path in (tmp_path / "ray").glob("rows/*"):
-        assert (path / "mas" / "result.json").is_file() and (path / "score" / "sandbox.json").is_file()
+        assert (path / "mas" / "result.json").is_file() and (
+            path / "score" / "sandbox.json"
+        ).is_file()
         assert json.loads((path / "mas" / "sandbox.json").read_text())["isolation"] == "container"
     for path in (tmp_path / "ray").rglob("*"):
         if path.is_file():
@@ -298,9 +296,7 @@ def test_ray_engine_matches_local_and_survives_a_node_dying(
     lines = (tmp_path / "death" / "results.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["key"] for line in lines) == [r["id"] for r in qa]
     assert requests == len(qa) + 1  # the lost row ran again, nothing else did
-    engines = [
-        json.loads(p.read_text()) for p in (tmp_path / "death").glob("rows/*/engine.json")
-    ]
+    engines = [json.loads(p.read_text()) for p in (tmp_path / "death").glob("rows/*/engine.json")]
     head = {n["NodeID"] for n in _nodes(cluster.address)}
     assert len(head) == 1
     assert sum(e["node"] in head for e in engines) >= 3  # the dead node's row ended on the head

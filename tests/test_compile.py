@@ -44,6 +44,7 @@ EXPECTED_FILES = {
     "{pkg}/__init__.py",
     "{pkg}/__main__.py",
     "{pkg}/_runtime.py",
+    "{pkg}/_tables.py",
     "{pkg}/_values.py",
     "{pkg}/agents.py",
     "{pkg}/tools.py",
@@ -151,7 +152,12 @@ def test_output_does_not_depend_on_path_cwd_or_hash_seed(tmp_path: Path) -> None
     proc = subprocess.run(
         [sys.executable, "-c", _DIGESTS],
         cwd=elsewhere,
-        env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "12345", "HOME": str(tmp_path)},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONHASHSEED": "12345",
+            "HOME": str(tmp_path),
+            "PYTHONPATH": str(ROOT),  # the checkout under test, not the installed copy
+        },
         capture_output=True,
         text=True,
         check=True,
@@ -448,13 +454,12 @@ def test_runs_cannot_import_mas2c(tmp_path: Path) -> None:
 # -- the `mas2c compile` command ------------------------------------------------------------------
 
 
-def test_cli_compile_replaces_the_output_folder_whole(
+def test_cli_compile_replaces_an_earlier_build_whole(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """An earlier build is replaced whole; a folder with other files is refused (see
+    tests/test_cli_contract.py)."""
     out = tmp_path / "out"
-    (out / "stale_pkg").mkdir(parents=True)
-    (out / "stale_pkg" / "old.py").write_text("old")
-    (out / "notes.txt").write_text("left from before")
     assert cli_main(["compile", str(example_path("debate")), "-o", str(out)]) == 0
     written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert written == set(build_of("debate").files)
@@ -466,7 +471,7 @@ def test_cli_compile_replaces_the_output_folder_whole(
     assert written == set(build_of("router").files)
     # No staging or backup folders are left beside it.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert "compiled router" in capsys.readouterr().out
+    assert "compiled router" in capsys.readouterr().err
 
 
 def test_cli_compile_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -475,7 +480,7 @@ def test_cli_compile_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[
         cli_main(["compile", str(example_path("chain-of-thought")), "-o", str(out), "--json"]) == 0
     )
     summary = json.loads(capsys.readouterr().out)
-    assert summary["package"] == "mas2c_chain_of_thought"
+    assert summary["ok"] is True and summary["package"] == "mas2c_chain_of_thought"
     assert sorted(summary["files"]) == sorted(build_of("chain-of-thought").files)
 
 

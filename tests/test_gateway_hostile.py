@@ -153,7 +153,7 @@ def ask_ok(sock: Path) -> bool:
 
 def test_half_open_connections_hold_no_threads_and_are_capped(sockdir: Path) -> None:
     sock = sockdir / "gw.sock"
-    limits = GatewayLimits(max_connections=50, request_timeout_s=1.0)
+    limits = GatewayLimits(max_connections=50, request_timeout_s=4.0)
     with LLMTestServer() as srv, Gateway(sock, upstream(srv.base_url), limits=limits) as gw:
         before = thread_count()
         conns = []
@@ -169,7 +169,9 @@ def test_half_open_connections_hold_no_threads_and_are_capped(sockdir: Path) -> 
         assert stats["rejected"] >= 300
         assert thread_count() == before == 1  # the event loop only: no thread per connection
         # the half-open ones are dropped after request_timeout_s, and the gateway serves again
-        time.sleep(1.5)
+        deadline = time.monotonic() + 15
+        while gw.server_stats()["open"] and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert gw.server_stats()["open"] == 0
         for s in conns:
             s.close()
@@ -245,10 +247,14 @@ def test_unknown_model_and_n_are_refused(sockdir: Path) -> None:
         assert post(sock, body(max_tokens=5000)).status_code == 200  # clamped to the spec's 100
         assert post(sock, body(model="m2", max_tokens=5000)).status_code == 200  # no cap
         assert post(sock, body(max_tokens=-1)).status_code == 400
+        both = body(max_tokens=5, max_completion_tokens=100_000)  # a clamp-dodging pair
+        assert post(sock, both).status_code == 400
+        assert post(sock, body(max_completion_tokens=5000)).status_code == 200  # clamped too
         assert [m.id for m in client(sock).models.list().data] == ["m1", "m2"]
-        assert gw.usage()["calls"] == 3
+        assert gw.usage()["calls"] == 4
     # the spec's cap also applies when the program names none
-    assert [r.body.get("max_tokens") for r in srv.requests] == [100, 100, 5000]
+    caps = [r.body.get("max_tokens") or r.body.get("max_completion_tokens") for r in srv.requests]
+    assert caps == [100, 100, 5000, 100]
 
 
 def worst_case_responder(req: ChatRequest) -> Reply:
@@ -593,3 +599,83 @@ def test_meta_client_keeps_the_query_and_scrubs_its_errors() -> None:
     for secret in ("Tr0ub4dor", "carol", "QSECRET9x"):
         assert secret not in text
     assert "?api-key=<redacted>" in text
+
+
+# ------------------------------------------------------------- dead endpoints (issue 13 item 3)
+
+
+def test_dead_endpoint_bound_with_the_default_settings(sockdir: Path) -> None:
+    """Refused connections: 4 attempts, about 3.5 s of backoff, one 502 naming the endpoint."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    sock = sockdir / "gw.sock"
+    with HttpUpstream(f"http://127.0.0.1:{port}/v1", KEY) as up, Gateway(sock, up):
+        t0 = time.monotonic()
+        r = post(sock, body())
+        elapsed = time.monotonic() - t0
+    message = r.json()["error"]["message"]
+    assert r.status_code == 502 and r.headers["x-should-retry"] == "false"
+    assert message.startswith(f"upstream http://127.0.0.1:{port}/v1 failed after 4 attempts")
+    assert "cannot connect" in message
+    assert 3.0 <= elapsed < 6.0  # 0.5 + 1 + 2 s (+ up to 25 % jitter)
+
+
+def test_black_holed_endpoint_stops_at_the_connect_deadline(sockdir: Path) -> None:
+    """Connections that hang: no attempt starts after connect_deadline_s."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    filler = socket.create_connection(hole.getsockname())  # fills the accept queue
+    port = hole.getsockname()[1]
+    sock = sockdir / "gw.sock"
+    try:
+        with (
+            HttpUpstream(
+                f"http://127.0.0.1:{port}/v1",
+                KEY,
+                connect_timeout_s=0.4,
+                connect_deadline_s=1.0,
+                backoff_s=0.05,
+                max_attempts=10,
+            ) as up,
+            Gateway(sock, up),
+        ):
+            t0 = time.monotonic()
+            r = post(sock, body())
+            elapsed = time.monotonic() - t0
+    finally:
+        filler.close()
+        hole.close()
+    assert r.status_code == 502
+    attempts = int(r.json()["error"]["message"].split("failed after ")[1].split(" ")[0])
+    assert 2 <= attempts <= 3  # 0.4 s each + backoff: none starts after the 1 s deadline
+    assert elapsed < 1.0 + 0.4 + 0.5  # deadline + one connect timeout (+ slack)
+
+
+def test_stale_socket_folders_are_reaped_live_ones_kept(tmp_path: Path) -> None:
+    from mas2c.run import SOCKET_DIR_PREFIX, reap_socket_dirs
+
+    def folder(name: str) -> Path:
+        d = tmp_path / f"{SOCKET_DIR_PREFIX}{name}"
+        d.mkdir(mode=0o700)
+        return d
+
+    dead, live, other, young = folder("dead"), folder("live"), folder("other"), folder("young")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(dead / "llm.sock"))
+    s.close()  # nobody listens any more (a kill -9'd mas2c)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(live / "llm.sock"))
+    listener.listen(1)
+    (other / "notes.txt").write_text("not a socket")
+    old = time.time() - 3600
+    for d in (dead, live, other):
+        os.utime(d, (old, old))
+    try:
+        removed = reap_socket_dirs(root=tmp_path)
+    finally:
+        listener.close()
+    assert removed == [dead]
+    assert live.exists() and other.exists() and young.exists() and not dead.exists()

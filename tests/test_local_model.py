@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import cli_document
 
 from mas2c.gateway import UpstreamError
 from mas2c.local import LocalModelError, LocalUpstream, ensure_default_model
@@ -163,7 +164,7 @@ def test_solve_offline_on_the_local_model_in_docker(
     summary = json.loads((solve_dir / "summary.json").read_text())
     assert summary["status"] == "ok", (proc.returncode, proc.stderr[-3000:], summary)
     assert proc.returncode == 0
-    assert json.loads(proc.stdout) == summary
+    assert cli_document(proc) == summary
     assert summary["spec_source"] == "generated" or summary["spec_source"].startswith("example:")
     for name in ("spec-generated.yaml", "spec.yaml"):
         report = validate_file(solve_dir / name)

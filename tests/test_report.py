@@ -254,6 +254,11 @@ def test_solve_report_shows_phases_rounds_patch_and_error(solved: Path, tmp_path
     nodes = {a["data-step"]: a["data-status"] for a in dom.with_attr("g", "data-step")}
     assert "error" in nodes.values()
     screenshot(page, tmp_path, "report-solve", height=2400)
+    # The rectify folder alone: the repaired run, then its rounds.
+    rectify_page = write_report(solved / "run-1" / "rectify", tmp_path / "rectify.html")
+    dom = dom_of(rectify_page, tmp_path)
+    assert [a["data-round"] for a in dom.with_attr("div", "data-round")] == ["1"]
+    assert dom.texts("code", **{"class": "pointer"}) == ["/tools/word_stats/code"]
 
 
 # -- hostile input ---------------------------------------------------------------------------
@@ -311,6 +316,17 @@ def _hostile_folder(folder: Path) -> None:
         json.dumps({"failure": {"type": EVIL}, "fix": {"why": EVIL}})
     )
     (rounds / "patch.diff").write_text(f"+{EVIL}\n-{EVIL}\n")
+    # Symlinks out of the folder and a FIFO: never followed, never read (nor blocked on).
+    secret = folder.parent / "host-secret.txt"
+    secret.write_text("HOST-SECRET-CONTENT")
+    (rounds / "run").mkdir()
+    (rounds / "run" / "trace.jsonl").symlink_to(secret)
+    os.mkfifo(rounds / "run" / "result.json")
+    (folder / "rectify" / "round-2").symlink_to(rounds)
+    round3 = folder / "rectify" / "round-3"
+    round3.mkdir()
+    (round3 / "patch.diff").symlink_to(secret)
+    (round3 / "notes.json").symlink_to(secret)
 
 
 def test_a_hostile_run_folder_is_shown_as_text(tmp_path: Path) -> None:
@@ -324,6 +340,8 @@ def test_a_hostile_run_folder_is_shown_as_text(tmp_path: Path) -> None:
     title = dom.texts("title")[0]  # the page's (SVG tooltips are <title> too)
     assert title.startswith("mas2c run:") and "pwned" in title  # as text, never run
     assert "".join(dom.text).count(EVIL) >= 8
+    assert "HOST-SECRET-CONTENT" not in raw
+    assert [a["data-round"] for a in dom.with_attr("div", "data-round")] == ["1", "3"]
     problems = read_run_trace(folder).problems
     assert any("not JSON" in p for p in problems) and any(
         "not a trace event" in p for p in problems
@@ -393,7 +411,9 @@ def test_an_old_trace_without_ids_or_wall_clock_still_nests(runs: Path, tmp_path
 
 
 def test_cli_report(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "sub" / "r.html"
+    assert cli_main(["report", str(runs / "debate"), "-o", str(tmp_path / "no" / "r.html")]) == 2
+    assert not (tmp_path / "no").exists()  # -o FILE creates no folders
+    out = tmp_path / "r.html"
     assert cli_main(["report", str(runs / "debate"), "-o", str(out)]) == 0
     assert out.read_text().startswith("<!DOCTYPE html>")
     assert capsys.readouterr().out.strip() == str(out)

@@ -196,8 +196,9 @@ def test_run_debate_writes_the_run_folder(
     )
     assert proc.returncode == 0, proc.stderr
     assert_no_traceback(proc)
-    # stdout: the outputs, then a summary line
-    assert '"answer"' in proc.stdout and "ok (exit 0)" in proc.stdout
+    # stdout: only the outputs (JSON); the summary line and progress go to stderr
+    assert set(json.loads(proc.stdout)) == {"answer", "confidence", "rationale"}
+    assert "ok (exit 0)" in proc.stderr and "7 LLM call(s)" in proc.stderr
     assert RUN_FILES | {"build"} <= {p.name for p in run_dir.iterdir()}
     assert (run_dir / "build" / "MANIFEST.json").is_file()
 
@@ -587,32 +588,59 @@ def test_bad_input_file_exits_1(content: str, message: str, tmp_path: Path) -> N
     assert_no_traceback(proc)
 
 
-def test_not_a_build_folder_and_unwritable_run_dir(tmp_path: Path) -> None:
+def test_not_a_build_folder_and_unwritable_run_dir(
+    llm_server: LLMTestServer, tmp_path: Path
+) -> None:
     input_path = write_input(tmp_path, {"question": "q"})
     proc = mas2c(*run_args(tmp_path, input_path), cwd=tmp_path, inprocess=True)
     assert proc.returncode == 1 and "not a build folder" in proc.stderr
     assert_no_traceback(proc)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    args = run_args(SPECS / "chain-of-thought.yaml", input_path, "--run-dir", blocker / "run")
+    args = run_args(
+        SPECS / "chain-of-thought.yaml",
+        input_path,
+        "--run-dir",
+        blocker / "run",
+        llm=llm_server.base_url,
+    )
     proc = mas2c(*args, cwd=tmp_path, inprocess=True)
     assert proc.returncode == 1 and str(blocker) in proc.stderr
     assert_no_traceback(proc)
 
 
-def test_input_the_spec_rejects_is_a_failed_run(llm_server: LLMTestServer, tmp_path: Path) -> None:
-    """Input that is JSON but not what the spec declares: the program exits 2, the run fails."""
+def test_input_the_spec_rejects_fails_fast_on_the_host(
+    llm_server: LLMTestServer, tmp_path: Path
+) -> None:
+    """Input that is JSON but not what the spec declares: refused on the host in one line,
+    before any run folder, sandbox or LLM call (issue 13 item 5)."""
     run_dir = tmp_path / "run"
     input_path = write_input(tmp_path, {"q": 1})
     args = run_args(
         SPECS / "chain-of-thought.yaml", input_path, "--run-dir", run_dir, llm=llm_server.base_url
     )
-    proc = mas2c(*args, cwd=tmp_path)
+    proc = mas2c(*args, "--json", cwd=tmp_path, inprocess=True)
     assert proc.returncode == 1
     assert_no_traceback(proc)
-    assert read_json(run_dir / "sandbox.json")["exit_code"] == 2
-    assert read_json(run_dir / "result.json")["status"] != "ok"
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "missing required input 'question'" in proc.stderr
+    assert "unknown input 'q'" in proc.stderr
+    assert json.loads(proc.stdout)["error"]["code"] == "bad_input"
+    assert not run_dir.exists()
     assert llm_server.requests == []
+
+
+def test_dead_endpoint_fails_fast_on_the_host(tmp_path: Path) -> None:
+    """A dead endpoint: one line naming it, before any run folder or sandbox (issue 13 item 5)."""
+    input_path = write_input(tmp_path, {"question": "q"})
+    run_dir = tmp_path / "run"
+    args = run_args(SPECS / "chain-of-thought.yaml", input_path, "--run-dir", run_dir)
+    proc = mas2c(*args, "--json", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "http://127.0.0.1:9 is not reachable" in proc.stderr
+    assert json.loads(proc.stdout)["error"]["code"] == "endpoint_unreachable"
+    assert not run_dir.exists()
 
 
 def test_unwritable_outputs_are_usage_errors(tmp_path: Path) -> None:

@@ -107,13 +107,14 @@ TOOLS = {
 MAIN_PY = """
 import sys
 
-from ._runtime import Budgets, SpecInfo, main
+from ._runtime import Budgets, SpecInfo, ToolCode, main
 from .agents import AGENTS, MODELS
 from .tools import TOOLS
 from .workflow import Workflow
 
 SPEC = SpecInfo(name="t", sha256="0", inputs={inputs!r}, outputs={outputs!r},
-                budgets=Budgets(**{budgets!r}))
+                budgets=Budgets(**{budgets!r}),
+                tool_code={{t: ToolCode(*where) for t, where in {tool_code!r}.items()}})
 
 
 def run() -> int:
@@ -133,6 +134,19 @@ class Workflow:
         self.run = run
         self.state = run.state
 """
+
+
+def tool_code_table(text: str) -> dict[str, tuple[str, int, int]]:
+    """What the compiler's TOOL_CODE table says for this hand-written tools.py:
+    tool -> (pointer, first line, last line) of each verbatim block."""
+    table: dict[str, tuple[str, int, int]] = {}
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if line.startswith("# spec: /tools/") and lines[number].strip() == "# fmt: off":
+            pointer = line[len("# spec: ") :]
+            end = next(i for i in range(number + 1, len(lines)) if lines[i] == "# fmt: on")
+            table[pointer.split("/")[2]] = (pointer, number + 2, end)
+    return table
 
 
 @dataclass
@@ -164,6 +178,7 @@ class Pkg:
         spec.setdefault("inputs", {"question": {"type": "string"}})
         spec.setdefault("outputs", {})
         spec.setdefault("budgets", {})
+        spec.setdefault("tool_code", tool_code_table(HEADER + TOOLS_PY))
         (pkg / "__main__.py").write_text(HEADER + MAIN_PY.format(**spec))
 
     def popen(self, inputs: Any, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -333,6 +348,7 @@ def test_bad_input_exits_2(make: Callable[..., Pkg]) -> None:
     assert res.out["status"] == "bad_input"
     err = res.out["error"]
     assert err["type"] == "InputError" and err["spec_pointer"] == "/inputs/question"
+    assert err["code"] == "bad_input"
     assert "input 'question': expected string, got integer 3" in err["message"]
     assert "unknown input 'extra'" in err["message"]
     assert res.out["usage"]["calls"] == 0
@@ -365,6 +381,7 @@ def test_no_retry_on_400(make: Callable[..., Pkg]) -> None:
     assert len(srv.requests) == 1
     err = res.out["error"]
     assert err["type"] == "LLMError" and "HTTP 400" in err["message"]
+    assert err["code"] == "llm_error"
     assert err["spec_pointer"] == "/workflow/0" and err["step"] == "first"
     assert err["agent"] == "solver"
     assert "Traceback" in err["traceback"]
@@ -405,6 +422,7 @@ def test_structured_output_gives_up(make: Callable[..., Pkg]) -> None:
         res = make(FLOW_JUDGE).run(srv)
     assert res.code == 1
     assert res.out["error"]["type"] == "StructuredOutputError"
+    assert res.out["error"]["code"] == "structured_output"
     assert "missing required property 'answer'" in res.out["error"]["message"]
     # The agent whose answers break its schema is at fault; the step says where it ran.
     assert res.out["error"]["spec_pointer"] == "/agents/judge/output"
@@ -430,6 +448,7 @@ def test_budget_max_llm_calls_exits_3(make: Callable[..., Pkg]) -> None:
     assert res.out["status"] == "budget_exceeded"
     err = res.out["error"]
     assert err["type"] == "BudgetExceeded"
+    assert err["code"] == "budget_calls"
     assert err["spec_pointer"] == "/budgets/max_llm_calls" and err["step"] == "second"
     assert "1 used, max 1" in err["message"]
     assert len(srv.requests) == 1
@@ -460,6 +479,7 @@ def test_global_timeout_exits_4(make: Callable[..., Pkg]) -> None:
     err = res.out["error"]
     assert err["type"] == "StepTimeout"
     assert err["spec_pointer"] == "/budgets/timeout_s" and err["step"] == "slow"
+    assert err["code"] == "run_timeout"
     assert res.trace[-1]["t"] < 4.0  # run clock: the 5 s reply was not waited for
     assert res.out["usage"]["calls"] == 1
 
@@ -472,6 +492,7 @@ def test_step_timeout_exits_4(make: Callable[..., Pkg]) -> None:
     err = res.out["error"]
     assert err["type"] == "StepTimeout"
     assert err["spec_pointer"] == "/workflow/1" and err["step"] == "slow"
+    assert err["code"] == "step_timeout"
     assert "timed out after 0.5 s" in err["message"]
     (end,) = [e for e in res.events("step_end") if e["step"] == "slow"]
     assert end["status"] == "error"
@@ -489,6 +510,7 @@ def test_sigterm_still_writes_out_json(make: Callable[..., Pkg]) -> None:
         res = pkg.result(proc, started)
     assert res.code == 130
     assert res.out["status"] == "interrupted"
+    assert res.out["error"]["code"] == "interrupted"
     assert res.out["usage"]["calls"] == 1
     assert res.trace[-1]["event"] == "run_end"
 
@@ -573,6 +595,7 @@ def test_code_tool_exception_points_at_tool_code(make: Callable[..., Pkg]) -> No
     err = res.out["error"]
     assert err["type"] == "ToolError"
     assert err["spec_pointer"] == "/tools/boom/code"
+    assert err["code"] == "tool_error"
     assert err["spec_line"] == 2  # `return 1 / x` inside helper, the deepest frame
     assert err["step"] == "crash"
     assert "ZeroDivisionError" in err["message"] and "ZeroDivisionError" in err["traceback"]
@@ -589,6 +612,7 @@ def test_code_tool_timeout(make: Callable[..., Pkg]) -> None:
     assert res.code == 1
     err = res.out["error"]
     assert err["type"] == "ToolError" and "timed out after 0.3 s" in err["message"]
+    assert err["code"] == "tool_timeout"
     assert err["spec_pointer"] == "/tools/sleepy" and err["step"] == "nap"
     assert res.trace[-1]["t"] < 10
 
@@ -859,8 +883,10 @@ def test_majority_vote(rt: ModuleType) -> None:
     }
     with pytest.raises(rt.WorkflowError, match="every answer was empty"):
         rt.majority([{"k": 1}, {"k": 2}, {"k": 2}])
-    with pytest.raises(rt.WorkflowError, match="ensemble: every sample was empty"):
+    with pytest.raises(rt.WorkflowError, match="ensemble: every sample was empty") as caught:
         rt.majority(["", "  "], "ensemble")
+    assert rt.error_report(caught.value)["code"] == "empty_vote"
+    assert rt.error_report(ValueError("a bug"))["code"] == "internal"
 
 
 def test_parse_structured_and_extract_code(rt: ModuleType) -> None:

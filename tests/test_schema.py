@@ -49,10 +49,20 @@ def test_schema_output_option_writes_the_same(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     printed = _schema_output(capsys)
-    target = tmp_path / "nested" / "schema.json"
+    target = tmp_path / "schema.json"
     assert cli.main(["schema", "-o", str(target)]) == 0
     assert capsys.readouterr().out == ""
     assert target.read_text(encoding="utf-8") == printed
+
+
+def test_schema_output_never_creates_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`-o /missing/dir/x.json` is a usage error that creates nothing (issue 13 item 1)."""
+    target = tmp_path / "missing" / "dir" / "schema.json"
+    assert cli.main(["schema", "-o", str(target)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_schema_is_deterministic(capsys: pytest.CaptureFixture[str]) -> None:

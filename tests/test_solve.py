@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import cli_env, mas2c
+from conftest import cli_document, cli_env, mas2c
 
 from mas2c.solve import slug
 from mas2c.spec import json_schema, spec_hash
@@ -197,7 +197,7 @@ def test_solve_with_a_generated_spec(
     solve_dir = tmp_path / "solve"
 
     # --json: one JSON document on stdout (progress stays off it), the same as summary.json
-    summary = json.loads(proc.stdout)
+    summary = cli_document(proc)
     assert summary == read_json(solve_dir / "summary.json")
     assert_summary_shape(summary, solve_dir)
     assert summary["status"] == "ok" and summary["error"] is None
@@ -279,7 +279,7 @@ def test_solve_falls_back_when_the_generator_request_is_refused(
     llm_server.inject("status", 3, status=400)  # json_schema, then json_object, then text
     proc = solve_cli(tmp_path, question, llm_server, "--json")
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)
+    summary = cli_document(proc)
     assert summary["status"] == "ok"
     assert summary["spec_source"] == "example:chain-of-thought"
     kinds = [r.response_format.get("type") for r in matching(llm_server, GENERATOR)]
@@ -300,7 +300,7 @@ def test_solve_refits_a_spec_that_wants_other_inputs(
     )
     proc = solve_cli(tmp_path, question, llm_server, "--json")
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)
+    summary = cli_document(proc)
     assert summary["spec_source"] == "example:chain-of-thought"
     assert summary["status"] == "ok"
     assert len(matching(llm_server, GENERATOR)) == 1  # valid: no repair asked for
@@ -315,7 +315,7 @@ def test_solve_binds_unbound_slots(
     llm_server.responder = Script([(GENERATOR, spec_json(unbound))], field="system")
     proc = solve_cli(tmp_path, question, llm_server, "--json")
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)
+    summary = cli_document(proc)
     assert summary["phases"][1]["calls"] == 0
     assert summary["phases"][1]["note"] == "1 slot(s) bound"
     assert load_spec(tmp_path / "solve" / "spec.yaml").agents["reasoner"].model == "main"
@@ -344,7 +344,7 @@ def test_solve_binds_unbound_slots(
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)
+    summary = cli_document(proc)
     assert summary["phases"][1]["calls"] == 1  # the implementer asked the LLM
     configured = load_spec(tmp_path / "pooled" / "spec.yaml")
     bound = configured.models[configured.agents["reasoner"].model or ""]
@@ -366,7 +366,7 @@ def test_solve_with_a_failing_run_exits_1(
     proc = solve_cli(tmp_path, question, llm_server, "--json", "--rectify-rounds", "0")
     assert proc.returncode == 1
     assert_no_traceback(proc)
-    summary = json.loads(proc.stdout)
+    summary = cli_document(proc)
     assert summary["status"] == "budget_exceeded"
     assert summary["answer"] is None
     assert summary["error"]["type"] == "BudgetExceeded"
@@ -387,7 +387,7 @@ def test_solve_record_then_replay(question: Path, tmp_path: Path) -> None:
     (tmp_path / "solve").rename(tmp_path / "recorded")
     replayed = solve_cli(tmp_path, question, None, "--replay", cassette, "--json", env=cli_env())
     assert replayed.returncode == 0, replayed.stderr
-    first, second = json.loads(recorded.stdout), json.loads(replayed.stdout)
+    first, second = cli_document(recorded), cli_document(replayed)
     assert second["answer"] == first["answer"] == {"answer": "42", "reasoning": "1. 12 + 30 = 42."}
     assert second["spec_source"] == "generated"
     assert [(p["calls"], p["tokens"]) for p in second["phases"]] == [
@@ -458,7 +458,7 @@ def generate_cli(
 
 def test_generate_writes_a_valid_spec(llm_server: LLMTestServer, tmp_path: Path) -> None:
     llm_server.responder = Script([], default=[spec_json(invalid_spec()), spec_json(cot_spec())])
-    out = tmp_path / "out" / "spec.yaml"
+    out = tmp_path / "spec.yaml"  # its folder must exist: -o FILE creates none
     proc = generate_cli(tmp_path, llm_server, "-o", out, "--examples", SPECS, "--json")
     assert proc.returncode == 0, proc.stderr
     assert_no_traceback(proc)
@@ -479,7 +479,7 @@ def test_generate_writes_a_valid_spec(llm_server: LLMTestServer, tmp_path: Path)
     llm_server.responder = lambda req: spec_json(cot_spec())
     proc = generate_cli(tmp_path, llm_server, "-o", out)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"wrote {out} (chain-of-thought, 1 answer(s))\n"
+    assert proc.stdout == "" and f"wrote {out} (chain-of-thought, 1 answer(s))\n" in proc.stderr
     assert validate_file(out).ok
     assert no_temp_files(out.parent)
 
@@ -605,7 +605,7 @@ def unbound(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_configure_by_rule(unbound: tuple[Path, Path], tmp_path: Path) -> None:
     spec, pool = unbound
-    out = tmp_path / "out" / "configured.yaml"
+    out = tmp_path / "configured.yaml"  # its folder must exist: -o FILE creates none
     # no endpoint at all: the rule needs no LLM
     env = cli_env()
     proc = mas2c(

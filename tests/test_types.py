@@ -87,7 +87,7 @@ def test_a_list_parameter_gets_the_list(tmp_path: Path) -> None:
     """Before: `xs` arrived as the JSON text of the list (the tool summed characters or
     failed inside). Now a whole placeholder passes the list; text only inside a larger
     string, where lists render as JSON or through `join`."""
-    code, out, trace, stderr = build_and_run(tmp_path, TOOL_LIST, {"xs": [1, 2.5]}, None)
+    code, out, _, stderr = build_and_run(tmp_path, TOOL_LIST, {"xs": [1, 2.5]}, None)
     assert code == 0, stderr
     assert out["outputs"]["total"] == 7.0
     assert out["outputs"]["kinds"] == {"value": "list", "nested": ["int", "list", "str"]}

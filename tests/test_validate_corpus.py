@@ -160,7 +160,7 @@ def test_corpus_file_through_the_cli(
     out, err = capsys.readouterr()
     assert code == (1 if expects_errors(path) else 0), out
     assert err == ""
-    data = json.loads(out)
+    (data,) = json.loads(out)["reports"]
     assert data["path"] == path.name
     assert data["valid"] is not expects_errors(path)
     assert data["errors"] + data["warnings"] == len(data["problems"])
@@ -210,7 +210,7 @@ def test_whole_corpus_in_one_process_never_tracebacks() -> None:
     result = run_cli("validate", "--json", *(path.name for path in FILES), cwd=CORPUS)
     assert_no_traceback(result.stderr)
     assert result.returncode == 1, result.stderr
-    reports = json.loads(result.stdout)
+    reports = json.loads(result.stdout)["reports"]
     assert [r["path"] for r in reports] == [path.name for path in FILES]
     for path, report in zip(FILES, reports, strict=True):
         assert_expected(path, report["problems"], json.dumps(report["problems"], indent=1))
@@ -320,7 +320,9 @@ def test_cli_json_shape(tmp_path: Path) -> None:
     result = run_cli("validate", "--json", str(path))
     assert result.returncode == 1
     assert_no_traceback(result.stderr)
-    data = json.loads(result.stdout)
+    document = json.loads(result.stdout)
+    assert set(document) == {"ok", "valid", "reports"} and document["ok"] is False
+    (data,) = document["reports"]
     assert set(data) == {"path", "valid", "errors", "warnings", "problems"}
     assert data["path"] == str(path) and data["valid"] is False
     assert data["errors"] == len([p for p in data["problems"] if p["severity"] == "error"])
@@ -352,7 +354,7 @@ def test_cli_warnings_only_exit_zero(tmp_path: Path) -> None:
     path.write_text(VALID + "tools:\n  python: {builtin: python_exec}\n", encoding="utf-8")
     result = run_cli("validate", "--json", str(path))
     assert result.returncode == 0, result.stdout
-    data = json.loads(result.stdout)
+    (data,) = json.loads(result.stdout)["reports"]
     assert data["valid"] is True and data["errors"] == 0 and data["warnings"] == 1
     assert data["problems"][0]["code"] == "MAS902"
 
@@ -417,7 +419,7 @@ def test_cli_non_utf8_file(tmp_path: Path, name: str, capsys: pytest.CaptureFixt
     path = tmp_path / f"{name}.yaml"
     path.write_bytes(NON_UTF8[name])
     assert cli.main(["validate", "--json", str(path)]) == 1
-    problems = json.loads(capsys.readouterr().out)["problems"]
+    problems = json.loads(capsys.readouterr().out)["reports"][0]["problems"]
     assert [p["code"] for p in problems] == ["MAS001"]
     assert "UTF-8" in problems[0]["message"] and "UTF-8" in problems[0]["hint"]
 
@@ -432,7 +434,7 @@ def test_cli_unusable_document(
     assert cli.main(["validate", "--json", str(path)]) == 1
     out, err = capsys.readouterr()
     assert err == ""
-    problems = json.loads(out)["problems"]
+    problems = json.loads(out)["reports"][0]["problems"]
     assert [p["code"] for p in problems] == [code], problems
 
 
@@ -448,7 +450,7 @@ def test_cli_unusable_documents_in_a_real_process(tmp_path: Path) -> None:
     result = run_cli("validate", "--json", *map(str, paths))
     assert result.returncode == 1
     assert_no_traceback(result.stderr)
-    reports = json.loads(result.stdout)
+    reports = json.loads(result.stdout)["reports"]
     assert [r["path"] for r in reports] == list(map(str, paths))
     expected = ["MAS001"] * len(NON_UTF8) + [code for _, code in UNUSABLE.values()]
     assert [[p["code"] for p in r["problems"]] for r in reports] == [[c] for c in expected]
@@ -468,7 +470,7 @@ def test_cli_json_spec_files(tmp_path: Path, valid_spec: Path) -> None:
     result = run_cli("validate", "--json", str(good), str(bad))
     assert result.returncode == 1
     assert_no_traceback(result.stderr)
-    first, second = json.loads(result.stdout)
+    first, second = json.loads(result.stdout)["reports"]
     assert first["valid"] is True and first["problems"] == []
     assert [(p["code"], p["line"]) for p in second["problems"]] == [("MAS001", 4)]
 
@@ -478,10 +480,10 @@ def test_cli_several_files(valid_spec: Path) -> None:
     warning_file = CORPUS / "MAS901-unused-agent.yaml"
     result = run_cli("validate", "--json", str(valid_spec), str(warning_file))
     assert result.returncode == 0, result.stdout
-    assert [r["valid"] for r in json.loads(result.stdout)] == [True, True]
+    assert [r["valid"] for r in json.loads(result.stdout)["reports"]] == [True, True]
     result = run_cli("validate", "--json", str(valid_spec), str(corpus_file), str(warning_file))
     assert result.returncode == 1
-    reports = json.loads(result.stdout)
+    reports = json.loads(result.stdout)["reports"]
     assert [r["valid"] for r in reports] == [True, False, True]
     assert [r["path"] for r in reports] == [str(valid_spec), str(corpus_file), str(warning_file)]
     result = run_cli("validate", str(valid_spec), str(corpus_file))

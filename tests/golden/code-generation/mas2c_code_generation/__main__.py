@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 workflow error, 2 bad input, 3 budget exceeded, 4 timeout.
 import sys
 
 from ._runtime import Budgets, SpecInfo, main
+from ._tables import TOOL_CODE, TOP_STEPS
 from .agents import AGENTS, MODELS
 from .tools import TOOLS
 from .workflow import Workflow
@@ -42,6 +43,8 @@ SPEC = SpecInfo(
         max_cost_usd=0.2,
         timeout_s=600.0,
     ),
+    top_steps=TOP_STEPS,
+    tool_code=TOOL_CODE,
 )
 
 

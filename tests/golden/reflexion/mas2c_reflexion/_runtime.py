@@ -13,12 +13,14 @@ Every failure is an exception that carries the spec element it came from
 
 Checkpoints (resume instead of restart): after each top-level step the state
 variables it wrote are traced as a ``checkpoint`` event, keyed by the sha256 of
-(step id, the state it started from, the step's compiled source and the agent,
-model and tool definitions it names). A run given checkpoints (``--checkpoint-dir``,
+(step id, the values of the state variables it reads, and its code hash: the step's
+compiled source and the agent, model and tool definitions it names). The compiler
+hands these facts over in ``_tables.py`` (``TOP_STEPS``); the runtime never parses
+its own package. A run given checkpoints (``--checkpoint-dir``,
 ``MAS2C_CHECKPOINT_DIR``, or a ``checkpoints/`` folder beside the package) skips
 every top-level step whose key matches one of them, restoring its writes instead
-(traced as ``step_resumed``). A changed step, or any step after a changed state,
-has a new key and runs again. Each checkpoint is one JSON file
+(traced as ``step_resumed``). A changed step, or a step whose inputs changed, has
+a new key and runs again. Each checkpoint is one JSON file
 ``{step, pointer, key, writes}``; the runtime also writes new ones into an
 explicitly given folder when it can.
 """
@@ -26,15 +28,12 @@ explicitly given folder when it can.
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 import contextlib
 import contextvars
 import copy
-import dataclasses
 import email.utils
 import hashlib
-import inspect
 import json
 import os
 import random
@@ -78,8 +77,10 @@ __all__ = [
     "SpecInfo",
     "StepTimeout",
     "StructuredOutputError",
+    "ToolCode",
     "ToolDef",
     "ToolError",
+    "TopStep",
     "WorkflowError",
     "field",
     "first_answer",
@@ -146,6 +147,26 @@ class Budgets:
 
 
 @dataclass(frozen=True)
+class TopStep:
+    """A top-level step of the compiled workflow, as the compiler describes it."""
+
+    method: str
+    step_id: str
+    pointer: str
+    code_sha: str  # its compiled methods and the definitions it names, hashed
+    reads: Sequence[str] = ()  # the state variables it reads
+
+
+@dataclass(frozen=True)
+class ToolCode:
+    """Where a code tool's spec code sits in tools.py: lines start..end, verbatim."""
+
+    pointer: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class SpecInfo:
     """What the package knows about its spec: inputs, outputs and budgets."""
 
@@ -154,13 +175,23 @@ class SpecInfo:
     inputs: Mapping[str, Mapping[str, Any]]
     outputs: Mapping[str, str]  # output name -> dotted state path
     budgets: Budgets = Budgets()
+    # From the compiler (_tables.py): without them a run is never checkpointed.
+    top_steps: Sequence[TopStep] = ()
+    tool_code: Mapping[str, ToolCode] = dataclass_field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- exceptions
 
 
 class WorkflowError(Exception):
-    """A run failed. ``spec_pointer`` names the spec element at fault (JSON pointer)."""
+    """A run failed. ``spec_pointer`` names the spec element at fault (JSON pointer);
+    ``code`` is the stable, machine-readable kind of failure (``out.json``'s
+    ``error.code``; the rectifier dispatches on it, never on the message): one of
+    empty_vote, step_timeout, tool_timeout, tool_error, structured_output, budget_calls,
+    budget_tokens, budget_cost, run_timeout, bad_input, llm_error, internal (and
+    interrupted, for a run stopped by a signal)."""
+
+    code = "internal"
 
     def __init__(
         self,
@@ -170,8 +201,10 @@ class WorkflowError(Exception):
         spec_line: int | None = None,
         step: str | None = None,
         agent: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
+        self.code = code or type(self).code
         self.spec_pointer = spec_pointer
         self.spec_line = spec_line  # a line inside tool code, 1-based
         self.step = step
@@ -181,17 +214,33 @@ class WorkflowError(Exception):
 class BudgetExceeded(WorkflowError):
     """A budget of the spec (or the host gateway's) would be overspent: exit 3."""
 
+    code = "budget_calls"  # or budget_tokens, budget_cost: see BUDGET_CODES
+
+
+# The budget limit -> the error code of overspending it.
+BUDGET_CODES = {
+    "max_llm_calls": "budget_calls",
+    "max_total_tokens": "budget_tokens",
+    "max_cost_usd": "budget_cost",
+}
+
 
 class StepTimeout(WorkflowError):
-    """A step, or the whole run, ran out of time: exit 4."""
+    """A step (code step_timeout), or the whole run (run_timeout), ran out of time: exit 4."""
+
+    code = "step_timeout"
 
 
 class InputError(WorkflowError):
     """The run's input does not match the spec's inputs: exit 2."""
 
+    code = "bad_input"
+
 
 class LLMError(WorkflowError):
     """The LLM endpoint failed, after retries where retrying makes sense."""
+
+    code = "llm_error"
 
     def __init__(self, message: str, *, status: int | None = None, **kw: Any) -> None:
         super().__init__(message, **kw)
@@ -201,9 +250,20 @@ class LLMError(WorkflowError):
 class StructuredOutputError(LLMError):
     """An agent with an output schema kept answering something that is not that JSON."""
 
+    code = "structured_output"
+
 
 class ToolError(WorkflowError):
-    """A tool failed when a ``tool`` step called it."""
+    """A tool failed when a ``tool`` step called it (tool_error), or ran out of time
+    (tool_timeout)."""
+
+    code = "tool_error"
+
+
+class EmptyVote(WorkflowError):
+    """A majority vote had no answer to count: every answer was empty."""
+
+    code = "empty_vote"
 
 
 class LoopExhausted(WorkflowError):
@@ -573,6 +633,14 @@ def _error_code(exc: openai.APIStatusError) -> str | None:
     return None
 
 
+def _error_param(exc: openai.APIStatusError) -> str | None:
+    """The ``param`` of an OpenAI-style error body (the gateway names a budget limit)."""
+    body = exc.body
+    inner = body.get("error", body) if isinstance(body, Mapping) else None
+    param = inner.get("param") if isinstance(inner, Mapping) else None
+    return param if isinstance(param, str) else None
+
+
 def _schema_name(agent_id: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_-]", "_", agent_id)[:64] or "output"
 
@@ -679,7 +747,7 @@ def majority(
         counts[vote] = counts.get(vote, 0) + 1
         first.setdefault(vote, answer)
     if not counts:
-        raise WorkflowError(
+        raise EmptyVote(
             f"{what}: every {'sample' if what == 'ensemble' else 'answer'} was empty"
         )
     best = max(counts.values())
@@ -907,41 +975,25 @@ async def _in_thread(function: Callable[..., Any], kwargs: Mapping[str, Any]) ->
 
 
 def tool_code_location(
-    exc: BaseException, tool: ToolDef
+    exc: BaseException, tool: ToolDef, where: ToolCode | None
 ) -> tuple[str | None, int | None]:
-    """(spec pointer, line inside the tool code) of the deepest tools.py frame.
+    """(spec pointer, line inside the tool code) of the deepest frame in the tool's code.
 
-    tools.py holds each tool's code verbatim between ``# spec: /tools/<id>/code``,
-    ``# fmt: off`` and ``# fmt: on``; the line inside the spec's code is counted
-    from the first line after ``# fmt: off``.
+    ``where`` (from the compiler's TOOL_CODE table) says which lines of tools.py hold
+    the spec's code verbatim, so the line inside the spec's code is a subtraction.
     """
     code = getattr(tool.function, "__code__", None)
-    if code is None:
+    if code is None or where is None:
         return None, None
-    tools_py = code.co_filename
-    frames = [
-        f for f in traceback.extract_tb(exc.__traceback__) if f.filename == tools_py
+    lines = [
+        f.lineno
+        for f in traceback.extract_tb(exc.__traceback__)
+        if f.filename == code.co_filename and f.lineno is not None
     ]
-    if not frames or frames[-1].lineno is None:
+    inside = [line for line in lines if where.start <= line <= where.end]
+    if not inside:
         return None, None
-    line = frames[-1].lineno
-    try:
-        lines = Path(tools_py).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None, None
-    pointer: str | None = None
-    start: int | None = None
-    for number, text in enumerate(lines, 1):
-        stripped = text.strip()
-        if stripped.startswith("# spec: "):
-            pointer = stripped[len("# spec: ") :].strip()
-        elif stripped == "# fmt: off" and pointer is not None:
-            start = number + 1
-        elif stripped == "# fmt: on" and start is not None:
-            if start <= line < number:
-                return pointer, line - start + 1
-            pointer = start = None
-    return None, None
+    return where.pointer, inside[-1] - where.start + 1
 
 
 def _check_arguments(tool: ToolDef, args: Mapping[str, Any]) -> None:
@@ -986,22 +1038,7 @@ def _assistant_message(message: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_ENV = "MAS2C_CHECKPOINT_DIR"
-_SPEC_MARKER = "# spec: "
-_TOP_LEVEL = re.compile(r"^/workflow/[0-9]+$")
-
-
-def _marker_pointer(line: str) -> str | None:
-    """The pointer of a ``# spec: ...`` line (written as is, or as a JSON string)."""
-    stripped = line.strip()
-    if not stripped.startswith(_SPEC_MARKER):
-        return None
-    pointer = stripped[len(_SPEC_MARKER) :].strip()
-    if pointer.startswith('"'):
-        try:
-            return str(json.loads(pointer))
-        except ValueError:
-            return None
-    return pointer
+_ABSENT = "<absent>"  # how a read variable that is not set enters a checkpoint key
 
 
 def _sha256(text: str) -> str:
@@ -1014,145 +1051,13 @@ def _canonical(value: Any) -> str:
     )
 
 
-def _fields(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-
-
-def _marked_blocks(path: str) -> dict[str, str]:
-    """Verbatim blocks of a generated file (``# spec: P`` / ``# fmt: off`` ... ``# fmt: on``)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return {}
-    blocks: dict[str, str] = {}
-    pointer: str | None = None
-    start: int | None = None
-    for number, text in enumerate(lines):
-        stripped = text.strip()
-        if _marker_pointer(text) is not None:
-            pointer, start = _marker_pointer(text), None
-        elif stripped == "# fmt: off" and pointer is not None:
-            start = number + 1
-        elif stripped == "# fmt: on" and pointer is not None and start is not None:
-            blocks[pointer] = "\n".join(lines[start:number])
-            pointer = start = None
-    return blocks
-
-
-def _tool_fingerprint(tool: ToolDef) -> dict[str, Any]:
-    data = _fields(tool)
-    function = data.pop("function")
-    if function is not None:
-        source = ""
-        with contextlib.suppress(OSError, TypeError):
-            path = inspect.getsourcefile(function) or ""
-            source = _marked_blocks(path).get(f"/tools/{tool.name}/code", "")
-            # Without a marked block: the whole file, helpers and imports included.
-            source = source or Path(path).read_text(encoding="utf-8")
-        data["function"] = source or repr(function)
-    return data
-
-
-_RUNTIME_SHA: list[str] = []
-
-
-def _runtime_sha() -> str:
-    """sha256 of this runtime, without its first line (the header names the spec hash)."""
-    if not _RUNTIME_SHA:
-        try:
-            text = Path(__file__).read_text(encoding="utf-8")
-        except OSError:
-            text = ""
-        _RUNTIME_SHA.append(_sha256(text.split("\n", 1)[-1]))
-    return _RUNTIME_SHA[0]
-
-
-@dataclass(frozen=True)
-class TopStep:
-    """A top-level step method of the compiled workflow, and what its result depends on."""
-
-    method: str
-    step_id: str
-    pointer: str
-    code_sha: (
-        str  # its compiled source (and nested steps'), and the definitions it names
+def checkpoint_key(top: TopStep, state: Mapping[str, Any]) -> str:
+    """The key of a top-level step's checkpoint: its id, its code hash and the values of
+    the state variables it reads (nothing else of the state)."""
+    reads = {name: state.get(name, _ABSENT) for name in top.reads}
+    return _sha256(
+        _canonical({"step": top.step_id, "reads": reads, "code": top.code_sha})
     )
-
-
-def _step_id_of(node: ast.AST) -> str | None:
-    for sub in ast.walk(node):
-        if (
-            isinstance(sub, ast.Call)
-            and isinstance(sub.func, ast.Attribute)
-            and sub.func.attr == "step"
-            and sub.args
-            and isinstance(sub.args[0], ast.Constant)
-            and isinstance(sub.args[0].value, str)
-        ):
-            return sub.args[0].value
-    return None
-
-
-def top_steps(workflow_cls: type, run: Run) -> list[TopStep]:
-    """The top-level steps of a compiled workflow (found by their ``# spec:`` comments).
-
-    A hand-written workflow without such comments has none: it is never checkpointed.
-    """
-    try:
-        path = inspect.getsourcefile(workflow_cls)
-        source = Path(path or "").read_text(encoding="utf-8")
-        tree = ast.parse(source)
-    except (OSError, TypeError, SyntaxError, ValueError):
-        return []
-    lines = source.splitlines()
-    cls = next(
-        (
-            n
-            for n in tree.body
-            if isinstance(n, ast.ClassDef) and n.name == workflow_cls.__name__
-        ),
-        None,
-    )
-    if cls is None:
-        return []
-    methods: list[tuple[str, ast.AsyncFunctionDef | ast.FunctionDef]] = []
-    for node in cls.body:
-        if (
-            isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef)
-            and node.lineno >= 2
-        ):
-            pointer = _marker_pointer(lines[node.lineno - 2])
-            if pointer is not None:
-                methods.append((pointer, node))
-    steps = []
-    for pointer, node in methods:
-        if not _TOP_LEVEL.match(pointer):
-            continue
-        related = [n for p, n in methods if p == pointer or p.startswith(pointer + "/")]
-        # Slice the already-split lines: get_source_segment re-splits the whole file
-        # on every call, which made start-up quadratic in the number of steps.
-        sources = ["\n".join(lines[n.lineno - 1 : n.end_lineno]) for n in related]
-        names = {
-            sub.value
-            for n in related
-            for sub in ast.walk(n)
-            if isinstance(sub, ast.Constant) and isinstance(sub.value, str)
-        }
-        agents = sorted(n for n in names if n in run.agents)
-        tools = {n for n in names if n in run.tools}
-        for agent in agents:
-            tools.update(run.agents[agent].tools)
-        models = sorted({run.agents[a].model for a in agents} & set(run.models))
-        code = {
-            "sources": sources,
-            "agents": {a: _fields(run.agents[a]) for a in agents},
-            "models": {m: _fields(run.models[m]) for m in models},
-            "tools": {t: _tool_fingerprint(run.tools[t]) for t in sorted(tools)},
-            "runtime": _runtime_sha(),
-        }
-        step_id = _step_id_of(node) or node.name
-        steps.append(TopStep(node.name, step_id, pointer, _sha256(_canonical(code))))
-    return steps
 
 
 def load_checkpoints(folder: Path | None) -> dict[str, dict[str, Any]]:
@@ -1236,9 +1141,9 @@ class Run:
         try:
             async with asyncio.timeout(limit) as scope:
                 workflow = workflow_cls(self)
-                if isinstance(workflow_cls, type):
-                    for top in top_steps(workflow_cls, self):
-                        method = getattr(workflow, top.method)
+                for top in self.spec.top_steps:
+                    method = getattr(workflow, top.method, None)
+                    if method is not None:
                         setattr(workflow, top.method, self._checkpointed(top, method))
                 await workflow.run_workflow()
         except TimeoutError as exc:
@@ -1249,6 +1154,7 @@ class Run:
                 f"the run exceeded its time budget of {limit} s",
                 spec_pointer="/budgets/timeout_s",
                 step=step[0] if step else None,
+                code="run_timeout",
             ) from exc
         finally:
             await self.aclose()
@@ -1259,8 +1165,7 @@ class Run:
         """A top-level step method that resumes from a checkpoint or leaves one."""
 
         async def step() -> None:
-            inputs = {"step": top.step_id, "state": self.state, "code": top.code_sha}
-            key = _sha256(_canonical(inputs))
+            key = checkpoint_key(top, self.state)
             saved = self.checkpoints.get(key)
             if saved is not None:
                 writes = copy.deepcopy(dict(saved["writes"]))
@@ -1398,7 +1303,8 @@ class Run:
         except WorkflowError:
             raise
         except Exception as exc:
-            pointer, line = tool_code_location(exc, tool)
+            where = self.spec.tool_code.get(name)
+            pointer, line = tool_code_location(exc, tool, where)
             raise ToolError(
                 f"tool {name!r} raised {type(exc).__name__}: {exc}",
                 spec_pointer=pointer,
@@ -1638,6 +1544,7 @@ class Run:
             raise ToolError(
                 f"tool {tool.name!r} timed out after {tool.timeout_s} s",
                 spec_pointer=f"/tools/{tool.name}",
+                code="tool_timeout",
             ) from None
 
     async def _exec(self, code: str, timeout_s: float | None) -> dict[str, Any]:
@@ -1715,6 +1622,7 @@ class Run:
                 raise BudgetExceeded(
                     f"budget exceeded: {limit} ({used:g} used, max {maximum:g})",
                     spec_pointer=f"/budgets/{limit}",
+                    code=BUDGET_CODES[limit],
                 )
 
     def _request(
@@ -1818,7 +1726,12 @@ class Run:
         status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
         if isinstance(exc, openai.APIStatusError):
             if status == 402 and _error_code(exc) == "mas2c_budget_exceeded":
-                raise BudgetExceeded(f"the LLM gateway refused: {exc.message}") from exc
+                limit = _error_param(exc)  # the gateway names the limit, when it does
+                raise BudgetExceeded(
+                    f"the LLM gateway refused: {exc.message}",
+                    spec_pointer=f"/budgets/{limit}" if limit in BUDGET_CODES else None,
+                    code=BUDGET_CODES.get(limit or ""),
+                ) from exc
             message = f"HTTP {status} for agent {agent.id!r}: {exc.message}"
         else:
             message = f"{type(exc).__name__} for agent {agent.id!r}: {exc}"
@@ -1951,10 +1864,18 @@ _OUTCOMES: tuple[tuple[type[BaseException], str, int], ...] = (
 )
 
 
+def error_code(exc: BaseException) -> str:
+    """The stable code of a failure (see WorkflowError)."""
+    if isinstance(exc, WorkflowError):
+        return exc.code
+    return "internal" if isinstance(exc, Exception) else "interrupted"
+
+
 def error_report(exc: BaseException) -> dict[str, Any]:
     """The ``error`` object of out.json."""
     return {
         "type": type(exc).__name__,
+        "code": error_code(exc),
         "message": str(exc),
         "spec_pointer": getattr(exc, "spec_pointer", None),
         "spec_line": getattr(exc, "spec_line", None),

@@ -1,0 +1,90 @@
+"""Cassette modes through `mas2c run` (issue 13 item 6): strict replay fails loudly on a
+miss; `--record X --replay X` replays what X has and records what it lacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mas2c.testserver import LLMTestServer, Script
+from tests.conftest import cli_env, mas2c
+
+SPEC = """\
+spec_version: "1"
+name: two-calls
+inputs:
+  question: {type: string}
+outputs:
+  answer: second
+models:
+  m: {model: test-model}
+agents:
+  a: {role: Answerer, instructions: Answer briefly., model: m}
+workflow:
+  - {id: one, kind: call, agent: a, prompt: "{{ question }}", out: first}
+  - {id: two, kind: call, agent: a, prompt: "PROMPT {{ first }}", out: second}
+"""
+
+
+def run(tmp: Path, prompt: str, *flags: str, name: str) -> tuple[int, dict[str, object], str]:
+    spec = tmp / f"{name}.yaml"
+    spec.write_text(SPEC.replace("PROMPT", prompt))
+    (tmp / "in.json").write_text('{"question": "capital of France?"}')
+    run_dir = tmp / name
+    proc = mas2c(
+        "run",
+        spec,
+        "--input",
+        tmp / "in.json",
+        "--run-dir",
+        run_dir,
+        "--sandbox",
+        "local",
+        "--json",
+        *flags,
+        cwd=tmp,
+        env=cli_env(OPENAI_API_KEY="sk-test", PYTHONPATH=str(Path(__file__).parents[1])),
+    )
+    usage = (
+        json.loads((run_dir / "usage.json").read_text())
+        if (run_dir / "usage.json").exists()
+        else {}
+    )
+    return proc.returncode, usage, proc.stdout + proc.stderr
+
+
+def test_strict_replay_fails_on_a_miss_and_new_episodes_fill_it(tmp_path: Path) -> None:
+    cassette = tmp_path / "c.jsonl"
+    script = Script([(r"capital", "Paris"), (r"Again", "Still Paris"), (r"Twice", "Paris x2")])
+    with LLMTestServer(script) as srv:
+        llm = ("--llm", srv.base_url)
+        rc, usage, err = run(tmp_path, "Again:", "--record", str(cassette), *llm, name="rec")
+        assert rc == 0, err
+        assert len(srv.requests) == 2 and len(cassette.read_text().splitlines()) == 2
+        # strict replay, no endpoint: the same system replays, a changed one misses loudly
+        rc, usage, err = run(tmp_path, "Again:", "--replay", str(cassette), name="same")
+        assert rc == 0, err
+        assert usage["replayed"] == 2 and usage["cassette_misses"] == 0
+        rc, usage, err = run(tmp_path, "Twice:", "--replay", str(cassette), name="miss")
+        assert rc != 0 and "cassette miss" in err
+        assert usage["cassette_misses"] == 1
+        # new episodes: the first call is replayed, the second fetched and appended
+        srv.reset_counters()
+        rc, usage, err = run(
+            tmp_path,
+            "Twice:",
+            "--record",
+            str(cassette),
+            "--replay",
+            str(cassette),
+            *llm,
+            name="grow",
+        )
+        assert rc == 0, err
+        assert [r.last_user for r in srv.requests] == ["Twice: Paris"]
+        assert (usage["replayed"], usage["recorded_misses"]) == (1, 1)
+        assert len(cassette.read_text().splitlines()) == 3
+    # and now the changed system replays with no endpoint at all
+    rc, usage, err = run(tmp_path, "Twice:", "--replay", str(cassette), name="after")
+    assert rc == 0, err
+    assert usage["replayed"] == 2

@@ -1,0 +1,492 @@
+"""The command line's contract (issue 13 items 1, 4, 5; issue 12 item 4; issue 14 item 2).
+
+- Nothing of the user's is lost: `compile -o DIR` refuses a folder holding files it did
+  not write, and leaves it untouched; `-o FILE` never creates folders.
+- Scripts first: with `--json`, every verb prints exactly one JSON document on stdout,
+  in success and in failure, `ok` matching the exit code; `-` reads stdin.
+- One error tree: every failure carries a stable code, kind and exit code.
+- Lazy: `mas2c run BUILD` imports neither the compiler nor the spec's pydantic models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ROOT, SPECS, cli_env, mas2c
+
+from mas2c import errors
+from mas2c.testserver import LLMTestServer
+
+COT = SPECS / "chain-of-thought.yaml"
+DEBATE = SPECS / "debate.yaml"
+QUESTION = {"question": "What is 12 + 30?"}
+
+
+def document(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """Exactly one JSON object on stdout, `ok` true exactly when the exit code is 0."""
+    data = json.loads(proc.stdout)
+    assert isinstance(data, dict), proc.stdout
+    assert data["ok"] is (proc.returncode == 0), (proc.returncode, proc.stdout, proc.stderr)
+    if not data["ok"] and "error" in data:
+        error = data["error"]
+        assert set(error) >= {"code", "kind", "type", "message", "exit_code"}
+        assert error["exit_code"] == proc.returncode
+        assert error["kind"] in ("usage", "invalid_input", "failure")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return data
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+# -- 1. nothing of the user's is lost ------------------------------------------------------------
+
+
+def test_compile_refuses_a_folder_with_a_user_file_and_leaves_it_untouched(
+    tmp_path: Path,
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine\n")
+    (project / "src").mkdir()
+    (project / "src" / "app.py").write_text("print('mine')\n")
+    before = tree(project)
+    for extra in ([], ["--json"]):
+        proc = mas2c("compile", COT, "-o", project, *extra, cwd=tmp_path, inprocess=True)
+        assert proc.returncode == 2, proc.stderr
+        assert "notes.txt" in proc.stderr and "--force" in proc.stderr
+        assert tree(project) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no temp leftovers
+    assert document(proc)["error"]["code"] == "output_refused"
+    # `-o .` inside a project folder: the same refusal
+    proc = mas2c("compile", COT, "-o", ".", cwd=project, inprocess=True)
+    assert proc.returncode == 2 and tree(project) == before
+
+
+def test_compile_replaces_an_earlier_build_but_not_an_edited_one(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert mas2c("compile", DEBATE, "-o", out, cwd=tmp_path, inprocess=True).returncode == 0
+    (out / "mas2c_debate" / "__pycache__").mkdir()
+    (out / "mas2c_debate" / "__pycache__" / "x.pyc").write_bytes(b"derived")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "k.json").write_text("{}")
+    proc = mas2c("compile", COT, "-o", out, "--json", cwd=tmp_path, inprocess=True)
+    assert document(proc)["replaced"] == "earlier_build"
+    assert (out / "mas2c_chain_of_thought").is_dir() and not (out / "mas2c_debate").exists()
+    assert (out / "checkpoints" / "k.json").read_text() == "{}"  # a run's checkpoints survive
+    # a generated file edited by hand is the user's now: refused
+    (out / "README.md").write_text("my notes\n")
+    before = tree(out)
+    proc = mas2c("compile", DEBATE, "-o", out, cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 2 and "README.md" in proc.stderr
+    assert tree(out) == before
+
+
+def test_force_adds_the_build_and_deletes_nothing(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine\n")
+    proc = mas2c("compile", COT, "-o", project, "--force", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (project / "notes.txt").read_text() == "mine\n"
+    assert (project / "MANIFEST.json").is_file()
+
+
+def test_build_folder_modes_follow_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "a" / "out"
+        assert mas2c("compile", COT, "-o", out, cwd=tmp_path, inprocess=True).returncode == 0
+    finally:
+        os.umask(old)
+    for folder in (out, out / "mas2c_chain_of_thought"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+    assert stat.S_IMODE((out / "MANIFEST.json").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["schema", "-o", "{missing}/x.json"],
+        ["configure", str(COT), "--pool", "{pool}", "--rule", "-o", "{missing}/x.yaml"],
+    ],
+    ids=["schema", "configure"],
+)
+def test_output_files_never_create_folders(tmp_path: Path, args: list[str]) -> None:
+    pool = write_json(tmp_path / "pool.json", {"models": {"m": {"model": "gpt-4o-mini"}}})
+    missing = tmp_path / "missing" / "dir"
+    argv = [a.format(missing=missing, pool=pool) for a in args]
+    proc = mas2c(*argv, "--json", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 2
+    assert document(proc)["error"]["code"] == "usage"
+    assert "does not exist" in proc.stderr
+    assert not (tmp_path / "missing").exists()
+
+
+# -- 4. --json: one document per verb, success and failure ---------------------------------------
+
+Case = Callable[[Path, LLMTestServer], list[str]]
+
+
+def _built(tmp: Path, spec: Path = COT, name: str = "build") -> Path:
+    out = tmp / name
+    assert mas2c("compile", spec, "-o", out, cwd=tmp, inprocess=True).returncode == 0
+    return out
+
+
+def _pool(tmp: Path) -> Path:
+    return write_json(tmp / "pool.json", {"models": {"m": {"model": "gpt-4o-mini"}}})
+
+
+def _unbound(tmp: Path) -> Path:
+    data = yaml.safe_load(COT.read_text())
+    for agent in data["agents"].values():
+        agent.pop("model", None)
+    path = tmp / "unbound.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _ok_run(tmp: Path, server: LLMTestServer) -> Path:
+    """A run folder of a successful run (for rectify: nothing to do)."""
+    run_dir = tmp / "okrun"
+    proc = mas2c(
+        "run",
+        _built(tmp),
+        "--input",
+        write_json(tmp / "in.json", QUESTION),
+        "--sandbox",
+        "local",
+        "--llm",
+        server.base_url,
+        "--run-dir",
+        run_dir,
+        cwd=tmp,
+        inprocess=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+SUCCESS: dict[str, Case] = {
+    "validate": lambda t, s: ["validate", str(COT), str(DEBATE)],
+    "schema": lambda t, s: ["schema"],
+    "compile": lambda t, s: ["compile", str(COT), "-o", str(t / "out")],
+    "graph": lambda t, s: ["graph", str(DEBATE)],
+    "diff": lambda t, s: ["diff", str(_built(t, COT, "a")), str(_built(t, DEBATE, "b"))],
+    "run": lambda t, s: [
+        "run",
+        str(_built(t)),
+        "--input",
+        str(write_json(t / "in.json", QUESTION)),
+        "--sandbox",
+        "local",
+        "--llm",
+        s.base_url,
+        "--run-dir",
+        str(t / "run"),
+    ],
+    "configure": lambda t, s: ["configure", str(_unbound(t)), "--pool", str(_pool(t)), "--rule"],
+    "rectify": lambda t, s: [
+        "rectify",
+        str(_ok_run(t, s)),
+        "--sandbox",
+        "local",
+        "--llm",
+        s.base_url,
+        "--no-llm",
+    ],
+    "sandbox": lambda t, s: ["sandbox", "status"],
+    "report": lambda t, s: ["report", str(_ok_run(t, s)), "-o", str(t / "report.html")],
+}
+
+FAILURE: dict[str, tuple[Case, int, str]] = {
+    "validate": (lambda t, s: ["validate", str(_broken(t))], 1, ""),
+    "schema": (lambda t, s: ["schema", "-o", str(t / "no" / "x.json")], 2, "usage"),
+    "compile": (lambda t, s: ["compile", str(_unbound(t))], 1, "not_compilable"),
+    "graph": (lambda t, s: ["graph", str(_broken(t))], 1, "spec_invalid"),
+    "diff": (lambda t, s: ["diff", str(COT), str(_built(t))], 2, "usage"),
+    "run": (
+        lambda t, s: [
+            "run",
+            str(COT),
+            "--input",
+            str(write_json(t / "in.json", {"q": 1})),
+            "--sandbox",
+            "local",
+            "--llm",
+            s.base_url,
+        ],
+        1,
+        "bad_input",
+    ),
+    "generate": (
+        lambda t, s: ["generate", "  ", "-o", str(t / "spec.yaml"), "--llm", s.base_url],
+        2,
+        "usage",
+    ),
+    "configure": (
+        lambda t, s: ["configure", str(COT), "--pool", str(t / "missing.yaml")],
+        2,
+        "usage",
+    ),
+    "solve": (
+        lambda t, s: ["solve", "a task", "--input", str(t / "missing.json")],
+        2,
+        "usage",
+    ),
+    "rectify": (lambda t, s: ["rectify", str(t / "nope")], 2, "usage"),
+    "sandbox": (lambda t, s: ["sandbox", "status"], 1, ""),
+    "bench": (lambda t, s: ["bench", "humaneval", "--workers", "0"], 2, "usage"),
+    "batch": (
+        lambda t, s: ["batch", str(t / "missing.jsonl"), "--spec", str(COT)],
+        2,
+        "usage",
+    ),
+    "report": (lambda t, s: ["report", str(t / "missing")], 2, "usage"),
+    "export": (
+        lambda t, s: ["export", "otel", str(t / "missing"), "--endpoint", "http://127.0.0.1:9"],
+        2,
+        "usage",
+    ),
+    "unknown-verb": (lambda t, s: ["transmogrify"], 2, "usage"),
+    "bad-flag": (lambda t, s: ["compile", str(COT), "--frobnicate"], 2, "usage"),
+}
+
+
+def _broken(tmp: Path) -> Path:
+    path = tmp / "broken.yaml"
+    path.write_text('spec_version: "1"\nname: Bad\n')
+    return path
+
+
+def test_every_verb_is_covered() -> None:
+    from mas2c.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    names = set(verbs.choices)
+    assert names <= set(FAILURE), names - set(FAILURE)
+    # the verbs whose success needs an LLM conversation are covered by their own tests
+    # (generate/solve: tests/test_solve.py, bench: tests/test_bench.py, batch:
+    # tests/test_batch.py), all through --json
+    # (export: tests/test_otel.py, against a real OTLP receiver)
+    assert names - set(SUCCESS) == {"generate", "solve", "bench", "batch", "export"}
+    for name, sub in verbs.choices.items():
+        assert any("--json" in a.option_strings for a in sub._actions), name
+
+
+@pytest.mark.parametrize("verb", sorted(SUCCESS))
+def test_json_success_is_one_document(
+    verb: str, tmp_path: Path, llm_server: LLMTestServer, request: pytest.FixtureRequest
+) -> None:
+    if verb == "sandbox":
+        request.getfixturevalue("docker_ready")
+    argv = SUCCESS[verb](tmp_path, llm_server)
+    proc = mas2c(*argv, "--json", cwd=tmp_path, inprocess=verb != "sandbox")
+    if verb == "diff":  # two different builds: exit 1 = different, still a success document
+        assert proc.returncode == 1, proc.stderr
+        data = json.loads(proc.stdout)
+        assert data["ok"] is True and data["kind"] == "build" and data["different"] is True
+        assert {c["kind"] for c in data["changes"]} >= {"added", "removed"}
+    else:
+        assert proc.returncode == 0, proc.stderr
+        data = document(proc)
+    if verb == "validate":
+        assert [r["path"] for r in data["reports"]] == [str(COT), str(DEBATE)]
+
+
+@pytest.mark.parametrize("verb", sorted(FAILURE))
+def test_json_failure_is_one_document(verb: str, tmp_path: Path, llm_server: LLMTestServer) -> None:
+    case, exit_code, code = FAILURE[verb]
+    env = cli_env(OPENAI_API_KEY="sk-test")
+    if verb == "sandbox":
+        env["DOCKER_HOST"] = "unix:///nonexistent/docker.sock"
+    proc = mas2c(*case(tmp_path, llm_server), "--json", cwd=tmp_path, env=env, inprocess=True)
+    assert proc.returncode == exit_code, (proc.stdout, proc.stderr)
+    data = document(proc)
+    assert data["ok"] is False
+    if code:
+        assert data["error"]["code"] == code, data
+    if "error" in data:
+        assert proc.stderr.strip(), "a human line on stderr too"
+
+
+def test_validate_json_is_one_document_for_one_file_and_for_two() -> None:
+    one = mas2c("validate", COT, "--json", cwd=ROOT, inprocess=True)
+    two = mas2c("validate", COT, DEBATE, "--json", cwd=ROOT, inprocess=True)
+    assert set(document(one)) == set(document(two)) == {"ok", "valid", "reports"}
+    assert len(document(one)["reports"]) == 1 and len(document(two)["reports"]) == 2
+
+
+def test_dash_reads_stdin(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mas2c.cli", "validate", "-", "--json"],
+        input=COT.read_text(),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=cli_env(),
+        timeout=120,
+    )
+    assert document(proc)["reports"][0]["path"] == "<stdin>"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mas2c.cli", "graph", "-"],
+        input=COT.read_text(),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=cli_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith(("flowchart", "graph", "---"))
+
+
+def test_run_reads_its_input_from_stdin_and_keeps_stdout_for_the_result(
+    tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    build = _built(tmp_path)
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "mas2c.cli", "run", str(build), "--input", "-"),
+            *("--sandbox", "local", "--llm", llm_server.base_url, "--run-dir", str(tmp_path / "r")),
+        ],
+        input=json.dumps(QUESTION),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=cli_env(OPENAI_API_KEY="sk-test"),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)) == {"answer", "reasoning"}  # stdout: the outputs only
+    assert json.loads((tmp_path / "r" / "input.json").read_text()) == QUESTION
+    # progress on stderr: calls, tokens, cost so far; then the summary line
+    assert "LLM call(s)" in proc.stderr and "tokens" in proc.stderr and "$" in proc.stderr
+    assert "ok (exit 0)" in proc.stderr
+
+
+# -- the error tree -------------------------------------------------------------------------------
+
+
+def test_every_module_error_is_in_the_tree() -> None:
+    from mas2c import (
+        bench,
+        compile,
+        configure,
+        expr,
+        gateway,
+        generate,
+        llm,
+        local,
+        rectify,
+        run,
+        sandbox,
+        solve,
+        source,
+        validate,
+    )
+
+    classes = [
+        bench.BenchError,
+        compile.CompileError,
+        configure.ConfigureError,
+        configure.PoolError,
+        expr.ExpressionError,
+        gateway.GatewayError,
+        generate.GenerateError,
+        llm.LLMError,
+        local.LocalModelError,
+        rectify.RectifyError,
+        run.RunError,
+        run.BadInput,
+        run.EndpointUnreachable,
+        sandbox.SandboxError,
+        solve.SolveError,
+        source.SourceError,
+        validate.SpecInvalid,
+    ]
+    codes = [c.code for c in classes]
+    assert len(set(codes)) == len(codes), codes  # each class its own stable code
+    for cls in classes:
+        assert issubclass(cls, errors.Mas2cError), cls
+        assert issubclass(cls, errors.UserError | errors.RunFailure), cls
+        assert cls.code.replace("_", "").isalpha() and cls.code.islower(), cls.code
+        assert cls.exit_code in (1, 2)
+    assert errors.UsageError.exit_code == 2 and errors.InvalidInput.exit_code == 1
+    assert errors.RunFailure.exit_code == 1
+
+
+# -- issue 14 item 2: a lazy CLI ------------------------------------------------------------------
+
+HEAVY = ("black", "jinja2", "libcst", "pydantic", "yaml", "mas2c.compile", "mas2c.spec")
+
+_PROBE = """
+import json, sys
+from mas2c.cli import main
+code = main(sys.argv[2:])
+json.dump(sorted(sys.modules), open(sys.argv[1], "w"))
+sys.exit(code)
+"""
+
+
+def test_run_of_a_build_imports_neither_the_compiler_nor_pydantic(
+    tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """A whole real `mas2c run BUILD` in a fresh interpreter, then its sys.modules."""
+    build = _built(tmp_path)
+    modules = tmp_path / "modules.json"
+    argv = ["run", str(build), "--input", str(write_json(tmp_path / "in.json", QUESTION))]
+    argv += ["--sandbox", "local", "--llm", llm_server.base_url, "--run-dir", str(tmp_path / "r")]
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(modules), *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=cli_env(OPENAI_API_KEY="sk-test"),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(modules.read_text())
+    assert [m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY] == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["run", "build", "--input", "in.json"], ["run", "--help"]],
+    ids=["help", "run-args", "run-help"],
+)
+def test_parsing_imports_nothing_heavy(argv: list[str]) -> None:
+    probe = (
+        "import sys\n"
+        "from mas2c.cli import build_parser\n"
+        "try:\n"
+        f"    build_parser().parse_args({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('black', 'jinja2', 'libcst',"
+        " 'pydantic', 'yaml', 'openai', 'httpx', 'docker') or m in ('mas2c.compile', 'mas2c.spec')]\n"
+        "print(heavy)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
