@@ -471,19 +471,20 @@ def test_inputs_are_checked_against_nested_schemas(tmp_path: Path) -> None:
 
 
 def test_mas2c_run_checks_inputs_on_the_host_before_any_container(tmp_path: Path) -> None:
-    from mas2c.run import run_system
+    from mas2c.run import BadInput, run_system
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(NESTED_INPUT)
     in_file = tmp_path / "in.json"
-    in_file.write_text(json.dumps({"order": {"items": [{}]}}))
-    # No Docker and no LLM are needed: nothing starts.
-    outcome = run_system(spec_file, in_file, tmp_path / "run", backend="docker")
-    assert outcome.status == "bad_input" and outcome.exit_code == 2
-    assert outcome.result["error"]["spec_pointer"] == "/inputs/order"
-    saved = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert saved["status"] == "bad_input"
-    assert not (tmp_path / "run" / "sandbox.json").exists()
+    in_file.write_text(json.dumps({"order": {"items": [{}], "priority": "High"}}))
+    # No Docker and no LLM are needed: nothing starts, no run folder is made.
+    with pytest.raises(BadInput) as caught:
+        run_system(spec_file, in_file, tmp_path / "run", backend="docker")
+    message = str(caught.value)
+    # The same check, and the same words, as the package's (mas2c.values).
+    assert "input 'order' at /items/0: missing required property 'sku'" in message
+    assert "input 'order' at /priority: \"High\" is not one of" in message
+    assert not (tmp_path / "run").exists()
 
 
 # -- issue 18 class 10: the README shows spec text as text --------------------------------------------
