@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="64aae6c599e005af17562bcd7cad8dbc23a2502e4003ee155a9b351bef2fc1d7",
+        code_sha="ba01baf31f99bae46f3c3b898c3174389fa679ccabd6369726e3a0074484c2c8",
         reads=["question"],
     ),
 )
@@ -24,9 +24,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 26, "/outputs"),
-    ("__main__.py", 28, 33, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 24, "/outputs"),
+    ("__main__.py", 26, 31, "/budgets"),
     ("agents.py", 8, 14, "/models/main"),
     ("agents.py", 19, 50, "/agents/reasoner"),
     ("workflow.py", 22, 23, "/workflow"),

@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="3583972e054b4c68238394744a79d5c6b278ec07ff72f1d341df656df692a42a",
+        code_sha="7d4da1c49686754db7b512b59982326fa9b3051ffbf24092b0f0181dcc8be344",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="943fd5020fea21c644029b8185af65b6bb33b58e65029e9f8242d56572fc6b29",
+        code_sha="87b38889177fd93b16999a959bf8420c7d94634a26698362c197e04ee0a4bcdd",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="b01d28a241d9fbdc1df8420f34bb761b3556ff70293f37a6bf169065dbc28c4d",
+        code_sha="88ffe189c1bda6f5c37051f9b77ffcfb57e2b39b8d841711d31716d7530693d4",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 32, "/inputs"),
-    ("__main__.py", 34, 38, "/outputs"),
-    ("__main__.py", 40, 45, "/budgets"),
+    ("__main__.py", 17, 30, "/inputs"),
+    ("__main__.py", 32, 36, "/outputs"),
+    ("__main__.py", 38, 43, "/budgets"),
     ("agents.py", 8, 14, "/models/coder"),
     ("agents.py", 16, 22, "/models/debugger"),
     ("agents.py", 27, 43, "/agents/programmer"),

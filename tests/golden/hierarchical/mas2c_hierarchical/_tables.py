@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="403e21ae32bc8925af0f91e80b472e3feaccd477492380fbf99f200d84252119",
+        code_sha="e81a40bd98eccb7721eff1c5eda922ee5ca41027e68e9906c9f9b6157d07ec6b",
         reads=["context", "decision"],
     ),
     TopStep(
         method="step_investigate",
         step_id="investigate",
         pointer="/workflow/1",
-        code_sha="61d8a5b454b31d59b87fed74a09173b4a3bc2ce7379ea39605cf8a7b7f827ada",
+        code_sha="8c0e264ef2b29e99b069bef0716774d01404848b2200076d009598781061e900",
         reads=["context", "plan"],
     ),
     TopStep(
         method="step_merge",
         step_id="merge",
         pointer="/workflow/2",
-        code_sha="904fea3fe5e81a273021cc4102e50e9090c5a0cc88e19763f596e2dffea1f247",
+        code_sha="8293a325306bd097d409784c507aa59e50e3b94f571a1c8a72981e52ea93fa5d",
         reads=["decision", "market", "plan", "risks", "technical"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 28, "/inputs"),
-    ("__main__.py", 30, 34, "/outputs"),
-    ("__main__.py", 36, 41, "/budgets"),
+    ("__main__.py", 17, 26, "/inputs"),
+    ("__main__.py", 28, 32, "/outputs"),
+    ("__main__.py", 34, 39, "/budgets"),
     ("agents.py", 8, 14, "/models/manager"),
     ("agents.py", 16, 22, "/models/specialist"),
     ("agents.py", 27, 65, "/agents/manager"),

@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="62b997e74bd0774b7c8a57715dfa4cf303703e98d7ff77e4e97ee07a242560be",
+        code_sha="70657e9f2e6c120c91887782e0a52da8976358f308fe63640e1a500d045444ee",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="a82e20b8b616a8324213966916c306ce6fbf1ee586fe1c8dc783a736a5576ddd",
+        code_sha="9d39707ad4a146b820a278085f375d8f8dc812ece151c5a9bfa1aed926275a2c",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="4b89436557368e05d32abe2d0c5049cf11b04e18ce3902f39e178840d6cc083c",
+        code_sha="507daab0b3cb45175a40ec05347d7d0f976d6387eb0bf25a142ff645f280427c",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 30, "/outputs"),
-    ("__main__.py", 32, 37, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 28, "/outputs"),
+    ("__main__.py", 30, 35, "/budgets"),
     ("agents.py", 8, 14, "/models/planner"),
     ("agents.py", 16, 22, "/models/worker"),
     ("agents.py", 27, 64, "/agents/executor"),

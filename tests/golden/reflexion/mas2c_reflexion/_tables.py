@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="61c2a88fcd33a1bfc51261e6b8c80f8ce4d855116670742e8658434504a877fc",
+        code_sha="6508197b6da1a49b2fa3aad808edd1e8ff3994e71190bdc7214f2b3cf3017253",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="166f5dcb701b0b6c1632f06082ff827c74cc444e71b518f0361dce77774263d1",
+        code_sha="3e771737c2fc36f41b056dc27d1bf560be07226e0381f7d8f8db63b42e6b58b9",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="c576fe23894ebe1645e78625f8bc2545d9208ba129420cf3da3ee4ebfa609ec0",
+        code_sha="107551275a046700418648448b5148708525e94e0d0efa258ed5ac69e409af54",
         reads=["draft", "review", "task"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 30, "/outputs"),
-    ("__main__.py", 32, 37, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 28, "/outputs"),
+    ("__main__.py", 30, 35, "/budgets"),
     ("agents.py", 8, 14, "/models/reviewer"),
     ("agents.py", 16, 22, "/models/writer"),
     ("agents.py", 27, 41, "/agents/actor"),

@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="53419ec76e9c48d807c0fa96d9b4c74538d7f8ed7a6e34cdcd027624c90079b8",
+        code_sha="eae1bc6da7e3bf8da9722069328268b4ebbef1ba5dd8b686ecac36d48c17d86d",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="4776f013393f5ef0018477ed97ac41be17165cdbac254303bf50d8e2fa8986bb",
+        code_sha="997fa755890668d53426a904f48949aed456c41883b263c44865e8d93ec709eb",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="4786c75e7e7a3313f248729b72a610ebd83bb73dcf6669e117a52fbaedf7467e",
+        code_sha="9951da197a5cec1593b314a3a0171db8e58b9316cb3048687b1c1d3c7aa7fa05",
         reads=["rewrite"],
     ),
 )
@@ -40,9 +40,9 @@ TOOL_CODE: dict[str, ToolCode] = {
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 32, "/inputs"),
-    ("__main__.py", 34, 39, "/outputs"),
-    ("__main__.py", 41, 46, "/budgets"),
+    ("__main__.py", 17, 30, "/inputs"),
+    ("__main__.py", 32, 37, "/outputs"),
+    ("__main__.py", 39, 44, "/budgets"),
     ("agents.py", 8, 14, "/models/editor"),
     ("agents.py", 19, 48, "/agents/editor"),
     ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
