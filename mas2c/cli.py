@@ -1149,7 +1149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(verb, Interrupted("interrupted"), as_json)
 
 
-_POOLED_VERBS = {"solve", "rectify", "bench", "batch"}
+_POOLED_VERBS = {"solve", "rectify", "bench"}  # batch: its engines run elsewhere
 
 
 def _warm_pool(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
