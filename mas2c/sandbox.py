@@ -1710,10 +1710,10 @@ def _run_local(job: _Job, outcome: _Outcome) -> None:
                 )
 
         def preexec() -> None:
-            _set_rlimits(limits, nproc)
-            if as_root:
+            if as_root:  # before the rlimits: ctypes needs memory, root needs no nproc cap
                 _expose(plan)
                 _drop_privileges(uid)
+            _set_rlimits(limits, nproc)
 
         with open(work / "runner.log", "wb") as runner_log:
             proc = subprocess.Popen(
