@@ -465,13 +465,9 @@ def test_diagnose_thresholds(tmp_path: Path) -> None:
 
 
 def test_runtime_vote_first() -> None:
-    spec = importlib.util.spec_from_file_location(
-        "mas2c_runtime_copy", ROOT / "templates" / "_runtime.py"
-    )
-    assert spec is not None and spec.loader is not None
-    runtime = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = runtime  # dataclasses look their module up
-    spec.loader.exec_module(runtime)
+    from conftest import load_runtime
+
+    runtime = load_runtime()
     first = runtime.first_answer
     assert first(["thinking...\nANSWER:", "so\nANSWER: 4", "ANSWER: 5"]) == "so\nANSWER: 4"
     assert first(["no final line\nANSWER:", "  "]) == "no final line\nANSWER:"

@@ -8,7 +8,6 @@ client, and checks out.json, the trace and what the server received.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -25,7 +24,9 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import load_runtime
 
+from mas2c.compile import runtime_files
 from mas2c.testserver import ChatRequest, LLMTestServer, Reply, ReplyLike, Script, ToolCall
 
 RUNTIME = Path(__file__).resolve().parents[1] / "templates" / "_runtime.py"
@@ -167,7 +168,8 @@ class Pkg:
         pkg = root / "mas2c_t"
         pkg.mkdir(parents=True)
         (pkg / "__init__.py").write_text(HEADER)
-        (pkg / "_runtime.py").write_text(HEADER + RUNTIME.read_text())
+        for name, text in runtime_files().items():
+            (pkg / name).write_text(HEADER + text)
         (pkg / "agents.py").write_text(HEADER + AGENTS_PY)
         (pkg / "tools.py").write_text(HEADER + TOOLS_PY)
         body = textwrap.indent(textwrap.dedent(workflow).strip("\n"), "    ")
@@ -224,12 +226,7 @@ def by_agent(answers: dict[str, Any]) -> Callable[[ChatRequest], ReplyLike]:
 @pytest.fixture
 def rt() -> ModuleType:
     """The runtime imported in-process, for its pure functions."""
-    spec = importlib.util.spec_from_file_location("mas2c_runtime_under_test", RUNTIME)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_runtime()
 
 
 # ------------------------------------------------------------------ happy path
@@ -272,7 +269,7 @@ def test_ok_run_writes_outputs_usage_and_trace(make: Callable[..., Pkg]) -> None
     usage = res.out["usage"]
     assert usage["calls"] == 3
     assert set(usage["by_agent"]) == {"solver", "s1", "judge"}
-    assert usage["by_model"]["m"]["calls"] == 3
+    assert usage["by_model"]["test-model"]["calls"] == 3
     expected_cost = (usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6
     assert usage["cost_usd"] == pytest.approx(expected_cost)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
@@ -915,7 +912,7 @@ def test_budget_checks_and_cost_accounting(rt: ModuleType) -> None:
     run._account(agent, model, usage)
     run._check_budget()
     assert run.usage()["cost_usd"] == pytest.approx(0.0016)
-    assert run.usage()["by_model"] == {"m": run.usage()["by_agent"]["a"]}
+    assert run.usage()["by_model"] == {"m1": run.usage()["by_agent"]["a"]}
     run._account(agent, model, usage)
     with pytest.raises(rt.BudgetExceeded) as info:
         run._check_budget()

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="2f7e10a448e4e7f9e36a048f2fe38c49e378cd4a24cabfda4ae70ebca6bfa59f",
+        code_sha="2845b28ae3228164f505ccaaecbe132034dd6cc83fa998b71692e4128d775b0a",
         reads=["question"],
     ),
 )

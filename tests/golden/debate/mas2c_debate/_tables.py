@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="ca4b5c3da8256ed438b12a7fc94ed5466c74b6295dc47d80b41e0ba840b7aa86",
+        code_sha="87f8b3ec95ebcc852b24b6eab9d201c8269c5952cdcee229603f21b15223c5df",
         reads=["question"],
     ),
 )

@@ -16,14 +16,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="aa41520e6029866e35ccf40051a76f40b1796a910f03dad59e22db9ac532f176",
+        code_sha="5c0f87c9dcde01dc996e14638b740451097497972dd49393d7b8b6541f6f7f99",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="1b7f0b840c8b3c16ca71204495b9498a93a4afc66e277218ffb9245ef45667de",
+        code_sha="15c74e7cd8df3370be6e2ad7e404f9d179dccbbf2ab2a52bc031b8c25f753514",
         reads=["product", "route", "ticket"],
     ),
 )

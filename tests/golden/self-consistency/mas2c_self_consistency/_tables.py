@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="4d577125b977432af0341e4cbd6b06c40c2d6e6204b5f0e857e5a27258afafb2",
+        code_sha="55de2a5ac611a6a42a12850410ac0d798911c53337b0078d7736909c8fb5df19",
         reads=["question"],
     ),
 )
