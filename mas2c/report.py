@@ -249,6 +249,7 @@ def _run_sections(folder: Path, trace: RunTrace, level: int) -> str:
         _workflow(spec, trace),
         _h(level, "Timeline", "timeline"),
         _timeline(trace),
+        _steps_table(trace),
         _h(level, "Tokens and cost", "cost"),
         _costs(trace, usage, result),
         _errors(trace, result, spec, level),
@@ -741,6 +742,58 @@ def _timeline(trace: RunTrace) -> str:
         '<span><i class="sw" style="background:#e57373;border-color:#c62828"></i>failed</span>'
     )
     return f'<div class="legend">{legend}</div><div class="scroll">{"".join(out)}</div>{more}'
+
+
+# -- per step ---------------------------------------------------------------------------------
+
+
+def _steps_table(trace: RunTrace) -> str:
+    """Each step id: runs, status, time, and the LLM calls, tokens and cost made inside it."""
+    steps = trace.by_kind("step")
+    if not steps:
+        return ""
+    by_id = {s.span_id: s for s in trace.spans}
+    rows: dict[str, dict[str, Any]] = {}
+    for span in steps:
+        row = rows.setdefault(
+            span.name,
+            {"pointer": _text(span.attrs.get("pointer")), "runs": 0, "seconds": 0.0, "calls": 0}
+            | {"tokens": 0, "cost": 0.0, "failed": 0},
+        )
+        row["runs"] += 1
+        row["seconds"] += span.duration
+        row["failed"] += span.status != "ok"
+    for call in trace.by_kind("llm"):
+        seen: set[str] = set()
+        parent = call.parent_id
+        while parent in by_id and parent not in seen:  # every enclosing step counts it
+            seen.add(parent)
+            enclosing = by_id[parent]
+            if enclosing.kind == "step" and call.status == "ok":
+                row = rows[enclosing.name]
+                row["calls"] += 1
+                row["tokens"] += _int(call.attrs.get("prompt_tokens")) + _int(
+                    call.attrs.get("completion_tokens")
+                )
+                row["cost"] += _num(call.attrs.get("cost_usd"))
+            parent = enclosing.parent_id
+    body = [
+        [
+            esc(name),
+            f"<code>{esc(r['pointer'])}</code>",
+            esc(r["runs"]),
+            esc(r["failed"]),
+            esc(_secs(r["seconds"])),
+            esc(r["calls"]),
+            esc(r["tokens"]),
+            esc(_money(r["cost"])),
+        ]
+        for name, r in sorted(rows.items(), key=lambda kv: kv[1]["pointer"])
+    ]
+    head = ["step", "pointer", "runs", "failed", "time", "LLM calls", "tokens", "cost"]
+    return "<h3>Per step (with the steps inside it)</h3>" + _table(
+        head, body, frozenset({2, 3, 4, 5, 6, 7})
+    )
 
 
 # -- tokens and cost -------------------------------------------------------------------------

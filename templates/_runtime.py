@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, NoReturn, TextIO, cast
 from urllib.parse import quote
 
 import httpx
@@ -414,6 +414,9 @@ class Trace:
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
+                self._file.flush()
+                with contextlib.suppress(OSError):  # e.g. a pipe or /dev/stdout
+                    os.fsync(self._file.fileno())
                 self._file.close()
                 self._file = None
 
@@ -1710,6 +1713,16 @@ def error_report(exc: BaseException) -> dict[str, Any]:
     }
 
 
+def exit_now(code: int) -> NoReturn:
+    """Exit as soon as the outputs are durably written (main() flushed, fsynced and
+    closed out.json and the trace): flush the standard streams, then skip the
+    interpreter's finalisation (module teardown, garbage collection, atexit)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write via a temp file in the same folder, then rename: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1718,6 +1731,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(obj, handle, ensure_ascii=False, indent=2, default=str)
             handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # durable before the fast exit (exit_now)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="2845b28ae3228164f505ccaaecbe132034dd6cc83fa998b71692e4128d775b0a",
+        code_sha="d3be3ac1391d1f3d3449f9838d95335ab8f57bea4da3554f427ed75a83574230",
         reads=["question"],
     ),
 )
@@ -24,9 +24,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 26, "/outputs"),
-    ("__main__.py", 28, 33, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 24, "/outputs"),
+    ("__main__.py", 26, 31, "/budgets"),
     ("agents.py", 8, 14, "/models/main"),
     ("agents.py", 19, 50, "/agents/reasoner"),
     ("workflow.py", 22, 23, "/workflow"),

@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="54539557b6eab584a0e86967cc37be29f64319833bf7e5f59b9eeb59585f971b",
+        code_sha="1385aa1d393c8f8d7ab55701bc25fecabfd01f11a4649ee59b8403d6f2703e86",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="f32358c3d07a41df14fe093e12d81a3a840f8ae016dda77c4af519adbda4a7ec",
+        code_sha="35eb641d2baf3cc1ac5e04079a131f93762b2b0947e47915b23e85f1804f32e1",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="05fa9c932ef7980c2f03c87ad557365eb15c071cd388c87a17c119ca8b1714f6",
+        code_sha="81b6bb036d6ccd5aaf7bcaa62b030bac01bf94e6c55927cf6ca90c38d7c9d2d2",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 32, "/inputs"),
-    ("__main__.py", 34, 38, "/outputs"),
-    ("__main__.py", 40, 45, "/budgets"),
+    ("__main__.py", 17, 30, "/inputs"),
+    ("__main__.py", 32, 36, "/outputs"),
+    ("__main__.py", 38, 43, "/budgets"),
     ("agents.py", 8, 14, "/models/coder"),
     ("agents.py", 16, 22, "/models/debugger"),
     ("agents.py", 27, 43, "/agents/programmer"),

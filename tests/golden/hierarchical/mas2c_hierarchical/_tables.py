@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="5656d67035da5375d7b7a239ff8e33935d315f89065135c40e4032841eb5daa5",
+        code_sha="3227b8df30d447353ad2528c0a04df516f3bb88859ab409d2e6570ab6fb6ffb7",
         reads=["context", "decision"],
     ),
     TopStep(
         method="step_investigate",
         step_id="investigate",
         pointer="/workflow/1",
-        code_sha="cc3aa29036ed8e4a54ee1133eca73ec80813295648d7eed1a246cd4339f0f3b7",
+        code_sha="e84724d64a4bfe83f3d4ddace939c6fb4e3be9389528d5560b11cf545a9d196c",
         reads=["context", "plan"],
     ),
     TopStep(
         method="step_merge",
         step_id="merge",
         pointer="/workflow/2",
-        code_sha="c06b9990789a0bfee32ca631181e93bf42b9746dc6ae5cf4b4c06c24f90b6b4a",
+        code_sha="483490c01adb5efbc65d95d5c57de369670bc6fe920e2668ed9c08f5809780c9",
         reads=["decision", "market", "plan", "risks", "technical"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 28, "/inputs"),
-    ("__main__.py", 30, 34, "/outputs"),
-    ("__main__.py", 36, 41, "/budgets"),
+    ("__main__.py", 17, 26, "/inputs"),
+    ("__main__.py", 28, 32, "/outputs"),
+    ("__main__.py", 34, 39, "/budgets"),
     ("agents.py", 8, 14, "/models/manager"),
     ("agents.py", 16, 22, "/models/specialist"),
     ("agents.py", 27, 65, "/agents/manager"),

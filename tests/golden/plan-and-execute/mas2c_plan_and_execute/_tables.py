@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="dac6143a0814edf118ca5ac75828c86ff8a92799fb76c35248a8c959045e62d1",
+        code_sha="882e11993e02e3bb6edb0fd5b09647dc8a30c0371c7f272ad5f2b5a7e03e5f72",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="d89df5774d01eba17acd07ec395a9be54a1aa9f93b89c2d571b426fd4f16d80a",
+        code_sha="508298327e82432ac7d46542b91fa8c2d5bf5c17cc7bf216bc29ad1f7d937ea9",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="e8bdbbdaf0e666ec74370650f7eb081d63224b9448d38068896af31095c0c41f",
+        code_sha="687719b9b59b2f00a86d51cac85894523378b17309523f0af3616f525a538f18",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 30, "/outputs"),
-    ("__main__.py", 32, 37, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 28, "/outputs"),
+    ("__main__.py", 30, 35, "/budgets"),
     ("agents.py", 8, 14, "/models/planner"),
     ("agents.py", 16, 22, "/models/worker"),
     ("agents.py", 27, 64, "/agents/executor"),

@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="00dff2273f15744e733fabbf7f67b3df8dd61b56d80257b14d237a3b1d5b13be",
+        code_sha="8a6be7d1b4c03e34700572e694096138c3fe7b9599853b69e42cafbcbfc9292f",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="b73bc6f6c5963b0aa8a2092ec7965d6895bce1356c3a21962f315ba25ac3b3b2",
+        code_sha="0dded5e8cfd7545299a142ebc2d7d1003d249988c19dc815eb28bcd1dcd7cee4",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="2de5857671081ecf2c6c9c27dfe538e403f5a0c895f6dc00f4b47ef0ebb78569",
+        code_sha="53adbcdd3c9ded8f85beb874b25efb9fe774e9324c98740b44806ca9d577ca54",
         reads=["draft", "review", "task"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 30, "/outputs"),
-    ("__main__.py", 32, 37, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 28, "/outputs"),
+    ("__main__.py", 30, 35, "/budgets"),
     ("agents.py", 8, 14, "/models/reviewer"),
     ("agents.py", 16, 22, "/models/writer"),
     ("agents.py", 27, 41, "/agents/actor"),

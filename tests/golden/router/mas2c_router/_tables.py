@@ -16,14 +16,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="5c0f87c9dcde01dc996e14638b740451097497972dd49393d7b8b6541f6f7f99",
+        code_sha="482696e88bd05505d4918f36cb9b5f1630e76418f6745e9ebf03bf7f679cee2e",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="15c74e7cd8df3370be6e2ad7e404f9d179dccbbf2ab2a52bc031b8c25f753514",
+        code_sha="94760263f376ccf575ac80b00e656c162a9fd0e67d076c60d9288dcbe0d6adc0",
         reads=["product", "route", "ticket"],
     ),
 )
@@ -31,9 +31,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 28, "/inputs"),
-    ("__main__.py", 30, 35, "/outputs"),
-    ("__main__.py", 37, 42, "/budgets"),
+    ("__main__.py", 17, 26, "/inputs"),
+    ("__main__.py", 28, 33, "/outputs"),
+    ("__main__.py", 35, 40, "/budgets"),
     ("agents.py", 8, 14, "/models/fast"),
     ("agents.py", 16, 22, "/models/strong"),
     ("agents.py", 27, 54, "/agents/account_agent"),

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="55de2a5ac611a6a42a12850410ac0d798911c53337b0078d7736909c8fb5df19",
+        code_sha="876acfbf3c6dd50e596defe7ce2eb178680424b0f2e23307fa47a15aa3f7c19f",
         reads=["question"],
     ),
 )
@@ -24,9 +24,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 26, "/outputs"),
-    ("__main__.py", 28, 33, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 24, "/outputs"),
+    ("__main__.py", 26, 31, "/budgets"),
     ("agents.py", 8, 14, "/models/sampler"),
     ("agents.py", 19, 45, "/agents/solver"),
     ("workflow.py", 22, 23, "/workflow"),

@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="ac002d7a8f4b84b72db8bac9a3028014f31d8d440a55b22efe4a00a15e4323bc",
+        code_sha="fe9e8c6425dffd919f6c0a0cc6eb54e709f4ff050d85f537906ec0ca7994ab63",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="6b3ff6921a02b73c7fd8bc5938c6cf4fd62b5fb01d8e14d887d1c23300f334d4",
+        code_sha="e5afb1aeab2dcd82e3e6059f763cd0a7ec8de8e0eca4440886282afc9d69ca73",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="3debcd6ab558f32bc66cc86dcb6ce3d4ce5a44ddbfaa698cd4eb6c595c88e4d1",
+        code_sha="25f32a7007b55eb2569f79dc487de9973d084c1b99b4b9fd77827b0ca41e5f4a",
         reads=["rewrite"],
     ),
 )
@@ -40,9 +40,9 @@ TOOL_CODE: dict[str, ToolCode] = {
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 32, "/inputs"),
-    ("__main__.py", 34, 39, "/outputs"),
-    ("__main__.py", 41, 46, "/budgets"),
+    ("__main__.py", 17, 30, "/inputs"),
+    ("__main__.py", 32, 37, "/outputs"),
+    ("__main__.py", 39, 44, "/budgets"),
     ("agents.py", 8, 14, "/models/editor"),
     ("agents.py", 19, 48, "/agents/editor"),
     ("tools.py", 12, 49, "/tools/text_stats/code"),
