@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="d3be3ac1391d1f3d3449f9838d95335ab8f57bea4da3554f427ed75a83574230",
+        code_sha="a71e8590940e7b08d804b67f6a4ca882fb9da2bea5588ba3268f3af92f11a76c",
         reads=["question"],
     ),
 )

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="a2d229afca92af55a541e95b772d9783e5850c1344b6f02bbc1d3ea412f4cc7d",
+        code_sha="a4ffe82e46697ca9fd33f96fda67e0159a39b16f12a9b29ad2a70af34eea6386",
         reads=["question"],
     ),
 )

@@ -16,14 +16,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="482696e88bd05505d4918f36cb9b5f1630e76418f6745e9ebf03bf7f679cee2e",
+        code_sha="87ba498364cb79105c64d58f2a72686ace9227bf684515e0cae78045f9266f81",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="94760263f376ccf575ac80b00e656c162a9fd0e67d076c60d9288dcbe0d6adc0",
+        code_sha="41b59fbe9c2d6957bda0d271a10ab217620980e18b15f68890634b876e3e1459",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="876acfbf3c6dd50e596defe7ce2eb178680424b0f2e23307fa47a15aa3f7c19f",
+        code_sha="87c3822cb8763e7e957357a2b6c08d1e875f2a1ff369ba571543d346be5cb1f1",
         reads=["question"],
     ),
 )

@@ -16,27 +16,27 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="fe9e8c6425dffd919f6c0a0cc6eb54e709f4ff050d85f537906ec0ca7994ab63",
+        code_sha="ea3be3936479deac002203393c53e2f4373992d4fad605c225dd3365fa75b3e8",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="e5afb1aeab2dcd82e3e6059f763cd0a7ec8de8e0eca4440886282afc9d69ca73",
+        code_sha="b3d725aafaf574a6e44f61b83660f18fe213699c696a532760d6fa29bdb185d8",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="25f32a7007b55eb2569f79dc487de9973d084c1b99b4b9fd77827b0ca41e5f4a",
+        code_sha="2125440b9f05479cbf5b55ed03bb6144a004b4d3a065cd54ae2b6032a3f0dd63",
         reads=["rewrite"],
     ),
 )
 
 TOOL_CODE: dict[str, ToolCode] = {
-    "text_stats": ToolCode(pointer="/tools/text_stats/code", start=12, end=49),
+    "text_stats": ToolCode(pointer="/tools/text_stats/code", start=10, end=47),
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
@@ -45,8 +45,8 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("__main__.py", 39, 44, "/budgets"),
     ("agents.py", 8, 14, "/models/editor"),
     ("agents.py", 19, 48, "/agents/editor"),
-    ("tools.py", 12, 49, "/tools/text_stats/code"),
-    ("tools.py", 54, 65, "/tools/text_stats"),
+    ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
+    ("tools.py", 13, 25, "/tools/text_stats"),
     ("workflow.py", 22, 25, "/workflow"),
     ("workflow.py", 28, 33, "/workflow/0"),
     ("workflow.py", 36, 51, "/workflow/1"),
