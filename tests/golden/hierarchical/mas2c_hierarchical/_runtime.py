@@ -35,6 +35,7 @@ import copy
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import sys
@@ -167,7 +168,7 @@ class TopStep:
 
 @dataclass(frozen=True)
 class ToolCode:
-    """Where a code tool's spec code sits in tools.py: lines start..end, verbatim."""
+    """Where a code tool's spec code sits in its module: lines start..end, verbatim."""
 
     pointer: str
     start: int
@@ -939,8 +940,8 @@ def tool_code_location(
 ) -> tuple[str | None, int | None]:
     """(spec pointer, line inside the tool code) of the deepest frame in the tool's code.
 
-    ``where`` (from the compiler's TOOL_CODE table) says which lines of tools.py hold
-    the spec's code verbatim, so the line inside the spec's code is a subtraction.
+    ``where`` (from the compiler's TOOL_CODE table) says which lines of the tool's module
+    hold the spec's code verbatim, so the line inside the spec's code is a subtraction.
     """
     code = getattr(tool.function, "__code__", None)
     if code is None or where is None:

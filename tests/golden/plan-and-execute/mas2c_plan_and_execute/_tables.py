@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="bb4471f68c194b83dff594960586269130b91e8d3c5daec427cae7836191e8c1",
+        code_sha="12f624ea2c242be097aa0a84b6a2c6364f88b1ccb6405c1ec006a70df8111c7e",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="d887cb0f8158a8720c138f122b2a4ce16c29481b548dce6c442c11dfff9a4e98",
+        code_sha="bcfe94757e0d16cbeeee13ac96342cd706b3bb2aad05780ff0c6afb4f1a695b3",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="6403ffd4fc2443394293537a2c368260a0ca8d7d0b7b19397096bcbeb369763b",
+        code_sha="063103654c27e11a0f95d78a3d4f132a9c4d17826423bf1716df8cbb885848dd",
         reads=["execution", "plan", "task"],
     ),
 )

@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="20ad87e5a903fb2ea76facea5e19bc9a004451249e03c504b9f431d87076292c",
+        code_sha="4f09f150eb3bad46152c0fb0756818725e5363a8f87d712c04d201aabe0c863a",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="bf10dc77d3f0ba4d0b33bd8a49796a5d593cf6042c6032df361286ff3b9600ef",
+        code_sha="cafb33a0fc8254b05f7fb98b0ceada7f29da1263f8d040d817d441c66283ebc7",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="e9f832ac256f2186e6b5bbf56d8cf21f5e34febad9fafd39c5f757ce940b8a20",
+        code_sha="57e8439604a52d280443031dca7bd352160653a9e0035645f7e16fe9c73efb6a",
         reads=["draft", "review", "task"],
     ),
 )

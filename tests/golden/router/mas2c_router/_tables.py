@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="87ba498364cb79105c64d58f2a72686ace9227bf684515e0cae78045f9266f81",
+        code_sha="d278b0a9c702e5d0bd477d1865dcfa2a8d71c779acb80dece24693645a9fb5d1",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="41b59fbe9c2d6957bda0d271a10ab217620980e18b15f68890634b876e3e1459",
+        code_sha="0671bc6e5a25cec27167a4947c7ecf4ac6fda85d06e59b824e67c5a8d0fa58ae",
         reads=["product", "route", "ticket"],
     ),
 )
