@@ -562,3 +562,31 @@ def test_files_from_a_node_cannot_leave_the_row_folder(tmp_path: Path) -> None:
     )
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["rows/r/mas/result.json"]
+
+
+def test_local_sandbox_from_a_driver_with_many_threads(tmp_path: Path) -> None:
+    """A batch driver has many threads (workers, gateways, servers), so its address space is
+    large; the local sandbox's child must still start (its limits apply after the fork)."""
+    import threading
+
+    from mas2c.batch import run_code_tests, write_code_scorer
+
+    release = threading.Event()
+    threads = [threading.Thread(target=release.wait) for _ in range(160)]  # ~1.3 GB of stacks
+    for thread in threads:
+        thread.start()
+    try:
+        score = run_code_tests(
+            "def f():\n    return 1\n",
+            "def check(candidate):\n    assert candidate() == 1\n",
+            "f",
+            tmp_path / "score",
+            scorer_dir=write_code_scorer(tmp_path / "scorer"),
+            backend="local",
+            on_warning=_quiet,
+        )
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join()
+    assert score.passed, score
