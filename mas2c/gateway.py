@@ -1267,8 +1267,10 @@ class EgressPolicy:
         *,
         max_response_bytes: int = 4 * _MIB,
         max_timeout_s: float = 60.0,
+        max_requests: int = 1000,
     ) -> None:
         self.rules = dict(rules)
+        self.max_requests = max_requests
         self.secrets = {k: v for k, v in secrets.items() if v}
         self.max_response_bytes = max_response_bytes
         self.max_timeout_s = max_timeout_s
@@ -1725,7 +1727,7 @@ class Gateway:
             return 200, answer
         except _HttpFailure as fail:
             with self._lock:
-                key = "refused" if fail.status in (400, 403, 413) else "failed"
+                key = "refused" if fail.status in (400, 403, 413, 429) else "failed"
                 self._egress_counts[key] += 1
             message = fail.body.get("error", {}).get("message", "")
             scrub = policy.scrub if policy is not None else (lambda t: t)
@@ -1737,6 +1739,11 @@ class Gateway:
         from urllib.parse import urlsplit
 
         tool, method, url = req.get("tool"), req.get("method"), req.get("url")
+        with self._lock:
+            if self._egress_counts["requests"] >= policy.max_requests:
+                raise _denied(
+                    f"egress budget exceeded: {policy.max_requests} requests per run", 429
+                )
         if not isinstance(tool, str) or tool not in policy.rules:
             raise _denied(f"tool {str(tool)[:100]!r} declares no egress in the spec")
         rule = policy.rules[tool]
