@@ -167,7 +167,7 @@ def _safe_name(name: Any) -> str | None:
     if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
         return None
     path = PurePosixPath(name)
-    if path.is_absolute() or any(part in ("", ".", "..") for part in path.parts):
+    if path.is_absolute() or not path.parts or any(p in ("", ".", "..") for p in path.parts):
         return None
     return path.as_posix()
 

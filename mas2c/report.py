@@ -121,9 +121,11 @@ def folder_kind(folder: Path) -> str:
         return "solve"
     if (folder / "trace.jsonl").is_file() or (folder / "result.json").is_file():
         return "run"
+    if any(_ROUND.match(p.name) and p.is_dir() for p in folder.iterdir()):
+        return "rectify"
     raise ReportError(
-        f"{folder}: not a run folder (no trace.jsonl or result.json) nor a solve folder "
-        "(no task.txt and summary.json)"
+        f"{folder}: not a run folder (no trace.jsonl or result.json), a rectify folder "
+        "(no round-K/) nor a solve folder (no task.txt and summary.json)"
     )
 
 
@@ -142,6 +144,15 @@ def render_report(folder: Path) -> str:
     kind = folder_kind(folder)
     if kind == "solve":
         title, body = _solve_page(folder)
+    elif kind == "rectify":
+        # RUN_DIR/rectify: the run it repaired (when beside it), then the rounds.
+        run_dir = folder.parent
+        title = f"mas2c rectify: {run_dir.name}"
+        body = ""
+        if (run_dir / "trace.jsonl").is_file() or (run_dir / "result.json").is_file():
+            body = _h(2, "The run that was repaired", "run")
+            body += _run_sections(run_dir, read_run_trace(run_dir), level=3)
+        body += _rectify_section(folder)
     else:
         trace = read_run_trace(folder)
         title = f"mas2c run: {_spec_name(trace)}"

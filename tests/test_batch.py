@@ -288,9 +288,13 @@ def test_failures_are_counted_by_error_code(tmp_path: Path) -> None:
     with LLMTestServer(respond) as server:
         summary = run_batch(options(tmp_path, dataset, server, limit=4))
     assert summary["complete"] and summary["passed"] == 3 and summary["system_errors"] == 1
-    assert summary["failures"] == {"StructuredOutputError": 1}
     row = read_results(tmp_path / "run" / "results.jsonl")["gsm8k-3"]
-    assert row["status"] != "ok" and row["error_code"] == "StructuredOutputError"
+    (result_path,) = (tmp_path / "run" / "rows").glob("gsm8k-3*/mas/result.json")
+    error = json.loads(result_path.read_text())["error"]
+    code = error.get("code") or error["type"]  # the runtime's stable code, else the type
+    assert code in ("structured_output", "StructuredOutputError")
+    assert summary["failures"] == {code: 1}
+    assert row["status"] != "ok" and row["error_code"] == code
     assert row["note"] == "no prediction in the result"
 
 
@@ -536,3 +540,19 @@ def test_cli_batch_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert "--workers" in err and "--address is for --engine ray" in err and "missing.jsonl" in err
     assert "Traceback" not in err
+
+
+def test_files_from_a_node_cannot_leave_the_row_folder(tmp_path: Path) -> None:
+    """What a Ray node returns is written by the driver, inside rows/<id>/ only."""
+    from mas2c.batch_ray import _safe_name, _write_files
+
+    for bad in ("../x", "/etc/passwd", "a/../../x", "", ".", "a\\b", "a\0b", 7, None):
+        assert _safe_name(bad) is None, bad
+    assert _safe_name("mas/result.json") == "mas/result.json"
+    folder = tmp_path / "rows" / "r"
+    _write_files(
+        folder,
+        [("mas/result.json", b"{}"), ("../../escape.txt", b"x"), ("/tmp/abs", b"x"), ("ok", "str")],
+    )
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["rows/r/mas/result.json"]

@@ -254,6 +254,11 @@ def test_solve_report_shows_phases_rounds_patch_and_error(solved: Path, tmp_path
     nodes = {a["data-step"]: a["data-status"] for a in dom.with_attr("g", "data-step")}
     assert "error" in nodes.values()
     screenshot(page, tmp_path, "report-solve", height=2400)
+    # The rectify folder alone: the repaired run, then its rounds.
+    rectify_page = write_report(solved / "run-1" / "rectify", tmp_path / "rectify.html")
+    dom = dom_of(rectify_page, tmp_path)
+    assert [a["data-round"] for a in dom.with_attr("div", "data-round")] == ["1"]
+    assert dom.texts("code", **{"class": "pointer"}) == ["/tools/word_stats/code"]
 
 
 # -- hostile input ---------------------------------------------------------------------------
