@@ -41,13 +41,13 @@ the real ``openai`` client through ``httpx.AsyncHTTPTransport(uds=path)`` and
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import email.utils
 import hashlib
 import json
 import logging
 import os
+import queue
 import random
 import re
 import socket
@@ -710,6 +710,7 @@ class _Ledger:
         self.res_tokens = 0
         self.res_cost = Fraction(0)
         self.limit_cost = Fraction(budget.max_cost_usd) if budget.max_cost_usd is not None else None
+        self.closed = False
 
     @property
     def tight(self) -> bool:
@@ -726,6 +727,10 @@ class _Ledger:
         """Called with the lock held. ``cap`` is the completion cap asked for (None = none)."""
         deadline = time.monotonic() + timeout_s
         while True:
+            if self.closed:
+                raise _HttpFailure(
+                    503, _error_body("server_error", "mas2c_gateway_stopping", "the run has ended")
+                )
             b = self.budget
             if b.max_llm_calls is not None and self.calls + self.res_calls >= b.max_llm_calls:
                 raise _budget_failure(
@@ -839,6 +844,53 @@ _REASONS = {
 }
 
 
+class _DaemonPool:
+    """At most ``max_workers`` daemon threads, started on demand, serving a queue.
+
+    Daemon threads (unlike ``ThreadPoolExecutor``'s) never hold up the exit of mas2c
+    when a request is still waiting on the upstream at the end of a run.
+    """
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        self.max_workers = max_workers
+        self.name = name
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            start = self._idle == 0 and self._threads < self.max_workers
+            if start:
+                self._threads += 1
+                number = self._threads
+            else:
+                self._idle -= 1  # an idle worker takes it: do not count it twice
+        self._queue.put(fn)
+        if start:
+            threading.Thread(target=self._work, name=f"{self.name}-{number}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            fn = self._queue.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except BaseException:  # fn reports its own errors; never lose a worker
+                log.exception("gateway: worker failed")
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self) -> None:
+        """Idle workers exit; busy ones exit after their current request."""
+        with self._lock:
+            n = self._threads
+        for _ in range(n):
+            self._queue.put(None)
+
+
 class _ByteBudget:
     """An asyncio counting budget of bytes (a request larger than the whole takes all of it)."""
 
@@ -935,10 +987,7 @@ class _AsyncHttp:
         self.limits = gateway.limits
         self.sock = sock
         self.loop = asyncio.new_event_loop()
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.limits.max_concurrency,
-            thread_name_prefix="mas2c-gw",
-        )
+        self.pool = _DaemonPool(self.limits.max_concurrency, "mas2c-gw")
         self.open = 0
         self.peak_open = 0
         self.rejected_connections = 0
@@ -999,7 +1048,7 @@ class _AsyncHttp:
             asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
         self.thread.join(timeout=5)
         # Requests still waiting on the upstream are abandoned: nobody waits for them.
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()
 
     # ---------------------------------------------------------------- connections
 
@@ -1500,6 +1549,9 @@ class Gateway:
         raise GatewayError(f"{path} is in use by another live server")
 
     def stop(self) -> None:
+        with self._lock:
+            self._ledger.closed = True  # requests waiting for budget room give up
+            self._ledger.cond.notify_all()
         http = self._http
         self._http = None
         if http is not None:
