@@ -5,8 +5,11 @@
 For each (steps, agents) with agents <= steps: a spec of `steps` call steps, each one
 reading the previous step's output, spread round-robin over `agents` agents. Measured
 separately (median of --reps): load + validate the YAML (`load_spec`), compile
-(`compile_spec`: templates, black, source map; the time inside black.format_str is
-also reported) and write the package (`Build.write`).
+(`compile_spec`: templates, black through `mas2c.fastfmt` — once per member shape, the
+shape cache emptied before every compile —, source map; the time inside black.format_str
+is also reported) and write the package (`Build.write`). Beside it, interleaved, one
+compile per cell with plain black over whole files (`compile_plain_black_s`, the
+formatting before fastfmt) and a check that both give the same bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import yaml
 
 import mas2c.compile as compile_module
+from mas2c import fastfmt
 from mas2c.compile import compile_spec
 from mas2c.validate import load_spec
 
@@ -76,12 +80,27 @@ def spec_text(steps: int, agents: int) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def _plain_black_compile(spec: Any) -> tuple[float, dict[str, bytes]]:
+    """One compile with whole-file black (the compiler before fastfmt): seconds and files."""
+    fast = fastfmt.format_str
+    fastfmt.format_str = lambda text, mode: compile_module.black.format_str(text, mode=mode)  # type: ignore[assignment]
+    try:  # the runtime is formatted once per process either way (compile's own cache)
+        t0 = time.perf_counter()
+        files = compile_spec(spec).files
+        return time.perf_counter() - t0, files
+    finally:
+        fastfmt.format_str = fast  # type: ignore[method-assign]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", default="10,50,200,1000")
     parser.add_argument("--agents", default="1,10,100")
     parser.add_argument("--out", default=str(HERE / "results" / "compile.json"))
+    parser.add_argument(
+        "--no-plain", action="store_true", help="skip the plain-black comparison compile"
+    )
     args = parser.parse_args()
     steps_list = [int(x) for x in args.steps.split(",")]
     agents_list = [int(x) for x in args.agents.split(",")]
@@ -100,13 +119,15 @@ def main() -> int:
                     continue
                 path = work / f"spec-{steps}-{agents}.yaml"
                 path.write_text(spec_text(steps, agents), "utf-8")
-                load_s, compile_s, write_s, black_s = [], [], [], []
+                load_s, compile_s, write_s, black_s, plain_s = [], [], [], [], []
                 lines = files = 0
+                same = True
                 for rep in range(args.reps):
                     t0 = time.perf_counter()
                     spec = load_spec(path)
                     t1 = time.perf_counter()
                     timer.seconds = 0.0
+                    fastfmt._shapes.clear()  # cold: no shape from an earlier compile
                     build = compile_spec(spec)
                     t2 = time.perf_counter()
                     black_s.append(timer.seconds)
@@ -116,6 +137,10 @@ def main() -> int:
                     compile_s.append(t2 - t1)
                     write_s.append(t3 - t2)
                     files = len(build.files)
+                    if rep == 0 and not args.no_plain:
+                        plain_s_one, plain_files = _plain_black_compile(spec)
+                        plain_s.append(plain_s_one)
+                        same = plain_files == build.files
                     lines = sum(
                         data.count(b"\n")
                         for name, data in build.files.items()
@@ -131,13 +156,17 @@ def main() -> int:
                     "compile_s": statistics.median(compile_s),
                     "black_s": statistics.median(black_s),
                     "write_s": statistics.median(write_s),
+                    "compile_plain_black_s": statistics.median(plain_s) if plain_s else None,
+                    "same_bytes_as_plain_black": same if plain_s else None,
                 }
                 cell["total_s"] = cell["load_validate_s"] + cell["compile_s"] + cell["write_s"]
                 cell["ms_per_step"] = cell["total_s"] / steps * 1000
                 cells.append(cell)
                 print(
                     f"compile: {steps:5} steps {agents:4} agents: validate {cell['load_validate_s']:.3f}s "
-                    f"compile {cell['compile_s']:.3f}s (black {cell['black_s']:.3f}s) write {cell['write_s']:.3f}s ({lines} lines)",
+                    f"compile {cell['compile_s']:.3f}s (black {cell['black_s']:.3f}s; plain black "
+                    f"{cell['compile_plain_black_s'] or 0:.3f}s, same bytes: {cell['same_bytes_as_plain_black']}) "
+                    f"write {cell['write_s']:.3f}s ({lines} lines)",
                     file=sys.stderr,
                 )
     finally:

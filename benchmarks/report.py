@@ -483,6 +483,7 @@ def batch_section() -> list[str]:
 def others_section() -> list[str]:
     out = []
     for name, title in (
+        ("cli", "CLI start-up (`mas2c --help`, `mas2c run BUILD`)"),
         ("local", "Embedded local model"),
         ("rectify", "Rectifier"),
         ("startup", "Start-up against fan-out width (1 vs 100)"),
@@ -555,6 +556,7 @@ def main() -> int:
         ".venv/bin/python benchmarks/bench_overhead.py  # 1",
         ".venv/bin/python benchmarks/bench_sandbox.py   # 2",
         ".venv/bin/python benchmarks/bench_compile.py   # 3",
+        ".venv/bin/python benchmarks/bench_cli.py       # CLI start-up",
         ".venv/bin/python benchmarks/bench_humaneval.py # 4",
         ".venv/bin/python benchmarks/bench_batch.py     # 5",
         "benchmarks/.venvs/report/bin/python benchmarks/report.py",

@@ -20,7 +20,7 @@ from typing import Any
 import black
 import jinja2
 
-from mas2c import __version__, graph
+from mas2c import __version__, fastfmt, graph
 from mas2c.errors import InvalidInput
 from mas2c.expr import (
     compile_condition,
@@ -172,7 +172,7 @@ def _render(name: str, context: dict[str, Any]) -> str:
 
 def _format(path: str, text: str) -> str:
     try:
-        return black.format_str(text, mode=BLACK_MODE)
+        return fastfmt.format_str(text, BLACK_MODE)  # = black.format_str, once per shape
     except Exception as exc:  # black raises several types; all mean the same here
         raise CompileError(f"internal error: generated {path} is not valid Python ({exc})") from exc
 

@@ -36,7 +36,16 @@ from typing import Any
 
 from mas2c.errors import UsageError
 from mas2c.files import write_text_atomic
-from mas2c.tracing import RunTrace, Span, iso, read_json_file, read_run_trace
+from mas2c.tracing import (
+    RunTrace,
+    Span,
+    iso,
+    read_json_file,
+    read_run_trace,
+    read_text_file,
+    real_dir,
+    regular_file,
+)
 
 REPORT_FILE = "report.html"
 MAX_TIMELINE_ROWS = 1500
@@ -117,11 +126,11 @@ def folder_kind(folder: Path) -> str:
     if not folder.is_dir():
         raise ReportError(f"{folder}: no such folder")
     summary = read_json_file(folder / "summary.json")
-    if (folder / "task.txt").is_file() and isinstance(summary, dict) and "phases" in summary:
+    if regular_file(folder / "task.txt") and isinstance(summary, dict) and "phases" in summary:
         return "solve"
-    if (folder / "trace.jsonl").is_file() or (folder / "result.json").is_file():
+    if regular_file(folder / "trace.jsonl") or regular_file(folder / "result.json"):
         return "run"
-    if any(_ROUND.match(p.name) and p.is_dir() for p in folder.iterdir()):
+    if any(_ROUND.match(p.name) and real_dir(p) for p in folder.iterdir()):
         return "rectify"
     raise ReportError(
         f"{folder}: not a run folder (no trace.jsonl or result.json), a rectify folder "
@@ -149,7 +158,7 @@ def render_report(folder: Path) -> str:
         run_dir = folder.parent
         title = f"mas2c rectify: {run_dir.name}"
         body = ""
-        if (run_dir / "trace.jsonl").is_file() or (run_dir / "result.json").is_file():
+        if regular_file(run_dir / "trace.jsonl") or regular_file(run_dir / "result.json"):
             body = _h(2, "The run that was repaired", "run")
             body += _run_sections(run_dir, read_run_trace(run_dir), level=3)
         body += _rectify_section(folder)
@@ -240,6 +249,7 @@ def _run_sections(folder: Path, trace: RunTrace, level: int) -> str:
         _workflow(spec, trace),
         _h(level, "Timeline", "timeline"),
         _timeline(trace),
+        _steps_table(trace),
         _h(level, "Tokens and cost", "cost"),
         _costs(trace, usage, result),
         _errors(trace, result, spec, level),
@@ -734,6 +744,58 @@ def _timeline(trace: RunTrace) -> str:
     return f'<div class="legend">{legend}</div><div class="scroll">{"".join(out)}</div>{more}'
 
 
+# -- per step ---------------------------------------------------------------------------------
+
+
+def _steps_table(trace: RunTrace) -> str:
+    """Each step id: runs, status, time, and the LLM calls, tokens and cost made inside it."""
+    steps = trace.by_kind("step")
+    if not steps:
+        return ""
+    by_id = {s.span_id: s for s in trace.spans}
+    rows: dict[str, dict[str, Any]] = {}
+    for span in steps:
+        row = rows.setdefault(
+            span.name,
+            {"pointer": _text(span.attrs.get("pointer")), "runs": 0, "seconds": 0.0, "calls": 0}
+            | {"tokens": 0, "cost": 0.0, "failed": 0},
+        )
+        row["runs"] += 1
+        row["seconds"] += span.duration
+        row["failed"] += span.status != "ok"
+    for call in trace.by_kind("llm"):
+        seen: set[str] = set()
+        parent = call.parent_id
+        while parent in by_id and parent not in seen:  # every enclosing step counts it
+            seen.add(parent)
+            enclosing = by_id[parent]
+            if enclosing.kind == "step" and call.status == "ok":
+                row = rows[enclosing.name]
+                row["calls"] += 1
+                row["tokens"] += _int(call.attrs.get("prompt_tokens")) + _int(
+                    call.attrs.get("completion_tokens")
+                )
+                row["cost"] += _num(call.attrs.get("cost_usd"))
+            parent = enclosing.parent_id
+    body = [
+        [
+            esc(name),
+            f"<code>{esc(r['pointer'])}</code>",
+            esc(r["runs"]),
+            esc(r["failed"]),
+            esc(_secs(r["seconds"])),
+            esc(r["calls"]),
+            esc(r["tokens"]),
+            esc(_money(r["cost"])),
+        ]
+        for name, r in sorted(rows.items(), key=lambda kv: kv[1]["pointer"])
+    ]
+    head = ["step", "pointer", "runs", "failed", "time", "LLM calls", "tokens", "cost"]
+    return "<h3>Per step (with the steps inside it)</h3>" + _table(
+        head, body, frozenset({2, 3, 4, 5, 6, 7})
+    )
+
+
 # -- tokens and cost -------------------------------------------------------------------------
 
 
@@ -977,12 +1039,14 @@ def _diff_html(text: str) -> str:
 
 
 def _rectify_section(folder: Path) -> str:
-    if not folder.is_dir():
+    if not real_dir(folder):
         return ""
     summary = read_json_file(folder / "summary.json")
     summary = summary if isinstance(summary, dict) else {}
     rounds = sorted(
-        (int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _ROUND.match(p.name))
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if real_dir(p) and (m := _ROUND.match(p.name))
     )
     parts = [_h(2, "Rectify rounds", "rectify")]
     if summary:
@@ -1002,7 +1066,7 @@ def _rectify_section(folder: Path) -> str:
         notes = _dict(read_json_file(path / "notes.json"))
         failure, fix, run = (_dict(notes.get(k)) for k in ("failure", "fix", "run"))
         run_status = _text(run.get("status"))
-        if not run_status and (path / "run" / "result.json").is_file():
+        if not run_status and regular_file(path / "run" / "result.json"):
             result = read_json_file(path / "run" / "result.json")
             run_status = _text(result.get("status")) if isinstance(result, dict) else ""
         rows.append(
@@ -1022,10 +1086,7 @@ def _rectify_section(folder: Path) -> str:
             changes = fix.get("changes")
             if isinstance(changes, list) and changes:
                 block.append("<ul>" + "".join(f"<li>{esc(c)}</li>" for c in changes[:50]) + "</ul>")
-        try:
-            patch = (path / "patch.diff").read_text("utf-8", errors="replace")[: MAX_TEXT * 2]
-        except OSError:
-            patch = ""
+        patch = read_text_file(path / "patch.diff", MAX_TEXT * 2) or ""
         if patch.strip():
             block.append(_diff_html(patch))
         block.append("</div>")
@@ -1034,7 +1095,7 @@ def _rectify_section(folder: Path) -> str:
         parts.append(_table(["round", "failure", "at", "fix", "run", "outcome"], rows))
         parts.extend(details)
         final = rounds[-1][1] / "run"
-        if (final / "trace.jsonl").is_file():
+        if real_dir(final) and regular_file(final / "trace.jsonl"):
             parts.append(_h(3, f"Timeline of round {rounds[-1][0]}'s run"))
             parts.append(_timeline(read_run_trace(final)))
     elif not summary:
@@ -1048,10 +1109,7 @@ def _rectify_section(folder: Path) -> str:
 def _solve_page(folder: Path) -> tuple[str, str]:
     summary = read_json_file(folder / "summary.json")
     summary = summary if isinstance(summary, dict) else {}
-    try:
-        task = (folder / "task.txt").read_text("utf-8", errors="replace")[:MAX_TEXT]
-    except OSError:
-        task = ""
+    task = read_text_file(folder / "task.txt", MAX_TEXT) or ""
     parts = [
         f"<p><b>Task:</b> {esc(task.strip())}</p>",
         "<p>"
@@ -1099,7 +1157,9 @@ def _solve_page(folder: Path) -> tuple[str, str]:
         )
     )
     run_dir = folder / "run-1"
-    if (run_dir / "trace.jsonl").is_file() or (run_dir / "result.json").is_file():
+    if not real_dir(run_dir):
+        run_dir = folder / "run-1-not-a-folder"  # a symlink is not followed
+    if regular_file(run_dir / "trace.jsonl") or regular_file(run_dir / "result.json"):
         trace = read_run_trace(run_dir)
         parts.append(_h(2, "The run (run-1)", "run"))
         parts.append(_run_sections(run_dir, trace, level=3))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mas2c.errors import InvalidInput, RunFailure
 from mas2c.files import write_bytes_atomic, write_text_atomic
+from mas2c.runfolder import Result, result_data, result_or_error
 
 if TYPE_CHECKING:
     from mas2c.spec import Spec
@@ -76,6 +77,7 @@ class RunOutcome:
     result: dict[str, Any]
     usage: dict[str, Any]
     sandbox: dict[str, Any] = field(default_factory=dict)
+    typed: Result | None = None  # `result` as validated by the run-folder contract
 
     @property
     def ok(self) -> bool:
@@ -386,14 +388,16 @@ def run_system(
         if owned and hasattr(upstream, "close"):
             upstream.close()
         _finish_header(run_dir, header)
-    result = _read_json(run_dir / "result.json")
+    # The program wrote result.json: read it through the run-folder contract (hostile input).
+    result = result_or_error(run_dir / "result.json")
     return RunOutcome(
         run_dir,
-        str(result.get("status", "error")),
+        result.status,
         report.exit_code,
-        result,
+        result_data(result),
         usage,
         report.to_json(),
+        typed=result,
     )
 
 
@@ -427,7 +431,7 @@ def _write_header(run_dir: Path, header: Any) -> None:
 def _finish_header(run_dir: Path, header: Any) -> None:
     """Record the end time and status; a failure to do so never hides the run's own."""
     header.finished_ts = time.time()
-    header.status = str(_read_json(run_dir / "result.json").get("status", "error"))
+    header.status = result_or_error(run_dir / "result.json").status
     with suppress(OSError):
         _write_header(run_dir, header)
 
@@ -500,17 +504,6 @@ def check_reachable(url: str, timeout_s: float = 3.0) -> None:
             f"the LLM endpoint {parts.scheme}://{parts.hostname}:{port} is not reachable "
             f"({reason}); start it, or pass --llm URL, --llm local or --replay FILE"
         ) from None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return {
-            "status": "error",
-            "error": {"type": "MissingResult", "message": f"{path.name} is missing"},
-        }
-    return data if isinstance(data, dict) else {"status": "error"}
 
 
 _JSON_TYPES: dict[str, Callable[[Any], bool]] = {

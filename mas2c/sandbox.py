@@ -2,18 +2,31 @@
 
 Two backends:
 
-* ``docker`` (default): one fresh container per run, with secure defaults (non-root
-  user, no network, read-only root, size-capped tmpfs, all capabilities dropped,
-  no-new-privileges, memory = memory+swap, CPU/pids/file-size limits, an init
-  process) and a host-side wall-clock timeout that kills the container. The
-  container is labelled ``mas2c`` and always removed, also on Ctrl-C and errors.
-* ``local``: a subprocess in a temp dir with rlimits, a scrubbed environment and its
-  own process group (killed at the timeout). It does NOT isolate, and says so.
+* ``docker`` (default): one fresh, single-use container per run, with secure defaults
+  (non-root user, no network, read-only root, all capabilities dropped,
+  no-new-privileges, memory = memory+swap, CPU/pids/nofile/core/file-size limits,
+  private IPC) under the default runtime (runc) or gVisor (``runtime="runsc"``). The
+  program can write only to size-capped tmpfs mounts (``/tmp``, its output folder,
+  its cwd), which live in the container's memory cgroup: nothing it writes reaches
+  the host's disk. The container's init is :mod:`mas2c.sandbox_runner` (PID 1): it
+  receives the job over the attach stream, runs the program, kills every process
+  left, and streams back one bounded bundle (result, trace, captured output), which
+  the host reads with byte and time limits. The container carries a deadline (a
+  label, and the init's own timer, which nothing inside can stop) and is removed by
+  the daemon when it ends (``auto_remove``), by mas2c in all cases (also Ctrl-C),
+  and, if mas2c itself was SIGKILLed, at once (its attach stream closes, the init
+  exits) or at its deadline; :func:`reap` removes what is past its deadline.
+* ``local``: the same runner as a subprocess in a temp dir with rlimits, a scrubbed
+  environment, its own session and subreaper; as root the program runs as
+  ``nobody`` (65534). It does NOT isolate, and says so.
 
 Both write the same run folder: ``result.json``, ``trace.jsonl``, ``stdout.txt``,
 ``stderr.txt`` and ``sandbox.json``, each written atomically (temp file in the same
 folder, then ``os.replace``), so an interrupted run still leaves a readable folder
-and never a half-written file.
+and never a half-written file. Everything that comes out of the sandbox is bounded
+(``Limits``: result, trace and stream caps; a copy-out deadline) and what was cut is
+reported in ``sandbox.json`` (``truncated``, ``copy_out``); a result that is not a
+JSON object, or nested deeper than :data:`RESULT_MAX_DEPTH`, becomes an error result.
 
 The module is importable cheaply: ``docker`` is imported inside the functions that
 need it. ``python -m mas2c.sandbox build|status|prune`` is a small CLI around
@@ -32,6 +45,7 @@ import logging
 import math
 import os
 import re
+import select
 import shutil
 import signal
 import stat
@@ -57,10 +71,19 @@ DEFAULT_BASE = "python:3.12-slim"
 #: Base image made with mmdebstrap + docker import when no registry is reachable.
 DEBIAN_BASE = "mas2c-base:bookworm"
 DEBIAN_SUITE = "bookworm"
-#: Where the LLM gateway's unix socket appears inside the container.
-CONTAINER_SOCKET = "/run/mas2c/llm.sock"
+#: Where the LLM gateway's socket folder (and so its unix socket) appears in the container.
+CONTAINER_SOCKET_DIR = "/run/mas2c"
+CONTAINER_SOCKET = f"{CONTAINER_SOCKET_DIR}/llm.sock"
 SANDBOX_UID = 1000
+#: The user the local backend runs the program as when mas2c runs as root.
+LOCAL_UNPRIVILEGED_UID = 65534
 LABEL = "mas2c"
+#: Label holding the container's deadline (Unix time): past it, :func:`reap` removes it.
+DEADLINE_LABEL = f"{LABEL}.deadline"
+#: A result nested deeper than this is rejected (readers recurse; hostile input).
+RESULT_MAX_DEPTH = 64
+#: Environment variable naming the default container runtime (e.g. ``runsc``).
+RUNTIME_ENV = "MAS2C_RUNTIME"
 # sandbox/ of a source checkout, or the copy shipped inside the wheel.
 SANDBOX_DIR = next(
     (
@@ -73,81 +96,39 @@ SANDBOX_DIR = next(
     ),
     Path(__file__).resolve().parent.parent / "sandbox",
 )
+_RUNNER_SOURCE = Path(__file__).resolve().parent / "sandbox_runner.py"
 
 _MIB = 1024 * 1024
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_RUNTIME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _COPY_IGNORE = ("__pycache__", "*.pyc", "*.pyo", ".git", ".venv", ".mypy_cache", ".ruff_cache")
 _NOFILE = 1024
+#: Files in each writable tmpfs (the output folder, the cwd).
+_TMPFS_INODES = 16384
 _DAEMON_FIX = (
     "start it with `dockerd &` (or scripts/ensure-docker.sh), "
     "or use --sandbox local (which does not isolate)"
 )
 _BUILD_FIX = "build it with `mas2c sandbox build` (or scripts/ensure-docker.sh)"
+#: How long a fresh container may take to start and import the runtime before its job.
+_START_S = 60.0
+#: Time for handing back the outputs after the program ended (the bundle is bounded).
+_COPY_S = 30.0
+#: The runner's own grace after the job's timeout (see sandbox_runner.GRACE_S).
+_RUNNER_GRACE_S = 60.0
+_BUNDLE_MAGIC = b"MAS2C-BUNDLE "
+_BUNDLE_HEADER_MAX = 65536
+_RUN_MARKER = "MAS2C_SANDBOX_RUN"
 
-# Paths inside the container (all under one anonymous volume at /work, see _run_docker).
+# Paths inside the container: /work is an anonymous volume holding only root-owned,
+# read-only files (package, input, job); the program writes to tmpfs mounts only.
 _C_WORK = "/work"
 _C_PKG = "/work/pkg"
 _C_INPUT = "/work/in/input.json"
+_C_JOB = "/work/job/job.json"
 _C_OUT = "/work/out"
-_C_IO = "/work/out/_sandbox"  # the runner's captured streams, fetched with out/
 _C_RUN = "/work/run"
-_C_RUNNER = "/work/runner.py"
 _C_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-# The runner runs inside the sandbox (both backends) as the parent of the program.
-# It drains the program's stdout/stderr into files, keeping only the first CAP bytes
-# of each (so an output flood costs neither host memory nor daemon disk), drops a
-# `<name>.truncated` marker as soon as a byte is dropped (so the flag survives a
-# kill), and exits with the program's exit code (128+N for signal N). It is started
-# with `python3 -I`, so a module in the program's package cannot shadow the stdlib.
-_RUNNER = r"""
-import os, signal, subprocess, sys, threading
-
-def pump(fd, path, marker, cap):
-    written = 0
-    marked = False
-    with open(path, "wb", buffering=0) as f:
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            room = cap - written
-            if room > 0:
-                part = memoryview(chunk[:room])
-                try:
-                    while part:
-                        n = f.write(part)
-                        part = part[n:]
-                        written += n
-                except OSError:
-                    written = cap
-            if len(chunk) > max(room, 0) and not marked:
-                marked = True
-                open(marker, "wb").close()
-
-def main():
-    cap, iodir = int(sys.argv[1]), sys.argv[2]
-    cmd = sys.argv[4:]
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # subprocess restores it for the child
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    threads = []
-    for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-        t = threading.Thread(target=pump, daemon=True, args=(
-            pipe.fileno(), os.path.join(iodir, name + ".txt"),
-            os.path.join(iodir, name + ".truncated"), cap))
-        t.start()
-        threads.append(t)
-    rc = proc.wait()
-    for t in threads:
-        t.join(timeout=2.0)  # a leftover grandchild may hold the pipe open
-    os._exit(128 - rc if rc < 0 else rc)
-
-main()
-"""
 
 
 class SandboxError(RunFailure):
@@ -162,9 +143,16 @@ class Limits:
     memory_mb: int = 1024
     cpus: float = 1.0
     pids: int = 256
+    #: Size of each writable tmpfs: /tmp, the output folder and the cwd (all in RAM,
+    #: counted against memory_mb).
     tmpfs_mb: int = 256
     file_size_mb: int = 64
+    #: Kept of stdout and of stderr each.
     output_cap_bytes: int = 1_000_000
+    #: Largest result (out.json) copied out; a larger one is an error result.
+    result_cap_bytes: int = 16 * _MIB
+    #: Kept of trace.jsonl (cut at a line end, reported as truncated).
+    trace_cap_bytes: int = 64 * _MIB
 
     def validate(self) -> None:
         checks = {
@@ -175,11 +163,22 @@ class Limits:
             "tmpfs_mb": self.tmpfs_mb >= 1,
             "file_size_mb": self.file_size_mb >= 1,
             "output_cap_bytes": self.output_cap_bytes >= 0,
+            "result_cap_bytes": self.result_cap_bytes >= 2,
+            "trace_cap_bytes": self.trace_cap_bytes >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise SandboxError(f"invalid sandbox limits: {values}")
+
+    def caps(self) -> dict[str, int]:
+        """Byte caps of the files the runner hands back, by run-folder name."""
+        return {
+            "out.json": self.result_cap_bytes,
+            "trace.jsonl": self.trace_cap_bytes,
+            "stdout.txt": self.output_cap_bytes,
+            "stderr.txt": self.output_cap_bytes,
+        }
 
 
 @dataclass(frozen=True)
@@ -210,12 +209,39 @@ class SandboxReport:
     #: "container" (docker) or "none" (local: the program is not isolated).
     isolation: str = "container"
     run_id: str = ""
+    #: The container runtime (docker: "runc", "runsc", ...; local: None).
+    runtime: str | None = None
+    #: Run-folder files cut at their cap (out.json, trace.jsonl, stdout.txt, stderr.txt).
+    truncated: list[str] = field(default_factory=list)
+    #: How the outputs came back: bytes, files, duration_s, complete (False: the bundle
+    #: was cut short, e.g. the sandbox died or the copy-out deadline passed).
+    copy_out: dict[str, Any] = field(default_factory=dict)
+    #: The uid the program ran as.
+    uid: int | None = None
     #: Limits that could not be applied, warnings, and the error of a failed run.
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def default_runtime() -> str | None:
+    """The runtime from ``MAS2C_RUNTIME`` (None: the daemon's default, normally runc)."""
+    value = os.environ.get(RUNTIME_ENV, "").strip()
+    return value or None
+
+
+def program_uid(backend: str, loosen: Loosen = Loosen()) -> int:
+    """The uid the program runs as (the gateway socket must be reachable by it)."""
+    if backend == "docker":
+        return 0 if loosen.root_user else SANDBOX_UID
+    return local_uid()
+
+
+def local_uid() -> int:
+    """The uid of the local backend's program: nobody (65534) when mas2c runs as root."""
+    return LOCAL_UNPRIVILEGED_UID if os.geteuid() == 0 else os.geteuid()
 
 
 # --------------------------------------------------------------------------- files
@@ -262,6 +288,81 @@ def _read_tail(path: Path, n: int) -> bytes:
         return b""
 
 
+def json_depth_ok(value: Any, max_depth: int = RESULT_MAX_DEPTH) -> bool:
+    """True if `value` (parsed JSON) nests at most `max_depth` containers (iterative)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterator[Any] = iter(item.values())
+        elif isinstance(item, list):
+            children = iter(item)
+        else:
+            continue
+        if depth > max_depth:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+# ------------------------------------------------------------ private temp folders
+
+
+@contextlib.contextmanager
+def private_dir(kind: str, mode: int = 0o700, uid: int | None = None) -> Iterator[Path]:
+    """A temp folder ``mas2c-<kind>-*`` that :func:`reap_private_dirs` removes once its
+    owner is gone (it holds an flock on ``.owner``, released by the kernel even on
+    SIGKILL); removed on exit. `uid` (as root): the folder is given to that user."""
+    folder = Path(tempfile.mkdtemp(prefix=f"mas2c-{kind}-"))
+    try:
+        import fcntl
+
+        lock = os.open(folder / ".owner", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        folder.chmod(mode)
+        if uid is not None and os.geteuid() == 0 and uid != 0:
+            os.chown(folder, uid, uid)
+        try:
+            yield folder
+        finally:
+            os.close(lock)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def reap_private_dirs(min_age_s: float = 10.0) -> int:
+    """Remove the :func:`private_dir` folders of dead owners (SIGKILLed runs): those
+    whose ``.owner`` lock is free. Folders without one are not ours and stay."""
+    import fcntl
+
+    removed = 0
+    now = time.time()
+    try:
+        entries = list(os.scandir(tempfile.gettempdir()))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.name.startswith("mas2c-"):
+            continue
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or now - st.st_mtime < min_age_s:
+                continue
+            owner = Path(entry.path) / ".owner"
+            if os.lstat(owner).st_uid != os.geteuid():
+                continue
+            fd = os.open(owner, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # the owner is alive
+            finally:
+                os.close(fd)
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 # ------------------------------------------------------------------- run plumbing
 
 
@@ -275,6 +376,10 @@ class _Outcome:
     oom_killed: bool = False
     duration_s: float = 0.0
     interrupted: bool = False
+    runtime: str | None = None
+    uid: int | None = None
+    truncated: list[str] = field(default_factory=list)
+    copy_out: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -293,9 +398,6 @@ class _Outcome:
     def trace(self) -> Path:
         return self.staging / "trace.jsonl"
 
-    def truncated(self, name: str) -> bool:
-        return (self.staging / f"{name}.truncated").exists()
-
 
 @dataclass(frozen=True)
 class _Job:
@@ -309,6 +411,7 @@ class _Job:
     image: str
     env: Mapping[str, str]
     warn: Callable[[str], None]
+    runtime: str | None = None
 
 
 def _check_inputs(package_dir: Path, module: str, input_path: Path) -> None:
@@ -330,6 +433,11 @@ def _check_env(env: Mapping[str, str]) -> None:
             raise SandboxError(f"invalid environment variable for the sandbox: {key!r}")
 
 
+def _check_runtime(runtime: str | None) -> None:
+    if runtime is not None and not _RUNTIME_RE.match(runtime):
+        raise SandboxError(f"invalid container runtime name {runtime!r}")
+
+
 def _scrubbed_env(
     *, path: str, home: str, pythonpath: str, extra: Mapping[str, str]
 ) -> dict[str, str]:
@@ -346,17 +454,56 @@ def _scrubbed_env(
     return env
 
 
-def _program_argv(python: str, module: str, inp: str, out_dir: str) -> list[str]:
+def _job_json(
+    job: _Job,
+    *,
+    pkg: str,
+    inp: str,
+    out_dir: str,
+    cwd: str,
+    env: Mapping[str, str],
+    uid: int | None,
+) -> bytes:
+    """What the runner runs: ``python -m MODULE --input .. --output .. --trace ..``."""
+    doc: dict[str, Any] = {
+        "module": job.module,
+        "args": [
+            "--input",
+            inp,
+            "--output",
+            f"{out_dir}/out.json",
+            "--trace",
+            f"{out_dir}/trace.jsonl",
+        ],
+        "path": [pkg],
+        "cwd": cwd,
+        "env": dict(env),
+        "output": f"{out_dir}/out.json",
+        "trace": f"{out_dir}/trace.jsonl",
+        "timeout_s": job.limits.timeout_s,
+        "uid": uid,
+        "caps": {
+            "result": job.limits.result_cap_bytes,
+            "trace": job.limits.trace_cap_bytes,
+            "stdout": job.limits.output_cap_bytes,
+            "stderr": job.limits.output_cap_bytes,
+        },
+    }
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def _runner_argv(
+    python: str, mode: str, job_path: str, idle_s: float, max_job_s: float
+) -> list[str]:
     return [
         python,
-        "-m",
-        module,
-        "--input",
-        inp,
-        "--output",
-        f"{out_dir}/out.json",
-        "--trace",
-        f"{out_dir}/trace.jsonl",
+        "-I",
+        "-c",
+        _RUNNER_SOURCE.read_text(encoding="utf-8"),
+        mode,
+        job_path,
+        f"{idle_s:g}",
+        f"{max_job_s:g}",
     ]
 
 
@@ -410,6 +557,7 @@ def run_package(
     image: str = DEFAULT_IMAGE,
     env: Mapping[str, str] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    runtime: str | None = None,
 ) -> SandboxReport:
     """Run ``python -m <module> --input .. --output .. --trace ..`` in a sandbox.
 
@@ -417,17 +565,18 @@ def run_package(
     interrupted), then raises SandboxError for a sandbox failure (daemon
     unreachable, image missing, bad arguments) or re-raises KeyboardInterrupt;
     otherwise returns the report. A failing *program* is not an exception: see the
-    report and result.json.
+    report and result.json. `runtime` (docker only): a runtime registered with the
+    daemon, e.g. ``runsc`` (gVisor); None: ``MAS2C_RUNTIME``, else the daemon's default.
     """
     warn = on_warning if on_warning is not None else logger.warning
     package_dir, input_path, run_dir = Path(package_dir), Path(input_path), Path(run_dir)
     run_id = uuid.uuid4().hex[:12]
+    if runtime is None and backend == "docker":
+        runtime = default_runtime()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SandboxError(f"cannot create the run folder {run_dir}: {exc}") from None
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{run_id}-", dir=run_dir))
-    outcome = _Outcome(staging=staging)
     report = SandboxReport(
         backend=backend,
         image=image if backend == "docker" else None,
@@ -441,42 +590,45 @@ def run_package(
         stderr_truncated=False,
         isolation="container" if backend == "docker" else "none",
         run_id=run_id,
+        runtime=(runtime or "default") if backend == "docker" else None,
     )
     error: SandboxError | None = None
-    try:
-        with _sigterm_as_interrupt():
-            try:
-                limits.validate()
-                _check_inputs(package_dir, module, input_path)
-                _check_env(env or {})
-                if llm_socket is not None and not _is_socket(Path(llm_socket)):
-                    raise SandboxError(f"LLM gateway socket {llm_socket} is not a unix socket")
-                job = _Job(
-                    package_dir=package_dir,
-                    module=module,
-                    input_path=input_path,
-                    run_id=run_id,
-                    limits=limits,
-                    loosen=loosen,
-                    llm_socket=Path(llm_socket) if llm_socket is not None else None,
-                    image=image,
-                    env=dict(env or {}),
-                    warn=warn,
-                )
-                if backend == "docker":
-                    _run_docker(job, outcome)
-                elif backend == "local":
-                    _run_local(job, outcome)
-                else:
-                    raise SandboxError(f"unknown sandbox backend {backend!r}: use docker or local")
-            except SandboxError as exc:
-                error = exc
-            except KeyboardInterrupt:
-                outcome.interrupted = True
-            finally:
-                _finalize(run_dir, outcome, report, error)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # Staging lives in a private temp folder (not in the run folder), reaped on a
+    # later start if this process is SIGKILLed.
+    with private_dir("staging") as staging, _sigterm_as_interrupt():
+        outcome = _Outcome(staging=staging)
+        try:
+            limits.validate()
+            _check_inputs(package_dir, module, input_path)
+            _check_env(env or {})
+            _check_runtime(runtime)
+            if llm_socket is not None and not _is_socket(Path(llm_socket)):
+                raise SandboxError(f"LLM gateway socket {llm_socket} is not a unix socket")
+            job = _Job(
+                package_dir=package_dir,
+                module=module,
+                input_path=input_path,
+                run_id=run_id,
+                limits=limits,
+                loosen=loosen,
+                llm_socket=Path(llm_socket) if llm_socket is not None else None,
+                image=image,
+                env=dict(env or {}),
+                warn=warn,
+                runtime=runtime,
+            )
+            if backend == "docker":
+                _run_docker(job, outcome)
+            elif backend == "local":
+                _run_local(job, outcome)
+            else:
+                raise SandboxError(f"unknown sandbox backend {backend!r}: use docker or local")
+        except SandboxError as exc:
+            error = exc
+        except KeyboardInterrupt:
+            outcome.interrupted = True
+        finally:
+            _finalize(run_dir, outcome, report, error)
     if error is not None:
         raise error
     if report.interrupted:
@@ -499,8 +651,13 @@ def _finalize(
     report.oom_killed = outcome.oom_killed
     report.duration_s = round(outcome.duration_s, 3)
     report.interrupted = outcome.interrupted
-    report.stdout_truncated = outcome.truncated("stdout")
-    report.stderr_truncated = outcome.truncated("stderr")
+    report.truncated = sorted(set(outcome.truncated))
+    report.stdout_truncated = "stdout.txt" in report.truncated
+    report.stderr_truncated = "stderr.txt" in report.truncated
+    report.copy_out = outcome.copy_out
+    report.uid = outcome.uid
+    if outcome.runtime is not None:
+        report.runtime = outcome.runtime
     report.notes.extend(outcome.notes)
     report.error = str(error) if error is not None else None
 
@@ -508,20 +665,39 @@ def _finalize(
         src = outcome.staging / name
         _atomic_copy(src if src.exists() else None, run_dir / name)
 
-    result: bytes | None = None
-    problem = "the program wrote no result"
-    if outcome.out_json.is_file():
-        raw = outcome.out_json.read_bytes()
-        try:
-            json.loads(raw)
-            result = raw
-        except ValueError as exc:
-            problem = f"the program wrote an invalid result (not JSON: {exc})"
+    result, problem = _checked_result(outcome, report)
     if result is not None:
         _atomic_write_bytes(run_dir / "result.json", result)
     else:
         _atomic_write_json(run_dir / "result.json", _error_result(report, error, problem))
     _atomic_write_json(run_dir / "sandbox.json", report.to_json())
+
+
+def _checked_result(outcome: _Outcome, report: SandboxReport) -> tuple[bytes | None, str]:
+    """The program's out.json if it is a JSON object within the size and depth limits,
+    else (None, what is wrong with it). Never recurses without a bound."""
+    if "out.json" in outcome.truncated:
+        cap = report.limits["result_cap_bytes"]
+        return None, f"the program wrote a result larger than the {cap}-byte cap"
+    try:
+        fd = os.open(outcome.out_json, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None, "the program wrote no result"
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(report.limits["result_cap_bytes"] + 1)
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        data, problem = None, f"nested deeper than {RESULT_MAX_DEPTH} levels"
+    except ValueError as exc:
+        return None, f"the program wrote an invalid result (not JSON: {exc})"
+    else:
+        problem = "" if json_depth_ok(data) else f"nested deeper than {RESULT_MAX_DEPTH} levels"
+    if problem:
+        return None, f"the program wrote an invalid result ({problem})"
+    if not isinstance(data, dict):
+        return None, "the program wrote an invalid result (not a JSON object)"
+    return raw, ""
 
 
 def _error_result(
@@ -544,6 +720,185 @@ def _error_result(
         "status": "error",
         "error": {"type": kind, "message": message, "spec_pointer": None, "traceback": None},
     }
+
+
+# ------------------------------------------------------------------- the bundle
+
+
+class _Bundle:
+    """Parses the runner's bundle from a byte stream into staging files, with limits.
+
+    The header must be the magic line with a JSON object of at most
+    _BUNDLE_HEADER_MAX bytes; every file must be one the host asked for, at most its
+    cap. Anything else stops the parse (`error`), keeping what came before.
+    """
+
+    def __init__(self, staging: Path, caps: Mapping[str, int]) -> None:
+        self.staging = staging
+        self.caps = dict(caps)
+        self.header: dict[str, Any] | None = None
+        self.error: str | None = None
+        #: When the header arrived and when the last byte did (monotonic), for the report.
+        self.t_header: float | None = None
+        self.t_end: float | None = None
+        self.done = False
+        self.bytes = 0
+        self._head = bytearray()
+        self._files: list[tuple[str, int, bool]] = []
+        self._current: IO[bytes] | None = None
+        self._left = 0
+        self._files_done = 0
+
+    @property
+    def truncated(self) -> list[str]:
+        return [name for name, _n, cut in self._files if cut]
+
+    @property
+    def files(self) -> list[str]:
+        return [name for name, _n, _cut in self._files]
+
+    def incomplete(self) -> list[str]:
+        """Files the header announced that did not arrive whole."""
+        return [name for name, _n, _cut in self._files[self._files_done :]]
+
+    def feed(self, data: bytes) -> None:
+        if self.done or self.error:
+            return
+        view = memoryview(data)
+        if self.header is None:
+            view = self._feed_header(view)
+            if self.header is None:
+                return
+        while not self.done and not self.error:
+            if self._current is None:
+                self._open_next()
+                continue
+            if not view:
+                return
+            part = view[: self._left]
+            self._current.write(part)
+            self.bytes += len(part)
+            self._left -= len(part)
+            view = view[len(part) :]
+            if self._left == 0:
+                self._current.close()
+                self._current = None
+                self._file_done()
+
+    def _file_done(self) -> None:
+        self._files_done += 1
+        if self._files_done == len(self._files):
+            self.done = True
+            self.t_end = time.monotonic()
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+
+    def _feed_header(self, view: memoryview) -> memoryview:
+        end = bytes(view).find(b"\n")
+        take = len(view) if end < 0 else end + 1
+        self._head += view[:take]
+        if len(self._head) > _BUNDLE_HEADER_MAX:
+            self.error = "the sandbox's output header is too large"
+            return view[:0]
+        if end < 0:
+            return view[:0]
+        line = bytes(self._head).rstrip(b"\n")
+        if not line.startswith(_BUNDLE_MAGIC):
+            self.error = "the sandbox's output has no valid header"
+            return view[:0]
+        try:
+            header = json.loads(line[len(_BUNDLE_MAGIC) :])
+        except (ValueError, RecursionError):
+            header = None
+        if not isinstance(header, dict) or not self._check_files(header.get("files")):
+            self.error = self.error or "the sandbox's output header is invalid"
+            return view[:0]
+        self.header = header
+        self.t_header = time.monotonic()
+        if not self._files:
+            self.done = True
+            self.t_end = self.t_header
+        return view[take:]
+
+    def _check_files(self, files: Any) -> bool:
+        if not isinstance(files, list) or len(files) > len(self.caps):
+            return False
+        seen: set[str] = set()
+        for item in files:
+            if not (isinstance(item, list) and len(item) == 3):
+                return False
+            name, n, cut = item
+            if name not in self.caps or name in seen or type(n) is not int or type(cut) is not bool:
+                return False
+            if not 0 <= n <= self.caps[name]:
+                self.error = f"the sandbox sent more of {name} than its cap"
+                return False
+            seen.add(name)
+            self._files.append((name, n, cut))
+        return True
+
+    def _open_next(self) -> None:
+        name, n, _cut = self._files[self._files_done]
+        self._current = open(self.staging / name, "wb")  # noqa: SIM115
+        self._left = n
+        if n == 0:
+            self._current.close()
+            self._current = None
+            self._file_done()
+
+
+def _apply_bundle(bundle: _Bundle, outcome: _Outcome) -> None:
+    """Move what the bundle says into the outcome, and report the copy-out."""
+    bundle.close()
+    header = bundle.header or {}
+    outcome.truncated.extend(bundle.truncated)
+    t_start = bundle.t_header or time.monotonic()
+    outcome.copy_out = {
+        "bytes": bundle.bytes,
+        "files": bundle.files,
+        "complete": bundle.done,
+        # From the end of the program (the header) to the last byte on the host.
+        "duration_s": round((bundle.t_end or time.monotonic()) - t_start, 3),
+    }
+    if bundle.error:
+        outcome.notes.append(f"copy-out stopped: {bundle.error}")
+    for name in bundle.incomplete():  # only a whole file counts: drop a partial one
+        with contextlib.suppress(OSError):
+            (outcome.staging / name).unlink()
+        outcome.truncated.append(name)
+    if "trace.jsonl" in outcome.truncated:
+        _cut_at_last_line(outcome.trace)
+    code = header.get("exit_code")
+    if type(code) is int:
+        outcome.exit_code = code
+    if header.get("timed_out") is True:
+        outcome.timed_out = True
+    duration = header.get("duration_s")
+    if isinstance(duration, int | float) and not isinstance(duration, bool) and duration >= 0:
+        outcome.duration_s = float(duration)
+    kills = header.get("oom_kills")
+    if type(kills) is int and kills > 0 and not outcome.timed_out:
+        outcome.oom_killed = True
+
+
+def _cut_at_last_line(path: Path) -> None:
+    """Drop a partial last line (of a truncated trace), in place."""
+    with contextlib.suppress(OSError), open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        pos = size
+        while pos > 0:
+            step = min(65536, pos)
+            f.seek(pos - step)
+            block = f.read(step)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                f.truncate(pos - step + nl + 1)
+                return
+            pos -= step
+        f.truncate(0)
 
 
 # ------------------------------------------------------------------ docker backend
@@ -600,27 +955,24 @@ def _require_image(client: Any, image: str) -> Any:
         raise SandboxError(f"cannot inspect the sandbox image {image}: {exc}") from None
 
 
-def _tar_info(name: str, *, is_dir: bool, uid: int, mode: int, size: int = 0) -> tarfile.TarInfo:
+def _tar_info(name: str, *, is_dir: bool, mode: int, size: int = 0) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
-    info.uid = info.gid = uid
+    info.uid = info.gid = 0
     info.mode = mode
     info.size = size
     info.mtime = int(time.time())
     return info
 
 
-def _input_archive(job: _Job, uid: int) -> IO[bytes]:
-    """The /work volume's initial content as a tar (spooled to disk when large).
-
-    The package, the input and the runner are owned by root and read-only for the
-    program; out/ (results), io/ (captured streams) and run/ (cwd) belong to it.
-    """
+def _job_archive(job: _Job, job_json: bytes) -> IO[bytes]:
+    """The job for /work as a tar (spooled to disk when large): the package, the input
+    and job.json, all owned by root and read-only for the program."""
     buf: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=8 * _MIB)  # noqa: SIM115
     ignore = shutil.ignore_patterns(*_COPY_IGNORE)
 
     def add_tree(tf: tarfile.TarFile, src: Path, arc: str) -> None:
-        tf.addfile(_tar_info(arc, is_dir=True, uid=0, mode=0o755))
+        tf.addfile(_tar_info(arc, is_dir=True, mode=0o755))
         names = sorted(os.listdir(src))
         skipped = ignore(str(src), names)
         for name in names:
@@ -633,89 +985,188 @@ def _input_archive(job: _Job, uid: int) -> IO[bytes]:
                 mode = 0o755 if os.access(path, os.X_OK) else 0o644
                 with open(path, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
-                    info = _tar_info(f"{arc}/{name}", is_dir=False, uid=0, mode=mode, size=size)
-                    tf.addfile(info, f)
+                    tf.addfile(_tar_info(f"{arc}/{name}", is_dir=False, mode=mode, size=size), f)
 
     with tarfile.open(fileobj=buf, mode="w") as tf:
         add_tree(tf, job.package_dir, "pkg")
-        tf.addfile(_tar_info("in", is_dir=True, uid=0, mode=0o755))
+        tf.addfile(_tar_info("in", is_dir=True, mode=0o755))
         with open(job.input_path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            tf.addfile(_tar_info("in/input.json", is_dir=False, uid=0, mode=0o644, size=size), f)
-        runner = _RUNNER.encode()
-        info = _tar_info("runner.py", is_dir=False, uid=0, mode=0o644, size=len(runner))
-        tf.addfile(info, io.BytesIO(runner))
-        for d in ("out", "out/_sandbox", "run"):
-            tf.addfile(_tar_info(d, is_dir=True, uid=uid, mode=0o755))
+            tf.addfile(_tar_info("in/input.json", is_dir=False, mode=0o644, size=size), f)
+        tf.addfile(_tar_info("job", is_dir=True, mode=0o755))
+        info = _tar_info("job/job.json", is_dir=False, mode=0o644, size=len(job_json))
+        tf.addfile(info, io.BytesIO(job_json))
     buf.seek(0)
     return buf
 
 
-class _ChunkReader(io.RawIOBase):
-    """A file object over an iterator of byte chunks (docker-py's get_archive stream)."""
+@dataclass
+class _Box:
+    """A started container whose runner waits for its one job."""
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._it = iter(chunks)
-        self._buf = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while not self._buf:
-            try:
-                self._buf = next(self._it)
-            except StopIteration:
-                return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
+    container: Any
+    name: str
+    runtime: str | None
+    uid: int
+    deadline: float
+    #: The raw attach socket (stdin+stdout+stderr), once attached.
+    sock: Any = None
+    #: docker-py's wrapper of it, kept alive (closing it closes the socket).
+    holder: Any = None
 
 
-def _fetch(container: Any, path: str, dest_dir: Path, wanted: Mapping[str, str]) -> None:
-    """Copy the regular files `wanted` (archive name -> local name) out of `path`."""
-    docker = _import_docker()
-    try:
-        chunks, _stat = container.get_archive(path)
-    except docker.errors.NotFound:
-        return
-    with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(chunks)), mode="r|") as tf:
-        for member in tf:
-            local = wanted.get(member.name)
-            if local is None or not member.isreg():
-                continue
-            src = tf.extractfile(member)
-            if src is None:
-                continue
-            with open(dest_dir / local, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+def _container_config(
+    image: str,
+    limits: Limits,
+    loosen: Loosen,
+    *,
+    name: str,
+    runtime: str | None,
+    env: Mapping[str, str],
+    labels: Mapping[str, str],
+    mounts: list[Any],
+    idle_s: float,
+) -> dict[str, Any]:
+    """The keyword arguments of containers.create: every isolation flag is here."""
+    from docker.types import LogConfig, Ulimit
+
+    uid = 0 if loosen.root_user else SANDBOX_UID
+    fsize = limits.file_size_mb * _MIB
+    tmpfs_opts = f"size={limits.tmpfs_mb}m,nr_inodes={_TMPFS_INODES}"
+    # The init (the runner) is root with only the capabilities to start the program as
+    # `uid` with an empty bounding set and to kill it; the program cannot signal or
+    # trace the init.
+    caps = [] if loosen.root_user else ["KILL", "SETUID", "SETGID", "SETPCAP"]
+    owned = f"{tmpfs_opts},uid={uid},gid={uid},mode=0755"
+    config: dict[str, Any] = {
+        "image": image,
+        "command": _runner_argv("python3", "init", _C_JOB, idle_s, limits.timeout_s),
+        "name": name,
+        "user": "0:0",
+        "environment": dict(env),
+        "working_dir": "/",
+        "network_mode": "bridge" if loosen.network else "none",
+        "read_only": not loosen.writable_root,
+        "tmpfs": {
+            "/tmp": f"size={limits.tmpfs_mb}m,mode=1777",
+            _C_OUT: owned,
+            _C_RUN: owned,
+        },
+        "mounts": mounts,
+        "cap_drop": ["ALL"],
+        "cap_add": caps,
+        "security_opt": ["no-new-privileges"],
+        "mem_limit": f"{limits.memory_mb}m",
+        "memswap_limit": f"{limits.memory_mb}m",
+        "nano_cpus": int(limits.cpus * 1e9),
+        "pids_limit": limits.pids,
+        "ulimits": [
+            Ulimit(name="fsize", soft=fsize, hard=fsize),
+            Ulimit(name="nofile", soft=_NOFILE, hard=_NOFILE),
+            Ulimit(name="core", soft=0, hard=0),
+        ],
+        # The runner is the init (PID 1): it reaps, kills leftovers, ends the container.
+        "init": False,
+        "ipc_mode": "private",
+        "hostname": "mas2c-sandbox",
+        "labels": dict(labels),
+        "stdin_open": True,  # docker-py also sets StdinOnce: EOF when the host detaches
+        "auto_remove": True,
+        # The runner's output is the bundle, read over the attach stream: the daemon
+        # keeps no log of it on the host's disk.
+        "log_config": LogConfig(type="none"),
+    }
+    if runtime is not None:
+        config["runtime"] = runtime
+    return config
 
 
-def _collect_docker(container: Any, outcome: _Outcome) -> None:
-    # One get_archive of out/ (each call costs a mount/unmount in the daemon).
-    wanted = {"out/out.json": "out.json", "out/trace.jsonl": "trace.jsonl"}
-    for n in ("stdout.txt", "stderr.txt", "stdout.truncated", "stderr.truncated"):
-        wanted[f"out/_sandbox/{n}"] = n
-    _fetch(container, _C_OUT, outcome.staging, wanted)
-    # The runner itself prints only when it fails (e.g. a broken image): keep that.
-    logs = container.logs(stdout=True, stderr=True, tail=50)
-    if logs:
-        with open(outcome.stderr, "ab") as f:
-            f.write(b"\n[mas2c sandbox runner]\n" + bytes(logs)[-8192:])
+def _deadline_labels(deadline: float, extra: Mapping[str, str]) -> dict[str, str]:
+    return {LABEL: "1", DEADLINE_LABEL: str(math.ceil(deadline)), **extra}
 
 
-def _is_timeout(exc: BaseException) -> bool:
-    import requests.exceptions  # type: ignore[import-untyped,unused-ignore]
+def _start_box(
+    client: Any,
+    job: _Job,
+    *,
+    name: str,
+    mounts: list[Any],
+    env: Mapping[str, str],
+    labels: Mapping[str, str],
+    idle_s: float,
+    attach: bool,
+) -> _Box:
+    """Create and start a container whose runner waits up to `idle_s` for its job."""
+    limits = job.limits
+    # Idle wait + the job's timeout + the runner's grace: then the init ends it.
+    deadline = time.time() + idle_s + limits.timeout_s + _RUNNER_GRACE_S + _COPY_S
+    config = _container_config(
+        job.image,
+        limits,
+        job.loosen,
+        name=name,
+        runtime=job.runtime,
+        env=env,
+        labels=_deadline_labels(deadline, labels),
+        mounts=mounts,
+        idle_s=idle_s,
+    )
+    container = client.containers.create(**config)
+    box = _Box(container, name, job.runtime, 0 if job.loosen.root_user else SANDBOX_UID, deadline)
+    if attach:
+        _attach(client, box)
+    container.start()
+    return box
 
-    if isinstance(exc, requests.exceptions.ReadTimeout):
-        return True
-    return isinstance(exc, requests.exceptions.ConnectionError) and "timed out" in str(exc)
+
+def _attach(client: Any, box: _Box) -> None:
+    holder = client.api.attach_socket(
+        box.container.id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+    )
+    box.holder = holder
+    box.sock = getattr(holder, "_sock", holder)
+
+
+def _send(box: _Box, line: bytes) -> None:
+    box.sock.settimeout(10)
+    box.sock.sendall(line)
+
+
+def _pump_attach(box: _Box, bundle: _Bundle, deadline: float, stderr_tail: bytearray) -> str:
+    """Read the multiplexed attach stream into `bundle` until it is complete, the
+    stream ends, or `deadline` passes; returns "done", "eof" or "deadline"."""
+    buf = bytearray()
+    while not bundle.done and not bundle.error:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "deadline"
+        box.sock.settimeout(min(left, 5.0))
+        try:
+            data = box.sock.recv(1 << 16)
+        except TimeoutError:
+            continue
+        except OSError:
+            return "eof"
+        if not data:
+            return "eof"
+        buf += data
+        while len(buf) >= 8:
+            kind, size = buf[0], int.from_bytes(buf[4:8], "big")
+            if len(buf) < 8 + size:
+                break
+            payload = bytes(buf[8 : 8 + size])
+            del buf[: 8 + size]
+            if kind == 1:
+                bundle.feed(payload)
+            else:
+                stderr_tail += payload
+                del stderr_tail[:-8192]
+    return "done" if bundle.done else "eof"
 
 
 def _run_docker(job: _Job, outcome: _Outcome) -> None:
-    docker = _import_docker()
-    from docker.types import LogConfig, Mount, Ulimit
+    _import_docker()  # a clear error before docker.types
+    from docker.types import Mount
 
     for name in job.loosen.used():
         msg = {
@@ -728,130 +1179,223 @@ def _run_docker(job: _Job, outcome: _Outcome) -> None:
         outcome.notes.append(f"loosened: {msg}")
 
     client = _docker_client()
+    box: _Box | None = None
+    name = f"mas2c-{job.run_id}"
     try:
         _require_image(client, job.image)
-        uid = 0 if job.loosen.root_user else SANDBOX_UID
-        limits = job.limits
+        _reap_once(client)
         env = _scrubbed_env(path=_C_PATH, home="/tmp", pythonpath=_C_PKG, extra=job.env)
-        # Files go in and out through an anonymous volume at /work, filled with
-        # put_archive and read back with get_archive, rather than a bind mount of a
-        # host dir: it needs no host path shared with the daemon (remote daemons,
-        # Docker Desktop), no chown on the host (rootless Docker, non-root users,
-        # SELinux relabelling), ownership comes from the tar headers, it stays
-        # writable while the root is read-only, and `remove(v=True)` deletes it
-        # with the container. Only the LLM socket is a bind mount (it must be).
+        # /work: an anonymous volume holding the root-owned job (filled with
+        # put_archive: no host path shared with the daemon, no chown on the host);
+        # the program writes only to tmpfs. Only the LLM socket is a bind mount.
         mounts = [Mount(target=_C_WORK, source=None, type="volume")]
         if job.llm_socket is not None:
+            # The socket's own (private, per-run) folder, not the socket file: gVisor
+            # cannot bind-mount a socket, and a pooled container binds its folder
+            # before the run's gateway exists.
+            sock = job.llm_socket.resolve()
             mounts.append(
                 Mount(
-                    target=CONTAINER_SOCKET,
-                    source=str(job.llm_socket.resolve()),
+                    target=CONTAINER_SOCKET_DIR,
+                    source=str(sock.parent),
                     type="bind",
                     read_only=True,
                 )
             )
-            env["MAS2C_LLM_SOCKET"] = CONTAINER_SOCKET
-        fsize = limits.file_size_mb * _MIB
-        command = [
-            "python3",
-            "-I",
-            _C_RUNNER,
-            str(limits.output_cap_bytes),
-            _C_IO,
-            "--",
-            *_program_argv("python3", job.module, _C_INPUT, _C_OUT),
-        ]
-        name = f"mas2c-{job.run_id}"
-        container: Any = None
+            env["MAS2C_LLM_SOCKET"] = f"{CONTAINER_SOCKET_DIR}/{sock.name}"
+        _check_runtime_registered(client, job.runtime)
+        if job.loosen.network and _runtime_has_no_network(client, job.runtime):
+            raise SandboxError(
+                f"--allow-network cannot work under the {job.runtime} runtime: it is "
+                "registered with --network=none (see /etc/docker/daemon.json); use runc"
+            )
         try:
-            try:
-                container = client.containers.create(
-                    job.image,
-                    command,
-                    name=name,
-                    user=f"{uid}:{uid}",
-                    environment=env,
-                    working_dir=_C_RUN,
-                    network_mode="bridge" if job.loosen.network else "none",
-                    read_only=not job.loosen.writable_root,
-                    tmpfs={"/tmp": f"size={limits.tmpfs_mb}m,mode=1777"},
-                    mounts=mounts,
-                    cap_drop=["ALL"],
-                    security_opt=["no-new-privileges"],
-                    mem_limit=f"{limits.memory_mb}m",
-                    memswap_limit=f"{limits.memory_mb}m",
-                    nano_cpus=int(limits.cpus * 1e9),
-                    pids_limit=limits.pids,
-                    ulimits=[
-                        Ulimit(name="fsize", soft=fsize, hard=fsize),
-                        Ulimit(name="nofile", soft=_NOFILE, hard=_NOFILE),
-                        Ulimit(name="core", soft=0, hard=0),
-                    ],
-                    init=True,
-                    ipc_mode="private",
-                    hostname="mas2c-sandbox",
-                    labels={LABEL: "1", f"{LABEL}.run": job.run_id},
-                    # The runner captures the program's output into files; the
-                    # daemon's log only ever holds the runner's own errors.
-                    log_config=LogConfig(
-                        type=LogConfig.types.JSON, config={"max-size": "1m", "max-file": "1"}
-                    ),
-                )
-                with _input_archive(job, uid) as archive:
-                    container.put_archive(_C_WORK, archive)
-                t0 = time.monotonic()
-                container.start()
-                try:
-                    try:
-                        result = container.wait(timeout=limits.timeout_s)
-                    except Exception as exc:
-                        if not _is_timeout(exc):
-                            raise
-                        outcome.timed_out = True
-                        with contextlib.suppress(docker.errors.APIError):
-                            container.kill()
-                        result = container.wait(timeout=60)
-                finally:
-                    outcome.duration_s = time.monotonic() - t0
-                outcome.exit_code = int(result.get("StatusCode", -1))
-                container.reload()
-                state = container.attrs.get("State", {})
-                outcome.oom_killed = bool(state.get("OOMKilled")) and not outcome.timed_out
-                _collect_docker(container, outcome)
-            except KeyboardInterrupt:
-                outcome.interrupted = True
-                if container is not None:
-                    _shielded(lambda: _stop_and_collect(container, outcome), outcome, "collect")
-                raise
-            except Exception as exc:  # docker-py and requests errors: daemon died, ...
-                raise SandboxError(
-                    f"the Docker run failed ({type(exc).__name__}): {_short_reason(exc)}"
-                ) from None
+            box = _start_box(
+                client,
+                job,
+                name=name,
+                mounts=mounts,
+                env=env,
+                labels={f"{LABEL}.run": job.run_id},
+                idle_s=_START_S,
+                attach=True,
+            )
+            _run_in_box(box, job, env, outcome)
+        except KeyboardInterrupt:
+            outcome.interrupted = True
+            raise
+        except SandboxError:
+            raise
+        except Exception as exc:  # docker-py and requests errors: daemon died, ...
+            raise SandboxError(
+                f"the Docker run failed ({type(exc).__name__}): {_short_reason(exc)}"
+            ) from None
         finally:
-            _shielded(lambda: _remove_container(client, container, name), outcome, "remove")
+            _shielded(lambda: _remove_box(client, box, name), outcome, "remove")
     finally:
         client.close()
 
 
-def _stop_and_collect(container: Any, outcome: _Outcome) -> None:
+def _run_in_box(box: _Box, job: _Job, env: Mapping[str, str], outcome: _Outcome) -> None:
+    """Hand the job to a started container's runner and read its bundle back."""
     docker = _import_docker()
-    with contextlib.suppress(docker.errors.APIError):
-        container.kill()
-    with contextlib.suppress(Exception):
-        result = container.wait(timeout=30)
+    outcome.runtime = box.runtime or "default"
+    outcome.uid = box.uid
+    job_json = _job_json(
+        job, pkg=_C_PKG, inp=_C_INPUT, out_dir=_C_OUT, cwd=_C_RUN, env=env, uid=box.uid
+    )
+    with _job_archive(job, job_json) as archive:
+        box.container.put_archive(_C_WORK, archive)
+    t0 = time.monotonic()
+    _send(box, b"go\n")
+    bundle = _Bundle(outcome.staging, job.limits.caps())
+    tail = bytearray()
+    deadline = t0 + _START_S + job.limits.timeout_s + _COPY_S
+    try:
+        how = _pump_attach(box, bundle, deadline, tail)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+
+        def stop_and_collect() -> None:
+            with contextlib.suppress(OSError):
+                _send(box, b"stop\n")
+            _pump_attach(box, bundle, time.monotonic() + 15.0, tail)
+
+        _shielded(stop_and_collect, outcome, "collect")
+        _apply_bundle(bundle, outcome)
+        _keep_runner_errors(outcome, tail)
+        raise
+    finally:
+        if not outcome.duration_s:
+            outcome.duration_s = time.monotonic() - t0
+    if how == "deadline":
+        outcome.timed_out = True
+        outcome.notes.append("the host-side deadline passed before the sandbox answered")
+        with contextlib.suppress(docker.errors.APIError):
+            box.container.kill()
+    _apply_bundle(bundle, outcome)
+    _keep_runner_errors(outcome, tail)
+    if bundle.header is None:
+        _inspect_end(box, outcome)
+
+
+def _keep_runner_errors(outcome: _Outcome, tail: bytearray) -> None:
+    """The runner itself writes to its stderr only when it fails (e.g. a broken image)."""
+    if tail:
+        with open(outcome.stderr, "ab") as f:
+            f.write(b"\n[mas2c sandbox runner]\n" + bytes(tail))
+
+
+def _inspect_end(box: _Box, outcome: _Outcome) -> None:
+    """No bundle: the container died (OOM-killed init, runtime failure): ask the daemon."""
+    docker = _import_docker()
+    try:
+        result = box.container.wait(timeout=10)
+        box.container.reload()
+    except docker.errors.NotFound:
+        outcome.notes.append("the container ended before it reported (already removed)")
+        return
+    except Exception as exc:
+        outcome.notes.append(f"the container did not report: {_short_reason(exc)}")
+        return
+    state = box.container.attrs.get("State", {})
+    if outcome.exit_code is None:
         outcome.exit_code = int(result.get("StatusCode", -1))
-    _collect_docker(container, outcome)
+    if bool(state.get("OOMKilled")) and not outcome.timed_out:
+        outcome.oom_killed = True
 
 
-def _remove_container(client: Any, container: Any, name: str) -> None:
+def _remove_box(client: Any, box: _Box | None, name: str) -> None:
     """Force-remove the run's container and its anonymous volume (by name if create()
     itself was interrupted after the daemon made the container)."""
     docker = _import_docker()
+    if box is not None and box.holder is not None:
+        with contextlib.suppress(Exception):
+            box.holder.close()
+        with contextlib.suppress(Exception):
+            box.sock.close()
     try:
-        target = container if container is not None else client.containers.get(name)
-        target.remove(force=True, v=True)
+        target = box.container if box is not None else client.containers.get(name)
+        try:
+            target.remove(force=True, v=True)
+        except docker.errors.APIError as exc:
+            if isinstance(exc, docker.errors.NotFound) or "already in progress" in str(exc):
+                pass  # auto_remove got there first
+            else:
+                raise
+        # Gone when this returns (auto_remove may still be at it).
+        target.wait(condition="removed", timeout=30)
     except docker.errors.NotFound:
         pass
+
+
+def _check_runtime_registered(client: Any, runtime: str | None) -> None:
+    if runtime is None:
+        return
+    try:
+        known = sorted(client.info().get("Runtimes") or {})
+    except Exception:
+        return  # the create call will say
+    if runtime not in known:
+        raise SandboxError(
+            f"the container runtime {runtime!r} is not registered with dockerd (it has: "
+            f"{', '.join(known) or 'none'}); for gVisor run scripts/ensure-docker.sh, "
+            f"or pick another with --runtime / {RUNTIME_ENV}"
+        )
+
+
+def _runtime_has_no_network(client: Any, runtime: str | None) -> bool:
+    """True if the daemon registered `runtime` with ``--network=none`` (gVisor here)."""
+    if runtime is None:
+        return False
+    try:
+        info = client.info().get("Runtimes", {}).get(runtime) or {}
+    except Exception:
+        return False
+    args = info.get("runtimeArgs") or info.get("RuntimeArgs") or []
+    return "--network=none" in args
+
+
+_REAPED = False
+
+
+def _reap_once(client: Any) -> None:
+    """The first docker run of a process removes what earlier (killed) runs left."""
+    global _REAPED
+    if _REAPED:
+        return
+    _REAPED = True
+    with contextlib.suppress(Exception):
+        reap(client)
+    with contextlib.suppress(Exception):
+        reap_private_dirs()
+
+
+def reap(client: Any = None, *, stopped_min_age_s: float = 60.0) -> int:
+    """Remove mas2c containers past their deadline label (running or not), and stopped
+    ones older than `stopped_min_age_s`. Returns how many were removed."""
+    docker = _import_docker()
+    own = client is None
+    client = client or _docker_client()
+    try:
+        removed = 0
+        now = time.time()
+        for c in client.api.containers(all=True, filters={"label": LABEL}):
+            labels = c.get("Labels") or {}
+            try:
+                deadline = float(labels.get(DEADLINE_LABEL, "inf"))
+            except ValueError:
+                deadline = math.inf
+            running = c.get("State") == "running"
+            old = now - float(c.get("Created", now)) >= stopped_min_age_s
+            if deadline < now or (not running and old):
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    client.api.remove_container(c["Id"], force=True, v=True)
+                    removed += 1
+        return removed
+    finally:
+        if own:
+            client.close()
 
 
 # ------------------------------------------------------------------- local backend
@@ -878,8 +1422,9 @@ def _set_rlimits(limits: Limits, nproc: int | None) -> None:
             new_hard = min(new_hard, hard)
         resource.setrlimit(res, (min(value, new_hard), new_hard))
 
-    cpu = math.ceil(limits.timeout_s) + 2  # the host-side wall clock normally fires first
+    cpu = math.ceil(limits.timeout_s) + 2  # the wall clock normally fires first
     lower(resource.RLIMIT_CPU, cpu, hard_extra=5)
+    # The runner holds the interpreter and the runtime's imports: room above the limit.
     lower(resource.RLIMIT_AS, limits.memory_mb * _MIB)
     lower(resource.RLIMIT_FSIZE, limits.file_size_mb * _MIB)
     lower(resource.RLIMIT_NOFILE, _NOFILE)
@@ -888,128 +1433,284 @@ def _set_rlimits(limits: Limits, nproc: int | None) -> None:
         lower(resource.RLIMIT_NPROC, nproc)
 
 
+def _drop_privileges(uid: int) -> None:
+    """In the child (preexec_fn), as root: become `uid` with no supplementary groups."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+def _blocked_ancestors(paths: Iterable[str], uid: int) -> list[tuple[str, str]]:
+    """(directory `uid` cannot search, its child on the way to a needed path), top-down.
+
+    E.g. a venv whose interpreter lives under /root (0700) gives [("/root", ".pyenv")].
+    """
+    plan: list[tuple[str, str]] = []
+    for path in paths:
+        parts = Path(os.path.realpath(path)).parts
+        for depth in range(1, len(parts)):
+            parent = os.path.join(*parts[:depth]) if depth > 1 else "/"
+            with contextlib.suppress(OSError):
+                st = os.stat(parent)
+                if st.st_uid == uid:
+                    bit = stat.S_IXUSR
+                elif st.st_gid == uid:  # nobody's group is nogroup (65534)
+                    bit = stat.S_IXGRP
+                else:
+                    bit = stat.S_IXOTH
+                if not st.st_mode & bit and (parent, parts[depth]) not in plan:
+                    plan.append((parent, parts[depth]))
+    return sorted(plan, key=lambda item: len(Path(item[0]).parts))
+
+
+def _expose(plan: list[tuple[str, str]]) -> None:
+    """In the child (preexec_fn), as root: in a private mount namespace, cover each
+    blocked directory with an empty tmpfs (0711) and bind back only the needed child,
+    so an unprivileged uid reaches the interpreter and nothing else there."""
+    if not plan:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ms_bind, ms_rec, ms_private = 4096, 16384, 1 << 18
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    check(libc.unshare(0x00020000), "unshare(CLONE_NEWNS)")
+    check(libc.mount(None, b"/", None, ms_rec | ms_private, None), "mount --make-rprivate /")
+    for parent, child in plan:
+        src = os.path.join(parent, child)
+        fd = os.open(src, os.O_PATH)
+        try:
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+            check(
+                libc.mount(b"none", parent.encode(), b"tmpfs", 0, b"mode=0711,size=64k"),
+                f"mount tmpfs on {parent}",
+            )
+            if is_dir:
+                os.mkdir(src, 0o755)
+            else:
+                os.close(os.open(src, os.O_CREAT | os.O_WRONLY, 0o644))
+            source = f"/proc/self/fd/{fd}".encode()
+            check(libc.mount(source, src.encode(), None, ms_bind | ms_rec, None), f"bind {src}")
+        finally:
+            os.close(fd)
+
+
 def _killpg(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
 
 
+def _marked_processes(run_id: str) -> list[int]:
+    """Processes whose environment carries this run's marker (they may have left the
+    runner's session with setsid and its tree by double-forking)."""
+    marker = f"{_RUN_MARKER}={run_id}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/environ", "rb") as f:
+            if marker in f.read().split(b"\0"):
+                found.append(int(entry))
+    return found
+
+
+def _sweep_local(run_id: str, rounds: int = 5) -> int:
+    """Kill every process left by the run (marked by its environment). Returns how many."""
+    killed = 0
+    for _ in range(rounds):
+        pids = _marked_processes(run_id)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        time.sleep(0.05)
+    return killed
+
+
 def _run_local(job: _Job, outcome: _Outcome) -> None:
     job.warn(
-        "--sandbox local does NOT isolate: the program runs as your user, with your "
-        "files and your network; only rlimits, a scrubbed environment and a temp dir apply"
+        "--sandbox local does NOT isolate: the program runs as your user (nobody when "
+        "mas2c runs as root), with your files and your network; only rlimits, a "
+        "scrubbed environment and a temp dir apply"
     )
     outcome.notes.append("local backend: no isolation (filesystem, network and user are shared)")
     if job.loosen.used():
         outcome.notes.append("loosen flags have no effect on the local backend")
     limits = job.limits
+    as_root = os.geteuid() == 0
+    uid = program_uid("local")
+    outcome.uid = uid
     nproc: int | None = None
-    if os.geteuid() == 0:
-        outcome.notes.append(
-            "RLIMIT_NPROC not applied: running as root, which it does not restrict and "
-            "where it would count every root process"
-        )
-    else:
-        nproc = _count_user_processes(os.geteuid()) + limits.pids
-        outcome.notes.append(f"RLIMIT_NPROC={nproc} (counts all of this user's processes)")
+    if as_root:
+        outcome.notes.append(f"mas2c runs as root: the program runs as uid {uid} (nobody)")
+    nproc = _count_user_processes(uid) + limits.pids
+    outcome.notes.append(f"RLIMIT_NPROC={nproc} (counts all of uid {uid}'s processes)")
     outcome.notes.append(
         "memory is limited by RLIMIT_AS (virtual memory), CPU time by RLIMIT_CPU; "
         "cpus and tmpfs_mb are not enforced"
     )
-
-    work = Path(tempfile.mkdtemp(prefix=f"mas2c-{job.run_id}-"))
-    try:
-        shutil.copytree(job.package_dir, work / "pkg", ignore=shutil.ignore_patterns(*_COPY_IGNORE))
-        for d in ("in", "out", "io", "run", "home"):
-            (work / d).mkdir(exist_ok=True)
-        shutil.copyfile(job.input_path, work / "in" / "input.json")
-        (work / "runner.py").write_text(_RUNNER)
-        bindir = os.path.dirname(sys.executable)
+    with private_dir("local", mode=0o711) as work:
+        _stage_local(job, work, uid if as_root else None)
         env = _scrubbed_env(
-            path=f"{bindir}:/usr/local/bin:/usr/bin:/bin",
+            path=f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
             home=str(work / "home"),
             pythonpath=str(work / "pkg"),
-            extra={**job.env, "MALLOC_ARENA_MAX": "2"},
+            extra={**job.env, "MALLOC_ARENA_MAX": "2", _RUN_MARKER: job.run_id},
         )
         if job.llm_socket is not None:
             env["MAS2C_LLM_SOCKET"] = str(job.llm_socket.resolve())
-        command = [
-            sys.executable,
-            "-I",
-            str(work / "runner.py"),
-            str(limits.output_cap_bytes),
-            str(work / "io"),
-            "--",
-            *_program_argv(
-                sys.executable, job.module, str(work / "in" / "input.json"), str(work / "out")
-            ),
-        ]
+        job_json = _job_json(
+            job,
+            pkg=str(work / "pkg"),
+            inp=str(work / "in" / "input.json"),
+            out_dir=str(work / "out"),
+            cwd=str(work / "run"),
+            env=env,
+            uid=None,  # the runner itself already runs as the program's user
+        )
+        (work / "job" / "job.json").write_bytes(job_json)
+        argv = _runner_argv(
+            sys.executable, "local", str(work / "job" / "job.json"), 60, limits.timeout_s
+        )
+
+        plan: list[tuple[str, str]] = []
+        if as_root:
+            needed = [sys.executable, sys.prefix, sys.base_prefix, str(work)]
+            if job.llm_socket is not None:
+                needed.append(str(job.llm_socket))
+            plan = _blocked_ancestors(needed, uid)
+            if plan:
+                outcome.notes.append(
+                    "made reachable for uid "
+                    f"{uid} in a private mount namespace: "
+                    + ", ".join(os.path.join(p, c) for p, c in plan)
+                )
+
+        def preexec() -> None:
+            _set_rlimits(limits, nproc)
+            if as_root:
+                _expose(plan)
+                _drop_privileges(uid)
+
         with open(work / "runner.log", "wb") as runner_log:
-            t0 = time.monotonic()
             proc = subprocess.Popen(
-                command,
+                argv,
                 cwd=work / "run",
                 env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=runner_log,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
                 stderr=runner_log,
                 start_new_session=True,
-                preexec_fn=lambda: _set_rlimits(limits, nproc),
+                preexec_fn=preexec,
             )
             try:
-                try:
-                    rc = proc.wait(timeout=limits.timeout_s)
-                except subprocess.TimeoutExpired:
-                    outcome.timed_out = True
-                    _killpg(proc.pid)
-                    rc = proc.wait()
-                outcome.duration_s = time.monotonic() - t0
-            except KeyboardInterrupt:
-                outcome.interrupted = True
-                raise
+                _talk_local(proc, job, outcome)
             finally:
-                # Also kills what the program left behind in its process group.
                 _killpg(proc.pid)
                 _shielded(lambda: _reap(proc), outcome, "reap")
-                if not outcome.duration_s:
-                    outcome.duration_s = time.monotonic() - t0
-                if proc.returncode is not None:
-                    rc = proc.returncode
-                    outcome.exit_code = 128 - rc if rc < 0 else rc
-                _shielded(lambda: _collect_local(work, outcome), outcome, "collect")
-        if outcome.exit_code == 128 + signal.SIGXCPU:
-            outcome.timed_out = True
-            outcome.notes.append("killed by RLIMIT_CPU (CPU time limit)")
-        if (
-            not outcome.timed_out
-            and outcome.exit_code not in (0, None)
-            and b"MemoryError" in _read_tail(outcome.stderr, 4096)
-        ):
-            outcome.oom_killed = True
-            outcome.notes.append("MemoryError at the RLIMIT_AS limit reported as oom_killed")
+                left = _sweep_local(job.run_id)
+                if left:
+                    outcome.notes.append(f"killed {left} process(es) the program left behind")
+        tail = _read_tail(work / "runner.log", 8192)
+        if tail:
+            with open(outcome.stderr, "ab") as f:
+                f.write(b"\n[mas2c sandbox runner]\n" + tail)
+    if outcome.exit_code == 128 + signal.SIGXCPU:
+        outcome.timed_out = True
+        outcome.notes.append("killed by RLIMIT_CPU (CPU time limit)")
+    if (
+        not outcome.timed_out
+        and outcome.exit_code not in (0, None)
+        and b"MemoryError" in _read_tail(outcome.stderr, 4096)
+    ):
+        outcome.oom_killed = True
+        outcome.notes.append("MemoryError at the RLIMIT_AS limit reported as oom_killed")
+
+
+def _stage_local(job: _Job, work: Path, uid: int | None) -> None:
+    """The run's folders; as root the program's own (out, run, home) belong to `uid`."""
+    shutil.copytree(job.package_dir, work / "pkg", ignore=shutil.ignore_patterns(*_COPY_IGNORE))
+    for d in ("in", "job", "out", "run", "home"):
+        (work / d).mkdir(exist_ok=True)
+    shutil.copyfile(job.input_path, work / "in" / "input.json")
+    if uid is None:
+        return
+    for root, dirs, files in os.walk(work / "pkg"):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+        del dirs[:0]
+    for d in ("in", "job"):
+        os.chmod(work / d, 0o755)
+    os.chmod(work / "in" / "input.json", 0o644)
+    for d in ("out", "run", "home"):
+        os.chown(work / d, uid, uid)
+
+
+def _talk_local(proc: subprocess.Popen[bytes], job: _Job, outcome: _Outcome) -> None:
+    """Send `go`, read the bundle from the runner's stdout (bounded in bytes and time)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    t0 = time.monotonic()
+    bundle = _Bundle(outcome.staging, job.limits.caps())
+    fd = proc.stdout.fileno()
+
+    def pump(deadline: float) -> str:
+        while not bundle.done and not bundle.error:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "deadline"
+            ready, _, _ = select.select([fd], [], [], min(left, 5.0))
+            if not ready:
+                continue
+            data = os.read(fd, 1 << 16)
+            if not data:
+                return "eof"
+            bundle.feed(data)
+        return "done"
+
+    try:
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        how = pump(t0 + _START_S + job.limits.timeout_s + _COPY_S)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+
+        def stop_and_collect() -> None:
+            with contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.write(b"stop\n")
+                proc.stdin.flush()
+            pump(time.monotonic() + 15.0)
+
+        _shielded(stop_and_collect, outcome, "collect")
+        _apply_bundle(bundle, outcome)
+        raise
+    except BrokenPipeError:
+        how = "eof"
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not outcome.duration_s:
+            outcome.duration_s = time.monotonic() - t0
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    if how == "deadline":
+        outcome.timed_out = True
+        outcome.notes.append("the host-side deadline passed before the runner answered")
+    _apply_bundle(bundle, outcome)
+    if bundle.header is None:
+        _killpg(proc.pid)
+        rc = proc.wait()
+        outcome.exit_code = 128 - rc if rc < 0 else rc
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
-
-
-def _collect_local(work: Path, outcome: _Outcome) -> None:
-    pairs = [
-        (work / "out" / "out.json", "out.json"),
-        (work / "out" / "trace.jsonl", "trace.jsonl"),
-        (work / "io" / "stdout.txt", "stdout.txt"),
-        (work / "io" / "stderr.txt", "stderr.txt"),
-        (work / "io" / "stdout.truncated", "stdout.truncated"),
-        (work / "io" / "stderr.truncated", "stderr.truncated"),
-    ]
-    for src, name in pairs:
-        if os.path.lexists(src) and not src.is_symlink() and src.is_file():
-            shutil.copyfile(src, outcome.staging / name)
-    runner_log = _read_tail(work / "runner.log", 8192)
-    if runner_log:
-        with open(outcome.stderr, "ab") as f:
-            f.write(b"\n[mas2c sandbox runner]\n" + runner_log)
 
 
 # ----------------------------------------------------------------- image building
@@ -1270,6 +1971,9 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
         "daemon": {"reachable": False, "version": None, "api_version": None, "error": None},
         "image": {"name": image, "present": False, "id": None, "created": None, "labels": {}},
         "backends": {"docker": False, "local": True},
+        "runtimes": [],
+        "default_runtime": None,
+        "runtime_env": default_runtime(),
         "leftover_containers": 0,
     }
     try:
@@ -1282,6 +1986,9 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
         out["daemon"].update(
             reachable=True, version=version.get("Version"), api_version=version.get("ApiVersion")
         )
+        info = client.info()
+        out["runtimes"] = sorted(info.get("Runtimes") or {})
+        out["default_runtime"] = info.get("DefaultRuntime")
         try:
             img = _require_image(client, image)
             out["image"].update(
@@ -1305,25 +2012,14 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
 
 
 def prune(min_age_s: float = 60.0) -> int:
-    """Remove leftover mas2c containers (left when the host process was SIGKILLed).
-
-    Running containers, and ones younger than `min_age_s` (a run in progress is
-    briefly `created` before its start and `exited` before its removal), are left alone.
+    """Remove what killed runs left: mas2c containers past their deadline (also running
+    ones), stopped ones older than `min_age_s` (a run in progress is briefly `created`
+    before its start), and temp folders of dead owners. Returns the containers removed.
+    Running containers within their deadline (runs in progress, a pool) stay.
     """
-    docker = _import_docker()
-    client = _docker_client()
-    try:
-        removed = 0
-        now = time.time()
-        for c in client.api.containers(all=True, filters={"label": LABEL}):
-            if c.get("State") == "running" or now - float(c.get("Created", now)) < min_age_s:
-                continue
-            with contextlib.suppress(docker.errors.NotFound):
-                client.api.remove_container(c["Id"], force=True, v=True)
-                removed += 1
-        return removed
-    finally:
-        client.close()
+    removed = reap(stopped_min_age_s=min_age_s)
+    reap_private_dirs()
+    return removed
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import re
+import stat
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -218,13 +219,49 @@ class RunTrace:
         return max((s.end for s in self.spans), default=0.0)
 
 
-def read_json_file(path: Path, limit: int = MAX_LINE_BYTES) -> Any:
-    """A small JSON file, or None when it is missing, too large or not JSON."""
+def regular_file(path: Path) -> bool:
+    """A regular file itself: not a symlink (it could point anywhere), FIFO or device."""
     try:
-        if not path.is_file() or path.stat().st_size > limit:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def real_dir(path: Path) -> bool:
+    """A folder itself, not a symlink to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def read_bytes_capped(path: Path, limit: int) -> bytes | None:
+    """At most ``limit + 1`` bytes of a regular file (never through a symlink), or None."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
             return None
-        return json.loads(path.read_text("utf-8", errors="replace"))
-    except (OSError, ValueError, RecursionError):
+        return handle.read(limit + 1)
+
+
+def read_text_file(path: Path, limit: int) -> str | None:
+    """A text file's first ``limit`` bytes, decoded leniently; None if not a regular file."""
+    data = read_bytes_capped(path, limit)
+    return None if data is None else data[:limit].decode("utf-8", errors="replace")
+
+
+def read_json_file(path: Path, limit: int = MAX_LINE_BYTES) -> Any:
+    """A small JSON file, or None when it is missing, not a regular file, too large or not JSON."""
+    data = read_bytes_capped(path, limit)
+    if data is None or len(data) > limit:
+        return None
+    try:
+        return json.loads(data.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError):
         return None
 
 
@@ -232,11 +269,14 @@ def read_events(path: Path, problems: list[str]) -> list[dict[str, Any]]:
     """The JSON-object lines of a trace file, capped; bad lines are skipped and noted."""
     events: list[dict[str, Any]] = []
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_TRACE_BYTES + 1)
+        read = read_bytes_capped(path, MAX_TRACE_BYTES)
     except OSError as exc:
         problems.append(f"{path.name}: unreadable ({exc.strerror or exc})")
         return events
+    if read is None:
+        problems.append(f"{path.name}: not a regular file (a symlink?), not read")
+        return events
+    data = read
     if len(data) > MAX_TRACE_BYTES:
         problems.append(f"{path.name}: larger than {MAX_TRACE_BYTES} bytes; the rest is ignored")
         data = data[:MAX_TRACE_BYTES]
@@ -269,11 +309,15 @@ def _num(value: Any) -> float | None:
 
 
 def _derived_id(*parts: Any, length: int = 16) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:length]
+    digest = hashlib.sha256(repr(parts).encode()).hexdigest()[:length]
+    return digest if digest.strip("0") else "1".rjust(length, "0")
 
 
 def _hex(value: Any, pattern: re.Pattern[str]) -> str | None:
-    return value if isinstance(value, str) and pattern.match(value) else None
+    """An id of the right length in lowercase hex, and not all zeros (OpenTelemetry's "invalid")."""
+    if isinstance(value, str) and pattern.match(value) and value.strip("0"):
+        return value
+    return None
 
 
 def _text(value: Any, default: str = "") -> str:
@@ -526,7 +570,9 @@ def read_run_trace(folder: Path) -> RunTrace:
         problems.append(f"{HEADER_FILE}: not a JSON object, ignored")
     header = header if isinstance(header, dict) else {}
     events = (
-        read_events(folder / "trace.jsonl", problems) if (folder / "trace.jsonl").exists() else []
+        read_events(folder / "trace.jsonl", problems)
+        if os.path.lexists(folder / "trace.jsonl")
+        else []
     )
     if not events:
         problems.append("trace.jsonl: missing or empty")

@@ -18,4 +18,4 @@ if [ ! -x .venv-phoenix/bin/phoenix ]; then
     .venv-phoenix/bin/python -m pip install -q --upgrade pip
     .venv-phoenix/bin/python -m pip install -q "arize-phoenix>=12"
 fi
-echo "setup-observe: $(chromium --version 2>/dev/null | head -1); phoenix $(.venv-phoenix/bin/python -c 'import phoenix; print(phoenix.__version__)')"
+echo "setup-observe: $(chromium --version 2>/dev/null | head -1); arize-phoenix $(.venv-phoenix/bin/python -c 'import importlib.metadata as m; print(m.version("arize-phoenix"))')"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mas2c.cli import main as cli_main
+from mas2c.otel import build_spans
 from mas2c.report import render_report, write_report
 from mas2c.run import LLMConfig, run_system
 from mas2c.testserver import ChatRequest, LLMTestServer, ReplyLike, default_responder
@@ -193,6 +195,11 @@ def test_hierarchical_report_in_chromium(runs: Path, tmp_path: Path) -> None:
     agents = {a["data-name"] for a in dom.with_attr("g", "data-name")}
     assert {"manager", "market_analyst", "risk_analyst"} <= agents
     assert "127.0.0.1:" in "".join(dom.text)  # the endpoint host, no URL
+    # Per step: the parallel step holds the three specialists' calls.
+    assert any(h.startswith("Per step") for h in dom.texts("h3"))
+    cells = dom.texts("td")
+    at = cells.index("investigate")
+    assert cells[at + 1 : at + 6] == ["/workflow/1", "1", "0", cells[at + 4], "3"]
     shot = screenshot(page, tmp_path, "report-hierarchical", height=2000)
     assert shot.is_file()
 
@@ -316,6 +323,17 @@ def _hostile_folder(folder: Path) -> None:
         json.dumps({"failure": {"type": EVIL}, "fix": {"why": EVIL}})
     )
     (rounds / "patch.diff").write_text(f"+{EVIL}\n-{EVIL}\n")
+    # Symlinks out of the folder and a FIFO: never followed, never read (nor blocked on).
+    secret = folder.parent / "host-secret.txt"
+    secret.write_text("HOST-SECRET-CONTENT")
+    (rounds / "run").mkdir()
+    (rounds / "run" / "trace.jsonl").symlink_to(secret)
+    os.mkfifo(rounds / "run" / "result.json")
+    (folder / "rectify" / "round-2").symlink_to(rounds)
+    round3 = folder / "rectify" / "round-3"
+    round3.mkdir()
+    (round3 / "patch.diff").symlink_to(secret)
+    (round3 / "notes.json").symlink_to(secret)
 
 
 def test_a_hostile_run_folder_is_shown_as_text(tmp_path: Path) -> None:
@@ -329,6 +347,8 @@ def test_a_hostile_run_folder_is_shown_as_text(tmp_path: Path) -> None:
     title = dom.texts("title")[0]  # the page's (SVG tooltips are <title> too)
     assert title.startswith("mas2c run:") and "pwned" in title  # as text, never run
     assert "".join(dom.text).count(EVIL) >= 8
+    assert "HOST-SECRET-CONTENT" not in raw
+    assert [a["data-round"] for a in dom.with_attr("div", "data-round")] == ["1", "3"]
     problems = read_run_trace(folder).problems
     assert any("not JSON" in p for p in problems) and any(
         "not a trace event" in p for p in problems
@@ -372,6 +392,12 @@ def test_any_trace_renders_without_raising(tmp_path: Path, events: list[dict[str
     trace = read_run_trace(folder)
     ids = [s.span_id for s in trace.spans]
     assert len(ids) == len(set(ids))  # ids stay unique whatever the file says
+    assert all(re.match(r"^[0-9a-f]{16}$", i) and i.strip("0") for i in ids)
+    assert re.match(r"^[0-9a-f]{32}$", trace.trace_id) and trace.trace_id.strip("0")
+    # The OpenTelemetry export builds valid spans from it too.
+    exported = build_spans(trace)
+    assert len(exported) == len(trace.spans)
+    assert all(s.context.is_valid and s.start_time <= s.end_time for s in exported)
 
 
 def test_an_old_trace_without_ids_or_wall_clock_still_nests(runs: Path, tmp_path: Path) -> None:

@@ -336,6 +336,7 @@ def test_bad_input_exits_2(make: Callable[..., Pkg]) -> None:
     assert res.out["status"] == "bad_input"
     err = res.out["error"]
     assert err["type"] == "InputError" and err["spec_pointer"] == "/inputs/question"
+    assert err["code"] == "bad_input"
     assert "input 'question' must be string, got int" in err["message"]
     assert "unknown input 'extra'" in err["message"]
     assert res.out["usage"]["calls"] == 0
@@ -368,6 +369,7 @@ def test_no_retry_on_400(make: Callable[..., Pkg]) -> None:
     assert len(srv.requests) == 1
     err = res.out["error"]
     assert err["type"] == "LLMError" and "HTTP 400" in err["message"]
+    assert err["code"] == "llm_error"
     assert err["spec_pointer"] == "/workflow/0" and err["step"] == "first"
     assert err["agent"] == "solver"
     assert "Traceback" in err["traceback"]
@@ -408,6 +410,7 @@ def test_structured_output_gives_up(make: Callable[..., Pkg]) -> None:
         res = make(FLOW_JUDGE).run(srv)
     assert res.code == 1
     assert res.out["error"]["type"] == "StructuredOutputError"
+    assert res.out["error"]["code"] == "structured_output"
     assert "missing required key(s): 'answer'" in res.out["error"]["message"]
     assert res.out["error"]["spec_pointer"] == "/workflow/0"
     assert len(srv.requests) == 3
@@ -431,6 +434,7 @@ def test_budget_max_llm_calls_exits_3(make: Callable[..., Pkg]) -> None:
     assert res.out["status"] == "budget_exceeded"
     err = res.out["error"]
     assert err["type"] == "BudgetExceeded"
+    assert err["code"] == "budget_calls"
     assert err["spec_pointer"] == "/budgets/max_llm_calls" and err["step"] == "second"
     assert "1 used, max 1" in err["message"]
     assert len(srv.requests) == 1
@@ -461,6 +465,7 @@ def test_global_timeout_exits_4(make: Callable[..., Pkg]) -> None:
     err = res.out["error"]
     assert err["type"] == "StepTimeout"
     assert err["spec_pointer"] == "/budgets/timeout_s" and err["step"] == "slow"
+    assert err["code"] == "run_timeout"
     assert res.trace[-1]["t"] < 4.0  # run clock: the 5 s reply was not waited for
     assert res.out["usage"]["calls"] == 1
 
@@ -473,6 +478,7 @@ def test_step_timeout_exits_4(make: Callable[..., Pkg]) -> None:
     err = res.out["error"]
     assert err["type"] == "StepTimeout"
     assert err["spec_pointer"] == "/workflow/1" and err["step"] == "slow"
+    assert err["code"] == "step_timeout"
     assert "timed out after 0.5 s" in err["message"]
     (end,) = [e for e in res.events("step_end") if e["step"] == "slow"]
     assert end["status"] == "error"
@@ -490,6 +496,7 @@ def test_sigterm_still_writes_out_json(make: Callable[..., Pkg]) -> None:
         res = pkg.result(proc, started)
     assert res.code == 130
     assert res.out["status"] == "interrupted"
+    assert res.out["error"]["code"] == "interrupted"
     assert res.out["usage"]["calls"] == 1
     assert res.trace[-1]["event"] == "run_end"
 
@@ -574,6 +581,7 @@ def test_code_tool_exception_points_at_tool_code(make: Callable[..., Pkg]) -> No
     err = res.out["error"]
     assert err["type"] == "ToolError"
     assert err["spec_pointer"] == "/tools/boom/code"
+    assert err["code"] == "tool_error"
     assert err["spec_line"] == 2  # `return 1 / x` inside helper, the deepest frame
     assert err["step"] == "crash"
     assert "ZeroDivisionError" in err["message"] and "ZeroDivisionError" in err["traceback"]
@@ -590,6 +598,7 @@ def test_code_tool_timeout(make: Callable[..., Pkg]) -> None:
     assert res.code == 1
     err = res.out["error"]
     assert err["type"] == "ToolError" and "timed out after 0.3 s" in err["message"]
+    assert err["code"] == "tool_timeout"
     assert err["spec_pointer"] == "/tools/sleepy" and err["step"] == "nap"
     assert res.trace[-1]["t"] < 10
 
@@ -847,8 +856,10 @@ def test_majority_vote(rt: ModuleType) -> None:
         "why": 1,
     }
     assert rt.majority([{"k": 1}, {"k": 2}, {"k": 2}]) == {"k": 2}
-    with pytest.raises(rt.WorkflowError, match="ensemble: every sample was empty"):
+    with pytest.raises(rt.WorkflowError, match="ensemble: every sample was empty") as caught:
         rt.majority(["", "  "], "ensemble")
+    assert rt.error_report(caught.value)["code"] == "empty_vote"
+    assert rt.error_report(ValueError("a bug"))["code"] == "internal"
 
 
 def test_parse_structured_and_extract_code(rt: ModuleType) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,6 +92,7 @@ def main():
     elif action == "filesystem":
         targets = {
             "etc": "/etc/mas2c-probe",
+            "vartmp": "/var/tmp/mas2c-probe",  # world-writable in the image
             "root": "/mas2c-probe",
             "tmp": "/tmp/mas2c-probe",
             "outdir": os.path.join(os.path.dirname(a.output), "probe"),
@@ -125,6 +127,49 @@ def main():
         with open(a.output, "w") as f:
             f.write("{not json")
         return
+    elif action == "probe":
+        out["probe"] = probe()
+    elif action == "fill":
+        out["fill"] = fill(req["targets"], req["mb"])
+    elif action == "manyfiles":
+        made = {}
+        for key, folder in (("out", os.path.dirname(a.output)), ("tmp", "/tmp")):
+            os.makedirs(os.path.join(folder, "many"), exist_ok=True)
+            n = 0
+            try:
+                for n in range(req["n"]):
+                    open(os.path.join(folder, "many", str(n)), "w").close()
+                n = req["n"]
+            except OSError as exc:
+                made[key + "_error"] = exc.strerror
+            made[key] = n
+            subprocess.run(["rm", "-rf", os.path.join(folder, "many")], check=True)
+        out["made"] = made
+    elif action == "bigresult":
+        with open(a.output, "w") as f:
+            f.write('{"status": "ok", "x": "')
+            f.write("a" * (req["mb"] << 20))
+            f.write('"}')
+        return
+    elif action == "deep":
+        with open(a.output, "w") as f:
+            f.write('{"status": "ok", "x": ' + "[" * req["n"] + "]" * req["n"] + "}")
+        return
+    elif action == "bigtrace":
+        with open(a.trace, "a") as t:
+            for i in range(req["lines"]):
+                t.write(json.dumps({"event": "x", "i": i, "pad": "p" * 1000}) + "\n")
+    elif action == "setsid_child":
+        r, w = os.pipe()
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.write(w, str(os.getpid()).encode())
+                os.close(w)
+                os.execvpe("sleep", ["sleep", "1000"], {"PATH": "/usr/bin:/bin"})
+            os._exit(0)
+        os.close(w)
+        out["grandchild"] = int(os.read(r, 100))
     elif action == "socket":
         s = socket.socket(socket.AF_UNIX)
         s.connect(os.environ["MAS2C_LLM_SOCKET"])
@@ -133,6 +178,128 @@ def main():
         s.close()
     with open(a.output, "w") as f:
         json.dump(out, f)
+    if req.get("private"):  # as an atomic writer leaves it (mkstemp: 0600)
+        os.chmod(a.output, 0o600)
+        os.chmod(a.trace, 0o600)
+
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as exc:
+        return "error: " + (exc.strerror or type(exc).__name__)
+
+
+def link(path):
+    try:
+        return os.readlink(path)
+    except OSError as exc:
+        return "error: " + exc.strerror
+
+
+def probe():
+    import ctypes, resource, signal
+    status = {}
+    for line in read("/proc/self/status").splitlines():
+        key, _, value = line.partition(":")
+        if key in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp"):
+            status[key] = value.strip()
+    limits = {
+        name: list(resource.getrlimit(getattr(resource, "RLIMIT_" + name.upper())))
+        for name in ("nofile", "core", "fsize")
+    }
+    cgroup = {
+        "memory": read("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+        "memsw": read("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes"),
+        "cpu_quota": read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+        "cpu_period": read("/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+        "pids": read("/sys/fs/cgroup/pids/pids.max"),
+        "memory_v2": read("/sys/fs/cgroup/memory.max"),
+        "cpu_v2": read("/sys/fs/cgroup/cpu.max"),
+        "pids_v2": read("/sys/fs/cgroup/pids.max"),
+    }
+    mounts = {}
+    for line in read("/proc/self/mountinfo").splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        fstype, _source, options = (right.split() + ["", "", ""])[:3]
+        mounts[fields[4]] = [fstype, fields[5] + "," + options]
+    pid1 = {}
+    for key, path in (("environ", "/proc/1/environ"), ("mem", "/proc/1/mem")):
+        try:
+            open(path, "rb").read(1)
+            pid1[key] = "read"
+        except OSError as exc:
+            pid1[key] = exc.strerror
+    try:
+        os.listdir("/proc/1/fd")
+        pid1["fd"] = "listed"
+    except OSError as exc:
+        pid1["fd"] = exc.strerror
+    for line in read("/proc/1/status").splitlines():
+        key, _, value = line.partition(":")
+        if key in ("CapEff", "CapBnd", "Uid"):
+            pid1[key] = value.split()[0]
+    try:  # the runner's stdout is the bundle's channel to the host
+        with open("/proc/1/fd/1", "wb") as f:
+            f.write(b"MAS2C-BUNDLE {}\n")
+        pid1["write_fd1"] = "written"
+    except OSError as exc:
+        pid1["write_fd1"] = exc.strerror
+    libc = ctypes.CDLL(None, use_errno=True)
+    status["nnp"] = libc.prctl(39, 0, 0, 0, 0)  # PR_GET_NO_NEW_PRIVS
+    pid1["ptrace"] = libc.ptrace(16, 1, 0, 0)  # PTRACE_ATTACH: -1 expected
+    for name in ("SIGSTOP", "SIGKILL", "SIGTERM"):
+        try:
+            os.kill(1, getattr(signal, name))
+            pid1[name] = "sent"
+        except OSError as exc:
+            pid1[name] = exc.strerror
+    try:
+        os.setuid(0)
+        setuid = "ok"
+    except OSError as exc:
+        setuid = exc.strerror
+    return {
+        "status": status,
+        "rlimits": limits,
+        "cgroup": cgroup,
+        "mounts": mounts,
+        "pid1": pid1,
+        "setuid0": setuid,
+        "uid": os.getuid(),
+        "euid": os.geteuid(),
+        "groups": os.getgroups(),
+        "ipc_ns": link("/proc/self/ns/ipc"),
+        "net_ns": link("/proc/self/ns/net"),
+    }
+
+
+def fill(targets, mb):
+    # Write up to `mb` MiB into each folder (in 8 MiB files), then free it.
+    chunk = b"x" * (1 << 20)
+    report = {}
+    for key, folder in targets.items():
+        written, error, names = 0, None, []
+        try:
+            while written < (mb << 20):
+                name = os.path.join(folder, "fill-%d" % len(names))
+                names.append(name)
+                with open(name, "wb") as f:
+                    for _ in range(8):
+                        f.write(chunk)
+                        f.flush()
+                        written += len(chunk)
+        except OSError as exc:
+            error = exc.strerror
+        for name in names:
+            try:
+                os.remove(name)
+            except OSError:
+                pass
+        report[key] = {"mb": written >> 20, "error": error}
+    return report
 
 
 main()
@@ -147,6 +314,7 @@ ALLOWED_ENV = {
     "PYTHONUNBUFFERED",
     "HOSTNAME",  # set by Docker itself (the container's hostname)
     "MALLOC_ARENA_MAX",  # local backend: keeps RLIMIT_AS usable with threads
+    "MAS2C_SANDBOX_RUN",  # local backend: marks the run's processes for the final sweep
 }
 
 
@@ -220,15 +388,16 @@ def _remove(names: list[str]) -> None:
     client = docker.from_env()
     try:
         for name in names:
-            with contextlib.suppress(docker.errors.NotFound):
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                 client.api.remove_container(name, force=True, v=True)
     finally:
         client.close()
 
 
 def _wait_for_running(token: str, timeout_s: float = 30) -> bool:
-    """Wait until the container of the run given env MAS2C_TEST_TOKEN=token is running
-    (other tests and other users may have containers on the same daemon)."""
+    """Wait until the PROGRAM of the run given env MAS2C_TEST_TOKEN=token runs: its
+    container is running and holds a second process (the runner forks the program
+    once it has its job). Other tests may have containers on the same daemon."""
     import docker
 
     client = docker.from_env()
@@ -237,9 +406,10 @@ def _wait_for_running(token: str, timeout_s: float = 30) -> bool:
         while time.monotonic() < deadline:
             running = client.api.containers(filters={"label": "mas2c", "status": "running"})
             for c in running:
-                with contextlib.suppress(docker.errors.NotFound):
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                     env = client.api.inspect_container(c["Id"])["Config"]["Env"] or []
-                    if f"MAS2C_TEST_TOKEN={token}" in env:
+                    mine = f"MAS2C_TEST_TOKEN={token}" in env
+                    if mine and len(client.api.top(c["Id"]).get("Processes") or []) >= 2:
                         return True
             time.sleep(0.05)
         return False
@@ -264,6 +434,22 @@ def dock(docker_ready: None, tmp_path: Path) -> Iterator[None]:
         # any mas2c container older than any test run is a leak (e.g. of a SIGKILL).
         stale = _leftovers(None, older_than_s=120)
         assert stale == [], f"stale mas2c containers: {stale}"
+
+
+RUNTIMES = ["runc", "runsc"]
+
+
+@pytest.fixture(params=RUNTIMES)
+def rt(request: pytest.FixtureRequest, docker_ready: None) -> str:
+    """Each hostile test runs under runc and under gVisor (runsc); runsc missing from
+    the daemon skips, but FAILS under CI=true (scripts/ensure-docker.sh registers it)."""
+    runtime = str(request.param)
+    if runtime != "runc" and runtime not in sandbox.status()["runtimes"]:
+        problem = f"the {runtime} runtime is not registered with dockerd"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{problem} (scripts/ensure-docker.sh registers it)")
+        pytest.skip(problem)
+    return runtime
 
 
 @pytest.fixture
@@ -307,10 +493,20 @@ def test_docker_echo_writes_complete_run_folder(dock: None, package: Path, tmp_p
 
 
 @pytest.mark.docker
-def test_docker_timeout_kills_container(dock: None, package: Path, tmp_path: Path) -> None:
+def test_docker_private_result_files_are_read(dock: None, package: Path, tmp_path: Path) -> None:
+    """out.json and trace.jsonl of mode 0600 (the init reads them as the program's user)."""
+    run = _run(package, tmp_path, {"action": "echo", "private": True}, "docker")
+    assert run.result["status"] == "ok" and run.result["echo"]["private"] is True
+    assert "start" in run.text("trace.jsonl")
+
+
+@pytest.mark.docker
+def test_docker_timeout_kills_container(dock: None, rt: str, package: Path, tmp_path: Path) -> None:
     t0 = time.monotonic()
-    run = _run(package, tmp_path, {"action": "sleep"}, "docker", limits=Limits(timeout_s=2))
-    assert time.monotonic() - t0 < 15
+    run = _run(
+        package, tmp_path, {"action": "sleep"}, "docker", runtime=rt, limits=Limits(timeout_s=2)
+    )
+    assert time.monotonic() - t0 < 60  # not the program's endless sleep (slack: a busy CI)
     assert run.report.timed_out and run.report.exit_code == 137
     assert not run.report.oom_killed
     assert 2 <= run.report.duration_s < 60
@@ -320,28 +516,42 @@ def test_docker_timeout_kills_container(dock: None, package: Path, tmp_path: Pat
 
 
 @pytest.mark.docker
-def test_docker_memory_bomb_is_oom_killed(dock: None, package: Path, tmp_path: Path) -> None:
-    run = _run(package, tmp_path, {"action": "memory"}, "docker", limits=Limits(memory_mb=128))
+def test_docker_memory_bomb_is_oom_killed(
+    dock: None, rt: str, package: Path, tmp_path: Path
+) -> None:
+    run = _run(
+        package, tmp_path, {"action": "memory"}, "docker", runtime=rt, limits=Limits(memory_mb=128)
+    )
     assert run.report.oom_killed and run.report.exit_code == 137
     assert not run.report.timed_out
     assert run.result["error"]["type"] == "OOMKilled"
 
 
 @pytest.mark.docker
-def test_docker_fork_bomb_is_contained(dock: None, package: Path, tmp_path: Path) -> None:
+def test_docker_fork_bomb_is_contained(dock: None, rt: str, package: Path, tmp_path: Path) -> None:
     run = _run(
-        package, tmp_path, {"action": "forkbomb", "n": 500}, "docker", limits=Limits(pids=64)
+        package,
+        tmp_path,
+        {"action": "forkbomb", "n": 500},
+        "docker",
+        runtime=rt,
+        limits=Limits(pids=64),
     )
+    if rt == "runsc" and run.result["status"] == "error":
+        # gVisor (ptrace platform) spends host pids on its own threads: at the limit the
+        # whole sandbox ends. Contained all the same: nothing ran past the limit.
+        assert run.report.exit_code not in (0, None)
+        assert not run.report.timed_out
+        return
     assert run.report.exit_code == 0, run.text("stderr.txt")
     assert run.result["forked"] < 64
     assert "Resource temporarily unavailable" in run.result["error"]
 
 
 @pytest.mark.docker
-def test_docker_has_no_network(dock: None, package: Path, tmp_path: Path) -> None:
-    run = _run(package, tmp_path, {"action": "network"}, "docker")
+def test_docker_has_no_network(dock: None, rt: str, package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "network"}, "docker", runtime=rt)
     assert run.result["connect"] != "ok"
-    assert "Network is unreachable" in run.result["connect"]
     assert run.result["interfaces"] == ["lo"]
 
 
@@ -357,18 +567,23 @@ def test_docker_loosen_network_warns_and_is_reported(
         "docker",
         loosen=Loosen(network=True),
         on_warning=warnings.append,
+        runtime=None,
     )
+    assert run.report.runtime == "default"
     assert run.report.loosened == ["network"]
     assert any("network" in w for w in warnings)
     assert "eth0" in run.result["interfaces"]
 
 
 @pytest.mark.docker
-def test_docker_root_read_only_and_user_not_root(dock: None, package: Path, tmp_path: Path) -> None:
-    run = _run(package, tmp_path, {"action": "filesystem"}, "docker")
+def test_docker_root_read_only_and_user_not_root(
+    dock: None, rt: str, package: Path, tmp_path: Path
+) -> None:
+    run = _run(package, tmp_path, {"action": "filesystem"}, "docker", runtime=rt)
     write = run.result["write"]
-    assert write["etc"] == "Read-only file system"
-    assert write["root"] == "Read-only file system"
+    assert write["vartmp"] == "Read-only file system"  # writable if the root were
+    assert write["etc"] in ("Read-only file system", "Permission denied")
+    assert write["root"] in ("Read-only file system", "Permission denied")
     assert write["package"] == "Permission denied"  # the package is root-owned
     assert write["tmp"] == "ok" and write["outdir"] == "ok" and write["cwd"] == "ok"
     assert run.result["uid"] == 1000 and run.result["gid"] == 1000
@@ -376,9 +591,11 @@ def test_docker_root_read_only_and_user_not_root(dock: None, package: Path, tmp_
 
 @pytest.mark.docker
 def test_docker_no_host_environment_or_key_inside(
-    dock: None, secret_env: None, package: Path, tmp_path: Path
+    dock: None, rt: str, secret_env: None, package: Path, tmp_path: Path
 ) -> None:
-    run = _run(package, tmp_path, {"action": "env"}, "docker", env={"MAS2C_EXTRA": "yes"})
+    run = _run(
+        package, tmp_path, {"action": "env"}, "docker", runtime=rt, env={"MAS2C_EXTRA": "yes"}
+    )
     env = run.result["env"]
     assert "OPENAI_API_KEY" not in env and "MAS2C_TEST_HOST_ONLY" not in env
     assert "sk-secret" not in json.dumps(env)
@@ -388,13 +605,16 @@ def test_docker_no_host_environment_or_key_inside(
 
 
 @pytest.mark.docker
-def test_docker_output_flood_is_truncated(dock: None, package: Path, tmp_path: Path) -> None:
+def test_docker_output_flood_is_truncated(
+    dock: None, rt: str, package: Path, tmp_path: Path
+) -> None:
     cap = 100_000
     run = _run(
         package,
         tmp_path,
         {"action": "flood", "mb": 20},
         "docker",
+        runtime=rt,
         limits=Limits(output_cap_bytes=cap),
     )
     assert run.report.exit_code == 0
@@ -420,9 +640,9 @@ def test_docker_failed_program_still_leaves_a_result(
 
 
 @pytest.mark.docker
-def test_docker_llm_socket_is_reachable(dock: None, package: Path, tmp_path: Path) -> None:
+def test_docker_llm_socket_is_reachable(dock: None, rt: str, package: Path, tmp_path: Path) -> None:
     with _echo_socket() as path:
-        run = _run(package, tmp_path, {"action": "socket"}, "docker", llm_socket=path)
+        run = _run(package, tmp_path, {"action": "socket"}, "docker", runtime=rt, llm_socket=path)
     assert run.result.get("reply") == "pong:ping", run.text("stderr.txt")
 
 
@@ -436,7 +656,7 @@ def test_docker_interrupt_removes_container(dock: None, package: Path, tmp_path:
 
     def interrupt_when_running() -> None:
         if _wait_for_running(token):
-            time.sleep(0.5)
+            time.sleep(2.0)  # the program prints right away; slack for a busy machine
             fired.set()
             signal.pthread_kill(main_thread, signal.SIGINT)
 
@@ -523,6 +743,321 @@ def test_docker_unreachable_daemon_is_a_clear_error(
     assert st["daemon"]["reachable"] is False and st["backends"]["docker"] is False
 
 
+# ------------------------------------------------- isolation flags, from inside
+
+
+def _mib(text: str) -> int:
+    return int(text) >> 20
+
+
+@pytest.mark.docker
+def test_docker_isolation_flags_seen_from_inside(
+    dock: None, rt: str, package: Path, tmp_path: Path
+) -> None:
+    """Each flag of the container, checked by the program itself: removing one fails."""
+    limits = Limits(memory_mb=300, cpus=0.5, pids=100, file_size_mb=7, tmpfs_mb=40)
+    run = _run(package, tmp_path, {"action": "probe"}, "docker", runtime=rt, limits=limits)
+    probe = run.result["probe"]
+    status = probe["status"]
+    assert status["CapEff"] == status["CapPrm"] == status["CapBnd"] == "0" * 16
+    assert status["nnp"] == 1  # no-new-privileges (gVisor has no NoNewPrivs line)
+    if rt == "runc":
+        assert status["NoNewPrivs"] == "1" and status["CapAmb"] == "0" * 16
+    assert probe["uid"] == probe["euid"] == 1000 and probe["groups"] in ([], [1000])
+    assert probe["setuid0"] == "Operation not permitted"
+    assert probe["rlimits"]["nofile"] == [1024, 1024]
+    assert probe["rlimits"]["core"] == [0, 0]
+    assert probe["rlimits"]["fsize"] == [7 << 20, 7 << 20]
+    mounts = probe["mounts"]
+    assert "ro" in mounts["/"][1].split(",")
+    for folder in ("/tmp", "/work/out", "/work/run"):
+        assert mounts[folder][0] == "tmpfs", (folder, mounts[folder])
+    cg = probe["cgroup"]
+    if rt == "runc":  # gVisor shows its own (unlimited) cgroupfs; the host enforces them
+        assert _mib(cg["memory"]) == 300
+        if not cg["memsw"].startswith("error"):
+            assert _mib(cg["memsw"]) == 300  # memory+swap = memory: no swap
+        assert int(cg["cpu_quota"]) / int(cg["cpu_period"]) == 0.5
+        assert cg["pids"] == "100"
+    # The IPC and network namespaces are the container's own, not the host's (gVisor
+    # has no /proc/PID/ns: its whole kernel is the sandbox's own).
+    if rt == "runc":
+        assert probe["ipc_ns"] != os.readlink("/proc/self/ns/ipc")
+        assert probe["net_ns"] != os.readlink("/proc/self/ns/net")
+    # The init (the runner) cannot be inspected, traced or stopped by the program, and
+    # it still handed back the result after the program signalled it.
+    pid1 = probe["pid1"]
+    assert pid1["mem"] == "Permission denied" and pid1["ptrace"] == -1
+    assert pid1["write_fd1"] in ("Permission denied", "Operation not permitted")
+    if rt == "runc":  # gVisor shows PID 1's environ and fd list (no secret in either)
+        assert pid1["environ"] == pid1["fd"] == "Permission denied"
+    for name in ("SIGSTOP", "SIGKILL", "SIGTERM"):
+        assert pid1[name] == "Operation not permitted"
+    # The init holds exactly KILL, SETGID, SETUID and SETPCAP (bits 5-8), nothing else.
+    assert pid1["Uid"] == "0"
+    assert pid1["CapEff"] == pid1["CapBnd"] == "00000000000001e0"
+    assert run.result["status"] == "ok" and run.report.exit_code == 0
+
+
+@pytest.mark.docker
+def test_docker_container_config_has_every_flag() -> None:
+    """The create() arguments, flag by flag (IPC mode and the log driver are not
+    observable from inside)."""
+    limits = Limits(memory_mb=300, cpus=0.5, pids=100, file_size_mb=7, tmpfs_mb=40)
+    config = sandbox._container_config(
+        "img",
+        limits,
+        Loosen(),
+        name="n",
+        runtime="runsc",
+        env={},
+        labels={"mas2c": "1"},
+        mounts=[],
+        idle_s=5,
+    )
+    assert config["cap_drop"] == ["ALL"]
+    assert config["cap_add"] == ["KILL", "SETUID", "SETGID", "SETPCAP"]  # the init's only
+    assert config["security_opt"] == ["no-new-privileges"]
+    assert config["ipc_mode"] == "private"
+    assert config["network_mode"] == "none"
+    assert config["read_only"] is True
+    assert config["user"] == "0:0"  # the init; the program runs as 1000 (see the probe)
+    assert config["mem_limit"] == config["memswap_limit"] == "300m"
+    assert config["nano_cpus"] == 500_000_000 and config["pids_limit"] == 100
+    ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in config["ulimits"]}
+    assert ulimits == {"fsize": (7 << 20, 7 << 20), "nofile": (1024, 1024), "core": (0, 0)}
+    assert all("size=40m" in opts for opts in config["tmpfs"].values())
+    assert config["log_config"]["Type"] == "none"
+    assert config["auto_remove"] is True and config["runtime"] == "runsc"
+
+
+# ------------------------------------------- class 2: what the program can exhaust
+
+
+@pytest.mark.docker
+def test_docker_volume_filler_is_capped_in_memory(
+    dock: None, rt: str, package: Path, tmp_path: Path
+) -> None:
+    targets = {"cwd": ".", "out": "/work/out", "tmp": "/tmp", "work": "/work", "pkg": "/work/pkg"}
+    limits = Limits(tmpfs_mb=24, timeout_s=120)
+    run = _run(
+        package,
+        tmp_path,
+        {"action": "fill", "targets": targets, "mb": 200},
+        "docker",
+        runtime=rt,
+        limits=limits,
+    )
+    fill = run.result["fill"]
+    for key in ("cwd", "out", "tmp"):  # tmpfs: full at its size, in RAM, not on disk
+        assert fill[key]["mb"] <= 24 and fill[key]["error"] == "No space left on device", fill
+    for key in ("work", "pkg"):  # the volume holds only root-owned files
+        assert fill[key] == {"mb": 0, "error": "Permission denied"}, fill
+
+
+@pytest.mark.docker
+def test_docker_many_files_do_not_slow_the_copy_out(
+    dock: None, package: Path, tmp_path: Path
+) -> None:
+    run = _run(package, tmp_path, {"action": "manyfiles", "n": 30000}, "docker")
+    made = run.result["made"]
+    assert made["out"] < 30000 and made["out_error"] == "No space left on device"  # inodes
+    assert made["tmp"] == 30000
+    copy = run.report.copy_out
+    assert copy["complete"] and copy["files"] == [
+        "out.json",
+        "trace.jsonl",
+        "stdout.txt",
+        "stderr.txt",
+    ]
+    assert copy["duration_s"] < 10
+
+
+@pytest.mark.docker
+def test_docker_big_result_is_cut_at_the_cap(dock: None, package: Path, tmp_path: Path) -> None:
+    limits = Limits(result_cap_bytes=1 << 20)
+    run = _run(package, tmp_path, {"action": "bigresult", "mb": 8}, "docker", limits=limits)
+    assert run.report.truncated == ["out.json"]
+    assert run.result["status"] == "error"
+    assert "larger than the 1048576-byte cap" in run.result["error"]["message"]
+    assert run.report.copy_out["bytes"] < 2 << 20
+    assert (run.dir / "result.json").stat().st_size < 4096
+
+
+@pytest.mark.docker
+def test_docker_deep_result_is_an_error_not_a_crash(
+    dock: None, package: Path, tmp_path: Path
+) -> None:
+    run = _run(package, tmp_path, {"action": "deep", "n": 200_000}, "docker")
+    assert run.result["status"] == "error"
+    assert "nested deeper than 64 levels" in run.result["error"]["message"]
+    _assert_run_folder_complete(run.dir)
+
+
+def test_result_depth_limit_boundary(package: Path, tmp_path: Path) -> None:
+    depth = sandbox.RESULT_MAX_DEPTH
+    ok = _run(package, tmp_path, {"action": "deep", "n": depth - 1}, "local")
+    assert ok.result["status"] == "ok"  # the object plus depth-1 lists: exactly the limit
+    deep = _run(package, tmp_path, {"action": "deep", "n": depth}, "local")
+    assert deep.result["status"] == "error" and "nested deeper" in deep.result["error"]["message"]
+
+
+@pytest.mark.docker
+def test_docker_big_trace_is_cut_at_a_line(dock: None, package: Path, tmp_path: Path) -> None:
+    limits = Limits(trace_cap_bytes=100_000)
+    run = _run(package, tmp_path, {"action": "bigtrace", "lines": 500}, "docker", limits=limits)
+    assert run.result["status"] == "ok"
+    assert run.report.truncated == ["trace.jsonl"]
+    text = run.text("trace.jsonl")
+    assert 90_000 < len(text) <= 100_000 and text.endswith("\n")
+    assert all(json.loads(line) for line in text.splitlines())
+
+
+# --------------------------------------------------- class 9: nothing left behind
+
+
+@pytest.mark.docker
+def test_docker_sigkill_of_host_leaves_nothing_running(
+    dock: None, package: Path, tmp_path: Path
+) -> None:
+    """kill -9 of the host process: the container ends by itself (its init sees the
+    attach stream close) and a later start reaps the staging folder."""
+    import docker
+
+    input_path = tmp_path / "input.json"
+    input_path.write_text(json.dumps({"action": "sleep"}))
+    run_dir = tmp_path / "killed-run"
+    token = uuid.uuid4().hex
+    script = (
+        "from pathlib import Path\n"
+        "from mas2c.sandbox import Limits, run_package\n"
+        f"run_package(Path({str(package)!r}), 'demo_mod', Path({str(input_path)!r}), "
+        f"Path({str(run_dir)!r}), limits=Limits(timeout_s=300), "
+        f"env={{'MAS2C_TEST_TOKEN': {token!r}}})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for_running(token), "the run did not start"
+    finally:
+        proc.kill()
+        proc.wait()
+    client = docker.from_env()
+    try:
+        deadline = time.monotonic() + 20
+        mine: list[Any] = ["?"]
+        while mine and time.monotonic() < deadline:
+            mine = []
+            for c in client.api.containers(all=True, filters={"label": "mas2c"}):
+                with contextlib.suppress(docker.errors.NotFound):
+                    env = client.api.inspect_container(c["Id"])["Config"]["Env"] or []
+                    if f"MAS2C_TEST_TOKEN={token}" in env:
+                        mine.append(c["Id"])
+            time.sleep(0.2)
+        assert mine == [], "the container outlived the killed host process"
+    finally:
+        client.close()
+    assert not run_dir.exists() or not any(run_dir.iterdir())  # no staging in the run folder
+    staging = [
+        p for p in Path(tempfile.gettempdir()).glob("mas2c-staging-*") if (p / ".owner").exists()
+    ]
+    sandbox.reap_private_dirs(min_age_s=0)
+    alive = [p for p in staging if p.exists()]
+    assert len(alive) < len(staging) or not staging  # the dead run's folder went
+
+
+@pytest.mark.docker
+def test_docker_idle_container_ends_itself(dock: None, package: Path, tmp_path: Path) -> None:
+    """The deadline holds inside the container, without mas2c: a runner that gets no
+    job ends the container at its idle deadline, and the daemon removes it."""
+    import docker
+
+    client = docker.from_env()
+    job = sandbox._Job(
+        package_dir=package,
+        module="demo_mod",
+        input_path=tmp_path,
+        run_id="idle" + uuid.uuid4().hex[:8],
+        limits=Limits(timeout_s=5),
+        loosen=Loosen(),
+        llm_socket=None,
+        image=sandbox.DEFAULT_IMAGE,
+        env={},
+        warn=print,
+    )
+    name = f"mas2c-{job.run_id}"
+    box = sandbox._start_box(
+        client,
+        job,
+        name=name,
+        mounts=[],
+        env={},
+        labels={"mas2c.run": job.run_id},
+        idle_s=2,
+        attach=False,
+    )
+    try:
+        labels = client.api.inspect_container(name)["Config"]["Labels"]
+        assert float(labels[sandbox.DEADLINE_LABEL]) <= time.time() + 2 + 5 + 60 + 30 + 5
+        deadline = time.monotonic() + 30
+        gone = False
+        while not gone and time.monotonic() < deadline:
+            try:
+                client.api.inspect_container(name)
+                time.sleep(0.2)
+            except docker.errors.NotFound:
+                gone = True
+        assert gone, "the idle container is still there"
+    finally:
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            box.container.remove(force=True)
+        client.close()
+
+
+@pytest.mark.docker
+def test_prune_removes_expired_running_containers(dock: None) -> None:
+    import docker
+
+    client = docker.from_env()
+    tag = uuid.uuid4().hex[:8]
+    made = []
+    try:
+        for name, deadline in (
+            (f"mas2c-expired-{tag}", time.time() - 5),
+            (f"mas2c-live-{tag}", time.time() + 600),
+        ):
+            c = client.containers.run(
+                sandbox.DEFAULT_IMAGE,
+                ["sleep", "300"],
+                name=name,
+                detach=True,
+                network_mode="none",
+                labels={"mas2c": "1", sandbox.DEADLINE_LABEL: str(int(deadline))},
+            )
+            made.append(c)
+        sandbox.prune()
+        names = {
+            c["Names"][0].lstrip("/")
+            for c in client.api.containers(all=True, filters={"label": "mas2c"})
+        }
+        assert f"mas2c-expired-{tag}" not in names
+        assert f"mas2c-live-{tag}" in names  # within its deadline (a run in progress)
+    finally:
+        for c in made:
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                c.remove(force=True)
+        client.close()
+
+
+@pytest.mark.docker
+def test_gvisor_refuses_allow_network(dock: None, rt: str, package: Path, tmp_path: Path) -> None:
+    if rt == "runc":
+        pytest.skip("runsc only")  # not reachable under CI for runc: it is the other param
+    with pytest.raises(SandboxError, match="--network=none"):
+        _run(
+            package, tmp_path, {"action": "echo"}, "docker", runtime=rt, loosen=Loosen(network=True)
+        )
+
+
 # ----------------------------------------------------------------------- local
 
 
@@ -587,7 +1122,10 @@ def test_local_llm_socket_path_is_passed(package: Path, tmp_path: Path) -> None:
 def test_local_interrupt_kills_and_reports(package: Path, tmp_path: Path) -> None:
     main_thread = threading.main_thread().ident
     assert main_thread is not None
-    marker = tmp_path / "running.pid"
+    # A folder the program can write to also when it runs as nobody (mas2c as root).
+    marker_dir = Path(tempfile.mkdtemp(prefix="sbx-marker-"))
+    marker_dir.chmod(0o777)
+    marker = marker_dir / "running.pid"
     fired = threading.Event()
 
     def interrupt() -> None:
@@ -612,6 +1150,23 @@ def test_local_interrupt_kills_and_reports(package: Path, tmp_path: Path) -> Non
     assert json.loads((run_dir / "sandbox.json").read_text())["interrupted"] is True
     child = int((run_dir / "stdout.txt").read_text().split()[1])
     assert _process_gone(child)
+    shutil.rmtree(marker_dir)
+
+
+def test_local_setsid_grandchild_is_killed(package: Path, tmp_path: Path) -> None:
+    """A program that leaves its session (setsid) and its tree (double fork) still
+    leaves nothing running."""
+    run = _run(package, tmp_path, {"action": "setsid_child"}, "local")
+    assert run.result["status"] == "ok", run.text("stderr.txt")
+    assert _process_gone(run.result["grandchild"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+def test_local_as_root_runs_the_program_as_nobody(package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "filesystem"}, "local")
+    assert run.result["uid"] == sandbox.LOCAL_UNPRIVILEGED_UID
+    assert run.report.uid == sandbox.LOCAL_UNPRIVILEGED_UID
+    assert run.result["write"]["etc"] == "Permission denied"
 
 
 # ------------------------------------------------------------ argument checks
@@ -659,6 +1214,7 @@ class _echo_socket:
 
     def __enter__(self) -> Path:
         self._dir = tempfile.mkdtemp(prefix="mas2c-sock-", dir="/tmp")
+        os.chmod(self._dir, 0o711)  # the program (another uid) reaches the socket inside
         self.path = Path(self._dir) / "llm.sock"
         self._srv = socket.socket(socket.AF_UNIX)
         self._srv.bind(str(self.path))

@@ -181,3 +181,37 @@ def test_a_malformed_traceparent_starts_a_fresh_trace(make: Callable[..., Pkg]) 
     assert res.code == 0, res.stderr
     assert HEX32.match(res.trace[0]["trace_id"]) and set(res.trace[0]["trace_id"]) != {"0"}
     assert res.trace[0]["parent_id"] is None
+
+
+@pytest.mark.docker
+def test_the_host_span_is_the_parent_across_the_docker_sandbox(
+    docker_ready: None, tmp_path: Path
+) -> None:
+    """`mas2c run` in Docker: the package's run span hangs under run.json's span."""
+    import json
+
+    from mas2c.run import LLMConfig, run_system
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "in.json").write_text(json.dumps({"question": "What is 2 + 2?"}))
+    with LLMTestServer() as srv:
+        outcome = run_system(
+            root / "specs" / "chain-of-thought.yaml",
+            tmp_path / "in.json",
+            tmp_path / "run",
+            backend="docker",
+            llm=LLMConfig(url=srv.base_url, api_key="sk-test-0123456789"),
+            on_warning=lambda _m: None,
+            trace_content=True,
+        )
+    assert outcome.ok, outcome.result
+    header = json.loads((tmp_path / "run" / "run.json").read_text())
+    events = [json.loads(line) for line in (tmp_path / "run" / "trace.jsonl").open()]
+    start = events[0]
+    assert start["trace_id"] == header["trace_id"] and start["parent_id"] == header["span_id"]
+    assert start["trace_content"] is True and header["trace_content"] is True
+    assert header["backend"] == "docker" and header["status"] == "ok"
+    assert header["started_ts"] <= start["ts"] <= events[-1]["ts"] <= header["finished_ts"]
+    (call,) = [e for e in events if e["event"] == "llm_call"]
+    assert "What is 2 + 2?" in call["messages"][-1]["content"]
+    assert "sk-test-0123456789" not in (tmp_path / "run" / "run.json").read_text()

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="5e6cb04757ab5f423d7885213b6e53d4c9cf5db8f29bec0742dd91b179029a9d",
+        code_sha="359b2d6063fb84a1b55cc0ea3e0014c54eeb8b2d26022f8263981365ee989954",
         reads=["question"],
     ),
 )
@@ -24,9 +24,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 26, "/outputs"),
-    ("__main__.py", 28, 33, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 24, "/outputs"),
+    ("__main__.py", 26, 31, "/budgets"),
     ("agents.py", 8, 14, "/models/main"),
     ("agents.py", 19, 50, "/agents/reasoner"),
     ("workflow.py", 22, 23, "/workflow"),

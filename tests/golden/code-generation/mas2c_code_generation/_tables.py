@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="5fadd73fed6f5832a6eb89cb1ca2c3d9a72944827ace7ba84e7190c8919ddc52",
+        code_sha="37dd20c6ff2b3c93f099d261f5095d711293cc738d70a595c230362c0a0b2337",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="9ae4c5ee7403194209198a1097425d54b103ea358a99c95cf7b7ccd8c637cd33",
+        code_sha="92cf2b03d517933c85788528544aa1cb5d25527221805543cca99fd066520e14",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="7e838bb211e4d64a7c17f9d4f7a841dadcf92893d51b4398a770e203a0d4d4cc",
+        code_sha="e2573ff1bf89d718bf8a5c3c12ff2780e40be083089da118d82ec6bd93ace379",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 32, "/inputs"),
-    ("__main__.py", 34, 38, "/outputs"),
-    ("__main__.py", 40, 45, "/budgets"),
+    ("__main__.py", 17, 30, "/inputs"),
+    ("__main__.py", 32, 36, "/outputs"),
+    ("__main__.py", 38, 43, "/budgets"),
     ("agents.py", 8, 14, "/models/coder"),
     ("agents.py", 16, 22, "/models/debugger"),
     ("agents.py", 27, 43, "/agents/programmer"),

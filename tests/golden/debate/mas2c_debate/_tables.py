@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="e1767614ee2c21510fc26c85aa18332362250a9f5ce2b93b549892df1baa4a02",
+        code_sha="c91c40827b39f97909f749eb414af70cc2c04e58067dafe8247154e2d22f1c98",
         reads=["question"],
     ),
 )
@@ -24,9 +24,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 30, "/outputs"),
-    ("__main__.py", 32, 37, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 28, "/outputs"),
+    ("__main__.py", 30, 35, "/budgets"),
     ("agents.py", 8, 14, "/models/debater"),
     ("agents.py", 16, 22, "/models/judge"),
     ("agents.py", 27, 41, "/agents/analyst"),

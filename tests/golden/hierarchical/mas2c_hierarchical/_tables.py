@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="ef8d344ab123a6356b594512f9a634f97cc1eab3e88f2ec98e3b365e82ba576e",
+        code_sha="93dee8544ff90a9a2ab3658403f73688d2361c993552a58abf4dcc8eb8504b5a",
         reads=["context", "decision"],
     ),
     TopStep(
         method="step_investigate",
         step_id="investigate",
         pointer="/workflow/1",
-        code_sha="83bf0df4405f843e267ce439e222aea33548d61b5c9bcc820f2c1219ddb3a086",
+        code_sha="a8cbb4a7e9702e8fc6f8d139aac38e9bd6183e565a1759770a2b3f70f2d39300",
         reads=["context", "plan"],
     ),
     TopStep(
         method="step_merge",
         step_id="merge",
         pointer="/workflow/2",
-        code_sha="28278904da732a49471672e3f63a077c3a52183fe30e50834254b9c95c8a8821",
+        code_sha="31dbefa3d9a35ebe160800d18e06c9a27ebb7b10f951dbe84349edcec148225d",
         reads=["decision", "market", "plan", "risks", "technical"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 28, "/inputs"),
-    ("__main__.py", 30, 34, "/outputs"),
-    ("__main__.py", 36, 41, "/budgets"),
+    ("__main__.py", 17, 26, "/inputs"),
+    ("__main__.py", 28, 32, "/outputs"),
+    ("__main__.py", 34, 39, "/budgets"),
     ("agents.py", 8, 14, "/models/manager"),
     ("agents.py", 16, 22, "/models/specialist"),
     ("agents.py", 27, 65, "/agents/manager"),

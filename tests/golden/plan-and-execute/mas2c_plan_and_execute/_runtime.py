@@ -48,7 +48,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, NoReturn, TextIO, cast
 from urllib.parse import quote
 
 import httpx
@@ -172,7 +172,14 @@ class SpecInfo:
 
 
 class WorkflowError(Exception):
-    """A run failed. ``spec_pointer`` names the spec element at fault (JSON pointer)."""
+    """A run failed. ``spec_pointer`` names the spec element at fault (JSON pointer);
+    ``code`` is the stable, machine-readable kind of failure (``out.json``'s
+    ``error.code``; the rectifier dispatches on it, never on the message): one of
+    empty_vote, step_timeout, tool_timeout, tool_error, structured_output, budget_calls,
+    budget_tokens, budget_cost, run_timeout, bad_input, llm_error, internal (and
+    interrupted, for a run stopped by a signal)."""
+
+    code = "internal"
 
     def __init__(
         self,
@@ -182,8 +189,10 @@ class WorkflowError(Exception):
         spec_line: int | None = None,
         step: str | None = None,
         agent: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
+        self.code = code or type(self).code
         self.spec_pointer = spec_pointer
         self.spec_line = spec_line  # a line inside tool code, 1-based
         self.step = step
@@ -193,17 +202,33 @@ class WorkflowError(Exception):
 class BudgetExceeded(WorkflowError):
     """A budget of the spec (or the host gateway's) would be overspent: exit 3."""
 
+    code = "budget_calls"  # or budget_tokens, budget_cost: see BUDGET_CODES
+
+
+# The budget limit -> the error code of overspending it.
+BUDGET_CODES = {
+    "max_llm_calls": "budget_calls",
+    "max_total_tokens": "budget_tokens",
+    "max_cost_usd": "budget_cost",
+}
+
 
 class StepTimeout(WorkflowError):
-    """A step, or the whole run, ran out of time: exit 4."""
+    """A step (code step_timeout), or the whole run (run_timeout), ran out of time: exit 4."""
+
+    code = "step_timeout"
 
 
 class InputError(WorkflowError):
     """The run's input does not match the spec's inputs: exit 2."""
 
+    code = "bad_input"
+
 
 class LLMError(WorkflowError):
     """The LLM endpoint failed, after retries where retrying makes sense."""
+
+    code = "llm_error"
 
     def __init__(self, message: str, *, status: int | None = None, **kw: Any) -> None:
         super().__init__(message, **kw)
@@ -213,9 +238,20 @@ class LLMError(WorkflowError):
 class StructuredOutputError(LLMError):
     """An agent with an output schema kept answering something that is not that JSON."""
 
+    code = "structured_output"
+
 
 class ToolError(WorkflowError):
-    """A tool failed when a ``tool`` step called it."""
+    """A tool failed when a ``tool`` step called it (tool_error), or ran out of time
+    (tool_timeout)."""
+
+    code = "tool_error"
+
+
+class EmptyVote(WorkflowError):
+    """A majority vote had no answer to count: every answer was empty."""
+
+    code = "empty_vote"
 
 
 # -------------------------------------------------------------------------- state
@@ -413,6 +449,9 @@ class Trace:
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
+                self._file.flush()
+                with contextlib.suppress(OSError):  # e.g. a pipe or /dev/stdout
+                    os.fsync(self._file.fileno())
                 self._file.close()
                 self._file = None
 
@@ -594,6 +633,14 @@ def _error_code(exc: openai.APIStatusError) -> str | None:
     return None
 
 
+def _error_param(exc: openai.APIStatusError) -> str | None:
+    """The ``param`` of an OpenAI-style error body (the gateway names a budget limit)."""
+    body = exc.body
+    inner = body.get("error", body) if isinstance(body, Mapping) else None
+    param = inner.get("param") if isinstance(inner, Mapping) else None
+    return param if isinstance(param, str) else None
+
+
 def _schema_name(agent_id: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_-]", "_", agent_id)[:64] or "output"
 
@@ -686,7 +733,7 @@ def majority(answers: Sequence[Any], what: str = "vote") -> Any:
         counts[key] = counts.get(key, 0) + 1
         first.setdefault(key, answer)
     if not counts:
-        raise WorkflowError(
+        raise EmptyVote(
             f"{what}: every {'sample' if what == 'ensemble' else 'answer'} was empty"
         )
     best = max(counts.values())
@@ -992,6 +1039,7 @@ class Run:
                 f"the run exceeded its time budget of {limit} s",
                 spec_pointer="/budgets/timeout_s",
                 step=step[0] if step else None,
+                code="run_timeout",
             ) from exc
         finally:
             await self.aclose()
@@ -1337,6 +1385,7 @@ class Run:
             raise ToolError(
                 f"tool {tool.name!r} timed out after {tool.timeout_s} s",
                 spec_pointer=f"/tools/{tool.name}",
+                code="tool_timeout",
             ) from None
 
     async def _exec(self, code: str, timeout_s: float | None) -> dict[str, Any]:
@@ -1413,6 +1462,7 @@ class Run:
                 raise BudgetExceeded(
                     f"budget exceeded: {limit} ({used:g} used, max {maximum:g})",
                     spec_pointer=f"/budgets/{limit}",
+                    code=BUDGET_CODES[limit],
                 )
 
     def _request(
@@ -1516,7 +1566,12 @@ class Run:
         status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
         if isinstance(exc, openai.APIStatusError):
             if status == 402 and _error_code(exc) == "mas2c_budget_exceeded":
-                raise BudgetExceeded(f"the LLM gateway refused: {exc.message}") from exc
+                limit = _error_param(exc)  # the gateway names the limit, when it does
+                raise BudgetExceeded(
+                    f"the LLM gateway refused: {exc.message}",
+                    spec_pointer=f"/budgets/{limit}" if limit in BUDGET_CODES else None,
+                    code=BUDGET_CODES.get(limit or ""),
+                ) from exc
             message = f"HTTP {status} for agent {agent.id!r}: {exc.message}"
         else:
             message = f"{type(exc).__name__} for agent {agent.id!r}: {exc}"
@@ -1683,10 +1738,18 @@ _OUTCOMES: tuple[tuple[type[BaseException], str, int], ...] = (
 )
 
 
+def error_code(exc: BaseException) -> str:
+    """The stable code of a failure (see WorkflowError)."""
+    if isinstance(exc, WorkflowError):
+        return exc.code
+    return "internal" if isinstance(exc, Exception) else "interrupted"
+
+
 def error_report(exc: BaseException) -> dict[str, Any]:
     """The ``error`` object of out.json."""
     return {
         "type": type(exc).__name__,
+        "code": error_code(exc),
         "message": str(exc),
         "spec_pointer": getattr(exc, "spec_pointer", None),
         "spec_line": getattr(exc, "spec_line", None),
@@ -1694,6 +1757,16 @@ def error_report(exc: BaseException) -> dict[str, Any]:
         "agent": getattr(exc, "agent", None),
         "traceback": "".join(traceback.format_exception(exc)),
     }
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit as soon as the outputs are durably written (main() flushed, fsynced and
+    closed out.json and the trace): flush the standard streams, then skip the
+    interpreter's finalisation (module teardown, garbage collection, atexit)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -1704,6 +1777,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(obj, handle, ensure_ascii=False, indent=2, default=str)
             handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # durable before the fast exit (exit_now)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

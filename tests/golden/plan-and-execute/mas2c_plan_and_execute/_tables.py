@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="0d17174abb631bf67cb64c1fc14a7ab4425905679a549a8780300dae7c7a25ab",
+        code_sha="562d0ab6f0e94bf6cd6db5bbd9615de015caa7cc77503bfa9a457f169fed6fbc",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="f6ca586f8be2edf6972fc3a9d0b6980a3a0f200664c0f90f12e8ce4673d32c18",
+        code_sha="fd25f84193a12e216168af094f4e3e223ce2802749faeebafae7558a6d00033b",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="e22dcc50128d652010f508cfebaf1c9848ff84742b7c06e2e00f55a30ef0bca9",
+        code_sha="eb497253219e7bf85ed01457df4abbae371395d9fff6cdfc1372ce5216c243f4",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 30, "/outputs"),
-    ("__main__.py", 32, 37, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 28, "/outputs"),
+    ("__main__.py", 30, 35, "/budgets"),
     ("agents.py", 8, 14, "/models/planner"),
     ("agents.py", 16, 22, "/models/worker"),
     ("agents.py", 27, 64, "/agents/executor"),

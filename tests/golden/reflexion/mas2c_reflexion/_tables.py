@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="fc1fc9487ce61a391643cea8528ce814b6d3f8d1b72cc7ca52612c7b36289857",
+        code_sha="d03445dab13b1ddb6d648b793dba80ecb779ef81bc93a31a163eb1f5229dad86",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="384989d64b9fef1a59f7891e71fe112b775b69b363a666c46f0627b67d537d04",
+        code_sha="2cc109700f801f23d3b050abafa600760614b3e4cfb1742741d13f054085b4a7",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="1a8a1b0c83b2e99c3ae4bc7af0ac3b0c8c08869a88ab161d2ca34faec4e2f76b",
+        code_sha="d3f94d561422a16eb4b1137ae62d6e21aadcd7eaedfe3d4e94bbdabffd0017ed",
         reads=["draft", "review", "task"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 30, "/outputs"),
-    ("__main__.py", 32, 37, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 28, "/outputs"),
+    ("__main__.py", 30, 35, "/budgets"),
     ("agents.py", 8, 14, "/models/reviewer"),
     ("agents.py", 16, 22, "/models/writer"),
     ("agents.py", 27, 41, "/agents/actor"),

@@ -16,14 +16,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="6f857c35e39d7ae5df9d72ad518d54c4f043c14995807335fd689eda3db33f5d",
+        code_sha="56f02794e87dbf4cfda5e140b0005f2f97c0bc89d514face295329a6d076cb73",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="af96d2eb9d80f704cfac2a2ad4b7bd6621721353706e7feff83929d3b3c82cc5",
+        code_sha="3ba85a57fa3c61cf8de5b058e0c69b7a28801f9201727516bc8fddafa8d689be",
         reads=["product", "route", "ticket"],
     ),
 )
@@ -31,9 +31,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 28, "/inputs"),
-    ("__main__.py", 30, 35, "/outputs"),
-    ("__main__.py", 37, 42, "/budgets"),
+    ("__main__.py", 17, 26, "/inputs"),
+    ("__main__.py", 28, 33, "/outputs"),
+    ("__main__.py", 35, 40, "/budgets"),
     ("agents.py", 8, 14, "/models/fast"),
     ("agents.py", 16, 22, "/models/strong"),
     ("agents.py", 27, 54, "/agents/account_agent"),

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="ec0c1e28ccf876f4dcca89b5a1707b1e24fff1dbd4ede626b6d4e1912608a50d",
+        code_sha="a54d1db96df7ee16eec0d497d8fe8920703377b2a12a4f632d93f57904d1cc10",
         reads=["question"],
     ),
 )
@@ -24,9 +24,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 26, "/outputs"),
-    ("__main__.py", 28, 33, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 24, "/outputs"),
+    ("__main__.py", 26, 31, "/budgets"),
     ("agents.py", 8, 14, "/models/sampler"),
     ("agents.py", 19, 45, "/agents/solver"),
     ("workflow.py", 22, 23, "/workflow"),

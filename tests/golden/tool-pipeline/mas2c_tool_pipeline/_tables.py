@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="d7048a780b7b818467888afeba1c86f4afd98686dc51b70468f9fe4a9e425ec4",
+        code_sha="b301fe306097804916f750212686ede94b13d442e9cb719a19613aee41420216",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="57208e60a28cce02b0961d6635a80bc3c8ca4e608e86ba1126379669f057f356",
+        code_sha="49731e2120366e31c13b120156b0b4bba0556c9b2a85330518454b412a685c37",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="0f563204ab36b40d7d37eb22a3f3886dace68c0a57269301ef5235119a6fa925",
+        code_sha="6fdbff2a73de65d50eb31ace7acb4f471d7807a338b41dc3069b47929d7228e4",
         reads=["rewrite"],
     ),
 )
@@ -40,9 +40,9 @@ TOOL_CODE: dict[str, ToolCode] = {
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 32, "/inputs"),
-    ("__main__.py", 34, 39, "/outputs"),
-    ("__main__.py", 41, 46, "/budgets"),
+    ("__main__.py", 17, 30, "/inputs"),
+    ("__main__.py", 32, 37, "/outputs"),
+    ("__main__.py", 39, 44, "/budgets"),
     ("agents.py", 8, 14, "/models/editor"),
     ("agents.py", 19, 48, "/agents/editor"),
     ("tools.py", 12, 49, "/tools/text_stats/code"),
