@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="359b2d6063fb84a1b55cc0ea3e0014c54eeb8b2d26022f8263981365ee989954",
+        code_sha="ba01baf31f99bae46f3c3b898c3174389fa679ccabd6369726e3a0074484c2c8",
         reads=["question"],
     ),
 )

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="c91c40827b39f97909f749eb414af70cc2c04e58067dafe8247154e2d22f1c98",
+        code_sha="f3ff64713421dd285f5556b382237e44691c687b2897796a5352a33ffd843aec",
         reads=["question"],
     ),
 )

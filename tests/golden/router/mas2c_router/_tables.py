@@ -16,14 +16,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="56f02794e87dbf4cfda5e140b0005f2f97c0bc89d514face295329a6d076cb73",
+        code_sha="db54c310749b727ab40cfde3f5e13e5fc132af0664e9cbb73a4e2b95ac10b544",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="3ba85a57fa3c61cf8de5b058e0c69b7a28801f9201727516bc8fddafa8d689be",
+        code_sha="f7d9adfe9432d23967c2552c0db8fa323b586bda02890354b1f36533a8cae191",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="a54d1db96df7ee16eec0d497d8fe8920703377b2a12a4f632d93f57904d1cc10",
+        code_sha="355c7eaa00012485e72adce8a9cb28d50c1f926b5564259f820d872c414f79bf",
         reads=["question"],
     ),
 )

@@ -16,27 +16,27 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="b301fe306097804916f750212686ede94b13d442e9cb719a19613aee41420216",
+        code_sha="eae1bc6da7e3bf8da9722069328268b4ebbef1ba5dd8b686ecac36d48c17d86d",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="49731e2120366e31c13b120156b0b4bba0556c9b2a85330518454b412a685c37",
+        code_sha="997fa755890668d53426a904f48949aed456c41883b263c44865e8d93ec709eb",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="6fdbff2a73de65d50eb31ace7acb4f471d7807a338b41dc3069b47929d7228e4",
+        code_sha="9951da197a5cec1593b314a3a0171db8e58b9316cb3048687b1c1d3c7aa7fa05",
         reads=["rewrite"],
     ),
 )
 
 TOOL_CODE: dict[str, ToolCode] = {
-    "text_stats": ToolCode(pointer="/tools/text_stats/code", start=12, end=49),
+    "text_stats": ToolCode(pointer="/tools/text_stats/code", start=10, end=47),
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
@@ -45,8 +45,8 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("__main__.py", 39, 44, "/budgets"),
     ("agents.py", 8, 14, "/models/editor"),
     ("agents.py", 19, 48, "/agents/editor"),
-    ("tools.py", 12, 49, "/tools/text_stats/code"),
-    ("tools.py", 54, 65, "/tools/text_stats"),
+    ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
+    ("tools.py", 13, 25, "/tools/text_stats"),
     ("workflow.py", 22, 25, "/workflow"),
     ("workflow.py", 28, 33, "/workflow/0"),
     ("workflow.py", 36, 51, "/workflow/1"),
