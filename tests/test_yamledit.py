@@ -135,7 +135,9 @@ def test_rectify_write_keeps_every_comment_and_key_and_its_patch_applies(tmp_pat
     with LLMTestServer() as server:
         llm = LLMConfig(url=server.base_url, api_key="test")
         run_system(spec_path, tmp_path / "in.json", tmp_path / "run", backend="local", llm=llm)
-        outcome = rectify(tmp_path / "run", spec_path=spec_path, write=True, llm=llm, backend="local")
+        outcome = rectify(
+            tmp_path / "run", spec_path=spec_path, write=True, llm=llm, backend="local"
+        )
     assert outcome.status == "fixed" and outcome.written == tmp_path / "system.rectified.yaml"
     assert spec_path.read_text() == COMMENTED  # the input spec is never modified
     fixed = outcome.written.read_text()
@@ -164,7 +166,9 @@ def test_configure_o_binds_models_and_keeps_the_rest(tmp_path: Path) -> None:
     spec_path = tmp_path / "system.yaml"
     spec_path.write_text(unbound)
     pool = tmp_path / "pool.yaml"
-    pool.write_text("models:\n  cheap: {model: small, price: {input_per_mtok: 0.1, output_per_mtok: 0.2}}\n")
+    pool.write_text(
+        "models:\n  cheap: {model: small, price: {input_per_mtok: 0.1, output_per_mtok: 0.2}}\n"
+    )
     out = tmp_path / "configured.yaml"
     proc = mas2c("configure", spec_path, "--pool", pool, "--rule", "-o", out, cwd=tmp_path,
                  env=cli_env(), inprocess=True)  # fmt: skip
