@@ -1,19 +1,23 @@
 """`mas2c rectify`: repair a system from a failed (or overspent) run, and lift the fix into the spec.
 
-The third MAS² meta-agent. From a run folder it reads what went wrong
-(``result.json``: status, error type, ``spec_pointer``, ``spec_line``, traceback;
-``usage.json``; ``trace.jsonl``), maps it to the spec element at fault and to the
-code generated for it (the build's source map), and fixes the *spec*:
+The third MAS² meta-agent. From a run folder, read through its typed contract
+(`mas2c.runfolder`: ``result.json`` with the error's stable ``code``, ``spec_pointer``,
+``spec_line`` and traceback; ``usage.json``; ``trace.jsonl``; a file that breaks the
+contract is a `RectifyError` naming it), it maps the failure to the spec element at
+fault and to the code generated for it (the build's source map), and fixes the *spec*.
+Everything the run wrote is untrusted: a pointer, step id or agent id is used only as
+far as it names an element of this spec, and a checkpoint key only as a 64-hex file
+name inside the round's checkpoint folder.
 
-1. **Deterministic fixes first** (no LLM call), chosen by the error class:
-   a standard-library name missing from a tool's code (a libcst
-   ``AddImportsVisitor`` edit of the generated tool code, lifted back into
-   ``/tools/<id>/code``); a structured-output parse failure (a format reminder in
-   the agent's instructions, then ``output: text`` where nothing reads its fields);
-   a vote with no answer (``vote: first``); a step, tool or run timeout (a longer
-   step timeout within the run's budget, else less fan-out); a budget overrun (the
-   pool's cheapest model for samplers, then less fan-out, then a higher budget only
-   when allowed).
+1. **Deterministic fixes first** (no LLM call), chosen by the error **code** alone
+   (`KIND_OF_CODE`; never message text or class names): a standard-library name the
+   tool's code reads but never binds (libcst scope analysis; an ``AddImportsVisitor``
+   edit of the generated tool code, lifted back into ``/tools/<id>/code``); a
+   structured-output parse failure (a format reminder in the agent's instructions, then
+   ``output: text`` where nothing reads its fields); a vote with no answer
+   (``vote: first``); a step, tool or run timeout (a longer step timeout within the
+   run's budget, else less fan-out); a budget overrun (the pool's cheapest model for
+   samplers, then less fan-out, then a higher budget only when allowed).
 2. **LLM fixes** otherwise: the rectifier LLM gets the failing element, its
    generated code, the error and traceback and the earlier attempts, and answers
    with a corrected function in a ```python block (a libcst edit of the tool's code)
@@ -21,14 +25,19 @@ code generated for it (the build's source map), and fixes the *spec*:
    answer that does not parse, or that adds validation errors, is reverted and the
    LLM is told why (once more per round).
 
+Every fix passes `guard_fix` on the *resulting* spec: budgets unchanged unless
+allowed (whatever patch operation tried), and no tool's code taking over a name of
+another tool.
+
 Each round recompiles and re-runs the system in the sandbox, resuming from the
 checkpoints of earlier runs (steps before the fault whose inputs did not change are
-not run again), and keeps everything in ``RUN_DIR/rectify/round-K/``: ``spec.yaml``,
-``patch.diff`` (unified diff against the previous spec), ``build/``, ``run/`` and
-``notes.json``. The loop stops when a run succeeds, after ``max_rounds``, when a fix
-repeats an earlier spec (hash), or when two rounds in a row leave the same error
-(type and pointer). The input spec is never modified; ``write=True`` writes the
-fixed spec beside it as ``<stem>.rectified.yaml``.
+not run again), and keeps everything in ``RUN_DIR/rectify/round-K/``: ``spec.yaml``
+(the user's spec text edited as a round trip, `mas2c.yamledit`), ``patch.diff``
+(against the previous round's text; applies to the user's file with ``git apply``),
+``build/``, ``run/`` and ``notes.json``. The loop stops when a run succeeds, after
+``max_rounds``, when a fix repeats an earlier spec (hash), or when two rounds in a row
+leave the same error (code, type and pointer). The input spec is never modified;
+``write=True`` writes the fixed spec beside it as ``<stem>.rectified.yaml``.
 """
 
 from __future__ import annotations
