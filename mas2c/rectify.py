@@ -429,6 +429,12 @@ def find_input(run_dir: Path, input_path: Path | None = None) -> Path:
     path = input_path or run_dir / "input.json"
     if not path.is_file():
         raise RectifyError(f"{run_dir}: the run folder holds no input.json; pass --input FILE")
+    try:  # bounded like every run-folder file: size, depth, a JSON object
+        data = load_json_file(path, LIMITS.result_bytes)
+    except RunFolderError as exc:
+        raise RectifyError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise RectifyError(f"{path}: the input must be a JSON object of named inputs")
     return path
 
 
@@ -1332,9 +1338,10 @@ def guard_fix(before: Spec, after: Spec, *, allow_budget_raise: bool) -> None:
     clashes = sorted(c for c in new if c[1] in changed) or sorted(new)
     if clashes:
         name, owner, other = clashes[0]
+        whose = other if other.startswith("the ") else f"tool `{other}`"
         raise FixRejected(
-            f"the code of tool `{owner}` would define `{name}`, which belongs to tool `{other}` "
-            "(tools share one module: it would replace that tool's function)"
+            f"the code of tool `{owner}` would define `{name}`, which belongs to {whose} "
+            "(tools share one module: it would replace that definition)"
         )
 
 
@@ -1359,11 +1366,16 @@ def _top_level_names(code: str) -> set[str]:
     return names
 
 
+#: Names the compiled tools module defines itself: no tool's code may take them over.
+TOOLS_MODULE_NAMES = frozenset({"ToolDef", "TOOLS"})
+
+
 def _tool_clashes(spec: Spec) -> set[tuple[str, str, str]]:
     """(name, tool whose code defines it, the other tool it belongs to)."""
     defined = {tid: _top_level_names(t.code) for tid, t in spec.tools.items() if t.code}
     clashes: set[tuple[str, str, str]] = set()
     for owner, names in defined.items():
+        clashes.update((n, owner, "the compiled tools module") for n in names & TOOLS_MODULE_NAMES)
         for other in spec.tools:
             if other == owner:
                 continue

@@ -405,6 +405,15 @@ def test_a_python_fix_for_one_tool_cannot_replace_another_tools_function(tmp_pat
     ]  # fmt: skip
     with pytest.raises(FixRejected, match="belongs to tool `first`"):
         apply_json_patch(spec, patch)
+    # nor the names the compiled tools module defines itself
+    takeover = (
+        "```python\ndef second(x: str) -> str:\n    return x\n\n\ndef ToolDef():\n    pass\n```"
+    )
+    with pytest.raises(FixRejected, match="`ToolDef`, which belongs to the compiled tools module"):
+        apply_llm_answer(takeover, failure, locus, spec, build, allow_budgets=False)
+    code = "def second(x):\n    return x\n\n\nTOOLS = {}\n"
+    with pytest.raises(FixRejected, match="`TOOLS`, which belongs to the compiled tools module"):
+        apply_json_patch(spec, [{"op": "replace", "path": "/tools/second/code", "value": code}])
 
 
 # -- a hostile program in real Docker ------------------------------------------------------------------
@@ -534,3 +543,19 @@ def test_reading_any_trace_gives_events_or_a_located_error(
     else:
         for event in trace.of(runfolder.Checkpoint):
             assert runfolder.checkpoint_path(path.parent, event.key).parent == path.parent
+
+
+@pytest.mark.parametrize(
+    "content",
+    [deep(100_000), b"[1, 2]", b'{"x": "\\ud800"}', b"{nope"],
+    ids=["deep", "list", "surrogate", "junk"],
+)
+def test_a_hostile_input_json_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
+    folder = write_folder(tmp_path / "run")
+    (folder / "input.json").write_bytes(content)
+    proc = mas2c(
+        "rectify", folder, "--sandbox", "local", "--no-llm", "--llm", "http://127.0.0.1:9",
+        cwd=tmp_path, env=cli_env(OPENAI_API_KEY="x"), inprocess=True,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "input.json" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
