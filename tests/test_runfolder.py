@@ -405,15 +405,12 @@ def test_a_python_fix_for_one_tool_cannot_replace_another_tools_function(tmp_pat
     ]  # fmt: skip
     with pytest.raises(FixRejected, match="belongs to tool `first`"):
         apply_json_patch(spec, patch)
-    # nor the names the compiled tools module defines itself
-    takeover = (
-        "```python\ndef second(x: str) -> str:\n    return x\n\n\ndef ToolDef():\n    pass\n```"
+    # nor through a look-alike spelling (Python reads identifiers NFKC-normalised)
+    lookalike = (
+        "```python\ndef second(x: str) -> str:\n    return x\n\n\ndef \uff46irst():\n    pass\n```"
     )
-    with pytest.raises(FixRejected, match="`ToolDef`, which belongs to the compiled tools module"):
-        apply_llm_answer(takeover, failure, locus, spec, build, allow_budgets=False)
-    code = "def second(x):\n    return x\n\n\nTOOLS = {}\n"
-    with pytest.raises(FixRejected, match="`TOOLS`, which belongs to the compiled tools module"):
-        apply_json_patch(spec, [{"op": "replace", "path": "/tools/second/code", "value": code}])
+    with pytest.raises(FixRejected, match="which belongs to tool `first`"):
+        apply_llm_answer(lookalike, failure, locus, spec, build, allow_budgets=False)
 
 
 # -- a hostile program in real Docker ------------------------------------------------------------------
