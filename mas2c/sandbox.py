@@ -1594,10 +1594,13 @@ def _run_local(job: _Job, outcome: _Outcome) -> None:
                 )
 
         def preexec() -> None:
-            _set_rlimits(limits, nproc)
+            # The limits come last: a forked child keeps its parent's address space (a
+            # threaded parent easily maps more than RLIMIT_AS), so under the limit _expose
+            # could not even load ctypes. Lowering limits needs no privilege.
             if as_root:
                 _expose(plan)
                 _drop_privileges(uid)
+            _set_rlimits(limits, nproc)
 
         with open(work / "runner.log", "wb") as runner_log:
             proc = subprocess.Popen(
