@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="359b2d6063fb84a1b55cc0ea3e0014c54eeb8b2d26022f8263981365ee989954",
+        code_sha="c0f947ee094004a89fe912f26c4b76a900b658ba93af7e3ba1a047f7f1e63e3d",
         reads=["question"],
     ),
 )

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="c91c40827b39f97909f749eb414af70cc2c04e58067dafe8247154e2d22f1c98",
+        code_sha="f70164e9b0d3ea71c76ebb88c89d686bbd0d4a1705d9b5b82229bcc808552ae6",
         reads=["question"],
     ),
 )

@@ -16,14 +16,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="56f02794e87dbf4cfda5e140b0005f2f97c0bc89d514face295329a6d076cb73",
+        code_sha="e5bf90a2ceea7869ca0e7b829805088568b7b2c25e02ab14b75f30eccb8e0245",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="3ba85a57fa3c61cf8de5b058e0c69b7a28801f9201727516bc8fddafa8d689be",
+        code_sha="88a9ee33ac340134e929429ba6afc7f756021ba17405066e0daa1881d4d5bf28",
         reads=["product", "route", "ticket"],
     ),
 )

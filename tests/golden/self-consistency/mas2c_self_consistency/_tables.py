@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="a54d1db96df7ee16eec0d497d8fe8920703377b2a12a4f632d93f57904d1cc10",
+        code_sha="03d67f85e10b309ed77a08641038212a2945d89e9737876841949a655802a389",
         reads=["question"],
     ),
 )
