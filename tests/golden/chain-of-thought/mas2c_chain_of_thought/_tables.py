@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="c0f947ee094004a89fe912f26c4b76a900b658ba93af7e3ba1a047f7f1e63e3d",
+        code_sha="ee2c3d928ae6deb90a9d6d9ca89eab6fb1369f2d9015afbea5be296276a96dd8",
         reads=["question"],
     ),
 )

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="f70164e9b0d3ea71c76ebb88c89d686bbd0d4a1705d9b5b82229bcc808552ae6",
+        code_sha="0021d1c9918918569241ad4ed6c11676cb5967e43834d05b1ba0f396b9645d41",
         reads=["question"],
     ),
 )

@@ -16,14 +16,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="e5bf90a2ceea7869ca0e7b829805088568b7b2c25e02ab14b75f30eccb8e0245",
+        code_sha="f9614c6070c40ebfa2a34a07aeeb02ffb4164c76e722d300a02492aeac267141",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="88a9ee33ac340134e929429ba6afc7f756021ba17405066e0daa1881d4d5bf28",
+        code_sha="943b3797e32f7226e2968b22a38bdbca29968d764e8f52ba758cad030bacb46c",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -16,7 +16,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="03d67f85e10b309ed77a08641038212a2945d89e9737876841949a655802a389",
+        code_sha="fb9d1c74e6cc90693deb67dcae40ff093de5d488dddd388480f07c5dee6351a2",
         reads=["question"],
     ),
 )

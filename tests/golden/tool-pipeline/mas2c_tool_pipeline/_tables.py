@@ -16,27 +16,27 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="823671ae24a8065bb7160ec3d193af79ef4e13b2335ed707df4092c76e145d0d",
+        code_sha="09f647962e33a1b82a9d95edefea6c3b872077da22907da026a300d28775319e",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="377dfadd3c53154ddae270fccadf849055e175cb33fa68e45c841664df70fe65",
+        code_sha="576e583912988652bdeb684fe7d71478567cc2f2489f2e9b7054c1487cf9d8e9",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="ad62aadf02a021932aa69ec98588d3488364f48e9d41dd060626db12735a1038",
+        code_sha="130bdf89a16e93149faf5b2f4d933bc8d0e7d2a0f15ca88607d2ff69f46ef39e",
         reads=["rewrite"],
     ),
 )
 
 TOOL_CODE: dict[str, ToolCode] = {
-    "text_stats": ToolCode(pointer="/tools/text_stats/code", start=12, end=49),
+    "text_stats": ToolCode(pointer="/tools/text_stats/code", start=10, end=47),
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
@@ -45,8 +45,8 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("__main__.py", 39, 44, "/budgets"),
     ("agents.py", 8, 14, "/models/editor"),
     ("agents.py", 19, 48, "/agents/editor"),
-    ("tools.py", 12, 49, "/tools/text_stats/code"),
-    ("tools.py", 54, 65, "/tools/text_stats"),
+    ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
+    ("tools.py", 13, 25, "/tools/text_stats"),
     ("workflow.py", 22, 25, "/workflow"),
     ("workflow.py", 28, 33, "/workflow/0"),
     ("workflow.py", 36, 51, "/workflow/1"),
