@@ -7,10 +7,8 @@ the loopback LLM server with the real openai client.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,7 @@ import pytest
 from mas2c.runfolder import LLMCall, RunStart, StepEnd, read_header, read_trace
 from mas2c.runfolder import ToolCall as ToolEvent
 from mas2c.testserver import ChatRequest, LLMTestServer, Reply, ReplyLike, Script, ToolCall
-from tests.test_runtime import FLOW_OK, RUNTIME, Pkg, by_agent
+from tests.test_runtime import FLOW_OK, Pkg, by_agent, load_runtime
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -31,12 +29,7 @@ HEX16 = re.compile(r"^[0-9a-f]{16}$")
 @pytest.fixture
 def rt() -> ModuleType:
     """The runtime imported in-process, for its pure functions."""
-    spec = importlib.util.spec_from_file_location("mas2c_runtime_for_trace_tests", RUNTIME)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_runtime("mas2c_runtime_for_trace_tests")
 
 
 @pytest.fixture
