@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="942d0fe1e62c98ad75be1f99cd4d9589990528cc05c69c92eb3e1e4ad9c55041",
+        code_sha="9327d419662a834b8ac64ddc48cdf9da63a61fb3ca6d5787879d7d7e2108100a",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="cdbb603ad32c70370c8336cabce36dec747461e9de0d5889864b812bd0456a09",
+        code_sha="1503f2bcae5bdba5e0deb9bb58d3087376866dd7eb283a949caa70236a61b81f",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="0ab266fb5dea9b3b68df86fa4da3ecacc4038830c43454f135f2e9098053e613",
+        code_sha="ef64baa206105e2c1b07347095008336867e12cabda4d8f31e2b64776d90f82c",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )

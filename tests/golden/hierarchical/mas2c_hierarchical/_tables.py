@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="a9c77f66a8dde47d0ed5098982c6b145a42856977b42d2f88582ff13830a5369",
+        code_sha="01560d802987d3f1d4e781f396e07066513c4e7c5cf765f6e22ef001359bf168",
         reads=["context", "decision"],
     ),
     TopStep(
         method="step_investigate",
         step_id="investigate",
         pointer="/workflow/1",
-        code_sha="d501b040e9fa756284e33af675afe565beb8456c69dff8955ac16d184aaafca2",
+        code_sha="1c94054b9a25c1f8bc01011c26430ea83d12f0410d3031c6b851e306b4e0fe2f",
         reads=["context", "plan"],
     ),
     TopStep(
         method="step_merge",
         step_id="merge",
         pointer="/workflow/2",
-        code_sha="058044046920c5d69b628f7b960f135198a1a096b128199430a28050e39b1c31",
+        code_sha="d96cbd90d3458116d93067a2c172e01871d78b6b75c5f40dc0f3706debcc4e42",
         reads=["decision", "market", "plan", "risks", "technical"],
     ),
 )

@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="0b7147905eb6a595e2178bfb10cf37804fc52229ef478e433a410081b59f65cc",
+        code_sha="af62d83fb0012a9ecc1817902dcfaac062540bf55f51e6732f5df7f32416f000",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="c63a51812b1e8f29ceccb1e7dc93e64200fa80dda3ec1b18e6dd7c49ff70a40f",
+        code_sha="6b5bd6317f4704d97119a5346333bb0738e1e85029eb9d0f9273170c9479ef89",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="55401e0a782ce3fb7e8a123f72b89692d18cf090aa1444600cbc063ffa6b9a4b",
+        code_sha="4cfe41b94dd149082345281aba5f71c280c2b3a25e81f269243f0cbf2f261a30",
         reads=["execution", "plan", "task"],
     ),
 )

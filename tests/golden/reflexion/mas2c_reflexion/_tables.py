@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="45a3055606c6372ef1a752b3aa20cefbb2d14bf3f8986af57f852d9d622fd79b",
+        code_sha="33564147e99e4daf1db6c8163716177b60a4b9f47ca306d9979cb1b74eaffc2e",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="ec4ed4d5072adadf9884404318d74a04a944e556f02498da066cebc8c8802552",
+        code_sha="f89ac11b14e822a95dbe905893c1c3aef7e40253ace2e64547db9c402bbc2f89",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="7b5444d6b1959ddc06876e846afd06a49cf1b4ee9b0c75c5892a618af3f7323d",
+        code_sha="14a9a17b742e26b0e6f46a673c3365dc1970fea463c6070a77a202443a6f548e",
         reads=["draft", "review", "task"],
     ),
 )

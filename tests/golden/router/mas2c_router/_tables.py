@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="f9614c6070c40ebfa2a34a07aeeb02ffb4164c76e722d300a02492aeac267141",
+        code_sha="2e41ab56e44ca5e5c51755a9bc78fb4ceec9090257f0b4b4106b6a27ee7d82bb",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="943b3797e32f7226e2968b22a38bdbca29968d764e8f52ba758cad030bacb46c",
+        code_sha="c288e975220a07c23b180a611944a6827d5f73d4b1ceeaaa8ffa028e3288cb02",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="09f647962e33a1b82a9d95edefea6c3b872077da22907da026a300d28775319e",
+        code_sha="d1d88241461e560a64ce55f5f71d4c5194663326e5dea07888cba8cd4084fda2",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="576e583912988652bdeb684fe7d71478567cc2f2489f2e9b7054c1487cf9d8e9",
+        code_sha="da46d5cc153029a259d234906146c7de9888e39c53dc70db1265e8cb7dade37e",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="130bdf89a16e93149faf5b2f4d933bc8d0e7d2a0f15ca88607d2ff69f46ef39e",
+        code_sha="03f7c1e9d1c588a3cf2131055aab8b26de29fcd50dfd704457e0ddedee339bdc",
         reads=["rewrite"],
     ),
 )
