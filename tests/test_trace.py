@@ -29,7 +29,7 @@ HEX16 = re.compile(r"^[0-9a-f]{16}$")
 @pytest.fixture
 def rt() -> ModuleType:
     """The runtime imported in-process, for its pure functions."""
-    return load_runtime("mas2c_runtime_for_trace_tests")
+    return load_runtime()
 
 
 @pytest.fixture
