@@ -720,7 +720,9 @@ def vote_key(answer: Any, key: str | None = "answer") -> str:
     return json.dumps(answer, sort_keys=True, ensure_ascii=False)
 
 
-def majority(answers: Sequence[Any], what: str = "vote", key: str | None = "answer") -> Any:
+def majority(
+    answers: Sequence[Any], what: str = "vote", key: str | None = "answer"
+) -> Any:
     """The plurality answer; ties go to the earliest sample. Empty answers don't vote."""
     counts: dict[str, int] = {}
     first: dict[str, Any] = {}
@@ -1039,7 +1041,9 @@ def checkpoint_key(top: TopStep, state: Mapping[str, Any]) -> str:
     """The key of a top-level step's checkpoint: its id, its code hash and the values of
     the state variables it reads (nothing else of the state)."""
     reads = {name: state.get(name, _ABSENT) for name in top.reads}
-    return _sha256(_canonical({"step": top.step_id, "reads": reads, "code": top.code_sha}))
+    return _sha256(
+        _canonical({"step": top.step_id, "reads": reads, "code": top.code_sha})
+    )
 
 
 def load_checkpoints(folder: Path | None) -> dict[str, dict[str, Any]]:
@@ -1238,7 +1242,8 @@ class Run:
         self, step_id: str, pointer: str, max_iterations: int, *, fail: bool = False
     ) -> None:
         """A loop ran ``max_iterations`` times and its ``until`` never held: traced as
-        ``loop_exhausted``, listed under ``warnings`` in out.json, or (``fail``) an error."""
+        ``loop_exhausted``, listed under ``warnings`` in out.json, or (``fail``) an error.
+        """
         message = (
             f"loop {step_id!r} reached max_iterations ({max_iterations}) "
             "without its `until` holding"
@@ -1803,6 +1808,7 @@ def _code_of(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- main
+
 
 def check_inputs(
     given: Any, declared: Mapping[str, Mapping[str, Any]]
