@@ -1371,7 +1371,8 @@ def _inspect_end(box: _Box, outcome: _Outcome) -> None:
         result = box.container.wait(timeout=10)
         box.container.reload()
     except docker.errors.NotFound:
-        outcome.notes.append("the container ended before it reported (already removed)")
+        # auto_remove was faster: the daemon's events still say how it ended.
+        _end_from_events(box, outcome)
         return
     except Exception as exc:
         outcome.notes.append(f"the container did not report: {_short_reason(exc)}")
@@ -1381,6 +1382,33 @@ def _inspect_end(box: _Box, outcome: _Outcome) -> None:
         outcome.exit_code = int(result.get("StatusCode", -1))
     if bool(state.get("OOMKilled")) and not outcome.timed_out:
         outcome.oom_killed = True
+
+
+def _end_from_events(box: _Box, outcome: _Outcome) -> None:
+    """How a removed container ended, from the daemon's events (oom, die exitCode)."""
+    client = _docker_client(timeout=10)
+    try:
+        now = int(time.time()) + 1
+        events = client.events(
+            since=now - 3600,
+            until=now,
+            filters={"container": box.container.id},
+            decode=True,
+        )
+        for event in events:
+            action = str(event.get("Action") or event.get("status") or "")
+            attrs = (event.get("Actor") or {}).get("Attributes") or {}
+            if action == "oom" and not outcome.timed_out:
+                outcome.oom_killed = True
+            elif action == "die" and outcome.exit_code is None:
+                with contextlib.suppress(ValueError, TypeError):
+                    outcome.exit_code = int(str(attrs.get("exitCode")))
+    except Exception as exc:
+        outcome.notes.append(f"the container ended before it reported: {_short_reason(exc)}")
+    finally:
+        client.close()
+    if outcome.oom_killed:
+        outcome.notes.append("the whole sandbox was OOM-killed (the daemon's oom event)")
 
 
 def _remove_box(client: Any, box: _Box | None, name: str) -> None:
