@@ -222,6 +222,14 @@ def test_export_failures_are_one_line_errors(
     assert "no spans to export" in capsys.readouterr().err
 
 
+def test_times_no_clock_has_are_clamped() -> None:
+    from mas2c.otel import _ns
+
+    assert _ns(float("nan")) == 0 and _ns(-5.0) == 0 and _ns(float("-inf")) == 0
+    assert _ns(1e299) == _ns(float("inf")) == int(1.8e19) <= 2**64 - 1
+    assert _ns(1.5) == 1_500_000_000
+
+
 def test_urls_and_hostile_attribute_values() -> None:
     assert traces_url("http://h:4318") == "http://h:4318/v1/traces"
     assert traces_url("http://h:4318/") == "http://h:4318/v1/traces"
