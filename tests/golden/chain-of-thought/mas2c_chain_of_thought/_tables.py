@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="2cb2c622c3bf15eec657e958d82caad17275c8fca8c25fa694142a2758903589",
+        code_sha="b65421ed4a243f4df814338fc1b4d0fe6b5b8e5cce68950836e4ac0d710faca8",
         reads=["question"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="da0ac7389a5f16ed2ccab765a4f6ca7cf71cf8018c502de47eecc965ea230a28",
+        code_sha="938fc7e4e5310f668f851226eb04c69b104fe20338e424d3289728820efd0ee5",
         reads=["question"],
     ),
 )

@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="d278b0a9c702e5d0bd477d1865dcfa2a8d71c779acb80dece24693645a9fb5d1",
+        code_sha="13b1002c82fcd37450ac36f2c861f740253ca93a0f76763ac085ea03b8b89500",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="0671bc6e5a25cec27167a4947c7ecf4ac6fda85d06e59b824e67c5a8d0fa58ae",
+        code_sha="1f97b4d5042b83d10e726d523d6800fb9c2aa25a8286d73eda0e2cfccc2ad0af",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="574a8603152aff73ffe1a496062323879ab6382d31533cdde4131790551ff10e",
+        code_sha="f6bfe6a91470c8530a314e1f229c78dae65fb8a86b92de901cf9305162ce72da",
         reads=["question"],
     ),
 )
