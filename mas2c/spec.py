@@ -115,6 +115,12 @@ class Tool(_Strict):
         "(`from ._egress import http`).",
     )
 
+    @model_validator(mode="after")
+    def _egress_needs_code(self) -> Tool:
+        if self.egress is not None and self.code is None:
+            raise ValueError("`egress` is for code tools: this tool has no `code`")
+        return self
+
 
 # -- workflow steps -------------------------------------------------------------------------
 #

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 from conftest import cli_env, mas2c
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mas2c import runfolder
 from mas2c.compile import compile_spec
@@ -403,6 +405,12 @@ def test_a_python_fix_for_one_tool_cannot_replace_another_tools_function(tmp_pat
     ]  # fmt: skip
     with pytest.raises(FixRejected, match="belongs to tool `first`"):
         apply_json_patch(spec, patch)
+    # nor through a look-alike spelling (Python reads identifiers NFKC-normalised)
+    lookalike = (
+        "```python\ndef second(x: str) -> str:\n    return x\n\n\ndef \uff46irst():\n    pass\n```"
+    )
+    with pytest.raises(FixRejected, match="which belongs to tool `first`"):
+        apply_llm_answer(lookalike, failure, locus, spec, build, allow_budgets=False)
 
 
 # -- a hostile program in real Docker ------------------------------------------------------------------
@@ -466,3 +474,85 @@ def test_a_program_that_forges_its_trace_cannot_make_rectify_write_outside(
     assert not target.exists() and not target.parent.exists()
     after = sorted(str(p) for p in tmp_path.rglob("*"))
     assert after == before  # rectify wrote nothing at all before refusing the folder
+
+
+# -- properties: the reader never raises anything but RunFolderError ------------------------------
+
+PROPERTY = settings(
+    deadline=None,
+    max_examples=int(os.environ.get("MAS2C_HYPOTHESIS_EXAMPLES", "60")),
+    derandomize=os.environ.get("CI") == "true",
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**20), max_value=10**20)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+# values shaped like the contract's, so that deep fields are reached, mixed with junk
+FIELDS = st.sampled_from(
+    ["status", "error", "outputs", "usage", "code", "type", "spec_pointer", "spec_line",
+     "step", "agent", "event", "key", "writes", "pointer", "calls", "by_agent", "cost_usd"]
+)  # fmt: skip
+SHAPED = st.recursive(
+    JSON | st.sampled_from(["ok", "error", "checkpoint", "step_start", "tool_error", HEX]),
+    lambda inner: st.dictionaries(FIELDS, inner, max_size=6) | st.lists(inner, max_size=3),
+    max_leaves=25,
+)
+
+
+@PROPERTY
+@given(value=SHAPED, damage=st.binary(max_size=8), at=st.integers(min_value=0))
+def test_reading_any_result_gives_a_result_or_a_located_error(
+    tmp_path_factory: pytest.TempPathFactory, value: Any, damage: bytes, at: int
+) -> None:
+    folder = tmp_path_factory.mktemp("prop")
+    raw = json.dumps(value).encode()
+    for data in (raw, raw[: at % (len(raw) + 1)] + damage + raw[at % (len(raw) + 1) :]):
+        (folder / "result.json").write_bytes(data)
+        try:
+            result = read_result(folder / "result.json")
+        except RunFolderError as exc:
+            assert str(exc).startswith(str(folder / "result.json"))
+        else:
+            assert result.status in ("ok", "error", "bad_input", "budget_exceeded", "timeout",
+                                     "interrupted")  # fmt: skip
+            runfolder.result_data(result)  # always serialisable
+
+
+@PROPERTY
+@given(events=st.lists(SHAPED, max_size=6))
+def test_reading_any_trace_gives_events_or_a_located_error(
+    tmp_path_factory: pytest.TempPathFactory, events: list[Any]
+) -> None:
+    path = tmp_path_factory.mktemp("prop") / "trace.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    try:
+        trace = read_trace(path)
+    except RunFolderError as exc:
+        assert f"{path}:" in str(exc)
+    else:
+        for event in trace.of(runfolder.Checkpoint):
+            assert runfolder.checkpoint_path(path.parent, event.key).parent == path.parent
+
+
+@pytest.mark.parametrize(
+    "content",
+    [deep(100_000), b"[1, 2]", b'{"x": "\\ud800"}', b"{nope"],
+    ids=["deep", "list", "surrogate", "junk"],
+)
+def test_a_hostile_input_json_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
+    folder = write_folder(tmp_path / "run")
+    (folder / "input.json").write_bytes(content)
+    proc = mas2c(
+        "rectify", folder, "--sandbox", "local", "--no-llm", "--llm", "http://127.0.0.1:9",
+        cwd=tmp_path, env=cli_env(OPENAI_API_KEY="x"), inprocess=True,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "input.json" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
