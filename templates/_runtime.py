@@ -490,15 +490,41 @@ async def _labelled(aw: Awaitable[Any], **labels: Any) -> Any:
         _LABELS.reset(token)
 
 
-def _content(value: Any) -> Any:
-    """A prompt or completion as traced: strings capped, structure kept."""
+CONTENT_CAP = 1_000_000  # characters of one event's traced content, in JSON
+_TOO_LARGE = "[too large to trace]"
+
+
+def _shrunk(value: Any, text_cap: int, depth: int = 0) -> Any:
+    """Strings capped, lists and objects cut to 100 items, nesting to 8 levels."""
     if isinstance(value, str):
-        return _cap(value)
+        return _cap(value, text_cap)
+    if depth >= 8:
+        return _cap(repr(value), text_cap)
     if isinstance(value, Mapping):
-        return {str(k): _content(v) for k, v in value.items()}
+        items = list(value.items())[:100]
+        return {str(k)[:200]: _shrunk(v, text_cap, depth + 1) for k, v in items}
     if isinstance(value, list | tuple):
-        return [_content(v) for v in value]
+        kept = list(value) if len(value) <= 100 else [value[0], *value[-99:]]
+        return [_shrunk(v, text_cap, depth + 1) for v in kept]
     return value
+
+
+def _content(value: Any) -> Any:
+    """A prompt, completion or tool value as traced (opt-in): at most CONTENT_CAP in JSON.
+
+    Smaller caps per string are tried until it fits, and the shape is kept (a list
+    stays a list), so a reader's schema of the trace holds whatever the model said.
+    """
+    for text_cap in (OUTPUT_CAP, 2_000, 200):
+        traced = _shrunk(value, text_cap)
+        size = len(json.dumps(traced, ensure_ascii=False, default=str))
+        if size <= CONTENT_CAP:
+            return traced
+    if isinstance(value, list | tuple):
+        return [{"role": "mas2c", "content": _TOO_LARGE}]
+    if isinstance(value, Mapping):
+        return {"content": _TOO_LARGE}
+    return _TOO_LARGE
 
 
 # The step each task is in: a ContextVar, so concurrent branches see their own.

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="b65421ed4a243f4df814338fc1b4d0fe6b5b8e5cce68950836e4ac0d710faca8",
+        code_sha="a464410aee490636e65bd271abdf575ccddde96b08289e76b55760dcf12612be",
         reads=["question"],
     ),
 )

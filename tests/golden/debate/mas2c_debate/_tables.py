@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="938fc7e4e5310f668f851226eb04c69b104fe20338e424d3289728820efd0ee5",
+        code_sha="27b6c9b46eb2e9199fdeb3417079fb7437359873ddcd500ad0a135473aa86b84",
         reads=["question"],
     ),
 )

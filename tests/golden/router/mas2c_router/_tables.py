@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="13b1002c82fcd37450ac36f2c861f740253ca93a0f76763ac085ea03b8b89500",
+        code_sha="9e84a9d63dc9f5048032474c7dce6ac45df981be3448fb3107da816276a7b3cb",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="1f97b4d5042b83d10e726d523d6800fb9c2aa25a8286d73eda0e2cfccc2ad0af",
+        code_sha="ddc07a9ee4477ed61d2f8da25158118e3726dad595eba1893d5a395982c393f1",
         reads=["product", "route", "ticket"],
     ),
 )

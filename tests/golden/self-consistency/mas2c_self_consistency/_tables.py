@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="f6bfe6a91470c8530a314e1f229c78dae65fb8a86b92de901cf9305162ce72da",
+        code_sha="6c69024474966165566671c8f27777d12820ece62ab8ade64741d5b8ecd7539b",
         reads=["question"],
     ),
 )
