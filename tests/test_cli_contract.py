@@ -381,6 +381,7 @@ def test_run_reads_its_input_from_stdin_and_keeps_stdout_for_the_result(
     assert json.loads((tmp_path / "r" / "input.json").read_text()) == QUESTION
     # progress on stderr: calls, tokens, cost so far; then the summary line
     assert "LLM call(s)" in proc.stderr and "tokens" in proc.stderr and "$" in proc.stderr
+    assert "step 1 of 1 (0 done), at /workflow/0" in proc.stderr, proc.stderr
     assert "ok (exit 0)" in proc.stderr
 
 
