@@ -59,6 +59,11 @@ if req["case"] == "filler":
                         written += len(chunk)
         except OSError as exc:
             error = exc.strerror
+        for i in range(n):  # free it again (room for out.json)
+            try:
+                os.remove(os.path.join(folder, "fill-%d" % i))
+            except OSError:
+                pass
         report[key] = {"mb": written >> 20, "error": error}
     out["written"] = report
 elif req["case"] == "files":
@@ -218,6 +223,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime", default="")
     ap.add_argument("--out", default=str(HERE / "results" / "hostile"))
+    ap.add_argument("--merge", action="store_true", help="replace only these cases in OUT.json")
     ap.add_argument("--cases", default="filler,files,bigresult,deep")
     args = ap.parse_args()
     rows = []
@@ -231,6 +237,10 @@ def main() -> int:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        fresh = {r["case"]: r for r in rows}
+        rows = [fresh.pop(r["case"], r) for r in old] + list(fresh.values())
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(rows, args.runtime, command))
     print(out.with_suffix(".md").read_text())

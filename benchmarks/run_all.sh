@@ -49,6 +49,7 @@ step specs $PY benchmarks/topology_specs.py --check
 step overhead $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}"
 step sandbox $PY benchmarks/bench_sandbox.py "${SANDBOX[@]}"
 step compile $PY benchmarks/bench_compile.py "${COMPILE[@]}"
+step yaml-bomb $PY benchmarks/bench_yaml_bomb.py
 step cli $PY benchmarks/bench_cli.py
 step humaneval $PY benchmarks/bench_humaneval.py "${HUMANEVAL[@]}"
 step batch $PY benchmarks/bench_batch.py "${BATCH[@]}"

@@ -68,6 +68,7 @@ from typing import Any, Literal
 
 from mas2c.errors import RunFailure
 from mas2c.files import write_text_atomic
+from mas2c.runfolder import result_or_error
 
 __all__ = [
     "SCORERS",
@@ -566,11 +567,11 @@ def run_code_tests(
         on_warning=on_warning,
     )
     seconds = time.monotonic() - started
-    result = read_json(run_dir / "result.json")
-    outputs = result.get("outputs") if result.get("status") == "ok" else None
+    # The scorer ran the system's code: its result is hostile input (the run-folder contract).
+    result = result_or_error(run_dir / "result.json")
+    outputs = result.outputs if result.ok else None
     if not isinstance(outputs, dict):
-        error = result.get("error") or {}
-        message = error.get("message", "no result") if isinstance(error, dict) else str(error)
+        message = result.error.message if result.error is not None else "no outputs"
         return Score(0.0, seconds, note=f"scorer failed: {message}", error="ScorerFailed")
     passed = outputs.get("passed") is True
     return Score(

@@ -279,6 +279,10 @@ def _sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
     from mas2c import sandbox
 
     limits = sandbox.Limits(timeout_s=args.timeout, memory_mb=args.memory, cpus=args.cpus)
+    if getattr(args, "runtime", None):
+        # The sandbox reads its default runtime from the environment: one switch for
+        # run, solve, rectify and bench alike.
+        os.environ[sandbox.RUNTIME_ENV] = args.runtime
     loosen = sandbox.Loosen(
         network=args.allow_network, writable_root=args.writable_root, root_user=args.as_root
     )
@@ -426,6 +430,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     if args.action == "build":
         tag = sandbox.build_image(base=args.base, tag=args.tag, on_progress=_progress)
         return _finish(args, True, {"image": tag}, f"built {tag}")
+    if args.action == "prune":
+        removed = sandbox.prune()
+        return _finish(args, True, {"removed": removed}, f"removed {removed} container(s)")
     status = sandbox.status(args.tag)
     ready = bool(status["daemon"]["reachable"]) and bool(status["image"]["present"])
     lines = [
@@ -436,6 +443,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         + ("present" if status["image"]["present"] else "MISSING (mas2c sandbox build)"),
         "backends: "
         + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in status["backends"].items()),
+        "runtimes: "
+        + (", ".join(status["runtimes"]) or "-")
+        + (f" (default {status['default_runtime']})" if status["default_runtime"] else "")
+        + (f"; {sandbox.RUNTIME_ENV}={status['runtime_env']}" if status["runtime_env"] else ""),
         f"leftover containers: {status['leftover_containers']}",
     ]
     return _finish(args, ready, {"status": status}, "\n".join(lines))
@@ -491,7 +502,13 @@ def cmd_configure(args: argparse.Namespace) -> int:
             )
     for agent, choice in sorted(result.choices.items()):
         _say(f"{agent} -> {choice.model} ({choice.by}: {choice.reason})")
-    text = spec_to_yaml(result.spec)
+    # The user's file edited as a round trip: comments, key order and styles stay.
+    from mas2c.yamledit import edit_spec_file
+
+    if args.spec in (None, STDIO):
+        text = spec_to_yaml(result.spec)
+    else:
+        text = edit_spec_file(Path(args.spec), spec, result.spec)
     if output is None:
         if args.json:
             return _finish(args, True, {"output": None, "spec_yaml": text, **result.to_json()})
@@ -654,6 +671,11 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=int, default=1024, help="memory limit in MiB (default 1024)")
     p.add_argument("--cpus", type=float, default=1.0, help="CPU limit (default 1)")
     p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
+    p.add_argument(
+        "--runtime",
+        help="container runtime registered with dockerd, e.g. runsc (gVisor); "
+        "default: $MAS2C_RUNTIME, else the daemon's (runc)",
+    )
     p.add_argument(
         "--allow-network",
         action="store_true",
@@ -957,8 +979,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_rectify)
 
-    p = verbs.add_parser("sandbox", help="build the sandbox image or report its status")
-    p.add_argument("action", choices=["build", "status"])
+    p = verbs.add_parser(
+        "sandbox", help="build the sandbox image, report its status, prune what killed runs left"
+    )
+    p.add_argument("action", choices=["build", "status", "prune"])
     p.add_argument(
         "--base",
         default="python:3.12-slim",

@@ -20,11 +20,12 @@ from typing import Any
 import black
 import jinja2
 
-from mas2c import __version__, fastfmt, graph
+from mas2c import __version__, fastfmt, graph, markdown, toolcode, values
 from mas2c.errors import InvalidInput
 from mas2c.expr import (
     compile_condition,
     condition_names,
+    definite_writes,
     parse_condition,
     parse_path,
     placeholders,
@@ -130,9 +131,14 @@ def compile_spec(spec: Spec) -> Build:
         f"{package}/tools.py": _render("tools.py.j2", {**context, **_tools_view(spec)}),
         f"{package}/workflow.py": _render("workflow.py.j2", {**context, **workflow}),
     }
+    for module, view in _tool_modules(spec):
+        python_files[f"{package}/{module}.py"] = _render("tool_module.py.j2", {**context, **view})
     texts = {path: _format(path, text) for path, text in python_files.items()}
     runtime = (templates_dir() / "_runtime.py").read_text("utf-8")
     texts[f"{package}/_runtime.py"] = header + "\n" + _formatted_runtime(runtime)
+    # The typed-values module (placeholders, JSON Schema subset) is mas2c's own, verbatim.
+    values_source = Path(values.__file__).read_text("utf-8")
+    texts[f"{package}/_values.py"] = header + "\n" + _formatted_runtime(values_source)
     if any(tool.egress is not None for tool in spec.tools.values()):
         # The egress helper ships only with systems whose tools declare egress.
         egress = (templates_dir() / "_egress.py").read_text("utf-8")
@@ -258,14 +264,25 @@ def _agents_view(spec: Spec) -> dict[str, Any]:
     return {"models": models, "agents": agents}
 
 
+def _tool_modules(spec: Spec) -> list[tuple[str, dict[str, Any]]]:
+    """One module per code tool (`tool_<id>.py`): each tool's code has its own namespace,
+    so a helper in one tool can never replace another tool's function."""
+    taken: set[str] = set()
+    modules = []
+    for tool_id, tool in sorted(spec.tools.items()):
+        if tool.code is None:
+            continue
+        code = tool.code if tool.code.endswith("\n") else tool.code + "\n"
+        module = toolcode.module_name(tool_id, taken)
+        pointer = _marker(f"/tools/{escape_token(tool_id)}/code")
+        modules.append((module, {"tool_id": tool_id, "pointer": pointer, "code": code}))
+    return modules
+
+
 def _tools_view(spec: Spec) -> dict[str, Any]:
-    code_tools = []
+    modules = {view["tool_id"]: module for module, view in _tool_modules(spec)}
     tools = []
     for tool_id, tool in sorted(spec.tools.items()):
-        if tool.code is not None:
-            code = tool.code if tool.code.endswith("\n") else tool.code + "\n"
-            pointer = _marker(f"/tools/{escape_token(tool_id)}/code")
-            code_tools.append({"pointer": pointer, "code": code})
         tools.append(
             {
                 "id": tool_id,
@@ -273,11 +290,11 @@ def _tools_view(spec: Spec) -> dict[str, Any]:
                 "description": tool.description or _default_description(tool_id, tool),
                 "parameters": value_literal(tool_parameters(tool_id, tool)),
                 "timeout_s": value_literal(tool.timeout_s),
-                "function": tool_id if tool.code is not None else "None",
+                "function": f"{modules[tool_id]}.{tool_id}" if tool_id in modules else "None",
                 "builtin": tool.builtin,
             }
         )
-    return {"code_tools": code_tools, "tools": tools}
+    return {"modules": sorted(modules.values()), "tools": tools}
 
 
 def _default_description(tool_id: str, tool: Tool) -> str:
@@ -289,23 +306,8 @@ def _default_description(tool_id: str, tool: Tool) -> str:
     return (ast.get_docstring(docstring) or tool_id) if docstring else tool_id
 
 
-_ANNOTATION_TYPES = {
-    "str": "string",
-    "int": "integer",
-    "float": "number",
-    "bool": "boolean",
-    "list": "array",
-    "dict": "object",
-    "List": "array",
-    "Dict": "object",
-}
-
-
 def _function_node(name: str, code: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
-    for node in ast.parse(code).body:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
-            return node
-    return None
+    return toolcode.function_node(name, code)
 
 
 def tool_parameters(tool_id: str, tool: Tool) -> dict[str, Any]:
@@ -316,38 +318,7 @@ def tool_parameters(tool_id: str, tool: Tool) -> dict[str, Any]:
             "properties": {"code": {"type": "string", "description": "The Python program to run."}},
             "required": ["code"],
         }
-    node = _function_node(tool_id, tool.code or "")
-    if node is None:
-        return {"type": "object", "properties": {}}
-    args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
-    defaults_from = len(node.args.posonlyargs + node.args.args) - len(node.args.defaults)
-    properties: dict[str, Any] = {}
-    required = []
-    for index, arg in enumerate(args):
-        properties[arg.arg] = _annotation_schema(arg.annotation)
-        positional = index < len(node.args.posonlyargs + node.args.args)
-        has_default = (
-            (index >= defaults_from)
-            if positional
-            else (
-                node.args.kw_defaults[index - len(node.args.posonlyargs + node.args.args)]
-                is not None
-            )
-        )
-        if not has_default:
-            required.append(arg.arg)
-    schema: dict[str, Any] = {"type": "object", "properties": properties}
-    if required:
-        schema["required"] = required
-    return schema
-
-
-def _annotation_schema(annotation: ast.expr | None) -> dict[str, Any]:
-    if annotation is None:
-        return {}
-    base = annotation.value if isinstance(annotation, ast.Subscript) else annotation
-    name = base.id if isinstance(base, ast.Name) else getattr(base, "attr", "")
-    return {"type": _ANNOTATION_TYPES[name]} if name in _ANNOTATION_TYPES else {}
+    return toolcode.tool_parameters(tool_id, tool.code or "")
 
 
 # -- the workflow ---------------------------------------------------------------------------------
@@ -471,14 +442,15 @@ def _call_view(step: CallStep) -> str:
 def _ensemble_view(step: EnsembleStep) -> str:
     return (
         f"self.run.ensemble({value_literal(step.sample_agents())}, {text_literal(step.prompt)}, "
-        f"vote={value_literal(step.vote)}, judge={value_literal(step.judge)})"
+        f"vote={value_literal(step.vote)}, judge={value_literal(step.judge)}{_vote_on(step.vote_on)})"
     )
 
 
 def _debate_view(step: DebateStep) -> str:
     return (
         f"self.run.debate({value_literal(step.agents)}, {text_literal(step.topic)}, "
-        f"rounds={step.rounds}, judge={value_literal(step.judge)}, vote={value_literal(step.vote)})"
+        f"rounds={step.rounds}, judge={value_literal(step.judge)}, vote={value_literal(step.vote)}"
+        f"{_vote_on(step.vote_on)})"
     )
 
 
@@ -491,9 +463,20 @@ def _programmer_view(step: ProgrammerStep) -> str:
 
 def _test_view(step: TestStep) -> str:
     return (
-        f"self.run.test({string_literal(step.code.strip())}, {text_literal(step.tests)}, "
+        f"self.run.test({string_literal(step.code.strip())}, {_tests_literal(step.tests)}, "
         f"timeout_s={step.run_timeout_s!r})"
     )
+
+
+def _vote_on(key: str | None) -> str:
+    """The `vote_on=` argument, only when the spec names a field other than the default."""
+    return "" if key is None else f", vote_on={string_literal(key)}"
+
+
+def _tests_literal(tests: str | list[str]) -> str:
+    if isinstance(tests, str):
+        return text_literal(tests)
+    return "[" + ", ".join(text_literal(t) for t in tests) + "]"
 
 
 def _tool_view(step: ToolStep) -> str:
@@ -505,6 +488,7 @@ def _loop_view(step: LoopStep, pointer: str, emit: EmitContext) -> dict[str, Any
     until = parse_condition(step.until)
     return {
         "max_iterations": step.max_iterations or 1,
+        "fail_exhausted": step.on_exhausted == "fail",
         "body": body,
         "until": compile_condition(until),
         "helpers": _helpers(until),
@@ -532,7 +516,7 @@ def _branch_view(step: BranchStep, pointer: str, emit: EmitContext) -> dict[str,
 def _parallel_view(step: ParallelStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
     branches = []
     for i, branch in enumerate(step.branches):
-        outs = [o for o in (step_out(s) for s in branch) if o]
+        outs = definite_writes(branch)  # written on every path, nested steps included
         branches.append(
             {
                 "method": emit.names.name("branch_", f"{step.id}_{i}"),
@@ -667,17 +651,26 @@ def step_reads(step: Step) -> set[str]:
 
 
 def _readme_view(spec: Spec) -> dict[str, Any]:
+    """README data: every spec string escaped (`mas2c.markdown`) so that it renders as the
+    text it is, never as Markdown or HTML (no script tags, images or broken tables)."""
+    diagram = markdown.mermaid_labels(graph.mermaid(spec))
     return {
-        "mermaid": graph.mermaid(spec),
+        "description_md": markdown.text(spec.description),
+        "mermaid": diagram,
+        "fence": markdown.fence_for(diagram),
         "inputs_rows": [
-            (name, canonical_json(schema)) for name, schema in sorted(spec.inputs.items())
+            (markdown.code(name, True), markdown.code(canonical_json(schema), True))
+            for name, schema in sorted(spec.inputs.items())
         ],
-        "outputs_rows": sorted(spec.outputs.items()),
+        "outputs_rows": [
+            (markdown.code(name, True), markdown.code(path, True))
+            for name, path in sorted(spec.outputs.items())
+        ],
         "agents_rows": [
             (
-                name,
-                _first_line(agent.role).replace("|", "\\|"),
-                agent.model or "",
+                markdown.code(name, True),
+                markdown.cell(_first_line(agent.role)),
+                markdown.code(agent.model or "", True),
                 "structured" if isinstance(agent.output, dict) else "text",
             )
             for name, agent in sorted(spec.agents.items())

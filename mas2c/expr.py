@@ -1,6 +1,7 @@
 """Prompt placeholders and condition expressions: parsing, checking, compiling.
 
-Placeholders are `{{ name }}` or `{{ name.field.0 }}`; single braces are text.
+Placeholders are `{{ name }}` or `{{ name.field.0 | filter }}` (parsed by `mas2c.values`);
+single braces are text.
 Conditions are a small, safe subset of Python, checked by walking the AST
 against a whitelist and compiled from that AST (never by pasting text).
 """
@@ -11,32 +12,18 @@ import ast
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
 
+from mas2c import values
 from mas2c.errors import InvalidInput
+from mas2c.spec import Step, iter_steps, step_out
 
-PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
-
-@dataclass(frozen=True)
-class Placeholder:
-    text: str  # the whole `{{ ... }}`
-    path: tuple[str, ...]  # () when malformed
-    offset: int  # character offset in the template
-
-    @property
-    def root(self) -> str:
-        return self.path[0] if self.path else ""
-
-
-def placeholders(template: str) -> list[Placeholder]:
-    found = []
-    for match in PLACEHOLDER.finditer(template):
-        inner = match.group(1).strip()
-        path = tuple(inner.split(".")) if PATH.match(inner) else ()
-        found.append(Placeholder(match.group(0), path, match.start()))
-    return found
+# Placeholders are parsed by `mas2c.values`, the module compiled packages carry too.
+Placeholder = values.Placeholder
+placeholders = values.placeholders
+whole_placeholder = values.whole_placeholder
 
 
 def parse_path(text: str) -> tuple[str, ...] | None:
@@ -98,6 +85,13 @@ def parse_condition(text: str) -> ast.expr:
 
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def condition_offset(text: str, line: int, column: int) -> int:
+    """The character offset in a condition's `text` of an AST node's (line, UTF-8 column)."""
+    stripped = text.strip()
+    lead = len(text) - len(text.lstrip())
+    return lead + _offset(stripped, line, column, utf8=True)
 
 
 def _offset(text: str, line: int, column: int, *, utf8: bool) -> int:
@@ -249,3 +243,48 @@ def compile_condition(node: ast.expr) -> str:
         items = [compile_condition(e) for e in node.elts]
         return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
     raise ExpressionError(f"{type(node).__name__} is not allowed in a condition")
+
+
+# -- what step lists write ---------------------------------------------------------------------
+
+
+def definite_writes(steps: Sequence[Step]) -> list[str]:
+    """State variables a step list writes on every path through it, ordered by their last
+    write in spec order: the last one is a `parallel` branch's result.
+
+    A loop's body runs at least once; a `branch` writes what every arm (and `else`)
+    writes; a `parallel` writes what any of its branches writes, then its own `out`.
+    Composite steps are read through their flow (`child_lists`, `conditions`).
+    """
+    written: list[str] = []
+    for step in steps:
+        for name in _definite(step):
+            if name in written:
+                written.remove(name)
+            written.append(name)
+    return written
+
+
+def _definite(step: Step) -> list[str]:
+    """What one step writes on every path (asked through the step-kind registry's flow)."""
+    lists = [children for _key, children in step.child_lists()]
+    if step.flow == "alternatives":
+        arms = [definite_writes(children) for children in lists]
+        if len(lists) <= len(step.conditions()):
+            arms.append([])  # no default arm: the state may pass through unchanged
+        common = set.intersection(*(set(arm) for arm in arms)) if arms else set()
+        return [name for name in arms[0] if name in common] if arms else []
+    names = [name for children in lists for name in definite_writes(children)]
+    out = step_out(step)
+    return [*names, *([out] if out else [])]
+
+
+def all_writes(steps: Sequence[Step]) -> dict[str, str]:
+    """Every state variable a step list writes on some path -> the pointer-free id of the
+    first step writing it."""
+    found: dict[str, str] = {}
+    for _pointer, step in iter_steps(list(steps), ""):
+        out = step_out(step)
+        if out and out not in found:
+            found[out] = step.id
+    return found

@@ -33,6 +33,7 @@ fixed spec beside it as ``<stem>.rectified.yaml``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -53,7 +54,27 @@ from mas2c.errors import InvalidInput
 from mas2c.files import write_text_atomic
 from mas2c.llm import LLMError
 from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
+from mas2c.runfolder import (
+    LIMITS,
+    Checkpoint,
+    E,
+    ErrorInfo,
+    LLMCall,
+    Result,
+    RunFolderError,
+    StepEnd,
+    StepResumed,
+    StepStart,
+    Trace,
+    Usage,
+    check_value,
+    checkpoint_path,
+    code_of,
+    load_json_file,
+    read_run_folder,
+)
 from mas2c.spec import (
+    Budgets,
     ModelSpec,
     Spec,
     Step,
@@ -63,6 +84,7 @@ from mas2c.spec import (
     spec_hash,
     static_calls,
 )
+from mas2c.yamledit import edit_spec_text, file_patch
 
 Progress = Callable[[str], None]
 
@@ -111,10 +133,12 @@ STDLIB_MEMBERS: dict[str, str] = {
 # Standard-library module names that are far more often an undefined variable.
 _NOT_MODULES = frozenset({"this", "antigravity", "test", "__future__", "token", "code", "types"})
 
-_NAME_ERROR = re.compile(r"NameError: name '([A-Za-z_][A-Za-z0-9_]*)' is not defined")
-_EMPTY_VOTE = re.compile(r"every (sample|answer) was empty")
 # A traceback frame in a generated file of the package (workflow.py, tools.py, ...).
-_TOOLS_FRAME = re.compile(r'File "[^"]*?/(mas2c_[A-Za-z0-9_]+/[A-Za-z0-9_]+\.py)", line (\d+)')
+_TOOLS_FRAME = re.compile(
+    r'File "[^"\n]{0,4096}/(mas2c_[A-Za-z0-9_]{1,200}/[A-Za-z0-9_]{1,200}\.py)", line (\d{1,7})'
+)
+#: Only the end of a (hostile, possibly huge) traceback is searched for frames.
+TRACEBACK_TAIL = 64 * 1024
 _BUDGET_LIMITS = ("max_llm_calls", "max_total_tokens", "max_cost_usd")
 
 FixClass = Literal[
@@ -143,19 +167,19 @@ class FixRejected(Exception):
 
 @dataclass
 class RunRecord:
-    """What a run folder says."""
+    """What a run folder says, read through the typed contract (`mas2c.runfolder`)."""
 
     folder: Path
-    result: dict[str, Any]
-    usage: dict[str, Any]
-    trace: list[dict[str, Any]]
+    result: Result
+    usage: Usage
+    trace: Trace
 
     @property
     def status(self) -> str:
-        return str(self.result.get("status", "error"))
+        return self.result.status
 
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.trace if e.get("event") == name]
+    def events(self, kind: type[E]) -> list[E]:
+        return self.trace.of(kind)
 
 
 @dataclass
@@ -170,16 +194,19 @@ class Failure:
     step: str | None = None
     agent: str | None = None
     traceback: str = ""
+    code: str | None = None  # the stable error code (`mas2c.runfolder.ErrorCode`), or overspend
+    limit: str | None = None  # the budget limit at stake (max_llm_calls, ...), for budget codes
     kind: str = "logic"
 
     @property
-    def signature(self) -> tuple[str, str]:
-        """What "the same error again" means: type and pointer."""
-        return (self.type, self.pointer or "")
+    def signature(self) -> tuple[str, str, str]:
+        """What "the same error again" means: code, type and pointer."""
+        return (self.code or "", self.type, self.pointer or "")
 
     def to_json(self) -> dict[str, Any]:
         return {
             "status": self.status,
+            "code": self.code,
             "type": self.type,
             "message": self.message,
             "pointer": self.pointer,
@@ -288,6 +315,15 @@ class Round:
         }
 
 
+@dataclass(frozen=True)
+class SpecText:
+    """The text every round edits: the user's file (or a dump), its name for patch headers."""
+
+    text: str
+    name: str
+    json_text: bool
+
+
 @dataclass
 class RectifyOutcome:
     run_dir: Path
@@ -297,6 +333,7 @@ class RectifyOutcome:
     stop_reason: str = ""
     final_spec: Spec | None = None
     final_run: RunOutcome | None = None
+    final_text: str | None = None  # the fixed spec as the user's text, edited
     written: Path | None = None
 
     @property
@@ -331,32 +368,21 @@ class RectifyOutcome:
 
 
 def read_run(folder: Path) -> RunRecord:
-    result_path = folder / "result.json"
-    if not result_path.is_file():
-        raise RectifyError(f"{folder}: not a run folder (no result.json)")
-    result = _json_file(result_path)
-    if not isinstance(result, dict):
-        raise RectifyError(f"{result_path}: not a JSON object")
-    usage = _json_file(folder / "usage.json")
-    trace: list[dict[str, Any]] = []
+    """A run folder through the contract; RectifyError naming the file and problem otherwise."""
     try:
-        for line in (folder / "trace.jsonl").read_text("utf-8").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                trace.append(event)
-    except OSError:
-        pass
-    return RunRecord(folder, result, usage if isinstance(usage, dict) else {}, trace)
+        folder_ = read_run_folder(folder)
+    except RunFolderError as exc:
+        raise RectifyError(str(exc)) from None
+    return RunRecord(folder, folder_.result, folder_.usage, folder_.trace)
 
 
-def _json_file(path: Path) -> Any:
+def _round_record(folder: Path) -> RunRecord:
+    """A re-run's folder; one that breaks the contract is a failed run (code ``bad_result``)."""
     try:
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
+        return read_run(folder)
+    except RectifyError as exc:
+        error = ErrorInfo(type="BadResult", code="bad_result", message=str(exc)[:4096])
+        return RunRecord(folder, Result(status="error", error=error), Usage(), Trace())
 
 
 def find_spec(run_dir: Path, spec_path: Path | None = None) -> tuple[Spec, Path | None]:
@@ -368,17 +394,25 @@ def find_spec(run_dir: Path, spec_path: Path | None = None) -> tuple[Spec, Path 
             return load_spec(spec_path), spec_path
         except SpecInvalid as exc:
             raise RectifyError(f"{spec_path} is not a valid spec:\n{exc}") from None
+    problems = []
     for path, key in ((run_dir / "spec.json", None), (run_dir / "build" / "MANIFEST.json", "spec")):
-        data = _json_file(path)
-        if data is None:
+        if not path.exists():
+            continue
+        try:
+            data = load_json_file(path, LIMITS.spec_bytes)
+        except RunFolderError as exc:
+            problems.append(str(exc))
             continue
         if key is not None:
             data = data.get(key) if isinstance(data, dict) else None
-        report = validate_text(json.dumps(data), str(path))
+        report = validate_text(json.dumps(data, ensure_ascii=False), str(path))
         if report.spec is not None and report.ok:
             return report.spec, None
+        problems.append(f"{path}: not a valid spec")
+    why = f" ({'; '.join(problems)})" if problems else ""
     raise RectifyError(
-        f"{run_dir}: the run folder holds no spec (spec.json or build/); pass --spec SPEC"
+        f"{run_dir}: the run folder holds no usable spec (spec.json or build/){why}; "
+        "pass --spec SPEC"
     )
 
 
@@ -391,41 +425,53 @@ def find_input(run_dir: Path, input_path: Path | None = None) -> Path:
 
 # -- diagnosis -------------------------------------------------------------------------------------
 
+#: Budget error codes -> the limit of `budgets` they name.
+BUDGET_LIMIT: dict[str, str] = {
+    "budget_calls": "max_llm_calls",
+    "budget_tokens": "max_total_tokens",
+    "budget_cost": "max_cost_usd",
+}
+
 
 def diagnose(
     record: RunRecord, *, max_cost: float | None = None, max_calls: int | None = None
 ) -> Failure | None:
     """The run's failure, or its overspending of a threshold, or None when it is fine."""
     result = record.result
-    if record.status == "ok":
-        calls = int(record.usage.get("calls", result.get("usage", {}).get("calls", 0)) or 0)
-        cost = float(record.usage.get("cost_usd", result.get("usage", {}).get("cost_usd", 0)) or 0)
-        if max_cost is not None and cost > max_cost:
+    if result.error is None:
+        spent = record.usage if record.usage.calls or result.usage is None else result.usage
+        if max_cost is not None and spent.cost_usd > max_cost:
             return Failure(
                 "overspent",
                 "OverBudget",
-                f"the run cost ${cost:.6f}, over --max-cost ${max_cost:g} (max_cost_usd)",
+                f"the run cost ${spent.cost_usd:.6f}, over --max-cost ${max_cost:g} (max_cost_usd)",
+                code="overspend",
+                limit="max_cost_usd",
                 kind="overspend",
             )
-        if max_calls is not None and calls > max_calls:
+        if max_calls is not None and spent.calls > max_calls:
             return Failure(
                 "overspent",
                 "OverBudget",
-                f"the run made {calls} LLM calls, over --max-calls {max_calls} (max_llm_calls)",
+                f"the run made {spent.calls} LLM calls, over --max-calls {max_calls} (max_llm_calls)",
+                code="overspend",
+                limit="max_llm_calls",
                 kind="overspend",
             )
         return None
-    error = result.get("error") if isinstance(result.get("error"), dict) else {}
-    assert isinstance(error, dict)
+    error = result.error
+    code = code_of(error)
     failure = Failure(
-        status=record.status,
-        type=str(error.get("type") or "Error"),
-        message=str(error.get("message") or ""),
-        pointer=error.get("spec_pointer") or None,
-        line=error.get("spec_line") if isinstance(error.get("spec_line"), int) else None,
-        step=error.get("step") or None,
-        agent=error.get("agent") or None,
-        traceback=str(error.get("traceback") or ""),
+        status=result.status,
+        type=error.type,
+        message=error.message,
+        pointer=error.spec_pointer or None,
+        line=error.spec_line,
+        step=error.step,
+        agent=error.agent,
+        traceback=error.traceback or "",
+        code=code,
+        limit=BUDGET_LIMIT.get(code),
     )
     if failure.pointer is None:
         failure.pointer = _pointer_from_trace(record)
@@ -433,42 +479,56 @@ def diagnose(
     return failure
 
 
+def traceback_frames(traceback: str) -> list[tuple[str, int]]:
+    """(generated file, line) of each frame of the package in the traceback's last 64 KiB."""
+    frames = []
+    for line in traceback[-TRACEBACK_TAIL:].splitlines():
+        if len(line) <= 8192:
+            match = _TOOLS_FRAME.search(line)
+            if match:
+                frames.append((match.group(1), int(match.group(2))))
+    return frames
+
+
 def _pointer_from_trace(record: RunRecord) -> str | None:
     """The step that was running when the run died (started, never ended)."""
     open_steps: list[str] = []
-    for event in record.trace:
-        if event.get("event") == "step_start":
-            open_steps.append(str(event.get("pointer")))
-        elif event.get("event") == "step_end" and str(event.get("pointer")) in open_steps:
-            open_steps.remove(str(event.get("pointer")))
+    for event in record.trace.events:
+        if isinstance(event, StepStart):
+            open_steps.append(event.pointer)
+        elif isinstance(event, StepEnd) and event.pointer in open_steps:
+            open_steps.remove(event.pointer)
     return open_steps[-1] if open_steps else None
 
 
+#: Error code -> the kind of failure a fixer handles. Dispatch is on codes only: never on
+#: message text or exception class names (see `mas2c.runfolder.code_of` for old folders).
+KIND_OF_CODE: dict[str, str] = {
+    "overspend": "overspend",
+    "empty_vote": "empty_vote",
+    "step_timeout": "timeout",
+    "run_timeout": "timeout",
+    "tool_timeout": "tool_timeout",
+    "tool_error": "tool_error",
+    "structured_output": "structured_output",
+    "budget_calls": "budget",
+    "budget_tokens": "budget",
+    "budget_cost": "budget",
+    "bad_input": "bad_input",
+    "llm_error": "llm_endpoint",
+    "internal": "logic",
+    "interrupted": "sandbox",
+    "sandbox_timeout": "sandbox_timeout",
+    "oom_killed": "sandbox",
+    "sandbox_error": "sandbox",
+    "no_result": "sandbox",
+    "bad_result": "bad_result",
+}
+
+
 def classify(failure: Failure) -> str:
-    text = f"{failure.message}\n{failure.traceback}"
-    if failure.status == "overspent":
-        return "overspend"
-    if failure.status == "bad_input":
-        return "bad_input"
-    if failure.status == "budget_exceeded" or failure.type == "BudgetExceeded":
-        return "budget"
-    if failure.type == "StepTimeout":
-        return "timeout"
-    if failure.type == "Timeout":
-        return "sandbox_timeout"
-    if failure.type == "ToolError" and "timed out after" in failure.message:
-        return "tool_timeout"
-    if failure.type == "StructuredOutputError":
-        return "structured_output"
-    if _NAME_ERROR.search(text):
-        return "name_error"
-    if _EMPTY_VOTE.search(failure.message):
-        return "empty_vote"
-    if failure.type == "LLMError":
-        return "llm_endpoint"
-    if failure.type in ("SandboxError", "OOMKilled", "Interrupted", "MissingResult"):
-        return "sandbox"
-    return "logic"
+    """The failure's kind, from its code alone."""
+    return KIND_OF_CODE.get(failure.code or "internal", "logic")
 
 
 #: Kinds no spec change can fix: the run's input, the sandbox or the endpoint is at fault.
@@ -477,6 +537,7 @@ UNFIXABLE = {
     "sandbox_timeout": "the sandbox killed the program at its wall-clock limit: raise --timeout",
     "sandbox": "the sandbox failed (see sandbox.json and stderr.txt), not the system",
     "llm_endpoint": "the LLM endpoint failed (see the error); check --llm and the key",
+    "bad_result": "the program's result or trace breaks the run-folder contract (see the error)",
 }
 
 
@@ -494,6 +555,28 @@ def resolve(data: Any, pointer: str) -> Any:
         token = _unescape(raw)
         node = node[int(token)] if isinstance(node, list) else node[token]
     return node
+
+
+def known_pointer(data: Any, pointer: str | None) -> str | None:
+    """The longest prefix of `pointer` that names a value of `data` (None for none but the root).
+
+    Pointers read from a run folder are untrusted: this is the only way they reach a lookup.
+    """
+    if not pointer or not pointer.startswith("/"):
+        return None
+    node, found = data, ""
+    for raw in pointer.split("/")[1:]:
+        token = _unescape(raw)
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and re.fullmatch(r"0|[1-9][0-9]{0,5}", token):
+            if int(token) >= len(node):
+                break
+            node = node[int(token)]
+        else:
+            break
+        found = f"{found}/{raw}"
+    return found or None
 
 
 def step_pointers(spec: Spec) -> dict[str, str]:
@@ -520,12 +603,19 @@ def locate(failure: Failure, spec: Spec, build: Build) -> Locus:
     """The spec element at fault and its generated code, from pointer, traceback and source map."""
     from mas2c.compile import pointer_at
 
-    pointer = failure.pointer
-    line = failure.line
-    if pointer is None or (pointer.startswith("/workflow") and failure.type == "ToolError"):
+    # The pointer, step and agent come from the run folder (hostile input): only what names
+    # an element of this spec is used (a pointer is cut back to its longest part that does).
+    data = spec.to_data()
+    pointer = known_pointer(data, failure.pointer)
+    line = failure.line if pointer == failure.pointer else None
+    if failure.step is not None and failure.step not in step_pointers(spec):
+        failure.step = None
+    if failure.agent is not None and failure.agent not in spec.agents:
+        failure.agent = None
+    if pointer is None or (pointer.startswith("/workflow") and failure.code == "tool_error"):
         # A traceback frame inside a tool's verbatim code is more precise than the step;
         # without a pointer, the innermost generated frame the source map knows.
-        for file, number in reversed(_TOOLS_FRAME.findall(failure.traceback)):
+        for file, number in reversed(traceback_frames(failure.traceback)):
             found = pointer_at(build.manifest, file, int(number))
             if found and found.startswith("/tools/"):
                 entry = _entry(build, found, file)
@@ -548,7 +638,8 @@ def locate(failure: Failure, spec: Spec, build: Build) -> Locus:
         locus.tool_line = line if locus.element == "tool_code" else None
     elif parts[:1] == ["workflow"]:
         locus.element = "step"
-        locus.step_pointer = _enclosing_step(pointer) or pointer
+        enclosing = _enclosing_step(pointer)
+        locus.step_pointer = enclosing if enclosing and step_at(spec, enclosing) else None
     elif parts[:1] == ["agents"] and len(parts) >= 2:
         locus.element = "agent"
         locus.agent = parts[1]
@@ -764,35 +855,79 @@ class Context:
     allow_budget_raise: bool = False
 
 
-def fix_missing_import(failure: Failure, locus: Locus, spec: Spec, ctx: Context) -> Fix | None:
-    match = _NAME_ERROR.search(f"{failure.message}\n{failure.traceback}")
-    if match is None or locus.tool is None or locus.element != "tool_code":
-        return None
-    name = match.group(1)
-    code = spec.tools[locus.tool].code or ""
+def undefined_names(code: str) -> list[tuple[str, int]]:
+    """Names the code reads but never binds (nor are builtins), with their 1-based lines.
+
+    Found by libcst's scope analysis of the code itself: the error message is never read.
+    """
+    from libcst.metadata import MetadataWrapper, PositionProvider, ScopeProvider
+
+    try:
+        wrapper = MetadataWrapper(cst.parse_module(code))
+    except cst.ParserSyntaxError:
+        return []
+    scopes = wrapper.resolve(ScopeProvider)
+    positions = wrapper.resolve(PositionProvider)
+    found: dict[tuple[str, int], None] = {}
+    for scope in {s for s in scopes.values() if s is not None}:
+        for access in scope.accesses:
+            node = access.node
+            if access.referents or not isinstance(node, cst.Name):
+                continue
+            position = positions.get(node)
+            found[(node.value, position.start.line if position else 0)] = None
+    return sorted(found, key=lambda item: (item[1], item[0]))
+
+
+def _stdlib_import(name: str, code: str) -> tuple[str, str | None] | None:
+    """The import that defines `name` from the standard library, if it is a known one."""
     if name in STDLIB_MEMBERS:
-        wanted: tuple[str, str | None] = (STDLIB_MEMBERS[name], name)
-        what = f"`from {wanted[0]} import {name}`"
-    elif (
+        return (STDLIB_MEMBERS[name], name)
+    if (
         name in sys.stdlib_module_names
         and not name.startswith("_")
         and name not in _NOT_MODULES
         and _uses_as_module(code, name)
     ):
-        wanted = (name, None)
-        what = f"`import {name}`"
-    else:
+        return (name, None)
+    return None
+
+
+def fix_missing_import(failure: Failure, locus: Locus, spec: Spec, ctx: Context) -> Fix | None:
+    """A tool error in code that reads a standard-library name it never imports: the import.
+
+    Names on the failing line (when the runtime gave it) come first; every undefined
+    standard-library name of the tool's code is imported in one edit.
+    """
+    if locus.tool is None or locus.element != "tool_code":
+        return None
+    code = spec.tools[locus.tool].code or ""
+    missing = undefined_names(code)
+    if locus.tool_line is not None:
+        on_line = [(n, line) for n, line in missing if line == locus.tool_line]
+        if not on_line:
+            return None  # the failing line reads no undefined name: not a missing import
+    wanted: dict[tuple[str, str | None], str] = {}
+    for name, _line in missing:
+        found = _stdlib_import(name, code)
+        if found is not None:
+            wanted.setdefault(found, name)
+    if not wanted:
         return None
     try:
-        fixed = edit_tool_code(spec, ctx.build, locus.tool, lambda c: add_imports(c, [wanted]))
+        fixed = edit_tool_code(spec, ctx.build, locus.tool, lambda c: add_imports(c, list(wanted)))
     except (FixRejected, cst.ParserSyntaxError):
         return None
+    names = ", ".join(f"`{n}`" for n in wanted.values())
+    what = ", ".join(
+        f"`from {mod} import {obj}`" if obj else f"`import {mod}`" for mod, obj in wanted
+    )
     return Fix(
         fixed,
         "missing_import",
         True,
-        f"NameError for `{name}` in tool `{locus.tool}` (line {locus.tool_line}): "
-        f"`{name}` is from the standard library, so its import was missing",
+        f"tool `{locus.tool}` failed (line {locus.tool_line}) and its code reads {names}, "
+        "defined nowhere in it but in the standard library: the import was missing",
         [f"{locus.pointer}: added {what} (libcst AddImportsVisitor on the generated tool code)"],
     )
 
@@ -935,7 +1070,7 @@ def fix_timeout(failure: Failure, locus: Locus, spec: Spec, ctx: Context) -> Fix
         )
     if failure.kind != "timeout":
         return None
-    global_budget = failure.pointer == "/budgets/timeout_s"
+    global_budget = failure.code == "run_timeout"
     step_pointer = (
         step_pointers(spec).get(failure.step or "") if global_budget else locus.step_pointer
     )
@@ -980,17 +1115,14 @@ def fix_timeout(failure: Failure, locus: Locus, spec: Spec, ctx: Context) -> Fix
 
 
 def _budget_limit(failure: Failure) -> str:
-    for limit in _BUDGET_LIMITS:
-        if limit in failure.message or limit in (failure.pointer or ""):
-            return limit
-    return "max_llm_calls"
+    """The budget limit at stake: from the error code (or the threshold that was exceeded)."""
+    return failure.limit if failure.limit in _BUDGET_LIMITS else "max_llm_calls"
 
 
 def _calls_by_top_step(record: RunRecord) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for event in record.events("llm_call"):
-        pointer = str(event.get("pointer") or "")
-        match = re.match(r"^/workflow/\d+", pointer)
+    for event in record.events(LLMCall):
+        match = re.match(r"^/workflow/\d+", event.pointer or "")
         if match:
             counts[match.group(0)] = counts.get(match.group(0), 0) + 1
     return counts
@@ -1067,7 +1199,7 @@ def _top_steps(spec: Spec) -> list[tuple[str, Step]]:
 
 
 DETERMINISTIC: dict[str, Callable[[Failure, Locus, Spec, Context], Fix | None]] = {
-    "name_error": fix_missing_import,
+    "tool_error": fix_missing_import,
     "structured_output": fix_structured_output,
     "empty_vote": fix_empty_vote,
     "timeout": fix_timeout,
@@ -1082,8 +1214,11 @@ def deterministic_fix(failure: Failure, locus: Locus, spec: Spec, ctx: Context) 
     if fixer is None:
         return None
     try:
-        return fixer(failure, locus, spec, ctx)
-    except (FixRejected, KeyError, IndexError, TypeError, ValueError):
+        fix = fixer(failure, locus, spec, ctx)
+        if fix is not None:
+            guard_fix(spec, fix.spec, allow_budget_raise=ctx.allow_budget_raise)
+        return fix
+    except (FixRejected, KeyError, IndexError, TypeError, ValueError, AttributeError):
         return None  # the deterministic route does not apply here; the LLM may still
 
 
@@ -1116,7 +1251,7 @@ def json_block(text: str) -> Any:
     for candidate in candidates:
         try:
             return json.loads(candidate)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
     return None
 
@@ -1129,11 +1264,13 @@ def apply_json_patch(spec: Spec, operations: Any, *, allow_budgets: bool = False
         operations = [operations]
     if not isinstance(operations, list) or not operations:
         raise FixRejected("the JSON Patch must be a non-empty JSON array of operations")
+    try:
+        check_value(operations, "the JSON Patch")
+    except RunFolderError as exc:
+        raise FixRejected(str(exc)) from None
     for op in operations:
         if not isinstance(op, dict) or "op" not in op or "path" not in op:
             raise FixRejected(f"not a JSON Patch operation: {json.dumps(op)[:200]}")
-        if not allow_budgets and str(op["path"]).startswith("/budgets"):
-            raise FixRejected("the patch may not change budgets")
     try:
         data = jsonpatch.JsonPatch(operations).apply(spec.to_data())
     except (
@@ -1147,7 +1284,83 @@ def apply_json_patch(spec: Spec, operations: Any, *, allow_budgets: bool = False
         raise FixRejected(f"the JSON Patch does not apply: {exc}") from None
     if not isinstance(data, dict):
         raise FixRejected("the patched spec is not a mapping")
-    return checked_spec(data)
+    if not allow_budgets and _budgets_of(data) != spec.budgets:  # before validating: say why
+        _reject_budget_change(spec.budgets, _budgets_of(data))
+    fixed = checked_spec(data)
+    guard_fix(spec, fixed, allow_budget_raise=allow_budgets)
+    return fixed
+
+
+def _budgets_of(data: dict[str, Any]) -> Budgets | None:
+    try:
+        return Budgets.model_validate(data.get("budgets", {}))
+    except ValueError:
+        return None
+
+
+def _reject_budget_change(before: Budgets, after: Budgets | None) -> None:
+    old = before.model_dump()
+    new = after.model_dump() if after is not None else {}
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)) or ["*"]
+    raise FixRejected(
+        "the fix changes budgets (" + ", ".join(f"/budgets/{k}" for k in changed) + "), "
+        "which needs --allow-budget-raise"
+    )
+
+
+def guard_fix(before: Spec, after: Spec, *, allow_budget_raise: bool) -> None:
+    """What no fix may do, checked on the resulting document (never on how a patch says it).
+
+    - change `budgets` (by any operation: `replace`, `move`/`copy` from it, a whole-document
+      `replace` at ""), unless `allow_budget_raise`;
+    - make one tool's code define a name another tool defines or is called (tools share the
+      compiled `tools.py`, so that would replace the other tool's function).
+    """
+    if not allow_budget_raise and before.budgets != after.budgets:
+        _reject_budget_change(before.budgets, after.budgets)
+    changed = {t for t in after.tools if before.tools.get(t) != after.tools[t]}
+    new = _tool_clashes(after) - _tool_clashes(before)
+    clashes = sorted(c for c in new if c[1] in changed) or sorted(new)
+    if clashes:
+        name, owner, other = clashes[0]
+        raise FixRejected(
+            f"the code of tool `{owner}` would define `{name}`, which belongs to tool `{other}` "
+            "(tools share one module: it would replace that tool's function)"
+        )
+
+
+def _top_level_names(code: str) -> set[str]:
+    """Functions, classes and variables the code defines at module level (imports aside)."""
+    try:
+        module = cst.parse_module(code)
+    except cst.ParserSyntaxError:
+        return set()
+    names: set[str] = set()
+    for statement in module.body:
+        if isinstance(statement, cst.FunctionDef | cst.ClassDef):
+            names.add(statement.name.value)
+        elif isinstance(statement, cst.SimpleStatementLine):
+            for small in statement.body:
+                targets: list[cst.BaseExpression] = []
+                if isinstance(small, cst.Assign):
+                    targets = [t.target for t in small.targets]
+                elif isinstance(small, cst.AnnAssign | cst.AugAssign):
+                    targets = [small.target]
+                names.update(t.value for t in targets if isinstance(t, cst.Name))
+    return names
+
+
+def _tool_clashes(spec: Spec) -> set[tuple[str, str, str]]:
+    """(name, tool whose code defines it, the other tool it belongs to)."""
+    defined = {tid: _top_level_names(t.code) for tid, t in spec.tools.items() if t.code}
+    clashes: set[tuple[str, str, str]] = set()
+    for owner, names in defined.items():
+        for other in spec.tools:
+            if other == owner:
+                continue
+            theirs = defined.get(other, set()) | {other}
+            clashes.update((name, owner, other) for name in names & theirs)
+    return clashes
 
 
 def _numbered(code: str, mark: int | None) -> str:
@@ -1244,6 +1457,7 @@ def apply_llm_answer(
             return new
 
         fixed = edit_tool_code(spec, build, tool_id, transform)
+        guard_fix(spec, fixed, allow_budget_raise=allow_budgets)
         return Fix(
             fixed,
             "llm_code",
@@ -1323,27 +1537,37 @@ def _first_line(text: str) -> str:
 
 
 def harvest_checkpoints(records: list[RunRecord]) -> dict[str, dict[str, Any]]:
-    """The step checkpoints the runs traced (`checkpoint` events), by key; later runs win."""
+    """The step checkpoints the runs traced (`checkpoint` events), by key; later runs win.
+
+    The trace is the sandbox's: every event was validated by `mas2c.runfolder` (the key is
+    64 hex digits, the pointer a top-level step's, the writes keyed by variable names).
+    """
     found: dict[str, dict[str, Any]] = {}
     for record in records:
-        for event in record.events("checkpoint"):
-            key = event.get("key")
-            if isinstance(key, str) and isinstance(event.get("writes"), dict):
-                found[key] = {
-                    "step": event.get("step"),
-                    "pointer": event.get("pointer"),
-                    "key": key,
-                    "writes": event["writes"],
-                }
+        for event in record.events(Checkpoint):
+            found[event.key] = {
+                "step": event.step,
+                "pointer": event.pointer,
+                "key": event.key,
+                "writes": event.writes,
+            }
     return found
 
 
 def offer_checkpoints(build_dir: Path, checkpoints: dict[str, dict[str, Any]]) -> None:
-    """Put checkpoints beside the package, where the runtime looks for them (`checkpoints/`)."""
+    """Put checkpoints beside the package, where the runtime looks for them (`checkpoints/`).
+
+    Each file is `<key>.json` inside that folder: a key that is not 64 hex digits is refused
+    (`checkpoint_path`), so no trace can name a file anywhere else.
+    """
     folder = build_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     for key, record in sorted(checkpoints.items()):
-        write_text_atomic(folder / f"{key}.json", json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            path = checkpoint_path(folder, key)
+        except RunFolderError:
+            continue
+        write_text_atomic(path, json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # -- the loop ----------------------------------------------------------------------------------------
@@ -1383,8 +1607,16 @@ def rectify(
     spec, origin = find_spec(run_dir, spec_path)
     input_file = find_input(run_dir, input_path)
     failure = diagnose(record, max_cost=max_cost, max_calls=max_calls)
+    # The user's own text is what every round edits (comments, order and styles kept), so each
+    # round's patch.diff applies to the user's file; a spec from the run folder is dumped.
+    source = SpecText(spec_yaml(spec), "spec.yaml", json_text=False)
+    if origin is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            source = SpecText(origin.read_text("utf-8"), origin.name, origin.suffix == ".json")
     out_dir = run_dir / "rectify"
-    if out_dir.exists():
+    if out_dir.is_symlink() or out_dir.is_file():
+        out_dir.unlink()  # never follow a link out of the run folder
+    elif out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     outcome = RectifyOutcome(run_dir, "nothing_to_do", failure, final_spec=spec)
@@ -1405,6 +1637,7 @@ def rectify(
             failure,
             input_file,
             out_dir,
+            source,
             max_rounds=max_rounds,
             client=client,
             run_kwargs={
@@ -1428,10 +1661,11 @@ def rectify(
             upstream.close()
     if write and outcome.status == "fixed" and outcome.final_spec is not None:
         if origin is not None:
-            target = origin.with_name(f"{origin.stem}.rectified.yaml")
+            suffix = ".json" if origin.suffix == ".json" else ".yaml"
+            target = origin.with_name(f"{origin.stem}.rectified{suffix}")
         else:
             target = run_dir / f"{outcome.final_spec.name}.rectified.yaml"
-        write_text_atomic(target, spec_yaml(outcome.final_spec))
+        write_text_atomic(target, outcome.final_text or spec_yaml(outcome.final_spec))
         outcome.written = target
         say(f"wrote the rectified spec to {target}")
     _write_summary(outcome, out_dir)
@@ -1445,6 +1679,7 @@ def _loop(
     failure: Failure,
     input_file: Path,
     out_dir: Path,
+    source: SpecText,
     *,
     max_rounds: int,
     client: Any,
@@ -1459,7 +1694,7 @@ def _loop(
     records = [record]
     history: list[dict[str, Any]] = []
     stale = 0
-    previous_yaml, previous_name = spec_yaml(spec), "original/spec.yaml"
+    previous_text = source.text
     for number in range(1, max_rounds + 1):
         if failure.kind in UNFIXABLE:
             outcome.stop_reason = f"not a fault of the spec: {UNFIXABLE[failure.kind]}"
@@ -1508,12 +1743,9 @@ def _loop(
             + "; ".join(fix.changes)
         )
         digest = spec_hash(fix.spec)
-        text = spec_yaml(fix.spec)
+        text = edit_spec_text(previous_text, spec, fix.spec, json_text=source.json_text)
         write_text_atomic(folder / "spec.yaml", text)
-        write_text_atomic(
-            folder / "patch.diff",
-            unified_diff(previous_yaml, text, previous_name, f"round-{number}/spec.yaml"),
-        )
+        write_text_atomic(folder / "patch.diff", file_patch(previous_text, text, source.name))
         if digest in seen:
             round_.outcome = "repeated"
             outcome.stop_reason = "the fix repeats an earlier spec (same hash): no new idea"
@@ -1528,15 +1760,15 @@ def _loop(
             if offered:
                 offer_checkpoints(build_dir, offered)
         run = run_system(build_dir, input_file, folder / "run", **run_kwargs)
-        new_record = read_run(folder / "run")
+        new_record = _round_record(folder / "run")
         round_.run = run
-        round_.resumed_steps = [str(e.get("step")) for e in new_record.events("step_resumed")]
+        round_.resumed_steps = [e.step for e in new_record.events(StepResumed)]
         new_failure = diagnose(new_record, **thresholds)
         round_.run_failure = new_failure
         spec, record = fix.spec, new_record
         records.append(new_record)
         outcome.final_spec, outcome.final_run = spec, run
-        previous_yaml, previous_name = text, f"round-{number}/spec.yaml"
+        previous_text = outcome.final_text = text
         history.append(
             {
                 "round": number,

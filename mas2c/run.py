@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mas2c.errors import InvalidInput, RunFailure
 from mas2c.files import write_bytes_atomic, write_text_atomic
+from mas2c.runfolder import Result, result_data, result_or_error
 
 if TYPE_CHECKING:
     from mas2c.spec import Spec
@@ -76,6 +77,7 @@ class RunOutcome:
     result: dict[str, Any]
     usage: dict[str, Any]
     sandbox: dict[str, Any] = field(default_factory=dict)
+    typed: Result | None = None  # `result` as validated by the run-folder contract
 
     @property
     def ok(self) -> bool:
@@ -386,14 +388,16 @@ def run_system(
         if owned and hasattr(upstream, "close"):
             upstream.close()
         _finish_header(run_dir, header)
-    result = _read_json(run_dir / "result.json")
+    # The program wrote result.json: read it through the run-folder contract (hostile input).
+    result = result_or_error(run_dir / "result.json")
     return RunOutcome(
         run_dir,
-        str(result.get("status", "error")),
+        result.status,
         report.exit_code,
-        result,
+        result_data(result),
         usage,
         report.to_json(),
+        typed=result,
     )
 
 
@@ -427,7 +431,7 @@ def _write_header(run_dir: Path, header: Any) -> None:
 def _finish_header(run_dir: Path, header: Any) -> None:
     """Record the end time and status; a failure to do so never hides the run's own."""
     header.finished_ts = time.time()
-    header.status = str(_read_json(run_dir / "result.json").get("status", "error"))
+    header.status = result_or_error(run_dir / "result.json").status
     with suppress(OSError):
         _write_header(run_dir, header)
 
@@ -459,22 +463,12 @@ def check_input(path: Path, declared: dict[str, Any]) -> dict[str, Any]:
 
 
 def input_problems(given: dict[str, Any], declared: dict[str, Any]) -> list[str]:
-    """Every way `given` misses the spec's `inputs` (name -> JSON Schema), one line each."""
-    problems: list[str] = []
-    for name, schema in declared.items():
-        if name in given:
-            problems.extend(
-                f"input {name!r}{where}: {what}"
-                for where, what in _value_problems(
-                    given[name], schema if isinstance(schema, dict) else {}
-                )
-            )
-        elif not (isinstance(schema, dict) and "default" in schema):
-            problems.append(f"missing required input {name!r}")
-    for name in sorted(set(given) - set(declared)):
-        known = ", ".join(sorted(declared)) or "none"
-        problems.append(f"unknown input {name!r} (declared: {known})")
-    return problems
+    """Every way `given` misses the spec's `inputs` (name -> JSON Schema), one line each:
+    `mas2c.values.input_problems`, the very check the compiled package runs (its
+    `_values.py` is that file), so the host and the sandbox never disagree."""
+    from mas2c.values import input_problems as problems_of
+
+    return [message for _pointer, message in problems_of(given, declared)]
 
 
 def check_reachable(url: str, timeout_s: float = 3.0) -> None:
@@ -500,85 +494,3 @@ def check_reachable(url: str, timeout_s: float = 3.0) -> None:
             f"the LLM endpoint {parts.scheme}://{parts.hostname}:{port} is not reachable "
             f"({reason}); start it, or pass --llm URL, --llm local or --replay FILE"
         ) from None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return {
-            "status": "error",
-            "error": {"type": "MissingResult", "message": f"{path.name} is missing"},
-        }
-    return data if isinstance(data, dict) else {"status": "error"}
-
-
-_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
-    "string": lambda v: isinstance(v, str),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "null": lambda v: v is None,
-}
-
-
-def _value_problems(
-    value: Any, schema: dict[str, Any], where: str = ""
-) -> Iterator[tuple[str, str]]:
-    """(JSON-pointer suffix, problem) for `value` against the common JSON Schema keywords:
-    type, enum, const, required, properties, additionalProperties: false, items, string
-    and number bounds. (A host-side stand-in until the spec language's own value check.)"""
-    kind = schema.get("type")
-    kinds = [kind] if isinstance(kind, str) else [k for k in kind or [] if isinstance(k, str)]
-    checks = [_JSON_TYPES[k] for k in kinds if k in _JSON_TYPES]
-    if checks and not any(check(value) for check in checks):
-        yield where, f"must be {' or '.join(kinds)}, got {_json_type(value)}"
-        return
-    if "enum" in schema and isinstance(schema["enum"], list) and value not in schema["enum"]:
-        yield where, f"must be one of {json.dumps(schema['enum'])[:200]}"
-    if "const" in schema and value != schema["const"]:
-        yield where, f"must be {json.dumps(schema['const'])[:200]}"
-    if isinstance(value, str):
-        yield from _bounds(where, len(value), schema, "minLength", "maxLength", "character(s)")
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        if isinstance(low := schema.get("minimum"), int | float) and value < low:
-            yield where, f"must be at least {low}"
-        if isinstance(high := schema.get("maximum"), int | float) and value > high:
-            yield where, f"must be at most {high}"
-    elif isinstance(value, list):
-        yield from _bounds(where, len(value), schema, "minItems", "maxItems", "item(s)")
-        items = schema.get("items")
-        if isinstance(items, dict):
-            for index, item in enumerate(value):
-                yield from _value_problems(item, items, f"{where}[{index}]")
-    elif isinstance(value, dict):
-        properties = schema.get("properties")
-        properties = properties if isinstance(properties, dict) else {}
-        for key in schema.get("required") or []:
-            if key not in value:
-                yield where, f"missing required field {key!r}"
-        for key, item in value.items():
-            sub = properties.get(key)
-            if isinstance(sub, dict):
-                yield from _value_problems(item, sub, f"{where}.{key}")
-            elif schema.get("additionalProperties") is False:
-                yield where, f"unknown field {key!r}"
-
-
-def _bounds(
-    where: str, size: int, schema: dict[str, Any], low_key: str, high_key: str, unit: str
-) -> Iterator[tuple[str, str]]:
-    low, high = schema.get(low_key), schema.get(high_key)
-    if isinstance(low, int) and size < low:
-        yield where, f"must have at least {low} {unit}, got {size}"
-    if isinstance(high, int) and size > high:
-        yield where, f"must have at most {high} {unit}, got {size}"
-
-
-def _json_type(value: Any) -> str:
-    for name in ("null", "boolean", "integer", "number", "string", "array", "object"):
-        if _JSON_TYPES[name](value):
-            return name
-    return type(value).__name__

@@ -1203,6 +1203,7 @@ def _run_docker(job: _Job, outcome: _Outcome) -> None:
                 )
             )
             env["MAS2C_LLM_SOCKET"] = f"{CONTAINER_SOCKET_DIR}/{sock.name}"
+        _check_runtime_registered(client, job.runtime)
         if job.loosen.network and _runtime_has_no_network(client, job.runtime):
             raise SandboxError(
                 f"--allow-network cannot work under the {job.runtime} runtime: it is "
@@ -1326,6 +1327,21 @@ def _remove_box(client: Any, box: _Box | None, name: str) -> None:
         target.wait(condition="removed", timeout=30)
     except docker.errors.NotFound:
         pass
+
+
+def _check_runtime_registered(client: Any, runtime: str | None) -> None:
+    if runtime is None:
+        return
+    try:
+        known = sorted(client.info().get("Runtimes") or {})
+    except Exception:
+        return  # the create call will say
+    if runtime not in known:
+        raise SandboxError(
+            f"the container runtime {runtime!r} is not registered with dockerd (it has: "
+            f"{', '.join(known) or 'none'}); for gVisor run scripts/ensure-docker.sh, "
+            f"or pick another with --runtime / {RUNTIME_ENV}"
+        )
 
 
 def _runtime_has_no_network(client: Any, runtime: str | None) -> bool:

@@ -3,11 +3,19 @@
 Positions are kept per JSON pointer so that every problem the validator finds
 can name the file's line and column, including problems inside block scalars
 (tool code) whose own line numbers are relative to the block.
+
+A spec file is bounded before anything else reads it (a small file must not expand
+into a huge document): at most `MAX_SPEC_BYTES` bytes, at most `MAX_EXPANDED_NODES`
+values and `MAX_EXPANDED_CHARS` characters of strings and keys once YAML aliases are
+expanded (a "billion laughs" or one big anchor used many times), nesting within the
+recursion limit, and text that is valid Unicode (a lone surrogate such as ``"\ud800"``
+is a located error, not a crash when the spec is later hashed or written).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,14 +97,40 @@ class _PositionLoader(yaml.SafeLoader):
 
 
 # Aliases let a small file expand into a huge (or cyclic) document ("billion laughs"); a spec
-# never needs more than this many values once aliases are expanded.
+# never needs more than this many values, or this much text, once aliases are expanded.
 MAX_EXPANDED_NODES = 50_000
+MAX_EXPANDED_CHARS = 8 * 1024 * 1024
+MAX_SPEC_BYTES = 8 * 1024 * 1024
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass
 class _WalkState:
     visited: int = 0
+    chars: int = 0  # characters of scalars and keys, counted again at each alias use
     active: set[int] = field(default_factory=set)  # ids of the nodes on the current path
+
+
+def _check_scalar(value: object, where: Position, pointer: str, state: _WalkState) -> None:
+    if not isinstance(value, str):
+        return
+    state.chars += len(value)
+    if state.chars > MAX_EXPANDED_CHARS:
+        raise SourceError(
+            f"the document expands to more than {MAX_EXPANDED_CHARS} characters of text "
+            "(a large anchor used many times?)",
+            where,
+            "write the values out, or use an alias for a large value only a few times",
+        )
+    found = _SURROGATE.search(value)
+    if found is not None:
+        raise SourceError(
+            f"a lone surrogate (U+{ord(found.group()):04X}) at {pointer or '/'}: "
+            "not a Unicode character",
+            where,
+            "surrogates only come in pairs (use the character itself, or its \\U escape)",
+        )
 
 
 def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) -> None:
@@ -122,6 +156,12 @@ def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) 
         seen: set[str] = set()
         for key_node, value_node in node.value:
             key = str(key_node.value)
+            _check_scalar(
+                key,
+                Position(key_node.start_mark.line + 1, key_node.start_mark.column + 1),
+                pointer,
+                state,
+            )
             if key in seen:
                 raise SourceError(
                     f"duplicate key {key!r}",
@@ -139,6 +179,8 @@ def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) 
         for index, item in enumerate(node.value):
             _walk(item, f"{pointer}/{index}", source, state)
     state.active.discard(id(node))
+    if isinstance(node, yaml.ScalarNode):
+        _check_scalar(node.value, here, pointer, state)
     if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
         style = node.style or None
         start = Position(mark.line + 1, mark.column + 1)
@@ -157,6 +199,8 @@ def _mark_position(error: yaml.MarkedYAMLError) -> Position | None:
 def parse_text(text: str, path: str = "<string>") -> SpecSource:
     """Parse YAML (JSON is YAML) keeping positions; SourceError if it is not a document."""
     source = SpecSource(data=None, path=path, text=text)
+    if len(text) > MAX_SPEC_BYTES:
+        raise SourceError(f"the file is larger than {MAX_SPEC_BYTES} bytes: not a spec")
     if path.endswith(".json"):
         try:
             json.loads(text)
@@ -186,7 +230,10 @@ def parse_text(text: str, path: str = "<string>") -> SpecSource:
 def load_file(path: str | Path) -> SpecSource:
     """Read a spec file. OSError propagates (a usage error, not a spec problem)."""
     path = Path(path)
-    raw = path.read_bytes()
+    with path.open("rb") as handle:
+        raw = handle.read(MAX_SPEC_BYTES + 1)
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SourceError(f"the file is larger than {MAX_SPEC_BYTES} bytes: not a spec")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -292,6 +292,10 @@ class EnsembleStep(_Writes):
         "empty) or 'first' (the first answer that has one; never fails).",
     )
     judge: str | None = None
+    vote_on: str | None = Field(
+        None,
+        description="The field of structured answers a vote compares (default `answer`).",
+    )
 
     LANGUAGE: ClassVar[str] = (
         "several samples, then a decision. Fields: agent (sampled n times, default 5) OR\n"
@@ -387,6 +391,11 @@ class LoopStep(StepBase):
     steps: list[Step] = Field(min_length=1)
     until: str
     max_iterations: int | None = Field(None, ge=1, le=1000)
+    on_exhausted: Literal["continue", "fail"] | None = Field(
+        None,
+        description="When max_iterations pass without `until`: 'continue' (the default: "
+        "traced, and listed under `warnings` in the result) or 'fail' (a LoopExhausted error).",
+    )
 
     LANGUAGE: ClassVar[str] = (
         "repeats steps until a condition holds. Fields: steps, until, max_iterations (required)."
@@ -462,6 +471,10 @@ class DebateStep(_Writes):
     judge: str | None = None
     vote: Literal["majority", "first"] | None = Field(
         None, description="'majority' or 'first' (see the ensemble step)."
+    )
+    vote_on: str | None = Field(
+        None,
+        description="The field of structured answers a vote compares (default `answer`).",
     )
 
     LANGUAGE: ClassVar[str] = (
@@ -561,23 +574,30 @@ class ProgrammerStep(_Writes):
 class TestStep(_Writes):
     kind: Literal["test"]
     code: str = Field(description="State variable (or dotted path) holding the code under test.")
-    tests: str = Field(description="Test source, run after the code; placeholders allowed.")
+    tests: str | Annotated[list[str], Field(min_length=1)] = Field(
+        description="Test source run after the code, or a list of test snippets run one by "
+        "one; placeholders allowed (a whole placeholder may hold a list of snippets)."
+    )
     run_timeout_s: float = Field(10.0, gt=0, le=3600)
 
     LANGUAGE: ClassVar[str] = (
-        "runs test code after the code held in a state variable. Fields: code (a state\n"
-        '  path such as "solution.code", not a placeholder), tests (Python source, placeholders\n'
-        "  allowed), run_timeout_s, out. The out variable has fields passed and output."
+        "runs tests after the code held in a state variable (Markdown fences stripped).\n"
+        '  Fields: code (a state path such as "solution.code", not a placeholder), tests\n'
+        "  (Python source, or a list of test snippets such as MBPP's assert lines, each run and\n"
+        "  reported; placeholders allowed), run_timeout_s, out. The out variable has fields\n"
+        "  passed, results (a list of {test, passed, error}) and output."
     )
 
     def references(self) -> list[tuple[str, str]]:
         return [("code", self.code)]
 
     def templates(self) -> list[tuple[str, str]]:
-        return [("tests", self.tests)]
+        if isinstance(self.tests, str):
+            return [("tests", self.tests)]
+        return [(f"tests/{i}", test) for i, test in enumerate(self.tests)]
 
     def out_schema(self, agents: Mapping[str, Agent]) -> JsonSchema | None:
-        return _object({"passed": "boolean", "output": "string"})
+        return _object({"passed": "boolean", "results": "array", "output": "string"})
 
     def summary(self) -> str:
         return f"`{self.id}`: run the tests against `{self.code.strip()}`."

@@ -309,11 +309,15 @@ def _num(value: Any) -> float | None:
 
 
 def _derived_id(*parts: Any, length: int = 16) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:length]
+    digest = hashlib.sha256(repr(parts).encode()).hexdigest()[:length]
+    return digest if digest.strip("0") else "1".rjust(length, "0")
 
 
 def _hex(value: Any, pattern: re.Pattern[str]) -> str | None:
-    return value if isinstance(value, str) and pattern.match(value) else None
+    """An id of the right length in lowercase hex, and not all zeros (OpenTelemetry's "invalid")."""
+    if isinstance(value, str) and pattern.match(value) and value.strip("0"):
+        return value
+    return None
 
 
 def _text(value: Any, default: str = "") -> str:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import libcst
 from pydantic import ValidationError
 
-from mas2c import expr
+from mas2c import expr, toolcode, values
 from mas2c.errors import InvalidInput
 from mas2c.source import (
     Position,
@@ -70,16 +70,27 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS304": "a condition is not a valid expression",
     "MAS305": "a condition reads a state variable that is not bound there",
     "MAS306": "a placeholder reads a field the agent's output schema does not have",
+    "MAS307": "a placeholder or condition reads a field of a value that has none (a text answer, a number)",
+    "MAS308": "a condition compares a value with a constant outside its enum",
+    "MAS309": "a condition compares values of different JSON types (a number with a string)",
+    "MAS310": "an input or variable is named like a condition constant (none, true, false, null)",
     "MAS401": "tool code does not parse",
     "MAS402": "tool code does not define a function named like the tool",
     "MAS403": "a tool needs exactly one of `builtin` and `code`",
+    "MAS404": "tool code reads a name nothing defines",
+    "MAS405": "a tool step's arguments do not fit the tool function's signature",
+    "MAS406": "two tool ids are the same name to Python (after NFKC normalisation)",
     "MAS501": "a loop has no `max_iterations` bound",
     "MAS502": "an ensemble or debate needs exactly one way to decide (`vote` or `judge`)",
     "MAS503": "an output or input schema is not a usable JSON Schema",
     "MAS504": "an ensemble needs exactly one of `agent` and `agents`",
+    "MAS505": "a vote over structured answers has no field to vote on",
+    "MAS506": "two parallel branches write the same state variable",
     "MAS901": "an agent no step uses (warning)",
     "MAS902": "a tool no agent or step uses (warning)",
     "MAS903": "a model no agent uses (warning)",
+    "MAS904": "tool code uses a standard-library name it does not import; the hint is the import (warning)",
+    "MAS905": "tool code defines a function named like another tool (warning)",
 }
 
 
@@ -408,6 +419,7 @@ class _Checker:
             self._check_agent(agent_id, agent)
         for tool_id, tool in spec.tools.items():
             self._check_tool(tool_id, tool)
+        self._check_tool_namespaces(spec)
         for name, schema in spec.inputs.items():
             self._check_schema(f"/inputs/{escape_token(name)}", schema)
         self.writers: dict[str, str] = {}
@@ -415,6 +427,7 @@ class _Checker:
             out = step_out(step)
             if out and out not in self.writers:
                 self.writers[out] = pointer
+        self._check_constant_names(spec)
         self._check_ids(spec)
         scope = _Scope({name: schema for name, schema in spec.inputs.items()}, {})
         scope = self._steps(spec.workflow, "/workflow", scope)
@@ -443,7 +456,7 @@ class _Checker:
             self._check_schema(f"{here}/output", agent.output)
 
     def _check_schema(self, pointer: str, schema: dict[str, Any]) -> None:
-        problem = _schema_problem(schema)
+        problem = _schema_problem(schema) or values.schema_keyword_problem(schema)
         if problem:
             self.add(
                 "MAS503",
@@ -479,6 +492,103 @@ class _Checker:
                 f"tool code defines no top-level function `{tool_id}`",
                 did_you_mean(tool_id, names) or f"define `def {tool_id}(...)`",
             )
+        self._check_undefined_names(tool_id, tool.code)
+
+    def _check_undefined_names(self, tool_id: str, code: str) -> None:
+        """pyflakes' undefined names, at their line in the spec. A name an obvious
+        standard-library import defines is a warning with that import as the fix (the
+        rectifier adds it too); any other undefined name is an error."""
+        pointer = f"/tools/{escape_token(tool_id)}/code"
+        for found in toolcode.undefined_names(code):
+            position = self._code_position(pointer, found.line, found.column, code)
+            where = f"line {found.line} of tool `{tool_id}`'s code"
+            if found.fix:
+                self.add(
+                    "MAS904",
+                    pointer,
+                    f"`{found.name}` is not defined ({where}): a NameError when that line runs",
+                    f"add `{found.fix}` at the top of the code",
+                    severity="warning",
+                    position=position,
+                )
+            else:
+                self.add(
+                    "MAS404",
+                    pointer,
+                    f"`{found.name}` is not defined ({where})",
+                    "define or import it in the tool's code: each tool's code is a module of its own",
+                    position=position,
+                )
+
+    def _code_position(
+        self, pointer: str, line: int, column: int, code: str = ""
+    ) -> Position | None:
+        """The file position of (line, UTF-8 column) inside a tool's code block."""
+        base = self.source.position_in_block(pointer, line)
+        info = self.source.scalars.get(pointer)
+        if base is None or info is None or info.style not in ("|", ">"):
+            return base
+        lines = self.source.text.splitlines()
+        first = lines[info.position.line - 1] if 0 < info.position.line <= len(lines) else ""
+        indent = len(first) - len(first.lstrip(" "))
+        code_lines = code.splitlines()
+        text = code_lines[line - 1] if 0 < line <= len(code_lines) else ""
+        chars = len(text.encode("utf-8")[:column].decode("utf-8", errors="ignore"))
+        return Position(base.line, indent + 1 + chars)
+
+    def _check_tool_namespaces(self, spec: Spec) -> None:
+        """Tool ids Python cannot tell apart (NFKC), and helpers named like another tool."""
+        seen: dict[str, str] = {}
+        for tool_id in spec.tools:
+            key = toolcode.normalized(tool_id)
+            if key in seen:
+                self.add(
+                    "MAS406",
+                    f"/tools/{escape_token(tool_id)}",
+                    f"tool `{tool_id}` and tool `{seen[key]}` are the same name to Python "
+                    f"(`{key}` after NFKC normalisation)",
+                    "rename one of them (ASCII names avoid the question)",
+                )
+            else:
+                seen[key] = tool_id
+        for tool_id, tool in spec.tools.items():
+            if tool.code is None:
+                continue
+            for name, line in toolcode.top_level_names(tool.code):
+                other = seen.get(toolcode.normalized(name))
+                if other is not None and toolcode.normalized(other) != toolcode.normalized(tool_id):
+                    pointer = f"/tools/{escape_token(tool_id)}/code"
+                    self.add(
+                        "MAS905",
+                        pointer,
+                        f"tool `{tool_id}`'s code defines `{name}`, the name of tool `{other}` "
+                        "(each tool's code has its own namespace, so tool "
+                        f"`{other}` is unaffected, but a reader will confuse them)",
+                        f"rename the helper, e.g. `_{name}`",
+                        severity="warning",
+                        position=self._code_position(pointer, line, 0, tool.code),
+                    )
+
+    def _check_constant_names(self, spec: Spec) -> None:
+        """Inputs and `out`s named like a condition constant would read as the constant."""
+        named = [(f"/inputs/{escape_token(n)}", n) for n in spec.inputs]
+        named += [
+            (f"{pointer}/out", out)
+            for pointer, step in iter_steps(spec.workflow, "/workflow")
+            if (out := step_out(step))
+        ]
+        for pointer, name in named:
+            if name.lower() in _CONDITION_CONSTANTS:
+                self.add(
+                    "MAS310",
+                    pointer,
+                    f"`{name}` is the constant {_CONDITION_CONSTANTS[name.lower()]} in "
+                    "conditions, so a condition could never read this variable",
+                    f"rename it, e.g. `{name}_value`",
+                    position=self.source.key_position(pointer)
+                    if pointer.startswith("/inputs/")
+                    else None,
+                )
 
     def _check_ids(self, spec: Spec) -> None:
         first: dict[str, str] = {}
@@ -509,10 +619,14 @@ class _Checker:
             self.add(code, f"{here}/{key}" if key else here, message, hint)
         for key, tool in step.tool_refs():
             self._tool_ref(tool, f"{here}/{key}")
+        for agent_id in dict.fromkeys(step_agents(step)):
+            self._agent_prompts(agent_id, here, scope)
         for key, text in step.templates():
             self._template(text, f"{here}/{key}", scope)
         for key, text in step.references():
             self._reference(text, f"{here}/{key}", scope)
+        self._vote_on(step, here)
+        self._tool_args(step, here, scope)
         flows = {"concurrent": self._parallel, "repeat": self._loop, "alternatives": self._branch}
         if step.flow in flows:
             return flows[step.flow](step, here, scope)
@@ -521,6 +635,141 @@ class _Checker:
                 scope = self._steps(children, f"{here}/{key}", scope)
         out = step_out(step)
         return scope.bind(out, self._out_schema(step)) if out else scope
+
+    def _agent_prompts(self, agent_id: str, here: str, scope: _Scope) -> None:
+        """An agent's role and instructions are rendered at every turn: their placeholders
+        must be bound at every step that uses the agent."""
+        agent = self.spec.agents.get(agent_id)
+        if agent is None:
+            return
+        for key in ("role", "instructions"):
+            text = getattr(agent, key)
+            if "{{" in text:
+                pointer = f"/agents/{escape_token(agent_id)}/{key}"
+                self._template(text, pointer, scope, used_at=here)
+
+    def _vote_on(self, step: Step, here: str) -> None:
+        """A vote over structured answers compares one field: `vote_on`, else `answer`.
+        (Any step with a `vote` decides among the answers of its sampling agents.)"""
+        vote = getattr(step, "vote", None)
+        vote_on = getattr(step, "vote_on", None)
+        if vote is None:
+            if vote_on is not None:
+                self.add(
+                    "MAS505",
+                    f"{here}/vote_on",
+                    "`vote_on` needs a `vote` (a judge reads whole answers)",
+                )
+            return
+        voters = list(dict.fromkeys(r.agent for r in step.agent_refs() if r.role == "sampler"))
+        schemas = {a: self.spec.agents[a].output for a in voters if a in self.spec.agents}
+        structured = {a: o for a, o in schemas.items() if isinstance(o, dict)}
+        if not structured:
+            if vote_on is not None:
+                self.add(
+                    "MAS505",
+                    f"{here}/vote_on",
+                    "`vote_on` names a field, but the voting agents answer text",
+                    "text answers vote on their last `ANSWER:` line; remove `vote_on`",
+                )
+            return
+        if len(structured) != len(schemas):
+            text = sorted(set(schemas) - set(structured))
+            self.add(
+                "MAS505",
+                f"{here}/vote",
+                f"a vote mixes text and structured answers (text: {', '.join(text)})",
+                "give every voting agent the same kind of output",
+            )
+            return
+        key = vote_on or "answer"
+        for agent_id, schema in structured.items():
+            declared = schema.get("properties")
+            properties: dict[str, Any] = declared if isinstance(declared, dict) else {}
+            if key in properties:
+                continue
+            choices = ", ".join(f"`{p}`" for p in properties) or "none"
+            if vote_on is None:
+                self.add(
+                    "MAS505",
+                    f"{here}/vote",
+                    f"agent `{agent_id}`'s output schema has no `answer` field to vote on "
+                    f"(its fields: {choices})",
+                    "add `vote_on: <field>` naming the field the vote compares",
+                )
+            else:
+                self.add(
+                    "MAS505",
+                    f"{here}/vote_on",
+                    f"agent `{agent_id}`'s output schema has no field `{key}` (its fields: {choices})",
+                    did_you_mean(key, properties),
+                )
+
+    def _tool_args(self, step: Step, here: str, scope: _Scope) -> None:
+        """Arguments against the tool function's annotations: names, required, types.
+
+        A whole placeholder passes its value, so its known schema must fit; any other
+        string is text, which fits only a `str` (or unannotated) parameter. (Any step
+        with `args` passes them to the one tool it names.)"""
+        args = getattr(step, "args", None)
+        refs = step.tool_refs()
+        if not isinstance(args, dict) or len(refs) != 1:
+            return
+        tool_id = refs[0][1]
+        tool = self.spec.tools.get(tool_id)
+        found = toolcode.signature(tool_id, tool.code) if tool and tool.code else None
+        if found is None:
+            return
+        properties: dict[str, Any] = found.parameters.get("properties", {})
+        for name in found.parameters.get("required", []):
+            if name not in args:
+                self.add(
+                    "MAS405",
+                    f"{here}/args",
+                    f"tool `{tool_id}` needs argument `{name}`",
+                    f"its parameters: {', '.join(properties) or 'none'}",
+                )
+        for name, value in args.items():
+            pointer = f"{here}/args/{escape_token(name)}"
+            if name not in properties:
+                if not found.varkw:
+                    self.add(
+                        "MAS405",
+                        pointer,
+                        f"tool `{tool_id}` has no parameter `{name}`",
+                        did_you_mean(name, properties),
+                        position=self.source.key_position(pointer),
+                    )
+                continue
+            expected = properties[name]
+            problem = self._argument_problem(value, expected, scope)
+            if problem:
+                self.add(
+                    "MAS405",
+                    pointer,
+                    f"argument `{name}` of tool `{tool_id}`: {problem}",
+                    "a string that is exactly one placeholder passes the value itself; "
+                    "inside a larger string it is text",
+                )
+
+    def _argument_problem(self, value: Any, expected: dict[str, Any], scope: _Scope) -> str | None:
+        if not expected:
+            return None
+        if isinstance(value, str):
+            whole = values.whole_placeholder(value)
+            if whole is not None and whole.path and whole.error is None:
+                known = _filtered_schema(self._schema_at(whole.path, scope), whole.filters)
+                mismatch = _type_mismatch(known, expected)
+                if mismatch:
+                    return f"`{{{{ {'.'.join(whole.path)} }}}}` is {mismatch[0]}, the parameter wants {mismatch[1]}"
+                return None
+            if values.placeholders(value):
+                mismatch = _type_mismatch({"type": "string"}, expected)
+                if mismatch:
+                    return f"the placeholders sit inside a larger string, which is text; the parameter wants {mismatch[1]}"
+                return None
+        problems = values.validate(value, expected)
+        return problems[0].partition(": ")[2] if problems else None
 
     def _tool_ref(self, tool: str, pointer: str) -> None:
         self.used_tools.add(tool)
@@ -533,7 +782,25 @@ class _Checker:
             )
 
     def _parallel(self, step: Step, here: str, scope: _Scope) -> _Scope:
-        """Nested lists that run concurrently: each starts from `scope`; all are merged."""
+        """Nested lists that run concurrently: each starts from `scope`; all are merged.
+        Two of them writing the same variable is a race (MAS506)."""
+        writers: dict[str, str] = {}
+        for key, children in step.child_lists():
+            for name, step_id in expr.all_writes(children).items():
+                if name in writers and writers[name] != key:
+                    pointer = next(
+                        p for p, s in iter_steps(children, f"{here}/{key}") if s.id == step_id
+                    )
+                    self.add(
+                        "MAS506",
+                        f"{pointer}/out",
+                        f"{writers[name].replace('/', ' ')} and {key.replace('/', ' ')} of "
+                        f"`{step.id}` both write `{name}`: they run concurrently, so which "
+                        "value survives is chance",
+                        "give each branch its own variable; the parallel's `out` lists each "
+                        "branch's result",
+                    )
+                writers.setdefault(name, key)
         after = scope
         for key, children in step.child_lists():
             result = self._steps(children, f"{here}/{key}", scope)
@@ -565,7 +832,21 @@ class _Checker:
         return scope.join(arms, step.id)
 
     def _out_schema(self, step: Step) -> dict[str, Any] | None:
-        return step.out_schema(self.spec.agents)
+        """The registry's schema of what a step writes; where it has none: the text answer
+        of its answering agent (marked, for MAS307), or the return annotation of its tool."""
+        schema = step.out_schema(self.spec.agents)
+        if schema is not None:
+            return schema
+        answering = step.answer_agents()
+        agent = self.spec.agents.get(answering[0]) if answering else None
+        if agent is not None and not isinstance(agent.output, dict):
+            return {"type": "string", _TEXT_OF: answering[0]}
+        refs = step.tool_refs()
+        tool = self.spec.tools.get(refs[0][1]) if len(refs) == 1 else None
+        if tool is not None and tool.code is not None:
+            found = toolcode.signature(refs[0][1], tool.code)
+            return (found.returns or None) if found else None
+        return None
 
     # leaves --------------------------------------------------------------------------
 
@@ -575,19 +856,22 @@ class _Checker:
                 "MAS201", pointer, f"unknown agent `{name}`", did_you_mean(name, self.spec.agents)
             )
 
-    def _template(self, text: str, pointer: str, scope: _Scope) -> None:
+    def _template(self, text: str, pointer: str, scope: _Scope, used_at: str | None = None) -> None:
         for ph in expr.placeholders(text):
             position = position_in_value(self.source, pointer, ph.offset)
-            if not ph.path:
+            if ph.literal is not None:
+                continue
+            if ph.error is not None:
                 self.add(
                     "MAS302",
                     pointer,
-                    f"malformed placeholder {ph.text!r}",
-                    "placeholders are {{ name }} or {{ name.field }}; single braces are plain text",
+                    f"malformed placeholder {ph.text!r}: {ph.error}",
+                    "placeholders are {{ name }}, {{ name.field }} or {{ name | filter }}; "
+                    'single braces are plain text; write a literal {{ as {{ "{{" }}',
                     position=position,
                 )
                 continue
-            self._read(ph.path, pointer, scope, position, "MAS301")
+            self._read(ph.path, pointer, scope, position, "MAS301", used_at)
 
     def _reference(self, text: str, pointer: str, scope: _Scope) -> None:
         path = expr.parse_path(text)
@@ -605,36 +889,30 @@ class _Checker:
         scope: _Scope,
         position: Position | None,
         code: str,
+        used_at: str | None = None,
     ) -> None:
         root = path[0]
+        at = f" (when step {used_at} uses the agent)" if used_at else ""
         if root not in scope.bound:
             self.add(
                 code,
                 pointer,
-                _unbound_message(root, scope, self.writers),
+                _unbound_message(root, scope, self.writers) + at,
                 _unbound_hint(root, scope, self.writers),
                 position=position,
             )
             return
-        schema = scope.bound[root]
-        # Walk the known output schema as deep as it describes objects; a field it
-        # lacks is a typo the model would otherwise only reveal at run time.
-        for depth, part in enumerate(path[1:], start=1):
-            if not isinstance(schema, dict) or schema.get("type") != "object":
-                return
-            properties = schema.get("properties")
-            if not isinstance(properties, dict):
-                return
-            if part not in properties:
-                self.add(
-                    "MAS306",
-                    pointer,
-                    f"`{'.'.join(path[:depth])}` has no field `{part}` in its output schema",
-                    did_you_mean(part, properties),
-                    position=position,
-                )
-                return
-            schema = properties[part]
+        problem = _path_problem(path, scope.bound[root])
+        if problem is not None:
+            problem_code, message, hint = problem
+            self.add(problem_code, pointer, message + at, hint, position=position)
+
+    def _schema_at(self, path: tuple[str, ...], scope: _Scope) -> dict[str, Any] | None:
+        """The known schema of the value at a state path (None: unknown)."""
+        schema = scope.bound.get(path[0])
+        for part in path[1:]:
+            schema = _child_schema(schema, part)
+        return schema
 
     def _condition(self, text: str, pointer: str, scope: _Scope) -> None:
         try:
@@ -652,6 +930,79 @@ class _Checker:
         for path, column in expr.condition_paths(node, text):
             self._read(
                 path, pointer, scope, position_in_value(self.source, pointer, column), "MAS305"
+            )
+        self._comparisons(node, text, pointer, scope)
+
+    def _comparisons(self, node: ast.expr, text: str, pointer: str, scope: _Scope) -> None:
+        """`route.category == "Legal"` against an enum of lowercase labels, `score > "5"`
+        against a number, `review.passed == "false"` against a boolean: always false (or
+        a TypeError) at run time, so errors here."""
+        for compare in (n for n in ast.walk(node) if isinstance(n, ast.Compare)):
+            operands = [compare.left, *compare.comparators]
+            for op, left, right in zip(compare.ops, operands, operands[1:], strict=False):
+                for side, other in ((left, right), (right, left)):
+                    path = _state_path(side)
+                    if path is None or path[0] not in scope.bound:
+                        continue
+                    schema = self._schema_at(path, scope)
+                    if not isinstance(schema, dict):
+                        continue
+                    if (
+                        isinstance(op, ast.In | ast.NotIn)
+                        and side is left
+                        and isinstance(other, ast.List | ast.Tuple)
+                    ):
+                        constants = list(other.elts)
+                    elif isinstance(op, ast.In | ast.NotIn):
+                        continue
+                    else:
+                        constants = [other]
+                    for constant in constants:
+                        self._compare_constant(path, schema, constant, text, pointer)
+
+    def _compare_constant(
+        self, path: tuple[str, ...], schema: dict[str, Any], node: ast.expr, text: str, pointer: str
+    ) -> None:
+        value = _constant_value(node)
+        if value is _NOT_CONSTANT or value is None:
+            return
+        name = ".".join(path)
+        position = position_in_value(
+            self.source, pointer, expr.condition_offset(text, node.lineno, node.col_offset)
+        )
+        enum = schema.get("enum")
+        if isinstance(enum, list) and not any(_json_equal(value, option) for option in enum):
+            options = [o for o in enum if isinstance(o, str)]
+            close = [
+                o for o in options if isinstance(value, str) and o.casefold() == value.casefold()
+            ]
+            hint = (
+                f"did you mean {json.dumps(close[0])}?"
+                if close
+                else ("one of: " + ", ".join(json.dumps(o) for o in enum))
+            )
+            self.add(
+                "MAS308",
+                pointer,
+                f"`{name}` is one of {', '.join(json.dumps(o) for o in enum)}; "
+                f"it never equals {json.dumps(value)}",
+                hint,
+                position=position,
+            )
+            return
+        kinds = _schema_types(schema)
+        if (
+            kinds
+            and values.json_type(value) not in kinds
+            and not (values.json_type(value) == "integer" and "number" in kinds)
+        ):
+            self.add(
+                "MAS309",
+                pointer,
+                f"`{name}` is {' or '.join(sorted(kinds))}, compared with the "
+                f"{values.json_type(value)} {json.dumps(value)}",
+                _compare_hint(kinds, value),
+                position=position,
             )
 
     def _check_outputs(self, spec: Spec, scope: _Scope) -> None:
@@ -723,6 +1074,155 @@ class _Scope:
         for arm in arms:
             partial.update({name: step_id for name in arm.bound if name not in common})
         return _Scope(bound, partial)
+
+
+_TEXT_OF = "x-mas2c-text-of"  # marks the schema of an agent's text answer (internal)
+_CONDITION_CONSTANTS = {"true": "true", "false": "false", "null": "null", "none": "null"}
+_NOT_CONSTANT = object()
+
+
+def _schema_types(schema: Any) -> set[str]:
+    """The JSON types a schema allows; empty when it does not say (anything goes)."""
+    if not isinstance(schema, dict):
+        return set()
+    declared = schema.get("type")
+    if isinstance(declared, str):
+        return {declared}
+    if isinstance(declared, list):
+        return {t for t in declared if isinstance(t, str)}
+    if isinstance(schema.get("anyOf"), list):
+        parts = [_schema_types(option) for option in schema["anyOf"]]
+        return set().union(*parts) if parts and all(parts) else set()
+    if isinstance(schema.get("enum"), list):
+        return {values.json_type(v) for v in schema["enum"]}
+    if "const" in schema:
+        return {values.json_type(schema["const"])}
+    return set()
+
+
+def _child_schema(schema: Any, part: str) -> dict[str, Any] | None:
+    if not isinstance(schema, dict):
+        return None
+    kinds = _schema_types(schema)
+    if kinds == {"array"}:
+        items = schema.get("items")
+        return items if isinstance(items, dict) and part.isdigit() else None
+    properties = schema.get("properties")
+    if isinstance(properties, dict) and isinstance(properties.get(part), dict):
+        child: dict[str, Any] = properties[part]
+        return child
+    return None
+
+
+def _path_problem(path: tuple[str, ...], schema: Any) -> tuple[str, str, str | None] | None:
+    """(code, message, hint) when a path reads into a value that cannot have that part."""
+    for depth, part in enumerate(path[1:], start=1):
+        if not isinstance(schema, dict):
+            return None
+        here = ".".join(path[:depth])
+        kinds = _schema_types(schema)
+        if schema.get(_TEXT_OF):
+            agent = schema[_TEXT_OF]
+            return (
+                "MAS307",
+                f"`{here}` is the text answer of agent `{agent}` (output: text): "
+                f"it has no field `{part}`",
+                f"give agent `{agent}` an output schema with `{part}`, or read `{{{{ {here} }}}}`",
+            )
+        if kinds and not kinds & {"object", "array"}:
+            return (
+                "MAS307",
+                f"`{here}` is {' or '.join(sorted(kinds))}: it has no field `{part}`",
+                f"read `{here}` itself",
+            )
+        if kinds == {"array"}:
+            if not part.isdigit():
+                return (
+                    "MAS307",
+                    f"`{here}` is a list: it has no field `{part}`",
+                    f"read an item by its index, e.g. `{here}.0`, or use a filter: `{here} | join`",
+                )
+            schema = schema.get("items")
+            continue
+        if schema.get("type") != "object":
+            return None
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
+            return None
+        if part not in properties:
+            return (
+                "MAS306",
+                f"`{here}` has no field `{part}` in its output schema",
+                did_you_mean(part, properties),
+            )
+        schema = properties[part]
+    return None
+
+
+def _filtered_schema(schema: Any, filters: tuple[tuple[str, str | None], ...]) -> Any:
+    """What a placeholder's filters turn a value into."""
+    if not filters:
+        return schema
+    return {"type": "integer"} if filters[-1][0] == "length" else {"type": "string"}
+
+
+def _type_mismatch(known: Any, expected: Any) -> tuple[str, str] | None:
+    """(what it is, what is wanted) when two schemas share no JSON type."""
+    have, want = _schema_types(known), _schema_types(expected)
+    if not have or not want or have & want or ("integer" in have and "number" in want):
+        return None
+    return " or ".join(sorted(have)), " or ".join(sorted(want))
+
+
+def _state_path(node: ast.expr) -> tuple[str, ...] | None:
+    """The state path an operand reads (`route.category`, `plan.steps[0]`), if it is one."""
+    if isinstance(node, ast.Name):
+        return None if node.id.lower() in _CONDITION_CONSTANTS else (node.id,)
+    if isinstance(node, ast.Attribute):
+        base = _state_path(node.value)
+        return (*base, node.attr) if base else None
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+        base = _state_path(node.value)
+        key = node.slice.value
+        if base and isinstance(key, str | int) and not isinstance(key, bool):
+            return (*base, str(key))
+    return None
+
+
+def _constant_value(node: ast.expr) -> Any:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str | int | float | bool):
+        return node.value
+    if isinstance(node, ast.Constant) and node.value is None:
+        return None
+    if isinstance(node, ast.Name) and node.id.lower() in _CONDITION_CONSTANTS:
+        return {"true": True, "false": False}.get(node.id.lower())
+    if (
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, ast.USub)
+        and isinstance(node.operand, ast.Constant)
+        and isinstance(node.operand.value, int | float)
+        and not isinstance(node.operand.value, bool)
+    ):
+        return -node.operand.value
+    return _NOT_CONSTANT
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    return values.json_equal(a, b)
+
+
+def _compare_hint(kinds: set[str], value: Any) -> str:
+    if isinstance(value, str) and kinds & {"number", "integer"}:
+        try:
+            float(value)
+        except ValueError:
+            return "compare with a number"
+        return f"compare with the number {value} (no quotes)"
+    if isinstance(value, str) and "boolean" in kinds:
+        return "a boolean reads as itself: write `x` or `not x` (or compare with true/false, no quotes)"
+    if "string" in kinds:
+        return f"compare with the string {json.dumps(str(value).lower() if isinstance(value, bool) else str(value))}"
+    return "compare with a value of the same type"
 
 
 def _syntax_error(code: str) -> tuple[str, int] | None:

@@ -418,11 +418,11 @@ def test_build_diff_names_only_the_changed_file(tmp_path: Path) -> None:
     a = _build(BASE, tmp_path / "a")
     b = tmp_path / "b"
     shutil.copytree(a, b)
-    tools = b / "mas2c_mini" / "tools.py"
+    tools = b / "mas2c_mini" / "tool_normalize.py"  # each code tool has its own module
     tools.write_text(tools.read_text().replace('rstrip(".")', 'rstrip(".!")'))
     lines = diff_builds(a, b)
-    assert _files_in(lines) == ["mas2c_mini/tools.py"]
-    assert lines[:2] == ["--- a/mas2c_mini/tools.py", "+++ b/mas2c_mini/tools.py"]
+    assert _files_in(lines) == ["mas2c_mini/tool_normalize.py"]
+    assert lines[:2] == ["--- a/mas2c_mini/tool_normalize.py", "+++ b/mas2c_mini/tool_normalize.py"]
     assert [line for line in lines[2:] if line[:1] in "+-"] == [
         '-    return cleaned.rstrip(".")',
         '+    return cleaned.rstrip(".!")',

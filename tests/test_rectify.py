@@ -262,7 +262,7 @@ def test_a_patch_that_adds_validation_errors_is_rejected() -> None:
         apply_json_patch(spec, [{"op": "add", "path": "/budgets/max_llm_calls", "value": 99}])
     fixed = apply_json_patch(spec, [{"op": "replace", "path": "/outputs/answer", "value": "draft"}])
     assert fixed.outputs == {"answer": "draft"}
-    assert spec.outputs == {"answer": "draft.answer"}  # the original is never changed
+    assert spec.outputs == {"answer": "drafts.2"}  # the original is never changed
 
 
 def test_resume_skips_unchanged_steps(server: LLMTestServer, tmp_path: Path) -> None:
@@ -410,21 +410,58 @@ def test_add_imports_and_replace_functions() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "error_type", "message", "kind"),
+    ("code", "kind"),
     [
-        ("error", "ToolError", "tool 'x' raised NameError: name 're' is not defined", "name_error"),
-        ("error", "StructuredOutputError", "agent 'a' gave no valid JSON", "structured_output"),
-        ("error", "WorkflowError", "ensemble: every sample was empty", "empty_vote"),
-        ("timeout", "StepTimeout", "step 's' timed out after 1 s", "timeout"),
-        ("error", "ToolError", "tool 'x' timed out after 0.5 s", "tool_timeout"),
-        ("budget_exceeded", "BudgetExceeded", "budget exceeded: max_llm_calls", "budget"),
-        ("error", "Timeout", "the program was killed at the 600 s timeout", "sandbox_timeout"),
-        ("bad_input", "InputError", "missing required input 'q'", "bad_input"),
-        ("error", "ToolError", "tool 'x' raised ValueError: bad", "logic"),
+        ("tool_error", "tool_error"),
+        ("structured_output", "structured_output"),
+        ("empty_vote", "empty_vote"),
+        ("step_timeout", "timeout"),
+        ("run_timeout", "timeout"),
+        ("tool_timeout", "tool_timeout"),
+        ("budget_calls", "budget"),
+        ("budget_cost", "budget"),
+        ("sandbox_timeout", "sandbox_timeout"),
+        ("bad_input", "bad_input"),
+        ("llm_error", "llm_endpoint"),
+        ("internal", "logic"),
     ],
 )
-def test_classify(status: str, error_type: str, message: str, kind: str) -> None:
-    assert classify(Failure(status, error_type, message)) == kind
+def test_classify_dispatches_on_the_code_alone(code: str, kind: str) -> None:
+    # The message and type say something else entirely: only the code counts.
+    for message in ("every sample was empty", "timed out after 3 s", "NameError: name 're'"):
+        assert classify(Failure("error", "WorkflowError", message, code=code)) == kind
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "limit"),
+    [
+        # folders written before codes: the exact type name (and a budget's pointer) decide
+        ({"type": "StepTimeout", "spec_pointer": "/workflow/0"}, "step_timeout", None),
+        ({"type": "StepTimeout", "spec_pointer": "/budgets/timeout_s"}, "run_timeout", None),
+        (
+            {"type": "BudgetExceeded", "spec_pointer": "/budgets/max_cost_usd"},
+            "budget_cost",
+            "max_cost_usd",
+        ),
+        ({"type": "ToolError", "message": "tool 'x' timed out after 0.5 s"}, "tool_error", None),
+        (
+            {"type": "WorkflowError", "message": "ensemble: every sample was empty"},
+            "internal",
+            None,
+        ),
+        ({"type": "Timeout"}, "sandbox_timeout", None),
+        # a code always wins over the type
+        ({"type": "WorkflowError", "code": "empty_vote"}, "empty_vote", None),
+        ({"type": "ToolError", "code": "tool_timeout"}, "tool_timeout", None),
+        ({"type": "BudgetExceeded", "code": "budget_tokens"}, "budget_tokens", "max_total_tokens"),
+    ],
+)
+def test_codes_of_old_and_new_folders(
+    tmp_path: Path, error: dict[str, Any], code: str, limit: str | None
+) -> None:
+    (tmp_path / "result.json").write_text(json.dumps({"status": "error", "error": error}))
+    failure = diagnose(read_run(tmp_path))
+    assert failure is not None and failure.code == code and failure.limit == limit
 
 
 def test_locate_a_tool_line_from_the_traceback_and_source_map(tmp_path: Path) -> None:
@@ -433,17 +470,29 @@ def test_locate_a_tool_line_from_the_traceback_and_source_map(tmp_path: Path) ->
     entry = next(e for e in build.manifest["source_map"] if e["pointer"] == "/tools/average/code")
     traceback = (
         "Traceback (most recent call last):\n"
-        f'  File "/work/pkg/mas2c_fault_tool_logic_bug_llm/tools.py", line {entry["start"] + 1}, in average\n'
+        f'  File "/work/pkg/{entry["file"]}", line {entry["start"] + 1}, in average\n'
         "ValueError: could not convert string to float: ''\n"
     )
-    failure = Failure("error", "ToolError", "tool 'average' raised ValueError", traceback=traceback)
+    failure = Failure(
+        "error",
+        "ToolError",
+        "tool 'average' raised ValueError",
+        traceback=traceback,
+        code="tool_error",
+    )
     locus = locate(failure, spec, build)
     assert locus.pointer == "/tools/average/code" and locus.element == "tool_code"
     assert locus.tool == "average" and locus.tool_line == 2
     assert any("float(x)" in g["code"] for g in locus.generated)
     # with the runtime's own pointer, the step is found by its id
     failure = Failure(
-        "error", "ToolError", "boom", pointer="/tools/average/code", line=2, step="compute"
+        "error",
+        "ToolError",
+        "boom",
+        pointer="/tools/average/code",
+        line=2,
+        step="compute",
+        code="tool_error",
     )
     locus = locate(failure, spec, build)
     assert locus.step_pointer == "/workflow/1" and locus.step_id == "compute"
@@ -465,13 +514,9 @@ def test_diagnose_thresholds(tmp_path: Path) -> None:
 
 
 def test_runtime_vote_first() -> None:
-    spec = importlib.util.spec_from_file_location(
-        "mas2c_runtime_copy", ROOT / "templates" / "_runtime.py"
-    )
-    assert spec is not None and spec.loader is not None
-    runtime = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = runtime  # dataclasses look their module up
-    spec.loader.exec_module(runtime)
+    from test_runtime import load_runtime
+
+    runtime = load_runtime("mas2c_runtime_copy")
     first = runtime.first_answer
     assert first(["thinking...\nANSWER:", "so\nANSWER: 4", "ANSWER: 5"]) == "so\nANSWER: 4"
     assert first(["no final line\nANSWER:", "  "]) == "no final line\nANSWER:"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mas2c.cli import main as cli_main
+from mas2c.otel import build_spans
 from mas2c.report import render_report, write_report
 from mas2c.run import LLMConfig, run_system
 from mas2c.testserver import ChatRequest, LLMTestServer, ReplyLike, default_responder
@@ -390,6 +392,12 @@ def test_any_trace_renders_without_raising(tmp_path: Path, events: list[dict[str
     trace = read_run_trace(folder)
     ids = [s.span_id for s in trace.spans]
     assert len(ids) == len(set(ids))  # ids stay unique whatever the file says
+    assert all(re.match(r"^[0-9a-f]{16}$", i) and i.strip("0") for i in ids)
+    assert re.match(r"^[0-9a-f]{32}$", trace.trace_id) and trace.trace_id.strip("0")
+    # The OpenTelemetry export builds valid spans from it too.
+    exported = build_spans(trace)
+    assert len(exported) == len(trace.spans)
+    assert all(s.context.is_valid and s.start_time <= s.end_time for s in exported)
 
 
 def test_an_old_trace_without_ids_or_wall_clock_still_nests(runs: Path, tmp_path: Path) -> None:

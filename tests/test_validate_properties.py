@@ -64,8 +64,10 @@ names = st.from_regex(r"[a-z][a-z0-9_]{0,7}", fullmatch=True).filter(
     lambda s: not keyword.iskeyword(s) and s not in RESERVED
 )
 
-# A state variable -> the fields its value is known to have (checked by MAS306), or None.
-Scope = dict[str, frozenset[str] | None]
+# A state variable -> (the fields its value is known to have (checked by MAS306), or None;
+# its JSON type, which conditions must respect: MAS309 rejects a string compared with a number).
+Var = tuple[frozenset[str] | None, str]
+Scope = dict[str, Var]
 
 
 @dataclass
@@ -74,6 +76,8 @@ class World:
 
     agents: dict[str, frozenset[str] | None]  # agent id -> its structured output's fields
     tools: list[str]
+    # Variables a sibling parallel branch writes: off limits (MAS506).
+    forbidden: set[str] = field(default_factory=set)
     counter: list[int] = field(default_factory=lambda: [0])
 
     def step_id(self, kind: str) -> str:
@@ -97,7 +101,7 @@ class Builder:
     def read(self, scope: Scope) -> str:
         """A placeholder path reading a bound variable (and a known field of it)."""
         name: str = self.draw(st.sampled_from(sorted(scope)))
-        fields = scope[name]
+        fields = scope[name][0]
         if fields and self.draw(st.booleans()):
             return f"{name}.{self.draw(st.sampled_from(sorted(fields)))}"
         return name
@@ -122,20 +126,17 @@ class Builder:
 
     def condition(self, scope: Scope) -> str:
         name = self.draw(st.sampled_from(sorted(scope)))
-        fields = scope[name]
-        forms = [
-            name,
-            f"not {name}",
-            f"len({name}) > 2",
-            f"{name} in ['yes', 'done']",
-            f"{name} == 'done' or len({name}) >= 1",
-            f"{name}[0] != null",
-            "true",
-        ]
+        fields, kind = scope[name]
+        forms = [name, f"not {name}", f"len({name}) > 2", f"{name}[0] != null", "true"]
+        if kind == "string":
+            forms += [f"{name} in ['yes', 'done']", f"{name} == 'done' or len({name}) >= 1"]
+        if kind == "integer":
+            forms += [f"{name} > 2", f"{name} in [1, 2]"]
         if fields:
-            first = sorted(fields)[0]
+            # A string field: programmer/test outputs also have `attempts`/`passed` (MAS309).
+            first = "output" if "output" in fields else sorted(fields)[0]
             forms += [
-                f"{name}.{first} == true",
+                f"{name}.{first} == 'yes'",
                 f"not {name}.{first}",
                 f"{name}['{first}'] is None",
             ]
@@ -146,11 +147,14 @@ class Builder:
         agent_id: str = self.draw(st.sampled_from(sorted(self.world.agents)))
         return agent_id
 
-    def out(self, step: dict[str, Any], scope: Scope, fields: frozenset[str] | None) -> Scope:
-        if self.draw(st.booleans()):
-            name = self.draw(st.sampled_from(VARIABLES))
+    def out(
+        self, step: dict[str, Any], scope: Scope, fields: frozenset[str] | None, kind: str = ""
+    ) -> Scope:
+        allowed = [v for v in VARIABLES if v not in self.world.forbidden]
+        if allowed and self.draw(st.booleans()):
+            name = self.draw(st.sampled_from(allowed))
             step["out"] = name
-            return {**scope, name: fields}
+            return {**scope, name: (fields, kind or ("object" if fields else "string"))}
         return scope
 
     # steps ------------------------------------------------------------------------------
@@ -183,7 +187,7 @@ class Builder:
         step["prompt"] = self.template(scope)
         if self.draw(st.booleans()):
             step["max_attempts"] = self.draw(st.integers(1, 5))
-        return self.out(step, scope, PROGRAMMER_FIELDS)
+        return self.out(step, scope, PROGRAMMER_FIELDS, "object")
 
     def _ensemble(self, step: dict[str, Any], scope: Scope, depth: int) -> Scope:
         deciding: str
@@ -196,11 +200,29 @@ class Builder:
             )
             deciding = step["agents"][0]
         step["prompt"] = self.template(scope)
-        if self.draw(st.booleans()):
+        voters = [step["agent"]] if "agent" in step else step["agents"]
+        if not self.vote(step, voters) or self.draw(st.booleans()):
+            step.pop("vote", None)
+            step.pop("vote_on", None)
             step["judge"] = deciding = self.agent()
-        else:
-            step["vote"] = "majority"
         return self.out(step, scope, self.world.agents[deciding])
+
+    def vote(self, step: dict[str, Any], voters: list[str]) -> bool:
+        """A majority vote, if the voters' answers can be compared (MAS505): all text, or
+        all structured with a common field (`answer` or a `vote_on`)."""
+        kinds = [self.world.agents[v] for v in voters]
+        if all(k is None for k in kinds):
+            step["vote"] = "majority"
+            return True
+        if any(k is None for k in kinds):
+            return False
+        common = frozenset.intersection(*(k for k in kinds if k is not None))
+        if not common:
+            return False
+        step["vote"] = "majority"
+        if "answer" not in common or self.draw(st.booleans()):
+            step["vote_on"] = self.draw(st.sampled_from(sorted(common)))
+        return True
 
     def _debate(self, step: dict[str, Any], scope: Scope, depth: int) -> Scope:
         step["agents"] = self.draw(
@@ -209,20 +231,20 @@ class Builder:
         step["rounds"] = self.draw(st.integers(1, 3))
         step["topic"] = self.template(scope)
         deciding = step["agents"][0]
-        if self.draw(st.booleans()):
+        if not self.vote(step, step["agents"]) or self.draw(st.booleans()):
+            step.pop("vote", None)
+            step.pop("vote_on", None)
             step["judge"] = deciding = self.agent()
-        else:
-            step["vote"] = "majority"
         return self.out(step, scope, self.world.agents[deciding])
 
     def _test(self, step: dict[str, Any], scope: Scope, depth: int) -> Scope:
-        programs = sorted(n for n, f in scope.items() if f and "code" in f)
+        programs = sorted(n for n, (f, _kind) in scope.items() if f and "code" in f)
         if programs and self.draw(st.booleans()):
             step["code"] = f"{self.draw(st.sampled_from(programs))}.code"
         else:
             step["code"] = self.draw(st.sampled_from(sorted(scope)))
         step["tests"] = "assert solve(1) == 2  # " + self.template(scope)
-        return self.out(step, scope, TEST_FIELDS)
+        return self.out(step, scope, TEST_FIELDS, "object")
 
     def _tool(self, step: dict[str, Any], scope: Scope, depth: int) -> Scope:
         step["tool"] = self.draw(st.sampled_from(self.world.tools))
@@ -238,11 +260,14 @@ class Builder:
         count = self.draw(st.integers(1, 3))
         after = dict(scope)
         step["branches"] = []
+        outer = set(self.world.forbidden)
         for _ in range(count):
             branch, result = self.steps(scope, depth + 1)
             step["branches"].append(branch)
             after.update(result)
-        return self.out(step, after, None)
+            self.world.forbidden |= _writes(branch)
+        self.world.forbidden = outer
+        return self.out(step, after, None, "array")
 
     def _loop(self, step: dict[str, Any], scope: Scope, depth: int) -> Scope:
         step["max_iterations"] = self.draw(st.integers(1, 5))
@@ -267,6 +292,19 @@ class Builder:
         else:
             arms.append(scope)
         return _join(arms)
+
+
+def _writes(steps: list[dict[str, Any]]) -> set[str]:
+    """Every `out` of a step list, nested steps included."""
+    found: set[str] = set()
+    for step in steps:
+        if "out" in step:
+            found.add(step["out"])
+        nested = [step.get("steps", []), step.get("else", [])]
+        nested += step.get("branches", []) + [case["steps"] for case in step.get("cases", [])]
+        for child in nested:
+            found |= _writes(child)
+    return found
 
 
 @st.composite
@@ -337,10 +375,10 @@ def valid_specs(draw: Callable[..., Any]) -> dict[str, Any]:
             else:
                 spec["tools"][tool_id] = {
                     "description": "Strips text.",
-                    "code": f"import re\n\n\ndef {tool_id}(text: str = '') -> str:\n    return re.sub(r'\\s+', ' ', text).strip()\n",
+                    "code": f"import re\n\n\ndef {tool_id}(text='', options: dict | None = None) -> str:\n    return re.sub(r'\\s+', ' ', str(text)).strip()\n",
                 }
 
-    scope: Scope = {name: None for name in inputs}
+    scope: Scope = {name: (None, spec["inputs"][name]["type"]) for name in inputs}
     workflow, scope = Builder(draw, world).steps(scope, 0)
     spec["workflow"] = workflow
     outputs = draw(st.lists(st.sampled_from(sorted(scope)), max_size=3, unique=True))

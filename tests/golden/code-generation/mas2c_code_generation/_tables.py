@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="6a32023e9350d72b6e5b6fe9f423be3c1c345319f90284a6e3ea8837b32273de",
+        code_sha="7d4da1c49686754db7b512b59982326fa9b3051ffbf24092b0f0181dcc8be344",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="192fa17f131962c8f03585aa6ab2e1cd33c656ed4313e22c8109f0cd8b7a3c1c",
+        code_sha="87b38889177fd93b16999a959bf8420c7d94634a26698362c197e04ee0a4bcdd",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="9fc3e173ea7cc4fa959f77e2c4b025f5f01c753654e2ad279283411ab4c65e3f",
+        code_sha="88ffe189c1bda6f5c37051f9b77ffcfb57e2b39b8d841711d31716d7530693d4",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 32, "/inputs"),
-    ("__main__.py", 34, 38, "/outputs"),
-    ("__main__.py", 40, 45, "/budgets"),
+    ("__main__.py", 17, 30, "/inputs"),
+    ("__main__.py", 32, 36, "/outputs"),
+    ("__main__.py", 38, 43, "/budgets"),
     ("agents.py", 8, 14, "/models/coder"),
     ("agents.py", 16, 22, "/models/debugger"),
     ("agents.py", 27, 43, "/agents/programmer"),
@@ -49,7 +49,7 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 28, 44, "/workflow/0"),
     ("workflow.py", 47, 54, "/workflow/1"),
     ("workflow.py", 57, 62, "/workflow/2"),
-    ("workflow.py", 65, 73, "/workflow/2/cases/0/steps/0"),
-    ("workflow.py", 76, 104, "/workflow/2/cases/0/steps/0/steps/0"),
-    ("workflow.py", 107, 114, "/workflow/2/cases/0/steps/0/steps/1"),
+    ("workflow.py", 65, 75, "/workflow/2/cases/0/steps/0"),
+    ("workflow.py", 78, 106, "/workflow/2/cases/0/steps/0/steps/0"),
+    ("workflow.py", 109, 116, "/workflow/2/cases/0/steps/0/steps/1"),
 )

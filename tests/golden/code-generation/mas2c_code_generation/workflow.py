@@ -71,6 +71,8 @@ class Workflow:
                 await self.step_rerun_tests()
                 if field(state["result"], "passed"):
                     break
+            else:
+                self.run.loop_exhausted("repair_loop", "/workflow/2/cases/0/steps/0", 3)
 
     # spec: /workflow/2/cases/0/steps/0/steps/0
     async def step_repair(self) -> None:

@@ -4,9 +4,7 @@
 Exit codes: 0 done, 1 workflow error, 2 bad input, 3 budget exceeded, 4 timeout.
 """
 
-import sys
-
-from ._runtime import Budgets, SpecInfo, main
+from ._runtime import Budgets, SpecInfo, exit_now, main
 from ._tables import TOOL_CODE, TOP_STEPS
 from .agents import AGENTS, MODELS
 from .tools import TOOLS
@@ -49,4 +47,4 @@ def run() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    exit_now(run())  # outputs written, flushed and fsynced: skip interpreter teardown

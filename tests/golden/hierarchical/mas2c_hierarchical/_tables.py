@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="c780febadbc15de5183455e13a74519332f585e61d54c4f47e597ff2513e4e30",
+        code_sha="e81a40bd98eccb7721eff1c5eda922ee5ca41027e68e9906c9f9b6157d07ec6b",
         reads=["context", "decision"],
     ),
     TopStep(
         method="step_investigate",
         step_id="investigate",
         pointer="/workflow/1",
-        code_sha="45a41defb0cce9f66d67cbb2fdb6101221d76d82bfe1c22c975c057c6ce4868d",
+        code_sha="8c0e264ef2b29e99b069bef0716774d01404848b2200076d009598781061e900",
         reads=["context", "plan"],
     ),
     TopStep(
         method="step_merge",
         step_id="merge",
         pointer="/workflow/2",
-        code_sha="24ad0a24a77800dd9e415d2a332ac54ecf99a057e2698a4b89870a0c1cd15d73",
+        code_sha="8293a325306bd097d409784c507aa59e50e3b94f571a1c8a72981e52ea93fa5d",
         reads=["decision", "market", "plan", "risks", "technical"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 28, "/inputs"),
-    ("__main__.py", 30, 34, "/outputs"),
-    ("__main__.py", 36, 41, "/budgets"),
+    ("__main__.py", 17, 26, "/inputs"),
+    ("__main__.py", 28, 32, "/outputs"),
+    ("__main__.py", 34, 39, "/budgets"),
     ("agents.py", 8, 14, "/models/manager"),
     ("agents.py", 16, 22, "/models/specialist"),
     ("agents.py", 27, 65, "/agents/manager"),

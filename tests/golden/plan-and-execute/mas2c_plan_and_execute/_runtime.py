@@ -48,11 +48,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, NoReturn, TextIO, cast
 from urllib.parse import quote
 
 import httpx
 import openai
+
+from ._values import (
+    TemplateError,
+    argument_problems,
+    as_text,
+    input_problems,
+    json_type,
+    resolve_tree,
+)
+from ._values import render as _render_with
+from ._values import validate as validate_value
 
 __all__ = [
     "AgentDef",
@@ -60,6 +71,7 @@ __all__ = [
     "Budgets",
     "InputError",
     "LLMError",
+    "LoopExhausted",
     "ModelDef",
     "Run",
     "SpecInfo",
@@ -254,6 +266,10 @@ class EmptyVote(WorkflowError):
     code = "empty_vote"
 
 
+class LoopExhausted(WorkflowError):
+    """A loop with ``on_exhausted: fail`` reached ``max_iterations`` without its ``until``."""
+
+
 # -------------------------------------------------------------------------- state
 
 _PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
@@ -310,40 +326,27 @@ def lookup(state: Mapping[str, Any], path: str) -> Any:
     return value
 
 
-def as_text(value: Any) -> str:
-    """How a value reads inside a prompt: strings as they are, the rest as JSON."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return json.dumps(value, ensure_ascii=False, indent=2, default=str)
+def _lookup_in(state: Mapping[str, Any]) -> Callable[[str], Any]:
+    return lambda path: lookup(state, path)
 
 
 def render(template: str, state: Mapping[str, Any]) -> str:
-    """Fill each ``{{ path }}``; everything else (single braces too) stays as written.
-
-    One pass with ``re.sub``: inserted values are never rendered again, so a value
-    that itself contains ``{{ x }}`` reaches the model unchanged.
+    """Fill each ``{{ path }}`` with its text rendering (``_values.render``); everything
+    else (single braces too) stays as written, and ``{{ "{{" }}`` is a literal ``{{``.
     """
-
-    def fill(match: re.Match[str]) -> str:
-        path = match.group(1).strip()
-        if not _PATH.match(path):
-            raise WorkflowError(f"malformed placeholder {match.group(0)!r}")
-        return as_text(lookup(state, path))
-
-    return _PLACEHOLDER.sub(fill, template)
+    try:
+        return _render_with(template, _lookup_in(state))
+    except TemplateError as exc:
+        raise WorkflowError(str(exc)) from None
 
 
-def _render_args(value: Any, state: Mapping[str, Any]) -> Any:
-    """Render every string inside a tool step's (nested) arguments."""
-    if isinstance(value, str):
-        return render(value, state)
-    if isinstance(value, Mapping):
-        return {k: _render_args(v, state) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_render_args(v, state) for v in value]
-    return value
+def resolve_value(value: Any, state: Mapping[str, Any]) -> Any:
+    """A value with placeholders filled: a whole placeholder keeps its value's type
+    (a list stays a list), a placeholder inside a larger string renders as text."""
+    try:
+        return resolve_tree(value, _lookup_in(state))
+    except TemplateError as exc:
+        raise WorkflowError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------- accounting
@@ -449,6 +452,9 @@ class Trace:
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
+                self._file.flush()
+                with contextlib.suppress(OSError):  # e.g. a pipe or /dev/stdout
+                    os.fsync(self._file.fileno())
                 self._file.close()
                 self._file = None
 
@@ -642,6 +648,11 @@ def _schema_name(agent_id: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_-]", "_", agent_id)[:64] or "output"
 
 
+def _escape_token(name: str) -> str:
+    """A JSON pointer token (RFC 6901)."""
+    return name.replace("~", "~0").replace("/", "~1")
+
+
 def _system_prompt(agent: AgentDef) -> str:
     return "\n\n".join(part for part in (agent.role, agent.instructions) if part)
 
@@ -682,19 +693,14 @@ def _extract_json(text: str) -> Any:
 
 
 def parse_structured(text: str, schema: Mapping[str, Any]) -> Any:
-    """Parse an answer and check its top-level shape against the schema."""
+    """Parse an answer and validate it against the agent's whole output schema
+    (types, enums, ``required`` at every depth, ``additionalProperties``)."""
     value = _extract_json(text)
-    kind = schema.get("type")
-    if kind == "object" or (kind is None and "properties" in schema):
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a JSON object, got {type(value).__name__}")
-        missing = [k for k in schema.get("required", []) if k not in value]
-        if missing:
-            raise ValueError(
-                f"missing required key(s): {', '.join(map(repr, missing))}"
-            )
-    elif kind == "array" and not isinstance(value, list):
-        raise ValueError(f"expected a JSON array, got {type(value).__name__}")
+    problems = validate_value(value, schema)
+    if problems:
+        shown = "; ".join(problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"the JSON does not match the output schema: {shown}{more}")
     return value
 
 
@@ -707,28 +713,42 @@ def _normal(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def vote_key(answer: Any) -> str:
-    """What majority voting compares: the final answer, not the reasoning around it."""
+def vote_key(answer: Any, key: str | None = "answer") -> str:
+    """What majority voting compares, normalised: the final answer, not the reasoning.
+
+    - text: the last ``ANSWER:`` line if there is one, else the whole text;
+    - a structured answer: its ``key`` field (``answer`` unless the step says
+      ``vote_on``); an answer without that field does not vote;
+    - strings compare with runs of whitespace collapsed and case folded;
+      numbers by value (``4`` = ``4.0``); anything else as canonical JSON.
+    An empty result ("" or "null") does not vote.
+    """
     if isinstance(answer, str):
         lines = _ANSWER_LINE.findall(answer)
         return _normal(lines[-1] if lines else answer)
-    if isinstance(answer, Mapping) and "answer" in answer:
-        answer = answer["answer"]
-        if isinstance(answer, str):
-            return _normal(answer)
+    if isinstance(answer, Mapping):
+        if key is None or key not in answer:
+            return ""
+        answer = answer[key]
+    if isinstance(answer, str):
+        return _normal(answer)
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
     return json.dumps(answer, sort_keys=True, ensure_ascii=False)
 
 
-def majority(answers: Sequence[Any], what: str = "vote") -> Any:
+def majority(
+    answers: Sequence[Any], what: str = "vote", key: str | None = "answer"
+) -> Any:
     """The plurality answer; ties go to the earliest sample. Empty answers don't vote."""
     counts: dict[str, int] = {}
     first: dict[str, Any] = {}
     for answer in answers:
-        key = vote_key(answer)
-        if key in ("", "null"):
+        vote = vote_key(answer, key)
+        if vote in ("", "null"):
             continue
-        counts[key] = counts.get(key, 0) + 1
-        first.setdefault(key, answer)
+        counts[vote] = counts.get(vote, 0) + 1
+        first.setdefault(vote, answer)
     if not counts:
         raise EmptyVote(
             f"{what}: every {'sample' if what == 'ensemble' else 'answer'} was empty"
@@ -738,13 +758,13 @@ def majority(answers: Sequence[Any], what: str = "vote") -> Any:
     return next(first[k] for k, n in counts.items() if n == best)
 
 
-def first_answer(answers: Sequence[Any]) -> Any:
+def first_answer(answers: Sequence[Any], key: str | None = "answer") -> Any:
     """``vote: first``: the first answer with a final answer, else the first non-empty one.
 
     Never fails: when every answer is empty, the first answer is returned as it is.
     """
     for answer in answers:
-        if vote_key(answer) not in ("", "null"):
+        if vote_key(answer, key) not in ("", "null"):
             return answer
     for answer in answers:
         if answer not in (None, "", {}, []) and not (
@@ -821,6 +841,96 @@ async def run_python(code: str, timeout_s: float | None) -> dict[str, Any]:
     return {"exit_code": proc.returncode, "output": output, "timed_out": timed_out}
 
 
+def _test_snippets(tests: str | Sequence[str], state: Mapping[str, Any]) -> list[str]:
+    """A test step's snippets: a string is one snippet (rendered as text, or the value of
+    a whole placeholder: a string, or a list of strings); a list gives one each."""
+    items = [tests] if isinstance(tests, str) else list(tests)
+    snippets: list[str] = []
+    for item in items:
+        value = resolve_value(item, state)
+        values = value if isinstance(value, list | tuple) else [value]
+        for snippet in values:
+            if not isinstance(snippet, str):
+                raise WorkflowError(
+                    f"a test must be Python source (a string), got {json_type(snippet)}"
+                )
+            snippets.append(snippet)
+    return snippets
+
+
+_HARNESS = """\
+import os as _os, sys as _sys, json as _json, traceback as _tb
+_g = {"__name__": "__main__", "__file__": __file__, "__builtins__": __builtins__}
+def _flush():
+    for stream in (_sys.stdout, _sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+def _report(index, passed, error):
+    _flush()
+    line = "\\n" + NONCE + _json.dumps({"index": index, "passed": passed, "error": error})
+    _os.write(1, (line + "\\n").encode("utf-8"))
+def _describe(exc):
+    return "".join(_tb.format_exception_only(type(exc), exc)).strip()
+def _outcome(exc):
+    if isinstance(exc, SystemExit) and exc.code in (None, 0):
+        return True, None
+    _flush()
+    _tb.print_exception(type(exc), exc, exc.__traceback__.tb_next, file=_sys.__stderr__)
+    return False, _describe(exc)
+try:
+    exec(compile(CODE, "<code under test>", "exec"), _g)
+    _broken = None
+except BaseException as _exc:
+    _ok, _why = _outcome(_exc)
+    _broken = None if _ok else "the code under test failed: " + _why
+for _index, _test in enumerate(TESTS):
+    if _broken is not None:
+        _report(_index, False, _broken)
+        continue
+    try:
+        exec(compile(_test, "<test %d>" % (_index + 1), "exec"), _g)
+        _report(_index, True, None)
+    except BaseException as _exc:
+        _report(_index, *_outcome(_exc))
+"""
+
+
+def _test_harness(code: str, snippets: Sequence[str], nonce: str) -> str:
+    """The program a test step runs: the code, then each snippet, each result on a
+    line of its own marked with ``nonce`` (then stripped from the output)."""
+    data = f"NONCE = {nonce!r}\nCODE = {code!r}\nTESTS = {list(snippets)!r}\n"
+    return data + _HARNESS
+
+
+def _test_results(
+    snippets: Sequence[str], result: Mapping[str, Any], nonce: str
+) -> dict[str, Any]:
+    marked = re.compile("\n" + re.escape(nonce) + r"([^\n]*)\n")
+    text = str(result["output"])
+    reported: dict[int, dict[str, Any]] = {}
+    for line in marked.findall(text):
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            record = json.loads(line)
+            reported[int(record["index"])] = record
+    if result.get("timed_out"):
+        missing = "not run: the tests timed out"
+    else:
+        missing = f"no result (the program exited with code {result['exit_code']})"
+    results = []
+    for index, snippet in enumerate(snippets):
+        record = reported.get(index)
+        passed = bool(record and record.get("passed") is True)
+        error = None if passed else str((record or {}).get("error") or missing)
+        results.append({"test": snippet, "passed": passed, "error": error})
+    return {
+        "passed": bool(results) and all(r["passed"] for r in results),
+        "results": results,
+        "output": marked.sub("", text),
+    }
+
+
 _PYTHON_BLOCK = re.compile(r"```[ \t]*(?:python|py)[ \t]*\r?\n(.*?)```", re.DOTALL)
 _ANY_BLOCK = re.compile(r"```[^\n`]*\r?\n(.*?)```", re.DOTALL)
 
@@ -887,6 +997,15 @@ def tool_code_location(
     if not inside:
         return None, None
     return where.pointer, inside[-1] - where.start + 1
+
+
+def _check_arguments(tool: ToolDef, args: Mapping[str, Any]) -> None:
+    """Arguments against the tool's parameter schema (its function's annotations):
+    a ToolError naming the argument and the expected type, never a TypeError from
+    inside the tool."""
+    problems = argument_problems(args, tool.parameters)
+    if problems:
+        raise ToolError(f"tool {tool.name!r}: {'; '.join(problems)}")
 
 
 def _tool_schema(tool: ToolDef) -> dict[str, Any]:
@@ -1014,6 +1133,8 @@ class Run:
         # Saved top-level step results by key, and where to save new ones (optional).
         self.checkpoints: dict[str, Mapping[str, Any]] = dict(checkpoints or {})
         self.checkpoint_out = checkpoint_out
+        # What a run that succeeded should still say (e.g. a loop that ran out).
+        self.warnings: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1133,6 +1254,35 @@ class Run:
                 **({"error": error} if error else {}),
             )
 
+    def loop_exhausted(
+        self, step_id: str, pointer: str, max_iterations: int, *, fail: bool = False
+    ) -> None:
+        """A loop ran ``max_iterations`` times and its ``until`` never held: traced as
+        ``loop_exhausted``, listed under ``warnings`` in out.json, or (``fail``) an error.
+        """
+        message = (
+            f"loop {step_id!r} reached max_iterations ({max_iterations}) "
+            "without its `until` holding"
+        )
+        self.trace.emit(
+            "loop_exhausted",
+            step=step_id,
+            pointer=pointer,
+            max_iterations=max_iterations,
+            failed=fail,
+        )
+        if fail:
+            raise LoopExhausted(message, spec_pointer=f"{pointer}/until", step=step_id)
+        self.warnings.append(
+            {
+                "type": "loop_exhausted",
+                "step": step_id,
+                "pointer": pointer,
+                "max_iterations": max_iterations,
+                "message": message,
+            }
+        )
+
     async def gather(self, *aws: Awaitable[Any]) -> list[Any]:
         """Run concurrently; on the first failure cancel the rest and raise it."""
         tasks = [asyncio.ensure_future(aw) for aw in aws]
@@ -1152,7 +1302,7 @@ class Run:
         """``tool`` step: call a tool directly with rendered arguments."""
         tool = self._tool(name)
         try:
-            return await self._invoke_tool(tool, _render_args(args, self.state))
+            return await self._invoke_tool(tool, resolve_value(dict(args), self.state))
         except WorkflowError:
             raise
         except Exception as exc:
@@ -1171,6 +1321,7 @@ class Run:
         *,
         vote: str | None = None,
         judge: str | None = None,
+        vote_on: str | None = "answer",
     ) -> Any:
         """``ensemble`` step: every sample concurrently, then a judge or a vote."""
         task = render(prompt, self.state)
@@ -1179,7 +1330,7 @@ class Run:
         )
         labels = [f"candidate {i}" for i in range(1, len(answers) + 1)]
         return await self._decide(
-            "ensemble", task, answers, labels, vote=vote, judge=judge
+            "ensemble", task, answers, labels, vote=vote, judge=judge, vote_on=vote_on
         )
 
     async def debate(
@@ -1190,6 +1341,7 @@ class Run:
         rounds: int = 2,
         judge: str | None = None,
         vote: str | None = None,
+        vote_on: str | None = "answer",
     ) -> Any:
         """``debate`` step: answer, read the others' answers, revise; then decide."""
         task = render(topic, self.state)
@@ -1212,7 +1364,7 @@ class Run:
                 )
             )
         return await self._decide(
-            "debate", task, answers, labels, vote=vote, judge=judge
+            "debate", task, answers, labels, vote=vote, judge=judge, vote_on=vote_on
         )
 
     async def programmer(
@@ -1247,12 +1399,23 @@ class Run:
         }
 
     async def test(
-        self, code_path: str, tests: str, *, timeout_s: float = 10.0
+        self,
+        code_path: str,
+        tests: str | Sequence[str],
+        *,
+        timeout_s: float = 10.0,
     ) -> dict[str, Any]:
-        """``test`` step: the code in state plus the tests in one program; pass = exit 0."""
-        code = _code_of(lookup(self.state, code_path))
-        result = await self._exec(f"{code}\n\n{render(tests, self.state)}", timeout_s)
-        return {"passed": result["exit_code"] == 0, "output": result["output"]}
+        """``test`` step: the code in state (Markdown fences stripped, as ``programmer``
+        does), then each test snippet in the same namespace, in one fresh interpreter.
+
+        ``{passed, results: [{test, passed, error}], output}``: passed when every
+        snippet ran without an exception (``sys.exit(0)`` counts as passing).
+        """
+        code = extract_code(_code_of(lookup(self.state, code_path)))
+        snippets = _test_snippets(tests, self.state)
+        nonce = f"@@mas2c-test-{random.getrandbits(64):016x}@@"
+        result = await self._exec(_test_harness(code, snippets, nonce), timeout_s)
+        return _test_results(snippets, result, nonce)
 
     # --------------------------------------------------------------- agent turns
 
@@ -1260,7 +1423,7 @@ class Run:
         """One agent turn on an already rendered prompt: text, or parsed JSON."""
         agent = self._agent(agent_id)
         messages: list[dict[str, Any]] = []
-        system = _system_prompt(agent)
+        system = render(_system_prompt(agent), self.state)
         if system:
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": prompt})
@@ -1276,13 +1439,14 @@ class Run:
                         f"agent {agent.id!r} gave no valid JSON for its output schema "
                         f"after {JSON_FIXES + 1} tries: {exc}; last answer: {_preview(text, 300)}",
                         agent=agent.id,
+                        spec_pointer=f"/agents/{_escape_token(agent.id)}/output",
                     ) from None
                 messages.append({"role": "assistant", "content": text})
                 messages.append(
                     {
                         "role": "user",
-                        "content": f"Your last answer was not valid JSON for the schema: {exc}. "
-                        "Reply with only the JSON object.",
+                        "content": f"Your last answer is not valid for the output schema: {exc}. "
+                        "Reply with only the corrected JSON.",
                     }
                 )
                 text = await self._answer(agent, messages, final=True)
@@ -1339,6 +1503,7 @@ class Run:
         span = _open_span(self.trace)
         status, error, result = "error", None, None
         try:
+            _check_arguments(tool, args)
             if tool.builtin == "python_exec":
                 result = await self._exec(str(args.get("code", "")), tool.timeout_s)
             elif tool.function is not None:
@@ -1407,6 +1572,7 @@ class Run:
         *,
         vote: str | None,
         judge: str | None,
+        vote_on: str | None = "answer",
     ) -> Any:
         """Close an ensemble or a debate: a judge's turn, a vote, or all answers."""
         if judge is not None:
@@ -1416,9 +1582,9 @@ class Run:
             )
             return await _labelled(self.turn(judge, prompt), role="judge")
         if vote == "majority":
-            return majority(answers, kind)
+            return majority(answers, kind, vote_on)
         if vote == "first":
-            return first_answer(answers)
+            return first_answer(answers, vote_on)
         return list(answers)
 
     @staticmethod
@@ -1661,52 +1827,18 @@ def _code_of(value: Any) -> str:
 
 # ---------------------------------------------------------------------------- main
 
-_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
-    "string": lambda v: isinstance(v, str),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "null": lambda v: v is None,
-}
-
-
-def _input_problem(name: str, value: Any, schema: Mapping[str, Any]) -> str | None:
-    kind = schema.get("type")
-    kinds = [kind] if isinstance(kind, str) else list(kind or [])
-    checks = [_JSON_TYPES[k] for k in kinds if k in _JSON_TYPES]
-    if checks and not any(check(value) for check in checks):
-        return (
-            f"input {name!r} must be {' or '.join(kinds)}, got {type(value).__name__}"
-        )
-    return None
-
 
 def check_inputs(
     given: Any, declared: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
     """The run's initial state: given inputs, checked, with schema defaults filled in."""
-    if not isinstance(given, dict):
-        raise InputError(f"the input must be a JSON object, got {type(given).__name__}")
-    problems: list[tuple[str, str]] = []
-    state: dict[str, Any] = {}
-    for name, schema in declared.items():
-        if name in given:
-            problem = _input_problem(name, given[name], schema)
-            if problem:
-                problems.append((f"/inputs/{name}", problem))
-            state[name] = given[name]
-        elif "default" in schema:
-            state[name] = schema["default"]
-        else:
-            problems.append((f"/inputs/{name}", f"missing required input {name!r}"))
-    for name in sorted(set(given) - set(declared)):
-        known = ", ".join(declared) or "none"
-        problems.append(("/inputs", f"unknown input {name!r} (declared: {known})"))
+    problems = input_problems(given, declared)
     if problems:
         raise InputError("; ".join(p for _, p in problems), spec_pointer=problems[0][0])
-    return state
+    return {
+        name: given[name] if name in given else copy.deepcopy(schema["default"])
+        for name, schema in declared.items()
+    }
 
 
 def _read_inputs(
@@ -1756,6 +1888,16 @@ def error_report(exc: BaseException) -> dict[str, Any]:
     }
 
 
+def exit_now(code: int) -> NoReturn:
+    """Exit as soon as the outputs are durably written (main() flushed, fsynced and
+    closed out.json and the trace): flush the standard streams, then skip the
+    interpreter's finalisation (module teardown, garbage collection, atexit)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write via a temp file in the same folder, then rename: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1764,6 +1906,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(obj, handle, ensure_ascii=False, indent=2, default=str)
             handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # durable before the fast exit (exit_now)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -1854,11 +1998,15 @@ def main(
                 exc.spec_pointer = f"/outputs/{name}"
                 raise
         code, result = 0, {"status": "ok", "outputs": outputs, "usage": run.usage()}
+        if run.warnings:
+            result["warnings"] = run.warnings
     except BaseException as exc:  # every failure, even Ctrl-C, must reach out.json
         status, code = next((s, c) for t, s, c in _OUTCOMES if isinstance(exc, t))
         error = error_report(exc)
         usage = run.usage() if run is not None else _Usage().as_dict()
         result = {"status": status, "error": error, "usage": usage}
+        if run is not None and run.warnings:
+            result["warnings"] = run.warnings
         at = f" (at {error['spec_pointer']})" if error["spec_pointer"] else ""
         print(f"{spec.name}: {status}: {error['type']}: {exc}{at}", file=sys.stderr)
     finally:

@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="b7fd90f5cbff9639b20cc7cdeaf4bf13d5b318d1957696a35b6656d4726322fd",
+        code_sha="70657e9f2e6c120c91887782e0a52da8976358f308fe63640e1a500d045444ee",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="ef52642d7b98332a04ef299116e930d6428d3b096e6a9f0a01683ef56222dc51",
+        code_sha="9d39707ad4a146b820a278085f375d8f8dc812ece151c5a9bfa1aed926275a2c",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="900dba2214962d7c550618487a8b425aa29b7db2b708e594f8c51bd13d6af69e",
+        code_sha="507daab0b3cb45175a40ec05347d7d0f976d6387eb0bf25a142ff645f280427c",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 30, "/outputs"),
-    ("__main__.py", 32, 37, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 28, "/outputs"),
+    ("__main__.py", 30, 35, "/budgets"),
     ("agents.py", 8, 14, "/models/planner"),
     ("agents.py", 16, 22, "/models/worker"),
     ("agents.py", 27, 64, "/agents/executor"),

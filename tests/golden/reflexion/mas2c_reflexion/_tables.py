@@ -16,21 +16,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="e15b6401e1bd77112274b2f3b90b27f4dfb9091767d1fdd315f3d37627565a8d",
+        code_sha="6508197b6da1a49b2fa3aad808edd1e8ff3994e71190bdc7214f2b3cf3017253",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="f2903b80d40c2d3c842c23e9135edc72b51b3b6acf0b1add4cb546dbdadde108",
+        code_sha="3e771737c2fc36f41b056dc27d1bf560be07226e0381f7d8f8db63b42e6b58b9",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="e1f89b975c1e3f836dce0919d780c1b5c3affa359139cf0425abc97927cfca9e",
+        code_sha="107551275a046700418648448b5148708525e94e0d0efa258ed5ac69e409af54",
         reads=["draft", "review", "task"],
     ),
 )
@@ -38,9 +38,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 24, "/inputs"),
-    ("__main__.py", 26, 30, "/outputs"),
-    ("__main__.py", 32, 37, "/budgets"),
+    ("__main__.py", 17, 22, "/inputs"),
+    ("__main__.py", 24, 28, "/outputs"),
+    ("__main__.py", 30, 35, "/budgets"),
     ("agents.py", 8, 14, "/models/reviewer"),
     ("agents.py", 16, 22, "/models/writer"),
     ("agents.py", 27, 41, "/agents/actor"),
@@ -49,7 +49,7 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 28, 33, "/workflow/0"),
     ("workflow.py", 36, 42, "/workflow/1"),
     ("workflow.py", 45, 50, "/workflow/2"),
-    ("workflow.py", 53, 61, "/workflow/2/cases/0/steps/0"),
-    ("workflow.py", 64, 81, "/workflow/2/cases/0/steps/0/steps/0"),
-    ("workflow.py", 84, 90, "/workflow/2/cases/0/steps/0/steps/1"),
+    ("workflow.py", 53, 63, "/workflow/2/cases/0/steps/0"),
+    ("workflow.py", 66, 83, "/workflow/2/cases/0/steps/0/steps/0"),
+    ("workflow.py", 86, 92, "/workflow/2/cases/0/steps/0/steps/1"),
 )

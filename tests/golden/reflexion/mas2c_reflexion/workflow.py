@@ -59,6 +59,8 @@ class Workflow:
                 await self.step_review_again()
                 if field(state["review"], "passed"):
                     break
+            else:
+                self.run.loop_exhausted("reflect", "/workflow/2/cases/0/steps/0", 3)
 
     # spec: /workflow/2/cases/0/steps/0/steps/0
     async def step_revise(self) -> None:

@@ -16,14 +16,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="aa41520e6029866e35ccf40051a76f40b1796a910f03dad59e22db9ac532f176",
+        code_sha="db54c310749b727ab40cfde3f5e13e5fc132af0664e9cbb73a4e2b95ac10b544",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="1b7f0b840c8b3c16ca71204495b9498a93a4afc66e277218ffb9245ef45667de",
+        code_sha="f7d9adfe9432d23967c2552c0db8fa323b586bda02890354b1f36533a8cae191",
         reads=["product", "route", "ticket"],
     ),
 )
@@ -31,9 +31,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 28, "/inputs"),
-    ("__main__.py", 30, 35, "/outputs"),
-    ("__main__.py", 37, 42, "/budgets"),
+    ("__main__.py", 17, 26, "/inputs"),
+    ("__main__.py", 28, 33, "/outputs"),
+    ("__main__.py", 35, 40, "/budgets"),
     ("agents.py", 8, 14, "/models/fast"),
     ("agents.py", 16, 22, "/models/strong"),
     ("agents.py", 27, 54, "/agents/account_agent"),

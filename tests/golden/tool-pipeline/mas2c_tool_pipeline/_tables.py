@@ -16,37 +16,37 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="50fae3fd2b2f2d63da36b97bd4c59a6c11e8b86d1f134f58d71af420c21a02f5",
+        code_sha="eae1bc6da7e3bf8da9722069328268b4ebbef1ba5dd8b686ecac36d48c17d86d",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="c8b4b11bbf2f49a74be330846f6bd7ba31659cbfe457abb09d48dad0c08b1deb",
+        code_sha="997fa755890668d53426a904f48949aed456c41883b263c44865e8d93ec709eb",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="472b72ddb0258e26804d6290ce0235f717fe9bb85153c2b7839a6b79da97b466",
+        code_sha="9951da197a5cec1593b314a3a0171db8e58b9316cb3048687b1c1d3c7aa7fa05",
         reads=["rewrite"],
     ),
 )
 
 TOOL_CODE: dict[str, ToolCode] = {
-    "text_stats": ToolCode(pointer="/tools/text_stats/code", start=12, end=49),
+    "text_stats": ToolCode(pointer="/tools/text_stats/code", start=10, end=47),
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 19, 32, "/inputs"),
-    ("__main__.py", 34, 39, "/outputs"),
-    ("__main__.py", 41, 46, "/budgets"),
+    ("__main__.py", 17, 30, "/inputs"),
+    ("__main__.py", 32, 37, "/outputs"),
+    ("__main__.py", 39, 44, "/budgets"),
     ("agents.py", 8, 14, "/models/editor"),
     ("agents.py", 19, 48, "/agents/editor"),
-    ("tools.py", 12, 49, "/tools/text_stats/code"),
-    ("tools.py", 54, 65, "/tools/text_stats"),
+    ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
+    ("tools.py", 13, 25, "/tools/text_stats"),
     ("workflow.py", 22, 25, "/workflow"),
     ("workflow.py", 28, 33, "/workflow/0"),
     ("workflow.py", 36, 51, "/workflow/1"),

@@ -1,0 +1,507 @@
+"""Typed values: placeholders, text rendering, and the JSON Schema subset mas2c checks.
+
+This module is the one implementation of how values flow through a spec. It
+depends on the standard library only, because the compiler copies it verbatim
+into every compiled package (as ``_values.py``, next to ``_runtime.py``); mas2c
+imports the same file on the host (input checks before a run, the validator).
+
+- A *placeholder* is ``{{ path }}`` or ``{{ path | filter | filter(arg) }}``;
+  ``path`` is a state variable and its fields or list indices (``plan.steps.0``).
+  ``{{ "{{" }}`` is a literal ``{{`` (the escape); single braces are plain text.
+- A string that is exactly one placeholder (surrounding whitespace aside) is a
+  *whole placeholder*: where a value is consumed (tool ``args``, ``test``
+  inputs) it passes the value itself, with its type. Anywhere else, and inside
+  a larger string, a placeholder is rendered as text: strings as they are,
+  numbers as written, everything else as JSON (``true``, ``null``, lists and
+  objects indented by 2).
+- Filters: ``join`` / ``join(sep)`` (a list's items as text, joined by ``sep``,
+  default ``", "``), ``json`` (compact JSON), ``text`` (the text rendering, so a
+  whole placeholder can pass a string), ``length`` (number of items/characters).
+- ``validate(value, schema)`` checks a value against a JSON Schema in the subset
+  ``SCHEMA_KEYWORDS``; ``schema_keyword_problem`` names a keyword outside it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ESCAPE",
+    "FILTERS",
+    "PLACEHOLDER",
+    "SCHEMA_KEYWORDS",
+    "Placeholder",
+    "TemplateError",
+    "apply_filters",
+    "argument_problems",
+    "as_text",
+    "input_problems",
+    "json_equal",
+    "json_type",
+    "parse_placeholder",
+    "placeholders",
+    "render",
+    "resolve",
+    "resolve_tree",
+    "schema_keyword_problem",
+    "validate",
+    "whole_placeholder",
+]
+
+PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+ESCAPE = '{{ "{{" }}'  # renders as a literal `{{`
+_PATH = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*"
+_STRING = r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'"
+_FILTER = re.compile(rf"\|\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\(\s*({_STRING})?\s*\))?\s*")
+_HEAD = re.compile(rf"\s*({_PATH})\s*")
+_LITERAL = re.compile(rf"\s*({_STRING})\s*$")
+FILTERS: dict[str, str] = {
+    "join": "a list's items as text, joined by the separator (default ', ')",
+    "json": "the value as compact JSON",
+    "text": "the value as text (as inside a larger string)",
+    "length": "the number of items (list, object) or characters (string)",
+}
+
+
+class TemplateError(Exception):
+    """A malformed placeholder, or a filter applied to a value it does not fit."""
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    """One ``{{ ... }}`` of a template: its state path and filters, or a literal (the escape)."""
+
+    text: str  # the whole `{{ ... }}`
+    offset: int  # character offset in the template
+    path: tuple[str, ...] = ()  # () when malformed or a literal
+    filters: tuple[tuple[str, str | None], ...] = ()  # (name, argument)
+    literal: str | None = None  # `{{ "{{" }}` -> "{{"
+    error: str | None = None  # why it is malformed
+
+    @property
+    def root(self) -> str:
+        return self.path[0] if self.path else ""
+
+
+def parse_placeholder(inner: str, text: str = "", offset: int = 0) -> Placeholder:
+    """Parse what is between ``{{`` and ``}}``; a malformed one carries its ``error``."""
+    literal = _LITERAL.match(inner)
+    if literal:
+        value = ast.literal_eval(literal.group(1))
+        if value != "{{":
+            return Placeholder(
+                text, offset, error=f'only "{{{{" can be written as a literal, not {value!r}'
+            )
+        return Placeholder(text, offset, literal=value)
+    head = _HEAD.match(inner)
+    if head is None:
+        return Placeholder(text, offset, error="expected a state variable path")
+    path = tuple(head.group(1).split("."))
+    filters: list[tuple[str, str | None]] = []
+    position = head.end()
+    while position < len(inner):
+        found = _FILTER.match(inner, position)
+        if found is None:
+            return Placeholder(
+                text, offset, path, error=f"unexpected {inner[position:].strip()!r} after the path"
+            )
+        name, argument = found.group(1), found.group(2)
+        if name not in FILTERS:
+            known = ", ".join(FILTERS)
+            return Placeholder(
+                text, offset, path, error=f"unknown filter `{name}` (known: {known})"
+            )
+        if argument is not None and name != "join":
+            return Placeholder(text, offset, path, error=f"filter `{name}` takes no argument")
+        filters.append((name, ast.literal_eval(argument) if argument is not None else None))
+        position = found.end()
+    return Placeholder(text, offset, path, tuple(filters))
+
+
+def placeholders(template: str) -> list[Placeholder]:
+    """Every placeholder of a template, in order."""
+    return [
+        parse_placeholder(match.group(1), match.group(0), match.start())
+        for match in PLACEHOLDER.finditer(template)
+    ]
+
+
+def whole_placeholder(template: str) -> Placeholder | None:
+    """The placeholder a string consists of (surrounding whitespace aside), else None."""
+    stripped = template.strip()
+    match = PLACEHOLDER.fullmatch(stripped)
+    if match is None or "{{" in match.group(1):
+        return None
+    found = parse_placeholder(match.group(1), match.group(0), template.index("{{"))
+    return found if found.literal is None else None
+
+
+def json_type(value: Any) -> str:
+    """The JSON type name of a Python value (``integer`` for ints, ``number`` for floats)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, Mapping):
+        return "object"
+    if isinstance(value, list | tuple):
+        return "array"
+    return type(value).__name__
+
+
+def as_text(value: Any) -> str:
+    """How a value reads inside a larger string: strings as they are, numbers as
+    written, everything else as JSON (lists and objects indented by 2)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, indent=2, default=str)
+
+
+def apply_filters(value: Any, filters: Sequence[tuple[str, str | None]]) -> Any:
+    for name, argument in filters:
+        if name == "join":
+            if not isinstance(value, list | tuple):
+                raise TemplateError(f"`join` needs a list, got {json_type(value)}")
+            value = (", " if argument is None else argument).join(as_text(v) for v in value)
+        elif name == "json":
+            value = json.dumps(value, ensure_ascii=False, default=str)
+        elif name == "text":
+            value = as_text(value)
+        elif name == "length":
+            if not isinstance(value, str | list | tuple | Mapping):
+                raise TemplateError(
+                    f"`length` needs a list, object or string, got {json_type(value)}"
+                )
+            value = len(value)
+        else:
+            raise TemplateError(f"unknown filter `{name}`")
+    return value
+
+
+Lookup = Callable[[str], Any]
+
+
+def _value_of(found: Placeholder, lookup: Lookup) -> Any:
+    if found.literal is not None:
+        return found.literal
+    if found.error is not None:
+        raise TemplateError(f"malformed placeholder {found.text!r}: {found.error}")
+    return apply_filters(lookup(".".join(found.path)), found.filters)
+
+
+def render(template: str, lookup: Lookup) -> str:
+    """Fill each placeholder with its text rendering; everything else stays as written.
+
+    One pass: inserted values are never rendered again, so a value that itself
+    contains ``{{ x }}`` reaches the model unchanged.
+    """
+
+    def fill(match: re.Match[str]) -> str:
+        found = parse_placeholder(match.group(1), match.group(0), match.start())
+        return as_text(_value_of(found, lookup))
+
+    return PLACEHOLDER.sub(fill, template)
+
+
+def resolve(template: str, lookup: Lookup) -> Any:
+    """A whole placeholder's value (its type kept), else the rendered text."""
+    found = whole_placeholder(template)
+    if found is not None:
+        return _value_of(found, lookup)
+    return render(template, lookup)
+
+
+def resolve_tree(value: Any, lookup: Lookup) -> Any:
+    """``resolve`` every string inside nested lists and objects (tool ``args``)."""
+    if isinstance(value, str):
+        return resolve(value, lookup)
+    if isinstance(value, Mapping):
+        return {k: resolve_tree(v, lookup) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_tree(v, lookup) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- JSON Schema subset
+
+# Keywords mas2c checks (the rest of the subset are annotations it accepts and ignores).
+SCHEMA_KEYWORDS: dict[str, str] = {
+    "type": "checked",
+    "enum": "checked",
+    "const": "checked",
+    "properties": "checked",
+    "required": "checked",
+    "additionalProperties": "checked",
+    "items": "checked",
+    "minItems": "checked",
+    "maxItems": "checked",
+    "minLength": "checked",
+    "maxLength": "checked",
+    "pattern": "checked",
+    "minimum": "checked",
+    "maximum": "checked",
+    "exclusiveMinimum": "checked",
+    "exclusiveMaximum": "checked",
+    "anyOf": "checked",
+    "title": "annotation",
+    "description": "annotation",
+    "default": "annotation",
+    "examples": "annotation",
+    "format": "annotation",
+    "$comment": "annotation",
+}
+_SUBSCHEMA_MAPS = ("properties",)
+_SUBSCHEMAS = ("items", "additionalProperties")
+_MAX_PROBLEMS = 20
+_MAX_DEPTH = 64
+
+
+def schema_keyword_problem(schema: Any, pointer: str = "") -> str | None:
+    """The first keyword outside the subset (``$ref``, ``oneOf``, ...), with where it is."""
+    if isinstance(schema, bool):
+        return None
+    if not isinstance(schema, Mapping):
+        return f"at {pointer or '/'}: a schema must be a mapping"
+    for key, sub in schema.items():
+        if key not in SCHEMA_KEYWORDS:
+            return f"keyword `{key}` at {pointer or '/'} is outside the JSON Schema subset mas2c checks"
+        if key in _SUBSCHEMA_MAPS and isinstance(sub, Mapping):
+            for name, child in sub.items():
+                problem = schema_keyword_problem(child, f"{pointer}/{key}/{name}")
+                if problem:
+                    return problem
+        elif key in _SUBSCHEMAS and isinstance(sub, Mapping | bool):
+            problem = schema_keyword_problem(sub, f"{pointer}/{key}")
+            if problem:
+                return problem
+        elif key == "anyOf" and isinstance(sub, list):
+            for index, child in enumerate(sub):
+                problem = schema_keyword_problem(child, f"{pointer}/anyOf/{index}")
+                if problem:
+                    return problem
+    return None
+
+
+def _is_type(value: Any, name: str) -> bool:
+    if name == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if name == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return json_type(value) == name
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """JSON equality: 1 == 1.0, but true != 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+    if _is_type(a, "number") and _is_type(b, "number"):
+        return bool(a == b)
+    return type(a) is type(b) and bool(a == b)
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):
+        text = f"a {json_type(value)}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate(value: Any, schema: Any, pointer: str = "") -> list[str]:
+    """Problems of ``value`` against ``schema`` (the subset), each ``at /ptr: message``."""
+    problems: list[str] = []
+    _validate(value, schema, pointer, problems, 0)
+    return problems[:_MAX_PROBLEMS]
+
+
+def _validate(value: Any, schema: Any, pointer: str, problems: list[str], depth: int) -> None:
+    where = pointer or "/"
+    if len(problems) >= _MAX_PROBLEMS:
+        return
+    if depth > _MAX_DEPTH:
+        problems.append(f"at {where}: nested more than {_MAX_DEPTH} levels deep")
+        return
+    if schema is True or schema is None:
+        return
+    if schema is False:
+        problems.append(f"at {where}: no value is allowed here")
+        return
+    if not isinstance(schema, Mapping):
+        return
+    declared = schema.get("type")
+    if declared is not None:
+        names = [declared] if isinstance(declared, str) else list(declared)
+        if not any(_is_type(value, n) for n in names):
+            expected = " or ".join(names)
+            problems.append(
+                f"at {where}: expected {expected}, got {json_type(value)} {_shown(value)}"
+            )
+            return
+    if "enum" in schema and not any(json_equal(value, option) for option in schema["enum"]):
+        options = ", ".join(_shown(o) for o in schema["enum"])
+        problems.append(f"at {where}: {_shown(value)} is not one of {options}")
+    if "const" in schema and not json_equal(value, schema["const"]):
+        problems.append(f"at {where}: expected {_shown(schema['const'])}, got {_shown(value)}")
+    if "anyOf" in schema:
+        options = schema["anyOf"]
+        if not any(not validate(value, option, pointer) for option in options):
+            problems.append(
+                f"at {where}: {_shown(value)} matches none of the {len(options)} allowed schemas"
+            )
+    if isinstance(value, Mapping):
+        _validate_object(value, schema, pointer, problems, depth)
+    elif isinstance(value, list | tuple):
+        _validate_array(value, schema, pointer, problems, depth)
+    elif isinstance(value, str):
+        _validate_string(value, schema, where, problems)
+    elif _is_type(value, "number"):
+        _validate_number(value, schema, where, problems)
+
+
+def _validate_object(
+    value: Mapping[str, Any],
+    schema: Mapping[str, Any],
+    pointer: str,
+    problems: list[str],
+    depth: int,
+) -> None:
+    properties = schema.get("properties") or {}
+    for name in schema.get("required") or []:
+        if name not in value:
+            problems.append(f"at {pointer or '/'}: missing required property {name!r}")
+    extra = schema.get("additionalProperties", True)
+    for name, item in value.items():
+        here = f"{pointer}/{_token(str(name))}"
+        if name in properties:
+            _validate(item, properties[name], here, problems, depth + 1)
+        elif extra is False:
+            allowed = ", ".join(repr(p) for p in properties) or "none"
+            problems.append(
+                f"at {pointer or '/'}: property {name!r} is not allowed (allowed: {allowed})"
+            )
+        else:
+            _validate(item, extra, here, problems, depth + 1)
+
+
+def _validate_array(
+    value: Sequence[Any], schema: Mapping[str, Any], pointer: str, problems: list[str], depth: int
+) -> None:
+    where = pointer or "/"
+    if "minItems" in schema and len(value) < schema["minItems"]:
+        problems.append(
+            f"at {where}: expected at least {schema['minItems']} item(s), got {len(value)}"
+        )
+    if "maxItems" in schema and len(value) > schema["maxItems"]:
+        problems.append(
+            f"at {where}: expected at most {schema['maxItems']} item(s), got {len(value)}"
+        )
+    items = schema.get("items")
+    if items is not None:
+        for index, item in enumerate(value):
+            _validate(item, items, f"{pointer}/{index}", problems, depth + 1)
+
+
+def _validate_string(
+    value: str, schema: Mapping[str, Any], where: str, problems: list[str]
+) -> None:
+    if "minLength" in schema and len(value) < schema["minLength"]:
+        problems.append(f"at {where}: expected at least {schema['minLength']} character(s)")
+    if "maxLength" in schema and len(value) > schema["maxLength"]:
+        problems.append(f"at {where}: expected at most {schema['maxLength']} character(s)")
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str):
+        try:
+            matched = re.search(pattern, value) is not None
+        except re.error:
+            matched = True  # the validator rejects bad patterns; never fail a run on one
+        if not matched:
+            problems.append(f"at {where}: {_shown(value)} does not match the pattern {pattern!r}")
+
+
+def _validate_number(
+    value: float, schema: Mapping[str, Any], where: str, problems: list[str]
+) -> None:
+    for key, sign in (
+        ("minimum", ">="),
+        ("maximum", "<="),
+        ("exclusiveMinimum", ">"),
+        ("exclusiveMaximum", "<"),
+    ):
+        bound = schema.get(key)
+        if isinstance(bound, int | float) and not _holds(value, sign, bound):
+            problems.append(f"at {where}: expected a number {sign} {bound}, got {value}")
+
+
+def _holds(value: float, sign: str, bound: float) -> bool:
+    if sign == ">=":
+        return value >= bound
+    if sign == "<=":
+        return value <= bound
+    if sign == ">":
+        return value > bound
+    return value < bound
+
+
+def _token(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+def argument_problems(args: Mapping[str, Any], parameters: Mapping[str, Any]) -> list[str]:
+    """Problems of a tool call's arguments against the tool's parameter schema, each
+    naming the argument and the expected type (``argument 'xs': expected array, got string``)."""
+    problems: list[str] = []
+    properties = parameters.get("properties") or {}
+    for name in parameters.get("required") or []:
+        if name not in args:
+            problems.append(f"missing argument {name!r}")
+    for name, value in args.items():
+        if name in properties:
+            for problem in validate(value, properties[name]):
+                where, _, message = problem.partition(": ")
+                inner = where[len("at /") :] if where != "at /" else ""
+                label = f"{name}/{inner}" if inner else name
+                problems.append(f"argument {label!r}: {message}")
+        elif parameters.get("additionalProperties", True) is False:
+            known = ", ".join(repr(p) for p in properties) or "none"
+            problems.append(f"unexpected argument {name!r} (parameters: {known})")
+    return problems
+
+
+def input_problems(given: Any, declared: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(pointer, message) for each way a run's input misses the spec's `inputs`: each
+    declared input against its whole JSON Schema (nested `required`, types, enums),
+    missing inputs without a `default`, and undeclared ones."""
+    if not isinstance(given, Mapping):
+        return [("/inputs", f"the input must be a JSON object, got {json_type(given)}")]
+    problems: list[tuple[str, str]] = []
+    for name, schema in declared.items():
+        pointer = f"/inputs/{_token(name)}"
+        if name in given:
+            for problem in validate(given[name], schema):
+                where, _, message = problem.partition(": ")
+                inner = where[len("at ") :]
+                at = "" if inner == "/" else f" at {inner}"
+                problems.append((pointer, f"input {name!r}{at}: {message}"))
+        elif "default" not in schema:
+            problems.append((pointer, f"missing required input {name!r}"))
+    for name in sorted(set(given) - set(declared)):
+        known = ", ".join(declared) or "none"
+        problems.append(("/inputs", f"unknown input {name!r} (declared: {known})"))
+    return problems

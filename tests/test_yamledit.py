@@ -1,0 +1,235 @@
+"""The user's spec survives edits (issue 13, item 2): `rectify --write`, `configure -o` and every
+round of `rectify` edit the user's own text as a round trip (`mas2c.yamledit`).
+
+Comments (the `# yaml-language-server: $schema=` line too), key order, quoting, block and flow
+styles are kept; only the lines of changed nodes change; and each round's `patch.diff`
+applies to the user's file with `git apply` and with `patch -p1`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import EXAMPLES, cli_env, mas2c
+
+from mas2c.rectify import rectify
+from mas2c.run import LLMConfig, run_system
+from mas2c.spec import Spec, spec_hash
+from mas2c.testserver import LLMTestServer
+from mas2c.validate import load_spec, validate_text
+from mas2c.yamledit import edit_spec_text, file_patch
+
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+COMMENTED = """\
+# yaml-language-server: $schema=./mas2c.schema.json
+# A word counter with a summary: the tool forgot its import (a seeded fault).
+spec_version: "1"
+name: fault-missing-import-re
+description: >-
+  Counts the words of a text with a regex tool,
+  then summarizes it.
+
+# --- what goes in and what comes out ---
+inputs:
+  text: {type: string}   # the text to count
+outputs:
+  words: stats.words     # from the tool
+  summary: summary       # from the writer
+
+# --- the model pool ---
+models:
+  m:
+    model: test-model    # the test server answers any name
+    temperature: 0.0
+
+# --- who does what ---
+agents:
+  writer:
+    role: 'Writer'
+    instructions: "Summarize the text in one line."
+    model: m
+
+# --- tools run inside the sandbox ---
+tools:
+  word_stats:
+    # counts words with a regular expression
+    code: |
+      def word_stats(text: str) -> dict:
+          # letters and apostrophes make a word
+          words = re.findall(r"[A-Za-z']+", text)
+          return {"words": len(words)}
+    timeout_s: 10
+
+# --- the steps, in order ---
+workflow:
+  # first the count
+  - id: count
+    kind: tool
+    tool: word_stats
+    args:
+      text: "{{ text }}"
+    out: stats
+
+  # then the summary
+  - id: summarize
+    kind: call
+    agent: writer
+    prompt: "{{ text }} ({{ stats.words }} words)"
+    out: summary
+
+budgets:
+  max_llm_calls: 10   # plenty for two steps
+  timeout_s: 120
+# end of spec
+"""
+
+
+def comments(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("#")]
+
+
+def keys_in_order(text: str) -> list[str]:
+    """Every `key:` in the file, in order, with its indentation: the shape a reader sees."""
+    found = []
+    for line in text.splitlines():
+        stripped = line.lstrip(" -")
+        if ":" in stripped and not stripped.startswith("#"):
+            key = stripped.split(":", 1)[0]
+            if key.replace("_", "").isalnum():
+                found.append(f"{len(line) - len(stripped)}:{key}")
+    return found
+
+
+def changed_lines(before: str, after: str) -> list[str]:
+    patch = file_patch(before, after, "x.yaml").splitlines()[2:]
+    return [line for line in patch if line[:1] in "+-"]
+
+
+def apply_with(tool: list[str], folder: Path, patch: Path) -> None:
+    proc = subprocess.run(
+        [*tool, str(patch)] if tool[0] == "git" else tool,
+        cwd=folder,
+        input=None if tool[0] == "git" else patch.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_commented_spec_is_sixty_lines_and_valid() -> None:
+    assert len(COMMENTED.splitlines()) >= 60
+    report = validate_text(COMMENTED, "system.yaml")
+    assert report.ok, report.errors
+
+
+def test_rectify_write_keeps_every_comment_and_key_and_its_patch_applies(tmp_path: Path) -> None:
+    spec_path = tmp_path / "system.yaml"
+    spec_path.write_text(COMMENTED)
+    (tmp_path / "in.json").write_text(json.dumps({"text": "One two three."}))
+    with LLMTestServer() as server:
+        llm = LLMConfig(url=server.base_url, api_key="test")
+        run_system(spec_path, tmp_path / "in.json", tmp_path / "run", backend="local", llm=llm)
+        outcome = rectify(tmp_path / "run", spec_path=spec_path, write=True, llm=llm, backend="local")
+    assert outcome.status == "fixed" and outcome.written == tmp_path / "system.rectified.yaml"
+    assert spec_path.read_text() == COMMENTED  # the input spec is never modified
+    fixed = outcome.written.read_text()
+    assert comments(fixed) == comments(COMMENTED)
+    assert keys_in_order(fixed) == keys_in_order(COMMENTED)
+    assert "role: 'Writer'" in fixed and 'instructions: "Summarize' in fixed  # quoting kept
+    assert "  text: {type: string}   # the text to count" in fixed  # flow style and comment
+    assert "description: >-" in fixed
+    # only the changed node changed: an import (and libcst's blank line) added to the tool's block
+    changed = changed_lines(COMMENTED, fixed)
+    assert [line for line in changed if line.strip("+ ")] == ["+      import re"]
+    assert all(line.startswith("+") for line in changed)
+    assert "import re" in (load_spec(outcome.written).tools["word_stats"].code or "")
+    # the round's patch applies to the user's file, with git apply and with patch -p1
+    patch = outcome.rounds[0].folder / "patch.diff"
+    for tool in (["git", "apply"], ["patch", "-p1"]):
+        work = tmp_path / tool[0]
+        work.mkdir()
+        shutil.copy(spec_path, work / "system.yaml")
+        apply_with(tool, work, patch)
+        assert (work / "system.yaml").read_text() == fixed
+
+
+def test_configure_o_binds_models_and_keeps_the_rest(tmp_path: Path) -> None:
+    unbound = COMMENTED.replace("    model: m\n", "    # model: chosen by configure\n")
+    spec_path = tmp_path / "system.yaml"
+    spec_path.write_text(unbound)
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("models:\n  cheap: {model: small, price: {input_per_mtok: 0.1, output_per_mtok: 0.2}}\n")
+    out = tmp_path / "configured.yaml"
+    proc = mas2c("configure", spec_path, "--pool", pool, "--rule", "-o", out, cwd=tmp_path,
+                 env=cli_env(), inprocess=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert comments(text) == comments(unbound)
+    assert load_spec(out).agents["writer"].model is not None
+    added = changed_lines(unbound, text)
+    assert all(line.startswith("+") for line in added), added  # nothing of the user's removed
+    assert any("model:" in line for line in added)
+
+
+def test_a_json_spec_stays_json_with_a_minimal_diff(tmp_path: Path) -> None:
+    data = load_spec(FAULTS / "missing-import-re" / "spec.yaml").to_data()
+    text = json.dumps(data, indent=4) + "\n"
+    before = Spec.model_validate(data)
+    data["agents"]["writer"]["instructions"] = "Summarize in five words."
+    data["workflow"].insert(1, {"id": "again", "kind": "tool", "tool": "word_stats",
+                                "args": {"text": "{{ text }}"}, "out": "again"})  # fmt: skip
+    after = Spec.model_validate(data)
+    edited = edit_spec_text(text, before, after, json_text=True)
+    assert json.loads(edited) == after.to_data()
+    removed = [line for line in changed_lines(text, edited) if line.startswith("-")]
+    assert removed == ['-            "instructions": "Summarize the text in one line.",']
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_edits_of_every_example_touch_only_their_lines(path: Path) -> None:
+    text = path.read_text()
+    before = load_spec(path)
+    data = before.to_data()
+    first_agent = next(iter(data["agents"]))
+    data["agents"][first_agent]["instructions"] += "\nBe brief."
+    data["workflow"][-1]["timeout_s"] = 30
+    data["budgets"] = {**data.get("budgets", {}), "max_llm_calls": 77}
+    after = Spec.model_validate(data)
+    edited = edit_spec_text(text, before, after)
+    assert spec_hash(load_spec_text(edited)) == spec_hash(after)
+    assert comments(edited) == comments(text)
+    remaining = iter(keys_in_order(edited))
+    assert all(key in remaining for key in keys_in_order(text))  # the old keys, in order
+    assert len(changed_lines(text, edited)) <= 8, file_patch(text, edited, path.name)
+
+
+def load_spec_text(text: str) -> Spec:
+    report = validate_text(text, "edited.yaml")
+    assert report.spec is not None and report.ok, report.errors
+    return report.spec
+
+
+def test_an_aliased_value_changes_only_where_it_was_changed() -> None:
+    text = (
+        'spec_version: "1"\nname: shared\n'
+        "models: {m: {model: x}}\n"
+        "agents:\n"
+        "  a: {role: &r Analyst, model: m}\n"
+        "  b: {role: *r, model: m}\n"
+        "workflow:\n"
+        "  - {id: s, kind: call, agent: a, prompt: hi, out: o}\n"
+        "  - {id: t, kind: call, agent: b, prompt: hi, out: p}\n"
+        "outputs: {o: o, p: p}\n"
+    )
+    before = load_spec_text(text)
+    data = before.to_data()
+    data["agents"]["b"]["role"] = "Critic"
+    after = Spec.model_validate(data)
+    edited = load_spec_text(edit_spec_text(text, before, after))
+    assert edited.agents["a"].role == "Analyst" and edited.agents["b"].role == "Critic"
