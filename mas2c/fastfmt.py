@@ -45,6 +45,7 @@ _IN_CLASS: Wrapper = ("class _:\n", "", 2)  # a class member (`class _`)
 # an element of an exploded collection; a list, whose trailing comma is magic even with one
 # element (a one-element tuple's is not)
 _IN_COLLECTION: Wrapper = ("_ = [\n", "]\n", 1)
+_IN_MAPPING: Wrapper = ("_ = {\n", "}\n", 1)  # an entry of a dict (or set) display
 _CACHE_SIZE = 512
 
 # (mode, shape) -> the formatted shape and the places of its word-like tokens, or None when
@@ -102,12 +103,12 @@ def _with_runs(text: str, tokens: list[tokenize.TokenInfo], lines: list[str], mo
     starts = [w.start[0] for w in words]
     skeleton = list(lines)
     formatted_runs: list[str] = []
-    for index, elements in reversed(list(enumerate(runs))):
+    for index, (wrapper, elements) in reversed(list(enumerate(runs))):
         pieces = []
         for first, last in elements:
             lo, hi = bisect.bisect_left(starts, first), bisect.bisect_right(starts, last)
             in_element = words[lo:hi]
-            pieces.append(_member(lines[first - 1 : last], first, in_element, mode, _IN_COLLECTION))
+            pieces.append(_member(lines[first - 1 : last], first, in_element, mode, wrapper))
         formatted_runs.append("".join(pieces))
         # two markers: a one-element tuple would lose its magic trailing comma
         skeleton[elements[0][0] - 1 : elements[-1][1]] = [f"    {_MARK}{index}__,\n" * 2]
@@ -121,13 +122,16 @@ def _with_runs(text: str, tokens: list[tokenize.TokenInfo], lines: list[str], mo
     return out
 
 
-def _runs(tokens: list[tokenize.TokenInfo], lines: list[str]) -> list[list[tuple[int, int]]]:
+Run = tuple[Wrapper, list[tuple[int, int]]]  # how its elements are wrapped, their lines
+
+
+def _runs(tokens: list[tokenize.TokenInfo], lines: list[str]) -> list[Run]:
     """Long top-level collections written one element per line: for each, the (first, last)
     line of every element. A collection qualifies when its opening bracket ends a line that
     starts a statement at column 0, every element starts on its own line at column 4 and
     ends with a comma that ends its line, nothing else (no comment) sits between, and its
     closing bracket stands alone at column 0."""
-    runs: list[list[tuple[int, int]]] = []
+    runs: list[Run] = []
     depth = 0
     i = 0
     n = len(tokens)
@@ -140,12 +144,15 @@ def _runs(tokens: list[tokenize.TokenInfo], lines: list[str]) -> list[list[tuple
                 and i + 1 < n
                 and tokens[i + 1].type == tokenize.NL
                 and not lines[opener_line - 1][:1].isspace()
+                and tokens[i - 1].string == "="  # a display assigned, not a call's arguments
             ):
                 found = _elements(tokens, i + 2, lines)
                 if found is not None:
                     elements, i = found
                     if len(elements) >= _MIN_RUN:
-                        runs.append(elements)
+                        runs.append(
+                            (_IN_MAPPING if tok.string == "{" else _IN_COLLECTION, elements)
+                        )
                     continue
             depth += 1
         elif tok.type == tokenize.OP and tok.string in ")]}":
