@@ -1,7 +1,7 @@
 """Sandbox latency: a trivial `mas2c run` in Docker and in the local backend, against a bare
 `docker run` and a bare subprocess.
 
-    python benchmarks/bench_sandbox.py [--reps 10] [--out FILE]
+    python benchmarks/bench_sandbox.py [--reps 10] [--warm-runs 50] [--out FILE]
 
 The trivial system is one agent answering one prompt, against the loopback LLM test
 server with no latency, so what is measured is the sandbox and the run's plumbing
@@ -14,14 +14,22 @@ median of --reps runs each:
 * bare `docker run --rm mas2c-sandbox:latest python -c pass` (docker CLI);
 * `mas2c run BUILD --sandbox local` and `--sandbox docker` (the CLI, end to end);
 * the same two in-process (`mas2c.run.run_system`), without the CLI's Python start-up;
-* the Docker phases of a bare container with docker-py: create, start -> exit, remove
-  (what a warm container pool could take off the critical path).
+* the Docker phases of a bare container with docker-py: create, start -> exit, remove;
+* under gVisor too (`--runtime runsc`, when registered): bare `docker run` + `import
+  openai`, `mas2c run` and `run_system`, interleaved with the runc rows;
+* the warm pool (issue 14): --warm-runs in-process runs from a warm single-use pool
+  (`mas2c.sandbox_pool.Pool`, 2 containers), runc and runsc interleaved: p50/p95.
+
+Writes FILE (json) and FILE with .md: the ratios (cold `mas2c run` / bare `docker run` +
+`import openai`; warm p50 and p95; runsc / runc).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -96,14 +104,97 @@ def docker_phases(image: str) -> dict[str, float]:
     return {"create": t1 - t0, "start_to_exit": t2 - t1, "remove": t3 - t2}
 
 
+def _pct(values: list[float], q: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def warm_runs(
+    n: int, runtimes: list[str], in_process: Callable[..., Callable[[], None]], image: str
+) -> dict[str, list[float]]:
+    """`n` in-process runs per runtime, each from a warm single-use pool of 2 (runtimes
+    interleaved; the next run waits until its pool is refilled, as a steady stream would)."""
+    from mas2c import sandbox_pool
+
+    pools = {
+        rt: sandbox_pool.Pool(sandbox_pool.PoolSpec(image, None if rt == "runc" else rt), size=2)
+        for rt in runtimes
+    }
+    times: dict[str, list[float]] = {rt: [] for rt in runtimes}
+    try:
+        for pool in pools.values():
+            pool.start()
+        for i in range(n):
+            for rt, pool in pools.items():
+                if not pool.wait_ready(timeout_s=300):
+                    raise RuntimeError(f"the {rt} pool did not fill: {pool.errors}")
+                sandbox_pool.ACTIVE = pool
+                try:
+                    times[rt].append(timed(in_process("docker", None if rt == "runc" else rt)))
+                finally:
+                    sandbox_pool.ACTIVE = None
+            if (i + 1) % 10 == 0:
+                print(f"sandbox: warm {i + 1}/{n}", file=sys.stderr)
+    finally:
+        for pool in pools.values():
+            pool.close()
+    return times
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["medians_s"]
+
+    def ms(key: str) -> str:
+        return f"{m[key] * 1000:.0f}" if key in m else "-"
+
+    def ratio(a: str, b: str) -> str:
+        return f"{m[a] / m[b]:.2f}x" if a in m and b in m else "-"
+
+    bare = "bare docker run --rm (python -c 'import openai')"
+    bare_sc = "bare docker run --rm --runtime runsc (python -c 'import openai')"
+    lines = [
+        "# Sandbox latency: cold, warm pool, runc and gVisor",
+        "",
+        f"Command: `{r['command']}` ({r['seconds']} s, {r['reps']} interleaved reps, median; "
+        f"load average {' '.join(r['load_average'])} on 2 shared cores).",
+        "",
+        "| case | median ms |",
+        "|---|---:|",
+        *(f"| {k} | {v * 1000:.0f} |" for k, v in m.items()),
+        "",
+        f"- cold `mas2c run` (CLI) / bare `docker run` + `import openai`: "
+        f"{ratio('mas2c run --sandbox docker (CLI)', bare)} (runc), "
+        f"{ratio('mas2c run --sandbox docker --runtime runsc (CLI)', bare_sc)} (runsc)",
+        f"- cold in-process run / bare `docker run` + `import openai`: "
+        f"{ratio('run_system docker (in-process)', bare)} (runc), "
+        f"{ratio('run_system docker runsc (in-process)', bare_sc)} (runsc)",
+        f"- runsc / runc: bare {ratio(bare_sc, bare)}, `mas2c run` "
+        f"{ratio('mas2c run --sandbox docker --runtime runsc (CLI)', 'mas2c run --sandbox docker (CLI)')}",
+    ]
+    for rt in r["warm_p50_s"]:
+        lines.append(
+            f"- warm pool ({rt}, {len(r['warm_s'][rt])} runs, in-process `run_system`): "
+            f"p50 {r['warm_p50_s'][rt] * 1000:.0f} ms, p95 {r['warm_p95_s'][rt] * 1000:.0f} ms"
+        )
+    if "runc" in r["warm_p50_s"] and "runsc" in r["warm_p50_s"]:
+        lines.append(
+            f"- warm runsc / runc p50: {r['warm_p50_s']['runsc'] / r['warm_p50_s']['runc']:.2f}x"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--warm-runs", type=int, default=50)
     parser.add_argument("--out", default=str(HERE / "results" / "sandbox.json"))
     args = parser.parse_args()
 
     status = sandbox.status()
     docker_ok = bool(status["daemon"]["reachable"]) and bool(status["image"]["present"])
+    runsc = docker_ok and "runsc" in status["runtimes"]
+    warm: dict[str, list[float]] = {}
     if not docker_ok:
         print(f"sandbox: Docker unavailable ({status}); docker rows are skipped", file=sys.stderr)
     image = sandbox.DEFAULT_IMAGE
@@ -122,24 +213,36 @@ def main() -> int:
         with LLMTestServer() as server:
             llm = LLMConfig(url=server.base_url, api_key="test")
             counter = iter(range(1_000_000))
+            pools: dict[str, list[str]] = {}
 
-            def in_process(backend: Any) -> Callable[[], None]:
+            def in_process(backend: Any, runtime: str | None = None) -> Callable[[], None]:
                 def action() -> None:
-                    outcome = run_system(
-                        build,
-                        input_path,
-                        work / f"run-{next(counter)}",
-                        backend=backend,
-                        llm=llm,
-                        on_warning=lambda _m: None,
-                    )
+                    saved = os.environ.get(sandbox.RUNTIME_ENV)
+                    if runtime:
+                        os.environ[sandbox.RUNTIME_ENV] = runtime
+                    try:
+                        outcome = run_system(
+                            build,
+                            input_path,
+                            work / f"run-{next(counter)}",
+                            backend=backend,
+                            llm=llm,
+                            on_warning=lambda _m: None,
+                        )
+                    finally:
+                        os.environ.pop(sandbox.RUNTIME_ENV, None)
+                        if saved is not None:
+                            os.environ[sandbox.RUNTIME_ENV] = saved
                     if not outcome.ok:
                         raise RuntimeError(f"run failed: {outcome.result}")
+                    pools.setdefault(runtime or "runc", []).append(str(outcome.sandbox.get("pool")))
 
                 return action
 
-            def cli(backend: str) -> Callable[[], None]:
+            def cli(backend: str, runtime: str | None = None) -> Callable[[], None]:
                 def action() -> None:
+                    extra = ["--no-pool"] if backend == "docker" else []
+                    extra += ["--runtime", runtime] if runtime else []
                     run_cmd(
                         [
                             mas2c,
@@ -153,6 +256,7 @@ def main() -> int:
                             server.base_url,
                             "--run-dir",
                             str(work / f"run-{next(counter)}"),
+                            *extra,
                         ]
                     )()
 
@@ -185,8 +289,43 @@ def main() -> int:
                                 "pass",
                             ]
                         ),
+                        "bare docker run --rm (python -c 'import openai')": run_cmd(
+                            [
+                                "docker",
+                                "run",
+                                "--rm",
+                                "--network",
+                                "none",
+                                image,
+                                "python",
+                                "-c",
+                                "import openai, httpx",
+                            ]
+                        ),
                         "mas2c run --sandbox docker (CLI)": cli("docker"),
                         "run_system docker (in-process)": in_process("docker"),
+                    }
+                )
+            if runsc:
+                cases.update(
+                    {
+                        "bare docker run --rm --runtime runsc (python -c 'import openai')": run_cmd(
+                            [
+                                "docker",
+                                "run",
+                                "--rm",
+                                "--runtime",
+                                "runsc",
+                                "--network",
+                                "none",
+                                image,
+                                "python",
+                                "-c",
+                                "import openai, httpx",
+                            ]
+                        ),
+                        "mas2c run --sandbox docker --runtime runsc (CLI)": cli("docker", "runsc"),
+                        "run_system docker runsc (in-process)": in_process("docker", "runsc"),
                     }
                 )
             for action in cases.values():  # warm-up: page cache, .pyc files, image layers
@@ -197,6 +336,10 @@ def main() -> int:
                 if docker_ok:
                     phases.append(docker_phases(image))
                 print(f"sandbox: rep {rep + 1}/{args.reps} done", file=sys.stderr)
+            if docker_ok and args.warm_runs > 0:
+                warm = warm_runs(
+                    args.warm_runs, ["runc", "runsc"] if runsc else ["runc"], in_process, image
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -215,7 +358,13 @@ def main() -> int:
         "medians_s": medians,
         "samples_s": samples,
         "docker_phases_median_s": phase_medians,
+        "warm_s": warm,
+        "warm_p50_s": {rt: _pct(v, 50) for rt, v in warm.items()},
+        "warm_p95_s": {rt: _pct(v, 95) for rt, v in warm.items()},
+        "pools": {rt: sorted(set(v)) for rt, v in pools.items()},
+        "load_average": Path("/proc/loadavg").read_text().split()[:3],
     }
+    Path(args.out).with_suffix(".md").write_text(markdown(result), "utf-8")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n", "utf-8")

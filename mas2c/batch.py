@@ -617,19 +617,18 @@ def run_user_scorer(
     if report.timed_out:
         why = f"the scorer did not finish in {timeout_s + 10:g} s"
         return Score(0.0, seconds, note=why, error="ScorerTimeout")
-    result = read_json(run_dir / "result.json", max_bytes=1_000_000)
-    if not result:
-        why = "the scorer's answer is unreadable (not JSON, or over 1 MB)"
-        return Score(0.0, seconds, note=why, error="ScorerBadValue")
-    if result.get("status") != "ok":
-        error = result.get("error")
-        error = error if isinstance(error, dict) else {}
-        message = f"{error.get('type', 'Error')}: {str(error.get('message', ''))[:300]}"
-        if "traceback" in error:  # score() raised: the runner caught it
+    # What the user's code answered is hostile input: read through the run-folder contract.
+    result = result_or_error(run_dir / "result.json")
+    if not result.ok:
+        error = result.error
+        message = f"{error.type}: {error.message[:300]}" if error is not None else "no result"
+        if result.code == "bad_result":  # too large, NaN, too deep, not JSON, ...
+            why = f"the scorer's answer is unreadable ({message})"
+            return Score(0.0, seconds, note=why, error="ScorerBadValue")
+        if error is not None and error.traceback is not None:  # score() raised
             return Score(0.0, seconds, note=f"the scorer raised {message}", error="ScorerRaised")
         return Score(0.0, seconds, note=f"the scorer failed: {message}", error="ScorerFailed")
-    outputs = result.get("outputs")
-    value = outputs.get("value") if isinstance(outputs, dict) else None
+    value = (result.outputs or {}).get("value")
     note: str | None = None
     if isinstance(value, dict):
         note = str(value.get("note"))[:300] if value.get("note") is not None else None

@@ -22,6 +22,7 @@ Contract (scripts first):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -283,6 +284,8 @@ def _sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
         # The sandbox reads its default runtime from the environment: one switch for
         # run, solve, rectify and bench alike.
         os.environ[sandbox.RUNTIME_ENV] = args.runtime
+    if getattr(args, "no_pool", False):
+        os.environ[sandbox.NO_POOL_ENV] = "1"  # never a warm container, always a cold one
     loosen = sandbox.Loosen(
         network=args.allow_network, writable_root=args.writable_root, root_user=args.as_root
     )
@@ -433,6 +436,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     if args.action == "prune":
         removed = sandbox.prune()
         return _finish(args, True, {"removed": removed}, f"removed {removed} container(s)")
+    if args.action == "pool":
+        return _cmd_pool(args)
     status = sandbox.status(args.tag)
     ready = bool(status["daemon"]["reachable"]) and bool(status["image"]["present"])
     lines = [
@@ -450,6 +455,31 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         f"leftover containers: {status['leftover_containers']}",
     ]
     return _finish(args, ready, {"status": status}, "\n".join(lines))
+
+
+def _cmd_pool(args: argparse.Namespace) -> int:
+    from mas2c import sandbox, sandbox_pool
+
+    what = args.pool_action or "status"
+    if what == "start":
+        if args.size < 1:
+            raise UsageError("--size must be at least 1")
+        limits = sandbox.Limits(timeout_s=args.timeout, memory_mb=args.memory, cpus=args.cpus)
+        runtime = args.runtime or sandbox.default_runtime()
+        spec = sandbox_pool.PoolSpec(args.tag, runtime, limits, args.idle)
+        st = sandbox_pool.start_service(spec, args.size)
+        return _finish(args, True, {"pool": st}, f"pool service up: {st['idle']} warm container(s)")
+    if what == "stop":
+        stopped = sandbox_pool.stop_service()
+        text = "pool service stopped" if stopped else "no pool service was running"
+        return _finish(args, True, {"stopped": stopped}, text)
+    st = sandbox_pool.service_status()
+    text = (
+        f"pool service: pid {st['pid']}, {st['idle']} of {st['size']} warm container(s) idle"
+        if st["running"]
+        else "pool service: not running"
+    )
+    return _finish(args, True, {"pool": st}, text)
 
 
 # -- generate, configure, rectify, solve, bench -----------------------------------------------------
@@ -675,6 +705,11 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
         "--runtime",
         help="container runtime registered with dockerd, e.g. runsc (gVisor); "
         "default: $MAS2C_RUNTIME, else the daemon's (runc)",
+    )
+    p.add_argument(
+        "--no-pool",
+        action="store_true",
+        help="always start a cold container (no warm pool, no pool service)",
     )
     p.add_argument(
         "--allow-network",
@@ -982,7 +1017,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser(
         "sandbox", help="build the sandbox image, report its status, prune what killed runs left"
     )
-    p.add_argument("action", choices=["build", "status", "prune"])
+    p.add_argument("action", choices=["build", "status", "prune", "pool"])
+    p.add_argument(
+        "pool_action",
+        nargs="?",
+        choices=["start", "status", "stop"],
+        help="with `pool`: the warm-container service for separate `mas2c run`s",
+    )
+    p.add_argument("--size", type=int, default=2, help="pool: warm containers kept (default 2)")
+    p.add_argument(
+        "--idle", type=float, default=300.0, help="pool: seconds a warm container waits (300)"
+    )
+    p.add_argument("--runtime", help="pool: container runtime (default $MAS2C_RUNTIME / runc)")
+    p.add_argument("--timeout", type=float, default=600.0, help="pool: longest run (600 s)")
+    p.add_argument("--memory", type=int, default=1024, help="pool: memory limit MiB (1024)")
+    p.add_argument("--cpus", type=float, default=1.0, help="pool: CPU limit (1)")
     p.add_argument(
         "--base",
         default="python:3.12-slim",
@@ -1104,7 +1153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "trace_content", False):
             # Every run this command starts traces prompts and completions (mas2c.run reads it).
             os.environ["MAS2C_TRACE_CONTENT"] = "1"
-        return handler(args)
+        with _warm_pool(args):
+            return handler(args)
     except _ArgumentError as exc:
         if not as_json:
             exc.parser.print_usage(sys.stderr)
@@ -1117,6 +1167,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(verb, FileFailure(os_error_message(exc)), as_json)
     except KeyboardInterrupt:
         return _fail(verb, Interrupted("interrupted"), as_json)
+
+
+_POOLED_VERBS = {"solve", "rectify", "bench"}  # batch: its engines run elsewhere
+
+
+def _warm_pool(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
+    """A warm container pool for the commands that run many sandboxes (docker, unless
+    --no-pool); its size from MAS2C_POOL_SIZE (default 2, 0: none)."""
+    if (
+        getattr(args, "verb", None) not in _POOLED_VERBS
+        or getattr(args, "sandbox", None) != "docker"
+        or getattr(args, "no_pool", False)
+        or os.environ.get("MAS2C_NO_POOL") == "1"
+    ):
+        return contextlib.nullcontext()
+    try:
+        size = int(os.environ.get("MAS2C_POOL_SIZE", "2"))
+    except ValueError:
+        raise UsageError("MAS2C_POOL_SIZE must be a whole number") from None
+    if size <= 0:
+        return contextlib.nullcontext()
+    from mas2c import sandbox
+    from mas2c.sandbox_pool import Pool, PoolSpec
+
+    limits = sandbox.Limits(
+        timeout_s=getattr(args, "timeout", 600.0),
+        memory_mb=getattr(args, "memory", 1024),
+        cpus=getattr(args, "cpus", 1.0),
+    )
+    runtime = getattr(args, "runtime", None) or sandbox.default_runtime()
+    image = getattr(args, "image", None) or sandbox.DEFAULT_IMAGE
+    return Pool(PoolSpec(image, runtime, limits), size=size)
 
 
 def _fail(verb: str, exc: Mas2cError, as_json: bool) -> int:

@@ -134,11 +134,8 @@ def compile_spec(spec: Spec) -> Build:
     for module, view in _tool_modules(spec):
         python_files[f"{package}/{module}.py"] = _render("tool_module.py.j2", {**context, **view})
     texts = {path: _format(path, text) for path, text in python_files.items()}
-    runtime = (templates_dir() / "_runtime.py").read_text("utf-8")
-    texts[f"{package}/_runtime.py"] = header + "\n" + _formatted_runtime(runtime)
-    # The typed-values module (placeholders, JSON Schema subset) is mas2c's own, verbatim.
-    values_source = Path(values.__file__).read_text("utf-8")
-    texts[f"{package}/_values.py"] = header + "\n" + _formatted_runtime(values_source)
+    for name, text in runtime_files().items():
+        texts[f"{package}/{name}"] = header + "\n" + text
     if any(tool.egress is not None for tool in spec.tools.values()):
         # The egress helper ships only with systems whose tools declare egress.
         egress = (templates_dir() / "_egress.py").read_text("utf-8")
@@ -170,6 +167,21 @@ def compile_spec(spec: Spec) -> Build:
         json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     ).encode()
     return Build(package, files, manifest)
+
+
+def runtime_files() -> dict[str, str]:
+    """The runtime modules every compiled package carries (file name -> source, without
+    the header line): the runtime from `templates/`, and `mas2c.accounting` (shared with
+    the gateway) as `_accounting.py`."""
+    runtime = (templates_dir() / "_runtime.py").read_text("utf-8")
+    accounting = (Path(__file__).parent / "accounting.py").read_text("utf-8")
+    # The typed-values module (placeholders, JSON Schema subset) is mas2c's own, verbatim.
+    values_source = Path(values.__file__).read_text("utf-8")
+    return {
+        "_runtime.py": _formatted_runtime(runtime),
+        "_accounting.py": accounting,
+        "_values.py": _formatted_runtime(values_source),
+    }
 
 
 def _render(name: str, context: dict[str, Any]) -> str:

@@ -43,19 +43,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import email.utils
 import hashlib
 import json
 import logging
 import os
-import random
 import re
 import socket
 import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -63,6 +61,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httpx
 
+from mas2c import accounting
 from mas2c.errors import RunFailure
 
 __all__ = [
@@ -272,7 +271,7 @@ def _safe_field(value: Any) -> str | None:
 # --------------------------------------------------------------------------- upstream
 
 
-_RETRYABLE_STATUS = frozenset({408, 409, 429})
+_RETRYABLE_STATUS = accounting.RETRYABLE_STATUS
 _CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
@@ -363,10 +362,7 @@ class HttpUpstream:
         return self._scrub(text)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self.max_backoff_s)
-        base: float = self.backoff_s * 2.0 ** (attempt - 1)
-        return min(base * (1.0 + 0.25 * random.random()), self.max_backoff_s)
+        return accounting.backoff_s(attempt, self.backoff_s, self.max_backoff_s, retry_after)
 
     def _check_alive(self) -> None:
         with self._dead_lock:
@@ -491,30 +487,9 @@ def _snippet(text: str, n: int = 200) -> str:
     return repr(text[:n] + ("..." if len(text) > n else ""))
 
 
-def _should_retry(headers: httpx.Headers) -> bool | None:
-    value = (headers.get("x-should-retry") or "").strip().lower()
-    return {"true": True, "false": False}.get(value)
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return float(ms) / 1000.0
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+# The retry policy (x-should-retry, Retry-After, backoff) is shared with the runtime.
+_should_retry = accounting.should_retry
+_retry_after = accounting.retry_after_s
 
 
 def _upstream_message(resp: httpx.Response) -> str:
@@ -627,33 +602,9 @@ def _count(value: Any) -> bool:
 
 
 @dataclass
-class _Tally:
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
+class _Usage(accounting.Usage):
+    """The shared usage counts (mas2c.accounting), plus what only the gateway sees."""
 
-    def add(self, p: int, c: int, cost: float) -> None:
-        self.calls += 1
-        self.prompt_tokens += p
-        self.completion_tokens += c
-        self.cost_usd += cost
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "calls": self.calls,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "cost_usd": round(self.cost_usd, 10),
-        }
-
-
-@dataclass
-class _Usage:
-    total: _Tally = field(default_factory=_Tally)
-    by_agent: dict[str, _Tally] = field(default_factory=dict)
-    by_model: dict[str, _Tally] = field(default_factory=dict)
     upstream_calls: int = 0
     cache_hits: int = 0
     replayed: int = 0
@@ -1529,9 +1480,7 @@ class Gateway:
         with self._lock:
             u = self._usage
             return {
-                **u.total.as_dict(),
-                "by_agent": {k: v.as_dict() for k, v in sorted(u.by_agent.items())},
-                "by_model": {k: v.as_dict() for k, v in sorted(u.by_model.items())},
+                **accounting.Usage.as_dict(u),
                 "upstream_calls": u.upstream_calls,
                 "cache_hits": u.cache_hits,
                 "replayed": u.replayed,
@@ -1585,8 +1534,8 @@ class Gateway:
         if price is None:
             return Fraction(0), Fraction(0)
         return (
-            Fraction(price.input_per_mtok) / 1_000_000,
-            Fraction(price.output_per_mtok) / 1_000_000,
+            accounting.per_token(price.input_per_mtok),
+            accounting.per_token(price.output_per_mtok),
         )
 
     def _exchange(self, raw: bytes, agent: str, step: str) -> tuple[int, dict[str, Any], str]:
@@ -1643,9 +1592,7 @@ class Gateway:
                 self._ledger.settle(res, p + c, cost_exact)
                 res = None
                 u = self._usage
-                u.total.add(p, c, cost)
-                u.by_agent.setdefault(agent, _Tally()).add(p, c, cost)
-                u.by_model.setdefault(model, _Tally()).add(p, c, cost)
+                u.add(agent, model, p, c, cost_exact)
                 self._models_seen.add(model)
                 if source == "upstream":
                     u.upstream_calls += 1

@@ -37,6 +37,7 @@ need it. ``python -m mas2c.sandbox build|status|prune`` is a small CLI around
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import io
@@ -84,6 +85,8 @@ DEADLINE_LABEL = f"{LABEL}.deadline"
 RESULT_MAX_DEPTH = 64
 #: Environment variable naming the default container runtime (e.g. ``runsc``).
 RUNTIME_ENV = "MAS2C_RUNTIME"
+#: ``MAS2C_NO_POOL=1``: never take a warm container (``--no-pool``).
+NO_POOL_ENV = "MAS2C_NO_POOL"
 # sandbox/ of a source checkout, or the copy shipped inside the wheel.
 SANDBOX_DIR = next(
     (
@@ -117,6 +120,8 @@ _COPY_S = 30.0
 #: The runner's own grace after the job's timeout (see sandbox_runner.GRACE_S).
 _RUNNER_GRACE_S = 60.0
 _BUNDLE_MAGIC = b"MAS2C-BUNDLE "
+#: The init's first line once its imports are done (before any bundle).
+READY_LINE = b"MAS2C-READY\n"
 _BUNDLE_HEADER_MAX = 65536
 _RUN_MARKER = "MAS2C_SANDBOX_RUN"
 
@@ -218,6 +223,9 @@ class SandboxReport:
     copy_out: dict[str, Any] = field(default_factory=dict)
     #: The uid the program ran as.
     uid: int | None = None
+    #: "cold" (a container started for this run), "warm" (taken from this process's
+    #: warm pool) or "service" (from `mas2c sandbox pool start`); local: None.
+    pool: str | None = None
     #: Limits that could not be applied, warnings, and the error of a failed run.
     notes: list[str] = field(default_factory=list)
     error: str | None = None
@@ -308,32 +316,67 @@ def json_depth_ok(value: Any, max_depth: int = RESULT_MAX_DEPTH) -> bool:
 # ------------------------------------------------------------ private temp folders
 
 
-@contextlib.contextmanager
-def private_dir(kind: str, mode: int = 0o700, uid: int | None = None) -> Iterator[Path]:
-    """A temp folder ``mas2c-<kind>-*`` that :func:`reap_private_dirs` removes once its
-    owner is gone (it holds an flock on ``.owner``, released by the kernel even on
-    SIGKILL); removed on exit. `uid` (as root): the folder is given to that user."""
-    folder = Path(tempfile.mkdtemp(prefix=f"mas2c-{kind}-"))
-    try:
+class LockedDir:
+    """A temp folder ``mas2c-<kind>-*`` holding an flock on ``.owner`` for as long as it
+    lives: :func:`reap_private_dirs` removes it once its owner is gone (the kernel drops
+    the lock even on SIGKILL). `uid` (as root): the folder is given to that user."""
+
+    def __init__(
+        self, kind: str, mode: int = 0o700, uid: int | None = None, parent: str | None = None
+    ) -> None:
         import fcntl
 
-        lock = os.open(folder / ".owner", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        folder.chmod(mode)
-        if uid is not None and os.geteuid() == 0 and uid != 0:
-            os.chown(folder, uid, uid)
+        self.path = Path(tempfile.mkdtemp(prefix=f"mas2c-{kind}-", dir=parent))
         try:
-            yield folder
-        finally:
-            os.close(lock)
+            self._lock: int | None = os.open(
+                self.path / ".owner", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600
+            )
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+            self.path.chmod(mode)
+            if uid is not None and os.geteuid() == 0 and uid != 0:
+                os.chown(self.path, uid, uid)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    def close(self) -> None:
+        """Remove the folder (idempotent)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+@contextlib.contextmanager
+def private_dir(kind: str, mode: int = 0o700, uid: int | None = None) -> Iterator[Path]:
+    """A :class:`LockedDir` for the duration of the block."""
+    folder = LockedDir(kind, mode, uid)
+    try:
+        yield folder.path
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        folder.close()
+
+
+def _locked(path: Path) -> bool:
+    """True if someone holds an flock on `path` (False if it is free or missing)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def reap_private_dirs(min_age_s: float = 10.0) -> int:
     """Remove the :func:`private_dir` folders of dead owners (SIGKILLed runs): those
     whose ``.owner`` lock is free. Folders without one are not ours and stay."""
-    import fcntl
 
     removed = 0
     now = time.time()
@@ -351,13 +394,9 @@ def reap_private_dirs(min_age_s: float = 10.0) -> int:
             owner = Path(entry.path) / ".owner"
             if os.lstat(owner).st_uid != os.geteuid():
                 continue
-            fd = os.open(owner, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # the owner is alive
-            finally:
-                os.close(fd)
+            # .owner: its creator; .user: a run using a pool service's folder.
+            if any(_locked(Path(entry.path) / name) for name in (".owner", ".user")):
+                continue
             shutil.rmtree(entry.path, ignore_errors=True)
             removed += 1
     return removed
@@ -378,6 +417,7 @@ class _Outcome:
     interrupted: bool = False
     runtime: str | None = None
     uid: int | None = None
+    pool: str | None = None
     truncated: list[str] = field(default_factory=list)
     copy_out: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -412,6 +452,7 @@ class _Job:
     env: Mapping[str, str]
     warn: Callable[[str], None]
     runtime: str | None = None
+    use_pool: bool = True
 
 
 def _check_inputs(package_dir: Path, module: str, input_path: Path) -> None:
@@ -558,6 +599,7 @@ def run_package(
     env: Mapping[str, str] | None = None,
     on_warning: Callable[[str], None] | None = None,
     runtime: str | None = None,
+    pool: bool | None = None,
 ) -> SandboxReport:
     """Run ``python -m <module> --input .. --output .. --trace ..`` in a sandbox.
 
@@ -567,6 +609,9 @@ def run_package(
     otherwise returns the report. A failing *program* is not an exception: see the
     report and result.json. `runtime` (docker only): a runtime registered with the
     daemon, e.g. ``runsc`` (gVisor); None: ``MAS2C_RUNTIME``, else the daemon's default.
+    `pool` (docker only): take a warm single-use container from this process's pool
+    (:mod:`mas2c.sandbox_pool`) or the pool service when one fits; None: yes unless
+    ``MAS2C_NO_POOL=1``; False: always a cold container.
     """
     warn = on_warning if on_warning is not None else logger.warning
     package_dir, input_path, run_dir = Path(package_dir), Path(input_path), Path(run_dir)
@@ -616,6 +661,7 @@ def run_package(
                 env=dict(env or {}),
                 warn=warn,
                 runtime=runtime,
+                use_pool=pool if pool is not None else os.environ.get(NO_POOL_ENV) != "1",
             )
             if backend == "docker":
                 _run_docker(job, outcome)
@@ -656,6 +702,7 @@ def _finalize(
     report.stderr_truncated = "stderr.txt" in report.truncated
     report.copy_out = outcome.copy_out
     report.uid = outcome.uid
+    report.pool = outcome.pool
     if outcome.runtime is not None:
         report.runtime = outcome.runtime
     report.notes.extend(outcome.notes)
@@ -806,6 +853,9 @@ class _Bundle:
         if end < 0:
             return view[:0]
         line = bytes(self._head).rstrip(b"\n")
+        if bytes(self._head) == READY_LINE:  # the init's ready line: the header follows
+            self._head = bytearray()
+            return self._feed_header(view[take:])
         if not line.startswith(_BUNDLE_MAGIC):
             self.error = "the sandbox's output has no valid header"
             return view[:0]
@@ -1013,6 +1063,8 @@ class _Box:
     sock: Any = None
     #: docker-py's wrapper of it, kept alive (closing it closes the socket).
     holder: Any = None
+    #: Called once the container is removed (a pooled box's socket folder).
+    on_release: Callable[[], None] | None = None
 
 
 def _container_config(
@@ -1166,8 +1218,6 @@ def _pump_attach(box: _Box, bundle: _Bundle, deadline: float, stderr_tail: bytea
 
 def _run_docker(job: _Job, outcome: _Outcome) -> None:
     _import_docker()  # a clear error before docker.types
-    from docker.types import Mount
-
     for name in job.loosen.used():
         msg = {
             "network": "sandbox network enabled (--loosen network): the program can reach "
@@ -1185,24 +1235,6 @@ def _run_docker(job: _Job, outcome: _Outcome) -> None:
         _require_image(client, job.image)
         _reap_once(client)
         env = _scrubbed_env(path=_C_PATH, home="/tmp", pythonpath=_C_PKG, extra=job.env)
-        # /work: an anonymous volume holding the root-owned job (filled with
-        # put_archive: no host path shared with the daemon, no chown on the host);
-        # the program writes only to tmpfs. Only the LLM socket is a bind mount.
-        mounts = [Mount(target=_C_WORK, source=None, type="volume")]
-        if job.llm_socket is not None:
-            # The socket's own (private, per-run) folder, not the socket file: gVisor
-            # cannot bind-mount a socket, and a pooled container binds its folder
-            # before the run's gateway exists.
-            sock = job.llm_socket.resolve()
-            mounts.append(
-                Mount(
-                    target=CONTAINER_SOCKET_DIR,
-                    source=str(sock.parent),
-                    type="bind",
-                    read_only=True,
-                )
-            )
-            env["MAS2C_LLM_SOCKET"] = f"{CONTAINER_SOCKET_DIR}/{sock.name}"
         _check_runtime_registered(client, job.runtime)
         if job.loosen.network and _runtime_has_no_network(client, job.runtime):
             raise SandboxError(
@@ -1210,16 +1242,20 @@ def _run_docker(job: _Job, outcome: _Outcome) -> None:
                 "registered with --network=none (see /etc/docker/daemon.json); use runc"
             )
         try:
-            box = _start_box(
-                client,
-                job,
-                name=name,
-                mounts=mounts,
-                env=env,
-                labels={f"{LABEL}.run": job.run_id},
-                idle_s=_START_S,
-                attach=True,
-            )
+            box = _warm_box(client, job, env, outcome) if job.use_pool else None
+            if box is None:
+                outcome.pool = "cold"
+                box = _start_box(
+                    client,
+                    job,
+                    name=name,
+                    mounts=_cold_mounts(job, env),
+                    env=env,
+                    labels={f"{LABEL}.run": job.run_id},
+                    idle_s=_START_S,
+                    attach=True,
+                )
+            name = box.name
             _run_in_box(box, job, env, outcome)
         except KeyboardInterrupt:
             outcome.interrupted = True
@@ -1231,9 +1267,51 @@ def _run_docker(job: _Job, outcome: _Outcome) -> None:
                 f"the Docker run failed ({type(exc).__name__}): {_short_reason(exc)}"
             ) from None
         finally:
-            _shielded(lambda: _remove_box(client, box, name), outcome, "remove")
+            if box is not None and outcome.pool in ("warm", "service") and not outcome.interrupted:
+                _remove_later(box)  # its init ends as the stream closes; off the critical path
+            else:
+                _shielded(lambda: _remove_box(client, box, name), outcome, "remove")
     finally:
         client.close()
+
+
+def _cold_mounts(job: _Job, env: dict[str, str]) -> list[Any]:
+    """/work: an anonymous volume holding the root-owned job (filled with put_archive:
+    no host path shared with the daemon, no chown on the host); the program writes only
+    to tmpfs. Only the LLM socket's folder is a bind mount."""
+    from docker.types import Mount
+
+    mounts = [Mount(target=_C_WORK, source=None, type="volume")]
+    if job.llm_socket is not None:
+        # The socket's own (private, per-run) folder, not the socket file: gVisor
+        # cannot bind-mount a socket.
+        sock = job.llm_socket.resolve()
+        mounts.append(
+            Mount(target=CONTAINER_SOCKET_DIR, source=str(sock.parent), type="bind", read_only=True)
+        )
+        env["MAS2C_LLM_SOCKET"] = f"{CONTAINER_SOCKET_DIR}/{sock.name}"
+    return mounts
+
+
+def _warm_box(client: Any, job: _Job, env: dict[str, str], outcome: _Outcome) -> _Box | None:
+    """A warm container from this process's pool or the pool service, if one fits the
+    job; its socket folder then gets a hard link to the run's gateway socket."""
+    from mas2c.sandbox_pool import claim
+
+    warm = claim(client, job)
+    if warm is None:
+        return None
+    outcome.pool = warm.kind
+    if job.llm_socket is not None:
+        try:
+            os.link(job.llm_socket, warm.sockdir / "llm.sock")
+        except OSError as exc:
+            outcome.notes.append(f"warm container not used: cannot link the socket ({exc})")
+            _remove_box(client, warm.box, warm.box.name)
+            return None
+        env["MAS2C_LLM_SOCKET"] = f"{CONTAINER_SOCKET_DIR}/llm.sock"
+    box: _Box = warm.box
+    return box
 
 
 def _run_in_box(box: _Box, job: _Job, env: Mapping[str, str], outcome: _Outcome) -> None:
@@ -1327,6 +1405,9 @@ def _remove_box(client: Any, box: _Box | None, name: str) -> None:
         target.wait(condition="removed", timeout=30)
     except docker.errors.NotFound:
         pass
+    finally:
+        if box is not None and box.on_release is not None:
+            box.on_release()
 
 
 def _check_runtime_registered(client: Any, runtime: str | None) -> None:
@@ -1354,6 +1435,41 @@ def _runtime_has_no_network(client: Any, runtime: str | None) -> bool:
         return False
     args = info.get("runtimeArgs") or info.get("RuntimeArgs") or []
     return "--network=none" in args
+
+
+_PENDING: set[threading.Thread] = set()
+
+
+def _remove_later(box: _Box) -> None:
+    """Remove a used container in the background (closing its attach stream first, so
+    its init exits at once); :func:`wait_removals` (atexit too) waits for them."""
+    with contextlib.suppress(Exception):
+        box.holder.close()
+        box.sock.close()
+
+    def remove() -> None:
+        client = _docker_client()
+        try:
+            _remove_box(client, box, box.name)
+        except Exception as exc:
+            logger.debug("removing %s failed: %s", box.name, exc)
+        finally:
+            client.close()
+            _PENDING.discard(thread)
+
+    thread = threading.Thread(target=remove, name="mas2c-remove", daemon=True)
+    _PENDING.add(thread)
+    thread.start()
+
+
+def wait_removals(timeout_s: float = 60.0) -> None:
+    """Wait for the background removals of used warm containers."""
+    deadline = time.monotonic() + timeout_s
+    for thread in list(_PENDING):
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(wait_removals)
 
 
 _REAPED = False
@@ -1594,10 +1710,13 @@ def _run_local(job: _Job, outcome: _Outcome) -> None:
                 )
 
         def preexec() -> None:
-            _set_rlimits(limits, nproc)
+            # The limits come last: a forked child keeps its parent's address space (a
+            # threaded parent easily maps more than RLIMIT_AS), so under the limit _expose
+            # could not even load ctypes. Lowering limits needs no privilege.
             if as_root:
                 _expose(plan)
                 _drop_privileges(uid)
+            _set_rlimits(limits, nproc)
 
         with open(work / "runner.log", "wb") as runner_log:
             proc = subprocess.Popen(

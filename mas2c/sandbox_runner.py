@@ -8,7 +8,7 @@ Protocol (both modes), on this process's stdin/stdout (the container's attach
 stream, or pipes of the local backend):
 
 1. It starts, imports the runtime's dependencies (``openai``, ``httpx``) so that a
-   program forked from it starts warm, then waits at most ``idle_s`` for the line
+   program forked from it starts warm, says ``MAS2C-READY`` (init mode), then waits at most ``idle_s`` for the line
    ``go`` on stdin (EOF or the idle deadline: it exits; nothing ran).
 2. It reads ``job.json`` (module, arguments, environment, cwd, timeout, caps), forks
    the program (``runpy`` in the fork: the imports are already done) with stdout and
@@ -43,6 +43,7 @@ import time
 from typing import Any
 
 BUNDLE_MAGIC = b"MAS2C-BUNDLE "
+READY_LINE = b"MAS2C-READY\n"
 GRACE_S = 60.0
 LINGER_S = 30.0
 CHUNK = 1 << 16
@@ -386,6 +387,9 @@ def main() -> None:
         import openai  # noqa: F401
     except Exception:
         warm = False  # the program imports what it needs itself
+    if mode == "init":  # a pool hands out only containers that said so
+        with contextlib.suppress(OSError):
+            write_all(READY_LINE)
     stdin = Stdin()
     if stdin.line(t_start + idle_s) != b"go":
         os._exit(0)

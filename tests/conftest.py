@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from mas2c.compile import Build, compile_spec
+from mas2c.compile import Build, compile_spec, runtime_files
 from mas2c.spec import Spec
 from mas2c.testserver import LLMTestServer, default_responder
 from mas2c.validate import load_spec
@@ -37,6 +37,25 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(ROOT), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]
 )
 SPECS = ROOT / "specs"
+_RUNTIME_PACKAGE = "mas2c_runtime_under_test"
+
+
+def load_runtime() -> Any:
+    """The runtime (all its modules, as a compiled package carries them) imported in-process
+    as the package `mas2c_runtime_under_test`; returns its `_runtime` module."""
+    import importlib
+
+    if _RUNTIME_PACKAGE not in sys.modules:
+        folder = Path(tempfile.mkdtemp(prefix="runtime-")) / _RUNTIME_PACKAGE
+        folder.mkdir()
+        atexit.register(shutil.rmtree, folder.parent, True)
+        (folder / "__init__.py").write_text("")
+        for name, text in runtime_files().items():
+            (folder / name).write_text(text, encoding="utf-8")
+        sys.path.insert(0, str(folder.parent))
+    return importlib.import_module(f"{_RUNTIME_PACKAGE}._runtime")
+
+
 EXAMPLES = sorted(SPECS.glob("*.yaml"))
 EXAMPLE_NAMES = [path.stem for path in EXAMPLES]
 

@@ -416,7 +416,10 @@ def score(prediction, row):
         while True:
             pass
     if row["id"] == "gsm8k-1":
-        return "x" * 2_000_000
+        deep = []
+        for _ in range(200):
+            deep = [deep]
+        return deep
     if row["id"] == "gsm8k-2":
         return {1, 2}
     return float("nan")
@@ -435,15 +438,18 @@ def test_hostile_user_scorers_are_contained(tmp_path: Path) -> None:
                 server,
                 scorer=f"python:{scorer}",
                 test_timeout_s=1.0,
-                workers=4,
+                workers=2,
             )
         )
+    assert summary["not_recorded"] == []
     results = read_results(tmp_path / "run" / "results.jsonl")
     assert results["gsm8k-0"]["scorer_error"] == "ScorerTimeout"
-    assert results["gsm8k-1"]["scorer_error"] == "ScorerBadValue"
-    assert "unreadable" in results["gsm8k-1"]["note"]
+    # too deep: the sandbox itself refuses the answer and says so in the scorer's result
+    assert results["gsm8k-1"]["scorer_error"] == "ScorerFailed"
+    assert results["gsm8k-1"]["score"] == 0.0
     assert results["gsm8k-2"]["scorer_error"] == "ScorerRaised"  # a set is not JSON
     assert results["gsm8k-3"]["scorer_error"] == "ScorerBadValue"  # NaN
+    assert "unreadable" in results["gsm8k-3"]["note"]
     assert summary["accuracy"] == 0.0 and summary["complete"]
     assert sum(summary["failures"].values()) == 4
 
@@ -556,3 +562,31 @@ def test_files_from_a_node_cannot_leave_the_row_folder(tmp_path: Path) -> None:
     )
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["rows/r/mas/result.json"]
+
+
+def test_local_sandbox_from_a_driver_with_many_threads(tmp_path: Path) -> None:
+    """A batch driver has many threads (workers, gateways, servers), so its address space is
+    large; the local sandbox's child must still start (its limits apply after the fork)."""
+    import threading
+
+    from mas2c.batch import run_code_tests, write_code_scorer
+
+    release = threading.Event()
+    threads = [threading.Thread(target=release.wait) for _ in range(160)]  # ~1.3 GB of stacks
+    for thread in threads:
+        thread.start()
+    try:
+        score = run_code_tests(
+            "def f():\n    return 1\n",
+            "def check(candidate):\n    assert candidate() == 1\n",
+            "f",
+            tmp_path / "score",
+            scorer_dir=write_code_scorer(tmp_path / "scorer"),
+            backend="local",
+            on_warning=_quiet,
+        )
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join()
+    assert score.passed, score

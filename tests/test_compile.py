@@ -26,7 +26,7 @@ from conftest import EXAMPLE_NAMES, EXAMPLES, ROOT, example_path, example_spec, 
 
 from mas2c import __version__, graph
 from mas2c.cli import main as cli_main
-from mas2c.compile import BLACK_MODE, Build, compile_spec, pointer_at
+from mas2c.compile import BLACK_MODE, Build, compile_spec, pointer_at, runtime_files
 from mas2c.source import escape_token
 from mas2c.spec import Spec, iter_steps, spec_hash
 from mas2c.validate import load_spec, validate_text
@@ -43,6 +43,7 @@ EXPECTED_FILES = {
     "pyproject.toml",
     "{pkg}/__init__.py",
     "{pkg}/__main__.py",
+    "{pkg}/_accounting.py",
     "{pkg}/_runtime.py",
     "{pkg}/_tables.py",
     "{pkg}/_values.py",
@@ -294,11 +295,8 @@ def test_generated_code_passes_ruff(built_examples: Path) -> None:
 def test_generated_code_is_black_stable(name: str) -> None:
     build = build_of(name)
     for path, data in build.files.items():
-        # The runtime is the same file in every package: checked once, below.
-        if path.endswith(".py") and path not in (
-            f"{build.package}/_runtime.py",
-            f"{build.package}/_values.py",
-        ):
+        # The runtime modules are the same files in every package: checked once, below.
+        if path.endswith(".py") and path.split("/")[-1] not in runtime_files():
             text = data.decode("utf-8")
             assert black.format_str(text, mode=BLACK_MODE) == text, f"{path} is not black-stable"
             ast.parse(text, filename=path)

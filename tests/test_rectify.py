@@ -514,9 +514,9 @@ def test_diagnose_thresholds(tmp_path: Path) -> None:
 
 
 def test_runtime_vote_first() -> None:
-    from test_runtime import load_runtime
+    from conftest import load_runtime
 
-    runtime = load_runtime("mas2c_runtime_copy")
+    runtime = load_runtime()
     first = runtime.first_answer
     assert first(["thinking...\nANSWER:", "so\nANSWER: 4", "ANSWER: 5"]) == "so\nANSWER: 4"
     assert first(["no final line\nANSWER:", "  "]) == "no final line\nANSWER:"

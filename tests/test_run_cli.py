@@ -10,6 +10,7 @@ Docker tests fail instead of skipping when CI=true and the daemon or image is mi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from collections.abc import Iterator
@@ -135,12 +136,19 @@ def usage_shape(usage: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _leftovers() -> list[Any]:
+def _leftovers(run_ids: set[Any]) -> list[str]:
+    """Names of the mas2c containers of these runs, removed. The low-level list: the
+    high-level one inspects each container and races removals by other tests."""
     import docker
 
     client = docker.from_env()
     try:
-        return list(client.containers.list(all=True, filters={"label": "mas2c"}))
+        found = client.api.containers(all=True, filters={"label": "mas2c"})
+        left = [c for c in found if (c.get("Labels") or {}).get("mas2c.run") in run_ids]
+        for c in left:
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                client.api.remove_container(c["Id"], force=True, v=True)
+        return [c["Names"][0].lstrip("/") for c in left]
     finally:
         client.close()
 
@@ -164,10 +172,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     run_ids = {read_json(p).get("run_id") for p in tmp_path.rglob("sandbox.json")}
     assert run_ids, "a docker test that ran nothing"
-    left = [c for c in _leftovers() if c.labels.get("mas2c.run") in run_ids]
-    for c in left:
-        c.remove(force=True, v=True)
-    assert left == [], f"containers left behind: {[c.name for c in left]}"
+    left = _leftovers(run_ids)
+    assert left == [], f"containers left behind: {left}"
 
 
 # -- runs -------------------------------------------------------------------------------------

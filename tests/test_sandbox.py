@@ -170,6 +170,23 @@ def main():
             os._exit(0)
         os.close(w)
         out["grandchild"] = int(os.read(r, 100))
+    elif action == "litter":  # leave files and a process behind
+        for folder in ("/tmp", os.path.dirname(a.output), "."):
+            with open(os.path.join(folder, "litter-" + req["tag"]), "w") as f:
+                f.write(req["tag"])
+        subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    elif action == "look":  # what a run finds when it starts
+        out["files"] = sorted(
+            os.path.join(folder, name)
+            for folder in ("/tmp", os.path.dirname(a.output), ".")
+            for name in os.listdir(folder)
+            if name.startswith("litter")
+        )
+        out["processes"] = sorted(
+            read("/proc/%s/cmdline" % pid).replace("\0", " ")
+            for pid in os.listdir("/proc")
+            if pid.isdigit() and int(pid) not in (1, os.getpid())
+        )
     elif action == "socket":
         s = socket.socket(socket.AF_UNIX)
         s.connect(os.environ["MAS2C_LLM_SOCKET"])
@@ -1056,6 +1073,70 @@ def test_gvisor_refuses_allow_network(dock: None, rt: str, package: Path, tmp_pa
         _run(
             package, tmp_path, {"action": "echo"}, "docker", runtime=rt, loosen=Loosen(network=True)
         )
+
+
+# ------------------------------------------------------------ warm pool (issue 14)
+
+
+@pytest.mark.docker
+def test_pooled_container_is_never_reused(dock: None, package: Path, tmp_path: Path) -> None:
+    """A warm container runs one system: the next run (also warm) finds none of the
+    first run's files or processes."""
+    from mas2c.sandbox_pool import Pool, PoolSpec
+
+    with Pool(PoolSpec(), size=1) as pool:
+        assert pool.wait_ready(timeout_s=180)
+        first = _run(package, tmp_path, {"action": "litter", "tag": "one"}, "docker")
+        assert pool.wait_ready(timeout_s=180)
+        second = _run(package, tmp_path, {"action": "look"}, "docker")
+    assert first.report.pool == second.report.pool == "warm"
+    assert first.result["status"] == "ok", first.text("stderr.txt")
+    assert second.result["files"] == [] and second.result["processes"] == []
+    assert pool.taken == 2 and pool.started >= 2
+    assert first.report.uid == 1000 and first.report.runtime == "default"
+
+
+@pytest.mark.docker
+def test_pool_leaves_nothing_after_exit_or_sigkill(dock: None, tmp_path: Path) -> None:
+    import docker
+
+    from mas2c.sandbox_pool import OWNER_LABEL
+
+    script = (
+        "import sys, time\n"
+        "from mas2c.sandbox_pool import Pool, PoolSpec\n"
+        "with Pool(PoolSpec(), size=2) as pool:\n"
+        "    assert pool.wait_ready(timeout_s=180)\n"
+        "    print('ready', flush=True)\n"
+        "    if sys.argv[1] == 'sleep':\n"
+        "        time.sleep(600)\n"
+    )
+    client = docker.from_env()
+
+    def owned(pid: int) -> list[str]:
+        label = f"{OWNER_LABEL}={socket.gethostname()}:{pid}"
+        return [c["Id"] for c in client.api.containers(all=True, filters={"label": label})]
+
+    def gone(pid: int, wait_s: float) -> bool:
+        deadline = time.monotonic() + wait_s
+        while owned(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return not owned(pid)
+
+    try:
+        for how in ("exit", "sleep"):
+            proc = subprocess.Popen(
+                [sys.executable, "-c", script, how], stdout=subprocess.PIPE, text=True
+            )
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+            if how == "sleep":
+                assert len(owned(proc.pid)) == 2
+                proc.kill()  # SIGKILL: no cleanup code runs
+            proc.wait(timeout=120)
+            assert gone(proc.pid, 30), f"pool containers left after {how}"
+    finally:
+        client.close()
 
 
 # ----------------------------------------------------------------------- local

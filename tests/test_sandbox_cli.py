@@ -143,3 +143,39 @@ def test_package_exits_once_its_outputs_are_written(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out.json").read_text())["outputs"] == {"y": "hi!"}
     events = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "run_end"
+
+
+@pytest.mark.docker
+def test_pool_service_serves_separate_runs(
+    docker_ready: None, llm_server: LLMTestServer, tmp_path: Path
+) -> None:
+    """`mas2c sandbox pool start`: a separate `mas2c run` takes a warm container (its
+    gateway socket reaches it through the container's socket folder); `--no-pool`
+    does not; `stop` leaves no pooled container."""
+    import docker
+
+    from mas2c.sandbox_pool import POOL_LABEL
+
+    started = mas2c("sandbox", "pool", "start", "--size", "1", "--json", cwd=tmp_path)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert cli_document(started)["pool"]["idle"] >= 1
+        code, doc, stderr = _run(tmp_path, llm_server)
+        assert code == 0, stderr
+        assert doc["sandbox"]["pool"] == "service" and doc["usage"]["calls"] == 1
+        cold = tmp_path / "cold"
+        cold.mkdir()
+        code, doc, stderr = _run(cold, llm_server, "--no-pool")
+        assert code == 0, stderr
+        assert doc["sandbox"]["pool"] == "cold"
+        status = cli_document(mas2c("sandbox", "pool", "status", "--json", cwd=tmp_path))
+        assert status["pool"]["running"] is True
+    finally:
+        stopped = mas2c("sandbox", "pool", "stop", "--json", cwd=tmp_path)
+    assert cli_document(stopped)["stopped"] is True
+    client = docker.from_env()
+    try:
+        left = client.api.containers(all=True, filters={"label": f"{POOL_LABEL}=service"})
+    finally:
+        client.close()
+    assert left == []

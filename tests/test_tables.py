@@ -66,7 +66,7 @@ def test_tool_code_table_points_at_the_verbatim_code() -> None:
     match = re.search(r'"text_stats": ToolCode\(pointer="(.*?)", start=(\d+), end=(\d+)\)', tables)
     assert match is not None
     pointer, start, end = match.group(1), int(match.group(2)), int(match.group(3))
-    tools = build.files["mas2c_tool_pipeline/tools.py"].decode().splitlines()
+    tools = build.files["mas2c_tool_pipeline/tool_text_stats.py"].decode().splitlines()
     code = example_spec("tool-pipeline").tools["text_stats"].code or ""
     assert pointer == "/tools/text_stats/code"
     assert tools[start - 1 : end] == code.rstrip("\n").splitlines()

@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="ba01baf31f99bae46f3c3b898c3174389fa679ccabd6369726e3a0074484c2c8",
+        code_sha="2cb2c622c3bf15eec657e958d82caad17275c8fca8c25fa694142a2758903589",
         reads=["question"],
     ),
 )

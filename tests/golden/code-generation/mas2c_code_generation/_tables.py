@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="7d4da1c49686754db7b512b59982326fa9b3051ffbf24092b0f0181dcc8be344",
+        code_sha="9cfc3b581cc4bfeb793bf410ce41613ebc5b613d1bb4379298d7dd7f7adda708",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="87b38889177fd93b16999a959bf8420c7d94634a26698362c197e04ee0a4bcdd",
+        code_sha="1556b9bdfc65600e731b7e1da90a81c0b983252d4ba31a5c4cf4f6bd5ad9c5b5",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="88ffe189c1bda6f5c37051f9b77ffcfb57e2b39b8d841711d31716d7530693d4",
+        code_sha="21df81f3e36689214162115ad8e01ac7422440f710442cd35257cfe76d10fd59",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )

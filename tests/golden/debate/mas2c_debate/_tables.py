@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="f3ff64713421dd285f5556b382237e44691c687b2897796a5352a33ffd843aec",
+        code_sha="da0ac7389a5f16ed2ccab765a4f6ca7cf71cf8018c502de47eecc965ea230a28",
         reads=["question"],
     ),
 )

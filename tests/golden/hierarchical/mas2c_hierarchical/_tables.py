@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="e81a40bd98eccb7721eff1c5eda922ee5ca41027e68e9906c9f9b6157d07ec6b",
+        code_sha="5d5ded621de4244ed8c220817621ac9f6b48a8daf2fcffd7615a2908d9dbd567",
         reads=["context", "decision"],
     ),
     TopStep(
         method="step_investigate",
         step_id="investigate",
         pointer="/workflow/1",
-        code_sha="8c0e264ef2b29e99b069bef0716774d01404848b2200076d009598781061e900",
+        code_sha="6c4f4c4e0eedf9556c9be73cde8f1179a8eb62e120d4cbad89e0c9dc21bd6e46",
         reads=["context", "plan"],
     ),
     TopStep(
         method="step_merge",
         step_id="merge",
         pointer="/workflow/2",
-        code_sha="8293a325306bd097d409784c507aa59e50e3b94f571a1c8a72981e52ea93fa5d",
+        code_sha="f479f3504f5304a417fa3cf1c0732db33a790e798924f175fadd66f5aceb89b3",
         reads=["decision", "market", "plan", "risks", "technical"],
     ),
 )

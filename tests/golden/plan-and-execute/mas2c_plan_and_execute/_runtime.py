@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import contextvars
 import copy
-import email.utils
 import hashlib
 import json
 import os
@@ -47,6 +46,7 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, cast
 from urllib.parse import quote
@@ -54,6 +54,15 @@ from urllib.parse import quote
 import httpx
 import openai
 
+from ._accounting import (
+    COST_DIGITS,
+    Usage,
+    backoff_s,
+    call_cost,
+    retry_after_s,
+    retryable_status,
+    should_retry,
+)
 from ._values import (
     TemplateError,
     argument_problems,
@@ -159,7 +168,7 @@ class TopStep:
 
 @dataclass(frozen=True)
 class ToolCode:
-    """Where a code tool's spec code sits in tools.py: lines start..end, verbatim."""
+    """Where a code tool's spec code sits in its module: lines start..end, verbatim."""
 
     pointer: str
     start: int
@@ -350,51 +359,8 @@ def resolve_value(value: Any, state: Mapping[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------- accounting
-
-
-@dataclass
-class _Tally:
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-
-    def add(self, prompt: int, completion: int, cost: float) -> None:
-        self.calls += 1
-        self.prompt_tokens += prompt
-        self.completion_tokens += completion
-        self.cost_usd += cost
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "calls": self.calls,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "cost_usd": round(self.cost_usd, 8),
-        }
-
-
-@dataclass
-class _Usage:
-    total: _Tally = dataclass_field(default_factory=_Tally)
-    by_agent: dict[str, _Tally] = dataclass_field(default_factory=dict)
-    by_model: dict[str, _Tally] = dataclass_field(default_factory=dict)
-    in_flight: int = 0  # requests sent, not yet answered: they hold a call slot
-
-    def add(
-        self, agent: str, model: str, prompt: int, completion: int, cost: float
-    ) -> None:
-        self.total.add(prompt, completion, cost)
-        self.by_agent.setdefault(agent, _Tally()).add(prompt, completion, cost)
-        self.by_model.setdefault(model, _Tally()).add(prompt, completion, cost)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            **self.total.as_dict(),
-            "by_agent": {k: v.as_dict() for k, v in sorted(self.by_agent.items())},
-            "by_model": {k: v.as_dict() for k, v in sorted(self.by_model.items())},
-        }
+# Usage/cost accounting and the retry policy are _accounting.py: the same code the host's
+# LLM gateway counts with (mas2c.accounting), so result.json and usage.json agree.
 
 
 # -------------------------------------------------------------------------- trace
@@ -596,35 +562,27 @@ class _Malformed(Exception):
 
 
 def _is_retryable(exc: Exception) -> bool:
+    """Whether to try again: the server's ``x-should-retry`` verdict first. Behind the
+    gateway's socket only that verdict counts (the gateway is the one layer that retries
+    a failing upstream, and says ``false`` on every error it answers)."""
+    response = getattr(exc, "response", None)
+    verdict = should_retry(response.headers) if response is not None else None
+    if verdict is not None:
+        return verdict
+    if os.environ.get("MAS2C_LLM_SOCKET"):
+        return False
     if isinstance(exc, openai.APIStatusError):
-        return exc.status_code == 429 or exc.status_code >= 500
+        return retryable_status(exc.status_code)
     # APITimeoutError is an APIConnectionError; a body that is not JSON is a ValueError.
     retryable = (openai.APIConnectionError, openai.APIResponseValidationError)
     return isinstance(exc, (*retryable, httpx.TransportError, ValueError, _Malformed))
 
 
-def _retry_after(exc: Exception) -> float | None:
-    """Seconds from a Retry-After header (a number or an HTTP date), if any."""
-    response = getattr(exc, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        with contextlib.suppress(TypeError, ValueError):
-            when = email.utils.parsedate_to_datetime(value)
-            return max(0.0, when.timestamp() - time.time())
-    return None
-
-
 def _backoff(attempt: int, exc: Exception) -> float:
-    hinted = _retry_after(exc)
-    if hinted is not None:
-        return min(hinted, MAX_RETRY_AFTER_S)
-    base = _env_number("MAS2C_RETRY_BASE_S", 0.5) * 2 ** (attempt - 1)
-    # A little jitter keeps concurrent samples from retrying in lockstep.
-    return float(min(base * (1 + 0.25 * random.random()), MAX_RETRY_AFTER_S))
+    response = getattr(exc, "response", None)
+    hinted = retry_after_s(response.headers) if response is not None else None
+    base = _env_number("MAS2C_RETRY_BASE_S", 0.5)
+    return backoff_s(attempt, base, MAX_RETRY_AFTER_S, hinted)
 
 
 def _error_code(exc: openai.APIStatusError) -> str | None:
@@ -982,8 +940,8 @@ def tool_code_location(
 ) -> tuple[str | None, int | None]:
     """(spec pointer, line inside the tool code) of the deepest frame in the tool's code.
 
-    ``where`` (from the compiler's TOOL_CODE table) says which lines of tools.py hold
-    the spec's code verbatim, so the line inside the spec's code is a subtraction.
+    ``where`` (from the compiler's TOOL_CODE table) says which lines of the tool's module
+    hold the spec's code verbatim, so the line inside the spec's code is a subtraction.
     """
     code = getattr(tool.function, "__code__", None)
     if code is None or where is None:
@@ -1125,7 +1083,8 @@ class Run:
         self.budgets = spec.budgets
         self.state: dict[str, Any] = dict(inputs or {})
         self.trace = trace or Trace(None)
-        self._usage = _Usage()
+        self._usage = Usage()
+        self._in_flight = 0  # requests sent, not yet answered: they hold a call slot
         self._client: openai.AsyncOpenAI | None = None
         self._json_object_only: set[str] = set()  # models that refused json_schema
         # The innermost step running when the run was cancelled (global timeout).
@@ -1614,7 +1573,7 @@ class Run:
     def _check_budget(self) -> None:
         """Refuse a request that would overspend; requests in flight hold a call."""
         b, u = self.budgets, self._usage
-        calls = u.total.calls + u.in_flight
+        calls = u.total.calls + self._in_flight
         tokens = u.total.prompt_tokens + u.total.completion_tokens
         for limit, used, maximum in (
             ("max_llm_calls", calls, b.max_llm_calls),
@@ -1714,11 +1673,11 @@ class Run:
         """One HTTP request; it holds a call slot of the budget while in flight."""
         if self._client is None:  # created lazily: a run without LLM calls needs none
             self._client = _make_client()
-        self._usage.in_flight += 1
+        self._in_flight += 1
         try:
             response = await self._client.chat.completions.create(**request)
         finally:
-            self._usage.in_flight -= 1
+            self._in_flight -= 1
         if not getattr(response, "choices", None):
             raise _Malformed("the response has no choices")
         return response
@@ -1748,8 +1707,9 @@ class Run:
             ) from exc
 
     def _account(self, agent: AgentDef, model: ModelDef, response: Any) -> None:
-        prompt, completion, cost = _call_cost(model, response)
-        self._usage.add(agent.id, agent.model, prompt, completion, cost)
+        prompt, completion, cost = _call_tokens_and_cost(model, response)
+        # by_model is keyed by the model name sent (as the gateway's usage.json is)
+        self._usage.add(agent.id, model.model, prompt, completion, cost)
 
     def _trace_call(
         self,
@@ -1765,9 +1725,9 @@ class Run:
         usage = getattr(response, "usage", None)
         extra: dict[str, Any] = {}
         if response is not None:
-            _, _, cost = _call_cost(model, response)
+            _, _, cost = _call_tokens_and_cost(model, response)
             choice = response.choices[0]
-            extra["cost_usd"] = round(cost, 8)
+            extra["cost_usd"] = round(float(cost), COST_DIGITS)
             extra["response_model"] = getattr(response, "model", None)
             extra["finish_reason"] = getattr(choice, "finish_reason", None)
         if error is not None:
@@ -1796,15 +1756,12 @@ class Run:
         )
 
 
-def _call_cost(model: ModelDef, response: Any) -> tuple[int, int, float]:
-    """(prompt tokens, completion tokens, USD) of one response at the model's prices."""
+def _call_tokens_and_cost(model: ModelDef, response: Any) -> tuple[int, int, Fraction]:
+    """(prompt tokens, completion tokens, exact USD) of one response at the model's prices."""
     usage = getattr(response, "usage", None)
     prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
     completion = int(getattr(usage, "completion_tokens", 0) or 0)
-    cost = (
-        prompt * (model.input_per_mtok or 0.0)
-        + completion * (model.output_per_mtok or 0.0)
-    ) / 1e6
+    cost = call_cost(prompt, completion, model.input_per_mtok, model.output_per_mtok)
     return prompt, completion, cost
 
 
@@ -2003,7 +1960,7 @@ def main(
     except BaseException as exc:  # every failure, even Ctrl-C, must reach out.json
         status, code = next((s, c) for t, s, c in _OUTCOMES if isinstance(exc, t))
         error = error_report(exc)
-        usage = run.usage() if run is not None else _Usage().as_dict()
+        usage = run.usage() if run is not None else Usage().as_dict()
         result = {"status": status, "error": error, "usage": usage}
         if run is not None and run.warnings:
             result["warnings"] = run.warnings

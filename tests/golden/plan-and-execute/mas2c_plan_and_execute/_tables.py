@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="70657e9f2e6c120c91887782e0a52da8976358f308fe63640e1a500d045444ee",
+        code_sha="12f624ea2c242be097aa0a84b6a2c6364f88b1ccb6405c1ec006a70df8111c7e",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="9d39707ad4a146b820a278085f375d8f8dc812ece151c5a9bfa1aed926275a2c",
+        code_sha="bcfe94757e0d16cbeeee13ac96342cd706b3bb2aad05780ff0c6afb4f1a695b3",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="507daab0b3cb45175a40ec05347d7d0f976d6387eb0bf25a142ff645f280427c",
+        code_sha="063103654c27e11a0f95d78a3d4f132a9c4d17826423bf1716df8cbb885848dd",
         reads=["execution", "plan", "task"],
     ),
 )

@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="6508197b6da1a49b2fa3aad808edd1e8ff3994e71190bdc7214f2b3cf3017253",
+        code_sha="4f09f150eb3bad46152c0fb0756818725e5363a8f87d712c04d201aabe0c863a",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="3e771737c2fc36f41b056dc27d1bf560be07226e0381f7d8f8db63b42e6b58b9",
+        code_sha="cafb33a0fc8254b05f7fb98b0ceada7f29da1263f8d040d817d441c66283ebc7",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="107551275a046700418648448b5148708525e94e0d0efa258ed5ac69e409af54",
+        code_sha="57e8439604a52d280443031dca7bd352160653a9e0035645f7e16fe9c73efb6a",
         reads=["draft", "review", "task"],
     ),
 )

@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="db54c310749b727ab40cfde3f5e13e5fc132af0664e9cbb73a4e2b95ac10b544",
+        code_sha="d278b0a9c702e5d0bd477d1865dcfa2a8d71c779acb80dece24693645a9fb5d1",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="f7d9adfe9432d23967c2552c0db8fa323b586bda02890354b1f36533a8cae191",
+        code_sha="0671bc6e5a25cec27167a4947c7ecf4ac6fda85d06e59b824e67c5a8d0fa58ae",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="355c7eaa00012485e72adce8a9cb28d50c1f926b5564259f820d872c414f79bf",
+        code_sha="574a8603152aff73ffe1a496062323879ab6382d31533cdde4131790551ff10e",
         reads=["question"],
     ),
 )

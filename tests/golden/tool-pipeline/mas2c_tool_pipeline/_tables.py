@@ -5,7 +5,8 @@ TOP_STEPS: the top-level steps in order. ``code_sha`` hashes what decides a step
 result besides the state (its compiled methods, the agents, models and tools it names,
 the runtime); ``reads`` are the state variables it reads. A checkpoint key hashes the
 step id, ``code_sha`` and the values of ``reads`` only.
-TOOL_CODE: where each code tool's spec code sits in tools.py (verbatim, line for line).
+TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
+line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
 """
 
@@ -16,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="eae1bc6da7e3bf8da9722069328268b4ebbef1ba5dd8b686ecac36d48c17d86d",
+        code_sha="1ea69c988c8f08bb568feab194f446751a477d9884892c7df7e3b083a2ad8fbb",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="997fa755890668d53426a904f48949aed456c41883b263c44865e8d93ec709eb",
+        code_sha="268e6602d862ae046f0eb8acaacab4164725566c01edbd855337285336385f04",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="9951da197a5cec1593b314a3a0171db8e58b9316cb3048687b1c1d3c7aa7fa05",
+        code_sha="9f206cd43f2fec22e9f63f5120fe21cda67354e1cf3e9327d7a69c919047a68b",
         reads=["rewrite"],
     ),
 )
