@@ -40,9 +40,11 @@ Contract:
   pilot of the baseline on them; tokens when there are no prices). The summary puts both side
   by side with the paired difference and its 95% interval (Newcombe's for pass/fail scores).
 
-Error codes of failed rows: the runtime's ``error.code`` when it gives one, else the error's
-``type`` (``BudgetExceeded``, ``StepTimeout``, ...); ``SandboxError`` when the sandbox could not
-run; ``NoPrediction`` when the output is missing; scorer failures count as ``scorer:<code>``.
+Error codes of failed rows (``summary.json`` ``failures``): the runtime's ``error.code`` when
+it gives one, else the error's ``type``; ``SandboxError`` when the sandbox could not run; the
+scorer's own failures as ``scorer:ScorerTimeout``, ``scorer:ScorerBadValue``,
+``scorer:ScorerRaised`` and ``scorer:ScorerFailed``. A run that gives no prediction scores 0
+(``note``: no prediction in the result).
 """
 
 from __future__ import annotations

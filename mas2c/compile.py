@@ -178,7 +178,7 @@ def runtime_files() -> dict[str, str]:
     # The typed-values module (placeholders, JSON Schema subset) is mas2c's own, verbatim.
     values_source = Path(values.__file__).read_text("utf-8")
     return {
-        "_runtime.py": _formatted_runtime(runtime),
+        "_runtime.py": runtime,  # stored black-formatted (test_compile checks it)
         "_accounting.py": accounting,
         "_values.py": _formatted_runtime(values_source),
     }

@@ -41,12 +41,12 @@ the real ``openai`` client through ``httpx.AsyncHTTPTransport(uds=path)`` and
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import socket
 import stat
@@ -661,6 +661,7 @@ class _Ledger:
         self.res_tokens = 0
         self.res_cost = Fraction(0)
         self.limit_cost = Fraction(budget.max_cost_usd) if budget.max_cost_usd is not None else None
+        self.closed = False
 
     @property
     def tight(self) -> bool:
@@ -677,6 +678,10 @@ class _Ledger:
         """Called with the lock held. ``cap`` is the completion cap asked for (None = none)."""
         deadline = time.monotonic() + timeout_s
         while True:
+            if self.closed:
+                raise _HttpFailure(
+                    503, _error_body("server_error", "mas2c_gateway_stopping", "the run has ended")
+                )
             b = self.budget
             if b.max_llm_calls is not None and self.calls + self.res_calls >= b.max_llm_calls:
                 raise _budget_failure(
@@ -790,6 +795,53 @@ _REASONS = {
 }
 
 
+class _DaemonPool:
+    """At most ``max_workers`` daemon threads, started on demand, serving a queue.
+
+    Daemon threads (unlike ``ThreadPoolExecutor``'s) never hold up the exit of mas2c
+    when a request is still waiting on the upstream at the end of a run.
+    """
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        self.max_workers = max_workers
+        self.name = name
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            start = self._idle == 0 and self._threads < self.max_workers
+            if start:
+                self._threads += 1
+                number = self._threads
+            else:
+                self._idle -= 1  # an idle worker takes it: do not count it twice
+        self._queue.put(fn)
+        if start:
+            threading.Thread(target=self._work, name=f"{self.name}-{number}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            fn = self._queue.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except BaseException:  # fn reports its own errors; never lose a worker
+                log.exception("gateway: worker failed")
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self) -> None:
+        """Idle workers exit; busy ones exit after their current request."""
+        with self._lock:
+            n = self._threads
+        for _ in range(n):
+            self._queue.put(None)
+
+
 class _ByteBudget:
     """An asyncio counting budget of bytes (a request larger than the whole takes all of it)."""
 
@@ -886,10 +938,7 @@ class _AsyncHttp:
         self.limits = gateway.limits
         self.sock = sock
         self.loop = asyncio.new_event_loop()
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.limits.max_concurrency,
-            thread_name_prefix="mas2c-gw",
-        )
+        self.pool = _DaemonPool(self.limits.max_concurrency, "mas2c-gw")
         self.open = 0
         self.peak_open = 0
         self.rejected_connections = 0
@@ -950,7 +999,7 @@ class _AsyncHttp:
             asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
         self.thread.join(timeout=5)
         # Requests still waiting on the upstream are abandoned: nobody waits for them.
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()
 
     # ---------------------------------------------------------------- connections
 
@@ -1218,8 +1267,10 @@ class EgressPolicy:
         *,
         max_response_bytes: int = 4 * _MIB,
         max_timeout_s: float = 60.0,
+        max_requests: int = 1000,
     ) -> None:
         self.rules = dict(rules)
+        self.max_requests = max_requests
         self.secrets = {k: v for k, v in secrets.items() if v}
         self.max_response_bytes = max_response_bytes
         self.max_timeout_s = max_timeout_s
@@ -1449,6 +1500,9 @@ class Gateway:
         raise GatewayError(f"{path} is in use by another live server")
 
     def stop(self) -> None:
+        with self._lock:
+            self._ledger.closed = True  # requests waiting for budget room give up
+            self._ledger.cond.notify_all()
         http = self._http
         self._http = None
         if http is not None:
@@ -1672,7 +1726,7 @@ class Gateway:
             return 200, answer
         except _HttpFailure as fail:
             with self._lock:
-                key = "refused" if fail.status in (400, 403, 413) else "failed"
+                key = "refused" if fail.status in (400, 403, 413, 429) else "failed"
                 self._egress_counts[key] += 1
             message = fail.body.get("error", {}).get("message", "")
             scrub = policy.scrub if policy is not None else (lambda t: t)
@@ -1684,6 +1738,11 @@ class Gateway:
         from urllib.parse import urlsplit
 
         tool, method, url = req.get("tool"), req.get("method"), req.get("url")
+        with self._lock:
+            if self._egress_counts["requests"] >= policy.max_requests:
+                raise _denied(
+                    f"egress budget exceeded: {policy.max_requests} requests per run", 429
+                )
         if not isinstance(tool, str) or tool not in policy.rules:
             raise _denied(f"tool {str(tool)[:100]!r} declares no egress in the spec")
         rule = policy.rules[tool]

@@ -78,7 +78,9 @@ result in the state variable named by `out` ([A-Za-z_][A-Za-z0-9_]*). Step kinds
 
 State variables are the inputs and the `out`s of earlier steps. Prompts (prompt, topic,
 tests, tool args) read them with placeholders {{ name }} or {{ name.field }}; single
-braces are literal text. Every placeholder must name a variable already written at that
+braces are literal text. A tool arg or test that is exactly one placeholder passes the
+value itself (a list stays a list); inside a larger string a value is text (filters:
+{{ xs | join(', ') }}, {{ x | json }}). Every placeholder must name a variable already written at that
 point on every path: a variable written inside only some branch cases is not bound after
 the branch; write the same variable in every case (and `else`) when later steps need it.
 Conditions (`until`, `when`) are small Python expressions over state variables, WITHOUT

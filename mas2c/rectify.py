@@ -1,19 +1,23 @@
 """`mas2c rectify`: repair a system from a failed (or overspent) run, and lift the fix into the spec.
 
-The third MAS² meta-agent. From a run folder it reads what went wrong
-(``result.json``: status, error type, ``spec_pointer``, ``spec_line``, traceback;
-``usage.json``; ``trace.jsonl``), maps it to the spec element at fault and to the
-code generated for it (the build's source map), and fixes the *spec*:
+The third MAS² meta-agent. From a run folder, read through its typed contract
+(`mas2c.runfolder`: ``result.json`` with the error's stable ``code``, ``spec_pointer``,
+``spec_line`` and traceback; ``usage.json``; ``trace.jsonl``; a file that breaks the
+contract is a `RectifyError` naming it), it maps the failure to the spec element at
+fault and to the code generated for it (the build's source map), and fixes the *spec*.
+Everything the run wrote is untrusted: a pointer, step id or agent id is used only as
+far as it names an element of this spec, and a checkpoint key only as a 64-hex file
+name inside the round's checkpoint folder.
 
-1. **Deterministic fixes first** (no LLM call), chosen by the error class:
-   a standard-library name missing from a tool's code (a libcst
-   ``AddImportsVisitor`` edit of the generated tool code, lifted back into
-   ``/tools/<id>/code``); a structured-output parse failure (a format reminder in
-   the agent's instructions, then ``output: text`` where nothing reads its fields);
-   a vote with no answer (``vote: first``); a step, tool or run timeout (a longer
-   step timeout within the run's budget, else less fan-out); a budget overrun (the
-   pool's cheapest model for samplers, then less fan-out, then a higher budget only
-   when allowed).
+1. **Deterministic fixes first** (no LLM call), chosen by the error **code** alone
+   (`KIND_OF_CODE`; never message text or class names): a standard-library name the
+   tool's code reads but never binds (libcst scope analysis; an ``AddImportsVisitor``
+   edit of the generated tool code, lifted back into ``/tools/<id>/code``); a
+   structured-output parse failure (a format reminder in the agent's instructions, then
+   ``output: text`` where nothing reads its fields); a vote with no answer
+   (``vote: first``); a step, tool or run timeout (a longer step timeout within the
+   run's budget, else less fan-out); a budget overrun (the pool's cheapest model for
+   samplers, then less fan-out, then a higher budget only when allowed).
 2. **LLM fixes** otherwise: the rectifier LLM gets the failing element, its
    generated code, the error and traceback and the earlier attempts, and answers
    with a corrected function in a ```python block (a libcst edit of the tool's code)
@@ -21,14 +25,19 @@ code generated for it (the build's source map), and fixes the *spec*:
    answer that does not parse, or that adds validation errors, is reverted and the
    LLM is told why (once more per round).
 
+Every fix passes `guard_fix` on the *resulting* spec: budgets unchanged unless
+allowed (whatever patch operation tried), and no tool's code taking over a name of
+another tool.
+
 Each round recompiles and re-runs the system in the sandbox, resuming from the
 checkpoints of earlier runs (steps before the fault whose inputs did not change are
-not run again), and keeps everything in ``RUN_DIR/rectify/round-K/``: ``spec.yaml``,
-``patch.diff`` (unified diff against the previous spec), ``build/``, ``run/`` and
-``notes.json``. The loop stops when a run succeeds, after ``max_rounds``, when a fix
-repeats an earlier spec (hash), or when two rounds in a row leave the same error
-(type and pointer). The input spec is never modified; ``write=True`` writes the
-fixed spec beside it as ``<stem>.rectified.yaml``.
+not run again), and keeps everything in ``RUN_DIR/rectify/round-K/``: ``spec.yaml``
+(the user's spec text edited as a round trip, `mas2c.yamledit`), ``patch.diff``
+(against the previous round's text; applies to the user's file with ``git apply``),
+``build/``, ``run/`` and ``notes.json``. The loop stops when a run succeeds, after
+``max_rounds``, when a fix repeats an earlier spec (hash), or when two rounds in a row
+leave the same error (code, type and pointer). The input spec is never modified;
+``write=True`` writes the fixed spec beside it as ``<stem>.rectified.yaml``.
 """
 
 from __future__ import annotations
@@ -39,7 +48,6 @@ import difflib
 import json
 import re
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,46 +100,6 @@ DEFAULT_MAX_ROUNDS = 3
 LLM_TRIES = 2  # LLM answers per round (the second one hears why the first was reverted)
 REMINDER_MARK = "Output format (added by mas2c rectify):"
 TRACEBACK_LINES = 30
-
-#: Common standard-library names imported with `from MODULE import NAME`.
-STDLIB_MEMBERS: dict[str, str] = {
-    "sqrt": "math",
-    "floor": "math",
-    "ceil": "math",
-    "pi": "math",
-    "log": "math",
-    "exp": "math",
-    "isclose": "math",
-    "Counter": "collections",
-    "defaultdict": "collections",
-    "OrderedDict": "collections",
-    "deque": "collections",
-    "namedtuple": "collections",
-    "dataclass": "dataclasses",
-    "Path": "pathlib",
-    "reduce": "functools",
-    "lru_cache": "functools",
-    "partial": "functools",
-    "date": "datetime",
-    "timedelta": "datetime",
-    "Decimal": "decimal",
-    "Fraction": "fractions",
-    "dedent": "textwrap",
-    "mean": "statistics",
-    "median": "statistics",
-    "groupby": "itertools",
-    "chain": "itertools",
-    "permutations": "itertools",
-    "combinations": "itertools",
-    "product": "itertools",
-    "heappush": "heapq",
-    "heappop": "heapq",
-    "bisect_left": "bisect",
-    "Any": "typing",
-    "Optional": "typing",
-}
-# Standard-library module names that are far more often an undefined variable.
-_NOT_MODULES = frozenset({"this", "antigravity", "test", "__future__", "token", "code", "types"})
 
 # A traceback frame in a generated file of the package (workflow.py, tools.py, ...).
 _TOOLS_FRAME = re.compile(
@@ -420,6 +388,12 @@ def find_input(run_dir: Path, input_path: Path | None = None) -> Path:
     path = input_path or run_dir / "input.json"
     if not path.is_file():
         raise RectifyError(f"{run_dir}: the run folder holds no input.json; pass --input FILE")
+    try:  # bounded like every run-folder file: size, depth, a JSON object
+        data = load_json_file(path, LIMITS.result_bytes)
+    except RunFolderError as exc:
+        raise RectifyError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise RectifyError(f"{path}: the input must be a JSON object of named inputs")
     return path
 
 
@@ -732,24 +706,6 @@ def add_imports(code: str, imports: list[tuple[str, str | None]]) -> str:
     return AddImportsVisitor(context).transform_module(module).code
 
 
-def _uses_as_module(code: str, name: str) -> bool:
-    """Whether `name.attr` appears in the code (a module used without its import)."""
-    try:
-        module = cst.parse_module(code)
-    except cst.ParserSyntaxError:
-        return False
-    found = False
-
-    class Finder(cst.CSTVisitor):
-        def visit_Attribute(self, node: cst.Attribute) -> None:
-            nonlocal found
-            if isinstance(node.value, cst.Name) and node.value.value == name:
-                found = True
-
-    module.visit(Finder())
-    return found
-
-
 def replace_functions(code: str, answer: str) -> tuple[str, list[str]]:
     """Replace the top-level functions of `code` by those defined in `answer` (libcst).
 
@@ -855,63 +811,39 @@ class Context:
     allow_budget_raise: bool = False
 
 
-def undefined_names(code: str) -> list[tuple[str, int]]:
-    """Names the code reads but never binds (nor are builtins), with their 1-based lines.
-
-    Found by libcst's scope analysis of the code itself: the error message is never read.
-    """
-    from libcst.metadata import MetadataWrapper, PositionProvider, ScopeProvider
-
-    try:
-        wrapper = MetadataWrapper(cst.parse_module(code))
-    except cst.ParserSyntaxError:
-        return []
-    scopes = wrapper.resolve(ScopeProvider)
-    positions = wrapper.resolve(PositionProvider)
-    found: dict[tuple[str, int], None] = {}
-    for scope in {s for s in scopes.values() if s is not None}:
-        for access in scope.accesses:
-            node = access.node
-            if access.referents or not isinstance(node, cst.Name):
-                continue
-            position = positions.get(node)
-            found[(node.value, position.start.line if position else 0)] = None
-    return sorted(found, key=lambda item: (item[1], item[0]))
-
-
-def _stdlib_import(name: str, code: str) -> tuple[str, str | None] | None:
-    """The import that defines `name` from the standard library, if it is a known one."""
-    if name in STDLIB_MEMBERS:
-        return (STDLIB_MEMBERS[name], name)
-    if (
-        name in sys.stdlib_module_names
-        and not name.startswith("_")
-        and name not in _NOT_MODULES
-        and _uses_as_module(code, name)
-    ):
-        return (name, None)
+def _parse_import(fix: str) -> tuple[str, str | None] | None:
+    """`import m` -> (m, None); `from m import n` -> (m, n) (as `mas2c.toolcode` spells them)."""
+    words = fix.split()
+    if len(words) == 2 and words[0] == "import":
+        return (words[1], None)
+    if len(words) == 4 and words[0] == "from" and words[2] == "import":
+        return (words[1], words[3])
     return None
 
 
 def fix_missing_import(failure: Failure, locus: Locus, spec: Spec, ctx: Context) -> Fix | None:
     """A tool error in code that reads a standard-library name it never imports: the import.
 
-    Names on the failing line (when the runtime gave it) come first; every undefined
-    standard-library name of the tool's code is imported in one edit.
+    The names come from the code itself (`mas2c.toolcode.undefined_names`, the validator's
+    own analysis; the error message is never read). With the failing line known, one of them
+    must be read on that line; every undefined standard-library name is imported in one edit.
     """
+    from mas2c import toolcode
+
     if locus.tool is None or locus.element != "tool_code":
         return None
     code = spec.tools[locus.tool].code or ""
-    missing = undefined_names(code)
+    missing = [u for u in toolcode.undefined_names(code) if u.fix]
     if locus.tool_line is not None:
-        on_line = [(n, line) for n, line in missing if line == locus.tool_line]
-        if not on_line:
+        lines = code.splitlines()
+        failing = lines[locus.tool_line - 1] if 0 < locus.tool_line <= len(lines) else ""
+        if not any(re.search(rf"(?<![\w.]){re.escape(u.name)}\b", failing) for u in missing):
             return None  # the failing line reads no undefined name: not a missing import
     wanted: dict[tuple[str, str | None], str] = {}
-    for name, _line in missing:
-        found = _stdlib_import(name, code)
-        if found is not None:
-            wanted.setdefault(found, name)
+    for undefined in missing:
+        parsed = _parse_import(undefined.fix or "")
+        if parsed is not None:
+            wanted.setdefault(parsed, undefined.name)
     if not wanted:
         return None
     try:
@@ -1313,8 +1245,8 @@ def guard_fix(before: Spec, after: Spec, *, allow_budget_raise: bool) -> None:
 
     - change `budgets` (by any operation: `replace`, `move`/`copy` from it, a whole-document
       `replace` at ""), unless `allow_budget_raise`;
-    - make one tool's code define a name another tool defines or is called (tools share the
-      compiled `tools.py`, so that would replace the other tool's function).
+    - make one tool's code define a name another tool defines or is called (a fix for one
+      tool may not define or replace another tool's function).
     """
     if not allow_budget_raise and before.budgets != after.budgets:
         _reject_budget_change(before.budgets, after.budgets)
@@ -1325,7 +1257,7 @@ def guard_fix(before: Spec, after: Spec, *, allow_budget_raise: bool) -> None:
         name, owner, other = clashes[0]
         raise FixRejected(
             f"the code of tool `{owner}` would define `{name}`, which belongs to tool `{other}` "
-            "(tools share one module: it would replace that tool's function)"
+            "(a fix for one tool may not define or replace another tool's function)"
         )
 
 
@@ -1351,15 +1283,22 @@ def _top_level_names(code: str) -> set[str]:
 
 
 def _tool_clashes(spec: Spec) -> set[tuple[str, str, str]]:
-    """(name, tool whose code defines it, the other tool it belongs to)."""
-    defined = {tid: _top_level_names(t.code) for tid, t in spec.tools.items() if t.code}
+    """(name, tool whose code defines it, the other tool it belongs to); names compared as
+    Python sees them (NFKC), so a look-alike spelling is the same name."""
+    from mas2c.toolcode import normalized
+
+    defined = {
+        tid: {normalized(n): n for n in _top_level_names(t.code)}
+        for tid, t in spec.tools.items()
+        if t.code
+    }
     clashes: set[tuple[str, str, str]] = set()
     for owner, names in defined.items():
         for other in spec.tools:
             if other == owner:
                 continue
-            theirs = defined.get(other, set()) | {other}
-            clashes.update((name, owner, other) for name in names & theirs)
+            theirs = set(defined.get(other, {})) | {normalized(other)}
+            clashes.update((names[key], owner, other) for key in names.keys() & theirs)
     return clashes
 
 

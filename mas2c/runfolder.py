@@ -9,6 +9,7 @@ A run folder (``mas2c run --run-dir D``) holds:
 | ``sandbox.json`` | the host's sandbox | `SandboxReport` |
 | ``trace.jsonl`` | the program, one JSON event a line | `TraceEvent` (one model per ``event`` kind) |
 | ``spec.json``, ``input.json`` | the host (what ran) | the spec / a JSON object |
+| ``run.json`` | the host: the run header (command, versions, spec hash, endpoint host, times, trace id) | `RunHeader` |
 | ``stdout.txt``, ``stderr.txt`` | the program (capped) | text |
 
 **Everything in it is hostile input.** The program inside the sandbox wrote (or
@@ -98,6 +99,13 @@ Seconds = Annotated[float, Field(ge=0, le=10**9, allow_inf_nan=False)]
 Dollars = Annotated[float, Field(ge=0, le=10**9, allow_inf_nan=False)]
 Text = Annotated[str, StringConstraints(max_length=1024 * 1024)]
 ShortText = Annotated[str, StringConstraints(max_length=4096)]
+#: Wall clock, Unix seconds (``ts``, ``start_ts``): until the year 2242.
+Timestamp = Annotated[float, Field(ge=0, le=2**33, allow_inf_nan=False)]
+#: OpenTelemetry-compatible ids: 32 / 16 lowercase hex digits.
+TraceId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+SpanId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
+#: A debate round, an ensemble sample, a programmer attempt.
+Index = Annotated[int, Field(ge=0, le=10**6)]
 
 Status = Literal["ok", "error", "bad_input", "budget_exceeded", "timeout", "interrupted"]
 
@@ -249,19 +257,38 @@ class SandboxReport(_Model):
 
 class _Event(_Model):
     t: Seconds = 0.0
+    ts: Timestamp | None = None  # wall clock (absent in folders written before issue 16)
 
 
-class _Where(_Event):
+class _Span(_Event):
+    """Events that are spans (issue 16): their id, their parent's, and (at the end) the start."""
+
+    span_id: SpanId | None = None
+    parent_id: SpanId | None = None
+
+
+class _Where(_Span):
     """Events inside a step carry the step's id and pointer (absent outside any step)."""
 
     step: Ident | None = None
     pointer: Pointer | None = None
+    start_ts: Timestamp | None = None
+    round: Index | None = None  # debate round (1-based), a programmer's attempt
+    sample: Index | None = None  # ensemble sample / debater (0-based)
+    role: Ident | None = None  # "judge"
 
 
-class RunStart(_Event):
+class RunStart(_Span):
+    """``span_id`` is the package's run span; ``parent_id`` the host's (`RunHeader.span_id`)."""
+
     event: Literal["run_start"]
     spec: Name = ""
     sha256: Name = ""
+    trace_id: TraceId | None = None
+    started_at: ShortText | None = None
+    python: Name | None = None
+    openai: Name | None = None
+    trace_content: bool = False
 
 
 class RunEnd(_Event):
@@ -269,21 +296,23 @@ class RunEnd(_Event):
     status: Status
     exit_code: Annotated[int, Field(ge=-(2**31), le=2**31)] | None = None
     usage: Usage | None = None
+    span_id: SpanId | None = None
 
 
-class StepStart(_Event):
+class StepStart(_Span):
     event: Literal["step_start"]
     step: Ident
     pointer: Pointer
 
 
-class StepEnd(_Event):
+class StepEnd(_Span):
     event: Literal["step_end"]
     step: Ident
     pointer: Pointer
     status: Literal["ok", "error"]
     duration_s: Seconds = 0.0
     error: ShortText | None = None
+    start_ts: Timestamp | None = None
 
 
 class StepResumed(_Event):
@@ -313,6 +342,16 @@ class LLMCall(_Where):
     attempt: Annotated[int, Field(ge=0, le=1000)] = 0
     status: Literal["ok", "error"] = "ok"
     error: ShortText | None = None
+    # issue 16: the call as a span with its request, outcome and cost
+    model_id: Name | None = None
+    temperature: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | None = None
+    max_tokens: Count | None = None
+    retries: Annotated[int, Field(ge=0, le=1000)] = 0
+    cost_usd: Dollars | None = None
+    finish_reason: Name | None = None
+    response_model: Name | None = None
+    messages: list[Any] | None = None  # only with --trace-content
+    completion: dict[str, Any] | None = None  # only with --trace-content
 
 
 class ToolCall(_Where):
@@ -321,6 +360,9 @@ class ToolCall(_Where):
     agent: Ident | None = None
     status: Literal["ok", "error"] = "ok"
     duration_s: Seconds = 0.0
+    error: ShortText | None = None
+    arguments: Any = None  # only with --trace-content
+    result: Any = None  # only with --trace-content
 
 
 class Exec(_Where):
@@ -468,6 +510,35 @@ def read_sandbox(path: Path) -> SandboxReport | None:
     if not path.exists() and not path.is_symlink():
         return None
     return _validate(SandboxReport, load_json_file(path, LIMITS.sandbox_bytes), str(path))
+
+
+class RunHeader(_Model):
+    """``run.json``: what ran, how and when (written on the host by `mas2c.run`; issue 16)."""
+
+    format: Literal["mas2c-run-header/1"]
+    command: list[Text] = Field(default_factory=list, max_length=10_000)
+    mas2c_version: Name = ""
+    python: Name = ""
+    platform: Name = ""
+    spec: Name = ""
+    spec_sha256: Name = ""
+    endpoint: Name = ""  # host:port, "local" or "replay": never a key, a path or a query
+    backend: Name = ""
+    trace_id: TraceId
+    span_id: SpanId  # the host's span: the parent of the package's run span
+    trace_content: bool = False
+    started_at: ShortText | None = None
+    started_ts: Timestamp | None = None
+    finished_at: ShortText | None = None
+    finished_ts: Timestamp | None = None
+    status: Name = "running"
+
+
+def read_header(path: Path) -> RunHeader | None:
+    """``run.json``, or None for folders written before it existed."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    return _validate(RunHeader, load_json_file(path, LIMITS.sandbox_bytes), str(path))
 
 
 @dataclass

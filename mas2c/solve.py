@@ -224,6 +224,7 @@ def solve(
     from mas2c.llm import LLMError
     from mas2c.local import LocalUpstream
     from mas2c.meta import meta_client
+    from mas2c.yamledit import edit_spec_text
 
     say = progress or (lambda _m: None)
     llm = llm or LLMConfig()
@@ -273,7 +274,10 @@ def solve(
                     spec, example = adapt_example(task, inputs, client, say, ask=not local)
                     outcome.spec_source = f"example:{example}"
                     phase.note = f"fell back to the `{example}` example"
-                write_spec_yaml(spec, solve_dir / "spec-generated.yaml")
+                first_spec, generated_text = (
+                    spec,
+                    write_spec_yaml(spec, solve_dir / "spec-generated.yaml"),
+                )
             with _timed(outcome.phases, "configure", meter, say) as phase:
                 pool = load_pool(pool_path) if pool_path else dict(spec.models)
                 if not pool:
@@ -285,7 +289,10 @@ def solve(
                 configured = configure_spec(spec, pool, client=client if pool_path else None)
                 spec = configured.spec
                 phase.note = f"{len(configured.choices)} slot(s) bound"
-                write_spec_yaml(spec, solve_dir / "spec.yaml")
+                # An edit of the generated text: `diff` of the two shows just the bound slots.
+                write_text_atomic(
+                    solve_dir / "spec.yaml", edit_spec_text(generated_text, first_spec, spec)
+                )
         with _timed(outcome.phases, "compile+run", meter, say) as phase:
             run = run_system(
                 solve_dir / "spec.yaml",

@@ -115,6 +115,12 @@ class Tool(_Strict):
         "(`from ._egress import http`).",
     )
 
+    @model_validator(mode="after")
+    def _egress_needs_code(self) -> Tool:
+        if self.egress is not None and self.code is None:
+            raise ValueError("`egress` is for code tools: this tool has no `code`")
+        return self
+
 
 # -- workflow steps -------------------------------------------------------------------------
 #
@@ -300,7 +306,8 @@ class EnsembleStep(_Writes):
     LANGUAGE: ClassVar[str] = (
         "several samples, then a decision. Fields: agent (sampled n times, default 5) OR\n"
         "  agents (one sample each, repeated n times), n, prompt, and exactly one of\n"
-        '  vote: "majority" or judge (an agent id); out (the winning answer or the judge\'s output).'
+        '  vote: "majority" or judge (an agent id); vote_on (the field structured answers vote\n'
+        "  on, default answer); out (the winning answer or the judge's output)."
     )
 
     def sample_agents(self) -> list[str]:
@@ -398,7 +405,8 @@ class LoopStep(StepBase):
     )
 
     LANGUAGE: ClassVar[str] = (
-        "repeats steps until a condition holds. Fields: steps, until, max_iterations (required)."
+        "repeats steps until a condition holds. Fields: steps, until, max_iterations (required),\n"
+        '  on_exhausted ("continue", the default, or "fail" when until never held).'
     )
     flow: ClassVar[Flow] = "repeat"
 
@@ -480,7 +488,7 @@ class DebateStep(_Writes):
     LANGUAGE: ClassVar[str] = (
         "agents answer, see each other's answers and revise for `rounds` rounds (default 2);\n"
         '  exactly one of judge (an agent id) or vote: "majority" closes it. Fields: agents (2 or\n'
-        "  more), rounds, topic, judge/vote, out (the judge's output)."
+        "  more), rounds, topic, judge/vote (vote_on for structured answers), out (the judge's output)."
     )
 
     def sample_agents(self) -> list[str]:

@@ -576,6 +576,27 @@ def read_run_trace(folder: Path) -> RunTrace:
     )
     if not events:
         problems.append("trace.jsonl: missing or empty")
+    problems += _contract_problems(folder)
     builder = _Builder(header, events)
     spans = builder.build()
     return RunTrace(folder, header, events, spans, builder.trace_id, problems)
+
+
+def _contract_problems(folder: Path) -> list[str]:
+    """What in run.json and trace.jsonl breaks the typed run-folder contract (`mas2c.runfolder`).
+
+    The report still shows what it can read; this says where the folder is not what a
+    mas2c run writes (a forged or damaged folder, or one from another version).
+    """
+    from mas2c.runfolder import RunFolderError, read_header, read_trace
+
+    problems = []
+    for name, read in ((HEADER_FILE, read_header), ("trace.jsonl", read_trace)):
+        path = folder / name
+        if not regular_file(path):
+            continue
+        try:
+            read(path)
+        except RunFolderError as exc:
+            problems.append(f"breaks the run-folder contract: {str(exc)[:500]}")
+    return problems

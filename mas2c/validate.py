@@ -994,7 +994,9 @@ class _Checker:
         if (
             kinds
             and values.json_type(value) not in kinds
-            and not (values.json_type(value) == "integer" and "number" in kinds)
+            and not (  # integers and numbers compare with each other
+                values.json_type(value) in ("integer", "number") and kinds & {"integer", "number"}
+            )
         ):
             self.add(
                 "MAS309",

@@ -319,13 +319,62 @@ def _three_way(original: str, plain: str, edited: str) -> str:
     out: list[str] = []
     for tag, a1, a2, b1, b2 in difflib.SequenceMatcher(None, o, p, autojunk=False).get_opcodes():
         touched = any(changed[b1:b2]) or any(ins[b] for b in range(b1 + 1, b2))
-        if tag == "equal" or touched:
+        if tag == "equal":
             for b in range(b1, b2):
                 out.extend(ins[b])
                 out.extend(repl[b])
+        elif touched:  # a re-formatted region the edit changes: keep what it does not change
+            out.extend(_reindented_region(o[a1:a2], p, b1, b2, repl, changed, ins))
         else:  # re-formatted by the dump, untouched by the edit: the user's lines stay
             if b1 < b2:
                 out.extend(ins[b1])
             out.extend(o[a1:a2])
     out.extend(ins[len(p)])
     return "".join(out)
+
+
+def _words(line: str) -> str:
+    """A line without its spacing (`- - id:` and `-   - id:` are the same line re-indented)."""
+    return " ".join(line.split())
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _shift(lines: list[str], delta: int) -> list[str]:
+    """Lines moved right (or left, as far as they have spaces) by `delta` columns."""
+    if delta >= 0:
+        return [" " * delta + line if line.strip() else line for line in lines]
+    return [line[min(-delta, _indent(line)) :] for line in lines]
+
+
+def _reindented_region(
+    o: list[str],
+    p: list[str],
+    b1: int,
+    b2: int,
+    repl: list[list[str]],
+    changed: list[bool],
+    ins: list[list[str]],
+) -> list[str]:
+    """A region the dump re-indented (nested sequences): lines the edit left alone keep the
+    user's indentation; changed and inserted lines are shifted by the user's offset there."""
+    mapped: dict[int, int] = {}
+    matcher = difflib.SequenceMatcher(
+        None, [_words(line) for line in o], [_words(line) for line in p[b1:b2]], autojunk=False
+    )
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            mapped[b1 + block.b + k] = block.a + k
+    out: list[str] = []
+    delta = 0
+    for b in range(b1, b2):
+        if b in mapped:
+            delta = _indent(o[mapped[b]]) - _indent(p[b])
+        out.extend(_shift(ins[b], delta))
+        if not changed[b] and b in mapped:
+            out.append(o[mapped[b]])
+        else:
+            out.extend(_shift(repl[b], delta))
+    return out

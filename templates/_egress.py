@@ -15,11 +15,11 @@ not followed. Standard library only.
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import os
 import socket
 from dataclasses import dataclass, field
+from http.client import HTTPConnection
 from typing import Any
 
 __all__ = ["EgressError", "Response", "http"]
@@ -47,7 +47,7 @@ class Response:
         return json.loads(self.content)
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class _UnixConnection(HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("mas2c-gateway", timeout=timeout)
         self._path = path

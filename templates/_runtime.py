@@ -491,15 +491,41 @@ async def _labelled(aw: Awaitable[Any], **labels: Any) -> Any:
         _LABELS.reset(token)
 
 
-def _content(value: Any) -> Any:
-    """A prompt or completion as traced: strings capped, structure kept."""
+CONTENT_CAP = 1_000_000  # characters of one event's traced content, in JSON
+_TOO_LARGE = "[too large to trace]"
+
+
+def _shrunk(value: Any, text_cap: int, depth: int = 0) -> Any:
+    """Strings capped, lists and objects cut to 100 items, nesting to 8 levels."""
     if isinstance(value, str):
-        return _cap(value)
+        return _cap(value, text_cap)
+    if depth >= 8:
+        return _cap(repr(value), text_cap)
     if isinstance(value, Mapping):
-        return {str(k): _content(v) for k, v in value.items()}
+        items = list(value.items())[:100]
+        return {str(k)[:200]: _shrunk(v, text_cap, depth + 1) for k, v in items}
     if isinstance(value, list | tuple):
-        return [_content(v) for v in value]
+        kept = list(value) if len(value) <= 100 else [value[0], *value[-99:]]
+        return [_shrunk(v, text_cap, depth + 1) for v in kept]
     return value
+
+
+def _content(value: Any) -> Any:
+    """A prompt, completion or tool value as traced (opt-in): at most CONTENT_CAP in JSON.
+
+    Smaller caps per string are tried until it fits, and the shape is kept (a list
+    stays a list), so a reader's schema of the trace holds whatever the model said.
+    """
+    for text_cap in (OUTPUT_CAP, 2_000, 200):
+        traced = _shrunk(value, text_cap)
+        size = len(json.dumps(traced, ensure_ascii=False, default=str))
+        if size <= CONTENT_CAP:
+            return traced
+    if isinstance(value, list | tuple):
+        return [{"role": "mas2c", "content": _TOO_LARGE}]
+    if isinstance(value, Mapping):
+        return {"content": _TOO_LARGE}
+    return _TOO_LARGE
 
 
 # The step each task is in: a ContextVar, so concurrent branches see their own.
@@ -694,7 +720,9 @@ def vote_key(answer: Any, key: str | None = "answer") -> str:
     return json.dumps(answer, sort_keys=True, ensure_ascii=False)
 
 
-def majority(answers: Sequence[Any], what: str = "vote", key: str | None = "answer") -> Any:
+def majority(
+    answers: Sequence[Any], what: str = "vote", key: str | None = "answer"
+) -> Any:
     """The plurality answer; ties go to the earliest sample. Empty answers don't vote."""
     counts: dict[str, int] = {}
     first: dict[str, Any] = {}
@@ -1013,7 +1041,9 @@ def checkpoint_key(top: TopStep, state: Mapping[str, Any]) -> str:
     """The key of a top-level step's checkpoint: its id, its code hash and the values of
     the state variables it reads (nothing else of the state)."""
     reads = {name: state.get(name, _ABSENT) for name in top.reads}
-    return _sha256(_canonical({"step": top.step_id, "reads": reads, "code": top.code_sha}))
+    return _sha256(
+        _canonical({"step": top.step_id, "reads": reads, "code": top.code_sha})
+    )
 
 
 def load_checkpoints(folder: Path | None) -> dict[str, dict[str, Any]]:
@@ -1212,7 +1242,8 @@ class Run:
         self, step_id: str, pointer: str, max_iterations: int, *, fail: bool = False
     ) -> None:
         """A loop ran ``max_iterations`` times and its ``until`` never held: traced as
-        ``loop_exhausted``, listed under ``warnings`` in out.json, or (``fail``) an error."""
+        ``loop_exhausted``, listed under ``warnings`` in out.json, or (``fail``) an error.
+        """
         message = (
             f"loop {step_id!r} reached max_iterations ({max_iterations}) "
             "without its `until` holding"
@@ -1777,6 +1808,7 @@ def _code_of(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- main
+
 
 def check_inputs(
     given: Any, declared: Mapping[str, Mapping[str, Any]]

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import cli_env, mas2c
+
 from mas2c.testserver import LLMTestServer, Script
-from tests.conftest import cli_env, mas2c
 
 SPEC = """\
 spec_version: "1"

@@ -99,7 +99,10 @@ def test_every_example_has_golden_files() -> None:
 
 @pytest.mark.parametrize("name", EXAMPLE_NAMES)
 def test_golden(name: str) -> None:
-    got = build_of(name).files
+    build = build_of(name)
+    runtime = {f"{build.package}/{module}" for module in runtime_files()}
+    # The runtime modules are not golden copies: test_runtime_modules_are_the_templates.
+    got = {path: data for path, data in build.files.items() if path not in runtime}
     want = golden_files(name)
     problems = []
     for path in sorted(set(got) | set(want)):
@@ -300,6 +303,19 @@ def test_generated_code_is_black_stable(name: str) -> None:
             text = data.decode("utf-8")
             assert black.format_str(text, mode=BLACK_MODE) == text, f"{path} is not black-stable"
             ast.parse(text, filename=path)
+
+
+def test_runtime_modules_are_the_templates() -> None:
+    """Every package carries the runtime modules verbatim (below its header line), once
+    checked here instead of nine golden copies."""
+    for name in EXAMPLE_NAMES:
+        build = build_of(name)
+        for module, text in runtime_files().items():
+            path = f"{build.package}/{module}"
+            if path in build.files:
+                header, body = build.files[path].decode("utf-8").split("\n", 1)
+                assert HEADER.search(header) and body == text, f"{name}: {module}"
+    assert "_runtime.py" in runtime_files() and (ROOT / "templates" / "_runtime.py").is_file()
 
 
 def test_runtime_is_black_stable_and_the_same_in_every_package() -> None:

@@ -31,8 +31,9 @@ from conftest import events, run_package
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from mas2c import markdown
 from mas2c.compile import compile_spec
-from mas2c.expr import placeholders
+from mas2c.expr import placeholders, whole_placeholder
 from mas2c.pyemit import docstring_text, string_literal, text_literal, toml_string, value_literal
 from mas2c.source import SpecSource
 from mas2c.spec import Spec
@@ -117,11 +118,12 @@ def _atom(ctx: Ctx, scope: dict[str, str]) -> str:
         "-1e999 < 0",
     ]
     for name, kind in sorted(scope.items()):
-        options += [
-            f"{name} is not None",
-            f"{name} != 'field(item(zzz'",
-            f"{name} not in ['a', 'b']",
-        ]
+        options += [f"{name} is not None"]
+        # Constants of the variable's own JSON type (a number compared with a string is MAS309).
+        if kind == "text":
+            options += [f"{name} != 'field(item(zzz'", f"{name} not in ['a', 'b']"]
+        if kind == "num":
+            options += [f"{name} != 7", f"{name} not in [1, 2]"]
         if kind == "num":
             options += [f"{name} >= 0", f"-{name} <= 0", f"{name} < 1e999"]
         else:
@@ -199,7 +201,13 @@ def _leaf(ctx: Ctx, scope: dict[str, str]) -> tuple[dict[str, Any], str | None, 
         step.update(code=code, tests="assert 1 + 1 == 2\n", run_timeout_s=20)
         out_kind = "test"
     else:
-        step.update(tool="echo", args={"text": _template(ctx, scope)})
+        # `echo` takes a str: a whole placeholder would pass the value itself (an int, a
+        # dict: MAS405), so the text rendering is asked for with the `text` filter.
+        text = _template(ctx, scope)
+        whole = whole_placeholder(text)
+        if whole is not None:
+            text = f"{{{{ {'.'.join(whole.path)} | text }}}}"
+        step.update(tool="echo", args={"text": text})
         out_kind = "text"
     if ctx.draw(st.integers(0, 9)) == 0:
         step["timeout_s"] = 60
@@ -418,6 +426,11 @@ SPECIAL = [
 TEXT = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(SPECIAL)), max_size=8).map("".join)
 
 
+def _escaped(text: str) -> str:
+    """`text` as a template that renders as exactly `text` (the `{{ "{{" }}` escape)."""
+    return text.replace("{{", '{{ "{{" }}')
+
+
 def _only_placeholder_is(prompt: str, name: str) -> bool:
     return [p.path for p in placeholders(prompt)] == [(name,)]
 
@@ -466,8 +479,14 @@ def test_random_text_reaches_the_llm_byte_identical(
         "outputs": {name_out: "echoed", "taken": "taken"},
         "models": {"m": {"model": model_name}},
         "agents": {
-            "a": {"role": role, "instructions": instructions, "model": "m", "tools": ["echo"]},
-            "b": {"role": role, "model": "m"},
+            # Roles and instructions are rendered like prompts: a literal `{{` is escaped.
+            "a": {
+                "role": _escaped(role),
+                "instructions": _escaped(instructions),
+                "model": "m",
+                "tools": ["echo"],
+            },
+            "b": {"role": _escaped(role), "model": "m"},
         },
         "tools": {"echo": {"description": tool_description, "code": ECHO}},
         "workflow": [
@@ -531,7 +550,7 @@ def test_random_text_reaches_the_llm_byte_identical(
         ],
     }
     spec = _checked(data)
-    assert spec.agents["a"].role == role and spec.workflow[0].prompt == prompt  # type: ignore[union-attr]
+    assert spec.agents["a"].role == _escaped(role) and spec.workflow[0].prompt == prompt  # type: ignore[union-attr]
     server = llm_server_session
     server.responder = default_responder
     server.reset_counters()
@@ -556,7 +575,8 @@ def test_random_text_reaches_the_llm_byte_identical(
     assert out["outputs"][name_out] == f"{tool_text}{x}{tool_text}"
     assert out["outputs"]["taken"] == "same"
     # The description only appears in docs and docstrings (checked: valid Python and TOML).
-    assert description.strip() in files["README.md"].decode("utf-8")
+    # (The README shows it as text: HTML and Markdown syntax escaped.)
+    assert markdown.text(description) in files["README.md"].decode("utf-8")
 
 
 # -- the literal emitters, in process (fast, many examples) ---------------------------------------

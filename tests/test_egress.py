@@ -269,3 +269,37 @@ def test_docker_tool_reaches_the_api_and_the_secret_stays_outside(
     for path in files:  # result, trace, usage, stdout/stderr, spec, build...
         assert SECRET.encode() not in path.read_bytes(), path
     assert outcome.usage["egress"] == {"requests": 1, "refused": 0, "failed": 0}
+
+
+def test_egress_requests_per_run_are_capped(api: Api, sockdir: Path, monkeypatch: Any) -> None:
+    rules = {"weather": EgressRule(frozenset({f"127.0.0.1:{api.port}"}))}
+    policy = EgressPolicy(rules, {}, max_requests=2)
+    with LLMTestServer() as srv:
+        from mas2c.gateway import HttpUpstream
+
+        with Gateway(sockdir / "gw.sock", HttpUpstream(srv.base_url, None), egress=policy) as gw:
+            monkeypatch.setenv("MAS2C_LLM_SOCKET", str(gw.socket_path))
+            eg = helper()
+            for _ in range(2):
+                assert eg.http("weather", "GET", f"http://127.0.0.1:{api.port}/").status == 200
+            with pytest.raises(eg.EgressError, match="2 requests per run"):
+                eg.http("weather", "GET", f"http://127.0.0.1:{api.port}/")
+            assert gw.usage()["egress"] == {"requests": 2, "refused": 1, "failed": 0}
+    assert len(api.seen) == 2
+
+
+def test_spec_egress_is_validated() -> None:
+    from pydantic import ValidationError
+
+    from mas2c.spec import Tool
+
+    Tool.model_validate({"code": "def t(): pass", "egress": {"hosts": ["api.x.com:8443"]}})
+    bad = [
+        {"builtin": "python_exec", "egress": {"hosts": ["api.x.com"]}},  # not a code tool
+        {"code": "def t(): pass", "egress": {"hosts": []}},
+        {"code": "def t(): pass", "egress": {"hosts": ["http://api.x.com/"]}},
+        {"code": "def t(): pass", "egress": {"hosts": ["a.com"], "secrets": ["not-a-name"]}},
+    ]
+    for data in bad:
+        with pytest.raises(ValidationError):
+            Tool.model_validate(data)

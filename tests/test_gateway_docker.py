@@ -20,7 +20,7 @@ _MIB = 1024 * 1024
 
 @pytest.mark.usefixtures("docker_ready")
 def test_flood_keeps_host_threads_and_memory_bounded() -> None:
-    limits = GatewayLimits(max_connections=64, max_concurrency=8, request_timeout_s=10)
+    limits = GatewayLimits(max_connections=64, max_concurrency=8)
     figures = run_flood(half_open=1800, big=8, dense=8, valid=24, hold_s=2.0, limits=limits)
     program = figures["program"]
     assert figures["exit_code"] == 0, figures["stderr_tail"]

@@ -46,7 +46,7 @@ def test_checkpoint_key_hashes_only_what_a_step_reads(tmp_path: Path) -> None:
     build = tmp_path / "build"
     compile_spec(Spec.model_validate(TWO_READERS)).write(build)
     tables = (build / "mas2c_two_readers" / "_tables.py").read_text()
-    assert "reads=[\"a\"]" in tables and "reads=[\"b\"]" in tables
+    assert 'reads=["a"]' in tables and 'reads=["b"]' in tables
     env: dict[str, str | None] = {"MAS2C_CHECKPOINT_DIR": str(tmp_path / "cp")}
     with LLMTestServer() as server:
         code, _out, _trace, err = run_package(build, {"a": "1", "b": "2"}, server, env=env)

@@ -7,19 +7,29 @@ the loopback LLM server with the real openai client.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
+from mas2c.runfolder import LLMCall, RunStart, StepEnd, read_header, read_trace
+from mas2c.runfolder import ToolCall as ToolEvent
 from mas2c.testserver import ChatRequest, LLMTestServer, Reply, ReplyLike, Script, ToolCall
-from tests.test_runtime import FLOW_OK, Pkg, by_agent
+from tests.test_runtime import FLOW_OK, Pkg, by_agent, load_runtime
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
+
+
+@pytest.fixture
+def rt() -> ModuleType:
+    """The runtime imported in-process, for its pure functions."""
+    return load_runtime()
 
 
 @pytest.fixture
@@ -40,9 +50,17 @@ def test_every_event_has_wall_clock_and_spans_nest(make: Callable[..., Pkg]) -> 
     script = Script([(r"^Solve", "ANSWER: 4"), (r"^Left", "left says 4")])
     before = time.time()
     with LLMTestServer(script, latency_s=0.05) as srv:
-        res = make(FLOW_OK, outputs={"answer": "verdict.answer"}).run(srv)
+        pkg = make(FLOW_OK, outputs={"answer": "verdict.answer"})
+        res = pkg.run(srv)
     after = time.time()
     assert res.code == 0, res.stderr
+    # The run-folder contract (mas2c.runfolder) reads every new field, typed.
+    typed = read_trace(pkg.root / "trace.jsonl")
+    (run_start,) = typed.of(RunStart)
+    assert run_start.trace_id == res.trace[0]["trace_id"] and run_start.span_id
+    assert all(e.span_id and e.parent_id and e.start_ts for e in typed.of(StepEnd))
+    assert all(c.span_id and c.cost_usd is not None and c.ts for c in typed.of(LLMCall))
+    assert [t.tool for t in typed.of(ToolEvent)] == ["normalize"]
     assert all(before <= e["ts"] <= after for e in res.trace)
     start, end = res.trace[0], res.trace[-1]
     assert start["event"] == "run_start" and HEX32.match(start["trace_id"])
@@ -153,12 +171,15 @@ def test_trace_content_and_traceparent(make: Callable[..., Pkg]) -> None:
 
     trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     with LLMTestServer(respond) as srv:
-        res = make(flow).run(
+        pkg = make(flow)
+        res = pkg.run(
             srv,
             MAS2C_TRACE_CONTENT="1",
             MAS2C_TRACEPARENT=f"00-{trace_id}-{parent}-01",
         )
     assert res.code == 0, res.stderr
+    typed = read_trace(pkg.root / "trace.jsonl")
+    assert all(c.messages and c.completion for c in typed.of(LLMCall))
     start = res.trace[0]
     assert start["trace_id"] == trace_id and start["parent_id"] == parent
     assert start["trace_content"] is True
@@ -188,8 +209,6 @@ def test_the_host_span_is_the_parent_across_the_docker_sandbox(
     docker_ready: None, tmp_path: Path
 ) -> None:
     """`mas2c run` in Docker: the package's run span hangs under run.json's span."""
-    import json
-
     from mas2c.run import LLMConfig, run_system
 
     root = Path(__file__).resolve().parent.parent
@@ -215,3 +234,25 @@ def test_the_host_span_is_the_parent_across_the_docker_sandbox(
     (call,) = [e for e in events if e["event"] == "llm_call"]
     assert "What is 2 + 2?" in call["messages"][-1]["content"]
     assert "sk-test-0123456789" not in (tmp_path / "run" / "run.json").read_text()
+    typed = read_header(tmp_path / "run" / "run.json")
+    assert typed is not None and typed.span_id == header["span_id"]
+    assert read_trace(tmp_path / "run" / "trace.jsonl").of(RunStart)[0].parent_id == typed.span_id
+
+
+def test_traced_content_is_bounded_and_keeps_its_shape(rt: ModuleType) -> None:
+    """Whatever a model or tool produced, one event's content stays under CONTENT_CAP."""
+    huge = [{"role": "user", "content": "x" * 3_000_000}] * 3
+    traced = rt._content(huge)
+    assert isinstance(traced, list) and traced[0]["role"] == "user"
+    assert len(json.dumps(traced)) <= rt.CONTENT_CAP
+    many = [{"role": "tool", "content": "y" * 50_000} for _ in range(1000)]
+    traced = rt._content(many)
+    assert isinstance(traced, list) and len(traced) == 100
+    assert all(len(m["content"]) < 2_100 for m in traced)  # the 2,000-character cap fitted
+    assert len(json.dumps(traced)) <= rt.CONTENT_CAP
+    deep: Any = "bottom"
+    for _ in range(50):
+        deep = {"d": [deep]}
+    assert len(json.dumps(rt._content(deep))) < 10_000
+    assert rt._content({"k": ["z" * 10] * 10**6}) == {"k": ["z" * 10] * 100}
+    assert rt._content("short") == "short"

@@ -9,12 +9,16 @@ applies to the user's file with `git apply` and with `patch -p1`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import EXAMPLES, cli_env, mas2c
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from mas2c.rectify import rectify
 from mas2c.run import LLMConfig, run_system
@@ -135,7 +139,9 @@ def test_rectify_write_keeps_every_comment_and_key_and_its_patch_applies(tmp_pat
     with LLMTestServer() as server:
         llm = LLMConfig(url=server.base_url, api_key="test")
         run_system(spec_path, tmp_path / "in.json", tmp_path / "run", backend="local", llm=llm)
-        outcome = rectify(tmp_path / "run", spec_path=spec_path, write=True, llm=llm, backend="local")
+        outcome = rectify(
+            tmp_path / "run", spec_path=spec_path, write=True, llm=llm, backend="local"
+        )
     assert outcome.status == "fixed" and outcome.written == tmp_path / "system.rectified.yaml"
     assert spec_path.read_text() == COMMENTED  # the input spec is never modified
     fixed = outcome.written.read_text()
@@ -164,7 +170,9 @@ def test_configure_o_binds_models_and_keeps_the_rest(tmp_path: Path) -> None:
     spec_path = tmp_path / "system.yaml"
     spec_path.write_text(unbound)
     pool = tmp_path / "pool.yaml"
-    pool.write_text("models:\n  cheap: {model: small, price: {input_per_mtok: 0.1, output_per_mtok: 0.2}}\n")
+    pool.write_text(
+        "models:\n  cheap: {model: small, price: {input_per_mtok: 0.1, output_per_mtok: 0.2}}\n"
+    )
     out = tmp_path / "configured.yaml"
     proc = mas2c("configure", spec_path, "--pool", pool, "--rule", "-o", out, cwd=tmp_path,
                  env=cli_env(), inprocess=True)  # fmt: skip
@@ -233,3 +241,64 @@ def test_an_aliased_value_changes_only_where_it_was_changed() -> None:
     after = Spec.model_validate(data)
     edited = load_spec_text(edit_spec_text(text, before, after))
     assert edited.agents["a"].role == "Analyst" and edited.agents["b"].role == "Critic"
+
+
+# -- property: any edit of a string of any example round-trips, touching only its lines -----------
+
+PROPERTY = settings(
+    deadline=None,
+    max_examples=int(os.environ.get("MAS2C_HYPOTHESIS_EXAMPLES", "40")),
+    derandomize=os.environ.get("CI") == "true",
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TEXTS = st.lists(
+    st.text(
+        alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\r"),
+        max_size=8,
+    )
+    | st.sampled_from(["\n", ": ", " #", "'", '"', "{{ x }}", "- ", "\t", "  ", "&a", "*a"]),
+    max_size=10,
+).map("".join)
+
+
+def string_leaves(data: Any, pointer: str = "") -> list[str]:
+    if isinstance(data, dict):
+        return [p for k, v in data.items() for p in string_leaves(v, f"{pointer}/{k}")]
+    if isinstance(data, list):
+        return [p for i, v in enumerate(data) for p in string_leaves(v, f"{pointer}/{i}")]
+    return (
+        [pointer]
+        if (isinstance(data, str) and "/description" in pointer)
+        or (isinstance(data, str) and pointer.endswith(("/instructions", "/role", "/prompt")))
+        else []
+    )
+
+
+@PROPERTY
+@given(example=st.sampled_from(EXAMPLES), pick=st.integers(min_value=0), value=TEXTS)
+def test_any_text_edit_round_trips_and_keeps_the_rest(example: Path, pick: int, value: str) -> None:
+    text = example.read_text()
+    before = load_spec(example)
+    data = before.to_data()
+    leaves = string_leaves(data)
+    pointer = leaves[pick % len(leaves)]
+    *parents, last = pointer.split("/")[1:]
+    node: Any = data
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    node[last] = value if value.strip() else "x" + value  # roles must not be empty
+    report = validate_text(json.dumps(data), "after.json")
+    assume(report.ok and report.spec is not None)
+    after = report.spec
+    edited = edit_spec_text(text, before, after)
+    assert spec_hash(load_spec_text(edited)) == spec_hash(after)
+    assert comments(edited) == comments(text) or "#" in value
+    old_lines = len(str(resolve_text(before, pointer)).splitlines()) + 2
+    assert len(changed_lines(text, edited)) <= old_lines + value.count("\n") + 4
+
+
+def resolve_text(spec: Spec, pointer: str) -> Any:
+    node: Any = spec.to_data()
+    for part in pointer.split("/")[1:]:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="2cb2c622c3bf15eec657e958d82caad17275c8fca8c25fa694142a2758903589",
+        code_sha="5a8f11863f344942f65e1847769be7f7e3178a94cce5fa2a830f9b1c5732f4e2",
         reads=["question"],
     ),
 )

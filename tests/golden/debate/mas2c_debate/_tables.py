@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="da0ac7389a5f16ed2ccab765a4f6ca7cf71cf8018c502de47eecc965ea230a28",
+        code_sha="682364e6e88096c270c3deeb1603557f89efd82e8c5d75b151847f48dbdc4097",
         reads=["question"],
     ),
 )

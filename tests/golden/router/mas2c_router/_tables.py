@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="d278b0a9c702e5d0bd477d1865dcfa2a8d71c779acb80dece24693645a9fb5d1",
+        code_sha="2e41ab56e44ca5e5c51755a9bc78fb4ceec9090257f0b4b4106b6a27ee7d82bb",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="0671bc6e5a25cec27167a4947c7ecf4ac6fda85d06e59b824e67c5a8d0fa58ae",
+        code_sha="c288e975220a07c23b180a611944a6827d5f73d4b1ceeaaa8ffa028e3288cb02",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="574a8603152aff73ffe1a496062323879ab6382d31533cdde4131790551ff10e",
+        code_sha="8404de7fa03535d4f09fad906c8f0cd6e02f9f55ff8eba28a1fde864e089b6f3",
         reads=["question"],
     ),
 )
