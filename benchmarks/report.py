@@ -363,7 +363,7 @@ def sandbox_section(data: dict[str, Any], headline: list[str]) -> list[str]:
             f"start → exit {ph['start_to_exit'] * 1000:.0f} ms, remove {ph['remove'] * 1000:.0f} ms.",
             "- **Warm single-use pool: built** (issue 14): a started container whose init has "
             "imported the runtime waits for exactly one job; cold vs warm, runc vs runsc: "
-            "[results/sandbox.md](results/sandbox.md).",
+            "[results/pool.md](results/pool.md) (`bench_sandbox.py --out benchmarks/results/pool.json`).",
         ]
     out.append("")
     if docker_cli and bare_docker and local_cli and bare:

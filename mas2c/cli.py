@@ -433,6 +433,12 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         + (f" (default {status['default_runtime']})" if status["default_runtime"] else "")
         + (f"; {sandbox.RUNTIME_ENV}={status['runtime_env']}" if status["runtime_env"] else ""),
         f"leftover containers: {status['leftover_containers']}",
+        "pool service: "
+        + (
+            f"pid {status['pool_service']['pid']}, {status['pool_service']['size']} warm"
+            if status.get("pool_service")
+            else "not running"
+        ),
     ]
     return _finish(args, ready, {"status": status}, "\n".join(lines))
 

@@ -2094,6 +2094,7 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
         "default_runtime": None,
         "runtime_env": default_runtime(),
         "leftover_containers": 0,
+        "pool_service": None,
     }
     try:
         client = _docker_client(timeout=10)
@@ -2123,6 +2124,11 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
         # The low-level call: containers.list() inspects each one, racing removals.
         left = client.api.containers(all=True, filters={"label": LABEL})
         out["leftover_containers"] = len(left)
+        from mas2c.sandbox_pool import service_state
+
+        state = service_state()
+        if state is not None:
+            out["pool_service"] = {"pid": state["pid"], "size": state["size"]}
     except Exception as exc:
         out["daemon"]["error"] = _short_reason(exc)
     finally:
