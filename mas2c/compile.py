@@ -55,6 +55,7 @@ from mas2c.spec import (
     ToolStep,
     canonical_json,
     iter_step_tree,
+    iter_steps,
     spec_hash,
     step_agents,
     step_out,
@@ -134,7 +135,7 @@ def compile_spec(spec: Spec) -> Build:
     for module, view in _tool_modules(spec):
         python_files[f"{package}/{module}.py"] = _render("tool_module.py.j2", {**context, **view})
     texts = {path: _format(path, text) for path, text in python_files.items()}
-    for name, text in runtime_files().items():
+    for name, text in runtime_files(spec).items():
         texts[f"{package}/{name}"] = header + "\n" + text
     if any(tool.egress is not None for tool in spec.tools.values()):
         # The egress helper ships only with systems whose tools declare egress.
@@ -169,19 +170,28 @@ def compile_spec(spec: Spec) -> Build:
     return Build(package, files, manifest)
 
 
-def runtime_files() -> dict[str, str]:
-    """The runtime modules every compiled package carries (file name -> source, without
-    the header line): the runtime from `templates/`, and `mas2c.accounting` (shared with
-    the gateway) as `_accounting.py`."""
-    runtime = (templates_dir() / "_runtime.py").read_text("utf-8")
-    accounting = (Path(__file__).parent / "accounting.py").read_text("utf-8")
+# Runtime modules shipped only when a step kind asks for them (its RUNTIME_MODULES).
+OPTIONAL_RUNTIME = ("_voting.py",)
+
+
+def runtime_files(spec: Spec | None = None) -> dict[str, str]:
+    """The runtime modules a compiled package carries (file name -> source, without the
+    header line): the core runtime from `templates/` (stored black-formatted), the
+    modules its spec's step kinds need (all of them without a spec), `mas2c.accounting`
+    (shared with the gateway) as `_accounting.py` and `mas2c.values` as `_values.py`."""
+    needed = set(OPTIONAL_RUNTIME)
+    if spec is not None:
+        steps = [s for _p, s in iter_steps(spec.workflow, "/workflow")]
+        needed = {module for step in steps for module in step.RUNTIME_MODULES}
+    files = {"_runtime.py": (templates_dir() / "_runtime.py").read_text("utf-8")}
+    for module in OPTIONAL_RUNTIME:
+        if module in needed:
+            files[module] = (templates_dir() / module).read_text("utf-8")
+    files["_accounting.py"] = (Path(__file__).parent / "accounting.py").read_text("utf-8")
     # The typed-values module (placeholders, JSON Schema subset) is mas2c's own, verbatim.
     values_source = Path(values.__file__).read_text("utf-8")
-    return {
-        "_runtime.py": runtime,  # stored black-formatted (test_compile checks it)
-        "_accounting.py": accounting,
-        "_values.py": _formatted_runtime(values_source),
-    }
+    files["_values.py"] = _formatted_runtime(values_source)
+    return files
 
 
 def _render(name: str, context: dict[str, Any]) -> str:

@@ -139,6 +139,7 @@ class Tool(_Strict):
 #   fan_out()       its fan-out field, effective value (default applied) and reduction
 #   summary()       one line for docstrings; graph_detail() for diagrams
 #   LANGUAGE        the generator's description of the kind (fields and meaning)
+#   RUNTIME_MODULES the runtime modules (templates/) its compiled code needs
 #
 # Adding a kind: a class here (or anywhere, then `register_step_kind(cls)`), plus its
 # emitter (`mas2c.compile.register_emitter`) and template. README "Adding a step kind".
@@ -179,6 +180,8 @@ class StepBase(_Strict):
 
     LANGUAGE: ClassVar[str] = ""
     flow: ClassVar[Flow] = "leaf"
+    # Runtime modules (templates/) the compiled step needs beyond the core ones.
+    RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ()
 
     @property
     def kind_name(self) -> str:
@@ -303,6 +306,7 @@ class EnsembleStep(_Writes):
         description="The field of structured answers a vote compares (default `answer`).",
     )
 
+    RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_voting.py",)
     LANGUAGE: ClassVar[str] = (
         "several samples, then a decision. Fields: agent (sampled n times, default 5) OR\n"
         "  agents (one sample each, repeated n times), n, prompt, and exactly one of\n"
@@ -485,6 +489,7 @@ class DebateStep(_Writes):
         description="The field of structured answers a vote compares (default `answer`).",
     )
 
+    RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_voting.py",)
     LANGUAGE: ClassVar[str] = (
         "agents answer, see each other's answers and revise for `rounds` rounds (default 2);\n"
         '  exactly one of judge (an agent id) or vote: "majority" closes it. Fields: agents (2 or\n'

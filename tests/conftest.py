@@ -40,9 +40,9 @@ SPECS = ROOT / "specs"
 _RUNTIME_PACKAGE = "mas2c_runtime_under_test"
 
 
-def load_runtime() -> Any:
+def load_runtime(module: str = "_runtime") -> Any:
     """The runtime (all its modules, as a compiled package carries them) imported in-process
-    as the package `mas2c_runtime_under_test`; returns its `_runtime` module."""
+    as the package `mas2c_runtime_under_test`; returns its `module` (`_runtime`, `_voting`)."""
     import importlib
 
     if _RUNTIME_PACKAGE not in sys.modules:
@@ -53,7 +53,7 @@ def load_runtime() -> Any:
         for name, text in runtime_files().items():
             (folder / name).write_text(text, encoding="utf-8")
         sys.path.insert(0, str(folder.parent))
-    return importlib.import_module(f"{_RUNTIME_PACKAGE}._runtime")
+    return importlib.import_module(f"{_RUNTIME_PACKAGE}.{module}")
 
 
 EXAMPLES = sorted(SPECS.glob("*.yaml"))

@@ -195,7 +195,11 @@ def test_every_file_has_the_header(name: str) -> None:
         for tool_id, tool in spec.tools.items()
         if tool.code is not None
     }
-    assert set(build.files) == {p.format(pkg=build.package) for p in EXPECTED_FILES} | tool_modules
+    voting = {f"{build.package}/_voting.py"} if any(
+        s.kind in ("ensemble", "debate") for _p, s in iter_steps(spec.workflow, "/workflow")
+    ) else set()
+    expected_files = {p.format(pkg=build.package) for p in EXPECTED_FILES}
+    assert set(build.files) == expected_files | tool_modules | voting
     for path, data in build.files.items():
         first = data.decode("utf-8").splitlines()[0]
         if path == "MANIFEST.json":

@@ -516,13 +516,13 @@ def test_diagnose_thresholds(tmp_path: Path) -> None:
 def test_runtime_vote_first() -> None:
     from conftest import load_runtime
 
-    runtime = load_runtime()
+    runtime = load_runtime("_voting")
     first = runtime.first_answer
     assert first(["thinking...\nANSWER:", "so\nANSWER: 4", "ANSWER: 5"]) == "so\nANSWER: 4"
     assert first(["no final line\nANSWER:", "  "]) == "no final line\nANSWER:"
     assert first(["", None]) == ""
     assert first([{"answer": ""}, {"answer": "b"}]) == {"answer": "b"}
-    with pytest.raises(runtime.WorkflowError, match="every sample was empty"):
+    with pytest.raises(load_runtime().WorkflowError, match="every sample was empty"):
         runtime.majority(["ANSWER:", ""], "ensemble")
 
 

@@ -86,3 +86,13 @@ def test_unknown_kind_is_still_a_located_error(echo_kind: None) -> None:
     report = validate_text(ECHO_SPEC.replace("kind: echo, text", "kind: ecco, text", 1), "x")
     found = [(p.code, p.pointer, p.hint) for p in report.errors]
     assert found == [("MAS104", "/workflow/0/kind", "did you mean `echo`?")]
+
+
+def test_a_package_carries_only_the_runtime_modules_its_kinds_need() -> None:
+    from conftest import example_spec
+
+    voting = {"debate": True, "self-consistency": True, "chain-of-thought": False}
+    for name, votes in voting.items():
+        files = compile_spec(example_spec(name)).files
+        package = "mas2c_" + name.replace("-", "_")
+        assert (f"{package}/_voting.py" in files) == votes, name

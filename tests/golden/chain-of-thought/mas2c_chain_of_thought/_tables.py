@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="5a8f11863f344942f65e1847769be7f7e3178a94cce5fa2a830f9b1c5732f4e2",
+        code_sha="a464410aee490636e65bd271abdf575ccddde96b08289e76b55760dcf12612be",
         reads=["question"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="682364e6e88096c270c3deeb1603557f89efd82e8c5d75b151847f48dbdc4097",
+        code_sha="27b6c9b46eb2e9199fdeb3417079fb7437359873ddcd500ad0a135473aa86b84",
         reads=["question"],
     ),
 )

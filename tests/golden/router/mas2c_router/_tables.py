@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="2e41ab56e44ca5e5c51755a9bc78fb4ceec9090257f0b4b4106b6a27ee7d82bb",
+        code_sha="9e84a9d63dc9f5048032474c7dce6ac45df981be3448fb3107da816276a7b3cb",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="c288e975220a07c23b180a611944a6827d5f73d4b1ceeaaa8ffa028e3288cb02",
+        code_sha="ddc07a9ee4477ed61d2f8da25158118e3726dad595eba1893d5a395982c393f1",
         reads=["product", "route", "ticket"],
     ),
 )

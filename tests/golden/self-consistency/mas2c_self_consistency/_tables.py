@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="8404de7fa03535d4f09fad906c8f0cd6e02f9f55ff8eba28a1fde864e089b6f3",
+        code_sha="6c69024474966165566671c8f27777d12820ece62ab8ade64741d5b8ecd7539b",
         reads=["question"],
     ),
 )

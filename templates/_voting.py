@@ -1,0 +1,83 @@
+"""Voting for ensembles and debates: what a vote compares, majority, first answer.
+
+Part of the runtime of a package compiled by mas2c; shipped only with packages whose
+spec has a step that votes (the step kinds' ``RUNTIME_MODULES``). Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._runtime import EmptyVote
+
+__all__ = ["first_answer", "majority", "vote_key"]
+
+_ANSWER_LINE = re.compile(r"^\s*ANSWER\s*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def vote_key(answer: Any, key: str | None = "answer") -> str:
+    """What majority voting compares, normalised: the final answer, not the reasoning.
+
+    - text: the last ``ANSWER:`` line if there is one, else the whole text;
+    - a structured answer: its ``key`` field (``answer`` unless the step says
+      ``vote_on``); an answer without that field does not vote;
+    - strings compare with runs of whitespace collapsed and case folded;
+      numbers by value (``4`` = ``4.0``); anything else as canonical JSON.
+    An empty result ("" or "null") does not vote.
+    """
+    if isinstance(answer, str):
+        lines = _ANSWER_LINE.findall(answer)
+        return _normal(lines[-1] if lines else answer)
+    if isinstance(answer, Mapping):
+        if key is None or key not in answer:
+            return ""
+        answer = answer[key]
+    if isinstance(answer, str):
+        return _normal(answer)
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
+    return json.dumps(answer, sort_keys=True, ensure_ascii=False)
+
+
+def majority(
+    answers: Sequence[Any], what: str = "vote", key: str | None = "answer"
+) -> Any:
+    """The plurality answer; ties go to the earliest sample. Empty answers don't vote."""
+    counts: dict[str, int] = {}
+    first: dict[str, Any] = {}
+    for answer in answers:
+        vote = vote_key(answer, key)
+        if vote in ("", "null"):
+            continue
+        counts[vote] = counts.get(vote, 0) + 1
+        first.setdefault(vote, answer)
+    if not counts:
+        raise EmptyVote(
+            f"{what}: every {'sample' if what == 'ensemble' else 'answer'} was empty"
+        )
+    best = max(counts.values())
+    # `counts` keeps first-seen order, so among tied values the earliest sample wins.
+    return next(first[k] for k, n in counts.items() if n == best)
+
+
+def first_answer(answers: Sequence[Any], key: str | None = "answer") -> Any:
+    """``vote: first``: the first answer with a final answer, else the first non-empty one.
+
+    Never fails: when every answer is empty, the first answer is returned as it is.
+    """
+    for answer in answers:
+        if vote_key(answer, key) not in ("", "null"):
+            return answer
+    for answer in answers:
+        if answer not in (None, "", {}, []) and not (
+            isinstance(answer, str) and not answer.strip()
+        ):
+            return answer
+    return answers[0] if answers else None
