@@ -383,16 +383,19 @@ def compile_section(data: dict[str, Any], headline: list[str]) -> list[str]:
         "## 3. Compile scaling",
         "",
         f"Command: `{data['command']}` ({data['seconds']:.0f} s; median of {data['reps']}). "
-        "A spec of N chained call steps over A agents; load+validate, compile (of which black), write.",
+        "A spec of N chained call steps over A agents; load+validate, compile (of which black, run "
+        "through `mas2c.fastfmt`: once per member shape), write; beside it one compile with plain "
+        "whole-file black, and whether both gave the same bytes.",
         "",
-        "| steps | agents | validate (s) | compile (s) | of which black (s) | write (s) | total (s) | ms / step | generated lines |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| steps | agents | validate (s) | compile (s) | of which black (s) | write (s) | total (s) | ms / step | generated lines | compile with plain black (s) | same bytes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in data["cells"]:
         out.append(
             f"| {c['steps']} | {c['agents']} | {fmt(c['load_validate_s'], 3)} | {fmt(c['compile_s'], 3)} | "
             f"{fmt(c.get('black_s'), 3)} | {fmt(c['write_s'], 3)} | {fmt(c['total_s'], 3)} | {fmt(c['ms_per_step'], 1)} | "
-            f"{c['python_lines']} |"
+            f"{c['python_lines']} | {fmt(c.get('compile_plain_black_s'), 3)} | "
+            f"{'—' if c.get('same_bytes_as_plain_black') is None else ('yes' if c['same_bytes_as_plain_black'] else 'NO')} |"
         )
     out.append("")
     by = {(c["steps"], c["agents"]): c for c in data["cells"]}

@@ -305,14 +305,16 @@ class _RunMeter:
     """Progress of one run on stderr: LLM calls, tokens and cost so far, from the gateway's
     events; one line per call at most once a second (a rewriting line on a terminal)."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, total_steps: int | None = None) -> None:
         import threading
         import time
 
         self.enabled = enabled
+        self.total_steps = total_steps
         self.calls = self.tokens = self.errors = 0
         self.cost = 0.0
         self.steps: list[str] = []
+        self.top = -1  # the highest top-level step index an LLM call came from
         self._lock = threading.Lock()
         self._clock = time.monotonic
         self._last = 0.0
@@ -334,6 +336,10 @@ class _RunMeter:
             step = str(event.get("step") or "")
             if step and step not in self.steps:
                 self.steps.append(step)
+            if step.startswith("/workflow/"):
+                head = step.split("/")[2]
+                if head.isdigit():
+                    self.top = max(self.top, int(head))
             now = self._clock()
             if not self.enabled or (not self._tty and now - self._last < 1.0):
                 return
@@ -346,20 +352,34 @@ class _RunMeter:
             sys.stderr.flush()
 
     def line(self) -> str:
-        at = (
-            f"; at step {self.steps[-1]} ({len(self.steps)} step(s) with LLM calls)"
-            if self.steps
-            else ""
-        )
+        at = ""
+        if self.top >= 0:  # steps before the current top-level one are done
+            of = f" of {self.total_steps}" if self.total_steps else ""
+            at = f"; step {self.top + 1}{of} ({self.top} done), at {self.steps[-1]}"
+        elif self.steps:
+            at = f"; at {self.steps[-1]}"
         failed = f", {self.errors} failed" if self.errors else ""
         return (
             f"run: {self.calls} LLM call(s){failed}, {self.tokens} tokens, "
             f"${self.cost:.4f} so far{at}"
         )
 
+    def finish(self) -> None:
+        if self.enabled:
+            self._end_line()
+
     def _end_line(self) -> None:
         if self._tty and self.calls:
             sys.stderr.write("\n")
+
+
+def _top_level_steps(target: Path) -> int | None:
+    """The number of top-level steps of a build (from its manifest), for the progress line."""
+    try:
+        workflow = json.loads((target / "MANIFEST.json").read_text("utf-8"))["spec"]["workflow"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return len(workflow) if isinstance(workflow, list) else None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -367,7 +387,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     target = _existing(args.target)
     run_dir = Path(args.run_dir or _default_run_dir())
-    meter = _RunMeter(enabled=not args.quiet)
+    meter = _RunMeter(enabled=not args.quiet, total_steps=_top_level_steps(target))
     with _input_file(args.input) as input_path:
         outcome = run_system(
             target,
@@ -379,7 +399,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             on_progress=meter.phase,
             **_sandbox_options(args),
         )
-    meter.phase("done")
+    meter.finish()
     usage = outcome.usage
     summary = (
         f"{outcome.status} (exit {outcome.exit_code}) in {outcome.sandbox.get('duration_s', 0):.1f}s; "

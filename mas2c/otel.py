@@ -263,8 +263,10 @@ def build_spans(trace: RunTrace, service: str = "mas2c") -> list[Any]:
 
 
 def _ns(seconds: float) -> int:
-    """Unix seconds as nanoseconds, clamped to what OTLP's fixed64 holds."""
-    return min(max(0, int(seconds * 1e9)), 2**64 - 1)
+    """Unix seconds as nanoseconds, clamped to what OTLP's fixed64 holds (NaN: 0)."""
+    if not seconds > 0:  # also NaN
+        return 0
+    return min(int(min(seconds, 1.8e10) * 1e9), 2**64 - 1)
 
 
 def export_otel(

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mas2c.errors import InvalidInput, RunFailure
 from mas2c.files import write_bytes_atomic, write_text_atomic
-from mas2c.runfolder import Result, result_data, result_or_error
 
 if TYPE_CHECKING:
+    from mas2c.runfolder import Result
     from mas2c.spec import Spec
 
 
@@ -389,6 +389,8 @@ def run_system(
             upstream.close()
         _finish_header(run_dir, header)
     # The program wrote result.json: read it through the run-folder contract (hostile input).
+    from mas2c.runfolder import result_data, result_or_error  # pydantic: after the run only
+
     result = result_or_error(run_dir / "result.json")
     return RunOutcome(
         run_dir,
@@ -431,6 +433,8 @@ def _write_header(run_dir: Path, header: Any) -> None:
 def _finish_header(run_dir: Path, header: Any) -> None:
     """Record the end time and status; a failure to do so never hides the run's own."""
     header.finished_ts = time.time()
+    from mas2c.runfolder import result_or_error
+
     header.status = result_or_error(run_dir / "result.json").status
     with suppress(OSError):
         _write_header(run_dir, header)

@@ -872,6 +872,29 @@ class _Checker:
                 )
                 continue
             self._read(ph.path, pointer, scope, position, "MAS301", used_at)
+            if ph.filters and ph.root in scope.bound:
+                self._filters(ph, pointer, scope, position)
+
+    def _filters(
+        self, ph: values.Placeholder, pointer: str, scope: _Scope, position: Position | None
+    ) -> None:
+        """A filter that cannot take the value's known type (`join` of a number)."""
+        schema: Any = self._schema_at(ph.path, scope)
+        for name, _argument in ph.filters:
+            wanted = _FILTER_TYPES.get(name)
+            kinds = _schema_types(schema)
+            if wanted and kinds and not kinds & wanted:
+                self.add(
+                    "MAS302",
+                    pointer,
+                    f"filter `{name}` in {ph.text!r} needs {' or '.join(sorted(wanted))}, "
+                    f"but `{'.'.join(ph.path)}` is {' or '.join(sorted(kinds))}",
+                    "`join` takes a list, `length` a list, object or string; "
+                    "`json` and `text` take anything",
+                    position=position,
+                )
+                return
+            schema = _filtered_schema(schema, ((name, None),))
 
     def _reference(self, text: str, pointer: str, scope: _Scope) -> None:
         path = expr.parse_path(text)
@@ -1081,6 +1104,8 @@ class _Scope:
 _TEXT_OF = "x-mas2c-text-of"  # marks the schema of an agent's text answer (internal)
 _CONDITION_CONSTANTS = {"true": "true", "false": "false", "null": "null", "none": "null"}
 _NOT_CONSTANT = object()
+# The JSON types each placeholder filter accepts (absent: any value).
+_FILTER_TYPES: dict[str, set[str]] = {"join": {"array"}, "length": {"array", "object", "string"}}
 
 
 def _schema_types(schema: Any) -> set[str]:

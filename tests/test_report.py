@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mas2c.cli import main as cli_main
@@ -382,6 +382,8 @@ FUZZ_KEYS = [
         max_size=20,
     )
 )
+@example([{"event": "run_start", "t": 1.797693134862316e299}])  # found: nanoseconds overflow
+@example([{"event": "run_start", "t": 6.7768e16}])  # found: a time no calendar has
 def test_any_trace_renders_without_raising(tmp_path: Path, events: list[dict[str, Any]]) -> None:
     folder = tmp_path / "fuzz"
     folder.mkdir(exist_ok=True)

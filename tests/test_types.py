@@ -94,6 +94,12 @@ def test_a_list_parameter_gets_the_list(tmp_path: Path) -> None:
     assert out["outputs"]["label"] == "1 + 2.5 = 7.0"
 
 
+def test_a_filter_that_does_not_fit_the_value_is_located() -> None:
+    report = problems(TOOL_LIST.replace("{{ xs | join(' + ') }}", "{{ total | join }}"))
+    assert ("MAS302", "/workflow/2/args/text") in codes(report)
+    assert "filter `join`" in next(p.message for p in report.problems if p.code == "MAS302")
+
+
 def test_a_wrong_argument_type_is_a_located_error_and_a_tool_error() -> None:
     report = problems(TOOL_LIST.replace('xs: "{{ xs }}"', 'xs: "numbers {{ xs }}"'))
     assert ("MAS405", "/workflow/0/args/xs") in codes(report)
