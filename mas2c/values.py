@@ -10,7 +10,8 @@ imports the same file on the host (input checks before a run, the validator).
   ``{{ "{{" }}`` is a literal ``{{`` (the escape); single braces are plain text.
 - A string that is exactly one placeholder (surrounding whitespace aside) is a
   *whole placeholder*: where a value is consumed (tool ``args``, ``test``
-  inputs) it passes the value itself, with its type. Anywhere else, and inside
+  inputs) it passes the value itself, with its type (a string value is text, so it
+  keeps the whitespace around the placeholder). Anywhere else, and inside
   a larger string, a placeholder is rendered as text: strings as they are,
   numbers as written, everything else as JSON (``true``, ``null``, lists and
   objects indented by 2).
@@ -220,7 +221,10 @@ def resolve(template: str, lookup: Lookup) -> Any:
     """A whole placeholder's value (its type kept), else the rendered text."""
     found = whole_placeholder(template)
     if found is not None:
-        return _value_of(found, lookup)
+        value = _value_of(found, lookup)
+        if not isinstance(value, str):
+            return value
+    # Text stays text byte for byte: a string value keeps the whitespace around its placeholder.
     return render(template, lookup)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from mas2c.compile import Build, compile_spec, runtime_files
 from mas2c.spec import Spec
@@ -37,6 +38,12 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(ROOT), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]
 )
 SPECS = ROOT / "specs"
+
+# Under CI, Hypothesis is derandomized (a failure reproduces on the next run) and prints the
+# blob to reproduce a failing example; `@settings` on a test still sets its example count.
+settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 _RUNTIME_PACKAGE = "mas2c_runtime_under_test"
 
 

@@ -18,7 +18,9 @@ from a process with openai already imported (`run_package(..., fork=True)`).
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -608,3 +610,56 @@ def test_docstring_text_reproduces_the_text(text: str) -> None:
 @given(text=TEXT)
 def test_toml_string_reproduces_the_text(text: str) -> None:
     assert tomllib.loads(f"key = {toml_string(text)}\n") == {"key": text}
+
+
+# -- determinism across hash seeds ---------------------------------------------------------------
+
+_SEEDED_DIGESTS = """
+import hashlib, json, sys
+from pathlib import Path
+from mas2c.compile import compile_spec
+from mas2c.source import SpecSource
+from mas2c.validate import validate_source
+result = {}
+for path in sorted(Path(sys.argv[1]).glob("*.json")):
+    report = validate_source(SpecSource(data=json.loads(path.read_text())))
+    files = compile_spec(report.spec).files
+    result[path.stem] = {k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())}
+print(json.dumps(result, sort_keys=True))
+"""
+
+
+@settings(
+    max_examples=2 if os.environ.get("CI") == "true" else 6,
+    deadline=None,
+    suppress_health_check=[*_SLOW, HealthCheck.data_too_large],
+)
+@given(batch=st.lists(valid_specs(), min_size=4, max_size=4))
+def test_random_specs_compile_to_the_same_bytes_under_every_hash_seed(
+    batch: list[dict[str, Any]],
+) -> None:
+    """Random specs (every step kind, nested, with tools, structured agents, prices) compile to
+    the same bytes in fresh interpreters with different PYTHONHASHSEEDs: no set or dict order
+    that depends on string hashing reaches the output."""
+    ours: dict[str, dict[str, str]] = {}
+    with tempfile.TemporaryDirectory(prefix="mas2c-seeds-") as tmp:
+        for index, data in enumerate(batch):
+            report = validate_source(SpecSource(data=data))
+            if not report.ok or report.spec is None:
+                continue  # the shared generator drew a spec the validator rejects
+            (Path(tmp) / f"s{index}.json").write_text(json.dumps(data), "utf-8")
+            files = compile_spec(report.spec).files
+            ours[f"s{index}"] = {
+                k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())
+            }
+        assume(ours)
+        for seed in ("0", "1", "987654321"):
+            proc = subprocess.run(
+                [sys.executable, "-c", _SEEDED_DIGESTS, tmp],
+                env={**os.environ, "PYTHONHASHSEED": seed},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert proc.returncode == 0, proc.stderr
+            assert json.loads(proc.stdout) == ours, f"PYTHONHASHSEED={seed} changes the output"

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from mas2c.compile import compile_spec, templates_dir
+from mas2c.compile import compile_spec
 from mas2c.diff import (
     Change,
     changes_json,
@@ -362,18 +361,7 @@ def test_line_diff_whitespace_only() -> None:
 # -- builds ---------------------------------------------------------------------------------
 
 
-def _wait_for_runtime() -> None:
-    """`templates/_runtime.py` is written by another engineer; wait a while, then skip."""
-    runtime = templates_dir() / "_runtime.py"
-    for _ in range(60):
-        if runtime.is_file():
-            return
-        time.sleep(1)
-    pytest.skip("templates/_runtime.py is not there yet")
-
-
 def _build(spec_text: str, out: Path) -> Path:
-    _wait_for_runtime()
     compile_spec(_spec(spec_text)).write(out)
     return out
 
