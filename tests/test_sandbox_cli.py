@@ -156,16 +156,21 @@ def test_pool_service_serves_separate_runs(
 
     from mas2c.sandbox_pool import POOL_LABEL
 
-    started = mas2c("sandbox", "pool", "start", "--size", "1", "--json", cwd=tmp_path)
+    # The service is machine-wide: with the default limits, any docker test running
+    # concurrently (pytest -n) could claim its warm container. A memory limit no other
+    # test uses gives this pool a key of its own.
+    own = ("--memory", "1000")
+    started = mas2c("sandbox", "pool", "start", "--size", "1", *own, "--json", cwd=tmp_path)
     try:
         assert started.returncode == 0, started.stderr
         assert cli_document(started)["pool"]["idle"] >= 1
-        code, doc, stderr = _run(tmp_path, llm_server)
+        code, doc, stderr = _run(tmp_path, llm_server, *own)
         assert code == 0, stderr
-        assert doc["sandbox"]["pool"] == "service" and doc["usage"]["calls"] == 1
+        assert doc["sandbox"]["pool"] == "service", doc["sandbox"]
+        assert doc["usage"]["calls"] == 1
         cold = tmp_path / "cold"
         cold.mkdir()
-        code, doc, stderr = _run(cold, llm_server, "--no-pool")
+        code, doc, stderr = _run(cold, llm_server, "--no-pool", *own)
         assert code == 0, stderr
         assert doc["sandbox"]["pool"] == "cold"
         status = cli_document(mas2c("sandbox", "pool", "status", "--json", cwd=tmp_path))
