@@ -142,7 +142,7 @@ def _write_user_file(path: str, text: str) -> str | None:
 
 def _load(path_text: str) -> Any:
     """A valid spec (`-`: read from stdin), or `SpecInvalid` with every problem."""
-    from mas2c.validate import SpecInvalid, load_spec, validate_text
+    from mas2c.lang.validate import SpecInvalid, load_spec, validate_text
 
     if path_text == STDIO:
         report = validate_text(sys.stdin.read(), "<stdin>")
@@ -168,7 +168,7 @@ def _task(text: str) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mas2c.validate import validate_file, validate_text
+    from mas2c.lang.validate import validate_file, validate_text
 
     if args.spec.count(STDIO) > 1:
         raise UsageError("stdin (-) can be read only once")
@@ -193,7 +193,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from mas2c.spec import json_schema
+    from mas2c.lang.spec import json_schema
 
     schema = json_schema()
     text = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
@@ -464,7 +464,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def _cmd_pool(args: argparse.Namespace) -> int:
-    from mas2c import sandbox, sandbox_pool
+    from mas2c import sandbox
+    from mas2c.sandbox import pool as sandbox_pool
 
     what = args.pool_action or "status"
     if what == "start":
@@ -1195,7 +1196,7 @@ def _warm_pool(args: argparse.Namespace) -> contextlib.AbstractContextManager[An
     if size <= 0:
         return contextlib.nullcontext()
     from mas2c import sandbox
-    from mas2c.sandbox_pool import Pool, PoolSpec
+    from mas2c.sandbox.pool import Pool, PoolSpec
 
     limits = sandbox.Limits(
         timeout_s=getattr(args, "timeout", 600.0),

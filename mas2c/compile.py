@@ -22,7 +22,8 @@ import jinja2
 
 from mas2c import __version__, fastfmt, graph, markdown, toolcode, values
 from mas2c.errors import InvalidInput
-from mas2c.expr import (
+from mas2c.files import write_tree_atomic
+from mas2c.lang.expr import (
     compile_condition,
     condition_names,
     definite_writes,
@@ -30,17 +31,8 @@ from mas2c.expr import (
     parse_path,
     placeholders,
 )
-from mas2c.files import write_tree_atomic
-from mas2c.pyemit import (
-    docstring_text,
-    identifier,
-    string_literal,
-    text_literal,
-    toml_string,
-    value_literal,
-)
-from mas2c.source import escape_token
-from mas2c.spec import (
+from mas2c.lang.source import escape_token
+from mas2c.lang.spec import (
     BranchStep,
     CallStep,
     DebateStep,
@@ -59,6 +51,14 @@ from mas2c.spec import (
     spec_hash,
     step_agents,
     step_out,
+)
+from mas2c.pyemit import (
+    docstring_text,
+    identifier,
+    string_literal,
+    text_literal,
+    toml_string,
+    value_literal,
 )
 
 BLACK_MODE = black.Mode(target_versions={black.mode.TargetVersion.PY311}, line_length=88)

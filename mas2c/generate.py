@@ -27,10 +27,10 @@ import yaml
 
 from mas2c.errors import RunFailure
 from mas2c.files import write_text_atomic
+from mas2c.lang.source import SourceError, load_file
+from mas2c.lang.spec import Spec, json_schema, language_description, spec_hash
+from mas2c.lang.validate import Problem, validate_file, validate_text
 from mas2c.llm import JSONNotFound, LLMClient, Message, Usage, extract_json
-from mas2c.source import SourceError, load_file
-from mas2c.spec import Spec, json_schema, language_description, spec_hash
-from mas2c.validate import Problem, validate_file, validate_text
 
 __all__ = [
     "Example",

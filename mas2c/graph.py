@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mas2c.spec import Spec, Step
+from mas2c.lang.spec import Spec, Step
 
 
 @dataclass

@@ -25,8 +25,8 @@ from mas2c.errors import InvalidInput, RunFailure
 from mas2c.files import write_bytes_atomic, write_text_atomic
 
 if TYPE_CHECKING:
+    from mas2c.lang.spec import Spec
     from mas2c.runfolder import Result
-    from mas2c.spec import Spec
 
 
 class RunError(RunFailure):
@@ -128,7 +128,7 @@ def load_target(target: Path) -> Target:
         except (ValueError, KeyError, TypeError) as exc:
             raise RunError(f"{manifest_path}: unreadable manifest ({exc})") from None
         return Target(data, package, target)
-    from mas2c.validate import load_spec
+    from mas2c.lang.validate import load_spec
 
     spec = load_spec(target)
     return Target(spec.to_data(), spec.package_name, None, spec)
@@ -415,7 +415,7 @@ def run_header(
     return RunHeader(
         command=redact_argv(sys.argv, secrets=[key]),
         spec=str(system.data.get("name", "")),
-        # = mas2c.spec.spec_hash: sha256 of the spec's canonical JSON
+        # = mas2c.lang.spec.spec_hash: sha256 of the spec's canonical JSON
         spec_sha256=hashlib.sha256(_canonical_json(system.data).encode()).hexdigest(),
         endpoint=endpoint_label(llm.endpoint(), replay=llm.replay is not None),
         backend=backend,
@@ -441,7 +441,7 @@ def _finish_header(run_dir: Path, header: Any) -> None:
 
 
 def _canonical_json(data: Any) -> str:
-    """The same bytes as `mas2c.spec.canonical_json` (kept here so a build runs without it)."""
+    """The same bytes as `mas2c.lang.spec.canonical_json` (kept here so a build runs without it)."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 

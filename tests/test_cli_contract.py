@@ -489,7 +489,7 @@ def test_parsing_imports_nothing_heavy(argv: list[str]) -> None:
         "    pass\n"
         + ("import mas2c.run, mas2c.sandbox, mas2c.gateway\n" if argv[0] == "run" else "")
         + "heavy = [m for m in sys.modules if m.split('.')[0] in ('black', 'jinja2', 'libcst',"
-        " 'pydantic', 'yaml', 'openai', 'docker') or m in ('mas2c.compile', 'mas2c.spec')]\n"
+        " 'pydantic', 'yaml', 'openai', 'docker') or m in ('mas2c.compile', 'mas2c.lang.spec')]\n"
         "print(heavy)\n"
     )
     proc = subprocess.run(

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from conftest import SECRET, cli_env, mas2c
 
+from mas2c.lang.validate import load_spec
 from mas2c.testserver import LLMTestServer
-from mas2c.validate import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from mas2c import values
 from mas2c.errors import InvalidInput
-from mas2c.spec import Step, iter_steps, step_out
+from mas2c.lang.spec import Step, iter_steps, step_out
 
 PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 

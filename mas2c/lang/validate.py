@@ -1,6 +1,6 @@
 """The validator: every problem of a spec in one pass, each with a code, a pointer and a place.
 
-Structure is checked by the pydantic model (`mas2c.spec`); this module turns
+Structure is checked by the pydantic model (`mas2c.lang.spec`); this module turns
 its errors into located problems and then checks what types cannot: references,
 scopes of state variables, placeholders, condition expressions and tool code.
 
@@ -21,9 +21,10 @@ from typing import Any, Literal
 import libcst
 from pydantic import ValidationError
 
-from mas2c import expr, toolcode, values
+from mas2c import toolcode, values
 from mas2c.errors import InvalidInput
-from mas2c.source import (
+from mas2c.lang import expr
+from mas2c.lang.source import (
     Position,
     SourceError,
     SpecSource,
@@ -33,7 +34,7 @@ from mas2c.source import (
     position_in_value,
     resolve,
 )
-from mas2c.spec import (
+from mas2c.lang.spec import (
     STEP_CLASSES,
     Agent,
     Budgets,

@@ -2,7 +2,7 @@
 
 Every other module reads specs through these classes. The model only checks
 shapes; cross-references, placeholders and expressions are checked in
-`mas2c.validate`, which reports every problem with a location.
+`mas2c.lang.validate`, which reports every problem with a location.
 """
 
 from __future__ import annotations
