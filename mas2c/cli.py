@@ -424,6 +424,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _finish(args, outcome.ok, doc, text)
 
 
+# -- image ----------------------------------------------------------------------------------------
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from mas2c import image
+
+    result = image.build(_existing(args.target), args.tag, base=args.base, on_progress=_progress)
+    _say(f"built {result.tag} ({result.package}); run it with:\n  {image.run_line(result.tag)}")
+    return _finish(args, True, result.to_json(), result.tag)
+
+
+def _add_image_verb(verbs: Any) -> None:
+    p = verbs.add_parser(
+        "image", help="build an OCI image of a compiled system (entrypoint: the package's CLI)"
+    )
+    p.add_argument("target", help="a spec file or a build folder (`mas2c compile` output)")
+    p.add_argument("-t", "--tag", required=True, help="image name[:tag]")
+    p.add_argument(
+        "--base",
+        help="base image, present locally (default mas2c-sandbox:latest, built if missing)",
+    )
+    _add_json(p)
+    p.set_defaults(handler=cmd_image)
+
+
 # -- sandbox --------------------------------------------------------------------------------------
 
 
@@ -1133,6 +1158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_batch)
 
+    _add_image_verb(verbs)
     for register in _EXTRA_VERBS:
         register(verbs)
     return parser
