@@ -120,7 +120,7 @@ def load_system(target: Path) -> System:
     if not target.is_file():
         raise UsageError(f"{target}: no such file or directory")
     from mas2c.compile import compile_spec
-    from mas2c.validate import load_spec
+    from mas2c.lang.validate import load_spec
 
     build = compile_spec(load_spec(target))
     return _system(build.manifest, build.files, str(target))
