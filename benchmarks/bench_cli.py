@@ -107,8 +107,8 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from mas2c.compile import compile_spec
+    from mas2c.lang.validate import load_spec
     from mas2c.testserver import LLMTestServer
-    from mas2c.validate import load_spec
 
     py = sys.executable
     with tempfile.TemporaryDirectory(prefix="mas2c-bench-cli-") as tmp_text:

@@ -29,7 +29,7 @@ import yaml
 import mas2c.compile as compile_module
 from mas2c import fastfmt
 from mas2c.compile import compile_spec
-from mas2c.validate import load_spec
+from mas2c.lang.validate import load_spec
 
 
 class BlackTimer:

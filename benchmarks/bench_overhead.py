@@ -47,7 +47,7 @@ import common as C  # noqa: E402
 from topology_specs import spec_data  # noqa: E402
 
 from mas2c.compile import compile_spec  # noqa: E402
-from mas2c.spec import Spec  # noqa: E402
+from mas2c.lang.spec import Spec  # noqa: E402
 from mas2c.testserver import ChatRequest, LLMTestServer, ReplyLike, default_responder  # noqa: E402
 
 VENVS = HERE / ".venvs"

@@ -18,7 +18,7 @@ median of --reps runs each:
 * under gVisor too (`--runtime runsc`, when registered): bare `docker run` + `import
   openai`, `mas2c run` and `run_system`, interleaved with the runc rows;
 * the warm pool (issue 14): --warm-runs in-process runs from a warm single-use pool
-  (`mas2c.sandbox_pool.Pool`, 2 containers), runc and runsc interleaved: p50/p95.
+  (`mas2c.sandbox.pool.Pool`, 2 containers), runc and runsc interleaved: p50/p95.
 
 Writes FILE (json) and FILE with .md: the ratios (cold `mas2c run` / bare `docker run` +
 `import openai`; warm p50 and p95; runsc / runc).
@@ -45,9 +45,9 @@ ROOT = HERE.parent
 
 from mas2c import sandbox  # noqa: E402
 from mas2c.compile import compile_spec  # noqa: E402
+from mas2c.lang.validate import load_spec  # noqa: E402
 from mas2c.run import LLMConfig, run_system  # noqa: E402
 from mas2c.testserver import LLMTestServer  # noqa: E402
-from mas2c.validate import load_spec  # noqa: E402
 
 TRIVIAL = """\
 spec_version: "1"
@@ -114,7 +114,7 @@ def warm_runs(
 ) -> dict[str, list[float]]:
     """`n` in-process runs per runtime, each from a warm single-use pool of 2 (runtimes
     interleaved; the next run waits until its pool is refilled, as a steady stream would)."""
-    from mas2c import sandbox_pool
+    from mas2c.sandbox import pool as sandbox_pool
 
     pools = {
         rt: sandbox_pool.Pool(sandbox_pool.PoolSpec(image, None if rt == "runc" else rt), size=2)

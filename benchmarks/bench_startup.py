@@ -38,7 +38,7 @@ _COMPILE = """
 import json, sys
 from pathlib import Path
 from mas2c.compile import compile_spec
-from mas2c.spec import Spec
+from mas2c.lang.spec import Spec
 compile_spec(Spec.model_validate(json.loads(sys.argv[1]))).write(Path(sys.argv[2]))
 """
 

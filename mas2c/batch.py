@@ -1332,7 +1332,7 @@ class BatchOptions:
 
 
 def _spec_of(path: Path) -> Any:
-    from mas2c.validate import SpecInvalid, load_spec
+    from mas2c.lang.validate import SpecInvalid, load_spec
 
     try:
         return load_spec(path)

@@ -61,7 +61,7 @@ with no explanation and no units unless the question asks for them.
 
 def _model_for(options: BatchOptions) -> tuple[str, dict[str, Any]]:
     """The baseline's model: (id, definition) from the system's spec, or the CoT example's."""
-    from mas2c.validate import load_spec
+    from mas2c.lang.validate import load_spec
 
     if options.spec is None or options.solve_task is not None:
         example = Path(__file__).resolve().parent.parent / "specs" / "chain-of-thought.yaml"

@@ -311,7 +311,7 @@ def humaneval_batch(options: BenchOptions) -> BatchOptions:
     spec_path: Path | None = None
     if not options.solve:
         spec_path = options.spec or default_spec()
-        from mas2c.validate import SpecInvalid, load_spec
+        from mas2c.lang.validate import SpecInvalid, load_spec
 
         try:
             spec = load_spec(spec_path)

@@ -142,7 +142,7 @@ def _write_user_file(path: str, text: str) -> str | None:
 
 def _load(path_text: str) -> Any:
     """A valid spec (`-`: read from stdin), or `SpecInvalid` with every problem."""
-    from mas2c.validate import SpecInvalid, load_spec, validate_text
+    from mas2c.lang.validate import SpecInvalid, load_spec, validate_text
 
     if path_text == STDIO:
         report = validate_text(sys.stdin.read(), "<stdin>")
@@ -168,7 +168,7 @@ def _task(text: str) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mas2c.validate import validate_file, validate_text
+    from mas2c.lang.validate import validate_file, validate_text
 
     if args.spec.count(STDIO) > 1:
         raise UsageError("stdin (-) can be read only once")
@@ -193,7 +193,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from mas2c.spec import json_schema
+    from mas2c.lang.spec import json_schema
 
     schema = json_schema()
     text = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
@@ -375,8 +375,10 @@ class _RunMeter:
 
 def _top_level_steps(target: Path) -> int | None:
     """The number of top-level steps of a build (from its manifest), for the progress line."""
+    from mas2c.files import read_manifest
+
     try:
-        workflow = json.loads((target / "MANIFEST.json").read_text("utf-8"))["spec"]["workflow"]
+        workflow = read_manifest(target)["spec"]["workflow"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return len(workflow) if isinstance(workflow, list) else None
@@ -424,6 +426,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _finish(args, outcome.ok, doc, text)
 
 
+# -- image ----------------------------------------------------------------------------------------
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from mas2c import image
+
+    result = image.build(_existing(args.target), args.tag, base=args.base, on_progress=_progress)
+    _say(f"built {result.tag} ({result.package}); run it with:\n  {image.run_line(result.tag)}")
+    return _finish(args, True, result.to_json(), result.tag)
+
+
+def _add_image_verb(verbs: Any) -> None:
+    p = verbs.add_parser(
+        "image", help="build an OCI image of a compiled system (entrypoint: the package's CLI)"
+    )
+    p.add_argument("target", help="a spec file or a build folder (`mas2c compile` output)")
+    p.add_argument("-t", "--tag", required=True, help="image name[:tag]")
+    p.add_argument(
+        "--base",
+        help="base image, present locally (default mas2c-sandbox:latest, built if missing)",
+    )
+    _add_json(p)
+    p.set_defaults(handler=cmd_image)
+
+
 # -- sandbox --------------------------------------------------------------------------------------
 
 
@@ -464,7 +491,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def _cmd_pool(args: argparse.Namespace) -> int:
-    from mas2c import sandbox, sandbox_pool
+    from mas2c import sandbox
+    from mas2c.sandbox import pool as sandbox_pool
 
     what = args.pool_action or "status"
     if what == "start":
@@ -1132,6 +1160,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_batch)
 
+    _add_image_verb(verbs)
     for register in _EXTRA_VERBS:
         register(verbs)
     return parser
@@ -1195,7 +1224,7 @@ def _warm_pool(args: argparse.Namespace) -> contextlib.AbstractContextManager[An
     if size <= 0:
         return contextlib.nullcontext()
     from mas2c import sandbox
-    from mas2c.sandbox_pool import Pool, PoolSpec
+    from mas2c.sandbox.pool import Pool, PoolSpec
 
     limits = sandbox.Limits(
         timeout_s=getattr(args, "timeout", 600.0),

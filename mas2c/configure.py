@@ -47,11 +47,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
-from mas2c import expr
 from mas2c.errors import RunFailure
+from mas2c.lang import expr
+from mas2c.lang.spec import Agent, ModelSpec, Spec, Step, spec_hash
+from mas2c.lang.validate import Problem, validate_text
 from mas2c.llm import JSONNotFound, LLMClient, Message, Usage, extract_json
-from mas2c.spec import Agent, ModelSpec, Spec, Step, spec_hash
-from mas2c.validate import Problem, validate_text
 
 __all__ = [
     "AgentUse",
@@ -219,7 +219,7 @@ def agent_uses(spec: Spec) -> dict[str, AgentUse]:
                 entry.sampler = entry.sampler or role == "sampler"
                 entry.programmer = entry.programmer or role == "programmer"
                 entry.notes.append(note + where)
-            inner = [*loops, _loop_label(step)] if step.flow == "repeat" else loops
+            inner = [*loops, _loop_label(step)] if step.shape == "repeat" else loops
             for _key, children in step.child_lists():
                 walk(children, inner)
 

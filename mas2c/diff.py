@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mas2c.spec import Spec, Step, child_step_lists
-from mas2c.validate import load_spec
+from mas2c.lang.spec import Spec, Step, child_step_lists
+from mas2c.lang.validate import load_spec
 
 ChangeKind = Literal["added", "removed", "changed"]
 
@@ -153,7 +153,7 @@ def diff_paths(a: Path, b: Path) -> tuple[str, bool, list[dict[str, Any]] | None
 
     Returns (text, different, json): json is the list of changes for specs, None
     for builds. A spec and a build, a missing path, or a folder that is not a
-    build raise ValueError; an invalid spec raises `mas2c.validate.SpecInvalid`.
+    build raise ValueError; an invalid spec raises `mas2c.lang.validate.SpecInvalid`.
     """
     kind_a, kind_b = path_kind(a), path_kind(b)
     if kind_a != kind_b:

@@ -336,7 +336,7 @@ def _load_spec(folder: Path) -> Any:
     """The run's spec (spec.json, else build/MANIFEST.json), or None."""
     from pydantic import ValidationError
 
-    from mas2c.spec import Spec
+    from mas2c.lang.spec import Spec
 
     data = read_json_file(folder / "spec.json")
     if not isinstance(data, dict):
@@ -392,7 +392,7 @@ class _Layout:
 
 def _layout(spec: Any) -> _Layout:
     from mas2c import graph
-    from mas2c.spec import iter_steps
+    from mas2c.lang.spec import iter_steps
 
     built = graph.build(spec)
     step_of = {

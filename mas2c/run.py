@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -22,11 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mas2c.errors import InvalidInput, RunFailure
-from mas2c.files import write_bytes_atomic, write_text_atomic
+from mas2c.files import read_manifest, write_bytes_atomic, write_text_atomic
 
 if TYPE_CHECKING:
+    from mas2c.lang.spec import Spec
     from mas2c.runfolder import Result
-    from mas2c.spec import Spec
 
 
 class RunError(RunFailure):
@@ -120,18 +121,24 @@ def load_target(target: Path) -> Target:
                 f"{target}: not a build folder (no MANIFEST.json); give a spec or `mas2c compile` output"
             )
         try:
-            manifest = json.loads(manifest_path.read_text("utf-8"))
+            manifest = read_manifest(target)
             data, package = manifest["spec"], manifest["package"]
             if not isinstance(data, dict) or not isinstance(package, str):
                 raise ValueError("`spec` must be an object and `package` a string")
+            if not _PACKAGE_NAME.fullmatch(package) or not (target / package).is_dir():
+                raise ValueError("`package` must name the package folder beside it (mas2c_<name>)")
             _spec_facts(data)  # shape check of what the run reads
-        except (ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RunError(f"{manifest_path}: unreadable manifest ({exc})") from None
         return Target(data, package, target)
-    from mas2c.validate import load_spec
+    from mas2c.lang.validate import load_spec
 
     spec = load_spec(target)
     return Target(spec.to_data(), spec.package_name, None, spec)
+
+
+#: What `compile` names a package (`Spec.package_name`): never a path.
+_PACKAGE_NAME = re.compile(r"mas2c_[a-z][a-z0-9_]{0,63}")
 
 
 def _spec_facts(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -415,7 +422,7 @@ def run_header(
     return RunHeader(
         command=redact_argv(sys.argv, secrets=[key]),
         spec=str(system.data.get("name", "")),
-        # = mas2c.spec.spec_hash: sha256 of the spec's canonical JSON
+        # = mas2c.lang.spec.spec_hash: sha256 of the spec's canonical JSON
         spec_sha256=hashlib.sha256(_canonical_json(system.data).encode()).hexdigest(),
         endpoint=endpoint_label(llm.endpoint(), replay=llm.replay is not None),
         backend=backend,
@@ -441,7 +448,7 @@ def _finish_header(run_dir: Path, header: Any) -> None:
 
 
 def _canonical_json(data: Any) -> str:
-    """The same bytes as `mas2c.spec.canonical_json` (kept here so a build runs without it)."""
+    """The same bytes as `mas2c.lang.spec.canonical_json` (kept here so a build runs without it)."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 from mas2c.errors import RunFailure
 from mas2c.files import write_text_atomic
+from mas2c.lang.spec import Spec
 from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
-from mas2c.spec import Spec
 
 Progress = Callable[[str], None]
 
@@ -281,7 +281,7 @@ def solve(
             with _timed(outcome.phases, "configure", meter, say) as phase:
                 pool = load_pool(pool_path) if pool_path else dict(spec.models)
                 if not pool:
-                    from mas2c.spec import ModelSpec
+                    from mas2c.lang.spec import ModelSpec
 
                     pool = {
                         "default": ModelSpec(model=model or "local", description="the only model")

@@ -18,7 +18,7 @@ only where the spec changed: `before` is the spec the text loads to, `after` the
 
 So `difflib.unified_diff(text, result)` is the patch of the user's file (see `file_patch`):
 it applies with `git apply` (or `patch -p1`) in the file's folder. The text has already
-passed `mas2c.source`'s bounds (size, alias expansion), as `before` was loaded from it.
+passed `mas2c.lang.source`'s bounds (size, alias expansion), as `before` was loaded from it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mas2c.spec import Spec, canonical_json, spec_hash
+from mas2c.lang.spec import Spec, canonical_json, spec_hash
 
 _INDENTS = ((2, 2), (2, 0), (4, 4), (4, 2), (2, 4), (4, 0))  # (mapping, sequence dash offset)
 
@@ -78,7 +78,7 @@ def file_patch(before: str, after: str, name: str) -> str:
 
 
 def _loads_to(text: str, want: str, json_text: bool) -> bool:
-    from mas2c.validate import validate_text
+    from mas2c.lang.validate import validate_text
 
     report = validate_text(text, "<edited>.json" if json_text else "<edited>.yaml")
     return report.spec is not None and report.ok and spec_hash(report.spec) == want

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from mas2c.compile import compile_spec, runtime_files
-from mas2c.validate import load_spec
+from mas2c.lang.validate import load_spec
 
 golden = Path("tests/golden")
 golden.mkdir(parents=True, exist_ok=True)

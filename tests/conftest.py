@@ -27,9 +27,9 @@ import pytest
 from hypothesis import settings
 
 from mas2c.compile import Build, compile_spec, runtime_files
-from mas2c.spec import Spec
+from mas2c.lang.spec import Spec
+from mas2c.lang.validate import load_spec
 from mas2c.testserver import LLMTestServer, default_responder
-from mas2c.validate import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 # Subprocesses (`python -m mas2c.cli ...`) import mas2c from this checkout too, not from

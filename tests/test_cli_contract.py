@@ -262,6 +262,7 @@ FAILURE: dict[str, tuple[Case, int, str]] = {
         "usage",
     ),
     "report": (lambda t, s: ["report", str(t / "missing")], 2, "usage"),
+    "image": (lambda t, s: ["image", str(t / "missing"), "-t", "x:1"], 2, "usage"),
     "export": (
         lambda t, s: ["export", "otel", str(t / "missing"), "--endpoint", "http://127.0.0.1:9"],
         2,
@@ -288,8 +289,9 @@ def test_every_verb_is_covered() -> None:
     # the verbs whose success needs an LLM conversation are covered by their own tests
     # (generate/solve: tests/test_solve.py, bench: tests/test_bench.py, batch:
     # tests/test_batch.py), all through --json
-    # (export: tests/test_otel.py, against a real OTLP receiver)
-    assert names - set(SUCCESS) == {"generate", "solve", "bench", "batch", "export"}
+    # (export: tests/test_otel.py, against a real OTLP receiver; image: tests/test_image.py,
+    # which builds and runs a real image)
+    assert names - set(SUCCESS) == {"generate", "solve", "bench", "batch", "export", "image"}
     for name, sub in verbs.choices.items():
         assert any("--json" in a.option_strings for a in sub._actions), name
 
@@ -393,7 +395,6 @@ def test_every_module_error_is_in_the_tree() -> None:
         bench,
         compile,
         configure,
-        expr,
         gateway,
         generate,
         llm,
@@ -402,9 +403,8 @@ def test_every_module_error_is_in_the_tree() -> None:
         run,
         sandbox,
         solve,
-        source,
-        validate,
     )
+    from mas2c.lang import expr, source, validate
 
     classes = [
         bench.BenchError,
@@ -489,7 +489,7 @@ def test_parsing_imports_nothing_heavy(argv: list[str]) -> None:
         "    pass\n"
         + ("import mas2c.run, mas2c.sandbox, mas2c.gateway\n" if argv[0] == "run" else "")
         + "heavy = [m for m in sys.modules if m.split('.')[0] in ('black', 'jinja2', 'libcst',"
-        " 'pydantic', 'yaml', 'openai', 'docker') or m in ('mas2c.compile', 'mas2c.spec')]\n"
+        " 'pydantic', 'yaml', 'openai', 'docker') or m in ('mas2c.compile', 'mas2c.lang.spec')]\n"
         "print(heavy)\n"
     )
     proc = subprocess.run(

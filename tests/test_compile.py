@@ -27,9 +27,9 @@ from conftest import EXAMPLE_NAMES, EXAMPLES, ROOT, example_path, example_spec, 
 from mas2c import __version__, graph
 from mas2c.cli import main as cli_main
 from mas2c.compile import BLACK_MODE, Build, compile_spec, pointer_at, runtime_files
-from mas2c.source import escape_token
-from mas2c.spec import Spec, iter_steps, spec_hash
-from mas2c.validate import load_spec, validate_text
+from mas2c.lang.source import escape_token
+from mas2c.lang.spec import Spec, iter_steps, spec_hash
+from mas2c.lang.validate import load_spec, validate_text
 
 GOLDEN = ROOT / "tests" / "golden"
 REGEN = "bash scripts/regen-golden.sh"
@@ -139,7 +139,7 @@ _DIGESTS = """
 import hashlib, json, sys
 from pathlib import Path
 from mas2c.compile import compile_spec
-from mas2c.validate import load_spec, validate_text
+from mas2c.lang.validate import load_spec, validate_text
 result = {}
 for path in sorted(Path(".").glob("*.yaml")):
     files = compile_spec(load_spec(path.name)).files
@@ -196,9 +196,11 @@ def test_every_file_has_the_header(name: str) -> None:
         for tool_id, tool in spec.tools.items()
         if tool.code is not None
     }
-    voting = {f"{build.package}/_voting.py"} if any(
-        s.kind in ("ensemble", "debate") for _p, s in iter_steps(spec.workflow, "/workflow")
-    ) else set()
+    voting = (
+        {f"{build.package}/_voting.py"}
+        if any(s.kind in ("ensemble", "debate") for _p, s in iter_steps(spec.workflow, "/workflow"))
+        else set()
+    )
     expected_files = {p.format(pkg=build.package) for p in EXPECTED_FILES}
     assert set(build.files) == expected_files | tool_modules | voting
     for path, data in build.files.items():
@@ -464,7 +466,7 @@ def test_runs_cannot_import_mas2c(tmp_path: Path) -> None:
     folder = tmp_path / "pkg"
     build_of("chain-of-thought").write(folder)
     init = folder / build_of("chain-of-thought").package / "__init__.py"
-    init.write_text(init.read_text(encoding="utf-8") + "import mas2c.spec\n", encoding="utf-8")
+    init.write_text(init.read_text(encoding="utf-8") + "import mas2c.lang.spec\n", encoding="utf-8")
     for fork in (False, True):
         with pytest.raises(AssertionError, match=r"compiled code must not import mas2c"):
             run_package(folder, {"question": "q"}, None, fork=fork)

@@ -35,12 +35,12 @@ from hypothesis import strategies as st
 
 from mas2c import markdown
 from mas2c.compile import compile_spec
-from mas2c.expr import placeholders, whole_placeholder
+from mas2c.lang.expr import placeholders, whole_placeholder
+from mas2c.lang.source import SpecSource
+from mas2c.lang.spec import Spec
+from mas2c.lang.validate import validate_source
 from mas2c.pyemit import docstring_text, string_literal, text_literal, toml_string, value_literal
-from mas2c.source import SpecSource
-from mas2c.spec import Spec
 from mas2c.testserver import LLMTestServer, default_responder
-from mas2c.validate import validate_source
 
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 # Each example compiles, lints and runs a package in a process of its own: few examples.
@@ -618,8 +618,8 @@ _SEEDED_DIGESTS = """
 import hashlib, json, sys
 from pathlib import Path
 from mas2c.compile import compile_spec
-from mas2c.source import SpecSource
-from mas2c.validate import validate_source
+from mas2c.lang.source import SpecSource
+from mas2c.lang.validate import validate_source
 result = {}
 for path in sorted(Path(sys.argv[1]).glob("*.json")):
     report = validate_source(SpecSource(data=json.loads(path.read_text())))
@@ -649,9 +649,7 @@ def test_random_specs_compile_to_the_same_bytes_under_every_hash_seed(
                 continue  # the shared generator drew a spec the validator rejects
             (Path(tmp) / f"s{index}.json").write_text(json.dumps(data), "utf-8")
             files = compile_spec(report.spec).files
-            ours[f"s{index}"] = {
-                k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())
-            }
+            ours[f"s{index}"] = {k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())}
         assume(ours)
         for seed in ("0", "1", "987654321"):
             proc = subprocess.run(

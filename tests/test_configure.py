@@ -18,10 +18,10 @@ from mas2c.configure import (
     rank_pool,
 )
 from mas2c.generate import spec_to_yaml
+from mas2c.lang.spec import ModelSpec, Price, Spec, spec_hash
+from mas2c.lang.validate import validate_file, validate_text
 from mas2c.llm import LLMClient
-from mas2c.spec import ModelSpec, Price, Spec, spec_hash
 from mas2c.testserver import ChatRequest, LLMTestServer, Script
-from mas2c.validate import validate_file, validate_text
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 

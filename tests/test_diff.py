@@ -21,8 +21,8 @@ from mas2c.diff import (
     line_diff,
     word_diff,
 )
-from mas2c.spec import Spec
-from mas2c.validate import validate_text
+from mas2c.lang.spec import Spec
+from mas2c.lang.validate import validate_text
 
 BASE = """\
 spec_version: "1"

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import EXAMPLE_NAMES, compile_to, events, example_path, example_spec, run_package
 
-from mas2c.spec import Spec, iter_steps
+from mas2c.lang.spec import Spec, iter_steps
 from mas2c.testserver import (
     ChatRequest,
     LLMTestServer,

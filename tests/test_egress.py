@@ -291,7 +291,7 @@ def test_egress_requests_per_run_are_capped(api: Api, sockdir: Path, monkeypatch
 def test_spec_egress_is_validated() -> None:
     from pydantic import ValidationError
 
-    from mas2c.spec import Tool
+    from mas2c.lang.spec import Tool
 
     Tool.model_validate({"code": "def t(): pass", "egress": {"hosts": ["api.x.com:8443"]}})
     bad = [

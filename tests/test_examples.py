@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from mas2c.expr import parse_path
-from mas2c.source import load_file
-from mas2c.spec import Spec, iter_steps, step_out
-from mas2c.validate import validate_file
+from mas2c.lang.expr import parse_path
+from mas2c.lang.source import load_file
+from mas2c.lang.spec import Spec, iter_steps, step_out
+from mas2c.lang.validate import validate_file
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 EXAMPLES = sorted(SPECS.glob("*.yaml"))

@@ -22,7 +22,7 @@ from test_compile_properties import _checked, valid_specs
 from mas2c import compile as compiler
 from mas2c import fastfmt
 from mas2c.compile import BLACK_MODE, compile_spec
-from mas2c.spec import Spec
+from mas2c.lang.spec import Spec
 
 
 def plain_black(text: str, mode: Any) -> str:
@@ -69,7 +69,7 @@ def test_random_specs_compile_to_the_same_bytes(data: dict[str, Any]) -> None:
 def test_a_long_chain_formats_the_same_with_few_black_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Twice the steps, (almost) no more black runs: black runs per shape, not per step."""
     from benchmarks.bench_compile import spec_text  # the benchmark's own spec shape
-    from mas2c.validate import validate_text
+    from mas2c.lang.validate import validate_text
 
     calls: list[int] = []
     inner = black.format_str

@@ -24,10 +24,10 @@ from mas2c.generate import (
     system_prompt,
     write_spec_yaml,
 )
+from mas2c.lang.spec import json_schema, spec_hash
+from mas2c.lang.validate import validate_file, validate_text
 from mas2c.llm import JSONNotFound, LLMClient, LLMError, extract_json
-from mas2c.spec import json_schema, spec_hash
 from mas2c.testserver import ChatRequest, LLMTestServer, Reply, Script
-from mas2c.validate import validate_file, validate_text
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 

@@ -24,8 +24,8 @@ import pytest
 from conftest import cli_document
 
 from mas2c.gateway import UpstreamError
+from mas2c.lang.validate import validate_file
 from mas2c.local import LocalModelError, LocalUpstream, ensure_default_model
-from mas2c.validate import validate_file
 
 pytestmark = pytest.mark.llama
 

@@ -25,6 +25,7 @@ import pytest
 
 from mas2c import sandbox
 from mas2c.compile import compile_spec
+from mas2c.lang.validate import load_spec
 from mas2c.rectify import (
     Failure,
     FixRejected,
@@ -39,7 +40,6 @@ from mas2c.rectify import (
 )
 from mas2c.run import LLMConfig, run_system
 from mas2c.testserver import ChatRequest, LLMTestServer, ReplyLike, default_responder
-from mas2c.validate import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS_DIR = Path(__file__).resolve().parent / "faults"
@@ -348,8 +348,8 @@ def test_cli_rectify(server: LLMTestServer, tmp_path: Path) -> None:
 
 
 def test_solve_rectifies_a_failing_first_run(server: LLMTestServer, tmp_path: Path) -> None:
+    from mas2c.lang.validate import load_spec as load
     from mas2c.solve import solve
-    from mas2c.validate import load_spec as load
 
     generated = load(FAULTS["missing-import-re"].spec).to_data()
 

@@ -26,12 +26,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mas2c.cli import main as cli_main
+from mas2c.lang.validate import load_spec
 from mas2c.otel import build_spans
 from mas2c.report import render_report, write_report
 from mas2c.run import LLMConfig, run_system
 from mas2c.testserver import ChatRequest, LLMTestServer, ReplyLike, default_responder
 from mas2c.tracing import read_run_trace
-from mas2c.validate import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_FLAGS = [
@@ -180,7 +180,7 @@ def test_hierarchical_report_in_chromium(runs: Path, tmp_path: Path) -> None:
     dom = dom_of(page, tmp_path)
     nodes = {a["data-step"]: a["data-status"] for a in dom.with_attr("g", "data-step")}
     spec = load_spec(ROOT / "specs" / "hierarchical.yaml")
-    from mas2c.spec import iter_steps
+    from mas2c.lang.spec import iter_steps
 
     assert set(nodes) == {step.id for _, step in iter_steps(spec.workflow, "/workflow")}
     assert set(nodes.values()) == {"ok"}

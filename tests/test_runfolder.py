@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from mas2c import runfolder
 from mas2c.compile import compile_spec
+from mas2c.lang.validate import validate_text
 from mas2c.rectify import (
     FixRejected,
     RectifyError,
@@ -35,7 +36,6 @@ from mas2c.rectify import (
     read_run,
 )
 from mas2c.runfolder import RunFolderError, read_result, read_trace
-from mas2c.validate import validate_text
 
 SPEC = {
     "spec_version": "1",

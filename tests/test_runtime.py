@@ -855,16 +855,22 @@ def test_field_item_lookup_errors(rt: ModuleType) -> None:
 
 
 def test_majority_vote(rt: ModuleType) -> None:
-    assert load_runtime("_voting").majority(["ANSWER: 7", "ANSWER: 8"]) == "ANSWER: 7"  # tie: earliest
+    assert (
+        load_runtime("_voting").majority(["ANSWER: 7", "ANSWER: 8"]) == "ANSWER: 7"
+    )  # tie: earliest
     assert load_runtime("_voting").majority(["", "x", " X "]) == "x"
-    assert load_runtime("_voting").majority([{"answer": "A", "why": 1}, {"answer": "b"}, {"answer": "a "}]) == {
+    assert load_runtime("_voting").majority(
+        [{"answer": "A", "why": 1}, {"answer": "b"}, {"answer": "a "}]
+    ) == {
         "answer": "A",
         "why": 1,
     }
     # Structured answers vote on one field (`answer`, or the step's `vote_on`), never on
     # whole objects: those without the field do not vote.
     assert load_runtime("_voting").majority([{"k": 1}, {"k": 2}, {"k": 2}], key="k") == {"k": 2}
-    assert load_runtime("_voting").majority([{"answer": 4, "why": "a"}, {"answer": 4.0, "why": "b"}, {"answer": 5}]) == {
+    assert load_runtime("_voting").majority(
+        [{"answer": 4, "why": "a"}, {"answer": 4.0, "why": "b"}, {"answer": 5}]
+    ) == {
         "answer": 4,
         "why": "a",
     }

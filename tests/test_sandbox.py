@@ -1086,7 +1086,7 @@ def test_gvisor_refuses_allow_network(dock: None, rt: str, package: Path, tmp_pa
 def test_pooled_container_is_never_reused(dock: None, package: Path, tmp_path: Path) -> None:
     """A warm container runs one system: the next run (also warm) finds none of the
     first run's files or processes."""
-    from mas2c.sandbox_pool import Pool, PoolSpec
+    from mas2c.sandbox.pool import Pool, PoolSpec
 
     with Pool(PoolSpec(), size=1) as pool:
         assert pool.wait_ready(timeout_s=180)
@@ -1104,11 +1104,11 @@ def test_pooled_container_is_never_reused(dock: None, package: Path, tmp_path: P
 def test_pool_leaves_nothing_after_exit_or_sigkill(dock: None, tmp_path: Path) -> None:
     import docker
 
-    from mas2c.sandbox_pool import OWNER_LABEL
+    from mas2c.sandbox.pool import OWNER_LABEL
 
     script = (
         "import sys, time\n"
-        "from mas2c.sandbox_pool import Pool, PoolSpec\n"
+        "from mas2c.sandbox.pool import Pool, PoolSpec\n"
         "with Pool(PoolSpec(), size=2) as pool:\n"
         "    assert pool.wait_ready(timeout_s=180)\n"
         "    print('ready', flush=True)\n"

@@ -113,7 +113,7 @@ def test_package_exits_once_its_outputs_are_written(tmp_path: Path) -> None:
 
     from conftest import compile_to, package_of
 
-    from mas2c.validate import load_spec
+    from mas2c.lang.validate import load_spec
 
     spec_path = tmp_path / "lingering.yaml"
     spec_path.write_text(LINGERING)
@@ -154,7 +154,7 @@ def test_pool_service_serves_separate_runs(
     does not; `stop` leaves no pooled container."""
     import docker
 
-    from mas2c.sandbox_pool import POOL_LABEL
+    from mas2c.sandbox.pool import POOL_LABEL
 
     # The service is machine-wide: with the default limits, any docker test running
     # concurrently (pytest -n) could claim its warm container. A memory limit no other

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from mas2c import cli
-from mas2c.spec import STEP_KINDS, json_schema
+from mas2c.lang.spec import STEP_KINDS, json_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "specs" / "mas2c.schema.json"

@@ -20,10 +20,10 @@ import pytest
 import yaml
 from conftest import cli_document, cli_env, mas2c
 
+from mas2c.lang.spec import json_schema, spec_hash
+from mas2c.lang.validate import load_spec, validate_file
 from mas2c.solve import slug
-from mas2c.spec import json_schema, spec_hash
 from mas2c.testserver import ChatRequest, LLMTestServer, Script
-from mas2c.validate import load_spec, validate_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

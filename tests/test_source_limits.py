@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import mas2c
 
-from mas2c.source import MAX_EXPANDED_CHARS, MAX_SPEC_BYTES
-from mas2c.validate import validate_text
+from mas2c.lang.source import MAX_EXPANDED_CHARS, MAX_SPEC_BYTES
+from mas2c.lang.validate import validate_text
 
 HEAD = """\
 spec_version: "1"

@@ -16,8 +16,8 @@ from conftest import run_package
 from mas2c import graph
 from mas2c.compile import EMITTERS, compile_spec
 from mas2c.generate import system_prompt
-from mas2c.spec import STEP_CLASSES, StepBase, json_schema, language_description, static_calls
-from mas2c.validate import validate_text
+from mas2c.lang.spec import STEP_CLASSES, StepBase, json_schema, language_description, static_calls
+from mas2c.lang.validate import validate_text
 
 ECHO_SPEC = """\
 spec_version: "1"

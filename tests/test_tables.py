@@ -14,7 +14,7 @@ from pathlib import Path
 from conftest import ROOT, example_spec, run_package
 
 from mas2c.compile import compile_spec, step_reads
-from mas2c.spec import Spec
+from mas2c.lang.spec import Spec
 from mas2c.testserver import LLMTestServer
 
 TWO_READERS = {

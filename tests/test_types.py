@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 from mas2c import markdown, toolcode, values
 from mas2c.compile import compile_spec
-from mas2c.spec import Spec
+from mas2c.lang.spec import Spec
+from mas2c.lang.validate import Report, validate_text
 from mas2c.testserver import LLMTestServer, Script
-from mas2c.validate import Report, validate_text
 
 
 def spec_of(text: str) -> Spec:

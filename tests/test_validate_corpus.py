@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from mas2c import cli
-from mas2c.validate import PROBLEM_CODES, Problem, Report, validate_file, validate_text
+from mas2c.lang.validate import PROBLEM_CODES, Problem, Report, validate_file, validate_text
 
 CORPUS = Path(__file__).resolve().parent / "invalid"
 FILES = sorted(CORPUS.glob("*.yaml"))

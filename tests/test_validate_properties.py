@@ -28,8 +28,8 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mas2c.source import SpecSource, escape_token
-from mas2c.validate import PROBLEM_CODES, Report, validate_source, validate_text
+from mas2c.lang.source import SpecSource, escape_token
+from mas2c.lang.validate import PROBLEM_CODES, Report, validate_source, validate_text
 
 # MAS2C_HYPOTHESIS_EXAMPLES=2000 for a long soak; the default keeps the file under ~30 s.
 EXAMPLES = int(os.environ.get("MAS2C_HYPOTHESIS_EXAMPLES", "80"))

@@ -20,11 +20,11 @@ from conftest import EXAMPLES, cli_env, mas2c
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from mas2c.lang.spec import Spec, spec_hash
+from mas2c.lang.validate import load_spec, validate_text
 from mas2c.rectify import rectify
 from mas2c.run import LLMConfig, run_system
-from mas2c.spec import Spec, spec_hash
 from mas2c.testserver import LLMTestServer
-from mas2c.validate import load_spec, validate_text
 from mas2c.yamledit import edit_spec_text, file_patch
 
 FAULTS = Path(__file__).resolve().parent / "faults"

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from mas2c.compile import EmitContext, register_emitter, unregister_emitter
+from mas2c.lang.spec import _Writes, register_step_kind, unregister_step_kind
 from mas2c.pyemit import text_literal
-from mas2c.spec import _Writes, register_step_kind, unregister_step_kind
 
 
 class EchoStep(_Writes):

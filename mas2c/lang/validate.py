@@ -1,6 +1,6 @@
 """The validator: every problem of a spec in one pass, each with a code, a pointer and a place.
 
-Structure is checked by the pydantic model (`mas2c.spec`); this module turns
+Structure is checked by the pydantic model (`mas2c.lang.spec`); this module turns
 its errors into located problems and then checks what types cannot: references,
 scopes of state variables, placeholders, condition expressions and tool code.
 
@@ -21,9 +21,10 @@ from typing import Any, Literal
 import libcst
 from pydantic import ValidationError
 
-from mas2c import expr, toolcode, values
+from mas2c import toolcode, values
 from mas2c.errors import InvalidInput
-from mas2c.source import (
+from mas2c.lang import expr
+from mas2c.lang.source import (
     Position,
     SourceError,
     SpecSource,
@@ -33,7 +34,7 @@ from mas2c.source import (
     position_in_value,
     resolve,
 )
-from mas2c.spec import (
+from mas2c.lang.spec import (
     STEP_CLASSES,
     Agent,
     Budgets,
@@ -627,10 +628,10 @@ class _Checker:
             self._reference(text, f"{here}/{key}", scope)
         self._vote_on(step, here)
         self._tool_args(step, here, scope)
-        flows = {"concurrent": self._parallel, "repeat": self._loop, "alternatives": self._branch}
-        if step.flow in flows:
-            return flows[step.flow](step, here, scope)
-        if step.flow == "sequence":
+        shapes = {"concurrent": self._parallel, "repeat": self._loop, "alternatives": self._branch}
+        if step.shape in shapes:
+            return shapes[step.shape](step, here, scope)
+        if step.shape == "sequence":
             for key, children in step.child_lists():
                 scope = self._steps(children, f"{here}/{key}", scope)
         out = step_out(step)

@@ -504,7 +504,7 @@ def start_service(spec: PoolSpec, size: int, wait_s: float = 120.0) -> dict[str,
     if service_state() is not None:
         return service_status()
     log = Path(_SOCKET_PARENT) / f"mas2c-pool-service-{os.geteuid()}.log"
-    argv = [sys.executable, "-m", "mas2c.sandbox_pool", "serve", "--size", str(size)]
+    argv = [sys.executable, "-m", "mas2c.sandbox.pool", "serve", "--size", str(size)]
     argv += ["--image", spec.image, "--idle", f"{spec.idle_s:g}"]
     argv += ["--limits", json.dumps(dataclasses.asdict(spec.limits))]
     if spec.runtime:
@@ -564,7 +564,7 @@ def stop_service(wait_s: float = 60.0) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mas2c.sandbox_pool")
+    parser = argparse.ArgumentParser(prog="python -m mas2c.sandbox.pool")
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the pool service in the foreground")
     s.add_argument("--size", type=int, default=2)

@@ -8,7 +8,7 @@ Two backends:
   private IPC) under the default runtime (runc) or gVisor (``runtime="runsc"``). The
   program can write only to size-capped tmpfs mounts (``/tmp``, its output folder,
   its cwd), which live in the container's memory cgroup: nothing it writes reaches
-  the host's disk. The container's init is :mod:`mas2c.sandbox_runner` (PID 1): it
+  the host's disk. The container's init is :mod:`mas2c.sandbox.runner` (PID 1): it
   receives the job over the attach stream, runs the program, kills every process
   left, and streams back one bounded bundle (result, trace, captured output), which
   the host reads with byte and time limits. The container carries a deadline (a
@@ -87,19 +87,20 @@ RESULT_MAX_DEPTH = 64
 RUNTIME_ENV = "MAS2C_RUNTIME"
 #: ``MAS2C_NO_POOL=1``: never take a warm container (``--no-pool``).
 NO_POOL_ENV = "MAS2C_NO_POOL"
+_PACKAGE = Path(__file__).resolve().parent.parent  # mas2c/
 # sandbox/ of a source checkout, or the copy shipped inside the wheel.
 SANDBOX_DIR = next(
     (
         p
         for p in (
-            Path(__file__).resolve().parent / "_sandbox",
-            Path(__file__).resolve().parent.parent / "sandbox",
+            _PACKAGE / "_sandbox",
+            _PACKAGE.parent / "sandbox",
         )
         if (p / "Dockerfile").is_file()
     ),
-    Path(__file__).resolve().parent.parent / "sandbox",
+    _PACKAGE.parent / "sandbox",
 )
-_RUNNER_SOURCE = Path(__file__).resolve().parent / "sandbox_runner.py"
+_RUNNER_SOURCE = Path(__file__).resolve().parent / "runner.py"
 
 _MIB = 1024 * 1024
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -117,7 +118,7 @@ _BUILD_FIX = "build it with `mas2c sandbox build` (or scripts/ensure-docker.sh)"
 _START_S = 60.0
 #: Time for handing back the outputs after the program ended (the bundle is bounded).
 _COPY_S = 30.0
-#: The runner's own grace after the job's timeout (see sandbox_runner.GRACE_S).
+#: The runner's own grace after the job's timeout (see runner.GRACE_S).
 _RUNNER_GRACE_S = 60.0
 _BUNDLE_MAGIC = b"MAS2C-BUNDLE "
 #: The init's first line once its imports are done (before any bundle).
@@ -610,7 +611,7 @@ def run_package(
     report and result.json. `runtime` (docker only): a runtime registered with the
     daemon, e.g. ``runsc`` (gVisor); None: ``MAS2C_RUNTIME``, else the daemon's default.
     `pool` (docker only): take a warm single-use container from this process's pool
-    (:mod:`mas2c.sandbox_pool`) or the pool service when one fits; None: yes unless
+    (:mod:`mas2c.sandbox.pool`) or the pool service when one fits; None: yes unless
     ``MAS2C_NO_POOL=1``; False: always a cold container.
     """
     warn = on_warning if on_warning is not None else logger.warning
@@ -1296,7 +1297,7 @@ def _cold_mounts(job: _Job, env: dict[str, str]) -> list[Any]:
 def _warm_box(client: Any, job: _Job, env: dict[str, str], outcome: _Outcome) -> _Box | None:
     """A warm container from this process's pool or the pool service, if one fits the
     job; its socket folder then gets a hard link to the run's gateway socket."""
-    from mas2c.sandbox_pool import claim
+    from mas2c.sandbox.pool import claim
 
     warm = claim(client, job)
     if warm is None:
@@ -2152,7 +2153,7 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
         # The low-level call: containers.list() inspects each one, racing removals.
         left = client.api.containers(all=True, filters={"label": LABEL})
         out["leftover_containers"] = len(left)
-        from mas2c.sandbox_pool import service_state
+        from mas2c.sandbox.pool import service_state
 
         state = service_state()
         if state is not None:

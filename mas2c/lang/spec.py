@@ -2,7 +2,7 @@
 
 Every other module reads specs through these classes. The model only checks
 shapes; cross-references, placeholders and expressions are checked in
-`mas2c.validate`, which reports every problem with a location.
+`mas2c.lang.validate`, which reports every problem with a location.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Tool(_Strict):
 # of dispatching on `kind`:
 #
 #   child_lists()   nested step lists (relative key path -> steps)
-#   flow            how nested lists run: "leaf", "sequence", "concurrent", "repeat", "alternatives"
+#   shape           how nested lists run: "leaf", "sequence", "concurrent", "repeat", "alternatives"
 #   agent_refs()    agents it names (relative key, agent id, role: caller/sampler/judge/programmer)
 #   tool_refs()     tools it names          templates()   texts with placeholders it renders
 #   references()    state paths it reads    conditions()  expressions it evaluates
@@ -145,7 +145,7 @@ class Tool(_Strict):
 # emitter (`mas2c.compile.register_emitter`) and template. README "Adding a step kind".
 
 
-Flow = Literal["leaf", "sequence", "concurrent", "repeat", "alternatives"]
+Shape = Literal["leaf", "sequence", "concurrent", "repeat", "alternatives"]
 AgentRole = Literal["caller", "sampler", "judge", "programmer"]
 
 
@@ -179,7 +179,7 @@ class StepBase(_Strict):
     timeout_s: float | None = Field(None, gt=0, description="Wall-clock limit for this step.")
 
     LANGUAGE: ClassVar[str] = ""
-    flow: ClassVar[Flow] = "leaf"
+    shape: ClassVar[Shape] = "leaf"
     # Runtime modules (templates/) the compiled step needs beyond the core ones.
     RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ()
 
@@ -385,7 +385,7 @@ class ParallelStep(_Writes):
         "branches run concurrently; each branch is a list of steps. Fields: branches,\n"
         "  out (optional: the list of the branches' results)."
     )
-    flow: ClassVar[Flow] = "concurrent"
+    shape: ClassVar[Shape] = "concurrent"
 
     def child_lists(self) -> list[tuple[str, list[Step]]]:
         return [(f"branches/{i}", branch) for i, branch in enumerate(self.branches)]
@@ -412,7 +412,7 @@ class LoopStep(StepBase):
         "repeats steps until a condition holds. Fields: steps, until, max_iterations (required),\n"
         '  on_exhausted ("continue", the default, or "fail" when until never held).'
     )
-    flow: ClassVar[Flow] = "repeat"
+    shape: ClassVar[Shape] = "repeat"
 
     def child_lists(self) -> list[tuple[str, list[Step]]]:
         return [("steps", self.steps)]
@@ -460,7 +460,7 @@ class BranchStep(StepBase):
         "runs the steps of the first case whose condition holds, else the `else` steps.\n"
         "  Fields: cases: [{when, steps}], else (optional step list)."
     )
-    flow: ClassVar[Flow] = "alternatives"
+    shape: ClassVar[Shape] = "alternatives"
 
     def child_lists(self) -> list[tuple[str, list[Step]]]:
         lists = [(f"cases/{i}/steps", case.steps) for i, case in enumerate(self.cases)]
@@ -699,16 +699,36 @@ class Spec(_Strict):
     """A multi-agent system."""
 
     schema_: str | None = Field(None, alias="$schema", description="Editor hint; ignored.")
-    spec_version: Literal["1"]
-    name: str = Field(pattern=NAME_PATTERN, max_length=64)
-    description: str = ""
-    inputs: dict[str, JsonSchema] = Field(default_factory=dict)
-    outputs: dict[str, str] = Field(default_factory=dict)
-    models: dict[str, ModelSpec] = Field(default_factory=dict)
-    agents: dict[str, Agent] = Field(min_length=1)
-    tools: dict[str, Tool] = Field(default_factory=dict)
-    workflow: list[Step] = Field(min_length=1)
-    budgets: Budgets = Budgets()
+    spec_version: Literal["1"] = Field(
+        description='The language version, always "1": keys added to the language later are '
+        "optional, so a spec written for an earlier mas2c stays valid and means the same."
+    )
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=64,
+        description="The system's name; the compiled package is mas2c_<name>.",
+    )
+    description: str = Field("", description="One or two sentences saying what the system does.")
+    inputs: dict[str, JsonSchema] = Field(
+        default_factory=dict,
+        description='The task\'s inputs: name -> JSON Schema (e.g. {"type": "string"}).',
+    )
+    outputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Result fields: name -> a state variable or a dotted path into one "
+        '("verdict.answer").',
+    )
+    models: dict[str, ModelSpec] = Field(
+        default_factory=dict, description="The model pool that agents name by id."
+    )
+    agents: dict[str, Agent] = Field(min_length=1, description="The agents, by id.")
+    tools: dict[str, Tool] = Field(default_factory=dict, description="The tools, by id.")
+    workflow: list[Step] = Field(
+        min_length=1, description="The steps, run in order; each may write a state variable."
+    )
+    budgets: Budgets = Field(
+        Budgets(), description="Limits of one run: LLM calls, tokens, cost, wall-clock seconds."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -778,7 +798,11 @@ def _rebuild_step_union() -> None:
         old = model.model_fields[name]
         new = FieldInfo.merge_field_infos(old, annotation=shape(step_union))
         model.__pydantic_fields__[name] = new
-        model.model_rebuild(force=True)
+    # Twice: a container's schema embeds the other containers' (a loop inside a parallel
+    # inside a loop), so one pass can keep a removed kind in a container rebuilt early.
+    for _pass in range(2):
+        for model, _name, _shape in _STEP_FIELDS:
+            model.model_rebuild(force=True)
 
 
 def iter_steps(steps: list[Step], pointer: str) -> Iterator[tuple[str, Step]]:
@@ -816,8 +840,11 @@ def static_calls(step: Step) -> int:
 
 
 def language_description() -> str:
-    """The step kinds as the generator explains them to the LLM, from the registry."""
-    return "\n".join(f"- {kind}: {cls.LANGUAGE}" for kind, cls in STEP_CLASSES.items())
+    """The spec language as the generator explains it to the LLM: every top-level key,
+    nested field and step kind, generated from the models (`mas2c.lang.describe`)."""
+    from mas2c.lang.describe import language_description as describe
+
+    return describe()
 
 
 def canonical_json(data: Any) -> str:

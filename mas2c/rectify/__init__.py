@@ -60,6 +60,17 @@ from libcst.codemod.visitors import AddImportsVisitor
 from mas2c.compile import Build, compile_spec
 from mas2c.errors import InvalidInput
 from mas2c.files import write_text_atomic
+from mas2c.lang.spec import (
+    Budgets,
+    ModelSpec,
+    Spec,
+    Step,
+    canonical_json,
+    iter_step_tree,
+    iter_steps,
+    spec_hash,
+    static_calls,
+)
 from mas2c.llm import LLMError
 from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
 from mas2c.runfolder import (
@@ -80,17 +91,6 @@ from mas2c.runfolder import (
     code_of,
     load_json_file,
     read_run_folder,
-)
-from mas2c.spec import (
-    Budgets,
-    ModelSpec,
-    Spec,
-    Step,
-    canonical_json,
-    iter_step_tree,
-    iter_steps,
-    spec_hash,
-    static_calls,
 )
 from mas2c.yamledit import edit_spec_text, file_patch
 
@@ -355,7 +355,7 @@ def _round_record(folder: Path) -> RunRecord:
 
 def find_spec(run_dir: Path, spec_path: Path | None = None) -> tuple[Spec, Path | None]:
     """The spec the run ran: `--spec`, else the run folder's spec.json or build/MANIFEST.json."""
-    from mas2c.validate import SpecInvalid, load_spec, validate_text
+    from mas2c.lang.validate import SpecInvalid, load_spec, validate_text
 
     if spec_path is not None:
         try:
@@ -661,7 +661,7 @@ def generated_code(build: Build, pointer: str) -> list[dict[str, Any]]:
 
 def checked_spec(data: dict[str, Any], before: Spec | None = None) -> Spec:
     """A spec from data that must validate (FixRejected with the problems otherwise)."""
-    from mas2c.validate import validate_text
+    from mas2c.lang.validate import validate_text
 
     report = validate_text(json.dumps(data, ensure_ascii=False), "<fix>")
     if report.spec is None or not report.ok:

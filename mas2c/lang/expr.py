@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from mas2c import values
 from mas2c.errors import InvalidInput
-from mas2c.spec import Step, iter_steps, step_out
+from mas2c.lang.spec import Step, iter_steps, step_out
 
 PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
@@ -268,7 +268,7 @@ def definite_writes(steps: Sequence[Step]) -> list[str]:
 def _definite(step: Step) -> list[str]:
     """What one step writes on every path (asked through the step-kind registry's flow)."""
     lists = [children for _key, children in step.child_lists()]
-    if step.flow == "alternatives":
+    if step.shape == "alternatives":
         arms = [definite_writes(children) for children in lists]
         if len(lists) <= len(step.conditions()):
             arms.append([])  # no default arm: the state may pass through unchanged
