@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from conftest import compile_to, example_spec
 
-from mas2c.spec import Spec
+from mas2c.lang.spec import Spec
 from mas2c.testserver import ChatRequest, LLMTestServer
 
 ECHO = {

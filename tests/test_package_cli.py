@@ -21,7 +21,7 @@ import pytest
 from conftest import EXAMPLES, ROOT, _decoy_path, compile_to, example_spec
 
 from mas2c import __version__, package_docs
-from mas2c.spec import Spec
+from mas2c.lang.spec import Spec
 from mas2c.testserver import LLMTestServer
 from mas2c.values import input_problems
 
