@@ -182,8 +182,8 @@ def request_key(body: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _error_body(type_: str, code: str, message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+def _error_body(type_: str, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 # --------------------------------------------------------------------------- secrets
@@ -678,8 +678,14 @@ def _bad_request(message: str, code: str = "mas2c_bad_request") -> _HttpFailure:
     return _HttpFailure(400, _error_body("invalid_request_error", code, message))
 
 
-def _budget_failure(message: str) -> _HttpFailure:
-    return _HttpFailure(402, _error_body("budget_exceeded", "mas2c_budget_exceeded", message))
+BudgetLimit = Literal["max_llm_calls", "max_total_tokens", "max_cost_usd"]
+
+
+def _budget_failure(message: str, limit: BudgetLimit | None) -> _HttpFailure:
+    """A 402 whose ``param`` names the spec's budget limit (`/budgets/<param>`), when one
+    limit is the cause, so the program's error can point at it."""
+    body = _error_body("budget_exceeded", "mas2c_budget_exceeded", message, limit)
+    return _HttpFailure(402, body)
 
 
 @dataclass
@@ -735,17 +741,19 @@ class _Ledger:
             if b.max_llm_calls is not None and self.calls + self.res_calls >= b.max_llm_calls:
                 raise _budget_failure(
                     f"budget exceeded: max_llm_calls reached ({self.calls + self.res_calls} "
-                    f"calls used or in flight, max {b.max_llm_calls})"
+                    f"calls used or in flight, max {b.max_llm_calls})",
+                    "max_llm_calls",
                 )
             fits = self._fit(prompt, cap, price, with_reserved=True)
             if fits is not None:
                 break
             if self._fit(prompt, cap, price, with_reserved=False) is None:
-                raise _budget_failure(self._refusal(prompt, price))
+                raise _budget_failure(*self._refusal(prompt, price))
             if time.monotonic() >= deadline:
                 raise _budget_failure(
                     f"budget exceeded: no room for this request's worst case beside the "
-                    f"{self.res_calls} calls in flight after waiting {timeout_s:g}s"
+                    f"{self.res_calls} calls in flight after waiting {timeout_s:g}s",
+                    None,  # in-flight calls, not one limit, left no room
                 )
             self.cond.wait(timeout=max(0.0, deadline - time.monotonic()))
         self.res_calls += 1
@@ -794,17 +802,20 @@ class _Ledger:
             return None  # wait for the others to settle rather than clamp this one
         return room
 
-    def _refusal(self, prompt: int, price: tuple[Fraction, Fraction]) -> str:
+    def _refusal(self, prompt: int, price: tuple[Fraction, Fraction]) -> tuple[str, BudgetLimit]:
+        """Why a request cannot fit even with nothing in flight, and the limit it hits."""
         b = self.budget
         if b.max_total_tokens is not None and b.max_total_tokens - self.tokens - prompt < 1:
             return (
                 f"budget exceeded: max_total_tokens reached ({self.tokens} tokens used, "
-                f"max {b.max_total_tokens}; this request's prompt may take up to {prompt})"
+                f"max {b.max_total_tokens}; this request's prompt may take up to {prompt})",
+                "max_total_tokens",
             )
         return (
             f"budget exceeded: max_cost_usd reached (${float(self.cost):.6f} used, max "
             f"${b.max_cost_usd:.6f}; this request's prompt may cost up to "
-            f"${float(prompt * price[0]):.6f} plus at least one completion token)"
+            f"${float(prompt * price[0]):.6f} plus at least one completion token)",
+            "max_cost_usd",
         )
 
     def settle(self, res: _Reservation, used: int | None, cost: Fraction | None) -> None:
