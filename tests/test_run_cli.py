@@ -475,7 +475,10 @@ def test_gateway_enforces_the_budget_when_the_program_does_not(
     )
     assert proc.returncode == 1
     assert_no_traceback(proc)
-    assert read_json(run_dir / "result.json")["status"] == "budget_exceeded"
+    result = read_json(run_dir / "result.json")
+    assert result["status"] == "budget_exceeded"
+    # the gateway's refusal names the limit: the error points at it in the spec
+    assert result["error"]["spec_pointer"] == "/budgets/max_llm_calls"
     usage = read_json(run_dir / "usage.json")
     assert usage["calls"] == 2 and usage["refused"] == 1 and usage["budget_exceeded"] is True
     assert len(llm_server.requests) == 2  # the refused call never reached the upstream
