@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="b78d316f65144455af3f598edf8226812538f4ec60bb0f3f9b07674afedcc6be",
+        code_sha="c2830ffc068e6a2b7ba712337a8f1fd7c803a7f2be90cf34aedab98851c8420e",
         reads=["question"],
     ),
 )

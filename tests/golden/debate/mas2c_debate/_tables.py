@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="82422499c2e583f5ec4fd145e760d70cf7c0cdd4a40016fdb3a7747761a29cab",
+        code_sha="cb6a39c13ff4552d7995a44fa2cd0f9a4f32bebd5db578f0d95a630c91cde45e",
         reads=["question"],
     ),
 )

@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="0996326266230a61b9e544a50bc9a8ac008443b0a4a86d1ef87363ba28c6ac43",
+        code_sha="9190e57684a463fdf87f511bc6fbefbeaf9bb6155cb0b2c4a759dc592791e0a2",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="15b9bc4ad9529cce60117c56c780606dd004f32d875a791323d599f41e50d0e0",
+        code_sha="b810048c032d00b4dd02d8c6a3af0051ef99ea3cc5452ad3ea4c5d36314c6556",
         reads=["product", "route", "ticket"],
     ),
 )

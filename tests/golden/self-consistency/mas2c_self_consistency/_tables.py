@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="0d513ed318eb6be67e2dd65a792ab24619692ae7bfcd2866de4335e84e655261",
+        code_sha="00876a6cb8f99df04ed986024ded16e1c02fc1d637f3e9580ea1762659cef136",
         reads=["question"],
     ),
 )
