@@ -122,6 +122,7 @@ RuntimeCode = Literal[
     "run_timeout",
     "bad_input",
     "llm_error",
+    "flow_input",
     "internal",
     "interrupted",
 ]

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="a464410aee490636e65bd271abdf575ccddde96b08289e76b55760dcf12612be",
+        code_sha="b582cb8b861ba6e82faf4d6c809fcfd2e4584d77ad2baffd1d0078e414b48478",
         reads=["question"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="27b6c9b46eb2e9199fdeb3417079fb7437359873ddcd500ad0a135473aa86b84",
+        code_sha="82a34bfe5bf8d354d413942197f430c1e9c265ee9aec9411ffcba0c99b880b33",
         reads=["question"],
     ),
 )

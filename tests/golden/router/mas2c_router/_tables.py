@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="9e84a9d63dc9f5048032474c7dce6ac45df981be3448fb3107da816276a7b3cb",
+        code_sha="2724965204ffe3433a70df8eedb01b4a85d797dc2a5af173c85448a02bb9460c",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="ddc07a9ee4477ed61d2f8da25158118e3726dad595eba1893d5a395982c393f1",
+        code_sha="616cc822a56cfd6e17efd58cc1e5db4d8e1f39496711f6b77554a0ca6239e911",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="6c69024474966165566671c8f27777d12820ece62ab8ade64741d5b8ecd7539b",
+        code_sha="c8c47da3191933e4aec29cde5894c4f0570f53fe7d40af4f0759c17ec13232df",
         reads=["question"],
     ),
 )
