@@ -375,8 +375,10 @@ class _RunMeter:
 
 def _top_level_steps(target: Path) -> int | None:
     """The number of top-level steps of a build (from its manifest), for the progress line."""
+    from mas2c.files import read_manifest
+
     try:
-        workflow = json.loads((target / "MANIFEST.json").read_text("utf-8"))["spec"]["workflow"]
+        workflow = read_manifest(target)["spec"]["workflow"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return len(workflow) if isinstance(workflow, list) else None

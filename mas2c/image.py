@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 import tarfile
 from collections.abc import Callable, Mapping
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from mas2c.errors import RunFailure, UsageError
+from mas2c.files import MAX_MANIFEST_BYTES, read_manifest, read_regular
 
 #: Where the package lives in the image (on PYTHONPATH).
 APP_DIR = "/opt/mas2c/app"
@@ -133,7 +133,7 @@ def _from_build(folder: Path) -> System:
             f"{folder}: not a build folder (no MANIFEST.json); give a spec or `mas2c compile` output"
         )
     try:
-        manifest = json.loads(manifest_path.read_text("utf-8"))
+        manifest = read_manifest(folder)
         listed = manifest["files"]
         if not isinstance(listed, dict):
             raise TypeError("`files` must be an object")
@@ -155,7 +155,7 @@ def _from_build(folder: Path) -> System:
             f"{folder}: the build differs from its MANIFEST.json: {', '.join(changed)}; "
             "recompile it with `mas2c compile` (an image ships exactly what the compiler wrote)"
         )
-    files["MANIFEST.json"] = manifest_path.read_bytes()
+    files["MANIFEST.json"] = read_regular(manifest_path, MAX_MANIFEST_BYTES)
     return _system(manifest, files, str(folder))
 
 

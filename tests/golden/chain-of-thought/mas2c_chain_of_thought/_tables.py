@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="b582cb8b861ba6e82faf4d6c809fcfd2e4584d77ad2baffd1d0078e414b48478",
+        code_sha="f49342e0b9cb9cf9bce20646bb30a0488bef82f32fa247b6730d77af1bee6198",
         reads=["question"],
     ),
 )
@@ -25,9 +25,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 24, "/outputs"),
-    ("__main__.py", 26, 31, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 48, "/outputs"),
+    ("__init__.py", 50, 55, "/budgets"),
     ("agents.py", 8, 14, "/models/main"),
     ("agents.py", 19, 50, "/agents/reasoner"),
     ("workflow.py", 22, 23, "/workflow"),

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="d2e1647990d492021ed77e013347f00f6f42dce9422af505655ed28158d15f79",
+        code_sha="d6926b93294d203884312bf8a910a23aea05c0827b6b995c88d8a46c7070e42b",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="5c6da07999747bea1f5701a2611da96f506dca6ea0d3e7c19d7d8bb9ac3b2125",
+        code_sha="842737896de269f4fce1f2993031c4a4024b9714390f0767b8b0b72142c39e7e",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="ebaa83087f163f1f1ce6621ebe4d69720ba52282706801488edd07b39275e19e",
+        code_sha="c9089bc0350a8366e233efb159b30110ba0b41879e9f0c3ef4e59090033b4fb3",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 30, "/inputs"),
-    ("__main__.py", 32, 36, "/outputs"),
-    ("__main__.py", 38, 43, "/budgets"),
+    ("__init__.py", 41, 54, "/inputs"),
+    ("__init__.py", 56, 60, "/outputs"),
+    ("__init__.py", 62, 67, "/budgets"),
     ("agents.py", 8, 14, "/models/coder"),
     ("agents.py", 16, 22, "/models/debugger"),
     ("agents.py", 27, 43, "/agents/programmer"),

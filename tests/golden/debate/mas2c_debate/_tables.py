@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="82a34bfe5bf8d354d413942197f430c1e9c265ee9aec9411ffcba0c99b880b33",
+        code_sha="fe6729d35812dffd43e7467dba3df28b37a13d8588de9a8401b54ff3e5401a03",
         reads=["question"],
     ),
 )
@@ -25,9 +25,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 28, "/outputs"),
-    ("__main__.py", 30, 35, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 52, "/outputs"),
+    ("__init__.py", 54, 59, "/budgets"),
     ("agents.py", 8, 14, "/models/debater"),
     ("agents.py", 16, 22, "/models/judge"),
     ("agents.py", 27, 41, "/agents/analyst"),

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="0c1cf7fd91d473616a357400b13f8041046baa5e32bc551b0dce3a95657266e3",
+        code_sha="78af68f834b0972852022d1aba0f45cce6167c4d78297106842cb38573b58c97",
         reads=["context", "decision"],
     ),
     TopStep(
         method="step_investigate",
         step_id="investigate",
         pointer="/workflow/1",
-        code_sha="f8f8cbc577e939a01ffd90f3c553fb84c02d6c749af82754686b87696817a114",
+        code_sha="8a0b43eb818575eb176ffcc19fc3b00c553e16760dc33f75e242dfef273677ce",
         reads=["context", "plan"],
     ),
     TopStep(
         method="step_merge",
         step_id="merge",
         pointer="/workflow/2",
-        code_sha="697e844fd3b426ff0500249747118bd35ed078d9a93b768e78f0b2358e6542d9",
+        code_sha="00cfa48f77b1b1a4efc490332d42989da8252355534e0ec9e95b6dccb5b6c8c4",
         reads=["decision", "market", "plan", "risks", "technical"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 26, "/inputs"),
-    ("__main__.py", 28, 32, "/outputs"),
-    ("__main__.py", 34, 39, "/budgets"),
+    ("__init__.py", 41, 50, "/inputs"),
+    ("__init__.py", 52, 56, "/outputs"),
+    ("__init__.py", 58, 63, "/budgets"),
     ("agents.py", 8, 14, "/models/manager"),
     ("agents.py", 16, 22, "/models/specialist"),
     ("agents.py", 27, 65, "/agents/manager"),

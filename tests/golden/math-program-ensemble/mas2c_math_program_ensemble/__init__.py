@@ -2,6 +2,74 @@
 """math-program-ensemble: a multi-agent system compiled by mas2c.
 
 Solves a competition math problem by program: five independent programmers each write and run a Python program that computes the answer (a failing program is repaired from its error once), and a majority vote over the printed answers picks the final one.
+
+As a library (see README.md)::
+
+    from mas2c_math_program_ensemble import run_sync
+
+    result = run_sync(inputs)  # or: await arun(inputs), with budgets and settings
+    print(result.status, result.outputs or result.error)
+
+From the command line: ``python -m mas2c_math_program_ensemble --help``.
 """
 
+from ._api import RunError, RunResult, System
+from ._runtime import Budgets, SpecInfo
+from ._tables import TOOL_CODE, TOP_STEPS
+from .agents import AGENTS, MODELS
+from .tools import TOOLS
+from .workflow import Workflow
+
+__all__ = [
+    "EXAMPLE_INPUT",
+    "SPEC",
+    "RunError",
+    "RunResult",
+    "__version__",
+    "arun",
+    "run_sync",
+]
+
+__version__ = "1.0.0"
+COMPILED_BY = "mas2c 0.1.0"
 SPEC_SHA256 = "7a3544e5c24a0f2e3ce640a85af3e21a37209d3837803911f800786d52a6ccc5"
+
+SPEC = SpecInfo(
+    name="math-program-ensemble",
+    sha256=SPEC_SHA256,
+    # spec: /inputs
+    inputs={
+        "problem": {
+            "description": "A math problem with one exact answer (MATH style; LaTeX allowed).",
+            "type": "string",
+        }
+    },
+    # spec: /outputs
+    outputs={"answer": "best.answer", "program": "best.program"},
+    # spec: /budgets
+    budgets=Budgets(
+        max_llm_calls=12,
+        max_total_tokens=60000,
+        max_cost_usd=0.05,
+        timeout_s=300.0,
+    ),
+    top_steps=TOP_STEPS,
+    tool_code=TOOL_CODE,
+)
+
+# An input that fits the schemas of /inputs (shown by --help and README.md).
+EXAMPLE_INPUT = {"problem": "<problem>"}
+
+SYSTEM = System(
+    Workflow,
+    SPEC,
+    AGENTS,
+    MODELS,
+    TOOLS,
+    package="mas2c_math_program_ensemble",
+    version=__version__,
+    compiled_by=COMPILED_BY,
+    example_input=EXAMPLE_INPUT,
+)
+arun = SYSTEM.arun
+run_sync = SYSTEM.run_sync

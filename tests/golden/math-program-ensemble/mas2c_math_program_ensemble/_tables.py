@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="0687f53f8fc039684c3b8aef5d3ea31337415ddbf07946f560b6805da5cca53d",
+        code_sha="96cbf9e7ce4cb45efa793e335a1f1462cba8b623b8140fb1e81948f12569ede1",
         reads=["problem"],
     ),
 )
@@ -27,9 +27,9 @@ TOOL_CODE: dict[str, ToolCode] = {
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 24, "/outputs"),
-    ("__main__.py", 26, 31, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 48, "/outputs"),
+    ("__init__.py", 50, 55, "/budgets"),
     ("agents.py", 8, 14, "/models/coder"),
     ("agents.py", 19, 33, "/agents/programmer"),
     ("tool_final_answer.py", 10, 17, "/tools/final_answer/code"),

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="c0bab34c542c9e30f371cd9d52db1608d88033031e49d468c37bb84290860319",
+        code_sha="f6f7cb9604fbc0a72d5de8dc82d1bcadd46b79de5362f4b1c6628101772d3bc6",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="061313ecb24d35d478347ed61e4bcd0dbf4c94452d1ddb07251cd316ce011654",
+        code_sha="12dad3dc0332ebbc77c8d2f8bc42d6dca150464c6e15c24bc7625759c861ce43",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="14a0bea6f2841995e7176d1840f1d56219812ad20808fe8decd5730d325deb64",
+        code_sha="ed13133949d434fa1307628af439a4e4be9994763c0ead6af511eee64de9f503",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 28, "/outputs"),
-    ("__main__.py", 30, 35, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 52, "/outputs"),
+    ("__init__.py", 54, 59, "/budgets"),
     ("agents.py", 8, 14, "/models/planner"),
     ("agents.py", 16, 22, "/models/worker"),
     ("agents.py", 27, 64, "/agents/executor"),

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="d5f013e0c1f5ba979391f892c0bba2834b5c423fff09e0d07297235b8bf6f449",
+        code_sha="0eb24a14b4b3ddb695fc5ee8c58d080bdeb978220a5d54246a7659231d135f2e",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="d0e04f6f5ebb4e471a2ea637b0fc804e67bfb268c8217f551dbe2005fa6eefff",
+        code_sha="9268d7a827ef91a5213971f399fa6b5a606ff28df9d611f76969f48bc9963ccc",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="52e05c37300a237c4f9425e989136b5c47f13b152d029a334bc02be7b15837a5",
+        code_sha="3151aa3457da1dab95b9ba561bce2bc7904e0203dffeca55d672e0eceb7b7af1",
         reads=["draft", "review", "task"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 28, "/outputs"),
-    ("__main__.py", 30, 35, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 52, "/outputs"),
+    ("__init__.py", 54, 59, "/budgets"),
     ("agents.py", 8, 14, "/models/reviewer"),
     ("agents.py", 16, 22, "/models/writer"),
     ("agents.py", 27, 41, "/agents/actor"),

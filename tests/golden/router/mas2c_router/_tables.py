@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="2724965204ffe3433a70df8eedb01b4a85d797dc2a5af173c85448a02bb9460c",
+        code_sha="6effecf01c80d0167d61e8cecc71b33aa72edb9d209855209451edbcc9d9efe0",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="616cc822a56cfd6e17efd58cc1e5db4d8e1f39496711f6b77554a0ca6239e911",
+        code_sha="a3b98fbac5b005386399102b4d95ba3e9030add049797dd423459b7069e3affe",
         reads=["product", "route", "ticket"],
     ),
 )
@@ -32,9 +32,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 26, "/inputs"),
-    ("__main__.py", 28, 33, "/outputs"),
-    ("__main__.py", 35, 40, "/budgets"),
+    ("__init__.py", 41, 50, "/inputs"),
+    ("__init__.py", 52, 57, "/outputs"),
+    ("__init__.py", 59, 64, "/budgets"),
     ("agents.py", 8, 14, "/models/fast"),
     ("agents.py", 16, 22, "/models/strong"),
     ("agents.py", 27, 54, "/agents/account_agent"),

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="c8c47da3191933e4aec29cde5894c4f0570f53fe7d40af4f0759c17ec13232df",
+        code_sha="7a6659018700185474ad37a0268cbbd607ccfc1e1ba2d412a09d6a89d31f8b75",
         reads=["question"],
     ),
 )
@@ -25,9 +25,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 24, "/outputs"),
-    ("__main__.py", 26, 31, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 48, "/outputs"),
+    ("__init__.py", 50, 55, "/budgets"),
     ("agents.py", 8, 14, "/models/sampler"),
     ("agents.py", 19, 45, "/agents/solver"),
     ("workflow.py", 22, 23, "/workflow"),

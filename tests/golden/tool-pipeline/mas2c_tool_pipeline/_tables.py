@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="149170025ea0fdad26e3d62895a3d698aeeea00330444e938cdf9d3deb4a7c13",
+        code_sha="c63bd78db7c1a9e007e53245c610c3869ac6c7c028258f47bfca5f0d799dc644",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="a755bca8356c66a78f4229d12b86108eee4c6cc0c5dc6b315377c4bb8327d3d4",
+        code_sha="dd69ed3bdb4c8074f174632f9a581cd4d31f02dc95880d70124378e6f4eb277f",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="0986c1b33fb1242d14e1af48e17039f5700e2f8cac1afdb78f9dbe2c6f597ab5",
+        code_sha="410c621edb7463851ceee9739c3067c74135acc717e8ebeffa451ddf324c69e1",
         reads=["rewrite"],
     ),
 )
@@ -41,9 +41,9 @@ TOOL_CODE: dict[str, ToolCode] = {
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 30, "/inputs"),
-    ("__main__.py", 32, 37, "/outputs"),
-    ("__main__.py", 39, 44, "/budgets"),
+    ("__init__.py", 41, 54, "/inputs"),
+    ("__init__.py", 56, 61, "/outputs"),
+    ("__init__.py", 63, 68, "/budgets"),
     ("agents.py", 8, 14, "/models/editor"),
     ("agents.py", 19, 48, "/agents/editor"),
     ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
