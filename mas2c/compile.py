@@ -195,6 +195,8 @@ def runtime_files(spec: Spec | None = None) -> dict[str, str]:
         if module in needed:
             files[module] = (templates_dir() / module).read_text("utf-8")
     files["_accounting.py"] = (Path(__file__).parent / "accounting.py").read_text("utf-8")
+    # The HTTP service (`python -m <package> serve`, the package's `serve` extra).
+    files["_serve.py"] = (templates_dir() / "_serve.py").read_text("utf-8")
     # The typed-values module (placeholders, JSON Schema subset) is mas2c's own, verbatim.
     values_source = Path(values.__file__).read_text("utf-8")
     files["_values.py"] = _formatted_runtime(values_source)
