@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="c2830ffc068e6a2b7ba712337a8f1fd7c803a7f2be90cf34aedab98851c8420e",
+        code_sha="77b1361a37ccee1b784269816f9b93e909e4668e88dd01fbed47099b3bf3f60c",
         reads=["question"],
     ),
 )

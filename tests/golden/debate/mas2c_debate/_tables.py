@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="cb6a39c13ff4552d7995a44fa2cd0f9a4f32bebd5db578f0d95a630c91cde45e",
+        code_sha="dbf97674a222f9e3cacd77ae8941f9511105b6a682d2879823150b6e91a1d00f",
         reads=["question"],
     ),
 )

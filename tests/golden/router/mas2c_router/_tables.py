@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="9190e57684a463fdf87f511bc6fbefbeaf9bb6155cb0b2c4a759dc592791e0a2",
+        code_sha="f53991758246f1c92d6f0b8da9dd286b319802345f561cce2bca64d5f7bc139e",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="b810048c032d00b4dd02d8c6a3af0051ef99ea3cc5452ad3ea4c5d36314c6556",
+        code_sha="d454efe5f6f5107359faa977b4bbc00df655d13308c5e21a65acff736a697a1a",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="00876a6cb8f99df04ed986024ded16e1c02fc1d637f3e9580ea1762659cef136",
+        code_sha="01af9b06c6e172ece1f0f1ff4d74ad140580800005a37341a6c0a42368db5746",
         reads=["question"],
     ),
 )
