@@ -12,6 +12,7 @@ import ast
 import bisect
 import hashlib
 import json
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
@@ -21,7 +22,7 @@ from typing import Any
 import black
 import jinja2
 
-from mas2c import __version__, fastfmt, graph, markdown, toolcode, values
+from mas2c import __version__, fastfmt, graph, markdown, package_docs, toolcode, values
 from mas2c.errors import InvalidInput
 from mas2c.files import write_tree_atomic
 from mas2c.lang.expr import (
@@ -124,11 +125,12 @@ def compile_spec(spec: Spec) -> Build:
         "header": header,
         "description": _docstring_text(spec.description or spec.name),
         "summary": _first_line(spec.description) or spec.name,
+        **package_docs.view(package),
     }
     workflow = _workflow_view(spec)
     python_files = {
-        f"{package}/__init__.py": _render("__init__.py.j2", context),
-        f"{package}/__main__.py": _render("__main__.py.j2", {**context, **_main_view(spec)}),
+        f"{package}/__init__.py": _render("__init__.py.j2", {**context, **_main_view(spec)}),
+        f"{package}/__main__.py": _render("__main__.py.j2", context),
         f"{package}/agents.py": _render("agents.py.j2", {**context, **_agents_view(spec)}),
         f"{package}/tools.py": _render("tools.py.j2", {**context, **_tools_view(spec)}),
         f"{package}/workflow.py": _render("workflow.py.j2", {**context, **workflow}),
@@ -180,7 +182,9 @@ def runtime_files(spec: Spec | None = None) -> dict[str, str]:
     if spec is not None:
         steps = [s for _p, s in iter_steps(spec.workflow, "/workflow")]
         needed = {module for step in steps for module in step.RUNTIME_MODULES}
-    files = {"_runtime.py": (templates_dir() / "_runtime.py").read_text("utf-8")}
+    files = {
+        name: (templates_dir() / name).read_text("utf-8") for name in ("_runtime.py", "_api.py")
+    }
     for module in OPTIONAL_RUNTIME:
         if module in needed:
             files[module] = (templates_dir() / module).read_text("utf-8")
@@ -239,6 +243,7 @@ def _first_line(text: str) -> str:
 def _main_view(spec: Spec) -> dict[str, Any]:
     budgets = spec.budgets
     return {
+        "example_input": value_literal(package_docs.example_input(spec.inputs)),
         "inputs": value_literal(spec.inputs),
         "outputs": value_literal(spec.outputs),
         "budgets": {
@@ -682,7 +687,20 @@ def _readme_view(spec: Spec) -> dict[str, Any]:
     """README data: every spec string escaped (`mas2c.markdown`) so that it renders as the
     text it is, never as Markdown or HTML (no script tags, images or broken tables)."""
     diagram = markdown.mermaid_labels(graph.mermaid(spec))
+    example = package_docs.example_input(spec.inputs)
+    example_py = value_literal(example)
+    shell = shlex.quote(json.dumps(example, ensure_ascii=False, sort_keys=True))
+    pretty = json.dumps(example, ensure_ascii=False, indent=2, sort_keys=True)
     return {
+        "example_shell": shell,
+        "fence_sh": markdown.fence_for(shell),
+        "example_py": example_py,
+        "fence_py": markdown.fence_for(example_py),
+        "example_pretty": pretty,
+        "fence_json": markdown.fence_for(pretty),
+        "env_rows": [
+            (markdown.code(n, True), markdown.text(t)) for n, t in package_docs.environment()
+        ],
         "description_md": markdown.text(spec.description),
         "mermaid": diagram,
         "fence": markdown.fence_for(diagram),

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="1a55d835fedbc1c7cfaa3c41f869763945d891388a6c7160d184875c8737de81",
+        code_sha="de0cd58a66a94b4ee03b7f5a5c1185325fcb6305c2fe2497a998a507833e0bc5",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="6a784121bf3733db84f742515c18b1420fe99ef232daac58dbfdc73828b9351d",
+        code_sha="c410206a6df670f593a5a13db9c5bfe11dbbc60de4c277cb3940456e7d29f70a",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="17d46864152718f76060320beae1f503754a9ae63b0c4c1981178f4cb35151a2",
+        code_sha="49e8d071d66c0eaa0729d44f5b072891dbe1a83089e185bd0b777743fb56b1c2",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 30, "/inputs"),
-    ("__main__.py", 32, 36, "/outputs"),
-    ("__main__.py", 38, 43, "/budgets"),
+    ("__init__.py", 41, 54, "/inputs"),
+    ("__init__.py", 56, 60, "/outputs"),
+    ("__init__.py", 62, 67, "/budgets"),
     ("agents.py", 8, 14, "/models/coder"),
     ("agents.py", 16, 22, "/models/debugger"),
     ("agents.py", 27, 43, "/agents/programmer"),

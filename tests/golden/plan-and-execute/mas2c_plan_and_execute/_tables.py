@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="7104228a2f601348fc42240eb5357732f0bca5bbf891305981474565284fcc39",
+        code_sha="6d38d21f5f069f4bbb5c4a0181ed8f458f287afb6c6ccfc7ed49d01d3ee9ac83",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="0e2d48fe4cf39a6dffe0caebb382e96ab52ee37db000db3406426ad0564b7ea1",
+        code_sha="219c1108fb663788f3113e53e0a02ba9e11a6329fe56b884c236d16f264318f9",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="2469ad2eab8c9db5b10e2e1783a426b5a89fb9d60ea090d5141aa8f0d26a6222",
+        code_sha="d6e7ad2db7ccedb0fb0fdee35f223d258fdb0a0b5866badb42c94fec1be6bf59",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 28, "/outputs"),
-    ("__main__.py", 30, 35, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 52, "/outputs"),
+    ("__init__.py", 54, 59, "/budgets"),
     ("agents.py", 8, 14, "/models/planner"),
     ("agents.py", 16, 22, "/models/worker"),
     ("agents.py", 27, 64, "/agents/executor"),

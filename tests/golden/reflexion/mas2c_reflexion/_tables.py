@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="de58f080648894a38c417be5ea8ebe53098ef607007e8d49c1f57dbe526b5233",
+        code_sha="e2ed65c0b3593d3f55a0fbfba1a2af362e90fa96d816e48cfaa193edbafc0555",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="6cbf3c84a6de70724fe3abe849f2bd22cf5da4fcc226c9f93fdf081b2c70eec3",
+        code_sha="12216ee804962b677f2c4eb4affeb43602bfbbbe0ee6e3b434357622060e656a",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="a1585a4d68bb6c22bd5f5fb3be5b8d7fb418072d75ae4beb8e2165a5a058359d",
+        code_sha="c16d80fae322bf7a5835acc957e9498bb794093616b659ababb5e4d595ae2cf2",
         reads=["draft", "review", "task"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 28, "/outputs"),
-    ("__main__.py", 30, 35, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 52, "/outputs"),
+    ("__init__.py", 54, 59, "/budgets"),
     ("agents.py", 8, 14, "/models/reviewer"),
     ("agents.py", 16, 22, "/models/writer"),
     ("agents.py", 27, 41, "/agents/actor"),

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="1a1c254df75c99380cf1004834dcc0cb79a3fa63131cb851e876bf36e39b197c",
+        code_sha="5c65857f3141d2ee611eaee9304d9258acdbed59d152e7d1a166b6aad465fb27",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="f5fa0db010edcf625fe660e2f3118d63ce078b77ed99fed7583d36961fb6ec10",
+        code_sha="5ff914ebd4c34111e73b80a62e36b6bf1e38711751d5f128f7030e7036312f14",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="850752fb905fad591b54b3b35921fea16abf7b88ebc59e853b4d5ae2c2223157",
+        code_sha="193fc0e729c101962a1412c4c7c5e0b7bd349c98bc78d0dbe3562ffa67013206",
         reads=["rewrite"],
     ),
 )
@@ -41,9 +41,9 @@ TOOL_CODE: dict[str, ToolCode] = {
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 30, "/inputs"),
-    ("__main__.py", 32, 37, "/outputs"),
-    ("__main__.py", 39, 44, "/budgets"),
+    ("__init__.py", 41, 54, "/inputs"),
+    ("__init__.py", 56, 61, "/outputs"),
+    ("__init__.py", 63, 68, "/budgets"),
     ("agents.py", 8, 14, "/models/editor"),
     ("agents.py", 19, 48, "/agents/editor"),
     ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
