@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="b78d316f65144455af3f598edf8226812538f4ec60bb0f3f9b07674afedcc6be",
+        code_sha="b72ffacf9cd3f0ce5a5bcb751efa2c5be130fc881c02756277e9a2db28e31ca4",
         reads=["question"],
     ),
 )

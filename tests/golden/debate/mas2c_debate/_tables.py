@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="82422499c2e583f5ec4fd145e760d70cf7c0cdd4a40016fdb3a7747761a29cab",
+        code_sha="b55dd6c3bd6680411fd2dfb92f250d7bdf07a54c405b49c28644049d76f041a0",
         reads=["question"],
     ),
 )

@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="0996326266230a61b9e544a50bc9a8ac008443b0a4a86d1ef87363ba28c6ac43",
+        code_sha="b0fe2bf50a79b64b68737b5326b8ef601b0b6eeacbca6ea84b130d5df6133c16",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="15b9bc4ad9529cce60117c56c780606dd004f32d875a791323d599f41e50d0e0",
+        code_sha="4657bb89f59c453b4582643fc52a72b1cb8ef1ece0cce3ac1b1aeffba604feed",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="0d513ed318eb6be67e2dd65a792ab24619692ae7bfcd2866de4335e84e655261",
+        code_sha="ce31cf7518381176f0276e30fc4a97ea94f9305559dc9c677128fe21dbda721a",
         reads=["question"],
     ),
 )
