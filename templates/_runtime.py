@@ -43,7 +43,14 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from fractions import Fraction
@@ -97,6 +104,7 @@ __all__ = [
     "lookup",
     "main",
     "render",
+    "state_scope",
 ]
 
 GATEWAY_URL = "http://mas2c-gateway/v1"  # the host name is ignored on a unix socket
@@ -552,6 +560,21 @@ def _content(value: Any) -> Any:
 _STEP: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "mas2c_step", default=None
 )
+
+# The state of the flow (named sub-workflow) each task runs in; None: the workflow's.
+_SCOPE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "mas2c_scope", default=None
+)
+
+
+@contextlib.contextmanager
+def state_scope(state: dict[str, Any]) -> Iterator[None]:
+    """Steps run inside see ``state`` as ``Run.state`` (a flow's own state)."""
+    token = _SCOPE.set(state)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
 
 
 def _where() -> dict[str, str | None]:
@@ -1113,7 +1136,7 @@ class Run:
         self.tools = tools
         self.budgets = budgets or spec.budgets  # the caller's, tightened (see _api.py)
         self.client_settings = client or client_settings()
-        self.state: dict[str, Any] = dict(inputs or {})
+        self._state: dict[str, Any] = dict(inputs or {})
         self.trace = trace or Trace(None)
         self._usage = Usage()
         self._in_flight = 0  # requests sent, not yet answered: they hold a call slot
@@ -1126,6 +1149,12 @@ class Run:
         self.checkpoint_out = checkpoint_out
         # What a run that succeeded should still say (e.g. a loop that ran out).
         self.warnings: list[dict[str, Any]] = []
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The state steps read and write: the workflow's, or inside a flow the flow's."""
+        scoped = _SCOPE.get()
+        return self._state if scoped is None else scoped
 
     # ------------------------------------------------------------------ lifecycle
 

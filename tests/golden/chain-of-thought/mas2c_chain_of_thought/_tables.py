@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="b72ffacf9cd3f0ce5a5bcb751efa2c5be130fc881c02756277e9a2db28e31ca4",
+        code_sha="2604f8a89d0280f7e586662a5b91247c4d2253038ee19280a9f4d2c035e05a84",
         reads=["question"],
     ),
 )

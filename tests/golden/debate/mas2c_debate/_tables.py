@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="b55dd6c3bd6680411fd2dfb92f250d7bdf07a54c405b49c28644049d76f041a0",
+        code_sha="e805bd16dd93e34e101f431816008d6f1cf2511689b02bf9973e0d3582b2c3e2",
         reads=["question"],
     ),
 )

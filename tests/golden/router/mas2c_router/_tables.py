@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="b0fe2bf50a79b64b68737b5326b8ef601b0b6eeacbca6ea84b130d5df6133c16",
+        code_sha="3fe8f8cb31894773cf81b1ba0cce9b4bf42518ec525b08534157cd81a47957aa",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="4657bb89f59c453b4582643fc52a72b1cb8ef1ece0cce3ac1b1aeffba604feed",
+        code_sha="74313dc633f47e59bce6e303ac834a7a879ff0c3f8bb47c2fe8bf596356dbfd2",
         reads=["product", "route", "ticket"],
     ),
 )

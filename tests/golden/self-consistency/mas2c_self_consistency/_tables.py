@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="ce31cf7518381176f0276e30fc4a97ea94f9305559dc9c677128fe21dbda721a",
+        code_sha="9340cfee6c3849cdaf4c20f701945432aceedb79e09312a79b9a79b8b66bed07",
         reads=["question"],
     ),
 )
