@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="77b1361a37ccee1b784269816f9b93e909e4668e88dd01fbed47099b3bf3f60c",
+        code_sha="a7f1d2109c673863aaeaf1cd575ebefec6d62cea34632589589c4e2cef04dcb5",
         reads=["question"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="dbf97674a222f9e3cacd77ae8941f9511105b6a682d2879823150b6e91a1d00f",
+        code_sha="ad092fdbd02d11b2047d87b85b33c92534fae98f7f5a992be2aa5967d299a83f",
         reads=["question"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="8835dc52ab9bd331fb68996fc0ba603f4d1abcd9745bcfc8b1e557d660ffa547",
+        code_sha="42d8f13825cccb100d7ea9bf14a1b5dfe6b50fab1320bce9ccd7d534a4b8f907",
         reads=["problem"],
     ),
 )

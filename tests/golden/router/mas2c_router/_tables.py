@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="f53991758246f1c92d6f0b8da9dd286b319802345f561cce2bca64d5f7bc139e",
+        code_sha="dc99a376465b9dc5cb78325d0143a198cfb30fef1aaa924a7d8565f0202bb0f0",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="d454efe5f6f5107359faa977b4bbc00df655d13308c5e21a65acff736a697a1a",
+        code_sha="0834671e48c0a4eff5d0b1ce2a1a97ef3561ff2fd330fbfb2edf8709fc5f0c29",
         reads=["product", "route", "ticket"],
     ),
 )

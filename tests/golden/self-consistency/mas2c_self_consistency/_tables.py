@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="01af9b06c6e172ece1f0f1ff4d74ad140580800005a37341a6c0a42368db5746",
+        code_sha="5484f0315cf63921c5280e0fe0cee021177990562dfb53f1f8f44c25f19441fc",
         reads=["question"],
     ),
 )
