@@ -219,7 +219,7 @@ def agent_uses(spec: Spec) -> dict[str, AgentUse]:
                 entry.sampler = entry.sampler or role == "sampler"
                 entry.programmer = entry.programmer or role == "programmer"
                 entry.notes.append(note + where)
-            inner = [*loops, _loop_label(step)] if step.flow == "repeat" else loops
+            inner = [*loops, _loop_label(step)] if step.shape == "repeat" else loops
             for _key, children in step.child_lists():
                 walk(children, inner)
 

@@ -53,10 +53,10 @@ def _steps(graph: Graph, steps: list[Step], entries: list[str], label: str) -> l
 
 
 def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]:
-    """Draws a step by how its nested step lists run (its `flow`), never by its kind."""
+    """Draws a step by how its nested step lists run (its `shape`), never by its kind."""
     node_id = "s_" + step.id.replace("-", "_")
     children = [steps for _key, steps in step.child_lists()]
-    if step.flow == "concurrent":
+    if step.shape == "concurrent":
         fork = graph.node(node_id, f"{step.id}\n{step.kind}", "fork")
         for entry in entries:
             graph.edge(entry, fork, label)
@@ -68,7 +68,7 @@ def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]
         for end in exits:
             graph.edge(end, join)
         return [join]
-    if step.flow == "repeat":
+    if step.shape == "repeat":
         fan = step.fan_out()
         bound = f" ≤ {getattr(step, fan.field)}" if fan is not None else ""
         head = graph.node(node_id, f"{step.id}\n{step.kind}{bound}", "loop")
@@ -87,7 +87,7 @@ def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]
             graph.edge(end, check)
         graph.edge(check, head, "no")
         return [check]
-    if step.flow == "alternatives":
+    if step.shape == "alternatives":
         decision = graph.node(node_id, f"{step.id}\n{step.kind}", "decision")
         for entry in entries:
             graph.edge(entry, decision, label)

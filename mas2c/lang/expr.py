@@ -268,7 +268,7 @@ def definite_writes(steps: Sequence[Step]) -> list[str]:
 def _definite(step: Step) -> list[str]:
     """What one step writes on every path (asked through the step-kind registry's flow)."""
     lists = [children for _key, children in step.child_lists()]
-    if step.flow == "alternatives":
+    if step.shape == "alternatives":
         arms = [definite_writes(children) for children in lists]
         if len(lists) <= len(step.conditions()):
             arms.append([])  # no default arm: the state may pass through unchanged

@@ -129,7 +129,7 @@ class Tool(_Strict):
 # of dispatching on `kind`:
 #
 #   child_lists()   nested step lists (relative key path -> steps)
-#   flow            how nested lists run: "leaf", "sequence", "concurrent", "repeat", "alternatives"
+#   shape           how nested lists run: "leaf", "sequence", "concurrent", "repeat", "alternatives"
 #   agent_refs()    agents it names (relative key, agent id, role: caller/sampler/judge/programmer)
 #   tool_refs()     tools it names          templates()   texts with placeholders it renders
 #   references()    state paths it reads    conditions()  expressions it evaluates
@@ -145,7 +145,7 @@ class Tool(_Strict):
 # emitter (`mas2c.compile.register_emitter`) and template. README "Adding a step kind".
 
 
-Flow = Literal["leaf", "sequence", "concurrent", "repeat", "alternatives"]
+Shape = Literal["leaf", "sequence", "concurrent", "repeat", "alternatives"]
 AgentRole = Literal["caller", "sampler", "judge", "programmer"]
 
 
@@ -179,7 +179,7 @@ class StepBase(_Strict):
     timeout_s: float | None = Field(None, gt=0, description="Wall-clock limit for this step.")
 
     LANGUAGE: ClassVar[str] = ""
-    flow: ClassVar[Flow] = "leaf"
+    shape: ClassVar[Shape] = "leaf"
     # Runtime modules (templates/) the compiled step needs beyond the core ones.
     RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ()
 
@@ -385,7 +385,7 @@ class ParallelStep(_Writes):
         "branches run concurrently; each branch is a list of steps. Fields: branches,\n"
         "  out (optional: the list of the branches' results)."
     )
-    flow: ClassVar[Flow] = "concurrent"
+    shape: ClassVar[Shape] = "concurrent"
 
     def child_lists(self) -> list[tuple[str, list[Step]]]:
         return [(f"branches/{i}", branch) for i, branch in enumerate(self.branches)]
@@ -412,7 +412,7 @@ class LoopStep(StepBase):
         "repeats steps until a condition holds. Fields: steps, until, max_iterations (required),\n"
         '  on_exhausted ("continue", the default, or "fail" when until never held).'
     )
-    flow: ClassVar[Flow] = "repeat"
+    shape: ClassVar[Shape] = "repeat"
 
     def child_lists(self) -> list[tuple[str, list[Step]]]:
         return [("steps", self.steps)]
@@ -460,7 +460,7 @@ class BranchStep(StepBase):
         "runs the steps of the first case whose condition holds, else the `else` steps.\n"
         "  Fields: cases: [{when, steps}], else (optional step list)."
     )
-    flow: ClassVar[Flow] = "alternatives"
+    shape: ClassVar[Shape] = "alternatives"
 
     def child_lists(self) -> list[tuple[str, list[Step]]]:
         lists = [(f"cases/{i}/steps", case.steps) for i, case in enumerate(self.cases)]

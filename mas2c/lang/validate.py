@@ -628,10 +628,10 @@ class _Checker:
             self._reference(text, f"{here}/{key}", scope)
         self._vote_on(step, here)
         self._tool_args(step, here, scope)
-        flows = {"concurrent": self._parallel, "repeat": self._loop, "alternatives": self._branch}
-        if step.flow in flows:
-            return flows[step.flow](step, here, scope)
-        if step.flow == "sequence":
+        shapes = {"concurrent": self._parallel, "repeat": self._loop, "alternatives": self._branch}
+        if step.shape in shapes:
+            return shapes[step.shape](step, here, scope)
+        if step.shape == "sequence":
             for key, children in step.child_lists():
                 scope = self._steps(children, f"{here}/{key}", scope)
         out = step_out(step)
