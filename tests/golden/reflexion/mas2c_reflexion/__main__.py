@@ -5,7 +5,7 @@ Exit codes: 0 done, 1 workflow error, 2 bad input, 3 budget exceeded, 4 timeout.
 """
 
 from ._runtime import Budgets, SpecInfo, exit_now, main
-from ._tables import TOOL_CODE, TOP_STEPS
+from ._tables import PROMPTS, TOOL_CODE, TOP_STEPS
 from .agents import AGENTS, MODELS
 from .tools import TOOLS
 from .workflow import Workflow
@@ -35,6 +35,7 @@ SPEC = SpecInfo(
     ),
     top_steps=TOP_STEPS,
     tool_code=TOOL_CODE,
+    prompts=PROMPTS,
 )
 
 
