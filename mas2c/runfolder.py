@@ -121,6 +121,7 @@ RuntimeCode = Literal[
     "budget_cost",
     "run_timeout",
     "bad_input",
+    "no_credentials",
     "llm_error",
     "internal",
     "interrupted",

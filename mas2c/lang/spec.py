@@ -701,16 +701,36 @@ class Spec(_Strict):
     """A multi-agent system."""
 
     schema_: str | None = Field(None, alias="$schema", description="Editor hint; ignored.")
-    spec_version: Literal["1"]
-    name: str = Field(pattern=NAME_PATTERN, max_length=64)
-    description: str = ""
-    inputs: dict[str, JsonSchema] = Field(default_factory=dict)
-    outputs: dict[str, str] = Field(default_factory=dict)
-    models: dict[str, ModelSpec] = Field(default_factory=dict)
-    agents: dict[str, Agent] = Field(min_length=1)
-    tools: dict[str, Tool] = Field(default_factory=dict)
-    workflow: list[Step] = Field(min_length=1)
-    budgets: Budgets = Budgets()
+    spec_version: Literal["1"] = Field(
+        description='The language version, always "1": keys added to the language later are '
+        "optional, so a spec written for an earlier mas2c stays valid and means the same."
+    )
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=64,
+        description="The system's name; the compiled package is mas2c_<name>.",
+    )
+    description: str = Field("", description="One or two sentences saying what the system does.")
+    inputs: dict[str, JsonSchema] = Field(
+        default_factory=dict,
+        description='The task\'s inputs: name -> JSON Schema (e.g. {"type": "string"}).',
+    )
+    outputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Result fields: name -> a state variable or a dotted path into one "
+        '("verdict.answer").',
+    )
+    models: dict[str, ModelSpec] = Field(
+        default_factory=dict, description="The model pool that agents name by id."
+    )
+    agents: dict[str, Agent] = Field(min_length=1, description="The agents, by id.")
+    tools: dict[str, Tool] = Field(default_factory=dict, description="The tools, by id.")
+    workflow: list[Step] = Field(
+        min_length=1, description="The steps, run in order; each may write a state variable."
+    )
+    budgets: Budgets = Field(
+        Budgets(), description="Limits of one run: LLM calls, tokens, cost, wall-clock seconds."
+    )
     prompts: Prompts | None = Field(
         None, description="Overrides of the built-in prompts the runtime sends (by name)."
     )
@@ -783,7 +803,11 @@ def _rebuild_step_union() -> None:
         old = model.model_fields[name]
         new = FieldInfo.merge_field_infos(old, annotation=shape(step_union))
         model.__pydantic_fields__[name] = new
-        model.model_rebuild(force=True)
+    # Twice: a container's schema embeds the other containers' (a loop inside a parallel
+    # inside a loop), so one pass can keep a removed kind in a container rebuilt early.
+    for _pass in range(2):
+        for model, _name, _shape in _STEP_FIELDS:
+            model.model_rebuild(force=True)
 
 
 def iter_steps(steps: list[Step], pointer: str) -> Iterator[tuple[str, Step]]:
@@ -821,8 +845,11 @@ def static_calls(step: Step) -> int:
 
 
 def language_description() -> str:
-    """The step kinds as the generator explains them to the LLM, from the registry."""
-    return "\n".join(f"- {kind}: {cls.LANGUAGE}" for kind, cls in STEP_CLASSES.items())
+    """The spec language as the generator explains it to the LLM: every top-level key,
+    nested field and step kind, generated from the models (`mas2c.lang.describe`)."""
+    from mas2c.lang.describe import language_description as describe
+
+    return describe()
 
 
 def canonical_json(data: Any) -> str:

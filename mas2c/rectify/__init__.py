@@ -489,6 +489,7 @@ KIND_OF_CODE: dict[str, str] = {
     "budget_tokens": "budget",
     "budget_cost": "budget",
     "bad_input": "bad_input",
+    "no_credentials": "llm_endpoint",
     "llm_error": "llm_endpoint",
     "internal": "logic",
     "interrupted": "sandbox",

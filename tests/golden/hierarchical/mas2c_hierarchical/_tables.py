@@ -8,8 +8,6 @@ step id, ``code_sha`` and the values of ``reads`` only.
 TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
 line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
-PROMPTS: every fixed instruction the runtime sends, by name, with `{{ slot }}`s the
-runtime fills; the built-in texts, or the spec's `prompts:` where it overrides them.
 """
 
 from ._runtime import ToolCode, TopStep
@@ -19,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="1e1a021e96dab235d764efad6f5166afea93a4230844a0f51bc34c12b69a78a6",
+        code_sha="9dedd3f72b8f3929feca03b4a4c3dc16253cebc591da7d6468287dfca3475598",
         reads=["context", "decision"],
     ),
     TopStep(
         method="step_investigate",
         step_id="investigate",
         pointer="/workflow/1",
-        code_sha="973d55be34bafbde25ccb2258d61d177803e7d381b95929df6d0634d4bf4fde1",
+        code_sha="bedc8338f66db185099ab7d949b632aa24f7cdb1d40aa4eeb7a03b95fee58d80",
         reads=["context", "plan"],
     ),
     TopStep(
         method="step_merge",
         step_id="merge",
         pointer="/workflow/2",
-        code_sha="144ce1c039ca933b3449cf37d57b8d940dbe51c8ab6d1ac1601f66ed7da2f58f",
+        code_sha="65c32cfcb14e7980def6763063e73048bdfff1ac3f342661096a4143ebe27ecc",
         reads=["decision", "market", "plan", "risks", "technical"],
     ),
 )
@@ -41,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 26, "/inputs"),
-    ("__main__.py", 28, 32, "/outputs"),
-    ("__main__.py", 34, 39, "/budgets"),
+    ("__init__.py", 41, 50, "/inputs"),
+    ("__init__.py", 52, 56, "/outputs"),
+    ("__init__.py", 58, 63, "/budgets"),
     ("agents.py", 8, 14, "/models/manager"),
     ("agents.py", 16, 22, "/models/specialist"),
     ("agents.py", 27, 65, "/agents/manager"),
@@ -62,62 +60,3 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 108, 122, "/workflow/1/branches/2/0"),
     ("workflow.py", 125, 148, "/workflow/2"),
 )
-
-PROMPTS: dict[str, str] = {
-    # built-in (the spec may override it as /prompts/judge)
-    "judge": (
-        "Task:\n"
-        "{{ task }}\n"
-        "\n"
-        "Candidate answers:\n"
-        "\n"
-        "{{ candidates }}\n"
-        "\n"
-        "Weigh the candidates and give the best-supported final answer."
-    ),
-    # built-in (the spec may override it as /prompts/candidate_label)
-    "candidate_label": "candidate {{ number }}",
-    # built-in (the spec may override it as /prompts/debater_label)
-    "debater_label": "agent {{ number }} ({{ agent }})",
-    # built-in (the spec may override it as /prompts/debate_revision)
-    "debate_revision": (
-        "{{ task }}\n"
-        "\n"
-        "Your previous answer:\n"
-        "{{ previous }}\n"
-        "\n"
-        "The other agents answered:\n"
-        "\n"
-        "{{ others }}\n"
-        "\n"
-        "Consider their reasoning, then give your revised answer."
-    ),
-    # built-in (the spec may override it as /prompts/programmer)
-    "programmer": (
-        "{{ task }}\n"
-        "\n"
-        "Reply with the complete program in one ```python code block."
-    ),
-    # built-in (the spec may override it as /prompts/programmer_repair)
-    "programmer_repair": (
-        "{{ task }}\n"
-        "\n"
-        "Your previous program:\n"
-        "```python\n"
-        "{{ code }}\n"
-        "```\n"
-        "It failed (exit code {{ exit_code }}) with this output:\n"
-        "```\n"
-        "{{ output }}\n"
-        "```\n"
-        "Fix it. Reply with the complete program in one ```python code block."
-    ),
-    # built-in (the spec may override it as /prompts/format_repair)
-    "format_repair": "Your last answer is not valid for the output schema: {{ error }}. Reply with only the corrected JSON.",
-    # built-in (the spec may override it as /prompts/format_reminder)
-    "format_reminder": (
-        "Reply with one JSON object that matches this JSON Schema:\n" "{{ schema }}"
-    ),
-    # built-in (the spec may override it as /prompts/final_answer)
-    "final_answer": "No more tool calls: give your final answer now.",
-}

@@ -8,8 +8,6 @@ step id, ``code_sha`` and the values of ``reads`` only.
 TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
 line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
-PROMPTS: every fixed instruction the runtime sends, by name, with `{{ slot }}`s the
-runtime fills; the built-in texts, or the spec's `prompts:` where it overrides them.
 """
 
 from ._runtime import ToolCode, TopStep
@@ -19,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="8dff14ee2477da6ea9436e07788839dc43416ad8ba1ca6db7f49987aaa96050b",
+        code_sha="6d38d21f5f069f4bbb5c4a0181ed8f458f287afb6c6ccfc7ed49d01d3ee9ac83",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="3374aebe00b2036047af07a9beee4f07069683e73e6aad373a69b8fc4c806ed6",
+        code_sha="219c1108fb663788f3113e53e0a02ba9e11a6329fe56b884c236d16f264318f9",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="ed3459d63dba690b880eceba3fcc58b1a63c7564cd9e981fa12c7c01d7823deb",
+        code_sha="d6e7ad2db7ccedb0fb0fdee35f223d258fdb0a0b5866badb42c94fec1be6bf59",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -41,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 28, "/outputs"),
-    ("__main__.py", 30, 35, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 52, "/outputs"),
+    ("__init__.py", 54, 59, "/budgets"),
     ("agents.py", 8, 14, "/models/planner"),
     ("agents.py", 16, 22, "/models/worker"),
     ("agents.py", 27, 64, "/agents/executor"),
@@ -55,62 +53,3 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 36, 52, "/workflow/1"),
     ("workflow.py", 55, 75, "/workflow/2"),
 )
-
-PROMPTS: dict[str, str] = {
-    # built-in (the spec may override it as /prompts/judge)
-    "judge": (
-        "Task:\n"
-        "{{ task }}\n"
-        "\n"
-        "Candidate answers:\n"
-        "\n"
-        "{{ candidates }}\n"
-        "\n"
-        "Weigh the candidates and give the best-supported final answer."
-    ),
-    # built-in (the spec may override it as /prompts/candidate_label)
-    "candidate_label": "candidate {{ number }}",
-    # built-in (the spec may override it as /prompts/debater_label)
-    "debater_label": "agent {{ number }} ({{ agent }})",
-    # built-in (the spec may override it as /prompts/debate_revision)
-    "debate_revision": (
-        "{{ task }}\n"
-        "\n"
-        "Your previous answer:\n"
-        "{{ previous }}\n"
-        "\n"
-        "The other agents answered:\n"
-        "\n"
-        "{{ others }}\n"
-        "\n"
-        "Consider their reasoning, then give your revised answer."
-    ),
-    # built-in (the spec may override it as /prompts/programmer)
-    "programmer": (
-        "{{ task }}\n"
-        "\n"
-        "Reply with the complete program in one ```python code block."
-    ),
-    # built-in (the spec may override it as /prompts/programmer_repair)
-    "programmer_repair": (
-        "{{ task }}\n"
-        "\n"
-        "Your previous program:\n"
-        "```python\n"
-        "{{ code }}\n"
-        "```\n"
-        "It failed (exit code {{ exit_code }}) with this output:\n"
-        "```\n"
-        "{{ output }}\n"
-        "```\n"
-        "Fix it. Reply with the complete program in one ```python code block."
-    ),
-    # built-in (the spec may override it as /prompts/format_repair)
-    "format_repair": "Your last answer is not valid for the output schema: {{ error }}. Reply with only the corrected JSON.",
-    # built-in (the spec may override it as /prompts/format_reminder)
-    "format_reminder": (
-        "Reply with one JSON object that matches this JSON Schema:\n" "{{ schema }}"
-    ),
-    # built-in (the spec may override it as /prompts/final_answer)
-    "final_answer": "No more tool calls: give your final answer now.",
-}

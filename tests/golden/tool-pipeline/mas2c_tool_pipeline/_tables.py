@@ -8,8 +8,6 @@ step id, ``code_sha`` and the values of ``reads`` only.
 TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
 line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
-PROMPTS: every fixed instruction the runtime sends, by name, with `{{ slot }}`s the
-runtime fills; the built-in texts, or the spec's `prompts:` where it overrides them.
 """
 
 from ._runtime import ToolCode, TopStep
@@ -19,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="9cf80a1b803dbca14120c345af3906d7ced0f9bb5fb888d82cdbebdcaf06ec8c",
+        code_sha="5c65857f3141d2ee611eaee9304d9258acdbed59d152e7d1a166b6aad465fb27",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="35dacb176b2b3bdf0617bab137952921276be9ac4a243e2212810e631f1ba78b",
+        code_sha="5ff914ebd4c34111e73b80a62e36b6bf1e38711751d5f128f7030e7036312f14",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="7a29777590165d64f4ec879460972f918072ff23cc9bbdadd8aaa6872cf44cda",
+        code_sha="193fc0e729c101962a1412c4c7c5e0b7bd349c98bc78d0dbe3562ffa67013206",
         reads=["rewrite"],
     ),
 )
@@ -43,9 +41,9 @@ TOOL_CODE: dict[str, ToolCode] = {
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 30, "/inputs"),
-    ("__main__.py", 32, 37, "/outputs"),
-    ("__main__.py", 39, 44, "/budgets"),
+    ("__init__.py", 41, 54, "/inputs"),
+    ("__init__.py", 56, 61, "/outputs"),
+    ("__init__.py", 63, 68, "/budgets"),
     ("agents.py", 8, 14, "/models/editor"),
     ("agents.py", 19, 48, "/agents/editor"),
     ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
@@ -55,62 +53,3 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 36, 51, "/workflow/1"),
     ("workflow.py", 54, 59, "/workflow/2"),
 )
-
-PROMPTS: dict[str, str] = {
-    # built-in (the spec may override it as /prompts/judge)
-    "judge": (
-        "Task:\n"
-        "{{ task }}\n"
-        "\n"
-        "Candidate answers:\n"
-        "\n"
-        "{{ candidates }}\n"
-        "\n"
-        "Weigh the candidates and give the best-supported final answer."
-    ),
-    # built-in (the spec may override it as /prompts/candidate_label)
-    "candidate_label": "candidate {{ number }}",
-    # built-in (the spec may override it as /prompts/debater_label)
-    "debater_label": "agent {{ number }} ({{ agent }})",
-    # built-in (the spec may override it as /prompts/debate_revision)
-    "debate_revision": (
-        "{{ task }}\n"
-        "\n"
-        "Your previous answer:\n"
-        "{{ previous }}\n"
-        "\n"
-        "The other agents answered:\n"
-        "\n"
-        "{{ others }}\n"
-        "\n"
-        "Consider their reasoning, then give your revised answer."
-    ),
-    # built-in (the spec may override it as /prompts/programmer)
-    "programmer": (
-        "{{ task }}\n"
-        "\n"
-        "Reply with the complete program in one ```python code block."
-    ),
-    # built-in (the spec may override it as /prompts/programmer_repair)
-    "programmer_repair": (
-        "{{ task }}\n"
-        "\n"
-        "Your previous program:\n"
-        "```python\n"
-        "{{ code }}\n"
-        "```\n"
-        "It failed (exit code {{ exit_code }}) with this output:\n"
-        "```\n"
-        "{{ output }}\n"
-        "```\n"
-        "Fix it. Reply with the complete program in one ```python code block."
-    ),
-    # built-in (the spec may override it as /prompts/format_repair)
-    "format_repair": "Your last answer is not valid for the output schema: {{ error }}. Reply with only the corrected JSON.",
-    # built-in (the spec may override it as /prompts/format_reminder)
-    "format_reminder": (
-        "Reply with one JSON object that matches this JSON Schema:\n" "{{ schema }}"
-    ),
-    # built-in (the spec may override it as /prompts/final_answer)
-    "final_answer": "No more tool calls: give your final answer now.",
-}
