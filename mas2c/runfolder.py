@@ -123,6 +123,7 @@ RuntimeCode = Literal[
     "bad_input",
     "no_credentials",
     "llm_error",
+    "flow_input",
     "internal",
     "interrupted",
 ]

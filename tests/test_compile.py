@@ -202,8 +202,9 @@ def test_every_file_has_the_header(name: str) -> None:
         if any(s.kind in ("ensemble", "debate") for _p, s in iter_steps(spec.workflow, "/workflow"))
         else set()
     )
+    flows = {f"{build.package}/_flows.py"} if spec.flows else set()
     expected_files = {p.format(pkg=build.package) for p in EXPECTED_FILES}
-    assert set(build.files) == expected_files | tool_modules | voting
+    assert set(build.files) == expected_files | tool_modules | voting | flows
     for path, data in build.files.items():
         first = data.decode("utf-8").splitlines()[0]
         if path == "MANIFEST.json":

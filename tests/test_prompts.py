@@ -79,7 +79,7 @@ def test_a_dotted_slot_and_a_malformed_one_are_errors() -> None:
 
 def test_dropping_the_data_slot_warns() -> None:
     spec = {**SPEC, "prompts": {"judge": "Decide for {{ task }}."}}
-    assert _problems(spec) == [("MAS906", "/prompts/judge", "warning")]
+    assert _problems(spec) == [("MAS907", "/prompts/judge", "warning")]
 
 
 def test_an_unknown_prompt_name_is_an_error() -> None:

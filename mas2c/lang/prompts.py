@@ -7,7 +7,7 @@ runtime fills a prompt's `{{ slot }}`s from that table when it needs it.
 
 A prompt's slots are the only placeholders it may use (`{{ task }}`, `{{ candidates }}`,
 ...; filters such as `| json` apply as in step prompts); the validator reports any other
-(MAS311) and warns when an override drops the slot that carries the prompt's data (MAS906).
+(MAS311) and warns when an override drops the slot that carries the prompt's data (MAS907).
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ BUILTIN_PROMPTS: dict[str, BuiltinPrompt] = {
         {"number": "the sample's number, from 1"},
         (),
         "the label of each ensemble answer in the judge's `candidates`",
+    ),
+    "flow_task": BuiltinPrompt(
+        "Run flow '{{ flow }}' on:\n{{ arguments }}",
+        {"flow": "the flow's name", "arguments": "its arguments, one `- name: value` line each"},
+        ("arguments",),
+        "the judge's `task` of an ensemble over a flow that has no `prompt`",
     ),
     "debater_label": BuiltinPrompt(
         "agent {{ number }} ({{ agent }})",
@@ -122,6 +128,7 @@ class Prompts(BaseModel):
 
     judge: str | None = Field(None, description=_description("judge"))
     candidate_label: str | None = Field(None, description=_description("candidate_label"))
+    flow_task: str | None = Field(None, description=_description("flow_task"))
     debater_label: str | None = Field(None, description=_description("debater_label"))
     debate_revision: str | None = Field(None, description=_description("debate_revision"))
     programmer: str | None = Field(None, description=_description("programmer"))
