@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="959149ed13c7f9096ee11427ec40de87b7ecb581ceb2b88d71f11d42a2e66bb1",
+        code_sha="367975e814ce7d4822f66c232ada795fecb950dc0d91bc8ebc2a49f28012e341",
         reads=["question"],
     ),
 )

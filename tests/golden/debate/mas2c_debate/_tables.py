@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="3c1da798566738f9355f5571f7d0ca4e364660879fb99818cf90a3cb30ecc1bf",
+        code_sha="9fd4407fc1e332e95b1a775ecac29127a95633839f39c490e3de33abadaf1de5",
         reads=["question"],
     ),
 )

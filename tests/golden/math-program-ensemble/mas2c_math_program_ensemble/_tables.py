@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="9bcb7203a46b7505a841bcaea66a52e5804189bc0ab8e3522b7223849f16b472",
+        code_sha="b6d00414bc2d5c4ba21c805adc1bf266148486e96f16f9adcf61d1d98d111e1b",
         reads=["problem"],
     ),
 )

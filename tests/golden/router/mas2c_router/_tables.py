@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="4d3464cb01a4a13dcd07d9a7977a615781d1b929de31cd854fedd0165ae38c55",
+        code_sha="3f19a1c2f45370322268bc58fcbecc6fc877415a934f4aabcf2df55e0f2307ed",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="ec33926b67591f44b7a35a177d4dc0fd3f779d487d6436f6c0a59561ed6f749d",
+        code_sha="db3102d79299149f468c500c50da9f6e27418a92412e94e32628495407b8fd32",
         reads=["product", "route", "ticket"],
     ),
 )

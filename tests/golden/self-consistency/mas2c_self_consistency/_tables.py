@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="8269317beaf62a5de2f062a09d34a0231a27d094da80d20c0100c9d346cb5a8d",
+        code_sha="7820f2dcc36358219babb3fc75b32f122c31efef6c5e5a4f30c5cec9862b7dde",
         reads=["question"],
     ),
 )
