@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import compile_to, run_package
+from conftest import compile_to, load_runtime, run_package
 
 from mas2c.batch import CODE_SCORER_MAIN
 from mas2c.lang.validate import validate_text
@@ -110,3 +110,26 @@ def test_code_scorer_passes_only_after_every_check(tmp_path: Path) -> None:
     right = "def check(candidate):\n    assert candidate(1, 2) == 3\n"
     assert score_code(tmp_path, good, right, "add")["passed"] is True
     assert score_code(tmp_path, good, CHECK, "add")["passed"] is False
+
+
+# -- E. only a real null or an empty string is an empty answer ---------------------------------
+
+
+def test_votes_count_the_text_null_as_an_answer() -> None:
+    voting = load_runtime("_voting")
+    assert voting.majority(["null", "NULL", "x"]) == "null"
+    assert voting.majority(["ANSWER: null", "x", "ANSWER: Null"]) == "ANSWER: null"
+    assert voting.majority([{"answer": "null"}, {"answer": "NULL"}, {"answer": "b"}]) == {
+        "answer": "null"
+    }
+    assert voting.majority([{"v": "None"}, {"v": "b"}, {"v": "none"}], key="v") == {"v": "None"}
+    assert voting.first_answer(["null", "x"]) == "null"
+    assert voting.first_answer([{"answer": None}, {"answer": "null"}]) == {"answer": "null"}
+    # what is empty: a JSON null, a missing field, an empty or blank string
+    assert voting.majority([None, None, "x"]) == "x"
+    assert voting.majority([{"answer": None}, {"answer": None}, {"answer": "b"}]) == {"answer": "b"}
+    assert voting.majority([{"other": 1}, {"other": 1}, {"answer": 0}]) == {"answer": 0}
+    assert voting.majority(["", "  ", "ANSWER:  ", "y"]) == "y"
+    runtime = load_runtime()
+    with pytest.raises(runtime.EmptyVote):
+        voting.majority([None, "", " ", {"answer": None}, {"x": 1}, "ANSWER: "])
