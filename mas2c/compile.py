@@ -38,6 +38,7 @@ from mas2c.lang.spec import (
     DebateStep,
     EnsembleStep,
     LoopStep,
+    MapStep,
     ParallelStep,
     ProgrammerStep,
     Spec,
@@ -362,11 +363,37 @@ class _Methods:
 
 
 def _workflow_view(spec: Spec) -> dict[str, Any]:
-    emit = EmitContext()
+    emit = EmitContext(declared=frozenset(spec.state))
     top = emit.body(spec.workflow, "/workflow")
     used = set().union(*(v.get("helpers", set()) for v in emit.views))
-    helpers = sorted(name for name in used if name != "Run")
-    return {"top": top, "steps": emit.views, "imports": ", ".join(["Run", *helpers])}
+    if spec.state:
+        used.add("StateVar")
+    helpers = sorted(name for name in used if name not in ("Run", "State"))
+    return {
+        "top": top,
+        "steps": emit.views,
+        "imports": ", ".join(["Run", "State", *helpers]),
+        "state": _state_view(spec),
+        # `Any` annotates the methods that return a value (branches, map items).
+        "needs_any": any(
+            v["branches"] or any(m["returns"] for m in v["methods"]) for v in emit.views
+        ),
+    }
+
+
+def _state_view(spec: Spec) -> list[dict[str, Any]]:
+    """The declared state variables, as `StateVar(...)` arguments (sorted by name)."""
+    return [
+        {
+            "name": name,
+            "pointer": _marker(f"/state/{escape_token(name)}"),
+            "reducer": var.reducer,
+            "initial": value_literal(var.initial_value()),
+            "schema": value_literal(var.json_schema),
+            "bound": var.bound_at_start,
+        }
+        for name, var in sorted(spec.state.items())
+    ]
 
 
 # -- the emitter registry: one emitter per step kind ----------------------------------------
@@ -378,6 +405,7 @@ class EmitContext:
 
     names: _Methods = field(default_factory=_Methods)
     views: list[dict[str, Any]] = field(default_factory=list)
+    declared: frozenset[str] = frozenset()  # the spec's declared state variables
 
     def body(self, steps: list[Step], pointer: str) -> list[str]:
         """Adds views for `steps` (and their children) and returns their method names, in order."""
@@ -398,13 +426,40 @@ class EmitContext:
             "out": step_out(step),
             "doc": docstring_text(step.summary()),
             "branches": [],
+            "methods": [],  # more methods after the step's: (see `Method`)
+            "guard": None,
             "helpers": set(emitter.helpers),
         }
         self.views.append(view)
         extra = emitter.view(step, pointer, self)
         view["helpers"] = view["helpers"] | set(extra.pop("helpers", set()))
         view.update(extra)
+        if step.retry or step.fallback:
+            view["guard"] = self._guard(step, pointer, method, view)
         return method
+
+    def _guard(self, step: Step, pointer: str, method: str, view: dict[str, Any]) -> dict[str, Any]:
+        """`retry`/`fallback`: the step method hands an attempt method (the step's own
+        body) and a fallback method (its `fallback` steps) to `Run.guarded`."""
+        fallback = None
+        if step.fallback:
+            fallback = self.names.name("fallback_", step.id)
+            body = self.body(step.fallback, f"{pointer}/fallback")
+            view["methods"].append(
+                {
+                    "method": fallback,
+                    "pointer": f"{pointer}/fallback",
+                    "doc": f"The fallback of `{step.id}`: runs when it fails, "
+                    "with the failure as `error`.",
+                    "body": body,
+                    "returns": None,
+                }
+            )
+        return {
+            "attempt": self.names.name("attempt_", step.id),
+            "retry": step.retry or 0,
+            "fallback": fallback,
+        }
 
 
 EmitView = Callable[[Any, str, EmitContext], dict[str, Any]]
@@ -550,6 +605,38 @@ def _parallel_view(step: ParallelStep, pointer: str, emit: EmitContext) -> dict[
     return {"branches": branches}
 
 
+def _map_view(step: MapStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
+    item_method = emit.names.name("item_", step.id)
+    body = emit.body(step.steps, f"{pointer}/steps")
+    if step.result is not None:
+        result = f"resolve_value({value_literal(step.result)}, self.state)"
+    else:
+        written = [name for name in definite_writes(step.steps) if name not in emit.declared]
+        result = f"self.state[{string_literal(written[-1])}]" if written else "None"
+    item, index = step.as_, step.index
+    out = step_out(step)
+    return {
+        "assign": f"self.state[{string_literal(out)}] = " if out else "",
+        "over": f"resolve_value({text_literal(step.over)}, self.state)",
+        "item_method": item_method,
+        "arguments": (
+            f"item={string_literal(item)}, index={string_literal(index)}, "
+            f"max_concurrency={step.max_concurrency}, max_items={step.max_items}"
+            + (", truncate=True" if step.on_overflow == "truncate" else "")
+        ),
+        "methods": [
+            {
+                "method": item_method,
+                "pointer": f"{pointer}/steps",
+                "doc": f"One item of `{step.id}` (`{item}`, `{index}`): its steps, then its result.",
+                "body": body,
+                "returns": result,
+            }
+        ],
+        "helpers": {"resolve_value"},
+    }
+
+
 for _kind, _call in (
     ("call", _call_view),
     ("ensemble", _ensemble_view),
@@ -562,6 +649,7 @@ for _kind, _call in (
 register_emitter("loop", "steps/loop.py.j2", _loop_view)
 register_emitter("branch", "steps/branch.py.j2", _branch_view)
 register_emitter("parallel", "steps/parallel.py.j2", _parallel_view)
+register_emitter("map", "steps/map.py.j2", _map_view)
 
 
 def _helpers(condition: ast.expr) -> set[str]:

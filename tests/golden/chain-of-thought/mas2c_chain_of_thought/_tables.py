@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="a464410aee490636e65bd271abdf575ccddde96b08289e76b55760dcf12612be",
+        code_sha="337d5340dcb0d2ae1fe41f54d3a39127313e0fb63a6f2ffa84c37b6388e13bec",
         reads=["question"],
     ),
 )
@@ -30,6 +30,6 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("__main__.py", 26, 31, "/budgets"),
     ("agents.py", 8, 14, "/models/main"),
     ("agents.py", 19, 50, "/agents/reasoner"),
-    ("workflow.py", 22, 23, "/workflow"),
-    ("workflow.py", 26, 37, "/workflow/0"),
+    ("workflow.py", 20, 21, "/workflow"),
+    ("workflow.py", 24, 35, "/workflow/0"),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="27b6c9b46eb2e9199fdeb3417079fb7437359873ddcd500ad0a135473aa86b84",
+        code_sha="0eaf2a54202ec90ab59e833a9bb26eff66ee1aa9432d61dcce4956a581e47d3c",
         reads=["question"],
     ),
 )
@@ -34,6 +34,6 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 43, 57, "/agents/expert"),
     ("agents.py", 59, 85, "/agents/judge"),
     ("agents.py", 87, 101, "/agents/skeptic"),
-    ("workflow.py", 22, 23, "/workflow"),
-    ("workflow.py", 26, 35, "/workflow/0"),
+    ("workflow.py", 20, 21, "/workflow"),
+    ("workflow.py", 24, 33, "/workflow/0"),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="6c69024474966165566671c8f27777d12820ece62ab8ade64741d5b8ecd7539b",
+        code_sha="aad872288ef676b674de7a7e27d585c1d45c1a559a6bac40c885c6adbfb82a00",
         reads=["question"],
     ),
 )
@@ -30,6 +30,6 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("__main__.py", 26, 31, "/budgets"),
     ("agents.py", 8, 14, "/models/sampler"),
     ("agents.py", 19, 45, "/agents/solver"),
-    ("workflow.py", 22, 23, "/workflow"),
-    ("workflow.py", 26, 38, "/workflow/0"),
+    ("workflow.py", 20, 21, "/workflow"),
+    ("workflow.py", 24, 36, "/workflow/0"),
 )
