@@ -764,7 +764,7 @@ class _Checker:
             rescued = _Scope(
                 {k: v for k, v in rescued.bound.items() if k != "error"}, rescued.partial
             )
-        return before.join([after, rescued], step.id)
+        return before.join([after, rescued], f"step `{step.id}` and its fallback")
 
     def _agent_prompts(self, agent_id: str, here: str, scope: _Scope) -> None:
         """An agent's role and instructions are rendered at every turn: their placeholders
@@ -1060,7 +1060,7 @@ class _Checker:
         arms = [self._steps(children, f"{here}/{key}", scope) for key, children in lists]
         if len(lists) <= len(conditions):
             arms.append(scope)
-        return scope.join(arms, step.id)
+        return scope.join(arms, f"branch `{step.id}`")
 
     def _out_schema(self, step: Step) -> dict[str, Any] | None:
         """The registry's schema of what a step writes; where it has none: the text answer
@@ -1325,7 +1325,8 @@ class _Scope:
         return _Scope({**self.bound, **other.bound}, {**self.partial, **other.partial})
 
     def join(self, arms: list[_Scope], step_id: str) -> _Scope:
-        """After a branch: bound where every arm binds; partial where only some do."""
+        """After a branch (or a step with a fallback): bound where every arm binds; partial
+        where only some do (`step_id` says where, e.g. "branch `route`")."""
         common = set.intersection(*(set(arm.bound) for arm in arms))
         bound = {name: arms[0].bound[name] for name in sorted(common)}
         partial = dict(self.partial)
@@ -1576,13 +1577,15 @@ def _unbound_message(
             "own, and none is left after the map (its `out` lists the items' results)"
         )
     if root in scope.partial:
-        return f"`{root}` is written only on some paths of branch `{scope.partial[root]}`"
+        return f"`{root}` is written only on some paths of {scope.partial[root]}"
     if root in writers:
         return f"`{root}` is read before it is written (it is written at {writers[root]})"
     return f"`{root}` is not an input or an earlier step's `out`"
 
 
 def _unbound_hint(root: str, scope: _Scope, writers: dict[str, str]) -> str | None:
+    if root in scope.partial and scope.partial[root].endswith("its fallback"):
+        return "write it in the `fallback` steps too, or read it inside the step"
     if root in scope.partial:
         return "write it in every case and in `else`, or read it inside the branch"
     if root in writers:
