@@ -48,33 +48,18 @@ __all__ = [
 
 ProgressFn = Callable[[str], None]
 
-_LANGUAGE_TEMPLATE = """\
+_INTRO = """\
 You design multi-agent systems (MAS) for mas2c. A MAS is written as a declarative spec,
 which mas2c validates and compiles into a Python program. You answer with one spec, as a
 single JSON object, and nothing else.
+"""
 
-Top-level keys (no others are allowed; unknown keys anywhere are errors):
-- spec_version: always "1".
-- name: lower case, matching [a-z][a-z0-9_-]*, at most 64 characters (e.g. "math-debate").
-- description: one or two sentences saying what the system does.
-- inputs: the task's inputs, name -> JSON Schema (e.g. {"question": {"type": "string"}}).
-- outputs: result fields, name -> a state variable or a dotted path into one ("verdict.answer").
-- models: the model pool, id -> {model, temperature?, max_tokens?, description?, price?}
-  where price is {input_per_mtok, output_per_mtok} in USD.
-- agents: id -> {role, instructions, model?, output?, tools?, temperature?, max_tool_rounds?}.
-  role is one line saying who the agent is; instructions say how it works (be specific).
-  model is an id from `models`, or omitted to leave an unbound slot that the implementer
-  fills later; never name a model that is not in `models`. output is "text" (default) or a
-  JSON Schema object ({"type": "object", "properties": {...}, "required": [...]}) for
-  structured output; later steps read its fields as {{ var.field }}. tools lists tool ids.
-- tools: id -> {description?, builtin: "python_exec"} or {description?, code}, where code is
-  Python source defining a top-level function named exactly like the tool id; timeout_s?.
-- workflow: the list of steps, run in order (see below). At least one step.
-- budgets: {max_llm_calls?, max_total_tokens?, max_cost_usd?, timeout_s?}.
-
-Every step has a unique `id` ([A-Za-z_][A-Za-z0-9_-]*) and a `kind`; most steps store their
-result in the state variable named by `out` ([A-Za-z_][A-Za-z0-9_]*). Step kinds:
-{step_kinds}
+_GUIDANCE = """\
+How the parts fit: agents name a model id from `models`, or omit `model` to leave an
+unbound slot that the implementer fills later (never name a model that is not in
+`models`). A structured agent (output: a JSON Schema object such as {"type": "object",
+"properties": {...}, "required": [...]}) lets later steps read its fields as
+{{ var.field }}. A code tool defines a top-level function named exactly like the tool id.
 
 State variables are the inputs and the `out`s of earlier steps. Prompts (prompt, topic,
 tests, tool args) read them with placeholders {{ name }} or {{ name.field }}; single
@@ -94,8 +79,9 @@ every loop; set realistic budgets. Every agent should be used by some step.
 
 
 def language_text() -> str:
-    """The spec language as told to the LLM; the step kinds come from the registry."""
-    return _LANGUAGE_TEMPLATE.replace("{step_kinds}", language_description())
+    """The spec language as told to the LLM: every key, field and step kind comes from the
+    models (`mas2c.lang.describe`), around a few lines on how the parts fit together."""
+    return "\n".join([_INTRO, language_description(), "", _GUIDANCE])
 
 
 LANGUAGE = language_text()  # the built-in kinds' text (system_prompt reads the registry anew)

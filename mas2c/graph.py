@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mas2c.lang.spec import Spec, Step
+from mas2c.lang.spec import Spec, Step, iter_spec_steps
 
 
 @dataclass
@@ -41,7 +41,35 @@ def build(spec: Spec) -> Graph:
     )
     for end in ends:
         graph.edge(end, finish)
+    _flows(graph, spec)
     return graph
+
+
+def _flows(graph: Graph, spec: Spec) -> None:
+    """Each flow as a cluster of its own (inputs -> steps -> outputs), and an edge from
+    every step that runs it (labelled with how many times)."""
+    entries = {}
+    for name, flow in spec.flows.items():
+        key = "f_" + "".join(c if c.isalnum() else "_" for c in name)
+        before = len(graph.nodes)
+        clustered = {n for _, _, members in graph.clusters for n in members}
+        start = graph.node(
+            key + "_in", "inputs: " + (", ".join(sorted(flow.inputs)) or "none"), "round"
+        )
+        ends = _steps(graph, flow.steps, [start], "")
+        finish = graph.node(key + "_out", "outputs: " + ", ".join(sorted(flow.outputs)), "round")
+        for end in ends:
+            graph.edge(end, finish)
+        inner = {n for _, _, members in graph.clusters for n in members} - clustered
+        members = [n[0] for n in graph.nodes[before:] if n[0] not in inner]
+        graph.clusters.append((key, f"flow {name}", members))
+        entries[name] = start
+    for _pointer, step in iter_spec_steps(spec):
+        for _key, name in step.flow_refs():
+            if name in entries:
+                times = step.flow_repeats()
+                label = f"runs {times}×" if times > 1 else "runs"
+                graph.edge("s_" + step.id.replace("-", "_"), entries[name], label)
 
 
 def _steps(graph: Graph, steps: list[Step], entries: list[str], label: str) -> list[str]:
@@ -53,10 +81,10 @@ def _steps(graph: Graph, steps: list[Step], entries: list[str], label: str) -> l
 
 
 def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]:
-    """Draws a step by how its nested step lists run (its `flow`), never by its kind."""
+    """Draws a step by how its nested step lists run (its `shape`), never by its kind."""
     node_id = "s_" + step.id.replace("-", "_")
     children = [steps for _key, steps in step.child_lists()]
-    if step.flow == "concurrent":
+    if step.shape == "concurrent":
         fork = graph.node(node_id, f"{step.id}\n{step.kind}", "fork")
         for entry in entries:
             graph.edge(entry, fork, label)
@@ -68,7 +96,7 @@ def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]
         for end in exits:
             graph.edge(end, join)
         return [join]
-    if step.flow == "repeat":
+    if step.shape == "repeat":
         fan = step.fan_out()
         bound = f" ≤ {getattr(step, fan.field)}" if fan is not None else ""
         head = graph.node(node_id, f"{step.id}\n{step.kind}{bound}", "loop")
@@ -87,9 +115,9 @@ def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]
             graph.edge(end, check)
         graph.edge(check, head, "no")
         return [check]
-    if step.flow == "each":
+    if step.shape == "each":
         return _each(graph, step, node_id, children, entries, label)
-    if step.flow == "alternatives":
+    if step.shape == "alternatives":
         decision = graph.node(node_id, f"{step.id}\n{step.kind}", "decision")
         for entry in entries:
             graph.edge(entry, decision, label)

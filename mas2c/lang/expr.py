@@ -277,10 +277,10 @@ def _definite(step: Step) -> list[str]:
 
 def _definite_own(step: Step) -> list[str]:
     lists = [children for _key, children in step.child_lists()]
-    if step.flow == "each":  # the body's variables stay inside each item
+    if step.shape == "each":  # the body's variables stay inside each item
         out = step_out(step)
         return [out] if out else []
-    if step.flow == "alternatives":
+    if step.shape == "alternatives":
         arms = [definite_writes(children) for children in lists]
         if len(lists) <= len(step.conditions()):
             arms.append([])  # no default arm: the state may pass through unchanged

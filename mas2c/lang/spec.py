@@ -129,10 +129,11 @@ class Tool(_Strict):
 # of dispatching on `kind`:
 #
 #   child_lists()   nested step lists (relative key path -> steps)
-#   flow            how nested lists run: "leaf", "sequence", "concurrent", "repeat", "alternatives",
+#   shape           how nested lists run: "leaf", "sequence", "concurrent", "repeat", "alternatives",
 #                   "each" (once per item of a list, in a scope of their own: see MapStep)
 #   agent_refs()    agents it names (relative key, agent id, role: caller/sampler/judge/programmer)
 #   tool_refs()     tools it names          templates()   texts with placeholders it renders
+#   flow_refs()     flows (sub-workflows) it runs, flow_repeats() times per run
 #   body_templates() texts rendered inside its body's scope; item_names() what "each" binds
 #   references()    state paths it reads    conditions()  expressions it evaluates
 #   writes()        the state variable it sets; out_schema() the JSON Schema of that value
@@ -147,7 +148,7 @@ class Tool(_Strict):
 # emitter (`mas2c.compile.register_emitter`) and template. README "Adding a step kind".
 
 
-Flow = Literal["leaf", "sequence", "concurrent", "repeat", "alternatives", "each"]
+Shape = Literal["leaf", "sequence", "concurrent", "repeat", "alternatives", "each"]
 AgentRole = Literal["caller", "sampler", "judge", "programmer"]
 
 
@@ -195,7 +196,7 @@ class StepBase(_Strict):
     )
 
     LANGUAGE: ClassVar[str] = ""
-    flow: ClassVar[Flow] = "leaf"
+    shape: ClassVar[Shape] = "leaf"
     # Runtime modules (templates/) the compiled step needs beyond the core ones.
     RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ()
 
@@ -211,6 +212,14 @@ class StepBase(_Strict):
 
     def tool_refs(self) -> list[tuple[str, str]]:
         return []
+
+    def flow_refs(self) -> list[tuple[str, str]]:
+        """Flows it runs (relative key, flow name); see `flow_repeats()` for how often."""
+        return []
+
+    def flow_repeats(self) -> int:
+        """How many times one run of the step runs each flow it names."""
+        return 1
 
     def templates(self) -> list[tuple[str, str]]:
         return []
@@ -312,13 +321,28 @@ class EnsembleStep(_Writes):
     kind: Literal["ensemble"]
     agent: str | None = None
     agents: list[str] | None = None
+    flow: str | None = Field(
+        None,
+        description="A flow (see `flows`) run n times instead of agent samples: each sample "
+        "is the flow's outputs object (ScEnsemble over any flow).",
+    )
+    with_: dict[str, Any] | None = Field(
+        None,
+        alias="with",
+        description="The flow's arguments (a whole placeholder passes the value).",
+    )
     n: int | None = Field(
         None,
         ge=1,
         le=64,
-        description="Samples of `agent` (default 5), or rounds over `agents` (default 1).",
+        description="Samples of `agent` or of `flow` (default 5), or rounds over `agents` "
+        "(default 1).",
     )
-    prompt: str
+    prompt: str | None = Field(
+        None,
+        description="What the samples answer (required with `agent`/`agents`); with `flow`, "
+        "optional: the task a judge is shown.",
+    )
     vote: Literal["majority", "first"] | None = Field(
         None,
         description="'majority' (plurality of the final answers; fails when every answer is "
@@ -333,24 +357,38 @@ class EnsembleStep(_Writes):
     RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_voting.py",)
     LANGUAGE: ClassVar[str] = (
         "several samples, then a decision. Fields: agent (sampled n times, default 5) OR\n"
-        "  agents (one sample each, repeated n times), n, prompt, and exactly one of\n"
-        '  vote: "majority" or judge (an agent id); vote_on (the field structured answers vote\n'
-        "  on, default answer); out (the winning answer or the judge's output)."
+        "  agents (one sample each, repeated n times) with prompt, OR flow (a flow's name, run n\n"
+        "  times concurrently, default 5) with `with` (its arguments); exactly one of\n"
+        '  vote: "majority" or judge (an agent id); vote_on (the field structured answers or the\n'
+        "  flow's outputs vote on, default answer); out (the winning answer, the winning flow\n"
+        "  outputs object, or the judge's output)."
     )
 
     def sample_agents(self) -> list[str]:
-        """The agent answering each sample, in sample order."""
+        """The agent answering each sample, in sample order (none for a flow ensemble)."""
+        if self.flow is not None:
+            return []
         if self.agents:
             return list(self.agents) * (self.n or 1)
         return [self.agent or ""] * (self.n or 5)
+
+    def samples(self) -> int:
+        return (self.n or 5) if self.flow is not None else len(self.sample_agents())
 
     def agent_refs(self) -> list[AgentRef]:
         refs = [AgentRef("agent", self.agent, "sampler")] if self.agent else []
         refs += [AgentRef(f"agents/{i}", a, "sampler") for i, a in enumerate(self.agents or [])]
         return refs + ([AgentRef("judge", self.judge, "judge")] if self.judge else [])
 
+    def flow_refs(self) -> list[tuple[str, str]]:
+        return [("flow", self.flow)] if self.flow is not None else []
+
+    def flow_repeats(self) -> int:
+        return self.n or 5
+
     def templates(self) -> list[tuple[str, str]]:
-        return [("prompt", self.prompt)]
+        found = [("prompt", self.prompt)] if self.prompt is not None else []
+        return found + _strings(self.with_ or {}, "with")
 
     def answer_agents(self) -> list[str]:
         if self.judge:
@@ -361,19 +399,29 @@ class EnsembleStep(_Writes):
         return len(self.sample_agents()) + (1 if self.judge else 0)
 
     def fan_out(self) -> FanOut:
+        if self.flow is not None:
+            return FanOut("n", self.n or 5, self.n or 5)
         n = self.n or (1 if self.agents else 5)
         return FanOut("n", n, n * len(self.agents or [1]))
 
     def problems(self) -> list[tuple[str, str, str, str | None]]:
         found: list[tuple[str, str, str, str | None]] = []
-        if (self.agent is None) == (not self.agents):
+        sources = [self.agent is not None, bool(self.agents), self.flow is not None]
+        if sum(sources) != 1:
             found.append(
                 (
                     "MAS504",
                     "",
-                    "an ensemble needs exactly one of `agent` (sampled n times) and `agents`",
+                    "an ensemble needs exactly one of `agent` (sampled n times), `agents` "
+                    "and `flow` (run n times)",
                     None,
                 )
+            )
+        if self.flow is None and self.prompt is None and any(sources):
+            found.append(("MAS101", "prompt", "an ensemble of agents needs a `prompt`", None))
+        if self.flow is None and self.with_ is not None:
+            found.append(
+                ("MAS504", "with", "`with` passes a flow's arguments: it needs `flow`", None)
             )
         if (self.vote is None) == (self.judge is None):
             found.append(
@@ -389,15 +437,18 @@ class EnsembleStep(_Writes):
     def agent_note(self, agent: str, role: AgentRole) -> str:
         samples = self.sample_agents()
         if role == "judge":
-            return f"judge of ensemble `{self.id}` ({len(samples)} samples)"
+            return f"judge of ensemble `{self.id}` ({self.samples()} samples)"
         decide = "majority vote" if self.vote else "a judge decides"
         return f"sampled {samples.count(agent)}x in ensemble `{self.id}` ({decide})"
 
     def summary(self) -> str:
         decide = f"judge `{self.judge}` picks" if self.judge else "majority vote"
-        return f"`{self.id}`: {len(self.sample_agents())} samples, {decide}."
+        of = f" of flow `{self.flow}`" if self.flow is not None else ""
+        return f"`{self.id}`: {self.samples()} samples{of}, {decide}."
 
     def graph_detail(self) -> str:
+        if self.flow is not None:
+            return f"{self.samples()}× flow {self.flow}"
         return f"{len(self.sample_agents())}× {self.agent or ', '.join(self.agents or [])}"
 
 
@@ -409,7 +460,7 @@ class ParallelStep(_Writes):
         "branches run concurrently; each branch is a list of steps. Fields: branches,\n"
         "  out (optional: the list of the branches' results)."
     )
-    flow: ClassVar[Flow] = "concurrent"
+    shape: ClassVar[Shape] = "concurrent"
 
     def child_lists(self) -> list[tuple[str, list[Step]]]:
         return [(f"branches/{i}", branch) for i, branch in enumerate(self.branches)]
@@ -436,7 +487,7 @@ class LoopStep(StepBase):
         "repeats steps until a condition holds. Fields: steps, until, max_iterations (required),\n"
         '  on_exhausted ("continue", the default, or "fail" when until never held).'
     )
-    flow: ClassVar[Flow] = "repeat"
+    shape: ClassVar[Shape] = "repeat"
 
     def child_lists(self) -> list[tuple[str, list[Step]]]:
         return [("steps", self.steps)]
@@ -484,7 +535,7 @@ class BranchStep(StepBase):
         "runs the steps of the first case whose condition holds, else the `else` steps.\n"
         "  Fields: cases: [{when, steps}], else (optional step list)."
     )
-    flow: ClassVar[Flow] = "alternatives"
+    shape: ClassVar[Shape] = "alternatives"
 
     def child_lists(self) -> list[tuple[str, list[Step]]]:
         lists = [(f"cases/{i}/steps", case.steps) for i, case in enumerate(self.cases)]
@@ -724,7 +775,7 @@ class MapStep(_Writes):
         "  results as a list, in input order). Variables the body writes stay inside the item,\n"
         "  except declared `state` variables with a combining reducer (append, merge, add)."
     )
-    flow: ClassVar[Flow] = "each"
+    shape: ClassVar[Shape] = "each"
 
     def child_lists(self) -> list[tuple[str, list[Step]]]:
         return [("steps", self.steps)]
@@ -759,6 +810,36 @@ class MapStep(_Writes):
         return f"{self.as_} in {self.over.strip()}"
 
 
+class SubflowStep(_Writes):
+    kind: Literal["subflow"]
+    flow: str = Field(description="The flow (a key of `flows`) to run.")
+    with_: dict[str, Any] = Field(
+        default_factory=dict,
+        alias="with",
+        description="The flow's arguments: input name -> value; a string that is exactly one "
+        "placeholder passes the value itself, other strings are rendered text.",
+    )
+
+    RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_flows.py",)
+    LANGUAGE: ClassVar[str] = (
+        "runs a flow (a named sub-workflow of `flows`) with its own state: it sees only its\n"
+        "  inputs. Fields: flow, with (input name -> value, placeholders allowed), out (an object\n"
+        "  of the flow's outputs)."
+    )
+
+    def flow_refs(self) -> list[tuple[str, str]]:
+        return [("flow", self.flow)]
+
+    def templates(self) -> list[tuple[str, str]]:
+        return _strings(self.with_, "with")
+
+    def summary(self) -> str:
+        return f"`{self.id}`: run flow `{self.flow}`."
+
+    def graph_detail(self) -> str:
+        return self.flow
+
+
 STEP_CLASSES: dict[str, type[StepBase]] = {
     "call": CallStep,
     "ensemble": EnsembleStep,
@@ -770,6 +851,7 @@ STEP_CLASSES: dict[str, type[StepBase]] = {
     "test": TestStep,
     "tool": ToolStep,
     "map": MapStep,
+    "subflow": SubflowStep,
 }
 """kind -> model class: the registry of step kinds (`register_step_kind` adds to it)."""
 
@@ -785,7 +867,8 @@ Step = Annotated[
     | ProgrammerStep
     | TestStep
     | ToolStep
-    | MapStep,
+    | MapStep
+    | SubflowStep,
     Field(discriminator="kind"),
 ]
 
@@ -844,25 +927,65 @@ class StateVar(_Strict):
         return "initial" in self.model_fields_set or self.combines
 
 
+class FlowDef(_Strict):
+    """A named sub-workflow: its own inputs, steps and outputs. It sees only its inputs
+    (its state starts as them); `subflow` steps call it, `ensemble` samples it."""
+
+    description: str = ""
+    inputs: dict[str, JsonSchema] = Field(
+        default_factory=dict,
+        description="name -> JSON Schema; an input without a `default` must be passed.",
+    )
+    outputs: dict[str, str] = Field(
+        min_length=1,
+        description="name -> state variable (or dotted path) of the flow's state at its end.",
+    )
+    steps: list[Step] = Field(min_length=1)
+
+
 class Spec(_Strict):
     """A multi-agent system."""
 
     schema_: str | None = Field(None, alias="$schema", description="Editor hint; ignored.")
-    spec_version: Literal["1"]
-    name: str = Field(pattern=NAME_PATTERN, max_length=64)
-    description: str = ""
-    inputs: dict[str, JsonSchema] = Field(default_factory=dict)
-    outputs: dict[str, str] = Field(default_factory=dict)
-    models: dict[str, ModelSpec] = Field(default_factory=dict)
-    agents: dict[str, Agent] = Field(min_length=1)
-    tools: dict[str, Tool] = Field(default_factory=dict)
+    spec_version: Literal["1"] = Field(
+        description='The language version, always "1": keys added to the language later are '
+        "optional, so a spec written for an earlier mas2c stays valid and means the same."
+    )
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=64,
+        description="The system's name; the compiled package is mas2c_<name>.",
+    )
+    description: str = Field("", description="One or two sentences saying what the system does.")
+    inputs: dict[str, JsonSchema] = Field(
+        default_factory=dict,
+        description='The task\'s inputs: name -> JSON Schema (e.g. {"type": "string"}).',
+    )
+    outputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Result fields: name -> a state variable or a dotted path into one "
+        '("verdict.answer").',
+    )
+    models: dict[str, ModelSpec] = Field(
+        default_factory=dict, description="The model pool that agents name by id."
+    )
+    agents: dict[str, Agent] = Field(min_length=1, description="The agents, by id.")
+    tools: dict[str, Tool] = Field(default_factory=dict, description="The tools, by id.")
     state: dict[str, StateVar] = Field(
         default_factory=dict,
         description="Declared state variables (name -> schema, initial, reducer); any other "
         "variable is declared by the step that writes it.",
     )
-    workflow: list[Step] = Field(min_length=1)
-    budgets: Budgets = Budgets()
+    flows: dict[str, FlowDef] = Field(
+        default_factory=dict,
+        description="Named sub-workflows (name -> flow), run by `subflow` steps and ensembles.",
+    )
+    workflow: list[Step] = Field(
+        min_length=1, description="The steps, run in order; each may write a state variable."
+    )
+    budgets: Budgets = Field(
+        Budgets(), description="Limits of one run: LLM calls, tokens, cost, wall-clock seconds."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -884,6 +1007,8 @@ class Spec(_Strict):
         )
         if not data.get("state"):  # added in spec_version 1: absent means the same spec
             data.pop("state", None)
+        if not data.get("flows"):  # a spec without flows hashes as it did before them
+            data.pop("flows", None)
         return data
 
 
@@ -894,12 +1019,13 @@ _STEP_FIELDS: list[tuple[type[BaseModel], str, Callable[[Any], Any]]] = [
     (Case, "steps", lambda step: list[step]),  # type: ignore[valid-type]
     (BranchStep, "else_", lambda step: list[step] | None),  # type: ignore[valid-type]
     (MapStep, "steps", lambda step: list[step]),  # type: ignore[valid-type]
+    (FlowDef, "steps", lambda step: list[step]),  # type: ignore[valid-type]
     (Spec, "workflow", lambda step: list[step]),  # type: ignore[valid-type]
 ]
 # Every step kind has a `fallback` step list (StepBase): rebuilt for each registered kind.
 _FALLBACK_SHAPE: Callable[[Any], Any] = lambda step: list[step] | None  # type: ignore[valid-type]  # noqa: E731
 
-_MODELS_WITH_STEPS: tuple[type[BaseModel], ...] = (*STEP_CLASSES.values(), Case, Spec)
+_MODELS_WITH_STEPS: tuple[type[BaseModel], ...] = (*STEP_CLASSES.values(), Case, FlowDef, Spec)
 for _model in _MODELS_WITH_STEPS:
     _model.model_rebuild()
 
@@ -940,9 +1066,14 @@ def _rebuild_step_union() -> None:
         old = model.model_fields[name]
         new = FieldInfo.merge_field_infos(old, annotation=shape(step_union))
         model.__pydantic_fields__[name] = new
-        # A kind defined in another module inherits `fallback: list[Step]`: resolve `Step`
-        # here, not in that module's namespace.
-        model.model_rebuild(force=True, _types_namespace={**globals(), "Step": step_union})
+    # Twice: a container's schema embeds the other containers' (a loop inside a parallel
+    # inside a loop), so one pass can keep a removed kind in a container rebuilt early.
+    # A kind defined in another module inherits `fallback: list[Step]`: `Step` is resolved
+    # here, not in that module's namespace.
+    namespace = {**globals(), "Step": step_union}
+    for _pass in range(2):
+        for model, _name, _shape in [*fallbacks, *_STEP_FIELDS]:
+            model.model_rebuild(force=True, _types_namespace=namespace)
 
 
 def iter_steps(steps: list[Step], pointer: str) -> Iterator[tuple[str, Step]]:
@@ -979,17 +1110,59 @@ def step_agents(step: Step) -> list[str]:
     return [ref.agent for ref in step.agent_refs()]
 
 
-def static_calls(step: Step) -> int:
-    """A static upper bound of the LLM calls of one run of `step`, nested steps included."""
-    inner = sum(static_calls(s) for _key, steps in step.child_lists() for s in steps)
-    own = step.llm_calls() + inner * step.child_repeats()
-    fallback = sum(static_calls(s) for s in step.fallback or [])
+def flow_pointer(name: str) -> str:
+    return "/flows/" + name.replace("~", "~0").replace("/", "~1")
+
+
+def spec_step_lists(spec: Spec) -> list[tuple[str, list[Step]]]:
+    """The spec's top-level step lists with their pointers: the workflow, then each flow's."""
+    flows = [(f"{flow_pointer(name)}/steps", flow.steps) for name, flow in spec.flows.items()]
+    return [("/workflow", spec.workflow), *flows]
+
+
+def iter_spec_steps(spec: Spec) -> Iterator[tuple[str, Step]]:
+    """Every step of the spec (workflow and flows), depth first, with its JSON pointer."""
+    for pointer, steps in spec_step_lists(spec):
+        yield from iter_steps(steps, pointer)
+
+
+def called_flows(spec: Spec, steps: Sequence[Step]) -> list[str]:
+    """The flows `steps` (and their nested steps) run, directly or through other flows,
+    in first-call order; a cycle (which the validator rejects) is followed once."""
+    found: list[str] = []
+    pending = [s for step in steps for _p, s in iter_step_tree(step, "")]
+    while pending:
+        step = pending.pop(0)
+        for _key, name in step.flow_refs():
+            if name in found or name not in spec.flows:
+                continue
+            found.append(name)
+            pending += [s for _p, s in iter_steps(spec.flows[name].steps, "")]
+    return found
+
+
+def static_calls(step: Step, flows: Mapping[str, FlowDef] | None = None, _depth: int = 0) -> int:
+    """A static upper bound of the LLM calls of one run of `step`, nested steps included
+    (and, given the spec's `flows`, the flows it runs)."""
+    inner = sum(static_calls(s, flows, _depth) for _key, steps in step.child_lists() for s in steps)
+    called = 0
+    if flows is not None and _depth < 32:  # recursion is a validation error; never loop
+        for _key, name in step.flow_refs():
+            flow = flows.get(name)
+            if flow is not None:
+                calls = sum(static_calls(s, flows, _depth + 1) for s in flow.steps)
+                called += calls * step.flow_repeats()
+    own = step.llm_calls() + inner * step.child_repeats() + called
+    fallback = sum(static_calls(s, flows, _depth) for s in step.fallback or [])
     return own * ((step.retry or 0) + 1) + fallback
 
 
 def language_description() -> str:
-    """The step kinds as the generator explains them to the LLM, from the registry."""
-    return "\n".join(f"- {kind}: {cls.LANGUAGE}" for kind, cls in STEP_CLASSES.items())
+    """The spec language as the generator explains it to the LLM: every top-level key,
+    nested field and step kind, generated from the models (`mas2c.lang.describe`)."""
+    from mas2c.lang.describe import language_description as describe
+
+    return describe()
 
 
 def canonical_json(data: Any) -> str:

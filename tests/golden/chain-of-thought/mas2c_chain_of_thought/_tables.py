@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="337d5340dcb0d2ae1fe41f54d3a39127313e0fb63a6f2ffa84c37b6388e13bec",
+        code_sha="9aca7c339e61aff665de21000988c968cbd93451011a1930af47105fa37f4c97",
         reads=["question"],
     ),
 )
@@ -25,9 +25,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 24, "/outputs"),
-    ("__main__.py", 26, 31, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 48, "/outputs"),
+    ("__init__.py", 50, 55, "/budgets"),
     ("agents.py", 8, 14, "/models/main"),
     ("agents.py", 19, 50, "/agents/reasoner"),
     ("workflow.py", 20, 21, "/workflow"),

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="00f8a61cf6b2e73e8528ab9ec985b79f75eb072ae74284d508f8013fc872c0b8",
+        code_sha="e144bd2489f31aec6dd8b37776be0f1a72e6788302bbca80578d6b9958b15bc6",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="2dd2d66ae3de162274c265d267e50624efd5276749cc14b7aa45d4714d592d06",
+        code_sha="47a9ba5ab9e8c647c87f723892cf739c34ea431d6a4ba176186472b7ea68c808",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="c06d5a3c892c2b24eff785cc7ea21b0b91a91d248e66856e860e8bcb13bc6601",
+        code_sha="cd538ff11c053d0f73a242bbea3e870c0cc3538764b51ace2f819c6ae644af71",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 30, "/inputs"),
-    ("__main__.py", 32, 36, "/outputs"),
-    ("__main__.py", 38, 43, "/budgets"),
+    ("__init__.py", 41, 54, "/inputs"),
+    ("__init__.py", 56, 60, "/outputs"),
+    ("__init__.py", 62, 67, "/budgets"),
     ("agents.py", 8, 14, "/models/coder"),
     ("agents.py", 16, 22, "/models/debugger"),
     ("agents.py", 27, 43, "/agents/programmer"),

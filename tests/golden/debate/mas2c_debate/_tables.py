@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="0eaf2a54202ec90ab59e833a9bb26eff66ee1aa9432d61dcce4956a581e47d3c",
+        code_sha="cc5bc4f8531253c627b60b8223daf36c1bddeec213a4deea12767ed1c27e0290",
         reads=["question"],
     ),
 )
@@ -25,9 +25,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 28, "/outputs"),
-    ("__main__.py", 30, 35, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 52, "/outputs"),
+    ("__init__.py", 54, 59, "/budgets"),
     ("agents.py", 8, 14, "/models/debater"),
     ("agents.py", 16, 22, "/models/judge"),
     ("agents.py", 27, 41, "/agents/analyst"),

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="acc8a7af572205263c4a96f6b2ac91600497d46688eca03c8f56d8526a0e8c11",
+        code_sha="dc481208e7b3bfd744f00515bda9614738a5a3287f2cd107fe66d6c564ca80f3",
         reads=["context", "decision"],
     ),
     TopStep(
         method="step_investigate",
         step_id="investigate",
         pointer="/workflow/1",
-        code_sha="aa4e44645973c19ca0d7869b57f6e63c7aa8666dde08d12b75078635247f269d",
+        code_sha="88f56a53e9be336f520f24a545107bf06007b2b5c468cd3c9cbe451adf8b20c0",
         reads=["context", "plan"],
     ),
     TopStep(
         method="step_merge",
         step_id="merge",
         pointer="/workflow/2",
-        code_sha="1614b8ab1b993e44346415618ea714072e7e8ab08d715b2a8998d8a583fa7c6f",
+        code_sha="c34fd4e44e0fb335c9a20b3e485bdf8bfe40c60ca76c1b2ae0b728ea1a67d068",
         reads=["decision", "market", "plan", "risks", "technical"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 26, "/inputs"),
-    ("__main__.py", 28, 32, "/outputs"),
-    ("__main__.py", 34, 39, "/budgets"),
+    ("__init__.py", 41, 50, "/inputs"),
+    ("__init__.py", 52, 56, "/outputs"),
+    ("__init__.py", 58, 63, "/budgets"),
     ("agents.py", 8, 14, "/models/manager"),
     ("agents.py", 16, 22, "/models/specialist"),
     ("agents.py", 27, 65, "/agents/manager"),

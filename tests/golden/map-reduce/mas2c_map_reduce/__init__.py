@@ -2,6 +2,90 @@
 """map-reduce: a multi-agent system compiled by mas2c.
 
 Summarise N documents with respect to a focus question: one summary per document, concurrently, then one report that merges them and cites the documents it draws on.
+
+As a library (see README.md)::
+
+    from mas2c_map_reduce import run_sync
+
+    result = run_sync(inputs)  # or: await arun(inputs), with budgets and settings
+    print(result.status, result.outputs or result.error)
+
+From the command line: ``python -m mas2c_map_reduce --help``.
 """
 
+from ._api import RunError, RunResult, System
+from ._runtime import Budgets, SpecInfo
+from ._tables import TOOL_CODE, TOP_STEPS
+from .agents import AGENTS, MODELS
+from .tools import TOOLS
+from .workflow import Workflow
+
+__all__ = [
+    "EXAMPLE_INPUT",
+    "SPEC",
+    "RunError",
+    "RunResult",
+    "__version__",
+    "arun",
+    "run_sync",
+]
+
+__version__ = "1.0.0"
+COMPILED_BY = "mas2c 0.1.0"
 SPEC_SHA256 = "5feb4638c4655b4222d1a2014e4ebdd3d392e6329558ebeaaf549e97540c11aa"
+
+SPEC = SpecInfo(
+    name="map-reduce",
+    sha256=SPEC_SHA256,
+    # spec: /inputs
+    inputs={
+        "documents": {
+            "description": "The documents to summarise, in order.",
+            "items": {
+                "properties": {"text": {"type": "string"}, "title": {"type": "string"}},
+                "required": ["title", "text"],
+                "type": "object",
+            },
+            "type": "array",
+        },
+        "focus": {
+            "description": 'What the report is about, e.g. "risks to the launch date".',
+            "type": "string",
+        },
+    },
+    # spec: /outputs
+    outputs={
+        "key_points": "report.key_points",
+        "report": "report.summary",
+        "summaries": "summaries",
+    },
+    # spec: /budgets
+    budgets=Budgets(
+        max_llm_calls=25,
+        max_total_tokens=200000,
+        max_cost_usd=0.5,
+        timeout_s=300.0,
+    ),
+    top_steps=TOP_STEPS,
+    tool_code=TOOL_CODE,
+)
+
+# An input that fits the schemas of /inputs (shown by --help and README.md).
+EXAMPLE_INPUT = {
+    "documents": [{"text": "<text>", "title": "<title>"}],
+    "focus": "<focus>",
+}
+
+SYSTEM = System(
+    Workflow,
+    SPEC,
+    AGENTS,
+    MODELS,
+    TOOLS,
+    package="mas2c_map_reduce",
+    version=__version__,
+    compiled_by=COMPILED_BY,
+    example_input=EXAMPLE_INPUT,
+)
+arun = SYSTEM.arun
+run_sync = SYSTEM.run_sync

@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="6e7a1e0b1d645ef91b7acc5a975a8ffbfb4f621e5dca78c388343bd13b8f970f",
+        code_sha="2da408120376d387120482266632ed086f74aefe1b81afe0e1df95849b65d0e2",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="73c1bcf676f25fcd97781da553525d612c07df600bc756675879a75586827446",
+        code_sha="ff358d90db22658054a2513c161441999bca34e91200cb378e549eb58b37923d",
         reads=["focus", "summaries"],
     ),
 )
@@ -32,9 +32,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 31, "/inputs"),
-    ("__main__.py", 33, 37, "/outputs"),
-    ("__main__.py", 39, 44, "/budgets"),
+    ("__init__.py", 41, 55, "/inputs"),
+    ("__init__.py", 57, 61, "/outputs"),
+    ("__init__.py", 63, 68, "/budgets"),
     ("agents.py", 8, 14, "/models/fast"),
     ("agents.py", 16, 22, "/models/strong"),
     ("agents.py", 27, 47, "/agents/editor"),

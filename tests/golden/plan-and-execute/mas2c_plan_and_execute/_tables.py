@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="0ddbae7d68dfd91d7173f24fae8d2c71998c59757a8759cea4d7a6403bb20c02",
+        code_sha="6db146b2f6919d4251f43a4154fcf6694aedabbadc588a15108efb8fd4547e8b",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="07b3094dc0778bb196e423c95d3e244516e704ed89b710549ca33cb5ed7e51a2",
+        code_sha="049a0989e8db550335924fffeffe3baa9842dc7151c436f48294fb0fc4f10c10",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="cdd803c8f06e1ad94b8d3b7c9210cd5190903e851db2e22480646a35c171a183",
+        code_sha="c4c18dfacd2e64e39c9303f0e6db5ee89bde23a818ca3ff3186ca85f7042f871",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 28, "/outputs"),
-    ("__main__.py", 30, 35, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 52, "/outputs"),
+    ("__init__.py", 54, 59, "/budgets"),
     ("agents.py", 8, 14, "/models/planner"),
     ("agents.py", 16, 22, "/models/worker"),
     ("agents.py", 27, 64, "/agents/executor"),

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="522f0b978361c2a57235b2fff704590d2b7f282742486a55333ce62a1fe3e6f0",
+        code_sha="52f639df49c86e1f5cfdcbd5a60d035f4a0b5646e9f5f5caad213c1e8acefa3e",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="2d1b971d323e2b0d6d64525b4e9739dd9675649d69f4c97f2835527410b5f31c",
+        code_sha="2d7de5a0fa2e5b043cdf1cba8ac21945cf6cd8e85d956a439fedc91af756b8b3",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="a3424558c30592f3640d4c90dceae1e19148f3e76692106117923d78796ec8c3",
+        code_sha="201939d1e3fa8ccbcbd7d9beb5d62aae4629501628f4139e7dd5f5efd5959573",
         reads=["draft", "review", "task"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 28, "/outputs"),
-    ("__main__.py", 30, 35, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 52, "/outputs"),
+    ("__init__.py", 54, 59, "/budgets"),
     ("agents.py", 8, 14, "/models/reviewer"),
     ("agents.py", 16, 22, "/models/writer"),
     ("agents.py", 27, 41, "/agents/actor"),

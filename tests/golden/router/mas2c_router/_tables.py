@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="019f9383d80626055cbd795a148ba5e49f36ea9ec24c5a84da93135ee1a6c314",
+        code_sha="2b320a69751f7a96bfb090a5193c50f59f7e52a7ba751e4d1f500289fa844826",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="686531b641f3d1e96e1fa62207d1092211554286d63bae2806cbf578481ebe3a",
+        code_sha="f84740dd57009e09a8bbd493bb242c5902b23a8cfa12c3ee3a572e5a9a49a52d",
         reads=["product", "route", "ticket"],
     ),
 )
@@ -32,9 +32,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 26, "/inputs"),
-    ("__main__.py", 28, 33, "/outputs"),
-    ("__main__.py", 35, 40, "/budgets"),
+    ("__init__.py", 41, 50, "/inputs"),
+    ("__init__.py", 52, 57, "/outputs"),
+    ("__init__.py", 59, 64, "/budgets"),
     ("agents.py", 8, 14, "/models/fast"),
     ("agents.py", 16, 22, "/models/strong"),
     ("agents.py", 27, 54, "/agents/account_agent"),

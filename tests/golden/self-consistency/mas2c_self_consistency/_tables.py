@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="aad872288ef676b674de7a7e27d585c1d45c1a559a6bac40c885c6adbfb82a00",
+        code_sha="a180a427318d4129c01a0e3933af1d3ad4edc8b080f9b9d45aaeb3ceb3827227",
         reads=["question"],
     ),
 )
@@ -25,9 +25,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 24, "/outputs"),
-    ("__main__.py", 26, 31, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 48, "/outputs"),
+    ("__init__.py", 50, 55, "/budgets"),
     ("agents.py", 8, 14, "/models/sampler"),
     ("agents.py", 19, 45, "/agents/solver"),
     ("workflow.py", 20, 21, "/workflow"),

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="a9f11bc7520645b413fde5ccdf419aa4ad3b2fa44e10137c6c50c784dae322b3",
+        code_sha="623ffb65aa30833705b1edc9c215c3267017f5614a812a9568a7a38fae523bfb",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="400e47d1abd33051015d354bc22474094211dd76de48e558bb23cd7eb775ccd3",
+        code_sha="f47236a4e7c4ca5b25fe62ea479064a3efe1636788815312950ce86d3a63f7a7",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="0fb60f88e993a92a9f0c32db00ea4e64f4dc813cf11d71aa9c4d92495a0d7a8a",
+        code_sha="749fcf3d357e2ccce283967c4303d43d38610e7771fb77e401373f02c2b7c90a",
         reads=["rewrite"],
     ),
 )
@@ -41,9 +41,9 @@ TOOL_CODE: dict[str, ToolCode] = {
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 30, "/inputs"),
-    ("__main__.py", 32, 37, "/outputs"),
-    ("__main__.py", 39, 44, "/budgets"),
+    ("__init__.py", 41, 54, "/inputs"),
+    ("__init__.py", 56, 61, "/outputs"),
+    ("__init__.py", 63, 68, "/budgets"),
     ("agents.py", 8, 14, "/models/editor"),
     ("agents.py", 19, 48, "/agents/editor"),
     ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
