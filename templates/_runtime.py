@@ -37,6 +37,7 @@ import os
 import random
 import re
 import signal
+import ssl
 import sys
 import tempfile
 import threading
@@ -54,6 +55,7 @@ from collections.abc import (
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from fractions import Fraction
+from functools import cache
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, cast
 from urllib.parse import quote
@@ -824,7 +826,10 @@ def _make_client(settings: ClientSettings) -> openai.AsyncOpenAI:
     socket_path = settings.socket
     if socket_path:
         # Inside the sandbox the socket is the only way out; the host holds the key.
-        transport = httpx.AsyncHTTPTransport(uds=socket_path)
+        # Plain HTTP on a unix socket: a context with no trust store (any TLS would fail)
+        # spares loading the CA bundle, ~30 ms per run.
+        no_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        transport = httpx.AsyncHTTPTransport(uds=socket_path, verify=no_tls)
         http = httpx.AsyncClient(transport=transport, timeout=timeout)
         return openai.AsyncOpenAI(
             base_url=GATEWAY_URL,
@@ -836,12 +841,26 @@ def _make_client(settings: ClientSettings) -> openai.AsyncOpenAI:
         )
     if not settings.api_key:  # checked before the run starts; never a placeholder key
         raise LLMError("no API key: set OPENAI_API_KEY, or MAS2C_LLM_SOCKET")
+    # Each run has its own client and connections; the TLS context (the CA bundle, which
+    # takes ~45 ms to load) is made once per process and shared, read-only.
+    http_client = openai.DefaultAsyncHttpxClient(verify=_tls_context(), timeout=timeout)
     return openai.AsyncOpenAI(
         base_url=settings.base_url,
         api_key=settings.api_key,
         max_retries=0,  # we retry ourselves, with tracing and budget checks
         timeout=timeout,
+        http_client=http_client,
     )
+
+
+@cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default TLS context (its CA bundle; SSL_CERT_FILE/SSL_CERT_DIR honoured)."""
+    make = getattr(httpx, "create_ssl_context", None)  # public since httpx 0.28
+    if make is None:
+        return ssl.create_default_context()
+    context: ssl.SSLContext = make()
+    return context
 
 
 class _Malformed(Exception):

@@ -840,6 +840,7 @@ def main(system: Served, argv: Sequence[str], prog: str) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections wait in the backlog until uvicorn is up
     except OSError as exc:
         sock.close()
         print(

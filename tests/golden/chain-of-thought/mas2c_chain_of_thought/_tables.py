@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="9aca7c339e61aff665de21000988c968cbd93451011a1930af47105fa37f4c97",
+        code_sha="dc890f4d108a6e6a64dfb5988e63327167342296e9445f09c6f2922c4e705e0d",
         reads=["question"],
     ),
 )

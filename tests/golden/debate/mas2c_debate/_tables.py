@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="cc5bc4f8531253c627b60b8223daf36c1bddeec213a4deea12767ed1c27e0290",
+        code_sha="2969b276aacb982bb52098e4ae449b1a5eb972b9a732616d19445b05aaae15c7",
         reads=["question"],
     ),
 )

@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="2da408120376d387120482266632ed086f74aefe1b81afe0e1df95849b65d0e2",
+        code_sha="8ee123ad61cfb1af09133fb892bcb3651c800ec93a7572888a15e6503ec2f01c",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="ff358d90db22658054a2513c161441999bca34e91200cb378e549eb58b37923d",
+        code_sha="9ec01ffc775519f448a1d1fa5479382184d7843eeceb541e87cf7ac496f978d0",
         reads=["focus", "summaries"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="9bd4ed3f8be0336ba9bb42a9436e634fb98a3410738de0f4f4f41a6ed0343277",
+        code_sha="3105878b80473644f9973225054087bfc2705506b05e27e7402896a97de22ffd",
         reads=["problem"],
     ),
 )

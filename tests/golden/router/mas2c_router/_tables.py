@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="2b320a69751f7a96bfb090a5193c50f59f7e52a7ba751e4d1f500289fa844826",
+        code_sha="ce98ad425c4b08cb86fa95938ed9e007c4f2b3399be2390dd69cd8010b9b37b8",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="f84740dd57009e09a8bbd493bb242c5902b23a8cfa12c3ee3a572e5a9a49a52d",
+        code_sha="8379655ce91c862ae3fbfc5a1e653d96a0462486022c5fa3d3caf7d77c8a4bfd",
         reads=["product", "route", "ticket"],
     ),
 )

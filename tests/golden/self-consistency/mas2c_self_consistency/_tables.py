@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="a180a427318d4129c01a0e3933af1d3ad4edc8b080f9b9d45aaeb3ceb3827227",
+        code_sha="21f6490a2df8cb5f57ef2ebd64cf6d827fc5338145bc366ccd7357fbcec0f4bc",
         reads=["question"],
     ),
 )
