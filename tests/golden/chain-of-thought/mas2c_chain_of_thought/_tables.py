@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="0e9c9762c622848fdb8492d95396189fbb2ec48eb182b2c86a257824c3ac8b63",
+        code_sha="29eddeea2ebab66d059c87fad40407b65813a7d39179ae1d4d68f165b4560f7d",
         reads=["question"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="486715b8150b260fe2d68488420e593e8ef97cb79075eab794befc7182d541d3",
+        code_sha="db08e99a19cafe0cf7b6c01e9a21f29526417190fcca8ce0a9d99981592d64b8",
         reads=["question"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="138102d63e408eb3a659f317a7085c0cb9306a690857d8c53d2ccef11aaf93b3",
+        code_sha="456ba4dc5234a5165e08e4d7de095e53456f878a340d24c60de24b1a148a87ff",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="ab92aac763d22b96669541f24c357384e9f14ea06b799315ac3020bc0a5fab44",
+        code_sha="114ac97d092872ef2cb24ab675a7cf2682b8ec28fdbf1ebc75f68470f60f9506",
         reads=["focus", "summaries"],
     ),
 )

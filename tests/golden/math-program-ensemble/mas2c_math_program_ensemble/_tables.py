@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="b12ce698323010bec5b07354111fbc8f49f83651f27eb3156810c49847424055",
+        code_sha="278e6fdc8ba0078a9b72f147942c978971470c0e4cc5c555a03b1be7155a542f",
         reads=["problem"],
     ),
 )

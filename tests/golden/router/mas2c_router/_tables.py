@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="895fd23ad5dc43d0b429794a5d4c16ce19d8c4f390e58d903a2aabb5b106e56a",
+        code_sha="6aa61a03d49a11990846ae22a72be7aece277514348a02558f30a52741702b5c",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="7cae081154534907db510e5813c887378c83a4794ec004107d8d037018c6e6f1",
+        code_sha="9301678412cd4e1fc4a35c37004190adb5659105e25afae8d34ff87f11ee472d",
         reads=["product", "route", "ticket"],
     ),
 )

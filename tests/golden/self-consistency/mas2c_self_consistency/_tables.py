@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="d14bbe56480bd9eb9566b4e3fdcc11b3a5206281ec469b26dbc402d2dc4569d5",
+        code_sha="e7682aeb740fee3b678e4f084e28fd19ca7759ad2cd2c0da6454dc88beb0f3ec",
         reads=["question"],
     ),
 )
