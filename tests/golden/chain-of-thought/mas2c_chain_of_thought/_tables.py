@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="b78d316f65144455af3f598edf8226812538f4ec60bb0f3f9b07674afedcc6be",
+        code_sha="176031ae74865cb701f364326f1d270a3a188324b851ce3c8cbc0f30be0dbaef",
         reads=["question"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="82422499c2e583f5ec4fd145e760d70cf7c0cdd4a40016fdb3a7747761a29cab",
+        code_sha="1085cbac2d87d177ad6aa474c480bf0aec6c70c43f648de5fa42783e76760655",
         reads=["question"],
     ),
 )

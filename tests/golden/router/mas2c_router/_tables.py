@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="0996326266230a61b9e544a50bc9a8ac008443b0a4a86d1ef87363ba28c6ac43",
+        code_sha="fdf5e411280f6cb65c8f33246dc2c1de0e38592b9536649c0b043b049713fbd9",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="15b9bc4ad9529cce60117c56c780606dd004f32d875a791323d599f41e50d0e0",
+        code_sha="11f58db81c0ddfdeaedb7a262030f673edb616c462b9506acd56ec00c7c0a4ed",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="0d513ed318eb6be67e2dd65a792ab24619692ae7bfcd2866de4335e84e655261",
+        code_sha="ca1e5c2cf0e75dab94412cedc55f59a4fdd04b4708e2b6bc0e8f4ce35c443552",
         reads=["question"],
     ),
 )
