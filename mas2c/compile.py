@@ -33,23 +33,28 @@ from mas2c.lang.expr import (
     parse_path,
     placeholders,
 )
+from mas2c.lang.prompts import effective_prompts
 from mas2c.lang.source import escape_token
 from mas2c.lang.spec import (
     BranchStep,
     CallStep,
     DebateStep,
     EnsembleStep,
+    FlowDef,
     LoopStep,
     ParallelStep,
     ProgrammerStep,
     Spec,
     Step,
+    SubflowStep,
     TestStep,
     Tool,
     ToolStep,
+    called_flows,
     canonical_json,
+    flow_pointer,
+    iter_spec_steps,
     iter_step_tree,
-    iter_steps,
     spec_hash,
     step_agents,
     step_out,
@@ -170,7 +175,7 @@ def compile_spec(spec: Spec) -> Build:
 
 
 # Runtime modules shipped only when a step kind asks for them (its RUNTIME_MODULES).
-OPTIONAL_RUNTIME = ("_voting.py",)
+OPTIONAL_RUNTIME = ("_voting.py", "_flows.py")
 
 
 def runtime_files(spec: Spec | None = None) -> dict[str, str]:
@@ -180,8 +185,10 @@ def runtime_files(spec: Spec | None = None) -> dict[str, str]:
     (shared with the gateway) as `_accounting.py` and `mas2c.values` as `_values.py`."""
     needed = set(OPTIONAL_RUNTIME)
     if spec is not None:
-        steps = [s for _p, s in iter_steps(spec.workflow, "/workflow")]
+        steps = [s for _p, s in iter_spec_steps(spec)]
         needed = {module for step in steps for module in step.RUNTIME_MODULES}
+        if spec.flows:  # flows run through _flows.py (a subflow step, an ensemble over one)
+            needed.add("_flows.py")
     files = {
         name: (templates_dir() / name).read_text("utf-8") for name in ("_runtime.py", "_api.py")
     }
@@ -189,6 +196,8 @@ def runtime_files(spec: Spec | None = None) -> dict[str, str]:
         if module in needed:
             files[module] = (templates_dir() / module).read_text("utf-8")
     files["_accounting.py"] = (Path(__file__).parent / "accounting.py").read_text("utf-8")
+    # The HTTP service (`python -m <package> serve`, the package's `serve` extra).
+    files["_serve.py"] = (templates_dir() / "_serve.py").read_text("utf-8")
     # The typed-values module (placeholders, JSON Schema subset) is mas2c's own, verbatim.
     values_source = Path(values.__file__).read_text("utf-8")
     files["_values.py"] = _formatted_runtime(values_source)
@@ -244,9 +253,7 @@ def _main_view(spec: Spec) -> dict[str, Any]:
     budgets = spec.budgets
     return {
         "example_input": value_literal(package_docs.example_input(spec.inputs)),
-        "uses_llm": value_literal(
-            any(step_agents(step) for _p, step in iter_steps(spec.workflow, "/workflow"))
-        ),
+        "uses_llm": value_literal(any(step_agents(step) for _p, step in iter_spec_steps(spec))),
         "inputs": value_literal(spec.inputs),
         "outputs": value_literal(spec.outputs),
         "budgets": {
@@ -367,11 +374,55 @@ class _Methods:
 
 
 def _workflow_view(spec: Spec) -> dict[str, Any]:
-    emit = EmitContext()
+    emit = EmitContext(flow_classes=flow_class_names(spec))
     top = emit.body(spec.workflow, "/workflow")
-    used = set().union(*(v.get("helpers", set()) for v in emit.views))
-    helpers = sorted(name for name in used if name != "Run")
-    return {"top": top, "steps": emit.views, "imports": ", ".join(["Run", *helpers])}
+    flows = [_flow_view(name, flow, emit.flow_classes) for name, flow in spec.flows.items()]
+    views = emit.views + [v for f in flows for v in f["steps"]]
+    used = set().union(*(v.get("helpers", set()) for v in views))
+    # A helper is a runtime name (`field`), or `module.name` for an optional module's.
+    helpers = sorted(name for name in used if name != "Run" and "." not in name)
+    modules: dict[str, list[str]] = {}
+    for module, _dot, name in sorted(h.partition(".") for h in used if "." in h):
+        modules.setdefault(module, []).append(name)
+    return {
+        "top": top,
+        "steps": emit.views,
+        "flows": flows,
+        "imports": ", ".join(["Run", *helpers]),
+        "other_imports": [(module, ", ".join(names)) for module, names in modules.items()],
+    }
+
+
+def flow_class_names(spec: Spec) -> dict[str, str]:
+    """Flow name -> its class in workflow.py (`write-code` -> `WriteCodeFlow`), unique."""
+    taken = {"Workflow", "Run", "Any"}
+    names = {}
+    for name in spec.flows:
+        base = "".join(part[:1].upper() + part[1:] for part in identifier(name).split("_"))
+        base = base + "Flow" if base and not base[0].isdigit() else f"Flow{base}"
+        candidate, counter = base, 2
+        while candidate in taken:
+            candidate, counter = f"{base}{counter}", counter + 1
+        taken.add(candidate)
+        names[name] = candidate
+    return names
+
+
+def _flow_view(name: str, flow: FlowDef, classes: dict[str, str]) -> dict[str, Any]:
+    """A flow's class: its own method namespace, state and step methods."""
+    emit = EmitContext(flow_classes=classes)
+    pointer = flow_pointer(name)
+    top = emit.body(flow.steps, f"{pointer}/steps")
+    return {
+        "name": name,
+        "cls": classes[name],
+        "pointer": pointer,
+        "doc": docstring_text(_first_line(flow.description) or "a named sub-workflow."),
+        "inputs": value_literal(flow.inputs),
+        "outputs": value_literal(flow.outputs),
+        "top": top,
+        "steps": emit.views,
+    }
 
 
 # -- the emitter registry: one emitter per step kind ----------------------------------------
@@ -383,6 +434,7 @@ class EmitContext:
 
     names: _Methods = field(default_factory=_Methods)
     views: list[dict[str, Any]] = field(default_factory=list)
+    flow_classes: dict[str, str] = field(default_factory=dict)  # flow name -> class name
 
     def body(self, steps: list[Step], pointer: str) -> list[str]:
         """Adds views for `steps` (and their children) and returns their method names, in order."""
@@ -466,9 +518,37 @@ def _call_view(step: CallStep) -> str:
     return f"self.run.call({string_literal(step.agent)}, {text_literal(step.prompt)})"
 
 
+def _ensemble_flow_view(step: EnsembleStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
+    """An ensemble over agents is one runtime call; over a flow, `flow_ensemble`."""
+    if step.flow is None:
+        return _leaf(_ensemble_view)(step, pointer, emit)
+    out = step_out(step)
+    task = f", task={text_literal(step.prompt)}" if step.prompt is not None else ""
+    call = (
+        f"flow_ensemble(self.run, {emit.flow_classes[step.flow]}, {value_literal(step.with_ or {})}, "
+        f"n={step.n or 5}{task}, vote={value_literal(step.vote)}, judge={value_literal(step.judge)}"
+        f"{_vote_on(step.vote_on)})"
+    )
+    return {
+        "call": call,
+        "assign": f"self.state[{string_literal(out)}] = " if out else "",
+        "helpers": {"_flows.flow_ensemble"},
+    }
+
+
+def _subflow_view(step: SubflowStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
+    out = step_out(step)
+    cls = emit.flow_classes[step.flow]
+    return {
+        "call": f"run_flow(self.run, {cls}, {value_literal(step.with_)})",
+        "assign": f"self.state[{string_literal(out)}] = " if out else "",
+        "helpers": {"_flows.run_flow"},
+    }
+
+
 def _ensemble_view(step: EnsembleStep) -> str:
     return (
-        f"self.run.ensemble({value_literal(step.sample_agents())}, {text_literal(step.prompt)}, "
+        f"self.run.ensemble({value_literal(step.sample_agents())}, {text_literal(step.prompt or '')}, "
         f"vote={value_literal(step.vote)}, judge={value_literal(step.judge)}{_vote_on(step.vote_on)})"
     )
 
@@ -557,13 +637,14 @@ def _parallel_view(step: ParallelStep, pointer: str, emit: EmitContext) -> dict[
 
 for _kind, _call in (
     ("call", _call_view),
-    ("ensemble", _ensemble_view),
     ("debate", _debate_view),
     ("programmer", _programmer_view),
     ("test", _test_view),
     ("tool", _tool_view),
 ):
     register_emitter(_kind, "steps/leaf.py.j2", _leaf(_call))
+register_emitter("ensemble", "steps/leaf.py.j2", _ensemble_flow_view)
+register_emitter("subflow", "steps/leaf.py.j2", _subflow_view)
 register_emitter("loop", "steps/loop.py.j2", _loop_view)
 register_emitter("branch", "steps/branch.py.j2", _branch_view)
 register_emitter("parallel", "steps/parallel.py.j2", _parallel_view)
@@ -604,20 +685,25 @@ def _tables_view(
     workflow_path = f"{package}/workflow.py"
     workflow_lines = texts[workflow_path].splitlines()
     runtime_sha = hashlib.sha256(texts[f"{package}/_runtime.py"].split("\n", 1)[1].encode())
+    prompts = {name: text for name, (text, _o) in effective_prompts(spec.prompts).items()}
     by_top_step: dict[str, list[str]] = {}  # "/workflow/N" -> its code, in source-map order
     for entry in maps.get(workflow_path, []):
-        top = _top_step_pointer(entry["pointer"])
+        top = _top_step_pointer(entry["pointer"]) or _flow_root(entry["pointer"])
         if top is not None:
             lines = workflow_lines[entry["start"] - 1 : entry["end"]]
             by_top_step.setdefault(top, []).append("\n".join(lines))
     top_steps = []
     for index, (step, method) in enumerate(zip(spec.workflow, top_methods, strict=True)):
         pointer = f"/workflow/{index}"
-        sources = by_top_step.get(pointer, [])
+        # The step's code, and that of every flow it runs (a changed flow reruns it).
+        sources = list(by_top_step.get(pointer, []))
+        for name in called_flows(spec, [step]):
+            sources += by_top_step.get(flow_pointer(name), [])
         code = {
             "sources": sources,
             **_definitions(spec, step),
             "runtime": runtime_sha.hexdigest(),
+            "prompts": prompts,
         }
         top_steps.append(
             {
@@ -640,7 +726,31 @@ def _tables_view(
         if entry.get("verbatim") and entry["pointer"] in code_pointers
     ]
     spans = [(e["file"].split("/")[-1], e["start"], e["end"], e["pointer"]) for e in source_map]
-    return {"top_steps": top_steps, "tool_code": tool_code, "source_map": spans}
+    return {
+        "top_steps": top_steps,
+        "tool_code": tool_code,
+        "source_map": spans,
+        "prompts": _prompts_view(spec),
+    }
+
+
+def _prompts_view(spec: Spec) -> list[dict[str, Any]]:
+    """The built-in prompts with the spec's overrides (`mas2c.lang.prompts`), as literals:
+    the runtime sends only what this table says."""
+    return [
+        {
+            "name": name,
+            "text": text_literal(text),
+            "marker": _marker(f"/prompts/{name}") if overridden else None,
+        }
+        for name, (text, overridden) in effective_prompts(spec.prompts).items()
+    ]
+
+
+def _flow_root(pointer: str) -> str | None:
+    """`/flows/<name>` for a pointer at or under a flow, else None."""
+    parts = pointer.split("/", 3)
+    return "/".join(parts[:3]) if len(parts) >= 3 and parts[1] == "flows" else None
 
 
 def _top_step_pointer(pointer: str) -> str | None:
@@ -653,9 +763,11 @@ def _top_step_pointer(pointer: str) -> str | None:
 
 def _definitions(spec: Spec, step: Step) -> dict[str, Any]:
     """The agents, models and tools a step (and its nested steps) names, as spec data."""
-    agents = sorted({a for _p, s in iter_step_tree(step, "") for a in step_agents(s)})
+    steps = [step, *(s for name in called_flows(spec, [step]) for s in spec.flows[name].steps)]
+    tree = [s for root in steps for _p, s in iter_step_tree(root, "")]
+    agents = sorted({a for s in tree for a in step_agents(s)})
     agents = [a for a in agents if a in spec.agents]
-    tools = {t for _p, s in iter_step_tree(step, "") for _k, t in s.tool_refs()}
+    tools = {t for s in tree for _k, t in s.tool_refs()}
     tools.update(t for a in agents for t in spec.agents[a].tools)
     models = sorted({spec.agents[a].model or "" for a in agents} & set(spec.models))
     dump = {"mode": "json", "by_alias": True, "exclude_none": True}

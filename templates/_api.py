@@ -427,7 +427,14 @@ class System:
         self, argv: Sequence[str] | None = None, *, prog: str | None = None
     ) -> int:
         """The command line: run once, write the result (a file, or stdout with
-        ``--output -``), return the exit code."""
+        ``--output -``), return the exit code. ``serve ...``: the HTTP service (``_serve``).
+        """
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["serve"]:
+            from ._serve import main as serve
+
+            package = self.package or f"mas2c_{self.spec.name.replace('-', '_')}"
+            return serve(self, argv[1:], f"{prog or 'python -m ' + package} serve")
         args = self._parser(prog).parse_args(argv)
         to_stdout = args.output == "-"
         saved_stdout = _stdout_to_stderr() if to_stdout else None
@@ -534,6 +541,8 @@ class System:
             "",
             "exit codes: 0 done, 1 workflow error, 2 bad input or no LLM credentials,",
             "  3 budget exceeded, 4 timeout, 130 interrupted; the result always says why.",
+            "",
+            f"over HTTP: {prog} serve --help (needs the package's serve extra)",
         ]
         if self.example_input is not None:
             example = json.dumps(self.example_input, ensure_ascii=False)

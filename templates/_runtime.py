@@ -37,15 +37,24 @@ import os
 import random
 import re
 import signal
+import ssl
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from fractions import Fraction
+from functools import cache
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, cast
 from urllib.parse import quote
@@ -97,6 +106,7 @@ __all__ = [
     "lookup",
     "main",
     "render",
+    "state_scope",
 ]
 
 GATEWAY_URL = "http://mas2c-gateway/v1"  # the host name is ignored on a unix socket
@@ -186,6 +196,8 @@ class SpecInfo:
     # From the compiler (_tables.py): without them a run is never checkpointed.
     top_steps: Sequence[TopStep] = ()
     tool_code: Mapping[str, ToolCode] = dataclass_field(default_factory=dict)
+    # Every fixed instruction the runtime sends (_tables.PROMPTS): it holds none itself.
+    prompts: Mapping[str, str] = dataclass_field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- exceptions
@@ -566,6 +578,21 @@ _STEP: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "mas2c_step", default=None
 )
 
+# The state of the flow (named sub-workflow) each task runs in; None: the workflow's.
+_SCOPE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "mas2c_scope", default=None
+)
+
+
+@contextlib.contextmanager
+def state_scope(state: dict[str, Any]) -> Iterator[None]:
+    """Steps run inside see ``state`` as ``Run.state`` (a flow's own state)."""
+    token = _SCOPE.set(state)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
 
 def _where() -> dict[str, str | None]:
     current = _STEP.get()
@@ -639,7 +666,10 @@ def _make_client(settings: ClientSettings) -> openai.AsyncOpenAI:
     socket_path = settings.socket
     if socket_path:
         # Inside the sandbox the socket is the only way out; the host holds the key.
-        transport = httpx.AsyncHTTPTransport(uds=socket_path)
+        # Plain HTTP on a unix socket: a context with no trust store (any TLS would fail)
+        # spares loading the CA bundle, ~30 ms per run.
+        no_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        transport = httpx.AsyncHTTPTransport(uds=socket_path, verify=no_tls)
         http = httpx.AsyncClient(transport=transport, timeout=timeout)
         return openai.AsyncOpenAI(
             base_url=GATEWAY_URL,
@@ -651,12 +681,26 @@ def _make_client(settings: ClientSettings) -> openai.AsyncOpenAI:
         )
     if not settings.api_key:  # checked before the run starts; never a placeholder key
         raise NoCredentials(NO_CREDENTIALS)
+    # Each run has its own client and connections; the TLS context (the CA bundle, which
+    # takes ~45 ms to load) is made once per process and shared, read-only.
+    http_client = openai.DefaultAsyncHttpxClient(verify=_tls_context(), timeout=timeout)
     return openai.AsyncOpenAI(
         base_url=settings.base_url,
         api_key=settings.api_key,
         max_retries=0,  # we retry ourselves, with tracing and budget checks
         timeout=timeout,
+        http_client=http_client,
     )
+
+
+@cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default TLS context (its CA bundle; SSL_CERT_FILE/SSL_CERT_DIR honoured)."""
+    make = getattr(httpx, "create_ssl_context", None)  # public since httpx 0.28
+    if make is None:
+        return ssl.create_default_context()
+    context: ssl.SSLContext = make()
+    return context
 
 
 class _Malformed(Exception):
@@ -717,12 +761,9 @@ def _system_prompt(agent: AgentDef) -> str:
 
 
 def _with_schema_in_system(
-    messages: list[dict[str, Any]], schema: Any
+    messages: list[dict[str, Any]], note: str
 ) -> list[dict[str, Any]]:
     """JSON-object mode cannot carry a schema: tell the model in the system prompt."""
-    note = "Reply with one JSON object that matches this JSON Schema:\n" + json.dumps(
-        schema, ensure_ascii=False, indent=2
-    )
     if messages and messages[0].get("role") == "system":
         first = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}
         return [first, *messages[1:]]
@@ -1123,7 +1164,7 @@ class Run:
         self.tools = tools
         self.budgets = budgets or spec.budgets  # the caller's, tightened (see _api.py)
         self.client_settings = client or client_settings()
-        self.state: dict[str, Any] = dict(inputs or {})
+        self._state: dict[str, Any] = dict(inputs or {})
         self.trace = trace or Trace(None)
         self._usage = Usage()
         self._in_flight = 0  # requests sent, not yet answered: they hold a call slot
@@ -1136,6 +1177,12 @@ class Run:
         self.checkpoint_out = checkpoint_out
         # What a run that succeeded should still say (e.g. a loop that ran out).
         self.warnings: list[dict[str, Any]] = []
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The state steps read and write: the workflow's, or inside a flow the flow's."""
+        scoped = _SCOPE.get()
+        return self._state if scoped is None else scoped
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1329,7 +1376,9 @@ class Run:
         answers = await self.gather(
             *(_labelled(self.turn(a, task), sample=i) for i, a in enumerate(agents))
         )
-        labels = [f"candidate {i}" for i in range(1, len(answers) + 1)]
+        labels = [
+            self.prompt("candidate_label", number=i) for i in range(1, len(answers) + 1)
+        ]
         return await self._decide(
             "ensemble", task, answers, labels, vote=vote, judge=judge, vote_on=vote_on
         )
@@ -1346,7 +1395,10 @@ class Run:
     ) -> Any:
         """``debate`` step: answer, read the others' answers, revise; then decide."""
         task = render(topic, self.state)
-        labels = [f"agent {i} ({a})" for i, a in enumerate(agents, 1)]
+        labels = [
+            self.prompt("debater_label", number=i, agent=a)
+            for i, a in enumerate(agents, 1)
+        ]
         answers = await self.gather(
             *(
                 _labelled(self.turn(a, task), round=1, sample=i)
@@ -1373,18 +1425,19 @@ class Run:
     ) -> dict[str, Any]:
         """``programmer`` step: write code, run it, feed errors back; never raises on failure."""
         task = render(prompt, self.state)
-        ask = "Reply with the complete program in one ```python code block."
         code = ""
         result: dict[str, Any] = {"output": "", "exit_code": None}
         attempt = 0
         for attempt in range(1, max_attempts + 1):
             if attempt == 1:
-                request = f"{task}\n\n{ask}"
+                request = self.prompt("programmer", task=task)
             else:
-                request = (
-                    f"{task}\n\nYour previous program:\n```python\n{code}\n```\n"
-                    f"It failed (exit code {result['exit_code']}) with this output:\n"
-                    f"```\n{result['output']}\n```\nFix it. {ask}"
+                request = self.prompt(
+                    "programmer_repair",
+                    task=task,
+                    code=code,
+                    exit_code=str(result["exit_code"]),
+                    output=result["output"],
                 )
             answer = await _labelled(self.turn(agent, request), round=attempt)
             code = extract_code(answer if isinstance(answer, str) else _code_of(answer))
@@ -1446,8 +1499,7 @@ class Run:
                 messages.append(
                     {
                         "role": "user",
-                        "content": f"Your last answer is not valid for the output schema: {exc}. "
-                        "Reply with only the corrected JSON.",
+                        "content": self.prompt("format_repair", error=str(exc)),
                     }
                 )
                 text = await self._answer(agent, messages, final=True)
@@ -1469,7 +1521,7 @@ class Run:
                 messages.append(
                     {
                         "role": "user",
-                        "content": "No more tool calls: give your final answer now.",
+                        "content": self.prompt("final_answer"),
                     }
                 )
             response = await self._chat(agent, messages, tools, last_round)
@@ -1577,9 +1629,8 @@ class Run:
     ) -> Any:
         """Close an ensemble or a debate: a judge's turn, a vote, or all answers."""
         if judge is not None:
-            prompt = (
-                f"Task:\n{task}\n\nCandidate answers:\n\n{_numbered(answers, labels)}\n\n"
-                "Weigh the candidates and give the best-supported final answer."
+            prompt = self.prompt(
+                "judge", task=task, candidates=_numbered(answers, labels)
             )
             return await _labelled(self.turn(judge, prompt), role="judge")
         from ._voting import (
@@ -1593,17 +1644,26 @@ class Run:
             return first_answer(answers, vote_on)
         return list(answers)
 
-    @staticmethod
     def _revision_prompt(
-        task: str, answers: Sequence[Any], labels: Sequence[str], me: int
+        self, task: str, answers: Sequence[Any], labels: Sequence[str], me: int
     ) -> str:
         others = [i for i in range(len(answers)) if i != me]
-        return (
-            f"{task}\n\nYour previous answer:\n{as_text(answers[me])}\n\n"
-            "The other agents answered:\n\n"
-            f"{_numbered([answers[i] for i in others], [labels[i] for i in others])}\n\n"
-            "Consider their reasoning, then give your revised answer."
+        return self.prompt(
+            "debate_revision",
+            task=task,
+            previous=as_text(answers[me]),
+            others=_numbered([answers[i] for i in others], [labels[i] for i in others]),
         )
+
+    def prompt(self, name: str, **slots: Any) -> str:
+        """A built-in prompt (``_tables.PROMPTS``, where the spec may override it) with
+        its ``{{ slot }}``s filled; inserted text is never rendered again."""
+        template = self.spec.prompts.get(name)
+        if template is None:
+            raise WorkflowError(
+                f"the package has no built-in prompt {name!r} (see PROMPTS in _tables.py)"
+            )
+        return render(template, slots)
 
     # ------------------------------------------------------------------ LLM calls
 
@@ -1657,7 +1717,9 @@ class Run:
                 request["tool_choice"] = "none"
         if agent.output is not None:
             if model.model in self._json_object_only:
-                request["messages"] = _with_schema_in_system(messages, agent.output)
+                schema = json.dumps(agent.output, ensure_ascii=False, indent=2)
+                note = self.prompt("format_reminder", schema=schema)
+                request["messages"] = _with_schema_in_system(messages, note)
                 request["response_format"] = {"type": "json_object"}
             else:
                 request["response_format"] = {

@@ -2,10 +2,10 @@
 
 This file is NOT imported by mas2c: its source is passed to ``python3 -I -c`` inside
 the sandbox (stdlib only, Python >= 3.9), as the container's init (PID 1, mode
-``init``) or as the parent of the program in the local backend (mode ``local``).
+``init``) or as the parent of the program in the unisolated backend (mode ``unisolated``).
 
 Protocol (both modes), on this process's stdin/stdout (the container's attach
-stream, or pipes of the local backend):
+stream, or pipes of the unisolated backend):
 
 1. It starts, imports the runtime's dependencies (``openai``, ``httpx``) so that a
    program forked from it starts warm, says ``MAS2C-READY`` (init mode), then waits at most ``idle_s`` for the line
@@ -15,7 +15,7 @@ stream, or pipes of the local backend):
    stderr on pipes that it drains into memory, keeping the first ``cap`` bytes each.
 3. When the program exits, the timeout expires, stdin says ``stop`` or stdin closes
    (the host went away), it kills EVERY other process it can (``kill(-1)`` as PID 1;
-   its subreaped descendants in local mode), so the outputs are frozen, then
+   its subreaped descendants in unisolated mode), so the outputs are frozen, then
    writes one bundle to stdout: ``MAS2C-BUNDLE <json header>\\n`` followed by the
    bytes of each file the header lists (out.json and trace.jsonl, each read with
    O_NOFOLLOW, only if a regular file, at most its cap; the captured streams).
@@ -373,20 +373,107 @@ def emit_bundle(
         pass  # the host went away
 
 
+_WARM_ANSWER = {
+    "id": "warm-up",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "warm-up",
+    "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+    ],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
+
+
+def warm_up_client() -> None:
+    """One chat completion with the openai client, as the runtime makes it (an httpx
+    transport on a unix socket), against a throwaway server on a socket in /tmp: the
+    imports of a first call (transports, response models: ~0.1-0.2 s) happen here,
+    before the container says it is ready, not in the job. Everything it made is gone
+    afterwards (server, thread, socket folder); any failure only leaves it cold."""
+    import asyncio
+    import http.server
+    import shutil
+    import socketserver
+    import tempfile
+
+    import httpx
+    import openai
+
+    body = json.dumps(_WARM_ANSWER).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 5.0
+
+        def do_POST(self) -> None:
+            self.rfile.read(min(int(self.headers.get("Content-Length") or 0), 1 << 16))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(socketserver.UnixStreamServer):
+        def get_request(self) -> Any:
+            conn, _ = self.socket.accept()
+            return conn, ("warm-up", 0)
+
+    folder = tempfile.mkdtemp(prefix="mas2c-warm-")
+    path = os.path.join(folder, "llm.sock")
+    server = Server(path, Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+
+    async def once() -> None:
+        # typed Any: recent openai releases type this as httpx2 but accept an httpx client
+        http: Any = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=path), timeout=10.0)
+        client = openai.AsyncOpenAI(
+            base_url="http://mas2c-gateway/v1",
+            api_key="warm-up",
+            max_retries=0,
+            timeout=10.0,
+            http_client=http,
+        )
+        try:
+            messages: Any = [{"role": "user", "content": "warm-up"}]
+            await asyncio.wait_for(
+                client.chat.completions.create(model="warm-up", messages=messages), 10.0
+            )
+        finally:
+            await client.close()
+            await http.aclose()
+
+    try:
+        asyncio.run(once())
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5.0)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     mode, job_path = sys.argv[1], sys.argv[2]
     idle_s, max_job_s = float(sys.argv[3]), float(sys.argv[4])
     t_start = time.monotonic()
     set_dumpable(0)
-    if mode == "local":
+    if mode == "unisolated":
         set_subreaper()
-    signal.signal(signal.SIGINT, signal.SIG_IGN if mode == "local" else signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if mode == "unisolated" else signal.SIG_DFL)
     warm = True
     try:  # the runtime's slow imports, done before the job arrives
         import httpx  # noqa: F401
         import openai  # noqa: F401
     except Exception:
         warm = False  # the program imports what it needs itself
+    if warm and mode == "init" and not select.select([0], [], [], 0)[0]:
+        # No job waiting (a pooled container, not a cold run): warm the first call too.
+        with contextlib.suppress(Exception):
+            warm_up_client()
     if mode == "init":  # a pool hands out only containers that said so
         with contextlib.suppress(OSError):
             write_all(READY_LINE)

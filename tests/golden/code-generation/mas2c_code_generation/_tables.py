@@ -8,6 +8,8 @@ step id, ``code_sha`` and the values of ``reads`` only.
 TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
 line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
+PROMPTS: every fixed instruction the runtime sends, by name, with `{{ slot }}`s the
+runtime fills; the built-in texts, or the spec's `prompts:` where it overrides them.
 """
 
 from ._runtime import ToolCode, TopStep
@@ -17,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="f98a88cd1e81bf4324074a4b436298f4b8f6aad000e4cc2d7617c01ee503eda6",
+        code_sha="b229766455ae6f1ff699a9d297d1fcd9f8313c7f165dcedabe0aa5abfe660b26",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="3f29195573404a13cf326885f8f09461830f4b888e5eb9d18d3cfbbe1026895b",
+        code_sha="697ff999ea518c15d7a299f377ab0c7b3706b5ae9aafd93edde356c31d718e7d",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="797d9f012fd6b627fa40db49f207d4efb0e3d74c3e67e7296d621cdf9196834b",
+        code_sha="4e224288214edfb859b6cbc83bfd0456f0656b7b24dedd5b635ee6fa14b440c6",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -54,3 +56,64 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 78, 106, "/workflow/2/cases/0/steps/0/steps/0"),
     ("workflow.py", 109, 116, "/workflow/2/cases/0/steps/0/steps/1"),
 )
+
+PROMPTS: dict[str, str] = {
+    # built-in (the spec may override it as /prompts/judge)
+    "judge": (
+        "Task:\n"
+        "{{ task }}\n"
+        "\n"
+        "Candidate answers:\n"
+        "\n"
+        "{{ candidates }}\n"
+        "\n"
+        "Weigh the candidates and give the best-supported final answer."
+    ),
+    # built-in (the spec may override it as /prompts/candidate_label)
+    "candidate_label": "candidate {{ number }}",
+    # built-in (the spec may override it as /prompts/flow_task)
+    "flow_task": ("Run flow '{{ flow }}' on:\n" "{{ arguments }}"),
+    # built-in (the spec may override it as /prompts/debater_label)
+    "debater_label": "agent {{ number }} ({{ agent }})",
+    # built-in (the spec may override it as /prompts/debate_revision)
+    "debate_revision": (
+        "{{ task }}\n"
+        "\n"
+        "Your previous answer:\n"
+        "{{ previous }}\n"
+        "\n"
+        "The other agents answered:\n"
+        "\n"
+        "{{ others }}\n"
+        "\n"
+        "Consider their reasoning, then give your revised answer."
+    ),
+    # built-in (the spec may override it as /prompts/programmer)
+    "programmer": (
+        "{{ task }}\n"
+        "\n"
+        "Reply with the complete program in one ```python code block."
+    ),
+    # built-in (the spec may override it as /prompts/programmer_repair)
+    "programmer_repair": (
+        "{{ task }}\n"
+        "\n"
+        "Your previous program:\n"
+        "```python\n"
+        "{{ code }}\n"
+        "```\n"
+        "It failed (exit code {{ exit_code }}) with this output:\n"
+        "```\n"
+        "{{ output }}\n"
+        "```\n"
+        "Fix it. Reply with the complete program in one ```python code block."
+    ),
+    # built-in (the spec may override it as /prompts/format_repair)
+    "format_repair": "Your last answer is not valid for the output schema: {{ error }}. Reply with only the corrected JSON.",
+    # built-in (the spec may override it as /prompts/format_reminder)
+    "format_reminder": (
+        "Reply with one JSON object that matches this JSON Schema:\n" "{{ schema }}"
+    ),
+    # built-in (the spec may override it as /prompts/final_answer)
+    "final_answer": "No more tool calls: give your final answer now.",
+}

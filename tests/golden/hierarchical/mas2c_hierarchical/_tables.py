@@ -8,6 +8,8 @@ step id, ``code_sha`` and the values of ``reads`` only.
 TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
 line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
+PROMPTS: every fixed instruction the runtime sends, by name, with `{{ slot }}`s the
+runtime fills; the built-in texts, or the spec's `prompts:` where it overrides them.
 """
 
 from ._runtime import ToolCode, TopStep
@@ -17,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="3900d1885edb751a4ff1d4fd9a54673dd41ea0f0b2e0e8a4ccf321f620978682",
+        code_sha="52fb36b6371c31fdc1aa344c1f2917bbf98d65ec9bce2117185592ecddd56828",
         reads=["context", "decision"],
     ),
     TopStep(
         method="step_investigate",
         step_id="investigate",
         pointer="/workflow/1",
-        code_sha="84b49ce2273a08a3f39ca32f1f558106f812117d7bc992411ba9b4dacc1874f6",
+        code_sha="88aa2acc5f07ee9c982a490cbb0d758705d1f3f1e8a74b64f4194d04286d4a95",
         reads=["context", "plan"],
     ),
     TopStep(
         method="step_merge",
         step_id="merge",
         pointer="/workflow/2",
-        code_sha="dbf966dd37eea6de87e6b2909a518283c15952b66bc5b325a2c2de912e3a1096",
+        code_sha="16accfcb6a5d9017497a42ae09442fbe79d69f37f8b52163c3703422a01e21e6",
         reads=["decision", "market", "plan", "risks", "technical"],
     ),
 )
@@ -60,3 +62,64 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 108, 122, "/workflow/1/branches/2/0"),
     ("workflow.py", 125, 148, "/workflow/2"),
 )
+
+PROMPTS: dict[str, str] = {
+    # built-in (the spec may override it as /prompts/judge)
+    "judge": (
+        "Task:\n"
+        "{{ task }}\n"
+        "\n"
+        "Candidate answers:\n"
+        "\n"
+        "{{ candidates }}\n"
+        "\n"
+        "Weigh the candidates and give the best-supported final answer."
+    ),
+    # built-in (the spec may override it as /prompts/candidate_label)
+    "candidate_label": "candidate {{ number }}",
+    # built-in (the spec may override it as /prompts/flow_task)
+    "flow_task": ("Run flow '{{ flow }}' on:\n" "{{ arguments }}"),
+    # built-in (the spec may override it as /prompts/debater_label)
+    "debater_label": "agent {{ number }} ({{ agent }})",
+    # built-in (the spec may override it as /prompts/debate_revision)
+    "debate_revision": (
+        "{{ task }}\n"
+        "\n"
+        "Your previous answer:\n"
+        "{{ previous }}\n"
+        "\n"
+        "The other agents answered:\n"
+        "\n"
+        "{{ others }}\n"
+        "\n"
+        "Consider their reasoning, then give your revised answer."
+    ),
+    # built-in (the spec may override it as /prompts/programmer)
+    "programmer": (
+        "{{ task }}\n"
+        "\n"
+        "Reply with the complete program in one ```python code block."
+    ),
+    # built-in (the spec may override it as /prompts/programmer_repair)
+    "programmer_repair": (
+        "{{ task }}\n"
+        "\n"
+        "Your previous program:\n"
+        "```python\n"
+        "{{ code }}\n"
+        "```\n"
+        "It failed (exit code {{ exit_code }}) with this output:\n"
+        "```\n"
+        "{{ output }}\n"
+        "```\n"
+        "Fix it. Reply with the complete program in one ```python code block."
+    ),
+    # built-in (the spec may override it as /prompts/format_repair)
+    "format_repair": "Your last answer is not valid for the output schema: {{ error }}. Reply with only the corrected JSON.",
+    # built-in (the spec may override it as /prompts/format_reminder)
+    "format_reminder": (
+        "Reply with one JSON object that matches this JSON Schema:\n" "{{ schema }}"
+    ),
+    # built-in (the spec may override it as /prompts/final_answer)
+    "final_answer": "No more tool calls: give your final answer now.",
+}

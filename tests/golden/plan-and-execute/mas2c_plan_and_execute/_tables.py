@@ -8,6 +8,8 @@ step id, ``code_sha`` and the values of ``reads`` only.
 TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
 line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
+PROMPTS: every fixed instruction the runtime sends, by name, with `{{ slot }}`s the
+runtime fills; the built-in texts, or the spec's `prompts:` where it overrides them.
 """
 
 from ._runtime import ToolCode, TopStep
@@ -17,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="e42e8652db8a6112b46b8ea0ad699a884ab7f1f77884a57e688d14ddca0f9a67",
+        code_sha="02c7e7f8c1691a66a4ee2d1bdfd2d580e4fa3981334d70a5004a2fa89e317d7a",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="bc347a98ad64ae00c8bd3900211cf3c9756fe25e34f2f3ef49173e189fc18a46",
+        code_sha="56252f724e28df853ec288d10d633b0701f6e4af77135170fe913f852fcec91f",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="8115caf2f402e12971da38be6aa7fb2e752010564ceac8ee7fe8e8ae26833f7a",
+        code_sha="678bbeacef15bb6651d1c6e1268d9f5fe9013f4f22a62bef9a7799862dafd684",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -53,3 +55,64 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 36, 52, "/workflow/1"),
     ("workflow.py", 55, 75, "/workflow/2"),
 )
+
+PROMPTS: dict[str, str] = {
+    # built-in (the spec may override it as /prompts/judge)
+    "judge": (
+        "Task:\n"
+        "{{ task }}\n"
+        "\n"
+        "Candidate answers:\n"
+        "\n"
+        "{{ candidates }}\n"
+        "\n"
+        "Weigh the candidates and give the best-supported final answer."
+    ),
+    # built-in (the spec may override it as /prompts/candidate_label)
+    "candidate_label": "candidate {{ number }}",
+    # built-in (the spec may override it as /prompts/flow_task)
+    "flow_task": ("Run flow '{{ flow }}' on:\n" "{{ arguments }}"),
+    # built-in (the spec may override it as /prompts/debater_label)
+    "debater_label": "agent {{ number }} ({{ agent }})",
+    # built-in (the spec may override it as /prompts/debate_revision)
+    "debate_revision": (
+        "{{ task }}\n"
+        "\n"
+        "Your previous answer:\n"
+        "{{ previous }}\n"
+        "\n"
+        "The other agents answered:\n"
+        "\n"
+        "{{ others }}\n"
+        "\n"
+        "Consider their reasoning, then give your revised answer."
+    ),
+    # built-in (the spec may override it as /prompts/programmer)
+    "programmer": (
+        "{{ task }}\n"
+        "\n"
+        "Reply with the complete program in one ```python code block."
+    ),
+    # built-in (the spec may override it as /prompts/programmer_repair)
+    "programmer_repair": (
+        "{{ task }}\n"
+        "\n"
+        "Your previous program:\n"
+        "```python\n"
+        "{{ code }}\n"
+        "```\n"
+        "It failed (exit code {{ exit_code }}) with this output:\n"
+        "```\n"
+        "{{ output }}\n"
+        "```\n"
+        "Fix it. Reply with the complete program in one ```python code block."
+    ),
+    # built-in (the spec may override it as /prompts/format_repair)
+    "format_repair": "Your last answer is not valid for the output schema: {{ error }}. Reply with only the corrected JSON.",
+    # built-in (the spec may override it as /prompts/format_reminder)
+    "format_reminder": (
+        "Reply with one JSON object that matches this JSON Schema:\n" "{{ schema }}"
+    ),
+    # built-in (the spec may override it as /prompts/final_answer)
+    "final_answer": "No more tool calls: give your final answer now.",
+}

@@ -8,6 +8,8 @@ step id, ``code_sha`` and the values of ``reads`` only.
 TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
 line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
+PROMPTS: every fixed instruction the runtime sends, by name, with `{{ slot }}`s the
+runtime fills; the built-in texts, or the spec's `prompts:` where it overrides them.
 """
 
 from ._runtime import ToolCode, TopStep
@@ -17,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="a8d8a3d39200dc2803acf75b5c3dd1b78086c7380a77fafa719dba282420c69f",
+        code_sha="ae20efdfd79a8de12484d6ab70c16ee54d9218a857d6c2867b7b4e6685572655",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="a13c445ec66f59e0750c38c75d1311a971056f8f53a324fc7af1b47a13eda73e",
+        code_sha="a69633cf92a7314562ec3af9f768127a5c516e58611683a641e8571f06cb5690",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="8d78ced6d7bf910d5e3681884db8468ccc7249336d479f27f6fa4f87265c5a3f",
+        code_sha="e5c507b4be6b94293595bbdfe524d3db8c2635673988ead4fcac3085756c85db",
         reads=["draft", "review", "task"],
     ),
 )
@@ -54,3 +56,64 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 66, 83, "/workflow/2/cases/0/steps/0/steps/0"),
     ("workflow.py", 86, 92, "/workflow/2/cases/0/steps/0/steps/1"),
 )
+
+PROMPTS: dict[str, str] = {
+    # built-in (the spec may override it as /prompts/judge)
+    "judge": (
+        "Task:\n"
+        "{{ task }}\n"
+        "\n"
+        "Candidate answers:\n"
+        "\n"
+        "{{ candidates }}\n"
+        "\n"
+        "Weigh the candidates and give the best-supported final answer."
+    ),
+    # built-in (the spec may override it as /prompts/candidate_label)
+    "candidate_label": "candidate {{ number }}",
+    # built-in (the spec may override it as /prompts/flow_task)
+    "flow_task": ("Run flow '{{ flow }}' on:\n" "{{ arguments }}"),
+    # built-in (the spec may override it as /prompts/debater_label)
+    "debater_label": "agent {{ number }} ({{ agent }})",
+    # built-in (the spec may override it as /prompts/debate_revision)
+    "debate_revision": (
+        "{{ task }}\n"
+        "\n"
+        "Your previous answer:\n"
+        "{{ previous }}\n"
+        "\n"
+        "The other agents answered:\n"
+        "\n"
+        "{{ others }}\n"
+        "\n"
+        "Consider their reasoning, then give your revised answer."
+    ),
+    # built-in (the spec may override it as /prompts/programmer)
+    "programmer": (
+        "{{ task }}\n"
+        "\n"
+        "Reply with the complete program in one ```python code block."
+    ),
+    # built-in (the spec may override it as /prompts/programmer_repair)
+    "programmer_repair": (
+        "{{ task }}\n"
+        "\n"
+        "Your previous program:\n"
+        "```python\n"
+        "{{ code }}\n"
+        "```\n"
+        "It failed (exit code {{ exit_code }}) with this output:\n"
+        "```\n"
+        "{{ output }}\n"
+        "```\n"
+        "Fix it. Reply with the complete program in one ```python code block."
+    ),
+    # built-in (the spec may override it as /prompts/format_repair)
+    "format_repair": "Your last answer is not valid for the output schema: {{ error }}. Reply with only the corrected JSON.",
+    # built-in (the spec may override it as /prompts/format_reminder)
+    "format_reminder": (
+        "Reply with one JSON object that matches this JSON Schema:\n" "{{ schema }}"
+    ),
+    # built-in (the spec may override it as /prompts/final_answer)
+    "final_answer": "No more tool calls: give your final answer now.",
+}

@@ -8,6 +8,8 @@ step id, ``code_sha`` and the values of ``reads`` only.
 TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
 line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
+PROMPTS: every fixed instruction the runtime sends, by name, with `{{ slot }}`s the
+runtime fills; the built-in texts, or the spec's `prompts:` where it overrides them.
 """
 
 from ._runtime import ToolCode, TopStep
@@ -17,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="81dca199c903c3242073964f5d263632b388031f95014389dee7ee7746c8637c",
+        code_sha="94d1ee84f25e82a92730889a3809df1c89ff32663c7e84a4f5b483b15222c0d7",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="1d046624e1e70b3c8b919beb60c14fd43219e11c1dce2876db18d8f184b91842",
+        code_sha="a153501e5c97cd3f832baf93268442f31509e662b2c76ad28abef4317c0d30a0",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="40b26db472be13d7fb50652ac16c56de33d5189a5ddf18232c9f0c3431b79795",
+        code_sha="d5540a28cb159f0ec097c0ded82f62c7560d52b8536ff4720960951ebaf833a9",
         reads=["rewrite"],
     ),
 )
@@ -53,3 +55,64 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 36, 51, "/workflow/1"),
     ("workflow.py", 54, 59, "/workflow/2"),
 )
+
+PROMPTS: dict[str, str] = {
+    # built-in (the spec may override it as /prompts/judge)
+    "judge": (
+        "Task:\n"
+        "{{ task }}\n"
+        "\n"
+        "Candidate answers:\n"
+        "\n"
+        "{{ candidates }}\n"
+        "\n"
+        "Weigh the candidates and give the best-supported final answer."
+    ),
+    # built-in (the spec may override it as /prompts/candidate_label)
+    "candidate_label": "candidate {{ number }}",
+    # built-in (the spec may override it as /prompts/flow_task)
+    "flow_task": ("Run flow '{{ flow }}' on:\n" "{{ arguments }}"),
+    # built-in (the spec may override it as /prompts/debater_label)
+    "debater_label": "agent {{ number }} ({{ agent }})",
+    # built-in (the spec may override it as /prompts/debate_revision)
+    "debate_revision": (
+        "{{ task }}\n"
+        "\n"
+        "Your previous answer:\n"
+        "{{ previous }}\n"
+        "\n"
+        "The other agents answered:\n"
+        "\n"
+        "{{ others }}\n"
+        "\n"
+        "Consider their reasoning, then give your revised answer."
+    ),
+    # built-in (the spec may override it as /prompts/programmer)
+    "programmer": (
+        "{{ task }}\n"
+        "\n"
+        "Reply with the complete program in one ```python code block."
+    ),
+    # built-in (the spec may override it as /prompts/programmer_repair)
+    "programmer_repair": (
+        "{{ task }}\n"
+        "\n"
+        "Your previous program:\n"
+        "```python\n"
+        "{{ code }}\n"
+        "```\n"
+        "It failed (exit code {{ exit_code }}) with this output:\n"
+        "```\n"
+        "{{ output }}\n"
+        "```\n"
+        "Fix it. Reply with the complete program in one ```python code block."
+    ),
+    # built-in (the spec may override it as /prompts/format_repair)
+    "format_repair": "Your last answer is not valid for the output schema: {{ error }}. Reply with only the corrected JSON.",
+    # built-in (the spec may override it as /prompts/format_reminder)
+    "format_reminder": (
+        "Reply with one JSON object that matches this JSON Schema:\n" "{{ schema }}"
+    ),
+    # built-in (the spec may override it as /prompts/final_answer)
+    "final_answer": "No more tool calls: give your final answer now.",
+}
