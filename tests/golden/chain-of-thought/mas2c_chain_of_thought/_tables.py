@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="c44fe8c74d0c07a402151bb26155d8da081c9711e927de4a861316849d0806c2",
+        code_sha="111a83ad8b3b0b7167a58d4bfacfc75bb4e29ed3a5171caae01b6534ed433690",
         reads=["question"],
     ),
 )

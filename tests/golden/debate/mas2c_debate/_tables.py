@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="04a72143b2f36d614737b247e591af780ef25df55cadf2a3540add54889af429",
+        code_sha="d7439238bb77a45205c7780439dcb1cb9bbff4b4ce91285e6292c4fa470ec0ef",
         reads=["question"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="d0509914d7185350c7dc2a730c3bf9360dff42793fab68775e81f0668e7a9c17",
+        code_sha="95adcae26becb753b8bc4674c15a3547cce4f012b7855748f73c75b451c54f8b",
         reads=["problem"],
     ),
 )

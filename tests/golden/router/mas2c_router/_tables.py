@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="a3a9a1dad69fde2317532f37175cb69e58aea34010541591ad35dd3d9e86c4c9",
+        code_sha="999d2dcb8e9fe15d372fc52c83f1fdf186fbe22f9cfe6b965a7bb8e5d8e42d3b",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="5ead4ce8e3ee55eaaa9ed439d71167396ca2b6b141243591ea0851451df90d28",
+        code_sha="1982d30fb54681b821417ce40f7147ef4768a2b796a0ca796e3bd236058b47d9",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="8110aa4d5ece67b682edf45b358c8884d203d4ab65d5684f6fa97ed10794f9f0",
+        code_sha="be43432de9fda032ea075037f6f4c9ab76dab430893fc907e8c831234e05c40d",
         reads=["question"],
     ),
 )
