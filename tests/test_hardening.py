@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import compile_to, load_runtime, run_package
 
-from mas2c.batch import CODE_SCORER_MAIN
+from mas2c.batch import CODE_SCORER_MAIN, parse_exact, score_text
 from mas2c.lang.validate import validate_text
 
 # -- A. exits are failures ---------------------------------------------------------------------
@@ -133,3 +133,42 @@ def test_votes_count_the_text_null_as_an_answer() -> None:
     runtime = load_runtime()
     with pytest.raises(runtime.EmptyVote):
         voting.majority([None, "", " ", {"answer": None}, {"x": 1}, "ANSWER: "])
+
+
+# -- F. scorers: exact numbers, valid groupings, the ANSWER: line -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prediction", "expected", "score"),
+    [
+        ("1,2", "12", 0.0),
+        ("1,2", "2", 1.0),  # two numbers, the last one counts
+        ("1,2345", "12345", 0.0),
+        ("12,34,567", "1234567", 0.0),
+        ("1,000,0", "10000", 0.0),
+        ("1,234,567", "1234567", 1.0),
+        ("$3,600.", "3600", 1.0),
+        ("9999999999999999", "10000000000000000", 0.0),
+        ("12345678901234567890", "12345678901234567891", 0.0),
+        (12345678901234567890, "12345678901234567890", 1.0),
+        ("100000000000000000001", 100000000000000000000, 0.0),
+        ("0.30000000000000004", "0.3", 1.0),
+        ("0.3000001", "0.3", 0.0),
+        ("ANSWER: 42\n(confidence 90%)", "42", 1.0),
+        ({"answer": 7}, "7", 1.0),
+    ],
+)
+def test_numeric_scorer_is_exact(prediction: Any, expected: Any, score: float) -> None:
+    assert score_text("numeric", prediction, expected) == score
+
+
+def test_text_scorers_read_the_answer_line() -> None:
+    assert score_text("exact", "Let me think.\nANSWER: Paris", "paris") == 1.0
+    assert score_text("exact", "ANSWER: Rome\nANSWER: Paris.", "Paris") == 1.0
+    assert score_text("exact", "ANSWER: Rome", "Paris") == 0.0
+    assert score_text("exact", "answer : paris", "Paris") == 1.0
+    assert (
+        score_text("f1", "Step 1 ... ANSWER is below\nANSWER: Eiffel Tower", "Eiffel Tower") == 1.0
+    )
+    assert score_text("math", "so\nANSWER: \\boxed{\\frac{3}{4}}", "\\frac{3}{4}") == 1.0
+    assert parse_exact("12%") == 12 and parse_exact("3/4") == parse_exact("0.75")
