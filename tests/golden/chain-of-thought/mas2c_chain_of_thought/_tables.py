@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="29eddeea2ebab66d059c87fad40407b65813a7d39179ae1d4d68f165b4560f7d",
+        code_sha="20dc8631629250abdf70158d239a9d0ac03b2d7426f05964653d36b60305a91b",
         reads=["question"],
     ),
 )

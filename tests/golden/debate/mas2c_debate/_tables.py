@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="db08e99a19cafe0cf7b6c01e9a21f29526417190fcca8ce0a9d99981592d64b8",
+        code_sha="8362c99f36929bb3ad7f47ff922b85c4204380f0367e70eba09ea55cb3d40357",
         reads=["question"],
     ),
 )

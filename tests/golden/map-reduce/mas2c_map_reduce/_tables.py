@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="456ba4dc5234a5165e08e4d7de095e53456f878a340d24c60de24b1a148a87ff",
+        code_sha="3dcaa38cafa77c4906a170c2b5eeb93daaeaf6889898d30d694019282516737e",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="114ac97d092872ef2cb24ab675a7cf2682b8ec28fdbf1ebc75f68470f60f9506",
+        code_sha="4fb71e87c1f719eae188af2816e432ee19fa83205f32a41dcc35674efa060bfe",
         reads=["focus", "summaries"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="278e6fdc8ba0078a9b72f147942c978971470c0e4cc5c555a03b1be7155a542f",
+        code_sha="6700fcfa15a09d00ddb383450b42496b96f5b3bd751b4365152c9bad4e741826",
         reads=["problem"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="6aa61a03d49a11990846ae22a72be7aece277514348a02558f30a52741702b5c",
+        code_sha="cc1327a2421103b253e294dfa1953a2b3ef82511c309524b82b62aa7c3e09390",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="9301678412cd4e1fc4a35c37004190adb5659105e25afae8d34ff87f11ee472d",
+        code_sha="32cbffaf320a7c07d60639c005846081c7aab8261845fe8ceb400a93edca1a68",
         reads=["product", "route", "ticket"],
     ),
 )

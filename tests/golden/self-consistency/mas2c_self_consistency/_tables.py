@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="e7682aeb740fee3b678e4f084e28fd19ca7759ad2cd2c0da6454dc88beb0f3ec",
+        code_sha="d6c67468177d14ebf3d8dd08bad985396e6b30c4a78835dcd19a7c6a57dd55d9",
         reads=["question"],
     ),
 )
