@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="b6d00414bc2d5c4ba21c805adc1bf266148486e96f16f9adcf61d1d98d111e1b",
+        code_sha="6700fcfa15a09d00ddb383450b42496b96f5b3bd751b4365152c9bad4e741826",
         reads=["problem"],
     ),
 )

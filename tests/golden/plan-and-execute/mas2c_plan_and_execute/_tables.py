@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="b96e65c803e3821b39617d0ec8f6248e5d7b9a406fa4d27e49b79506ec9648f1",
+        code_sha="a2c2c35c663f9221a5d0d3be669675fdbabbfd937babc63b5a82da16851f8477",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="622c5f0d895b3e2f9f718364eaf1019303bba19015bc56854ef243c8be01031f",
+        code_sha="b1151afa3fd8d904aec0d491612924a13b80625ef08927cc9e686778b40806d1",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="af01e0d444c07a3e175e43ca31a66719248318434af4e042be2b0b4ecbcbf0ec",
+        code_sha="519bbc20a909be54bb72610f5a7276772dcb7dfcd1044e7a941db19e866bd16a",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -50,10 +50,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 66, 109, "/agents/planner"),
     ("agents.py", 111, 138, "/agents/synthesizer"),
     ("tools.py", 12, 25, "/tools/python"),
-    ("workflow.py", 22, 25, "/workflow"),
-    ("workflow.py", 28, 33, "/workflow/0"),
-    ("workflow.py", 36, 52, "/workflow/1"),
-    ("workflow.py", 55, 75, "/workflow/2"),
+    ("workflow.py", 20, 23, "/workflow"),
+    ("workflow.py", 26, 31, "/workflow/0"),
+    ("workflow.py", 34, 50, "/workflow/1"),
+    ("workflow.py", 53, 73, "/workflow/2"),
 )
 
 PROMPTS: dict[str, str] = {

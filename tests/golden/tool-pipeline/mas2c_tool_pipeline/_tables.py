@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="9a54e85da7fe7d504409278fe13e5fb25d0fe3fd68454bd6462a8784a0910429",
+        code_sha="81a10cbc9a35d8cd83b84188ed72171bf2586883e64a7b25d05e0ad23439aa1b",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="6d6c27e09f4f6b20c172d02de7b28b8beca8e7470361f84d4849444802495db3",
+        code_sha="5a21def181c043e287157e61e47b8fdab2f92bbc2bb1ca02a5ae8c7cf4b7e2fd",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="449b65929a06ea5c0ec5f520acc0db8218b6d33b0119d98dfb266db7e7ff57b8",
+        code_sha="c567b5cfadb012301e91d8abb2713b9c9d0dfdb488fd41f42982e379188bc538",
         reads=["rewrite"],
     ),
 )
@@ -50,10 +50,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 19, 48, "/agents/editor"),
     ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
     ("tools.py", 13, 25, "/tools/text_stats"),
-    ("workflow.py", 22, 25, "/workflow"),
-    ("workflow.py", 28, 33, "/workflow/0"),
-    ("workflow.py", 36, 51, "/workflow/1"),
-    ("workflow.py", 54, 59, "/workflow/2"),
+    ("workflow.py", 20, 23, "/workflow"),
+    ("workflow.py", 26, 31, "/workflow/0"),
+    ("workflow.py", 34, 49, "/workflow/1"),
+    ("workflow.py", 52, 57, "/workflow/2"),
 )
 
 PROMPTS: dict[str, str] = {
