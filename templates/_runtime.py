@@ -49,6 +49,7 @@ from collections.abc import (
     Callable,
     Iterator,
     Mapping,
+    MutableMapping,
     Sequence,
 )
 from dataclasses import dataclass
@@ -90,8 +91,11 @@ __all__ = [
     "LLMError",
     "LoopExhausted",
     "ModelDef",
+    "NoCredentials",
     "Run",
     "SpecInfo",
+    "State",
+    "StateVar",
     "StepTimeout",
     "StructuredOutputError",
     "ToolCode",
@@ -104,7 +108,9 @@ __all__ = [
     "load_checkpoints",
     "lookup",
     "main",
+    "recoverable",
     "render",
+    "resolve_value",
     "state_scope",
 ]
 
@@ -195,6 +201,8 @@ class SpecInfo:
     # From the compiler (_tables.py): without them a run is never checkpointed.
     top_steps: Sequence[TopStep] = ()
     tool_code: Mapping[str, ToolCode] = dataclass_field(default_factory=dict)
+    # Every fixed instruction the runtime sends (_tables.PROMPTS): it holds none itself.
+    prompts: Mapping[str, str] = dataclass_field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- exceptions
@@ -205,8 +213,9 @@ class WorkflowError(Exception):
     ``code`` is the stable, machine-readable kind of failure (``out.json``'s
     ``error.code``; the rectifier dispatches on it, never on the message): one of
     empty_vote, step_timeout, tool_timeout, tool_error, structured_output, budget_calls,
-    budget_tokens, budget_cost, run_timeout, bad_input, llm_error, internal (and
-    interrupted, for a run stopped by a signal)."""
+    budget_tokens, budget_cost, run_timeout, bad_input, llm_error, map_not_list,
+    map_overflow, state_type, internal (and interrupted, for a run stopped by a signal).
+    """
 
     code = "internal"
 
@@ -252,6 +261,19 @@ class InputError(WorkflowError):
     """The run's input does not match the spec's inputs: exit 2."""
 
     code = "bad_input"
+
+
+class NoCredentials(InputError):
+    """No API key and no gateway socket: no request may be sent (exit 2)."""
+
+    code = "no_credentials"
+
+
+NO_CREDENTIALS = (
+    "no LLM credentials: set OPENAI_API_KEY (and OPENAI_BASE_URL for an endpoint other "
+    "than OpenAI's), or MAS2C_LLM_SOCKET to a mas2c gateway's socket; library callers "
+    "may pass api_key= or llm_socket="
+)
 
 
 class LLMError(WorkflowError):
@@ -364,6 +386,169 @@ def resolve_value(value: Any, state: Mapping[str, Any]) -> Any:
         return resolve_tree(value, _lookup_in(state))
     except TemplateError as exc:
         raise WorkflowError(str(exc)) from None
+
+
+# ------------------------------------------------------------ state: scopes, reducers
+
+REDUCERS = ("replace", "append", "merge", "add")
+
+
+@dataclass(frozen=True)
+class StateVar:
+    """A declared state variable (the spec's ``state``): how writes combine
+    (``reducer``), its value before any write and its JSON Schema."""
+
+    reducer: str = "replace"
+    initial: Any = None
+    schema: Mapping[str, Any] | None = None
+    bound: bool = True  # whether it has a value before its first write
+
+
+def reduce_value(name: str, reducer: str, current: Any, value: Any) -> Any:
+    """``current`` combined with a written ``value``: replace, append (the value becomes
+    the list's last item), merge (the object's keys overwrite), add (numbers)."""
+    if reducer == "append" and isinstance(current, list):
+        return [*current, value]
+    if reducer == "merge" and isinstance(current, dict) and isinstance(value, dict):
+        return {**current, **value}
+    if (
+        reducer == "add"
+        and json_type(current) in ("integer", "number")
+        and json_type(value) in ("integer", "number")
+    ):
+        return current + value
+    if reducer == "replace":
+        return value
+    raise WorkflowError(
+        f"state variable {name!r} (reducer {reducer}) cannot combine "
+        f"{json_type(current)} {_preview(current)} with {json_type(value)} {_preview(value)}",
+        code="state_type",
+    )
+
+
+class _Scope:
+    """One level of the state: its own variables over its parent's (a map item, a
+    parallel branch, a step attempt). Writes to declared variables are also logged, to
+    be replayed through their reducers on the parent when the scope is absorbed."""
+
+    def __init__(
+        self, parent: _Scope | None, values: dict[str, Any], owner: object
+    ) -> None:
+        self.parent = parent
+        self.values = values
+        self.owner = owner
+        self.log: list[tuple[str, Any]] = []
+
+    def find(self, name: str) -> _Scope | None:
+        scope: _Scope | None = self
+        while scope is not None and name not in scope.values:
+            scope = scope.parent
+        return scope
+
+
+# The innermost scope each task runs in: concurrent map items and branches see their own.
+_SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
+    "mas2c_scope", default=None
+)
+
+
+class State(MutableMapping[str, Any]):
+    """The run's state: inputs, declared variables and each step's ``out``.
+
+    ``state[name] = value`` writes a declared variable through its reducer (and checks
+    the result against its schema); any other variable is replaced. Inside a map item,
+    a parallel branch or a step attempt (``scope()``) reads see the enclosing state and
+    writes stay in the scope until ``absorb()`` replays them on the parent, in order:
+    so concurrent writes combine deterministically (input order, branch order).
+    """
+
+    def __init__(
+        self, values: Mapping[str, Any] | None = None, *, share: bool = False
+    ) -> None:
+        # share: the state writes into ``values`` itself (a flow's dict), not into a copy.
+        own = values if share and isinstance(values, dict) else dict(values or {})
+        self._root = _Scope(None, own, self)
+        self.declared: dict[str, StateVar] = {}
+
+    def declare(self, variables: Mapping[str, StateVar]) -> None:
+        """Declare variables; those with an initial value get it now."""
+        for name, var in variables.items():
+            self.declared[name] = var
+            if var.bound:
+                self._root.values[name] = copy.deepcopy(var.initial)
+
+    def _current(self) -> _Scope:
+        scope = _SCOPE.get()
+        return scope if scope is not None and scope.owner is self else self._root
+
+    def __getitem__(self, name: str) -> Any:
+        found = self._current().find(name)
+        if found is None:
+            raise KeyError(name)
+        return found.values[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        scope = self._current()
+        var = self.declared.get(name)
+        if var is None:
+            scope.values[name] = value
+            return
+        found = scope.find(name)
+        if found is not None and var.reducer != "replace":
+            value_now = reduce_value(name, var.reducer, found.values[name], value)
+        else:
+            value_now = value
+        if var.schema is not None:
+            problems = validate_value(value_now, var.schema)
+            if problems:
+                raise WorkflowError(
+                    f"state variable {name!r}: {problems[0]}", code="state_type"
+                )
+        scope.values[name] = value_now
+        if scope.parent is not None:
+            scope.log.append((name, value))
+
+    def __delitem__(self, name: str) -> None:
+        del self._current().values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        names: dict[str, None] = {}
+        scope: _Scope | None = self._current()
+        while scope is not None:
+            names.update(dict.fromkeys(scope.values))
+            scope = scope.parent
+        return iter(names)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def restore(self, values: Mapping[str, Any]) -> None:
+        """Set values as they are, bypassing reducers (a checkpoint's final values)."""
+        self._current().values.update(values)
+
+    @contextlib.contextmanager
+    def scope(self, values: Mapping[str, Any] | None = None) -> Iterator[_Scope]:
+        """A scope over the current one for the code inside (in this task only)."""
+        child = _Scope(self._current(), dict(values or {}), self)
+        token = _SCOPE.set(child)
+        try:
+            yield child
+        finally:
+            _SCOPE.reset(token)
+
+    def absorb(self, child: _Scope, *, keep: bool, drop: Sequence[str] = ()) -> None:
+        """Apply a finished scope to its parent: its writes to declared variables, replayed
+        through their reducers in order; with ``keep``, its other variables too."""
+        token = _SCOPE.set(child.parent)
+        try:
+            if keep:
+                for name, value in child.values.items():
+                    if name not in self.declared and name not in drop:
+                        self[name] = value
+            for name, value in child.log:
+                self[name] = value
+        finally:
+            _SCOPE.reset(token)
 
 
 # ---------------------------------------------------------------------- accounting
@@ -563,19 +748,26 @@ _STEP: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
 )
 
 # The state of the flow (named sub-workflow) each task runs in; None: the workflow's.
-_SCOPE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "mas2c_scope", default=None
+_FLOW_STATE: contextvars.ContextVar[State | None] = contextvars.ContextVar(
+    "mas2c_flow_state", default=None
 )
 
 
 @contextlib.contextmanager
 def state_scope(state: dict[str, Any]) -> Iterator[None]:
-    """Steps run inside see ``state`` as ``Run.state`` (a flow's own state)."""
-    token = _SCOPE.set(state)
+    """Steps run inside see ``state`` as ``Run.state`` (a flow's own state; its writes
+    land in ``state`` itself)."""
+    token = _FLOW_STATE.set(State(state, share=True))
     try:
         yield
     finally:
-        _SCOPE.reset(token)
+        _FLOW_STATE.reset(token)
+
+
+# The map items each task is in (outermost first): traced with every step inside them.
+_ITEM: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar(
+    "mas2c_item", default=()
+)
 
 
 def _where() -> dict[str, str | None]:
@@ -664,7 +856,7 @@ def _make_client(settings: ClientSettings) -> openai.AsyncOpenAI:
             http_client=cast(Any, http),
         )
     if not settings.api_key:  # checked before the run starts; never a placeholder key
-        raise LLMError("no API key: set OPENAI_API_KEY, or MAS2C_LLM_SOCKET")
+        raise NoCredentials(NO_CREDENTIALS)
     # Each run has its own client and connections; the TLS context (the CA bundle, which
     # takes ~45 ms to load) is made once per process and shared, read-only.
     http_client = openai.DefaultAsyncHttpxClient(verify=_tls_context(), timeout=timeout)
@@ -745,12 +937,9 @@ def _system_prompt(agent: AgentDef) -> str:
 
 
 def _with_schema_in_system(
-    messages: list[dict[str, Any]], schema: Any
+    messages: list[dict[str, Any]], note: str
 ) -> list[dict[str, Any]]:
     """JSON-object mode cannot carry a schema: tell the model in the system prompt."""
-    note = "Reply with one JSON object that matches this JSON Schema:\n" + json.dumps(
-        schema, ensure_ascii=False, indent=2
-    )
     if messages and messages[0].get("role") == "system":
         first = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}
         return [first, *messages[1:]]
@@ -888,15 +1077,16 @@ def _flush():
             stream.flush()
         except Exception:
             pass
-def _report(index, passed, error):
+def _report(index, passed, error, _nonce=NONCE):
     _flush()
-    line = "\\n" + NONCE + _json.dumps({"index": index, "passed": passed, "error": error})
+    line = "\\n" + _nonce + _json.dumps({"index": index, "passed": passed, "error": error})
     _os.write(1, (line + "\\n").encode("utf-8"))
+del NONCE
 def _describe(exc):
+    if isinstance(exc, SystemExit):
+        return "SystemExit: the code exited (code %r) before the test finished" % (exc.code,)
     return "".join(_tb.format_exception_only(type(exc), exc)).strip()
 def _outcome(exc):
-    if isinstance(exc, SystemExit) and exc.code in (None, 0):
-        return True, None
     _flush()
     _tb.print_exception(type(exc), exc, exc.__traceback__.tb_next, file=_sys.__stderr__)
     return False, _describe(exc)
@@ -1151,7 +1341,7 @@ class Run:
         self.tools = tools
         self.budgets = budgets or spec.budgets  # the caller's, tightened (see _api.py)
         self.client_settings = client or client_settings()
-        self._state: dict[str, Any] = dict(inputs or {})
+        self._state = State(inputs)
         self.trace = trace or Trace(None)
         self._usage = Usage()
         self._in_flight = 0  # requests sent, not yet answered: they hold a call slot
@@ -1166,9 +1356,9 @@ class Run:
         self.warnings: list[dict[str, Any]] = []
 
     @property
-    def state(self) -> dict[str, Any]:
+    def state(self) -> State:
         """The state steps read and write: the workflow's, or inside a flow the flow's."""
-        scoped = _SCOPE.get()
+        scoped = _FLOW_STATE.get()
         return self._state if scoped is None else scoped
 
     # ------------------------------------------------------------------ lifecycle
@@ -1178,6 +1368,7 @@ class Run:
         limit = self.budgets.timeout_s
         try:
             async with asyncio.timeout(limit) as scope:
+                self.state.declare(getattr(workflow_cls, "STATE", {}))
                 workflow = workflow_cls(self)
                 for top in self.spec.top_steps:
                     method = getattr(workflow, top.method, None)
@@ -1207,13 +1398,13 @@ class Run:
             saved = self.checkpoints.get(key)
             if saved is not None:
                 writes = copy.deepcopy(dict(saved["writes"]))
-                self.state.update(writes)
+                self.state.restore(writes)
                 self.trace.emit(
                     "step_resumed", step=top.step_id, pointer=top.pointer, key=key
                 )
                 self._checkpoint(top, key, writes)
                 return
-            before = copy.deepcopy(self.state)
+            before = copy.deepcopy(dict(self.state))
             await method()
             writes = {
                 k: v for k, v in self.state.items() if k not in before or before[k] != v
@@ -1252,7 +1443,8 @@ class Run:
         span = _open_span(self.trace)
         span_token = _SPAN.set(span.span_id)
         ids = {"span_id": span.span_id, "parent_id": span.parent_id}
-        self.trace.emit("step_start", step=step_id, pointer=pointer, **ids)
+        items = {"item": list(_ITEM.get())} if _ITEM.get() else {}  # inside map items
+        self.trace.emit("step_start", step=step_id, pointer=pointer, **ids, **items)
         status, error = "error", None
         try:
             async with asyncio.timeout(timeout_s) as scope:
@@ -1286,6 +1478,7 @@ class Run:
                 status=status,
                 duration_s=span.duration(),
                 **span.fields(),
+                **items,
                 **({"error": error} if error else {}),
             )
 
@@ -1329,6 +1522,160 @@ class Run:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
+    async def branches(self, *aws: Awaitable[Any]) -> list[Any]:
+        """``parallel`` branches: concurrently, each in a scope of its own, whose writes
+        reach the state afterwards in branch order (declared variables through their
+        reducers), so concurrent appends combine deterministically."""
+
+        async def scoped(aw: Awaitable[Any]) -> tuple[Any, _Scope]:
+            with self.state.scope() as scope:
+                return await aw, scope
+
+        done = await self.gather(*(scoped(aw) for aw in aws))
+        for _result, scope in done:
+            self.state.absorb(scope, keep=True)
+        return [result for result, _scope in done]
+
+    async def map(
+        self,
+        step_id: str,
+        pointer: str,
+        items: Any,
+        body: Callable[[], Awaitable[Any]],
+        *,
+        item: str,
+        index: str,
+        max_concurrency: int,
+        max_items: int,
+        truncate: bool = False,
+    ) -> list[Any]:
+        """``map`` step: ``body`` once per item, at most ``max_concurrency`` at once, each
+        in a scope holding ``item`` and ``index``; the results in input order. What the
+        body writes stays in its item, except declared variables with a combining
+        reducer, which reach the state afterwards in input order."""
+        if not isinstance(items, list):
+            raise WorkflowError(
+                f"map {step_id!r}: `over` is {json_type(items)} {_preview(items)}, not a list",
+                spec_pointer=f"{pointer}/over",
+                code="map_not_list",
+            )
+        if len(items) > max_items:
+            self._map_overflow(step_id, pointer, len(items), max_items, truncate)
+            items = items[:max_items]
+        self.trace.emit(
+            "map_start",
+            step=step_id,
+            pointer=pointer,
+            items=len(items),
+            max_concurrency=max_concurrency,
+        )
+        slots = asyncio.Semaphore(max_concurrency)
+
+        async def one(position: int, value: Any) -> tuple[Any, _Scope]:
+            async with slots:
+                with self.state.scope({item: value, index: position}) as scope:
+                    token = _ITEM.set((*_ITEM.get(), position))
+                    try:
+                        return await body(), scope
+                    finally:
+                        _ITEM.reset(token)
+
+        done = await self.gather(*(one(i, value) for i, value in enumerate(items)))
+        for _result, scope in done:
+            self.state.absorb(scope, keep=False)
+        return [result for result, _scope in done]
+
+    def _map_overflow(
+        self, step_id: str, pointer: str, count: int, max_items: int, truncate: bool
+    ) -> None:
+        """A list longer than ``max_items``: an error, or (``truncate``) a visible cut."""
+        message = (
+            f"map {step_id!r} got {count} items, more than max_items ({max_items})"
+        )
+        self.trace.emit(
+            "map_truncated" if truncate else "map_overflow",
+            step=step_id,
+            pointer=pointer,
+            items=count,
+            max_items=max_items,
+        )
+        if not truncate:
+            raise WorkflowError(
+                message, spec_pointer=f"{pointer}/max_items", code="map_overflow"
+            )
+        self.warnings.append(
+            {
+                "type": "map_truncated",
+                "step": step_id,
+                "pointer": pointer,
+                "items": count,
+                "max_items": max_items,
+                "message": message + f": only the first {max_items} were mapped",
+            }
+        )
+
+    async def guarded(
+        self,
+        step_id: str,
+        pointer: str,
+        attempt: Callable[[], Awaitable[None]],
+        *,
+        retry: int = 0,
+        fallback: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """A step with ``retry`` and/or ``fallback``: each attempt runs in a scope of its
+        own (a failed attempt's writes are discarded); after ``retry`` failed retries,
+        ``fallback`` runs with the error as ``error``. Only recoverable failures are
+        retried (see ``recoverable``); the trace shows each failure and the fallback."""
+        for number in range(1, retry + 2):
+            try:
+                with self.state.scope() as scope:
+                    await attempt()
+            except Exception as exc:
+                if not recoverable(exc):
+                    raise
+                last = number > retry
+                self.trace.emit(
+                    "step_failed",
+                    step=step_id,
+                    pointer=pointer,
+                    attempt=number,
+                    attempts=retry + 1,
+                    code=error_code(exc),
+                    message=str(exc)[:500],
+                    then=(
+                        "fallback" if last and fallback else "fail" if last else "retry"
+                    ),
+                )
+                if not last:
+                    continue
+                if fallback is None:
+                    raise
+                await self._fallback(step_id, pointer, exc, fallback)
+                return
+            self.state.absorb(scope, keep=True)
+            return
+
+    async def _fallback(
+        self,
+        step_id: str,
+        pointer: str,
+        exc: Exception,
+        fallback: Callable[[], Awaitable[None]],
+    ) -> None:
+        error = {
+            "type": type(exc).__name__,
+            "code": error_code(exc),
+            "message": str(exc),
+            "step": getattr(exc, "step", None) or step_id,
+            "pointer": getattr(exc, "spec_pointer", None) or pointer,
+        }
+        self.trace.emit("fallback_start", step=step_id, pointer=f"{pointer}/fallback")
+        with self.state.scope({"error": error}) as scope:
+            await fallback()
+        self.state.absorb(scope, keep=True, drop=("error",))
+        self.trace.emit("fallback_end", step=step_id, pointer=f"{pointer}/fallback")
+
     async def call(self, agent: str, prompt: str) -> Any:
         """``call`` step: one agent turn on the rendered prompt."""
         return await self.turn(agent, render(prompt, self.state))
@@ -1363,7 +1710,9 @@ class Run:
         answers = await self.gather(
             *(_labelled(self.turn(a, task), sample=i) for i, a in enumerate(agents))
         )
-        labels = [f"candidate {i}" for i in range(1, len(answers) + 1)]
+        labels = [
+            self.prompt("candidate_label", number=i) for i in range(1, len(answers) + 1)
+        ]
         return await self._decide(
             "ensemble", task, answers, labels, vote=vote, judge=judge, vote_on=vote_on
         )
@@ -1380,7 +1729,10 @@ class Run:
     ) -> Any:
         """``debate`` step: answer, read the others' answers, revise; then decide."""
         task = render(topic, self.state)
-        labels = [f"agent {i} ({a})" for i, a in enumerate(agents, 1)]
+        labels = [
+            self.prompt("debater_label", number=i, agent=a)
+            for i, a in enumerate(agents, 1)
+        ]
         answers = await self.gather(
             *(
                 _labelled(self.turn(a, task), round=1, sample=i)
@@ -1407,18 +1759,19 @@ class Run:
     ) -> dict[str, Any]:
         """``programmer`` step: write code, run it, feed errors back; never raises on failure."""
         task = render(prompt, self.state)
-        ask = "Reply with the complete program in one ```python code block."
         code = ""
         result: dict[str, Any] = {"output": "", "exit_code": None}
         attempt = 0
         for attempt in range(1, max_attempts + 1):
             if attempt == 1:
-                request = f"{task}\n\n{ask}"
+                request = self.prompt("programmer", task=task)
             else:
-                request = (
-                    f"{task}\n\nYour previous program:\n```python\n{code}\n```\n"
-                    f"It failed (exit code {result['exit_code']}) with this output:\n"
-                    f"```\n{result['output']}\n```\nFix it. {ask}"
+                request = self.prompt(
+                    "programmer_repair",
+                    task=task,
+                    code=code,
+                    exit_code=str(result["exit_code"]),
+                    output=result["output"],
                 )
             answer = await _labelled(self.turn(agent, request), round=attempt)
             code = extract_code(answer if isinstance(answer, str) else _code_of(answer))
@@ -1443,8 +1796,9 @@ class Run:
         """``test`` step: the code in state (Markdown fences stripped, as ``programmer``
         does), then each test snippet in the same namespace, in one fresh interpreter.
 
-        ``{passed, results: [{test, passed, error}], output}``: passed when every
-        snippet ran without an exception (``sys.exit(0)`` counts as passing).
+        ``{passed, results: [{test, passed, error}], output}``: a snippet passed when the
+        harness reports, after it ran to its end, that it raised nothing. An exit of any
+        kind (``sys.exit(0)``, ``exit()``, ``quit()``, ``os._exit``) before that is a failure.
         """
         code = extract_code(_code_of(lookup(self.state, code_path)))
         snippets = _test_snippets(tests, self.state)
@@ -1480,8 +1834,7 @@ class Run:
                 messages.append(
                     {
                         "role": "user",
-                        "content": f"Your last answer is not valid for the output schema: {exc}. "
-                        "Reply with only the corrected JSON.",
+                        "content": self.prompt("format_repair", error=str(exc)),
                     }
                 )
                 text = await self._answer(agent, messages, final=True)
@@ -1503,7 +1856,7 @@ class Run:
                 messages.append(
                     {
                         "role": "user",
-                        "content": "No more tool calls: give your final answer now.",
+                        "content": self.prompt("final_answer"),
                     }
                 )
             response = await self._chat(agent, messages, tools, last_round)
@@ -1611,9 +1964,8 @@ class Run:
     ) -> Any:
         """Close an ensemble or a debate: a judge's turn, a vote, or all answers."""
         if judge is not None:
-            prompt = (
-                f"Task:\n{task}\n\nCandidate answers:\n\n{_numbered(answers, labels)}\n\n"
-                "Weigh the candidates and give the best-supported final answer."
+            prompt = self.prompt(
+                "judge", task=task, candidates=_numbered(answers, labels)
             )
             return await _labelled(self.turn(judge, prompt), role="judge")
         from ._voting import (
@@ -1627,17 +1979,26 @@ class Run:
             return first_answer(answers, vote_on)
         return list(answers)
 
-    @staticmethod
     def _revision_prompt(
-        task: str, answers: Sequence[Any], labels: Sequence[str], me: int
+        self, task: str, answers: Sequence[Any], labels: Sequence[str], me: int
     ) -> str:
         others = [i for i in range(len(answers)) if i != me]
-        return (
-            f"{task}\n\nYour previous answer:\n{as_text(answers[me])}\n\n"
-            "The other agents answered:\n\n"
-            f"{_numbered([answers[i] for i in others], [labels[i] for i in others])}\n\n"
-            "Consider their reasoning, then give your revised answer."
+        return self.prompt(
+            "debate_revision",
+            task=task,
+            previous=as_text(answers[me]),
+            others=_numbered([answers[i] for i in others], [labels[i] for i in others]),
         )
+
+    def prompt(self, name: str, **slots: Any) -> str:
+        """A built-in prompt (``_tables.PROMPTS``, where the spec may override it) with
+        its ``{{ slot }}``s filled; inserted text is never rendered again."""
+        template = self.spec.prompts.get(name)
+        if template is None:
+            raise WorkflowError(
+                f"the package has no built-in prompt {name!r} (see PROMPTS in _tables.py)"
+            )
+        return render(template, slots)
 
     # ------------------------------------------------------------------ LLM calls
 
@@ -1691,7 +2052,9 @@ class Run:
                 request["tool_choice"] = "none"
         if agent.output is not None:
             if model.model in self._json_object_only:
-                request["messages"] = _with_schema_in_system(messages, agent.output)
+                schema = json.dumps(agent.output, ensure_ascii=False, indent=2)
+                note = self.prompt("format_reminder", schema=schema)
+                request["messages"] = _with_schema_in_system(messages, note)
                 request["response_format"] = {"type": "json_object"}
             else:
                 request["response_format"] = {
@@ -1735,6 +2098,8 @@ class Run:
         """Send with retries on 429/5xx/timeouts/malformed answers; account and trace."""
         model = self.models[agent.model]
         attempts = self.client_settings.max_attempts
+        if self._client is None:  # here, so that missing credentials are not retried
+            self._client = _make_client(self.client_settings)
         for attempt in range(1, attempts + 1):
             self._check_budget()
             span = _open_span(self.trace)
@@ -1888,6 +2253,17 @@ _OUTCOMES: tuple[tuple[type[BaseException], str, int], ...] = (
     (Exception, "error", 1),
     (BaseException, "interrupted", 130),
 )
+
+
+def recoverable(exc: BaseException) -> bool:
+    """Whether a step's ``retry`` and ``fallback`` apply to a failure: every workflow
+    error except an exhausted budget, bad input and the run's own timeout (and never an
+    internal error or an interruption)."""
+    if not isinstance(exc, WorkflowError):
+        return False
+    return (
+        not isinstance(exc, BudgetExceeded | InputError) and exc.code != "run_timeout"
+    )
 
 
 def error_code(exc: BaseException) -> str:

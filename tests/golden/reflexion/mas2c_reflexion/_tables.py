@@ -8,6 +8,8 @@ step id, ``code_sha`` and the values of ``reads`` only.
 TOOL_CODE: the lines of each code tool's module that hold its spec code (verbatim, line for
 line).
 SOURCE_MAP: (file, first line, last line, spec pointer) of the generated code.
+PROMPTS: every fixed instruction the runtime sends, by name, with `{{ slot }}`s the
+runtime fills; the built-in texts, or the spec's `prompts:` where it overrides them.
 """
 
 from ._runtime import ToolCode, TopStep
@@ -17,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="9c2e4db8fa5d6053b15331e9433147cb6720d4d486307d38c8e9b102ec9a223d",
+        code_sha="45f6f756bea5b61db8fa637053934df58e7c5a56e97f6e7aaab17ed5e119c834",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="864356140ae6af279e6a25a65551e4944ea3352a110924cc89dfd85d6207e16d",
+        code_sha="9a0cad3b36ab7292b7a19a7f49969fbd4a6e5f9ddbd40f81e967b522bd01cb7f",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="500f08fe86aee78e8156bc97cd73d022f2edb6f8a788c18097da4f8a29b41752",
+        code_sha="06e6140740f4b6efc72c9cf86b00191e79e94b0352a4ccc3ffa4df06b8b1d009",
         reads=["draft", "review", "task"],
     ),
 )
@@ -46,11 +48,72 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 16, 22, "/models/writer"),
     ("agents.py", 27, 41, "/agents/actor"),
     ("agents.py", 43, 72, "/agents/critic"),
-    ("workflow.py", 22, 25, "/workflow"),
-    ("workflow.py", 28, 33, "/workflow/0"),
-    ("workflow.py", 36, 42, "/workflow/1"),
-    ("workflow.py", 45, 50, "/workflow/2"),
-    ("workflow.py", 53, 63, "/workflow/2/cases/0/steps/0"),
-    ("workflow.py", 66, 83, "/workflow/2/cases/0/steps/0/steps/0"),
-    ("workflow.py", 86, 92, "/workflow/2/cases/0/steps/0/steps/1"),
+    ("workflow.py", 20, 23, "/workflow"),
+    ("workflow.py", 26, 31, "/workflow/0"),
+    ("workflow.py", 34, 40, "/workflow/1"),
+    ("workflow.py", 43, 48, "/workflow/2"),
+    ("workflow.py", 51, 61, "/workflow/2/cases/0/steps/0"),
+    ("workflow.py", 64, 81, "/workflow/2/cases/0/steps/0/steps/0"),
+    ("workflow.py", 84, 90, "/workflow/2/cases/0/steps/0/steps/1"),
 )
+
+PROMPTS: dict[str, str] = {
+    # built-in (the spec may override it as /prompts/judge)
+    "judge": (
+        "Task:\n"
+        "{{ task }}\n"
+        "\n"
+        "Candidate answers:\n"
+        "\n"
+        "{{ candidates }}\n"
+        "\n"
+        "Weigh the candidates and give the best-supported final answer."
+    ),
+    # built-in (the spec may override it as /prompts/candidate_label)
+    "candidate_label": "candidate {{ number }}",
+    # built-in (the spec may override it as /prompts/flow_task)
+    "flow_task": ("Run flow '{{ flow }}' on:\n" "{{ arguments }}"),
+    # built-in (the spec may override it as /prompts/debater_label)
+    "debater_label": "agent {{ number }} ({{ agent }})",
+    # built-in (the spec may override it as /prompts/debate_revision)
+    "debate_revision": (
+        "{{ task }}\n"
+        "\n"
+        "Your previous answer:\n"
+        "{{ previous }}\n"
+        "\n"
+        "The other agents answered:\n"
+        "\n"
+        "{{ others }}\n"
+        "\n"
+        "Consider their reasoning, then give your revised answer."
+    ),
+    # built-in (the spec may override it as /prompts/programmer)
+    "programmer": (
+        "{{ task }}\n"
+        "\n"
+        "Reply with the complete program in one ```python code block."
+    ),
+    # built-in (the spec may override it as /prompts/programmer_repair)
+    "programmer_repair": (
+        "{{ task }}\n"
+        "\n"
+        "Your previous program:\n"
+        "```python\n"
+        "{{ code }}\n"
+        "```\n"
+        "It failed (exit code {{ exit_code }}) with this output:\n"
+        "```\n"
+        "{{ output }}\n"
+        "```\n"
+        "Fix it. Reply with the complete program in one ```python code block."
+    ),
+    # built-in (the spec may override it as /prompts/format_repair)
+    "format_repair": "Your last answer is not valid for the output schema: {{ error }}. Reply with only the corrected JSON.",
+    # built-in (the spec may override it as /prompts/format_reminder)
+    "format_reminder": (
+        "Reply with one JSON object that matches this JSON Schema:\n" "{{ schema }}"
+    ),
+    # built-in (the spec may override it as /prompts/final_answer)
+    "final_answer": "No more tool calls: give your final answer now.",
+}
