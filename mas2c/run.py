@@ -333,7 +333,7 @@ def run_system(
     `MAS2C_TRACE_CONTENT=1` in the environment) also traces prompts and completions.
     """
     from mas2c import sandbox
-    from mas2c.gateway import Gateway
+    from mas2c.gateway import Gateway, GatewayLimits
 
     llm = llm or LLMConfig()
     say = on_progress or (lambda _message: None)
@@ -375,6 +375,9 @@ def run_system(
                 models=gateway_models(system.data),
                 socket_uid=uid,
                 egress=gateway_egress(system.data),
+                limits=GatewayLimits(
+                    allow_image_urls=os.environ.get("MAS2C_ALLOW_IMAGE_URLS") == "1"
+                ),
             )
             with gateway:
                 try:
