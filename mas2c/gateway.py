@@ -140,6 +140,11 @@ class GatewayLimits:
     max_head_bytes: int = 64 * 1024
     request_timeout_s: float = 30.0
     idle_timeout_s: float = 60.0
+    # What one image may cost in prompt tokens, reserved on top of its bytes (see
+    # IMAGE_TOKEN_BOUND); and whether `image_url` parts may name http(s) URLs that a
+    # vision upstream would fetch (off: only `data:` URLs, the image travels inline).
+    image_token_bound: int = 1_500
+    allow_image_urls: bool = False
 
 
 class UpstreamError(Exception):
@@ -701,13 +706,81 @@ PROMPT_OVERHEAD_TOKENS = 16
 MESSAGE_OVERHEAD_TOKENS = 8
 
 
-def prompt_token_bound(body: Mapping[str, Any]) -> int:
+# Prompt tokens one image may cost, on top of its bytes. OpenAI's high-detail rule
+# (https://platform.openai.com/docs/guides/images-vision#calculating-costs): the image
+# is fitted into 2048 x 2048, its shortest side scaled to 768, then 85 tokens + 170 per
+# 512-px tile; the most tiles is 8 (2048 x 768), so 85 + 170 x 8 = 1,445 tokens; `low`
+# detail is 85. Rounded up to 1,500. Models that count images higher (gpt-4o-mini's
+# 2,833 + 5,667 per tile, the patch-based gpt-4.1-mini/nano and o-series: up to 1,536
+# patches times 1.62-2.46) need GatewayLimits.image_token_bound raised.
+IMAGE_TOKEN_BOUND = 1_500
+# Content part types a request may carry; any other (`input_audio`, `file`, ...) is
+# refused: its token cost has no bound the gateway can compute before forwarding.
+CONTENT_PART_TYPES = frozenset({"text", "refusal", "image_url"})
+
+
+def content_parts_problem(
+    body: Mapping[str, Any], *, allow_image_urls: bool
+) -> tuple[str, str] | None:
+    """``(code, message)`` when a message's content parts cannot be forwarded: a part type
+    whose token cost has no bound (``mas2c_unsupported_content``), or an ``image_url``
+    that is not a ``data:`` URL (``mas2c_image_url_refused``: a vision upstream would
+    fetch any URL the program chose), unless ``allow_image_urls``."""
+    messages = body.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind not in CONTENT_PART_TYPES:
+                return (
+                    "mas2c_unsupported_content",
+                    f"{where}: content part type {str(kind)[:40]!r} is not forwarded by the "
+                    f"mas2c gateway (its token cost has no bound); allowed: "
+                    f"{', '.join(sorted(CONTENT_PART_TYPES))}",
+                )
+            if kind != "image_url":
+                continue
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, Mapping) else image
+            if not isinstance(url, str):
+                return ("mas2c_bad_request", f"{where}: image_url needs a 'url' string")
+            if not allow_image_urls and url[:5].lower() != "data:":
+                return (
+                    "mas2c_image_url_refused",
+                    f"{where}: image URLs other than data: URLs are refused (the upstream "
+                    "would fetch them); send the image inline as a data: URL, or run with "
+                    "--allow-image-urls",
+                )
+    return None
+
+
+def image_count(body: Mapping[str, Any]) -> int:
+    """How many ``image_url`` content parts the request's messages carry."""
+    messages = body.get("messages")
+    count = 0
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list):
+            count += sum(
+                1
+                for part in content
+                if isinstance(part, Mapping) and part.get("type") == "image_url"
+            )
+    return count
+
+
+def prompt_token_bound(body: Mapping[str, Any], image_tokens: int = IMAGE_TOKEN_BOUND) -> int:
     """An upper bound of the prompt tokens of a request, used for budget reservations.
 
     The UTF-8 size of the prompt-bearing fields (messages, tools, functions,
     response_format, tool_choice) as compact JSON, plus 8 tokens per message and
-    16 per request for the chat template. It holds for byte-level BPE tokenizers
-    (OpenAI's, Llama 3's, SmolLM2's...), where a token is at least one byte.
+    16 per request for the chat template, plus ``image_tokens`` per image (see
+    IMAGE_TOKEN_BOUND). It holds for byte-level BPE tokenizers (OpenAI's, Llama 3's,
+    SmolLM2's...), where a token is at least one byte, and for images counted at most
+    ``image_tokens`` each; other content part types are refused before this.
     """
     size = 0
     for name in _PROMPT_FIELDS:
@@ -717,7 +790,8 @@ def prompt_token_bound(body: Mapping[str, Any]) -> int:
             )
     messages = body.get("messages")
     count = len(messages) if isinstance(messages, list) else 0
-    return size + MESSAGE_OVERHEAD_TOKENS * count + PROMPT_OVERHEAD_TOKENS
+    images = image_tokens * image_count(body)
+    return size + MESSAGE_OVERHEAD_TOKENS * count + PROMPT_OVERHEAD_TOKENS + images
 
 
 def _usage_of(body: Mapping[str, Any], resp: dict[str, Any]) -> tuple[int, int]:
@@ -1780,7 +1854,7 @@ class Gateway:
             model = str(original["model"])
             event["model"] = model
             body, cap = self._checked(original, model)
-            prompt = prompt_token_bound(body)
+            prompt = prompt_token_bound(body, self.limits.image_token_bound)
             price = self._price(model)
             with self._lock:
                 try:
@@ -2003,6 +2077,9 @@ class Gateway:
                 f"model {model[:100]!r} is not in the spec's model pool ({pool})",
                 "mas2c_unknown_model",
             )
+        problem = content_parts_problem(body, allow_image_urls=self.limits.allow_image_urls)
+        if problem is not None:
+            raise _bad_request(problem[1], problem[0])
         n = body.get("n")
         if n is not None and (not _count(n) or n != 1):
             raise _bad_request(

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,17 @@ import pytest
 from conftest import compile_to, load_runtime, run_package
 
 from mas2c.batch import CODE_SCORER_MAIN, parse_exact, score_text
-from mas2c.gateway import Gateway, HttpUpstream, Scrubber
+from mas2c.gateway import (
+    IMAGE_TOKEN_BOUND,
+    Budget,
+    Gateway,
+    GatewayLimits,
+    HttpUpstream,
+    Scrubber,
+    prompt_token_bound,
+)
 from mas2c.lang.validate import validate_text
-from mas2c.testserver import ChatRequest, LLMTestServer
+from mas2c.testserver import ChatRequest, LLMTestServer, Reply
 from mas2c.tracing import redact_argv
 
 # -- A. exits are failures ---------------------------------------------------------------------
@@ -277,3 +286,95 @@ def test_otel_export_log_lines_carry_no_endpoint_token(tmp_path: Path) -> None:
     out = redact_log_text(line, url)
     assert "TOKEN-XYZ" not in out and "pw-Secret1" not in out and "u:" not in out
     assert "/v1/traces?token=<redacted>" in out
+
+
+# -- B. images in the token bound; no URL an upstream would fetch ------------------------------
+
+PIXEL = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
+def image_body(url: str, images: int = 1, kind: str = "image_url") -> dict[str, Any]:
+    part: dict[str, Any] = {"type": kind, kind: {"url": url, "detail": "high"}}
+    if kind == "input_audio":
+        part = {"type": kind, kind: {"data": "AAAA", "format": "wav"}}
+    content = [{"type": "text", "text": "what is this?"}] + [part] * images
+    return {"model": "m1", "messages": [{"role": "user", "content": content}]}
+
+
+def gateway_posts(
+    folder: Path, upstream_url: str, bodies: list[dict[str, Any]], **kw: Any
+) -> tuple[list[httpx.Response], dict[str, Any]]:
+    sock = folder / "gw.sock"
+
+    def post(body: dict[str, Any]) -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=60) as http:
+            return http.post("http://mas2c-gateway/v1/chat/completions", json=body)
+
+    with Gateway(sock, HttpUpstream(upstream_url, "sk-x", backoff_s=0.01), **kw) as gateway:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(post, bodies))
+        return answers, gateway.usage()
+
+
+def test_a_parallel_burst_of_images_stays_within_the_token_budget() -> None:
+    assert prompt_token_bound(image_body(PIXEL, 2)) >= 2 * IMAGE_TOKEN_BOUND >= 1_445
+    folder = Path(tempfile.mkdtemp(prefix="gwh", dir="/tmp"))
+    per_image = 85 + 170 * 8  # OpenAI's most for one high-detail image (2048 x 768)
+
+    def respond(req: ChatRequest) -> Reply:
+        return Reply("ok", prompt_tokens=per_image + 20, completion_tokens=2, latency_s=0.3)
+
+    try:
+        with LLMTestServer(respond) as srv:
+            answers, usage = gateway_posts(
+                folder,
+                srv.base_url,
+                [image_body(PIXEL)] * 16,
+                models={"m1": 50},
+                budget=Budget(max_total_tokens=5000),
+            )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert usage["total_tokens"] <= 5000, usage  # before: 16 x 1,467 = 5.6x over
+    assert usage["calls"] >= 2
+    assert {a.status_code for a in answers} <= {200, 402}
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (image_body("https://attacker.example/a.png"), "mas2c_image_url_refused"),
+        (image_body("http://169.254.169.254/latest/meta-data"), "mas2c_image_url_refused"),
+        (image_body("file:///etc/passwd"), "mas2c_image_url_refused"),
+        (image_body(PIXEL, kind="input_audio"), "mas2c_unsupported_content"),
+        (image_body(PIXEL, kind="file"), "mas2c_unsupported_content"),
+        (image_body(PIXEL, kind="video_url"), "mas2c_unsupported_content"),
+    ],
+)
+def test_unboundable_content_and_fetchable_image_urls_are_refused(
+    body: dict[str, Any], code: str
+) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="gwh", dir="/tmp"))
+    try:
+        with LLMTestServer() as srv:
+            answers, _ = gateway_posts(folder, srv.base_url, [body])
+            assert not srv.requests  # nothing reached the upstream
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert answers[0].status_code == 400
+    assert answers[0].json()["error"]["code"] == code
+
+
+def test_image_urls_pass_when_allowed() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="gwh", dir="/tmp"))
+    try:
+        with LLMTestServer() as srv:
+            answers, _ = gateway_posts(
+                folder,
+                srv.base_url,
+                [image_body("https://example.org/a.png"), image_body(PIXEL)],
+                limits=GatewayLimits(allow_image_urls=True),
+            )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert [a.status_code for a in answers] == [200, 200]
