@@ -1580,16 +1580,18 @@ _UPSTREAMS_LOCK = threading.Lock()
 def shared_upstream(plan: Plan) -> Any:
     """One upstream per process and endpoint (a Ray worker reuses it across its tasks).
 
-    The key comes from this process's environment (OPENAI_API_KEY), never from the plan.
+    The key comes from this process's environment (OPENAI_API_KEY), never from the plan;
+    so does the endpoint URL when the plan leaves it out (a Ray task: OPENAI_BASE_URL).
     """
     from mas2c.run import make_upstream
 
     if plan.llm_replay is not None:
         return None
-    name = f"{plan.llm_url}|{plan.llm_local_model}"
+    config = llm_config(plan)
+    name = f"{config.endpoint()}|{plan.llm_local_model}"
     with _UPSTREAMS_LOCK:
         if name not in _UPSTREAMS:
-            _UPSTREAMS[name] = make_upstream(llm_config(plan))
+            _UPSTREAMS[name] = make_upstream(config)
         return _UPSTREAMS[name]
 
 

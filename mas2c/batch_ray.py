@@ -7,9 +7,11 @@ Contract:
   (``$MAS2C_BATCH_NODE_DIR``, default ``<tmp>/mas2c-batch-<uid>``, keyed by their sha256),
   runs the row there (its sandbox on that node's Docker, behind a gateway on that node) in a
   fresh temporary folder, and returns the result row and the files of its run folder.
-* The API key reaches the nodes the way Ray passes secrets: the task's ``runtime_env``
-  ``env_vars`` (OPENAI_API_KEY), read by the node's gateway from its process environment.
-  It is never an argument of a task, never in the plan, never inside a sandbox.
+* The API key and the endpoint URL (which may carry credentials in its userinfo or
+  query) reach the nodes the way Ray passes secrets: the task's ``runtime_env``
+  ``env_vars`` (OPENAI_API_KEY, OPENAI_BASE_URL), read by the node's gateway from its
+  process environment. Neither is an argument of a task nor in the plan Ray stores,
+  nor inside a sandbox.
 * The driver alone writes the run folder (``results.jsonl``, ``rows/<id>/`` and
   ``rows/<id>/engine.json`` naming the node), keeps at most ``workers`` tasks in flight and
   checks the cost cap before each submission.
@@ -24,6 +26,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -117,6 +120,17 @@ def _collect(folder: Path) -> list[tuple[str, bytes]]:
         total += len(data)
         files.append((name, data))
     return files
+
+
+def _secrets_out_of(plan: Plan, options: BatchOptions) -> tuple[dict[str, str], Plan]:
+    """The task environment holding the key and endpoint URL, and the plan without them
+    (Ray keeps task arguments in its object store and may log them)."""
+    key = options.llm.key() if options.llm is not None else os.environ.get("OPENAI_API_KEY")
+    env_vars = {"OPENAI_API_KEY": key} if key else {}
+    if plan.llm_url is not None and plan.llm_url != "local":
+        env_vars["OPENAI_BASE_URL"] = plan.llm_url
+        plan = dataclasses.replace(plan, llm_url=None)
+    return env_vars, plan
 
 
 def node_task(plan: Plan, row: Row) -> dict[str, Any]:
@@ -224,8 +238,7 @@ def run_on_ray(
     import ray
 
     warn = warn_once(options.on_warning)
-    key = options.llm.key() if options.llm is not None else os.environ.get("OPENAI_API_KEY")
-    env_vars = {"OPENAI_API_KEY": key} if key else {}
+    env_vars, plan = _secrets_out_of(plan, options)
     remote = ray.remote(node_task).options(
         num_cpus=1,
         max_retries=options.ray_max_retries,

@@ -375,8 +375,10 @@ class _RunMeter:
 
 def _top_level_steps(target: Path) -> int | None:
     """The number of top-level steps of a build (from its manifest), for the progress line."""
+    from mas2c.files import read_manifest
+
     try:
-        workflow = json.loads((target / "MANIFEST.json").read_text("utf-8"))["spec"]["workflow"]
+        workflow = read_manifest(target)["spec"]["workflow"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return len(workflow) if isinstance(workflow, list) else None
@@ -430,8 +432,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_image(args: argparse.Namespace) -> int:
     from mas2c import image
 
-    result = image.build(_existing(args.target), args.tag, base=args.base, on_progress=_progress)
-    _say(f"built {result.tag} ({result.package}); run it with:\n  {image.run_line(result.tag)}")
+    result = image.build(
+        _existing(args.target), args.tag, base=args.base, serve=args.serve, on_progress=_progress
+    )
+    _say(
+        f"built {result.tag} ({result.package}); run it with:\n  {image.run_line(result.tag, serve=args.serve)}"
+    )
     return _finish(args, True, result.to_json(), result.tag)
 
 
@@ -444,6 +450,11 @@ def _add_image_verb(verbs: Any) -> None:
     p.add_argument(
         "--base",
         help="base image, present locally (default mas2c-sandbox:latest, built if missing)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="include the serve extra (starlette, uvicorn): `docker run IMAGE serve --host 0.0.0.0`",
     )
     _add_json(p)
     p.set_defaults(handler=cmd_image)

@@ -9,8 +9,10 @@ bytes on any machine: no timestamps, no absolute paths, sorted keys.
 from __future__ import annotations
 
 import ast
+import bisect
 import hashlib
 import json
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
@@ -20,7 +22,7 @@ from typing import Any
 import black
 import jinja2
 
-from mas2c import __version__, fastfmt, graph, markdown, toolcode, values
+from mas2c import __version__, fastfmt, graph, markdown, package_docs, toolcode, values
 from mas2c.errors import InvalidInput
 from mas2c.files import write_tree_atomic
 from mas2c.lang.expr import (
@@ -37,17 +39,21 @@ from mas2c.lang.spec import (
     CallStep,
     DebateStep,
     EnsembleStep,
+    FlowDef,
     LoopStep,
     ParallelStep,
     ProgrammerStep,
     Spec,
     Step,
+    SubflowStep,
     TestStep,
     Tool,
     ToolStep,
+    called_flows,
     canonical_json,
+    flow_pointer,
+    iter_spec_steps,
     iter_step_tree,
-    iter_steps,
     spec_hash,
     step_agents,
     step_out,
@@ -123,11 +129,12 @@ def compile_spec(spec: Spec) -> Build:
         "header": header,
         "description": _docstring_text(spec.description or spec.name),
         "summary": _first_line(spec.description) or spec.name,
+        **package_docs.view(package),
     }
     workflow = _workflow_view(spec)
     python_files = {
-        f"{package}/__init__.py": _render("__init__.py.j2", context),
-        f"{package}/__main__.py": _render("__main__.py.j2", {**context, **_main_view(spec)}),
+        f"{package}/__init__.py": _render("__init__.py.j2", {**context, **_main_view(spec)}),
+        f"{package}/__main__.py": _render("__main__.py.j2", context),
         f"{package}/agents.py": _render("agents.py.j2", {**context, **_agents_view(spec)}),
         f"{package}/tools.py": _render("tools.py.j2", {**context, **_tools_view(spec)}),
         f"{package}/workflow.py": _render("workflow.py.j2", {**context, **workflow}),
@@ -141,18 +148,14 @@ def compile_spec(spec: Spec) -> Build:
         # The egress helper ships only with systems whose tools declare egress.
         egress = (templates_dir() / "_egress.py").read_text("utf-8")
         texts[f"{package}/_egress.py"] = header + "\n" + egress
-    tables = _tables_view(spec, package, workflow["top"], texts)
-    texts[f"{package}/_tables.py"] = _format(
-        "_tables.py", _render("_tables.py.j2", {**context, **tables})
-    )
+    maps = {path: source_map_of(path, text) for path, text in texts.items() if path.endswith(".py")}
+    tables = _tables_view(spec, package, workflow["top"], texts, maps)
+    tables_path = f"{package}/_tables.py"
+    texts[tables_path] = _format(tables_path, _render("_tables.py.j2", {**context, **tables}))
+    maps[tables_path] = source_map_of(tables_path, texts[tables_path])
     texts["pyproject.toml"] = _render("pyproject.toml.j2", context)
     texts["README.md"] = _render("README.md.j2", {**context, **_readme_view(spec)})
-    source_map = [
-        entry
-        for path in sorted(texts)
-        if path.endswith(".py")
-        for entry in source_map_of(path, texts[path])
-    ]
+    source_map = [entry for path in sorted(maps) for entry in maps[path]]
     files = {path: texts[path].encode("utf-8") for path in sorted(texts)}
     manifest = {
         "generated_by": f"mas2c {__version__}",
@@ -171,7 +174,7 @@ def compile_spec(spec: Spec) -> Build:
 
 
 # Runtime modules shipped only when a step kind asks for them (its RUNTIME_MODULES).
-OPTIONAL_RUNTIME = ("_voting.py",)
+OPTIONAL_RUNTIME = ("_voting.py", "_flows.py")
 
 
 def runtime_files(spec: Spec | None = None) -> dict[str, str]:
@@ -181,13 +184,19 @@ def runtime_files(spec: Spec | None = None) -> dict[str, str]:
     (shared with the gateway) as `_accounting.py` and `mas2c.values` as `_values.py`."""
     needed = set(OPTIONAL_RUNTIME)
     if spec is not None:
-        steps = [s for _p, s in iter_steps(spec.workflow, "/workflow")]
+        steps = [s for _p, s in iter_spec_steps(spec)]
         needed = {module for step in steps for module in step.RUNTIME_MODULES}
-    files = {"_runtime.py": (templates_dir() / "_runtime.py").read_text("utf-8")}
+        if spec.flows:  # flows run through _flows.py (a subflow step, an ensemble over one)
+            needed.add("_flows.py")
+    files = {
+        name: (templates_dir() / name).read_text("utf-8") for name in ("_runtime.py", "_api.py")
+    }
     for module in OPTIONAL_RUNTIME:
         if module in needed:
             files[module] = (templates_dir() / module).read_text("utf-8")
     files["_accounting.py"] = (Path(__file__).parent / "accounting.py").read_text("utf-8")
+    # The HTTP service (`python -m <package> serve`, the package's `serve` extra).
+    files["_serve.py"] = (templates_dir() / "_serve.py").read_text("utf-8")
     # The typed-values module (placeholders, JSON Schema subset) is mas2c's own, verbatim.
     values_source = Path(values.__file__).read_text("utf-8")
     files["_values.py"] = _formatted_runtime(values_source)
@@ -242,6 +251,7 @@ def _first_line(text: str) -> str:
 def _main_view(spec: Spec) -> dict[str, Any]:
     budgets = spec.budgets
     return {
+        "example_input": value_literal(package_docs.example_input(spec.inputs)),
         "inputs": value_literal(spec.inputs),
         "outputs": value_literal(spec.outputs),
         "budgets": {
@@ -362,11 +372,55 @@ class _Methods:
 
 
 def _workflow_view(spec: Spec) -> dict[str, Any]:
-    emit = EmitContext()
+    emit = EmitContext(flow_classes=flow_class_names(spec))
     top = emit.body(spec.workflow, "/workflow")
-    used = set().union(*(v.get("helpers", set()) for v in emit.views))
-    helpers = sorted(name for name in used if name != "Run")
-    return {"top": top, "steps": emit.views, "imports": ", ".join(["Run", *helpers])}
+    flows = [_flow_view(name, flow, emit.flow_classes) for name, flow in spec.flows.items()]
+    views = emit.views + [v for f in flows for v in f["steps"]]
+    used = set().union(*(v.get("helpers", set()) for v in views))
+    # A helper is a runtime name (`field`), or `module.name` for an optional module's.
+    helpers = sorted(name for name in used if name != "Run" and "." not in name)
+    modules: dict[str, list[str]] = {}
+    for module, _dot, name in sorted(h.partition(".") for h in used if "." in h):
+        modules.setdefault(module, []).append(name)
+    return {
+        "top": top,
+        "steps": emit.views,
+        "flows": flows,
+        "imports": ", ".join(["Run", *helpers]),
+        "other_imports": [(module, ", ".join(names)) for module, names in modules.items()],
+    }
+
+
+def flow_class_names(spec: Spec) -> dict[str, str]:
+    """Flow name -> its class in workflow.py (`write-code` -> `WriteCodeFlow`), unique."""
+    taken = {"Workflow", "Run", "Any"}
+    names = {}
+    for name in spec.flows:
+        base = "".join(part[:1].upper() + part[1:] for part in identifier(name).split("_"))
+        base = base + "Flow" if base and not base[0].isdigit() else f"Flow{base}"
+        candidate, counter = base, 2
+        while candidate in taken:
+            candidate, counter = f"{base}{counter}", counter + 1
+        taken.add(candidate)
+        names[name] = candidate
+    return names
+
+
+def _flow_view(name: str, flow: FlowDef, classes: dict[str, str]) -> dict[str, Any]:
+    """A flow's class: its own method namespace, state and step methods."""
+    emit = EmitContext(flow_classes=classes)
+    pointer = flow_pointer(name)
+    top = emit.body(flow.steps, f"{pointer}/steps")
+    return {
+        "name": name,
+        "cls": classes[name],
+        "pointer": pointer,
+        "doc": docstring_text(_first_line(flow.description) or "a named sub-workflow."),
+        "inputs": value_literal(flow.inputs),
+        "outputs": value_literal(flow.outputs),
+        "top": top,
+        "steps": emit.views,
+    }
 
 
 # -- the emitter registry: one emitter per step kind ----------------------------------------
@@ -378,6 +432,7 @@ class EmitContext:
 
     names: _Methods = field(default_factory=_Methods)
     views: list[dict[str, Any]] = field(default_factory=list)
+    flow_classes: dict[str, str] = field(default_factory=dict)  # flow name -> class name
 
     def body(self, steps: list[Step], pointer: str) -> list[str]:
         """Adds views for `steps` (and their children) and returns their method names, in order."""
@@ -461,9 +516,37 @@ def _call_view(step: CallStep) -> str:
     return f"self.run.call({string_literal(step.agent)}, {text_literal(step.prompt)})"
 
 
+def _ensemble_flow_view(step: EnsembleStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
+    """An ensemble over agents is one runtime call; over a flow, `flow_ensemble`."""
+    if step.flow is None:
+        return _leaf(_ensemble_view)(step, pointer, emit)
+    out = step_out(step)
+    task = f", task={text_literal(step.prompt)}" if step.prompt is not None else ""
+    call = (
+        f"flow_ensemble(self.run, {emit.flow_classes[step.flow]}, {value_literal(step.with_ or {})}, "
+        f"n={step.n or 5}{task}, vote={value_literal(step.vote)}, judge={value_literal(step.judge)}"
+        f"{_vote_on(step.vote_on)})"
+    )
+    return {
+        "call": call,
+        "assign": f"self.state[{string_literal(out)}] = " if out else "",
+        "helpers": {"_flows.flow_ensemble"},
+    }
+
+
+def _subflow_view(step: SubflowStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
+    out = step_out(step)
+    cls = emit.flow_classes[step.flow]
+    return {
+        "call": f"run_flow(self.run, {cls}, {value_literal(step.with_)})",
+        "assign": f"self.state[{string_literal(out)}] = " if out else "",
+        "helpers": {"_flows.run_flow"},
+    }
+
+
 def _ensemble_view(step: EnsembleStep) -> str:
     return (
-        f"self.run.ensemble({value_literal(step.sample_agents())}, {text_literal(step.prompt)}, "
+        f"self.run.ensemble({value_literal(step.sample_agents())}, {text_literal(step.prompt or '')}, "
         f"vote={value_literal(step.vote)}, judge={value_literal(step.judge)}{_vote_on(step.vote_on)})"
     )
 
@@ -552,13 +635,14 @@ def _parallel_view(step: ParallelStep, pointer: str, emit: EmitContext) -> dict[
 
 for _kind, _call in (
     ("call", _call_view),
-    ("ensemble", _ensemble_view),
     ("debate", _debate_view),
     ("programmer", _programmer_view),
     ("test", _test_view),
     ("tool", _tool_view),
 ):
     register_emitter(_kind, "steps/leaf.py.j2", _leaf(_call))
+register_emitter("ensemble", "steps/leaf.py.j2", _ensemble_flow_view)
+register_emitter("subflow", "steps/leaf.py.j2", _subflow_view)
 register_emitter("loop", "steps/loop.py.j2", _loop_view)
 register_emitter("branch", "steps/branch.py.j2", _branch_view)
 register_emitter("parallel", "steps/parallel.py.j2", _parallel_view)
@@ -586,28 +670,32 @@ def _marker(pointer: str) -> str:
 
 
 def _tables_view(
-    spec: Spec, package: str, top_methods: list[str], texts: dict[str, str]
+    spec: Spec,
+    package: str,
+    top_methods: list[str],
+    texts: dict[str, str],
+    maps: dict[str, list[dict[str, Any]]],
 ) -> dict[str, Any]:
     """Top-level steps (checkpoint code hashes, reads), tool-code offsets and the source map,
-    for `_tables.py`: the runtime reads them instead of parsing its own package."""
-    source_map = [
-        entry
-        for path in sorted(texts)
-        if path.endswith(".py")
-        for entry in source_map_of(path, texts[path])
-    ]
+    for `_tables.py`: the runtime reads them instead of parsing its own package. `maps`
+    holds each Python file's source map (`source_map_of`)."""
+    source_map = [entry for path in sorted(maps) for entry in maps[path]]
     workflow_path = f"{package}/workflow.py"
     workflow_lines = texts[workflow_path].splitlines()
     runtime_sha = hashlib.sha256(texts[f"{package}/_runtime.py"].split("\n", 1)[1].encode())
+    by_top_step: dict[str, list[str]] = {}  # "/workflow/N" -> its code, in source-map order
+    for entry in maps.get(workflow_path, []):
+        top = _top_step_pointer(entry["pointer"]) or _flow_root(entry["pointer"])
+        if top is not None:
+            lines = workflow_lines[entry["start"] - 1 : entry["end"]]
+            by_top_step.setdefault(top, []).append("\n".join(lines))
     top_steps = []
     for index, (step, method) in enumerate(zip(spec.workflow, top_methods, strict=True)):
         pointer = f"/workflow/{index}"
-        sources = [
-            "\n".join(workflow_lines[entry["start"] - 1 : entry["end"]])
-            for entry in source_map
-            if entry["file"] == workflow_path
-            and (entry["pointer"] == pointer or entry["pointer"].startswith(pointer + "/"))
-        ]
+        # The step's code, and that of every flow it runs (a changed flow reruns it).
+        sources = list(by_top_step.get(pointer, []))
+        for name in called_flows(spec, [step]):
+            sources += by_top_step.get(flow_pointer(name), [])
         code = {
             "sources": sources,
             **_definitions(spec, step),
@@ -637,11 +725,27 @@ def _tables_view(
     return {"top_steps": top_steps, "tool_code": tool_code, "source_map": spans}
 
 
+def _flow_root(pointer: str) -> str | None:
+    """`/flows/<name>` for a pointer at or under a flow, else None."""
+    parts = pointer.split("/", 3)
+    return "/".join(parts[:3]) if len(parts) >= 3 and parts[1] == "flows" else None
+
+
+def _top_step_pointer(pointer: str) -> str | None:
+    """`/workflow/N` for a pointer at or under top-level step N, else None."""
+    parts = pointer.split("/", 3)
+    if len(parts) < 3 or parts[0] or parts[1] != "workflow" or not parts[2].isdigit():
+        return None
+    return f"/workflow/{parts[2]}"
+
+
 def _definitions(spec: Spec, step: Step) -> dict[str, Any]:
     """The agents, models and tools a step (and its nested steps) names, as spec data."""
-    agents = sorted({a for _p, s in iter_step_tree(step, "") for a in step_agents(s)})
+    steps = [step, *(s for name in called_flows(spec, [step]) for s in spec.flows[name].steps)]
+    tree = [s for root in steps for _p, s in iter_step_tree(root, "")]
+    agents = sorted({a for s in tree for a in step_agents(s)})
     agents = [a for a in agents if a in spec.agents]
-    tools = {t for _p, s in iter_step_tree(step, "") for _k, t in s.tool_refs()}
+    tools = {t for s in tree for _k, t in s.tool_refs()}
     tools.update(t for a in agents for t in spec.agents[a].tools)
     models = sorted({spec.agents[a].model or "" for a in agents} & set(spec.models))
     dump = {"mode": "json", "by_alias": True, "exclude_none": True}
@@ -676,7 +780,20 @@ def _readme_view(spec: Spec) -> dict[str, Any]:
     """README data: every spec string escaped (`mas2c.markdown`) so that it renders as the
     text it is, never as Markdown or HTML (no script tags, images or broken tables)."""
     diagram = markdown.mermaid_labels(graph.mermaid(spec))
+    example = package_docs.example_input(spec.inputs)
+    example_py = value_literal(example)
+    shell = shlex.quote(json.dumps(example, ensure_ascii=False, sort_keys=True))
+    pretty = json.dumps(example, ensure_ascii=False, indent=2, sort_keys=True)
     return {
+        "example_shell": shell,
+        "fence_sh": markdown.fence_for(shell),
+        "example_py": example_py,
+        "fence_py": markdown.fence_for(example_py),
+        "example_pretty": pretty,
+        "fence_json": markdown.fence_for(pretty),
+        "env_rows": [
+            (markdown.code(n, True), markdown.text(t)) for n, t in package_docs.environment()
+        ],
         "description_md": markdown.text(spec.description),
         "mermaid": diagram,
         "fence": markdown.fence_for(diagram),
@@ -712,8 +829,7 @@ def source_map_of(path: str, text: str) -> list[dict[str, Any]]:
     if SPEC_MARKER not in text:
         return []
     lines = text.splitlines()
-    ends = _node_ends(text)
-    entries = []
+    entries: list[dict[str, Any]] = []
     for index, line in enumerate(lines):
         stripped = line.strip()
         if not stripped.startswith(SPEC_MARKER):
@@ -735,21 +851,38 @@ def source_map_of(path: str, text: str) -> list[dict[str, Any]]:
             not lines[start].strip() or lines[start].strip().startswith("#")
         ):
             start += 1
-        first = start + 1  # 1-based
-        entries.append(
-            {"file": path, "start": first, "end": ends.get(first, first), "pointer": pointer}
-        )
+        entries.append({"file": path, "start": start + 1, "end": None, "pointer": pointer})
+    ends = _node_ends(text, sorted({e["start"] for e in entries if e["end"] is None}))
+    for entry in entries:
+        if entry["end"] is None:
+            entry["end"] = ends.get(entry["start"], entry["start"])
     return entries
 
 
-def _node_ends(text: str) -> dict[int, int]:
-    """For each line, the last line of the longest AST node that starts on it."""
+def _node_ends(text: str, targets: list[int]) -> dict[int, int]:
+    """For each line of `targets` (sorted), the last line of the longest AST node starting on it.
+
+    The walk enters a node only when a target line other than its first lies within it
+    (decorators included): the nodes inside that start on its first line end no later.
+    """
     ends: dict[int, int] = {}
-    for node in ast.walk(ast.parse(text)):
+    if not targets:
+        return ends
+    pending: list[ast.AST] = [ast.parse(text)]
+    while pending:
+        node = pending.pop()
         lineno = getattr(node, "lineno", None)
         end = getattr(node, "end_lineno", None)
         if isinstance(lineno, int) and isinstance(end, int):
-            ends[lineno] = max(ends.get(lineno, lineno), end)
+            first = min([lineno, *(d.lineno for d in getattr(node, "decorator_list", ()))])
+            inside = bisect.bisect_right(targets, end) - bisect.bisect_left(targets, first)
+            at = bisect.bisect_left(targets, lineno)
+            if at < len(targets) and targets[at] == lineno:
+                ends[lineno] = max(ends.get(lineno, lineno), end)
+                inside -= 1
+            if inside <= 0:
+                continue
+        pending.extend(ast.iter_child_nodes(node))
     return ends
 
 

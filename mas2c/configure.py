@@ -49,7 +49,17 @@ from pydantic import ValidationError
 
 from mas2c.errors import RunFailure
 from mas2c.lang import expr
-from mas2c.lang.spec import Agent, ModelSpec, Spec, Step, spec_hash
+from mas2c.lang.spec import (
+    Agent,
+    ModelSpec,
+    Spec,
+    Step,
+    iter_spec_steps,
+    iter_steps,
+    spec_hash,
+    spec_step_lists,
+    step_agents,
+)
 from mas2c.lang.validate import Problem, validate_text
 from mas2c.llm import JSONNotFound, LLMClient, Message, Usage, extract_json
 
@@ -198,7 +208,7 @@ class AgentUse:
 def agent_uses(spec: Spec) -> dict[str, AgentUse]:
     """How each agent of `spec` is used by its workflow (every agent has an entry)."""
     uses = {agent_id: AgentUse() for agent_id in spec.agents}
-    condition_reads = _condition_reads(spec.workflow)
+    condition_reads = set().union(*(_condition_reads(s) for _p, s in spec_step_lists(spec)))
 
     def use(agent_id: str | None) -> AgentUse:
         return uses.setdefault(agent_id or "", AgentUse())
@@ -224,6 +234,18 @@ def agent_uses(spec: Spec) -> dict[str, AgentUse]:
                 walk(children, inner)
 
     walk(spec.workflow, [])
+    sampled = {  # flows an ensemble runs n times: their agents are sampled like samplers
+        name
+        for _p, step in iter_spec_steps(spec)
+        for _key, name in step.flow_refs()
+        if step.flow_repeats() > 1
+    }
+    for name, flow in spec.flows.items():  # a flow's agents: noted with the flow's name
+        walk(flow.steps, [f"flow `{name}`"])
+        if name in sampled:
+            for _p, step in iter_steps(flow.steps, ""):
+                for agent_id in step_agents(step):
+                    use(agent_id).sampler = True
     uses.pop("", None)
     return uses
 

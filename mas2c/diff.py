@@ -17,11 +17,11 @@ import difflib
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mas2c.lang.spec import Spec, Step, child_step_lists
+from mas2c.lang.spec import Spec, Step, child_step_lists, flow_pointer
 from mas2c.lang.validate import load_spec
 
 ChangeKind = Literal["added", "removed", "changed"]
@@ -36,6 +36,7 @@ SECTIONS: tuple[str, ...] = (
     "models",
     "tools",
     "workflow",
+    "flows",
     "inputs/outputs",
     "budgets",
     "other",
@@ -45,6 +46,7 @@ _SECTION_OF_KEY = {
     "models": "models",
     "tools": "tools",
     "workflow": "workflow",
+    "flows": "flows",
     "inputs": "inputs/outputs",
     "outputs": "inputs/outputs",
     "budgets": "budgets",
@@ -88,9 +90,18 @@ class Change:
 
 def diff_specs(a: Spec, b: Spec) -> list[Change]:
     """Semantic differences from spec `a` to spec `b`, grouped by section in `SECTIONS` order."""
-    data_a, data_b = a.to_data(), b.to_data()
-    changes = list(_diff_data("", _without(data_a), _without(data_b)))
+    data_a, data_b = _without(a.to_data()), _without(b.to_data())
+    both = sorted(a.flows.keys() & b.flows.keys())
+    for data in (data_a, data_b):  # the steps of a flow in both specs: matched by id below
+        for name in both:
+            data["flows"][name] = {k: v for k, v in data["flows"][name].items() if k != "steps"}
+    changes = list(_diff_data("", data_a, data_b))
     changes.extend(diff_workflows(a.workflow, b.workflow))
+    for name in both:
+        prefix = flow_pointer(name) + "/steps"
+        for change in diff_workflows(a.flows[name].steps, b.flows[name].steps):
+            rest = change.pointer[len("/workflow") :]
+            changes.append(replace(change, pointer=prefix + rest))
     rank = {name: index for index, name in enumerate(SECTIONS)}
     return sorted(changes, key=lambda change: rank[change.section])  # stable: keeps inner order
 

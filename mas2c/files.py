@@ -14,6 +14,9 @@ Contract:
   else is refused with `OutputRefused` naming what is in the way, unless forced —
   and a forced write into a foreign folder only adds and overwrites the build's own
   files (`write_files_into`), it never deletes anything.
+- `read_regular` / `read_manifest`: how a folder the user names is read back — a
+  regular file only (a FIFO or device never blocks or streams forever), with a size
+  cap; a build's MANIFEST.json as a JSON object within `MAX_MANIFEST_BYTES`.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from mas2c.errors import UsageError
 
@@ -191,9 +195,39 @@ def _walk(folder: Path) -> list[str]:
     return found
 
 
+#: A build's MANIFEST.json holds its spec and file hashes: far below this.
+MAX_MANIFEST_BYTES = 8 * 1024 * 1024
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """A regular file's bytes; ValueError if it is not one (FIFO, device, folder) or holds
+    more than `limit` bytes. OSError as `open` raises it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not block
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path.name} is larger than {limit} bytes")
+    return data
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A build's MANIFEST.json as a JSON object; OSError/ValueError when it cannot be one
+    (missing, not a regular file, too large, not UTF-8 JSON, nested too deep, not an object)."""
+    raw = read_regular(folder / "MANIFEST.json", MAX_MANIFEST_BYTES)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("MANIFEST.json is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ValueError("MANIFEST.json must hold a JSON object")
+    return data
+
+
 def _manifest_files(path: Path) -> dict[str, str] | None:
     try:
-        data = json.loads(path.read_text("utf-8"))
+        data = read_manifest(path.parent)
     except (OSError, ValueError):
         return None
     if not (
@@ -206,7 +240,7 @@ def _manifest_files(path: Path) -> dict[str, str] | None:
 
 
 def _sha256(path: Path) -> str:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
+    try:  # a build's files are small; anything else is simply "in the way"
+        return hashlib.sha256(read_regular(path, MAX_MANIFEST_BYTES)).hexdigest()
+    except (OSError, ValueError):
         return ""

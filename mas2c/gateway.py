@@ -56,13 +56,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
-
-import httpx
 
 from mas2c import accounting
 from mas2c.errors import RunFailure
+
+if TYPE_CHECKING:  # httpx (~0.1-0.3 s to import) is imported when an upstream is made
+    import httpx
 
 __all__ = [
     "Budget",
@@ -181,8 +182,8 @@ def request_key(body: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _error_body(type_: str, code: str, message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+def _error_body(type_: str, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 # --------------------------------------------------------------------------- secrets
@@ -272,7 +273,6 @@ def _safe_field(value: Any) -> str | None:
 
 
 _RETRYABLE_STATUS = accounting.RETRYABLE_STATUS
-_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 class HttpUpstream:
@@ -294,7 +294,9 @@ class HttpUpstream:
     ``base_url`` may carry a query string (``?api-version=...``), kept on every
     request; ``base_url`` as an attribute is the redacted form (no userinfo, no
     query values); messages never show the key or the URL's credentials.
-    Thread-safe: one pooled ``httpx.Client`` serves every gateway thread.
+    Thread-safe: one pooled ``httpx.Client`` serves every gateway thread. It is made
+    (httpx imported) on a thread of its own from the constructor on, so that a CLI run
+    pays for the import while its sandbox starts, not before.
     """
 
     def __init__(
@@ -327,12 +329,49 @@ class HttpUpstream:
         self.max_tokens: int | None = None
         self._dead: tuple[float, str] | None = None
         self._dead_lock = threading.Lock()
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, connect_timeout_s)),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=min(64, max_connections)
-            ),
-        )
+        self._connect_timeout_s = connect_timeout_s
+        self._max_connections = max_connections
+        self._made: list[httpx.Client] = []  # the client, once made
+        self._make_error: BaseException | None = None
+        self._closed = False
+        self._make_lock = threading.Lock()
+        self._maker = threading.Thread(target=self._make_client, name="mas2c-httpx", daemon=True)
+        self._maker.start()
+
+    def _make_client(self) -> None:
+        try:
+            import httpx
+
+            timeout = httpx.Timeout(
+                self.timeout_s, connect=min(self.timeout_s, self._connect_timeout_s)
+            )
+            limits = httpx.Limits(
+                max_connections=self._max_connections,
+                max_keepalive_connections=min(64, self._max_connections),
+            )
+            client = httpx.Client(timeout=timeout, limits=limits)
+        except BaseException as exc:  # re-raised where the client is needed
+            self._make_error = exc
+            return
+        with self._make_lock:
+            if self._closed:
+                client.close()
+            else:
+                self._made.append(client)
+
+    @property
+    def _client(self) -> httpx.Client:
+        self._maker.join()
+        if not self._made:
+            if self._make_error is not None:
+                raise UpstreamError(
+                    f"cannot make an HTTP client: {type(self._make_error).__name__}: "
+                    f"{self.scrub(str(self._make_error))}",
+                    status=502,
+                    retryable=False,
+                )
+            raise UpstreamError("the upstream is closed", status=502, retryable=False)
+        return self._made[0]
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> HttpUpstream:
@@ -344,7 +383,11 @@ class HttpUpstream:
         return f"HttpUpstream({self.base_url!r})"
 
     def close(self) -> None:
-        self._client.close()
+        with self._make_lock:
+            self._closed = True
+            made, self._made = self._made, []
+        for client in made:
+            client.close()
 
     def __enter__(self) -> HttpUpstream:
         return self
@@ -354,6 +397,8 @@ class HttpUpstream:
 
     def endpoint(self, path: str) -> httpx.URL:
         """The URL of ``path`` under the base URL, keeping its query string."""
+        import httpx
+
         url = httpx.URL(self._url)
         return url.copy_with(path=url.path.rstrip("/") + "/" + path.lstrip("/"))
 
@@ -375,7 +420,11 @@ class HttpUpstream:
             )
 
     def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
         self._check_alive()
+        client = self._client
+        connect_errors = (httpx.ConnectError, httpx.ConnectTimeout)
         url = self.endpoint("chat/completions")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
@@ -391,11 +440,11 @@ class HttpUpstream:
             should_retry: bool | None = None
             connect_error = False
             try:
-                resp = self._client.post(url, content=payload, headers=headers)
+                resp = client.post(url, content=payload, headers=headers)
             except httpx.UnsupportedProtocol as exc:
                 connect_error, should_retry = True, False
                 last = f"unusable URL ({exc})"
-            except _CONNECT_ERRORS as exc:
+            except connect_errors as exc:
                 connect_error = True
                 last = f"cannot connect ({type(exc).__name__}: {exc})"
             except httpx.TimeoutException as exc:
@@ -629,8 +678,14 @@ def _bad_request(message: str, code: str = "mas2c_bad_request") -> _HttpFailure:
     return _HttpFailure(400, _error_body("invalid_request_error", code, message))
 
 
-def _budget_failure(message: str) -> _HttpFailure:
-    return _HttpFailure(402, _error_body("budget_exceeded", "mas2c_budget_exceeded", message))
+BudgetLimit = Literal["max_llm_calls", "max_total_tokens", "max_cost_usd"]
+
+
+def _budget_failure(message: str, limit: BudgetLimit | None) -> _HttpFailure:
+    """A 402 whose ``param`` names the spec's budget limit (`/budgets/<param>`), when one
+    limit is the cause, so the program's error can point at it."""
+    body = _error_body("budget_exceeded", "mas2c_budget_exceeded", message, limit)
+    return _HttpFailure(402, body)
 
 
 @dataclass
@@ -686,17 +741,19 @@ class _Ledger:
             if b.max_llm_calls is not None and self.calls + self.res_calls >= b.max_llm_calls:
                 raise _budget_failure(
                     f"budget exceeded: max_llm_calls reached ({self.calls + self.res_calls} "
-                    f"calls used or in flight, max {b.max_llm_calls})"
+                    f"calls used or in flight, max {b.max_llm_calls})",
+                    "max_llm_calls",
                 )
             fits = self._fit(prompt, cap, price, with_reserved=True)
             if fits is not None:
                 break
             if self._fit(prompt, cap, price, with_reserved=False) is None:
-                raise _budget_failure(self._refusal(prompt, price))
+                raise _budget_failure(*self._refusal(prompt, price))
             if time.monotonic() >= deadline:
                 raise _budget_failure(
                     f"budget exceeded: no room for this request's worst case beside the "
-                    f"{self.res_calls} calls in flight after waiting {timeout_s:g}s"
+                    f"{self.res_calls} calls in flight after waiting {timeout_s:g}s",
+                    None,  # in-flight calls, not one limit, left no room
                 )
             self.cond.wait(timeout=max(0.0, deadline - time.monotonic()))
         self.res_calls += 1
@@ -745,17 +802,20 @@ class _Ledger:
             return None  # wait for the others to settle rather than clamp this one
         return room
 
-    def _refusal(self, prompt: int, price: tuple[Fraction, Fraction]) -> str:
+    def _refusal(self, prompt: int, price: tuple[Fraction, Fraction]) -> tuple[str, BudgetLimit]:
+        """Why a request cannot fit even with nothing in flight, and the limit it hits."""
         b = self.budget
         if b.max_total_tokens is not None and b.max_total_tokens - self.tokens - prompt < 1:
             return (
                 f"budget exceeded: max_total_tokens reached ({self.tokens} tokens used, "
-                f"max {b.max_total_tokens}; this request's prompt may take up to {prompt})"
+                f"max {b.max_total_tokens}; this request's prompt may take up to {prompt})",
+                "max_total_tokens",
             )
         return (
             f"budget exceeded: max_cost_usd reached (${float(self.cost):.6f} used, max "
             f"${b.max_cost_usd:.6f}; this request's prompt may cost up to "
-            f"${float(prompt * price[0]):.6f} plus at least one completion token)"
+            f"${float(prompt * price[0]):.6f} plus at least one completion token)",
+            "max_cost_usd",
         )
 
     def settle(self, res: _Reservation, used: int | None, cost: Fraction | None) -> None:
@@ -1802,6 +1862,8 @@ class Gateway:
             body = insert(body.decode("utf-8")).encode("utf-8")
         timeout = req.get("timeout_s")
         timeout_s = min(float(timeout), policy.max_timeout_s) if _number(timeout) else 30.0  # type: ignore[arg-type]
+        import httpx
+
         with self._lock:
             if self._egress_client is None:
                 self._egress_client = httpx.Client(follow_redirects=False)

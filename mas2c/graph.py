@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mas2c.lang.spec import Spec, Step
+from mas2c.lang.spec import Spec, Step, iter_spec_steps
 
 
 @dataclass
@@ -41,7 +41,35 @@ def build(spec: Spec) -> Graph:
     )
     for end in ends:
         graph.edge(end, finish)
+    _flows(graph, spec)
     return graph
+
+
+def _flows(graph: Graph, spec: Spec) -> None:
+    """Each flow as a cluster of its own (inputs -> steps -> outputs), and an edge from
+    every step that runs it (labelled with how many times)."""
+    entries = {}
+    for name, flow in spec.flows.items():
+        key = "f_" + "".join(c if c.isalnum() else "_" for c in name)
+        before = len(graph.nodes)
+        clustered = {n for _, _, members in graph.clusters for n in members}
+        start = graph.node(
+            key + "_in", "inputs: " + (", ".join(sorted(flow.inputs)) or "none"), "round"
+        )
+        ends = _steps(graph, flow.steps, [start], "")
+        finish = graph.node(key + "_out", "outputs: " + ", ".join(sorted(flow.outputs)), "round")
+        for end in ends:
+            graph.edge(end, finish)
+        inner = {n for _, _, members in graph.clusters for n in members} - clustered
+        members = [n[0] for n in graph.nodes[before:] if n[0] not in inner]
+        graph.clusters.append((key, f"flow {name}", members))
+        entries[name] = start
+    for _pointer, step in iter_spec_steps(spec):
+        for _key, name in step.flow_refs():
+            if name in entries:
+                times = step.flow_repeats()
+                label = f"runs {times}×" if times > 1 else "runs"
+                graph.edge("s_" + step.id.replace("-", "_"), entries[name], label)
 
 
 def _steps(graph: Graph, steps: list[Step], entries: list[str], label: str) -> list[str]:

@@ -9,17 +9,20 @@ Contract:
   the runtime's wheels, ``openai`` and ``httpx``); when it is missing it is built with
   :func:`mas2c.sandbox.build_image`, offline-capable. Another base is a parameter and
   must already be present.
-- The build is offline and deterministic: the Dockerfile has no ``RUN`` (nothing
-  executes, nothing is fetched; the build runs with ``network_mode="none"``), the
+- The build is offline and deterministic: the build runs with ``network_mode="none"``;
+  without ``serve`` the Dockerfile has no ``RUN`` (nothing executes); with ``serve`` one
+  ``RUN`` installs the serve extra (starlette, uvicorn) with ``--no-index`` from wheels
+  fetched on the host beforehand (as ``mas2c sandbox build`` does, cache included). The
   context is a tar made here with sorted entries, owner root and fixed modes and
-  times, so the layer holding the package has the same content digest (diff id) for
-  the same build folder on any machine; labels carry no time. (Docker stamps the image
-  config with its creation time, so the image id itself differs between builds.)
+  times, and the package is the last layer, so that layer has the same content digest
+  (diff id) for the same build folder on any machine; labels carry no time. (Docker
+  stamps the image config with its creation time, so the image id differs between builds.)
 - The image: the package under ``/opt/mas2c/app`` (root-owned, read-only to the
   program), ``PYTHONPATH`` pointing there, user 1000:1000, working directory ``/tmp``,
   ``ENTRYPOINT ["python3", "-m", "mas2c_<name>"]``. It writes nothing outside ``/tmp``
   and the paths the caller names, so it runs with ``--read-only --tmpfs /tmp``.
-  Labels: ``mas2c.package``, ``mas2c.spec``, ``mas2c.spec_sha256``, ``mas2c.version``
+  With ``serve``, ``EXPOSE 8000`` and ``IMAGE serve --host 0.0.0.0`` serves it over HTTP.
+  Labels: ``mas2c.package``, ``mas2c.serve`` (``1``/``0``), ``mas2c.spec``, ``mas2c.spec_sha256``, ``mas2c.version``
   (the compiler that generated the package), ``mas2c.base`` (the base image's id) and
   the OCI ``org.opencontainers.image.title`` / ``.version`` / ``.description``.
 - No key and no endpoint are baked in: ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` (or
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 import tarfile
 from collections.abc import Callable, Mapping
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from mas2c.errors import RunFailure, UsageError
+from mas2c.files import MAX_MANIFEST_BYTES, read_manifest, read_regular
 
 #: Where the package lives in the image (on PYTHONPATH).
 APP_DIR = "/opt/mas2c/app"
@@ -56,11 +59,10 @@ _TAG_RE = re.compile(
 _PACKAGE_RE = re.compile(r"^mas2c_[a-z][a-z0-9_]*$")
 
 DOCKERFILE = """\
-# An image of a compiled mas2c system, built by `mas2c image` (no RUN: nothing runs,
-# nothing is fetched during the build).
+# An image of a compiled mas2c system, built by `mas2c image` (no network in the build).
 ARG BASE
 FROM ${{BASE}}
-COPY app/ {app}/
+{serve}COPY app/ {app}/
 ENV PYTHONPATH={app} \\
     PYTHONDONTWRITEBYTECODE=1 \\
     PYTHONUNBUFFERED=1 \\
@@ -71,6 +73,25 @@ WORKDIR /tmp
 ENTRYPOINT ["python3", "-m", "{package}"]
 CMD ["--help"]
 """
+
+# With --serve: the `serve` extra (starlette, uvicorn) from wheels fetched on the host,
+# installed with --no-index (Debian's python3 has no pip: then pip runs from its wheel).
+SERVE_STEP = """\
+USER 0:0
+COPY wheels/ /opt/mas2c-wheels/
+RUN set -eu; \\
+    if python3 -m pip --version >/dev/null 2>&1; then pip="python3 -m pip"; \\
+    else pip="python3 $(ls /opt/mas2c-wheels/pip-*.whl | head -n 1)/pip"; fi; \\
+    PIP_BREAK_SYSTEM_PACKAGES=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \\
+    PIP_ROOT_USER_ACTION=ignore \\
+        $pip install --no-index --find-links /opt/mas2c-wheels \\
+            -r /opt/mas2c-wheels/requirements.txt; \\
+    rm -rf /opt/mas2c-wheels; \\
+    python3 -c 'import starlette, uvicorn'
+EXPOSE 8000
+"""
+#: The `serve` extra of compiled packages (templates/pyproject.toml.j2).
+SERVE_REQUIREMENTS = ("starlette>=0.37", "uvicorn>=0.30")
 
 
 class ImageError(RunFailure):
@@ -133,7 +154,7 @@ def _from_build(folder: Path) -> System:
             f"{folder}: not a build folder (no MANIFEST.json); give a spec or `mas2c compile` output"
         )
     try:
-        manifest = json.loads(manifest_path.read_text("utf-8"))
+        manifest = read_manifest(folder)
         listed = manifest["files"]
         if not isinstance(listed, dict):
             raise TypeError("`files` must be an object")
@@ -155,7 +176,7 @@ def _from_build(folder: Path) -> System:
             f"{folder}: the build differs from its MANIFEST.json: {', '.join(changed)}; "
             "recompile it with `mas2c compile` (an image ships exactly what the compiler wrote)"
         )
-    files["MANIFEST.json"] = manifest_path.read_bytes()
+    files["MANIFEST.json"] = read_regular(manifest_path, MAX_MANIFEST_BYTES)
     return _system(manifest, files, str(folder))
 
 
@@ -189,12 +210,27 @@ def _system(manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str)
 # -- the build context ---------------------------------------------------------------------------
 
 
-def dockerfile(package: str) -> str:
-    return DOCKERFILE.format(app=APP_DIR, package=package)
+def dockerfile(package: str, *, serve: bool = False) -> str:
+    return DOCKERFILE.format(app=APP_DIR, package=package, serve=SERVE_STEP if serve else "")
 
 
-def labels(system: System, base_id: str) -> dict[str, str]:
+def serve_requirements() -> list[str]:
+    """The serve extra, pinned to the versions installed here when there are some."""
+    from importlib import metadata
+
+    pinned = []
+    for req in SERVE_REQUIREMENTS:
+        name = re.split(r"[<>=!~ ]", req, maxsplit=1)[0]
+        try:
+            pinned.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pinned.append(req)
+    return pinned
+
+
+def labels(system: System, base_id: str, *, serve: bool = False) -> dict[str, str]:
     return {
+        "mas2c.serve": "1" if serve else "0",
         "mas2c.package": system.package,
         "mas2c.spec": system.spec_name,
         "mas2c.spec_sha256": system.spec_sha256,
@@ -206,10 +242,17 @@ def labels(system: System, base_id: str) -> dict[str, str]:
     }
 
 
-def context_tar(system: System) -> bytes:
-    """The build context: Dockerfile + app/<files>, byte-identical for the same system."""
+def context_tar(system: System, wheels: Mapping[str, bytes] | None = None) -> bytes:
+    """The build context: Dockerfile + app/<files> (+ wheels/ with --serve),
+    byte-identical for the same system (and wheels)."""
     buf = io.BytesIO()
-    entries: dict[str, bytes | None] = {"Dockerfile": dockerfile(system.package).encode()}
+    serve = wheels is not None
+    entries: dict[str, bytes | None] = {
+        "Dockerfile": dockerfile(system.package, serve=serve).encode()
+    }
+    if wheels is not None:
+        entries["wheels"] = None
+        entries.update({f"wheels/{name}": data for name, data in wheels.items()})
     for rel, data in system.files.items():
         parts = rel.split("/")
         for depth in range(1, len(parts)):
@@ -240,9 +283,12 @@ def build(
     tag: str,
     *,
     base: str | None = None,
+    serve: bool = False,
     on_progress: Callable[[str], None] | None = None,
 ) -> ImageResult:
-    """Build the image of `target` (spec or build folder) as `tag` and return what was built."""
+    """Build the image of `target` (spec or build folder) as `tag` and return what was built.
+    `serve`: include the serve extra (starlette, uvicorn), so the image can run
+    ``IMAGE serve --host 0.0.0.0``."""
     if not _TAG_RE.match(tag):
         raise UsageError(
             f"-t {tag!r}: not a valid image name[:tag] (lowercase name, optional :tag)"
@@ -271,10 +317,11 @@ def build(
                 raise ImageError(f"cannot build the base image {base_ref}: {exc}") from None
             client = sandbox._docker_client(timeout=600)
         base_id = str(client.images.get(base_ref).id)
-        image_labels = labels(system, base_id)
+        image_labels = labels(system, base_id, serve=serve)
+        wheels = _serve_wheels(client, base_ref, say) if serve else None
         say(f"building {tag} from {base_ref} ({system.package}, {len(system.files)} files) ...")
         stream = client.api.build(
-            fileobj=io.BytesIO(context_tar(system)),
+            fileobj=io.BytesIO(context_tar(system, wheels)),
             custom_context=True,
             tag=tag,
             buildargs={"BASE": base_ref},
@@ -306,8 +353,30 @@ def build(
         client.close()
 
 
-def run_line(tag: str) -> str:
+def _serve_wheels(client: Any, base_ref: str, say: Callable[[str], None]) -> dict[str, bytes]:
+    """The serve extra's wheels for the base image's Python, fetched on the host (as
+    `mas2c sandbox build` fetches the runtime's): name -> bytes, plus requirements.txt."""
+    import tempfile
+
+    from mas2c import sandbox
+
+    try:
+        info = sandbox._probe_python(client, base_ref)
+        with tempfile.TemporaryDirectory(prefix="mas2c-image-wheels-") as tmp:
+            sandbox._download_wheels(Path(tmp), info, say, serve_requirements())
+            return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+    except sandbox.SandboxError as exc:
+        raise ImageError(f"cannot fetch the serve extra's wheels: {exc}") from None
+
+
+def run_line(tag: str, *, serve: bool = False) -> str:
     """The documented `docker run` line for an image (key and endpoint from the environment)."""
+    if serve:
+        return (
+            "docker run --rm --read-only --tmpfs /tmp --cap-drop ALL "
+            "--security-opt no-new-privileges -p 8000:8000 -e OPENAI_API_KEY -e OPENAI_BASE_URL "
+            f"{tag} serve --host 0.0.0.0 --port 8000"
+        )
     return (
         "docker run --rm -i --read-only --tmpfs /tmp --cap-drop ALL "
         "--security-opt no-new-privileges -e OPENAI_API_KEY -e OPENAI_BASE_URL "

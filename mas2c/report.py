@@ -392,13 +392,10 @@ class _Layout:
 
 def _layout(spec: Any) -> _Layout:
     from mas2c import graph
-    from mas2c.lang.spec import iter_steps
+    from mas2c.lang.spec import iter_spec_steps
 
     built = graph.build(spec)
-    step_of = {
-        "s_" + step.id.replace("-", "_"): step.id
-        for _, step in iter_steps(spec.workflow, "/workflow")
-    }
+    step_of = {"s_" + step.id.replace("-", "_"): step.id for _, step in iter_spec_steps(spec)}
     nodes: dict[str, _Node] = {}
     for node_id, label, shape in built.nodes:
         lines = [line[:48] + ("…" if len(line) > 48 else "") for line in label.split("\n")][:4]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mas2c.errors import InvalidInput, RunFailure
-from mas2c.files import write_bytes_atomic, write_text_atomic
+from mas2c.files import read_manifest, write_bytes_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from mas2c.lang.spec import Spec
@@ -120,18 +121,24 @@ def load_target(target: Path) -> Target:
                 f"{target}: not a build folder (no MANIFEST.json); give a spec or `mas2c compile` output"
             )
         try:
-            manifest = json.loads(manifest_path.read_text("utf-8"))
+            manifest = read_manifest(target)
             data, package = manifest["spec"], manifest["package"]
             if not isinstance(data, dict) or not isinstance(package, str):
                 raise ValueError("`spec` must be an object and `package` a string")
+            if not _PACKAGE_NAME.fullmatch(package) or not (target / package).is_dir():
+                raise ValueError("`package` must name the package folder beside it (mas2c_<name>)")
             _spec_facts(data)  # shape check of what the run reads
-        except (ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RunError(f"{manifest_path}: unreadable manifest ({exc})") from None
         return Target(data, package, target)
     from mas2c.lang.validate import load_spec
 
     spec = load_spec(target)
     return Target(spec.to_data(), spec.package_name, None, spec)
+
+
+#: What `compile` names a package (`Spec.package_name`): never a path.
+_PACKAGE_NAME = re.compile(r"mas2c_[a-z][a-z0-9_]{0,63}")
 
 
 def _spec_facts(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -121,7 +121,9 @@ RuntimeCode = Literal[
     "budget_cost",
     "run_timeout",
     "bad_input",
+    "no_credentials",
     "llm_error",
+    "flow_input",
     "internal",
     "interrupted",
 ]

@@ -16,9 +16,9 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-extras="dev,bench,ray,otel"
+extras="dev,bench,ray,otel,serve"
 if [ "${1:-}" = "--local" ]; then
-    extras="dev,bench,ray,otel,local"
+    extras="dev,bench,ray,otel,serve,local"
     # llama.cpp builds for this machine's CPU (GGML_NATIVE): without AVX2 kernels the
     # embedded model is ~100x slower. pip caches the wheel, so this costs ~5 minutes once.
     command -v cmake >/dev/null 2>&1 || {

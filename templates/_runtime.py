@@ -16,7 +16,8 @@ variables it wrote are traced as a ``checkpoint`` event, keyed by the sha256 of
 compiled source and the agent, model and tool definitions it names). The compiler
 hands these facts over in ``_tables.py`` (``TOP_STEPS``); the runtime never parses
 its own package. A run given checkpoints (``--checkpoint-dir``,
-``MAS2C_CHECKPOINT_DIR``, or a ``checkpoints/`` folder beside the package) skips
+``MAS2C_CHECKPOINT_DIR``, ``arun(checkpoint_dir=...)``, or the ``checkpoints/`` folder
+of the build folder the package runs from; never inside site-packages) skips
 every top-level step whose key matches one of them, restoring its writes instead
 (traced as ``step_resumed``). A changed step, or a step whose inputs changed, has
 a new key and runs again. Each checkpoint is one JSON file
@@ -26,7 +27,6 @@ explicitly given folder when it can.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import contextvars
@@ -37,15 +37,24 @@ import os
 import random
 import re
 import signal
+import ssl
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from fractions import Fraction
+from functools import cache
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, cast
 from urllib.parse import quote
@@ -96,6 +105,7 @@ __all__ = [
     "lookup",
     "main",
     "render",
+    "state_scope",
 ]
 
 GATEWAY_URL = "http://mas2c-gateway/v1"  # the host name is ignored on a unix socket
@@ -375,14 +385,23 @@ class Trace:
     ``MAS2C_TRACE_CONTENT=1``).
     """
 
-    def __init__(self, path: str | None, *, content: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        *,
+        content: bool = False,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self._file: TextIO | None = None
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             # Kept open for the whole run, closed by close().
             self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115
+        # Called with each record as written (a copy of the JSON line's data).
+        self.on_event = on_event
+        self.callback_error: str | None = None  # why on_event was turned off
         self._t0 = time.monotonic()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: on_event may emit
         self.content = content
         parent = _traceparent(os.environ.get(TRACEPARENT_ENV, ""))
         self.trace_id = parent[0] if parent else new_trace_id()
@@ -393,7 +412,7 @@ class Trace:
         return time.monotonic() - self._t0
 
     def emit(self, event: str, **fields: Any) -> None:
-        if self._file is None:
+        if self._file is None and self.on_event is None:
             return
         record = {
             "t": round(self.elapsed(), 3),
@@ -410,8 +429,19 @@ class Trace:
             .replace("\x85", "\\u0085")
         )
         with self._lock:
-            self._file.write(line + "\n")
-            self._file.flush()
+            if self._file is not None:
+                self._file.write(line + "\n")
+                self._file.flush()
+            if self.on_event is not None:
+                self._notify(self.on_event, line)
+
+    def _notify(self, callback: Callable[[dict[str, Any]], None], line: str) -> None:
+        """Hand a record to ``on_event``; one that raises is turned off (the run goes on)."""
+        try:
+            callback(json.loads(line))
+        except Exception as exc:
+            self.on_event = None
+            self.callback_error = f"{type(exc).__name__}: {exc}"[:500]
 
     def close(self) -> None:
         with self._lock:
@@ -532,6 +562,21 @@ _STEP: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "mas2c_step", default=None
 )
 
+# The state of the flow (named sub-workflow) each task runs in; None: the workflow's.
+_SCOPE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "mas2c_scope", default=None
+)
+
+
+@contextlib.contextmanager
+def state_scope(state: dict[str, Any]) -> Iterator[None]:
+    """Steps run inside see ``state`` as ``Run.state`` (a flow's own state)."""
+    token = _SCOPE.set(state)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
 
 def _where() -> dict[str, str | None]:
     current = _STEP.get()
@@ -557,13 +602,58 @@ def _env_number(name: str, default: float) -> float:
         return default
 
 
-def _make_client() -> openai.AsyncOpenAI:
+@dataclass(frozen=True)
+class ClientSettings:
+    """How one run reaches its LLM: through a gateway's unix socket (``socket``: the host
+    holds the key), or directly (``base_url``, ``api_key``). Resolved once per run by
+    ``client_settings()``; nothing reads the environment after that."""
+
+    base_url: str | None = None
+    api_key: str | None = None
+    socket: str | None = None
+    timeout_s: float = 120.0  # per request
+    max_attempts: int = 4  # per request; behind a socket the gateway retries instead
+    retry_base_s: float = 0.5  # first backoff; doubles per attempt
+
+    @property
+    def has_credentials(self) -> bool:
+        """A socket, or a key: without either no request may be sent."""
+        return bool(self.socket) or bool(self.api_key)
+
+
+def client_settings(
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    socket: str | None = None,
+) -> ClientSettings:
+    """The settings of a run: arguments first, then the environment (``OPENAI_BASE_URL``,
+    ``OPENAI_API_KEY``, ``MAS2C_LLM_SOCKET``, ``MAS2C_LLM_TIMEOUT_S``, ``MAS2C_MAX_ATTEMPTS``,
+    ``MAS2C_RETRY_BASE_S``). A ``base_url`` argument means a direct connection, so an
+    environment socket is then not used."""
+    env = os.environ
+    if socket is None and base_url is None:
+        socket = env.get("MAS2C_LLM_SOCKET") or None
+    return ClientSettings(
+        base_url=base_url or env.get("OPENAI_BASE_URL") or None,
+        api_key=api_key or env.get("OPENAI_API_KEY") or None,
+        socket=socket or None,
+        timeout_s=_env_number("MAS2C_LLM_TIMEOUT_S", 120.0),
+        max_attempts=max(1, int(_env_number("MAS2C_MAX_ATTEMPTS", 4))),
+        retry_base_s=_env_number("MAS2C_RETRY_BASE_S", 0.5),
+    )
+
+
+def _make_client(settings: ClientSettings) -> openai.AsyncOpenAI:
     """The OpenAI client: direct, or through the host gateway's unix socket."""
-    timeout = _env_number("MAS2C_LLM_TIMEOUT_S", 120.0)
-    socket_path = os.environ.get("MAS2C_LLM_SOCKET")
+    timeout = settings.timeout_s
+    socket_path = settings.socket
     if socket_path:
         # Inside the sandbox the socket is the only way out; the host holds the key.
-        transport = httpx.AsyncHTTPTransport(uds=socket_path)
+        # Plain HTTP on a unix socket: a context with no trust store (any TLS would fail)
+        # spares loading the CA bundle, ~30 ms per run.
+        no_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        transport = httpx.AsyncHTTPTransport(uds=socket_path, verify=no_tls)
         http = httpx.AsyncClient(transport=transport, timeout=timeout)
         return openai.AsyncOpenAI(
             base_url=GATEWAY_URL,
@@ -573,19 +663,35 @@ def _make_client() -> openai.AsyncOpenAI:
             # Recent openai releases type this as httpx2 but accept an httpx client.
             http_client=cast(Any, http),
         )
+    if not settings.api_key:  # checked before the run starts; never a placeholder key
+        raise LLMError("no API key: set OPENAI_API_KEY, or MAS2C_LLM_SOCKET")
+    # Each run has its own client and connections; the TLS context (the CA bundle, which
+    # takes ~45 ms to load) is made once per process and shared, read-only.
+    http_client = openai.DefaultAsyncHttpxClient(verify=_tls_context(), timeout=timeout)
     return openai.AsyncOpenAI(
-        base_url=os.environ.get("OPENAI_BASE_URL"),
-        api_key=os.environ.get("OPENAI_API_KEY") or "unset",
+        base_url=settings.base_url,
+        api_key=settings.api_key,
         max_retries=0,  # we retry ourselves, with tracing and budget checks
         timeout=timeout,
+        http_client=http_client,
     )
+
+
+@cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default TLS context (its CA bundle; SSL_CERT_FILE/SSL_CERT_DIR honoured)."""
+    make = getattr(httpx, "create_ssl_context", None)  # public since httpx 0.28
+    if make is None:
+        return ssl.create_default_context()
+    context: ssl.SSLContext = make()
+    return context
 
 
 class _Malformed(Exception):
     """A 200 response without a usable completion: retried like a server error."""
 
 
-def _is_retryable(exc: Exception) -> bool:
+def _is_retryable(exc: Exception, behind_gateway: bool) -> bool:
     """Whether to try again: the server's ``x-should-retry`` verdict first. Behind the
     gateway's socket only that verdict counts (the gateway is the one layer that retries
     a failing upstream, and says ``false`` on every error it answers)."""
@@ -593,7 +699,7 @@ def _is_retryable(exc: Exception) -> bool:
     verdict = should_retry(response.headers) if response is not None else None
     if verdict is not None:
         return verdict
-    if os.environ.get("MAS2C_LLM_SOCKET"):
+    if behind_gateway:
         return False
     if isinstance(exc, openai.APIStatusError):
         return retryable_status(exc.status_code)
@@ -602,10 +708,9 @@ def _is_retryable(exc: Exception) -> bool:
     return isinstance(exc, (*retryable, httpx.TransportError, ValueError, _Malformed))
 
 
-def _backoff(attempt: int, exc: Exception) -> float:
+def _backoff(attempt: int, exc: Exception, base: float) -> float:
     response = getattr(exc, "response", None)
     hinted = retry_after_s(response.headers) if response is not None else None
-    base = _env_number("MAS2C_RETRY_BASE_S", 0.5)
     return backoff_s(attempt, base, MAX_RETRY_AFTER_S, hinted)
 
 
@@ -998,14 +1103,18 @@ def load_checkpoints(folder: Path | None) -> dict[str, dict[str, Any]]:
     return found
 
 
-def checkpoint_dir(given: str | None) -> tuple[Path | None, bool]:
-    """(folder, explicit): ``--checkpoint-dir``, else $MAS2C_CHECKPOINT_DIR, else
-    ``checkpoints/`` beside the package when it exists (read only)."""
+def checkpoint_dir(given: str | os.PathLike[str] | None) -> tuple[Path | None, bool]:
+    """(folder, explicit): ``--checkpoint-dir``, else $MAS2C_CHECKPOINT_DIR, else (read
+    only) the ``checkpoints/`` folder of the build folder the package runs from: the folder
+    ``mas2c compile`` wrote, holding ``MANIFEST.json`` beside the package (where ``mas2c
+    rectify`` offers them). An installed package (site-packages) has none."""
     chosen = given or os.environ.get(CHECKPOINT_ENV)
     if chosen:
         return Path(chosen), True
-    beside = Path(__file__).resolve().parent.parent / "checkpoints"
-    return (beside, False) if beside.is_dir() else (None, False)
+    build = Path(__file__).resolve().parent.parent
+    beside = build / "checkpoints"
+    is_build = (build / "MANIFEST.json").is_file()
+    return (beside, False) if is_build and beside.is_dir() else (None, False)
 
 
 def _json_clean(value: Any) -> bool:
@@ -1033,13 +1142,16 @@ class Run:
         trace: Trace | None = None,
         checkpoints: Mapping[str, Mapping[str, Any]] | None = None,
         checkpoint_out: Path | None = None,
+        budgets: Budgets | None = None,
+        client: ClientSettings | None = None,
     ) -> None:
         self.spec = spec
         self.agents = agents
         self.models = models
         self.tools = tools
-        self.budgets = spec.budgets
-        self.state: dict[str, Any] = dict(inputs or {})
+        self.budgets = budgets or spec.budgets  # the caller's, tightened (see _api.py)
+        self.client_settings = client or client_settings()
+        self._state: dict[str, Any] = dict(inputs or {})
         self.trace = trace or Trace(None)
         self._usage = Usage()
         self._in_flight = 0  # requests sent, not yet answered: they hold a call slot
@@ -1052,6 +1164,12 @@ class Run:
         self.checkpoint_out = checkpoint_out
         # What a run that succeeded should still say (e.g. a loop that ran out).
         self.warnings: list[dict[str, Any]] = []
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The state steps read and write: the workflow's, or inside a flow the flow's."""
+        scoped = _SCOPE.get()
+        return self._state if scoped is None else scoped
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1616,7 +1734,7 @@ class Run:
     async def _complete(self, agent: AgentDef, request: dict[str, Any]) -> Any:
         """Send with retries on 429/5xx/timeouts/malformed answers; account and trace."""
         model = self.models[agent.model]
-        attempts = max(1, int(_env_number("MAS2C_MAX_ATTEMPTS", 4)))
+        attempts = self.client_settings.max_attempts
         for attempt in range(1, attempts + 1):
             self._check_budget()
             span = _open_span(self.trace)
@@ -1625,7 +1743,8 @@ class Run:
             except Exception as exc:
                 self._trace_call(agent, model, request, None, span, attempt, exc)
                 self._raise_unless_retryable(exc, agent, attempt, attempts)
-                await asyncio.sleep(_backoff(attempt, exc))
+                base = self.client_settings.retry_base_s
+                await asyncio.sleep(_backoff(attempt, exc, base))
                 continue
             self._account(agent, model, response)
             self._trace_call(agent, model, request, response, span, attempt, None)
@@ -1635,7 +1754,7 @@ class Run:
     async def _send(self, request: dict[str, Any]) -> Any:
         """One HTTP request; it holds a call slot of the budget while in flight."""
         if self._client is None:  # created lazily: a run without LLM calls needs none
-            self._client = _make_client()
+            self._client = _make_client(self.client_settings)
         self._in_flight += 1
         try:
             response = await self._client.chat.completions.create(**request)
@@ -1660,7 +1779,7 @@ class Run:
             message = f"HTTP {status} for agent {agent.id!r}: {exc.message}"
         else:
             message = f"{type(exc).__name__} for agent {agent.id!r}: {exc}"
-        if not _is_retryable(exc):
+        if not _is_retryable(exc, bool(self.client_settings.socket)):
             raise LLMError(message, status=status, agent=agent.id) from exc
         if attempt >= attempts:
             raise LLMError(
@@ -1761,22 +1880,6 @@ def check_inputs(
     }
 
 
-def _read_inputs(
-    path: str | None, declared: Mapping[str, Mapping[str, Any]]
-) -> dict[str, Any]:
-    try:
-        if path is None:
-            text = "{}"
-        elif path == "-":
-            text = sys.stdin.read()
-        else:
-            text = Path(path).read_text(encoding="utf-8")
-        given = json.loads(text)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the input {path!r}: {exc}") from exc
-    return check_inputs(given, declared)
-
-
 # exception class -> (status, exit code); the first match wins.
 _OUTCOMES: tuple[tuple[type[BaseException], str, int], ...] = (
     (InputError, "bad_input", 2),
@@ -1847,26 +1950,6 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 
-def _parse_args(spec: SpecInfo, argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m mas2c_{spec.name.replace('-', '_')}",
-        description=f"Run the {spec.name} multi-agent system.",
-    )
-    parser.add_argument("--input", help="JSON object of inputs ('-' = stdin)")
-    parser.add_argument("--output", default="out.json", help="result file (out.json)")
-    parser.add_argument("--trace", help="JSONL trace file")
-    parser.add_argument(
-        "--trace-content",
-        action="store_true",
-        help=f"also trace prompts, completions and tool arguments (${TRACE_CONTENT_ENV}=1)",
-    )
-    parser.add_argument(
-        "--checkpoint-dir",
-        help=f"resume from (and save) step checkpoints in this folder (${CHECKPOINT_ENV})",
-    )
-    return parser.parse_args(argv)
-
-
 def main(
     workflow_cls: Callable[[Run], Any],
     spec: SpecInfo,
@@ -1875,70 +1958,7 @@ def main(
     tools: Mapping[str, ToolDef],
     argv: Sequence[str] | None = None,
 ) -> int:
-    """Command-line entry point: run the workflow, write out.json, return the exit code."""
-    args = _parse_args(spec, argv)
-    trace = Trace(None)
-    run: Run | None = None
-    result: dict[str, Any]
-    previous: Any = None
-    with contextlib.suppress(ValueError):  # only the main thread may set handlers
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        content = args.trace_content or os.environ.get(TRACE_CONTENT_ENV) == "1"
-        trace = Trace(args.trace, content=content)
-        trace.emit(
-            "run_start",
-            spec=spec.name,
-            sha256=spec.sha256,
-            trace_id=trace.trace_id,
-            span_id=trace.root_span,
-            parent_id=trace.parent_span,
-            started_at=_iso_now(),
-            python=sys.version.split()[0],
-            openai=getattr(openai, "__version__", None),
-            trace_content=content,
-        )
-        folder, explicit = checkpoint_dir(args.checkpoint_dir)
-        run = Run(
-            spec,
-            agents,
-            models,
-            tools,
-            trace=trace,
-            checkpoints=load_checkpoints(folder),
-            checkpoint_out=folder if explicit else None,
-        )
-        run.state.update(_read_inputs(args.input, spec.inputs))
-        asyncio.run(run.execute(workflow_cls))
-        outputs = {}
-        for name, path in spec.outputs.items():
-            try:
-                outputs[name] = lookup(run.state, path)
-            except WorkflowError as exc:
-                exc.spec_pointer = f"/outputs/{name}"
-                raise
-        code, result = 0, {"status": "ok", "outputs": outputs, "usage": run.usage()}
-        if run.warnings:
-            result["warnings"] = run.warnings
-    except BaseException as exc:  # every failure, even Ctrl-C, must reach out.json
-        status, code = next((s, c) for t, s, c in _OUTCOMES if isinstance(exc, t))
-        error = error_report(exc)
-        usage = run.usage() if run is not None else Usage().as_dict()
-        result = {"status": status, "error": error, "usage": usage}
-        if run is not None and run.warnings:
-            result["warnings"] = run.warnings
-        at = f" (at {error['spec_pointer']})" if error["spec_pointer"] else ""
-        print(f"{spec.name}: {status}: {error['type']}: {exc}{at}", file=sys.stderr)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    _write_json_atomic(Path(args.output), result)
-    trace.emit(
-        "run_end",
-        status=result["status"],
-        exit_code=code,
-        usage=result["usage"],
-        span_id=trace.root_span,
-    )
-    trace.close()
-    return code
+    """Command-line entry point (kept for callers of the runtime): ``_api.System.main``."""
+    from ._api import System
+
+    return System(workflow_cls, spec, agents, models, tools).main(argv)

@@ -331,3 +331,32 @@ def _remove_orphans(node_dir: Path) -> None:
             time.sleep(0.5)
     finally:
         client.close()
+
+
+def test_the_endpoint_url_and_key_travel_in_the_task_env_not_in_the_plan() -> None:
+    """Ray stores task arguments (the plan) in its object store and may log them: an
+    endpoint URL can carry credentials, so it travels like the key, in the env."""
+    import pickle
+
+    from mas2c.batch import Plan, llm_config
+    from mas2c.batch_ray import _secrets_out_of
+
+    url = "https://user:url-secret@llm.example/v1?api-key=query-secret"
+    options = BatchOptions(
+        run_dir=Path("unused"), llm=LLMConfig(url=url, api_key=SECRET), workers=1
+    )
+    env, plan = _secrets_out_of(Plan(mode="spec", llm_url=url), options)
+    assert env == {"OPENAI_API_KEY": SECRET, "OPENAI_BASE_URL": url}
+    shipped = pickle.dumps(plan)
+    for secret in ("url-secret", "query-secret", SECRET):
+        assert secret.encode() not in shipped
+    # on the node, the plan's endpoint comes back from the task's environment
+    saved = os.environ.get("OPENAI_BASE_URL")
+    os.environ["OPENAI_BASE_URL"] = url
+    try:
+        assert llm_config(plan).endpoint() == url
+    finally:
+        if saved is None:
+            del os.environ["OPENAI_BASE_URL"]
+        else:
+            os.environ["OPENAI_BASE_URL"] = saved

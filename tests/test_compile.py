@@ -44,7 +44,9 @@ EXPECTED_FILES = {
     "{pkg}/__init__.py",
     "{pkg}/__main__.py",
     "{pkg}/_accounting.py",
+    "{pkg}/_api.py",
     "{pkg}/_runtime.py",
+    "{pkg}/_serve.py",
     "{pkg}/_tables.py",
     "{pkg}/_values.py",
     "{pkg}/agents.py",
@@ -200,8 +202,9 @@ def test_every_file_has_the_header(name: str) -> None:
         if any(s.kind in ("ensemble", "debate") for _p, s in iter_steps(spec.workflow, "/workflow"))
         else set()
     )
+    flows = {f"{build.package}/_flows.py"} if spec.flows else set()
     expected_files = {p.format(pkg=build.package) for p in EXPECTED_FILES}
-    assert set(build.files) == expected_files | tool_modules | voting
+    assert set(build.files) == expected_files | tool_modules | voting | flows
     for path, data in build.files.items():
         first = data.decode("utf-8").splitlines()[0]
         if path == "MANIFEST.json":
@@ -352,7 +355,11 @@ def test_compiled_code_never_imports_mas2c(name: str) -> None:
             for module in modules:
                 top = module.split(".")[0]
                 assert top != "mas2c", f"{path} imports {module}"
-                assert top in allowed_top, f"{path} imports {module}: not stdlib, openai or httpx"
+                # The HTTP service imports its extra (`pip install 'mas2c-x[serve]'`) only there.
+                extra = {"starlette", "uvicorn"} if path.endswith("/_serve.py") else set()
+                assert top in allowed_top | extra, (
+                    f"{path} imports {module}: not stdlib, openai or httpx"
+                )
 
 
 @pytest.mark.parametrize("name", EXAMPLE_NAMES)
@@ -366,6 +373,11 @@ def test_pyproject_is_installable_metadata(name: str) -> None:
     requires = [*project["dependencies"], *pyproject["build-system"]["requires"]]
     assert not [r for r in requires if r.lower().startswith("mas2c")], requires
     assert pyproject["tool"]["setuptools"]["packages"] == [build.package]
+    serve = [
+        re.split(r"[<>=!~ ]", dep, maxsplit=1)[0]
+        for dep in project["optional-dependencies"]["serve"]
+    ]
+    assert serve == ["starlette", "uvicorn"]  # the HTTP service's extra, nothing else
     assert "setuptools" in " ".join(pyproject["build-system"]["requires"])
     (script,) = project["scripts"].values()
     module, function = script.split(":")
@@ -403,7 +415,7 @@ def test_odd_keys_stay_inside_comments_and_literals(tmp_path: Path) -> None:
     )
     build = compile_spec(spec)
     for path, data in build.files.items():
-        if path.endswith(".py") and not path.endswith("/_runtime.py"):
+        if path.endswith(".py") and path.split("/")[-1] not in runtime_files():
             text = data.decode("utf-8")
             tree = ast.parse(text)
             assert not any(isinstance(n, ast.Import) and n.names[0].name == "os" for n in tree.body)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import EXAMPLE_NAMES, compile_to, events, example_path, example_spec, run_package
 
-from mas2c.lang.spec import Spec, iter_steps
+from mas2c.lang.spec import Spec, iter_spec_steps, iter_steps
 from mas2c.testserver import (
     ChatRequest,
     LLMTestServer,
@@ -80,6 +80,7 @@ INPUTS: dict[str, dict[str, Any]] = {
         "ticket": "The backup client crashes with error 0x80070005 every night since the update.",
         "product": "Acme Cloud Backup (Pro plan)",
     },
+    "math-program-ensemble": {"problem": "What is the sum of the first 10 positive odd integers?"},
     "self-consistency": {"question": "What is 17 * 3 + 4? Answer with a number."},
     "tool-pipeline": {
         "text": (
@@ -114,6 +115,10 @@ class ByAgent:
         script = self.answers[agent]
         answer = script[min(index, len(script) - 1)]
         return answer(req) if callable(answer) else answer
+
+
+def _program(answer: str) -> str:
+    return f"```python\nprint('ANSWER: {answer}')\n```\n"
 
 
 SCRIPTS: dict[str, Callable[[], ByAgent]] = {
@@ -187,6 +192,18 @@ SCRIPTS: dict[str, Callable[[], ByAgent]] = {
             ],
         }
     ),
+    "math-program-ensemble": lambda: ByAgent(
+        {
+            "programmer": [
+                _program("100"),
+                "```python\nprint(1/0)\n```",  # fails: repaired from its error
+                _program("100"),
+                _program("99"),
+                _program("100"),
+                _program("100"),
+            ]
+        }
+    ),
     "router": lambda: ByAgent(
         {
             "classifier": {"category": "technical", "urgency": "high", "reason": "A crash."},
@@ -236,6 +253,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "reply": "1. Reinstall the client.",
         "needs_human": True,
     },
+    "math-program-ensemble": {"answer": "100", "program": "print('ANSWER: 100')\n"},
     "self-consistency": {"answer": "55"},
     "tool-pipeline": {
         "text": "You must sign in. Then set it up.",
@@ -264,6 +282,7 @@ EXECUTED: dict[str, tuple[set[str], int]] = {
         4,
     ),
     "router": ({"classify", "dispatch", "answer_technical"}, 2),
+    "math-program-ensemble": ({"sample_programs", "write_program", "read_answer"}, 6),
     "self-consistency": ({"sample_and_vote"}, 5),
     "tool-pipeline": ({"measure_before", "rewrite", "measure_after"}, 2),
 }
@@ -298,7 +317,7 @@ def _variant(
 
 def check_trace(trace: list[dict[str, Any]], spec: Spec, executed: set[str] | None = None) -> None:
     """Steps start and end in pairs (all ok), LLM calls carry agent, model, tokens, latency."""
-    pointers = {pointer: step.id for pointer, step in iter_steps(spec.workflow, "/workflow")}
+    pointers = {pointer: step.id for pointer, step in iter_spec_steps(spec)}
     starts, ends = events(trace, "step_start"), events(trace, "step_end")
     started = {(e["step"], e["pointer"]) for e in starts}
     assert started == {(e["step"], e["pointer"]) for e in ends}
@@ -451,7 +470,7 @@ def test_plan_and_execute_runs_python_for_the_executor(
 
 @pytest.mark.parametrize(
     ("name", "in_flight"),
-    [("self-consistency", 5), ("debate", 3), ("hierarchical", 3)],
+    [("self-consistency", 5), ("debate", 3), ("hierarchical", 3), ("math-program-ensemble", 5)],
 )
 def test_concurrent_steps_have_their_calls_in_flight_together(
     name: str, in_flight: int, builds: Callable[[str], Path]

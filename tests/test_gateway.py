@@ -237,6 +237,7 @@ def test_budget_calls(srv: LLMTestServer, sockdir: Path) -> None:
         assert gw.usage()["budget_exceeded"] is False
         err = refused(c)
         assert "max_llm_calls" in err.message and "max 2" in err.message
+        assert err.param == "max_llm_calls"  # the limit, for the program's spec pointer
         u = gw.usage()
     assert u["budget_exceeded"] is True and u["calls"] == 2 and u["refused"] == 1
     assert len(srv.requests) == 2
@@ -251,6 +252,7 @@ def test_budget_tokens(srv: LLMTestServer, sockdir: Path) -> None:
         ask(c, "2")  # 300 used: 50 left, less than this prompt's bound (+1)
         err = refused(c)
         assert "max_total_tokens" in err.message and "300 tokens used" in err.message
+        assert err.param == "max_total_tokens"
         assert gw.usage()["budget_exceeded"] is True
     assert len(srv.requests) == 2
 
@@ -265,6 +267,7 @@ def test_budget_cost(srv: LLMTestServer, sockdir: Path) -> None:
         ask(c, "2")
         err = refused(c)
         assert "max_cost_usd" in err.message and "$0.020000 used" in err.message
+        assert err.param == "max_cost_usd"
         assert gw.usage()["cost_usd"] == pytest.approx(0.02)
     assert len(srv.requests) == 2
 

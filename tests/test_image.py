@@ -156,3 +156,53 @@ def test_image_built_and_run_read_only_against_the_test_server(
     events = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "run_start" and events[-1]["event"] == "run_end"
     assert KEY not in (out / "trace.jsonl").read_text() + (out / "out.json").read_text()
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("docker_ready")
+def test_image_with_the_serve_extra_serves_http_read_only(build_dir: Path, tag: str) -> None:
+    import socket
+    import time
+
+    import httpx
+
+    proc = _mas2c("image", str(build_dir), "-t", tag, "--serve", "--json")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads(_docker("image", "inspect", tag).stdout)[0]["Config"]
+    assert config["Labels"]["mas2c.serve"] == "1" and "8000/tcp" in config["ExposedPorts"]
+    assert config["User"] == "1000:1000"
+    with socket.socket() as s:  # a free port on the host's loopback (--network host)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    name = f"mas2c-image-test-serve-{uuid.uuid4().hex[:8]}"
+    script = Script([(r"2 \+ 2", {"reasoning": "2 and 2 make 4", "answer": "4"})])
+    with LLMTestServer(script) as server:
+        started = _docker(
+            "run", "-d", "--rm", "--name", name, "--read-only", "--tmpfs", "/tmp",
+            "--network", "host", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+            "-e", "OPENAI_API_KEY", "-e", "OPENAI_BASE_URL",
+            tag, "serve", "--host", "127.0.0.1", "--port", str(port),
+            env={**os.environ, "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": server.base_url},
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(url + "/ok", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, _docker("logs", name).stderr
+                time.sleep(0.2)
+            r = httpx.post(
+                url + "/runs/wait", json={"input": {"question": "What is 2 + 2?"}}, timeout=60
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["outputs"] == {"answer": "4", "reasoning": "2 and 2 make 4"}
+            assert KEY not in r.text
+            stopped = _docker("stop", "-t", "20", name)  # SIGTERM: a graceful drain
+            assert stopped.returncode == 0, stopped.stderr
+        finally:
+            _docker("rm", "-f", name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -474,10 +475,56 @@ def test_gateway_enforces_the_budget_when_the_program_does_not(
     )
     assert proc.returncode == 1
     assert_no_traceback(proc)
-    assert read_json(run_dir / "result.json")["status"] == "budget_exceeded"
+    result = read_json(run_dir / "result.json")
+    assert result["status"] == "budget_exceeded"
+    # the gateway's refusal names the limit: the error points at it in the spec
+    assert result["error"]["spec_pointer"] == "/budgets/max_llm_calls"
     usage = read_json(run_dir / "usage.json")
     assert usage["calls"] == 2 and usage["refused"] == 1 and usage["budget_exceeded"] is True
     assert len(llm_server.requests) == 2  # the refused call never reached the upstream
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["../../escape", "/tmp/abs", "mas2c_missing", "mas2c_ok\n", "huge", "fifo", "deep"],
+)
+def test_hostile_build_manifest_is_refused(hostile: str, tmp_path: Path) -> None:
+    """A build folder's MANIFEST.json is input: its package must name the package folder
+    beside it (never a path), and it is read with a size cap, never from a FIFO."""
+    build = tmp_path / "build"
+    compiled = mas2c(
+        "compile", SPECS / "chain-of-thought.yaml", "-o", build, cwd=tmp_path, inprocess=True
+    )
+    assert compiled.returncode == 0, compiled.stderr
+    path = build / "MANIFEST.json"
+    manifest = read_json(path)
+    if hostile == "huge":
+        manifest["padding"] = "x" * (9 * 1024 * 1024)
+    elif hostile not in ("fifo", "deep"):
+        manifest["package"] = hostile
+    if hostile == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    elif hostile == "deep":
+        path.write_text('{"spec": ' + "[" * 100_000 + "]" * 100_000 + "}", encoding="utf-8")
+    else:
+        path.write_text(json.dumps(manifest), encoding="utf-8")
+    proc = mas2c(
+        "run",
+        build,
+        "--input",
+        write_input(tmp_path, {"question": "q"}),
+        "--run-dir",
+        tmp_path / "run",
+        "--llm",
+        "http://127.0.0.1:9/v1",
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert_no_traceback(proc)
+    assert "MANIFEST.json" in proc.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

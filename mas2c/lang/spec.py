@@ -132,6 +132,7 @@ class Tool(_Strict):
 #   shape           how nested lists run: "leaf", "sequence", "concurrent", "repeat", "alternatives"
 #   agent_refs()    agents it names (relative key, agent id, role: caller/sampler/judge/programmer)
 #   tool_refs()     tools it names          templates()   texts with placeholders it renders
+#   flow_refs()     flows (sub-workflows) it runs, flow_repeats() times per run
 #   references()    state paths it reads    conditions()  expressions it evaluates
 #   writes()        the state variable it sets; out_schema() the JSON Schema of that value
 #   llm_calls()     static upper bound of its own LLM calls; child_repeats() times its
@@ -195,6 +196,14 @@ class StepBase(_Strict):
 
     def tool_refs(self) -> list[tuple[str, str]]:
         return []
+
+    def flow_refs(self) -> list[tuple[str, str]]:
+        """Flows it runs (relative key, flow name); see `flow_repeats()` for how often."""
+        return []
+
+    def flow_repeats(self) -> int:
+        """How many times one run of the step runs each flow it names."""
+        return 1
 
     def templates(self) -> list[tuple[str, str]]:
         return []
@@ -288,13 +297,28 @@ class EnsembleStep(_Writes):
     kind: Literal["ensemble"]
     agent: str | None = None
     agents: list[str] | None = None
+    flow: str | None = Field(
+        None,
+        description="A flow (see `flows`) run n times instead of agent samples: each sample "
+        "is the flow's outputs object (ScEnsemble over any flow).",
+    )
+    with_: dict[str, Any] | None = Field(
+        None,
+        alias="with",
+        description="The flow's arguments (a whole placeholder passes the value).",
+    )
     n: int | None = Field(
         None,
         ge=1,
         le=64,
-        description="Samples of `agent` (default 5), or rounds over `agents` (default 1).",
+        description="Samples of `agent` or of `flow` (default 5), or rounds over `agents` "
+        "(default 1).",
     )
-    prompt: str
+    prompt: str | None = Field(
+        None,
+        description="What the samples answer (required with `agent`/`agents`); with `flow`, "
+        "optional: the task a judge is shown.",
+    )
     vote: Literal["majority", "first"] | None = Field(
         None,
         description="'majority' (plurality of the final answers; fails when every answer is "
@@ -309,24 +333,38 @@ class EnsembleStep(_Writes):
     RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_voting.py",)
     LANGUAGE: ClassVar[str] = (
         "several samples, then a decision. Fields: agent (sampled n times, default 5) OR\n"
-        "  agents (one sample each, repeated n times), n, prompt, and exactly one of\n"
-        '  vote: "majority" or judge (an agent id); vote_on (the field structured answers vote\n'
-        "  on, default answer); out (the winning answer or the judge's output)."
+        "  agents (one sample each, repeated n times) with prompt, OR flow (a flow's name, run n\n"
+        "  times concurrently, default 5) with `with` (its arguments); exactly one of\n"
+        '  vote: "majority" or judge (an agent id); vote_on (the field structured answers or the\n'
+        "  flow's outputs vote on, default answer); out (the winning answer, the winning flow\n"
+        "  outputs object, or the judge's output)."
     )
 
     def sample_agents(self) -> list[str]:
-        """The agent answering each sample, in sample order."""
+        """The agent answering each sample, in sample order (none for a flow ensemble)."""
+        if self.flow is not None:
+            return []
         if self.agents:
             return list(self.agents) * (self.n or 1)
         return [self.agent or ""] * (self.n or 5)
+
+    def samples(self) -> int:
+        return (self.n or 5) if self.flow is not None else len(self.sample_agents())
 
     def agent_refs(self) -> list[AgentRef]:
         refs = [AgentRef("agent", self.agent, "sampler")] if self.agent else []
         refs += [AgentRef(f"agents/{i}", a, "sampler") for i, a in enumerate(self.agents or [])]
         return refs + ([AgentRef("judge", self.judge, "judge")] if self.judge else [])
 
+    def flow_refs(self) -> list[tuple[str, str]]:
+        return [("flow", self.flow)] if self.flow is not None else []
+
+    def flow_repeats(self) -> int:
+        return self.n or 5
+
     def templates(self) -> list[tuple[str, str]]:
-        return [("prompt", self.prompt)]
+        found = [("prompt", self.prompt)] if self.prompt is not None else []
+        return found + _strings(self.with_ or {}, "with")
 
     def answer_agents(self) -> list[str]:
         if self.judge:
@@ -337,19 +375,29 @@ class EnsembleStep(_Writes):
         return len(self.sample_agents()) + (1 if self.judge else 0)
 
     def fan_out(self) -> FanOut:
+        if self.flow is not None:
+            return FanOut("n", self.n or 5, self.n or 5)
         n = self.n or (1 if self.agents else 5)
         return FanOut("n", n, n * len(self.agents or [1]))
 
     def problems(self) -> list[tuple[str, str, str, str | None]]:
         found: list[tuple[str, str, str, str | None]] = []
-        if (self.agent is None) == (not self.agents):
+        sources = [self.agent is not None, bool(self.agents), self.flow is not None]
+        if sum(sources) != 1:
             found.append(
                 (
                     "MAS504",
                     "",
-                    "an ensemble needs exactly one of `agent` (sampled n times) and `agents`",
+                    "an ensemble needs exactly one of `agent` (sampled n times), `agents` "
+                    "and `flow` (run n times)",
                     None,
                 )
+            )
+        if self.flow is None and self.prompt is None and any(sources):
+            found.append(("MAS101", "prompt", "an ensemble of agents needs a `prompt`", None))
+        if self.flow is None and self.with_ is not None:
+            found.append(
+                ("MAS504", "with", "`with` passes a flow's arguments: it needs `flow`", None)
             )
         if (self.vote is None) == (self.judge is None):
             found.append(
@@ -365,15 +413,18 @@ class EnsembleStep(_Writes):
     def agent_note(self, agent: str, role: AgentRole) -> str:
         samples = self.sample_agents()
         if role == "judge":
-            return f"judge of ensemble `{self.id}` ({len(samples)} samples)"
+            return f"judge of ensemble `{self.id}` ({self.samples()} samples)"
         decide = "majority vote" if self.vote else "a judge decides"
         return f"sampled {samples.count(agent)}x in ensemble `{self.id}` ({decide})"
 
     def summary(self) -> str:
         decide = f"judge `{self.judge}` picks" if self.judge else "majority vote"
-        return f"`{self.id}`: {len(self.sample_agents())} samples, {decide}."
+        of = f" of flow `{self.flow}`" if self.flow is not None else ""
+        return f"`{self.id}`: {self.samples()} samples{of}, {decide}."
 
     def graph_detail(self) -> str:
+        if self.flow is not None:
+            return f"{self.samples()}× flow {self.flow}"
         return f"{len(self.sample_agents())}× {self.agent or ', '.join(self.agents or [])}"
 
 
@@ -659,6 +710,36 @@ class ToolStep(_Writes):
         return self.tool
 
 
+class SubflowStep(_Writes):
+    kind: Literal["subflow"]
+    flow: str = Field(description="The flow (a key of `flows`) to run.")
+    with_: dict[str, Any] = Field(
+        default_factory=dict,
+        alias="with",
+        description="The flow's arguments: input name -> value; a string that is exactly one "
+        "placeholder passes the value itself, other strings are rendered text.",
+    )
+
+    RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_flows.py",)
+    LANGUAGE: ClassVar[str] = (
+        "runs a flow (a named sub-workflow of `flows`) with its own state: it sees only its\n"
+        "  inputs. Fields: flow, with (input name -> value, placeholders allowed), out (an object\n"
+        "  of the flow's outputs)."
+    )
+
+    def flow_refs(self) -> list[tuple[str, str]]:
+        return [("flow", self.flow)]
+
+    def templates(self) -> list[tuple[str, str]]:
+        return _strings(self.with_, "with")
+
+    def summary(self) -> str:
+        return f"`{self.id}`: run flow `{self.flow}`."
+
+    def graph_detail(self) -> str:
+        return self.flow
+
+
 STEP_CLASSES: dict[str, type[StepBase]] = {
     "call": CallStep,
     "ensemble": EnsembleStep,
@@ -669,6 +750,7 @@ STEP_CLASSES: dict[str, type[StepBase]] = {
     "programmer": ProgrammerStep,
     "test": TestStep,
     "tool": ToolStep,
+    "subflow": SubflowStep,
 }
 """kind -> model class: the registry of step kinds (`register_step_kind` adds to it)."""
 
@@ -683,7 +765,8 @@ Step = Annotated[
     | DebateStep
     | ProgrammerStep
     | TestStep
-    | ToolStep,
+    | ToolStep
+    | SubflowStep,
     Field(discriminator="kind"),
 ]
 
@@ -693,6 +776,22 @@ class Budgets(_Strict):
     max_total_tokens: int | None = Field(None, ge=1)
     max_cost_usd: float | None = Field(None, gt=0)
     timeout_s: float | None = Field(None, gt=0)
+
+
+class FlowDef(_Strict):
+    """A named sub-workflow: its own inputs, steps and outputs. It sees only its inputs
+    (its state starts as them); `subflow` steps call it, `ensemble` samples it."""
+
+    description: str = ""
+    inputs: dict[str, JsonSchema] = Field(
+        default_factory=dict,
+        description="name -> JSON Schema; an input without a `default` must be passed.",
+    )
+    outputs: dict[str, str] = Field(
+        min_length=1,
+        description="name -> state variable (or dotted path) of the flow's state at its end.",
+    )
+    steps: list[Step] = Field(min_length=1)
 
 
 class Spec(_Strict):
@@ -723,6 +822,10 @@ class Spec(_Strict):
     )
     agents: dict[str, Agent] = Field(min_length=1, description="The agents, by id.")
     tools: dict[str, Tool] = Field(default_factory=dict, description="The tools, by id.")
+    flows: dict[str, FlowDef] = Field(
+        default_factory=dict,
+        description="Named sub-workflows (name -> flow), run by `subflow` steps and ensembles.",
+    )
     workflow: list[Step] = Field(
         min_length=1, description="The steps, run in order; each may write a state variable."
     )
@@ -745,9 +848,12 @@ class Spec(_Strict):
 
     def to_data(self) -> dict[str, Any]:
         """The spec as plain JSON data, keys as written in specs (`else`, not `else_`)."""
-        return self.model_dump(
+        data = self.model_dump(
             mode="json", by_alias=True, exclude_none=True, exclude_defaults=False
         )
+        if not data.get("flows"):  # a spec without flows hashes as it did before them
+            data.pop("flows", None)
+        return data
 
 
 # Models whose fields hold step lists, and how: rebuilt when a kind is registered.
@@ -756,10 +862,11 @@ _STEP_FIELDS: list[tuple[type[BaseModel], str, Callable[[Any], Any]]] = [
     (LoopStep, "steps", lambda step: list[step]),  # type: ignore[valid-type]
     (Case, "steps", lambda step: list[step]),  # type: ignore[valid-type]
     (BranchStep, "else_", lambda step: list[step] | None),  # type: ignore[valid-type]
+    (FlowDef, "steps", lambda step: list[step]),  # type: ignore[valid-type]
     (Spec, "workflow", lambda step: list[step]),  # type: ignore[valid-type]
 ]
 
-for _model in (ParallelStep, LoopStep, Case, BranchStep, Spec):
+for _model in (ParallelStep, LoopStep, Case, BranchStep, FlowDef, Spec):
     _model.model_rebuild()
 
 
@@ -833,10 +940,49 @@ def step_agents(step: Step) -> list[str]:
     return [ref.agent for ref in step.agent_refs()]
 
 
-def static_calls(step: Step) -> int:
-    """A static upper bound of the LLM calls of one run of `step`, nested steps included."""
-    inner = sum(static_calls(s) for _key, steps in step.child_lists() for s in steps)
-    return step.llm_calls() + inner * step.child_repeats()
+def flow_pointer(name: str) -> str:
+    return "/flows/" + name.replace("~", "~0").replace("/", "~1")
+
+
+def spec_step_lists(spec: Spec) -> list[tuple[str, list[Step]]]:
+    """The spec's top-level step lists with their pointers: the workflow, then each flow's."""
+    flows = [(f"{flow_pointer(name)}/steps", flow.steps) for name, flow in spec.flows.items()]
+    return [("/workflow", spec.workflow), *flows]
+
+
+def iter_spec_steps(spec: Spec) -> Iterator[tuple[str, Step]]:
+    """Every step of the spec (workflow and flows), depth first, with its JSON pointer."""
+    for pointer, steps in spec_step_lists(spec):
+        yield from iter_steps(steps, pointer)
+
+
+def called_flows(spec: Spec, steps: Sequence[Step]) -> list[str]:
+    """The flows `steps` (and their nested steps) run, directly or through other flows,
+    in first-call order; a cycle (which the validator rejects) is followed once."""
+    found: list[str] = []
+    pending = [s for step in steps for _p, s in iter_step_tree(step, "")]
+    while pending:
+        step = pending.pop(0)
+        for _key, name in step.flow_refs():
+            if name in found or name not in spec.flows:
+                continue
+            found.append(name)
+            pending += [s for _p, s in iter_steps(spec.flows[name].steps, "")]
+    return found
+
+
+def static_calls(step: Step, flows: Mapping[str, FlowDef] | None = None, _depth: int = 0) -> int:
+    """A static upper bound of the LLM calls of one run of `step`, nested steps included
+    (and, given the spec's `flows`, the flows it runs)."""
+    inner = sum(static_calls(s, flows, _depth) for _key, steps in step.child_lists() for s in steps)
+    called = 0
+    if flows is not None and _depth < 32:  # recursion is a validation error; never loop
+        for _key, name in step.flow_refs():
+            flow = flows.get(name)
+            if flow is not None:
+                calls = sum(static_calls(s, flows, _depth + 1) for s in flow.steps)
+                called += calls * step.flow_repeats()
+    return step.llm_calls() + inner * step.child_repeats() + called
 
 
 def language_description() -> str:

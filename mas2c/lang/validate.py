@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,11 +40,14 @@ from mas2c.lang.spec import (
     Agent,
     Budgets,
     Case,
+    FlowDef,
     ModelSpec,
     Price,
     Spec,
     Step,
     Tool,
+    flow_pointer,
+    iter_spec_steps,
     iter_steps,
     step_agents,
     step_out,
@@ -65,6 +69,9 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS203": "a reference to a model that is not in the pool",
     "MAS204": "two steps share an id",
     "MAS205": "an output names no state variable",
+    "MAS207": "a reference to a flow that does not exist",
+    "MAS208": "a flow's arguments (`with`) do not fit its inputs: missing, unknown or mistyped",
+    "MAS209": "flows call each other in a cycle (recursion, direct or indirect)",
     "MAS301": "a placeholder or reference reads a state variable that is not bound there",
     "MAS302": "a malformed placeholder",
     "MAS303": "a condition uses a construct outside the safe subset",
@@ -92,6 +99,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS903": "a model no agent uses (warning)",
     "MAS904": "tool code uses a standard-library name it does not import; the hint is the import (warning)",
     "MAS905": "tool code defines a function named like another tool (warning)",
+    "MAS906": "a flow no step runs (warning)",
 }
 
 
@@ -249,6 +257,7 @@ _FIELDS_BY_MODEL: dict[str, type[Any]] = {
     "Tool": Tool,
     "Budgets": Budgets,
     "Case": Case,
+    "FlowDef": FlowDef,
 }
 
 
@@ -298,6 +307,8 @@ def _model_at(data: Any, path: list[Any]) -> type[Any] | None:
         and not isinstance(path[-1], int)
     ):
         return {"agents": Agent, "models": ModelSpec, "tools": Tool}[tail[0]]
+    if len(path) == 2 and path[0] == "flows":
+        return FlowDef
     if path[-1] == "price":
         return Price
     if path[-1] == "budgets":
@@ -416,6 +427,7 @@ class _Checker:
         self.spec = spec
         self.used_agents: set[str] = set()
         self.used_tools: set[str] = set()
+        self.used_flows: set[str] = set()
         for agent_id, agent in spec.agents.items():
             self._check_agent(agent_id, agent)
         for tool_id, tool in spec.tools.items():
@@ -424,12 +436,15 @@ class _Checker:
         for name, schema in spec.inputs.items():
             self._check_schema(f"/inputs/{escape_token(name)}", schema)
         self.writers: dict[str, str] = {}
-        for pointer, step in iter_steps(spec.workflow, "/workflow"):
+        for pointer, step in iter_spec_steps(spec):
             out = step_out(step)
             if out and out not in self.writers:
                 self.writers[out] = pointer
         self._check_constant_names(spec)
         self._check_ids(spec)
+        self.flow_outputs: dict[str, dict[str, Any]] = {}
+        for name in self._flow_order(spec):
+            self._check_flow(name, spec.flows[name])
         scope = _Scope({name: schema for name, schema in spec.inputs.items()}, {})
         scope = self._steps(spec.workflow, "/workflow", scope)
         self._check_outputs(spec, scope)
@@ -575,8 +590,13 @@ class _Checker:
         named = [(f"/inputs/{escape_token(n)}", n) for n in spec.inputs]
         named += [
             (f"{pointer}/out", out)
-            for pointer, step in iter_steps(spec.workflow, "/workflow")
+            for pointer, step in iter_spec_steps(spec)
             if (out := step_out(step))
+        ]
+        named += [
+            (f"{flow_pointer(f)}/inputs/{escape_token(n)}", n)
+            for f, flow in spec.flows.items()
+            for n in flow.inputs
         ]
         for pointer, name in named:
             if name.lower() in _CONDITION_CONSTANTS:
@@ -593,7 +613,7 @@ class _Checker:
 
     def _check_ids(self, spec: Spec) -> None:
         first: dict[str, str] = {}
-        for pointer, step in iter_steps(spec.workflow, "/workflow"):
+        for pointer, step in iter_spec_steps(spec):
             if step.id in first:
                 self.add(
                     "MAS204",
@@ -626,6 +646,7 @@ class _Checker:
             self._template(text, f"{here}/{key}", scope)
         for key, text in step.references():
             self._reference(text, f"{here}/{key}", scope)
+        self._flow_refs(step, here, scope)
         self._vote_on(step, here)
         self._tool_args(step, here, scope)
         shapes = {"concurrent": self._parallel, "repeat": self._loop, "alternatives": self._branch}
@@ -661,6 +682,9 @@ class _Checker:
                     f"{here}/vote_on",
                     "`vote_on` needs a `vote` (a judge reads whole answers)",
                 )
+            return
+        if step.flow_refs():
+            self._flow_vote_on(step, here, vote_on)
             return
         voters = list(dict.fromkeys(r.agent for r in step.agent_refs() if r.role == "sampler"))
         schemas = {a: self.spec.agents[a].output for a in voters if a in self.spec.agents}
@@ -839,6 +863,9 @@ class _Checker:
         if schema is not None:
             return schema
         answering = step.answer_agents()
+        flows = step.flow_refs()
+        if flows and not answering:  # the flow's outputs object (a sample of it, voted)
+            return self.flow_outputs.get(flows[0][1])
         agent = self.spec.agents.get(answering[0]) if answering else None
         if agent is not None and not isinstance(agent.output, dict):
             return {"type": "string", _TEXT_OF: answering[0]}
@@ -1031,6 +1058,152 @@ class _Checker:
                 position=position,
             )
 
+    # flows -----------------------------------------------------------------------------
+
+    def _flow_order(self, spec: Spec) -> list[str]:
+        """Flow names, callees before callers; reports bad names (MAS105) and each cycle
+        once, at the step that closes it (MAS209)."""
+        calls: dict[str, list[tuple[str, str]]] = {}  # flow -> (called flow, pointer)
+        for name, flow in spec.flows.items():
+            here = flow_pointer(name)
+            if not _FLOW_NAME.fullmatch(name):
+                self.add(
+                    "MAS105",
+                    here,
+                    f"flow name {name!r} does not match {_FLOW_NAME.pattern}",
+                    "a letter or _, then letters, digits, _ or -",
+                )
+            calls[name] = [
+                (called, f"{pointer}/{key}")
+                for pointer, step in iter_steps(flow.steps, f"{here}/steps")
+                for key, called in step.flow_refs()
+                if called in spec.flows
+            ]
+        order: list[str] = []
+        state: dict[str, str] = {}  # name -> "open" | "done"
+
+        def visit(name: str, path: list[str]) -> None:
+            state[name] = "open"
+            for called, pointer in calls[name]:
+                if state.get(called) == "open":
+                    cycle = [*path[path.index(called) :], called] if called in path else [called]
+                    self.add(
+                        "MAS209",
+                        pointer,
+                        "flows call each other in a cycle: "
+                        + " -> ".join(f"`{n}`" for n in [*cycle[:-1], called])
+                        if len(cycle) > 2
+                        else f"flow `{called}` runs itself",
+                        "flows cannot recurse: bound the repetition with a `loop`, or "
+                        "inline the inner flow",
+                    )
+                elif called not in state:
+                    visit(called, [*path, called])
+            state[name] = "done"
+            order.append(name)
+
+        for name in spec.flows:
+            if name not in state:
+                visit(name, [name])
+        return order
+
+    def _check_flow(self, name: str, flow: FlowDef) -> None:
+        """A flow is checked like a workflow of its own: its scope starts as its inputs."""
+        here = flow_pointer(name)
+        for input_name, schema in flow.inputs.items():
+            self._check_schema(f"{here}/inputs/{escape_token(input_name)}", schema)
+        scope = _Scope(dict(flow.inputs), {})
+        scope = self._steps(flow.steps, f"{here}/steps", scope)
+        properties: dict[str, Any] = {}
+        for output, target in flow.outputs.items():
+            pointer = f"{here}/outputs/{escape_token(output)}"
+            properties[output] = {}  # reported here once, never again where it is read
+            path = expr.parse_path(target)
+            if path is None:
+                self.add(
+                    "MAS205",
+                    pointer,
+                    f"output `{output}` of flow `{name}` = {target!r} is not a state variable path",
+                )
+                continue
+            if path[0] not in scope.bound:
+                self.add(
+                    "MAS205",
+                    pointer,
+                    f"output `{output}` of flow `{name}` names `{path[0]}`: "
+                    + _unbound_message(path[0], scope, self.writers),
+                    "a flow sees only its inputs and what its own steps write",
+                )
+                continue
+            self._read(path, pointer, scope, None, "MAS205")
+            properties[output] = self._schema_at(path, scope) or {}
+        self.flow_outputs[name] = {
+            "type": "object",
+            "properties": properties,
+            "required": sorted(properties),
+        }
+
+    def _flow_refs(self, step: Step, here: str, scope: _Scope) -> None:
+        """Each flow a step runs exists, and its `with` fits the flow's inputs (MAS208)."""
+        for key, name in step.flow_refs():
+            self.used_flows.add(name)
+            flow = self.spec.flows.get(name)
+            if flow is None:
+                self.add(
+                    "MAS207",
+                    f"{here}/{key}",
+                    f"unknown flow `{name}`",
+                    did_you_mean(name, self.spec.flows),
+                )
+                continue
+            args = getattr(step, "with_", None) or {}
+            for input_name, schema in flow.inputs.items():
+                if input_name not in args and "default" not in schema:
+                    self.add(
+                        "MAS208",
+                        f"{here}/with" if args else here,
+                        f"flow `{name}` needs input `{input_name}`",
+                        f"its inputs: {', '.join(flow.inputs)}; pass it in `with`",
+                    )
+            for arg, value in args.items():
+                pointer = f"{here}/with/{escape_token(arg)}"
+                if arg not in flow.inputs:
+                    self.add(
+                        "MAS208",
+                        pointer,
+                        f"flow `{name}` has no input `{arg}`",
+                        did_you_mean(arg, flow.inputs),
+                        position=self.source.key_position(pointer),
+                    )
+                    continue
+                problem = self._argument_problem(value, flow.inputs[arg], scope)
+                if problem:
+                    self.add(
+                        "MAS208",
+                        pointer,
+                        f"input `{arg}` of flow `{name}`: {problem}",
+                        "a string that is exactly one placeholder passes the value itself; "
+                        "inside a larger string it is text",
+                    )
+
+    def _flow_vote_on(self, step: Step, here: str, vote_on: str | None) -> None:
+        """A vote over flow samples compares one field of the flow's outputs."""
+        name = step.flow_refs()[0][1]
+        flow = self.spec.flows.get(name)
+        if flow is None:
+            return
+        key = vote_on or "answer"
+        if key not in flow.outputs:
+            choices = ", ".join(f"`{o}`" for o in flow.outputs)
+            self.add(
+                "MAS505",
+                f"{here}/vote_on" if vote_on else f"{here}/vote",
+                f"flow `{name}` has no output `{key}` to vote on (its outputs: {choices})",
+                did_you_mean(key, flow.outputs)
+                if vote_on
+                else "add `vote_on: <output>` naming the output the vote compares",
+            )
+
     def _check_outputs(self, spec: Spec, scope: _Scope) -> None:
         for name, target in spec.outputs.items():
             pointer = f"/outputs/{escape_token(name)}"
@@ -1065,6 +1238,14 @@ class _Checker:
                     "MAS902",
                     f"/tools/{escape_token(tool_id)}",
                     f"tool `{tool_id}` is not used by any agent or step",
+                    severity="warning",
+                )
+        for name in spec.flows:
+            if name not in self.used_flows:
+                self.add(
+                    "MAS906",
+                    flow_pointer(name),
+                    f"flow `{name}` is not run by any step",
                     severity="warning",
                 )
         used_models = {a.model for a in spec.agents.values()}
@@ -1102,6 +1283,7 @@ class _Scope:
         return _Scope(bound, partial)
 
 
+_FLOW_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 _TEXT_OF = "x-mas2c-text-of"  # marks the schema of an agent's text answer (internal)
 _CONDITION_CONSTANTS = {"true": "true", "false": "false", "null": "null", "none": "null"}
 _NOT_CONSTANT = object()

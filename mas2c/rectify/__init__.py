@@ -65,7 +65,10 @@ from mas2c.lang.spec import (
     ModelSpec,
     Spec,
     Step,
+    called_flows,
     canonical_json,
+    flow_pointer,
+    iter_spec_steps,
     iter_step_tree,
     iter_steps,
     spec_hash,
@@ -489,7 +492,9 @@ KIND_OF_CODE: dict[str, str] = {
     "budget_tokens": "budget",
     "budget_cost": "budget",
     "bad_input": "bad_input",
+    "no_credentials": "llm_endpoint",
     "llm_error": "llm_endpoint",
+    "flow_input": "logic",
     "internal": "logic",
     "interrupted": "sandbox",
     "sandbox_timeout": "sandbox_timeout",
@@ -555,11 +560,11 @@ def known_pointer(data: Any, pointer: str | None) -> str | None:
 
 def step_pointers(spec: Spec) -> dict[str, str]:
     """Step id -> pointer."""
-    return {step.id: pointer for pointer, step in iter_steps(spec.workflow, "/workflow")}
+    return {step.id: pointer for pointer, step in iter_spec_steps(spec)}
 
 
 def step_at(spec: Spec, pointer: str) -> Step | None:
-    for here, step in iter_steps(spec.workflow, "/workflow"):
+    for here, step in iter_spec_steps(spec):
         if here == pointer:
             return step
     return None
@@ -568,7 +573,8 @@ def step_at(spec: Spec, pointer: str) -> Step | None:
 def _enclosing_step(pointer: str) -> str | None:
     """The longest step pointer prefix of a pointer into the workflow."""
     match = re.match(
-        r"^(/workflow(?:/\d+(?:/(?:branches/\d+|steps|cases/\d+/steps|else))?)*/\d+)", pointer
+        r"^((?:/workflow|/flows/[^/]+/steps)(?:/\d+(?:/(?:branches/\d+|steps|cases/\d+/steps|else))?)*/\d+)",
+        pointer,
     )
     return match.group(1) if match else None
 
@@ -867,7 +873,7 @@ def fix_missing_import(failure: Failure, locus: Locus, spec: Spec, ctx: Context)
 def _agents_outputs(spec: Spec, agent_id: str) -> set[str]:
     """State variables that hold an answer of this agent (as text or parsed JSON)."""
     outs = set()
-    for _pointer, step in iter_steps(spec.workflow, "/workflow"):
+    for _pointer, step in iter_spec_steps(spec):
         out = getattr(step, "out", None)
         if not out:
             continue
@@ -960,13 +966,21 @@ def _fanout_reduction(data: dict[str, Any], pointer: str) -> str | None:
 
     Each kind's fan-out (field, value with its default, size) comes from the registry."""
     try:
-        root = step_at(Spec.model_validate(data), pointer)
+        spec = Spec.model_validate(data)
     except ValueError:  # pydantic's ValidationError: not a spec, nothing to reduce
         return None
+    root = step_at(spec, pointer)
     if root is None:
         return None
     candidates: list[tuple[int, str, str, int]] = []  # (size, pointer, key, new)
-    for here, step in iter_step_tree(root, pointer):
+    # The step, its nested steps, and the steps of every flow it runs (an ensemble over a
+    # flow, or a flow's own fan-out).
+    trees = [iter_step_tree(root, pointer)]
+    trees += [
+        iter_steps(spec.flows[name].steps, f"{flow_pointer(name)}/steps")
+        for name in called_flows(spec, [root])
+    ]
+    for here, step in (found for tree in trees for found in tree):
         fan = step.fan_out()
         if fan is not None and fan.value > 1:
             candidates.append((fan.size, here, fan.field, fan.reduced))
@@ -1093,7 +1107,7 @@ def fix_budget(failure: Failure, locus: Locus, spec: Spec, ctx: Context) -> Fix 
     actual = _calls_by_top_step(ctx.record)
     ranked = sorted(
         (
-            (actual.get(pointer, 0), static_calls(step), pointer)
+            (actual.get(pointer, 0), static_calls(step, spec.flows), pointer)
             for pointer, step in _top_steps(spec)
         ),
         reverse=True,

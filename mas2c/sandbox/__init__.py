@@ -57,7 +57,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -2009,12 +2009,17 @@ def _wheel_cache(info: Mapping[str, Any]) -> Path:
     return root / "mas2c" / "wheels" / f"{info['impl']}{info['version']}-{info['machine']}"
 
 
-def _download_wheels(dest: Path, info: Mapping[str, Any], say: Callable[[str], None]) -> None:
-    """Fetch the runtime wheels for the image's Python ON THE HOST (the build itself
-    has no network). Wheels are kept in a cache, which serves when PyPI is not
-    reachable."""
+def _download_wheels(
+    dest: Path,
+    info: Mapping[str, Any],
+    say: Callable[[str], None],
+    requirements: Sequence[str] | None = None,
+) -> None:
+    """Fetch the runtime wheels (or `requirements`) for the image's Python ON THE HOST
+    (the build itself has no network). Wheels are kept in a cache, which serves when
+    PyPI is not reachable."""
     version = str(info["version"])
-    reqs = _requirements()
+    reqs = list(requirements) if requirements is not None else _requirements()
     if not info.get("pip"):
         reqs.append("pip")  # Debian's python3 has no pip: install from pip's own wheel
     cache = _wheel_cache(info)

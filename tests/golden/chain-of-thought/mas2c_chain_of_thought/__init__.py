@@ -2,6 +2,74 @@
 """chain-of-thought: a multi-agent system compiled by mas2c.
 
 A single careful reasoner answers a question by thinking step by step, then states a short final answer in its own field, with its reasoning kept for inspection.
+
+As a library (see README.md)::
+
+    from mas2c_chain_of_thought import run_sync
+
+    result = run_sync(inputs)  # or: await arun(inputs), with budgets and settings
+    print(result.status, result.outputs or result.error)
+
+From the command line: ``python -m mas2c_chain_of_thought --help``.
 """
 
+from ._api import RunError, RunResult, System
+from ._runtime import Budgets, SpecInfo
+from ._tables import TOOL_CODE, TOP_STEPS
+from .agents import AGENTS, MODELS
+from .tools import TOOLS
+from .workflow import Workflow
+
+__all__ = [
+    "EXAMPLE_INPUT",
+    "SPEC",
+    "RunError",
+    "RunResult",
+    "__version__",
+    "arun",
+    "run_sync",
+]
+
+__version__ = "1.0.0"
+COMPILED_BY = "mas2c 0.1.0"
 SPEC_SHA256 = "ed9d76cba32ba327d8c1c28c3231dd44c99e2700c779d46ccb84775c4dddd601"
+
+SPEC = SpecInfo(
+    name="chain-of-thought",
+    sha256=SPEC_SHA256,
+    # spec: /inputs
+    inputs={
+        "question": {
+            "description": "The question or problem to answer (math, logic, reading comprehension, ...).",
+            "type": "string",
+        }
+    },
+    # spec: /outputs
+    outputs={"answer": "result.answer", "reasoning": "result.reasoning"},
+    # spec: /budgets
+    budgets=Budgets(
+        max_llm_calls=3,
+        max_total_tokens=20000,
+        max_cost_usd=0.02,
+        timeout_s=120.0,
+    ),
+    top_steps=TOP_STEPS,
+    tool_code=TOOL_CODE,
+)
+
+# An input that fits the schemas of /inputs (shown by --help and README.md).
+EXAMPLE_INPUT = {"question": "<question>"}
+
+SYSTEM = System(
+    Workflow,
+    SPEC,
+    AGENTS,
+    MODELS,
+    TOOLS,
+    package="mas2c_chain_of_thought",
+    version=__version__,
+    compiled_by=COMPILED_BY,
+    example_input=EXAMPLE_INPUT,
+)
+arun = SYSTEM.arun
+run_sync = SYSTEM.run_sync

@@ -2,6 +2,86 @@
 """code-generation: a multi-agent system compiled by mas2c.
 
 Writes a Python function from its signature and docstring, runs the problem's unit tests against it, and repairs it from the test failures until the tests pass (at most three repair rounds). Inputs follow the HumanEval format.
+
+As a library (see README.md)::
+
+    from mas2c_code_generation import run_sync
+
+    result = run_sync(inputs)  # or: await arun(inputs), with budgets and settings
+    print(result.status, result.outputs or result.error)
+
+From the command line: ``python -m mas2c_code_generation --help``.
 """
 
+from ._api import RunError, RunResult, System
+from ._runtime import Budgets, SpecInfo
+from ._tables import TOOL_CODE, TOP_STEPS
+from .agents import AGENTS, MODELS
+from .tools import TOOLS
+from .workflow import Workflow
+
+__all__ = [
+    "EXAMPLE_INPUT",
+    "SPEC",
+    "RunError",
+    "RunResult",
+    "__version__",
+    "arun",
+    "run_sync",
+]
+
+__version__ = "1.0.0"
+COMPILED_BY = "mas2c 0.1.0"
 SPEC_SHA256 = "5c61014356b9191922dc8356336b1c393b42babd3f7d1e2113745e8bbf544d2b"
+
+SPEC = SpecInfo(
+    name="code-generation",
+    sha256=SPEC_SHA256,
+    # spec: /inputs
+    inputs={
+        "entry_point": {
+            "description": "The name of the function to implement (HumanEval `entry_point`).",
+            "type": "string",
+        },
+        "prompt": {
+            "description": "The function's imports, signature and docstring (HumanEval `prompt`).",
+            "type": "string",
+        },
+        "test": {
+            "description": "Test code defining `check(candidate)`, which asserts on the function (HumanEval `test`).",
+            "type": "string",
+        },
+    },
+    # spec: /outputs
+    outputs={
+        "code": "solution.code",
+        "passed": "result.passed",
+        "test_output": "result.output",
+    },
+    # spec: /budgets
+    budgets=Budgets(
+        max_llm_calls=12,
+        max_total_tokens=80000,
+        max_cost_usd=0.2,
+        timeout_s=600.0,
+    ),
+    top_steps=TOP_STEPS,
+    tool_code=TOOL_CODE,
+)
+
+# An input that fits the schemas of /inputs (shown by --help and README.md).
+EXAMPLE_INPUT = {"entry_point": "<entry_point>", "prompt": "<prompt>", "test": "<test>"}
+
+SYSTEM = System(
+    Workflow,
+    SPEC,
+    AGENTS,
+    MODELS,
+    TOOLS,
+    package="mas2c_code_generation",
+    version=__version__,
+    compiled_by=COMPILED_BY,
+    example_input=EXAMPLE_INPUT,
+)
+arun = SYSTEM.arun
+run_sync = SYSTEM.run_sync

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="1a55d835fedbc1c7cfaa3c41f869763945d891388a6c7160d184875c8737de81",
+        code_sha="aeb3137b32909188dbb63b442240121d2b7565198405aaba6ea2ec07f43d1d07",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="6a784121bf3733db84f742515c18b1420fe99ef232daac58dbfdc73828b9351d",
+        code_sha="3aedec09e6fdf689ef6978bba5579d2560fd6ea64549894756c854b6b8c07af7",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="17d46864152718f76060320beae1f503754a9ae63b0c4c1981178f4cb35151a2",
+        code_sha="5ef0b07b25d5532f2621a3db467231d5ab4bf26d7ae409987071c4eb9c18745c",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 30, "/inputs"),
-    ("__main__.py", 32, 36, "/outputs"),
-    ("__main__.py", 38, 43, "/budgets"),
+    ("__init__.py", 41, 54, "/inputs"),
+    ("__init__.py", 56, 60, "/outputs"),
+    ("__init__.py", 62, 67, "/budgets"),
     ("agents.py", 8, 14, "/models/coder"),
     ("agents.py", 16, 22, "/models/debugger"),
     ("agents.py", 27, 43, "/agents/programmer"),

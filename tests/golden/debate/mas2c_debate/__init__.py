@@ -2,6 +2,78 @@
 """debate: a multi-agent system compiled by mas2c.
 
 Three debaters (a rigorous analyst, a skeptic and a pragmatic domain expert) argue a question over two rounds; an impartial judge reads the debate and gives a final answer with its confidence and rationale.
+
+As a library (see README.md)::
+
+    from mas2c_debate import run_sync
+
+    result = run_sync(inputs)  # or: await arun(inputs), with budgets and settings
+    print(result.status, result.outputs or result.error)
+
+From the command line: ``python -m mas2c_debate --help``.
 """
 
+from ._api import RunError, RunResult, System
+from ._runtime import Budgets, SpecInfo
+from ._tables import TOOL_CODE, TOP_STEPS
+from .agents import AGENTS, MODELS
+from .tools import TOOLS
+from .workflow import Workflow
+
+__all__ = [
+    "EXAMPLE_INPUT",
+    "SPEC",
+    "RunError",
+    "RunResult",
+    "__version__",
+    "arun",
+    "run_sync",
+]
+
+__version__ = "1.0.0"
+COMPILED_BY = "mas2c 0.1.0"
 SPEC_SHA256 = "9c56e70e9609fca7fc02c88a4dfa4adb7f9345cc81539f75da86f4ea470d3ed9"
+
+SPEC = SpecInfo(
+    name="debate",
+    sha256=SPEC_SHA256,
+    # spec: /inputs
+    inputs={
+        "question": {
+            "description": "A question that benefits from scrutiny (reasoning puzzles, factual claims, trade-offs).",
+            "type": "string",
+        }
+    },
+    # spec: /outputs
+    outputs={
+        "answer": "verdict.answer",
+        "confidence": "verdict.confidence",
+        "rationale": "verdict.rationale",
+    },
+    # spec: /budgets
+    budgets=Budgets(
+        max_llm_calls=14,
+        max_total_tokens=80000,
+        max_cost_usd=0.15,
+        timeout_s=300.0,
+    ),
+    top_steps=TOP_STEPS,
+    tool_code=TOOL_CODE,
+)
+
+# An input that fits the schemas of /inputs (shown by --help and README.md).
+EXAMPLE_INPUT = {"question": "<question>"}
+
+SYSTEM = System(
+    Workflow,
+    SPEC,
+    AGENTS,
+    MODELS,
+    TOOLS,
+    package="mas2c_debate",
+    version=__version__,
+    compiled_by=COMPILED_BY,
+    example_input=EXAMPLE_INPUT,
+)
+arun = SYSTEM.arun
+run_sync = SYSTEM.run_sync

@@ -2,6 +2,82 @@
 """hierarchical: a multi-agent system compiled by mas2c.
 
 A manager splits a business decision into market, technical and risk briefs; three specialists investigate them in parallel; the manager weighs their findings and writes a decision memo with a go / no-go recommendation.
+
+As a library (see README.md)::
+
+    from mas2c_hierarchical import run_sync
+
+    result = run_sync(inputs)  # or: await arun(inputs), with budgets and settings
+    print(result.status, result.outputs or result.error)
+
+From the command line: ``python -m mas2c_hierarchical --help``.
 """
 
+from ._api import RunError, RunResult, System
+from ._runtime import Budgets, SpecInfo
+from ._tables import TOOL_CODE, TOP_STEPS
+from .agents import AGENTS, MODELS
+from .tools import TOOLS
+from .workflow import Workflow
+
+__all__ = [
+    "EXAMPLE_INPUT",
+    "SPEC",
+    "RunError",
+    "RunResult",
+    "__version__",
+    "arun",
+    "run_sync",
+]
+
+__version__ = "1.0.0"
+COMPILED_BY = "mas2c 0.1.0"
 SPEC_SHA256 = "cb8035a00dbfc05d893ab4acc2a3191f191d346e7354df04a003e844601be615"
+
+SPEC = SpecInfo(
+    name="hierarchical",
+    sha256=SPEC_SHA256,
+    # spec: /inputs
+    inputs={
+        "context": {
+            "description": "What is known about the organisation, product, budget and constraints.",
+            "type": "string",
+        },
+        "decision": {
+            "description": 'The decision to assess, e.g. "Should we add offline mode to our mobile note-taking app in the next two quarters?"',
+            "type": "string",
+        },
+    },
+    # spec: /outputs
+    outputs={
+        "memo": "memo.memo",
+        "next_steps": "memo.next_steps",
+        "recommendation": "memo.recommendation",
+    },
+    # spec: /budgets
+    budgets=Budgets(
+        max_llm_calls=8,
+        max_total_tokens=60000,
+        max_cost_usd=0.15,
+        timeout_s=300.0,
+    ),
+    top_steps=TOP_STEPS,
+    tool_code=TOOL_CODE,
+)
+
+# An input that fits the schemas of /inputs (shown by --help and README.md).
+EXAMPLE_INPUT = {"context": "<context>", "decision": "<decision>"}
+
+SYSTEM = System(
+    Workflow,
+    SPEC,
+    AGENTS,
+    MODELS,
+    TOOLS,
+    package="mas2c_hierarchical",
+    version=__version__,
+    compiled_by=COMPILED_BY,
+    example_input=EXAMPLE_INPUT,
+)
+arun = SYSTEM.arun
+run_sync = SYSTEM.run_sync

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="059251672131705339bf55ac1329d4f09898acb0652b8a133a034e92d3eb4e56",
+        code_sha="90a96816db4d61f069f4d47d2a942fca4262a972c1b1f2b418bcf891324c8d1f",
         reads=["context", "decision"],
     ),
     TopStep(
         method="step_investigate",
         step_id="investigate",
         pointer="/workflow/1",
-        code_sha="aaa6ba258b1bd1c89eee559be5d8da1aef15930f0731e07d4f2d148f0a1d69f4",
+        code_sha="cec84f0db05d5db42a4761c714c579b0b5bd55181aa8e6d27c33b3f6bc7bc374",
         reads=["context", "plan"],
     ),
     TopStep(
         method="step_merge",
         step_id="merge",
         pointer="/workflow/2",
-        code_sha="36cd209b323912672ac11f8ae48d3d3582d38fab0e9023f5645f6e573e5a3ff2",
+        code_sha="15e0afada8f774afae0ed2af09db3fdab7350954437606c75b2ef54a1eaa8106",
         reads=["decision", "market", "plan", "risks", "technical"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 26, "/inputs"),
-    ("__main__.py", 28, 32, "/outputs"),
-    ("__main__.py", 34, 39, "/budgets"),
+    ("__init__.py", 41, 50, "/inputs"),
+    ("__init__.py", 52, 56, "/outputs"),
+    ("__init__.py", 58, 63, "/budgets"),
     ("agents.py", 8, 14, "/models/manager"),
     ("agents.py", 16, 22, "/models/specialist"),
     ("agents.py", 27, 65, "/agents/manager"),

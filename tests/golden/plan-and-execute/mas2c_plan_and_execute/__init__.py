@@ -2,6 +2,78 @@
 """plan-and-execute: a multi-agent system compiled by mas2c.
 
 A planner decomposes a multi-step analytical task into an ordered plan, an executor carries the plan out (running Python for calculations and data handling), and a synthesizer writes the final answer from the recorded results.
+
+As a library (see README.md)::
+
+    from mas2c_plan_and_execute import run_sync
+
+    result = run_sync(inputs)  # or: await arun(inputs), with budgets and settings
+    print(result.status, result.outputs or result.error)
+
+From the command line: ``python -m mas2c_plan_and_execute --help``.
 """
 
+from ._api import RunError, RunResult, System
+from ._runtime import Budgets, SpecInfo
+from ._tables import TOOL_CODE, TOP_STEPS
+from .agents import AGENTS, MODELS
+from .tools import TOOLS
+from .workflow import Workflow
+
+__all__ = [
+    "EXAMPLE_INPUT",
+    "SPEC",
+    "RunError",
+    "RunResult",
+    "__version__",
+    "arun",
+    "run_sync",
+]
+
+__version__ = "1.0.0"
+COMPILED_BY = "mas2c 0.1.0"
 SPEC_SHA256 = "44abb94643fb298e028033fe47a8ea9b0b8c3d9284ac09b36921099bce2a7674"
+
+SPEC = SpecInfo(
+    name="plan-and-execute",
+    sha256=SPEC_SHA256,
+    # spec: /inputs
+    inputs={
+        "task": {
+            "description": 'A multi-step task, e.g. "A loan of 250000 at 4.1% over 25 years: what is the monthly payment, and how much interest is paid in total? Compare with 20 years."',
+            "type": "string",
+        }
+    },
+    # spec: /outputs
+    outputs={
+        "answer": "final.answer",
+        "plan": "plan.steps",
+        "summary": "final.summary",
+    },
+    # spec: /budgets
+    budgets=Budgets(
+        max_llm_calls=16,
+        max_total_tokens=100000,
+        max_cost_usd=0.25,
+        timeout_s=600.0,
+    ),
+    top_steps=TOP_STEPS,
+    tool_code=TOOL_CODE,
+)
+
+# An input that fits the schemas of /inputs (shown by --help and README.md).
+EXAMPLE_INPUT = {"task": "<task>"}
+
+SYSTEM = System(
+    Workflow,
+    SPEC,
+    AGENTS,
+    MODELS,
+    TOOLS,
+    package="mas2c_plan_and_execute",
+    version=__version__,
+    compiled_by=COMPILED_BY,
+    example_input=EXAMPLE_INPUT,
+)
+arun = SYSTEM.arun
+run_sync = SYSTEM.run_sync

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="7104228a2f601348fc42240eb5357732f0bca5bbf891305981474565284fcc39",
+        code_sha="ad08b15e0e190b1dc8f1770aa9c575534b4666a263f20d8fc3b1f64818e4f61f",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="0e2d48fe4cf39a6dffe0caebb382e96ab52ee37db000db3406426ad0564b7ea1",
+        code_sha="c1a6db1da816f40fec426cd9d4431f5785af06f5a567afe26f73cb4d71650632",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="2469ad2eab8c9db5b10e2e1783a426b5a89fb9d60ea090d5141aa8f0d26a6222",
+        code_sha="5c9a858634ce3493a397352fbc0eccf237da0ae1019bd175f6e1caf316010f6e",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 28, "/outputs"),
-    ("__main__.py", 30, 35, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 52, "/outputs"),
+    ("__init__.py", 54, 59, "/budgets"),
     ("agents.py", 8, 14, "/models/planner"),
     ("agents.py", 16, 22, "/models/worker"),
     ("agents.py", 27, 64, "/agents/executor"),

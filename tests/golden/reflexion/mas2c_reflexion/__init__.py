@@ -2,6 +2,78 @@
 """reflexion: a multi-agent system compiled by mas2c.
 
 An actor writes a response to a task, a strict critic reviews it against the task's requirements, and the actor revises with the critic's feedback until the critic passes it (at most three revisions).
+
+As a library (see README.md)::
+
+    from mas2c_reflexion import run_sync
+
+    result = run_sync(inputs)  # or: await arun(inputs), with budgets and settings
+    print(result.status, result.outputs or result.error)
+
+From the command line: ``python -m mas2c_reflexion --help``.
 """
 
+from ._api import RunError, RunResult, System
+from ._runtime import Budgets, SpecInfo
+from ._tables import TOOL_CODE, TOP_STEPS
+from .agents import AGENTS, MODELS
+from .tools import TOOLS
+from .workflow import Workflow
+
+__all__ = [
+    "EXAMPLE_INPUT",
+    "SPEC",
+    "RunError",
+    "RunResult",
+    "__version__",
+    "arun",
+    "run_sync",
+]
+
+__version__ = "1.0.0"
+COMPILED_BY = "mas2c 0.1.0"
 SPEC_SHA256 = "fe49238965bdc3ceef81a13067d4ea8101b902235fd6b371b0897b0f164646bc"
+
+SPEC = SpecInfo(
+    name="reflexion",
+    sha256=SPEC_SHA256,
+    # spec: /inputs
+    inputs={
+        "task": {
+            "description": "What to produce, with its requirements: e.g. a product description of at most 80 words that mentions the battery life and avoids superlatives.",
+            "type": "string",
+        }
+    },
+    # spec: /outputs
+    outputs={
+        "answer": "draft",
+        "feedback": "review.feedback",
+        "passed": "review.passed",
+    },
+    # spec: /budgets
+    budgets=Budgets(
+        max_llm_calls=10,
+        max_total_tokens=60000,
+        max_cost_usd=0.1,
+        timeout_s=300.0,
+    ),
+    top_steps=TOP_STEPS,
+    tool_code=TOOL_CODE,
+)
+
+# An input that fits the schemas of /inputs (shown by --help and README.md).
+EXAMPLE_INPUT = {"task": "<task>"}
+
+SYSTEM = System(
+    Workflow,
+    SPEC,
+    AGENTS,
+    MODELS,
+    TOOLS,
+    package="mas2c_reflexion",
+    version=__version__,
+    compiled_by=COMPILED_BY,
+    example_input=EXAMPLE_INPUT,
+)
+arun = SYSTEM.arun
+run_sync = SYSTEM.run_sync

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="de58f080648894a38c417be5ea8ebe53098ef607007e8d49c1f57dbe526b5233",
+        code_sha="9c2e4db8fa5d6053b15331e9433147cb6720d4d486307d38c8e9b102ec9a223d",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="6cbf3c84a6de70724fe3abe849f2bd22cf5da4fcc226c9f93fdf081b2c70eec3",
+        code_sha="864356140ae6af279e6a25a65551e4944ea3352a110924cc89dfd85d6207e16d",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="a1585a4d68bb6c22bd5f5fb3be5b8d7fb418072d75ae4beb8e2165a5a058359d",
+        code_sha="500f08fe86aee78e8156bc97cd73d022f2edb6f8a788c18097da4f8a29b41752",
         reads=["draft", "review", "task"],
     ),
 )
@@ -39,9 +39,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 22, "/inputs"),
-    ("__main__.py", 24, 28, "/outputs"),
-    ("__main__.py", 30, 35, "/budgets"),
+    ("__init__.py", 41, 46, "/inputs"),
+    ("__init__.py", 48, 52, "/outputs"),
+    ("__init__.py", 54, 59, "/budgets"),
     ("agents.py", 8, 14, "/models/reviewer"),
     ("agents.py", 16, 22, "/models/writer"),
     ("agents.py", 27, 41, "/agents/actor"),

@@ -2,6 +2,83 @@
 """router: a multi-agent system compiled by mas2c.
 
 Customer-support triage: a classifier sorts an incoming ticket into billing, technical, account or other, and the matching specialist drafts the reply and flags tickets that need a human.
+
+As a library (see README.md)::
+
+    from mas2c_router import run_sync
+
+    result = run_sync(inputs)  # or: await arun(inputs), with budgets and settings
+    print(result.status, result.outputs or result.error)
+
+From the command line: ``python -m mas2c_router --help``.
 """
 
+from ._api import RunError, RunResult, System
+from ._runtime import Budgets, SpecInfo
+from ._tables import TOOL_CODE, TOP_STEPS
+from .agents import AGENTS, MODELS
+from .tools import TOOLS
+from .workflow import Workflow
+
+__all__ = [
+    "EXAMPLE_INPUT",
+    "SPEC",
+    "RunError",
+    "RunResult",
+    "__version__",
+    "arun",
+    "run_sync",
+]
+
+__version__ = "1.0.0"
+COMPILED_BY = "mas2c 0.1.0"
 SPEC_SHA256 = "ed0df06d10d5653bfb958078a68823148bfc9af20f7e3034963b6c9f3038397a"
+
+SPEC = SpecInfo(
+    name="router",
+    sha256=SPEC_SHA256,
+    # spec: /inputs
+    inputs={
+        "product": {
+            "description": 'The product the ticket is about, e.g. "Acme Cloud Backup (Pro plan)".',
+            "type": "string",
+        },
+        "ticket": {
+            "description": "The customer's message, as received.",
+            "type": "string",
+        },
+    },
+    # spec: /outputs
+    outputs={
+        "category": "route.category",
+        "needs_human": "response.needs_human",
+        "reply": "response.reply",
+        "urgency": "route.urgency",
+    },
+    # spec: /budgets
+    budgets=Budgets(
+        max_llm_calls=4,
+        max_total_tokens=20000,
+        max_cost_usd=0.05,
+        timeout_s=120.0,
+    ),
+    top_steps=TOP_STEPS,
+    tool_code=TOOL_CODE,
+)
+
+# An input that fits the schemas of /inputs (shown by --help and README.md).
+EXAMPLE_INPUT = {"product": "<product>", "ticket": "<ticket>"}
+
+SYSTEM = System(
+    Workflow,
+    SPEC,
+    AGENTS,
+    MODELS,
+    TOOLS,
+    package="mas2c_router",
+    version=__version__,
+    compiled_by=COMPILED_BY,
+    example_input=EXAMPLE_INPUT,
+)
+arun = SYSTEM.arun
+run_sync = SYSTEM.run_sync

@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="9e84a9d63dc9f5048032474c7dce6ac45df981be3448fb3107da816276a7b3cb",
+        code_sha="dc99a376465b9dc5cb78325d0143a198cfb30fef1aaa924a7d8565f0202bb0f0",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="ddc07a9ee4477ed61d2f8da25158118e3726dad595eba1893d5a395982c393f1",
+        code_sha="0834671e48c0a4eff5d0b1ce2a1a97ef3561ff2fd330fbfb2edf8709fc5f0c29",
         reads=["product", "route", "ticket"],
     ),
 )
@@ -32,9 +32,9 @@ TOP_STEPS: tuple[TopStep, ...] = (
 TOOL_CODE: dict[str, ToolCode] = {}
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 26, "/inputs"),
-    ("__main__.py", 28, 33, "/outputs"),
-    ("__main__.py", 35, 40, "/budgets"),
+    ("__init__.py", 41, 50, "/inputs"),
+    ("__init__.py", 52, 57, "/outputs"),
+    ("__init__.py", 59, 64, "/budgets"),
     ("agents.py", 8, 14, "/models/fast"),
     ("agents.py", 16, 22, "/models/strong"),
     ("agents.py", 27, 54, "/agents/account_agent"),

@@ -2,6 +2,74 @@
 """self-consistency: a multi-agent system compiled by mas2c.
 
 Five independent samples of one solver answer the same question; a majority vote over their normalised answers picks the final one. Robust on arithmetic and multiple-choice questions where single samples make occasional slips.
+
+As a library (see README.md)::
+
+    from mas2c_self_consistency import run_sync
+
+    result = run_sync(inputs)  # or: await arun(inputs), with budgets and settings
+    print(result.status, result.outputs or result.error)
+
+From the command line: ``python -m mas2c_self_consistency --help``.
 """
 
+from ._api import RunError, RunResult, System
+from ._runtime import Budgets, SpecInfo
+from ._tables import TOOL_CODE, TOP_STEPS
+from .agents import AGENTS, MODELS
+from .tools import TOOLS
+from .workflow import Workflow
+
+__all__ = [
+    "EXAMPLE_INPUT",
+    "SPEC",
+    "RunError",
+    "RunResult",
+    "__version__",
+    "arun",
+    "run_sync",
+]
+
+__version__ = "1.0.0"
+COMPILED_BY = "mas2c 0.1.0"
 SPEC_SHA256 = "89da4fe6cc5d08e9c3cb87e4088516e9ef459c9d5b069a8da4382a7035f328a8"
+
+SPEC = SpecInfo(
+    name="self-consistency",
+    sha256=SPEC_SHA256,
+    # spec: /inputs
+    inputs={
+        "question": {
+            "description": "A question with one short, checkable answer (a number, an option letter, a word).",
+            "type": "string",
+        }
+    },
+    # spec: /outputs
+    outputs={"answer": "voted.answer"},
+    # spec: /budgets
+    budgets=Budgets(
+        max_llm_calls=8,
+        max_total_tokens=30000,
+        max_cost_usd=0.03,
+        timeout_s=180.0,
+    ),
+    top_steps=TOP_STEPS,
+    tool_code=TOOL_CODE,
+)
+
+# An input that fits the schemas of /inputs (shown by --help and README.md).
+EXAMPLE_INPUT = {"question": "<question>"}
+
+SYSTEM = System(
+    Workflow,
+    SPEC,
+    AGENTS,
+    MODELS,
+    TOOLS,
+    package="mas2c_self_consistency",
+    version=__version__,
+    compiled_by=COMPILED_BY,
+    example_input=EXAMPLE_INPUT,
+)
+arun = SYSTEM.arun
+run_sync = SYSTEM.run_sync

@@ -2,6 +2,87 @@
 """tool-pipeline: a multi-agent system compiled by mas2c.
 
 Rewrites a text for a target reading level: measures the original's readability with a deterministic tool, lets an editor rewrite it (checking its draft with the same tool), and measures the result, so the improvement is reported in numbers.
+
+As a library (see README.md)::
+
+    from mas2c_tool_pipeline import run_sync
+
+    result = run_sync(inputs)  # or: await arun(inputs), with budgets and settings
+    print(result.status, result.outputs or result.error)
+
+From the command line: ``python -m mas2c_tool_pipeline --help``.
 """
 
+from ._api import RunError, RunResult, System
+from ._runtime import Budgets, SpecInfo
+from ._tables import TOOL_CODE, TOP_STEPS
+from .agents import AGENTS, MODELS
+from .tools import TOOLS
+from .workflow import Workflow
+
+__all__ = [
+    "EXAMPLE_INPUT",
+    "SPEC",
+    "RunError",
+    "RunResult",
+    "__version__",
+    "arun",
+    "run_sync",
+]
+
+__version__ = "1.0.0"
+COMPILED_BY = "mas2c 0.1.0"
 SPEC_SHA256 = "d5a042571684c8b98d9c253d69415aea2b3ee4c0176c500a5ff7a3d7ffdfac8b"
+
+SPEC = SpecInfo(
+    name="tool-pipeline",
+    sha256=SPEC_SHA256,
+    # spec: /inputs
+    inputs={
+        "audience": {
+            "description": 'Who will read it, e.g. "customers with no technical background".',
+            "type": "string",
+        },
+        "target_grade": {
+            "description": "Target US school grade level (Flesch-Kincaid), e.g. 8.",
+            "type": "number",
+        },
+        "text": {
+            "description": "The text to simplify (a paragraph to a few pages).",
+            "type": "string",
+        },
+    },
+    # spec: /outputs
+    outputs={
+        "after": "after",
+        "before": "before",
+        "changes": "rewrite.changes",
+        "text": "rewrite.text",
+    },
+    # spec: /budgets
+    budgets=Budgets(
+        max_llm_calls=6,
+        max_total_tokens=40000,
+        max_cost_usd=0.03,
+        timeout_s=180.0,
+    ),
+    top_steps=TOP_STEPS,
+    tool_code=TOOL_CODE,
+)
+
+# An input that fits the schemas of /inputs (shown by --help and README.md).
+EXAMPLE_INPUT = {"audience": "<audience>", "target_grade": 1, "text": "<text>"}
+
+SYSTEM = System(
+    Workflow,
+    SPEC,
+    AGENTS,
+    MODELS,
+    TOOLS,
+    package="mas2c_tool_pipeline",
+    version=__version__,
+    compiled_by=COMPILED_BY,
+    example_input=EXAMPLE_INPUT,
+)
+arun = SYSTEM.arun
+run_sync = SYSTEM.run_sync

@@ -17,21 +17,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="1a1c254df75c99380cf1004834dcc0cb79a3fa63131cb851e876bf36e39b197c",
+        code_sha="4a20e26a2462e8c7e36d3e746dcf2a9e3dc1bbcac00a2eabe2c801d871a35b4c",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="f5fa0db010edcf625fe660e2f3118d63ce078b77ed99fed7583d36961fb6ec10",
+        code_sha="1a3caea8261346cb1937f3d1aa83da208d10bd1ad0d2bf2fa22113ff9a41db43",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="850752fb905fad591b54b3b35921fea16abf7b88ebc59e853b4d5ae2c2223157",
+        code_sha="9d486e7c77581588857d121d0524c7ffffae6afe47e51f3ab6ebe55b9258bce6",
         reads=["rewrite"],
     ),
 )
@@ -41,9 +41,9 @@ TOOL_CODE: dict[str, ToolCode] = {
 }
 
 SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
-    ("__main__.py", 17, 30, "/inputs"),
-    ("__main__.py", 32, 37, "/outputs"),
-    ("__main__.py", 39, 44, "/budgets"),
+    ("__init__.py", 41, 54, "/inputs"),
+    ("__init__.py", 56, 61, "/outputs"),
+    ("__init__.py", 63, 68, "/budgets"),
     ("agents.py", 8, 14, "/models/editor"),
     ("agents.py", 19, 48, "/agents/editor"),
     ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),

@@ -1,0 +1,200 @@
+"""Flows (named sub-workflows): scoping, typed arguments, recursion, every stage.
+
+A flow sees only its inputs; a `subflow` step runs it on its own state and stores the
+object of its outputs; an `ensemble` with `flow:` runs it n times concurrently and votes
+on (or judges) the samples. The validator proves what it can (arguments, recursion,
+outputs bound); what it cannot (a value typed only at run time) fails at run time with
+the stable code `flow_input` and the pointer of the argument. Runs use the real
+`openai` client against the loopback test server.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from conftest import compile_to, events, example_spec, run_package
+
+from mas2c import graph
+from mas2c.compile import compile_spec
+from mas2c.configure import agent_uses
+from mas2c.diff import diff_specs
+from mas2c.lang.spec import Spec, json_schema, language_description, static_calls
+from mas2c.lang.validate import validate_text
+from mas2c.rectify import _fanout_reduction
+from mas2c.testserver import ChatRequest, LLMTestServer, ReplyLike
+
+SPEC = """
+spec_version: "1"
+name: flow-scopes
+inputs:
+  topic: {type: string}
+  facts: {type: array, items: {type: string}}
+agents:
+  writer: {role: Writer, model: m}
+models:
+  m: {model: test-model}
+flows:
+  draft_about:
+    description: Drafts a text about a topic from a list of facts.
+    inputs:
+      subject: {type: string}
+      points: {type: array, items: {type: string}}
+      style: {type: string, default: plain}
+    outputs:
+      text: draft
+      count: points
+    steps:
+      - {id: write, kind: call, agent: writer, prompt: "{{ style }} text on {{ subject }}: {{ points | join }}", out: draft}
+workflow:
+  - {id: first, kind: call, agent: writer, prompt: "Outline {{ topic }}", out: draft}
+  - id: second
+    kind: subflow
+    flow: draft_about
+    with: {subject: "{{ topic }}", points: "{{ facts }}"}
+    out: result
+outputs:
+  outline: draft
+  text: result.text
+  points: result.count
+"""
+
+
+def _spec(text: str = SPEC) -> Spec:
+    report = validate_text(text, "flows.yaml")
+    assert report.ok, report.format()
+    assert report.spec is not None
+    return report.spec
+
+
+def _codes(text: str) -> list[tuple[str, str]]:
+    return [(p.code, p.pointer) for p in validate_text(text, "flows.yaml").errors]
+
+
+def test_a_flow_has_its_own_state_and_typed_arguments(tmp_path: Path) -> None:
+    """The flow's `draft` is its own: the workflow's `draft` is unchanged after the call;
+    a whole placeholder passes the list itself; a default fills the missing input."""
+    spec = _spec()
+    compile_to(spec, tmp_path / "build")
+
+    def answer(req: ChatRequest) -> ReplyLike:
+        return f"ANSWER to: {req.last_user}"
+
+    with LLMTestServer(answer) as server:
+        code, out, trace, stderr = run_package(
+            tmp_path / "build", {"topic": "tides", "facts": ["moon", "sun"]}, server
+        )
+    assert code == 0, stderr
+    assert out["outputs"] == {
+        "outline": "ANSWER to: Outline tides",
+        "text": "ANSWER to: plain text on tides: moon, sun",
+        "points": ["moon", "sun"],
+    }
+    starts = {(e["step"], e["pointer"]) for e in events(trace, "step_start")}
+    assert ("write", "/flows/draft_about/steps/0") in starts
+
+
+def test_a_flow_sees_only_its_inputs() -> None:
+    text = SPEC.replace("{{ style }} text", "{{ topic }} text")
+    assert _codes(text) == [("MAS301", "/flows/draft_about/steps/0/prompt")]
+    unbound_output = SPEC.replace("text: draft", "text: result")
+    assert _codes(unbound_output) == [("MAS205", "/flows/draft_about/outputs/text")]
+
+
+def test_the_outputs_object_is_typed_for_later_steps() -> None:
+    reads_missing = SPEC.replace("points: result.count", "points: result.cnt")
+    assert _codes(reads_missing) == [("MAS306", "/outputs/points")]
+
+
+def test_a_value_typed_only_at_run_time_fails_with_a_located_code(tmp_path: Path) -> None:
+    loose = SPEC.replace("facts: {type: array, items: {type: string}}", "facts: {type: [array, string]}")
+    spec = _spec(loose)
+    compile_to(spec, tmp_path / "build")
+    with LLMTestServer() as server:
+        code, out, _trace, _stderr = run_package(
+            tmp_path / "build", {"topic": "tides", "facts": "not a list"}, server
+        )
+    assert code == 1
+    assert out["error"]["code"] == "flow_input"
+    assert out["error"]["spec_pointer"] == "/workflow/1/with/points"
+    assert "draft_about" in out["error"]["message"]
+
+
+def test_every_stage_knows_flows(tmp_path: Path) -> None:
+    spec = example_spec("math-program-ensemble")
+    # static calls: 5 samples x (2 programmer attempts) of the flow
+    assert static_calls(spec.workflow[0], spec.flows) == 10
+    assert static_calls(spec.workflow[0]) == 0
+    # graph: the flow is a cluster, run 5 times by the ensemble
+    mermaid = graph.mermaid(spec)
+    assert 'subgraph f_solve_by_program["flow solve_by_program"]' in mermaid
+    assert 's_sample_programs -->|"runs 5×"| f_solve_by_program_in' in mermaid
+    # configure: the flow's agent is sampled, and its note names the flow
+    uses = agent_uses(spec)
+    assert uses["programmer"].sampler
+    assert any("flow `solve_by_program`" in note for note in uses["programmer"].notes)
+    # diff: flow steps matched by id
+    data = spec.to_data()
+    changed = copy.deepcopy(data)
+    changed["flows"]["solve_by_program"]["steps"][0]["max_attempts"] = 3
+    changes = diff_specs(spec, Spec.model_validate(changed))
+    assert [(c.pointer, c.before, c.after) for c in changes] == [
+        ("/flows/solve_by_program/steps/write_program/max_attempts", 2, 3)
+    ]
+    # rectify: the ensemble's fan-out over the flow is reducible
+    trial = copy.deepcopy(data)
+    assert _fanout_reduction(trial, "/workflow/0") == "/workflow/0/n: 5 -> 2"
+    # the published schema and the generator's language
+    assert "subflow" in str(json_schema()) and "FlowDef" in str(json_schema())
+    assert "- subflow: runs a flow" in language_description()
+    # compile: _flows.py only in packages that run a flow
+    files = compile_spec(spec).files
+    assert "mas2c_math_program_ensemble/_flows.py" in files
+    assert "mas2c_self_consistency/_flows.py" not in compile_spec(
+        example_spec("self-consistency")
+    ).files
+
+
+def test_a_changed_flow_changes_the_checkpoint_code_hash() -> None:
+    spec = example_spec("math-program-ensemble")
+    data: dict[str, Any] = spec.to_data()
+    data["flows"]["solve_by_program"]["steps"][0]["prompt"] += "Be brief.\n"
+    before = compile_spec(spec).files["mas2c_math_program_ensemble/_tables.py"]
+    after = compile_spec(Spec.model_validate(data)).files["mas2c_math_program_ensemble/_tables.py"]
+    assert before != after
+
+
+def test_a_judge_closes_an_ensemble_over_a_flow(tmp_path: Path) -> None:
+    data = yaml.safe_load(SPEC)
+    data["agents"]["judge"] = {"role": "Judge", "model": "m"}
+    data["workflow"][1] = {
+        "id": "second",
+        "kind": "ensemble",
+        "flow": "draft_about",
+        "with": {"subject": "{{ topic }}", "points": "{{ facts }}"},
+        "n": 3,
+        "prompt": "Write about {{ topic }}",
+        "judge": "judge",
+        "out": "result",
+    }
+    data["outputs"] = {"outline": "draft", "text": "result"}
+    spec = Spec.model_validate(data)
+    compile_to(spec, tmp_path / "build")
+
+    def answer(req: ChatRequest) -> ReplyLike:
+        return "the best one" if req.agent == "judge" else f"draft of {req.last_user}"
+
+    with LLMTestServer(answer, latency_s=0.2) as server:
+        server.reset_counters()
+        code, out, _trace, stderr = run_package(
+            tmp_path / "build", {"topic": "tides", "facts": ["moon"]}, server
+        )
+        judge = [r for r in server.requests if r.agent == "judge"]
+        assert server.max_in_flight == 3
+    assert code == 0, stderr
+    assert out["outputs"]["text"] == "the best one"
+    (request,) = judge
+    assert "Write about tides" in request.last_user
+    assert request.last_user.count("draft of plain text on tides: moon") == 3
