@@ -186,7 +186,10 @@ def _leftovers(run_ids: set[str]) -> list[Any]:
 
     client = docker.from_env()
     try:
-        containers = client.containers.list(all=True, filters={"label": "mas2c"})
+        # another test may remove its container between the list and the inspect
+        containers = client.containers.list(
+            all=True, filters={"label": "mas2c"}, ignore_removed=True
+        )
         return [c for c in containers if c.labels.get("mas2c.run") in run_ids]
     finally:
         client.close()
