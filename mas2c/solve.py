@@ -220,7 +220,7 @@ def solve(
     llm: LLMConfig | None = None,
     model: str | None = None,
     pool_path: Path | None = None,
-    backend: Literal["docker", "local"] = "docker",
+    backend: Literal["docker", "unisolated", "local"] = "docker",
     limits: Any = None,
     loosen: Any = None,
     image: str | None = None,
@@ -231,9 +231,9 @@ def solve(
     prompt: Literal["auto", "full", "compact"] = "auto",
 ) -> SolveOutcome:
     from mas2c.configure import configure_spec, load_pool
+    from mas2c.embedded import EmbeddedUpstream
     from mas2c.generate import GenerateError, generate_spec, json_type_of, write_spec_yaml
     from mas2c.llm import LLMError
-    from mas2c.local import LocalUpstream
     from mas2c.meta import meta_client
     from mas2c.yamledit import edit_spec_text
 
@@ -245,12 +245,12 @@ def solve(
     outcome = SolveOutcome(solve_dir, "error", None)
     meter = _Meter(say)
     upstream = make_upstream(llm, on_progress=say)
-    local = isinstance(upstream, LocalUpstream)
-    embedded: LocalUpstream | None = upstream if isinstance(upstream, LocalUpstream) else None
+    on_embedded = isinstance(upstream, EmbeddedUpstream)
+    embedded: EmbeddedUpstream | None = upstream if isinstance(upstream, EmbeddedUpstream) else None
     if embedded is not None:
         model = model or embedded.model_id  # requests and usage name the model it is
-    repairs = max_repairs if max_repairs is not None else (2 if local else 3)
-    compact = prompt == "compact" or (prompt == "auto" and local)
+    repairs = max_repairs if max_repairs is not None else (2 if on_embedded else 3)
+    compact = prompt == "compact" or (prompt == "auto" and on_embedded)
     outcome.generation = {
         "outcome": "generated",
         "reason": None,
@@ -305,7 +305,7 @@ def solve(
                     reason = str(exc)
                 if reason:
                     say(f"the generator gave up ({reason}); adapting an example instead")
-                    spec, example = adapt_example(task, inputs, client, say, ask=not local)
+                    spec, example = adapt_example(task, inputs, client, say, ask=not on_embedded)
                     outcome.spec_source = f"example:{example}"
                     generation.update(outcome="fallback", reason=reason, example=example)
                     phase.note = f"fell back to the `{example}` example: {reason}"

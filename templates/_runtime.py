@@ -195,6 +195,8 @@ class SpecInfo:
     # From the compiler (_tables.py): without them a run is never checkpointed.
     top_steps: Sequence[TopStep] = ()
     tool_code: Mapping[str, ToolCode] = dataclass_field(default_factory=dict)
+    # Every fixed instruction the runtime sends (_tables.PROMPTS): it holds none itself.
+    prompts: Mapping[str, str] = dataclass_field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- exceptions
@@ -745,12 +747,9 @@ def _system_prompt(agent: AgentDef) -> str:
 
 
 def _with_schema_in_system(
-    messages: list[dict[str, Any]], schema: Any
+    messages: list[dict[str, Any]], note: str
 ) -> list[dict[str, Any]]:
     """JSON-object mode cannot carry a schema: tell the model in the system prompt."""
-    note = "Reply with one JSON object that matches this JSON Schema:\n" + json.dumps(
-        schema, ensure_ascii=False, indent=2
-    )
     if messages and messages[0].get("role") == "system":
         first = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}
         return [first, *messages[1:]]
@@ -888,15 +887,16 @@ def _flush():
             stream.flush()
         except Exception:
             pass
-def _report(index, passed, error):
+def _report(index, passed, error, _nonce=NONCE):
     _flush()
-    line = "\\n" + NONCE + _json.dumps({"index": index, "passed": passed, "error": error})
+    line = "\\n" + _nonce + _json.dumps({"index": index, "passed": passed, "error": error})
     _os.write(1, (line + "\\n").encode("utf-8"))
+del NONCE
 def _describe(exc):
+    if isinstance(exc, SystemExit):
+        return "SystemExit: the code exited (code %r) before the test finished" % (exc.code,)
     return "".join(_tb.format_exception_only(type(exc), exc)).strip()
 def _outcome(exc):
-    if isinstance(exc, SystemExit) and exc.code in (None, 0):
-        return True, None
     _flush()
     _tb.print_exception(type(exc), exc, exc.__traceback__.tb_next, file=_sys.__stderr__)
     return False, _describe(exc)
@@ -1363,7 +1363,9 @@ class Run:
         answers = await self.gather(
             *(_labelled(self.turn(a, task), sample=i) for i, a in enumerate(agents))
         )
-        labels = [f"candidate {i}" for i in range(1, len(answers) + 1)]
+        labels = [
+            self.prompt("candidate_label", number=i) for i in range(1, len(answers) + 1)
+        ]
         return await self._decide(
             "ensemble", task, answers, labels, vote=vote, judge=judge, vote_on=vote_on
         )
@@ -1380,7 +1382,10 @@ class Run:
     ) -> Any:
         """``debate`` step: answer, read the others' answers, revise; then decide."""
         task = render(topic, self.state)
-        labels = [f"agent {i} ({a})" for i, a in enumerate(agents, 1)]
+        labels = [
+            self.prompt("debater_label", number=i, agent=a)
+            for i, a in enumerate(agents, 1)
+        ]
         answers = await self.gather(
             *(
                 _labelled(self.turn(a, task), round=1, sample=i)
@@ -1407,18 +1412,19 @@ class Run:
     ) -> dict[str, Any]:
         """``programmer`` step: write code, run it, feed errors back; never raises on failure."""
         task = render(prompt, self.state)
-        ask = "Reply with the complete program in one ```python code block."
         code = ""
         result: dict[str, Any] = {"output": "", "exit_code": None}
         attempt = 0
         for attempt in range(1, max_attempts + 1):
             if attempt == 1:
-                request = f"{task}\n\n{ask}"
+                request = self.prompt("programmer", task=task)
             else:
-                request = (
-                    f"{task}\n\nYour previous program:\n```python\n{code}\n```\n"
-                    f"It failed (exit code {result['exit_code']}) with this output:\n"
-                    f"```\n{result['output']}\n```\nFix it. {ask}"
+                request = self.prompt(
+                    "programmer_repair",
+                    task=task,
+                    code=code,
+                    exit_code=str(result["exit_code"]),
+                    output=result["output"],
                 )
             answer = await _labelled(self.turn(agent, request), round=attempt)
             code = extract_code(answer if isinstance(answer, str) else _code_of(answer))
@@ -1443,8 +1449,9 @@ class Run:
         """``test`` step: the code in state (Markdown fences stripped, as ``programmer``
         does), then each test snippet in the same namespace, in one fresh interpreter.
 
-        ``{passed, results: [{test, passed, error}], output}``: passed when every
-        snippet ran without an exception (``sys.exit(0)`` counts as passing).
+        ``{passed, results: [{test, passed, error}], output}``: a snippet passed when the
+        harness reports, after it ran to its end, that it raised nothing. An exit of any
+        kind (``sys.exit(0)``, ``exit()``, ``quit()``, ``os._exit``) before that is a failure.
         """
         code = extract_code(_code_of(lookup(self.state, code_path)))
         snippets = _test_snippets(tests, self.state)
@@ -1480,8 +1487,7 @@ class Run:
                 messages.append(
                     {
                         "role": "user",
-                        "content": f"Your last answer is not valid for the output schema: {exc}. "
-                        "Reply with only the corrected JSON.",
+                        "content": self.prompt("format_repair", error=str(exc)),
                     }
                 )
                 text = await self._answer(agent, messages, final=True)
@@ -1503,7 +1509,7 @@ class Run:
                 messages.append(
                     {
                         "role": "user",
-                        "content": "No more tool calls: give your final answer now.",
+                        "content": self.prompt("final_answer"),
                     }
                 )
             response = await self._chat(agent, messages, tools, last_round)
@@ -1611,9 +1617,8 @@ class Run:
     ) -> Any:
         """Close an ensemble or a debate: a judge's turn, a vote, or all answers."""
         if judge is not None:
-            prompt = (
-                f"Task:\n{task}\n\nCandidate answers:\n\n{_numbered(answers, labels)}\n\n"
-                "Weigh the candidates and give the best-supported final answer."
+            prompt = self.prompt(
+                "judge", task=task, candidates=_numbered(answers, labels)
             )
             return await _labelled(self.turn(judge, prompt), role="judge")
         from ._voting import (
@@ -1627,17 +1632,26 @@ class Run:
             return first_answer(answers, vote_on)
         return list(answers)
 
-    @staticmethod
     def _revision_prompt(
-        task: str, answers: Sequence[Any], labels: Sequence[str], me: int
+        self, task: str, answers: Sequence[Any], labels: Sequence[str], me: int
     ) -> str:
         others = [i for i in range(len(answers)) if i != me]
-        return (
-            f"{task}\n\nYour previous answer:\n{as_text(answers[me])}\n\n"
-            "The other agents answered:\n\n"
-            f"{_numbered([answers[i] for i in others], [labels[i] for i in others])}\n\n"
-            "Consider their reasoning, then give your revised answer."
+        return self.prompt(
+            "debate_revision",
+            task=task,
+            previous=as_text(answers[me]),
+            others=_numbered([answers[i] for i in others], [labels[i] for i in others]),
         )
+
+    def prompt(self, name: str, **slots: Any) -> str:
+        """A built-in prompt (``_tables.PROMPTS``, where the spec may override it) with
+        its ``{{ slot }}``s filled; inserted text is never rendered again."""
+        template = self.spec.prompts.get(name)
+        if template is None:
+            raise WorkflowError(
+                f"the package has no built-in prompt {name!r} (see PROMPTS in _tables.py)"
+            )
+        return render(template, slots)
 
     # ------------------------------------------------------------------ LLM calls
 
@@ -1691,7 +1705,9 @@ class Run:
                 request["tool_choice"] = "none"
         if agent.output is not None:
             if model.model in self._json_object_only:
-                request["messages"] = _with_schema_in_system(messages, agent.output)
+                schema = json.dumps(agent.output, ensure_ascii=False, indent=2)
+                note = self.prompt("format_reminder", schema=schema)
+                request["messages"] = _with_schema_in_system(messages, note)
                 request["response_format"] = {"type": "json_object"}
             else:
                 request["response_format"] = {
