@@ -90,6 +90,7 @@ __all__ = [
     "LLMError",
     "LoopExhausted",
     "ModelDef",
+    "NoCredentials",
     "Run",
     "SpecInfo",
     "StepTimeout",
@@ -254,6 +255,19 @@ class InputError(WorkflowError):
     """The run's input does not match the spec's inputs: exit 2."""
 
     code = "bad_input"
+
+
+class NoCredentials(InputError):
+    """No API key and no gateway socket: no request may be sent (exit 2)."""
+
+    code = "no_credentials"
+
+
+NO_CREDENTIALS = (
+    "no LLM credentials: set OPENAI_API_KEY (and OPENAI_BASE_URL for an endpoint other "
+    "than OpenAI's), or MAS2C_LLM_SOCKET to a mas2c gateway's socket; library callers "
+    "may pass api_key= or llm_socket="
+)
 
 
 class LLMError(WorkflowError):
@@ -666,7 +680,7 @@ def _make_client(settings: ClientSettings) -> openai.AsyncOpenAI:
             http_client=cast(Any, http),
         )
     if not settings.api_key:  # checked before the run starts; never a placeholder key
-        raise LLMError("no API key: set OPENAI_API_KEY, or MAS2C_LLM_SOCKET")
+        raise NoCredentials(NO_CREDENTIALS)
     # Each run has its own client and connections; the TLS context (the CA bundle, which
     # takes ~45 ms to load) is made once per process and shared, read-only.
     http_client = openai.DefaultAsyncHttpxClient(verify=_tls_context(), timeout=timeout)
@@ -1751,6 +1765,8 @@ class Run:
         """Send with retries on 429/5xx/timeouts/malformed answers; account and trace."""
         model = self.models[agent.model]
         attempts = self.client_settings.max_attempts
+        if self._client is None:  # here, so that missing credentials are not retried
+            self._client = _make_client(self.client_settings)
         for attempt in range(1, attempts + 1):
             self._check_budget()
             span = _open_span(self.trace)

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="367975e814ce7d4822f66c232ada795fecb950dc0d91bc8ebc2a49f28012e341",
+        code_sha="111a83ad8b3b0b7167a58d4bfacfc75bb4e29ed3a5171caae01b6534ed433690",
         reads=["question"],
     ),
 )

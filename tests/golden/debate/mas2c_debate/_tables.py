@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="9fd4407fc1e332e95b1a775ecac29127a95633839f39c490e3de33abadaf1de5",
+        code_sha="d7439238bb77a45205c7780439dcb1cb9bbff4b4ce91285e6292c4fa470ec0ef",
         reads=["question"],
     ),
 )

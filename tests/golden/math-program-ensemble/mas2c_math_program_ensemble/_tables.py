@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="b6d00414bc2d5c4ba21c805adc1bf266148486e96f16f9adcf61d1d98d111e1b",
+        code_sha="95adcae26becb753b8bc4674c15a3547cce4f012b7855748f73c75b451c54f8b",
         reads=["problem"],
     ),
 )

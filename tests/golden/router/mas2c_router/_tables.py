@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="3f19a1c2f45370322268bc58fcbecc6fc877415a934f4aabcf2df55e0f2307ed",
+        code_sha="999d2dcb8e9fe15d372fc52c83f1fdf186fbe22f9cfe6b965a7bb8e5d8e42d3b",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="db3102d79299149f468c500c50da9f6e27418a92412e94e32628495407b8fd32",
+        code_sha="1982d30fb54681b821417ce40f7147ef4768a2b796a0ca796e3bd236058b47d9",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="7820f2dcc36358219babb3fc75b32f122c31efef6c5e5a4f30c5cec9862b7dde",
+        code_sha="be43432de9fda032ea075037f6f4c9ab76dab430893fc907e8c831234e05c40d",
         reads=["question"],
     ),
 )
