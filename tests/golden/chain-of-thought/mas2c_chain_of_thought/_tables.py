@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="f49342e0b9cb9cf9bce20646bb30a0488bef82f32fa247b6730d77af1bee6198",
+        code_sha="2c5d92aeaf4b613bc67d4c7c4a60db5bcde42103ca3dda92cdd2e516f4ba9ab5",
         reads=["question"],
     ),
 )

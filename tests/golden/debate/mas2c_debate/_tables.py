@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="fe6729d35812dffd43e7467dba3df28b37a13d8588de9a8401b54ff3e5401a03",
+        code_sha="c6647873192b71a185d69ea6e350f8c168a61931ef4223eb64f2edfa1532a821",
         reads=["question"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="96cbf9e7ce4cb45efa793e335a1f1462cba8b623b8140fb1e81948f12569ede1",
+        code_sha="7859fcd155226f76e73796387bad4c8b842c2a59ed16516c7528f870cc5026c6",
         reads=["problem"],
     ),
 )

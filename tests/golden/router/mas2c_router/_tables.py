@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="6effecf01c80d0167d61e8cecc71b33aa72edb9d209855209451edbcc9d9efe0",
+        code_sha="77c186bf0351731a5b97327fb1d8d9ed79a8078e27e4a671449099714c0fac55",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="a3b98fbac5b005386399102b4d95ba3e9030add049797dd423459b7069e3affe",
+        code_sha="d020a7a30987c60b4f246921411f7c9ced58eb6d448668e9d79168853ddadf87",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="7a6659018700185474ad37a0268cbbd607ccfc1e1ba2d412a09d6a89d31f8b75",
+        code_sha="9bf77f5a632313cf0de3ab4825da559a29b253895bab765579230123882c35e6",
         reads=["question"],
     ),
 )
