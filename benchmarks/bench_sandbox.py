@@ -18,7 +18,13 @@ median of --reps runs each:
 * under gVisor too (`--runtime runsc`, when registered): bare `docker run` + `import
   openai`, `mas2c run` and `run_system`, interleaved with the runc rows;
 * the warm pool (issue 14): --warm-runs in-process runs from a warm single-use pool
-  (`mas2c.sandbox.pool.Pool`, 2 containers), runc and runsc interleaved: p50/p95.
+  (`mas2c.sandbox.pool.Pool`, 2 containers), runc and runsc interleaved: p50/p95;
+* throughput (issue 14): --throughput-runs in-process runs with --workers concurrent
+  workers (threads calling `run_system`), each of pool (a `Pool` of --workers warm
+  containers, opened when its batch starts: its filling is counted) and cold
+  (`MAS2C_NO_POOL=1`), under runc and runsc: the configurations take turns in batches
+  of --batch runs (interleaved), and each one's runs/s is its runs over the wall time
+  of its own batches.
 
 Writes FILE (json) and FILE with .md: the ratios (cold `mas2c run` / bare `docker run` +
 `import openai`; warm p50 and p95; runsc / runc).
@@ -141,6 +147,75 @@ def warm_runs(
     return times
 
 
+def throughput(
+    n: int,
+    workers: int,
+    batch: int,
+    runtimes: list[str],
+    one_run: Callable[[], str],
+    image: str,
+) -> dict[str, dict[str, Any]]:
+    """`n` runs per configuration (pool/cold x runtime), `workers` at a time; the
+    configurations take turns, `batch` runs each. Returns runs, seconds, runs/s and
+    how each run was served (warm / cold) per configuration."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mas2c.sandbox import pool as sandbox_pool
+
+    configs = [(mode, rt) for rt in runtimes for mode in ("pool", "cold")]
+    done = {c: 0 for c in configs}
+    seconds = {c: 0.0 for c in configs}
+    served: dict[tuple[str, str], list[str]] = {c: [] for c in configs}
+    saved = {k: os.environ.get(k) for k in (sandbox.RUNTIME_ENV, sandbox.NO_POOL_ENV)}
+    try:
+        while any(done[c] < n for c in configs):
+            for mode, rt in configs:
+                count = min(batch, n - done[(mode, rt)])
+                if count <= 0:
+                    continue
+                os.environ.pop(sandbox.RUNTIME_ENV, None)
+                if rt != "runc":
+                    os.environ[sandbox.RUNTIME_ENV] = rt
+                os.environ[sandbox.NO_POOL_ENV] = "1" if mode == "cold" else "0"
+                pool = None
+                t0 = time.perf_counter()
+                if mode == "pool":
+                    spec = sandbox_pool.PoolSpec(image, None if rt == "runc" else rt)
+                    pool = sandbox_pool.Pool(spec, size=workers)
+                    pool.start()
+                    sandbox_pool.ACTIVE = pool
+                try:
+                    with ThreadPoolExecutor(max_workers=workers) as executor:
+                        kinds = list(executor.map(lambda _i: one_run(), range(count)))
+                    seconds[(mode, rt)] += time.perf_counter() - t0
+                finally:
+                    sandbox_pool.ACTIVE = None
+                    if pool is not None:
+                        pool.close()
+                done[(mode, rt)] += count
+                served[(mode, rt)] += kinds
+                print(
+                    f"sandbox: throughput {mode}/{rt}: {done[(mode, rt)]}/{n} "
+                    f"({seconds[(mode, rt)]:.1f} s)",
+                    file=sys.stderr,
+                )
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+    return {
+        f"{mode}/{rt}": {
+            "runs": done[(mode, rt)],
+            "workers": workers,
+            "seconds": seconds[(mode, rt)],
+            "runs_per_s": done[(mode, rt)] / seconds[(mode, rt)],
+            "served": {k: served[(mode, rt)].count(k) for k in sorted(set(served[(mode, rt)]))},
+        }
+        for mode, rt in configs
+    }
+
+
 def markdown(r: dict[str, Any]) -> str:
     m = r["medians_s"]
 
@@ -156,7 +231,8 @@ def markdown(r: dict[str, Any]) -> str:
         "# Sandbox latency: cold, warm pool, runc and gVisor",
         "",
         f"Command: `{r['command']}` ({r['seconds']} s, {r['reps']} interleaved reps, median; "
-        f"load average {' '.join(r['load_average'])} on 2 shared cores).",
+        f"load average {' '.join(r.get('load_average_start') or [])} at the start, "
+        f"{' '.join(r['load_average'])} at the end, on 2 shared cores).",
         "",
         "| case | median ms |",
         "|---|---:|",
@@ -180,6 +256,32 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"- warm runsc / runc p50: {r['warm_p50_s']['runsc'] / r['warm_p50_s']['runc']:.2f}x"
         )
+    tp = r.get("throughput") or {}
+    if tp:
+        first = next(iter(tp.values()))
+        lines += [
+            "",
+            f"Throughput: {first['runs']} trivial runs per configuration, {first['workers']} "
+            f"workers, configurations interleaved in batches of {r['throughput_batch']}:",
+            "",
+            "| configuration | runs | seconds | runs/s | served (warm/cold) |",
+            "|---|---:|---:|---:|---|",
+            *(
+                f"| {name} | {t['runs']} | {t['seconds']:.1f} | {t['runs_per_s']:.2f} | "
+                + ", ".join(f"{k} {v}" for k, v in t["served"].items())
+                + " |"
+                for name, t in tp.items()
+            ),
+            "",
+        ]
+        for rt in ("runc", "runsc"):
+            if f"pool/{rt}" in tp and f"cold/{rt}" in tp:
+                ratio = tp[f"pool/{rt}"]["runs_per_s"] / tp[f"cold/{rt}"]["runs_per_s"]
+                lines.append(f"- pool / cold throughput ({rt}): {ratio:.2f}x")
+        for mode in ("pool", "cold"):
+            if f"{mode}/runsc" in tp and f"{mode}/runc" in tp:
+                ratio = tp[f"{mode}/runsc"]["runs_per_s"] / tp[f"{mode}/runc"]["runs_per_s"]
+                lines.append(f"- runsc / runc throughput ({mode}): {ratio:.2f}x")
     lines.append("")
     return "\n".join(lines)
 
@@ -188,6 +290,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warm-runs", type=int, default=50)
+    parser.add_argument("--throughput-runs", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2, help="concurrent runs (throughput)")
+    parser.add_argument("--batch", type=int, default=25, help="runs per turn (throughput)")
+    parser.add_argument(
+        "--only", choices=["latency", "warm", "throughput"], action="append", help="parts to run"
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "sandbox.json"))
     args = parser.parse_args()
 
@@ -195,6 +303,8 @@ def main() -> int:
     docker_ok = bool(status["daemon"]["reachable"]) and bool(status["image"]["present"])
     runsc = docker_ok and "runsc" in status["runtimes"]
     warm: dict[str, list[float]] = {}
+    tput: dict[str, dict[str, Any]] = {}
+    parts = set(args.only or ["latency", "warm", "throughput"])
     if not docker_ok:
         print(f"sandbox: Docker unavailable ({status}); docker rows are skipped", file=sys.stderr)
     image = sandbox.DEFAULT_IMAGE
@@ -203,6 +313,7 @@ def main() -> int:
     samples: dict[str, list[float]] = {}
     phases: list[dict[str, float]] = []
     started = time.time()
+    load_start = Path("/proc/loadavg").read_text().split()[:3]
     try:
         spec_path = work / "trivial.yaml"
         spec_path.write_text(TRIVIAL, "utf-8")
@@ -328,17 +439,35 @@ def main() -> int:
                         "run_system docker runsc (in-process)": in_process("docker", "runsc"),
                     }
                 )
-            for action in cases.values():  # warm-up: page cache, .pyc files, image layers
-                action()
-            for rep in range(args.reps):
-                for name, action in cases.items():
-                    samples.setdefault(name, []).append(timed(action))
-                if docker_ok:
-                    phases.append(docker_phases(image))
-                print(f"sandbox: rep {rep + 1}/{args.reps} done", file=sys.stderr)
-            if docker_ok and args.warm_runs > 0:
-                warm = warm_runs(
-                    args.warm_runs, ["runc", "runsc"] if runsc else ["runc"], in_process, image
+            runtimes = ["runc", "runsc"] if runsc else ["runc"]
+            if "latency" in parts:
+                for action in cases.values():  # warm-up: page cache, .pyc files, image layers
+                    action()
+                for rep in range(args.reps):
+                    for name, action in cases.items():
+                        samples.setdefault(name, []).append(timed(action))
+                    if docker_ok:
+                        phases.append(docker_phases(image))
+                    print(f"sandbox: rep {rep + 1}/{args.reps} done", file=sys.stderr)
+            if docker_ok and args.warm_runs > 0 and "warm" in parts:
+                warm = warm_runs(args.warm_runs, runtimes, in_process, image)
+            if docker_ok and args.throughput_runs > 0 and "throughput" in parts:
+
+                def one_run() -> str:
+                    outcome = run_system(
+                        build,
+                        input_path,
+                        work / f"run-{next(counter)}",
+                        backend="docker",
+                        llm=llm,
+                        on_warning=lambda _m: None,
+                    )
+                    if not outcome.ok:
+                        raise RuntimeError(f"run failed: {outcome.result}")
+                    return "warm" if outcome.sandbox.get("pool") in ("warm", "service") else "cold"
+
+                tput = throughput(
+                    args.throughput_runs, args.workers, args.batch, runtimes, one_run, image
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -362,6 +491,9 @@ def main() -> int:
         "warm_p50_s": {rt: _pct(v, 50) for rt, v in warm.items()},
         "warm_p95_s": {rt: _pct(v, 95) for rt, v in warm.items()},
         "pools": {rt: sorted(set(v)) for rt, v in pools.items()},
+        "throughput": tput,
+        "throughput_batch": args.batch,
+        "load_average_start": load_start,
         "load_average": Path("/proc/loadavg").read_text().split()[:3],
     }
     Path(args.out).with_suffix(".md").write_text(markdown(result), "utf-8")

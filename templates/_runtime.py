@@ -38,6 +38,7 @@ import os
 import random
 import re
 import signal
+import ssl
 import sys
 import tempfile
 import threading
@@ -692,7 +693,10 @@ def _make_client(settings: ClientSettings) -> openai.AsyncOpenAI:
     socket_path = settings.socket
     if socket_path:
         # Inside the sandbox the socket is the only way out; the host holds the key.
-        transport = httpx.AsyncHTTPTransport(uds=socket_path)
+        # Plain HTTP on a unix socket: a context with no trust store (any TLS would fail)
+        # spares loading the CA bundle, ~30 ms per run.
+        no_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        transport = httpx.AsyncHTTPTransport(uds=socket_path, verify=no_tls)
         http = httpx.AsyncClient(transport=transport, timeout=timeout)
         return openai.AsyncOpenAI(
             base_url=GATEWAY_URL,

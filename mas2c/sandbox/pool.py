@@ -211,17 +211,24 @@ class Pool:
     ``with Pool(spec, size=2):`` makes it this process's pool (:data:`ACTIVE`), which
     :func:`mas2c.sandbox.run_package` takes from; on exit every idle container is
     removed (and if the process is killed, they end by themselves).
+
+    Refilling runs on ``size`` threads, so up to K containers start at once (as K
+    concurrent cold runs would). A run that finds none ready while some are starting
+    waits for one (at most ``take_wait_s``) instead of starting a cold container
+    beside them: on a busy machine that second start would only slow both down.
     """
 
-    def __init__(self, spec: PoolSpec, size: int = 2) -> None:
+    def __init__(self, spec: PoolSpec, size: int = 2, take_wait_s: float = 60.0) -> None:
         if size < 1:
             raise SandboxError(f"pool size must be at least 1, not {size}")
         self.spec = spec
         self.size = size
+        self.take_wait_s = take_wait_s
         self._ready: list[_Slot] = []
+        self._starting = 0
         self._lock = threading.Condition()
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.started = 0
         self.taken = 0
         self.errors: list[str] = []
@@ -239,8 +246,10 @@ class Pool:
         self.close()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._refill, name="mas2c-pool", daemon=True)
-        self._thread.start()
+        for index in range(self.size):
+            thread = threading.Thread(target=self._refill, name=f"mas2c-pool-{index}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def ready(self) -> int:
         with self._lock:
@@ -261,24 +270,31 @@ class Pool:
     def take(self, job: Any) -> Warm | None:
         if not self.spec.fits(job):
             return None
+        deadline = time.monotonic() + self.take_wait_s
         with self._lock:
-            while self._ready:
-                slot = self._ready.pop(0)
-                self._lock.notify_all()  # the refill thread starts a replacement
-                if slot.idle_until - time.time() > _MARGIN_S:
-                    self.taken += 1
-                    slot.box.on_release = slot.folder.close
-                    return Warm(slot.box, slot.folder.path, "warm")
-                threading.Thread(target=self._discard_quietly, args=(slot,), daemon=True).start()
-        return None
+            while True:
+                while self._ready:
+                    slot = self._ready.pop(0)
+                    self._lock.notify_all()  # a refill thread starts a replacement
+                    if slot.idle_until - time.time() > _MARGIN_S:
+                        self.taken += 1
+                        slot.box.on_release = slot.folder.close
+                        return Warm(slot.box, slot.folder.path, "warm")
+                    threading.Thread(
+                        target=self._discard_quietly, args=(slot,), daemon=True
+                    ).start()
+                left = deadline - time.monotonic()
+                if self._closed or self._starting == 0 or left <= 0:
+                    return None  # nothing on its way: the run starts a cold container
+                self._lock.wait(left)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             slots, self._ready = self._ready, []
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        for thread in self._threads:
+            thread.join(timeout=60)
         if slots:
             client = sandbox._docker_client()
             try:
@@ -301,20 +317,30 @@ class Pool:
         try:
             while True:
                 with self._lock:
-                    while not self._closed and len(self._ready) >= self.size:
+                    while not self._closed and len(self._ready) + self._starting >= self.size:
                         self._lock.wait(timeout=5.0)
                         self._evict_expired_locked(client)
                     if self._closed:
                         return
+                    self._starting += 1
                 try:
                     slot = _start_warm(client, self.spec, "inproc", attach=True)
                 except Exception as exc:  # daemon down, image missing: cold runs report it
                     self.errors.append(sandbox._short_reason(exc))
                     with self._lock:
+                        self._starting -= 1
+                        self._lock.notify_all()  # a waiting run goes cold now
                         self._lock.wait(timeout=5.0)
                     continue
+                except BaseException:
+                    with self._lock:
+                        self._starting -= 1
+                        self._lock.notify_all()
+                    raise
                 with self._lock:
+                    self._starting -= 1
                     if self._closed:
+                        self._lock.notify_all()
                         _discard(client, slot)
                         return
                     self.started += 1

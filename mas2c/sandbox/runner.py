@@ -373,6 +373,89 @@ def emit_bundle(
         pass  # the host went away
 
 
+_WARM_ANSWER = {
+    "id": "warm-up",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "warm-up",
+    "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+    ],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
+
+
+def warm_up_client() -> None:
+    """One chat completion with the openai client, as the runtime makes it (an httpx
+    transport on a unix socket), against a throwaway server on a socket in /tmp: the
+    imports of a first call (transports, response models: ~0.1-0.2 s) happen here,
+    before the container says it is ready, not in the job. Everything it made is gone
+    afterwards (server, thread, socket folder); any failure only leaves it cold."""
+    import asyncio
+    import http.server
+    import shutil
+    import socketserver
+    import tempfile
+
+    import httpx
+    import openai
+
+    body = json.dumps(_WARM_ANSWER).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 5.0
+
+        def do_POST(self) -> None:
+            self.rfile.read(min(int(self.headers.get("Content-Length") or 0), 1 << 16))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(socketserver.UnixStreamServer):
+        def get_request(self) -> Any:
+            conn, _ = self.socket.accept()
+            return conn, ("warm-up", 0)
+
+    folder = tempfile.mkdtemp(prefix="mas2c-warm-")
+    path = os.path.join(folder, "llm.sock")
+    server = Server(path, Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+
+    async def once() -> None:
+        # typed Any: recent openai releases type this as httpx2 but accept an httpx client
+        http: Any = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=path), timeout=10.0)
+        client = openai.AsyncOpenAI(
+            base_url="http://mas2c-gateway/v1",
+            api_key="warm-up",
+            max_retries=0,
+            timeout=10.0,
+            http_client=http,
+        )
+        try:
+            messages: Any = [{"role": "user", "content": "warm-up"}]
+            await asyncio.wait_for(
+                client.chat.completions.create(model="warm-up", messages=messages), 10.0
+            )
+        finally:
+            await client.close()
+            await http.aclose()
+
+    try:
+        asyncio.run(once())
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5.0)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     mode, job_path = sys.argv[1], sys.argv[2]
     idle_s, max_job_s = float(sys.argv[3]), float(sys.argv[4])
@@ -387,6 +470,10 @@ def main() -> None:
         import openai  # noqa: F401
     except Exception:
         warm = False  # the program imports what it needs itself
+    if warm and mode == "init" and not select.select([0], [], [], 0)[0]:
+        # No job waiting (a pooled container, not a cold run): warm the first call too.
+        with contextlib.suppress(Exception):
+            warm_up_client()
     if mode == "init":  # a pool hands out only containers that said so
         with contextlib.suppress(OSError):
             write_all(READY_LINE)

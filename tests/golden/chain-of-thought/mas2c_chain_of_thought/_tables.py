@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="2c5d92aeaf4b613bc67d4c7c4a60db5bcde42103ca3dda92cdd2e516f4ba9ab5",
+        code_sha="df49517c79b500fa342c90a8de4c8678273115334d97706fb2c4843f1c172da3",
         reads=["question"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="c6647873192b71a185d69ea6e350f8c168a61931ef4223eb64f2edfa1532a821",
+        code_sha="122f1426c4a1edd725486e8216b9ae8119142546c4119c005ef0dbf2ed8a1d3e",
         reads=["question"],
     ),
 )

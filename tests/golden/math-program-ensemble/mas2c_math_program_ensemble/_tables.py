@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="7859fcd155226f76e73796387bad4c8b842c2a59ed16516c7528f870cc5026c6",
+        code_sha="59ba898b0d7be42f3f85cd03a86733bbe0c68a35a493471d19e92bb619fdfec1",
         reads=["problem"],
     ),
 )

@@ -17,14 +17,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="77c186bf0351731a5b97327fb1d8d9ed79a8078e27e4a671449099714c0fac55",
+        code_sha="a6e4362569aa38116316ffda7c871e8ac1d5b7fb1f1c3df5e47613fff39b9117",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="d020a7a30987c60b4f246921411f7c9ced58eb6d448668e9d79168853ddadf87",
+        code_sha="ed7dece9683a89544e4e59a930849c9d974b4ef36e103911dcd4382a81c0da61",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -17,7 +17,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="9bf77f5a632313cf0de3ab4825da559a29b253895bab765579230123882c35e6",
+        code_sha="2a34c0d8fbb131dfee66f53275f53844362244ccc0f5f288af67d53d1fca6651",
         reads=["question"],
     ),
 )
