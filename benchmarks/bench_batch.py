@@ -1,4 +1,4 @@
-"""`mas2c batch` measured: HumanEval's 164 problems on the local engine and on a two-node Ray
+"""`mas2c batch` measured: HumanEval's 164 problems on the threads engine and on a two-node Ray
 cluster, at 1, 2 and 4 workers, and the CoT-SC baseline comparison on a small fixture.
 
     python benchmarks/bench_batch.py [--limit 164] [--workers 1,2,4] [--sandbox docker]
@@ -7,7 +7,7 @@ cluster, at 1, 2 and 4 workers, and the CoT-SC baseline comparison on a small fi
    solution (an oracle), so pass@1 must be 100% and the time is the batch's own: a sandboxed
    run of specs/code-generation.yaml plus a sandboxed scoring per problem.
 2. `mas2c bench humaneval` (the preset of `mas2c batch`) runs through the CLI, as a user
-   would, with `--engine local` and with `--engine ray --address ...` against a Ray cluster
+   would, with `--engine threads` and with `--engine ray --address ...` against a Ray cluster
    of two nodes started here on this machine (`ray start --head --num-cpus=2` and a second
    `ray start --address ... --num-cpus=2` with its own temp dir), stopped at the end.
 3. Every run's results.jsonl must equal the first one's, timing fields aside.
@@ -144,8 +144,8 @@ def main() -> int:
     parser.add_argument("--workers", default="4", help="workers of the full runs")
     parser.add_argument("--sweep-limit", type=int, default=24, help="problems of the sweep")
     parser.add_argument("--sweep-workers", default="1,2,4", help="workers of the sweep")
-    parser.add_argument("--sandbox", default="docker", choices=["docker", "local"])
-    parser.add_argument("--engines", default="local,ray")
+    parser.add_argument("--sandbox", default="docker", choices=["docker", "unisolated"])
+    parser.add_argument("--engines", default="threads,ray")
     parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of each of the two nodes")
     parser.add_argument("--out", default=str(HERE / "results" / "batch.json"))
     args = parser.parse_args()
@@ -262,7 +262,7 @@ def baseline_demo(env: dict[str, str]) -> dict[str, Any]:
             "--pilot",
             "2",
             "--sandbox",
-            "local",
+            "unisolated",
             "--llm",
             server.base_url,
             "--run-dir",

@@ -10,8 +10,8 @@ Interleaved, --reps times each, in fresh interpreters (hyperfine-style; min, med
   modules a run of a built package needs imported (`mas2c.run`, `mas2c.sandbox`,
   `mas2c.gateway`) — everything before the run reads its files (httpx, which the
   gateway's upstream needs, is imported on a thread of its own while the sandbox starts);
-- `run` to the sandbox: a real `mas2c run BUILD --sandbox local` against the loopback test
-  server, from process start to its "running ... in the local sandbox" progress line
+- `run` to the sandbox: a real `mas2c run BUILD --sandbox unisolated` against the loopback test
+  server, from process start to its "running ... in the unisolated sandbox" progress line
   (manifest read, input and endpoint checked, run folder and gateway up).
 
 It also records which heavy modules each path imports (none of black, jinja2, libcst,
@@ -41,7 +41,7 @@ HEAVY = ("black", "jinja2", "libcst", "pydantic", "yaml", "openai", "docker")
 RUN_STARTUP = """
 import sys
 from mas2c.cli import build_parser
-build_parser().parse_args(["run", sys.argv[1], "--input", sys.argv[2], "--sandbox", "local"])
+build_parser().parse_args(["run", sys.argv[1], "--input", sys.argv[2], "--sandbox", "unisolated"])
 import mas2c.run, mas2c.sandbox, mas2c.gateway
 heavy = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[3].split(",")))
 print(",".join(heavy))
@@ -136,8 +136,8 @@ def main() -> int:
         heavy: dict[str, str] = {}
         with LLMTestServer() as server:
             run_cmd = [py, "-m", "mas2c.cli", "run", "build", "--input", "in.json"]
-            run_cmd += ["--sandbox", "local", "--llm", server.base_url, "--run-dir"]
-            sandbox_name = "mas2c run: to the sandbox (local backend)"
+            run_cmd += ["--sandbox", "unisolated", "--llm", server.base_url, "--run-dir"]
+            sandbox_name = "mas2c run: to the sandbox (unisolated backend)"
             times[sandbox_name] = []
             for rep in range(args.reps):
                 for name, cmd in cases.items():

@@ -37,7 +37,7 @@ def shown(argv: list[str]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sandbox", default="docker", choices=["docker", "local"])
+    parser.add_argument("--sandbox", default="docker", choices=["docker", "unisolated"])
     parser.add_argument(
         "--limit-check", type=int, help="problems for the scorer check (default all)"
     )

@@ -1,4 +1,4 @@
-"""Sandbox latency: a trivial `mas2c run` in Docker and in the local backend, against a bare
+"""Sandbox latency: a trivial `mas2c run` in Docker and in the unisolated backend, against a bare
 `docker run` and a bare subprocess.
 
     python benchmarks/bench_sandbox.py [--reps 10] [--warm-runs 50] [--out FILE]
@@ -12,7 +12,7 @@ median of --reps runs each:
   httpx"`: the floor of any program that talks to an LLM with the openai client (and the
   same ending in `os._exit(0)`, which skips the interpreter's finalization);
 * bare `docker run --rm mas2c-sandbox:latest python -c pass` (docker CLI);
-* `mas2c run BUILD --sandbox local` and `--sandbox docker` (the CLI, end to end);
+* `mas2c run BUILD --sandbox unisolated` and `--sandbox docker` (the CLI, end to end);
 * the same two in-process (`mas2c.run.run_system`), without the CLI's Python start-up;
 * the Docker phases of a bare container with docker-py: create, start -> exit, remove;
 * under gVisor too (`--runtime runsc`, when registered): bare `docker run` + `import
@@ -381,8 +381,8 @@ def main() -> int:
                 "bare subprocess (python -c 'import openai; os._exit(0)')": run_cmd(
                     [sys.executable, "-c", "import os, openai, httpx; os._exit(0)"]
                 ),
-                "mas2c run --sandbox local (CLI)": cli("local"),
-                "run_system local (in-process)": in_process("local"),
+                "mas2c run --sandbox unisolated (CLI)": cli("unisolated"),
+                "run_system unisolated (in-process)": in_process("unisolated"),
             }
             if docker_ok:
                 cases.update(

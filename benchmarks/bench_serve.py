@@ -208,6 +208,7 @@ def main() -> int:
     parser.add_argument("--cli-requests", type=int, default=40, help="CLI runs per cell")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated")
     parser.add_argument("--latency", type=float, default=0.05, help="LLM seconds per call")
+    parser.add_argument("--modes", default="http,cli", help="http, cli or both (default)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -220,7 +221,12 @@ def main() -> int:
         compile_spec(load_spec(spec_file)).write(build)
         with LLMTestServer(echo, latency_s=args.latency) as llm:
             for conc in levels:
-                for fn, n in ((bench_http, args.requests), (bench_cli, args.cli_requests)):
+                for mode, fn, n in (
+                    ("http", bench_http, args.requests),
+                    ("cli", bench_cli, args.cli_requests),
+                ):
+                    if mode not in args.modes.split(","):
+                        continue
                     row = fn(build, llm, conc, max(n, conc))
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     rows.append(row)

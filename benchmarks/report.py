@@ -327,20 +327,20 @@ def sandbox_section(data: dict[str, Any], headline: list[str]) -> list[str]:
             f"| {name} | {value * 1000:.0f} | {xr(ratio(value, bare))} | {xr(ratio(value, bare_docker))} |"
         )
     out.append("")
-    local_cli = m.get("mas2c run --sandbox local (CLI)")
+    local_cli = m.get("mas2c run --sandbox unisolated (CLI)")
     docker_cli = m.get("mas2c run --sandbox docker (CLI)")
-    local_ip = m.get("run_system local (in-process)")
+    local_ip = m.get("run_system unisolated (in-process)")
     docker_ip = m.get("run_system docker (in-process)")
     ph = data.get("docker_phases_median_s") or {}
     if docker_cli and local_cli:
         out.append(
-            f"- `mas2c run` in Docker ÷ in the local backend: {xr(ratio(docker_cli, local_cli))} (CLI), "
+            f"- `mas2c run` in Docker ÷ in the unisolated backend: {xr(ratio(docker_cli, local_cli))} (CLI), "
             f"{xr(ratio(docker_ip, local_ip))} (in-process); Docker adds "
             f"{(docker_ip - local_ip) * 1000:.0f} ms per run in-process."
         )
     if local_cli and local_ip:
         out.append(
-            f"- The CLI's own start-up (`mas2c run` ÷ `run_system` in-process, local): "
+            f"- The CLI's own start-up (`mas2c run` ÷ `run_system` in-process, unisolated): "
             f"{(local_cli - local_ip) * 1000:.0f} ms, mas2c's imports before the run begins."
         )
     fast = m.get("bare subprocess (python -c 'import openai; os._exit(0)')")
@@ -370,7 +370,7 @@ def sandbox_section(data: dict[str, Any], headline: list[str]) -> list[str]:
         headline.append(
             f"Sandbox: a trivial `mas2c run` takes {docker_cli:.2f} s in Docker = {xr(ratio(docker_cli, bare_docker))} "
             f"a bare `docker run` ({bare_docker:.2f} s); {local_cli:.2f} s locally = {xr(ratio(local_cli, bare))} a bare "
-            f"subprocess; Docker ÷ local = {xr(ratio(docker_cli, local_cli))}."
+            f"subprocess; Docker ÷ unisolated = {xr(ratio(docker_cli, local_cli))}."
         )
     return out
 
@@ -475,8 +475,8 @@ def batch_section() -> list[str]:
     """Section 5, written by benchmarks/bench_batch.py as results/batch.md."""
     md = RESULTS / "batch.md"
     if not md.is_file():
-        return ["## 5. Batch runs (local and Ray engines)", "", "Not run.", ""]
-    return ["## 5. Batch runs (local and Ray engines)", "", md.read_text("utf-8").rstrip(), ""]
+        return ["## 5. Batch runs (threads and Ray engines)", "", "Not run.", ""]
+    return ["## 5. Batch runs (threads and Ray engines)", "", md.read_text("utf-8").rstrip(), ""]
 
 
 def others_section() -> list[str]:
@@ -487,7 +487,7 @@ def others_section() -> list[str]:
             "hostile",
             "Hostile programs: what the host pays (volume filler, 300k files, big and deep results)",
         ),
-        ("local", "Embedded local model"),
+        ("local", "Embedded model"),
         ("rectify", "Rectifier"),
         ("startup", "Start-up against fan-out width (1 vs 100)"),
     ):

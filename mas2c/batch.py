@@ -17,7 +17,7 @@ Contract:
   ``python:FILE``: a user scorer, ``def score(prediction, row)`` returning a bool or a number
   in [0, 1] (or ``{"score": ..., "note": ...}``), which runs IN THE SANDBOX and never on the
   host; what it returns is checked like any hostile output.
-* **Engines**: ``local`` (a bounded pool of threads on this machine) and ``ray`` (one Ray task
+* **Engines**: ``threads`` (a bounded pool of threads on this machine; was ``local``) and ``ray`` (one Ray task
   per row, see :mod:`mas2c.batch_ray`). Either way the driver alone writes the run folder and
   enforces the cost cap.
 * **Run folder**::
@@ -90,8 +90,10 @@ __all__ = [
     "write_code_scorer",
 ]
 
-Backend = Literal["docker", "local"]
-Engine = Literal["local", "ray"]
+Backend = Literal["docker", "unisolated"]
+Engine = Literal["threads", "ray"]
+#: Engine names of earlier versions, accepted for one version (with a warning).
+DEPRECATED_ENGINES: dict[str, Engine] = {"local": "threads"}
 SCORERS = ("exact", "numeric", "f1", "math", "code")
 CODE_SCORER_MODULE = "mas2c_humaneval_scorer"
 USER_SCORER_MODULE = "mas2c_user_scorer"
@@ -946,7 +948,7 @@ def check_sandbox(backend: Backend, image: str | None) -> None:
     if not daemon.get("reachable"):
         raise BatchError(
             f"the Docker daemon is not reachable ({daemon.get('error')}): start it, "
-            "or use --sandbox local (which does not isolate)"
+            "or use --sandbox unisolated (which does not isolate)"
         )
     if not (status.get("image") or {}).get("present"):
         raise BatchError(
@@ -1074,12 +1076,12 @@ class Plan:
     llm_url: str | None = None
     llm_replay: str | None = None
     llm_cache: bool = False
-    llm_local_model: str | None = None
+    llm_embedded_model: str | None = None
 
 
 @dataclass
 class Context:
-    """Where a worker is: the host's run folder (local engine) or a node's temp dir (Ray)."""
+    """Where a worker is: the host's run folder (threads engine) or a node's temp dir (Ray)."""
 
     build_dir: Path | None
     scorer_dir: Path | None
@@ -1092,7 +1094,7 @@ def llm_config(plan: Plan) -> Any:
 
     return LLMConfig(
         url=plan.llm_url,
-        local_model=Path(plan.llm_local_model) if plan.llm_local_model else None,
+        embedded_model=Path(plan.llm_embedded_model) if plan.llm_embedded_model else None,
         replay=Path(plan.llm_replay) if plan.llm_replay else None,
         cache=plan.llm_cache,
     )
@@ -1310,7 +1312,7 @@ class BatchOptions:
     keep: tuple[str, ...] = ()
     limit: int | None = None
     workers: int = 2
-    engine: Engine = "local"
+    engine: Engine = "threads"
     ray_address: str | None = None
     ray_max_retries: int = 3
     max_cost_usd: float | None = None
@@ -1444,7 +1446,9 @@ def plan_batch(options: BatchOptions, rows: Sequence[Row]) -> tuple[Plan, dict[s
         llm_url=llm.endpoint() if llm is not None else None,
         llm_replay=str(llm.replay) if llm is not None and llm.replay else None,
         llm_cache=bool(llm.cache) if llm is not None else False,
-        llm_local_model=str(llm.local_model) if llm is not None and llm.local_model else None,
+        llm_embedded_model=(
+            str(llm.embedded_model) if llm is not None and llm.embedded_model else None
+        ),
     )
     return plan, config
 
@@ -1464,6 +1468,13 @@ def run_batch(options: BatchOptions) -> dict[str, Any]:
     """Run (or resume) the batch and, with a baseline, the baseline; returns the summary."""
     if options.workers < 1:
         raise BatchError("--workers must be at least 1")
+    if options.engine in DEPRECATED_ENGINES:
+        new = DEPRECATED_ENGINES[options.engine]
+        print(
+            f"mas2c: the batch engine {options.engine!r} is deprecated: use {new!r}",
+            file=sys.stderr,
+        )
+        options.engine = new
     if options.baseline is not None and options.baseline != "cot-sc":
         raise BatchError(f"unknown baseline {options.baseline!r}: the baseline is cot-sc")
     if options.baseline is None:
@@ -1541,7 +1552,7 @@ def _run_one(options: BatchOptions) -> dict[str, Any]:
 
             errors = run_on_ray(plan, todo, options, record, should_stop, bar, run_dir=run_dir)
         else:
-            errors = _run_local(plan, todo, options, record, should_stop, bar, scorer_dir)
+            errors = _run_threads(plan, todo, options, record, should_stop, bar, scorer_dir)
     except KeyboardInterrupt:
         stopped = "interrupted"
         raise
@@ -1588,14 +1599,14 @@ def shared_upstream(plan: Plan) -> Any:
     if plan.llm_replay is not None:
         return None
     config = llm_config(plan)
-    name = f"{config.endpoint()}|{plan.llm_local_model}"
+    name = f"{config.endpoint()}|{plan.llm_embedded_model}"
     with _UPSTREAMS_LOCK:
         if name not in _UPSTREAMS:
             _UPSTREAMS[name] = make_upstream(config)
         return _UPSTREAMS[name]
 
 
-def _run_local(
+def _run_threads(
     plan: Plan,
     todo: Sequence[Job],
     options: BatchOptions,

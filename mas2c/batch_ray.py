@@ -17,7 +17,7 @@ Contract:
   checks the cost cap before each submission.
 * A node that dies loses only its in-flight tasks: Ray re-runs them elsewhere
   (``max_retries``, system failures only). A task that raises is not retried and not
-  recorded (the next run of the same command redoes it), like the local engine. Its
+  recorded (the next run of the same command redoes it), like the threads engine. Its
   containers on the dead node are left to ``python -m mas2c.sandbox prune`` there.
 * Every node needs mas2c with the ``ray`` extra installed (the driver's version), Docker and
   the sandbox image (for ``--sandbox docker``), and must reach the LLM endpoint.

@@ -15,7 +15,7 @@ It is a preset of ``mas2c batch`` (:mod:`mas2c.batch`): the problems are the bat
 (keyed by ``task_id``), the scorer is ``code``, and the run folder is the batch's
 (``config.json``, ``results.jsonl``, ``summary.json``, ``report.md``, ``rows/<id>/``) plus
 ``results.md``, the HumanEval table; ``summary.json`` also gives ``pass@1``. Resumable, with
-bounded workers, a cost cap, and the local or the Ray engine, like any batch.
+bounded workers, a cost cap, and the threads or the Ray engine, like any batch.
 
 ``--check-scorer`` checks the scorer itself through the same sandboxed path: every canonical
 solution must pass, and deliberately broken ones must fail (``raise``: the body raises;
@@ -75,7 +75,7 @@ __all__ = [
     "write_scorer",
 ]
 
-Backend = Literal["docker", "local"]
+Backend = Literal["docker", "unisolated"]
 Progress = Callable[[str], None]
 
 BROKEN_KINDS = ("raise", "mutate")
@@ -261,7 +261,7 @@ class BenchOptions:
     problems_file: Path | None = None  # a HumanEval-format .jsonl(.gz) instead of the package's
     on_warning: Callable[[str], None] | None = None
     stream: Any = None  # where the progress goes (default stderr)
-    engine: str = "local"  # or "ray"
+    engine: str = "threads"  # or "ray"
     ray_address: str | None = None
     max_cost_usd: float | None = None
 
@@ -338,7 +338,7 @@ def humaneval_batch(options: BenchOptions) -> BatchOptions:
         scorer="code",
         keep=("task_id",),
         workers=options.workers,
-        engine="ray" if options.engine == "ray" else "local",
+        engine="ray" if options.engine == "ray" else "threads",
         ray_address=options.ray_address,
         max_cost_usd=options.max_cost_usd,
         backend=options.backend,

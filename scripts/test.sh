@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh --local
+bash scripts/setup.sh --embedded
 bash scripts/ensure-docker.sh
 bash scripts/setup-observe.sh  # chromium (report tests), Arize Phoenix (OTLP receiver)
 

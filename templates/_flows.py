@@ -98,14 +98,13 @@ async def flow_ensemble(
         flow, args, run.state
     )  # checked once, before any sample runs
     if task is None:
-        lines = [f"Run flow {flow.NAME!r} on:"]
-        lines += [f"- {name}: {as_text(value)}" for name, value in state.items()]
-        task = "\n".join(lines)
+        arguments = [f"- {name}: {as_text(value)}" for name, value in state.items()]
+        task = run.prompt("flow_task", flow=flow.NAME, arguments="\n".join(arguments))
     else:
         task = render(task, run.state)
     samples = [_run_on(run, flow, copy.deepcopy(state)) for _ in range(n)]
     answers = await run.gather(*(_labelled(s, sample=i) for i, s in enumerate(samples)))
-    labels = [f"candidate {i}" for i in range(1, n + 1)]
+    labels = [run.prompt("candidate_label", number=i) for i in range(1, n + 1)]
     return await run._decide(
         "ensemble", task, answers, labels, vote=vote, judge=judge, vote_on=vote_on
     )

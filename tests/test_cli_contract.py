@@ -174,7 +174,7 @@ def _ok_run(tmp: Path, server: LLMTestServer) -> Path:
         "--input",
         write_json(tmp / "in.json", QUESTION),
         "--sandbox",
-        "local",
+        "unisolated",
         "--llm",
         server.base_url,
         "--run-dir",
@@ -198,7 +198,7 @@ SUCCESS: dict[str, Case] = {
         "--input",
         str(write_json(t / "in.json", QUESTION)),
         "--sandbox",
-        "local",
+        "unisolated",
         "--llm",
         s.base_url,
         "--run-dir",
@@ -209,7 +209,7 @@ SUCCESS: dict[str, Case] = {
         "rectify",
         str(_ok_run(t, s)),
         "--sandbox",
-        "local",
+        "unisolated",
         "--llm",
         s.base_url,
         "--no-llm",
@@ -231,7 +231,7 @@ FAILURE: dict[str, tuple[Case, int, str]] = {
             "--input",
             str(write_json(t / "in.json", {"q": 1})),
             "--sandbox",
-            "local",
+            "unisolated",
             "--llm",
             s.base_url,
         ],
@@ -369,7 +369,7 @@ def test_run_reads_its_input_from_stdin_and_keeps_stdout_for_the_result(
     proc = subprocess.run(
         [
             *(sys.executable, "-m", "mas2c.cli", "run", str(build), "--input", "-"),
-            *("--sandbox", "local", "--llm", llm_server.base_url, "--run-dir", str(tmp_path / "r")),
+            *("--sandbox", "unisolated", "--llm", llm_server.base_url, "--run-dir", str(tmp_path / "r")),
         ],
         input=json.dumps(QUESTION),
         capture_output=True,
@@ -395,10 +395,10 @@ def test_every_module_error_is_in_the_tree() -> None:
         bench,
         compile,
         configure,
+        embedded,
         gateway,
         generate,
         llm,
-        local,
         rectify,
         run,
         sandbox,
@@ -415,7 +415,7 @@ def test_every_module_error_is_in_the_tree() -> None:
         gateway.GatewayError,
         generate.GenerateError,
         llm.LLMError,
-        local.LocalModelError,
+        embedded.EmbeddedModelError,
         rectify.RectifyError,
         run.RunError,
         run.BadInput,
@@ -466,7 +466,7 @@ def test_run_of_a_build_imports_neither_the_compiler_nor_pydantic(
     build = _built(tmp_path)
     modules = tmp_path / "modules.json"
     argv = ["run", str(build), "--input", str(write_json(tmp_path / "in.json", QUESTION))]
-    argv += ["--sandbox", "local", "--llm", llm_server.base_url, "--run-dir", str(tmp_path / "r")]
+    argv += ["--sandbox", "unisolated", "--llm", llm_server.base_url, "--run-dir", str(tmp_path / "r")]
     proc = subprocess.run(
         [sys.executable, "-c", _PROBE, str(modules), *argv],
         capture_output=True,

@@ -3,7 +3,7 @@
 The receiver is Arize Phoenix (PyPI `arize-phoenix`, installed by
 scripts/setup-observe.sh into `.venv-phoenix`), started on loopback ports for this
 module and stopped after it. The run is a real one (the hierarchical example in the
-local sandbox, against the loopback LLM server, traced with
+unisolated sandbox, against the loopback LLM server, traced with
 content). The test reads the spans back from Phoenix's REST API and compares them
 with the run folder: same trace id, same span ids, same parents, and the GenAI
 attributes the trace recorded.
@@ -111,7 +111,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ROOT / "specs" / "hierarchical.yaml",
             root / "in.json",
             root / "run",
-            backend="local",
+            backend="unisolated",
             llm=LLMConfig(url=srv.base_url, api_key="sk-never-exported-12345"),
             on_warning=lambda _m: None,
             trace_content=True,

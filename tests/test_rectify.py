@@ -167,9 +167,9 @@ def test_input_spec_untouched_and_write_beside_it(server: LLMTestServer, tmp_pat
     llm = LLMConfig(url=server.base_url, api_key="test")
     run_dir = tmp_path / "run"
     run_system(
-        spec_path, fault.input, run_dir, backend="local", llm=llm, on_warning=lambda _m: None
+        spec_path, fault.input, run_dir, backend="unisolated", llm=llm, on_warning=lambda _m: None
     )
-    outcome = rectify(run_dir, spec_path=spec_path, write=True, llm=llm, backend="local")
+    outcome = rectify(run_dir, spec_path=spec_path, write=True, llm=llm, backend="unisolated")
     assert outcome.status == "fixed"
     assert (spec_path.read_bytes(), spec_path.stat().st_mtime_ns) == before
     written = tmp_path / "system.rectified.yaml"
@@ -186,8 +186,8 @@ def test_without_write_nothing_is_written_beside_the_spec(
     spec_path = tmp_path / "system.yaml"
     spec_path.write_bytes(fault.spec.read_bytes())
     llm = LLMConfig(url=server.base_url, api_key="test")
-    run_system(spec_path, fault.input, tmp_path / "run", backend="local", llm=llm)
-    outcome = rectify(tmp_path / "run", spec_path=spec_path, llm=llm, backend="local")
+    run_system(spec_path, fault.input, tmp_path / "run", backend="unisolated", llm=llm)
+    outcome = rectify(tmp_path / "run", spec_path=spec_path, llm=llm, backend="unisolated")
     assert outcome.status == "fixed" and outcome.written is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "system.yaml"]
 
@@ -296,10 +296,10 @@ def test_a_successful_run_needs_nothing(server: LLMTestServer, tmp_path: Path) -
         ROOT / "specs" / "chain-of-thought.yaml",
         _input(tmp_path),
         tmp_path / "run",
-        backend="local",
+        backend="unisolated",
         llm=llm,
     )
-    outcome = rectify(tmp_path / "run", llm=llm, backend="local")
+    outcome = rectify(tmp_path / "run", llm=llm, backend="unisolated")
     assert outcome.status == "nothing_to_do" and outcome.ok and outcome.rounds == []
     assert read_json(tmp_path / "run" / "rectify" / "summary.json")["status"] == "nothing_to_do"
 
@@ -317,10 +317,10 @@ def test_cli_rectify(server: LLMTestServer, tmp_path: Path) -> None:
     fault = FAULTS["missing-import-re"]
     llm = LLMConfig(url=server.base_url, api_key="test")
     run_dir = tmp_path / "run"
-    run_system(fault.spec, fault.input, run_dir, backend="local", llm=llm)
+    run_system(fault.spec, fault.input, run_dir, backend="unisolated", llm=llm)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "mas2c.cli", "rectify", str(run_dir), "--sandbox", "local",
+        [sys.executable, "-m", "mas2c.cli", "rectify", str(run_dir), "--sandbox", "unisolated",
          "--llm", server.base_url, "--no-llm", "--json", "--write"],
         capture_output=True, text=True, env={**env, "OPENAI_API_KEY": "test"}, timeout=300,
     )  # fmt: skip
@@ -337,7 +337,7 @@ def test_cli_rectify(server: LLMTestServer, tmp_path: Path) -> None:
     )  # fmt: skip
     assert usage.returncode == 2 and "no such file" in usage.stderr
     not_a_run = subprocess.run(
-        [sys.executable, "-m", "mas2c.cli", "rectify", str(tmp_path), "--sandbox", "local"],
+        [sys.executable, "-m", "mas2c.cli", "rectify", str(tmp_path), "--sandbox", "unisolated"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert not_a_run.returncode == 1 and "not a run folder" in not_a_run.stderr
@@ -367,7 +367,7 @@ def test_solve_rectifies_a_failing_first_run(server: LLMTestServer, tmp_path: Pa
         input_path,
         tmp_path / "solve",
         llm=LLMConfig(url=server.base_url, api_key="test"),
-        backend="local",
+        backend="unisolated",
     )
     assert outcome.status == "ok" and outcome.answer is not None
     assert outcome.answer["words"] == 3

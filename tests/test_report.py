@@ -1,6 +1,6 @@
 """`mas2c report`: the HTML page, opened in real headless Chromium.
 
-Run folders come from real runs (the compiled examples in the local sandbox against
+Run folders come from real runs (the compiled examples in the unisolated sandbox against
 the loopback LLM server; a real `solve` whose first run fails and is rectified). The
 page is loaded by Chromium (`--dump-dom`, then a screenshot kept under
 ``$MAS2C_TEST_ARTIFACTS`` or the test's temp dir), and the DOM Chromium built is
@@ -153,7 +153,7 @@ class Dom(HTMLParser):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The hierarchical and debate examples, run in the local sandbox (50 ms per call)."""
+    """The hierarchical and debate examples, run in the unisolated sandbox (50 ms per call)."""
     root = tmp_path_factory.mktemp("runs")
     for name, inputs in INPUTS.items():
         (root / f"{name}.json").write_text(json.dumps(inputs))
@@ -162,7 +162,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 ROOT / "specs" / f"{name}.yaml",
                 root / f"{name}.json",
                 root / name,
-                backend="local",
+                backend="unisolated",
                 llm=LLMConfig(url=srv.base_url, api_key="sk-secret-test-key"),
                 on_warning=lambda _m: None,
                 trace_content=name == "debate",
@@ -239,7 +239,7 @@ def solved(tmp_path_factory: pytest.TempPathFactory) -> Path:
             root / "in.json",
             root / "solve",
             llm=LLMConfig(url=srv.base_url, api_key="test"),
-            backend="local",
+            backend="unisolated",
         )
     assert outcome.status == "ok"
     return root / "solve"

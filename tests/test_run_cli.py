@@ -1,7 +1,7 @@
 """`mas2c run` through the command line, against the loopback test LLM server.
 
 Each test runs the real CLI in a subprocess (`python -m mas2c.cli run ...`), in the
-local sandbox and (marked `docker`) in the Docker sandbox, and reads the run folder
+unisolated sandbox and (marked `docker`) in the Docker sandbox, and reads the run folder
 it leaves. The API key is given to the CLI only; the tests check that it reaches the
 upstream server and nothing on the sandbox side: not the program's environment, not
 /proc inside the container, not any file of the run folder, not the cassette.
@@ -155,7 +155,7 @@ def _leftovers(run_ids: set[Any]) -> list[str]:
 
 
 BACKENDS = [
-    pytest.param("local", id="local"),
+    pytest.param("unisolated", id="unisolated"),
     pytest.param("docker", id="docker", marks=pytest.mark.docker),
 ]
 
@@ -280,7 +280,7 @@ def test_api_key_reaches_the_upstream_and_never_the_sandbox(
     assert "OPENAI_API_KEY" not in env_inside and "MAS2C_TEST_HOST_ONLY" not in env_inside
     assert not any(SECRET in value for value in env_inside.values())
     assert "MAS2C_LLM_SOCKET" in env_inside
-    if backend == "docker":  # the local backend shares /proc with the host (and the CLI)
+    if backend == "docker":  # the unisolated backend shares /proc with the host (and the CLI)
         assert probe["proc_hits"] == []
         assert probe["uid"] != 0
     assert files_containing(run_dir, SECRET) == []
@@ -354,7 +354,7 @@ def test_replay_miss_is_a_clean_failure(tmp_path: Path) -> None:
             "--run-dir",
             tmp_path / "rec",
             "--sandbox",
-            "local",
+            "unisolated",
             "--llm",
             server.base_url,
             "--record",
@@ -371,7 +371,7 @@ def test_replay_miss_is_a_clean_failure(tmp_path: Path) -> None:
         "--run-dir",
         tmp_path / "miss",
         "--sandbox",
-        "local",
+        "unisolated",
         "--replay",
         cassette,
         cwd=tmp_path,
@@ -394,7 +394,7 @@ def test_replay_miss_is_a_clean_failure(tmp_path: Path) -> None:
         "--input",
         other,
         "--sandbox",
-        "local",
+        "unisolated",
         "--replay",
         tmp_path / "nope.jsonl",
         cwd=tmp_path,
@@ -407,7 +407,7 @@ def test_replay_miss_is_a_clean_failure(tmp_path: Path) -> None:
         "--input",
         other,
         "--sandbox",
-        "local",
+        "unisolated",
         "--replay",
         other,
         cwd=tmp_path,
@@ -468,7 +468,7 @@ def test_gateway_enforces_the_budget_when_the_program_does_not(
         "--run-dir",
         run_dir,
         "--sandbox",
-        "local",
+        "unisolated",
         "--llm",
         llm_server.base_url,
         cwd=tmp_path,
@@ -571,8 +571,8 @@ def run_args(
     *extra: str | Path,
     llm: str = "http://127.0.0.1:9/v1",
 ) -> list[str | Path]:
-    """`mas2c run` in the local sandbox (by default with an endpoint nothing listens on)."""
-    return ["run", target, "--input", input_path, "--sandbox", "local", "--llm", llm, *extra]
+    """`mas2c run` in the unisolated sandbox (by default with an endpoint nothing listens on)."""
+    return ["run", target, "--input", input_path, "--sandbox", "unisolated", "--llm", llm, *extra]
 
 
 def test_missing_input_file_exits_2(tmp_path: Path) -> None:

@@ -225,7 +225,7 @@ def test_a_hostile_folder_makes_no_file_outside_it_through_the_cli(tmp_path: Pat
     folder = write_folder(tmp_path / "run", trace=[checkpoint(key)])
     before = sorted(p.name for p in tmp_path.iterdir())
     proc = mas2c(
-        "rectify", folder, "--sandbox", "local", "--no-llm", "--llm", "http://127.0.0.1:9",
+        "rectify", folder, "--sandbox", "unisolated", "--no-llm", "--llm", "http://127.0.0.1:9",
         cwd=tmp_path, env=cli_env(OPENAI_API_KEY="x"), inprocess=True,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
@@ -554,7 +554,7 @@ def test_a_hostile_input_json_is_a_clear_error(tmp_path: Path, content: bytes) -
     folder = write_folder(tmp_path / "run")
     (folder / "input.json").write_bytes(content)
     proc = mas2c(
-        "rectify", folder, "--sandbox", "local", "--no-llm", "--llm", "http://127.0.0.1:9",
+        "rectify", folder, "--sandbox", "unisolated", "--no-llm", "--llm", "http://127.0.0.1:9",
         cwd=tmp_path, env=cli_env(OPENAI_API_KEY="x"), inprocess=True,
     )  # fmt: skip
     assert proc.returncode == 1 and "input.json" in proc.stderr, proc.stderr

@@ -27,6 +27,7 @@ import pytest
 from conftest import load_runtime
 
 from mas2c.compile import runtime_files
+from mas2c.lang.prompts import BUILTIN_PROMPTS
 from mas2c.testserver import ChatRequest, LLMTestServer, Reply, ReplyLike, Script, ToolCall
 
 RUNTIME = Path(__file__).resolve().parents[1] / "templates" / "_runtime.py"
@@ -114,7 +115,8 @@ from .workflow import Workflow
 
 SPEC = SpecInfo(name="t", sha256="0", inputs={inputs!r}, outputs={outputs!r},
                 budgets=Budgets(**{budgets!r}),
-                tool_code={{t: ToolCode(*where) for t, where in {tool_code!r}.items()}})
+                tool_code={{t: ToolCode(*where) for t, where in {tool_code!r}.items()}},
+                prompts={prompts!r})
 
 
 def run() -> int:
@@ -179,6 +181,8 @@ class Pkg:
         spec.setdefault("outputs", {})
         spec.setdefault("budgets", {})
         spec.setdefault("tool_code", tool_code_table(HEADER + TOOLS_PY))
+        # The built-in prompts, as a compiled package's _tables.PROMPTS carries them.
+        spec.setdefault("prompts", {n: p.text for n, p in BUILTIN_PROMPTS.items()})
         (pkg / "__main__.py").write_text(HEADER + MAIN_PY.format(**spec))
 
     def popen(self, inputs: Any, env: dict[str, str]) -> subprocess.Popen[str]:

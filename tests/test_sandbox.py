@@ -1,4 +1,4 @@
-"""Tests of mas2c.sandbox: real Docker runs (marked `docker`) and the local backend.
+"""Tests of mas2c.sandbox: real Docker runs (marked `docker`) and the unisolated backend.
 
 The program under test is a tiny hand-written package whose behaviour is chosen by
 its input JSON (echo, flood stdout, sleep, allocate, fork, touch the network, ...).
@@ -58,7 +58,7 @@ def main():
             child = subprocess.Popen(["sleep", "1000"])
             print("child", child.pid, flush=True)
         print("sleeping", flush=True)
-        if req.get("marker"):  # local backend: tells the test the program is running
+        if req.get("marker"):  # unisolated backend: tells the test the program is running
             with open(req["marker"], "w") as f:
                 f.write(str(os.getpid()))
         while True:
@@ -330,8 +330,8 @@ ALLOWED_ENV = {
     "PYTHONDONTWRITEBYTECODE",
     "PYTHONUNBUFFERED",
     "HOSTNAME",  # set by Docker itself (the container's hostname)
-    "MALLOC_ARENA_MAX",  # local backend: keeps RLIMIT_AS usable with threads
-    "MAS2C_SANDBOX_RUN",  # local backend: marks the run's processes for the final sweep
+    "MALLOC_ARENA_MAX",  # unisolated backend: keeps RLIMIT_AS usable with threads
+    "MAS2C_SANDBOX_RUN",  # unisolated backend: marks the run's processes for the final sweep
 }
 
 
@@ -359,7 +359,7 @@ def _run(
     package: Path,
     tmp_path: Path,
     request: dict[str, Any],
-    backend: Literal["docker", "local"],
+    backend: Literal["docker", "unisolated"],
     **kwargs: Any,
 ) -> Run:
     input_path = tmp_path / "input.json"
@@ -751,7 +751,7 @@ def test_docker_unreachable_daemon_is_a_clear_error(
         _run(package, tmp_path, {"action": "echo"}, "docker")
     message = str(info.value)
     assert "not reachable" in message and "unix:///nonexistent/docker.sock" in message
-    assert "dockerd" in message and "--sandbox local" in message
+    assert "dockerd" in message and "--sandbox unisolated" in message
     assert "Traceback" not in message
     run_dir = tmp_path / "run-docker"
     _assert_run_folder_complete(run_dir)
@@ -913,9 +913,9 @@ def test_docker_deep_result_is_an_error_not_a_crash(
 
 def test_result_depth_limit_boundary(package: Path, tmp_path: Path) -> None:
     depth = sandbox.RESULT_MAX_DEPTH
-    ok = _run(package, tmp_path, {"action": "deep", "n": depth - 1}, "local")
+    ok = _run(package, tmp_path, {"action": "deep", "n": depth - 1}, "unisolated")
     assert ok.result["status"] == "ok"  # the object plus depth-1 lists: exactly the limit
-    deep = _run(package, tmp_path, {"action": "deep", "n": depth}, "local")
+    deep = _run(package, tmp_path, {"action": "deep", "n": depth}, "unisolated")
     assert deep.result["status"] == "error" and "nested deeper" in deep.result["error"]["message"]
 
 
@@ -1143,12 +1143,12 @@ def test_pool_leaves_nothing_after_exit_or_sigkill(dock: None, tmp_path: Path) -
         client.close()
 
 
-# ----------------------------------------------------------------------- local
+# ------------------------------------------------------------------ unisolated
 
 
-def test_local_echo_warns_it_does_not_isolate(package: Path, tmp_path: Path) -> None:
+def test_unisolated_echo_warns_it_does_not_isolate(package: Path, tmp_path: Path) -> None:
     warnings: list[str] = []
-    run = _run(package, tmp_path, {"action": "echo"}, "local", on_warning=warnings.append)
+    run = _run(package, tmp_path, {"action": "echo"}, "unisolated", on_warning=warnings.append)
     assert run.result["echo"] == {"action": "echo"}
     assert any("does NOT isolate" in w for w in warnings)
     assert run.report.isolation == "none" and run.report.image is None
@@ -1156,16 +1156,16 @@ def test_local_echo_warns_it_does_not_isolate(package: Path, tmp_path: Path) -> 
     _assert_run_folder_complete(run.dir)
 
 
-def test_local_environment_is_scrubbed(secret_env: None, package: Path, tmp_path: Path) -> None:
-    run = _run(package, tmp_path, {"action": "env"}, "local", env={"MAS2C_EXTRA": "yes"})
+def test_unisolated_environment_is_scrubbed(secret_env: None, package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "env"}, "unisolated", env={"MAS2C_EXTRA": "yes"})
     env = run.result["env"]
     assert "OPENAI_API_KEY" not in env and "MAS2C_TEST_HOST_ONLY" not in env
     assert set(env) <= ALLOWED_ENV | {"MAS2C_EXTRA"}
 
 
-def test_local_timeout_kills_process_group(package: Path, tmp_path: Path) -> None:
+def test_unisolated_timeout_kills_process_group(package: Path, tmp_path: Path) -> None:
     run = _run(
-        package, tmp_path, {"action": "sleep", "child": True}, "local", limits=Limits(timeout_s=1.5)
+        package, tmp_path, {"action": "sleep", "child": True}, "unisolated", limits=Limits(timeout_s=1.5)
     )
     assert run.report.timed_out and run.report.exit_code == 137
     assert run.result["error"]["type"] == "Timeout"
@@ -1173,38 +1173,38 @@ def test_local_timeout_kills_process_group(package: Path, tmp_path: Path) -> Non
     assert _process_gone(child)
 
 
-def test_local_output_flood_is_truncated(package: Path, tmp_path: Path) -> None:
+def test_unisolated_output_flood_is_truncated(package: Path, tmp_path: Path) -> None:
     run = _run(
         package,
         tmp_path,
         {"action": "flood", "mb": 5},
-        "local",
+        "unisolated",
         limits=Limits(output_cap_bytes=1000),
     )
     assert (run.dir / "stdout.txt").stat().st_size == 1000
     assert run.report.stdout_truncated and not run.report.stderr_truncated
 
 
-def test_local_memory_limit(package: Path, tmp_path: Path) -> None:
-    run = _run(package, tmp_path, {"action": "memory"}, "local", limits=Limits(memory_mb=256))
+def test_unisolated_memory_limit(package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "memory"}, "unisolated", limits=Limits(memory_mb=256))
     assert run.report.oom_killed and run.report.exit_code != 0
     assert run.result["error"]["type"] == "OOMKilled"
 
 
-def test_local_failed_program_still_leaves_a_result(package: Path, tmp_path: Path) -> None:
-    run = _run(package, tmp_path, {"action": "exit", "code": 5}, "local")
+def test_unisolated_failed_program_still_leaves_a_result(package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "exit", "code": 5}, "unisolated")
     assert run.report.exit_code == 5
     assert run.result["status"] == "error" and "code 5" in run.result["error"]["message"]
     _assert_run_folder_complete(run.dir)  # no temp or staging files left
 
 
-def test_local_llm_socket_path_is_passed(package: Path, tmp_path: Path) -> None:
+def test_unisolated_llm_socket_path_is_passed(package: Path, tmp_path: Path) -> None:
     with _echo_socket() as path:
-        run = _run(package, tmp_path, {"action": "socket"}, "local", llm_socket=path)
+        run = _run(package, tmp_path, {"action": "socket"}, "unisolated", llm_socket=path)
     assert run.result.get("reply") == "pong:ping", run.text("stderr.txt")
 
 
-def test_local_interrupt_kills_and_reports(package: Path, tmp_path: Path) -> None:
+def test_unisolated_interrupt_kills_and_reports(package: Path, tmp_path: Path) -> None:
     main_thread = threading.main_thread().ident
     assert main_thread is not None
     # A folder the program can write to also when it runs as nobody (mas2c as root).
@@ -1226,11 +1226,11 @@ def test_local_interrupt_kills_and_reports(package: Path, tmp_path: Path) -> Non
             package,
             tmp_path,
             {"action": "sleep", "child": True, "marker": str(marker)},
-            "local",
+            "unisolated",
             limits=Limits(timeout_s=60),
         )
     assert fired.is_set() and marker.exists()
-    run_dir = tmp_path / "run-local"
+    run_dir = tmp_path / "run-unisolated"
     _assert_run_folder_complete(run_dir)
     assert json.loads((run_dir / "sandbox.json").read_text())["interrupted"] is True
     child = int((run_dir / "stdout.txt").read_text().split()[1])
@@ -1238,10 +1238,10 @@ def test_local_interrupt_kills_and_reports(package: Path, tmp_path: Path) -> Non
     shutil.rmtree(marker_dir)
 
 
-def test_local_setsid_grandchild_is_killed(package: Path, tmp_path: Path) -> None:
+def test_unisolated_setsid_grandchild_is_killed(package: Path, tmp_path: Path) -> None:
     """A program that leaves its session (setsid) and its tree (double fork) still
     leaves nothing running."""
-    run = _run(package, tmp_path, {"action": "setsid_child"}, "local")
+    run = _run(package, tmp_path, {"action": "setsid_child"}, "unisolated")
     assert run.result["status"] == "ok", run.text("stderr.txt")
     assert _process_gone(run.result["grandchild"])
 
@@ -1249,10 +1249,10 @@ def test_local_setsid_grandchild_is_killed(package: Path, tmp_path: Path) -> Non
 @pytest.mark.skipif(
     os.geteuid() != 0 and os.environ.get("CI") != "true", reason="needs root (CI runs as root)"
 )
-def test_local_as_root_runs_the_program_as_nobody(package: Path, tmp_path: Path) -> None:
-    run = _run(package, tmp_path, {"action": "filesystem"}, "local")
-    assert run.result["uid"] == sandbox.LOCAL_UNPRIVILEGED_UID
-    assert run.report.uid == sandbox.LOCAL_UNPRIVILEGED_UID
+def test_unisolated_as_root_runs_the_program_as_nobody(package: Path, tmp_path: Path) -> None:
+    run = _run(package, tmp_path, {"action": "filesystem"}, "unisolated")
+    assert run.result["uid"] == sandbox.UNISOLATED_UID
+    assert run.report.uid == sandbox.UNISOLATED_UID
     assert run.result["write"]["etc"] == "Permission denied"
 
 
@@ -1262,18 +1262,18 @@ def test_local_as_root_runs_the_program_as_nobody(package: Path, tmp_path: Path)
 def test_bad_package_is_a_clear_error(package: Path, tmp_path: Path) -> None:
     (tmp_path / "in.json").write_text("{}")
     with pytest.raises(SandboxError, match="compiled package"):
-        run_package(tmp_path, "demo_mod", tmp_path / "in.json", tmp_path / "run", backend="local")
+        run_package(tmp_path, "demo_mod", tmp_path / "in.json", tmp_path / "run", backend="unisolated")
     with pytest.raises(SandboxError, match="invalid module name"):
-        run_package(package, "demo-mod", tmp_path / "in.json", tmp_path / "run", backend="local")
+        run_package(package, "demo-mod", tmp_path / "in.json", tmp_path / "run", backend="unisolated")
     with pytest.raises(SandboxError, match="does not exist"):
-        run_package(package, "demo_mod", tmp_path / "nope.json", tmp_path / "run", backend="local")
+        run_package(package, "demo_mod", tmp_path / "nope.json", tmp_path / "run", backend="unisolated")
     with pytest.raises(SandboxError, match="invalid sandbox limits"):
         run_package(
             package,
             "demo_mod",
             tmp_path / "in.json",
             tmp_path / "run",
-            backend="local",
+            backend="unisolated",
             limits=Limits(timeout_s=0),
         )
     result = json.loads((tmp_path / "run" / "result.json").read_text())
@@ -1290,7 +1290,7 @@ def test_cli_status_without_daemon(monkeypatch: pytest.MonkeyPatch, capsys: Any)
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     assert sandbox.main(["status"]) == 1
     out = json.loads(capsys.readouterr().out)
-    assert out["backends"] == {"docker": False, "local": True}
+    assert out["backends"] == {"docker": False, "unisolated": True}
 
 
 # --------------------------------------------------------------------- helpers

@@ -2,7 +2,7 @@
 
 Every command runs in a subprocess (`python -m mas2c.cli ...`) against the loopback
 test LLM server, whose script tells the meta-agents' requests (matched by their system
-prompts) from the compiled program's. `solve` runs end to end in the local sandbox and
+prompts) from the compiled program's. `solve` runs end to end in the unisolated sandbox and
 (marked `docker`) in the Docker sandbox; Docker tests fail instead of skipping when
 CI=true and the daemon or image is missing.
 """
@@ -100,7 +100,7 @@ def _leftovers() -> list[Any]:
 
 
 BACKENDS = [
-    pytest.param("local", id="local"),
+    pytest.param("unisolated", id="unisolated"),
     pytest.param("docker", id="docker", marks=pytest.mark.docker),
 ]
 
@@ -136,7 +136,7 @@ def solve_cli(
     input_path: Path,
     server: LLMTestServer | None,
     *extra: str | Path,
-    backend: str = "local",
+    backend: str = "unisolated",
     task: str = TASK,
     env: dict[str, str] | None = None,
     inprocess: bool = False,
@@ -335,7 +335,7 @@ def test_solve_binds_unbound_slots(
         "--run-dir",
         tmp_path / "pooled",
         "--sandbox",
-        "local",
+        "unisolated",
         "--llm",
         llm_server.base_url,
         "--pool",
@@ -430,7 +430,7 @@ def test_solve_unreachable_endpoint_is_a_clean_failure(question: Path, tmp_path:
         "--run-dir",
         tmp_path / "solve",
         "--sandbox",
-        "local",
+        "unisolated",
         "--llm",
         "http://127.0.0.1:9/v1",
         "--max-repairs",

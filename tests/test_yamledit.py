@@ -138,9 +138,9 @@ def test_rectify_write_keeps_every_comment_and_key_and_its_patch_applies(tmp_pat
     (tmp_path / "in.json").write_text(json.dumps({"text": "One two three."}))
     with LLMTestServer() as server:
         llm = LLMConfig(url=server.base_url, api_key="test")
-        run_system(spec_path, tmp_path / "in.json", tmp_path / "run", backend="local", llm=llm)
+        run_system(spec_path, tmp_path / "in.json", tmp_path / "run", backend="unisolated", llm=llm)
         outcome = rectify(
-            tmp_path / "run", spec_path=spec_path, write=True, llm=llm, backend="local"
+            tmp_path / "run", spec_path=spec_path, write=True, llm=llm, backend="unisolated"
         )
     assert outcome.status == "fixed" and outcome.written == tmp_path / "system.rectified.yaml"
     assert spec_path.read_text() == COMMENTED  # the input spec is never modified

@@ -17,6 +17,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from mas2c.lang.prompts import Prompts
+
 NAME_PATTERN = r"^[a-z][a-z0-9_-]*$"
 ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -964,6 +966,9 @@ class Spec(_Strict):
     )
     budgets: Budgets = Field(
         Budgets(), description="Limits of one run: LLM calls, tokens, cost, wall-clock seconds."
+    )
+    prompts: Prompts | None = Field(
+        None, description="Overrides of the built-in prompts the runtime sends (by name)."
     )
 
     @model_validator(mode="before")

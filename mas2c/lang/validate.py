@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from mas2c import toolcode, values
 from mas2c.errors import InvalidInput
 from mas2c.lang import expr
+from mas2c.lang.prompts import BUILTIN_PROMPTS
 from mas2c.lang.source import (
     Position,
     SourceError,
@@ -86,6 +87,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS308": "a condition compares a value with a constant outside its enum",
     "MAS309": "a condition compares values of different JSON types (a number with a string)",
     "MAS310": "an input or variable is named like a condition constant (none, true, false, null)",
+    "MAS311": "a built-in prompt override uses a placeholder that is not one of the prompt's slots",
     "MAS401": "tool code does not parse",
     "MAS402": "tool code does not define a function named like the tool",
     "MAS403": "a tool needs exactly one of `builtin` and `code`",
@@ -104,6 +106,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS904": "tool code uses a standard-library name it does not import; the hint is the import (warning)",
     "MAS905": "tool code defines a function named like another tool (warning)",
     "MAS906": "a flow no step runs (warning)",
+    "MAS907": "a built-in prompt override drops the slot that carries the prompt's data (warning)",
 }
 
 
@@ -453,6 +456,51 @@ class _Checker:
         scope = self._steps(spec.workflow, "/workflow", scope)
         self._check_outputs(spec, scope)
         self._check_unused(spec)
+        self._check_prompts(spec)
+
+    def _check_prompts(self, spec: Spec) -> None:
+        """Overrides of built-in prompts: only the prompt's own slots, well formed (MAS311,
+        MAS302), and a warning when the slot carrying its data is gone (MAS907)."""
+        given = spec.prompts.model_dump(exclude_none=True) if spec.prompts is not None else {}
+        for name, text in sorted(given.items()):
+            builtin = BUILTIN_PROMPTS[name]
+            pointer = f"/prompts/{name}"
+            slots = sorted(builtin.slots)
+            used: set[str] = set()
+            for ph in expr.placeholders(text):
+                position = position_in_value(self.source, pointer, ph.offset)
+                if ph.literal is not None:
+                    continue
+                if ph.error is not None:
+                    self.add(
+                        "MAS302",
+                        pointer,
+                        f"malformed placeholder {ph.text!r}: {ph.error}",
+                        "slots are written {{ slot }} (filters too: {{ slot | json }})",
+                        position=position,
+                    )
+                    continue
+                used.add(ph.root)
+                if ph.root not in builtin.slots or len(ph.path) > 1:
+                    self.add(
+                        "MAS311",
+                        pointer,
+                        f"prompt `{name}` has no slot {ph.text!r}: its slots are "
+                        + (", ".join(f"{{{{ {s} }}}}" for s in slots) or "none"),
+                        did_you_mean(ph.root, slots)
+                        or "state variables are not available in built-in prompts",
+                        position=position,
+                    )
+            for slot in builtin.carries:
+                if slot not in used:
+                    self.add(
+                        "MAS907",
+                        pointer,
+                        f"prompt `{name}` no longer uses {{{{ {slot} }}}} "
+                        f"({builtin.slots[slot]}): the model will not see it",
+                        f"add {{{{ {slot} }}}} where it belongs",
+                        severity="warning",
+                    )
 
     def _check_agent(self, agent_id: str, agent: Agent) -> None:
         here = f"/agents/{escape_token(agent_id)}"

@@ -1538,7 +1538,7 @@ def rectify(
     client: Any = None,
     llm: LLMConfig | None = None,
     upstream: Any = None,
-    backend: Literal["docker", "local"] = "docker",
+    backend: Literal["docker", "unisolated", "local"] = "docker",
     limits: Any = None,
     loosen: Any = None,
     image: str | None = None,

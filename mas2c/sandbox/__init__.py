@@ -16,9 +16,10 @@ Two backends:
   the daemon when it ends (``auto_remove``), by mas2c in all cases (also Ctrl-C),
   and, if mas2c itself was SIGKILLed, at once (its attach stream closes, the init
   exits) or at its deadline; :func:`reap` removes what is past its deadline.
-* ``local``: the same runner as a subprocess in a temp dir with rlimits, a scrubbed
-  environment, its own session and subreaper; as root the program runs as
-  ``nobody`` (65534). It does NOT isolate, and says so.
+* ``unisolated`` (was ``local``, still accepted with a warning): the same runner as a
+  subprocess in a temp dir with rlimits, a scrubbed environment, its own session and
+  subreaper; as root the program runs as ``nobody`` (65534). It does NOT isolate, and
+  says so.
 
 Both write the same run folder: ``result.json``, ``trace.jsonl``, ``stdout.txt``,
 ``stderr.txt`` and ``sandbox.json``, each written atomically (temp file in the same
@@ -76,8 +77,13 @@ DEBIAN_SUITE = "bookworm"
 CONTAINER_SOCKET_DIR = "/run/mas2c"
 CONTAINER_SOCKET = f"{CONTAINER_SOCKET_DIR}/llm.sock"
 SANDBOX_UID = 1000
-#: The user the local backend runs the program as when mas2c runs as root.
-LOCAL_UNPRIVILEGED_UID = 65534
+#: The user the unisolated backend runs the program as when mas2c runs as root.
+UNISOLATED_UID = 65534
+LOCAL_UNPRIVILEGED_UID = UNISOLATED_UID  # the pre-`unisolated` name (one version)
+#: The sandbox backends, and the old spellings accepted for one version (with a warning).
+Backend = Literal["docker", "unisolated"]
+BACKENDS: tuple[Backend, ...] = ("docker", "unisolated")
+DEPRECATED_BACKENDS: dict[str, Backend] = {"local": "unisolated"}
 LABEL = "mas2c"
 #: Label holding the container's deadline (Unix time): past it, :func:`reap` removes it.
 DEADLINE_LABEL = f"{LABEL}.deadline"
@@ -111,7 +117,7 @@ _NOFILE = 1024
 _TMPFS_INODES = 16384
 _DAEMON_FIX = (
     "start it with `dockerd &` (or scripts/ensure-docker.sh), "
-    "or use --sandbox local (which does not isolate)"
+    "or use --sandbox unisolated (which does not isolate)"
 )
 _BUILD_FIX = "build it with `mas2c sandbox build` (or scripts/ensure-docker.sh)"
 #: How long a fresh container may take to start and import the runtime before its job.
@@ -212,10 +218,10 @@ class SandboxReport:
     stdout_truncated: bool
     stderr_truncated: bool
     interrupted: bool = False
-    #: "container" (docker) or "none" (local: the program is not isolated).
+    #: "container" (docker) or "none" (unisolated: the program is not isolated).
     isolation: str = "container"
     run_id: str = ""
-    #: The container runtime (docker: "runc", "runsc", ...; local: None).
+    #: The container runtime (docker: "runc", "runsc", ...; unisolated: None).
     runtime: str | None = None
     #: Run-folder files cut at their cap (out.json, trace.jsonl, stdout.txt, stderr.txt).
     truncated: list[str] = field(default_factory=list)
@@ -225,7 +231,7 @@ class SandboxReport:
     #: The uid the program ran as.
     uid: int | None = None
     #: "cold" (a container started for this run), "warm" (taken from this process's
-    #: warm pool) or "service" (from `mas2c sandbox pool start`); local: None.
+    #: warm pool) or "service" (from `mas2c sandbox pool start`); unisolated: None.
     pool: str | None = None
     #: Limits that could not be applied, warnings, and the error of a failed run.
     notes: list[str] = field(default_factory=list)
@@ -245,12 +251,30 @@ def program_uid(backend: str, loosen: Loosen = Loosen()) -> int:
     """The uid the program runs as (the gateway socket must be reachable by it)."""
     if backend == "docker":
         return 0 if loosen.root_user else SANDBOX_UID
-    return local_uid()
+    return unisolated_uid()
 
 
-def local_uid() -> int:
-    """The uid of the local backend's program: nobody (65534) when mas2c runs as root."""
-    return LOCAL_UNPRIVILEGED_UID if os.geteuid() == 0 else os.geteuid()
+def unisolated_uid() -> int:
+    """The uid of the unisolated backend's program: nobody (65534) when mas2c runs as root."""
+    return UNISOLATED_UID if os.geteuid() == 0 else os.geteuid()
+
+
+def backend_name(name: str, warn: Callable[[str], None] | None = None) -> Backend:
+    """`name` as a backend; an old spelling (`local`) is accepted with a deprecation warning."""
+    if name in DEPRECATED_BACKENDS:
+        new = DEPRECATED_BACKENDS[name]
+        (warn or _stderr)(
+            f"the sandbox backend {name!r} is deprecated: use {new!r} (the old name goes in "
+            "the next version)"
+        )
+        return new
+    if name not in BACKENDS:
+        raise SandboxError(f"unknown sandbox backend {name!r}: use docker or unisolated")
+    return name
+
+
+def _stderr(message: str) -> None:
+    print(f"mas2c: {message}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- files
@@ -592,7 +616,7 @@ def run_package(
     input_path: Path,
     run_dir: Path,
     *,
-    backend: Literal["docker", "local"] = "docker",
+    backend: Backend | Literal["local"] = "docker",
     limits: Limits = Limits(),
     loosen: Loosen = Loosen(),
     llm_socket: Path | None = None,
@@ -615,6 +639,8 @@ def run_package(
     ``MAS2C_NO_POOL=1``; False: always a cold container.
     """
     warn = on_warning if on_warning is not None else logger.warning
+    if backend in DEPRECATED_BACKENDS:
+        backend = backend_name(backend, warn)
     package_dir, input_path, run_dir = Path(package_dir), Path(input_path), Path(run_dir)
     run_id = uuid.uuid4().hex[:12]
     if runtime is None and backend == "docker":
@@ -644,6 +670,7 @@ def run_package(
     with private_dir("staging") as staging, _sigterm_as_interrupt():
         outcome = _Outcome(staging=staging)
         try:
+            backend = backend_name(backend)
             limits.validate()
             _check_inputs(package_dir, module, input_path)
             _check_env(env or {})
@@ -666,10 +693,8 @@ def run_package(
             )
             if backend == "docker":
                 _run_docker(job, outcome)
-            elif backend == "local":
-                _run_local(job, outcome)
             else:
-                raise SandboxError(f"unknown sandbox backend {backend!r}: use docker or local")
+                _run_unisolated(job, outcome)
         except SandboxError as exc:
             error = exc
         except KeyboardInterrupt:
@@ -961,7 +986,7 @@ def _import_docker() -> Any:
     except ImportError:
         raise SandboxError(
             "the `docker` Python package is not installed: `pip install docker`, "
-            "or use --sandbox local (which does not isolate)"
+            "or use --sandbox unisolated (which does not isolate)"
         ) from None
     return docker
 
@@ -978,7 +1003,7 @@ def _docker_client(timeout: int = 120) -> Any:
         if "permission denied" in reason.lower():
             raise SandboxError(
                 f"no permission to use the Docker daemon at {where} ({reason}): run as root "
-                "or add your user to the `docker` group, or use --sandbox local "
+                "or add your user to the `docker` group, or use --sandbox unisolated "
                 "(which does not isolate)"
             ) from None
         raise SandboxError(
@@ -1543,7 +1568,7 @@ def reap(client: Any = None, *, stopped_min_age_s: float = 60.0) -> int:
             client.close()
 
 
-# ------------------------------------------------------------------- local backend
+# -------------------------------------------------------------- unisolated backend
 
 
 def _count_user_processes(uid: int) -> int:
@@ -1664,7 +1689,7 @@ def _marked_processes(run_id: str) -> list[int]:
     return found
 
 
-def _sweep_local(run_id: str, rounds: int = 5) -> int:
+def _sweep_unisolated(run_id: str, rounds: int = 5) -> int:
     """Kill every process left by the run (marked by its environment). Returns how many."""
     killed = 0
     for _ in range(rounds):
@@ -1679,18 +1704,20 @@ def _sweep_local(run_id: str, rounds: int = 5) -> int:
     return killed
 
 
-def _run_local(job: _Job, outcome: _Outcome) -> None:
+def _run_unisolated(job: _Job, outcome: _Outcome) -> None:
     job.warn(
-        "--sandbox local does NOT isolate: the program runs as your user (nobody when "
+        "--sandbox unisolated does NOT isolate: the program runs as your user (nobody when "
         "mas2c runs as root), with your files and your network; only rlimits, a "
         "scrubbed environment and a temp dir apply"
     )
-    outcome.notes.append("local backend: no isolation (filesystem, network and user are shared)")
+    outcome.notes.append(
+        "unisolated backend: no isolation (filesystem, network and user are shared)"
+    )
     if job.loosen.used():
-        outcome.notes.append("loosen flags have no effect on the local backend")
+        outcome.notes.append("loosen flags have no effect on the unisolated backend")
     limits = job.limits
     as_root = os.geteuid() == 0
-    uid = program_uid("local")
+    uid = program_uid("unisolated")
     outcome.uid = uid
     nproc: int | None = None
     if as_root:
@@ -1701,8 +1728,8 @@ def _run_local(job: _Job, outcome: _Outcome) -> None:
         "memory is limited by RLIMIT_AS (virtual memory), CPU time by RLIMIT_CPU; "
         "cpus and tmpfs_mb are not enforced"
     )
-    with private_dir("local", mode=0o711) as work:
-        _stage_local(job, work, uid if as_root else None)
+    with private_dir("unisolated", mode=0o711) as work:
+        _stage_unisolated(job, work, uid if as_root else None)
         env = _scrubbed_env(
             path=f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
             home=str(work / "home"),
@@ -1722,7 +1749,7 @@ def _run_local(job: _Job, outcome: _Outcome) -> None:
         )
         (work / "job" / "job.json").write_bytes(job_json)
         argv = _runner_argv(
-            sys.executable, "local", str(work / "job" / "job.json"), 60, limits.timeout_s
+            sys.executable, "unisolated", str(work / "job" / "job.json"), 60, limits.timeout_s
         )
 
         plan: list[tuple[str, str]] = []
@@ -1759,11 +1786,11 @@ def _run_local(job: _Job, outcome: _Outcome) -> None:
                 preexec_fn=preexec,
             )
             try:
-                _talk_local(proc, job, outcome)
+                _talk_unisolated(proc, job, outcome)
             finally:
                 _killpg(proc.pid)
                 _shielded(lambda: _reap(proc), outcome, "reap")
-                left = _sweep_local(job.run_id)
+                left = _sweep_unisolated(job.run_id)
                 if left:
                     outcome.notes.append(f"killed {left} process(es) the program left behind")
         tail = _read_tail(work / "runner.log", 8192)
@@ -1782,7 +1809,7 @@ def _run_local(job: _Job, outcome: _Outcome) -> None:
         outcome.notes.append("MemoryError at the RLIMIT_AS limit reported as oom_killed")
 
 
-def _stage_local(job: _Job, work: Path, uid: int | None) -> None:
+def _stage_unisolated(job: _Job, work: Path, uid: int | None) -> None:
     """The run's folders; as root the program's own (out, run, home) belong to `uid`."""
     shutil.copytree(job.package_dir, work / "pkg", ignore=shutil.ignore_patterns(*_COPY_IGNORE))
     for d in ("in", "job", "out", "run", "home"):
@@ -1802,7 +1829,7 @@ def _stage_local(job: _Job, work: Path, uid: int | None) -> None:
         os.chown(work / d, uid, uid)
 
 
-def _talk_local(proc: subprocess.Popen[bytes], job: _Job, outcome: _Outcome) -> None:
+def _talk_unisolated(proc: subprocess.Popen[bytes], job: _Job, outcome: _Outcome) -> None:
     """Send `go`, read the bundle from the runner's stdout (bounded in bytes and time)."""
     assert proc.stdin is not None and proc.stdout is not None
     t0 = time.monotonic()
@@ -1988,7 +2015,7 @@ def _wheel_platforms(info: Mapping[str, Any]) -> list[str]:
 
 def _requirements() -> list[str]:
     """sandbox/requirements.txt, each requirement pinned to the version installed on
-    the host when there is one (so the local and docker backends run the same code)."""
+    the host when there is one (so the unisolated and docker backends run the same code)."""
     from importlib import metadata
 
     reqs: list[str] = []
@@ -2123,7 +2150,7 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
         "docker_host": os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
         "daemon": {"reachable": False, "version": None, "api_version": None, "error": None},
         "image": {"name": image, "present": False, "id": None, "created": None, "labels": {}},
-        "backends": {"docker": False, "local": True},
+        "backends": {"docker": False, "unisolated": True},
         "runtimes": [],
         "default_runtime": None,
         "runtime_env": default_runtime(),

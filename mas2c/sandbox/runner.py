@@ -2,10 +2,10 @@
 
 This file is NOT imported by mas2c: its source is passed to ``python3 -I -c`` inside
 the sandbox (stdlib only, Python >= 3.9), as the container's init (PID 1, mode
-``init``) or as the parent of the program in the local backend (mode ``local``).
+``init``) or as the parent of the program in the unisolated backend (mode ``unisolated``).
 
 Protocol (both modes), on this process's stdin/stdout (the container's attach
-stream, or pipes of the local backend):
+stream, or pipes of the unisolated backend):
 
 1. It starts, imports the runtime's dependencies (``openai``, ``httpx``) so that a
    program forked from it starts warm, says ``MAS2C-READY`` (init mode), then waits at most ``idle_s`` for the line
@@ -15,7 +15,7 @@ stream, or pipes of the local backend):
    stderr on pipes that it drains into memory, keeping the first ``cap`` bytes each.
 3. When the program exits, the timeout expires, stdin says ``stop`` or stdin closes
    (the host went away), it kills EVERY other process it can (``kill(-1)`` as PID 1;
-   its subreaped descendants in local mode), so the outputs are frozen, then
+   its subreaped descendants in unisolated mode), so the outputs are frozen, then
    writes one bundle to stdout: ``MAS2C-BUNDLE <json header>\\n`` followed by the
    bytes of each file the header lists (out.json and trace.jsonl, each read with
    O_NOFOLLOW, only if a regular file, at most its cap; the captured streams).
@@ -461,9 +461,9 @@ def main() -> None:
     idle_s, max_job_s = float(sys.argv[3]), float(sys.argv[4])
     t_start = time.monotonic()
     set_dumpable(0)
-    if mode == "local":
+    if mode == "unisolated":
         set_subreaper()
-    signal.signal(signal.SIGINT, signal.SIG_IGN if mode == "local" else signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if mode == "unisolated" else signal.SIG_DFL)
     warm = True
     try:  # the runtime's slow imports, done before the job arrives
         import httpx  # noqa: F401

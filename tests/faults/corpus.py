@@ -5,7 +5,7 @@ Each folder here is one fault: `spec.yaml` (the broken system), `input.json`, an
 
     description: what is wrong
     class: the error class (for the results table)
-    backends: [local, docker]        # optional; default [local]
+    backends: [unisolated, docker]        # optional; default [unisolated]
     options: {max_cost: 0.01}        # optional; extra arguments of `rectify`
     expect:                          # what rectify must achieve
       fixed: true
@@ -72,7 +72,7 @@ class Fault:
 
     @property
     def backends(self) -> list[str]:
-        return list(self.data.get("backends", ["local"]))
+        return list(self.data.get("backends", ["unisolated"]))
 
     @property
     def options(self) -> dict[str, Any]:
@@ -183,7 +183,7 @@ def run_fault(
     fault: Fault,
     workdir: Path,
     server: LLMTestServer,
-    backend: str = "local",
+    backend: str = "unisolated",
     **overrides: Any,
 ) -> FaultResult:
     """Run the faulty system, then `rectify` it, against the scripted test server."""

