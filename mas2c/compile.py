@@ -255,6 +255,7 @@ def _main_view(spec: Spec) -> dict[str, Any]:
     budgets = spec.budgets
     return {
         "example_input": value_literal(package_docs.example_input(spec.inputs)),
+        "uses_llm": value_literal(any(step_agents(step) for _p, step in iter_spec_steps(spec))),
         "inputs": value_literal(spec.inputs),
         "outputs": value_literal(spec.outputs),
         "budgets": {

@@ -91,6 +91,7 @@ __all__ = [
     "LLMError",
     "LoopExhausted",
     "ModelDef",
+    "NoCredentials",
     "Run",
     "SpecInfo",
     "StepTimeout",
@@ -260,6 +261,19 @@ class InputError(WorkflowError):
     """The run's input does not match the spec's inputs: exit 2."""
 
     code = "bad_input"
+
+
+class NoCredentials(InputError):
+    """No API key and no gateway socket: no request may be sent (exit 2)."""
+
+    code = "no_credentials"
+
+
+NO_CREDENTIALS = (
+    "no LLM credentials: set OPENAI_API_KEY (and OPENAI_BASE_URL for an endpoint other "
+    "than OpenAI's), or MAS2C_LLM_SOCKET to a mas2c gateway's socket; library callers "
+    "may pass api_key= or llm_socket="
+)
 
 
 class LLMError(WorkflowError):
@@ -710,7 +724,7 @@ def _make_client(settings: ClientSettings) -> openai.AsyncOpenAI:
             http_client=cast(Any, http),
         )
     if not settings.api_key:  # checked before the run starts; never a placeholder key
-        raise LLMError("no API key: set OPENAI_API_KEY, or MAS2C_LLM_SOCKET")
+        raise NoCredentials(NO_CREDENTIALS)
     # Each run has its own client and connections; the TLS context (the CA bundle, which
     # takes ~45 ms to load) is made once per process and shared, read-only.
     http_client = openai.DefaultAsyncHttpxClient(verify=_tls_context(), timeout=timeout)
@@ -931,15 +945,16 @@ def _flush():
             stream.flush()
         except Exception:
             pass
-def _report(index, passed, error):
+def _report(index, passed, error, _nonce=NONCE):
     _flush()
-    line = "\\n" + NONCE + _json.dumps({"index": index, "passed": passed, "error": error})
+    line = "\\n" + _nonce + _json.dumps({"index": index, "passed": passed, "error": error})
     _os.write(1, (line + "\\n").encode("utf-8"))
+del NONCE
 def _describe(exc):
+    if isinstance(exc, SystemExit):
+        return "SystemExit: the code exited (code %r) before the test finished" % (exc.code,)
     return "".join(_tb.format_exception_only(type(exc), exc)).strip()
 def _outcome(exc):
-    if isinstance(exc, SystemExit) and exc.code in (None, 0):
-        return True, None
     _flush()
     _tb.print_exception(type(exc), exc, exc.__traceback__.tb_next, file=_sys.__stderr__)
     return False, _describe(exc)
@@ -1509,8 +1524,9 @@ class Run:
         """``test`` step: the code in state (Markdown fences stripped, as ``programmer``
         does), then each test snippet in the same namespace, in one fresh interpreter.
 
-        ``{passed, results: [{test, passed, error}], output}``: passed when every
-        snippet ran without an exception (``sys.exit(0)`` counts as passing).
+        ``{passed, results: [{test, passed, error}], output}``: a snippet passed when the
+        harness reports, after it ran to its end, that it raised nothing. An exit of any
+        kind (``sys.exit(0)``, ``exit()``, ``quit()``, ``os._exit``) before that is a failure.
         """
         code = extract_code(_code_of(lookup(self.state, code_path)))
         snippets = _test_snippets(tests, self.state)
@@ -1833,6 +1849,8 @@ class Run:
         """Send with retries on 429/5xx/timeouts/malformed answers; account and trace."""
         model = self.models[agent.model]
         attempts = self.client_settings.max_attempts
+        if self._client is None:  # here, so that missing credentials are not retried
+            self._client = _make_client(self.client_settings)
         for attempt in range(1, attempts + 1):
             self._check_budget()
             span = _open_span(self.trace)

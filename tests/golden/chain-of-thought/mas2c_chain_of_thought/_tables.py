@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="46349ad03f7899c6e4910f03aa2f470cc0b43b2ec96776bace1b6027f2f9e217",
+        code_sha="1edb1fd84899c1849692739fa8ff09ce6b7b6a633f1dd9e04e724a3f143ab908",
         reads=["question"],
     ),
 )

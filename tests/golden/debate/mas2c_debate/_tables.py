@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="f81062cafee38ce842016b185bde640a8e16553dfaed9b3db5e00822fe114bb1",
+        code_sha="068dfea903a709caceeb08535f8d3cb0b203e4d16eff6dabb47ae43470120fcd",
         reads=["question"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="9adb0b665fc8b52715c0a6577a6cdd2b38a60a42aee89c4e44c560978b8ccba5",
+        code_sha="81d9defae6e135839a8b8e58175709eb8f03c14e1f02160cb47d4db2e95640ff",
         reads=["problem"],
     ),
 )

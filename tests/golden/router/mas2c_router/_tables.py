@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="c5113ba2a4c02e3ad18762f955ffe3c5627b981c21db5232e3b90f33ead61398",
+        code_sha="e927d2f28aae89ebb47a2759c96a03722184bffe13a3b08b1321ac4a7f5acc93",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="dd5e89a0abd00062756247a950dfffe00005df9f9952a1d4def9f6273d1081c2",
+        code_sha="3a25d7f53131cd3d8d2eabb93beb42940971e6decbf7b0d3a550c5123a595a73",
         reads=["product", "route", "ticket"],
     ),
 )

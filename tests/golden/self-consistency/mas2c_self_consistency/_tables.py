@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="0d869aa8581b897996770f8454312e525f8eab211b9dfbdcf705a09e15c10d16",
+        code_sha="71e3468f7fb430a4e4dbff0b647ab45b5d742a6363f000a85621dff111a935c4",
         reads=["question"],
     ),
 )
