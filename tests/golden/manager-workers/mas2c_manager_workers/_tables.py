@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_manage",
         step_id="manage",
         pointer="/workflow/0",
-        code_sha="bd32c85d638786400416f649b66b2730135478311300e993e90ee13fde03e153",
+        code_sha="60c54c0b25e2b4a0c1bf6c238234e848751b19942587cb5cfb9a58d6fd68650f",
         reads=["history", "request"],
     ),
     TopStep(
         method="step_route_follow_up",
         step_id="route_follow_up",
         pointer="/workflow/1",
-        code_sha="49680879396f59866ec5cee28b152cc826924887f0f0a55dc4d2fbe3251a85eb",
+        code_sha="420e690d1893a0e9fa41816b3fa24fef0b6f2ca6699614ff69e17f809ef08d4c",
         reads=["follow_up"],
     ),
     TopStep(
         method="step_answer_follow_up",
         step_id="answer_follow_up",
         pointer="/workflow/2",
-        code_sha="da3c7daa91db5337a2a8ccbe58660f579b12a0f7564da2032508f7cbea97d3d6",
+        code_sha="daabe9335eaee46c7164e423bcf1f5fc75cf3d47ed0c162d4c3cf1a7e944e0ca",
         reads=["follow_up", "result", "route"],
     ),
 )
@@ -51,10 +51,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 86, 95, "/agents/researcher"),
     ("agents.py", 97, 106, "/agents/reviewer"),
     ("agents.py", 108, 117, "/agents/writer"),
-    ("workflow.py", 23, 26, "/workflow"),
-    ("workflow.py", 29, 34, "/workflow/0"),
-    ("workflow.py", 37, 44, "/workflow/1"),
-    ("workflow.py", 47, 60, "/workflow/2"),
+    ("workflow.py", 21, 24, "/workflow"),
+    ("workflow.py", 27, 32, "/workflow/0"),
+    ("workflow.py", 35, 42, "/workflow/1"),
+    ("workflow.py", 45, 58, "/workflow/2"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -6,10 +6,8 @@ A manager answers a request by delegating parts of it to a researcher, a writer 
 
 from __future__ import annotations
 
-from typing import Any
-
 from ._delegation import call_chosen
-from ._runtime import Run
+from ._runtime import Run, State
 
 
 class Workflow:
@@ -17,7 +15,7 @@ class Workflow:
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.state: dict[str, Any] = run.state
+        self.state: State = run.state
 
     # spec: /workflow
     async def run_workflow(self) -> None:

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="81d9defae6e135839a8b8e58175709eb8f03c14e1f02160cb47d4db2e95640ff",
+        code_sha="39b346bf324b9c23518f290eba13b9956f815e6e53881e47c64e1ce8938576f4",
         reads=["problem"],
     ),
 )

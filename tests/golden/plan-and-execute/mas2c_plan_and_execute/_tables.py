@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="0b895f1994573cbc0171f23b259a60b63375d78680596f4f6e62dfd78871ecb2",
+        code_sha="472f250a180b295c33f191cb4e629f9ecac74d18de88fb477f948b80202ea277",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="ccad154c8d2769b10513f5b2c9b8e39648079c48c2010920e3ae650e3aeda837",
+        code_sha="59c08f898759108a052f71eed7d1e0a9cd8aff88b3016fb29a2dc55bb81df8ef",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="54320feab2f5c99469ce033a6cd7d6742a08da641004e4968e5fce348d7a3151",
+        code_sha="b319fbca8b94b8dc876105d5647841b91ee51e57571337445e9d321f7df3ee29",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -50,10 +50,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 66, 109, "/agents/planner"),
     ("agents.py", 111, 138, "/agents/synthesizer"),
     ("tools.py", 12, 25, "/tools/python"),
-    ("workflow.py", 22, 25, "/workflow"),
-    ("workflow.py", 28, 33, "/workflow/0"),
-    ("workflow.py", 36, 52, "/workflow/1"),
-    ("workflow.py", 55, 75, "/workflow/2"),
+    ("workflow.py", 20, 23, "/workflow"),
+    ("workflow.py", 26, 31, "/workflow/0"),
+    ("workflow.py", 34, 50, "/workflow/1"),
+    ("workflow.py", 53, 73, "/workflow/2"),
 )
 
 PROMPTS: dict[str, str] = {
