@@ -495,6 +495,8 @@ KIND_OF_CODE: dict[str, str] = {
     "no_credentials": "llm_endpoint",
     "llm_error": "llm_endpoint",
     "flow_input": "logic",
+    "agent_choice": "logic",
+    "chat_history": "bad_input",
     "internal": "logic",
     "map_not_list": "logic",
     "map_overflow": "logic",
