@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="111a83ad8b3b0b7167a58d4bfacfc75bb4e29ed3a5171caae01b6534ed433690",
+        code_sha="20dc8631629250abdf70158d239a9d0ac03b2d7426f05964653d36b60305a91b",
         reads=["question"],
     ),
 )
@@ -32,8 +32,8 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("__init__.py", 50, 55, "/budgets"),
     ("agents.py", 8, 14, "/models/main"),
     ("agents.py", 19, 50, "/agents/reasoner"),
-    ("workflow.py", 22, 23, "/workflow"),
-    ("workflow.py", 26, 37, "/workflow/0"),
+    ("workflow.py", 20, 21, "/workflow"),
+    ("workflow.py", 24, 35, "/workflow/0"),
 )
 
 PROMPTS: dict[str, str] = {

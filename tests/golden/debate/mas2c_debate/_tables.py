@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="d7439238bb77a45205c7780439dcb1cb9bbff4b4ce91285e6292c4fa470ec0ef",
+        code_sha="8362c99f36929bb3ad7f47ff922b85c4204380f0367e70eba09ea55cb3d40357",
         reads=["question"],
     ),
 )
@@ -36,8 +36,8 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 43, 57, "/agents/expert"),
     ("agents.py", 59, 85, "/agents/judge"),
     ("agents.py", 87, 101, "/agents/skeptic"),
-    ("workflow.py", 22, 23, "/workflow"),
-    ("workflow.py", 26, 35, "/workflow/0"),
+    ("workflow.py", 20, 21, "/workflow"),
+    ("workflow.py", 24, 33, "/workflow/0"),
 )
 
 PROMPTS: dict[str, str] = {

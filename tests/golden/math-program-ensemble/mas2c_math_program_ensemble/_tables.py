@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="95adcae26becb753b8bc4674c15a3547cce4f012b7855748f73c75b451c54f8b",
+        code_sha="6700fcfa15a09d00ddb383450b42496b96f5b3bd751b4365152c9bad4e741826",
         reads=["problem"],
     ),
 )

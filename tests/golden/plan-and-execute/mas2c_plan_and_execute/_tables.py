@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="5e41fec47015471835e383c152a6b10b52ff28ddefde37dae4719e802d982121",
+        code_sha="a2c2c35c663f9221a5d0d3be669675fdbabbfd937babc63b5a82da16851f8477",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="8c3e14d06f2312e74ea6209a7daec2353d230d7707210d35dd0ef97b2c87465f",
+        code_sha="b1151afa3fd8d904aec0d491612924a13b80625ef08927cc9e686778b40806d1",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="5825bedb1118e6424bb99238ffede897c79b63f274a0abca68d3ff3efee72c94",
+        code_sha="519bbc20a909be54bb72610f5a7276772dcb7dfcd1044e7a941db19e866bd16a",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -50,10 +50,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 66, 109, "/agents/planner"),
     ("agents.py", 111, 138, "/agents/synthesizer"),
     ("tools.py", 12, 25, "/tools/python"),
-    ("workflow.py", 22, 25, "/workflow"),
-    ("workflow.py", 28, 33, "/workflow/0"),
-    ("workflow.py", 36, 52, "/workflow/1"),
-    ("workflow.py", 55, 75, "/workflow/2"),
+    ("workflow.py", 20, 23, "/workflow"),
+    ("workflow.py", 26, 31, "/workflow/0"),
+    ("workflow.py", 34, 50, "/workflow/1"),
+    ("workflow.py", 53, 73, "/workflow/2"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="999d2dcb8e9fe15d372fc52c83f1fdf186fbe22f9cfe6b965a7bb8e5d8e42d3b",
+        code_sha="cc1327a2421103b253e294dfa1953a2b3ef82511c309524b82b62aa7c3e09390",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="1982d30fb54681b821417ce40f7147ef4768a2b796a0ca796e3bd236058b47d9",
+        code_sha="32cbffaf320a7c07d60639c005846081c7aab8261845fe8ceb400a93edca1a68",
         reads=["product", "route", "ticket"],
     ),
 )
@@ -44,13 +44,13 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 85, 116, "/agents/classifier"),
     ("agents.py", 118, 144, "/agents/general_agent"),
     ("agents.py", 146, 173, "/agents/tech_agent"),
-    ("workflow.py", 22, 24, "/workflow"),
-    ("workflow.py", 27, 33, "/workflow/0"),
-    ("workflow.py", 36, 47, "/workflow/1"),
-    ("workflow.py", 50, 62, "/workflow/1/cases/0/steps/0"),
-    ("workflow.py", 65, 77, "/workflow/1/cases/1/steps/0"),
-    ("workflow.py", 80, 92, "/workflow/1/cases/2/steps/0"),
-    ("workflow.py", 95, 107, "/workflow/1/else/0"),
+    ("workflow.py", 20, 22, "/workflow"),
+    ("workflow.py", 25, 31, "/workflow/0"),
+    ("workflow.py", 34, 45, "/workflow/1"),
+    ("workflow.py", 48, 60, "/workflow/1/cases/0/steps/0"),
+    ("workflow.py", 63, 75, "/workflow/1/cases/1/steps/0"),
+    ("workflow.py", 78, 90, "/workflow/1/cases/2/steps/0"),
+    ("workflow.py", 93, 105, "/workflow/1/else/0"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="be43432de9fda032ea075037f6f4c9ab76dab430893fc907e8c831234e05c40d",
+        code_sha="d6c67468177d14ebf3d8dd08bad985396e6b30c4a78835dcd19a7c6a57dd55d9",
         reads=["question"],
     ),
 )
@@ -32,8 +32,8 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("__init__.py", 50, 55, "/budgets"),
     ("agents.py", 8, 14, "/models/sampler"),
     ("agents.py", 19, 45, "/agents/solver"),
-    ("workflow.py", 22, 23, "/workflow"),
-    ("workflow.py", 26, 38, "/workflow/0"),
+    ("workflow.py", 20, 21, "/workflow"),
+    ("workflow.py", 24, 36, "/workflow/0"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="1d425b043fafce7d53012c9f9a2cc135c00f47bfd1f02fc980f3a11443318b23",
+        code_sha="81a10cbc9a35d8cd83b84188ed72171bf2586883e64a7b25d05e0ad23439aa1b",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="c2bdd2691f2342d6bab5d265ca580f5fc3c5b81b34872c0035065214f0a4f993",
+        code_sha="5a21def181c043e287157e61e47b8fdab2f92bbc2bb1ca02a5ae8c7cf4b7e2fd",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="7d7dc06a08708369ad7197a6a6aafd4827b43a2f7147b928318282fdc811434a",
+        code_sha="c567b5cfadb012301e91d8abb2713b9c9d0dfdb488fd41f42982e379188bc538",
         reads=["rewrite"],
     ),
 )
@@ -50,10 +50,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 19, 48, "/agents/editor"),
     ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
     ("tools.py", 13, 25, "/tools/text_stats"),
-    ("workflow.py", 22, 25, "/workflow"),
-    ("workflow.py", 28, 33, "/workflow/0"),
-    ("workflow.py", 36, 51, "/workflow/1"),
-    ("workflow.py", 54, 59, "/workflow/2"),
+    ("workflow.py", 20, 23, "/workflow"),
+    ("workflow.py", 26, 31, "/workflow/0"),
+    ("workflow.py", 34, 49, "/workflow/1"),
+    ("workflow.py", 52, 57, "/workflow/2"),
 )
 
 PROMPTS: dict[str, str] = {
