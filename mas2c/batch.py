@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mas2c.errors import RunFailure
-from mas2c.files import write_text_atomic
+from mas2c.files import check_owned_folder, folder_state, write_text_atomic
 from mas2c.runfolder import result_or_error
 
 __all__ = [
@@ -1576,10 +1576,35 @@ def select_rows(options: BatchOptions) -> list[Row]:
     return rows
 
 
+#: What a batch writes at the top of its folder (besides build/, scorer/ and rows/).
+BATCH_FILES = frozenset(
+    {"config.json", "results.jsonl", "summary.json", "report.md", "report.html", "results.md"}
+)
+_ROW_FILES = ("input.json", "engine.json")
+
+
+def batch_owns(folder: Path) -> Callable[[str], bool]:
+    """Which entries (relative POSIX paths) of a batch folder a batch wrote: a row's
+    folder holds its input, its engine note and run folders (`mas/`, `score/`)."""
+    build_ok = folder_state(folder / "build")[0] in ("missing", "empty", "earlier_build")
+
+    def owns(relative: str) -> bool:
+        parts = relative.split("/")
+        if len(parts) == 1:
+            return relative in BATCH_FILES
+        if parts[0] in ("rows", "problems"):  # problems/: the humaneval preset's rows
+            # a row's own files, or anything in its run folders (mas/, score/, canonical/)
+            return len(parts) >= 4 or (len(parts) == 3 and parts[2] in _ROW_FILES)
+        return parts[0] == "scorer" or (parts[0] == "build" and build_ok)
+
+    return owns
+
+
 def _run_one(options: BatchOptions) -> dict[str, Any]:
     rows = select_rows(options)
     run_dir = options.run_dir
     check_sandbox(options.backend, options.image)
+    check_owned_folder(run_dir, marker="config.json", owns=batch_owns(run_dir), what="batch")
     old = read_json(run_dir / "config.json")
     if old:  # check before compiling into the folder
         prepare_run_dir(run_dir, {**old, **_quick_config(options)})

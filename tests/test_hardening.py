@@ -7,17 +7,33 @@ adversarial review confirmed in an already-resolved issue, checked on several in
 
 from __future__ import annotations
 
+import base64
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import compile_to, load_runtime, run_package
 
 from mas2c.batch import CODE_SCORER_MAIN, parse_exact, score_text
+from mas2c.gateway import (
+    IMAGE_TOKEN_BOUND,
+    Budget,
+    Gateway,
+    GatewayLimits,
+    HttpUpstream,
+    Scrubber,
+    prompt_token_bound,
+)
 from mas2c.lang.validate import validate_text
+from mas2c.testserver import ChatRequest, LLMTestServer, Reply
+from mas2c.tracing import redact_argv
 
 # -- A. exits are failures ---------------------------------------------------------------------
 
@@ -172,3 +188,193 @@ def test_text_scorers_read_the_answer_line() -> None:
     )
     assert score_text("math", "so\nANSWER: \\boxed{\\frac{3}{4}}", "\\frac{3}{4}") == 1.0
     assert parse_exact("12%") == 12 and parse_exact("3/4") == parse_exact("0.75")
+
+
+# -- C. credentials: URLs anywhere in argv, every form of a secret, the OTLP exporter's log ----
+
+
+def test_recorded_command_lines_redact_every_url_in_every_argument() -> None:
+    argv = [
+        "mas2c",
+        "run",
+        "--llm=http://user:Pw0rd-9x@host.example/v1",
+        "--llm",
+        "https://u2:Pw0rd-9y@h:8443/v1?api-key=QK-123456#frag",
+        "--record=x,https://u3:Pw0rd-9z@h/v1",
+        "OPENAI_BASE_URL=http://u4:Pw0rd-9w@10.0.0.1:8000/v1?token=TK-abcdef",
+        "--endpoint=u5:Pw0rd-9v@host/v1",
+        "plain",
+    ]
+    out = " ".join(redact_argv(argv))
+    for secret in ("Pw0rd", "user:", "u2:", "u3:", "u4:", "u5:", "QK-123456", "TK-abcdef", "frag"):
+        assert secret not in out, (secret, out)
+    assert "--llm=http://host.example/v1" in out and "plain" in out
+    assert "http://10.0.0.1:8000/v1" in out
+
+
+KEYS = ["sk-proj-Zq8xP3vR7mWn2Kt9LbY4", "Zq8xP3vR7mWn2Kt9LbY4Hq"]  # with and without `sk-`
+
+
+def echo_forms(req: ChatRequest) -> str:
+    """An upstream that echoes the credential it got in every form it can think of."""
+    auth = req.headers.get("authorization", "")
+    token = auth.split(" ", 1)[1] if " " in auth else auth
+    chunks = " ".join(token[i : i + 3] for i in range(0, len(token), 3))
+    return " | ".join(
+        [
+            f"bad credentials: {token}",
+            f"KEY {token.upper()}",
+            f"lower {token.lower()}",
+            f"rev={token[::-1]}",
+            f"chunks {chunks}",
+            "b64=" + base64.b64encode(token.encode()).decode(),
+            "b64x=" + base64.b64encode(("Bearer " + token).encode()).decode(),
+            "pct=" + "".join(f"%{ord(c):02X}" for c in token),
+            "hex=" + token.encode().hex(),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "userinfo"), [(KEYS[0], ""), (KEYS[1], ""), (None, "alice:s3cretPassw0rd@")]
+)
+def test_upstream_errors_never_carry_any_form_of_a_secret(key: str | None, userinfo: str) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="gwh", dir="/tmp"))
+    try:
+        with LLMTestServer() as srv:
+            url = srv.base_url.replace("http://", "http://" + userinfo)
+            gateway = Gateway(folder / "gw.sock", HttpUpstream(url, key, backoff_s=0.01))
+            with gateway:
+                srv.inject("status", status=401, message=echo_forms)
+                transport = httpx.HTTPTransport(uds=str(folder / "gw.sock"))
+                with httpx.Client(transport=transport, timeout=30) as http:
+                    body = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
+                    answer = http.post("http://mas2c-gateway/v1/chat/completions", json=body)
+            sent = srv.requests[0].headers["authorization"].split(" ", 1)[1]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert answer.status_code == 401
+    text = answer.json()["error"]["message"]
+    secrets = [sent] + ([key] if key else ["s3cretPassw0rd", "alice"])
+    lowered = text.lower()
+    for secret in secrets:
+        for form in (secret, secret[::-1], base64.b64encode(secret.encode()).decode()[:12]):
+            assert form.lower() not in lowered, (form, text)
+        assert secret.encode().hex() not in lowered
+    squashed = "".join(c for c in lowered if c.isalnum())
+    for secret in secrets:
+        flat = "".join(c for c in secret.lower() if c.isalnum())
+        assert flat[:8] not in squashed, (secret, text)
+    assert "bad credentials: <redacted>" in text
+
+
+def test_scrubber_keeps_ordinary_text() -> None:
+    scrub = Scrubber([KEYS[1], "alice:s3cretPassw0rd"])
+    text = "upstream http://127.0.0.1:8000/v1 rejected the request with HTTP 401: invalid model"
+    assert scrub(text) == text
+
+
+def test_otel_export_log_lines_carry_no_endpoint_token(tmp_path: Path) -> None:
+    from mas2c.otel import redact_log_text
+
+    url = "http://u:pw-Secret1@127.0.0.1:9/v1/traces?token=TOKEN-XYZ-123&x=1"
+    line = (
+        "Transient error HTTPConnectionPool(host='127.0.0.1', port=9): Max retries exceeded "
+        "with url: /v1/traces?token=TOKEN-XYZ-123&x=1 (Caused by ...) while exporting "
+        f"to {url}; token TOKEN-XYZ-123"
+    )
+    out = redact_log_text(line, url)
+    assert "TOKEN-XYZ" not in out and "pw-Secret1" not in out and "u:" not in out
+    assert "/v1/traces?token=<redacted>" in out
+
+
+# -- B. images in the token bound; no URL an upstream would fetch ------------------------------
+
+PIXEL = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
+def image_body(url: str, images: int = 1, kind: str = "image_url") -> dict[str, Any]:
+    part: dict[str, Any] = {"type": kind, kind: {"url": url, "detail": "high"}}
+    if kind == "input_audio":
+        part = {"type": kind, kind: {"data": "AAAA", "format": "wav"}}
+    content = [{"type": "text", "text": "what is this?"}] + [part] * images
+    return {"model": "m1", "messages": [{"role": "user", "content": content}]}
+
+
+def gateway_posts(
+    folder: Path, upstream_url: str, bodies: list[dict[str, Any]], **kw: Any
+) -> tuple[list[httpx.Response], dict[str, Any]]:
+    sock = folder / "gw.sock"
+
+    def post(body: dict[str, Any]) -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=60) as http:
+            return http.post("http://mas2c-gateway/v1/chat/completions", json=body)
+
+    with Gateway(sock, HttpUpstream(upstream_url, "sk-x", backoff_s=0.01), **kw) as gateway:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(post, bodies))
+        return answers, gateway.usage()
+
+
+def test_a_parallel_burst_of_images_stays_within_the_token_budget() -> None:
+    assert prompt_token_bound(image_body(PIXEL, 2)) >= 2 * IMAGE_TOKEN_BOUND >= 1_445
+    folder = Path(tempfile.mkdtemp(prefix="gwh", dir="/tmp"))
+    per_image = 85 + 170 * 8  # OpenAI's most for one high-detail image (2048 x 768)
+
+    def respond(req: ChatRequest) -> Reply:
+        return Reply("ok", prompt_tokens=per_image + 20, completion_tokens=2, latency_s=0.3)
+
+    try:
+        with LLMTestServer(respond) as srv:
+            answers, usage = gateway_posts(
+                folder,
+                srv.base_url,
+                [image_body(PIXEL)] * 16,
+                models={"m1": 50},
+                budget=Budget(max_total_tokens=5000),
+            )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert usage["total_tokens"] <= 5000, usage  # before: 16 x 1,467 = 5.6x over
+    assert usage["calls"] >= 2
+    assert {a.status_code for a in answers} <= {200, 402}
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (image_body("https://attacker.example/a.png"), "mas2c_image_url_refused"),
+        (image_body("http://169.254.169.254/latest/meta-data"), "mas2c_image_url_refused"),
+        (image_body("file:///etc/passwd"), "mas2c_image_url_refused"),
+        (image_body(PIXEL, kind="input_audio"), "mas2c_unsupported_content"),
+        (image_body(PIXEL, kind="file"), "mas2c_unsupported_content"),
+        (image_body(PIXEL, kind="video_url"), "mas2c_unsupported_content"),
+    ],
+)
+def test_unboundable_content_and_fetchable_image_urls_are_refused(
+    body: dict[str, Any], code: str
+) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="gwh", dir="/tmp"))
+    try:
+        with LLMTestServer() as srv:
+            answers, _ = gateway_posts(folder, srv.base_url, [body])
+            assert not srv.requests  # nothing reached the upstream
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert answers[0].status_code == 400
+    assert answers[0].json()["error"]["code"] == code
+
+
+def test_image_urls_pass_when_allowed() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="gwh", dir="/tmp"))
+    try:
+        with LLMTestServer() as srv:
+            answers, _ = gateway_posts(
+                folder,
+                srv.base_url,
+                [image_body("https://example.org/a.png"), image_body(PIXEL)],
+                limits=GatewayLimits(allow_image_urls=True),
+            )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert [a.status_code for a in answers] == [200, 200]

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="5d2ca9ae4b5b4f2553b4ea77c5594f4704828fd64db17ec0089d1210228229f8",
+        code_sha="3ec59f4c1361cb553ef33f66e21e6f99d04e3c80b2a6d16c30e14efa4618d85c",
         reads=["draft", "memory", "review", "task"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="190862c080794cf83621afe7ce449a875977e88c56d874dfe507ea1a33f629c9",
+        code_sha="c5025250515c53df07ee76db87e421dbbaf788687479a4475a56cbd50766ffd7",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="df968004f140cbb39fdb0c5efef6604831c5d36affd1e6e9a75a37f8456e06a4",
+        code_sha="019378062f2c19ca6388dc052bb9c0105a6094a372aeed4bd9520078b66728d0",
         reads=["error", "route", "ticket"],
     ),
 )
