@@ -1154,10 +1154,10 @@ FALLBACK_KINDS = ("structured_output", "tool_error", "empty_vote", "timeout")
 
 
 def fix_fallback(failure: Failure, locus: Locus, spec: Spec, ctx: Context | None) -> Fix | None:
-    """A step that failed with a recoverable error and has no fallback yet: one `retry`,
-    and, when another agent answers in the same form (the same output), a `fallback`
-    that asks it the same prompt (the failure is in `error`). Proposed when the fix for
-    the error's own class does not apply."""
+    """A step answered by an agent that failed with a recoverable error and has no
+    fallback yet, when another agent answers in the same form (the same output): one
+    `retry`, then a `fallback` asking that agent the same prompt (the failure is in
+    `error`). Proposed when the fix for the error's own class does not apply."""
     pointer = locus.step_pointer
     step = step_at(spec, pointer) if pointer else None
     if pointer is None or step is None or step.fallback or failure.code == "run_timeout":
@@ -1182,20 +1182,18 @@ def fix_fallback(failure: Failure, locus: Locus, spec: Spec, ctx: Context | None
     stand_in = min(same)[1] if same else None
     ids = {s.id for _p, s in iter_spec_steps(spec)}
     fallback_id = f"{step.id}_fallback"
-    if stand_in and prompt is not None and out and fallback_id not in ids:
-        node["fallback"] = [
-            {"id": fallback_id, "kind": "call", "agent": stand_in, "prompt": prompt, "out": out}
-        ]
-        changes.append(f"{pointer}/fallback: agent `{stand_in}` answers `{out}` instead")
-    if not changes:
-        return None
+    if not stand_in or prompt is None or not out or fallback_id in ids:
+        return None  # a retry alone repeats a deterministic failure: the LLM route decides
+    node["fallback"] = [
+        {"id": fallback_id, "kind": "call", "agent": stand_in, "prompt": prompt, "out": out}
+    ]
+    changes.append(f"{pointer}/fallback: agent `{stand_in}` answers `{out}` instead")
     return Fix(
         checked_spec(data),
         "fallback",
         True,
-        f"step `{step.id}` failed ({failure.code}); a retry"
-        + (f" and a fallback to `{stand_in}`" if "fallback" in node else "")
-        + " let the run go on",
+        f"step `{step.id}` failed ({failure.code}); a retry and a fallback to "
+        f"`{stand_in}` let the run go on",
         changes,
     )
 
