@@ -102,6 +102,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS504": "an ensemble needs exactly one of `agent` and `agents`",
     "MAS505": "a vote over structured answers has no field to vote on",
     "MAS506": "two parallel branches write the same state variable",
+    "MAS511": "a schema `pattern` that does not compile or can backtrack for exponential time",
     "MAS520": "a state variable's reducer does not fit its schema or initial value",
     "MAS521": "a state variable's initial value does not match its schema",
     "MAS522": "a state variable is also an input",
@@ -610,6 +611,20 @@ class _Checker:
                 pointer,
                 problem,
                 "e.g. {type: object, properties: {answer: {type: string}}}",
+            )
+        self._check_patterns(pointer, schema)
+
+    def _check_patterns(self, pointer: str, schema: dict[str, Any]) -> None:
+        """MAS511: a `pattern` the host would refuse to evaluate (see values.pattern_problem)."""
+        found = values.schema_pattern_problem(schema)
+        if found:
+            self.add(
+                "MAS511",
+                pointer + found[0],
+                found[1],
+                "write the repeat so that each pass must start with a character the repeated "
+                "part cannot match (`(\\d+,)*`, not `(\\d+,?)*`), or make it possessive "
+                "(`a++`) or atomic (`(?>...)`)",
             )
 
     def _check_tool(self, tool_id: str, tool: Tool) -> None:
