@@ -96,6 +96,14 @@ INPUTS: dict[str, dict[str, Any]] = {
         ],
         "follow_up": "Can you make it shorter?",
     },
+    "mbpp-repair": {
+        "task": "Write a function to find the shared elements from the given two lists.",
+        "test_list": [
+            "assert set(similar_elements((3, 4, 5, 6), (5, 7, 4, 10))) == {4, 5}",
+            "assert set(similar_elements((1, 2, 3, 4), (5, 4, 3, 7))) == {3, 4}",
+            "assert set(similar_elements((11, 12, 14, 13), (17, 15, 14, 13))) == {13, 14}",
+        ],
+    },
     "math-program-ensemble": {"problem": "What is the sum of the first 10 positive odd integers?"},
     "self-consistency": {"question": "What is 17 * 3 + 4? Answer with a number."},
     "tool-pipeline": {
@@ -238,6 +246,14 @@ SCRIPTS: dict[str, Callable[[], ByAgent]] = {
             "dispatcher": {"owner": "writer", "reason": "wording"},
         }
     ),
+    "mbpp-repair": lambda: ByAgent(
+        {
+            "coder": [
+                "```python\ndef similar_elements(a, b):\n    return tuple(set(a) | set(b))\n```",
+                "```python\ndef similar_elements(a, b):\n    return tuple(set(a) & set(b))\n```",
+            ]
+        }
+    ),
     "math-program-ensemble": lambda: ByAgent(
         {
             "programmer": [
@@ -317,6 +333,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "owner": "writer",
         "follow_up_answer": "SHORTER sky note",
     },
+    "mbpp-repair": {"passed": True, "code": None, "results": None},
     "math-program-ensemble": {"answer": "100", "program": "print('ANSWER: 100')\n"},
     "self-consistency": {"answer": "55"},
     "tool-pipeline": {
@@ -348,6 +365,10 @@ EXECUTED: dict[str, tuple[set[str], int]] = {
     ),
     "router": ({"classify", "dispatch", "answer_technical"}, 2),
     "manager-workers": ({"manage", "route_follow_up", "answer_follow_up"}, 8),
+    "mbpp-repair": (
+        {"first_attempt", "write", "check", "repair_if_failing", "repair_loop", "repair"},
+        2,
+    ),
     "math-program-ensemble": ({"sample_programs", "write_program", "read_answer"}, 6),
     "self-consistency": ({"sample_and_vote"}, 5),
     "tool-pipeline": ({"measure_before", "rewrite", "measure_after"}, 2),
