@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="367975e814ce7d4822f66c232ada795fecb950dc0d91bc8ebc2a49f28012e341",
+        code_sha="82431d9d6875d084fda8a51d3ecc97883ba35b2be8e0dd0777b8fbc1fd06588f",
         reads=["question"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="9fd4407fc1e332e95b1a775ecac29127a95633839f39c490e3de33abadaf1de5",
+        code_sha="3395b9d96b8e2db6a46a2244dd51d73ff287e11825cbcd163c4dfbb4e21a074d",
         reads=["question"],
     ),
 )

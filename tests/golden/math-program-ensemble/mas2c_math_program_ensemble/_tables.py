@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="b6d00414bc2d5c4ba21c805adc1bf266148486e96f16f9adcf61d1d98d111e1b",
+        code_sha="11f28aecf9487de14cc7cfb0741cdef54db6524d63b3e8b9fbee8d7fbfb45317",
         reads=["problem"],
     ),
 )

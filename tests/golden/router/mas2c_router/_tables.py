@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="3f19a1c2f45370322268bc58fcbecc6fc877415a934f4aabcf2df55e0f2307ed",
+        code_sha="59466bbe471d23e5d02ba06109d700df48d2a832293d3711f5370af4c6ccd3a8",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="db3102d79299149f468c500c50da9f6e27418a92412e94e32628495407b8fd32",
+        code_sha="09dab6194db93b8a58b6bbac9c7864909861c36af8ad9bf390ebccc514be6f00",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="7820f2dcc36358219babb3fc75b32f122c31efef6c5e5a4f30c5cec9862b7dde",
+        code_sha="1b64591323afa06dae9f07c8fb50bc23b14ddc2cbde17f27ca3e0dce2cb1702a",
         reads=["question"],
     ),
 )
