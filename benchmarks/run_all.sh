@@ -35,12 +35,14 @@ if [[ -n "${BENCH_QUICK:-}" ]]; then
     COMPILE=(--reps 1 --steps 10,50,200)
     HUMANEVAL=(--limit-check 5 --limit-oracle 3)
     BATCH=(--limit 6 --workers 1,2)
+    SERVE=(--requests 40 --cli-requests 8 --concurrency 1,8)
 else
     OVERHEAD=(--reps 5 --sweep-reps 3)
     SANDBOX=(--reps 10)
     COMPILE=(--reps 3)
     HUMANEVAL=(--limit-oracle 20)
     BATCH=(--limit 164 --workers 1,2,4)
+    SERVE=(--requests 200 --cli-requests 32 --concurrency 1,8,32)
 fi
 
 step venvs bash benchmarks/setup_venvs.sh
@@ -54,6 +56,7 @@ step cli $PY benchmarks/bench_cli.py
 step humaneval $PY benchmarks/bench_humaneval.py "${HUMANEVAL[@]}"
 step batch $PY benchmarks/bench_batch.py "${BATCH[@]}"
 step gateway-flood sh -c "$PY benchmarks/bench_gateway_flood.py --json >$RESULTS/gateway_flood.json"
+step serve $PY benchmarks/bench_serve.py "${SERVE[@]}"
 step dead-endpoint sh -c "$PY benchmarks/bench_dead_endpoint.py --e2e >$RESULTS/dead_endpoint.json"
 
 cat /proc/loadavg >"$RESULTS/loadavg-end.txt"

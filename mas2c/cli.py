@@ -324,6 +324,8 @@ def _sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
         os.environ[sandbox.RUNTIME_ENV] = args.runtime
     if getattr(args, "no_pool", False):
         os.environ[sandbox.NO_POOL_ENV] = "1"  # never a warm container, always a cold one
+    if getattr(args, "allow_image_urls", False):
+        os.environ["MAS2C_ALLOW_IMAGE_URLS"] = "1"  # read where each run's gateway starts
     loosen = sandbox.Loosen(
         network=args.allow_network, writable_root=args.writable_root, root_user=args.as_root
     )
@@ -800,6 +802,12 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
         "--allow-network",
         action="store_true",
         help="LOOSENS the sandbox: give the container a network",
+    )
+    p.add_argument(
+        "--allow-image-urls",
+        action="store_true",
+        help="LOOSENS the gateway: forward image_url parts that name http(s) URLs, which a "
+        "vision upstream fetches (default: only data: URLs; also $MAS2C_ALLOW_IMAGE_URLS=1)",
     )
     p.add_argument(
         "--writable-root", action="store_true", help="LOOSENS the sandbox: writable root filesystem"

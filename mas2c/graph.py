@@ -115,6 +115,8 @@ def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]
             graph.edge(end, check)
         graph.edge(check, head, "no")
         return [check]
+    if step.shape == "each":
+        return _each(graph, step, node_id, children, entries, label)
     if step.shape == "alternatives":
         decision = graph.node(node_id, f"{step.id}\n{step.kind}", "decision")
         for entry in entries:
@@ -132,6 +134,35 @@ def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]
     if children:  # a "sequence" kind: its nested steps follow it
         return _steps(graph, [s for steps in children for s in steps], [node_id], "")
     return [node_id]
+
+
+def _each(
+    graph: Graph,
+    step: Step,
+    node_id: str,
+    children: list[list[Step]],
+    entries: list[str],
+    label: str,
+) -> list[str]:
+    """A body run once per item (`map`): a fork for the items, the body in a cluster, a
+    join that collects the results."""
+    fork = graph.node(node_id, f"{step.id}\n{step.kind}: {step.graph_detail()}", "fork")
+    for entry in entries:
+        graph.edge(entry, fork, label)
+    before = len(graph.nodes)
+    exits = [fork]
+    for body in children:
+        exits = _steps(graph, body, exits, "each item" if exits == [fork] else "")
+    fan = step.fan_out()
+    bound = f" (≤ {fan.value} items)" if fan is not None else ""
+    graph.clusters.append(
+        (node_id + "_c", f"{step.kind} {step.id}{bound}", [n[0] for n in graph.nodes[before:]])
+    )
+    out = step.writes()
+    join = graph.node(node_id + "_join", "results in order" + (f"\n→ {out}" if out else ""), "fork")
+    for end in exits:
+        graph.edge(end, join)
+    return [join]
 
 
 _MERMAID_SHAPES = {

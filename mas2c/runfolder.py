@@ -126,6 +126,9 @@ RuntimeCode = Literal[
     "flow_input",
     "internal",
     "interrupted",
+    "map_not_list",
+    "map_overflow",
+    "state_type",
 ]
 #: Codes of results the host writes when the program left none (or a broken one).
 HostCode = Literal["sandbox_timeout", "oom_killed", "sandbox_error", "no_result", "bad_result"]

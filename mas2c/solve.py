@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mas2c.errors import RunFailure
-from mas2c.files import write_text_atomic
+from mas2c.files import check_owned_folder, write_text_atomic
 from mas2c.lang.spec import Spec
 from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
 
@@ -202,6 +202,24 @@ def adapt_example(
     return Spec.model_validate(data), choice.name
 
 
+#: What `solve` writes at the top of its folder (besides `run-1/`, a run folder).
+SOLVE_FILES = frozenset(
+    {
+        "task.txt",
+        "spec-generated.yaml",
+        "spec.yaml",
+        "spec.rectified.yaml",
+        "summary.json",
+        "report.md",
+    }
+)
+
+
+def _solve_owns(relative: str) -> bool:
+    head, _, rest = relative.partition("/")
+    return head == "run-1" if rest else relative in SOLVE_FILES
+
+
 def solve(
     task: str,
     input_path: Path,
@@ -229,6 +247,7 @@ def solve(
     say = progress or (lambda _m: None)
     llm = llm or LLMConfig()
     inputs = _input_names(input_path)
+    check_owned_folder(solve_dir, marker="task.txt", owns=_solve_owns, what="solve")
     solve_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(solve_dir / "task.txt", task.strip() + "\n")
     outcome = SolveOutcome(solve_dir, "error", None)

@@ -547,9 +547,40 @@ def _internal(exc: Exception) -> dict[str, Any]:
 # --------------------------------------------------------------------------- HTTP
 
 
+def dumps(data: Any) -> bytes:
+    """JSON bytes of an answer, always valid: values a run produced that JSON cannot hold
+    (NaN, infinities, lone surrogates, nesting past 64 levels) become null or U+FFFD."""
+    try:
+        text = json.dumps(data, ensure_ascii=False, allow_nan=False, default=str)
+        return text.encode("utf-8")
+    except (ValueError, UnicodeEncodeError, RecursionError):
+        text = json.dumps(
+            _clean(data), ensure_ascii=False, allow_nan=False, default=str
+        )
+        return text.encode("utf-8")
+
+
+def _clean(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str):
+        # lone surrogates -> U+FFFD
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if depth >= 64:
+        return None
+    if isinstance(value, dict):
+        return {_clean(str(k), depth): _clean(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v, depth + 1) for v in value]
+    return value
+
+
 def _sse(event: str, data: Any) -> bytes:
-    text = json.dumps(data, ensure_ascii=False, default=str)
-    return f"event: {event}\ndata: {text}\n\n".encode()
+    return b"event: " + event.encode() + b"\ndata: " + dumps(data) + b"\n\n"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 async def _read_json(request: Request, limit: int) -> Any:
@@ -562,16 +593,26 @@ async def _read_json(request: Request, limit: int) -> Any:
         if len(body) > limit:
             raise HttpError(413, "too_large", f"the body is over {limit} bytes")
     try:
-        return json.loads(bytes(body) or b"{}")
-    except (ValueError, RecursionError) as exc:
+        data = json.loads(
+            bytes(body).decode("utf-8") or "{}", parse_constant=_no_constant
+        )
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # no lone surrogates
+        return data
+    except (ValueError, RecursionError) as exc:  # UnicodeError is a ValueError
         raise HttpError(400, "bad_json", f"the body is not JSON: {exc}"[:300]) from None
 
 
 def build_app(system: Served, limits: Limits) -> tuple[Starlette, Service]:
     """The ASGI app and its service state."""
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
+
+    class JSONResponse(Response):
+        media_type = "application/json"
+
+        def render(self, content: Any) -> bytes:
+            return dumps(content)
 
     service = Service(system, limits)
 

@@ -70,6 +70,14 @@ INPUTS: dict[str, dict[str, Any]] = {
         "decision": "Should we add offline mode to our mobile note-taking app in the next two quarters?",
         "context": "12 engineers, 40% of support tickets mention connectivity, budget is flat.",
     },
+    "map-reduce": {
+        "documents": [
+            {"title": "Supplier memo", "text": "The battery supplier slips two weeks."},
+            {"title": "Team update", "text": "Firmware is feature complete."},
+            {"title": "Canteen menu", "text": "Soup on Fridays."},
+        ],
+        "focus": "Risks to the launch date",
+    },
     "plan-and-execute": {
         "task": "A loan of 250000 at 4.1% over 25 years: what is the monthly payment?"
     },
@@ -157,6 +165,18 @@ SCRIPTS: dict[str, Callable[[], ByAgent]] = {
             },
         }
     ),
+    "map-reduce": lambda: ByAgent(
+        {
+            "summarizer": lambda req: {
+                "summary": "SUMMARY OF " + req.last_user.split("]: ")[1].split("\n")[0],
+                "relevant": "Canteen" not in req.last_user,
+            },
+            "editor": {
+                "summary": "The battery slip [0] is the main risk.",
+                "key_points": ["Battery supplier two weeks late [0]"],
+            },
+        }
+    ),
     "plan-and-execute": lambda: ByAgent(
         {
             "planner": {
@@ -241,6 +261,19 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "code-generation": {"passed": True, "test_output": "", "code": None},
     "debate": {"answer": "yes", "confidence": 0.95, "rationale": None},
     "hierarchical": {"recommendation": "go_with_conditions", "memo": None, "next_steps": None},
+    "map-reduce": {
+        "report": "The battery slip [0] is the main risk.",
+        "key_points": ["Battery supplier two weeks late [0]"],
+        "summaries": [
+            {
+                "document": i,
+                "title": t,
+                "summary": f"SUMMARY OF {t}",
+                "relevant": t != "Canteen menu",
+            }
+            for i, t in enumerate(["Supplier memo", "Team update", "Canteen menu"])
+        ],
+    },
     "plan-and-execute": {"answer": "1333.33 per month", "summary": None, "plan": None},
     "reflexion": {
         "answer": "A solar lantern whose battery lasts 12 hours.",
@@ -276,6 +309,7 @@ EXECUTED: dict[str, tuple[set[str], int]] = {
         },
         5,
     ),
+    "map-reduce": ({"summarize_each", "summarize", "reduce"}, 4),
     "plan-and-execute": ({"plan", "execute", "synthesize"}, 4),
     "reflexion": (
         {"first_draft", "first_review", "revise_if_needed", "reflect", "revise", "review_again"},

@@ -133,6 +133,17 @@ def test_scrubber_removes_the_key_its_pieces_and_credentials() -> None:
     assert scrub.value({"a": [KEY, {"b": "x"}]}) == {"a": ["<redacted>", {"b": "x"}]}
 
 
+def test_answers_are_valid_json_whatever_a_run_produced() -> None:
+    serve = load_runtime("_serve")
+    deep: list[Any] = []
+    for _ in range(2000):
+        deep = [deep]
+    doc = json.loads(serve.dumps({"nan": float("nan"), "inf": [float("-inf")], "s": "a\ud800b"}))
+    assert doc == {"nan": None, "inf": [None], "s": "a\ufffdb"}
+    assert json.loads(serve.dumps({"deep": deep}))["deep"] is not None  # cut, not a crash
+    assert json.loads(serve.dumps({"ok": "é"})) == {"ok": "é"}
+
+
 # -- a real server -------------------------------------------------------------------------------
 
 
@@ -215,8 +226,14 @@ def test_bad_input_is_422_located_and_reaches_no_llm(build_dir: Path) -> None:
             url + "/runs/stream", content=b"{not json", headers={"content-type": "application/json"}
         )
         assert r.status_code == 400 and r.json()["error"]["code"] == "bad_json"
-        r = httpx.post(url + "/runs/wait", content=b"[" * 100_000)
-        assert r.status_code == 400
+        for raw in (
+            b"[" * 100_000,
+            b'{"input": {"text": NaN}}',
+            b'{"input": {"text": "\\ud800"}}',
+            b"\xff",
+        ):
+            r = httpx.post(url + "/runs/wait", content=raw)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "bad_json", raw
         r = httpx.post(url + "/runs", content=b"x" * (1024 * 1024 + 1))
         assert r.status_code == 413
         r = httpx.post(url + "/runs/wait", json={"input": {"text": "a"}, "agent_id": "other"})

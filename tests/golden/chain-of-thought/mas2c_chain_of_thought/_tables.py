@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="82431d9d6875d084fda8a51d3ecc97883ba35b2be8e0dd0777b8fbc1fd06588f",
+        code_sha="3d6a8a647736aa3ef0470dcbdc57d4953c45b7d6a89d73adb1eb464ba5e4e389",
         reads=["question"],
     ),
 )
@@ -32,8 +32,8 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("__init__.py", 50, 55, "/budgets"),
     ("agents.py", 8, 14, "/models/main"),
     ("agents.py", 19, 50, "/agents/reasoner"),
-    ("workflow.py", 22, 23, "/workflow"),
-    ("workflow.py", 26, 37, "/workflow/0"),
+    ("workflow.py", 20, 21, "/workflow"),
+    ("workflow.py", 24, 35, "/workflow/0"),
 )
 
 PROMPTS: dict[str, str] = {

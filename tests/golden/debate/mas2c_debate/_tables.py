@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="3395b9d96b8e2db6a46a2244dd51d73ff287e11825cbcd163c4dfbb4e21a074d",
+        code_sha="94efea5c79fb86e7d189aae52fb9b1508fdbad6d5af47462ba54838c5dffa566",
         reads=["question"],
     ),
 )
@@ -36,8 +36,8 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 43, 57, "/agents/expert"),
     ("agents.py", 59, 85, "/agents/judge"),
     ("agents.py", 87, 101, "/agents/skeptic"),
-    ("workflow.py", 22, 23, "/workflow"),
-    ("workflow.py", 26, 35, "/workflow/0"),
+    ("workflow.py", 20, 21, "/workflow"),
+    ("workflow.py", 24, 33, "/workflow/0"),
 )
 
 PROMPTS: dict[str, str] = {

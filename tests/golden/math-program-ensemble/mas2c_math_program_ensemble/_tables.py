@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="11f28aecf9487de14cc7cfb0741cdef54db6524d63b3e8b9fbee8d7fbfb45317",
+        code_sha="51ddea5997922a1942533895b6f976de1900657947e5ee2c4780351e7d08b2c2",
         reads=["problem"],
     ),
 )

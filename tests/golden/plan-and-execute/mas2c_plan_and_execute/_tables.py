@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="2882296296c051d8cf134e47f37d94206312d724047e3a6d86838598592294a4",
+        code_sha="b174d7a4c8b5fcd72f78929f6e95946c67e96b6a35afb050f4292301237bad6a",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="df3afb51de1c92b4e261c7fdf1a746ce3383579238c2d36b1778ef802e9f40c6",
+        code_sha="20db0f21674b5861209422cd06ad4a77e5893b84aea45a56ea178adb30c67aa3",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="2528d5982e132bf83e955c603b2d9367e3c97cec94907d2c5091cfecb7df3a79",
+        code_sha="b0f42b416ca5d127c06d7a8c50fcfe04cc4f3f93fb57ea81cc225c67ac82a5e6",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -50,10 +50,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 66, 109, "/agents/planner"),
     ("agents.py", 111, 138, "/agents/synthesizer"),
     ("tools.py", 12, 25, "/tools/python"),
-    ("workflow.py", 22, 25, "/workflow"),
-    ("workflow.py", 28, 33, "/workflow/0"),
-    ("workflow.py", 36, 52, "/workflow/1"),
-    ("workflow.py", 55, 75, "/workflow/2"),
+    ("workflow.py", 20, 23, "/workflow"),
+    ("workflow.py", 26, 31, "/workflow/0"),
+    ("workflow.py", 34, 50, "/workflow/1"),
+    ("workflow.py", 53, 73, "/workflow/2"),
 )
 
 PROMPTS: dict[str, str] = {

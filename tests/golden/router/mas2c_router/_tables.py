@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="59466bbe471d23e5d02ba06109d700df48d2a832293d3711f5370af4c6ccd3a8",
+        code_sha="d3a2feed752d3892a2a5b2fe38a0e165a7cd04d784ecdfbc1f99d53fa4808284",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="09dab6194db93b8a58b6bbac9c7864909861c36af8ad9bf390ebccc514be6f00",
+        code_sha="b145e9c03abc9599f41b3acd9f3faf653dbda1b9364faabdf8a106922d498c46",
         reads=["product", "route", "ticket"],
     ),
 )
@@ -44,13 +44,13 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 85, 116, "/agents/classifier"),
     ("agents.py", 118, 144, "/agents/general_agent"),
     ("agents.py", 146, 173, "/agents/tech_agent"),
-    ("workflow.py", 22, 24, "/workflow"),
-    ("workflow.py", 27, 33, "/workflow/0"),
-    ("workflow.py", 36, 47, "/workflow/1"),
-    ("workflow.py", 50, 62, "/workflow/1/cases/0/steps/0"),
-    ("workflow.py", 65, 77, "/workflow/1/cases/1/steps/0"),
-    ("workflow.py", 80, 92, "/workflow/1/cases/2/steps/0"),
-    ("workflow.py", 95, 107, "/workflow/1/else/0"),
+    ("workflow.py", 20, 22, "/workflow"),
+    ("workflow.py", 25, 31, "/workflow/0"),
+    ("workflow.py", 34, 45, "/workflow/1"),
+    ("workflow.py", 48, 60, "/workflow/1/cases/0/steps/0"),
+    ("workflow.py", 63, 75, "/workflow/1/cases/1/steps/0"),
+    ("workflow.py", 78, 90, "/workflow/1/cases/2/steps/0"),
+    ("workflow.py", 93, 105, "/workflow/1/else/0"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="1b64591323afa06dae9f07c8fb50bc23b14ddc2cbde17f27ca3e0dce2cb1702a",
+        code_sha="48121ca76cf71d4288d285db8eef9c3e4dab8836a1ce3087616c8b36445229e8",
         reads=["question"],
     ),
 )
@@ -32,8 +32,8 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("__init__.py", 50, 55, "/budgets"),
     ("agents.py", 8, 14, "/models/sampler"),
     ("agents.py", 19, 45, "/agents/solver"),
-    ("workflow.py", 22, 23, "/workflow"),
-    ("workflow.py", 26, 38, "/workflow/0"),
+    ("workflow.py", 20, 21, "/workflow"),
+    ("workflow.py", 24, 36, "/workflow/0"),
 )
 
 PROMPTS: dict[str, str] = {

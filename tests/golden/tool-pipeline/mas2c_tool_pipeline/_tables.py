@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="b882e345d7fe36d200ace962ffd0259979262d274b646460442462eb780db38f",
+        code_sha="fc1ff98a32d35d04651ed1067d8608a82ffc7fdfc7f7e119f15405c671b84a70",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="006b21d3788aaf4fcb877b3a84f8584ce17fb34081c43c273c2930c14183fefb",
+        code_sha="41939812483d2647d268e51cb2847b844098cac782056bb4631c5aba27a2389b",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="e620617f63874a3f2d3f65674d121365dc7b827a0907cbca223c6d15daf42bfc",
+        code_sha="c7dba18e833920854587cae40853ba871b3b765066b2b7c6200a91884a797afa",
         reads=["rewrite"],
     ),
 )
@@ -50,10 +50,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 19, 48, "/agents/editor"),
     ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
     ("tools.py", 13, 25, "/tools/text_stats"),
-    ("workflow.py", 22, 25, "/workflow"),
-    ("workflow.py", 28, 33, "/workflow/0"),
-    ("workflow.py", 36, 51, "/workflow/1"),
-    ("workflow.py", 54, 59, "/workflow/2"),
+    ("workflow.py", 20, 23, "/workflow"),
+    ("workflow.py", 26, 31, "/workflow/0"),
+    ("workflow.py", 34, 49, "/workflow/1"),
+    ("workflow.py", 52, 57, "/workflow/2"),
 )
 
 PROMPTS: dict[str, str] = {
