@@ -240,6 +240,9 @@ def agent_uses(spec: Spec) -> dict[str, AgentUse]:
         for _key, name in step.flow_refs()
         if step.flow_repeats() > 1
     }
+    for manager_id, manager in spec.agents.items():  # workers: called by their manager
+        for worker in manager.delegates or []:
+            use(worker).notes.append(f"worker of `{manager_id}` (called by it as a tool)")
     for name, flow in spec.flows.items():  # a flow's agents: noted with the flow's name
         walk(flow.steps, [f"flow `{name}`"])
         if name in sampled:

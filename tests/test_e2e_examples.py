@@ -88,6 +88,14 @@ INPUTS: dict[str, dict[str, Any]] = {
         "ticket": "The backup client crashes with error 0x80070005 every night since the update.",
         "product": "Acme Cloud Backup (Pro plan)",
     },
+    "manager-workers": {
+        "request": "Write a short note on why the sky is blue.",
+        "history": [
+            {"role": "user", "content": "We publish notes for curious kids."},
+            {"role": "assistant", "content": "Understood: short, simple, correct."},
+        ],
+        "follow_up": "Can you make it shorter?",
+    },
     "math-program-ensemble": {"problem": "What is the sum of the first 10 positive odd integers?"},
     "self-consistency": {"question": "What is 17 * 3 + 4? Answer with a number."},
     "tool-pipeline": {
@@ -212,6 +220,24 @@ SCRIPTS: dict[str, Callable[[], ByAgent]] = {
             ],
         }
     ),
+    "manager-workers": lambda: ByAgent(
+        {
+            "manager": [
+                Reply(
+                    tool_calls=[
+                        ToolCall("researcher", {"task": "Why is the sky blue?"}),
+                        ToolCall("writer", {"task": "Draft a note for kids on it."}),
+                    ]
+                ),
+                Reply(tool_calls=[ToolCall("reviewer", {"task": "Check: DRAFT sky note"})]),
+                {"answer": "FINAL: sunlight scatters.", "delegated": ["researcher", "writer"]},
+            ],
+            "researcher": "FACTS: Rayleigh scattering.",
+            "writer": ["DRAFT sky note", "SHORTER sky note"],
+            "reviewer": "OK",
+            "dispatcher": {"owner": "writer", "reason": "wording"},
+        }
+    ),
     "math-program-ensemble": lambda: ByAgent(
         {
             "programmer": [
@@ -286,6 +312,11 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "reply": "1. Reinstall the client.",
         "needs_human": True,
     },
+    "manager-workers": {
+        "answer": "FINAL: sunlight scatters.",
+        "owner": "writer",
+        "follow_up_answer": "SHORTER sky note",
+    },
     "math-program-ensemble": {"answer": "100", "program": "print('ANSWER: 100')\n"},
     "self-consistency": {"answer": "55"},
     "tool-pipeline": {
@@ -316,6 +347,7 @@ EXECUTED: dict[str, tuple[set[str], int]] = {
         4,
     ),
     "router": ({"classify", "dispatch", "answer_technical"}, 2),
+    "manager-workers": ({"manage", "route_follow_up", "answer_follow_up"}, 8),
     "math-program-ensemble": ({"sample_programs", "write_program", "read_answer"}, 6),
     "self-consistency": ({"sample_and_vote"}, 5),
     "tool-pipeline": ({"measure_before", "rewrite", "measure_after"}, 2),

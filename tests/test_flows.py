@@ -109,7 +109,9 @@ def test_the_outputs_object_is_typed_for_later_steps() -> None:
 
 
 def test_a_value_typed_only_at_run_time_fails_with_a_located_code(tmp_path: Path) -> None:
-    loose = SPEC.replace("facts: {type: array, items: {type: string}}", "facts: {type: [array, string]}")
+    loose = SPEC.replace(
+        "facts: {type: array, items: {type: string}}", "facts: {type: [array, string]}"
+    )
     spec = _spec(loose)
     compile_to(spec, tmp_path / "build")
     with LLMTestServer() as server:
@@ -152,9 +154,10 @@ def test_every_stage_knows_flows(tmp_path: Path) -> None:
     # compile: _flows.py only in packages that run a flow
     files = compile_spec(spec).files
     assert "mas2c_math_program_ensemble/_flows.py" in files
-    assert "mas2c_self_consistency/_flows.py" not in compile_spec(
-        example_spec("self-consistency")
-    ).files
+    assert (
+        "mas2c_self_consistency/_flows.py"
+        not in compile_spec(example_spec("self-consistency")).files
+    )
 
 
 def test_a_changed_flow_changes_the_checkpoint_code_hash() -> None:

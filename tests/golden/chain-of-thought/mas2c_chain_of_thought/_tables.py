@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="3d6a8a647736aa3ef0470dcbdc57d4953c45b7d6a89d73adb1eb464ba5e4e389",
+        code_sha="66d441accc4b9cd23295c5d26f35725127478e1c254c8e51b13d956b56395121",
         reads=["question"],
     ),
 )

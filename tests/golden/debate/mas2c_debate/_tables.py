@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="94efea5c79fb86e7d189aae52fb9b1508fdbad6d5af47462ba54838c5dffa566",
+        code_sha="1080809db7de4c4e148193a8f20e185cb95c628c6278f18614c98758331ed829",
         reads=["question"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="c6b3c7eea6fb15930af609c2f2526f06531981888606f2105899e04744599f61",
+        code_sha="c6147269c350053062cc4e7289d1012e085ca987d281797542868b6042505b65",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="1552a4fb370a30318c02d07997d3891602983e940f1b24daa0343345e782ef81",
+        code_sha="0cfa47a745c24ba37ec8d36f6f09f4e6a87897e5321ee00f95fa8f355ec2c536",
         reads=["focus", "summaries"],
     ),
 )

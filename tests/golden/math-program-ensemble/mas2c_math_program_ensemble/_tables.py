@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="51ddea5997922a1942533895b6f976de1900657947e5ee2c4780351e7d08b2c2",
+        code_sha="046bd9cda04e50a47e9560ab2d57aba3c4723031c7ce3291ad46194ae9fea8d8",
         reads=["problem"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="d3a2feed752d3892a2a5b2fe38a0e165a7cd04d784ecdfbc1f99d53fa4808284",
+        code_sha="78dedba10c2bffad18c214f5eff08e1d32b12059d26a21ce473e7afdcd4c6f4e",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="b145e9c03abc9599f41b3acd9f3faf653dbda1b9364faabdf8a106922d498c46",
+        code_sha="54a86d73d5f583347eddf8c3730cd7a8b4f82b087dfd3680c038ef8e7653e805",
         reads=["product", "route", "ticket"],
     ),
 )

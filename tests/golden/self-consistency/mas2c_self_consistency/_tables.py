@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="48121ca76cf71d4288d285db8eef9c3e4dab8836a1ce3087616c8b36445229e8",
+        code_sha="07ae07d36a93100bd308ae07fe4b8c8846435e0e6709a740c767c303ebcd5b48",
         reads=["question"],
     ),
 )
