@@ -69,7 +69,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
-from mas2c.errors import RunFailure
+from mas2c.errors import RunFailure, terminal_safe
 from mas2c.files import check_owned_folder, folder_state, write_text_atomic
 from mas2c.runfolder import result_or_error
 
@@ -872,13 +872,13 @@ class ProgressBar:
             self.finished_here += 1
             self.passed += int(passed)
             self.cost += cost
-            self._write(self.line(note))
+            self._write(self.line(terminal_safe(note)))
 
     def say(self, message: str) -> None:
         with self._lock:
             if self._tty():
                 self.stream.write("\r\033[K")
-            self.stream.write(f"{message}\n")
+            self.stream.write(f"{terminal_safe(message)}\n")
             self.stream.flush()
 
     def start(self) -> None:

@@ -41,6 +41,7 @@ from mas2c.errors import (
     Mas2cError,
     UsageError,
     os_error_message,
+    terminal_safe,
 )
 
 EXIT_INVALID = EXIT_FAILURE  # the older name, kept for scripts that import it
@@ -69,11 +70,12 @@ def _finish(args: argparse.Namespace, ok: bool, doc: dict[str, Any], text: str =
 
 
 def _say(message: str) -> None:
+    message = terminal_safe(message)
     sys.stderr.write(message if message.endswith("\n") else message + "\n")
 
 
 def _warn(message: str) -> None:
-    sys.stderr.write(f"mas2c: warning: {message}\n")
+    sys.stderr.write(f"mas2c: warning: {terminal_safe(message)}\n")
 
 
 def _renamed(flag: str, old: dict[str, str]) -> Callable[[str], str]:
@@ -98,7 +100,7 @@ _LLM_FLAG = _renamed("--llm", {"local": "embedded"})
 
 
 def _progress(message: str) -> None:
-    sys.stderr.write(f"mas2c: {message}\n")
+    sys.stderr.write(f"mas2c: {terminal_safe(message)}\n")
     sys.stderr.flush()
 
 
@@ -384,7 +386,7 @@ class _RunMeter:
             if not self.enabled or (not self._tty and now - self._last < 1.0):
                 return
             self._last = now
-            line = self.line()
+            line = terminal_safe(self.line())
             if self._tty:
                 sys.stderr.write(f"\r\033[Kmas2c: {line}")
             else:
@@ -1301,7 +1303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _ArgumentError as exc:
         if not as_json:
             exc.parser.print_usage(sys.stderr)
-            sys.stderr.write(f"{exc.parser.prog}: error: {exc}\n")
+            sys.stderr.write(f"{exc.parser.prog}: error: {terminal_safe(str(exc))}\n")
             return EXIT_USAGE
         return _fail(verb, exc, as_json)
     except Mas2cError as exc:
@@ -1348,7 +1350,7 @@ def _fail(verb: str, exc: Mas2cError, as_json: bool) -> int:
     """The one error report: a message on stderr, and with --json one document on stdout."""
     report = getattr(exc, "report", None) if exc.code == "spec_invalid" else None
     located = report is not None  # the validator's report names file:line:column itself
-    message = str(exc)
+    message = terminal_safe(str(exc))
     sys.stderr.write(
         (message if located else f"mas2c {verb}: {message}".replace("mas2c : ", "mas2c: ")) + "\n"
     )

@@ -176,7 +176,7 @@ def compile_spec(spec: Spec) -> Build:
 
 
 # Runtime modules shipped only when a step kind asks for them (its RUNTIME_MODULES).
-OPTIONAL_RUNTIME = ("_voting.py", "_flows.py")
+OPTIONAL_RUNTIME = ("_voting.py", "_flows.py", "_delegation.py")
 
 
 def runtime_files(spec: Spec | None = None) -> dict[str, str]:
@@ -190,6 +190,8 @@ def runtime_files(spec: Spec | None = None) -> dict[str, str]:
         needed = {module for step in steps for module in step.RUNTIME_MODULES}
         if spec.flows:  # flows run through _flows.py (a subflow step, an ensemble over one)
             needed.add("_flows.py")
+        if any(a.delegates for a in spec.agents.values()) or any(s.agent_choice() for s in steps):
+            needed.add("_delegation.py")
     files = {
         name: (templates_dir() / name).read_text("utf-8") for name in ("_runtime.py", "_api.py")
     }
@@ -294,6 +296,16 @@ def _agents_view(spec: Spec) -> dict[str, Any]:
                 "output": value_literal(agent.output) if isinstance(agent.output, dict) else "None",
                 "tools": value_literal(agent.tools),
                 "max_tool_rounds": agent.max_tool_rounds,
+                "delegates": value_literal(tuple(agent.delegates)) if agent.delegates else None,
+                "examples": [
+                    (
+                        example.user,
+                        example.assistant
+                        if isinstance(example.assistant, str)
+                        else canonical_json(example.assistant),
+                    )
+                    for example in agent.examples or []
+                ],
             }
         )
     return {"models": models, "agents": agents}
@@ -475,6 +487,9 @@ class EmitContext:
             "kind": step.kind,
             "template": emitter.template,
             "timeout_s": value_literal(step.timeout_s) if step.timeout_s else None,
+            "settings": value_literal(step.settings.model_dump(exclude_none=True))
+            if step.settings is not None and step.settings.model_dump(exclude_none=True)
+            else None,
             "out": step_out(step),
             "doc": docstring_text(step.summary()),
             "branches": [],
@@ -565,7 +580,22 @@ def _leaf(call: Callable[[Any], str]) -> EmitView:
 
 
 def _call_view(step: CallStep) -> str:
-    return f"self.run.call({string_literal(step.agent)}, {text_literal(step.prompt)})"
+    history = f", history={text_literal(step.history)}" if step.history is not None else ""
+    return f"self.run.call({string_literal(step.agent)}, {text_literal(step.prompt)}{history})"
+
+
+def _call_step_view(step: CallStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
+    """A call step: `self.run.call`, or `call_chosen` when a state value picks the agent."""
+    if step.agents is None:
+        return _leaf(_call_view)(step, pointer, emit)
+    history = f", history={text_literal(step.history)}" if step.history is not None else ""
+    out = step_out(step)
+    return {
+        "call": f"call_chosen(self.run, {text_literal(step.agent)}, {value_literal(step.agents)}, "
+        f"{text_literal(step.prompt)}{history})",
+        "assign": f"self.state[{string_literal(out)}] = " if out else "",
+        "helpers": {"_delegation.call_chosen"},
+    }
 
 
 def _ensemble_flow_view(step: EnsembleStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
@@ -718,13 +748,13 @@ def _map_view(step: MapStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
 
 
 for _kind, _call in (
-    ("call", _call_view),
     ("debate", _debate_view),
     ("programmer", _programmer_view),
     ("test", _test_view),
     ("tool", _tool_view),
 ):
     register_emitter(_kind, "steps/leaf.py.j2", _leaf(_call))
+register_emitter("call", "steps/leaf.py.j2", _call_step_view)
 register_emitter("ensemble", "steps/leaf.py.j2", _ensemble_flow_view)
 register_emitter("subflow", "steps/leaf.py.j2", _subflow_view)
 register_emitter("loop", "steps/loop.py.j2", _loop_view)

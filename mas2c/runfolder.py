@@ -124,6 +124,8 @@ RuntimeCode = Literal[
     "no_credentials",
     "llm_error",
     "flow_input",
+    "agent_choice",
+    "chat_history",
     "internal",
     "interrupted",
     "map_not_list",

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mas2c.errors import RunFailure
+from mas2c.errors import RunFailure, terminal_safe
 from mas2c.files import check_owned_folder, write_text_atomic
 from mas2c.lang.spec import Spec
 from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
@@ -501,6 +501,7 @@ def _generation_line(generation: dict[str, Any]) -> str:
 
 def print_progress(message: str) -> None:
     """One line per message on stderr; on a terminal the counter line rewrites itself."""
+    message = terminal_safe(message)
     if sys.stderr.isatty() and "so far" in message:
         sys.stderr.write(f"\r\033[K{message}")
     else:

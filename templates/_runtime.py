@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -145,6 +146,10 @@ class AgentDef:
     output: Mapping[str, Any] | None = None  # a JSON Schema, or None for text
     tools: Sequence[str] = ()
     max_tool_rounds: int = 5
+    delegates: Sequence[
+        str
+    ] = ()  # workers offered as function tools (see _delegation.py)
+    examples: Sequence[tuple[str, str]] = ()  # few-shot (user, assistant) messages
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,8 @@ class WorkflowError(Exception):
     ``error.code``; the rectifier dispatches on it, never on the message): one of
     empty_vote, step_timeout, tool_timeout, tool_error, structured_output, budget_calls,
     budget_tokens, budget_cost, run_timeout, bad_input, llm_error, map_not_list,
-    map_overflow, state_type, internal (and interrupted, for a run stopped by a signal).
+    map_overflow, state_type, flow_input, agent_choice, chat_history, internal (and
+    interrupted, for a run stopped by a signal).
     """
 
     code = "internal"
@@ -746,6 +752,44 @@ def _content(value: Any) -> Any:
 _STEP: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "mas2c_step", default=None
 )
+
+# The LLM request overrides of the steps each task is in (a step's `settings`).
+_SETTINGS: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "mas2c_settings", default=None
+)
+_REQUEST_SETTINGS = ("max_tokens", "stop", "top_p", "seed")
+
+
+def _with_settings(agent: AgentDef) -> AgentDef:
+    """The agent as the current step's ``settings`` override it (model, temperature)."""
+    settings = _SETTINGS.get()
+    if not settings:
+        return agent
+    changes = {k: settings[k] for k in ("model", "temperature") if k in settings}
+    return dataclasses.replace(agent, **changes) if changes else agent
+
+
+def _chat_history(value: Any, pointer: str | None) -> list[dict[str, str]]:
+    """A chat history as messages; anything else is a located ``chat_history`` error."""
+    if not isinstance(value, list):
+        raise WorkflowError(
+            f"a chat history is a list of {{role, content}} messages, got {json_type(value)}",
+            spec_pointer=pointer,
+            code="chat_history",
+        )
+    messages = []
+    for index, item in enumerate(value):
+        ok = isinstance(item, Mapping) and item.get("role") in ("user", "assistant")
+        if not ok or not isinstance(item.get("content"), str):
+            raise WorkflowError(
+                f"message {index} of the chat history is not "
+                '{"role": "user"|"assistant", "content": "<text>"}',
+                spec_pointer=pointer,
+                code="chat_history",
+            )
+        messages.append({"role": str(item["role"]), "content": str(item["content"])})
+    return messages
+
 
 # The state of the flow (named sub-workflow) each task runs in; None: the workflow's.
 _FLOW_STATE: contextvars.ContextVar[State | None] = contextvars.ContextVar(
@@ -1436,9 +1480,18 @@ class Run:
 
     @contextlib.asynccontextmanager
     async def step(
-        self, step_id: str, pointer: str, timeout_s: float | None = None
+        self,
+        step_id: str,
+        pointer: str,
+        timeout_s: float | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[None]:
-        """Trace a step, enforce its timeout, and tag escaping errors with its pointer."""
+        """Trace a step, enforce its timeout, and tag escaping errors with its pointer.
+        ``settings`` override the LLM requests made inside (an inner step's win)."""
+        outer = _SETTINGS.get()
+        settings_token = (
+            _SETTINGS.set({**(outer or {}), **settings}) if settings else None
+        )
         token = _STEP.set((step_id, pointer))
         span = _open_span(self.trace)
         span_token = _SPAN.set(span.span_id)
@@ -1471,6 +1524,8 @@ class Run:
         finally:
             _STEP.reset(token)
             _SPAN.reset(span_token)
+            if settings_token is not None:
+                _SETTINGS.reset(settings_token)
             self.trace.emit(
                 "step_end",
                 step=step_id,
@@ -1676,9 +1731,15 @@ class Run:
         self.state.absorb(scope, keep=True, drop=("error",))
         self.trace.emit("fallback_end", step=step_id, pointer=f"{pointer}/fallback")
 
-    async def call(self, agent: str, prompt: str) -> Any:
-        """``call`` step: one agent turn on the rendered prompt."""
-        return await self.turn(agent, render(prompt, self.state))
+    async def call(self, agent: str, prompt: str, *, history: str | None = None) -> Any:
+        """``call`` step: one agent turn on the rendered prompt (after the chat
+        ``history``, a whole placeholder, when the step has one)."""
+        earlier = None
+        if history is not None:
+            where = _STEP.get()
+            pointer = f"{where[1]}/history" if where else None
+            earlier = _chat_history(resolve_value(history, self.state), pointer)
+        return await self.turn(agent, render(prompt, self.state), history=earlier)
 
     async def tool(self, name: str, args: Mapping[str, Any]) -> Any:
         """``tool`` step: call a tool directly with rendered arguments."""
@@ -1808,13 +1869,25 @@ class Run:
 
     # --------------------------------------------------------------- agent turns
 
-    async def turn(self, agent_id: str, prompt: str) -> Any:
-        """One agent turn on an already rendered prompt: text, or parsed JSON."""
-        agent = self._agent(agent_id)
+    async def turn(
+        self,
+        agent_id: str,
+        prompt: str,
+        *,
+        history: Sequence[Mapping[str, str]] | None = None,
+    ) -> Any:
+        """One agent turn on an already rendered prompt: text, or parsed JSON.
+        Messages: system, the agent's few-shot examples, the chat history, the prompt.
+        """
+        agent = _with_settings(self._agent(agent_id))
         messages: list[dict[str, Any]] = []
         system = render(_system_prompt(agent), self.state)
         if system:
             messages.append({"role": "system", "content": system})
+        for user, assistant in agent.examples:
+            messages.append({"role": "user", "content": user})
+            messages.append({"role": "assistant", "content": assistant})
+        messages += [dict(m) for m in history or ()]
         messages.append({"role": "user", "content": prompt})
         text = await self._answer(agent, messages)
         if agent.output is None:
@@ -1849,6 +1922,10 @@ class Run:
         "none") because the history may hold tool messages that refer to them.
         """
         tools = [_tool_schema(self._tool(t)) for t in agent.tools]
+        if agent.delegates:
+            from ._delegation import worker_tools  # shipped with delegating agents
+
+            tools += worker_tools(self, agent)
         rounds = 0
         while True:
             last_round = final or rounds >= agent.max_tool_rounds
@@ -1872,6 +1949,11 @@ class Run:
         """Run one tool call of the model; errors go back as text so it can recover."""
         function = getattr(call, "function", None)
         name = function.name if function is not None else "?"
+        if function is not None and name in agent.delegates:
+            from ._delegation import delegate  # shipped with delegating agents
+
+            content = await delegate(self, agent, name, function.arguments)
+            return {"role": "tool", "tool_call_id": call.id, "content": _cap(content)}
         try:
             if function is None or name not in agent.tools:
                 raise ToolError(
@@ -2046,6 +2128,8 @@ class Run:
             request["temperature"] = temperature
         if model.max_tokens is not None:
             request["max_tokens"] = model.max_tokens
+        settings = _SETTINGS.get() or {}
+        request.update({k: settings[k] for k in _REQUEST_SETTINGS if k in settings})
         if tools:
             request["tools"] = tools
             if no_more_tools:

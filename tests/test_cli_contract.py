@@ -166,6 +166,42 @@ def test_batch_refuses_a_run_dir_holding_user_files(tmp_path: Path) -> None:
         assert tree(run_dir) == before
 
 
+ESCAPES = r"""spec_version: "1"
+name: esc
+inputs:
+  x: {type: integer}
+outputs:
+  r: r
+models:
+  m: {model: test-model}
+agents:
+  a: {role: r, instructions: i, model: m}
+tools:
+  boom:
+    code: |
+      def boom(x: int) -> int:
+          raise ValueError("\x1b[2J\x1b]0;PWNED\x07\x9b31m\u202efake: ok\r\x1b[K")
+workflow:
+  - {id: c, kind: call, agent: a, prompt: "hi {{ x }}", out: w}
+  - {id: t, kind: tool, tool: boom, args: {x: "{{ x }}"}, out: r}
+"""
+
+
+def test_what_a_program_wrote_reaches_the_terminal_escaped(
+    tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """A tool's error message quoted on stderr cannot drive the user's terminal."""
+    (tmp_path / "esc.yaml").write_text(ESCAPES)
+    (tmp_path / "in.json").write_text('{"x": 1}')
+    argv = ["run", tmp_path / "esc.yaml", "--input", tmp_path / "in.json"]
+    argv += ["--run-dir", tmp_path / "r", "--sandbox", "local", "--llm", llm_server.base_url]
+    proc = mas2c(*argv, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "PWNED" in proc.stderr and "\\x1b]0;PWNED\\x07" in proc.stderr
+    for control in ("\x1b", "\x07", "\x9b", "\u202e", "\r"):
+        assert control not in proc.stderr
+
+
 def test_build_folder_modes_follow_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:

@@ -49,6 +49,15 @@ class ModelSpec(_Strict):
     price: Price | None = None
 
 
+class Example(_Strict):
+    """One few-shot exchange, sent as real chat messages before the task."""
+
+    user: str = Field(description="What the user says.")
+    assistant: str | dict[str, Any] = Field(
+        description="The answer the agent should give (an object for a structured agent)."
+    )
+
+
 class Agent(_Strict):
     role: str = Field(
         min_length=1, description="Who the agent is; becomes the system prompt's first line."
@@ -67,6 +76,55 @@ class Agent(_Strict):
     max_tool_rounds: int = Field(
         5, ge=1, le=50, description="Tool-call rounds before the agent must answer."
     )
+    delegates: list[str] | None = Field(
+        None,
+        description="Agents this agent may call as tools (a manager's workers): each is "
+        "offered as a function named like the agent, described by its role; a worker's "
+        "call runs under the run's budgets and trace.",
+    )
+    examples: list[Example] | None = Field(
+        None,
+        description="Few-shot examples: user/assistant pairs sent as real chat messages "
+        "after the system prompt, before the task.",
+    )
+
+
+# `type: chat` in an input schema: a chat history (a list of {role, content} messages).
+CHAT_SCHEMA: JsonSchema = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "role": {"type": "string", "enum": ["user", "assistant"]},
+            "content": {"type": "string"},
+        },
+        "required": ["role", "content"],
+    },
+}
+
+
+def expand_chat_types(inputs: Any) -> Any:
+    """Input schemas with `type: chat` as the JSON Schema of a chat history (other keys,
+    such as `description`, kept)."""
+    if not isinstance(inputs, dict):
+        return inputs
+    return {
+        name: {**schema, **CHAT_SCHEMA}
+        if isinstance(schema, dict) and schema.get("type") == "chat"
+        else schema
+        for name, schema in inputs.items()
+    }
+
+
+class StepSettings(_Strict):
+    """Per-step overrides of the LLM request, for every call made inside the step."""
+
+    model: str | None = Field(None, description="A model pool id used instead of the agent's.")
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, gt=0)
+    stop: list[str] | None = Field(None, max_length=4, description="Stop sequences.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
 
 
 class Egress(_Strict):
@@ -136,6 +194,7 @@ class Tool(_Strict):
 #   agent_refs()    agents it names (relative key, agent id, role: caller/sampler/judge/programmer)
 #   tool_refs()     tools it names          templates()   texts with placeholders it renders
 #   flow_refs()     flows (sub-workflows) it runs, flow_repeats() times per run
+#   agent_choice()  an agent chosen at run time from a set; chat_history() a history it sends
 #   body_templates() texts rendered inside its body's scope; item_names() what "each" binds
 #   references()    state paths it reads    conditions()  expressions it evaluates
 #   writes()        the state variable it sets; out_schema() the JSON Schema of that value
@@ -196,6 +255,11 @@ class StepBase(_Strict):
         "error in the state variable `error` ({type, code, message, step, pointer}); the run "
         "goes on when they succeed.",
     )
+    settings: StepSettings | None = Field(
+        None,
+        description="Overrides (model, temperature, max_tokens, stop, top_p, seed) for every "
+        "LLM call made inside this step; an inner step's own settings win.",
+    )
 
     LANGUAGE: ClassVar[str] = ""
     shape: ClassVar[Shape] = "leaf"
@@ -211,6 +275,14 @@ class StepBase(_Strict):
 
     def agent_refs(self) -> list[AgentRef]:
         return []
+
+    def agent_choice(self) -> tuple[str, str, list[str]] | None:
+        """An agent chosen at run time: (relative key, the placeholder, the allowed set)."""
+        return None
+
+    def chat_history(self) -> tuple[str, str] | None:
+        """A chat history sent as messages: (relative key, the placeholder)."""
+        return None
 
     def tool_refs(self) -> list[tuple[str, str]]:
         return []
@@ -292,19 +364,71 @@ class _Writes(StepBase):
 
 class CallStep(_Writes):
     kind: Literal["call"]
-    agent: str
+    agent: str = Field(
+        description="An agent id, or (with `agents`) a placeholder naming one of `agents` "
+        "at run time."
+    )
+    agents: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="The set `agent` is chosen from by a state value (`agent: "
+        '"{{ route.specialist }}"`).',
+    )
     prompt: str
+    history: str | None = Field(
+        None,
+        description="A whole placeholder holding a chat history (an input of `type: chat`, a "
+        "list of {role, content}): sent as real messages before the prompt.",
+    )
 
-    LANGUAGE: ClassVar[str] = "one agent answers one prompt. Fields: agent, prompt, out."
+    LANGUAGE: ClassVar[str] = (
+        "one agent answers one prompt. Fields: agent, prompt, out; history (optional: a\n"
+        "  placeholder of a chat-history input, sent as real messages); agents (optional: the set\n"
+        '  agent is chosen from at run time, with agent: "{{ route.owner }}").'
+    )
 
     def agent_refs(self) -> list[AgentRef]:
+        if self.agents is not None:
+            return [AgentRef(f"agents/{i}", a, "caller") for i, a in enumerate(self.agents)]
+        if "{{" in self.agent:  # a choice without its set: MAS210 (problems)
+            return []
         return [AgentRef("agent", self.agent, "caller")]
 
+    def agent_choice(self) -> tuple[str, str, list[str]] | None:
+        if self.agents is None:
+            return None
+        return ("agent", self.agent, list(self.agents))
+
+    def problems(self) -> list[tuple[str, str, str, str | None]]:
+        if self.agents is None and "{{" in self.agent:
+            return [
+                (
+                    "MAS210",
+                    "agent",
+                    "an agent chosen by a state value needs `agents`: the set it is chosen from",
+                    "add agents: [<every agent the value may name>]",
+                )
+            ]
+        return []
+
     def templates(self) -> list[tuple[str, str]]:
-        return [("prompt", self.prompt)]
+        found = [("prompt", self.prompt)]
+        if self.agents is not None:
+            found.append(("agent", self.agent))
+        return found + ([("history", self.history)] if self.history is not None else [])
 
     def answer_agents(self) -> list[str]:
-        return [self.agent]
+        return list(self.agents) if self.agents is not None else [self.agent]
+
+    def chat_history(self) -> tuple[str, str] | None:
+        return ("history", self.history) if self.history is not None else None
+
+    def out_schema(self, agents: Mapping[str, Agent]) -> JsonSchema | None:
+        outputs = [agents[a].output for a in self.answer_agents() if a in agents]
+        first = outputs[0] if outputs else None
+        if isinstance(first, dict) and all(o == first for o in outputs):
+            return first
+        return None
 
     def llm_calls(self) -> int:
         return 1
@@ -313,9 +437,13 @@ class CallStep(_Writes):
         return f"call `{self.id}`"
 
     def summary(self) -> str:
+        if self.agents is not None:
+            return f"`{self.id}`: one of {', '.join(self.agents)} (chosen at run time) answers."
         return f"`{self.id}`: agent `{self.agent}` answers the prompt."
 
     def graph_detail(self) -> str:
+        if self.agents is not None:
+            return f"{self.agent.strip()} ∈ {', '.join(self.agents)}"
         return self.agent
 
 
@@ -944,6 +1072,11 @@ class FlowDef(_Strict):
     )
     steps: list[Step] = Field(min_length=1)
 
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _chat_inputs(cls, inputs: Any) -> Any:
+        return expand_chat_types(inputs)
+
 
 class Spec(_Strict):
     """A multi-agent system."""
@@ -999,6 +1132,8 @@ class Spec(_Strict):
         version = data.get("spec_version") if isinstance(data, dict) else None
         if isinstance(version, int) and not isinstance(version, bool) and version == 1:
             data = {**data, "spec_version": "1"}
+        if isinstance(data, dict) and "inputs" in data:
+            data = {**data, "inputs": expand_chat_types(data["inputs"])}
         return data
 
     @property

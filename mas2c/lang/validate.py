@@ -75,6 +75,10 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS207": "a reference to a flow that does not exist",
     "MAS208": "a flow's arguments (`with`) do not fit its inputs: missing, unknown or mistyped",
     "MAS209": "flows call each other in a cycle (recursion, direct or indirect)",
+    "MAS210": "an agent chosen at run time: `agent` is not a whole placeholder, `agents` is missing, or the value may fall outside `agents`",
+    "MAS211": "a delegation that cannot work: to the agent itself, in a cycle, or named like one of its tools",
+    "MAS212": "a chat `history` that is not a whole placeholder of a list of {role, content} messages",
+    "MAS213": "a few-shot example's answer does not fit the agent's output",
     "MAS301": "a placeholder or reference reads a state variable that is not bound there",
     "MAS302": "a malformed placeholder",
     "MAS303": "a condition uses a construct outside the safe subset",
@@ -98,6 +102,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS504": "an ensemble needs exactly one of `agent` and `agents`",
     "MAS505": "a vote over structured answers has no field to vote on",
     "MAS506": "two parallel branches write the same state variable",
+    "MAS511": "a schema `pattern` that does not compile or can backtrack for exponential time",
     "MAS520": "a state variable's reducer does not fit its schema or initial value",
     "MAS521": "a state variable's initial value does not match its schema",
     "MAS522": "a state variable is also an input",
@@ -535,6 +540,68 @@ class _Checker:
                 )
         if isinstance(agent.output, dict):
             self._check_schema(f"{here}/output", agent.output)
+        self._check_delegates(agent_id, agent)
+        self._check_examples(agent_id, agent)
+
+    def _check_delegates(self, agent_id: str, agent: Agent) -> None:
+        """Workers exist, are not the agent itself or one of its tools, form no cycle."""
+        here = f"/agents/{escape_token(agent_id)}"
+        for index, worker in enumerate(agent.delegates or []):
+            pointer = f"{here}/delegates/{index}"
+            self.used_agents.add(worker)
+            if worker not in self.spec.agents:
+                self.add(
+                    "MAS201",
+                    pointer,
+                    f"agent `{agent_id}` delegates to `{worker}`, which is not an agent",
+                    did_you_mean(worker, self.spec.agents),
+                )
+            elif worker == agent_id:
+                self.add("MAS211", pointer, f"agent `{agent_id}` delegates to itself")
+            elif worker in agent.tools:
+                self.add(
+                    "MAS211",
+                    pointer,
+                    f"worker `{worker}` and tool `{worker}` of agent `{agent_id}` would be "
+                    "two functions of the same name",
+                    "rename the tool or the worker agent",
+                )
+            elif not _FUNCTION_NAME.fullmatch(worker):
+                self.add(
+                    "MAS211",
+                    pointer,
+                    f"worker `{worker}` is offered as a function, and {worker!r} is no "
+                    "function name (letters, digits, _ and -, at most 64)",
+                )
+            elif agent_id in _delegation_closure(self.spec, worker):
+                self.add(
+                    "MAS211",
+                    pointer,
+                    f"agents `{agent_id}` and `{worker}` delegate to each other (a cycle)",
+                    "a worker cannot hand work back to its manager: remove one direction",
+                )
+
+    def _check_examples(self, agent_id: str, agent: Agent) -> None:
+        here = f"/agents/{escape_token(agent_id)}/examples"
+        for index, example in enumerate(agent.examples or []):
+            pointer = f"{here}/{index}/assistant"
+            answer = example.assistant
+            if isinstance(agent.output, dict):
+                problems = values.validate(answer, agent.output)
+                if problems:
+                    self.add(
+                        "MAS213",
+                        pointer,
+                        f"the example answer does not fit agent `{agent_id}`'s output: "
+                        + problems[0],
+                        "a structured agent's example answer is an object of its output schema",
+                    )
+            elif not isinstance(answer, str):
+                self.add(
+                    "MAS213",
+                    pointer,
+                    f"agent `{agent_id}` answers text, so its example answer is a string",
+                )
 
     def _check_schema(self, pointer: str, schema: dict[str, Any]) -> None:
         problem = _schema_problem(schema) or values.schema_keyword_problem(schema)
@@ -544,6 +611,20 @@ class _Checker:
                 pointer,
                 problem,
                 "e.g. {type: object, properties: {answer: {type: string}}}",
+            )
+        self._check_patterns(pointer, schema)
+
+    def _check_patterns(self, pointer: str, schema: dict[str, Any]) -> None:
+        """MAS511: a `pattern` the host would refuse to evaluate (see values.pattern_problem)."""
+        found = values.schema_pattern_problem(schema)
+        if found:
+            self.add(
+                "MAS511",
+                pointer + found[0],
+                found[1],
+                "write the repeat so that each pass must start with a character the repeated "
+                "part cannot match (`(\\d+,)*`, not `(\\d+,?)*`), or make it possessive "
+                "(`a++`) or atomic (`(?>...)`)",
             )
 
     def _check_tool(self, tool_id: str, tool: Tool) -> None:
@@ -800,11 +881,16 @@ class _Checker:
             self._tool_ref(tool, f"{here}/{key}")
         for agent_id in dict.fromkeys(step_agents(step)):
             self._agent_prompts(agent_id, here, scope)
+            for worker in sorted(_delegation_closure(self.spec, agent_id) - {agent_id}):
+                self._agent_prompts(worker, here, scope)  # a worker's turn renders here too
         for key, text in step.templates():
             self._template(text, f"{here}/{key}", scope)
         for key, text in step.references():
             self._reference(text, f"{here}/{key}", scope)
         self._flow_refs(step, here, scope)
+        self._agent_choice(step, here, scope)
+        self._chat_history(step, here, scope)
+        self._settings(step, here)
         self._vote_on(step, here)
         self._tool_args(step, here, scope)
         before = scope
@@ -971,8 +1057,46 @@ class _Checker:
                 if mismatch:
                     return f"the placeholders sit inside a larger string, which is text; the parameter wants {mismatch[1]}"
                 return None
+        if isinstance(value, list | dict) and _holds_placeholder(value):
+            return self._container_problem(value, expected, scope)
         problems = values.validate(value, expected)
         return problems[0].partition(": ")[2] if problems else None
+
+    def _container_problem(
+        self, value: list[Any] | dict[str, Any], expected: dict[str, Any], scope: _Scope
+    ) -> str | None:
+        """A list or object holding placeholders, against the parameter's schema: each
+        element checked as an argument of its own (a whole placeholder by its known type)."""
+        alternatives = expected.get("anyOf")
+        if isinstance(alternatives, list) and alternatives:
+            found = [
+                self._container_problem(value, alt, scope)
+                for alt in alternatives
+                if isinstance(alt, dict)
+            ]
+            return None if None in found or not found else found[0]
+        kind = "array" if isinstance(value, list) else "object"
+        mismatch = _type_mismatch({"type": kind}, expected)
+        if mismatch:
+            return f"a {kind} is given, the parameter wants {mismatch[1]}"
+        if isinstance(value, list):
+            items = expected.get("items")
+            for index, element in enumerate(value):
+                problem = self._argument_problem(
+                    element, items if isinstance(items, dict) else {}, scope
+                )
+                if problem:
+                    return f"item {index}: {problem}"
+            return None
+        properties = expected.get("properties") or {}
+        extra = expected.get("additionalProperties")
+        for key, element in value.items():
+            sub = properties.get(key, extra if isinstance(extra, dict) else {})
+            problem = self._argument_problem(element, sub, scope)
+            if problem:
+                return f"field {key!r}: {problem}"
+        missing = [name for name in expected.get("required") or [] if name not in value]
+        return f"missing field {missing[0]!r}" if missing else None
 
     def _tool_ref(self, tool: str, pointer: str) -> None:
         self.used_tools.add(tool)
@@ -1467,6 +1591,81 @@ class _Checker:
                         "inside a larger string it is text",
                     )
 
+    def _agent_choice(self, step: Step, here: str, scope: _Scope) -> None:
+        """`agent: "{{ route.owner }}"` with `agents`: a whole placeholder whose known
+        values (an enum, a constant) all lie in the set."""
+        choice = step.agent_choice()
+        if choice is None:
+            return
+        key, text, allowed = choice
+        pointer = f"{here}/{key}"
+        whole = values.whole_placeholder(text)
+        if whole is None or not whole.path or whole.error is not None:
+            self.add(
+                "MAS210",
+                pointer,
+                f"with `agents`, `agent` is a placeholder naming one of them; got {text!r}",
+                'e.g. agent: "{{ route.owner }}"',
+            )
+            return
+        if whole.path[0] not in scope.bound:
+            return  # MAS301, from templates()
+        schema = _filtered_schema(self._schema_at(whole.path, scope), whole.filters)
+        if not isinstance(schema, dict):
+            return
+        kinds = _schema_types(schema)
+        options = schema.get("enum", [schema["const"]] if "const" in schema else None)
+        if kinds and "string" not in kinds:
+            self.add(
+                "MAS210",
+                pointer,
+                f"`{'.'.join(whole.path)}` is {' or '.join(sorted(kinds))}, not an agent id",
+            )
+        elif isinstance(options, list):
+            outside = [o for o in options if o not in allowed]
+            if outside:
+                self.add(
+                    "MAS210",
+                    pointer,
+                    f"`{'.'.join(whole.path)}` may be {', '.join(json.dumps(o) for o in outside)}, "
+                    f"outside agents [{', '.join(allowed)}]",
+                    "add those agents to `agents`, or narrow the enum",
+                )
+
+    def _chat_history(self, step: Step, here: str, scope: _Scope) -> None:
+        found = step.chat_history()
+        if found is None:
+            return
+        key, text = found
+        whole = values.whole_placeholder(text)
+        if whole is None or not whole.path or whole.error is not None:
+            self.add(
+                "MAS212",
+                f"{here}/{key}",
+                f"`history` is a whole placeholder of a chat history; got {text!r}",
+                'declare an input `{type: chat}` and write history: "{{ name }}"',
+            )
+            return
+        schema = self._schema_at(whole.path, scope) if whole.path[0] in scope.bound else None
+        kinds = _schema_types(schema)
+        if kinds and "array" not in kinds:
+            self.add(
+                "MAS212",
+                f"{here}/{key}",
+                f"`{'.'.join(whole.path)}` is {' or '.join(sorted(kinds))}, not a list of messages",
+                "declare the input as {type: chat}",
+            )
+
+    def _settings(self, step: Step, here: str) -> None:
+        model = step.settings.model if step.settings is not None else None
+        if model is not None and model not in self.spec.models:
+            self.add(
+                "MAS203",
+                f"{here}/settings/model",
+                f"step `{step.id}` uses model `{model}`, which is not in `models`",
+                did_you_mean(model, self.spec.models),
+            )
+
     def _flow_vote_on(self, step: Step, here: str, vote_on: str | None) -> None:
         """A vote over flow samples compares one field of the flow's outputs."""
         name = step.flow_refs()[0][1]
@@ -1565,6 +1764,22 @@ class _Scope:
         return _Scope(bound, partial)
 
 
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _delegation_closure(spec: Spec, agent_id: str) -> set[str]:
+    """The agent and every agent it can reach by delegating, transitively."""
+    seen = {agent_id}
+    pending = [agent_id]
+    while pending:
+        agent = spec.agents.get(pending.pop())
+        for worker in (agent.delegates or []) if agent is not None else []:
+            if worker not in seen:
+                seen.add(worker)
+                pending.append(worker)
+    return seen
+
+
 _FLOW_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 _TEXT_OF = "x-mas2c-text-of"  # marks the schema of an agent's text answer (internal)
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -1580,6 +1795,17 @@ _CONDITION_CONSTANTS = {"true": "true", "false": "false", "null": "null", "none"
 _NOT_CONSTANT = object()
 # The JSON types each placeholder filter accepts (absent: any value).
 _FILTER_TYPES: dict[str, set[str]] = {"join": {"array"}, "length": {"array", "object", "string"}}
+
+
+def _holds_placeholder(value: Any) -> bool:
+    """Whether a list or object holds a placeholder at any depth."""
+    if isinstance(value, str):
+        return bool(values.placeholders(value))
+    if isinstance(value, list):
+        return any(_holds_placeholder(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_placeholder(v) for v in value.values())
+    return False
 
 
 def _schema_types(schema: Any) -> set[str]:

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="20dc8631629250abdf70158d239a9d0ac03b2d7426f05964653d36b60305a91b",
+        code_sha="fab5a36cda4dfc63e701ac551c9878dc98fe593a64a3b905e368517c396b72c6",
         reads=["question"],
     ),
 )

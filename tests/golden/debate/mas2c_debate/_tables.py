@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="8362c99f36929bb3ad7f47ff922b85c4204380f0367e70eba09ea55cb3d40357",
+        code_sha="08b45b9a71258445e25d74b2e2dc0948b90d30b790ad2edf0da67a9b2ac35f58",
         reads=["question"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="3dcaa38cafa77c4906a170c2b5eeb93daaeaf6889898d30d694019282516737e",
+        code_sha="24b53d47453dc71e5d29aea57e3816a4c83704bc9a758f56f048fcbe1ec21feb",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="4fb71e87c1f719eae188af2816e432ee19fa83205f32a41dcc35674efa060bfe",
+        code_sha="ecfcfac260532afb0fea1b61a22f2d2f8a1dd58acb799c73c6cd04157e09ea8a",
         reads=["focus", "summaries"],
     ),
 )

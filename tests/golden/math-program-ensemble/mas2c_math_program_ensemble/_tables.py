@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="6700fcfa15a09d00ddb383450b42496b96f5b3bd751b4365152c9bad4e741826",
+        code_sha="39b346bf324b9c23518f290eba13b9956f815e6e53881e47c64e1ce8938576f4",
         reads=["problem"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="cc1327a2421103b253e294dfa1953a2b3ef82511c309524b82b62aa7c3e09390",
+        code_sha="20e90a1baf9423f57b34c2b00e973f630ca31b212c25e1bac7a3040f240293b7",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="32cbffaf320a7c07d60639c005846081c7aab8261845fe8ceb400a93edca1a68",
+        code_sha="252a486ea6f8193912bbf8006f7088f002b05e0951745adfc8cf0f64d0135a6f",
         reads=["product", "route", "ticket"],
     ),
 )

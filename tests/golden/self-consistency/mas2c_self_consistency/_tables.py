@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="d6c67468177d14ebf3d8dd08bad985396e6b30c4a78835dcd19a7c6a57dd55d9",
+        code_sha="a2bc6bdbf14bf0bfcc679b57d9f4483a29187e84ef815150b7da995e5f13cb83",
         reads=["question"],
     ),
 )
