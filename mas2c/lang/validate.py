@@ -1063,8 +1063,46 @@ class _Checker:
                 if mismatch:
                     return f"the placeholders sit inside a larger string, which is text; the parameter wants {mismatch[1]}"
                 return None
+        if isinstance(value, list | dict) and _holds_placeholder(value):
+            return self._container_problem(value, expected, scope)
         problems = values.validate(value, expected)
         return problems[0].partition(": ")[2] if problems else None
+
+    def _container_problem(
+        self, value: list[Any] | dict[str, Any], expected: dict[str, Any], scope: _Scope
+    ) -> str | None:
+        """A list or object holding placeholders, against the parameter's schema: each
+        element checked as an argument of its own (a whole placeholder by its known type)."""
+        alternatives = expected.get("anyOf")
+        if isinstance(alternatives, list) and alternatives:
+            found = [
+                self._container_problem(value, alt, scope)
+                for alt in alternatives
+                if isinstance(alt, dict)
+            ]
+            return None if None in found or not found else found[0]
+        kind = "array" if isinstance(value, list) else "object"
+        mismatch = _type_mismatch({"type": kind}, expected)
+        if mismatch:
+            return f"a {kind} is given, the parameter wants {mismatch[1]}"
+        if isinstance(value, list):
+            items = expected.get("items")
+            for index, element in enumerate(value):
+                problem = self._argument_problem(
+                    element, items if isinstance(items, dict) else {}, scope
+                )
+                if problem:
+                    return f"item {index}: {problem}"
+            return None
+        properties = expected.get("properties") or {}
+        extra = expected.get("additionalProperties")
+        for key, element in value.items():
+            sub = properties.get(key, extra if isinstance(extra, dict) else {})
+            problem = self._argument_problem(element, sub, scope)
+            if problem:
+                return f"field {key!r}: {problem}"
+        missing = [name for name in expected.get("required") or [] if name not in value]
+        return f"missing field {missing[0]!r}" if missing else None
 
     def _tool_ref(self, tool: str, pointer: str) -> None:
         self.used_tools.add(tool)
@@ -1765,6 +1803,17 @@ _CONDITION_CONSTANTS = {"true": "true", "false": "false", "null": "null", "none"
 _NOT_CONSTANT = object()
 # The JSON types each placeholder filter accepts (absent: any value).
 _FILTER_TYPES: dict[str, set[str]] = {"join": {"array"}, "length": {"array", "object", "string"}}
+
+
+def _holds_placeholder(value: Any) -> bool:
+    """Whether a list or object holds a placeholder at any depth."""
+    if isinstance(value, str):
+        return bool(values.placeholders(value))
+    if isinstance(value, list):
+        return any(_holds_placeholder(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_placeholder(v) for v in value.values())
+    return False
 
 
 def _schema_types(schema: Any) -> set[str]:
