@@ -1323,4 +1323,23 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://mas2c.dev/schema/spec-v1.json"
     schema["title"] = "mas2c MAS spec"
+    flows = schema.get("properties", {}).get("flows", {})
+    if "additionalProperties" in flows:  # a flow, or an import of one (mas2c.lang.imports)
+        flows["additionalProperties"] = {
+            "anyOf": [
+                flows["additionalProperties"],
+                {
+                    "type": "object",
+                    "properties": {
+                        "import": {
+                            "type": "string",
+                            "description": "`<path relative to this spec>#<flow name>`: the "
+                            "flow of another spec file, copied in when this spec is loaded.",
+                        }
+                    },
+                    "required": ["import"],
+                    "additionalProperties": False,
+                },
+            ]
+        }
     return schema
