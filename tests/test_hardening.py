@@ -21,6 +21,7 @@ import httpx
 import pytest
 from conftest import compile_to, load_runtime, run_package
 
+from mas2c import values
 from mas2c.batch import CODE_SCORER_MAIN, parse_exact, score_text
 from mas2c.gateway import (
     IMAGE_TOKEN_BOUND,
@@ -378,3 +379,164 @@ def test_image_urls_pass_when_allowed() -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     assert [a.status_code for a in answers] == [200, 200]
+
+
+# -- D. no ReDoS from a spec pattern -----------------------------------------------------------
+
+CATASTROPHIC = [
+    r"^([a-z]+ ?)+$",
+    r"(a+)+$",
+    r"^(a*)*b",
+    r"^(a|a)*$",
+    r"^(\w+\s?)+$",
+    r"(.*a){20}",
+    r"^(x+x+)+y",
+    r"^(\d+)*$",
+    r"^(a+a)+$",
+    r"^(?:a|b|ab)+$",
+    r"^(\s*\w+\s*,?)+$",
+    r"^(a?){25}a{25}$",
+]
+SAFE = [
+    r"^[a-z]+$",
+    r"^(ab+)+$",
+    r"^(\d+,)*\d+$",
+    r"^\d{3}-\d{4}$",
+    r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[a-z]{2,}$",
+    r"^(\w+\.)+\w+$",
+    r"^(ab|ac)*$",
+    r"^(?:[a-z]+ )*[a-z]+$",
+    r"^(\d{1,3}\.){3}\d{1,3}$",
+    r"^(a++)+$",
+    r"^(?>a+)+$",
+]
+
+PATTERN_SPEC = """
+spec_version: "1"
+name: pat
+inputs:
+  question: {type: string, pattern: "PATTERN"}
+  nested: {type: object, properties: {tags: {type: array, items: {type: string, pattern: "^[a-z]+$"}}}}
+outputs: {answer: answer}
+models: {m: {model: test-model}}
+agents:
+  a:
+    role: r
+    model: m
+    output: {type: object, properties: {answer: {type: string, pattern: "^[a-z]+$"}}}
+workflow:
+  - {id: s, kind: call, agent: a, prompt: "{{ question }}", out: answer}
+"""
+
+
+@pytest.mark.parametrize("pattern", CATASTROPHIC)
+def test_catastrophic_patterns_are_rejected_and_never_evaluated(pattern: str) -> None:
+    assert values.pattern_problem(pattern) is not None
+    text = PATTERN_SPEC.replace("PATTERN", pattern.replace("\\", "\\\\"))
+    report = validate_text(text, "spec.yaml")
+    found = [p for p in report.problems if p.code == "MAS511"]
+    assert found and found[0].pointer == "/inputs/question/pattern" and found[0].line, (
+        report.format()
+    )
+    assert found[0].hint
+    # the host-side input check refuses the pattern instead of evaluating it
+    hostile = "a" * 40 + "!"
+    problems = values.input_problems(
+        {"question": hostile}, {"question": {"type": "string", "pattern": pattern}}
+    )
+    assert problems and "refused" in problems[0][1]
+
+
+@pytest.mark.parametrize("pattern", SAFE)
+def test_safe_patterns_still_validate_and_match(pattern: str) -> None:
+    assert values.pattern_problem(pattern) is None, pattern
+    text = PATTERN_SPEC.replace("PATTERN", pattern.replace("\\", "\\\\"))
+    report = validate_text(text, "spec.yaml")
+    assert not [p for p in report.problems if p.code == "MAS511"], report.format()
+
+
+def test_patterns_deep_in_schemas_and_uncompilable_ones_are_located() -> None:
+    text = PATTERN_SPEC.replace("PATTERN", "^[a-z]+$").replace(
+        'answer: {type: string, pattern: "^[a-z]+$"}',
+        'answer: {type: string, pattern: "(a|ab?)+$"}',
+    )
+    report = validate_text(text, "spec.yaml")
+    assert [(p.code, p.pointer) for p in report.problems if p.code == "MAS511"] == [
+        ("MAS511", "/agents/a/output/properties/answer/pattern")
+    ]
+    assert "(a|ab?)+$" in report.problems[0].message
+    report = validate_text(PATTERN_SPEC.replace("PATTERN", "[a-"), "spec.yaml")
+    assert any(p.code == "MAS511" and "compile" in p.message for p in report.problems)
+
+
+def test_long_strings_are_not_matched_against_patterns() -> None:
+    schema = {"type": "string", "pattern": "^[a-z ]+$"}
+    assert values.validate("a" * values.MAX_PATTERN_INPUT, schema) == []
+    problems = values.validate("a" * (values.MAX_PATTERN_INPUT + 1), schema)
+    assert problems and "too long" in problems[0]
+
+
+# -- G1. whole placeholders nested in tool args keep their known types -------------------------
+
+NESTED_ARGS = """
+spec_version: "1"
+name: nested-args
+inputs:
+  n: {type: integer}
+  s: {type: string}
+outputs: {r: r}
+models: {m: {model: test-model}}
+agents: {a: {role: r, model: m}}
+tools:
+  ints:
+    code: |
+      def ints(xs: list[int]) -> str:
+          return repr(xs)
+  strs:
+    code: |
+      def strs(xs: list[str]) -> str:
+          return repr(xs)
+  table:
+    code: |
+      def table(d: dict[str, int]) -> str:
+          return repr(d)
+  grid:
+    code: |
+      def grid(rows: list[list[int]]) -> str:
+          return repr(rows)
+  maybe:
+    code: |
+      def maybe(xs: list[int] | None = None) -> str:
+          return repr(xs)
+workflow:
+  - {id: s0, kind: call, agent: a, prompt: "{{ s }}", out: r}
+  - {id: t, kind: tool, tool: TOOL, args: ARGS, out: r2}
+"""
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "error"),
+    [
+        ("ints", '{xs: ["{{ n }}", 5]}', None),
+        ("strs", '{xs: ["{{ n }}", "{{ s }}"]}', "item 0"),
+        ("strs", '{xs: ["{{ s }}", "x"]}', None),
+        ("ints", '{xs: ["n={{ n }}"]}', "item 0"),
+        ("table", '{d: {a: "{{ n }}", b: 2}}', None),
+        ("table", '{d: {a: "{{ n }}", b: "{{ s }}"}}', "field 'b'"),
+        ("grid", '{rows: [["{{ n }}"], [1]]}', None),
+        ("grid", '{rows: [["{{ s }}"]]}', "item 0: item 0"),
+        ("maybe", '{xs: ["{{ n }}"]}', None),
+        ("maybe", '{xs: ["{{ s }}"]}', "item 0"),
+        ("ints", '{xs: {a: "{{ n }}"}}', "object"),
+    ],
+)
+def test_nested_whole_placeholders_are_checked_by_type(
+    tool: str, args: str, error: str | None
+) -> None:
+    report = validate_text(NESTED_ARGS.replace("TOOL", tool).replace("ARGS", args), "spec.yaml")
+    found = [p for p in report.problems if p.code == "MAS405"]
+    if error is None:
+        assert not found, report.format()
+    else:
+        assert found and found[0].pointer.startswith("/workflow/1/args/"), report.format()
+        assert error in found[0].message, found[0].message

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from mas2c import toolcode, values
 from mas2c.errors import InvalidInput
 from mas2c.lang import expr
+from mas2c.lang.imports import resolve_flow_imports
 from mas2c.lang.prompts import BUILTIN_PROMPTS
 from mas2c.lang.source import (
     Position,
@@ -79,6 +80,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS211": "a delegation that cannot work: to the agent itself, in a cycle, or named like one of its tools",
     "MAS212": "a chat `history` that is not a whole placeholder of a list of {role, content} messages",
     "MAS213": "a few-shot example's answer does not fit the agent's output",
+    "MAS214": "a flow import that cannot be resolved: not `path#flow`, outside the spec's folder, missing, unreadable, or naming no flow there",
     "MAS301": "a placeholder or reference reads a state variable that is not bound there",
     "MAS302": "a malformed placeholder",
     "MAS303": "a condition uses a construct outside the safe subset",
@@ -102,6 +104,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS504": "an ensemble needs exactly one of `agent` and `agents`",
     "MAS505": "a vote over structured answers has no field to vote on",
     "MAS506": "two parallel branches write the same state variable",
+    "MAS511": "a schema `pattern` that does not compile or can backtrack for exponential time",
     "MAS520": "a state variable's reducer does not fit its schema or initial value",
     "MAS521": "a state variable's initial value does not match its schema",
     "MAS522": "a state variable is also an input",
@@ -247,10 +250,13 @@ def validate_source(source: SpecSource) -> Report:
             "MAS002", "", "the spec must be a mapping of keys (spec_version, name, agents, ...)"
         )
     else:
+        data, import_problems, checker.failed_imports = resolve_flow_imports(source)
+        for code, pointer, message, hint in import_problems:
+            checker.add(code, pointer, message, hint)
         try:
             # By alias only: a spec writes `else` and `$schema`; the Python names `else_` and
             # `schema_` are unknown keys there, not synonyms (pydantic >= 2.11).
-            report.spec = Spec.model_validate(source.data, by_alias=True, by_name=False)
+            report.spec = Spec.model_validate(data, by_alias=True, by_name=False)
         except ValidationError as exc:
             for error in exc.errors():
                 checker.add_pydantic(error)
@@ -347,6 +353,7 @@ class _Checker:
         self.source = source
         self.problems: list[Problem] = []
         self._seen: set[tuple[str, str, str]] = set()
+        self.failed_imports: set[str] = set()  # flows whose import failed (MAS214)
 
     def add(
         self,
@@ -610,6 +617,20 @@ class _Checker:
                 pointer,
                 problem,
                 "e.g. {type: object, properties: {answer: {type: string}}}",
+            )
+        self._check_patterns(pointer, schema)
+
+    def _check_patterns(self, pointer: str, schema: dict[str, Any]) -> None:
+        """MAS511: a `pattern` the host would refuse to evaluate (see values.pattern_problem)."""
+        found = values.schema_pattern_problem(schema)
+        if found:
+            self.add(
+                "MAS511",
+                pointer + found[0],
+                found[1],
+                "write the repeat so that each pass must start with a character the repeated "
+                "part cannot match (`(\\d+,)*`, not `(\\d+,?)*`), or make it possessive "
+                "(`a++`) or atomic (`(?>...)`)",
             )
 
     def _check_tool(self, tool_id: str, tool: Tool) -> None:
@@ -1042,8 +1063,46 @@ class _Checker:
                 if mismatch:
                     return f"the placeholders sit inside a larger string, which is text; the parameter wants {mismatch[1]}"
                 return None
+        if isinstance(value, list | dict) and _holds_placeholder(value):
+            return self._container_problem(value, expected, scope)
         problems = values.validate(value, expected)
         return problems[0].partition(": ")[2] if problems else None
+
+    def _container_problem(
+        self, value: list[Any] | dict[str, Any], expected: dict[str, Any], scope: _Scope
+    ) -> str | None:
+        """A list or object holding placeholders, against the parameter's schema: each
+        element checked as an argument of its own (a whole placeholder by its known type)."""
+        alternatives = expected.get("anyOf")
+        if isinstance(alternatives, list) and alternatives:
+            found = [
+                self._container_problem(value, alt, scope)
+                for alt in alternatives
+                if isinstance(alt, dict)
+            ]
+            return None if None in found or not found else found[0]
+        kind = "array" if isinstance(value, list) else "object"
+        mismatch = _type_mismatch({"type": kind}, expected)
+        if mismatch:
+            return f"a {kind} is given, the parameter wants {mismatch[1]}"
+        if isinstance(value, list):
+            items = expected.get("items")
+            for index, element in enumerate(value):
+                problem = self._argument_problem(
+                    element, items if isinstance(items, dict) else {}, scope
+                )
+                if problem:
+                    return f"item {index}: {problem}"
+            return None
+        properties = expected.get("properties") or {}
+        extra = expected.get("additionalProperties")
+        for key, element in value.items():
+            sub = properties.get(key, extra if isinstance(extra, dict) else {})
+            problem = self._argument_problem(element, sub, scope)
+            if problem:
+                return f"field {key!r}: {problem}"
+        missing = [name for name in expected.get("required") or [] if name not in value]
+        return f"missing field {missing[0]!r}" if missing else None
 
     def _tool_ref(self, tool: str, pointer: str) -> None:
         self.used_tools.add(tool)
@@ -1500,6 +1559,8 @@ class _Checker:
         for key, name in step.flow_refs():
             self.used_flows.add(name)
             flow = self.spec.flows.get(name)
+            if flow is None and name in self.failed_imports:
+                continue  # reported once, at the import (MAS214)
             if flow is None:
                 self.add(
                     "MAS207",
@@ -1742,6 +1803,17 @@ _CONDITION_CONSTANTS = {"true": "true", "false": "false", "null": "null", "none"
 _NOT_CONSTANT = object()
 # The JSON types each placeholder filter accepts (absent: any value).
 _FILTER_TYPES: dict[str, set[str]] = {"join": {"array"}, "length": {"array", "object", "string"}}
+
+
+def _holds_placeholder(value: Any) -> bool:
+    """Whether a list or object holds a placeholder at any depth."""
+    if isinstance(value, str):
+        return bool(values.placeholders(value))
+    if isinstance(value, list):
+        return any(_holds_placeholder(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_placeholder(v) for v in value.values())
+    return False
 
 
 def _schema_types(schema: Any) -> set[str]:
