@@ -887,15 +887,16 @@ def _flush():
             stream.flush()
         except Exception:
             pass
-def _report(index, passed, error):
+def _report(index, passed, error, _nonce=NONCE):
     _flush()
-    line = "\\n" + NONCE + _json.dumps({"index": index, "passed": passed, "error": error})
+    line = "\\n" + _nonce + _json.dumps({"index": index, "passed": passed, "error": error})
     _os.write(1, (line + "\\n").encode("utf-8"))
+del NONCE
 def _describe(exc):
+    if isinstance(exc, SystemExit):
+        return "SystemExit: the code exited (code %r) before the test finished" % (exc.code,)
     return "".join(_tb.format_exception_only(type(exc), exc)).strip()
 def _outcome(exc):
-    if isinstance(exc, SystemExit) and exc.code in (None, 0):
-        return True, None
     _flush()
     _tb.print_exception(type(exc), exc, exc.__traceback__.tb_next, file=_sys.__stderr__)
     return False, _describe(exc)
@@ -1448,8 +1449,9 @@ class Run:
         """``test`` step: the code in state (Markdown fences stripped, as ``programmer``
         does), then each test snippet in the same namespace, in one fresh interpreter.
 
-        ``{passed, results: [{test, passed, error}], output}``: passed when every
-        snippet ran without an exception (``sys.exit(0)`` counts as passing).
+        ``{passed, results: [{test, passed, error}], output}``: a snippet passed when the
+        harness reports, after it ran to its end, that it raised nothing. An exit of any
+        kind (``sys.exit(0)``, ``exit()``, ``quit()``, ``os._exit``) before that is a failure.
         """
         code = extract_code(_code_of(lookup(self.state, code_path)))
         snippets = _test_snippets(tests, self.state)
