@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
+MEASURED = [ROOT]  # the mas2c checkout whose start-up is measured (--root)
 HEAVY = ("black", "jinja2", "libcst", "pydantic", "yaml", "openai", "docker")
 
 RUN_STARTUP = """
@@ -53,15 +55,22 @@ def env() -> dict[str, str]:
     # An installed mas2c has its bytecode compiled: without it every start compiles the
     # sources again (~60 ms for mas2c.sandbox alone), which is not what a user pays.
     e.pop("PYTHONDONTWRITEBYTECODE", None)
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [e.get("PYTHONPATH")])])
+    e["PYTHONPATH"] = os.pathsep.join([str(MEASURED[0]), *filter(None, [e.get("PYTHONPATH")])])
     e["OPENAI_API_KEY"] = "sk-bench"
     return e
 
 
-def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
-    t0 = time.perf_counter()
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (user + system, the process and what it waited for) and
+    stdout. CPU time hardly moves with the machine's load; wall time does."""
+    cpu0, t0 = _children_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, check=True)
-    return time.perf_counter() - t0, proc.stdout
+    return time.perf_counter() - t0, _children_cpu() - cpu0, proc.stdout
 
 
 def to_sandbox(cmd: list[str], cwd: Path) -> float:
@@ -108,14 +117,21 @@ def importtime(cmd: list[str], cwd: Path, top: int = 12) -> list[dict[str, Any]]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument(
+        "--root", type=Path, default=ROOT, help="measure the mas2c in this checkout (before/after)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "cli.json")
     args = parser.parse_args()
+    MEASURED[0] = args.root.resolve()
     sys.path.insert(0, str(ROOT))
     from mas2c.compile import compile_spec
     from mas2c.lang.validate import load_spec
     from mas2c.testserver import LLMTestServer
 
     py = sys.executable
-    subprocess.run([py, "-m", "compileall", "-q", str(ROOT / "mas2c")], env=env(), check=True)
+    subprocess.run(
+        [py, "-m", "compileall", "-q", str(MEASURED[0] / "mas2c")], env=env(), check=True
+    )
     with tempfile.TemporaryDirectory(prefix="mas2c-bench-cli-") as tmp_text:
         tmp = Path(tmp_text)
         compile_spec(load_spec(ROOT / "specs" / "chain-of-thought.yaml")).write(tmp / "build")
@@ -133,6 +149,7 @@ def main() -> int:
             ],
         }
         times: dict[str, list[float]] = {name: [] for name in cases}
+        cpu: dict[str, list[float]] = {name: [] for name in cases}
         heavy: dict[str, str] = {}
         with LLMTestServer() as server:
             run_cmd = [py, "-m", "mas2c.cli", "run", "build", "--input", "in.json"]
@@ -141,8 +158,9 @@ def main() -> int:
             times[sandbox_name] = []
             for rep in range(args.reps):
                 for name, cmd in cases.items():
-                    seconds, out = timed(cmd, tmp)
+                    seconds, cpu_s, out = timed(cmd, tmp)
                     times[name].append(seconds)
+                    cpu[name].append(cpu_s)
                     if "start-up" in name:
                         heavy[name] = out.strip()
                 times[sandbox_name].append(to_sandbox([*run_cmd, f"runs/{rep}"], tmp))
@@ -156,20 +174,26 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
         "results": {name: stats(xs) for name, xs in times.items()},
+        "cpu": {name: stats(xs) for name, xs in cpu.items()},
         "heavy_modules_on_run_path": heavy.get("mas2c run: start-up (import + parse)", ""),
         "importtime_top": imports,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cli.json").write_text(json.dumps(data, indent=2) + "\n")
+    data["root"] = str(MEASURED[0])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
     floor = data["results"]["python -c pass"]["median"]
+    cpu_floor = data["cpu"]["python -c pass"]["median"]
     lines = [
-        "| what | min s | median s | p90 s | median over `python -c pass` |",
-        "| --- | --- | --- | --- | --- |",
+        "| what | wall min s | wall median s | wall p90 s | wall median over `python -c pass` "
+        "| CPU median s | CPU median over `python -c pass` |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in data["results"].items():
+        c = data["cpu"].get(name)
+        cpu_cells = f"{c['median']:.3f} | +{c['median'] - cpu_floor:.3f}" if c else "- | -"
         lines.append(
             f"| {name} | {s['min']:.3f} | {s['median']:.3f} | {s['p90']:.3f} | "
-            f"+{s['median'] - floor:.3f} |"
+            f"+{s['median'] - floor:.3f} | {cpu_cells} |"
         )
     lines += [
         "",
@@ -182,7 +206,7 @@ def main() -> int:
         "",
         *(f"- {r['module']}: {r['cumulative_ms']:.1f}" for r in imports),
     ]
-    (RESULTS / "cli.md").write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -12,9 +12,17 @@ thread count and context size):
   with a single number.", input {"question": "What is 12 + 30?"}) with `--llm embedded`:
   wall time and the time, LLM calls and tokens of each phase, from summary.json.
 
-Writes benchmarks/results/local.json and local.md (the Markdown snippet, also printed).
+* the generator on the embedded model (`--generate`, or `--generate-only`): for each of
+  a few tasks (each with its own input names), `mas2c.generate.generate_spec` with the
+  compact prompt and schema through the gateway, as `solve` runs it (up to 2 repairs):
+  whether the first answer passes the validator, whether the loop ends with a valid spec,
+  the error codes of each rejected answer, and the seconds and tokens of each answer.
+
+Writes benchmarks/results/local.json and local.md (the Markdown snippet, also printed);
+`--generate-only` writes local-generate.json and local-generate.md instead.
 
     .venv/bin/python benchmarks/bench_local.py [--sandbox docker|unisolated] [--runs 3] [--no-solve]
+        [--generate | --generate-only] [--tasks N]
 
 Timings depend heavily on what else the machine is doing (llama.cpp's threads spin-wait
 for each other): the load average at the start and the end is recorded with the results.
@@ -180,8 +188,137 @@ def bench_solve(sandbox: str) -> dict[str, Any]:
     }
 
 
+GENERATE_TASKS: list[tuple[str, dict[str, str]]] = [
+    ("Answer a short arithmetic question with a single number.", {"question": "string"}),
+    ("Summarise a news article in three bullet points.", {"article": "string"}),
+    ("Classify the sentiment of a product review as positive or negative.", {"review": "string"}),
+    ("Translate an English sentence into German.", {"sentence": "string"}),
+    ("Answer a trivia question; check the answer before giving it.", {"question": "string"}),
+    ("Write a Python function from its description.", {"description": "string"}),
+]
+
+
+class _AnswerTimer:
+    """Seconds and tokens of each generator answer, from the gateway's events."""
+
+    def __init__(self) -> None:
+        self.answers: list[dict[str, Any]] = []
+        self.last = time.perf_counter()
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        self.answers.append(
+            {
+                "seconds": round(float(event.get("latency_s") or now - self.last), 2),
+                "prompt_tokens": int(event.get("prompt_tokens") or 0),
+                "completion_tokens": int(event.get("completion_tokens") or 0),
+            }
+        )
+        self.last = now
+
+
+def bench_generate(count: int, repairs: int = 2) -> dict[str, Any]:
+    """The generator on the embedded model over the first `count` tasks."""
+    from mas2c.embedded import EmbeddedUpstream, ensure_default_model
+    from mas2c.generate import GenerateError, generate_spec
+    from mas2c.meta import meta_client
+    from mas2c.run import LLMConfig
+    from mas2c.solve import _task_with_inputs
+
+    engine = EmbeddedUpstream.load(ensure_default_model())
+    rows = []
+    try:
+        for task, inputs in GENERATE_TASKS[:count]:
+            timer = _AnswerTimer()
+            print(f"bench: generating for {task!r} ...", file=sys.stderr)
+            timer.last = time.perf_counter()
+            with meta_client(
+                LLMConfig(force_embedded=True), upstream=engine, on_event=timer.on_event
+            ) as c:
+                names = {k: "x" for k in inputs}
+                try:
+                    result = generate_spec(
+                        _task_with_inputs(task, names),
+                        c,
+                        compact=True,
+                        inputs=inputs,
+                        max_repairs=repairs,
+                    )
+                    valid, attempts, history = True, result.attempts, result.history
+                    name = result.spec.name
+                except GenerateError as exc:
+                    valid, attempts, history, name = False, exc.attempts, exc.history, None
+            rows.append(
+                {
+                    "task": task,
+                    "inputs": sorted(inputs),
+                    "valid": valid,
+                    "first_answer_valid": valid and attempts == 1,
+                    "answers": attempts,
+                    "spec": name,
+                    "rejected": [
+                        sorted({p.code for p in problems if p.severity == "error"})
+                        for problems in history
+                    ],
+                    "per_answer": timer.answers,
+                }
+            )
+    finally:
+        engine.close()
+    per_answer = [a["seconds"] for row in rows for a in row["per_answer"]]
+    return {
+        "model": engine.describe(),
+        "n_ctx": engine.n_ctx,
+        "repairs": repairs,
+        "tasks": len(rows),
+        "first_answer_valid": sum(r["first_answer_valid"] for r in rows),
+        "valid": sum(r["valid"] for r in rows),
+        "answers": len(per_answer),
+        "seconds_per_answer_median": round(statistics.median(per_answer), 2) if per_answer else 0,
+        "seconds_per_answer_max": max(per_answer, default=0),
+        "rows": rows,
+    }
+
+
+def generate_markdown(gen: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"The generator on the embedded model ({gen['model']}, context {gen['n_ctx']}; compact "
+        f"prompt and reduced schema, up to {gen['repairs']} repairs, as `solve` runs it):",
+        "",
+        "| tasks | first answer valid | valid within the loop | answers | seconds per answer "
+        "(median / max) |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {gen['tasks']} | {gen['first_answer_valid']}/{gen['tasks']} | "
+        f"{gen['valid']}/{gen['tasks']} | {gen['answers']} | "
+        f"{gen['seconds_per_answer_median']:.1f} / {gen['seconds_per_answer_max']:.1f} |",
+        "",
+        "| task | valid | answers | rejected answers' errors | seconds per answer |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in gen["rows"]:
+        rejected = "; ".join(", ".join(codes) for codes in row["rejected"]) or "—"
+        seconds = ", ".join(f"{a['seconds']:.1f}" for a in row["per_answer"])
+        lines.append(
+            f"| {row['task']} | {'yes' if row['valid'] else 'no'} | {row['answers']} | "
+            f"{rejected} | {seconds} |"
+        )
+    return lines
+
+
 def markdown(data: dict[str, Any]) -> str:
-    engine, machine = data["engine"], data["machine"]
+    machine = data["machine"]
+    engine = data.get("engine")
+    if engine is None:  # --generate-only
+        lines = [
+            "## Embedded local model: the generator",
+            "",
+            f"Generated by `benchmarks/bench_local.py --generate-only` ({data['date']}; "
+            f"{machine['cpu']}, {machine['cpus']} CPU(s), load average {machine['load_before']} "
+            f"before and {machine['load_after']} after).",
+            *generate_markdown(data["generate"]),
+        ]
+        return "\n".join(lines) + "\n"
     lines = [
         "## Embedded model",
         "",
@@ -225,6 +362,8 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {p['name']} | {p['seconds']:.1f} | {p['calls']} | {p['tokens']} | {p['note']} |"
                 for p in solve["phases"]
             ]
+    if data.get("generate"):
+        lines += generate_markdown(data["generate"])
     return "\n".join(lines) + "\n"
 
 
@@ -238,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         help="sandbox for the solve (default docker, as the demo)",
     )
     parser.add_argument("--no-solve", action="store_true", help="measure the engine only")
+    parser.add_argument(
+        "--generate", action="store_true", help="also measure the generator over a few tasks"
+    )
+    parser.add_argument("--generate-only", action="store_true", help="measure the generator only")
+    parser.add_argument(
+        "--tasks", type=int, default=len(GENERATE_TASKS), help="generator tasks (default all)"
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     try:
@@ -247,9 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     load_before = load_average()
     data: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M")}
-    print("bench: measuring the engine ...", file=sys.stderr)
-    data["engine"] = bench_engine(max(1, args.runs))
-    if not args.no_solve:
+    if not args.generate_only:
+        print("bench: measuring the engine ...", file=sys.stderr)
+        data["engine"] = bench_engine(max(1, args.runs))
+    if args.generate or args.generate_only:
+        data["generate"] = bench_generate(max(1, args.tasks))
+    if not args.no_solve and not args.generate_only:
         print(f"bench: mas2c solve --llm embedded --sandbox {args.sandbox} ...", file=sys.stderr)
         data["solve"] = bench_solve(args.sandbox)
     data["machine"] = {
@@ -261,10 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = markdown(data)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "local.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    (RESULTS / "local.md").write_text(text, encoding="utf-8")
+    stem = "local-generate" if args.generate_only else "local"  # keeps the engine's figures
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (RESULTS / f"{stem}.md").write_text(text, encoding="utf-8")
     sys.stdout.write(text)
-    print(f"bench: wrote {RESULTS / 'local.json'} and {RESULTS / 'local.md'}", file=sys.stderr)
+    print(f"bench: wrote {RESULTS / stem}.json and .md", file=sys.stderr)
     return 0
 
 

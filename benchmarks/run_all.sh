@@ -31,7 +31,7 @@ step() {  # name, command...
 
 if [[ -n "${BENCH_QUICK:-}" ]]; then
     OVERHEAD=(--reps 1 --sweep-reps 1 --widths 1,10,50)
-    SANDBOX=(--reps 2)
+    SANDBOX=(--reps 2 --warm-runs 5 --throughput-runs 4 --batch 2)
     COMPILE=(--reps 1 --steps 10,50,200)
     HUMANEVAL=(--limit-check 5 --limit-oracle 3)
     BATCH=(--limit 6 --workers 1,2)

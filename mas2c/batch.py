@@ -65,11 +65,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
-from mas2c.errors import RunFailure
-from mas2c.files import write_text_atomic
+from mas2c.errors import RunFailure, terminal_safe
+from mas2c.files import check_owned_folder, folder_state, write_text_atomic
 from mas2c.runfolder import result_or_error
 
 __all__ = [
@@ -260,33 +261,62 @@ def token_f1(prediction: str, expected: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?%?|-?\.\d+")
+# A number: digits with thousands separators only in a valid grouping (`1,250`, not `1,2`,
+# which reads as the two numbers 1 and 2), a decimal part, a fraction, `$` and `%`.
+_NUMBER = re.compile(
+    r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d|,\d)|\d+)(?:\.\d+)?"
+    r"(?:\s*/\s*\d+(?:\.\d+)?)?%?|-?\.\d+"
+)
 
 
-def parse_number(text: Any) -> float | None:
-    """The last number in `text` (`1,250`, `$3.50`, `-7`, `3/4`, `12%`), or None."""
+def parse_exact(text: Any) -> Fraction | None:
+    """The last number in `text` (`1,250`, `$3.50`, `-7`, `3/4`, `12%`), exactly, or None.
+
+    Digits are read as written (never through a float), so `9999999999999999` and
+    `10000000000000000` differ; commas are thousands separators only in a valid grouping.
+    """
     if isinstance(text, bool):
         return None
-    if isinstance(text, int | float):
-        return float(text) if math.isfinite(text) else None
+    if isinstance(text, int):
+        return Fraction(text)
+    if isinstance(text, float):
+        return Fraction(repr(text)) if math.isfinite(text) else None
     found = _NUMBER.findall(str(text)[-10000:])
     if not found:
         return None
     token = found[-1].replace(",", "").replace("$", "").replace(" ", "").rstrip("%")
     try:
         if "/" in token:
-            top, bottom = token.split("/")
-            return float(top) / float(bottom) if float(bottom) else None
-        return float(token)
-    except ValueError:
+            top, bottom = (Fraction(part) for part in token.split("/"))
+            return top / bottom if bottom else None
+        return Fraction(token)
+    except (ValueError, ZeroDivisionError):
         return None
 
 
-def _numbers_equal(a: float, b: float) -> bool:
+def parse_number(text: Any) -> float | None:
+    """`parse_exact` as a float (for display; scorers compare the exact value)."""
+    value = parse_exact(text)
+    return None if value is None else float(value)
+
+
+_TOLERANCE = Fraction(1, 10**9)
+
+
+def _numbers_equal(a: Fraction, b: Fraction) -> bool:
     """Integers exactly; others within a relative 1e-9 (0.1 + 0.2 is 0.3)."""
-    if a.is_integer() and b.is_integer():
+    if a.denominator == 1 and b.denominator == 1:
         return a == b
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return abs(a - b) <= _TOLERANCE * max(abs(a), abs(b)) or abs(a - b) <= Fraction(1, 10**12)
+
+
+_ANSWER_LINE = re.compile(r"^\s*ANSWER\s*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def final_answer(text: str) -> str:
+    """The answer format votes use: the last `ANSWER:` line's content, else the whole text."""
+    lines = _ANSWER_LINE.findall(text)
+    return str(lines[-1]) if lines else text
 
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -348,28 +378,28 @@ def score_text(kind: str, prediction: Any, expected: Any) -> float:
     """The score in [0, 1] of a prediction under one of the text scorers."""
     golds = _expected_list(expected)
     if kind == "exact":
-        pred = normalize_answer(_as_text(prediction))
-        return float(any(pred == normalize_answer(_as_text(g)) for g in golds))
+        pred = normalize_answer(_answer_text(prediction))
+        return float(any(pred == normalize_answer(_answer_text(g)) for g in golds))
     if kind == "numeric":
-        value = parse_number(_as_text(prediction))
+        value = _number_of(prediction)
         if value is None:
             return 0.0
         return float(
             any(
-                (g_value := parse_number(g)) is not None and _numbers_equal(value, g_value)
+                (g_value := _number_of(g)) is not None and _numbers_equal(value, g_value)
                 for g in golds
             )
         )
     if kind == "f1":
-        return max(token_f1(_as_text(prediction), _as_text(g)) for g in golds)
+        return max(token_f1(_answer_text(prediction), _answer_text(g)) for g in golds)
     if kind == "math":
-        pred_text = _as_text(prediction)
+        pred_text = _answer_text(prediction)
         pred = normalize_math(pred_text)
         for gold in golds:
-            gold_norm = normalize_math(_as_text(gold))
+            gold_norm = normalize_math(_answer_text(gold))
             if pred == gold_norm:
                 return 1.0
-            a, b = parse_number(pred), parse_number(gold_norm)
+            a, b = parse_exact(pred), parse_exact(gold_norm)
             if (
                 a is not None
                 and b is not None
@@ -380,6 +410,20 @@ def score_text(kind: str, prediction: Any, expected: Any) -> float:
                 return 1.0
         return 0.0
     raise ValueError(f"unknown text scorer {kind!r}")
+
+
+def _number_of(value: Any) -> Fraction | None:
+    """A prediction's or expected answer's number: a JSON number as it is, else parsed."""
+    if isinstance(value, dict) and "answer" in value:
+        return _number_of(value["answer"])
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return parse_exact(value)
+    return parse_exact(_answer_text(value))
+
+
+def _answer_text(value: Any) -> str:
+    """A prediction or expected answer as text, its last `ANSWER:` line if it has one."""
+    return final_answer(_as_text(value))
 
 
 def _as_text(value: Any) -> str:
@@ -828,13 +872,13 @@ class ProgressBar:
             self.finished_here += 1
             self.passed += int(passed)
             self.cost += cost
-            self._write(self.line(note))
+            self._write(self.line(terminal_safe(note)))
 
     def say(self, message: str) -> None:
         with self._lock:
             if self._tty():
                 self.stream.write("\r\033[K")
-            self.stream.write(f"{message}\n")
+            self.stream.write(f"{terminal_safe(message)}\n")
             self.stream.flush()
 
     def start(self) -> None:
@@ -1532,10 +1576,35 @@ def select_rows(options: BatchOptions) -> list[Row]:
     return rows
 
 
+#: What a batch writes at the top of its folder (besides build/, scorer/ and rows/).
+BATCH_FILES = frozenset(
+    {"config.json", "results.jsonl", "summary.json", "report.md", "report.html", "results.md"}
+)
+_ROW_FILES = ("input.json", "engine.json")
+
+
+def batch_owns(folder: Path) -> Callable[[str], bool]:
+    """Which entries (relative POSIX paths) of a batch folder a batch wrote: a row's
+    folder holds its input, its engine note and run folders (`mas/`, `score/`)."""
+    build_ok = folder_state(folder / "build")[0] in ("missing", "empty", "earlier_build")
+
+    def owns(relative: str) -> bool:
+        parts = relative.split("/")
+        if len(parts) == 1:
+            return relative in BATCH_FILES
+        if parts[0] in ("rows", "problems"):  # problems/: the humaneval preset's rows
+            # a row's own files, or anything in its run folders (mas/, score/, canonical/)
+            return len(parts) >= 4 or (len(parts) == 3 and parts[2] in _ROW_FILES)
+        return parts[0] == "scorer" or (parts[0] == "build" and build_ok)
+
+    return owns
+
+
 def _run_one(options: BatchOptions) -> dict[str, Any]:
     rows = select_rows(options)
     run_dir = options.run_dir
     check_sandbox(options.backend, options.image)
+    check_owned_folder(run_dir, marker="config.json", owns=batch_owns(run_dir), what="batch")
     old = read_json(run_dir / "config.json")
     if old:  # check before compiling into the folder
         prepare_run_dir(run_dir, {**old, **_quick_config(options)})

@@ -41,6 +41,7 @@ from mas2c.errors import (
     Mas2cError,
     UsageError,
     os_error_message,
+    terminal_safe,
 )
 
 EXIT_INVALID = EXIT_FAILURE  # the older name, kept for scripts that import it
@@ -69,11 +70,12 @@ def _finish(args: argparse.Namespace, ok: bool, doc: dict[str, Any], text: str =
 
 
 def _say(message: str) -> None:
+    message = terminal_safe(message)
     sys.stderr.write(message if message.endswith("\n") else message + "\n")
 
 
 def _warn(message: str) -> None:
-    sys.stderr.write(f"mas2c: warning: {message}\n")
+    sys.stderr.write(f"mas2c: warning: {terminal_safe(message)}\n")
 
 
 def _renamed(flag: str, old: dict[str, str]) -> Callable[[str], str]:
@@ -98,7 +100,7 @@ _LLM_FLAG = _renamed("--llm", {"local": "embedded"})
 
 
 def _progress(message: str) -> None:
-    sys.stderr.write(f"mas2c: {message}\n")
+    sys.stderr.write(f"mas2c: {terminal_safe(message)}\n")
     sys.stderr.flush()
 
 
@@ -324,6 +326,8 @@ def _sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
         os.environ[sandbox.RUNTIME_ENV] = args.runtime
     if getattr(args, "no_pool", False):
         os.environ[sandbox.NO_POOL_ENV] = "1"  # never a warm container, always a cold one
+    if getattr(args, "allow_image_urls", False):
+        os.environ["MAS2C_ALLOW_IMAGE_URLS"] = "1"  # read where each run's gateway starts
     loosen = sandbox.Loosen(
         network=args.allow_network, writable_root=args.writable_root, root_user=args.as_root
     )
@@ -382,7 +386,7 @@ class _RunMeter:
             if not self.enabled or (not self._tty and now - self._last < 1.0):
                 return
             self._last = now
-            line = self.line()
+            line = terminal_safe(self.line())
             if self._tty:
                 sys.stderr.write(f"\r\033[Kmas2c: {line}")
             else:
@@ -576,13 +580,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     examples = _existing(args.examples) if args.examples else None
     if examples is not None and not examples.is_dir():
         raise UsageError(f"{args.examples}: --examples expects a folder of example specs")
-    with meta_client(_llm_config(args), model=args.model, progress=_progress) as client:
+    config = _llm_config(args)
+    # The embedded model gets the compact prompt and schema (see `mas2c.generate`).
+    embedded = config.endpoint() is None and config.replay is None
+    compact = args.prompt == "compact" or (args.prompt == "auto" and embedded)
+    with meta_client(config, model=args.model, progress=_progress) as client:
         result = generate_spec(
             task,
             client,
             examples_dir=examples,
             max_repairs=args.max_repairs,
             on_progress=_progress,
+            compact=compact,
         )
     text = spec_to_yaml(result.spec)
     if args.json and args.output == STDIO:
@@ -688,6 +697,16 @@ def cmd_rectify(args: argparse.Namespace) -> int:
     return _finish(args, outcome.ok, outcome.to_json(), text)
 
 
+def _add_prompt_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prompt",
+        choices=["auto", "full", "compact"],
+        default="auto",
+        help="the generator's prompt: full (language, schema, examples) or compact (a reduced "
+        "schema for small models); auto: compact on the embedded model, else full",
+    )
+
+
 def cmd_solve(args: argparse.Namespace) -> int:
     from mas2c.solve import print_progress, solve
 
@@ -705,6 +724,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
             progress=None if args.json else print_progress,
             on_warning=_warn,
             rectify_rounds=args.rectify_rounds,
+            prompt=args.prompt,
             **_sandbox_options(args),
         )
     report = (solve_dir / "report.md").read_text("utf-8")
@@ -800,6 +820,12 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
         "--allow-network",
         action="store_true",
         help="LOOSENS the sandbox: give the container a network",
+    )
+    p.add_argument(
+        "--allow-image-urls",
+        action="store_true",
+        help="LOOSENS the gateway: forward image_url parts that name http(s) URLs, which a "
+        "vision upstream fetches (default: only data: URLs; also $MAS2C_ALLOW_IMAGE_URLS=1)",
     )
     p.add_argument(
         "--writable-root", action="store_true", help="LOOSENS the sandbox: writable root filesystem"
@@ -1027,11 +1053,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="spec file to write (YAML; - for stdout)")
     p.add_argument("--examples", help="folder of example specs for few-shot (default: specs/)")
     p.add_argument(
-        "--model", help="model name for the generator (default MAS2C_MODEL or gpt-4o-mini)"
+        "--model",
+        help="model name for the generator (default MAS2C_MODEL; the embedded model's own "
+        "name on --llm embedded; else gpt-4o-mini)",
     )
     p.add_argument(
         "--max-repairs", type=int, default=3, help="validator-feedback rounds (default 3)"
     )
+    _add_prompt_flag(p)
     _add_json(p)
     _add_llm_flags(p)
     p.set_defaults(handler=cmd_generate)
@@ -1064,8 +1093,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-repairs",
         type=int,
-        help="generator repair rounds (default 3; 1 on the embedded model)",
+        help="generator repair rounds (default 3; 2 on the embedded model)",
     )
+    _add_prompt_flag(p)
     p.add_argument(
         "--rectify-rounds",
         type=int,
@@ -1273,7 +1303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _ArgumentError as exc:
         if not as_json:
             exc.parser.print_usage(sys.stderr)
-            sys.stderr.write(f"{exc.parser.prog}: error: {exc}\n")
+            sys.stderr.write(f"{exc.parser.prog}: error: {terminal_safe(str(exc))}\n")
             return EXIT_USAGE
         return _fail(verb, exc, as_json)
     except Mas2cError as exc:
@@ -1320,7 +1350,7 @@ def _fail(verb: str, exc: Mas2cError, as_json: bool) -> int:
     """The one error report: a message on stderr, and with --json one document on stdout."""
     report = getattr(exc, "report", None) if exc.code == "spec_invalid" else None
     located = report is not None  # the validator's report names file:line:column itself
-    message = str(exc)
+    message = terminal_safe(str(exc))
     sys.stderr.write(
         (message if located else f"mas2c {verb}: {message}".replace("mas2c : ", "mas2c: ")) + "\n"
     )

@@ -42,6 +42,7 @@ from mas2c.lang.spec import (
     EnsembleStep,
     FlowDef,
     LoopStep,
+    MapStep,
     ParallelStep,
     ProgrammerStep,
     Spec,
@@ -175,7 +176,7 @@ def compile_spec(spec: Spec) -> Build:
 
 
 # Runtime modules shipped only when a step kind asks for them (its RUNTIME_MODULES).
-OPTIONAL_RUNTIME = ("_voting.py", "_flows.py")
+OPTIONAL_RUNTIME = ("_voting.py", "_flows.py", "_delegation.py")
 
 
 def runtime_files(spec: Spec | None = None) -> dict[str, str]:
@@ -189,6 +190,8 @@ def runtime_files(spec: Spec | None = None) -> dict[str, str]:
         needed = {module for step in steps for module in step.RUNTIME_MODULES}
         if spec.flows:  # flows run through _flows.py (a subflow step, an ensemble over one)
             needed.add("_flows.py")
+        if any(a.delegates for a in spec.agents.values()) or any(s.agent_choice() for s in steps):
+            needed.add("_delegation.py")
     files = {
         name: (templates_dir() / name).read_text("utf-8") for name in ("_runtime.py", "_api.py")
     }
@@ -253,6 +256,7 @@ def _main_view(spec: Spec) -> dict[str, Any]:
     budgets = spec.budgets
     return {
         "example_input": value_literal(package_docs.example_input(spec.inputs)),
+        "uses_llm": value_literal(any(step_agents(step) for _p, step in iter_spec_steps(spec))),
         "inputs": value_literal(spec.inputs),
         "outputs": value_literal(spec.outputs),
         "budgets": {
@@ -292,6 +296,16 @@ def _agents_view(spec: Spec) -> dict[str, Any]:
                 "output": value_literal(agent.output) if isinstance(agent.output, dict) else "None",
                 "tools": value_literal(agent.tools),
                 "max_tool_rounds": agent.max_tool_rounds,
+                "delegates": value_literal(tuple(agent.delegates)) if agent.delegates else None,
+                "examples": [
+                    (
+                        example.user,
+                        example.assistant
+                        if isinstance(example.assistant, str)
+                        else canonical_json(example.assistant),
+                    )
+                    for example in agent.examples or []
+                ],
             }
         )
     return {"models": models, "agents": agents}
@@ -373,13 +387,15 @@ class _Methods:
 
 
 def _workflow_view(spec: Spec) -> dict[str, Any]:
-    emit = EmitContext(flow_classes=flow_class_names(spec))
+    emit = EmitContext(flow_classes=flow_class_names(spec), declared=frozenset(spec.state))
     top = emit.body(spec.workflow, "/workflow")
     flows = [_flow_view(name, flow, emit.flow_classes) for name, flow in spec.flows.items()]
     views = emit.views + [v for f in flows for v in f["steps"]]
     used = set().union(*(v.get("helpers", set()) for v in views))
+    if spec.state:
+        used.add("StateVar")
     # A helper is a runtime name (`field`), or `module.name` for an optional module's.
-    helpers = sorted(name for name in used if name != "Run" and "." not in name)
+    helpers = sorted(name for name in used if name not in ("Run", "State") and "." not in name)
     modules: dict[str, list[str]] = {}
     for module, _dot, name in sorted(h.partition(".") for h in used if "." in h):
         modules.setdefault(module, []).append(name)
@@ -387,9 +403,28 @@ def _workflow_view(spec: Spec) -> dict[str, Any]:
         "top": top,
         "steps": emit.views,
         "flows": flows,
-        "imports": ", ".join(["Run", *helpers]),
+        "imports": ", ".join(["Run", "State", *helpers]),
         "other_imports": [(module, ", ".join(names)) for module, names in modules.items()],
+        "state": _state_view(spec),
+        # `Any` annotates flows' tables and the methods that return a value (branches, map items).
+        "needs_any": bool(flows)
+        or any(v["branches"] or any(m["returns"] for m in v["methods"]) for v in views),
     }
+
+
+def _state_view(spec: Spec) -> list[dict[str, Any]]:
+    """The declared state variables, as `StateVar(...)` arguments (sorted by name)."""
+    return [
+        {
+            "name": name,
+            "pointer": _marker(f"/state/{escape_token(name)}"),
+            "reducer": var.reducer,
+            "initial": value_literal(var.initial_value()),
+            "schema": value_literal(var.json_schema),
+            "bound": var.bound_at_start,
+        }
+        for name, var in sorted(spec.state.items())
+    ]
 
 
 def flow_class_names(spec: Spec) -> dict[str, str]:
@@ -433,6 +468,7 @@ class EmitContext:
 
     names: _Methods = field(default_factory=_Methods)
     views: list[dict[str, Any]] = field(default_factory=list)
+    declared: frozenset[str] = frozenset()  # the spec's declared state variables
     flow_classes: dict[str, str] = field(default_factory=dict)  # flow name -> class name
 
     def body(self, steps: list[Step], pointer: str) -> list[str]:
@@ -451,16 +487,46 @@ class EmitContext:
             "kind": step.kind,
             "template": emitter.template,
             "timeout_s": value_literal(step.timeout_s) if step.timeout_s else None,
+            "settings": value_literal(step.settings.model_dump(exclude_none=True))
+            if step.settings is not None and step.settings.model_dump(exclude_none=True)
+            else None,
             "out": step_out(step),
             "doc": docstring_text(step.summary()),
             "branches": [],
+            "methods": [],  # more methods after the step's: (see `Method`)
+            "guard": None,
             "helpers": set(emitter.helpers),
         }
         self.views.append(view)
         extra = emitter.view(step, pointer, self)
         view["helpers"] = view["helpers"] | set(extra.pop("helpers", set()))
         view.update(extra)
+        if step.retry or step.fallback:
+            view["guard"] = self._guard(step, pointer, method, view)
         return method
+
+    def _guard(self, step: Step, pointer: str, method: str, view: dict[str, Any]) -> dict[str, Any]:
+        """`retry`/`fallback`: the step method hands an attempt method (the step's own
+        body) and a fallback method (its `fallback` steps) to `Run.guarded`."""
+        fallback = None
+        if step.fallback:
+            fallback = self.names.name("fallback_", step.id)
+            body = self.body(step.fallback, f"{pointer}/fallback")
+            view["methods"].append(
+                {
+                    "method": fallback,
+                    "pointer": f"{pointer}/fallback",
+                    "doc": f"The fallback of `{step.id}`: runs when it fails, "
+                    "with the failure as `error`.",
+                    "body": body,
+                    "returns": None,
+                }
+            )
+        return {
+            "attempt": self.names.name("attempt_", step.id),
+            "retry": step.retry or 0,
+            "fallback": fallback,
+        }
 
 
 EmitView = Callable[[Any, str, EmitContext], dict[str, Any]]
@@ -514,7 +580,22 @@ def _leaf(call: Callable[[Any], str]) -> EmitView:
 
 
 def _call_view(step: CallStep) -> str:
-    return f"self.run.call({string_literal(step.agent)}, {text_literal(step.prompt)})"
+    history = f", history={text_literal(step.history)}" if step.history is not None else ""
+    return f"self.run.call({string_literal(step.agent)}, {text_literal(step.prompt)}{history})"
+
+
+def _call_step_view(step: CallStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
+    """A call step: `self.run.call`, or `call_chosen` when a state value picks the agent."""
+    if step.agents is None:
+        return _leaf(_call_view)(step, pointer, emit)
+    history = f", history={text_literal(step.history)}" if step.history is not None else ""
+    out = step_out(step)
+    return {
+        "call": f"call_chosen(self.run, {text_literal(step.agent)}, {value_literal(step.agents)}, "
+        f"{text_literal(step.prompt)}{history})",
+        "assign": f"self.state[{string_literal(out)}] = " if out else "",
+        "helpers": {"_delegation.call_chosen"},
+    }
 
 
 def _ensemble_flow_view(step: EnsembleStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
@@ -634,19 +715,52 @@ def _parallel_view(step: ParallelStep, pointer: str, emit: EmitContext) -> dict[
     return {"branches": branches}
 
 
+def _map_view(step: MapStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
+    item_method = emit.names.name("item_", step.id)
+    body = emit.body(step.steps, f"{pointer}/steps")
+    if step.result is not None:
+        result = f"resolve_value({value_literal(step.result)}, self.state)"
+    else:
+        written = [name for name in definite_writes(step.steps) if name not in emit.declared]
+        result = f"self.state[{string_literal(written[-1])}]" if written else "None"
+    item, index = step.as_, step.index
+    out = step_out(step)
+    return {
+        "assign": f"self.state[{string_literal(out)}] = " if out else "",
+        "over": f"resolve_value({text_literal(step.over)}, self.state)",
+        "item_method": item_method,
+        "arguments": (
+            f"item={string_literal(item)}, index={string_literal(index)}, "
+            f"max_concurrency={step.max_concurrency}, max_items={step.max_items}"
+            + (", truncate=True" if step.on_overflow == "truncate" else "")
+        ),
+        "methods": [
+            {
+                "method": item_method,
+                "pointer": f"{pointer}/steps",
+                "doc": f"One item of `{step.id}` (`{item}`, `{index}`): its steps, then its result.",
+                "body": body,
+                "returns": result,
+            }
+        ],
+        "helpers": {"resolve_value"},
+    }
+
+
 for _kind, _call in (
-    ("call", _call_view),
     ("debate", _debate_view),
     ("programmer", _programmer_view),
     ("test", _test_view),
     ("tool", _tool_view),
 ):
     register_emitter(_kind, "steps/leaf.py.j2", _leaf(_call))
+register_emitter("call", "steps/leaf.py.j2", _call_step_view)
 register_emitter("ensemble", "steps/leaf.py.j2", _ensemble_flow_view)
 register_emitter("subflow", "steps/leaf.py.j2", _subflow_view)
 register_emitter("loop", "steps/loop.py.j2", _loop_view)
 register_emitter("branch", "steps/branch.py.j2", _branch_view)
 register_emitter("parallel", "steps/parallel.py.j2", _parallel_view)
+register_emitter("map", "steps/map.py.j2", _map_view)
 
 
 def _helpers(condition: ast.expr) -> set[str]:

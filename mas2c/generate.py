@@ -8,6 +8,18 @@ or that the validator rejects, goes back to the LLM with the validator's located
 problems (`CODE /json/pointer: message (hint)`), at most `max_repairs` times;
 then `GenerateError` carries the last problems. Warnings are accepted.
 
+With `compact=True` (what `solve` uses on the embedded model) the prompt and the
+schema are cut to what a model with a small context and little capacity can follow:
+`compact_schema(inputs)` allows one or two `call`/`ensemble` steps (ids and outs fixed
+by position) over one or two text agents (`solver`, optionally `reviewer`), the task's
+inputs by name (default one string `question`), prompts that end with a placeholder,
+capped strings and one `answer` output; `compact_system_prompt(inputs)` describes that schema
+(`mas2c.lang.describe.describe_schema`), and `compact_messages` adds one small
+example as an answered turn before the task. The structure is
+then carried by schema-constrained decoding (llama.cpp turns the schema into a
+grammar); what a schema cannot say (an agent a step names exists, an output names a
+step's `out`) goes through the same validator loop.
+
 `spec_to_yaml(spec)` / `write_spec_yaml(spec, path)` write a spec as readable
 YAML (natural key order, block scalars for multi-line strings), atomically; the
 file re-validates to the same spec.
@@ -27,15 +39,20 @@ import yaml
 
 from mas2c.errors import RunFailure
 from mas2c.files import write_text_atomic
+from mas2c.lang.describe import describe_schema
 from mas2c.lang.source import SourceError, load_file
 from mas2c.lang.spec import Spec, json_schema, language_description, spec_hash
 from mas2c.lang.validate import Problem, validate_file, validate_text
 from mas2c.llm import JSONNotFound, LLMClient, Message, Usage, extract_json
 
 __all__ = [
+    "COMPACT_MAX_TOKENS",
     "Example",
     "GenerateError",
     "GenerateResult",
+    "compact_messages",
+    "compact_schema",
+    "compact_system_prompt",
     "default_examples_dir",
     "format_problems",
     "generate_spec",
@@ -129,6 +146,7 @@ class GenerateResult:
     warnings: list[Problem] = field(default_factory=list)  # of the final spec
     usage: Usage = field(default_factory=Usage)
     examples: list[str] = field(default_factory=list)  # names of the few-shot examples shown
+    prompt: str = "full"  # "full" (language, schema, examples) or "compact" (small models)
 
     @property
     def problems(self) -> list[list[Problem]]:
@@ -143,6 +161,7 @@ class GenerateResult:
             "repairs": [[p.to_json() for p in problems] for problems in self.history],
             "warnings": [p.to_json() for p in self.warnings],
             "examples": self.examples,
+            "prompt": self.prompt,
             "usage": self.usage.to_json(),
         }
 
@@ -263,6 +282,175 @@ def _repair_message(problems: list[Problem]) -> str:
     )
 
 
+# -- the compact prompt and schema (small models) -------------------------------------------
+
+COMPACT_MAX_TOKENS = 600  # a compact spec is 150-350 tokens; the caps keep it under this
+
+_COMPACT_ID = r"^[a-z][a-z0-9_]{0,23}$"
+_COMPACT_TEXT = r"[A-Za-z0-9 ,.?!:;()'-]"  # no braces, quotes or newlines: no stray placeholders
+_JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number"}
+
+
+def json_type_of(value: Any) -> str:
+    """The JSON Schema type of an input value (for the compact schema's `inputs`)."""
+    for python, name in _JSON_TYPES.items():
+        if type(value) is python:
+            return name
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "string"
+
+
+def _const_object(properties: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+COMPACT_AGENTS = ("solver", "reviewer")  # the agent ids a compact spec may use, in order
+COMPACT_STEPS = (("first", "draft"), ("second", "final"))  # (id, out) of each step, in order
+COMPACT_INPUT = "question"  # the input a compact spec declares when the task's are unknown
+
+
+def _compact_step(position: int, reads: list[str]) -> dict[str, Any]:
+    """The step at `position`: a call or an ensemble, with its id and out fixed (a small
+    model otherwise reuses an id), reading the inputs (and the first step's out)."""
+    step_id, out = COMPACT_STEPS[position]
+    names = "|".join(re.escape(name) for name in reads)
+    prompt = {
+        "type": "string",
+        "pattern": f"^{_COMPACT_TEXT}{{1,120}}\\{{\\{{ ({names}) \\}}\\}}$",
+        "description": "What the agent is asked; ends with a placeholder.",
+    }
+    agent_ref = {"enum": list(COMPACT_AGENTS), "description": "An agent id of `agents`."}
+    fixed = {"id": {"const": step_id}}
+    call = _const_object(
+        {**fixed, "kind": {"const": "call"}, "agent": agent_ref, "prompt": prompt}
+        | {"out": {"const": out}}
+    )
+    ensemble = _const_object(
+        {
+            **fixed,
+            "kind": {"const": "ensemble"},
+            "agent": agent_ref,
+            "n": {"type": "integer", "minimum": 3, "maximum": 5},
+            "prompt": prompt,
+            "vote": {"const": "majority"},
+            "out": {"const": out},
+        }
+    )
+    return {"anyOf": [call, ensemble]}
+
+
+def compact_schema(inputs: dict[str, str] | None = None) -> dict[str, Any]:
+    """The reduced spec schema for small models: `inputs` maps the task's input names to
+    JSON types (default: one string `question`).
+
+    Every instance has the shape of a valid spec, and every bound holds in the grammar
+    llama.cpp makes of it (which ignores minProperties/maxProperties): agent ids come from
+    `COMPACT_AGENTS` (`solver` required), steps name them by enum, a workflow is one step
+    or two (ids and outs fixed by position: `first` -> `draft`, `second` -> `final`, the
+    second may read `draft`), strings are capped."""
+    kinds = dict(sorted((inputs or {COMPACT_INPUT: "string"}).items()))
+    declared = _const_object(
+        {name: _const_object({"type": {"const": kind}}) for name, kind in kinds.items()}
+    )
+    first = _compact_step(0, list(kinds))
+    second = _compact_step(1, [*kinds, COMPACT_STEPS[0][1]])
+    one = {"type": "array", "prefixItems": [first], "items": False}
+    two = {"type": "array", "prefixItems": [first, second], "items": False}
+    agent = _const_object(
+        {
+            "role": {"type": "string", "minLength": 3, "maxLength": 40},
+            "instructions": {"type": "string", "maxLength": 160},
+        }
+    )
+    agents = _const_object({name: agent for name in COMPACT_AGENTS})
+    agents["required"] = [COMPACT_AGENTS[0]]
+    return _const_object(
+        {
+            "spec_version": {"const": "1"},
+            "name": {"type": "string", "pattern": r"^[a-z][a-z0-9-]{2,30}$"},
+            "description": {"type": "string", "maxLength": 120},
+            "inputs": declared,
+            "agents": agents,
+            "workflow": {"anyOf": [one, two]},
+            "outputs": _const_object(
+                {
+                    "answer": {
+                        "enum": [out for _id, out in COMPACT_STEPS],
+                        "description": "The `out` of the last step.",
+                    }
+                }
+            ),
+        }
+    )
+
+
+def _compact_example(inputs: dict[str, str] | None) -> dict[str, Any]:
+    kinds = inputs or {COMPACT_INPUT: "string"}
+    name = sorted(kinds)[0]
+    return {
+        "spec_version": "1",
+        "name": "translate",
+        "description": "One agent translates the text into French.",
+        "inputs": {name: {"type": kinds[name]}},
+        "agents": {
+            "solver": {
+                "role": "Translator",
+                "instructions": "Translate the text into French; answer with the translation only.",
+            }
+        },
+        "workflow": [
+            {
+                "id": "first",
+                "kind": "call",
+                "agent": "solver",
+                "prompt": f"Translate this text into French: {{{{ {name} }}}}",
+                "out": "draft",
+            }
+        ],
+        "outputs": {"answer": "draft"},
+    }
+
+
+_COMPACT_RULES = """\
+Rules: a step may use `reviewer` only if `agents` defines it; every prompt ends with an input
+as {{ name }} (the second step may read {{ draft }}); outputs.answer is the `out` of the
+last step. Keep texts short and specific to the task."""
+
+
+COMPACT_EXAMPLE_TASK = "Translate a text into French."
+
+
+def compact_system_prompt(inputs: dict[str, str] | None = None) -> str:
+    """The generator's system message for small models: the reduced schema in words and
+    the rules a schema cannot carry (the example comes as an earlier turn)."""
+    return "\n\n".join(
+        [
+            _INTRO.strip(),
+            "The spec's keys:\n" + describe_schema(compact_schema(inputs)),
+            _COMPACT_RULES,
+        ]
+    )
+
+
+def compact_messages(task: str, inputs: dict[str, str] | None = None) -> list[Message]:
+    """The compact conversation: system, one example task answered, then the task. A small
+    model follows an answered turn far better than an example inside the instructions."""
+    return [
+        {"role": "system", "content": compact_system_prompt(inputs)},
+        {"role": "user", "content": TASK_TEMPLATE.format(task=COMPACT_EXAMPLE_TASK)},
+        {"role": "assistant", "content": json.dumps(_compact_example(inputs), ensure_ascii=False)},
+        {"role": "user", "content": TASK_TEMPLATE.format(task=task)},
+    ]
+
+
 # -- the generator --------------------------------------------------------------------------
 
 
@@ -291,21 +479,35 @@ def generate_spec(
     temperature: float = 0.0,
     max_tokens: int | None = None,
     on_progress: ProgressFn | None = None,
+    compact: bool = False,
+    inputs: dict[str, str] | None = None,
+    model_label: str | None = None,
 ) -> GenerateResult:
     """A valid spec for `task`, or `GenerateError` after `max_repairs` failed repairs.
 
+    `compact` asks under the reduced schema with the compact prompt (small models);
+    `inputs` (name -> JSON type) fixes the inputs it declares. `model_label` names the
+    model in progress messages (default: the client's model name).
     `LLMError` (from `mas2c.llm`) propagates when the endpoint cannot be asked.
     """
     task = task.strip()
     if not task:
         raise ValueError("the task is empty")
     say = on_progress or (lambda _message: None)
-    directory = examples_dir if examples_dir is not None else default_examples_dir()
-    chosen = pick_examples(task, load_examples(directory), n_examples) if directory else []
-    base: list[Message] = [
-        {"role": "system", "content": system_prompt(chosen)},
-        {"role": "user", "content": TASK_TEMPLATE.format(task=task)},
-    ]
+    who = model_label or getattr(client, "model", None) or "the model"
+    if compact:
+        chosen: list[Example] = []
+        base = compact_messages(task, inputs)
+        schema = compact_schema(inputs)
+        max_tokens = max_tokens or COMPACT_MAX_TOKENS
+    else:
+        directory = examples_dir if examples_dir is not None else default_examples_dir()
+        chosen = pick_examples(task, load_examples(directory), n_examples) if directory else []
+        base = [
+            {"role": "system", "content": system_prompt(chosen)},
+            {"role": "user", "content": TASK_TEMPLATE.format(task=task)},
+        ]
+        schema = json_schema()
     messages = base
     history: list[list[Problem]] = []
     before = client.usage
@@ -314,13 +516,13 @@ def generate_spec(
     total = max_repairs + 1
     for attempt in range(1, total + 1):
         say(
-            "asking the model for a spec"
+            f"asking {who} for a spec" + (" (compact prompt and schema)" if compact else "")
             if attempt == 1
-            else f"asking the model to repair the spec (repair {attempt - 1}/{max_repairs})"
+            else f"asking {who} to repair the spec (repair {attempt - 1}/{max_repairs})"
         )
         reply = client.chat(
             messages,
-            schema=json_schema(),
+            schema=schema,
             schema_name="mas2c_spec",
             schema_in_prompt=False,  # the system message shows it already
             temperature=temperature,
@@ -337,6 +539,7 @@ def generate_spec(
                 warnings=problems,
                 usage=client.usage - before,
                 examples=[e.name for e in chosen],
+                prompt="compact" if compact else "full",
             )
         history.append(problems)
         errors = [p for p in problems if p.severity == "error"]

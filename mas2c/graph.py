@@ -29,6 +29,7 @@ def _label(step: Step) -> str:
     detail = step.graph_detail()
     out = step.writes()
     text = f"{step.id}\n{step.kind}" + (f": {detail}" if detail else "")
+    text += f"\nretry ×{step.retry}" if step.retry else ""
     return text + (f"\n→ {out}" if out else "")
 
 
@@ -42,7 +43,32 @@ def build(spec: Spec) -> Graph:
     for end in ends:
         graph.edge(end, finish)
     _flows(graph, spec)
+    _agents(graph, spec)
     return graph
+
+
+def _agents(graph: Graph, spec: Spec) -> None:
+    """Delegation: an edge from each step to the workers its agents call as tools
+    ("delegates"), and to each agent a state value may choose ("chooses")."""
+    drawn: set[str] = set()
+
+    def agent_node(agent_id: str) -> str:
+        node_id = "a_" + "".join(c if c.isalnum() else "_" for c in agent_id)
+        if node_id not in drawn:
+            drawn.add(node_id)
+            agent = spec.agents.get(agent_id)
+            graph.node(node_id, f"agent {agent_id}" + (f"\n{agent.role}" if agent else ""), "round")
+        return node_id
+
+    for _pointer, step in iter_spec_steps(spec):
+        step_node = "s_" + step.id.replace("-", "_")
+        choice = step.agent_choice()
+        for candidate in choice[2] if choice else []:
+            graph.edge(step_node, agent_node(candidate), "chooses")
+        for ref in step.agent_refs():
+            agent = spec.agents.get(ref.agent)
+            for worker in (agent.delegates or []) if agent is not None else []:
+                graph.edge(step_node, agent_node(worker), "delegates")
 
 
 def _flows(graph: Graph, spec: Spec) -> None:
@@ -81,6 +107,14 @@ def _steps(graph: Graph, steps: list[Step], entries: list[str], label: str) -> l
 
 
 def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]:
+    """Draws a step, then its `fallback` steps on an edge "on failure" from it."""
+    exits = _shaped(graph, step, entries, label)
+    if not step.fallback:
+        return exits
+    return exits + _steps(graph, step.fallback, ["s_" + step.id.replace("-", "_")], "on failure")
+
+
+def _shaped(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]:
     """Draws a step by how its nested step lists run (its `shape`), never by its kind."""
     node_id = "s_" + step.id.replace("-", "_")
     children = [steps for _key, steps in step.child_lists()]
@@ -115,6 +149,8 @@ def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]
             graph.edge(end, check)
         graph.edge(check, head, "no")
         return [check]
+    if step.shape == "each":
+        return _each(graph, step, node_id, children, entries, label)
     if step.shape == "alternatives":
         decision = graph.node(node_id, f"{step.id}\n{step.kind}", "decision")
         for entry in entries:
@@ -132,6 +168,35 @@ def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]
     if children:  # a "sequence" kind: its nested steps follow it
         return _steps(graph, [s for steps in children for s in steps], [node_id], "")
     return [node_id]
+
+
+def _each(
+    graph: Graph,
+    step: Step,
+    node_id: str,
+    children: list[list[Step]],
+    entries: list[str],
+    label: str,
+) -> list[str]:
+    """A body run once per item (`map`): a fork for the items, the body in a cluster, a
+    join that collects the results."""
+    fork = graph.node(node_id, f"{step.id}\n{step.kind}: {step.graph_detail()}", "fork")
+    for entry in entries:
+        graph.edge(entry, fork, label)
+    before = len(graph.nodes)
+    exits = [fork]
+    for body in children:
+        exits = _steps(graph, body, exits, "each item" if exits == [fork] else "")
+    fan = step.fan_out()
+    bound = f" (≤ {fan.value} items)" if fan is not None else ""
+    graph.clusters.append(
+        (node_id + "_c", f"{step.kind} {step.id}{bound}", [n[0] for n in graph.nodes[before:]])
+    )
+    out = step.writes()
+    join = graph.node(node_id + "_join", "results in order" + (f"\n→ {out}" if out else ""), "fork")
+    for end in exits:
+        graph.edge(end, join)
+    return [join]
 
 
 _MERMAID_SHAPES = {

@@ -39,6 +39,8 @@ def meta_client(
     owned = upstream is None
     if upstream is None and config.needs_upstream:
         upstream = make_upstream(config, on_progress=progress)
+    # The embedded model is asked (and accounted) under its own name, not a default one.
+    model = model or getattr(upstream, "model_id", None)
     try:
         with (
             socket_dir() as folder,

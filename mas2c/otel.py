@@ -31,15 +31,20 @@ times, and every attribute value here is reduced to a string, number or boolean
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from mas2c import __version__
 from mas2c.errors import RunFailure
-from mas2c.tracing import RunTrace, Span, read_run_trace, redact_url
+from mas2c.tracing import RunTrace, Span, read_run_trace, redact_argv, redact_url, redact_urls_in
 
 MAX_ATTRIBUTE_CHARS = 32_000
 TRACES_PATH = "/v1/traces"
@@ -170,6 +175,8 @@ def span_attributes(span: Span) -> dict[str, Any]:
         )
     elif span.kind == "host":
         command = a.get("command")
+        if isinstance(command, list):  # a run.json written before URLs were redacted anywhere
+            command = redact_argv([str(c) for c in command])
         out.update(
             {
                 "mas2c.command": [str(c) for c in command] if isinstance(command, list) else None,
@@ -269,6 +276,58 @@ def _ns(seconds: float) -> int:
     return min(int(min(seconds, 1.8e10) * 1e9), 2**64 - 1)
 
 
+_QUERY_VALUE = re.compile(r"([?&][^=&\s'\"()]+=)[^&\s'\"()]*")
+
+
+def _endpoint_secrets(url: str) -> list[str]:
+    """The endpoint's user, password and query values, as written and decoded."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.username or "", parts.password or ""]
+    except ValueError:
+        return []
+    found += [v for _, v in parse_qsl(parts.query, keep_blank_values=True)]
+    found += [v.partition("=")[2] for v in parts.query.split("&")]
+    found += [unquote(v) for v in found]
+    return sorted({v for v in found if len(v) >= 3}, key=len, reverse=True)
+
+
+def redact_log_text(text: str, url: str) -> str:
+    """A log line of the exporter (or of urllib3 under it) without the endpoint's
+    credentials: URLs redacted, every query value and every secret of ``url`` removed."""
+    text = _QUERY_VALUE.sub(r"\1<redacted>", redact_urls_in(text))
+    for secret in _endpoint_secrets(url):
+        text = text.replace(secret, "<redacted>")
+    return text
+
+
+class _RedactingHandler(logging.Handler):
+    """Writes log records to stderr as the default handler would, redacted."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(logging.WARNING)
+        self.url = url
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(redact_log_text(self.format(record), self.url) + "\n")
+        except Exception:  # a log line is never worth a failed export
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _redacted_logs(url: str) -> Iterator[None]:
+    """While exporting, every log record (the exporter logs the URL with its query) goes
+    through :class:`_RedactingHandler` instead of Python's default stderr handler."""
+    root = logging.getLogger()
+    handler = _RedactingHandler(url)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
 def export_otel(
     folder: Path, endpoint: str, *, service: str = "mas2c", timeout_s: float = 30.0
 ) -> dict[str, Any]:
@@ -282,10 +341,11 @@ def export_otel(
     from opentelemetry.sdk.trace.export import SpanExportResult
 
     exporter = OTLPSpanExporter(endpoint=url, timeout=timeout_s)
-    try:
-        result = exporter.export(spans)
-    finally:
-        exporter.shutdown()  # type: ignore[no-untyped-call]
+    with _redacted_logs(url):
+        try:
+            result = exporter.export(spans)
+        finally:
+            exporter.shutdown()  # type: ignore[no-untyped-call]
     if result is not SpanExportResult.SUCCESS:
         raise ExportError(
             f"the OTLP receiver at {redact_url(url)} did not accept the spans "

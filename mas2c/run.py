@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mas2c.errors import InvalidInput, RunFailure
-from mas2c.files import read_manifest, write_bytes_atomic, write_text_atomic
+from mas2c.files import (
+    check_owned_folder,
+    read_manifest,
+    run_folder_owns,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     from mas2c.lang.spec import Spec
@@ -327,7 +333,7 @@ def run_system(
     `MAS2C_TRACE_CONTENT=1` in the environment) also traces prompts and completions.
     """
     from mas2c import sandbox
-    from mas2c.gateway import Gateway
+    from mas2c.gateway import Gateway, GatewayLimits
 
     llm = llm or LLMConfig()
     say = on_progress or (lambda _message: None)
@@ -336,6 +342,7 @@ def run_system(
     owned = upstream is None and llm.needs_upstream
     if owned and (url := llm.endpoint()) is not None:
         check_reachable(url)
+    check_owned_folder(run_dir, marker="run.json", owns=run_folder_owns(run_dir), what="run")
     run_dir.mkdir(parents=True, exist_ok=True)
     header = run_header(system, llm, backend, trace_content)
     _write_header(run_dir, header)
@@ -368,6 +375,9 @@ def run_system(
                 models=gateway_models(system.data),
                 socket_uid=uid,
                 egress=gateway_egress(system.data),
+                limits=GatewayLimits(
+                    allow_image_urls=os.environ.get("MAS2C_ALLOW_IMAGE_URLS") == "1"
+                ),
             )
             with gateway:
                 try:

@@ -124,8 +124,13 @@ RuntimeCode = Literal[
     "no_credentials",
     "llm_error",
     "flow_input",
+    "agent_choice",
+    "chat_history",
     "internal",
     "interrupted",
+    "map_not_list",
+    "map_overflow",
+    "state_type",
 ]
 #: Codes of results the host writes when the program left none (or a broken one).
 HostCode = Literal["sandbox_timeout", "oom_killed", "sandbox_error", "no_result", "bad_result"]

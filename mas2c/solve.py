@@ -11,9 +11,17 @@ Everything lands in the solve folder:
     summary.json, report.md  the answer, cost, tokens and time per phase
 
 The generator asks the LLM for a whole spec, repairing it from validator feedback.
-A weak model (such as the embedded SmolLM2-135M) rarely manages that, so when it
-gives up, solve falls back to the example spec whose inputs match the task's
-input and that the LLM picks from a closed list, and says so in the summary.
+On the embedded model (SmolLM2-135M through llama.cpp) it asks with the compact
+prompt and the reduced schema (`mas2c.generate.compact_schema`), which fit its
+context and let grammar-constrained decoding carry the structure; `prompt` ("auto",
+"full", "compact") overrides the choice. Only when that loop gives up (or the
+endpoint refuses the request) does solve fall back to the example spec whose inputs
+match the task's input (picked by the LLM from a closed list, or by words on the
+embedded model). `summary.json`'s `generation` says which happened and why:
+`{"outcome": "generated"|"fallback", "reason", "attempts", "prompt", "model",
+"example", "problems"}` (`spec_source` keeps the short form: `generated` or
+`example:<name>`). On the embedded model every model id of the spec is bound to it by
+its own name (`smollm2-135m-instruct`), so requests, usage and messages name it.
 """
 
 from __future__ import annotations
@@ -28,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mas2c.errors import RunFailure
-from mas2c.files import write_text_atomic
+from mas2c.errors import RunFailure, terminal_safe
+from mas2c.files import check_owned_folder, write_text_atomic
 from mas2c.lang.spec import Spec
 from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
 
@@ -58,6 +66,7 @@ class SolveOutcome:
     answer: dict[str, Any] | None
     phases: list[Phase] = field(default_factory=list)
     spec_source: str = "generated"
+    generation: dict[str, Any] = field(default_factory=dict)  # how the spec came to be
     run: RunOutcome | None = None
     rectify: dict[str, Any] | None = None  # mas2c.rectify's summary, when the first run failed
 
@@ -74,6 +83,7 @@ class SolveOutcome:
             "answer": self.answer,
             "solve_dir": str(self.solve_dir),
             "spec_source": self.spec_source,
+            "generation": self.generation,
             "phases": [vars(p) for p in self.phases],
             "llm_calls": sum(p.calls for p in self.phases),
             "tokens": sum(p.tokens for p in self.phases),
@@ -202,6 +212,24 @@ def adapt_example(
     return Spec.model_validate(data), choice.name
 
 
+#: What `solve` writes at the top of its folder (besides `run-1/`, a run folder).
+SOLVE_FILES = frozenset(
+    {
+        "task.txt",
+        "spec-generated.yaml",
+        "spec.yaml",
+        "spec.rectified.yaml",
+        "summary.json",
+        "report.md",
+    }
+)
+
+
+def _solve_owns(relative: str) -> bool:
+    head, _, rest = relative.partition("/")
+    return head == "run-1" if rest else relative in SOLVE_FILES
+
+
 def solve(
     task: str,
     input_path: Path,
@@ -218,10 +246,11 @@ def solve(
     progress: Progress | None = None,
     on_warning: Callable[[str], None] | None = None,
     rectify_rounds: int = 3,
+    prompt: Literal["auto", "full", "compact"] = "auto",
 ) -> SolveOutcome:
     from mas2c.configure import configure_spec, load_pool
     from mas2c.embedded import EmbeddedUpstream
-    from mas2c.generate import GenerateError, generate_spec, write_spec_yaml
+    from mas2c.generate import GenerateError, generate_spec, json_type_of, write_spec_yaml
     from mas2c.llm import LLMError
     from mas2c.meta import meta_client
     from mas2c.yamledit import edit_spec_text
@@ -229,13 +258,27 @@ def solve(
     say = progress or (lambda _m: None)
     llm = llm or LLMConfig()
     inputs = _input_names(input_path)
+    check_owned_folder(solve_dir, marker="task.txt", owns=_solve_owns, what="solve")
     solve_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(solve_dir / "task.txt", task.strip() + "\n")
     outcome = SolveOutcome(solve_dir, "error", None)
     meter = _Meter(say)
     upstream = make_upstream(llm, on_progress=say)
-    local = isinstance(upstream, EmbeddedUpstream)
-    repairs = max_repairs if max_repairs is not None else (1 if local else 3)
+    on_embedded = isinstance(upstream, EmbeddedUpstream)
+    embedded: EmbeddedUpstream | None = upstream if isinstance(upstream, EmbeddedUpstream) else None
+    if embedded is not None:
+        model = model or embedded.model_id  # requests and usage name the model it is
+    repairs = max_repairs if max_repairs is not None else (2 if on_embedded else 3)
+    compact = prompt == "compact" or (prompt == "auto" and on_embedded)
+    outcome.generation = {
+        "outcome": "generated",
+        "reason": None,
+        "attempts": 0,
+        "prompt": "compact" if compact else "full",
+        "model": embedded.describe() if embedded is not None else (model or None),
+        "example": None,
+        "problems": [],
+    }
     sandbox_options: dict[str, Any] = {
         "backend": backend,
         "limits": limits,
@@ -246,34 +289,47 @@ def solve(
     try:
         with meta_client(llm, model=model, upstream=upstream, on_event=meter.on_event) as client:
             with _timed(outcome.phases, "generate", meter, say) as phase:
+                generation = outcome.generation
+                reason = ""
                 try:
                     generated = generate_spec(
                         _task_with_inputs(task, inputs),
                         client,
                         max_repairs=repairs,
                         on_progress=say,
+                        compact=compact,
+                        inputs={k: json_type_of(v) for k, v in inputs.items()},
+                        model_label=generation["model"],
                     )
                     spec = generated.spec
+                    generation["attempts"] = generated.attempts
+                    generation["problems"] = _codes(generated.history)
                     missing = sorted(set(spec.inputs) - set(inputs))
                     if missing:
                         raise _Unfit(f"the spec wants inputs {missing} that the input file lacks")
+                    phase.note = f"generated `{spec.name}` in {generated.attempts} answer(s)"
                 except LLMError as exc:
                     # The endpoint refused the generator's request (e.g. the prompt, with its
-                    # schema and examples, is longer than the embedded model's context): the
-                    # generator gave up. Anything else (unreachable, auth, 5xx) is fatal.
+                    # schema and examples, is longer than the model's context): the generator
+                    # gave up. Anything else (unreachable, auth, 5xx) is fatal.
                     if not _refused(exc):
                         raise
-                    say(f"the generator's request was refused ({exc}); adapting an example instead")
-                    spec, example = adapt_example(task, inputs, client, say, ask=not local)
+                    reason = f"the endpoint refused the generator's request: {exc}"
+                except GenerateError as exc:
+                    generation["attempts"] = exc.attempts
+                    generation["problems"] = _codes([*exc.history])
+                    codes = ", ".join(sorted({p.code for p in exc.problems})) or "none"
+                    reason = f"no valid spec after {exc.attempts} answer(s); last errors: {codes}"
+                except _Unfit as exc:
+                    reason = str(exc)
+                if reason:
+                    say(f"the generator gave up ({reason}); adapting an example instead")
+                    spec, example = adapt_example(task, inputs, client, say, ask=not on_embedded)
                     outcome.spec_source = f"example:{example}"
-                    phase.note = f"fell back to the `{example}` example"
-                except (GenerateError, _Unfit) as exc:
-                    say(
-                        f"the generator gave up ({str(exc).splitlines()[0]}); adapting an example instead"
-                    )
-                    spec, example = adapt_example(task, inputs, client, say, ask=not local)
-                    outcome.spec_source = f"example:{example}"
-                    phase.note = f"fell back to the `{example}` example"
+                    generation.update(outcome="fallback", reason=reason, example=example)
+                    phase.note = f"fell back to the `{example}` example: {reason}"
+                if embedded is not None:
+                    spec = _on_embedded(spec, embedded)
                 first_spec, generated_text = (
                     spec,
                     write_spec_yaml(spec, solve_dir / "spec-generated.yaml"),
@@ -284,7 +340,10 @@ def solve(
                     from mas2c.lang.spec import ModelSpec
 
                     pool = {
-                        "default": ModelSpec(model=model or "local", description="the only model")
+                        "default": ModelSpec(
+                            model=model or "local",
+                            description=embedded.describe() if embedded else "the only model",
+                        )
                     }
                 configured = configure_spec(spec, pool, client=client if pool_path else None)
                 spec = configured.spec
@@ -335,6 +394,25 @@ def solve(
     return outcome
 
 
+def _codes(history: list[Any]) -> list[list[str]]:
+    """The error codes of each rejected answer, in order."""
+    return [sorted({p.code for p in problems if p.severity == "error"}) for problems in history]
+
+
+def _on_embedded(spec: Spec, engine: Any) -> Spec:
+    """The spec with every model of its pool bound to the embedded model, by its own name
+    (an example written for `gpt-4o-mini` must not say so when SmolLM2 answers)."""
+    if not spec.models:
+        return spec
+    models = {
+        key: entry.model_copy(
+            update={"model": engine.model_id, "description": engine.describe(), "price": None}
+        )
+        for key, entry in spec.models.items()
+    }
+    return spec.model_copy(update={"models": models})
+
+
 def rectify_run(
     solve_dir: Path,
     input_path: Path,
@@ -379,6 +457,8 @@ def _write_summary(outcome: SolveOutcome) -> None:
         "",
         f"Status: **{outcome.status}** (spec: {outcome.spec_source})",
         "",
+        _generation_line(outcome.generation),
+        "",
         "## Answer",
         "",
         "```json",
@@ -405,8 +485,23 @@ def _write_summary(outcome: SolveOutcome) -> None:
     write_text_atomic(outcome.solve_dir / "report.md", "\n".join(lines))
 
 
+def _generation_line(generation: dict[str, Any]) -> str:
+    model = generation.get("model") or "the LLM"
+    prompt = generation.get("prompt", "full")
+    if generation.get("outcome") == "fallback":
+        return (
+            f"Spec: fell back to the `{generation.get('example')}` example, because "
+            f"{generation.get('reason')} ({model}, {prompt} prompt)."
+        )
+    return (
+        f"Spec: generated by {model} ({prompt} prompt) in "
+        f"{generation.get('attempts', 0)} answer(s), validated."
+    )
+
+
 def print_progress(message: str) -> None:
     """One line per message on stderr; on a terminal the counter line rewrites itself."""
+    message = terminal_safe(message)
     if sys.stderr.isatty() and "so far" in message:
         sys.stderr.write(f"\r\033[K{message}")
     else:

@@ -92,11 +92,26 @@ def redact_url(text: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+# A URL anywhere in a text: a scheme, `://`, then up to whitespace or a quote.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]*")
+# userinfo without a scheme (`user:pw@host`), as `--llm=user:pw@host/v1` could carry it
+_USERINFO = re.compile(r"(?<![\w.\-])[^\s/@:=]+:[^\s/@]*@(?=[\w\[])")
+
+
+def redact_urls_in(text: str) -> str:
+    """``text`` with every URL inside it redacted (:func:`redact_url`: no user, password,
+    query or fragment), wherever it starts (``--llm=http://user:pw@host/v1``), and any
+    other ``user:password@`` removed."""
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    return _USERINFO.sub("", text)
+
+
 def redact_argv(argv: Sequence[str], secrets: Sequence[str] = ()) -> list[str]:
-    """The command line as recorded: URLs redacted, any known secret replaced."""
+    """The command line as recorded: every URL in every argument redacted, any known
+    secret replaced."""
     out = []
     for arg in argv:
-        text = redact_url(str(arg))
+        text = redact_urls_in(str(arg))
         for secret in secrets:
             if secret and len(secret) >= 8:  # a short word would blank out half the line
                 text = text.replace(secret, "***")

@@ -25,6 +25,7 @@ imports the same file on the host (input checks before a run, the validator).
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +35,7 @@ from typing import Any
 __all__ = [
     "ESCAPE",
     "FILTERS",
+    "MAX_PATTERN_INPUT",
     "PLACEHOLDER",
     "SCHEMA_KEYWORDS",
     "Placeholder",
@@ -45,11 +47,13 @@ __all__ = [
     "json_equal",
     "json_type",
     "parse_placeholder",
+    "pattern_problem",
     "placeholders",
     "render",
     "resolve",
     "resolve_tree",
     "schema_keyword_problem",
+    "schema_pattern_problem",
     "validate",
     "whole_placeholder",
 ]
@@ -431,11 +435,15 @@ def _validate_string(
         problems.append(f"at {where}: expected at most {schema['maxLength']} character(s)")
     pattern = schema.get("pattern")
     if isinstance(pattern, str):
-        try:
-            matched = re.search(pattern, value) is not None
-        except re.error:
-            matched = True  # the validator rejects bad patterns; never fail a run on one
-        if not matched:
+        refused = _pattern_refused(pattern)
+        if refused:  # never evaluated: a build's spec is not re-validated
+            problems.append(f"at {where}: the pattern {pattern[:80]!r} is refused: {refused}")
+        elif len(value) > MAX_PATTERN_INPUT:
+            problems.append(
+                f"at {where}: {len(value)} characters is too long to check against a pattern "
+                f"(at most {MAX_PATTERN_INPUT})"
+            )
+        elif re.search(pattern, value) is None:
             problems.append(f"at {where}: {_shown(value)} does not match the pattern {pattern!r}")
 
 
@@ -488,16 +496,38 @@ def argument_problems(args: Mapping[str, Any], parameters: Mapping[str, Any]) ->
     return problems
 
 
+def _non_finite(value: Any, pointer: str, depth: int) -> str | None:
+    """The pointer of the first NaN or infinite number in `value` (JSON has neither:
+    Python's json reads `NaN`, `Infinity` and `1e400` into them), else None."""
+    if isinstance(value, float):
+        return pointer if value != value or value in (float("inf"), float("-inf")) else None
+    if depth > _MAX_DEPTH:
+        return None  # `validate` reports the depth
+    items: Any = ()
+    if isinstance(value, Mapping):
+        items = ((str(k), v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((str(i), v) for i, v in enumerate(value))
+    for key, item in items:
+        found = _non_finite(item, f"{pointer}/{_token(key)}", depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def input_problems(given: Any, declared: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
     """(pointer, message) for each way a run's input misses the spec's `inputs`: each
-    declared input against its whole JSON Schema (nested `required`, types, enums),
-    missing inputs without a `default`, and undeclared ones."""
+    declared input against its whole JSON Schema (nested `required`, types, enums; no
+    NaN or infinite number anywhere), missing inputs without a `default`, and undeclared ones."""
     if not isinstance(given, Mapping):
         return [("/inputs", f"the input must be a JSON object, got {json_type(given)}")]
     problems: list[tuple[str, str]] = []
     for name, schema in declared.items():
         pointer = f"/inputs/{_token(name)}"
-        if name in given:
+        if name in given and (bad := _non_finite(given[name], "", 0)) is not None:
+            at = f" at {bad}" if bad else ""
+            problems.append((pointer, f"input {name!r}{at}: NaN and Infinity are not JSON numbers"))
+        elif name in given:
             for problem in validate(given[name], schema):
                 where, _, message = problem.partition(": ")
                 inner = where[len("at ") :]
@@ -509,3 +539,296 @@ def input_problems(given: Any, declared: Mapping[str, Mapping[str, Any]]) -> lis
         known = ", ".join(declared) or "none"
         problems.append(("/inputs", f"unknown input {name!r} (declared: {known})"))
     return problems
+
+
+# ----------------------------------------------------------------- patterns without ReDoS
+
+# Python's `re` has no time limit, and a spec's `pattern` may be LLM-written: a pattern
+# whose backtracking can explode is refused (by the validator, MAS511, and by every check
+# that would evaluate it), and a string longer than this is not matched against any pattern.
+MAX_PATTERN_INPUT = 10_000
+_REPEAT_LIMIT = 16  # a repeat of more than this many iterations counts as unbounded
+_SAMPLE_CHARS = (
+    [chr(c) for c in range(0x180)]
+    + list("\u00a0\u0660\u0663\u0416\u0436\u2028\u3000\u4e2d\uff10")
+    + ["\U0001f600"]
+)
+
+
+def _sre() -> Any:
+    import importlib
+
+    return importlib.import_module("re._parser")
+
+
+class _Shape:
+    """Facts about a parsed pattern: first-character and character sets, sampled on a
+    universe of characters (every literal and range end of the pattern included)."""
+
+    def __init__(self, parsed: Any) -> None:
+        flags = parsed.state.flags
+        self.ignore_case = bool(flags & re.IGNORECASE)
+        self.dot_all = bool(flags & re.DOTALL)
+        chars = set(_SAMPLE_CHARS)
+        self._collect(parsed, chars)
+        self.universe = frozenset(chars)
+
+    def _collect(self, seq: Any, chars: set[str]) -> None:
+        for op, av in seq:
+            name = str(op)
+            if name in ("LITERAL", "NOT_LITERAL"):
+                chars.add(chr(av))
+            elif name == "IN":
+                for item_op, item_av in av:
+                    if str(item_op) in ("LITERAL", "NOT_LITERAL"):
+                        chars.add(chr(item_av))
+                    elif str(item_op) == "RANGE":
+                        chars.update((chr(item_av[0]), chr(item_av[1])))
+            else:
+                for child in _children(op, av):
+                    self._collect(child, chars)
+
+    def _class(self, items: Any) -> frozenset[str]:
+        negate = False
+        out: set[str] = set()
+        for op, av in items:
+            name = str(op)
+            if name == "NEGATE":
+                negate = True
+            elif name == "LITERAL":
+                out.add(chr(av))
+            elif name == "NOT_LITERAL":
+                out |= {c for c in self.universe if c != chr(av)}
+            elif name == "RANGE":
+                out |= {c for c in self.universe if av[0] <= ord(c) <= av[1]}
+            elif name == "CATEGORY":
+                out |= {c for c in self.universe if _in_category(str(av), c)}
+            else:  # anything else: every character (conservative)
+                out |= self.universe
+        return frozenset(self.universe - out) if negate else frozenset(out)
+
+    def _fold(self, chars: frozenset[str]) -> frozenset[str]:
+        if not self.ignore_case:
+            return chars
+        return frozenset(c for c in self.universe if {c, c.lower(), c.upper()} & chars)
+
+    def single(self, op: Any, av: Any) -> frozenset[str] | None:
+        """The characters a one-character element matches; None for other elements."""
+        name = str(op)
+        if name == "LITERAL":
+            return self._fold(frozenset(chr(av)))
+        if name == "NOT_LITERAL":
+            return frozenset(c for c in self.universe if c.lower() != chr(av).lower())
+        if name == "ANY":
+            return self.universe if self.dot_all else self.universe - {"\n"}
+        if name == "IN":
+            return self._fold(self._class(av))
+        return None
+
+    def nullable(self, seq: Any) -> bool:
+        return all(self._nullable(op, av) for op, av in seq)
+
+    def _nullable(self, op: Any, av: Any) -> bool:
+        name = str(op)
+        if self.single(op, av) is not None:
+            return False
+        if name in _REPEATS or name == "POSSESSIVE_REPEAT":
+            return av[0] == 0 or self.nullable(av[2])
+        if name == "BRANCH":
+            return any(self.nullable(branch) for branch in av[1])
+        if name in ("SUBPATTERN", "ATOMIC_GROUP", "GROUPREF_EXISTS"):
+            return all(self.nullable(child) for child in _children(op, av))
+        return name != "GROUPREF"  # AT, ASSERT, ASSERT_NOT match the empty text
+
+    def first(self, seq: Any) -> frozenset[str]:
+        """Characters a match of ``seq`` can start with."""
+        out: set[str] = set()
+        for op, av in seq:
+            out |= self._first(op, av)
+            if not self._nullable(op, av):
+                break
+        return frozenset(out)
+
+    def _first(self, op: Any, av: Any) -> frozenset[str]:
+        single = self.single(op, av)
+        if single is not None:
+            return single
+        name = str(op)
+        if name == "GROUPREF":
+            return self.universe
+        if name in ("ASSERT", "ASSERT_NOT", "AT"):
+            return frozenset()
+        if name in _REPEATS or name == "POSSESSIVE_REPEAT":
+            return self.first(av[2])
+        if name == "BRANCH":
+            return frozenset().union(*(self.first(branch) for branch in av[1]))
+        return frozenset().union(*(self.first(child) for child in _children(op, av)))
+
+    def chars(self, seq: Any) -> frozenset[str]:
+        """Every character a match of ``seq`` can contain."""
+        out: set[str] = set()
+        for op, av in seq:
+            single = self.single(op, av)
+            if single is not None:
+                out |= single
+            elif str(op) == "GROUPREF":
+                out |= self.universe
+            elif str(op) not in ("ASSERT", "ASSERT_NOT"):
+                for child in _children(op, av):
+                    out |= self.chars(child)
+        return frozenset(out)
+
+
+_REPEATS = ("MAX_REPEAT", "MIN_REPEAT")
+
+
+def _children(op: Any, av: Any) -> list[Any]:
+    name = str(op)
+    if name in _REPEATS or name == "POSSESSIVE_REPEAT":
+        return [av[2]]
+    if name == "SUBPATTERN":
+        return [av[3]]
+    if name == "BRANCH":
+        return list(av[1])
+    if name in ("ASSERT", "ASSERT_NOT"):
+        return [av[1]]
+    if name == "ATOMIC_GROUP":
+        return [av]
+    if name == "GROUPREF_EXISTS":
+        return [child for child in av[1:] if child is not None]
+    return []
+
+
+def _in_category(name: str, char: str) -> bool:
+    positive = name.replace("CATEGORY_NOT_", "CATEGORY_")
+    if "DIGIT" in positive:
+        found = char.isdecimal()
+    elif "SPACE" in positive:
+        found = char.isspace()
+    elif "WORD" in positive:
+        found = char.isalnum() or char == "_"
+    elif "LINEBREAK" in positive:
+        found = char == "\n"
+    else:
+        found = True
+    return found if positive == name else not found
+
+
+def _unbounded(av: Any) -> bool:
+    return int(av[1]) > _REPEAT_LIMIT
+
+
+def _branches_meet(shape: _Shape, left: Any, right: Any, then: frozenset[str]) -> bool:
+    """Whether two alternatives can match the same text (conservatively): compared
+    character by character while both are single characters; when one ends, whether
+    what is left of the other can start what comes next (``then``)."""
+    a, b = list(left), list(right)
+    while a and b:
+        one, two = shape.single(*a[0]), shape.single(*b[0])
+        if one is None or two is None:
+            return bool(shape.first(a) & shape.first(b))
+        if not one & two:
+            return False
+        a, b = a[1:], b[1:]
+    rest = a or b
+    return not rest or shape.nullable(rest) or bool(shape.first(rest) & then)
+
+
+def _ambiguity(shape: _Shape, seq: Any, follow: frozenset[str]) -> str | None:
+    """Inside a repeated body: an unbounded repeat that can give characters to what
+    follows it (another pass of the body included), or alternatives that can match the
+    same text."""
+    items = list(seq)
+    for index, (op, av) in enumerate(items):
+        rest = items[index + 1 :]
+        after = shape.first(rest) | (follow if shape.nullable(rest) else frozenset())
+        name = str(op)
+        if name in _REPEATS and _unbounded(av) and shape.chars(av[2]) & after:
+            return "a repeat inside a repeat that can match the same characters"
+        if name == "BRANCH":
+            branches = av[1]
+            for i, left in enumerate(branches):
+                for right in branches[i + 1 :]:
+                    if _branches_meet(shape, left, right, after):
+                        return "alternatives inside a repeat that can match the same text"
+        if name in ("POSSESSIVE_REPEAT", "ATOMIC_GROUP", "ASSERT", "ASSERT_NOT"):
+            continue  # no backtracking into these
+        for child in _children(op, av):
+            inner = after | shape.first(child) if name in _REPEATS else after
+            problem = _ambiguity(shape, child, inner)
+            if problem:
+                return problem
+    return None
+
+
+def _catastrophic(shape: _Shape, seq: Any) -> str | None:
+    for op, av in seq:
+        name = str(op)
+        if name in _REPEATS and _unbounded(av):
+            body = av[2]
+            if shape.nullable(body) and shape.chars(body):
+                return "a repeated group that can match the empty text"
+            problem = _ambiguity(shape, body, shape.first(body))
+            if problem:
+                return problem
+        for child in _children(op, av):
+            problem = _catastrophic(shape, child)
+            if problem:
+                return problem
+    return None
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is refused, or None: it does not compile, or its backtracking can
+    take exponential time (an unbounded repeat holding another unbounded repeat or
+    alternatives that can share characters across passes, as ``(a+)+``, ``([a-z]+ ?)+``,
+    ``(a|a)*``). Conservative: a few safe patterns are refused too (rewrite them with a
+    possessive repeat ``a++`` or an atomic group ``(?>...)``, which never backtrack)."""
+    try:
+        parsed = _sre().parse(pattern)
+    except (re.error, RecursionError, OverflowError, ValueError) as exc:
+        return f"the pattern does not compile: {exc}"
+    try:
+        shape = _Shape(parsed)
+        problem = _catastrophic(shape, parsed)
+    except RecursionError:
+        return "the pattern is nested too deeply to check"
+    if problem:
+        return f"the pattern can backtrack for exponential time: {problem}"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern_refused(pattern: str) -> str | None:
+    return pattern_problem(pattern)
+
+
+def schema_pattern_problem(
+    schema: Any, pointer: str = "", depth: int = 0
+) -> tuple[str, str] | None:
+    """``(pointer, message)`` of the first refused ``pattern`` in a schema (see
+    :func:`pattern_problem`); the pointer is relative to the schema (``/pattern``,
+    ``/properties/answer/pattern``)."""
+    if not isinstance(schema, Mapping) or depth > _MAX_DEPTH:
+        return None
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str):
+        problem = pattern_problem(pattern)
+        if problem:
+            return f"{pointer}/pattern", f"pattern {pattern[:80]!r}: {problem}"
+    children: list[tuple[str, Any]] = []
+    for key in _SUBSCHEMAS:
+        children.append((f"{pointer}/{key}", schema.get(key)))
+    properties = schema.get("properties")
+    if isinstance(properties, Mapping):
+        children += [
+            (f"{pointer}/properties/{_token(str(name))}", sub) for name, sub in properties.items()
+        ]
+    any_of = schema.get("anyOf")
+    if isinstance(any_of, list):
+        children += [(f"{pointer}/anyOf/{i}", sub) for i, sub in enumerate(any_of)]
+    for where, child in children:
+        found = schema_pattern_problem(child, where, depth + 1)
+        if found:
+            return found
+    return None

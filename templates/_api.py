@@ -53,12 +53,14 @@ from ._accounting import Usage
 from ._runtime import (
     _OUTCOMES,
     CHECKPOINT_ENV,
+    NO_CREDENTIALS,
     TRACE_CONTENT_ENV,
     TRACEPARENT_ENV,
     AgentDef,
     Budgets,
     InputError,
     ModelDef,
+    NoCredentials,
     Run,
     SpecInfo,
     ToolDef,
@@ -77,7 +79,6 @@ from ._runtime import (
 __all__ = [
     "ENVIRONMENT",
     "EXIT_CODES",
-    "ConfigError",
     "RunError",
     "RunResult",
     "Status",
@@ -132,12 +133,6 @@ ENVIRONMENT: tuple[tuple[str, str], ...] = (
     ),
     (TRACEPARENT_ENV, "W3C traceparent of a parent span: the run's trace joins it"),
 )
-
-
-class ConfigError(InputError):
-    """The run cannot reach an LLM: no API key and no gateway socket (exit 2)."""
-
-    code = "no_credentials"
 
 
 # --------------------------------------------------------------------------- results
@@ -337,6 +332,9 @@ class System:
     version: str = "0"
     compiled_by: str = "mas2c"
     example_input: Mapping[str, Any] | None = None
+    # Whether the workflow has steps that call agents (from the compiler); a run that
+    # calls an LLM without credentials fails before its first request either way.
+    uses_llm: bool = True
 
     async def arun(
         self,
@@ -604,12 +602,8 @@ class _Session:
         if isinstance(inputs, _Unreadable):
             raise InputError(inputs.message)
         run.state.update(check_inputs(inputs, system.spec.inputs))
-        if system.agents and not settings.has_credentials:
-            raise ConfigError(
-                "no LLM credentials: set OPENAI_API_KEY (and OPENAI_BASE_URL for an endpoint "
-                "other than OpenAI's), or MAS2C_LLM_SOCKET to a mas2c gateway's socket; "
-                "library callers may pass api_key= or llm_socket="
-            )
+        if system.uses_llm and not settings.has_credentials:
+            raise NoCredentials(NO_CREDENTIALS)
         await run.execute(system.workflow)
         outputs = {}
         for name, path in system.spec.outputs.items():

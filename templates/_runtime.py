@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ from collections.abc import (
     Callable,
     Iterator,
     Mapping,
+    MutableMapping,
     Sequence,
 )
 from dataclasses import dataclass
@@ -90,8 +92,11 @@ __all__ = [
     "LLMError",
     "LoopExhausted",
     "ModelDef",
+    "NoCredentials",
     "Run",
     "SpecInfo",
+    "State",
+    "StateVar",
     "StepTimeout",
     "StructuredOutputError",
     "ToolCode",
@@ -104,7 +109,9 @@ __all__ = [
     "load_checkpoints",
     "lookup",
     "main",
+    "recoverable",
     "render",
+    "resolve_value",
     "state_scope",
 ]
 
@@ -139,6 +146,10 @@ class AgentDef:
     output: Mapping[str, Any] | None = None  # a JSON Schema, or None for text
     tools: Sequence[str] = ()
     max_tool_rounds: int = 5
+    delegates: Sequence[
+        str
+    ] = ()  # workers offered as function tools (see _delegation.py)
+    examples: Sequence[tuple[str, str]] = ()  # few-shot (user, assistant) messages
 
 
 @dataclass(frozen=True)
@@ -207,8 +218,10 @@ class WorkflowError(Exception):
     ``code`` is the stable, machine-readable kind of failure (``out.json``'s
     ``error.code``; the rectifier dispatches on it, never on the message): one of
     empty_vote, step_timeout, tool_timeout, tool_error, structured_output, budget_calls,
-    budget_tokens, budget_cost, run_timeout, bad_input, llm_error, internal (and
-    interrupted, for a run stopped by a signal)."""
+    budget_tokens, budget_cost, run_timeout, bad_input, llm_error, map_not_list,
+    map_overflow, state_type, flow_input, agent_choice, chat_history, internal (and
+    interrupted, for a run stopped by a signal).
+    """
 
     code = "internal"
 
@@ -254,6 +267,19 @@ class InputError(WorkflowError):
     """The run's input does not match the spec's inputs: exit 2."""
 
     code = "bad_input"
+
+
+class NoCredentials(InputError):
+    """No API key and no gateway socket: no request may be sent (exit 2)."""
+
+    code = "no_credentials"
+
+
+NO_CREDENTIALS = (
+    "no LLM credentials: set OPENAI_API_KEY (and OPENAI_BASE_URL for an endpoint other "
+    "than OpenAI's), or MAS2C_LLM_SOCKET to a mas2c gateway's socket; library callers "
+    "may pass api_key= or llm_socket="
+)
 
 
 class LLMError(WorkflowError):
@@ -366,6 +392,169 @@ def resolve_value(value: Any, state: Mapping[str, Any]) -> Any:
         return resolve_tree(value, _lookup_in(state))
     except TemplateError as exc:
         raise WorkflowError(str(exc)) from None
+
+
+# ------------------------------------------------------------ state: scopes, reducers
+
+REDUCERS = ("replace", "append", "merge", "add")
+
+
+@dataclass(frozen=True)
+class StateVar:
+    """A declared state variable (the spec's ``state``): how writes combine
+    (``reducer``), its value before any write and its JSON Schema."""
+
+    reducer: str = "replace"
+    initial: Any = None
+    schema: Mapping[str, Any] | None = None
+    bound: bool = True  # whether it has a value before its first write
+
+
+def reduce_value(name: str, reducer: str, current: Any, value: Any) -> Any:
+    """``current`` combined with a written ``value``: replace, append (the value becomes
+    the list's last item), merge (the object's keys overwrite), add (numbers)."""
+    if reducer == "append" and isinstance(current, list):
+        return [*current, value]
+    if reducer == "merge" and isinstance(current, dict) and isinstance(value, dict):
+        return {**current, **value}
+    if (
+        reducer == "add"
+        and json_type(current) in ("integer", "number")
+        and json_type(value) in ("integer", "number")
+    ):
+        return current + value
+    if reducer == "replace":
+        return value
+    raise WorkflowError(
+        f"state variable {name!r} (reducer {reducer}) cannot combine "
+        f"{json_type(current)} {_preview(current)} with {json_type(value)} {_preview(value)}",
+        code="state_type",
+    )
+
+
+class _Scope:
+    """One level of the state: its own variables over its parent's (a map item, a
+    parallel branch, a step attempt). Writes to declared variables are also logged, to
+    be replayed through their reducers on the parent when the scope is absorbed."""
+
+    def __init__(
+        self, parent: _Scope | None, values: dict[str, Any], owner: object
+    ) -> None:
+        self.parent = parent
+        self.values = values
+        self.owner = owner
+        self.log: list[tuple[str, Any]] = []
+
+    def find(self, name: str) -> _Scope | None:
+        scope: _Scope | None = self
+        while scope is not None and name not in scope.values:
+            scope = scope.parent
+        return scope
+
+
+# The innermost scope each task runs in: concurrent map items and branches see their own.
+_SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
+    "mas2c_scope", default=None
+)
+
+
+class State(MutableMapping[str, Any]):
+    """The run's state: inputs, declared variables and each step's ``out``.
+
+    ``state[name] = value`` writes a declared variable through its reducer (and checks
+    the result against its schema); any other variable is replaced. Inside a map item,
+    a parallel branch or a step attempt (``scope()``) reads see the enclosing state and
+    writes stay in the scope until ``absorb()`` replays them on the parent, in order:
+    so concurrent writes combine deterministically (input order, branch order).
+    """
+
+    def __init__(
+        self, values: Mapping[str, Any] | None = None, *, share: bool = False
+    ) -> None:
+        # share: the state writes into ``values`` itself (a flow's dict), not into a copy.
+        own = values if share and isinstance(values, dict) else dict(values or {})
+        self._root = _Scope(None, own, self)
+        self.declared: dict[str, StateVar] = {}
+
+    def declare(self, variables: Mapping[str, StateVar]) -> None:
+        """Declare variables; those with an initial value get it now."""
+        for name, var in variables.items():
+            self.declared[name] = var
+            if var.bound:
+                self._root.values[name] = copy.deepcopy(var.initial)
+
+    def _current(self) -> _Scope:
+        scope = _SCOPE.get()
+        return scope if scope is not None and scope.owner is self else self._root
+
+    def __getitem__(self, name: str) -> Any:
+        found = self._current().find(name)
+        if found is None:
+            raise KeyError(name)
+        return found.values[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        scope = self._current()
+        var = self.declared.get(name)
+        if var is None:
+            scope.values[name] = value
+            return
+        found = scope.find(name)
+        if found is not None and var.reducer != "replace":
+            value_now = reduce_value(name, var.reducer, found.values[name], value)
+        else:
+            value_now = value
+        if var.schema is not None:
+            problems = validate_value(value_now, var.schema)
+            if problems:
+                raise WorkflowError(
+                    f"state variable {name!r}: {problems[0]}", code="state_type"
+                )
+        scope.values[name] = value_now
+        if scope.parent is not None:
+            scope.log.append((name, value))
+
+    def __delitem__(self, name: str) -> None:
+        del self._current().values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        names: dict[str, None] = {}
+        scope: _Scope | None = self._current()
+        while scope is not None:
+            names.update(dict.fromkeys(scope.values))
+            scope = scope.parent
+        return iter(names)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def restore(self, values: Mapping[str, Any]) -> None:
+        """Set values as they are, bypassing reducers (a checkpoint's final values)."""
+        self._current().values.update(values)
+
+    @contextlib.contextmanager
+    def scope(self, values: Mapping[str, Any] | None = None) -> Iterator[_Scope]:
+        """A scope over the current one for the code inside (in this task only)."""
+        child = _Scope(self._current(), dict(values or {}), self)
+        token = _SCOPE.set(child)
+        try:
+            yield child
+        finally:
+            _SCOPE.reset(token)
+
+    def absorb(self, child: _Scope, *, keep: bool, drop: Sequence[str] = ()) -> None:
+        """Apply a finished scope to its parent: its writes to declared variables, replayed
+        through their reducers in order; with ``keep``, its other variables too."""
+        token = _SCOPE.set(child.parent)
+        try:
+            if keep:
+                for name, value in child.values.items():
+                    if name not in self.declared and name not in drop:
+                        self[name] = value
+            for name, value in child.log:
+                self[name] = value
+        finally:
+            _SCOPE.reset(token)
 
 
 # ---------------------------------------------------------------------- accounting
@@ -564,20 +753,65 @@ _STEP: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "mas2c_step", default=None
 )
 
+# The LLM request overrides of the steps each task is in (a step's `settings`).
+_SETTINGS: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "mas2c_settings", default=None
+)
+_REQUEST_SETTINGS = ("max_tokens", "stop", "top_p", "seed")
+
+
+def _with_settings(agent: AgentDef) -> AgentDef:
+    """The agent as the current step's ``settings`` override it (model, temperature)."""
+    settings = _SETTINGS.get()
+    if not settings:
+        return agent
+    changes = {k: settings[k] for k in ("model", "temperature") if k in settings}
+    return dataclasses.replace(agent, **changes) if changes else agent
+
+
+def _chat_history(value: Any, pointer: str | None) -> list[dict[str, str]]:
+    """A chat history as messages; anything else is a located ``chat_history`` error."""
+    if not isinstance(value, list):
+        raise WorkflowError(
+            f"a chat history is a list of {{role, content}} messages, got {json_type(value)}",
+            spec_pointer=pointer,
+            code="chat_history",
+        )
+    messages = []
+    for index, item in enumerate(value):
+        ok = isinstance(item, Mapping) and item.get("role") in ("user", "assistant")
+        if not ok or not isinstance(item.get("content"), str):
+            raise WorkflowError(
+                f"message {index} of the chat history is not "
+                '{"role": "user"|"assistant", "content": "<text>"}',
+                spec_pointer=pointer,
+                code="chat_history",
+            )
+        messages.append({"role": str(item["role"]), "content": str(item["content"])})
+    return messages
+
+
 # The state of the flow (named sub-workflow) each task runs in; None: the workflow's.
-_SCOPE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "mas2c_scope", default=None
+_FLOW_STATE: contextvars.ContextVar[State | None] = contextvars.ContextVar(
+    "mas2c_flow_state", default=None
 )
 
 
 @contextlib.contextmanager
 def state_scope(state: dict[str, Any]) -> Iterator[None]:
-    """Steps run inside see ``state`` as ``Run.state`` (a flow's own state)."""
-    token = _SCOPE.set(state)
+    """Steps run inside see ``state`` as ``Run.state`` (a flow's own state; its writes
+    land in ``state`` itself)."""
+    token = _FLOW_STATE.set(State(state, share=True))
     try:
         yield
     finally:
-        _SCOPE.reset(token)
+        _FLOW_STATE.reset(token)
+
+
+# The map items each task is in (outermost first): traced with every step inside them.
+_ITEM: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar(
+    "mas2c_item", default=()
+)
 
 
 def _where() -> dict[str, str | None]:
@@ -666,7 +900,7 @@ def _make_client(settings: ClientSettings) -> openai.AsyncOpenAI:
             http_client=cast(Any, http),
         )
     if not settings.api_key:  # checked before the run starts; never a placeholder key
-        raise LLMError("no API key: set OPENAI_API_KEY, or MAS2C_LLM_SOCKET")
+        raise NoCredentials(NO_CREDENTIALS)
     # Each run has its own client and connections; the TLS context (the CA bundle, which
     # takes ~45 ms to load) is made once per process and shared, read-only.
     http_client = openai.DefaultAsyncHttpxClient(verify=_tls_context(), timeout=timeout)
@@ -1151,7 +1385,7 @@ class Run:
         self.tools = tools
         self.budgets = budgets or spec.budgets  # the caller's, tightened (see _api.py)
         self.client_settings = client or client_settings()
-        self._state: dict[str, Any] = dict(inputs or {})
+        self._state = State(inputs)
         self.trace = trace or Trace(None)
         self._usage = Usage()
         self._in_flight = 0  # requests sent, not yet answered: they hold a call slot
@@ -1166,9 +1400,9 @@ class Run:
         self.warnings: list[dict[str, Any]] = []
 
     @property
-    def state(self) -> dict[str, Any]:
+    def state(self) -> State:
         """The state steps read and write: the workflow's, or inside a flow the flow's."""
-        scoped = _SCOPE.get()
+        scoped = _FLOW_STATE.get()
         return self._state if scoped is None else scoped
 
     # ------------------------------------------------------------------ lifecycle
@@ -1178,6 +1412,7 @@ class Run:
         limit = self.budgets.timeout_s
         try:
             async with asyncio.timeout(limit) as scope:
+                self.state.declare(getattr(workflow_cls, "STATE", {}))
                 workflow = workflow_cls(self)
                 for top in self.spec.top_steps:
                     method = getattr(workflow, top.method, None)
@@ -1207,13 +1442,13 @@ class Run:
             saved = self.checkpoints.get(key)
             if saved is not None:
                 writes = copy.deepcopy(dict(saved["writes"]))
-                self.state.update(writes)
+                self.state.restore(writes)
                 self.trace.emit(
                     "step_resumed", step=top.step_id, pointer=top.pointer, key=key
                 )
                 self._checkpoint(top, key, writes)
                 return
-            before = copy.deepcopy(self.state)
+            before = copy.deepcopy(dict(self.state))
             await method()
             writes = {
                 k: v for k, v in self.state.items() if k not in before or before[k] != v
@@ -1245,14 +1480,24 @@ class Run:
 
     @contextlib.asynccontextmanager
     async def step(
-        self, step_id: str, pointer: str, timeout_s: float | None = None
+        self,
+        step_id: str,
+        pointer: str,
+        timeout_s: float | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[None]:
-        """Trace a step, enforce its timeout, and tag escaping errors with its pointer."""
+        """Trace a step, enforce its timeout, and tag escaping errors with its pointer.
+        ``settings`` override the LLM requests made inside (an inner step's win)."""
+        outer = _SETTINGS.get()
+        settings_token = (
+            _SETTINGS.set({**(outer or {}), **settings}) if settings else None
+        )
         token = _STEP.set((step_id, pointer))
         span = _open_span(self.trace)
         span_token = _SPAN.set(span.span_id)
         ids = {"span_id": span.span_id, "parent_id": span.parent_id}
-        self.trace.emit("step_start", step=step_id, pointer=pointer, **ids)
+        items = {"item": list(_ITEM.get())} if _ITEM.get() else {}  # inside map items
+        self.trace.emit("step_start", step=step_id, pointer=pointer, **ids, **items)
         status, error = "error", None
         try:
             async with asyncio.timeout(timeout_s) as scope:
@@ -1279,6 +1524,8 @@ class Run:
         finally:
             _STEP.reset(token)
             _SPAN.reset(span_token)
+            if settings_token is not None:
+                _SETTINGS.reset(settings_token)
             self.trace.emit(
                 "step_end",
                 step=step_id,
@@ -1286,6 +1533,7 @@ class Run:
                 status=status,
                 duration_s=span.duration(),
                 **span.fields(),
+                **items,
                 **({"error": error} if error else {}),
             )
 
@@ -1329,9 +1577,169 @@ class Run:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    async def call(self, agent: str, prompt: str) -> Any:
-        """``call`` step: one agent turn on the rendered prompt."""
-        return await self.turn(agent, render(prompt, self.state))
+    async def branches(self, *aws: Awaitable[Any]) -> list[Any]:
+        """``parallel`` branches: concurrently, each in a scope of its own, whose writes
+        reach the state afterwards in branch order (declared variables through their
+        reducers), so concurrent appends combine deterministically."""
+
+        async def scoped(aw: Awaitable[Any]) -> tuple[Any, _Scope]:
+            with self.state.scope() as scope:
+                return await aw, scope
+
+        done = await self.gather(*(scoped(aw) for aw in aws))
+        for _result, scope in done:
+            self.state.absorb(scope, keep=True)
+        return [result for result, _scope in done]
+
+    async def map(
+        self,
+        step_id: str,
+        pointer: str,
+        items: Any,
+        body: Callable[[], Awaitable[Any]],
+        *,
+        item: str,
+        index: str,
+        max_concurrency: int,
+        max_items: int,
+        truncate: bool = False,
+    ) -> list[Any]:
+        """``map`` step: ``body`` once per item, at most ``max_concurrency`` at once, each
+        in a scope holding ``item`` and ``index``; the results in input order. What the
+        body writes stays in its item, except declared variables with a combining
+        reducer, which reach the state afterwards in input order."""
+        if not isinstance(items, list):
+            raise WorkflowError(
+                f"map {step_id!r}: `over` is {json_type(items)} {_preview(items)}, not a list",
+                spec_pointer=f"{pointer}/over",
+                code="map_not_list",
+            )
+        if len(items) > max_items:
+            self._map_overflow(step_id, pointer, len(items), max_items, truncate)
+            items = items[:max_items]
+        self.trace.emit(
+            "map_start",
+            step=step_id,
+            pointer=pointer,
+            items=len(items),
+            max_concurrency=max_concurrency,
+        )
+        slots = asyncio.Semaphore(max_concurrency)
+
+        async def one(position: int, value: Any) -> tuple[Any, _Scope]:
+            async with slots:
+                with self.state.scope({item: value, index: position}) as scope:
+                    token = _ITEM.set((*_ITEM.get(), position))
+                    try:
+                        return await body(), scope
+                    finally:
+                        _ITEM.reset(token)
+
+        done = await self.gather(*(one(i, value) for i, value in enumerate(items)))
+        for _result, scope in done:
+            self.state.absorb(scope, keep=False)
+        return [result for result, _scope in done]
+
+    def _map_overflow(
+        self, step_id: str, pointer: str, count: int, max_items: int, truncate: bool
+    ) -> None:
+        """A list longer than ``max_items``: an error, or (``truncate``) a visible cut."""
+        message = (
+            f"map {step_id!r} got {count} items, more than max_items ({max_items})"
+        )
+        self.trace.emit(
+            "map_truncated" if truncate else "map_overflow",
+            step=step_id,
+            pointer=pointer,
+            items=count,
+            max_items=max_items,
+        )
+        if not truncate:
+            raise WorkflowError(
+                message, spec_pointer=f"{pointer}/max_items", code="map_overflow"
+            )
+        self.warnings.append(
+            {
+                "type": "map_truncated",
+                "step": step_id,
+                "pointer": pointer,
+                "items": count,
+                "max_items": max_items,
+                "message": message + f": only the first {max_items} were mapped",
+            }
+        )
+
+    async def guarded(
+        self,
+        step_id: str,
+        pointer: str,
+        attempt: Callable[[], Awaitable[None]],
+        *,
+        retry: int = 0,
+        fallback: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """A step with ``retry`` and/or ``fallback``: each attempt runs in a scope of its
+        own (a failed attempt's writes are discarded); after ``retry`` failed retries,
+        ``fallback`` runs with the error as ``error``. Only recoverable failures are
+        retried (see ``recoverable``); the trace shows each failure and the fallback."""
+        for number in range(1, retry + 2):
+            try:
+                with self.state.scope() as scope:
+                    await attempt()
+            except Exception as exc:
+                if not recoverable(exc):
+                    raise
+                last = number > retry
+                self.trace.emit(
+                    "step_failed",
+                    step=step_id,
+                    pointer=pointer,
+                    attempt=number,
+                    attempts=retry + 1,
+                    code=error_code(exc),
+                    message=str(exc)[:500],
+                    then=(
+                        "fallback" if last and fallback else "fail" if last else "retry"
+                    ),
+                )
+                if not last:
+                    continue
+                if fallback is None:
+                    raise
+                await self._fallback(step_id, pointer, exc, fallback)
+                return
+            self.state.absorb(scope, keep=True)
+            return
+
+    async def _fallback(
+        self,
+        step_id: str,
+        pointer: str,
+        exc: Exception,
+        fallback: Callable[[], Awaitable[None]],
+    ) -> None:
+        error = {
+            "type": type(exc).__name__,
+            "code": error_code(exc),
+            "message": str(exc),
+            "step": getattr(exc, "step", None) or step_id,
+            "pointer": getattr(exc, "spec_pointer", None) or pointer,
+        }
+        self.trace.emit("fallback_start", step=step_id, pointer=f"{pointer}/fallback")
+        with self.state.scope({"error": error}) as scope:
+            await fallback()
+        self.state.absorb(scope, keep=True, drop=("error",))
+        self.trace.emit("fallback_end", step=step_id, pointer=f"{pointer}/fallback")
+
+    async def call(self, agent: str, prompt: str, *, history: str | None = None) -> Any:
+        """``call`` step: one agent turn on the rendered prompt (after the chat
+        ``history``, a whole placeholder, when the step has one)."""
+        earlier = None
+        if history is not None:
+            where = _STEP.get()
+            pointer = f"{where[1]}/history" if where else None
+            earlier = _chat_history(resolve_value(history, self.state), pointer)
+        return await self.turn(agent, render(prompt, self.state), history=earlier)
 
     async def tool(self, name: str, args: Mapping[str, Any]) -> Any:
         """``tool`` step: call a tool directly with rendered arguments."""
@@ -1461,13 +1869,25 @@ class Run:
 
     # --------------------------------------------------------------- agent turns
 
-    async def turn(self, agent_id: str, prompt: str) -> Any:
-        """One agent turn on an already rendered prompt: text, or parsed JSON."""
-        agent = self._agent(agent_id)
+    async def turn(
+        self,
+        agent_id: str,
+        prompt: str,
+        *,
+        history: Sequence[Mapping[str, str]] | None = None,
+    ) -> Any:
+        """One agent turn on an already rendered prompt: text, or parsed JSON.
+        Messages: system, the agent's few-shot examples, the chat history, the prompt.
+        """
+        agent = _with_settings(self._agent(agent_id))
         messages: list[dict[str, Any]] = []
         system = render(_system_prompt(agent), self.state)
         if system:
             messages.append({"role": "system", "content": system})
+        for user, assistant in agent.examples:
+            messages.append({"role": "user", "content": user})
+            messages.append({"role": "assistant", "content": assistant})
+        messages += [dict(m) for m in history or ()]
         messages.append({"role": "user", "content": prompt})
         text = await self._answer(agent, messages)
         if agent.output is None:
@@ -1502,6 +1922,10 @@ class Run:
         "none") because the history may hold tool messages that refer to them.
         """
         tools = [_tool_schema(self._tool(t)) for t in agent.tools]
+        if agent.delegates:
+            from ._delegation import worker_tools  # shipped with delegating agents
+
+            tools += worker_tools(self, agent)
         rounds = 0
         while True:
             last_round = final or rounds >= agent.max_tool_rounds
@@ -1525,6 +1949,11 @@ class Run:
         """Run one tool call of the model; errors go back as text so it can recover."""
         function = getattr(call, "function", None)
         name = function.name if function is not None else "?"
+        if function is not None and name in agent.delegates:
+            from ._delegation import delegate  # shipped with delegating agents
+
+            content = await delegate(self, agent, name, function.arguments)
+            return {"role": "tool", "tool_call_id": call.id, "content": _cap(content)}
         try:
             if function is None or name not in agent.tools:
                 raise ToolError(
@@ -1699,6 +2128,8 @@ class Run:
             request["temperature"] = temperature
         if model.max_tokens is not None:
             request["max_tokens"] = model.max_tokens
+        settings = _SETTINGS.get() or {}
+        request.update({k: settings[k] for k in _REQUEST_SETTINGS if k in settings})
         if tools:
             request["tools"] = tools
             if no_more_tools:
@@ -1751,6 +2182,8 @@ class Run:
         """Send with retries on 429/5xx/timeouts/malformed answers; account and trace."""
         model = self.models[agent.model]
         attempts = self.client_settings.max_attempts
+        if self._client is None:  # here, so that missing credentials are not retried
+            self._client = _make_client(self.client_settings)
         for attempt in range(1, attempts + 1):
             self._check_budget()
             span = _open_span(self.trace)
@@ -1904,6 +2337,17 @@ _OUTCOMES: tuple[tuple[type[BaseException], str, int], ...] = (
     (Exception, "error", 1),
     (BaseException, "interrupted", 130),
 )
+
+
+def recoverable(exc: BaseException) -> bool:
+    """Whether a step's ``retry`` and ``fallback`` apply to a failure: every workflow
+    error except an exhausted budget, bad input and the run's own timeout (and never an
+    internal error or an interruption)."""
+    if not isinstance(exc, WorkflowError):
+        return False
+    return (
+        not isinstance(exc, BudgetExceeded | InputError) and exc.code != "run_timeout"
+    )
 
 
 def error_code(exc: BaseException) -> str:

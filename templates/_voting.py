@@ -22,7 +22,7 @@ def _normal(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def vote_key(answer: Any, key: str | None = "answer") -> str:
+def vote_key(answer: Any, key: str | None = "answer") -> str | None:
     """What majority voting compares, normalised: the final answer, not the reasoning.
 
     - text: the last ``ANSWER:`` line if there is one, else the whole text;
@@ -30,17 +30,20 @@ def vote_key(answer: Any, key: str | None = "answer") -> str:
       ``vote_on``); an answer without that field does not vote;
     - strings compare with runs of whitespace collapsed and case folded;
       numbers by value (``4`` = ``4.0``); anything else as canonical JSON.
-    An empty result ("" or "null") does not vote.
+    Only an empty answer does not vote (``None``): a JSON null, a missing field, or a
+    string that is empty once whitespace is collapsed. The text ``"null"`` is an answer.
     """
     if isinstance(answer, str):
         lines = _ANSWER_LINE.findall(answer)
-        return _normal(lines[-1] if lines else answer)
+        return _normal(lines[-1] if lines else answer) or None
     if isinstance(answer, Mapping):
         if key is None or key not in answer:
-            return ""
+            return None
         answer = answer[key]
+    if answer is None:
+        return None
     if isinstance(answer, str):
-        return _normal(answer)
+        return _normal(answer) or None
     if isinstance(answer, float) and answer.is_integer():
         answer = int(answer)
     return json.dumps(answer, sort_keys=True, ensure_ascii=False)
@@ -54,7 +57,7 @@ def majority(
     first: dict[str, Any] = {}
     for answer in answers:
         vote = vote_key(answer, key)
-        if vote in ("", "null"):
+        if vote is None:
             continue
         counts[vote] = counts.get(vote, 0) + 1
         first.setdefault(vote, answer)
@@ -73,7 +76,7 @@ def first_answer(answers: Sequence[Any], key: str | None = "answer") -> Any:
     Never fails: when every answer is empty, the first answer is returned as it is.
     """
     for answer in answers:
-        if vote_key(answer, key) not in ("", "null"):
+        if vote_key(answer, key) is not None:
             return answer
     for answer in answers:
         if answer not in (None, "", {}, []) and not (

@@ -110,6 +110,98 @@ def test_force_adds_the_build_and_deletes_nothing(tmp_path: Path) -> None:
     assert (project / "MANIFEST.json").is_file()
 
 
+def _seed_user_files(folder: Path, files: dict[str, str]) -> dict[str, bytes]:
+    for relative, text in files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_text(text)
+    return tree(folder)
+
+
+@pytest.mark.parametrize(
+    "user_files",
+    [
+        {"notes.txt": "mine\n"},  # a folder that is no run folder at all
+        {"run.json": "{}", "build/sub/mine.txt": "mine\n"},  # a user file inside build/
+        {"run.json": "{}", "stdout.txt": "x", "plan.md": "mine\n"},  # beside a run's files
+    ],
+)
+def test_run_refuses_a_run_dir_holding_user_files(
+    user_files: dict[str, str], tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """`--run-dir` is filled as a whole: only a new, empty or earlier run folder is used;
+    anything else is refused before anything is written (nothing overwritten or deleted)."""
+    run_dir = tmp_path / "r"
+    before = _seed_user_files(run_dir, user_files)
+    (tmp_path / "in.json").write_text(json.dumps(QUESTION))
+    argv = ["run", COT, "--input", tmp_path / "in.json", "--run-dir", run_dir]
+    argv += ["--sandbox", "local", "--llm", llm_server.base_url, "--json"]
+    proc = mas2c(*argv, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert document(proc)["error"]["code"] == "output_refused"
+    assert tree(run_dir) == before and not llm_server.requests
+
+
+def test_run_reuses_an_earlier_run_folder(tmp_path: Path, llm_server: LLMTestServer) -> None:
+    (tmp_path / "in.json").write_text(json.dumps(QUESTION))
+    argv = ["run", COT, "--input", tmp_path / "in.json", "--run-dir", tmp_path / "r"]
+    argv += ["--sandbox", "local", "--llm", llm_server.base_url]
+    for _ in range(2):
+        proc = mas2c(*argv, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["status"] == "ok"
+
+
+def test_batch_refuses_a_run_dir_holding_user_files(tmp_path: Path) -> None:
+    """A batch folder is resumed only when it is one (config.json) holding a batch's own
+    entries: a user's file under rows/ or beside results is refused, untouched."""
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(json.dumps({"id": "1", "question": "q", "answer": "a"}) + "\n")
+    for files in ({"report.txt": "mine"}, {"config.json": "{}", "rows/1/mine.txt": "mine"}):
+        run_dir = tmp_path / f"b{len(files)}"
+        before = _seed_user_files(run_dir, files)
+        argv = ["batch", dataset, "--spec", COT, "--run-dir", run_dir, "--sandbox", "local"]
+        proc = mas2c(*argv, "--llm", "http://127.0.0.1:9/v1", "--json", cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert document(proc)["error"]["code"] == "output_refused", proc.stdout
+        assert tree(run_dir) == before
+
+
+ESCAPES = r"""spec_version: "1"
+name: esc
+inputs:
+  x: {type: integer}
+outputs:
+  r: r
+models:
+  m: {model: test-model}
+agents:
+  a: {role: r, instructions: i, model: m}
+tools:
+  boom:
+    code: |
+      def boom(x: int) -> int:
+          raise ValueError("\x1b[2J\x1b]0;PWNED\x07\x9b31m\u202efake: ok\r\x1b[K")
+workflow:
+  - {id: c, kind: call, agent: a, prompt: "hi {{ x }}", out: w}
+  - {id: t, kind: tool, tool: boom, args: {x: "{{ x }}"}, out: r}
+"""
+
+
+def test_what_a_program_wrote_reaches_the_terminal_escaped(
+    tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """A tool's error message quoted on stderr cannot drive the user's terminal."""
+    (tmp_path / "esc.yaml").write_text(ESCAPES)
+    (tmp_path / "in.json").write_text('{"x": 1}')
+    argv = ["run", tmp_path / "esc.yaml", "--input", tmp_path / "in.json"]
+    argv += ["--run-dir", tmp_path / "r", "--sandbox", "local", "--llm", llm_server.base_url]
+    proc = mas2c(*argv, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "PWNED" in proc.stderr and "\\x1b]0;PWNED\\x07" in proc.stderr
+    for control in ("\x1b", "\x07", "\x9b", "\u202e", "\r"):
+        assert control not in proc.stderr
+
+
 def test_build_folder_modes_follow_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:

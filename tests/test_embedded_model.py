@@ -23,9 +23,17 @@ from typing import Any
 import pytest
 from conftest import cli_document
 
-from mas2c.embedded import EmbeddedModelError, EmbeddedUpstream, ensure_default_model
+from mas2c.embedded import (
+    EmbeddedModelError,
+    EmbeddedUpstream,
+    ensure_default_model,
+    read_model_info,
+)
 from mas2c.gateway import UpstreamError
+from mas2c.generate import COMPACT_MAX_TOKENS, GenerateError, compact_messages, generate_spec
 from mas2c.lang.validate import validate_file
+from mas2c.meta import meta_client
+from mas2c.run import LLMConfig
 
 pytestmark = pytest.mark.llama
 
@@ -114,6 +122,67 @@ def test_prompt_longer_than_the_context_is_a_clean_400(upstream: EmbeddedUpstrea
     assert chat(upstream, "Say hi.", max_tokens=4)["choices"][0]["message"]["content"] is not None
 
 
+# -- the generator on the embedded model ------------------------------------------------------
+
+
+def test_model_info_comes_from_the_gguf(model_path: Path) -> None:
+    info = read_model_info(model_path)
+    assert (info.name, info.size, info.quantization) == ("SmolLM2-135M-Instruct", "135M", "Q4_1")
+    assert info.context_length == 8192 and info.context_known  # llama.context_length
+    assert info.model_id == "smollm2-135m-instruct"
+    assert info.describe() == (
+        "SmolLM2-135M-Instruct (embedded: 135M parameters, Q4_1, 8192-token context)"
+    )
+
+
+@pytest.fixture(scope="module")
+def full_context(model_path: Path) -> Iterator[EmbeddedUpstream]:
+    """The engine as solve loads it: the context is the model's trained maximum."""
+    engine = EmbeddedUpstream.load(model_path)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+def test_the_generator_runs_on_the_embedded_model(full_context: EmbeddedUpstream) -> None:
+    """One short generation through the gateway: the compact prompt fits the context, the
+    reduced schema constrains the answer, and the validator judges it (one answer, no
+    repair, to keep CPU time small; benchmarks/bench_local.py measures the pass rate)."""
+    assert full_context.n_ctx == 8192
+    inputs = {"question": "string"}
+    prompt_tokens = len(
+        full_context._llama.tokenize(
+            "".join(m["content"] for m in compact_messages(TASK, inputs)).encode()
+        )
+    )
+    assert prompt_tokens + COMPACT_MAX_TOKENS < full_context.n_ctx
+    said: list[str] = []
+    with meta_client(LLMConfig(force_embedded=True), upstream=full_context) as client:
+        assert client.model == "smollm2-135m-instruct"  # not a default cloud model's name
+        try:
+            result = generate_spec(
+                TASK, client, compact=True, inputs=inputs, max_repairs=0, on_progress=said.append
+            )
+        except GenerateError as exc:  # the model may miss what the schema cannot say
+            assert {p.code for p in exc.problems} <= {"MAS201", "MAS205"}, exc
+            reply = json.loads(exc.last_reply)
+        else:
+            assert result.prompt == "compact" and result.attempts == 1
+            reply = json.loads(client_reply(result))
+    assert said[0] == "asking smollm2-135m-instruct for a spec (compact prompt and schema)"
+    # the reply has the reduced schema's shape (the grammar held)
+    assert reply["spec_version"] == "1" and reply["inputs"] == {"question": {"type": "string"}}
+    assert [s["id"] for s in reply["workflow"]] in (["first"], ["first", "second"])
+    assert all(s["prompt"].endswith("}}") for s in reply["workflow"])
+    assert set(reply["agents"]) <= {"solver", "reviewer"} and "solver" in reply["agents"]
+
+
+def client_reply(result: Any) -> str:
+    """The generated spec as JSON (a valid result keeps the spec, not the raw reply)."""
+    return json.dumps(result.spec.to_data())
+
+
 # -- end to end -------------------------------------------------------------------------------
 
 
@@ -122,7 +191,10 @@ def _leftovers(run_ids: set[str]) -> list[Any]:
 
     client = docker.from_env()
     try:
-        containers = client.containers.list(all=True, filters={"label": "mas2c"})
+        # another test may remove its container between the list and the inspect
+        containers = client.containers.list(
+            all=True, filters={"label": "mas2c"}, ignore_removed=True
+        )
         return [c for c in containers if c.labels.get("mas2c.run") in run_ids]
     finally:
         client.close()
@@ -166,6 +238,20 @@ def test_solve_offline_on_the_local_model_in_docker(
     assert proc.returncode == 0
     assert cli_document(proc) == summary
     assert summary["spec_source"] == "generated" or summary["spec_source"].startswith("example:")
+    generation = summary["generation"]
+    assert generation["prompt"] == "compact"  # the embedded model gets the compact prompt
+    assert generation["model"].startswith("SmolLM2-135M-Instruct (embedded: 135M parameters")
+    assert generation["attempts"] == 1  # it was asked: no refusal, no context overflow
+    if generation["outcome"] == "fallback":
+        assert generation["reason"].startswith("no valid spec after 1 answer(s)")
+        assert summary["spec_source"] == f"example:{generation['example']}"
+    else:
+        assert generation["outcome"] == "generated" and summary["spec_source"] == "generated"
+    # messages, specs, usage and trace name the embedded model as what it is
+    for path in solve_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml", ".md", ".txt"):
+            assert "gpt-4o" not in path.read_text(errors="replace"), path
+    assert "gpt-4o" not in proc.stderr
     for name in ("spec-generated.yaml", "spec.yaml"):
         report = validate_file(solve_dir / name)
         assert report.ok, report.format()
@@ -174,5 +260,6 @@ def test_solve_offline_on_the_local_model_in_docker(
     assert result["outputs"] and result["outputs"] == summary["answer"]
     assert json.loads((solve_dir / "run-1" / "sandbox.json").read_text())["backend"] == "docker"
     usage = json.loads((solve_dir / "run-1" / "usage.json").read_text())
+    assert set(usage["by_model"]) == {"smollm2-135m-instruct"}
     assert usage["calls"] >= 1 and usage["upstream_calls"] == usage["calls"]
     assert usage["total_tokens"] > 0

@@ -109,7 +109,9 @@ def test_the_outputs_object_is_typed_for_later_steps() -> None:
 
 
 def test_a_value_typed_only_at_run_time_fails_with_a_located_code(tmp_path: Path) -> None:
-    loose = SPEC.replace("facts: {type: array, items: {type: string}}", "facts: {type: [array, string]}")
+    loose = SPEC.replace(
+        "facts: {type: array, items: {type: string}}", "facts: {type: [array, string]}"
+    )
     spec = _spec(loose)
     compile_to(spec, tmp_path / "build")
     with LLMTestServer() as server:
@@ -152,9 +154,10 @@ def test_every_stage_knows_flows(tmp_path: Path) -> None:
     # compile: _flows.py only in packages that run a flow
     files = compile_spec(spec).files
     assert "mas2c_math_program_ensemble/_flows.py" in files
-    assert "mas2c_self_consistency/_flows.py" not in compile_spec(
-        example_spec("self-consistency")
-    ).files
+    assert (
+        "mas2c_self_consistency/_flows.py"
+        not in compile_spec(example_spec("self-consistency")).files
+    )
 
 
 def test_a_changed_flow_changes_the_checkpoint_code_hash() -> None:
@@ -198,3 +201,61 @@ def test_a_judge_closes_an_ensemble_over_a_flow(tmp_path: Path) -> None:
     (request,) = judge
     assert "Write about tides" in request.last_user
     assert request.last_user.count("draft of plain text on tides: moon") == 3
+
+
+def test_mbpp_repairs_from_the_failing_asserts(tmp_path: Path) -> None:
+    """The first function fails every assert; the repair flow gets the code and the
+    failing asserts with their errors, and the second attempt passes all three."""
+    from test_e2e_examples import INPUTS, SCRIPTS
+
+    compile_to(example_spec("mbpp-repair"), tmp_path / "build")
+    with LLMTestServer(SCRIPTS["mbpp-repair"]()) as server:
+        code, out, _trace, stderr = run_package(tmp_path / "build", INPUTS["mbpp-repair"], server)
+        first, second = [r.last_user for r in server.requests]
+    assert code == 0, stderr
+    assert out["outputs"]["passed"] is True
+    assert [r["passed"] for r in out["outputs"]["results"]] == [True, True, True]
+    assert "set(a) & set(b)" in out["outputs"]["code"]
+    assert "set(a) | set(b)" in second and "AssertionError" in second
+    assert "similar_elements((3, 4, 5, 6), (5, 7, 4, 10))" in second
+    assert "set(a) | set(b)" not in first
+
+
+def test_a_map_runs_a_flow_per_item_concurrently(tmp_path: Path) -> None:
+    """A map's body may be a flow (a `subflow` step): each item runs it on its own state,
+    concurrently up to max_concurrency (requests in flight at the server)."""
+    data = yaml.safe_load(SPEC)
+    data["workflow"] = [
+        {
+            "id": "each",
+            "kind": "map",
+            "over": "{{ facts }}",
+            "max_concurrency": 3,
+            "steps": [
+                {
+                    "id": "draft_one",
+                    "kind": "subflow",
+                    "flow": "draft_about",
+                    "with": {"subject": "{{ item }}", "points": "{{ facts }}"},
+                    "out": "one",
+                }
+            ],
+            "result": "{{ one.text }}",
+            "out": "texts",
+        }
+    ]
+    data["outputs"] = {"texts": "texts"}
+    spec = _spec(yaml.safe_dump(data, sort_keys=False))
+    compile_to(spec, tmp_path / "build")
+
+    def answer(req: ChatRequest) -> ReplyLike:
+        return f"on {req.last_user.split(':')[0]}"
+
+    with LLMTestServer(answer, latency_s=0.3) as server:
+        server.reset_counters()
+        code, out, _trace, stderr = run_package(
+            tmp_path / "build", {"topic": "t", "facts": ["a", "b", "c", "d"]}, server
+        )
+        assert server.max_in_flight == 3
+    assert code == 0, stderr
+    assert out["outputs"]["texts"] == [f"on plain text on {x}" for x in "abcd"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +15,14 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mas2c.generate import (
+    COMPACT_MAX_TOKENS,
     GenerateError,
+    compact_messages,
+    compact_schema,
     generate_spec,
     load_examples,
     pick_examples,
@@ -396,3 +402,118 @@ def test_yaml_keeps_tricky_strings() -> None:
     again = validate_text(spec_to_yaml(report.spec))
     assert again.spec is not None
     assert spec_hash(again.spec) == spec_hash(report.spec)
+
+
+# -- the compact prompt and schema (the embedded model's) --------------------------------------
+
+COMPACT_EXAMPLES = int(os.environ.get("MAS2C_HYPOTHESIS_EXAMPLES", "15"))
+
+
+def _instances(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """Instances of the JSON Schema subset the compact schema uses (what the grammar allows)."""
+    if "anyOf" in schema:
+        return st.one_of([_instances(option) for option in schema["anyOf"]])
+    if "const" in schema:
+        return st.just(schema["const"])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kind = schema.get("type")
+    if kind == "string":
+        if "pattern" in schema:
+            return st.from_regex(schema["pattern"], fullmatch=True)
+        # what a JSON grammar lets a model write in a string: no control characters
+        return st.text(
+            st.characters(codec="utf-8", exclude_categories=("Cc", "Cs", "Cn")),
+            min_size=schema.get("minLength", 0),
+            max_size=schema.get("maxLength", 50),
+        )
+    if kind == "integer":
+        return st.integers(schema["minimum"], schema["maximum"])
+    if kind == "array":
+        return st.tuples(*[_instances(item) for item in schema["prefixItems"]]).map(list)
+    assert kind == "object", schema
+    required = set(schema["required"])
+    fields = {k: _instances(v) for k, v in schema["properties"].items() if k in required}
+    optional = {k: _instances(v) for k, v in schema["properties"].items() if k not in required}
+    return st.fixed_dictionaries(fields, optional=optional)
+
+
+@settings(
+    deadline=None,
+    max_examples=COMPACT_EXAMPLES,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_what_the_compact_schema_admits_is_a_spec_but_for_two_references(data: Any) -> None:
+    """Any instance of the reduced schema (as a grammar lets the model write it) is a spec
+    the validator accepts, except what no schema can say: a step naming `reviewer` when
+    `agents` has none (MAS201), `answer: final` with one step (MAS205)."""
+    inputs = data.draw(
+        st.dictionaries(
+            st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True),
+            st.sampled_from(["string", "integer", "array"]),
+            min_size=1,
+            max_size=2,
+        )
+    )
+    instance = data.draw(_instances(compact_schema(inputs)))
+    report = validate_text(json.dumps(instance, ensure_ascii=False), "<compact>")
+    codes = {p.code for p in report.errors}
+    assert codes <= {"MAS201", "MAS205"}, report.format()
+    steps = instance["workflow"]
+    expected = set()
+    if any(step["agent"] == "reviewer" for step in steps) and "reviewer" not in instance["agents"]:
+        expected.add("MAS201")
+    if instance["outputs"]["answer"] == "final" and len(steps) == 1:
+        expected.add("MAS205")
+    assert codes == expected, report.format()
+
+
+def test_compact_prompt_is_small_and_its_example_valid() -> None:
+    for inputs in (None, {"question": "string"}, {"text": "string", "n": "integer"}):
+        messages = compact_messages("Answer a question.", inputs)
+        assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+        assert messages[0]["content"].startswith("You design multi-agent systems")
+        example = json.loads(messages[2]["content"])
+        report = validate_text(json.dumps(example), "<example>")
+        assert report.ok and not report.problems, report.format()
+        assert set(example["inputs"]) <= set(inputs or {"question": "string"})
+        # far inside the embedded model's 8192-token context with the answer's budget
+        # (tests/test_local_model.py counts the real tokens)
+        assert sum(len(m["content"]) for m in messages) < 4 * 3000
+        assert "Top-level keys of a spec" not in messages[0]["content"]  # not the full text
+
+
+def test_generate_compact_sends_the_reduced_schema_and_repairs(srv: LLMTestServer) -> None:
+    good = {
+        "spec_version": "1",
+        "name": "sum-up",
+        "description": "Adds the numbers.",
+        "inputs": {"question": {"type": "string"}},
+        "agents": {"solver": {"role": "Adder", "instructions": "Add them."}},
+        "workflow": [
+            {"id": "first", "kind": "call", "agent": "solver", "prompt": "Add: {{ question }}"}
+            | {"out": "draft"}
+        ],
+        "outputs": {"answer": "draft"},
+    }
+    bad = copy.deepcopy(good)
+    bad["workflow"][0]["agent"] = "reviewer"
+    srv.responder = Script([(r".", [json.dumps(bad), json.dumps(good)])], field="system")
+    said: list[str] = []
+    result = generate_spec(
+        "Add numbers.",
+        LLMClient(srv.base_url, "k", model="tiny-model"),
+        compact=True,
+        inputs={"question": "string"},
+        on_progress=said.append,
+        model_label="Tiny (embedded: 1M parameters)",
+    )
+    assert result.prompt == "compact" and result.attempts == 2
+    assert [p.code for p in result.history[0] if p.severity == "error"] == ["MAS201"]
+    first, repair = srv.requests
+    assert first.response_schema == compact_schema({"question": "string"})
+    assert first.body["max_tokens"] == COMPACT_MAX_TOKENS
+    assert "MAS201" in repair.last_user
+    assert said[0] == "asking Tiny (embedded: 1M parameters) for a spec (compact prompt and schema)"
+    assert result.to_json()["prompt"] == "compact"

@@ -7,17 +7,34 @@ adversarial review confirmed in an already-resolved issue, checked on several in
 
 from __future__ import annotations
 
+import base64
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from conftest import compile_to, run_package
+from conftest import compile_to, load_runtime, run_package
 
-from mas2c.batch import CODE_SCORER_MAIN
+from mas2c import values
+from mas2c.batch import CODE_SCORER_MAIN, parse_exact, score_text
+from mas2c.gateway import (
+    IMAGE_TOKEN_BOUND,
+    Budget,
+    Gateway,
+    GatewayLimits,
+    HttpUpstream,
+    Scrubber,
+    prompt_token_bound,
+)
 from mas2c.lang.validate import validate_text
+from mas2c.testserver import ChatRequest, LLMTestServer, Reply
+from mas2c.tracing import redact_argv
 
 # -- A. exits are failures ---------------------------------------------------------------------
 
@@ -110,3 +127,416 @@ def test_code_scorer_passes_only_after_every_check(tmp_path: Path) -> None:
     right = "def check(candidate):\n    assert candidate(1, 2) == 3\n"
     assert score_code(tmp_path, good, right, "add")["passed"] is True
     assert score_code(tmp_path, good, CHECK, "add")["passed"] is False
+
+
+# -- E. only a real null or an empty string is an empty answer ---------------------------------
+
+
+def test_votes_count_the_text_null_as_an_answer() -> None:
+    voting = load_runtime("_voting")
+    assert voting.majority(["null", "NULL", "x"]) == "null"
+    assert voting.majority(["ANSWER: null", "x", "ANSWER: Null"]) == "ANSWER: null"
+    assert voting.majority([{"answer": "null"}, {"answer": "NULL"}, {"answer": "b"}]) == {
+        "answer": "null"
+    }
+    assert voting.majority([{"v": "None"}, {"v": "b"}, {"v": "none"}], key="v") == {"v": "None"}
+    assert voting.first_answer(["null", "x"]) == "null"
+    assert voting.first_answer([{"answer": None}, {"answer": "null"}]) == {"answer": "null"}
+    # what is empty: a JSON null, a missing field, an empty or blank string
+    assert voting.majority([None, None, "x"]) == "x"
+    assert voting.majority([{"answer": None}, {"answer": None}, {"answer": "b"}]) == {"answer": "b"}
+    assert voting.majority([{"other": 1}, {"other": 1}, {"answer": 0}]) == {"answer": 0}
+    assert voting.majority(["", "  ", "ANSWER:  ", "y"]) == "y"
+    runtime = load_runtime()
+    with pytest.raises(runtime.EmptyVote):
+        voting.majority([None, "", " ", {"answer": None}, {"x": 1}, "ANSWER: "])
+
+
+# -- F. scorers: exact numbers, valid groupings, the ANSWER: line -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prediction", "expected", "score"),
+    [
+        ("1,2", "12", 0.0),
+        ("1,2", "2", 1.0),  # two numbers, the last one counts
+        ("1,2345", "12345", 0.0),
+        ("12,34,567", "1234567", 0.0),
+        ("1,000,0", "10000", 0.0),
+        ("1,234,567", "1234567", 1.0),
+        ("$3,600.", "3600", 1.0),
+        ("9999999999999999", "10000000000000000", 0.0),
+        ("12345678901234567890", "12345678901234567891", 0.0),
+        (12345678901234567890, "12345678901234567890", 1.0),
+        ("100000000000000000001", 100000000000000000000, 0.0),
+        ("0.30000000000000004", "0.3", 1.0),
+        ("0.3000001", "0.3", 0.0),
+        ("ANSWER: 42\n(confidence 90%)", "42", 1.0),
+        ({"answer": 7}, "7", 1.0),
+    ],
+)
+def test_numeric_scorer_is_exact(prediction: Any, expected: Any, score: float) -> None:
+    assert score_text("numeric", prediction, expected) == score
+
+
+def test_text_scorers_read_the_answer_line() -> None:
+    assert score_text("exact", "Let me think.\nANSWER: Paris", "paris") == 1.0
+    assert score_text("exact", "ANSWER: Rome\nANSWER: Paris.", "Paris") == 1.0
+    assert score_text("exact", "ANSWER: Rome", "Paris") == 0.0
+    assert score_text("exact", "answer : paris", "Paris") == 1.0
+    assert (
+        score_text("f1", "Step 1 ... ANSWER is below\nANSWER: Eiffel Tower", "Eiffel Tower") == 1.0
+    )
+    assert score_text("math", "so\nANSWER: \\boxed{\\frac{3}{4}}", "\\frac{3}{4}") == 1.0
+    assert parse_exact("12%") == 12 and parse_exact("3/4") == parse_exact("0.75")
+
+
+# -- C. credentials: URLs anywhere in argv, every form of a secret, the OTLP exporter's log ----
+
+
+def test_recorded_command_lines_redact_every_url_in_every_argument() -> None:
+    argv = [
+        "mas2c",
+        "run",
+        "--llm=http://user:Pw0rd-9x@host.example/v1",
+        "--llm",
+        "https://u2:Pw0rd-9y@h:8443/v1?api-key=QK-123456#frag",
+        "--record=x,https://u3:Pw0rd-9z@h/v1",
+        "OPENAI_BASE_URL=http://u4:Pw0rd-9w@10.0.0.1:8000/v1?token=TK-abcdef",
+        "--endpoint=u5:Pw0rd-9v@host/v1",
+        "plain",
+    ]
+    out = " ".join(redact_argv(argv))
+    for secret in ("Pw0rd", "user:", "u2:", "u3:", "u4:", "u5:", "QK-123456", "TK-abcdef", "frag"):
+        assert secret not in out, (secret, out)
+    assert "--llm=http://host.example/v1" in out and "plain" in out
+    assert "http://10.0.0.1:8000/v1" in out
+
+
+KEYS = ["sk-proj-Zq8xP3vR7mWn2Kt9LbY4", "Zq8xP3vR7mWn2Kt9LbY4Hq"]  # with and without `sk-`
+
+
+def echo_forms(req: ChatRequest) -> str:
+    """An upstream that echoes the credential it got in every form it can think of."""
+    auth = req.headers.get("authorization", "")
+    token = auth.split(" ", 1)[1] if " " in auth else auth
+    chunks = " ".join(token[i : i + 3] for i in range(0, len(token), 3))
+    return " | ".join(
+        [
+            f"bad credentials: {token}",
+            f"KEY {token.upper()}",
+            f"lower {token.lower()}",
+            f"rev={token[::-1]}",
+            f"chunks {chunks}",
+            "b64=" + base64.b64encode(token.encode()).decode(),
+            "b64x=" + base64.b64encode(("Bearer " + token).encode()).decode(),
+            "pct=" + "".join(f"%{ord(c):02X}" for c in token),
+            "hex=" + token.encode().hex(),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "userinfo"), [(KEYS[0], ""), (KEYS[1], ""), (None, "alice:s3cretPassw0rd@")]
+)
+def test_upstream_errors_never_carry_any_form_of_a_secret(key: str | None, userinfo: str) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="gwh", dir="/tmp"))
+    try:
+        with LLMTestServer() as srv:
+            url = srv.base_url.replace("http://", "http://" + userinfo)
+            gateway = Gateway(folder / "gw.sock", HttpUpstream(url, key, backoff_s=0.01))
+            with gateway:
+                srv.inject("status", status=401, message=echo_forms)
+                transport = httpx.HTTPTransport(uds=str(folder / "gw.sock"))
+                with httpx.Client(transport=transport, timeout=30) as http:
+                    body = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
+                    answer = http.post("http://mas2c-gateway/v1/chat/completions", json=body)
+            sent = srv.requests[0].headers["authorization"].split(" ", 1)[1]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert answer.status_code == 401
+    text = answer.json()["error"]["message"]
+    secrets = [sent] + ([key] if key else ["s3cretPassw0rd", "alice"])
+    lowered = text.lower()
+    for secret in secrets:
+        for form in (secret, secret[::-1], base64.b64encode(secret.encode()).decode()[:12]):
+            assert form.lower() not in lowered, (form, text)
+        assert secret.encode().hex() not in lowered
+    squashed = "".join(c for c in lowered if c.isalnum())
+    for secret in secrets:
+        flat = "".join(c for c in secret.lower() if c.isalnum())
+        assert flat[:8] not in squashed, (secret, text)
+    assert "bad credentials: <redacted>" in text
+
+
+def test_scrubber_keeps_ordinary_text() -> None:
+    scrub = Scrubber([KEYS[1], "alice:s3cretPassw0rd"])
+    text = "upstream http://127.0.0.1:8000/v1 rejected the request with HTTP 401: invalid model"
+    assert scrub(text) == text
+
+
+def test_otel_export_log_lines_carry_no_endpoint_token(tmp_path: Path) -> None:
+    from mas2c.otel import redact_log_text
+
+    url = "http://u:pw-Secret1@127.0.0.1:9/v1/traces?token=TOKEN-XYZ-123&x=1"
+    line = (
+        "Transient error HTTPConnectionPool(host='127.0.0.1', port=9): Max retries exceeded "
+        "with url: /v1/traces?token=TOKEN-XYZ-123&x=1 (Caused by ...) while exporting "
+        f"to {url}; token TOKEN-XYZ-123"
+    )
+    out = redact_log_text(line, url)
+    assert "TOKEN-XYZ" not in out and "pw-Secret1" not in out and "u:" not in out
+    assert "/v1/traces?token=<redacted>" in out
+
+
+# -- B. images in the token bound; no URL an upstream would fetch ------------------------------
+
+PIXEL = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
+def image_body(url: str, images: int = 1, kind: str = "image_url") -> dict[str, Any]:
+    part: dict[str, Any] = {"type": kind, kind: {"url": url, "detail": "high"}}
+    if kind == "input_audio":
+        part = {"type": kind, kind: {"data": "AAAA", "format": "wav"}}
+    content = [{"type": "text", "text": "what is this?"}] + [part] * images
+    return {"model": "m1", "messages": [{"role": "user", "content": content}]}
+
+
+def gateway_posts(
+    folder: Path, upstream_url: str, bodies: list[dict[str, Any]], **kw: Any
+) -> tuple[list[httpx.Response], dict[str, Any]]:
+    sock = folder / "gw.sock"
+
+    def post(body: dict[str, Any]) -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=60) as http:
+            return http.post("http://mas2c-gateway/v1/chat/completions", json=body)
+
+    with Gateway(sock, HttpUpstream(upstream_url, "sk-x", backoff_s=0.01), **kw) as gateway:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(post, bodies))
+        return answers, gateway.usage()
+
+
+def test_a_parallel_burst_of_images_stays_within_the_token_budget() -> None:
+    assert prompt_token_bound(image_body(PIXEL, 2)) >= 2 * IMAGE_TOKEN_BOUND >= 1_445
+    folder = Path(tempfile.mkdtemp(prefix="gwh", dir="/tmp"))
+    per_image = 85 + 170 * 8  # OpenAI's most for one high-detail image (2048 x 768)
+
+    def respond(req: ChatRequest) -> Reply:
+        return Reply("ok", prompt_tokens=per_image + 20, completion_tokens=2, latency_s=0.3)
+
+    try:
+        with LLMTestServer(respond) as srv:
+            answers, usage = gateway_posts(
+                folder,
+                srv.base_url,
+                [image_body(PIXEL)] * 16,
+                models={"m1": 50},
+                budget=Budget(max_total_tokens=5000),
+            )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert usage["total_tokens"] <= 5000, usage  # before: 16 x 1,467 = 5.6x over
+    assert usage["calls"] >= 2
+    assert {a.status_code for a in answers} <= {200, 402}
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (image_body("https://attacker.example/a.png"), "mas2c_image_url_refused"),
+        (image_body("http://169.254.169.254/latest/meta-data"), "mas2c_image_url_refused"),
+        (image_body("file:///etc/passwd"), "mas2c_image_url_refused"),
+        (image_body(PIXEL, kind="input_audio"), "mas2c_unsupported_content"),
+        (image_body(PIXEL, kind="file"), "mas2c_unsupported_content"),
+        (image_body(PIXEL, kind="video_url"), "mas2c_unsupported_content"),
+    ],
+)
+def test_unboundable_content_and_fetchable_image_urls_are_refused(
+    body: dict[str, Any], code: str
+) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="gwh", dir="/tmp"))
+    try:
+        with LLMTestServer() as srv:
+            answers, _ = gateway_posts(folder, srv.base_url, [body])
+            assert not srv.requests  # nothing reached the upstream
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert answers[0].status_code == 400
+    assert answers[0].json()["error"]["code"] == code
+
+
+def test_image_urls_pass_when_allowed() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="gwh", dir="/tmp"))
+    try:
+        with LLMTestServer() as srv:
+            answers, _ = gateway_posts(
+                folder,
+                srv.base_url,
+                [image_body("https://example.org/a.png"), image_body(PIXEL)],
+                limits=GatewayLimits(allow_image_urls=True),
+            )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert [a.status_code for a in answers] == [200, 200]
+
+
+# -- D. no ReDoS from a spec pattern -----------------------------------------------------------
+
+CATASTROPHIC = [
+    r"^([a-z]+ ?)+$",
+    r"(a+)+$",
+    r"^(a*)*b",
+    r"^(a|a)*$",
+    r"^(\w+\s?)+$",
+    r"(.*a){20}",
+    r"^(x+x+)+y",
+    r"^(\d+)*$",
+    r"^(a+a)+$",
+    r"^(?:a|b|ab)+$",
+    r"^(\s*\w+\s*,?)+$",
+    r"^(a?){25}a{25}$",
+]
+SAFE = [
+    r"^[a-z]+$",
+    r"^(ab+)+$",
+    r"^(\d+,)*\d+$",
+    r"^\d{3}-\d{4}$",
+    r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[a-z]{2,}$",
+    r"^(\w+\.)+\w+$",
+    r"^(ab|ac)*$",
+    r"^(?:[a-z]+ )*[a-z]+$",
+    r"^(\d{1,3}\.){3}\d{1,3}$",
+    r"^(a++)+$",
+    r"^(?>a+)+$",
+]
+
+PATTERN_SPEC = """
+spec_version: "1"
+name: pat
+inputs:
+  question: {type: string, pattern: "PATTERN"}
+  nested: {type: object, properties: {tags: {type: array, items: {type: string, pattern: "^[a-z]+$"}}}}
+outputs: {answer: answer}
+models: {m: {model: test-model}}
+agents:
+  a:
+    role: r
+    model: m
+    output: {type: object, properties: {answer: {type: string, pattern: "^[a-z]+$"}}}
+workflow:
+  - {id: s, kind: call, agent: a, prompt: "{{ question }}", out: answer}
+"""
+
+
+@pytest.mark.parametrize("pattern", CATASTROPHIC)
+def test_catastrophic_patterns_are_rejected_and_never_evaluated(pattern: str) -> None:
+    assert values.pattern_problem(pattern) is not None
+    text = PATTERN_SPEC.replace("PATTERN", pattern.replace("\\", "\\\\"))
+    report = validate_text(text, "spec.yaml")
+    found = [p for p in report.problems if p.code == "MAS511"]
+    assert found and found[0].pointer == "/inputs/question/pattern" and found[0].line, (
+        report.format()
+    )
+    assert found[0].hint
+    # the host-side input check refuses the pattern instead of evaluating it
+    hostile = "a" * 40 + "!"
+    problems = values.input_problems(
+        {"question": hostile}, {"question": {"type": "string", "pattern": pattern}}
+    )
+    assert problems and "refused" in problems[0][1]
+
+
+@pytest.mark.parametrize("pattern", SAFE)
+def test_safe_patterns_still_validate_and_match(pattern: str) -> None:
+    assert values.pattern_problem(pattern) is None, pattern
+    text = PATTERN_SPEC.replace("PATTERN", pattern.replace("\\", "\\\\"))
+    report = validate_text(text, "spec.yaml")
+    assert not [p for p in report.problems if p.code == "MAS511"], report.format()
+
+
+def test_patterns_deep_in_schemas_and_uncompilable_ones_are_located() -> None:
+    text = PATTERN_SPEC.replace("PATTERN", "^[a-z]+$").replace(
+        'answer: {type: string, pattern: "^[a-z]+$"}',
+        'answer: {type: string, pattern: "(a|ab?)+$"}',
+    )
+    report = validate_text(text, "spec.yaml")
+    assert [(p.code, p.pointer) for p in report.problems if p.code == "MAS511"] == [
+        ("MAS511", "/agents/a/output/properties/answer/pattern")
+    ]
+    assert "(a|ab?)+$" in report.problems[0].message
+    report = validate_text(PATTERN_SPEC.replace("PATTERN", "[a-"), "spec.yaml")
+    assert any(p.code == "MAS511" and "compile" in p.message for p in report.problems)
+
+
+def test_long_strings_are_not_matched_against_patterns() -> None:
+    schema = {"type": "string", "pattern": "^[a-z ]+$"}
+    assert values.validate("a" * values.MAX_PATTERN_INPUT, schema) == []
+    problems = values.validate("a" * (values.MAX_PATTERN_INPUT + 1), schema)
+    assert problems and "too long" in problems[0]
+
+
+# -- G1. whole placeholders nested in tool args keep their known types -------------------------
+
+NESTED_ARGS = """
+spec_version: "1"
+name: nested-args
+inputs:
+  n: {type: integer}
+  s: {type: string}
+outputs: {r: r}
+models: {m: {model: test-model}}
+agents: {a: {role: r, model: m}}
+tools:
+  ints:
+    code: |
+      def ints(xs: list[int]) -> str:
+          return repr(xs)
+  strs:
+    code: |
+      def strs(xs: list[str]) -> str:
+          return repr(xs)
+  table:
+    code: |
+      def table(d: dict[str, int]) -> str:
+          return repr(d)
+  grid:
+    code: |
+      def grid(rows: list[list[int]]) -> str:
+          return repr(rows)
+  maybe:
+    code: |
+      def maybe(xs: list[int] | None = None) -> str:
+          return repr(xs)
+workflow:
+  - {id: s0, kind: call, agent: a, prompt: "{{ s }}", out: r}
+  - {id: t, kind: tool, tool: TOOL, args: ARGS, out: r2}
+"""
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "error"),
+    [
+        ("ints", '{xs: ["{{ n }}", 5]}', None),
+        ("strs", '{xs: ["{{ n }}", "{{ s }}"]}', "item 0"),
+        ("strs", '{xs: ["{{ s }}", "x"]}', None),
+        ("ints", '{xs: ["n={{ n }}"]}', "item 0"),
+        ("table", '{d: {a: "{{ n }}", b: 2}}', None),
+        ("table", '{d: {a: "{{ n }}", b: "{{ s }}"}}', "field 'b'"),
+        ("grid", '{rows: [["{{ n }}"], [1]]}', None),
+        ("grid", '{rows: [["{{ s }}"]]}', "item 0: item 0"),
+        ("maybe", '{xs: ["{{ n }}"]}', None),
+        ("maybe", '{xs: ["{{ s }}"]}', "item 0"),
+        ("ints", '{xs: {a: "{{ n }}"}}', "object"),
+    ],
+)
+def test_nested_whole_placeholders_are_checked_by_type(
+    tool: str, args: str, error: str | None
+) -> None:
+    report = validate_text(NESTED_ARGS.replace("TOOL", tool).replace("ARGS", args), "spec.yaml")
+    found = [p for p in report.problems if p.code == "MAS405"]
+    if error is None:
+        assert not found, report.format()
+    else:
+        assert found and found[0].pointer.startswith("/workflow/1/args/"), report.format()
+        assert error in found[0].message, found[0].message

@@ -10,6 +10,7 @@ The command line over the same API is tests/test_package_cli.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import json
 import sys
@@ -149,6 +150,26 @@ def test_no_credentials_fails_before_any_request(
     monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
     assert echo_pkg.run_sync({"question": "q"}).status == "ok"
     assert server.requests[-1].headers.get("authorization") == "Bearer sk-env"
+
+
+def test_credentials_are_needed_only_to_call_an_llm(
+    echo_pkg: ModuleType, server: LLMTestServer, tmp_path: Path
+) -> None:
+    """A workflow without agent steps runs with no key (its unused agent aside); one whose
+    LLM use the compiler could not see still fails before its first request."""
+    tool_only = {**ECHO, "name": "api-tools-only", "outputs": {"shout": "shout"}}
+    tool_only["workflow"] = [
+        {"id": "loud", "kind": "tool", "tool": "upper", "args": {"text": "{{ question }}"}, "out": "shout"}
+    ]
+    build = compile_to(Spec.model_validate(tool_only), tmp_path / "tools-only")
+    package = _import(tmp_path / "tools-only", build.package)
+    assert package.SYSTEM.uses_llm is False and echo_pkg.SYSTEM.uses_llm is True
+    assert package.run_sync({"question": "q"}).outputs == {"shout": "Q"}
+    unseen = dataclasses.replace(echo_pkg.SYSTEM, uses_llm=False)
+    result = unseen.run_sync({"question": "q"}, base_url=server.base_url)
+    assert (result.status, result.exit_code) == ("bad_input", 2)
+    assert result.error.code == "no_credentials" and result.error.step == "ask"
+    assert server.requests == []
 
 
 def test_arguments_override_the_environment(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -263,6 +264,56 @@ def test_a_patch_that_adds_validation_errors_is_rejected() -> None:
     fixed = apply_json_patch(spec, [{"op": "replace", "path": "/outputs/answer", "value": "draft"}])
     assert fixed.outputs == {"answer": "draft"}
     assert spec.outputs == {"answer": "drafts.2"}  # the original is never changed
+
+
+PRICED = """\
+spec_version: "1"
+name: priced
+inputs: {q: {type: string}}
+outputs: {a: a}
+models:
+  m: {model: m-1, price: {input_per_mtok: 1.0, output_per_mtok: 2.0}}
+  free: {model: m-2}
+agents:
+  solver: {role: r, instructions: "{{ q }}", model: m}
+workflow:
+  - {kind: call, id: s, agent: solver, prompt: "{{ q }}", out: a}
+budgets: {max_cost_usd: 1.0}
+"""
+
+
+@pytest.mark.parametrize(
+    ("patch", "what"),
+    [
+        ([{"op": "remove", "path": "/models/m/price"}], "removes the price of model `m`"),
+        (
+            [{"op": "replace", "path": "/models/m/price/output_per_mtok", "value": 0}],
+            "lowers the price of model `m`",
+        ),
+        ([{"op": "replace", "path": "/models/m/price", "value": {}}], "lowers the price"),
+        ([{"op": "replace", "path": "/agents/solver/model", "value": "free"}], "no price"),
+        (
+            [{"op": "move", "from": "/models/free", "path": "/models/m"}],
+            "removes the price of model `m`",
+        ),
+    ],
+)
+def test_a_fix_may_not_weaken_what_the_cost_budget_counts(
+    patch: list[dict[str, Any]], what: str, tmp_path: Path
+) -> None:
+    """Budgets unchanged is not enough: a model without a price costs $0 against
+    max_cost_usd, so dropping or lowering prices is a budget raise too."""
+    path = tmp_path / "priced.yaml"
+    path.write_text(PRICED)
+    spec = load_spec(path)
+    with pytest.raises(FixRejected, match=re.escape(what)):
+        apply_json_patch(spec, patch)
+    raised = apply_json_patch(spec, patch, allow_budgets=True)
+    assert raised is not None
+    # a higher price, or a move to another priced model, is no weakening
+    apply_json_patch(
+        spec, [{"op": "replace", "path": "/models/m/price/input_per_mtok", "value": 3}]
+    )
 
 
 def test_resume_skips_unchanged_steps(server: LLMTestServer, tmp_path: Path) -> None:

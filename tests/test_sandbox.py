@@ -1101,6 +1101,22 @@ def test_pooled_container_is_never_reused(dock: None, package: Path, tmp_path: P
 
 
 @pytest.mark.docker
+def test_pool_run_waits_for_a_starting_container(
+    dock: None, package: Path, tmp_path: Path
+) -> None:
+    """A run that comes while the pool's containers are still starting waits for one of
+    them (warm) instead of starting a cold container beside them; it finds a clean one
+    (the init's warm-up call left nothing in /tmp and no process behind)."""
+    from mas2c.sandbox.pool import Pool, PoolSpec
+
+    with Pool(PoolSpec(), size=2, take_wait_s=180) as pool:
+        run = _run(package, tmp_path, {"action": "look"}, "docker")  # at once: none ready yet
+    assert run.report.pool == "warm", run.text("stderr.txt")
+    assert run.result["files"] == [] and run.result["processes"] == []
+    assert pool.taken == 1 and pool.started >= 1
+
+
+@pytest.mark.docker
 def test_pool_leaves_nothing_after_exit_or_sigkill(dock: None, tmp_path: Path) -> None:
     import docker
 

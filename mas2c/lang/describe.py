@@ -36,6 +36,7 @@ class _Describer:
     def __init__(self, root: Mapping[str, Any], steps: Mapping[str, str] | None = None) -> None:
         self.defs: Mapping[str, Any] = root.get("$defs") or {}
         self.steps = dict(steps or {})  # def name -> step kind
+        self.seen: dict[str, str] = {}  # tuple items already described (JSON) -> reference
 
     def resolve(self, schema: Mapping[str, Any]) -> tuple[Mapping[str, Any], str | None]:
         ref = schema.get("$ref")
@@ -59,6 +60,11 @@ class _Describer:
         options = target.get("anyOf") or target.get("oneOf")
         if options:
             kept = [o for o in options if o.get("type") != "null"]
+            shapes = [self.resolve(o)[0] for o in kept]
+            if len(kept) > 1 and all(shape.get("properties") for shape in shapes):
+                return "one of these objects", self.alternatives(shapes, depth)
+            if len(kept) > 1 and all(shape.get("prefixItems") for shape in shapes):
+                return "one of these lists", self.alternatives(shapes, depth)
             texts, nested = [], []
             for option in kept:
                 text, sub = self.type_text(option, depth)
@@ -76,6 +82,8 @@ class _Describer:
             return "string" + _string_bounds(target), []
         if kind in ("integer", "number"):
             return str(kind) + _number_bounds(target), []
+        if kind == "array" and target.get("prefixItems"):
+            return self.tuple_text(target["prefixItems"], depth)
         if kind == "array":
             items = target.get("items")
             if isinstance(items, Mapping):
@@ -101,6 +109,35 @@ class _Describer:
         if kind is None and not target:
             return "any value", []
         return str(kind or "value"), []
+
+    def alternatives(self, shapes: list[Mapping[str, Any]], depth: int) -> list[str]:
+        """Each shape of an anyOf: objects labelled by their constant fields."""
+        lines = []
+        for number, shape in enumerate(shapes, 1):
+            properties: Mapping[str, Any] = shape.get("properties") or {}
+            if properties:
+                fixed = frozenset(k for k, v in properties.items() if "const" in v)
+                consts = [f"{k} {_compact(properties[k]['const'])}" for k in fixed]
+                label = "with " + (", ".join(sorted(consts)) or f"form {number}")
+                lines.append(f"{_INDENT * (depth + 1)}- {label}:")
+                lines += self.fields(shape, depth + 2, skip=fixed)
+            else:
+                text, nested = self.type_text(shape, depth + 1)
+                lines += [f"{_INDENT * (depth + 1)}- {text}:", *nested]
+        return lines
+
+    def tuple_text(self, items: list[Any], depth: int) -> tuple[str, list[str]]:
+        """A list of a fixed length, item by item."""
+        lines = []
+        for number, item in enumerate(items, 1):
+            key = json.dumps(item, sort_keys=True)
+            if key in self.seen:
+                lines.append(f"{_INDENT * (depth + 1)}- item {number}: {self.seen[key]}")
+                continue
+            self.seen[key] = f"as item {number} above"
+            text, nested = self.type_text(item, depth + 1)
+            lines += [f"{_INDENT * (depth + 1)}- item {number}: {text}", *nested]
+        return f"list of exactly {len(items)}", lines
 
     def field_line(
         self, name: str, schema: Mapping[str, Any], required: bool, depth: int

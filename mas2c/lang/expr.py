@@ -266,8 +266,20 @@ def definite_writes(steps: Sequence[Step]) -> list[str]:
 
 
 def _definite(step: Step) -> list[str]:
-    """What one step writes on every path (asked through the step-kind registry's flow)."""
+    """What one step writes on every path (asked through the step-kind registry's flow);
+    with a `fallback`, what both the step and its fallback write."""
+    own = _definite_own(step)
+    if not step.fallback:
+        return own
+    rescued = set(definite_writes(step.fallback))
+    return [name for name in own if name in rescued]
+
+
+def _definite_own(step: Step) -> list[str]:
     lists = [children for _key, children in step.child_lists()]
+    if step.shape == "each":  # the body's variables stay inside each item
+        out = step_out(step)
+        return [out] if out else []
     if step.shape == "alternatives":
         arms = [definite_writes(children) for children in lists]
         if len(lists) <= len(step.conditions()):

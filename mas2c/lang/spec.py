@@ -49,6 +49,15 @@ class ModelSpec(_Strict):
     price: Price | None = None
 
 
+class Example(_Strict):
+    """One few-shot exchange, sent as real chat messages before the task."""
+
+    user: str = Field(description="What the user says.")
+    assistant: str | dict[str, Any] = Field(
+        description="The answer the agent should give (an object for a structured agent)."
+    )
+
+
 class Agent(_Strict):
     role: str = Field(
         min_length=1, description="Who the agent is; becomes the system prompt's first line."
@@ -67,6 +76,55 @@ class Agent(_Strict):
     max_tool_rounds: int = Field(
         5, ge=1, le=50, description="Tool-call rounds before the agent must answer."
     )
+    delegates: list[str] | None = Field(
+        None,
+        description="Agents this agent may call as tools (a manager's workers): each is "
+        "offered as a function named like the agent, described by its role; a worker's "
+        "call runs under the run's budgets and trace.",
+    )
+    examples: list[Example] | None = Field(
+        None,
+        description="Few-shot examples: user/assistant pairs sent as real chat messages "
+        "after the system prompt, before the task.",
+    )
+
+
+# `type: chat` in an input schema: a chat history (a list of {role, content} messages).
+CHAT_SCHEMA: JsonSchema = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "role": {"type": "string", "enum": ["user", "assistant"]},
+            "content": {"type": "string"},
+        },
+        "required": ["role", "content"],
+    },
+}
+
+
+def expand_chat_types(inputs: Any) -> Any:
+    """Input schemas with `type: chat` as the JSON Schema of a chat history (other keys,
+    such as `description`, kept)."""
+    if not isinstance(inputs, dict):
+        return inputs
+    return {
+        name: {**schema, **CHAT_SCHEMA}
+        if isinstance(schema, dict) and schema.get("type") == "chat"
+        else schema
+        for name, schema in inputs.items()
+    }
+
+
+class StepSettings(_Strict):
+    """Per-step overrides of the LLM request, for every call made inside the step."""
+
+    model: str | None = Field(None, description="A model pool id used instead of the agent's.")
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, gt=0)
+    stop: list[str] | None = Field(None, max_length=4, description="Stop sequences.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
 
 
 class Egress(_Strict):
@@ -131,10 +189,13 @@ class Tool(_Strict):
 # of dispatching on `kind`:
 #
 #   child_lists()   nested step lists (relative key path -> steps)
-#   shape           how nested lists run: "leaf", "sequence", "concurrent", "repeat", "alternatives"
+#   shape           how nested lists run: "leaf", "sequence", "concurrent", "repeat", "alternatives",
+#                   "each" (once per item of a list, in a scope of their own: see MapStep)
 #   agent_refs()    agents it names (relative key, agent id, role: caller/sampler/judge/programmer)
 #   tool_refs()     tools it names          templates()   texts with placeholders it renders
 #   flow_refs()     flows (sub-workflows) it runs, flow_repeats() times per run
+#   agent_choice()  an agent chosen at run time from a set; chat_history() a history it sends
+#   body_templates() texts rendered inside its body's scope; item_names() what "each" binds
 #   references()    state paths it reads    conditions()  expressions it evaluates
 #   writes()        the state variable it sets; out_schema() the JSON Schema of that value
 #   llm_calls()     static upper bound of its own LLM calls; child_repeats() times its
@@ -148,7 +209,7 @@ class Tool(_Strict):
 # emitter (`mas2c.compile.register_emitter`) and template. README "Adding a step kind".
 
 
-Shape = Literal["leaf", "sequence", "concurrent", "repeat", "alternatives"]
+Shape = Literal["leaf", "sequence", "concurrent", "repeat", "alternatives", "each"]
 AgentRole = Literal["caller", "sampler", "judge", "programmer"]
 
 
@@ -180,6 +241,25 @@ class StepBase(_Strict):
 
     id: str = Field(pattern=ID_PATTERN, description="Unique step id.")
     timeout_s: float | None = Field(None, gt=0, description="Wall-clock limit for this step.")
+    retry: int | None = Field(
+        None,
+        ge=0,
+        le=10,
+        description="Extra attempts (default 0) when the step fails with a recoverable error "
+        "(not a budget, bad input or the run's timeout); a failed attempt's writes are discarded.",
+    )
+    fallback: list[Step] | None = Field(
+        None,
+        min_length=1,
+        description="Steps that run when the step still fails after its retries, with the "
+        "error in the state variable `error` ({type, code, message, step, pointer}); the run "
+        "goes on when they succeed.",
+    )
+    settings: StepSettings | None = Field(
+        None,
+        description="Overrides (model, temperature, max_tokens, stop, top_p, seed) for every "
+        "LLM call made inside this step; an inner step's own settings win.",
+    )
 
     LANGUAGE: ClassVar[str] = ""
     shape: ClassVar[Shape] = "leaf"
@@ -195,6 +275,14 @@ class StepBase(_Strict):
 
     def agent_refs(self) -> list[AgentRef]:
         return []
+
+    def agent_choice(self) -> tuple[str, str, list[str]] | None:
+        """An agent chosen at run time: (relative key, the placeholder, the allowed set)."""
+        return None
+
+    def chat_history(self) -> tuple[str, str] | None:
+        """A chat history sent as messages: (relative key, the placeholder)."""
+        return None
 
     def tool_refs(self) -> list[tuple[str, str]]:
         return []
@@ -215,6 +303,14 @@ class StepBase(_Strict):
 
     def conditions(self) -> list[tuple[str, str]]:
         return []
+
+    def body_templates(self) -> list[tuple[str, str]]:
+        """Texts rendered in the scope of its nested steps, after them (flow "each")."""
+        return []
+
+    def item_names(self) -> tuple[str, str] | None:
+        """The variables a flow "each" kind binds for its body: (item, index)."""
+        return None
 
     def writes(self) -> str | None:
         out = getattr(self, "out", None)
@@ -268,19 +364,71 @@ class _Writes(StepBase):
 
 class CallStep(_Writes):
     kind: Literal["call"]
-    agent: str
+    agent: str = Field(
+        description="An agent id, or (with `agents`) a placeholder naming one of `agents` "
+        "at run time."
+    )
+    agents: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="The set `agent` is chosen from by a state value (`agent: "
+        '"{{ route.specialist }}"`).',
+    )
     prompt: str
+    history: str | None = Field(
+        None,
+        description="A whole placeholder holding a chat history (an input of `type: chat`, a "
+        "list of {role, content}): sent as real messages before the prompt.",
+    )
 
-    LANGUAGE: ClassVar[str] = "one agent answers one prompt. Fields: agent, prompt, out."
+    LANGUAGE: ClassVar[str] = (
+        "one agent answers one prompt. Fields: agent, prompt, out; history (optional: a\n"
+        "  placeholder of a chat-history input, sent as real messages); agents (optional: the set\n"
+        '  agent is chosen from at run time, with agent: "{{ route.owner }}").'
+    )
 
     def agent_refs(self) -> list[AgentRef]:
+        if self.agents is not None:
+            return [AgentRef(f"agents/{i}", a, "caller") for i, a in enumerate(self.agents)]
+        if "{{" in self.agent:  # a choice without its set: MAS210 (problems)
+            return []
         return [AgentRef("agent", self.agent, "caller")]
 
+    def agent_choice(self) -> tuple[str, str, list[str]] | None:
+        if self.agents is None:
+            return None
+        return ("agent", self.agent, list(self.agents))
+
+    def problems(self) -> list[tuple[str, str, str, str | None]]:
+        if self.agents is None and "{{" in self.agent:
+            return [
+                (
+                    "MAS210",
+                    "agent",
+                    "an agent chosen by a state value needs `agents`: the set it is chosen from",
+                    "add agents: [<every agent the value may name>]",
+                )
+            ]
+        return []
+
     def templates(self) -> list[tuple[str, str]]:
-        return [("prompt", self.prompt)]
+        found = [("prompt", self.prompt)]
+        if self.agents is not None:
+            found.append(("agent", self.agent))
+        return found + ([("history", self.history)] if self.history is not None else [])
 
     def answer_agents(self) -> list[str]:
-        return [self.agent]
+        return list(self.agents) if self.agents is not None else [self.agent]
+
+    def chat_history(self) -> tuple[str, str] | None:
+        return ("history", self.history) if self.history is not None else None
+
+    def out_schema(self, agents: Mapping[str, Agent]) -> JsonSchema | None:
+        outputs = [agents[a].output for a in self.answer_agents() if a in agents]
+        first = outputs[0] if outputs else None
+        if isinstance(first, dict) and all(o == first for o in outputs):
+            return first
+        return None
 
     def llm_calls(self) -> int:
         return 1
@@ -289,9 +437,13 @@ class CallStep(_Writes):
         return f"call `{self.id}`"
 
     def summary(self) -> str:
+        if self.agents is not None:
+            return f"`{self.id}`: one of {', '.join(self.agents)} (chosen at run time) answers."
         return f"`{self.id}`: agent `{self.agent}` answers the prompt."
 
     def graph_detail(self) -> str:
+        if self.agents is not None:
+            return f"{self.agent.strip()} ∈ {', '.join(self.agents)}"
         return self.agent
 
 
@@ -712,6 +864,82 @@ class ToolStep(_Writes):
         return self.tool
 
 
+class MapStep(_Writes):
+    kind: Literal["map"]
+    over: str = Field(
+        description='The list, as one whole placeholder ("{{ documents }}", "{{ plan.questions }}").'
+    )
+    as_: str = Field(
+        "item",
+        alias="as",
+        pattern=VAR_PATTERN,
+        description="The item's variable, bound inside `steps` only (default `item`).",
+    )
+    index: str = Field(
+        "index",
+        pattern=VAR_PATTERN,
+        description="The item's position (0, 1, ...), bound inside `steps` only (default `index`).",
+    )
+    steps: list[Step] = Field(min_length=1, description="The body, run once per item.")
+    result: Any = Field(
+        None,
+        description="Each item's result, rendered after its steps: a whole placeholder passes "
+        "the value, objects and lists may hold placeholders; default: the last variable the "
+        "body writes on every path.",
+    )
+    max_concurrency: int = Field(4, ge=1, le=64, description="Items running at once.")
+    max_items: int = Field(
+        100, ge=1, le=10_000, description="The most items a run may map (default 100)."
+    )
+    on_overflow: Literal["error", "truncate"] = Field(
+        "error",
+        description="A longer list: 'error' (the step fails, code map_overflow) or 'truncate' "
+        "(the first max_items are mapped; traced and listed under `warnings`).",
+    )
+
+    LANGUAGE: ClassVar[str] = (
+        'runs its steps once for each item of a list known at run time. Fields: over ("{{ xs }}",\n'
+        "  a whole placeholder), as (the item's variable, default item), index (default index),\n"
+        "  steps, result (per item, default the body's last written variable), max_concurrency\n"
+        '  (default 4), max_items (default 100), on_overflow ("error" or "truncate"), out (the\n'
+        "  results as a list, in input order). Variables the body writes stay inside the item,\n"
+        "  except declared `state` variables with a combining reducer (append, merge, add)."
+    )
+    shape: ClassVar[Shape] = "each"
+
+    def child_lists(self) -> list[tuple[str, list[Step]]]:
+        return [("steps", self.steps)]
+
+    def templates(self) -> list[tuple[str, str]]:
+        return [("over", self.over)]
+
+    def body_templates(self) -> list[tuple[str, str]]:
+        """Texts rendered in the scope of the body, after it (the per-item result)."""
+        return _strings(self.result, "result")
+
+    def item_names(self) -> tuple[str, str] | None:
+        """The variables the body sees for each item: (item, index)."""
+        return self.as_, self.index
+
+    def out_schema(self, agents: Mapping[str, Agent]) -> JsonSchema | None:
+        return {"type": "array"}
+
+    def child_repeats(self) -> int:
+        return self.max_items
+
+    def fan_out(self) -> FanOut:
+        return FanOut("max_items", self.max_items, self.max_items)
+
+    def summary(self) -> str:
+        return (
+            f"`{self.id}`: the steps for each item of {self.over.strip()}, "
+            f"at most {self.max_concurrency} at once."
+        )
+
+    def graph_detail(self) -> str:
+        return f"{self.as_} in {self.over.strip()}"
+
+
 class SubflowStep(_Writes):
     kind: Literal["subflow"]
     flow: str = Field(description="The flow (a key of `flows`) to run.")
@@ -752,6 +980,7 @@ STEP_CLASSES: dict[str, type[StepBase]] = {
     "programmer": ProgrammerStep,
     "test": TestStep,
     "tool": ToolStep,
+    "map": MapStep,
     "subflow": SubflowStep,
 }
 """kind -> model class: the registry of step kinds (`register_step_kind` adds to it)."""
@@ -768,6 +997,7 @@ Step = Annotated[
     | ProgrammerStep
     | TestStep
     | ToolStep
+    | MapStep
     | SubflowStep,
     Field(discriminator="kind"),
 ]
@@ -778,6 +1008,53 @@ class Budgets(_Strict):
     max_total_tokens: int | None = Field(None, ge=1)
     max_cost_usd: float | None = Field(None, gt=0)
     timeout_s: float | None = Field(None, gt=0)
+
+
+Reducer = Literal["replace", "append", "merge", "add"]
+
+# The JSON types each combining reducer works on (replace takes any value).
+REDUCER_TYPES: dict[str, tuple[str, ...]] = {
+    "append": ("array",),
+    "merge": ("object",),
+    "add": ("number", "integer"),
+}
+# The initial value of a combining reducer's variable when the spec gives none.
+REDUCER_INITIAL: dict[str, Any] = {"append": [], "merge": {}, "add": 0}
+
+
+class StateVar(_Strict):
+    """A declared state variable: its type, initial value and how writes combine."""
+
+    json_schema: JsonSchema | None = Field(
+        None, alias="schema", description="JSON Schema of the variable's value."
+    )
+    initial: Any = Field(
+        None,
+        description="Its value before any write (default: [] for append, {} for merge, 0 for "
+        "add; a replace variable without one is bound by its first write).",
+    )
+    reducer: Reducer = Field(
+        "replace",
+        description="How a write combines with the value: replace (the default), append (the "
+        "written value becomes the list's last item), merge (the written object's keys "
+        "overwrite), add (numbers are added). Writes from parallel branches and map items "
+        "combine in branch / input order.",
+    )
+
+    @property
+    def combines(self) -> bool:
+        """Whether concurrent writes can combine (every reducer but replace)."""
+        return self.reducer != "replace"
+
+    def initial_value(self) -> Any:
+        """The value before any write; None when a replace variable has none."""
+        if self.initial is not None or "initial" in self.model_fields_set:
+            return self.initial
+        return REDUCER_INITIAL.get(self.reducer)
+
+    @property
+    def bound_at_start(self) -> bool:
+        return "initial" in self.model_fields_set or self.combines
 
 
 class FlowDef(_Strict):
@@ -794,6 +1071,11 @@ class FlowDef(_Strict):
         description="name -> state variable (or dotted path) of the flow's state at its end.",
     )
     steps: list[Step] = Field(min_length=1)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _chat_inputs(cls, inputs: Any) -> Any:
+        return expand_chat_types(inputs)
 
 
 class Spec(_Strict):
@@ -824,6 +1106,11 @@ class Spec(_Strict):
     )
     agents: dict[str, Agent] = Field(min_length=1, description="The agents, by id.")
     tools: dict[str, Tool] = Field(default_factory=dict, description="The tools, by id.")
+    state: dict[str, StateVar] = Field(
+        default_factory=dict,
+        description="Declared state variables (name -> schema, initial, reducer); any other "
+        "variable is declared by the step that writes it.",
+    )
     flows: dict[str, FlowDef] = Field(
         default_factory=dict,
         description="Named sub-workflows (name -> flow), run by `subflow` steps and ensembles.",
@@ -845,6 +1132,8 @@ class Spec(_Strict):
         version = data.get("spec_version") if isinstance(data, dict) else None
         if isinstance(version, int) and not isinstance(version, bool) and version == 1:
             data = {**data, "spec_version": "1"}
+        if isinstance(data, dict) and "inputs" in data:
+            data = {**data, "inputs": expand_chat_types(data["inputs"])}
         return data
 
     @property
@@ -856,6 +1145,8 @@ class Spec(_Strict):
         data = self.model_dump(
             mode="json", by_alias=True, exclude_none=True, exclude_defaults=False
         )
+        if not data.get("state"):  # added in spec_version 1: absent means the same spec
+            data.pop("state", None)
         if not data.get("flows"):  # a spec without flows hashes as it did before them
             data.pop("flows", None)
         return data
@@ -867,11 +1158,15 @@ _STEP_FIELDS: list[tuple[type[BaseModel], str, Callable[[Any], Any]]] = [
     (LoopStep, "steps", lambda step: list[step]),  # type: ignore[valid-type]
     (Case, "steps", lambda step: list[step]),  # type: ignore[valid-type]
     (BranchStep, "else_", lambda step: list[step] | None),  # type: ignore[valid-type]
+    (MapStep, "steps", lambda step: list[step]),  # type: ignore[valid-type]
     (FlowDef, "steps", lambda step: list[step]),  # type: ignore[valid-type]
     (Spec, "workflow", lambda step: list[step]),  # type: ignore[valid-type]
 ]
+# Every step kind has a `fallback` step list (StepBase): rebuilt for each registered kind.
+_FALLBACK_SHAPE: Callable[[Any], Any] = lambda step: list[step] | None  # type: ignore[valid-type]  # noqa: E731
 
-for _model in (ParallelStep, LoopStep, Case, BranchStep, FlowDef, Spec):
+_MODELS_WITH_STEPS: tuple[type[BaseModel], ...] = (*STEP_CLASSES.values(), Case, FlowDef, Spec)
+for _model in _MODELS_WITH_STEPS:
     _model.model_rebuild()
 
 
@@ -906,15 +1201,19 @@ def _rebuild_step_union() -> None:
     union: Any = Union[tuple(STEP_CLASSES.values())]  # noqa: UP007 (built at run time)
     step_union: Any = Annotated[union, Field(discriminator="kind")]
     globals()["Step"] = step_union  # what type hints and later registrations see
-    for model, name, shape in _STEP_FIELDS:  # containers first, `Spec` last
+    fallbacks = [(cls, "fallback", _FALLBACK_SHAPE) for cls in STEP_CLASSES.values()]
+    for model, name, shape in [*fallbacks, *_STEP_FIELDS]:  # containers first, `Spec` last
         old = model.model_fields[name]
         new = FieldInfo.merge_field_infos(old, annotation=shape(step_union))
         model.__pydantic_fields__[name] = new
     # Twice: a container's schema embeds the other containers' (a loop inside a parallel
     # inside a loop), so one pass can keep a removed kind in a container rebuilt early.
+    # A kind defined in another module inherits `fallback: list[Step]`: `Step` is resolved
+    # here, not in that module's namespace.
+    namespace = {**globals(), "Step": step_union}
     for _pass in range(2):
-        for model, _name, _shape in _STEP_FIELDS:
-            model.model_rebuild(force=True)
+        for model, _name, _shape in [*fallbacks, *_STEP_FIELDS]:
+            model.model_rebuild(force=True, _types_namespace=namespace)
 
 
 def iter_steps(steps: list[Step], pointer: str) -> Iterator[tuple[str, Step]]:
@@ -931,8 +1230,14 @@ def iter_step_tree(step: Step, pointer: str) -> Iterator[tuple[str, Step]]:
 
 
 def child_step_lists(step: Step, pointer: str) -> list[tuple[str, list[Step]]]:
-    """The nested step lists of a composite step, with their pointers."""
-    return [(f"{pointer}/{key}", children) for key, children in step.child_lists()]
+    """The nested step lists of a step (its `fallback` included), with their pointers."""
+    return [(f"{pointer}/{key}", children) for key, children in nested_lists(step)]
+
+
+def nested_lists(step: Step) -> list[tuple[str, list[Step]]]:
+    """Every step list inside a step: its kind's `child_lists()`, then its `fallback`."""
+    fallback = [("fallback", step.fallback)] if step.fallback else []
+    return [*step.child_lists(), *fallback]
 
 
 def step_out(step: Step) -> str | None:
@@ -987,7 +1292,9 @@ def static_calls(step: Step, flows: Mapping[str, FlowDef] | None = None, _depth:
             if flow is not None:
                 calls = sum(static_calls(s, flows, _depth + 1) for s in flow.steps)
                 called += calls * step.flow_repeats()
-    return step.llm_calls() + inner * step.child_repeats() + called
+    own = step.llm_calls() + inner * step.child_repeats() + called
+    fallback = sum(static_calls(s, flows, _depth) for s in step.fallback or [])
+    return own * ((step.retry or 0) + 1) + fallback
 
 
 def language_description() -> str:

@@ -37,6 +37,7 @@ from mas2c.lang.source import (
     resolve,
 )
 from mas2c.lang.spec import (
+    REDUCER_TYPES,
     STEP_CLASSES,
     Agent,
     Budgets,
@@ -45,6 +46,7 @@ from mas2c.lang.spec import (
     ModelSpec,
     Price,
     Spec,
+    StateVar,
     Step,
     Tool,
     flow_pointer,
@@ -73,6 +75,10 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS207": "a reference to a flow that does not exist",
     "MAS208": "a flow's arguments (`with`) do not fit its inputs: missing, unknown or mistyped",
     "MAS209": "flows call each other in a cycle (recursion, direct or indirect)",
+    "MAS210": "an agent chosen at run time: `agent` is not a whole placeholder, `agents` is missing, or the value may fall outside `agents`",
+    "MAS211": "a delegation that cannot work: to the agent itself, in a cycle, or named like one of its tools",
+    "MAS212": "a chat `history` that is not a whole placeholder of a list of {role, content} messages",
+    "MAS213": "a few-shot example's answer does not fit the agent's output",
     "MAS301": "a placeholder or reference reads a state variable that is not bound there",
     "MAS302": "a malformed placeholder",
     "MAS303": "a condition uses a construct outside the safe subset",
@@ -96,6 +102,15 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS504": "an ensemble needs exactly one of `agent` and `agents`",
     "MAS505": "a vote over structured answers has no field to vote on",
     "MAS506": "two parallel branches write the same state variable",
+    "MAS511": "a schema `pattern` that does not compile or can backtrack for exponential time",
+    "MAS520": "a state variable's reducer does not fit its schema or initial value",
+    "MAS521": "a state variable's initial value does not match its schema",
+    "MAS522": "a state variable is also an input",
+    "MAS523": "a step writes a value that does not fit the declared state variable's reducer or schema",
+    "MAS524": "a map's item or index variable hides a variable bound there",
+    "MAS525": "a map's `over` is not one whole placeholder holding a list",
+    "MAS526": "a map body writes a declared state variable whose reducer cannot combine concurrent writes",
+    "MAS527": "a map with `out` has no result: no `result` and its steps write no variable on every path",
     "MAS901": "an agent no step uses (warning)",
     "MAS902": "a tool no agent or step uses (warning)",
     "MAS903": "a model no agent uses (warning)",
@@ -439,16 +454,23 @@ class _Checker:
         for name, schema in spec.inputs.items():
             self._check_schema(f"/inputs/{escape_token(name)}", schema)
         self.writers: dict[str, str] = {}
+        self.item_locals: dict[str, str] = {}  # variables of a map body -> the map's id
         for pointer, step in iter_spec_steps(spec):
             out = step_out(step)
             if out and out not in self.writers:
                 self.writers[out] = pointer
         self._check_constant_names(spec)
         self._check_ids(spec)
+        self._check_state(spec)
         self.flow_outputs: dict[str, dict[str, Any]] = {}
+        self.declared: dict[str, StateVar] = {}  # a flow's state is its own: none declared
         for name in self._flow_order(spec):
             self._check_flow(name, spec.flows[name])
+        self.declared = dict(spec.state)
         scope = _Scope({name: schema for name, schema in spec.inputs.items()}, {})
+        for name, var in spec.state.items():
+            if var.bound_at_start and name not in spec.inputs:
+                scope = scope.bind(name, var.json_schema)
         scope = self._steps(spec.workflow, "/workflow", scope)
         self._check_outputs(spec, scope)
         self._check_unused(spec)
@@ -518,6 +540,68 @@ class _Checker:
                 )
         if isinstance(agent.output, dict):
             self._check_schema(f"{here}/output", agent.output)
+        self._check_delegates(agent_id, agent)
+        self._check_examples(agent_id, agent)
+
+    def _check_delegates(self, agent_id: str, agent: Agent) -> None:
+        """Workers exist, are not the agent itself or one of its tools, form no cycle."""
+        here = f"/agents/{escape_token(agent_id)}"
+        for index, worker in enumerate(agent.delegates or []):
+            pointer = f"{here}/delegates/{index}"
+            self.used_agents.add(worker)
+            if worker not in self.spec.agents:
+                self.add(
+                    "MAS201",
+                    pointer,
+                    f"agent `{agent_id}` delegates to `{worker}`, which is not an agent",
+                    did_you_mean(worker, self.spec.agents),
+                )
+            elif worker == agent_id:
+                self.add("MAS211", pointer, f"agent `{agent_id}` delegates to itself")
+            elif worker in agent.tools:
+                self.add(
+                    "MAS211",
+                    pointer,
+                    f"worker `{worker}` and tool `{worker}` of agent `{agent_id}` would be "
+                    "two functions of the same name",
+                    "rename the tool or the worker agent",
+                )
+            elif not _FUNCTION_NAME.fullmatch(worker):
+                self.add(
+                    "MAS211",
+                    pointer,
+                    f"worker `{worker}` is offered as a function, and {worker!r} is no "
+                    "function name (letters, digits, _ and -, at most 64)",
+                )
+            elif agent_id in _delegation_closure(self.spec, worker):
+                self.add(
+                    "MAS211",
+                    pointer,
+                    f"agents `{agent_id}` and `{worker}` delegate to each other (a cycle)",
+                    "a worker cannot hand work back to its manager: remove one direction",
+                )
+
+    def _check_examples(self, agent_id: str, agent: Agent) -> None:
+        here = f"/agents/{escape_token(agent_id)}/examples"
+        for index, example in enumerate(agent.examples or []):
+            pointer = f"{here}/{index}/assistant"
+            answer = example.assistant
+            if isinstance(agent.output, dict):
+                problems = values.validate(answer, agent.output)
+                if problems:
+                    self.add(
+                        "MAS213",
+                        pointer,
+                        f"the example answer does not fit agent `{agent_id}`'s output: "
+                        + problems[0],
+                        "a structured agent's example answer is an object of its output schema",
+                    )
+            elif not isinstance(answer, str):
+                self.add(
+                    "MAS213",
+                    pointer,
+                    f"agent `{agent_id}` answers text, so its example answer is a string",
+                )
 
     def _check_schema(self, pointer: str, schema: dict[str, Any]) -> None:
         problem = _schema_problem(schema) or values.schema_keyword_problem(schema)
@@ -527,6 +611,20 @@ class _Checker:
                 pointer,
                 problem,
                 "e.g. {type: object, properties: {answer: {type: string}}}",
+            )
+        self._check_patterns(pointer, schema)
+
+    def _check_patterns(self, pointer: str, schema: dict[str, Any]) -> None:
+        """MAS511: a `pattern` the host would refuse to evaluate (see values.pattern_problem)."""
+        found = values.schema_pattern_problem(schema)
+        if found:
+            self.add(
+                "MAS511",
+                pointer + found[0],
+                found[1],
+                "write the repeat so that each pass must start with a character the repeated "
+                "part cannot match (`(\\d+,)*`, not `(\\d+,?)*`), or make it possessive "
+                "(`a++`) or atomic (`(?>...)`)",
             )
 
     def _check_tool(self, tool_id: str, tool: Tool) -> None:
@@ -672,6 +770,99 @@ class _Checker:
             else:
                 first[step.id] = pointer
 
+    def _check_state(self, spec: Spec) -> None:
+        """Declared state variables: names, schemas, reducers and initial values."""
+        for name, var in spec.state.items():
+            here = f"/state/{escape_token(name)}"
+            if not _VAR_NAME.fullmatch(name):
+                self.add(
+                    "MAS105",
+                    here,
+                    f"state variable {_shown(name)} is not a variable name",
+                    "a Python identifier: letters, digits and '_'",
+                    position=self.source.key_position(here),
+                )
+            if name in spec.inputs:
+                self.add(
+                    "MAS522",
+                    here,
+                    f"`{name}` is both an input and a declared state variable",
+                    "rename one of them; a step can copy the input into the variable",
+                    position=self.source.key_position(here),
+                )
+            if var.json_schema is not None:
+                self._check_schema(f"{here}/schema", var.json_schema)
+            self._check_reducer(name, var, here)
+
+    def _check_reducer(self, name: str, var: StateVar, here: str) -> None:
+        wanted = REDUCER_TYPES.get(var.reducer)
+        kinds = _schema_types(var.json_schema)
+        if wanted and kinds and not kinds & set(wanted):
+            self.add(
+                "MAS520",
+                f"{here}/reducer",
+                f"reducer `{var.reducer}` combines {' or '.join(wanted)} values, but `{name}` "
+                f"is {' or '.join(sorted(kinds))}",
+                "append is for lists, merge for objects, add for numbers; replace for anything",
+            )
+            return
+        initial = var.initial_value()
+        if "initial" not in var.model_fields_set:
+            return
+        if wanted and values.json_type(initial) not in wanted:
+            self.add(
+                "MAS520",
+                f"{here}/initial",
+                f"reducer `{var.reducer}` needs an initial {' or '.join(wanted)}, got "
+                f"{_shown(initial)}",
+                f"e.g. initial: {json.dumps(REDUCER_INITIAL_EXAMPLE[var.reducer])}",
+            )
+        elif var.json_schema is not None:
+            problems = values.validate(initial, var.json_schema)
+            if problems:
+                self.add(
+                    "MAS521",
+                    f"{here}/initial",
+                    f"the initial value of `{name}` does not match its schema: {problems[0]}",
+                )
+
+    def _declared_write(self, step: Step, here: str, schema: dict[str, Any] | None) -> None:
+        """A write to a declared variable goes through its reducer: the written value must
+        fit (append: an item of the list; merge: an object; add: a number; replace: the
+        variable's schema)."""
+        out = step_out(step)
+        var = self.declared.get(out or "")
+        if var is None or schema is None:
+            return
+        declared = var.json_schema or {}
+        if var.reducer == "append":
+            items = declared.get("items")
+            expected: Any = items if isinstance(items, dict) else None
+        elif var.reducer == "replace":
+            expected = declared
+        else:
+            expected = {"type": list(REDUCER_TYPES[var.reducer])}
+        mismatch = _type_mismatch(schema, expected) if expected else None
+        if mismatch:
+            what = {"append": "an item of", "merge": "merged into", "add": "added to"}
+            self.add(
+                "MAS523",
+                f"{here}/out",
+                f"step `{step.id}` writes {mismatch[0]} to `{out}` "
+                f"({what.get(var.reducer, 'replacing')} a value of type {mismatch[1]}: "
+                f"reducer `{var.reducer}`)",
+                f"write a value of type {mismatch[1]}, or change the declaration at /state/{out}",
+            )
+
+    def _bind_out(self, step: Step, here: str, scope: _Scope, schema: Any) -> _Scope:
+        """Binds a step's `out`: a declared variable keeps its declared schema."""
+        out = step_out(step)
+        if not out:
+            return scope
+        self._declared_write(step, here, schema)
+        var = self.declared.get(out)
+        return scope.bind(out, var.json_schema if var is not None else schema)
+
     # workflow and scopes ---------------------------------------------------------------
 
     def _steps(self, steps: list[Step], pointer: str, scope: _Scope) -> _Scope:
@@ -690,21 +881,46 @@ class _Checker:
             self._tool_ref(tool, f"{here}/{key}")
         for agent_id in dict.fromkeys(step_agents(step)):
             self._agent_prompts(agent_id, here, scope)
+            for worker in sorted(_delegation_closure(self.spec, agent_id) - {agent_id}):
+                self._agent_prompts(worker, here, scope)  # a worker's turn renders here too
         for key, text in step.templates():
             self._template(text, f"{here}/{key}", scope)
         for key, text in step.references():
             self._reference(text, f"{here}/{key}", scope)
         self._flow_refs(step, here, scope)
+        self._agent_choice(step, here, scope)
+        self._chat_history(step, here, scope)
+        self._settings(step, here)
         self._vote_on(step, here)
         self._tool_args(step, here, scope)
-        shapes = {"concurrent": self._parallel, "repeat": self._loop, "alternatives": self._branch}
+        before = scope
+        shapes = {
+            "concurrent": self._parallel,
+            "repeat": self._loop,
+            "alternatives": self._branch,
+            "each": self._each,
+        }
         if step.shape in shapes:
-            return shapes[step.shape](step, here, scope)
-        if step.shape == "sequence":
-            for key, children in step.child_lists():
-                scope = self._steps(children, f"{here}/{key}", scope)
-        out = step_out(step)
-        return scope.bind(out, self._out_schema(step)) if out else scope
+            scope = shapes[step.shape](step, here, scope)
+        else:
+            if step.shape == "sequence":
+                for key, children in step.child_lists():
+                    scope = self._steps(children, f"{here}/{key}", scope)
+            scope = self._bind_out(step, here, scope, self._out_schema(step))
+        return self._fallback(step, here, before, scope)
+
+    def _fallback(self, step: Step, here: str, before: _Scope, after: _Scope) -> _Scope:
+        """A step's `fallback` runs instead of the rest of a failed step, from the state before
+        it, with `error` bound: afterwards, what both paths bind is bound."""
+        if not step.fallback:
+            return after
+        inside = before.bind("error", ERROR_SCHEMA)
+        rescued = self._steps(step.fallback, f"{here}/fallback", inside)
+        if "error" not in before.bound:
+            rescued = _Scope(
+                {k: v for k, v in rescued.bound.items() if k != "error"}, rescued.partial
+            )
+        return before.join([after, rescued], f"step `{step.id}` and its fallback")
 
     def _agent_prompts(self, agent_id: str, here: str, scope: _Scope) -> None:
         """An agent's role and instructions are rendered at every turn: their placeholders
@@ -841,8 +1057,46 @@ class _Checker:
                 if mismatch:
                     return f"the placeholders sit inside a larger string, which is text; the parameter wants {mismatch[1]}"
                 return None
+        if isinstance(value, list | dict) and _holds_placeholder(value):
+            return self._container_problem(value, expected, scope)
         problems = values.validate(value, expected)
         return problems[0].partition(": ")[2] if problems else None
+
+    def _container_problem(
+        self, value: list[Any] | dict[str, Any], expected: dict[str, Any], scope: _Scope
+    ) -> str | None:
+        """A list or object holding placeholders, against the parameter's schema: each
+        element checked as an argument of its own (a whole placeholder by its known type)."""
+        alternatives = expected.get("anyOf")
+        if isinstance(alternatives, list) and alternatives:
+            found = [
+                self._container_problem(value, alt, scope)
+                for alt in alternatives
+                if isinstance(alt, dict)
+            ]
+            return None if None in found or not found else found[0]
+        kind = "array" if isinstance(value, list) else "object"
+        mismatch = _type_mismatch({"type": kind}, expected)
+        if mismatch:
+            return f"a {kind} is given, the parameter wants {mismatch[1]}"
+        if isinstance(value, list):
+            items = expected.get("items")
+            for index, element in enumerate(value):
+                problem = self._argument_problem(
+                    element, items if isinstance(items, dict) else {}, scope
+                )
+                if problem:
+                    return f"item {index}: {problem}"
+            return None
+        properties = expected.get("properties") or {}
+        extra = expected.get("additionalProperties")
+        for key, element in value.items():
+            sub = properties.get(key, extra if isinstance(extra, dict) else {})
+            problem = self._argument_problem(element, sub, scope)
+            if problem:
+                return f"field {key!r}: {problem}"
+        missing = [name for name in expected.get("required") or [] if name not in value]
+        return f"missing field {missing[0]!r}" if missing else None
 
     def _tool_ref(self, tool: str, pointer: str) -> None:
         self.used_tools.add(tool)
@@ -858,9 +1112,10 @@ class _Checker:
         """Nested lists that run concurrently: each starts from `scope`; all are merged.
         Two of them writing the same variable is a race (MAS506)."""
         writers: dict[str, str] = {}
+        combining = {name for name, var in self.declared.items() if var.combines}
         for key, children in step.child_lists():
             for name, step_id in expr.all_writes(children).items():
-                if name in writers and writers[name] != key:
+                if name in writers and writers[name] != key and name not in combining:
                     pointer = next(
                         p for p, s in iter_steps(children, f"{here}/{key}") if s.id == step_id
                     )
@@ -878,10 +1133,110 @@ class _Checker:
         for key, children in step.child_lists():
             result = self._steps(children, f"{here}/{key}", scope)
             after = after.merge_all(result)
-        out = step_out(step)
-        if out:
-            after = after.bind(out, self._out_schema(step))
-        return after
+        return self._bind_out(step, here, after, self._out_schema(step))
+
+    def _each(self, step: Step, here: str, scope: _Scope) -> _Scope:
+        """A body run once per item (`map`), each in a scope of its own: the item and index
+        are bound inside; what the body writes stays inside, except declared variables
+        with a combining reducer; the step's `out` is the list of the items' results."""
+        names = step.item_names() or ("item", "index")
+        item_schema = self._each_over(step, here, scope)
+        for key, name in zip(("as", "index"), names, strict=True):
+            if name in scope.bound or name in self.declared:
+                self.add(
+                    "MAS524",
+                    f"{here}/{key}",
+                    f"`{name}` is already a variable here: inside the body it would hide it",
+                    f"name the item's variable differently, e.g. `{key}: {name}_{step.id}`"
+                    if name != names[0] or key != "as"
+                    else f"e.g. `as: {name}_item`",
+                )
+        body = scope.bind(names[0], item_schema).bind(names[1], {"type": "integer"})
+        for key, children in step.child_lists():
+            body = self._steps(children, f"{here}/{key}", body)
+            self._each_writes(step, children, f"{here}/{key}")
+        for key, text in step.body_templates():
+            self._template(text, f"{here}/{key}", body)
+        for name in body.bound:
+            if name not in scope.bound:
+                self.item_locals.setdefault(name, step.id)
+        result = self._each_result(step, here, body)
+        return self._bind_out(step, here, scope, {"type": "array", **result})
+
+    def _each_over(self, step: Step, here: str, scope: _Scope) -> dict[str, Any] | None:
+        """The schema of one item of the list a map runs over (None: unknown); MAS525 when
+        `over` is not one whole placeholder, or is known not to be a list."""
+        over = next((text for key, text in step.templates() if key == "over"), None)
+        whole = values.whole_placeholder(over) if over is not None else None
+        if whole is None or not whole.path or whole.error is not None or whole.filters:
+            self.add(
+                "MAS525",
+                f"{here}/over",
+                f"`over` must be one whole placeholder naming a list, got {_shown(over)}",
+                'e.g. over: "{{ plan.questions }}"',
+            )
+            return None
+        if whole.path[0] not in scope.bound:
+            return None  # MAS301 already says so
+        known = self._schema_at(whole.path, scope)
+        kinds = _schema_types(known)
+        if kinds and "array" not in kinds:
+            self.add(
+                "MAS525",
+                f"{here}/over",
+                f"`{'.'.join(whole.path)}` is {' or '.join(sorted(kinds))}, not a list",
+                "map over a list: an input of type array, or an agent's array field",
+            )
+            return None
+        items = known.get("items") if isinstance(known, dict) else None
+        return items if isinstance(items, dict) else None
+
+    def _each_writes(self, step: Step, children: list[Step], pointer: str) -> None:
+        """Items run concurrently: a declared variable written in the body must combine."""
+        for child_pointer, child in iter_steps(children, pointer):
+            out = step_out(child)
+            var = self.declared.get(out or "")
+            if var is not None and not var.combines:
+                self.add(
+                    "MAS526",
+                    f"{child_pointer}/out",
+                    f"`{out}` is written by every item of map `{step.id}`, concurrently, and "
+                    "its reducer `replace` keeps only one of the writes",
+                    f"give /state/{out} a combining reducer (append, merge, add), or use a "
+                    "variable of the body and the map's `out`",
+                )
+
+    def _each_result(self, step: Step, here: str, body: _Scope) -> dict[str, Any]:
+        """The schema of one item's result, as `{"items": ...}` when known."""
+        result = getattr(step, "result", None)
+        if result is None:
+            written = [
+                name
+                for _key, children in step.child_lists()
+                for name in expr.definite_writes(children)
+                if name not in self.declared  # declared: shared, not the item's own
+            ]
+            if not written:
+                if step_out(step):
+                    self.add(
+                        "MAS527",
+                        here,
+                        f"map `{step.id}` has `out` but no result: its steps write no variable "
+                        "on every path",
+                        'add `result: "{{ <variable> }}"` (or an object of placeholders)',
+                    )
+                return {}
+            schema = body.bound.get(written[-1])
+        elif isinstance(result, str) and (whole := values.whole_placeholder(result)) is not None:
+            schema = (
+                _filtered_schema(self._schema_at(whole.path, body), whole.filters)
+                if whole.path and whole.error is None
+                else None
+            )
+        else:
+            schema = {"type": values.json_type(result)} if not isinstance(result, str) else None
+            schema = schema or {"type": "string"}
+        return {"items": schema} if isinstance(schema, dict) else {}
 
     def _loop(self, step: Step, here: str, scope: _Scope) -> _Scope:
         """Nested lists repeated: conditions read the state after the body."""
@@ -902,7 +1257,7 @@ class _Checker:
         arms = [self._steps(children, f"{here}/{key}", scope) for key, children in lists]
         if len(lists) <= len(conditions):
             arms.append(scope)
-        return scope.join(arms, step.id)
+        return scope.join(arms, f"branch `{step.id}`")
 
     def _out_schema(self, step: Step) -> dict[str, Any] | None:
         """The registry's schema of what a step writes; where it has none: the text answer
@@ -996,8 +1351,10 @@ class _Checker:
             self.add(
                 code,
                 pointer,
-                _unbound_message(root, scope, self.writers) + at,
-                _unbound_hint(root, scope, self.writers),
+                _unbound_message(root, scope, self.writers, self.item_locals) + at,
+                _unbound_hint(root, scope, self.writers)
+                if root not in self.item_locals
+                else "read the map's `out` (or set its `result`) after the map",
                 position=position,
             )
             return
@@ -1234,6 +1591,81 @@ class _Checker:
                         "inside a larger string it is text",
                     )
 
+    def _agent_choice(self, step: Step, here: str, scope: _Scope) -> None:
+        """`agent: "{{ route.owner }}"` with `agents`: a whole placeholder whose known
+        values (an enum, a constant) all lie in the set."""
+        choice = step.agent_choice()
+        if choice is None:
+            return
+        key, text, allowed = choice
+        pointer = f"{here}/{key}"
+        whole = values.whole_placeholder(text)
+        if whole is None or not whole.path or whole.error is not None:
+            self.add(
+                "MAS210",
+                pointer,
+                f"with `agents`, `agent` is a placeholder naming one of them; got {text!r}",
+                'e.g. agent: "{{ route.owner }}"',
+            )
+            return
+        if whole.path[0] not in scope.bound:
+            return  # MAS301, from templates()
+        schema = _filtered_schema(self._schema_at(whole.path, scope), whole.filters)
+        if not isinstance(schema, dict):
+            return
+        kinds = _schema_types(schema)
+        options = schema.get("enum", [schema["const"]] if "const" in schema else None)
+        if kinds and "string" not in kinds:
+            self.add(
+                "MAS210",
+                pointer,
+                f"`{'.'.join(whole.path)}` is {' or '.join(sorted(kinds))}, not an agent id",
+            )
+        elif isinstance(options, list):
+            outside = [o for o in options if o not in allowed]
+            if outside:
+                self.add(
+                    "MAS210",
+                    pointer,
+                    f"`{'.'.join(whole.path)}` may be {', '.join(json.dumps(o) for o in outside)}, "
+                    f"outside agents [{', '.join(allowed)}]",
+                    "add those agents to `agents`, or narrow the enum",
+                )
+
+    def _chat_history(self, step: Step, here: str, scope: _Scope) -> None:
+        found = step.chat_history()
+        if found is None:
+            return
+        key, text = found
+        whole = values.whole_placeholder(text)
+        if whole is None or not whole.path or whole.error is not None:
+            self.add(
+                "MAS212",
+                f"{here}/{key}",
+                f"`history` is a whole placeholder of a chat history; got {text!r}",
+                'declare an input `{type: chat}` and write history: "{{ name }}"',
+            )
+            return
+        schema = self._schema_at(whole.path, scope) if whole.path[0] in scope.bound else None
+        kinds = _schema_types(schema)
+        if kinds and "array" not in kinds:
+            self.add(
+                "MAS212",
+                f"{here}/{key}",
+                f"`{'.'.join(whole.path)}` is {' or '.join(sorted(kinds))}, not a list of messages",
+                "declare the input as {type: chat}",
+            )
+
+    def _settings(self, step: Step, here: str) -> None:
+        model = step.settings.model if step.settings is not None else None
+        if model is not None and model not in self.spec.models:
+            self.add(
+                "MAS203",
+                f"{here}/settings/model",
+                f"step `{step.id}` uses model `{model}`, which is not in `models`",
+                did_you_mean(model, self.spec.models),
+            )
+
     def _flow_vote_on(self, step: Step, here: str, vote_on: str | None) -> None:
         """A vote over flow samples compares one field of the flow's outputs."""
         name = step.flow_refs()[0][1]
@@ -1322,7 +1754,8 @@ class _Scope:
         return _Scope({**self.bound, **other.bound}, {**self.partial, **other.partial})
 
     def join(self, arms: list[_Scope], step_id: str) -> _Scope:
-        """After a branch: bound where every arm binds; partial where only some do."""
+        """After a branch (or a step with a fallback): bound where every arm binds; partial
+        where only some do (`step_id` says where, e.g. "branch `route`")."""
         common = set.intersection(*(set(arm.bound) for arm in arms))
         bound = {name: arms[0].bound[name] for name in sorted(common)}
         partial = dict(self.partial)
@@ -1331,12 +1764,48 @@ class _Scope:
         return _Scope(bound, partial)
 
 
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _delegation_closure(spec: Spec, agent_id: str) -> set[str]:
+    """The agent and every agent it can reach by delegating, transitively."""
+    seen = {agent_id}
+    pending = [agent_id]
+    while pending:
+        agent = spec.agents.get(pending.pop())
+        for worker in (agent.delegates or []) if agent is not None else []:
+            if worker not in seen:
+                seen.add(worker)
+                pending.append(worker)
+    return seen
+
+
 _FLOW_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 _TEXT_OF = "x-mas2c-text-of"  # marks the schema of an agent's text answer (internal)
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# What a fallback's steps read as `error`: the failure of the step they stand in for.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        name: {"type": "string"} for name in ("type", "code", "message", "step", "pointer")
+    },
+}
+REDUCER_INITIAL_EXAMPLE: dict[str, Any] = {"append": [], "merge": {}, "add": 0}
 _CONDITION_CONSTANTS = {"true": "true", "false": "false", "null": "null", "none": "null"}
 _NOT_CONSTANT = object()
 # The JSON types each placeholder filter accepts (absent: any value).
 _FILTER_TYPES: dict[str, set[str]] = {"join": {"array"}, "length": {"array", "object", "string"}}
+
+
+def _holds_placeholder(value: Any) -> bool:
+    """Whether a list or object holds a placeholder at any depth."""
+    if isinstance(value, str):
+        return bool(values.placeholders(value))
+    if isinstance(value, list):
+        return any(_holds_placeholder(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_placeholder(v) for v in value.values())
+    return False
 
 
 def _schema_types(schema: Any) -> set[str]:
@@ -1556,15 +2025,24 @@ def _schema_problem(schema: dict[str, Any]) -> str | None:
     return None
 
 
-def _unbound_message(root: str, scope: _Scope, writers: dict[str, str]) -> str:
+def _unbound_message(
+    root: str, scope: _Scope, writers: dict[str, str], item_locals: dict[str, str] | None = None
+) -> str:
+    if item_locals and root in item_locals:
+        return (
+            f"`{root}` is a variable of map `{item_locals[root]}`'s steps: each item has its "
+            "own, and none is left after the map (its `out` lists the items' results)"
+        )
     if root in scope.partial:
-        return f"`{root}` is written only on some paths of branch `{scope.partial[root]}`"
+        return f"`{root}` is written only on some paths of {scope.partial[root]}"
     if root in writers:
         return f"`{root}` is read before it is written (it is written at {writers[root]})"
     return f"`{root}` is not an input or an earlier step's `out`"
 
 
 def _unbound_hint(root: str, scope: _Scope, writers: dict[str, str]) -> str | None:
+    if root in scope.partial and scope.partial[root].endswith("its fallback"):
+        return "write it in the `fallback` steps too, or read it inside the step"
     if root in scope.partial:
         return "write it in every case and in `else`, or read it inside the branch"
     if root in writers:

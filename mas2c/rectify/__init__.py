@@ -495,7 +495,12 @@ KIND_OF_CODE: dict[str, str] = {
     "no_credentials": "llm_endpoint",
     "llm_error": "llm_endpoint",
     "flow_input": "logic",
+    "agent_choice": "logic",
+    "chat_history": "bad_input",
     "internal": "logic",
+    "map_not_list": "logic",
+    "map_overflow": "logic",
+    "state_type": "logic",
     "interrupted": "sandbox",
     "sandbox_timeout": "sandbox_timeout",
     "oom_killed": "sandbox",
@@ -1254,16 +1259,48 @@ def _reject_budget_change(before: Budgets, after: Budgets | None) -> None:
     )
 
 
+def _pricing_weakened(before: Spec, after: Spec) -> str | None:
+    """How `after` prices calls below `before` (a model's price dropped or lowered, an
+    agent moved from a priced model to an unpriced one), or None."""
+    for mid, old in sorted(before.models.items()):
+        new = after.models.get(mid)
+        if old.price is None or new is None:
+            continue
+        if new.price is None:
+            return f"removes the price of model `{mid}` (/models/{mid}/price)"
+        if (
+            new.price.input_per_mtok < old.price.input_per_mtok
+            or new.price.output_per_mtok < old.price.output_per_mtok
+        ):
+            return f"lowers the price of model `{mid}` (/models/{mid}/price)"
+    for aid, agent in sorted(after.agents.items()):
+        was = before.agents.get(aid)
+        old_model = before.models.get(was.model) if was is not None and was.model else None
+        new_model = after.models.get(agent.model) if agent.model else None
+        priced_before = old_model is not None and old_model.price is not None
+        if priced_before and new_model is not None and new_model.price is None:
+            return f"moves agent `{aid}` to model `{agent.model}`, which has no price"
+    return None
+
+
 def guard_fix(before: Spec, after: Spec, *, allow_budget_raise: bool) -> None:
     """What no fix may do, checked on the resulting document (never on how a patch says it).
 
     - change `budgets` (by any operation: `replace`, `move`/`copy` from it, a whole-document
       `replace` at ""), unless `allow_budget_raise`;
+    - weaken what the budgets measure, unless `allow_budget_raise`: drop or lower a model's
+      `price`, or bind an agent to a model without one where its model had one (an unpriced
+      call costs $0 against `max_cost_usd`);
     - make one tool's code define a name another tool defines or is called (a fix for one
       tool may not define or replace another tool's function).
     """
     if not allow_budget_raise and before.budgets != after.budgets:
         _reject_budget_change(before.budgets, after.budgets)
+    if not allow_budget_raise and (weakened := _pricing_weakened(before, after)):
+        raise FixRejected(
+            f"the fix {weakened}: the cost budget would count less than is spent, which "
+            "needs --allow-budget-raise"
+        )
     changed = {t for t in after.tools if before.tools.get(t) != after.tools[t]}
     new = _tool_clashes(after) - _tool_clashes(before)
     clashes = sorted(c for c in new if c[1] in changed) or sorted(new)

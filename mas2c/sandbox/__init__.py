@@ -991,12 +991,21 @@ def _import_docker() -> Any:
     return docker
 
 
+# The daemon's API version, once negotiated (docker-py asks /version for every new client).
+_API_VERSION: dict[str, str] = {}
+
+
 def _docker_client(timeout: int = 120) -> Any:
     """A connected docker-py client, or SandboxError naming the fix."""
     docker = _import_docker()
     where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     try:
-        client = docker.from_env(timeout=timeout)
+        known = _API_VERSION.get(where)
+        if known is not None:
+            client = docker.from_env(timeout=timeout, version=known)
+        else:
+            client = docker.from_env(timeout=timeout)
+            _API_VERSION[where] = str(client.api.api_version)
         client.ping()
     except Exception as exc:
         reason = _short_reason(exc)

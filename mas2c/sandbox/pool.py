@@ -218,7 +218,7 @@ class Pool:
     beside them: on a busy machine that second start would only slow both down.
     """
 
-    def __init__(self, spec: PoolSpec, size: int = 2, take_wait_s: float = 60.0) -> None:
+    def __init__(self, spec: PoolSpec, size: int = 2, take_wait_s: float = 15.0) -> None:
         if size < 1:
             raise SandboxError(f"pool size must be at least 1, not {size}")
         self.spec = spec

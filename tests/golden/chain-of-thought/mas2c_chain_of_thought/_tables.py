@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="367975e814ce7d4822f66c232ada795fecb950dc0d91bc8ebc2a49f28012e341",
+        code_sha="fab5a36cda4dfc63e701ac551c9878dc98fe593a64a3b905e368517c396b72c6",
         reads=["question"],
     ),
 )
@@ -32,8 +32,8 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("__init__.py", 50, 55, "/budgets"),
     ("agents.py", 8, 14, "/models/main"),
     ("agents.py", 19, 50, "/agents/reasoner"),
-    ("workflow.py", 22, 23, "/workflow"),
-    ("workflow.py", 26, 37, "/workflow/0"),
+    ("workflow.py", 20, 21, "/workflow"),
+    ("workflow.py", 24, 35, "/workflow/0"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -6,9 +6,7 @@ A single careful reasoner answers a question by thinking step by step, then stat
 
 from __future__ import annotations
 
-from typing import Any
-
-from ._runtime import Run
+from ._runtime import Run, State
 
 
 class Workflow:
@@ -16,7 +14,7 @@ class Workflow:
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.state: dict[str, Any] = run.state
+        self.state: State = run.state
 
     # spec: /workflow
     async def run_workflow(self) -> None:

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="9fd4407fc1e332e95b1a775ecac29127a95633839f39c490e3de33abadaf1de5",
+        code_sha="08b45b9a71258445e25d74b2e2dc0948b90d30b790ad2edf0da67a9b2ac35f58",
         reads=["question"],
     ),
 )
@@ -36,8 +36,8 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 43, 57, "/agents/expert"),
     ("agents.py", 59, 85, "/agents/judge"),
     ("agents.py", 87, 101, "/agents/skeptic"),
-    ("workflow.py", 22, 23, "/workflow"),
-    ("workflow.py", 26, 35, "/workflow/0"),
+    ("workflow.py", 20, 21, "/workflow"),
+    ("workflow.py", 24, 33, "/workflow/0"),
 )
 
 PROMPTS: dict[str, str] = {

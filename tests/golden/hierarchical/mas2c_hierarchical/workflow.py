@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._runtime import Run
+from ._runtime import Run, State
 
 
 class Workflow:
@@ -16,7 +16,7 @@ class Workflow:
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.state: dict[str, Any] = run.state
+        self.state: State = run.state
 
     # spec: /workflow
     async def run_workflow(self) -> None:
@@ -45,7 +45,7 @@ class Workflow:
     async def step_investigate(self) -> None:
         """`investigate`: 3 branches run concurrently."""
         async with self.run.step("investigate", "/workflow/1"):
-            results = await self.run.gather(
+            results = await self.run.branches(
                 self.branch_investigate_0(),
                 self.branch_investigate_1(),
                 self.branch_investigate_2(),

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="b6d00414bc2d5c4ba21c805adc1bf266148486e96f16f9adcf61d1d98d111e1b",
+        code_sha="39b346bf324b9c23518f290eba13b9956f815e6e53881e47c64e1ce8938576f4",
         reads=["problem"],
     ),
 )

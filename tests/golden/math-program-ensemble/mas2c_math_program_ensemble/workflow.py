@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._flows import flow_ensemble
-from ._runtime import Run
+from ._runtime import Run, State
 
 
 class Workflow:
@@ -17,7 +17,7 @@ class Workflow:
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.state: dict[str, Any] = run.state
+        self.state: State = run.state
 
     # spec: /workflow
     async def run_workflow(self) -> None:
@@ -51,7 +51,7 @@ class SolveByProgramFlow:
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.state: dict[str, Any] = run.state  # the flow's own state (see _flows.py)
+        self.state: State = run.state  # the flow's own state (see _flows.py)
 
     # spec: /flows/solve_by_program/steps
     async def run_flow(self) -> None:

@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_plan",
         step_id="plan",
         pointer="/workflow/0",
-        code_sha="b96e65c803e3821b39617d0ec8f6248e5d7b9a406fa4d27e49b79506ec9648f1",
+        code_sha="472f250a180b295c33f191cb4e629f9ecac74d18de88fb477f948b80202ea277",
         reads=["task"],
     ),
     TopStep(
         method="step_execute",
         step_id="execute",
         pointer="/workflow/1",
-        code_sha="622c5f0d895b3e2f9f718364eaf1019303bba19015bc56854ef243c8be01031f",
+        code_sha="59c08f898759108a052f71eed7d1e0a9cd8aff88b3016fb29a2dc55bb81df8ef",
         reads=["plan", "task"],
     ),
     TopStep(
         method="step_synthesize",
         step_id="synthesize",
         pointer="/workflow/2",
-        code_sha="af01e0d444c07a3e175e43ca31a66719248318434af4e042be2b0b4ecbcbf0ec",
+        code_sha="b319fbca8b94b8dc876105d5647841b91ee51e57571337445e9d321f7df3ee29",
         reads=["execution", "plan", "task"],
     ),
 )
@@ -50,10 +50,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 66, 109, "/agents/planner"),
     ("agents.py", 111, 138, "/agents/synthesizer"),
     ("tools.py", 12, 25, "/tools/python"),
-    ("workflow.py", 22, 25, "/workflow"),
-    ("workflow.py", 28, 33, "/workflow/0"),
-    ("workflow.py", 36, 52, "/workflow/1"),
-    ("workflow.py", 55, 75, "/workflow/2"),
+    ("workflow.py", 20, 23, "/workflow"),
+    ("workflow.py", 26, 31, "/workflow/0"),
+    ("workflow.py", 34, 50, "/workflow/1"),
+    ("workflow.py", 53, 73, "/workflow/2"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="3f19a1c2f45370322268bc58fcbecc6fc877415a934f4aabcf2df55e0f2307ed",
+        code_sha="20e90a1baf9423f57b34c2b00e973f630ca31b212c25e1bac7a3040f240293b7",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="db3102d79299149f468c500c50da9f6e27418a92412e94e32628495407b8fd32",
+        code_sha="252a486ea6f8193912bbf8006f7088f002b05e0951745adfc8cf0f64d0135a6f",
         reads=["product", "route", "ticket"],
     ),
 )
@@ -44,13 +44,13 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 85, 116, "/agents/classifier"),
     ("agents.py", 118, 144, "/agents/general_agent"),
     ("agents.py", 146, 173, "/agents/tech_agent"),
-    ("workflow.py", 22, 24, "/workflow"),
-    ("workflow.py", 27, 33, "/workflow/0"),
-    ("workflow.py", 36, 47, "/workflow/1"),
-    ("workflow.py", 50, 62, "/workflow/1/cases/0/steps/0"),
-    ("workflow.py", 65, 77, "/workflow/1/cases/1/steps/0"),
-    ("workflow.py", 80, 92, "/workflow/1/cases/2/steps/0"),
-    ("workflow.py", 95, 107, "/workflow/1/else/0"),
+    ("workflow.py", 20, 22, "/workflow"),
+    ("workflow.py", 25, 31, "/workflow/0"),
+    ("workflow.py", 34, 45, "/workflow/1"),
+    ("workflow.py", 48, 60, "/workflow/1/cases/0/steps/0"),
+    ("workflow.py", 63, 75, "/workflow/1/cases/1/steps/0"),
+    ("workflow.py", 78, 90, "/workflow/1/cases/2/steps/0"),
+    ("workflow.py", 93, 105, "/workflow/1/else/0"),
 )
 
 PROMPTS: dict[str, str] = {

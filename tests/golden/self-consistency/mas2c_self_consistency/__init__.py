@@ -71,6 +71,7 @@ SYSTEM = System(
     version=__version__,
     compiled_by=COMPILED_BY,
     example_input=EXAMPLE_INPUT,
+    uses_llm=True,
 )
 arun = SYSTEM.arun
 run_sync = SYSTEM.run_sync

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="7820f2dcc36358219babb3fc75b32f122c31efef6c5e5a4f30c5cec9862b7dde",
+        code_sha="a2bc6bdbf14bf0bfcc679b57d9f4483a29187e84ef815150b7da995e5f13cb83",
         reads=["question"],
     ),
 )
@@ -32,8 +32,8 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("__init__.py", 50, 55, "/budgets"),
     ("agents.py", 8, 14, "/models/sampler"),
     ("agents.py", 19, 45, "/agents/solver"),
-    ("workflow.py", 22, 23, "/workflow"),
-    ("workflow.py", 26, 38, "/workflow/0"),
+    ("workflow.py", 20, 21, "/workflow"),
+    ("workflow.py", 24, 36, "/workflow/0"),
 )
 
 PROMPTS: dict[str, str] = {

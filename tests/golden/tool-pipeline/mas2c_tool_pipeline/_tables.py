@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_measure_before",
         step_id="measure_before",
         pointer="/workflow/0",
-        code_sha="9a54e85da7fe7d504409278fe13e5fb25d0fe3fd68454bd6462a8784a0910429",
+        code_sha="87a7792b7417c6d7c0309b92496265c60d5f1d4847b773390b8b8a58148d56be",
         reads=["text"],
     ),
     TopStep(
         method="step_rewrite",
         step_id="rewrite",
         pointer="/workflow/1",
-        code_sha="6d6c27e09f4f6b20c172d02de7b28b8beca8e7470361f84d4849444802495db3",
+        code_sha="0e64e5c0f18566c38066eea98b479475d7611c775a3e24287609faa9c4fde46c",
         reads=["audience", "before", "target_grade", "text"],
     ),
     TopStep(
         method="step_measure_after",
         step_id="measure_after",
         pointer="/workflow/2",
-        code_sha="449b65929a06ea5c0ec5f520acc0db8218b6d33b0119d98dfb266db7e7ff57b8",
+        code_sha="c1afbdacdd889ec85cddf5babe73017b0c582c366c6923f6ad4f322c91f22916",
         reads=["rewrite"],
     ),
 )
@@ -50,10 +50,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 19, 48, "/agents/editor"),
     ("tool_text_stats.py", 10, 47, "/tools/text_stats/code"),
     ("tools.py", 13, 25, "/tools/text_stats"),
-    ("workflow.py", 22, 25, "/workflow"),
-    ("workflow.py", 28, 33, "/workflow/0"),
-    ("workflow.py", 36, 51, "/workflow/1"),
-    ("workflow.py", 54, 59, "/workflow/2"),
+    ("workflow.py", 20, 23, "/workflow"),
+    ("workflow.py", 26, 31, "/workflow/0"),
+    ("workflow.py", 34, 49, "/workflow/1"),
+    ("workflow.py", 52, 57, "/workflow/2"),
 )
 
 PROMPTS: dict[str, str] = {
