@@ -105,7 +105,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS505": "a vote over structured answers has no field to vote on",
     "MAS506": "two parallel branches write the same state variable",
     "MAS511": "a schema `pattern` that does not compile or can backtrack for exponential time",
-    "MAS910": "warning: a parallel branch writes no variable on every path (its result is null)",
+    "MAS910": "a parallel branch writes no variable on every path, so its result is null (warning)",
     "MAS520": "a state variable's reducer does not fit its schema or initial value",
     "MAS521": "a state variable's initial value does not match its schema",
     "MAS522": "a state variable is also an input",
