@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from mas2c import toolcode, values
 from mas2c.errors import InvalidInput
 from mas2c.lang import expr
+from mas2c.lang.imports import resolve_flow_imports
 from mas2c.lang.prompts import BUILTIN_PROMPTS
 from mas2c.lang.source import (
     Position,
@@ -79,6 +80,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS211": "a delegation that cannot work: to the agent itself, in a cycle, or named like one of its tools",
     "MAS212": "a chat `history` that is not a whole placeholder of a list of {role, content} messages",
     "MAS213": "a few-shot example's answer does not fit the agent's output",
+    "MAS214": "a flow import that cannot be resolved: not `path#flow`, outside the spec's folder, missing, unreadable, or naming no flow there",
     "MAS301": "a placeholder or reference reads a state variable that is not bound there",
     "MAS302": "a malformed placeholder",
     "MAS303": "a condition uses a construct outside the safe subset",
@@ -248,10 +250,13 @@ def validate_source(source: SpecSource) -> Report:
             "MAS002", "", "the spec must be a mapping of keys (spec_version, name, agents, ...)"
         )
     else:
+        data, import_problems, checker.failed_imports = resolve_flow_imports(source)
+        for code, pointer, message, hint in import_problems:
+            checker.add(code, pointer, message, hint)
         try:
             # By alias only: a spec writes `else` and `$schema`; the Python names `else_` and
             # `schema_` are unknown keys there, not synonyms (pydantic >= 2.11).
-            report.spec = Spec.model_validate(source.data, by_alias=True, by_name=False)
+            report.spec = Spec.model_validate(data, by_alias=True, by_name=False)
         except ValidationError as exc:
             for error in exc.errors():
                 checker.add_pydantic(error)
@@ -348,6 +353,7 @@ class _Checker:
         self.source = source
         self.problems: list[Problem] = []
         self._seen: set[tuple[str, str, str]] = set()
+        self.failed_imports: set[str] = set()  # flows whose import failed (MAS214)
 
     def add(
         self,
@@ -1553,6 +1559,8 @@ class _Checker:
         for key, name in step.flow_refs():
             self.used_flows.add(name)
             flow = self.spec.flows.get(name)
+            if flow is None and name in self.failed_imports:
+                continue  # reported once, at the import (MAS214)
             if flow is None:
                 self.add(
                     "MAS207",
