@@ -753,6 +753,7 @@ class ProgrammerStep(_Writes):
     max_attempts: int = Field(3, ge=1, le=20)
     run_timeout_s: float = Field(10.0, gt=0, le=3600)
 
+    RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_tools.py",)
     LANGUAGE: ClassVar[str] = (
         "an agent writes Python code, it is run, errors go back to the agent up to\n"
         "  max_attempts times. Fields: agent, prompt, max_attempts, run_timeout_s, out. The out\n"
@@ -798,6 +799,7 @@ class TestStep(_Writes):
     )
     run_timeout_s: float = Field(10.0, gt=0, le=3600)
 
+    RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_tools.py",)
     LANGUAGE: ClassVar[str] = (
         "runs tests after the code held in a state variable (Markdown fences stripped).\n"
         '  Fields: code (a state path such as "solution.code", not a placeholder), tests\n'
@@ -846,6 +848,7 @@ class ToolStep(_Writes):
         default_factory=dict, description="String values may hold placeholders."
     )
 
+    RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_tools.py",)
     LANGUAGE: ClassVar[str] = (
         "calls a tool directly. Fields: tool, args (an object; string values may hold\n"
         "  placeholders), out."

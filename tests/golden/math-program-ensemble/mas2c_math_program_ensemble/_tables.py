@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="39b346bf324b9c23518f290eba13b9956f815e6e53881e47c64e1ce8938576f4",
+        code_sha="046bd9cda04e50a47e9560ab2d57aba3c4723031c7ce3291ad46194ae9fea8d8",
         reads=["problem"],
     ),
 )

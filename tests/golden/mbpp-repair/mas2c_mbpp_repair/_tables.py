@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="eab015ee6f9ef63a30b5402f7192833cd399cab650f52804e42608035f934bd1",
+        code_sha="6fb13b0bfdcf637cd6ee2edc4431913f440ebd67b3d879a8137b6e1b9c7309c6",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="685849c8cf0a2b5755a832a46f1ac11fc173ce8be4682d3b4f10fd307c8767a7",
+        code_sha="4c4d58dab3c32948981df2d6c36fed089d425a221738a046a3bba2119ec498a9",
         reads=["result", "task", "test_list"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="3ec59f4c1361cb553ef33f66e21e6f99d04e3c80b2a6d16c30e14efa4618d85c",
+        code_sha="7c17469ab5fd14108f3f105532e30e00e82915d78db9a57593d78bf76d1cee99",
         reads=["draft", "memory", "review", "task"],
     ),
 )

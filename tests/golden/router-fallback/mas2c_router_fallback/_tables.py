@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="c5025250515c53df07ee76db87e421dbbaf788687479a4475a56cbd50766ffd7",
+        code_sha="a0e981431b8423633f99bc2acfed015efa288689943fab9f6e814503243457a7",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="019378062f2c19ca6388dc052bb9c0105a6094a372aeed4bd9520078b66728d0",
+        code_sha="a82342250aff815af6524163d429746790bf98f1ebee23440d843f1be225cfbc",
         reads=["error", "route", "ticket"],
     ),
 )
