@@ -297,6 +297,29 @@ def test_a_stream_closed_by_its_client_cancels_its_run(build_dir: Path) -> None:
         assert len(llm.requests) == 1
 
 
+def test_a_waiting_client_that_leaves_cancels_its_run(build_dir: Path) -> None:
+    with (
+        LLMTestServer(echo, latency_s=1.5) as llm,
+        serving(build_dir, llm) as (url, _proc),
+    ):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/runs/wait", json={"input": {"text": "gone"}}, timeout=0.5)
+        deadline = time.monotonic() + 20
+        while httpx.get(url + "/health").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(url + "/health").json()["running"] == 0
+        time.sleep(2)
+        assert len(llm.requests) == 1  # the second step never started
+        # "continue" keeps the run going without its client.
+        body = {"input": {"text": "stay"}, "on_disconnect": "continue"}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/runs/wait", json=body, timeout=0.5)
+        deadline = time.monotonic() + 20
+        while len(llm.requests) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(llm.requests) == 3
+
+
 def test_background_run_get_wait_delete(build_dir: Path) -> None:
     with LLMTestServer(echo, latency_s=0.2) as llm, serving(build_dir, llm) as (url, _proc):
         run = httpx.post(url + "/runs", json={"input": {"text": "bg"}}).json()
