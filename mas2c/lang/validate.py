@@ -105,6 +105,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS505": "a vote over structured answers has no field to vote on",
     "MAS506": "two parallel branches write the same state variable",
     "MAS511": "a schema `pattern` that does not compile or can backtrack for exponential time",
+    "MAS910": "warning: a parallel branch writes no variable on every path (its result is null)",
     "MAS520": "a state variable's reducer does not fit its schema or initial value",
     "MAS521": "a state variable's initial value does not match its schema",
     "MAS522": "a state variable is also an input",
@@ -1117,6 +1118,7 @@ class _Checker:
     def _parallel(self, step: Step, here: str, scope: _Scope) -> _Scope:
         """Nested lists that run concurrently: each starts from `scope`; all are merged.
         Two of them writing the same variable is a race (MAS506)."""
+        self._parallel_results(step, here)
         writers: dict[str, str] = {}
         combining = {name for name, var in self.declared.items() if var.combines}
         for key, children in step.child_lists():
@@ -1140,6 +1142,28 @@ class _Checker:
             result = self._steps(children, f"{here}/{key}", scope)
             after = after.merge_all(result)
         return self._bind_out(step, here, after, self._out_schema(step))
+
+    def _parallel_results(self, step: Step, here: str) -> None:
+        """MAS910 (warning): with `out`, each branch's entry is the last variable the branch writes on
+        every path; a branch that writes only on some paths (inside a nested `branch` whose
+        arms write different variables) would give null, silently."""
+        if not step_out(step):
+            return
+        for key, children in step.child_lists():
+            if expr.definite_writes(children):
+                continue
+            some = sorted(expr.all_writes(children))
+            self.add(
+                "MAS910",
+                f"{here}/{key}",
+                f"branch {key.rsplit('/', 1)[-1]} of parallel `{step.id}` writes no variable on every "
+                "path"
+                + (f" ({', '.join(f'`{n}`' for n in some)} only on some)" if some else "")
+                + f", so its entry in `{step_out(step)}` would be null",
+                "make every arm of the nested `branch` (and its `else`) write the same "
+                "variable, or end the branch with a step that writes its result",
+                severity="warning",
+            )
 
     def _each(self, step: Step, here: str, scope: _Scope) -> _Scope:
         """A body run once per item (`map`), each in a scope of its own: the item and index
