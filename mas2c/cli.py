@@ -122,8 +122,9 @@ def _readable_file(path: str, what: str = "file") -> Path:
 
 
 @contextmanager
-def _input_file(path: str, what: str = "input file") -> Iterator[Path]:
-    """A path to read: the file itself, or (for `-`) stdin spooled into a private temp file."""
+def _input_file(path: str, what: str = "input file", name: str = "stdin.json") -> Iterator[Path]:
+    """A path to read: the file itself, or (for `-`) stdin spooled into a private temp file
+    called `name` (`stdin.yaml` for a spec: YAML reads JSON too)."""
     if path != STDIO:
         yield _readable_file(path, what)
         return
@@ -132,7 +133,7 @@ def _input_file(path: str, what: str = "input file") -> Iterator[Path]:
 
     folder = Path(tempfile.mkdtemp(prefix="mas2c-stdin-"))
     try:
-        spooled = folder / "stdin.json"
+        spooled = folder / name
         spooled.write_bytes(sys.stdin.buffer.read())
         yield spooled
     finally:
@@ -264,14 +265,22 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from mas2c import diff
 
-    a, b = _existing(args.a), _existing(args.b)
-    try:
-        kind = diff.path_kind(a)
-        text, different, data = diff.diff_paths(a, b)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    if args.a == args.b == STDIO:
+        raise UsageError("stdin (-) can be read only once")
+    with contextlib.ExitStack() as stack:
+        a, b = (
+            stack.enter_context(_input_file(STDIO, "spec", "stdin.yaml"))
+            if name == STDIO
+            else _existing(name)
+            for name in (args.a, args.b)
+        )
+        try:
+            kind = diff.path_kind(a)
+            text, different, data = diff.diff_paths(a, b)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        changes = data if kind == "spec" or not args.json else diff.diff_builds_json(a, b)
     if args.json:
-        changes = data if kind == "spec" else diff.diff_builds_json(a, b)
         _print_json({"ok": True, "kind": kind, "different": different, "changes": changes})
     else:
         sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
@@ -844,8 +853,13 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mas2c.report import write_report
+    from mas2c.report import render_report, write_report
 
+    if args.output == STDIO:  # the page on stdout (for a pipe); with --json, not allowed
+        if args.json:
+            raise UsageError("-o - writes the page to stdout: it cannot go with --json")
+        sys.stdout.write(render_report(_existing(args.run_dir)))
+        return EXIT_OK
     output = Path(args.output) if args.output else None
     if output is not None and not output.parent.is_dir():
         raise UsageError(
@@ -868,7 +882,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _add_observe_verbs(verbs: Any) -> None:
     p = verbs.add_parser("report", help="write a self-contained HTML report of a run folder")
     p.add_argument("run_dir", help="a run, rectify or solve folder")
-    p.add_argument("-o", "--output", help="HTML file to write (default RUN_DIR/report.html)")
+    p.add_argument(
+        "-o", "--output", help="HTML file to write (default RUN_DIR/report.html; - for stdout)"
+    )
     _add_json(p)
     p.set_defaults(handler=cmd_report)
     p = verbs.add_parser("export", help="send a run's trace elsewhere (OpenTelemetry)")
@@ -1029,8 +1045,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser(
         "diff", help="compare two specs (semantically) or two builds (file by file)"
     )
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", help="spec file or build folder (- reads a spec from stdin)")
+    p.add_argument("b", help="spec file or build folder (- reads a spec from stdin)")
     _add_json(p, "one JSON document: {ok, kind, different, changes}")
     p.set_defaults(handler=cmd_diff)
 

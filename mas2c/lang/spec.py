@@ -230,6 +230,9 @@ class FanOut:
     field: str
     value: int
     size: int
+    # Other fields set when the fan-out is reduced (a map's on_overflow: truncate, so that
+    # the reduced cap cuts the list visibly instead of failing).
+    also: tuple[tuple[str, Any], ...] = ()
 
     @property
     def reduced(self) -> int:
@@ -931,7 +934,7 @@ class MapStep(_Writes):
         return self.max_items
 
     def fan_out(self) -> FanOut:
-        return FanOut("max_items", self.max_items, self.max_items)
+        return FanOut("max_items", self.max_items, self.max_items, (("on_overflow", "truncate"),))
 
     def summary(self) -> str:
         return (

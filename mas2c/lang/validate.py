@@ -105,7 +105,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS505": "a vote over structured answers has no field to vote on",
     "MAS506": "two parallel branches write the same state variable",
     "MAS511": "a schema `pattern` that does not compile or can backtrack for exponential time",
-    "MAS910": "warning: a parallel branch writes no variable on every path (its result is null)",
+    "MAS910": "a parallel branch writes no variable on every path, so its result is null (warning)",
     "MAS520": "a state variable's reducer does not fit its schema or initial value",
     "MAS521": "a state variable's initial value does not match its schema",
     "MAS522": "a state variable is also an input",
@@ -1150,15 +1150,15 @@ class _Checker:
         if not step_out(step):
             return
         for key, children in step.child_lists():
-            if expr.definite_writes(children):
-                continue
             some = sorted(expr.all_writes(children))
+            if expr.definite_writes(children) or not some:
+                continue  # a branch run for its effects (writing nothing) is not flagged
             self.add(
                 "MAS910",
                 f"{here}/{key}",
                 f"branch {key.rsplit('/', 1)[-1]} of parallel `{step.id}` writes no variable on every "
                 "path"
-                + (f" ({', '.join(f'`{n}`' for n in some)} only on some)" if some else "")
+                + f" ({', '.join(f'`{n}`' for n in some)} only on some)"
                 + f", so its entry in `{step_out(step)}` would be null",
                 "make every arm of the nested `branch` (and its `else`) write the same "
                 "variable, or end the branch with a step that writes its result",
