@@ -166,16 +166,22 @@ def _write_user_file(path: str, text: str) -> str | None:
 
 def _load(path_text: str) -> Any:
     """A valid spec (`-`: read from stdin), or `SpecInvalid` with every problem."""
+    return _load_with_text(path_text)[0]
+
+
+def _load_with_text(path_text: str) -> tuple[Any, str | None]:
+    """`_load`, and for stdin the text read (to edit it as a round trip; a file is reread)."""
     from mas2c.lang.validate import SpecInvalid, load_spec, validate_text
 
     if path_text == STDIO:
-        report = validate_text(sys.stdin.read(), "<stdin>")
+        text = sys.stdin.read()
+        report = validate_text(text, "<stdin>")
         if report.spec is None or not report.ok:
             raise SpecInvalid(report)
-        return report.spec
+        return report.spec, text
     path = _readable_file(path_text, "spec file")
     try:
-        return load_spec(path)
+        return load_spec(path), None
     except OSError as exc:
         raise UsageError(f"{path_text}: {exc.strerror or exc}") from None
 
@@ -616,7 +622,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
     from mas2c.generate import spec_to_yaml
     from mas2c.meta import meta_client
 
-    spec = _load(args.spec)
+    spec, stdin_text = _load_with_text(args.spec)
     output = None if args.output in (None, STDIO) else args.output
     if output is not None and Path(output).is_dir():
         raise UsageError(f"cannot write {output}: is a folder")
@@ -632,9 +638,12 @@ def cmd_configure(args: argparse.Namespace) -> int:
     for agent, choice in sorted(result.choices.items()):
         _say(f"{agent} -> {choice.model} ({choice.by}: {choice.reason})")
     # The user's file edited as a round trip: comments, key order and styles stay.
-    from mas2c.yamledit import edit_spec_file
+    from mas2c.yamledit import edit_spec_file, edit_spec_text
 
-    if args.spec in (None, STDIO):
+    if stdin_text is not None:
+        json_text = stdin_text.lstrip().startswith("{")
+        text = edit_spec_text(stdin_text, spec, result.spec, json_text=json_text)
+    elif args.spec is None:
         text = spec_to_yaml(result.spec)
     else:
         text = edit_spec_file(Path(args.spec), spec, result.spec)
