@@ -1150,15 +1150,15 @@ class _Checker:
         if not step_out(step):
             return
         for key, children in step.child_lists():
-            if expr.definite_writes(children):
-                continue
             some = sorted(expr.all_writes(children))
+            if expr.definite_writes(children) or not some:
+                continue  # a branch run for its effects (writing nothing) is not flagged
             self.add(
                 "MAS910",
                 f"{here}/{key}",
                 f"branch {key.rsplit('/', 1)[-1]} of parallel `{step.id}` writes no variable on every "
                 "path"
-                + (f" ({', '.join(f'`{n}`' for n in some)} only on some)" if some else "")
+                + f" ({', '.join(f'`{n}`' for n in some)} only on some)"
                 + f", so its entry in `{step_out(step)}` would be null",
                 "make every arm of the nested `branch` (and its `else`) write the same "
                 "variable, or end the branch with a step that writes its result",

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="046bd9cda04e50a47e9560ab2d57aba3c4723031c7ce3291ad46194ae9fea8d8",
+        code_sha="da97b5d7f0762f6a93bbd7b90879a6f4fd3cb44adda1cb1952e81694fdb4757b",
         reads=["problem"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="6fb13b0bfdcf637cd6ee2edc4431913f440ebd67b3d879a8137b6e1b9c7309c6",
+        code_sha="50581ad0f1a85776c723076a8df2e358fb299fdb69267f40b7024f7a4d7293a0",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="4c4d58dab3c32948981df2d6c36fed089d425a221738a046a3bba2119ec498a9",
+        code_sha="48f522b4b5607c2e392d60fa43a1250222cbcc8bde0164be313bddeb0f40ab71",
         reads=["result", "task", "test_list"],
     ),
 )

@@ -35,14 +35,14 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 27, 36, "/agents/actor"),
     ("agents.py", 38, 57, "/agents/critic"),
     ("agents.py", 59, 71, "/agents/reflector"),
-    ("workflow.py", 16, 23, "/state"),
-    ("workflow.py", 18, 22, "/state/memory"),
-    ("workflow.py", 30, 31, "/workflow"),
-    ("workflow.py", 34, 45, "/workflow/0"),
-    ("workflow.py", 48, 59, "/workflow/0/steps/0"),
-    ("workflow.py", 62, 67, "/workflow/0/steps/1"),
-    ("workflow.py", 70, 75, "/workflow/0/steps/2"),
-    ("workflow.py", 78, 91, "/workflow/0/steps/2/cases/0/steps/0"),
+    ("workflow.py", 18, 25, "/state"),
+    ("workflow.py", 20, 24, "/state/memory"),
+    ("workflow.py", 32, 33, "/workflow"),
+    ("workflow.py", 36, 47, "/workflow/0"),
+    ("workflow.py", 50, 61, "/workflow/0/steps/0"),
+    ("workflow.py", 64, 69, "/workflow/0/steps/1"),
+    ("workflow.py", 72, 77, "/workflow/0/steps/2"),
+    ("workflow.py", 80, 93, "/workflow/0/steps/2/cases/0/steps/0"),
 )
 
 PROMPTS: dict[str, str] = {
