@@ -198,6 +198,17 @@ GENERATE_TASKS: list[tuple[str, dict[str, str]]] = [
 ]
 
 
+def _copies_example(spec: dict[str, Any], inputs: dict[str, str]) -> bool:
+    from mas2c.generate import _compact_example
+
+    example = _compact_example(inputs)
+    return bool(
+        spec["agents"].get("solver", {}).get("role") == example["agents"]["solver"]["role"]
+        and [st.get("prompt") for st in spec["workflow"]]
+        == [st["prompt"] for st in example["workflow"]]
+    )
+
+
 class _AnswerTimer:
     """Seconds and tokens of each generator answer, from the gateway's events."""
 
@@ -246,8 +257,10 @@ def bench_generate(count: int, repairs: int = 2) -> dict[str, Any]:
                     )
                     valid, attempts, history = True, result.attempts, result.history
                     name = result.spec.name
+                    spec = result.spec.to_data()
                 except GenerateError as exc:
                     valid, attempts, history, name = False, exc.attempts, exc.history, None
+                    spec = None
             rows.append(
                 {
                     "task": task,
@@ -256,6 +269,10 @@ def bench_generate(count: int, repairs: int = 2) -> dict[str, Any]:
                     "first_answer_valid": valid and attempts == 1,
                     "answers": attempts,
                     "spec": name,
+                    "roles": [a["role"] for a in spec["agents"].values()] if spec else [],
+                    "prompts": [st.get("prompt") for st in spec["workflow"]] if spec else [],
+                    # the example's system verbatim (a small model's typical escape)
+                    "copies_example": bool(spec) and _copies_example(spec, inputs),
                     "rejected": [
                         sorted({p.code for p in problems if p.severity == "error"})
                         for problems in history
@@ -272,6 +289,7 @@ def bench_generate(count: int, repairs: int = 2) -> dict[str, Any]:
         "repairs": repairs,
         "tasks": len(rows),
         "first_answer_valid": sum(r["first_answer_valid"] for r in rows),
+        "copies_example": sum(r["copies_example"] for r in rows),
         "valid": sum(r["valid"] for r in rows),
         "answers": len(per_answer),
         "seconds_per_answer_median": round(statistics.median(per_answer), 2) if per_answer else 0,
@@ -286,22 +304,25 @@ def generate_markdown(gen: dict[str, Any]) -> list[str]:
         f"The generator on the embedded model ({gen['model']}, context {gen['n_ctx']}; compact "
         f"prompt and reduced schema, up to {gen['repairs']} repairs, as `solve` runs it):",
         "",
-        "| tasks | first answer valid | valid within the loop | answers | seconds per answer "
-        "(median / max) |",
-        "| --- | --- | --- | --- | --- |",
+        "| tasks | first answer valid | valid within the loop | copies the example | answers | "
+        "seconds per answer (median / max) |",
+        "| --- | --- | --- | --- | --- | --- |",
         f"| {gen['tasks']} | {gen['first_answer_valid']}/{gen['tasks']} | "
-        f"{gen['valid']}/{gen['tasks']} | {gen['answers']} | "
+        f"{gen['valid']}/{gen['tasks']} | {gen['copies_example']}/{gen['tasks']} | "
+        f"{gen['answers']} | "
         f"{gen['seconds_per_answer_median']:.1f} / {gen['seconds_per_answer_max']:.1f} |",
         "",
-        "| task | valid | answers | rejected answers' errors | seconds per answer |",
-        "| --- | --- | --- | --- | --- |",
+        "| task | valid | answers | rejected answers' errors | seconds per answer | roles | "
+        "copies the example |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in gen["rows"]:
         rejected = "; ".join(", ".join(codes) for codes in row["rejected"]) or "—"
         seconds = ", ".join(f"{a['seconds']:.1f}" for a in row["per_answer"])
         lines.append(
             f"| {row['task']} | {'yes' if row['valid'] else 'no'} | {row['answers']} | "
-            f"{rejected} | {seconds} |"
+            f"{rejected} | {seconds} | {', '.join(row.get('roles', []))} | "
+            f"{'yes' if row.get('copies_example') else 'no'} |"
         )
     return lines
 

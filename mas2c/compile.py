@@ -22,7 +22,7 @@ from typing import Any
 import black
 import jinja2
 
-from mas2c import __version__, fastfmt, graph, markdown, package_docs, toolcode, values
+from mas2c import __version__, fastfmt, graph, markdown, package_docs, toolcode
 from mas2c.errors import InvalidInput
 from mas2c.files import write_tree_atomic
 from mas2c.lang.expr import (
@@ -176,14 +176,29 @@ def compile_spec(spec: Spec) -> Build:
 
 
 # Runtime modules shipped only when a step kind asks for them (its RUNTIME_MODULES).
-OPTIONAL_RUNTIME = ("_voting.py", "_flows.py", "_delegation.py")
+OPTIONAL_RUNTIME = ("_voting.py", "_flows.py", "_delegation.py", "_tools.py")
+
+
+def runtime_sources() -> dict[str, Path]:
+    """Where each runtime module a package may carry comes from: `templates/` (stored
+    black-formatted), and two of mas2c's own modules the host uses too: `mas2c.accounting`
+    (shared with the gateway) as `_accounting.py`, `mas2c.values` as `_values.py`. Every
+    one is copied byte for byte: nothing is formatted at compile time."""
+    here = Path(__file__).parent
+    sources = {
+        name: templates_dir() / name
+        for name in ("_runtime.py", "_api.py", *OPTIONAL_RUNTIME, "_serve.py")
+    }
+    sources["_accounting.py"] = here / "accounting.py"
+    sources["_values.py"] = here / "values.py"
+    return sources
 
 
 def runtime_files(spec: Spec | None = None) -> dict[str, str]:
     """The runtime modules a compiled package carries (file name -> source, without the
-    header line): the core runtime from `templates/` (stored black-formatted), the
-    modules its spec's step kinds need (all of them without a spec), `mas2c.accounting`
-    (shared with the gateway) as `_accounting.py` and `mas2c.values` as `_values.py`."""
+    header line): the core (`_runtime.py`, `_api.py`, `_serve.py` for the package's `serve`
+    extra, `_accounting.py`, `_values.py`) and the optional modules its spec's step kinds
+    need (`RUNTIME_MODULES`; all of them without a spec), each copied verbatim."""
     needed = set(OPTIONAL_RUNTIME)
     if spec is not None:
         steps = [s for _p, s in iter_spec_steps(spec)]
@@ -192,19 +207,18 @@ def runtime_files(spec: Spec | None = None) -> dict[str, str]:
             needed.add("_flows.py")
         if any(a.delegates for a in spec.agents.values()) or any(s.agent_choice() for s in steps):
             needed.add("_delegation.py")
-    files = {
-        name: (templates_dir() / name).read_text("utf-8") for name in ("_runtime.py", "_api.py")
+        if any(agent.tools for agent in spec.agents.values()):
+            needed.add("_tools.py")  # agents' tool calls run through _tools.py
+    return {
+        name: _read_source(path)
+        for name, path in runtime_sources().items()
+        if name not in OPTIONAL_RUNTIME or name in needed
     }
-    for module in OPTIONAL_RUNTIME:
-        if module in needed:
-            files[module] = (templates_dir() / module).read_text("utf-8")
-    files["_accounting.py"] = (Path(__file__).parent / "accounting.py").read_text("utf-8")
-    # The HTTP service (`python -m <package> serve`, the package's `serve` extra).
-    files["_serve.py"] = (templates_dir() / "_serve.py").read_text("utf-8")
-    # The typed-values module (placeholders, JSON Schema subset) is mas2c's own, verbatim.
-    values_source = Path(values.__file__).read_text("utf-8")
-    files["_values.py"] = _formatted_runtime(values_source)
-    return files
+
+
+@lru_cache(maxsize=32)
+def _read_source(path: Path) -> str:
+    return path.read_text("utf-8")
 
 
 def _render(name: str, context: dict[str, Any]) -> str:
@@ -216,17 +230,6 @@ def _format(path: str, text: str) -> str:
         return fastfmt.format_str(text, BLACK_MODE)  # = black.format_str, once per shape
     except Exception as exc:  # black raises several types; all mean the same here
         raise CompileError(f"internal error: generated {path} is not valid Python ({exc})") from exc
-
-
-@lru_cache(maxsize=4)
-def _formatted_runtime(runtime: str) -> str:
-    """The runtime, black-formatted once per process: it is the same in every package.
-
-    Formatted below a stand-in header line (a comment black leaves alone), which the
-    caller replaces with the real one.
-    """
-    formatted = _format("_runtime.py", "# header\n" + runtime)
-    return formatted.split("\n", 1)[1]
 
 
 def _require_bound_models(spec: Spec) -> None:

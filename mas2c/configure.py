@@ -56,6 +56,7 @@ from mas2c.lang.spec import (
     Step,
     iter_spec_steps,
     iter_steps,
+    nested_lists,
     spec_hash,
     spec_step_lists,
     step_agents,
@@ -230,7 +231,7 @@ def agent_uses(spec: Spec) -> dict[str, AgentUse]:
                 entry.programmer = entry.programmer or role == "programmer"
                 entry.notes.append(note + where)
             inner = [*loops, _loop_label(step)] if step.shape == "repeat" else loops
-            for _key, children in step.child_lists():
+            for _key, children in nested_lists(step):
                 walk(children, inner)
 
     walk(spec.workflow, [])
@@ -274,7 +275,7 @@ def _condition_reads(steps: list[Step]) -> set[str]:
         for step in step_list:
             for _key, condition in step.conditions():
                 add(condition)
-            for _key, children in step.child_lists():
+            for _key, children in nested_lists(step):
                 walk(children)
 
     walk(steps)

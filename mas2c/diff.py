@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mas2c.lang.spec import Spec, Step, child_step_lists, flow_pointer
+from mas2c.lang.spec import Spec, Step, child_step_lists, flow_pointer, nested_lists
 from mas2c.lang.validate import load_spec
 
 ChangeKind = Literal["added", "removed", "changed"]
@@ -35,6 +35,7 @@ SECTIONS: tuple[str, ...] = (
     "agents",
     "models",
     "tools",
+    "state",
     "workflow",
     "flows",
     "inputs/outputs",
@@ -45,6 +46,7 @@ _SECTION_OF_KEY = {
     "agents": "agents",
     "models": "models",
     "tools": "tools",
+    "state": "state",
     "workflow": "workflow",
     "flows": "flows",
     "inputs": "inputs/outputs",
@@ -370,7 +372,7 @@ def _own_data(step: Step) -> dict[str, Any]:
     # The registry says where nested step lists sit (`steps`, `branches/0`, `cases/1/steps`):
     # drop them, last first so indexes hold, then the containers they leave empty.
     emptied = set()
-    for key, _children in reversed(step.child_lists()):
+    for key, _children in reversed(nested_lists(step)):
         *parents, last = key.split("/")
         emptied.add(key.split("/")[0])
         node: Any = data

@@ -454,8 +454,22 @@ def compact_messages(task: str, inputs: dict[str, str] | None = None) -> list[Me
 # -- the generator --------------------------------------------------------------------------
 
 
-def _check_reply(text: str) -> tuple[Spec | None, list[Problem]]:
-    """The validated spec of a reply, or its problems."""
+def _check_reply(text: str, *, whole: bool = False) -> tuple[Spec | None, list[Problem]]:
+    """The validated spec of a reply, or its problems. With `whole` (grammar-constrained
+    replies) the reply must be one JSON document: a cut-off reply is said to be one, not
+    mined for an inner object whose problems would mislead the repair."""
+    if whole:
+        try:
+            json.loads(text)
+        except ValueError:
+            return None, [
+                Problem(
+                    "MAS001",
+                    "",
+                    "the reply is not one complete JSON object (cut off at the token limit?); "
+                    "keep every text short",
+                )
+            ]
     try:
         data = extract_json(text)
     except JSONNotFound as exc:
@@ -528,7 +542,7 @@ def generate_spec(
             temperature=temperature,
             max_tokens=max_tokens,
         )
-        spec, problems = _check_reply(reply)
+        spec, problems = _check_reply(reply, whole=compact)
         if spec is not None:
             say(f"the spec `{spec.name}` is valid")
             return GenerateResult(

@@ -29,6 +29,7 @@ def _label(step: Step) -> str:
     detail = step.graph_detail()
     out = step.writes()
     text = f"{step.id}\n{step.kind}" + (f": {detail}" if detail else "")
+    text += f"\nretry ×{step.retry}" if step.retry else ""
     return text + (f"\n→ {out}" if out else "")
 
 
@@ -106,6 +107,14 @@ def _steps(graph: Graph, steps: list[Step], entries: list[str], label: str) -> l
 
 
 def _step(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]:
+    """Draws a step, then its `fallback` steps on an edge "on failure" from it."""
+    exits = _shaped(graph, step, entries, label)
+    if not step.fallback:
+        return exits
+    return exits + _steps(graph, step.fallback, ["s_" + step.id.replace("-", "_")], "on failure")
+
+
+def _shaped(graph: Graph, step: Step, entries: list[str], label: str) -> list[str]:
     """Draws a step by how its nested step lists run (its `shape`), never by its kind."""
     node_id = "s_" + step.id.replace("-", "_")
     children = [steps for _key, steps in step.child_lists()]

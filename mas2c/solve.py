@@ -69,6 +69,8 @@ class SolveOutcome:
     generation: dict[str, Any] = field(default_factory=dict)  # how the spec came to be
     run: RunOutcome | None = None
     rectify: dict[str, Any] | None = None  # mas2c.rectify's summary, when the first run failed
+    #: What each sandboxed run of the system cost (run-1, then every rectify round's run).
+    run_costs: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -87,10 +89,19 @@ class SolveOutcome:
             "phases": [vars(p) for p in self.phases],
             "llm_calls": sum(p.calls for p in self.phases),
             "tokens": sum(p.tokens for p in self.phases),
-            "run_cost_usd": usage.get("cost_usd", 0.0),
+            # every run of the system (a failed run-1 and rectify rounds cost money too)
+            "run_cost_usd": round(sum(self.run_costs), 6)
+            if self.run_costs
+            else usage.get("cost_usd", 0.0),
+            "final_run_cost_usd": usage.get("cost_usd", 0.0),
             "error": (self.run.result.get("error") if self.run and not self.run.ok else None),
             **extra,
         }
+
+
+def _cost_of(run: RunOutcome) -> float:
+    cost = run.usage.get("cost_usd", 0.0) if isinstance(run.usage, dict) else 0.0
+    return float(cost) if isinstance(cost, int | float) else 0.0
 
 
 class _Unfit(Exception):
@@ -363,6 +374,7 @@ def solve(
                 **sandbox_options,
             )
             phase.note = f"status {run.status}"
+            outcome.run_costs.append(_cost_of(run))
         # -- rectify (mas2c.rectify): a failed first run is repaired in bounded rounds ----
         if not run.ok and rectify_rounds > 0:
             with _timed(outcome.phases, "rectify", meter, say) as phase:
@@ -378,6 +390,7 @@ def solve(
                     run_options=sandbox_options,
                 )
                 outcome.rectify = fixed.to_json()
+                outcome.run_costs += [_cost_of(r.run) for r in fixed.rounds if r.run is not None]
                 outcome.rectify.pop("history", None)  # kept in run-1/rectify/summary.json
                 phase.note = f"{fixed.status} after {fixed.rounds_run} round(s)"
             if fixed.final_run is not None:
@@ -481,7 +494,7 @@ def _write_summary(outcome: SolveOutcome) -> None:
             f"Rectify: **{r['status']}** in {r['rounds']} round(s), "
             f"{r['rectifier_llm_calls']} rectifier LLM call(s): {r['stop_reason']}",
         ]
-    lines += ["", f"Run cost: ${data['run_cost_usd']:.4f}", ""]
+    lines += ["", f"Run cost (every run of the system): ${data['run_cost_usd']:.4f}", ""]
     write_text_atomic(outcome.solve_dir / "report.md", "\n".join(lines))
 
 

@@ -496,16 +496,38 @@ def argument_problems(args: Mapping[str, Any], parameters: Mapping[str, Any]) ->
     return problems
 
 
+def _non_finite(value: Any, pointer: str, depth: int) -> str | None:
+    """The pointer of the first NaN or infinite number in `value` (JSON has neither:
+    Python's json reads `NaN`, `Infinity` and `1e400` into them), else None."""
+    if isinstance(value, float):
+        return pointer if value != value or value in (float("inf"), float("-inf")) else None
+    if depth > _MAX_DEPTH:
+        return None  # `validate` reports the depth
+    items: Any = ()
+    if isinstance(value, Mapping):
+        items = ((str(k), v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((str(i), v) for i, v in enumerate(value))
+    for key, item in items:
+        found = _non_finite(item, f"{pointer}/{_token(key)}", depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def input_problems(given: Any, declared: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
     """(pointer, message) for each way a run's input misses the spec's `inputs`: each
-    declared input against its whole JSON Schema (nested `required`, types, enums),
-    missing inputs without a `default`, and undeclared ones."""
+    declared input against its whole JSON Schema (nested `required`, types, enums; no
+    NaN or infinite number anywhere), missing inputs without a `default`, and undeclared ones."""
     if not isinstance(given, Mapping):
         return [("/inputs", f"the input must be a JSON object, got {json_type(given)}")]
     problems: list[tuple[str, str]] = []
     for name, schema in declared.items():
         pointer = f"/inputs/{_token(name)}"
-        if name in given:
+        if name in given and (bad := _non_finite(given[name], "", 0)) is not None:
+            at = f" at {bad}" if bad else ""
+            problems.append((pointer, f"input {name!r}{at}: NaN and Infinity are not JSON numbers"))
+        elif name in given:
             for problem in validate(given[name], schema):
                 where, _, message = problem.partition(": ")
                 inner = where[len("at ") :]

@@ -1,6 +1,8 @@
-"""The runtime of a package compiled by mas2c: state, LLM calls, tools, budgets, trace.
+"""The runtime of a package compiled by mas2c: state, steps, LLM calls, budgets, trace.
 
-This one file is copied verbatim into every compiled package. It depends only on
+This file is copied verbatim into every compiled package, beside the optional modules a
+spec needs (``_tools.py``: tool execution and programs; ``_voting.py``; ``_flows.py``),
+which the step methods here import when they run. It depends only on
 the standard library, ``openai`` and ``httpx``, never on mas2c, so a compiled
 system runs anywhere those are installed. ``workflow.py`` drives it::
 
@@ -35,9 +37,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import re
-import signal
 import ssl
 import sys
 import tempfile
@@ -75,7 +75,6 @@ from ._accounting import (
 )
 from ._values import (
     TemplateError,
-    argument_problems,
     as_text,
     input_problems,
     json_type,
@@ -1048,219 +1047,7 @@ def _cap(text: str, limit: int = OUTPUT_CAP) -> str:
     )
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it spawned
-
-
-async def run_python(code: str, timeout_s: float | None) -> dict[str, Any]:
-    """Run code in a fresh interpreter in a temp dir: {exit_code, output, timed_out}."""
-    # The API key has no business in model-written code.
-    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    with tempfile.TemporaryDirectory(prefix="mas2c-exec-") as tmp:
-        script = Path(tmp) / "main.py"
-        script.write_text(code, encoding="utf-8")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-I",
-            str(script),
-            cwd=tmp,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # its own process group, killed as a whole
-        )
-        chunks = bytearray()
-
-        async def pump() -> None:
-            assert proc.stdout is not None
-            while chunk := await proc.stdout.read(65536):
-                # Keep draining past the cap so that the child never blocks on a pipe.
-                if len(chunks) < 4 * OUTPUT_CAP:
-                    chunks.extend(chunk)
-
-        timed_out = False
-        try:
-            await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), timeout_s)
-        except TimeoutError:
-            timed_out = True
-        finally:
-            if proc.returncode is None or timed_out:
-                _kill_group(proc)
-                await proc.wait()
-    output = _cap(chunks.decode("utf-8", errors="replace"))
-    if timed_out:
-        output += f"\n[timed out after {timeout_s} s]"
-    return {"exit_code": proc.returncode, "output": output, "timed_out": timed_out}
-
-
-def _test_snippets(tests: str | Sequence[str], state: Mapping[str, Any]) -> list[str]:
-    """A test step's snippets: a string is one snippet (rendered as text, or the value of
-    a whole placeholder: a string, or a list of strings); a list gives one each."""
-    items = [tests] if isinstance(tests, str) else list(tests)
-    snippets: list[str] = []
-    for item in items:
-        value = resolve_value(item, state)
-        values = value if isinstance(value, list | tuple) else [value]
-        for snippet in values:
-            if not isinstance(snippet, str):
-                raise WorkflowError(
-                    f"a test must be Python source (a string), got {json_type(snippet)}"
-                )
-            snippets.append(snippet)
-    return snippets
-
-
-_HARNESS = """\
-import os as _os, sys as _sys, json as _json, traceback as _tb
-_g = {"__name__": "__main__", "__file__": __file__, "__builtins__": __builtins__}
-def _flush():
-    for stream in (_sys.stdout, _sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-def _report(index, passed, error, _nonce=NONCE):
-    _flush()
-    line = "\\n" + _nonce + _json.dumps({"index": index, "passed": passed, "error": error})
-    _os.write(1, (line + "\\n").encode("utf-8"))
-del NONCE
-def _describe(exc):
-    if isinstance(exc, SystemExit):
-        return "SystemExit: the code exited (code %r) before the test finished" % (exc.code,)
-    return "".join(_tb.format_exception_only(type(exc), exc)).strip()
-def _outcome(exc):
-    _flush()
-    _tb.print_exception(type(exc), exc, exc.__traceback__.tb_next, file=_sys.__stderr__)
-    return False, _describe(exc)
-try:
-    exec(compile(CODE, "<code under test>", "exec"), _g)
-    _broken = None
-except BaseException as _exc:
-    _ok, _why = _outcome(_exc)
-    _broken = None if _ok else "the code under test failed: " + _why
-for _index, _test in enumerate(TESTS):
-    if _broken is not None:
-        _report(_index, False, _broken)
-        continue
-    try:
-        exec(compile(_test, "<test %d>" % (_index + 1), "exec"), _g)
-        _report(_index, True, None)
-    except BaseException as _exc:
-        _report(_index, *_outcome(_exc))
-"""
-
-
-def _test_harness(code: str, snippets: Sequence[str], nonce: str) -> str:
-    """The program a test step runs: the code, then each snippet, each result on a
-    line of its own marked with ``nonce`` (then stripped from the output)."""
-    data = f"NONCE = {nonce!r}\nCODE = {code!r}\nTESTS = {list(snippets)!r}\n"
-    return data + _HARNESS
-
-
-def _test_results(
-    snippets: Sequence[str], result: Mapping[str, Any], nonce: str
-) -> dict[str, Any]:
-    marked = re.compile("\n" + re.escape(nonce) + r"([^\n]*)\n")
-    text = str(result["output"])
-    reported: dict[int, dict[str, Any]] = {}
-    for line in marked.findall(text):
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            record = json.loads(line)
-            reported[int(record["index"])] = record
-    if result.get("timed_out"):
-        missing = "not run: the tests timed out"
-    else:
-        missing = f"no result (the program exited with code {result['exit_code']})"
-    results = []
-    for index, snippet in enumerate(snippets):
-        record = reported.get(index)
-        passed = bool(record and record.get("passed") is True)
-        error = None if passed else str((record or {}).get("error") or missing)
-        results.append({"test": snippet, "passed": passed, "error": error})
-    return {
-        "passed": bool(results) and all(r["passed"] for r in results),
-        "results": results,
-        "output": marked.sub("", text),
-    }
-
-
-_PYTHON_BLOCK = re.compile(r"```[ \t]*(?:python|py)[ \t]*\r?\n(.*?)```", re.DOTALL)
-_ANY_BLOCK = re.compile(r"```[^\n`]*\r?\n(.*?)```", re.DOTALL)
-
-
-def extract_code(text: str) -> str:
-    """The first ```python block, else the first fenced block, else the whole text."""
-    found = _PYTHON_BLOCK.search(text) or _ANY_BLOCK.search(text)
-    return found.group(1) if found else text
-
-
 # -------------------------------------------------------------------------- tools
-
-
-async def _in_thread(function: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
-    """Run a blocking tool in a daemon thread.
-
-    A thread cannot be killed: after a timeout it may run on, but as a daemon it
-    never keeps the process alive (``asyncio.to_thread`` would, at exit).
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():  # timed out or cancelled meanwhile
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def work() -> None:
-        try:
-            outcome: tuple[Any, BaseException | None] = (function(**kwargs), None)
-        except BaseException as exc:
-            outcome = (None, exc)
-            if isinstance(exc, StopIteration) or not isinstance(exc, Exception):
-                # A future cannot carry these (SystemExit would stop the event loop).
-                wrapped = RuntimeError(f"the tool raised {type(exc).__name__}: {exc}")
-                outcome = (None, wrapped.with_traceback(exc.__traceback__))
-        with contextlib.suppress(RuntimeError):  # the loop may be closed by now
-            loop.call_soon_threadsafe(settle, *outcome)
-
-    threading.Thread(target=work, name="mas2c-tool", daemon=True).start()
-    return await future
-
-
-def tool_code_location(
-    exc: BaseException, tool: ToolDef, where: ToolCode | None
-) -> tuple[str | None, int | None]:
-    """(spec pointer, line inside the tool code) of the deepest frame in the tool's code.
-
-    ``where`` (from the compiler's TOOL_CODE table) says which lines of the tool's module
-    hold the spec's code verbatim, so the line inside the spec's code is a subtraction.
-    """
-    code = getattr(tool.function, "__code__", None)
-    if code is None or where is None:
-        return None, None
-    lines = [
-        f.lineno
-        for f in traceback.extract_tb(exc.__traceback__)
-        if f.filename == code.co_filename and f.lineno is not None
-    ]
-    inside = [line for line in lines if where.start <= line <= where.end]
-    if not inside:
-        return None, None
-    return where.pointer, inside[-1] - where.start + 1
-
-
-def _check_arguments(tool: ToolDef, args: Mapping[str, Any]) -> None:
-    """Arguments against the tool's parameter schema (its function's annotations):
-    a ToolError naming the argument and the expected type, never a TypeError from
-    inside the tool."""
-    problems = argument_problems(args, tool.parameters)
-    if problems:
-        raise ToolError(f"tool {tool.name!r}: {'; '.join(problems)}")
 
 
 def _tool_schema(tool: ToolDef) -> dict[str, Any]:
@@ -1742,20 +1529,10 @@ class Run:
         return await self.turn(agent, render(prompt, self.state), history=earlier)
 
     async def tool(self, name: str, args: Mapping[str, Any]) -> Any:
-        """``tool`` step: call a tool directly with rendered arguments."""
-        tool = self._tool(name)
-        try:
-            return await self._invoke_tool(tool, resolve_value(dict(args), self.state))
-        except WorkflowError:
-            raise
-        except Exception as exc:
-            where = self.spec.tool_code.get(name)
-            pointer, line = tool_code_location(exc, tool, where)
-            raise ToolError(
-                f"tool {name!r} raised {type(exc).__name__}: {exc}",
-                spec_pointer=pointer,
-                spec_line=line,
-            ) from exc
+        """``tool`` step: call a tool directly with rendered arguments (_tools.py)."""
+        from ._tools import tool_step  # shipped with tools, programmer and test steps
+
+        return await tool_step(self, name, args)
 
     async def ensemble(
         self,
@@ -1818,54 +1595,20 @@ class Run:
     async def programmer(
         self, agent: str, prompt: str, *, max_attempts: int = 3, timeout_s: float = 10.0
     ) -> dict[str, Any]:
-        """``programmer`` step: write code, run it, feed errors back; never raises on failure."""
-        task = render(prompt, self.state)
-        code = ""
-        result: dict[str, Any] = {"output": "", "exit_code": None}
-        attempt = 0
-        for attempt in range(1, max_attempts + 1):
-            if attempt == 1:
-                request = self.prompt("programmer", task=task)
-            else:
-                request = self.prompt(
-                    "programmer_repair",
-                    task=task,
-                    code=code,
-                    exit_code=str(result["exit_code"]),
-                    output=result["output"],
-                )
-            answer = await _labelled(self.turn(agent, request), round=attempt)
-            code = extract_code(answer if isinstance(answer, str) else _code_of(answer))
-            result = await self._exec(code, timeout_s)
-            if result["exit_code"] == 0:
-                break
-        passed = result["exit_code"] == 0
-        return {
-            "code": code,
-            "output": result["output"],
-            "passed": passed,
-            "attempts": attempt,
-        }
+        """``programmer`` step: write code, run it, feed errors back (_tools.py)."""
+        from ._tools import programmer_step
+
+        return await programmer_step(
+            self, agent, prompt, max_attempts=max_attempts, timeout_s=timeout_s
+        )
 
     async def test(
-        self,
-        code_path: str,
-        tests: str | Sequence[str],
-        *,
-        timeout_s: float = 10.0,
+        self, code_path: str, tests: str | Sequence[str], *, timeout_s: float = 10.0
     ) -> dict[str, Any]:
-        """``test`` step: the code in state (Markdown fences stripped, as ``programmer``
-        does), then each test snippet in the same namespace, in one fresh interpreter.
+        """``test`` step: run test snippets against code in state (_tools.py)."""
+        from ._tools import test_step
 
-        ``{passed, results: [{test, passed, error}], output}``: a snippet passed when the
-        harness reports, after it ran to its end, that it raised nothing. An exit of any
-        kind (``sys.exit(0)``, ``exit()``, ``quit()``, ``os._exit``) before that is a failure.
-        """
-        code = extract_code(_code_of(lookup(self.state, code_path)))
-        snippets = _test_snippets(tests, self.state)
-        nonce = f"@@mas2c-test-{random.getrandbits(64):016x}@@"
-        result = await self._exec(_test_harness(code, snippets, nonce), timeout_s)
-        return _test_results(snippets, result, nonce)
+        return await test_step(self, code_path, tests, timeout_s=timeout_s)
 
     # --------------------------------------------------------------- agent turns
 
@@ -1970,68 +1713,10 @@ class Run:
     async def _invoke_tool(
         self, tool: ToolDef, args: Mapping[str, Any], agent: str | None = None
     ) -> Any:
-        span = _open_span(self.trace)
-        status, error, result = "error", None, None
-        try:
-            _check_arguments(tool, args)
-            if tool.builtin == "python_exec":
-                result = await self._exec(str(args.get("code", "")), tool.timeout_s)
-            elif tool.function is not None:
-                result = await self._run_code_tool(tool, tool.function, args)
-            else:
-                raise ToolError(
-                    f"tool {tool.name!r} has no implementation ({tool.builtin!r})"
-                )
-            status = "ok"
-            return result
-        except BaseException as exc:
-            error = f"{type(exc).__name__}: {exc}"[:500]
-            raise
-        finally:
-            content = {"arguments": _content(args)} if self.trace.content else {}
-            if self.trace.content and status == "ok":
-                content["result"] = _content(result)
-            self.trace.emit(
-                "tool_call",
-                tool=tool.name,
-                agent=agent,
-                status=status,
-                duration_s=span.duration(),
-                **span.fields(),
-                **({"error": error} if error else {}),
-                **(_LABELS.get() or {}),
-                **content,
-                **_where(),
-            )
+        """Run a tool (a code tool or python_exec) with checked arguments (_tools.py)."""
+        from ._tools import invoke_tool
 
-    @staticmethod
-    async def _run_code_tool(
-        tool: ToolDef, function: Callable[..., Any], args: Mapping[str, Any]
-    ) -> Any:
-        try:
-            async with asyncio.timeout(tool.timeout_s) as scope:
-                return await _in_thread(function, args)
-        except TimeoutError:
-            if not scope.expired():
-                raise  # the tool's own TimeoutError: an error inside its code
-            raise ToolError(
-                f"tool {tool.name!r} timed out after {tool.timeout_s} s",
-                spec_pointer=f"/tools/{tool.name}",
-                code="tool_timeout",
-            ) from None
-
-    async def _exec(self, code: str, timeout_s: float | None) -> dict[str, Any]:
-        span = _open_span(self.trace)
-        result = await run_python(code, timeout_s)
-        self.trace.emit(
-            "exec",
-            exit_code=result["exit_code"],
-            timed_out=result["timed_out"],
-            duration_s=span.duration(),
-            **span.fields(),
-            **_where(),
-        )
-        return result
+        return await invoke_tool(self, tool, args, agent)
 
     async def _decide(
         self,
@@ -2304,13 +1989,6 @@ def _message_record(response: Any) -> dict[str, Any]:
     if calls:
         record["tool_calls"] = calls
     return record
-
-
-def _code_of(value: Any) -> str:
-    """Code held in state: a string, or an object with a ``code`` field."""
-    if isinstance(value, Mapping) and "code" in value:
-        return str(value["code"])
-    return value if isinstance(value, str) else as_text(value)
 
 
 # ---------------------------------------------------------------------------- main

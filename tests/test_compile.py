@@ -26,9 +26,16 @@ from conftest import EXAMPLE_NAMES, EXAMPLES, ROOT, example_path, example_spec, 
 
 from mas2c import __version__, graph
 from mas2c.cli import main as cli_main
-from mas2c.compile import BLACK_MODE, Build, compile_spec, pointer_at, runtime_files
+from mas2c.compile import (
+    BLACK_MODE,
+    Build,
+    compile_spec,
+    pointer_at,
+    runtime_files,
+    runtime_sources,
+)
 from mas2c.lang.source import escape_token
-from mas2c.lang.spec import Spec, iter_steps, spec_hash
+from mas2c.lang.spec import Spec, iter_spec_steps, iter_steps, spec_hash
 from mas2c.lang.validate import load_spec, validate_text
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -207,8 +214,12 @@ def test_every_file_has_the_header(name: str) -> None:
         s.agent_choice() for _p, s in iter_steps(spec.workflow, "/workflow")
     ):
         flows.add(f"{build.package}/_delegation.py")
+    runs_code = any(
+        s.kind in ("tool", "programmer", "test") for _p, s in iter_spec_steps(spec)
+    ) or any(agent.tools for agent in spec.agents.values())
+    tools = {f"{build.package}/_tools.py"} if runs_code else set()
     expected_files = {p.format(pkg=build.package) for p in EXPECTED_FILES}
-    assert set(build.files) == expected_files | tool_modules | voting | flows
+    assert set(build.files) == expected_files | tool_modules | voting | flows | tools
     for path, data in build.files.items():
         first = data.decode("utf-8").splitlines()[0]
         if path == "MANIFEST.json":
@@ -330,6 +341,36 @@ def test_runtime_modules_are_the_templates() -> None:
                 header, body = build.files[path].decode("utf-8").split("\n", 1)
                 assert HEADER.search(header) and body == text, f"{name}: {module}"
     assert "_runtime.py" in runtime_files() and (ROOT / "templates" / "_runtime.py").is_file()
+
+
+def test_runtime_modules_are_copied_byte_for_byte() -> None:
+    """The runtime is stored formatted: each shipped module is its source file's bytes,
+    below the header line (no formatting pass at compile time)."""
+    sources = runtime_sources()
+    assert set(runtime_files()) == set(sources)
+    for name in EXAMPLE_NAMES:
+        build = build_of(name)
+        for module, source in sources.items():
+            path = f"{build.package}/{module}"
+            if path in build.files:
+                body = build.files[path].split(b"\n", 1)[1]
+                assert body == source.read_bytes(), f"{name}: {module} is not its source verbatim"
+    for module in ("_runtime.py", "_tools.py", "_voting.py", "_flows.py", "_api.py"):
+        text = sources[module].read_text("utf-8")
+        assert black.format_str(text, mode=BLACK_MODE) == text, f"templates/{module} not formatted"
+
+
+def test_tool_execution_ships_only_with_tools_or_code_steps() -> None:
+    """_tools.py (run_python, the test harness, tool calls) is in a package exactly when
+    its spec has a tool, programmer or test step, or an agent with tools."""
+    for name in EXAMPLE_NAMES:
+        spec = load_spec(ROOT / "specs" / f"{name}.yaml")
+        kinds = {step.kind for _p, step in iter_spec_steps(spec)}
+        wants = bool(kinds & {"tool", "programmer", "test"}) or any(
+            agent.tools for agent in spec.agents.values()
+        )
+        build = build_of(name)
+        assert (f"{build.package}/_tools.py" in build.files) == wants, name
 
 
 def test_runtime_is_black_stable_and_the_same_in_every_package() -> None:

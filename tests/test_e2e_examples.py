@@ -78,10 +78,17 @@ INPUTS: dict[str, dict[str, Any]] = {
         ],
         "focus": "Risks to the launch date",
     },
+    "multi-hop-qa": {
+        "question": "Which river flows through the capital of the country where the Eiffel "
+        "Tower stands?"
+    },
     "plan-and-execute": {
         "task": "A loan of 250000 at 4.1% over 25 years: what is the monthly payment?"
     },
     "reflexion": {
+        "task": "Describe a solar lantern in at most 30 words; mention the battery life."
+    },
+    "reflexion-memory": {
         "task": "Describe a solar lantern in at most 30 words; mention the battery life."
     },
     "router": {
@@ -96,7 +103,16 @@ INPUTS: dict[str, dict[str, Any]] = {
         ],
         "follow_up": "Can you make it shorter?",
     },
+    "mbpp-repair": {
+        "task": "Write a function to find the shared elements from the given two lists.",
+        "test_list": [
+            "assert set(similar_elements((3, 4, 5, 6), (5, 7, 4, 10))) == {4, 5}",
+            "assert set(similar_elements((1, 2, 3, 4), (5, 4, 3, 7))) == {3, 4}",
+            "assert set(similar_elements((11, 12, 14, 13), (17, 15, 14, 13))) == {13, 14}",
+        ],
+    },
     "math-program-ensemble": {"problem": "What is the sum of the first 10 positive odd integers?"},
+    "router-fallback": {"ticket": "The backup client crashes with error 0x80070005 every night."},
     "self-consistency": {"question": "What is 17 * 3 + 4? Answer with a number."},
     "tool-pipeline": {
         "text": (
@@ -107,6 +123,26 @@ INPUTS: dict[str, dict[str, Any]] = {
         "target_grade": 6,
     },
 }
+
+
+# multi-hop-qa: each sub-question, the answer and the passage (corpus id) it comes from.
+HOPS = {
+    "In which country does the Eiffel Tower stand?": ("France", "eiffel"),
+    "What is the capital of France?": ("Paris", "paris"),
+    "Which river flows through Paris?": ("the Seine", "seine"),
+}
+
+
+def read_passages(req: ChatRequest) -> ReplyLike:
+    """The reader answers only when the retrieved passages (in its prompt) hold the fact."""
+    question = req.last_user.split("Question: ")[1].split("\n")[0]
+    answer, source = HOPS[question]
+    found = f'"id": "{source}"' in req.last_user
+    return {
+        "question": question,
+        "answer": answer if found else "unknown",
+        "source": source if found else "none",
+    }
 
 
 class ByAgent:
@@ -185,6 +221,16 @@ SCRIPTS: dict[str, Callable[[], ByAgent]] = {
             },
         }
     ),
+    "multi-hop-qa": lambda: ByAgent(
+        {
+            "planner": {"sub_questions": list(HOPS)},
+            "reader": read_passages,
+            "synthesizer": {
+                "answer": "The Seine.",
+                "reasoning": "The Eiffel Tower is in France, whose capital Paris the Seine crosses.",
+            },
+        }
+    ),
     "plan-and-execute": lambda: ByAgent(
         {
             "planner": {
@@ -238,6 +284,14 @@ SCRIPTS: dict[str, Callable[[], ByAgent]] = {
             "dispatcher": {"owner": "writer", "reason": "wording"},
         }
     ),
+    "mbpp-repair": lambda: ByAgent(
+        {
+            "coder": [
+                "```python\ndef similar_elements(a, b):\n    return tuple(set(a) | set(b))\n```",
+                "```python\ndef similar_elements(a, b):\n    return tuple(set(a) & set(b))\n```",
+            ]
+        }
+    ),
     "math-program-ensemble": lambda: ByAgent(
         {
             "programmer": [
@@ -248,6 +302,23 @@ SCRIPTS: dict[str, Callable[[], ByAgent]] = {
                 _program("100"),
                 _program("100"),
             ]
+        }
+    ),
+    "reflexion-memory": lambda: ByAgent(
+        {
+            "actor": ["A lantern.", "A bright solar lantern.", "A solar lantern; 12 h battery."],
+            "critic": [
+                {"passed": False, "feedback": "Say it is solar-powered."},
+                {"passed": False, "feedback": "Mention the battery life."},
+                {"passed": True, "feedback": "All requirements met."},
+            ],
+            "reflector": ["Name the power source.", "Cover every listed requirement."],
+        }
+    ),
+    "router-fallback": lambda: ByAgent(
+        {
+            "classifier": {"category": "technical"},
+            "tech_agent": {"reply": "1. Reinstall the client.", "needs_human": False},
         }
     ),
     "router": lambda: ByAgent(
@@ -300,11 +371,30 @@ EXPECTED: dict[str, dict[str, Any]] = {
             for i, t in enumerate(["Supplier memo", "Team update", "Canteen menu"])
         ],
     },
+    "multi-hop-qa": {
+        "answer": "The Seine.",
+        "reasoning": None,
+        "findings": [
+            {"question": q, "answer": answer, "source": source}
+            for q, (answer, source) in HOPS.items()
+        ],
+    },
     "plan-and-execute": {"answer": "1333.33 per month", "summary": None, "plan": None},
     "reflexion": {
         "answer": "A solar lantern whose battery lasts 12 hours.",
         "passed": True,
         "feedback": "All requirements met.",
+    },
+    "reflexion-memory": {
+        "answer": "A solar lantern; 12 h battery.",
+        "passed": True,
+        "lessons": ["Name the power source.", "Cover every listed requirement."],
+    },
+    "router-fallback": {
+        "category": "technical",
+        "reply": "1. Reinstall the client.",
+        "needs_human": False,
+        "incidents": [],
     },
     "router": {
         "category": "technical",
@@ -317,6 +407,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "owner": "writer",
         "follow_up_answer": "SHORTER sky note",
     },
+    "mbpp-repair": {"passed": True, "code": None, "results": None},
     "math-program-ensemble": {"answer": "100", "program": "print('ANSWER: 100')\n"},
     "self-consistency": {"answer": "55"},
     "tool-pipeline": {
@@ -341,13 +432,20 @@ EXECUTED: dict[str, tuple[set[str], int]] = {
         5,
     ),
     "map-reduce": ({"summarize_each", "summarize", "reduce"}, 4),
+    "multi-hop-qa": ({"decompose", "answer_each", "retrieve", "read", "synthesize"}, 5),
     "plan-and-execute": ({"plan", "execute", "synthesize"}, 4),
     "reflexion": (
         {"first_draft", "first_review", "revise_if_needed", "reflect", "revise", "review_again"},
         4,
     ),
+    "reflexion-memory": ({"attempts", "write", "review", "learn", "reflect"}, 8),
+    "router-fallback": ({"classify", "dispatch", "answer_technical"}, 2),
     "router": ({"classify", "dispatch", "answer_technical"}, 2),
     "manager-workers": ({"manage", "route_follow_up", "answer_follow_up"}, 8),
+    "mbpp-repair": (
+        {"first_attempt", "write", "check", "repair_if_failing", "repair_loop", "repair"},
+        2,
+    ),
     "math-program-ensemble": ({"sample_programs", "write_program", "read_answer"}, 6),
     "self-consistency": ({"sample_and_vote"}, 5),
     "tool-pipeline": ({"measure_before", "rewrite", "measure_after"}, 2),
@@ -725,3 +823,79 @@ def test_code_tools_have_separate_namespaces(tmp_path: Path, llm_server: LLMTest
     code, out, _, stderr = run_package(tmp_path / "build", {}, llm_server)
     assert code == 0, stderr
     assert out["outputs"] == {"one": 1, "two": 2}
+
+
+# -- state, map, fallback examples --------------------------------------------------------------
+
+
+def test_multi_hop_qa_answers_sub_questions_concurrently(
+    builds: Callable[[str], Path],
+) -> None:
+    """The three sub-questions are read at once (requests in flight), each from passages
+    the search tool retrieved in the package, and the findings keep the plan's order."""
+    script = SCRIPTS["multi-hop-qa"]()
+    with LLMTestServer(script, latency_s=0.3) as server:
+        code, out, trace, stderr = run_package(
+            builds("multi-hop-qa"), INPUTS["multi-hop-qa"], server
+        )
+        assert code == 0, stderr
+        assert server.max_in_flight == 3
+    assert [f["source"] for f in out["outputs"]["findings"]] == ["eiffel", "paris", "seine"]
+    (synthesis,) = _users(server, "synthesizer")
+    assert synthesis.index("France") < synthesis.index("Paris") < synthesis.index("the Seine")
+    assert len(events(trace, "tool_call")) == 3
+
+
+def test_reflexion_memory_accumulates_lessons_across_iterations(
+    builds: Callable[[str], Path], llm_server: LLMTestServer
+) -> None:
+    llm_server.responder = SCRIPTS["reflexion-memory"]()
+    code, _, _, stderr = run_package(
+        builds("reflexion-memory"), INPUTS["reflexion-memory"], llm_server
+    )
+    assert code == 0, stderr
+    first, second, third = _users(llm_server, "actor")
+    assert "Name the power source." not in first
+    assert "Name the power source." in second and "Cover every" not in second
+    assert "Name the power source.\nCover every listed requirement." in third
+
+
+def test_router_specialist_failure_falls_back(
+    builds: Callable[[str], Path], llm_server: LLMTestServer
+) -> None:
+    """The technical specialist's endpoint fails on every attempt: after one retry the
+    fallback records the incident and the generalist answers; the run is ok."""
+
+    def tech_down(req: ChatRequest) -> ReplyLike:
+        raise RuntimeError("specialist model unavailable")
+
+    llm_server.responder = ByAgent(
+        {
+            "classifier": {"category": "technical"},
+            "tech_agent": tech_down,
+            "generalist": {"reply": "A specialist will follow up.", "needs_human": True},
+        }
+    )
+    code, out, trace, stderr = run_package(
+        builds("router-fallback"), INPUTS["router-fallback"], llm_server
+    )
+    assert code == 0, stderr
+    assert out["status"] == "ok"
+    outputs = out["outputs"]
+    assert outputs["reply"] == "A specialist will follow up." and outputs["needs_human"] is True
+    (incident,) = outputs["incidents"]
+    assert incident.startswith("answer_technical failed (llm_error): ")
+    failed = events(trace, "step_failed")
+    assert [(e["step"], e["attempt"], e["then"]) for e in failed] == [
+        ("answer_technical", 1, "retry"),
+        ("answer_technical", 2, "fallback"),
+    ]
+    (start,) = events(trace, "fallback_start")
+    assert start["pointer"] == "/workflow/1/else/0/fallback"
+    ended = {(e["step"], e["status"]) for e in events(trace, "step_end")}
+    assert ("answer_technical", "error") in ended
+    assert ("technical_stand_in", "ok") in ended and ("record_technical_failure", "ok") in ended
+    assert [r.agent for r in llm_server.requests if r.agent != "tech_agent"] == [
+        "classifier",
+        "generalist",
+    ]

@@ -19,7 +19,6 @@ from conftest import EXAMPLE_NAMES, example_spec
 from hypothesis import HealthCheck, assume, given, settings
 from test_compile_properties import _checked, valid_specs
 
-from mas2c import compile as compiler
 from mas2c import fastfmt
 from mas2c.compile import BLACK_MODE, compile_spec
 from mas2c.lang.spec import Spec
@@ -35,9 +34,7 @@ def both_ways(
     fast = compile_spec(spec).files
     with monkeypatch.context() as m:
         m.setattr(fastfmt, "format_str", plain_black)
-        compiler._formatted_runtime.cache_clear()
         slow = compile_spec(spec).files
-    compiler._formatted_runtime.cache_clear()
     return fast, slow
 
 

@@ -201,3 +201,133 @@ def test_a_judge_closes_an_ensemble_over_a_flow(tmp_path: Path) -> None:
     (request,) = judge
     assert "Write about tides" in request.last_user
     assert request.last_user.count("draft of plain text on tides: moon") == 3
+
+
+def test_mbpp_repairs_from_the_failing_asserts(tmp_path: Path) -> None:
+    """The first function fails every assert; the repair flow gets the code and the
+    failing asserts with their errors, and the second attempt passes all three."""
+    from test_e2e_examples import INPUTS, SCRIPTS
+
+    compile_to(example_spec("mbpp-repair"), tmp_path / "build")
+    with LLMTestServer(SCRIPTS["mbpp-repair"]()) as server:
+        code, out, _trace, stderr = run_package(tmp_path / "build", INPUTS["mbpp-repair"], server)
+        first, second = [r.last_user for r in server.requests]
+    assert code == 0, stderr
+    assert out["outputs"]["passed"] is True
+    assert [r["passed"] for r in out["outputs"]["results"]] == [True, True, True]
+    assert "set(a) & set(b)" in out["outputs"]["code"]
+    assert "set(a) | set(b)" in second and "AssertionError" in second
+    assert "similar_elements((3, 4, 5, 6), (5, 7, 4, 10))" in second
+    assert "set(a) | set(b)" not in first
+
+
+def test_a_map_runs_a_flow_per_item_concurrently(tmp_path: Path) -> None:
+    """A map's body may be a flow (a `subflow` step): each item runs it on its own state,
+    concurrently up to max_concurrency (requests in flight at the server)."""
+    data = yaml.safe_load(SPEC)
+    data["workflow"] = [
+        {
+            "id": "each",
+            "kind": "map",
+            "over": "{{ facts }}",
+            "max_concurrency": 3,
+            "steps": [
+                {
+                    "id": "draft_one",
+                    "kind": "subflow",
+                    "flow": "draft_about",
+                    "with": {"subject": "{{ item }}", "points": "{{ facts }}"},
+                    "out": "one",
+                }
+            ],
+            "result": "{{ one.text }}",
+            "out": "texts",
+        }
+    ]
+    data["outputs"] = {"texts": "texts"}
+    spec = _spec(yaml.safe_dump(data, sort_keys=False))
+    compile_to(spec, tmp_path / "build")
+
+    def answer(req: ChatRequest) -> ReplyLike:
+        return f"on {req.last_user.split(':')[0]}"
+
+    with LLMTestServer(answer, latency_s=0.3) as server:
+        server.reset_counters()
+        code, out, _trace, stderr = run_package(
+            tmp_path / "build", {"topic": "t", "facts": ["a", "b", "c", "d"]}, server
+        )
+        assert server.max_in_flight == 3
+    assert code == 0, stderr
+    assert out["outputs"]["texts"] == [f"on plain text on {x}" for x in "abcd"]
+
+
+IMPORTED = """
+spec_version: "1"
+name: common
+agents:
+  solver: {role: Solver}
+flows:
+  solve:
+    inputs: {question: {type: string}}
+    outputs: {answer: answer}
+    steps:
+      - {id: think, kind: call, agent: solver, prompt: "Q: {{ question }}", out: answer}
+  chained: {import: "./other.yaml#solve"}
+workflow:
+  - {id: run, kind: subflow, flow: solve, with: {question: "x"}, out: r}
+"""
+
+IMPORTER = """
+spec_version: "1"
+name: importer
+inputs: {question: {type: string}}
+agents:
+  solver: {role: Solver, model: m}
+models: {m: {model: test-model}}
+flows:
+  solve: {import: "REF"}
+workflow:
+  - {id: first, kind: subflow, flow: solve, with: {question: "{{ question }}"}, out: result}
+outputs: {answer: result.answer}
+"""
+
+
+def _importer(tmp_path: Path, ref: str) -> list[tuple[str, str, str]]:
+    from mas2c.lang.validate import validate_file
+
+    spec_dir = tmp_path / "specs"
+    spec_dir.mkdir(exist_ok=True)
+    (spec_dir / "common.yaml").write_text(IMPORTED, encoding="utf-8")
+    (tmp_path / "outside.yaml").write_text(IMPORTED, encoding="utf-8")
+    path = spec_dir / "main.yaml"
+    path.write_text(IMPORTER.replace("REF", ref), encoding="utf-8")
+    report = validate_file(path)
+    return [(p.code, p.pointer, p.message) for p in report.errors]
+
+
+def test_a_flow_imported_from_another_spec_is_compiled_in(tmp_path: Path) -> None:
+    from mas2c.lang.validate import load_spec
+
+    assert _importer(tmp_path, "./common.yaml#solve") == []
+    spec = load_spec(tmp_path / "specs" / "main.yaml")
+    assert spec.flows["solve"].steps[0].id == "think"
+    workflow = compile_spec(spec).files["mas2c_importer/workflow.py"].decode()
+    assert "class SolveFlow" in workflow and '"Q: {{ question }}"' in workflow
+
+
+def test_flow_imports_stay_inside_the_spec_folder(tmp_path: Path) -> None:
+    outside = _importer(tmp_path, "../outside.yaml#solve")
+    assert [(c, p) for c, p, _m in outside] == [("MAS214", "/flows/solve/import")]
+    assert "leads out of the spec's folder" in outside[0][2]
+    absolute = _importer(tmp_path, f"{tmp_path}/outside.yaml#solve")
+    assert "must be relative" in absolute[0][2]
+    (tmp_path / "specs" / "link.yaml").symlink_to(tmp_path / "outside.yaml")
+    linked = _importer(tmp_path, "./link.yaml#solve")
+    assert "leads out of the spec's folder" in linked[0][2]
+    assert "no such file" in _importer(tmp_path, "./nope.yaml#solve")[0][2]
+    assert "has no flow 'other'" in _importer(tmp_path, "./common.yaml#other")[0][2]
+    assert "do not chain" in _importer(tmp_path, "./common.yaml#chained")[0][2]
+    assert "not `<relative path>#<flow name>`" in _importer(tmp_path, "./common.yaml")[0][2]
+    # without a file to be relative to, an import cannot resolve
+    text = IMPORTER.replace("REF", "./common.yaml#solve")
+    assert _codes(text) == [("MAS214", "/flows/solve/import")]

@@ -517,3 +517,15 @@ def test_generate_compact_sends_the_reduced_schema_and_repairs(srv: LLMTestServe
     assert "MAS201" in repair.last_user
     assert said[0] == "asking Tiny (embedded: 1M parameters) for a spec (compact prompt and schema)"
     assert result.to_json()["prompt"] == "compact"
+
+
+def test_generate_compact_names_a_cut_off_reply(srv: LLMTestServer) -> None:
+    """A grammar-constrained reply that is not whole JSON was cut off: the repair says so
+    instead of listing the problems of some inner object."""
+    cut = '{"spec_version": "1", "name": "x", "inputs": {"question": {"type": "string"}}, "ag'
+    srv.responder = Script([(r".", cut)], field="system")
+    with pytest.raises(GenerateError) as info:
+        generate_spec("Add numbers.", LLMClient(srv.base_url, "k"), compact=True, max_repairs=1)
+    assert [(p.code, p.pointer) for p in info.value.problems] == [("MAS001", "")]
+    assert "cut off at the token limit" in info.value.problems[0].message
+    assert "cut off at the token limit" in srv.requests[1].last_user

@@ -474,3 +474,69 @@ def test_long_strings_are_not_matched_against_patterns() -> None:
     assert values.validate("a" * values.MAX_PATTERN_INPUT, schema) == []
     problems = values.validate("a" * (values.MAX_PATTERN_INPUT + 1), schema)
     assert problems and "too long" in problems[0]
+
+
+# -- G1. whole placeholders nested in tool args keep their known types -------------------------
+
+NESTED_ARGS = """
+spec_version: "1"
+name: nested-args
+inputs:
+  n: {type: integer}
+  s: {type: string}
+outputs: {r: r}
+models: {m: {model: test-model}}
+agents: {a: {role: r, model: m}}
+tools:
+  ints:
+    code: |
+      def ints(xs: list[int]) -> str:
+          return repr(xs)
+  strs:
+    code: |
+      def strs(xs: list[str]) -> str:
+          return repr(xs)
+  table:
+    code: |
+      def table(d: dict[str, int]) -> str:
+          return repr(d)
+  grid:
+    code: |
+      def grid(rows: list[list[int]]) -> str:
+          return repr(rows)
+  maybe:
+    code: |
+      def maybe(xs: list[int] | None = None) -> str:
+          return repr(xs)
+workflow:
+  - {id: s0, kind: call, agent: a, prompt: "{{ s }}", out: r}
+  - {id: t, kind: tool, tool: TOOL, args: ARGS, out: r2}
+"""
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "error"),
+    [
+        ("ints", '{xs: ["{{ n }}", 5]}', None),
+        ("strs", '{xs: ["{{ n }}", "{{ s }}"]}', "item 0"),
+        ("strs", '{xs: ["{{ s }}", "x"]}', None),
+        ("ints", '{xs: ["n={{ n }}"]}', "item 0"),
+        ("table", '{d: {a: "{{ n }}", b: 2}}', None),
+        ("table", '{d: {a: "{{ n }}", b: "{{ s }}"}}', "field 'b'"),
+        ("grid", '{rows: [["{{ n }}"], [1]]}', None),
+        ("grid", '{rows: [["{{ s }}"]]}', "item 0: item 0"),
+        ("maybe", '{xs: ["{{ n }}"]}', None),
+        ("maybe", '{xs: ["{{ s }}"]}', "item 0"),
+        ("ints", '{xs: {a: "{{ n }}"}}', "object"),
+    ],
+)
+def test_nested_whole_placeholders_are_checked_by_type(
+    tool: str, args: str, error: str | None
+) -> None:
+    report = validate_text(NESTED_ARGS.replace("TOOL", tool).replace("ARGS", args), "spec.yaml")
+    found = [p for p in report.problems if p.code == "MAS405"]
+    if error is None:
+        assert not found, report.format()
+    else:
+        assert found and found[0].pointer.startswith("/workflow/1/args/"), report.format()
+        assert error in found[0].message, found[0].message

@@ -144,18 +144,18 @@ def test_image_built_and_run_read_only_against_the_test_server(
             "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
             "-e", "OPENAI_API_KEY", "-e", "OPENAI_BASE_URL",
             "-v", f"{out}:/out",
-            tag, "--input", "-", "--output", "/out/out.json", "--trace", "/out/trace.jsonl",
+            tag, "--input", "-", "--output", "-", "--trace", "/out/trace.jsonl",
             input=json.dumps({"question": "What is 2 + 2?"}),
             env={**os.environ, "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": server.base_url},
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert len(server.requests) == 1
-    result = json.loads((out / "out.json").read_text())
+    result = json.loads(run.stdout)  # the documented line: stdin in, the result on stdout
     assert result["status"] == "ok"
     assert result["outputs"] == {"answer": "4", "reasoning": "2 and 2 make 4"}
     events = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "run_start" and events[-1]["event"] == "run_end"
-    assert KEY not in (out / "trace.jsonl").read_text() + (out / "out.json").read_text()
+    assert KEY not in (out / "trace.jsonl").read_text() + run.stdout + run.stderr
 
 
 @pytest.mark.docker

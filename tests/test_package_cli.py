@@ -277,3 +277,19 @@ def test_installed_package_console_script_and_no_checkpoints_in_site_packages(
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
     )  # fmt: skip
     assert run.returncode == 0 and json.loads(run.stdout)["status"] == "ok", run.stderr
+
+
+def test_the_generated_readme_example_runs_as_written(tmp_path: Path, server: LLMTestServer) -> None:
+    """The package README's library example, copied and pasted, runs against an endpoint."""
+    build = tmp_path / "build"
+    compile_to(example_spec("chain-of-thought"), build)
+    readme = (build / "README.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"^```python\n(.*?)^```$", readme, re.MULTILINE | re.DOTALL)
+    (tmp_path / "example.py").write_text(block, encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "example.py"], capture_output=True, text=True, cwd=tmp_path,
+        env=env_for(build, server), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "['ok', 'ok', 'ok']"
+    assert (tmp_path / "trace.jsonl").is_file()

@@ -629,6 +629,9 @@ def test_invalid_spec_exits_1_with_located_problems(tmp_path: Path) -> None:
         ("{not json", "not valid JSON"),
         ("[1, 2]", "must be a JSON object"),
         ("", "not valid JSON"),
+        ('{"question": NaN}', "NaN and Infinity are not JSON numbers"),
+        ('{"question": [1, {"x": 1e400}]}', "at /1/x: NaN and Infinity"),
+        ('{"question": -Infinity}', "not JSON numbers"),
     ],
 )
 def test_bad_input_file_exits_1(content: str, message: str, tmp_path: Path) -> None:
@@ -639,6 +642,7 @@ def test_bad_input_file_exits_1(content: str, message: str, tmp_path: Path) -> N
     assert proc.returncode == 1
     assert message in proc.stderr
     assert_no_traceback(proc)
+    assert not (tmp_path / "run").exists()  # refused before anything is written or run
 
 
 def test_not_a_build_folder_and_unwritable_run_dir(

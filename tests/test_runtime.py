@@ -895,9 +895,10 @@ def test_parse_structured_and_extract_code(rt: ModuleType) -> None:
         rt.parse_structured('{"b": 1}', schema)
     with pytest.raises(ValueError, match="not JSON"):
         rt.parse_structured('{"a": 1,', schema)
-    assert rt.extract_code("x\n```\nprint(1)\n```\n```python\nprint(2)\n```") == "print(2)\n"
-    assert rt.extract_code("```py\nA\n```") == "A\n"
-    assert rt.extract_code("print(3)") == "print(3)"
+    tools = load_runtime("_tools")  # code extraction ships with the steps that run code
+    assert tools.extract_code("x\n```\nprint(1)\n```\n```python\nprint(2)\n```") == "print(2)\n"
+    assert tools.extract_code("```py\nA\n```") == "A\n"
+    assert tools.extract_code("print(3)") == "print(3)"
 
 
 def test_check_inputs(rt: ModuleType) -> None:

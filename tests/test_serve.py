@@ -9,6 +9,7 @@ path (compiled code never imports mas2c).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -276,6 +277,59 @@ def test_stream_is_server_sent_events_from_the_trace(build_dir: Path) -> None:
     assert KEY not in json.dumps(events)
 
 
+def test_a_stream_closed_by_its_client_cancels_its_run(build_dir: Path) -> None:
+    with (
+        LLMTestServer(echo, latency_s=3.0) as llm,
+        serving(build_dir, llm) as (url, _proc),
+    ):
+        with httpx.stream("POST", url + "/runs/stream", json={"input": {"text": "gone"}}) as r:
+            lines = r.iter_lines()
+            assert next(lines) == "event: metadata"
+            deadline = time.monotonic() + 20
+            while not llm.in_flight and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert llm.in_flight == 1
+        # The client is gone before the first LLM answer: the second call never starts.
+        deadline = time.monotonic() + 20
+        while httpx.get(url + "/health").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(url + "/health").json()["running"] == 0
+        time.sleep(3.5)
+        assert len(llm.requests) == 1
+
+
+def test_a_waiting_client_that_leaves_cancels_its_run(build_dir: Path) -> None:
+    with (
+        LLMTestServer(echo, latency_s=3.0) as llm,
+        serving(build_dir, llm) as (url, _proc),
+    ):
+
+        async def leave(body: dict[str, Any], seen: int) -> None:
+            """Wait on the run until its LLM call is in flight, then hang up."""
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                task = asyncio.create_task(client.post("/runs/wait", json=body))
+                deadline = time.monotonic() + 30
+                while len(llm.requests) <= seen and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        asyncio.run(leave({"input": {"text": "gone"}}, 0))
+        deadline = time.monotonic() + 20
+        while httpx.get(url + "/health").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(url + "/health").json()["running"] == 0
+        time.sleep(3.5)
+        assert len(llm.requests) == 1  # the second step never started
+        # "continue" keeps the run going without its client.
+        asyncio.run(leave({"input": {"text": "stay"}, "on_disconnect": "continue"}, 1))
+        deadline = time.monotonic() + 30
+        while len(llm.requests) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(llm.requests) == 3
+
+
 def test_background_run_get_wait_delete(build_dir: Path) -> None:
     with LLMTestServer(echo, latency_s=0.2) as llm, serving(build_dir, llm) as (url, _proc):
         run = httpx.post(url + "/runs", json={"input": {"text": "bg"}}).json()
@@ -340,6 +394,15 @@ def test_sigterm_drains_in_flight_runs_then_exits(build_dir: Path) -> None:
                     await asyncio.sleep(0.05)
                 t0 = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                # Draining: a new run is refused (the listener is closed, or 503 draining).
+                async with httpx.AsyncClient(base_url=url, timeout=10) as fresh:
+                    try:
+                        late = await fresh.post("/runs/wait", json={"input": {"text": "new"}})
+                    except httpx.TransportError:
+                        pass
+                    else:
+                        assert late.status_code == 503, late.text
                 answers = await asyncio.gather(*waits)
                 assert time.monotonic() - t0 < 15
                 return answers, background

@@ -46,6 +46,7 @@ SUMMARY_KEYS = {
     "llm_calls",
     "tokens",
     "run_cost_usd",
+    "final_run_cost_usd",
     "error",
 }
 PHASES = ["generate", "configure", "compile+run"]
@@ -468,6 +469,53 @@ def test_solve_with_a_failing_run_exits_1(
     assert summary["error"]["type"] == "BudgetExceeded"
     assert summary["error"]["spec_pointer"] == "/budgets/max_llm_calls"
     assert "Status: **budget_exceeded**" in (tmp_path / "solve" / "report.md").read_text()
+
+
+def test_solve_cost_counts_every_run_of_the_system(
+    llm_server: LLMTestServer, question: Path, tmp_path: Path
+) -> None:
+    """run-1 fails after a priced call; the rectified round resumes past that call: the
+    solve's run cost is what all runs cost, not the last run's $0."""
+    failing = {
+        "spec_version": "1",
+        "name": "divides",
+        "inputs": {"question": {"type": "string"}},
+        "outputs": {"answer": "r"},
+        "models": {"m": {"model": "m-1", "price": {"input_per_mtok": 10, "output_per_mtok": 10}}},
+        "agents": {"a": {"role": "r", "instructions": "i", "model": "m"}},
+        "tools": {"boom": {"code": "def boom(x: str) -> str:\n    return str(1 / 0)\n"}},
+        "workflow": [
+            {"id": "c", "kind": "call", "agent": "a", "prompt": "{{ question }}", "out": "w"},
+            {"id": "t", "kind": "tool", "tool": "boom", "args": {"x": "{{ w }}"}, "out": "r"},
+        ],
+        "budgets": {"max_cost_usd": 5.0},
+    }
+    fix = [
+        {
+            "op": "replace",
+            "path": "/tools/boom/code",
+            "value": "def boom(x: str) -> str:\n    return x\n",
+        }
+    ]
+    llm_server.responder = Script(
+        [
+            (GENERATOR, spec_json(failing)),
+            ("rectifier of mas2c", "```json\n" + json.dumps(fix) + "\n```"),
+        ],
+        field="system",
+        default="42",
+    )
+    proc = solve_cli(tmp_path, question, llm_server, "--json", "--rectify-rounds", "1")
+    assert proc.returncode == 0, proc.stderr
+    summary = cli_document(proc)
+    first = json.loads((tmp_path / "solve" / "run-1" / "usage.json").read_text())["cost_usd"]
+    rounds = sorted((tmp_path / "solve" / "run-1" / "rectify").glob("round-*/run/usage.json"))
+    assert first > 0 and rounds
+    later = sum(json.loads(p.read_text())["cost_usd"] for p in rounds)
+    assert summary["run_cost_usd"] == pytest.approx(first + later)
+    assert summary["final_run_cost_usd"] == pytest.approx(
+        json.loads(rounds[-1].read_text())["cost_usd"]
+    )
 
 
 def test_solve_record_then_replay(question: Path, tmp_path: Path) -> None:

@@ -282,3 +282,39 @@ def test_after_a_fallback_only_what_both_paths_write_is_bound(change: Any, code:
     change(data["workflow"])
     report = validate_text(json.dumps(data))
     assert [p.code for p in report.errors] == [code], report.format()
+
+
+# -- rectify: a fallback is a fix; a map's fan-out is reducible ------------------------------
+
+
+def test_rectify_proposes_a_retry_and_a_fallback_to_a_like_agent() -> None:
+    from mas2c.lang.validate import load_spec
+    from mas2c.rectify import Failure, Locus, fix_fallback
+
+    spec = load_spec(Path(__file__).parent.parent / "specs" / "router.yaml")
+    pointer = "/workflow/1/cases/1/steps/0"
+    failure = Failure("error", "StructuredOutputError", "no JSON", code="structured_output")
+    locus = Locus(pointer, "step", step_pointer=pointer, step_id="answer_technical")
+    fix = fix_fallback(failure, locus, spec, None)
+    assert fix is not None and fix.fix_class == "fallback" and fix.deterministic
+    step = fix.spec.workflow[1].cases[1].steps[0]  # type: ignore[attr-defined]
+    assert step.retry == 1
+    (rescue,) = step.fallback
+    # tech_agent is on `strong`; a stand-in with the same output on another model is chosen.
+    assert (rescue.id, rescue.agent, rescue.out) == (
+        "answer_technical_fallback",
+        "account_agent",
+        "response",
+    )
+    assert rescue.prompt == step.prompt
+    assert fix_fallback(failure, locus, fix.spec, None) is None  # it has a fallback now
+
+
+def test_reducing_a_maps_fan_out_truncates_visibly() -> None:
+    from mas2c.rectify import _fanout_reduction
+
+    data = {**copy.deepcopy(BASE), **copy.deepcopy(MAP_SPEC)}
+    change = _fanout_reduction(data, "/workflow/0")
+    assert change == "/workflow/0/max_items: 8 -> 4, /workflow/0/on_overflow: truncate"
+    assert data["workflow"][0]["on_overflow"] == "truncate"
+    assert validate_text(json.dumps(data)).ok

@@ -230,6 +230,9 @@ class FanOut:
     field: str
     value: int
     size: int
+    # Other fields set when the fan-out is reduced (a map's on_overflow: truncate, so that
+    # the reduced cap cuts the list visibly instead of failing).
+    also: tuple[tuple[str, Any], ...] = ()
 
     @property
     def reduced(self) -> int:
@@ -753,6 +756,7 @@ class ProgrammerStep(_Writes):
     max_attempts: int = Field(3, ge=1, le=20)
     run_timeout_s: float = Field(10.0, gt=0, le=3600)
 
+    RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_tools.py",)
     LANGUAGE: ClassVar[str] = (
         "an agent writes Python code, it is run, errors go back to the agent up to\n"
         "  max_attempts times. Fields: agent, prompt, max_attempts, run_timeout_s, out. The out\n"
@@ -798,6 +802,7 @@ class TestStep(_Writes):
     )
     run_timeout_s: float = Field(10.0, gt=0, le=3600)
 
+    RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_tools.py",)
     LANGUAGE: ClassVar[str] = (
         "runs tests after the code held in a state variable (Markdown fences stripped).\n"
         '  Fields: code (a state path such as "solution.code", not a placeholder), tests\n'
@@ -846,6 +851,7 @@ class ToolStep(_Writes):
         default_factory=dict, description="String values may hold placeholders."
     )
 
+    RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_tools.py",)
     LANGUAGE: ClassVar[str] = (
         "calls a tool directly. Fields: tool, args (an object; string values may hold\n"
         "  placeholders), out."
@@ -928,7 +934,7 @@ class MapStep(_Writes):
         return self.max_items
 
     def fan_out(self) -> FanOut:
-        return FanOut("max_items", self.max_items, self.max_items)
+        return FanOut("max_items", self.max_items, self.max_items, (("on_overflow", "truncate"),))
 
     def summary(self) -> str:
         return (
@@ -1320,4 +1326,23 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://mas2c.dev/schema/spec-v1.json"
     schema["title"] = "mas2c MAS spec"
+    flows = schema.get("properties", {}).get("flows", {})
+    if "additionalProperties" in flows:  # a flow, or an import of one (mas2c.lang.imports)
+        flows["additionalProperties"] = {
+            "anyOf": [
+                flows["additionalProperties"],
+                {
+                    "type": "object",
+                    "properties": {
+                        "import": {
+                            "type": "string",
+                            "description": "`<path relative to this spec>#<flow name>`: the "
+                            "flow of another spec file, copied in when this spec is loaded.",
+                        }
+                    },
+                    "required": ["import"],
+                    "additionalProperties": False,
+                },
+            ]
+        }
     return schema

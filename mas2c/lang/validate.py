@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from mas2c import toolcode, values
 from mas2c.errors import InvalidInput
 from mas2c.lang import expr
+from mas2c.lang.imports import resolve_flow_imports
 from mas2c.lang.prompts import BUILTIN_PROMPTS
 from mas2c.lang.source import (
     Position,
@@ -79,6 +80,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS211": "a delegation that cannot work: to the agent itself, in a cycle, or named like one of its tools",
     "MAS212": "a chat `history` that is not a whole placeholder of a list of {role, content} messages",
     "MAS213": "a few-shot example's answer does not fit the agent's output",
+    "MAS214": "a flow import that cannot be resolved: not `path#flow`, outside the spec's folder, missing, unreadable, or naming no flow there",
     "MAS301": "a placeholder or reference reads a state variable that is not bound there",
     "MAS302": "a malformed placeholder",
     "MAS303": "a condition uses a construct outside the safe subset",
@@ -103,6 +105,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS505": "a vote over structured answers has no field to vote on",
     "MAS506": "two parallel branches write the same state variable",
     "MAS511": "a schema `pattern` that does not compile or can backtrack for exponential time",
+    "MAS910": "a parallel branch writes no variable on every path, so its result is null (warning)",
     "MAS520": "a state variable's reducer does not fit its schema or initial value",
     "MAS521": "a state variable's initial value does not match its schema",
     "MAS522": "a state variable is also an input",
@@ -248,10 +251,13 @@ def validate_source(source: SpecSource) -> Report:
             "MAS002", "", "the spec must be a mapping of keys (spec_version, name, agents, ...)"
         )
     else:
+        data, import_problems, checker.failed_imports = resolve_flow_imports(source)
+        for code, pointer, message, hint in import_problems:
+            checker.add(code, pointer, message, hint)
         try:
             # By alias only: a spec writes `else` and `$schema`; the Python names `else_` and
             # `schema_` are unknown keys there, not synonyms (pydantic >= 2.11).
-            report.spec = Spec.model_validate(source.data, by_alias=True, by_name=False)
+            report.spec = Spec.model_validate(data, by_alias=True, by_name=False)
         except ValidationError as exc:
             for error in exc.errors():
                 checker.add_pydantic(error)
@@ -348,6 +354,7 @@ class _Checker:
         self.source = source
         self.problems: list[Problem] = []
         self._seen: set[tuple[str, str, str]] = set()
+        self.failed_imports: set[str] = set()  # flows whose import failed (MAS214)
 
     def add(
         self,
@@ -1057,8 +1064,46 @@ class _Checker:
                 if mismatch:
                     return f"the placeholders sit inside a larger string, which is text; the parameter wants {mismatch[1]}"
                 return None
+        if isinstance(value, list | dict) and _holds_placeholder(value):
+            return self._container_problem(value, expected, scope)
         problems = values.validate(value, expected)
         return problems[0].partition(": ")[2] if problems else None
+
+    def _container_problem(
+        self, value: list[Any] | dict[str, Any], expected: dict[str, Any], scope: _Scope
+    ) -> str | None:
+        """A list or object holding placeholders, against the parameter's schema: each
+        element checked as an argument of its own (a whole placeholder by its known type)."""
+        alternatives = expected.get("anyOf")
+        if isinstance(alternatives, list) and alternatives:
+            found = [
+                self._container_problem(value, alt, scope)
+                for alt in alternatives
+                if isinstance(alt, dict)
+            ]
+            return None if None in found or not found else found[0]
+        kind = "array" if isinstance(value, list) else "object"
+        mismatch = _type_mismatch({"type": kind}, expected)
+        if mismatch:
+            return f"a {kind} is given, the parameter wants {mismatch[1]}"
+        if isinstance(value, list):
+            items = expected.get("items")
+            for index, element in enumerate(value):
+                problem = self._argument_problem(
+                    element, items if isinstance(items, dict) else {}, scope
+                )
+                if problem:
+                    return f"item {index}: {problem}"
+            return None
+        properties = expected.get("properties") or {}
+        extra = expected.get("additionalProperties")
+        for key, element in value.items():
+            sub = properties.get(key, extra if isinstance(extra, dict) else {})
+            problem = self._argument_problem(element, sub, scope)
+            if problem:
+                return f"field {key!r}: {problem}"
+        missing = [name for name in expected.get("required") or [] if name not in value]
+        return f"missing field {missing[0]!r}" if missing else None
 
     def _tool_ref(self, tool: str, pointer: str) -> None:
         self.used_tools.add(tool)
@@ -1073,6 +1118,7 @@ class _Checker:
     def _parallel(self, step: Step, here: str, scope: _Scope) -> _Scope:
         """Nested lists that run concurrently: each starts from `scope`; all are merged.
         Two of them writing the same variable is a race (MAS506)."""
+        self._parallel_results(step, here)
         writers: dict[str, str] = {}
         combining = {name for name, var in self.declared.items() if var.combines}
         for key, children in step.child_lists():
@@ -1096,6 +1142,28 @@ class _Checker:
             result = self._steps(children, f"{here}/{key}", scope)
             after = after.merge_all(result)
         return self._bind_out(step, here, after, self._out_schema(step))
+
+    def _parallel_results(self, step: Step, here: str) -> None:
+        """MAS910 (warning): with `out`, each branch's entry is the last variable the branch writes on
+        every path; a branch that writes only on some paths (inside a nested `branch` whose
+        arms write different variables) would give null, silently."""
+        if not step_out(step):
+            return
+        for key, children in step.child_lists():
+            some = sorted(expr.all_writes(children))
+            if expr.definite_writes(children) or not some:
+                continue  # a branch run for its effects (writing nothing) is not flagged
+            self.add(
+                "MAS910",
+                f"{here}/{key}",
+                f"branch {key.rsplit('/', 1)[-1]} of parallel `{step.id}` writes no variable on every "
+                "path"
+                + f" ({', '.join(f'`{n}`' for n in some)} only on some)"
+                + f", so its entry in `{step_out(step)}` would be null",
+                "make every arm of the nested `branch` (and its `else`) write the same "
+                "variable, or end the branch with a step that writes its result",
+                severity="warning",
+            )
 
     def _each(self, step: Step, here: str, scope: _Scope) -> _Scope:
         """A body run once per item (`map`), each in a scope of its own: the item and index
@@ -1515,6 +1583,8 @@ class _Checker:
         for key, name in step.flow_refs():
             self.used_flows.add(name)
             flow = self.spec.flows.get(name)
+            if flow is None and name in self.failed_imports:
+                continue  # reported once, at the import (MAS214)
             if flow is None:
                 self.add(
                     "MAS207",
@@ -1757,6 +1827,17 @@ _CONDITION_CONSTANTS = {"true": "true", "false": "false", "null": "null", "none"
 _NOT_CONSTANT = object()
 # The JSON types each placeholder filter accepts (absent: any value).
 _FILTER_TYPES: dict[str, set[str]] = {"join": {"array"}, "length": {"array", "object", "string"}}
+
+
+def _holds_placeholder(value: Any) -> bool:
+    """Whether a list or object holds a placeholder at any depth."""
+    if isinstance(value, str):
+        return bool(values.placeholders(value))
+    if isinstance(value, list):
+        return any(_holds_placeholder(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_placeholder(v) for v in value.values())
+    return False
 
 
 def _schema_types(schema: Any) -> set[str]:

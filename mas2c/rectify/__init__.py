@@ -118,6 +118,7 @@ FixClass = Literal[
     "empty_vote",
     "timeout",
     "budget",
+    "fallback",
     "llm_code",
     "llm_patch",
 ]
@@ -575,13 +576,16 @@ def step_at(spec: Spec, pointer: str) -> Step | None:
     return None
 
 
-def _enclosing_step(pointer: str) -> str | None:
-    """The longest step pointer prefix of a pointer into the workflow."""
-    match = re.match(
-        r"^((?:/workflow|/flows/[^/]+/steps)(?:/\d+(?:/(?:branches/\d+|steps|cases/\d+/steps|else))?)*/\d+)",
-        pointer,
-    )
-    return match.group(1) if match else None
+def _enclosing_step(spec: Spec, pointer: str) -> str | None:
+    """The innermost step whose pointer is `pointer` or a prefix of it. Where steps nest
+    (branches, cases, a loop's or a map's steps, a fallback, a flow's steps) is each step
+    kind's `child_lists()`, walked by `iter_spec_steps`: no child-list key is spelled here."""
+    best: str | None = None
+    for here, _step in iter_spec_steps(spec):
+        inside = pointer == here or pointer.startswith(here + "/")
+        if inside and (best is None or len(here) > len(best)):
+            best = here
+    return best
 
 
 def locate(failure: Failure, spec: Spec, build: Build) -> Locus:
@@ -621,10 +625,9 @@ def locate(failure: Failure, spec: Spec, build: Build) -> Locus:
         locus.tool = parts[1]
         locus.element = "tool_code" if parts[2:3] == ["code"] else "tool"
         locus.tool_line = line if locus.element == "tool_code" else None
-    elif parts[:1] == ["workflow"]:
+    elif (enclosing := _enclosing_step(spec, pointer)) is not None or parts[:1] == ["workflow"]:
         locus.element = "step"
-        enclosing = _enclosing_step(pointer)
-        locus.step_pointer = enclosing if enclosing and step_at(spec, enclosing) else None
+        locus.step_pointer = enclosing
     elif parts[:1] == ["agents"] and len(parts) >= 2:
         locus.element = "agent"
         locus.agent = parts[1]
@@ -977,7 +980,7 @@ def _fanout_reduction(data: dict[str, Any], pointer: str) -> str | None:
     root = step_at(spec, pointer)
     if root is None:
         return None
-    candidates: list[tuple[int, str, str, int]] = []  # (size, pointer, key, new)
+    candidates: list[tuple[int, str, str, int, tuple[tuple[str, Any], ...]]] = []
     # The step, its nested steps, and the steps of every flow it runs (an ensemble over a
     # flow, or a flow's own fan-out).
     trees = [iter_step_tree(root, pointer)]
@@ -988,14 +991,17 @@ def _fanout_reduction(data: dict[str, Any], pointer: str) -> str | None:
     for here, step in (found for tree in trees for found in tree):
         fan = step.fan_out()
         if fan is not None and fan.value > 1:
-            candidates.append((fan.size, here, fan.field, fan.reduced))
+            candidates.append((fan.size, here, fan.field, fan.reduced, fan.also))
     if not candidates:
         return None
-    _size, where, key, new = max(candidates, key=lambda c: c[0])
+    _size, where, key, new, also = max(candidates, key=lambda c: c[0])
     old = resolve(data, where).get(key)
     _set_key(data, where, key, new)
+    for other, value in also:  # e.g. a map's on_overflow: truncate (a visible cut)
+        _set_key(data, where, other, value)
     shown = old if old is not None else "default"
-    return f"{where}/{key}: {shown} -> {new}"
+    extra = "".join(f", {where}/{other}: {value}" for other, value in also)
+    return f"{where}/{key}: {shown} -> {new}{extra}"
 
 
 def _set_key(data: dict[str, Any], pointer: str, key: str, value: Any) -> None:
@@ -1145,6 +1151,55 @@ def fix_budget(failure: Failure, locus: Locus, spec: Spec, ctx: Context) -> Fix 
     return None
 
 
+# Failures a step's `retry`/`fallback` can recover from (see the runtime's `recoverable`).
+FALLBACK_KINDS = ("structured_output", "tool_error", "empty_vote", "timeout")
+
+
+def fix_fallback(failure: Failure, locus: Locus, spec: Spec, ctx: Context | None) -> Fix | None:
+    """A step answered by an agent that failed with a recoverable error and has no
+    fallback yet, when another agent answers in the same form (the same output): one
+    `retry`, then a `fallback` asking that agent the same prompt (the failure is in
+    `error`). Proposed when the fix for the error's own class does not apply."""
+    pointer = locus.step_pointer
+    step = step_at(spec, pointer) if pointer else None
+    if pointer is None or step is None or step.fallback or failure.code == "run_timeout":
+        return None
+    data = spec.to_data()
+    node = resolve(data, pointer)
+    changes: list[str] = []
+    if not step.retry:
+        node["retry"] = 1
+        changes.append(f"{pointer}/retry: 1")
+    answering = step.answer_agents()
+    prompt = next((text for key, text in step.templates() if key == "prompt"), None)
+    out = step.writes()
+    agent = spec.agents.get(answering[0]) if len(answering) == 1 else None
+    # Another agent answering in the same form; one on another model first (the failure
+    # may be the model's).
+    same = [
+        (other.model == agent.model, name)
+        for name, other in spec.agents.items()
+        if agent is not None and name not in answering and other.output == agent.output
+    ]
+    stand_in = min(same)[1] if same else None
+    ids = {s.id for _p, s in iter_spec_steps(spec)}
+    fallback_id = f"{step.id}_fallback"
+    if not stand_in or prompt is None or not out or fallback_id in ids:
+        return None  # a retry alone repeats a deterministic failure: the LLM route decides
+    node["fallback"] = [
+        {"id": fallback_id, "kind": "call", "agent": stand_in, "prompt": prompt, "out": out}
+    ]
+    changes.append(f"{pointer}/fallback: agent `{stand_in}` answers `{out}` instead")
+    return Fix(
+        checked_spec(data),
+        "fallback",
+        True,
+        f"step `{step.id}` failed ({failure.code}); a retry and a fallback to "
+        f"`{stand_in}` let the run go on",
+        changes,
+    )
+
+
 def _top_steps(spec: Spec) -> list[tuple[str, Step]]:
     return [(f"/workflow/{i}", step) for i, step in enumerate(spec.workflow)]
 
@@ -1161,16 +1216,20 @@ DETERMINISTIC: dict[str, Callable[[Failure, Locus, Spec, Context], Fix | None]] 
 
 
 def deterministic_fix(failure: Failure, locus: Locus, spec: Spec, ctx: Context) -> Fix | None:
-    fixer = DETERMINISTIC.get(failure.kind)
-    if fixer is None:
-        return None
-    try:
-        fix = fixer(failure, locus, spec, ctx)
-        if fix is not None:
-            guard_fix(spec, fix.spec, allow_budget_raise=ctx.allow_budget_raise)
-        return fix
-    except (FixRejected, KeyError, IndexError, TypeError, ValueError, AttributeError):
-        return None  # the deterministic route does not apply here; the LLM may still
+    fixers = [DETERMINISTIC.get(failure.kind)]
+    if failure.kind in FALLBACK_KINDS:
+        fixers.append(fix_fallback)  # when the class's own fix does not apply
+    for fixer in fixers:
+        if fixer is None:
+            continue
+        try:
+            fix = fixer(failure, locus, spec, ctx)
+            if fix is not None:
+                guard_fix(spec, fix.spec, allow_budget_raise=ctx.allow_budget_raise)
+                return fix
+        except (FixRejected, KeyError, IndexError, TypeError, ValueError, AttributeError):
+            continue  # the deterministic route does not apply here; the LLM may still
+    return None
 
 
 # -- LLM fixes ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="fab5a36cda4dfc63e701ac551c9878dc98fe593a64a3b905e368517c396b72c6",
+        code_sha="66d441accc4b9cd23295c5d26f35725127478e1c254c8e51b13d956b56395121",
         reads=["question"],
     ),
 )

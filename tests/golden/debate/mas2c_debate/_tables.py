@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="08b45b9a71258445e25d74b2e2dc0948b90d30b790ad2edf0da67a9b2ac35f58",
+        code_sha="1080809db7de4c4e148193a8f20e185cb95c628c6278f18614c98758331ed829",
         reads=["question"],
     ),
 )

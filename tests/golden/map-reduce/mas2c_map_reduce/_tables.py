@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="24b53d47453dc71e5d29aea57e3816a4c83704bc9a758f56f048fcbe1ec21feb",
+        code_sha="c6147269c350053062cc4e7289d1012e085ca987d281797542868b6042505b65",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="ecfcfac260532afb0fea1b61a22f2d2f8a1dd58acb799c73c6cd04157e09ea8a",
+        code_sha="0cfa47a745c24ba37ec8d36f6f09f4e6a87897e5321ee00f95fa8f355ec2c536",
         reads=["focus", "summaries"],
     ),
 )

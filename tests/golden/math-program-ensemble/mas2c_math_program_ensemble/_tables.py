@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="39b346bf324b9c23518f290eba13b9956f815e6e53881e47c64e1ce8938576f4",
+        code_sha="da97b5d7f0762f6a93bbd7b90879a6f4fd3cb44adda1cb1952e81694fdb4757b",
         reads=["problem"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="20e90a1baf9423f57b34c2b00e973f630ca31b212c25e1bac7a3040f240293b7",
+        code_sha="78dedba10c2bffad18c214f5eff08e1d32b12059d26a21ce473e7afdcd4c6f4e",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="252a486ea6f8193912bbf8006f7088f002b05e0951745adfc8cf0f64d0135a6f",
+        code_sha="54a86d73d5f583347eddf8c3730cd7a8b4f82b087dfd3680c038ef8e7653e805",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="a2bc6bdbf14bf0bfcc679b57d9f4483a29187e84ef815150b7da995e5f13cb83",
+        code_sha="07ae07d36a93100bd308ae07fe4b8c8846435e0e6709a740c767c303ebcd5b48",
         reads=["question"],
     ),
 )
