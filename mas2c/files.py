@@ -48,7 +48,13 @@ def write_bytes_atomic(path: Path, data: bytes, *, parents: bool = True) -> None
     """Write via a temporary file in the same folder and rename it into place.
 
     `parents=False`: the folder must exist (FileNotFoundError otherwise, nothing created).
+    An existing device, FIFO or socket (`-o /dev/null`) is written in place: a rename
+    would replace the device node with a regular file.
     """
+    if _is_special(path):
+        with open(path, "wb") as handle:
+            handle.write(data)
+        return
     if parents:
         path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
@@ -61,6 +67,14 @@ def write_bytes_atomic(path: Path, data: bytes, *, parents: bool = True) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _is_special(path: Path) -> bool:
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks: /dev/stdout is one
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
 def _read_umask() -> int:

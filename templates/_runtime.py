@@ -39,6 +39,7 @@ import json
 import os
 import re
 import ssl
+import stat
 import sys
 import tempfile
 import threading
@@ -2059,8 +2060,23 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def _is_special(path: Path) -> bool:
+    """An existing device, FIFO or socket (say /dev/null): written in place, never
+    replaced by a rename (which would turn /dev/null into a regular file)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write via a temp file in the same folder, then rename: never half a file."""
+    if _is_special(path):
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(obj, handle, ensure_ascii=False, indent=2, default=str)
+            handle.write("\n")
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

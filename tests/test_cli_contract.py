@@ -202,6 +202,29 @@ def test_what_a_program_wrote_reaches_the_terminal_escaped(
         assert control not in proc.stderr
 
 
+def private_null(folder: Path) -> Path:
+    """A character device like /dev/null inside `folder` (root can make one; else the real
+    /dev/null): a regression then breaks only this node, not the machine's /dev/null."""
+    node = folder / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        return Path("/dev/null")
+    return node
+
+
+def test_writing_to_a_device_leaves_the_device(tmp_path: Path) -> None:
+    """`-o /dev/null` (or a FIFO, /dev/stdout): written in place, never renamed over."""
+    null = str(private_null(tmp_path))
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("models:\n  cheap: {model: small}\n")
+    configure = ["configure", str(COT), "--pool", str(pool), "--rule", "-o", null]
+    for argv in (["schema", "-o", null], configure):
+        proc = mas2c(*argv, cwd=tmp_path, inprocess=True)
+        assert proc.returncode == 0, proc.stderr
+        assert stat.S_ISCHR(os.stat(null).st_mode)
+
+
 def test_build_folder_modes_follow_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -45,7 +46,13 @@ NOISY = {
     },
     "workflow": [
         {"id": "ask", "kind": "call", "agent": "a", "prompt": "{{ question }}", "out": "answer"},
-        {"id": "loud", "kind": "tool", "tool": "shout", "args": {"text": "{{ answer }}"}, "out": "shout"},
+        {
+            "id": "loud",
+            "kind": "tool",
+            "tool": "shout",
+            "args": {"text": "{{ answer }}"},
+            "out": "shout",
+        },
     ],
     "budgets": {"max_llm_calls": 4},
 }
@@ -102,10 +109,37 @@ def test_pipes_carry_only_the_result(build: Path, server: LLMTestServer) -> None
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # the whole of stdout is one JSON document
-    assert result["status"] == "ok" and result["outputs"]["shout"] == result["outputs"]["answer"].upper()
+    assert (
+        result["status"] == "ok"
+        and result["outputs"]["shout"] == result["outputs"]["answer"].upper()
+    )
     assert proc.stdout.startswith("{") and proc.stdout.endswith("}\n")
     assert "noise from print" in proc.stderr and "noise from fd 1" in proc.stderr
     assert not (build / "-").exists() and not (build / "out.json").exists()
+
+
+def private_null(folder: Path) -> Path:
+    """A character device like /dev/null inside `folder` (root can make one; else the real
+    /dev/null): a regression then breaks only this node, not the machine's /dev/null."""
+    node = folder / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        return Path("/dev/null")
+    return node
+
+
+def test_output_to_a_device_writes_in_place(
+    build: Path, server: LLMTestServer, tmp_path: Path
+) -> None:
+    """`--output /dev/null`: an atomic write's rename would replace the device node with
+    a regular file (as root, for the whole machine); a device is written in place."""
+    null = private_null(tmp_path)
+    proc = package(
+        build, "--input", "-", "--output", null, server=server, stdin='{"question": "hi"}'
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_ISCHR(os.stat(null).st_mode)
 
 
 def test_exit_codes_and_the_result_file(build: Path, server: LLMTestServer, tmp_path: Path) -> None:
@@ -226,7 +260,11 @@ def test_example_values_follow_the_schema() -> None:
         "a": {"type": "integer", "minimum": 5, "maximum": 9},
         "b": {"type": "number", "exclusiveMinimum": 2.5},
         "c": {"type": "array", "items": {"enum": ["x", "y"]}, "minItems": 2},
-        "d": {"type": "object", "properties": {"k": {"type": "boolean"}, "o": {}}, "required": ["k"]},
+        "d": {
+            "type": "object",
+            "properties": {"k": {"type": "boolean"}, "o": {}},
+            "required": ["k"],
+        },
         "e": {"type": ["null", "string"], "minLength": 12, "maxLength": 20},
         "f": {"type": "string", "examples": ["given"]},
         "g": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
@@ -258,14 +296,21 @@ def test_installed_package_console_script_and_no_checkpoints_in_site_packages(
     )
     assert help_.returncode == 0 and help_.stdout.startswith(f"usage: {script.name} "), help_.stdout
     version = subprocess.run(
-        [sys.executable, str(script), "--version"], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, str(script), "--version"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert version.stdout.startswith(f"{script.name} 1.0.0 ")
     # a checkpoints/ folder inside site-packages is never used; in the build folder it is
     (target / "checkpoints").mkdir()
     (build / "checkpoints").mkdir()
     probe = "from {pkg} import _runtime; print(_runtime.checkpoint_dir(None))"
-    for where, expected in ((target, "(None, False)"), (build, f"({build / 'checkpoints'!r}, False)")):
+    for where, expected in (
+        (target, "(None, False)"),
+        (build, f"({build / 'checkpoints'!r}, False)"),
+    ):
         code = probe.format(pkg=built.package)
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, env=env_for(where, None),
@@ -279,7 +324,9 @@ def test_installed_package_console_script_and_no_checkpoints_in_site_packages(
     assert run.returncode == 0 and json.loads(run.stdout)["status"] == "ok", run.stderr
 
 
-def test_the_generated_readme_example_runs_as_written(tmp_path: Path, server: LLMTestServer) -> None:
+def test_the_generated_readme_example_runs_as_written(
+    tmp_path: Path, server: LLMTestServer
+) -> None:
     """The package README's library example, copied and pasted, runs against an endpoint."""
     build = tmp_path / "build"
     compile_to(example_spec("chain-of-thought"), build)

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="66d441accc4b9cd23295c5d26f35725127478e1c254c8e51b13d956b56395121",
+        code_sha="97736b108e1cccc1e9aa4ef344d0b94d76bc600bf08f65169a1f649782093fb3",
         reads=["question"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="1080809db7de4c4e148193a8f20e185cb95c628c6278f18614c98758331ed829",
+        code_sha="db48a516974226a9bef17640b021fb7fad7b513b8316744e72e71b18a77696b6",
         reads=["question"],
     ),
 )

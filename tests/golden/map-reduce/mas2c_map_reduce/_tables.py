@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="c6147269c350053062cc4e7289d1012e085ca987d281797542868b6042505b65",
+        code_sha="d63877f081833ec106ddd6e5428bb2da8e860160d358ddf9c54ae2f3eba23023",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="0cfa47a745c24ba37ec8d36f6f09f4e6a87897e5321ee00f95fa8f355ec2c536",
+        code_sha="63c1dd4d0964fed69697cb20657657eab1e9ca471578c364a29dfb5a0b17b876",
         reads=["focus", "summaries"],
     ),
 )

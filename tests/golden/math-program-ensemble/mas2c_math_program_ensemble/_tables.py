@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="da97b5d7f0762f6a93bbd7b90879a6f4fd3cb44adda1cb1952e81694fdb4757b",
+        code_sha="dd87f1b31b0fe1cbc9aca58e34a9ecdac3e88b2324aae7e367513c8e9ffc6ea7",
         reads=["problem"],
     ),
 )

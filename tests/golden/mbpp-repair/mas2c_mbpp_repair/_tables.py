@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="50581ad0f1a85776c723076a8df2e358fb299fdb69267f40b7024f7a4d7293a0",
+        code_sha="b436fa61673f7d5243fe3228f3a766a4c093ba03963100f608a7e4cd44bc34c3",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="48f522b4b5607c2e392d60fa43a1250222cbcc8bde0164be313bddeb0f40ab71",
+        code_sha="0ef8b14b7a99456af822317e87f0e519db2c0ff12f5ee4c68b9c23dff5e57f9d",
         reads=["result", "task", "test_list"],
     ),
 )

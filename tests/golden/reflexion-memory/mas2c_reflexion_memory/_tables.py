@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="7c17469ab5fd14108f3f105532e30e00e82915d78db9a57593d78bf76d1cee99",
+        code_sha="2fdef6cab6af6d1b8f1d2e309d1096223f39b8c900b668b8c363c7b3bdd7575f",
         reads=["draft", "memory", "review", "task"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="a0e981431b8423633f99bc2acfed015efa288689943fab9f6e814503243457a7",
+        code_sha="5e7ce4f22427a8623d9560fc3de724e15afffd0b6df17515341eefbeb7b6e262",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="a82342250aff815af6524163d429746790bf98f1ebee23440d843f1be225cfbc",
+        code_sha="b7eba5041bbc1555ef31cff83b35ec552fa3a313ddd5e6edc4d7b383e4db3206",
         reads=["error", "route", "ticket"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="78dedba10c2bffad18c214f5eff08e1d32b12059d26a21ce473e7afdcd4c6f4e",
+        code_sha="49e01b55fbd7e0d3502be549bd24d579b1a541151ed87676060bc11669a05f30",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="54a86d73d5f583347eddf8c3730cd7a8b4f82b087dfd3680c038ef8e7653e805",
+        code_sha="a1d78abf18e11426d9fc6dd4940542ea0337463584669d6ed22aca17d73d30fe",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="07ae07d36a93100bd308ae07fe4b8c8846435e0e6709a740c767c303ebcd5b48",
+        code_sha="c3bf02af66fce2152d3250625b31585e60a48dfbc607e513b1eb9fba933e0509",
         reads=["question"],
     ),
 )
