@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="66d441accc4b9cd23295c5d26f35725127478e1c254c8e51b13d956b56395121",
+        code_sha="7765bbceb62ded41976a67b7236b5b2b333ca46676d3af9bb04fd019f744fd54",
         reads=["question"],
     ),
 )

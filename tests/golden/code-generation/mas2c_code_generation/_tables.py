@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="f328466622c88f6e4805b33224725b05eb0185c711c1a090d914206ee80ce5b3",
+        code_sha="097088e9402f2aec9c9b97eaeaa60ba56c3655b8b5166a3faf7e729280e9797e",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="f12adffee334c13d6bee806c644c10ce8ffb8f5f9bf24e9d49d92d4a3d2342e0",
+        code_sha="d2f8c4b445ba341b233c5d869779303282e8ccfd2773924fc062ce34aefb828c",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="7f58a70c377d69129865497a7357a9bc767c72d4c779b3e0aab08aef5a5a401b",
+        code_sha="c5f44d67588587b01617317ba1d9f622eba0e3abcb53d1d69d6811fb4ef7402e",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -51,10 +51,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 20, 23, "/workflow"),
     ("workflow.py", 26, 42, "/workflow/0"),
     ("workflow.py", 45, 52, "/workflow/1"),
-    ("workflow.py", 55, 60, "/workflow/2"),
-    ("workflow.py", 63, 73, "/workflow/2/cases/0/steps/0"),
-    ("workflow.py", 76, 104, "/workflow/2/cases/0/steps/0/steps/0"),
-    ("workflow.py", 107, 114, "/workflow/2/cases/0/steps/0/steps/1"),
+    ("workflow.py", 55, 64, "/workflow/2"),
+    ("workflow.py", 67, 81, "/workflow/2/cases/0/steps/0"),
+    ("workflow.py", 84, 112, "/workflow/2/cases/0/steps/0/steps/0"),
+    ("workflow.py", 115, 122, "/workflow/2/cases/0/steps/0/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

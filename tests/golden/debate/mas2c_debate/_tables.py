@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="1080809db7de4c4e148193a8f20e185cb95c628c6278f18614c98758331ed829",
+        code_sha="b71d058da8f2c5267e829c4e209ded141079153a4894e9b3194d0a76497b0237",
         reads=["question"],
     ),
 )

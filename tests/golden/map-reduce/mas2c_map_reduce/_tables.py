@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="c6147269c350053062cc4e7289d1012e085ca987d281797542868b6042505b65",
+        code_sha="d93cefa983394f383cbf58726617f0bc9238ad0dd3f25a29ea194f6e385e31eb",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="0cfa47a745c24ba37ec8d36f6f09f4e6a87897e5321ee00f95fa8f355ec2c536",
+        code_sha="58625b4222506bbd1a00a60ec3f48eb0ef62a28f6b10a9f49a44da71e023cda9",
         reads=["focus", "summaries"],
     ),
 )

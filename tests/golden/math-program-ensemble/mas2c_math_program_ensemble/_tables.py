@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="046bd9cda04e50a47e9560ab2d57aba3c4723031c7ce3291ad46194ae9fea8d8",
+        code_sha="c8b5ea6c7cccf538c1e85a1a538214c71a8b5c94315f8cdc96da5d53b0a51ed9",
         reads=["problem"],
     ),
 )

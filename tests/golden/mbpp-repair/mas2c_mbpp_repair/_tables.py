@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="6fb13b0bfdcf637cd6ee2edc4431913f440ebd67b3d879a8137b6e1b9c7309c6",
+        code_sha="f1fe5ec46d18c36fa8ca39ff25f2502b4e39c42714b21ec7b2472ee12db4b9e7",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="4c4d58dab3c32948981df2d6c36fed089d425a221738a046a3bba2119ec498a9",
+        code_sha="60e1523af5531ae57ac03ab5185f8d94dddc2f9457d873742f2d68a90d5230c7",
         reads=["result", "task", "test_list"],
     ),
 )
@@ -41,13 +41,13 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 19, 32, "/agents/coder"),
     ("workflow.py", 23, 25, "/workflow"),
     ("workflow.py", 28, 35, "/workflow/0"),
-    ("workflow.py", 38, 43, "/workflow/1"),
-    ("workflow.py", 46, 55, "/workflow/1/cases/0/steps/0"),
-    ("workflow.py", 58, 70, "/workflow/1/cases/0/steps/0/steps/0"),
-    ("workflow.py", 74, 129, "/flows/write_and_test"),
-    ("workflow.py", 99, 101, "/flows/write_and_test/steps"),
-    ("workflow.py", 104, 121, "/flows/write_and_test/steps/0"),
-    ("workflow.py", 124, 129, "/flows/write_and_test/steps/1"),
+    ("workflow.py", 38, 47, "/workflow/1"),
+    ("workflow.py", 50, 63, "/workflow/1/cases/0/steps/0"),
+    ("workflow.py", 66, 78, "/workflow/1/cases/0/steps/0/steps/0"),
+    ("workflow.py", 82, 137, "/flows/write_and_test"),
+    ("workflow.py", 107, 109, "/flows/write_and_test/steps"),
+    ("workflow.py", 112, 129, "/flows/write_and_test/steps/0"),
+    ("workflow.py", 132, 137, "/flows/write_and_test/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

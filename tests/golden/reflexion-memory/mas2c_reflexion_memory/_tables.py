@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="7c17469ab5fd14108f3f105532e30e00e82915d78db9a57593d78bf76d1cee99",
+        code_sha="0336c0353a4e7290e1218418a0eb98264239e8ae2e2879a92f30d7135dfca982",
         reads=["draft", "memory", "review", "task"],
     ),
 )
@@ -38,11 +38,11 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 16, 23, "/state"),
     ("workflow.py", 18, 22, "/state/memory"),
     ("workflow.py", 30, 31, "/workflow"),
-    ("workflow.py", 34, 45, "/workflow/0"),
-    ("workflow.py", 48, 59, "/workflow/0/steps/0"),
-    ("workflow.py", 62, 67, "/workflow/0/steps/1"),
-    ("workflow.py", 70, 75, "/workflow/0/steps/2"),
-    ("workflow.py", 78, 91, "/workflow/0/steps/2/cases/0/steps/0"),
+    ("workflow.py", 34, 49, "/workflow/0"),
+    ("workflow.py", 52, 63, "/workflow/0/steps/0"),
+    ("workflow.py", 66, 71, "/workflow/0/steps/1"),
+    ("workflow.py", 74, 83, "/workflow/0/steps/2"),
+    ("workflow.py", 86, 99, "/workflow/0/steps/2/cases/0/steps/0"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="072a477965116f7b9b62b4ce63c204829c70b16ac50954c7c3316dba9540ab3d",
+        code_sha="08ffb3e024cdf856b3bc353ef7ad7b0e02f63df4e552b17453e8c9a08d7e7b78",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="50eec6b30db6893a4b9fb8accf75f7471d64092f61310725df02e71a8d1a0d2e",
+        code_sha="43f4b7d85068ebf444c7630b6081e0ef89ae1fad0580a4a51417b5c22e10caf8",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="a1620f0c57eb801c1192153244e31ead5d2a244bbcda7ad9f0eede9b56f2b044",
+        code_sha="dc9dc9ec4e02eb115a0a99d9e4e5391c32c66b4ce15230a76531cd292123ead4",
         reads=["draft", "review", "task"],
     ),
 )
@@ -51,10 +51,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 20, 23, "/workflow"),
     ("workflow.py", 26, 31, "/workflow/0"),
     ("workflow.py", 34, 40, "/workflow/1"),
-    ("workflow.py", 43, 48, "/workflow/2"),
-    ("workflow.py", 51, 61, "/workflow/2/cases/0/steps/0"),
-    ("workflow.py", 64, 81, "/workflow/2/cases/0/steps/0/steps/0"),
-    ("workflow.py", 84, 90, "/workflow/2/cases/0/steps/0/steps/1"),
+    ("workflow.py", 43, 52, "/workflow/2"),
+    ("workflow.py", 55, 69, "/workflow/2/cases/0/steps/0"),
+    ("workflow.py", 72, 89, "/workflow/2/cases/0/steps/0/steps/0"),
+    ("workflow.py", 92, 98, "/workflow/2/cases/0/steps/0/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="78dedba10c2bffad18c214f5eff08e1d32b12059d26a21ce473e7afdcd4c6f4e",
+        code_sha="c6cb0fc875ddf92968d1572c8c33ec81bca8c4680e57abfc010466819857b8e8",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="54a86d73d5f583347eddf8c3730cd7a8b4f82b087dfd3680c038ef8e7653e805",
+        code_sha="341892020fe4ef985dc9e67204afed66570df199e5bab110f4e624eda24607b2",
         reads=["product", "route", "ticket"],
     ),
 )
@@ -46,11 +46,11 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 146, 173, "/agents/tech_agent"),
     ("workflow.py", 20, 22, "/workflow"),
     ("workflow.py", 25, 31, "/workflow/0"),
-    ("workflow.py", 34, 45, "/workflow/1"),
-    ("workflow.py", 48, 60, "/workflow/1/cases/0/steps/0"),
-    ("workflow.py", 63, 75, "/workflow/1/cases/1/steps/0"),
-    ("workflow.py", 78, 90, "/workflow/1/cases/2/steps/0"),
-    ("workflow.py", 93, 105, "/workflow/1/else/0"),
+    ("workflow.py", 34, 57, "/workflow/1"),
+    ("workflow.py", 60, 72, "/workflow/1/cases/0/steps/0"),
+    ("workflow.py", 75, 87, "/workflow/1/cases/1/steps/0"),
+    ("workflow.py", 90, 102, "/workflow/1/cases/2/steps/0"),
+    ("workflow.py", 105, 117, "/workflow/1/else/0"),
 )
 
 PROMPTS: dict[str, str] = {

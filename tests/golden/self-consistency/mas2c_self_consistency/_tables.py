@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="07ae07d36a93100bd308ae07fe4b8c8846435e0e6709a740c767c303ebcd5b48",
+        code_sha="dc4804b8217fac613c7440749d3dc5b41517677b583ed333891c8f56ea6ff61d",
         reads=["question"],
     ),
 )
