@@ -122,8 +122,9 @@ def _readable_file(path: str, what: str = "file") -> Path:
 
 
 @contextmanager
-def _input_file(path: str, what: str = "input file") -> Iterator[Path]:
-    """A path to read: the file itself, or (for `-`) stdin spooled into a private temp file."""
+def _input_file(path: str, what: str = "input file", name: str = "stdin.json") -> Iterator[Path]:
+    """A path to read: the file itself, or (for `-`) stdin spooled into a private temp file
+    called `name` (`stdin.yaml` for a spec: YAML reads JSON too)."""
     if path != STDIO:
         yield _readable_file(path, what)
         return
@@ -132,7 +133,7 @@ def _input_file(path: str, what: str = "input file") -> Iterator[Path]:
 
     folder = Path(tempfile.mkdtemp(prefix="mas2c-stdin-"))
     try:
-        spooled = folder / "stdin.json"
+        spooled = folder / name
         spooled.write_bytes(sys.stdin.buffer.read())
         yield spooled
     finally:
@@ -165,16 +166,22 @@ def _write_user_file(path: str, text: str) -> str | None:
 
 def _load(path_text: str) -> Any:
     """A valid spec (`-`: read from stdin), or `SpecInvalid` with every problem."""
+    return _load_with_text(path_text)[0]
+
+
+def _load_with_text(path_text: str) -> tuple[Any, str | None]:
+    """`_load`, and for stdin the text read (to edit it as a round trip; a file is reread)."""
     from mas2c.lang.validate import SpecInvalid, load_spec, validate_text
 
     if path_text == STDIO:
-        report = validate_text(sys.stdin.read(), "<stdin>")
+        text = sys.stdin.read()
+        report = validate_text(text, "<stdin>")
         if report.spec is None or not report.ok:
             raise SpecInvalid(report)
-        return report.spec
+        return report.spec, text
     path = _readable_file(path_text, "spec file")
     try:
-        return load_spec(path)
+        return load_spec(path), None
     except OSError as exc:
         raise UsageError(f"{path_text}: {exc.strerror or exc}") from None
 
@@ -264,14 +271,22 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from mas2c import diff
 
-    a, b = _existing(args.a), _existing(args.b)
-    try:
-        kind = diff.path_kind(a)
-        text, different, data = diff.diff_paths(a, b)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    if args.a == args.b == STDIO:
+        raise UsageError("stdin (-) can be read only once")
+    with contextlib.ExitStack() as stack:
+        a, b = (
+            stack.enter_context(_input_file(STDIO, "spec", "stdin.yaml"))
+            if name == STDIO
+            else _existing(name)
+            for name in (args.a, args.b)
+        )
+        try:
+            kind = diff.path_kind(a)
+            text, different, data = diff.diff_paths(a, b)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        changes = data if kind == "spec" or not args.json else diff.diff_builds_json(a, b)
     if args.json:
-        changes = data if kind == "spec" else diff.diff_builds_json(a, b)
         _print_json({"ok": True, "kind": kind, "different": different, "changes": changes})
     else:
         sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
@@ -607,7 +622,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
     from mas2c.generate import spec_to_yaml
     from mas2c.meta import meta_client
 
-    spec = _load(args.spec)
+    spec, stdin_text = _load_with_text(args.spec)
     output = None if args.output in (None, STDIO) else args.output
     if output is not None and Path(output).is_dir():
         raise UsageError(f"cannot write {output}: is a folder")
@@ -623,9 +638,12 @@ def cmd_configure(args: argparse.Namespace) -> int:
     for agent, choice in sorted(result.choices.items()):
         _say(f"{agent} -> {choice.model} ({choice.by}: {choice.reason})")
     # The user's file edited as a round trip: comments, key order and styles stay.
-    from mas2c.yamledit import edit_spec_file
+    from mas2c.yamledit import edit_spec_file, edit_spec_text
 
-    if args.spec in (None, STDIO):
+    if stdin_text is not None:
+        json_text = stdin_text.lstrip().startswith("{")
+        text = edit_spec_text(stdin_text, spec, result.spec, json_text=json_text)
+    elif args.spec is None:
         text = spec_to_yaml(result.spec)
     else:
         text = edit_spec_file(Path(args.spec), spec, result.spec)
@@ -844,8 +862,13 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mas2c.report import write_report
+    from mas2c.report import render_report, write_report
 
+    if args.output == STDIO:  # the page on stdout (for a pipe); with --json, not allowed
+        if args.json:
+            raise UsageError("-o - writes the page to stdout: it cannot go with --json")
+        sys.stdout.write(render_report(_existing(args.run_dir)))
+        return EXIT_OK
     output = Path(args.output) if args.output else None
     if output is not None and not output.parent.is_dir():
         raise UsageError(
@@ -868,7 +891,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _add_observe_verbs(verbs: Any) -> None:
     p = verbs.add_parser("report", help="write a self-contained HTML report of a run folder")
     p.add_argument("run_dir", help="a run, rectify or solve folder")
-    p.add_argument("-o", "--output", help="HTML file to write (default RUN_DIR/report.html)")
+    p.add_argument(
+        "-o", "--output", help="HTML file to write (default RUN_DIR/report.html; - for stdout)"
+    )
     _add_json(p)
     p.set_defaults(handler=cmd_report)
     p = verbs.add_parser("export", help="send a run's trace elsewhere (OpenTelemetry)")
@@ -1029,8 +1054,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser(
         "diff", help="compare two specs (semantically) or two builds (file by file)"
     )
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", help="spec file or build folder (- reads a spec from stdin)")
+    p.add_argument("b", help="spec file or build folder (- reads a spec from stdin)")
     _add_json(p, "one JSON document: {ok, kind, different, changes}")
     p.set_defaults(handler=cmd_diff)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mas2c.errors import InvalidInput, RunFailure
+from mas2c.errors import InvalidInput, RunFailure, UsageError
 from mas2c.files import (
     check_owned_folder,
     read_manifest,
@@ -40,6 +40,25 @@ class RunError(RunFailure):
     """The run could not be set up (no endpoint, unreadable build, ...): a user-facing message."""
 
     code = "run_setup"
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why `url` is no usable http(s) endpoint URL (the URL itself is never quoted: it
+    may carry credentials), or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port out of range
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "the endpoint must be an http:// or https:// URL"
+    if not parts.hostname:
+        return "the endpoint URL has no host"
+    if port == 0:
+        return "the endpoint URL has port 0"
+    return None
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,13 @@ class LLMConfig:
     def endpoint(self) -> str | None:
         """The OpenAI-compatible URL to use, or None for the embedded engine."""
         url = self.url or (None if self.force_embedded else os.environ.get("OPENAI_BASE_URL"))
-        return url if url and url not in ("embedded", "local") else None
+        if not url or url in ("embedded", "local"):
+            return None
+        problem = endpoint_problem(url)
+        if problem is not None:
+            where = "--llm" if self.url else "OPENAI_BASE_URL"
+            raise UsageError(f"{where}: {problem}")
+        return url
 
     def key(self) -> str | None:
         return self.api_key if self.api_key is not None else os.environ.get("OPENAI_API_KEY")

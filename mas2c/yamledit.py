@@ -36,9 +36,13 @@ _INDENTS = ((2, 2), (2, 0), (4, 4), (4, 2), (2, 4), (4, 0))  # (mapping, sequenc
 
 
 def edit_spec_text(text: str, before: Spec, after: Spec, *, json_text: bool = False) -> str:
-    """`text` (which loads to `before`) edited so that it loads to `after`; see the module."""
+    """`text` (which loads to `before`) edited so that it loads to `after`; see the module.
+    A file with CRLF line ends keeps them (the edit is made on LF text)."""
     if spec_hash(before) == spec_hash(after):
         return text
+    if "\r\n" in text:
+        edited = edit_spec_text(text.replace("\r\n", "\n"), before, after, json_text=json_text)
+        return edited.replace("\r\n", "\n").replace("\n", "\r\n")
     old, new = before.to_data(), after.to_data()
     want = spec_hash(after)
     candidates = _json_candidates(text, old, new) if json_text else _yaml_candidates(text, old, new)

@@ -13,7 +13,7 @@ echo "== ruff"
 .venv/bin/ruff format --check mas2c
 echo "== mypy --strict mas2c"
 .venv/bin/mypy --strict mas2c
-echo "== ruff + mypy --strict over templates/ (the runtime modules, as the package they become)"
+echo "== ruff + mypy --strict over templates/ (the runtime modules, and every example compiled)"
 .venv/bin/python scripts/check-templates.py
 echo "== pytest"
 .venv/bin/pytest -q -n 2 "$@"

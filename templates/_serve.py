@@ -16,7 +16,8 @@ stateless runs (as LangGraph's server speaks them) where they fit:
 
 A request body is ``{"input": {...}, "budgets": {...}, "metadata": {...},
 "agent_id": "<spec name>"}`` (``assistant_id`` is accepted for ``agent_id``;
-``on_disconnect``: ``cancel`` (default) or ``continue``, for streams). Contract:
+``on_disconnect``: ``cancel`` (default) or ``continue``: what happens to a run whose
+client of ``/runs/wait`` or ``/runs/stream`` goes away). Contract:
 
 - **Input** is checked against the spec's input schemas before the run is queued:
   422 ``bad_input`` with every problem located (``pointer`` in the request, e.g.
@@ -82,6 +83,7 @@ _PROTOCOL_STATUS = {
     "interrupted": "interrupted",
 }
 _PING_S = 10.0
+_DISCONNECT_POLL_S = 0.5  # how often /runs/wait checks that its client is still there
 _EVENT_CAP = 100_000  # trace events buffered for one stream; later ones are dropped
 _CREDENTIAL_RE = re.compile(r"\b(Bearer|Basic)\s+[^\s\"',;]+", re.IGNORECASE)
 
@@ -651,7 +653,15 @@ def build_app(system: Served, limits: Limits) -> tuple[Starlette, Service]:
         checked = await admitted_request(request)
         record = service.new_record(checked)
         task = service.start(record, checked)
-        await asyncio.wait({task})  # a cancelled handler leaves the run to the drain
+        while not task.done():  # a cancelled handler leaves the run to the drain
+            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if (
+                not task.done()
+                and checked.on_disconnect == "cancel"
+                and await request.is_disconnected()
+            ):
+                task.cancel()  # nobody waits for this answer any more
+                await asyncio.wait({task})
         return JSONResponse(record.answer())
 
     async def runs_stream(request: Request) -> Response:

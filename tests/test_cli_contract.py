@@ -454,6 +454,68 @@ def test_dash_reads_stdin(tmp_path: Path) -> None:
     assert proc.returncode == 0 and proc.stdout.startswith(("flowchart", "graph", "---"))
 
 
+def _cli(argv: list[str], tmp_path: Path, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mas2c.cli", *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=cli_env(),
+        timeout=120,
+    )
+
+
+def test_diff_reads_a_spec_from_stdin_and_report_writes_to_stdout(
+    tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    changed = COT.read_text().replace("temperature: 0\n", "temperature: 0.5\n", 1)
+    proc = _cli(["diff", "-", str(COT), "--json"], tmp_path, changed)
+    assert proc.returncode == 1, proc.stderr  # different
+    changes = json.loads(proc.stdout)["changes"]  # exit 1 = different, like diff(1)
+    assert [c["pointer"] for c in changes] == ["/models/main/temperature"], changes
+    assert _cli(["diff", "-", "-"], tmp_path, changed).returncode == 2
+    # report -o -: the page on stdout, no file called "-"
+    (tmp_path / "in.json").write_text(json.dumps(QUESTION))
+    argv = ["run", COT, "--input", tmp_path / "in.json", "--run-dir", tmp_path / "r"]
+    assert (
+        mas2c(
+            *argv, "--sandbox", "unisolated", "--llm", llm_server.base_url, cwd=tmp_path
+        ).returncode
+        == 0
+    )
+    proc = _cli(["report", str(tmp_path / "r"), "-o", "-"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("<!DOCTYPE html>"), proc.stderr
+    assert not (tmp_path / "-").exists() and not (tmp_path / "r" / "report.html").exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:99999/v1", "http://u:pw@[::1/v1", "ftp://host/v1", "http:///v1"],
+)
+def test_a_malformed_endpoint_url_is_a_usage_error(url: str, tmp_path: Path) -> None:
+    """From --llm or OPENAI_BASE_URL: exit 2 with one clean line, before anything runs,
+    and the URL (which may hold credentials) is not echoed."""
+    (tmp_path / "in.json").write_text(json.dumps(QUESTION))
+    argv = ["run", str(COT), "--input", str(tmp_path / "in.json"), "--run-dir", str(tmp_path / "r")]
+    for extra, env in (
+        (["--llm", url], cli_env()),
+        ([], cli_env(OPENAI_BASE_URL=url, OPENAI_API_KEY="sk-x")),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mas2c.cli", *argv, *extra, "--json"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and url not in proc.stderr + proc.stdout
+        assert document(proc)["error"]["code"] == "usage"
+        assert not (tmp_path / "r").exists()
+
+
 def test_run_reads_its_input_from_stdin_and_keeps_stdout_for_the_result(
     tmp_path: Path, llm_server: LLMTestServer
 ) -> None:
@@ -461,7 +523,14 @@ def test_run_reads_its_input_from_stdin_and_keeps_stdout_for_the_result(
     proc = subprocess.run(
         [
             *(sys.executable, "-m", "mas2c.cli", "run", str(build), "--input", "-"),
-            *("--sandbox", "unisolated", "--llm", llm_server.base_url, "--run-dir", str(tmp_path / "r")),
+            *(
+                "--sandbox",
+                "unisolated",
+                "--llm",
+                llm_server.base_url,
+                "--run-dir",
+                str(tmp_path / "r"),
+            ),
         ],
         input=json.dumps(QUESTION),
         capture_output=True,
@@ -558,7 +627,14 @@ def test_run_of_a_build_imports_neither_the_compiler_nor_pydantic(
     build = _built(tmp_path)
     modules = tmp_path / "modules.json"
     argv = ["run", str(build), "--input", str(write_json(tmp_path / "in.json", QUESTION))]
-    argv += ["--sandbox", "unisolated", "--llm", llm_server.base_url, "--run-dir", str(tmp_path / "r")]
+    argv += [
+        "--sandbox",
+        "unisolated",
+        "--llm",
+        llm_server.base_url,
+        "--run-dir",
+        str(tmp_path / "r"),
+    ]
     proc = subprocess.run(
         [sys.executable, "-c", _PROBE, str(modules), *argv],
         capture_output=True,

@@ -598,3 +598,28 @@ def test_runtime_checkpoint_dir(server: LLMTestServer, tmp_path: Path) -> None:
     code, _out, trace, _err = run_package(build, {"numbers": "3, 4"}, server, env=env)
     assert code == 0 and len(server.requests) == 2
     assert not [e for e in trace if e["event"] == "step_resumed"]
+
+
+def test_enclosing_step_asks_the_registry_where_steps_nest() -> None:
+    """Pointers inside map steps, fallbacks, branches and flows find their innermost step
+    through the step kinds' child lists (no child-list key is spelled in rectify)."""
+    from conftest import example_spec
+
+    from mas2c.lang.spec import iter_spec_steps
+    from mas2c.rectify import _enclosing_step
+
+    for name in (
+        "map-reduce",
+        "multi-hop-qa",
+        "router-fallback",
+        "router",
+        "math-program-ensemble",
+    ):
+        spec = example_spec(name)
+        pointers = [pointer for pointer, _step in iter_spec_steps(spec)]
+        for pointer in pointers:
+            assert _enclosing_step(spec, pointer) == pointer
+            assert _enclosing_step(spec, pointer + "/prompt") == pointer
+        nested = [p for p in pointers if p.count("/") > 2]
+        assert nested, name  # each of these examples nests steps
+    assert _enclosing_step(example_spec("router"), "/agents/x") is None

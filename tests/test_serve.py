@@ -9,6 +9,7 @@ path (compiled code never imports mas2c).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -278,7 +279,7 @@ def test_stream_is_server_sent_events_from_the_trace(build_dir: Path) -> None:
 
 def test_a_stream_closed_by_its_client_cancels_its_run(build_dir: Path) -> None:
     with (
-        LLMTestServer(echo, latency_s=1.0) as llm,
+        LLMTestServer(echo, latency_s=3.0) as llm,
         serving(build_dir, llm) as (url, _proc),
     ):
         with httpx.stream("POST", url + "/runs/stream", json={"input": {"text": "gone"}}) as r:
@@ -293,8 +294,40 @@ def test_a_stream_closed_by_its_client_cancels_its_run(build_dir: Path) -> None:
         while httpx.get(url + "/health").json()["running"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert httpx.get(url + "/health").json()["running"] == 0
-        time.sleep(1.5)
+        time.sleep(3.5)
         assert len(llm.requests) == 1
+
+
+def test_a_waiting_client_that_leaves_cancels_its_run(build_dir: Path) -> None:
+    with (
+        LLMTestServer(echo, latency_s=3.0) as llm,
+        serving(build_dir, llm) as (url, _proc),
+    ):
+
+        async def leave(body: dict[str, Any], seen: int) -> None:
+            """Wait on the run until its LLM call is in flight, then hang up."""
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                task = asyncio.create_task(client.post("/runs/wait", json=body))
+                deadline = time.monotonic() + 30
+                while len(llm.requests) <= seen and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        asyncio.run(leave({"input": {"text": "gone"}}, 0))
+        deadline = time.monotonic() + 20
+        while httpx.get(url + "/health").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(url + "/health").json()["running"] == 0
+        time.sleep(3.5)
+        assert len(llm.requests) == 1  # the second step never started
+        # "continue" keeps the run going without its client.
+        asyncio.run(leave({"input": {"text": "stay"}, "on_disconnect": "continue"}, 1))
+        deadline = time.monotonic() + 30
+        while len(llm.requests) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(llm.requests) == 3
 
 
 def test_background_run_get_wait_delete(build_dir: Path) -> None:

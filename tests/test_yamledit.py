@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,40 @@ def test_configure_o_binds_models_and_keeps_the_rest(tmp_path: Path) -> None:
     added = changed_lines(unbound, text)
     assert all(line.startswith("+") for line in added), added  # nothing of the user's removed
     assert any("model:" in line for line in added)
+
+
+def test_a_crlf_spec_keeps_its_line_ends_and_its_patch_applies(tmp_path: Path) -> None:
+    """A spec saved with CRLF line ends (Windows editors): the edit keeps CRLF on every
+    line, so only the changed lines differ and the patch applies to the user's file."""
+    crlf = COMMENTED.replace("\n", "\r\n")
+    before = load_spec_text(COMMENTED)
+    data = before.to_data()
+    data["agents"]["writer"]["instructions"] = "Summarize in five words."
+    after = Spec.model_validate(data)
+    edited = edit_spec_text(crlf, before, after)
+    assert edited.count("\r\n") == edited.count("\n")  # every line still ends in CRLF
+    assert spec_hash(load_spec_text(edited)) == spec_hash(after)
+    changed = changed_lines(crlf, edited)
+    assert len(changed) == 2, changed  # one line out, one in
+    (tmp_path / "git").mkdir()
+    (tmp_path / "git" / "system.yaml").write_bytes(crlf.encode())
+    patch = tmp_path / "p.diff"
+    patch.write_bytes(file_patch(crlf, edited, "system.yaml").encode())
+    apply_with(["git", "apply"], tmp_path / "git", patch)
+    assert (tmp_path / "git" / "system.yaml").read_bytes() == edited.encode()
+
+
+def test_configure_from_stdin_keeps_the_comments(tmp_path: Path) -> None:
+    unbound = COMMENTED.replace("    model: m\n", "    # model: chosen by configure\n")
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("models:\n  cheap: {model: small}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mas2c.cli", "configure", "-", "--pool", str(pool), "--rule"],
+        input=unbound, capture_output=True, text=True, cwd=tmp_path, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert comments(proc.stdout) == comments(unbound)
+    assert all(line.startswith("+") for line in changed_lines(unbound, proc.stdout))
 
 
 def test_a_json_spec_stays_json_with_a_minimal_diff(tmp_path: Path) -> None:

@@ -576,13 +576,16 @@ def step_at(spec: Spec, pointer: str) -> Step | None:
     return None
 
 
-def _enclosing_step(pointer: str) -> str | None:
-    """The longest step pointer prefix of a pointer into the workflow."""
-    match = re.match(
-        r"^((?:/workflow|/flows/[^/]+/steps)(?:/\d+(?:/(?:branches/\d+|steps|cases/\d+/steps|else))?)*/\d+)",
-        pointer,
-    )
-    return match.group(1) if match else None
+def _enclosing_step(spec: Spec, pointer: str) -> str | None:
+    """The innermost step whose pointer is `pointer` or a prefix of it. Where steps nest
+    (branches, cases, a loop's or a map's steps, a fallback, a flow's steps) is each step
+    kind's `child_lists()`, walked by `iter_spec_steps`: no child-list key is spelled here."""
+    best: str | None = None
+    for here, _step in iter_spec_steps(spec):
+        inside = pointer == here or pointer.startswith(here + "/")
+        if inside and (best is None or len(here) > len(best)):
+            best = here
+    return best
 
 
 def locate(failure: Failure, spec: Spec, build: Build) -> Locus:
@@ -622,10 +625,9 @@ def locate(failure: Failure, spec: Spec, build: Build) -> Locus:
         locus.tool = parts[1]
         locus.element = "tool_code" if parts[2:3] == ["code"] else "tool"
         locus.tool_line = line if locus.element == "tool_code" else None
-    elif parts[:1] == ["workflow"]:
+    elif (enclosing := _enclosing_step(spec, pointer)) is not None or parts[:1] == ["workflow"]:
         locus.element = "step"
-        enclosing = _enclosing_step(pointer)
-        locus.step_pointer = enclosing if enclosing and step_at(spec, enclosing) else None
+        locus.step_pointer = enclosing
     elif parts[:1] == ["agents"] and len(parts) >= 2:
         locus.element = "agent"
         locus.agent = parts[1]

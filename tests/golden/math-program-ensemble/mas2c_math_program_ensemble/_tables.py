@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="c8b5ea6c7cccf538c1e85a1a538214c71a8b5c94315f8cdc96da5d53b0a51ed9",
+        code_sha="08f4ead3645261b0da5eab463e40ad245d3cb583fc817e25b1bb5105a3cc4cec",
         reads=["problem"],
     ),
 )

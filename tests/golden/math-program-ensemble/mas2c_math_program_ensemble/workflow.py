@@ -6,7 +6,7 @@ Solves a competition math problem by program: five independent programmers each 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ._flows import flow_ensemble
 from ._runtime import Run, State
@@ -46,8 +46,8 @@ class SolveByProgramFlow:
 
     NAME = "solve_by_program"
     POINTER = "/flows/solve_by_program"
-    INPUTS: dict[str, Any] = {"problem": {"type": "string"}}
-    OUTPUTS: dict[str, str] = {"answer": "answer", "program": "program.code"}
+    INPUTS: ClassVar[dict[str, Any]] = {"problem": {"type": "string"}}
+    OUTPUTS: ClassVar[dict[str, str]] = {"answer": "answer", "program": "program.code"}
 
     def __init__(self, run: Run) -> None:
         self.run = run

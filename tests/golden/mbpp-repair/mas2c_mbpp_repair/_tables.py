@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="f1fe5ec46d18c36fa8ca39ff25f2502b4e39c42714b21ec7b2472ee12db4b9e7",
+        code_sha="d9a1cea1439b39ae524ae34a8d68738346643c0717c1d3621a8536be053f2e8b",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="60e1523af5531ae57ac03ab5185f8d94dddc2f9457d873742f2d68a90d5230c7",
+        code_sha="26f9ab3c4d9637fa1dae4536905957102c018be282f3ad537e7db8e694f599eb",
         reads=["result", "task", "test_list"],
     ),
 )

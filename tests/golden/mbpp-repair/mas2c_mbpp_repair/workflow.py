@@ -6,7 +6,7 @@ Writes a Python function for an MBPP-style task, runs the task's assert lines ag
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ._flows import run_flow
 from ._runtime import Run, State, field
@@ -87,13 +87,13 @@ class WriteAndTestFlow:
 
     NAME = "write_and_test"
     POINTER = "/flows/write_and_test"
-    INPUTS: dict[str, Any] = {
+    INPUTS: ClassVar[dict[str, Any]] = {
         "failures": {"default": [], "type": "array"},
         "previous": {"default": "", "type": "string"},
         "task": {"type": "string"},
         "tests": {"items": {"type": "string"}, "type": "array"},
     }
-    OUTPUTS: dict[str, str] = {
+    OUTPUTS: ClassVar[dict[str, str]] = {
         "code": "code",
         "passed": "report.passed",
         "results": "report.results",

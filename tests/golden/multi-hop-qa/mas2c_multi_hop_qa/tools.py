@@ -5,8 +5,8 @@ Each code tool lives verbatim in its own module (`tool_<id>.py`), so a helper
 function of one tool can never replace another tool's function.
 """
 
-from ._runtime import ToolDef
 from . import tool_search
+from ._runtime import ToolDef
 
 TOOLS: dict[str, ToolDef] = {
     # spec: /tools/search

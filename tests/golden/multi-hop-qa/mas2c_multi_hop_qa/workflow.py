@@ -6,7 +6,7 @@ Answer a question that needs several facts: decompose it into sub-questions, ans
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ._runtime import Run, State, StateVar, resolve_value
 
@@ -15,7 +15,7 @@ class Workflow:
     """Runs the steps of `multi-hop-qa` over a shared state (inputs and each step's `out`)."""
 
     # spec: /state
-    STATE = {
+    STATE: ClassVar[dict[str, StateVar]] = {
         # spec: /state/findings
         "findings": StateVar(
             reducer="append",

@@ -35,14 +35,14 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 27, 36, "/agents/actor"),
     ("agents.py", 38, 57, "/agents/critic"),
     ("agents.py", 59, 71, "/agents/reflector"),
-    ("workflow.py", 16, 23, "/state"),
-    ("workflow.py", 18, 22, "/state/memory"),
-    ("workflow.py", 30, 31, "/workflow"),
-    ("workflow.py", 34, 49, "/workflow/0"),
-    ("workflow.py", 52, 63, "/workflow/0/steps/0"),
-    ("workflow.py", 66, 71, "/workflow/0/steps/1"),
-    ("workflow.py", 74, 83, "/workflow/0/steps/2"),
-    ("workflow.py", 86, 99, "/workflow/0/steps/2/cases/0/steps/0"),
+    ("workflow.py", 18, 25, "/state"),
+    ("workflow.py", 20, 24, "/state/memory"),
+    ("workflow.py", 32, 33, "/workflow"),
+    ("workflow.py", 36, 51, "/workflow/0"),
+    ("workflow.py", 54, 65, "/workflow/0/steps/0"),
+    ("workflow.py", 68, 73, "/workflow/0/steps/1"),
+    ("workflow.py", 76, 85, "/workflow/0/steps/2"),
+    ("workflow.py", 88, 101, "/workflow/0/steps/2/cases/0/steps/0"),
 )
 
 PROMPTS: dict[str, str] = {

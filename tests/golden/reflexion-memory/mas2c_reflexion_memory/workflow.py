@@ -6,6 +6,8 @@ An actor writes a response, a critic reviews it, and after every failed review a
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from ._runtime import Run, State, StateVar, field
 
 
@@ -13,7 +15,7 @@ class Workflow:
     """Runs the steps of `reflexion-memory` over a shared state (inputs and each step's `out`)."""
 
     # spec: /state
-    STATE = {
+    STATE: ClassVar[dict[str, StateVar]] = {
         # spec: /state/memory
         "memory": StateVar(
             reducer="append",

@@ -6,6 +6,8 @@ Support triage that degrades gracefully: a classifier routes each ticket to a bi
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from ._runtime import Run, State, StateVar, field
 
 
@@ -13,7 +15,7 @@ class Workflow:
     """Runs the steps of `router-fallback` over a shared state (inputs and each step's `out`)."""
 
     # spec: /state
-    STATE = {
+    STATE: ClassVar[dict[str, StateVar]] = {
         # spec: /state/incidents
         "incidents": StateVar(
             reducer="append",
