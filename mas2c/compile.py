@@ -680,17 +680,23 @@ def _loop_view(step: LoopStep, pointer: str, emit: EmitContext) -> dict[str, Any
         "max_iterations": step.max_iterations or 1,
         "fail_exhausted": step.on_exhausted == "fail",
         "body": body,
-        "until": compile_condition(until),
+        "until": _guarded(compile_condition(until), f"{pointer}/until", step.id),
         "helpers": _helpers(until),
         "needs_state": bool(condition_names(until)),
     }
+
+
+def _guarded(condition: str, pointer: str, step_id: str) -> str:
+    """A compiled condition evaluated by ``self.run.holds``: a failure is a coded
+    ``ConditionError`` located at the condition, not an ``internal`` error."""
+    return f"self.run.holds(lambda: {condition}, {pointer!r}, {step_id!r})"
 
 
 def _branch_view(step: BranchStep, pointer: str, emit: EmitContext) -> dict[str, Any]:
     whens = [parse_condition(case.when) for case in step.cases]
     cases = [
         {
-            "when": compile_condition(when),
+            "when": _guarded(compile_condition(when), f"{pointer}/cases/{i}/when", step.id),
             "body": emit.body(case.steps, f"{pointer}/cases/{i}/steps"),
         }
         for i, (case, when) in enumerate(zip(step.cases, whens, strict=True))

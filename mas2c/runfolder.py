@@ -131,6 +131,7 @@ RuntimeCode = Literal[
     "map_not_list",
     "map_overflow",
     "state_type",
+    "condition",
 ]
 #: Codes of results the host writes when the program left none (or a broken one).
 HostCode = Literal["sandbox_timeout", "oom_killed", "sandbox_error", "no_result", "bad_result"]

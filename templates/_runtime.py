@@ -311,6 +311,13 @@ class EmptyVote(WorkflowError):
     code = "empty_vote"
 
 
+class ConditionError(WorkflowError):
+    """A condition (a loop's ``until``, a case's ``when``) could not be evaluated on the
+    run's values (a field missing, ``len()`` of a number, an ordering across types)."""
+
+    code = "condition"
+
+
 class LoopExhausted(WorkflowError):
     """A loop with ``on_exhausted: fail`` reached ``max_iterations`` without its ``until``."""
 
@@ -1324,6 +1331,23 @@ class Run:
                 **items,
                 **({"error": error} if error else {}),
             )
+
+    def holds(self, check: Callable[[], object], pointer: str, step_id: str) -> bool:
+        """Whether a condition holds; one that cannot be evaluated is a ``ConditionError``
+        at the condition (``pointer``), never an ``internal`` error."""
+        try:
+            return bool(check())
+        except WorkflowError as exc:
+            if type(exc) is not WorkflowError:
+                raise
+            message = str(exc)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            message = f"{type(exc).__name__}: {exc}"
+        raise ConditionError(
+            f"the condition at {pointer} cannot be evaluated: {message}",
+            spec_pointer=pointer,
+            step=step_id,
+        ) from None
 
     def loop_exhausted(
         self, step_id: str, pointer: str, max_iterations: int, *, fail: bool = False

@@ -540,3 +540,80 @@ def test_nested_whole_placeholders_are_checked_by_type(
     else:
         assert found and found[0].pointer.startswith("/workflow/1/args/"), report.format()
         assert error in found[0].message, found[0].message
+
+
+# -- G2. conditions over two typed fields ----------------------------------------------------
+
+TYPED_CONDITION = (Path(__file__).parent / "invalid" / "MAS512-len-of-a-number.yaml").read_text(
+    encoding="utf-8"
+)
+TYPED_CONDITION = TYPED_CONDITION.replace(
+    "properties: {score: {type: integer}}",
+    "properties: {score: {type: integer}, cat: {type: string}, tags: {type: array}, ok: {type: boolean}}",
+)
+
+
+@pytest.mark.parametrize(
+    ("condition", "code"),
+    [
+        ("rv.cat == rv.score", "MAS309"),
+        ("rv.ok != rv.score", "MAS309"),
+        ("rv.score > rv.cat", "MAS309"),
+        ("len(rv.score) > 1", "MAS512"),
+        ("len(rv.ok) > 1", "MAS512"),
+        ('rv.score in "abc"', "MAS512"),
+        ('"a" in rv.score', "MAS512"),
+        ("rv.cat in rv.ok", "MAS512"),
+        ("rv.score > 3", None),
+        ("rv.cat in rv.tags", None),
+        ("len(rv.tags) > rv.score and rv.ok", None),
+        ('rv.cat in "abc"', None),
+        ("rv.score == len(rv.cat)", None),
+    ],
+)
+def test_conditions_over_typed_fields(condition: str, code: str | None) -> None:
+    text = TYPED_CONDITION.replace("until: len(rv.score) > 3", f"until: '{condition}'")
+    report = validate_text(text, "spec.yaml")
+    found = [(p.code, p.pointer) for p in report.problems if p.severity == "error"]
+    if code is None:
+        assert found == [], report.format()
+    else:
+        assert found == [(code, "/workflow/1/until")], report.format()
+        assert report.problems[0].line == 20
+
+
+RUNTIME_CONDITION = """
+spec_version: "1"
+name: runtime-condition
+inputs:
+  x: {type: [integer, string]}
+outputs: {r: r}
+models: {m: {model: test-model}}
+agents: {a: {role: r, model: m}}
+tools:
+  ident:
+    code: |
+      def ident(v: int) -> int:
+          return v
+workflow:
+  - id: pick
+    kind: branch
+    cases:
+      - when: len(x) > 1
+        steps: [{id: long, kind: tool, tool: ident, args: {v: 1}, out: r}]
+    else: [{id: short, kind: tool, tool: ident, args: {v: 2}, out: r}]
+"""
+
+
+def test_a_condition_that_fails_at_run_time_is_coded_and_located(tmp_path: Path) -> None:
+    report = validate_text(RUNTIME_CONDITION, "spec.yaml")
+    assert report.ok and report.spec is not None, report.format()
+    compile_to(report.spec, tmp_path / "build")
+    rc, out, _, stderr = run_package(tmp_path / "build", {"x": "abc"}, None)
+    assert rc == 0 and out["outputs"]["r"] == 1, stderr
+    rc, out, _, _ = run_package(tmp_path / "build", {"x": 5}, None)
+    assert rc == 1 and out["status"] == "error"
+    error = out["error"]
+    assert error["code"] == "condition", error
+    assert error["spec_pointer"] == "/workflow/0/cases/0/when"
+    assert error["step"] == "pick" and "TypeError" in error["message"]

@@ -105,6 +105,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS505": "a vote over structured answers has no field to vote on",
     "MAS506": "two parallel branches write the same state variable",
     "MAS511": "a schema `pattern` that does not compile or can backtrack for exponential time",
+    "MAS512": "a condition applies len() or `in` to a value whose type cannot take it",
     "MAS910": "a parallel branch writes no variable on every path, so its result is null (warning)",
     "MAS520": "a state variable's reducer does not fit its schema or initial value",
     "MAS521": "a state variable's initial value does not match its schema",
@@ -1418,6 +1419,7 @@ class _Checker:
                 path, pointer, scope, position_in_value(self.source, pointer, column), "MAS305"
             )
         self._comparisons(node, text, pointer, scope)
+        self._typed_operations(node, text, pointer, scope)
 
     def _comparisons(self, node: ast.expr, text: str, pointer: str, scope: _Scope) -> None:
         """`route.category == "Legal"` against an enum of lowercase labels, `score > "5"`
@@ -1445,6 +1447,102 @@ class _Checker:
                         constants = [other]
                     for constant in constants:
                         self._compare_constant(path, schema, constant, text, pointer)
+
+    def _kinds_of(self, node: ast.expr, scope: _Scope) -> set[str]:
+        """The JSON types a condition operand can have (integer as number); empty: unknown."""
+        value = _constant_value(node)
+        if value is not _NOT_CONSTANT:
+            kind = values.json_type(value)
+            return {"number" if kind == "integer" else kind}
+        if isinstance(node, ast.Call):
+            return {"number"}  # len()
+        if isinstance(node, ast.List | ast.Tuple):
+            return {"array"}
+        if isinstance(node, ast.Compare) or (
+            isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not)
+        ):
+            return {"boolean"}
+        path = _state_path(node)
+        if path is None or path[0] not in scope.bound:
+            return set()
+        kinds = _schema_types(self._schema_at(path, scope))
+        return {"number" if kind == "integer" else kind for kind in kinds}
+
+    def _typed_operations(self, node: ast.expr, text: str, pointer: str, scope: _Scope) -> None:
+        """Operations whose operands' known types make them fail or never hold at run time:
+        two fields of different types compared (`rv.cat == rv.score`: always false), an
+        ordering across types (`rv.score > rv.cat`: a TypeError), `len()` of a number or
+        boolean, `in` a value that holds nothing or a string for a non-string."""
+        for sub in ast.walk(node):
+            position = position_in_value(
+                self.source,
+                pointer,
+                expr.condition_offset(
+                    text, getattr(sub, "lineno", 1), getattr(sub, "col_offset", 0)
+                ),
+            )
+            if isinstance(sub, ast.Call) and sub.args:
+                kinds = self._kinds_of(sub.args[0], scope)
+                if kinds and not kinds & {"string", "array", "object"}:
+                    shown = ast.get_source_segment(text.strip(), sub) or "len(...)"
+                    self.add(
+                        "MAS512",
+                        pointer,
+                        f"`{shown}`: len() of a {' or '.join(sorted(kinds))} value fails at run time",
+                        "len() takes a string, a list or an object",
+                        position=position,
+                    )
+            if not isinstance(sub, ast.Compare):
+                continue
+            operands = [sub.left, *sub.comparators]
+            for op, left, right in zip(sub.ops, operands, operands[1:], strict=False):
+                problem = self._operation_problem(op, left, right, scope)
+                if problem:
+                    code, message = problem
+                    shown = ast.get_source_segment(text.strip(), sub) or text.strip()
+                    self.add(
+                        code,
+                        pointer,
+                        f"`{shown}`: {message}",
+                        "compare values of one type; a structured answer's fields have the "
+                        "types of the agent's output schema",
+                        position=position,
+                    )
+
+    def _operation_problem(
+        self, op: ast.cmpop, left: ast.expr, right: ast.expr, scope: _Scope
+    ) -> tuple[str, str] | None:
+        lk, rk = self._kinds_of(left, scope), self._kinds_of(right, scope)
+        constant = (
+            _constant_value(left) is not _NOT_CONSTANT
+            or _constant_value(right) is not _NOT_CONSTANT
+        )
+        if isinstance(op, ast.In | ast.NotIn):
+            if rk and not rk & {"string", "array", "object"}:
+                return "MAS512", f"`in` a {' or '.join(sorted(rk))} value fails at run time"
+            if rk == {"string"} and lk and "string" not in lk:
+                return "MAS512", (
+                    f"a {' or '.join(sorted(lk))} value `in` a string fails at run time "
+                    "(only text is found in text)"
+                )
+            return None
+        if not lk or not rk or constant:
+            return None  # a constant side is checked by _compare_constant (MAS308/MAS309)
+        if isinstance(op, ast.Eq | ast.NotEq | ast.Is | ast.IsNot):
+            if lk.isdisjoint(rk):
+                verdict = "never" if isinstance(op, ast.Eq | ast.Is) else "always"
+                return "MAS309", (
+                    f"compares a {' or '.join(sorted(lk))} with a {' or '.join(sorted(rk))}: "
+                    f"it {verdict} holds"
+                )
+            return None
+        orderable = {"number", "string", "array"}
+        if not any(kind in rk for kind in lk & orderable):
+            return "MAS309", (
+                f"orders a {' or '.join(sorted(lk))} against a {' or '.join(sorted(rk))}: "
+                "a TypeError at run time"
+            )
+        return None
 
     def _compare_constant(
         self, path: tuple[str, ...], schema: dict[str, Any], node: ast.expr, text: str, pointer: str

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="97736b108e1cccc1e9aa4ef344d0b94d76bc600bf08f65169a1f649782093fb3",
+        code_sha="828f79ddc237df31b52cb4bcb65365399e63d06aa36bc5f8c5366530fb2fdeae",
         reads=["question"],
     ),
 )

@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="3ca2c15a5374f5db8dc7f5600ebc70ea14aaebae9d155bcc8831a0e941a51567",
+        code_sha="ad96c398f58050e5a3b7cc8d8fc9c27e4f410ad6ee24f633b62f098eef704acb",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="2072970094bfe36d58dfe8c2eb611417431942bc1d6634011cbd73486879c248",
+        code_sha="e1dcdd46bc9a3a04ee1d101c43eddfe4ba46e44f7463468c81c614ea33af89b3",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="dcf89023d42d3c5e0d68e0e7b2d5ba83476c85c258048aa2754f7de0ffe29011",
+        code_sha="4150ce48b4588a829af1dd6c010b5dd54e2420e09e94a34adbd31075d54c94a9",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -51,10 +51,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 20, 23, "/workflow"),
     ("workflow.py", 26, 42, "/workflow/0"),
     ("workflow.py", 45, 52, "/workflow/1"),
-    ("workflow.py", 55, 60, "/workflow/2"),
-    ("workflow.py", 63, 73, "/workflow/2/cases/0/steps/0"),
-    ("workflow.py", 76, 104, "/workflow/2/cases/0/steps/0/steps/0"),
-    ("workflow.py", 107, 114, "/workflow/2/cases/0/steps/0/steps/1"),
+    ("workflow.py", 55, 64, "/workflow/2"),
+    ("workflow.py", 67, 81, "/workflow/2/cases/0/steps/0"),
+    ("workflow.py", 84, 112, "/workflow/2/cases/0/steps/0/steps/0"),
+    ("workflow.py", 115, 122, "/workflow/2/cases/0/steps/0/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

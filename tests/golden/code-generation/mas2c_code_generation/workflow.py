@@ -56,7 +56,11 @@ class Workflow:
         """`repair_if_failing`: the first case whose condition holds, else the `else` steps."""
         async with self.run.step("repair_if_failing", "/workflow/2"):
             state = self.state
-            if not field(state["result"], "passed"):
+            if self.run.holds(
+                lambda: (not field(state["result"], "passed")),
+                "/workflow/2/cases/0/when",
+                "repair_if_failing",
+            ):
                 await self.step_repair_loop()
 
     # spec: /workflow/2/cases/0/steps/0
@@ -67,7 +71,11 @@ class Workflow:
             for _iteration in range(3):
                 await self.step_repair()
                 await self.step_rerun_tests()
-                if field(state["result"], "passed"):
+                if self.run.holds(
+                    lambda: field(state["result"], "passed"),
+                    "/workflow/2/cases/0/steps/0/until",
+                    "repair_loop",
+                ):
                     break
             else:
                 self.run.loop_exhausted("repair_loop", "/workflow/2/cases/0/steps/0", 3)

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="db48a516974226a9bef17640b021fb7fad7b513b8316744e72e71b18a77696b6",
+        code_sha="ca2dd6f8b7a9798a2de831073cecf7850435f257042b15528b06147eb0f0536e",
         reads=["question"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="d63877f081833ec106ddd6e5428bb2da8e860160d358ddf9c54ae2f3eba23023",
+        code_sha="ffd557d64c7e836b0a07ab23845ab8a91bcacf8cd7ca5270f4016a3ad89ced4f",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="63c1dd4d0964fed69697cb20657657eab1e9ca471578c364a29dfb5a0b17b876",
+        code_sha="4becefee0a260bd4110b04d9f512c1b5b408928974f8aaa2484fd74a9912ea70",
         reads=["focus", "summaries"],
     ),
 )

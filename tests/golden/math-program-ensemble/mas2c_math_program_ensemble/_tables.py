@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="dd87f1b31b0fe1cbc9aca58e34a9ecdac3e88b2324aae7e367513c8e9ffc6ea7",
+        code_sha="763bde1e7c8655c1d90fa10200ab6af88f051eff4f205a24b434da16e0ed23ae",
         reads=["problem"],
     ),
 )

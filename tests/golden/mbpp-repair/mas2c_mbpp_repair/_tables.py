@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="b436fa61673f7d5243fe3228f3a766a4c093ba03963100f608a7e4cd44bc34c3",
+        code_sha="0d7a97351a1471a0d59c7f2eb53276fbb9fc83b682c9b832167048a202e56b52",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="0ef8b14b7a99456af822317e87f0e519db2c0ff12f5ee4c68b9c23dff5e57f9d",
+        code_sha="d84dee28f1bbb377ed5b5e4d05c8e7102dc72459a268780b2d9c64b797a3cd42",
         reads=["result", "task", "test_list"],
     ),
 )
@@ -41,13 +41,13 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 19, 32, "/agents/coder"),
     ("workflow.py", 23, 25, "/workflow"),
     ("workflow.py", 28, 35, "/workflow/0"),
-    ("workflow.py", 38, 43, "/workflow/1"),
-    ("workflow.py", 46, 55, "/workflow/1/cases/0/steps/0"),
-    ("workflow.py", 58, 70, "/workflow/1/cases/0/steps/0/steps/0"),
-    ("workflow.py", 74, 129, "/flows/write_and_test"),
-    ("workflow.py", 99, 101, "/flows/write_and_test/steps"),
-    ("workflow.py", 104, 121, "/flows/write_and_test/steps/0"),
-    ("workflow.py", 124, 129, "/flows/write_and_test/steps/1"),
+    ("workflow.py", 38, 47, "/workflow/1"),
+    ("workflow.py", 50, 63, "/workflow/1/cases/0/steps/0"),
+    ("workflow.py", 66, 78, "/workflow/1/cases/0/steps/0/steps/0"),
+    ("workflow.py", 82, 137, "/flows/write_and_test"),
+    ("workflow.py", 107, 109, "/flows/write_and_test/steps"),
+    ("workflow.py", 112, 129, "/flows/write_and_test/steps/0"),
+    ("workflow.py", 132, 137, "/flows/write_and_test/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -39,7 +39,11 @@ class Workflow:
         """`repair_if_failing`: the first case whose condition holds, else the `else` steps."""
         async with self.run.step("repair_if_failing", "/workflow/1"):
             state = self.state
-            if not field(state["result"], "passed"):
+            if self.run.holds(
+                lambda: (not field(state["result"], "passed")),
+                "/workflow/1/cases/0/when",
+                "repair_if_failing",
+            ):
                 await self.step_repair_loop()
 
     # spec: /workflow/1/cases/0/steps/0
@@ -49,7 +53,11 @@ class Workflow:
             state = self.state
             for _iteration in range(2):
                 await self.step_repair()
-                if field(state["result"], "passed"):
+                if self.run.holds(
+                    lambda: field(state["result"], "passed"),
+                    "/workflow/1/cases/0/steps/0/until",
+                    "repair_loop",
+                ):
                     break
             else:
                 self.run.loop_exhausted("repair_loop", "/workflow/1/cases/0/steps/0", 2)

@@ -41,7 +41,11 @@ class Workflow:
                 await self.step_write()
                 await self.step_review()
                 await self.step_learn()
-                if field(state["review"], "passed"):
+                if self.run.holds(
+                    lambda: field(state["review"], "passed"),
+                    "/workflow/0/until",
+                    "attempts",
+                ):
                     break
             else:
                 self.run.loop_exhausted("attempts", "/workflow/0", 3)
@@ -73,7 +77,11 @@ class Workflow:
         """`learn`: the first case whose condition holds, else the `else` steps."""
         async with self.run.step("learn", "/workflow/0/steps/2"):
             state = self.state
-            if not field(state["review"], "passed"):
+            if self.run.holds(
+                lambda: (not field(state["review"], "passed")),
+                "/workflow/0/steps/2/cases/0/when",
+                "learn",
+            ):
                 await self.step_reflect()
 
     # spec: /workflow/0/steps/2/cases/0/steps/0

@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="986468ecb660a9a9e2c6bc1182384f04b5dfd37e6f5579662fc02f9d5ad9a079",
+        code_sha="6dd685bd84d526659e0917974a2af64b46cf3a9db3d92b8603fba0d4010f800e",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="98f13c8e6fad9a9769f09e71bf7413ec1d0afdfeda3b64db8b986a47fa30861d",
+        code_sha="1e3395be78bd75a78e03c22ac2ba177f9f601de8bc86de39614437f3423e110a",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="02d4675ac1524b98e695ea3746679f346bca6f17c5a8309d5d93c26e4ef6fb5e",
+        code_sha="6ca1e799f304ac10a8a3d807c8b79e47e78e1335e4a72cc6ca854c5c58920d17",
         reads=["draft", "review", "task"],
     ),
 )
@@ -51,10 +51,10 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 20, 23, "/workflow"),
     ("workflow.py", 26, 31, "/workflow/0"),
     ("workflow.py", 34, 40, "/workflow/1"),
-    ("workflow.py", 43, 48, "/workflow/2"),
-    ("workflow.py", 51, 61, "/workflow/2/cases/0/steps/0"),
-    ("workflow.py", 64, 81, "/workflow/2/cases/0/steps/0/steps/0"),
-    ("workflow.py", 84, 90, "/workflow/2/cases/0/steps/0/steps/1"),
+    ("workflow.py", 43, 52, "/workflow/2"),
+    ("workflow.py", 55, 69, "/workflow/2/cases/0/steps/0"),
+    ("workflow.py", 72, 89, "/workflow/2/cases/0/steps/0/steps/0"),
+    ("workflow.py", 92, 98, "/workflow/2/cases/0/steps/0/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -44,7 +44,11 @@ class Workflow:
         """`revise_if_needed`: the first case whose condition holds, else the `else` steps."""
         async with self.run.step("revise_if_needed", "/workflow/2"):
             state = self.state
-            if not field(state["review"], "passed"):
+            if self.run.holds(
+                lambda: (not field(state["review"], "passed")),
+                "/workflow/2/cases/0/when",
+                "revise_if_needed",
+            ):
                 await self.step_reflect()
 
     # spec: /workflow/2/cases/0/steps/0
@@ -55,7 +59,11 @@ class Workflow:
             for _iteration in range(3):
                 await self.step_revise()
                 await self.step_review_again()
-                if field(state["review"], "passed"):
+                if self.run.holds(
+                    lambda: field(state["review"], "passed"),
+                    "/workflow/2/cases/0/steps/0/until",
+                    "reflect",
+                ):
                     break
             else:
                 self.run.loop_exhausted("reflect", "/workflow/2/cases/0/steps/0", 3)

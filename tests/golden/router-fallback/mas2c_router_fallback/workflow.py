@@ -44,7 +44,11 @@ class Workflow:
         """`dispatch`: the first case whose condition holds, else the `else` steps."""
         async with self.run.step("dispatch", "/workflow/1"):
             state = self.state
-            if field(state["route"], "category") == "billing":
+            if self.run.holds(
+                lambda: (field(state["route"], "category") == "billing"),
+                "/workflow/1/cases/0/when",
+                "dispatch",
+            ):
                 await self.step_answer_billing()
             else:
                 await self.step_answer_technical()

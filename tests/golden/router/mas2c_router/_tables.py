@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="49e01b55fbd7e0d3502be549bd24d579b1a541151ed87676060bc11669a05f30",
+        code_sha="72452a9434cc80a5db85909a3aaf0709cab94998804c539f835553479084b833",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="a1d78abf18e11426d9fc6dd4940542ea0337463584669d6ed22aca17d73d30fe",
+        code_sha="e443fcdb924f16b55f569a3ea861f0b1969feca2639d540f25b2eab1aae40e2e",
         reads=["product", "route", "ticket"],
     ),
 )
@@ -46,11 +46,11 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("agents.py", 146, 173, "/agents/tech_agent"),
     ("workflow.py", 20, 22, "/workflow"),
     ("workflow.py", 25, 31, "/workflow/0"),
-    ("workflow.py", 34, 45, "/workflow/1"),
-    ("workflow.py", 48, 60, "/workflow/1/cases/0/steps/0"),
-    ("workflow.py", 63, 75, "/workflow/1/cases/1/steps/0"),
-    ("workflow.py", 78, 90, "/workflow/1/cases/2/steps/0"),
-    ("workflow.py", 93, 105, "/workflow/1/else/0"),
+    ("workflow.py", 34, 57, "/workflow/1"),
+    ("workflow.py", 60, 72, "/workflow/1/cases/0/steps/0"),
+    ("workflow.py", 75, 87, "/workflow/1/cases/1/steps/0"),
+    ("workflow.py", 90, 102, "/workflow/1/cases/2/steps/0"),
+    ("workflow.py", 105, 117, "/workflow/1/else/0"),
 )
 
 PROMPTS: dict[str, str] = {

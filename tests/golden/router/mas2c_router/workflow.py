@@ -35,11 +35,23 @@ class Workflow:
         """`dispatch`: the first case whose condition holds, else the `else` steps."""
         async with self.run.step("dispatch", "/workflow/1"):
             state = self.state
-            if field(state["route"], "category") == "billing":
+            if self.run.holds(
+                lambda: (field(state["route"], "category") == "billing"),
+                "/workflow/1/cases/0/when",
+                "dispatch",
+            ):
                 await self.step_answer_billing()
-            elif field(state["route"], "category") == "technical":
+            elif self.run.holds(
+                lambda: (field(state["route"], "category") == "technical"),
+                "/workflow/1/cases/1/when",
+                "dispatch",
+            ):
                 await self.step_answer_technical()
-            elif field(state["route"], "category") == "account":
+            elif self.run.holds(
+                lambda: (field(state["route"], "category") == "account"),
+                "/workflow/1/cases/2/when",
+                "dispatch",
+            ):
                 await self.step_answer_account()
             else:
                 await self.step_answer_other()

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="c3bf02af66fce2152d3250625b31585e60a48dfbc607e513b1eb9fba933e0509",
+        code_sha="4cac04c5788ff5989289e6d634979db0c7753c6bc0462fb6e2e80b498cd37fc3",
         reads=["question"],
     ),
 )
