@@ -574,6 +574,24 @@ def test_run_reads_its_input_from_stdin_and_keeps_stdout_for_the_result(
 # -- the error tree -------------------------------------------------------------------------------
 
 
+def test_every_python_m_module_the_docs_and_scripts_name_runs() -> None:
+    """`python -m mas2c.X` lines in README.md and scripts/ (ensure-docker.sh runs
+    `python -m mas2c.sandbox build`): each module is runnable (`--help` exits 0)."""
+    import re
+
+    text = (ROOT / "README.md").read_text() + "".join(
+        p.read_text() for p in sorted((ROOT / "scripts").glob("*.sh"))
+    )
+    modules = sorted(set(re.findall(r"-m (mas2c(?:\.[a-z_]+)+)", text)))
+    assert "mas2c.sandbox" in modules
+    for module in modules:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            capture_output=True, text=True, env=cli_env(), timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, (module, proc.stderr[-500:])
+
+
 def test_every_module_error_is_in_the_tree() -> None:
     from mas2c import (
         bench,
