@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mas2c.errors import RunFailure, terminal_safe
-from mas2c.files import check_owned_folder, folder_state, write_text_atomic
+from mas2c.files import build_replaceable, check_owned_folder, write_text_atomic
 from mas2c.runfolder import result_or_error
 
 __all__ = [
@@ -1586,7 +1586,7 @@ _ROW_FILES = ("input.json", "engine.json")
 def batch_owns(folder: Path) -> Callable[[str], bool]:
     """Which entries (relative POSIX paths) of a batch folder a batch wrote: a row's
     folder holds its input, its engine note and run folders (`mas/`, `score/`)."""
-    build_ok = folder_state(folder / "build")[0] in ("missing", "empty", "earlier_build")
+    build_ok = build_replaceable(folder / "build")
 
     def owns(relative: str) -> bool:
         parts = relative.split("/")

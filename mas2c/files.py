@@ -209,9 +209,14 @@ RUN_FILES = frozenset(
 )  # fmt: skip
 
 
+def build_replaceable(folder: Path) -> bool:
+    """Whether a verb may (re)write a build into `folder` without losing a user's file."""
+    return folder_state(folder)[0] in ("missing", "empty", "earlier_build")
+
+
 def run_folder_owns(folder: Path) -> Callable[[str], bool]:
     """Which entries (relative POSIX paths) of a run folder a run wrote."""
-    build_ok = folder_state(folder / "build")[0] in ("missing", "empty", "earlier_build")
+    build_ok = build_replaceable(folder / "build")
 
     def owns(relative: str) -> bool:
         head, _, rest = relative.partition("/")
