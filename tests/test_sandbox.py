@@ -1628,3 +1628,10 @@ def test_bytecode_is_hash_checked_and_cached(
     assert sandbox._bytecode(source) == pyc  # from the cache now
     assert len(list((tmp_path / "mas2c" / "bytecode").glob("*.pyc"))) == 1
     assert sandbox._bytecode(b"def broken(:\n") is None
+
+
+@pytest.mark.parametrize("field", ["timeout_s", "cpus"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_limits_must_be_finite(field: str, value: float) -> None:
+    with pytest.raises(SandboxError, match=f"invalid sandbox limits: {field}="):
+        Limits(**{field: value}).validate()

@@ -181,7 +181,11 @@ class Limits:
             "result_cap_bytes": self.result_cap_bytes >= 2,
             "trace_cap_bytes": self.trace_cap_bytes >= 0,
         }
-        bad = [name for name, ok in checks.items() if not ok]
+        bad = [
+            name
+            for name, ok in checks.items()
+            if not ok or not math.isfinite(getattr(self, name))  # nan, inf
+        ]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise SandboxError(f"invalid sandbox limits: {values}")
