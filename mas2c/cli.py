@@ -441,6 +441,29 @@ def _top_level_steps(target: Path) -> int | None:
     return len(workflow) if isinstance(workflow, list) else None
 
 
+_MAX_RUN_WARNINGS = 20
+
+
+def run_warnings(result: Any) -> list[str]:
+    """One line per entry of a result's ``warnings`` (a loop that ran out of iterations, a
+    map cut at max_items): shown on stderr, so an `ok` that is not the whole story says so.
+    The result comes from the sandbox: only string messages, each cut, at most 20 lines."""
+    entries = result.get("warnings") if isinstance(result, dict) else None
+    if not isinstance(entries, list):
+        return []
+    lines = []
+    for entry in entries:
+        message = entry.get("message") if isinstance(entry, dict) else None
+        pointer = entry.get("pointer") if isinstance(entry, dict) else None
+        if isinstance(message, str):
+            where = f" (at {pointer[:200]})" if isinstance(pointer, str) and pointer else ""
+            lines.append(message[:500] + where)
+    if len(lines) > _MAX_RUN_WARNINGS:
+        more = len(lines) - _MAX_RUN_WARNINGS
+        lines = [*lines[:_MAX_RUN_WARNINGS], f"... and {more} more in result.json"]
+    return lines
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from mas2c.run import run_system
 
@@ -469,6 +492,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         error = outcome.result.get("error") or {}
         where = f" at {error['spec_pointer']}" if error.get("spec_pointer") else ""
         _say(f"{error.get('type', 'Error')}{where}: {error.get('message', '')}")
+    for line in run_warnings(outcome.result):
+        _warn(line)
     _say(summary)
     doc = {
         "run_dir": str(run_dir),
