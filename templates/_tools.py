@@ -197,6 +197,7 @@ async def execute(run: Run, code: str, timeout_s: float | None) -> dict[str, Any
         timed_out=result["timed_out"],
         duration_s=span.duration(),
         **span.fields(),
+        **(_LABELS.get() or {}),
         **_where(),
     )
     return result

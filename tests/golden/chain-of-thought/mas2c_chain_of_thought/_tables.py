@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="828f79ddc237df31b52cb4bcb65365399e63d06aa36bc5f8c5366530fb2fdeae",
+        code_sha="602fd7bfde4f1b61cb1cac307217e52646a586c6915dfcb3b23dcfe73a2f102b",
         reads=["question"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="ca2dd6f8b7a9798a2de831073cecf7850435f257042b15528b06147eb0f0536e",
+        code_sha="770f61391690db7f928e0aa7964598af355da3c7511094e0eea3048f04a6479b",
         reads=["question"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="ffd557d64c7e836b0a07ab23845ab8a91bcacf8cd7ca5270f4016a3ad89ced4f",
+        code_sha="962d6871076f3ec007fec201942f38a893a0d17ee9377c56fe4439ac8fc0559c",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="4becefee0a260bd4110b04d9f512c1b5b408928974f8aaa2484fd74a9912ea70",
+        code_sha="7cd03e50caca083fafa6cf29575345b9a32e89e01383945f1efe9a9341315ccb",
         reads=["focus", "summaries"],
     ),
 )

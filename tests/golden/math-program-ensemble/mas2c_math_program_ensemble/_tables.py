@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="763bde1e7c8655c1d90fa10200ab6af88f051eff4f205a24b434da16e0ed23ae",
+        code_sha="9017a2091d6d6f4815c6bdcea695d1df622d32eec21e2d5a32ae496f31ea61ef",
         reads=["problem"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="f59ac9547c7c725c4a17f0e8db418fa33548582b66d656dce4a8e253c2a9aaec",
+        code_sha="cd6df4d1d85acd49546353acc2837240a9434565cdaf5ae564d9f5d54c94e8a9",
         reads=["draft", "memory", "review", "task"],
     ),
 )
@@ -38,11 +38,11 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 18, 25, "/state"),
     ("workflow.py", 20, 24, "/state/memory"),
     ("workflow.py", 32, 33, "/workflow"),
-    ("workflow.py", 36, 51, "/workflow/0"),
-    ("workflow.py", 54, 65, "/workflow/0/steps/0"),
-    ("workflow.py", 68, 73, "/workflow/0/steps/1"),
-    ("workflow.py", 76, 85, "/workflow/0/steps/2"),
-    ("workflow.py", 88, 101, "/workflow/0/steps/2/cases/0/steps/0"),
+    ("workflow.py", 36, 52, "/workflow/0"),
+    ("workflow.py", 55, 66, "/workflow/0/steps/0"),
+    ("workflow.py", 69, 74, "/workflow/0/steps/1"),
+    ("workflow.py", 77, 86, "/workflow/0/steps/2"),
+    ("workflow.py", 89, 102, "/workflow/0/steps/2/cases/0/steps/0"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="69f397e942cdc4df6c1388d3010f1050fcede849db6b96a496f524337f4da872",
+        code_sha="adc2238a9caacb9b2f91dd0fb0dd10d94748d4fa1c2860e63850c772d77a54e3",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="ad22105c595258e8679d9806507f4fef6cda5ddbfc2bbf85134390d45c07ac6b",
+        code_sha="32e37b9d98cac74d2a2c6a6c2249b921011800e6ba1775292500028508451058",
         reads=["error", "route", "ticket"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="72452a9434cc80a5db85909a3aaf0709cab94998804c539f835553479084b833",
+        code_sha="6617869e847e3e25e4697949e38c2a6f6a0ee3caea9a6151a298260217e60865",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="e443fcdb924f16b55f569a3ea861f0b1969feca2639d540f25b2eab1aae40e2e",
+        code_sha="71bbebe5e4c60024aee0d218bea4c6632db99040e8260f603b5e60e862ca9341",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="4cac04c5788ff5989289e6d634979db0c7753c6bc0462fb6e2e80b498cd37fc3",
+        code_sha="416f815d69f6626bdfa3e3c99605637b02c1696382199416ff40ecd3f2074d06",
         reads=["question"],
     ),
 )
