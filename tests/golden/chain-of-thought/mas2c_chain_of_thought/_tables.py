@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="602fd7bfde4f1b61cb1cac307217e52646a586c6915dfcb3b23dcfe73a2f102b",
+        code_sha="ac17c9c9c0a13737f7c4ee293bc57b1a52fe9e4937de53dc2b6ed658b6b22f37",
         reads=["question"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="770f61391690db7f928e0aa7964598af355da3c7511094e0eea3048f04a6479b",
+        code_sha="d2b932690fefdb86324fae6e9dc8a375d3634124b040de4dbc6921d6a8764e11",
         reads=["question"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="962d6871076f3ec007fec201942f38a893a0d17ee9377c56fe4439ac8fc0559c",
+        code_sha="b876658d3defdbe6e9c23742ce1557ccd6224aafa8b6bf1e242faaf9e03435d6",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="7cd03e50caca083fafa6cf29575345b9a32e89e01383945f1efe9a9341315ccb",
+        code_sha="737e33e7e24ed61657801cd20d25ad75afa2bab96ac78357ecb5635bbf2f5ee3",
         reads=["focus", "summaries"],
     ),
 )

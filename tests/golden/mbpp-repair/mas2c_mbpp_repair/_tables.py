@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="ac52800b670e87550b3c1026678e6b5921ba82ab1a46bc7f7736234d9412c6b1",
+        code_sha="b0fe4c67dc8819e669c986a6dc255a2bc8eb1e455388b859950f7de182053bc9",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="5cd5bfd4fb8c0eaaf2e99db9114f60cff41794dc3f550500f62053cc910f0d47",
+        code_sha="75d0a2c8c5b8af5bde2f1aed479bd42c6c0b0d0c3e20db129bef9a0fd509e998",
         reads=["result", "task", "test_list"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="cd6df4d1d85acd49546353acc2837240a9434565cdaf5ae564d9f5d54c94e8a9",
+        code_sha="f3f0be429c82fd01aafe096a92db2b0b0130dab6dc56c89e89c4b086fd0bbcf3",
         reads=["draft", "memory", "review", "task"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="adc2238a9caacb9b2f91dd0fb0dd10d94748d4fa1c2860e63850c772d77a54e3",
+        code_sha="00dd7777cfb2579d488014b925d32b2fe2ff55510f2d265b8b5fdde9ce565d7e",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="32e37b9d98cac74d2a2c6a6c2249b921011800e6ba1775292500028508451058",
+        code_sha="fec732385e3e0b97ddfb4aa3d19e1bdf8801894dfbcd0c1906934e724f029d24",
         reads=["error", "route", "ticket"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="6617869e847e3e25e4697949e38c2a6f6a0ee3caea9a6151a298260217e60865",
+        code_sha="471e4fea1ad66c609b09c00ce9dd89b8069e3317ec6835ae52f7ef78d3f99d67",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="71bbebe5e4c60024aee0d218bea4c6632db99040e8260f603b5e60e862ca9341",
+        code_sha="af9c1bfa2b93c6637506b4599029f1e2247de0ac24816c546135109db6b950ca",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="416f815d69f6626bdfa3e3c99605637b02c1696382199416ff40ecd3f2074d06",
+        code_sha="3ef16d412bd856e7e75f0c82099f12f9014f5ba4f0273375712642d1a5316a2c",
         reads=["question"],
     ),
 )
