@@ -114,8 +114,14 @@ def _secs(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
+MAX_NAME = 2000  # characters of a name, pointer, code or note read from the folder
+
+
 def _text(value: Any, default: str = "") -> str:
-    return value if isinstance(value, str) else default
+    """A string field of the (hostile) folder, capped; ``default`` when it is no string."""
+    if not isinstance(value, str):
+        return default
+    return value if len(value) <= MAX_NAME else value[: MAX_NAME - 1] + "…"
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -280,7 +286,8 @@ def _summary(trace: RunTrace, result: dict[str, Any], usage: dict[str, Any]) -> 
     rows: list[tuple[str, str]] = [("status", _badge(status))]
     command = header.get("command")
     if isinstance(command, list):
-        rows.append(("command", f"<code>{esc(' '.join(str(c) for c in command))}</code>"))
+        line = " ".join(str(c)[:MAX_NAME] for c in command[:200])
+        rows.append(("command", f"<code>{esc(_cap(line, MAX_NAME * 4))}</code>"))
     for key, label in (
         ("spec", "spec"),
         ("spec_sha256", "spec sha256"),
@@ -291,7 +298,7 @@ def _summary(trace: RunTrace, result: dict[str, Any], usage: dict[str, Any]) -> 
         ("started_at", "started"),
     ):
         if header.get(key) is not None:
-            rows.append((label, esc(header[key])))
+            rows.append((label, esc(_text(str(header[key])))))
     if not header and run is not None:
         rows.append(("spec", esc(run.name)))
         rows.append(("started", esc(iso(run.start))))

@@ -342,6 +342,15 @@ def _text(value: Any, default: str = "") -> str:
     return value if isinstance(value, str) else default
 
 
+MAX_SPAN_NAME = 300  # characters of a span's name (a step id, a spec name) as read
+
+
+def _name(value: Any, default: str) -> str:
+    """A span name from the (hostile) trace: a string, capped."""
+    text = _text(value, default)
+    return text if len(text) <= MAX_SPAN_NAME else text[: MAX_SPAN_NAME - 1] + "…"
+
+
 class _Builder:
     """Turns events into spans; one instance per folder."""
 
@@ -394,12 +403,12 @@ class _Builder:
         run_span: Span | None = None
         if events:
             start = self.ts(run_start) if run_start else min(self.ts(e) for e in events)
-            status = _text(run_end.get("status"), "unknown") if run_end else "unfinished"
+            status = _name(run_end.get("status"), "unknown") if run_end else "unfinished"
             attrs = {k: v for k, v in (run_start or {}).items() if k not in ("event",)}
             if run_end is not None:
                 attrs["exit_code"] = run_end.get("exit_code")
                 attrs["usage"] = run_end.get("usage")
-            name = _text(attrs.get("spec"), "run")
+            name = _name(attrs.get("spec"), "run")
             run_span = Span(
                 self.unique(self.run_id, "run"),
                 self.host_id,
@@ -437,7 +446,7 @@ class _Builder:
         finished = _num(self.header.get("finished_ts"))
         start = started if started is not None else (run_span.start if run_span else last)
         end = finished if finished is not None else (run_span.end if run_span else last)
-        status = _text(self.header.get("status"), "unknown")
+        status = _name(self.header.get("status"), "unknown")
         attrs = {k: v for k, v in self.header.items() if k not in ("format",)}
         return Span(
             self.unique(self.host_id, "host"),
@@ -494,7 +503,7 @@ class _Builder:
             )
             parent = _hex(end_event.get("parent_id") or first.get("parent_id"), _HEX16)
             attrs = {k: v for k, v in {**first, **end_event}.items() if k != "event"}
-            name = _text(first.get("step"), "?")
+            name = _name(first.get("step"), "?")
             self.spans.append(
                 Span(
                     span_id,
@@ -503,7 +512,7 @@ class _Builder:
                     name if kind == "step" else f"fallback of {name}",
                     start,
                     max(start, end),
-                    _text(end_event.get("status"), "unknown"),
+                    _name(end_event.get("status"), "unknown"),
                     attrs,
                 )
             )
@@ -538,11 +547,11 @@ class _Builder:
         if parent is None:
             parent = self._step_at(_text(e.get("pointer")), end) or root
         if kind == "llm":
-            name = f"chat {_text(e.get('model'), '?')}"
-            status = _text(e.get("status"), "unknown")
+            name = f"chat {_name(e.get('model'), '?')}"
+            status = _name(e.get("status"), "unknown")
         elif kind == "tool":
-            name = f"tool {_text(e.get('tool'), '?')}"
-            status = _text(e.get("status"), "unknown")
+            name = f"tool {_name(e.get('tool'), '?')}"
+            status = _name(e.get("status"), "unknown")
         else:
             name = "exec"
             status = (

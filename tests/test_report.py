@@ -485,3 +485,39 @@ def test_batch_report_in_chromium(tmp_path: Path) -> None:
     dom = Dom.parse(render_report(batch))
     problems = dom.texts("li")
     assert sum("not a result line" in p for p in problems) == 3
+
+
+def test_huge_strings_in_a_folder_make_a_small_page(tmp_path: Path) -> None:
+    """Every string of a forged folder 500 kB long (names, pointers, codes, messages, the
+    header): each is cut where it is shown, so the page stays small and opens."""
+    big = "<b>" + "A" * 500_000
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    events: list[dict[str, Any]] = [
+        {"t": 0, "ts": 1.7e9, "event": "run_start", "spec": big, "span_id": "a" * 16}
+    ]
+    for i in range(6):
+        span = f"{i + 1:016x}"
+        where = {"step": big + str(i), "pointer": "/workflow/0/" + big}
+        events += [
+            {"t": 0.1, "event": "step_start", **where, "span_id": span, "parent_id": "a" * 16},
+            {"t": 0.5, "event": "llm_call", "agent": big, "model": big, "status": "error"}
+            | {"error": big, "parent_id": span, "latency_s": 0.3, "role": big},
+            {"t": 0.6, "event": "step_end", **where, "status": "error", "error": big}
+            | {"code": big, "span_id": span, "parent_id": "a" * 16},
+            {"t": 0.7, "event": "step_failed", **where, "code": big, "message": big}
+            | {"then": big, "attempt": 1},
+            {"t": 0.8, "event": "tool_call", "tool": big, "worker": big, "status": big},
+        ]
+    (folder / "trace.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    header = {"command": [big] * 5, "spec": big, "endpoint": big, "started_at": big}
+    (folder / "run.json").write_text(json.dumps(header))
+    error = {"type": big, "message": big, "spec_pointer": "/" + big, "traceback": big}
+    (folder / "result.json").write_text(json.dumps({"status": "error", "error": error}))
+    assert sum(f.stat().st_size for f in folder.iterdir()) > 45_000_000
+    page = write_report(folder)
+    assert page.stat().st_size < 1_000_000  # was 65 MB: each string in full, many times
+    raw = page.read_text()
+    assert "<b>" not in raw and "&lt;b&gt;AAA" in raw
+    dom = dom_of(page, tmp_path)
+    assert len(dom.with_attr("g", "data-kind")) == 1 + 6 * 3  # run, steps, calls, tools
