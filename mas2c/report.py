@@ -206,7 +206,7 @@ pre{background:#f7f7f9;border:1px solid #e1e1e8;padding:8px;overflow:auto;max-he
 svg text{font-family:'DejaVu Sans',Helvetica,Arial,sans-serif}
 details{margin:4px 0}summary{cursor:pointer}
 .scroll{overflow-x:auto;border:1px solid #eee;padding:4px}
-.nw{white-space:nowrap}
+.nw,table.summary th{white-space:nowrap}
 """
 
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
