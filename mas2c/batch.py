@@ -1666,6 +1666,10 @@ def run_batch(options: BatchOptions) -> dict[str, Any]:
         options.engine = new
     if options.baseline is not None and options.baseline != "cot-sc":
         raise BatchError(f"unknown baseline {options.baseline!r}: the baseline is cot-sc")
+    if options.engine == "ray":
+        from mas2c.batch_ray import check_cluster
+
+        check_cluster(options.ray_address)  # before any folder, build or row
     if options.baseline is None:
         return _run_one(options)
     from mas2c.batch_baseline import check_baseline, run_baseline
