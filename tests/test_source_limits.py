@@ -144,4 +144,3 @@ def test_an_escaped_surrogate_pair_is_the_character_it_means(tmp_path: Path, suf
     for bad in ("\\ude00\\ud83d", "\\ud83dx", "x\\ude00"):
         found = problems(raw.replace("smile \\ud83d\\ude00!", bad), str(path))
         assert len(found) == 1 and "lone surrogate" in found[0], (bad, found)
-
