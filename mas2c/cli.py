@@ -358,6 +358,11 @@ def _default_run_dir() -> str:
 # -- run ------------------------------------------------------------------------------------------
 
 
+def _dollars(cost: float) -> str:
+    """A cost as shown in progress lines: small costs keep their digits ($0.000068, not $0.0000)."""
+    return f"${cost:.6f}" if 0 < cost < 0.01 else f"${cost:.4f}"
+
+
 class _RunMeter:
     """Progress of one run on stderr: LLM calls, tokens and cost so far, from the gateway's
     events; one line per call at most once a second (a rewriting line on a terminal)."""
@@ -418,7 +423,7 @@ class _RunMeter:
         failed = f", {self.errors} failed" if self.errors else ""
         return (
             f"run: {self.calls} LLM call(s){failed}, {self.tokens} tokens, "
-            f"${self.cost:.4f} so far{at}"
+            f"{_dollars(self.cost)} so far{at}"
         )
 
     def finish(self) -> None:
@@ -439,6 +444,29 @@ def _top_level_steps(target: Path) -> int | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return len(workflow) if isinstance(workflow, list) else None
+
+
+_MAX_RUN_WARNINGS = 20
+
+
+def run_warnings(result: Any) -> list[str]:
+    """One line per entry of a result's ``warnings`` (a loop that ran out of iterations, a
+    map cut at max_items): shown on stderr, so an `ok` that is not the whole story says so.
+    The result comes from the sandbox: only string messages, each cut, at most 20 lines."""
+    entries = result.get("warnings") if isinstance(result, dict) else None
+    if not isinstance(entries, list):
+        return []
+    lines = []
+    for entry in entries:
+        message = entry.get("message") if isinstance(entry, dict) else None
+        pointer = entry.get("pointer") if isinstance(entry, dict) else None
+        if isinstance(message, str):
+            where = f" (at {pointer[:200]})" if isinstance(pointer, str) and pointer else ""
+            lines.append(message[:500] + where)
+    if len(lines) > _MAX_RUN_WARNINGS:
+        more = len(lines) - _MAX_RUN_WARNINGS
+        lines = [*lines[:_MAX_RUN_WARNINGS], f"... and {more} more in result.json"]
+    return lines
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -463,12 +491,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = (
         f"{outcome.status} (exit {outcome.exit_code}) in {outcome.sandbox.get('duration_s', 0):.1f}s; "
         f"{usage.get('calls', 0)} LLM call(s), {usage.get('total_tokens', 0)} tokens, "
-        f"${usage.get('cost_usd', 0):.4f}; run folder {outcome.run_dir}"
+        f"{_dollars(float(usage.get('cost_usd') or 0))}; run folder {outcome.run_dir}"
     )
     if not outcome.ok:
         error = outcome.result.get("error") or {}
         where = f" at {error['spec_pointer']}" if error.get("spec_pointer") else ""
         _say(f"{error.get('type', 'Error')}{where}: {error.get('message', '')}")
+    for line in run_warnings(outcome.result):
+        _warn(line)
     _say(summary)
     doc = {
         "run_dir": str(run_dir),
@@ -890,7 +920,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_observe_verbs(verbs: Any) -> None:
     p = verbs.add_parser("report", help="write a self-contained HTML report of a run folder")
-    p.add_argument("run_dir", help="a run, rectify or solve folder")
+    p.add_argument("run_dir", help="a run, rectify, solve or batch folder")
     p.add_argument(
         "-o", "--output", help="HTML file to write (default RUN_DIR/report.html; - for stdout)"
     )

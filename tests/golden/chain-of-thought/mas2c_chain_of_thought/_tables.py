@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="828f79ddc237df31b52cb4bcb65365399e63d06aa36bc5f8c5366530fb2fdeae",
+        code_sha="ac17c9c9c0a13737f7c4ee293bc57b1a52fe9e4937de53dc2b6ed658b6b22f37",
         reads=["question"],
     ),
 )

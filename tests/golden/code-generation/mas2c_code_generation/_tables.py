@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="ad96c398f58050e5a3b7cc8d8fc9c27e4f410ad6ee24f633b62f098eef704acb",
+        code_sha="cc52e1483f3b968ede8ae5dc20098037b3a83304068608490aa9429f4e1e464c",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="e1dcdd46bc9a3a04ee1d101c43eddfe4ba46e44f7463468c81c614ea33af89b3",
+        code_sha="beb597527e60ae89d597e129bf15373fb4be91ed2d527ec025a15937f0698e9f",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="4150ce48b4588a829af1dd6c010b5dd54e2420e09e94a34adbd31075d54c94a9",
+        code_sha="03561ad20caa54f4bb4feaf1b097167cb740761d903b0de8c7b0667e40b4204e",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -52,9 +52,9 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 26, 42, "/workflow/0"),
     ("workflow.py", 45, 52, "/workflow/1"),
     ("workflow.py", 55, 64, "/workflow/2"),
-    ("workflow.py", 67, 81, "/workflow/2/cases/0/steps/0"),
-    ("workflow.py", 84, 112, "/workflow/2/cases/0/steps/0/steps/0"),
-    ("workflow.py", 115, 122, "/workflow/2/cases/0/steps/0/steps/1"),
+    ("workflow.py", 67, 82, "/workflow/2/cases/0/steps/0"),
+    ("workflow.py", 85, 113, "/workflow/2/cases/0/steps/0/steps/0"),
+    ("workflow.py", 116, 123, "/workflow/2/cases/0/steps/0/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

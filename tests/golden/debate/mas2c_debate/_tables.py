@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="ca2dd6f8b7a9798a2de831073cecf7850435f257042b15528b06147eb0f0536e",
+        code_sha="d2b932690fefdb86324fae6e9dc8a375d3634124b040de4dbc6921d6a8764e11",
         reads=["question"],
     ),
 )

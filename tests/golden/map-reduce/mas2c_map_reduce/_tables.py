@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="ffd557d64c7e836b0a07ab23845ab8a91bcacf8cd7ca5270f4016a3ad89ced4f",
+        code_sha="b876658d3defdbe6e9c23742ce1557ccd6224aafa8b6bf1e242faaf9e03435d6",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="4becefee0a260bd4110b04d9f512c1b5b408928974f8aaa2484fd74a9912ea70",
+        code_sha="737e33e7e24ed61657801cd20d25ad75afa2bab96ac78357ecb5635bbf2f5ee3",
         reads=["focus", "summaries"],
     ),
 )

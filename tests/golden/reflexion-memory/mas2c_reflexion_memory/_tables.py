@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="f59ac9547c7c725c4a17f0e8db418fa33548582b66d656dce4a8e253c2a9aaec",
+        code_sha="f3f0be429c82fd01aafe096a92db2b0b0130dab6dc56c89e89c4b086fd0bbcf3",
         reads=["draft", "memory", "review", "task"],
     ),
 )
@@ -38,11 +38,11 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 18, 25, "/state"),
     ("workflow.py", 20, 24, "/state/memory"),
     ("workflow.py", 32, 33, "/workflow"),
-    ("workflow.py", 36, 51, "/workflow/0"),
-    ("workflow.py", 54, 65, "/workflow/0/steps/0"),
-    ("workflow.py", 68, 73, "/workflow/0/steps/1"),
-    ("workflow.py", 76, 85, "/workflow/0/steps/2"),
-    ("workflow.py", 88, 101, "/workflow/0/steps/2/cases/0/steps/0"),
+    ("workflow.py", 36, 52, "/workflow/0"),
+    ("workflow.py", 55, 66, "/workflow/0/steps/0"),
+    ("workflow.py", 69, 74, "/workflow/0/steps/1"),
+    ("workflow.py", 77, 86, "/workflow/0/steps/2"),
+    ("workflow.py", 89, 102, "/workflow/0/steps/2/cases/0/steps/0"),
 )
 
 PROMPTS: dict[str, str] = {

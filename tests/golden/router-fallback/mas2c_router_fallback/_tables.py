@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="69f397e942cdc4df6c1388d3010f1050fcede849db6b96a496f524337f4da872",
+        code_sha="00dd7777cfb2579d488014b925d32b2fe2ff55510f2d265b8b5fdde9ce565d7e",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="ad22105c595258e8679d9806507f4fef6cda5ddbfc2bbf85134390d45c07ac6b",
+        code_sha="fec732385e3e0b97ddfb4aa3d19e1bdf8801894dfbcd0c1906934e724f029d24",
         reads=["error", "route", "ticket"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="72452a9434cc80a5db85909a3aaf0709cab94998804c539f835553479084b833",
+        code_sha="471e4fea1ad66c609b09c00ce9dd89b8069e3317ec6835ae52f7ef78d3f99d67",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="e443fcdb924f16b55f569a3ea861f0b1969feca2639d540f25b2eab1aae40e2e",
+        code_sha="af9c1bfa2b93c6637506b4599029f1e2247de0ac24816c546135109db6b950ca",
         reads=["product", "route", "ticket"],
     ),
 )

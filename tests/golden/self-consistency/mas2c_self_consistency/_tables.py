@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="4cac04c5788ff5989289e6d634979db0c7753c6bc0462fb6e2e80b498cd37fc3",
+        code_sha="3ef16d412bd856e7e75f0c82099f12f9014f5ba4f0273375712642d1a5316a2c",
         reads=["question"],
     ),
 )
