@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import compile_to, events, load_runtime, run_package
+from conftest import cli_document, cli_env, compile_to, events, load_runtime, mas2c, run_package
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -543,24 +543,77 @@ JSON_VALUES = st.recursive(
 )
 EXAMPLES = int(os.environ.get("MAS2C_TYPES_EXAMPLES", "8"))
 
-PROPERTY = """
+ANY = '{type: [string, number, integer, boolean, array, object, "null"]}'
+PROPERTY = f"""
 spec_version: "1"
 name: carry
 inputs:
-  v: {type: [string, number, integer, boolean, array, object, "null"]}
-  snippets: {type: array, items: {type: string}}
-outputs: {direct: v, via_tool: echoed, nested: nested, tested: tested}
-models: {m: {model: test-model}}
-agents: {a: {role: A, model: m}}
+  v: {ANY}
+  vs: {{type: array}}
+  snippets: {{type: array, items: {{type: string}}}}
+outputs:
+  direct: v
+  via_tool: echoed
+  nested: nested
+  tested: tested
+  seen: seen
+  kept: kept
+  mapped: mapped
+  sub: sub
+  sampled: sampled
+  fell_back: fell_back
+  looped: looped
+state:
+  seen: {{schema: {{type: array}}, reducer: append}}
+  kept: {{schema: {{type: object}}, reducer: merge}}
+models: {{m: {{model: test-model}}}}
+agents: {{a: {{role: A, model: m}}}}
 tools:
   echo:
     code: |
       def echo(value, wrapped):
-          return {"value": value, "wrapped": wrapped}
+          return {{"value": value, "wrapped": wrapped}}
+  same:
+    code: |
+      def same(value):
+          return value
+  fail:
+    code: |
+      def fail(value):
+          raise ValueError("always")
+flows:
+  carry_flow:
+    inputs: {{value: {ANY}}}
+    outputs: {{value: got, echoed: e}}
+    steps:
+      - {{id: f_echo, kind: tool, tool: echo, args: {{value: "{{{{ value }}}}", wrapped: ["{{{{ value }}}}"]}}, out: e}}
+      - {{id: f_same, kind: tool, tool: same, args: {{value: "{{{{ e.value }}}}"}}, out: got}}
 workflow:
-  - {id: e, kind: tool, tool: echo, args: {value: "{{ v }}", wrapped: ["{{ v }}", {k: "{{ v }}"}]}, out: echoed}
-  - {id: n, kind: tool, tool: echo, args: {value: "{{ echoed.value }}", wrapped: []}, out: nested}
-  - {id: t, kind: test, code: snippets, tests: "{{ snippets }}", out: tested}
+  - {{id: e, kind: tool, tool: echo, args: {{value: "{{{{ v }}}}", wrapped: ["{{{{ v }}}}", {{k: "{{{{ v }}}}"}}]}}, out: echoed}}
+  - {{id: n, kind: tool, tool: echo, args: {{value: "{{{{ echoed.value }}}}", wrapped: []}}, out: nested}}
+  - {{id: t, kind: test, code: snippets, tests: "{{{{ snippets }}}}", out: tested}}
+  - {{id: remember, kind: tool, tool: same, args: {{value: "{{{{ v }}}}"}}, out: seen}}
+  - {{id: keep, kind: tool, tool: same, args: {{value: {{k: "{{{{ v }}}}"}}}}, out: kept}}
+  - id: each
+    kind: map
+    over: "{{{{ vs }}}}"
+    steps: [{{id: m_same, kind: tool, tool: same, args: {{value: "{{{{ item }}}}"}}, out: got}}]
+    result: {{got: "{{{{ got }}}}", item: ["{{{{ item }}}}"], index: "{{{{ index }}}}"}}
+    out: mapped
+  - {{id: call_flow, kind: subflow, flow: carry_flow, with: {{value: "{{{{ v }}}}"}}, out: sub}}
+  - {{id: sample_flow, kind: ensemble, flow: carry_flow, with: {{value: "{{{{ sub.value }}}}"}}, n: 2, vote: first, vote_on: echoed, out: sampled}}
+  - id: guarded
+    kind: tool
+    tool: fail
+    args: {{value: "{{{{ v }}}}"}}
+    retry: 1
+    out: fell_back
+    fallback: [{{id: recover, kind: tool, tool: same, args: {{value: ["{{{{ v }}}}", "{{{{ error.code }}}}"]}}, out: fell_back}}]
+  - id: again
+    kind: loop
+    max_iterations: 2
+    until: "true"
+    steps: [{{id: l_same, kind: tool, tool: same, args: {{value: "{{{{ v }}}}"}}, out: looped}}]
 """
 
 
@@ -584,16 +637,40 @@ def carry_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_whole_placeholders_carry_type_and_value(
     carry_build: Path, value: Any, snippets: list[str]
 ) -> None:
+    """Through tool args (nested too), test snippets, outputs, and what issue 11 added:
+    declared state (append, merge), map items and results, a subflow's arguments and
+    outputs, an ensemble over a flow, a fallback, a loop. Compared as JSON with the types
+    (`1` != `1.0` != `true`), never with Python's `==` alone."""
     code, out, _, stderr = run_package(
-        carry_build, {"v": value, "snippets": snippets}, None, fork=True
+        carry_build, {"v": value, "vs": [value, value], "snippets": snippets}, None, fork=True
     )
     assert code == 0, stderr
     outputs = out["outputs"]
-    assert outputs["direct"] == value
-    assert outputs["via_tool"] == {"value": value, "wrapped": [value, {"k": value}]}
-    assert outputs["nested"]["value"] == value
-    assert type(outputs["via_tool"]["value"]) is type(value)
+    expected = {
+        "direct": value,
+        "via_tool": {"value": value, "wrapped": [value, {"k": value}]},
+        "nested": {"value": value, "wrapped": []},
+        "seen": [value],
+        "kept": {"k": value},
+        "mapped": [{"got": value, "item": [value], "index": i} for i in range(2)],
+        "sub": {"value": value, "echoed": {"value": value, "wrapped": [value]}},
+        "sampled": {"value": value, "echoed": {"value": value, "wrapped": [value]}},
+        "fell_back": [value, "tool_error"],
+        "looped": value,
+    }
+    for name, wanted in expected.items():
+        assert typed(outputs[name]) == typed(wanted), name
     assert [r["test"] for r in outputs["tested"]["results"]] == snippets
+    assert outputs["tested"]["passed"] is True
+
+
+def typed(value: Any) -> Any:
+    """A value with every scalar tagged by its type, so that 1, 1.0 and true differ."""
+    if isinstance(value, list):
+        return ["list", [typed(v) for v in value]]
+    if isinstance(value, dict):
+        return ["dict", {k: typed(v) for k, v in value.items()}]
+    return [type(value).__name__, value]
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
@@ -710,7 +787,13 @@ def test_a_vote_over_a_flow_compares_the_final_answer_of_its_text(
         [
             (
                 r"Solve",
-                [wrong, "Multiply:\nANSWER: 9", wrong, "Clearly 3*3.\nANSWER:  9", "So\nanswer: 9 "],
+                [
+                    wrong,
+                    "Multiply:\nANSWER: 9",
+                    wrong,
+                    "Clearly 3*3.\nANSWER:  9",
+                    "So\nanswer: 9 ",
+                ],
             )
         ]
     )
@@ -764,3 +847,67 @@ def test_a_resumed_run_keeps_the_types_its_steps_wrote(tmp_path: Path) -> None:
         assert out["outputs"] == {"flag": True, "ratio": 1.0}
         assert type(out["outputs"]["ratio"]) is float
     assert len(events(runs[1][2], "step_resumed")) == 4
+
+
+EXHAUSTED = """
+spec_version: "1"
+name: exhaust
+inputs: {q: {type: string}}
+outputs: {r: r}
+models: {m: {model: test-model}}
+agents: {a: {role: A, model: m}}
+tools:
+  same:
+    code: |
+      def same(value):
+          return value
+workflow:
+  - id: again
+    kind: loop
+    max_iterations: 2
+    until: "r == 'done'"
+    steps: [{id: s, kind: tool, tool: same, args: {value: "{{ q }}"}, out: r}]
+"""
+
+
+def test_mas2c_run_shows_a_loop_that_ran_out(tmp_path: Path, llm_server: LLMTestServer) -> None:
+    """Before: the package's out.json listed the exhausted loop under `warnings`, but the
+    host's typed reading of result.json dropped the field: `mas2c run` said only
+    `ok`, and its `--json` result and `run_system`'s outcome had no warnings. Now they
+    carry them (typed: `RunWarning`) and stderr says so."""
+    (tmp_path / "spec.yaml").write_text(EXHAUSTED)
+    (tmp_path / "in.json").write_text('{"q": "x"}')
+    env = cli_env(OPENAI_API_KEY="test", OPENAI_BASE_URL=llm_server.base_url)
+    proc = mas2c(
+        "run", "spec.yaml", "--input", "in.json", "--run-dir", "run",
+        "--sandbox", "unisolated", "--json", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    warnings = cli_document(proc)["result"]["warnings"]
+    assert warnings == [
+        {
+            "type": "loop_exhausted",
+            "step": "again",
+            "pointer": "/workflow/0",
+            "max_iterations": 2,
+            "message": "loop 'again' reached max_iterations (2) without its `until` holding",
+        }
+    ]
+    assert (
+        "mas2c: warning: loop 'again' reached max_iterations (2) without its `until` holding "
+        "(at /workflow/0)" in proc.stderr
+    )
+
+
+def test_a_result_keeps_its_first_warnings_and_refuses_malformed_ones(tmp_path: Path) -> None:
+    from mas2c.runfolder import MAX_WARNINGS, read_result, result_or_error
+
+    many = [{"type": "map_truncated", "message": f"cut {i}", "items": i} for i in range(5000)]
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"status": "ok", "outputs": {}, "warnings": many}))
+    result = read_result(path)
+    assert len(result.warnings) == MAX_WARNINGS and result.warnings[3].items == 3
+    path.write_text(
+        json.dumps({"status": "ok", "outputs": {}, "warnings": [{"type": "x", "step": "a\x1b"}]})
+    )
+    assert result_or_error(path).code == "bad_result"
