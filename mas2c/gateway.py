@@ -87,6 +87,20 @@ log = logging.getLogger("mas2c.gateway")
 
 AGENT_HEADER = "X-Mas2c-Agent"
 STEP_HEADER = "X-Mas2c-Step"
+# W3C trace context of the package's llm_call span (its runtime sends it with each request):
+# the gateway's events carry it, so a live export nests the gateway's span under that call.
+TRACEPARENT_HEADER = "traceparent"
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+
+def trace_context(value: str) -> dict[str, str]:
+    """``trace_id`` and ``parent_span_id`` of a W3C traceparent header; {} if malformed."""
+    match = _TRACEPARENT.match(value[:100].strip().lower())
+    if match is None or not match.group(1).strip("0") or not match.group(2).strip("0"):
+        return {}
+    return {"trace_id": match.group(1), "parent_span_id": match.group(2)}
+
+
 UNKNOWN_AGENT = "unknown"
 # AF_UNIX paths are limited to sizeof(sun_path) - 1 bytes on Linux.
 MAX_SOCKET_PATH_BYTES = 107
@@ -1395,7 +1409,10 @@ class _AsyncHttp:
             # The runtime percent-encodes ids (header values must be Latin-1).
             agent = unquote(request.headers.get(AGENT_HEADER.lower(), ""))[:200] or UNKNOWN_AGENT
             step = unquote(request.headers.get(STEP_HEADER.lower(), ""))[:500]
-            status, obj, source = await self._in_worker(gw._exchange, request.body, agent, step)
+            context = trace_context(request.headers.get(TRACEPARENT_HEADER, ""))
+            status, obj, source = await self._in_worker(
+                gw._exchange, request.body, agent, step, context
+            )
             return status, obj, ({"X-Mas2c-Source": source} if source else None)
         if request.method == "POST" and route == EGRESS_ROUTE:
             status, obj = await self._in_worker(gw._egress_exchange, request.body)
@@ -1824,10 +1841,14 @@ class Gateway:
             accounting.per_token(price.output_per_mtok),
         )
 
-    def _exchange(self, raw: bytes, agent: str, step: str) -> tuple[int, dict[str, Any], str]:
-        """Serve one chat completion (in a worker thread). Returns (status, JSON body, source)."""
+    def _exchange(
+        self, raw: bytes, agent: str, step: str, context: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any], str]:
+        """Serve one chat completion (in a worker thread). Returns (status, JSON body, source).
+        ``context``: the caller's trace context (`trace_context`), passed on in the event."""
         t0 = time.monotonic()
-        event: dict[str, Any] = {"agent": agent, "step": step, "model": None}
+        event: dict[str, Any] = {"agent": agent, "step": step, "model": None, **(context or {})}
+        event["start_ts"] = time.time()
         res: _Reservation | None = None
         weight: int | None = None
         try:
