@@ -860,6 +860,47 @@ class _HttpFailure(Exception):
         self.body = body
 
 
+# The chat-completions parameters the gateway forwards. Each either is counted in the
+# reservation (the prompt-bearing fields, the completion cap) or cannot change what a call
+# costs or where data goes. Anything else is refused (400 mas2c_unsupported_parameter):
+# `prediction` (rejected predicted tokens are billed, its text is not in the prompt bound),
+# `audio`/`modalities` (audio tokens cost more than the spec's text price), `service_tier`
+# (a dearer tier), `web_search_options` (the provider fetches pages: egress and a fee),
+# `store`/`metadata` (the provider keeps the conversation), and whatever a provider adds next.
+REQUEST_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "stream",  # false only (see _parse_request)
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "user",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "reasoning_effort",  # reasoning tokens are completion tokens, within the cap
+    }
+)
+
+
+def unsupported_parameters(body: Mapping[str, Any]) -> list[str]:
+    """The request's parameters the gateway does not forward (sorted)."""
+    return sorted(str(name) for name in body if name not in REQUEST_FIELDS)
+
+
 def _bad_request(message: str, code: str = "mas2c_bad_request") -> _HttpFailure:
     return _HttpFailure(400, _error_body("invalid_request_error", code, message))
 
@@ -2097,6 +2138,16 @@ class Gateway:
             raise _bad_request(
                 f"model {model[:100]!r} is not in the spec's model pool ({pool})",
                 "mas2c_unknown_model",
+            )
+        unknown = unsupported_parameters(body)
+        if unknown:
+            shown = ", ".join(repr(name[:40]) for name in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise _bad_request(
+                f"the mas2c gateway does not forward {shown}{more}: a parameter whose cost or "
+                "data use the run's budget cannot bound (supported: see REQUEST_FIELDS in "
+                "mas2c/gateway.py, README 'The LLM gateway')",
+                "mas2c_unsupported_parameter",
             )
         problem = content_parts_problem(body, allow_image_urls=self.limits.allow_image_urls)
         if problem is not None:
