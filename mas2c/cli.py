@@ -694,6 +694,7 @@ def cmd_rectify(args: argparse.Namespace) -> int:
             input_path=input_path,
             max_rounds=args.max_rounds,
             write=args.write,
+            overwrite=args.force,
             client=client,
             llm=llm,
             upstream=upstream,
@@ -1145,7 +1146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--write",
         action="store_true",
-        help="write the fixed spec as <stem>.rectified.yaml beside --spec (else in RUN_DIR)",
+        help="write the fixed spec as <stem>.rectified.yaml beside --spec (else in RUN_DIR); "
+        "an existing file of that name is refused unless --force",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --write: overwrite an existing <stem>.rectified.yaml",
     )
     p.add_argument(
         "--max-cost", type=float, help="also rectify a successful run that cost more (USD)"

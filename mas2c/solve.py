@@ -449,6 +449,7 @@ def rectify_run(
             input_path=input_path,
             max_rounds=rounds,
             write=True,
+            overwrite=True,  # spec.rectified.yaml in solve's own folder
             client=client,
             llm=llm,
             upstream=upstream,
