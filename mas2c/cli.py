@@ -121,6 +121,16 @@ def _readable_file(path: str, what: str = "file") -> Path:
     return p
 
 
+#: The temp files stdin was spooled into (`_input_file`): messages say <stdin> instead.
+_SPOOLED: set[str] = set()
+
+
+def _stdin_named(text: str) -> str:
+    for path in _SPOOLED:
+        text = text.replace(path, "<stdin>")
+    return text
+
+
 @contextmanager
 def _input_file(path: str, what: str = "input file", name: str = "stdin.json") -> Iterator[Path]:
     """A path to read: the file itself, or (for `-`) stdin spooled into a private temp file
@@ -134,10 +144,25 @@ def _input_file(path: str, what: str = "input file", name: str = "stdin.json") -
     folder = Path(tempfile.mkdtemp(prefix="mas2c-stdin-"))
     try:
         spooled = folder / name
+        _SPOOLED.add(str(spooled))  # an error names it as <stdin> (`_fail`), not the temp path
         spooled.write_bytes(sys.stdin.buffer.read())
         yield spooled
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_output_file(path: str | None) -> None:
+    """Refuse, before any work (an LLM conversation costs money), an `-o FILE` that cannot
+    be written: a folder, or a file in a folder that does not exist (`-`/None: stdout)."""
+    if path in (None, STDIO):
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"cannot write {path}: is a folder")
+    if not target.parent.is_dir():
+        raise UsageError(
+            f"cannot write {path}: the folder {target.parent} does not exist (mas2c creates no folders for -o FILE)"
+        )
 
 
 def _write_user_file(path: str, text: str) -> str | None:
@@ -590,8 +615,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from mas2c.meta import meta_client
 
     task = _task(args.task)
-    if args.output != STDIO and Path(args.output).is_dir():
-        raise UsageError(f"cannot write {args.output}: is a folder")
+    _check_output_file(args.output)
     examples = _existing(args.examples) if args.examples else None
     if examples is not None and not examples.is_dir():
         raise UsageError(f"{args.examples}: --examples expects a folder of example specs")
@@ -624,8 +648,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
     spec, stdin_text = _load_with_text(args.spec)
     output = None if args.output in (None, STDIO) else args.output
-    if output is not None and Path(output).is_dir():
-        raise UsageError(f"cannot write {output}: is a folder")
+    _check_output_file(output)
     with _input_file(args.pool, "pool file") as pool_path:
         pool = load_pool(pool_path)
     if args.rule:
@@ -1382,12 +1405,13 @@ def _fail(verb: str, exc: Mas2cError, as_json: bool) -> int:
     """The one error report: a message on stderr, and with --json one document on stdout."""
     report = getattr(exc, "report", None) if exc.code == "spec_invalid" else None
     located = report is not None  # the validator's report names file:line:column itself
-    message = terminal_safe(str(exc))
+    message = terminal_safe(_stdin_named(str(exc)))
     sys.stderr.write(
         (message if located else f"mas2c {verb}: {message}".replace("mas2c : ", "mas2c: ")) + "\n"
     )
     if as_json:
         error = exc.to_json()
+        error["message"] = _stdin_named(error["message"])
         if report is not None:
             error["report"] = report.to_json()
         _print_json({"ok": False, "error": error})

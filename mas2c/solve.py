@@ -39,7 +39,7 @@ from typing import Any, Literal
 from mas2c.errors import RunFailure, terminal_safe
 from mas2c.files import check_owned_folder, write_text_atomic
 from mas2c.lang.spec import Spec
-from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
+from mas2c.run import BadInput, LLMConfig, RunOutcome, make_upstream, run_system
 
 Progress = Callable[[str], None]
 
@@ -151,10 +151,12 @@ def _refused(exc: Exception) -> bool:
 def _input_names(input_path: Path) -> dict[str, Any]:
     try:
         data = json.loads(input_path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SolveError(f"{input_path}: not a readable JSON object ({exc})") from None
+    except OSError as exc:
+        raise SolveError(f"{input_path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # the same code as `mas2c run`'s check (exit 1, bad_input)
+        raise BadInput(f"{input_path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise SolveError(f"{input_path}: the input must be a JSON object of named inputs")
+        raise BadInput(f"{input_path}: the input must be a JSON object of named inputs")
     return data
 
 

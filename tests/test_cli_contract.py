@@ -242,18 +242,24 @@ def test_build_folder_modes_follow_the_umask(tmp_path: Path) -> None:
     [
         ["schema", "-o", "{missing}/x.json"],
         ["configure", str(COT), "--pool", "{pool}", "--rule", "-o", "{missing}/x.yaml"],
+        ["configure", str(COT), "--pool", "{pool}", "--llm", "{url}", "--rebind", "-o", "{missing}/x.yaml"],
+        ["generate", "a task", "--llm", "{url}", "-o", "{missing}/x.yaml"],
     ],
-    ids=["schema", "configure"],
+    ids=["schema", "configure", "configure-llm", "generate"],
 )
-def test_output_files_never_create_folders(tmp_path: Path, args: list[str]) -> None:
+def test_output_files_never_create_folders(
+    tmp_path: Path, args: list[str], llm_server: LLMTestServer
+) -> None:
+    """...and an output that cannot be written is refused before any LLM request."""
     pool = write_json(tmp_path / "pool.json", {"models": {"m": {"model": "gpt-4o-mini"}}})
     missing = tmp_path / "missing" / "dir"
-    argv = [a.format(missing=missing, pool=pool) for a in args]
+    argv = [a.format(missing=missing, pool=pool, url=llm_server.base_url) for a in args]
     proc = mas2c(*argv, "--json", cwd=tmp_path, inprocess=True)
     assert proc.returncode == 2
     assert document(proc)["error"]["code"] == "usage"
     assert "does not exist" in proc.stderr
     assert not (tmp_path / "missing").exists()
+    assert llm_server.requests == []
 
 
 # -- 4. --json: one document per verb, success and failure ---------------------------------------
@@ -487,6 +493,29 @@ def _cli(argv: list[str], tmp_path: Path, stdin: str = "") -> subprocess.Complet
         env=cli_env(),
         timeout=120,
     )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", str(COT), "--input", "-", "--sandbox", "unisolated", "--llm", "{url}"],
+        ["solve", "a task", "--input", "-", "--llm", "{url}"],
+    ],
+    ids=["run", "solve"],
+)
+def test_bad_input_on_stdin_is_named_stdin_and_coded_alike(
+    argv: list[str], tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """An input read from `-` is named <stdin> in the error (never a private temp path),
+    and run and solve give it the same code before any LLM request or folder."""
+    argv = [a.format(url=llm_server.base_url) for a in argv]
+    for text in ("not json", "[1, 2]"):
+        proc = _cli([*argv, "--run-dir", str(tmp_path / "r"), "--json"], tmp_path, text)
+        assert proc.returncode == 1, proc.stderr
+        error = document(proc)["error"]
+        assert error["code"] == "bad_input", error
+        assert error["message"].startswith("<stdin>: ") and "mas2c-stdin" not in proc.stderr
+    assert llm_server.requests == [] and not (tmp_path / "r").exists()
 
 
 def test_diff_reads_a_spec_from_stdin_and_report_writes_to_stdout(
