@@ -230,6 +230,23 @@ def _json_schema_format(body: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def bind_models(data: dict[str, Any], model_id: str, description: str) -> dict[str, Any]:
+    """Spec data (canonical JSON form) with every model of its pool bound to the embedded
+    model, by its own name and without a price: what `run` and `solve` run on the embedded
+    engine, so that requests, usage, the trace and the cost say which model answered (a
+    spec written for `gpt-4o-mini` must not claim it, nor pay its price, when SmolLM2
+    answers). Other model settings (temperature, max_tokens, ...) are kept."""
+    models = data.get("models")
+    if not isinstance(models, dict) or not models:
+        return data
+    bound = {}
+    for key, entry in models.items():
+        entry = dict(entry) if isinstance(entry, dict) else {}
+        entry.pop("price", None)
+        bound[key] = {**entry, "model": model_id, "description": description}
+    return {**data, "models": bound}
+
+
 class EmbeddedUpstream:
     """A gateway upstream answering from an in-process llama.cpp model (one request at a time)."""
 
@@ -257,6 +274,12 @@ class EmbeddedUpstream:
 
     def describe(self) -> str:
         return self.info.describe()
+
+    @property
+    def serves_as(self) -> str:
+        """The one model that answers every request, whatever it names (`mas2c.run.on_engine`
+        binds a spec's models to it before a run)."""
+        return self.info.model_id
 
     @classmethod
     def load(

@@ -368,22 +368,28 @@ def run_system(
     if owned and (url := llm.endpoint()) is not None:
         check_reachable(url)
     check_owned_folder(run_dir, marker="run.json", owns=run_folder_owns(run_dir), what="run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    header = run_header(system, llm, backend, trace_content)
-    _write_header(run_dir, header)
-    # What `mas2c rectify RUN_DIR` re-runs: the spec (canonical JSON) and the input.
-    write_text_atomic(run_dir / "spec.json", _canonical_json(system.data) + "\n")
-    write_bytes_atomic(run_dir / "input.json", input_path.read_bytes())
-    build_dir = system.build_dir
-    if build_dir is None:
-        from mas2c.compile import compile_spec
-
-        assert system.spec is not None
-        say("compiling")
-        build_dir = run_dir / "build"
-        compile_spec(system.spec).write(build_dir)
-    if owned:
+    if owned:  # the embedded model loads here, before anything is written
         upstream = make_upstream(llm, on_progress=on_progress)
+    try:
+        system = on_engine(system, upstream, on_warning)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        header = run_header(system, llm, backend, trace_content)
+        _write_header(run_dir, header)
+        # What `mas2c rectify RUN_DIR` re-runs: the spec (canonical JSON) and the input.
+        write_text_atomic(run_dir / "spec.json", _canonical_json(system.data) + "\n")
+        write_bytes_atomic(run_dir / "input.json", input_path.read_bytes())
+        build_dir = system.build_dir
+        if build_dir is None:
+            from mas2c.compile import compile_spec
+
+            assert system.spec is not None
+            say("compiling")
+            build_dir = run_dir / "build"
+            compile_spec(system.spec).write(build_dir)
+    except BaseException:
+        if owned and hasattr(upstream, "close"):
+            upstream.close()
+        raise
     uid = sandbox_uid(backend, loosen)
     try:
         with socket_dir(uid) as folder:
@@ -442,6 +448,41 @@ def run_system(
         report.to_json(),
         typed=result,
     )
+
+
+def on_engine(system: Target, upstream: Any, on_warning: Callable[[str], None] | None) -> Target:
+    """The system as it runs on `upstream`: on the embedded engine (an upstream with
+    ``serves_as``, its model's own name) every model of the spec's pool is bound to that
+    model, without a price (`mas2c.embedded.bind_models`, the rule `solve` applies too), so
+    requests, usage, the trace and the cost name the model that answers. A spec or build
+    naming other models is then compiled, bound, into the run folder's ``build/`` (a build
+    folder is recompiled from its MANIFEST.json's spec), with one warning."""
+    model_id = getattr(upstream, "serves_as", None)
+    if not isinstance(model_id, str):
+        return system
+    from mas2c.embedded import bind_models
+    from mas2c.lang.spec import Spec
+
+    bound = bind_models(system.data, model_id, str(upstream.describe()))
+    if bound == system.data:
+        return system
+    named = sorted(
+        {
+            str(m.get("model"))
+            for m in (system.data.get("models") or {}).values()
+            if isinstance(m, dict)
+        }
+    )
+    if on_warning is not None:
+        on_warning(
+            f"the embedded model {model_id} answers for the spec's model(s) {', '.join(named)}: "
+            "the run's spec.json and build/ bind them to it, without their prices (cost 0)"
+        )
+    try:
+        spec = Spec.model_validate(bound)
+    except ValueError as exc:
+        raise RunError(f"the spec cannot be bound to the embedded model: {exc}") from None
+    return Target(spec.to_data(), spec.package_name, None, spec)
 
 
 def run_header(

@@ -416,16 +416,12 @@ def _codes(history: list[Any]) -> list[list[str]]:
 
 def _on_embedded(spec: Spec, engine: Any) -> Spec:
     """The spec with every model of its pool bound to the embedded model, by its own name
-    (an example written for `gpt-4o-mini` must not say so when SmolLM2 answers)."""
-    if not spec.models:
-        return spec
-    models = {
-        key: entry.model_copy(
-            update={"model": engine.model_id, "description": engine.describe(), "price": None}
-        )
-        for key, entry in spec.models.items()
-    }
-    return spec.model_copy(update={"models": models})
+    (`mas2c.embedded.bind_models`, the rule `mas2c run` applies too)."""
+    from mas2c.embedded import bind_models
+
+    data = spec.to_data()
+    bound = bind_models(data, engine.model_id, engine.describe())
+    return spec if bound == data else Spec.model_validate(bound)
 
 
 def rectify_run(

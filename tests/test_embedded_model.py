@@ -263,3 +263,74 @@ def test_solve_offline_on_the_local_model_in_docker(
     assert set(usage["by_model"]) == {"smollm2-135m-instruct"}
     assert usage["calls"] >= 1 and usage["upstream_calls"] == usage["calls"]
     assert usage["total_tokens"] > 0
+
+
+TINY = """\
+spec_version: "1"
+name: tiny
+inputs: {question: {type: string}}
+outputs: {answer: draft}
+models:
+  main:   # priced so that one call would break the budget if the price applied
+    model: gpt-4o-mini
+    max_tokens: 8
+    price: {input_per_mtok: 1000, output_per_mtok: 1000}
+agents:
+  a: {role: Answerer, instructions: Answer in one word., model: main}
+workflow:
+  - {id: ask, kind: call, agent: a, prompt: "{{ question }}", out: draft}
+budgets: {max_cost_usd: 0.0001}
+"""
+
+
+def _names_only_the_embedded_model(run_dir: Path, model_id: str) -> None:
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+    usage = json.loads((run_dir / "usage.json").read_text())
+    assert set(usage["by_model"]) == {model_id} and usage["cost_usd"] == 0
+    spec = json.loads((run_dir / "spec.json").read_text())
+    assert {m["model"] for m in spec["models"].values()} == {model_id}
+    calls = [
+        json.loads(line)
+        for line in (run_dir / "trace.jsonl").read_text().splitlines()
+        if '"llm_call"' in line
+    ]
+    assert calls and all(c["model"] == c["response_model"] == model_id for c in calls)
+    assert all(c["cost_usd"] == 0 for c in calls)
+
+
+def test_run_binds_a_specs_models_to_the_embedded_model(
+    upstream: EmbeddedUpstream, tmp_path: Path
+) -> None:
+    """Issue 13: `run --llm embedded` on a spec or a build naming gpt-4o-mini does what
+    solve does: every model is bound to the embedded one (no price), so the requests,
+    usage, trace and cost name the model that answered; the spec's price would have
+    broken its budget on the first call."""
+    from conftest import mas2c
+
+    from mas2c.run import run_system
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY)
+    (tmp_path / "in.json").write_text('{"question": "Capital of France?"}')
+    warnings: list[str] = []
+    run_system(
+        spec,
+        tmp_path / "in.json",
+        tmp_path / "run",
+        backend="unisolated",
+        upstream=upstream,
+        on_warning=warnings.append,
+    )
+    _names_only_the_embedded_model(tmp_path / "run", upstream.model_id)
+    assert any("answers for the spec's model(s) gpt-4o-mini" in w for w in warnings)
+    assert spec.read_text() == TINY  # the user's spec is untouched
+    # a build folder (its code names gpt-4o-mini), through the CLI's own engine
+    assert mas2c("compile", spec, "-o", tmp_path / "build", cwd=tmp_path).returncode == 0
+    proc = mas2c(
+        "run", tmp_path / "build", "--input", tmp_path / "in.json", "--llm", "embedded",
+        "--sandbox", "unisolated", "--run-dir", tmp_path / "run2", "--json",
+        cwd=tmp_path, inprocess=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    _names_only_the_embedded_model(tmp_path / "run2", upstream.model_id)
+    assert "gpt-4o-mini" in (tmp_path / "build" / "MANIFEST.json").read_text()  # untouched
