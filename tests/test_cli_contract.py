@@ -237,6 +237,24 @@ def test_build_folder_modes_follow_the_umask(tmp_path: Path) -> None:
     assert stat.S_IMODE((out / "MANIFEST.json").stat().st_mode) == 0o644
 
 
+def test_a_run_under_umask_077_works_and_keeps_its_files_private(
+    tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """The run folder follows a strict umask (0600/0700), and the program still reads its
+    own job (as root the unisolated backend runs it as nobody: a 0600 job file stopped it)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mas2c.cli", "run", str(COT), "--input",
+         str(write_json(tmp_path / "in.json", QUESTION)), "--sandbox", "unisolated",
+         "--llm", llm_server.base_url, "--run-dir", str(run_dir), "-q"],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300, umask=0o077,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    for name in ("result.json", "trace.jsonl", "usage.json", "spec.json", "build/MANIFEST.json"):
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o600, name
+
+
 @pytest.mark.parametrize(
     "args",
     [
