@@ -227,23 +227,37 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     if args.spec.count(STDIO) > 1:
         raise UsageError("stdin (-) can be read only once")
-    reports = []
+    # Every file is reported, also past one that cannot be read (missing, a folder,
+    # unreadable): that one is a usage error (exit 2), in its own entry and in `error`.
+    reports: list[dict[str, Any]] = []
+    unreadable: list[UsageError] = []
     for name in args.spec:
-        if name == STDIO:
-            reports.append(validate_text(sys.stdin.read(), "<stdin>"))
-            continue
-        path = _readable_file(name, "spec file")
         try:
-            reports.append(validate_file(path))
-        except OSError as exc:
-            raise UsageError(f"{name}: {exc.strerror or exc}") from None
-    valid = all(r.ok for r in reports)
-    if args.json:
-        _print_json({"ok": valid, "valid": valid, "reports": [r.to_json() for r in reports]})
-    else:
-        for report in reports:
+            if name == STDIO:
+                report = validate_text(sys.stdin.read(), "<stdin>")
+            else:
+                try:
+                    report = validate_file(_readable_file(name, "spec file"))
+                except OSError as exc:
+                    raise UsageError(f"{name}: {exc.strerror or exc}") from None
+        except UsageError as exc:
+            unreadable.append(exc)
+            entry = {"path": name, "valid": False, "errors": 1, "warnings": 0, "problems": []}
+            reports.append({**entry, "error": exc.to_json()})
+            _say(f"mas2c validate: {exc}")
+            continue
+        reports.append(report.to_json())
+        if not args.json:
             stream = sys.stdout if report.ok else sys.stderr
             stream.write(report.format() + "\n")
+    valid = all(r["valid"] for r in reports)
+    if args.json:
+        doc: dict[str, Any] = {"ok": valid, "valid": valid, "reports": reports}
+        if unreadable:
+            doc["error"] = unreadable[0].to_json()
+        _print_json(doc)
+    if unreadable:
+        return EXIT_USAGE
     return EXIT_OK if valid else EXIT_FAILURE
 
 

@@ -478,6 +478,27 @@ def test_validate_json_is_one_document_for_one_file_and_for_two() -> None:
     assert len(document(one)["reports"]) == 1 and len(document(two)["reports"]) == 2
 
 
+def test_validate_json_reports_every_file_also_past_a_missing_one_or_a_folder(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "folder").mkdir()
+    argv = ["validate", str(COT), "missing.yaml", "folder", str(DEBATE), "--json"]
+    proc = mas2c(*argv, cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 2  # a file that cannot be read is a usage error
+    data = document(proc)
+    assert data["ok"] is False and data["valid"] is False and data["error"]["code"] == "usage"
+    reports = data["reports"]
+    assert [r["path"] for r in reports] == [str(COT), "missing.yaml", "folder", str(DEBATE)]
+    assert [r["valid"] for r in reports] == [True, False, False, True]
+    assert all(set(r) >= {"path", "valid", "errors", "warnings", "problems"} for r in reports)
+    assert "no such file" in reports[1]["error"]["message"]
+    assert "is a folder" in reports[2]["error"]["message"]
+    assert "missing.yaml" in proc.stderr and "folder" in proc.stderr
+    for name in ("missing.yaml", "folder"):  # alone, too: the same shape
+        one = document(mas2c("validate", name, "--json", cwd=tmp_path, inprocess=True))
+        assert set(one) == {"ok", "valid", "reports", "error"} and len(one["reports"]) == 1
+
+
 def test_dash_reads_stdin(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "mas2c.cli", "validate", "-", "--json"],
