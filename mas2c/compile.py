@@ -647,7 +647,8 @@ def _debate_view(step: DebateStep) -> str:
 def _programmer_view(step: ProgrammerStep) -> str:
     return (
         f"self.run.programmer({string_literal(step.agent)}, {text_literal(step.prompt)}, "
-        f"max_attempts={step.max_attempts}, timeout_s={step.run_timeout_s!r})"
+        f"max_attempts={step.max_attempts}, timeout_s={step.run_timeout_s!r}"
+        f"{', expect_output=True' if step.expect_output else ''})"
     )
 
 

@@ -1245,8 +1245,12 @@ class Run:
                 return
             before = copy.deepcopy(dict(self.state))
             await method()
+            # Compared as JSON, not with ==: 1 == 1.0 == True, and a write that changes
+            # only the type (1 -> true) must be saved, or a resumed run holds the old one.
             writes = {
-                k: v for k, v in self.state.items() if k not in before or before[k] != v
+                k: v
+                for k, v in self.state.items()
+                if k not in before or _canonical(before[k]) != _canonical(v)
             }
             self._checkpoint(top, key, writes)
 
@@ -1618,13 +1622,24 @@ class Run:
         )
 
     async def programmer(
-        self, agent: str, prompt: str, *, max_attempts: int = 3, timeout_s: float = 10.0
+        self,
+        agent: str,
+        prompt: str,
+        *,
+        max_attempts: int = 3,
+        timeout_s: float = 10.0,
+        expect_output: bool = False,
     ) -> dict[str, Any]:
         """``programmer`` step: write code, run it, feed errors back (_tools.py)."""
         from ._tools import programmer_step
 
         return await programmer_step(
-            self, agent, prompt, max_attempts=max_attempts, timeout_s=timeout_s
+            self,
+            agent,
+            prompt,
+            max_attempts=max_attempts,
+            timeout_s=timeout_s,
+            expect_output=expect_output,
         )
 
     async def test(

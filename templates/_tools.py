@@ -75,12 +75,23 @@ async def tool_step(run: Run, name: str, args: Mapping[str, Any]) -> Any:
 
 
 async def programmer_step(
-    run: Run, agent: str, prompt: str, *, max_attempts: int = 3, timeout_s: float = 10.0
+    run: Run,
+    agent: str,
+    prompt: str,
+    *,
+    max_attempts: int = 3,
+    timeout_s: float = 10.0,
+    expect_output: bool = False,
 ) -> dict[str, Any]:
-    """``programmer`` step: write code, run it, feed errors back; never raises on failure."""
+    """``programmer`` step: write code, run it, feed errors back; never raises on failure.
+
+    An attempt passes when the program exits 0 and, with ``expect_output``, printed
+    something on stdout: a program that exits 0 without printing its answer has not
+    produced it (its repair prompt says so)."""
     task = render(prompt, run.state)
     code = ""
     result: dict[str, Any] = {"output": "", "exit_code": None}
+    problem = ""
     attempt = 0
     for attempt in range(1, max_attempts + 1):
         if attempt == 1:
@@ -91,20 +102,31 @@ async def programmer_step(
                 task=task,
                 code=code,
                 exit_code=str(result["exit_code"]),
-                output=result["output"],
+                output=result["output"] + problem,
             )
         answer = await _labelled(run.turn(agent, request), round=attempt)
         code = extract_code(answer if isinstance(answer, str) else _code_of(answer))
-        result = await execute(run, code, timeout_s)
-        if result["exit_code"] == 0:
+        result = await execute(run, code, timeout_s, watch_stdout=expect_output)
+        problem = _attempt_problem(result, expect_output)
+        if result["exit_code"] == 0 and not problem:
             break
-    passed = result["exit_code"] == 0
     return {
         "code": code,
         "output": result["output"],
-        "passed": passed,
+        "passed": result["exit_code"] == 0 and not problem,
         "attempts": attempt,
     }
+
+
+def _attempt_problem(result: Mapping[str, Any], expect_output: bool) -> str:
+    """Why a program that exited 0 has not passed ("" when it has): with
+    ``expect_output``, it printed nothing (whitespace aside) on stdout."""
+    if result["exit_code"] != 0 or not expect_output or result.get("printed"):
+        return ""
+    return (
+        "\n[the program exited 0 but printed nothing on stdout: "
+        "it must print its answer]"
+    )
 
 
 async def test_step(
@@ -187,10 +209,12 @@ async def _run_code_tool(
         ) from None
 
 
-async def execute(run: Run, code: str, timeout_s: float | None) -> dict[str, Any]:
+async def execute(
+    run: Run, code: str, timeout_s: float | None, *, watch_stdout: bool = False
+) -> dict[str, Any]:
     """``run_python``, traced as an ``exec`` event."""
     span = _open_span(run.trace)
-    result = await run_python(code, timeout_s)
+    result = await run_python(code, timeout_s, watch_stdout=watch_stdout)
     run.trace.emit(
         "exec",
         exit_code=result["exit_code"],
@@ -274,8 +298,16 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it spawned
 
 
-async def run_python(code: str, timeout_s: float | None) -> dict[str, Any]:
-    """Run code in a fresh interpreter in a temp dir: {exit_code, output, timed_out}."""
+async def run_python(
+    code: str, timeout_s: float | None, *, watch_stdout: bool = False
+) -> dict[str, Any]:
+    """Run code in a fresh interpreter in a temp dir: {exit_code, output, timed_out}.
+
+    ``output`` is stdout and stderr together. ``watch_stdout`` (the programmer step)
+    reads the two on pipes of their own, merged as they arrive, and adds ``printed``:
+    whether stdout held anything but whitespace (a program's answer is what it prints
+    there). Otherwise they share one pipe, so their order is exact (the test harness).
+    """
     # The API key has no business in model-written code.
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     with tempfile.TemporaryDirectory(prefix="mas2c-exec-") as tmp:
@@ -289,21 +321,32 @@ async def run_python(code: str, timeout_s: float | None) -> dict[str, Any]:
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+            stderr=(
+                asyncio.subprocess.PIPE if watch_stdout else asyncio.subprocess.STDOUT
+            ),
             start_new_session=True,  # its own process group, killed as a whole
         )
         chunks = bytearray()
+        printed = False
 
-        async def pump() -> None:
-            assert proc.stdout is not None
-            while chunk := await proc.stdout.read(65536):
+        async def pump(stream: asyncio.StreamReader | None, is_stdout: bool) -> None:
+            nonlocal printed
+            if stream is None:
+                return
+            while chunk := await stream.read(65536):
+                printed = printed or (is_stdout and bool(chunk.strip()))
                 # Keep draining past the cap so that the child never blocks on a pipe.
                 if len(chunks) < 4 * OUTPUT_CAP:
                     chunks.extend(chunk)
 
         timed_out = False
         try:
-            await asyncio.wait_for(asyncio.gather(pump(), proc.wait()), timeout_s)
+            await asyncio.wait_for(
+                asyncio.gather(
+                    pump(proc.stdout, True), pump(proc.stderr, False), proc.wait()
+                ),
+                timeout_s,
+            )
         except TimeoutError:
             timed_out = True
         finally:
@@ -313,7 +356,8 @@ async def run_python(code: str, timeout_s: float | None) -> dict[str, Any]:
     output = _cap(chunks.decode("utf-8", errors="replace"))
     if timed_out:
         output += f"\n[timed out after {timeout_s} s]"
-    return {"exit_code": proc.returncode, "output": output, "timed_out": timed_out}
+    result = {"exit_code": proc.returncode, "output": output, "timed_out": timed_out}
+    return {**result, "printed": printed} if watch_stdout else result
 
 
 def _test_snippets(tests: str | Sequence[str], state: Mapping[str, Any]) -> list[str]:

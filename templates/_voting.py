@@ -25,17 +25,16 @@ def _normal(text: str) -> str:
 def vote_key(answer: Any, key: str | None = "answer") -> str | None:
     """What majority voting compares, normalised: the final answer, not the reasoning.
 
-    - text: the last ``ANSWER:`` line if there is one, else the whole text;
     - a structured answer: its ``key`` field (``answer`` unless the step says
       ``vote_on``); an answer without that field does not vote;
-    - strings compare with runs of whitespace collapsed and case folded;
-      numbers by value (``4`` = ``4.0``); anything else as canonical JSON.
+    - text (an agent's text answer, or the field's value, such as a flow's output
+      holding one): the last ``ANSWER:`` line if there is one, else the whole text;
+      compared with runs of whitespace collapsed and case folded;
+    - numbers by value (``4`` = ``4.0``, also inside lists and objects); anything else
+      as canonical JSON.
     Only an empty answer does not vote (``None``): a JSON null, a missing field, or a
     string that is empty once whitespace is collapsed. The text ``"null"`` is an answer.
     """
-    if isinstance(answer, str):
-        lines = _ANSWER_LINE.findall(answer)
-        return _normal(lines[-1] if lines else answer) or None
     if isinstance(answer, Mapping):
         if key is None or key not in answer:
             return None
@@ -43,10 +42,20 @@ def vote_key(answer: Any, key: str | None = "answer") -> str | None:
     if answer is None:
         return None
     if isinstance(answer, str):
-        return _normal(answer) or None
-    if isinstance(answer, float) and answer.is_integer():
-        answer = int(answer)
-    return json.dumps(answer, sort_keys=True, ensure_ascii=False)
+        lines = _ANSWER_LINE.findall(answer)
+        return _normal(lines[-1] if lines else answer) or None
+    return json.dumps(_numbers_by_value(answer), sort_keys=True, ensure_ascii=False)
+
+
+def _numbers_by_value(value: Any) -> Any:
+    """``value`` with every integral float as an int, so that ``[4.0]`` = ``[4]``."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_numbers_by_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers_by_value(v) for k, v in value.items()}
+    return value
 
 
 def majority(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import compile_to, events, run_package
+from conftest import compile_to, events, load_runtime, run_package
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -607,3 +607,160 @@ def test_resolve_property(value: Any, filters: str) -> None:
         assert json.loads(got) == value
     else:
         assert got == values.as_text(value)
+
+
+# -- the programmer step: exiting 0 is not an answer ----------------------------------------------
+
+PROGRAMMER = """
+spec_version: "1"
+name: printed
+inputs: {q: {type: string}}
+outputs: {program: program, answer: answer}
+models: {m: {model: test-model}}
+agents: {coder: {role: Coder, model: m}}
+tools:
+  final_answer:
+    code: |
+      def final_answer(output: str) -> str:
+          return output.strip().splitlines()[-1] if output.strip() else ""
+workflow:
+  - {id: write, kind: programmer, agent: coder, prompt: "{{ q }}", max_attempts: 3, EXPECT out: program}
+  - {id: read, kind: tool, tool: final_answer, args: {output: "{{ program.output }}"}, out: answer}
+"""
+
+
+def test_a_program_that_prints_nothing_has_not_answered(
+    tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """Before: a program that exited 0 without printing its answer (a function never
+    called, a warning on stderr only) "passed", and the answer read off its output was
+    empty text in a run that ended `ok`. Now, with `expect_output: true`, such an attempt
+    fails and is repaired with the reason; reading `output` without it is MAS911."""
+    report = problems(PROGRAMMER.replace("EXPECT ", ""))
+    assert report.ok and ("MAS911", "/workflow/1/args/output") in codes(report)
+    llm_server.responder = Script(
+        [
+            (
+                r".",
+                [
+                    "```python\ndef solve():\n    return 6 * 7\n```",
+                    "```python\nimport sys\nprint('  ', file=sys.stdout)\n"
+                    "print('42', file=sys.stderr)\n```",
+                    "```python\nprint(6 * 7)\n```",
+                ],
+            ),
+        ]
+    )
+    text = PROGRAMMER.replace("EXPECT ", "expect_output: true, ")
+    assert codes(problems(text)) == []
+    code, out, _, stderr = build_and_run(tmp_path, text, {"q": "6*7"}, llm_server)
+    assert code == 0, stderr
+    program = out["outputs"]["program"]
+    assert (program["passed"], program["attempts"], program["output"]) == (True, 3, "42\n")
+    assert out["outputs"]["answer"] == "42"
+    repair = llm_server.requests[1].last_user
+    assert "exit code 0" in repair and "printed nothing on stdout" in repair
+    # stderr alone is not the answer either: the third attempt was needed.
+    assert "printed nothing on stdout" in llm_server.requests[2].last_user
+
+
+def test_without_expect_output_a_program_that_defines_a_function_passes(
+    tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """Code that only defines functions (tested by a later `test` step) still passes on
+    exit 0: `expect_output` is what changes the meaning, and only where it is written."""
+    llm_server.responder = Script([(r".", "```python\ndef solve():\n    return 42\n```")])
+    text = PROGRAMMER.replace("EXPECT ", "")
+    code, out, _, stderr = build_and_run(tmp_path, text, {"q": "6*7"}, llm_server)
+    assert code == 0, stderr
+    assert out["outputs"]["program"]["passed"] is True
+    assert out["outputs"]["program"]["attempts"] == 1
+    assert len(llm_server.requests) == 1
+
+
+# -- the constructs added since: flows, state, map, retry/fallback ---------------------------------
+
+FLOW_VOTE = """
+spec_version: "1"
+name: flow-vote
+inputs: {q: {type: string}}
+outputs: {best: best.answer}
+models: {m: {model: test-model}}
+agents: {solver: {role: Solver, model: m, instructions: "Think, then end with ANSWER: <value>"}}
+flows:
+  solve:
+    inputs: {problem: {type: string}}
+    outputs: {answer: reply}
+    steps:
+      - {id: think, kind: call, agent: solver, prompt: "Solve {{ problem }}", out: reply}
+workflow:
+  - {id: vote, kind: ensemble, flow: solve, with: {problem: "{{ q }}"}, n: 5, vote: majority, out: best}
+"""
+
+
+def test_a_vote_over_a_flow_compares_the_final_answer_of_its_text(
+    tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """Before: an ensemble over a flow whose voted output is a text answer compared the
+    whole texts (reasoning included): two copies of one wrong answer beat three right
+    answers reasoned differently. Now a text is voted by its last `ANSWER:` line, as an
+    agent's text answer always was; numbers compare by value inside lists too."""
+    wrong = "I add them.\nANSWER: 7"
+    llm_server.responder = Script(
+        [
+            (
+                r"Solve",
+                [wrong, "Multiply:\nANSWER: 9", wrong, "Clearly 3*3.\nANSWER:  9", "So\nanswer: 9 "],
+            )
+        ]
+    )
+    code, out, _, stderr = build_and_run(tmp_path, FLOW_VOTE, {"q": "?"}, llm_server)
+    assert code == 0, stderr
+    assert out["outputs"]["best"].rstrip().endswith("ANSWER: 9")
+    voting = load_runtime("_voting")
+    assert voting.majority([{"answer": [1.0]}, {"answer": [3]}, {"answer": [1]}]) == {
+        "answer": [1.0]
+    }
+    assert voting.vote_key({"answer": {"x": [2.0]}}) == voting.vote_key({"answer": {"x": [2]}})
+
+
+CHECKPOINTED = """
+spec_version: "1"
+name: ckpt
+inputs: {v: {type: integer}}
+outputs: {flag: flag, ratio: ratio}
+models: {m: {model: test-model}}
+agents: {a: {role: A, model: m}}
+tools:
+  same:
+    code: |
+      def same(v: int) -> int:
+          return v
+  is_one:
+    code: |
+      def is_one(v: int) -> bool:
+          return v == 1
+  as_float:
+    code: |
+      def as_float(v: int) -> float:
+          return float(v)
+workflow:
+  - {id: first, kind: tool, tool: same, args: {v: "{{ v }}"}, out: flag}
+  - {id: second, kind: tool, tool: is_one, args: {v: "{{ v }}"}, out: flag}
+  - {id: third, kind: tool, tool: same, args: {v: "{{ v }}"}, out: ratio}
+  - {id: fourth, kind: tool, tool: as_float, args: {v: "{{ v }}"}, out: ratio}
+"""
+
+
+def test_a_resumed_run_keeps_the_types_its_steps_wrote(tmp_path: Path) -> None:
+    """Before: a checkpoint saved only the variables a step changed by `==`, and
+    `1 == True == 1.0`, so a step that turned `1` into `true` (or `1.0`) saved nothing and
+    the resumed run's result said `1`. Now a change of type is a change."""
+    compile_to(spec_of(CHECKPOINTED), tmp_path / "build")
+    env: dict[str, str | None] = {"MAS2C_CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
+    runs = [run_package(tmp_path / "build", {"v": 1}, None, env=env) for _ in range(2)]
+    for code, out, _, stderr in runs:
+        assert code == 0, stderr
+        assert out["outputs"] == {"flag": True, "ratio": 1.0}
+        assert type(out["outputs"]["ratio"]) is float
+    assert len(events(runs[1][2], "step_resumed")) == 4

@@ -755,12 +755,19 @@ class ProgrammerStep(_Writes):
     prompt: str
     max_attempts: int = Field(3, ge=1, le=20)
     run_timeout_s: float = Field(10.0, gt=0, le=3600)
+    expect_output: bool | None = Field(
+        None,
+        description="true: the program must print its answer: an attempt that exits 0 with "
+        "nothing on stdout fails (and is repaired, saying so). Leave it out for code that only "
+        "defines functions (tested by a later `test` step), where exiting 0 passes.",
+    )
 
     RUNTIME_MODULES: ClassVar[tuple[str, ...]] = ("_tools.py",)
     LANGUAGE: ClassVar[str] = (
         "an agent writes Python code, it is run, errors go back to the agent up to\n"
-        "  max_attempts times. Fields: agent, prompt, max_attempts, run_timeout_s, out. The out\n"
-        "  variable has fields code, output, passed, attempts."
+        "  max_attempts times. Fields: agent, prompt, max_attempts, run_timeout_s,\n"
+        "  expect_output (true when the program prints its answer: printing nothing then fails\n"
+        "  the attempt), out. The out variable has fields code, output, passed, attempts."
     )
 
     def agent_refs(self) -> list[AgentRef]:

@@ -46,6 +46,7 @@ from mas2c.lang.spec import (
     FlowDef,
     ModelSpec,
     Price,
+    ProgrammerStep,
     Spec,
     StateVar,
     Step,
@@ -107,6 +108,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS511": "a schema `pattern` that does not compile or can backtrack for exponential time",
     "MAS512": "a condition applies len() or `in` to a value whose type cannot take it",
     "MAS910": "a parallel branch writes no variable on every path, so its result is null (warning)",
+    "MAS911": "the printed output of a programmer step without `expect_output: true` is read (warning)",
     "MAS520": "a state variable's reducer does not fit its schema or initial value",
     "MAS521": "a state variable's initial value does not match its schema",
     "MAS522": "a state variable is also an input",
@@ -1294,6 +1296,11 @@ class _Checker:
         """The registry's schema of what a step writes; where it has none: the text answer
         of its answering agent (marked, for MAS307), or the return annotation of its tool."""
         schema = step.out_schema(self.spec.agents)
+        if isinstance(step, ProgrammerStep) and schema is not None and not step.expect_output:
+            # Its `output` is marked, for MAS911: a run that prints nothing passes.
+            properties = dict(schema["properties"])
+            properties["output"] = {**properties["output"], _PRINTED_BY: step.id}
+            return {**schema, "properties": properties}
         if schema is not None:
             return schema
         answering = step.answer_agents()
@@ -1393,6 +1400,20 @@ class _Checker:
         if problem is not None:
             problem_code, message, hint = problem
             self.add(problem_code, pointer, message + at, hint, position=position)
+            return
+        printed_by = (self._schema_at(path, scope) or {}).get(_PRINTED_BY)
+        if printed_by is not None:
+            self.add(
+                "MAS911",
+                pointer,
+                f"`{'.'.join(path)}` is what programmer step `{printed_by}`'s program printed, "
+                "but without `expect_output: true` an attempt that prints nothing passes "
+                "(and this reads an empty text)",
+                f"add `expect_output: true` to step `{printed_by}` (its program must print "
+                "its answer), or read its `passed`/`code` instead",
+                severity="warning",
+                position=position,
+            )
 
     def _schema_at(self, path: tuple[str, ...], scope: _Scope) -> dict[str, Any] | None:
         """The known schema of the value at a state path (None: unknown)."""
@@ -1669,7 +1690,9 @@ class _Checker:
                 )
                 continue
             self._read(path, pointer, scope, None, "MAS205")
-            properties[output] = self._schema_at(path, scope) or {}
+            found = self._schema_at(path, scope) or {}
+            # MAS911 is reported here, at the flow's output, not again where it is read.
+            properties[output] = {k: v for k, v in found.items() if k != _PRINTED_BY}
         self.flow_outputs[name] = {
             "type": "object",
             "properties": properties,
@@ -1912,6 +1935,7 @@ def _delegation_closure(spec: Spec, agent_id: str) -> set[str]:
 
 _FLOW_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 _TEXT_OF = "x-mas2c-text-of"  # marks the schema of an agent's text answer (internal)
+_PRINTED_BY = "x-mas2c-printed-by"  # marks a programmer's `output` without expect_output
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # What a fallback's steps read as `error`: the failure of the step they stand in for.
 ERROR_SCHEMA: dict[str, Any] = {

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="828f79ddc237df31b52cb4bcb65365399e63d06aa36bc5f8c5366530fb2fdeae",
+        code_sha="9a9dbf206775895f60c174bff943f46b725564c289c4da8de2a895fd096777a9",
         reads=["question"],
     ),
 )

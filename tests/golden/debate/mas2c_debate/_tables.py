@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="ca2dd6f8b7a9798a2de831073cecf7850435f257042b15528b06147eb0f0536e",
+        code_sha="9486f42175f22d16ca5deee12a56da9e806b46c42e5c39193f1ff08c04ebd2a3",
         reads=["question"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="ffd557d64c7e836b0a07ab23845ab8a91bcacf8cd7ca5270f4016a3ad89ced4f",
+        code_sha="020cef0030156d32bdf87dcdaf65d416f1d023c8f61c1b5ffae846eb11a30786",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="4becefee0a260bd4110b04d9f512c1b5b408928974f8aaa2484fd74a9912ea70",
+        code_sha="c327a364da6c55f40e970b627e9220699a66fbb0a7fedcb4993133663645065e",
         reads=["focus", "summaries"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="0d7a97351a1471a0d59c7f2eb53276fbb9fc83b682c9b832167048a202e56b52",
+        code_sha="3e5a83594d881afe06e17a984e15a1400d55c5eb84d0605cdd2a63d7dc3c2dbf",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="d84dee28f1bbb377ed5b5e4d05c8e7102dc72459a268780b2d9c64b797a3cd42",
+        code_sha="f591df04e21de2d1265cdbf99393d47ca15649ab28cb0ca4fc2a101f060c0215",
         reads=["result", "task", "test_list"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="f59ac9547c7c725c4a17f0e8db418fa33548582b66d656dce4a8e253c2a9aaec",
+        code_sha="e3287591519a3df1486a0e34bb4c99e877373cd4c78a25dd6042cd2d8f3120ef",
         reads=["draft", "memory", "review", "task"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="69f397e942cdc4df6c1388d3010f1050fcede849db6b96a496f524337f4da872",
+        code_sha="87121f3adf12b73f2204a82cebb386ac1d35176d0ea63e2775997f54034623e1",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="ad22105c595258e8679d9806507f4fef6cda5ddbfc2bbf85134390d45c07ac6b",
+        code_sha="0c66457091760d71813395de64cd1d9e5aa89e1fbaf15e3777e4664d9f487315",
         reads=["error", "route", "ticket"],
     ),
 )

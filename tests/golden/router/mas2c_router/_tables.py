@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="72452a9434cc80a5db85909a3aaf0709cab94998804c539f835553479084b833",
+        code_sha="6e7f5592b5f8ca42337bd2fae3e692b998728af79c1ed5adb1379ade08ea46f7",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="e443fcdb924f16b55f569a3ea861f0b1969feca2639d540f25b2eab1aae40e2e",
+        code_sha="c06cdbc24f3c5c7cbc80991503d7b6e9c56978dd8aeb31b777e3f08f8cda6c4a",
         reads=["product", "route", "ticket"],
     ),
 )

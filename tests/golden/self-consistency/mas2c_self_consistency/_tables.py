@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="4cac04c5788ff5989289e6d634979db0c7753c6bc0462fb6e2e80b498cd37fc3",
+        code_sha="ed846dcbe5c85c949e16036908f44eeb90886b647fe8407f6ac697a9b7204cdd",
         reads=["question"],
     ),
 )
