@@ -360,6 +360,12 @@ def _llm_config(args: argparse.Namespace) -> Any:
     replay = getattr(args, "replay", None)
     # --record F --replay F: new episodes; F may not exist yet. A strict replay's must.
     same = bool(record and replay and Path(record) == Path(replay))
+    if record:
+        from mas2c.gateway import record_target_problem
+
+        problem = record_target_problem(Path(record))
+        if problem is not None:
+            raise UsageError(f"--record {record}: {problem}")
     return LLMConfig(
         url=None if llm in (None, "embedded") else llm,
         force_embedded=llm == "embedded",
@@ -1355,6 +1361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     parser = build_parser()
     verb = next((a for a in argv if not a.startswith("-")), "")
+    head = argv[: argv.index(verb)] if verb else argv  # the options before the verb
+    if as_json and "--version" in head:
+        _print_json({"ok": True, "version": __version__})
+        return EXIT_OK
+    if "--json" in head:  # `mas2c --json VERB ...` means `mas2c VERB --json ...`
+        rest = [verb, "--json", *argv[len(head) + 1 :]] if verb else []
+        argv = [a for a in head if a != "--json"] + rest
     try:
         args = parser.parse_args(argv)
         verb = args.verb or ""

@@ -195,6 +195,41 @@ def _error_body(type_: str, code: str, message: str, param: str | None = None) -
 # --------------------------------------------------------------------------- secrets
 
 
+def record_target_problem(path: Path) -> str | None:
+    """Why `--record PATH` must not be written, or None: it is appended to, so it must be
+    a new file in an existing folder (no folder is created), a cassette (JSON lines of
+    exchanges, each an object with a `response`), or a device such as /dev/null — never
+    another file of the user's (a spec named by mistake would be corrupted)."""
+    if path.is_dir():
+        return "is a folder"
+    if not path.parent.is_dir():
+        return f"the folder {path.parent} does not exist (mas2c creates no folders for it)"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not stat.S_ISREG(mode):
+        return None  # /dev/null, a FIFO: written in place
+    try:
+        with path.open("rb") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or not isinstance(entry.get("response"), dict):
+                    raise ValueError(f"line {number} is no recorded exchange")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except (ValueError, RecursionError) as exc:
+        return (
+            f"exists and is not a cassette ({str(exc)[:120]}); mas2c appends only to a "
+            "cassette: name a new file"
+        )
+    return None
+
+
 def redact_url(url: str) -> str:
     """``url`` without userinfo, with every query value replaced by ``<redacted>``."""
     try:
@@ -1664,8 +1699,7 @@ class Gateway:
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, mode=0o700)
         sock = self._listen(path)
-        if self.record_path is not None:
-            self.record_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.record_path is not None:  # its folder must exist: none is created
             self._record_file = self.record_path.open("a", encoding="utf-8")
         self._http = _AsyncHttp(self, sock)
         try:

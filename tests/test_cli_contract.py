@@ -478,6 +478,17 @@ def test_validate_json_is_one_document_for_one_file_and_for_two() -> None:
     assert len(document(one)["reports"]) == 1 and len(document(two)["reports"]) == 2
 
 
+def test_json_before_the_verb_and_version_json_are_one_document(tmp_path: Path) -> None:
+    proc = mas2c("--json", "schema", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 0 and document(proc)["schema"]["title"]
+    proc = mas2c("--json", "validate", "missing.yaml", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 2 and document(proc)["error"]["code"] == "usage"
+    proc = mas2c("--json", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 2 and "no verb" in document(proc)["error"]["message"]
+    proc = mas2c("--version", "--json", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 0 and document(proc)["version"]
+
+
 def test_validate_json_reports_every_file_also_past_a_missing_one_or_a_folder(
     tmp_path: Path,
 ) -> None:
