@@ -478,6 +478,24 @@ def test_validate_json_is_one_document_for_one_file_and_for_two() -> None:
     assert len(document(one)["reports"]) == 1 and len(document(two)["reports"]) == 2
 
 
+def test_a_dead_endpoint_is_named_once_in_solves_one_error(tmp_path: Path) -> None:
+    """The meta-agents' gateway is an implementation detail: the error names the endpoint
+    (without its credentials), not the gateway's internal URL."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://user:hunter2@127.0.0.1:{port}/v1"
+    write_json(tmp_path / "in.json", QUESTION)
+    proc = mas2c("solve", "a task", "--input", "in.json", "--llm", url, "--run-dir", "s",
+                 "--sandbox", "unisolated", "--json", cwd=tmp_path, inprocess=True)  # fmt: skip
+    assert proc.returncode == 1
+    message = document(proc)["error"]["message"]
+    assert f"127.0.0.1:{port}" in message and "failed after 4 attempts" in message, message
+    assert "mas2c-gateway" not in message and "hunter2" not in proc.stdout + proc.stderr
+
+
 def test_json_before_the_verb_and_version_json_are_one_document(tmp_path: Path) -> None:
     proc = mas2c("--json", "schema", cwd=tmp_path, inprocess=True)
     assert proc.returncode == 0 and document(proc)["schema"]["title"]
