@@ -165,6 +165,12 @@ def _check_output_file(path: str | None) -> None:
         )
 
 
+def _one_stdin(*values: str | None) -> None:
+    """At most one of a verb's file arguments may be `-`: stdin can be read only once."""
+    if sum(v == STDIO for v in values) > 1:
+        raise UsageError("stdin (-) can be read only once: give the other inputs as files")
+
+
 def _write_user_file(path: str, text: str) -> str | None:
     """Write `text` to the file the user named (`-`: stdout), atomically, creating no folder.
 
@@ -489,10 +495,16 @@ def _top_level_steps(target: Path) -> int | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from mas2c.run import run_system
 
-    target = _existing(args.target)
+    _one_stdin(args.target, args.input)
     run_dir = Path(args.run_dir or _default_run_dir())
-    meter = _RunMeter(enabled=not args.quiet, total_steps=_top_level_steps(target))
-    with _input_file(args.input) as input_path:
+    with contextlib.ExitStack() as stack:
+        target = (  # a spec on stdin (`mas2c generate TASK -o - | mas2c run - ...`)
+            stack.enter_context(_input_file(STDIO, "spec", "stdin.yaml"))
+            if args.target == STDIO
+            else _existing(args.target)
+        )
+        input_path = stack.enter_context(_input_file(args.input))
+        meter = _RunMeter(enabled=not args.quiet, total_steps=_top_level_steps(target))
         outcome = run_system(
             target,
             input_path,
@@ -534,9 +546,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_image(args: argparse.Namespace) -> int:
     from mas2c import image
 
-    result = image.build(
-        _existing(args.target), args.tag, base=args.base, serve=args.serve, on_progress=_progress
-    )
+    with contextlib.ExitStack() as stack:
+        target = (
+            stack.enter_context(_input_file(STDIO, "spec", "stdin.yaml"))
+            if args.target == STDIO
+            else _existing(args.target)
+        )
+        result = image.build(
+            target, args.tag, base=args.base, serve=args.serve, on_progress=_progress
+        )
     _say(
         f"built {result.tag} ({result.package}); run it with:\n  {image.run_line(result.tag, serve=args.serve)}"
     )
@@ -713,10 +731,20 @@ def cmd_rectify(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.run_dir}: expected a run folder")
     if args.max_rounds < 1:
         raise UsageError("--max-rounds must be at least 1")
-    spec_path = _readable_file(args.spec, "spec file") if args.spec else None
+    _one_stdin(args.spec, args.input, args.pool)
+    if args.spec == STDIO and args.write:
+        raise UsageError(
+            "--write puts the fixed spec beside --spec: a spec on stdin has no folder; give "
+            "it as a file, or drop --write (every round's spec stays in RUN_DIR/rectify/)"
+        )
     llm = _llm_config(args)
     progress = None if args.json else _progress
     with ExitStack() as stack:
+        spec_path = (
+            stack.enter_context(_input_file(args.spec, "spec file", "stdin.yaml"))
+            if args.spec
+            else None
+        )
         input_path = stack.enter_context(_input_file(args.input)) if args.input else None
         pool = None
         if args.pool:
@@ -805,8 +833,6 @@ def _solve_inputs(args: argparse.Namespace) -> Iterator[tuple[Path, Path | None]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mas2c.bench import BenchOptions, check_scorer, run_humaneval
-
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     if args.limit is not None and args.limit < 1:
@@ -815,7 +841,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--check-scorer runs the dataset's own solutions; drop --spec/--solve")
     kind = "check" if args.check_scorer else "run"
     run_dir = Path(args.run_dir or f"runs/humaneval-{kind}-{_default_run_dir().split('/')[-1]}")
-    spec = _readable_file(args.spec, "spec file") if args.spec else None
+    with contextlib.ExitStack() as stack:
+        spec = (
+            stack.enter_context(_input_file(args.spec, "spec file", "stdin.yaml"))
+            if args.spec
+            else None
+        )
+        return _bench(args, run_dir, spec)
+
+
+def _bench(args: argparse.Namespace, run_dir: Path, spec: Path | None) -> int:
+    from mas2c.bench import BenchOptions, check_scorer, run_humaneval
+
     if args.check_scorer:
         summary = check_scorer(
             run_dir,
@@ -989,18 +1026,36 @@ def _add_llm_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from mas2c.batch import BatchOptions, parse_mapping, run_batch
-
     if args.workers < 1 or (args.limit is not None and args.limit < 1) or args.pilot < 1:
         raise UsageError("--workers, --limit and --pilot must be at least 1")
     if args.address and args.engine != "ray":
         raise UsageError("--address is for --engine ray")
     run_dir = Path(args.run_dir or f"runs/batch-{_default_run_dir().split('/')[-1]}")
-    summary = run_batch(
+    _one_stdin(args.dataset, args.spec)
+    with contextlib.ExitStack() as stack:
+        dataset = stack.enter_context(_input_file(args.dataset, "dataset file", "stdin.jsonl"))
+        spec = (
+            stack.enter_context(_input_file(args.spec, "spec file", "stdin.yaml"))
+            if args.spec
+            else None
+        )
+        summary = _run_batch(args, run_dir, dataset, spec)
+    text = (run_dir / "report.md").read_text("utf-8").split("\nRows not passed")[0]
+    _say(f"run folder: {run_dir} (results.jsonl, summary.json, report.md)")
+    return _finish(args, bool(summary["complete"]), summary, text)
+
+
+def _run_batch(
+    args: argparse.Namespace, run_dir: Path, dataset: Path, spec: Path | None
+) -> dict[str, Any]:
+    from mas2c.batch import BatchOptions, parse_mapping, run_batch
+
+    return run_batch(
         BatchOptions(
             run_dir=run_dir,
-            dataset=_readable_file(args.dataset, "dataset file"),
-            spec=_readable_file(args.spec, "spec file") if args.spec else None,
+            dataset=dataset,
+            dataset_name="<stdin>" if args.dataset == STDIO else None,
+            spec=spec,
             solve_task=args.solve,
             mapping=parse_mapping(args.map or []),
             id_field=args.id_field,
@@ -1025,9 +1080,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
             on_warning=_warn,
         )
     )
-    text = (run_dir / "report.md").read_text("utf-8").split("\nRows not passed")[0]
-    _say(f"run folder: {run_dir} (results.jsonl, summary.json, report.md)")
-    return _finish(args, bool(summary["complete"]), summary, text)
 
 
 # -- parser ---------------------------------------------------------------------------------------

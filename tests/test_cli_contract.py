@@ -563,6 +563,40 @@ def _cli(argv: list[str], tmp_path: Path, stdin: str = "") -> subprocess.Complet
     )
 
 
+def test_dash_reads_a_spec_or_a_dataset_wherever_one_is_read(
+    tmp_path: Path, llm_server: LLMTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`-` is stdin for run's spec (a pipe from `generate -o -`), batch's dataset and spec,
+    image's spec and rectify's --spec; two `-` in one command are refused."""
+    import io
+
+    def cli(*argv: str, stdin: str) -> subprocess.CompletedProcess[str]:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+        return mas2c(*argv, cwd=tmp_path, inprocess=True)
+
+    llm = ["--sandbox", "unisolated", "--llm", llm_server.base_url, "--json"]
+    inp = str(write_json(tmp_path / "in.json", QUESTION))
+    proc = cli("run", "-", "--input", inp, "--run-dir", "r", *llm, stdin=COT.read_text())
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r" / "spec.json").read_text())["name"] == "chain-of-thought"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": "1", "question": "2+2?", "answer": "4"}) + "\n")
+    proc = cli("batch", "-", "--spec", str(COT), "--run-dir", "b", "--output", "answer", *llm,
+               stdin=rows.read_text())  # fmt: skip
+    assert document(proc)["complete"] is True, proc.stderr
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["dataset"] == "<stdin>"
+    proc = cli("image", "-", "-t", "x:1", "--json", stdin="name: Bad\n")
+    assert proc.returncode == 1 and document(proc)["error"]["code"] == "spec_invalid"
+    for argv in (
+        ["run", "-", "--input", "-", "--json"],
+        ["batch", "-", "--spec", "-", "--json"],
+        ["rectify", "r", "--spec", "-", "--input", "-", "--json"],
+        ["rectify", "r", "--spec", "-", "--write", "--json"],
+    ):
+        proc = cli(*argv, stdin=COT.read_text())
+        assert proc.returncode == 2 and document(proc)["error"]["code"] == "usage", argv
+
+
 @pytest.mark.parametrize(
     "argv",
     [
