@@ -409,6 +409,11 @@ def _default_run_dir() -> str:
 # -- run ------------------------------------------------------------------------------------------
 
 
+def _dollars(cost: float) -> str:
+    """A cost as shown in progress lines: small costs keep their digits ($0.000068, not $0.0000)."""
+    return f"${cost:.6f}" if 0 < cost < 0.01 else f"${cost:.4f}"
+
+
 class _RunMeter:
     """Progress of one run on stderr: LLM calls, tokens and cost so far, from the gateway's
     events; one line per call at most once a second (a rewriting line on a terminal)."""
@@ -469,7 +474,7 @@ class _RunMeter:
         failed = f", {self.errors} failed" if self.errors else ""
         return (
             f"run: {self.calls} LLM call(s){failed}, {self.tokens} tokens, "
-            f"${self.cost:.4f} so far{at}"
+            f"{_dollars(self.cost)} so far{at}"
         )
 
     def finish(self) -> None:
@@ -520,7 +525,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = (
         f"{outcome.status} (exit {outcome.exit_code}) in {outcome.sandbox.get('duration_s', 0):.1f}s; "
         f"{usage.get('calls', 0)} LLM call(s), {usage.get('total_tokens', 0)} tokens, "
-        f"${usage.get('cost_usd', 0):.4f}; run folder {outcome.run_dir}"
+        f"{_dollars(float(usage.get('cost_usd') or 0))}; run folder {outcome.run_dir}"
     )
     if not outcome.ok:
         error = outcome.result.get("error") or {}
@@ -971,7 +976,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_observe_verbs(verbs: Any) -> None:
     p = verbs.add_parser("report", help="write a self-contained HTML report of a run folder")
-    p.add_argument("run_dir", help="a run, rectify or solve folder")
+    p.add_argument("run_dir", help="a run, rectify, solve or batch folder")
     p.add_argument(
         "-o", "--output", help="HTML file to write (default RUN_DIR/report.html; - for stdout)"
     )

@@ -4,8 +4,12 @@ The run folder's spans (`mas2c.tracing`) become OpenTelemetry spans with the ids
 parents and times the run recorded, and are sent with the OpenTelemetry SDK's own
 OTLP/HTTP exporter (the ``otel`` extra: ``pip install 'mas2c[otel]'``). Attributes:
 
-* every span: ``mas2c.kind`` (host, run, step, llm, tool, exec), ``mas2c.status``,
-  ``mas2c.step``, ``mas2c.spec_pointer`` where known;
+* every span: ``mas2c.kind`` (host, run, step, fallback, llm, tool, exec),
+  ``mas2c.status``, ``mas2c.step``, ``mas2c.spec_pointer`` where known, and what tells
+  a repeat apart: ``mas2c.item`` (map items' index path), ``mas2c.iteration`` (loop
+  iterations, 1-based), ``mas2c.sample`` (an ensemble's sample, over a flow too),
+  ``mas2c.error.code``; steps with ``retry``/``fallback`` ``mas2c.step.attempt`` of
+  ``mas2c.step.attempts``;
 * LLM calls follow the OpenTelemetry GenAI semantic conventions: span name
   ``chat <model>``, kind CLIENT, ``gen_ai.operation.name`` (chat),
   ``gen_ai.provider.name``/``gen_ai.system`` (openai: the wire protocol),
@@ -15,9 +19,10 @@ OTLP/HTTP exporter (the ``otel`` extra: ``pip install 'mas2c[otel]'``). Attribut
   ``gen_ai.agent.name``, ``error.type``; with traced content
   ``gen_ai.input.messages``/``gen_ai.output.messages`` (JSON); and mas2c's own
   ``mas2c.cost_usd``, ``mas2c.attempt``, ``mas2c.retries``, ``mas2c.round``,
-  ``mas2c.sample``, ``mas2c.role``, ``mas2c.model_id``;
+  ``mas2c.role``, ``mas2c.model_id``, ``mas2c.format_repair`` (asked again after an
+  answer that broke the output schema);
 * tool calls: ``execute_tool <tool>``, ``gen_ai.operation.name`` (execute_tool),
-  ``gen_ai.tool.name``;
+  ``gen_ai.tool.name``; a worker agent called as a tool (delegation) ``mas2c.worker``;
 * OpenInference attributes beside them (``openinference.span.kind``,
   ``llm.model_name``, ``llm.token_count.*``, ``input.value``/``output.value``), so
   that Arize Phoenix shows LLM and tool spans as such;
@@ -52,6 +57,7 @@ _OPENINFERENCE_KIND = {
     "host": "CHAIN",
     "run": "AGENT",
     "step": "CHAIN",
+    "fallback": "CHAIN",
     "llm": "LLM",
     "tool": "TOOL",
     "exec": "TOOL",
@@ -103,7 +109,16 @@ def span_attributes(span: Span) -> dict[str, Any]:
         "mas2c.step": a.get("step") if span.kind != "step" else span.name,
         "mas2c.spec_pointer": a.get("pointer"),
         "openinference.span.kind": _OPENINFERENCE_KIND.get(span.kind, "CHAIN"),
+        # Which repeat this is: map item / loop iteration paths, the sample of an
+        # ensemble (over a flow too), a retried step's attempt, the error code.
+        "mas2c.item": _int_path(a.get("item")),
+        "mas2c.iteration": _int_path(a.get("iteration")),
+        "mas2c.sample": a.get("sample"),
+        "mas2c.error.code": a.get("code"),
     }
+    if span.kind == "step":
+        out["mas2c.step.attempt"] = a.get("attempt")
+        out["mas2c.step.attempts"] = a.get("attempts")
     if span.kind == "llm":
         finish = a.get("finish_reason")
         out.update(
@@ -125,8 +140,8 @@ def span_attributes(span: Span) -> dict[str, Any]:
                 "mas2c.attempt": a.get("attempt"),
                 "mas2c.retries": a.get("retries"),
                 "mas2c.round": a.get("round"),
-                "mas2c.sample": a.get("sample"),
                 "mas2c.role": a.get("role"),
+                "mas2c.format_repair": a.get("format_repair"),
                 "llm.model_name": a.get("model"),
                 "llm.token_count.prompt": a.get("prompt_tokens"),
                 "llm.token_count.completion": a.get("completion_tokens"),
@@ -149,6 +164,7 @@ def span_attributes(span: Span) -> dict[str, Any]:
                 "gen_ai.tool.name": a.get("tool"),
                 "tool.name": a.get("tool"),
                 "mas2c.agent": a.get("agent"),
+                "mas2c.worker": a.get("worker"),  # an agent called as a tool
                 "mas2c.duration_s": a.get("duration_s"),
             }
         )
@@ -195,10 +211,22 @@ def span_attributes(span: Span) -> dict[str, Any]:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             cleaned[key] = [v[:MAX_ATTRIBUTE_CHARS] for v in value]
             continue
+        if isinstance(value, list) and value and all(type(v) is int for v in value):
+            cleaned[key] = value  # an index path (already bounded by _int_path)
+            continue
         primitive = _value(value)
         if primitive is not None:
             cleaned[key] = primitive
     return cleaned
+
+
+def _int_path(value: Any) -> list[int] | None:
+    """An item/iteration path as OpenTelemetry's int array (64 entries at most), or None."""
+    if not isinstance(value, list) or not value or len(value) > 64:
+        return None
+    if not all(type(v) is int and 0 <= v < 2**31 for v in value):
+        return None
+    return list(value)
 
 
 def _name(span: Span) -> str:

@@ -59,6 +59,9 @@ STATUS_COLORS = {
     "cancelled": ("#fdebc8", "#b26a00"),
     "unfinished": ("#fdebc8", "#b26a00"),
     "resumed": ("#dbe8fb", "#1f5fbf"),
+    "recovered": ("#fff4c2", "#8a6d00"),
+    "passed": ("#d7f0df", "#2e7d4f"),
+    "wrong": ("#fff4c2", "#8a6d00"),
     "not run": ("#eeeeee", "#8a8a8a"),
     "fixed": ("#d7f0df", "#2e7d4f"),
     "nothing_to_do": ("#d7f0df", "#2e7d4f"),
@@ -68,6 +71,7 @@ STATUS_COLORS = {
 KIND_COLORS = {
     "run": "#546e7a",
     "step": "#5c7cfa",
+    "fallback": "#c2185b",
     "llm": "#8e44ad",
     "tool": "#e67e22",
     "exec": "#16a085",
@@ -110,8 +114,14 @@ def _secs(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
+MAX_NAME = 2000  # characters of a name, pointer, code or note read from the folder
+
+
 def _text(value: Any, default: str = "") -> str:
-    return value if isinstance(value, str) else default
+    """A string field of the (hostile) folder, capped; ``default`` when it is no string."""
+    if not isinstance(value, str):
+        return default
+    return value if len(value) <= MAX_NAME else value[: MAX_NAME - 1] + "…"
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -122,19 +132,22 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 def folder_kind(folder: Path) -> str:
-    """solve, run (possibly with rectify rounds) — or a ReportError."""
+    """solve, batch, run (possibly with rectify rounds) — or a ReportError."""
     if not folder.is_dir():
         raise ReportError(f"{folder}: no such folder")
     summary = read_json_file(folder / "summary.json")
     if regular_file(folder / "task.txt") and isinstance(summary, dict) and "phases" in summary:
         return "solve"
+    if regular_file(folder / "results.jsonl") and regular_file(folder / "config.json"):
+        return "batch"
     if regular_file(folder / "trace.jsonl") or regular_file(folder / "result.json"):
         return "run"
     if any(_ROUND.match(p.name) and real_dir(p) for p in folder.iterdir()):
         return "rectify"
     raise ReportError(
         f"{folder}: not a run folder (no trace.jsonl or result.json), a rectify folder "
-        "(no round-K/) nor a solve folder (no task.txt and summary.json)"
+        "(no round-K/), a solve folder (no task.txt and summary.json) nor a batch folder "
+        "(no config.json and results.jsonl)"
     )
 
 
@@ -153,6 +166,8 @@ def render_report(folder: Path) -> str:
     kind = folder_kind(folder)
     if kind == "solve":
         title, body = _solve_page(folder)
+    elif kind == "batch":
+        title, body = _batch_page(folder)
     elif kind == "rectify":
         # RUN_DIR/rectify: the run it repaired (when beside it), then the rounds.
         run_dir = folder.parent
@@ -191,6 +206,7 @@ pre{background:#f7f7f9;border:1px solid #e1e1e8;padding:8px;overflow:auto;max-he
 svg text{font-family:'DejaVu Sans',Helvetica,Arial,sans-serif}
 details{margin:4px 0}summary{cursor:pointer}
 .scroll{overflow-x:auto;border:1px solid #eee;padding:4px}
+.nw,table.summary th{white-space:nowrap}
 """
 
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
@@ -270,7 +286,8 @@ def _summary(trace: RunTrace, result: dict[str, Any], usage: dict[str, Any]) -> 
     rows: list[tuple[str, str]] = [("status", _badge(status))]
     command = header.get("command")
     if isinstance(command, list):
-        rows.append(("command", f"<code>{esc(' '.join(str(c) for c in command))}</code>"))
+        line = " ".join(str(c)[:MAX_NAME] for c in command[:200])
+        rows.append(("command", f"<code>{esc(_cap(line, MAX_NAME * 4))}</code>"))
     for key, label in (
         ("spec", "spec"),
         ("spec_sha256", "spec sha256"),
@@ -281,7 +298,7 @@ def _summary(trace: RunTrace, result: dict[str, Any], usage: dict[str, Any]) -> 
         ("started_at", "started"),
     ):
         if header.get(key) is not None:
-            rows.append((label, esc(header[key])))
+            rows.append((label, esc(_text(str(header[key])))))
     if not header and run is not None:
         rows.append(("spec", esc(run.name)))
         rows.append(("started", esc(iso(run.start))))
@@ -354,16 +371,35 @@ def _load_spec(folder: Path) -> Any:
 
 
 def step_statuses(trace: RunTrace) -> dict[str, str]:
-    """What happened to each step id: error beats cancelled beats ok; resumed if skipped."""
+    """What happened to each step id: error beats cancelled beats ok; resumed if skipped;
+    recovered when every failed run of it was followed by a retry or a fallback that
+    succeeded (its ``retry``/``fallback`` did their job)."""
     rank = {"error": 4, "timeout": 4, "cancelled": 3, "unfinished": 3, "ok": 1}
     found: dict[str, str] = {}
+    errors: dict[str, int] = {}
     for span in trace.by_kind("step"):
         status = span.status if span.status in rank else "error"
         if rank[status] >= rank.get(found.get(span.name, ""), 0):
             found[span.name] = status
+        if status != "ok":
+            errors[span.name] = errors.get(span.name, 0) + 1
+    handled: dict[str, int] = {}
     for event in trace.events:
         if event.get("event") == "step_resumed" and isinstance(event.get("step"), str):
             found.setdefault(event["step"], "resumed")
+        if event.get("event") == "step_failed" and isinstance(event.get("step"), str):
+            then = event.get("then")
+            name = event["step"]
+            handled[name] = handled.get(name, 0) + (
+                1 if then in ("retry", "fallback") else -(10**9)
+            )
+    fallbacks_failed = {
+        s.name.removeprefix("fallback of ") for s in trace.by_kind("fallback") if s.status != "ok"
+    }
+    for name, count in errors.items():
+        recovered = handled.get(name, 0) == count and name not in fallbacks_failed
+        if found.get(name) == "error" and recovered:
+            found[name] = "recovered"
     return found
 
 
@@ -543,21 +579,28 @@ def _workflow(spec: Any, trace: RunTrace) -> str:
             path = (
                 f"M{x1:.1f},{y1:.1f} C{bend:.1f},{y1:.1f} {bend:.1f},{y2:.1f} {x2 + 2:.1f},{y2:.1f}"
             )
-            lx, ly = bend - 4, (y1 + y2) / 2
+            lx, ly, anchor = bend + 4, (y1 + y2) / 2, "start"
         else:
             x1, y1 = a.x, a.y + a.height
             x2, y2 = b.x, b.y - 2
             mid = (y1 + y2) / 2
             path = f"M{x1:.1f},{y1:.1f} C{x1:.1f},{mid:.1f} {x2:.1f},{mid:.1f} {x2:.1f},{y2:.1f}"
-            lx, ly = (x1 + x2) / 2 + 4, mid
+            # A label reads away from its siblings: edges to the left end left of the curve.
+            lx, ly = (x1 + x2) / 2, mid + 4
+            anchor = "end" if x2 < x1 - 1 else "start"
+            lx += -6 if anchor == "end" else 6
+        short = label if len(label) <= 40 else label[:39] + "…"
+        if anchor == "end":  # never past the drawing's left edge
+            lx = max(lx, 6.5 * len(short) + 4)
         out.append(
             f'<path d="{path}" fill="none" stroke="#777" stroke-width="1.2" marker-end="url(#arrow)"'
             f' data-from="{esc(source)}" data-to="{esc(target)}"/>'
         )
         if label:
-            short = label if len(label) <= 40 else label[:39] + "…"
             out.append(
-                f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="11" fill="#555"><title>{esc(label)}</title>{esc(short)}</text>'
+                f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="11" fill="#555" text-anchor="{anchor}" '
+                'stroke="#fff" stroke-width="3" paint-order="stroke" class="edge-label">'
+                f"<title>{esc(label)}</title>{esc(short)}</text>"
             )
     for node in layout.nodes.values():
         status = "none"
@@ -587,7 +630,7 @@ def _workflow(spec: Any, trace: RunTrace) -> str:
     legend = "".join(
         f'<span><i class="sw" style="background:{f};border-color:{s}"></i>{esc(name)}</span>'
         for name, (f, s) in STATUS_COLORS.items()
-        if name in ("ok", "error", "cancelled", "resumed", "not run")
+        if name in ("ok", "recovered", "error", "cancelled", "resumed", "not run")
     )
     return f'<div class="legend">{legend}</div><div class="scroll">{"".join(out)}</div>'
 
@@ -608,23 +651,49 @@ def _depths(spans: list[Span]) -> dict[str, int]:
     return depths
 
 
+def _path(value: Any) -> str:
+    """A map item / loop iteration path as text (``2`` or ``1.3``), "" if not one."""
+    if not isinstance(value, list) or not value:
+        return ""
+    return ".".join(str(_int(v)) for v in value[:8])
+
+
+def _repeat_bits(a: dict[str, Any]) -> list[str]:
+    """What tells one run of a step (or call) from its repeats: item, iteration, sample,
+    round, attempt."""
+    bits = []
+    if _path(a.get("item")):
+        bits.append(f"item {_path(a.get('item'))}")
+    if _path(a.get("iteration")):
+        bits.append(f"iter {_path(a.get('iteration'))}")
+    if a.get("round") is not None:
+        bits.append(f"r{_int(a.get('round'))}")
+    if a.get("sample") is not None:
+        bits.append(f"#{_int(a.get('sample'))}")
+    if a.get("attempts") is not None and _int(a.get("attempts")) > 1:
+        bits.append(f"attempt {_int(a.get('attempt'))}/{_int(a.get('attempts'))}")
+    return bits
+
+
 def _span_label(span: Span) -> str:
     a = span.attrs
     if span.kind == "llm":
-        bits = [_text(a.get("agent"), "?")]
-        if a.get("round") is not None:
-            bits.append(f"r{_int(a.get('round'))}")
-        if a.get("sample") is not None:
-            bits.append(f"#{_int(a.get('sample'))}")
-        if _text(a.get("role")):
+        bits = [_text(a.get("agent"), "?"), *_repeat_bits(a)]
+        if _text(a.get("role")) and a.get("role") != a.get("agent"):
             bits.append(_text(a.get("role")))
+        if _int(a.get("format_repair")):
+            bits.append(f"fix {_int(a.get('format_repair'))}")
         if _int(a.get("retries")):
             bits.append(f"retry {_int(a.get('retries'))}")
         return f"LLM {' '.join(bits)}"
     if span.kind == "step":
-        return span.name
+        return " ".join([span.name, *_repeat_bits(a)])
     if span.kind == "run":
         return f"run {span.name}"
+    if span.kind == "tool" and _text(a.get("worker")):
+        return " ".join([f"worker {_text(a.get('worker'))}", *_repeat_bits(a)])
+    if span.kind in ("tool", "exec"):
+        return " ".join([span.name, *_repeat_bits(a)])
     return span.name
 
 
@@ -641,6 +710,8 @@ def _span_tip(span: Span) -> str:
         lines.append(f"at {_text(a.get('pointer'))}")
     if a.get("error") is not None:
         lines.append(f"error: {str(a.get('error'))[:300]}")
+    if _text(a.get("code")):
+        lines.append(f"code: {_text(a.get('code'))}")
     return "\n".join(lines)
 
 
@@ -662,7 +733,7 @@ def _timeline(trace: RunTrace) -> str:
     total = max(t1 - t0, 1e-3)
     depths = _depths(spans)
     shown = spans[:MAX_TIMELINE_ROWS]
-    label_w, chart_w, row_h, top = 300.0, 860.0, 18.0, 86.0
+    label_w, chart_w, row_h, top = 300.0, 860.0, 18.0, 92.0
     height = top + row_h * len(shown) + 12
 
     def x(ts: float) -> float:
@@ -701,8 +772,9 @@ def _timeline(trace: RunTrace) -> str:
     for tick in _ticks(total):
         tx = x(t0 + tick)
         out.append(
-            f'<line x1="{tx:.1f}" y1="{top - 16:.1f}" x2="{tx:.1f}" y2="{height - 8:.1f}" stroke="#eee"/>'
-            f'<text x="{tx:.1f}" y="{top - 20:.1f}" font-size="10" fill="#777" text-anchor="middle">{esc(_secs(tick))}</text>'
+            # the time axis sits between the in-flight strip (ends at y=60) and the rows
+            f'<line x1="{tx:.1f}" y1="{top - 6:.1f}" x2="{tx:.1f}" y2="{height - 8:.1f}" stroke="#eee"/>'
+            f'<text x="{tx:.1f}" y="{top - 10:.1f}" font-size="10" fill="#777" text-anchor="middle">{esc(_secs(tick))}</text>'
         )
     for row, span in enumerate(shown):
         y = top + row * row_h
@@ -713,7 +785,8 @@ def _timeline(trace: RunTrace) -> str:
         bx, bw = x(span.start), max(1.5, x(span.end) - x(span.start))
         indent = 6 + 12 * min(depths.get(span.span_id, 0), 12)
         label = _span_label(span)
-        label = label if len(label) <= 40 else label[:39] + "…"
+        room = max(8, int((label_w - indent - 8) / 6.6))  # characters of 11 px text that fit
+        label = label if len(label) <= room else label[: room - 1] + "…"
         if row % 2:
             out.append(
                 f'<rect x="0" y="{y:.1f}" width="{label_w + chart_w + 20:.0f}" height="{row_h:.1f}" fill="#fafafa"/>'
@@ -924,9 +997,12 @@ def _resolve(data: Any, pointer: str) -> Any:
 def _errors(trace: RunTrace, result: dict[str, Any], spec: Any, level: int) -> str:
     error = result.get("error")
     failed = [
-        s for s in trace.spans if s.kind in ("step", "llm", "tool", "exec") and s.status != "ok"
+        s
+        for s in trace.spans
+        if s.kind in ("step", "fallback", "llm", "tool", "exec") and s.status != "ok"
     ]
-    if not isinstance(error, dict) and not failed:
+    recovered = [e for e in trace.events if e.get("event") == "step_failed"]
+    if not isinstance(error, dict) and not failed and not recovered:
         return ""
     parts = [_h(level, "Errors", "errors")]
     if isinstance(error, dict):
@@ -973,6 +1049,25 @@ def _errors(trace: RunTrace, result: dict[str, Any], spec: Any, level: int) -> s
         parts.append(
             "<h3>Failed spans</h3>"
             + _table(["kind", "what", "status", "spec pointer", "error"], failed_rows)
+        )
+    if recovered:
+        attempt_rows = [
+            [
+                esc(_text(e.get("step"), "?")),
+                f"<code>{esc(_text(e.get('pointer')))}</code>",
+                esc(f"{_int(e.get('attempt'))}/{_int(e.get('attempts'))}"),
+                esc(_text(e.get("code"), "?")),
+                esc(_text(e.get("then"), "?")),
+                esc(_text(e.get("message"))[:500]),
+            ]
+            for e in recovered[:200]
+        ]
+        parts.append(
+            "<h3>Failed attempts (retry, fallback)</h3>"
+            + _table(
+                ["step", "spec pointer", "attempt", "code", "then", "message"],
+                attempt_rows,
+            ).replace("<table>", '<table class="attempts">', 1)
         )
     return "".join(parts)
 
@@ -1170,3 +1265,226 @@ def _solve_page(folder: Path) -> tuple[str, str]:
 
 
 __all__ = ["ReportError", "folder_kind", "render_report", "step_statuses", "write_report"]
+
+
+# -- batch -----------------------------------------------------------------------------------
+
+MAX_BATCH_ROWS = 2000  # rows listed in the table (the row map shows every row read)
+_ROW_COLORS = {"passed": "#2e7d4f", "wrong": "#e0b000", "error": "#c62828"}
+
+
+def _read_results(path: Path, problems: list[str]) -> list[dict[str, Any]]:
+    """results.jsonl: the JSON-object lines with a string ``key``, capped like a trace."""
+    from mas2c.tracing import MAX_LINE_BYTES, MAX_TRACE_BYTES, read_bytes_capped
+
+    data = read_bytes_capped(path, MAX_TRACE_BYTES) or b""
+    if len(data) > MAX_TRACE_BYTES:
+        problems.append(f"{path.name}: larger than {MAX_TRACE_BYTES} bytes; the rest is ignored")
+        data = data[:MAX_TRACE_BYTES]
+    rows: dict[str, dict[str, Any]] = {}
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = (
+                json.loads(raw.decode("utf-8", errors="replace"))
+                if len(raw) <= MAX_LINE_BYTES
+                else None
+            )
+        except (ValueError, RecursionError):
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            problems.append(f"{path.name}:{number}: not a result line, skipped")
+            continue
+        rows[row["key"]] = row  # a redone row: its last line counts (as the batch reads it)
+    return sorted(rows.values(), key=lambda r: (_int(r.get("index")), _text(r.get("key"))))
+
+
+def _row_state(row: dict[str, Any]) -> str:
+    if row.get("status") not in (None, "ok"):
+        return "error"
+    return "passed" if row.get("passed") is True else "wrong"
+
+
+def _row_link(folder: Path, key: str) -> str:
+    """A link to the row's run report (``mas2c report rows/<id>/mas`` made it), if there is one."""
+    from urllib.parse import quote
+
+    from mas2c.batch import slug
+
+    name = slug(key)
+    for sub in ("rows", "problems"):
+        for relative in (f"{sub}/{name}/mas/{REPORT_FILE}", f"{sub}/{name}/{REPORT_FILE}"):
+            if real_dir(folder / sub) and regular_file(folder / relative):
+                return f'<a href="{esc(quote(relative))}">report</a>'
+    return ""
+
+
+def _row_map(rows: list[dict[str, Any]]) -> str:
+    """Every row as a small square coloured by its outcome, in dataset order."""
+    if not rows:
+        return ""
+    size, per_line = 12, 80
+    lines = (len(rows) + per_line - 1) // per_line
+    width, height = per_line * (size + 2) + 4, lines * (size + 2) + 4
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="rowmap" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}">'
+    ]
+    for i, row in enumerate(rows):
+        state = _row_state(row)
+        x, y = 2 + (i % per_line) * (size + 2), 2 + (i // per_line) * (size + 2)
+        tip = f"{_text(row.get('key'))}: {state}"
+        if _text(row.get("error_code")):
+            tip += f" ({_text(row.get('error_code'))})"
+        out.append(
+            f'<rect class="row" data-row="{esc(_text(row.get("key"))[:200])}" data-state="{state}" '
+            f'x="{x}" y="{y}" width="{size}" height="{size}" rx="2" fill="{_ROW_COLORS[state]}">'
+            f"<title>{esc(tip[:300])}</title></rect>"
+        )
+    out.append("</svg>")
+    legend = "".join(
+        f'<span><i class="sw" style="background:{c};border-color:{c}"></i>{esc(k)}</span>'
+        for k, c in _ROW_COLORS.items()
+    )
+    return f'<div class="legend">{legend}</div><div class="scroll">{"".join(out)}</div>'
+
+
+def _scalar_rows(data: dict[str, Any], keys: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    rows = []
+    for key, label in keys:
+        value = data.get(key)
+        if isinstance(value, bool) or value is None:
+            if isinstance(value, bool):
+                rows.append((label, esc("yes" if value else "no")))
+            continue
+        if isinstance(value, int | float | str):
+            rows.append((label, esc(str(value)[:500])))
+    return rows
+
+
+def _batch_page(folder: Path) -> tuple[str, str]:
+    problems: list[str] = []
+    summary = _dict(read_json_file(folder / "summary.json"))
+    config = _dict(read_json_file(folder / "config.json"))
+    results = _read_results(folder / "results.jsonl", problems)
+    info = {**config, **summary}
+    dataset = _text(info.get("dataset"))
+    title = f"mas2c batch: {Path(dataset).name if dataset else folder.name}"
+    passed = sum(1 for r in results if _row_state(r) == "passed")
+    rows: list[tuple[str, str]] = _scalar_rows(
+        info,
+        (
+            ("benchmark", "benchmark"),
+            ("spec", "spec"),
+            ("solve_task", "solve task"),
+            ("dataset", "dataset"),
+            ("dataset_sha256", "dataset sha256"),
+            ("scorer", "scorer"),
+            ("engine", "engine"),
+        ),
+    )
+    accuracy = info.get("accuracy")
+    ci = info.get("ci95")
+    if isinstance(accuracy, int | float) and not isinstance(accuracy, bool):
+        shown = f"{100 * _num(accuracy):.1f}%"
+        if isinstance(ci, list) and len(ci) == 2:
+            shown += f" [{100 * _num(ci[0]):.1f}%, {100 * _num(ci[1]):.1f}%] 95% ({_text(info.get('ci_method'))})"
+        rows.append(("accuracy", esc(shown)))
+    rows.append(("rows", esc(f"{len(results)} finished, {passed} passed")))
+    rows += _scalar_rows(
+        info,
+        (
+            ("selected", "rows selected"),
+            ("complete", "complete"),
+            ("stopped", "stopped"),
+            ("system_errors", "system errors"),
+            ("llm_calls", "LLM calls"),
+            ("tokens", "tokens"),
+        ),
+    )
+    for key, label in (("cost_usd", "cost"), ("cost_per_row_mean", "cost per row (mean)")):
+        if isinstance(info.get(key), int | float) and not isinstance(info.get(key), bool):
+            rows.append((label, esc(_money(_num(info[key])))))
+    rows += _scalar_rows(
+        info,
+        (
+            ("seconds_per_row_mean", "seconds per row (mean)"),
+            ("seconds_per_row_median", "seconds per row (median)"),
+        ),
+    )
+    parts = [
+        '<table class="summary">'
+        + "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
+        + "</table>"
+    ]
+    baseline = _dict(info.get("baseline"))
+    if baseline:
+        parts.append(_h(2, "Baseline", "baseline"))
+        flat = [
+            (esc(k), esc(json.dumps(v, ensure_ascii=False, default=str)[:500]))
+            for k, v in list(baseline.items())[:40]
+        ]
+        parts.append(
+            '<table class="baseline">'
+            + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in flat)
+            + "</table>"
+        )
+    parts.append(_h(2, "Rows", "rows"))
+    parts.append(_row_map(results))
+    counts: dict[str, int] = {}
+    for row in results:
+        if _row_state(row) == "error":
+            code = _text(row.get("error_code")) or _text(row.get("status"), "?")
+            counts[code] = counts.get(code, 0) + 1
+        if _text(row.get("scorer_error")):
+            code = f"scorer:{_text(row.get('scorer_error'))}"
+            counts[code] = counts.get(code, 0) + 1
+    if counts:
+        parts.append(_h(3, "Failures by code"))
+        parts.append(
+            _table(
+                ["code", "rows"],
+                [[f"<code>{esc(k)}</code>", esc(v)] for k, v in sorted(counts.items())],
+                frozenset({1}),
+            ).replace("<table>", '<table class="failures">', 1)
+        )
+    table = []
+    for row in results[:MAX_BATCH_ROWS]:
+        key = _text(row.get("key"))
+        state = _row_state(row)
+        table.append(
+            [
+                esc(_int(row.get("index"))),
+                f'<span class="nw">{esc(key[:200])}</span>',
+                _badge(state),
+                esc(_text(row.get("error_code"))),
+                esc(f"{_num(row.get('score')):.2f}"),
+                esc(_cap(json.dumps(row.get("prediction"), ensure_ascii=False, default=str), 300)),
+                esc(_cap(json.dumps(row.get("expected"), ensure_ascii=False, default=str), 300)),
+                esc(_int(row.get("tokens"))),
+                esc(_money(_num(row.get("cost_usd")))),
+                esc(f"{_num(row.get('total_seconds')):.1f}"),
+                _row_link(folder, key),
+            ]
+        )
+    if table:
+        head = ["#", "id", "result", "error", "score", "prediction", "expected"]
+        head += ["tokens", "cost", "seconds", "run"]
+        parts.append(
+            _table(head, table, frozenset({0, 4, 7, 8, 9})).replace(
+                "<table>", '<table class="rows">', 1
+            )
+        )
+        if len(results) > MAX_BATCH_ROWS:
+            parts.append(
+                f'<p class="muted">{len(results) - MAX_BATCH_ROWS} more rows not listed.</p>'
+            )
+        parts.append(
+            '<p class="muted">A row\'s run report: <code>mas2c report ROW/mas</code> '
+            "(linked here once it exists).</p>"
+        )
+    if problems:
+        items = "".join(f"<li>{esc(p)}</li>" for p in problems[:50])
+        parts.append(_h(2, "What could not be read", "problems") + f"<ul>{items}</ul>")
+    return title, "\n".join(parts)

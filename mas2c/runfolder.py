@@ -315,20 +315,92 @@ class RunEnd(_Event):
     span_id: SpanId | None = None
 
 
-class StepStart(_Span):
+#: A map item's index path / a loop's iteration path, outermost first.
+Path64 = Annotated[list[Index], Field(max_length=64)]
+Attempt = Annotated[int, Field(ge=1, le=1000)]
+
+
+class _StepLabels(_Span):
+    """What places one run of a step among its repeats (issue 16)."""
+
+    step: Ident
+    pointer: Pointer
+    item: Path64 | None = None  # inside map items: their indexes (0-based)
+    iteration: Path64 | None = None  # inside loops: their iterations (1-based)
+    sample: Index | None = None  # inside an ensemble over a flow: the sample (0-based)
+    attempt: Attempt | None = None  # a step with retry/fallback: this attempt (1-based) ...
+    attempts: Attempt | None = None  # ... of this many
+
+
+class StepStart(_StepLabels):
     event: Literal["step_start"]
-    step: Ident
-    pointer: Pointer
 
 
-class StepEnd(_Span):
+class StepEnd(_StepLabels):
     event: Literal["step_end"]
-    step: Ident
-    pointer: Pointer
     status: Literal["ok", "error"]
     duration_s: Seconds = 0.0
-    error: ShortText | None = None
+    error: ShortText | None = None  # the exception's type name, or "cancelled"
+    code: ErrorCode | Literal["cancelled"] | None = None
     start_ts: Timestamp | None = None
+
+
+class StepFailed(_Event):
+    """A failed attempt of a step with ``retry``/``fallback``, and what happens next."""
+
+    event: Literal["step_failed"]
+    step: Ident
+    pointer: Pointer
+    attempt: Attempt
+    attempts: Attempt
+    code: ErrorCode
+    message: ShortText = ""
+    then: Literal["retry", "fallback", "fail"]
+
+
+class _Fallback(_Span):
+    step: Ident
+    pointer: Pointer  # <step>/fallback
+    code: ErrorCode | None = None  # the failure it stands in for
+
+
+class FallbackStart(_Fallback):
+    """A step's ``fallback`` begins (a span: its steps are its children)."""
+
+    event: Literal["fallback_start"]
+
+
+class FallbackEnd(_Fallback):
+    event: Literal["fallback_end"]
+    status: Literal["ok", "error", "cancelled"] = "ok"
+    duration_s: Seconds = 0.0
+    start_ts: Timestamp | None = None
+
+
+class MapStart(_Event):
+    event: Literal["map_start"]
+    step: Ident
+    pointer: Pointer
+    items: Count
+    max_concurrency: Count
+
+
+class MapTooLong(_Event):
+    """More items than ``max_items``: cut (``map_truncated``) or the step fails."""
+
+    event: Literal["map_truncated", "map_overflow"]
+    step: Ident
+    pointer: Pointer
+    items: Count
+    max_items: Count
+
+
+class LoopExhausted(_Event):
+    event: Literal["loop_exhausted"]
+    step: Ident
+    pointer: Pointer
+    max_iterations: Count
+    failed: bool = False
 
 
 class StepResumed(_Event):
@@ -366,6 +438,7 @@ class LLMCall(_Where):
     cost_usd: Dollars | None = None
     finish_reason: Name | None = None
     response_model: Name | None = None
+    format_repair: Attempt | None = None  # asked again: the answer before broke the schema
     messages: list[Any] | None = None  # only with --trace-content
     completion: dict[str, Any] | None = None  # only with --trace-content
 
@@ -374,6 +447,7 @@ class ToolCall(_Where):
     event: Literal["tool_call"]
     tool: Ident
     agent: Ident | None = None
+    worker: Ident | None = None  # an agent called as a tool (delegation)
     status: Literal["ok", "error"] = "ok"
     duration_s: Seconds = 0.0
     error: ShortText | None = None
@@ -389,7 +463,21 @@ class Exec(_Where):
 
 
 TraceEvent = Annotated[
-    RunStart | RunEnd | StepStart | StepEnd | StepResumed | Checkpoint | LLMCall | ToolCall | Exec,
+    RunStart
+    | RunEnd
+    | StepStart
+    | StepEnd
+    | StepResumed
+    | Checkpoint
+    | LLMCall
+    | ToolCall
+    | Exec
+    | StepFailed
+    | FallbackStart
+    | FallbackEnd
+    | MapStart
+    | MapTooLong
+    | LoopExhausted,
     Field(discriminator="event"),
 ]
 EVENT_KINDS = frozenset(
@@ -403,6 +491,13 @@ EVENT_KINDS = frozenset(
         "llm_call",
         "tool_call",
         "exec",
+        "step_failed",
+        "fallback_start",
+        "fallback_end",
+        "map_start",
+        "map_truncated",
+        "map_overflow",
+        "loop_exhausted",
     }
 )
 _EVENT: TypeAdapter[TraceEvent] = TypeAdapter(TraceEvent)

@@ -27,6 +27,7 @@ its own name (`smollm2-135m-instruct`), so requests, usage and messages name it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -351,10 +352,13 @@ def solve(
                 pool = load_pool(pool_path) if pool_path else dict(spec.models)
                 if not pool:
                     from mas2c.lang.spec import ModelSpec
+                    from mas2c.llm import DEFAULT_MODEL
 
+                    # The model the generator was asked with (meta_client's choice).
+                    asked = model or os.environ.get("MAS2C_MODEL") or DEFAULT_MODEL
                     pool = {
                         "default": ModelSpec(
-                            model=model or "local",
+                            model=asked,
                             description=embedded.describe() if embedded else "the only model",
                         )
                     }

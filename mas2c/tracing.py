@@ -53,7 +53,10 @@ MAX_LINE_BYTES = 4 * 1024 * 1024
 MAX_EVENTS = 200_000
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
-SPAN_EVENTS = ("step_end", "llm_call", "tool_call", "exec")
+SPAN_EVENTS = ("step_end", "fallback_end", "llm_call", "tool_call", "exec")
+# Events that open and close a span: start -> (end, span kind).
+_PAIRS = {"step_start": ("step_end", "step"), "fallback_start": ("fallback_end", "fallback")}
+_ENDS = {end: start for start, (end, _) in _PAIRS.items()}
 
 
 def new_trace_id() -> str:
@@ -199,7 +202,7 @@ class Span:
 
     span_id: str
     parent_id: str | None
-    kind: str  # host | run | step | llm | tool | exec
+    kind: str  # host | run | step | fallback | llm | tool | exec
     name: str
     start: float  # Unix seconds
     end: float
@@ -339,6 +342,15 @@ def _text(value: Any, default: str = "") -> str:
     return value if isinstance(value, str) else default
 
 
+MAX_SPAN_NAME = 300  # characters of a span's name (a step id, a spec name) as read
+
+
+def _name(value: Any, default: str) -> str:
+    """A span name from the (hostile) trace: a string, capped."""
+    text = _text(value, default)
+    return text if len(text) <= MAX_SPAN_NAME else text[: MAX_SPAN_NAME - 1] + "…"
+
+
 class _Builder:
     """Turns events into spans; one instance per folder."""
 
@@ -391,12 +403,12 @@ class _Builder:
         run_span: Span | None = None
         if events:
             start = self.ts(run_start) if run_start else min(self.ts(e) for e in events)
-            status = _text(run_end.get("status"), "unknown") if run_end else "unfinished"
+            status = _name(run_end.get("status"), "unknown") if run_end else "unfinished"
             attrs = {k: v for k, v in (run_start or {}).items() if k not in ("event",)}
             if run_end is not None:
                 attrs["exit_code"] = run_end.get("exit_code")
                 attrs["usage"] = run_end.get("usage")
-            name = _text(attrs.get("spec"), "run")
+            name = _name(attrs.get("spec"), "run")
             run_span = Span(
                 self.unique(self.run_id, "run"),
                 self.host_id,
@@ -434,7 +446,7 @@ class _Builder:
         finished = _num(self.header.get("finished_ts"))
         start = started if started is not None else (run_span.start if run_span else last)
         end = finished if finished is not None else (run_span.end if run_span else last)
-        status = _text(self.header.get("status"), "unknown")
+        status = _name(self.header.get("status"), "unknown")
         attrs = {k: v for k, v in self.header.items() if k not in ("format",)}
         return Span(
             self.unique(self.host_id, "host"),
@@ -448,19 +460,23 @@ class _Builder:
         )
 
     def _steps(self, root: str | None, last: float) -> None:
-        """step_start/step_end pairs: by span id, else (older traces) by step and pointer."""
+        """step_start/step_end (and fallback_start/fallback_end) pairs: by span id, else
+        (older traces) by step and pointer."""
         open_by_id: dict[str, tuple[int, dict[str, Any]]] = {}
-        open_by_key: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
+        open_by_key: dict[tuple[str, str, str], list[tuple[int, dict[str, Any]]]] = {}
         pairs: list[tuple[int, dict[str, Any] | None, dict[str, Any]]] = []
         for index, e in enumerate(self.events):
             name = e["event"]
-            key = (_text(e.get("step")), _text(e.get("pointer")))
+            opening = name if name in _PAIRS else _ENDS.get(name)
+            if opening is None:
+                continue
+            key = (opening, _text(e.get("step")), _text(e.get("pointer")))
             span_id = _hex(e.get("span_id"), _HEX16)
-            if name == "step_start":
+            if name in _PAIRS:
                 if span_id:
                     open_by_id[span_id] = (index, e)
                 open_by_key.setdefault(key, []).append((index, e))
-            elif name == "step_end":
+            else:
                 started = open_by_id.pop(span_id, None) if span_id else None
                 stack = open_by_key.get(key) or []
                 if started is None and stack:
@@ -474,33 +490,38 @@ class _Builder:
         # Older traces have no parent ids: nest by time (the innermost open step).
         for index, start_event, end_event in sorted(pairs, key=lambda p: p[0]):
             first = start_event if start_event is not None else end_event
+            kind = _PAIRS.get(_text(first.get("event")), ("", "step"))[1]
+            if start_event is None:
+                kind = _PAIRS[_ENDS[end_event["event"]]][1]
             start_ts = _num(end_event.get("start_ts"))
             start = start_ts if start_ts is not None else self.ts(first)
-            end = self.ts(end_event) if end_event.get("event") == "step_end" else last
+            end = self.ts(end_event) if end_event.get("event") in _ENDS else last
             if start_event is None and _num(end_event.get("duration_s")) is not None:
                 start = end - float(end_event["duration_s"])
             span_id = self.unique(
-                _hex(end_event.get("span_id") or first.get("span_id"), _HEX16), "step", index
+                _hex(end_event.get("span_id") or first.get("span_id"), _HEX16), kind, index
             )
             parent = _hex(end_event.get("parent_id") or first.get("parent_id"), _HEX16)
             attrs = {k: v for k, v in {**first, **end_event}.items() if k != "event"}
+            name = _name(first.get("step"), "?")
             self.spans.append(
                 Span(
                     span_id,
                     parent or None,
-                    "step",
-                    _text(first.get("step"), "?"),
+                    kind,
+                    name if kind == "step" else f"fallback of {name}",
                     start,
                     max(start, end),
-                    _text(end_event.get("status"), "unknown"),
+                    _name(end_event.get("status"), "unknown"),
                     attrs,
                 )
             )
         self._nest_orphans(root)
 
     def _nest_orphans(self, root: str | None) -> None:
-        """Steps without a parent id: the innermost earlier step whose pointer encloses theirs."""
-        steps = [s for s in self.spans if s.kind == "step"]
+        """Steps (and fallbacks) without a parent id: the innermost earlier one whose
+        pointer encloses theirs."""
+        steps = [s for s in self.spans if s.kind in ("step", "fallback")]
         for span in steps:
             if span.parent_id is not None:
                 continue
@@ -526,11 +547,11 @@ class _Builder:
         if parent is None:
             parent = self._step_at(_text(e.get("pointer")), end) or root
         if kind == "llm":
-            name = f"chat {_text(e.get('model'), '?')}"
-            status = _text(e.get("status"), "unknown")
+            name = f"chat {_name(e.get('model'), '?')}"
+            status = _name(e.get("status"), "unknown")
         elif kind == "tool":
-            name = f"tool {_text(e.get('tool'), '?')}"
-            status = _text(e.get("status"), "unknown")
+            name = f"tool {_name(e.get('tool'), '?')}"
+            status = _name(e.get("status"), "unknown")
         else:
             name = "exec"
             status = (

@@ -82,6 +82,7 @@ async def delegate(
     span = _open_span(run.trace)
     token = _SPAN.set(span.span_id)  # the worker's LLM calls are children of this span
     status, error, content = "error", None, ""
+    args: Any = None
     try:
         try:
             args = json.loads(arguments or "{}")
@@ -99,11 +100,13 @@ async def delegate(
         content = f"error: {error}"
     finally:
         _SPAN.reset(token)
-        extra = (
-            {"result": _content(content)}
-            if run.trace.content and status == "ok"
-            else {}
-        )
+        extra: dict[str, Any] = {}
+        if run.trace.content:
+            extra["arguments"] = _content(
+                args if isinstance(args, dict) else (arguments or "")
+            )
+            if status == "ok":
+                extra["result"] = _content(content)
         run.trace.emit(
             "tool_call",
             tool=worker_id,

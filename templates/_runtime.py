@@ -819,6 +819,32 @@ def state_scope(state: dict[str, Any]) -> Iterator[None]:
 _ITEM: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar(
     "mas2c_item", default=()
 )
+# The loop iterations each task is in (1-based, outermost first): traced likewise.
+_ITERATION: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar(
+    "mas2c_iteration", default=()
+)
+# The attempt of a step with ``retry``/``fallback`` being made: (pointer, number, of).
+_ATTEMPT: contextvars.ContextVar[tuple[str, int, int] | None] = contextvars.ContextVar(
+    "mas2c_attempt", default=None
+)
+
+
+def _step_labels(pointer: str) -> dict[str, Any]:
+    """What places a step's span among its repeats: the map ``item`` and loop
+    ``iteration`` paths it runs in, the ``sample`` of an ensemble over a flow, and
+    its ``attempt`` (of ``attempts``) when the step has ``retry``/``fallback``."""
+    labels: dict[str, Any] = {}
+    if _ITEM.get():
+        labels["item"] = list(_ITEM.get())
+    if _ITERATION.get():
+        labels["iteration"] = list(_ITERATION.get())
+    sample = (_LABELS.get() or {}).get("sample")
+    if sample is not None:
+        labels["sample"] = sample
+    attempt = _ATTEMPT.get()
+    if attempt is not None and attempt[0] == pointer:
+        labels["attempt"], labels["attempts"] = attempt[1], attempt[2]
+    return labels
 
 
 def _where() -> dict[str, str | None]:
@@ -1295,9 +1321,9 @@ class Run:
         span = _open_span(self.trace)
         span_token = _SPAN.set(span.span_id)
         ids = {"span_id": span.span_id, "parent_id": span.parent_id}
-        items = {"item": list(_ITEM.get())} if _ITEM.get() else {}  # inside map items
-        self.trace.emit("step_start", step=step_id, pointer=pointer, **ids, **items)
-        status, error = "error", None
+        labels = _step_labels(pointer)  # item, iteration, sample, attempt
+        self.trace.emit("step_start", step=step_id, pointer=pointer, **ids, **labels)
+        status, error, code = "error", None, None
         try:
             async with asyncio.timeout(timeout_s) as scope:
                 yield
@@ -1305,8 +1331,10 @@ class Run:
         except TimeoutError as exc:
             error = type(exc).__name__
             if not scope.expired():
+                code = error_code(exc)
                 _tag(exc, pointer, step_id)
                 raise
+            code = "step_timeout"
             raise StepTimeout(
                 f"step {step_id!r} timed out after {timeout_s} s",
                 spec_pointer=pointer,
@@ -1314,10 +1342,11 @@ class Run:
             ) from exc
         except asyncio.CancelledError:
             error = "cancelled"
+            code = "cancelled"
             self.interrupted_step = self.interrupted_step or (step_id, pointer)
             raise
         except Exception as exc:
-            error = type(exc).__name__
+            error, code = type(exc).__name__, error_code(exc)
             _tag(exc, pointer, step_id)
             raise
         finally:
@@ -1332,9 +1361,18 @@ class Run:
                 status=status,
                 duration_s=span.duration(),
                 **span.fields(),
-                **items,
-                **({"error": error} if error else {}),
+                **labels,
+                **({"error": error, "code": code} if error else {}),
             )
+
+    @contextlib.contextmanager
+    def iteration(self, number: int) -> Iterator[None]:
+        """A ``loop`` iteration (1-based): traced with every step run inside it."""
+        token = _ITERATION.set((*_ITERATION.get(), number))
+        try:
+            yield
+        finally:
+            _ITERATION.reset(token)
 
     def holds(self, check: Callable[[], object], pointer: str, step_id: str) -> bool:
         """Whether a condition holds; one that cannot be evaluated is a ``ConditionError``
@@ -1499,6 +1537,7 @@ class Run:
         ``fallback`` runs with the error as ``error``. Only recoverable failures are
         retried (see ``recoverable``); the trace shows each failure and the fallback."""
         for number in range(1, retry + 2):
+            token = _ATTEMPT.set((pointer, number, retry + 1))
             try:
                 with self.state.scope() as scope:
                     await attempt()
@@ -1524,6 +1563,8 @@ class Run:
                     raise
                 await self._fallback(step_id, pointer, exc, fallback)
                 return
+            finally:
+                _ATTEMPT.reset(token)
             self.state.absorb(scope, keep=True)
             return
 
@@ -1541,11 +1582,31 @@ class Run:
             "step": getattr(exc, "step", None) or step_id,
             "pointer": getattr(exc, "spec_pointer", None) or pointer,
         }
-        self.trace.emit("fallback_start", step=step_id, pointer=f"{pointer}/fallback")
-        with self.state.scope({"error": error}) as scope:
-            await fallback()
+        # The fallback is a span of its own: its steps are its children.
+        span = _open_span(self.trace)
+        span_token = _SPAN.set(span.span_id)
+        where = {"step": step_id, "pointer": f"{pointer}/fallback"}
+        ids = {"span_id": span.span_id, "parent_id": span.parent_id}
+        self.trace.emit("fallback_start", **where, **ids, code=error["code"])
+        status = "error"
+        try:
+            with self.state.scope({"error": error}) as scope:
+                await fallback()
+            status = "ok"
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        finally:
+            _SPAN.reset(span_token)
+            self.trace.emit(
+                "fallback_end",
+                **where,
+                status=status,
+                duration_s=span.duration(),
+                **span.fields(),
+                code=error["code"],
+            )
         self.state.absorb(scope, keep=True, drop=("error",))
-        self.trace.emit("fallback_end", step=step_id, pointer=f"{pointer}/fallback")
 
     async def call(self, agent: str, prompt: str, *, history: str | None = None) -> Any:
         """``call`` step: one agent turn on the rendered prompt (after the chat
@@ -1693,7 +1754,11 @@ class Run:
                         "content": self.prompt("format_repair", error=str(exc)),
                     }
                 )
-                text = await self._answer(agent, messages, final=True)
+                # Traced as the call's `format_repair` (1-based): the answer before it
+                # was refused.
+                text = await _labelled(
+                    self._answer(agent, messages, final=True), format_repair=fix + 1
+                )
         raise AssertionError("unreachable")
 
     async def _answer(

@@ -221,6 +221,7 @@ async def execute(
         timed_out=result["timed_out"],
         duration_s=span.duration(),
         **span.fields(),
+        **(_LABELS.get() or {}),
         **_where(),
     )
     return result

@@ -700,6 +700,10 @@ def test_run_reads_its_input_from_stdin_and_keeps_stdout_for_the_result(
     assert "LLM call(s)" in proc.stderr and "tokens" in proc.stderr and "$" in proc.stderr
     assert "step 1 of 1 (0 done), at /workflow/0" in proc.stderr, proc.stderr
     assert "ok (exit 0)" in proc.stderr
+    # A small cost keeps its digits: "$0.0000" would say nothing was spent.
+    usage = json.loads((tmp_path / "r" / "usage.json").read_text())
+    assert 0 < usage["cost_usd"] < 0.0001
+    assert f"${usage['cost_usd']:.6f}; run folder" in proc.stderr, proc.stderr
 
 
 # -- the error tree -------------------------------------------------------------------------------

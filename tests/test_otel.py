@@ -129,13 +129,13 @@ def _attrs(span: dict[str, Any]) -> dict[str, Any]:
     return {a["key"]: value(a["value"]) for a in span.get("attributes") or []}
 
 
-def _spans_in_phoenix(base: str, expected: int) -> list[dict[str, Any]]:
+def _spans_in_phoenix(base: str, expected: int, project: str = PROJECT) -> list[dict[str, Any]]:
     """Phoenix ingests asynchronously: poll until every span is there (30 s at most)."""
     deadline = time.monotonic() + 30
     spans: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
-            spans = _get(f"{base}/v1/projects/{PROJECT}/spans/otlpv1?limit=1000")["data"]
+            spans = _get(f"{base}/v1/projects/{project}/spans/otlpv1?limit=1000")["data"]
             if len(spans) >= expected:
                 return spans
         time.sleep(0.5)
@@ -194,6 +194,71 @@ def test_spans_arrive_in_phoenix_with_parents_and_attributes(
     plan = next(c for c in chats if _attrs(c)["gen_ai.agent.name"] == "manager")
     assert "Open a second office?" in _attrs(plan)["gen_ai.input.messages"]
     assert all(_attrs(c)["mas2c.retries"] == 0 for c in chats)
+
+
+def test_every_repeat_and_the_fallback_arrive_in_phoenix(
+    phoenix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run of every construct that repeats (map, loop, ensemble over a flow, retry,
+    fallback, format repair, a worker agent): the spans arrive with their parents and the
+    attributes that tell the repeats apart."""
+    from mas2c.testserver import ChatRequest, Reply, ReplyLike, ToolCall
+    from tests.test_trace import EVERY_KIND
+
+    def respond(req: ChatRequest) -> ReplyLike:
+        system = str(req.messages[0].get("content"))
+        if "Boss who delegates" in system:
+            if any(m.get("role") == "tool" for m in req.messages):
+                return "delegated"
+            return Reply(tool_calls=[ToolCall("helper", {"task": "Help"})])
+        return "not json" if "Strict formatter" in system else "fine"
+
+    (tmp_path / "spec.yaml").write_text(EVERY_KIND)
+    (tmp_path / "in.json").write_text(json.dumps({"question": "q?", "docs": ["a", "b"]}))
+    with LLMTestServer(respond) as srv:
+        outcome = run_system(
+            tmp_path / "spec.yaml",
+            tmp_path / "in.json",
+            tmp_path / "run",
+            backend="unisolated",
+            llm=LLMConfig(url=srv.base_url, api_key="sk-test"),
+            on_warning=lambda _m: None,
+        )
+    assert outcome.ok, outcome.result
+    project = "mas2c-kinds"
+    argv = ["export", "otel", str(tmp_path / "run"), "--endpoint", phoenix, "--service", project]
+    assert cli_main([*argv, "--json"]) == 0
+    sent = json.loads(capsys.readouterr().out)
+    ours = read_run_trace(tmp_path / "run")
+    theirs = _spans_in_phoenix(phoenix, sent["spans"], project)
+    assert len(theirs) == len(ours.spans) == sent["spans"]
+    assert {s["span_id"]: s.get("parent_span_id") for s in theirs} == {
+        s.span_id: s.parent_id for s in ours.spans
+    }
+    by_id = {s["span_id"]: s for s in theirs}
+    (fallback,) = [s for s in theirs if s["name"] == "fallback of risky"]
+    assert _attrs(fallback)["mas2c.error.code"] == "structured_output"
+    (stand_in,) = [s for s in theirs if s["name"] == "step stand_in"]
+    assert stand_in["parent_span_id"] == fallback["span_id"]
+    attempts = sorted(
+        (_attrs(s)["mas2c.step.attempt"], _attrs(s)["mas2c.step.attempts"], s["status"]["code"])
+        for s in theirs
+        if s["name"] == "step risky"
+    )
+    assert attempts == [(1, 2, 2), (2, 2, 2)]  # both failed (status code 2: error)
+    items = sorted(_attrs(s)["mas2c.item"] for s in theirs if s["name"] == "step read")
+    assert items == [[0], [1]]
+    loops = sorted(_attrs(s)["mas2c.iteration"] for s in theirs if s["name"] == "step think")
+    assert loops == [[1], [2]]
+    samples = sorted(_attrs(s)["mas2c.sample"] for s in theirs if s["name"] == "step guess_once")
+    assert samples == [0, 1]
+    repairs = [_attrs(s).get("mas2c.format_repair") for s in theirs if s["name"].startswith("chat")]
+    assert repairs.count(1) == repairs.count(2) == 2
+    (worker,) = [s for s in theirs if _attrs(s).get("mas2c.worker") == "helper"]
+    assert _attrs(worker)["gen_ai.operation.name"] == "execute_tool"
+    (helper,) = [s for s in theirs if s["parent_span_id"] == worker["span_id"]]
+    assert _attrs(helper)["gen_ai.agent.name"] == "helper"
+    assert by_id[worker["parent_span_id"]]["name"] == "step delegate"
 
 
 def test_export_failures_are_one_line_errors(

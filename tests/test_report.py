@@ -438,3 +438,86 @@ def test_cli_report(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert cli_main(["report", str(empty)]) == 2
     err = capsys.readouterr().err
     assert "not a run folder" in err and "Traceback" not in err
+
+
+# -- a batch folder --------------------------------------------------------------------------
+
+
+def test_batch_report_in_chromium(tmp_path: Path) -> None:
+    """A real batch (4 rows: 2 right, 1 wrong with a hostile answer, 1 failed run): the page
+    shows the accuracy, every row coloured by outcome, the failures by code, each row's
+    prediction as text, and links the row run reports that exist."""
+    from mas2c.batch import run_batch, slug
+    from tests.test_batch import answering, options, qa_dataset
+
+    dataset, rows = qa_dataset(tmp_path)
+    hostile = "<script>document.title='pwned'</script><svg onload=alert(1)>11"
+    respond = answering(rows, wrong={"gsm8k-1": hostile, "gsm8k-3": "!invalid"})
+    with LLMTestServer(respond) as server:
+        summary = run_batch(options(tmp_path, dataset, server, limit=4))
+    assert summary["finished"] == 4 and summary["passed"] == 2
+    batch = tmp_path / "run"
+    # One row's run report exists (made by `mas2c report`); the page links it.
+    write_report(batch / "rows" / slug("gsm8k-0") / "mas")
+    page = write_report(batch)
+    assert page == batch / "report.html"
+    raw = page.read_text()
+    assert "<script" not in raw and "<svg onload" not in raw
+    dom = dom_of(page, tmp_path)
+    assert dom.texts("title")[0].startswith("mas2c batch: gsm8k.jsonl")
+    states = {a["data-row"]: a["data-state"] for a in dom.with_attr("rect", "data-state")}
+    assert states == {"gsm8k-0": "passed", "gsm8k-1": "wrong", "gsm8k-2": "passed"} | {
+        "gsm8k-3": "error"
+    }
+    assert any(t.startswith("50.0% [") for t in dom.texts("td"))
+    assert [a["data-status"] for a in dom.with_attr("span", "data-status")] == [
+        *("passed", "wrong", "passed", "error")
+    ]
+    codes = dom.texts("code")
+    assert any(c in ("structured_output", "StructuredOutputError") for c in codes)
+    assert any(hostile in t for t in dom.texts("td"))  # shown as text, never run
+    links = [a["href"] for a in dom.find("a") if a.get("href")]
+    assert links == [f"rows/{slug('gsm8k-0')}/mas/report.html"]
+    screenshot(page, tmp_path, "report-batch", height=1100)
+    # A results.jsonl with hostile lines: skipped and listed, the page still made.
+    with (batch / "results.jsonl").open("a") as handle:
+        handle.write("[" * 100_000 + "\n" + '{"key": 5}\n' + "not json\n")
+    dom = Dom.parse(render_report(batch))
+    problems = dom.texts("li")
+    assert sum("not a result line" in p for p in problems) == 3
+
+
+def test_huge_strings_in_a_folder_make_a_small_page(tmp_path: Path) -> None:
+    """Every string of a forged folder 500 kB long (names, pointers, codes, messages, the
+    header): each is cut where it is shown, so the page stays small and opens."""
+    big = "<b>" + "A" * 500_000
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    events: list[dict[str, Any]] = [
+        {"t": 0, "ts": 1.7e9, "event": "run_start", "spec": big, "span_id": "a" * 16}
+    ]
+    for i in range(6):
+        span = f"{i + 1:016x}"
+        where = {"step": big + str(i), "pointer": "/workflow/0/" + big}
+        events += [
+            {"t": 0.1, "event": "step_start", **where, "span_id": span, "parent_id": "a" * 16},
+            {"t": 0.5, "event": "llm_call", "agent": big, "model": big, "status": "error"}
+            | {"error": big, "parent_id": span, "latency_s": 0.3, "role": big},
+            {"t": 0.6, "event": "step_end", **where, "status": "error", "error": big}
+            | {"code": big, "span_id": span, "parent_id": "a" * 16},
+            {"t": 0.7, "event": "step_failed", **where, "code": big, "message": big}
+            | {"then": big, "attempt": 1},
+            {"t": 0.8, "event": "tool_call", "tool": big, "worker": big, "status": big},
+        ]
+    (folder / "trace.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    header = {"command": [big] * 5, "spec": big, "endpoint": big, "started_at": big}
+    (folder / "run.json").write_text(json.dumps(header))
+    error = {"type": big, "message": big, "spec_pointer": "/" + big, "traceback": big}
+    (folder / "result.json").write_text(json.dumps({"status": "error", "error": error}))
+    assert sum(f.stat().st_size for f in folder.iterdir()) > 45_000_000
+    page = write_report(folder)
+    assert page.stat().st_size < 1_000_000  # was 65 MB: each string in full, many times
+    raw = page.read_text()
+    assert "<b>" not in raw and "&lt;b&gt;AAA" in raw
+    dom = dom_of(page, tmp_path)
+    assert len(dom.with_attr("g", "data-kind")) == 1 + 6 * 3  # run, steps, calls, tools

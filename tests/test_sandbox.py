@@ -816,36 +816,140 @@ def test_docker_isolation_flags_seen_from_inside(
     assert run.result["status"] == "ok" and run.report.exit_code == 0
 
 
-@pytest.mark.docker
-def test_docker_container_config_has_every_flag() -> None:
-    """The create() arguments, flag by flag (IPC mode and the log driver are not
-    observable from inside)."""
+def _flag_config(**overrides: Any) -> dict[str, Any]:
     limits = Limits(memory_mb=300, cpus=0.5, pids=100, file_size_mb=7, tmpfs_mb=40)
-    config = sandbox._container_config(
-        "img",
-        limits,
-        Loosen(),
-        name="n",
-        runtime="runsc",
-        env={},
-        labels={"mas2c": "1"},
-        mounts=[],
-        idle_s=5,
-    )
-    assert config["cap_drop"] == ["ALL"]
-    assert config["cap_add"] == ["KILL", "SETUID", "SETGID", "SETPCAP"]  # the init's only
-    assert config["security_opt"] == ["no-new-privileges"]
-    assert config["ipc_mode"] == "private"
-    assert config["network_mode"] == "none"
-    assert config["read_only"] is True
-    assert config["user"] == "0:0"  # the init; the program runs as 1000 (see the probe)
-    assert config["mem_limit"] == config["memswap_limit"] == "300m"
-    assert config["nano_cpus"] == 500_000_000 and config["pids_limit"] == 100
-    ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in config["ulimits"]}
+    args: dict[str, Any] = {
+        "name": "n",
+        "runtime": "runsc",
+        "env": {"A": "b"},
+        "labels": {"mas2c": "1"},
+        "mounts": [
+            sandbox.volume_mount("/work"),
+            sandbox.bind_mount("/tmp/sock-folder", sandbox.CONTAINER_SOCKET_DIR),
+        ],
+        "idle_s": 5,
+    }
+    args.update(overrides)
+    return sandbox._container_config("img", limits, Loosen(), **args)
+
+
+def test_docker_container_config_has_every_flag() -> None:
+    """The create body (Engine API), flag by flag (IPC mode and the log driver are not
+    observable from inside)."""
+    config = _flag_config()
+    host = config["HostConfig"]
+    assert host["CapDrop"] == ["ALL"]
+    assert host["CapAdd"] == ["KILL", "SETUID", "SETGID", "SETPCAP"]  # the init's only
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["IpcMode"] == "private"
+    assert host["NetworkMode"] == "none"
+    assert host["ReadonlyRootfs"] is True
+    assert config["User"] == "0:0"  # the init; the program runs as 1000 (see the probe)
+    assert host["Memory"] == host["MemorySwap"] == 300 << 20
+    assert host["NanoCpus"] == 500_000_000 and host["PidsLimit"] == 100
+    ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
     assert ulimits == {"fsize": (7 << 20, 7 << 20), "nofile": (1024, 1024), "core": (0, 0)}
-    assert all("size=40m" in opts for opts in config["tmpfs"].values())
-    assert config["log_config"]["Type"] == "none"
-    assert config["auto_remove"] is True and config["runtime"] == "runsc"
+    assert all("size=40m" in opts for opts in host["Tmpfs"].values())
+    assert host["LogConfig"]["Type"] == "none"
+    assert host["AutoRemove"] is True and host["Runtime"] == "runsc"
+    assert host["Init"] is False
+    assert config["OpenStdin"] is config["StdinOnce"] is True and config["Tty"] is False
+
+
+def test_docker_create_body_equals_docker_py() -> None:
+    """The run path posts its own create body (no docker-py): it is, key for key, the
+    body docker-py 7 posts for the keyword arguments mas2c passed it before (so no
+    isolation flag was lost in the switch)."""
+    import docker
+    from docker.models.containers import _create_container_args
+    from docker.types import LogConfig, Mount, Ulimit
+
+    ours = _flag_config()
+    argv = ours["Cmd"]
+    kwargs: dict[str, Any] = {
+        "image": "img",
+        "command": argv,
+        "name": "n",
+        "user": "0:0",
+        "environment": {"A": "b"},
+        "working_dir": "/",
+        "network_mode": "none",
+        "read_only": True,
+        "tmpfs": {
+            "/tmp": "size=40m,mode=1777",
+            "/work/out": "size=40m,nr_inodes=16384,uid=1000,gid=1000,mode=0755",
+            "/work/run": "size=40m,nr_inodes=16384,uid=1000,gid=1000,mode=0755",
+        },
+        "mounts": [
+            Mount(target="/work", source=None, type="volume"),
+            Mount(target="/run/mas2c", source="/tmp/sock-folder", type="bind", read_only=True),
+        ],
+        "cap_drop": ["ALL"],
+        "cap_add": ["KILL", "SETUID", "SETGID", "SETPCAP"],
+        "security_opt": ["no-new-privileges"],
+        "mem_limit": "300m",
+        "memswap_limit": "300m",
+        "nano_cpus": 500_000_000,
+        "pids_limit": 100,
+        "ulimits": [
+            Ulimit(name="fsize", soft=7 << 20, hard=7 << 20),
+            Ulimit(name="nofile", soft=1024, hard=1024),
+            Ulimit(name="core", soft=0, hard=0),
+        ],
+        "init": False,
+        "ipc_mode": "private",
+        "hostname": "mas2c-sandbox",
+        "labels": {"mas2c": "1"},
+        "stdin_open": True,
+        "auto_remove": True,
+        "log_config": LogConfig(type="none"),
+        "runtime": "runsc",
+        "version": "1.41",
+    }
+    args = _create_container_args(kwargs)
+    args.pop("name")
+    api = docker.APIClient(base_url="unix:///var/run/docker.sock", version="1.41")
+
+    def no_nulls(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: no_nulls(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [no_nulls(v) for v in value]
+        return value
+
+    theirs = no_nulls(api.create_container_config(**args))
+    assert no_nulls(ours) == theirs
+
+
+@pytest.mark.docker
+def test_docker_daemon_records_every_flag(dock: None, rt: str) -> None:
+    """What the daemon recorded for a container created by the run path (not started)."""
+    from mas2c.sandbox.engine import Engine
+
+    engine = Engine()
+    name = f"mas2c-flags-{uuid.uuid4().hex[:8]}"
+    config = _flag_config(
+        name=name, runtime=None if rt == "runc" else rt, mounts=[sandbox.volume_mount("/work")]
+    )
+    config["Image"] = sandbox.DEFAULT_IMAGE
+    cid = engine.create(config, name=name)
+    try:
+        recorded = engine.inspect(cid)
+    finally:
+        engine.remove(cid, force=True, volumes=True)
+    host, cfg = recorded["HostConfig"], recorded["Config"]
+    assert host["CapDrop"] == ["ALL"] and host["CapAdd"] == ["KILL", "SETUID", "SETGID", "SETPCAP"]
+    assert host["SecurityOpt"] == ["no-new-privileges"] and host["IpcMode"] == "private"
+    assert host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True
+    assert host["Memory"] == host["MemorySwap"] == 300 << 20
+    assert host["NanoCpus"] == 500_000_000 and host["PidsLimit"] == 100
+    ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
+    assert ulimits == {"fsize": (7 << 20, 7 << 20), "nofile": (1024, 1024), "core": (0, 0)}
+    assert set(host["Tmpfs"]) == {"/tmp", "/work/out", "/work/run"}
+    assert host["LogConfig"]["Type"] == "none" and host["AutoRemove"] is True
+    assert host["Runtime"] == rt
+    assert cfg["User"] == "0:0" and cfg["OpenStdin"] is True and cfg["StdinOnce"] is True
+    assert [m["Type"] for m in host["Mounts"]] == ["volume"]
 
 
 # ------------------------------------------- class 2: what the program can exhaust
@@ -988,6 +1092,8 @@ def test_docker_idle_container_ends_itself(dock: None, package: Path, tmp_path: 
     job ends the container at its idle deadline, and the daemon removes it."""
     import docker
 
+    from mas2c.sandbox.engine import Engine
+
     client = docker.from_env()
     job = sandbox._Job(
         package_dir=package,
@@ -1003,7 +1109,7 @@ def test_docker_idle_container_ends_itself(dock: None, package: Path, tmp_path: 
     )
     name = f"mas2c-{job.run_id}"
     box = sandbox._start_box(
-        client,
+        Engine(),
         job,
         name=name,
         mounts=[],
@@ -1026,7 +1132,7 @@ def test_docker_idle_container_ends_itself(dock: None, package: Path, tmp_path: 
         assert gone, "the idle container is still there"
     finally:
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            box.container.remove(force=True)
+            client.api.remove_container(box.container, force=True)
         client.close()
 
 

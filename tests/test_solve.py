@@ -860,3 +860,22 @@ def test_configure_errors(unbound: tuple[Path, Path], tmp_path: Path) -> None:
         assert_no_traceback(proc)
         if spec_path == bad_spec:  # located: file:line:column
             assert re.search(rf"{re.escape(str(bad_spec))}:19:\d+: error MAS201", proc.stderr)
+
+
+def test_solve_names_the_fallback_model_as_the_generator_asked(
+    llm_server: LLMTestServer, question: Path, tmp_path: Path
+) -> None:
+    """A generated spec that declares no model runs on one entry bound to the model the
+    generator was asked with (--model, else MAS2C_MODEL, else the default), never on a
+    made-up name ("local" named the embedded model once, and means nothing today)."""
+    data = cot_spec()
+    data.pop("models")
+    data["agents"]["reasoner"].pop("model")
+    llm_server.responder = Script(
+        [(GENERATOR, spec_json(data)), (REASONER, reasoned)], field="system"
+    )
+    proc = solve_cli(tmp_path, question, llm_server, env=cli_env(MAS2C_MODEL="the-served-one"))
+    assert proc.returncode == 0, proc.stderr
+    assert {r.model for r in llm_server.requests} == {"the-served-one"}
+    spec = load_spec(tmp_path / "solve" / "spec.yaml")
+    assert [m.model for m in spec.models.values()] == ["the-served-one"]

@@ -256,3 +256,154 @@ def test_traced_content_is_bounded_and_keeps_its_shape(rt: ModuleType) -> None:
     assert len(json.dumps(rt._content(deep))) < 10_000
     assert rt._content({"k": ["z" * 10] * 10**6}) == {"k": ["z" * 10] * 100}
     assert rt._content("short") == "short"
+
+
+# -- every step kind's repeats, told apart (issue 16 audit) ------------------------------------
+
+EVERY_KIND = """
+spec_version: "1"
+name: every-kind
+description: Each construct that repeats a step or a call, once.
+inputs:
+  question: {type: string}
+  docs: {type: array, items: {type: string}}
+outputs:
+  answer: final
+models:
+  m: {model: test-model, price: {input_per_mtok: 1, output_per_mtok: 2}}
+agents:
+  boss: {role: Boss who delegates, instructions: Delegate., model: m, delegates: [helper]}
+  helper: {role: Helper, instructions: Help., model: m}
+  strict:
+    role: Strict formatter
+    instructions: Answer in JSON.
+    model: m
+    output: {type: object, properties: {ok: {type: boolean}}, required: [ok]}
+  plain: {role: Plain answerer, instructions: Answer., model: m}
+flows:
+  guess:
+    inputs: {question: {type: string}}
+    outputs: {answer: g}
+    steps:
+      - {id: guess_once, kind: call, agent: plain, prompt: "Guess {{ question }}", out: g}
+workflow:
+  - {id: delegate, kind: call, agent: boss, prompt: "Do {{ question }}", out: done}
+  - id: samples
+    kind: ensemble
+    flow: guess
+    with: {question: "{{ question }}"}
+    n: 2
+    vote: first
+    vote_on: null
+    out: guessed
+  - id: again
+    kind: loop
+    max_iterations: 2
+    until: "false"
+    steps:
+      - {id: think, kind: call, agent: plain, prompt: "Think {{ question }}", out: thought}
+  - id: each
+    kind: map
+    over: "{{ docs }}"
+    as: doc
+    steps:
+      - {id: read, kind: call, agent: plain, prompt: "Read {{ doc }}", out: note}
+    result: "{{ note }}"
+    out: notes
+  - id: risky
+    kind: call
+    agent: strict
+    prompt: "Check {{ question }}"
+    out: checked
+    retry: 1
+    fallback:
+      - {id: stand_in, kind: call, agent: plain, prompt: "Instead {{ question }}", out: checked}
+  - {id: finish, kind: call, agent: plain, prompt: "Finish {{ question }}", out: final}
+budgets: {max_llm_calls: 40}
+"""
+
+
+def test_every_repeat_is_told_apart_in_trace_report_and_export(tmp_path: Path) -> None:
+    """Map items, loop iterations, samples of an ensemble over a flow, a retried step's
+    attempts, its fallback (a span whose steps are its children), format repairs and a
+    worker agent called as a tool: each span says which repeat it is, the typed run-folder
+    contract reads every event (none skipped), and the report and the export show it."""
+    import yaml
+    from conftest import compile_to, run_package
+
+    from mas2c.lang.spec import Spec
+    from mas2c.otel import build_spans
+    from mas2c.report import render_report
+    from mas2c.runfolder import FallbackEnd, StepFailed
+    from mas2c.tracing import read_run_trace
+
+    spec = Spec.model_validate(yaml.safe_load(EVERY_KIND))
+    build = tmp_path / "build"
+    compile_to(spec, build)
+
+    def respond(req: ChatRequest) -> ReplyLike:
+        system = str(req.messages[0].get("content"))
+        if "Boss who delegates" in system:
+            if any(m.get("role") == "tool" for m in req.messages):
+                return "delegated"
+            return Reply(tool_calls=[ToolCall("helper", {"task": "Help <now>"})])
+        if "Strict formatter" in system:
+            return "not json"  # every try: two format repairs, a retry, then the fallback
+        return "fine"
+
+    with LLMTestServer(respond) as srv:
+        code, out, trace, stderr = run_package(
+            build,
+            {"question": "q?", "docs": ["a", "b"]},
+            srv,
+            env={"MAS2C_TRACE_CONTENT": "1"},
+        )
+    assert code == 0, (out, stderr[-2000:])
+    ends = {e["span_id"]: e for e in trace if e["event"] in ("step_end", "fallback_end")}
+    by_step: dict[str, list[dict[str, Any]]] = {}
+    for e in trace:
+        if e["event"] == "step_end":
+            by_step.setdefault(e["step"], []).append(e)
+    assert sorted(e["item"] for e in by_step["read"]) == [[0], [1]]
+    assert [e["iteration"] for e in by_step["think"]] == [[1], [2]]
+    assert sorted(e["sample"] for e in by_step["guess_once"]) == [0, 1]
+    risky = by_step["risky"]
+    assert [(e["attempt"], e["attempts"], e["status"]) for e in risky] == [
+        (1, 2, "error"),
+        (2, 2, "error"),
+    ]
+    assert all(e["code"] == "structured_output" for e in risky)
+    (fallback,) = [e for e in trace if e["event"] == "fallback_end"]
+    assert fallback["status"] == "ok" and fallback["code"] == "structured_output"
+    assert ends[by_step["stand_in"][0]["parent_id"]] is fallback
+    strict = [e for e in trace if e["event"] == "llm_call" and e["agent"] == "strict"]
+    assert [e.get("format_repair") for e in strict] == [None, 1, 2] * 2
+    (worker,) = [e for e in trace if e["event"] == "tool_call"]
+    assert worker["worker"] == "helper" and worker["arguments"] == {"task": "Help <now>"}
+    (helper,) = [e for e in trace if e["event"] == "llm_call" and e["agent"] == "helper"]
+    assert helper["parent_id"] == worker["span_id"]
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "trace.jsonl").write_text("\n".join(json.dumps(e) for e in trace) + "\n")
+    (folder / "spec.json").write_text(json.dumps(spec.to_data()))
+    typed = read_trace(folder / "trace.jsonl")
+    assert typed.skipped == 0 and len(typed.of(StepFailed)) == 2
+    assert typed.of(FallbackEnd)[0].status == "ok"
+    spans = read_run_trace(folder)
+    assert not spans.problems
+    (fallback_span,) = spans.by_kind("fallback")
+    assert fallback_span.name == "fallback of risky"
+    page = render_report(folder)
+    for label in ("read item 0", "think iter 2", "guess_once #1", "risky attempt 2/2"):
+        assert f">{label}</text>" in page, label
+    assert ">LLM strict fix 2</text>" in page and ">worker helper</text>" in page
+    assert ">fallback of risky</text>" in page and 'class="attempts"' in page
+    # The diagram: the step failed twice and its fallback stood in: recovered, not error.
+    assert 'data-step="risky" data-status="recovered"' in page
+    assert 'data-step="stand_in" data-status="ok"' in page
+    exported = [dict(s.attributes) for s in build_spans(spans)]
+    assert {tuple(a["mas2c.item"]) for a in exported if "mas2c.item" in a} == {(0,), (1,)}
+    assert {a.get("mas2c.step.attempt") for a in exported} >= {1, 2}
+    assert any(a.get("mas2c.worker") == "helper" for a in exported)
+    assert any(a.get("mas2c.format_repair") == 2 for a in exported)

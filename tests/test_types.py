@@ -543,24 +543,77 @@ JSON_VALUES = st.recursive(
 )
 EXAMPLES = int(os.environ.get("MAS2C_TYPES_EXAMPLES", "8"))
 
-PROPERTY = """
+ANY = '{type: [string, number, integer, boolean, array, object, "null"]}'
+PROPERTY = f"""
 spec_version: "1"
 name: carry
 inputs:
-  v: {type: [string, number, integer, boolean, array, object, "null"]}
-  snippets: {type: array, items: {type: string}}
-outputs: {direct: v, via_tool: echoed, nested: nested, tested: tested}
-models: {m: {model: test-model}}
-agents: {a: {role: A, model: m}}
+  v: {ANY}
+  vs: {{type: array}}
+  snippets: {{type: array, items: {{type: string}}}}
+outputs:
+  direct: v
+  via_tool: echoed
+  nested: nested
+  tested: tested
+  seen: seen
+  kept: kept
+  mapped: mapped
+  sub: sub
+  sampled: sampled
+  fell_back: fell_back
+  looped: looped
+state:
+  seen: {{schema: {{type: array}}, reducer: append}}
+  kept: {{schema: {{type: object}}, reducer: merge}}
+models: {{m: {{model: test-model}}}}
+agents: {{a: {{role: A, model: m}}}}
 tools:
   echo:
     code: |
       def echo(value, wrapped):
-          return {"value": value, "wrapped": wrapped}
+          return {{"value": value, "wrapped": wrapped}}
+  same:
+    code: |
+      def same(value):
+          return value
+  fail:
+    code: |
+      def fail(value):
+          raise ValueError("always")
+flows:
+  carry_flow:
+    inputs: {{value: {ANY}}}
+    outputs: {{value: got, echoed: e}}
+    steps:
+      - {{id: f_echo, kind: tool, tool: echo, args: {{value: "{{{{ value }}}}", wrapped: ["{{{{ value }}}}"]}}, out: e}}
+      - {{id: f_same, kind: tool, tool: same, args: {{value: "{{{{ e.value }}}}"}}, out: got}}
 workflow:
-  - {id: e, kind: tool, tool: echo, args: {value: "{{ v }}", wrapped: ["{{ v }}", {k: "{{ v }}"}]}, out: echoed}
-  - {id: n, kind: tool, tool: echo, args: {value: "{{ echoed.value }}", wrapped: []}, out: nested}
-  - {id: t, kind: test, code: snippets, tests: "{{ snippets }}", out: tested}
+  - {{id: e, kind: tool, tool: echo, args: {{value: "{{{{ v }}}}", wrapped: ["{{{{ v }}}}", {{k: "{{{{ v }}}}"}}]}}, out: echoed}}
+  - {{id: n, kind: tool, tool: echo, args: {{value: "{{{{ echoed.value }}}}", wrapped: []}}, out: nested}}
+  - {{id: t, kind: test, code: snippets, tests: "{{{{ snippets }}}}", out: tested}}
+  - {{id: remember, kind: tool, tool: same, args: {{value: "{{{{ v }}}}"}}, out: seen}}
+  - {{id: keep, kind: tool, tool: same, args: {{value: {{k: "{{{{ v }}}}"}}}}, out: kept}}
+  - id: each
+    kind: map
+    over: "{{{{ vs }}}}"
+    steps: [{{id: m_same, kind: tool, tool: same, args: {{value: "{{{{ item }}}}"}}, out: got}}]
+    result: {{got: "{{{{ got }}}}", item: ["{{{{ item }}}}"], index: "{{{{ index }}}}"}}
+    out: mapped
+  - {{id: call_flow, kind: subflow, flow: carry_flow, with: {{value: "{{{{ v }}}}"}}, out: sub}}
+  - {{id: sample_flow, kind: ensemble, flow: carry_flow, with: {{value: "{{{{ sub.value }}}}"}}, n: 2, vote: first, vote_on: echoed, out: sampled}}
+  - id: guarded
+    kind: tool
+    tool: fail
+    args: {{value: "{{{{ v }}}}"}}
+    retry: 1
+    out: fell_back
+    fallback: [{{id: recover, kind: tool, tool: same, args: {{value: ["{{{{ v }}}}", "{{{{ error.code }}}}"]}}, out: fell_back}}]
+  - id: again
+    kind: loop
+    max_iterations: 2
+    until: "true"
+    steps: [{{id: l_same, kind: tool, tool: same, args: {{value: "{{{{ v }}}}"}}, out: looped}}]
 """
 
 
@@ -584,16 +637,40 @@ def carry_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_whole_placeholders_carry_type_and_value(
     carry_build: Path, value: Any, snippets: list[str]
 ) -> None:
+    """Through tool args (nested too), test snippets, outputs, and what issue 11 added:
+    declared state (append, merge), map items and results, a subflow's arguments and
+    outputs, an ensemble over a flow, a fallback, a loop. Compared as JSON with the types
+    (`1` != `1.0` != `true`), never with Python's `==` alone."""
     code, out, _, stderr = run_package(
-        carry_build, {"v": value, "snippets": snippets}, None, fork=True
+        carry_build, {"v": value, "vs": [value, value], "snippets": snippets}, None, fork=True
     )
     assert code == 0, stderr
     outputs = out["outputs"]
-    assert outputs["direct"] == value
-    assert outputs["via_tool"] == {"value": value, "wrapped": [value, {"k": value}]}
-    assert outputs["nested"]["value"] == value
-    assert type(outputs["via_tool"]["value"]) is type(value)
+    expected = {
+        "direct": value,
+        "via_tool": {"value": value, "wrapped": [value, {"k": value}]},
+        "nested": {"value": value, "wrapped": []},
+        "seen": [value],
+        "kept": {"k": value},
+        "mapped": [{"got": value, "item": [value], "index": i} for i in range(2)],
+        "sub": {"value": value, "echoed": {"value": value, "wrapped": [value]}},
+        "sampled": {"value": value, "echoed": {"value": value, "wrapped": [value]}},
+        "fell_back": [value, "tool_error"],
+        "looped": value,
+    }
+    for name, wanted in expected.items():
+        assert typed(outputs[name]) == typed(wanted), name
     assert [r["test"] for r in outputs["tested"]["results"]] == snippets
+    assert outputs["tested"]["passed"] is True
+
+
+def typed(value: Any) -> Any:
+    """A value with every scalar tagged by its type, so that 1, 1.0 and true differ."""
+    if isinstance(value, list):
+        return ["list", [typed(v) for v in value]]
+    if isinstance(value, dict):
+        return ["dict", {k: typed(v) for k, v in value.items()}]
+    return [type(value).__name__, value]
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)

@@ -62,6 +62,9 @@ class SpecSource:
     positions: dict[str, Position] = field(default_factory=dict)
     scalars: dict[str, ScalarInfo] = field(default_factory=dict)
     keys: dict[str, Position] = field(default_factory=dict)  # where a mapping entry's key is
+    # Plain scalars YAML 1.1 reads as booleans though they are not `true`/`false` (`yes`,
+    # `no`, `on`, `off`): pointer -> (the text as written, where, whether it is a key).
+    yaml_booleans: dict[str, tuple[str, Position, bool]] = field(default_factory=dict)
     _lines: list[str] | None = field(default=None, repr=False, compare=False)
 
     def lines(self) -> list[str]:
@@ -187,6 +190,8 @@ def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) 
             source.keys[child] = Position(
                 key_node.start_mark.line + 1, key_node.start_mark.column + 1
             )
+            if _yaml11_boolean(key_node):
+                source.yaml_booleans[child] = (key, source.keys[child], True)
             _walk(value_node, child, source, state)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
@@ -194,6 +199,8 @@ def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) 
     state.active.discard(id(node))
     if isinstance(node, yaml.ScalarNode):
         _check_scalar(node.value, here, pointer, state)
+        if _yaml11_boolean(node):
+            source.yaml_booleans[pointer] = (str(node.value), here, False)
     if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
         style = node.style or None
         start = Position(mark.line + 1, mark.column + 1)
@@ -202,6 +209,17 @@ def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) 
             start = Position(mark.line + 2, mark.column + 1)
         end = Position(node.end_mark.line + 1, node.end_mark.column + 1)
         source.scalars[pointer] = ScalarInfo(start, style, end)
+
+
+def _yaml11_boolean(node: yaml.Node) -> bool:
+    """A plain scalar that YAML 1.1 (PyYAML) reads as a boolean, though YAML 1.2 and JSON
+    would not: `yes`, `no`, `on`, `off` in any case. `true`/`false` are meant."""
+    return (
+        isinstance(node, yaml.ScalarNode)
+        and node.tag == "tag:yaml.org,2002:bool"
+        and not node.style
+        and str(node.value).lower() not in ("true", "false")
+    )
 
 
 def _mark_position(error: yaml.MarkedYAMLError) -> Position | None:

@@ -109,6 +109,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS512": "a condition applies len() or `in` to a value whose type cannot take it",
     "MAS910": "a parallel branch writes no variable on every path, so its result is null (warning)",
     "MAS911": "the printed output of a programmer step without `expect_output: true` is read (warning)",
+    "MAS912": "a plain yes/no/on/off, which YAML reads as a boolean (warning)",
     "MAS520": "a state variable's reducer does not fit its schema or initial value",
     "MAS521": "a state variable's initial value does not match its schema",
     "MAS522": "a state variable is also an input",
@@ -254,6 +255,7 @@ def validate_source(source: SpecSource) -> Report:
             "MAS002", "", "the spec must be a mapping of keys (spec_version, name, agents, ...)"
         )
     else:
+        _yaml_booleans(checker, source)
         data, import_problems, checker.failed_imports = resolve_flow_imports(source)
         for code, pointer, message, hint in import_problems:
             checker.add(code, pointer, message, hint)
@@ -268,6 +270,23 @@ def validate_source(source: SpecSource) -> Report:
             checker.check(report.spec)
     report.problems = sorted(checker.problems, key=_problem_order)
     return report
+
+
+def _yaml_booleans(checker: _Checker, source: SpecSource) -> None:
+    """MAS912 (warning): `yes`/`no`/`on`/`off` written plain are booleans to YAML 1.1, so
+    `enum: [yes, no]` is `[true, false]` and `args: {answer: no}` passes false."""
+    for pointer, (text, position, is_key) in source.yaml_booleans.items():
+        value = "true" if text.lower() in ("yes", "on") else "false"
+        what = "key" if is_key else "value"
+        checker.add(
+            "MAS912",
+            pointer,
+            f"the {what} `{text}` is read as the boolean {value} (YAML 1.1 reads plain "
+            "yes/no/on/off as booleans)",
+            f'quote it ("{text}") if you mean the text, or write {value}',
+            severity="warning",
+            position=position,
+        )
 
 
 def _problem_order(problem: Problem) -> tuple[int, int, int, str]:
@@ -620,7 +639,9 @@ class _Checker:
                 "MAS503",
                 pointer,
                 problem,
-                "e.g. {type: object, properties: {answer: {type: string}}}",
+                _FIT_HINT
+                if problem.endswith(_NO_MATCH) or "the default" in problem
+                else "e.g. {type: object, properties: {answer: {type: string}}}",
             )
         self._check_patterns(pointer, schema)
 
@@ -2153,6 +2174,9 @@ def _schema_problem(schema: dict[str, Any]) -> str | None:
     for name in types:
         if name is not None and (not isinstance(name, str) or name not in _JSON_TYPES):
             return f"unknown JSON Schema type {_shown(name)}"
+    problem = _value_fit_problem(schema, declared)
+    if problem:
+        return problem
     properties = schema.get("properties")
     if properties is not None:
         if not isinstance(properties, dict):
@@ -2177,6 +2201,42 @@ def _schema_problem(schema: dict[str, Any]) -> str | None:
         if problem:
             return f"items: {problem}"
     return None
+
+
+def _value_fit_problem(schema: dict[str, Any], declared: Any) -> str | None:
+    """`enum`/`const` values outside the schema's own `type` (no value could ever match:
+    `{type: string, enum: [yes, no]}` is `[true, false]` to YAML), and a `default` the
+    schema refuses (it would be used as is)."""
+    enum = schema.get("enum")
+    choices: list[Any] = list(enum) if isinstance(enum, list) else []
+    if "const" in schema:
+        choices = [*choices, schema["const"]]
+    if declared is not None:
+        for choice in choices:
+            if values.validate(choice, {"type": declared}):
+                keyword = "const" if choice is schema.get("const") else "enum"
+                return (
+                    f"{keyword} value {_shown(choice)} is not {_type_words(declared)} "
+                    f"(the schema's `type`){_NO_MATCH}"
+                )
+    if "default" in schema:
+        rest = {k: v for k, v in schema.items() if k != "default"}
+        problems = values.validate(schema["default"], rest)
+        if problems:
+            return f"the default {_shown(schema['default'])} does not fit the schema: {problems[0]}"
+    return None
+
+
+_NO_MATCH = ": nothing could match it"
+_FIT_HINT = (
+    "write each value with the schema's type; YAML reads plain yes/no/on/off as booleans "
+    'and 1.0 as a number: quote text ("no")'
+)
+
+
+def _type_words(declared: Any) -> str:
+    names = declared if isinstance(declared, list) else [declared]
+    return " or ".join(f"{'an' if str(n)[0] in 'aeiou' else 'a'} {n}" for n in names)
 
 
 def _unbound_message(

@@ -62,9 +62,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from mas2c.errors import RunFailure
+
+if TYPE_CHECKING:
+    from mas2c.sandbox.engine import Engine
 
 logger = logging.getLogger("mas2c.sandbox")
 
@@ -446,6 +449,8 @@ class _Outcome:
     truncated: list[str] = field(default_factory=list)
     copy_out: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: The thread removing the used container (docker), started once the bundle is in.
+    removal: threading.Thread | None = None
 
     @property
     def stdout(self) -> Path:
@@ -625,6 +630,7 @@ def run_package(
     on_warning: Callable[[str], None] | None = None,
     runtime: str | None = None,
     pool: bool | None = None,
+    defer_removal: bool = False,
 ) -> SandboxReport:
     """Run ``python -m <module> --input .. --output .. --trace ..`` in a sandbox.
 
@@ -636,7 +642,10 @@ def run_package(
     daemon, e.g. ``runsc`` (gVisor); None: ``MAS2C_RUNTIME``, else the daemon's default.
     `pool` (docker only): take a warm single-use container from this process's pool
     (:mod:`mas2c.sandbox.pool`) or the pool service when one fits; None: yes unless
-    ``MAS2C_NO_POOL=1``; False: always a cold container.
+    ``MAS2C_NO_POOL=1``; False: always a cold container. A cold container is removed
+    before this returns, unless `defer_removal` (then :func:`join_removal` waits for it:
+    the caller overlaps its own work with the removal); a warm one is removed in the
+    background (:func:`wait_removals`, also at exit).
     """
     warn = on_warning if on_warning is not None else logger.warning
     if backend in DEPRECATED_BACKENDS:
@@ -701,6 +710,10 @@ def run_package(
             outcome.interrupted = True
         finally:
             _finalize(run_dir, outcome, report, error)
+            if outcome.removal is not None and outcome.pool == "cold":
+                _REMOVALS[run_id] = outcome.removal
+                if not defer_removal or error is not None or outcome.interrupted:
+                    join_removal(report)
     if error is not None:
         raise error
     if report.interrupted:
@@ -981,6 +994,7 @@ def _cut_at_last_line(path: Path) -> None:
 
 
 def _import_docker() -> Any:
+    """docker-py, for building images (the run path uses :mod:`mas2c.sandbox.engine`)."""
     try:
         import docker
     except ImportError:
@@ -995,8 +1009,19 @@ def _import_docker() -> Any:
 _API_VERSION: dict[str, str] = {}
 
 
+def _daemon_error(where: str, exc: BaseException) -> SandboxError:
+    reason = _short_reason(exc)
+    if "permission denied" in reason.lower():
+        return SandboxError(
+            f"no permission to use the Docker daemon at {where} ({reason}): run as root "
+            "or add your user to the `docker` group, or use --sandbox unisolated "
+            "(which does not isolate)"
+        )
+    return SandboxError(f"the Docker daemon is not reachable at {where} ({reason}): {_DAEMON_FIX}")
+
+
 def _docker_client(timeout: int = 120) -> Any:
-    """A connected docker-py client, or SandboxError naming the fix."""
+    """A connected docker-py client (image builds), or SandboxError naming the fix."""
     docker = _import_docker()
     where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     try:
@@ -1008,17 +1033,21 @@ def _docker_client(timeout: int = 120) -> Any:
             _API_VERSION[where] = str(client.api.api_version)
         client.ping()
     except Exception as exc:
-        reason = _short_reason(exc)
-        if "permission denied" in reason.lower():
-            raise SandboxError(
-                f"no permission to use the Docker daemon at {where} ({reason}): run as root "
-                "or add your user to the `docker` group, or use --sandbox unisolated "
-                "(which does not isolate)"
-            ) from None
-        raise SandboxError(
-            f"the Docker daemon is not reachable at {where} ({reason}): {_DAEMON_FIX}"
-        ) from None
+        raise _daemon_error(where, exc) from None
     return client
+
+
+def _engine(timeout: float = 120.0) -> Engine:
+    """A client of the daemon for the run path (no docker-py), or SandboxError naming the fix."""
+    from mas2c.sandbox.engine import Engine
+
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        engine = Engine(where, timeout=timeout)
+        engine.ping()
+    except Exception as exc:
+        raise _daemon_error(where, exc) from None
+    return engine
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -1030,13 +1059,15 @@ def _short_reason(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _require_image(client: Any, image: str) -> Any:
-    docker = _import_docker()
+def _require_image(engine: Engine, image: str) -> dict[str, Any]:
+    """The image's inspect document, or SandboxError naming the fix."""
+    from mas2c.sandbox.engine import EngineError, NotFound
+
     try:
-        return client.images.get(image)
-    except docker.errors.ImageNotFound:
+        return engine.image(image)
+    except NotFound:
         raise SandboxError(f"the sandbox image {image} is missing: {_BUILD_FIX}") from None
-    except docker.errors.DockerException as exc:
+    except (EngineError, OSError) as exc:
         raise SandboxError(f"cannot inspect the sandbox image {image}: {exc}") from None
 
 
@@ -1089,17 +1120,26 @@ def _job_archive(job: _Job, job_json: bytes) -> IO[bytes]:
 class _Box:
     """A started container whose runner waits for its one job."""
 
-    container: Any
+    #: The container's id.
+    container: str
     name: str
     runtime: str | None
     uid: int
     deadline: float
-    #: The raw attach socket (stdin+stdout+stderr), once attached.
+    #: The attach stream (stdin+stdout+stderr, multiplexed), once attached.
     sock: Any = None
-    #: docker-py's wrapper of it, kept alive (closing it closes the socket).
-    holder: Any = None
     #: Called once the container is removed (a pooled box's socket folder).
     on_release: Callable[[], None] | None = None
+
+
+def volume_mount(target: str) -> dict[str, Any]:
+    """An anonymous volume at `target` (the Engine API's Mount object)."""
+    return {"Target": target, "Type": "volume", "ReadOnly": False}
+
+
+def bind_mount(source: str, target: str, *, read_only: bool = True) -> dict[str, Any]:
+    """A bind mount of the host folder `source` at `target` (the Engine API's Mount)."""
+    return {"Target": target, "Source": source, "Type": "bind", "ReadOnly": read_only}
 
 
 def _container_config(
@@ -1111,12 +1151,11 @@ def _container_config(
     runtime: str | None,
     env: Mapping[str, str],
     labels: Mapping[str, str],
-    mounts: list[Any],
+    mounts: list[dict[str, Any]],
     idle_s: float,
 ) -> dict[str, Any]:
-    """The keyword arguments of containers.create: every isolation flag is here."""
-    from docker.types import LogConfig, Ulimit
-
+    """The body of ``POST /containers/create`` (the container's name goes in the query):
+    every isolation flag is here, and only here."""
     uid = 0 if loosen.root_user else SANDBOX_UID
     fsize = limits.file_size_mb * _MIB
     tmpfs_opts = f"size={limits.tmpfs_mb}m,nr_inodes={_TMPFS_INODES}"
@@ -1125,47 +1164,56 @@ def _container_config(
     # trace the init.
     caps = [] if loosen.root_user else ["KILL", "SETUID", "SETGID", "SETPCAP"]
     owned = f"{tmpfs_opts},uid={uid},gid={uid},mode=0755"
-    config: dict[str, Any] = {
-        "image": image,
-        "command": _runner_argv("python3", "init", _C_JOB, idle_s, limits.timeout_s),
-        "name": name,
-        "user": "0:0",
-        "environment": dict(env),
-        "working_dir": "/",
-        "network_mode": "bridge" if loosen.network else "none",
-        "read_only": not loosen.writable_root,
-        "tmpfs": {
+    host: dict[str, Any] = {
+        "NetworkMode": "bridge" if loosen.network else "none",
+        "ReadonlyRootfs": not loosen.writable_root,
+        "Tmpfs": {
             "/tmp": f"size={limits.tmpfs_mb}m,mode=1777",
             _C_OUT: owned,
             _C_RUN: owned,
         },
-        "mounts": mounts,
-        "cap_drop": ["ALL"],
-        "cap_add": caps,
-        "security_opt": ["no-new-privileges"],
-        "mem_limit": f"{limits.memory_mb}m",
-        "memswap_limit": f"{limits.memory_mb}m",
-        "nano_cpus": int(limits.cpus * 1e9),
-        "pids_limit": limits.pids,
-        "ulimits": [
-            Ulimit(name="fsize", soft=fsize, hard=fsize),
-            Ulimit(name="nofile", soft=_NOFILE, hard=_NOFILE),
-            Ulimit(name="core", soft=0, hard=0),
+        "Mounts": [dict(m) for m in mounts],
+        "CapDrop": ["ALL"],
+        "CapAdd": caps,
+        "SecurityOpt": ["no-new-privileges"],
+        "Memory": limits.memory_mb * _MIB,
+        "MemorySwap": limits.memory_mb * _MIB,
+        "NanoCpus": int(limits.cpus * 1e9),
+        "PidsLimit": limits.pids,
+        "Ulimits": [
+            {"Name": "fsize", "Soft": fsize, "Hard": fsize},
+            {"Name": "nofile", "Soft": _NOFILE, "Hard": _NOFILE},
+            {"Name": "core", "Soft": 0, "Hard": 0},
         ],
         # The runner is the init (PID 1): it reaps, kills leftovers, ends the container.
-        "init": False,
-        "ipc_mode": "private",
-        "hostname": "mas2c-sandbox",
-        "labels": dict(labels),
-        "stdin_open": True,  # docker-py also sets StdinOnce: EOF when the host detaches
-        "auto_remove": True,
+        "Init": False,
+        "IpcMode": "private",
+        "AutoRemove": True,
         # The runner's output is the bundle, read over the attach stream: the daemon
         # keeps no log of it on the host's disk.
-        "log_config": LogConfig(type="none"),
+        "LogConfig": {"Type": "none", "Config": {}},
     }
     if runtime is not None:
-        config["runtime"] = runtime
-    return config
+        host["Runtime"] = runtime
+    return {
+        "Image": image,
+        "Cmd": _runner_argv("python3", "init", _C_JOB, idle_s, limits.timeout_s),
+        "User": "0:0",
+        "Env": [f"{k}={v}" for k, v in env.items()],
+        "WorkingDir": "/",
+        "Hostname": "mas2c-sandbox",
+        "Labels": dict(labels),
+        "Tty": False,
+        # stdin kept open for the job's `go` and `stop`; StdinOnce: EOF when the host
+        # detaches (the init then ends the container).
+        "OpenStdin": True,
+        "StdinOnce": True,
+        "AttachStdin": True,
+        "AttachStdout": True,
+        "AttachStderr": True,
+        "NetworkDisabled": False,
+        "HostConfig": host,
+    }
 
 
 def _deadline_labels(deadline: float, extra: Mapping[str, str]) -> dict[str, str]:
@@ -1173,11 +1221,11 @@ def _deadline_labels(deadline: float, extra: Mapping[str, str]) -> dict[str, str
 
 
 def _start_box(
-    client: Any,
+    engine: Engine,
     job: _Job,
     *,
     name: str,
-    mounts: list[Any],
+    mounts: list[dict[str, Any]],
     env: Mapping[str, str],
     labels: Mapping[str, str],
     idle_s: float,
@@ -1198,25 +1246,39 @@ def _start_box(
         mounts=mounts,
         idle_s=idle_s,
     )
-    container = client.containers.create(**config)
-    box = _Box(container, name, job.runtime, 0 if job.loosen.root_user else SANDBOX_UID, deadline)
+    cid = _create(engine, config, name, job.image)
+    box = _Box(cid, name, job.runtime, 0 if job.loosen.root_user else SANDBOX_UID, deadline)
     if attach:
-        _attach(client, box)
-    container.start()
+        _attach(engine, box)
+    engine.start(cid)
     return box
 
 
-def _attach(client: Any, box: _Box) -> None:
-    holder = client.api.attach_socket(
-        box.container.id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
-    )
-    box.holder = holder
-    box.sock = getattr(holder, "_sock", holder)
+def _create(engine: Engine, config: Mapping[str, Any], name: str, image: str) -> str:
+    """Create the container; a missing image is the error naming the fix."""
+    from mas2c.sandbox.engine import NotFound
+
+    try:
+        return engine.create(config, name=name)
+    except NotFound as exc:
+        if "image" in exc.explanation.lower():
+            raise SandboxError(f"the sandbox image {image} is missing: {_BUILD_FIX}") from None
+        raise
+
+
+def _attach(engine: Engine, box: _Box) -> None:
+    box.sock = engine.attach(box.container)
 
 
 def _send(box: _Box, line: bytes) -> None:
     box.sock.settimeout(10)
     box.sock.sendall(line)
+
+
+def _close_stream(box: _Box) -> None:
+    if box.sock is not None:
+        with contextlib.suppress(Exception):
+            box.sock.close()
 
 
 def _pump_attach(box: _Box, bundle: _Bundle, deadline: float, stderr_tail: bytearray) -> str:
@@ -1252,7 +1314,6 @@ def _pump_attach(box: _Box, bundle: _Bundle, deadline: float, stderr_tail: bytea
 
 
 def _run_docker(job: _Job, outcome: _Outcome) -> None:
-    _import_docker()  # a clear error before docker.types
     for name in job.loosen.used():
         msg = {
             "network": "sandbox network enabled (--loosen network): the program can reach "
@@ -1263,77 +1324,81 @@ def _run_docker(job: _Job, outcome: _Outcome) -> None:
         job.warn(msg)
         outcome.notes.append(f"loosened: {msg}")
 
-    client = _docker_client()
+    engine = _engine()
     box: _Box | None = None
     name = f"mas2c-{job.run_id}"
-    try:
-        _require_image(client, job.image)
-        _reap_once(client)
-        env = _scrubbed_env(path=_C_PATH, home="/tmp", pythonpath=_C_PKG, extra=job.env)
-        _check_runtime_registered(client, job.runtime)
-        if job.loosen.network and _runtime_has_no_network(client, job.runtime):
+    env = _scrubbed_env(path=_C_PATH, home="/tmp", pythonpath=_C_PKG, extra=job.env)
+    _reap_once(engine)
+    if job.runtime is not None:
+        info = _daemon_info(engine)
+        _check_runtime_registered(info, job.runtime)
+        if job.loosen.network and _runtime_has_no_network(info, job.runtime):
             raise SandboxError(
                 f"--allow-network cannot work under the {job.runtime} runtime: it is "
                 "registered with --network=none (see /etc/docker/daemon.json); use runc"
             )
-        try:
-            box = _warm_box(client, job, env, outcome) if job.use_pool else None
-            if box is None:
-                outcome.pool = "cold"
-                box = _start_box(
-                    client,
-                    job,
-                    name=name,
-                    mounts=_cold_mounts(job, env),
-                    env=env,
-                    labels={f"{LABEL}.run": job.run_id},
-                    idle_s=_START_S,
-                    attach=True,
-                )
-            name = box.name
-            _run_in_box(box, job, env, outcome)
-        except KeyboardInterrupt:
-            outcome.interrupted = True
-            raise
-        except SandboxError:
-            raise
-        except Exception as exc:  # docker-py and requests errors: daemon died, ...
-            raise SandboxError(
-                f"the Docker run failed ({type(exc).__name__}): {_short_reason(exc)}"
-            ) from None
-        finally:
-            if box is not None and outcome.pool in ("warm", "service") and not outcome.interrupted:
-                _remove_later(box)  # its init ends as the stream closes; off the critical path
-            else:
-                _shielded(lambda: _remove_box(client, box, name), outcome, "remove")
+    try:
+        box = _warm_box(engine, job, env, outcome) if job.use_pool else None
+        if box is None:
+            outcome.pool = "cold"
+            # No separate image check: a missing image is create()'s 404, named so.
+            box = _start_box(
+                engine,
+                job,
+                name=name,
+                mounts=_cold_mounts(job, env),
+                env=env,
+                labels={f"{LABEL}.run": job.run_id},
+                idle_s=_START_S,
+                attach=True,
+            )
+        name = box.name
+        _run_in_box(box, job, env, outcome, engine)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        raise
+    except SandboxError:
+        raise
+    except Exception as exc:  # daemon errors: the daemon died, ...
+        raise SandboxError(
+            f"the Docker run failed ({type(exc).__name__}): {_short_reason(exc)}"
+        ) from None
     finally:
-        client.close()
+        if box is not None and not outcome.interrupted:
+            # Its init ends as the stream closes (auto_remove): the explicit removal
+            # runs off the critical path; run_system joins it before returning.
+            outcome.removal = _remove_later(box)
+        else:
+            _shielded(lambda: _remove_box(engine, box, name), outcome, "remove")
 
 
-def _cold_mounts(job: _Job, env: dict[str, str]) -> list[Any]:
-    """/work: an anonymous volume holding the root-owned job (filled with put_archive:
-    no host path shared with the daemon, no chown on the host); the program writes only
-    to tmpfs. Only the LLM socket's folder is a bind mount."""
-    from docker.types import Mount
+def _daemon_info(engine: Engine) -> dict[str, Any]:
+    try:
+        return engine.info()
+    except Exception:
+        return {}  # the create call will say
 
-    mounts = [Mount(target=_C_WORK, source=None, type="volume")]
+
+def _cold_mounts(job: _Job, env: dict[str, str]) -> list[dict[str, Any]]:
+    """/work: an anonymous volume holding the root-owned job (unpacked by the init from
+    the attach stream: no host path shared with the daemon, no chown on the host); the
+    program writes only to tmpfs. Only the LLM socket's folder is a bind mount."""
+    mounts = [volume_mount(_C_WORK)]
     if job.llm_socket is not None:
         # The socket's own (private, per-run) folder, not the socket file: gVisor
         # cannot bind-mount a socket.
         sock = job.llm_socket.resolve()
-        mounts.append(
-            Mount(target=CONTAINER_SOCKET_DIR, source=str(sock.parent), type="bind", read_only=True)
-        )
+        mounts.append(bind_mount(str(sock.parent), CONTAINER_SOCKET_DIR, read_only=True))
         env["MAS2C_LLM_SOCKET"] = f"{CONTAINER_SOCKET_DIR}/{sock.name}"
     return mounts
 
 
-def _warm_box(client: Any, job: _Job, env: dict[str, str], outcome: _Outcome) -> _Box | None:
+def _warm_box(engine: Engine, job: _Job, env: dict[str, str], outcome: _Outcome) -> _Box | None:
     """A warm container from this process's pool or the pool service, if one fits the
     job; its socket folder then gets a hard link to the run's gateway socket."""
     from mas2c.sandbox.pool import claim
 
-    warm = claim(client, job)
+    warm = claim(engine, job)
     if warm is None:
         return None
     outcome.pool = warm.kind
@@ -1342,25 +1407,33 @@ def _warm_box(client: Any, job: _Job, env: dict[str, str], outcome: _Outcome) ->
             os.link(job.llm_socket, warm.sockdir / "llm.sock")
         except OSError as exc:
             outcome.notes.append(f"warm container not used: cannot link the socket ({exc})")
-            _remove_box(client, warm.box, warm.box.name)
+            _remove_box(engine, warm.box, warm.box.name)
             return None
         env["MAS2C_LLM_SOCKET"] = f"{CONTAINER_SOCKET_DIR}/llm.sock"
     box: _Box = warm.box
     return box
 
 
-def _run_in_box(box: _Box, job: _Job, env: Mapping[str, str], outcome: _Outcome) -> None:
+def _run_in_box(
+    box: _Box, job: _Job, env: Mapping[str, str], outcome: _Outcome, engine: Engine
+) -> None:
     """Hand the job to a started container's runner and read its bundle back."""
-    docker = _import_docker()
     outcome.runtime = box.runtime or "default"
     outcome.uid = box.uid
     job_json = _job_json(
         job, pkg=_C_PKG, inp=_C_INPUT, out_dir=_C_OUT, cwd=_C_RUN, env=env, uid=box.uid
     )
+    # The job travels on the attach stream (the init unpacks it into /work as root):
+    # no docker cp, which costs a daemon round trip and a re-exec'd untar.
     with _job_archive(job, job_json) as archive:
-        box.container.put_archive(_C_WORK, archive)
+        archive.seek(0, os.SEEK_END)
+        size = archive.tell()
+        archive.seek(0)
+        box.sock.settimeout(_START_S)
+        box.sock.sendall(b"job %d\n" % size)
+        while chunk := archive.read(1 << 16):
+            box.sock.sendall(chunk)
     t0 = time.monotonic()
-    _send(box, b"go\n")
     bundle = _Bundle(outcome.staging, job.limits.caps())
     tail = bytearray()
     deadline = t0 + _START_S + job.limits.timeout_s + _COPY_S
@@ -1384,12 +1457,12 @@ def _run_in_box(box: _Box, job: _Job, env: Mapping[str, str], outcome: _Outcome)
     if how == "deadline":
         outcome.timed_out = True
         outcome.notes.append("the host-side deadline passed before the sandbox answered")
-        with contextlib.suppress(docker.errors.APIError):
-            box.container.kill()
+        with contextlib.suppress(Exception):
+            engine.kill(box.container)
     _apply_bundle(bundle, outcome)
     _keep_runner_errors(outcome, tail)
     if bundle.header is None:
-        _inspect_end(box, outcome)
+        _inspect_end(engine, box, outcome)
 
 
 def _keep_runner_errors(outcome: _Outcome, tail: bytearray) -> None:
@@ -1399,37 +1472,32 @@ def _keep_runner_errors(outcome: _Outcome, tail: bytearray) -> None:
             f.write(b"\n[mas2c sandbox runner]\n" + bytes(tail))
 
 
-def _inspect_end(box: _Box, outcome: _Outcome) -> None:
+def _inspect_end(engine: Engine, box: _Box, outcome: _Outcome) -> None:
     """No bundle: the container died (OOM-killed init, runtime failure): ask the daemon."""
-    docker = _import_docker()
+    from mas2c.sandbox.engine import NotFound
+
     try:
-        result = box.container.wait(timeout=10)
-        box.container.reload()
-    except docker.errors.NotFound:
+        result = engine.wait(box.container, timeout=10)
+        attrs = engine.inspect(box.container)
+    except NotFound:
         # auto_remove was faster: the daemon's events still say how it ended.
-        _end_from_events(box, outcome)
+        _end_from_events(engine, box, outcome)
         return
     except Exception as exc:
         outcome.notes.append(f"the container did not report: {_short_reason(exc)}")
         return
-    state = box.container.attrs.get("State", {})
+    state = attrs.get("State", {})
     if outcome.exit_code is None:
-        outcome.exit_code = int(result.get("StatusCode", -1))
+        outcome.exit_code = int((result or {}).get("StatusCode", -1))
     if bool(state.get("OOMKilled")) and not outcome.timed_out:
         outcome.oom_killed = True
 
 
-def _end_from_events(box: _Box, outcome: _Outcome) -> None:
+def _end_from_events(engine: Engine, box: _Box, outcome: _Outcome) -> None:
     """How a removed container ended, from the daemon's events (oom, die exitCode)."""
-    client = _docker_client(timeout=10)
     try:
         now = int(time.time()) + 1
-        events = client.events(
-            since=now - 3600,
-            until=now,
-            filters={"container": box.container.id},
-            decode=True,
-        )
+        events = engine.events(since=now - 3600, until=now, filters={"container": box.container})
         for event in events:
             action = str(event.get("Action") or event.get("status") or "")
             attrs = (event.get("Actor") or {}).get("Attributes") or {}
@@ -1440,46 +1508,36 @@ def _end_from_events(box: _Box, outcome: _Outcome) -> None:
                     outcome.exit_code = int(str(attrs.get("exitCode")))
     except Exception as exc:
         outcome.notes.append(f"the container ended before it reported: {_short_reason(exc)}")
-    finally:
-        client.close()
     if outcome.oom_killed:
         outcome.notes.append("the whole sandbox was OOM-killed (the daemon's oom event)")
 
 
-def _remove_box(client: Any, box: _Box | None, name: str) -> None:
+def _remove_box(engine: Engine, box: _Box | None, name: str) -> None:
     """Force-remove the run's container and its anonymous volume (by name if create()
-    itself was interrupted after the daemon made the container)."""
-    docker = _import_docker()
-    if box is not None and box.holder is not None:
-        with contextlib.suppress(Exception):
-            box.holder.close()
-        with contextlib.suppress(Exception):
-            box.sock.close()
+    itself was interrupted after the daemon made the container); returns once the
+    daemon says it is gone."""
+    from mas2c.sandbox.engine import Conflict, NotFound
+
+    if box is not None:
+        _close_stream(box)
+    target = box.container if box is not None else name
     try:
-        target = box.container if box is not None else client.containers.get(name)
-        try:
-            target.remove(force=True, v=True)
-        except docker.errors.APIError as exc:
-            if isinstance(exc, docker.errors.NotFound) or "already in progress" in str(exc):
-                pass  # auto_remove got there first
-            else:
-                raise
+        # NotFound / Conflict: auto_remove got there first (or is at it).
+        with contextlib.suppress(NotFound, Conflict):
+            engine.remove(target, force=True, volumes=True)
         # Gone when this returns (auto_remove may still be at it).
-        target.wait(condition="removed", timeout=30)
-    except docker.errors.NotFound:
+        engine.wait(target, condition="removed", timeout=30)
+    except NotFound:
         pass
     finally:
         if box is not None and box.on_release is not None:
             box.on_release()
 
 
-def _check_runtime_registered(client: Any, runtime: str | None) -> None:
-    if runtime is None:
+def _check_runtime_registered(info: Mapping[str, Any], runtime: str | None) -> None:
+    if runtime is None or not info:
         return
-    try:
-        known = sorted(client.info().get("Runtimes") or {})
-    except Exception:
-        return  # the create call will say
+    known = sorted(info.get("Runtimes") or {})
     if runtime not in known:
         raise SandboxError(
             f"the container runtime {runtime!r} is not registered with dockerd (it has: "
@@ -1488,45 +1546,51 @@ def _check_runtime_registered(client: Any, runtime: str | None) -> None:
         )
 
 
-def _runtime_has_no_network(client: Any, runtime: str | None) -> bool:
+def _runtime_has_no_network(info: Mapping[str, Any], runtime: str | None) -> bool:
     """True if the daemon registered `runtime` with ``--network=none`` (gVisor here)."""
     if runtime is None:
         return False
-    try:
-        info = client.info().get("Runtimes", {}).get(runtime) or {}
-    except Exception:
-        return False
-    args = info.get("runtimeArgs") or info.get("RuntimeArgs") or []
+    found = (info.get("Runtimes") or {}).get(runtime) or {}
+    args = found.get("runtimeArgs") or found.get("RuntimeArgs") or []
     return "--network=none" in args
 
 
 _PENDING: set[threading.Thread] = set()
 
 
-def _remove_later(box: _Box) -> None:
+def _remove_later(box: _Box) -> threading.Thread:
     """Remove a used container in the background (closing its attach stream first, so
-    its init exits at once); :func:`wait_removals` (atexit too) waits for them."""
-    with contextlib.suppress(Exception):
-        box.holder.close()
-        box.sock.close()
+    its init exits at once); :func:`wait_removals` (atexit too) waits for them, and
+    :func:`join_removal` for one."""
+    _close_stream(box)
 
     def remove() -> None:
-        client = _docker_client()
         try:
-            _remove_box(client, box, box.name)
+            _remove_box(_engine(), box, box.name)
         except Exception as exc:
             logger.debug("removing %s failed: %s", box.name, exc)
         finally:
-            client.close()
             _PENDING.discard(thread)
 
     thread = threading.Thread(target=remove, name="mas2c-remove", daemon=True)
     _PENDING.add(thread)
     thread.start()
+    return thread
+
+
+def join_removal(report: SandboxReport, timeout_s: float = 60.0) -> None:
+    """Wait until the container of the run `report` describes is removed."""
+    thread = _REMOVALS.pop(report.run_id, None)
+    if thread is not None:
+        thread.join(timeout_s)
+
+
+#: run id -> the thread removing its container (see run_package, join_removal).
+_REMOVALS: dict[str, threading.Thread] = {}
 
 
 def wait_removals(timeout_s: float = 60.0) -> None:
-    """Wait for the background removals of used warm containers."""
+    """Wait for the background removals of used containers."""
     deadline = time.monotonic() + timeout_s
     for thread in list(_PENDING):
         thread.join(max(0.0, deadline - time.monotonic()))
@@ -1538,43 +1602,47 @@ atexit.register(wait_removals)
 _REAPED = False
 
 
-def _reap_once(client: Any) -> None:
-    """The first docker run of a process removes what earlier (killed) runs left."""
+def _reap_once(engine: Engine) -> None:
+    """The first docker run of a process removes what earlier (killed) runs left, on a
+    thread of its own (off the run's critical path)."""
     global _REAPED
     if _REAPED:
         return
     _REAPED = True
-    with contextlib.suppress(Exception):
-        reap(client)
-    with contextlib.suppress(Exception):
-        reap_private_dirs()
+
+    def sweep() -> None:
+        with contextlib.suppress(Exception):
+            reap(engine)
+        with contextlib.suppress(Exception):
+            reap_private_dirs()
+        _PENDING.discard(thread)
+
+    thread = threading.Thread(target=sweep, name="mas2c-reap", daemon=True)
+    _PENDING.add(thread)
+    thread.start()
 
 
-def reap(client: Any = None, *, stopped_min_age_s: float = 60.0) -> int:
+def reap(engine: Engine | None = None, *, stopped_min_age_s: float = 60.0) -> int:
     """Remove mas2c containers past their deadline label (running or not), and stopped
     ones older than `stopped_min_age_s`. Returns how many were removed."""
-    docker = _import_docker()
-    own = client is None
-    client = client or _docker_client()
-    try:
-        removed = 0
-        now = time.time()
-        for c in client.api.containers(all=True, filters={"label": LABEL}):
-            labels = c.get("Labels") or {}
-            try:
-                deadline = float(labels.get(DEADLINE_LABEL, "inf"))
-            except ValueError:
-                deadline = math.inf
-            running = c.get("State") == "running"
-            old = now - float(c.get("Created", now)) >= stopped_min_age_s
-            if deadline < now or (not running and old):
-                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-                    client.api.remove_container(c["Id"], force=True, v=True)
-                    removed += 1
-        return removed
-    finally:
-        if own:
-            client.close()
+    from mas2c.sandbox.engine import EngineError
+
+    engine = engine or _engine()
+    removed = 0
+    now = time.time()
+    for c in engine.containers(all=True, filters={"label": LABEL}):
+        labels = c.get("Labels") or {}
+        try:
+            deadline = float(labels.get(DEADLINE_LABEL, "inf"))
+        except ValueError:
+            deadline = math.inf
+        running = c.get("State") == "running"
+        old = now - float(c.get("Created", now)) >= stopped_min_age_s
+        if deadline < now or (not running and old):
+            with contextlib.suppress(EngineError):
+                engine.remove(c["Id"], force=True, volumes=True)
+                removed += 1
+    return removed
 
 
 # -------------------------------------------------------------- unisolated backend
@@ -2169,32 +2237,31 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
         "pool_service": None,
     }
     try:
-        client = _docker_client(timeout=10)
+        engine = _engine(timeout=10)
     except SandboxError as exc:
         out["daemon"]["error"] = str(exc)
         return out
     try:
-        version = client.version()
+        version = engine.version()
         out["daemon"].update(
             reachable=True, version=version.get("Version"), api_version=version.get("ApiVersion")
         )
-        info = client.info()
+        info = engine.info()
         out["runtimes"] = sorted(info.get("Runtimes") or {})
         out["default_runtime"] = info.get("DefaultRuntime")
         try:
-            img = _require_image(client, image)
+            img = _require_image(engine, image)
             out["image"].update(
                 present=True,
-                id=img.id,
-                created=img.attrs.get("Created"),
-                labels=img.labels or {},
-                size_mb=round(img.attrs.get("Size", 0) / _MIB, 1),
+                id=img.get("Id"),
+                created=img.get("Created"),
+                labels=(img.get("Config") or {}).get("Labels") or {},
+                size_mb=round((img.get("Size") or 0) / _MIB, 1),
             )
         except SandboxError as exc:
             out["image"]["error"] = str(exc)
         out["backends"]["docker"] = out["image"]["present"]
-        # The low-level call: containers.list() inspects each one, racing removals.
-        left = client.api.containers(all=True, filters={"label": LABEL})
+        left = engine.containers(all=True, filters={"label": LABEL})
         out["leftover_containers"] = len(left)
         from mas2c.sandbox.pool import service_state
 
@@ -2203,8 +2270,6 @@ def status(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
             out["pool_service"] = {"pid": state["pid"], "size": state["size"]}
     except Exception as exc:
         out["daemon"]["error"] = _short_reason(exc)
-    finally:
-        client.close()
     return out
 
 

@@ -127,8 +127,6 @@ def _template_job(spec: PoolSpec) -> Any:
 
 
 def _start_warm(client: Any, spec: PoolSpec, kind: str, *, attach: bool) -> _Slot:
-    from docker.types import Mount
-
     folder = LockedDir("pool", mode=0o711, parent=_SOCKET_PARENT)
     try:
         idle_until = time.time() + spec.idle_s
@@ -136,13 +134,8 @@ def _start_warm(client: Any, spec: PoolSpec, kind: str, *, attach: bool) -> _Slo
             path=sandbox._C_PATH, home="/tmp", pythonpath=sandbox._C_PKG, extra={}
         )
         mounts = [
-            Mount(target=sandbox._C_WORK, source=None, type="volume"),
-            Mount(
-                target=sandbox.CONTAINER_SOCKET_DIR,
-                source=str(folder.path),
-                type="bind",
-                read_only=True,
-            ),
+            sandbox.volume_mount(sandbox._C_WORK),
+            sandbox.bind_mount(str(folder.path), sandbox.CONTAINER_SOCKET_DIR, read_only=True),
         ]
         labels = {
             POOL_LABEL: kind,
@@ -296,58 +289,54 @@ class Pool:
         for thread in self._threads:
             thread.join(timeout=60)
         if slots:
-            client = sandbox._docker_client()
-            try:
-                for slot in slots:
-                    _discard(client, slot)
-            finally:
-                client.close()
+            client = sandbox._engine()
+            for slot in slots:
+                _discard(client, slot)
         sandbox.wait_removals()
 
     def _discard_quietly(self, slot: _Slot) -> None:
         with contextlib.suppress(Exception):
-            client = sandbox._docker_client()
-            try:
-                _discard(client, slot)
-            finally:
-                client.close()
+            _discard(sandbox._engine(), slot)
 
     def _refill(self) -> None:
-        client = sandbox._docker_client()
+        from mas2c.sandbox.engine import Engine
+
         try:
-            while True:
-                with self._lock:
-                    while not self._closed and len(self._ready) + self._starting >= self.size:
-                        self._lock.wait(timeout=5.0)
-                        self._evict_expired_locked(client)
-                    if self._closed:
-                        return
-                    self._starting += 1
-                try:
-                    slot = _start_warm(client, self.spec, "inproc", attach=True)
-                except Exception as exc:  # daemon down, image missing: cold runs report it
-                    self.errors.append(sandbox._short_reason(exc))
-                    with self._lock:
-                        self._starting -= 1
-                        self._lock.notify_all()  # a waiting run goes cold now
-                        self._lock.wait(timeout=5.0)
-                    continue
-                except BaseException:
-                    with self._lock:
-                        self._starting -= 1
-                        self._lock.notify_all()
-                    raise
+            client = Engine()  # connects per call: a daemon down fails _start_warm below
+        except OSError as exc:  # an unsupported DOCKER_HOST: cold runs report it
+            self.errors.append(sandbox._short_reason(exc))
+            return
+        while True:
+            with self._lock:
+                while not self._closed and len(self._ready) + self._starting >= self.size:
+                    self._lock.wait(timeout=5.0)
+                    self._evict_expired_locked(client)
+                if self._closed:
+                    return
+                self._starting += 1
+            try:
+                slot = _start_warm(client, self.spec, "inproc", attach=True)
+            except Exception as exc:  # daemon down, image missing: cold runs report it
+                self.errors.append(sandbox._short_reason(exc))
                 with self._lock:
                     self._starting -= 1
-                    if self._closed:
-                        self._lock.notify_all()
-                        _discard(client, slot)
-                        return
-                    self.started += 1
-                    self._ready.append(slot)
+                    self._lock.notify_all()  # a waiting run goes cold now
+                    self._lock.wait(timeout=5.0)
+                continue
+            except BaseException:
+                with self._lock:
+                    self._starting -= 1
                     self._lock.notify_all()
-        finally:
-            client.close()
+                raise
+            with self._lock:
+                self._starting -= 1
+                if self._closed:
+                    self._lock.notify_all()
+                    _discard(client, slot)
+                    return
+                self.started += 1
+                self._ready.append(slot)
+                self._lock.notify_all()
 
     def _evict_expired_locked(self, client: Any) -> None:
         now = time.time()
@@ -375,9 +364,10 @@ def _claim_from_service(client: Any, job: Any) -> Warm | None:
     if state is None or not PoolSpec(**_spec_args(state["spec"])).fits(job):
         return None
     key = state["key"]
-    docker = sandbox._import_docker()
+    from mas2c.sandbox.engine import EngineError
+
     now = time.time()
-    found = client.api.containers(
+    found = client.containers(
         filters={"label": [f"{POOL_LABEL}=service", f"{KEY_LABEL}={key}"], "status": "running"}
     )
     for c in sorted(found, key=lambda c: c.get("Created", 0)):
@@ -390,18 +380,17 @@ def _claim_from_service(client: Any, job: Any) -> Warm | None:
         if not name.startswith(SERVICE_PREFIX) or idle_until - now <= _MARGIN_S:
             continue
         try:  # the atomic claim: only one renamer wins
-            client.api.rename(c["Id"], f"mas2c-{job.run_id}")
-        except docker.errors.APIError:
+            client.rename(c["Id"], f"mas2c-{job.run_id}")
+        except EngineError:
             continue
         sockdir = Path(labels.get(SOCKDIR_LABEL, ""))
         if not sockdir.is_dir() or not str(sockdir).startswith(_SOCKET_PARENT + "/mas2c-pool-"):
-            with contextlib.suppress(docker.errors.APIError):
-                client.api.remove_container(c["Id"], force=True, v=True)
+            with contextlib.suppress(EngineError):
+                client.remove(c["Id"], force=True, volumes=True)
             continue
         user_lock = _hold(sockdir / ".user")  # the service may die while we use it
-        container = client.containers.get(c["Id"])
         box = sandbox._Box(
-            container,
+            c["Id"],
             f"mas2c-{job.run_id}",
             job.runtime,
             sandbox.program_uid("docker"),
@@ -454,7 +443,7 @@ def serve(spec: PoolSpec, size: int) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    client = sandbox._docker_client()
+    client = sandbox._engine()
     folders: dict[str, LockedDir] = {}
     state = {
         "pid": os.getpid(),
@@ -482,12 +471,12 @@ def serve(spec: PoolSpec, size: int) -> int:
             for name, idle_until in list(mine.items()):
                 if idle_until - now <= _MARGIN_S:  # about to end itself: replace it
                     with contextlib.suppress(Exception):
-                        client.api.remove_container(name, force=True, v=True)
+                        client.remove(name, force=True, volumes=True)
                     mine.pop(name)
             if len(mine) < size:
                 try:
                     slot = _start_warm(client, spec, "service", attach=False)
-                    folders[slot.box.container.id] = slot.folder
+                    folders[slot.box.container] = slot.folder
                     continue
                 except Exception as exc:
                     print(f"mas2c pool: {sandbox._short_reason(exc)}", file=sys.stderr, flush=True)
@@ -498,10 +487,9 @@ def serve(spec: PoolSpec, size: int) -> int:
                 path.unlink()
         for name in _service_containers(client, spec.key())[1]:
             with contextlib.suppress(Exception):
-                client.api.remove_container(name, force=True, v=True)
+                client.remove(name, force=True, volumes=True)
         for folder in folders.values():
             folder.close()
-        client.close()
     return 0
 
 
@@ -510,7 +498,7 @@ def _service_containers(client: Any, key: str) -> tuple[set[str], dict[str, floa
     deadline)."""
     existing: set[str] = set()
     unclaimed: dict[str, float] = {}
-    found = client.api.containers(
+    found = client.containers(
         all=True, filters={"label": [f"{POOL_LABEL}=service", f"{KEY_LABEL}={key}"]}
     )
     for c in found:
@@ -563,11 +551,7 @@ def service_status() -> dict[str, Any]:
     if state is None:
         return out
     out.update(pid=state["pid"], size=state["size"], spec=state["spec"], key=state["key"])
-    client = sandbox._docker_client(timeout=10)
-    try:
-        out["idle"] = len(_service_containers(client, state["key"])[1])
-    finally:
-        client.close()
+    out["idle"] = len(_service_containers(sandbox._engine(timeout=10), state["key"])[1])
     return out
 
 

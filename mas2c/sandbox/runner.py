@@ -9,7 +9,10 @@ stream, or pipes of the unisolated backend):
 
 1. It starts, imports the runtime's dependencies (``openai``, ``httpx``) so that a
    program forked from it starts warm, says ``MAS2C-READY`` (init mode), then waits at most ``idle_s`` for the line
-   ``go`` on stdin (EOF or the idle deadline: it exits; nothing ran).
+   ``go`` on stdin (the job is already in place: the unisolated backend) or ``job N``
+   followed by N bytes of tar (the container: the package, the input and job.json,
+   unpacked by this process, as root, into the job folder: regular files and folders
+   only, no absolute or ``..`` names). EOF or the idle deadline: it exits; nothing ran.
 2. It reads ``job.json`` (module, arguments, environment, cwd, timeout, caps), forks
    the program (``runpy`` in the fork: the imports are already done) with stdout and
    stderr on pipes that it drains into memory, keeping the first ``cap`` bytes each.
@@ -124,6 +127,85 @@ class Stdin:
             self.buf = (self.buf + chunk)[-4096:]
         line, _, self.buf = self.buf.partition(b"\n")
         return line.strip()
+
+    def read(self, n: int, deadline: float) -> bytes:
+        """Up to `n` bytes (what is buffered first); b"" at EOF or past `deadline`."""
+        if self.buf:
+            data, self.buf = self.buf[:n], self.buf[n:]
+            return data
+        while not self.closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return b""
+            ready, _, _ = select.select([0], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            try:
+                chunk = os.read(0, min(n, CHUNK))
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.closed = True
+            return chunk
+        return b""
+
+
+class JobBody:
+    """Exactly `n` bytes of stdin as a file object (for tarfile's stream mode)."""
+
+    def __init__(self, stdin: Stdin, n: int, deadline: float) -> None:
+        self.stdin = stdin
+        self.left = n
+        self.deadline = deadline
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        want = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.stdin.read(want, self.deadline)
+        if not data:
+            raise OSError("the job ended early")
+        self.left -= len(data)
+        return data
+
+
+def unpack_job(body: JobBody, root: str) -> None:
+    """Unpack the host's job tar into `root`: folders and regular files only, owned by
+    this process (root in the container), never through a symlink or outside `root`."""
+    import tarfile
+
+    with tarfile.open(fileobj=body, mode="r|") as tf:  # type: ignore[call-overload]
+        for member in tf:
+            parts = member.name.split("/")
+            if member.name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+                raise OSError(f"bad name in the job: {member.name!r}")
+            path = os.path.join(root, *parts)
+            mode = member.mode & 0o755
+            if member.isdir():
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(path, mode)
+                os.chmod(path, mode, follow_symlinks=False)
+            elif member.isreg():
+                src = tf.extractfile(member)
+                assert src is not None
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+                try:
+                    while True:
+                        chunk = src.read(CHUNK)
+                        if not chunk:
+                            break
+                        write_fd(fd, chunk)
+                finally:
+                    os.close(fd)
+    while body.read(CHUNK):  # the tar's end padding
+        pass
+
+
+def write_fd(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 class Capture(threading.Thread):
@@ -478,7 +560,18 @@ def main() -> None:
         with contextlib.suppress(OSError):
             write_all(READY_LINE)
     stdin = Stdin()
-    if stdin.line(t_start + idle_s) != b"go":
+    first = stdin.line(t_start + idle_s)
+    if first is not None and first.startswith(b"job ") and mode == "init":
+        try:  # the job comes over stdin: no docker cp (a daemon round trip and an untar)
+            size = int(first[4:])
+            root = os.path.dirname(os.path.dirname(job_path))  # <root>/job/job.json
+            unpack_job(JobBody(stdin, size, time.monotonic() + 120.0), root)
+        except Exception:
+            import traceback
+
+            os.write(2, traceback.format_exc().encode(errors="replace"))
+            os._exit(4)
+    elif first != b"go":
         os._exit(0)
     # The whole container's lifetime is capped here, whatever happens below.
     life = threading.Timer(max_job_s + GRACE_S, os._exit, args=(3,))

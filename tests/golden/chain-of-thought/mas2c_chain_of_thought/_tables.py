@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="9a9dbf206775895f60c174bff943f46b725564c289c4da8de2a895fd096777a9",
+        code_sha="ac17c9c9c0a13737f7c4ee293bc57b1a52fe9e4937de53dc2b6ed658b6b22f37",
         reads=["question"],
     ),
 )

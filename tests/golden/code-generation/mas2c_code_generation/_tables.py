@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="a9a1999ad14d03890fc45e546dcab434029a3a721dd081a981a85b25b184af0f",
+        code_sha="cc52e1483f3b968ede8ae5dc20098037b3a83304068608490aa9429f4e1e464c",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="8df24f7bd49359d15f76a4f382ddf17783efb188cceee84eddfceec9b358ac52",
+        code_sha="beb597527e60ae89d597e129bf15373fb4be91ed2d527ec025a15937f0698e9f",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="55891ae11392e2e06999ed99dd5711ea9ef82dd81e84adb2796d86ff1bfb4453",
+        code_sha="03561ad20caa54f4bb4feaf1b097167cb740761d903b0de8c7b0667e40b4204e",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -52,9 +52,9 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 26, 42, "/workflow/0"),
     ("workflow.py", 45, 52, "/workflow/1"),
     ("workflow.py", 55, 64, "/workflow/2"),
-    ("workflow.py", 67, 81, "/workflow/2/cases/0/steps/0"),
-    ("workflow.py", 84, 112, "/workflow/2/cases/0/steps/0/steps/0"),
-    ("workflow.py", 115, 122, "/workflow/2/cases/0/steps/0/steps/1"),
+    ("workflow.py", 67, 82, "/workflow/2/cases/0/steps/0"),
+    ("workflow.py", 85, 113, "/workflow/2/cases/0/steps/0/steps/0"),
+    ("workflow.py", 116, 123, "/workflow/2/cases/0/steps/0/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

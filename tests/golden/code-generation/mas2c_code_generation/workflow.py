@@ -69,14 +69,15 @@ class Workflow:
         async with self.run.step("repair_loop", "/workflow/2/cases/0/steps/0"):
             state = self.state
             for _iteration in range(3):
-                await self.step_repair()
-                await self.step_rerun_tests()
-                if self.run.holds(
-                    lambda: field(state["result"], "passed"),
-                    "/workflow/2/cases/0/steps/0/until",
-                    "repair_loop",
-                ):
-                    break
+                with self.run.iteration(_iteration + 1):
+                    await self.step_repair()
+                    await self.step_rerun_tests()
+                    if self.run.holds(
+                        lambda: field(state["result"], "passed"),
+                        "/workflow/2/cases/0/steps/0/until",
+                        "repair_loop",
+                    ):
+                        break
             else:
                 self.run.loop_exhausted("repair_loop", "/workflow/2/cases/0/steps/0", 3)
 

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="9486f42175f22d16ca5deee12a56da9e806b46c42e5c39193f1ff08c04ebd2a3",
+        code_sha="d2b932690fefdb86324fae6e9dc8a375d3634124b040de4dbc6921d6a8764e11",
         reads=["question"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="020cef0030156d32bdf87dcdaf65d416f1d023c8f61c1b5ffae846eb11a30786",
+        code_sha="b876658d3defdbe6e9c23742ce1557ccd6224aafa8b6bf1e242faaf9e03435d6",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="c327a364da6c55f40e970b627e9220699a66fbb0a7fedcb4993133663645065e",
+        code_sha="737e33e7e24ed61657801cd20d25ad75afa2bab96ac78357ecb5635bbf2f5ee3",
         reads=["focus", "summaries"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="b9d23302f0dac21cd304b8cb270d85d530d414e47b110dd4d4fcdd4afe2f669a",
+        code_sha="64858b976c1563dc2c5d11f40f24a9d80553393e977edea96a9925fc76ef52de",
         reads=["problem"],
     ),
 )

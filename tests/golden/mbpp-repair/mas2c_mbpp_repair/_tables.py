@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="3e5a83594d881afe06e17a984e15a1400d55c5eb84d0605cdd2a63d7dc3c2dbf",
+        code_sha="b0fe4c67dc8819e669c986a6dc255a2bc8eb1e455388b859950f7de182053bc9",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="f591df04e21de2d1265cdbf99393d47ca15649ab28cb0ca4fc2a101f060c0215",
+        code_sha="75d0a2c8c5b8af5bde2f1aed479bd42c6c0b0d0c3e20db129bef9a0fd509e998",
         reads=["result", "task", "test_list"],
     ),
 )
@@ -42,12 +42,12 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 23, 25, "/workflow"),
     ("workflow.py", 28, 35, "/workflow/0"),
     ("workflow.py", 38, 47, "/workflow/1"),
-    ("workflow.py", 50, 63, "/workflow/1/cases/0/steps/0"),
-    ("workflow.py", 66, 78, "/workflow/1/cases/0/steps/0/steps/0"),
-    ("workflow.py", 82, 137, "/flows/write_and_test"),
-    ("workflow.py", 107, 109, "/flows/write_and_test/steps"),
-    ("workflow.py", 112, 129, "/flows/write_and_test/steps/0"),
-    ("workflow.py", 132, 137, "/flows/write_and_test/steps/1"),
+    ("workflow.py", 50, 64, "/workflow/1/cases/0/steps/0"),
+    ("workflow.py", 67, 79, "/workflow/1/cases/0/steps/0/steps/0"),
+    ("workflow.py", 83, 138, "/flows/write_and_test"),
+    ("workflow.py", 108, 110, "/flows/write_and_test/steps"),
+    ("workflow.py", 113, 130, "/flows/write_and_test/steps/0"),
+    ("workflow.py", 133, 138, "/flows/write_and_test/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

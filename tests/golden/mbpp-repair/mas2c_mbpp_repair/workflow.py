@@ -52,13 +52,14 @@ class Workflow:
         async with self.run.step("repair_loop", "/workflow/1/cases/0/steps/0"):
             state = self.state
             for _iteration in range(2):
-                await self.step_repair()
-                if self.run.holds(
-                    lambda: field(state["result"], "passed"),
-                    "/workflow/1/cases/0/steps/0/until",
-                    "repair_loop",
-                ):
-                    break
+                with self.run.iteration(_iteration + 1):
+                    await self.step_repair()
+                    if self.run.holds(
+                        lambda: field(state["result"], "passed"),
+                        "/workflow/1/cases/0/steps/0/until",
+                        "repair_loop",
+                    ):
+                        break
             else:
                 self.run.loop_exhausted("repair_loop", "/workflow/1/cases/0/steps/0", 2)
 

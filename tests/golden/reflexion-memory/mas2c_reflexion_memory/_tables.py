@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="e3287591519a3df1486a0e34bb4c99e877373cd4c78a25dd6042cd2d8f3120ef",
+        code_sha="f3f0be429c82fd01aafe096a92db2b0b0130dab6dc56c89e89c4b086fd0bbcf3",
         reads=["draft", "memory", "review", "task"],
     ),
 )
@@ -38,11 +38,11 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 18, 25, "/state"),
     ("workflow.py", 20, 24, "/state/memory"),
     ("workflow.py", 32, 33, "/workflow"),
-    ("workflow.py", 36, 51, "/workflow/0"),
-    ("workflow.py", 54, 65, "/workflow/0/steps/0"),
-    ("workflow.py", 68, 73, "/workflow/0/steps/1"),
-    ("workflow.py", 76, 85, "/workflow/0/steps/2"),
-    ("workflow.py", 88, 101, "/workflow/0/steps/2/cases/0/steps/0"),
+    ("workflow.py", 36, 52, "/workflow/0"),
+    ("workflow.py", 55, 66, "/workflow/0/steps/0"),
+    ("workflow.py", 69, 74, "/workflow/0/steps/1"),
+    ("workflow.py", 77, 86, "/workflow/0/steps/2"),
+    ("workflow.py", 89, 102, "/workflow/0/steps/2/cases/0/steps/0"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -38,15 +38,16 @@ class Workflow:
         async with self.run.step("attempts", "/workflow/0"):
             state = self.state
             for _iteration in range(3):
-                await self.step_write()
-                await self.step_review()
-                await self.step_learn()
-                if self.run.holds(
-                    lambda: field(state["review"], "passed"),
-                    "/workflow/0/until",
-                    "attempts",
-                ):
-                    break
+                with self.run.iteration(_iteration + 1):
+                    await self.step_write()
+                    await self.step_review()
+                    await self.step_learn()
+                    if self.run.holds(
+                        lambda: field(state["review"], "passed"),
+                        "/workflow/0/until",
+                        "attempts",
+                    ):
+                        break
             else:
                 self.run.loop_exhausted("attempts", "/workflow/0", 3)
 

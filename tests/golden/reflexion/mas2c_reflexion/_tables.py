@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="7398357c78a41eb00953730f4bf731af52daa5d40e92ea9902ecf7f601388d34",
+        code_sha="f8500b9bad192b4c6623e17edbb56ffd56eef73a120231f7512964d7cc0ea783",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="5477fd3e3d3ef57a33c62f90769c484a9552c57983d7b043a37ebe24e15de57e",
+        code_sha="4a8390d3b2a78451d9e451da268cde368663b8967e4254e8a81b94a3af323d80",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="30c51bf7947e39037e7a6f9c1000429473e6f9b81914ca838fedc6531b999b08",
+        code_sha="8e31a4485c3439ec79d68ef518dc6322aea63dff82a5bae828e1bf826fa6f399",
         reads=["draft", "review", "task"],
     ),
 )
@@ -52,9 +52,9 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 26, 31, "/workflow/0"),
     ("workflow.py", 34, 40, "/workflow/1"),
     ("workflow.py", 43, 52, "/workflow/2"),
-    ("workflow.py", 55, 69, "/workflow/2/cases/0/steps/0"),
-    ("workflow.py", 72, 89, "/workflow/2/cases/0/steps/0/steps/0"),
-    ("workflow.py", 92, 98, "/workflow/2/cases/0/steps/0/steps/1"),
+    ("workflow.py", 55, 70, "/workflow/2/cases/0/steps/0"),
+    ("workflow.py", 73, 90, "/workflow/2/cases/0/steps/0/steps/0"),
+    ("workflow.py", 93, 99, "/workflow/2/cases/0/steps/0/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

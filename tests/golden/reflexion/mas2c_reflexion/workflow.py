@@ -57,14 +57,15 @@ class Workflow:
         async with self.run.step("reflect", "/workflow/2/cases/0/steps/0"):
             state = self.state
             for _iteration in range(3):
-                await self.step_revise()
-                await self.step_review_again()
-                if self.run.holds(
-                    lambda: field(state["review"], "passed"),
-                    "/workflow/2/cases/0/steps/0/until",
-                    "reflect",
-                ):
-                    break
+                with self.run.iteration(_iteration + 1):
+                    await self.step_revise()
+                    await self.step_review_again()
+                    if self.run.holds(
+                        lambda: field(state["review"], "passed"),
+                        "/workflow/2/cases/0/steps/0/until",
+                        "reflect",
+                    ):
+                        break
             else:
                 self.run.loop_exhausted("reflect", "/workflow/2/cases/0/steps/0", 3)
 

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="87121f3adf12b73f2204a82cebb386ac1d35176d0ea63e2775997f54034623e1",
+        code_sha="00dd7777cfb2579d488014b925d32b2fe2ff55510f2d265b8b5fdde9ce565d7e",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="0c66457091760d71813395de64cd1d9e5aa89e1fbaf15e3777e4664d9f487315",
+        code_sha="fec732385e3e0b97ddfb4aa3d19e1bdf8801894dfbcd0c1906934e724f029d24",
         reads=["error", "route", "ticket"],
     ),
 )

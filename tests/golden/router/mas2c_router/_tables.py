@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="6e7f5592b5f8ca42337bd2fae3e692b998728af79c1ed5adb1379ade08ea46f7",
+        code_sha="471e4fea1ad66c609b09c00ce9dd89b8069e3317ec6835ae52f7ef78d3f99d67",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="c06cdbc24f3c5c7cbc80991503d7b6e9c56978dd8aeb31b777e3f08f8cda6c4a",
+        code_sha="af9c1bfa2b93c6637506b4599029f1e2247de0ac24816c546135109db6b950ca",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="ed846dcbe5c85c949e16036908f44eeb90886b647fe8407f6ac697a9b7204cdd",
+        code_sha="3ef16d412bd856e7e75f0c82099f12f9014f5ba4f0273375712642d1a5316a2c",
         reads=["question"],
     ),
 )
