@@ -478,6 +478,32 @@ def test_validate_json_is_one_document_for_one_file_and_for_two() -> None:
     assert len(document(one)["reports"]) == 1 and len(document(two)["reports"]) == 2
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_prints_one_json_document(tmp_path: Path, sig: str) -> None:
+    """Ctrl-C (or a SIGTERM) during a run: exit 130, one `interrupted` document on stdout."""
+    import signal
+    import time
+
+    write_json(tmp_path / "in.json", QUESTION)
+    with LLMTestServer(latency_s=60) as slow:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mas2c.cli", "run", str(COT), "--input", "in.json",
+             "--sandbox", "unisolated", "--llm", slow.base_url, "--run-dir", "r", "--json"],
+            cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not slow.requests and time.monotonic() < deadline:  # the program is waiting
+            time.sleep(0.1)
+        assert slow.requests, "the run never reached the LLM"
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    data = json.loads(out)
+    assert data["ok"] is False and data["error"]["code"] == "interrupted"
+    assert "Traceback" not in err and "interrupted" in err
+
+
 def test_a_dead_endpoint_is_named_once_in_solves_one_error(tmp_path: Path) -> None:
     """The meta-agents' gateway is an implementation detail: the error names the endpoint
     (without its credentials), not the gateway's internal URL."""
