@@ -105,13 +105,13 @@ def write_tree_atomic(
     target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    old: Path | None = None
     try:
         os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a build folder follows the umask
         for relative, data in files.items():
             destination = staging / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
             _write_new(destination, data)
-        old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -123,6 +123,8 @@ def write_tree_atomic(
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)  # stopped between the two renames: the old tree comes back
         raise
 
 

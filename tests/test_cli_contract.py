@@ -225,6 +225,32 @@ def test_writing_to_a_device_leaves_the_device(tmp_path: Path) -> None:
         assert stat.S_ISCHR(os.stat(null).st_mode)
 
 
+def test_a_swap_stopped_between_its_renames_puts_the_earlier_build_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after the earlier build moved aside but before the new one moved in: the
+    earlier build is put back (it was left as a hidden .DIR.old-PID, the folder gone)."""
+    from mas2c import files
+
+    out = _built(tmp_path, COT, "build")
+    before = tree(out)
+    real = os.replace
+    calls: list[str] = []
+
+    def interrupted_second_rename(src: Any, dst: Any) -> None:
+        calls.append(str(src))
+        if len(calls) == 2:  # staging -> target
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", interrupted_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_tree_atomic(out, {"x.txt": b"new"})
+    monkeypatch.undo()
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # nothing hidden left
+
+
 def test_build_folder_modes_follow_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
