@@ -1699,7 +1699,8 @@ class Gateway:
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, mode=0o700)
         sock = self._listen(path)
-        if self.record_path is not None:  # its folder must exist: none is created
+        if self.record_path is not None:  # (the CLI refuses a --record in a missing folder)
+            self.record_path.parent.mkdir(parents=True, exist_ok=True)
             self._record_file = self.record_path.open("a", encoding="utf-8")
         self._http = _AsyncHttp(self, sock)
         try:
