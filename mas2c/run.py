@@ -453,6 +453,19 @@ def run_system(
     )
 
 
+def spec_on_engine(spec: Spec, upstream: Any) -> Spec:
+    """`spec` as it runs on `upstream` (`on_engine`'s rule, for callers that compile a spec
+    themselves: rectify's rounds), unchanged unless `upstream` is the embedded engine."""
+    model_id = getattr(upstream, "serves_as", None)
+    if not isinstance(model_id, str):
+        return spec
+    from mas2c.embedded import bind_models
+
+    data = spec.to_data()
+    bound = bind_models(data, model_id, str(upstream.describe()))
+    return spec if bound == data else type(spec).model_validate(bound)
+
+
 def on_engine(system: Target, upstream: Any, on_warning: Callable[[str], None] | None) -> Target:
     """The system as it runs on `upstream`: on the embedded engine (an upstream with
     ``serves_as``, its model's own name) every model of the spec's pool is bound to that

@@ -334,3 +334,30 @@ def test_run_binds_a_specs_models_to_the_embedded_model(
     assert proc.returncode == 0, proc.stderr
     _names_only_the_embedded_model(tmp_path / "run2", upstream.model_id)
     assert "gpt-4o-mini" in (tmp_path / "build" / "MANIFEST.json").read_text()  # untouched
+
+
+def test_rectify_rounds_run_bound_to_the_embedded_model(
+    upstream: EmbeddedUpstream, tmp_path: Path
+) -> None:
+    """rectify on the embedded engine, from the user's spec naming gpt-4o-mini: each round's
+    build is compiled bound (the build that ran, its checkpoints where the runtime looks),
+    while the round's spec text stays the user's with only the fix in it."""
+    from mas2c.rectify import rectify
+    from mas2c.run import run_system
+
+    fault = Path(__file__).parent / "faults" / "missing-import-re"
+    text = (fault / "spec.yaml").read_text().replace("model: test-model", "model: gpt-4o-mini")
+    spec = tmp_path / "system.yaml"
+    spec.write_text(text)
+    kwargs: dict[str, Any] = {"backend": "unisolated", "upstream": upstream}
+    run = run_system(spec, fault / "input.json", tmp_path / "run", **kwargs)
+    assert run.status != "ok"
+    outcome = rectify(tmp_path / "run", spec_path=spec, **kwargs)
+    assert outcome.status == "fixed", outcome.stop_reason
+    round_ = outcome.rounds[-1].folder
+    manifest = json.loads((round_ / "build" / "MANIFEST.json").read_text())
+    assert {m["model"] for m in manifest["spec"]["models"].values()} == {upstream.model_id}
+    assert not (round_ / "run" / "build").exists()  # it ran the round's build as it was
+    assert "gpt-4o-mini" in (round_ / "spec.yaml").read_text()  # the user's text, fixed
+    usage = json.loads((round_ / "run" / "usage.json").read_text())
+    assert set(usage["by_model"]) <= {upstream.model_id}

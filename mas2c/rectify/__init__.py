@@ -78,7 +78,7 @@ from mas2c.lang.spec import (
     static_calls,
 )
 from mas2c.llm import LLMError
-from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
+from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system, spec_on_engine
 from mas2c.runfolder import (
     LIMITS,
     Checkpoint,
@@ -1782,7 +1782,8 @@ def _loop(
             break
         folder = out_dir / f"round-{number}"
         folder.mkdir(parents=True)
-        build = compile_spec(spec)
+        # the build as it ran: on the embedded engine its models are bound to it (mas2c.run)
+        build = compile_spec(spec_on_engine(spec, run_kwargs["upstream"]))
         locus = locate(failure, spec, build)
         round_ = Round(number, folder, failure, locus)
         outcome.rounds.append(round_)
@@ -1834,7 +1835,7 @@ def _loop(
             break
         seen.add(digest)
         build_dir = folder / "build"
-        compile_spec(fix.spec).write(build_dir)
+        compile_spec(spec_on_engine(fix.spec, run_kwargs["upstream"])).write(build_dir)
         if resume and fix.resume:
             offered = harvest_checkpoints(records)
             round_.checkpoints_offered = len(offered)
