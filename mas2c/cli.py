@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -97,6 +98,28 @@ def _renamed(flag: str, old: dict[str, str]) -> Callable[[str], str]:
 _SANDBOX_FLAG = _renamed("--sandbox", {"local": "unisolated"})
 _ENGINE_FLAG = _renamed("--engine", {"local": "threads"})
 _LLM_FLAG = _renamed("--llm", {"local": "embedded"})
+
+
+def _positive(text: str) -> float:
+    """A flag's positive, finite number (seconds, dollars): `nan`, `inf`, 0 and less refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A flag's count: an integer, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+    return value
 
 
 def _progress(message: str) -> None:
@@ -497,6 +520,29 @@ def _top_level_steps(target: Path) -> int | None:
     return len(workflow) if isinstance(workflow, list) else None
 
 
+_MAX_RUN_WARNINGS = 20
+
+
+def run_warnings(result: Any) -> list[str]:
+    """One line per entry of a result's ``warnings`` (a loop that ran out of iterations, a
+    map cut at max_items): shown on stderr, so an `ok` that is not the whole story says so.
+    The result comes from the sandbox: only string messages, each cut, at most 20 lines."""
+    entries = result.get("warnings") if isinstance(result, dict) else None
+    if not isinstance(entries, list):
+        return []
+    lines = []
+    for entry in entries:
+        message = entry.get("message") if isinstance(entry, dict) else None
+        pointer = entry.get("pointer") if isinstance(entry, dict) else None
+        if isinstance(message, str):
+            where = f" (at {pointer[:200]})" if isinstance(pointer, str) and pointer else ""
+            lines.append(message[:500] + where)
+    if len(lines) > _MAX_RUN_WARNINGS:
+        more = len(lines) - _MAX_RUN_WARNINGS
+        lines = [*lines[:_MAX_RUN_WARNINGS], f"... and {more} more in result.json"]
+    return lines
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from mas2c.run import run_system
 
@@ -531,6 +577,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         error = outcome.result.get("error") or {}
         where = f" at {error['spec_pointer']}" if error.get("spec_pointer") else ""
         _say(f"{error.get('type', 'Error')}{where}: {error.get('message', '')}")
+    for line in run_warnings(outcome.result):
+        _warn(line)
     _say(summary)
     doc = {
         "run_dir": str(run_dir),
@@ -1031,10 +1079,16 @@ def _add_llm_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    from mas2c.batch import BatchError, parse_mapping
+
     if args.workers < 1 or (args.limit is not None and args.limit < 1) or args.pilot < 1:
         raise UsageError("--workers, --limit and --pilot must be at least 1")
     if args.address and args.engine != "ray":
         raise UsageError("--address is for --engine ray")
+    try:
+        mapping = parse_mapping(args.map or [])
+    except BatchError as exc:
+        raise UsageError(str(exc)) from None
     run_dir = Path(args.run_dir or f"runs/batch-{_default_run_dir().split('/')[-1]}")
     _one_stdin(args.dataset, args.spec)
     with contextlib.ExitStack() as stack:
@@ -1044,16 +1098,20 @@ def cmd_batch(args: argparse.Namespace) -> int:
             if args.spec
             else None
         )
-        summary = _run_batch(args, run_dir, dataset, spec)
+        summary = _run_batch(args, run_dir, dataset, spec, mapping)
     text = (run_dir / "report.md").read_text("utf-8").split("\nRows not passed")[0]
     _say(f"run folder: {run_dir} (results.jsonl, summary.json, report.md)")
     return _finish(args, bool(summary["complete"]), summary, text)
 
 
 def _run_batch(
-    args: argparse.Namespace, run_dir: Path, dataset: Path, spec: Path | None
+    args: argparse.Namespace,
+    run_dir: Path,
+    dataset: Path,
+    spec: Path | None,
+    mapping: dict[str, str],
 ) -> dict[str, Any]:
-    from mas2c.batch import BatchOptions, parse_mapping, run_batch
+    from mas2c.batch import BatchOptions, run_batch
 
     return run_batch(
         BatchOptions(
@@ -1062,7 +1120,7 @@ def _run_batch(
             dataset_name="<stdin>" if args.dataset == STDIO else None,
             spec=spec,
             solve_task=args.solve,
-            mapping=parse_mapping(args.map or []),
+            mapping=mapping,
             id_field=args.id_field,
             answer_field=args.answer_field,
             output=args.output,
@@ -1329,7 +1387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
     p.add_argument(
         "--test-timeout",
-        type=float,
+        type=_positive,
         default=20.0,
         help="seconds for one problem's tests (default 20)",
     )
@@ -1348,7 +1406,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", help="the Ray cluster (with --engine ray)")
     p.add_argument(
-        "--max-cost", type=float, metavar="USD", help="stop starting problems at this cost"
+        "--max-cost", type=_positive, metavar="USD", help="stop starting problems at this cost"
     )
     _add_json(p)
     _add_llm_flags(p)
@@ -1363,7 +1421,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--spec", help="the MAS spec to run on every row")
     which.add_argument("--solve", metavar="TASK", help="run `mas2c solve TASK` on every row")
     p.add_argument("--map", action="append", metavar="INPUT=FIELD", help="row field of an input")
-    p.add_argument("--id-field", default="id", help="row field with the row's id (default id)")
+    p.add_argument(
+        "--id-field",
+        help="row field with the row's id, required in every row (default: id if present)",
+    )
     p.add_argument("--answer-field", default="answer", help="row field with the expected answer")
     p.add_argument("--output", help="the spec output to score (default answer, or the only one)")
     p.add_argument(
@@ -1382,10 +1443,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", help="the Ray cluster to use (default: RAY_ADDRESS, else a local Ray)"
     )
     p.add_argument(
-        "--max-retries", type=int, default=3, help="Ray retries of a row lost with its node"
+        "--max-retries", type=_count, default=3, help="Ray retries of a row lost with its node"
     )
     p.add_argument(
-        "--max-cost", type=float, metavar="USD", help="stop starting rows at this total cost"
+        "--max-cost", type=_positive, metavar="USD", help="stop starting rows at this total cost"
     )
     p.add_argument("--baseline", choices=["cot-sc"], help="run a matched-cost baseline beside it")
     p.add_argument("--baseline-model", help="the spec's model id the baseline samples")
@@ -1396,7 +1457,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sandbox", type=_SANDBOX_FLAG, choices=["docker", "unisolated"], default="docker"
     )
     p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
-    p.add_argument("--test-timeout", type=float, default=20.0, help="seconds for one scoring")
+    p.add_argument("--test-timeout", type=_positive, default=20.0, help="seconds for one scoring")
     p.add_argument("--model", help="model name for solve's generator and implementer")
     _add_json(p)
     _add_llm_flags(p)

@@ -52,6 +52,7 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -197,6 +198,23 @@ class Usage(Tally):
     by_model: dict[Name, Tally] = Field(default_factory=dict, max_length=10_000)
 
 
+class RunWarning(_Model):
+    """An entry of ``result.json``'s ``warnings``: what a run still has to say when it
+    ended ``ok`` (a loop that reached ``max_iterations`` without its ``until``, a map cut
+    at ``max_items``)."""
+
+    type: Name
+    message: Text = ""
+    step: Ident | None = None
+    pointer: Pointer | None = None
+    max_iterations: Count | None = None
+    items: Count | None = None
+    max_items: Count | None = None
+
+
+MAX_WARNINGS = 1000  # a result keeps the first ones (a map of many items may warn per item)
+
+
 class Result(_Model):
     """``result.json`` (the program's ``out.json``): ok with outputs, or a status with an error."""
 
@@ -204,6 +222,12 @@ class Result(_Model):
     outputs: dict[Name, Any] | None = None
     usage: Usage | None = None
     error: ErrorInfo | None = None
+    warnings: list[RunWarning] = Field(default_factory=list)
+
+    @field_validator("warnings", mode="before")
+    @classmethod
+    def _first_warnings(cls, value: Any) -> Any:
+        return value[:MAX_WARNINGS] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _error_iff_failed(self) -> Result:
@@ -773,6 +797,8 @@ def result_data(result: Result) -> dict[str, Any]:
         data["usage"] = result.usage.model_dump(mode="json")
     if result.error is not None:
         data["error"] = {**result.error.model_dump(mode="json"), "code": code_of(result.error)}
+    if result.warnings:
+        data["warnings"] = [w.model_dump(mode="json", exclude_none=True) for w in result.warnings]
     return data
 
 

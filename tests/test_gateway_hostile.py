@@ -351,6 +351,27 @@ def test_cost_exact_boundary(sockdir: Path) -> None:
             assert u["budget_exceeded"] is (402 in statuses)
 
 
+def test_cost_exact_boundary_with_free_completions(sockdir: Path) -> None:
+    """A model whose completions cost nothing: a prompt whose worst case costs exactly
+    what is left still goes (its cost ends at the limit, not past it); a dollar more does not."""
+    sock = sockdir / "gw.sock"
+    req = body("free", max_tokens=3)
+    p = prompt_token_bound(req)
+    prices = {"m1": Price(input_per_mtok=1_000_000, output_per_mtok=0)}  # $1 a prompt token
+    for limit, expected in ((p, 200), (p - 1, 402)):
+        with (
+            LLMTestServer(worst_case_responder) as srv,
+            Gateway(
+                sock, upstream(srv.base_url), prices=prices, budget=Budget(max_cost_usd=limit)
+            ) as gw,
+        ):
+            assert post(sock, req).status_code == expected, limit
+            u = gw.usage()
+            assert u["cost_usd"] == (limit if expected == 200 else 0)
+            assert u["budget_exceeded"] is (expected != 200)
+            assert [r.body["max_tokens"] for r in srv.requests] == ([3] if expected == 200 else [])
+
+
 def test_parallel_burst_cannot_exceed_tokens_or_cost(sockdir: Path) -> None:
     sock = sockdir / "gw.sock"
     prices = {"m1": Price(input_per_mtok=10.0, output_per_mtok=30.0)}

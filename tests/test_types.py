@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import compile_to, events, load_runtime, run_package
+from conftest import cli_document, cli_env, compile_to, events, load_runtime, mas2c, run_package
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -787,7 +787,13 @@ def test_a_vote_over_a_flow_compares_the_final_answer_of_its_text(
         [
             (
                 r"Solve",
-                [wrong, "Multiply:\nANSWER: 9", wrong, "Clearly 3*3.\nANSWER:  9", "So\nanswer: 9 "],
+                [
+                    wrong,
+                    "Multiply:\nANSWER: 9",
+                    wrong,
+                    "Clearly 3*3.\nANSWER:  9",
+                    "So\nanswer: 9 ",
+                ],
             )
         ]
     )
@@ -841,3 +847,67 @@ def test_a_resumed_run_keeps_the_types_its_steps_wrote(tmp_path: Path) -> None:
         assert out["outputs"] == {"flag": True, "ratio": 1.0}
         assert type(out["outputs"]["ratio"]) is float
     assert len(events(runs[1][2], "step_resumed")) == 4
+
+
+EXHAUSTED = """
+spec_version: "1"
+name: exhaust
+inputs: {q: {type: string}}
+outputs: {r: r}
+models: {m: {model: test-model}}
+agents: {a: {role: A, model: m}}
+tools:
+  same:
+    code: |
+      def same(value):
+          return value
+workflow:
+  - id: again
+    kind: loop
+    max_iterations: 2
+    until: "r == 'done'"
+    steps: [{id: s, kind: tool, tool: same, args: {value: "{{ q }}"}, out: r}]
+"""
+
+
+def test_mas2c_run_shows_a_loop_that_ran_out(tmp_path: Path, llm_server: LLMTestServer) -> None:
+    """Before: the package's out.json listed the exhausted loop under `warnings`, but the
+    host's typed reading of result.json dropped the field: `mas2c run` said only
+    `ok`, and its `--json` result and `run_system`'s outcome had no warnings. Now they
+    carry them (typed: `RunWarning`) and stderr says so."""
+    (tmp_path / "spec.yaml").write_text(EXHAUSTED)
+    (tmp_path / "in.json").write_text('{"q": "x"}')
+    env = cli_env(OPENAI_API_KEY="test", OPENAI_BASE_URL=llm_server.base_url)
+    proc = mas2c(
+        "run", "spec.yaml", "--input", "in.json", "--run-dir", "run",
+        "--sandbox", "unisolated", "--json", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    warnings = cli_document(proc)["result"]["warnings"]
+    assert warnings == [
+        {
+            "type": "loop_exhausted",
+            "step": "again",
+            "pointer": "/workflow/0",
+            "max_iterations": 2,
+            "message": "loop 'again' reached max_iterations (2) without its `until` holding",
+        }
+    ]
+    assert (
+        "mas2c: warning: loop 'again' reached max_iterations (2) without its `until` holding "
+        "(at /workflow/0)" in proc.stderr
+    )
+
+
+def test_a_result_keeps_its_first_warnings_and_refuses_malformed_ones(tmp_path: Path) -> None:
+    from mas2c.runfolder import MAX_WARNINGS, read_result, result_or_error
+
+    many = [{"type": "map_truncated", "message": f"cut {i}", "items": i} for i in range(5000)]
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"status": "ok", "outputs": {}, "warnings": many}))
+    result = read_result(path)
+    assert len(result.warnings) == MAX_WARNINGS and result.warnings[3].items == 3
+    path.write_text(
+        json.dumps({"status": "ok", "outputs": {}, "warnings": [{"type": "x", "step": "a\x1b"}]})
+    )
+    assert result_or_error(path).code == "bad_result"
