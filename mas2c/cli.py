@@ -770,6 +770,9 @@ def cmd_configure(args: argparse.Namespace) -> int:
             return _finish(args, True, {"output": None, "spec_yaml": text, **result.to_json()})
         sys.stdout.write(text)
         return EXIT_OK
+    if output.endswith(".json") and not text.lstrip().startswith("{"):
+        # a YAML spec configured into X.json: JSON (a .json spec is read as JSON)
+        text = json.dumps(result.spec.to_data(), indent=2, ensure_ascii=False) + "\n"
     written = _write_user_file(output, text)
     _say(f"wrote {written}")
     return _finish(args, True, {"output": written, **result.to_json()})

@@ -207,6 +207,20 @@ def test_a_crlf_spec_keeps_its_line_ends_and_its_patch_applies(tmp_path: Path) -
         assert (tmp_path / tool[0] / "system.yaml").read_bytes() == edited.encode()
 
 
+def test_configure_into_a_json_file_writes_json(tmp_path: Path) -> None:
+    unbound = COMMENTED.replace("    model: m\n", "    # model: chosen by configure\n")
+    spec_path = tmp_path / "system.yaml"
+    spec_path.write_text(unbound)
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("models:\n  cheap: {model: small}\n")
+    out = tmp_path / "configured.json"
+    proc = mas2c("configure", spec_path, "--pool", pool, "--rule", "-o", out, cwd=tmp_path,
+                 env=cli_env(), inprocess=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["agents"]["writer"]["model"] == "cheap"
+    assert load_spec(out).agents["writer"].model == "cheap"
+
+
 def test_configure_from_stdin_keeps_the_comments(tmp_path: Path) -> None:
     unbound = COMMENTED.replace("    model: m\n", "    # model: chosen by configure\n")
     pool = tmp_path / "pool.yaml"
