@@ -724,9 +724,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             compact=compact,
         )
     text = spec_to_yaml(result.spec)
-    if args.output.endswith(
-        ".json"
-    ):  # what -o names is what it gets (validate reads .json as JSON)
+    if args.output.endswith(".json"):  # a .json spec is read as JSON: write it as JSON
         text = json.dumps(result.spec.to_data(), indent=2, ensure_ascii=False) + "\n"
     if args.json and args.output == STDIO:
         return _finish(args, True, {"output": None, "spec_yaml": text, **result.to_json()})
