@@ -2235,14 +2235,22 @@ class Gateway:
     def _miss(self, body: dict[str, Any]) -> _HttpFailure:
         user = _last_user_text(body)
         snippet = user[:200] + ("..." if len(user) > 200 else "")
+        with self._lock:
+            seen = sorted(self._models_seen)
+        held = ""
+        if seen and body.get("model") not in seen:  # e.g. recorded on the embedded engine
+            held = (
+                f"; it holds model(s) {', '.join(repr(m) for m in seen[:5])} (a run recorded "
+                "on the embedded engine replays with --llm embedded)"
+            )
         return _HttpFailure(
             400,
             _error_body(
                 "invalid_request_error",
                 "mas2c_cassette_miss",
                 f"cassette miss: {self.replay_path} has no recorded answer for this request "
-                f"(model {body.get('model')!r}, last user message {snippet!r}); record what "
-                "is missing with --record and --replay on the same file",
+                f"(model {body.get('model')!r}, last user message {snippet!r}){held}; record "
+                "what is missing with --record and --replay on the same file",
             ),
         )
 

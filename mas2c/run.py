@@ -371,7 +371,12 @@ def run_system(
     if owned:  # the embedded model loads here, before anything is written
         upstream = make_upstream(llm, on_progress=on_progress)
     try:
-        system = on_engine(system, upstream, on_warning)
+        engine = upstream
+        if engine is None and llm.force_embedded and llm.replay is not None:
+            from mas2c.embedded import EngineName  # a strict replay of an embedded run
+
+            engine = EngineName.of(llm.embedded_model)
+        system = on_engine(system, engine, on_warning)
         run_dir.mkdir(parents=True, exist_ok=True)
         header = run_header(system, llm, backend, trace_content)
         _write_header(run_dir, header)

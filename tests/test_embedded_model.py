@@ -313,15 +313,29 @@ def test_run_binds_a_specs_models_to_the_embedded_model(
     spec.write_text(TINY)
     (tmp_path / "in.json").write_text('{"question": "Capital of France?"}')
     warnings: list[str] = []
+    cassette = tmp_path / "c.jsonl"
     run_system(
         spec,
         tmp_path / "in.json",
         tmp_path / "run",
         backend="unisolated",
+        llm=LLMConfig(record=cassette),
         upstream=upstream,
         on_warning=warnings.append,
     )
     _names_only_the_embedded_model(tmp_path / "run", upstream.model_id)
+    # the same command replays it: `--llm embedded --replay` binds the spec the same way
+    # (from the GGUF's header, no model loaded); without --llm embedded the miss says why
+    replay = ["run", spec, "--input", tmp_path / "in.json", "--sandbox", "unisolated",
+              "--replay", cassette, "--json"]  # fmt: skip
+    proc = mas2c(*replay, "--llm", "embedded", "--run-dir", tmp_path / "re", cwd=tmp_path,
+                 inprocess=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "re" / "usage.json").read_text())["replayed"] >= 1
+    spec.write_text(TINY.replace("budgets: {max_cost_usd: 0.0001}\n", ""))  # (else: 402)
+    proc = mas2c(*replay, "--run-dir", tmp_path / "miss", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 1 and "replays with --llm embedded" in proc.stderr
+    spec.write_text(TINY)
     assert any("answers for the spec's model(s) gpt-4o-mini" in w for w in warnings)
     assert spec.read_text() == TINY  # the user's spec is untouched
     # a build folder (its code names gpt-4o-mini), through the CLI's own engine
