@@ -659,6 +659,10 @@ def _cmd_pool(args: argparse.Namespace) -> int:
         limits = sandbox.Limits(timeout_s=args.timeout, memory_mb=args.memory, cpus=args.cpus)
         runtime = args.runtime or sandbox.default_runtime()
         spec = sandbox_pool.PoolSpec(args.tag, runtime, limits, args.idle)
+        try:
+            spec.validate()
+        except sandbox.SandboxError as exc:
+            raise UsageError(str(exc).replace("idle lifetime", "--idle")) from None
         st = sandbox_pool.start_service(spec, args.size)
         return _finish(args, True, {"pool": st}, f"pool service up: {st['idle']} warm container(s)")
     if what == "stop":
@@ -1452,7 +1456,8 @@ _POOLED_VERBS = {"solve", "rectify", "bench"}  # batch: its engines run elsewher
 
 def _warm_pool(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
     """A warm container pool for the commands that run many sandboxes (docker, unless
-    --no-pool); its size from MAS2C_POOL_SIZE (default 2, 0: none)."""
+    --no-pool); its size from MAS2C_POOL_SIZE (default 2, 0: none), its containers'
+    idle lifetime from MAS2C_POOL_IDLE (seconds, default 300)."""
     if (
         getattr(args, "verb", None) not in _POOLED_VERBS
         or getattr(args, "sandbox", None) != "docker"
@@ -1464,6 +1469,10 @@ def _warm_pool(args: argparse.Namespace) -> contextlib.AbstractContextManager[An
         size = int(os.environ.get("MAS2C_POOL_SIZE", "2"))
     except ValueError:
         raise UsageError("MAS2C_POOL_SIZE must be a whole number") from None
+    try:
+        idle_s = float(os.environ.get("MAS2C_POOL_IDLE", "300"))
+    except ValueError:
+        raise UsageError("MAS2C_POOL_IDLE must be a number of seconds") from None
     if size <= 0:
         return contextlib.nullcontext()
     from mas2c import sandbox
@@ -1476,7 +1485,12 @@ def _warm_pool(args: argparse.Namespace) -> contextlib.AbstractContextManager[An
     )
     runtime = getattr(args, "runtime", None) or sandbox.default_runtime()
     image = getattr(args, "image", None) or sandbox.DEFAULT_IMAGE
-    return Pool(PoolSpec(image, runtime, limits), size=size)
+    spec = PoolSpec(image, runtime, limits, idle_s)
+    try:
+        spec.validate()
+    except sandbox.SandboxError as exc:
+        raise UsageError(str(exc).replace("pool idle lifetime", "MAS2C_POOL_IDLE")) from None
+    return Pool(spec, size=size)
 
 
 def _fail(verb: str, exc: Mas2cError, as_json: bool) -> int:
