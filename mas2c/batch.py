@@ -1144,7 +1144,12 @@ RESUME_KEYS = (
     "answer_field",
     "output",
     "solve_task",
+    "scorer_sha256",  # a python:FILE scorer edited between runs measures something else
+    "model",  # solve's generator and implementer (None with a spec)
+    "id_field",  # other ids would run every row again beside the old ones
 )
+#: Resume keys that folders of earlier versions lack (such a folder is resumed as it was).
+_LATER_RESUME_KEYS = frozenset({"id_field"})
 
 
 def prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> None:
@@ -1156,7 +1161,11 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> None:
     path = run_dir / "config.json"
     old = read_json(path)
     if old:
-        changed = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+        changed = [
+            k
+            for k in RESUME_KEYS
+            if (k in old or k not in _LATER_RESUME_KEYS) and old.get(k) != config.get(k)
+        ]
         if changed:
             raise BatchError(
                 f"{run_dir} holds a different benchmark run ({', '.join(changed)} differ); "
@@ -1557,7 +1566,8 @@ def plan_batch(options: BatchOptions, rows: Sequence[Row]) -> tuple[Plan, dict[s
         "output": options.output,
         "sandbox": options.backend,
         "test_timeout_s": options.test_timeout_s,
-        "model": options.model,
+        "model": options.model if options.solve_task is not None else None,
+        "id_field": options.id_field or "id",
         **options.extra_config,
     }
     needs: list[str] = []
@@ -1667,6 +1677,10 @@ def run_batch(options: BatchOptions) -> dict[str, Any]:
         options.engine = new
     if options.baseline is not None and options.baseline != "cot-sc":
         raise BatchError(f"unknown baseline {options.baseline!r}: the baseline is cot-sc")
+    if options.engine == "ray":
+        from mas2c.batch_ray import check_cluster
+
+        check_cluster(options.ray_address)  # before any folder, build or row
     if options.baseline is None:
         return _run_one(options)
     from mas2c.batch_baseline import check_baseline, run_baseline

@@ -324,6 +324,17 @@ def test_resume_refuses_another_dataset_or_scorer(tmp_path: Path) -> None:
         other.write_text(dataset.read_text().replace("Tom", "Tim"))
         with pytest.raises(BatchError, match="dataset_sha256 differ"):
             run_batch(options(tmp_path, other, server, limit=1))
+        # other ids would run every row again beside the old ones
+        with pytest.raises(BatchError, match="id_field differ"):
+            run_batch(options(tmp_path, dataset, server, limit=1, id_field="question"))
+        # a user scorer edited between runs measures something else
+        scorer = tmp_path / "s.py"
+        scorer.write_text("def score(prediction, row):\n    return 1.0\n")
+        user = {"limit": 1, "scorer": f"python:{scorer}", "run_dir": tmp_path / "user"}
+        run_batch(options(tmp_path, dataset, server, **user))
+        scorer.write_text("def score(prediction, row):\n    return 0.0\n")
+        with pytest.raises(BatchError, match="scorer_sha256 differ"):
+            run_batch(options(tmp_path, dataset, server, **user))
 
 
 def test_code_scorer_on_converted_mbpp(tmp_path: Path) -> None:
