@@ -265,6 +265,54 @@ def test_unknown_model_and_n_are_refused(sockdir: Path) -> None:
     assert caps == [100, 100, 5000, 100]
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"prediction": {"type": "content", "content": "x" * 100_000}},  # billed, not in the bound
+        {"audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"]},
+        {"service_tier": "priority"},
+        {"web_search_options": {}},  # the provider would fetch pages: egress
+        {"store": True, "metadata": {"k": "v"}},
+        {"stream_options": {"include_usage": True}},
+        {"extra_body": {"x": 1}},
+        {"\u202emodel": "m1"},
+    ],
+    ids=[
+        "prediction",
+        "audio",
+        "service_tier",
+        "web_search",
+        "store",
+        "stream_options",
+        "extra_body",
+        "rtl",
+    ],
+)
+def test_parameters_the_budget_cannot_bound_are_refused(
+    sockdir: Path, extra: dict[str, Any]
+) -> None:
+    """Only parameters counted in the reservation or neutral to cost and data are forwarded:
+    any other (a dearer tier, audio, predicted output, web search, storage, whatever comes
+    next) is a 400 naming it, and nothing reaches the upstream or the budget."""
+    sock = sockdir / "gw.sock"
+    with (
+        LLMTestServer() as srv,
+        Gateway(sock, upstream(srv.base_url), budget=Budget(max_total_tokens=10_000)) as gw,
+    ):
+        r = post(sock, body(**extra))
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "mas2c_unsupported_parameter"
+        assert all(repr(name[:40]) in error["message"] for name in extra)
+        # what the compiled runtime and the openai client send still goes
+        ok = body(temperature=0.2, top_p=0.9, stop=["x"], seed=1, max_tokens=5, user="u",
+                  response_format={"type": "json_object"}, logprobs=True, top_logprobs=2,
+                  tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                  tool_choice="none", parallel_tool_calls=False, stream=False)  # fmt: skip
+        assert post(sock, ok).status_code == 200
+        assert len(srv.requests) == 1 and gw.usage()["calls"] == 1
+
+
 def worst_case_responder(req: ChatRequest) -> Reply:
     """An upstream that uses every token it is allowed: the prompt bound and max_tokens."""
     return Reply(

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="d2b932690fefdb86324fae6e9dc8a375d3634124b040de4dbc6921d6a8764e11",
+        code_sha="ac785aaac062de8301659492f90912d35e90ea909aaa18a5e16959d9086f1fec",
         reads=["question"],
     ),
 )

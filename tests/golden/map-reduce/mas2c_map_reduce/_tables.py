@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="b876658d3defdbe6e9c23742ce1557ccd6224aafa8b6bf1e242faaf9e03435d6",
+        code_sha="52bbebb245266134317847571f7f43206e32ba2b78f9c5c4fbc25d6fd03495de",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="737e33e7e24ed61657801cd20d25ad75afa2bab96ac78357ecb5635bbf2f5ee3",
+        code_sha="c444e7e46a87125f597b1b32acf7b5902d1d174131cde62e65fc569c72757edf",
         reads=["focus", "summaries"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="64858b976c1563dc2c5d11f40f24a9d80553393e977edea96a9925fc76ef52de",
+        code_sha="e0c419e419980ef384d89e9c683ccba69667860ac85e6796797a494688a7d267",
         reads=["problem"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="b0fe4c67dc8819e669c986a6dc255a2bc8eb1e455388b859950f7de182053bc9",
+        code_sha="50c4d178adc8ac82914c0744c0398a7fdb1a76e4f7a9cd9e5fe4c40bccf4aab6",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="75d0a2c8c5b8af5bde2f1aed479bd42c6c0b0d0c3e20db129bef9a0fd509e998",
+        code_sha="3a0e533472a5296f81ea4bad11511b3126ea83551a59c530669fb403c1bf0df5",
         reads=["result", "task", "test_list"],
     ),
 )

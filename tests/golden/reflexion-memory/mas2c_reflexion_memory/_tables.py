@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="f3f0be429c82fd01aafe096a92db2b0b0130dab6dc56c89e89c4b086fd0bbcf3",
+        code_sha="fe6bd67efc0775dc1cbb20776f1bae176df03c7afbb6f6f46541cedb0c10585e",
         reads=["draft", "memory", "review", "task"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="00dd7777cfb2579d488014b925d32b2fe2ff55510f2d265b8b5fdde9ce565d7e",
+        code_sha="d05ecf98f4bea304c1a88882f0d1fb63842d147f24cc57b586dd5d091df8ed7a",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="fec732385e3e0b97ddfb4aa3d19e1bdf8801894dfbcd0c1906934e724f029d24",
+        code_sha="a600d854a1299942b5fce7247023bfaa842df253786a33072d7e77797f002a9a",
         reads=["error", "route", "ticket"],
     ),
 )

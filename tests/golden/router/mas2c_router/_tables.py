@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="471e4fea1ad66c609b09c00ce9dd89b8069e3317ec6835ae52f7ef78d3f99d67",
+        code_sha="672caa0d1ec1933a7e83947135cb8a8c9bbb47c609932b2c3730918e1086f8ee",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="af9c1bfa2b93c6637506b4599029f1e2247de0ac24816c546135109db6b950ca",
+        code_sha="d72f6f1633722115c0b05a74a57e632e8bbc441f1639dbfd184de72f3bac8755",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="3ef16d412bd856e7e75f0c82099f12f9014f5ba4f0273375712642d1a5316a2c",
+        code_sha="ffe9fca67942b758c99a42e3c8fd3054bcc55fa09242481d4f23ce1088ce15e5",
         reads=["question"],
     ),
 )
