@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="ac17c9c9c0a13737f7c4ee293bc57b1a52fe9e4937de53dc2b6ed658b6b22f37",
+        code_sha="93742149256ed7b9729db3ac6d0aff5b5e294e0e5ba3afed1f07ae391111619f",
         reads=["question"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="d2b932690fefdb86324fae6e9dc8a375d3634124b040de4dbc6921d6a8764e11",
+        code_sha="b03d55f311a8b70ec158a6fc51fe218a4ea45ba6dbacfb874bbd1a132cfcc3ea",
         reads=["question"],
     ),
 )

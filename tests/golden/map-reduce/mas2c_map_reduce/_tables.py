@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="b876658d3defdbe6e9c23742ce1557ccd6224aafa8b6bf1e242faaf9e03435d6",
+        code_sha="777df542175b689a661c0f5baaa258e1fd2c83c1ed61372ae37a93c384d31aca",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="737e33e7e24ed61657801cd20d25ad75afa2bab96ac78357ecb5635bbf2f5ee3",
+        code_sha="421a86d4efd34e5f67deccfe9101305f7f6db148d6609c27aadf90fc25bb218c",
         reads=["focus", "summaries"],
     ),
 )

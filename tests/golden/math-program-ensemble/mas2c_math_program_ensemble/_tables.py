@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="64858b976c1563dc2c5d11f40f24a9d80553393e977edea96a9925fc76ef52de",
+        code_sha="93052cbb03aa8a7ae64c665aa4b79fca65abc9871b2e4b48d9c547dca55b8ef8",
         reads=["problem"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="b0fe4c67dc8819e669c986a6dc255a2bc8eb1e455388b859950f7de182053bc9",
+        code_sha="7b853a4d607d0b80217f4a0a7a78204e4b7566a57ad4a72fb1bf89b7e37228bd",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="75d0a2c8c5b8af5bde2f1aed479bd42c6c0b0d0c3e20db129bef9a0fd509e998",
+        code_sha="4187fe3547aadd3813cd5d4d13fd2d5911ce68088167d207bc102cbd704a92f6",
         reads=["result", "task", "test_list"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="f3f0be429c82fd01aafe096a92db2b0b0130dab6dc56c89e89c4b086fd0bbcf3",
+        code_sha="1b9da74be7b7d52917daf67dc5744cdcfae2083a4e9cbc2cba5c4845c9cbc0f0",
         reads=["draft", "memory", "review", "task"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="00dd7777cfb2579d488014b925d32b2fe2ff55510f2d265b8b5fdde9ce565d7e",
+        code_sha="90aafb12c4a51122e335b0fce817684112d3ebba2080a2431435066eb760fbbe",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="fec732385e3e0b97ddfb4aa3d19e1bdf8801894dfbcd0c1906934e724f029d24",
+        code_sha="376b4e9d81e59f9b5c9fea6c4a4b1942b56a480de210c65ee42a6b1701db24b3",
         reads=["error", "route", "ticket"],
     ),
 )

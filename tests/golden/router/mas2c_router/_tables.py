@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="471e4fea1ad66c609b09c00ce9dd89b8069e3317ec6835ae52f7ef78d3f99d67",
+        code_sha="79edb0c71513ac110121ce4b881befbb75e00574b03312d87d7bf0c5357f0176",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="af9c1bfa2b93c6637506b4599029f1e2247de0ac24816c546135109db6b950ca",
+        code_sha="4f8a3b9fc7d550a89a5221ccd06b7c942cde2b85f3c66d88fd4f78ca84b99da2",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="3ef16d412bd856e7e75f0c82099f12f9014f5ba4f0273375712642d1a5316a2c",
+        code_sha="daac01551f9edfe146a7f29038cd18f4828e5ec23de49dc6ba126a0a5cf34081",
         reads=["question"],
     ),
 )
