@@ -61,6 +61,7 @@ import string
 import sys
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -130,24 +131,67 @@ def slug(key: str) -> str:
     return text if text == key else f"{text}-{digest}"
 
 
-def load_rows(path: Path, *, id_field: str = "id", limit: int | None = None) -> list[Row]:
-    """The dataset's rows in file order (the first `limit`); a located BatchError for bad lines."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+#: JSON as a dataset allows it: NaN, Infinity and -Infinity are refused (ValueError).
+STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant)
+
+
+def parse_json_line(text: str) -> Any:
+    """One JSON value as a dataset allows it: strict JSON (no NaN or Infinity), a
+    ValueError (with the reason) for anything else, too-deep nesting included."""
+    try:
+        return STRICT_JSON.decode(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def decode_line(raw: bytes) -> str:
+    """A line as UTF-8 text, or a ValueError naming the column of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        byte = raw[exc.start]
+        raise ValueError(f"not UTF-8 text (byte 0x{byte:02x} at column {exc.start + 1})") from None
+
+
+def load_rows(
+    path: Path,
+    *,
+    id_field: str = "id",
+    limit: int | None = None,
+    require_id: bool = False,
+) -> list[Row]:
+    """The dataset's rows in file order (the first `limit`); a BatchError located at
+    `FILE:LINE` for a bad line: not UTF-8, not strict JSON, not an object, a bad or
+    duplicate id. A row without `id_field` is `row-<n>`, unless `require_id`."""
     opener: Any = gzip.open if path.suffix == ".gz" else open
     rows: list[Row] = []
     seen: dict[str, int] = {}
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                if not raw.strip():
                     continue
                 try:
-                    data = json.loads(line)
+                    text = decode_line(raw)
+                except ValueError as exc:
+                    raise BatchError(f"{path}:{number}: {exc}") from None
+                try:
+                    data = parse_json_line(text)
                 except ValueError as exc:
                     raise BatchError(f"{path}:{number}: not valid JSON ({exc})") from None
                 if not isinstance(data, dict):
                     raise BatchError(f"{path}:{number}: a row must be a JSON object")
-                raw = data.get(id_field)
-                key = str(raw) if isinstance(raw, str | int) and str(raw) else f"row-{len(rows)}"
+                try:  # 1e400 reads as infinity: no JSON number
+                    json.dumps(data, allow_nan=False)
+                except ValueError:
+                    raise BatchError(
+                        f"{path}:{number}: not valid JSON (a number out of range)"
+                    ) from None
+                key = _row_key(data, id_field, len(rows), require_id, f"{path}:{number}")
                 if key in seen:
                     raise BatchError(
                         f"{path}:{number}: duplicate id {key!r} (first on line {seen[key]})"
@@ -158,11 +202,26 @@ def load_rows(path: Path, *, id_field: str = "id", limit: int | None = None) -> 
                     break
     except OSError as exc:
         raise BatchError(f"{path}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise BatchError(f"{path}: unreadable ({exc})") from None
     if not rows:
         raise BatchError(f"{path}: no rows")
     return rows
+
+
+def _row_key(data: dict[str, Any], id_field: str, index: int, required: bool, where: str) -> str:
+    """A row's id: its `id_field`, a non-empty string or an integer; else `row-<index>`."""
+    if id_field not in data:
+        if required:
+            raise BatchError(f"{where}: no id field {id_field!r} (--id-field)")
+        return f"row-{index}"
+    raw = data[id_field]
+    if isinstance(raw, bool) or not isinstance(raw, str | int) or raw == "":
+        shown = json.dumps(raw)[:60]
+        raise BatchError(
+            f"{where}: the id field {id_field!r} is {shown}: expected a non-empty string or an integer"
+        )
+    return str(raw)
 
 
 _MISSING = object()
@@ -192,39 +251,75 @@ def parse_mapping(pairs: Iterable[str]) -> dict[str, str]:
     return mapping
 
 
-def inputs_for(row: Row, names: Sequence[str], mapping: Mapping[str, str]) -> dict[str, Any]:
+def inputs_for(
+    row: Row,
+    names: Sequence[str],
+    mapping: Mapping[str, str],
+    optional: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The row's values of the inputs `names` (a missing `optional` one, which has a schema
+    default, is left out; a missing other one is a KeyError)."""
     values: dict[str, Any] = {}
     for name in names:
         value = lookup(row.data, mapping.get(name, name))
         if value is _MISSING:
+            if name in optional:
+                continue
             raise KeyError(name)
         values[name] = value
     return values
 
 
+def row_place(row: Row, source: Path | None) -> str:
+    """Where a row is, for messages: `FILE:LINE (id X)`, or `row X` for a preset's rows."""
+    if source is not None and row.line:
+        return f"{source}:{row.line} (id {row.key})"
+    return f"row {row.key}"
+
+
 def check_rows(
-    rows: Sequence[Row], names: Sequence[str], mapping: Mapping[str, str], needs: Sequence[str]
+    rows: Sequence[Row],
+    names: Sequence[str],
+    mapping: Mapping[str, str],
+    needs: Sequence[str],
+    *,
+    source: Path | None = None,
+    declared: Mapping[str, Any] | None = None,
 ) -> None:
-    """Every row has every mapped input and every field the scorer needs (a few examples shown)."""
+    """Every row has every mapped input (bar those with a schema default) and every field the
+    scorer needs, and, given the spec's `declared` inputs, its values fit their schemas (the
+    check `mas2c run` makes of an input); the first few problems, each at `FILE:LINE`."""
+    from mas2c.values import input_problems
+
+    optional = {
+        n
+        for n, schema in (declared or {}).items()
+        if isinstance(schema, dict) and "default" in schema
+    }
     problems: list[str] = []
     for row in rows:
+        where = row_place(row, source)
+        missing = False
         for name in names:
-            source = mapping.get(name, name)
-            if lookup(row.data, source) is _MISSING:
-                problems.append(
-                    f"line {row.line} (id {row.key}): no field {source!r} for input {name!r}"
-                )
-        for source in needs:
-            if lookup(row.data, source) is _MISSING:
-                problems.append(
-                    f"line {row.line} (id {row.key}): no field {source!r} for the scorer"
-                )
+            field_name = mapping.get(name, name)
+            if name not in optional and lookup(row.data, field_name) is _MISSING:
+                missing = True
+                problems.append(f"{where}: no field {field_name!r} for input {name!r}")
+        for field_name in needs:
+            if lookup(row.data, field_name) is _MISSING:
+                problems.append(f"{where}: no field {field_name!r} for the scorer")
+        if declared is not None and not missing:
+            values = inputs_for(row, names, mapping, tuple(optional))
+            for pointer, message in input_problems(values, declared)[:2]:
+                token = pointer.removeprefix("/inputs/").replace("~1", "/").replace("~0", "~")
+                via = f" (field {mapping[token]!r})" if token in mapping else ""
+                problems.append(f"{where}: {message}{via}")
         if len(problems) >= 5:
             break
     if problems:
         raise BatchError(
             "the dataset does not fit the spec and scorer:\n  "
-            + "\n  ".join(problems)
+            + "\n  ".join(problems[:5])
             + "\n(map fields with --map INPUT=FIELD, --answer-field FIELD)"
         )
 
@@ -582,12 +677,14 @@ def check_user_scorer(path: Path) -> str:
     parses and defines `score`."""
     import ast
 
+    from mas2c import pyast
+
     try:
         source = path.read_text("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BatchError(f"--scorer python:{path}: cannot read it ({exc})") from None
     try:
-        tree = ast.parse(source, filename=str(path))
+        tree = pyast.parse(source, filename=str(path))
     except SyntaxError as exc:
         raise BatchError(
             f"{path}:{exc.lineno}:{exc.offset}: the scorer does not parse: {exc.msg}"
@@ -1047,7 +1144,12 @@ RESUME_KEYS = (
     "answer_field",
     "output",
     "solve_task",
+    "scorer_sha256",  # a python:FILE scorer edited between runs measures something else
+    "model",  # solve's generator and implementer (None with a spec)
+    "id_field",  # other ids would run every row again beside the old ones
 )
+#: Resume keys that folders of earlier versions lack (such a folder is resumed as it was).
+_LATER_RESUME_KEYS = frozenset({"id_field"})
 
 
 def prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> None:
@@ -1059,7 +1161,11 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> None:
     path = run_dir / "config.json"
     old = read_json(path)
     if old:
-        changed = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+        changed = [
+            k
+            for k in RESUME_KEYS
+            if (k in old or k not in _LATER_RESUME_KEYS) and old.get(k) != config.get(k)
+        ]
         if changed:
             raise BatchError(
                 f"{run_dir} holds a different benchmark run ({', '.join(changed)} differ); "
@@ -1141,6 +1247,7 @@ class Plan:
     build_files: tuple[tuple[str, bytes], ...] = ()  # the compiled package, for remote nodes
     build_sha256: str = ""
     spec_inputs: tuple[str, ...] = ()
+    optional_inputs: tuple[str, ...] = ()  # inputs with a schema default: a row may lack them
     mapping: tuple[tuple[str, str], ...] = ()
     output: str | None = None
     scorer: str = "exact"
@@ -1249,7 +1356,7 @@ def _run_spec(plan: Plan, row: Row, folder: Path, ctx: Context, result: dict[str
 
     assert ctx.build_dir is not None
     input_path = folder / "input.json"
-    values = inputs_for(row, plan.spec_inputs, dict(plan.mapping))
+    values = inputs_for(row, plan.spec_inputs, dict(plan.mapping), plan.optional_inputs)
     write_text_atomic(input_path, json.dumps(values, ensure_ascii=False))
     try:
         outcome = run_system(
@@ -1282,7 +1389,7 @@ def _run_solve(plan: Plan, row: Row, folder: Path, ctx: Context, result: dict[st
     from mas2c.solve import SolveError, solve
 
     input_path = folder / "input.json"
-    values = inputs_for(row, plan.spec_inputs, dict(plan.mapping))
+    values = inputs_for(row, plan.spec_inputs, dict(plan.mapping), plan.optional_inputs)
     write_text_atomic(input_path, json.dumps(values, ensure_ascii=False))
     try:
         solved = solve(
@@ -1384,7 +1491,7 @@ class BatchOptions:
     solve_task: str | None = None  # run `mas2c solve` with this task per row (no spec)
     solve_inputs: tuple[str, ...] = ()  # the row fields solve gets as its input
     mapping: dict[str, str] = field(default_factory=dict)
-    id_field: str = "id"
+    id_field: str | None = None  # None: `id` when a row has one, else row-<n>; given: required
     answer_field: str = "answer"
     output: str | None = None
     scorer: str = "exact"  # one of SCORERS, or "python:FILE"
@@ -1458,7 +1565,8 @@ def plan_batch(options: BatchOptions, rows: Sequence[Row]) -> tuple[Plan, dict[s
         "output": options.output,
         "sandbox": options.backend,
         "test_timeout_s": options.test_timeout_s,
-        "model": options.model,
+        "model": options.model if options.solve_task is not None else None,
+        "id_field": options.id_field or "id",
         **options.extra_config,
     }
     needs: list[str] = []
@@ -1470,7 +1578,7 @@ def plan_batch(options: BatchOptions, rows: Sequence[Row]) -> tuple[Plan, dict[s
         names = options.solve_inputs or tuple(sorted(options.mapping))
         if not names:
             raise BatchError("solve needs the row fields it gets as input: give --map INPUT=FIELD")
-        check_rows(rows, names, options.mapping, needs)
+        check_rows(rows, names, options.mapping, needs, source=options.dataset)
         config.update(mode="solve", spec=None, spec_sha256=None, solve_task=options.solve_task)
         plan = Plan(mode="solve", spec_inputs=tuple(names))
     else:
@@ -1489,7 +1597,9 @@ def plan_batch(options: BatchOptions, rows: Sequence[Row]) -> tuple[Plan, dict[s
                 f"(its outputs: {sorted(spec.outputs)})"
             )
         names = tuple(sorted(spec.inputs))
-        check_rows(rows, names, options.mapping, needs)
+        declared = spec.to_data().get("inputs") or {}
+        check_rows(rows, names, options.mapping, needs, source=options.dataset, declared=declared)
+        optional = tuple(n for n in names if "default" in (declared.get(n) or {}))
         from mas2c.compile import compile_spec
 
         build_dir = options.run_dir / "build"
@@ -1507,6 +1617,7 @@ def plan_batch(options: BatchOptions, rows: Sequence[Row]) -> tuple[Plan, dict[s
             build_files=files,
             build_sha256=sha256(json.dumps([(n, sha256(b)) for n, b in files]).encode()),
             spec_inputs=names,
+            optional_inputs=optional,
         )
     llm = options.llm
     plan = replace(
@@ -1548,6 +1659,14 @@ def run_batch(options: BatchOptions) -> dict[str, Any]:
     """Run (or resume) the batch and, with a baseline, the baseline; returns the summary."""
     if options.workers < 1:
         raise BatchError("--workers must be at least 1")
+    for flag, value in (
+        ("--max-cost", options.max_cost_usd),
+        ("--test-timeout", options.test_timeout_s),
+    ):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise BatchError(f"{flag} must be a positive number, not {value!r}")
+    if options.ray_max_retries < 0:
+        raise BatchError("--max-retries must be 0 or more")
     if options.engine in DEPRECATED_ENGINES:
         new = DEPRECATED_ENGINES[options.engine]
         print(
@@ -1557,6 +1676,10 @@ def run_batch(options: BatchOptions) -> dict[str, Any]:
         options.engine = new
     if options.baseline is not None and options.baseline != "cot-sc":
         raise BatchError(f"unknown baseline {options.baseline!r}: the baseline is cot-sc")
+    if options.engine == "ray":
+        from mas2c.batch_ray import check_cluster
+
+        check_cluster(options.ray_address)  # before any folder, build or row
     if options.baseline is None:
         return _run_one(options)
     from mas2c.batch_baseline import check_baseline, run_baseline
@@ -1570,7 +1693,12 @@ def select_rows(options: BatchOptions) -> list[Row]:
         return options.rows[: options.limit] if options.limit else list(options.rows)
     if options.dataset is None:
         raise BatchError("give a dataset (JSONL)")
-    rows = load_rows(options.dataset, id_field=options.id_field, limit=options.limit)
+    rows = load_rows(
+        options.dataset,
+        id_field=options.id_field or "id",
+        limit=options.limit,
+        require_id=options.id_field is not None,
+    )
     if options.dataset_sha256 is None:
         options.dataset_sha256 = sha256(options.dataset.read_bytes())
     return rows

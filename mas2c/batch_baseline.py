@@ -44,6 +44,7 @@ from mas2c.batch import (
     newcombe_paired,
     read_results,
     report,
+    row_place,
     select_rows,
 )
 from mas2c.files import write_text_atomic
@@ -141,8 +142,8 @@ def _question_field(options: BatchOptions, rows: list[Row]) -> str:
     missing = [r for r in rows if not isinstance(lookup(r.data, field), str)]
     if missing:
         raise BatchError(
-            f"the baseline's question: row {missing[0].key!r} (line {missing[0].line}) has no "
-            f"text field {field!r}; name one with --baseline-field"
+            f"{row_place(missing[0], options.dataset)}: the baseline's question: no text field "
+            f"{field!r}; name one with --baseline-field"
         )
     return field
 

@@ -24,44 +24,84 @@ import gzip
 import json
 import re
 import sys
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mas2c.batch import BatchError, boxed
+from mas2c.batch import STRICT_JSON, BatchError, boxed, decode_line, parse_json_line
 from mas2c.files import write_text_atomic
 
 __all__ = ["CONVERTERS", "convert", "convert_file", "read_records"]
 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line or position, record) from JSON Lines or a JSON array, gzipped or not."""
+    """(line, record) from JSON Lines or a JSON array, gzipped or not: the line is where the
+    record starts. Text that is not UTF-8, not strict JSON (NaN, Infinity) or nested too deeply
+    is an error at its line."""
     opener: Any = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise BatchError(f"{path}: cannot read it ({exc})") from None
-    if text.lstrip().startswith("["):
+    lines = data.split(b"\n")
+    texts: list[str] = []
+    for number, raw in enumerate(lines, 1):
         try:
-            data = json.loads(text)
+            texts.append(decode_line(raw))
         except ValueError as exc:
-            raise BatchError(f"{path}: not valid JSON ({exc})") from None
-        for i, record in enumerate(data, 1):
-            if not isinstance(record, dict):
-                raise BatchError(f"{path}: item {i} is not a JSON object")
-            yield i, record
+            raise BatchError(f"{path}:{number}: {exc}") from None
+    text = "\n".join(texts)
+    if text.lstrip().startswith("["):
+        yield from _array_records(path, text)
         return
-    for number, line in enumerate(text.split("\n"), 1):
+    for number, line in enumerate(texts, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_json_line(line)
         except ValueError as exc:
             raise BatchError(f"{path}:{number}: not valid JSON ({exc})") from None
         if not isinstance(record, dict):
             raise BatchError(f"{path}:{number}: not a JSON object")
         yield number, record
+
+
+def _array_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The objects of a JSON array, each with the line it starts on."""
+
+    def fail(position: int, reason: str) -> BatchError:
+        return BatchError(f"{path}:{text.count(chr(10), 0, position) + 1}: {reason}")
+
+    position = text.index("[") + 1
+    state = "first"  # after '[': an item or ']'; "item": after ','; "next": after an item
+    while True:
+        while position < len(text) and text[position] in " \t\r\n":
+            position += 1
+        if position >= len(text):
+            raise fail(position, "not valid JSON (the array is not closed)")
+        char = text[position]
+        if state != "item" and char == "]":
+            if text[position + 1 :].strip():
+                raise fail(position + 1, "not valid JSON (text after the array)")
+            return
+        if state == "next":
+            if char != ",":
+                raise fail(position, "not valid JSON (expected ',' or ']' between items)")
+            position, state = position + 1, "item"
+            continue
+        start = position
+        try:
+            record, position = STRICT_JSON.raw_decode(text, position)
+        except RecursionError:
+            raise fail(start, "not valid JSON (nested too deeply)") from None
+        except ValueError as exc:
+            raise fail(start, f"not valid JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise fail(start, "not a JSON object")
+        yield text.count("\n", 0, start) + 1, record
+        state = "next"
 
 
 def _text(record: dict[str, Any], key: str, where: str) -> str:
@@ -71,13 +111,38 @@ def _text(record: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+def _id(record: dict[str, Any], keys: Sequence[str], default: str, where: str) -> str:
+    """The record's id: the first of `keys` it has (a non-empty string or an integer)."""
+    for key in keys:
+        if key in record:
+            value = record[key]
+            if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+                shown = json.dumps(value)[:60]
+                raise BatchError(
+                    f"{where}: the id field {key!r} is {shown}: expected a non-empty string or an integer"
+                )
+            return str(value)
+    return default
+
+
+def _optional_text(record: dict[str, Any], key: str, where: str) -> str:
+    value = record.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BatchError(f"{where}: the field {key!r} must be text, not {type(value).__name__}")
+    return value
+
+
 def gsm8k(record: dict[str, Any], index: int, where: str) -> dict[str, Any]:
     solution = _text(record, "answer", where)
     if "####" not in solution:
         raise BatchError(f"{where}: the answer has no '#### <number>' line")
     final = solution.rsplit("####", 1)[1].strip().replace(",", "")
+    if not final:
+        raise BatchError(f"{where}: the answer's '####' line has no number after it")
     return {
-        "id": str(record.get("id", f"gsm8k-{index}")),
+        "id": _id(record, ("id",), f"gsm8k-{index}", where),
         "question": _text(record, "question", where),
         "answer": final,
         "solution": solution,
@@ -90,7 +155,7 @@ def math(record: dict[str, Any], index: int, where: str) -> dict[str, Any]:
     if answer is None:
         raise BatchError(f"{where}: the solution has no \\boxed{{...}} answer")
     return {
-        "id": str(record.get("unique_id", record.get("id", f"math-{index}"))),
+        "id": _id(record, ("unique_id", "id"), f"math-{index}", where),
         "question": _text(record, "problem", where),
         "answer": answer,
         "level": record.get("level"),
@@ -99,24 +164,50 @@ def math(record: dict[str, Any], index: int, where: str) -> dict[str, Any]:
 
 
 def hotpotqa(record: dict[str, Any], index: int, where: str) -> dict[str, Any]:
-    paragraphs = []
-    context = record.get("context") or []
-    if isinstance(context, dict):  # the Hugging Face layout: {title: [...], sentences: [...]}
-        context = list(zip(context.get("title", []), context.get("sentences", []), strict=False))
-    for item in context:
-        if isinstance(item, list | tuple) and len(item) == 2:
-            title, sentences = item
-            body = "".join(sentences) if isinstance(sentences, list) else str(sentences)
-            paragraphs.append(f"{title}: {body}")
+    paragraphs = [f"{title}: {body}" for title, body in _paragraphs(record, where)]
     question = _text(record, "question", where)
     text = ("\n\n".join(paragraphs) + "\n\nQuestion: " + question) if paragraphs else question
     return {
-        "id": str(record.get("_id", record.get("id", f"hotpotqa-{index}"))),
+        "id": _id(record, ("_id", "id"), f"hotpotqa-{index}", where),
         "question": text,
         "answer": _text(record, "answer", where),
         "type": record.get("type"),
         "level": record.get("level"),
     }
+
+
+def _paragraphs(record: dict[str, Any], where: str) -> list[tuple[str, str]]:
+    """HotpotQA's `context`: [[title, [sentence, ...]], ...], or the Hugging Face layout
+    {"title": [...], "sentences": [[...], ...]}; (title, text) pairs."""
+    context = record.get("context")
+    if context is None:
+        return []
+    shape = "a list of [title, sentences] pairs or {title: [...], sentences: [...]}"
+    if isinstance(context, dict):
+        titles, bodies = context.get("title"), context.get("sentences")
+        if (
+            not isinstance(titles, list)
+            or not isinstance(bodies, list)
+            or len(titles) != len(bodies)
+        ):
+            raise BatchError(f"{where}: the context must be {shape}")
+        pairs: list[Any] = [[t, b] for t, b in zip(titles, bodies, strict=True)]
+    elif isinstance(context, list):
+        pairs = context
+    else:
+        raise BatchError(f"{where}: the context must be {shape}")
+    out: list[tuple[str, str]] = []
+    for number, item in enumerate(pairs, 1):
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+            raise BatchError(f"{where}: context item {number} must be a [title, sentences] pair")
+        title, sentences = item
+        if isinstance(sentences, str):
+            out.append((title, sentences))
+        elif isinstance(sentences, list) and all(isinstance(x, str) for x in sentences):
+            out.append((title, "".join(sentences)))
+        else:
+            raise BatchError(f"{where}: context item {number}'s sentences must be text")
+    return out
 
 
 _CALLED = re.compile(r"assert\s+(?:not\s+)?\(?\s*(?:set\()?\s*([A-Za-z_]\w*)\s*\(")
@@ -127,19 +218,19 @@ def mbpp(record: dict[str, Any], index: int, where: str) -> dict[str, Any]:
     tests = record.get("test_list")
     if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
         raise BatchError(f"{where}: no test_list of assert statements")
-    code = record.get("code") if isinstance(record.get("code"), str) else ""
+    code = _optional_text(record, "code", where)
     called = [m.group(1) for t in tests if (m := _CALLED.search(t))]
     defined = _DEFINED.findall(code or "")
     entry = next((name for name in called if not defined or name in defined), None)
     if entry is None:
         raise BatchError(f"{where}: cannot tell the function's name from test_list")
     text = _text(record, "text", where)
-    setup = record.get("test_setup_code") if isinstance(record.get("test_setup_code"), str) else ""
+    setup = _optional_text(record, "test_setup_code", where)
     prompt = f'"""\n{text}\n{tests[0]}\n"""\n'
     body = "\n".join(f"    {t.strip()}" for t in tests)
     test = (setup + "\n\n" if setup else "") + f"def check(candidate):\n{body}\n"
     return {
-        "id": f"mbpp-{record.get('task_id', index)}",
+        "id": "mbpp-" + _id(record, ("task_id",), str(index), where),
         "prompt": prompt,
         "entry_point": entry,
         "test": test,
@@ -159,13 +250,17 @@ def convert(kind: str, path: Path, limit: int | None = None) -> list[dict[str, A
     if kind not in CONVERTERS:
         raise BatchError(f"unknown format {kind!r}: one of {', '.join(CONVERTERS)}")
     rows = []
+    seen: dict[str, int] = {}
     for index, (line, record) in enumerate(read_records(path)):
-        rows.append(CONVERTERS[kind](record, index, f"{path}:{line}"))
+        row = CONVERTERS[kind](record, index, f"{path}:{line}")
+        if row["id"] in seen:
+            raise BatchError(
+                f"{path}:{line}: duplicate id {row['id']!r} (first on line {seen[row['id']]})"
+            )
+        seen[row["id"]] = line
+        rows.append(row)
         if limit is not None and len(rows) >= limit:
             break
-    ids = [r["id"] for r in rows]
-    if len(set(ids)) != len(ids):
-        raise BatchError(f"{path}: the rows' ids are not unique")
     return rows
 
 

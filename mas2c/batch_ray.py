@@ -55,7 +55,7 @@ from mas2c.batch import (
 )
 from mas2c.files import write_bytes_atomic, write_text_atomic
 
-__all__ = ["node_task", "run_on_ray"]
+__all__ = ["check_cluster", "node_task", "run_on_ray"]
 
 MAX_FILE_BYTES = 4_000_000  # a run folder file larger than this comes back truncated
 MAX_FOLDER_BYTES = 32_000_000
@@ -198,6 +198,35 @@ def _write_files(folder: Path, files: Any) -> None:
         target = folder / name
         target.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(target, data)
+
+
+def check_cluster(address: str | None, timeout_s: float = 3.0) -> None:
+    """Fail fast, before a run folder exists: Ray must be importable, and a cluster address
+    (``--address``, else ``RAY_ADDRESS``) of the form ``[ray://]HOST:PORT`` must accept a TCP
+    connection within `timeout_s` (``ray.init`` would wait for it without end)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise BatchError(
+            "--engine ray needs Ray: pip install 'mas2c[ray]' (on the driver and every node)"
+        )
+    target = address or os.environ.get("RAY_ADDRESS") or ""
+    where = target.removeprefix("ray://").rstrip("/")
+    host, sep, port = where.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return  # "auto", "local" or no address: Ray finds or starts one
+    host = host.strip("[]")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        if isinstance(exc, TimeoutError | socket.timeout):
+            reason = f"no answer within {timeout_s:g} s"
+        flag = "--address" if address else "RAY_ADDRESS"
+        raise BatchError(
+            f"cannot reach the Ray cluster at {target} ({flag}): {reason}; start it "
+            "(ray start --head) or give its HOST:PORT"
+        ) from None
 
 
 def _connect(address: str | None, workers: int) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -97,6 +98,28 @@ def _renamed(flag: str, old: dict[str, str]) -> Callable[[str], str]:
 _SANDBOX_FLAG = _renamed("--sandbox", {"local": "unisolated"})
 _ENGINE_FLAG = _renamed("--engine", {"local": "threads"})
 _LLM_FLAG = _renamed("--llm", {"local": "embedded"})
+
+
+def _positive(text: str) -> float:
+    """A flag's positive, finite number (seconds, dollars): `nan`, `inf`, 0 and less refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A flag's count: an integer, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+    return value
 
 
 def _progress(message: str) -> None:
@@ -435,6 +458,28 @@ class _RunMeter:
             sys.stderr.write("\n")
 
 
+def _export_after_run(
+    run_dir: Path, url: str, service: str, live: dict[str, Any], *, quiet: bool
+) -> None:
+    """`run --otel`: the run's whole trace after its gateway spans; a failure is a warning
+    (the run's own outcome stands)."""
+    from mas2c.otel import ExportError, export_otel
+
+    if live["failed"]:
+        _warn(f"{live['failed']} live span(s) were not accepted by {live['endpoint']}")
+    try:
+        sent = export_otel(run_dir, url, service=service)
+    except ExportError as exc:
+        _warn(f"the run's trace was not exported: {exc}")
+        return
+    if quiet:
+        return
+    _progress(
+        f"otel: {live['sent']} gateway span(s) live, then {sent['spans']} span(s) of trace "
+        f"{sent['trace_id']} to {sent['endpoint']}"
+    )
+
+
 def _top_level_steps(target: Path) -> int | None:
     """The number of top-level steps of a build (from its manifest), for the progress line."""
     from mas2c.files import read_manifest
@@ -475,18 +520,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     target = _existing(args.target)
     run_dir = Path(args.run_dir or _default_run_dir())
     meter = _RunMeter(enabled=not args.quiet, total_steps=_top_level_steps(target))
-    with _input_file(args.input) as input_path:
-        outcome = run_system(
-            target,
-            input_path,
-            run_dir,
-            llm=_llm_config(args),
-            on_warning=_warn,
-            on_event=meter.on_event,
-            on_progress=meter.phase,
-            **_sandbox_options(args),
-        )
-    meter.finish()
+    on_event: Callable[[dict[str, Any]], None] = meter.on_event
+    live = None
+    if args.otel:  # checked (URL, SDK) before anything runs
+        from mas2c.otel import LiveExport
+
+        live = LiveExport(args.otel, service=args.otel_service)
+        send = live.on_event
+
+        def on_event(event: dict[str, Any]) -> None:
+            meter.on_event(event)
+            send(event)
+
+    try:
+        with _input_file(args.input) as input_path:
+            outcome = run_system(
+                target,
+                input_path,
+                run_dir,
+                llm=_llm_config(args),
+                on_warning=_warn,
+                on_event=on_event,
+                on_progress=meter.phase,
+                **_sandbox_options(args),
+            )
+    finally:
+        meter.finish()
+        counts = live.close() if live is not None else None
+    if counts is not None:
+        _export_after_run(run_dir, args.otel, args.otel_service, counts, quiet=args.quiet)
     usage = outcome.usage
     summary = (
         f"{outcome.status} (exit {outcome.exit_code}) in {outcome.sandbox.get('duration_s', 0):.1f}s; "
@@ -597,6 +659,10 @@ def _cmd_pool(args: argparse.Namespace) -> int:
         limits = sandbox.Limits(timeout_s=args.timeout, memory_mb=args.memory, cpus=args.cpus)
         runtime = args.runtime or sandbox.default_runtime()
         spec = sandbox_pool.PoolSpec(args.tag, runtime, limits, args.idle)
+        try:
+            spec.validate()
+        except sandbox.SandboxError as exc:
+            raise UsageError(str(exc).replace("idle lifetime", "--idle")) from None
         st = sandbox_pool.start_service(spec, args.size)
         return _finish(args, True, {"pool": st}, f"pool service up: {st['idle']} warm container(s)")
     if what == "stop":
@@ -975,12 +1041,16 @@ def _add_llm_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from mas2c.batch import BatchOptions, parse_mapping, run_batch
+    from mas2c.batch import BatchError, BatchOptions, parse_mapping, run_batch
 
     if args.workers < 1 or (args.limit is not None and args.limit < 1) or args.pilot < 1:
         raise UsageError("--workers, --limit and --pilot must be at least 1")
     if args.address and args.engine != "ray":
         raise UsageError("--address is for --engine ray")
+    try:
+        mapping = parse_mapping(args.map or [])
+    except BatchError as exc:
+        raise UsageError(str(exc)) from None
     run_dir = Path(args.run_dir or f"runs/batch-{_default_run_dir().split('/')[-1]}")
     summary = run_batch(
         BatchOptions(
@@ -988,7 +1058,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             dataset=_readable_file(args.dataset, "dataset file"),
             spec=_readable_file(args.spec, "spec file") if args.spec else None,
             solve_task=args.solve,
-            mapping=parse_mapping(args.map or []),
+            mapping=mapping,
             id_field=args.id_field,
             answer_field=args.answer_field,
             output=args.output,
@@ -1096,6 +1166,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="input JSON file (- reads stdin)")
     p.add_argument("--run-dir", help="run folder (default runs/<timestamp>)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument(
+        "--otel",
+        metavar="URL",
+        help="OTLP/HTTP endpoint: the gateway's LLM calls are sent as spans while the run "
+        "goes, then the run's whole trace (mas2c[otel])",
+    )
+    p.add_argument(
+        "--otel-service", default="mas2c", help="service.name (Phoenix project) for --otel"
+    )
     _add_json(p)
     _add_sandbox_flags(p)
     _add_llm_flags(p)
@@ -1252,7 +1331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
     p.add_argument(
         "--test-timeout",
-        type=float,
+        type=_positive,
         default=20.0,
         help="seconds for one problem's tests (default 20)",
     )
@@ -1271,7 +1350,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", help="the Ray cluster (with --engine ray)")
     p.add_argument(
-        "--max-cost", type=float, metavar="USD", help="stop starting problems at this cost"
+        "--max-cost", type=_positive, metavar="USD", help="stop starting problems at this cost"
     )
     _add_json(p)
     _add_llm_flags(p)
@@ -1286,7 +1365,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--spec", help="the MAS spec to run on every row")
     which.add_argument("--solve", metavar="TASK", help="run `mas2c solve TASK` on every row")
     p.add_argument("--map", action="append", metavar="INPUT=FIELD", help="row field of an input")
-    p.add_argument("--id-field", default="id", help="row field with the row's id (default id)")
+    p.add_argument(
+        "--id-field",
+        help="row field with the row's id, required in every row (default: id if present)",
+    )
     p.add_argument("--answer-field", default="answer", help="row field with the expected answer")
     p.add_argument("--output", help="the spec output to score (default answer, or the only one)")
     p.add_argument(
@@ -1305,10 +1387,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", help="the Ray cluster to use (default: RAY_ADDRESS, else a local Ray)"
     )
     p.add_argument(
-        "--max-retries", type=int, default=3, help="Ray retries of a row lost with its node"
+        "--max-retries", type=_count, default=3, help="Ray retries of a row lost with its node"
     )
     p.add_argument(
-        "--max-cost", type=float, metavar="USD", help="stop starting rows at this total cost"
+        "--max-cost", type=_positive, metavar="USD", help="stop starting rows at this total cost"
     )
     p.add_argument("--baseline", choices=["cot-sc"], help="run a matched-cost baseline beside it")
     p.add_argument("--baseline-model", help="the spec's model id the baseline samples")
@@ -1319,7 +1401,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sandbox", type=_SANDBOX_FLAG, choices=["docker", "unisolated"], default="docker"
     )
     p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
-    p.add_argument("--test-timeout", type=float, default=20.0, help="seconds for one scoring")
+    p.add_argument("--test-timeout", type=_positive, default=20.0, help="seconds for one scoring")
     p.add_argument("--model", help="model name for solve's generator and implementer")
     _add_json(p)
     _add_llm_flags(p)
@@ -1374,7 +1456,8 @@ _POOLED_VERBS = {"solve", "rectify", "bench"}  # batch: its engines run elsewher
 
 def _warm_pool(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
     """A warm container pool for the commands that run many sandboxes (docker, unless
-    --no-pool); its size from MAS2C_POOL_SIZE (default 2, 0: none)."""
+    --no-pool); its size from MAS2C_POOL_SIZE (default 2, 0: none), its containers'
+    idle lifetime from MAS2C_POOL_IDLE (seconds, default 300)."""
     if (
         getattr(args, "verb", None) not in _POOLED_VERBS
         or getattr(args, "sandbox", None) != "docker"
@@ -1386,6 +1469,10 @@ def _warm_pool(args: argparse.Namespace) -> contextlib.AbstractContextManager[An
         size = int(os.environ.get("MAS2C_POOL_SIZE", "2"))
     except ValueError:
         raise UsageError("MAS2C_POOL_SIZE must be a whole number") from None
+    try:
+        idle_s = float(os.environ.get("MAS2C_POOL_IDLE", "300"))
+    except ValueError:
+        raise UsageError("MAS2C_POOL_IDLE must be a number of seconds") from None
     if size <= 0:
         return contextlib.nullcontext()
     from mas2c import sandbox
@@ -1398,7 +1485,12 @@ def _warm_pool(args: argparse.Namespace) -> contextlib.AbstractContextManager[An
     )
     runtime = getattr(args, "runtime", None) or sandbox.default_runtime()
     image = getattr(args, "image", None) or sandbox.DEFAULT_IMAGE
-    return Pool(PoolSpec(image, runtime, limits), size=size)
+    spec = PoolSpec(image, runtime, limits, idle_s)
+    try:
+        spec.validate()
+    except sandbox.SandboxError as exc:
+        raise UsageError(str(exc).replace("pool idle lifetime", "MAS2C_POOL_IDLE")) from None
+    return Pool(spec, size=size)
 
 
 def _fail(verb: str, exc: Mas2cError, as_json: bool) -> int:

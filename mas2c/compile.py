@@ -22,7 +22,7 @@ from typing import Any
 import black
 import jinja2
 
-from mas2c import __version__, fastfmt, graph, markdown, package_docs, toolcode
+from mas2c import __version__, fastfmt, graph, markdown, package_docs, pyast, toolcode
 from mas2c.errors import InvalidInput
 from mas2c.files import write_tree_atomic
 from mas2c.lang.expr import (
@@ -1013,7 +1013,7 @@ def _node_ends(text: str, targets: list[int]) -> dict[int, int]:
     ends: dict[int, int] = {}
     if not targets:
         return ends
-    pending: list[ast.AST] = [ast.parse(text)]
+    pending: list[ast.AST] = [pyast.parse(text)]
     while pending:
         node = pending.pop()
         lineno = getattr(node, "lineno", None)

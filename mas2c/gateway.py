@@ -87,6 +87,20 @@ log = logging.getLogger("mas2c.gateway")
 
 AGENT_HEADER = "X-Mas2c-Agent"
 STEP_HEADER = "X-Mas2c-Step"
+# W3C trace context of the package's llm_call span (its runtime sends it with each request):
+# the gateway's events carry it, so a live export nests the gateway's span under that call.
+TRACEPARENT_HEADER = "traceparent"
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+
+def trace_context(value: str) -> dict[str, str]:
+    """``trace_id`` and ``parent_span_id`` of a W3C traceparent header; {} if malformed."""
+    match = _TRACEPARENT.match(value[:100].strip().lower())
+    if match is None or not match.group(1).strip("0") or not match.group(2).strip("0"):
+        return {}
+    return {"trace_id": match.group(1), "parent_span_id": match.group(2)}
+
+
 UNKNOWN_AGENT = "unknown"
 # AF_UNIX paths are limited to sizeof(sun_path) - 1 bytes on Linux.
 MAX_SOCKET_PATH_BYTES = 107
@@ -846,6 +860,47 @@ class _HttpFailure(Exception):
         self.body = body
 
 
+# The chat-completions parameters the gateway forwards. Each either is counted in the
+# reservation (the prompt-bearing fields, the completion cap) or cannot change what a call
+# costs or where data goes. Anything else is refused (400 mas2c_unsupported_parameter):
+# `prediction` (rejected predicted tokens are billed, its text is not in the prompt bound),
+# `audio`/`modalities` (audio tokens cost more than the spec's text price), `service_tier`
+# (a dearer tier), `web_search_options` (the provider fetches pages: egress and a fee),
+# `store`/`metadata` (the provider keeps the conversation), and whatever a provider adds next.
+REQUEST_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "stream",  # false only (see _parse_request)
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "user",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "reasoning_effort",  # reasoning tokens are completion tokens, within the cap
+    }
+)
+
+
+def unsupported_parameters(body: Mapping[str, Any]) -> list[str]:
+    """The request's parameters the gateway does not forward (sorted)."""
+    return sorted(str(name) for name in body if name not in REQUEST_FIELDS)
+
+
 def _bad_request(message: str, code: str = "mas2c_bad_request") -> _HttpFailure:
     return _HttpFailure(400, _error_body("invalid_request_error", code, message))
 
@@ -1395,7 +1450,10 @@ class _AsyncHttp:
             # The runtime percent-encodes ids (header values must be Latin-1).
             agent = unquote(request.headers.get(AGENT_HEADER.lower(), ""))[:200] or UNKNOWN_AGENT
             step = unquote(request.headers.get(STEP_HEADER.lower(), ""))[:500]
-            status, obj, source = await self._in_worker(gw._exchange, request.body, agent, step)
+            context = trace_context(request.headers.get(TRACEPARENT_HEADER, ""))
+            status, obj, source = await self._in_worker(
+                gw._exchange, request.body, agent, step, context
+            )
             return status, obj, ({"X-Mas2c-Source": source} if source else None)
         if request.method == "POST" and route == EGRESS_ROUTE:
             status, obj = await self._in_worker(gw._egress_exchange, request.body)
@@ -1824,10 +1882,14 @@ class Gateway:
             accounting.per_token(price.output_per_mtok),
         )
 
-    def _exchange(self, raw: bytes, agent: str, step: str) -> tuple[int, dict[str, Any], str]:
-        """Serve one chat completion (in a worker thread). Returns (status, JSON body, source)."""
+    def _exchange(
+        self, raw: bytes, agent: str, step: str, context: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any], str]:
+        """Serve one chat completion (in a worker thread). Returns (status, JSON body, source).
+        ``context``: the caller's trace context (`trace_context`), passed on in the event."""
         t0 = time.monotonic()
-        event: dict[str, Any] = {"agent": agent, "step": step, "model": None}
+        event: dict[str, Any] = {"agent": agent, "step": step, "model": None, **(context or {})}
+        event["start_ts"] = time.time()
         res: _Reservation | None = None
         weight: int | None = None
         try:
@@ -2076,6 +2138,16 @@ class Gateway:
             raise _bad_request(
                 f"model {model[:100]!r} is not in the spec's model pool ({pool})",
                 "mas2c_unknown_model",
+            )
+        unknown = unsupported_parameters(body)
+        if unknown:
+            shown = ", ".join(repr(name[:40]) for name in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise _bad_request(
+                f"the mas2c gateway does not forward {shown}{more}: a parameter whose cost or "
+                "data use the run's budget cannot bound (supported: see REQUEST_FIELDS in "
+                "mas2c/gateway.py, README 'The LLM gateway')",
+                "mas2c_unsupported_parameter",
             )
         problem = content_parts_problem(body, allow_image_urls=self.limits.allow_image_urls)
         if problem is not None:

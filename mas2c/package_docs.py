@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
-from mas2c import __version__
+from mas2c import __version__, pyast
 
 PACKAGE_VERSION = "1.0.0"
 _MAX_DEPTH = 8
@@ -32,7 +32,7 @@ def environment() -> tuple[tuple[str, str], ...]:
     from mas2c.compile import templates_dir
 
     source = (templates_dir() / "_api.py").read_text("utf-8")
-    module = ast.parse(source)
+    module = pyast.parse(source)
     names = {
         node.targets[0].id: node.value
         for node in module.body
@@ -68,7 +68,7 @@ def _pair(node: ast.expr, names: Mapping[str, ast.expr]) -> tuple[str, str]:
 def _runtime_constant(name: str) -> ast.expr:
     from mas2c.compile import templates_dir
 
-    module = ast.parse((templates_dir() / "_runtime.py").read_text("utf-8"))
+    module = pyast.parse((templates_dir() / "_runtime.py").read_text("utf-8"))
     for node in module.body:
         if (
             isinstance(node, ast.Assign)

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -358,7 +358,6 @@ def run_system(
     `MAS2C_TRACE_CONTENT=1` in the environment) also traces prompts and completions.
     """
     from mas2c import sandbox
-    from mas2c.gateway import Gateway, GatewayLimits
 
     llm = llm or LLMConfig()
     say = on_progress or (lambda _message: None)
@@ -368,25 +367,44 @@ def run_system(
     if owned and (url := llm.endpoint()) is not None:
         check_reachable(url)
     check_owned_folder(run_dir, marker="run.json", owns=run_folder_owns(run_dir), what="run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    header = run_header(system, llm, backend, trace_content)
-    _write_header(run_dir, header)
-    # What `mas2c rectify RUN_DIR` re-runs: the spec (canonical JSON) and the input.
-    write_text_atomic(run_dir / "spec.json", _canonical_json(system.data) + "\n")
-    write_bytes_atomic(run_dir / "input.json", input_path.read_bytes())
-    build_dir = system.build_dir
-    if build_dir is None:
-        from mas2c.compile import compile_spec
-
-        assert system.spec is not None
-        say("compiling")
-        build_dir = run_dir / "build"
-        compile_spec(system.spec).write(build_dir)
-    if owned:
-        upstream = make_upstream(llm, on_progress=on_progress)
     uid = sandbox_uid(backend, loosen)
-    try:
-        with socket_dir(uid) as folder:
+    with ExitStack() as stack:
+        folder: Path | None = None
+        prestarted = None
+        loads_model = owned and llm.endpoint() is None  # the embedded engine: seconds
+        if backend == "docker" and not loads_model:
+            # The container is created and started on a thread from here on: dockerd's
+            # work overlaps the host's (run folder, gateway, upstream, a compile).
+            folder = stack.enter_context(socket_dir(uid))
+            prestarted = sandbox.prestart(
+                image=image or sandbox.DEFAULT_IMAGE,
+                limits=limits or sandbox.Limits(),
+                loosen=loosen or sandbox.Loosen(),
+                socket_folder=folder,
+            )
+            if prestarted is not None:
+                stack.callback(prestarted.cancel)
+        from mas2c.gateway import Gateway, GatewayLimits
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        header = run_header(system, llm, backend, trace_content)
+        _write_header(run_dir, header)
+        # What `mas2c rectify RUN_DIR` re-runs: the spec (canonical JSON) and the input.
+        write_text_atomic(run_dir / "spec.json", _canonical_json(system.data) + "\n")
+        write_bytes_atomic(run_dir / "input.json", input_path.read_bytes())
+        build_dir = system.build_dir
+        if build_dir is None:
+            from mas2c.compile import compile_spec
+
+            assert system.spec is not None
+            say("compiling")
+            build_dir = run_dir / "build"
+            compile_spec(system.spec).write(build_dir)
+        if owned:
+            upstream = make_upstream(llm, on_progress=on_progress)
+        try:
+            if folder is None:
+                folder = stack.enter_context(socket_dir(uid))
             gateway = Gateway(
                 folder / "llm.sock",
                 upstream if llm.needs_upstream else None,
@@ -421,16 +439,17 @@ def run_system(
                         env=header.sandbox_env(),
                         on_warning=on_warning,
                         defer_removal=True,
+                        prestarted=prestarted,
                     )
                 finally:
                     usage = gateway.usage()
                     write_text_atomic(
                         run_dir / "usage.json", json.dumps(usage, indent=2, sort_keys=True) + "\n"
                     )
-    finally:
-        if owned and hasattr(upstream, "close"):
-            upstream.close()
-        _finish_header(run_dir, header)
+        finally:
+            if owned and hasattr(upstream, "close"):
+                upstream.close()
+            _finish_header(run_dir, header)
     # The program wrote result.json: read it through the run-folder contract (hostile input).
     from mas2c.runfolder import result_data, result_or_error  # pydantic: after the run only
 

@@ -26,6 +26,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from mas2c import pyast
+
 _SIMPLE: dict[str, dict[str, Any]] = {
     "str": {"type": "string"},
     "int": {"type": "integer"},
@@ -65,7 +67,7 @@ def annotation_schema(annotation: ast.expr | None) -> dict[str, Any]:
         return {}
     if isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
         try:  # a string annotation: "list[int]"
-            return annotation_schema(ast.parse(annotation.value, mode="eval").body)
+            return annotation_schema(pyast.parse_expression(annotation.value).body)
         except SyntaxError:
             return {}
     if isinstance(annotation, ast.BinOp) and isinstance(annotation.op, ast.BitOr):
@@ -117,7 +119,7 @@ def function_node(name: str, code: str) -> ast.FunctionDef | ast.AsyncFunctionDe
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tree = ast.parse(code)
+            tree = pyast.parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     for node in tree.body:
@@ -216,7 +218,7 @@ def undefined_names(code: str) -> list[Undefined]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tree = ast.parse(code)
+            tree = pyast.parse(code)
             table = symtable.symtable(code, "<tool>", "exec")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return []
@@ -315,7 +317,7 @@ def top_level_names(code: str) -> list[tuple[str, int]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tree = ast.parse(code)
+            tree = pyast.parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return []
     return [

@@ -1989,8 +1989,11 @@ class Run:
         for attempt in range(1, attempts + 1):
             self._check_budget()
             span = _open_span(self.trace)
+            # W3C trace context: the gateway's span of this request nests under this call.
+            parent = f"00-{self.trace.trace_id}-{span.span_id}-01"
+            headers = {**request.get("extra_headers", {}), "traceparent": parent}
             try:
-                response = await self._send(request)
+                response = await self._send({**request, "extra_headers": headers})
             except Exception as exc:
                 self._trace_call(agent, model, request, None, span, attempt, exc)
                 self._raise_unless_retryable(exc, agent, attempt, attempts)

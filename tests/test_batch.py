@@ -241,7 +241,7 @@ def test_a_dataset_that_does_not_fit_fails_before_running(tmp_path: Path) -> Non
     dataset.write_text('{"id": "1", "problem": "2+2", "answer": "4"}\n')
     with LLMTestServer() as server:
         with pytest.raises(
-            BatchError, match=r"line 1 \(id 1\): no field 'question' for input 'question'"
+            BatchError, match=r"d\.jsonl:1 \(id 1\): no field 'question' for input 'question'"
         ):
             run_batch(options(tmp_path, dataset, server))
         with pytest.raises(BatchError, match=r"--map names \['nope'\]"):
@@ -324,6 +324,17 @@ def test_resume_refuses_another_dataset_or_scorer(tmp_path: Path) -> None:
         other.write_text(dataset.read_text().replace("Tom", "Tim"))
         with pytest.raises(BatchError, match="dataset_sha256 differ"):
             run_batch(options(tmp_path, other, server, limit=1))
+        # other ids would run every row again beside the old ones
+        with pytest.raises(BatchError, match="id_field differ"):
+            run_batch(options(tmp_path, dataset, server, limit=1, id_field="question"))
+        # a user scorer edited between runs measures something else
+        scorer = tmp_path / "s.py"
+        scorer.write_text("def score(prediction, row):\n    return 1.0\n")
+        user = {"limit": 1, "scorer": f"python:{scorer}", "run_dir": tmp_path / "user"}
+        run_batch(options(tmp_path, dataset, server, **user))
+        scorer.write_text("def score(prediction, row):\n    return 0.0\n")
+        with pytest.raises(BatchError, match="scorer_sha256 differ"):
+            run_batch(options(tmp_path, dataset, server, **user))
 
 
 def test_code_scorer_on_converted_mbpp(tmp_path: Path) -> None:
@@ -510,6 +521,10 @@ def test_baseline_refuses_the_code_scorer(tmp_path: Path) -> None:
             run_batch(
                 options(tmp_path, dataset, server, spec=CODEGEN, scorer="code", baseline="cot-sc")
             )
+        # a baseline question field that a row lacks: located, before the system spends
+        qa, _rows = qa_dataset(tmp_path)
+        with pytest.raises(BatchError, match=r"gsm8k\.jsonl:1 \(id gsm8k-0\): the baseline's"):
+            run_batch(options(tmp_path, qa, server, baseline="cot-sc", baseline_field="nope"))
         assert server.requests == []
 
 
@@ -590,3 +605,250 @@ def test_local_sandbox_from_a_driver_with_many_threads(tmp_path: Path) -> None:
         for thread in threads:
             thread.join()
     assert score.passed, score
+
+
+# ------------------------------------------------------------------ malformed datasets
+
+
+def test_malformed_dataset_lines_are_located(tmp_path: Path) -> None:
+    """Every bad line is a BatchError at FILE:LINE, never a traceback (RecursionError,
+    UnicodeDecodeError) or a silent coercion (NaN, 1e400, an id that is not an id)."""
+    path = tmp_path / "d.jsonl"
+    good = '{"id": "a", "q": "x", "answer": "1"}\n'
+    cases: list[tuple[bytes, str]] = [
+        (b'{"id": "b", "q": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "nested too deeply"),
+        (b'{"id": "b", "q": "\xff"}\n', r"not UTF-8 text \(byte 0xff at column 19\)"),
+        (b'{"id": "b", "answer": NaN}\n', "NaN is not a JSON number"),
+        (b'{"id": "b", "answer": 1e400}\n', "a number out of range"),
+        (b'{"id": 1.5}\n', "the id field 'id' is 1.5: expected a non-empty string"),
+        (b'{"id": true}\n', "the id field 'id' is true"),
+        (b'{"id": ""}\n', "the id field 'id' is \"\""),
+        (b'{"id": {"k": 1}}\n', "the id field 'id' is"),
+    ]
+    for line, message in cases:
+        path.write_bytes(good.encode() + b"\n" + line)
+        with pytest.raises(BatchError, match=rf"d\.jsonl:3: (not valid JSON \()?{message}"):
+            load_rows(path)
+    # an id field the user names is required in every row
+    path.write_text(good + '{"q": "y"}\n')
+    assert [r.key for r in load_rows(path)] == ["a", "row-1"]
+    with pytest.raises(BatchError, match=r"d\.jsonl:2: no id field 'id' \(--id-field\)"):
+        load_rows(path, require_id=True)
+
+
+def test_row_values_are_checked_against_the_spec_inputs_before_running(tmp_path: Path) -> None:
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(
+        '{"id": "1", "problem": "2+2", "answer": "4"}\n'
+        '{"id": "2", "problem": 5, "answer": "5"}\n'
+        '{"id": "3", "problem": null, "answer": "5"}\n'
+    )
+    with LLMTestServer() as server:
+        with pytest.raises(BatchError) as caught:
+            run_batch(options(tmp_path, dataset, server, mapping={"question": "problem"}))
+        assert server.requests == []
+    message = str(caught.value)
+    assert f"{dataset}:2 (id 2): input 'question': expected string" in message
+    assert "(field 'problem')" in message and f"{dataset}:3 (id 3)" in message
+    assert f"{dataset}:1 " not in message
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_an_input_with_a_default_may_be_missing_from_rows(tmp_path: Path) -> None:
+    spec = tmp_path / "cot.yaml"
+    text = COT.read_text()
+    assert "inputs:\n  question:\n" in text
+    spec.write_text(
+        text.replace(
+            "inputs:\n  question:\n",
+            "inputs:\n  hint:\n    type: string\n    default: none\n  question:\n",
+        ).replace("{{ question }}\n", "{{ question }}\n      Hint: {{ hint }}\n")
+    )
+    dataset, rows = qa_dataset(tmp_path)
+    with LLMTestServer(answering(rows)) as server:
+        summary = run_batch(options(tmp_path, dataset, server, spec=spec, limit=2))
+        assert all("Hint: none" in r.all_text for r in server.requests)
+    assert summary["complete"] and summary["accuracy"] == 1.0
+
+
+def test_converters_locate_malformed_records(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    ok = '{"_id": "a", "question": "q", "answer": "x"}'
+    cases = [
+        (f'[\n {ok},\n {{"_id": "b", "question": 5, "answer": "x"}}\n]', 3, "no text field"),
+        (
+            f'[\n {ok},\n {{"_id": "b", "question": "q", "answer": "x", "context": '
+            '{"title": 5, "sentences": [1]}}\n]',
+            3,
+            "the context must be",
+        ),
+        (
+            f'[\n {ok},\n {{"_id": "b", "question": "q", "answer": "x", "context": [["t", 5]]}}\n]',
+            3,
+            "context item 1's sentences must be text",
+        ),
+        (
+            f'[\n {ok},\n {{"_id": "a", "question": "q", "answer": "x"}}\n]',
+            3,
+            r"duplicate id 'a' \(first on line 2\)",
+        ),
+        (f"[\n {ok},\n ]", 3, "not valid JSON"),
+        (f"[\n {ok}\n", 3, r"not valid JSON \(the array is not closed\)"),
+        (
+            f'[\n {ok},\n {{"_id": {{"x": 1}}, "question": "q", "answer": "x"}}\n]',
+            3,
+            "the id field '_id' is",
+        ),
+    ]
+    for text, line, message in cases:
+        bad.write_text(text)
+        with pytest.raises(BatchError, match=rf"bad\.json:{line}: {message}"):
+            convert("hotpotqa", bad)
+    gsm = tmp_path / "g.jsonl"
+    gsm.write_bytes(b'{"question": "q", "answer": "#### 1"}\n{"question": "\xff"}\n')
+    with pytest.raises(BatchError, match=r"g\.jsonl:2: not UTF-8 text"):
+        convert("gsm8k", gsm)
+    gsm.write_text('{"question": "q", "answer": "so ####"}\n')
+    with pytest.raises(BatchError, match=r"g\.jsonl:1: the answer's '####' line has no number"):
+        convert("gsm8k", gsm)
+    mbpp = tmp_path / "m.jsonl"
+    mbpp.write_text('{"task_id": 1, "text": "t", "code": 5, "test_list": ["assert f(1) == 1"]}\n')
+    with pytest.raises(BatchError, match=r"m\.jsonl:1: the field 'code' must be text"):
+        convert("mbpp", mbpp)
+
+
+def test_cli_refuses_flags_that_would_measure_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dataset, _rows = qa_dataset(tmp_path)
+    base = ["batch", str(dataset), "--spec", str(COT), "--sandbox", "unisolated"]
+    base += ["--run-dir", str(tmp_path / "run")]
+    for flags in (
+        ["--max-cost", "nan"],
+        ["--max-cost", "-1"],
+        ["--max-cost", "inf"],
+        ["--test-timeout", "nan"],
+        ["--test-timeout", "0"],
+        ["--max-retries", "-1"],
+        ["--map", "question"],
+    ):
+        assert cli_main([*base, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "mas2c batch:" in err, err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(BatchError, match="--max-cost must be a positive number"):
+        run_batch(BatchOptions(run_dir=tmp_path / "r", dataset=dataset, max_cost_usd=float("nan")))
+
+
+def test_kill_9_mid_batch_then_resume_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """`mas2c batch` killed with SIGKILL mid-batch (rows in flight), a torn last line added
+    (a crash inside a write), then the same command again: every row exactly once, every
+    line whole JSON, and only the rows in flight at the kill run a second time."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import cli_env
+
+    n = 8
+    dataset = tmp_path / "d.jsonl"
+    rows = [{"id": f"r{i}", "question": f"What is {i} plus 0?", "answer": str(i)} for i in range(n)]
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "run"
+    results = run_dir / "results.jsonl"
+    with LLMTestServer(answering(rows)) as server:
+        server.latency_s = 0.4
+        command = [sys.executable, "-m", "mas2c.cli", "batch", str(dataset), "--spec", str(COT)]
+        command += ["--scorer", "numeric", "--sandbox", "unisolated", "--workers", "2"]
+        command += ["--llm", server.base_url, "--run-dir", str(run_dir)]
+        env = cli_env(PYTHONPATH=str(ROOT))
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                done = results.read_bytes().count(b"\n") if results.exists() else 0
+                if done >= 2 and server.in_flight >= 1:
+                    break
+                assert proc.poll() is None, "the batch ended before it could be killed"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        before = results.read_text().splitlines()
+        assert 2 <= len(before) < n
+        assert all(json.loads(line)["key"] for line in before)  # whole lines only
+        with open(results, "ab") as handle:  # a crash inside a write: a torn last line
+            handle.write(b'{"key": "r7", "status": "ok", "pass')
+        first_requests = len(server.requests)
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert f"resuming: {len(before)} row(s) already" in again.stderr
+        rerun = len(server.requests) - first_requests
+    lines = results.read_text().splitlines()
+    keys = [json.loads(line)["key"] for line in lines]
+    assert sorted(keys) == sorted(r["id"] for r in rows)  # none lost, none twice
+    assert rerun == n - len(before)  # finished rows never ran again
+    assert first_requests - len(before) <= 2  # what was in flight (2 workers) at the kill
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["finished"] == n and summary["accuracy"] == 1.0
+
+
+def test_batch_of_solve_over_mapped_rows(tmp_path: Path) -> None:
+    """`--solve TASK`: each row runs generate -> configure -> compile -> run -> rectify with
+    its mapped fields as the input; the row folder keeps the whole solve tree. Three rows on
+    three workers: their host-side parsing ran at once and CPython 3.11 failed one of them
+    (SystemError: AST constructor recursion depth mismatch) until mas2c.pyast serialised it."""
+    from mas2c.lang.validate import load_spec
+    from mas2c.testserver import Script
+
+    dataset = tmp_path / "d.jsonl"
+    rows = [
+        {"id": "a", "q": "What is 40 + 2?", "answer": "42"},
+        {"id": "b", "q": "1+1?", "answer": "2"},
+        {"id": "c", "q": "What is 41 + 1?", "answer": "42"},
+    ]
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = json.dumps(load_spec(COT).to_data())
+    script = Script(
+        [
+            (r"^You design multi-agent systems", spec),
+            (r"^Careful problem solver", json.dumps({"reasoning": "r", "answer": "42"})),
+        ],
+        field="system",
+    )
+    with LLMTestServer(script) as server:
+        with pytest.raises(BatchError, match=r"give --map INPUT=FIELD"):
+            run_batch(options(tmp_path, dataset, server, spec=None, solve_task="Add."))
+        summary = run_batch(
+            options(
+                tmp_path,
+                dataset,
+                server,
+                spec=None,
+                solve_task="Add.",
+                mapping={"question": "q"},
+                workers=3,
+            )
+        )
+        # one generator request and one run per row, each run given the row's mapped field
+        runs = sorted(r.last_user for r in server.requests if r.system.startswith("Careful"))
+        assert len(server.requests) == 6 and len(runs) == 3
+        assert "1+1?" in runs[0] and "What is 40 + 2?" in runs[1] and "41 + 1" in runs[2]
+    assert summary["not_recorded"] == []
+    assert summary["mode"] == "solve" and summary["complete"]
+    assert summary["passed"] == 2 and summary["accuracy"] == round(2 / 3, 4)
+    results = read_results(tmp_path / "run" / "results.jsonl")
+    assert results["a"]["spec_source"] == "generated" and results["a"]["passed"]
+    assert results["b"]["prediction"] == "42" and not results["b"]["passed"]
+    for key, row in zip("abc", rows, strict=True):
+        solve_dir = tmp_path / "run" / "rows" / key / "solve"
+        assert (solve_dir / "spec.yaml").is_file() and (
+            solve_dir / "run-1" / "result.json"
+        ).is_file()
+        assert json.loads((tmp_path / "run" / "rows" / key / "input.json").read_text()) == {
+            "question": row["q"]
+        }

@@ -360,3 +360,33 @@ def test_the_endpoint_url_and_key_travel_in_the_task_env_not_in_the_plan() -> No
             del os.environ["OPENAI_BASE_URL"]
         else:
             os.environ["OPENAI_BASE_URL"] = saved
+
+
+def test_an_unreachable_cluster_fails_fast_before_anything_is_written(tmp_path: Path) -> None:
+    """`ray.init` waits without end for a cluster that is not there: the address is checked
+    (a TCP connection, 3 s) before any run folder, build or row."""
+    if importlib.util.find_spec("ray") is None and os.environ.get("CI") != "true":
+        pytest.skip("Ray is not installed (pip install 'mas2c[ray]')")
+    from mas2c.batch import BatchError
+
+    dataset = tmp_path / "gsm8k.jsonl"
+    convert_file("gsm8k", DATA / "gsm8k.jsonl", dataset)
+    port = _free_port()  # nothing listens there
+    with LLMTestServer() as server:
+        started = time.monotonic()
+        with pytest.raises(BatchError, match=rf"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+            run_batch(
+                _options(
+                    tmp_path / "run",
+                    server,
+                    dataset=dataset,
+                    spec=ROOT / "specs" / "chain-of-thought.yaml",
+                    scorer="numeric",
+                    backend="unisolated",
+                    engine="ray",
+                    ray_address=f"127.0.0.1:{port}",
+                )
+            )
+        assert time.monotonic() - started < 30
+        assert server.requests == []
+    assert not (tmp_path / "run").exists()

@@ -717,3 +717,29 @@ def test_parsing_imports_nothing_heavy(argv: list[str]) -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+@pytest.mark.docker
+def test_docker_run_of_a_build_imports_no_docker_py(
+    docker_ready: None, tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """A whole real cold `mas2c run BUILD --sandbox docker`: the daemon is spoken to by
+    mas2c.sandbox.engine (no docker-py, requests or urllib3: ~70 ms of imports)."""
+    build = _built(tmp_path)
+    modules = tmp_path / "modules.json"
+    argv = ["run", str(build), "--input", str(write_json(tmp_path / "in.json", QUESTION))]
+    argv += ["--sandbox", "docker", "--no-pool", "--llm", llm_server.base_url]
+    argv += ["--run-dir", str(tmp_path / "r")]
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(modules), *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=cli_env(OPENAI_API_KEY="sk-test"),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(modules.read_text())
+    assert "mas2c.sandbox.engine" in loaded
+    assert [m for m in loaded if m.split(".")[0] in ("docker", "requests", "urllib3")] == []
+    assert [m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY] == []

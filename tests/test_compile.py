@@ -635,3 +635,96 @@ def test_graph_mermaid_and_dot(name: str, capsys: pytest.CaptureFixture[str]) ->
         assert step.id in mermaid and step.id in dot, step.id
     # The README's diagram is the same Mermaid text.
     assert mermaid in build_of(name).files["README.md"].decode("utf-8")
+
+
+# -- every emitted helper, under several hash seeds ------------------------------------------
+
+
+def _every_helper_spec() -> dict[str, Any]:
+    """An example extended until its build imports every helper the emitters can name:
+    a flow ensemble and a subflow (`_flows`), a call choosing its agent (`_delegation`),
+    declared state, a condition with `a.b` and `a[0]`, a map (`resolve_value`)."""
+    data = yaml.safe_load(example_path("math-program-ensemble").read_text())
+    data["name"] = "every-helper"
+    data["inputs"]["who"] = {"type": "string"}
+    data["inputs"]["items"] = {"type": "array", "items": {"type": "string"}}
+    data["agents"]["checker"] = {"role": "Checks answers", "model": "coder"}
+    data["state"] = {
+        "notes": {"schema": {"type": "array", "items": {"type": "string"}}, "reducer": "append"}
+    }
+    with_problem = {"problem": "{{ problem }}"}
+    data["workflow"] += [
+        {"id": "again", "kind": "subflow", "flow": "solve_by_program", "with": with_problem,
+         "out": "second"},
+        {"id": "pick", "kind": "call", "agent": "{{ who }}", "agents": ["programmer", "checker"],
+         "prompt": "Check {{ second.answer }}", "out": "checked"},
+        {"id": "decide", "kind": "branch", "cases": [
+            {"when": "second.answer == best.answer and notes[0] == 'x'",
+             "steps": [{"id": "note", "kind": "call", "agent": "checker", "prompt": "ok",
+                        "out": "notes"}]}]},
+        {"id": "each", "kind": "map", "over": "{{ items }}", "as": "it",
+         "steps": [{"id": "one", "kind": "call", "agent": "checker", "prompt": "{{ it }}",
+                    "out": "one_out"}],
+         "result": {"text": "{{ one_out }}"}, "out": "all_items"},
+    ]  # fmt: skip
+    return data
+
+
+def _emittable_helpers() -> set[str]:
+    """Every runtime name an emitted workflow can import: the registry's, the literal sets
+    of the step views, the condition helpers and `StateVar`."""
+    from mas2c.compile import EMITTERS
+
+    source = (ROOT / "mas2c" / "compile.py").read_text()
+    literal = {
+        name
+        for group in re.findall(r'"helpers": \{([^}]*)\}', source)
+        for name in re.findall(r'"([\w.]+)"', group)
+    }
+    registry = {h for emitter in EMITTERS.values() for h in emitter.helpers}
+    return registry | literal | {"field", "item", "StateVar"}
+
+
+_SEED_DIGESTS = """
+import hashlib, json, sys
+from mas2c.compile import compile_spec
+from mas2c.lang.source import SpecSource
+from mas2c.lang.validate import validate_source
+report = validate_source(SpecSource(data=json.loads(sys.argv[1])))
+files = compile_spec(report.spec).files
+print(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())}))
+"""
+
+
+def test_every_emitted_helper_compiles_the_same_under_every_hash_seed() -> None:
+    """The import lines, module imports and step tables that list helpers, flows, tools and
+    state are sorted: a build of a spec using every helper has the same bytes in fresh
+    interpreters under eight hash seeds (one set iterated unsorted fails this)."""
+    from mas2c.compile import _workflow_view
+    from mas2c.lang.source import SpecSource
+    from mas2c.lang.validate import validate_source
+
+    data = _every_helper_spec()
+    report = validate_source(SpecSource(data=data))
+    assert report.ok and report.spec is not None, report.problems
+    view = _workflow_view(report.spec)
+    used = {
+        h
+        for v in view["steps"] + [s for f in view["flows"] for s in f["steps"]]
+        for h in v["helpers"]
+    }
+    used |= {"StateVar"} if report.spec.state else set()
+    assert used >= _emittable_helpers(), f"not covered: {_emittable_helpers() - used}"
+    ours = {
+        k: hashlib.sha256(v).hexdigest() for k, v in sorted(compile_spec(report.spec).files.items())
+    }
+    for seed in ("0", "1", "2", "3", "4", "5", "6", "42"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _SEED_DIGESTS, json.dumps(data)],
+            env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == ours, f"PYTHONHASHSEED={seed} changes the output"

@@ -265,6 +265,54 @@ def test_unknown_model_and_n_are_refused(sockdir: Path) -> None:
     assert caps == [100, 100, 5000, 100]
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"prediction": {"type": "content", "content": "x" * 100_000}},  # billed, not in the bound
+        {"audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"]},
+        {"service_tier": "priority"},
+        {"web_search_options": {}},  # the provider would fetch pages: egress
+        {"store": True, "metadata": {"k": "v"}},
+        {"stream_options": {"include_usage": True}},
+        {"extra_body": {"x": 1}},
+        {"\u202emodel": "m1"},
+    ],
+    ids=[
+        "prediction",
+        "audio",
+        "service_tier",
+        "web_search",
+        "store",
+        "stream_options",
+        "extra_body",
+        "rtl",
+    ],
+)
+def test_parameters_the_budget_cannot_bound_are_refused(
+    sockdir: Path, extra: dict[str, Any]
+) -> None:
+    """Only parameters counted in the reservation or neutral to cost and data are forwarded:
+    any other (a dearer tier, audio, predicted output, web search, storage, whatever comes
+    next) is a 400 naming it, and nothing reaches the upstream or the budget."""
+    sock = sockdir / "gw.sock"
+    with (
+        LLMTestServer() as srv,
+        Gateway(sock, upstream(srv.base_url), budget=Budget(max_total_tokens=10_000)) as gw,
+    ):
+        r = post(sock, body(**extra))
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "mas2c_unsupported_parameter"
+        assert all(repr(name[:40]) in error["message"] for name in extra)
+        # what the compiled runtime and the openai client send still goes
+        ok = body(temperature=0.2, top_p=0.9, stop=["x"], seed=1, max_tokens=5, user="u",
+                  response_format={"type": "json_object"}, logprobs=True, top_logprobs=2,
+                  tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                  tool_choice="none", parallel_tool_calls=False, stream=False)  # fmt: skip
+        assert post(sock, ok).status_code == 200
+        assert len(srv.requests) == 1 and gw.usage()["calls"] == 1
+
+
 def worst_case_responder(req: ChatRequest) -> Reply:
     """An upstream that uses every token it is allowed: the prompt bound and max_tokens."""
     return Reply(
@@ -349,6 +397,27 @@ def test_cost_exact_boundary(sockdir: Path) -> None:
             u = gw.usage()
             assert u["cost_usd"] <= limit
             assert u["budget_exceeded"] is (402 in statuses)
+
+
+def test_cost_exact_boundary_with_free_completions(sockdir: Path) -> None:
+    """A model whose completions cost nothing: a prompt whose worst case costs exactly
+    what is left still goes (its cost ends at the limit, not past it); a dollar more does not."""
+    sock = sockdir / "gw.sock"
+    req = body("free", max_tokens=3)
+    p = prompt_token_bound(req)
+    prices = {"m1": Price(input_per_mtok=1_000_000, output_per_mtok=0)}  # $1 a prompt token
+    for limit, expected in ((p, 200), (p - 1, 402)):
+        with (
+            LLMTestServer(worst_case_responder) as srv,
+            Gateway(
+                sock, upstream(srv.base_url), prices=prices, budget=Budget(max_cost_usd=limit)
+            ) as gw,
+        ):
+            assert post(sock, req).status_code == expected, limit
+            u = gw.usage()
+            assert u["cost_usd"] == (limit if expected == 200 else 0)
+            assert u["budget_exceeded"] is (expected != 200)
+            assert [r.body["max_tokens"] for r in srv.requests] == ([3] if expected == 200 else [])
 
 
 def test_parallel_burst_cannot_exceed_tokens_or_cost(sockdir: Path) -> None:

@@ -946,3 +946,38 @@ def test_budget_checks_and_cost_accounting(rt: ModuleType) -> None:
         run._check_budget()
     assert info.value.spec_pointer == "/budgets/max_total_tokens"
     assert "2400 used, max 2000" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("limit", "at", "below"),
+    [
+        # (budget, usage that reaches it exactly, usage one short: (prompt, completion) per call)
+        ("max_llm_calls", [(1, 0)] * 2, [(1, 0)]),
+        ("max_total_tokens", [(3, 2)], [(3, 1)]),
+        ("max_cost_usd", [(3, 1)], [(3, 0)]),  # $1 a prompt token, $2 a completion token
+    ],
+)
+def test_budget_checks_at_the_exact_boundary(
+    rt: ModuleType, limit: str, at: list[tuple[int, int]], below: list[tuple[int, int]]
+) -> None:
+    """Used == limit: the next call is refused (it could only go past); one short: it may go."""
+    model = rt.ModelDef(model="m1", input_per_mtok=1_000_000.0, output_per_mtok=2_000_000.0)
+    agent = rt.AgentDef(id="a", role="r", instructions="", model="m")
+    maximum = {"max_llm_calls": 2, "max_total_tokens": 5, "max_cost_usd": 5.0}[limit]
+
+    def run_after(calls: list[tuple[int, int]]) -> Any:
+        spec = rt.SpecInfo(
+            name="t", sha256="0", inputs={}, outputs={}, budgets=rt.Budgets(**{limit: maximum})
+        )
+        run = rt.Run(spec, {"a": agent}, {"m": model}, {})
+        for prompt, completion in calls:
+            reply = SimpleNamespace(
+                usage=SimpleNamespace(prompt_tokens=prompt, completion_tokens=completion)
+            )
+            run._account(agent, model, reply)
+        return run
+
+    run_after(below)._check_budget()  # one short of the limit: allowed
+    with pytest.raises(rt.BudgetExceeded) as info:
+        run_after(at)._check_budget()
+    assert info.value.spec_pointer == f"/budgets/{limit}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import mas2c
 
-from mas2c.lang.source import MAX_EXPANDED_CHARS, MAX_SPEC_BYTES
+from mas2c.lang.source import MAX_EXPANDED_CHARS, MAX_SPEC_BYTES, parse_text
 from mas2c.lang.validate import validate_text
 
 HEAD = """\
@@ -118,3 +118,29 @@ def test_a_lone_surrogate_escape_in_yaml_is_a_located_error() -> None:
     assert found == [
         f"MAS001 {HEAD.count(chr(10)) + 2}:14 a lone surrogate (U+D800) at /description: not a Unicode character"
     ]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_an_escaped_surrogate_pair_is_the_character_it_means(tmp_path: Path, suffix: str) -> None:
+    """JSON writes U+1F600 as ``"\\ud83d\\ude00"``: valid, one character, in values and keys.
+
+    Only an unpaired half (or a pair in the wrong order) is a lone surrogate.
+    """
+    doc = json.loads(json.dumps(SURROGATE_SPEC))
+    doc["description"] = "smile \U0001f600!"
+    doc["agents"]["a"]["instructions"] = "\U0001f600\U0001f600 done"
+    raw = json.dumps(doc)  # ensure_ascii: every emoji as an escaped pair
+    assert "\\ud83d\\ude00" in raw and "\U0001f600" not in raw
+    path = tmp_path / f"pair{suffix}"
+    path.write_text(raw, encoding="ascii")
+    report = validate_text(raw, str(path))
+    assert report.ok, report.problems
+    assert report.spec is not None and report.spec.description == "smile \U0001f600!"
+    assert report.spec.agents["a"].instructions == "\U0001f600\U0001f600 done"
+    proc = mas2c("compile", path, "-o", tmp_path / "build", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert parse_text('{"k\\ud83d\\ude00": 1}', "k.json").data == {"k\U0001f600": 1}  # a key
+    # a reversed pair and a half beside a real character stay errors
+    for bad in ("\\ude00\\ud83d", "\\ud83dx", "x\\ude00"):
+        found = problems(raw.replace("smile \\ud83d\\ude00!", bad), str(path))
+        assert len(found) == 1 and "lone surrogate" in found[0], (bad, found)

@@ -14,7 +14,7 @@ import re
 import warnings
 from collections.abc import Sequence
 
-from mas2c import values
+from mas2c import pyast, values
 from mas2c.errors import InvalidInput
 from mas2c.lang.spec import Step, iter_steps, step_out
 
@@ -66,7 +66,7 @@ def parse_condition(text: str) -> ast.expr:
     try:
         with warnings.catch_warnings():  # an invalid escape in a literal warns; never print it
             warnings.simplefilter("ignore")
-            tree = ast.parse(stripped, mode="eval")
+            tree = pyast.parse_expression(stripped)
     except SyntaxError as exc:
         if exc.offset:
             column = _offset(stripped, exc.lineno or 1, max(exc.offset - 1, 0), utf8=False)

@@ -119,6 +119,29 @@ MAX_EXPANDED_CHARS = 8 * 1024 * 1024
 MAX_SPEC_BYTES = 8 * 1024 * 1024
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+_SURROGATE_PAIR = re.compile(r"[\ud800-\udbff][\udc00-\udfff]")
+
+
+def _is_escaped_pair(text: str) -> bool:
+    """Whether `text` is exactly ``\\uHHHH\\uLLLL`` with a high then a low surrogate."""
+    try:
+        high, low = int(text[2:6], 16), int(text[8:12], 16)
+    except ValueError:
+        return False
+    return text[6:8] == "\\u" and 0xD800 <= high <= 0xDBFF and 0xDC00 <= low <= 0xDFFF
+
+
+def _join_surrogate_pairs(value: str) -> str:
+    """`value` with each escaped UTF-16 pair (``"\\ud83d\\ude00"``) made the one character it means.
+
+    JSON writes a character past U+FFFF as such a pair and YAML's parsers hand the two
+    halves over separately; only a half without its partner is a lone surrogate.
+    """
+    if _SURROGATE.search(value) is None:
+        return value
+    return _SURROGATE_PAIR.sub(
+        lambda pair: pair.group().encode("utf-16-le", "surrogatepass").decode("utf-16-le"), value
+    )
 
 
 @dataclass
@@ -171,6 +194,8 @@ def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) 
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
+            if isinstance(key_node.value, str):
+                key_node.value = _join_surrogate_pairs(key_node.value)
             key = str(key_node.value)
             _check_scalar(
                 key,
@@ -198,6 +223,7 @@ def _walk(node: yaml.Node, pointer: str, source: SpecSource, state: _WalkState) 
             _walk(item, f"{pointer}/{index}", source, state)
     state.active.discard(id(node))
     if isinstance(node, yaml.ScalarNode):
+        node.value = _join_surrogate_pairs(node.value)
         _check_scalar(node.value, here, pointer, state)
         if _yaml11_boolean(node):
             source.yaml_booleans[pointer] = (str(node.value), here, False)
@@ -341,7 +367,10 @@ def _quoted_column(line: str, start: int, quote: str, offset: int) -> int | None
             escape = line[index + 1 : index + 2]
             if not escape:
                 return None  # an escaped line break
-            index += {"x": 4, "u": 6, "U": 10}.get(escape, 2)
+            step = {"x": 4, "u": 6, "U": 10}.get(escape, 2)
+            if escape == "u" and _is_escaped_pair(line[index : index + 12]):
+                step = 12  # two escapes, one character (see _join_surrogate_pairs)
+            index += step
         else:
             index += 1
         produced += 1

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import libcst
 from pydantic import ValidationError
 
-from mas2c import toolcode, values
+from mas2c import pyast, toolcode, values
 from mas2c.errors import InvalidInput
 from mas2c.lang import expr
 from mas2c.lang.imports import resolve_flow_imports
@@ -2132,7 +2132,7 @@ def _syntax_error(code: str) -> tuple[str, int] | None:
     try:
         with warnings.catch_warnings():  # `"\d"` and the like: the sandbox's business, not ours
             warnings.simplefilter("ignore")
-            ast.parse(code)
+            pyast.parse(code)
     except SyntaxError as exc:
         return exc.msg, exc.lineno or 1
     try:

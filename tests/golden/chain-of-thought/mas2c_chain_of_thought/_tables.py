@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="93742149256ed7b9729db3ac6d0aff5b5e294e0e5ba3afed1f07ae391111619f",
+        code_sha="3da63709bc03dbdaa496e21875d7cd8120bacc360906d05c06752ae03fc91156",
         reads=["question"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="b03d55f311a8b70ec158a6fc51fe218a4ea45ba6dbacfb874bbd1a132cfcc3ea",
+        code_sha="adf9450fc02f4d497fb3c54b07d3700468fb8e8402f468eef8359ff5ad179796",
         reads=["question"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="777df542175b689a661c0f5baaa258e1fd2c83c1ed61372ae37a93c384d31aca",
+        code_sha="d297b0f66e2c80131f74838c0ff6d187c82765e8b9ccb460be3cdf42b98b8a4a",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="421a86d4efd34e5f67deccfe9101305f7f6db148d6609c27aadf90fc25bb218c",
+        code_sha="ac581bca934826e0fd17bb8178125e8265e527469ed6ace91abf96f13073fa31",
         reads=["focus", "summaries"],
     ),
 )

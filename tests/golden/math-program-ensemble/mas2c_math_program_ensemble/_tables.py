@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="93052cbb03aa8a7ae64c665aa4b79fca65abc9871b2e4b48d9c547dca55b8ef8",
+        code_sha="7700536d1a495b2ba2d69887f9e11ce44c5518d115d40851273c6cf4f5678589",
         reads=["problem"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="7b853a4d607d0b80217f4a0a7a78204e4b7566a57ad4a72fb1bf89b7e37228bd",
+        code_sha="c63ef3748f370118b2b33c33973322278a6521faf544b3538a045a189f547b0f",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="4187fe3547aadd3813cd5d4d13fd2d5911ce68088167d207bc102cbd704a92f6",
+        code_sha="9935f680b34dc706424e772169e1b46b40ed1d1180edd4b1d46127d81a0d7421",
         reads=["result", "task", "test_list"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="1b9da74be7b7d52917daf67dc5744cdcfae2083a4e9cbc2cba5c4845c9cbc0f0",
+        code_sha="ecd34c716a6f8f3361f7f57fbabd607221896df781ae613cfc48d78b67f5fc08",
         reads=["draft", "memory", "review", "task"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="90aafb12c4a51122e335b0fce817684112d3ebba2080a2431435066eb760fbbe",
+        code_sha="c11992dc6f40006199a4baf0ed7fd7d7b28e51543e9bf73d8fb595ba8bcb34e5",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="376b4e9d81e59f9b5c9fea6c4a4b1942b56a480de210c65ee42a6b1701db24b3",
+        code_sha="cbfa883da7db4df3db73314d68f5207e11fcabdaff2669eb248e113806350b5a",
         reads=["error", "route", "ticket"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="79edb0c71513ac110121ce4b881befbb75e00574b03312d87d7bf0c5357f0176",
+        code_sha="8e12444f6236a6c2460158feb56511336fc3f9952fe61a38113766d0f9f496a6",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="4f8a3b9fc7d550a89a5221ccd06b7c942cde2b85f3c66d88fd4f78ca84b99da2",
+        code_sha="0c2cf4a46328aa2919544c9a7c65a52df49a74c1ac110537c133311f90c5724a",
         reads=["product", "route", "ticket"],
     ),
 )

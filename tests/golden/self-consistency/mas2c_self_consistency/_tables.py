@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="daac01551f9edfe146a7f29038cd18f4828e5ec23de49dc6ba126a0a5cf34081",
+        code_sha="fbd226c5d29f7a886dfef25d23db2c484195fb2891844e23f6d54e11da1ee1e0",
         reads=["question"],
     ),
 )

@@ -1,0 +1,35 @@
+"""`ast.parse` for mas2c's host side, one thread at a time.
+
+Contract: every host-side parse of Python source in mas2c (the validator's tool code and
+expressions, the compiler's source map, tool signatures, package docs, a batch's user scorer)
+goes through :func:`parse` or :func:`parse_expression`, which behave as `ast.parse` and hold
+one process-wide lock while it runs.
+
+Why: CPython 3.11 keeps the depth counter of its AST-to-object conversion in
+interpreter-wide state, not per thread. Two threads parsing at once can corrupt it, and one
+of them fails with ``SystemError: AST constructor recursion depth mismatch`` (seen with
+``mas2c batch --solve`` on several workers: each row's generate, validate and compile run
+on the host, each on its own thread). Parsing is CPU-bound under the GIL anyway, so
+serialising it costs nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import threading
+
+__all__ = ["parse", "parse_expression"]
+
+_LOCK = threading.RLock()  # re-entrant: a finaliser run mid-parse may parse too
+
+
+def parse(source: str, filename: str = "<unknown>") -> ast.Module:
+    """`ast.parse(source, filename)` (a module), under the lock."""
+    with _LOCK:
+        return ast.parse(source, filename=filename)
+
+
+def parse_expression(source: str) -> ast.Expression:
+    """`ast.parse(source, mode="eval")`, under the lock."""
+    with _LOCK:
+        return ast.parse(source, mode="eval")
