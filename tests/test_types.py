@@ -799,7 +799,9 @@ def test_a_vote_over_a_flow_compares_the_final_answer_of_its_text(
     )
     code, out, _, stderr = build_and_run(tmp_path, FLOW_VOTE, {"q": "?"}, llm_server)
     assert code == 0, stderr
-    assert out["outputs"]["best"].rstrip().endswith("ANSWER: 9")
+    # Which of the three right answers wins depends on which sample finished first.
+    last_line = out["outputs"]["best"].strip().splitlines()[-1]
+    assert " ".join(last_line.split()).upper() == "ANSWER: 9"
     voting = load_runtime("_voting")
     assert voting.majority([{"answer": [1.0]}, {"answer": [3]}, {"answer": [1]}]) == {
         "answer": [1.0]
