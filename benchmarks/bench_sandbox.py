@@ -216,6 +216,16 @@ def throughput(
     }
 
 
+def _paired(samples: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over reps of a_i / b_i (a and b measured in the same rep)."""
+    return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=False))
+
+
+def ratio_lines(md: str) -> list[str]:
+    """The summary lines of the report (its bullets): what the targets are judged on."""
+    return [line for line in md.splitlines() if line.startswith("- ")]
+
+
 def markdown(r: dict[str, Any]) -> str:
     m = r["medians_s"]
 
@@ -223,7 +233,11 @@ def markdown(r: dict[str, Any]) -> str:
         return f"{m[key] * 1000:.0f}" if key in m else "-"
 
     def ratio(a: str, b: str) -> str:
-        return f"{m[a] / m[b]:.2f}x" if a in m and b in m else "-"
+        """Ratio of medians, and the median of the per-rep ratios (each rep ran both
+        side by side: robust to load that changes between reps)."""
+        if a not in m or b not in m:
+            return "-"
+        return f"{m[a] / m[b]:.2f}x (paired {_paired(r['samples_s'], a, b):.2f}x)"
 
     bare = "bare docker run --rm (python -c 'import openai')"
     bare_sc = "bare docker run --rm --runtime runsc (python -c 'import openai')"
@@ -496,13 +510,18 @@ def main() -> int:
         "load_average_start": load_start,
         "load_average": Path("/proc/loadavg").read_text().split()[:3],
     }
-    Path(args.out).with_suffix(".md").write_text(markdown(result), "utf-8")
+    report = markdown(result)
+    Path(args.out).with_suffix(".md").write_text(report, "utf-8")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n", "utf-8")
     print(f"sandbox: wrote {out}", file=sys.stderr)
     for name, value in medians.items():
         print(f"  {name:42} {value * 1000:8.0f} ms", file=sys.stderr)
+    load = " ".join(result["load_average_start"]) + " -> " + " ".join(result["load_average"])
+    print(f"sandbox: RATIOS (one interleaved run; load average {load}):", file=sys.stderr)
+    for line in ratio_lines(report):
+        print(f"  {line}", file=sys.stderr)
     return 0
 
 

@@ -87,6 +87,20 @@ log = logging.getLogger("mas2c.gateway")
 
 AGENT_HEADER = "X-Mas2c-Agent"
 STEP_HEADER = "X-Mas2c-Step"
+# W3C trace context of the package's llm_call span (its runtime sends it with each request):
+# the gateway's events carry it, so a live export nests the gateway's span under that call.
+TRACEPARENT_HEADER = "traceparent"
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+
+def trace_context(value: str) -> dict[str, str]:
+    """``trace_id`` and ``parent_span_id`` of a W3C traceparent header; {} if malformed."""
+    match = _TRACEPARENT.match(value[:100].strip().lower())
+    if match is None or not match.group(1).strip("0") or not match.group(2).strip("0"):
+        return {}
+    return {"trace_id": match.group(1), "parent_span_id": match.group(2)}
+
+
 UNKNOWN_AGENT = "unknown"
 # AF_UNIX paths are limited to sizeof(sun_path) - 1 bytes on Linux.
 MAX_SOCKET_PATH_BYTES = 107
@@ -193,6 +207,41 @@ def _error_body(type_: str, code: str, message: str, param: str | None = None) -
 
 
 # --------------------------------------------------------------------------- secrets
+
+
+def record_target_problem(path: Path) -> str | None:
+    """Why `--record PATH` must not be written, or None: it is appended to, so it must be
+    a new file in an existing folder (no folder is created), a cassette (JSON lines of
+    exchanges, each an object with a `response`), or a device such as /dev/null — never
+    another file of the user's (a spec named by mistake would be corrupted)."""
+    if path.is_dir():
+        return "is a folder"
+    if not path.parent.is_dir():
+        return f"the folder {path.parent} does not exist (mas2c creates no folders for it)"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not stat.S_ISREG(mode):
+        return None  # /dev/null, a FIFO: written in place
+    try:
+        with path.open("rb") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or not isinstance(entry.get("response"), dict):
+                    raise ValueError(f"line {number} is no recorded exchange")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except (ValueError, RecursionError) as exc:
+        return (
+            f"exists and is not a cassette ({str(exc)[:120]}); mas2c appends only to a "
+            "cassette: name a new file"
+        )
+    return None
 
 
 def redact_url(url: str) -> str:
@@ -1436,7 +1485,10 @@ class _AsyncHttp:
             # The runtime percent-encodes ids (header values must be Latin-1).
             agent = unquote(request.headers.get(AGENT_HEADER.lower(), ""))[:200] or UNKNOWN_AGENT
             step = unquote(request.headers.get(STEP_HEADER.lower(), ""))[:500]
-            status, obj, source = await self._in_worker(gw._exchange, request.body, agent, step)
+            context = trace_context(request.headers.get(TRACEPARENT_HEADER, ""))
+            status, obj, source = await self._in_worker(
+                gw._exchange, request.body, agent, step, context
+            )
             return status, obj, ({"X-Mas2c-Source": source} if source else None)
         if request.method == "POST" and route == EGRESS_ROUTE:
             status, obj = await self._in_worker(gw._egress_exchange, request.body)
@@ -1705,7 +1757,7 @@ class Gateway:
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, mode=0o700)
         sock = self._listen(path)
-        if self.record_path is not None:
+        if self.record_path is not None:  # (the CLI refuses a --record in a missing folder)
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
             self._record_file = self.record_path.open("a", encoding="utf-8")
         self._http = _AsyncHttp(self, sock)
@@ -1865,10 +1917,14 @@ class Gateway:
             accounting.per_token(price.output_per_mtok),
         )
 
-    def _exchange(self, raw: bytes, agent: str, step: str) -> tuple[int, dict[str, Any], str]:
-        """Serve one chat completion (in a worker thread). Returns (status, JSON body, source)."""
+    def _exchange(
+        self, raw: bytes, agent: str, step: str, context: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any], str]:
+        """Serve one chat completion (in a worker thread). Returns (status, JSON body, source).
+        ``context``: the caller's trace context (`trace_context`), passed on in the event."""
         t0 = time.monotonic()
-        event: dict[str, Any] = {"agent": agent, "step": step, "model": None}
+        event: dict[str, Any] = {"agent": agent, "step": step, "model": None, **(context or {})}
+        event["start_ts"] = time.time()
         res: _Reservation | None = None
         weight: int | None = None
         try:
@@ -2251,14 +2307,22 @@ class Gateway:
     def _miss(self, body: dict[str, Any]) -> _HttpFailure:
         user = _last_user_text(body)
         snippet = user[:200] + ("..." if len(user) > 200 else "")
+        with self._lock:
+            seen = sorted(self._models_seen)
+        held = ""
+        if seen and body.get("model") not in seen:  # e.g. recorded on the embedded engine
+            held = (
+                f"; it holds model(s) {', '.join(repr(m) for m in seen[:5])} (a run recorded "
+                "on the embedded engine replays with --llm embedded)"
+            )
         return _HttpFailure(
             400,
             _error_body(
                 "invalid_request_error",
                 "mas2c_cassette_miss",
                 f"cassette miss: {self.replay_path} has no recorded answer for this request "
-                f"(model {body.get('model')!r}, last user message {snippet!r}); record what "
-                "is missing with --record and --replay on the same file",
+                f"(model {body.get('model')!r}, last user message {snippet!r}){held}; record "
+                "what is missing with --record and --replay on the same file",
             ),
         )
 

@@ -385,3 +385,162 @@ def export_otel(
         "spans": len(spans),
         "problems": trace.problems,
     }
+
+
+# -- live export from the gateway ------------------------------------------------------------
+
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+
+
+def gateway_span_attributes(event: dict[str, Any]) -> dict[str, Any]:
+    """The attributes of the gateway's span of one LLM request (GenAI conventions)."""
+    out: dict[str, Any] = {
+        "mas2c.kind": "gateway",
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.system": "openai",
+        "gen_ai.request.model": event.get("model"),
+        "gen_ai.agent.name": event.get("agent"),
+        "gen_ai.usage.input_tokens": event.get("prompt_tokens"),
+        "gen_ai.usage.output_tokens": event.get("completion_tokens"),
+        "mas2c.cost_usd": event.get("cost_usd"),
+        "mas2c.source": event.get("source") or None,  # upstream, cache, replay, recorded
+        "mas2c.spec_pointer": event.get("step") or None,
+        "http.response.status_code": event.get("status"),
+        # A CHAIN for Phoenix: the package's own `chat` span above it is the LLM span,
+        # so tokens are not counted twice.
+        "openinference.span.kind": "CHAIN",
+    }
+    if event.get("status") != 200 and event.get("error"):
+        out["error.type"] = str(event.get("status"))
+    return {k: v for k, v in ((k, _value(v)) for k, v in out.items()) if v is not None}
+
+
+class LiveExport:
+    """The gateway's LLM calls sent as spans while a run goes (`mas2c run --otel URL`).
+
+    Each gateway event becomes a span ``gateway <model>`` (kind SERVER) whose parent is the
+    package's ``chat`` span of that request: the runtime sends its span as a W3C
+    ``traceparent`` header with every request, and the gateway passes it on in the event.
+    A background thread sends what arrived every half second; `close` sends the rest.
+    Events without a trace context (a package of an older mas2c) are counted, not sent.
+    Delivery failures are counted and reported by `close` (the run itself never fails on
+    them); the exporter's log lines are redacted like `export_otel`'s.
+    """
+
+    def __init__(self, endpoint: str, *, service: str = "mas2c", timeout_s: float = 10.0):
+        import queue
+        import threading
+
+        self.url = traces_url(endpoint)
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        except ImportError:
+            raise ExportError(
+                "the OpenTelemetry SDK is not installed: pip install 'mas2c[otel]'"
+            ) from None
+        self._exporter = OTLPSpanExporter(endpoint=self.url, timeout=timeout_s)
+        self._resource = Resource.create(
+            {
+                "service.name": service,
+                "service.version": __version__,
+                "openinference.project.name": service,
+            }
+        )
+        self._scope = InstrumentationScope("mas2c.gateway", __version__)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=100_000)
+        self.sent = self.failed = self.skipped = 0
+        self._logs = _redacted_logs(self.url)
+        self._logs.__enter__()
+        self._thread = threading.Thread(target=self._work, name="mas2c-otel-live", daemon=True)
+        self._thread.start()
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """A gateway event (called from the gateway's worker threads)."""
+        span = self._span(event)
+        if span is None:
+            self.skipped += 1
+            return
+        try:
+            self._queue.put_nowait(span)
+        except Exception:  # full: a receiver that cannot keep up loses spans, not the run
+            self.failed += 1
+
+    def _span(self, event: dict[str, Any]) -> Any:
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+        trace_id, parent_id = event.get("trace_id"), event.get("parent_span_id")
+        if not (isinstance(trace_id, str) and _HEX32.match(trace_id)):
+            return None
+        if not (isinstance(parent_id, str) and _HEX16.match(parent_id)):
+            return None
+        import os
+
+        flags = TraceFlags(TraceFlags.SAMPLED)
+        start = event.get("start_ts")
+        latency = event.get("latency_s")
+        start_s = float(start) if isinstance(start, int | float) else 0.0
+        took = float(latency) if isinstance(latency, int | float) else 0.0
+        ok = event.get("status") == 200
+        return ReadableSpan(
+            name=f"gateway {str(event.get('model') or '?')[:150]}",
+            context=SpanContext(
+                int(trace_id, 16), int.from_bytes(os.urandom(8), "big") or 1, False, flags
+            ),
+            parent=SpanContext(int(trace_id, 16), int(parent_id, 16), True, flags),
+            resource=self._resource,
+            attributes=gateway_span_attributes(event),
+            kind=SpanKind.SERVER,
+            status=Status(StatusCode.OK)
+            if ok
+            else Status(StatusCode.ERROR, str(event.get("error"))[:500]),
+            start_time=_ns(start_s),
+            end_time=max(_ns(start_s), _ns(start_s + max(0.0, took))),
+            instrumentation_scope=self._scope,
+        )
+
+    def _work(self) -> None:
+        import queue
+
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        stop = False
+        while not stop:
+            batch: list[Any] = []
+            try:
+                item = self._queue.get(timeout=0.5)
+                batch.append(item)
+                while len(batch) < 512:
+                    batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            if None in batch:
+                stop = True
+                batch = [s for s in batch if s is not None]
+            if batch:
+                try:
+                    result = self._exporter.export(batch)
+                except Exception:
+                    result = SpanExportResult.FAILURE
+                if result is SpanExportResult.SUCCESS:
+                    self.sent += len(batch)
+                else:
+                    self.failed += len(batch)
+
+    def close(self, timeout_s: float = 15.0) -> dict[str, Any]:
+        """Send what is left; returns counts (``sent``, ``failed``, ``skipped``)."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        with contextlib.suppress(Exception):
+            self._exporter.shutdown()  # type: ignore[no-untyped-call]
+        self._logs.__exit__(None, None, None)
+        return {
+            "endpoint": redact_url(self.url),
+            "sent": self.sent,
+            "failed": self.failed,
+            "skipped": self.skipped,
+        }

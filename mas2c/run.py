@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -358,7 +358,6 @@ def run_system(
     `MAS2C_TRACE_CONTENT=1` in the environment) also traces prompts and completions.
     """
     from mas2c import sandbox
-    from mas2c.gateway import Gateway, GatewayLimits
 
     llm = llm or LLMConfig()
     say = on_progress or (lambda _message: None)
@@ -368,25 +367,54 @@ def run_system(
     if owned and (url := llm.endpoint()) is not None:
         check_reachable(url)
     check_owned_folder(run_dir, marker="run.json", owns=run_folder_owns(run_dir), what="run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    header = run_header(system, llm, backend, trace_content)
-    _write_header(run_dir, header)
-    # What `mas2c rectify RUN_DIR` re-runs: the spec (canonical JSON) and the input.
-    write_text_atomic(run_dir / "spec.json", _canonical_json(system.data) + "\n")
-    write_bytes_atomic(run_dir / "input.json", input_path.read_bytes())
-    build_dir = system.build_dir
-    if build_dir is None:
-        from mas2c.compile import compile_spec
-
-        assert system.spec is not None
-        say("compiling")
-        build_dir = run_dir / "build"
-        compile_spec(system.spec).write(build_dir)
-    if owned:
-        upstream = make_upstream(llm, on_progress=on_progress)
     uid = sandbox_uid(backend, loosen)
-    try:
-        with socket_dir(uid) as folder:
+    with ExitStack() as stack:
+        folder: Path | None = None
+        prestarted = None
+        loads_model = owned and llm.endpoint() is None  # the embedded engine: seconds
+        if backend == "docker" and not loads_model:
+            # The container is created and started on a thread from here on: dockerd's
+            # work overlaps the host's (run folder, gateway, upstream, a compile).
+            folder = stack.enter_context(socket_dir(uid))
+            prestarted = sandbox.prestart(
+                image=image or sandbox.DEFAULT_IMAGE,
+                limits=limits or sandbox.Limits(),
+                loosen=loosen or sandbox.Loosen(),
+                socket_folder=folder,
+            )
+            if prestarted is not None:
+                stack.callback(prestarted.cancel)
+        from mas2c.gateway import Gateway, GatewayLimits
+
+        if loads_model:  # the embedded engine, loaded first: its name binds the spec's models
+            upstream = make_upstream(llm, on_progress=on_progress)
+            if hasattr(upstream, "close"):
+                stack.callback(upstream.close)
+        engine = upstream
+        if engine is None and llm.force_embedded and llm.replay is not None:
+            from mas2c.embedded import EngineName  # a strict replay of an embedded run
+
+            engine = EngineName.of(llm.embedded_model)
+        system = on_engine(system, engine, on_warning)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        header = run_header(system, llm, backend, trace_content)
+        _write_header(run_dir, header)
+        # What `mas2c rectify RUN_DIR` re-runs: the spec (canonical JSON) and the input.
+        write_text_atomic(run_dir / "spec.json", _canonical_json(system.data) + "\n")
+        write_bytes_atomic(run_dir / "input.json", input_path.read_bytes())
+        build_dir = system.build_dir
+        if build_dir is None:
+            from mas2c.compile import compile_spec
+
+            assert system.spec is not None
+            say("compiling")
+            build_dir = run_dir / "build"
+            compile_spec(system.spec).write(build_dir)
+        if owned and not loads_model:
+            upstream = make_upstream(llm, on_progress=on_progress)
+        try:
+            if folder is None:
+                folder = stack.enter_context(socket_dir(uid))
             gateway = Gateway(
                 folder / "llm.sock",
                 upstream if llm.needs_upstream else None,
@@ -421,16 +449,17 @@ def run_system(
                         env=header.sandbox_env(),
                         on_warning=on_warning,
                         defer_removal=True,
+                        prestarted=prestarted,
                     )
                 finally:
                     usage = gateway.usage()
                     write_text_atomic(
                         run_dir / "usage.json", json.dumps(usage, indent=2, sort_keys=True) + "\n"
                     )
-    finally:
-        if owned and hasattr(upstream, "close"):
-            upstream.close()
-        _finish_header(run_dir, header)
+        finally:
+            if owned and not loads_model and hasattr(upstream, "close"):
+                upstream.close()
+            _finish_header(run_dir, header)
     # The program wrote result.json: read it through the run-folder contract (hostile input).
     from mas2c.runfolder import result_data, result_or_error  # pydantic: after the run only
 
@@ -445,6 +474,54 @@ def run_system(
         report.to_json(),
         typed=result,
     )
+
+
+def spec_on_engine(spec: Spec, upstream: Any) -> Spec:
+    """`spec` as it runs on `upstream` (`on_engine`'s rule, for callers that compile a spec
+    themselves: rectify's rounds), unchanged unless `upstream` is the embedded engine."""
+    model_id = getattr(upstream, "serves_as", None)
+    if not isinstance(model_id, str):
+        return spec
+    from mas2c.embedded import bind_models
+
+    data = spec.to_data()
+    bound = bind_models(data, model_id, str(upstream.describe()))
+    return spec if bound == data else type(spec).model_validate(bound)
+
+
+def on_engine(system: Target, upstream: Any, on_warning: Callable[[str], None] | None) -> Target:
+    """The system as it runs on `upstream`: on the embedded engine (an upstream with
+    ``serves_as``, its model's own name) every model of the spec's pool is bound to that
+    model, without a price (`mas2c.embedded.bind_models`, the rule `solve` applies too), so
+    requests, usage, the trace and the cost name the model that answers. A spec or build
+    naming other models is then compiled, bound, into the run folder's ``build/`` (a build
+    folder is recompiled from its MANIFEST.json's spec), with one warning."""
+    model_id = getattr(upstream, "serves_as", None)
+    if not isinstance(model_id, str):
+        return system
+    from mas2c.embedded import bind_models
+    from mas2c.lang.spec import Spec
+
+    bound = bind_models(system.data, model_id, str(upstream.describe()))
+    if bound == system.data:
+        return system
+    named = sorted(
+        {
+            str(m.get("model"))
+            for m in (system.data.get("models") or {}).values()
+            if isinstance(m, dict)
+        }
+    )
+    if on_warning is not None:
+        on_warning(
+            f"the embedded model {model_id} answers for the spec's model(s) {', '.join(named)}: "
+            "the run's spec.json and build/ bind them to it, without their prices (cost 0)"
+        )
+    try:
+        spec = Spec.model_validate(bound)
+    except ValueError as exc:
+        raise RunError(f"the spec cannot be bound to the embedded model: {exc}") from None
+    return Target(spec.to_data(), spec.package_name, None, spec)
 
 
 def _preload_runfolder() -> None:

@@ -362,9 +362,11 @@ class _Builder:
         first = events[0] if events else {}
         self.base = self._base(first)
         start_event = next((e for e in events if e.get("event") == "run_start"), {})
+        # The host's run.json first: the sandboxed program could name any trace (another
+        # run's, to put its spans there); its own id counts only without a header.
         self.trace_id = (
-            _hex(start_event.get("trace_id"), _HEX32)
-            or _hex(header.get("trace_id"), _HEX32)
+            _hex(header.get("trace_id"), _HEX32)
+            or _hex(start_event.get("trace_id"), _HEX32)
             or _derived_id("trace", str(header), length=32)
         )
         self.host_id = _hex(header.get("span_id"), _HEX16)

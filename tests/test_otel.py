@@ -261,6 +261,62 @@ def test_every_repeat_and_the_fallback_arrive_in_phoenix(
     assert by_id[worker["parent_span_id"]]["name"] == "step delegate"
 
 
+def test_run_exports_the_gateway_calls_live_then_the_trace(
+    phoenix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mas2c run --otel URL`: each LLM call reaches Phoenix while the run goes (the last
+    call is answered only once an earlier call's gateway span is in Phoenix), nested under
+    the package's own chat span; then the whole trace follows."""
+    from mas2c.testserver import ChatRequest, ReplyLike, default_responder
+
+    project = "mas2c-live"
+    seen_live: list[bool] = []
+
+    def gateway_spans() -> list[dict[str, Any]]:
+        with contextlib.suppress(OSError):
+            found = _get(f"{phoenix}/v1/projects/{project}/spans/otlpv1?limit=1000")["data"]
+            return [s for s in found if s["name"].startswith("gateway ")]
+        return []
+
+    def respond(req: ChatRequest) -> ReplyLike:
+        schema = json.dumps(req.response_schema or {})
+        if "recommendation" in schema:  # the last call (merge): wait for the live spans
+            deadline = time.monotonic() + 30
+            while not gateway_spans() and time.monotonic() < deadline:
+                time.sleep(0.3)
+            seen_live.append(bool(gateway_spans()))
+        return default_responder(req)
+
+    (tmp_path / "in.json").write_text(json.dumps({"decision": "Go?", "context": "Small."}))
+    with LLMTestServer(respond) as srv:
+        code = cli_main(
+            [
+                *("run", str(ROOT / "specs" / "hierarchical.yaml")),
+                *("--input", str(tmp_path / "in.json"), "--run-dir", str(tmp_path / "run")),
+                *("--sandbox", "unisolated", "--llm", srv.base_url),
+                *("--otel", phoenix, "--otel-service", project),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert seen_live == [True]  # a span was in Phoenix before the run ended
+    assert "otel: 5 gateway span(s) live, then" in err
+    ours = read_run_trace(tmp_path / "run")
+    theirs = _spans_in_phoenix(phoenix, len(ours.spans) + 5, project)
+    assert len(theirs) == len(ours.spans) + 5
+    by_id = {s["span_id"]: s for s in theirs}
+    gateway = [s for s in theirs if s["name"].startswith("gateway ")]
+    assert len(gateway) == 5
+    for span in gateway:
+        parent = by_id[span["parent_span_id"]]
+        assert parent["name"].startswith("chat ") and parent["trace_id"] == span["trace_id"]
+        attrs, call = _attrs(span), _attrs(parent)
+        assert attrs["gen_ai.agent.name"] == call["gen_ai.agent.name"]
+        assert attrs["gen_ai.usage.input_tokens"] == call["gen_ai.usage.input_tokens"]
+        assert attrs["mas2c.source"] == "upstream" and attrs["http.response.status_code"] == 200
+    assert {s["trace_id"] for s in theirs} == {ours.trace_id}
+
+
 def test_export_failures_are_one_line_errors(
     tmp_path: Path, run_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -521,3 +521,19 @@ def test_huge_strings_in_a_folder_make_a_small_page(tmp_path: Path) -> None:
     assert "<b>" not in raw and "&lt;b&gt;AAA" in raw
     dom = dom_of(page, tmp_path)
     assert len(dom.with_attr("g", "data-kind")) == 1 + 6 * 3  # run, steps, calls, tools
+
+
+def test_the_host_header_names_the_trace_not_the_program(tmp_path: Path) -> None:
+    """A sandboxed program that writes another trace id into its run_start (another run's,
+    to put its spans there) does not choose the exported trace: run.json does."""
+    folder = tmp_path / "forged"
+    folder.mkdir()
+    ours, theirs = "1" * 32, "2" * 32
+    (folder / "run.json").write_text(json.dumps({"trace_id": ours, "span_id": "3" * 16}))
+    start = {"t": 0, "event": "run_start", "trace_id": theirs, "span_id": "4" * 16}
+    (folder / "trace.jsonl").write_text(json.dumps(start) + "\n")
+    trace = read_run_trace(folder)
+    assert trace.trace_id == ours
+    assert {s.context.trace_id for s in build_spans(trace)} == {int(ours, 16)}
+    (folder / "run.json").unlink()  # a folder without a header: the program's id
+    assert read_run_trace(folder).trace_id == theirs

@@ -178,6 +178,20 @@ def main():
             with open(os.path.join(folder, "litter-" + req["tag"]), "w") as f:
                 f.write(req["tag"])
         subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    elif action == "bytecode":  # the .pyc files the host shipped with the package
+        import importlib.util
+        import demo_mod
+
+        src = demo_mod.__file__
+        pyc = importlib.util.cache_from_source(src)
+        out["tag"] = sys.implementation.cache_tag
+        out["pycache"] = sorted(os.listdir(os.path.dirname(pyc)))
+        with open(src, "rb") as f:
+            checked = importlib.util.source_hash(f.read())
+        with open(pyc, "rb") as f:
+            header = f.read(16)
+        out["valid"] = header[:4] == importlib.util.MAGIC_NUMBER and header[8:] == checked
+        out["writable"] = os.access(pyc, os.W_OK)
     elif action == "look":  # what a run finds when it starts
         out["files"] = sorted(
             os.path.join(folder, name)
@@ -1215,9 +1229,7 @@ def test_pooled_container_is_never_reused(dock: None, package: Path, tmp_path: P
 
 
 @pytest.mark.docker
-def test_pool_run_waits_for_a_starting_container(
-    dock: None, package: Path, tmp_path: Path
-) -> None:
+def test_pool_run_waits_for_a_starting_container(dock: None, package: Path, tmp_path: Path) -> None:
     """A run that comes while the pool's containers are still starting waits for one of
     them (warm) instead of starting a cold container beside them; it finds a clean one
     (the init's warm-up call left nothing in /tmp and no process behind)."""
@@ -1286,7 +1298,9 @@ def test_unisolated_echo_warns_it_does_not_isolate(package: Path, tmp_path: Path
     _assert_run_folder_complete(run.dir)
 
 
-def test_unisolated_environment_is_scrubbed(secret_env: None, package: Path, tmp_path: Path) -> None:
+def test_unisolated_environment_is_scrubbed(
+    secret_env: None, package: Path, tmp_path: Path
+) -> None:
     run = _run(package, tmp_path, {"action": "env"}, "unisolated", env={"MAS2C_EXTRA": "yes"})
     env = run.result["env"]
     assert "OPENAI_API_KEY" not in env and "MAS2C_TEST_HOST_ONLY" not in env
@@ -1295,7 +1309,11 @@ def test_unisolated_environment_is_scrubbed(secret_env: None, package: Path, tmp
 
 def test_unisolated_timeout_kills_process_group(package: Path, tmp_path: Path) -> None:
     run = _run(
-        package, tmp_path, {"action": "sleep", "child": True}, "unisolated", limits=Limits(timeout_s=1.5)
+        package,
+        tmp_path,
+        {"action": "sleep", "child": True},
+        "unisolated",
+        limits=Limits(timeout_s=1.5),
     )
     assert run.report.timed_out and run.report.exit_code == 137
     assert run.result["error"]["type"] == "Timeout"
@@ -1392,11 +1410,17 @@ def test_unisolated_as_root_runs_the_program_as_nobody(package: Path, tmp_path: 
 def test_bad_package_is_a_clear_error(package: Path, tmp_path: Path) -> None:
     (tmp_path / "in.json").write_text("{}")
     with pytest.raises(SandboxError, match="compiled package"):
-        run_package(tmp_path, "demo_mod", tmp_path / "in.json", tmp_path / "run", backend="unisolated")
+        run_package(
+            tmp_path, "demo_mod", tmp_path / "in.json", tmp_path / "run", backend="unisolated"
+        )
     with pytest.raises(SandboxError, match="invalid module name"):
-        run_package(package, "demo-mod", tmp_path / "in.json", tmp_path / "run", backend="unisolated")
+        run_package(
+            package, "demo-mod", tmp_path / "in.json", tmp_path / "run", backend="unisolated"
+        )
     with pytest.raises(SandboxError, match="does not exist"):
-        run_package(package, "demo_mod", tmp_path / "nope.json", tmp_path / "run", backend="unisolated")
+        run_package(
+            package, "demo_mod", tmp_path / "nope.json", tmp_path / "run", backend="unisolated"
+        )
     with pytest.raises(SandboxError, match="invalid sandbox limits"):
         run_package(
             package,
@@ -1455,3 +1479,167 @@ class _echo_socket:
         self._thread.join(timeout=5)
         self.path.unlink(missing_ok=True)
         os.rmdir(self._dir)
+
+
+# ------------------------------------------------- the prestarted cold container
+
+
+TRIVIAL_SPEC = """\
+spec_version: "1"
+name: trivial
+description: One agent answers one prompt.
+inputs: {question: {type: string}}
+outputs: {answer: answer}
+models: {m: {model: gpt-4o-mini}}
+agents:
+  solver: {role: Solver, instructions: Answer briefly., model: m}
+workflow:
+  - {id: answer, kind: call, agent: solver, prompt: "{{ question }}", out: answer}
+"""
+
+
+@pytest.fixture
+def trivial_build(tmp_path: Path) -> tuple[Path, Path]:
+    from mas2c.compile import compile_spec
+    from mas2c.lang.validate import load_spec
+
+    spec = tmp_path / "trivial.yaml"
+    spec.write_text(TRIVIAL_SPEC, "utf-8")
+    build = tmp_path / "build"
+    compile_spec(load_spec(spec)).write(build)
+    question = tmp_path / "in.json"
+    question.write_text(json.dumps({"question": "2+2?"}), "utf-8")
+    return build, question
+
+
+def _spy_prestarts(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every Prestart that run_system makes (the real one, recorded)."""
+    made: list[Any] = []
+    real = sandbox.prestart
+
+    def recording(**kwargs: Any) -> Any:
+        found = real(**kwargs)
+        made.append(found)
+        return found
+
+    monkeypatch.setattr(sandbox, "prestart", recording)
+    return made
+
+
+@pytest.mark.docker
+def test_prestarted_container_serves_the_run_and_is_removed(
+    dock: None,
+    rt: str,
+    trivial_build: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cold run's container is created while the host prepares the run; it is that
+    run's (its run id), reaches the gateway whose socket appeared in its folder after it
+    started, and is gone when run_system returns."""
+    from mas2c.run import LLMConfig, run_system
+    from mas2c.testserver import LLMTestServer
+
+    made = _spy_prestarts(monkeypatch)
+    monkeypatch.setenv(sandbox.NO_POOL_ENV, "1")
+    if rt != "runc":
+        monkeypatch.setenv(sandbox.RUNTIME_ENV, rt)
+    build, question = trivial_build
+    with LLMTestServer() as server:
+        out = run_system(
+            build,
+            question,
+            tmp_path / "run-1",
+            llm=LLMConfig(url=server.base_url, api_key="test"),
+            on_warning=lambda _m: None,
+        )
+    assert out.ok, out.result
+    assert len(made) == 1 and made[0] is not None
+    assert out.sandbox["run_id"] == made[0].run_id and out.sandbox["pool"] == "cold"
+    assert _leftovers({made[0].run_id}) == []
+
+
+@pytest.mark.docker
+def test_prestarted_container_is_removed_when_the_run_fails_first(
+    dock: None, trivial_build: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run fails after its container was begun (here: a replay cassette that does
+    not exist, found when the gateway starts): the container is removed all the same."""
+    from mas2c.gateway import GatewayError
+    from mas2c.run import LLMConfig, run_system
+
+    made = _spy_prestarts(monkeypatch)
+    monkeypatch.setenv(sandbox.NO_POOL_ENV, "1")
+    build, question = trivial_build
+    with pytest.raises(GatewayError, match="replay cassette"):
+        run_system(
+            build,
+            question,
+            tmp_path / "run-1",
+            llm=LLMConfig(replay=tmp_path / "missing.jsonl"),
+            on_warning=lambda _m: None,
+        )
+    assert len(made) == 1 and made[0] is not None
+    assert made[0]._box is None  # cancelled: removed, not handed to anything
+    assert _leftovers({made[0].run_id}) == []
+
+
+@pytest.mark.docker
+def test_prestarted_container_that_does_not_fit_is_not_used(
+    dock: None, package: Path, tmp_path: Path
+) -> None:
+    """A prestarted container made for other limits is not given to the run: the run
+    starts its own, and cancel() removes the unused one."""
+    pre = sandbox.prestart(limits=Limits(memory_mb=300), socket_folder=None)
+    assert pre is not None
+    try:
+        run = _run(package, tmp_path, {"action": "echo"}, "docker", prestarted=pre)
+    finally:
+        pre.cancel()
+    assert run.report.run_id == pre.run_id and run.result["echo"] == {"action": "echo"}
+    assert not pre._taken and pre._box is None  # removed before the run made its own
+    assert run.report.pool == "cold" and run.report.limits["memory_mb"] == Limits().memory_mb
+    assert _leftovers({pre.run_id}) == []
+
+
+@pytest.mark.docker
+def test_docker_package_ships_with_checked_bytecode(
+    dock: None, package: Path, tmp_path: Path
+) -> None:
+    """The host sends each module's bytecode (hash-checked .pyc, compiled once per
+    machine): a sandbox of the same Python imports it instead of compiling the package
+    again; the program cannot change it."""
+    run = _run(package, tmp_path, {"action": "bytecode"}, "docker")
+    assert run.result["status"] == "ok", run.text("stderr.txt")
+    if run.result["tag"] != sys.implementation.cache_tag:
+        pytest.skip(f"the image's Python ({run.result['tag']}) is not the host's")
+    tag = run.result["tag"]
+    assert run.result["pycache"] == [f"__init__.{tag}.pyc", f"__main__.{tag}.pyc"]
+    assert run.result["valid"] is True and run.result["writable"] is False
+
+
+def test_bytecode_is_hash_checked_and_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+    import marshal
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    source = b"X = 41 + 1\n"
+    pyc = sandbox._bytecode(source)
+    assert pyc is not None and pyc[:4] == importlib.util.MAGIC_NUMBER
+    assert int.from_bytes(pyc[4:8], "little") == 0b11  # hash-based, checked
+    assert pyc[8:16] == importlib.util.source_hash(source)
+    namespace: dict[str, Any] = {}
+    exec(marshal.loads(pyc[16:]), namespace)
+    assert namespace["X"] == 42
+    assert sandbox._bytecode(source) == pyc  # from the cache now
+    assert len(list((tmp_path / "mas2c" / "bytecode").glob("*.pyc"))) == 1
+    assert sandbox._bytecode(b"def broken(:\n") is None
+
+
+@pytest.mark.parametrize("field", ["timeout_s", "cpus"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_limits_must_be_finite(field: str, value: float) -> None:
+    with pytest.raises(SandboxError, match=f"invalid sandbox limits: {field}="):
+        Limits(**{field: value}).validate()

@@ -184,3 +184,46 @@ def test_pool_service_serves_separate_runs(
     finally:
         client.close()
     assert left == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--idle", "5"],  # within the hand-out margin: never used, replaced over and over
+        ["--idle", "nan"],
+        ["--idle", "-1"],
+        ["--idle", "inf"],
+        ["--memory", "0"],
+        ["--cpus", "inf"],
+        ["--timeout", "nan"],
+    ],
+    ids=["idle-short", "idle-nan", "idle-negative", "idle-inf", "memory", "cpus", "timeout"],
+)
+def test_pool_start_refuses_bad_settings_before_starting(argv: list[str], tmp_path: Path) -> None:
+    proc = mas2c("sandbox", "pool", "start", "--size", "1", *argv, "--json", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert cli_document(proc)["error"]["code"] == "usage"
+    assert argv[0].lstrip("-") in proc.stderr or "limits" in proc.stderr
+    from mas2c.sandbox.pool import service_state
+
+    assert service_state() is None or service_state()["size"] != 1  # nothing started
+
+
+def test_in_process_pool_settings_come_from_the_environment(tmp_path: Path) -> None:
+    """MAS2C_POOL_SIZE and MAS2C_POOL_IDLE (solve, rectify, bench): a bad value is a
+    usage error naming the variable, before anything runs."""
+    for name, value in (("MAS2C_POOL_IDLE", "soon"), ("MAS2C_POOL_IDLE", "3")):
+        env = {**os.environ, name: value}
+        proc = mas2c(
+            "solve",
+            "a task",
+            "--input",
+            str(tmp_path / "none.json"),
+            "--sandbox",
+            "docker",
+            cwd=tmp_path,
+            env=env,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert name in proc.stderr and "Traceback" not in proc.stderr

@@ -181,7 +181,11 @@ class Limits:
             "result_cap_bytes": self.result_cap_bytes >= 2,
             "trace_cap_bytes": self.trace_cap_bytes >= 0,
         }
-        bad = [name for name, ok in checks.items() if not ok]
+        bad = [
+            name
+            for name, ok in checks.items()
+            if not ok or not math.isfinite(getattr(self, name))  # nan, inf
+        ]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise SandboxError(f"invalid sandbox limits: {values}")
@@ -483,6 +487,7 @@ class _Job:
     warn: Callable[[str], None]
     runtime: str | None = None
     use_pool: bool = True
+    prestarted: Prestart | None = None
 
 
 def _check_inputs(package_dir: Path, module: str, input_path: Path) -> None:
@@ -564,9 +569,16 @@ def _job_json(
 
 
 def _runner_argv(
-    python: str, mode: str, job_path: str, idle_s: float, max_job_s: float
+    python: str,
+    mode: str,
+    job_path: str,
+    idle_s: float,
+    max_job_s: float,
+    warm_up: bool = True,
 ) -> list[str]:
-    return [
+    """The runner's command line; `warm_up` False: the init never makes the warm-up
+    call (a container started for one run whose job is on its way)."""
+    argv = [
         python,
         "-I",
         "-c",
@@ -576,6 +588,7 @@ def _runner_argv(
         f"{idle_s:g}",
         f"{max_job_s:g}",
     ]
+    return argv if warm_up else [*argv, "no-warm-up"]
 
 
 def _shielded(fn: Callable[[], None], outcome: _Outcome, what: str) -> None:
@@ -631,6 +644,7 @@ def run_package(
     runtime: str | None = None,
     pool: bool | None = None,
     defer_removal: bool = False,
+    prestarted: Prestart | None = None,
 ) -> SandboxReport:
     """Run ``python -m <module> --input .. --output .. --trace ..`` in a sandbox.
 
@@ -645,13 +659,15 @@ def run_package(
     ``MAS2C_NO_POOL=1``; False: always a cold container. A cold container is removed
     before this returns, unless `defer_removal` (then :func:`join_removal` waits for it:
     the caller overlaps its own work with the removal); a warm one is removed in the
-    background (:func:`wait_removals`, also at exit).
+    background (:func:`wait_removals`, also at exit). `prestarted` (docker): the cold
+    container :func:`prestart` began creating for this run while the caller prepared
+    it (used if it matches the run; the run then carries its run id).
     """
     warn = on_warning if on_warning is not None else logger.warning
     if backend in DEPRECATED_BACKENDS:
         backend = backend_name(backend, warn)
     package_dir, input_path, run_dir = Path(package_dir), Path(input_path), Path(run_dir)
-    run_id = uuid.uuid4().hex[:12]
+    run_id = prestarted.run_id if prestarted is not None else uuid.uuid4().hex[:12]
     if runtime is None and backend == "docker":
         runtime = default_runtime()
     try:
@@ -699,6 +715,7 @@ def run_package(
                 warn=warn,
                 runtime=runtime,
                 use_pool=pool if pool is not None else os.environ.get(NO_POOL_ENV) != "1",
+                prestarted=prestarted if backend == "docker" else None,
             )
             if backend == "docker":
                 _run_docker(job, outcome)
@@ -1081,6 +1098,55 @@ def _tar_info(name: str, *, is_dir: bool, mode: int, size: int = 0) -> tarfile.T
     return info
 
 
+def _bytecode_dir() -> Path | None:
+    """This user's cache of compiled modules (0700), or None if there is no home."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = Path(base) / "mas2c" / "bytecode"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if folder.stat().st_uid != os.geteuid():
+            return None
+    except OSError:
+        return None
+    return folder
+
+
+def _bytecode(source: bytes) -> bytes | None:
+    """The module's bytecode as a hash-checked .pyc of this interpreter (the import checks
+    it against the source it sits beside; an interpreter of another version ignores it
+    and compiles the source): a package's modules are compiled once per machine, not in
+    every sandbox. Cached by the source's sha256; None if it does not compile."""
+    import hashlib
+    import importlib.util
+
+    tag = sys.implementation.cache_tag
+    if tag is None:
+        return None
+    key = hashlib.sha256(source).hexdigest()
+    folder = _bytecode_dir()
+    cached = folder / f"{key}.{tag}.pyc" if folder is not None else None
+    if cached is not None:
+        with contextlib.suppress(OSError):
+            return cached.read_bytes()
+    try:
+        code = compile(source, "<mas2c package>", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return None
+    import marshal
+
+    flags = 0b11  # hash-based, checked against the source (PEP 552)
+    pyc = (
+        importlib.util.MAGIC_NUMBER
+        + flags.to_bytes(4, "little")
+        + importlib.util.source_hash(source)
+        + marshal.dumps(code)
+    )
+    if cached is not None:
+        with contextlib.suppress(OSError):
+            _atomic_write_bytes(cached, pyc)
+    return pyc
+
+
 def _job_archive(job: _Job, job_json: bytes) -> IO[bytes]:
     """The job for /work as a tar (spooled to disk when large): the package, the input
     and job.json, all owned by root and read-only for the program."""
@@ -1091,6 +1157,7 @@ def _job_archive(job: _Job, job_json: bytes) -> IO[bytes]:
         tf.addfile(_tar_info(arc, is_dir=True, mode=0o755))
         names = sorted(os.listdir(src))
         skipped = ignore(str(src), names)
+        compiled: list[tuple[str, bytes]] = []
         for name in names:
             if name in skipped:
                 continue
@@ -1100,8 +1167,21 @@ def _job_archive(job: _Job, job_json: bytes) -> IO[bytes]:
             elif path.is_file():
                 mode = 0o755 if os.access(path, os.X_OK) else 0o644
                 with open(path, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    tf.addfile(_tar_info(f"{arc}/{name}", is_dir=False, mode=mode, size=size), f)
+                    data = f.read()
+                tf.addfile(
+                    _tar_info(f"{arc}/{name}", is_dir=False, mode=mode, size=len(data)),
+                    io.BytesIO(data),
+                )
+                if name.endswith(".py") and (pyc := _bytecode(data)) is not None:
+                    compiled.append((name[:-3], pyc))
+        if compiled:
+            cache = f"{arc}/__pycache__"
+            tf.addfile(_tar_info(cache, is_dir=True, mode=0o755))
+            tag = sys.implementation.cache_tag
+            for stem, pyc in compiled:
+                info = _tar_info(f"{cache}/{stem}.{tag}.pyc", is_dir=False, mode=0o644)
+                info.size = len(pyc)
+                tf.addfile(info, io.BytesIO(pyc))
 
     with tarfile.open(fileobj=buf, mode="w") as tf:
         add_tree(tf, job.package_dir, "pkg")
@@ -1153,6 +1233,7 @@ def _container_config(
     labels: Mapping[str, str],
     mounts: list[dict[str, Any]],
     idle_s: float,
+    warm_up: bool = True,
 ) -> dict[str, Any]:
     """The body of ``POST /containers/create`` (the container's name goes in the query):
     every isolation flag is here, and only here."""
@@ -1197,7 +1278,7 @@ def _container_config(
         host["Runtime"] = runtime
     return {
         "Image": image,
-        "Cmd": _runner_argv("python3", "init", _C_JOB, idle_s, limits.timeout_s),
+        "Cmd": _runner_argv("python3", "init", _C_JOB, idle_s, limits.timeout_s, warm_up),
         "User": "0:0",
         "Env": [f"{k}={v}" for k, v in env.items()],
         "WorkingDir": "/",
@@ -1230,6 +1311,7 @@ def _start_box(
     labels: Mapping[str, str],
     idle_s: float,
     attach: bool,
+    warm_up: bool = True,
 ) -> _Box:
     """Create and start a container whose runner waits up to `idle_s` for its job."""
     limits = job.limits
@@ -1245,6 +1327,7 @@ def _start_box(
         labels=_deadline_labels(deadline, labels),
         mounts=mounts,
         idle_s=idle_s,
+        warm_up=warm_up,
     )
     cid = _create(engine, config, name, job.image)
     box = _Box(cid, name, job.runtime, 0 if job.loosen.root_user else SANDBOX_UID, deadline)
@@ -1339,6 +1422,10 @@ def _run_docker(job: _Job, outcome: _Outcome) -> None:
             )
     try:
         box = _warm_box(engine, job, env, outcome) if job.use_pool else None
+        if box is None and job.prestarted is not None:
+            box = job.prestarted.take(job, env)
+            if box is not None:
+                outcome.pool = "cold"
         if box is None:
             outcome.pool = "cold"
             # No separate image check: a missing image is create()'s 404, named so.
@@ -1370,6 +1457,143 @@ def _run_docker(job: _Job, outcome: _Outcome) -> None:
             outcome.removal = _remove_later(box)
         else:
             _shielded(lambda: _remove_box(engine, box, name), outcome, "remove")
+
+
+#: How long a prestarted container waits for its run's job (a compile, a slow upstream).
+_PRESTART_IDLE_S = 300.0
+
+
+class Prestart:
+    """A cold container created and started on a thread for ONE run, while the caller
+    (``run_system``) still prepares it (the gateway, the run folder): dockerd's create
+    and start overlap the host's own work. It is the same fresh, single-use container
+    as a cold run's (same flags; the init skips the pool's warm-up call); its socket
+    folder is the run's gateway folder, bind-mounted before the gateway's socket exists.
+    A run takes it only if it was made for exactly that run's image, limits, runtime and
+    loosened flags; otherwise, and if the caller fails first, :meth:`cancel` removes it.
+    """
+
+    def __init__(
+        self,
+        *,
+        image: str,
+        limits: Limits,
+        loosen: Loosen,
+        runtime: str | None,
+        socket_folder: Path | None,
+    ) -> None:
+        self.run_id = uuid.uuid4().hex[:12]
+        self.key = (image, limits, loosen, runtime)
+        self.started = time.monotonic()
+        self.socket_folder = socket_folder
+        self._box: _Box | None = None
+        self._error: BaseException | None = None
+        self._taken = False
+        self._thread = threading.Thread(target=self._start, name="mas2c-prestart", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        image, limits, loosen, runtime = self.key
+        try:
+            engine = _engine()
+            _reap_once(engine)
+            if runtime is not None:
+                _check_runtime_registered(_daemon_info(engine), runtime)
+            env = _scrubbed_env(path=_C_PATH, home="/tmp", pythonpath=_C_PKG, extra={})
+            mounts = [volume_mount(_C_WORK)]
+            if self.socket_folder is not None:
+                mounts.append(
+                    bind_mount(str(self.socket_folder), CONTAINER_SOCKET_DIR, read_only=True)
+                )
+            template = _Job(
+                package_dir=Path("."),
+                module="prestart",
+                input_path=Path("."),
+                run_id=self.run_id,
+                limits=limits,
+                loosen=loosen,
+                llm_socket=None,
+                image=image,
+                env={},
+                warn=lambda _msg: None,
+                runtime=runtime,
+            )
+            self._box = _start_box(
+                engine,
+                template,
+                name=f"mas2c-{self.run_id}",
+                mounts=mounts,
+                env=env,
+                labels={f"{LABEL}.run": self.run_id},
+                idle_s=_PRESTART_IDLE_S,
+                attach=True,
+                warm_up=False,
+            )
+        except BaseException as exc:  # re-raised by take(), where the run would fail
+            self._error = exc
+
+    def take(self, job: _Job, env: dict[str, str]) -> _Box | None:
+        """The started container for `job` (None: it does not fit; the run starts its
+        own); a failure to start it is raised here, as the run's own would be."""
+        self._thread.join()
+        fits = (job.image, job.limits, job.loosen, job.runtime) == self.key and (
+            job.llm_socket is None
+            or self.socket_folder is None
+            or job.llm_socket.resolve().parent == self.socket_folder.resolve()
+        )
+        if self._error is not None:
+            error, self._error = self._error, None
+            if isinstance(error, SandboxError):
+                raise error
+            raise SandboxError(
+                f"the Docker run failed ({type(error).__name__}): {_short_reason(error)}"
+            )
+        fresh = time.monotonic() - self.started < _PRESTART_IDLE_S - _COPY_S
+        if self._box is None or not fits or not fresh:
+            self.cancel()  # gone before the run makes its own (it carries the same name)
+            return None
+        self._taken = True
+        if job.llm_socket is not None and self.socket_folder is not None:
+            env["MAS2C_LLM_SOCKET"] = f"{CONTAINER_SOCKET_DIR}/{job.llm_socket.name}"
+        return self._box
+
+    def cancel(self) -> None:
+        """Remove the container unless a run took it (idempotent)."""
+        self._thread.join()
+        if self._box is not None and not self._taken:
+            box, self._box = self._box, None
+            join_thread = _remove_later(box)
+            join_thread.join(60.0)
+
+
+def prestart(
+    *,
+    image: str = DEFAULT_IMAGE,
+    limits: Limits = Limits(),
+    loosen: Loosen = Loosen(),
+    runtime: str | None = None,
+    socket_folder: Path | None = None,
+) -> Prestart | None:
+    """Begin creating the cold container of a run about to start (see :class:`Prestart`);
+    None when the run will not start one (bad limits or runtime name: the run reports
+    them; a pool to take from; loosened flags)."""
+    if runtime is None:
+        runtime = default_runtime()
+    try:
+        limits.validate()
+        _check_runtime(runtime)
+    except SandboxError:
+        return None
+    if loosen.used():
+        return None
+    if os.environ.get(NO_POOL_ENV) != "1":
+        from mas2c.sandbox.pool import ACTIVE, service_state
+
+        if ACTIVE is not None or service_state() is not None:
+            return None
+    return Prestart(
+        image=image, limits=limits, loosen=loosen, runtime=runtime, socket_folder=socket_folder
+    )
 
 
 def _daemon_info(engine: Engine) -> dict[str, Any]:
@@ -1825,6 +2049,8 @@ def _run_unisolated(job: _Job, outcome: _Outcome) -> None:
             uid=None,  # the runner itself already runs as the program's user
         )
         (work / "job" / "job.json").write_bytes(job_json)
+        if as_root:  # the runner reads it as `uid`, whatever mas2c's umask made its mode
+            os.chown(work / "job" / "job.json", uid, uid)
         argv = _runner_argv(
             sys.executable, "unisolated", str(work / "job" / "job.json"), 60, limits.timeout_s
         )

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -61,6 +62,9 @@ SERVICE_PREFIX = "mas2c-pool-"
 #: Margin before the idle deadline: a container this close to it is not handed out.
 _MARGIN_S = 15.0
 _SOCKET_PARENT = "/tmp"  # where run.py puts gateway sockets: hard links need one fs
+#: Bounds of a pool's idle lifetime (seconds a warm container waits for its job).
+MIN_IDLE_S = 2 * _MARGIN_S
+MAX_IDLE_S = 86400.0
 
 #: The pool of this process, if one is open (see :class:`Pool`).
 ACTIVE: Pool | None = None
@@ -76,6 +80,17 @@ class PoolSpec:
     limits: Limits = field(default_factory=Limits)
     #: How long a warm container waits for its job before it ends itself.
     idle_s: float = 300.0
+
+    def validate(self) -> None:
+        """SandboxError unless the limits are valid and the idle lifetime is a number of
+        seconds in [MIN_IDLE_S, MAX_IDLE_S] (a shorter one would never be handed out:
+        a container that close to its end is replaced, over and over)."""
+        self.limits.validate()
+        if not (math.isfinite(self.idle_s) and MIN_IDLE_S <= self.idle_s <= MAX_IDLE_S):
+            raise SandboxError(
+                f"invalid pool idle lifetime {self.idle_s!r}: a number of seconds from "
+                f"{MIN_IDLE_S:g} to {MAX_IDLE_S:g}"
+            )
 
     def key(self) -> str:
         fixed = dataclasses.asdict(self.limits)
@@ -214,6 +229,7 @@ class Pool:
     def __init__(self, spec: PoolSpec, size: int = 2, take_wait_s: float = 15.0) -> None:
         if size < 1:
             raise SandboxError(f"pool size must be at least 1, not {size}")
+        spec.validate()
         self.spec = spec
         self.size = size
         self.take_wait_s = take_wait_s
@@ -440,6 +456,7 @@ def service_state() -> dict[str, Any] | None:
 def serve(spec: PoolSpec, size: int) -> int:
     """The service's loop: keep `size` unclaimed warm containers; SIGTERM ends it and
     removes its unclaimed containers."""
+    spec.validate()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

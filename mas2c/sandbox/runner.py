@@ -552,7 +552,8 @@ def main() -> None:
         import openai  # noqa: F401
     except Exception:
         warm = False  # the program imports what it needs itself
-    if warm and mode == "init" and not select.select([0], [], [], 0)[0]:
+    no_warm_up = sys.argv[5:6] == ["no-warm-up"]  # a container started for one run
+    if warm and mode == "init" and not no_warm_up and not select.select([0], [], [], 0)[0]:
         # No job waiting (a pooled container, not a cold run): warm the first call too.
         with contextlib.suppress(Exception):
             warm_up_client()

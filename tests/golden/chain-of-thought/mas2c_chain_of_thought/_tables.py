@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="ac17c9c9c0a13737f7c4ee293bc57b1a52fe9e4937de53dc2b6ed658b6b22f37",
+        code_sha="3da63709bc03dbdaa496e21875d7cd8120bacc360906d05c06752ae03fc91156",
         reads=["question"],
     ),
 )

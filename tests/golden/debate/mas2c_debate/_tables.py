@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="d2b932690fefdb86324fae6e9dc8a375d3634124b040de4dbc6921d6a8764e11",
+        code_sha="adf9450fc02f4d497fb3c54b07d3700468fb8e8402f468eef8359ff5ad179796",
         reads=["question"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="b876658d3defdbe6e9c23742ce1557ccd6224aafa8b6bf1e242faaf9e03435d6",
+        code_sha="d297b0f66e2c80131f74838c0ff6d187c82765e8b9ccb460be3cdf42b98b8a4a",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="737e33e7e24ed61657801cd20d25ad75afa2bab96ac78357ecb5635bbf2f5ee3",
+        code_sha="ac581bca934826e0fd17bb8178125e8265e527469ed6ace91abf96f13073fa31",
         reads=["focus", "summaries"],
     ),
 )

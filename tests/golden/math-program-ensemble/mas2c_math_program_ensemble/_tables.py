@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="64858b976c1563dc2c5d11f40f24a9d80553393e977edea96a9925fc76ef52de",
+        code_sha="7700536d1a495b2ba2d69887f9e11ce44c5518d115d40851273c6cf4f5678589",
         reads=["problem"],
     ),
 )

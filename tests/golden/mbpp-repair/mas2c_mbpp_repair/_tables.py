@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="b0fe4c67dc8819e669c986a6dc255a2bc8eb1e455388b859950f7de182053bc9",
+        code_sha="c63ef3748f370118b2b33c33973322278a6521faf544b3538a045a189f547b0f",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="75d0a2c8c5b8af5bde2f1aed479bd42c6c0b0d0c3e20db129bef9a0fd509e998",
+        code_sha="9935f680b34dc706424e772169e1b46b40ed1d1180edd4b1d46127d81a0d7421",
         reads=["result", "task", "test_list"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="f3f0be429c82fd01aafe096a92db2b0b0130dab6dc56c89e89c4b086fd0bbcf3",
+        code_sha="ecd34c716a6f8f3361f7f57fbabd607221896df781ae613cfc48d78b67f5fc08",
         reads=["draft", "memory", "review", "task"],
     ),
 )

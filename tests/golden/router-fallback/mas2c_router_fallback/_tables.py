@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="00dd7777cfb2579d488014b925d32b2fe2ff55510f2d265b8b5fdde9ce565d7e",
+        code_sha="c11992dc6f40006199a4baf0ed7fd7d7b28e51543e9bf73d8fb595ba8bcb34e5",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="fec732385e3e0b97ddfb4aa3d19e1bdf8801894dfbcd0c1906934e724f029d24",
+        code_sha="cbfa883da7db4df3db73314d68f5207e11fcabdaff2669eb248e113806350b5a",
         reads=["error", "route", "ticket"],
     ),
 )

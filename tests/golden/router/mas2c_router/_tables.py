@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="471e4fea1ad66c609b09c00ce9dd89b8069e3317ec6835ae52f7ef78d3f99d67",
+        code_sha="8e12444f6236a6c2460158feb56511336fc3f9952fe61a38113766d0f9f496a6",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="af9c1bfa2b93c6637506b4599029f1e2247de0ac24816c546135109db6b950ca",
+        code_sha="0c2cf4a46328aa2919544c9a7c65a52df49a74c1ac110537c133311f90c5724a",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="3ef16d412bd856e7e75f0c82099f12f9014f5ba4f0273375712642d1a5316a2c",
+        code_sha="fbd226c5d29f7a886dfef25d23db2c484195fb2891844e23f6d54e11da1ee1e0",
         reads=["question"],
     ),
 )
