@@ -1485,6 +1485,7 @@ class BatchOptions:
 
     run_dir: Path
     dataset: Path | None = None
+    dataset_name: str | None = None  # how config.json names it (`<stdin>` for `-`)
     rows: list[Row] | None = None  # a preset's rows instead of `dataset` (HumanEval)
     dataset_sha256: str | None = None  # with `rows`: what identifies them
     spec: Path | None = None
@@ -1556,7 +1557,7 @@ def plan_batch(options: BatchOptions, rows: Sequence[Row]) -> tuple[Plan, dict[s
     user_source = check_user_scorer(scorer_path) if scorer_path is not None else None
     config: dict[str, Any] = {
         "benchmark": options.label,
-        "dataset": str(options.dataset) if options.dataset else None,
+        "dataset": options.dataset_name or (str(options.dataset) if options.dataset else None),
         "dataset_sha256": options.dataset_sha256,
         "scorer": options.scorer if scorer_path is None else f"python:{scorer_path.name}",
         "scorer_sha256": sha256(user_source.encode()) if user_source else None,
