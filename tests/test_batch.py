@@ -921,3 +921,22 @@ def test_a_hostile_candidate_under_the_code_scorer_cannot_reach_the_host(
     assert not reached
     report = json.loads((tmp_path / "score" / "sandbox.json").read_text())
     assert report["isolation"] == "container"
+
+
+def test_a_dataset_from_stdin_is_located_as_stdin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mas2c batch -`: problems are at `<stdin>:LINE`, not at a temporary file's path."""
+    import sys
+
+    data = (
+        b'{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": 5, "answer": "1"}\n'
+    )
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    args = ["batch", "-", "--spec", str(COT), "--sandbox", "unisolated"]
+    assert cli_main([*args, "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "<stdin>:2 (id b): input 'question': expected string" in err, err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data + b"\xff\n")))
+    assert cli_main([*args, "--run-dir", str(tmp_path / "run2")]) == 1
+    assert "mas2c batch: <stdin>:3: not UTF-8 text" in capsys.readouterr().err
