@@ -269,6 +269,7 @@ def _run_sections(folder: Path, trace: RunTrace, level: int) -> str:
         _h(level, "Tokens and cost", "cost"),
         _costs(trace, usage, result),
         _errors(trace, result, spec, level),
+        _warnings(result, level),
         _contents(trace, level),
     ]
     if trace.problems:
@@ -1070,6 +1071,28 @@ def _errors(trace: RunTrace, result: dict[str, Any], spec: Any, level: int) -> s
             ).replace("<table>", '<table class="attempts">', 1)
         )
     return "".join(parts)
+
+
+def _warnings(result: dict[str, Any], level: int) -> str:
+    """``result.json``'s ``warnings``: what an ``ok`` run still has to say (a loop that
+    reached max_iterations without its ``until``, a map cut at max_items)."""
+    warnings = result.get("warnings")
+    if not isinstance(warnings, list) or not warnings:
+        return ""
+    rows = [
+        [
+            esc(_text(w.get("type"), "?")),
+            esc(_text(w.get("step"))),
+            f"<code>{esc(_text(w.get('pointer')))}</code>",
+            esc(_cap(str(w.get("message", "")), 1000)),
+        ]
+        for w in warnings[:200]
+        if isinstance(w, dict)
+    ]
+    table = _table(["warning", "step", "spec pointer", "message"], rows)
+    return _h(level, "Warnings", "warnings") + table.replace(
+        "<table>", '<table class="warnings">', 1
+    )
 
 
 # -- prompts and completions -----------------------------------------------------------------

@@ -427,6 +427,18 @@ class LoopExhausted(_Event):
     failed: bool = False
 
 
+class VoteTied(_Event):
+    """A majority vote without a majority: ``tied`` answers had ``votes`` votes each (the
+    earliest won)."""
+
+    event: Literal["vote_tied"]
+    step: Ident | None = None
+    pointer: Pointer | None = None
+    answers: Count
+    votes: Count
+    tied: Count
+
+
 class StepResumed(_Event):
     event: Literal["step_resumed"]
     step: Ident
@@ -501,7 +513,8 @@ TraceEvent = Annotated[
     | FallbackEnd
     | MapStart
     | MapTooLong
-    | LoopExhausted,
+    | LoopExhausted
+    | VoteTied,
     Field(discriminator="event"),
 ]
 EVENT_KINDS = frozenset(
@@ -522,6 +535,7 @@ EVENT_KINDS = frozenset(
         "map_truncated",
         "map_overflow",
         "loop_exhausted",
+        "vote_tied",
     }
 )
 _EVENT: TypeAdapter[TraceEvent] = TypeAdapter(TraceEvent)

@@ -1840,16 +1840,28 @@ class Run:
                 "judge", task=task, candidates=_numbered(answers, labels)
             )
             return await _labelled(self.turn(judge, prompt), role="judge")
-        from ._voting import (
-            first_answer,
-            majority,
-        )  # shipped with ensembles and debates
+        from ._voting import first_answer, tally  # shipped with ensembles and debates
 
         if vote == "majority":
-            return majority(answers, kind, vote_on)
+            winner, votes, tied = tally(answers, kind, vote_on)
+            if tied > 1:
+                self._vote_tied(kind, len(answers), votes, tied)
+            return winner
         if vote == "first":
             return first_answer(answers, vote_on)
         return list(answers)
+
+    def _vote_tied(self, kind: str, answers: int, votes: int, tied: int) -> None:
+        """A majority vote without a majority: traced as ``vote_tied`` and listed under
+        ``warnings`` (the earliest of the tied answers won, as documented)."""
+        step = _STEP.get()
+        message = (
+            f"{kind} {step[0] if step else ''!r}: no majority among {answers} answers: "
+            f"{tied} different answers had {votes} vote(s) each; the earliest of them won"
+        )
+        where = {"step": step[0], "pointer": step[1]} if step else {}
+        self.trace.emit("vote_tied", answers=answers, votes=votes, tied=tied, **where)
+        self.warnings.append({"type": "vote_tied", **where, "message": message})
 
     def _revision_prompt(
         self, task: str, answers: Sequence[Any], labels: Sequence[str], me: int

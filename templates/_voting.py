@@ -13,7 +13,7 @@ from typing import Any
 
 from ._runtime import EmptyVote
 
-__all__ = ["first_answer", "majority", "vote_key"]
+__all__ = ["first_answer", "majority", "tally", "vote_key"]
 
 _ANSWER_LINE = re.compile(r"^\s*ANSWER\s*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 
@@ -62,6 +62,15 @@ def majority(
     answers: Sequence[Any], what: str = "vote", key: str | None = "answer"
 ) -> Any:
     """The plurality answer; ties go to the earliest sample. Empty answers don't vote."""
+    return tally(answers, what, key)[0]
+
+
+def tally(
+    answers: Sequence[Any], what: str = "vote", key: str | None = "answer"
+) -> tuple[Any, int, int]:
+    """(the plurality answer, its votes, how many distinct answers have that many votes):
+    more than one means a tie, which the earliest sample won. Empty answers don't vote.
+    """
     counts: dict[str, int] = {}
     first: dict[str, Any] = {}
     for answer in answers:
@@ -75,8 +84,9 @@ def majority(
             f"{what}: every {'sample' if what == 'ensemble' else 'answer'} was empty"
         )
     best = max(counts.values())
+    tied = sum(1 for n in counts.values() if n == best)
     # `counts` keeps first-seen order, so among tied values the earliest sample wins.
-    return next(first[k] for k, n in counts.items() if n == best)
+    return next(first[k] for k, n in counts.items() if n == best), best, tied
 
 
 def first_answer(answers: Sequence[Any], key: str | None = "answer") -> Any:

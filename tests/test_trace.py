@@ -387,6 +387,7 @@ def test_every_repeat_is_told_apart_in_trace_report_and_export(tmp_path: Path) -
     folder.mkdir()
     (folder / "trace.jsonl").write_text("\n".join(json.dumps(e) for e in trace) + "\n")
     (folder / "spec.json").write_text(json.dumps(spec.to_data()))
+    (folder / "result.json").write_text(json.dumps(out))
     typed = read_trace(folder / "trace.jsonl")
     assert typed.skipped == 0 and len(typed.of(StepFailed)) == 2
     assert typed.of(FallbackEnd)[0].status == "ok"
@@ -402,6 +403,9 @@ def test_every_repeat_is_told_apart_in_trace_report_and_export(tmp_path: Path) -
     # The diagram: the step failed twice and its fallback stood in: recovered, not error.
     assert 'data-step="risky" data-status="recovered"' in page
     assert 'data-step="stand_in" data-status="ok"' in page
+    # The loop never met its `until`: the result's warning is on the page.
+    assert '<table class="warnings"><tr><th>warning</th>' in page
+    assert "<td>loop_exhausted</td><td>again</td>" in page
     exported = [dict(s.attributes) for s in build_spans(spans)]
     assert {tuple(a["mas2c.item"]) for a in exported if "mas2c.item" in a} == {(0,), (1,)}
     assert {a.get("mas2c.step.attempt") for a in exported} >= {1, 2}

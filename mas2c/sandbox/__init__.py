@@ -2052,6 +2052,8 @@ def _run_unisolated(job: _Job, outcome: _Outcome) -> None:
             uid=None,  # the runner itself already runs as the program's user
         )
         (work / "job" / "job.json").write_bytes(job_json)
+        if as_root:  # the runner reads it as `uid`, whatever mas2c's umask made its mode
+            os.chown(work / "job" / "job.json", uid, uid)
         argv = _runner_argv(
             sys.executable, "unisolated", str(work / "job" / "job.json"), 60, limits.timeout_s
         )

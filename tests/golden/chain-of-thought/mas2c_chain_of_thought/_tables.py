@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="bdbf5c766a7210422e2fc13f22dcd3031e57116ca1b993c5814d1c94a7044edf",
+        code_sha="3da63709bc03dbdaa496e21875d7cd8120bacc360906d05c06752ae03fc91156",
         reads=["question"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="ac785aaac062de8301659492f90912d35e90ea909aaa18a5e16959d9086f1fec",
+        code_sha="adf9450fc02f4d497fb3c54b07d3700468fb8e8402f468eef8359ff5ad179796",
         reads=["question"],
     ),
 )

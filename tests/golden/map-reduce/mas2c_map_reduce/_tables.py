@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="52bbebb245266134317847571f7f43206e32ba2b78f9c5c4fbc25d6fd03495de",
+        code_sha="d297b0f66e2c80131f74838c0ff6d187c82765e8b9ccb460be3cdf42b98b8a4a",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="c444e7e46a87125f597b1b32acf7b5902d1d174131cde62e65fc569c72757edf",
+        code_sha="ac581bca934826e0fd17bb8178125e8265e527469ed6ace91abf96f13073fa31",
         reads=["focus", "summaries"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="e0c419e419980ef384d89e9c683ccba69667860ac85e6796797a494688a7d267",
+        code_sha="7700536d1a495b2ba2d69887f9e11ce44c5518d115d40851273c6cf4f5678589",
         reads=["problem"],
     ),
 )

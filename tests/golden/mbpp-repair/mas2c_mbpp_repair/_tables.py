@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="50c4d178adc8ac82914c0744c0398a7fdb1a76e4f7a9cd9e5fe4c40bccf4aab6",
+        code_sha="c63ef3748f370118b2b33c33973322278a6521faf544b3538a045a189f547b0f",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="3a0e533472a5296f81ea4bad11511b3126ea83551a59c530669fb403c1bf0df5",
+        code_sha="9935f680b34dc706424e772169e1b46b40ed1d1180edd4b1d46127d81a0d7421",
         reads=["result", "task", "test_list"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="fe6bd67efc0775dc1cbb20776f1bae176df03c7afbb6f6f46541cedb0c10585e",
+        code_sha="ecd34c716a6f8f3361f7f57fbabd607221896df781ae613cfc48d78b67f5fc08",
         reads=["draft", "memory", "review", "task"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="d05ecf98f4bea304c1a88882f0d1fb63842d147f24cc57b586dd5d091df8ed7a",
+        code_sha="c11992dc6f40006199a4baf0ed7fd7d7b28e51543e9bf73d8fb595ba8bcb34e5",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="a600d854a1299942b5fce7247023bfaa842df253786a33072d7e77797f002a9a",
+        code_sha="cbfa883da7db4df3db73314d68f5207e11fcabdaff2669eb248e113806350b5a",
         reads=["error", "route", "ticket"],
     ),
 )

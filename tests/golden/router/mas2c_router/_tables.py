@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="672caa0d1ec1933a7e83947135cb8a8c9bbb47c609932b2c3730918e1086f8ee",
+        code_sha="8e12444f6236a6c2460158feb56511336fc3f9952fe61a38113766d0f9f496a6",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="d72f6f1633722115c0b05a74a57e632e8bbc441f1639dbfd184de72f3bac8755",
+        code_sha="0c2cf4a46328aa2919544c9a7c65a52df49a74c1ac110537c133311f90c5724a",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="ffe9fca67942b758c99a42e3c8fd3054bcc55fa09242481d4f23ce1088ce15e5",
+        code_sha="fbd226c5d29f7a886dfef25d23db2c484195fb2891844e23f6d54e11da1ee1e0",
         reads=["question"],
     ),
 )
