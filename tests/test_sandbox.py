@@ -64,9 +64,12 @@ def main():
         while True:
             time.sleep(0.2)
     elif action == "memory":
+        # Bounded (max_mb), so that a sandbox that lost its memory limit fails the test by
+        # finishing, rather than by taking the host's memory.
         blocks = []
-        while True:
+        while len(blocks) * 16 < req.get("max_mb", 1 << 30):
             blocks.append(b"x" * (16 * 1024 * 1024))
+        out["allocated_mb"] = len(blocks) * 16
     elif action == "forkbomb":
         pids, error = [], None
         try:
@@ -551,7 +554,12 @@ def test_docker_memory_bomb_is_oom_killed(
     dock: None, rt: str, package: Path, tmp_path: Path
 ) -> None:
     run = _run(
-        package, tmp_path, {"action": "memory"}, "docker", runtime=rt, limits=Limits(memory_mb=128)
+        package,
+        tmp_path,
+        {"action": "memory", "max_mb": 768},
+        "docker",
+        runtime=rt,
+        limits=Limits(memory_mb=128),
     )
     assert run.report.oom_killed and run.report.exit_code == 137
     assert not run.report.timed_out
