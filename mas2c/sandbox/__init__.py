@@ -1167,12 +1167,15 @@ def _job_archive(job: _Job, job_json: bytes) -> IO[bytes]:
             elif path.is_file():
                 mode = 0o755 if os.access(path, os.X_OK) else 0o644
                 with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    info = _tar_info(f"{arc}/{name}", is_dir=False, mode=mode, size=size)
+                    if not name.endswith(".py"):
+                        tf.addfile(info, f)  # streamed: a data file may be large
+                        continue
                     data = f.read()
-                tf.addfile(
-                    _tar_info(f"{arc}/{name}", is_dir=False, mode=mode, size=len(data)),
-                    io.BytesIO(data),
-                )
-                if name.endswith(".py") and (pyc := _bytecode(data)) is not None:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+                if (pyc := _bytecode(data)) is not None:
                     compiled.append((name[:-3], pyc))
         if compiled:
             cache = f"{arc}/__pycache__"
