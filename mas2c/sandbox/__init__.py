@@ -1539,10 +1539,12 @@ class Prestart:
         """The started container for `job` (None: it does not fit; the run starts its
         own); a failure to start it is raised here, as the run's own would be."""
         self._thread.join()
+        folder = self.socket_folder
         fits = (job.image, job.limits, job.loosen, job.runtime) == self.key and (
-            job.llm_socket is None
-            or self.socket_folder is None
-            or job.llm_socket.resolve().parent == self.socket_folder.resolve()
+            # the run's gateway socket must be in the folder the container mounted
+            job.llm_socket.resolve().parent == folder.resolve()
+            if job.llm_socket is not None and folder is not None
+            else job.llm_socket is None
         )
         if self._error is not None:
             error, self._error = self._error, None
@@ -1556,7 +1558,7 @@ class Prestart:
             self.cancel()  # gone before the run makes its own (it carries the same name)
             return None
         self._taken = True
-        if job.llm_socket is not None and self.socket_folder is not None:
+        if job.llm_socket is not None:
             env["MAS2C_LLM_SOCKET"] = f"{CONTAINER_SOCKET_DIR}/{job.llm_socket.name}"
         return self._box
 
