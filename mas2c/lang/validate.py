@@ -107,6 +107,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS506": "two parallel branches write the same state variable",
     "MAS511": "a schema `pattern` that does not compile or can backtrack for exponential time",
     "MAS512": "a condition applies len() or `in` to a value whose type cannot take it",
+    "MAS513": "a condition uses a value whose known type is not boolean as true or false",
     "MAS910": "a parallel branch writes no variable on every path, so its result is null (warning)",
     "MAS911": "the printed output of a programmer step without `expect_output: true` is read (warning)",
     "MAS912": "a plain yes/no/on/off, which YAML reads as a boolean (warning)",
@@ -1462,6 +1463,29 @@ class _Checker:
             )
         self._comparisons(node, text, pointer, scope)
         self._typed_operations(node, text, pointer, scope)
+        self._truth_values(node, text, pointer, scope)
+
+    def _truth_values(self, node: ast.expr, text: str, pointer: str, scope: _Scope) -> None:
+        """MAS513: a value used as true or false (`until: review.passed`) whose known type
+        is not boolean: the string "false" would count as true. Unknown types are checked
+        at run time (`truth`, a `condition` error)."""
+        for path_node in expr.truth_paths(node):
+            kinds = self._kinds_of(path_node, scope)
+            if not kinds or "boolean" in kinds:
+                continue
+            shown = ast.unparse(path_node)
+            self.add(
+                "MAS513",
+                pointer,
+                f"`{shown}` is {' or '.join(sorted(kinds))}, used as true or false: a condition "
+                "uses only booleans as they are",
+                "compare it: " + _truth_hint(shown, kinds),
+                position=position_in_value(
+                    self.source,
+                    pointer,
+                    expr.condition_offset(text, path_node.lineno, path_node.col_offset),
+                ),
+            )
 
     def _comparisons(self, node: ast.expr, text: str, pointer: str, scope: _Scope) -> None:
         """`route.category == "Legal"` against an enum of lowercase labels, `score > "5"`
@@ -2201,6 +2225,18 @@ def _schema_problem(schema: dict[str, Any]) -> str | None:
         if problem:
             return f"items: {problem}"
     return None
+
+
+def _truth_hint(shown: str, kinds: set[str]) -> str:
+    """Comparisons that say what a non-boolean value used as true or false meant."""
+    ways = {
+        "string": f'`{shown} == "yes"`, `{shown} != ""`',
+        "number": f"`{shown} > 0`",
+        "array": f"`len({shown}) > 0`",
+        "object": f"`len({shown}) > 0`",
+        "null": f"`{shown} != null`",
+    }
+    return ", ".join(ways[kind] for kind in sorted(kinds) if kind in ways)
 
 
 def _value_fit_problem(schema: dict[str, Any], declared: Any) -> str | None:
