@@ -497,6 +497,23 @@ def test_json_failure_is_one_document(verb: str, tmp_path: Path, llm_server: LLM
         assert proc.stderr.strip(), "a human line on stderr too"
 
 
+@pytest.mark.parametrize("action", [["build"], ["prune"], ["pool", "start"], ["pool", "stop"]])
+def test_sandbox_actions_with_the_daemon_down_are_one_clear_line(
+    tmp_path: Path, action: list[str]
+) -> None:
+    """Every `sandbox` action, the daemon down: one document, one line naming the daemon,
+    no traceback (`pool start` showed the service's traceback from its log)."""
+    env = cli_env(DOCKER_HOST="unix:///nonexistent/docker.sock")
+    proc = mas2c("sandbox", *action, "--json", cwd=tmp_path, env=env, inprocess=True)
+    data = document(proc)
+    if action == ["pool", "stop"]:  # nothing runs: nothing to stop
+        assert proc.returncode == 0 and data["stopped"] is False
+        return
+    assert proc.returncode == 1 and data["error"]["code"] == "sandbox"
+    assert "daemon is not reachable" in data["error"]["message"]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_validate_json_is_one_document_for_one_file_and_for_two() -> None:
     one = mas2c("validate", COT, "--json", cwd=ROOT, inprocess=True)
     two = mas2c("validate", COT, DEBATE, "--json", cwd=ROOT, inprocess=True)
