@@ -285,7 +285,7 @@ def markdown(result: dict[str, Any]) -> str:
         "the loopback test server answering with the canonical solutions (an oracle), "
         f"{result['sandbox']} sandboxes (a sandboxed system run and a sandboxed scoring per "
         f"problem). Ray: two nodes on this machine, {result['ray_cpus_per_node']} CPUs each. "
-        f"Machine: {result['nproc']} cores **shared with 7 other engineers' work** (load average "
+        f"Machine: {result['nproc']} cores **shared with other engineers' work** (load average "
         f"{result['loadavg_start']} at the start, {result['loadavg_end']} at the end): wall times "
         f"are indicative, ratios between rows more than absolute values. Code: commit "
         f"{result.get('commit')}.",

@@ -163,11 +163,14 @@ def load_rows(
     id_field: str = "id",
     limit: int | None = None,
     require_id: bool = False,
+    name: str | None = None,
 ) -> list[Row]:
     """The dataset's rows in file order (the first `limit`); a BatchError located at
     `FILE:LINE` for a bad line: not UTF-8, not strict JSON, not an object, a bad or
-    duplicate id. A row without `id_field` is `row-<n>`, unless `require_id`."""
+    duplicate id. A row without `id_field` is `row-<n>`, unless `require_id`. Messages name
+    the file `name` (default: `path`)."""
     opener: Any = gzip.open if path.suffix == ".gz" else open
+    where = name or str(path)  # how messages name the file (`<stdin>` for `-`)
     rows: list[Row] = []
     seen: dict[str, int] = {}
     try:
@@ -178,34 +181,34 @@ def load_rows(
                 try:
                     text = decode_line(raw)
                 except ValueError as exc:
-                    raise BatchError(f"{path}:{number}: {exc}") from None
+                    raise BatchError(f"{where}:{number}: {exc}") from None
                 try:
                     data = parse_json_line(text)
                 except ValueError as exc:
-                    raise BatchError(f"{path}:{number}: not valid JSON ({exc})") from None
+                    raise BatchError(f"{where}:{number}: not valid JSON ({exc})") from None
                 if not isinstance(data, dict):
-                    raise BatchError(f"{path}:{number}: a row must be a JSON object")
+                    raise BatchError(f"{where}:{number}: a row must be a JSON object")
                 try:  # 1e400 reads as infinity: no JSON number
                     json.dumps(data, allow_nan=False)
                 except ValueError:
                     raise BatchError(
-                        f"{path}:{number}: not valid JSON (a number out of range)"
+                        f"{where}:{number}: not valid JSON (a number out of range)"
                     ) from None
-                key = _row_key(data, id_field, len(rows), require_id, f"{path}:{number}")
+                key = _row_key(data, id_field, len(rows), require_id, f"{where}:{number}")
                 if key in seen:
                     raise BatchError(
-                        f"{path}:{number}: duplicate id {key!r} (first on line {seen[key]})"
+                        f"{where}:{number}: duplicate id {key!r} (first on line {seen[key]})"
                     )
                 seen[key] = number
                 rows.append(Row(key, len(rows), data, number))
                 if limit is not None and len(rows) >= limit:
                     break
     except OSError as exc:
-        raise BatchError(f"{path}: {exc.strerror or exc}") from None
+        raise BatchError(f"{where}: {exc.strerror or exc}") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise BatchError(f"{path}: unreadable ({exc})") from None
+        raise BatchError(f"{where}: unreadable ({exc})") from None
     if not rows:
-        raise BatchError(f"{path}: no rows")
+        raise BatchError(f"{where}: no rows")
     return rows
 
 
@@ -270,7 +273,7 @@ def inputs_for(
     return values
 
 
-def row_place(row: Row, source: Path | None) -> str:
+def row_place(row: Row, source: Path | str | None) -> str:
     """Where a row is, for messages: `FILE:LINE (id X)`, or `row X` for a preset's rows."""
     if source is not None and row.line:
         return f"{source}:{row.line} (id {row.key})"
@@ -283,12 +286,14 @@ def check_rows(
     mapping: Mapping[str, str],
     needs: Sequence[str],
     *,
-    source: Path | None = None,
+    source: Path | str | None = None,
     declared: Mapping[str, Any] | None = None,
 ) -> None:
     """Every row has every mapped input (bar those with a schema default) and every field the
     scorer needs, and, given the spec's `declared` inputs, its values fit their schemas (the
     check `mas2c run` makes of an input); the first few problems, each at `FILE:LINE`."""
+    from mas2c.run import SLOW_PATTERN
+    from mas2c.timebox import PATTERN_SECONDS, TooSlow, time_limit
     from mas2c.values import input_problems
 
     optional = {
@@ -310,7 +315,12 @@ def check_rows(
                 problems.append(f"{where}: no field {field_name!r} for the scorer")
         if declared is not None and not missing:
             values = inputs_for(row, names, mapping, tuple(optional))
-            for pointer, message in input_problems(values, declared)[:2]:
+            try:
+                with time_limit(PATTERN_SECONDS):
+                    found = input_problems(values, declared)[:2]
+            except TooSlow:
+                found = [("", SLOW_PATTERN)]
+            for pointer, message in found:
                 token = pointer.removeprefix("/inputs/").replace("~1", "/").replace("~0", "~")
                 via = f" (field {mapping[token]!r})" if token in mapping else ""
                 problems.append(f"{where}: {message}{via}")
@@ -1485,6 +1495,7 @@ class BatchOptions:
 
     run_dir: Path
     dataset: Path | None = None
+    dataset_name: str | None = None  # how config.json names it (`<stdin>` for `-`)
     rows: list[Row] | None = None  # a preset's rows instead of `dataset` (HumanEval)
     dataset_sha256: str | None = None  # with `rows`: what identifies them
     spec: Path | None = None
@@ -1556,7 +1567,7 @@ def plan_batch(options: BatchOptions, rows: Sequence[Row]) -> tuple[Plan, dict[s
     user_source = check_user_scorer(scorer_path) if scorer_path is not None else None
     config: dict[str, Any] = {
         "benchmark": options.label,
-        "dataset": str(options.dataset) if options.dataset else None,
+        "dataset": options.dataset_name or (str(options.dataset) if options.dataset else None),
         "dataset_sha256": options.dataset_sha256,
         "scorer": options.scorer if scorer_path is None else f"python:{scorer_path.name}",
         "scorer_sha256": sha256(user_source.encode()) if user_source else None,
@@ -1578,7 +1589,7 @@ def plan_batch(options: BatchOptions, rows: Sequence[Row]) -> tuple[Plan, dict[s
         names = options.solve_inputs or tuple(sorted(options.mapping))
         if not names:
             raise BatchError("solve needs the row fields it gets as input: give --map INPUT=FIELD")
-        check_rows(rows, names, options.mapping, needs, source=options.dataset)
+        check_rows(rows, names, options.mapping, needs, source=dataset_label(options))
         config.update(mode="solve", spec=None, spec_sha256=None, solve_task=options.solve_task)
         plan = Plan(mode="solve", spec_inputs=tuple(names))
     else:
@@ -1598,7 +1609,9 @@ def plan_batch(options: BatchOptions, rows: Sequence[Row]) -> tuple[Plan, dict[s
             )
         names = tuple(sorted(spec.inputs))
         declared = spec.to_data().get("inputs") or {}
-        check_rows(rows, names, options.mapping, needs, source=options.dataset, declared=declared)
+        check_rows(
+            rows, names, options.mapping, needs, source=dataset_label(options), declared=declared
+        )
         optional = tuple(n for n in names if "default" in (declared.get(n) or {}))
         from mas2c.compile import compile_spec
 
@@ -1688,6 +1701,13 @@ def run_batch(options: BatchOptions) -> dict[str, Any]:
     return run_baseline(options, _run_one(options))
 
 
+def dataset_label(options: BatchOptions) -> str | None:
+    """How messages name the dataset: `dataset_name` (`<stdin>`), else its path."""
+    if options.dataset_name is not None:
+        return options.dataset_name
+    return str(options.dataset) if options.dataset is not None else None
+
+
 def select_rows(options: BatchOptions) -> list[Row]:
     if options.rows is not None:
         return options.rows[: options.limit] if options.limit else list(options.rows)
@@ -1698,6 +1718,7 @@ def select_rows(options: BatchOptions) -> list[Row]:
         id_field=options.id_field or "id",
         limit=options.limit,
         require_id=options.id_field is not None,
+        name=options.dataset_name,
     )
     if options.dataset_sha256 is None:
         options.dataset_sha256 = sha256(options.dataset.read_bytes())

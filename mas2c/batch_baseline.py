@@ -39,6 +39,7 @@ from mas2c.batch import (
     Row,
     _run_one,
     accuracy,
+    dataset_label,
     lookup,
     mean_interval,
     newcombe_paired,
@@ -142,7 +143,7 @@ def _question_field(options: BatchOptions, rows: list[Row]) -> str:
     missing = [r for r in rows if not isinstance(lookup(r.data, field), str)]
     if missing:
         raise BatchError(
-            f"{row_place(missing[0], options.dataset)}: the baseline's question: no text field "
+            f"{row_place(missing[0], dataset_label(options))}: the baseline's question: no text field "
             f"{field!r}; name one with --baseline-field"
         )
     return field

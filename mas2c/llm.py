@@ -112,11 +112,15 @@ class LLMClient:
         max_retries: int = 3,
         default_headers: dict[str, str] | None = None,
         http_client: Any = None,
+        shown_as: str | None = None,
     ) -> None:
+        """`shown_as` names the endpoint in errors when `base_url` is not it (the host
+        gateway's socket: its upstream, already redacted, or the embedded model)."""
         from mas2c.gateway import Scrubber, redact_url
 
         url = base_url or DEFAULT_BASE_URL
         self.base_url = redact_url(url)
+        self.shown_as = shown_as or self.base_url
         self._scrub = Scrubber.for_endpoint(url, api_key)
         url, query = _split_query(url)
         self.model = model or os.environ.get("MAS2C_MODEL") or DEFAULT_MODEL
@@ -249,7 +253,7 @@ class LLMClient:
             self._usage = self._usage + Usage(1, prompt, done)
 
     def _where(self) -> str:
-        return f"LLM {self.model} at {self.base_url}"
+        return f"LLM {self.model} at {self.shown_as}"
 
     def _error(self, exc: openai.APIError) -> LLMError:
         return LLMError(self._scrub(str(self._explain(exc))))

@@ -56,10 +56,28 @@ def meta_client(
             transport = httpx.HTTPTransport(uds=str(gateway.socket_path))
             http = httpx.Client(transport=transport, timeout=900.0)
             try:
-                yield LLMClient("http://mas2c-gateway/v1", "sandbox", model=model, http_client=http)
+                yield LLMClient(
+                    "http://mas2c-gateway/v1",
+                    "sandbox",
+                    model=model,
+                    http_client=http,
+                    shown_as=_shown_as(config, url, upstream),
+                )
             finally:
                 http.close()
     finally:
         close = getattr(upstream, "close", None)
         if owned and callable(close):
             close()
+
+
+def _shown_as(config: LLMConfig, url: str | None, upstream: Any) -> str:
+    """What errors call the endpoint behind the meta-agents' gateway (never a credential)."""
+    from mas2c.gateway import redact_url
+
+    if upstream is None and config.replay is not None:
+        return f"the cassette {config.replay}"
+    if url is not None and not hasattr(upstream, "serves_as"):
+        return redact_url(url)
+    model_id = getattr(upstream, "serves_as", None)
+    return f"the embedded model {model_id}" if model_id else "the mas2c gateway"

@@ -386,6 +386,16 @@ def run_system(
                 stack.callback(prestarted.cancel)
         from mas2c.gateway import Gateway, GatewayLimits
 
+        if loads_model:  # the embedded engine, loaded first: its name binds the spec's models
+            upstream = make_upstream(llm, on_progress=on_progress)
+            if hasattr(upstream, "close"):
+                stack.callback(upstream.close)
+        engine = upstream
+        if engine is None and llm.force_embedded and llm.replay is not None:
+            from mas2c.embedded import EngineName  # a strict replay of an embedded run
+
+            engine = EngineName.of(llm.embedded_model)
+        system = on_engine(system, engine, on_warning)
         run_dir.mkdir(parents=True, exist_ok=True)
         header = run_header(system, llm, backend, trace_content)
         _write_header(run_dir, header)
@@ -400,7 +410,7 @@ def run_system(
             say("compiling")
             build_dir = run_dir / "build"
             compile_spec(system.spec).write(build_dir)
-        if owned:
+        if owned and not loads_model:
             upstream = make_upstream(llm, on_progress=on_progress)
         try:
             if folder is None:
@@ -447,7 +457,7 @@ def run_system(
                         run_dir / "usage.json", json.dumps(usage, indent=2, sort_keys=True) + "\n"
                     )
         finally:
-            if owned and hasattr(upstream, "close"):
+            if owned and not loads_model and hasattr(upstream, "close"):
                 upstream.close()
             _finish_header(run_dir, header)
     # The program wrote result.json: read it through the run-folder contract (hostile input).
@@ -464,6 +474,54 @@ def run_system(
         report.to_json(),
         typed=result,
     )
+
+
+def spec_on_engine(spec: Spec, upstream: Any) -> Spec:
+    """`spec` as it runs on `upstream` (`on_engine`'s rule, for callers that compile a spec
+    themselves: rectify's rounds), unchanged unless `upstream` is the embedded engine."""
+    model_id = getattr(upstream, "serves_as", None)
+    if not isinstance(model_id, str):
+        return spec
+    from mas2c.embedded import bind_models
+
+    data = spec.to_data()
+    bound = bind_models(data, model_id, str(upstream.describe()))
+    return spec if bound == data else type(spec).model_validate(bound)
+
+
+def on_engine(system: Target, upstream: Any, on_warning: Callable[[str], None] | None) -> Target:
+    """The system as it runs on `upstream`: on the embedded engine (an upstream with
+    ``serves_as``, its model's own name) every model of the spec's pool is bound to that
+    model, without a price (`mas2c.embedded.bind_models`, the rule `solve` applies too), so
+    requests, usage, the trace and the cost name the model that answers. A spec or build
+    naming other models is then compiled, bound, into the run folder's ``build/`` (a build
+    folder is recompiled from its MANIFEST.json's spec), with one warning."""
+    model_id = getattr(upstream, "serves_as", None)
+    if not isinstance(model_id, str):
+        return system
+    from mas2c.embedded import bind_models
+    from mas2c.lang.spec import Spec
+
+    bound = bind_models(system.data, model_id, str(upstream.describe()))
+    if bound == system.data:
+        return system
+    named = sorted(
+        {
+            str(m.get("model"))
+            for m in (system.data.get("models") or {}).values()
+            if isinstance(m, dict)
+        }
+    )
+    if on_warning is not None:
+        on_warning(
+            f"the embedded model {model_id} answers for the spec's model(s) {', '.join(named)}: "
+            "the run's spec.json and build/ bind them to it, without their prices (cost 0)"
+        )
+    try:
+        spec = Spec.model_validate(bound)
+    except ValueError as exc:
+        raise RunError(f"the spec cannot be bound to the embedded model: {exc}") from None
+    return Target(spec.to_data(), spec.package_name, None, spec)
 
 
 def _preload_runfolder() -> None:
@@ -548,9 +606,22 @@ def input_problems(given: dict[str, Any], declared: dict[str, Any]) -> list[str]
     """Every way `given` misses the spec's `inputs` (name -> JSON Schema), one line each:
     `mas2c.values.input_problems`, the very check the compiled package runs (its
     `_values.py` is that file), so the host and the sandbox never disagree."""
+    from mas2c.timebox import PATTERN_SECONDS, TooSlow, time_limit
     from mas2c.values import input_problems as problems_of
 
-    return [message for _pointer, message in problems_of(given, declared)]
+    try:
+        with time_limit(PATTERN_SECONDS):
+            return [message for _pointer, message in problems_of(given, declared)]
+    except TooSlow:
+        return [SLOW_PATTERN]
+
+
+SLOW_PATTERN = (
+    "checking the input against the spec's input schemas took too long (the host's limit "
+    "is mas2c.timebox.PATTERN_SECONDS): a `pattern` "
+    "whose backtracking grows with the input's length (such as `.*a.*a.*b`)? Anchor it "
+    "(`^...`) or make each repeat unable to match what follows it"
+)
 
 
 def check_reachable(url: str, timeout_s: float = 3.0) -> None:

@@ -40,7 +40,7 @@ from typing import Any, Literal
 from mas2c.errors import RunFailure, terminal_safe
 from mas2c.files import check_owned_folder, write_text_atomic
 from mas2c.lang.spec import Spec
-from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
+from mas2c.run import BadInput, LLMConfig, RunOutcome, make_upstream, run_system
 
 Progress = Callable[[str], None]
 
@@ -152,10 +152,12 @@ def _refused(exc: Exception) -> bool:
 def _input_names(input_path: Path) -> dict[str, Any]:
     try:
         data = json.loads(input_path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SolveError(f"{input_path}: not a readable JSON object ({exc})") from None
+    except OSError as exc:
+        raise SolveError(f"{input_path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # the same code as `mas2c run`'s check (exit 1, bad_input)
+        raise BadInput(f"{input_path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise SolveError(f"{input_path}: the input must be a JSON object of named inputs")
+        raise BadInput(f"{input_path}: the input must be a JSON object of named inputs")
     return data
 
 
@@ -418,16 +420,12 @@ def _codes(history: list[Any]) -> list[list[str]]:
 
 def _on_embedded(spec: Spec, engine: Any) -> Spec:
     """The spec with every model of its pool bound to the embedded model, by its own name
-    (an example written for `gpt-4o-mini` must not say so when SmolLM2 answers)."""
-    if not spec.models:
-        return spec
-    models = {
-        key: entry.model_copy(
-            update={"model": engine.model_id, "description": engine.describe(), "price": None}
-        )
-        for key, entry in spec.models.items()
-    }
-    return spec.model_copy(update={"models": models})
+    (`mas2c.embedded.bind_models`, the rule `mas2c run` applies too)."""
+    from mas2c.embedded import bind_models
+
+    data = spec.to_data()
+    bound = bind_models(data, engine.model_id, engine.describe())
+    return spec if bound == data else Spec.model_validate(bound)
 
 
 def rectify_run(
@@ -453,6 +451,7 @@ def rectify_run(
             input_path=input_path,
             max_rounds=rounds,
             write=True,
+            overwrite=True,  # spec.rectified.yaml in solve's own folder
             client=client,
             llm=llm,
             upstream=upstream,

@@ -17,7 +17,7 @@ only where the spec changed: `before` is the spec the text loads to, `after` the
    used, and if even that fails, a fresh dump of `after` (`mas2c.generate.spec_to_yaml`).
 
 So `difflib.unified_diff(text, result)` is the patch of the user's file (see `file_patch`):
-it applies with `git apply` (or `patch -p1`) in the file's folder. The text has already
+it applies with `patch -p0` or `git apply` in the file's folder. The text has already
 passed `mas2c.lang.source`'s bounds (size, alias expansion), as `before` was loaded from it.
 """
 
@@ -69,14 +69,11 @@ def edit_spec_file(path: Path, before: Spec, after: Spec) -> str:
 
 
 def file_patch(before: str, after: str, name: str) -> str:
-    """A unified diff of a spec file, with git's a/ b/ prefixes: `git apply` or `patch -p1`
-    applies it in the file's folder."""
+    """A unified diff of a spec file, its headers the bare file name (no a/ b/ prefixes):
+    `patch -p0` and `git apply` both apply it in the file's folder."""
     return "".join(
         difflib.unified_diff(
-            before.splitlines(keepends=True),
-            after.splitlines(keepends=True),
-            f"a/{name}",
-            f"b/{name}",
+            before.splitlines(keepends=True), after.splitlines(keepends=True), name, name
         )
     )
 

@@ -852,3 +852,91 @@ def test_batch_of_solve_over_mapped_rows(tmp_path: Path) -> None:
         assert json.loads((tmp_path / "run" / "rows" / key / "input.json").read_text()) == {
             "question": row["q"]
         }
+
+
+HOSTILE_CANDIDATE = """
+def probe():
+    import os, socket
+    if os.path.exists({marker!r}):
+        return "read a host file"
+    if any(k.startswith("OPENAI") for k in os.environ):
+        return "saw an OpenAI variable"
+    for host in {hosts!r}:
+        try:
+            socket.create_connection((host, {port}), timeout=2).close()
+            return "reached the host at " + host
+        except OSError:
+            pass
+    try:
+        open("/usr/lib/owned-by-candidate", "w").write("x")
+        return "wrote outside its temp dir"
+    except OSError:
+        pass
+    return "isolated"
+"""
+
+
+@pytest.mark.docker
+def test_a_hostile_candidate_under_the_code_scorer_cannot_reach_the_host(
+    docker_ready: None, tmp_path: Path
+) -> None:
+    """The code scorer runs the system's (an LLM's) code: in the Docker sandbox it sees no
+    host file, no key, no network (a listener on every host address stays unreached) and a
+    read-only root. The check passes only if every probe failed."""
+    import socket
+
+    from mas2c.batch import run_code_tests, write_code_scorer
+
+    marker = tmp_path / "host-marker"
+    marker.write_text("only the host has this file")
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(8)
+    listener.settimeout(0.1)
+    port = listener.getsockname()[1]
+    hosts = ["127.0.0.1", "172.17.0.1", socket.gethostbyname(socket.gethostname())]
+    code = HOSTILE_CANDIDATE.format(marker=str(marker), hosts=hosts, port=port)
+    test = "def check(candidate):\n    assert candidate() == 'isolated', candidate()\n"
+    os.environ["OPENAI_API_KEY"] = "sk-must-not-leak"
+    try:
+        score = run_code_tests(
+            code,
+            test,
+            "probe",
+            tmp_path / "score",
+            scorer_dir=write_code_scorer(tmp_path / "scorer"),
+            backend="docker",
+            test_timeout_s=30.0,
+            on_warning=_quiet,
+        )
+        try:
+            listener.accept()
+            reached = True
+        except OSError:
+            reached = False
+    finally:
+        del os.environ["OPENAI_API_KEY"]
+        listener.close()
+    assert score.passed, score.output
+    assert not reached
+    report = json.loads((tmp_path / "score" / "sandbox.json").read_text())
+    assert report["isolation"] == "container"
+
+
+def test_a_dataset_from_stdin_is_located_as_stdin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mas2c batch -`: problems are at `<stdin>:LINE`, not at a temporary file's path."""
+    import sys
+
+    data = (
+        b'{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": 5, "answer": "1"}\n'
+    )
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    args = ["batch", "-", "--spec", str(COT), "--sandbox", "unisolated"]
+    assert cli_main([*args, "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "<stdin>:2 (id b): input 'question': expected string" in err, err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data + b"\xff\n")))
+    assert cli_main([*args, "--run-dir", str(tmp_path / "run2")]) == 1
+    assert "mas2c batch: <stdin>:3: not UTF-8 text" in capsys.readouterr().err

@@ -89,3 +89,27 @@ def test_strict_replay_fails_on_a_miss_and_new_episodes_fill_it(tmp_path: Path) 
     rc, usage, err = run(tmp_path, "Twice:", "--replay", str(cassette), name="after")
     assert rc == 0, err
     assert usage["replayed"] == 2
+
+
+def test_record_never_corrupts_another_file_nor_creates_folders(tmp_path: Path) -> None:
+    """`--record` appends: a file that is not a cassette (a spec named by mistake) is refused
+    before anything runs, and so is a cassette in a folder that does not exist."""
+    spec = tmp_path / "mine.yaml"
+    spec.write_text(SPEC)
+    (tmp_path / "in.json").write_text('{"question": "capital of France?"}')
+    with LLMTestServer(Script([(r"capital", "Paris")])) as srv:
+        for target, words in (
+            (spec, "is not a cassette"),
+            (tmp_path / "no" / "c.jsonl", "does not exist"),
+            (tmp_path, "is a folder"),
+        ):
+            proc = mas2c(
+                "run", spec, "--input", tmp_path / "in.json", "--sandbox", "unisolated",
+                "--llm", srv.base_url, "--record", target, "--run-dir", tmp_path / "r", "--json",
+                cwd=tmp_path, inprocess=True,
+            )  # fmt: skip
+            assert proc.returncode == 2, proc.stderr
+            error = json.loads(proc.stdout)["error"]
+            assert error["code"] == "usage" and words in error["message"], error
+        assert spec.read_text() == SPEC and not (tmp_path / "no").exists()
+        assert not (tmp_path / "r").exists() and srv.requests == []

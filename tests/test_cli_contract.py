@@ -225,6 +225,32 @@ def test_writing_to_a_device_leaves_the_device(tmp_path: Path) -> None:
         assert stat.S_ISCHR(os.stat(null).st_mode)
 
 
+def test_a_swap_stopped_between_its_renames_puts_the_earlier_build_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after the earlier build moved aside but before the new one moved in: the
+    earlier build is put back (it was left as a hidden .DIR.old-PID, the folder gone)."""
+    from mas2c import files
+
+    out = _built(tmp_path, COT, "build")
+    before = tree(out)
+    real = os.replace
+    calls: list[str] = []
+
+    def interrupted_second_rename(src: Any, dst: Any) -> None:
+        calls.append(str(src))
+        if len(calls) == 2:  # staging -> target
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", interrupted_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_tree_atomic(out, {"x.txt": b"new"})
+    monkeypatch.undo()
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # nothing hidden left
+
+
 def test_build_folder_modes_follow_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
@@ -237,23 +263,47 @@ def test_build_folder_modes_follow_the_umask(tmp_path: Path) -> None:
     assert stat.S_IMODE((out / "MANIFEST.json").stat().st_mode) == 0o644
 
 
+def test_a_run_under_umask_077_works_and_keeps_its_files_private(
+    tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """The run folder follows a strict umask (0600/0700), and the program still reads its
+    own job (as root the unisolated backend runs it as nobody: a 0600 job file stopped it)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mas2c.cli", "run", str(COT), "--input",
+         str(write_json(tmp_path / "in.json", QUESTION)), "--sandbox", "unisolated",
+         "--llm", llm_server.base_url, "--run-dir", str(run_dir), "-q"],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300, umask=0o077,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    for name in ("result.json", "trace.jsonl", "usage.json", "spec.json", "build/MANIFEST.json"):
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o600, name
+
+
 @pytest.mark.parametrize(
     "args",
     [
         ["schema", "-o", "{missing}/x.json"],
         ["configure", str(COT), "--pool", "{pool}", "--rule", "-o", "{missing}/x.yaml"],
+        ["configure", str(COT), "--pool", "{pool}", "--llm", "{url}", "--rebind", "-o", "{missing}/x.yaml"],
+        ["generate", "a task", "--llm", "{url}", "-o", "{missing}/x.yaml"],
     ],
-    ids=["schema", "configure"],
+    ids=["schema", "configure", "configure-llm", "generate"],
 )
-def test_output_files_never_create_folders(tmp_path: Path, args: list[str]) -> None:
+def test_output_files_never_create_folders(
+    tmp_path: Path, args: list[str], llm_server: LLMTestServer
+) -> None:
+    """...and an output that cannot be written is refused before any LLM request."""
     pool = write_json(tmp_path / "pool.json", {"models": {"m": {"model": "gpt-4o-mini"}}})
     missing = tmp_path / "missing" / "dir"
-    argv = [a.format(missing=missing, pool=pool) for a in args]
+    argv = [a.format(missing=missing, pool=pool, url=llm_server.base_url) for a in args]
     proc = mas2c(*argv, "--json", cwd=tmp_path, inprocess=True)
     assert proc.returncode == 2
     assert document(proc)["error"]["code"] == "usage"
     assert "does not exist" in proc.stderr
     assert not (tmp_path / "missing").exists()
+    assert llm_server.requests == []
 
 
 # -- 4. --json: one document per verb, success and failure ---------------------------------------
@@ -447,11 +497,104 @@ def test_json_failure_is_one_document(verb: str, tmp_path: Path, llm_server: LLM
         assert proc.stderr.strip(), "a human line on stderr too"
 
 
+@pytest.mark.parametrize("action", [["build"], ["prune"], ["pool", "start"], ["pool", "stop"]])
+def test_sandbox_actions_with_the_daemon_down_are_one_clear_line(
+    tmp_path: Path, action: list[str]
+) -> None:
+    """Every `sandbox` action, the daemon down: one document, one line naming the daemon,
+    no traceback (`pool start` showed the service's traceback from its log)."""
+    env = cli_env(DOCKER_HOST="unix:///nonexistent/docker.sock")
+    proc = mas2c("sandbox", *action, "--json", cwd=tmp_path, env=env, inprocess=True)
+    data = document(proc)
+    if action == ["pool", "stop"]:  # nothing runs: nothing to stop
+        assert proc.returncode == 0 and data["stopped"] is False
+        return
+    assert proc.returncode == 1 and data["error"]["code"] == "sandbox"
+    assert "daemon is not reachable" in data["error"]["message"]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_validate_json_is_one_document_for_one_file_and_for_two() -> None:
     one = mas2c("validate", COT, "--json", cwd=ROOT, inprocess=True)
     two = mas2c("validate", COT, DEBATE, "--json", cwd=ROOT, inprocess=True)
     assert set(document(one)) == set(document(two)) == {"ok", "valid", "reports"}
     assert len(document(one)["reports"]) == 1 and len(document(two)["reports"]) == 2
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_prints_one_json_document(tmp_path: Path, sig: str) -> None:
+    """Ctrl-C (or a SIGTERM) during a run: exit 130, one `interrupted` document on stdout."""
+    import signal
+    import time
+
+    write_json(tmp_path / "in.json", QUESTION)
+    with LLMTestServer(latency_s=60) as slow:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mas2c.cli", "run", str(COT), "--input", "in.json",
+             "--sandbox", "unisolated", "--llm", slow.base_url, "--run-dir", "r", "--json"],
+            cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not slow.requests and time.monotonic() < deadline:  # the program is waiting
+            time.sleep(0.1)
+        assert slow.requests, "the run never reached the LLM"
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    data = json.loads(out)
+    assert data["ok"] is False and data["error"]["code"] == "interrupted"
+    assert "Traceback" not in err and "interrupted" in err
+
+
+def test_a_dead_endpoint_is_named_once_in_solves_one_error(tmp_path: Path) -> None:
+    """The meta-agents' gateway is an implementation detail: the error names the endpoint
+    (without its credentials), not the gateway's internal URL."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://user:hunter2@127.0.0.1:{port}/v1"
+    write_json(tmp_path / "in.json", QUESTION)
+    proc = mas2c("solve", "a task", "--input", "in.json", "--llm", url, "--run-dir", "s",
+                 "--sandbox", "unisolated", "--json", cwd=tmp_path, inprocess=True)  # fmt: skip
+    assert proc.returncode == 1
+    message = document(proc)["error"]["message"]
+    assert f"127.0.0.1:{port}" in message and "failed after 4 attempts" in message, message
+    assert "mas2c-gateway" not in message and "hunter2" not in proc.stdout + proc.stderr
+
+
+def test_json_before_the_verb_and_version_json_are_one_document(tmp_path: Path) -> None:
+    proc = mas2c("--json", "schema", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 0 and document(proc)["schema"]["title"]
+    proc = mas2c("--json", "validate", "missing.yaml", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 2 and document(proc)["error"]["code"] == "usage"
+    proc = mas2c("--json", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 2 and "no verb" in document(proc)["error"]["message"]
+    proc = mas2c("--version", "--json", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 0 and document(proc)["version"]
+
+
+def test_validate_json_reports_every_file_also_past_a_missing_one_or_a_folder(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "folder").mkdir()
+    argv = ["validate", str(COT), "missing.yaml", "folder", str(DEBATE), "--json"]
+    proc = mas2c(*argv, cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 2  # a file that cannot be read is a usage error
+    data = document(proc)
+    assert data["ok"] is False and data["valid"] is False and data["error"]["code"] == "usage"
+    reports = data["reports"]
+    assert [r["path"] for r in reports] == [str(COT), "missing.yaml", "folder", str(DEBATE)]
+    assert [r["valid"] for r in reports] == [True, False, False, True]
+    assert all(set(r) >= {"path", "valid", "errors", "warnings", "problems"} for r in reports)
+    assert "no such file" in reports[1]["error"]["message"]
+    assert "is a folder" in reports[2]["error"]["message"]
+    assert "missing.yaml" in proc.stderr and "folder" in proc.stderr
+    for name in ("missing.yaml", "folder"):  # alone, too: the same shape
+        one = document(mas2c("validate", name, "--json", cwd=tmp_path, inprocess=True))
+        assert set(one) == {"ok", "valid", "reports", "error"} and len(one["reports"]) == 1
 
 
 def test_dash_reads_stdin(tmp_path: Path) -> None:
@@ -487,6 +630,63 @@ def _cli(argv: list[str], tmp_path: Path, stdin: str = "") -> subprocess.Complet
         env=cli_env(),
         timeout=120,
     )
+
+
+def test_dash_reads_a_spec_or_a_dataset_wherever_one_is_read(
+    tmp_path: Path, llm_server: LLMTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`-` is stdin for run's spec (a pipe from `generate -o -`), batch's dataset and spec,
+    image's spec and rectify's --spec; two `-` in one command are refused."""
+    import io
+
+    def cli(*argv: str, stdin: str) -> subprocess.CompletedProcess[str]:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+        return mas2c(*argv, cwd=tmp_path, inprocess=True)
+
+    llm = ["--sandbox", "unisolated", "--llm", llm_server.base_url, "--json"]
+    inp = str(write_json(tmp_path / "in.json", QUESTION))
+    proc = cli("run", "-", "--input", inp, "--run-dir", "r", *llm, stdin=COT.read_text())
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r" / "spec.json").read_text())["name"] == "chain-of-thought"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": "1", "question": "2+2?", "answer": "4"}) + "\n")
+    proc = cli("batch", "-", "--spec", str(COT), "--run-dir", "b", "--output", "answer", *llm,
+               stdin=rows.read_text())  # fmt: skip
+    assert document(proc)["complete"] is True, proc.stderr
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["dataset"] == "<stdin>"
+    proc = cli("image", "-", "-t", "x:1", "--json", stdin="name: Bad\n")
+    assert proc.returncode == 1 and document(proc)["error"]["code"] == "spec_invalid"
+    for argv in (
+        ["run", "-", "--input", "-", "--json"],
+        ["batch", "-", "--spec", "-", "--json"],
+        ["rectify", "r", "--spec", "-", "--input", "-", "--json"],
+        ["rectify", "r", "--spec", "-", "--write", "--json"],
+    ):
+        proc = cli(*argv, stdin=COT.read_text())
+        assert proc.returncode == 2 and document(proc)["error"]["code"] == "usage", argv
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", str(COT), "--input", "-", "--sandbox", "unisolated", "--llm", "{url}"],
+        ["solve", "a task", "--input", "-", "--llm", "{url}"],
+    ],
+    ids=["run", "solve"],
+)
+def test_bad_input_on_stdin_is_named_stdin_and_coded_alike(
+    argv: list[str], tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """An input read from `-` is named <stdin> in the error (never a private temp path),
+    and run and solve give it the same code before any LLM request or folder."""
+    argv = [a.format(url=llm_server.base_url) for a in argv]
+    for text in ("not json", "[1, 2]"):
+        proc = _cli([*argv, "--run-dir", str(tmp_path / "r"), "--json"], tmp_path, text)
+        assert proc.returncode == 1, proc.stderr
+        error = document(proc)["error"]
+        assert error["code"] == "bad_input", error
+        assert error["message"].startswith("<stdin>: ") and "mas2c-stdin" not in proc.stderr
+    assert llm_server.requests == [] and not (tmp_path / "r").exists()
 
 
 def test_diff_reads_a_spec_from_stdin_and_report_writes_to_stdout(

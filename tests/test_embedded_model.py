@@ -263,3 +263,115 @@ def test_solve_offline_on_the_local_model_in_docker(
     assert set(usage["by_model"]) == {"smollm2-135m-instruct"}
     assert usage["calls"] >= 1 and usage["upstream_calls"] == usage["calls"]
     assert usage["total_tokens"] > 0
+
+
+TINY = """\
+spec_version: "1"
+name: tiny
+inputs: {question: {type: string}}
+outputs: {answer: draft}
+models:
+  main:   # priced so that one call would break the budget if the price applied
+    model: gpt-4o-mini
+    max_tokens: 8
+    price: {input_per_mtok: 1000, output_per_mtok: 1000}
+agents:
+  a: {role: Answerer, instructions: Answer in one word., model: main}
+workflow:
+  - {id: ask, kind: call, agent: a, prompt: "{{ question }}", out: draft}
+budgets: {max_cost_usd: 0.0001}
+"""
+
+
+def _names_only_the_embedded_model(run_dir: Path, model_id: str) -> None:
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+    usage = json.loads((run_dir / "usage.json").read_text())
+    assert set(usage["by_model"]) == {model_id} and usage["cost_usd"] == 0
+    spec = json.loads((run_dir / "spec.json").read_text())
+    assert {m["model"] for m in spec["models"].values()} == {model_id}
+    calls = [
+        json.loads(line)
+        for line in (run_dir / "trace.jsonl").read_text().splitlines()
+        if '"llm_call"' in line
+    ]
+    assert calls and all(c["model"] == c["response_model"] == model_id for c in calls)
+    assert all(c["cost_usd"] == 0 for c in calls)
+
+
+def test_run_binds_a_specs_models_to_the_embedded_model(
+    upstream: EmbeddedUpstream, tmp_path: Path
+) -> None:
+    """Issue 13: `run --llm embedded` on a spec or a build naming gpt-4o-mini does what
+    solve does: every model is bound to the embedded one (no price), so the requests,
+    usage, trace and cost name the model that answered; the spec's price would have
+    broken its budget on the first call."""
+    from conftest import mas2c
+
+    from mas2c.run import run_system
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY)
+    (tmp_path / "in.json").write_text('{"question": "Capital of France?"}')
+    warnings: list[str] = []
+    cassette = tmp_path / "c.jsonl"
+    run_system(
+        spec,
+        tmp_path / "in.json",
+        tmp_path / "run",
+        backend="unisolated",
+        llm=LLMConfig(record=cassette),
+        upstream=upstream,
+        on_warning=warnings.append,
+    )
+    _names_only_the_embedded_model(tmp_path / "run", upstream.model_id)
+    # the same command replays it: `--llm embedded --replay` binds the spec the same way
+    # (from the GGUF's header, no model loaded); without --llm embedded the miss says why
+    replay = ["run", spec, "--input", tmp_path / "in.json", "--sandbox", "unisolated",
+              "--replay", cassette, "--json"]  # fmt: skip
+    proc = mas2c(*replay, "--llm", "embedded", "--run-dir", tmp_path / "re", cwd=tmp_path,
+                 inprocess=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "re" / "usage.json").read_text())["replayed"] >= 1
+    spec.write_text(TINY.replace("budgets: {max_cost_usd: 0.0001}\n", ""))  # (else: 402)
+    proc = mas2c(*replay, "--run-dir", tmp_path / "miss", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 1 and "replays with --llm embedded" in proc.stderr
+    spec.write_text(TINY)
+    assert any("answers for the spec's model(s) gpt-4o-mini" in w for w in warnings)
+    assert spec.read_text() == TINY  # the user's spec is untouched
+    # a build folder (its code names gpt-4o-mini), through the CLI's own engine
+    assert mas2c("compile", spec, "-o", tmp_path / "build", cwd=tmp_path).returncode == 0
+    proc = mas2c(
+        "run", tmp_path / "build", "--input", tmp_path / "in.json", "--llm", "embedded",
+        "--sandbox", "unisolated", "--run-dir", tmp_path / "run2", "--json",
+        cwd=tmp_path, inprocess=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    _names_only_the_embedded_model(tmp_path / "run2", upstream.model_id)
+    assert "gpt-4o-mini" in (tmp_path / "build" / "MANIFEST.json").read_text()  # untouched
+
+
+def test_rectify_rounds_run_bound_to_the_embedded_model(
+    upstream: EmbeddedUpstream, tmp_path: Path
+) -> None:
+    """rectify on the embedded engine, from the user's spec naming gpt-4o-mini: each round's
+    build is compiled bound (the build that ran, its checkpoints where the runtime looks),
+    while the round's spec text stays the user's with only the fix in it."""
+    from mas2c.rectify import rectify
+    from mas2c.run import run_system
+
+    fault = Path(__file__).parent / "faults" / "missing-import-re"
+    text = (fault / "spec.yaml").read_text().replace("model: test-model", "model: gpt-4o-mini")
+    spec = tmp_path / "system.yaml"
+    spec.write_text(text)
+    kwargs: dict[str, Any] = {"backend": "unisolated", "upstream": upstream}
+    run = run_system(spec, fault / "input.json", tmp_path / "run", **kwargs)
+    assert run.status != "ok"
+    outcome = rectify(tmp_path / "run", spec_path=spec, **kwargs)
+    assert outcome.status == "fixed", outcome.stop_reason
+    round_ = outcome.rounds[-1].folder
+    manifest = json.loads((round_ / "build" / "MANIFEST.json").read_text())
+    assert {m["model"] for m in manifest["spec"]["models"].values()} == {upstream.model_id}
+    assert not (round_ / "run" / "build").exists()  # it ran the round's build as it was
+    assert "gpt-4o-mini" in (round_ / "spec.yaml").read_text()  # the user's text, fixed
+    usage = json.loads((round_ / "run" / "usage.json").read_text())
+    assert set(usage["by_model"]) <= {upstream.model_id}

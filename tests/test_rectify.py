@@ -180,6 +180,42 @@ def test_input_spec_untouched_and_write_beside_it(server: LLMTestServer, tmp_pat
     assert written.read_text() == (outcome.rounds[-1].folder / "spec.yaml").read_text()
 
 
+def test_write_never_overwrites_a_file_and_a_second_rectify_keeps_the_first(
+    server: LLMTestServer, tmp_path: Path
+) -> None:
+    """Issue 13: `--write` refuses an existing <stem>.rectified.yaml (before any round, so
+    nothing is spent) unless forced; a second rectify of a run folder moves the first one's
+    rounds to rectify.1/ instead of deleting them."""
+    from mas2c.cli import main
+
+    fault = FAULTS["missing-import-re"]
+    spec_path = tmp_path / "system.yaml"
+    spec_path.write_bytes(fault.spec.read_bytes())
+    mine = tmp_path / "system.rectified.yaml"
+    mine.write_text("# my own edits\n")
+    server.responder = default_responder
+    llm = LLMConfig(url=server.base_url, api_key="test")
+    run_dir = tmp_path / "run"
+    run_system(
+        spec_path, fault.input, run_dir, backend="unisolated", llm=llm, on_warning=lambda _m: None
+    )
+    argv = ["rectify", str(run_dir), "--spec", str(spec_path), "--write", "--no-llm"]
+    argv += ["--sandbox", "unisolated", "--llm", server.base_url, "--json"]
+    assert main(argv) == 2  # output_refused
+    assert mine.read_text() == "# my own edits\n" and not (run_dir / "rectify").exists()
+    assert main([*argv, "--force"]) == 0
+    assert "import re" in mine.read_text()
+    first = sorted(p.name for p in (run_dir / "rectify").iterdir())
+    assert main([*argv, "--force"]) == 0
+    assert sorted(p.name for p in (run_dir / "rectify.1").iterdir()) == first
+    assert (run_dir / "rectify" / "summary.json").is_file()
+    # the run folder, with both attempts and no --spec rectified file, is still reusable
+    again = run_system(
+        spec_path, fault.input, run_dir, backend="unisolated", llm=llm, on_warning=lambda _m: None
+    )
+    assert (run_dir / "rectify.1").is_dir() and again.run_dir == run_dir
+
+
 def test_without_write_nothing_is_written_beside_the_spec(
     server: LLMTestServer, tmp_path: Path
 ) -> None:

@@ -64,9 +64,12 @@ def main():
         while True:
             time.sleep(0.2)
     elif action == "memory":
+        # Bounded (max_mb), so that a sandbox that lost its memory limit fails the test by
+        # finishing, rather than by taking the host's memory.
         blocks = []
-        while True:
+        while len(blocks) * 16 < req.get("max_mb", 1 << 30):
             blocks.append(b"x" * (16 * 1024 * 1024))
+        out["allocated_mb"] = len(blocks) * 16
     elif action == "forkbomb":
         pids, error = [], None
         try:
@@ -551,7 +554,12 @@ def test_docker_memory_bomb_is_oom_killed(
     dock: None, rt: str, package: Path, tmp_path: Path
 ) -> None:
     run = _run(
-        package, tmp_path, {"action": "memory"}, "docker", runtime=rt, limits=Limits(memory_mb=128)
+        package,
+        tmp_path,
+        {"action": "memory", "max_mb": 768},
+        "docker",
+        runtime=rt,
+        limits=Limits(memory_mb=128),
     )
     assert run.report.oom_killed and run.report.exit_code == 137
     assert not run.report.timed_out
@@ -1635,3 +1643,34 @@ def test_bytecode_is_hash_checked_and_cached(
 def test_limits_must_be_finite(field: str, value: float) -> None:
     with pytest.raises(SandboxError, match=f"invalid sandbox limits: {field}="):
         Limits(**{field: value}).validate()
+
+
+@pytest.mark.docker
+def test_prestarted_container_without_the_runs_socket_folder_is_not_used(
+    dock: None, package: Path, tmp_path: Path
+) -> None:
+    """A run whose gateway socket is not in the folder the prestarted container mounted
+    (here: it mounted none) gets a container of its own, which reaches the socket."""
+    folder = Path(tempfile.mkdtemp(prefix="mas2c-gw-test-", dir="/tmp"))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(folder / "llm.sock"))
+        listener.listen(1)
+        pre = sandbox.prestart(socket_folder=None)
+        assert pre is not None
+        try:
+            run = _run(
+                package,
+                tmp_path,
+                {"action": "echo"},
+                "docker",
+                prestarted=pre,
+                llm_socket=folder / "llm.sock",
+            )
+        finally:
+            pre.cancel()
+    finally:
+        listener.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert run.result["echo"] == {"action": "echo"}, run.text("stderr.txt")
+    assert not pre._taken and _leftovers({pre.run_id}) == []

@@ -207,7 +207,18 @@ def test_pool_start_refuses_bad_settings_before_starting(argv: list[str], tmp_pa
     assert argv[0].lstrip("-") in proc.stderr or "limits" in proc.stderr
     from mas2c.sandbox.pool import service_state
 
-    assert service_state() is None or service_state()["size"] != 1  # nothing started
+    # Nothing started with these settings (another test's service may be up: machine-wide).
+    state = service_state() or {"spec": {"idle_s": 300.0, "limits": {}}}
+    field = {
+        "--idle": "idle_s",
+        "--memory": "memory_mb",
+        "--cpus": "cpus",
+        "--timeout": "timeout_s",
+    }
+    where = state["spec"] if argv[0] == "--idle" else state["spec"]["limits"]
+    value, bad = where.get(field[argv[0]]), float(argv[1])
+    same = value is not None and (float(value) == bad or (value != value and bad != bad))
+    assert not same, state
 
 
 def test_in_process_pool_settings_come_from_the_environment(tmp_path: Path) -> None:

@@ -626,6 +626,11 @@ def test_generate_writes_a_valid_spec(llm_server: LLMTestServer, tmp_path: Path)
     assert proc.stdout == "" and f"wrote {out} (chain-of-thought, 1 answer(s))\n" in proc.stderr
     assert validate_file(out).ok
     assert no_temp_files(out.parent)
+    # -o spec.json gets JSON (a .json spec is read as JSON: YAML there did not validate)
+    proc = generate_cli(tmp_path, llm_server, "-o", tmp_path / "spec.json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "spec.json").read_text())["name"] == "chain-of-thought"
+    assert validate_file(tmp_path / "spec.json").ok
 
 
 def test_generate_gives_up_cleanly(llm_server: LLMTestServer, tmp_path: Path) -> None:

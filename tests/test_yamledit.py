@@ -3,7 +3,7 @@ round of `rectify` edit the user's own text as a round trip (`mas2c.yamledit`).
 
 Comments (the `# yaml-language-server: $schema=` line too), key order, quoting, block and flow
 styles are kept; only the lines of changed nodes change; and each round's `patch.diff`
-applies to the user's file with `git apply` and with `patch -p1`.
+applies to the user's file with `git apply` and with `patch -p0`.
 """
 
 from __future__ import annotations
@@ -117,9 +117,8 @@ def changed_lines(before: str, after: str) -> list[str]:
 
 def apply_with(tool: list[str], folder: Path, patch: Path) -> None:
     proc = subprocess.run(
-        [*tool, str(patch)] if tool[0] == "git" else tool,
+        [*tool, str(patch)] if tool[0] == "git" else [*tool, "-i", str(patch)],
         cwd=folder,
-        input=None if tool[0] == "git" else patch.read_text(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -156,9 +155,9 @@ def test_rectify_write_keeps_every_comment_and_key_and_its_patch_applies(tmp_pat
     assert [line for line in changed if line.strip("+ ")] == ["+      import re"]
     assert all(line.startswith("+") for line in changed)
     assert "import re" in (load_spec(outcome.written).tools["word_stats"].code or "")
-    # the round's patch applies to the user's file, with git apply and with patch -p1
+    # the round's patch applies to the user's file, with git apply and with patch -p0
     patch = outcome.rounds[0].folder / "patch.diff"
-    for tool in (["git", "apply"], ["patch", "-p1"]):
+    for tool in (["git", "apply"], ["patch", "-p0"]):
         work = tmp_path / tool[0]
         work.mkdir()
         shutil.copy(spec_path, work / "system.yaml")
@@ -199,12 +198,27 @@ def test_a_crlf_spec_keeps_its_line_ends_and_its_patch_applies(tmp_path: Path) -
     assert spec_hash(load_spec_text(edited)) == spec_hash(after)
     changed = changed_lines(crlf, edited)
     assert len(changed) == 2, changed  # one line out, one in
-    (tmp_path / "git").mkdir()
-    (tmp_path / "git" / "system.yaml").write_bytes(crlf.encode())
     patch = tmp_path / "p.diff"
     patch.write_bytes(file_patch(crlf, edited, "system.yaml").encode())
-    apply_with(["git", "apply"], tmp_path / "git", patch)
-    assert (tmp_path / "git" / "system.yaml").read_bytes() == edited.encode()
+    for tool in (["git", "apply"], ["patch", "-p0"]):
+        (tmp_path / tool[0]).mkdir()
+        (tmp_path / tool[0] / "system.yaml").write_bytes(crlf.encode())
+        apply_with(tool, tmp_path / tool[0], patch)
+        assert (tmp_path / tool[0] / "system.yaml").read_bytes() == edited.encode()
+
+
+def test_configure_into_a_json_file_writes_json(tmp_path: Path) -> None:
+    unbound = COMMENTED.replace("    model: m\n", "    # model: chosen by configure\n")
+    spec_path = tmp_path / "system.yaml"
+    spec_path.write_text(unbound)
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("models:\n  cheap: {model: small}\n")
+    out = tmp_path / "configured.json"
+    proc = mas2c("configure", spec_path, "--pool", pool, "--rule", "-o", out, cwd=tmp_path,
+                 env=cli_env(), inprocess=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["agents"]["writer"]["model"] == "cheap"
+    assert load_spec(out).agents["writer"].model == "cheap"
 
 
 def test_configure_from_stdin_keeps_the_comments(tmp_path: Path) -> None:

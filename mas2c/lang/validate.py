@@ -617,7 +617,7 @@ class _Checker:
             pointer = f"{here}/{index}/assistant"
             answer = example.assistant
             if isinstance(agent.output, dict):
-                problems = values.validate(answer, agent.output)
+                problems = _fits(answer, agent.output)
                 if problems:
                     self.add(
                         "MAS213",
@@ -850,7 +850,7 @@ class _Checker:
                 f"e.g. initial: {json.dumps(REDUCER_INITIAL_EXAMPLE[var.reducer])}",
             )
         elif var.json_schema is not None:
-            problems = values.validate(initial, var.json_schema)
+            problems = _fits(initial, var.json_schema)
             if problems:
                 self.add(
                     "MAS521",
@@ -1091,7 +1091,7 @@ class _Checker:
                 return None
         if isinstance(value, list | dict) and _holds_placeholder(value):
             return self._container_problem(value, expected, scope)
-        problems = values.validate(value, expected)
+        problems = _fits(value, expected)
         return problems[0].partition(": ")[2] if problems else None
 
     def _container_problem(
@@ -2257,7 +2257,7 @@ def _value_fit_problem(schema: dict[str, Any], declared: Any) -> str | None:
                 )
     if "default" in schema:
         rest = {k: v for k, v in schema.items() if k != "default"}
-        problems = values.validate(schema["default"], rest)
+        problems = _fits(schema["default"], rest)
         if problems:
             return f"the default {_shown(schema['default'])} does not fit the schema: {problems[0]}"
     return None
@@ -2312,6 +2312,22 @@ def _keys_hint(model: type[Any] | None) -> str | None:
         if info.is_required() and name != "kind"
     ]
     return f"required keys here: {', '.join(required)}" if required else None
+
+
+def _fits(value: Any, schema: Any) -> list[str]:
+    """`values.validate` with the host's time bound on `pattern` checks (`mas2c.timebox`)."""
+    from mas2c.timebox import PATTERN_SECONDS, TooSlow, time_limit
+
+    try:
+        with time_limit(PATTERN_SECONDS):
+            return values.validate(value, schema)
+    except TooSlow:
+        return [
+            f"at /: checking {_shown(value)} against the schema took more than "
+            f"{PATTERN_SECONDS:g}s: a `pattern` whose backtracking grows with the text's length "
+            "(such as `.*a.*a.*b`)? Anchor it (`^...`) or make each repeat unable to match "
+            "what follows it"
+        ]
 
 
 def _pattern_hint(pointer: str) -> str:

@@ -33,11 +33,15 @@ Each round recompiles and re-runs the system in the sandbox, resuming from the
 checkpoints of earlier runs (steps before the fault whose inputs did not change are
 not run again), and keeps everything in ``RUN_DIR/rectify/round-K/``: ``spec.yaml``
 (the user's spec text edited as a round trip, `mas2c.yamledit`), ``patch.diff``
-(against the previous round's text; applies to the user's file with ``git apply``),
+(against the previous round's text; applies to the user's file with ``patch -p0`` or
+``git apply``),
 ``build/``, ``run/`` and ``notes.json``. The loop stops when a run succeeds, after
 ``max_rounds``, when a fix repeats an earlier spec (hash), or when two rounds in a row
 leave the same error (code, type and pointer). The input spec is never modified;
-``write=True`` writes the fixed spec beside it as ``<stem>.rectified.yaml``.
+``write=True`` writes the fixed spec beside it as ``<stem>.rectified.yaml`` (an existing
+file of that name is refused before any round, `OutputRefused`, unless ``overwrite``).
+A second rectify of the same run folder keeps the first one's rounds: the earlier
+``rectify/`` moves to the first free ``rectify.N/``.
 """
 
 from __future__ import annotations
@@ -47,7 +51,6 @@ import copy
 import difflib
 import json
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +78,7 @@ from mas2c.lang.spec import (
     static_calls,
 )
 from mas2c.llm import LLMError
-from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system
+from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system, spec_on_engine
 from mas2c.runfolder import (
     LIMITS,
     Checkpoint,
@@ -1644,6 +1647,7 @@ def rectify(
     progress: Progress | None = None,
     on_warning: Callable[[str], None] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
 ) -> RectifyOutcome:
     """Repair the system of a failed (or overspent) run; see the module docstring.
 
@@ -1662,11 +1666,14 @@ def rectify(
     if origin is not None:
         with contextlib.suppress(OSError, UnicodeDecodeError):
             source = SpecText(origin.read_text("utf-8"), origin.name, origin.suffix == ".json")
+    target = rectified_path(run_dir, origin, spec) if write else None
+    if target is not None and origin is not None and not overwrite:
+        _refuse_existing(target)
     out_dir = run_dir / "rectify"
     if out_dir.is_symlink() or out_dir.is_file():
         out_dir.unlink()  # never follow a link out of the run folder
     elif out_dir.exists():
-        shutil.rmtree(out_dir)
+        keep_earlier_attempt(out_dir)
     out_dir.mkdir(parents=True)
     outcome = RectifyOutcome(run_dir, "nothing_to_do", failure, final_spec=spec)
     if failure is None:
@@ -1708,17 +1715,42 @@ def rectify(
     finally:
         if owned and hasattr(upstream, "close"):
             upstream.close()
-    if write and outcome.status == "fixed" and outcome.final_spec is not None:
-        if origin is not None:
-            suffix = ".json" if origin.suffix == ".json" else ".yaml"
-            target = origin.with_name(f"{origin.stem}.rectified{suffix}")
-        else:
-            target = run_dir / f"{outcome.final_spec.name}.rectified.yaml"
+    if target is not None and outcome.status == "fixed" and outcome.final_spec is not None:
         write_text_atomic(target, outcome.final_text or spec_yaml(outcome.final_spec))
         outcome.written = target
         say(f"wrote the rectified spec to {target}")
     _write_summary(outcome, out_dir)
     return outcome
+
+
+def rectified_path(run_dir: Path, origin: Path | None, spec: Spec) -> Path:
+    """Where ``write=True`` puts the fixed spec: ``<stem>.rectified.yaml`` (``.json`` for a
+    JSON spec) beside the user's spec, else ``<name>.rectified.yaml`` in the run folder."""
+    if origin is not None:
+        suffix = ".json" if origin.suffix == ".json" else ".yaml"
+        return origin.with_name(f"{origin.stem}.rectified{suffix}")
+    return run_dir / f"{spec.name}.rectified.yaml"
+
+
+def _refuse_existing(target: Path) -> None:
+    """A file beside the user's spec is never overwritten unasked (checked before any round)."""
+    from mas2c.files import OutputRefused
+
+    if target.exists() or target.is_symlink():
+        raise OutputRefused(
+            f"{target}: exists; nothing was done. Move it away, or pass --force to overwrite "
+            "it with the rectified spec"
+        )
+
+
+def keep_earlier_attempt(out_dir: Path) -> Path:
+    """Move an earlier rectify folder to the first free ``rectify.N`` beside it (kept, not
+    deleted: every round of every attempt stays on disk)."""
+    number = 1
+    while (kept := out_dir.with_name(f"{out_dir.name}.{number}")).exists() or kept.is_symlink():
+        number += 1
+    out_dir.rename(kept)
+    return kept
 
 
 def _loop(
@@ -1750,7 +1782,8 @@ def _loop(
             break
         folder = out_dir / f"round-{number}"
         folder.mkdir(parents=True)
-        build = compile_spec(spec)
+        # the build as it ran: on the embedded engine its models are bound to it (mas2c.run)
+        build = compile_spec(spec_on_engine(spec, run_kwargs["upstream"]))
         locus = locate(failure, spec, build)
         round_ = Round(number, folder, failure, locus)
         outcome.rounds.append(round_)
@@ -1802,7 +1835,7 @@ def _loop(
             break
         seen.add(digest)
         build_dir = folder / "build"
-        compile_spec(fix.spec).write(build_dir)
+        compile_spec(spec_on_engine(fix.spec, run_kwargs["upstream"])).write(build_dir)
         if resume and fix.resume:
             offered = harvest_checkpoints(records)
             round_.checkpoints_offered = len(offered)

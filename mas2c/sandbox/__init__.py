@@ -1167,12 +1167,15 @@ def _job_archive(job: _Job, job_json: bytes) -> IO[bytes]:
             elif path.is_file():
                 mode = 0o755 if os.access(path, os.X_OK) else 0o644
                 with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    info = _tar_info(f"{arc}/{name}", is_dir=False, mode=mode, size=size)
+                    if not name.endswith(".py"):
+                        tf.addfile(info, f)  # streamed: a data file may be large
+                        continue
                     data = f.read()
-                tf.addfile(
-                    _tar_info(f"{arc}/{name}", is_dir=False, mode=mode, size=len(data)),
-                    io.BytesIO(data),
-                )
-                if name.endswith(".py") and (pyc := _bytecode(data)) is not None:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+                if (pyc := _bytecode(data)) is not None:
                     compiled.append((name[:-3], pyc))
         if compiled:
             cache = f"{arc}/__pycache__"
@@ -1536,10 +1539,12 @@ class Prestart:
         """The started container for `job` (None: it does not fit; the run starts its
         own); a failure to start it is raised here, as the run's own would be."""
         self._thread.join()
+        folder = self.socket_folder
         fits = (job.image, job.limits, job.loosen, job.runtime) == self.key and (
-            job.llm_socket is None
-            or self.socket_folder is None
-            or job.llm_socket.resolve().parent == self.socket_folder.resolve()
+            # the run's gateway socket must be in the folder the container mounted
+            job.llm_socket.resolve().parent == folder.resolve()
+            if job.llm_socket is not None and folder is not None
+            else job.llm_socket is None
         )
         if self._error is not None:
             error, self._error = self._error, None
@@ -1553,7 +1558,7 @@ class Prestart:
             self.cancel()  # gone before the run makes its own (it carries the same name)
             return None
         self._taken = True
-        if job.llm_socket is not None and self.socket_folder is not None:
+        if job.llm_socket is not None:
             env["MAS2C_LLM_SOCKET"] = f"{CONTAINER_SOCKET_DIR}/{job.llm_socket.name}"
         return self._box
 
@@ -2049,6 +2054,8 @@ def _run_unisolated(job: _Job, outcome: _Outcome) -> None:
             uid=None,  # the runner itself already runs as the program's user
         )
         (work / "job" / "job.json").write_bytes(job_json)
+        if as_root:  # the runner reads it as `uid`, whatever mas2c's umask made its mode
+            os.chown(work / "job" / "job.json", uid, uid)
         argv = _runner_argv(
             sys.executable, "unisolated", str(work / "job" / "job.json"), 60, limits.timeout_s
         )

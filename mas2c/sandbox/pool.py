@@ -534,14 +534,16 @@ def start_service(spec: PoolSpec, size: int, wait_s: float = 120.0) -> dict[str,
     containers are up. Returns :func:`service_status`."""
     if service_state() is not None:
         return service_status()
+    sandbox._engine(timeout=10)  # a daemon that is down: one clear error now, no service
     log = Path(_SOCKET_PARENT) / f"mas2c-pool-service-{os.geteuid()}.log"
     argv = [sys.executable, "-m", "mas2c.sandbox.pool", "serve", "--size", str(size)]
     argv += ["--image", spec.image, "--idle", f"{spec.idle_s:g}"]
     argv += ["--limits", json.dumps(dataclasses.asdict(spec.limits))]
     if spec.runtime:
         argv += ["--runtime", spec.runtime]
+    start = log.stat().st_size if log.exists() else 0
     with open(log, "ab") as out:
-        subprocess.Popen(
+        proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -550,16 +552,31 @@ def start_service(spec: PoolSpec, size: int, wait_s: float = 120.0) -> dict[str,
             cwd="/",
         )
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         st = service_status()
         if st["running"] and st["idle"] >= size:
             return st
         time.sleep(0.2)
     st = service_status()
     if not st["running"]:
-        tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
-        raise SandboxError(f"the pool service did not start (log {log}):\n{tail}")
+        raise SandboxError(f"the pool service did not start: {_last_error(log, start)} (log {log})")
     return st
+
+
+def _last_error(log: Path, start: int) -> str:
+    """The service's own error line from what it wrote to its log (never its traceback)."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(start)
+            text = handle.read(64 * 1024).decode("utf-8", "replace")
+    except OSError:
+        return "it wrote nothing"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "it wrote nothing"
+    last = lines[-1]
+    head, sep, message = last.partition(": ")
+    return message if sep and head.replace(".", "").replace("_", "").isalnum() else last
 
 
 def service_status() -> dict[str, Any]:
@@ -602,7 +619,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     limits = Limits(**json.loads(args.limits))
     spec = PoolSpec(args.image, args.runtime, limits, args.idle)
-    return serve(spec, args.size)
+    try:
+        return serve(spec, args.size)
+    except SandboxError as exc:  # one line in the log, which `start_service` reports
+        sys.stderr.write(f"mas2c pool service: {exc}\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -184,7 +184,8 @@ def unpack_job(body: JobBody, root: str) -> None:
             if member.isdir():
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(path, mode)
-                os.chmod(path, mode, follow_symlinks=False)
+                # Made by this process (or /work itself) before any program ran here.
+                os.chmod(path, mode)
             elif member.isreg():
                 src = tf.extractfile(member)
                 assert src is not None
