@@ -122,6 +122,14 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    """A flag's count that must be at least 1 (workers, rows, containers, MiB)."""
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
+    return value
+
+
 def _progress(message: str) -> None:
     sys.stderr.write(f"mas2c: {terminal_safe(message)}\n")
     sys.stderr.flush()
@@ -1003,10 +1011,12 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
         help="where the program runs (unisolated: a subprocess on this machine, NOT isolated)",
     )
     p.add_argument(
-        "--timeout", type=float, default=600.0, help="wall-clock limit in seconds (default 600)"
+        "--timeout", type=_positive, default=600.0, help="wall-clock limit in seconds (default 600)"
     )
-    p.add_argument("--memory", type=int, default=1024, help="memory limit in MiB (default 1024)")
-    p.add_argument("--cpus", type=float, default=1.0, help="CPU limit (default 1)")
+    p.add_argument(
+        "--memory", type=_positive_int, default=1024, help="memory limit in MiB (default 1024)"
+    )
+    p.add_argument("--cpus", type=_positive, default=1.0, help="CPU limit (default 1)")
     p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
     p.add_argument(
         "--runtime",
@@ -1090,7 +1100,7 @@ def _add_observe_verbs(verbs: Any) -> None:
     )
     p.add_argument("--service", default="mas2c", help="service.name (default mas2c)")
     p.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to deliver, retries included (30)"
+        "--timeout", type=_positive, default=30.0, help="seconds to deliver, retries included (30)"
     )
     _add_json(p)
     p.set_defaults(handler=cmd_export)
@@ -1301,7 +1311,7 @@ def build_parser() -> argparse.ArgumentParser:
         "name on --llm embedded; else gpt-4o-mini)",
     )
     p.add_argument(
-        "--max-repairs", type=int, default=3, help="validator-feedback rounds (default 3)"
+        "--max-repairs", type=_count, default=3, help="validator-feedback rounds (default 3)"
     )
     _add_prompt_flag(p)
     _add_json(p)
@@ -1335,13 +1345,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name for the generator and implementer")
     p.add_argument(
         "--max-repairs",
-        type=int,
+        type=_count,
         help="generator repair rounds (default 3; 2 on the embedded model)",
     )
     _add_prompt_flag(p)
     p.add_argument(
         "--rectify-rounds",
-        type=int,
+        type=_count,
         default=3,
         help="rectifier rounds when the first run fails (default 3; 0 = none)",
     )
@@ -1359,7 +1369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--spec", help="the spec that ran (default: the run folder's spec.json or build/)"
     )
     p.add_argument("--input", help="the input (default: the run folder's input.json)")
-    p.add_argument("--max-rounds", type=int, default=3, help="fix-and-rerun rounds (default 3)")
+    p.add_argument("--max-rounds", type=_count, default=3, help="fix-and-rerun rounds (default 3)")
     p.add_argument(
         "--write",
         action="store_true",
@@ -1372,10 +1382,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --write: overwrite an existing <stem>.rectified.yaml",
     )
     p.add_argument(
-        "--max-cost", type=float, help="also rectify a successful run that cost more (USD)"
+        "--max-cost", type=_positive, help="also rectify a successful run that cost more (USD)"
     )
     p.add_argument(
-        "--max-calls", type=int, help="also rectify a successful run with more LLM calls"
+        "--max-calls", type=_count, help="also rectify a successful run with more LLM calls"
     )
     p.add_argument(
         "--allow-budget-raise", action="store_true", help="a fix may raise the spec's budgets"
@@ -1399,14 +1409,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["start", "status", "stop"],
         help="with `pool`: the warm-container service for separate `mas2c run`s",
     )
-    p.add_argument("--size", type=int, default=2, help="pool: warm containers kept (default 2)")
     p.add_argument(
-        "--idle", type=float, default=300.0, help="pool: seconds a warm container waits (300)"
+        "--size", type=_positive_int, default=2, help="pool: warm containers kept (default 2)"
+    )
+    p.add_argument(
+        "--idle", type=_positive, default=300.0, help="pool: seconds a warm container waits (300)"
     )
     p.add_argument("--runtime", help="pool: container runtime (default $MAS2C_RUNTIME / runc)")
-    p.add_argument("--timeout", type=float, default=600.0, help="pool: longest run (600 s)")
-    p.add_argument("--memory", type=int, default=1024, help="pool: memory limit MiB (1024)")
-    p.add_argument("--cpus", type=float, default=1.0, help="pool: CPU limit (1)")
+    p.add_argument("--timeout", type=_positive, default=600.0, help="pool: longest run (600 s)")
+    p.add_argument(
+        "--memory", type=_positive_int, default=1024, help="pool: memory limit MiB (1024)"
+    )
+    p.add_argument("--cpus", type=_positive, default=1.0, help="pool: CPU limit (1)")
     p.add_argument(
         "--base",
         default="python:3.12-slim",
@@ -1421,7 +1435,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="HumanEval through a spec or `mas2c solve`, scored in the sandbox (resumable)",
     )
     p.add_argument("suite", choices=["humaneval"], help="the benchmark")
-    p.add_argument("--limit", type=int, help="the first N problems (default all 164)")
+    p.add_argument("--limit", type=_positive_int, help="the first N problems (default all 164)")
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--spec", help="the MAS spec to evaluate (default specs/code-generation.yaml)"
@@ -1433,7 +1447,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the scorer: canonical solutions must pass, broken ones fail",
     )
     p.add_argument(
-        "--workers", type=int, default=2, help="problems (sandboxes) at once (default 2)"
+        "--workers", type=_positive_int, default=2, help="problems (sandboxes) at once (default 2)"
     )
     p.add_argument("--run-dir", help="run folder; an existing one is resumed")
     p.add_argument(
@@ -1489,8 +1503,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scorer", default="exact", help="exact, numeric, f1, math, code or python:FILE"
     )
-    p.add_argument("--limit", type=int, help="the first N rows")
-    p.add_argument("--workers", type=int, default=2, help="rows (sandboxes) at once (default 2)")
+    p.add_argument("--limit", type=_positive_int, help="the first N rows")
+    p.add_argument(
+        "--workers", type=_positive_int, default=2, help="rows (sandboxes) at once (default 2)"
+    )
     p.add_argument(
         "--engine",
         type=_ENGINE_FLAG,
@@ -1510,7 +1526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=["cot-sc"], help="run a matched-cost baseline beside it")
     p.add_argument("--baseline-model", help="the spec's model id the baseline samples")
     p.add_argument("--baseline-field", help="row field the baseline gets as its question")
-    p.add_argument("--pilot", type=int, default=5, help="rows that measure the cost to match (5)")
+    p.add_argument(
+        "--pilot", type=_positive_int, default=5, help="rows that measure the cost to match (5)"
+    )
     p.add_argument("--run-dir", help="run folder; an existing one is resumed")
     p.add_argument(
         "--sandbox", type=_SANDBOX_FLAG, choices=["docker", "unisolated"], default="docker"

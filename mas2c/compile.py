@@ -32,6 +32,7 @@ from mas2c.lang.expr import (
     parse_condition,
     parse_path,
     placeholders,
+    truth_paths,
 )
 from mas2c.lang.prompts import effective_prompts
 from mas2c.lang.source import escape_token
@@ -774,8 +775,9 @@ register_emitter("map", "steps/map.py.j2", _map_view)
 
 
 def _helpers(condition: ast.expr) -> set[str]:
-    """The runtime helpers a compiled condition calls: `field` (a.b) and `item` (a[0])."""
-    used = set()
+    """The runtime helpers a compiled condition calls: `field` (a.b), `item` (a[0]) and
+    `truth` (a state value used as true or false)."""
+    used = {"truth"} if truth_paths(condition) else set()
     for node in ast.walk(condition):
         if isinstance(node, ast.Attribute):
             used.add("field")

@@ -87,7 +87,9 @@ point on every path: a variable written inside only some branch cases is not bou
 the branch; write the same variable in every case (and `else`) when later steps need it.
 Conditions (`until`, `when`) are small Python expressions over state variables, WITHOUT
 braces: names, literals, a.b, a[0], comparisons (== != < <= > >= in, not in, is),
-and/or/not, len(). Nothing else (no other calls, no lambdas, no f-strings).
+and/or/not, len(). Nothing else (no other calls, no lambdas, no f-strings). A value used
+as true/false on its own (`until: review.passed`) must be a boolean field; compare anything
+else (`review.verdict == "pass"`, `len(items) > 0`).
 
 Design guidance: use as few agents and steps as the task needs; give each agent precise
 instructions; use structured output when a later step or a condition reads a field; bound

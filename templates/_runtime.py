@@ -113,6 +113,7 @@ __all__ = [
     "render",
     "resolve_value",
     "state_scope",
+    "truth",
 ]
 
 GATEWAY_URL = "http://mas2c-gateway/v1"  # the host name is ignored on a unix socket
@@ -363,6 +364,18 @@ def item(value: Any, key: Any) -> Any:
     except TypeError:
         kind = type(value).__name__
         raise WorkflowError(f"cannot index a {kind} value with {key!r}") from None
+
+
+def truth(value: Any, path: str) -> bool:
+    """A state value a condition uses as true or false (``until: review.passed``): only a
+    boolean is one; the string "false" or a number would silently count as true."""
+    if isinstance(value, bool):
+        return value
+    raise WorkflowError(
+        f"`{path}` is {json_type(value)} {_preview(value)}, not true or false: a condition "
+        "uses only booleans as they are (compare the value instead, e.g. "
+        f'`{path} == "yes"`, `len({path}) > 0`, `{path} != null`)'
+    )
 
 
 def lookup(state: Mapping[str, Any], path: str) -> Any:

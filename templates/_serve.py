@@ -856,7 +856,8 @@ def _limits(spec: SpecInfo, args: argparse.Namespace) -> Limits:
 def _check_flags(args: argparse.Namespace) -> str | None:
     if args.max_concurrency < 1:
         return "--max-concurrency must be >= 1"
-    if args.max_queue < 0 or args.max_body_bytes < 1 or args.grace_s < 0:
+    grace_ok = math.isfinite(args.grace_s) and args.grace_s >= 0  # nan, inf
+    if args.max_queue < 0 or args.max_body_bytes < 1 or not grace_ok:
         return "--max-queue, --grace-s must be >= 0 and --max-body-bytes >= 1"
     if not 0 <= args.port <= 65535:
         return "--port must be 0..65535"

@@ -286,7 +286,17 @@ def test_a_run_under_umask_077_works_and_keeps_its_files_private(
     [
         ["schema", "-o", "{missing}/x.json"],
         ["configure", str(COT), "--pool", "{pool}", "--rule", "-o", "{missing}/x.yaml"],
-        ["configure", str(COT), "--pool", "{pool}", "--llm", "{url}", "--rebind", "-o", "{missing}/x.yaml"],
+        [
+            "configure",
+            str(COT),
+            "--pool",
+            "{pool}",
+            "--llm",
+            "{url}",
+            "--rebind",
+            "-o",
+            "{missing}/x.yaml",
+        ],
         ["generate", "a task", "--llm", "{url}", "-o", "{missing}/x.yaml"],
     ],
     ids=["schema", "configure", "configure-llm", "generate"],
@@ -943,3 +953,42 @@ def test_docker_run_of_a_build_imports_no_docker_py(
     assert "mas2c.sandbox.engine" in loaded
     assert [m for m in loaded if m.split(".")[0] in ("docker", "requests", "urllib3")] == []
     assert [m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY] == []
+
+
+def _numeric_flags() -> list[tuple[list[str], str]]:
+    """Every numeric flag of every verb (and sub-action), from the argparse tree."""
+    from mas2c.cli import _count, _positive, _positive_int, build_parser
+
+    numeric: tuple[object, ...] = (int, float, _count, _positive, _positive_int)
+    found: list[tuple[list[str], str]] = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif action.option_strings and action.type in numeric:
+                found.append((path, action.option_strings[-1]))
+
+    walk(build_parser(), [])
+    return found
+
+
+NUMERIC_FLAGS = _numeric_flags()
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "x"])
+@pytest.mark.parametrize(
+    ("verb", "flag"), NUMERIC_FLAGS, ids=lambda v: "-".join(v) if isinstance(v, list) else v
+)
+def test_every_numeric_flag_refuses_what_would_measure_nothing(
+    verb: list[str], flag: str, bad: str, tmp_path: Path
+) -> None:
+    """`nan`, `inf`, a negative number or a word in any numeric flag is a usage document
+    (exit 2) naming the flag, before anything runs: `generate --max-repairs -1` asked the
+    LLM and reported '-1 repair(s)'; `run --timeout nan` reached the sandbox."""
+    proc = mas2c(*verb, flag, bad, "--json", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 2, (verb, flag, bad, proc.stdout, proc.stderr)
+    data = document(proc)
+    assert data["error"]["code"] == "usage" and flag in data["error"]["message"]
+    assert not any(tmp_path.iterdir()), "nothing is written"

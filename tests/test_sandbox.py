@@ -70,6 +70,21 @@ def main():
         while len(blocks) * 16 < req.get("max_mb", 1 << 30):
             blocks.append(b"x" * (16 * 1024 * 1024))
         out["allocated_mb"] = len(blocks) * 16
+    elif action == "cpu":
+        # busy processes for `seconds` of wall time; the CPU time they got (children's)
+        pids, t0 = [], time.monotonic()
+        for _ in range(req["procs"]):
+            pid = os.fork()
+            if pid == 0:
+                while time.monotonic() - t0 < req["seconds"]:
+                    pass
+                os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        times = os.times()
+        out["cpu_s"] = times.children_user + times.children_system
+        out["wall_s"] = time.monotonic() - t0
     elif action == "forkbomb":
         pids, error = [], None
         try:
@@ -581,10 +596,30 @@ def test_docker_fork_bomb_is_contained(dock: None, rt: str, package: Path, tmp_p
         # whole sandbox ends. Contained all the same: nothing ran past the limit.
         assert run.report.exit_code not in (0, None)
         assert not run.report.timed_out
+        # ... at the pids limit, long before memory: without the limit the 500 forks
+        # run the sandbox out of memory instead (mutation-checked)
+        assert not run.report.oom_killed
         return
     assert run.report.exit_code == 0, run.text("stderr.txt")
     assert run.result["forked"] < 64
     assert "Resource temporarily unavailable" in run.result["error"]
+
+
+@pytest.mark.docker
+def test_docker_cpu_limit_holds(dock: None, rt: str, package: Path, tmp_path: Path) -> None:
+    """Two busy processes for 3 s under `cpus=0.25` get at most about a quarter of a CPU
+    (under gVisor too: the host's cgroup throttles the sandbox's threads)."""
+    run = _run(
+        package,
+        tmp_path,
+        {"action": "cpu", "procs": 2, "seconds": 3},
+        "docker",
+        runtime=rt,
+        limits=Limits(cpus=0.25),
+    )
+    assert run.result["status"] == "ok", run.result
+    ratio = run.result["cpu_s"] / run.result["wall_s"]
+    assert ratio <= 0.5, ratio  # twice the quota: CFS periods, gVisor's own accounting
 
 
 @pytest.mark.docker

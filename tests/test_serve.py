@@ -457,3 +457,19 @@ def test_serve_without_the_extra_is_a_clear_exit_2(build_dir: Path, tmp_path: Pa
     assert proc.returncode == 2
     assert "pip install 'mas2c-echo-service[serve]'" in proc.stderr
     assert "Traceback" not in proc.stderr and KEY not in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--grace-s", "--max-cost-usd", "--timeout-s"])
+def test_serve_refuses_nan_in_its_numeric_flags(build_dir: Path, flag: str) -> None:
+    """`--grace-s nan` passed `grace_s < 0` and served with a drain that never ends."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": f"{build_dir}{os.pathsep}{_decoy_path()}",
+        "OPENAI_API_KEY": KEY,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "mas2c_echo_service", "serve", "--port", "0", flag, "nan"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert flag in proc.stderr and "Traceback" not in proc.stderr

@@ -144,3 +144,50 @@ def test_an_escaped_surrogate_pair_is_the_character_it_means(tmp_path: Path, suf
     for bad in ("\\ude00\\ud83d", "\\ud83dx", "x\\ude00"):
         found = problems(raw.replace("smile \\ud83d\\ude00!", bad), str(path))
         assert len(found) == 1 and "lone surrogate" in found[0], (bad, found)
+
+
+POLY_SPEC = """\
+spec_version: "1"
+name: poly
+models: {m: {model: test-model}}
+agents: {a0: {role: r, model: m}}
+inputs:
+  q: {type: string, pattern: ".*a.*a.*b"%s}
+workflow:
+  - {id: s, kind: call, agent: a0, prompt: "{{ q }}", out: o}
+outputs: {o: o}
+"""
+
+
+def test_a_polynomial_pattern_cannot_hold_the_host(tmp_path: Path) -> None:
+    """`.*a.*a.*b` backtracks in about n^4 steps (40 s at 800 characters, hours at the
+    10,000-character cap): the host's check of a default or an input stops after
+    `PATTERN_SECONDS` with a clear error, in `validate` and before `run` starts anything."""
+    import time
+
+    from mas2c.timebox import PATTERN_SECONDS
+
+    spec = tmp_path / "poly.yaml"
+    spec.write_text(POLY_SPEC % (', default: "' + "a" * 2000 + '"'))
+    started = time.monotonic()
+    proc = mas2c("validate", spec, cwd=tmp_path, inprocess=True)
+    assert time.monotonic() - started < PATTERN_SECONDS + 3
+    assert proc.returncode == 1 and "took more than" in proc.stdout + proc.stderr
+    assert "/inputs/q" in proc.stdout + proc.stderr
+    spec.write_text(POLY_SPEC % "")
+    (tmp_path / "in.json").write_text(json.dumps({"q": "a" * 2000}))
+    started = time.monotonic()
+    proc = mas2c(
+        "run", spec, "--input", tmp_path / "in.json", "--run-dir", tmp_path / "run",
+        "--sandbox", "unisolated", cwd=tmp_path, inprocess=True,
+    )  # fmt: skip
+    assert time.monotonic() - started < PATTERN_SECONDS + 3
+    assert proc.returncode != 0 and "took too long" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    # a short input still goes through the same check, and fails it only by not matching
+    (tmp_path / "in.json").write_text(json.dumps({"q": "a" * 50}))
+    proc = mas2c(
+        "run", spec, "--input", tmp_path / "in.json", "--run-dir", tmp_path / "run2",
+        "--sandbox", "unisolated", cwd=tmp_path, inprocess=True,
+    )  # fmt: skip
+    assert "does not match the pattern" in proc.stdout + proc.stderr

@@ -950,3 +950,38 @@ def test_a_vote_without_a_majority_says_so(tmp_path: Path, llm_server: LLMTestSe
     code, out, trace, _ = run_package(tmp_path / "build", {"q": "?"}, llm_server)
     assert code == 0 and out["outputs"]["best"] == "ANSWER: 2"
     assert "warnings" not in out and not events(trace, "vote_tied")
+
+
+UNTYPED_VERDICT = """
+spec_version: "1"
+name: untyped-verdict
+inputs: {code: {type: string}}
+outputs: {check: check}
+models: {m: {model: test-model}}
+agents: {a: {role: A, model: m}}
+tools:
+  lint:
+    code: |
+      def lint(code):
+          return {"passed": "false" if "bug" in code else True}
+workflow:
+  - id: until_clean
+    kind: loop
+    max_iterations: 2
+    until: check.passed
+    steps: [{id: run_lint, kind: tool, tool: lint, args: {code: "{{ code }}"}, out: check}]
+"""
+
+
+def test_a_condition_never_takes_a_string_for_true(tmp_path: Path) -> None:
+    """Before: a value of unknown type used as true or false went by Python truthiness, so
+    a tool's `{"passed": "false"}` ended the loop as if it had passed (the class of the
+    critic's `"false"`, where no output schema catches it). Now only a boolean is true or
+    false: a known non-boolean type is MAS513, an unknown one a `condition` error at run
+    time; a real boolean still works."""
+    code, out, _, _ = build_and_run(tmp_path, UNTYPED_VERDICT, {"code": "a bug"}, None)
+    assert code == 1 and out["error"]["code"] == "condition"
+    assert out["error"]["spec_pointer"] == "/workflow/0/until"
+    assert "`check.passed` is string 'false', not true or false" in out["error"]["message"]
+    code, out, _, _ = run_package(tmp_path / "build", {"code": "fine"}, None)
+    assert code == 0 and out["outputs"]["check"] == {"passed": True} and "warnings" not in out

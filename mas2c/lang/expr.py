@@ -205,12 +205,17 @@ def condition_paths(node: ast.expr, text: str | None = None) -> list[tuple[tuple
     return reads
 
 
-def compile_condition(node: ast.expr) -> str:
+def compile_condition(node: ast.expr, truth: bool = True) -> str:
     """Python source for a checked condition, reading state through `state[...]`.
 
     Attribute access compiles to `field(value, "name")` so that `verdict.passed`
-    works on the dicts that structured outputs produce.
+    works on the dicts that structured outputs produce. A state value used as true or
+    false (the whole condition, an operand of `and`/`or`/`not`) compiles to
+    `truth(value, "path")`, which refuses anything but a boolean: the string "false"
+    is never true (see `truth_paths`).
     """
+    if truth and _is_state_path(node):
+        return f"truth({compile_condition(node, False)}, {ast.unparse(node)!r})"
     if isinstance(node, ast.Constant):
         if isinstance(node.value, float) and math.isinf(node.value):
             return 'float("inf")'  # `1e999` reads back as inf, which is no Python literal
@@ -221,28 +226,50 @@ def compile_condition(node: ast.expr) -> str:
             return repr(_CONSTANT_NAMES[lowered])
         return f"state[{node.id!r}]"
     if isinstance(node, ast.Attribute):
-        return f"field({compile_condition(node.value)}, {node.attr!r})"
+        return f"field({compile_condition(node.value, False)}, {node.attr!r})"
     if isinstance(node, ast.Subscript):
-        return f"item({compile_condition(node.value)}, {compile_condition(node.slice)})"
+        value, index = compile_condition(node.value, False), compile_condition(node.slice, False)
+        return f"item({value}, {index})"
     if isinstance(node, ast.Compare):
-        parts = [compile_condition(node.left)]
+        parts = [compile_condition(node.left, False)]
         for op, right in zip(node.ops, node.comparators, strict=True):
-            parts += [_COMPARE_OPS[type(op)], compile_condition(right)]
+            parts += [_COMPARE_OPS[type(op)], compile_condition(right, False)]
         return "(" + " ".join(parts) + ")"
     if isinstance(node, ast.BoolOp):
         joiner = " and " if isinstance(node.op, ast.And) else " or "
         return "(" + joiner.join(compile_condition(v) for v in node.values) + ")"
     if isinstance(node, ast.UnaryOp):
-        operator = "not " if isinstance(node.op, ast.Not) else "-"
-        return f"({operator}{compile_condition(node.operand)})"
+        negation = isinstance(node.op, ast.Not)
+        operator = "not " if negation else "-"
+        return f"({operator}{compile_condition(node.operand, negation)})"
     if isinstance(node, ast.Call):
-        return f"len({compile_condition(node.args[0])})"
+        return f"len({compile_condition(node.args[0], False)})"
     if isinstance(node, ast.List):
-        return "[" + ", ".join(compile_condition(e) for e in node.elts) + "]"
+        return "[" + ", ".join(compile_condition(e, False) for e in node.elts) + "]"
     if isinstance(node, ast.Tuple):
-        items = [compile_condition(e) for e in node.elts]
+        items = [compile_condition(e, False) for e in node.elts]
         return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
     raise ExpressionError(f"{type(node).__name__} is not allowed in a condition")
+
+
+def _is_state_path(node: ast.expr) -> bool:
+    """A name (not a constant), `a.b` or `a[0]`: a value read from the state."""
+    if isinstance(node, ast.Name):
+        return node.id.lower() not in _CONSTANT_NAMES
+    return isinstance(node, ast.Attribute | ast.Subscript)
+
+
+def truth_paths(node: ast.expr) -> list[ast.expr]:
+    """The state values a condition uses as true or false: the whole condition, the
+    operands of `and`/`or` and of `not`, when they are state paths. Each must be a
+    boolean (checked by the validator where the type is known, else at run time)."""
+    if _is_state_path(node):
+        return [node]
+    if isinstance(node, ast.BoolOp):
+        return [path for value in node.values for path in truth_paths(value)]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return truth_paths(node.operand)
+    return []
 
 
 # -- what step lists write ---------------------------------------------------------------------

@@ -107,6 +107,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS506": "two parallel branches write the same state variable",
     "MAS511": "a schema `pattern` that does not compile or can backtrack for exponential time",
     "MAS512": "a condition applies len() or `in` to a value whose type cannot take it",
+    "MAS513": "a condition uses a value whose known type is not boolean as true or false",
     "MAS910": "a parallel branch writes no variable on every path, so its result is null (warning)",
     "MAS911": "the printed output of a programmer step without `expect_output: true` is read (warning)",
     "MAS912": "a plain yes/no/on/off, which YAML reads as a boolean (warning)",
@@ -616,7 +617,7 @@ class _Checker:
             pointer = f"{here}/{index}/assistant"
             answer = example.assistant
             if isinstance(agent.output, dict):
-                problems = values.validate(answer, agent.output)
+                problems = _fits(answer, agent.output)
                 if problems:
                     self.add(
                         "MAS213",
@@ -849,7 +850,7 @@ class _Checker:
                 f"e.g. initial: {json.dumps(REDUCER_INITIAL_EXAMPLE[var.reducer])}",
             )
         elif var.json_schema is not None:
-            problems = values.validate(initial, var.json_schema)
+            problems = _fits(initial, var.json_schema)
             if problems:
                 self.add(
                     "MAS521",
@@ -1090,7 +1091,7 @@ class _Checker:
                 return None
         if isinstance(value, list | dict) and _holds_placeholder(value):
             return self._container_problem(value, expected, scope)
-        problems = values.validate(value, expected)
+        problems = _fits(value, expected)
         return problems[0].partition(": ")[2] if problems else None
 
     def _container_problem(
@@ -1462,6 +1463,29 @@ class _Checker:
             )
         self._comparisons(node, text, pointer, scope)
         self._typed_operations(node, text, pointer, scope)
+        self._truth_values(node, text, pointer, scope)
+
+    def _truth_values(self, node: ast.expr, text: str, pointer: str, scope: _Scope) -> None:
+        """MAS513: a value used as true or false (`until: review.passed`) whose known type
+        is not boolean: the string "false" would count as true. Unknown types are checked
+        at run time (`truth`, a `condition` error)."""
+        for path_node in expr.truth_paths(node):
+            kinds = self._kinds_of(path_node, scope)
+            if not kinds or "boolean" in kinds:
+                continue
+            shown = ast.unparse(path_node)
+            self.add(
+                "MAS513",
+                pointer,
+                f"`{shown}` is {' or '.join(sorted(kinds))}, used as true or false: a condition "
+                "uses only booleans as they are",
+                "compare it: " + _truth_hint(shown, kinds),
+                position=position_in_value(
+                    self.source,
+                    pointer,
+                    expr.condition_offset(text, path_node.lineno, path_node.col_offset),
+                ),
+            )
 
     def _comparisons(self, node: ast.expr, text: str, pointer: str, scope: _Scope) -> None:
         """`route.category == "Legal"` against an enum of lowercase labels, `score > "5"`
@@ -2203,6 +2227,18 @@ def _schema_problem(schema: dict[str, Any]) -> str | None:
     return None
 
 
+def _truth_hint(shown: str, kinds: set[str]) -> str:
+    """Comparisons that say what a non-boolean value used as true or false meant."""
+    ways = {
+        "string": f'`{shown} == "yes"`, `{shown} != ""`',
+        "number": f"`{shown} > 0`",
+        "array": f"`len({shown}) > 0`",
+        "object": f"`len({shown}) > 0`",
+        "null": f"`{shown} != null`",
+    }
+    return ", ".join(ways[kind] for kind in sorted(kinds) if kind in ways)
+
+
 def _value_fit_problem(schema: dict[str, Any], declared: Any) -> str | None:
     """`enum`/`const` values outside the schema's own `type` (no value could ever match:
     `{type: string, enum: [yes, no]}` is `[true, false]` to YAML), and a `default` the
@@ -2221,7 +2257,7 @@ def _value_fit_problem(schema: dict[str, Any], declared: Any) -> str | None:
                 )
     if "default" in schema:
         rest = {k: v for k, v in schema.items() if k != "default"}
-        problems = values.validate(schema["default"], rest)
+        problems = _fits(schema["default"], rest)
         if problems:
             return f"the default {_shown(schema['default'])} does not fit the schema: {problems[0]}"
     return None
@@ -2276,6 +2312,22 @@ def _keys_hint(model: type[Any] | None) -> str | None:
         if info.is_required() and name != "kind"
     ]
     return f"required keys here: {', '.join(required)}" if required else None
+
+
+def _fits(value: Any, schema: Any) -> list[str]:
+    """`values.validate` with the host's time bound on `pattern` checks (`mas2c.timebox`)."""
+    from mas2c.timebox import PATTERN_SECONDS, TooSlow, time_limit
+
+    try:
+        with time_limit(PATTERN_SECONDS):
+            return values.validate(value, schema)
+    except TooSlow:
+        return [
+            f"at /: checking {_shown(value)} against the schema took more than "
+            f"{PATTERN_SECONDS:g}s: a `pattern` whose backtracking grows with the text's length "
+            "(such as `.*a.*a.*b`)? Anchor it (`^...`) or make each repeat unable to match "
+            "what follows it"
+        ]
 
 
 def _pattern_hint(pointer: str) -> str:

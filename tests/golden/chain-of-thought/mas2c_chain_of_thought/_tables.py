@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="3da63709bc03dbdaa496e21875d7cd8120bacc360906d05c06752ae03fc91156",
+        code_sha="19e2ac3e161567d067ba049fae365fb41d518df160910f32899557172c06920f",
         reads=["question"],
     ),
 )

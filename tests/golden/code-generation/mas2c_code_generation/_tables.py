@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_write",
         step_id="write",
         pointer="/workflow/0",
-        code_sha="e8419a328d5c1f1aa9b33b64d3785a815dd07a00b03e548d29eb2aaa74c6ea9f",
+        code_sha="f82940ea5fd6e71796d1accd8352a478d36a7171cf2d03494ebc603a6f4c33ad",
         reads=["entry_point", "prompt"],
     ),
     TopStep(
         method="step_run_tests",
         step_id="run_tests",
         pointer="/workflow/1",
-        code_sha="8ebf733808d803e02933f87ef3d8cd4c3c5e08d5531f6439f219aa666ee4dbf3",
+        code_sha="053f6d9b3de620de3421a066fd6bca745dcca5b0add695cd274c70c2d787edb7",
         reads=["entry_point", "solution", "test"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/2",
-        code_sha="be72896b43b8762a403403c0be844da297ce57a91339ddd5609531bab10f14a6",
+        code_sha="502d6cf3c0911257e94ae7822b9264849f0faf1489d4a3e43d26b09b9714d83a",
         reads=["entry_point", "prompt", "result", "solution", "test"],
     ),
 )
@@ -52,9 +52,9 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 26, 42, "/workflow/0"),
     ("workflow.py", 45, 52, "/workflow/1"),
     ("workflow.py", 55, 64, "/workflow/2"),
-    ("workflow.py", 67, 82, "/workflow/2/cases/0/steps/0"),
-    ("workflow.py", 85, 113, "/workflow/2/cases/0/steps/0/steps/0"),
-    ("workflow.py", 116, 123, "/workflow/2/cases/0/steps/0/steps/1"),
+    ("workflow.py", 67, 84, "/workflow/2/cases/0/steps/0"),
+    ("workflow.py", 87, 115, "/workflow/2/cases/0/steps/0/steps/0"),
+    ("workflow.py", 118, 125, "/workflow/2/cases/0/steps/0/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -6,7 +6,7 @@ Writes a Python function from its signature and docstring, runs the problem's un
 
 from __future__ import annotations
 
-from ._runtime import Run, State, field
+from ._runtime import Run, State, field, truth
 
 
 class Workflow:
@@ -57,7 +57,7 @@ class Workflow:
         async with self.run.step("repair_if_failing", "/workflow/2"):
             state = self.state
             if self.run.holds(
-                lambda: (not field(state["result"], "passed")),
+                lambda: (not truth(field(state["result"], "passed"), "result.passed")),
                 "/workflow/2/cases/0/when",
                 "repair_if_failing",
             ):
@@ -73,7 +73,9 @@ class Workflow:
                     await self.step_repair()
                     await self.step_rerun_tests()
                     if self.run.holds(
-                        lambda: field(state["result"], "passed"),
+                        lambda: truth(
+                            field(state["result"], "passed"), "result.passed"
+                        ),
                         "/workflow/2/cases/0/steps/0/until",
                         "repair_loop",
                     ):

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="adf9450fc02f4d497fb3c54b07d3700468fb8e8402f468eef8359ff5ad179796",
+        code_sha="8908f1af04f391818ef1de4f3036a7b082ecd881cbf2034240a3d6ed5acd96a8",
         reads=["question"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="d297b0f66e2c80131f74838c0ff6d187c82765e8b9ccb460be3cdf42b98b8a4a",
+        code_sha="a4fa22836d7b2ffb2afc4b674b31a367b91da1e8a277a862f0da63b431a20441",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="ac581bca934826e0fd17bb8178125e8265e527469ed6ace91abf96f13073fa31",
+        code_sha="e134011ee161b8cca82228761b1f4ccf08a285d8286b5a431735fd2298a56250",
         reads=["focus", "summaries"],
     ),
 )

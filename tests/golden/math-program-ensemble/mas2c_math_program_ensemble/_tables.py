@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="7700536d1a495b2ba2d69887f9e11ce44c5518d115d40851273c6cf4f5678589",
+        code_sha="aa0f0b06d3a81814cfe09b8c06b8b25b90558d5bf63cda584073e23bad5ede2f",
         reads=["problem"],
     ),
 )

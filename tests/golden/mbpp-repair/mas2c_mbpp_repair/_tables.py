@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="c63ef3748f370118b2b33c33973322278a6521faf544b3538a045a189f547b0f",
+        code_sha="3bec61944810bf3715e8d7c759e4eb81188319b1f010a77cb2b5fc5bdcb09e1e",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="9935f680b34dc706424e772169e1b46b40ed1d1180edd4b1d46127d81a0d7421",
+        code_sha="ef6b3ae777a76eed10752f865cb4cbf83c66ab8f38ee1ca12b30ba50abef633a",
         reads=["result", "task", "test_list"],
     ),
 )
@@ -42,12 +42,12 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 23, 25, "/workflow"),
     ("workflow.py", 28, 35, "/workflow/0"),
     ("workflow.py", 38, 47, "/workflow/1"),
-    ("workflow.py", 50, 64, "/workflow/1/cases/0/steps/0"),
-    ("workflow.py", 67, 79, "/workflow/1/cases/0/steps/0/steps/0"),
-    ("workflow.py", 83, 138, "/flows/write_and_test"),
-    ("workflow.py", 108, 110, "/flows/write_and_test/steps"),
-    ("workflow.py", 113, 130, "/flows/write_and_test/steps/0"),
-    ("workflow.py", 133, 138, "/flows/write_and_test/steps/1"),
+    ("workflow.py", 50, 66, "/workflow/1/cases/0/steps/0"),
+    ("workflow.py", 69, 81, "/workflow/1/cases/0/steps/0/steps/0"),
+    ("workflow.py", 85, 140, "/flows/write_and_test"),
+    ("workflow.py", 110, 112, "/flows/write_and_test/steps"),
+    ("workflow.py", 115, 132, "/flows/write_and_test/steps/0"),
+    ("workflow.py", 135, 140, "/flows/write_and_test/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from ._flows import run_flow
-from ._runtime import Run, State, field
+from ._runtime import Run, State, field, truth
 
 
 class Workflow:
@@ -40,7 +40,7 @@ class Workflow:
         async with self.run.step("repair_if_failing", "/workflow/1"):
             state = self.state
             if self.run.holds(
-                lambda: (not field(state["result"], "passed")),
+                lambda: (not truth(field(state["result"], "passed"), "result.passed")),
                 "/workflow/1/cases/0/when",
                 "repair_if_failing",
             ):
@@ -55,7 +55,9 @@ class Workflow:
                 with self.run.iteration(_iteration + 1):
                     await self.step_repair()
                     if self.run.holds(
-                        lambda: field(state["result"], "passed"),
+                        lambda: truth(
+                            field(state["result"], "passed"), "result.passed"
+                        ),
                         "/workflow/1/cases/0/steps/0/until",
                         "repair_loop",
                     ):

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="ecd34c716a6f8f3361f7f57fbabd607221896df781ae613cfc48d78b67f5fc08",
+        code_sha="41184b81935aa77d7d9becbf91d8d09fbc621be6169ccdc3cd51dfdc648bfaca",
         reads=["draft", "memory", "review", "task"],
     ),
 )
@@ -38,11 +38,11 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 18, 25, "/state"),
     ("workflow.py", 20, 24, "/state/memory"),
     ("workflow.py", 32, 33, "/workflow"),
-    ("workflow.py", 36, 52, "/workflow/0"),
-    ("workflow.py", 55, 66, "/workflow/0/steps/0"),
-    ("workflow.py", 69, 74, "/workflow/0/steps/1"),
-    ("workflow.py", 77, 86, "/workflow/0/steps/2"),
-    ("workflow.py", 89, 102, "/workflow/0/steps/2/cases/0/steps/0"),
+    ("workflow.py", 36, 54, "/workflow/0"),
+    ("workflow.py", 57, 68, "/workflow/0/steps/0"),
+    ("workflow.py", 71, 76, "/workflow/0/steps/1"),
+    ("workflow.py", 79, 88, "/workflow/0/steps/2"),
+    ("workflow.py", 91, 104, "/workflow/0/steps/2/cases/0/steps/0"),
 )
 
 PROMPTS: dict[str, str] = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ._runtime import Run, State, StateVar, field
+from ._runtime import Run, State, StateVar, field, truth
 
 
 class Workflow:
@@ -43,7 +43,9 @@ class Workflow:
                     await self.step_review()
                     await self.step_learn()
                     if self.run.holds(
-                        lambda: field(state["review"], "passed"),
+                        lambda: truth(
+                            field(state["review"], "passed"), "review.passed"
+                        ),
                         "/workflow/0/until",
                         "attempts",
                     ):
@@ -79,7 +81,7 @@ class Workflow:
         async with self.run.step("learn", "/workflow/0/steps/2"):
             state = self.state
             if self.run.holds(
-                lambda: (not field(state["review"], "passed")),
+                lambda: (not truth(field(state["review"], "passed"), "review.passed")),
                 "/workflow/0/steps/2/cases/0/when",
                 "learn",
             ):

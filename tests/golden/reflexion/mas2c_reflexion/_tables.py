@@ -19,21 +19,21 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_draft",
         step_id="first_draft",
         pointer="/workflow/0",
-        code_sha="69f780b5c1122e7acab5277461469198baa106b3f464f433630fbbc0d9d7137c",
+        code_sha="db0c88f88347898fb3cdfec04ee4e14386f3e0860402060d5f44cdb5810376e1",
         reads=["task"],
     ),
     TopStep(
         method="step_first_review",
         step_id="first_review",
         pointer="/workflow/1",
-        code_sha="de4886b87cbe26adc261155f8a1d2980d730bbc893378ff74471b989752e9adb",
+        code_sha="62da3824c52c0bab13ae1394a421b3b2f24f6f64225ad23ca5f1f6a7d23046bb",
         reads=["draft", "task"],
     ),
     TopStep(
         method="step_revise_if_needed",
         step_id="revise_if_needed",
         pointer="/workflow/2",
-        code_sha="a91c234bd5274913fca281e70678fbb17abd32b6fa2a4abb6dab45d1b3299750",
+        code_sha="af575f361add840e6799822c4fa1b42c22805e99af3da30eed9a40a842500e9b",
         reads=["draft", "review", "task"],
     ),
 )
@@ -52,9 +52,9 @@ SOURCE_MAP: tuple[tuple[str, int, int, str], ...] = (
     ("workflow.py", 26, 31, "/workflow/0"),
     ("workflow.py", 34, 40, "/workflow/1"),
     ("workflow.py", 43, 52, "/workflow/2"),
-    ("workflow.py", 55, 70, "/workflow/2/cases/0/steps/0"),
-    ("workflow.py", 73, 90, "/workflow/2/cases/0/steps/0/steps/0"),
-    ("workflow.py", 93, 99, "/workflow/2/cases/0/steps/0/steps/1"),
+    ("workflow.py", 55, 72, "/workflow/2/cases/0/steps/0"),
+    ("workflow.py", 75, 92, "/workflow/2/cases/0/steps/0/steps/0"),
+    ("workflow.py", 95, 101, "/workflow/2/cases/0/steps/0/steps/1"),
 )
 
 PROMPTS: dict[str, str] = {

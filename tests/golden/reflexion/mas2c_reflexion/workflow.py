@@ -6,7 +6,7 @@ An actor writes a response to a task, a strict critic reviews it against the tas
 
 from __future__ import annotations
 
-from ._runtime import Run, State, field
+from ._runtime import Run, State, field, truth
 
 
 class Workflow:
@@ -45,7 +45,7 @@ class Workflow:
         async with self.run.step("revise_if_needed", "/workflow/2"):
             state = self.state
             if self.run.holds(
-                lambda: (not field(state["review"], "passed")),
+                lambda: (not truth(field(state["review"], "passed"), "review.passed")),
                 "/workflow/2/cases/0/when",
                 "revise_if_needed",
             ):
@@ -61,7 +61,9 @@ class Workflow:
                     await self.step_revise()
                     await self.step_review_again()
                     if self.run.holds(
-                        lambda: field(state["review"], "passed"),
+                        lambda: truth(
+                            field(state["review"], "passed"), "review.passed"
+                        ),
                         "/workflow/2/cases/0/steps/0/until",
                         "reflect",
                     ):

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="c11992dc6f40006199a4baf0ed7fd7d7b28e51543e9bf73d8fb595ba8bcb34e5",
+        code_sha="11be593c750880148e8f3feb158db84aecfebe63b5bf1a02d11f290961088656",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="cbfa883da7db4df3db73314d68f5207e11fcabdaff2669eb248e113806350b5a",
+        code_sha="7336947fc028d6735b9905361bd205d93cce78e87fd03767839292ad51c2c056",
         reads=["error", "route", "ticket"],
     ),
 )

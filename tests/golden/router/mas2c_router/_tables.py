@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="8e12444f6236a6c2460158feb56511336fc3f9952fe61a38113766d0f9f496a6",
+        code_sha="26149f05dbe4b912c551469af288d0d7afbdb7aba746013d8ce5ec63a3ee5266",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="0c2cf4a46328aa2919544c9a7c65a52df49a74c1ac110537c133311f90c5724a",
+        code_sha="01320277176eb04e07c2454d067a8272c6a1deaf2fa7195f1a45414aaf9d802c",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="fbd226c5d29f7a886dfef25d23db2c484195fb2891844e23f6d54e11da1ee1e0",
+        code_sha="75138f0ac705e0e9a68b70a12d622bc3c1519ac49faa03252360fa16a6e35414",
         reads=["question"],
     ),
 )
