@@ -1551,7 +1551,38 @@ _EXTRA_VERBS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, run the verb, and turn every error into its message and exit code (one handler)."""
+    """Parse, run the verb, and turn every error into its message and exit code (one handler).
+
+    As the program itself (``argv`` None), ``mas2c run`` ends its process as soon as the
+    run is complete (see :func:`_exit_now`)."""
+    code = _main(argv)
+    if argv is None and next((a for a in sys.argv[1:] if a[:1] != "-"), "") == "run":
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process without the interpreter's finalisation (module teardown and a
+    last garbage collection: about 40 ms after a run, a tenth of a cold run's overhead).
+
+    By the time this is called every file of the run folder has been written and
+    closed and the container removal joined; what finalisation would still do is done
+    here in order: the other non-daemon threads are joined, the ``atexit`` functions
+    run (container removals, logging's flush), stdout and stderr are flushed."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe (| head): nothing to flush
+            stream.flush()
+    os._exit(code)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     parser = build_parser()

@@ -992,3 +992,29 @@ def test_every_numeric_flag_refuses_what_would_measure_nothing(
     data = document(proc)
     assert data["error"]["code"] == "usage" and flag in data["error"]["message"]
     assert not any(tmp_path.iterdir()), "nothing is written"
+
+
+def test_a_run_process_ends_early_but_finishes_what_finalisation_would(tmp_path: Path) -> None:
+    """`mas2c run` ends its process with os._exit (no module teardown): first it joins
+    the other non-daemon threads, runs the atexit functions and flushes stdout/stderr,
+    so nothing finalisation would have completed is lost."""
+    code = (
+        "import atexit, sys, threading, time\n"
+        "from mas2c.cli import _exit_now\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    open(sys.argv[1], 'w').write('thread')\n"
+        "threading.Thread(target=late).start()\n"
+        "atexit.register(lambda: open(sys.argv[2], 'w').write('atexit'))\n"
+        "sys.stdout.write('buffered result')\n"
+        "sys.stderr.write('buffered note')\n"
+        "_exit_now(3)\n"
+    )
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(a), str(b)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 3
+    assert (proc.stdout, proc.stderr) == ("buffered result", "buffered note")
+    assert a.read_text() == "thread" and b.read_text() == "atexit"
