@@ -119,6 +119,14 @@ def cluster() -> Iterator[Cluster]:
         RAY_USAGE_STATS_ENABLED="0",
         RAY_health_check_period_ms="1000",
         RAY_health_check_failure_threshold="3",
+        # Hermetic: a token a user made (~/.ray/auth_token) must not reach this cluster's
+        # nodes or its driver (ray start failed with InvalidAuthToken on such a machine).
+        RAY_AUTH_MODE="disabled",
+        RAY_AUTH_TOKEN_PATH=str(base / "no-auth-token"),
+    )
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update(
+        RAY_AUTH_MODE=env["RAY_AUTH_MODE"], RAY_AUTH_TOKEN_PATH=env["RAY_AUTH_TOKEN_PATH"]
     )
     port = _free_port()
     address = f"127.0.0.1:{port}"
@@ -155,6 +163,11 @@ def cluster() -> Iterator[Cluster]:
             ray.shutdown()
         _stop(tags)
         subprocess.run(["rm", "-rf", str(base)], check=False)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _nodes(address: str) -> list[dict[str, Any]]:
