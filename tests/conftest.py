@@ -16,6 +16,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,13 @@ from mas2c.compile import Build, compile_spec, runtime_files
 from mas2c.lang.spec import Spec
 from mas2c.lang.validate import load_spec
 from mas2c.testserver import LLMTestServer, default_responder
+
+# Started in the background by a non-interactive shell (`pytest ... &`), this process (and
+# every xdist worker and CLI it starts) inherits SIGINT ignored: Ctrl-C would then reach no
+# run, and the interrupt tests would test nothing. A test session takes Ctrl-C as Python's
+# default does.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Subprocesses (`python -m mas2c.cli ...`) import mas2c from this checkout too, not from
