@@ -1,9 +1,13 @@
-"""The state, map and fallback examples, once each, through `mas2c run` in the Docker
-sandbox behind the gateway (the scripted loopback test server as upstream).
+"""The examples of the state, map, fallback, flow, delegation and prompt-control
+constructs, once each, through `mas2c run` in the Docker sandbox behind the gateway (the
+scripted loopback test server as upstream).
 
 Map-reduce (a map over three documents), multi-hop QA (a map over sub-questions whose
 retrieval tool runs in the sandbox, findings appended to declared state), Reflexion with
-an appended memory, and the router with specialist fallbacks. No container may be left.
+an appended memory, the router with specialist fallbacks, MATH (an ensemble over a
+programmer flow: five programs run in the sandbox), MBPP (a test list and a repair flow)
+and the manager delegating to workers (agents as tools, an agent chosen by state, chat
+history). No container of these runs may be left.
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ from test_run_cli import SPECS, _leftovers, assert_no_traceback, mas2c, read_jso
 from mas2c.lang.validate import load_spec
 from mas2c.testserver import ChatRequest, LLMTestServer, ReplyLike
 
-NAMES = ["map-reduce", "multi-hop-qa", "reflexion-memory", "router-fallback"]
+NAMES = [
+    "map-reduce",
+    "multi-hop-qa",
+    "reflexion-memory",
+    "router-fallback",
+    "math-program-ensemble",
+    "mbpp-repair",
+    "manager-workers",
+]
 
 
 @pytest.mark.docker
