@@ -17,6 +17,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -348,3 +349,14 @@ def cli_document(proc: subprocess.CompletedProcess[str]) -> Any:
     document = json.loads(proc.stdout)
     assert isinstance(document, dict) and document.pop("ok") is (proc.returncode == 0), proc.stdout
     return document
+
+
+def private_null(folder: Path) -> Path:
+    """A character device like /dev/null inside `folder` (root can make one; else the real
+    /dev/null): a regression then breaks only this node, not the machine's /dev/null."""
+    node = folder / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        return Path("/dev/null")
+    return node

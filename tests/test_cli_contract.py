@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, SPECS, cli_env, mas2c
+from conftest import ROOT, SPECS, cli_env, mas2c, private_null
 
 from mas2c import errors
 from mas2c.testserver import LLMTestServer
@@ -200,17 +200,6 @@ def test_what_a_program_wrote_reaches_the_terminal_escaped(
     assert "PWNED" in proc.stderr and "\\x1b]0;PWNED\\x07" in proc.stderr
     for control in ("\x1b", "\x07", "\x9b", "\u202e", "\r"):
         assert control not in proc.stderr
-
-
-def private_null(folder: Path) -> Path:
-    """A character device like /dev/null inside `folder` (root can make one; else the real
-    /dev/null): a regression then breaks only this node, not the machine's /dev/null."""
-    node = folder / "null"
-    try:
-        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    except PermissionError:
-        return Path("/dev/null")
-    return node
 
 
 def test_writing_to_a_device_leaves_the_device(tmp_path: Path) -> None:

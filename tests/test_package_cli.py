@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EXAMPLES, ROOT, _decoy_path, compile_to, example_spec
+from conftest import EXAMPLES, ROOT, _decoy_path, compile_to, example_spec, private_null
 
 from mas2c import __version__, package_docs
 from mas2c.lang.spec import Spec
@@ -116,17 +116,6 @@ def test_pipes_carry_only_the_result(build: Path, server: LLMTestServer) -> None
     assert proc.stdout.startswith("{") and proc.stdout.endswith("}\n")
     assert "noise from print" in proc.stderr and "noise from fd 1" in proc.stderr
     assert not (build / "-").exists() and not (build / "out.json").exists()
-
-
-def private_null(folder: Path) -> Path:
-    """A character device like /dev/null inside `folder` (root can make one; else the real
-    /dev/null): a regression then breaks only this node, not the machine's /dev/null."""
-    node = folder / "null"
-    try:
-        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    except PermissionError:
-        return Path("/dev/null")
-    return node
 
 
 def test_output_to_a_device_writes_in_place(
