@@ -513,7 +513,7 @@ class LLMTestServer:
         self.requests: list[ChatRequest] = []
         self._host = host
         self._port = port
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._faults: deque[_Fault] = deque()
         self._ids = itertools.count(1)
         self._in_flight = 0
@@ -577,9 +577,16 @@ class LLMTestServer:
         """The highest ``in_flight`` seen since start or the last reset."""
         return self._max_in_flight
 
-    def reset_counters(self) -> None:
-        """Forget recorded requests and the ``max_in_flight`` high-water mark."""
+    def reset_counters(self, settle: float = 2.0) -> None:
+        """Forget recorded requests and the ``max_in_flight`` high-water mark.
+
+        A client can hold its answer before the server's thread has finished
+        with the request, so this first waits up to ``settle`` seconds for the
+        requests in flight to end; any still running after that (a "hang"
+        fault) keep counting in ``max_in_flight``.
+        """
         with self._lock:
+            self._lock.wait_for(lambda: self._in_flight == 0, timeout=settle)
             self.requests.clear()
             self._max_in_flight = self._in_flight
 
@@ -626,6 +633,7 @@ class LLMTestServer:
     def _leave(self) -> None:
         with self._lock:
             self._in_flight -= 1
+            self._lock.notify_all()
 
     def _serve_chat(self, handler: _Handler, req: ChatRequest) -> None:
         self._enter(req)

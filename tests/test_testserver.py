@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -384,6 +385,36 @@ def test_requests_recorded_with_headers(srv: LLMTestServer) -> None:
     assert srv.requests[1].agent is None
     srv.reset_counters()
     assert srv.requests == [] and srv.max_in_flight == 0
+
+
+def test_reset_counters_waits_for_requests_still_being_handled(srv: LLMTestServer) -> None:
+    """A request whose handler has not finished yet must not leak into the next count.
+
+    (In CI a client held its answer while the server thread was still closing
+    the request out, so max_in_flight read 1 right after a reset.)
+    """
+    srv.inject("hang", seconds=0.4)
+    client = client_for(srv)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(ask, client, "slow")
+        while srv.in_flight == 0:
+            time.sleep(0.01)
+        srv.reset_counters()  # waits for the slow request to end
+        assert srv.in_flight == 0 and srv.max_in_flight == 0 and srv.requests == []
+        assert pending.result().choices[0].message.content == "ANSWER: 42"
+
+
+def test_reset_counters_keeps_counting_a_request_that_outlives_settle(srv: LLMTestServer) -> None:
+    srv.inject("hang", seconds=1.0)
+    client = client_for(srv)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(ask, client, "slow")
+        while srv.in_flight == 0:
+            time.sleep(0.01)
+        srv.reset_counters(settle=0.05)
+        assert srv.in_flight == 1 and srv.max_in_flight == 1
+        pending.result()
+    assert srv.in_flight == 0
 
 
 def test_concurrent_requests_overlap() -> None:
