@@ -486,6 +486,7 @@ class HttpUpstream:
         self._made: list[httpx.Client] = []  # the client, once made
         self._make_error: BaseException | None = None
         self._closed = False
+        self._closing = threading.Event()  # set by close(): retries and backoffs end
         self._make_lock = threading.Lock()
         self._maker = threading.Thread(target=self._make_client, name="mas2c-httpx", daemon=True)
         self._maker.start()
@@ -522,8 +523,15 @@ class HttpUpstream:
                     status=502,
                     retryable=False,
                 )
-            raise UpstreamError("the upstream is closed", status=502, retryable=False)
+            raise self._closed_error()
         return self._made[0]
+
+    def _closed_error(self) -> UpstreamError:
+        return UpstreamError(
+            f"upstream {self.base_url}: the request was abandoned, its run has ended",
+            status=502,
+            retryable=False,
+        )
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> HttpUpstream:
@@ -535,6 +543,9 @@ class HttpUpstream:
         return f"HttpUpstream({self.base_url!r})"
 
     def close(self) -> None:
+        """Close the client. A request still being tried (its run has ended) stops at its
+        next attempt or backoff with `UpstreamError` "closed", never a traceback."""
+        self._closing.set()
         with self._make_lock:
             self._closed = True
             made, self._made = self._made, []
@@ -591,8 +602,14 @@ class HttpUpstream:
             retry_after: float | None = None
             should_retry: bool | None = None
             connect_error = False
+            if self._closing.is_set():
+                raise self._closed_error()
             try:
                 resp = client.post(url, content=payload, headers=headers)
+            except RuntimeError:
+                if self._closing.is_set():  # httpx: "the client has been closed"
+                    raise self._closed_error() from None
+                raise
             except httpx.UnsupportedProtocol as exc:
                 connect_error, should_retry = True, False
                 last = f"unusable URL ({exc})"
@@ -644,7 +661,8 @@ class HttpUpstream:
                 self.scrub(last),
                 delay,
             )
-            time.sleep(delay)
+            if self._closing.wait(delay):
+                raise self._closed_error()
         elapsed = time.monotonic() - t0
         message = self.scrub(
             f"upstream {self.base_url} failed after {attempts} attempt"

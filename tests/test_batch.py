@@ -835,10 +835,11 @@ def test_batch_of_solve_over_mapped_rows(tmp_path: Path) -> None:
             )
         )
         # one generator request and one run per row, each run given the row's mapped field
+        assert summary["not_recorded"] == []
         runs = sorted(r.last_user for r in server.requests if r.system.startswith("Careful"))
-        assert len(server.requests) == 6 and len(runs) == 3
+        assert len(runs) == 3, [(r.system[:30], r.last_user[:40]) for r in server.requests]
+        assert len(server.requests) == 6
         assert "1+1?" in runs[0] and "What is 40 + 2?" in runs[1] and "41 + 1" in runs[2]
-    assert summary["not_recorded"] == []
     assert summary["mode"] == "solve" and summary["complete"]
     assert summary["passed"] == 2 and summary["accuracy"] == round(2 / 3, 4)
     results = read_results(tmp_path / "run" / "results.jsonl")

@@ -318,6 +318,49 @@ def test_gives_up_with_502_and_clear_message(srv: LLMTestServer, sockdir: Path) 
     assert len(srv.requests) == 3
 
 
+def test_closing_the_upstream_ends_a_request_still_being_retried(
+    srv: LLMTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run that ended (its program failed fast) closes the upstream while another of its
+    requests is between retries: that request ends at once with a clear UpstreamError,
+    never httpx's RuntimeError and a logged traceback."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv.inject("status", count=50, status=503)
+    up = upstream(srv, max_attempts=8, backoff_s=2.0, max_backoff_s=2.0)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(up.complete, body)
+        while not srv.requests:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        up.close()
+        with pytest.raises(UpstreamError, match="abandoned, its run has ended") as ei:
+            pending.result(timeout=10)
+    assert time.monotonic() - t0 < 1.0  # the 2 s backoff was cut short
+    assert ei.value.retryable is False and ei.value.status == 502
+    assert len(srv.requests) == 1  # no attempt after the close
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_a_run_ending_mid_retry_logs_no_traceback(
+    srv: LLMTestServer, sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same through a gateway: it stops, then its upstream closes, while a handler thread
+    is still retrying for a client that has gone."""
+    srv.inject("status", count=50, status=503)
+    up = upstream(srv, max_attempts=8, backoff_s=0.5, max_backoff_s=0.5)
+    sock = sockdir / "gw.sock"
+    with Gateway(sock, up):
+        c = client(sock).with_options(timeout=0.3, max_retries=0)
+        with pytest.raises(openai.APITimeoutError):
+            ask(c, "hi")
+    up.close()
+    time.sleep(0.8)  # the handler thread wakes from its backoff and ends
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    assert len(srv.requests) <= 2
+
+
 def test_program_client_does_not_multiply_retries(srv: LLMTestServer, sockdir: Path) -> None:
     srv.inject("status", count=10, status=500)
     sock = sockdir / "gw.sock"
