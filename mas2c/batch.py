@@ -1390,6 +1390,7 @@ def _run_spec(plan: Plan, row: Row, folder: Path, ctx: Context, result: dict[str
 
 def _run_solve(plan: Plan, row: Row, folder: Path, ctx: Context, result: dict[str, Any]) -> Any:
     from mas2c.configure import ConfigureError
+    from mas2c.sandbox import SandboxError
     from mas2c.solve import SolveError, solve
 
     input_path = folder / "input.json"
@@ -1406,7 +1407,8 @@ def _run_solve(plan: Plan, row: Row, folder: Path, ctx: Context, result: dict[st
             image=plan.image,
             on_warning=ctx.warn,
         )
-    except (SolveError, ConfigureError) as exc:  # solve gave up: the system failed
+    # solve gave up, or its sandbox refused the system: the row failed (as in spec mode)
+    except (SolveError, ConfigureError, SandboxError) as exc:
         result.update(status="error", error_code=type(exc).__name__)
         result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         result.update(llm_calls=0, tokens=0, cost_usd=0.0)

@@ -855,6 +855,34 @@ def test_batch_of_solve_over_mapped_rows(tmp_path: Path) -> None:
         }
 
 
+@pytest.mark.parametrize("mode", ["spec", "solve"])
+def test_a_sandbox_that_refuses_the_system_is_a_recorded_failure(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container runtime the daemon does not have: the row is recorded as failed with code
+    SandboxError in both modes (under --solve it was lost as 'not recorded', re-run on every
+    resume)."""
+    from mas2c.lang.validate import load_spec
+    from mas2c.testserver import Script
+
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(json.dumps({"id": "a", "question": "1+1?", "answer": "2"}) + "\n")
+    script = Script(
+        [(r"^You design multi-agent systems", json.dumps(load_spec(COT).to_data()))],
+        field="system",
+    )
+    solve = {"spec": None, "solve_task": "Add.", "mapping": {"question": "question"}}
+    extra: dict[str, Any] = solve if mode == "solve" else {}
+    monkeypatch.setenv("MAS2C_RUNTIME", "mas2c-no-such-runtime")
+    with LLMTestServer(script) as server:
+        summary = run_batch(options(tmp_path, dataset, server, backend="docker", **extra))
+    assert summary["not_recorded"] == []
+    row = read_results(tmp_path / "run" / "results.jsonl")["a"]
+    assert row["status"] == "error" and row["error_code"] == "SandboxError", row
+    assert "mas2c-no-such-runtime" in row["error"]
+    assert summary["failures"] == {"SandboxError": 1}
+
+
 HOSTILE_CANDIDATE = """
 def probe():
     import os, socket
