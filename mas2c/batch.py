@@ -73,6 +73,7 @@ from typing import Any, Literal
 from mas2c.errors import RunFailure, terminal_safe
 from mas2c.files import build_replaceable, check_owned_folder, write_text_atomic
 from mas2c.runfolder import result_or_error
+from mas2c.values import final_answer as _stated_answer
 
 __all__ = [
     "SCORERS",
@@ -292,8 +293,6 @@ def check_rows(
     """Every row has every mapped input (bar those with a schema default) and every field the
     scorer needs, and, given the spec's `declared` inputs, its values fit their schemas (the
     check `mas2c run` makes of an input); the first few problems, each at `FILE:LINE`."""
-    from mas2c.run import SLOW_PATTERN
-    from mas2c.timebox import PATTERN_SECONDS, TooSlow, time_limit
     from mas2c.values import input_problems
 
     optional = {
@@ -315,11 +314,7 @@ def check_rows(
                 problems.append(f"{where}: no field {field_name!r} for the scorer")
         if declared is not None and not missing:
             values = inputs_for(row, names, mapping, tuple(optional))
-            try:
-                with time_limit(PATTERN_SECONDS):
-                    found = input_problems(values, declared)[:2]
-            except TooSlow:
-                found = [("", SLOW_PATTERN)]
+            found = input_problems(values, declared)[:2]
             for pointer, message in found:
                 token = pointer.removeprefix("/inputs/").replace("~1", "/").replace("~0", "~")
                 via = f" (field {mapping[token]!r})" if token in mapping else ""
@@ -415,13 +410,11 @@ def _numbers_equal(a: Fraction, b: Fraction) -> bool:
     return abs(a - b) <= _TOLERANCE * max(abs(a), abs(b)) or abs(a - b) <= Fraction(1, 10**12)
 
 
-_ANSWER_LINE = re.compile(r"^\s*ANSWER\s*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
-
-
 def final_answer(text: str) -> str:
-    """The answer format votes use: the last `ANSWER:` line's content, else the whole text."""
-    lines = _ANSWER_LINE.findall(text)
-    return str(lines[-1]) if lines else text
+    """What votes compare: the answer after the text's last `answer:` marker
+    (`mas2c.values.final_answer`, the compiled packages' very function), else the whole text."""
+    found = _stated_answer(text)
+    return text if found is None else found
 
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -527,7 +520,7 @@ def _number_of(value: Any) -> Fraction | None:
 
 
 def _answer_text(value: Any) -> str:
-    """A prediction or expected answer as text, its last `ANSWER:` line if it has one."""
+    """A prediction or expected answer as text, its final answer if it states one."""
     return final_answer(_as_text(value))
 
 
@@ -1396,6 +1389,7 @@ def _run_spec(plan: Plan, row: Row, folder: Path, ctx: Context, result: dict[str
 
 def _run_solve(plan: Plan, row: Row, folder: Path, ctx: Context, result: dict[str, Any]) -> Any:
     from mas2c.configure import ConfigureError
+    from mas2c.sandbox import SandboxError
     from mas2c.solve import SolveError, solve
 
     input_path = folder / "input.json"
@@ -1412,7 +1406,8 @@ def _run_solve(plan: Plan, row: Row, folder: Path, ctx: Context, result: dict[st
             image=plan.image,
             on_warning=ctx.warn,
         )
-    except (SolveError, ConfigureError) as exc:  # solve gave up: the system failed
+    # solve gave up, or its sandbox refused the system: the row failed (as in spec mode)
+    except (SolveError, ConfigureError, SandboxError) as exc:
         result.update(status="error", error_code=type(exc).__name__)
         result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         result.update(llm_calls=0, tokens=0, cost_usd=0.0)

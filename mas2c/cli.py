@@ -1213,10 +1213,95 @@ def _run_batch(
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors raised (so that `--json` gets its one document)."""
+    """argparse, with usage errors, `--help` and `--version` raised rather than printed
+    and exited on (so that `--json` gets its one document for each)."""
+
+    def __init__(self, *, add_help: bool = True, **kwargs: Any) -> None:
+        super().__init__(add_help=False, **kwargs)
+        self.register("action", "help", _HelpAction)
+        self.register("action", "version", _VersionAction)
+        if add_help:
+            self.add_argument("-h", "--help", action="help", help="show this help and exit")
 
     def error(self, message: str) -> NoReturn:
         raise _ArgumentError(self, message)
+
+
+class _Informational(Exception):
+    """`--help` or `--version` was given: `_main` prints it, as text or as JSON, exit 0."""
+
+    def __init__(self, parser: argparse.ArgumentParser, what: str) -> None:
+        super().__init__(what)
+        self.parser = parser
+        self.what = what
+
+
+class _HelpAction(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kw: Any) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, nargs=0, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        raise _Informational(parser, "help")
+
+
+class _VersionAction(_HelpAction):
+    def __init__(self, option_strings: list[str], version: str = "", **kw: Any) -> None:
+        super().__init__(option_strings, **kw)
+        self.version = version
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        raise _Informational(parser, "version")
+
+
+def _json_value(value: Any) -> Any:
+    """A flag's default as JSON: plain values as they are, anything else as text."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    return str(value)
+
+
+def help_document(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """What `--help` says, as data: `--help --json` prints ``{"ok": true, "help": this}``.
+
+    ``arguments``: one entry per positional argument and flag (``name``, ``flags``,
+    ``required``, ``takes_value``, ``nargs``, ``metavar``, ``choices``, ``default``,
+    ``help``); ``verbs``: the sub-commands (``name``, ``help``), for ``mas2c`` itself;
+    ``text``: the human help, as `--help` prints it."""
+    formatter = parser._get_formatter()
+    arguments: list[dict[str, Any]] = []
+    verbs: list[dict[str, Any]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            verbs += [{"name": a.dest, "help": a.help} for a in action._choices_actions]
+            continue
+        if action.help == argparse.SUPPRESS:
+            continue
+        positional = not action.option_strings
+        default = action.default
+        arguments.append(
+            {
+                "name": action.dest if positional else max(action.option_strings, key=len),
+                "flags": list(action.option_strings),
+                "required": action.nargs not in ("?", "*") if positional else action.required,
+                "takes_value": action.nargs != 0,
+                "nargs": action.nargs,
+                "metavar": _json_value(action.metavar),
+                "choices": None if action.choices is None else [str(c) for c in action.choices],
+                "default": None if default == argparse.SUPPRESS else _json_value(default),
+                "help": formatter._expand_help(action) if action.help else None,
+            }
+        )
+    usage = parser.format_usage().strip()
+    return {
+        "prog": parser.prog,
+        "usage": usage.removeprefix("usage: "),
+        "description": parser.description,
+        "arguments": arguments,
+        "verbs": verbs,
+        "text": parser.format_help(),
+    }
 
 
 class _ArgumentError(UsageError):
@@ -1238,7 +1323,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mas2c",
         description="Build, run and repair LLM multi-agent systems from declarative specs (MAS²).",
     )
-    parser.add_argument("--version", action="version", version=f"mas2c {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"mas2c {__version__}", help="print the version"
+    )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
 
     p = verbs.add_parser("validate", help="check specs and report every problem with its place")
@@ -1270,7 +1357,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("graph", help="print the workflow as a Mermaid (or dot) diagram")
     p.add_argument("spec", help="spec file (- reads stdin)")
-    p.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    p.add_argument(
+        "--format", choices=["mermaid", "dot"], default="mermaid", help="diagram language (mermaid)"
+    )
     _add_json(p)
     p.set_defaults(handler=cmd_graph)
 
@@ -1430,7 +1519,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="python:3.12-slim",
         help="base image (falls back to a Debian rootfs offline)",
     )
-    p.add_argument("--tag", default="mas2c-sandbox:latest")
+    p.add_argument("--tag", default="mas2c-sandbox:latest", help="build: image name (%(default)s)")
     _add_json(p)
     p.set_defaults(handler=cmd_sandbox)
 
@@ -1535,7 +1624,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", help="run folder; an existing one is resumed")
     p.add_argument(
-        "--sandbox", type=_SANDBOX_FLAG, choices=["docker", "unisolated"], default="docker"
+        "--sandbox",
+        type=_SANDBOX_FLAG,
+        choices=["docker", "unisolated"],
+        default="docker",
+        help="where each row's system runs (unisolated: NOT isolated)",
     )
     p.add_argument("--image", help="sandbox image (default mas2c-sandbox:latest)")
     p.add_argument("--test-timeout", type=_positive, default=20.0, help="seconds for one scoring")
@@ -1588,18 +1681,19 @@ def _exit_now(code: int) -> NoReturn:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    as_json = any(_is_json_flag(a) for a in options)
     parser = build_parser()
     verb = next((a for a in argv if not a.startswith("-")), "")
     head = argv[: argv.index(verb)] if verb else argv  # the options before the verb
-    if as_json and "--version" in head:
-        _print_json({"ok": True, "version": __version__})
-        return EXIT_OK
-    if "--json" in head:  # `mas2c --json VERB ...` means `mas2c VERB --json ...`
+    if any(_is_json_flag(a) for a in head):  # `mas2c --json VERB ...`: `mas2c VERB --json ...`
         rest = [verb, "--json", *argv[len(head) + 1 :]] if verb else []
-        argv = [a for a in head if a != "--json"] + rest
+        argv = [a for a in head if not _is_json_flag(a)] + rest
     try:
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except _Informational as info:
+            return _inform(info, as_json)
         verb = args.verb or ""
         handler: Handler | None = getattr(args, "handler", None)
         if handler is None:
@@ -1624,6 +1718,26 @@ def _main(argv: Sequence[str] | None) -> int:
         return _fail(verb, FileFailure(os_error_message(exc)), as_json)
     except KeyboardInterrupt:
         return _fail(verb, Interrupted("interrupted"), as_json)
+
+
+def _is_json_flag(arg: str) -> bool:
+    """`--json`, as argparse reads it: also abbreviated (`--js`) or with a value
+    (`--json=1`, a usage error that still wants its JSON document)."""
+    return (len(arg) >= 3 and "--json".startswith(arg)) or arg.startswith("--json=")
+
+
+def _inform(info: _Informational, as_json: bool) -> int:
+    """`--help` or `--version`: as text on stdout, or as one JSON document (exit 0)."""
+    if info.what == "version":
+        if as_json:
+            _print_json({"ok": True, "version": __version__})
+        else:
+            sys.stdout.write(f"mas2c {__version__}\n")
+    elif as_json:
+        _print_json({"ok": True, "help": help_document(info.parser)})
+    else:
+        info.parser.print_help(sys.stdout)
+    return EXIT_OK
 
 
 _POOLED_VERBS = {"solve", "rectify", "bench"}  # batch: its engines run elsewhere

@@ -36,6 +36,8 @@ __all__ = [
     "ESCAPE",
     "FILTERS",
     "MAX_PATTERN_INPUT",
+    "MAX_PATTERN_STATES",
+    "MAX_PATTERN_WORK",
     "PLACEHOLDER",
     "SCHEMA_KEYWORDS",
     "Placeholder",
@@ -43,11 +45,13 @@ __all__ = [
     "apply_filters",
     "argument_problems",
     "as_text",
+    "final_answer",
     "input_problems",
     "json_equal",
     "json_type",
     "parse_placeholder",
     "pattern_problem",
+    "pattern_search",
     "placeholders",
     "render",
     "resolve",
@@ -173,6 +177,44 @@ def as_text(value: Any) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     return json.dumps(value, ensure_ascii=False, indent=2, default=str)
+
+
+# The answer marker: the word `answer` (any case) and a colon, Markdown emphasis allowed
+# around the word and the colon; at a line's start (after `#`, `>`, `-` marks) or inside a
+# line after a space or a bracket (not after a quote: `print("ANSWER:", x)` is code).
+_ANSWER_MARK = re.compile(r"(?<![^\s*_#>(\[-])answer(?:[*_]{1,2})?[ \t]*:(?:[*_]{1,2})?", re.I)
+_WRAPPERS = ("**", "__", "*", "_", "`")
+
+
+def final_answer(text: str) -> str | None:
+    """The final answer a text states, or None when it states none.
+
+    The answer follows the text's last answer marker, ``answer:`` in any case, also in
+    Markdown emphasis (``**ANSWER:** 42``, ``**Answer**: 42``, ``__answer__: 42``),
+    at the start of a line or inside one (``... so the ANSWER: 42``): it is the rest of
+    that line, or the next non-blank line when the rest is blank (``**Answer:**`` alone
+    on its line), stripped of surrounding whitespace, Markdown emphasis and backticks
+    (``**42**``, `` `42` ``) and one final period. A marker with nothing after it gives
+    ``""``. Votes compare this (else the whole text); batch scorers read it too."""
+    marks = list(_ANSWER_MARK.finditer(text))
+    if not marks:
+        return None
+    rest = text[marks[-1].end() :].split("\n")
+    answer = rest[0].strip() or next((line.strip() for line in rest[1:] if line.strip()), "")
+    unwrapped = True
+    while unwrapped:
+        unwrapped = False
+        for wrapper in _WRAPPERS:
+            if (
+                len(answer) > 2 * len(wrapper)
+                and answer.startswith(wrapper)
+                and answer.endswith(wrapper)
+            ):
+                answer, unwrapped = answer[len(wrapper) : -len(wrapper)].strip(), True
+                break
+    if answer.endswith(".") and len(answer) > 1 and not answer.endswith(".."):
+        answer = answer[:-1].rstrip()
+    return answer
 
 
 def apply_filters(value: Any, filters: Sequence[tuple[str, str | None]]) -> Any:
@@ -443,8 +485,18 @@ def _validate_string(
                 f"at {where}: {len(value)} characters is too long to check against a pattern "
                 f"(at most {MAX_PATTERN_INPUT})"
             )
-        elif re.search(pattern, value) is None:
-            problems.append(f"at {where}: {_shown(value)} does not match the pattern {pattern!r}")
+        else:
+            found = pattern_search(pattern, value)
+            if found is None:
+                problems.append(
+                    f"at {where}: checking {len(value)} characters against the pattern "
+                    f"{pattern[:80]!r} needs more than {MAX_PATTERN_WORK} steps (a pattern "
+                    "with large counted repeats?)"
+                )
+            elif not found:
+                problems.append(
+                    f"at {where}: {_shown(value)} does not match the pattern {pattern!r}"
+                )
 
 
 def _validate_number(
@@ -543,9 +595,9 @@ def input_problems(given: Any, declared: Mapping[str, Mapping[str, Any]]) -> lis
 
 # ----------------------------------------------------------------- patterns without ReDoS
 
-# Python's `re` has no time limit, and a spec's `pattern` may be LLM-written: a pattern
-# whose backtracking can explode is refused (by the validator, MAS511, and by every check
-# that would evaluate it), and a string longer than this is not matched against any pattern.
+# A spec's `pattern` may be LLM-written: a pattern whose backtracking can explode is refused
+# (by the validator, MAS511, and by every check that would evaluate it), values are matched
+# by a linear-time automaton (below), and a string longer than this is not matched at all.
 MAX_PATTERN_INPUT = 10_000
 _REPEAT_LIMIT = 16  # a repeat of more than this many iterations counts as unbounded
 _SAMPLE_CHARS = (
@@ -779,11 +831,14 @@ def _catastrophic(shape: _Shape, seq: Any) -> str | None:
 
 
 def pattern_problem(pattern: str) -> str | None:
-    """Why ``pattern`` is refused, or None: it does not compile, or its backtracking can
-    take exponential time (an unbounded repeat holding another unbounded repeat or
-    alternatives that can share characters across passes, as ``(a+)+``, ``([a-z]+ ?)+``,
-    ``(a|a)*``). Conservative: a few safe patterns are refused too (rewrite them with a
-    possessive repeat ``a++`` or an atomic group ``(?>...)``, which never backtrack)."""
+    """Why ``pattern`` is refused, or None: it does not compile; its backtracking in
+    ``re`` could take exponential time (an unbounded repeat holding another unbounded
+    repeat or alternatives that can share characters across passes, as ``(a+)+``,
+    ``([a-z]+ ?)+``, ``(a|a)*``; conservative, so a few safe patterns are refused too: it
+    would hang a backtracking checker elsewhere, such as an upstream's); or it has no
+    linear-time automaton (a backreference, a lookaround, a conditional, an atomic group,
+    a possessive repeat, or more than MAX_PATTERN_STATES states), which mas2c's own checks
+    use (`pattern_search`)."""
     try:
         parsed = _sre().parse(pattern)
     except (re.error, RecursionError, OverflowError, ValueError) as exc:
@@ -795,7 +850,8 @@ def pattern_problem(pattern: str) -> str | None:
         return "the pattern is nested too deeply to check"
     if problem:
         return f"the pattern can backtrack for exponential time: {problem}"
-    return None
+    automaton = _automaton(pattern)
+    return automaton if isinstance(automaton, str) else None
 
 
 @functools.lru_cache(maxsize=256)
@@ -832,3 +888,248 @@ def schema_pattern_problem(
         if found:
             return found
     return None
+
+
+# ------------------------------------------------------- patterns matched in linear time
+
+# A pattern is never handed to Python's `re` to search a value: `re` backtracks, so even a
+# pattern refused for nothing above (``.*a.*a.*b``) takes about n^4 steps, hours on a
+# 10,000-character text, and no signal or timer bounds it off the main thread. Instead the
+# pattern's parse tree becomes a Thompson automaton, run over the text once, one set of
+# states per character (at most MAX_PATTERN_STATES states, at most MAX_PATTERN_WORK state
+# visits per check): a bound on every thread, in the host and in the compiled package.
+# `re` is used only on one character (a character class) or one position (an anchor).
+MAX_PATTERN_STATES = 2_000
+MAX_PATTERN_WORK = 3_000_000
+_UNSUPPORTED = {
+    "GROUPREF": "a backreference",
+    "GROUPREF_EXISTS": "a conditional group",
+    "ASSERT": "a lookahead or lookbehind",
+    "ASSERT_NOT": "a negative lookahead or lookbehind",
+    "ATOMIC_GROUP": "an atomic group",
+    "POSSESSIVE_REPEAT": "a possessive repeat",
+}
+_CATEGORY_TEXT = {
+    "CATEGORY_DIGIT": r"\d",
+    "CATEGORY_NOT_DIGIT": r"\D",
+    "CATEGORY_SPACE": r"\s",
+    "CATEGORY_NOT_SPACE": r"\S",
+    "CATEGORY_WORD": r"\w",
+    "CATEGORY_NOT_WORD": r"\W",
+}
+_AT_TEXT = {
+    "AT_BEGINNING": "^",
+    "AT_BEGINNING_STRING": r"\A",
+    "AT_END": "$",
+    "AT_END_STRING": r"\Z",
+    "AT_BOUNDARY": r"\b",
+    "AT_NON_BOUNDARY": r"\B",
+}
+_FLAG_LETTERS = ((re.IGNORECASE, "i"), (re.DOTALL, "s"), (re.MULTILINE, "m"), (re.ASCII, "a"))
+
+
+class _PatternRefused(Exception):
+    """The pattern cannot become a linear-time automaton (the message says why)."""
+
+
+def _char(code: int) -> str:
+    return f"\\U{code:08x}"
+
+
+def _flagged(text: str, flags: int) -> re.Pattern[str]:
+    letters = "".join(letter for flag, letter in _FLAG_LETTERS if flags & flag)
+    return re.compile(f"(?{letters}:{text})" if letters else text)
+
+
+class _Automaton:
+    """A Thompson automaton: state ``i`` is ``kind[i]`` with arguments ``one[i]``,
+    ``two[i]``: ``"char"`` (a one-character test ``tests[one]``, then ``two``), ``"split"``
+    (both ``one`` and ``two``), ``"at"`` (an anchor ``tests[one]`` that must hold, then
+    ``two``) or ``"match"``."""
+
+    def __init__(self, parsed: Any) -> None:
+        self.kind: list[str] = []
+        self.one: list[int] = []
+        self.two: list[int] = []
+        self.tests: list[re.Pattern[str]] = []
+        self.seen: list[dict[str, bool]] = []
+        self._test_index: dict[str, int] = {}
+        self.has_anchor = False
+        self.start = self._seq(list(parsed), parsed.state.flags, self._add("match", 0, 0))
+
+    def _add(self, kind: str, one: int, two: int) -> int:
+        if len(self.kind) >= MAX_PATTERN_STATES:
+            self._too_many()
+        self.kind.append(kind)
+        self.one.append(one)
+        self.two.append(two)
+        return len(self.kind) - 1
+
+    def _test(self, text: str, flags: int) -> int:
+        key = f"{flags}:{text}"
+        if key not in self._test_index:
+            self._test_index[key] = len(self.tests)
+            self.tests.append(_flagged(text, flags))
+            self.seen.append({})
+        return self._test_index[key]
+
+    def _seq(self, items: list[Any], flags: int, then: int) -> int:
+        for op, av in reversed(items):
+            then = self._item(str(op), av, flags, then)
+        return then
+
+    def _item(self, name: str, av: Any, flags: int, then: int) -> int:
+        text = self._class_text(name, av)
+        if text is not None:
+            return self._add("char", self._test(text, flags), then)
+        if name == "AT":
+            self.has_anchor = True
+            anchor = _AT_TEXT.get(str(av))
+            if anchor is None:
+                raise _PatternRefused(f"the anchor {av} is not supported")
+            return self._add("at", self._test(anchor, flags), then)
+        if name == "SUBPATTERN":
+            _group, add, remove, body = av
+            return self._seq(list(body), (flags | add) & ~remove, then)
+        if name == "BRANCH":
+            starts = [self._seq(list(branch), flags, then) for branch in av[1]]
+            entry = starts[-1]
+            for start in reversed(starts[:-1]):
+                entry = self._add("split", start, entry)
+            return entry
+        if name in ("MAX_REPEAT", "MIN_REPEAT"):
+            return self._repeat(int(av[0]), int(av[1]), list(av[2]), flags, then)
+        raise _PatternRefused(f"{_UNSUPPORTED.get(name, name)} cannot be matched in linear time")
+
+    def _repeat(self, low: int, high: int, body: list[Any], flags: int, then: int) -> int:
+        if low > MAX_PATTERN_STATES or (high - low > MAX_PATTERN_STATES and high != _MAXREPEAT):
+            self._too_many()
+        if high == _MAXREPEAT:  # body*: a split that loops back through the body
+            loop = self._add("split", 0, then)
+            self.one[loop] = self._seq(body, flags, loop)
+            then = loop
+        else:
+            for _ in range(high - low):  # (body(body)?)?: each optional pass may stop
+                then = self._add("split", self._seq(body, flags, then), then)
+        for _ in range(low):
+            then = self._seq(body, flags, then)
+        return then
+
+    def _too_many(self) -> None:
+        raise _PatternRefused(
+            f"its automaton would have more than {MAX_PATTERN_STATES} states "
+            "(large counted repeats such as `a{1000}`?)"
+        )
+
+    @staticmethod
+    def _class_text(name: str, av: Any) -> str | None:
+        """The one-character element as pattern text, or None for other elements."""
+        if name == "LITERAL":
+            return _char(av)
+        if name == "NOT_LITERAL":
+            return f"[^{_char(av)}]"
+        if name == "ANY":
+            return "."
+        if name != "IN":
+            return None
+        parts: list[str] = []
+        for op, item in av:
+            kind = str(op)
+            if kind == "NEGATE":
+                parts.insert(0, "^")
+            elif kind == "LITERAL":
+                parts.append(_char(item))
+            elif kind == "RANGE":
+                parts.append(f"{_char(item[0])}-{_char(item[1])}")
+            elif kind == "CATEGORY" and str(item) in _CATEGORY_TEXT:
+                parts.append(_CATEGORY_TEXT[str(item)])
+            else:
+                raise _PatternRefused(f"the character class item {kind} is not supported")
+        return "[" + "".join(parts) + "]"
+
+    def holds(self, test: int, char: str) -> bool:
+        seen = self.seen[test]
+        found = seen.get(char)
+        if found is None:
+            if len(seen) > 4096:
+                seen.clear()
+            found = seen[char] = self.tests[test].fullmatch(char) is not None
+        return found
+
+    def search(self, text: str) -> bool | None:
+        """Whether the pattern matches somewhere in ``text`` (``re.search``); None when
+        that would take more than MAX_PATTERN_WORK state visits."""
+        memo: dict[tuple[frozenset[int], bool, str], tuple[bool, frozenset[int]]] = {}
+        current: frozenset[int] = frozenset()
+        work = 0
+        size = len(text)
+        for index in range(size + 1):
+            around = text[max(index - 1, 0) : index + 2] if self.has_anchor else ""
+            char = text[index] if index < size else ""
+            key = (current, index == 0, around or char)
+            step = memo.get(key)
+            if step is None:
+                if len(memo) > 1024:
+                    memo.clear()
+                step, visits = self._step(current, char, around, 1 if index else 0)
+                memo[key] = step
+                work += visits
+                if work > MAX_PATTERN_WORK:
+                    return None
+            if step[0]:
+                return True
+            current = step[1]
+        return False
+
+    def _step(
+        self, current: frozenset[int], char: str, around: str, at: int
+    ) -> tuple[tuple[bool, frozenset[int]], int]:
+        """From the states reached so far (plus a new start here), the states after
+        ``char``, and whether a match ends here."""
+        stack = [*current, self.start]
+        seen: set[int] = set()
+        after: set[int] = set()
+        matched = False
+        kind, one, two = self.kind, self.one, self.two
+        while stack:
+            state = stack.pop()
+            if state in seen:
+                continue
+            seen.add(state)
+            what = kind[state]
+            if what == "char":
+                if char and self.holds(one[state], char):
+                    after.add(two[state])
+            elif what == "split":
+                stack.append(two[state])
+                stack.append(one[state])
+            elif what == "at":
+                if self.tests[one[state]].match(around, at) is not None:
+                    stack.append(two[state])
+            else:
+                matched = True
+        return (matched, frozenset(after)), len(seen)
+
+
+_MAXREPEAT = int(getattr(_sre(), "MAXREPEAT", 4294967295))
+
+
+@functools.lru_cache(maxsize=256)
+def _automaton(pattern: str) -> _Automaton | str:
+    """The pattern's automaton, or why it has none (see `pattern_problem`)."""
+    try:
+        return _Automaton(_sre().parse(pattern))
+    except _PatternRefused as exc:
+        return str(exc)
+    except (re.error, RecursionError, OverflowError, ValueError) as exc:
+        return f"the pattern does not compile: {exc}"
+
+
+def pattern_search(pattern: str, text: str) -> bool | None:
+    """``re.search(pattern, text) is not None`` in time linear in ``len(text)``, on any
+    thread; None when the pattern is refused (`pattern_problem`) or the search would take
+    more than MAX_PATTERN_WORK steps."""
+    automaton = _automaton(pattern)
+    if isinstance(automaton, str):
+        return None
+    return automaton.search(text)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 from mas2c.compile import Build, compile_spec, runtime_files
 from mas2c.lang.spec import Spec
@@ -50,7 +50,14 @@ SPECS = ROOT / "specs"
 
 # Under CI, Hypothesis is derandomized (a failure reproduces on the next run) and prints the
 # blob to reproduce a failing example; `@settings` on a test still sets its example count.
-settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None)
+# Nothing in it depends on the machine's speed: no deadline, no "too slow" health check.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    print_blob=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 if os.environ.get("CI") == "true":
     settings.load_profile("ci")
 

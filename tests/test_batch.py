@@ -95,6 +95,9 @@ def options(tmp_path: Path, dataset: Path, server: LLMTestServer, **kw: Any) -> 
         ("exact", "Paris, France", "Paris", 0.0),
         ("exact", "yes", ["Yes", "yeah"], 1.0),
         ("exact", {"answer": "B"}, "b", 1.0),
+        ("exact", "It is in France.\n**ANSWER:** Paris", "paris", 1.0),
+        ("exact", "so the answer: Paris.", "Paris", 1.0),
+        ("f1", "**Answer**:\n\nthe Eiffel Tower", "Eiffel Tower", 1.0),
         ("numeric", "The answer is $3,600.", "3600", 1.0),
         ("numeric", "so 72 clips", 72, 1.0),
         ("numeric", "0.75", "3/4", 1.0),
@@ -105,6 +108,7 @@ def options(tmp_path: Path, dataset: Path, server: LLMTestServer, **kw: Any) -> 
         ("f1", "", "Paris", 0.0),
         ("math", "\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", 1.0),
         ("math", "$42$", "42", 1.0),
+        ("math", "Simplify: 6/8.\n**Final answer:** $\\frac{3}{4}$", "\\frac{3}{4}", 1.0),
         ("math", "42.0", "42", 1.0),
         ("math", "\\left(1, 2\\right)", "(1,2)", 1.0),
         ("math", "\\frac{3}{5}", "\\frac{3}{4}", 0.0),
@@ -853,6 +857,34 @@ def test_batch_of_solve_over_mapped_rows(tmp_path: Path) -> None:
         assert json.loads((tmp_path / "run" / "rows" / key / "input.json").read_text()) == {
             "question": row["q"]
         }
+
+
+@pytest.mark.parametrize("mode", ["spec", "solve"])
+def test_a_sandbox_that_refuses_the_system_is_a_recorded_failure(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container runtime the daemon does not have: the row is recorded as failed with code
+    SandboxError in both modes (under --solve it was lost as 'not recorded', re-run on every
+    resume)."""
+    from mas2c.lang.validate import load_spec
+    from mas2c.testserver import Script
+
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(json.dumps({"id": "a", "question": "1+1?", "answer": "2"}) + "\n")
+    script = Script(
+        [(r"^You design multi-agent systems", json.dumps(load_spec(COT).to_data()))],
+        field="system",
+    )
+    solve = {"spec": None, "solve_task": "Add.", "mapping": {"question": "question"}}
+    extra: dict[str, Any] = solve if mode == "solve" else {}
+    monkeypatch.setenv("MAS2C_RUNTIME", "mas2c-no-such-runtime")
+    with LLMTestServer(script) as server:
+        summary = run_batch(options(tmp_path, dataset, server, backend="docker", **extra))
+    assert summary["not_recorded"] == []
+    row = read_results(tmp_path / "run" / "results.jsonl")["a"]
+    assert row["status"] == "error" and row["error_code"] == "SandboxError", row
+    assert "mas2c-no-such-runtime" in row["error"]
+    assert summary["failures"] == {"SandboxError": 1}
 
 
 HOSTILE_CANDIDATE = """

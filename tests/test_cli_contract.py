@@ -575,6 +575,87 @@ def test_json_before_the_verb_and_version_json_are_one_document(tmp_path: Path) 
     assert proc.returncode == 0 and document(proc)["version"]
 
 
+def _verbs() -> list[list[str]]:
+    """`mas2c` itself and every verb, from the argparse tree."""
+    from mas2c.cli import build_parser
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [[], *([name] for name in sorted(verbs.choices))]
+
+
+VERBS = _verbs()
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=lambda v: v[0] if v else "mas2c")
+@pytest.mark.parametrize("spelling", [["--help", "--json"], ["--json", "-h"], ["-h", "--js"]])
+def test_help_with_json_is_one_document_describing_the_arguments(
+    verb: list[str], spelling: list[str], tmp_path: Path
+) -> None:
+    """`mas2c [VERB] --help --json` printed argparse's text help on stdout: now one
+    document, `help` describing every argument as data (exit 0), and nothing written."""
+    from mas2c.cli import build_parser
+
+    proc = mas2c(*verb, *spelling, cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 0, proc.stderr
+    help_ = document(proc)["help"]
+    assert help_["prog"] == " ".join(["mas2c", *verb])
+    assert help_["usage"].startswith(help_["prog"]) and "usage:" in help_["text"]
+    parser = build_parser()
+    if verb:
+        parser = next(
+            a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+        ).choices[verb[0]]
+    shown = [a for a in parser._actions if a.help != argparse.SUPPRESS]
+    flags = {f for a in help_["arguments"] for f in a["flags"]}
+    assert flags == {f for a in shown for f in a.option_strings}
+    assert all(a["help"] for a in help_["arguments"] if a["flags"]), help_["arguments"]
+    assert ("--json" in flags) is bool(verb) and ("--version" in flags) is not bool(verb)
+    if not verb:
+        assert {v["name"] for v in help_["verbs"]} == {name for [name] in VERBS[1:]}
+        assert all(v["help"] for v in help_["verbs"])
+    assert not any(tmp_path.iterdir())
+    text = mas2c(*verb, "--help", cwd=tmp_path, inprocess=True)  # without --json: the text
+    assert text.returncode == 0 and text.stdout == help_["text"]
+
+
+def _usage_cases() -> list[list[str]]:
+    """Per verb: an unknown flag, a flag without its value, and no argument at all."""
+    from mas2c.cli import build_parser
+
+    cases: list[list[str]] = [[], ["no-such-verb"], ["--no-such-flag"]]
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in sorted(verbs.choices.items()):
+        cases += [[name, "x", "--no-such-flag"], [name, "x", "y", "z", "w", "--no-such-flag"]]
+        valued = next((a for a in sub._actions if a.option_strings and a.nargs != 0), None)
+        if valued is not None:
+            cases.append([name, "x", valued.option_strings[-1]])
+        if any(not a.option_strings and a.nargs not in ("?", "*") for a in sub._actions):
+            cases.append([name])
+    return cases
+
+
+@pytest.mark.parametrize("argv", _usage_cases(), ids="-".join)
+def test_a_usage_error_with_json_is_one_usage_document(argv: list[str], tmp_path: Path) -> None:
+    """An unknown flag, a flag missing its value, a missing argument, an unknown verb:
+    with `--json` (also abbreviated `--js`, or before the verb), one `usage` document
+    carrying argparse's message, exit 2; without it, the usage text on stderr; nothing
+    written either way."""
+    text = mas2c(*argv, cwd=tmp_path, inprocess=True)
+    assert text.returncode == 2 and not text.stdout, (argv, text.stdout)
+    said = text.stderr.strip().splitlines()[-1].partition("error: ")[2] or text.stderr
+    for spelling in ([*argv, "--json"], [*argv, "--js"], ["--json", *argv]):
+        if argv and argv[-1].startswith("--") and argv[-1] != "--no-such-flag":
+            spelling = [*argv[:1], "--json", *argv[1:]]  # else the flag takes --json as its value
+        proc = mas2c(*spelling, cwd=tmp_path, inprocess=True)
+        assert proc.returncode == 2, (spelling, proc.stdout, proc.stderr)
+        error = document(proc)["error"]
+        assert error["code"] == "usage" and error["kind"] == "usage", error
+        if argv:
+            assert error["message"] == said.strip(), (error, said)
+        assert error["message"] in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_validate_json_reports_every_file_also_past_a_missing_one_or_a_folder(
     tmp_path: Path,
 ) -> None:
@@ -895,18 +976,22 @@ def test_run_of_a_build_imports_neither_the_compiler_nor_pydantic(
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["run", "build", "--input", "in.json"], ["run", "--help"]],
-    ids=["help", "run-args", "run-help"],
+    [
+        ["--help"],
+        ["run", "build", "--input", "in.json"],
+        ["run", "--help"],
+        ["run", "--help", "--json"],
+    ],
+    ids=["help", "run-args", "run-help", "run-help-json"],
 )
 def test_parsing_imports_nothing_heavy(argv: list[str]) -> None:
-    """Parsing, and for `run` the modules a run of a build starts with: nothing heavy."""
+    """Parsing (the whole of `--help`, as text or JSON), and for `run` the modules a run
+    of a build starts with: nothing heavy."""
+    call = f"main({argv!r})" if "--help" in argv else f"build_parser().parse_args({argv!r})"
     probe = (
         "import sys\n"
-        "from mas2c.cli import build_parser\n"
-        "try:\n"
-        f"    build_parser().parse_args({argv!r})\n"
-        "except SystemExit:\n"
-        "    pass\n"
+        "from mas2c.cli import build_parser, main\n"
+        f"{call}\n"
         + ("import mas2c.run, mas2c.sandbox, mas2c.gateway\n" if argv[0] == "run" else "")
         + "heavy = [m for m in sys.modules if m.split('.')[0] in ('black', 'jinja2', 'libcst',"
         " 'pydantic', 'yaml', 'openai', 'docker') or m in ('mas2c.compile', 'mas2c.lang.spec')]\n"

@@ -195,7 +195,7 @@ def test_slow_body_times_out(sockdir: Path) -> None:
             sock, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{", timeout=5
         )
         assert status_of(out) == 408
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 4  # the 0.5 s timeout, not the 5 s client's
 
 
 def test_worker_threads_are_bounded_under_a_burst(sockdir: Path) -> None:
@@ -696,7 +696,8 @@ def test_dead_endpoint_bound_with_the_default_settings(sockdir: Path) -> None:
     assert r.status_code == 502 and r.headers["x-should-retry"] == "false"
     assert message.startswith(f"upstream http://127.0.0.1:{port}/v1 failed after 4 attempts")
     assert "cannot connect" in message
-    assert 3.0 <= elapsed < 6.0  # 0.5 + 1 + 2 s (+ up to 25 % jitter)
+    # 0.5 + 1 + 2 s of backoff (+ up to 25 % jitter); the slack is for a busy CI machine
+    assert 3.0 <= elapsed < 10.0
 
 
 def test_black_holed_endpoint_stops_at_the_connect_deadline(sockdir: Path) -> None:
@@ -727,8 +728,9 @@ def test_black_holed_endpoint_stops_at_the_connect_deadline(sockdir: Path) -> No
         hole.close()
     assert r.status_code == 502
     attempts = int(r.json()["error"]["message"].split("failed after ")[1].split(" ")[0])
-    assert 2 <= attempts <= 3  # 0.4 s each + backoff: none starts after the 1 s deadline
-    assert elapsed < 1.0 + 0.4 + 0.5  # deadline + one connect timeout (+ slack)
+    # 0.4 s each + backoff: none starts after the 1 s deadline (a busy machine makes fewer)
+    assert 1 <= attempts <= 3
+    assert elapsed < 1.0 + 0.4 + 2.0  # deadline + one connect timeout + slack, not 10 x 0.4 s
 
 
 def test_stale_socket_folders_are_reaped_live_ones_kept(tmp_path: Path) -> None:

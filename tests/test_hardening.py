@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import compile_to, load_runtime, run_package
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mas2c import values
 from mas2c.batch import CODE_SCORER_MAIN, parse_exact, score_text
@@ -407,8 +409,19 @@ SAFE = [
     r"^(ab|ac)*$",
     r"^(?:[a-z]+ )*[a-z]+$",
     r"^(\d{1,3}\.){3}\d{1,3}$",
-    r"^(a++)+$",
-    r"^(?>a+)+$",
+    r"(?i)^[a-z]{2}\b\w*$",
+    r"(?m)^b$",
+]
+# no linear-time automaton: mas2c's checks match patterns with one, never with `re`
+NO_AUTOMATON = [
+    r"^(a)\1$",
+    r"^(?=.*\d)[a-z0-9]+$",
+    r"(?<!x)b",
+    r"(?!a)b",
+    r"^a++b",
+    r"^(?>ab|a)c",
+    r"a{2001}",
+    r"^(?:ab){0,1200}$",
 ]
 
 PATTERN_SPEC = """
@@ -453,6 +466,150 @@ def test_safe_patterns_still_validate_and_match(pattern: str) -> None:
     text = PATTERN_SPEC.replace("PATTERN", pattern.replace("\\", "\\\\"))
     report = validate_text(text, "spec.yaml")
     assert not [p for p in report.problems if p.code == "MAS511"], report.format()
+
+
+@pytest.mark.parametrize("pattern", NO_AUTOMATON)
+def test_patterns_without_a_linear_automaton_are_refused(pattern: str) -> None:
+    assert values.pattern_problem(pattern) is not None
+    text = PATTERN_SPEC.replace("PATTERN", pattern.replace("\\", "\\\\"))
+    report = validate_text(text, "spec.yaml")
+    found = [p for p in report.problems if p.code == "MAS511"]
+    assert found and found[0].pointer == "/inputs/question/pattern", report.format()
+    problems = values.input_problems(
+        {"question": "ab"}, {"question": {"type": "string", "pattern": pattern}}
+    )
+    assert problems and "refused" in problems[0][1]
+
+
+# patterns of mas2c's subset: literals, classes, `.`, categories, anchors, \b, groups with
+# flags, alternatives, greedy and lazy repeats (counted too)
+_ATOMS = st.sampled_from(
+    ["a", "b", "\n", " ", "1", ".", "[ab]", "[^a]", "\\d", "\\w", "\\s", "\\W", "[a-c1]",
+     "^", "$", "\\A", "\\Z", "\\b", "\\B", "(?i:A)", "(?s:.)", "(?a:\\w)", "é"]
+)  # fmt: skip
+
+
+def _regexes(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.tuples(inner, inner).map("".join),
+        st.tuples(inner, inner).map(lambda p: f"(?:{p[0]}|{p[1]})"),
+        st.tuples(inner, st.sampled_from(["*", "+", "?", "*?", "{2}", "{1,3}", "{0,2}?"])).map(
+            lambda p: f"(?:{p[0]}){p[1]}"
+        ),
+        inner.map(lambda p: f"({p})"),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pattern=st.tuples(st.sampled_from(["", "(?m)", "(?i)", "(?s)"]), st.recursive(
+        _ATOMS, _regexes, max_leaves=8
+    )).map("".join),
+    texts=st.lists(st.text(alphabet="ab1 \nAé_.", max_size=10), min_size=1, max_size=8),
+)  # fmt: skip
+def test_the_linear_matcher_agrees_with_re(pattern: str, texts: list[str]) -> None:
+    """`values.pattern_search` answers what `re.search` answers, for every pattern it
+    accepts (patterns it refuses are never evaluated)."""
+    import re
+
+    if values.pattern_problem(pattern) is not None:
+        return
+    for text in texts:
+        assert values.pattern_search(pattern, text) is (re.search(pattern, text) is not None), (
+            pattern,
+            text,
+        )
+
+
+def _on_a_worker_thread(work: Any, timeout: float = 300) -> Any:
+    """``work()`` on a daemon thread; fails (leaving the thread behind) past ``timeout``,
+    which only tells "done" from "hours"."""
+    import threading
+
+    done: list[Any] = []
+    thread = threading.Thread(target=lambda: done.append(work()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert done, f"still checking after {timeout} s"
+    return done[0]
+
+
+POLYNOMIAL = [r".*a.*a.*b", r"^\d*\d*\d*x", r"(?:a|b)*a.*a.*a\s*c", r"\w+\w+\w+!$"]
+
+
+def test_polynomial_patterns_are_checked_in_linear_time_on_a_worker_thread() -> None:
+    """`re` takes hours on these at 10,000 characters (about n^3-n^4 backtracking steps)
+    and no timer bounds it off the main thread; the automaton answers at once on any
+    thread. The generous wait only decides between "done" and "hours"."""
+
+    def check_all() -> list[list[str]]:
+        text = "a1" * (values.MAX_PATTERN_INPUT // 2)
+        return [values.validate(text, {"type": "string", "pattern": p}) for p in POLYNOMIAL]
+
+    found = _on_a_worker_thread(check_all)
+    assert [len(problems) for problems in found] == [1] * len(POLYNOMIAL)
+    assert all("does not match the pattern" in problems[0] for problems in found)
+    assert values.validate("a" * 5000 + "b", {"type": "string", "pattern": r".*a.*a.*b"}) == []
+
+
+def test_the_work_of_one_check_is_bounded() -> None:
+    """A pattern as large as allowed against a text as long as allowed: past
+    MAX_PATTERN_WORK state visits the check stops with a problem (a count, not a clock)."""
+    import random
+
+    pattern = r"a.{1500}c"
+    assert values.pattern_problem(pattern) is None
+    rng = random.Random(7)
+    text = "".join(rng.choice("ab") for _ in range(values.MAX_PATTERN_INPUT))
+    problems = values.validate(text, {"type": "string", "pattern": pattern})
+    assert len(problems) == 1 and "steps" in problems[0], problems
+    fits = "x" * 100 + "a" + "b" * 1500 + "c"
+    assert values.validate(fits, {"type": "string", "pattern": pattern}) == []
+
+
+def test_a_hostile_structured_answer_with_a_polynomial_pattern_cannot_hold_a_thread(
+    tmp_path: Path, llm_server: LLMTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An LLM answers 10,000 characters for a field whose pattern backtracks polynomially;
+    the compiled package (here as a library, on a worker thread, as a server would call
+    it) refuses the answer at once instead of backtracking for hours."""
+    import importlib
+
+    spec = {
+        "spec_version": "1",
+        "name": "poly-answer",
+        "inputs": {"q": {"type": "string"}},
+        "outputs": {"answer": "reply.answer"},
+        "models": {"m": {"model": "test-model"}},
+        "agents": {
+            "a": {
+                "role": "r",
+                "model": "m",
+                "output": {
+                    "type": "object",
+                    "properties": {"answer": {"type": "string", "pattern": r".*a.*a.*b"}},
+                    "required": ["answer"],
+                },
+            }
+        },
+        "workflow": [{"id": "s", "kind": "call", "agent": "a", "prompt": "{{ q }}", "out": "reply"}],
+        "budgets": {"max_llm_calls": 4, "timeout_s": 600},
+    }
+    from mas2c.lang.spec import Spec
+
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "MAS2C_LLM_SOCKET", "MAS2C_CHECKPOINT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MAS2C_RETRY_BASE_S", "0.01")
+    build = compile_to(Spec.model_validate(spec), tmp_path / "pkg")
+    llm_server.responder = lambda req: {"answer": "a" * values.MAX_PATTERN_INPUT}
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    package = importlib.import_module(build.package)
+    result = _on_a_worker_thread(
+        lambda: package.run_sync({"q": "x"}, base_url=llm_server.base_url, api_key="sk-test")
+    )
+    assert result.status == "error", result
+    assert "does not match the pattern" in result.error.message
+    assert 1 <= len(llm_server.requests) <= 4
 
 
 def test_patterns_deep_in_schemas_and_uncompilable_ones_are_located() -> None:

@@ -160,34 +160,22 @@ outputs: {o: o}
 
 
 def test_a_polynomial_pattern_cannot_hold_the_host(tmp_path: Path) -> None:
-    """`.*a.*a.*b` backtracks in about n^4 steps (40 s at 800 characters, hours at the
-    10,000-character cap): the host's check of a default or an input stops after
-    `PATTERN_SECONDS` with a clear error, in `validate` and before `run` starts anything."""
-    import time
-
-    from mas2c.timebox import PATTERN_SECONDS
-
+    """`.*a.*a.*b` backtracks in about n^4 steps in `re` (40 s at 800 characters, hours at
+    the 10,000-character cap): the host matches patterns with a linear-time automaton, so
+    `validate` checks a default, and `run` an input, of that length at once and says the
+    value does not match (the thread-independence: tests/test_hardening.py)."""
+    long = "a" * 10_000
     spec = tmp_path / "poly.yaml"
-    spec.write_text(POLY_SPEC % (', default: "' + "a" * 2000 + '"'))
-    started = time.monotonic()
+    spec.write_text(POLY_SPEC % (', default: "' + long + '"'))
     proc = mas2c("validate", spec, cwd=tmp_path, inprocess=True)
-    assert time.monotonic() - started < PATTERN_SECONDS + 3
-    assert proc.returncode == 1 and "took more than" in proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "does not match the pattern" in proc.stdout + proc.stderr
     assert "/inputs/q" in proc.stdout + proc.stderr
     spec.write_text(POLY_SPEC % "")
-    (tmp_path / "in.json").write_text(json.dumps({"q": "a" * 2000}))
-    started = time.monotonic()
-    proc = mas2c(
-        "run", spec, "--input", tmp_path / "in.json", "--run-dir", tmp_path / "run",
-        "--sandbox", "unisolated", cwd=tmp_path, inprocess=True,
-    )  # fmt: skip
-    assert time.monotonic() - started < PATTERN_SECONDS + 3
-    assert proc.returncode != 0 and "took too long" in proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    # a short input still goes through the same check, and fails it only by not matching
-    (tmp_path / "in.json").write_text(json.dumps({"q": "a" * 50}))
-    proc = mas2c(
-        "run", spec, "--input", tmp_path / "in.json", "--run-dir", tmp_path / "run2",
-        "--sandbox", "unisolated", cwd=tmp_path, inprocess=True,
-    )  # fmt: skip
-    assert "does not match the pattern" in proc.stdout + proc.stderr
+    for text, run in ((long, "run"), ("a" * 50, "run2")):
+        (tmp_path / "in.json").write_text(json.dumps({"q": text}))
+        proc = mas2c(
+            "run", spec, "--input", tmp_path / "in.json", "--run-dir", tmp_path / run,
+            "--sandbox", "unisolated", cwd=tmp_path, inprocess=True,
+        )  # fmt: skip
+        assert proc.returncode != 0 and "does not match the pattern" in proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr
