@@ -53,6 +53,7 @@ from typing import Any
 
 from mas2c.batch import (
     _MISSING,
+    MAX_NOTE_CHARS,
     BatchError,
     BatchOptions,
     Context,
@@ -386,7 +387,7 @@ class Answer:
 _CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,60}")
 _COUNTS = ("llm_calls", "prompt_tokens", "completion_tokens", "tokens")
 _AMOUNTS = ("cost_usd", "seconds", "score_seconds", "total_seconds")
-_TEXTS = {"error": 2_000, "note": 2_000, "spec_source": 500}
+_TEXTS = {"error": MAX_NOTE_CHARS, "note": MAX_NOTE_CHARS, "spec_source": 500}
 _MAX_COUNT = 10**15
 _MAX_DEPTH = 64
 
@@ -466,7 +467,7 @@ def check_answer(job: Job, out: Any, known: dict[str, Any]) -> Answer:
             problems.append(f"{name} {_shown(given[name])}")
             row[name] = 0 if name in _COUNTS else 0.0
         else:
-            row[name] = number if name in _COUNTS else round(float(number), 6)
+            row[name] = number if name in _COUNTS else float(number)
     score = _number(given.get("score"), whole=False, top=1.0)
     passed = given.get("passed")
     if score is None or not isinstance(passed, bool):

@@ -63,8 +63,8 @@ def strict_json(value: Any) -> Any:
 
 
 def test_a_good_answer_is_recorded_as_the_node_said(tmp_path: Path) -> None:
-    answer, rows, _ = stored(tmp_path, answer_of(good_row()))
-    assert answer.problem == "" and rows == [good_row()]
+    answer, rows, _ = stored(tmp_path, answer_of(good_row(cost_usd=0.000123456789)))
+    assert answer.problem == "" and rows == [good_row(cost_usd=0.000123456789)]
     assert (tmp_path / "rows" / ROW.slug / "mas" / "out.json").read_bytes() == b"{}"
     engine = json.loads((tmp_path / "rows" / ROW.slug / "engine.json").read_text())
     assert (engine["node"], engine["host"], engine["pid"]) == ("n1", "h", 7)
