@@ -73,6 +73,7 @@ from typing import Any, Literal
 from mas2c.errors import RunFailure, terminal_safe
 from mas2c.files import build_replaceable, check_owned_folder, write_text_atomic
 from mas2c.runfolder import result_or_error
+from mas2c.values import final_answer as _stated_answer
 
 __all__ = [
     "SCORERS",
@@ -410,13 +411,11 @@ def _numbers_equal(a: Fraction, b: Fraction) -> bool:
     return abs(a - b) <= _TOLERANCE * max(abs(a), abs(b)) or abs(a - b) <= Fraction(1, 10**12)
 
 
-_ANSWER_LINE = re.compile(r"^\s*ANSWER\s*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
-
-
 def final_answer(text: str) -> str:
-    """The answer format votes use: the last `ANSWER:` line's content, else the whole text."""
-    lines = _ANSWER_LINE.findall(text)
-    return str(lines[-1]) if lines else text
+    """What votes compare: the answer after the text's last `answer:` marker
+    (`mas2c.values.final_answer`, the compiled packages' very function), else the whole text."""
+    found = _stated_answer(text)
+    return text if found is None else found
 
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -522,7 +521,7 @@ def _number_of(value: Any) -> Fraction | None:
 
 
 def _answer_text(value: Any) -> str:
-    """A prediction or expected answer as text, its last `ANSWER:` line if it has one."""
+    """A prediction or expected answer as text, its final answer if it states one."""
     return final_answer(_as_text(value))
 
 

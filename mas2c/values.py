@@ -45,6 +45,7 @@ __all__ = [
     "apply_filters",
     "argument_problems",
     "as_text",
+    "final_answer",
     "input_problems",
     "json_equal",
     "json_type",
@@ -176,6 +177,44 @@ def as_text(value: Any) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     return json.dumps(value, ensure_ascii=False, indent=2, default=str)
+
+
+# The answer marker: the word `answer` (any case) and a colon, Markdown emphasis allowed
+# around the word and the colon; at a line's start (after `#`, `>`, `-` marks) or inside a
+# line after a space or a bracket (not after a quote: `print("ANSWER:", x)` is code).
+_ANSWER_MARK = re.compile(r"(?<![^\s*_#>(\[-])answer(?:[*_]{1,2})?[ \t]*:(?:[*_]{1,2})?", re.I)
+_WRAPPERS = ("**", "__", "*", "_", "`")
+
+
+def final_answer(text: str) -> str | None:
+    """The final answer a text states, or None when it states none.
+
+    The answer follows the text's last answer marker, ``answer:`` in any case, also in
+    Markdown emphasis (``**ANSWER:** 42``, ``**Answer**: 42``, ``__answer__: 42``),
+    at the start of a line or inside one (``... so the ANSWER: 42``): it is the rest of
+    that line, or the next non-blank line when the rest is blank (``**Answer:**`` alone
+    on its line), stripped of surrounding whitespace, Markdown emphasis and backticks
+    (``**42**``, `` `42` ``) and one final period. A marker with nothing after it gives
+    ``""``. Votes compare this (else the whole text); batch scorers read it too."""
+    marks = list(_ANSWER_MARK.finditer(text))
+    if not marks:
+        return None
+    rest = text[marks[-1].end() :].split("\n")
+    answer = rest[0].strip() or next((line.strip() for line in rest[1:] if line.strip()), "")
+    unwrapped = True
+    while unwrapped:
+        unwrapped = False
+        for wrapper in _WRAPPERS:
+            if (
+                len(answer) > 2 * len(wrapper)
+                and answer.startswith(wrapper)
+                and answer.endswith(wrapper)
+            ):
+                answer, unwrapped = answer[len(wrapper) : -len(wrapper)].strip(), True
+                break
+    if answer.endswith(".") and len(answer) > 1 and not answer.endswith(".."):
+        answer = answer[:-1].rstrip()
+    return answer
 
 
 def apply_filters(value: Any, filters: Sequence[tuple[str, str | None]]) -> Any:

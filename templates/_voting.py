@@ -7,15 +7,13 @@ spec has a step that votes (the step kinds' ``RUNTIME_MODULES``). Standard libra
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._runtime import EmptyVote
+from ._values import final_answer
 
 __all__ = ["first_answer", "majority", "tally", "vote_key"]
-
-_ANSWER_LINE = re.compile(r"^\s*ANSWER\s*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 
 def _normal(text: str) -> str:
@@ -28,8 +26,9 @@ def vote_key(answer: Any, key: str | None = "answer") -> str | None:
     - a structured answer: its ``key`` field (``answer`` unless the step says
       ``vote_on``); an answer without that field does not vote;
     - text (an agent's text answer, or the field's value, such as a flow's output
-      holding one): the last ``ANSWER:`` line if there is one, else the whole text;
-      compared with runs of whitespace collapsed and case folded;
+      holding one): the answer after its last ``answer:`` marker (``_values.final_answer``:
+      also ``**Answer:** 42``, ``... so the ANSWER: 42``) if there is one, else the whole
+      text; compared with runs of whitespace collapsed and case folded;
     - numbers by value (``4`` = ``4.0``, also inside lists and objects); anything else
       as canonical JSON.
     Only an empty answer does not vote (``None``): a JSON null, a missing field, or a
@@ -42,8 +41,8 @@ def vote_key(answer: Any, key: str | None = "answer") -> str | None:
     if answer is None:
         return None
     if isinstance(answer, str):
-        lines = _ANSWER_LINE.findall(answer)
-        return _normal(lines[-1] if lines else answer) or None
+        stated = final_answer(answer)
+        return _normal(answer if stated is None else stated) or None
     return json.dumps(_numbers_by_value(answer), sort_keys=True, ensure_ascii=False)
 
 

@@ -809,6 +809,76 @@ def test_a_vote_over_a_flow_compares_the_final_answer_of_its_text(
     assert voting.vote_key({"answer": {"x": [2.0]}}) == voting.vote_key({"answer": {"x": [2]}})
 
 
+TEXT_VOTE = """
+spec_version: "1"
+name: text-vote
+inputs: {q: {type: string}}
+outputs: {best: best}
+models: {m: {model: test-model}}
+agents: {solver: {role: Solver, model: m, instructions: "Think, then end with ANSWER: <value>"}}
+workflow:
+  - {id: vote, kind: ensemble, agent: solver, n: 5, prompt: "Solve {{ q }}", vote: majority, out: best}
+"""
+
+# How models state a final answer: each gives the answer after the last `answer:` marker.
+ANSWER_FORMS = [
+    "I worked it out.\nANSWER: {a}",
+    "Adding them up, so the ANSWER: {a}",
+    "**ANSWER:** {a}",
+    "Reasoning first.\n\n**Answer**: {a}",
+    "answer: **{a}**",
+    "## Final Answer:\n\n{a}\n",
+    "> Answer: `{a}`",
+    "The answer: not obvious.\n- ANSWER:{a}",
+    "Answer: {a}.",
+]
+
+
+def test_a_vote_over_text_answers_compares_the_stated_answer_in_any_common_form(
+    tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """Before: only an `ANSWER:` at a line's start was read; `... so the ANSWER: 9`,
+    `**ANSWER:** 9` or `**Answer**:` on its own line compared as whole texts, so two
+    copies of one wrong reply beat three right ones written differently."""
+    wrong = "I add them: ANSWER: 7"
+    replies = [wrong, "3*3, so the ANSWER: 9", wrong, "**ANSWER:** 9", "**Answer**:\n\n9."]
+    llm_server.responder = Script([(r"Solve", replies)])
+    code, out, _, stderr = build_and_run(tmp_path, TEXT_VOTE, {"q": "3*3"}, llm_server)
+    assert code == 0, stderr
+    assert values.final_answer(out["outputs"]["best"]) == "9", out["outputs"]
+    assert len(llm_server.requests) == 5
+
+
+@settings(max_examples=100 if os.environ.get("CI") != "true" else 30, deadline=None)
+@given(
+    st.text(st.characters(whitelist_categories=["L", "N", "Zs"], whitelist_characters="-+/=$,"))
+    .map(str.strip)
+    .filter(lambda a: a and "answer" not in a.casefold()),
+    st.sampled_from(ANSWER_FORMS),
+)
+def test_every_answer_form_gives_the_same_vote_and_score(answer: str, form: str) -> None:
+    """Votes (the package's `_voting`) and batch scorers (on the host) read the very same
+    final answer, in every form: one function, `values.final_answer`."""
+    from mas2c.batch import final_answer, score_text
+
+    text = form.format(a=answer)
+    assert values.final_answer(text) == answer == final_answer(text)
+    voting = load_runtime("_voting")
+    assert voting.vote_key(text) == voting.vote_key(f"ANSWER: {answer}")
+    assert score_text("exact", text, answer) == 1.0
+
+
+def test_what_is_not_an_answer_marker() -> None:
+    """No marker: None (the whole text is compared); code and longer words are not
+    markers; a marker with nothing after it is an empty answer, which does not vote."""
+    assert values.final_answer("42") is None
+    assert values.final_answer('print("ANSWER:", x)') is None
+    assert values.final_answer("the reanswer: 3") is None
+    assert values.final_answer("ANSWER:") == ""
+    assert values.final_answer("answer: first\nthen ANSWER: 3.14.") == "3.14"
+    assert values.final_answer("ANSWER: ...") == "..."
+    assert load_runtime("_voting").vote_key("ANSWER:  \n") is None
+
 CHECKPOINTED = """
 spec_version: "1"
 name: ckpt

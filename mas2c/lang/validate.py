@@ -992,7 +992,7 @@ class _Checker:
                     "MAS505",
                     f"{here}/vote_on",
                     "`vote_on` names a field, but the voting agents answer text",
-                    "text answers vote on their last `ANSWER:` line; remove `vote_on`",
+                    "text answers vote on the answer after their last `ANSWER:`; remove `vote_on`",
                 )
             return
         if len(structured) != len(schemas):
