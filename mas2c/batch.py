@@ -101,6 +101,7 @@ SCORERS = ("exact", "numeric", "f1", "math", "code")
 CODE_SCORER_MODULE = "mas2c_humaneval_scorer"
 USER_SCORER_MODULE = "mas2c_user_scorer"
 MAX_PREDICTION_CHARS = 2000  # kept in results.jsonl; the run folder has the whole output
+MAX_NOTE_CHARS = 2000  # a row's `note` (the scorer's words) and `error` in results.jsonl
 TIMING_FIELDS = ("seconds", "score_seconds", "total_seconds")
 
 
@@ -1312,7 +1313,7 @@ def run_row(plan: Plan, row: Row, folder: Path, ctx: Context) -> dict[str, Any]:
     result.update(score=round(score.score, 6), passed=score.passed)
     result["score_seconds"] = round(score.seconds, 3)
     if score.note:
-        result["note"] = score.note
+        result["note"] = score.note[:MAX_NOTE_CHARS]
     if score.error:
         result["scorer_error"] = score.error
     result["total_seconds"] = round(time.monotonic() - started, 3)

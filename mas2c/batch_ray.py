@@ -19,6 +19,16 @@ Contract:
   (``max_retries``, system failures only). A task that raises is not retried and not
   recorded (the next run of the same command redoes it), like the threads engine. Its
   containers on the dead node are left to ``python -m mas2c.sandbox prune`` there.
+* A node's answer is input, checked before anything is written (`check_answer`): an answer
+  that is not a result of this row (not a dict, no row, another row's key) is an
+  infrastructure failure, re-submitted up to ``max_retries`` times, then not recorded; a row
+  with a value of the wrong type or out of range (a NaN or negative cost, a score outside
+  [0, 1], a status that is no code, a prediction nested too deep) is recorded as an error
+  with code ``RayBadResult`` and only its sane numbers (its cost counts only when finite and
+  not negative); texts are clipped, the fields the driver knows (key, index, kept dataset
+  fields, expected answer) are the driver's own, unknown fields are dropped, and files
+  keep to safe relative names and to the same caps as on the node. The batch goes on.
+  Ray's transport itself (pickle) trusts the cluster's nodes.
 * Every node needs mas2c with the ``ray`` extra installed (the driver's version), Docker and
   the sandbox image (for ``--sandbox docker``), and must reach the LLM endpoint.
 """
@@ -29,7 +39,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -40,6 +52,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mas2c.batch import (
+    _MISSING,
+    MAX_NOTE_CHARS,
     BatchError,
     BatchOptions,
     Context,
@@ -47,6 +61,8 @@ from mas2c.batch import (
     Plan,
     ProgressBar,
     Row,
+    _clip,
+    lookup,
     run_row,
     sha256,
     shared_upstream,
@@ -55,10 +71,13 @@ from mas2c.batch import (
 )
 from mas2c.files import write_bytes_atomic, write_text_atomic
 
-__all__ = ["check_cluster", "node_task", "run_on_ray"]
+__all__ = ["Answer", "check_answer", "check_cluster", "node_task", "run_on_ray", "store_answer"]
 
 MAX_FILE_BYTES = 4_000_000  # a run folder file larger than this comes back truncated
 MAX_FOLDER_BYTES = 32_000_000
+MAX_FILES = 5_000  # files of one row's run folder the driver writes
+MAX_WARNINGS = 20  # warnings of one answer passed on
+BAD_RESULT = "RayBadResult"  # error code of a row whose values a node got wrong
 
 
 def node_dir() -> Path:
@@ -189,15 +208,34 @@ def _safe_name(name: Any) -> str | None:
 def _write_files(folder: Path, files: Any) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    for item in files if isinstance(files, list) else []:
+    for name, data in files:
+        target = folder / name
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(target, data)
+        except OSError:  # a name that clashes with a folder, or too long for the disk
+            continue
+
+
+def _checked_files(files: Any) -> list[tuple[str, bytes]]:
+    """The usable files of an answer: safe relative names, bytes, each and all capped."""
+    kept: list[tuple[str, bytes]] = []
+    total = 0
+    for item in files if isinstance(files, list | tuple) else []:
+        if len(kept) >= MAX_FILES:
+            break
         if not (isinstance(item, tuple | list) and len(item) == 2):
             continue
         name, data = _safe_name(item[0]), item[1]
-        if name is None or not isinstance(data, bytes):
+        if name is None or len(name) > 1024 or not isinstance(data, bytes):
             continue
-        target = folder / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(target, data)
+        if len(data) > MAX_FILE_BYTES:
+            data = data[:MAX_FILE_BYTES] + b"\n[truncated by mas2c batch]\n"
+        if total + len(data) > MAX_FOLDER_BYTES:
+            break
+        total += len(data)
+        kept.append((name, data))
+    return kept
 
 
 def check_cluster(address: str | None, timeout_s: float = 3.0) -> None:
@@ -277,6 +315,7 @@ def run_on_ray(
     errors: list[str] = []
     queue = deque(todo)
     pending: dict[Any, Job] = {}
+    resubmitted: dict[str, int] = {}
     interrupted = False
     try:
         plan_ref = ray.put(plan)
@@ -308,7 +347,18 @@ def run_on_ray(
                     errors.append(f"{job.key}: {type(exc).__name__}: {reason}")
                     bar.say(f"{job.key}: not recorded ({type(exc).__name__}: {reason})")
                     continue
-                _receive(job, out, run_dir, record, warn)
+                answer = check_answer(job, out, known_fields(plan, job.row))
+                if answer.row is not None:
+                    store_answer(job, answer, run_dir, record, warn)
+                    continue
+                # not a result of this row (a broken node, another mas2c): run it again
+                resubmitted[job.key] = resubmitted.get(job.key, 0) + 1
+                if resubmitted[job.key] <= options.ray_max_retries:
+                    bar.say(f"{job.key}: {answer.problem}; running it again")
+                    queue.appendleft(job)
+                else:
+                    errors.append(f"{job.key}: {answer.problem}")
+                    bar.say(f"{job.key}: not recorded ({answer.problem})")
     except KeyboardInterrupt:
         for ref in pending:
             with contextlib.suppress(Exception):
@@ -323,29 +373,159 @@ def run_on_ray(
     return errors
 
 
-def _receive(
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """A node's answer for one row, checked (`check_answer`)."""
+
+    row: dict[str, Any] | None  # None: not a result of this row (an infrastructure failure)
+    problem: str  # why `row` is None, or what was wrong in it ("" when nothing was)
+    files: list[tuple[str, bytes]]
+    engine: dict[str, Any]
+    warnings: list[str]
+
+
+_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,60}")
+_COUNTS = ("llm_calls", "prompt_tokens", "completion_tokens", "tokens")
+_AMOUNTS = ("cost_usd", "seconds", "score_seconds", "total_seconds")
+_TEXTS = {"error": MAX_NOTE_CHARS, "note": MAX_NOTE_CHARS, "spec_source": 500}
+_MAX_COUNT = 10**15
+_MAX_DEPTH = 64
+
+
+def _depth_ok(value: Any, depth: int = 0) -> bool:
+    if depth > _MAX_DEPTH:
+        return False
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _depth_ok(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_depth_ok(v, depth + 1) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, str | int | bool)
+
+
+def _number(value: Any, *, whole: bool, top: float) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if whole and not isinstance(value, int):
+        return None
+    if not math.isfinite(value) or value < 0 or value > top:
+        return None
+    return value
+
+
+def _shown(value: Any) -> str:
+    return (
+        repr(value)[:60]
+        if isinstance(value, str | int | float | bool | type(None))
+        else type(value).__name__
+    )
+
+
+def check_answer(job: Job, out: Any, known: dict[str, Any]) -> Answer:
+    """Check a node's answer for `job` (hostile input: any type, any size, any value).
+
+    `known` holds the fields the driver itself knows of the row (key, index, kept
+    dataset fields, expected answer): they replace the node's."""
+    if not isinstance(out, dict) or not isinstance(out.get("row"), dict):
+        return Answer(None, "the node returned no result row", [], {}, [])
+    given = out["row"]
+    if given.get("key") != job.key:
+        return Answer(None, f"the node returned the row of {_shown(given.get('key'))}", [], {}, [])
+    problems: list[str] = []
+    row: dict[str, Any] = dict(known)
+    status = given.get("status")
+    if isinstance(status, str) and _CODE.fullmatch(status):
+        row["status"] = status
+    else:
+        problems.append(f"status {_shown(status)}")
+    code = given.get("error_code")
+    if code is not None:
+        if isinstance(code, str) and _CODE.fullmatch(code):
+            row["error_code"] = code
+        else:
+            problems.append(f"error_code {_shown(code)}")
+    for name, limit in _TEXTS.items():
+        text = given.get(name)
+        if text is None:
+            continue
+        if isinstance(text, str):
+            row[name] = text[:limit]
+        else:
+            problems.append(f"{name} {_shown(text)}")
+    scorer_error = given.get("scorer_error")
+    if scorer_error is not None:
+        if isinstance(scorer_error, str) and _CODE.fullmatch(scorer_error):
+            row["scorer_error"] = scorer_error
+        else:
+            problems.append(f"scorer_error {_shown(scorer_error)}")
+    for name in _COUNTS + _AMOUNTS:
+        if name not in given:
+            continue
+        number = _number(given[name], whole=name in _COUNTS, top=_MAX_COUNT)
+        if number is None:
+            problems.append(f"{name} {_shown(given[name])}")
+            row[name] = 0 if name in _COUNTS else 0.0
+        else:
+            row[name] = number if name in _COUNTS else float(number)
+    score = _number(given.get("score"), whole=False, top=1.0)
+    passed = given.get("passed")
+    if score is None or not isinstance(passed, bool):
+        problems.append(f"score {_shown(given.get('score'))}, passed {_shown(passed)}")
+        score, passed = 0.0, False
+    row.update(score=float(score), passed=passed)
+    if "prediction" in given:
+        if _depth_ok(given["prediction"]):
+            row["prediction"] = _clip(given["prediction"])
+        else:
+            problems.append("a prediction that is not JSON (too deep, NaN or another type)")
+    if problems:
+        said = f"{row.get('error_code', '')}: " if "error_code" in row else ""
+        row.update(
+            status="error",
+            error_code=BAD_RESULT,
+            error=f"{said}the node's result row has bad values: " + "; ".join(problems)[:500],
+            passed=False,
+            score=0.0,
+        )
+    pid = out.get("pid")
+    engine = {
+        "engine": "ray",
+        "node": out["node"][:80] if isinstance(out.get("node"), str) else "",
+        "host": out["host"][:200] if isinstance(out.get("host"), str) else "",
+        "pid": pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+    }
+    warnings = out.get("warnings")
+    said_warnings = [
+        w[:500] for w in (warnings if isinstance(warnings, list) else []) if isinstance(w, str)
+    ][:MAX_WARNINGS]
+    return Answer(row, "; ".join(problems), _checked_files(out.get("files")), engine, said_warnings)
+
+
+def known_fields(plan: Plan, row: Row) -> dict[str, Any]:
+    """The fields of a result row the driver knows without the node (see `run_row`)."""
+    known: dict[str, Any] = {"key": row.key, "index": row.index}
+    for name in plan.keep:
+        known[name] = row.data.get(name)
+    if plan.scorer != "code":
+        expected = lookup(row.data, plan.answer_field)
+        known["expected"] = None if expected is _MISSING else _clip(expected)
+    return known
+
+
+def store_answer(
     job: Job,
-    out: Any,
+    answer: Answer,
     run_dir: Path,
     record: Callable[[Job, dict[str, Any]], None],
     warn: Callable[[str], None],
 ) -> None:
-    """A node's answer: its files into rows/<id>/, then the row into results.jsonl."""
-    if not isinstance(out, dict) or not isinstance(out.get("row"), dict):
-        raise BatchError(f"{job.key}: the node returned no result row")
-    row = out["row"]
-    if row.get("key") != job.key:
-        raise BatchError(f"{job.key}: the node returned the row of {row.get('key')!r}")
+    """A checked answer: its files into rows/<id>/, then the row into results.jsonl."""
+    assert answer.row is not None
     folder = run_dir / "rows" / job.row.slug
-    _write_files(folder, out.get("files"))
-    engine = {
-        "engine": "ray",
-        "node": str(out.get("node", ""))[:80],
-        "host": str(out.get("host", ""))[:200],
-        "pid": out.get("pid") if isinstance(out.get("pid"), int) else None,
-        "received_at": round(time.time(), 3),
-    }
+    _write_files(folder, answer.files)
+    engine = {**answer.engine, "received_at": round(time.time(), 3)}
     write_text_atomic(folder / "engine.json", json.dumps(engine, indent=2) + "\n")
-    for message in out.get("warnings") or []:
-        warn(str(message)[:500])
-    record(job, row)
+    for message in answer.warnings:
+        warn(message)
+    record(job, answer.row)

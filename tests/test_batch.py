@@ -589,16 +589,14 @@ def test_cli_batch_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_files_from_a_node_cannot_leave_the_row_folder(tmp_path: Path) -> None:
     """What a Ray node returns is written by the driver, inside rows/<id>/ only."""
-    from mas2c.batch_ray import _safe_name, _write_files
+    from mas2c.batch_ray import _checked_files, _safe_name, _write_files
 
     for bad in ("../x", "/etc/passwd", "a/../../x", "", ".", "a\\b", "a\0b", 7, None):
         assert _safe_name(bad) is None, bad
     assert _safe_name("mas/result.json") == "mas/result.json"
     folder = tmp_path / "rows" / "r"
-    _write_files(
-        folder,
-        [("mas/result.json", b"{}"), ("../../escape.txt", b"x"), ("/tmp/abs", b"x"), ("ok", "str")],
-    )
+    files = [("mas/result.json", b"{}"), ("../../escape.txt", b"x"), ("/tmp/abs", b"x"), ("ok", "s")]
+    _write_files(folder, _checked_files(files))
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["rows/r/mas/result.json"]
 
