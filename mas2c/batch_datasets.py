@@ -266,8 +266,19 @@ def convert(kind: str, path: Path, limit: int | None = None) -> list[dict[str, A
 
 def convert_file(kind: str, path: Path, out: Path, limit: int | None = None) -> int:
     rows = convert(kind, path, limit)
-    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    write_text_atomic(out, text, parents=False, user_file=True)  # -o FILE makes no folder
     return len(rows)
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -278,10 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("format", choices=sorted(CONVERTERS))
     parser.add_argument("input")
     parser.add_argument("-o", "--output", required=True)
-    parser.add_argument("--limit", type=int)
+    parser.add_argument("--limit", type=_at_least_one, help="the first N records (N >= 1)")
     args = parser.parse_args(argv)
+    output = Path(args.output)
+    if output.is_dir() or not output.parent.is_dir():
+        why = "is a folder" if output.is_dir() else f"the folder {output.parent} does not exist"
+        sys.stderr.write(f"mas2c.batch_datasets: cannot write {output}: {why}\n")
+        return 2
     try:
-        n = convert_file(args.format, Path(args.input), Path(args.output), args.limit)
+        n = convert_file(args.format, Path(args.input), output, args.limit)
     except BatchError as exc:
         sys.stderr.write(f"mas2c.batch_datasets: {exc}\n")
         return 1

@@ -43,6 +43,7 @@ from mas2c.errors import (
     UsageError,
     os_error_message,
     terminal_safe,
+    write_error,
 )
 
 EXIT_INVALID = EXIT_FAILURE  # the older name, kept for scripts that import it
@@ -185,15 +186,21 @@ def _input_file(path: str, what: str = "input file", name: str = "stdin.json") -
 def _check_output_file(path: str | None) -> None:
     """Refuse, before any work (an LLM conversation costs money), an `-o FILE` that cannot
     be written: a folder, or a file in a folder that does not exist (`-`/None: stdout)."""
-    if path in (None, STDIO):
-        return
-    target = Path(path)
+    if path not in (None, STDIO):
+        problem = _output_problem(path)
+        if problem:
+            raise UsageError(f"cannot write {path}: {problem}")
+
+
+def _output_problem(path: str) -> str | None:
+    """Why `-o path` cannot be written as a file, or None. A symlink is judged by its
+    target (the file a write goes to)."""
+    target = Path(os.path.realpath(path))
     if target.is_dir():
-        raise UsageError(f"cannot write {path}: is a folder")
+        return "is a folder"
     if not target.parent.is_dir():
-        raise UsageError(
-            f"cannot write {path}: the folder {target.parent} does not exist (mas2c creates no folders for -o FILE)"
-        )
+        return f"the folder {target.parent} does not exist (mas2c creates no folders for -o FILE)"
+    return None
 
 
 def _one_stdin(*values: str | None) -> None:
@@ -212,18 +219,12 @@ def _write_user_file(path: str, text: str) -> str | None:
         return None
     from mas2c.files import write_text_atomic
 
-    target = Path(path)
-    if target.is_dir():
-        raise UsageError(f"cannot write {path}: is a folder")
+    _check_output_file(path)
     try:
-        write_text_atomic(target, text, parents=False)
-    except FileNotFoundError:
-        raise UsageError(
-            f"cannot write {path}: the folder {target.parent} does not exist (mas2c creates no folders for -o FILE)"
-        ) from None
+        write_text_atomic(Path(path), text, parents=False, user_file=True)
     except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return str(target)
+        raise write_error(path, exc) from None
+    return path
 
 
 def _load(path_text: str) -> Any:
@@ -325,7 +326,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     try:
         state = write_build(out, build.files, force=args.force)
     except OSError as exc:
-        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
+        raise write_error(out, exc) from None
     doc = {
         "output": str(out),
         "package": build.package,

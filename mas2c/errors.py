@@ -30,6 +30,7 @@ import it at no cost.
 
 from __future__ import annotations
 
+import errno
 import re
 from typing import Any, ClassVar, Literal
 
@@ -118,6 +119,21 @@ class FileFailure(RunFailure):
     @classmethod
     def from_os_error(cls, exc: OSError) -> FileFailure:
         return cls(os_error_message(exc))
+
+
+# The machine, not the path the user chose, is at fault: the same command may work later.
+_MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
+
+
+def write_error(path: object, exc: OSError) -> Mas2cError:
+    """The error for an output the user named that could not be written: a full disk
+    (or quota, an I/O error, a file too large) is a `FileFailure` (``file_io``, exit 1);
+    anything else about the place (read-only, no permission, not a folder) is a
+    `UsageError` (exit 2): choose another output. Both say ``cannot write PATH: why``."""
+    message = f"cannot write {path}: {exc.strerror or exc}"
+    if exc.errno in _MACHINE_ERRNOS:
+        return FileFailure(message)
+    return UsageError(message)
 
 
 class Interrupted(RunFailure):

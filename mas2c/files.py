@@ -5,7 +5,8 @@ Contract:
 - `write_bytes_atomic` / `write_text_atomic`: a temporary file in the target's folder,
   renamed into place; the file gets the mode an ordinary write would (0666 & ~umask).
   With ``parents=False`` a missing folder is an error: a path the user typed never
-  makes mas2c create directories.
+  makes mas2c create directories. With ``user_file=True`` (a path the user named) a
+  symlink is written through and an existing file keeps its mode and owner.
 - `write_tree_atomic`: a whole folder swapped in by rename (readers see the old tree
   or the new one); folders get 0777 & ~umask, never mkdtemp's 0700.
 - `check_output_folder`: the one rule for writing a build into a folder the user
@@ -25,6 +26,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,25 +47,41 @@ class OutputRefused(UsageError):
     code = "output_refused"
 
 
-def write_bytes_atomic(path: Path, data: bytes, *, parents: bool = True) -> None:
+def write_bytes_atomic(
+    path: Path, data: bytes, *, parents: bool = True, user_file: bool = False
+) -> None:
     """Write via a temporary file in the same folder and rename it into place.
 
     `parents=False`: the folder must exist (FileNotFoundError otherwise, nothing created).
     An existing device, FIFO or socket (`-o /dev/null`) is written in place: a rename
     would replace the device node with a regular file.
+    `user_file=True`, for a path the user named (`-o FILE`): as an ordinary write would,
+    a symlink is written through (its target gets the text, the link stays) and an
+    existing file keeps its permission bits (and its owner, where mas2c may set it);
+    never for paths inside a folder a sandbox or a program could have filled.
     """
+    if user_file:
+        path = Path(os.path.realpath(path))
     if _is_special(path):
         with open(path, "wb") as handle:
             handle.write(data)
         return
     if parents:
         path.parent.mkdir(parents=True, exist_ok=True)
+    mode, owner = 0o666 & ~_UMASK, None  # the mode an ordinary write of a new file gets
+    if user_file:
+        with contextlib.suppress(OSError):
+            existing = os.stat(path)
+            if stat.S_ISREG(existing.st_mode):
+                mode, owner = stat.S_IMODE(existing.st_mode) & 0o777, existing
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        # mkstemp makes 0600 files; give the file the mode an ordinary write would.
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, mode)  # mkstemp makes 0600 files
+        if owner is not None and (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+            with contextlib.suppress(OSError):  # only root (or a group member) may
+                os.chown(tmp, owner.st_uid, owner.st_gid)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -88,8 +106,10 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def write_text_atomic(path: Path, text: str, *, parents: bool = True) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"), parents=parents)
+def write_text_atomic(
+    path: Path, text: str, *, parents: bool = True, user_file: bool = False
+) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"), parents=parents, user_file=user_file)
 
 
 def write_tree_atomic(
@@ -134,10 +154,31 @@ def _write_new(path: Path, data: bytes) -> None:
 
 
 def write_files_into(target: Path, files: Mapping[str, bytes]) -> None:
-    """Add or overwrite `files` inside `target`, each atomically; nothing else is touched."""
+    """Add or overwrite `files` inside `target`, each atomically; nothing else is touched.
+
+    All or nothing for what it adds: when a write fails (a full disk, Ctrl-C), the files
+    and folders it created are removed again, so an empty folder stays empty (a file it
+    overwrote, in a forced foreign folder, keeps the new bytes: each write is atomic)."""
     target.mkdir(parents=True, exist_ok=True)
-    for relative, data in files.items():
-        write_bytes_atomic(target / relative, data)
+    created: list[Path] = []  # files and folders that did not exist, in creation order
+    try:
+        for relative, data in files.items():
+            destination = target / relative
+            missing = [p for p in destination.parents if p != target and target in p.parents]
+            created += [p for p in reversed(missing) if not p.exists()]
+            if not destination.exists() and not destination.is_symlink():
+                created.append(destination)
+            for folder in reversed(missing):
+                folder.mkdir(exist_ok=True)
+            write_bytes_atomic(destination, data, parents=False)
+    except BaseException:
+        for path in reversed(created):
+            with contextlib.suppress(OSError):  # a folder someone else filled stays
+                if path.is_dir() and not path.is_symlink():
+                    path.rmdir()
+                else:
+                    path.unlink()
+        raise
 
 
 # Made by running or installing a build, not by the user: an earlier build may carry them.

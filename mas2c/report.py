@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mas2c.errors import UsageError
+from mas2c.errors import UsageError, write_error
 from mas2c.files import write_text_atomic
 from mas2c.tracing import (
     RunTrace,
@@ -156,9 +156,9 @@ def write_report(folder: Path, output: Path | None = None) -> Path:
     page = render_report(folder)
     out = output or folder / REPORT_FILE
     try:
-        write_text_atomic(out, page)
+        write_text_atomic(out, page, user_file=output is not None)
     except OSError as exc:
-        raise ReportError(f"cannot write {out}: {exc.strerror or exc}") from None
+        raise write_error(out, exc) from None
     return out
 
 

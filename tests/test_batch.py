@@ -223,6 +223,26 @@ def test_converter_errors_are_located(tmp_path: Path) -> None:
     assert not out.exists()  # nothing half-written
 
 
+def test_converter_output_makes_no_folder_and_limit_counts_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`-o` into a missing folder created it; `--limit 0` (or -1) converted one row."""
+    from mas2c.batch_datasets import main
+
+    source = str(DATA / "gsm8k.jsonl")
+    assert main(["gsm8k", source, "-o", str(tmp_path / "missing" / "out.jsonl")]) == 2
+    assert "missing does not exist" in capsys.readouterr().err
+    assert main(["gsm8k", source, "-o", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["gsm8k", source, "-o", str(tmp_path / "out.jsonl"), "--limit", bad])
+        assert exit_.value.code == 2 and "--limit" in capsys.readouterr().err
+    assert main(["gsm8k", source, "-o", str(tmp_path / "out.jsonl"), "--limit", "2"]) == 0
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+
+
 def test_load_rows_checks_lines_and_ids(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"id": "a", "q": 1}\n\n{"id": "b", "q": 2}\n')

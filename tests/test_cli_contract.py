@@ -305,6 +305,98 @@ def test_output_files_never_create_folders(
     assert llm_server.requests == []
 
 
+def test_an_output_symlink_is_written_through_and_an_existing_files_mode_kept(
+    tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """`-o FILE` writes as an ordinary write would: a symlink's target gets the text (the
+    link was replaced by a regular file, the target left stale), an existing file keeps
+    its mode (a 0640 file became 0644: readable by all); a dangling link into a missing
+    folder is refused, naming that folder, before any LLM request."""
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    real.chmod(0o600)
+    (tmp_path / "link.json").symlink_to("real.json")
+    private = tmp_path / "private.json"
+    private.write_text("old")
+    private.chmod(0o640)
+    for name in ("link.json", "private.json"):
+        proc = mas2c("schema", "-o", name, "--json", cwd=tmp_path, inprocess=True)
+        assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "link.json").is_symlink()
+    assert json.loads(real.read_text())["title"] and stat.S_IMODE(real.stat().st_mode) == 0o600
+    assert json.loads(private.read_text())["title"]
+    assert stat.S_IMODE(private.stat().st_mode) == 0o640
+    (tmp_path / "dangling.yaml").symlink_to("missing/x.yaml")
+    proc = mas2c("generate", "a task", "--llm", llm_server.base_url, "-o", "dangling.yaml",
+                 "--json", cwd=tmp_path, inprocess=True)  # fmt: skip
+    assert proc.returncode == 2 and document(proc)["error"]["code"] == "usage"
+    assert f"{tmp_path / 'missing'} does not exist" in proc.stderr, proc.stderr
+    assert llm_server.requests == [] and not (tmp_path / "missing").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dangling.yaml", "link.json", "private.json", "real.json"
+    ]  # fmt: skip
+
+
+def _with_file_size_limit(
+    limit: int, *argv: str | Path, cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """The CLI with RLIMIT_FSIZE: a write past `limit` bytes fails with EFBIG, as on a
+    full disk (Python ignores SIGXFSZ), without root or a small mount."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "mas2c.cli", *map(str, argv), "--json"], cwd=cwd, env=cli_env(),
+        capture_output=True, text=True, timeout=120, preexec_fn=limited,
+    )  # fmt: skip
+
+
+def test_a_full_disk_leaves_nothing_half_written_and_is_a_file_io_failure(
+    tmp_path: Path,
+) -> None:
+    """A write that fails for want of space: exit 1, `file_io` (not a usage error: the
+    output was right), and nothing half-written: an empty output folder stays empty (it
+    kept the files written before the failure), an earlier build and an existing file
+    stay as they were, a new folder is not made, no temporary file is left."""
+    (tmp_path / "empty").mkdir()
+    earlier = _built(tmp_path, name="earlier")
+    before = tree(earlier)
+    existing = tmp_path / "schema.json"
+    existing.write_text("mine\n")
+    cases = [
+        ["compile", COT, "-o", "empty"],
+        ["compile", COT, "-o", "new"],
+        ["compile", COT, "-o", "earlier"],
+        ["schema", "-o", "schema.json"],
+    ]
+    for argv in cases:
+        proc = _with_file_size_limit(16 << 10, *argv, cwd=tmp_path)
+        assert proc.returncode == 1, (argv, proc.stdout, proc.stderr)
+        error = document(proc)["error"]
+        assert error["code"] == "file_io" and "cannot write" in error["message"], error
+        assert "Traceback" not in proc.stderr
+    assert list((tmp_path / "empty").iterdir()) == []
+    assert tree(earlier) == before and existing.read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "empty", "schema.json"]
+
+
+def test_writing_to_a_read_only_or_full_place_is_coded_by_whose_move_it_is() -> None:
+    """The place the user named is wrong (read-only, no permission): usage, exit 2; the
+    machine is short (no space, quota, I/O error): file_io, exit 1."""
+    import errno
+
+    for code, expected in [
+        (errno.EROFS, ("usage", 2)), (errno.EACCES, ("usage", 2)),
+        (errno.ENOSPC, ("file_io", 1)), (errno.EDQUOT, ("file_io", 1)),
+        (errno.EIO, ("file_io", 1)),
+    ]:  # fmt: skip
+        error = errors.write_error("out.json", OSError(code, os.strerror(code)))
+        assert (error.code, error.exit_code) == expected, code
+        assert str(error) == f"cannot write out.json: {os.strerror(code)}"
+
+
 # -- 4. --json: one document per verb, success and failure ---------------------------------------
 
 Case = Callable[[Path, LLMTestServer], list[str]]

@@ -1716,7 +1716,9 @@ def rectify(
         if owned and hasattr(upstream, "close"):
             upstream.close()
     if target is not None and outcome.status == "fixed" and outcome.final_spec is not None:
-        write_text_atomic(target, outcome.final_text or spec_yaml(outcome.final_spec))
+        write_text_atomic(
+            target, outcome.final_text or spec_yaml(outcome.final_spec), user_file=True
+        )
         outcome.written = target
         say(f"wrote the rectified spec to {target}")
     _write_summary(outcome, out_dir)
