@@ -114,6 +114,8 @@ def header_label(value: str, limit: int) -> str:
     run folder's contract refuses: one would make the host's own usage.json unreadable)."""
     text = unquote(value)[:limit]
     return "" if _CONTROL_CHARS.search(text) else text
+
+
 # AF_UNIX paths are limited to sizeof(sun_path) - 1 bytes on Linux.
 MAX_SOCKET_PATH_BYTES = 107
 # The completion cap the gateway sets when a token or cost budget is set and neither
