@@ -913,6 +913,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from mas2c.solve import print_progress, solve
 
     task = _task(args.task)
+    from mas2c.tracing import trace_content_default, withhold_argument
+
+    if not trace_content_default():  # the task is a prompt: run.json and spans name its size
+        withhold_argument(args.task, f"<task: {len(args.task)} characters>")
     solve_dir = Path(args.run_dir or _default_run_dir())
     with _solve_inputs(args) as (input_path, pool_path):
         outcome = solve(
