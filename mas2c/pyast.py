@@ -3,7 +3,10 @@
 Contract: every host-side parse of Python source in mas2c (the validator's tool code and
 expressions, the compiler's source map, tool signatures, package docs, a batch's user scorer)
 goes through :func:`parse` or :func:`parse_expression`, which behave as `ast.parse` and hold
-one process-wide lock while it runs.
+one process-wide lock while it runs. Source nested deeper than the parser's recursion limit
+(a long chain such as ``1 + 1 + ... + 1``, from a spec an LLM may have written) is a
+`SyntaxError` ("too deeply nested"), as any other source that does not parse, never a
+`RecursionError` that the callers do not expect.
 
 Why: CPython 3.11 keeps the depth counter of its AST-to-object conversion in
 interpreter-wide state, not per thread. Two threads parsing at once can corrupt it, and one
@@ -26,10 +29,23 @@ _LOCK = threading.RLock()  # re-entrant: a finaliser run mid-parse may parse too
 def parse(source: str, filename: str = "<unknown>") -> ast.Module:
     """`ast.parse(source, filename)` (a module), under the lock."""
     with _LOCK:
-        return ast.parse(source, filename=filename)
+        try:
+            return ast.parse(source, filename=filename)
+        except (RecursionError, MemoryError):
+            raise _too_deep(filename) from None
 
 
 def parse_expression(source: str) -> ast.Expression:
     """`ast.parse(source, mode="eval")`, under the lock."""
     with _LOCK:
-        return ast.parse(source, mode="eval")
+        try:
+            return ast.parse(source, mode="eval")
+        except (RecursionError, MemoryError):
+            raise _too_deep("<expression>") from None
+
+
+def _too_deep(filename: str) -> SyntaxError:
+    return SyntaxError(
+        "too deeply nested to parse (a very long chain of operators or brackets?)",
+        (filename, 1, 1, None),
+    )
