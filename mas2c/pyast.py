@@ -7,6 +7,10 @@ one process-wide lock while it runs. On CPython before 3.13, importing this modu
 the `ast.parse` of every other caller in the process take the same lock (:func:`guard_ast`):
 the libraries mas2c drives parse too (Jinja2's lexer through `ast.literal_eval` for each
 number in a template, black's equivalence check, the 3.11 `traceback` module's carets).
+Source nested deeper than the parser's recursion limit (a long chain such as
+``1 + 1 + ... + 1``, from a spec an LLM may have written) is a `SyntaxError` ("too deeply
+nested"), as any other source that does not parse, never a `RecursionError` that the callers
+do not expect.
 
 Why: CPython 3.11 keeps the depth counter of its AST-to-object conversion in
 interpreter-wide state, not per thread. Two threads parsing at once can corrupt it, and one
@@ -34,13 +38,26 @@ _PARSE = ast.parse  # the interpreter's own, whatever guard_ast does
 def parse(source: str, filename: str = "<unknown>") -> ast.Module:
     """`ast.parse(source, filename)` (a module), under the lock."""
     with _LOCK:
-        return _PARSE(source, filename=filename)
+        try:
+            return _PARSE(source, filename=filename)
+        except (RecursionError, MemoryError):
+            raise _too_deep(filename) from None
 
 
 def parse_expression(source: str) -> ast.Expression:
     """`ast.parse(source, mode="eval")`, under the lock."""
     with _LOCK:
-        return _PARSE(source, mode="eval")
+        try:
+            return _PARSE(source, mode="eval")
+        except (RecursionError, MemoryError):
+            raise _too_deep("<expression>") from None
+
+
+def _too_deep(filename: str) -> SyntaxError:
+    return SyntaxError(
+        "too deeply nested to parse (a very long chain of operators or brackets?)",
+        (filename, 1, 1, None),
+    )
 
 
 @functools.wraps(_PARSE)
