@@ -249,7 +249,8 @@ def write_build(folder: Path, files: Mapping[str, bytes], *, force: bool = False
 RUN_FILES = frozenset(
     {
         "run.json", "spec.json", "input.json", "usage.json", "result.json", "out.json",
-        "trace.jsonl", "stdout.txt", "stderr.txt", "sandbox.json", "report.html",
+        "trace.jsonl", "checkpoints.jsonl", "stdout.txt", "stderr.txt", "sandbox.json",
+        "report.html",
     }
 )  # fmt: skip
 

@@ -102,6 +102,20 @@ def trace_context(value: str) -> dict[str, str]:
 
 
 UNKNOWN_AGENT = "unknown"
+#: Distinct agent names the usage counts keep; calls under further names count as
+#: UNKNOWN_AGENT (the name is the program's header: it must not grow usage.json unbounded).
+MAX_AGENT_NAMES = 1000
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def header_label(value: str, limit: int) -> str:
+    """A program-sent id (the agent or step header) as the host keeps it: percent-decoded,
+    cut at ``limit`` characters, and empty when it holds a control character (which the
+    run folder's contract refuses: one would make the host's own usage.json unreadable)."""
+    text = unquote(value)[:limit]
+    return "" if _CONTROL_CHARS.search(text) else text
+
+
 # AF_UNIX paths are limited to sizeof(sun_path) - 1 bytes on Linux.
 MAX_SOCKET_PATH_BYTES = 107
 # The completion cap the gateway sets when a token or cost budget is set and neither
@@ -1501,8 +1515,9 @@ class _AsyncHttp:
             return 200, {"status": "ok"}, None
         if request.method == "POST" and route == "/chat/completions":
             # The runtime percent-encodes ids (header values must be Latin-1).
-            agent = unquote(request.headers.get(AGENT_HEADER.lower(), ""))[:200] or UNKNOWN_AGENT
-            step = unquote(request.headers.get(STEP_HEADER.lower(), ""))[:500]
+            agent = header_label(request.headers.get(AGENT_HEADER.lower(), ""), 200)
+            step = header_label(request.headers.get(STEP_HEADER.lower(), ""), 500)
+            agent = agent or UNKNOWN_AGENT
             context = trace_context(request.headers.get(TRACEPARENT_HEADER, ""))
             status, obj, source = await self._in_worker(
                 gw._exchange, request.body, agent, step, context
@@ -1993,6 +2008,8 @@ class Gateway:
                 self._ledger.settle(res, p + c, cost_exact)
                 res = None
                 u = self._usage
+                if agent not in u.by_agent and len(u.by_agent) >= MAX_AGENT_NAMES:
+                    agent = UNKNOWN_AGENT
                 u.add(agent, model, p, c, cost_exact)
                 self._models_seen.add(model)
                 if source == "upstream":

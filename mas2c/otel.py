@@ -53,6 +53,9 @@ from mas2c.tracing import RunTrace, Span, read_run_trace, redact_argv, redact_ur
 
 MAX_ATTRIBUTE_CHARS = 32_000
 TRACES_PATH = "/v1/traces"
+#: Span attributes that are run content (traced only with ``--trace-content``).
+_CONTENT = frozenset({"messages", "completion", "arguments", "result", "writes", "message"})
+
 _OPENINFERENCE_KIND = {
     "host": "CHAIN",
     "run": "AGENT",
@@ -100,9 +103,10 @@ def _value(value: Any) -> str | bool | int | float | None:
     return text[:MAX_ATTRIBUTE_CHARS]
 
 
-def span_attributes(span: Span) -> dict[str, Any]:
-    """The OpenTelemetry attributes of one span (see the module docstring)."""
-    a = span.attrs
+def span_attributes(span: Span, *, content: bool = True) -> dict[str, Any]:
+    """The OpenTelemetry attributes of one span (see the module docstring); prompts,
+    completions and tool values only with `content` (the run traced them)."""
+    a = span.attrs if content else {k: v for k, v in span.attrs.items() if k not in _CONTENT}
     out: dict[str, Any] = {
         "mas2c.kind": span.kind,
         "mas2c.status": span.status,
@@ -205,7 +209,7 @@ def span_attributes(span: Span) -> dict[str, Any]:
             }
         )
     if span.status not in ("ok", "unknown") and a.get("error") is not None:
-        out["error.type"] = str(a.get("error")).split(":", 1)[0][:200]
+        out["error.type"] = _error_type(a.get("error"))
     cleaned: dict[str, Any] = {}
     for key, value in out.items():
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -277,8 +281,7 @@ def build_spans(trace: RunTrace, service: str = "mas2c") -> list[Any]:
         elif span.status in ("unknown", "running"):
             status = Status(StatusCode.UNSET)
         else:
-            error = span.attrs.get("error")
-            status = Status(StatusCode.ERROR, str(error)[:500] if error else span.status)
+            status = Status(StatusCode.ERROR, _status_text(span, trace.content))
         start = _ns(span.start)
         spans.append(
             ReadableSpan(
@@ -286,7 +289,7 @@ def build_spans(trace: RunTrace, service: str = "mas2c") -> list[Any]:
                 context=context,
                 parent=parent,
                 resource=resource,
-                attributes=span_attributes(span),
+                attributes=span_attributes(span, content=trace.content),
                 kind=SpanKind.CLIENT if span.kind == "llm" else SpanKind.INTERNAL,
                 status=status,
                 start_time=start,
@@ -295,6 +298,23 @@ def build_spans(trace: RunTrace, service: str = "mas2c") -> list[Any]:
             )
         )
     return spans
+
+
+def _error_type(error: Any) -> str:
+    """The exception type of a traced ``error`` (``Type: message`` or ``Type (code)``)."""
+    return re.split(r"[:\s(]", str(error), maxsplit=1)[0][:200]
+
+
+def _status_text(span: Span, content: bool) -> str:
+    """A failed span's status description: the traced error with content; without, its
+    type and code only (an error message may quote an answer or a value)."""
+    error = span.attrs.get("error")
+    if not error:
+        return span.status
+    if content:
+        return str(error)[:500]
+    code = span.attrs.get("code")
+    return _error_type(error) + (f" ({str(code)[:100]})" if isinstance(code, str) else "")
 
 
 def _ns(seconds: float) -> int:
@@ -429,11 +449,22 @@ class LiveExport:
     them); the exporter's log lines are redacted like `export_otel`'s.
     """
 
-    def __init__(self, endpoint: str, *, service: str = "mas2c", timeout_s: float = 10.0):
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        service: str = "mas2c",
+        timeout_s: float = 10.0,
+        content: bool | None = None,
+    ):
         import queue
         import threading
 
+        from mas2c.tracing import trace_content_default
+
         self.url = traces_url(endpoint)
+        # An upstream's error text may echo a prompt: in a span only with traced content.
+        self.content = trace_content_default() if content is None else content
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             from opentelemetry.sdk.resources import Resource
@@ -497,7 +528,12 @@ class LiveExport:
             kind=SpanKind.SERVER,
             status=Status(StatusCode.OK)
             if ok
-            else Status(StatusCode.ERROR, str(event.get("error"))[:500]),
+            else Status(
+                StatusCode.ERROR,
+                str(event.get("error"))[:500]
+                if self.content
+                else f"HTTP {str(event.get('status'))[:10]}",
+            ),
             start_time=_ns(start_s),
             end_time=max(_ns(start_s), _ns(start_s + max(0.0, took))),
             instrumentation_scope=self._scope,

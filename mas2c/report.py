@@ -15,6 +15,11 @@ What it shows (each section only when the folder has what it needs):
 * tokens and cost per agent and per model;
 * errors with their spec pointer (and the spec element there), failed spans;
 * the prompts and completions, when the run traced them (``--trace-content``);
+
+Run content (the outputs, prompts and completions, tool values, error messages and
+tracebacks, which may quote an answer or a value, a solve's task) is shown only for a
+run that traced its content (``--trace-content``: `RunTrace.content`); otherwise the
+page says where it is (result.json) and shows codes, types, pointers, counts and times.
 * for a rectify folder, the rounds with their failure, fix and patch;
 * for a solve folder, the phases, then its run (and rectify rounds).
 
@@ -173,15 +178,18 @@ def render_report(folder: Path) -> str:
         run_dir = folder.parent
         title = f"mas2c rectify: {run_dir.name}"
         body = ""
+        content = False
         if regular_file(run_dir / "trace.jsonl") or regular_file(run_dir / "result.json"):
+            repaired = read_run_trace(run_dir)
+            content = repaired.content
             body = _h(2, "The run that was repaired", "run")
-            body += _run_sections(run_dir, read_run_trace(run_dir), level=3)
-        body += _rectify_section(folder)
+            body += _run_sections(run_dir, repaired, level=3)
+        body += _rectify_section(folder, content)
     else:
         trace = read_run_trace(folder)
         title = f"mas2c run: {_spec_name(trace)}"
         body = _run_sections(folder, trace, level=2)
-        body += _rectify_section(folder / "rectify")
+        body += _rectify_section(folder / "rectify", trace.content)
     return _page(title, body)
 
 
@@ -325,10 +333,30 @@ def _summary(trace: RunTrace, result: dict[str, Any], usage: dict[str, Any]) -> 
     body = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
     outputs = result.get("outputs")
     answer = ""
-    if outputs is not None:
+    if outputs is not None and trace.content:
         text = _cap(json.dumps(outputs, indent=2, ensure_ascii=False, default=str))
         answer = f"<h3>Outputs</h3><pre>{esc(text)}</pre>"
+    elif outputs is not None:
+        fields = len(outputs) if isinstance(outputs, dict) else 1
+        answer = f'<h3>Outputs</h3><p class="muted">{esc(fields)} field(s) {_WITHHELD}.</p>'
     return f'<table class="summary">{body}</table>{answer}'
+
+
+#: What the page says where it leaves run content out.
+_WITHHELD = (
+    "not shown: the run was traced without --trace-content (run content is opt-in); see result.json"
+)
+
+
+def _span_error(span: Span, content: bool) -> str:
+    """A failed span's traced error: as traced with content, else its type and code only
+    (a message may quote an answer or a value; the runtime traces none without content)."""
+    error = span.attrs.get("error")
+    if error is None or content:
+        return str(error or "")[:500]
+    kind = re.split(r"[:\s(]", str(error), maxsplit=1)[0][:200]
+    code = span.attrs.get("code")
+    return kind + (f" ({str(code)[:100]})" if isinstance(code, str) else "")
 
 
 def _totals(llm: list[Span], usage: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
@@ -1010,7 +1038,13 @@ def _errors(trace: RunTrace, result: dict[str, Any], spec: Any, level: int) -> s
         pointer = _text(error.get("spec_pointer"))
         rows = [
             ("type", esc(_text(error.get("type"), "?"))),
-            ("message", f"<pre>{esc(_cap(str(error.get('message', ''))))}</pre>"),
+            (
+                "message",
+                f"<pre>{esc(_cap(str(error.get('message', ''))))}</pre>"
+                if trace.content
+                else f'<span class="muted">{esc(_WITHHELD)}</span>',
+            ),
+            ("code", esc(_text(error.get("code"), "—"))),
             ("spec pointer", f'<code class="pointer">{esc(pointer)}</code>' if pointer else "—"),
         ]
         if error.get("spec_line") is not None:
@@ -1032,7 +1066,7 @@ def _errors(trace: RunTrace, result: dict[str, Any], spec: Any, level: int) -> s
                     else json.dumps(element, indent=2, ensure_ascii=False)
                 )
                 parts.append(f"<h3>The spec at {esc(pointer)}</h3><pre>{esc(_cap(text))}</pre>")
-        if isinstance(error.get("traceback"), str) and error["traceback"]:
+        if isinstance(error.get("traceback"), str) and error["traceback"] and trace.content:
             parts.append(
                 f"<details><summary>traceback</summary><pre>{esc(_cap(error['traceback']))}</pre></details>"
             )
@@ -1043,7 +1077,7 @@ def _errors(trace: RunTrace, result: dict[str, Any], spec: Any, level: int) -> s
                 esc(_span_label(s)),
                 esc(s.status),
                 f"<code>{esc(_text(s.attrs.get('pointer')))}</code>",
-                esc(str(s.attrs.get("error", ""))[:500]),
+                esc(_span_error(s, trace.content)),
             ]
             for s in failed[:200]
         ]
@@ -1059,7 +1093,7 @@ def _errors(trace: RunTrace, result: dict[str, Any], spec: Any, level: int) -> s
                 esc(f"{_int(e.get('attempt'))}/{_int(e.get('attempts'))}"),
                 esc(_text(e.get("code"), "?")),
                 esc(_text(e.get("then"), "?")),
-                esc(_text(e.get("message"))[:500]),
+                esc(_text(e.get("message"))[:500] if trace.content else ""),
             ]
             for e in recovered[:200]
         ]
@@ -1116,7 +1150,7 @@ def _message_text(message: Any) -> str:
 
 def _contents(trace: RunTrace, level: int) -> str:
     calls = [s for s in trace.by_kind("llm") if "messages" in s.attrs or "completion" in s.attrs]
-    if not calls:
+    if not calls or not trace.content:
         return ""
     parts = [_h(level, "Prompts and completions", "content")]
     for span in calls[:MAX_CONTENT_CALLS]:
@@ -1153,7 +1187,9 @@ def _diff_html(text: str) -> str:
     return '<pre class="diff">' + "\n".join(lines) + "</pre>"
 
 
-def _rectify_section(folder: Path) -> str:
+def _rectify_section(folder: Path, content: bool) -> str:
+    """The rounds of a rectify folder; a failure's message (it may quote an answer or a
+    value) only when the repaired run traced its content."""
     if not real_dir(folder):
         return ""
     summary = read_json_file(folder / "summary.json")
@@ -1187,7 +1223,11 @@ def _rectify_section(folder: Path) -> str:
         rows.append(
             [
                 esc(number),
-                esc(f"{_text(failure.get('type'))}: {str(failure.get('message', ''))[:200]}"),
+                esc(
+                    f"{_text(failure.get('type'))}: {str(failure.get('message', ''))[:200]}"
+                    if content
+                    else f"{_text(failure.get('type'))} ({_text(failure.get('code'), '?')})"
+                ),
                 f"<code>{esc(_text(failure.get('pointer')))}</code>",
                 esc(_text(fix.get("class"), "—"))
                 + (esc(" (deterministic)") if fix.get("deterministic") is True else ""),
@@ -1225,8 +1265,15 @@ def _solve_page(folder: Path) -> tuple[str, str]:
     summary = read_json_file(folder / "summary.json")
     summary = summary if isinstance(summary, dict) else {}
     task = read_text_file(folder / "task.txt", MAX_TEXT) or ""
+    # The task is a prompt: shown when the solve's run traced its content.
+    first = folder / "run-1"
+    content = real_dir(first) and regular_file(first / "run.json") and read_run_trace(first).content
+    if not content:
+        task = ""
     parts = [
-        f"<p><b>Task:</b> {esc(task.strip())}</p>",
+        f"<p><b>Task:</b> {esc(task.strip())}</p>"
+        if content
+        else f'<p><b>Task:</b> <span class="muted">{esc(_WITHHELD.replace("result.json", "task.txt"))}</span></p>',
         "<p>"
         + _badge(_text(summary.get("status"), "unknown"))
         + esc(f" spec: {_text(summary.get('spec_source'), '?')}")
@@ -1278,7 +1325,7 @@ def _solve_page(folder: Path) -> tuple[str, str]:
         trace = read_run_trace(run_dir)
         parts.append(_h(2, "The run (run-1)", "run"))
         parts.append(_run_sections(run_dir, trace, level=3))
-        parts.append(_rectify_section(run_dir / "rectify"))
+        parts.append(_rectify_section(run_dir / "rectify", trace.content))
     else:
         parts.append(
             '<p class="muted">No run folder (run-1/): the solve stopped before running.</p>'

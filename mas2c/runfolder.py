@@ -8,6 +8,7 @@ A run folder (``mas2c run --run-dir D``) holds:
 | ``usage.json`` | the host's gateway | `Usage` |
 | ``sandbox.json`` | the host's sandbox | `SandboxReport` |
 | ``trace.jsonl`` | the program, one JSON event a line | `TraceEvent` (one model per ``event`` kind) |
+| ``checkpoints.jsonl`` | the program: each top-level step's writes (run content), one a line | `StoredCheckpoint` |
 | ``spec.json``, ``input.json`` | the host (what ran) | the spec / a JSON object |
 | ``run.json`` | the host: the run header (command, versions, spec hash, endpoint host, times, trace id) | `RunHeader` |
 | ``stdout.txt``, ``stderr.txt`` | the program (capped) | text |
@@ -446,12 +447,28 @@ class StepResumed(_Event):
     key: CheckpointKey
 
 
+TopPointer = Annotated[str, StringConstraints(pattern=r"^/workflow/[0-9]{1,6}$")]
+
+
 class Checkpoint(_Event):
-    """A top-level step's writes, keyed by sha256 of its inputs (the resume cache)."""
+    """A top-level step left a checkpoint, keyed by sha256 of its inputs (the resume cache):
+    the variables it wrote (`vars`); their values (`writes`) only in a trace with content
+    (and in traces written before the checkpoint store, where every event carried them)."""
 
     event: Literal["checkpoint"]
     step: Ident
-    pointer: Annotated[str, StringConstraints(pattern=r"^/workflow/[0-9]{1,6}$")]
+    pointer: TopPointer
+    key: CheckpointKey
+    vars: list[Var] | None = Field(default=None, max_length=10_000)
+    writes: dict[Var, Any] | None = Field(default=None, max_length=10_000)
+
+
+class StoredCheckpoint(_Model):
+    """One line of ``checkpoints.jsonl`` (the run's checkpoint store): a top-level step's
+    writes, the values a resumed run restores. Run content, unlike the trace."""
+
+    step: Ident
+    pointer: TopPointer
     key: CheckpointKey
     writes: dict[Var, Any] = Field(max_length=10_000)
 
@@ -703,29 +720,45 @@ class Trace:
 E = TypeVar("E", bound=_Event)
 
 
-def read_trace(path: Path, limits: Limits = LIMITS) -> Trace:
-    """``trace.jsonl``: each line one event, validated by its kind; an absent file is empty."""
-    trace = Trace()
-    if not path.exists() and not path.is_symlink():
-        return trace
+def _json_lines(path: Path, limits: Limits, what: str) -> Iterator[tuple[str, Any]]:
+    """(where, value) of each line of a JSONL file of the folder, with the trace's limits;
+    a torn last line (no newline after it: the program was killed mid-write) yields
+    ``(where, _TORN)``."""
     raw = read_bytes(path, limits.trace_bytes)
     lines = raw.split(b"\n")
     last = len(lines) - 1
+    count = 0
     for number, line in enumerate(lines, 1):
         where = f"{path}:{number}"
         if not line.strip():
             continue
-        if len(trace.events) + trace.skipped >= limits.trace_events:
-            raise RunFolderError(f"{where}: more than {limits.trace_events} trace events")
+        if count >= limits.trace_events:
+            raise RunFolderError(f"{where}: more than {limits.trace_events} {what}")
+        count += 1
         if len(line) > limits.trace_line_bytes:
             raise RunFolderError(f"{where}: a line over the {limits.trace_line_bytes}-byte limit")
         try:
             value = parse_json(line, where, depth=limits.depth)
         except RunFolderError:
-            if number - 1 == last:  # no newline after it: a torn last line
-                trace.torn = True
+            if number - 1 == last:
+                yield where, _TORN
                 continue
             raise
+        yield where, value
+
+
+_TORN = object()
+
+
+def read_trace(path: Path, limits: Limits = LIMITS) -> Trace:
+    """``trace.jsonl``: each line one event, validated by its kind; an absent file is empty."""
+    trace = Trace()
+    if not path.exists() and not path.is_symlink():
+        return trace
+    for where, value in _json_lines(path, limits, "trace events"):
+        if value is _TORN:
+            trace.torn = True
+            continue
         if not isinstance(value, dict):
             raise RunFolderError(f"{where}: an event must be a JSON object")
         kind = value.get("event")
@@ -742,6 +775,22 @@ def read_trace(path: Path, limits: Limits = LIMITS) -> Trace:
     return trace
 
 
+CHECKPOINTS_FILE = "checkpoints.jsonl"
+
+
+def read_checkpoints(path: Path, limits: Limits = LIMITS) -> list[StoredCheckpoint]:
+    """``checkpoints.jsonl`` (the checkpoint store): each line a `StoredCheckpoint`; an
+    absent file (a folder written before the store) is empty, a torn last line skipped."""
+    if not path.exists() and not path.is_symlink():
+        return []
+    found = []
+    for where, value in _json_lines(path, limits, "checkpoints"):
+        if value is _TORN:
+            continue
+        found.append(_validate(StoredCheckpoint, value, f"{where}: checkpoint"))
+    return found
+
+
 # -- the whole folder -------------------------------------------------------------------------------
 
 
@@ -754,6 +803,7 @@ class RunFolder:
     usage: Usage
     sandbox: SandboxReport | None
     trace: Trace
+    stored: list[StoredCheckpoint] = field(default_factory=list)
 
     @property
     def status(self) -> Status:
@@ -762,8 +812,19 @@ class RunFolder:
     def events(self, kind: type[E]) -> list[E]:
         return self.trace.of(kind)
 
-    def checkpoints(self) -> Iterator[Checkpoint]:
-        yield from self.trace.of(Checkpoint)
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        return saved_checkpoints(self.trace, self.stored)
+
+
+def saved_checkpoints(trace: Trace, stored: list[StoredCheckpoint]) -> list[StoredCheckpoint]:
+    """The checkpoints a run left with their values, in order: those of a trace written with
+    content (or before the store existed), then the store's (`checkpoints.jsonl`)."""
+    traced = [
+        StoredCheckpoint(step=e.step, pointer=e.pointer, key=e.key, writes=e.writes)
+        for e in trace.of(Checkpoint)
+        if e.writes is not None
+    ]
+    return [*traced, *stored]
 
 
 def read_run_folder(folder: Path) -> RunFolder:
@@ -776,6 +837,7 @@ def read_run_folder(folder: Path) -> RunFolder:
         usage=read_usage(folder / "usage.json"),
         sandbox=read_sandbox(folder / "sandbox.json"),
         trace=read_trace(folder / "trace.jsonl"),
+        stored=read_checkpoints(folder / CHECKPOINTS_FILE),
     )
 
 

@@ -26,6 +26,7 @@ in ``RunTrace.problems``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ import re
 import stat
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,11 +110,33 @@ def redact_urls_in(text: str) -> str:
     return _USERINFO.sub("", text)
 
 
+#: Arguments of this process's command line that are run content (`solve`'s task), by
+#: value: recorded as their label unless content is traced (see `withhold_argument`).
+_WITHHELD: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def withheld_argument(value: str, label: str) -> Iterator[None]:
+    """Within the block, record the argument `value` (e.g. a task, which is a prompt) as
+    `label` in every run header's command line (content is opt-in: ``--trace-content``)."""
+    if not value or value == "-" or value in _WITHHELD:
+        yield
+        return
+    _WITHHELD[value] = label
+    try:
+        yield
+    finally:
+        _WITHHELD.pop(value, None)
+
+
 def redact_argv(argv: Sequence[str], secrets: Sequence[str] = ()) -> list[str]:
     """The command line as recorded: every URL in every argument redacted, any known
-    secret replaced."""
+    secret replaced, withheld arguments (content) replaced by their label."""
     out = []
     for arg in argv:
+        if str(arg) in _WITHHELD:
+            out.append(_WITHHELD[str(arg)])
+            continue
         text = redact_urls_in(str(arg))
         for secret in secrets:
             if secret and len(secret) >= 8:  # a short word would blank out half the line
@@ -227,6 +250,16 @@ class RunTrace:
 
     def by_kind(self, kind: str) -> list[Span]:
         return [s for s in self.spans if s.kind == kind]
+
+    @property
+    def content(self) -> bool:
+        """Whether the run traced its content (``--trace-content``): the host's ``run.json``
+        says so, else (a folder without one) the program's ``run_start``. Readers show or
+        send prompts, completions, tool values, outputs and error messages only then."""
+        if "trace_content" in self.header:
+            return self.header.get("trace_content") is True
+        start = next((e for e in self.events if e.get("event") == "run_start"), None)
+        return start is not None and start.get("trace_content") is True
 
     @property
     def start(self) -> float:

@@ -53,11 +53,13 @@ from ._accounting import Usage
 from ._runtime import (
     _OUTCOMES,
     CHECKPOINT_ENV,
+    CHECKPOINT_LOG_ENV,
     NO_CREDENTIALS,
     TRACE_CONTENT_ENV,
     TRACEPARENT_ENV,
     AgentDef,
     Budgets,
+    CheckpointLog,
     InputError,
     ModelDef,
     NoCredentials,
@@ -126,6 +128,10 @@ ENVIRONMENT: tuple[tuple[str, str], ...] = (
     (
         CHECKPOINT_ENV,
         "folder to resume from and save step checkpoints in (as --checkpoint-dir)",
+    ),
+    (
+        CHECKPOINT_LOG_ENV,
+        "file to write each step checkpoint to, one JSON line (as --checkpoint-log)",
     ),
     (
         TRACE_CONTENT_ENV,
@@ -241,6 +247,7 @@ class _Options:
     on_event: Callable[[dict[str, Any]], None] | None = None
     checkpoints: Path | None = None  # where to resume from
     save_checkpoints: bool = False  # and whether to save new ones there
+    checkpoint_log: str | None = None  # a JSONL file each new checkpoint is written to
 
 
 def _tighter(spec: float | None, given: float | None) -> Any:
@@ -478,6 +485,7 @@ class System:
             trace_content=content,
             checkpoints=folder,
             save_checkpoints=explicit,
+            checkpoint_log=args.checkpoint_log or os.environ.get(CHECKPOINT_LOG_ENV),
         )
 
     def _parser(self, prog: str | None) -> argparse.ArgumentParser:
@@ -517,6 +525,13 @@ class System:
             "--checkpoint-dir",
             metavar="DIR",
             help=f"resume from (and save) step checkpoints in this folder (${CHECKPOINT_ENV})",
+        )
+        parser.add_argument(
+            "--checkpoint-log",
+            metavar="FILE",
+            type=_trace_file,
+            help="write each step checkpoint (the values it wrote) to this JSONL file "
+            f"(${CHECKPOINT_LOG_ENV})",
         )
         budgets = parser.add_argument_group(
             "budgets (tighten the spec's; the smaller counts)"
@@ -565,6 +580,7 @@ class _Session:
         self.options = options
         self.run: Run | None = None
         self.trace = Trace(None)
+        self.checkpoint_log: CheckpointLog | None = None
 
     async def execute(self, inputs: Any) -> RunResult:
         try:
@@ -583,6 +599,8 @@ class _Session:
             options.trace, content=options.trace_content, on_event=options.on_event
         )
         self._start()
+        if options.checkpoint_log:
+            self.checkpoint_log = CheckpointLog(options.checkpoint_log)
         settings = client_settings(
             base_url=options.base_url,
             api_key=options.api_key,
@@ -596,6 +614,7 @@ class _Session:
             trace=self.trace,
             checkpoints=load_checkpoints(options.checkpoints),
             checkpoint_out=options.checkpoints if options.save_checkpoints else None,
+            checkpoint_log=self.checkpoint_log,
             budgets=options.budgets,
             client=settings,
         )
@@ -645,6 +664,8 @@ class _Session:
             span_id=self.trace.root_span,
         )
         self.trace.close()
+        if self.checkpoint_log is not None:
+            self.checkpoint_log.close()
 
 
 # --------------------------------------------------------------------------- CLI helpers

@@ -28,6 +28,7 @@ from ._runtime import (
     WorkflowError,
     _content,
     _open_span,
+    _traced_error,
     _where,
     resolve_value,
 )
@@ -96,8 +97,8 @@ async def delegate(
     except (BudgetExceeded, StepTimeout):
         raise
     except Exception as exc:  # reported to the manager, which may recover
-        error = f"{type(exc).__name__}: {exc}"[:500]
-        content = f"error: {error}"
+        content = f"error: {type(exc).__name__}: {exc}"[:507]
+        error = _traced_error(exc, run.trace.content)
     finally:
         _SPAN.reset(token)
         extra: dict[str, Any] = {}

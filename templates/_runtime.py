@@ -13,7 +13,7 @@ Every failure is an exception that carries the spec element it came from
 (``spec_pointer``), so that ``out.json`` tells the rectifier what to repair.
 
 Checkpoints (resume instead of restart): after each top-level step the state
-variables it wrote are traced as a ``checkpoint`` event, keyed by the sha256 of
+variables it wrote are saved as a checkpoint, keyed by the sha256 of
 (step id, the values of the state variables it reads, and its code hash: the step's
 compiled source and the agent, model and tool definitions it names). The compiler
 hands these facts over in ``_tables.py`` (``TOP_STEPS``); the runtime never parses
@@ -24,7 +24,11 @@ every top-level step whose key matches one of them, restoring its writes instead
 (traced as ``step_resumed``). A changed step, or a step whose inputs changed, has
 a new key and runs again. Each checkpoint is one JSON file
 ``{step, pointer, key, writes}``; the runtime also writes new ones into an
-explicitly given folder when it can.
+explicitly given folder when it can, and appends each as one JSON line to a
+checkpoint log (``--checkpoint-log``, ``MAS2C_CHECKPOINT_LOG``; where ``mas2c run``
+collects them). The values a step wrote are run content: the trace's ``checkpoint``
+event names only the variables (``vars``), and carries their values (``writes``)
+only when content is traced (``--trace-content``).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ __all__ = [
     "AgentDef",
     "BudgetExceeded",
     "Budgets",
+    "CheckpointLog",
     "InputError",
     "LLMError",
     "LoopExhausted",
@@ -768,6 +773,22 @@ def _content(value: Any) -> Any:
     return _TOO_LARGE
 
 
+def _traced_error(exc: BaseException, content: bool) -> str:
+    """An error as the trace shows it. Its message may quote run content (an answer, a
+    tool's arguments, a state value), so only with content traced; else its type, the
+    runtime's code and an HTTP status (what the full message is in out.json)."""
+    if content:
+        return f"{type(exc).__name__}: {exc}"[:500]
+    parts = [type(exc).__name__]
+    code = getattr(exc, "code", None)
+    if isinstance(exc, WorkflowError) and isinstance(code, str):
+        parts.append(f"({code})")
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and not isinstance(status, bool):
+        parts.append(f"(HTTP {status})")
+    return " ".join(parts)
+
+
 # The step each task is in: a ContextVar, so concurrent branches see their own.
 _STEP: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "mas2c_step", default=None
@@ -1130,6 +1151,7 @@ def _assistant_message(message: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_ENV = "MAS2C_CHECKPOINT_DIR"
+CHECKPOINT_LOG_ENV = "MAS2C_CHECKPOINT_LOG"
 _ABSENT = "<absent>"  # how a read variable that is not set enters a checkpoint key
 
 
@@ -1185,6 +1207,37 @@ def checkpoint_dir(given: str | os.PathLike[str] | None) -> tuple[Path | None, b
     return (beside, False) if is_build and beside.is_dir() else (None, False)
 
 
+class CheckpointLog:
+    """A JSONL file of the run's checkpoints (``{step, pointer, key, writes}`` a line),
+    created empty when the run starts; each line is flushed as it is written. It holds
+    the values the steps wrote (run content), unlike the trace without content."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Kept open for the whole run, closed by close().
+        self._file: TextIO | None = open(path, "w", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self._file is None:
+            return
+        line = json.dumps(record, ensure_ascii=False)
+        line = (  # one record per line, also for readers that split on U+2028
+            line.replace("\u2028", "\\u2028")
+            .replace("\u2029", "\\u2029")
+            .replace("\x85", "\\u0085")
+        )
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+
 def _json_clean(value: Any) -> bool:
     """Whether a value survives a JSON round trip unchanged (only then is it checkpointed)."""
     try:
@@ -1210,6 +1263,7 @@ class Run:
         trace: Trace | None = None,
         checkpoints: Mapping[str, Mapping[str, Any]] | None = None,
         checkpoint_out: Path | None = None,
+        checkpoint_log: CheckpointLog | None = None,
         budgets: Budgets | None = None,
         client: ClientSettings | None = None,
     ) -> None:
@@ -1230,6 +1284,7 @@ class Run:
         # Saved top-level step results by key, and where to save new ones (optional).
         self.checkpoints: dict[str, Mapping[str, Any]] = dict(checkpoints or {})
         self.checkpoint_out = checkpoint_out
+        self.checkpoint_log = checkpoint_log
         # What a run that succeeded should still say (e.g. a loop that ran out).
         self.warnings: list[dict[str, Any]] = []
 
@@ -1299,7 +1354,12 @@ class Run:
         if not _json_clean(writes):
             return
         record = {"step": top.step_id, "pointer": top.pointer, "key": key}
-        self.trace.emit("checkpoint", **record, writes=writes)
+        # The values are run content: in the trace only when content is traced.
+        content = {"writes": writes} if self.trace.content else {}
+        self.trace.emit("checkpoint", **record, vars=sorted(writes), **content)
+        if self.checkpoint_log is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.checkpoint_log.write({**record, "writes": writes})
         if self.checkpoint_out is not None:
             with contextlib.suppress(OSError):
                 _write_json_atomic(
@@ -1565,7 +1625,8 @@ class Run:
                     attempt=number,
                     attempts=retry + 1,
                     code=error_code(exc),
-                    message=str(exc)[:500],
+                    # the message may quote run content: only when content is traced
+                    **({"message": str(exc)[:500]} if self.trace.content else {}),
                     then=(
                         "fallback" if last and fallback else "fail" if last else "retry"
                     ),
@@ -2080,7 +2141,7 @@ class Run:
             extra["response_model"] = getattr(response, "model", None)
             extra["finish_reason"] = getattr(choice, "finish_reason", None)
         if error is not None:
-            extra["error"] = f"{type(error).__name__}: {error}"[:500]
+            extra["error"] = _traced_error(error, self.trace.content)
         if self.trace.content:
             extra["messages"] = _content(request.get("messages", []))
             if response is not None:

@@ -36,6 +36,7 @@ from ._runtime import (
     _content,
     _labelled,
     _open_span,
+    _traced_error,
     _where,
     lookup,
     render,
@@ -173,7 +174,7 @@ async def invoke_tool(
         status = "ok"
         return result
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"[:500]
+        error = _traced_error(exc, run.trace.content)
         raise
     finally:
         content = {"arguments": _content(args)} if run.trace.content else {}

@@ -795,3 +795,44 @@ print("stopped", flush=True)
     )
     assert proc.returncode == 0 and "stopped" in proc.stdout, proc.stderr
     assert time.monotonic() - t0 < 20  # not the 60 s the upstream hangs
+
+
+# ------------------------------------------------------------- class 1: names from the sandbox
+
+
+def test_agent_and_step_headers_cannot_break_the_hosts_usage_file(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent and step headers are the program's words. A control character in one
+    (percent-encoded, as the runtime sends ids) made the host write a usage.json its own
+    run-folder reader refuses (rectify, report and solve then failed on that run), and
+    every new name grew usage.json: such names count as `unknown`, and at most
+    MAX_AGENT_NAMES distinct names are kept."""
+    import json
+
+    from mas2c import gateway as gw_module
+    from mas2c.runfolder import read_usage
+
+    monkeypatch.setattr(gw_module, "MAX_AGENT_NAMES", 4)
+    sock = sockdir / "gw.sock"
+    events: list[dict[str, Any]] = []
+    agents = ["%0Aforged", "%00", "%7F", "tab%09", "x" * 300, "%E2%80%AEbidi", "planner"]
+    agents += [f"extra-{i}" for i in range(6)]
+    with LLMTestServer() as srv, Gateway(sock, upstream(srv.base_url), on_event=events.append) as gw:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=30) as h:
+            for agent in agents:
+                r = h.post(
+                    "http://mas2c-gateway/v1/chat/completions",
+                    json=body(),
+                    headers={"X-Mas2c-Agent": agent, "X-Mas2c-Step": f"s%0A{agent}"},
+                )
+                assert r.status_code == 200, r.text
+        usage = gw.usage()
+    names = list(usage["by_agent"])
+    assert len(names) <= 4 and "unknown" in names and "\n" not in "".join(names), names
+    assert sum(t["calls"] for t in usage["by_agent"].values()) == len(agents)
+    assert usage["by_agent"]["unknown"]["calls"] >= 4  # the four control-character names
+    (sockdir / "usage.json").write_text(json.dumps(usage))
+    assert read_usage(sockdir / "usage.json").calls == len(agents)  # the host reads it back
+    assert all(e["step"] == "" for e in events if "step" in e)  # "s\n...": dropped
+    assert {e["agent"] for e in events} >= {"unknown", "planner", "x" * 200}

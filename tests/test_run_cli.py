@@ -30,6 +30,7 @@ RUN_FILES = {
     "run.json",
     "result.json",
     "trace.jsonl",
+    "checkpoints.jsonl",  # the step checkpoints (run content), what rectify resumes from
     "stdout.txt",
     "stderr.txt",
     "sandbox.json",

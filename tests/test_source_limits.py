@@ -179,3 +179,35 @@ def test_a_polynomial_pattern_cannot_hold_the_host(tmp_path: Path) -> None:
         )  # fmt: skip
         assert proc.returncode != 0 and "does not match the pattern" in proc.stdout + proc.stderr
         assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_python_nested_past_the_parsers_limit_is_a_located_error(tmp_path: Path) -> None:
+    """A long operator chain (`1 + 1 + ... + 1`, 30,000 terms) in a tool's code, a
+    condition or a batch's user scorer made CPython's parser raise RecursionError, and
+    `mas2c validate`/`compile` died with a traceback: it is a syntax error like any other
+    (`mas2c.pyast`)."""
+    from mas2c.batch import BatchError, check_user_scorer
+    from mas2c.lang.expr import ExpressionError, parse_condition
+
+    chain = "1" + " + 1" * 30_000
+    spec = tmp_path / "deep.yaml"
+    spec.write_text(
+        'spec_version: "1"\nname: deep\ninputs: {q: {type: string}}\noutputs: {r: r}\n'
+        "models: {m: {model: test-model}}\nagents: {a: {role: r, model: m}}\n"
+        "tools:\n  t:\n    code: |\n      def t(q: str) -> str:\n"
+        f"          x = {chain}\n          return q\n"
+        'workflow:\n  - {id: s, kind: tool, tool: t, args: {q: "{{ q }}"}, out: r}\n'
+    )
+    for verb in ("validate", "compile"):
+        args = [verb, spec] + (["-o", tmp_path / "build"] if verb == "compile" else [])
+        proc = mas2c(*args, cwd=tmp_path, inprocess=True)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1 and "Traceback" not in out and "RecursionError" not in out
+        assert "MAS401" in out and "/tools/t/code" in out and "too deeply nested" in out
+    assert not (tmp_path / "build").exists()
+    with pytest.raises(ExpressionError, match="too deeply nested"):
+        parse_condition(chain.replace("1", "x") + " > 0")
+    scorer = tmp_path / "scorer.py"
+    scorer.write_text(f"def score(prediction, row):\n    return {chain} > 0\n")
+    with pytest.raises(BatchError, match="does not parse: too deeply nested"):
+        check_user_scorer(scorer)

@@ -81,7 +81,6 @@ from mas2c.llm import LLMError
 from mas2c.run import LLMConfig, RunOutcome, make_upstream, run_system, spec_on_engine
 from mas2c.runfolder import (
     LIMITS,
-    Checkpoint,
     E,
     ErrorInfo,
     LLMCall,
@@ -90,6 +89,7 @@ from mas2c.runfolder import (
     StepEnd,
     StepResumed,
     StepStart,
+    StoredCheckpoint,
     Trace,
     Usage,
     check_value,
@@ -148,6 +148,9 @@ class RunRecord:
     result: Result
     usage: Usage
     trace: Trace
+    #: The checkpoints the run left with their values (`checkpoints.jsonl`, or a trace
+    #: with content / of an earlier version).
+    checkpoints: list[StoredCheckpoint] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -348,7 +351,7 @@ def read_run(folder: Path) -> RunRecord:
         folder_ = read_run_folder(folder)
     except RunFolderError as exc:
         raise RectifyError(str(exc)) from None
-    return RunRecord(folder, folder_.result, folder_.usage, folder_.trace)
+    return RunRecord(folder, folder_.result, folder_.usage, folder_.trace, folder_.checkpoints())
 
 
 def _round_record(folder: Path) -> RunRecord:
@@ -1589,14 +1592,15 @@ def _first_line(text: str) -> str:
 
 
 def harvest_checkpoints(records: list[RunRecord]) -> dict[str, dict[str, Any]]:
-    """The step checkpoints the runs traced (`checkpoint` events), by key; later runs win.
+    """The step checkpoints the runs left (their `checkpoints.jsonl`; in older folders the
+    trace's `checkpoint` events), by key; later runs win.
 
-    The trace is the sandbox's: every event was validated by `mas2c.runfolder` (the key is
-    64 hex digits, the pointer a top-level step's, the writes keyed by variable names).
+    They are the sandbox's: each was validated by `mas2c.runfolder` (the key is 64 hex
+    digits, the pointer a top-level step's, the writes keyed by variable names).
     """
     found: dict[str, dict[str, Any]] = {}
     for record in records:
-        for event in record.events(Checkpoint):
+        for event in record.checkpoints:
             found[event.key] = {
                 "step": event.step,
                 "pointer": event.pointer,

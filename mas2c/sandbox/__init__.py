@@ -130,6 +130,10 @@ _COPY_S = 30.0
 #: The runner's own grace after the job's timeout (see runner.GRACE_S).
 _RUNNER_GRACE_S = 60.0
 _BUNDLE_MAGIC = b"MAS2C-BUNDLE "
+#: The run folder's checkpoint store (the runtime's ``MAS2C_CHECKPOINT_LOG``): one
+#: ``{step, pointer, key, writes}`` line per top-level step; it holds run content.
+CHECKPOINTS_FILE = "checkpoints.jsonl"
+CHECKPOINT_LOG_ENV = "MAS2C_CHECKPOINT_LOG"
 #: The init's first line once its imports are done (before any bundle).
 READY_LINE = b"MAS2C-READY\n"
 _BUNDLE_HEADER_MAX = 65536
@@ -195,6 +199,7 @@ class Limits:
         return {
             "out.json": self.result_cap_bytes,
             "trace.jsonl": self.trace_cap_bytes,
+            CHECKPOINTS_FILE: self.trace_cap_bytes,
             "stdout.txt": self.output_cap_bytes,
             "stderr.txt": self.output_cap_bytes,
         }
@@ -553,14 +558,18 @@ def _job_json(
         ],
         "path": [pkg],
         "cwd": cwd,
-        "env": dict(env),
+        # The step checkpoints (values: run content) go to a file of their own, not
+        # into the trace; a package of an earlier mas2c ignores the variable.
+        "env": {**env, CHECKPOINT_LOG_ENV: f"{out_dir}/{CHECKPOINTS_FILE}"},
         "output": f"{out_dir}/out.json",
         "trace": f"{out_dir}/trace.jsonl",
+        "checkpoints": f"{out_dir}/{CHECKPOINTS_FILE}",
         "timeout_s": job.limits.timeout_s,
         "uid": uid,
         "caps": {
             "result": job.limits.result_cap_bytes,
             "trace": job.limits.trace_cap_bytes,
+            "checkpoints": job.limits.trace_cap_bytes,
             "stdout": job.limits.output_cap_bytes,
             "stderr": job.limits.output_cap_bytes,
         },
@@ -767,6 +776,13 @@ def _finalize(
     for name in ("stdout.txt", "stderr.txt", "trace.jsonl"):
         src = outcome.staging / name
         _atomic_copy(src if src.exists() else None, run_dir / name)
+    # The checkpoint store only when the program left one (a package of an earlier mas2c,
+    # or a program that is no compiled package, does not): never an earlier run's.
+    if (outcome.staging / CHECKPOINTS_FILE).exists():
+        _atomic_copy(outcome.staging / CHECKPOINTS_FILE, run_dir / CHECKPOINTS_FILE)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / CHECKPOINTS_FILE).unlink()
 
     result, problem = _checked_result(outcome, report)
     if result is not None:
@@ -975,8 +991,9 @@ def _apply_bundle(bundle: _Bundle, outcome: _Outcome) -> None:
         with contextlib.suppress(OSError):
             (outcome.staging / name).unlink()
         outcome.truncated.append(name)
-    if "trace.jsonl" in outcome.truncated:
-        _cut_at_last_line(outcome.trace)
+    for name in ("trace.jsonl", CHECKPOINTS_FILE):
+        if name in outcome.truncated:
+            _cut_at_last_line(outcome.staging / name)
     code = header.get("exit_code")
     if type(code) is int:
         outcome.exit_code = code

@@ -20,7 +20,7 @@ stream, or pipes of the unisolated backend):
    (the host went away), it kills EVERY other process it can (``kill(-1)`` as PID 1;
    its subreaped descendants in unisolated mode), so the outputs are frozen, then
    writes one bundle to stdout: ``MAS2C-BUNDLE <json header>\\n`` followed by the
-   bytes of each file the header lists (out.json and trace.jsonl, each read with
+   bytes of each file the header lists (out.json, trace.jsonl, checkpoints.jsonl, each read with
    O_NOFOLLOW, only if a regular file, at most its cap; the captured streams).
 4. It waits for EOF on stdin (at most ``linger_s``) and exits. As the container's
    PID 1 its exit ends the container; no process inside can stop or outlive it:
@@ -431,14 +431,17 @@ STREAMS = ("stdout.txt", "stderr.txt")
 def emit_bundle(
     job: "dict[str, Any]", header: "dict[str, Any]", streams: "list[tuple[str, bytes, bool]]"
 ) -> None:
-    """Write the bundle to stdout: the header, then out.json, trace.jsonl (each a regular
-    file, at most its cap) and the captured streams."""
+    """Write the bundle to stdout: the header, then out.json, trace.jsonl, checkpoints.jsonl
+    (each a regular file, at most its cap) and the captured streams."""
     caps = job["caps"]
     files: list[tuple[str, int | bytes, int, bool]] = []
-    for name, path, cap in (
+    wanted = [
         ("out.json", job["output"], int(caps["result"])),
         ("trace.jsonl", job["trace"], int(caps["trace"])),
-    ):
+    ]
+    if job.get("checkpoints") and "checkpoints" in caps:
+        wanted.append(("checkpoints.jsonl", job["checkpoints"], int(caps["checkpoints"])))
+    for name, path, cap in wanted:
         fd, n, truncated = regular_file(path, cap)
         if fd is not None:
             files.append((name, fd, n, truncated))

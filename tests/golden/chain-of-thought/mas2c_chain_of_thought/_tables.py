@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="19e2ac3e161567d067ba049fae365fb41d518df160910f32899557172c06920f",
+        code_sha="4052a142d1cee38e55b492aee259d9c746f3bf21df7df7b0f53081be4a6b3cb5",
         reads=["question"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="8908f1af04f391818ef1de4f3036a7b082ecd881cbf2034240a3d6ed5acd96a8",
+        code_sha="0a8c24c91b3e9a64f71ebf228f008dd988a04e33d440b3b1d251e0f822ee832e",
         reads=["question"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="a4fa22836d7b2ffb2afc4b674b31a367b91da1e8a277a862f0da63b431a20441",
+        code_sha="adce5f2399ff1dcef92fd593a28ebd471bd09039c5828e978feb8444851940cd",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="e134011ee161b8cca82228761b1f4ccf08a285d8286b5a431735fd2298a56250",
+        code_sha="cd74eec809a37096d3382de6939721f81cd9f16aa68640aa140b43ace90300d4",
         reads=["focus", "summaries"],
     ),
 )

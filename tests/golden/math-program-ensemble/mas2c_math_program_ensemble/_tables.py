@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="aa0f0b06d3a81814cfe09b8c06b8b25b90558d5bf63cda584073e23bad5ede2f",
+        code_sha="4c2ab328053932cb81fa502e9bb9fef634772f2809284b6a8b22eedab6b57048",
         reads=["problem"],
     ),
 )

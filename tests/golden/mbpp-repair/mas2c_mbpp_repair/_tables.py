@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="3bec61944810bf3715e8d7c759e4eb81188319b1f010a77cb2b5fc5bdcb09e1e",
+        code_sha="cec3a414076e95117845f90f0bc4501161f4596370310c1069c50abc9cd9d7f4",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="ef6b3ae777a76eed10752f865cb4cbf83c66ab8f38ee1ca12b30ba50abef633a",
+        code_sha="560bb4c60839f51c4a0d4d045795944a3f045fac4e6793831f6d7816c2d410b8",
         reads=["result", "task", "test_list"],
     ),
 )

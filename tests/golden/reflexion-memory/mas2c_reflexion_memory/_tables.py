@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="41184b81935aa77d7d9becbf91d8d09fbc621be6169ccdc3cd51dfdc648bfaca",
+        code_sha="b491655a505ee54d7d5f8055259abc9decef44886f127f6948e8ae29ff1c7418",
         reads=["draft", "memory", "review", "task"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="11be593c750880148e8f3feb158db84aecfebe63b5bf1a02d11f290961088656",
+        code_sha="775a1daf92b6353c72bde097f6eb4db6ba072356005e53004c52d94cb07997dd",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="7336947fc028d6735b9905361bd205d93cce78e87fd03767839292ad51c2c056",
+        code_sha="2811e07dcdcdd8e935b5617e3b86198be7b4d7b6b7728f8c76cfeeeff7aeed43",
         reads=["error", "route", "ticket"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="26149f05dbe4b912c551469af288d0d7afbdb7aba746013d8ce5ec63a3ee5266",
+        code_sha="4622eb4fd485657a420b5116e76bd9da3b6d7d42c1d92f377c538269728803f3",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="01320277176eb04e07c2454d067a8272c6a1deaf2fa7195f1a45414aaf9d802c",
+        code_sha="f34ded0b60872d4c4ab1fa428d0168e2bec745a477706241449b6dd492667b3a",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="75138f0ac705e0e9a68b70a12d622bc3c1519ac49faa03252360fa16a6e35414",
+        code_sha="e1c2878508c458b27257411f87c44a8d30df94261a51efd595691100f13736ea",
         reads=["question"],
     ),
 )

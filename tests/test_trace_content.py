@@ -1,0 +1,252 @@
+"""Run content is opt-in everywhere (issue 16: "prompts and completions opt-in").
+
+A run's content — its inputs, prompts, completions, step outputs (checkpoints), tool
+arguments and results, worker tasks and answers, and error messages that quote any of
+them — reaches the trace, `run.json`, `mas2c report`'s page, the OpenTelemetry spans and
+the progress lines on stderr only with ``--trace-content`` (``MAS2C_TRACE_CONTENT=1``).
+The product keeps it (`result.json`, stdout) and so does the checkpoint store
+(`checkpoints.jsonl`, documented as content), from which a rectify round resumes.
+
+Each test runs a real `mas2c run` (the CLI, the unisolated sandbox, the scripted loopback
+LLM server) whose input carries one sentinel and whose LLM answers carry another, then
+greps every artifact for both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from mas2c.cli import main as cli_main
+from mas2c.testserver import ChatRequest, LLMTestServer, Reply, ReplyLike, ToolCall
+
+IN_SENTINEL = "zqxinputsentinel"
+OUT_SENTINEL = "zqxanswersentinel"
+# Both, in any case (a tool upper-cases the answer), and any JSON escaping of them.
+LEAK = re.compile(r"zqx(input|answer)sentinel", re.IGNORECASE)
+
+SPEC = """
+spec_version: "1"
+name: content-probe
+description: Every place run content flows through, once.
+inputs:
+  question: {type: string}
+outputs:
+  answer: loud
+  checked: checked
+  refused: refused
+models:
+  m: {model: test-model}
+agents:
+  boss: {role: Boss who delegates, instructions: Delegate., model: m, delegates: [helper]}
+  helper: {role: Helper, instructions: Help., model: m}
+  strict:
+    role: Strict formatter
+    instructions: Answer in JSON.
+    model: m
+    output: {type: object, properties: {ok: {type: boolean}}, required: [ok]}
+  plain: {role: Plain answerer, instructions: Answer., model: m}
+tools:
+  shout:
+    description: Upper-case a text.
+    code: |
+      def shout(text: str) -> str:
+          return text.upper()
+  picky:
+    description: Refuse every text, quoting it.
+    code: |
+      def picky(text: str) -> str:
+          raise ValueError("refused: " + text)
+workflow:
+  - {id: delegate, kind: call, agent: boss, prompt: "Do {{ question }}", out: done}
+  - {id: draft_it, kind: call, agent: plain, prompt: "Draft {{ question }}", out: draft}
+  - {id: loud_it, kind: tool, tool: shout, args: {text: "{{ draft }}"}, out: loud}
+  - id: risky
+    kind: call
+    agent: strict
+    prompt: "Check {{ question }}"
+    out: checked
+    fallback:
+      - {id: stand_in, kind: call, agent: plain, prompt: "Instead {{ question }}", out: checked}
+  - id: pick
+    kind: tool
+    tool: picky
+    args: {text: "{{ draft }}"}
+    out: refused
+    fallback:
+      - {id: unpicked, kind: call, agent: plain, prompt: "Unpicked {{ question }}", out: refused}
+budgets: {max_llm_calls: 40}
+"""
+
+
+def respond(req: ChatRequest) -> ReplyLike:
+    system = str(req.messages[0].get("content"))
+    if "Boss who delegates" in system:
+        if any(m.get("role") == "tool" for m in req.messages):
+            return f"delegated {OUT_SENTINEL}"
+        return Reply(tool_calls=[ToolCall("helper", {"task": f"Help with {OUT_SENTINEL}"})])
+    if "Strict formatter" in system:
+        return f"not json {OUT_SENTINEL}"  # every try: the error quotes the answer
+    return f"answer {OUT_SENTINEL}"
+
+
+def run_cli(
+    tmp_path: Path, name: str, *extra: str, capsys: pytest.CaptureFixture[str]
+) -> tuple[Path, str, str]:
+    """`mas2c run` of the probe; (run folder, stdout, stderr)."""
+    spec = tmp_path / "probe.yaml"
+    spec.write_text(SPEC)
+    given = tmp_path / "in.json"
+    given.write_text(json.dumps({"question": f"what is {IN_SENTINEL}?"}))
+    run_dir = tmp_path / name
+    capsys.readouterr()
+    with LLMTestServer(respond) as server:
+        code = cli_main(
+            [
+                "run",
+                str(spec),
+                "--input",
+                str(given),
+                "--sandbox",
+                "unisolated",
+                "--llm",
+                server.base_url,
+                "--run-dir",
+                str(run_dir),
+                *extra,
+            ]
+        )
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    return run_dir, out, err
+
+
+def span_text(run_dir: Path) -> str:
+    """Every exported span's name, attributes and status description, as text."""
+    from mas2c.otel import build_spans
+    from mas2c.tracing import read_run_trace
+
+    spans = build_spans(read_run_trace(run_dir))
+    assert spans
+    return json.dumps(
+        [[s.name, dict(s.attributes or {}), s.status.description or ""] for s in spans],
+        default=str,
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_content_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    # setenv first: `mas2c --trace-content` sets the variable in this process; the undo
+    # of setenv removes it again after the test.
+    monkeypatch.setenv("MAS2C_TRACE_CONTENT", "0")
+    monkeypatch.delenv("MAS2C_TRACE_CONTENT")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-content-key")
+
+
+def test_without_trace_content_no_artifact_but_the_product_holds_content(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mas2c.report import write_report
+    from mas2c.runfolder import Checkpoint, read_checkpoints, read_trace
+
+    run_dir, out, err = run_cli(tmp_path, "plain", capsys=capsys)
+    # The product: the outputs (stdout, result.json) carry the answer and the store the
+    # steps' values; the probe really sent the sentinels everywhere.
+    result = (run_dir / "result.json").read_text()
+    assert LEAK.search(out) and LEAK.search(result)
+    assert "ZQXANSWERSENTINEL" in json.loads(result)["outputs"]["answer"]
+    stored = read_checkpoints(run_dir / "checkpoints.jsonl")
+    assert [c.step for c in stored] == ["delegate", "draft_it", "loud_it", "risky", "pick"]
+    assert LEAK.search(json.dumps([c.writes for c in stored]))
+
+    # Nothing else: the trace (checkpoint events name their variables only; errors are
+    # their type and code), run.json, the progress lines, the report, the spans.
+    trace = (run_dir / "trace.jsonl").read_text()
+    assert not LEAK.search(trace), LEAK.search(trace)
+    typed = read_trace(run_dir / "trace.jsonl")
+    checkpoints = typed.of(Checkpoint)
+    assert [c.vars for c in checkpoints][:2] == [["done"], ["draft"]]
+    assert all(c.writes is None for c in checkpoints)
+    events = [json.loads(line) for line in trace.splitlines()]
+    failed = [e for e in events if e["event"] == "step_failed"]
+    assert [e["code"] for e in failed] == ["structured_output", "tool_error"]
+    assert all("message" not in e for e in failed)
+    tool_errors = [e["error"] for e in events if e["event"] == "tool_call" and "error" in e]
+    assert tool_errors == ["ValueError"]  # the type: its message quotes the argument
+    assert not LEAK.search((run_dir / "run.json").read_text())
+    assert not LEAK.search(err), err
+    page = write_report(run_dir).read_text()
+    assert not LEAK.search(page), LEAK.search(page)
+    assert "traced without --trace-content" in page  # it says where the outputs are
+    assert not LEAK.search(span_text(run_dir))
+
+    # A rectify round resumes from the store: the harvest finds the values there.
+    from mas2c.rectify import harvest_checkpoints, read_run
+
+    found = harvest_checkpoints([read_run(run_dir)])
+    assert {c.key for c in stored} == set(found)
+    assert LEAK.search(json.dumps(found))
+
+
+def test_with_trace_content_every_artifact_may_show_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same probe with --trace-content: the trace, the report and the spans carry
+    the content (so the test above would see a leak)."""
+    from mas2c.report import write_report
+
+    run_dir, _out, _err = run_cli(tmp_path, "content", "--trace-content", capsys=capsys)
+    trace = (run_dir / "trace.jsonl").read_text()
+    events = [json.loads(line) for line in trace.splitlines()]
+    checkpoint = next(e for e in events if e["event"] == "checkpoint" and e["step"] == "draft_it")
+    assert LEAK.search(json.dumps(checkpoint["writes"]))
+    failed = [e for e in events if e["event"] == "step_failed"]
+    assert all(LEAK.search(e["message"]) for e in failed)
+    assert LEAK.search(write_report(run_dir).read_text())
+    assert LEAK.search(span_text(run_dir))
+    assert json.loads((run_dir / "run.json").read_text())["trace_content"] is True
+
+
+def test_solve_records_its_task_by_size_unless_content_is_traced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`solve`'s task is a prompt: run.json (and so the spans and the report) name its
+    size, not its text; task.txt (what was asked, the solve's own record) keeps it."""
+    from mas2c.lang.validate import load_spec
+    from mas2c.report import write_report
+    from mas2c.testserver import default_responder
+
+    generated = load_spec(Path(__file__).parent.parent / "specs" / "chain-of-thought.yaml")
+
+    def answer(req: ChatRequest) -> ReplyLike:
+        if req.response_format.get("json_schema", {}).get("name") == "mas2c_spec":
+            return generated.to_data()
+        return default_responder(req)
+
+    task = f"Answer questions about {IN_SENTINEL} step by step."
+    given = tmp_path / "in.json"
+    given.write_text(json.dumps({"question": "What is 2 + 2?"}))
+    folders = {}
+    for name, extra in (("plain", []), ("content", ["--trace-content"])):
+        folder = folders[name] = tmp_path / name
+        with LLMTestServer(answer) as server:
+            argv = ["solve", task, "--input", str(given), "--sandbox", "unisolated"]
+            argv += ["--llm", server.base_url, "--run-dir", str(folder), *extra]
+            monkeypatch.setattr(sys, "argv", ["mas2c", *argv])  # what run.json records
+            code = cli_main(argv)
+        assert code == 0, capsys.readouterr().err[-3000:]
+        capsys.readouterr()
+    plain = folders["plain"]
+    header = json.loads((plain / "run-1" / "run.json").read_text())
+    assert f"<task: {len(task)} characters>" in header["command"]
+    assert not LEAK.search(json.dumps(header))
+    assert not LEAK.search(span_text(plain / "run-1"))
+    assert not LEAK.search(write_report(plain).read_text())
+    assert LEAK.search((plain / "task.txt").read_text())
+    content = folders["content"]
+    assert task in json.loads((content / "run-1" / "run.json").read_text())["command"]
+    assert LEAK.search(write_report(content).read_text())
