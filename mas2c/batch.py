@@ -1040,6 +1040,9 @@ def run_pool(
     starts; the running ones finish and are recorded (a second Ctrl-C abandons them);
     then KeyboardInterrupt is raised. A resumed run redoes only what is not recorded.
     """
+    from mas2c import pyast
+
+    pyast.guard_ast()  # rows parse Python on their threads (see mas2c.pyast)
     stop = threading.Event()
     errors: list[str] = []
     finished = 0

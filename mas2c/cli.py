@@ -913,12 +913,15 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from mas2c.solve import print_progress, solve
 
     task = _task(args.task)
-    from mas2c.tracing import trace_content_default, withhold_argument
+    from mas2c.tracing import trace_content_default, withheld_argument
 
-    if not trace_content_default():  # the task is a prompt: run.json and spans name its size
-        withhold_argument(args.task, f"<task: {len(args.task)} characters>")
     solve_dir = Path(args.run_dir or _default_run_dir())
-    with _solve_inputs(args) as (input_path, pool_path):
+    withheld = (  # the task is a prompt: run.json and the spans name its size
+        withheld_argument(args.task, f"<task: {len(args.task)} characters>")
+        if not trace_content_default()
+        else contextlib.nullcontext()
+    )
+    with withheld, _solve_inputs(args) as (input_path, pool_path):
         outcome = solve(
             task,
             input_path,
@@ -1083,7 +1086,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     sent = export_otel(
         _existing(args.run_dir), args.endpoint, service=args.service, timeout_s=args.timeout
     )
+    problems = sent["problems"]
+    if not args.json:  # what of the folder could not be read (skipped lines, a broken header)
+        for problem in problems[:_MAX_RUN_WARNINGS]:
+            _warn(f"{args.run_dir}: {str(problem)[:600]}")
+        if len(problems) > _MAX_RUN_WARNINGS:
+            _warn(f"... and {len(problems) - _MAX_RUN_WARNINGS} more (see --json)")
     text = f"exported {sent['spans']} span(s) of trace {sent['trace_id']}"
+    if problems:
+        text += f" ({len(problems)} problem(s) reading the folder: see the warnings above)"
     return _finish(args, True, sent, text)
 
 

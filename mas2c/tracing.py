@@ -26,6 +26,7 @@ in ``RunTrace.problems``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ import re
 import stat
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,11 +115,18 @@ def redact_urls_in(text: str) -> str:
 _WITHHELD: dict[str, str] = {}
 
 
-def withhold_argument(value: str, label: str) -> None:
-    """Record the argument `value` (e.g. a task, which is a prompt) as `label` in every
-    run header's command line of this process (content is opt-in: ``--trace-content``)."""
-    if value and value != "-":
-        _WITHHELD[value] = label
+@contextlib.contextmanager
+def withheld_argument(value: str, label: str) -> Iterator[None]:
+    """Within the block, record the argument `value` (e.g. a task, which is a prompt) as
+    `label` in every run header's command line (content is opt-in: ``--trace-content``)."""
+    if not value or value == "-" or value in _WITHHELD:
+        yield
+        return
+    _WITHHELD[value] = label
+    try:
+        yield
+    finally:
+        _WITHHELD.pop(value, None)
 
 
 def redact_argv(argv: Sequence[str], secrets: Sequence[str] = ()) -> list[str]:

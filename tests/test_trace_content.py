@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,10 @@ def span_text(run_dir: Path) -> str:
 
 @pytest.fixture(autouse=True)
 def no_content_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MAS2C_TRACE_CONTENT", raising=False)
+    # setenv first: `mas2c --trace-content` sets the variable in this process; the undo
+    # of setenv removes it again after the test.
+    monkeypatch.setenv("MAS2C_TRACE_CONTENT", "0")
+    monkeypatch.delenv("MAS2C_TRACE_CONTENT")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-content-key")
 
 
@@ -204,4 +208,54 @@ def test_with_trace_content_every_artifact_may_show_it(
     assert all(LEAK.search(e["message"]) for e in failed)
     assert LEAK.search(write_report(run_dir).read_text())
     assert LEAK.search(span_text(run_dir))
-    assert json.loads((run_dir / "run.json").read_text())["trace_content"] is True
+    header = json.loads((run_dir / "run.json").read_text())
+    assert header["trace_content"] is True
+
+    # The readers follow the host's header, not what the trace holds: the same trace in a
+    # folder whose run.json says no content (a forged trace, or one of an earlier version
+    # with checkpoint values and full error messages) shows and sends none of it.
+    (run_dir / "run.json").write_text(json.dumps({**header, "trace_content": False}))
+    page = write_report(run_dir).read_text()
+    assert not LEAK.search(page), LEAK.search(page)
+    assert not LEAK.search(span_text(run_dir))
+
+
+def test_solve_records_its_task_by_size_unless_content_is_traced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`solve`'s task is a prompt: run.json (and so the spans and the report) name its
+    size, not its text; task.txt (what was asked, the solve's own record) keeps it."""
+    from mas2c.lang.validate import load_spec
+    from mas2c.report import write_report
+    from mas2c.testserver import default_responder
+
+    generated = load_spec(Path(__file__).parent.parent / "specs" / "chain-of-thought.yaml")
+
+    def answer(req: ChatRequest) -> ReplyLike:
+        if req.response_format.get("json_schema", {}).get("name") == "mas2c_spec":
+            return generated.to_data()
+        return default_responder(req)
+
+    task = f"Answer questions about {IN_SENTINEL} step by step."
+    given = tmp_path / "in.json"
+    given.write_text(json.dumps({"question": "What is 2 + 2?"}))
+    folders = {}
+    for name, extra in (("plain", []), ("content", ["--trace-content"])):
+        folder = folders[name] = tmp_path / name
+        with LLMTestServer(answer) as server:
+            argv = ["solve", task, "--input", str(given), "--sandbox", "unisolated"]
+            argv += ["--llm", server.base_url, "--run-dir", str(folder), *extra]
+            monkeypatch.setattr(sys, "argv", ["mas2c", *argv])  # what run.json records
+            code = cli_main(argv)
+        assert code == 0, capsys.readouterr().err[-3000:]
+        capsys.readouterr()
+    plain = folders["plain"]
+    header = json.loads((plain / "run-1" / "run.json").read_text())
+    assert f"<task: {len(task)} characters>" in header["command"]
+    assert not LEAK.search(json.dumps(header))
+    assert not LEAK.search(span_text(plain / "run-1"))
+    assert not LEAK.search(write_report(plain).read_text())
+    assert LEAK.search((plain / "task.txt").read_text())
+    content = folders["content"]
+    assert task in json.loads((content / "run-1" / "run.json").read_text())["command"]
+    assert LEAK.search(write_report(content).read_text())

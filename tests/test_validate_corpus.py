@@ -498,7 +498,7 @@ def test_validation_emits_no_python_warnings() -> None:
         "workflow:",
         'tools:\n  t:\n    code: |\n      def t():\n          return "\\d" is 1\nworkflow:',
     ).replace("{role: Solver,", "{role: Solver, tools: [t],")
-    text += '  - {id: loop, kind: loop, max_iterations: 2, until: "draft == \'\\\\d\'", steps: [{id: again, kind: call, agent: solver, prompt: "{{ draft }}", out: draft}]}\n'
+    text += '  - {id: loop, kind: loop, max_iterations: 2, until: "\'\\\\d\' in draft", steps: [{id: again, kind: call, agent: solver, prompt: "{{ draft }}", out: draft}]}\n'
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = validate_text(text, "warnings.yaml")

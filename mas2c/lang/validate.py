@@ -112,6 +112,7 @@ PROBLEM_CODES: dict[str, str] = {
     "MAS910": "a parallel branch writes no variable on every path, so its result is null (warning)",
     "MAS911": "the printed output of a programmer step without `expect_output: true` is read (warning)",
     "MAS912": "a plain yes/no/on/off, which YAML reads as a boolean (warning)",
+    "MAS913": "a condition compares an agent's free text answer with a text literal (warning)",
     "MAS520": "a state variable's reducer does not fit its schema or initial value",
     "MAS521": "a state variable's initial value does not match its schema",
     "MAS522": "a state variable is also an input",
@@ -1638,6 +1639,21 @@ class _Checker:
                 f"`{name}` is one of {', '.join(json.dumps(o) for o in enum)}; "
                 f"it never equals {json.dumps(value)}",
                 hint,
+                position=position,
+            )
+            return
+        agent = schema.get(_TEXT_OF)
+        if agent and isinstance(value, str):
+            self.add(
+                "MAS913",
+                pointer,
+                f"`{name}` is the free text answer of agent `{agent}`: it equals "
+                f"{json.dumps(value)} only when the reply is exactly that text (not "
+                f"{json.dumps(value.capitalize() + '.' if value else 'ok')}, not with a newline)",
+                f"give agent `{agent}` an `output` schema with an enum field (say "
+                f"`{{type: object, properties: {{category: {{enum: [{value}, ...]}}}}, "
+                f"required: [category]}}`) and compare `{name}.category`; the reply is then checked",
+                severity="warning",
                 position=position,
             )
             return
