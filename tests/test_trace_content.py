@@ -208,7 +208,16 @@ def test_with_trace_content_every_artifact_may_show_it(
     assert all(LEAK.search(e["message"]) for e in failed)
     assert LEAK.search(write_report(run_dir).read_text())
     assert LEAK.search(span_text(run_dir))
-    assert json.loads((run_dir / "run.json").read_text())["trace_content"] is True
+    header = json.loads((run_dir / "run.json").read_text())
+    assert header["trace_content"] is True
+
+    # The readers follow the host's header, not what the trace holds: the same trace in a
+    # folder whose run.json says no content (a forged trace, or one of an earlier version
+    # with checkpoint values and full error messages) shows and sends none of it.
+    (run_dir / "run.json").write_text(json.dumps({**header, "trace_content": False}))
+    page = write_report(run_dir).read_text()
+    assert not LEAK.search(page), LEAK.search(page)
+    assert not LEAK.search(span_text(run_dir))
 
 
 def test_solve_records_its_task_by_size_unless_content_is_traced(
