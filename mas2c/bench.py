@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from mas2c import markdown
 from mas2c.batch import (
     Appender,
     BatchError,
@@ -406,11 +407,11 @@ def _markdown(
         if r is None:
             lines.append(f"| {p.key} | - | not run | | | | |")
             continue
-        note = str(r.get("note") or r.get("error") or "").replace("|", "\\|").replace("\n", " ")
+        note = markdown.cell(str(r.get("note") or r.get("error") or "")[:120])
         lines.append(
             f"| {p.key} | {'yes' if r.get('passed') else 'no'} | {r.get('status', '')} | "
             f"{r.get('tokens', 0)} | {float(r.get('cost_usd', 0.0)):.5f} | "
-            f"{float(r.get('total_seconds', 0.0)):.1f} | {note[:120]} |"
+            f"{float(r.get('total_seconds', 0.0)):.1f} | {note} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -554,8 +555,6 @@ def _check_markdown(summary: dict[str, Any], unexpected: Sequence[dict[str, Any]
     if unexpected:
         lines += ["| problem | kind | passed | note |", "| --- | --- | --- | --- |"]
         for r in unexpected:
-            note = (
-                str(r.get("error") or r.get("output") or "").replace("\n", " ").replace("|", "\\|")
-            )
-            lines.append(f"| {r['task_id']} | {r['kind']} | {r['passed']} | {note[:160]} |")
+            note = markdown.cell(str(r.get("error") or r.get("output") or "")[:160])
+            lines.append(f"| {r['task_id']} | {r['kind']} | {r['passed']} | {note} |")
     return "\n".join(lines) + "\n"

@@ -223,6 +223,23 @@ def _error_body(type_: str, code: str, message: str, param: str | None = None) -
 # --------------------------------------------------------------------------- secrets
 
 
+def torn_tail(data: bytes) -> int | None:
+    """Where a cassette's torn last line starts, or None when its last line is whole.
+
+    A torn line is what a crash, a kill or a full disk leaves of the exchange being
+    appended: no final newline, and not JSON. It is no recorded exchange: a replay
+    skips it, and a recording cuts it off before it appends (else the next line would be
+    glued to it and the whole cassette refused)."""
+    if not data or data.endswith(b"\n"):
+        return None
+    start = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[start:])
+    except (ValueError, RecursionError):
+        return start
+    return None
+
+
 def record_target_problem(path: Path) -> str | None:
     """Why `--record PATH` must not be written, or None: it is appended to, so it must be
     a new file in an existing folder (no folder is created), a cassette (JSON lines of
@@ -241,13 +258,14 @@ def record_target_problem(path: Path) -> str | None:
     if not stat.S_ISREG(mode):
         return None  # /dev/null, a FIFO: written in place
     try:
-        with path.open("rb") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                entry = json.loads(line)
-                if not isinstance(entry, dict) or not isinstance(entry.get("response"), dict):
-                    raise ValueError(f"line {number} is no recorded exchange")
+        data = path.read_bytes()
+        whole = data[: torn_tail(data)]  # a torn last line is cut off by the recording
+        for number, line in enumerate(whole.splitlines(), 1):
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or not isinstance(entry.get("response"), dict):
+                raise ValueError(f"line {number} is no recorded exchange")
     except OSError as exc:
         return exc.strerror or str(exc)
     except (ValueError, RecursionError) as exc:
@@ -1748,7 +1766,10 @@ class Gateway:
 
     def _load_cassette(self, path: Path) -> None:
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
+            text = data[: torn_tail(data)].decode("utf-8")  # a torn last line: no exchange
+        except UnicodeDecodeError as exc:
+            raise GatewayError(f"cannot read replay cassette {path}: not UTF-8 ({exc})") from None
         except FileNotFoundError:
             if self.replay_misses == "forward":
                 return  # recording a new cassette
@@ -1792,6 +1813,7 @@ class Gateway:
         sock = self._listen(path)
         if self.record_path is not None:  # (the CLI refuses a --record in a missing folder)
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
+            self._cut_torn_tail(self.record_path)
             self._record_file = self.record_path.open("a", encoding="utf-8")
         self._http = _AsyncHttp(self, sock)
         try:
@@ -2360,6 +2382,19 @@ class Gateway:
                 "what is missing with --record and --replay on the same file",
             ),
         )
+
+    @staticmethod
+    def _cut_torn_tail(path: Path) -> None:
+        """Before appending to a cassette: cut off a torn last line (see `torn_tail`), so
+        the first new exchange starts a line of its own. A device is left alone."""
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                return
+        except FileNotFoundError:
+            return
+        cut = torn_tail(path.read_bytes())
+        if cut is not None:
+            os.truncate(path, cut)
 
     def _record(
         self, key: str, body: dict[str, Any], resp: dict[str, Any], agent: str, step: str

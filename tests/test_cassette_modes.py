@@ -113,3 +113,30 @@ def test_record_never_corrupts_another_file_nor_creates_folders(tmp_path: Path) 
             assert error["code"] == "usage" and words in error["message"], error
         assert spec.read_text() == SPEC and not (tmp_path / "no").exists()
         assert not (tmp_path / "r").exists() and srv.requests == []
+
+
+def test_a_cassette_torn_by_a_crash_is_still_a_cassette(tmp_path: Path) -> None:
+    """A kill, Ctrl-C or full disk while an exchange is appended leaves a torn last line
+    (no newline, not JSON). It refused the whole cassette, for replay and for recording
+    alike: hours of recorded calls lost to one cut line. Now a replay skips it (its
+    exchange is a miss, loudly in strict mode), and a recording cuts it off first, so the
+    cassette stays JSON lines."""
+    cassette = tmp_path / "c.jsonl"
+    with LLMTestServer(Script([(r"capital", "Paris"), (r"Again", "Still Paris")])) as srv:
+        llm = ("--llm", srv.base_url)
+        rc, _, err = run(tmp_path, "Again:", "--record", str(cassette), *llm, name="rec")
+        assert rc == 0, err
+        whole = cassette.read_bytes()
+        cassette.write_bytes(whole[: whole.rindex(b"\n", 0, len(whole) - 1) + 1 + 40])  # torn
+        rc, usage, err = run(tmp_path, "Again:", "--replay", str(cassette), name="strict")
+        assert rc != 0 and "cassette miss" in err and "not a JSON line" not in err
+        assert usage["replayed"] == 1 and usage["cassette_misses"] == 1
+        srv.reset_counters()
+        flags = ("--record", str(cassette), "--replay", str(cassette), *llm)
+        rc, usage, err = run(tmp_path, "Again:", *flags, name="fill")
+        assert rc == 0, err
+        assert usage["replayed"] == 1 and len(srv.requests) == 1
+    lines = cassette.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["response"] for line in lines)
+    rc, usage, err = run(tmp_path, "Again:", "--replay", str(cassette), name="again")
+    assert rc == 0 and usage["replayed"] == 2, err
