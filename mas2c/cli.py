@@ -689,6 +689,10 @@ def _add_image_verb(verbs: Any) -> None:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from mas2c import sandbox
 
+    if args.pool_action and args.action != "pool":  # `sandbox prune stop` would prune
+        raise UsageError(
+            f"{args.pool_action!r} is an action of `sandbox pool`, not of `sandbox {args.action}`"
+        )
     if args.action == "build":
         tag = sandbox.build_image(base=args.base, tag=args.tag, on_progress=_progress)
         return _finish(args, True, {"image": tag}, f"built {tag}")

@@ -605,6 +605,25 @@ def test_sandbox_actions_with_the_daemon_down_are_one_clear_line(
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("action", ["build", "status", "prune"])
+def test_a_pool_action_after_another_sandbox_action_is_a_usage_error(
+    tmp_path: Path, action: str
+) -> None:
+    """`sandbox prune stop` pruned (and `sandbox build start` built), ignoring the word:
+    now a usage error before the daemon is asked anything."""
+    env = cli_env(DOCKER_HOST="unix:///nonexistent/docker.sock")
+    proc = mas2c("sandbox", action, "stop", "--json", cwd=tmp_path, env=env, inprocess=True)
+    assert proc.returncode == 2, proc.stdout
+    error = document(proc)["error"]
+    assert error["code"] == "usage" and "`sandbox pool`" in error["message"], error
+
+
+def test_report_of_a_file_says_it_is_not_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "in.json").write_text("{}")
+    proc = mas2c("report", "in.json", "--json", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 2 and "in.json: not a folder" in document(proc)["error"]["message"]
+
+
 def test_validate_json_is_one_document_for_one_file_and_for_two() -> None:
     one = mas2c("validate", COT, "--json", cwd=ROOT, inprocess=True)
     two = mas2c("validate", COT, DEBATE, "--json", cwd=ROOT, inprocess=True)
