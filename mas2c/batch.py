@@ -68,7 +68,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from mas2c.errors import RunFailure, terminal_safe
 from mas2c.files import build_replaceable, check_owned_folder, write_text_atomic
@@ -892,8 +892,39 @@ def read_results(path: Path) -> dict[str, dict[str, Any]]:
         except ValueError:
             continue
         if isinstance(row, dict) and isinstance(row.get("key"), str):
-            rows[row["key"]] = row
+            rows[row["key"]] = sane_numbers(row)
     return rows
+
+
+_ROW_COUNTS = ("llm_calls", "prompt_tokens", "completion_tokens", "tokens")
+_ROW_AMOUNTS = ("cost_usd", "seconds", "score_seconds", "total_seconds")
+
+
+def sane_numbers(row: dict[str, Any]) -> dict[str, Any]:
+    """A results.jsonl row (a file that may have been edited or come from elsewhere) with
+    numbers every reader can use: counts whole and not negative, amounts finite and not
+    negative (a NaN or negative cost would hide spending from the cost cap), `passed` a
+    bool, `score` in [0, 1]; anything else becomes 0 (a score: 1 if passed, else 0)."""
+    out = dict(row)
+    for name in _ROW_COUNTS:
+        value = out.get(name)
+        if name in out and not (_is_number(value) and isinstance(value, int) and value >= 0):
+            out[name] = 0
+    for name in _ROW_AMOUNTS:
+        value = out.get(name)
+        if name in out:
+            sane = _is_number(value) and math.isfinite(value) and value >= 0
+            out[name] = float(value) if sane and _is_number(value) else 0.0
+    if "passed" in out:
+        out["passed"] = out["passed"] is True
+    score = out.get("score")
+    if "score" in out and not (_is_number(score) and 0 <= score <= 1):
+        out["score"] = 1.0 if out.get("passed") is True else 0.0
+    return out
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class Appender:
@@ -1834,7 +1865,8 @@ def _quick_config(options: BatchOptions) -> dict[str, Any]:
 
 def _cost(row: Mapping[str, Any]) -> float:
     value = row.get("cost_usd", 0.0)
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else 0.0
+    sane = _is_number(value) and math.isfinite(value) and value >= 0
+    return float(value) if sane and _is_number(value) else 0.0
 
 
 _UPSTREAMS: dict[str, Any] = {}

@@ -1019,3 +1019,30 @@ def test_hostile_predictions_and_errors_are_plain_text_in_report_md() -> None:
     assert "\n# heading" not in text
     assert not re.search(r"(?<!\\)\[", "".join(table))  # brackets escaped: no link, no image
     assert "<img" not in text and "&lt;img" in text
+
+
+def test_a_results_file_with_insane_numbers_is_read_with_sane_ones(tmp_path: Path) -> None:
+    """results.jsonl is the resume point, and a run folder may be edited or come from
+    elsewhere: a NaN, negative or non-numeric cost, count, time or score no longer crashes
+    the summary (float('x')) or hides spending from the cost cap (a negative cost)."""
+    from mas2c.batch import Row, _cost, read_results, report, summarize
+
+    path = tmp_path / "results.jsonl"
+    lines = [
+        '{"key": "a", "status": "ok", "passed": true, "score": "x", "cost_usd": -1e9, '
+        '"tokens": "many", "llm_calls": 2.5, "total_seconds": NaN}',
+        '{"key": "b", "status": "ok", "passed": "yes", "score": 7, "cost_usd": Infinity, '
+        '"tokens": -4, "llm_calls": true, "total_seconds": "slow"}',
+        '{"key": "c", "status": "ok", "passed": false, "score": 0.5, "cost_usd": 0.25, '
+        '"tokens": 10, "llm_calls": 1, "total_seconds": 2.0}',
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    done = read_results(path)
+    assert [(r["passed"], r["score"], _cost(r), r["tokens"]) for r in done.values()] == [
+        (True, 1.0, 0.0, 0), (False, 0.0, 0.0, 0), (False, 0.5, 0.25, 10)
+    ]  # fmt: skip
+    rows = [Row(key=k, index=i, data={}) for i, k in enumerate("abc")]
+    summary = summarize(rows, done, {}, 1.0, [], None)
+    json.dumps(summary, allow_nan=False)
+    assert (summary["cost_usd"], summary["tokens"], summary["llm_calls"]) == (0.25, 10, 1)
+    assert "| c |" in report(rows, done, summary)
