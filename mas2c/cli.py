@@ -234,14 +234,14 @@ def _load(path_text: str) -> Any:
 
 def _load_with_text(path_text: str) -> tuple[Any, str | None]:
     """`_load`, and for stdin the text read (to edit it as a round trip; a file is reread)."""
-    from mas2c.lang.validate import SpecInvalid, load_spec, validate_text
+    from mas2c.lang.validate import SpecInvalid, load_spec, validate_bytes
 
     if path_text == STDIO:
-        text = sys.stdin.read()
-        report = validate_text(text, "<stdin>")
+        raw = _stdin_spec_bytes()
+        report = validate_bytes(raw)
         if report.spec is None or not report.ok:
             raise SpecInvalid(report)
-        return report.spec, text
+        return report.spec, raw.decode("utf-8")  # valid, so UTF-8; CRLF line ends kept
     path = _readable_file(path_text, "spec file")
     try:
         return load_spec(path), None
@@ -249,9 +249,32 @@ def _load_with_text(path_text: str) -> tuple[Any, str | None]:
         raise UsageError(f"{path_text}: {exc.strerror or exc}") from None
 
 
+def _stdin_spec_bytes() -> bytes:
+    """A spec on stdin, as bytes: at most one byte past the spec size limit is read, and
+    decoding is the validator's (not UTF-8 is MAS001 at <stdin>, as for a file)."""
+    from mas2c.lang.source import MAX_SPEC_BYTES
+
+    return sys.stdin.buffer.read(MAX_SPEC_BYTES + 1)
+
+
+def _utf8_text(text: str, what: str) -> str:
+    """`text` if it is text; bytes that are not UTF-8 (stdin, or an argument, which Python
+    holds as lone surrogates) are a usage error naming `what`, never a traceback later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"{what} is not UTF-8 text (at character {exc.start})") from None
+    return text
+
+
 def _task(text: str) -> str:
     if text == STDIO:
-        text = sys.stdin.read()
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"the task on <stdin> is not UTF-8 text (byte {exc.start})") from None
+    _utf8_text(text, "the task")
     if not text.strip():
         raise UsageError("the task is empty; say what the system should do")
     return text
@@ -261,7 +284,7 @@ def _task(text: str) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mas2c.lang.validate import validate_file, validate_text
+    from mas2c.lang.validate import validate_bytes, validate_file
 
     if args.spec.count(STDIO) > 1:
         raise UsageError("stdin (-) can be read only once")
@@ -272,7 +295,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for name in args.spec:
         try:
             if name == STDIO:
-                report = validate_text(sys.stdin.read(), "<stdin>")
+                report = validate_bytes(_stdin_spec_bytes())
             else:
                 try:
                     report = validate_file(_readable_file(name, "spec file"))
@@ -689,6 +712,10 @@ def _add_image_verb(verbs: Any) -> None:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from mas2c import sandbox
 
+    if args.pool_action and args.action != "pool":  # `sandbox prune stop` would prune
+        raise UsageError(
+            f"{args.pool_action!r} is an action of `sandbox pool`, not of `sandbox {args.action}`"
+        )
     if args.action == "build":
         tag = sandbox.build_image(base=args.base, tag=args.tag, on_progress=_progress)
         return _finish(args, True, {"image": tag}, f"built {tag}")
@@ -1161,6 +1188,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError("--workers, --limit and --pilot must be at least 1")
     if args.address and args.engine != "ray":
         raise UsageError("--address is for --engine ray")
+    if args.solve is not None:
+        _utf8_text(args.solve, "the --solve task")
     try:
         mapping = parse_mapping(args.map or [])
     except BatchError as exc:

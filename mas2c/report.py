@@ -139,7 +139,8 @@ def _dict(value: Any) -> dict[str, Any]:
 def folder_kind(folder: Path) -> str:
     """solve, batch, run (possibly with rectify rounds) — or a ReportError."""
     if not folder.is_dir():
-        raise ReportError(f"{folder}: no such folder")
+        why = "not a folder" if folder.exists() else "no such folder"
+        raise ReportError(f"{folder}: {why}")
     summary = read_json_file(folder / "summary.json")
     if regular_file(folder / "task.txt") and isinstance(summary, dict) and "phases" in summary:
         return "solve"

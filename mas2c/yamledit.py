@@ -60,7 +60,7 @@ def edit_spec_file(path: Path, before: Spec, after: Spec) -> str:
     """The text of spec file `path` (which loads to `before`) edited to `after`; a fresh dump
     of `after` when the file cannot be read as it was."""
     try:
-        text = path.read_text("utf-8")
+        text = path.read_bytes().decode("utf-8")  # as it is: CRLF line ends are kept
     except (OSError, UnicodeDecodeError):
         from mas2c.generate import spec_to_yaml
 

@@ -605,6 +605,25 @@ def test_sandbox_actions_with_the_daemon_down_are_one_clear_line(
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("action", ["build", "status", "prune"])
+def test_a_pool_action_after_another_sandbox_action_is_a_usage_error(
+    tmp_path: Path, action: str
+) -> None:
+    """`sandbox prune stop` pruned (and `sandbox build start` built), ignoring the word:
+    now a usage error before the daemon is asked anything."""
+    env = cli_env(DOCKER_HOST="unix:///nonexistent/docker.sock")
+    proc = mas2c("sandbox", action, "stop", "--json", cwd=tmp_path, env=env, inprocess=True)
+    assert proc.returncode == 2, proc.stdout
+    error = document(proc)["error"]
+    assert error["code"] == "usage" and "`sandbox pool`" in error["message"], error
+
+
+def test_report_of_a_file_says_it_is_not_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "in.json").write_text("{}")
+    proc = mas2c("report", "in.json", "--json", cwd=tmp_path, inprocess=True)
+    assert proc.returncode == 2 and "in.json: not a folder" in document(proc)["error"]["message"]
+
+
 def test_validate_json_is_one_document_for_one_file_and_for_two() -> None:
     one = mas2c("validate", COT, "--json", cwd=ROOT, inprocess=True)
     two = mas2c("validate", COT, DEBATE, "--json", cwd=ROOT, inprocess=True)
@@ -802,6 +821,79 @@ def _cli(argv: list[str], tmp_path: Path, stdin: str = "") -> subprocess.Complet
         env=cli_env(),
         timeout=120,
     )
+
+
+def _cli_bytes(argv: list[str | bytes], tmp_path: Path, stdin: bytes) -> tuple[int, bytes, str]:
+    """The CLI with bytes in and out: no newline translation, no decoding by the test."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mas2c.cli", *argv], input=stdin, capture_output=True,
+        cwd=tmp_path, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace")
+
+
+def test_configure_keeps_a_crlf_spec_as_it_is_but_the_binding(tmp_path: Path) -> None:
+    """A spec saved with CRLF line ends (Windows) was read with newlines translated, so
+    `configure` rewrote every line of it (LF) for a three-line binding; from a file and
+    from stdin alike, it now adds those lines, with CRLF, and changes nothing else."""
+    from collections import Counter
+
+    text = COT.read_text().replace("    model: main\n", "", 1).replace("\n", "\r\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes(text.encode())
+    pool = _pool(tmp_path)
+    argv: list[str | bytes] = ["configure", "spec.yaml", "--pool", str(pool), "--rule"]
+    code, _, err = _cli_bytes([*argv, "-o", "out.yaml"], tmp_path, b"")
+    assert code == 0, err
+    argv[1] = "-"
+    code, from_stdin, err = _cli_bytes(argv, tmp_path, text.encode())
+    assert code == 0, err
+    for out in ((tmp_path / "out.yaml").read_bytes(), from_stdin):
+        before, after = text.encode().split(b"\r\n"), out.split(b"\r\n")
+        assert b"\n" not in b"".join(after), "every line ends with CRLF"
+        added = Counter(after) - Counter(before)
+        assert not Counter(before) - Counter(after), "no line of the user's is lost"
+        assert sorted(a.strip() for a in added.elements()) == [
+            b"m:", b"model: gpt-4o-mini", b"model: m"
+        ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "-", "--llm", "{url}", "-o", "-"],
+        ["solve", "-", "--input", "in.json", "--llm", "{url}", "--sandbox", "unisolated"],
+        ["validate", "-"],
+        ["configure", "-", "--pool", "pool.json", "--rule"],
+        ["generate", b"a task \xff", "--llm", "{url}", "-o", "-"],
+        ["batch", "in.jsonl", "--solve", b"a task \xff", "--sandbox", "unisolated"],
+    ],
+    ids=["generate-stdin", "solve-stdin", "validate-stdin", "configure-stdin", "generate-arg",
+         "batch-solve-arg"],
+)  # fmt: skip
+def test_text_that_is_not_utf8_is_refused_in_one_line(
+    argv: list[str | bytes], tmp_path: Path, llm_server: LLMTestServer
+) -> None:
+    """A task or a spec that is not UTF-8 (on stdin, or an argument): `generate -` and
+    `solve -` ended in a UnicodeEncodeError traceback after the LLM was asked. Now one
+    coded line: usage (exit 2) for a task, MAS001 at <stdin> (exit 1) for a spec, as for
+    a file; no LLM request, no folder."""
+    _pool(tmp_path)
+    write_json(tmp_path / "in.json", QUESTION)
+    argv = [a.format(url=llm_server.base_url) if isinstance(a, str) else a for a in argv]
+    code, out, err = _cli_bytes([*argv, "--json"], tmp_path, b'spec_version: "1"\n\xff\n')
+    data = json.loads(out)
+    assert "Traceback" not in err and data["ok"] is False, err
+    if argv[0] in ("validate", "configure"):
+        report = data["reports"][0] if argv[0] == "validate" else data["error"]["report"]
+        assert code == 1 and report["problems"][0]["code"] == "MAS001", data
+        assert "not UTF-8 text" in report["problems"][0]["message"]
+        assert report["path"] == "<stdin>" if argv[0] == "validate" else "<stdin>" in err
+    else:
+        assert code == 2 and data["error"]["code"] == "usage", data
+        assert "is not UTF-8 text" in data["error"]["message"]
+    assert llm_server.requests == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.json", "pool.json"]
 
 
 def test_dash_reads_a_spec_or_a_dataset_wherever_one_is_read(

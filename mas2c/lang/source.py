@@ -303,6 +303,12 @@ def load_file(path: str | Path) -> SpecSource:
     path = Path(path)
     with path.open("rb") as handle:
         raw = handle.read(MAX_SPEC_BYTES + 1)
+    return parse_bytes(raw, str(path))
+
+
+def parse_bytes(raw: bytes, path: str = "<string>") -> SpecSource:
+    """`parse_text` of bytes read from a file or stdin (at most ``MAX_SPEC_BYTES + 1`` of
+    them): SourceError if they are too many or not UTF-8."""
     if len(raw) > MAX_SPEC_BYTES:
         raise SourceError(f"the file is larger than {MAX_SPEC_BYTES} bytes: not a spec")
     try:
@@ -311,7 +317,7 @@ def load_file(path: str | Path) -> SpecSource:
         raise SourceError(
             f"not UTF-8 text (byte {exc.start})", hint="specs are YAML or JSON text saved as UTF-8"
         ) from None
-    return parse_text(text, str(path))
+    return parse_text(text, path)
 
 
 def position_in_value(source: SpecSource, pointer: str, offset: int) -> Position | None:

@@ -33,6 +33,7 @@ from mas2c.lang.source import (
     SpecSource,
     escape_token,
     load_file,
+    parse_bytes,
     parse_text,
     position_in_value,
     resolve,
@@ -224,6 +225,15 @@ def validate_file(path: str | Path) -> Report:
 def validate_text(text: str, path: str = "<string>") -> Report:
     try:
         source = parse_text(text, path)
+    except SourceError as exc:
+        return _source_failure(path, exc)
+    return validate_source(source)
+
+
+def validate_bytes(raw: bytes, path: str = "<stdin>") -> Report:
+    """`validate_text` of bytes (stdin): too many or not UTF-8 is MAS001, as for a file."""
+    try:
+        source = parse_bytes(raw, path)
     except SourceError as exc:
         return _source_failure(path, exc)
     return validate_source(source)
@@ -2365,6 +2375,7 @@ __all__ = [
     "SpecInvalid",
     "did_you_mean",
     "load_spec",
+    "validate_bytes",
     "validate_file",
     "validate_source",
     "validate_text",

@@ -1669,7 +1669,8 @@ def rectify(
     source = SpecText(spec_yaml(spec), "spec.yaml", json_text=False)
     if origin is not None:
         with contextlib.suppress(OSError, UnicodeDecodeError):
-            source = SpecText(origin.read_text("utf-8"), origin.name, origin.suffix == ".json")
+            text = origin.read_bytes().decode("utf-8")  # as it is: CRLF line ends are kept
+            source = SpecText(text, origin.name, origin.suffix == ".json")
     target = rectified_path(run_dir, origin, spec) if write else None
     if target is not None and origin is not None and not overwrite:
         _refuse_existing(target)
