@@ -259,3 +259,42 @@ def test_solve_records_its_task_by_size_unless_content_is_traced(
     content = folders["content"]
     assert task in json.loads((content / "run-1" / "run.json").read_text())["command"]
     assert LEAK.search(write_report(content).read_text())
+
+
+def test_the_checkpoint_store_is_read_as_hostile_input(tmp_path: Path) -> None:
+    """checkpoints.jsonl comes from the sandbox: each line is typed (a key that is a path,
+    a pointer that is no top-level step, writes that are no object are located errors), a
+    torn last line (a program killed mid-write) is skipped, and only valid hex keys ever
+    name a file when a rectify round offers them."""
+    from mas2c.rectify import RectifyError, offer_checkpoints
+    from mas2c.runfolder import RunFolderError, read_checkpoints
+
+    key = "ab" * 32
+    good = {"step": "one", "pointer": "/workflow/0", "key": key, "writes": {"x": 1}}
+    store = tmp_path / "checkpoints.jsonl"
+    store.write_text(json.dumps(good) + "\n" + '{"step": "two", "poin')
+    (saved,) = read_checkpoints(store)
+    assert saved.writes == {"x": 1}
+    for bad, where in (
+        ({**good, "key": "../../etc/passwd"}, "/key"),
+        ({**good, "pointer": "/tools/x"}, "/pointer"),
+        ({**good, "writes": ["x"]}, "/writes"),
+        ({**good, "step": "a/b"}, "/step"),
+    ):
+        store.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(RunFolderError, match=rf"checkpoints\.jsonl:2: checkpoint: at {where}"):
+            read_checkpoints(store)
+    store.write_text("[" * 100_000 + "\n" + json.dumps(good) + "\n")
+    with pytest.raises(RunFolderError, match=r"checkpoints\.jsonl:1"):
+        read_checkpoints(store)
+    # rectify reads the folder through the contract: one clear error, no traceback
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text('{"status": "error", "error": {"type": "X"}}')
+    (run_dir / "checkpoints.jsonl").write_text(json.dumps({**good, "key": "../x"}) + "\n")
+    from mas2c.rectify import read_run
+
+    with pytest.raises(RectifyError, match=r"checkpoints\.jsonl:1"):
+        read_run(run_dir)
+    offer_checkpoints(tmp_path / "build", {"../x": {**good, "key": "../x"}, key: good})
+    assert [p.name for p in (tmp_path / "build" / "checkpoints").iterdir()] == [f"{key}.json"]
