@@ -26,7 +26,9 @@ in ``RunTrace.problems``.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -36,7 +38,7 @@ import re
 import stat
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,7 +253,7 @@ class RunTrace:
     def by_kind(self, kind: str) -> list[Span]:
         return [s for s in self.spans if s.kind == kind]
 
-    @property
+    @functools.cached_property
     def content(self) -> bool:
         """Whether the run traced its content (``--trace-content``): the host's ``run.json``
         says so, else (a folder without one) the program's ``run_start``. Readers show or
@@ -391,6 +393,7 @@ class _Builder:
         self.header = header
         self.events = events
         self.spans: list[Span] = []
+        self._step_index = _SpanIndex(())
         self.seen: set[str] = set()
         first = events[0] if events else {}
         self.base = self._base(first)
@@ -461,6 +464,7 @@ class _Builder:
             self.spans.append(run_span)
         root = run_span.span_id if run_span else (host.span_id if host else None)
         self._steps(root, last)
+        self._step_index = _SpanIndex(s for s in self.spans if s.kind == "step")
         for index, e in enumerate(events):
             kind = {"llm_call": "llm", "tool_call": "tool", "exec": "exec"}.get(e["event"])
             if kind is not None:
@@ -557,19 +561,17 @@ class _Builder:
         """Steps (and fallbacks) without a parent id: the innermost earlier one whose
         pointer encloses theirs."""
         steps = [s for s in self.spans if s.kind in ("step", "fallback")]
+        index = _SpanIndex(steps)
         for span in steps:
             if span.parent_id is not None:
                 continue
-            pointer = _text(span.attrs.get("pointer"))
-            enclosing = [
-                s
-                for s in steps
-                if s is not span
-                and _text(s.attrs.get("pointer"))
-                and pointer.startswith(_text(s.attrs.get("pointer")) + "/")
-                and s.start <= span.start <= s.end
-            ]
-            best = max(enclosing, key=lambda s: len(_text(s.attrs.get("pointer"))), default=None)
+            # the enclosing pointers, innermost first ("/a/b/c": "/a/b", then "/a")
+            parts = _text(span.attrs.get("pointer")).split("/")
+            best = None
+            for end in range(len(parts) - 1, 1, -1):
+                best = index.around("/".join(parts[:end]), span.start, skip=span)
+                if best is not None:
+                    break
             span.parent_id = best.span_id if best else root
 
     def _leaf(self, kind: str, e: dict[str, Any], index: int, root: str | None) -> Span:
@@ -597,14 +599,40 @@ class _Builder:
         return Span(span_id, parent, kind, name, min(start, end), end, status, attrs)
 
     def _step_at(self, pointer: str, at: float) -> str | None:
-        matches = [
-            s
-            for s in self.spans
-            if s.kind == "step"
-            and s.attrs.get("pointer") == pointer
-            and s.start - 0.005 <= at <= s.end + 0.005
-        ]
-        return matches[-1].span_id if matches else None
+        found = self._step_index.around(pointer, at, slack=0.005)
+        return found.span_id if found else None
+
+
+class _SpanIndex:
+    """Step spans by pointer, sorted by start: which one of a pointer was running at a
+    time, in O(log n) (older traces nest by pointer and time; a trace may hold 200 000
+    events, so never a scan of every span per span)."""
+
+    SCAN = 64  # spans of one pointer looked at, latest start first, for one that encloses
+
+    def __init__(self, spans: Iterable[Span]) -> None:
+        self._spans: dict[str, list[Span]] = {}
+        for span in spans:
+            pointer = _text(span.attrs.get("pointer"))
+            if pointer:
+                self._spans.setdefault(pointer, []).append(span)
+        self._starts: dict[str, list[float]] = {}
+        for pointer, found in self._spans.items():
+            found.sort(key=lambda s: s.start)
+            self._starts[pointer] = [s.start for s in found]
+
+    def around(
+        self, pointer: str, at: float, *, slack: float = 0.0, skip: Span | None = None
+    ) -> Span | None:
+        """The latest-starting span at `pointer` with start <= at <= end (± slack)."""
+        spans = self._spans.get(pointer)
+        if not spans:
+            return None
+        stop = bisect.bisect_right(self._starts[pointer], at + slack)
+        for span in reversed(spans[max(0, stop - self.SCAN) : stop]):
+            if span is not skip and span.end + slack >= at:
+                return span
+        return None
 
 
 def _parents_first(spans: list[Span]) -> list[Span]:

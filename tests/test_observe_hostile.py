@@ -10,6 +10,7 @@ accepts the POST, started here.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import threading
@@ -91,8 +92,9 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def receiver() -> Iterator[str]:
+@contextlib.contextmanager
+def otlp_receiver() -> Iterator[str]:
+    """A loopback OTLP/HTTP endpoint that accepts every POST (its bodies: `_Receiver.bodies`)."""
     _Receiver.bodies = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -102,6 +104,12 @@ def receiver() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[str]:
+    with otlp_receiver() as url:
+        yield url
 
 
 def test_report_of_a_hostile_trace_says_what_was_skipped(

@@ -23,6 +23,7 @@ import pytest
 
 from mas2c.cli import main as cli_main
 from mas2c.testserver import ChatRequest, LLMTestServer, Reply, ReplyLike, ToolCall
+from tests.test_observe_hostile import _Receiver, otlp_receiver
 
 IN_SENTINEL = "zqxinputsentinel"
 OUT_SENTINEL = "zqxanswersentinel"
@@ -259,3 +260,96 @@ def test_solve_records_its_task_by_size_unless_content_is_traced(
     content = folders["content"]
     assert task in json.loads((content / "run-1" / "run.json").read_text())["command"]
     assert LEAK.search(write_report(content).read_text())
+
+
+def test_the_checkpoint_store_is_read_as_hostile_input(tmp_path: Path) -> None:
+    """checkpoints.jsonl comes from the sandbox: each line is typed (a key that is a path,
+    a pointer that is no top-level step, writes that are no object are located errors), a
+    torn last line (a program killed mid-write) is skipped, and only valid hex keys ever
+    name a file when a rectify round offers them."""
+    from mas2c.rectify import RectifyError, offer_checkpoints
+    from mas2c.runfolder import RunFolderError, read_checkpoints
+
+    key = "ab" * 32
+    good = {"step": "one", "pointer": "/workflow/0", "key": key, "writes": {"x": 1}}
+    store = tmp_path / "checkpoints.jsonl"
+    store.write_text(json.dumps(good) + "\n" + '{"step": "two", "poin')
+    (saved,) = read_checkpoints(store)
+    assert saved.writes == {"x": 1}
+    for bad, where in (
+        ({**good, "key": "../../etc/passwd"}, "/key"),
+        ({**good, "pointer": "/tools/x"}, "/pointer"),
+        ({**good, "writes": ["x"]}, "/writes"),
+        ({**good, "step": "a/b"}, "/step"),
+    ):
+        store.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(RunFolderError, match=rf"checkpoints\.jsonl:2: checkpoint: at {where}"):
+            read_checkpoints(store)
+    store.write_text("[" * 100_000 + "\n" + json.dumps(good) + "\n")
+    with pytest.raises(RunFolderError, match=r"checkpoints\.jsonl:1"):
+        read_checkpoints(store)
+    # rectify reads the folder through the contract: one clear error, no traceback
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text('{"status": "error", "error": {"type": "X"}}')
+    (run_dir / "checkpoints.jsonl").write_text(json.dumps({**good, "key": "../x"}) + "\n")
+    from mas2c.rectify import read_run
+
+    with pytest.raises(RectifyError, match=r"checkpoints\.jsonl:1"):
+        read_run(run_dir)
+    offer_checkpoints(tmp_path / "build", {"../x": {**good, "key": "../x"}, key: good})
+    assert [p.name for p in (tmp_path / "build" / "checkpoints").iterdir()] == [f"{key}.json"]
+
+
+ECHO_SPEC = """
+spec_version: "1"
+name: echo-probe
+description: One call whose first request the endpoint refuses, quoting the prompt.
+inputs:
+  question: {type: string}
+outputs:
+  answer: answer
+models:
+  m: {model: test-model}
+agents:
+  plain: {role: Plain answerer, instructions: Answer., model: m}
+workflow:
+  - id: ask
+    kind: call
+    agent: plain
+    prompt: "Ask {{ question }}"
+    out: answer
+    fallback:
+      - {id: ask_again, kind: call, agent: plain, prompt: "Again {{ question }}", out: answer}
+"""
+
+
+def test_live_and_exported_spans_carry_no_content(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mas2c run --otel URL` against a real OTLP/HTTP endpoint (a loopback server): the
+    endpoint refuses the first request with an error that quotes the prompt (as some
+    servers do); neither the gateway's live span nor the run's exported spans carry it,
+    nor any prompt or answer. The OTLP bodies are protobuf: their strings are raw UTF-8."""
+    spec = tmp_path / "echo.yaml"
+    spec.write_text(ECHO_SPEC)
+    given = tmp_path / "in.json"
+    given.write_text(json.dumps({"question": f"what is {IN_SENTINEL}?"}))
+    with (
+        otlp_receiver() as receiver,
+        LLMTestServer(lambda _req: f"answer {OUT_SENTINEL}") as server,
+    ):
+        server.inject("status", 1, status=400, message=lambda req: f"bad: {req.last_user}")
+        argv = ["run", str(spec), "--input", str(given), "--sandbox", "unisolated"]
+        argv += ["--llm", server.base_url, "--run-dir", str(tmp_path / "run")]
+        code = cli_main([*argv, "--otel", receiver])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert LEAK.search(out)  # the product
+    trace = (tmp_path / "run" / "trace.jsonl").read_text()
+    assert "BadRequestError (HTTP 400)" in trace and not LEAK.search(trace)
+    sent = b"".join(_Receiver.bodies).decode("utf-8", errors="replace")
+    assert "gateway test-model" in sent and "chat test-model" in sent  # live, then the run
+    assert "HTTP 400" in sent
+    assert not LEAK.search(sent), LEAK.search(sent)
+    assert not LEAK.search(err)
