@@ -1722,6 +1722,11 @@ def _exit_now(code: int) -> NoReturn:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A file name that is not UTF-8 (Python holds its bytes as lone surrogates) is shown
+    # as `\udcff`, also inside JSON (a valid escape there), never a UnicodeEncodeError;
+    # stdout stays UTF-8 whatever the locale's error handler.
+    with contextlib.suppress(AttributeError, ValueError):  # not a text stream (a test's)
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     options = argv[: argv.index("--")] if "--" in argv else argv
     as_json = any(_is_json_flag(a) for a in options)
     parser = build_parser()

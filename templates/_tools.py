@@ -194,9 +194,57 @@ async def invoke_tool(
         )
 
 
+# A JSON list given to a parameter annotated as one of these arrives as it (set[str] too).
+_COLLECTIONS: dict[str, type] = {
+    "set": set,
+    "Set": set,
+    "frozenset": frozenset,
+    "FrozenSet": frozenset,
+    "tuple": tuple,
+    "Tuple": tuple,
+}
+_COLLECTION_NAME = re.compile(r"\s*(?:typing\.)?([A-Za-z]+)\s*(?:\[|$)")
+
+
+def _collection_of(annotation: Any) -> type | None:
+    """``set``, ``frozenset`` or ``tuple`` if a parameter's annotation is one of them
+    (``set[int]``, ``typing.Tuple[int, int]``, also as a string), else None."""
+    if isinstance(annotation, str):
+        match = _COLLECTION_NAME.match(annotation)
+        return _COLLECTIONS.get(match.group(1)) if match else None
+    if annotation in (set, frozenset, tuple):
+        return annotation  # type: ignore[no-any-return]
+    origin = getattr(annotation, "__origin__", None)
+    return origin if origin in (set, frozenset, tuple) else None
+
+
+def python_arguments(
+    tool: ToolDef, function: Callable[..., Any], args: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The arguments as the tool's annotations ask: JSON has only lists, so a list given
+    to a ``set``, ``frozenset`` or ``tuple`` parameter becomes one (``len`` of a
+    ``set[str]`` counts distinct items, as the tool's author meant). Items a set cannot
+    hold (lists, objects) are a ToolError naming the argument."""
+    annotations = getattr(function, "__annotations__", None) or {}
+    converted = dict(args)
+    for name, value in args.items():
+        kind = _collection_of(annotations.get(name))
+        if kind is None or not isinstance(value, list):
+            continue
+        try:
+            converted[name] = kind(value)
+        except TypeError:
+            raise ToolError(
+                f"tool {tool.name!r}: argument {name!r}: a {kind.__name__} cannot hold "
+                f"its items (lists and objects are not hashable)"
+            ) from None
+    return converted
+
+
 async def _run_code_tool(
     tool: ToolDef, function: Callable[..., Any], args: Mapping[str, Any]
 ) -> Any:
+    args = python_arguments(tool, function, args)
     try:
         async with asyncio.timeout(tool.timeout_s) as scope:
             return await _in_thread(function, args)

@@ -858,6 +858,26 @@ def test_configure_keeps_a_crlf_spec_as_it_is_but_the_binding(tmp_path: Path) ->
         ]  # fmt: skip
 
 
+@pytest.mark.parametrize("as_json", [True, False])
+def test_a_file_name_that_is_not_utf8_is_shown_escaped(tmp_path: Path, as_json: bool) -> None:
+    """A spec whose name is not UTF-8 (valid on Linux): with a strict stdout (a UTF-8
+    locale) the result line and the JSON document ended in a UnicodeEncodeError traceback.
+    Now the byte shows as `\\udcff` (a valid JSON escape) and stdout stays UTF-8."""
+    name = b"spec-\xff.yaml"
+    (tmp_path / os.fsdecode(name)).write_bytes(COT.read_bytes())
+    proc = subprocess.run(
+        [sys.executable, "-m", "mas2c.cli", "validate", name, *(["--json"] if as_json else [])],
+        capture_output=True, cwd=tmp_path, timeout=120,
+        env=cli_env(PYTHONIOENCODING="utf-8:strict"),
+    )  # fmt: skip
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
+    out = proc.stdout.decode("utf-8")  # valid UTF-8
+    if as_json:
+        assert json.loads(out)["reports"][0]["path"] == os.fsdecode(name)
+    else:
+        assert out.startswith("spec-\\udcff.yaml: valid")
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -94,6 +94,62 @@ def test_a_list_parameter_gets_the_list(tmp_path: Path) -> None:
     assert out["outputs"]["label"] == "1 + 2.5 = 7.0"
 
 
+TOOL_COLLECTIONS = """
+spec_version: "1"
+name: typed-collections
+inputs:
+  tags: {type: array, items: {type: string}}
+  point: {type: array, items: {type: integer}}
+outputs: {distinct: distinct, kinds: kinds}
+models: {m: {model: test-model}}
+agents: {a: {role: A, model: m}}
+tools:
+  count_distinct:
+    code: |
+      def count_distinct(tags: set[str]) -> int:
+          return len(tags)
+  kinds_of:
+    code: |
+      from __future__ import annotations
+      import typing
+      def kinds_of(a: frozenset, b: typing.Tuple[int, int], c: tuple | None, d: list[int]) -> list:
+          return [type(v).__name__ for v in (a, b, c, d)]
+workflow:
+  - {id: count, kind: tool, tool: count_distinct, args: {tags: "{{ tags }}"}, out: distinct}
+  - id: kinds
+    kind: tool
+    tool: kinds_of
+    args: {a: "{{ tags }}", b: "{{ point }}", c: "{{ point }}", d: "{{ point }}"}
+    out: kinds
+"""
+
+
+def test_a_set_or_tuple_parameter_gets_a_set_or_tuple(tmp_path: Path) -> None:
+    """JSON has only lists: a `set[str]` parameter got the list, so `len` counted the
+    duplicates (3 distinct tags of 4 came out as 4), and a tuple was unhashable. Now a
+    list given to a `set`, `frozenset` or `tuple` parameter (also `typing.Tuple[...]`,
+    also a string annotation) arrives as one; a union or a `list` stays a list."""
+    inputs = {"tags": ["a", "b", "a", "c"], "point": [1, 2]}
+    code, out, _, stderr = build_and_run(tmp_path, TOOL_COLLECTIONS, inputs, None)
+    assert code == 0, stderr
+    assert out["outputs"]["distinct"] == 3
+    assert out["outputs"]["kinds"] == ["frozenset", "tuple", "list", "list"]
+
+
+def test_a_set_parameter_given_unhashable_items_is_a_tool_error() -> None:
+    import types
+
+    tools = load_runtime("_tools")
+
+    def f(xs: set) -> int:  # type: ignore[type-arg]
+        return len(xs)
+
+    tool = types.SimpleNamespace(name="f")
+    assert tools.python_arguments(tool, f, {"xs": [1, 1]}) == {"xs": {1}}
+    with pytest.raises(load_runtime().ToolError, match="argument 'xs': a set cannot hold"):
+        tools.python_arguments(tool, f, {"xs": [[1], [2]]})
+
+
 def test_a_filter_that_does_not_fit_the_value_is_located() -> None:
     report = problems(TOOL_LIST.replace("{{ xs | join(' + ') }}", "{{ total | join }}"))
     assert ("MAS302", "/workflow/2/args/text") in codes(report)
