@@ -1,6 +1,7 @@
 """One sandboxed run: a spec or a build, an input, the gateway on the host, a run folder.
 
-The run folder holds result.json, trace.jsonl, stdout.txt, stderr.txt,
+The run folder holds result.json, trace.jsonl, checkpoints.jsonl (the steps' values: run
+content, unlike the trace without --trace-content), stdout.txt, stderr.txt,
 sandbox.json (written by `mas2c.sandbox`), usage.json (from the gateway),
 spec.json and input.json (what ran, so that `mas2c rectify RUN_DIR` can re-run it),
 and run.json (the run header: command, versions, spec hash, endpoint host, times

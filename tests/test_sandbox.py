@@ -364,6 +364,7 @@ ALLOWED_ENV = {
     "HOSTNAME",  # set by Docker itself (the container's hostname)
     "MALLOC_ARENA_MAX",  # unisolated backend: keeps RLIMIT_AS usable with threads
     "MAS2C_SANDBOX_RUN",  # unisolated backend: marks the run's processes for the final sweep
+    "MAS2C_CHECKPOINT_LOG",  # where the package writes its checkpoints (checkpoints.jsonl)
 }
 
 

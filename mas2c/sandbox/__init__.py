@@ -22,7 +22,8 @@ Two backends:
   says so.
 
 Both write the same run folder: ``result.json``, ``trace.jsonl``, ``stdout.txt``,
-``stderr.txt`` and ``sandbox.json``, each written atomically (temp file in the same
+``stderr.txt`` and ``sandbox.json`` (and ``checkpoints.jsonl`` when the program wrote
+one: the path the job's ``MAS2C_CHECKPOINT_LOG`` names), each written atomically (temp file in the same
 folder, then ``os.replace``), so an interrupted run still leaves a readable folder
 and never a half-written file. Everything that comes out of the sandbox is bounded
 (``Limits``: result, trace and stream caps; a copy-out deadline) and what was cut is
