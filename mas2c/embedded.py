@@ -218,16 +218,112 @@ def read_model_info(path: Path) -> ModelInfo:
     )
 
 
+# What the engine takes of a request, which comes from the sandboxed program through the
+# gateway: the engine runs on the host, and llama-cpp-python expands a JSON Schema into a
+# grammar count by count (`minItems: 10**8` is a 6 GB grammar string, built in the host
+# process), so a request's schema is checked first, and its messages and temperature are
+# checked for type (a wrong one raised inside llama-cpp and logged a traceback).
+MAX_SCHEMA_BYTES = 256 * 1024  # the schema as compact JSON (the generator's own is ~50 KB)
+MAX_SCHEMA_DEPTH = 32
+MAX_SCHEMA_COUNT = 10_000  # one minItems, maxItems, minLength, maxLength, ...
+MAX_SCHEMA_COUNTS = 50_000  # all of them together
+_COUNT_KEYWORDS = frozenset(
+    {"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties"}
+    | {"minContains", "maxContains"}
+)
+
+
+def schema_problem(schema: Any) -> str | None:
+    """Why the engine refuses a request's JSON Schema (size, depth, a count or a pattern
+    whose grammar would be too large), or None."""
+    import json
+
+    from mas2c import values
+
+    try:
+        size = len(json.dumps(schema, separators=(",", ":"), allow_nan=False))
+    except (TypeError, ValueError, RecursionError):
+        return "the schema is not JSON"
+    if size > MAX_SCHEMA_BYTES:
+        return f"the schema is {size} bytes of JSON (at most {MAX_SCHEMA_BYTES})"
+    total = 0
+    stack: list[tuple[Any, int]] = [(schema, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            return f"the schema is nested deeper than {MAX_SCHEMA_DEPTH} levels"
+        if not isinstance(node, dict | list):
+            continue
+        children = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in children:
+            if key in _COUNT_KEYWORDS and not isinstance(value, dict):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    return f"{key} must be a whole number, got {str(value)[:40]}"
+                if value > MAX_SCHEMA_COUNT:
+                    return f"{key} {value} is over {MAX_SCHEMA_COUNT}"
+                total += value
+            elif key == "pattern" and isinstance(value, str):
+                problem = values.pattern_problem(value)
+                if problem:
+                    return f"pattern {value[:80]!r}: {problem}"
+            stack.append((value, depth + 1))
+    if total > MAX_SCHEMA_COUNTS:
+        return f"the schema's counts add up to {total} (at most {MAX_SCHEMA_COUNTS})"
+    return None
+
+
 def _json_schema_format(body: dict[str, Any]) -> dict[str, Any] | None:
     """OpenAI's response_format, as llama-cpp-python's grammar-constrained JSON mode."""
     response_format = body.get("response_format") or {}
+    if not isinstance(response_format, dict):
+        raise _refused("response_format must be an object")
     kind = response_format.get("type")
     if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema") or {}
+        holder = response_format.get("json_schema") or {}
+        schema = (holder.get("schema") if isinstance(holder, dict) else None) or {}
+        if not isinstance(schema, dict):
+            raise _refused("response_format.json_schema.schema must be an object")
+        problem = schema_problem(schema)
+        if problem is not None:
+            raise _refused(f"the embedded model cannot take this response_format: {problem}")
         return {"type": "json_object", "schema": schema}
     if kind == "json_object":
         return {"type": "json_object"}
     return None
+
+
+def _chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    """The request's system, user and assistant messages as text (others are skipped)."""
+    messages: list[dict[str, str]] = []
+    for message in body.get("messages") or []:
+        if not isinstance(message, dict):
+            raise _refused("each message must be an object")
+        role = message.get("role")
+        if role not in ("system", "user", "assistant"):
+            continue
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            text = content or ""
+        elif isinstance(content, list) and all(
+            isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+            for part in content
+        ):
+            text = "".join(part["text"] for part in content)
+        else:
+            raise _refused("the embedded model takes text content only")
+        messages.append({"role": role, "content": text})
+    return messages
+
+
+def _temperature(body: dict[str, Any]) -> float:
+    value = body.get("temperature")
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 2:
+        raise _refused("temperature must be a number from 0 to 2")
+    return float(value)
 
 
 def bind_models(data: dict[str, Any], model_id: str, description: str) -> dict[str, Any]:
@@ -350,15 +446,13 @@ class EmbeddedUpstream:
             close()
 
     def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        messages = [
-            {"role": m.get("role", "user"), "content": m.get("content") or ""}
-            for m in body.get("messages", [])
-            if m.get("role") in ("system", "user", "assistant")
-        ]
+        cap = body.get("max_tokens") or self.max_tokens
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise _refused("max_tokens must be a positive whole number")
         arguments: dict[str, Any] = {
-            "messages": messages,
-            "temperature": float(body.get("temperature") or 0.0),
-            "max_tokens": int(body.get("max_tokens") or self.max_tokens),
+            "messages": _chat_messages(body),
+            "temperature": _temperature(body),
+            "max_tokens": cap,
         }
         response_format = _json_schema_format(body)
         if response_format is not None:
@@ -378,6 +472,21 @@ class EmbeddedUpstream:
             time.monotonic() - started, 3
         )
         return result
+
+
+def _refused(message: str) -> Exception:
+    """A 400 for the program (its request cannot be served), never a host traceback."""
+    from mas2c.gateway import UpstreamError
+
+    body = {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "mas2c_embedded_refused",
+        }
+    }
+    return UpstreamError(message, status=400, body=body, retryable=False)
 
 
 def _context_exceeded(detail: str) -> Exception:

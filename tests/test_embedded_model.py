@@ -375,3 +375,62 @@ def test_rectify_rounds_run_bound_to_the_embedded_model(
     assert "gpt-4o-mini" in (round_ / "spec.yaml").read_text()  # the user's text, fixed
     usage = json.loads((round_ / "run" / "usage.json").read_text())
     assert set(usage["by_model"]) <= {upstream.model_id}
+
+
+def test_a_hostile_request_cannot_make_the_host_build_a_huge_grammar(
+    upstream: EmbeddedUpstream,
+) -> None:
+    """The embedded engine runs on the host and serves the sandboxed program's requests
+    through the gateway. llama-cpp-python expands a JSON Schema into a grammar count by
+    count (`minItems: 10**8` built a 6 GB string in the host process), and a message or
+    temperature of the wrong type raised inside it (a traceback in the host's log): each is
+    a 400 for the program now, and a sane structured request still goes through."""
+    import shutil
+    import tempfile
+
+    import httpx
+
+    from mas2c.gateway import Gateway
+
+    def schema_body(schema: Any) -> dict[str, Any]:
+        return {
+            "model": "m",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Give a number."}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        }
+
+    big = {"type": "array", "items": {"type": "integer"}, "minItems": 200_000}
+    many = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 9_000} for i in range(8)}}
+    nested_pattern = {"type": "string", "pattern": "^((a{40}){40}){40}$"}
+    deep: dict[str, Any] = {"type": "integer"}
+    for _ in range(40):
+        deep = {"type": "array", "items": deep}
+    hostile = {
+        "min-items": schema_body(big),
+        "counts-sum": schema_body(many),
+        "pattern": schema_body(nested_pattern),
+        "deep": schema_body(deep),
+        "schema-not-object": schema_body([1, 2]),
+        "message-not-object": {"model": "m", "messages": [5]},
+        "temperature-text": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+        "temperature-huge": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e308},
+        "content-not-text": {"model": "m", "messages": [{"role": "user", "content": {"a": 1}}]},
+    }  # fmt: skip
+    folder = Path(tempfile.mkdtemp(prefix="gwe", dir="/tmp"))
+    try:
+        with (
+            Gateway(folder / "gw.sock", upstream, models={"m": None}) as gw,
+            httpx.Client(transport=httpx.HTTPTransport(uds=str(gw.socket_path)), timeout=300) as h,
+        ):
+            url = "http://mas2c-gateway/v1/chat/completions"
+            got = {name: h.post(url, json=body) for name, body in hostile.items()}
+            fine = h.post(url, json=schema_body({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}))  # fmt: skip
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert {name: r.status_code for name, r in got.items()} == dict.fromkeys(hostile, 400)
+    for name in ("min-items", "counts-sum", "pattern", "deep"):
+        error = got[name].json()["error"]
+        assert error["code"] == "mas2c_embedded_refused" and "response_format" in error["message"]
+    assert fine.status_code == 200, fine.text
+    assert fine.json()["choices"][0]["message"]["content"].lstrip().startswith("{")
