@@ -1259,7 +1259,12 @@ def _rectify_section(folder: Path, content: bool) -> str:
         )
         block = [f'<div class="round" data-round="{number}">', f"<h3>Round {number}</h3>"]
         if fix:
-            block.append(f"<p>{esc(_text(fix.get('why')))}</p>")
+            if content or fix.get("deterministic") is True:
+                block.append(f"<p>{esc(_text(fix.get('why')))}</p>")
+            else:  # the rectifier LLM's explanation may quote the failure's message
+                block.append(
+                    f'<p class="muted">{esc(_WITHHELD.replace("result.json", "notes.json"))}</p>'
+                )
             changes = fix.get("changes")
             if isinstance(changes, list) and changes:
                 block.append("<ul>" + "".join(f"<li>{esc(c)}</li>" for c in changes[:50]) + "</ul>")
