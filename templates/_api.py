@@ -511,7 +511,8 @@ class System:
             "--output",
             metavar="FILE",
             default="out.json",
-            help="result file ('-' = stdout; default: out.json)",
+            type=_output_file,
+            help="result file ('-' = stdout; default: out.json; its folder must exist)",
         )
         parser.add_argument(
             "--trace", metavar="FILE", type=_trace_file, help="JSONL trace file"
@@ -707,7 +708,7 @@ def _write_result(result: RunResult, output: str, saved_stdout: int | None) -> i
     data = result.to_json()
     try:
         if saved_stdout is None:
-            _runtime._write_json_atomic(Path(output), data)  # the one writer
+            _runtime._write_json_atomic(Path(output), data, parents=False)
         else:
             text = json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n"
             sys.stdout.flush()
@@ -746,6 +747,25 @@ def _seconds(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError("must be > 0")
     return value
+
+
+def _output_file(text: str) -> str:
+    """``--output``: ``-`` (stdout) or a file whose folder exists, checked before the run
+    (a run is not paid for to learn its result cannot be written); never a folder, and
+    no folder is created. A symlink is judged by its target."""
+    if text == "-":
+        return text
+    target = Path(os.path.realpath(text))
+    if target.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"cannot write the result to {text!r}: a folder"
+        )
+    if not target.parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"cannot write the result to {text!r}: the folder {str(target.parent)!r} "
+            "does not exist (no folder is created)"
+        )
+    return text
 
 
 def _trace_file(text: str) -> str:

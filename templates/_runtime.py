@@ -2263,14 +2263,16 @@ def _is_special(path: Path) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write via a temp file in the same folder, then rename: never half a file."""
+def _write_json_atomic(path: Path, obj: Any, *, parents: bool = True) -> None:
+    """Write via a temp file in the same folder, then rename: never half a file.
+    ``parents=False`` (the ``--output`` the user named): no folder is created."""
     if _is_special(path):
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(obj, handle, ensure_ascii=False, indent=2, default=str)
             handle.write("\n")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

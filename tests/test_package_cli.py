@@ -200,6 +200,24 @@ def test_an_unwritable_output_is_a_clear_exit_2(build: Path, server: LLMTestServ
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("output", ["missing/dir/out.json", "folder", "dangling.json"])
+def test_an_output_into_a_missing_folder_is_refused_before_the_run(
+    build: Path, server: LLMTestServer, tmp_path: Path, output: str
+) -> None:
+    """`--output missing/dir/out.json` ran the system (LLM calls paid for) and then
+    created the folders; a folder as the output failed only after the run. Now either
+    is a usage error (exit 2) before the first LLM call, and no folder is made."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "dangling.json").symlink_to("nowhere/out.json")
+    proc = package(
+        build, "--input", "-", "--output", output, server=server, cwd=tmp_path,
+        stdin='{"question": "hi"}',
+    )  # fmt: skip
+    assert proc.returncode == 2 and "cannot write the result" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and server.requests == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.json", "folder"]
+
+
 # -- what the package documents -----------------------------------------------------------------
 
 _READS = (

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_solve",
         step_id="solve",
         pointer="/workflow/0",
-        code_sha="4052a142d1cee38e55b492aee259d9c746f3bf21df7df7b0f53081be4a6b3cb5",
+        code_sha="fca81b193dea2816c845bf30f31170cd80526974007efcc216a9c390949e3dad",
         reads=["question"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_argue",
         step_id="argue",
         pointer="/workflow/0",
-        code_sha="0a8c24c91b3e9a64f71ebf228f008dd988a04e33d440b3b1d251e0f822ee832e",
+        code_sha="87a00c17eca1561d2ca9a59f40df1d1107458cab924991939d3e7f405a57b496",
         reads=["question"],
     ),
 )

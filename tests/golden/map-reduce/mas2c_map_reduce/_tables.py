@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_summarize_each",
         step_id="summarize_each",
         pointer="/workflow/0",
-        code_sha="adce5f2399ff1dcef92fd593a28ebd471bd09039c5828e978feb8444851940cd",
+        code_sha="5971636d1002dcf6a2abf5bd68362cdafa4356e6cd87beeb752f9cbc9897cba5",
         reads=["doc", "documents", "focus", "index"],
     ),
     TopStep(
         method="step_reduce",
         step_id="reduce",
         pointer="/workflow/1",
-        code_sha="cd74eec809a37096d3382de6939721f81cd9f16aa68640aa140b43ace90300d4",
+        code_sha="1d1ba829532bc29c4758a074d8585fde6c2660fa700db6e34fa9fd2fbcce8118",
         reads=["focus", "summaries"],
     ),
 )

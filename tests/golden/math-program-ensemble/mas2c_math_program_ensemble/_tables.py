@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_programs",
         step_id="sample_programs",
         pointer="/workflow/0",
-        code_sha="4c2ab328053932cb81fa502e9bb9fef634772f2809284b6a8b22eedab6b57048",
+        code_sha="866b8255deb03eb330849208dfa47a3dffe4221d01469b708c212d0398b5e804",
         reads=["problem"],
     ),
 )

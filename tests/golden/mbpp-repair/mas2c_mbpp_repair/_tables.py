@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_first_attempt",
         step_id="first_attempt",
         pointer="/workflow/0",
-        code_sha="cec3a414076e95117845f90f0bc4501161f4596370310c1069c50abc9cd9d7f4",
+        code_sha="01d044c41e1f232efeb1edf4cb4d27cd451e91cbadfb25341779c8be952a5b76",
         reads=["task", "test_list"],
     ),
     TopStep(
         method="step_repair_if_failing",
         step_id="repair_if_failing",
         pointer="/workflow/1",
-        code_sha="560bb4c60839f51c4a0d4d045795944a3f045fac4e6793831f6d7816c2d410b8",
+        code_sha="1b983fb137b05ba7a3b63f54c716d28f86ce23281b6f69834a2cb44a7ba74129",
         reads=["result", "task", "test_list"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_attempts",
         step_id="attempts",
         pointer="/workflow/0",
-        code_sha="b491655a505ee54d7d5f8055259abc9decef44886f127f6948e8ae29ff1c7418",
+        code_sha="09bd01a27996df3c3d64420a6e8048f3ca14ef9c44ccde274032637e4e2f1939",
         reads=["draft", "memory", "review", "task"],
     ),
 )

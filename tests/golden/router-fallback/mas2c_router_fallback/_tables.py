@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="775a1daf92b6353c72bde097f6eb4db6ba072356005e53004c52d94cb07997dd",
+        code_sha="c67bf85d8e3e5263e87e02e3381ab5476871e57ca3eb9d9b5f8c705650ed79a1",
         reads=["ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="2811e07dcdcdd8e935b5617e3b86198be7b4d7b6b7728f8c76cfeeeff7aeed43",
+        code_sha="0e3efb3553d28d0be6469bfa65924f73a544f6ccd732b945a613ae7b855d4e67",
         reads=["error", "route", "ticket"],
     ),
 )

@@ -19,14 +19,14 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_classify",
         step_id="classify",
         pointer="/workflow/0",
-        code_sha="4622eb4fd485657a420b5116e76bd9da3b6d7d42c1d92f377c538269728803f3",
+        code_sha="7bb15ebc11266d2fc7ad17f893e75773b0bf8c0060e3b56bed72343e68fc3273",
         reads=["product", "ticket"],
     ),
     TopStep(
         method="step_dispatch",
         step_id="dispatch",
         pointer="/workflow/1",
-        code_sha="f34ded0b60872d4c4ab1fa428d0168e2bec745a477706241449b6dd492667b3a",
+        code_sha="07b97708c5e3655327f319f9a323553d8ec662bcc8ccf95da60ec4d7bf754fb2",
         reads=["product", "route", "ticket"],
     ),
 )

@@ -19,7 +19,7 @@ TOP_STEPS: tuple[TopStep, ...] = (
         method="step_sample_and_vote",
         step_id="sample_and_vote",
         pointer="/workflow/0",
-        code_sha="e1c2878508c458b27257411f87c44a8d30df94261a51efd595691100f13736ea",
+        code_sha="bcf605f3191cc41e8f5326be34dd0284c67b61717641b28c82c1f1feef409008",
         reads=["question"],
     ),
 )
