@@ -1099,12 +1099,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.stdout.write(render_report(_existing(args.run_dir)))
         return EXIT_OK
     output = Path(args.output) if args.output else None
-    if output is not None and not output.parent.is_dir():
-        raise UsageError(
-            f"cannot write {output}: the folder {output.parent} does not exist (mas2c creates no folders for -o FILE)"
-        )
-    out = write_report(_existing(args.run_dir), output)
-    return _finish(args, True, {"output": str(out)}, str(out))
+    _check_output_file(args.output)  # a folder, a missing folder (also a link's target)
+    problems: list[str] = []
+    out = write_report(_existing(args.run_dir), output, problems)
+    if not args.json:  # what could not be read: on the page, and said here
+        for problem in problems[:_MAX_RUN_WARNINGS]:
+            _warn(problem[:600])
+        if len(problems) > _MAX_RUN_WARNINGS:
+            _warn(f"... and {len(problems) - _MAX_RUN_WARNINGS} more (listed in the report)")
+    return _finish(args, True, {"output": str(out), "problems": problems}, str(out))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

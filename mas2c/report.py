@@ -30,6 +30,7 @@ limits and type checks); every string that reaches the page goes through
 
 from __future__ import annotations
 
+import contextvars
 import html
 import json
 import math
@@ -157,9 +158,28 @@ def folder_kind(folder: Path) -> str:
     )
 
 
-def write_report(folder: Path, output: Path | None = None) -> Path:
-    """Write the report of a run, rectify or solve folder; returns its path."""
-    page = render_report(folder)
+#: Where the page's "What could not be read" entries also go (`write_report`'s `problems`).
+_PROBLEMS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "mas2c_report_problems", default=None
+)
+
+
+def _tell(folder: Path, problems: list[str]) -> None:
+    seen = _PROBLEMS.get()
+    if seen is not None:
+        seen.extend(f"{folder}: {p}" for p in problems)
+
+
+def write_report(
+    folder: Path, output: Path | None = None, problems: list[str] | None = None
+) -> Path:
+    """Write the report of a run, rectify or solve folder; returns its path. `problems`
+    (optional) receives what of the folder could not be read (as the page lists it)."""
+    token = _PROBLEMS.set(problems)
+    try:
+        page = render_report(folder)
+    finally:
+        _PROBLEMS.reset(token)
     out = output or folder / REPORT_FILE
     try:
         write_text_atomic(out, page, user_file=output is not None)
@@ -282,6 +302,7 @@ def _run_sections(folder: Path, trace: RunTrace, level: int) -> str:
         _contents(trace, level),
     ]
     if trace.problems:
+        _tell(folder, trace.problems)
         items = "".join(f"<li>{esc(p)}</li>" for p in trace.problems[:50])
         parts.append(_h(level, "What could not be read", "problems") + f"<ul>{items}</ul>")
     return "\n".join(p for p in parts if p)
@@ -1238,7 +1259,12 @@ def _rectify_section(folder: Path, content: bool) -> str:
         )
         block = [f'<div class="round" data-round="{number}">', f"<h3>Round {number}</h3>"]
         if fix:
-            block.append(f"<p>{esc(_text(fix.get('why')))}</p>")
+            if content or fix.get("deterministic") is True:
+                block.append(f"<p>{esc(_text(fix.get('why')))}</p>")
+            else:  # the rectifier LLM's explanation may quote the failure's message
+                block.append(
+                    f'<p class="muted">{esc(_WITHHELD.replace("result.json", "notes.json"))}</p>'
+                )
             changes = fix.get("changes")
             if isinstance(changes, list) and changes:
                 block.append("<ul>" + "".join(f"<li>{esc(c)}</li>" for c in changes[:50]) + "</ul>")
@@ -1556,6 +1582,7 @@ def _batch_page(folder: Path) -> tuple[str, str]:
             "(linked here once it exists).</p>"
         )
     if problems:
+        _tell(folder, problems)
         items = "".join(f"<li>{esc(p)}</li>" for p in problems[:50])
         parts.append(_h(2, "What could not be read", "problems") + f"<ul>{items}</ul>")
     return title, "\n".join(parts)

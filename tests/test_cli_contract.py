@@ -618,6 +618,17 @@ def test_a_pool_action_after_another_sandbox_action_is_a_usage_error(
     assert error["code"] == "usage" and "`sandbox pool`" in error["message"], error
 
 
+def test_report_o_is_judged_like_every_output_file(tmp_path: Path) -> None:
+    """`report -o` into a folder, or through a dangling link, is refused before the page
+    is made (it checked only that the folder exists), like every `-o FILE`."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "dangling.html").symlink_to("missing/x.html")
+    for name, says in (("folder", "is a folder"), ("dangling.html", "does not exist")):
+        proc = mas2c("report", "run", "-o", name, "--json", cwd=tmp_path, inprocess=True)
+        assert proc.returncode == 2 and says in document(proc)["error"]["message"], proc.stdout
+    assert not (tmp_path / "missing").exists()
+
+
 def test_report_of_a_file_says_it_is_not_a_folder(tmp_path: Path) -> None:
     (tmp_path / "in.json").write_text("{}")
     proc = mas2c("report", "in.json", "--json", cwd=tmp_path, inprocess=True)

@@ -119,6 +119,10 @@ def test_report_of_a_hostile_trace_says_what_was_skipped(
     assert cli_main(["report", str(folder)]) == 0
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
+    assert "trace.jsonl:2: not JSON, skipped" in err  # said on stderr too
+    assert cli_main(["report", str(folder), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert any("trace.jsonl:6: line too long" in p for p in doc["problems"])
     page = (folder / "report.html").read_text()
     assert "What could not be read" in page
     for skipped in ("trace.jsonl:2: not JSON", "trace.jsonl:6: line too long", "trace.jsonl:8"):

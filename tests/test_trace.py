@@ -237,6 +237,14 @@ def test_the_host_span_is_the_parent_across_the_docker_sandbox(
     typed = read_header(tmp_path / "run" / "run.json")
     assert typed is not None and typed.span_id == header["span_id"]
     assert read_trace(tmp_path / "run" / "trace.jsonl").of(RunStart)[0].parent_id == typed.span_id
+    # The checkpoint store comes out of the container beside the trace (what rectify resumes
+    # from): the step's values, as the traced checkpoint (with content) has them.
+    from mas2c.runfolder import read_checkpoints
+
+    (stored,) = read_checkpoints(tmp_path / "run" / "checkpoints.jsonl")
+    (traced,) = [e for e in events if e["event"] == "checkpoint"]
+    assert stored.step == "solve" and stored.key == traced["key"]
+    assert stored.writes == traced["writes"] and traced["vars"] == sorted(stored.writes)
 
 
 def test_traced_content_is_bounded_and_keeps_its_shape(rt: ModuleType) -> None:

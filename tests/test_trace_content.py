@@ -353,3 +353,30 @@ def test_live_and_exported_spans_carry_no_content(
     assert "HTTP 400" in sent
     assert not LEAK.search(sent), LEAK.search(sent)
     assert not LEAK.search(err)
+
+
+def test_a_rectify_report_withholds_failure_messages_and_llm_explanations(
+    tmp_path: Path,
+) -> None:
+    """A rectify folder's rounds: the failure's message and an LLM fix's explanation may
+    quote an answer; the page shows them only when the repaired run traced content."""
+    from mas2c.report import render_report
+
+    run_dir = tmp_path / "run"
+    (run_dir / "rectify" / "round-1").mkdir(parents=True)
+    header = {"format": "mas2c-run-header/1", "trace_id": "a" * 32, "span_id": "b" * 16}
+    error = {"type": "StructuredOutputError", "code": "structured_output"}
+    (run_dir / "result.json").write_text(
+        json.dumps({"status": "error", "error": {**error, "message": f"got {OUT_SENTINEL}"}})
+    )
+    notes = {
+        "failure": {**error, "message": f"last answer: {OUT_SENTINEL}", "pointer": "/agents/a"},
+        "fix": {"class": "llm", "why": f"the model said {OUT_SENTINEL}", "deterministic": False},
+        "outcome": "fixed",
+    }
+    (run_dir / "rectify" / "round-1" / "notes.json").write_text(json.dumps(notes))
+    for content in (False, True):
+        (run_dir / "run.json").write_text(json.dumps({**header, "trace_content": content}))
+        for page in (render_report(run_dir), render_report(run_dir / "rectify")):
+            assert bool(LEAK.search(page)) is content
+            assert "StructuredOutputError" in page
