@@ -620,7 +620,10 @@ def test_docker_cpu_limit_holds(dock: None, rt: str, package: Path, tmp_path: Pa
     )
     assert run.result["status"] == "ok", run.result
     ratio = run.result["cpu_s"] / run.result["wall_s"]
-    assert ratio <= 0.5, ratio  # twice the quota: CFS periods, gVisor's own accounting
+    # Unthrottled, the two processes would get up to 2.0. Under runc: at most twice the quota
+    # (CFS periods). Under gVisor the CPU time is the sentry's own count, which also counts
+    # time its threads wait for a busy host's CPU (0.84 seen at load 7): at most half of 2.0.
+    assert ratio <= (0.5 if rt == "runc" else 1.0), ratio
 
 
 @pytest.mark.docker
