@@ -477,8 +477,16 @@ def score_text(kind: str, prediction: Any, expected: Any) -> float:
     """The score in [0, 1] of a prediction under one of the text scorers."""
     golds = _expected_list(expected)
     if kind == "exact":
+        # The stated answers match, or the whole texts do (an expected answer that itself
+        # holds a marker, such as "ANSWER:", is matched by a prediction that is that text).
         pred = normalize_answer(_answer_text(prediction))
-        return float(any(pred == normalize_answer(_answer_text(g)) for g in golds))
+        whole = normalize_answer(_as_text(prediction))
+        return float(
+            any(
+                pred == normalize_answer(_answer_text(g)) or whole == normalize_answer(_as_text(g))
+                for g in golds
+            )
+        )
     if kind == "numeric":
         value = _number_of(prediction)
         if value is None:

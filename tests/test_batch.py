@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mas2c.batch import (
@@ -129,6 +129,8 @@ def test_number_and_math_normalisation() -> None:
 
 @settings(max_examples=200 if os.environ.get("CI") != "true" else 50, deadline=None)
 @given(st.text(max_size=40), st.integers(-(10**12), 10**12))
+@example("ANSWER:", 0)  # an expected answer that is itself a marker with nothing after it
+@example("so the answer: 4", 0)
 def test_scorers_properties(text: str, number: int) -> None:
     once = normalize_answer(text)
     assert normalize_answer(once) == once  # idempotent
