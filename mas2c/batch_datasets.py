@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mas2c import argtypes
 from mas2c.batch import STRICT_JSON, BatchError, boxed, decode_line, parse_json_line
 from mas2c.files import write_text_atomic
 
@@ -271,16 +272,6 @@ def convert_file(kind: str, path: Path, out: Path, limit: int | None = None) -> 
     return len(rows)
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mas2c.batch_datasets",
@@ -289,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("format", choices=sorted(CONVERTERS))
     parser.add_argument("input")
     parser.add_argument("-o", "--output", required=True)
-    parser.add_argument("--limit", type=_at_least_one, help="the first N records (N >= 1)")
+    parser.add_argument("--limit", type=argtypes.positive_int, help="the first N records (N >= 1)")
     args = parser.parse_args(argv)
     output = Path(args.output)
     if output.is_dir() or not output.parent.is_dir():

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from mas2c import __version__
+from mas2c import __version__, argtypes
 from mas2c.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -101,34 +100,8 @@ _ENGINE_FLAG = _renamed("--engine", {"local": "threads"})
 _LLM_FLAG = _renamed("--llm", {"local": "embedded"})
 
 
-def _positive(text: str) -> float:
-    """A flag's positive, finite number (seconds, dollars): `nan`, `inf`, 0 and less refused."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    """A flag's count: an integer, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    """A flag's count that must be at least 1 (workers, rows, containers, MiB)."""
-    value = _count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
-    return value
+# The numeric flag types (mas2c.argtypes), under the names this module has always used.
+_positive, _count, _positive_int = argtypes.positive, argtypes.count, argtypes.positive_int
 
 
 def _progress(message: str) -> None:
