@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -387,34 +388,50 @@ def test_requests_recorded_with_headers(srv: LLMTestServer) -> None:
     assert srv.requests == [] and srv.max_in_flight == 0
 
 
-def test_reset_counters_waits_for_requests_still_being_handled(srv: LLMTestServer) -> None:
+def _held_server(release: threading.Event) -> LLMTestServer:
+    """A server whose every answer waits until the test releases it (at most 60 s)."""
+
+    def held(req: ChatRequest) -> str:
+        release.wait(60)
+        return "ANSWER: 42"
+
+    return LLMTestServer(held)
+
+
+def _wait_until_in_flight(server: LLMTestServer) -> None:
+    deadline = time.monotonic() + 60
+    while server.in_flight == 0:
+        assert time.monotonic() < deadline, "the request never reached the server"
+        time.sleep(0.01)
+
+
+def test_reset_counters_waits_for_requests_still_being_handled() -> None:
     """A request whose handler has not finished yet must not leak into the next count.
 
-    (In CI a client held its answer while the server thread was still closing
-    the request out, so max_in_flight read 1 right after a reset.)
+    (In CI a client held its answer while the server thread was still closing the request
+    out, so max_in_flight read 1 right after a reset.)
     """
-    srv.inject("hang", seconds=0.4)
-    client = client_for(srv)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(ask, client, "slow")
-        while srv.in_flight == 0:
-            time.sleep(0.01)
-        srv.reset_counters()  # waits for the slow request to end
-        assert srv.in_flight == 0 and srv.max_in_flight == 0 and srv.requests == []
-        assert pending.result().choices[0].message.content == "ANSWER: 42"
+    release = threading.Event()
+    with _held_server(release) as server, ThreadPoolExecutor(max_workers=2) as pool:
+        pending = pool.submit(ask, client_for(server), "slow")
+        _wait_until_in_flight(server)
+        pool.submit(lambda: (time.sleep(0.2), release.set()))
+        server.reset_counters(settle=60)  # waits for the held request to end
+        assert server.in_flight == 0 and server.max_in_flight == 0 and server.requests == []
+        assert pending.result(timeout=60).choices[0].message.content == "ANSWER: 42"
 
 
-def test_reset_counters_keeps_counting_a_request_that_outlives_settle(srv: LLMTestServer) -> None:
-    srv.inject("hang", seconds=1.0)
-    client = client_for(srv)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(ask, client, "slow")
-        while srv.in_flight == 0:
-            time.sleep(0.01)
-        srv.reset_counters(settle=0.05)
-        assert srv.in_flight == 1 and srv.max_in_flight == 1
-        pending.result()
-    assert srv.in_flight == 0
+def test_reset_counters_keeps_counting_a_request_that_outlives_settle() -> None:
+    release = threading.Event()
+    with _held_server(release) as server, ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(ask, client_for(server), "slow")
+        _wait_until_in_flight(server)
+        server.reset_counters(settle=0.05)
+        assert server.in_flight == 1 and server.max_in_flight == 1
+        release.set()
+        pending.result(timeout=60)
+        server.reset_counters(settle=60)
+        assert server.in_flight == 0
 
 
 def test_concurrent_requests_overlap() -> None:
