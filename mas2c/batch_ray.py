@@ -434,17 +434,19 @@ def check_answer(job: Job, out: Any, known: dict[str, Any]) -> Answer:
         return Answer(None, f"the node returned the row of {_shown(given.get('key'))}", [], {}, [])
     problems: list[str] = []
     row: dict[str, Any] = dict(known)
-    status = given.get("status")
-    if isinstance(status, str) and _CODE.fullmatch(status):
-        row["status"] = status
-    else:
-        problems.append(f"status {_shown(status)}")
-    code = given.get("error_code")
-    if code is not None:
+
+    def take_code(name: str, required: bool = False) -> None:
+        """Copy `given[name]` if it is a code (`required`: also when it is missing)."""
+        code = given.get(name)
+        if code is None and not required:
+            return
         if isinstance(code, str) and _CODE.fullmatch(code):
-            row["error_code"] = code
+            row[name] = code
         else:
-            problems.append(f"error_code {_shown(code)}")
+            problems.append(f"{name} {_shown(code)}")
+
+    take_code("status", required=True)
+    take_code("error_code")
     for name, limit in _TEXTS.items():
         text = given.get(name)
         if text is None:
@@ -453,12 +455,7 @@ def check_answer(job: Job, out: Any, known: dict[str, Any]) -> Answer:
             row[name] = text[:limit]
         else:
             problems.append(f"{name} {_shown(text)}")
-    scorer_error = given.get("scorer_error")
-    if scorer_error is not None:
-        if isinstance(scorer_error, str) and _CODE.fullmatch(scorer_error):
-            row["scorer_error"] = scorer_error
-        else:
-            problems.append(f"scorer_error {_shown(scorer_error)}")
+    take_code("scorer_error")
     for name in _COUNTS + _AMOUNTS:
         if name not in given:
             continue
