@@ -156,6 +156,11 @@ def _input_file(path: str, what: str = "input file", name: str = "stdin.json") -
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _optional_spec(stack: contextlib.ExitStack[Any], path: str | None) -> Path | None:
+    """`--spec` as a file to read (`-`: stdin, spooled until `stack` closes), or None."""
+    return stack.enter_context(_input_file(path, "spec file", "stdin.yaml")) if path else None
+
+
 def _check_output_file(path: str | None) -> None:
     """Refuse, before any work (an LLM conversation costs money), an `-o FILE` that cannot
     be written: a folder, or a file in a folder that does not exist (`-`/None: stdout)."""
@@ -852,11 +857,7 @@ def cmd_rectify(args: argparse.Namespace) -> int:
     llm = _llm_config(args)
     progress = None if args.json else _progress
     with ExitStack() as stack:
-        spec_path = (
-            stack.enter_context(_input_file(args.spec, "spec file", "stdin.yaml"))
-            if args.spec
-            else None
-        )
+        spec_path = _optional_spec(stack, args.spec)
         input_path = stack.enter_context(_input_file(args.input)) if args.input else None
         pool = None
         if args.pool:
@@ -961,11 +962,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     kind = "check" if args.check_scorer else "run"
     run_dir = Path(args.run_dir or f"runs/humaneval-{kind}-{_default_run_dir().split('/')[-1]}")
     with contextlib.ExitStack() as stack:
-        spec = (
-            stack.enter_context(_input_file(args.spec, "spec file", "stdin.yaml"))
-            if args.spec
-            else None
-        )
+        spec = _optional_spec(stack, args.spec)
         return _bench(args, run_dir, spec)
 
 
@@ -1174,11 +1171,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     _one_stdin(args.dataset, args.spec)
     with contextlib.ExitStack() as stack:
         dataset = stack.enter_context(_input_file(args.dataset, "dataset file", "stdin.jsonl"))
-        spec = (
-            stack.enter_context(_input_file(args.spec, "spec file", "stdin.yaml"))
-            if args.spec
-            else None
-        )
+        spec = _optional_spec(stack, args.spec)
         summary = _run_batch(args, run_dir, dataset, spec, mapping)
     text = (run_dir / "report.md").read_text("utf-8").split("\nRows not passed")[0]
     _say(f"run folder: {run_dir} (results.jsonl, summary.json, report.md)")
